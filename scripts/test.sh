@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): deps, a warnings-as-errors build, every CPU test, the I/O
+# tests under ASan+UBSan, and a bounded libFuzzer run per target. No GPU needed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh --deps
+jobs=$(nproc)
+t0=$(date +%s)
+
+echo "== build (Release, -Werror)"
+cmake -S . -B build-ci -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSV3_WERROR=ON >/dev/null
+cmake --build build-ci -j "$jobs"
+echo "== tests"
+(cd build-ci && ctest --output-on-failure -j "$jobs" --timeout 900)
+
+echo "== sanitizers + fuzzers (clang, address,undefined): I/O and core"
+cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_C_COMPILER=clang \
+  -DCMAKE_CXX_COMPILER=clang++ -DDSV3_CUDA=OFF -DDSV3_MPI=OFF -DDSV3_WERROR=ON \
+  -DDSV3_SANITIZE=address,undefined -DDSV3_FUZZ=ON >/dev/null
+asan_targets=(dsv3_core_tests)
+[ -f build-asan/build.ninja ] && grep -q 'dsv3_io_tests' build-asan/build.ninja && asan_targets+=(dsv3_io_tests)
+fuzzers=()
+for f in fuzz/*.cpp; do [ -e "$f" ] && fuzzers+=("$(basename "$f" .cpp)"); done
+cmake --build build-asan -j "$jobs" --target "${asan_targets[@]}" "${fuzzers[@]}"
+(cd build-asan && ctest --output-on-failure -j "$jobs" -L 'core|io')
+fuzz_seconds=${DSV3_FUZZ_SECONDS:-60}
+for f in "${fuzzers[@]}"; do
+  corpus=build-asan/fuzz-corpus/$f
+  mkdir -p "$corpus"
+  seeds=fuzz/corpus/$f
+  echo "== fuzz $f for ${fuzz_seconds}s"
+  ./build-asan/"$f" -max_total_time="$fuzz_seconds" -print_final_stats=1 "$corpus" \
+    $( [ -d "$seeds" ] && echo "$seeds" ) 2>&1 | grep -E 'stat::number_of_executed_units|ERROR|SUMMARY' || true
+  [ "${PIPESTATUS[0]}" = 0 ] || { echo "fuzzer $f failed"; exit 1; }
+done
+
+echo "== done in $(( $(date +%s) - t0 ))s"
