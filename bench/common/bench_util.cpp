@@ -1,0 +1,54 @@
+#include "common/bench_util.h"
+
+#include <unistd.h>
+
+#include <array>
+#include <cstdio>
+#include <ctime>
+#include <fstream>
+#include <memory>
+#include <thread>
+
+namespace dsv3::bench {
+
+namespace {
+std::string run(const std::string& cmd) {
+  std::array<char, 512> buf{};
+  std::string out;
+  std::unique_ptr<FILE, int (*)(FILE*)> p(popen(cmd.c_str(), "r"), pclose);
+  if (!p) return "";
+  while (fgets(buf.data(), int(buf.size()), p.get())) out += buf.data();
+  while (!out.empty() && (out.back() == '\n' || out.back() == ' ')) out.pop_back();
+  return out;
+}
+}  // namespace
+
+nlohmann::json provenance() {
+  nlohmann::json j;
+  j["commit"] = run("git -C " DSV3_SOURCE_DIR " rev-parse --short HEAD 2>/dev/null");
+  j["dirty"] = !run("git -C " DSV3_SOURCE_DIR " status --porcelain --untracked-files=no 2>/dev/null").empty();
+  std::time_t t = std::time(nullptr);
+  char date[32];
+  std::strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
+  j["date"] = date;
+  j["machine"] = {{"cpu", run("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'")},
+                  {"cores", std::thread::hardware_concurrency()},
+                  {"gpu", run("nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1")}};
+  return j;
+}
+
+std::string write_result(const std::string& name, nlohmann::json result) {
+  nlohmann::json out = provenance();
+  out.update(result);
+  std::string dir = std::string(DSV3_SOURCE_DIR) + "/bench/results";
+  std::string path = dir + "/" + name + ".json", tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp);
+    f << out.dump(2) << "\n";
+    if (!f) return "";
+  }
+  std::rename(tmp.c_str(), path.c_str());
+  return path;
+}
+
+}  // namespace dsv3::bench

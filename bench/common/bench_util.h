@@ -1,0 +1,21 @@
+// Shared by the benchmark programs: wall-clock timing and the JSON record every result carries
+// (commit, date, machine), written to bench/results/<name>.json.
+#pragma once
+#include <chrono>
+#include <nlohmann/json.hpp>
+#include <string>
+
+namespace dsv3::bench {
+
+inline double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// {"commit", "date", "machine": {"cpu", "cores", "gpu"}} for the current checkout and machine.
+nlohmann::json provenance();
+
+// Write `result` (merged with provenance()) to <repo>/bench/results/<name>.json, atomically.
+// Returns the path written.
+std::string write_result(const std::string& name, nlohmann::json result);
+
+}  // namespace dsv3::bench
