@@ -4,6 +4,8 @@ find_package(nlohmann_json 3 REQUIRED)
 find_package(CLI11 REQUIRED)
 find_package(PkgConfig REQUIRED)
 pkg_check_modules(PCRE2 REQUIRED IMPORTED_TARGET libpcre2-8)
+# ICU (Debian libicu-dev): Unicode normalization (NFC) for tokenizer.json normalizers.
+pkg_check_modules(ICU REQUIRED IMPORTED_TARGET icu-uc)
 pkg_check_modules(OPENBLAS REQUIRED IMPORTED_TARGET openblas)
 if(DSV3_BUILD_TESTS)
   find_package(GTest REQUIRED)

@@ -11,7 +11,7 @@ SUDO=""
 [ "$(id -u)" = 0 ] || SUDO=sudo
 
 DEBS=(build-essential cmake ninja-build pkg-config clang libclang-rt-14-dev
-      libopenblas-dev libomp-dev nlohmann-json3-dev libpcre2-dev libcli11-dev libcpp-httplib-dev
+      libopenblas-dev libomp-dev nlohmann-json3-dev libpcre2-dev libicu-dev libcli11-dev libcpp-httplib-dev
       libgtest-dev libgmock-dev libopenmpi-dev openmpi-bin gnuplot-nox nodejs npm)
 missing=()
 for p in "${DEBS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
