@@ -96,12 +96,14 @@ struct RmsNormBackwardArgs {
 };
 
 // ---------------------------------------------------------------------------------------------
-// 4. Rotary embedding, interleaved pairs (HF `rope_interleave: true`), IN PLACE on
-// x[t, h, offset : offset + rope_dim]: for i < rope_dim/2, with a = positions[t] row of the tables,
-//   (x[2i], x[2i+1]) ← (x[2i]·cos[a,i] − x[2i+1]·sin[a,i],  x[2i+1]·cos[a,i] + x[2i]·sin[a,i]).
-// Output order: the rotated pair stays at (2i, 2i+1) (as the original DeepSeek code and HF
-// DeepSeek-V2 do). HF DeepSeek-V3 instead writes [rotated evens..., rotated odds...]; q·k over the
-// rope part is the same sum either way, so attention is identical — only raw q_pe/k_pe dumps differ.
+// 4. Rotary embedding, IN PLACE on x[t, h, offset : offset + rope_dim], pair i (i < rope_dim/2)
+// rotated by the angle of table row a = positions[t]:
+//   (x[p], x[q]) ← (x[p]·cos[a,i] − x[q]·sin[a,i],  x[q]·cos[a,i] + x[p]·sin[a,i]),
+// with (p, q) = (2i, 2i+1) when interleaved (HF `rope_interleave: true`, DeepSeek-V3's default), or
+// (i, i + rope_dim/2) otherwise (HF apply_rotary_pos_emb / rotate_half).
+// Output order (interleaved): the rotated pair stays at (2i, 2i+1), as the original DeepSeek code
+// and HF DeepSeek-V2 do. HF DeepSeek-V3 writes [rotated evens..., rotated odds...] instead; q and k
+// get the same permutation, so q·k and attention are identical — only raw q_pe/k_pe dumps differ.
 // inverse = true rotates by −angle: that is the backward (apply it to the gradient in place).
 struct RopeArgs {
   Tensor x;          // [T, H, W] F32, modified in place
@@ -109,22 +111,28 @@ struct RopeArgs {
   Tensor cos, sin;   // [max_pos, rope_dim/2] F32, from rope_tables (attention factor included)
   int64_t offset = 0;
   int64_t rope_dim = 0;  // even, offset + rope_dim <= W
+  bool interleaved = true;
   bool inverse = false;
 };
 
 // RoPE configuration in HF's words (config.json `rope_theta`, `qk_rope_head_dim`,
-// `max_position_embeddings`, `rope_scaling`/`rope_parameters`). type "default" or "yarn".
+// `max_position_embeddings`, and `rope_scaling` (hub) / `rope_parameters` (transformers 5)).
+// type "default" or "yarn". Resolution as transformers 5.17 `_compute_yarn_parameters`:
+//   factor absent → max_position_embeddings / original_max_position_embeddings;
+//   original_max_position_embeddings absent → max_position_embeddings;
+//   attention_factor absent → mscale(factor, mscale)/mscale(factor, mscale_all_dim) when both are
+//   non-zero, else mscale(factor, 1); beta_fast/beta_slow 0 → 32/1.
 struct RopeParams {
   std::string type = "default";
   double theta = 10000.0;
   int64_t dim = 64;  // qk_rope_head_dim
   int64_t max_position_embeddings = 2048;
   // YaRN fields; 0 / negative means "absent in the config".
-  double factor = 0.0;  // rope_scaling.factor (0: absent)
+  double factor = 0.0;
   int64_t original_max_position_embeddings = 0;
-  double beta_fast = 32.0, beta_slow = 1.0;
+  double beta_fast = 0.0, beta_slow = 0.0;
   double mscale = 0.0, mscale_all_dim = 0.0;
-  double attention_factor = -1.0;  // explicit override; < 0: derived as HF does
+  double attention_factor = -1.0;
   bool truncate = true;
 };
 struct RopeTables {
@@ -132,16 +140,16 @@ struct RopeTables {
   Tensor inv_freq;               // [dim/2] F32
   double attention_factor = 1.0;  // the factor folded into cos and sin
 };
-// cos/sin for positions [0, max_pos) exactly as HF computes them (inv_freq in FP32, YaRN's
-// frequency blend with the ramp between the correction dims of beta_fast/beta_slow, and the
-// attention factor multiplied into cos and sin). docs/tolerances.md has nothing to add: the test
-// recomputes the formula independently.
+// cos/sin for positions [0, max_pos) as HF computes them: inv_freq rounded to FP32 (YaRN: the
+// blend of interpolation 1/(factor·θ^(2i/d)) and extrapolation 1/θ^(2i/d) with the linear ramp
+// between the correction dims of beta_fast/beta_slow at original_max_position_embeddings), the
+// angle position·inv_freq in FP32, cos/sin of it times the attention factor.
 RopeTables rope_tables(const RopeParams& p, int64_t max_pos);
 // HF's yarn_get_mscale: 0.1·mscale·ln(scale) + 1 for scale > 1, else 1.
 double yarn_get_mscale(double scale, double mscale);
-// DeepSeek-V3's softmax scale: qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)² under YaRN
-// when mscale_all_dim is set (HF DeepseekV3Attention). HF DeepSeek-V2 does not apply the square;
-// the model picks.
+// The softmax scale of HF DeepseekV3Attention / DeepseekV2Attention (yarn_apply_mscale):
+// qk_head_dim^-0.5, times yarn_get_mscale(factor, mscale_all_dim)² when type != "default" and
+// mscale_all_dim is non-zero. `factor` here is the config's value (not derived).
 double rope_softmax_scale(const RopeParams& p, int64_t qk_head_dim);
 
 // ---------------------------------------------------------------------------------------------
@@ -186,7 +194,8 @@ struct SwigluBackwardArgs {
 //   choice c = s + bias (bias absent for V2);
 //   groups: `noaux_tc` group score = sum of the top-2 c in each of n_group groups;
 //           `group_limited_greedy` = max c per group; `greedy` = no groups;
-//   keep topk_group groups; experts of other groups get c = 0 (HF masked_fill 0.0, not −inf);
+//   keep topk_group groups; experts of other groups are excluded (c = −inf, as transformers 5.17;
+//   older HF code filled 0.0, which differs only when every kept c is negative);
 //   pick top_k experts by c; weights = s of the picks, divided by (Σ + 1e-20) when norm_topk_prob,
 //   times routed_scaling_factor.
 // Ties (groups and experts): the lower index wins, as torch.topk on the CPU. ids are written in
