@@ -1,0 +1,73 @@
+// The CPU backend: the FP32 reference every other backend is tested against.
+// GEMMs go through OpenBLAS (called outside OpenMP regions so it can use its own threads), the
+// rest through OpenMP loops over rows. No loop's result depends on how iterations are scheduled,
+// so results are bitwise reproducible for a given thread count.
+#pragma once
+#include <vector>
+
+#include "backend/ops.h"
+
+namespace dsv3 {
+
+class CpuBackend final : public Backend {
+ public:
+  Device device() const override { return Device::CPU; }
+  std::string name() const override { return "cpu"; }
+  Tensor alloc(DType t, const Shape& s) override { return Tensor::empty(t, s); }
+  Tensor to_device(const Tensor& host) override { return host.clone(); }
+  Tensor to_host(const Tensor& t) override { return t.clone(); }
+
+  void linear(const LinearArgs&) override;
+  void linear_backward(const LinearBackwardArgs&) override;
+  void matmul(const MatmulArgs&) override;
+  void embedding(const EmbeddingArgs&) override;
+  void embedding_backward(const EmbeddingBackwardArgs&) override;
+  void rmsnorm(const RmsNormArgs&) override;
+  void rmsnorm_backward(const RmsNormBackwardArgs&) override;
+  void rope(const RopeArgs&) override;
+  void attention(const AttentionArgs&) override;
+  void attention_backward(const AttentionBackwardArgs&) override;
+  void swiglu(const SwigluArgs&) override;
+  void swiglu_backward(const SwigluBackwardArgs&) override;
+  void router(const RouterArgs&) override;
+  void router_backward(const RouterBackwardArgs&) override;
+  void moe_sort(const MoeSortArgs&) override;
+  void gather_rows(const GatherRowsArgs&) override;
+  void scatter_add_rows(const ScatterAddRowsArgs&) override;
+  void scatter_add_rows_backward(const ScatterAddRowsBackwardArgs&) override;
+  void cross_entropy(const CrossEntropyArgs&) override;
+  void add(const AddArgs&) override;
+  void scale(const ScaleArgs&) override;
+  void mul(const MulArgs&) override;
+  void copy(const CopyArgs&) override;
+  void fill(const FillArgs&) override;
+  void copy_cols(const CopyColsArgs&) override;
+  void sum_squares(const SumSquaresArgs&) override;
+  void adamw(const AdamWArgs&) override;
+};
+
+namespace cpu {
+
+// Row-major C[m,n] = alpha·op(A)·op(B) + beta·C with leading dimensions, through cblas_sgemm.
+// Sets OpenBLAS's thread count to num_threads() first, so a GEMM's bits depend only on that count.
+void sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+           int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+
+// Rows [r0, r1) of weight w [N, K] (any weight dtype, FP8 with its block scales) as F32 into out
+// (r1−r0)×K, converted in parallel.
+void weight_rows_to_f32(const Tensor& w, const Tensor& scale_inv, int64_t r0, int64_t r1, float* out);
+
+// Scratch that grows and is reused between calls (one per calling thread).
+float* scratch(size_t n, int slot = 0);
+
+// Writable data of an output tensor held in a const argument struct (tensors are handles).
+template <class T> T* mut(const Tensor& t) { return const_cast<Tensor&>(t).data<T>(); }
+
+inline int64_t last_dim(const Tensor& t) { return t.ndim() ? t.dim(-1) : 1; }
+inline int64_t rows_of(const Tensor& t) {
+  int64_t l = last_dim(t);
+  return l ? t.numel() / l : 0;
+}
+
+}  // namespace cpu
+}  // namespace dsv3

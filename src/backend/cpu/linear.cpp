@@ -1,0 +1,121 @@
+// linear (x·Wᵀ with weights in their stored dtype), its backward, and plain matmul.
+#include <cblas.h>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+
+#include "backend/cpu/cpu_backend.h"
+#include "core/threads.h"
+
+namespace dsv3 {
+namespace cpu {
+
+void sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+           int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {  // BLAS would also do this, but some builds read a/b anyway
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.0f ? 0.0f : beta * c[i * ldc + j];
+    return;
+  }
+  int want = num_threads();
+  if (openblas_get_num_threads() != want) openblas_set_num_threads(want);
+  cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans,
+              int(m), int(n), int(k), alpha, a, int(lda), b, int(ldb), beta, c, int(ldc));
+}
+
+float* scratch(size_t n, int slot) {
+  thread_local std::vector<float> bufs[4];
+  std::vector<float>& b = bufs[slot];
+  if (b.size() < n) b.resize(n);
+  return b.data();
+}
+
+void weight_rows_to_f32(const Tensor& w, const Tensor& scale_inv, int64_t r0, int64_t r1, float* out) {
+  int64_t k = w.dim(1);
+  DType t = w.dtype();
+  const char* base = static_cast<const char*>(w.raw());
+  size_t es = dtype_size(t);
+  if (t == DType::F8_E4M3) {
+    const float* sc = scale_inv.data<float>();
+    int64_t kb = scale_inv.dim(1);
+    const uint8_t* p = reinterpret_cast<const uint8_t*>(base);
+    static const std::array<float, 256> lut = [] {
+      std::array<float, 256> l{};
+      for (int i = 0; i < 256; ++i) l[size_t(i)] = e4m3_to_float(uint8_t(i));
+      return l;
+    }();
+#pragma omp parallel for schedule(static)
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* srow = sc + (r / kFp8Block) * kb;
+      float* o = out + (r - r0) * k;
+      const uint8_t* wr = p + r * k;
+      for (int64_t j = 0; j < k; ++j) o[j] = lut[wr[j]] * srow[j / kFp8Block];
+    }
+    return;
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t r = r0; r < r1; ++r)
+    convert(base + size_t(r * k) * es, t, out + (r - r0) * k, DType::F32, size_t(k));
+}
+
+}  // namespace cpu
+
+namespace {
+// Weights other than F32 are converted this many rows at a time, bounding the scratch.
+constexpr int64_t kWeightRowBlock = 256;
+}  // namespace
+
+void CpuBackend::linear(const LinearArgs& a) {
+  validate(a);
+  int64_t m = cpu::rows_of(a.x), n = a.w.dim(0), k = a.w.dim(1);
+  const float* x = a.x.data<float>();
+  float* y = cpu::mut<float>(a.y);
+  float beta = a.accumulate ? 1.0f : 0.0f;
+  if (a.w.dtype() == DType::F32) {
+    cpu::sgemm(false, true, m, n, k, 1.0f, x, k, a.w.data<float>(), k, beta, y, n);
+    return;
+  }
+  float* wb = cpu::scratch(size_t(std::min(n, kWeightRowBlock) * k));
+  for (int64_t n0 = 0; n0 < n; n0 += kWeightRowBlock) {
+    int64_t n1 = std::min(n, n0 + kWeightRowBlock);
+    cpu::weight_rows_to_f32(a.w, a.w_scale_inv, n0, n1, wb);
+    cpu::sgemm(false, true, m, n1 - n0, k, 1.0f, x, k, wb, k, beta, y + n0, n);
+  }
+}
+
+void CpuBackend::linear_backward(const LinearBackwardArgs& a) {
+  validate(a);
+  int64_t m = cpu::rows_of(a.dy), n = cpu::last_dim(a.dy);
+  const float* dy = a.dy.data<float>();
+  if (present(a.dx)) {
+    int64_t k = a.w.dim(1);
+    float* dx = cpu::mut<float>(a.dx);
+    float beta = a.accumulate_dx ? 1.0f : 0.0f;
+    if (a.w.dtype() == DType::F32) {
+      cpu::sgemm(false, false, m, k, n, 1.0f, dy, n, a.w.data<float>(), k, beta, dx, k);
+    } else {
+      float* wb = cpu::scratch(size_t(std::min(n, kWeightRowBlock) * k));
+      for (int64_t n0 = 0; n0 < n; n0 += kWeightRowBlock) {
+        int64_t n1 = std::min(n, n0 + kWeightRowBlock);
+        cpu::weight_rows_to_f32(a.w, a.w_scale_inv, n0, n1, wb);
+        cpu::sgemm(false, false, m, k, n1 - n0, 1.0f, dy + n0, n, wb, k, n0 == 0 ? beta : 1.0f, dx, k);
+      }
+    }
+  }
+  if (present(a.dw)) {
+    int64_t k = cpu::last_dim(a.x);
+    cpu::sgemm(true, false, n, k, m, 1.0f, dy, n, a.x.data<float>(), k, a.accumulate_dw ? 1.0f : 0.0f,
+               cpu::mut<float>(a.dw), k);
+  }
+}
+
+void CpuBackend::matmul(const MatmulArgs& a) {
+  validate(a);
+  int64_t m = a.c.dim(0), n = a.c.dim(1), k = a.trans_a ? a.a.dim(0) : a.a.dim(1);
+  cpu::sgemm(a.trans_a, a.trans_b, m, n, k, a.alpha, a.a.data<float>(), a.a.dim(1), a.b.data<float>(),
+             a.b.dim(1), a.accumulate ? 1.0f : 0.0f, cpu::mut<float>(a.c), n);
+}
+
+}  // namespace dsv3
