@@ -334,7 +334,7 @@ def hub_state(model, mtp_layers, cfg):
     return {n: t.detach().clone().contiguous() for n, t in hub.items()}
 
 
-def storage_tensors(hub, weights):
+def storage_tensors(hub, weights, gen):
     """{hub name: float tensor} -> ({stored name: stored tensor}, {hub name: float value as stored})."""
     stored, values = {}, {}
     quant = fp8_names(hub) if weights == "fp8" else set()
@@ -342,7 +342,10 @@ def storage_tensors(hub, weights):
         if name.endswith("e_score_correction_bias"):
             stored[name] = t.float().contiguous()
         elif name in quant:
-            q, s, deq = fp8_block_quantize(t.float())
+            # Row and column gains spread the block scales, so a wrong block index shows.
+            rows = torch.empty(t.shape[0], 1).uniform_(-1.0, 1.0, generator=gen).exp()
+            cols = torch.empty(1, t.shape[1]).uniform_(-1.0, 1.0, generator=gen).exp()
+            q, s, deq = fp8_block_quantize(t.float() * rows * cols)
             stored[name] = q
             stored[name + "_scale_inv"] = s
             values[name] = deq
@@ -447,7 +450,7 @@ def build_candidate(spec, cfg_dict, seed, tmp):
     init_weights(list(mtp_layers.named_parameters()), list(mtp_layers.named_buffers()), gen,
                  cfg.hidden_size)
     hub = hub_state(model, mtp_layers, cfg)
-    stored, values = storage_tensors(hub, spec["weights"])
+    stored, values = storage_tensors(hub, spec["weights"], gen)
     set_values(model, mtp_layers, cfg, values)
     gen_ids = torch.Generator().manual_seed(seed + 7)
     ids = torch.randint(2, cfg.vocab_size, (1, SEQ_LEN), generator=gen_ids)

@@ -16,6 +16,7 @@ the hub also stores copies at model.layers.{j}.embed_tokens.weight and shared_he
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hub_layout import hub_to_module, module_to_hub
@@ -78,14 +79,14 @@ def causal_mask(s, dtype):
     return m[None, None]
 
 
-def mtp_forward(model, mtp_layers, input_ids, h0):
+def mtp_forward(model, mtp_layers, input_ids, h0, embed_weights=None, head_weights=None):
     """Returns [(logits_k [1, T-k, V], h^k [1, T-k, H]) for k = 1..D].
 
     model: the DeepseekV3ForCausalLM (its embed_tokens, rotary_emb and lm_head are used);
     input_ids [1, T]; h0 [1, T, H] = model(...).hidden state after model.norm.
+    embed_weights / head_weights: optional per-module tensors for checkpoints whose MTP copies
+    differ from the main embedding / lm_head (None: share the main ones, as in training).
     """
-    emb = model.model.embed_tokens
-    head = model.lm_head
     rotary = model.model.rotary_emb
     t = input_ids.shape[1]
     h_prev = h0
@@ -94,7 +95,10 @@ def mtp_forward(model, mtp_layers, input_ids, h0):
         s = t - k
         if s <= 0:
             break
-        e = emb(input_ids[:, k:k + s])
+        ew = embed_weights[k - 1] if embed_weights else None
+        hw = head_weights[k - 1] if head_weights else None
+        nxt = input_ids[:, k:k + s]
+        e = model.model.embed_tokens(nxt) if ew is None else F.embedding(nxt, ew.to(h0.dtype))
         x = layer.eh_proj(torch.cat([layer.enorm(e), layer.hnorm(h_prev[:, :s])], dim=-1))
         pos = torch.arange(s, dtype=torch.long).unsqueeze(0)
         pe = rotary(x, pos)
@@ -102,7 +106,8 @@ def mtp_forward(model, mtp_layers, input_ids, h0):
                          position_embeddings=pe, use_cache=False)
         if isinstance(hk, tuple):  # transformers 4.x decoder layers return a tuple
             hk = hk[0]
-        logits = head(layer.shared_head_norm(hk))
+        normed = layer.shared_head_norm(hk)
+        logits = model.lm_head(normed) if hw is None else F.linear(normed, hw.to(normed.dtype))
         out.append((logits, hk))
         h_prev = hk
     return out
