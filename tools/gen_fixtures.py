@@ -397,6 +397,12 @@ def write_weights(path, stored, spec):
     return files
 
 
+def info_keys(info, key):
+    """A list from from_pretrained's loading info (a dict, or an object with attributes)."""
+    v = info.get(key) if isinstance(info, dict) else getattr(info, key, None)
+    return [str(x) for x in (v or [])]
+
+
 def load_pretrained(cls, path):
     kwargs = dict(attn_implementation="eager", output_loading_info=True)
     try:
@@ -590,9 +596,9 @@ def verify_checkpoint(spec, path, cls, cfg, model, mtp_layers, values, ids, r32)
                 torch.equal(back[pre + "shared_head.head.weight"], back["lm_head.weight"])):
             fail(f"{name}: the MTP copies of embed_tokens / lm_head differ from the main ones")
     mtp_prefixes = tuple(l.prefix() for l in mtp_layers)
-    missing = list(info.get("missing_keys", []) or [])
-    unexpected = [k for k in (info.get("unexpected_keys", []) or []) if not k.startswith(mtp_prefixes)]
-    mismatched = list(info.get("mismatched_keys", []) or [])
+    missing = info_keys(info, "missing_keys")
+    unexpected = [k for k in info_keys(info, "unexpected_keys") if not k.startswith(mtp_prefixes)]
+    mismatched = info_keys(info, "mismatched_keys")
     if missing or unexpected or mismatched:
         fail(f"{name}: from_pretrained missing={missing[:8]} unexpected={unexpected[:8]} "
              f"mismatched={mismatched[:8]}")

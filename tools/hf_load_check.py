@@ -22,7 +22,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gen_fixtures import force_eager, model_class  # noqa: E402
+from gen_fixtures import force_eager, info_keys, model_class  # noqa: E402
 from hub_layout import read_checkpoint  # noqa: E402
 from mtp_reference import MTPLayer, mtp_forward  # noqa: E402
 
@@ -79,7 +79,7 @@ def main():
     n_mtp = int(cfg.get("num_nextn_predict_layers", 0) or 0)
     first_mtp = f"model.layers.{model.config.num_hidden_layers}."
     for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        items = sorted(str(k) for k in (info.get(key, []) or []))
+        items = sorted(info_keys(info, key))
         if key == "unexpected_keys":
             items = [k for k in items if not any(k.startswith(f"model.layers.{model.config.num_hidden_layers + j}.")
                                                  for j in range(n_mtp))]
