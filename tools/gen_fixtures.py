@@ -227,7 +227,9 @@ def fp8_names(hub_names):
     the MTP eh_proj."""
     out = set()
     for n in hub_names:
-        if n.startswith("model.layers.") and n.endswith("_proj.weight") and ".eh_proj." not in n:
+        module = n[:-len(".weight")].rsplit(".", 1)[-1] if n.endswith(".weight") else ""
+        if n.startswith("model.layers.") and module != "eh_proj" and \
+                (module.endswith("_proj") or module == "kv_a_proj_with_mqa"):
             out.add(n)
     return out
 
