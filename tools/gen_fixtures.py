@@ -450,6 +450,8 @@ def build_candidate(spec, cfg_dict, seed, tmp):
     force_eager(model)
     model.float().eval()
     cfg = model.config
+    if model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr():
+        fail("lm_head is tied to embed_tokens; the fixtures need tie_word_embeddings false")
     n_mtp = int(cfg_dict.get("num_nextn_predict_layers", 0) or 0)
     mtp_layers = torch.nn.ModuleList([MTPLayer(cfg, cfg.num_hidden_layers + k) for k in range(n_mtp)])
     mtp_layers.float().eval()
