@@ -63,6 +63,10 @@ nlohmann::json parse_json_strict(std::string_view text, const std::string& where
   size_t bad = utf8_error_offset(text);
   if (bad != std::string_view::npos)
     input_error(where, ": not UTF-8: ill-formed byte sequence at byte ", bad, " of the JSON text");
+  // nlohmann stops at a NUL as if the text ended there; JSON allows none anywhere.
+  size_t nul = text.find('\0');
+  if (nul != std::string_view::npos)
+    input_error(where, ": not valid JSON: NUL byte at byte ", nul, " of the JSON text");
   using json = nlohmann::json;
   // Keys seen in each open object; arrays push an empty marker so the stack mirrors nesting.
   std::vector<std::set<std::string>> keys;
