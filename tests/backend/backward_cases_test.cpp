@@ -1,0 +1,230 @@
+// Backward op cases: each backward's outputs against central finite differences of the double
+// reference forward, on L = Σ dy · f(inputs) with a random dy (tolerance tol::kF32Grad).
+#include "harness.h"
+#include "reference.h"
+
+namespace dsv3::test {
+namespace {
+
+Tensor up(Backend& b, const Tensor& h) { return b.to_device(h); }
+Tensor down(Backend& b, const Tensor& t) { return b.to_host(t); }
+std::vector<int32_t> ints(const Tensor& t) {
+  return std::vector<int32_t>(t.data<int32_t>(), t.data<int32_t>() + t.numel());
+}
+
+std::vector<Output> linear_bw(Backend& b, Guards& g, uint64_t seed, DType wt) {
+  int64_t m = 4, n = 6, k = 5;
+  Tensor x = randn({m, k}, seed, 1), w = randn({n, k}, seed, 2, 0.5f, wt), dy = randn({m, n}, seed, 3);
+  Vec xv = to_vec(x), wv = to_vec(w), dyv = to_vec(dy);
+  Tensor dx = g.out(DType::F32, {m, k});
+  Tensor dw0 = randn({n, k}, seed, 4);
+  Tensor dw = wt == DType::F32 ? g.init(dw0) : Tensor();
+  b.linear_backward({up(b, dy), up(b, x), up(b, w), Tensor(), dx, dw, false, true});
+  std::vector<Output> outs{
+      {"dx", down(b, dx), fd_grad([&](const Vec& v) { return dot(dyv, ref::linear(v, wv, m, n, k)); }, xv),
+       tol::kF32Grad}};
+  if (wt == DType::F32) {
+    Vec want = fd_grad([&](const Vec& v) { return dot(dyv, ref::linear(xv, v, m, n, k)); }, wv);
+    for (size_t i = 0; i < want.size(); ++i) want[i] += double(dw0.data<float>()[i]);
+    outs.push_back({"dw_accumulated", down(b, dw), want, tol::kF32Grad});
+  }
+  return outs;
+}
+
+}  // namespace
+
+OP_CASE(linear_backward_f32) { return linear_bw(b, g, seed, DType::F32); }
+OP_CASE(linear_backward_bf16_weight) { return linear_bw(b, g, seed, DType::BF16); }
+
+OP_CASE(linear_backward_fp8_weight) {
+  int64_t m = 3, n = 130, k = 129;  // partial 128×128 blocks in both dims
+  Tensor x = randn({m, k}, seed, 1), dy = randn({m, n}, seed, 3);
+  Tensor w = randn({n, k}, seed, 2, 2.0f).to(DType::F8_E4M3);
+  Tensor s = Tensor::empty(DType::F32, {2, 2});
+  for (int i = 0; i < 4; ++i) s.data<float>()[i] = 0.25f * float(i + 1);
+  Vec wv = ref::dequant_fp8(w, s), dyv = to_vec(dy);
+  Tensor dx = g.out(DType::F32, {m, k});
+  b.linear_backward({up(b, dy), Tensor(), up(b, w), up(b, s), dx, Tensor(), false, false});
+  return {{"dx", down(b, dx),
+           fd_grad([&](const Vec& v) { return dot(dyv, ref::linear(v, wv, m, n, k)); }, to_vec(x)),
+           tol::kF32Grad}};
+}
+
+OP_CASE(embedding_backward) {
+  int64_t v = 7, d = 4, t = 12;
+  Tensor ids = randi({t}, seed, 1, 0, int32_t(v)), dout = randn({t, d}, seed, 2), dt0 = randn({v, d}, seed, 3);
+  Tensor dt = g.init(dt0);
+  b.embedding_backward({up(b, ids), up(b, dout), dt});
+  std::vector<int32_t> iv = ints(ids);
+  Vec dov = to_vec(dout);
+  auto f = [&](const Vec& tab) {
+    double s = 0;
+    for (int64_t i = 0; i < t; ++i)
+      for (int64_t j = 0; j < d; ++j) s += dov[size_t(i * d + j)] * tab[size_t(iv[size_t(i)] * d + j)];
+    return s;
+  };
+  Vec want = fd_grad(f, Vec(size_t(v * d), 0.5));
+  for (size_t i = 0; i < want.size(); ++i) want[i] += double(dt0.data<float>()[i]);
+  return {{"dtable", down(b, dt), want, tol::kF32Grad}};
+}
+
+OP_CASE(rmsnorm_backward) {
+  int64_t m = 4, d = 9;
+  Tensor x = randn({m, d}, seed, 1, 2.0f), w = randn({d}, seed, 2), dy = randn({m, d}, seed, 3);
+  Tensor y = b.alloc(DType::F32, {m, d}), rstd = b.alloc(DType::F32, {m});
+  Tensor xd = up(b, x), wd = up(b, w);
+  b.rmsnorm({xd, wd, 1e-5f, y, rstd});
+  Tensor dx = g.out(DType::F32, {m, d}), dw = g.out(DType::F32, {d});
+  b.rmsnorm_backward({up(b, dy), xd, wd, rstd, dx, dw, false, false});
+  Vec xv = to_vec(x), wv = to_vec(w), dyv = to_vec(dy);
+  return {{"dx", down(b, dx), fd_grad([&](const Vec& v) { return dot(dyv, ref::rmsnorm(v, wv, m, d, 1e-5)); }, xv),
+           tol::kF32Grad},
+          {"dweight", down(b, dw),
+           fd_grad([&](const Vec& v) { return dot(dyv, ref::rmsnorm(xv, v, m, d, 1e-5)); }, wv), tol::kF32Grad}};
+}
+
+OP_CASE(rope_backward_is_inverse_rotation) {
+  int64_t t = 3, h = 2, w = 7, off = 1, rd = 6;
+  RopeParams p;
+  p.dim = rd;
+  RopeTables tab = rope_tables(p, 8);
+  Tensor x = randn({t, h, w}, seed, 1), dy = randn({t, h, w}, seed, 2);
+  Tensor pos = randi({t}, seed, 3, 0, 8);
+  Tensor dx = g.init(dy);
+  b.rope({dx, up(b, pos), up(b, tab.cos), up(b, tab.sin), off, rd, true, true});
+  Vec cs = to_vec(tab.cos), sn = to_vec(tab.sin), dyv = to_vec(dy);
+  std::vector<int32_t> pv = ints(pos);
+  auto f = [&](const Vec& v) { return dot(dyv, ref::rope(v, pv, cs, sn, t, h, w, off, rd, true, false)); };
+  return {{"dx", down(b, dx), fd_grad(f, to_vec(x)), tol::kF32Grad}};
+}
+
+OP_CASE(attention_backward) {
+  int64_t bs = 2, t = 4, s = 6, h = 2, dq = 5, dv = 3, off = 2;
+  Tensor q = randn({bs, t, h, dq}, seed, 1), k = randn({bs, s, h, dq}, seed, 2), v = randn({bs, s, h, dv}, seed, 3);
+  Tensor dout = randn({bs, t, h, dv}, seed, 4);
+  float scale = 0.4f;
+  Tensor qd = up(b, q), kd = up(b, k), vd = up(b, v);
+  Tensor out = b.alloc(DType::F32, {bs, t, h, dv}), lse = b.alloc(DType::F32, {bs, h, t});
+  b.attention({qd, kd, vd, out, lse, scale, true, off});
+  Tensor dq_ = g.out(DType::F32, {bs, t, h, dq}), dk = g.out(DType::F32, {bs, s, h, dq});
+  Tensor dvv = g.out(DType::F32, {bs, s, h, dv});
+  b.attention_backward({qd, kd, vd, out, lse, up(b, dout), dq_, dk, dvv, scale, true, off});
+  Vec qv = to_vec(q), kv = to_vec(k), vv = to_vec(v), gv = to_vec(dout);
+  auto L = [&](const Vec& a, const Vec& bb, const Vec& c) {
+    return dot(gv, ref::attention(a, bb, c, bs, t, s, h, dq, dv, scale, true, off).out);
+  };
+  return {{"dq", down(b, dq_), fd_grad([&](const Vec& x) { return L(x, kv, vv); }, qv), tol::kF32Grad},
+          {"dk", down(b, dk), fd_grad([&](const Vec& x) { return L(qv, x, vv); }, kv), tol::kF32Grad},
+          {"dv", down(b, dvv), fd_grad([&](const Vec& x) { return L(qv, kv, x); }, vv), tol::kF32Grad}};
+}
+
+OP_CASE(swiglu_backward) {
+  Tensor gt = randn({3, 5}, seed, 1, 2.0f), u = randn({3, 5}, seed, 2), dout = randn({3, 5}, seed, 3);
+  Tensor dg = g.out(DType::F32, {3, 5}), du = g.out(DType::F32, {3, 5});
+  b.swiglu_backward({up(b, dout), up(b, gt), up(b, u), dg, du, false});
+  Vec gv = to_vec(gt), uv = to_vec(u), dv = to_vec(dout);
+  return {{"dgate", down(b, dg), fd_grad([&](const Vec& x) { return dot(dv, ref::swiglu(x, uv)); }, gv), tol::kF32Grad},
+          {"dup", down(b, du), fd_grad([&](const Vec& x) { return dot(dv, ref::swiglu(gv, x)); }, uv), tol::kF32Grad}};
+}
+
+namespace {
+std::vector<Output> router_bw(Backend& b, Guards& g, uint64_t seed, RouterScoring sc, RouterMethod m, bool norm) {
+  int64_t t = 5, e = 8;
+  int ng = 4, tg = 2, k = 3;
+  Tensor logits = randn({t, e}, seed, 1, 2.0f), bias = randn({e}, seed, 2, 0.3f), dw = randn({t, k}, seed, 3);
+  RouterArgs a;
+  a.logits = up(b, logits);
+  if (sc == RouterScoring::Sigmoid) a.bias = up(b, bias);
+  a.scoring = sc;
+  a.method = m;
+  a.n_group = ng;
+  a.topk_group = tg;
+  a.top_k = k;
+  a.norm_topk_prob = norm;
+  a.routed_scaling_factor = 1.5f;
+  a.scores = b.alloc(DType::F32, {t, e});
+  a.ids = b.alloc(DType::I32, {t, k});
+  a.weights = b.alloc(DType::F32, {t, k});
+  b.router(a);
+  Tensor dl0 = randn({t, e}, seed, 4);
+  Tensor dl = g.init(dl0);
+  b.router_backward({a.scores, a.ids, up(b, dw), sc, norm, 1.5f, dl, true});
+  Vec bv = to_vec(bias), dwv = to_vec(dw);
+  const Vec* bp = sc == RouterScoring::Sigmoid ? &bv : nullptr;
+  auto f = [&](const Vec& l) { return dot(dwv, ref::router(l, t, e, bp, sc, m, ng, tg, k, norm, 1.5).weights); };
+  Vec want = fd_grad(f, to_vec(logits));
+  for (size_t i = 0; i < want.size(); ++i) want[i] += double(dl0.data<float>()[i]);
+  return {{"dlogits", down(b, dl), want, tol::kF32Grad}};
+}
+}  // namespace
+
+OP_CASE(router_backward_sigmoid_norm) {
+  return router_bw(b, g, seed, RouterScoring::Sigmoid, RouterMethod::NoauxTc, true);
+}
+OP_CASE(router_backward_softmax) {
+  return router_bw(b, g, seed, RouterScoring::Softmax, RouterMethod::GroupLimitedGreedy, false);
+}
+
+OP_CASE(gather_scatter_backward) {
+  int64_t r = 5, d = 4, n = 9;
+  Tensor src = randn({n, d}, seed, 1), idx = randi({n}, seed, 2, 0, int32_t(r)), w = randn({n}, seed, 3);
+  Tensor dout = randn({r, d}, seed, 4);
+  Tensor dsrc = g.out(DType::F32, {n, d}), dw = g.out(DType::F32, {n});
+  b.scatter_add_rows_backward({up(b, dout), up(b, src), up(b, idx), up(b, w), dsrc, dw, false});
+  std::vector<int32_t> iv = ints(idx);
+  Vec sv = to_vec(src), wv = to_vec(w), dv = to_vec(dout);
+  auto scatter = [&](const Vec& s, const Vec& ww) {
+    Vec o(size_t(r * d), 0.0);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < d; ++j) o[size_t(iv[size_t(i)] * d + j)] += ww[size_t(i)] * s[size_t(i * d + j)];
+    return dot(dv, o);
+  };
+  // gather_rows is scatter's adjoint: its backward is a scatter-add of dout rows.
+  Tensor gsrc = randn({r, d}, seed, 5), gdout = randn({n, d}, seed, 6);
+  Tensor gd = g.out(DType::F32, {r, d});
+  b.fill({gd, 0.0f});
+  b.scatter_add_rows({up(b, gdout), up(b, idx), up(b, w), gd});
+  Vec gdv = to_vec(gdout);
+  auto gather = [&](const Vec& s) {
+    double acc = 0;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < d; ++j) acc += gdv[size_t(i * d + j)] * wv[size_t(i)] * s[size_t(iv[size_t(i)] * d + j)];
+    return acc;
+  };
+  return {{"dsrc", down(b, dsrc), fd_grad([&](const Vec& x) { return scatter(x, wv); }, sv), tol::kF32Grad},
+          {"dweight", down(b, dw), fd_grad([&](const Vec& x) { return scatter(sv, x); }, wv), tol::kF32Grad},
+          {"gather_dsrc", down(b, gd), fd_grad(gather, to_vec(gsrc)), tol::kF32Grad}};
+}
+
+OP_CASE(cross_entropy_gradient) {
+  int64_t t = 4, v = 9;
+  Tensor l = randn({t, v}, seed, 1, 3.0f), tg = randi({t}, seed, 2, 0, int32_t(v));
+  tg.data<int32_t>()[1] = -1;
+  Tensor dl = g.out(DType::F32, {t, v});
+  b.cross_entropy({up(b, l), up(b, tg), Tensor(), Tensor(), dl, 0.5f});
+  std::vector<int32_t> tv = ints(tg);
+  auto f = [&](const Vec& x) {
+    Vec loss = ref::cross_entropy(x, tv, t, v);
+    return 0.5 * std::accumulate(loss.begin(), loss.end(), 0.0);
+  };
+  return {{"dlogits", down(b, dl), fd_grad(f, to_vec(l)), tol::kF32Grad}};
+}
+
+OP_CASE(copy_cols_broadcast_backward) {
+  // Forward: k_pe [t, 1, 3] broadcast into k [t, h, 5] at column 2; backward sums over heads.
+  int64_t t = 3, h = 4;
+  Tensor dk = randn({t, h, 5}, seed, 1);
+  Tensor dkpe = g.out(DType::F32, {t, 1, 3});
+  b.copy_cols({up(b, dk), 2, dkpe, 0, 3, false});
+  Vec dkv = to_vec(dk);
+  auto f = [&](const Vec& kpe) {
+    double s = 0;
+    for (int64_t i = 0; i < t; ++i)
+      for (int64_t hh = 0; hh < h; ++hh)
+        for (int64_t j = 0; j < 3; ++j) s += dkv[size_t((i * h + hh) * 5 + 2 + j)] * kpe[size_t(i * 3 + j)];
+    return s;
+  };
+  return {{"dk_pe", down(b, dkpe), fd_grad(f, Vec(size_t(t * 3), 0.1)), tol::kF32Grad}};
+}
+
+}  // namespace dsv3::test
