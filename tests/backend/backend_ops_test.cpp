@@ -4,6 +4,8 @@
 // and on the CPU, bitwise-equal results when run twice with the same thread count.
 #include <gtest/gtest.h>
 
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include "backend/cpu/cpu_backend.h"
@@ -56,6 +58,7 @@ TEST_P(BackendOps, MatchesReference) {
       Err e = compare(o.got, o.want);
       EXPECT_EQ(e.non_finite, 0) << describe(o, e);
       EXPECT_LE(e.norm_err, o.tol) << describe(o, e);
+      if (std::getenv("DSV3_TEST_VERBOSE")) std::printf("%s/%s: %s\n", b->name().c_str(), c.name.c_str(), describe(o, e).c_str());
     }
     EXPECT_EQ(guards.damaged(), "") << "writes outside an output";
     if (b->device() == Device::CPU) {

@@ -360,7 +360,8 @@ std::vector<Output> adamw_case(Backend& b, Guards& g, uint64_t seed, DType momen
     pv[size_t(i)] -= lr / (1 - std::pow(b1, 3)) * mv[size_t(i)] / denom;
   }
   double mt = moments == DType::BF16 ? tol::kBf16 : tol::kF32;
-  return {{"param", down(b, p), pv, mt}, {"m", down(b, m), mv, mt}, {"v", down(b, v), vv, mt}};
+  // The parameter is F32 either way: BF16 moments only round m and v after this step.
+  return {{"param", down(b, p), pv, tol::kF32}, {"m", down(b, m), mv, mt}, {"v", down(b, v), vv, mt}};
 }
 }  // namespace
 
