@@ -70,31 +70,29 @@ int run_train(const TokOptions& o) {
   return 0;
 }
 
+RunFn setup_tokenizer(CLI::App& app) {
+  auto o = std::make_shared<TokOptions>();
+  app.require_subcommand(1, 1);
+  auto* enc = app.add_subcommand("encode", "Read UTF-8 text on stdin, print token ids");
+  auto* dec = app.add_subcommand("decode", "Read token ids on stdin, print the text");
+  auto* tr = app.add_subcommand("train", "Learn a byte-level BPE (DeepSeek-V3 pre-tokenizer)");
+  for (auto* s : {enc, dec})
+    s->add_option("--tokenizer", o->tokenizer, "tokenizer.json or the directory holding it")->required();
+  auto* fb = enc->add_flag("--bos", o->bos, "Prepend BOS (default: tokenizer_config.json's add_bos_token)");
+  enc->add_flag("--no-bos", o->no_bos, "Do not prepend BOS")->excludes(fb);
+  tr->add_option("--vocab-size", o->vocab_size, "Number of token ids, specials included");
+  tr->add_option("--output", o->output, "Where to write tokenizer.json (tokenizer_config.json goes beside it)");
+  tr->add_option("FILES", o->files, "Training text files")->required();
+  return [o, enc, dec, tr]() -> int {
+    if (enc->parsed()) return run_encode(*o);
+    if (dec->parsed()) return run_decode(*o);
+    if (tr->parsed()) return run_train(*o);
+    return 2;
+  };
+}
+
 }  // namespace
 }  // namespace dsv3::cli
 
 DSV3_COMMAND(tokenizer, "Encode, decode, or train a byte-level BPE tokenizer (HF tokenizer.json)",
-             [](CLI::App& app) {
-               using namespace dsv3::cli;
-               auto o = std::make_shared<TokOptions>();
-               app.require_subcommand(1, 1);
-               auto* enc = app.add_subcommand("encode", "Read UTF-8 text on stdin, print token ids");
-               auto* dec = app.add_subcommand("decode", "Read token ids on stdin, print the text");
-               auto* tr = app.add_subcommand("train", "Learn a byte-level BPE (DeepSeek-V3 pre-tokenizer)");
-               for (auto* s : {enc, dec})
-                 s->add_option("--tokenizer", o->tokenizer,
-                               "tokenizer.json or the directory holding it")
-                     ->required();
-               auto* fb = enc->add_flag("--bos", o->bos, "Prepend BOS (default: tokenizer_config.json's add_bos_token)");
-               enc->add_flag("--no-bos", o->no_bos, "Do not prepend BOS")->excludes(fb);
-               tr->add_option("--vocab-size", o->vocab_size, "Number of token ids, specials included");
-               tr->add_option("--output", o->output,
-                              "Where to write tokenizer.json (tokenizer_config.json goes beside it)");
-               tr->add_option("FILES", o->files, "Training text files")->required();
-               return [o, enc, dec, tr]() -> int {
-                 if (enc->parsed()) return run_encode(*o);
-                 if (dec->parsed()) return run_decode(*o);
-                 if (tr->parsed()) return run_train(*o);
-                 return 2;
-               };
-             });
+             dsv3::cli::setup_tokenizer);
