@@ -1,0 +1,238 @@
+// The DeepSeek-V3 (and V2) forward pass, written once against the op interface (backend/ops.h).
+//
+//   tokens [B, T] → embed_tokens → decoder layers (MLA + dense MLP or DeepSeekMoE) → model.norm = h⁰
+//   logits = lm_head(h⁰)                                                          [B·T, vocab]
+//   MTP module k = 1..D (hub prefix model.layers.{L+k−1}., DESIGN §3):
+//     x   = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k−1}_i)])        i < T−k   (embedding first)
+//     h^k = decoder block(x) at positions 0..T−k−1, causal             (before shared_head.norm)
+//     mtp_logits_k = head(shared_head.norm(h^k))                         [B·(T−k), vocab]
+//   mtp_logits_k[b, i] predicts token i+k+1 of sequence b. The head is lm_head (shared, as in
+//   training; the hub's shared_head.head copy holds the same values).
+//
+// Every module's forward is a flat sequence of op calls (mla.cpp, moe.cpp, mtp.cpp, model.cpp) that
+// leaves what a backward needs in an explicit activations struct (the *Acts types below): inputs of
+// each linear, RMSNorm rstd, attention out/lse, router scores/ids/weights, the MoE sort. A backward
+// (training) walks the same structs in reverse. Plain, non-absorbed MLA only: the latent-cache decode
+// of inference is a separate path (it can reuse MlaActs::c_kv_n and k_pe, which are what it caches).
+//
+// Usage:
+//   Weights w = Weights::load(dir);           // or Weights::random(cfg, seed)
+//   Model m(w, cpu_backend());
+//   ForwardOutput out = m.forward(ids, B, T);  // ids: B·T token ids, row-major [B, T]
+//   out.logits [B·T, V]; out.mtp_logits[k−1] [B·(T−k), V]; m.acts() holds the activations when
+//   ForwardOptions::keep_activations is set.
+#pragma once
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "backend/ops.h"
+#include "model/config.h"
+#include "model/weights.h"
+
+namespace dsv3 {
+
+// ---------------------------------------------------------------------------------------------
+// Parameters bound for compute: views of Weights (no copies), grouped per module.
+struct LinearParam {
+  Tensor w;          // [N, K] stored dtype
+  Tensor scale_inv;  // F8_E4M3 only
+  Tensor bias;       // [N], optional (attention_bias)
+};
+struct MlaParams {
+  LinearParam q_proj;               // q_lora_rank null
+  LinearParam q_a_proj, q_b_proj;   // q_lora_rank set
+  Tensor q_a_layernorm;
+  LinearParam kv_a_proj_with_mqa;
+  Tensor kv_a_layernorm;
+  LinearParam kv_b_proj, o_proj;
+};
+struct MlpParams {
+  LinearParam gate_proj, up_proj, down_proj;
+};
+struct MoeParams {
+  LinearParam gate;                 // router [E, H]
+  Tensor e_score_correction_bias;   // [E] (V3 noaux_tc), optional
+  std::vector<MlpParams> experts;
+  bool has_shared = false;
+  MlpParams shared_experts;
+};
+struct LayerParams {
+  int64_t index = 0;  // layer index in the hub naming
+  Tensor input_layernorm, post_attention_layernorm;
+  MlaParams attn;
+  bool is_moe = false;
+  MlpParams mlp;  // dense layers
+  MoeParams moe;  // MoE layers
+};
+struct MtpParams {
+  Tensor enorm, hnorm;
+  LinearParam eh_proj;  // [H, 2H]
+  LayerParams block;
+  Tensor shared_head_norm;
+};
+struct ModelParams {
+  Tensor embed_tokens;  // [V, H]
+  std::vector<LayerParams> layers;
+  Tensor norm;
+  LinearParam lm_head;  // embed_tokens when tie_word_embeddings
+  std::vector<MtpParams> mtp;
+};
+ModelParams bind_params(const Weights& w);
+
+// ---------------------------------------------------------------------------------------------
+// Activations (F32, on the backend's device). N = B·T rows; nh heads.
+struct MlaActs {
+  Tensor x;         // [N, H]           input (after input_layernorm)
+  Tensor q_a;       // [N, q_lora]      q_a_proj(x)                      (q_lora_rank set)
+  Tensor q_a_rstd;  // [N]
+  Tensor q_a_n;     // [N, q_lora]      q_a_layernorm(q_a)
+  Tensor q;         // [N, nh, qk]      [q_nope ; rope(q_pe)] per head
+  Tensor kv_a;      // [N, kv_lora + rope]  kv_a_proj_with_mqa(x), unrotated
+  Tensor c_kv_rstd; // [N]
+  Tensor c_kv_n;    // [N, kv_lora]     kv_a_layernorm(c_kv)     (the latent a cache stores)
+  Tensor k_pe;      // [N, rope]        rope(k_pe), shared by all heads (the other cached part)
+  Tensor kv;        // [N, nh, nope + v] kv_b_proj(c_kv_n)
+  Tensor k;         // [N, nh, qk]      [k_nope ; k_pe]
+  Tensor v;         // [N, nh, v]
+  Tensor attn;      // [N, nh, v]       softmax(q·kᵀ·scale)·v
+  Tensor lse;       // [B, nh, T]
+  Tensor out;       // [N, H]           o_proj(attn)
+};
+struct MlpActs {
+  Tensor x;     // [M, H]
+  Tensor gate;  // [M, I]
+  Tensor up;    // [M, I]
+  Tensor act;   // [M, I]  silu(gate)·up
+  Tensor out;   // [M, H]
+};
+struct MoeActs {
+  Tensor x;        // [N, H]
+  Tensor logits;   // [N, E]       gate(x)
+  Tensor scores;   // [N, E]       sigmoid / softmax
+  Tensor ids;      // [N, k] I32
+  Tensor weights;  // [N, k]
+  Tensor pick, token, counts;  // moe_sort: [N·k] I32, [N·k] I32, [E] I32
+  std::vector<int64_t> offsets;  // [E + 1] host copy: expert e owns sorted rows offsets[e]..offsets[e+1]
+  Tensor sorted_weights;  // [N·k, 1] weights in sorted order
+  MlpActs routed;  // over the N·k sorted rows (x = gathered tokens, out = expert outputs)
+  MlpActs shared;  // over N rows (n_shared_experts > 0)
+  Tensor out;      // [N, H]
+};
+struct LayerActs {
+  Tensor x;           // [N, H]  layer input (residual stream)
+  Tensor rstd1;       // [N]
+  Tensor h1;          // [N, H]  input_layernorm(x)
+  MlaActs attn;
+  Tensor x2;          // [N, H]  x + attn.out
+  Tensor rstd2;       // [N]
+  Tensor h2;          // [N, H]  post_attention_layernorm(x2)
+  MlpActs mlp;        // dense layers
+  MoeActs moe;        // MoE layers
+  Tensor out;         // [N, H]  x2 + mlp/moe out
+};
+struct MtpActs {
+  int64_t S = 0;      // T − k: rows per sequence
+  Tensor ids;         // [B·S] I32  tokens t_{i+k}
+  Tensor h_idx;       // [B·S] I32  rows of h^{k−1} used
+  Tensor emb;         // [B·S, H]
+  Tensor e_rstd, e_n; // enorm
+  Tensor h_prev;      // [B·S, H]   h^{k−1}_i
+  Tensor h_rstd, h_n; // hnorm
+  Tensor cat;         // [B·S, 2H]  [e_n ; h_n]
+  Tensor x;           // [B·S, H]   eh_proj(cat)
+  LayerActs block;
+  Tensor h;           // [B·S, H]   h^k (= block.out)
+  Tensor head_rstd, head_n;  // shared_head.norm(h^k)
+};
+struct ModelActs {
+  int64_t B = 0, T = 0;
+  Tensor ids;        // [B·T] I32
+  Tensor positions;  // [B·T] I32
+  Tensor emb;        // [B·T, H]
+  std::vector<LayerActs> layers;
+  Tensor final_rstd;
+  Tensor h0;         // [B·T, H] after model.norm
+  std::vector<MtpActs> mtp;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Fixed per-model quantities every module reads.
+struct ModelDims {
+  int64_t H = 0, nh = 0, nope = 0, rope = 0, qk = 0, vd = 0, kv_lora = 0, q_lora = 0;
+  float eps = 1e-6f;      // rms_norm_eps: layer norms, model.norm, MTP norms
+  float eps_mla = 1e-6f;  // q_a_layernorm / kv_a_layernorm: HF builds them without passing rms_norm_eps
+  float softmax_scale = 1.0f;
+  bool rope_interleaved = true;
+  RouterScoring scoring = RouterScoring::Sigmoid;
+  RouterMethod method = RouterMethod::NoauxTc;
+  int n_group = 1, topk_group = 1, top_k = 1;
+  int64_t n_experts = 0;
+  bool norm_topk_prob = true;
+  float routed_scaling_factor = 1.0f;
+};
+ModelDims model_dims(const ModelConfig& c);
+RopeParams rope_params(const ModelConfig& c);
+
+// Rotary tables plus the positions of the rows being processed.
+struct RopeInput {
+  const RopeTables* tables = nullptr;
+  Tensor positions;  // [N] I32
+};
+
+// Module forwards (mla.cpp, moe.cpp, mtp.cpp). Each fills its Acts (allocating on `be`) and leaves
+// the module output in acts.out. B sequences of T rows each, N = B·T.
+void mla_forward(Backend& be, const ModelDims& d, const MlaParams& p, const RopeInput& rope,
+                 const Tensor& x, int64_t B, int64_t T, MlaActs& a);
+void mlp_forward(Backend& be, const MlpParams& p, const Tensor& x, MlpActs& a, bool accumulate_out = false);
+void moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const Tensor& x, MoeActs& a);
+void decoder_layer_forward(Backend& be, const ModelDims& d, const LayerParams& p, const RopeInput& rope,
+                           const Tensor& x, int64_t B, int64_t T, LayerActs& a);
+// MTP module k on B sequences of T tokens (host ids [B·T]); h_prev = h^{k−1} with prev_len rows per
+// sequence (T for k = 1). Writes logits [B·(T−k), V].
+void mtp_module_forward(Backend& be, const ModelDims& d, const MtpParams& p, const Tensor& embed_tokens,
+                        const LinearParam& head, const RopeTables& tables, std::span<const int32_t> ids,
+                        int64_t B, int64_t T, int k, const Tensor& h_prev, int64_t prev_len, MtpActs& a,
+                        Tensor& logits);
+// y = x·Wᵀ (+ bias) with the stored weight dtype.
+void linear_forward(Backend& be, const LinearParam& p, const Tensor& x, const Tensor& y, bool accumulate = false);
+
+struct ForwardOptions {
+  bool mtp = true;               // run the MTP modules (when the model has them)
+  bool keep_activations = false;  // keep every layer's activations in Model::acts() (training)
+};
+struct ForwardOutput {
+  Tensor logits;                   // [B·T, V] F32
+  std::vector<Tensor> mtp_logits;  // k = 1..D: [B·(T−k), V] F32 (empty when T ≤ k)
+};
+
+class Model {
+ public:
+  Model(const Weights& w, Backend& be);
+
+  // ids: B·T token ids (row-major [B, T]); each in [0, vocab_size) else InputError;
+  // T ≤ max_position_embeddings else InputError.
+  ForwardOutput forward(std::span<const int32_t> ids, int64_t B, int64_t T, const ForwardOptions& opt = {});
+
+  const ModelConfig& config() const { return cfg_; }
+  const ModelDims& dims() const { return dims_; }
+  const ModelParams& params() const { return params_; }
+  Backend& backend() { return be_; }
+  const ModelActs& acts() const { return acts_; }
+  // Rotary tables covering positions [0, n) (grown on demand).
+  const RopeTables& rope_tables_for(int64_t n);
+
+ private:
+  ModelConfig cfg_;
+  Backend& be_;
+  ModelDims dims_;
+  ModelParams params_;
+  RopeTables rope_;
+  int64_t rope_len_ = 0;
+  ModelActs acts_;
+};
+
+// The token ids of a "ID ID ..." string (whitespace separated); InputError naming the bad token.
+std::vector<int32_t> parse_token_ids(const std::string& text, int64_t vocab_size);
+
+}  // namespace dsv3

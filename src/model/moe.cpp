@@ -1,0 +1,136 @@
+// The feed-forward half of a decoder layer: the dense SwiGLU MLP (layers below
+// first_k_dense_replace, and the shared experts) and DeepSeekMoE:
+//   router (DESIGN §3) → sort the N·k picks by expert → gather token rows → one GEMM chain per expert
+//   over its contiguous rows → scatter-add weighted outputs back to tokens → + shared experts.
+// No token dropping. The decoder layer (pre-norm residual blocks) is here too.
+#include "model/model.h"
+#include "model/module_ops.h"
+
+namespace dsv3 {
+using modops::add;
+using modops::rmsnorm;
+
+void mlp_forward(Backend& be, const MlpParams& p, const Tensor& x, MlpActs& a, bool accumulate_out) {
+  const int64_t M = x.dim(0), I = p.gate_proj.w.dim(0), H = p.down_proj.w.dim(0);
+  a.x = x;                                            // [M, H]
+  a.gate = be.alloc(DType::F32, {M, I});
+  a.up = be.alloc(DType::F32, {M, I});
+  a.act = be.alloc(DType::F32, {M, I});
+  linear_forward(be, p.gate_proj, x, a.gate);         // [M, I]
+  linear_forward(be, p.up_proj, x, a.up);             // [M, I]
+  SwigluArgs s;
+  s.gate = a.gate;
+  s.up = a.up;
+  s.out = a.act;
+  be.swiglu(s);                                       // [M, I] silu(gate)·up
+  if (!accumulate_out) a.out = be.alloc(DType::F32, {M, H});
+  linear_forward(be, p.down_proj, a.act, a.out, accumulate_out);  // [M, H]
+}
+
+void moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const Tensor& x, MoeActs& a) {
+  const int64_t N = x.dim(0), E = d.n_experts, k = d.top_k, H = d.H;
+  a.x = x;  // [N, H]
+
+  // Routing in FP32 on gate logits.
+  a.logits = be.alloc(DType::F32, {N, E});
+  linear_forward(be, p.gate, x, a.logits);  // [N, E]
+  a.scores = be.alloc(DType::F32, {N, E});
+  a.ids = be.alloc(DType::I32, {N, k});
+  a.weights = be.alloc(DType::F32, {N, k});
+  RouterArgs r;
+  r.logits = a.logits;
+  r.bias = p.e_score_correction_bias;
+  r.scoring = d.scoring;
+  r.method = d.method;
+  r.n_group = d.n_group;
+  r.topk_group = d.topk_group;
+  r.top_k = d.top_k;
+  r.norm_topk_prob = d.norm_topk_prob;
+  r.routed_scaling_factor = d.routed_scaling_factor;
+  r.scores = a.scores;
+  r.ids = a.ids;
+  r.weights = a.weights;
+  be.router(r);
+
+  // Group the N·k picks by expert.
+  a.pick = be.alloc(DType::I32, {N * k});
+  a.token = be.alloc(DType::I32, {N * k});
+  a.counts = be.alloc(DType::I32, {E});
+  MoeSortArgs s;
+  s.ids = a.ids;
+  s.n_experts = E;
+  s.pick = a.pick;
+  s.token = a.token;
+  s.counts = a.counts;
+  be.moe_sort(s);
+  const Tensor counts = be.to_host(a.counts);
+  a.offsets.assign(size_t(E + 1), 0);
+  for (int64_t e = 0; e < E; ++e) a.offsets[size_t(e + 1)] = a.offsets[size_t(e)] + counts.data<int32_t>()[e];
+
+  // Gather the token rows in expert order and run each expert on its contiguous block.
+  MlpActs& m = a.routed;
+  m.x = be.alloc(DType::F32, {N * k, H});
+  GatherRowsArgs g;
+  g.src = x;
+  g.idx = a.token;
+  g.out = m.x;
+  be.gather_rows(g);  // [N·k, H]
+  const int64_t I = p.experts.empty() ? 0 : p.experts[0].gate_proj.w.dim(0);
+  m.gate = be.alloc(DType::F32, {N * k, I});
+  m.up = be.alloc(DType::F32, {N * k, I});
+  m.act = be.alloc(DType::F32, {N * k, I});
+  m.out = be.alloc(DType::F32, {N * k, H});
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t r0 = a.offsets[size_t(e)], r1 = a.offsets[size_t(e + 1)];
+    if (r0 == r1) continue;
+    const MlpParams& ep = p.experts[size_t(e)];
+    linear_forward(be, ep.gate_proj, m.x.rows(r0, r1), m.gate.rows(r0, r1));  // [c, I]
+    linear_forward(be, ep.up_proj, m.x.rows(r0, r1), m.up.rows(r0, r1));      // [c, I]
+    SwigluArgs sw;
+    sw.gate = m.gate.rows(r0, r1);
+    sw.up = m.up.rows(r0, r1);
+    sw.out = m.act.rows(r0, r1);
+    be.swiglu(sw);                                                             // [c, I]
+    linear_forward(be, ep.down_proj, m.act.rows(r0, r1), m.out.rows(r0, r1));  // [c, H]
+  }
+
+  // Combine: out[token] += weight · expert output, in a fixed order per token.
+  a.sorted_weights = be.alloc(DType::F32, {N * k, 1});
+  GatherRowsArgs gw;
+  gw.src = a.weights.reshape({N * k, 1});
+  gw.idx = a.pick;
+  gw.out = a.sorted_weights;
+  be.gather_rows(gw);  // [N·k, 1]
+  Tensor routed = be.zeros(DType::F32, {N, H});
+  ScatterAddRowsArgs sc;
+  sc.src = m.out;
+  sc.idx = a.token;
+  sc.weight = a.sorted_weights.reshape({N * k});
+  sc.out = routed;
+  be.scatter_add_rows(sc);  // [N, H]
+
+  if (p.has_shared) {
+    mlp_forward(be, p.shared_experts, x, a.shared);  // [N, H]
+    a.out = add(be, routed, a.shared.out);
+  } else {
+    a.out = routed;
+  }
+}
+
+void decoder_layer_forward(Backend& be, const ModelDims& d, const LayerParams& p, const RopeInput& rope,
+                           const Tensor& x, int64_t B, int64_t T, LayerActs& a) {
+  a.x = x;                                                                // [N, H]
+  a.h1 = rmsnorm(be, x, p.input_layernorm, d.eps, a.rstd1);              // [N, H]
+  mla_forward(be, d, p.attn, rope, a.h1, B, T, a.attn);                   // [N, H]
+  a.x2 = add(be, x, a.attn.out);                                          // [N, H]
+  a.h2 = rmsnorm(be, a.x2, p.post_attention_layernorm, d.eps, a.rstd2);  // [N, H]
+  if (p.is_moe) {
+    moe_forward(be, d, p.moe, a.h2, a.moe);
+    a.out = add(be, a.x2, a.moe.out);
+  } else {
+    mlp_forward(be, p.mlp, a.h2, a.mlp);
+    a.out = add(be, a.x2, a.mlp.out);
+  }
+}
+
+}  // namespace dsv3

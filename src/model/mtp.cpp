@@ -1,0 +1,56 @@
+// Multi-token prediction module k (DESIGN §3), on B sequences of T tokens:
+//   S = T − k rows per sequence;  for i < S:
+//   cat_i = [enorm(Emb(t_{i+k})) ; hnorm(h^{k−1}_i)]   (embedding FIRST, as the hub weights)
+//   x_i   = eh_proj(cat_i);  h^k = decoder block(x) at positions 0..S−1, causal
+//   logits_k = head(shared_head.norm(h^k));  row i predicts token i+k+1.
+#include "model/model.h"
+#include "model/module_ops.h"
+
+namespace dsv3 {
+
+using modops::copy_cols;
+using modops::i32_tensor;
+using modops::rmsnorm;
+
+void mtp_module_forward(Backend& be, const ModelDims& d, const MtpParams& p, const Tensor& embed_tokens,
+                        const LinearParam& head, const RopeTables& tables, std::span<const int32_t> ids,
+                        int64_t B, int64_t T, int k, const Tensor& h_prev, int64_t prev_len, MtpActs& a,
+                        Tensor& logits) {
+  const int64_t S = T - k, H = d.H, V = embed_tokens.dim(0);
+  a.S = S;
+  std::vector<int32_t> tok(size_t(B * S)), hrow(size_t(B * S)), pos(size_t(B * S));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < S; ++i) {
+      const size_t r = size_t(b * S + i);
+      tok[r] = ids[size_t(b * T + i + k)];
+      hrow[r] = int32_t(b * prev_len + i);
+      pos[r] = int32_t(i);
+    }
+  a.ids = i32_tensor(be, tok);     // [B·S]
+  a.h_idx = i32_tensor(be, hrow);  // [B·S]
+  RopeInput rope{&tables, i32_tensor(be, pos)};
+
+  a.emb = be.alloc(DType::F32, {B * S, H});
+  EmbeddingArgs e;
+  e.ids = a.ids;
+  e.table = embed_tokens;
+  e.out = a.emb;
+  be.embedding(e);                                         // [B·S, H]  Emb(t_{i+k})
+  a.e_n = rmsnorm(be, a.emb, p.enorm, d.eps, a.e_rstd);    // [B·S, H]
+  a.h_prev = be.alloc(DType::F32, {B * S, H});
+  modops::gather_rows(be, h_prev, a.h_idx, a.h_prev);      // [B·S, H]  h^{k−1}_i
+  a.h_n = rmsnorm(be, a.h_prev, p.hnorm, d.eps, a.h_rstd); // [B·S, H]
+  a.cat = be.alloc(DType::F32, {B * S, 2 * H});
+  copy_cols(be, a.e_n, 0, a.cat, 0, H);                    // [B·S, 2H]  embedding first
+  copy_cols(be, a.h_n, 0, a.cat, H, H);
+  a.x = be.alloc(DType::F32, {B * S, H});
+  linear_forward(be, p.eh_proj, a.cat, a.x);               // [B·S, H]
+
+  decoder_layer_forward(be, d, p.block, rope, a.x, B, S, a.block);
+  a.h = a.block.out;                                                          // [B·S, H]  h^k
+  a.head_n = rmsnorm(be, a.h, p.shared_head_norm, d.eps, a.head_rstd);        // [B·S, H]
+  logits = be.alloc(DType::F32, {B * S, V});
+  linear_forward(be, head, a.head_n, logits);                                 // [B·S, V]
+}
+
+}  // namespace dsv3
