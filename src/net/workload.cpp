@@ -1,0 +1,370 @@
+#include "net/workload.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <memory>
+#include <numeric>
+
+#include "core/error.h"
+#include "core/rng.h"
+
+namespace dsv3::net {
+
+static uint64_t pair_key(int a, int b) { return ((uint64_t)(uint32_t)a << 32) | (uint32_t)b; }
+
+void FlowBuilder::ib(int a, int b, double bytes, uint64_t key) {
+  if (bytes <= 0) return;
+  lk.clear();
+  cf.clear();
+  if (router.route(a, b, bytes, key, lk, cf)) {
+    fs.add(lk, cf, bytes, TagIB, a, b);
+    return;
+  }
+  for (int p = 0; p < net.planes && net.planes > 1; ++p) {
+    int a2 = net.nic_of(a, p), b2 = net.nic_of(b, p);
+    if (a2 == a || !router.reachable(a2, b2)) continue;
+    lk.clear();
+    cf.clear();
+    router.route(a2, b2, bytes, key, lk, cf);
+    fs.add(lk, cf, bytes, TagIB, a2, b2);
+    nvl(a, a2, bytes);
+    nvl(b2, b, bytes);
+    ++rerouted;
+    return;
+  }
+  ++unroutable;
+  int32_t dead = net.nic_up[a];  // keeps the flow visible: it crosses a failed link and stalls
+  lk.assign(1, dead);
+  cf.assign(1, 1.0f);
+  fs.add(lk, cf, bytes, TagIB, a, b);
+}
+
+void FlowBuilder::nvl(int a, int b, double bytes) {
+  if (bytes <= 0 || a == b) return;
+  int32_t l[2] = {net.nvl_up[a], net.nvl_down[b]};
+  fs.add(l, {}, bytes, TagNVL, a, b);
+}
+
+FlowSet all_to_all(const Network& n, Router& r, double bytes, bool pxn, int64_t* rerouted) {
+  FlowBuilder fb(n, r);
+  const int G = n.gpus_per_node, N = n.nodes;
+  if (pxn) {
+    fb.fs.reserve((size_t)N * N * G + (size_t)N * G * G, (size_t)N * N * G * 5);
+    for (int i = 0; i < N; ++i)
+      for (int s = 0; s < G; ++s) {
+        int a = i * G + s;
+        for (int j = 0; j < N; ++j)
+          if (j != i) fb.ib(a, j * G + s, bytes * G, pair_key(a, j * G + s));
+        for (int t = 0; t < G; ++t)
+          if (t != s) fb.nvl(i * G + t, a, bytes * N);
+      }
+  } else {
+    if (n.planes > 1)
+      input_error("--pxn: a multi-plane network cannot send across planes without forwarding; use --pxn");
+    fb.fs.reserve((size_t)n.gpus * n.gpus, (size_t)n.gpus * n.gpus * 5);
+    for (int a = 0; a < n.gpus; ++a)
+      for (int b = 0; b < n.gpus; ++b) {
+        if (a == b) continue;
+        if (n.node_of(a) == n.node_of(b)) fb.nvl(a, b, bytes);
+        else fb.ib(a, b, bytes, pair_key(a, b));
+      }
+  }
+  if (rerouted) *rerouted = fb.rerouted;
+  return std::move(fb.fs);
+}
+
+FlowSet permutation(const Network& n, Router& r, double bytes, uint64_t seed) {
+  FlowBuilder fb(n, r);
+  std::vector<int> perm(n.nics);
+  std::iota(perm.begin(), perm.end(), 0);
+  Rng rng{seed, 0};
+  for (int i = n.nics - 1; i > 0; --i) std::swap(perm[i], perm[rng.below(i + 1)]);
+  for (int a = 0; a < n.nics; ++a)
+    if (perm[a] != a) fb.ib(a, perm[a], bytes, pair_key(a, perm[a]));
+  return std::move(fb.fs);
+}
+
+FlowSet ring_allreduce(const Network& n, Router& r, double bytes) {
+  FlowBuilder fb(n, r);
+  const int G = n.gpus_per_node, N = n.nodes, tot = n.gpus;
+  double hop = 2.0 * (tot - 1) / tot * bytes / G;
+  for (int c = 0; c < G; ++c)
+    for (int i = 0; i < N; ++i) {
+      for (int k = 0; k + 1 < G; ++k) fb.nvl(i * G + (c + k) % G, i * G + (c + k + 1) % G, hop);
+      fb.nvl(i * G + (c + G - 1) % G, i * G + c, hop);  // ring closure or PXN hop to the rail-c NIC
+      if (N > 1) fb.ib(i * G + c, ((i + 1) % N) * G + c, hop, pair_key(i, c));
+    }
+  return std::move(fb.fs);
+}
+
+int moe_experts(const MoeParams& p, int gpus) {
+  int e = p.experts ? p.experts : std::max(256, gpus);
+  if (e % gpus) input_error("--experts ", e, ": must be a multiple of the EP size ", gpus);
+  return e;
+}
+
+namespace {
+
+// Walker alias table for O(1) weighted draws.
+struct Alias {
+  std::vector<double> prob;
+  std::vector<int32_t> alias;
+  explicit Alias(const std::vector<double>& w) {
+    size_t n = w.size();
+    double sum = std::accumulate(w.begin(), w.end(), 0.0);
+    prob.resize(n);
+    alias.assign(n, 0);
+    std::vector<int32_t> small, large;
+    std::vector<double> sc(n);
+    for (size_t i = 0; i < n; ++i) {
+      sc[i] = w[i] * n / sum;
+      (sc[i] < 1 ? small : large).push_back((int32_t)i);
+    }
+    while (!small.empty() && !large.empty()) {
+      int s = small.back(), l = large.back();
+      small.pop_back();
+      prob[s] = sc[s];
+      alias[s] = l;
+      sc[l] -= 1 - sc[s];
+      if (sc[l] < 1) large.pop_back(), small.push_back(l);
+    }
+    for (int i : small) prob[i] = 1;
+    for (int i : large) prob[i] = 1;
+  }
+  int draw(uint64_t u) const {
+    size_t i = (u >> 32) % prob.size();
+    double f = (double)(u & 0xffffffffu) / 4294967296.0;
+    return f < prob[i] ? (int)i : alias[i];
+  }
+};
+
+struct SyntheticRouter {
+  const MoeParams& p;
+  int E, gpus, G, nodes, per_node, M;
+  std::vector<double> w;
+  Alias alias;
+  std::vector<double> node_mass;
+  SyntheticRouter(const MoeParams& p_, int gpus_, int G_)
+      : p(p_), E(moe_experts(p_, gpus_)), gpus(gpus_), G(G_), nodes(gpus_ / G_),
+        per_node(E / nodes), M(std::min(p_.node_limit, gpus_ / G_)), w(make_w(p_, E)), alias(w) {
+    if (M < 1) input_error("--node-limit ", p.node_limit, ": must be at least 1");
+    if (p.topk < 1 || p.topk > E) input_error("--topk ", p.topk, ": must be in 1..", E);
+    if ((int64_t)M * per_node < p.topk)
+      input_error("--node-limit ", p.node_limit, ": ", M, " nodes hold only ", M * per_node, " experts, fewer than --topk ",
+                  p.topk);
+    node_mass.assign(nodes, 0);
+    for (int e = 0; e < E; ++e) node_mass[e / per_node] += w[e];
+  }
+  static std::vector<double> make_w(const MoeParams& p, int E) {
+    std::vector<int> rank(E);
+    std::iota(rank.begin(), rank.end(), 0);
+    Rng rng{p.seed, 7};
+    for (int i = E - 1; i > 0; --i) std::swap(rank[i], rank[rng.below(i + 1)]);
+    std::vector<double> w(E);
+    for (int e = 0; e < E; ++e) w[e] = std::pow(rank[e] + 1.0, -p.zipf);
+    return w;
+  }
+  // Fills out[0..topk) for global token t.
+  void route(int64_t t, int32_t* out) const {
+    int chosen_nodes[64];
+    int nn = 0, k = 0;
+    uint64_t ctr = 0;
+    auto has = [&](int e) { return std::find(out, out + k, e) != out + k; };
+    while (k < p.topk && nn < M) {
+      int e = alias.draw(rng_u64(p.seed, (uint64_t)t, ctr++));
+      if (has(e)) continue;
+      int nd = e / per_node;
+      if (std::find(chosen_nodes, chosen_nodes + nn, nd) == chosen_nodes + nn) chosen_nodes[nn++] = nd;
+      out[k++] = e;
+    }
+    double mass = 0;
+    for (int i = 0; i < nn; ++i) mass += node_mass[chosen_nodes[i]];
+    while (k < p.topk) {
+      uint64_t u = rng_u64(p.seed, (uint64_t)t, ctr++);
+      double x = (double)(u >> 11) / 9007199254740992.0 * mass;
+      int i = 0;
+      while (i + 1 < nn && x >= node_mass[chosen_nodes[i]]) x -= node_mass[chosen_nodes[i++]];
+      int base = chosen_nodes[i] * per_node, e = base;
+      for (; e + 1 < base + per_node && x >= w[e]; ++e) x -= w[e];
+      if (!has(e)) out[k++] = e;
+    }
+  }
+};
+
+}  // namespace
+
+ExpertRouting synthetic_routing(const MoeParams& p, int gpus, int G) {
+  SyntheticRouter sr(p, gpus, G);
+  ExpertRouting r;
+  r.tokens = gpus * p.tokens_per_gpu;
+  r.topk = p.topk;
+  r.experts = sr.E;
+  r.ids.resize((size_t)r.tokens * r.topk);
+  for (int64_t t = 0; t < r.tokens; ++t) sr.route(t, &r.ids[(size_t)t * r.topk]);
+  return r;
+}
+
+MoeFlows moe_flows(const Network& n, Router& r, const MoeParams& p, const ExpertRouting* trace) {
+  const int G = n.gpus_per_node, N = n.nodes, gpus = n.gpus;
+  int E, K, T;
+  std::unique_ptr<SyntheticRouter> sr;
+  if (trace) {
+    E = trace->experts, K = trace->topk;
+    if (E % gpus) input_error("routing trace: ", E, " experts cannot be spread evenly over ", gpus, " GPUs");
+    if (trace->tokens % gpus) input_error("routing trace: ", trace->tokens, " tokens are not a multiple of ", gpus, " GPUs");
+    T = trace->tokens / gpus;
+  } else {
+    sr = std::make_unique<SyntheticRouter>(p, gpus, G);
+    E = sr->E, K = p.topk, T = p.tokens_per_gpu;
+  }
+  if (K > 64) input_error("--topk ", K, ": at most 64");
+  const int per_gpu = E / gpus;
+  const double db = p.dispatch_bytes(), cb = p.combine_bytes();
+  std::vector<int32_t> ib_cnt(N, 0);
+  std::vector<int64_t> nvl_cnt((size_t)N * G * G, 0), recv(gpus, 0);
+  FlowBuilder fd(n, r), fc(n, r);
+  int64_t remote = 0, rdma_tok = 0, nvl_tok = 0;
+  std::vector<int32_t> ids(K);
+  for (int g = 0; g < gpus; ++g) {
+    const int i = g / G, rk = g % G;
+    for (int t = 0; t < T; ++t) {
+      int64_t tok = (int64_t)g * T + t;
+      const int32_t* e = trace ? &trace->ids[(size_t)tok * K] : (sr->route(tok, ids.data()), ids.data());
+      int tg[64], nt = 0;
+      for (int k = 0; k < K; ++k) {
+        if (e[k] < 0 || e[k] >= E) input_error("routing trace: expert id ", e[k], " outside 0..", E - 1);
+        int gg = e[k] / per_gpu;
+        if (std::find(tg, tg + nt, gg) == tg + nt) tg[nt++] = gg;
+      }
+      int nodes_hit[64], nn = 0;
+      for (int x = 0; x < nt; ++x) {
+        int j = tg[x] / G, tr = tg[x] % G;
+        ++recv[tg[x]];
+        if (std::find(nodes_hit, nodes_hit + nn, j) == nodes_hit + nn) {
+          nodes_hit[nn++] = j;
+          if (j != i) ++ib_cnt[j], ++remote, ++rdma_tok;
+        }
+        if (tr != rk) ++nvl_cnt[((size_t)j * G + rk) * G + tr], ++nvl_tok;
+      }
+    }
+    for (int j = 0; j < N; ++j) {
+      if (!ib_cnt[j]) continue;
+      int b = j * G + rk;
+      fd.ib(g, b, ib_cnt[j] * db, pair_key(g, b));
+      fc.ib(b, g, ib_cnt[j] * cb, pair_key(b, g));
+      ib_cnt[j] = 0;
+    }
+  }
+  for (int j = 0; j < N; ++j)
+    for (int a = 0; a < G; ++a)
+      for (int b = 0; b < G; ++b) {
+        int64_t c = nvl_cnt[((size_t)j * G + a) * G + b];
+        if (!c) continue;
+        fd.nvl(j * G + a, j * G + b, c * db);
+        fc.nvl(j * G + b, j * G + a, c * cb);
+      }
+  MoeFlows m;
+  m.dispatch = std::move(fd.fs);
+  m.combine = std::move(fc.fs);
+  m.rdma_bytes_per_gpu = (double)rdma_tok * db / gpus;
+  m.nvl_bytes_per_gpu = (double)nvl_tok * db / gpus;
+  m.remote_nodes_per_token = (double)remote / ((double)gpus * T);
+  double mean = 0, mx = 0;
+  for (auto v : recv) mean += (double)v, mx = std::max(mx, (double)v);
+  mean /= gpus;
+  m.recv_imbalance = mean > 0 ? mx / mean : 0;
+  return m;
+}
+
+std::vector<ExpertRouting> load_routing_trace(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) input_error("routing trace ", path, ": cannot open");
+  char magic[8] = {};
+  f.read(magic, 8);
+  std::vector<ExpertRouting> out;
+  if (f.gcount() == 8 && std::memcmp(magic, "DSV3RTE1", 8) == 0) {
+    uint32_t hdr[4];
+    f.read(reinterpret_cast<char*>(hdr), sizeof hdr);
+    if (!f) input_error("routing trace ", path, ": truncated header (expected 4 u32 after the magic)");
+    unsigned long long per = 0;
+    if (mul_overflows(hdr[1], hdr[2], &per) || per > (1ull << 34))
+      input_error("routing trace ", path, ": tokens × topk too large");
+    auto fsize = std::filesystem::file_size(path);
+    if (fsize != 24 + (uint64_t)hdr[0] * per * 4)
+      input_error("routing trace ", path, ": size ", fsize, " bytes, expected ", 24 + (uint64_t)hdr[0] * per * 4,
+                  " for ", hdr[0], " layers × ", hdr[1], " tokens × ", hdr[2], " experts");
+    for (uint32_t l = 0; l < hdr[0]; ++l) {
+      ExpertRouting r{(int)hdr[1], (int)hdr[2], (int)hdr[3], std::vector<int32_t>(per)};
+      f.read(reinterpret_cast<char*>(r.ids.data()), (std::streamsize)(per * 4));
+      out.push_back(std::move(r));
+    }
+  } else {
+    f.clear();
+    f.seekg(0);
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(f);
+    } catch (const std::exception& e) {
+      input_error("routing trace ", path, ": neither binary (magic DSV3RTE1) nor valid JSON: ", e.what());
+    }
+    if (!j.is_object() || j.value("format", "") != "dsv3-routing-v1" || !j.contains("layers") ||
+        !j["layers"].is_array() || !j.contains("experts") || !j.contains("topk"))
+      input_error("routing trace ", path,
+                  ": expected {\"format\":\"dsv3-routing-v1\",\"experts\":E,\"topk\":K,\"layers\":[[[ids]]]}");
+    int E = j["experts"].get<int>(), K = j["topk"].get<int>();
+    if (E < 1 || K < 1) input_error("routing trace ", path, ": experts and topk must be positive");
+    for (size_t l = 0; l < j["layers"].size(); ++l) {
+      auto& L = j["layers"][l];
+      ExpertRouting r{(int)L.size(), K, E, {}};
+      for (size_t t = 0; t < L.size(); ++t) {
+        if (!L[t].is_array() || (int)L[t].size() != K)
+          input_error("routing trace ", path, ": layer ", l, " token ", t, ": expected ", K, " expert ids");
+        for (auto& v : L[t]) r.ids.push_back(v.get<int>());
+      }
+      out.push_back(std::move(r));
+    }
+  }
+  for (size_t l = 0; l < out.size(); ++l)
+    for (int32_t e : out[l].ids)
+      if (e < 0 || e >= out[l].experts)
+        input_error("routing trace ", path, ": layer ", l, ": expert id ", e, " outside 0..", out[l].experts - 1);
+  if (out.empty()) input_error("routing trace ", path, ": no layers");
+  return out;
+}
+
+void save_routing_trace(const std::string& path, const std::vector<ExpertRouting>& layers, bool binary) {
+  std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::binary);
+    if (!f) input_error("routing trace ", path, ": cannot write");
+    if (binary) {
+      f.write("DSV3RTE1", 8);
+      uint32_t hdr[4] = {(uint32_t)layers.size(), (uint32_t)(layers.empty() ? 0 : layers[0].tokens),
+                         (uint32_t)(layers.empty() ? 0 : layers[0].topk),
+                         (uint32_t)(layers.empty() ? 0 : layers[0].experts)};
+      f.write(reinterpret_cast<const char*>(hdr), sizeof hdr);
+      for (auto& l : layers) f.write(reinterpret_cast<const char*>(l.ids.data()), (std::streamsize)(l.ids.size() * 4));
+    } else {
+      nlohmann::json j;
+      j["format"] = "dsv3-routing-v1";
+      j["experts"] = layers.empty() ? 0 : layers[0].experts;
+      j["topk"] = layers.empty() ? 0 : layers[0].topk;
+      j["layers"] = nlohmann::json::array();
+      for (auto& l : layers) {
+        nlohmann::json L = nlohmann::json::array();
+        for (int t = 0; t < l.tokens; ++t)
+          L.push_back(std::vector<int32_t>(l.ids.begin() + (size_t)t * l.topk, l.ids.begin() + (size_t)(t + 1) * l.topk));
+        j["layers"].push_back(std::move(L));
+      }
+      f << j.dump();
+    }
+    if (!f) input_error("routing trace ", path, ": write failed");
+  }
+  std::filesystem::rename(tmp, path);
+}
+
+}  // namespace dsv3::net
