@@ -87,11 +87,28 @@ BpeTrainResult train_bpe(std::span<const std::string_view> texts, int32_t vocab_
 
   std::unordered_map<std::string, int64_t> counts;
   std::vector<std::string> pieces;
-  for (std::string_view t : texts) {
+  // The special and chat tokens are cut out first, as the encoder does, so their text is never
+  // learned as ordinary words.
+  const std::string_view specials[] = {kBos, kEos, kPad, kUser, kAssistant};
+  auto count_section = [&](std::string_view t) {
+    if (t.empty()) return;
     pieces.clear();
     pieces.emplace_back(t);
     pre->apply(pieces);
     for (auto& p : pieces) ++counts[p];
+  };
+  for (std::string_view t : texts) {
+    size_t start = 0;
+    for (size_t i = t.find("<｜"); i != std::string_view::npos; i = t.find("<｜", i + 1)) {
+      for (std::string_view sp : specials)
+        if (t.substr(i, sp.size()) == sp) {
+          count_section(t.substr(start, i - start));
+          start = i + sp.size();
+          break;
+        }
+      if (start > i) i = start - 1;
+    }
+    count_section(t.substr(start));
   }
   // Sorted words make everything below independent of hash-table order.
   std::vector<std::pair<std::string, int64_t>> sorted(counts.begin(), counts.end());
