@@ -28,14 +28,23 @@ void CpuBackend::cross_entropy(const CrossEntropyArgs& a) {
       continue;
     }
     float mx = *std::max_element(l, l + v);
+    float target = l[tg[i]];
+    // exp in FP32 (vectorisable), sums in double; when there is a gradient the exponentials are
+    // kept in it and scaled afterwards. o may alias l: each element is read before it is written.
     double sum = 0.0;
-    for (int64_t j = 0; j < v; ++j) sum += std::exp(double(l[j] - mx));
-    double lse = double(mx) + std::log(sum);
-    loss[size_t(i)] = float(lse - double(l[tg[i]]));
-    if (o) {  // o may alias l: each element is read before it is written
-      for (int64_t j = 0; j < v; ++j) o[j] = gs * float(std::exp(double(l[j]) - lse));
+    if (o) {
+      for (int64_t j = 0; j < v; ++j) {
+        float e = std::exp(l[j] - mx);
+        o[j] = e;
+        sum += double(e);
+      }
+      float f = float(double(gs) / sum);
+      for (int64_t j = 0; j < v; ++j) o[j] *= f;
       o[tg[i]] -= gs;
+    } else {
+      for (int64_t j = 0; j < v; ++j) sum += double(std::exp(l[j] - mx));
     }
+    loss[size_t(i)] = float(double(mx) + std::log(sum) - double(target));
   }
   if (present(a.loss)) std::copy(loss.begin(), loss.end(), cpu::mut<float>(a.loss));
   if (present(a.loss_sum)) {
