@@ -194,12 +194,15 @@ struct SwigluBackwardArgs {
 //   choice c = s + bias (bias absent for V2);
 //   groups: `noaux_tc` group score = sum of the top-2 c in each of n_group groups;
 //           `group_limited_greedy` = max c per group; `greedy` = no groups;
-//   keep topk_group groups; experts of other groups are excluded (c = −inf, as transformers 5.17;
-//   older HF code filled 0.0, which differs only when every kept c is negative);
+//   keep topk_group groups; experts of other groups are excluded (c = −inf, as transformers 5.17's
+//   V3 router; its V2 router fills 0.0, which gives the same picks because softmax scores are > 0);
 //   pick top_k experts by c; weights = s of the picks, divided by (Σ + 1e-20) when norm_topk_prob,
 //   times routed_scaling_factor.
 // Ties (groups and experts): the lower index wins, as torch.topk on the CPU. ids are written in
 // order of decreasing c (ties by lower index).
+// HF mapping: V3 (transformers 5.17 DeepseekV3TopkRouter) = Sigmoid, NoauxTc, bias, its
+// norm_topk_prob; V2 (DeepseekV2TopkRouter) = Softmax, `topk_method`, no bias, norm_topk_prob
+// false (5.17's V2 router ignores the field and always multiplies by routed_scaling_factor).
 enum class RouterScoring : uint8_t { Sigmoid, Softmax };
 enum class RouterMethod : uint8_t { NoauxTc, GroupLimitedGreedy, Greedy };
 struct RouterArgs {
