@@ -26,6 +26,9 @@ struct ThreadScratch {
     mctx = pcre2_match_context_create(nullptr);
     if (!stack || !mctx) internal_error("PCRE2: cannot allocate a JIT stack");
     pcre2_jit_stack_assign(mctx, nullptr, stack);
+    // The default limit (10^7) is reached by a linear backtrack over a ~10 MB whitespace run
+    // (\s*[\r\n]+ in the DeepSeek-V3 pattern), which is legitimate input.
+    pcre2_set_match_limit(mctx, UINT32_MAX);
     md = pcre2_match_data_create(1, nullptr);
     if (!md) internal_error("PCRE2: cannot allocate match data");
   }

@@ -93,6 +93,17 @@ TEST(Tokenizer, SplitBehaviours) {
   EXPECT_EQ(split_pieces("MergedWithPrevious", true, "[a-z]+", t), (V{"the-", "final--", "countdown"}));
 }
 
+TEST(Tokenizer, LongWhitespaceRunDoesNotHitTheRegexMatchLimit) {
+  // \s*[\r\n]+ backtracks over the whole run before \s+(?!\S) matches: linear, but more steps
+  // than PCRE2's default match limit for a 12 MB run. Removed keeps the BPE input tiny.
+  json pre = {{"type", "Sequence"},
+              {"pretokenizers",
+               {{{"type", "Split"}, {"pattern", {{"Regex", "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"}}}, {"behavior", "Removed"}},
+                {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", false}}}}};
+  json j = tiny_tokenizer({}, json::array(), pre);
+  EXPECT_EQ(enc(j, std::string(12 << 20, ' ') + "x"), std::vector<int32_t>{'x'});
+}
+
 TEST(Tokenizer, ByteLevelRegexAndPrefixSpace) {
   json pre = {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"use_regex", true}};
   std::vector<std::string> out;
