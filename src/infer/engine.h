@@ -1,0 +1,104 @@
+// The inference engine: many sequences, one batched forward per step (continuous batching).
+//
+// Each step() the scheduler admits waiting sequences (FIFO) up to max_running, then gives every
+// running sequence rows in one forward: the next chunk of its prompt (chunked prefill, at most
+// prefill_chunk tokens, within max_step_tokens for the whole step) or, once prefilled, its last
+// sampled token — plus, when speculating, the MTP drafts to verify (infer/spec_decode.h).
+// Sequences join and leave between steps. Cache blocks are reserved before the forward; when the
+// pool is exhausted the most recently admitted sequence is preempted: its blocks are freed, it
+// goes back to the front of the queue, and on readmission its tokens (prompt and output so far)
+// are prefilled again (recompute), so its output continues unchanged. Preemptions are reported in
+// the step's events and counted in stats().
+#pragma once
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "infer/kv_cache.h"
+#include "infer/runner.h"
+#include "infer/sampler.h"
+#include "infer/spec_decode.h"
+
+namespace dsv3 {
+
+struct Request {
+  std::vector<int32_t> prompt;
+  SamplingParams sampling;
+  int64_t max_tokens = 16;
+  std::vector<int32_t> stop_ids;         // e.g. EOS; a stop id ends the output and is not part of it
+  std::vector<std::string> stop_strings;  // need EngineOptions::token_text
+};
+
+struct EngineOptions {
+  KvCacheOptions cache;
+  int64_t prefill_chunk = 512;     // prompt tokens one sequence feeds per step
+  int64_t max_step_tokens = 2048;  // rows per step over all sequences
+  int64_t max_running = 64;        // sequences decoding at once
+  int draft_tokens = 0;            // MTP drafts per step (0: no speculation)
+  int64_t max_context = 0;         // 0: max_position_embeddings
+  int64_t n_valid = 0;             // ids ≥ n_valid are never sampled; 0: vocab_size
+  bool all_logits = false;         // compute logits for every row (tests)
+  std::function<std::string(int32_t)> token_text;  // bytes of a token, for text output and stop strings
+};
+
+struct SeqEvent {
+  int64_t id = -1;
+  std::vector<int32_t> tokens;  // new output tokens this step
+  std::string text;             // new output text (complete UTF-8, stop strings held back)
+  bool finished = false;
+  std::string finish_reason;    // "stop" | "length"
+  bool preempted = false;       // its cache was freed this step; it will be recomputed
+};
+
+struct EngineStats {
+  int64_t steps = 0, prompt_tokens = 0, generated_tokens = 0, forward_rows = 0;
+  int64_t preemptions = 0, recomputed_tokens = 0;
+  SpecStats spec;
+};
+
+class Engine {
+ public:
+  Engine(const Weights& w, const EngineOptions& opt, Backend& be = cpu_backend());
+  ~Engine();
+
+  // Queue a request; returns its id. InputError for a prompt longer than the context, ids outside
+  // the vocabulary, invalid sampling values, or a sequence that could never fit the cache pool.
+  int64_t add(Request r);
+  // One scheduler step; events for every sequence that produced tokens, finished or was preempted.
+  std::vector<SeqEvent> step();
+  bool has_work() const { return !running_.empty() || !waiting_.empty(); }
+  // Run until every queued request is finished; returns all tokens per id (in add order).
+  std::vector<std::vector<int32_t>> run_all();
+
+  const EngineStats& stats() const { return stats_; }
+  const LatentKvPool& pool() const { return *pool_; }
+  const ModelRunner& runner() const { return runner_; }
+  int64_t max_context() const { return max_context_; }
+  int draft_tokens() const { return draft_; }
+  // Called for every main-model logits row whose inputs are final: (id, position, logits[V]).
+  std::function<void(int64_t, int64_t, std::span<const float>)> on_logits;
+
+  struct Seq;
+
+ private:
+  void preempt(Seq& s, std::vector<SeqEvent>& ev);
+  void draft(std::vector<Seq*>& spec, std::vector<std::vector<int32_t>>& drafts,
+             std::vector<std::vector<std::vector<float>>>& qs);
+  void emit(Seq& s, std::span<const int32_t> toks, SeqEvent& e);
+  SeqEvent& event_for(std::vector<SeqEvent>& ev, int64_t id);
+
+  EngineOptions opt_;
+  ModelRunner runner_;
+  std::unique_ptr<LatentKvPool> pool_;
+  int64_t max_context_ = 0, n_valid_ = 0, next_id_ = 0, admit_order_ = 0;
+  int draft_ = 0;
+  std::deque<std::unique_ptr<Seq>> waiting_;
+  std::vector<std::unique_ptr<Seq>> running_;
+  EngineStats stats_;
+};
+
+}  // namespace dsv3

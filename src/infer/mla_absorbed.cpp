@@ -1,0 +1,170 @@
+#include "infer/mla_absorbed.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "core/threads.h"
+#include "model/weights.h"
+
+namespace dsv3 {
+
+AbsorbedKvB split_kv_b(const LinearParam& kv_b, const ModelDims& d) {
+  const int64_t per = d.nope + d.vd;
+  DSV3_CHECK(kv_b.w.dim(0) == d.nh * per && kv_b.w.dim(1) == d.kv_lora, "kv_b_proj ", kv_b.w.shape().str());
+  const Tensor w = kv_b.w.dtype() == DType::F8_E4M3 ? dequantize_fp8_blocks(kv_b.w, kv_b.scale_inv)
+                                                    : kv_b.w.to(DType::F32);
+  AbsorbedKvB a;
+  a.w_uk = Tensor::empty(DType::F32, {d.nh, d.nope, d.kv_lora});
+  a.w_uv = Tensor::empty(DType::F32, {d.nh, d.vd, d.kv_lora});
+  const float* src = w.data<float>();
+  const size_t R = size_t(d.kv_lora);
+  for (int64_t h = 0; h < d.nh; ++h) {
+    std::memcpy(a.w_uk.data<float>() + size_t(h * d.nope) * R, src + size_t(h * per) * R,
+                size_t(d.nope) * R * sizeof(float));
+    std::memcpy(a.w_uv.data<float>() + size_t(h * d.vd) * R, src + size_t(h * per + d.nope) * R,
+                size_t(d.vd) * R * sizeof(float));
+  }
+  return a;
+}
+
+void mla_absorbed_attention(const LatentKvPool& pool, int64_t layer, const std::vector<BlockTable*>& tables,
+                            const StepRows& rows, const AbsorbedKvB& w, const ModelDims& d, const Tensor& q,
+                            const Tensor& out) {
+  const int64_t N = rows.size(), nh = d.nh, R = d.kv_lora, P = d.rope, W = R + P, bs = pool.block_size();
+  DSV3_CHECK(q.numel() == N * nh * d.qk && out.numel() == N * nh * d.vd);
+  const float* qd = q.data<float>();
+  float* od = const_cast<Tensor&>(out).data<float>();
+  const float* wuk = w.w_uk.data<float>();
+  const float* wuv = w.w_uv.data<float>();
+  const float scale = d.softmax_scale;
+  const bool direct = pool.dtype() == DType::F32;
+
+  // One task per (row, head): each reads its sequence's cached rows block by block.
+#pragma omp parallel num_threads(num_threads())
+  {
+    std::vector<float> qlat(static_cast<size_t>(R)), lat(static_cast<size_t>(R)), scores;
+    std::vector<float> buf(direct ? 0 : static_cast<size_t>(bs * W));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < N * nh; ++task) {
+      const int64_t r = task / nh, h = task % nh;
+      const BlockTable& t = *tables[size_t(rows.seq[size_t(r)])];
+      const int64_t S = rows.pos[size_t(r)] + 1;
+      const float* qn = qd + (r * nh + h) * d.qk;
+      const float* qp = qn + d.nope;
+      // q_lat = W_UK[h]ᵀ · q_nope  [R]
+      std::fill(qlat.begin(), qlat.end(), 0.0f);
+      for (int64_t i = 0; i < d.nope; ++i) {
+        const float a = qn[i];
+        const float* wr = wuk + (h * d.nope + i) * R;
+        for (int64_t c = 0; c < R; ++c) qlat[size_t(c)] += a * wr[c];
+      }
+      scores.resize(size_t(S));
+      auto rows_of = [&](int64_t b, int64_t n) -> const float* {
+        if (direct) return pool.block_rows_f32(t.blocks[size_t(b)], layer);
+        pool.read_rows(t, layer, b * bs, n, buf.data());
+        return buf.data();
+      };
+      float mx = -INFINITY;
+      for (int64_t b = 0; b * bs < S; ++b) {
+        const int64_t n = std::min(bs, S - b * bs);
+        const float* cr = rows_of(b, n);
+        for (int64_t j = 0; j < n; ++j) {
+          const float* row = cr + j * W;
+          float s = 0.0f;
+          for (int64_t c = 0; c < R; ++c) s += qlat[size_t(c)] * row[c];
+          float sp = 0.0f;
+          for (int64_t c = 0; c < P; ++c) sp += qp[c] * row[R + c];
+          const float v = (s + sp) * scale;
+          scores[size_t(b * bs + j)] = v;
+          mx = std::max(mx, v);
+        }
+      }
+      double sum = 0.0;
+      for (int64_t j = 0; j < S; ++j) {
+        const float e = std::exp(scores[size_t(j)] - mx);
+        scores[size_t(j)] = e;
+        sum += e;
+      }
+      const float inv = float(1.0 / sum);
+      std::fill(lat.begin(), lat.end(), 0.0f);
+      for (int64_t b = 0; b * bs < S; ++b) {
+        const int64_t n = std::min(bs, S - b * bs);
+        const float* cr = rows_of(b, n);
+        for (int64_t j = 0; j < n; ++j) {
+          const float p = scores[size_t(b * bs + j)] * inv;
+          const float* row = cr + j * W;
+          for (int64_t c = 0; c < R; ++c) lat[size_t(c)] += p * row[c];
+        }
+      }
+      // o[h] = W_UV[h] · lat  [vd]
+      float* o = od + (r * nh + h) * d.vd;
+      for (int64_t e = 0; e < d.vd; ++e) {
+        const float* wr = wuv + (h * d.vd + e) * R;
+        float s = 0.0f;
+        for (int64_t c = 0; c < R; ++c) s += wr[c] * lat[size_t(c)];
+        o[e] = s;
+      }
+    }
+  }
+}
+
+void LatentAttention::attend(int64_t layer, const MlaParams&, const StepRows& rows, const Tensor& q,
+                             const Tensor& c_kv_n, const Tensor& k_pe, const Tensor& out) {
+  const float* c = c_kv_n.data<float>();
+  const float* k = k_pe.data<float>();
+  for (int64_t r = 0; r < rows.size(); ++r)
+    pool_.write(*tables[size_t(rows.seq[size_t(r)])], layer, rows.pos[size_t(r)], c + r * d_.kv_lora, k + r * d_.rope);
+  mla_absorbed_attention(pool_, layer, tables, rows, absorbed_[size_t(layer)], d_, q, out);
+}
+
+void PlainAttention::attend(int64_t layer, const MlaParams& p, const StepRows& rows, const Tensor& q,
+                            const Tensor& c_kv_n, const Tensor& k_pe, const Tensor& out) {
+  const int64_t N = rows.size(), nh = d_.nh, qk = d_.qk, vd = d_.vd, nope = d_.nope;
+  // Up-project this step's latents to per-head keys and values.
+  Tensor kv = be_.alloc(DType::F32, {N, nh * (nope + vd)});
+  linear_forward(be_, p.kv_b_proj, c_kv_n, kv);
+  const float* kvd = kv.data<float>();
+  const float* kp = k_pe.data<float>();
+  for (int64_t r = 0; r < N; ++r) {
+    PlainSeqCache& s = *seqs[size_t(rows.seq[size_t(r)])];
+    if (s.k.size() < size_t(layers_)) {
+      s.k.resize(size_t(layers_));
+      s.v.resize(size_t(layers_));
+    }
+    const int64_t pos = rows.pos[size_t(r)];
+    auto& K = s.k[size_t(layer)];
+    auto& V = s.v[size_t(layer)];
+    if (K.size() < size_t((pos + 1) * nh * qk)) {
+      K.resize(size_t((pos + 1) * nh * qk));
+      V.resize(size_t((pos + 1) * nh * vd));
+    }
+    for (int64_t h = 0; h < nh; ++h) {
+      const float* src = kvd + (r * nh + h) * (nope + vd);
+      float* kd = K.data() + (pos * nh + h) * qk;
+      std::memcpy(kd, src, size_t(nope) * sizeof(float));
+      std::memcpy(kd + nope, kp + r * d_.rope, size_t(d_.rope) * sizeof(float));
+      std::memcpy(V.data() + (pos * nh + h) * vd, src + nope, size_t(vd) * sizeof(float));
+    }
+  }
+  // One attention call per run of consecutive rows of a sequence.
+  auto noop = std::shared_ptr<void>(reinterpret_cast<void*>(1), [](void*) {});
+  for (int64_t r0 = 0; r0 < N;) {
+    int64_t r1 = r0 + 1;
+    while (r1 < N && rows.seq[size_t(r1)] == rows.seq[size_t(r0)]) ++r1;
+    PlainSeqCache& s = *seqs[size_t(rows.seq[size_t(r0)])];
+    const int64_t T = r1 - r0, q0 = rows.pos[size_t(r0)], S = rows.pos[size_t(r1 - 1)] + 1;
+    AttentionArgs a;
+    a.q = q.rows(r0, r1).reshape({1, T, nh, qk});
+    a.k = Tensor::borrow(s.k[size_t(layer)].data(), DType::F32, {1, S, nh, qk}, noop);
+    a.v = Tensor::borrow(s.v[size_t(layer)].data(), DType::F32, {1, S, nh, vd}, noop);
+    a.out = out.rows(r0, r1).reshape({1, T, nh, vd});
+    a.scale = d_.softmax_scale;
+    a.causal = true;
+    a.q_offset = q0;
+    be_.attention(a);
+    r0 = r1;
+  }
+}
+
+}  // namespace dsv3

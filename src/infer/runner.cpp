@@ -1,0 +1,175 @@
+#include "infer/runner.h"
+
+#include <algorithm>
+
+#include "model/module_ops.h"
+
+namespace dsv3 {
+
+using modops::copy_cols;
+using modops::i32_tensor;
+using modops::rmsnorm;
+
+ModelRunner::ModelRunner(const Weights& w, Backend& be)
+    : cfg_(w.config()), be_(be), d_(model_dims(cfg_)), params_(bind_params(w)) {
+  for (const LayerParams& l : params_.layers) absorbed_.push_back(split_kv_b(l.attn.kv_b_proj, d_));
+  for (const MtpParams& m : params_.mtp) absorbed_.push_back(split_kv_b(m.block.attn.kv_b_proj, d_));
+}
+
+const RopeTables& ModelRunner::rope_for(int64_t n) {
+  if (n > rope_len_) {
+    int64_t len = 64;
+    while (len < n) len *= 2;
+    len = std::min(len, std::max(n, cfg_.max_position_embeddings));
+    RopeTables t = rope_tables(rope_params(cfg_), len);
+    t.cos = be_.to_device(t.cos);
+    t.sin = be_.to_device(t.sin);
+    rope_ = std::move(t);
+    rope_len_ = len;
+  }
+  return rope_;
+}
+
+Tensor ModelRunner::positions_of(const StepRows& rows) {
+  std::vector<int32_t> pos(rows.pos.size());
+  int64_t mx = 0;
+  for (size_t i = 0; i < pos.size(); ++i) {
+    pos[i] = int32_t(rows.pos[i]);
+    mx = std::max(mx, rows.pos[i] + 1);
+  }
+  rope_for(mx);
+  return i32_tensor(be_, pos);
+}
+
+static void rope_rows(Backend& be, const RopeTables& t, const Tensor& positions, const Tensor& x, int64_t offset,
+                      int64_t dim, bool interleaved) {
+  RopeArgs a;
+  a.x = x;
+  a.positions = positions;
+  a.cos = t.cos;
+  a.sin = t.sin;
+  a.offset = offset;
+  a.rope_dim = dim;
+  a.interleaved = interleaved;
+  be.rope(a);
+}
+
+// One decoder block; the MLA projections are those of mla_forward, the attention is the cache's.
+Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Tensor& x, const StepRows& rows,
+                                  const Tensor& positions, AttentionCache& cache) {
+  const int64_t N = x.dim(0), nh = d_.nh;
+  const MlaParams& a = p.attn;
+  Tensor rstd;
+  const Tensor h1 = rmsnorm(be_, x, p.input_layernorm, d_.eps, rstd);  // [N, H]
+
+  Tensor q = be_.alloc(DType::F32, {N, nh, d_.qk});
+  const Tensor q2 = q.reshape({N, nh * d_.qk});
+  if (d_.q_lora > 0) {
+    Tensor qa = be_.alloc(DType::F32, {N, d_.q_lora});
+    linear_forward(be_, a.q_a_proj, h1, qa);                                // [N, q_lora]
+    const Tensor qa_n = rmsnorm(be_, qa, a.q_a_layernorm, d_.eps_mla, rstd);  // [N, q_lora]
+    linear_forward(be_, a.q_b_proj, qa_n, q2);                              // [N, nh·qk]
+  } else {
+    linear_forward(be_, a.q_proj, h1, q2);
+  }
+  rope_rows(be_, rope_, positions, q, d_.nope, d_.rope, d_.rope_interleaved);
+
+  Tensor kv_a = be_.alloc(DType::F32, {N, d_.kv_lora + d_.rope});
+  linear_forward(be_, a.kv_a_proj_with_mqa, h1, kv_a);  // [N, kv_lora + rope]
+  Tensor c_kv = be_.alloc(DType::F32, {N, d_.kv_lora});
+  copy_cols(be_, kv_a, 0, c_kv, 0, d_.kv_lora);
+  const Tensor c_kv_n = rmsnorm(be_, c_kv, a.kv_a_layernorm, d_.eps_mla, rstd);  // cached latent
+  Tensor k_pe = be_.alloc(DType::F32, {N, d_.rope});
+  copy_cols(be_, kv_a, d_.kv_lora, k_pe, 0, d_.rope);
+  rope_rows(be_, rope_, positions, k_pe.reshape({N, 1, d_.rope}), 0, d_.rope, d_.rope_interleaved);
+
+  Tensor attn = be_.alloc(DType::F32, {N, nh * d_.vd});
+  cache.attend(layer, a, rows, q, c_kv_n, k_pe, attn);
+  Tensor x2 = be_.alloc(DType::F32, {N, d_.H});
+  linear_forward(be_, a.o_proj, attn, x2);  // o_proj(attn)
+  AddArgs add;
+  add.a = x2;
+  add.b = x;
+  add.out = x2;
+  be_.add(add);  // x2 = x + attn
+
+  const Tensor h2 = rmsnorm(be_, x2, p.post_attention_layernorm, d_.eps, rstd);
+  Tensor ffn;
+  if (p.is_moe) {
+    MoeActs m;
+    moe_forward(be_, d_, p.moe, h2, m);
+    ffn = m.out;
+  } else {
+    MlpActs m;
+    mlp_forward(be_, p.mlp, h2, m);
+    ffn = m.out;
+  }
+  add.a = x2;
+  add.b = ffn;
+  add.out = x2;
+  be_.add(add);
+  return x2;
+}
+
+Tensor ModelRunner::head(const Tensor& normed, std::span<const int32_t> logit_rows) {
+  const int64_t V = params_.lm_head.w.dim(0);
+  if (logit_rows.empty()) return Tensor();
+  Tensor sel = be_.alloc(DType::F32, {int64_t(logit_rows.size()), d_.H});
+  modops::gather_rows(be_, normed, i32_tensor(be_, std::vector<int32_t>(logit_rows.begin(), logit_rows.end())), sel);
+  Tensor logits = be_.alloc(DType::F32, {int64_t(logit_rows.size()), V});
+  linear_forward(be_, params_.lm_head, sel, logits);
+  return logits;
+}
+
+ModelRunner::Output ModelRunner::forward(AttentionCache& cache, const StepRows& rows, std::span<const int32_t> tokens,
+                                         std::span<const int32_t> logit_rows) {
+  const int64_t N = rows.size();
+  DSV3_CHECK(N > 0 && int64_t(tokens.size()) == N);
+  for (int64_t i = 0; i < N; ++i)
+    if (tokens[size_t(i)] < 0 || tokens[size_t(i)] >= cfg_.vocab_size)
+      input_error("token id ", tokens[size_t(i)], " is outside the model's vocabulary [0, ", cfg_.vocab_size, ")");
+  const Tensor positions = positions_of(rows);
+  Tensor x = be_.alloc(DType::F32, {N, d_.H});
+  EmbeddingArgs e;
+  e.ids = i32_tensor(be_, std::vector<int32_t>(tokens.begin(), tokens.end()));
+  e.table = params_.embed_tokens;
+  e.out = x;
+  be_.embedding(e);
+  for (size_t l = 0; l < params_.layers.size(); ++l)
+    x = decoder_layer(int64_t(l), params_.layers[l], x, rows, positions, cache);
+  Tensor rstd;
+  Output o;
+  o.hidden = rmsnorm(be_, x, params_.norm, d_.eps, rstd);  // h⁰
+  o.logits = head(o.hidden, logit_rows);
+  return o;
+}
+
+ModelRunner::Output ModelRunner::mtp_forward(int k, AttentionCache& cache, const StepRows& rows,
+                                             std::span<const int32_t> tokens, const Tensor& h_prev,
+                                             std::span<const int32_t> logit_rows) {
+  DSV3_CHECK(k >= 1 && k <= num_mtp());
+  const MtpParams& p = params_.mtp[size_t(k - 1)];
+  const int64_t N = rows.size(), H = d_.H;
+  DSV3_CHECK(N > 0 && int64_t(tokens.size()) == N && h_prev.dim(0) == N);
+  const Tensor positions = positions_of(rows);
+  Tensor emb = be_.alloc(DType::F32, {N, H});
+  EmbeddingArgs e;
+  e.ids = i32_tensor(be_, std::vector<int32_t>(tokens.begin(), tokens.end()));
+  e.table = params_.embed_tokens;
+  e.out = emb;
+  be_.embedding(e);
+  Tensor rstd;
+  const Tensor e_n = rmsnorm(be_, emb, p.enorm, d_.eps, rstd);
+  const Tensor h_n = rmsnorm(be_, h_prev, p.hnorm, d_.eps, rstd);
+  Tensor cat = be_.alloc(DType::F32, {N, 2 * H});
+  copy_cols(be_, e_n, 0, cat, 0, H);  // embedding first, as the hub weights
+  copy_cols(be_, h_n, 0, cat, H, H);
+  Tensor x = be_.alloc(DType::F32, {N, H});
+  linear_forward(be_, p.eh_proj, cat, x);
+  Output o;
+  o.hidden = decoder_layer(cfg_.num_hidden_layers + k - 1, p.block, x, rows, positions, cache);  // h^k
+  o.logits = head(rmsnorm(be_, o.hidden, p.shared_head_norm, d_.eps, rstd), logit_rows);
+  return o;
+}
+
+}  // namespace dsv3
