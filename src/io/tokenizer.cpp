@@ -193,6 +193,28 @@ Tokenizer Tokenizer::from_json(std::string_view text, std::string_view config_te
       if (t.content == content) return t.id;
     return impl->model.token_id(content);
   };
+  // A TemplateProcessing post-processor whose single-sequence template starts with a special token
+  // (Llama 3's "<|begin_of_text|> $A") is how HF adds BOS without tokenizer_config.json.
+  json post = j.value("post_processor", json());
+  std::vector<json> posts;
+  if (post.is_object() && post.value("type", std::string()) == "Sequence" && post.contains("processors") &&
+      post["processors"].is_array())
+    posts.assign(post["processors"].begin(), post["processors"].end());
+  else
+    posts.push_back(post);
+  for (const json& p : posts) {
+    if (!p.is_object() || p.value("type", std::string()) != "TemplateProcessing") continue;
+    if (!p.contains("single") || !p["single"].is_array() || p["single"].empty()) continue;
+    const json& first = p["single"][0];
+    if (first.is_object() && first.contains("SpecialToken") && first["SpecialToken"].is_object() &&
+        first["SpecialToken"].contains("id") && first["SpecialToken"]["id"].is_string()) {
+      std::string content = first["SpecialToken"]["id"].get<std::string>();
+      impl->bos = find_id(content);
+      if (impl->bos < 0)
+        input_error(where, ": post_processor: TemplateProcessing names \"", content, "\", which is no token");
+      impl->add_bos = true;
+    }
+  }
   if (!config_text.empty()) {
     json cfg = parse_json(config_text, "tokenizer_config.json beside " + where);
     if (!cfg.is_object()) input_error("tokenizer_config.json beside ", where, ": expected an object");

@@ -126,6 +126,22 @@ TEST(Tokenizer, AddedTokensStripAndSingleWord) {
   EXPECT_EQ(tok.decode(std::vector<int32_t>{'a', 300, 'b'}, true), "ab");
 }
 
+TEST(Tokenizer, TemplateProcessingGivesBos) {
+  json j = tiny_tokenizer({}, json::array());
+  j["added_tokens"] = {{{"id", 300}, {"content", "<s>"}, {"special", true}}};
+  j["post_processor"] = {{"type", "TemplateProcessing"},
+                         {"single", {{{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}},
+                                     {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}}};
+  Tokenizer tok = Tokenizer::from_json(j.dump());
+  EXPECT_EQ(tok.bos_id(), 300);
+  EXPECT_EQ(tok.encode("a"), (std::vector<int32_t>{300, 'a'}));
+  EXPECT_EQ(tok.encode("a", false), (std::vector<int32_t>{'a'}));
+  // tokenizer_config.json, when present, has the last word.
+  EXPECT_EQ(Tokenizer::from_json(j.dump(), R"({"add_bos_token": false})").encode("a"), (std::vector<int32_t>{'a'}));
+  j["post_processor"]["single"][0]["SpecialToken"]["id"] = "<nope>";
+  EXPECT_NE(error_of(j).find("TemplateProcessing names \"<nope>\""), std::string::npos) << error_of(j);
+}
+
 TEST(Tokenizer, NfcNormalizer) {
   json j = tiny_tokenizer({}, json::array());
   j["normalizer"] = {{"type", "Sequence"}, {"normalizers", {{{"type", "NFC"}}}}};
