@@ -18,7 +18,7 @@ namespace dsv3 {
 namespace {
 using json = nlohmann::json;
 
-constexpr uint64_t kMaxIndexBytes = 1'000'000'000;  // DeepSeek-V3's index is ~9 MB
+constexpr uint64_t kMaxIndexBytes = 1'000'000'000;  // a bound on memory, far above real indexes
 
 bool ends_with(std::string_view s, std::string_view suffix) {
   return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;

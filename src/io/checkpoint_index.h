@@ -49,6 +49,13 @@ struct CheckpointTensor {
 
 class SafetensorsDir {
  public:
+  SafetensorsDir() = default;
+  // Move-only: the tensor table points into the shards it owns.
+  SafetensorsDir(SafetensorsDir&&) = default;
+  SafetensorsDir& operator=(SafetensorsDir&&) = default;
+  SafetensorsDir(const SafetensorsDir&) = delete;
+  SafetensorsDir& operator=(const SafetensorsDir&) = delete;
+
   // `path`: a directory holding model.safetensors or model.safetensors.index.json (both at once is
   // ambiguous and rejected), or the path of either file itself.
   static SafetensorsDir open(const std::string& path);

@@ -7,7 +7,8 @@
 //   file too small             fewer than 8 bytes
 //   header too large           N > 100,000,000
 //   header past end of file    8 + N > file size
-//   header not UTF-8 / header not valid JSON / header duplicate key / header nested too deep
+//   header: not UTF-8 / header: not valid JSON (incl. NUL bytes) / header: duplicate key /
+//   header: nested too deep (a safetensors header needs 3 levels)
 //   header not a JSON object
 //   __metadata__ not string to string
 //   tensor entry not an object / tensor entry missing key / tensor entry unknown key
