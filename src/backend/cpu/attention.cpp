@@ -1,8 +1,8 @@
 // Rotary embedding and exact causal attention (forward and backward).
 //
-// Attention runs per (batch, head) over blocks of query rows: S = scale·q·kᵀ and P·v through sgemm
-// (strided straight out of the [T, H, D] layout), the softmax rows through OpenMP. Scratch is one
-// block of scores, so memory stays O(block · S) rather than O(T · S).
+// Attention runs one OpenMP task per (batch, head), over blocks of query rows: S = scale·q·kᵀ and
+// P·v through sgemm (strided straight out of the [T, H, D] layout). Scratch is one block of scores
+// per thread, so memory stays O(threads · block · S) rather than O(T · S).
 #include <omp.h>
 
 #include <algorithm>
@@ -27,7 +27,7 @@ void CpuBackend::rope(const RopeArgs& a) {
   float sign = a.inverse ? -1.0f : 1.0f;
   // Pair i is (x[p], x[p + stride]) with p = 2i (interleaved) or i (halves).
   int64_t step = a.interleaved ? 2 : 1, stride = a.interleaved ? 1 : half;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (t * h * half >= cpu::kParallelMin)
   for (int64_t i = 0; i < t; ++i) {
     const float* c = cs + int64_t(pos[i]) * half;
     const float* s = sn + int64_t(pos[i]) * half;
@@ -70,38 +70,40 @@ void CpuBackend::attention(const AttentionArgs& a) {
   float* out = cpu::mut<float>(a.out);
   float* lse = present(a.lse) ? cpu::mut<float>(a.lse) : nullptr;
   int64_t ldq = d.h * d.dqk, ldv = d.h * d.dv;
-  float* sc = cpu::scratch(size_t(std::min(d.t, kQueryBlock) * std::max<int64_t>(d.s, 1)));
-  for (int64_t b = 0; b < d.b; ++b)
-    for (int64_t hh = 0; hh < d.h; ++hh) {
-      const float* qb = q + b * d.t * ldq + hh * d.dqk;
-      const float* kb = k + b * d.s * ldq + hh * d.dqk;
-      const float* vb = v + b * d.s * ldv + hh * d.dv;
-      float* ob = out + b * d.t * ldv + hh * d.dv;
-      float* lb = lse ? lse + (b * d.h + hh) * d.t : nullptr;
-      for (int64_t i0 = 0; i0 < d.t; i0 += kQueryBlock) {
-        int64_t i1 = std::min(d.t, i0 + kQueryBlock), nq = i1 - i0;
-        int64_t kmax = key_limit(a.causal, a.q_offset, i1 - 1, d.s);
-        cpu::sgemm(false, true, nq, kmax, d.dqk, a.scale, qb + i0 * ldq, ldq, kb, ldq, 0.0f, sc, kmax);
+  size_t blk = size_t(std::min(d.t, kQueryBlock) * std::max<int64_t>(d.s, 1));
+  // One task per (batch, head); the GEMMs inside run in the task's thread.
 #pragma omp parallel for schedule(static)
-        for (int64_t r = 0; r < nq; ++r) {
-          float* row = sc + r * kmax;
-          int64_t lim = key_limit(a.causal, a.q_offset, i0 + r, d.s);
-          float mx = -std::numeric_limits<float>::infinity();
-          for (int64_t j = 0; j < lim; ++j) mx = std::max(mx, row[j]);
-          double sum = 0.0;
-          for (int64_t j = 0; j < lim; ++j) {
-            float e = std::exp(row[j] - mx);
-            row[j] = e;
-            sum += e;
-          }
-          float inv = float(1.0 / sum);
-          for (int64_t j = 0; j < lim; ++j) row[j] *= inv;
-          for (int64_t j = lim; j < kmax; ++j) row[j] = 0.0f;
-          if (lb) lb[i0 + r] = mx + float(std::log(sum));
+  for (int64_t task = 0; task < d.b * d.h; ++task) {
+    int64_t b = task / d.h, hh = task % d.h;
+    float* sc = cpu::scratch(blk);
+    const float* qb = q + b * d.t * ldq + hh * d.dqk;
+    const float* kb = k + b * d.s * ldq + hh * d.dqk;
+    const float* vb = v + b * d.s * ldv + hh * d.dv;
+    float* ob = out + b * d.t * ldv + hh * d.dv;
+    float* lb = lse ? lse + (b * d.h + hh) * d.t : nullptr;
+    for (int64_t i0 = 0; i0 < d.t; i0 += kQueryBlock) {
+      int64_t i1 = std::min(d.t, i0 + kQueryBlock), nq = i1 - i0;
+      int64_t kmax = key_limit(a.causal, a.q_offset, i1 - 1, d.s);
+      cpu::sgemm(false, true, nq, kmax, d.dqk, a.scale, qb + i0 * ldq, ldq, kb, ldq, 0.0f, sc, kmax);
+      for (int64_t r = 0; r < nq; ++r) {
+        float* row = sc + r * kmax;
+        int64_t lim = key_limit(a.causal, a.q_offset, i0 + r, d.s);
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < lim; ++j) mx = std::max(mx, row[j]);
+        double sum = 0.0;
+        for (int64_t j = 0; j < lim; ++j) {
+          float e = std::exp(row[j] - mx);
+          row[j] = e;
+          sum += e;
         }
-        cpu::sgemm(false, false, nq, d.dv, kmax, 1.0f, sc, kmax, vb, ldv, 0.0f, ob + i0 * ldv, ldv);
+        float inv = float(1.0 / sum);
+        for (int64_t j = 0; j < lim; ++j) row[j] *= inv;
+        for (int64_t j = lim; j < kmax; ++j) row[j] = 0.0f;
+        if (lb) lb[i0 + r] = mx + float(std::log(sum));
       }
+      cpu::sgemm(false, false, nq, d.dv, kmax, 1.0f, sc, kmax, vb, ldv, 0.0f, ob + i0 * ldv, ldv);
     }
+  }
 }
 
 void CpuBackend::attention_backward(const AttentionBackwardArgs& a) {
@@ -116,46 +118,48 @@ void CpuBackend::attention_backward(const AttentionBackwardArgs& a) {
   float* dq = present(a.dq) ? cpu::mut<float>(a.dq) : nullptr;
   float* dk = present(a.dk) ? cpu::mut<float>(a.dk) : nullptr;
   float* dv = present(a.dv) ? cpu::mut<float>(a.dv) : nullptr;
-  if (dk) fill({a.dk, 0.0f});
-  if (dv) fill({a.dv, 0.0f});
   int64_t ldq = d.h * d.dqk, ldv = d.h * d.dv;
   size_t blk = size_t(std::min(d.t, kQueryBlock) * std::max<int64_t>(d.s, 1));
-  float* p = cpu::scratch(blk, 0);
-  float* ds = cpu::scratch(blk, 1);
-  float* drow = cpu::scratch(size_t(kQueryBlock), 2);
-  for (int64_t b = 0; b < d.b; ++b)
-    for (int64_t hh = 0; hh < d.h; ++hh) {
-      size_t qo = size_t(b * d.t * ldq + hh * d.dqk), ko = size_t(b * d.s * ldq + hh * d.dqk);
-      size_t vo = size_t(b * d.s * ldv + hh * d.dv), oo = size_t(b * d.t * ldv + hh * d.dv);
-      const float* lb = lse + (b * d.h + hh) * d.t;
-      for (int64_t i0 = 0; i0 < d.t; i0 += kQueryBlock) {
-        int64_t i1 = std::min(d.t, i0 + kQueryBlock), nq = i1 - i0;
-        int64_t kmax = key_limit(a.causal, a.q_offset, i1 - 1, d.s);
-        // P = exp(scale·q·kᵀ − lse), dP = dO·vᵀ.
-        cpu::sgemm(false, true, nq, kmax, d.dqk, a.scale, q + qo + i0 * ldq, ldq, k + ko, ldq, 0.0f, p, kmax);
-        cpu::sgemm(false, true, nq, kmax, d.dv, 1.0f, dout + oo + i0 * ldv, ldv, v + vo, ldv, 0.0f, ds, kmax);
+  // One task per (batch, head): it owns that head's slices of dq, dk and dv.
 #pragma omp parallel for schedule(static)
-        for (int64_t r = 0; r < nq; ++r) {
-          const float* o_r = out + oo + (i0 + r) * ldv;
-          const float* g_r = dout + oo + (i0 + r) * ldv;
-          double dd = 0.0;
-          for (int64_t j = 0; j < d.dv; ++j) dd += double(o_r[j]) * double(g_r[j]);
-          drow[r] = float(dd);
-          float* pr = p + r * kmax;
-          float* dr = ds + r * kmax;
-          int64_t lim = key_limit(a.causal, a.q_offset, i0 + r, d.s);
-          float l = lb[i0 + r];
-          for (int64_t j = 0; j < lim; ++j) {
-            pr[j] = std::exp(pr[j] - l);
-            dr[j] = pr[j] * (dr[j] - drow[r]) * a.scale;  // dS, with the scale of q·kᵀ folded in
-          }
-          for (int64_t j = lim; j < kmax; ++j) pr[j] = dr[j] = 0.0f;
-        }
-        if (dq) cpu::sgemm(false, false, nq, d.dqk, kmax, 1.0f, ds, kmax, k + ko, ldq, 0.0f, dq + qo + i0 * ldq, ldq);
-        if (dk) cpu::sgemm(true, false, kmax, d.dqk, nq, 1.0f, ds, kmax, q + qo + i0 * ldq, ldq, 1.0f, dk + ko, ldq);
-        if (dv) cpu::sgemm(true, false, kmax, d.dv, nq, 1.0f, p, kmax, dout + oo + i0 * ldv, ldv, 1.0f, dv + vo, ldv);
-      }
+  for (int64_t task = 0; task < d.b * d.h; ++task) {
+    int64_t b = task / d.h, hh = task % d.h;
+    float* p = cpu::scratch(blk, 0);
+    float* ds = cpu::scratch(blk, 1);
+    size_t qo = size_t(b * d.t * ldq + hh * d.dqk), ko = size_t(b * d.s * ldq + hh * d.dqk);
+    size_t vo = size_t(b * d.s * ldv + hh * d.dv), oo = size_t(b * d.t * ldv + hh * d.dv);
+    const float* lb = lse + (b * d.h + hh) * d.t;
+    for (int64_t j = 0; j < d.s; ++j) {
+      if (dk) std::fill(dk + ko + j * ldq, dk + ko + j * ldq + d.dqk, 0.0f);
+      if (dv) std::fill(dv + vo + j * ldv, dv + vo + j * ldv + d.dv, 0.0f);
     }
+    for (int64_t i0 = 0; i0 < d.t; i0 += kQueryBlock) {
+      int64_t i1 = std::min(d.t, i0 + kQueryBlock), nq = i1 - i0;
+      int64_t kmax = key_limit(a.causal, a.q_offset, i1 - 1, d.s);
+      // P = exp(scale·q·kᵀ − lse), dP = dO·vᵀ, dS = P ⊙ (dP − rowsum(dO ⊙ O)).
+      cpu::sgemm(false, true, nq, kmax, d.dqk, a.scale, q + qo + i0 * ldq, ldq, k + ko, ldq, 0.0f, p, kmax);
+      cpu::sgemm(false, true, nq, kmax, d.dv, 1.0f, dout + oo + i0 * ldv, ldv, v + vo, ldv, 0.0f, ds, kmax);
+      for (int64_t r = 0; r < nq; ++r) {
+        const float* o_r = out + oo + (i0 + r) * ldv;
+        const float* g_r = dout + oo + (i0 + r) * ldv;
+        double dd = 0.0;
+        for (int64_t j = 0; j < d.dv; ++j) dd += double(o_r[j]) * double(g_r[j]);
+        float drow = float(dd);
+        float* pr = p + r * kmax;
+        float* dr = ds + r * kmax;
+        int64_t lim = key_limit(a.causal, a.q_offset, i0 + r, d.s);
+        float l = lb[i0 + r];
+        for (int64_t j = 0; j < lim; ++j) {
+          pr[j] = std::exp(pr[j] - l);
+          dr[j] = pr[j] * (dr[j] - drow) * a.scale;  // the scale of q·kᵀ folded in
+        }
+        for (int64_t j = lim; j < kmax; ++j) pr[j] = dr[j] = 0.0f;
+      }
+      if (dq) cpu::sgemm(false, false, nq, d.dqk, kmax, 1.0f, ds, kmax, k + ko, ldq, 0.0f, dq + qo + i0 * ldq, ldq);
+      if (dk) cpu::sgemm(true, false, kmax, d.dqk, nq, 1.0f, ds, kmax, q + qo + i0 * ldq, ldq, 1.0f, dk + ko, ldq);
+      if (dv) cpu::sgemm(true, false, kmax, d.dv, nq, 1.0f, p, kmax, dout + oo + i0 * ldv, ldv, 1.0f, dv + vo, ldv);
+    }
+  }
 }
 
 }  // namespace dsv3

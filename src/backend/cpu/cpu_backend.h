@@ -1,7 +1,7 @@
 // The CPU backend: the FP32 reference every other backend is tested against.
-// GEMMs go through OpenBLAS (called outside OpenMP regions so it can use its own threads), the
-// rest through OpenMP loops over rows. No loop's result depends on how iterations are scheduled,
-// so results are bitwise reproducible for a given thread count.
+// All threading is OpenMP: GEMMs call single-threaded OpenBLAS on a fixed split of the output per
+// thread (or one call per task inside a parallel loop), other ops loop over rows. Every split is a
+// function of the thread count only, so results are bitwise reproducible for a given count.
 #pragma once
 #include <vector>
 
@@ -49,13 +49,18 @@ class CpuBackend final : public Backend {
 namespace cpu {
 
 // Row-major C[m,n] = alpha·op(A)·op(B) + beta·C with leading dimensions, through cblas_sgemm.
-// Sets OpenBLAS's thread count to num_threads() first, so a GEMM's bits depend only on that count.
+// Outside a parallel region, large products are split over num_threads() OpenMP threads; inside
+// one, it runs in the calling thread.
 void sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
            int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 
 // Rows [r0, r1) of weight w [N, K] (any weight dtype, FP8 with its block scales) as F32 into out
 // (r1−r0)×K, converted in parallel.
 void weight_rows_to_f32(const Tensor& w, const Tensor& scale_inv, int64_t r0, int64_t r1, float* out);
+
+// Loops over fewer elements than this run in the calling thread: starting the team would cost
+// more than the work (and far more on a loaded machine, where each barrier waits for a time slice).
+constexpr int64_t kParallelMin = 1 << 15;
 
 // Scratch that grows and is reused between calls (one per calling thread).
 float* scratch(size_t n, int slot = 0);

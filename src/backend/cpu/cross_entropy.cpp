@@ -18,7 +18,7 @@ void CpuBackend::cross_entropy(const CrossEntropyArgs& a) {
   float* dl = present(a.dlogits) ? cpu::mut<float>(a.dlogits) : nullptr;
   std::vector<float> loss(static_cast<size_t>(t));
   float gs = a.grad_scale;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (t * v >= cpu::kParallelMin)
   for (int64_t i = 0; i < t; ++i) {
     const float* l = lg + i * v;
     float* o = dl ? dl + i * v : nullptr;

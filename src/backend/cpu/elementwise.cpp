@@ -19,7 +19,7 @@ void CpuBackend::add(const AddArgs& a) {
   const float* y = a.b.data<float>();
   float* o = cpu::mut<float>(a.out);
   float al = a.alpha, be = a.beta;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= cpu::kParallelMin)
   for (int64_t i = 0; i < n; ++i) o[i] = al * x[i] + be * y[i];
 }
 
@@ -29,7 +29,7 @@ void CpuBackend::scale(const ScaleArgs& a) {
   const float* x = a.x.data<float>();
   float* o = cpu::mut<float>(a.out);
   float s = a.s;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= cpu::kParallelMin)
   for (int64_t i = 0; i < n; ++i) o[i] = s * x[i];
 }
 
@@ -40,10 +40,10 @@ void CpuBackend::mul(const MulArgs& a) {
   const float* y = a.b.data<float>();
   float* o = cpu::mut<float>(a.out);
   if (a.accumulate) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= cpu::kParallelMin)
     for (int64_t i = 0; i < n; ++i) o[i] += x[i] * y[i];
   } else {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= cpu::kParallelMin)
     for (int64_t i = 0; i < n; ++i) o[i] = x[i] * y[i];
   }
 }
@@ -77,7 +77,7 @@ void CpuBackend::fill(const FillArgs& a) {
   int64_t n = a.x.numel();
   float* o = cpu::mut<float>(a.x);
   float v = a.value;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= cpu::kParallelMin)
   for (int64_t i = 0; i < n; ++i) o[i] = v;
 }
 
@@ -90,7 +90,7 @@ void CpuBackend::copy_cols(const CopyColsArgs& a) {
   bool acc = a.accumulate;
   if (rs >= rd) {  // equal rows, or each dst row sums a group of n src rows
     int64_t g = rd ? rs / rd : 0;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rd * w >= cpu::kParallelMin)
     for (int64_t r = 0; r < rd; ++r) {
       float* o = d + r * cd;
       const float* first = s + (r * g) * cs;
@@ -105,7 +105,7 @@ void CpuBackend::copy_cols(const CopyColsArgs& a) {
     }
   } else {  // broadcast: dst row r takes src row r / n
     int64_t g = rd / rs;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rd * w >= cpu::kParallelMin)
     for (int64_t r = 0; r < rd; ++r) {
       float* o = d + r * cd;
       const float* src = s + (r / g) * cs;
@@ -151,7 +151,7 @@ void CpuBackend::adamw(const AdamWArgs& a) {
   const double bc2 = 1.0 - std::pow(double(b2), double(a.step));
   const float step_size = float(double(lr) / bc1);
   const float bc2_sqrt = float(std::sqrt(bc2));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= cpu::kParallelMin)
   for (int64_t i = 0; i < n; ++i) {
     float gi = g[i] * gs;
     float mi = mb ? bf16_to_float(static_cast<uint16_t*>(mp)[i]) : static_cast<float*>(mp)[i];

@@ -1,5 +1,6 @@
 // linear (x·Wᵀ with weights in their stored dtype), its backward, and plain matmul.
 #include <cblas.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <array>
@@ -19,10 +20,34 @@ void sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float al
       for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.0f ? 0.0f : beta * c[i * ldc + j];
     return;
   }
-  int want = num_threads();
-  if (openblas_get_num_threads() != want) openblas_set_num_threads(want);
-  cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans,
-              int(m), int(n), int(k), alpha, a, int(lda), b, int(ldb), beta, c, int(ldc));
+  // OpenBLAS runs single-threaded in the calling thread; the threads are OpenMP's alone, so they
+  // never compete with OpenBLAS's own spinning workers on a small machine.
+  static const bool single = (openblas_set_num_threads(1), true);
+  (void)single;
+  auto call = [&](int64_t mm, int64_t nn, const float* aa, const float* bb, float* cc) {
+    cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, int(mm),
+                int(nn), int(k), alpha, aa, int(lda), bb, int(ldb), beta, cc, int(ldc));
+  };
+  int nt = omp_in_parallel() ? 1 : num_threads();
+  constexpr double kMinSplitFlops = 1 << 18;  // below this a thread start costs more than it saves
+  if (nt <= 1 || double(m) * double(n) * double(k) < kMinSplitFlops) {
+    call(m, n, a, b, c);
+    return;
+  }
+  // Split the larger of m and n into nt contiguous parts, one per thread (fixed for a thread count).
+  bool rows = m >= n;
+  int64_t len = rows ? m : n;
+#pragma omp parallel num_threads(nt)
+  {
+    int id = omp_get_thread_num(), cnt = omp_get_num_threads();
+    int64_t lo = len * id / cnt, hi = len * (id + 1) / cnt;
+    if (hi > lo) {
+      if (rows)
+        call(hi - lo, n, trans_a ? a + lo : a + lo * lda, b, c + lo * ldc);
+      else
+        call(m, hi - lo, a, trans_b ? b + lo * ldb : b + lo, c + lo);
+    }
+  }
 }
 
 float* scratch(size_t n, int slot) {
@@ -46,7 +71,7 @@ void weight_rows_to_f32(const Tensor& w, const Tensor& scale_inv, int64_t r0, in
       for (int i = 0; i < 256; ++i) l[size_t(i)] = e4m3_to_float(uint8_t(i));
       return l;
     }();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if ((r1 - r0) * k >= cpu::kParallelMin)
     for (int64_t r = r0; r < r1; ++r) {
       const float* srow = sc + (r / kFp8Block) * kb;
       float* o = out + (r - r0) * k;
@@ -55,7 +80,7 @@ void weight_rows_to_f32(const Tensor& w, const Tensor& scale_inv, int64_t r0, in
     }
     return;
   }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if ((r1 - r0) * k >= cpu::kParallelMin)
   for (int64_t r = r0; r < r1; ++r)
     convert(base + size_t(r * k) * es, t, out + (r - r0) * k, DType::F32, size_t(k));
 }
@@ -77,11 +102,19 @@ void CpuBackend::linear(const LinearArgs& a) {
     cpu::sgemm(false, true, m, n, k, 1.0f, x, k, a.w.data<float>(), k, beta, y, n);
     return;
   }
-  float* wb = cpu::scratch(size_t(std::min(n, kWeightRowBlock) * k));
-  for (int64_t n0 = 0; n0 < n; n0 += kWeightRowBlock) {
-    int64_t n1 = std::min(n, n0 + kWeightRowBlock);
-    cpu::weight_rows_to_f32(a.w, a.w_scale_inv, n0, n1, wb);
-    cpu::sgemm(false, true, m, n1 - n0, k, 1.0f, x, k, wb, k, beta, y + n0, n);
+  // Each thread owns a contiguous range of output columns (weight rows) and converts it block by
+  // block into its own scratch, so the weight is read once and never held converted in full.
+  int nt = num_threads();
+#pragma omp parallel num_threads(nt) if (n * k >= cpu::kParallelMin)
+  {
+    int id = omp_get_thread_num(), cnt = omp_get_num_threads();
+    int64_t lo = n * id / cnt, hi = n * (id + 1) / cnt;
+    float* wb = cpu::scratch(size_t(std::min(hi - lo, kWeightRowBlock) * k));
+    for (int64_t n0 = lo; n0 < hi; n0 += kWeightRowBlock) {
+      int64_t n1 = std::min(hi, n0 + kWeightRowBlock);
+      cpu::weight_rows_to_f32(a.w, a.w_scale_inv, n0, n1, wb);
+      cpu::sgemm(false, true, m, n1 - n0, k, 1.0f, x, k, wb, k, beta, y + n0, n);
+    }
   }
 }
 

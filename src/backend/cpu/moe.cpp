@@ -37,7 +37,7 @@ void CpuBackend::router(const RouterArgs& a) {
   float* wts = cpu::mut<float>(a.weights);
   bool grouped = a.method != RouterMethod::Greedy;
   int64_t ng = grouped ? a.n_group : 1, gsz = e / ng;
-#pragma omp parallel
+#pragma omp parallel if (t * e >= cpu::kParallelMin)
   {
     std::vector<float> choice(static_cast<size_t>(e)), gscore(static_cast<size_t>(ng));
     std::vector<int> idx, gsel(static_cast<size_t>(ng)), pick(static_cast<size_t>(k));
@@ -95,7 +95,7 @@ void CpuBackend::router_backward(const RouterBackwardArgs& a) {
   float* dl = cpu::mut<float>(a.dlogits);
   float c = a.routed_scaling_factor;
   bool acc = a.accumulate;
-#pragma omp parallel
+#pragma omp parallel if (t * e >= cpu::kParallelMin)
   {
     std::vector<float> ds(static_cast<size_t>(e));
 #pragma omp for schedule(static)
@@ -170,7 +170,7 @@ void CpuBackend::gather_rows(const GatherRowsArgs& a) {
   const float* w = present(a.weight) ? a.weight.data<float>() : nullptr;
   float* out = cpu::mut<float>(a.out);
   bool acc = a.accumulate;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * d >= cpu::kParallelMin)
   for (int64_t i = 0; i < n; ++i) {
     const float* s = src + int64_t(idx[i]) * d;
     float* o = out + i * d;
@@ -191,7 +191,7 @@ void CpuBackend::scatter_add_rows(const ScatterAddRowsArgs& a) {
   const float* w = present(a.weight) ? a.weight.data<float>() : nullptr;
   float* out = cpu::mut<float>(a.out);
   // Each thread owns a range of output rows and adds their sources in ascending i.
-#pragma omp parallel
+#pragma omp parallel if (n * d >= cpu::kParallelMin)
   {
     int nt = omp_get_num_threads(), id = omp_get_thread_num();
     int64_t lo = r * id / nt, hi = r * (id + 1) / nt;
@@ -219,7 +219,7 @@ void CpuBackend::scatter_add_rows_backward(const ScatterAddRowsBackwardArgs& a) 
   float* dsrc = present(a.dsrc) ? cpu::mut<float>(a.dsrc) : nullptr;
   float* dw = present(a.dweight) ? cpu::mut<float>(a.dweight) : nullptr;
   bool acc = a.accumulate;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * d >= cpu::kParallelMin)
   for (int64_t i = 0; i < n; ++i) {
     const float* g = dout + int64_t(idx[i]) * d;
     const float* s = src + i * d;

@@ -28,7 +28,7 @@ void CpuBackend::embedding(const EmbeddingArgs& a) {
   const char* tab = static_cast<const char*>(a.table.raw());
   size_t es = dtype_size(a.table.dtype());
   float* out = cpu::mut<float>(a.out);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (t * d >= cpu::kParallelMin)
   for (int64_t i = 0; i < t; ++i)
     convert(tab + size_t(ids[i]) * size_t(d) * es, a.table.dtype(), out + i * d, DType::F32, size_t(d));
 }
@@ -43,7 +43,7 @@ void CpuBackend::embedding_backward(const EmbeddingBackwardArgs& a) {
   const float* dout = a.dout.data<float>();
   float* dt = cpu::mut<float>(a.dtable);
   // Each thread owns a range of vocabulary rows and adds its tokens in position order.
-#pragma omp parallel
+#pragma omp parallel if (t * d >= cpu::kParallelMin)
   {
     int nt = omp_get_num_threads(), id = omp_get_thread_num();
     int64_t lo = v * id / nt, hi = v * (id + 1) / nt;
@@ -66,7 +66,7 @@ void CpuBackend::rmsnorm(const RmsNormArgs& a) {
   float* y = cpu::mut<float>(a.y);
   float* rstd = present(a.rstd) ? cpu::mut<float>(a.rstd) : nullptr;
   float eps = a.eps;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (m * d >= cpu::kParallelMin)
   for (int64_t r = 0; r < m; ++r) {
     const float* xr = x + r * d;
     double ss = 0.0;
@@ -91,7 +91,7 @@ void CpuBackend::rmsnorm_backward(const RmsNormBackwardArgs& a) {
     bool acc = a.accumulate_dweight;
     // Each thread owns a block of columns and sums rows in order.
     constexpr int64_t kCols = 64;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (m * d >= cpu::kParallelMin)
     for (int64_t c0 = 0; c0 < d; c0 += kCols) {
       int64_t c1 = std::min(d, c0 + kCols);
       double s[kCols] = {};
@@ -107,7 +107,7 @@ void CpuBackend::rmsnorm_backward(const RmsNormBackwardArgs& a) {
     float* dx = cpu::mut<float>(a.dx);
     bool acc = a.accumulate_dx;
     // dx = rstd·(w·dy − x·rstd²·mean(w·dy·x)); dx may alias dy (read before write per element).
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (m * d >= cpu::kParallelMin)
     for (int64_t r = 0; r < m; ++r) {
       const float* xr = x + r * d;
       const float* gr = dy + r * d;
@@ -130,7 +130,7 @@ void CpuBackend::swiglu(const SwigluArgs& a) {
   const float* g = a.gate.data<float>();
   const float* u = a.up.data<float>();
   float* o = cpu::mut<float>(a.out);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= cpu::kParallelMin)
   for (int64_t i = 0; i < n; ++i) {
     float gi = g[i], ui = u[i];
     o[i] = gi / (1.0f + std::exp(-gi)) * ui;
@@ -146,7 +146,7 @@ void CpuBackend::swiglu_backward(const SwigluBackwardArgs& a) {
   float* dg = present(a.dgate) ? cpu::mut<float>(a.dgate) : nullptr;
   float* du = present(a.dup) ? cpu::mut<float>(a.dup) : nullptr;
   bool acc = a.accumulate;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= cpu::kParallelMin)
   for (int64_t i = 0; i < n; ++i) {
     float gi = g[i], ui = u[i], go = dout[i];
     float sg = 1.0f / (1.0f + std::exp(-gi));
