@@ -61,6 +61,19 @@ TEST(Safetensors, RoundTripEveryDtypeThroughAFile) {
   EXPECT_TRUE(same_bytes(keep, in[0].tensor));
 }
 
+TEST(Safetensors, WritingABorrowedTensorNeverTouchesTheFile) {
+  TempDir dir;
+  std::string path = dir / "m.safetensors";
+  Tensor x = patterned(DType::F32, {4}, 3);
+  write_safetensors(path, {{"x", x}});
+  std::string before = test::read_all(path);
+  Tensor y = SafetensorsFile::open(path).tensor("x");
+  ASSERT_FALSE(y.owns_memory());
+  y.fill(7.0f);  // the mapping is private: the write lands in a private page copy
+  EXPECT_EQ(y.data<float>()[3], 7.0f);
+  EXPECT_EQ(test::read_all(path), before);
+}
+
 TEST(Safetensors, ScalarsAndZeroSizeTensors) {
   std::vector<NamedTensor> in = {{"scalar", patterned(DType::F64, Shape{}, 1)},
                                  {"empty_rows", Tensor::empty(DType::F32, {0, 3})},
