@@ -266,6 +266,19 @@ TEST(Linear, Fp8BlockScalesHandExample) {
   EXPECT_THROW(cpu().linear({x, w, bad, y, false}), InternalError);  // wrong scale grid
 }
 
+TEST(Linear, ZeroRowsLeaveOutputsAlone) {
+  // An expert that received no tokens: x has no rows; dw is zeroed (or kept when accumulating).
+  Tensor w = Tensor::zeros(DType::BF16, {4, 3}), x = Tensor::empty(DType::F32, {0, 3});
+  Tensor y = Tensor::empty(DType::F32, {0, 4}), dy = Tensor::empty(DType::F32, {0, 4});
+  cpu().linear({x, w, Tensor(), y, false});
+  Tensor wf = Tensor::zeros(DType::F32, {4, 3}), dw = Tensor::empty(DType::F32, {4, 3});
+  dw.fill(7.0f);
+  cpu().linear_backward({dy, x, wf, Tensor(), Tensor(), dw, false, true});
+  EXPECT_EQ(dw.data<float>()[5], 7.0f);
+  cpu().linear_backward({dy, x, wf, Tensor(), Tensor(), dw, false, false});
+  EXPECT_EQ(dw.data<float>()[5], 0.0f);
+}
+
 TEST(Validation, ErrorsNameTheOpAndShapes) {
   Tensor x = Tensor::zeros(DType::F32, {2, 3}), w = Tensor::zeros(DType::F32, {4, 5});
   Tensor y = Tensor::zeros(DType::F32, {2, 4});

@@ -98,6 +98,7 @@ void CpuBackend::linear(const LinearArgs& a) {
   const float* x = a.x.data<float>();
   float* y = cpu::mut<float>(a.y);
   float beta = a.accumulate ? 1.0f : 0.0f;
+  if (m == 0) return;  // an expert that received no tokens
   if (a.w.dtype() == DType::F32) {
     cpu::sgemm(false, true, m, n, k, 1.0f, x, k, a.w.data<float>(), k, beta, y, n);
     return;
@@ -122,7 +123,7 @@ void CpuBackend::linear_backward(const LinearBackwardArgs& a) {
   validate(a);
   int64_t m = cpu::rows_of(a.dy), n = cpu::last_dim(a.dy);
   const float* dy = a.dy.data<float>();
-  if (present(a.dx)) {
+  if (present(a.dx) && m > 0) {
     int64_t k = a.w.dim(1);
     float* dx = cpu::mut<float>(a.dx);
     float beta = a.accumulate_dx ? 1.0f : 0.0f;
