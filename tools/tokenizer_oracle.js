@@ -39,12 +39,13 @@ function load(name) {
   if (/^[a-z0-9_]+$/.test(name)) {
     return require(path.join(modules, "@lenml", "tokenizer-" + name)).fromPreTrained();
   }
-  const { TokenizerLoader } = require(path.join(modules, "@lenml", "tokenizers"));
+  // Any tokenizer.json (ours included) through the generic class, whatever tokenizer_class says.
+  const { tokenizers } = require(path.join(modules, "@lenml", "tokenizers"));
   const file = fs.statSync(name).isDirectory() ? path.join(name, "tokenizer.json") : name;
   const cfgFile = path.join(path.dirname(file), "tokenizer_config.json");
   const tokenizerJSON = JSON.parse(fs.readFileSync(file, "utf8"));
   const tokenizerConfig = fs.existsSync(cfgFile) ? JSON.parse(fs.readFileSync(cfgFile, "utf8")) : {};
-  return TokenizerLoader.fromPreTrained({ tokenizerJSON, tokenizerConfig });
+  return new tokenizers.PreTrainedTokenizer(tokenizerJSON, tokenizerConfig);
 }
 
 const tok = load(opt.tokenizer);

@@ -68,8 +68,9 @@ std::string fragment(SplitMix& r, const std::vector<std::string>& specials) {
       break;
     case 2:  // tabs, \r\n and mixed whitespace
       for (size_t i = 0, n = r.range(1, 8); i < n; ++i) {
-        static const char* ws[] = {"\t", "\r\n", "\n", " \t ", "\r\n\r\n", "  \n", "\t\t", "\u3000", "\u00a0"};
-        s += ws[r.below(9)];
+        static const char* ws[] = {"\t",   "\r\n", "\n",     " \t ", "\r\n\r\n", "  \n",     "\t\t",
+                                   "\u3000", "\u00a0", "\r",    "\v",   "\f",       "\x01\x7f", "\u200b\u200d"};
+        s += ws[r.below(14)];
       }
       break;
     case 3:  // emoji, with ZWJ sequences, skin tones, flags and variation selectors
