@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "cli/command.h"
@@ -10,6 +11,7 @@
 #include "model/config.h"
 #include "model/model_stats.h"
 #include "model/presets.h"
+#include "model/weights.h"
 
 namespace dsv3::cli {
 namespace {
@@ -158,6 +160,17 @@ void add_checkpoint_sections(const std::string& dir, const ModelConfig&, Report&
   s.rows.push_back({"directory", dir});
   s.rows.push_back({"safetensors files", cat(files, files ? cat(", ", fmt("%.3f GB", double(bytes) / 1e9)) : "")});
   r.j["checkpoint"] = {{"directory", dir}, {"safetensors_files", files}, {"safetensors_bytes", bytes}};
+  if (files == 0) return;
+  // Bind every tensor (memory-mapped, checked against the table): what a loaded model keeps resident.
+  const Weights w = Weights::load(dir);
+  std::map<std::string, int64_t> by_dtype;
+  for (const Param& p : w.params()) by_dtype[dtype_name(p.w.dtype())]++;
+  std::string dtypes;
+  for (const auto& [t, n] : by_dtype) dtypes += cat(dtypes.empty() ? "" : ", ", n, " ", t);
+  s.rows.push_back({"resident when loaded", fmt("%.3f GB", double(w.resident_bytes()) / 1e9) + " (weights stay in their stored dtype)"});
+  s.rows.push_back({"stored dtypes", dtypes});
+  r.j["checkpoint"]["resident_bytes"] = w.resident_bytes();
+  r.j["checkpoint"]["tensors_by_dtype"] = by_dtype;
 }
 
 void print_text(const std::string& source, const Report& r) {
