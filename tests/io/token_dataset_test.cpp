@@ -19,7 +19,7 @@ namespace fs = std::filesystem;
 struct TmpDir {
   fs::path p;
   TmpDir() {
-    p = fs::temp_directory_path() / ("dsv3_tokds_" + std::to_string(getpid()) + "_" +
+    p = fs::temp_directory_path() / (std::string("dsv3_tokds_") + std::to_string(getpid()) + "_" +
                                      ::testing::UnitTest::GetInstance()->current_test_info()->name());
     fs::remove_all(p);
     fs::create_directories(p);

@@ -23,7 +23,7 @@ namespace fs = std::filesystem;
 struct TmpDir {
   fs::path p;
   TmpDir() {
-    p = fs::temp_directory_path() / ("dsv3_ckpt_" + std::to_string(getpid()) + "_" +
+    p = fs::temp_directory_path() / (std::string("dsv3_ckpt_") + std::to_string(getpid()) + "_" +
                                      ::testing::UnitTest::GetInstance()->current_test_info()->name());
     fs::remove_all(p);
     fs::create_directories(p);
@@ -41,7 +41,7 @@ std::string slurp(const std::string& path) {
 // A writer producing a few files whose contents depend on the step.
 auto small_writer(int64_t step) {
   return [step](const std::string& dir) {
-    write_file_atomic(dir + "/config.json", "{\"step\": " + std::to_string(step) + "}\n");
+    write_file_atomic(dir + "/config.json", std::string("{\"step\": ") + std::to_string(step) + "}\n");
     write_file_atomic(dir + "/weights.bin", std::string(1000 + size_t(step), char('a' + step % 26)));
   };
 }

@@ -20,7 +20,7 @@ namespace fs = std::filesystem;
 struct TmpDir {
   fs::path p;
   TmpDir() {
-    p = fs::temp_directory_path() / ("dsv3_loader_" + std::to_string(getpid()) + "_" +
+    p = fs::temp_directory_path() / (std::string("dsv3_loader_") + std::to_string(getpid()) + "_" +
                                      ::testing::UnitTest::GetInstance()->current_test_info()->name());
     fs::remove_all(p);
     fs::create_directories(p);
@@ -35,7 +35,7 @@ std::vector<std::string> make_shards(const TmpDir& d, std::vector<int> sizes, ui
   for (size_t s = 0; s < sizes.size(); ++s) {
     std::vector<int32_t> t(size_t(sizes[s]));
     for (int i = 0; i < sizes[s]; ++i) t[size_t(i)] = int32_t((s * 1000 + size_t(i)) % vocab);
-    paths.push_back(d.file("s" + std::to_string(s) + ".tok"));
+    paths.push_back(d.file(std::string("s") + std::to_string(s) + ".tok"));
     write_token_shard(paths.back(), t, vocab);
   }
   return paths;
