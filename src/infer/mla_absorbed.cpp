@@ -40,8 +40,12 @@ void mla_absorbed_attention(const LatentKvPool& pool, int64_t layer, const std::
   const float scale = d.softmax_scale;
   const bool direct = pool.dtype() == DType::F32;
 
-  // One task per (row, head): each reads its sequence's cached rows block by block.
-#pragma omp parallel num_threads(num_threads())
+  // One task per (row, head): each reads its sequence's cached rows block by block. Small steps
+  // stay on one thread (a parallel region costs more than they do).
+  int64_t work = 0;
+  for (int64_t r = 0; r < N; ++r) work += (rows.pos[size_t(r)] + 1) * W + d.nope * R + d.vd * R;
+  work *= nh;
+#pragma omp parallel num_threads(num_threads()) if (work > (int64_t(1) << 16))
   {
     std::vector<float> qlat(static_cast<size_t>(R)), lat(static_cast<size_t>(R)), scores;
     std::vector<float> buf(direct ? 0 : static_cast<size_t>(bs * W));
