@@ -33,7 +33,7 @@ struct TmpDir {
 std::vector<std::string> make_shards(const TmpDir& d, std::vector<int> sizes, uint64_t vocab = 60000) {
   std::vector<std::string> paths;
   for (size_t s = 0; s < sizes.size(); ++s) {
-    std::vector<int32_t> t(size_t(sizes[s]));
+    std::vector<int32_t> t(static_cast<size_t>(sizes[s]));
     for (int i = 0; i < sizes[s]; ++i) t[size_t(i)] = int32_t((s * 1000 + size_t(i)) % vocab);
     paths.push_back(d.file(std::string("s") + std::to_string(s) + ".tok"));
     write_token_shard(paths.back(), t, vocab);
