@@ -30,8 +30,10 @@ namespace {
 
 using modops::copy_cols;
 using modops::rmsnorm;
+using modops::rmsnorm_backward;
 
-void rope(Backend& be, const RopeInput& r, const Tensor& x, int64_t offset, int64_t dim, bool interleaved) {
+void rope(Backend& be, const RopeInput& r, const Tensor& x, int64_t offset, int64_t dim, bool interleaved,
+          bool inverse = false) {
   RopeArgs a;
   a.x = x;
   a.positions = r.positions;
@@ -40,6 +42,7 @@ void rope(Backend& be, const RopeInput& r, const Tensor& x, int64_t offset, int6
   a.offset = offset;
   a.rope_dim = dim;
   a.interleaved = interleaved;
+  a.inverse = inverse;
   be.rope(a);
 }
 
@@ -98,6 +101,99 @@ void mla_forward(Backend& be, const ModelDims& d, const MlaParams& p, const Rope
 
   a.out = be.alloc(DType::F32, {N, d.H});
   linear_forward(be, p.o_proj, a.attn.reshape({N, nh * d.vd}), a.out);  // [N, H]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward.
+
+namespace {
+
+// dbias[N] += Σ_rows dy (copy_cols sums src rows when Rs = Rd·n).
+void bias_backward(Backend& be, const Tensor& dy, const Tensor& dbias) {
+  CopyColsArgs b;
+  b.src = dy.reshape({dy.numel() / dy.dim(-1), dy.dim(-1)});
+  b.dst = dbias.reshape({1, dbias.numel()});
+  b.width = dbias.numel();
+  b.accumulate = true;
+  be.copy_cols(b);
+}
+
+}  // namespace
+
+void linear_backward(Backend& be, const LinearParam& p, const LinearParam& g, const Tensor& x, const Tensor& dy,
+                     const Tensor& dx, bool accumulate_dx) {
+  if (x.numel() == 0) return;
+  LinearBackwardArgs a;
+  a.dy = dy;
+  a.x = x;
+  a.w = p.w;
+  a.w_scale_inv = p.scale_inv;
+  a.dx = dx;
+  a.dw = g.w;
+  a.accumulate_dx = accumulate_dx;
+  a.accumulate_dw = true;
+  be.linear_backward(a);
+  if (present(p.bias)) bias_backward(be, dy, g.bias);
+}
+
+void mla_backward(Backend& be, const ModelDims& d, const MlaParams& p, const MlaParams& g, const RopeInput& r,
+                  const MlaActs& a, int64_t B, int64_t T, const Tensor& dout, const Tensor& dx,
+                  bool accumulate_dx) {
+  const int64_t N = B * T, nh = d.nh;
+  Tensor dattn = be.alloc(DType::F32, {N, nh, d.vd});
+  linear_backward(be, p.o_proj, g.o_proj, a.attn.reshape({N, nh * d.vd}), dout,
+                  dattn.reshape({N, nh * d.vd}), false);  // [N, nh·v]
+
+  Tensor dq = be.alloc(DType::F32, {N, nh, d.qk});
+  Tensor dk = be.alloc(DType::F32, {N, nh, d.qk});
+  Tensor dv = be.alloc(DType::F32, {N, nh, d.vd});
+  AttentionBackwardArgs at;
+  at.q = a.q.reshape({B, T, nh, d.qk});
+  at.k = a.k.reshape({B, T, nh, d.qk});
+  at.v = a.v.reshape({B, T, nh, d.vd});
+  at.out = a.attn.reshape({B, T, nh, d.vd});
+  at.lse = a.lse;
+  at.dout = dattn.reshape({B, T, nh, d.vd});
+  at.dq = dq.reshape({B, T, nh, d.qk});
+  at.dk = dk.reshape({B, T, nh, d.qk});
+  at.dv = dv.reshape({B, T, nh, d.vd});
+  at.scale = d.softmax_scale;
+  at.causal = true;
+  be.attention_backward(at);
+
+  // Keys/values back to kv_b_proj's output and to the shared k_pe (summed over heads).
+  Tensor dkv = be.alloc(DType::F32, {N, nh, d.nope + d.vd});
+  const Tensor dkv_rows = dkv.reshape({N * nh, d.nope + d.vd});
+  const Tensor dk_rows = dk.reshape({N * nh, d.qk});
+  copy_cols(be, dk_rows, 0, dkv_rows, 0, d.nope);
+  copy_cols(be, dv.reshape({N * nh, d.vd}), 0, dkv_rows, d.nope, d.vd);
+  Tensor dk_pe = be.alloc(DType::F32, {N, d.rope});
+  copy_cols(be, dk_rows, d.nope, dk_pe, 0, d.rope);  // Σ over heads
+  rope(be, r, dk_pe.reshape({N, 1, d.rope}), 0, d.rope, d.rope_interleaved, true);
+
+  Tensor dc_kv_n = be.alloc(DType::F32, {N, d.kv_lora});
+  linear_backward(be, p.kv_b_proj, g.kv_b_proj, a.c_kv_n, dkv.reshape({N, nh * (d.nope + d.vd)}), dc_kv_n,
+                  false);
+  Tensor c_kv = be.alloc(DType::F32, {N, d.kv_lora});
+  copy_cols(be, a.kv_a, 0, c_kv, 0, d.kv_lora);
+  Tensor dkv_a = be.alloc(DType::F32, {N, d.kv_lora + d.rope});
+  Tensor dc_kv = be.alloc(DType::F32, {N, d.kv_lora});
+  rmsnorm_backward(be, dc_kv_n, c_kv, p.kv_a_layernorm, a.c_kv_rstd, g.kv_a_layernorm, dc_kv, false);
+  copy_cols(be, dc_kv, 0, dkv_a, 0, d.kv_lora);
+  copy_cols(be, dk_pe, 0, dkv_a, d.kv_lora, d.rope);
+  linear_backward(be, p.kv_a_proj_with_mqa, g.kv_a_proj_with_mqa, a.x, dkv_a, dx, accumulate_dx);
+
+  // Queries: undo the rotation of q_pe, then the projections.
+  rope(be, r, dq, d.nope, d.rope, d.rope_interleaved, true);
+  const Tensor dq2 = dq.reshape({N, nh * d.qk});
+  if (d.q_lora > 0) {
+    Tensor dq_a_n = be.alloc(DType::F32, {N, d.q_lora});
+    linear_backward(be, p.q_b_proj, g.q_b_proj, a.q_a_n, dq2, dq_a_n, false);
+    rmsnorm_backward(be, dq_a_n, a.q_a, p.q_a_layernorm, a.q_a_rstd, g.q_a_layernorm, dq_a_n, false);
+    linear_backward(be, p.q_a_proj, g.q_a_proj, a.x, dq_a_n, dx, true);
+  } else {
+    linear_backward(be, p.q_proj, g.q_proj, a.x, dq2, dx, true);
+  }
 }
 
 }  // namespace dsv3

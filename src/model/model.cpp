@@ -1,7 +1,9 @@
 #include "model/model.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
+#include <map>
 #include <sstream>
 
 #include "model/module_ops.h"
@@ -209,6 +211,64 @@ ForwardOutput Model::forward(std::span<const int32_t> ids, int64_t B, int64_t T,
     }
   }
   return out;
+}
+
+Grads::Grads(const ModelConfig& c) {
+  std::map<std::string, Tensor> t;
+  for_each_tensor(c, [&](const TensorSpec& s) {
+    if (s.shared_with.empty()) t.emplace(s.name, Tensor::zeros(DType::F32, s.shape));
+  });
+  w = Weights::from_tensors(c, std::move(t), "gradients");
+  p = bind_params(w);
+}
+
+void Grads::zero() {
+  for (Param& q : w.params()) std::fill_n(q.w.data<float>(), q.w.numel(), 0.0f);
+}
+
+void Model::backward(const BackwardInput& in, Grads& g) {
+  const ModelDims& d = dims_;
+  const ModelActs& a = acts_;
+  const int64_t B = a.B, T = a.T, N = B * T, H = d.H;
+  if (a.layers.size() != params_.layers.size())
+    throw InternalError("Model::backward: the last forward did not keep its activations");
+  auto router_grad = [&](size_t layer) {
+    return layer < in.router_dlogits.size() ? in.router_dlogits[layer] : Tensor();
+  };
+  const size_t L = params_.layers.size();
+
+  // ∂L/∂h⁰: the main head, plus module 1's hnorm path. MTP modules run last to first, each handing
+  // ∂L/∂h^{k−1} to the one before.
+  Tensor dh0 = be_.alloc(DType::F32, {N, H});
+  linear_backward(be_, params_.lm_head, g.p.lm_head, a.h0, in.dlogits, dh0, false);  // [N, H]
+  Tensor dh_next;
+  for (size_t k = a.mtp.size(); k >= 1; --k) {
+    const MtpActs& ma = a.mtp[k - 1];
+    if (ma.S <= 0) continue;  // not run: T ≤ k
+    const bool in_loss = k - 1 < in.dmtp_logits.size() && present(in.dmtp_logits[k - 1]);
+    if (!in_loss && !present(dh_next)) continue;
+    Tensor dlog = in_loss ? in.dmtp_logits[k - 1] : be_.zeros(DType::F32, {B * ma.S, cfg_.vocab_size});
+    Tensor dprev = k == 1 ? dh0 : be_.zeros(DType::F32, {B * a.mtp[k - 2].S, H});
+    mtp_module_backward(be_, d, params_.mtp[k - 1], g.p.mtp[k - 1], g.p.embed_tokens, params_.lm_head,
+                        g.p.lm_head, rope_, ma, B, dlog, dh_next, router_grad(L + k - 1), dprev);
+    dh_next = dprev;
+  }
+
+  Tensor dx = be_.alloc(DType::F32, {N, H});
+  const Tensor& x_last = L ? a.layers[L - 1].out : a.emb;
+  modops::rmsnorm_backward(be_, dh0, x_last, params_.norm, a.final_rstd, g.p.norm, dx, false);
+  RopeInput rope{&rope_, a.positions};
+  Tensor dprev = be_.alloc(DType::F32, {N, H});
+  for (size_t l = L; l >= 1; --l) {
+    decoder_layer_backward(be_, d, params_.layers[l - 1], g.p.layers[l - 1], rope, a.layers[l - 1], B, T, dx,
+                           router_grad(l - 1), dprev);
+    std::swap(dx, dprev);
+  }
+  EmbeddingBackwardArgs eb;
+  eb.ids = a.ids;
+  eb.dout = dx;
+  eb.dtable = g.p.embed_tokens;
+  be_.embedding_backward(eb);
 }
 
 std::vector<int32_t> parse_token_ids(const std::string& text, int64_t vocab_size) {

@@ -144,6 +144,7 @@ struct MtpActs {
   LayerActs block;
   Tensor h;           // [B·S, H]   h^k (= block.out)
   Tensor head_rstd, head_n;  // shared_head.norm(h^k)
+  Tensor positions;   // [B·S] I32  0..S−1 per sequence (RoPE of the block)
 };
 struct ModelActs {
   int64_t B = 0, T = 0;
@@ -197,6 +198,49 @@ void mtp_module_forward(Backend& be, const ModelDims& d, const MtpParams& p, con
 // y = x·Wᵀ (+ bias) with the stored weight dtype.
 void linear_forward(Backend& be, const LinearParam& p, const Tensor& x, const Tensor& y, bool accumulate = false);
 
+// ---------------------------------------------------------------------------------------------
+// Backward (training). Gradients live in a second Weights of F32 zeros bound by the same tensor
+// table, so `Grads::p` has exactly the shape of ModelParams and every module backward reads its
+// parameters from `p` and accumulates its weight gradients into the matching views of `g`.
+// Shared copies (MTP embed/head, tied lm_head) resolve to the main gradient, as they do for weights.
+// e_score_correction_bias has a zero gradient that nothing writes (no gradient, DESIGN §3).
+struct Grads {
+  Weights w;       // F32 zeros, one tensor per parameter of the table
+  ModelParams p;   // views of w, structured as the model's parameters
+  explicit Grads(const ModelConfig& c);
+  void zero();
+  Tensor get(const std::string& name) const { return w.get(name).w; }
+};
+
+// Each module backward takes dout (∂L/∂ module output) and writes ∂L/∂ input into dx
+// (overwritten, or added when accumulate_dx), accumulating weight gradients into g.
+void linear_backward(Backend& be, const LinearParam& p, const LinearParam& g, const Tensor& x,
+                     const Tensor& dy, const Tensor& dx, bool accumulate_dx);
+void mla_backward(Backend& be, const ModelDims& d, const MlaParams& p, const MlaParams& g,
+                  const RopeInput& rope, const MlaActs& a, int64_t B, int64_t T, const Tensor& dout,
+                  const Tensor& dx, bool accumulate_dx);
+void mlp_backward(Backend& be, const MlpParams& p, const MlpParams& g, const MlpActs& a, const Tensor& dout,
+                  const Tensor& dx, bool accumulate_dx);
+// router_dlogits: an extra gradient on the gate logits [N, E] (the sequence-wise balance loss), optional.
+void moe_backward(Backend& be, const ModelDims& d, const MoeParams& p, const MoeParams& g, const MoeActs& a,
+                  const Tensor& dout, const Tensor& router_dlogits, const Tensor& dx, bool accumulate_dx);
+void decoder_layer_backward(Backend& be, const ModelDims& d, const LayerParams& p, const LayerParams& g,
+                            const RopeInput& rope, const LayerActs& a, int64_t B, int64_t T,
+                            const Tensor& dout, const Tensor& router_dlogits, const Tensor& dx);
+// MTP module k: dlogits [B·S, V]; dh_next = ∂L/∂h^k from module k+1 (optional). Adds ∂L/∂h^{k−1}
+// into dh_prev ([B·prev_len, H], accumulated) and the shared embedding/head gradients into g.
+void mtp_module_backward(Backend& be, const ModelDims& d, const MtpParams& p, const MtpParams& g,
+                         const Tensor& embed_grad, const LinearParam& head, const LinearParam& head_grad,
+                         const RopeTables& tables, const MtpActs& a, int64_t B, const Tensor& dlogits,
+                         const Tensor& dh_next, const Tensor& router_dlogits, const Tensor& dh_prev);
+
+// What the loss hands to Model::backward (all F32 on the backend).
+struct BackwardInput {
+  Tensor dlogits;                      // [B·T, V]
+  std::vector<Tensor> dmtp_logits;     // k = 1..D: [B·(T−k), V] (undefined: module k not in the loss)
+  std::vector<Tensor> router_dlogits;  // per layer index (main then MTP) [N, E], optional each
+};
+
 struct ForwardOptions {
   bool mtp = true;               // run the MTP modules (when the model has them)
   bool keep_activations = false;  // keep every layer's activations in Model::acts() (training)
@@ -219,6 +263,9 @@ class Model {
   const ModelParams& params() const { return params_; }
   Backend& backend() { return be_; }
   const ModelActs& acts() const { return acts_; }
+  // Gradients of every parameter for the activations of the last forward (keep_activations),
+  // accumulated into g (call g.zero() between optimizer steps).
+  void backward(const BackwardInput& in, Grads& g);
   // Rotary tables covering positions [0, n) (grown on demand).
   const RopeTables& rope_tables_for(int64_t n);
 

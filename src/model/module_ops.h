@@ -18,6 +18,21 @@ inline Tensor rmsnorm(Backend& be, const Tensor& x, const Tensor& w, float eps, 
   return y;
 }
 
+// dx (+)= ∂L/∂x of y = rmsnorm(x)·w; dw += Σ_rows dy·x·rstd. dx may alias dy.
+inline void rmsnorm_backward(Backend& be, const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
+                             const Tensor& dw, const Tensor& dx, bool accumulate_dx) {
+  RmsNormBackwardArgs a;
+  a.dy = dy;
+  a.x = x;
+  a.weight = w;
+  a.rstd = rstd;
+  a.dx = dx;
+  a.dweight = dw;
+  a.accumulate_dx = accumulate_dx;
+  a.accumulate_dweight = true;
+  be.rmsnorm_backward(a);
+}
+
 // a + b (F32, allocated).
 inline Tensor add(Backend& be, const Tensor& a, const Tensor& b) {
   Tensor out = be.alloc(DType::F32, a.shape());

@@ -9,6 +9,7 @@
 namespace dsv3 {
 using modops::add;
 using modops::rmsnorm;
+using modops::rmsnorm_backward;
 
 void mlp_forward(Backend& be, const MlpParams& p, const Tensor& x, MlpActs& a, bool accumulate_out) {
   const int64_t M = x.dim(0), I = p.gate_proj.w.dim(0), H = p.down_proj.w.dim(0);
@@ -131,6 +132,122 @@ void decoder_layer_forward(Backend& be, const ModelDims& d, const LayerParams& p
     mlp_forward(be, p.mlp, a.h2, a.mlp);
     a.out = add(be, a.x2, a.mlp.out);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward.
+
+void mlp_backward(Backend& be, const MlpParams& p, const MlpParams& g, const MlpActs& a, const Tensor& dout,
+                  const Tensor& dx, bool accumulate_dx) {
+  const int64_t M = a.x.dim(0), I = a.gate.dim(-1);
+  if (M == 0) return;
+  Tensor dact = be.alloc(DType::F32, {M, I});
+  linear_backward(be, p.down_proj, g.down_proj, a.act, dout, dact, false);  // [M, I]
+  SwigluBackwardArgs s;
+  s.dout = dact;
+  s.gate = a.gate;
+  s.up = a.up;
+  Tensor dup = be.alloc(DType::F32, {M, I});
+  s.dgate = dact;  // aliases dout (elementwise)
+  s.dup = dup;
+  be.swiglu_backward(s);
+  linear_backward(be, p.gate_proj, g.gate_proj, a.x, dact, dx, accumulate_dx);  // [M, H]
+  linear_backward(be, p.up_proj, g.up_proj, a.x, dup, dx, true);
+}
+
+void moe_backward(Backend& be, const ModelDims& d, const MoeParams& p, const MoeParams& g, const MoeActs& a,
+                  const Tensor& dout, const Tensor& router_dlogits, const Tensor& dx, bool accumulate_dx) {
+  const int64_t N = a.x.dim(0), E = d.n_experts, k = d.top_k, H = d.H;
+  if (!accumulate_dx) {
+    FillArgs f;
+    f.x = dx;
+    be.fill(f);
+  }
+  if (p.has_shared) mlp_backward(be, p.shared_experts, g.shared_experts, a.shared, dout, dx, true);
+
+  // Combine: routed[token[r]] += w[r]·expert_out[r]  →  d expert_out and d w (sorted order).
+  const MlpActs& m = a.routed;
+  Tensor dm_out = be.alloc(DType::F32, {N * k, H});
+  Tensor dsorted_w = be.alloc(DType::F32, {N * k});
+  ScatterAddRowsBackwardArgs sb;
+  sb.dout = dout;
+  sb.src = m.out;
+  sb.idx = a.token;
+  sb.weight = a.sorted_weights.reshape({N * k});
+  sb.dsrc = dm_out;
+  sb.dweight = dsorted_w;
+  be.scatter_add_rows_backward(sb);
+  // Back to [N, k] order: dweights[pick[r]] = dsorted_w[r] (pick is a permutation).
+  Tensor dweights = be.zeros(DType::F32, {N, k});
+  ScatterAddRowsArgs sw;
+  sw.src = dsorted_w.reshape({N * k, 1});
+  sw.idx = a.pick;
+  sw.out = dweights.reshape({N * k, 1});
+  be.scatter_add_rows(sw);
+
+  // Each expert on its rows, then the gather's backward: dx[token[r]] += dm_x[r].
+  Tensor dm_x = be.alloc(DType::F32, {N * k, H});
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t r0 = a.offsets[size_t(e)], r1 = a.offsets[size_t(e + 1)];
+    if (r0 == r1) continue;
+    MlpActs ea;
+    ea.x = m.x.rows(r0, r1);
+    ea.gate = m.gate.rows(r0, r1);
+    ea.up = m.up.rows(r0, r1);
+    ea.act = m.act.rows(r0, r1);
+    mlp_backward(be, p.experts[size_t(e)], g.experts[size_t(e)], ea, dm_out.rows(r0, r1), dm_x.rows(r0, r1),
+                 false);
+  }
+  ScatterAddRowsArgs sx;
+  sx.src = dm_x;
+  sx.idx = a.token;
+  sx.out = dx;
+  be.scatter_add_rows(sx);
+
+  // Router: the gradient reaches the gate logits through the unbiased scores of the picks.
+  Tensor dlogits = be.alloc(DType::F32, {N, E});
+  RouterBackwardArgs rb;
+  rb.scores = a.scores;
+  rb.ids = a.ids;
+  rb.dweights = dweights;
+  rb.scoring = d.scoring;
+  rb.norm_topk_prob = d.norm_topk_prob;
+  rb.routed_scaling_factor = d.routed_scaling_factor;
+  rb.dlogits = dlogits;
+  be.router_backward(rb);
+  if (present(router_dlogits)) {
+    AddArgs ad;
+    ad.a = dlogits;
+    ad.b = router_dlogits;
+    ad.out = dlogits;
+    be.add(ad);
+  }
+  linear_backward(be, p.gate, g.gate, a.x, dlogits, dx, true);
+}
+
+void decoder_layer_backward(Backend& be, const ModelDims& d, const LayerParams& p, const LayerParams& g,
+                            const RopeInput& rope, const LayerActs& a, int64_t B, int64_t T,
+                            const Tensor& dout, const Tensor& router_dlogits, const Tensor& dx) {
+  const int64_t N = B * T, H = d.H;
+  // out = x2 + ffn(norm2(x2)): dx2 = dout + norm2ᵀ(ffnᵀ(dout)).
+  Tensor dh2 = be.alloc(DType::F32, {N, H});
+  if (p.is_moe)
+    moe_backward(be, d, p.moe, g.moe, a.moe, dout, router_dlogits, dh2, false);
+  else
+    mlp_backward(be, p.mlp, g.mlp, a.mlp, dout, dh2, false);
+  Tensor dx2 = be.alloc(DType::F32, {N, H});
+  CopyArgs c;
+  c.src = dout;
+  c.dst = dx2;
+  be.copy(c);
+  rmsnorm_backward(be, dh2, a.x2, p.post_attention_layernorm, a.rstd2, g.post_attention_layernorm, dx2, true);
+  // x2 = x + attn(norm1(x)).
+  Tensor dh1 = be.alloc(DType::F32, {N, H});
+  mla_backward(be, d, p.attn, g.attn, rope, a.attn, B, T, dx2, dh1, false);
+  c.src = dx2;
+  c.dst = dx;
+  be.copy(c);
+  rmsnorm_backward(be, dh1, a.x, p.input_layernorm, a.rstd1, g.input_layernorm, dx, true);
 }
 
 }  // namespace dsv3

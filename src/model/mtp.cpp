@@ -11,6 +11,7 @@ namespace dsv3 {
 using modops::copy_cols;
 using modops::i32_tensor;
 using modops::rmsnorm;
+using modops::rmsnorm_backward;
 
 void mtp_module_forward(Backend& be, const ModelDims& d, const MtpParams& p, const Tensor& embed_tokens,
                         const LinearParam& head, const RopeTables& tables, std::span<const int32_t> ids,
@@ -28,7 +29,8 @@ void mtp_module_forward(Backend& be, const ModelDims& d, const MtpParams& p, con
     }
   a.ids = i32_tensor(be, tok);     // [B·S]
   a.h_idx = i32_tensor(be, hrow);  // [B·S]
-  RopeInput rope{&tables, i32_tensor(be, pos)};
+  a.positions = i32_tensor(be, pos);
+  RopeInput rope{&tables, a.positions};
 
   a.emb = be.alloc(DType::F32, {B * S, H});
   EmbeddingArgs e;
@@ -51,6 +53,46 @@ void mtp_module_forward(Backend& be, const ModelDims& d, const MtpParams& p, con
   a.head_n = rmsnorm(be, a.h, p.shared_head_norm, d.eps, a.head_rstd);        // [B·S, H]
   logits = be.alloc(DType::F32, {B * S, V});
   linear_forward(be, head, a.head_n, logits);                                 // [B·S, V]
+}
+
+void mtp_module_backward(Backend& be, const ModelDims& d, const MtpParams& p, const MtpParams& g,
+                         const Tensor& embed_grad, const LinearParam& head, const LinearParam& head_grad,
+                         const RopeTables& tables, const MtpActs& a, int64_t B, const Tensor& dlogits,
+                         const Tensor& dh_next, const Tensor& router_dlogits, const Tensor& dh_prev) {
+  const int64_t S = a.S, H = d.H, M = B * S;
+  Tensor dhead_n = be.alloc(DType::F32, {M, H});
+  linear_backward(be, head, head_grad, a.head_n, dlogits, dhead_n, false);  // [M, H]
+  // h^k feeds shared_head.norm and (through hnorm) module k+1.
+  Tensor dh = be.alloc(DType::F32, {M, H});
+  if (present(dh_next)) {
+    CopyArgs c;
+    c.src = dh_next;
+    c.dst = dh;
+    be.copy(c);
+  }
+  rmsnorm_backward(be, dhead_n, a.h, p.shared_head_norm, a.head_rstd, g.shared_head_norm, dh, present(dh_next));
+
+  Tensor dx = be.alloc(DType::F32, {M, H});
+  const RopeInput rope{&tables, a.positions};
+  decoder_layer_backward(be, d, p.block, g.block, rope, a.block, B, S, dh, router_dlogits, dx);
+
+  Tensor dcat = be.alloc(DType::F32, {M, 2 * H});
+  linear_backward(be, p.eh_proj, g.eh_proj, a.cat, dx, dcat, false);  // [M, 2H]
+  Tensor de_n = be.alloc(DType::F32, {M, H}), dh_n = be.alloc(DType::F32, {M, H});
+  copy_cols(be, dcat, 0, de_n, 0, H);
+  copy_cols(be, dcat, H, dh_n, 0, H);
+  rmsnorm_backward(be, de_n, a.emb, p.enorm, a.e_rstd, g.enorm, de_n, false);
+  EmbeddingBackwardArgs eb;
+  eb.ids = a.ids;
+  eb.dout = de_n;
+  eb.dtable = embed_grad;
+  be.embedding_backward(eb);
+  rmsnorm_backward(be, dh_n, a.h_prev, p.hnorm, a.h_rstd, g.hnorm, dh_n, false);
+  ScatterAddRowsArgs sc;  // h_prev rows were gathered from h^{k−1}
+  sc.src = dh_n;
+  sc.idx = a.h_idx;
+  sc.out = dh_prev;
+  be.scatter_add_rows(sc);
 }
 
 }  // namespace dsv3
