@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "backend/cpu/cpu_backend.h"
 #include "core/threads.h"
 #include "model/weights.h"
 
@@ -40,77 +41,57 @@ void mla_absorbed_attention(const LatentKvPool& pool, int64_t layer, const std::
   const float scale = d.softmax_scale;
   const bool direct = pool.dtype() == DType::F32;
 
-  // One task per (row, head): each reads its sequence's cached rows block by block. Small steps
-  // stay on one thread (a parallel region costs more than they do).
+  // Queries in cache-row form: qcat[r, h] = [W_UK[h]ᵀ·q_nope[r, h] ; q_pe[r, h]]  [N, nh, W].
+  std::vector<float> qcat(static_cast<size_t>(N * nh * W));
+  for (int64_t h = 0; h < nh; ++h)
+    cpu::sgemm(false, false, N, R, d.nope, 1.0f, qd + h * d.qk, nh * d.qk, wuk + h * d.nope * R, R, 0.0f,
+               qcat.data() + h * W, nh * W);
+  for (int64_t i = 0; i < N * nh; ++i)
+    std::memcpy(qcat.data() + i * W + R, qd + i * d.qk + d.nope, size_t(P) * sizeof(float));
+
+  // Per (row, group of heads): scores = scale·qcat·Cᵀ over the sequence's blocks, softmax, then
+  // lat = P·C[:, :R]. Groups split the heads when there are fewer rows than threads (batch 1).
+  std::vector<float> lat(static_cast<size_t>(N * nh * R));
+  const int64_t T = num_threads(), splits = N >= T ? 1 : std::min(nh, (T + N - 1) / N);
+  const int64_t G = (nh + splits - 1) / splits, groups = (nh + G - 1) / G;
   int64_t work = 0;
-  for (int64_t r = 0; r < N; ++r) work += (rows.pos[size_t(r)] + 1) * W + d.nope * R + d.vd * R;
-  work *= nh;
-#pragma omp parallel num_threads(num_threads()) if (work > (int64_t(1) << 16))
+  for (int64_t r = 0; r < N; ++r) work += (rows.pos[size_t(r)] + 1) * W * nh;
+#pragma omp parallel num_threads(int(T)) if (work > (int64_t(1) << 16) && N * groups > 1)
   {
-    std::vector<float> qlat(static_cast<size_t>(R)), lat(static_cast<size_t>(R)), scores;
-    std::vector<float> buf(direct ? 0 : static_cast<size_t>(bs * W));
+    std::vector<float> scores, buf(direct ? 0 : static_cast<size_t>(bs * W));
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < N * nh; ++task) {
-      const int64_t r = task / nh, h = task % nh;
+    for (int64_t task = 0; task < N * groups; ++task) {
+      const int64_t r = task / groups, h0 = (task % groups) * G, hn = std::min(G, nh - h0);
       const BlockTable& t = *tables[size_t(rows.seq[size_t(r)])];
-      const int64_t S = rows.pos[size_t(r)] + 1;
-      const float* qn = qd + (r * nh + h) * d.qk;
-      const float* qp = qn + d.nope;
-      // q_lat = W_UK[h]ᵀ · q_nope  [R]
-      std::fill(qlat.begin(), qlat.end(), 0.0f);
-      for (int64_t i = 0; i < d.nope; ++i) {
-        const float a = qn[i];
-        const float* wr = wuk + (h * d.nope + i) * R;
-        for (int64_t c = 0; c < R; ++c) qlat[size_t(c)] += a * wr[c];
-      }
-      scores.resize(size_t(S));
-      auto rows_of = [&](int64_t b, int64_t n) -> const float* {
+      const int64_t S = rows.pos[size_t(r)] + 1, nb = (S + bs - 1) / bs;
+      scores.resize(static_cast<size_t>(hn * S));
+      auto rows_of = [&](int64_t b) -> const float* {
         if (direct) return pool.block_rows_f32(t.blocks[size_t(b)], layer);
-        pool.read_rows(t, layer, b * bs, n, buf.data());
+        pool.read_rows(t, layer, b * bs, std::min(bs, S - b * bs), buf.data());
         return buf.data();
       };
-      float mx = -INFINITY;
-      for (int64_t b = 0; b * bs < S; ++b) {
-        const int64_t n = std::min(bs, S - b * bs);
-        const float* cr = rows_of(b, n);
-        for (int64_t j = 0; j < n; ++j) {
-          const float* row = cr + j * W;
-          float s = 0.0f;
-          for (int64_t c = 0; c < R; ++c) s += qlat[size_t(c)] * row[c];
-          float sp = 0.0f;
-          for (int64_t c = 0; c < P; ++c) sp += qp[c] * row[R + c];
-          const float v = (s + sp) * scale;
-          scores[size_t(b * bs + j)] = v;
-          mx = std::max(mx, v);
-        }
+      const float* qr = qcat.data() + (r * nh + h0) * W;
+      for (int64_t b = 0; b < nb; ++b)
+        cpu::sgemm(false, true, hn, std::min(bs, S - b * bs), W, scale, qr, W, rows_of(b), W, 0.0f,
+                   scores.data() + b * bs, S);
+      for (int64_t h = 0; h < hn; ++h) {
+        float* s = scores.data() + h * S;
+        const float mx = *std::max_element(s, s + S);
+        double sum = 0.0;
+        for (int64_t j = 0; j < S; ++j) sum += s[j] = std::exp(s[j] - mx);
+        const float inv = float(1.0 / sum);
+        for (int64_t j = 0; j < S; ++j) s[j] *= inv;
       }
-      double sum = 0.0;
-      for (int64_t j = 0; j < S; ++j) {
-        const float e = std::exp(scores[size_t(j)] - mx);
-        scores[size_t(j)] = e;
-        sum += e;
-      }
-      const float inv = float(1.0 / sum);
-      std::fill(lat.begin(), lat.end(), 0.0f);
-      for (int64_t b = 0; b * bs < S; ++b) {
-        const int64_t n = std::min(bs, S - b * bs);
-        const float* cr = rows_of(b, n);
-        for (int64_t j = 0; j < n; ++j) {
-          const float p = scores[size_t(b * bs + j)] * inv;
-          const float* row = cr + j * W;
-          for (int64_t c = 0; c < R; ++c) lat[size_t(c)] += p * row[c];
-        }
-      }
-      // o[h] = W_UV[h] · lat  [vd]
-      float* o = od + (r * nh + h) * d.vd;
-      for (int64_t e = 0; e < d.vd; ++e) {
-        const float* wr = wuv + (h * d.vd + e) * R;
-        float s = 0.0f;
-        for (int64_t c = 0; c < R; ++c) s += wr[c] * lat[size_t(c)];
-        o[e] = s;
-      }
+      float* lr = lat.data() + (r * nh + h0) * R;
+      for (int64_t b = 0; b < nb; ++b)
+        cpu::sgemm(false, false, hn, R, std::min(bs, S - b * bs), 1.0f, scores.data() + b * bs, S, rows_of(b), W,
+                   b == 0 ? 0.0f : 1.0f, lr, R);
     }
   }
+  // o[r, h] = W_UV[h]·lat[r, h]  [N, nh, vd]
+  for (int64_t h = 0; h < nh; ++h)
+    cpu::sgemm(false, true, N, d.vd, R, 1.0f, lat.data() + h * R, nh * R, wuv + h * d.vd * R, R, 0.0f,
+               od + h * d.vd, nh * d.vd);
 }
 
 void LatentAttention::attend(int64_t layer, const MlaParams&, const StepRows& rows, const Tensor& q,

@@ -1,0 +1,193 @@
+// Decode speed of the absorbed latent-cache path against the plain per-head K/V path, in the same
+// run on the same weights: tok/s at batch 1 and 16, at two cache depths, for the tiny and
+// bench-0.7b presets (random weights; speed does not depend on the values). Cache rows before the
+// depth are filled with random values instead of a prefill (as llama-bench's -d measures at a
+// depth; only the decode steps are timed). Bytes per token of both caches. Then MTP speculative
+// decoding at batch 1 through the engine (greedy, output checked equal to plain decoding):
+// acceptance per draft position and the speed-up over the same engine without drafts.
+//
+//   dsv3_bench_decode [--quick] [--spec-model DIR] [--threads N]
+// Writes bench/results/decode.json.
+#include <cstdio>
+#include <cstring>
+#include <string>
+
+#include "common/bench_util.h"
+#include "core/rng.h"
+#include "core/threads.h"
+#include "infer/engine.h"
+#include "model/presets.h"
+
+using namespace dsv3;
+using bench::now_s;
+
+namespace {
+
+struct Result {
+  double absorbed_tps = 0, plain_tps = 0;
+};
+
+// B sequences at depth `depth`, `steps` greedy decode steps through the runner with the given cache.
+double decode_tps(ModelRunner& runner, AttentionCache& cache, int64_t B, int64_t depth, int64_t steps) {
+  const int64_t V = runner.config().vocab_size;
+  std::vector<int32_t> toks(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) toks[size_t(b)] = int32_t((b * 131 + 7) % V);
+  double t0 = 0;
+  for (int64_t s = 0; s <= steps; ++s) {
+    if (s == 1) t0 = now_s();  // step 0 is warm-up
+    StepRows rows;
+    std::vector<int32_t> lr;
+    for (int64_t b = 0; b < B; ++b) {
+      rows.seq.push_back(int32_t(b));
+      rows.pos.push_back(depth + s);
+      lr.push_back(int32_t(b));
+    }
+    auto o = runner.forward(cache, rows, toks, lr);
+    for (int64_t b = 0; b < B; ++b) {
+      const float* l = o.logits.data<float>() + b * V;
+      toks[size_t(b)] = int32_t(std::max_element(l, l + V) - l);
+    }
+  }
+  return double(B * steps) / (now_s() - t0);
+}
+
+Result measure(ModelRunner& runner, int64_t B, int64_t depth, int64_t steps, uint64_t* latent_bpt, uint64_t* plain_bpt) {
+  const ModelConfig& c = runner.config();
+  const ModelDims& d = runner.dims();
+  const int64_t L = c.num_hidden_layers, W = d.kv_lora + d.rope, total = depth + steps + 1;
+  Result r;
+  {
+    KvCacheOptions o;
+    o.block_size = 64;
+    LatentKvPool probe(L, d.kv_lora, d.rope, KvCacheOptions{64, uint64_t(1) << 30, DType::F32});
+    o.budget_bytes = probe.bytes_per_token() * uint64_t(B * ((total + 63) / 64) * 64);
+    LatentKvPool pool(L, d.kv_lora, d.rope, o);
+    *latent_bpt = pool.bytes_per_token();
+    std::vector<BlockTable> tables(static_cast<size_t>(B));
+    LatentAttention cache(pool, runner.absorbed(), d);
+    std::vector<float> row(static_cast<size_t>(W));
+    for (int64_t b = 0; b < B; ++b) {
+      pool.reserve(tables[size_t(b)], total);
+      cache.tables.push_back(&tables[size_t(b)]);
+      for (int64_t l = 0; l < L; ++l)
+        for (int64_t p = 0; p < depth; ++p) {
+          for (int64_t i = 0; i < W; ++i) row[size_t(i)] = rng_normal(uint64_t(b), uint64_t(l * 1000003 + p), uint64_t(i));
+          pool.write(tables[size_t(b)], l, p, row.data(), row.data() + d.kv_lora);
+        }
+    }
+    r.absorbed_tps = decode_tps(runner, cache, B, depth, steps);
+  }
+  {
+    PlainAttention cache(cpu_backend(), d, L);
+    *plain_bpt = cache.bytes_per_token();
+    std::vector<PlainSeqCache> seqs(static_cast<size_t>(B));
+    for (int64_t b = 0; b < B; ++b) {
+      PlainSeqCache& s = seqs[size_t(b)];
+      s.k.resize(size_t(L));
+      s.v.resize(size_t(L));
+      for (int64_t l = 0; l < L; ++l) {
+        s.k[size_t(l)].resize(size_t(total * d.nh * d.qk));
+        s.v[size_t(l)].resize(size_t(total * d.nh * d.vd));
+        for (size_t i = 0; i < size_t(depth * d.nh * d.qk); ++i) s.k[size_t(l)][i] = rng_normal(uint64_t(b), uint64_t(l), i);
+        for (size_t i = 0; i < size_t(depth * d.nh * d.vd); ++i) s.v[size_t(l)][i] = rng_normal(uint64_t(b), uint64_t(l + 999), i);
+      }
+      cache.seqs.push_back(&s);
+    }
+    r.plain_tps = decode_tps(runner, cache, B, depth, steps);
+  }
+  return r;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bool quick = false;
+  std::string spec_model;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--quick")) quick = true;
+    else if (!std::strcmp(argv[i], "--spec-model") && i + 1 < argc) spec_model = argv[++i];
+    else if (!std::strcmp(argv[i], "--threads") && i + 1 < argc) set_num_threads(std::atoi(argv[++i]));
+    else {
+      std::fprintf(stderr, "usage: %s [--quick] [--spec-model DIR] [--threads N]\n", argv[0]);
+      return 2;
+    }
+  }
+  nlohmann::json out;
+  out["threads"] = num_threads();
+  out["decode"] = nlohmann::json::array();
+  std::printf("| preset | batch | depth | absorbed tok/s | plain tok/s | speed-up | latent B/token | plain B/token | ratio |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|\n");
+  struct P {
+    const char* name;
+    std::vector<int64_t> depths;
+    int64_t steps;
+  };
+  std::vector<P> presets = {{"tiny", {128, 448}, 16}, {"bench-0.7b", {128, 512}, 4}};
+  if (quick) presets = {{"tiny", {64}, 4}};
+  for (const P& p : presets) {
+    const ModelConfig c = preset_config(p.name);
+    Weights w = Weights::random(c, 1);
+    ModelRunner runner(w);
+    for (int64_t B : {int64_t(1), int64_t(16)})
+      for (int64_t depth : p.depths) {
+        uint64_t lb = 0, pb = 0;
+        const Result r = measure(runner, B, depth, p.steps, &lb, &pb);
+        std::printf("| %s | %lld | %lld | %.1f | %.1f | %.2fx | %llu | %llu | %.1fx |\n", p.name, (long long)B,
+                    (long long)depth, r.absorbed_tps, r.plain_tps, r.absorbed_tps / r.plain_tps,
+                    (unsigned long long)lb, (unsigned long long)pb, double(pb) / double(lb));
+        std::fflush(stdout);
+        out["decode"].push_back({{"preset", p.name}, {"batch", B}, {"depth", depth}, {"steps", p.steps},
+                                 {"absorbed_tok_s", r.absorbed_tps}, {"plain_tok_s", r.plain_tps},
+                                 {"latent_cache_bytes_per_token", lb}, {"plain_cache_bytes_per_token", pb}});
+      }
+  }
+
+  // Speculative decoding at batch 1 through the engine.
+  Weights w = spec_model.empty() ? Weights::random(preset_config("tiny"), 1) : Weights::load(spec_model);
+  const std::string model_name = spec_model.empty() ? "tiny (random weights, untrained)" : spec_model;
+  const int64_t n_gen = quick ? 16 : 96;
+  auto gen = [&](int mtp, EngineStats* st, double* secs) {
+    EngineOptions o;
+    o.draft_tokens = mtp;
+    Engine eng(w, o);
+    Request r;
+    r.prompt = {0, 17, 42, 99, 7, 256, 31, 12};
+    r.max_tokens = n_gen;
+    eng.add(r);
+    std::vector<int32_t> toks;
+    eng.step();  // prefill (not timed)
+    const double t0 = now_s();
+    while (eng.has_work())
+      for (const SeqEvent& e : eng.step()) toks.insert(toks.end(), e.tokens.begin(), e.tokens.end());
+    *secs = now_s() - t0;
+    *st = eng.stats();
+    return toks;
+  };
+  EngineStats s0, s1;
+  double t_plain = 0, t_spec = 0;
+  const auto base = gen(0, &s0, &t_plain);
+  out["speculative"] = nlohmann::json::array();
+  std::printf("\nMTP speculative decoding, batch 1, greedy, %lld tokens, model %s\n", (long long)n_gen, model_name.c_str());
+  std::printf("| drafts | tok/s | plain tok/s | speed-up | tokens/verification | acceptance per position | output == plain |\n");
+  std::printf("|---|---|---|---|---|---|---|\n");
+  for (int mtp : {1, 2, 3}) {
+    const auto spec = gen(mtp, &s1, &t_spec);
+    std::string acc;
+    nlohmann::json rates = nlohmann::json::array();
+    for (size_t i = 0; i < s1.spec.proposed.size(); ++i) {
+      char b[64];
+      std::snprintf(b, sizeof b, "%s%.1f%%", i ? " / " : "", 100 * s1.spec.rate(i));
+      acc += b;
+      rates.push_back(s1.spec.rate(i));
+    }
+    const double tps = double(spec.size() - 1) / t_spec, tps0 = double(base.size() - 1) / t_plain;
+    std::printf("| %d | %.1f | %.1f | %.2fx | %.2f | %s | %s |\n", mtp, tps, tps0, tps / tps0,
+                s1.spec.tokens_per_round(), acc.c_str(), spec == base ? "yes" : "NO");
+    out["speculative"].push_back({{"model", model_name}, {"draft_tokens", mtp}, {"tok_s", tps}, {"plain_tok_s", tps0},
+                                  {"speedup", tps / tps0}, {"tokens_per_verification", s1.spec.tokens_per_round()},
+                                  {"acceptance_per_position", rates}, {"greedy_output_identical", spec == base}});
+  }
+  const std::string path = bench::write_result("decode", out);
+  std::printf("\nwrote %s\n", path.c_str());
+  return 0;
+}
