@@ -114,7 +114,8 @@ std::vector<std::string> fixture_dirs() {
 
 TEST(ForwardFixtures, MatchHuggingFace) {
   const auto dirs = fixture_dirs();
-  if (dirs.empty()) GTEST_SKIP() << "no fixtures under tests/data/fixtures";
+  // tools/gen_fixtures.py writes six (four V3, two V2); they are committed, so fewer is a failure.
+  ASSERT_GE(dirs.size(), 6u) << "fixtures missing under tests/data/fixtures";
   for (const std::string& dir : dirs) {
     SCOPED_TRACE(dir);
     Weights w = Weights::load(dir);
@@ -127,6 +128,8 @@ TEST(ForwardFixtures, MatchHuggingFace) {
     const double e = rel_err(out.logits, exp.tensor("logits"));
     std::printf("  %-32s logits rel err %.3e\n", fs::path(dir).filename().c_str(), e);
     EXPECT_LE(e, 1e-4) << "logits";
+    ASSERT_NE(exp.find("hidden_final"), nullptr);
+    EXPECT_LE(rel_err(m.acts().h0, exp.tensor("hidden_final")), 1e-4) << "h0 (after model.norm)";
     const int64_t D = w.config().num_nextn_predict_layers;
     ASSERT_EQ(int64_t(out.mtp_logits.size()), D);
     for (int64_t k = 1; k <= D; ++k) {
