@@ -3,10 +3,12 @@
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "core/error.h"
 #include "io/tokenizer.h"
 #include "io/tokenizer_bpe.h"
+#include "io/tokenizer_corpus.h"
 #include "oracle_util.h"
 
 namespace dsv3 {
@@ -262,6 +264,27 @@ TEST_F(DeepSeekV3, InvalidUtf8RoundTrips) {
   std::string all;
   for (int b = 0; b < 256; ++b) all += char(b);
   EXPECT_EQ(tok_->decode(tok_->encode(all + all, false)), all + all);
+}
+
+TEST_F(DeepSeekV3, ConcurrentEncodesAgree) {
+  // encode() is const and shared between threads (the pre-token cache is locked, PCRE2 scratch
+  // is per thread): four threads on the same samples must give the single-thread ids.
+  TokenizerCorpusOptions opt;
+  opt.source_dir = DSV3_SOURCE_DIR;
+  opt.min_bytes = 128 << 10;
+  opt.seed = 5;
+  std::vector<std::string> c = make_tokenizer_corpus(opt);
+  std::vector<std::vector<int32_t>> want(c.size());
+  for (size_t i = 0; i < c.size(); ++i) want[i] = tok_->encode(c[i], false);
+  Tokenizer fresh = Tokenizer::load(test::npm_tokenizer("deepseek_v3"));  // empty cache
+  std::vector<std::vector<std::vector<int32_t>>> got(4, std::vector<std::vector<int32_t>>(c.size()));
+  std::vector<std::thread> th;
+  for (size_t t = 0; t < 4; ++t)
+    th.emplace_back([&, t] {
+      for (size_t i = 0; i < c.size(); ++i) got[t][(i + t * 7) % c.size()] = fresh.encode(c[(i + t * 7) % c.size()], false);
+    });
+  for (auto& x : th) x.join();
+  for (size_t t = 0; t < 4; ++t) EXPECT_EQ(got[t], want) << "thread " << t;
 }
 
 TEST_F(DeepSeekV3, MegabyteWithoutSpacesRoundTrips) {
