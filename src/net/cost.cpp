@@ -84,7 +84,8 @@ CostRow cost_row(const TopoSpec& s, const CostPreset& p) {
     case TopoKind::DF: r.params = cat("k=", s.radix, " p=", c.df_p, " a=", c.df_a, " h=", c.df_h, " g=", c.df_g); break;
     default: r.params = cat("k=", s.radix);
   }
-  double usd = c.switches * p.switch_usd + c.links * p.link_usd + c.endpoints * p.endpoint_usd;
+  double usd = c.switches * p.switch_usd * s.radix / p.switch_ref_radix + c.links * p.link_usd +
+               c.endpoints * p.endpoint_usd;
   r.cost_musd = usd / 1e6;
   r.cost_per_endpoint_kusd = c.endpoints ? usd / c.endpoints / 1e3 : 0;
   return r;

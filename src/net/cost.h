@@ -17,6 +17,9 @@ namespace dsv3::net {
 struct CostPreset {
   std::string name, description;
   double switch_usd = 0, link_usd = 0, endpoint_usd = 0;
+  // Switch price scales with the port count (constant price per port): a switch of radix k costs
+  // switch_usd × k / switch_ref_radix. The fit only sees 64-port switches.
+  int switch_ref_radix = 64;
 };
 
 // "isca25" only (see docs/network.md for why the Slim Fly §VI preset is not offered).

@@ -212,41 +212,74 @@ SimResult simulate_fluid(const FlowSet& fs, const std::vector<double>& cap, cons
   std::vector<int32_t> map(cap.size(), -1);
 #pragma omp for schedule(dynamic, 1)
   for (size_t ci = 0; ci < comps.size(); ++ci) {
-    Component c(fs, cap, map, std::move(comps[ci]));
-    const size_t F = c.flows.size();
-    std::vector<double> remaining(F), rate(F, 0.0);
-    std::vector<uint8_t> active(F, 0);
-    size_t left = 0;
-    for (size_t i = 0; i < F; ++i) {
-      remaining[i] = fs.size[c.flows[i]];
-      if (remaining[i] > 0) active[i] = 1, ++left;
-    }
-    double t = 0;
-    while (left) {
-      rounds += c.solve(active, rate);
-      ++solves;
-      double dt = inf;
-      for (size_t i = 0; i < F; ++i)
-        if (active[i] && rate[i] > 0) dt = std::min(dt, remaining[i] / rate[i]);
-      if (dt == inf) {  // every remaining flow crosses a failed link
-        for (size_t i = 0; i < F; ++i)
-          if (active[i]) res.finish[c.flows[i]] = inf, ++stalled;
-        break;
-      }
-      ++events;
-      double t_next = t + dt, cut = t_next + o.batch_tol * t_next;
-      for (size_t i = 0; i < F; ++i) {
-        if (!active[i]) continue;
-        double tf = rate[i] > 0 ? t + remaining[i] / rate[i] : inf;
-        if (tf <= cut) {
-          res.finish[c.flows[i]] = tf;
-          active[i] = 0;
-          --left;
-        } else {
-          remaining[i] -= rate[i] * dt;
+    // Lower bound of this component: its most loaded link's bytes / capacity. The batching window
+    // is batch_tol × max(now, bound), so a component needs at most about 1/batch_tol re-solves
+    // after its bound has passed, however spread its flow sizes are.
+    double bound = 0;
+    {
+      std::vector<double> load;
+      std::vector<int32_t> ls;
+      for (int32_t g : comps[ci])
+        for (uint64_t e = fs.off[g]; e < fs.off[g + 1]; ++e) {
+          int32_t l = fs.link[e];
+          if (map[l] < 0) map[l] = (int32_t)ls.size(), ls.push_back(l), load.push_back(0);
+          load[map[l]] += fs.size[g] * fs.coef_at(e);
         }
+      for (size_t i = 0; i < ls.size(); ++i) {
+        if (cap[ls[i]] > 0) bound = std::max(bound, load[i] / cap[ls[i]]);
+        map[ls[i]] = -1;
       }
-      t = t_next;
+    }
+    std::vector<int32_t> ids;
+    std::vector<double> remaining;
+    for (int32_t g : comps[ci])
+      if (fs.size[g] > 0) ids.push_back(g), remaining.push_back(fs.size[g]);
+    comps[ci].clear();
+    comps[ci].shrink_to_fit();
+    double t = 0;
+    // Rebuild the incidence lists over the flows still running whenever half of them finished, so
+    // late re-solves cost what is left, not what was there.
+    while (!ids.empty()) {
+      Component c(fs, cap, map, ids);
+      const size_t F = c.flows.size();
+      std::vector<double> rate(F, 0.0);
+      std::vector<uint8_t> active(F, 1);
+      size_t left = F;
+      bool stall = false;
+      while (left && left * 2 > F) {
+        rounds += c.solve(active, rate);
+        ++solves;
+        double dt = inf;
+        for (size_t i = 0; i < F; ++i)
+          if (active[i] && rate[i] > 0) dt = std::min(dt, remaining[i] / rate[i]);
+        if (dt == inf) {  // every remaining flow crosses a failed link
+          for (size_t i = 0; i < F; ++i)
+            if (active[i]) res.finish[c.flows[i]] = inf, ++stalled;
+          stall = true;
+          break;
+        }
+        ++events;
+        double t_next = t + dt, cut = t_next + o.batch_tol * std::max(t_next, bound);
+        for (size_t i = 0; i < F; ++i) {
+          if (!active[i]) continue;
+          double tf = rate[i] > 0 ? t + remaining[i] / rate[i] : inf;
+          if (tf <= cut) {
+            res.finish[c.flows[i]] = tf;
+            active[i] = 0;
+            --left;
+          } else {
+            remaining[i] -= rate[i] * dt;
+          }
+        }
+        t = t_next;
+      }
+      if (stall) break;
+      std::vector<int32_t> next;
+      std::vector<double> rem2;
+      for (size_t i = 0; i < F; ++i)
+        if (active[i]) next.push_back(c.flows[i]), rem2.push_back(remaining[i]);
+      ids.swap(next);
+      remaining.swap(rem2);
     }
   }
   }

@@ -40,8 +40,9 @@ struct MaxMinStats {
 std::vector<double> max_min_rates(const FlowSet& fs, const std::vector<double>& cap, MaxMinStats* st = nullptr);
 
 struct SimOptions {
-  // Flows whose projected finish lies within (1 + batch_tol) of the earliest one complete in the
-  // same event, so one re-solve serves many nearly simultaneous completions. 0 = exact.
+  // Flows whose projected finish lies within batch_tol × max(now, component lower bound) after the
+  // earliest one complete in the same event (at their own projected times), so one re-solve serves
+  // many nearly simultaneous completions. 0 = exact.
   double batch_tol = 0;
   int threads = 0;  // 0 = dsv3::num_threads()
 };

@@ -95,6 +95,10 @@ std::vector<double> nice_ticks(double lo, double hi, int want) {
 
 std::string num(double v) {
   char b[32];
+  if (v >= 1024 && std::fmod(v, 1024) == 0) {
+    std::snprintf(b, sizeof b, "%gK", v / 1024);
+    return b;
+  }
   if (std::fabs(v) >= 1e4 || (std::fabs(v) < 1e-2 && v != 0)) std::snprintf(b, sizeof b, "%.3g", v);
   else std::snprintf(b, sizeof b, "%g", v);
   return b;

@@ -147,7 +147,6 @@ struct SyntheticRouter {
   int E, gpus, G, nodes, per_node, M;
   std::vector<double> w;
   Alias alias;
-  std::vector<double> node_mass;
   SyntheticRouter(const MoeParams& p_, int gpus_, int G_)
       : p(p_), E(moe_experts(p_, gpus_)), gpus(gpus_), G(G_), nodes(gpus_ / G_),
         per_node(E / nodes), M(std::min(p_.node_limit, gpus_ / G_)), w(make_w(p_, E)), alias(w) {
@@ -156,8 +155,9 @@ struct SyntheticRouter {
     if ((int64_t)M * per_node < p.topk)
       input_error("--node-limit ", p.node_limit, ": ", M, " nodes hold only ", M * per_node, " experts, fewer than --topk ",
                   p.topk);
-    node_mass.assign(nodes, 0);
-    for (int e = 0; e < E; ++e) node_mass[e / per_node] += w[e];
+    if (M > 64) input_error("--node-limit ", p.node_limit, ": at most 64");
+    if ((int64_t)M * per_node > 4096)
+      input_error("--experts ", E, ": ", per_node, " experts per node × ", M, " nodes exceeds 4096 candidates per token");
   }
   static std::vector<double> make_w(const MoeParams& p, int E) {
     std::vector<int> rank(E);
@@ -181,16 +181,22 @@ struct SyntheticRouter {
       if (std::find(chosen_nodes, chosen_nodes + nn, nd) == chosen_nodes + nn) chosen_nodes[nn++] = nd;
       out[k++] = e;
     }
+    if (k == p.topk) return;
+    // The rest: weighted draws without replacement among the unchosen experts of the chosen nodes.
+    double cw[4096];
+    int ce[4096], nc = 0;
     double mass = 0;
-    for (int i = 0; i < nn; ++i) mass += node_mass[chosen_nodes[i]];
-    while (k < p.topk) {
+    for (int i = 0; i < nn; ++i)
+      for (int e = chosen_nodes[i] * per_node; e < (chosen_nodes[i] + 1) * per_node ; ++e)
+        if (!has(e)) ce[nc] = e, cw[nc] = w[e], mass += w[e], ++nc;
+    while (k < p.topk && nc > 0) {
       uint64_t u = rng_u64(p.seed, (uint64_t)t, ctr++);
       double x = (double)(u >> 11) / 9007199254740992.0 * mass;
-      int i = 0;
-      while (i + 1 < nn && x >= node_mass[chosen_nodes[i]]) x -= node_mass[chosen_nodes[i++]];
-      int base = chosen_nodes[i] * per_node, e = base;
-      for (; e + 1 < base + per_node && x >= w[e]; ++e) x -= w[e];
-      if (!has(e)) out[k++] = e;
+      int j = 0;
+      while (j + 1 < nc && x >= cw[j]) x -= cw[j++];
+      out[k++] = ce[j];
+      mass -= cw[j];
+      ce[j] = ce[nc - 1], cw[j] = cw[nc - 1], --nc;
     }
   }
 };
@@ -223,41 +229,65 @@ MoeFlows moe_flows(const Network& n, Router& r, const MoeParams& p, const Expert
   }
   if (K > 64) input_error("--topk ", K, ": at most 64");
   const int per_gpu = E / gpus;
+  if (per_gpu < 1) input_error("--experts ", E, ": fewer experts than GPUs");
   const double db = p.dispatch_bytes(), cb = p.combine_bytes();
-  std::vector<int32_t> ib_cnt(N, 0);
+  if (trace)
+    for (int32_t e : trace->ids)
+      if (e < 0 || e >= E) input_error("routing trace: expert id ", e, " outside 0..", E - 1);
   std::vector<int64_t> nvl_cnt((size_t)N * G * G, 0), recv(gpus, 0);
   FlowBuilder fd(n, r), fc(n, r);
   int64_t remote = 0, rdma_tok = 0, nvl_tok = 0;
-  std::vector<int32_t> ids(K);
-  for (int g = 0; g < gpus; ++g) {
-    const int i = g / G, rk = g % G;
-    for (int t = 0; t < T; ++t) {
-      int64_t tok = (int64_t)g * T + t;
-      const int32_t* e = trace ? &trace->ids[(size_t)tok * K] : (sr->route(tok, ids.data()), ids.data());
-      int tg[64], nt = 0;
-      for (int k = 0; k < K; ++k) {
-        if (e[k] < 0 || e[k] >= E) input_error("routing trace: expert id ", e[k], " outside 0..", E - 1);
-        int gg = e[k] / per_gpu;
-        if (std::find(tg, tg + nt, gg) == tg + nt) tg[nt++] = gg;
-      }
-      int nodes_hit[64], nn = 0;
-      for (int x = 0; x < nt; ++x) {
-        int j = tg[x] / G, tr = tg[x] % G;
-        ++recv[tg[x]];
-        if (std::find(nodes_hit, nodes_hit + nn, j) == nodes_hit + nn) {
-          nodes_hit[nn++] = j;
-          if (j != i) ++ib_cnt[j], ++remote, ++rdma_tok;
+  // Token routing runs in parallel over source GPUs, a chunk at a time; flows are emitted in GPU
+  // order afterwards, so the result does not depend on the thread count.
+  const int chunk = 256;
+  std::vector<std::vector<std::pair<int32_t, int32_t>>> ib_list(chunk);  // (target node, tokens)
+  for (int g0 = 0; g0 < gpus; g0 += chunk) {
+    int g1 = std::min(gpus, g0 + chunk);
+#pragma omp parallel reduction(+ : remote, rdma_tok, nvl_tok)
+    {
+      std::vector<int32_t> ib_cnt(N, 0), ids(K);
+#pragma omp for schedule(dynamic, 4)
+      for (int g = g0; g < g1; ++g) {
+        const int i = g / G, rk = g % G;
+        auto& lst = ib_list[g - g0];
+        lst.clear();
+        for (int t = 0; t < T; ++t) {
+          int64_t tok = (int64_t)g * T + t;
+          const int32_t* e = trace ? &trace->ids[(size_t)tok * K] : (sr->route(tok, ids.data()), ids.data());
+          int tg[64], nt = 0;
+          for (int k = 0; k < K; ++k) {
+            int gg = e[k] / per_gpu;
+            if (std::find(tg, tg + nt, gg) == tg + nt) tg[nt++] = gg;
+          }
+          int nodes_hit[64], nn = 0;
+          for (int x = 0; x < nt; ++x) {
+            int j = tg[x] / G, tr = tg[x] % G;
+#pragma omp atomic
+            ++recv[tg[x]];
+            if (std::find(nodes_hit, nodes_hit + nn, j) == nodes_hit + nn) {
+              nodes_hit[nn++] = j;
+              if (j != i) {
+                if (!ib_cnt[j]++) lst.push_back({j, 0});
+                ++remote, ++rdma_tok;
+              }
+            }
+            if (tr != rk) {
+#pragma omp atomic
+              ++nvl_cnt[((size_t)j * G + rk) * G + tr];
+              ++nvl_tok;
+            }
+          }
         }
-        if (tr != rk) ++nvl_cnt[((size_t)j * G + rk) * G + tr], ++nvl_tok;
+        std::sort(lst.begin(), lst.end());
+        for (auto& [j, c] : lst) c = ib_cnt[j], ib_cnt[j] = 0;
       }
     }
-    for (int j = 0; j < N; ++j) {
-      if (!ib_cnt[j]) continue;
-      int b = j * G + rk;
-      fd.ib(g, b, ib_cnt[j] * db, pair_key(g, b));
-      fc.ib(b, g, ib_cnt[j] * cb, pair_key(b, g));
-      ib_cnt[j] = 0;
-    }
+    for (int g = g0; g < g1; ++g)
+      for (auto [j, c] : ib_list[g - g0]) {
+        int b = j * G + g % G;
+        fd.ib(g, b, c * db, pair_key(g, b));
+        fc.ib(b, g, c * cb, pair_key(b, g));
+      }
   }
   for (int j = 0; j < N; ++j)
     for (int a = 0; a < G; ++a)
