@@ -19,7 +19,9 @@ double sum_squares_plain(const Tensor& g) {
   constexpr int64_t kBlock = 1 << 16;
   const int64_t nb = (n + kBlock - 1) / kBlock;
   std::vector<double> part(size_t(std::max<int64_t>(nb, 1)), 0.0);
-#pragma omp parallel for schedule(static)
+  // Threads only for tensors big enough to repay a parallel region (a loaded 2-core machine makes
+  // each region cost milliseconds, and a model has hundreds of small tensors).
+#pragma omp parallel for schedule(static) if (nb > 1)
   for (int64_t b = 0; b < nb; ++b) {
     double s = 0.0;
     const int64_t e = std::min(n, (b + 1) * kBlock);
@@ -114,7 +116,7 @@ void AdamW::update_plain(ParamSlot& p, Tensor& m, Tensor& v, double lr, double w
   float* w = p.param.data<float>();
   const float* g = p.grad.data<float>();
   const int64_t n = p.param.numel();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= (int64_t(1) << 16))
   for (int64_t i = 0; i < n; ++i) {
     const float gi = g[i] * gs;
     const float mi = b1 * load_moment(m, i) + one_b1 * gi;
