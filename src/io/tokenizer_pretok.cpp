@@ -4,6 +4,8 @@
 #include <unicode/bytestream.h>
 #include <unicode/stringpiece.h>
 
+#include <cctype>
+
 #include "core/error.h"
 
 namespace dsv3 {
@@ -279,7 +281,11 @@ std::unique_ptr<PreTokenizer> PreTokenizer::from_json(const json& j, const std::
     if (pat.contains("Regex") && pat["Regex"].is_string()) {
       regex = pat["Regex"].get<std::string>();
     } else if (pat.contains("String") && pat["String"].is_string()) {
-      regex = "\\Q" + pat["String"].get<std::string>() + "\\E";
+      // A literal: escape every ASCII punctuation character (PCRE2 accepts \ before any of them).
+      for (char c : pat["String"].get<std::string>()) {
+        if (std::ispunct(static_cast<unsigned char>(c))) regex += '\\';
+        regex += c;
+      }
     } else {
       input_error(where, ".pattern: expected {\"Regex\": string} or {\"String\": string}");
     }

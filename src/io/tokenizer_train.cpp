@@ -259,6 +259,9 @@ BpeTrainResult train_bpe(std::span<const std::string_view> texts, int32_t vocab_
 BpeTrainResult train_bpe_files(const std::vector<std::string>& files, int32_t vocab_size,
                                const std::string& output) {
   if (files.empty()) input_error("tokenizer train: no input FILES given");
+  namespace fs = std::filesystem;
+  if (fs::path(output).filename() == "tokenizer_config.json")
+    input_error("--output ", output, ": would be overwritten by tokenizer_config.json (choose another name)");
   std::vector<std::string> texts;
   for (const auto& f : files) {
     std::ifstream in(f, std::ios::binary);
@@ -269,10 +272,7 @@ BpeTrainResult train_bpe_files(const std::vector<std::string>& files, int32_t vo
   }
   std::vector<std::string_view> views(texts.begin(), texts.end());
   BpeTrainResult r = train_bpe(views, vocab_size);
-  namespace fs = std::filesystem;
   fs::path cfg = fs::path(output).parent_path() / "tokenizer_config.json";
-  if (fs::path(output).filename() == "tokenizer_config.json")
-    input_error("--output ", output, ": would be overwritten by tokenizer_config.json (choose another name)");
   AtomicFile a(output), b(cfg.string());
   a.write(r.tokenizer_json);
   b.write(r.config_json);

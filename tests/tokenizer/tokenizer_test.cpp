@@ -106,6 +106,16 @@ TEST(Tokenizer, LongWhitespaceRunDoesNotHitTheRegexMatchLimit) {
   EXPECT_EQ(enc(j, std::string(12 << 20, ' ') + "x"), std::vector<int32_t>{'x'});
 }
 
+TEST(Tokenizer, SplitOnALiteralString) {
+  json pre = {{"type", "Sequence"},
+              {"pretokenizers",
+               {{{"type", "Split"}, {"pattern", {{"String", ".*\\E"}}}, {"behavior", "Isolated"}},
+                {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", false}}}}};
+  std::vector<std::string> out;
+  Tokenizer::from_json(tiny_tokenizer({}, json::array(), pre).dump()).pre_tokenize("x.*\\Ey.z", out);
+  EXPECT_EQ(out, (std::vector<std::string>{"x", ".*\\E", "y.z"}));
+}
+
 TEST(Tokenizer, ByteLevelRegexAndPrefixSpace) {
   json pre = {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"use_regex", true}};
   std::vector<std::string> out;
