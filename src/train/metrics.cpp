@@ -58,7 +58,7 @@ std::string si_count(double v) {
   while (std::abs(v) >= 999.5 && i < 4) v /= 1000.0, ++i;
   std::string num = std::abs(v) >= 99.5 ? fmt("%.0f", v) : std::abs(v) >= 9.95 ? fmt("%.1f", v) : fmt("%.2f", v);
   if (i == 0 && v == std::floor(v)) num = fmt("%.0f", v);
-  return num + suffix[i];
+  return cat(num, suffix[i]);
 }
 
 std::string format_duration(double s) {
@@ -80,11 +80,9 @@ std::string format_step_line(const StepLine& s) {
   std::snprintf(head, sizeof head, "step %*lld/%lld", w, static_cast<long long>(s.step),
                 static_cast<long long>(s.total));
   std::string out = head;
-  out += " | loss " + fmt("%.4f", s.loss);
-  out += " | norm " + fmt("%.4f", s.grad_norm);
-  out += " | lr " + fmt("%.2e", s.lr);
-  out += " | " + fmt("%.0f", s.ms) + " ms";
-  if (s.tok_per_s > 0) out += " | " + si_count(s.tok_per_s) + " tok/s";
+  out += cat(" | loss ", fmt("%.4f", s.loss), " | norm ", fmt("%.4f", s.grad_norm), " | lr ",
+             fmt("%.2e", s.lr), " | ", fmt("%.0f", s.ms), " ms");
+  if (s.tok_per_s > 0) out += cat(" | ", si_count(s.tok_per_s), " tok/s");
   if (s.skipped) out += " | SKIPPED (non-finite)";
   return out;
 }
@@ -99,14 +97,14 @@ double ThroughputMeter::add(int64_t tokens, double seconds) {
 std::string render_progress(int64_t done, int64_t total, double elapsed_s, int width) {
   double frac = total > 0 ? std::min(1.0, double(done) / double(total)) : 0.0;
   int fill = int(frac * width + 1e-9);
-  std::string bar = "[" + std::string(size_t(fill), '#') + std::string(size_t(width - fill), '-') + "]";
+  std::string bar = cat("[", std::string(size_t(fill), '#'), std::string(size_t(width - fill), '-'), "]");
   char buf[96];
   std::snprintf(buf, sizeof buf, " %3d%%  %lld/%lld", int(frac * 100 + 1e-9),
                 static_cast<long long>(done), static_cast<long long>(total));
   std::string eta = done > 0 && done < total
-                        ? "  eta " + format_duration(elapsed_s / double(done) * double(total - done))
-                        : done >= total ? "  " + format_duration(elapsed_s) : "";
-  return bar + buf + eta;
+                        ? cat("  eta ", format_duration(elapsed_s / double(done) * double(total - done)))
+                        : done >= total ? cat("  ", format_duration(elapsed_s)) : std::string();
+  return cat(bar, buf, eta);
 }
 
 ProgressBar::ProgressBar(int64_t total) : total_(total), enabled_(::isatty(2) != 0), t0_(now_s()) {}
