@@ -6,7 +6,8 @@
 // decoding at batch 1 through the engine (greedy, output checked equal to plain decoding):
 // acceptance per draft position and the speed-up over the same engine without drafts.
 //
-//   dsv3_bench_decode [--quick] [--spec-model DIR] [--threads N]
+//   dsv3_bench_decode [--quick] [--spec-model DIR [--spec-prompt-ids "ID ..."]] [--threads N]
+// (bench/spec_model.py trains a small model with an MTP module for --spec-model.)
 // Writes bench/results/decode.json.
 #include <cstdio>
 #include <cstring>
@@ -113,13 +114,14 @@ Result measure(ModelRunner& runner, int64_t B, int64_t depth, int64_t steps, uin
 
 int main(int argc, char** argv) {
   bool quick = false;
-  std::string spec_model;
+  std::string spec_model, spec_prompt;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     else if (!std::strcmp(argv[i], "--spec-model") && i + 1 < argc) spec_model = argv[++i];
+    else if (!std::strcmp(argv[i], "--spec-prompt-ids") && i + 1 < argc) spec_prompt = argv[++i];
     else if (!std::strcmp(argv[i], "--threads") && i + 1 < argc) set_num_threads(std::atoi(argv[++i]));
     else {
-      std::fprintf(stderr, "usage: %s [--quick] [--spec-model DIR] [--threads N]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--quick] [--spec-model DIR [--spec-prompt-ids \"ID ...\"]] [--threads N]\n", argv[0]);
       return 2;
     }
   }
@@ -162,7 +164,8 @@ int main(int argc, char** argv) {
     o.draft_tokens = mtp;
     Engine eng(w, o);
     Request r;
-    r.prompt = {0, 17, 42, 99, 7, 256, 31, 12};
+    r.prompt = spec_prompt.empty() ? std::vector<int32_t>{0, 17, 42, 99, 7, 255, 31, 12}
+                                   : parse_token_ids(spec_prompt, w.config().vocab_size);
     r.max_tokens = n_gen;
     eng.add(r);
     std::vector<int32_t> toks;
