@@ -21,8 +21,9 @@ double yarn_mscale(double scale, double mscale) {
 
 double ModelConfig::softmax_scale() const {
   double s = 1.0 / std::sqrt(double(qk_head_dim()));
-  // HF DeepseekV3Attention: only when rope scaling is on and mscale_all_dim is present and non-zero.
-  if (is_v3() && rope_scaling && rope_scaling->mscale_all_dim.value_or(0.0) != 0.0) {
+  // transformers 5.17 yarn_apply_mscale (DeepseekV3Attention and DeepseekV2Attention alike): only
+  // when YaRN is on and mscale_all_dim is present and non-zero.
+  if (rope_scaling && rope_scaling->mscale_all_dim.value_or(0.0) != 0.0) {
     double m = yarn_mscale(rope_scaling->factor, *rope_scaling->mscale_all_dim);
     s *= m * m;
   }
@@ -308,6 +309,9 @@ ModelConfig parse_model_config(std::string_view text, const std::string& source)
   c.hidden_act = f.opt_string("hidden_act", "silu");
   c.rope_interleave = f.opt_bool("rope_interleave", true);
   c.attention_bias = f.opt_bool("attention_bias", false);
+  // transformers 5's DeepseekV2Config has mlp_bias (biases on every MLP projection); no DeepSeek
+  // checkpoint uses it and the tensor table has no such tensors.
+  if (f.opt_bool("mlp_bias", false)) f.fail("mlp_bias", "true is not supported (DeepSeek MLPs have no biases)");
   parse_rope(f, root, source, c);
 
   c.bos_token_id = f.nullable_int("bos_token_id", v3 ? 0 : 1);

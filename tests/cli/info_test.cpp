@@ -10,15 +10,15 @@
 
 namespace {
 
-struct Run {
+struct Result {
   int status = -1;
   std::string out;
 };
 
 // Runs dsv3 with `args` (stderr folded into the output when `merge_stderr`).
-Run dsv3(const std::string& args, bool merge_stderr = false) {
+Result dsv3(const std::string& args, bool merge_stderr = false) {
   std::string cmd = std::string(DSV3_BINARY_DIR) + "/dsv3 " + args + (merge_stderr ? " 2>&1" : " 2>/dev/null");
-  Run r;
+  Result r;
   FILE* p = popen(cmd.c_str(), "r");
   if (!p) return r;
   char buf[4096];
@@ -30,7 +30,7 @@ Run dsv3(const std::string& args, bool merge_stderr = false) {
 }
 
 TEST(CliInfo, V3Json) {
-  Run r = dsv3("info --preset v3 --json");
+  Result r = dsv3("info --preset v3 --json");
   ASSERT_EQ(r.status, 0) << r.out;
   auto j = nlohmann::json::parse(r.out);
   EXPECT_EQ(j["kv_bytes_per_token_latent_bf16"], 70272);
@@ -50,11 +50,11 @@ TEST(CliInfo, V3Json) {
 }
 
 TEST(CliInfo, TextAndSeqLen) {
-  Run r = dsv3("info --preset tiny --seq-len 128");
+  Result r = dsv3("info --preset tiny --seq-len 128");
   ASSERT_EQ(r.status, 0) << r.out;
   EXPECT_NE(r.out.find("parameters"), std::string::npos);
   EXPECT_NE(r.out.find("sequence length 128"), std::string::npos);
-  Run j = dsv3("info --preset tiny --seq-len 128 --json");
+  Result j = dsv3("info --preset tiny --seq-len 128 --json");
   ASSERT_EQ(j.status, 0);
   EXPECT_EQ(nlohmann::json::parse(j.out)["seq_len"], 128);
 }
@@ -64,7 +64,7 @@ TEST(CliInfo, ModelDirectory) {
   std::filesystem::create_directories(dir);
   std::filesystem::copy_file(std::string(DSV3_SOURCE_DIR) + "/tests/data/configs/deepseek_v2_lite_hub.json",
                              dir + "/config.json", std::filesystem::copy_options::overwrite_existing);
-  Run r = dsv3("info -m " + dir + " --json");
+  Result r = dsv3("info -m " + dir + " --json");
   ASSERT_EQ(r.status, 0) << r.out;
   auto j = nlohmann::json::parse(r.out);
   EXPECT_EQ(j["model_type"], "deepseek_v2");
@@ -74,7 +74,7 @@ TEST(CliInfo, ModelDirectory) {
 
   // A bad field: exit 2 and the message names the file and the field.
   std::ofstream(dir + "/config.json") << R"({"model_type": "deepseek_v3", "vocab_size": "many"})";
-  Run bad = dsv3("info -m " + dir, true);
+  Result bad = dsv3("info -m " + dir, true);
   EXPECT_EQ(bad.status, 2);
   EXPECT_NE(bad.out.find("config.json: field 'vocab_size'"), std::string::npos) << bad.out;
 }

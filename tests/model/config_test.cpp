@@ -123,6 +123,19 @@ TEST(Config, Transformers5Spelling) {
   EXPECT_NEAR(c.rope_attention_factor(), (0.1 * std::log(8.0) + 1.0) / m_all, 1e-15);
 }
 
+// Values printed by transformers 5.17 on the GPU machine for these configs: the `scaling` of
+// layer 0's attention module and the rotary embedding's `attention_scaling`.
+TEST(Config, SoftmaxScaleEqualsTransformers517) {
+  EXPECT_NEAR(preset_config("v3").softmax_scale(), 0.1352337788608801, 1e-15);
+  EXPECT_NEAR(preset_config("v2-lite").softmax_scale(), 0.1147213867929261, 1e-15);
+  EXPECT_NEAR(preset_config("bench-0.7b").softmax_scale(), 0.07216878364870322, 1e-15);
+  EXPECT_NEAR(preset_config("tiny").softmax_scale(), 0.14433756729740643, 1e-15);
+  ModelConfig s = load_model_config(data_path("deepseek_v3_tf5_small.json"));
+  EXPECT_NEAR(s.softmax_scale(), 0.20802203848749565, 1e-15);
+  EXPECT_NEAR(s.rope_attention_factor(), 1.053118360780668, 1e-14);
+  EXPECT_DOUBLE_EQ(preset_config("v2-lite").rope_attention_factor(), 1.0);
+}
+
 TEST(Config, DefaultRopeInTransformers5SpellingMeansNoScaling) {
   json j = small_v3();
   j.erase("rope_theta");
@@ -163,8 +176,10 @@ TEST(Config, HubV2Lite) {
   EXPECT_EQ(c.num_nextn_predict_layers, 0);
   EXPECT_FALSE(c.has_mtp());
   EXPECT_EQ(c.bos_token_id, 100000);
-  // HF's DeepseekV2Attention: qk_head_dim^-0.5, no mscale² factor even under YaRN.
-  EXPECT_DOUBLE_EQ(c.softmax_scale(), 1.0 / std::sqrt(192.0));
+  // transformers 5.17 DeepseekV2Attention: the same YaRN mscale² rule as V3 (here mscale_all_dim
+  // 0.707); cos/sin are scaled by mscale/mscale_all_dim = 1.
+  const double m = 0.1 * 0.707 * std::log(40.0) + 1.0;
+  EXPECT_NEAR(c.softmax_scale(), m * m / std::sqrt(192.0), 1e-15);
   EXPECT_DOUBLE_EQ(c.rope_attention_factor(), 1.0);
 }
 
@@ -320,6 +335,7 @@ TEST(Config, EveryValidationErrorNamesTheField) {
       {"head_dim", [](json& j) { j["head_dim"] = 16; }},
       {"architectures", [](json& j) { j["architectures"] = json::array({1}); }},
       {"aux_loss_alpha", [](json& j) { j["aux_loss_alpha"] = -0.1; }},
+      {"mlp_bias", [](json& j) { j["mlp_bias"] = true; }},
   };
   ASSERT_NO_THROW(parse(small_v3()));
   for (size_t i = 0; i < cases.size(); ++i) {

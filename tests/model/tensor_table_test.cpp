@@ -228,6 +228,21 @@ TEST(ModelStats, V2Sizes) {
   EXPECT_EQ(lite.mtp_total, 0);
 }
 
+// sum(p.numel() for p in DeepseekV{3,2}ForCausalLM(config).parameters()) in transformers 5.17 (built on
+// the meta device from our serialized presets). HF keeps e_score_correction_bias as a buffer and has
+// no MTP layers, so its count is our main-model total less the router biases.
+TEST(ModelStats, MainTotalsEqualTransformers517) {
+  const std::vector<std::pair<std::string, int64_t>> hf = {
+      {"v3", 671026404352}, {"v2-lite", 15706484224}, {"bench-0.7b", 713951232}, {"tiny", 2400768}};
+  for (const auto& [name, n] : hf) {
+    const ModelConfig c = preset_config(name);
+    int64_t biases = 0;
+    for (int64_t i = 0; i < c.num_hidden_layers; ++i)
+      if (c.is_moe_layer(i) && c.has_router_bias()) biases += c.n_routed_experts;
+    EXPECT_EQ(count_params(c).main_total() - biases, n) << name;
+  }
+}
+
 TEST(ModelStats, TableAndCountsAgree) {
   for (const auto& name : preset_names()) {
     const ModelConfig c = preset_config(name);
