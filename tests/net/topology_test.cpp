@@ -6,6 +6,7 @@
 
 #include "core/error.h"
 #include "net/cost.h"
+#include "net/experiments.h"
 
 using namespace dsv3;
 using namespace dsv3::net;
@@ -157,4 +158,14 @@ TEST(Failures, RandomLinksAndPlanes) {
   }
   EXPECT_THROW(fail_plane(n, 8), InputError);
   EXPECT_THROW(fail_random_links(n, 1.5, 1), InputError);
+}
+
+TEST(Experiments, TpotArithmeticReproducedExactly) {
+  // ISCA'25 §2.3.2: (1 B + 2 B) × 32 × 9 × 7K / 50 GB/s = 120.96 us; ×2 × 61 = 14.76 ms.
+  auto e = dsv3::net::run_experiment("E9", true);
+  EXPECT_NEAR(e.json["arithmetic"]["per_layer_us"].get<double>(), 120.96, 1e-9);
+  EXPECT_NEAR(e.json["arithmetic"]["two_microbatch_us"].get<double>(), 241.92, 1e-9);
+  EXPECT_NEAR(e.json["arithmetic"]["tpot_ms"].get<double>(), 14.75712, 1e-9);
+  EXPECT_NEAR(e.json["arithmetic"]["nvl72_per_layer_us"].get<double>(), 6.72, 1e-9);
+  EXPECT_THROW(dsv3::net::run_experiment("E5", true), InputError);
 }
