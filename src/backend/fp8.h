@@ -1,0 +1,116 @@
+// FP8 (E4M3) quantization and block-scaled FP8 GEMM: the DeepSeek-V3 training recipe (docs/fp8.md).
+//
+// These are free functions on CPU tensors: they are the exact reference a GPU path (cuBLASLt's
+// VEC128/BLK128x128 scaled FP8 matmul or our own kernels) is tested against. Shapes follow ops.h.
+//
+// Scales are *dequantization* multipliers (HF's `scale_inv`): element x ≈ e4m3(q) · s with
+//   s = amax(tile) / 448 in FP32  (or, with pow2_scale, the smallest power of two ≥ amax/448, the
+//   UE8M0 form: dividing by it is exact, so q is the RNE of x·2^-e), and q = e4m3_rne_sat(x / s).
+// An all-zero tile gets s = 1 (its q are all +0, so it dequantizes to 0 and nothing divides by 0).
+// A tile whose amax/448 underflows FP32 gets the smallest positive FP32 as its scale.
+//
+// Non-finite inputs: NaN/Inf cannot be represented by a scale (amax would be Inf/NaN and poison the
+// whole tile), so quantize_fp8 counts them. With `on_nonfinite = Throw` (the default) the op throws an
+// InputError naming `name`, the first offending element and the count; with `Report` it only returns
+// the count (the tile is then quantized from its finite values, non-finite elements saturated to
+// ±448·s or NaN→0x7F) so that a trainer can skip the step and report it.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "backend/ops.h"
+
+namespace dsv3 {
+
+// How elements of x[M, K] are grouped under one scale.
+enum class Fp8Tiling : uint8_t {
+  Row1x128,      // activations: per row (token), per 128 columns.   scale [M, ceil(K/128)]
+  Col128x1,      // re-quantized activations for Wgrad: per column, per 128 rows. scale [ceil(M/128), K]
+  Block128x128,  // weights (and the negative control for gradients). scale [ceil(M/128), ceil(K/128)]
+};
+const char* fp8_tiling_name(Fp8Tiling t);
+
+enum class NonFinitePolicy : uint8_t { Throw, Report };
+
+// q = quantize(x) per tile. With transpose_out, q is written as [K, M] and the scale grid is
+// transposed too (so Col128x1 of x gives the Row1x128 layout of xᵀ, the form fp8_gemm takes for
+// Wgrad; Block128x128 of W gives the blocks of Wᵀ for Dgrad). Edge tiles are partial.
+struct QuantizeFp8Args {
+  Tensor x;  // [M, K] F32 (or [..., K])
+  Fp8Tiling tiling = Fp8Tiling::Row1x128;
+  bool pow2_scale = false;
+  bool transpose_out = false;
+  Tensor q;      // [M, K] (or [K, M]) F8_E4M3 output
+  Tensor scale;  // F32 output, grid as above (transposed with transpose_out)
+  std::string name = "tensor";  // named in the non-finite error
+  NonFinitePolicy on_nonfinite = NonFinitePolicy::Throw;
+};
+struct Fp8Status {
+  int64_t nonfinite = 0;  // NaN/Inf elements seen in x
+};
+Fp8Status quantize_fp8(const QuantizeFp8Args& args);
+// x = e4m3(q) · scale, the inverse map (F32 out, same layout as q). The grid is read from scale's
+// shape like fp8_gemm's operands: [R, ceil(C/128)] per row, [ceil(R/128), ceil(C/128)] per block,
+// [ceil(R/128), C] per column (R, C = q's dims).
+void dequantize_fp8(const Tensor& q, const Tensor& scale, const Tensor& out);
+
+// Accumulation inside the GEMM.
+//   Fp32: the reference. For each output, K is walked in chunks of 128 (the scale granularity): the
+//     chunk's products e4m3·e4m3 are exact in FP32 and summed in ascending k in FP32, the chunk sum is
+//     multiplied by (sa·sb) and added to an FP32 accumulator, chunks in ascending order. (This is
+//     DeepGEMM's two-level scheme; it equals Σ_k (qa·sa)(qb·sb) up to FP32 summation error.)
+//   Limited: an emulation of Hopper tensor-core accumulation ([V3] §3.5.2). Each product is scaled
+//     by sa·sb in FP32 (exact when the scales are powers of two), products are taken in groups of 32
+//     (one WGMMA k-step); each group's products and the running accumulator are aligned to the
+//     largest exponent among them and truncated toward zero to `acc_bits` significant bits (14 = 13
+//     fraction bits + the implicit one, the FP22 register of [ISCA] §3.1.1), summed exactly, and the
+//     sum truncated to `acc_bits` again. With promote_every = N_C > 0 the limited accumulator is added
+//     into an FP32 accumulator and cleared every N_C elements of K (the paper's promotion to CUDA
+//     cores, N_C = 128); 0 = never. N_C must be a multiple of 32.
+enum class Fp8Accum : uint8_t { Fp32, Limited };
+
+// c[M, N] (+)= a · bᵀ with a = e4m3(qa)·sa: [M, K], b = e4m3(qb)·sb: [N, K] (the "NT" GEMM; every
+// linear-layer GEMM is written in this form: Fprop x·Wᵀ, Dgrad dy·(Wᵀ)ᵀ, Wgrad (dyᵀ)·(xᵀ)ᵀ).
+// Each operand's scale grid is per row and 128 along K ([R, ceil(K/128)]) or per 128×128 block
+// ([ceil(R/128), ceil(K/128)]); the shape says which (R = 1 is the same either way).
+// c is F32 or BF16 (rounded once, RNE, from the FP32 result; accumulate adds in FP32 first).
+struct Fp8GemmArgs {
+  Tensor a, a_scale;  // [M, K] F8_E4M3, F32 grid
+  Tensor b, b_scale;  // [N, K] F8_E4M3, F32 grid
+  Tensor c;           // [M, N] F32 or BF16
+  bool accumulate = false;
+  Fp8Accum accum = Fp8Accum::Fp32;
+  int acc_bits = 14;
+  int64_t promote_every = 0;  // Limited only; 0 = never
+};
+void fp8_gemm(const Fp8GemmArgs& args);
+
+void validate(const QuantizeFp8Args&);
+void validate(const Fp8GemmArgs&);
+
+// ---------------------------------------------------------------------------------------------
+// Linear layers in reduced precision (the trainer's --precision). One object, read by the model's
+// linear_forward / linear_backward for the projections marked eligible (attention projections, dense
+// MLP, routed and shared experts, MTP eh_proj); embedding, lm_head, router gate, norms and attention
+// stay in FP32.
+//   F32:  plain FP32 GEMMs.
+//   Bf16: operands (x, W, dy) rounded to BF16 (RNE), products and sums in FP32.
+//   Fp8:  Fprop  y  = Q1x128(x) · Q128x128(W)ᵀ
+//         Dgrad  dx = Q1x128(dy) · Q128x128(W)            (dy per token, 128 output channels)
+//         Wgrad  dW = Q128x1(dy)ᵀ · Q128x1(x̂)             (both per channel, 128 tokens; x̂ is the
+//                dequantized FP8 copy of x that the forward cached: re-quantized, as on the GPU)
+//         dgrad_block = true: the paper's negative control, dy quantized per 128×128 block in both
+//         backward GEMMs.
+enum class LinearPrecisionMode : uint8_t { F32, Bf16, Fp8 };
+struct LinearPrecision {
+  LinearPrecisionMode mode = LinearPrecisionMode::F32;
+  bool pow2_scale = false;
+  bool dgrad_block = false;
+};
+// The process-wide setting (the trainer sets it once before building the model; F32 by default).
+LinearPrecision& linear_precision();
+// The three GEMMs of a linear layer under `prec` (F32 CPU tensors, y/dx/dw [..] as LinearArgs).
+void linear_lowp(const LinearPrecision& prec, const LinearArgs& a);
+void linear_backward_lowp(const LinearPrecision& prec, const LinearBackwardArgs& a);
+
+}  // namespace dsv3
