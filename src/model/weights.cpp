@@ -195,8 +195,10 @@ std::vector<Param> bind_entries(const ModelConfig& config, const std::string& wh
 Weights Weights::from_tensors(const ModelConfig& config, std::map<std::string, Tensor> tensors,
                               const std::string& where) {
   std::map<std::string, Entry> entries;
-  for (const auto& [name, t] : tensors)
-    entries[name] = Entry{dims(t.shape()), t.dtype(), dtype_name(t.dtype()), [t] { return t; }};
+  for (const auto& kv : tensors) {
+    const Tensor& t = kv.second;  // clang 14 cannot capture a structured binding
+    entries[kv.first] = Entry{dims(t.shape()), t.dtype(), dtype_name(t.dtype()), [t] { return t; }};
+  }
   Weights w;
   w.config_ = config;
   w.source_ = where;
