@@ -5,6 +5,7 @@
 // Usage: dsv3_bench_net [max_gpus (16384)] [threads (2)] [moe_max_gpus (= max_gpus)]. Prints a table and writes
 // bench/results/net.json. The machine is shared, so the load average is recorded beside the times.
 #include <cstdio>
+#include <ctime>
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
@@ -50,8 +51,8 @@ int main(int argc, char** argv) {
   res["load_before"] = loadavg();
   res["rows"] = nlohmann::json::array();
   Table t;
-  t.headers = {"GPUs", "a2a flows", "build s", "solve s", "rounds", "moe flows", "moe gen s", "moe sim s", "events",
-               "imbalance", "load avg"};
+  t.headers = {"GPUs", "a2a flows", "build s", "solve s", "solve cpu s", "rounds", "moe flows", "moe gen s",
+               "moe sim s", "sim cpu s", "events", "imbalance", "load avg"};
   for (int g = 1024; g <= max_gpus; g *= 2) {
     TopoSpec s;
     s.kind = TopoKind::MPFT;
@@ -63,15 +64,17 @@ int main(int argc, char** argv) {
     FlowSet fs = all_to_all(n, r, 1e6, true);
     double t1 = bench::now_s();
     MaxMinStats st;
+    std::clock_t c0 = std::clock();
     auto rate = max_min_rates(fs, capacities(n), &st);
-    double t2 = bench::now_s();
+    double t2 = bench::now_s(), cpu_solve = double(std::clock() - c0) / CLOCKS_PER_SEC;
     size_t a2a_flows = fs.count();
     fs = FlowSet();
     if (g > moe_max) {
       std::string load = loadavg();
-      t.add({std::to_string(g), fmt_int((long long)a2a_flows), fmt(t1 - t0, 2), fmt(t2 - t1, 2), fmt_int(st.rounds),
-             "-", "-", "-", "-", "-", load});
+      t.add({std::to_string(g), fmt_int((long long)a2a_flows), fmt(t1 - t0, 2), fmt(t2 - t1, 2), fmt(cpu_solve, 2),
+             fmt_int(st.rounds), "-", "-", "-", "-", "-", "-", load});
       res["rows"].push_back({{"gpus", g}, {"a2a_flows", a2a_flows}, {"a2a_build_s", t1 - t0}, {"a2a_solve_s", t2 - t1},
+                             {"a2a_solve_cpu_s", cpu_solve},
                              {"a2a_rounds", st.rounds}, {"loadavg", load}, {"peak_rss_gb", peak_rss_gb()}});
       std::cerr << "gpus " << g << " done (a2a solve " << fmt(t2 - t1, 2) << " s, moe skipped)\n";
       continue;
@@ -83,22 +86,26 @@ int main(int argc, char** argv) {
     double t3 = bench::now_s();
     SimOptions so;
     so.batch_tol = 1e-2;
+    std::clock_t c1 = std::clock();
     SimResult d = simulate_fluid(mf.dispatch, capacities(n), so);
     SimResult c = simulate_fluid(mf.combine, capacities(n), so);
-    double t4 = bench::now_s();
+    double t4 = bench::now_s(), cpu_sim = double(std::clock() - c1) / CLOCKS_PER_SEC;
     std::string load = loadavg();
     size_t moe_flows_n = mf.dispatch.count() + mf.combine.count();
-    t.add({std::to_string(g), fmt_int((long long)a2a_flows), fmt(t1 - t0, 2), fmt(t2 - t1, 2), fmt_int(st.rounds),
-           fmt_int((long long)moe_flows_n), fmt(t3 - t2, 2), fmt(t4 - t3, 2), std::to_string(d.events + c.events),
+    t.add({std::to_string(g), fmt_int((long long)a2a_flows), fmt(t1 - t0, 2), fmt(t2 - t1, 2), fmt(cpu_solve, 2),
+           fmt_int(st.rounds), fmt_int((long long)moe_flows_n), fmt(t3 - t2, 2), fmt(t4 - t3, 2), fmt(cpu_sim, 2),
+           std::to_string(d.events + c.events),
            fmt(mf.recv_imbalance, 2), load});
     res["rows"].push_back({{"gpus", g},
                            {"a2a_flows", a2a_flows},
                            {"a2a_build_s", t1 - t0},
                            {"a2a_solve_s", t2 - t1},
+                           {"a2a_solve_cpu_s", cpu_solve},
                            {"a2a_rounds", st.rounds},
                            {"moe_flows", moe_flows_n},
                            {"moe_generate_s", t3 - t2},
                            {"moe_simulate_s", t4 - t3},
+                           {"moe_simulate_cpu_s", cpu_sim},
                            {"moe_events", d.events + c.events},
                            {"moe_dispatch_ms", d.makespan * 1e3},
                            {"moe_combine_ms", c.makespan * 1e3},

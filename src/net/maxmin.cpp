@@ -188,13 +188,17 @@ std::vector<double> max_min_rates(const FlowSet& fs, const std::vector<double>& 
   std::vector<double> rate(fs.count(), 0.0);
   auto comps = components(fs, cap.size());
   int64_t rounds = 0;
-  std::vector<int32_t> map(cap.size(), -1);
-  for (auto& ids : comps) {
-    Component c(fs, cap, map, std::move(ids));
-    std::vector<uint8_t> active(c.flows.size(), 1);
-    std::vector<double> r(c.flows.size(), 0.0);
-    rounds += c.solve(active, r);
-    for (size_t i = 0; i < c.flows.size(); ++i) rate[c.flows[i]] = r[i];
+#pragma omp parallel num_threads(resolve_threads(0)) reduction(+ : rounds)
+  {
+    std::vector<int32_t> map(cap.size(), -1);
+#pragma omp for schedule(dynamic, 1)
+    for (size_t ci = 0; ci < comps.size(); ++ci) {
+      Component c(fs, cap, map, std::move(comps[ci]));
+      std::vector<uint8_t> active(c.flows.size(), 1);
+      std::vector<double> r(c.flows.size(), 0.0);
+      rounds += c.solve(active, r);
+      for (size_t i = 0; i < c.flows.size(); ++i) rate[c.flows[i]] = r[i];
+    }
   }
   if (st) st->rounds = rounds, st->components = (int)comps.size();
   return rate;
