@@ -6,7 +6,7 @@
 // decoding at batch 1 through the engine (greedy, output checked equal to plain decoding):
 // acceptance per draft position and the speed-up over the same engine without drafts.
 //
-//   dsv3_bench_decode [--quick] [--spec-model DIR [--spec-prompt-ids "ID ..."]] [--threads N]
+//   dsv3_bench_decode [--quick] [--spec-only] [--spec-model DIR [--spec-prompt-ids "ID ..."]] [--threads N]
 // (bench/spec_model.py trains a small model with an MTP module for --spec-model.)
 // Writes bench/results/decode.json.
 #include <cstdio>
@@ -113,15 +113,16 @@ Result measure(ModelRunner& runner, int64_t B, int64_t depth, int64_t steps, uin
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false;
+  bool quick = false, spec_only = false;
   std::string spec_model, spec_prompt;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
+    else if (!std::strcmp(argv[i], "--spec-only")) spec_only = true;
     else if (!std::strcmp(argv[i], "--spec-model") && i + 1 < argc) spec_model = argv[++i];
     else if (!std::strcmp(argv[i], "--spec-prompt-ids") && i + 1 < argc) spec_prompt = argv[++i];
     else if (!std::strcmp(argv[i], "--threads") && i + 1 < argc) set_num_threads(std::atoi(argv[++i]));
     else {
-      std::fprintf(stderr, "usage: %s [--quick] [--spec-model DIR [--spec-prompt-ids \"ID ...\"]] [--threads N]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--quick] [--spec-only] [--spec-model DIR [--spec-prompt-ids \"ID ...\"]] [--threads N]\n", argv[0]);
       return 2;
     }
   }
@@ -137,6 +138,7 @@ int main(int argc, char** argv) {
   };
   std::vector<P> presets = {{"tiny", {128, 448}, 32}, {"bench-0.7b", {128, 2048}, 12}};
   if (quick) presets = {{"tiny", {64}, 4}};
+  if (spec_only) presets.clear();
   for (const P& p : presets) {
     const ModelConfig c = preset_config(p.name);
     Weights w = Weights::random(c, 1);
@@ -201,7 +203,7 @@ int main(int argc, char** argv) {
                                   {"speedup", tps / tps0}, {"tokens_per_verification", s1.spec.tokens_per_round()},
                                   {"acceptance_per_position", rates}, {"greedy_output_identical", spec == base}});
   }
-  const std::string path = bench::write_result("decode", out);
+  const std::string path = bench::write_result(spec_only ? "decode_spec" : "decode", out);
   std::printf("\nwrote %s\n", path.c_str());
   return 0;
 }

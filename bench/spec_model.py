@@ -49,6 +49,7 @@ def main():
 
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_default_device(dev)  # mtp_reference builds positions and masks on the default device
     data = torch.tensor(list(open(a.data, "rb").read()), dtype=torch.long)
     train, held = data[: int(0.95 * len(data))], data[int(0.95 * len(data)):]
     cfg = DeepseekV3Config(**{k: v for k, v in CONFIG.items() if k not in ("architectures", "model_type")})
@@ -65,7 +66,7 @@ def main():
         lr = a.lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / a.steps)))
         for g in opt.param_groups:
             g["lr"] = lr
-        ix = torch.randint(0, len(train) - a.seq - 1, (a.batch,))
+        ix = torch.randint(0, len(train) - a.seq - 1, (a.batch,)).tolist()
         x = torch.stack([train[i:i + a.seq + 1] for i in ix]).to(dev)
         ids = x[:, :-1]
         h0 = model.model(input_ids=ids).last_hidden_state  # after model.norm
