@@ -229,6 +229,22 @@ TEST(Engine, BadInputNamesTheNumbers) {
   EXPECT_THROW(Engine(w, tiny_pool), InputError);
 }
 
+TEST(Engine, PaddingRowsAreNeverSampled) {
+  // n_valid plays the tokenizer's last real id + 1: rows past it are the head's padding.
+  Weights w = Weights::load(testing::fixture_dir("v3_hub_yarn_mtp1"));
+  EngineOptions o;
+  o.n_valid = 50;
+  for (int mtp : {0, 2}) {
+    o.draft_tokens = mtp;
+    Request q = greedy({0, 3, 4, 5}, 60);
+    q.sampling.temperature = 3.0f;
+    q.sampling.seed = 7;
+    const RunResult r = run(w, o, {q});
+    ASSERT_EQ(r.tokens[0].size(), 60u);
+    for (int32_t t : r.tokens[0]) EXPECT_LT(t, 50);
+  }
+}
+
 TEST(Engine, LengthStopsAtTheContext) {
   Weights w = Weights::load(testing::fixture_dir("v3_hub_yarn_mtp1"));
   EngineOptions o;
