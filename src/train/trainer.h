@@ -1,0 +1,97 @@
+// The training loop (DESIGN §3, paper_facts §3.3–3.4, §5):
+//   data [B, T+1] → forward (keep activations) → loss (CE main + λ/D·Σ MTP + α·balance) → backward
+//   → repeat for grad_accum micro-batches (gradients summed, scaled 1/n by the optimizer)
+//   → global-norm clip → AdamW (FP32 master weights, decay on matrices; the router bias is not a
+//   parameter of the optimizer and gets no gradient)
+//   → aux-loss-free balancing: per MoE layer (main and MTP blocks) b_i += γ·sign(mean load − load_i),
+//   the loads counted over the whole step (all micro-batches), only after an applied step.
+// Logged per step: loss, grad norm, lr, ms, tok/s (one llm.c line), MaxVio per MoE layer
+// (max_i load_i / mean − 1) into metrics.jsonl; every eval_every steps a validation loss and a short
+// greedy sample; checkpoints through CheckpointManager; a run resumes from OUT/latest bitwise.
+//
+// Precision: fp32 (everything F32); bf16 emulates BF16 GEMM operands with FP32 accumulation: the
+// weights the GEMMs read are BF16 copies of the F32 master weights (re-rounded after each update)
+// and the inputs of every linear are rounded to BF16 (ForwardOptions-independent: ModelDims flag);
+// norms, router, attention core, loss and optimizer stay F32.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "model/config.h"
+#include "train/optimizer.h"
+#include "train/schedule.h"
+
+namespace dsv3 {
+
+struct Grads;
+
+struct TrainOptions {
+  int64_t steps = 300;
+  int64_t batch = 8;       // sequences per micro-batch
+  int64_t seq_len = 64;    // T
+  int64_t grad_accum = 1;  // micro-batches per optimizer step
+  double lr = 3e-3, min_lr = 3e-4;
+  double warmup_frac = 0.05, decay_start_frac = 0.5;  // the V3 shape: warm-up, constant, cosine
+  ScalarSchedule mtp_lambda{0.3};
+  ScalarSchedule balance_alpha{1e-4};  // complementary sequence-wise loss α
+  ScalarSchedule bias_gamma{1e-3};     // aux-loss-free bias update speed γ (0: off)
+  OptimizerConfig opt;
+  uint64_t seed = 1234;
+  double init_std = 0.006;
+  std::string precision = "fp32";  // fp32 | bf16
+  std::string data_dir;            // prepared dataset (dataset.json)
+  std::string tokenizer_path;      // for samples and the checkpoints' tokenizer.json ("" = none)
+  std::string out_dir = "out";
+  int64_t eval_every = 50, eval_batches = 8;  // 0: no validation
+  int64_t sample_tokens = 24;                 // greedy sample after each validation (0: none)
+  std::string sample_prompt = "The";
+  int64_t checkpoint_every = 100;  // and at the end; 0: only at the end
+  int keep_checkpoints = 2;
+  bool resume = true;   // continue from OUT/latest when it exists
+  bool plot = true;     // loss PNG at each validation and at the end
+  bool quiet = false;   // no step lines (tests)
+
+  void validate() const;  // InputError naming the option
+  nlohmann::json to_json() const;
+};
+
+struct TrainSummary {
+  int64_t steps_done = 0, skipped = 0;
+  double last_loss = 0, last_val_loss = -1, first_val_loss = -1;
+  double seconds = 0;
+  std::vector<double> max_vio;              // of the last step, per MoE layer
+  std::vector<std::vector<int64_t>> loads;  // of the last step: per MoE layer, tokens per expert
+};
+
+class Trainer {
+ public:
+  // A fresh run starts from Weights::random(config, seed, init_std); with resume and a checkpoint
+  // in out_dir the run continues from it (its config wins; a different one is an InputError).
+  Trainer(const ModelConfig& config, TrainOptions o);
+  ~Trainer();
+
+  // Run until `stop_at` optimizer steps are done (default: o.steps). Throws TrainingStopped after
+  // max_consecutive_skips non-finite steps in a row.
+  TrainSummary run(int64_t stop_at = -1);
+
+  // Test hook: called after each micro-batch backward with (step, grads) — e.g. to poison gradients.
+  void set_grad_hook(std::function<void(int64_t, Grads&)> f) { grad_hook_ = std::move(f); }
+  int64_t step() const;
+  // The F32 master weights (named hub tensors), for tests.
+  std::vector<std::pair<std::string, const float*>> parameters() const;
+  std::vector<std::pair<std::string, int64_t>> parameter_sizes() const;
+  double validation_loss();
+  std::string greedy_sample(int64_t n);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  std::function<void(int64_t, Grads&)> grad_hook_;
+};
+
+}  // namespace dsv3

@@ -1,0 +1,271 @@
+// The training loop: resume is bitwise (1 and 2 threads), non-finite steps are skipped and counted
+// and K in a row stop the run, the aux-loss-free bias rule (and that AdamW never touches the bias),
+// and that a tiny model overfits a small text.
+#include "train/trainer.h"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+
+#include "core/threads.h"
+#include "io/tokenizer.h"
+#include "io/tokenizer_train.h"
+#include "model/config.h"
+#include "model/model.h"
+#include "train/data_prepare.h"
+
+namespace dsv3 {
+namespace {
+
+namespace fs = std::filesystem;
+
+const char* kConfig = R"({
+  "model_type": "deepseek_v3", "vocab_size": 320, "hidden_size": 32, "intermediate_size": 48,
+  "moe_intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+  "q_lora_rank": 16, "kv_lora_rank": 12, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8,
+  "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2,
+  "routed_scaling_factor": 2.5, "norm_topk_prob": true, "first_k_dense_replace": 1,
+  "num_nextn_predict_layers": 1, "max_position_embeddings": 64, "rope_theta": 10000.0,
+  "tie_word_embeddings": false
+})";
+
+// A small prepared dataset (BPE trained on it), shared by the tests of this file.
+struct Fixture {
+  fs::path root;
+  std::string data, tokenizer;
+  Fixture() {
+    root = fs::temp_directory_path() / cat("dsv3_trainer_test_", ::getpid());
+    fs::remove_all(root);
+    fs::create_directories(root);
+    const std::string text = (root / "text.txt").string();
+    {
+      std::ofstream f(text);
+      const char* lines[] = {"the cat sat on the mat and the dog sat on the log.",
+                             "a bird in the hand is worth two in the bush.",
+                             "the quick brown fox jumps over the lazy dog again and again."};
+      for (int doc = 0; doc < 40; ++doc) {
+        for (int i = 0; i < 6; ++i) f << lines[(doc + i) % 3] << " ";
+        f << "\n\n";
+      }
+    }
+    tokenizer = (root / "tokenizer.json").string();
+    train_bpe_files({text}, 300, tokenizer);
+    Tokenizer tok = Tokenizer::load(tokenizer);
+    PrepareOptions p;
+    p.tokenizer_path = tokenizer;
+    p.output_dir = (root / "data").string();
+    p.inputs = {text};
+    p.val_fraction = 0.1;
+    prepare_token_dataset(tok, p);
+    data = p.output_dir;
+  }
+  ~Fixture() { fs::remove_all(root); }
+};
+
+const Fixture& fixture() {
+  static Fixture f;
+  return f;
+}
+
+TrainOptions options(const std::string& out) {
+  TrainOptions o;
+  o.steps = 6;
+  o.batch = 2;
+  o.seq_len = 16;
+  o.grad_accum = 2;
+  o.lr = 5e-3;
+  o.min_lr = 5e-4;
+  o.warmup_frac = 0.2;
+  o.decay_start_frac = 0.5;
+  o.balance_alpha = ScalarSchedule(1e-2);
+  o.bias_gamma = ScalarSchedule(1e-2);
+  o.init_std = 0.05;
+  o.data_dir = fixture().data;
+  o.tokenizer_path = fixture().tokenizer;
+  o.out_dir = (fixture().root / out).string();
+  o.eval_every = 3;
+  o.eval_batches = 2;
+  o.sample_tokens = 4;
+  o.checkpoint_every = 0;
+  o.plot = false;
+  o.quiet = true;
+  o.resume = true;
+  return o;
+}
+
+ModelConfig config() { return parse_model_config(kConfig, "trainer_test"); }
+
+std::vector<std::vector<float>> snapshot(const Trainer& t) {
+  std::vector<std::vector<float>> out;
+  const auto sizes = t.parameter_sizes();
+  const auto ptrs = t.parameters();
+  for (size_t i = 0; i < ptrs.size(); ++i)
+    out.emplace_back(ptrs[i].second, ptrs[i].second + sizes[i].second);
+  return out;
+}
+
+// metrics.jsonl without the wall-clock fields.
+std::vector<nlohmann::json> read_metrics(const std::string& p) {
+  std::ifstream f(p);
+  std::vector<nlohmann::json> out;
+  for (std::string line; std::getline(f, line);) {
+    nlohmann::json j = nlohmann::json::parse(line);
+    j.erase("ms");
+    j.erase("tok_per_s");
+    out.push_back(j);
+  }
+  return out;
+}
+
+void resume_is_bitwise(int threads) {
+  set_num_threads(threads);
+  const std::string tag = cat("t", threads);
+  TrainOptions a = options("straight_" + tag);
+  fs::remove_all(a.out_dir);
+  std::vector<std::vector<float>> straight;
+  {
+    Trainer t(config(), a);
+    t.run();
+    straight = snapshot(t);
+  }
+  TrainOptions b = options("resumed_" + tag);
+  fs::remove_all(b.out_dir);
+  {
+    Trainer t(config(), b);
+    t.run(3);  // checkpoint at the stop
+    EXPECT_EQ(t.step(), 3);
+  }
+  Trainer t(config(), b);  // a new process would do exactly this
+  EXPECT_EQ(t.step(), 3);
+  t.run();
+  const auto resumed = snapshot(t);
+  ASSERT_EQ(resumed.size(), straight.size());
+  const auto names = t.parameter_sizes();
+  for (size_t i = 0; i < resumed.size(); ++i)
+    EXPECT_EQ(0, std::memcmp(resumed[i].data(), straight[i].data(), resumed[i].size() * sizeof(float)))
+        << names[i].first;
+  const auto ma = read_metrics(a.out_dir + "/metrics.jsonl"), mb = read_metrics(b.out_dir + "/metrics.jsonl");
+  EXPECT_EQ(ma.size(), 6u);
+  EXPECT_EQ(ma, mb);
+  EXPECT_TRUE(fs::exists(b.out_dir + "/latest/config.json"));
+  set_num_threads(0);
+}
+
+TEST(Trainer, ResumeIsBitwiseOneThread) { resume_is_bitwise(1); }
+TEST(Trainer, ResumeIsBitwiseTwoThreads) { resume_is_bitwise(2); }
+
+TEST(Trainer, NonFiniteGradientSkipsTheStep) {
+  TrainOptions o = options("nan_once");
+  fs::remove_all(o.out_dir);
+  o.steps = 3;
+  o.eval_every = 0;
+  Trainer t(config(), o);
+  t.set_grad_hook([](int64_t step, Grads& g) {
+    if (step == 1) g.get("model.layers.0.mlp.up_proj.weight").data<float>()[3] = std::numeric_limits<float>::quiet_NaN();
+  });
+  t.run(1);
+  const auto before = snapshot(t);
+  const TrainSummary s = t.run(2);
+  EXPECT_EQ(s.skipped, 1);
+  const auto after = snapshot(t);
+  for (size_t i = 0; i < after.size(); ++i)  // weights and biases untouched by the skipped step
+    EXPECT_EQ(0, std::memcmp(after[i].data(), before[i].data(), after[i].size() * sizeof(float)));
+  const TrainSummary s3 = t.run(3);
+  EXPECT_EQ(s3.skipped, 1);
+}
+
+TEST(Trainer, ConsecutiveNonFiniteStepsStopTheRun) {
+  TrainOptions o = options("nan_always");
+  fs::remove_all(o.out_dir);
+  o.steps = 10;
+  o.eval_every = 0;
+  o.opt.max_consecutive_skips = 3;
+  Trainer t(config(), o);
+  t.set_grad_hook([](int64_t, Grads& g) {
+    g.get("lm_head.weight").data<float>()[0] = std::numeric_limits<float>::infinity();
+  });
+  try {
+    t.run();
+    FAIL() << "expected TrainingStopped";
+  } catch (const TrainingStopped& e) {
+    EXPECT_NE(std::string(e.what()).find("3"), std::string::npos) << e.what();
+  }
+  EXPECT_LE(t.step(), 3);
+}
+
+// b_i += γ·sign(mean − load_i) from the step's loads; AdamW (with weight decay) never moves it.
+TEST(Trainer, BiasFollowsTheLoadsAndNotTheOptimizer) {
+  TrainOptions o = options("bias");
+  fs::remove_all(o.out_dir);
+  o.eval_every = 0;
+  o.opt.weight_decay = 0.5;
+  const ModelConfig c = config();
+  const std::vector<std::string> bias_names = {"model.layers.1.mlp.gate.e_score_correction_bias",
+                                               "model.layers.2.mlp.gate.e_score_correction_bias"};
+  auto bias_of = [&](const Trainer& t, const std::string& n) {
+    for (size_t i = 0; i < t.parameters().size(); ++i)
+      if (t.parameters()[i].first == n)
+        return std::vector<float>(t.parameters()[i].second, t.parameters()[i].second + c.n_routed_experts);
+    ADD_FAILURE() << n;
+    return std::vector<float>();
+  };
+  Trainer t(c, o);
+  for (int64_t step = 1; step <= 3; ++step) {
+    std::vector<std::vector<float>> before;
+    for (const auto& n : bias_names) before.push_back(bias_of(t, n));
+    const TrainSummary s = t.run(step);
+    ASSERT_EQ(s.loads.size(), bias_names.size());  // main MoE layer 1 and the MTP block (layer 2)
+    for (size_t l = 0; l < bias_names.size(); ++l) {
+      const auto after = bias_of(t, bias_names[l]);
+      double mean = 0;
+      for (int64_t x : s.loads[l]) mean += double(x);
+      mean /= double(c.n_routed_experts);
+      EXPECT_EQ(mean, double(o.batch * o.grad_accum * (l == 0 ? o.seq_len : o.seq_len - 1) * 2) / 8.0);  // k = 2, E = 8
+      for (int64_t e = 0; e < c.n_routed_experts; ++e) {
+        const double load = double(s.loads[l][size_t(e)]);
+        const float want = before[l][size_t(e)] + float(0.01 * double((mean > load) - (mean < load)));
+        EXPECT_EQ(after[size_t(e)], want) << bias_names[l] << " expert " << e;
+      }
+    }
+  }
+  // γ = 0: the bias stays exactly as it was, whatever the optimizer does.
+  TrainOptions z = options("bias_zero");
+  fs::remove_all(z.out_dir);
+  z.eval_every = 0;
+  z.bias_gamma = ScalarSchedule(0.0);
+  z.opt.weight_decay = 0.5;
+  Trainer tz(c, z);
+  tz.run();
+  for (const auto& n : bias_names)
+    for (float b : bias_of(tz, n)) EXPECT_EQ(b, 0.0f) << n;
+}
+
+TEST(Trainer, TinyModelOverfitsSmallText) {
+  TrainOptions o = options("overfit");
+  fs::remove_all(o.out_dir);
+  o.steps = 40;
+  o.grad_accum = 1;
+  o.batch = 4;
+  o.lr = 1e-2;
+  o.min_lr = 1e-3;
+  o.warmup_frac = 0.05;
+  o.eval_every = 40;
+  Trainer t(config(), o);
+  const TrainSummary s = t.run();
+  std::ifstream f(o.out_dir + "/metrics.jsonl");
+  std::string first;
+  std::getline(f, first);
+  const double l0 = nlohmann::json::parse(first)["loss"].get<double>();
+  EXPECT_LT(s.last_loss, l0 - 2.0) << "first " << l0 << " last " << s.last_loss;
+  EXPECT_GT(s.last_val_loss, 0.0);
+  EXPECT_LT(s.last_val_loss, std::log(320.0) - 2.0);
+  EXPECT_FALSE(t.greedy_sample(4).empty());
+}
+
+}  // namespace
+}  // namespace dsv3
