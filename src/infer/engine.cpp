@@ -292,6 +292,10 @@ std::vector<SeqEvent> Engine::step() {
   std::vector<std::vector<int32_t>> drafts;
   std::vector<std::vector<std::vector<float>>> qs;
   if (!spec_seqs.empty()) draft(spec_seqs, drafts, qs);
+  if (opt_.override_drafts)
+    for (size_t i = 0; i < spec_seqs.size(); ++i)
+      if (spec_seqs[i]->req.sampling.greedy())
+        drafts[i] = opt_.override_drafts(spec_seqs[i]->id, spec_seqs[i]->tokens, drafts[i].size());
 
   // One forward over every planned row.
   LatentAttention cache(*pool_, runner_.absorbed(), runner_.dims());

@@ -43,6 +43,9 @@ struct EngineOptions {
   int64_t n_valid = 0;             // ids ≥ n_valid are never sampled; 0: vocab_size
   bool all_logits = false;         // compute logits for every row (tests)
   std::function<std::string(int32_t)> token_text;  // bytes of a token, for text output and stop strings
+  // Tests: replace the MTP drafts of greedy sequences by (id, tokens so far, count) → drafts, so
+  // verification paths (all kept, some kept) can be forced. The MTP modules still run.
+  std::function<std::vector<int32_t>(int64_t, std::span<const int32_t>, size_t)> override_drafts;
 };
 
 struct SeqEvent {

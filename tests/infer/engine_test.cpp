@@ -146,6 +146,43 @@ TEST_P(SpecFixture, GreedyOutputIdenticalWithAndWithoutSpeculation) {
 INSTANTIATE_TEST_SUITE_P(Fixtures, SpecFixture, ::testing::ValuesIn(testing::mtp_fixtures()),
                          [](const auto& i) { return i.param; });
 
+TEST_P(SpecFixture, ForcedDraftsExerciseAcceptanceAndRollback) {
+  // Drafts taken from the plain greedy output are all kept; drafts with every second one wrong are
+  // kept up to the first wrong one. Output must not change either way.
+  Weights w = Weights::load(testing::fixture_dir(GetParam()));
+  const auto e = testing::load_expected(GetParam());
+  const std::vector<Request> reqs = {greedy(prompt_of(e.ids, 7, 0), 21), greedy(prompt_of(e.ids, 4, 3), 13)};
+  EngineOptions base;
+  base.cache.block_size = 4;
+  const RunResult plain = run(w, base, reqs);
+  for (bool corrupt : {false, true}) {
+    EngineOptions o = base;
+    o.draft_tokens = 3;
+    o.override_drafts = [&](int64_t id, std::span<const int32_t> toks, size_t n) {
+      const auto& want = plain.tokens[size_t(id)];
+      const size_t done = toks.size() - reqs[size_t(id)].prompt.size();  // output tokens so far
+      std::vector<int32_t> d;
+      for (size_t i = 0; i < n; ++i) {
+        int32_t t = want[done + i];
+        if (corrupt && i % 2 == 1) t = (t + 1) % 100;
+        d.push_back(t);
+      }
+      return d;
+    };
+    const RunResult s = run(w, o, reqs);
+    EXPECT_EQ(s.tokens, plain.tokens) << (corrupt ? "corrupted drafts" : "perfect drafts");
+    ASSERT_EQ(s.stats.spec.proposed.size(), 3u);
+    EXPECT_EQ(s.stats.spec.accepted[0], s.stats.spec.proposed[0]);
+    if (corrupt) {
+      EXPECT_EQ(s.stats.spec.accepted[1], 0);
+      EXPECT_EQ(s.stats.spec.proposed[2], 0);
+    } else {
+      EXPECT_EQ(s.stats.spec.accepted[2], s.stats.spec.proposed[2]);
+      EXPECT_GT(s.stats.spec.proposed[2], 0);
+    }
+  }
+}
+
 TEST(Engine, SampledOutputIsReproducibleBySeed) {
   Weights w = Weights::load(testing::fixture_dir("v3_hub_yarn_mtp1"));
   Request q = greedy({0, 3, 4, 5}, 20);
