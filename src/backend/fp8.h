@@ -61,12 +61,14 @@ void dequantize_fp8(const Tensor& q, const Tensor& scale, const Tensor& out);
 //     DeepGEMM's two-level scheme; it equals Σ_k (qa·sa)(qb·sb) up to FP32 summation error.)
 //   Limited: an emulation of Hopper tensor-core accumulation ([V3] §3.5.2). Each product is scaled
 //     by sa·sb in FP32 (exact when the scales are powers of two), products are taken in groups of 32
-//     (one WGMMA k-step); each group's products and the running accumulator are aligned to the
-//     largest exponent among them and truncated toward zero to `acc_bits` significant bits (14 = 13
-//     fraction bits + the implicit one, the FP22 register of [ISCA] §3.1.1), summed exactly, and the
-//     sum truncated to `acc_bits` again. With promote_every = N_C > 0 the limited accumulator is added
-//     into an FP32 accumulator and cleared every N_C elements of K (the paper's promotion to CUDA
-//     cores, N_C = 128); 0 = never. N_C must be a multiple of 32.
+//     (one WGMMA k-step), aligned to the largest exponent among them — and among the running
+//     accumulator too when acc_in_alignment — and truncated toward zero to `acc_bits` significant
+//     bits (14 = 13 fraction bits + the implicit one, the FP22 register of [ISCA] §3.1.1); the group
+//     is summed exactly into the accumulator and the sum truncated to `acc_bits` significant bits.
+//     The papers do not say whether the accumulator joins the alignment; both readings are offered
+//     (bench/fp8_accum.cpp reports both). With promote_every = N_C > 0 the limited accumulator is
+//     added into an FP32 accumulator and cleared every N_C elements of K (the paper's promotion to
+//     CUDA cores, N_C = 128); 0 = never. N_C must be a multiple of 32.
 enum class Fp8Accum : uint8_t { Fp32, Limited };
 
 // c[M, N] (+)= a · bᵀ with a = e4m3(qa)·sa: [M, K], b = e4m3(qb)·sb: [N, K] (the "NT" GEMM; every
@@ -82,6 +84,7 @@ struct Fp8GemmArgs {
   Fp8Accum accum = Fp8Accum::Fp32;
   int acc_bits = 14;
   int64_t promote_every = 0;  // Limited only; 0 = never
+  bool acc_in_alignment = true;  // Limited only
 };
 void fp8_gemm(const Fp8GemmArgs& args);
 

@@ -140,14 +140,14 @@ int exp_of(double v) {
 
 // One output of the limited-precision emulation: dot of two FP32 rows of scaled products.
 float limited_dot(const float* a, const float* b, const float* sa, const float* sb, int64_t K, int bits,
-                  int64_t promote) {
+                  int64_t promote, bool acc_aligned) {
   constexpr int64_t kGroup = 32;
   float fp32 = 0.0f;
   double acc = 0.0;  // holds a value with at most `bits` significant bits
   std::array<double, kGroup> p{};
   for (int64_t k0 = 0; k0 < K; k0 += kGroup) {
     int64_t n = std::min(kGroup, K - k0);
-    int emax = exp_of(acc);
+    int emax = acc_aligned ? exp_of(acc) : INT32_MIN;
     for (int64_t i = 0; i < n; ++i) {
       int64_t k = k0 + i;
       p[size_t(i)] = double(a[k] * b[k] * (sa[k / kFp8Block] * sb[k / kFp8Block]));
@@ -155,7 +155,7 @@ float limited_dot(const float* a, const float* b, const float* sa, const float* 
     }
     if (emax != INT32_MIN) {
       int lsb = emax - bits;
-      double s = chop(acc, lsb);
+      double s = acc_aligned ? chop(acc, lsb) : acc;
       for (int64_t i = 0; i < n; ++i) s += chop(p[size_t(i)], lsb);
       acc = s == 0.0 ? 0.0 : chop(s, exp_of(s) - bits);
     }
@@ -202,7 +202,7 @@ void fp8_gemm(const Fp8GemmArgs& g) {
       const float* sar = sa + (i / ga.th) * nk;
       for (int64_t j = 0; j < N; ++j)
         acc[size_t(i * N + j)] = limited_dot(af.data() + i * K, bf.data() + j * K, sar, sb + (j / gb.th) * nk, K,
-                                             g.acc_bits, g.promote_every);
+                                             g.acc_bits, g.promote_every, g.acc_in_alignment);
     }
   }
   if (g.c.dtype() == DType::F32) {
