@@ -39,10 +39,11 @@ void TrainOptions::validate() const {
   if (keep_checkpoints < 1) input_error("--keep-checkpoints is ", keep_checkpoints, "; expected ≥ 1");
   if (!(init_std > 0)) input_error("--init-std is ", init_std, "; expected > 0");
   if (precision == "fp8")
-    input_error("--precision fp8: FP8 training is the FP8 issue's work and is not implemented yet; use fp32 or "
+    input_error("--precision fp8: FP8 training belongs to the FP8 issue (#7, FP8 mixed-precision training) and is not "
+                "implemented yet; use fp32 or "
                 "bf16");
   if (precision != "fp32" && precision != "bf16")
-    input_error("--precision '", precision, "': expected fp32 or bf16 (fp8: see the FP8 issue)");
+    input_error("--precision '", precision, "': expected fp32 or bf16 (fp8: see the FP8 issue #7)");
   if (data_dir.empty()) input_error("no dataset: --data DIR (a directory written by `dsv3 data prepare`)");
   opt.validate();
 }
