@@ -163,7 +163,7 @@ Tensor ExpertParallelMoe::dispatch(Backend& be, const Tensor& ids_d, const Tenso
   auto put_payload = [&](char* row, int64_t t) {
     char* dst = row + 8 + 8 * K;
     if (fp8) {
-      std::memcpy(dst, q.data<uint8_t>() + t * H, size_t(H));
+      std::memcpy(dst, static_cast<const char*>(q.raw()) + t * H, size_t(H));
       std::memcpy(dst + H, sc.data<float>() + t * nb, size_t(4 * nb));
     } else {
       std::memcpy(dst, x.data<float>() + t * H, size_t(4 * H));
@@ -234,7 +234,7 @@ Tensor ExpertParallelMoe::dispatch(Backend& be, const Tensor& ids_d, const Tenso
     Tensor rq = Tensor::empty(DType::F8_E4M3, {R, H}), rs = Tensor::empty(DType::F32, {R, nb});
     for (int64_t i = 0; i < R; ++i) {
       const char* src = got.data() + order[size_t(i)] * l.bytes() + 8 + 8 * K;
-      std::memcpy(rq.data<uint8_t>() + i * H, src, size_t(H));
+      std::memcpy(static_cast<char*>(rq.raw()) + i * H, src, size_t(H));
       std::memcpy(rs.data<float>() + i * nb, src + H, size_t(4 * nb));
     }
     dequantize_fp8(rq, rs, xin);
