@@ -1,33 +1,17 @@
 // `dsv3 info` through the executable: the JSON contract and the errors.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 
-#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "cli_util.h"
+
 namespace {
 
-struct Result {
-  int status = -1;
-  std::string out;
-};
-
-// Runs dsv3 with `args` (stderr folded into the output when `merge_stderr`).
-Result dsv3(const std::string& args, bool merge_stderr = false) {
-  std::string cmd = std::string(DSV3_BINARY_DIR) + "/dsv3 " + args + (merge_stderr ? " 2>&1" : " 2>/dev/null");
-  Result r;
-  FILE* p = popen(cmd.c_str(), "r");
-  if (!p) return r;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) r.out.append(buf, n);
-  int st = pclose(p);
-  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return r;
-}
+using dsv3::cli_test::dsv3;
+using dsv3::cli_test::Result;
 
 TEST(CliInfo, V3Json) {
   Result r = dsv3("info --preset v3 --json");
