@@ -11,7 +11,7 @@ echo "== build (Release, -Werror)"
 cmake -S . -B build-ci -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSV3_WERROR=ON >/dev/null
 cmake --build build-ci -j "$jobs"
 echo "== tests"
-(cd build-ci && ctest --output-on-failure -j "$jobs" --timeout 900)
+(cd build-ci && ctest --output-on-failure -j "$jobs" --timeout 900 -LE gpu)
 
 echo "== sanitizers + fuzzers (clang, address,undefined): I/O and core"
 cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_C_COMPILER=clang \

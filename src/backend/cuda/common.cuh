@@ -1,0 +1,141 @@
+// Helpers shared by the CUDA op files: error checks, launch shapes, dtype loads, block reductions,
+// and device scratch from the backend's caching allocator.
+#pragma once
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <memory>
+
+#include "backend/cuda/cuda_backend.h"
+#include "core/error.h"
+
+namespace dsv3::cuda {
+
+#define DSV3_CUDA_CHECK(expr)                                                                     \
+  do {                                                                                            \
+    cudaError_t e_ = (expr);                                                                      \
+    if (e_ != cudaSuccess) ::dsv3::internal_error("CUDA: ", #expr, ": ", cudaGetErrorString(e_)); \
+  } while (0)
+#define DSV3_CUBLAS_CHECK(expr)                                                                   \
+  do {                                                                                            \
+    int s_ = int(expr);                                                                           \
+    if (s_ != 0) ::dsv3::internal_error("cuBLAS: ", #expr, " returned status ", s_);              \
+  } while (0)
+
+// Check the last launch (cheap: no synchronisation).
+inline void check_launch(const char* op) {
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) internal_error("CUDA launch in ", op, ": ", cudaGetErrorString(e));
+}
+
+inline unsigned blocks_for(int64_t n, int threads = 256) {
+  int64_t b = (n + threads - 1) / threads;
+  return unsigned(b < 1 ? 1 : (b > (1 << 30) ? (1 << 30) : b));
+}
+
+template <class T> T* ptr(const Tensor& t) { return static_cast<T*>(const_cast<Tensor&>(t).raw()); }
+inline int64_t last_dim(const Tensor& t) { return t.ndim() ? t.dim(-1) : 1; }
+inline int64_t rows_of(const Tensor& t) {
+  int64_t l = last_dim(t);
+  return l ? t.numel() / l : 0;
+}
+
+// Element i of a float tensor of any stored dtype, as F32 (the CPU's conversions: exact widening).
+__device__ __forceinline__ float load_f(const void* p, DType t, int64_t i) {
+  switch (t) {
+    case DType::F32: return static_cast<const float*>(p)[i];
+    case DType::F64: return float(static_cast<const double*>(p)[i]);
+    case DType::BF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    case DType::F16: return __half2float(static_cast<const __half*>(p)[i]);
+    case DType::F8_E4M3: {
+      __half_raw h = __nv_cvt_fp8_to_halfraw(static_cast<const __nv_fp8_storage_t*>(p)[i], __NV_E4M3);
+      return __half2float(__half(h));
+    }
+    case DType::F8_E5M2: {
+      __half_raw h = __nv_cvt_fp8_to_halfraw(static_cast<const __nv_fp8_storage_t*>(p)[i], __NV_E5M2);
+      return __half2float(__half(h));
+    }
+    case DType::I32: return float(static_cast<const int32_t*>(p)[i]);
+    default: return 0.0f;
+  }
+}
+// Store F32 into a float dtype with the CPU's rounding (RNE; FP8 saturating).
+__device__ __forceinline__ void store_f(void* p, DType t, int64_t i, float v) {
+  switch (t) {
+    case DType::F32: static_cast<float*>(p)[i] = v; break;
+    case DType::F64: static_cast<double*>(p)[i] = double(v); break;
+    case DType::BF16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); break;
+    case DType::F16: static_cast<__half*>(p)[i] = __float2half_rn(v); break;
+    case DType::F8_E4M3:
+      static_cast<__nv_fp8_storage_t*>(p)[i] = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+      break;
+    case DType::F8_E5M2:
+      static_cast<__nv_fp8_storage_t*>(p)[i] = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E5M2);
+      break;
+    default: break;
+  }
+}
+
+// Block-wide sum / max (blockDim.x a multiple of 32, ≤ 1024). Every thread gets the result.
+template <class T> __device__ __forceinline__ T warp_sum(T v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+template <class T> __device__ T block_sum(T v) {
+  __shared__ T part[32];
+  __syncthreads();  // part may still be read by a previous call
+  v = warp_sum(v);
+  int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  if (lane == 0) part[w] = v;
+  __syncthreads();
+  T r = lane < nw ? part[lane] : T(0);
+  return warp_sum(r);
+}
+__device__ inline float block_max(float v) {
+  __shared__ float part[32];
+  __syncthreads();
+  v = warp_max(v);
+  int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  if (lane == 0) part[w] = v;
+  __syncthreads();
+  float r = lane < nw ? part[lane] : -INFINITY;
+  return warp_max(r);
+}
+
+// Device scratch from the caching allocator, freed (returned to the cache) at scope exit. Kernels
+// run on one stream, so memory freed here is only reused by work queued after this op's kernels.
+class Scratch {
+ public:
+  explicit Scratch(size_t bytes);
+  ~Scratch();
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  template <class T> T* as() const { return static_cast<T*>(p_); }
+
+ private:
+  void* p_ = nullptr;
+};
+
+// The shared cuBLAS handle (FP32 math, TF32 off; default stream).
+cublasHandle_t cublas();
+
+// Row-major C[m,n] = alpha·op(A)·op(B) + beta·C (cuBLAS SGEMM).
+void sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+           const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+
+// Index of the first element of p[0..n) outside [lo, hi), or −1; its value in *bad. Synchronises.
+int64_t first_out_of_range(const int32_t* p, int64_t n, int64_t lo, int64_t hi, int32_t* bad);
+
+// Stable sort of keys k[0..n) in [0, nkeys): order[r] = index of the r-th element, and
+// offsets[0..nkeys] the start of each key's run (device arrays owned by the caller).
+void stable_bucket(const int32_t* keys, int64_t n, int64_t nkeys, int32_t* order, int32_t* offsets);
+
+}  // namespace dsv3::cuda

@@ -1,0 +1,175 @@
+// The CUDA backend's device plumbing: a caching allocator registered with core, host↔device copies,
+// the shared cuBLAS handle, range checks and the stable bucket sort used by MoE and scatter ops.
+#include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_scan.cuh>
+
+#include <map>
+#include <mutex>
+#include <unordered_map>
+
+#include "backend/cuda/common.cuh"
+
+namespace dsv3 {
+namespace cuda {
+namespace {
+
+// Freed blocks are kept by size and reused for requests of up to the same size (at most 2× larger
+// blocks serve a request), so a training step's allocate/free pattern stops calling cudaMalloc.
+class CachingAllocator {
+ public:
+  void* alloc(size_t bytes) {
+    if (bytes == 0) bytes = 1;
+    bytes = (bytes + 511) & ~size_t(511);
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = free_.lower_bound(bytes);
+    if (it != free_.end() && it->first <= 2 * bytes) {
+      void* p = it->second;
+      free_.erase(it);
+      return p;
+    }
+    void* p = nullptr;
+    cudaError_t e = cudaMalloc(&p, bytes);
+    if (e != cudaSuccess) {  // release the cache and retry once
+      (void)cudaGetLastError();
+      for (auto& kv : free_) cudaFree(kv.second);
+      free_.clear();
+      e = cudaMalloc(&p, bytes);
+      if (e != cudaSuccess) internal_error("cudaMalloc of ", bytes, " bytes: ", cudaGetErrorString(e));
+    }
+    size_[p] = bytes;
+    return p;
+  }
+  void free(void* p) {
+    if (!p) return;
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = size_.find(p);
+    if (it == size_.end()) return;
+    free_.emplace(it->second, p);
+  }
+
+ private:
+  std::mutex mu_;
+  std::multimap<size_t, void*> free_;
+  std::unordered_map<void*, size_t> size_;
+};
+
+CachingAllocator& allocator() {
+  static CachingAllocator* a = new CachingAllocator;  // never destroyed: tensors may outlive main
+  return *a;
+}
+
+__global__ void range_kernel(const int32_t* p, int64_t n, int64_t lo, int64_t hi, unsigned long long* first) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    if (p[i] < lo || p[i] >= hi) atomicMin(first, (unsigned long long)i);
+}
+
+__global__ void iota_kernel(int32_t* p, int64_t n) {
+  int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i < n) p[i] = int32_t(i);
+}
+__global__ void count_kernel(const int32_t* keys, int64_t n, int32_t* counts) {
+  int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i < n) atomicAdd(&counts[keys[i]], 1);
+}
+
+}  // namespace
+
+Scratch::Scratch(size_t bytes) : p_(allocator().alloc(bytes)) {}
+Scratch::~Scratch() { allocator().free(p_); }
+
+cublasHandle_t cublas() {
+  static cublasHandle_t h = [] {
+    cublasHandle_t x;
+    DSV3_CUBLAS_CHECK(cublasCreate(&x));
+    DSV3_CUBLAS_CHECK(cublasSetMathMode(x, CUBLAS_PEDANTIC_MATH));  // FP32 exactly: no TF32
+    return x;
+  }();
+  return h;
+}
+
+void sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+           const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: swap the operands.
+  DSV3_CUBLAS_CHECK(cublasSgemm(cublas(), trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                int(n), int(m), int(k), &alpha, b, int(ldb), a, int(lda), &beta, c, int(ldc)));
+}
+
+int64_t first_out_of_range(const int32_t* p, int64_t n, int64_t lo, int64_t hi, int32_t* bad) {
+  if (n == 0) return -1;
+  Scratch s(sizeof(unsigned long long));
+  unsigned long long init = ~0ull, first = 0;
+  DSV3_CUDA_CHECK(cudaMemcpy(s.as<void>(), &init, sizeof init, cudaMemcpyHostToDevice));
+  range_kernel<<<std::min(blocks_for(n), 1024u), 256>>>(p, n, lo, hi, s.as<unsigned long long>());
+  check_launch("range check");
+  DSV3_CUDA_CHECK(cudaMemcpy(&first, s.as<void>(), sizeof first, cudaMemcpyDeviceToHost));
+  if (first == ~0ull) return -1;
+  DSV3_CUDA_CHECK(cudaMemcpy(bad, p + first, sizeof(int32_t), cudaMemcpyDeviceToHost));
+  return int64_t(first);
+}
+
+void stable_bucket(const int32_t* keys, int64_t n, int64_t nkeys, int32_t* order, int32_t* offsets) {
+  DSV3_CUDA_CHECK(cudaMemset(offsets, 0, size_t(nkeys + 1) * sizeof(int32_t)));
+  if (n == 0) return;
+  Scratch idx(size_t(n) * 4), keys_out(size_t(n) * 4), counts(size_t(nkeys + 1) * 4);
+  iota_kernel<<<blocks_for(n), 256>>>(idx.as<int32_t>(), n);
+  int end_bit = 1;
+  while ((int64_t(1) << end_bit) < nkeys) ++end_bit;
+  // LSD radix sort is stable, so equal keys keep ascending index order.
+  size_t tmp = 0;
+  DSV3_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, tmp, keys, keys_out.as<int32_t>(), idx.as<int32_t>(),
+                                                  order, int(n), 0, end_bit));
+  Scratch t(tmp);
+  DSV3_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(t.as<void>(), tmp, keys, keys_out.as<int32_t>(),
+                                                  idx.as<int32_t>(), order, int(n), 0, end_bit));
+  DSV3_CUDA_CHECK(cudaMemset(counts.as<void>(), 0, size_t(nkeys + 1) * 4));
+  count_kernel<<<blocks_for(n), 256>>>(keys, n, counts.as<int32_t>());
+  size_t tmp2 = 0;
+  DSV3_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, tmp2, counts.as<int32_t>(), offsets, int(nkeys + 1)));
+  Scratch t2(tmp2);
+  DSV3_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(t2.as<void>(), tmp2, counts.as<int32_t>(), offsets, int(nkeys + 1)));
+  check_launch("stable_bucket");
+}
+
+}  // namespace cuda
+
+int cuda_device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+CudaBackend::CudaBackend() {
+  if (cuda_device_count() == 0) input_error("CUDA backend: no usable CUDA device (driver or GPU missing)");
+  set_allocator(Device::CUDA, Allocator{[](size_t n) { return cuda::allocator().alloc(n); },
+                                        [](void* p) { cuda::allocator().free(p); }});
+}
+
+CudaBackend& cuda_backend() {
+  static CudaBackend b;
+  return b;
+}
+
+Tensor CudaBackend::alloc(DType t, const Shape& s) { return Tensor::empty(t, s, Device::CUDA); }
+
+Tensor CudaBackend::to_device(const Tensor& host) {
+  DSV3_CHECK(host.device() == Device::CPU, "to_device: tensor is already on ", device_name(host.device()));
+  Tensor d = alloc(host.dtype(), host.shape());
+  if (host.nbytes()) DSV3_CUDA_CHECK(cudaMemcpy(d.raw(), host.raw(), host.nbytes(), cudaMemcpyHostToDevice));
+  return d;
+}
+
+Tensor CudaBackend::to_host(const Tensor& t) {
+  Tensor h = Tensor::empty(t.dtype(), t.shape());
+  if (t.nbytes() == 0) return h;
+  cudaMemcpyKind kind = t.device() == Device::CUDA ? cudaMemcpyDeviceToHost : cudaMemcpyHostToHost;
+  DSV3_CUDA_CHECK(cudaMemcpy(h.raw(), t.raw(), t.nbytes(), kind));
+  return h;
+}
+
+void CudaBackend::synchronize() { DSV3_CUDA_CHECK(cudaDeviceSynchronize()); }
+
+}  // namespace dsv3

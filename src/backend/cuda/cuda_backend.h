@@ -1,0 +1,69 @@
+// The CUDA backend: every op of ops.h on one NVIDIA GPU (built for sm_90a). Tensors live in device
+// memory from a caching allocator; every kernel runs on the legacy default stream, so to_host and
+// to_device order themselves after queued work without explicit events. Numbers are FP32 like the
+// CPU reference (cuBLAS SGEMM with TF32 off), so the generic harness compares both under kF32.
+// This header has no CUDA types: tests and benchmarks include it from plain C++.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "backend/fp8.h"
+#include "backend/ops.h"
+
+namespace dsv3 {
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend();
+  Device device() const override { return Device::CUDA; }
+  std::string name() const override { return "cuda"; }
+  Tensor alloc(DType t, const Shape& s) override;
+  Tensor to_device(const Tensor& host) override;
+  Tensor to_host(const Tensor& t) override;
+  void synchronize() override;
+
+  void linear(const LinearArgs&) override;
+  void linear_backward(const LinearBackwardArgs&) override;
+  void matmul(const MatmulArgs&) override;
+  void embedding(const EmbeddingArgs&) override;
+  void embedding_backward(const EmbeddingBackwardArgs&) override;
+  void rmsnorm(const RmsNormArgs&) override;
+  void rmsnorm_backward(const RmsNormBackwardArgs&) override;
+  void rope(const RopeArgs&) override;
+  void attention(const AttentionArgs&) override;
+  void attention_backward(const AttentionBackwardArgs&) override;
+  void swiglu(const SwigluArgs&) override;
+  void swiglu_backward(const SwigluBackwardArgs&) override;
+  void router(const RouterArgs&) override;
+  void router_backward(const RouterBackwardArgs&) override;
+  void moe_sort(const MoeSortArgs&) override;
+  void gather_rows(const GatherRowsArgs&) override;
+  void scatter_add_rows(const ScatterAddRowsArgs&) override;
+  void scatter_add_rows_backward(const ScatterAddRowsBackwardArgs&) override;
+  void cross_entropy(const CrossEntropyArgs&) override;
+  void add(const AddArgs&) override;
+  void scale(const ScaleArgs&) override;
+  void mul(const MulArgs&) override;
+  void copy(const CopyArgs&) override;
+  void fill(const FillArgs&) override;
+  void copy_cols(const CopyColsArgs&) override;
+  void sum_squares(const SumSquaresArgs&) override;
+  void adamw(const AdamWArgs&) override;
+};
+
+// The process-wide CUDA backend (registers the CUDA allocator with core on first use).
+// Throws InputError when no CUDA device is usable.
+CudaBackend& cuda_backend();
+// Number of visible CUDA devices (0 when the driver or device is missing; never throws).
+int cuda_device_count();
+
+// FP8 on the GPU, same contracts as backend/fp8.h but on CUDA tensors.
+// quantize: Fp32 reference semantics of quantize_fp8 (non-finite inputs are counted, never thrown).
+Fp8Status cuda_quantize_fp8(const QuantizeFp8Args& args);
+// c[M,N] (+)= (qa·sa)·(qb·sb)ᵀ through cuBLASLt's block-scaled FP8 matmul: a scaled per 1×128
+// (VEC128_32F), b per 128×128 (BLK128x128_32F) or per 1×128. K must be a multiple of 128 and M, N
+// multiples of 16 (cuBLASLt's requirement for these scale modes); c F32 or BF16. Fp32 accum only.
+void cuda_fp8_gemm(const Fp8GemmArgs& args);
+
+}  // namespace dsv3

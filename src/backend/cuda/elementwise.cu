@@ -1,0 +1,184 @@
+// Elementwise ops, copies and conversions, column-block copies, the sum of squares and AdamW.
+#include <cmath>
+
+#include "backend/cuda/common.cuh"
+
+namespace dsv3 {
+using namespace cuda;
+
+namespace {
+
+#define GRID_LOOP(i, n) \
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)
+
+__global__ void add_kernel(const float* a, const float* b, float* o, int64_t n, float al, float be) {
+  GRID_LOOP(i, n) o[i] = al * a[i] + be * b[i];
+}
+__global__ void scale_kernel(const float* x, float* o, int64_t n, float s) { GRID_LOOP(i, n) o[i] = s * x[i]; }
+__global__ void mul_kernel(const float* a, const float* b, float* o, int64_t n, bool acc) {
+  GRID_LOOP(i, n) o[i] = acc ? o[i] + a[i] * b[i] : a[i] * b[i];
+}
+__global__ void convert_kernel(const void* s, DType st, void* d, DType dt, int64_t n) {
+  GRID_LOOP(i, n) store_f(d, dt, i, load_f(s, st, i));
+}
+__global__ void fill_kernel(void* x, DType t, int64_t n, float v) {
+  GRID_LOOP(i, n) {
+    if (t == DType::I32) static_cast<int32_t*>(x)[i] = int32_t(v);
+    else store_f(x, t, i, v);
+  }
+}
+// dst row r, column c < w. Rs == Rd: r' = r; broadcast (g_b > 1): r' = r / g_b; reduce (g_r > 1):
+// the sum of src rows r·g_r + j in ascending j.
+__global__ void copy_cols_kernel(const float* s, int64_t cs, float* d, int64_t cd, int64_t rd, int64_t w,
+                                 int64_t g_b, int64_t g_r, bool acc) {
+  GRID_LOOP(i, rd * w) {
+    int64_t r = i / w, c = i % w;
+    float v;
+    if (g_b > 1) {
+      v = s[(r / g_b) * cs + c];
+    } else {
+      v = s[(r * g_r) * cs + c];
+      if (acc) v = d[r * cd + c] + v;
+      for (int64_t j = 1; j < g_r; ++j) v += s[(r * g_r + j) * cs + c];
+      d[r * cd + c] = v;
+      continue;
+    }
+    d[r * cd + c] = acc ? d[r * cd + c] + v : v;
+  }
+}
+__global__ void sumsq_partial(const float* x, int64_t n, int64_t chunk, double* part) {
+  int64_t lo = blockIdx.x * chunk, hi = lo + chunk < n ? lo + chunk : n;
+  double s = 0.0;
+  for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) s += double(x[i]) * double(x[i]);
+  s = block_sum(s);
+  if (threadIdx.x == 0) part[blockIdx.x] = s;
+}
+__global__ void sumsq_final(const double* part, int64_t np, float* out, bool acc) {
+  double s = 0.0;
+  for (int64_t i = threadIdx.x; i < np; i += blockDim.x) s += part[i];
+  s = block_sum(s);
+  if (threadIdx.x == 0) out[0] = acc ? float(double(out[0]) + s) : float(s);
+}
+__global__ void adamw_kernel(float* p, const float* g, void* m, bool mb, void* v, bool vb, int64_t n, float b1,
+                             float b2, float eps, float gs, float decay, float step_size, float bc2_sqrt) {
+  GRID_LOOP(i, n) {
+    float gi = g[i] * gs;
+    float mi = mb ? __bfloat162float(static_cast<__nv_bfloat16*>(m)[i]) : static_cast<float*>(m)[i];
+    float vi = vb ? __bfloat162float(static_cast<__nv_bfloat16*>(v)[i]) : static_cast<float*>(v)[i];
+    mi = b1 * mi + (1.0f - b1) * gi;
+    vi = b2 * vi + (1.0f - b2) * gi * gi;
+    float pi = p[i] * decay;
+    pi -= step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
+    p[i] = pi;
+    if (mb) static_cast<__nv_bfloat16*>(m)[i] = __float2bfloat16_rn(mi);
+    else static_cast<float*>(m)[i] = mi;
+    if (vb) static_cast<__nv_bfloat16*>(v)[i] = __float2bfloat16_rn(vi);
+    else static_cast<float*>(v)[i] = vi;
+  }
+}
+__global__ void swiglu_kernel(const float* g, const float* u, float* o, int64_t n) {
+  GRID_LOOP(i, n) {
+    float gi = g[i], ui = u[i];
+    o[i] = gi / (1.0f + expf(-gi)) * ui;
+  }
+}
+__global__ void swiglu_bwd_kernel(const float* dout, const float* g, const float* u, float* dg, float* du, int64_t n,
+                                  bool acc) {
+  GRID_LOOP(i, n) {
+    float gi = g[i], ui = u[i], go = dout[i];
+    float sg = 1.0f / (1.0f + expf(-gi));
+    float vg = go * ui * sg * (1.0f + gi * (1.0f - sg));
+    float vu = go * (gi * sg);
+    if (dg) dg[i] = acc ? dg[i] + vg : vg;
+    if (du) du[i] = acc ? du[i] + vu : vu;
+  }
+}
+
+unsigned grid(int64_t n) { return std::min(blocks_for(n), 65535u * 8); }
+
+}  // namespace
+
+void CudaBackend::add(const AddArgs& a) {
+  validate(a);
+  int64_t n = a.out.numel();
+  if (n) add_kernel<<<grid(n), 256>>>(ptr<float>(a.a), ptr<float>(a.b), ptr<float>(a.out), n, a.alpha, a.beta);
+  check_launch("add");
+}
+void CudaBackend::scale(const ScaleArgs& a) {
+  validate(a);
+  int64_t n = a.out.numel();
+  if (n) scale_kernel<<<grid(n), 256>>>(ptr<float>(a.x), ptr<float>(a.out), n, a.s);
+  check_launch("scale");
+}
+void CudaBackend::mul(const MulArgs& a) {
+  validate(a);
+  int64_t n = a.out.numel();
+  if (n) mul_kernel<<<grid(n), 256>>>(ptr<float>(a.a), ptr<float>(a.b), ptr<float>(a.out), n, a.accumulate);
+  check_launch("mul");
+}
+void CudaBackend::copy(const CopyArgs& a) {
+  validate(a);
+  if (a.src.raw() == a.dst.raw() && a.src.dtype() == a.dst.dtype()) return;
+  int64_t n = a.src.numel();
+  if (n == 0) return;
+  if (a.src.dtype() == a.dst.dtype()) {
+    DSV3_CUDA_CHECK(cudaMemcpy(ptr<void>(a.dst), a.src.raw(), a.src.nbytes(), cudaMemcpyDeviceToDevice));
+    return;
+  }
+  convert_kernel<<<grid(n), 256>>>(a.src.raw(), a.src.dtype(), ptr<void>(a.dst), a.dst.dtype(), n);
+  check_launch("copy");
+}
+void CudaBackend::fill(const FillArgs& a) {
+  validate(a);
+  int64_t n = a.x.numel();
+  if (n) fill_kernel<<<grid(n), 256>>>(ptr<void>(a.x), a.x.dtype(), n, a.value);
+  check_launch("fill");
+}
+void CudaBackend::copy_cols(const CopyColsArgs& a) {
+  validate(a);
+  int64_t cs = last_dim(a.src), cd = last_dim(a.dst), rs = rows_of(a.src), rd = rows_of(a.dst), w = a.width;
+  if (rd == 0 || w == 0) return;
+  int64_t g_b = rs < rd ? rd / rs : 1, g_r = rs >= rd ? rs / rd : 1;
+  copy_cols_kernel<<<grid(rd * w), 256>>>(ptr<float>(a.src) + a.src_col, cs, ptr<float>(a.dst) + a.dst_col, cd, rd,
+                                          w, g_b, g_r, a.accumulate);
+  check_launch("copy_cols");
+}
+void CudaBackend::sum_squares(const SumSquaresArgs& a) {
+  validate(a);
+  // Fixed chunks summed in a fixed order: deterministic, like the CPU's.
+  constexpr int64_t kChunk = 1 << 14;
+  int64_t n = a.x.numel(), nc = std::max<int64_t>(1, (n + kChunk - 1) / kChunk);
+  Scratch part(size_t(nc) * sizeof(double));
+  sumsq_partial<<<unsigned(nc), 256>>>(ptr<float>(a.x), n, kChunk, part.as<double>());
+  sumsq_final<<<1, 256>>>(part.as<double>(), nc, ptr<float>(a.out), a.accumulate);
+  check_launch("sum_squares");
+}
+void CudaBackend::adamw(const AdamWArgs& a) {
+  validate(a);
+  int64_t n = a.param.numel();
+  if (n == 0) return;
+  const double bc1 = 1.0 - std::pow(double(a.beta1), double(a.step));
+  const double bc2 = 1.0 - std::pow(double(a.beta2), double(a.step));
+  adamw_kernel<<<grid(n), 256>>>(ptr<float>(a.param), ptr<float>(a.grad), ptr<void>(a.m), a.m.dtype() == DType::BF16,
+                                 ptr<void>(a.v), a.v.dtype() == DType::BF16, n, a.beta1, a.beta2, a.eps,
+                                 a.grad_scale, 1.0f - a.lr * a.weight_decay, float(double(a.lr) / bc1),
+                                 float(std::sqrt(bc2)));
+  check_launch("adamw");
+}
+void CudaBackend::swiglu(const SwigluArgs& a) {
+  validate(a);
+  int64_t n = a.out.numel();
+  if (n) swiglu_kernel<<<grid(n), 256>>>(ptr<float>(a.gate), ptr<float>(a.up), ptr<float>(a.out), n);
+  check_launch("swiglu");
+}
+void CudaBackend::swiglu_backward(const SwigluBackwardArgs& a) {
+  validate(a);
+  int64_t n = a.gate.numel();
+  if (n)
+    swiglu_bwd_kernel<<<grid(n), 256>>>(ptr<float>(a.dout), ptr<float>(a.gate), ptr<float>(a.up),
+                                        present(a.dgate) ? ptr<float>(a.dgate) : nullptr,
+                                        present(a.dup) ? ptr<float>(a.dup) : nullptr, n, a.accumulate);
+  check_launch("swiglu_backward");
+}
+
+}  // namespace dsv3

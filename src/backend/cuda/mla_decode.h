@@ -1,0 +1,28 @@
+// Absorbed-MLA decode attention over the paged latent cache (src/infer/kv_cache.h layout), on the GPU.
+// Plain C++ header (no CUDA types) so the engine, tests and benchmarks can include it.
+#pragma once
+#include "core/tensor.h"
+
+namespace dsv3 {
+
+// For each sequence b and head h, with rows r_t = pool row of position t (t < lengths[b]) of `layer`:
+//   s_t = scale · q[b,h,:]·r_t[0:W],  out[b,h,:] = Σ_t softmax(s)_t · r_t[0:kv_lora_rank],
+//   lse[b,h] = logsumexp(s) (optional).
+// q is the absorbed query [q_nope·W_UK ‖ rotated q_pe] (W = kv_lora_rank + rope dims = 576 for V3).
+// pool: the cache pool's storage on the device, BF16, row (block, layer, slot) at element
+// ((block·layers + layer)·block_size + slot)·W; block_size must be 64. block_table[b, i] is the
+// i-th block of sequence b. Every lengths[b] ≥ 1.
+struct MlaDecodeArgs {
+  Tensor q;            // [B, H, W] F32 (device)
+  Tensor pool;         // BF16 (device), any shape holding the rows
+  Tensor block_table;  // [B, max_blocks] I32 (device)
+  Tensor lengths;      // [B] I32 (device)
+  int64_t layers = 1, layer = 0, block_size = 64, kv_lora_rank = 512;
+  int64_t max_len = 0;  // an upper bound of lengths (host side: sizes the split of the work)
+  float scale = 1.0f;
+  Tensor out;  // [B, H, kv_lora_rank] F32 (device)
+  Tensor lse;  // [B, H] F32, optional
+};
+void cuda_mla_decode(const MlaDecodeArgs& a);
+
+}  // namespace dsv3

@@ -1,0 +1,111 @@
+// Embedding and RMSNorm with their backwards (SwiGLU is elementwise, in elementwise.cu).
+#include "backend/cuda/common.cuh"
+
+namespace dsv3 {
+using namespace cuda;
+
+namespace {
+
+__global__ void embedding_kernel(const int32_t* ids, const void* tab, DType tt, float* out, int64_t d) {
+  int64_t t = blockIdx.x, row = ids[t];
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) out[t * d + j] = load_f(tab, tt, row * d + j);
+}
+// dtable row r += dout rows of its tokens, in position order (order[] from a stable sort by id).
+__global__ void embedding_bwd_kernel(const int32_t* order, const int32_t* off, const float* dout, float* dt,
+                                     int64_t d) {
+  int64_t r = blockIdx.x;
+  int32_t lo = off[r], hi = off[r + 1];
+  if (lo == hi) return;
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+    float v = dt[r * d + j];
+    for (int32_t s = lo; s < hi; ++s) v += dout[int64_t(order[s]) * d + j];
+    dt[r * d + j] = v;
+  }
+}
+__global__ void rmsnorm_kernel(const float* x, const void* w, DType wt, float eps, float* y, float* rstd, int64_t d) {
+  int64_t r = blockIdx.x;
+  const float* xr = x + r * d;
+  double ss = 0.0;
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) ss += double(xr[j]) * double(xr[j]);
+  ss = block_sum(ss);
+  float rs = float(1.0 / sqrt(ss / double(d) + double(eps)));
+  if (rstd && threadIdx.x == 0) rstd[r] = rs;
+  float* yr = y + r * d;
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) yr[j] = load_f(w, wt, j) * (xr[j] * rs);
+}
+__global__ void rmsnorm_dx_kernel(const float* dy, const float* x, const void* w, DType wt, const float* rstd,
+                                  float* dx, int64_t d, bool acc) {
+  int64_t r = blockIdx.x;
+  const float* xr = x + r * d;
+  const float* gr = dy + r * d;
+  double dot = 0.0;
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x)
+    dot += double(load_f(w, wt, j)) * double(gr[j]) * double(xr[j]);
+  dot = block_sum(dot);
+  float rs = rstd[r];
+  float c = float(dot / double(d)) * rs * rs;
+  float* o = dx + r * d;
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+    float v = rs * (load_f(w, wt, j) * gr[j] - xr[j] * c);
+    o[j] = acc ? o[j] + v : v;
+  }
+}
+// One thread per column, rows summed in order (deterministic).
+__global__ void rmsnorm_dw_kernel(const float* dy, const float* x, const float* rstd, float* dw, int64_t m, int64_t d,
+                                  bool acc) {
+  int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (j >= d) return;
+  double s = 0.0;
+  for (int64_t r = 0; r < m; ++r) s += double(dy[r * d + j]) * double(x[r * d + j] * rstd[r]);
+  dw[j] = acc ? float(double(dw[j]) + s) : float(s);
+}
+
+}  // namespace
+
+void CudaBackend::embedding(const EmbeddingArgs& a) {
+  validate(a);
+  int64_t t = a.ids.numel(), v = a.table.dim(0), d = a.table.dim(1);
+  int32_t bad = 0;
+  int64_t i = first_out_of_range(a.ids.data<int32_t>(), t, 0, v, &bad);
+  if (i >= 0) input_error("embedding: token id ", bad, " at position ", i, " is outside the vocabulary [0, ", v, ")");
+  if (t) embedding_kernel<<<unsigned(t), 256>>>(a.ids.data<int32_t>(), a.table.raw(), a.table.dtype(), ptr<float>(a.out), d);
+  check_launch("embedding");
+}
+
+void CudaBackend::embedding_backward(const EmbeddingBackwardArgs& a) {
+  validate(a);
+  int64_t t = a.ids.numel(), v = a.dtable.dim(0), d = a.dtable.dim(1);
+  int32_t bad = 0;
+  int64_t i = first_out_of_range(a.ids.data<int32_t>(), t, 0, v, &bad);
+  if (i >= 0) input_error("embedding_backward: token id ", bad, " at position ", i, " is outside [0, ", v, ")");
+  if (t == 0) return;
+  Scratch order(size_t(t) * 4), off(size_t(v + 1) * 4);
+  stable_bucket(a.ids.data<int32_t>(), t, v, order.as<int32_t>(), off.as<int32_t>());
+  embedding_bwd_kernel<<<unsigned(v), 128>>>(order.as<int32_t>(), off.as<int32_t>(), a.dout.data<float>(),
+                                             ptr<float>(a.dtable), d);
+  check_launch("embedding_backward");
+}
+
+void CudaBackend::rmsnorm(const RmsNormArgs& a) {
+  validate(a);
+  int64_t d = last_dim(a.x), m = rows_of(a.x);
+  if (m)
+    rmsnorm_kernel<<<unsigned(m), 256>>>(a.x.data<float>(), a.weight.raw(), a.weight.dtype(), a.eps, ptr<float>(a.y),
+                                         present(a.rstd) ? ptr<float>(a.rstd) : nullptr, d);
+  check_launch("rmsnorm");
+}
+
+void CudaBackend::rmsnorm_backward(const RmsNormBackwardArgs& a) {
+  validate(a);
+  int64_t d = last_dim(a.x), m = rows_of(a.x);
+  // dweight first: dx may alias dy.
+  if (present(a.dweight))
+    rmsnorm_dw_kernel<<<blocks_for(d, 128), 128>>>(a.dy.data<float>(), a.x.data<float>(), a.rstd.data<float>(),
+                                                   ptr<float>(a.dweight), m, d, a.accumulate_dweight);
+  if (present(a.dx) && m)
+    rmsnorm_dx_kernel<<<unsigned(m), 256>>>(a.dy.data<float>(), a.x.data<float>(), a.weight.raw(), a.weight.dtype(),
+                                            a.rstd.data<float>(), ptr<float>(a.dx), d, a.accumulate_dx);
+  check_launch("rmsnorm_backward");
+}
+
+}  // namespace dsv3

@@ -1,0 +1,38 @@
+// Rotary embedding in place (interleaved or half-split pairs; inverse = the backward).
+#include "backend/cuda/common.cuh"
+
+namespace dsv3 {
+using namespace cuda;
+
+namespace {
+__global__ void rope_kernel(float* x, const int32_t* pos, const float* cs, const float* sn, int64_t t, int64_t h,
+                            int64_t w, int64_t off, int64_t half, bool interleaved, float sign) {
+  int64_t n = t * h * half;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    int64_t j = i % half, th = i / half, ti = th / h;
+    int64_t a = pos[ti];
+    float* r = x + th * w + off;
+    float* p = r + (interleaved ? 2 * j : j);
+    int64_t stride = interleaved ? 1 : half;
+    float x0 = p[0], x1 = p[stride], cj = cs[a * half + j], sj = sign * sn[a * half + j];
+    p[0] = x0 * cj - x1 * sj;
+    p[stride] = x1 * cj + x0 * sj;
+  }
+}
+}  // namespace
+
+void CudaBackend::rope(const RopeArgs& a) {
+  validate(a);
+  int64_t t = a.x.dim(0), h = a.x.dim(1), w = a.x.dim(2), half = a.rope_dim / 2, max_pos = a.cos.dim(0);
+  int32_t bad = 0;
+  int64_t i = first_out_of_range(a.positions.data<int32_t>(), t, 0, max_pos, &bad);
+  if (i >= 0) input_error("rope: position ", bad, " of token ", i, " is outside the table [0, ", max_pos, ")");
+  int64_t n = t * h * half;
+  if (n)
+    rope_kernel<<<std::min(blocks_for(n), 1u << 20), 256>>>(ptr<float>(a.x), a.positions.data<int32_t>(),
+                                                            a.cos.data<float>(), a.sin.data<float>(), t, h, w, a.offset,
+                                                            half, a.interleaved, a.inverse ? -1.0f : 1.0f);
+  check_launch("rope");
+}
+
+}  // namespace dsv3

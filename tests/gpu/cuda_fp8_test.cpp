@@ -1,0 +1,90 @@
+// FP8 on the GPU against the CPU reference (backend/fp8.h): tile quantization must give the same
+// bytes and scales; cuBLASLt's block-scaled GEMM must match the exact-FP32 CPU emulation within
+// kF32 (F32 out) or kBf16 (BF16 out).
+#include <gtest/gtest.h>
+
+#include <cstring>
+
+#include "../backend/harness.h"
+#include "backend/cuda/cuda_backend.h"
+
+namespace dsv3::test {
+namespace {
+
+struct QCase {
+  Fp8Tiling tiling;
+  bool pow2, transpose;
+};
+
+TEST(CudaFp8, QuantizeMatchesCpuBytes) {
+  ASSERT_GT(cuda_device_count(), 0);
+  CudaBackend& be = cuda_backend();
+  int64_t m = 260, k = 300;  // partial tiles in both directions
+  Tensor x = randn({m, k}, 7, 1, 3.0f);
+  x.data<float>()[5] = 0.0f;
+  for (int64_t j = 256; j < 300; ++j) x.data<float>()[j] = 0.0f;  // an all-zero 1×128 edge tile
+  for (QCase c : {QCase{Fp8Tiling::Row1x128, false, false}, QCase{Fp8Tiling::Row1x128, true, false},
+                  QCase{Fp8Tiling::Col128x1, false, true}, QCase{Fp8Tiling::Block128x128, false, false},
+                  QCase{Fp8Tiling::Block128x128, true, true}}) {
+    SCOPED_TRACE(cat(fp8_tiling_name(c.tiling), " pow2=", c.pow2, " transpose=", c.transpose));
+    int64_t th = c.tiling == Fp8Tiling::Row1x128 ? 1 : 128, tw = c.tiling == Fp8Tiling::Col128x1 ? 1 : 128;
+    int64_t g0 = (m + th - 1) / th, g1 = (k + tw - 1) / tw;
+    Shape qs = c.transpose ? Shape{k, m} : Shape{m, k}, ss = c.transpose ? Shape{g1, g0} : Shape{g0, g1};
+    Tensor q_cpu = Tensor::empty(DType::F8_E4M3, qs), s_cpu = Tensor::empty(DType::F32, ss);
+    quantize_fp8({x, c.tiling, c.pow2, c.transpose, q_cpu, s_cpu});
+    Tensor q_gpu = be.alloc(DType::F8_E4M3, qs), s_gpu = be.alloc(DType::F32, ss);
+    Fp8Status st = cuda_quantize_fp8({be.to_device(x), c.tiling, c.pow2, c.transpose, q_gpu, s_gpu});
+    EXPECT_EQ(st.nonfinite, 0);
+    Tensor qh = be.to_host(q_gpu), sh = be.to_host(s_gpu);
+    EXPECT_EQ(std::memcmp(qh.raw(), q_cpu.raw(), q_cpu.nbytes()), 0) << "FP8 codes differ";
+    EXPECT_EQ(std::memcmp(sh.raw(), s_cpu.raw(), s_cpu.nbytes()), 0) << "scales differ";
+  }
+}
+
+TEST(CudaFp8, QuantizeCountsNonFinite) {
+  ASSERT_GT(cuda_device_count(), 0);
+  CudaBackend& be = cuda_backend();
+  Tensor x = randn({4, 256}, 7, 2);
+  x.data<float>()[3] = INFINITY;
+  x.data<float>()[700] = NAN;
+  Tensor q = be.alloc(DType::F8_E4M3, {4, 256}), s = be.alloc(DType::F32, {4, 2});
+  QuantizeFp8Args a{be.to_device(x), Fp8Tiling::Row1x128, false, false, q, s};
+  a.on_nonfinite = NonFinitePolicy::Report;
+  EXPECT_EQ(cuda_quantize_fp8(a).nonfinite, 2);
+  a.on_nonfinite = NonFinitePolicy::Throw;
+  EXPECT_THROW(cuda_quantize_fp8(a), InputError);
+}
+
+// Fprop shape: a per 1×128, b per 128×128 (and the Wgrad form: both per 1×128).
+void gemm_case(int64_t m, int64_t n, int64_t k, bool b_block, DType out) {
+  CudaBackend& be = cuda_backend();
+  Tensor x = randn({m, k}, 11, 1), w = randn({n, k}, 11, 2, 0.05f);
+  Tensor qa = Tensor::empty(DType::F8_E4M3, {m, k}), sa = Tensor::empty(DType::F32, {m, k / 128});
+  quantize_fp8({x, Fp8Tiling::Row1x128, false, false, qa, sa});
+  Shape sbs = b_block ? Shape{(n + 127) / 128, k / 128} : Shape{n, k / 128};
+  Tensor qb = Tensor::empty(DType::F8_E4M3, {n, k}), sb = Tensor::empty(DType::F32, sbs);
+  quantize_fp8({w, b_block ? Fp8Tiling::Block128x128 : Fp8Tiling::Row1x128, false, false, qb, sb});
+  Tensor c_cpu = Tensor::empty(DType::F32, {m, n});
+  fp8_gemm({qa, sa, qb, sb, c_cpu});
+  Tensor c = be.alloc(out, {m, n});
+  cuda_fp8_gemm({be.to_device(qa), be.to_device(sa), be.to_device(qb), be.to_device(sb), c});
+  Err e = compare(be.to_host(c), to_vec(c_cpu));
+  EXPECT_EQ(e.non_finite, 0);
+  EXPECT_LE(e.norm_err, out == DType::F32 ? tol::kF32 : tol::kBf16) << "M=" << m << " N=" << n << " K=" << k;
+}
+
+TEST(CudaFp8, GemmFpropBlockWeightsF32Out) {
+  ASSERT_GT(cuda_device_count(), 0);
+  gemm_case(64, 384, 512, true, DType::F32);
+}
+TEST(CudaFp8, GemmFpropBlockWeightsBf16Out) {
+  ASSERT_GT(cuda_device_count(), 0);
+  gemm_case(128, 256, 1024, true, DType::BF16);
+}
+TEST(CudaFp8, GemmWgradRowScaledBothBf16Out) {
+  ASSERT_GT(cuda_device_count(), 0);
+  gemm_case(96, 128, 256, false, DType::BF16);
+}
+
+}  // namespace
+}  // namespace dsv3::test
