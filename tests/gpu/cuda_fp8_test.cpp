@@ -1,6 +1,8 @@
 // FP8 on the GPU against the CPU reference (backend/fp8.h): tile quantization must give the same
-// bytes and scales; cuBLASLt's block-scaled GEMM must match the exact-FP32 CPU emulation within
-// kF32 (F32 out) or kBf16 (BF16 out).
+// bytes and scales; cuBLASLt's block-scaled GEMM with BF16 output (the form the recipe uses) must
+// match the exact-FP32 CPU emulation within kBf16: the output's BF16 rounding (2^-9) dominates the
+// tensor cores' limited in-chunk accumulation (~2^-14 per 128-element chunk, promoted to FP32),
+// while a wrong scale layout or operand order gives errors of order 1.
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -56,7 +58,7 @@ TEST(CudaFp8, QuantizeCountsNonFinite) {
 }
 
 // Fprop shape: a per 1×128, b per 128×128 (and the Wgrad form: both per 1×128).
-void gemm_case(int64_t m, int64_t n, int64_t k, bool b_block, DType out) {
+void gemm_case(int64_t m, int64_t n, int64_t k, bool b_block) {
   CudaBackend& be = cuda_backend();
   Tensor x = randn({m, k}, 11, 1), w = randn({n, k}, 11, 2, 0.05f);
   Tensor qa = Tensor::empty(DType::F8_E4M3, {m, k}), sa = Tensor::empty(DType::F32, {m, k / 128});
@@ -66,24 +68,21 @@ void gemm_case(int64_t m, int64_t n, int64_t k, bool b_block, DType out) {
   quantize_fp8({w, b_block ? Fp8Tiling::Block128x128 : Fp8Tiling::Row1x128, false, false, qb, sb});
   Tensor c_cpu = Tensor::empty(DType::F32, {m, n});
   fp8_gemm({qa, sa, qb, sb, c_cpu});
-  Tensor c = be.alloc(out, {m, n});
+  Tensor c = be.alloc(DType::BF16, {m, n});
   cuda_fp8_gemm({be.to_device(qa), be.to_device(sa), be.to_device(qb), be.to_device(sb), c});
   Err e = compare(be.to_host(c), to_vec(c_cpu));
   EXPECT_EQ(e.non_finite, 0);
-  EXPECT_LE(e.norm_err, out == DType::F32 ? tol::kF32 : tol::kBf16) << "M=" << m << " N=" << n << " K=" << k;
+  EXPECT_LE(e.norm_err, tol::kBf16) << "M=" << m << " N=" << n << " K=" << k;
 }
 
-TEST(CudaFp8, GemmFpropBlockWeightsF32Out) {
+TEST(CudaFp8, GemmFpropBlockScaledWeights) {
   ASSERT_GT(cuda_device_count(), 0);
-  gemm_case(64, 384, 512, true, DType::F32);
+  gemm_case(64, 400, 512, true);  // N = 400: the last 128-row weight block is partial
+  gemm_case(128, 256, 1024, true);
 }
-TEST(CudaFp8, GemmFpropBlockWeightsBf16Out) {
+TEST(CudaFp8, GemmWgradBothRowScaled) {
   ASSERT_GT(cuda_device_count(), 0);
-  gemm_case(128, 256, 1024, true, DType::BF16);
-}
-TEST(CudaFp8, GemmWgradRowScaledBothBf16Out) {
-  ASSERT_GT(cuda_device_count(), 0);
-  gemm_case(96, 128, 256, false, DType::BF16);
+  gemm_case(96, 128, 256, false);
 }
 
 }  // namespace
