@@ -3,7 +3,8 @@
 # tests (every op on CUDA vs the CPU reference), compute-sanitizer memcheck on the GPU test binary,
 # and the GPU benchmarks. Logs and JSON go to $OUT (default bench/results/gpu_run); the summary is
 # $OUT/gpu_latest.json, which the caller commits as bench/results/gpu_latest.json.
-# Usage: OUT=/some/dir DSV3_COMMIT=$(git rev-parse --short HEAD) bench/gpu.sh
+# With HF=1 it also builds `dsv3` and runs tools/hf_gpu_bench.py (transformers' baseline).
+# Usage: OUT=/some/dir DSV3_COMMIT=$(git rev-parse --short HEAD) [HF=1] bench/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu_run}
@@ -49,6 +50,14 @@ else
   status=1
 fi
 
+if [ "${HF:-0}" = 1 ]; then
+  step "transformers baseline (bench-0.7b: training B=8 T=2048, decode batch 1/32)"
+  cmake --build build-gpu -j "$jobs" --target dsv3 >>"$OUT/build.log" 2>&1 &&
+    build-gpu/dsv3 info --preset bench-0.7b --json >"$OUT/bench07b_info.json" &&
+    python3 tools/hf_gpu_bench.py --info "$OUT/bench07b_info.json" --out "$OUT/hf_gpu.json" 2>&1 |
+    tee "$OUT/hf_gpu.txt" | tee -a "$OUT/summary.txt" || status=1
+fi
+
 step "summary"
 python3 - "$OUT" <<'PY' | tee -a "$OUT/summary.txt"
 import json, os, sys
@@ -58,6 +67,7 @@ def load(name):
     return json.load(open(p)) if os.path.exists(p) else None
 gemm = load("gpu_gemm.json")
 mla = load("gpu_mla_decode.json")
+hf = load("hf_gpu.json")
 tests = load("gpu_tests.json")
 s = {"commit": os.environ.get("DSV3_COMMIT"), "date": gemm.get("date") if gemm else None,
      "gpu": (gemm or {}).get("machine", {}).get("gpu"),
@@ -66,6 +76,8 @@ s = {"commit": os.environ.get("DSV3_COMMIT"), "date": gemm.get("date") if gemm e
      "train_speedup_vs_hf_bf16": None, "train_fp8_over_bf16": None,
      "decode_bs1_speedup_vs_hf": None, "decode_bs32_speedup_vs_hf": None, "mla_decode_bw_fraction": None,
      "fp8_gemm_vs_cublaslt": None, "gemm": gemm["rows"] if gemm else None}
+if hf:
+    s["hf"] = hf
 if mla:
     s["mla_decode_bw_fraction"] = mla["mla_decode_bw_fraction_h16"]
     s["mla_decode"] = mla["rows"]
@@ -73,6 +85,6 @@ if mla:
 if gemm:
     s["fp8_gemm_vs_cublaslt"] = {r["shape"]: r["fp8_ours_over_cublaslt"] for r in gemm["rows"]}
 json.dump(s, open(os.path.join(out, "gpu_latest.json"), "w"), indent=1)
-print(json.dumps({k: v for k, v in s.items() if k not in ("gemm", "mla_decode")}, indent=1))
+print(json.dumps({k: v for k, v in s.items() if k not in ("gemm", "mla_decode", "hf")}, indent=1))
 PY
 exit $status
