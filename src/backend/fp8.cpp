@@ -2,6 +2,8 @@
 // ops and the CPU backend's FP32 GEMMs.
 #include "backend/fp8.h"
 
+#include <limits>
+
 #include "core/error.h"
 
 namespace dsv3 {
@@ -66,6 +68,7 @@ namespace {
 
 struct Quant {
   Tensor q, s;
+  int64_t nonfinite = 0;
 };
 // Quantize x [R, C] (2-D view) with a tiling; transposed output when `t`.
 Quant quant(const Tensor& x, Fp8Tiling tiling, bool t, bool pow2, const char* name) {
@@ -84,7 +87,8 @@ Quant quant(const Tensor& x, Fp8Tiling tiling, bool t, bool pow2, const char* na
   a.q = out.q;
   a.scale = out.s;
   a.name = name;
-  quantize_fp8(a);
+  a.on_nonfinite = NonFinitePolicy::Report;
+  out.nonfinite = quantize_fp8(a).nonfinite;
   return out;
 }
 
@@ -103,7 +107,16 @@ Tensor mat(const Tensor& t) {
   return t.reshape({k ? t.numel() / k : 0, k});
 }
 
+// A non-finite operand makes the whole product NaN, as an FP32 GEMM would propagate it: the trainer's
+// non-finite step check then sees it (FP8 itself has no Inf and the scales would hide it).
 void gemm(const Quant& a, const Quant& b, const Tensor& c, bool accumulate) {
+  if (a.nonfinite + b.nonfinite > 0) {
+    FillArgs f;
+    f.x = c;
+    f.value = std::numeric_limits<float>::quiet_NaN();
+    cpu_backend().fill(f);
+    return;
+  }
   Fp8GemmArgs g;
   g.a = a.q;
   g.a_scale = a.s;

@@ -110,6 +110,8 @@ struct LinearPrecision {
   bool pow2_scale = false;
   bool dgrad_block = false;
 };
+// Non-finite values in any operand make that GEMM's output all NaN (quantized with Report), so the
+// trainer's non-finite-step check (--max-skips) sees a diverged step instead of a saturated one.
 // The process-wide setting (the trainer sets it once before building the model; F32 by default).
 LinearPrecision& linear_precision();
 // The three GEMMs of a linear layer under `prec` (F32 CPU tensors, y/dx/dw [..] as LinearArgs).

@@ -12,6 +12,7 @@
 #include "model/model_stats.h"
 #include "model/presets.h"
 #include "model/weights.h"
+#include "train/precision_memory.h"
 
 namespace dsv3::cli {
 namespace {
@@ -24,6 +25,7 @@ struct InfoOptions {
   std::string preset = "v3";
   bool json_out = false;
   int64_t seq_len = 4096;
+  bool train = false;
 };
 
 // A report is built once and printed either as text sections or as one JSON object.
@@ -201,6 +203,16 @@ int run_info(const InfoOptions& o) {
   add_config_section(c, r);
   add_stats_sections(c, o.seq_len, r);
   if (!o.model_dir.empty()) add_checkpoint_sections(o.model_dir, c, r);
+  if (o.train) {
+    auto& t = r.section("training activations per token (cached linear and SwiGLU inputs, docs/fp8.md)");
+    json& jt = r.j["train_activation_bytes_per_token"];
+    for (const PrecisionActivationBytes& b : activation_bytes_per_token(c)) {
+      t.rows.push_back({"--precision " + b.precision,
+                        cat(fmt("%.0f B", b.total()), " (linear inputs ", fmt("%.0f B", b.linear_inputs),
+                            ", SwiGLU inputs ", fmt("%.0f B", b.swiglu_inputs), ")")});
+      jt[b.precision] = {{"total", b.total()}, {"linear_inputs", b.linear_inputs}, {"swiglu_inputs", b.swiglu_inputs}};
+    }
+  }
   if (o.json_out)
     std::cout << r.j.dump(2) << "\n";
   else
@@ -220,5 +232,6 @@ DSV3_COMMAND(info, "Summarise a model: parameters, KV cache and FLOPs per token"
   m->excludes(p);
   app.add_flag("--json", o->json_out, "Print one JSON object instead of text");
   app.add_option("--seq-len", o->seq_len, "Sequence length for the FLOPs per token");
+  app.add_flag("--train", o->train, "Also report training activation memory per token for each --precision");
   return [o] { return dsv3::cli::run_info(*o); };
 });

@@ -319,7 +319,8 @@ TEST(Fp8Linear, ThreeGemmsCloseToFp32AndNegativeControlWorse) {
   Tensor bad = x.clone();
   bad.data<float>()[5] = NAN;
   Tensor y = Tensor::empty(DType::F32, {M, N});
-  EXPECT_THROW(linear_lowp({LinearPrecisionMode::Fp8}, {bad, w, Tensor(), y}), InputError);
+  linear_lowp({LinearPrecisionMode::Fp8}, {bad, w, Tensor(), y});  // NaN in → NaN out, no exception
+  for (int64_t i = 0; i < M * N; ++i) ASSERT_TRUE(std::isnan(y.data<float>()[i])) << i;
 }
 
 TEST(Fp8Linear, Bf16RoundsOperandsOnly) {
