@@ -12,9 +12,13 @@ SUDO=""
 
 DEBS=(build-essential cmake ninja-build pkg-config clang libclang-rt-14-dev
       libopenblas-dev libomp-dev nlohmann-json3-dev libpcre2-dev libicu-dev libcli11-dev libcpp-httplib-dev
-      libgtest-dev libgmock-dev libopenmpi-dev openmpi-bin gnuplot-nox nodejs npm)
+      libgtest-dev libgmock-dev libopenmpi-dev openmpi-bin gnuplot-nox)
 missing=()
 for p in "${DEBS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+# Node.js and npm (for the npm data/tokenizer packages): Debian's, unless a node and npm are already
+# on the PATH (an npm upgraded by npm itself is not a Debian package and conflicts with Debian's).
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   $SUDO apt-get update -qq
