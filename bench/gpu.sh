@@ -40,7 +40,7 @@ step "compute-sanitizer memcheck on the GPU test binary"
 if command -v compute-sanitizer >/dev/null || [ -x /usr/local/cuda/bin/compute-sanitizer ]; then
   CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   timeout ${MEMCHECK_TIMEOUT:-150} "$CS" --tool memcheck --error-exitcode 3 build-gpu/dsv3_gpu_tests \
-    --gtest_filter='AllOps/BackendOps.MatchesReference/*:CudaFp8.*:CudaDevice.*:CudaMlaDecode.*' >"$OUT/memcheck.log" 2>&1
+    --gtest_filter='AllOps/BackendOps.MatchesReference/*:CudaFp8.*:CudaDevice.*:CudaMlaDecode.*:CudaModel.*' >"$OUT/memcheck.log" 2>&1
   rc=$?
   tail -3 "$OUT/memcheck.log" | tee -a "$OUT/summary.txt"
   echo "memcheck exit code $rc" | tee -a "$OUT/summary.txt"
