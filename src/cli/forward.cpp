@@ -9,6 +9,7 @@
 #include "backend/ops.h"
 #include "cli/command.h"
 #include "core/threads.h"
+#include "dist/routing_trace.h"
 #include "io/safetensors.h"
 #include "model/model.h"
 #include "model/weights.h"
@@ -22,6 +23,7 @@ struct ForwardCliOptions {
   std::string output;
   int threads = 0;
   bool no_mtp = false;
+  std::string dump_routing;
 };
 
 int run_forward(const ForwardCliOptions& o) {
@@ -31,7 +33,14 @@ int run_forward(const ForwardCliOptions& o) {
   Model m(w, cpu_backend());
   ForwardOptions fo;
   fo.mtp = !o.no_mtp;
+  fo.keep_activations = !o.dump_routing.empty();
   ForwardOutput out = m.forward(ids, 1, int64_t(ids.size()), fo);
+  if (!o.dump_routing.empty()) {
+    RoutingTrace trace;
+    collect_routing(m, trace);
+    save_routing_trace_json(o.dump_routing, trace);
+    note(cat("forward: routing of ", trace.ids.size(), " MoE layer(s) written to ", o.dump_routing));
+  }
   std::vector<NamedTensor> tensors{{"logits", out.logits}};
   for (size_t k = 0; k < out.mtp_logits.size(); ++k)
     tensors.push_back({cat("mtp_logits_", k + 1), out.mtp_logits[k]});
@@ -51,5 +60,8 @@ DSV3_COMMAND(forward, "Run one forward pass over token ids and write the logits 
       ->required();
   app.add_option("--threads", o->threads, "CPU threads (0: all cores)");
   app.add_flag("--no-mtp", o->no_mtp, "skip the MTP modules (write only logits)");
+  app.add_option("--dump-routing", o->dump_routing,
+                 "also write the MoE routing (per layer, per token expert ids; JSON dsv3-routing-v1 for "
+                 "dsv3 net sim --trace) to FILE (default: none)");
   return [o] { return dsv3::cli::run_forward(*o); };
 });

@@ -157,6 +157,7 @@ Tensor ExpertParallelMoe::dispatch(Backend& be, const Tensor& ids_d, const Tenso
     qa.x = x;
     qa.q = q;
     qa.scale = sc;
+    qa.pow2_scale = true;  // the paper quantizes dispatch activations with power-of-two scales
     qa.name = "MoE dispatch payload";
     quantize_fp8(qa);
   }

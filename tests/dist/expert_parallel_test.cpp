@@ -4,6 +4,7 @@
 #include <set>
 
 #include "backend/fp8.h"
+#include "dist/data_parallel.h"
 #include "dist/expert_parallel.h"
 #include "dist_test_util.h"
 
@@ -164,13 +165,14 @@ TEST(ExpertParallel, Fp8DispatchCarriesQuantizedRows) {
   Case cs{test::tiny_moe_config(4, 2), 2, 0, 5, {}, {}};
   cs.opt.fp8_dispatch = true;
   Result res = run_case(cs);
-  // What arrives is exactly dequantize(quantize_1x128(x)) of the source row.
+  // What arrives is exactly dequantize(quantize_1x128(x)) of the source row (power-of-two scales).
   const int64_t H = res.x.dim(1), T = res.x.dim(0);
   Tensor q = Tensor::empty(DType::F8_E4M3, {T, H}), s = Tensor::empty(DType::F32, {T, (H + 127) / 128});
   QuantizeFp8Args qa;
   qa.x = res.x;
   qa.q = q;
   qa.scale = s;
+  qa.pow2_scale = true;
   quantize_fp8(qa);
   Tensor xq = Tensor::empty(DType::F32, {T, H});
   dequantize_fp8(q, s, xq);
@@ -248,6 +250,66 @@ TEST(ExpertParallel, BadLayoutIsAnInputError) {
   auto world = make_thread_world(3);
   const ModelDims d = model_dims(test::tiny_moe_config(4, 2));
   EXPECT_THROW(ExpertParallelMoe(*world[0], d), InputError);
+}
+
+}  // namespace
+}  // namespace dsv3
+
+namespace dsv3 {
+namespace {
+
+// DP × EP on 4 ranks: two replicas (DP) of a 2-rank EP group. Expert gradients summed over the DP
+// group and gate gradients over all ranks match the single-process layer on all 4 ranks' tokens.
+TEST(ExpertParallel, DataTimesExpertParallel) {
+  Backend& be = cpu_backend();
+  const ModelConfig cfg = test::tiny_moe_config(4, 2);
+  Weights w = Weights::random(cfg, 5, 0.3f);
+  ModelParams mp = bind_params(w);
+  const MoeParams& p = mp.layers[1].moe;
+  const ModelDims d = model_dims(cfg);
+  const int64_t N = 5, H = d.H, T = 4 * N;
+  const Tensor x = random_rows(T, H, 9), dout = random_rows(T, H, 10);
+  MoeActs ra;
+  moe_forward(be, d, p, x, ra);
+  Grads gref(cfg);
+  Tensor dx_ref = be.alloc(DType::F32, {T, H});
+  moe_backward(be, d, p, gref.p.layers[1].moe, ra, dout, Tensor(), dx_ref, false);
+
+  std::vector<std::unique_ptr<Grads>> g;
+  for (int r = 0; r < 4; ++r) g.push_back(std::make_unique<Grads>(cfg));
+  Tensor out = Tensor::zeros(DType::F32, {T, H});
+  auto world = make_thread_world(4);
+  run_ranks(world, [&](int r, Communicator& c) {
+    auto ep_comm = c.split(r / 2, r);  // EP group: {0,1}, {2,3}
+    auto dp_comm = c.split(r % 2, r);  // DP group: same EP index
+    ExpertParallelMoe ep(*ep_comm, d);
+    EpMoeActs a;
+    ep.forward(be, p, x.rows(r * N, (r + 1) * N), a);
+    Tensor dx = be.alloc(DType::F32, {N, H});
+    MoeParams& gm = g[size_t(r)]->p.layers[1].moe;
+    ep.backward(be, p, gm, a, dout.rows(r * N, (r + 1) * N), Tensor(), dx, false);
+    std::copy(a.local.out.data<float>(), a.local.out.data<float>() + N * H, out.data<float>() + r * N * H);
+    EXPECT_LT(max_rel_diff(dx.data<float>(), dx_ref.rows(r * N, (r + 1) * N).data<float>(), N * H), kTol);
+    std::vector<Tensor> expert_grads;
+    for (int64_t e = ep.first_expert(); e < ep.first_expert() + ep.experts_per_rank(); ++e)
+      for (const Tensor& t : {gm.experts[size_t(e)].gate_proj.w, gm.experts[size_t(e)].up_proj.w, gm.experts[size_t(e)].down_proj.w})
+        expert_grads.push_back(t);
+    GradientAllReduce(*dp_comm, expert_grads, 256).run(1.0f);
+    GradientAllReduce(c, {gm.gate.w, gm.shared_experts.down_proj.w}, 256).run(1.0f);
+  });
+  EXPECT_LT(max_rel_diff(out.data<float>(), ra.out.data<float>(), out.numel()), kTol);
+  for (int64_t e = 0; e < 4; ++e) {
+    const int owner = int(e / 2);  // EP index; ranks owner and owner + 2 hold it
+    for (int r : {owner, owner + 2}) {
+      const Tensor& got = g[size_t(r)]->p.layers[1].moe.experts[size_t(e)].down_proj.w;
+      const Tensor& ref = gref.p.layers[1].moe.experts[size_t(e)].down_proj.w;
+      EXPECT_LT(max_rel_diff(got.data<float>(), ref.data<float>(), ref.numel()), kTol) << "expert " << e << " rank " << r;
+    }
+  }
+  for (int r = 0; r < 4; ++r)
+    EXPECT_LT(max_rel_diff(g[size_t(r)]->p.layers[1].moe.gate.w.data<float>(), gref.p.layers[1].moe.gate.w.data<float>(),
+                           gref.p.layers[1].moe.gate.w.numel()),
+              kTol);
 }
 
 }  // namespace

@@ -1,0 +1,148 @@
+// Expert-parallel MoE layer on simulated ranks (threads of this process, the communicator the unit
+// tests use): bytes moved by dispatch and combine per step against the formula, and tokens/s of
+// forward + backward from 1 to 2 ranks. The 2-core CI machine has no spare cores, so the
+// 2-rank run mostly measures the extra packing and copying (expect little; see docs/distributed.md).
+//
+//   dsv3_bench_dist [--tokens N] [--steps S]     → table + bench/results/dist.json
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <thread>
+
+#include "common/bench_util.h"
+#include "core/rng.h"
+#include "core/threads.h"
+#include "dist/expert_parallel.h"
+#include "model/config.h"
+
+using namespace dsv3;
+
+namespace {
+
+ModelConfig bench_config() {
+  // A V3-shaped layer at CPU scale: 16 experts, 4 picks, 1 shared expert.
+  return parse_model_config(R"({
+    "model_type": "deepseek_v3", "vocab_size": 64, "hidden_size": 256, "intermediate_size": 512,
+    "moe_intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+    "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+    "n_routed_experts": 16, "n_shared_experts": 1, "num_experts_per_tok": 4, "n_group": 1, "topk_group": 1,
+    "routed_scaling_factor": 2.5, "norm_topk_prob": true, "first_k_dense_replace": 1,
+    "num_nextn_predict_layers": 0, "max_position_embeddings": 64, "rope_theta": 10000.0,
+    "tie_word_embeddings": false})",
+                            "bench_dist");
+}
+
+struct RunResult {
+  double seconds = 0;
+  int64_t dispatch_bytes = 0, combine_bytes = 0, formula_dispatch = 0, formula_combine = 0;
+  int64_t dispatch_rows = 0;
+};
+
+// P ranks × N tokens each, `steps` forward+backward steps, omp threads per rank.
+RunResult run(const ModelConfig& cfg, int P, int64_t N, int steps, int threads_per_rank, bool fp8) {
+  Backend& be = cpu_backend();
+  Weights w = Weights::random(cfg, 1, 0.05f);
+  ModelParams mp = bind_params(w);
+  const MoeParams& p = mp.layers[1].moe;
+  const ModelDims d = model_dims(cfg);
+  const int64_t H = d.H, K = d.top_k;
+  Tensor x = Tensor::empty(DType::F32, {P * N, H}), dout = Tensor::empty(DType::F32, {P * N, H});
+  for (int64_t i = 0; i < x.numel(); ++i) {
+    x.data<float>()[i] = rng_normal(2, 0, uint64_t(i));
+    dout.data<float>()[i] = 1e-3f * rng_normal(3, 0, uint64_t(i));
+  }
+  auto world = make_thread_world(P);
+  std::vector<RunResult> per(static_cast<size_t>(P));
+  std::vector<std::thread> th;
+  for (int r = 0; r < P; ++r)
+    th.emplace_back([&, r] {
+      set_num_threads(threads_per_rank);
+      EpOptions o;
+      o.fp8_dispatch = fp8;
+      ExpertParallelMoe ep(*world[size_t(r)], d, o);
+      Grads g(cfg);
+      world[size_t(r)]->barrier();
+      const double t0 = bench::now_s();
+      for (int s = 0; s < steps; ++s) {
+        EpMoeActs a;
+        ep.forward(be, p, x.rows(r * N, (r + 1) * N), a);
+        Tensor dx = be.alloc(DType::F32, {N, H});
+        ep.backward(be, p, g.p.layers[1].moe, a, dout.rows(r * N, (r + 1) * N), Tensor(), dx, false);
+        if (s == 0) {
+          // Formula: one row per (token, other rank holding ≥ 1 of its experts), each
+          // 8 + 8K bytes of metadata plus the payload (F32 4H, or FP8 H + 4⌈H/128⌉); combine rows
+          // carry 4H of partial sums.
+          const Tensor ids = be.to_host(a.local.ids);
+          int64_t rows = 0;
+          for (int64_t t = 0; t < N; ++t) {
+            std::vector<char> hit(static_cast<size_t>(P), 0);
+            for (int64_t j = 0; j < K; ++j) hit[size_t(ep.owner(ids.data<int32_t>()[t * K + j]))] = 1;
+            for (int q = 0; q < P; ++q) rows += (hit[size_t(q)] && q != r) ? 1 : 0;
+          }
+          const int64_t meta = 8 + 8 * K, payload = fp8 ? H + 4 * ((H + 127) / 128) : 4 * H;
+          per[size_t(r)].formula_dispatch = rows * (meta + payload);
+          per[size_t(r)].formula_combine = rows * (meta + 4 * H);  // rows come back from those ranks
+          per[size_t(r)].dispatch_bytes = ep.stats().dispatch_bytes;
+          per[size_t(r)].combine_bytes = ep.stats().combine_bytes;
+          per[size_t(r)].dispatch_rows = rows;
+        }
+      }
+      world[size_t(r)]->barrier();
+      per[size_t(r)].seconds = bench::now_s() - t0;
+    });
+  for (auto& t : th) t.join();
+  RunResult tot;
+  for (auto& q : per) {
+    tot.seconds = std::max(tot.seconds, q.seconds);
+    tot.dispatch_bytes += q.dispatch_bytes;
+    tot.combine_bytes += q.combine_bytes;
+    tot.formula_dispatch += q.formula_dispatch;
+    tot.formula_combine += q.formula_combine;
+    tot.dispatch_rows += q.dispatch_rows;
+  }
+  return tot;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int64_t N = 512;
+  int steps = 5;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    if (!std::strcmp(argv[i], "--tokens")) N = std::stoll(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--steps")) steps = std::stoi(argv[i + 1]);
+  }
+  const ModelConfig cfg = bench_config();
+  struct Row {
+    std::string name;
+    int P, threads;
+    bool fp8;
+  };
+  const std::vector<Row> rows{{"1 rank, 1 thread", 1, 1, false},
+                              {"1 rank, 2 threads", 1, 2, false},
+                              {"2 ranks, 1 thread each", 2, 1, false},
+                              {"2 ranks, FP8 dispatch", 2, 1, true},
+                              {"4 ranks (oversubscribed)", 4, 1, false}};
+  nlohmann::json out;
+  out["config"] = {{"hidden_size", 256}, {"n_routed_experts", 16}, {"num_experts_per_tok", 4},
+                   {"moe_intermediate_size", 128}, {"tokens_per_rank", N}, {"steps", steps}};
+  out["runs"] = nlohmann::json::array();
+  std::printf("%-26s %12s %14s %14s %14s %14s\n", "run", "tokens/s", "dispatch B", "formula B", "combine B",
+              "formula B");
+  double base = 0;
+  for (const Row& r : rows) {
+    run(cfg, r.P, N, 1, r.threads, r.fp8);  // warm-up
+    const RunResult res = run(cfg, r.P, N, steps, r.threads, r.fp8);
+    const double tps = double(r.P * N * steps) / res.seconds;
+    if (base == 0) base = tps;
+    std::printf("%-26s %12.0f %14lld %14lld %14lld %14lld\n", r.name.c_str(), tps, (long long)res.dispatch_bytes,
+                (long long)res.formula_dispatch, (long long)res.combine_bytes, (long long)res.formula_combine);
+    out["runs"].push_back({{"name", r.name}, {"ranks", r.P}, {"threads_per_rank", r.threads}, {"fp8_dispatch", r.fp8},
+                           {"tokens_per_s", tps}, {"speedup_vs_1rank_1thread", tps / base},
+                           {"dispatch_bytes_per_step", res.dispatch_bytes}, {"dispatch_bytes_formula", res.formula_dispatch},
+                           {"combine_bytes_per_step", res.combine_bytes}, {"combine_bytes_formula", res.formula_combine},
+                           {"dispatch_rows_per_step", res.dispatch_rows}});
+  }
+  std::printf("wrote %s\n", bench::write_result("dist", out).c_str());
+  return 0;
+}
