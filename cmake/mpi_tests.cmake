@@ -14,6 +14,6 @@ if(DSV3_HAVE_MPI AND DSV3_BUILD_TESTS AND TARGET dsv3_dist_tests)
     add_test(NAME dist_mpi_kill
              COMMAND bash ${CMAKE_SOURCE_DIR}/tests/dist/mpi_kill_test.sh $<TARGET_FILE:dsv3_dist_tests> 2)
     set_tests_properties(dist_mpi_kill PROPERTIES LABELS "mpi;dist" TIMEOUT 90 PROCESSORS 2
-                         ENVIRONMENT "${dsv3_mpi_env};PATH=$ENV{PATH}")
+                         ENVIRONMENT "${dsv3_mpi_env}")
   endif()
 endif()
