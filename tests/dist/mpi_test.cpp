@@ -90,6 +90,85 @@ TEST(Mpi, ExpertParallelMoeEqualsSingleProcess) {
   for (int e = 0; e < P; ++e) EXPECT_EQ(loads[size_t(e)], rc.data<int32_t>()[e]);
 }
 
+// A tiny model with its gradients and AdamW, trained by explicit steps (the trainer's loop, minus I/O).
+struct TinyRun {
+  Weights w;
+  Grads g;
+  std::unique_ptr<Model> m;
+  std::unique_ptr<AdamW> opt;
+  double loss = 0;
+  std::unique_ptr<Grads> scratch;  // set: sum per-micro-batch gradients explicitly, in order
+  std::vector<std::vector<float>> grads_seen;  // what the optimizer got, per slot
+  TinyRun(const ModelConfig& cfg, const OptimizerConfig& oc) : w(Weights::random(cfg, 7, 0.2f)), g(cfg) {
+    m = std::make_unique<Model>(w, cpu_backend());
+    std::vector<ParamSlot> slots;
+    for (Param& p : w.params())
+      if (p.spec.trainable) slots.push_back({p.spec.name, p.w, g.get(p.spec.name), p.spec.weight_decay});
+    opt = std::make_unique<AdamW>(slots, oc);
+  }
+  // One optimizer step over micro-batches (sequence ranges [b0, b1) of the global batch) whose
+  // gradients accumulate; `comm` then sums gradients (× dp_scale) and loads over the ranks.
+  void step(std::span<const int32_t> lab, const std::vector<std::pair<int64_t, int64_t>>& micros, int64_t T,
+            Communicator* comm, float dp_scale, double grad_scale) {
+    const int64_t Lb = T + 1;
+    opt->zero_grads();
+    std::vector<std::vector<int64_t>> loads;
+    double loss_sum = 0;
+    for (auto [b0, b1] : micros) {
+      const int64_t B = b1 - b0;
+      std::vector<int32_t> ids, l(lab.begin() + b0 * Lb, lab.begin() + b1 * Lb);
+      for (int64_t b = 0; b < B; ++b) ids.insert(ids.end(), l.begin() + b * Lb, l.begin() + b * Lb + T);
+      ForwardOptions fo;
+      fo.keep_activations = true;
+      ForwardOutput out = m->forward(ids, B, T, fo);
+      LossOptions lo;
+      lo.balance_alpha = 1e-2;
+      LossResult r = compute_loss(cpu_backend(), *m, out, l, B, T, Lb, lo);
+      if (scratch) {  // this micro-batch's gradient alone, then added in micro-batch order
+        scratch->zero();
+        m->backward(r.grad, *scratch);
+        for (const ParamSlot& sl : opt->params()) {
+          const Tensor add = scratch->get(sl.name);
+          float* dst = const_cast<float*>(sl.grad.data<float>());
+          for (int64_t k = 0; k < add.numel(); ++k) dst[k] += add.data<float>()[k];
+        }
+      } else {
+        m->backward(r.grad, g);
+      }
+      loss_sum += r.total;
+      size_t li = 0;
+      for (const LayerActs& la : m->acts().layers)
+        if (present(la.moe.counts)) {
+          const Tensor cnt = cpu_backend().to_host(la.moe.counts);
+          if (loads.size() <= li) loads.emplace_back(size_t(cnt.numel()), 0);
+          for (int64_t e = 0; e < cnt.numel(); ++e) loads[li][size_t(e)] += cnt.data<int32_t>()[e];
+          ++li;
+        }
+    }
+    loss = loss_sum / double(micros.size());
+    if (comm) {
+      std::vector<Tensor> grads;
+      for (const ParamSlot& s : opt->params()) grads.push_back(s.grad);
+      GradientAllReduce(*comm, grads, 1024).run(dp_scale);
+      all_reduce_loads(*comm, loads);
+      std::vector<float> lv{float(loss)};
+      comm->all_reduce_sum(std::span<float>(lv));
+      loss = double(lv[0]) / comm->size();
+    }
+    grads_seen.clear();
+    for (const ParamSlot& s : opt->params()) grads_seen.emplace_back(s.grad.data<float>(), s.grad.data<float>() + s.grad.numel());
+    opt->step(1e-2, loss, grad_scale);
+    size_t i = 0;
+    for (Param& p : w.params())
+      if (!p.spec.trainable) {  // router bias: b += γ·sign(mean − load)
+        const std::vector<int64_t>& ld = loads[i++];
+        double mean = 0;
+        for (int64_t v : ld) mean += double(v) / double(ld.size());
+        for (size_t e = 0; e < ld.size(); ++e) p.w.data<float>()[e] += kBiasGamma * float((mean > double(ld[e])) - (mean < double(ld[e])));
+      }
+  }
+};
+
 // Data parallel training: two AdamW steps on a tiny model, each rank on its share of the global
 // batch, gradients all-reduced (mean), router biases moved by the global loads; against the same
 // steps in this process on the whole batch.
@@ -105,69 +184,11 @@ TEST(Mpi, DataParallelTrainingStepsEqualSingleProcess) {
   OptimizerConfig oc;
   oc.eps = 1e-3;  // keeps near-zero gradients from turning FP32 noise into full-size updates
 
-  struct Run {
-    Weights w;
-    Grads g;
-    std::unique_ptr<Model> m;
-    std::unique_ptr<AdamW> opt;
-    double loss = 0;
-    std::vector<std::vector<float>> grads_seen;  // what the optimizer got, per slot
-    Run(const ModelConfig& cfg, const OptimizerConfig& oc) : w(Weights::random(cfg, 7, 0.2f)), g(cfg) {
-      m = std::make_unique<Model>(w, cpu_backend());
-      std::vector<ParamSlot> slots;
-      for (Param& p : w.params())
-        if (p.spec.trainable) slots.push_back({p.spec.name, p.w, g.get(p.spec.name), p.spec.weight_decay});
-      opt = std::make_unique<AdamW>(slots, oc);
-    }
-    // One step on sequences [b0, b1) of the global batch; `comm` reduces gradients and loads.
-    void step(std::span<const int32_t> lab, int64_t b0, int64_t b1, int64_t T, Communicator* comm) {
-      const int64_t B = b1 - b0, Lb = T + 1;
-      std::vector<int32_t> ids, l(lab.begin() + b0 * Lb, lab.begin() + b1 * Lb);
-      for (int64_t b = 0; b < B; ++b) ids.insert(ids.end(), l.begin() + b * Lb, l.begin() + b * Lb + T);
-      opt->zero_grads();
-      ForwardOptions fo;
-      fo.keep_activations = true;
-      ForwardOutput out = m->forward(ids, B, T, fo);
-      LossOptions lo;
-      lo.balance_alpha = 1e-2;
-      LossResult r = compute_loss(cpu_backend(), *m, out, l, B, T, Lb, lo);
-      m->backward(r.grad, g);
-      loss = r.total;
-      const ModelActs& acts = m->acts();
-      std::vector<std::vector<int64_t>> loads;
-      for (const LayerActs& la : acts.layers)
-        if (present(la.moe.counts)) {
-          const Tensor cnt = cpu_backend().to_host(la.moe.counts);
-          loads.emplace_back(cnt.data<int32_t>(), cnt.data<int32_t>() + cnt.numel());
-        }
-      if (comm) {
-        std::vector<Tensor> grads;
-        for (const ParamSlot& s : opt->params()) grads.push_back(s.grad);
-        GradientAllReduce(*comm, grads, 1024).run(1.0f / float(comm->size()));
-        all_reduce_loads(*comm, loads);
-        std::vector<float> lv{float(loss)};
-        comm->all_reduce_sum(std::span<float>(lv));
-        loss = double(lv[0]) / comm->size();
-      }
-      grads_seen.clear();
-      for (const ParamSlot& s : opt->params()) grads_seen.emplace_back(s.grad.data<float>(), s.grad.data<float>() + s.grad.numel());
-      opt->step(1e-2, loss);
-      size_t i = 0;
-      for (Param& p : w.params())
-        if (!p.spec.trainable) {  // router bias: b += γ·sign(mean − load)
-          const std::vector<int64_t>& ld = loads[i++];
-          double mean = 0;
-          for (int64_t v : ld) mean += double(v) / double(ld.size());
-          for (size_t e = 0; e < ld.size(); ++e) p.w.data<float>()[e] += kBiasGamma * float((mean > double(ld[e])) - (mean < double(ld[e])));
-        }
-    }
-  };
-
-  Run single(cfg, oc), dp(cfg, oc);
+  TinyRun single(cfg, oc), dp(cfg, oc);
   const int64_t share = Bg / P;
   for (int s = 0; s < 2; ++s) {
-    single.step(labels, 0, Bg, T, nullptr);
-    dp.step(labels, c.rank() * share, (c.rank() + 1) * share, T, &c);
+    single.step(labels, {{0, Bg}}, T, nullptr, 1.0f, 1.0);
+    dp.step(labels, {{c.rank() * share, (c.rank() + 1) * share}}, T, &c, 1.0f / float(P), 1.0);
     EXPECT_NEAR(dp.loss, single.loss, 1e-5 * std::fabs(single.loss)) << "step " << s;
     for (size_t i = 0; i < single.grads_seen.size(); ++i)
       EXPECT_LT(max_rel_diff(dp.grads_seen[i].data(), single.grads_seen[i].data(), int64_t(single.grads_seen[i].size())), 1e-5)
@@ -186,6 +207,38 @@ TEST(Mpi, DataParallelTrainingStepsEqualSingleProcess) {
     c.all_gather(a.w.data<float>(), all.data(), int64_t(a.w.numel()) * 4);
     for (int r = 1; r < P; ++r)
       ASSERT_EQ(std::memcmp(all.data(), all.data() + size_t(r) * size_t(a.w.numel()), size_t(a.w.numel()) * 4), 0);
+  }
+}
+
+// With the single process summing the gradients of the same P micro-batches in rank order
+// (((g_0 + g_1) + …), each g_i computed alone, as grad_accum = P would if the ops' accumulation
+// grouped that way) the reduction order is the same on both sides, and the DP run is bitwise
+// equal: gradients, losses, router biases (global loads) and parameters after two AdamW steps.
+// (Model::backward's own accumulation folds micro-batch rows into the running sum inside
+// rmsnorm_backward and the GEMMs, so it is not bitwise against this; see the tolerance test above.)
+TEST(Mpi, DataParallelEqualsGradientAccumulationBitwise) {
+  REQUIRE_MPI();
+  Communicator& c = world();
+  const int P = c.size();
+  const ModelConfig cfg = test::tiny_moe_config(4, 2);
+  const int64_t share = 2, T = 5, Lb = T + 1, Bg = share * P;
+  std::vector<int32_t> labels(size_t(Bg * Lb));
+  for (size_t i = 0; i < labels.size(); ++i) labels[i] = int32_t((i * 31 + 11) % size_t(cfg.vocab_size));
+  TinyRun single(cfg, OptimizerConfig{}), dp(cfg, OptimizerConfig{});
+  single.scratch = std::make_unique<Grads>(cfg);
+  std::vector<std::pair<int64_t, int64_t>> micros;
+  for (int r = 0; r < P; ++r) micros.push_back({r * share, (r + 1) * share});
+  for (int s = 0; s < 2; ++s) {
+    single.step(labels, micros, T, nullptr, 1.0f, 1.0 / P);
+    dp.step(labels, {micros[size_t(c.rank())]}, T, &c, 1.0f, 1.0 / P);
+    for (size_t i = 0; i < single.grads_seen.size(); ++i)
+      ASSERT_EQ(dp.grads_seen[i], single.grads_seen[i]) << single.opt->params()[i].name << " step " << s;
+  }
+  for (size_t i = 0; i < single.w.params().size(); ++i) {
+    const Tensor& a = dp.w.params()[i].w;
+    const Tensor& b = single.w.params()[i].w;
+    for (int64_t k = 0; k < a.numel(); ++k)
+      ASSERT_EQ(a.data<float>()[k], b.data<float>()[k]) << dp.w.params()[i].spec.name << "[" << k << "]";
   }
 }
 
