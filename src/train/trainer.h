@@ -32,26 +32,28 @@ namespace dsv3 {
 struct Grads;
 
 struct TrainOptions {
-  int64_t steps = 300;
+  int64_t steps = 1000;
   int64_t batch = 8;       // sequences per micro-batch
   int64_t seq_len = 64;    // T
   int64_t grad_accum = 1;  // micro-batches per optimizer step
-  double lr = 3e-3, min_lr = 3e-4;
+  double lr = 5e-3, min_lr = 5e-4;
   double warmup_frac = 0.05, decay_start_frac = 0.5;  // the V3 shape: warm-up, constant, cosine
   ScalarSchedule mtp_lambda{0.3};
   ScalarSchedule balance_alpha{1e-4};  // complementary sequence-wise loss α
   ScalarSchedule bias_gamma{1e-3};     // aux-loss-free bias update speed γ (0: off)
   OptimizerConfig opt;
   uint64_t seed = 1234;
-  double init_std = 0.006;
+  // 0.006 is the paper's for a 7168-wide model; the 128-wide tiny preset learns much faster from 0.02
+  // (its initializer_range): measured on the Brown corpus, val loss 6.23 vs 6.79 after 200 steps.
+  double init_std = 0.02;
   std::string precision = "fp32";  // fp32 | bf16
   std::string data_dir;            // prepared dataset (dataset.json)
   std::string tokenizer_path;      // for samples and the checkpoints' tokenizer.json ("" = none)
   std::string out_dir = "out";
-  int64_t eval_every = 50, eval_batches = 8;  // 0: no validation
+  int64_t eval_every = 100, eval_batches = 8;  // 0: no validation
   int64_t sample_tokens = 24;                 // greedy sample after each validation (0: none)
   std::string sample_prompt = "The";
-  int64_t checkpoint_every = 100;  // and at the end; 0: only at the end
+  int64_t checkpoint_every = 200;  // and at the end; 0: only at the end
   int keep_checkpoints = 2;
   bool resume = true;   // continue from OUT/latest when it exists
   bool plot = true;     // loss PNG at each validation and at the end
