@@ -16,6 +16,14 @@ std::vector<CommandDef>& registry() {
 
 void note(const std::string& msg) { std::cerr << "dsv3: " << msg << "\n"; }
 
+// CLI11 shows no default for an empty string; show `=""` so that --help lists every option's default.
+void show_empty_defaults(CLI::App& app) {
+  for (CLI::Option* opt : app.get_options())
+    if (opt->get_expected_max() > 0 && !opt->get_required() && opt->get_default_str().empty())
+      opt->default_str("\"\"");
+  for (CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; })) show_empty_defaults(*sub);
+}
+
 }  // namespace dsv3::cli
 
 int main(int argc, char** argv) {
@@ -33,6 +41,7 @@ int main(int argc, char** argv) {
     CLI::App* sub = app.add_subcommand(c.name, c.help);
     sub->option_defaults()->always_capture_default();
     subs.emplace_back(sub, c.setup(*sub));
+    cli::show_empty_defaults(*sub);
   }
 
   try {

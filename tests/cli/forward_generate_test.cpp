@@ -20,7 +20,10 @@ const std::string kFixture = "v3_hub_yarn_mtp1";
 // The fixture's input_ids, as the "ID ID ..." string the CLI takes.
 std::string fixture_ids(const std::map<std::string, StTensor>& expected) {
   std::string s;
-  for (double v : expected.at("input_ids").values) s += (s.empty() ? "" : " ") + std::to_string(int64_t(v));
+  for (double v : expected.at("input_ids").values) {
+    if (!s.empty()) s += ' ';
+    s += std::to_string(int64_t(v));
+  }
   return s;
 }
 
@@ -133,7 +136,8 @@ TEST(CliGenerate, GreedyIdsUnchangedBySpeculationAndAgreeWithForward) {
     const int64_t T = logits.shape[0], V = logits.shape[1];
     const auto last = logits.values.begin() + (T - 1) * V;
     EXPECT_EQ(int64_t(std::max_element(last, last + V) - last), plain[k]) << "generated token " << k;
-    seq += " " + std::to_string(plain[k]);
+    seq += ' ';
+    seq += std::to_string(plain[k]);
   }
 }
 
