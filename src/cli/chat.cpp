@@ -5,6 +5,7 @@
 #include <iostream>
 
 #include "cli/command.h"
+#include "cli/decode_options.h"
 #include "core/threads.h"
 #include "infer/session.h"
 
@@ -12,40 +13,22 @@ namespace dsv3::cli {
 namespace {
 
 struct ChatOptions {
-  std::string model_dir, tokenizer, system, cache_type = "f32";
-  int64_t n_predict = 512, top_k = 40, ctx_size = 0;
-  float temp = 0.8f, top_p = 0.95f, min_p = 0.05f, repeat_penalty = 1.0f;
-  uint64_t seed = 0;
-  int mtp = 0, threads = 0;
-  double cache_mb = 256;
+  std::string model_dir, tokenizer, system;
+  int64_t n_predict = 512;
+  DecodeOptions d;
   bool quiet = false;
 };
 
 double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
 int run_chat(const ChatOptions& o) {
-  set_num_threads(o.threads);
-  SamplingParams sp;
-  sp.temperature = o.temp;
-  sp.top_k = o.top_k;
-  sp.top_p = o.top_p;
-  sp.min_p = o.min_p;
-  sp.repeat_penalty = o.repeat_penalty;
-  sp.seed = o.seed;
-  sp.validate();
+  set_num_threads(o.d.threads);
+  const SamplingParams sp = o.d.sampling();
   if (o.n_predict < 1) input_error("-n: ", o.n_predict, " tokens per reply; expected >= 1");
-  if (!(o.cache_mb > 0)) input_error("--cache-mb: ", o.cache_mb, " is invalid (expected > 0)");
-  if (o.cache_type != "f32" && o.cache_type != "bf16")
-    input_error("--cache-type: '", o.cache_type, "' (expected f32 or bf16)");
+  EngineOptions eo = o.d.engine();
   Weights w = Weights::load(o.model_dir);
   const Tokenizer tok =
       *load_model_tokenizer(o.model_dir, o.tokenizer, w.config().vocab_size, true, "chat needs the chat template");
-  EngineOptions eo;
-  eo.cache.budget_bytes = uint64_t(o.cache_mb * double(1 << 20));
-  eo.cache.dtype = o.cache_type == "bf16" ? DType::BF16 : DType::F32;
-  eo.draft_tokens = o.mtp;
-  eo.max_context = o.ctx_size;
-  eo.max_running = 1;
   eo.n_valid = int64_t(tok.last_real_id()) + 1;
   eo.token_text = [&tok](int32_t id) { return tok.decode_token(id); };
   Engine eng(w, eo);
@@ -93,7 +76,7 @@ int run_chat(const ChatOptions& o) {
     t.gen_tokens = std::max<int64_t>(0, n - 1);
     EngineStats turn_stats = eng.stats();
     turn_stats.preemptions -= before.preemptions;
-    if (!o.quiet) std::cerr << timing_lines(t, turn_stats, o.mtp);
+    if (!o.quiet) std::cerr << timing_lines(t, turn_stats, o.d.mtp);
     msgs.push_back({"assistant", reply});
   }
   return 0;
@@ -104,19 +87,9 @@ RunFn setup_chat(CLI::App& app) {
   app.add_option("-m,--model", o->model_dir, "model directory (config.json + safetensors + tokenizer.json)")->required();
   app.add_option("--system", o->system, "system prompt");
   app.add_option("-n,--n-predict", o->n_predict, "tokens per reply at most")->capture_default_str();
-  app.add_option("--temp", o->temp, "temperature (0 = greedy)")->capture_default_str();
-  app.add_option("--top-k", o->top_k, "keep the k most likely tokens (0 = off)")->capture_default_str();
-  app.add_option("--top-p", o->top_p, "nucleus sampling mass (1 = off)")->capture_default_str();
-  app.add_option("--min-p", o->min_p, "drop tokens below min_p x the top probability (0 = off)")->capture_default_str();
-  app.add_option("--repeat-penalty", o->repeat_penalty, "penalty on tokens already in the sequence (1 = off)")
-      ->capture_default_str();
-  app.add_option("-s,--seed", o->seed, "sampling seed (turn i uses seed + i)")->capture_default_str();
-  app.add_option("--mtp", o->mtp, "MTP speculative decoding: draft tokens per step (0 = off)")->capture_default_str();
+  add_sampling_options(app, o->d, "sampling seed (turn i uses seed + i)");
   app.add_option("--tokenizer", o->tokenizer, "tokenizer.json (default: the model directory's)");
-  app.add_option("-c,--ctx-size", o->ctx_size, "context length (0 = max_position_embeddings)")->capture_default_str();
-  app.add_option("--cache-mb", o->cache_mb, "KV cache pool size in MiB")->capture_default_str();
-  app.add_option("--cache-type", o->cache_type, "KV cache storage: f32 or bf16")->capture_default_str();
-  app.add_option("-t,--threads", o->threads, "CPU threads (0 = all cores)")->capture_default_str();
+  add_engine_options(app, o->d, false);
   app.add_flag("-q,--quiet", o->quiet, "no prompt marker or timing lines on stderr");
   return [o] { return run_chat(*o); };
 }

@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "cli/command.h"
+#include "cli/decode_options.h"
 #include "core/threads.h"
 #include "infer/session.h"
 #include "model/model.h"
@@ -17,12 +18,9 @@ namespace dsv3::cli {
 namespace {
 
 struct GenerateOptions {
-  std::string model_dir, prompt, prompt_file, prompt_ids, tokenizer, cache_type = "f32";
-  int64_t n_predict = 128, top_k = 40, ctx_size = 0, block_size = 64;
-  float temp = 0.8f, top_p = 0.95f, min_p = 0.05f, repeat_penalty = 1.0f;
-  uint64_t seed = 0;
-  int mtp = 0, threads = 0;
-  double cache_mb = 256;
+  std::string model_dir, prompt, prompt_file, prompt_ids, tokenizer;
+  int64_t n_predict = 128;
+  DecodeOptions d;
   std::vector<std::string> stop;
   bool print_ids = false, ignore_eos = false;
 };
@@ -30,23 +28,12 @@ struct GenerateOptions {
 double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
 int run_generate(const GenerateOptions& o) {
-  set_num_threads(o.threads);
+  set_num_threads(o.d.threads);
   const int given = int(!o.prompt.empty()) + int(!o.prompt_file.empty()) + int(!o.prompt_ids.empty());
   if (given != 1) input_error("give exactly one of -p TEXT, -f FILE or --prompt-ids \"ID ID ...\" (got ", given, ")");
-  SamplingParams sp;
-  sp.temperature = o.temp;
-  sp.top_k = o.top_k;
-  sp.top_p = o.top_p;
-  sp.min_p = o.min_p;
-  sp.repeat_penalty = o.repeat_penalty;
-  sp.seed = o.seed;
-  sp.validate();
+  const SamplingParams sp = o.d.sampling();
   if (o.n_predict < 1) input_error("-n: ", o.n_predict, " tokens to generate; expected >= 1");
-  if (!(o.cache_mb > 0)) input_error("--cache-mb: ", o.cache_mb, " is invalid (expected > 0)");
-  DType cache_dtype;
-  if (o.cache_type == "f32") cache_dtype = DType::F32;
-  else if (o.cache_type == "bf16") cache_dtype = DType::BF16;
-  else input_error("--cache-type: '", o.cache_type, "' (expected f32 or bf16)");
+  EngineOptions eo = o.d.engine();
 
   Weights w = Weights::load(o.model_dir);
   const ModelConfig& c = w.config();
@@ -69,13 +56,6 @@ int run_generate(const GenerateOptions& o) {
     prompt = tok->encode(text);
   }
 
-  EngineOptions eo;
-  eo.cache.block_size = o.block_size;
-  eo.cache.budget_bytes = uint64_t(o.cache_mb * double(1 << 20));
-  eo.cache.dtype = cache_dtype;
-  eo.draft_tokens = o.mtp;
-  eo.max_context = o.ctx_size;
-  eo.max_running = 1;
   if (tok) {
     eo.n_valid = int64_t(tok->last_real_id()) + 1;
     const Tokenizer* t = &*tok;
@@ -122,7 +102,7 @@ int run_generate(const GenerateOptions& o) {
   t.prompt_s = t_first - t0;
   t.gen_s = t1 - t_first;
   t.gen_tokens = std::max<int64_t>(0, int64_t(out.size()) - 1);
-  std::cerr << "\n" << timing_lines(t, eng.stats(), o.mtp) << "      stop reason = " << reason << "\n";
+  std::cerr << "\n" << timing_lines(t, eng.stats(), o.d.mtp) << "      stop reason = " << reason << "\n";
   return 0;
 }
 
@@ -134,22 +114,11 @@ RunFn setup_generate(CLI::App& app) {
   app.add_option("--prompt-ids", o->prompt_ids, "prompt as token ids \"ID ID ...\" instead of text");
   app.add_flag("--print-ids", o->print_ids, "print only the generated token ids, on one line of stdout");
   app.add_option("-n,--n-predict", o->n_predict, "tokens to generate at most")->capture_default_str();
-  app.add_option("--temp", o->temp, "temperature (0 = greedy)")->capture_default_str();
-  app.add_option("--top-k", o->top_k, "keep the k most likely tokens (0 = off)")->capture_default_str();
-  app.add_option("--top-p", o->top_p, "nucleus sampling mass (1 = off)")->capture_default_str();
-  app.add_option("--min-p", o->min_p, "drop tokens below min_p x the top probability (0 = off)")->capture_default_str();
-  app.add_option("--repeat-penalty", o->repeat_penalty, "penalty on tokens already in the sequence (1 = off)")
-      ->capture_default_str();
-  app.add_option("-s,--seed", o->seed, "sampling seed (same seed, same text)")->capture_default_str();
-  app.add_option("--mtp", o->mtp, "MTP speculative decoding: draft tokens per step (0 = off)")->capture_default_str();
+  add_sampling_options(app, o->d, "sampling seed (same seed, same text)");
   app.add_option("--stop", o->stop, "stop string (repeatable); the output ends before it");
   app.add_flag("--ignore-eos", o->ignore_eos, "do not stop at the end-of-sequence token");
   app.add_option("--tokenizer", o->tokenizer, "tokenizer.json (default: the model directory's)");
-  app.add_option("-c,--ctx-size", o->ctx_size, "context length (0 = max_position_embeddings)")->capture_default_str();
-  app.add_option("--cache-mb", o->cache_mb, "KV cache pool size in MiB")->capture_default_str();
-  app.add_option("--cache-type", o->cache_type, "KV cache storage: f32 or bf16")->capture_default_str();
-  app.add_option("--block-size", o->block_size, "KV cache block size in tokens")->capture_default_str();
-  app.add_option("-t,--threads", o->threads, "CPU threads (0 = all cores)")->capture_default_str();
+  add_engine_options(app, o->d, true);
   return [o] { return run_generate(*o); };
 }
 
