@@ -100,8 +100,9 @@ int run_train(TrainCli& o) {
   o.t.mtp_lambda = ScalarSchedule::parse(o.mtp_lambda, "--mtp-lambda");
   o.t.balance_alpha = ScalarSchedule::parse(o.balance_alpha, "--balance-alpha");
   o.t.bias_gamma = ScalarSchedule::parse(o.bias_gamma, "--bias-gamma");
-  if (o.t.precision == "fp8" || (o.t.precision != "fp32" && o.t.precision != "bf16"))
-    o.t.validate();  // the message names the FP8 issue
+  if (o.t.precision != "fp32" && o.t.precision != "bf16" && o.t.precision != "fp8" &&
+      o.t.precision != "fp8-dgrad-128x128")
+    o.t.validate();  // names the accepted values
   if (o.t.data_dir.empty()) {
     auto [ds, tok] = default_dataset(o, c.vocab_size);
     o.t.data_dir = ds;
@@ -130,7 +131,9 @@ RunFn setup_train(CLI::App& app) {
   app.add_option("--out", t.out_dir, "Run directory: metrics.jsonl, loss.png, checkpoints, latest")
       ->capture_default_str();
   app.add_option("--seed", t.seed, "Seed of the initialisation and the data order")->capture_default_str();
-  app.add_option("--precision", t.precision, "fp32 | bf16 (BF16 GEMM weights, FP32 accumulation) | fp8")
+  app.add_option("--precision", t.precision,
+                 "fp32 | bf16 (BF16 GEMM operands, FP32 accumulation) | fp8 (DeepSeek-V3 recipe, docs/fp8.md) | "
+                 "fp8-dgrad-128x128 (negative control)")
       ->capture_default_str();
   app.add_option("--data", t.data_dir, "Prepared dataset (dsv3 data prepare); default: the Brown corpus");
   app.add_option("--tokenizer", t.tokenizer_path, "tokenizer.json for samples and checkpoints");

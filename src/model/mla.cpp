@@ -2,6 +2,7 @@
 //   q   = q_b_proj(q_a_layernorm(q_a_proj(x)))   or q_proj(x)         per head [q_nope ; q_pe]
 //   kv_a = kv_a_proj_with_mqa(x) = [c_kv ; k_pe]; kv = kv_b_proj(kv_a_layernorm(c_kv)) per head [k_nope ; v]
 //   RoPE on q_pe and on the single k_pe shared by all heads; causal softmax(q·kᵀ·scale)·v; o_proj.
+#include "backend/fp8.h"
 #include "model/model.h"
 #include "model/module_ops.h"
 
@@ -14,7 +15,10 @@ void linear_forward(Backend& be, const LinearParam& p, const Tensor& x, const Te
   a.w_scale_inv = p.scale_inv;
   a.y = y;
   a.accumulate = accumulate;
-  be.linear(a);
+  if (p.lowp && linear_precision().mode != LinearPrecisionMode::F32 && be.device() == Device::CPU)
+    linear_lowp(linear_precision(), a);
+  else
+    be.linear(a);
   if (present(p.bias)) {
     // Broadcast the [N] bias over every row: copy_cols with Rd = Rs·rows.
     CopyColsArgs b;
@@ -132,7 +136,10 @@ void linear_backward(Backend& be, const LinearParam& p, const LinearParam& g, co
   a.dw = g.w;
   a.accumulate_dx = accumulate_dx;
   a.accumulate_dw = true;
-  be.linear_backward(a);
+  if (p.lowp && linear_precision().mode != LinearPrecisionMode::F32 && be.device() == Device::CPU)
+    linear_backward_lowp(linear_precision(), a);
+  else
+    be.linear_backward(a);
   if (present(p.bias)) bias_backward(be, dy, g.bias);
 }
 

@@ -20,6 +20,7 @@ LinearParam linear_param(const Weights& w, const std::string& name, bool with_bi
   LinearParam l;
   l.w = p.w;
   l.scale_inv = p.scale_inv;
+  l.lowp = true;
   if (with_bias) l.bias = w.get(name + ".bias").w;
   return l;
 }
@@ -57,6 +58,7 @@ LayerParams layer_params(const Weights& w, int64_t i) {
     return l;
   }
   l.moe.gate = linear_param(w, m + "gate");
+  l.moe.gate.lowp = false;
   if (c.has_router_bias()) l.moe.e_score_correction_bias = w.get(m + "gate.e_score_correction_bias").w;
   for (int64_t e = 0; e < c.n_routed_experts; ++e) l.moe.experts.push_back(mlp_params(w, cat(m, "experts.", e, ".")));
   l.moe.has_shared = c.has_shared_experts();
@@ -73,6 +75,7 @@ ModelParams bind_params(const Weights& w) {
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) p.layers.push_back(layer_params(w, i));
   p.norm = w.get("model.norm.weight").w;
   p.lm_head = linear_param(w, c.tie_word_embeddings ? "model.embed_tokens" : "lm_head");
+  p.lm_head.lowp = false;
   for (int64_t k = 1; k <= c.num_nextn_predict_layers; ++k) {
     const int64_t i = c.num_hidden_layers + k - 1;
     const std::string pre = cat("model.layers.", i, ".");

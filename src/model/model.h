@@ -38,6 +38,7 @@ struct LinearParam {
   Tensor w;          // [N, K] stored dtype
   Tensor scale_inv;  // F8_E4M3 only
   Tensor bias;       // [N], optional (attention_bias)
+  bool lowp = false; // the training precision (backend/fp8.h LinearPrecision) applies: not lm_head, router gate
 };
 struct MlaParams {
   LinearParam q_proj;               // q_lora_rank null

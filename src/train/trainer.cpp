@@ -6,6 +6,7 @@
 #include <iostream>
 #include <optional>
 
+#include "backend/fp8.h"
 #include "backend/ops.h"
 #include "core/error.h"
 #include "io/tokenizer.h"
@@ -38,12 +39,8 @@ void TrainOptions::validate() const {
     input_error("--eval-every, --eval-batches, --sample-tokens and --checkpoint-every must be ≥ 0");
   if (keep_checkpoints < 1) input_error("--keep-checkpoints is ", keep_checkpoints, "; expected ≥ 1");
   if (!(init_std > 0)) input_error("--init-std is ", init_std, "; expected > 0");
-  if (precision == "fp8")
-    input_error("--precision fp8: FP8 training belongs to the FP8 issue (#7, FP8 mixed-precision training) and is not "
-                "implemented yet; use fp32 or "
-                "bf16");
-  if (precision != "fp32" && precision != "bf16")
-    input_error("--precision '", precision, "': expected fp32 or bf16 (fp8: see the FP8 issue #7)");
+  if (precision != "fp32" && precision != "bf16" && precision != "fp8" && precision != "fp8-dgrad-128x128")
+    input_error("--precision '", precision, "': expected fp32, bf16, fp8 or fp8-dgrad-128x128");
   if (data_dir.empty()) input_error("no dataset: --data DIR (a directory written by `dsv3 data prepare`)");
   opt.validate();
 }
@@ -112,7 +109,7 @@ struct Trainer::Impl {
   TrainOptions o;
   Backend& be = cpu_backend();
   Weights master;
-  std::optional<Weights> compute;  // BF16 copies for --precision bf16
+  std::optional<Weights> compute;  // BF16 copies for --precision bf16 / fp8
   std::unique_ptr<Model> model;
   std::unique_ptr<Grads> grads;
   std::unique_ptr<AdamW> opt;
@@ -135,7 +132,13 @@ struct Trainer::Impl {
   }
 
   void bind_model() {
-    if (o.precision == "bf16") {
+    // The eligible linear layers' GEMMs (backend/fp8.h, docs/fp8.md); the rest use the BF16 copies.
+    LinearPrecision& lp = linear_precision();
+    lp = LinearPrecision{};
+    if (o.precision == "bf16") lp.mode = LinearPrecisionMode::Bf16;
+    if (o.precision.starts_with("fp8")) lp.mode = LinearPrecisionMode::Fp8;
+    lp.dgrad_block = o.precision == "fp8-dgrad-128x128";
+    if (o.precision != "fp32") {
       std::map<std::string, Tensor> t;
       for (const Param& p : master.params())
         t[p.spec.name] = p.spec.kind == TensorKind::router_bias ? p.w : p.w.to(DType::BF16);
