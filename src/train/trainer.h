@@ -9,11 +9,10 @@
 // (max_i load_i / mean − 1) into metrics.jsonl; every eval_every steps a validation loss and a short
 // greedy sample; checkpoints through CheckpointManager; a run resumes from OUT/latest bitwise.
 //
-// Precision: fp32 (everything F32); bf16 emulates BF16 GEMM weights with FP32 accumulation: the
-// weights every GEMM reads are BF16 copies of the F32 master weights (re-rounded after each update;
-// the linear op widens them exactly). Activations, norms, router, attention core, loss, gradients
-// and AdamW stay F32 — the inputs of the linears are NOT rounded to BF16 yet. fp8 belongs to the
-// FP8 issue and is rejected with a message saying so.
+// Precision (--precision): fp32 (everything F32); bf16 and fp8 (the FP8 issue's recipe, see
+// docs/fp8.md) run the eligible linears' GEMMs on rounded operands with FP32 accumulation, from
+// BF16 copies of the F32 master weights re-rounded after each update; norms, router, attention
+// core, loss, gradients and AdamW stay F32.
 #pragma once
 #include <cstdint>
 #include <functional>
