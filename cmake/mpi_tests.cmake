@@ -11,6 +11,8 @@ if(DSV3_HAVE_MPI AND DSV3_BUILD_TESTS AND TARGET dsv3_dist_tests)
       set_tests_properties(dist_mpi_np${np} PROPERTIES LABELS "mpi;dist" TIMEOUT 120 PROCESSORS 2
                            ENVIRONMENT "${dsv3_mpi_env}")
     endforeach()
+    add_test(NAME dist_nccl_one_rank COMMAND $<TARGET_FILE:dsv3_dist_tests> --gtest_filter=Nccl.*)
+    set_tests_properties(dist_nccl_one_rank PROPERTIES LABELS "gpu")
     add_test(NAME dist_mpi_kill
              COMMAND bash ${CMAKE_SOURCE_DIR}/tests/dist/mpi_kill_test.sh $<TARGET_FILE:dsv3_dist_tests> 2)
     set_tests_properties(dist_mpi_kill PROPERTIES LABELS "mpi;dist" TIMEOUT 90 PROCESSORS 2

