@@ -27,5 +27,5 @@ for pid in "${pids[@]}"; do wait "$pid" || echo "a run exited with $? (see $runs
 secs=$(( $(date +%s) - start ))
 config=$(printf '{"preset":"%s","steps":%d,"batch":%d,"seq_len":%d,"tokens":%d,"seed":1234,"threads_per_run":1,"lr":"dsv3 train default","eval_batches":4,"wall_s":%d,"loadavg_before":"%s","loadavg_after":"%s"}' \
   "$preset" "$steps" "$batch" "$seq" $((steps * batch * seq)) "$secs" "$load_before" "$(cut -d' ' -f1-3 /proc/loadavg)")
-python3 "$root/tools/fp8_vs_bf16.py" "$root/bench/results/fp8_vs_bf16.json" "$preset" "$config" \
+python3 "$root/tools/fp8_vs_bf16.py" "${OUT_JSON:-$root/bench/results/fp8_vs_bf16.json}" "$preset" "$config" \
   "$runs/$preset-bf16" "$runs/$preset-fp8" "$runs/$preset-fp8-dgrad-128x128"
