@@ -65,7 +65,7 @@ std::string read_file(const std::string& path, const char* what) {
 json parse_json(std::string_view text, const std::string& where) {
   try {
     return json::parse(text.begin(), text.end());
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, and out_of_range for a number too large for a double
     input_error(where, ": not valid JSON: ", e.what());
   }
 }

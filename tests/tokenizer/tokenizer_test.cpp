@@ -189,6 +189,10 @@ TEST(Tokenizer, MalformedFilesNameThePart) {
   j["model"]["type"] = "WordPiece";
   EXPECT_NE(error_of(j).find("unsupported model \"WordPiece\""), std::string::npos) << error_of(j);
   EXPECT_THROW(Tokenizer::from_json("{not json", {}, "t.json"), InputError);
+  // Found by fuzz_tokenizer: a number past the double range is nlohmann's out_of_range, not a parse_error.
+  EXPECT_THROW(Tokenizer::from_json("777E7777", {}, "t.json"), InputError);
+  EXPECT_THROW(Tokenizer::from_json(R"({"model": {"type": "BPE", "vocab": {"a": 1e999}, "merges": []}})", {}, "t.json"),
+               InputError);
   EXPECT_THROW(Tokenizer::load("/nonexistent/dir"), InputError);
   Tokenizer tok = Tokenizer::from_json(ok.dump());
   EXPECT_THROW(tok.decode(std::vector<int32_t>{5000}), InputError);
