@@ -13,28 +13,18 @@ namespace dsv3 {
 namespace {
 
 using test::expect_input_error;
+using test::patterned;
+using test::same_bytes;
 using test::TempDir;
 using test::write_all;
 
-Tensor filled(DType t, const Shape& s, int seed) {
-  Tensor x = Tensor::empty(t, s);
-  auto* p = static_cast<uint8_t*>(x.raw());
-  for (size_t i = 0; i < x.nbytes(); ++i) p[i] = uint8_t(i * 13 + size_t(seed) * 29 + 1);
-  return x;
-}
-
-bool same(const Tensor& a, const Tensor& b) {
-  return a.dtype() == b.dtype() && a.shape() == b.shape() &&
-         (a.nbytes() == 0 || std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0);
-}
-
 std::vector<NamedTensor> model_tensors() {
-  return {{"model.embed_tokens.weight", filled(DType::BF16, {16, 8}, 1)},   // 256 B
-          {"model.layers.0.self_attn.q_proj.weight", filled(DType::F8_E4M3, {8, 8}, 2)},  // 64 B
-          {"model.layers.0.self_attn.q_proj.weight_scale_inv", filled(DType::F32, {1, 1}, 3)},
-          {"model.layers.0.mlp.gate.e_score_correction_bias", filled(DType::F32, {4}, 4)},
-          {"model.norm.weight", filled(DType::BF16, {8}, 5)},
-          {"lm_head.weight", filled(DType::BF16, {16, 8}, 6)}};
+  return {{"model.embed_tokens.weight", patterned(DType::BF16, {16, 8}, 1)},   // 256 B
+          {"model.layers.0.self_attn.q_proj.weight", patterned(DType::F8_E4M3, {8, 8}, 2)},  // 64 B
+          {"model.layers.0.self_attn.q_proj.weight_scale_inv", patterned(DType::F32, {1, 1}, 3)},
+          {"model.layers.0.mlp.gate.e_score_correction_bias", patterned(DType::F32, {4}, 4)},
+          {"model.norm.weight", patterned(DType::BF16, {8}, 5)},
+          {"lm_head.weight", patterned(DType::BF16, {16, 8}, 6)}};
 }
 
 TEST(CheckpointDir, ShardedRoundTrip) {
@@ -50,7 +40,7 @@ TEST(CheckpointDir, ShardedRoundTrip) {
   ASSERT_EQ(d.size(), in.size());
   uint64_t tensor_bytes = 0, file_bytes = 0;
   for (const NamedTensor& t : in) {
-    EXPECT_TRUE(same(d.tensor(t.name), t.tensor)) << t.name;
+    EXPECT_TRUE(same_bytes(d.tensor(t.name), t.tensor)) << t.name;
     tensor_bytes += t.tensor.nbytes();
   }
   for (const std::string& s : d.shard_files()) {
@@ -76,7 +66,7 @@ TEST(CheckpointDir, SingleFileAndLayoutSwitch) {
   SafetensorsDir d = SafetensorsDir::open(dir.path);
   EXPECT_FALSE(d.sharded());
   EXPECT_EQ(d.shard_files(), std::vector<std::string>{kSingleFileName});
-  for (const NamedTensor& t : in) EXPECT_TRUE(same(d.tensor(t.name), t.tensor)) << t.name;
+  for (const NamedTensor& t : in) EXPECT_TRUE(same_bytes(d.tensor(t.name), t.tensor)) << t.name;
   EXPECT_EQ(SafetensorsDir::open(dir / kSingleFileName).size(), in.size());
   write_safetensors_dir(dir.path, in, {}, 300);  // and back: the stale single file must go
   EXPECT_FALSE(std::filesystem::exists(dir / kSingleFileName));
@@ -95,7 +85,7 @@ TEST(CheckpointDir, SixDigitShardTotalsAsDeepSeekV3Names) {
   SafetensorsDir d = SafetensorsDir::open(dir.path);
   EXPECT_FALSE(d.index_total_size().has_value());
   EXPECT_EQ(d.shard_files()[1], "model-00002-of-000002.safetensors");
-  for (const NamedTensor& t : in) EXPECT_TRUE(same(d.tensor(t.name), t.tensor)) << t.name;
+  for (const NamedTensor& t : in) EXPECT_TRUE(same_bytes(d.tensor(t.name), t.tensor)) << t.name;
   expect_input_error([&] { d.tensor("model.layers.1.mlp.gate.weight"); },
                      {"'model.layers.1.mlp.gate.weight'", "not found"});
 }
@@ -116,7 +106,7 @@ TEST(CheckpointDir, ListsEveryTensorWithDtypeAndShape) {
 struct HandMade {
   TempDir dir;
   HandMade() {
-    Tensor a = filled(DType::F32, {2}, 1), b = filled(DType::F32, {3}, 2);
+    Tensor a = patterned(DType::F32, {2}, 1), b = patterned(DType::F32, {3}, 2);
     write_safetensors(dir / "s1.safetensors", {{"a", a}});
     write_safetensors(dir / "s2.safetensors", {{"b", b}});
   }
@@ -156,7 +146,7 @@ TEST(CheckpointDir, WeightMapEntryMissingFromItsShard) {
 TEST(CheckpointDir, ShardTensorMissingFromWeightMap) {
   HandMade h;
   h.index(R"({"a":"s1.safetensors"})");
-  write_safetensors(h.dir / "s1.safetensors", {{"a", filled(DType::F32, {2}, 1)}, {"stray", filled(DType::U8, {1}, 3)}});
+  write_safetensors(h.dir / "s1.safetensors", {{"a", patterned(DType::F32, {2}, 1)}, {"stray", patterned(DType::U8, {1}, 3)}});
   expect_input_error([&] { SafetensorsDir::open(h.dir.path); }, {"'stray'", "tensor not in weight_map"});
 }
 
@@ -178,7 +168,7 @@ TEST(CheckpointDir, BadShardInsideAGoodIndexNamesTheShard) {
 
 TEST(CheckpointDir, WriterRejectsDuplicateNamesBeforeWriting) {
   TempDir dir;
-  Tensor x = filled(DType::F32, {2}, 1);
+  Tensor x = patterned(DType::F32, {2}, 1);
   expect_input_error([&] { write_safetensors_dir(dir.path, {{"w", x}, {"v", x}, {"w", x}}, {}, 8); },
                      {"duplicate tensor name", "'w'"});
   EXPECT_EQ(dir.count_files(), 0u);

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -14,6 +15,7 @@
 #include <string>
 
 #include "core/error.h"
+#include "core/tensor.h"
 
 namespace dsv3::test {
 
@@ -62,6 +64,20 @@ inline void expect_input_error(const std::function<void()>& fn, std::initializer
     for (const std::string& p : parts)
       EXPECT_NE(msg.find(p), std::string::npos) << "message lacks '" << p << "': " << msg;
   }
+}
+
+// A tensor whose bytes are a deterministic pattern (distinct per seed), so byte equality checks
+// catch misplaced data.
+inline Tensor patterned(DType t, const Shape& s, int seed) {
+  Tensor x = Tensor::empty(t, s);
+  auto* p = static_cast<uint8_t*>(x.raw());
+  for (size_t i = 0; i < x.nbytes(); ++i) p[i] = uint8_t(i * 37 + size_t(seed) * 101 + 7);
+  return x;
+}
+
+inline bool same_bytes(const Tensor& a, const Tensor& b) {
+  return a.dtype() == b.dtype() && a.shape() == b.shape() && a.nbytes() == b.nbytes() &&
+         (a.nbytes() == 0 || std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0);
 }
 
 }  // namespace dsv3::test

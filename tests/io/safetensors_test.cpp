@@ -13,22 +13,10 @@ namespace dsv3 {
 namespace {
 
 using test::expect_input_error;
+using test::patterned;
+using test::same_bytes;
 using test::st_bytes;
 using test::TempDir;
-
-// A tensor whose bytes are a deterministic pattern (distinct per seed), so byte equality checks
-// catch misplaced data.
-Tensor patterned(DType t, const Shape& s, int seed) {
-  Tensor x = Tensor::empty(t, s);
-  auto* p = static_cast<uint8_t*>(x.raw());
-  for (size_t i = 0; i < x.nbytes(); ++i) p[i] = uint8_t(i * 37 + size_t(seed) * 101 + 7);
-  return x;
-}
-
-bool same_bytes(const Tensor& a, const Tensor& b) {
-  return a.dtype() == b.dtype() && a.shape() == b.shape() && a.nbytes() == b.nbytes() &&
-         (a.nbytes() == 0 || std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0);
-}
 
 const DType kAll[] = {DType::F32, DType::F64,     DType::BF16, DType::F16, DType::F8_E4M3,
                       DType::F8_E5M2, DType::I64, DType::I32,  DType::U8};
