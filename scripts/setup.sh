@@ -12,7 +12,7 @@ SUDO=""
 
 DEBS=(build-essential cmake ninja-build pkg-config clang libclang-rt-14-dev
       libopenblas-dev libomp-dev nlohmann-json3-dev libpcre2-dev libicu-dev libcli11-dev libcpp-httplib-dev
-      libgtest-dev libgmock-dev libopenmpi-dev openmpi-bin gnuplot-nox)
+      libgtest-dev libgmock-dev libopenmpi-dev openmpi-bin gnuplot-nox python3-torch)
 missing=()
 for p in "${DEBS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 # Node.js and npm (for the npm data/tokenizer packages): Debian's, unless a node and npm are already
