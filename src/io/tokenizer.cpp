@@ -138,8 +138,10 @@ Tokenizer Tokenizer::load(const std::string& path) {
   return from_json(text, cfg_text, file);
 }
 
+// A function-try-block: a field of the wrong JSON type anywhere below (nlohmann's type_error from
+// value()/get()) is the file's fault, so it becomes an InputError naming the file.
 Tokenizer Tokenizer::from_json(std::string_view text, std::string_view config_text,
-                               const std::string& where) {
+                               const std::string& where) try {
   auto impl = std::make_unique<Impl>();
   json j = parse_json(text, where);
   if (!j.is_object()) input_error(where, ": expected a JSON object at the top level");
@@ -225,6 +227,8 @@ Tokenizer Tokenizer::from_json(std::string_view text, std::string_view config_te
       impl->add_bos = cfg["add_bos_token"].get<bool>();
   }
   return Tokenizer(std::move(impl));
+} catch (const json::exception& e) {
+  input_error(where, ": a field has the wrong JSON type (", e.what(), ")");
 }
 
 void Tokenizer::Impl::encode_section(std::string_view text, std::vector<int32_t>& out,
