@@ -26,7 +26,7 @@ cmake --build build-asan -j "$jobs" --target "${asan_targets[@]}" "${fuzzers[@]}
 # A fixed seed and a fixed number of runs (about a minute each on a 2-core machine) make CI's fuzzing
 # reproducible: a run that passes here passes in CI. Set DSV3_FUZZ_SCALE to fuzz longer.
 fuzz_seconds=${DSV3_FUZZ_SECONDS:-120}
-declare -A fuzz_runs=([fuzz_tokenizer]=150000 [fuzz_config]=600000 [fuzz_index]=600000 [fuzz_safetensors]=600000)
+declare -A fuzz_runs=([fuzz_tokenizer]=600000 [fuzz_config]=600000 [fuzz_index]=600000 [fuzz_safetensors]=600000)
 for f in "${fuzzers[@]}"; do
   corpus=build-asan/fuzz-corpus/$f
   mkdir -p "$corpus"
