@@ -16,19 +16,7 @@ ModelRunner::ModelRunner(const Weights& w, Backend& be)
   for (const MtpParams& m : params_.mtp) absorbed_.push_back(split_kv_b(m.block.attn.kv_b_proj, d_));
 }
 
-const RopeTables& ModelRunner::rope_for(int64_t n) {
-  if (n > rope_len_) {
-    int64_t len = 64;
-    while (len < n) len *= 2;
-    len = std::min(len, std::max(n, cfg_.max_position_embeddings));
-    RopeTables t = rope_tables(rope_params(cfg_), len);
-    t.cos = be_.to_device(t.cos);
-    t.sin = be_.to_device(t.sin);
-    rope_ = std::move(t);
-    rope_len_ = len;
-  }
-  return rope_;
-}
+const RopeTables& ModelRunner::rope_for(int64_t n) { return rope_.covering(be_, cfg_, n); }
 
 Tensor ModelRunner::positions_of(const StepRows& rows) {
   std::vector<int32_t> pos(rows.pos.size());
@@ -72,7 +60,7 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
   } else {
     linear_forward(be_, a.q_proj, h1, q2);
   }
-  rope_rows(be_, rope_, positions, q, d_.nope, d_.rope, d_.rope_interleaved);
+  rope_rows(be_, rope_.tables(), positions, q, d_.nope, d_.rope, d_.rope_interleaved);
 
   Tensor kv_a = be_.alloc(DType::F32, {N, d_.kv_lora + d_.rope});
   linear_forward(be_, a.kv_a_proj_with_mqa, h1, kv_a);  // [N, kv_lora + rope]
@@ -81,7 +69,7 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
   const Tensor c_kv_n = rmsnorm(be_, c_kv, a.kv_a_layernorm, d_.eps_mla, rstd);  // cached latent
   Tensor k_pe = be_.alloc(DType::F32, {N, d_.rope});
   copy_cols(be_, kv_a, d_.kv_lora, k_pe, 0, d_.rope);
-  rope_rows(be_, rope_, positions, k_pe.reshape({N, 1, d_.rope}), 0, d_.rope, d_.rope_interleaved);
+  rope_rows(be_, rope_.tables(), positions, k_pe.reshape({N, 1, d_.rope}), 0, d_.rope, d_.rope_interleaved);
 
   Tensor attn = be_.alloc(DType::F32, {N, nh * d_.vd});
   cache.attend(layer, a, rows, q, c_kv_n, k_pe, attn);

@@ -51,8 +51,7 @@ class ModelRunner {
   ModelDims d_;
   ModelParams params_;
   std::vector<AbsorbedKvB> absorbed_;  // main layers then MTP blocks
-  RopeTables rope_;
-  int64_t rope_len_ = 0;
+  RopeCache rope_;
 };
 
 }  // namespace dsv3

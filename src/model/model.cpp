@@ -141,19 +141,21 @@ RopeParams rope_params(const ModelConfig& c) {
 Model::Model(const Weights& w, Backend& be)
     : cfg_(w.config()), be_(be), dims_(model_dims(cfg_)), params_(bind_params(w)) {}
 
-const RopeTables& Model::rope_tables_for(int64_t n) {
-  if (n > rope_len_) {
+const RopeTables& RopeCache::covering(Backend& be, const ModelConfig& cfg, int64_t n) {
+  if (n > len_) {
     int64_t len = 64;
     while (len < n) len *= 2;
-    len = std::min(len, std::max(n, cfg_.max_position_embeddings));
-    RopeTables t = rope_tables(rope_params(cfg_), len);
-    t.cos = be_.to_device(t.cos);
-    t.sin = be_.to_device(t.sin);
-    rope_ = std::move(t);
-    rope_len_ = len;
+    len = std::min(len, std::max(n, cfg.max_position_embeddings));
+    RopeTables t = rope_tables(rope_params(cfg), len);
+    t.cos = be.to_device(t.cos);
+    t.sin = be.to_device(t.sin);
+    tables_ = std::move(t);
+    len_ = len;
   }
-  return rope_;
+  return tables_;
 }
+
+const RopeTables& Model::rope_tables_for(int64_t n) { return rope_.covering(be_, cfg_, n); }
 
 ForwardOutput Model::forward(std::span<const int32_t> ids, int64_t B, int64_t T, const ForwardOptions& opt) {
   if (B < 1 || T < 1 || int64_t(ids.size()) != B * T)
@@ -206,7 +208,7 @@ ForwardOutput Model::forward(std::span<const int32_t> ids, int64_t B, int64_t T,
       MtpActs scratch;
       MtpActs& ma = opt.keep_activations ? a.mtp[k - 1] : scratch;
       Tensor logits;
-      mtp_module_forward(be_, d, params_.mtp[k - 1], params_.embed_tokens, params_.lm_head, rope_, ids, B, T,
+      mtp_module_forward(be_, d, params_.mtp[k - 1], params_.embed_tokens, params_.lm_head, rope_.tables(), ids, B, T,
                          int(k), h_prev, prev_len, ma, logits);
       out.mtp_logits.push_back(logits);
       h_prev = ma.h;
@@ -253,14 +255,14 @@ void Model::backward(const BackwardInput& in, Grads& g) {
     Tensor dlog = in_loss ? in.dmtp_logits[k - 1] : be_.zeros(DType::F32, {B * ma.S, cfg_.vocab_size});
     Tensor dprev = k == 1 ? dh0 : be_.zeros(DType::F32, {B * a.mtp[k - 2].S, H});
     mtp_module_backward(be_, d, params_.mtp[k - 1], g.p.mtp[k - 1], g.p.embed_tokens, params_.lm_head,
-                        g.p.lm_head, rope_, ma, B, dlog, dh_next, router_grad(L + k - 1), dprev);
+                        g.p.lm_head, rope_.tables(), ma, B, dlog, dh_next, router_grad(L + k - 1), dprev);
     dh_next = dprev;
   }
 
   Tensor dx = be_.alloc(DType::F32, {N, H});
   const Tensor& x_last = L ? a.layers[L - 1].out : a.emb;
   modops::rmsnorm_backward(be_, dh0, x_last, params_.norm, a.final_rstd, g.p.norm, dx, false);
-  RopeInput rope{&rope_, a.positions};
+  RopeInput rope{&rope_.tables(), a.positions};
   Tensor dprev = be_.alloc(DType::F32, {N, H});
   for (size_t l = L; l >= 1; --l) {
     decoder_layer_backward(be_, d, params_.layers[l - 1], g.p.layers[l - 1], rope, a.layers[l - 1], B, T, dx,

@@ -176,6 +176,18 @@ struct ModelDims {
 ModelDims model_dims(const ModelConfig& c);
 RopeParams rope_params(const ModelConfig& c);
 
+// Rotary tables on a backend, grown on demand (doubling, capped at max_position_embeddings or n) so
+// that Model and the inference runner share one rule.
+class RopeCache {
+ public:
+  const RopeTables& covering(Backend& be, const ModelConfig& cfg, int64_t n);
+  const RopeTables& tables() const { return tables_; }  // as last grown
+
+ private:
+  RopeTables tables_;
+  int64_t len_ = 0;
+};
+
 // Rotary tables plus the positions of the rows being processed.
 struct RopeInput {
   const RopeTables* tables = nullptr;
@@ -275,8 +287,7 @@ class Model {
   Backend& be_;
   ModelDims dims_;
   ModelParams params_;
-  RopeTables rope_;
-  int64_t rope_len_ = 0;
+  RopeCache rope_;
   ModelActs acts_;
 };
 
