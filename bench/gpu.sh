@@ -4,7 +4,9 @@
 # and the GPU benchmarks. Logs and JSON go to $OUT (default bench/results/gpu_run); the summary is
 # $OUT/gpu_latest.json, which the caller commits as bench/results/gpu_latest.json.
 # With HF=1 it also builds `dsv3` and runs tools/hf_gpu_bench.py (transformers' baseline).
-# Usage: OUT=/some/dir DSV3_COMMIT=$(git rev-parse --short HEAD) [HF=1] bench/gpu.sh
+# With PREBUILT=DIR it skips the build and runs the binaries in DIR (built elsewhere for sm_90a with
+# -DDSV3_CUDA=ON; the GPU image need not carry our Debian build dependencies).
+# Usage: OUT=/some/dir DSV3_COMMIT=$(git rev-parse --short HEAD) [HF=1] [PREBUILT=DIR] bench/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu_run}
@@ -14,32 +16,37 @@ jobs=$(nproc)
 status=0
 step() { echo "== $*" | tee -a "$OUT/summary.txt"; }
 
-step "configure + build (CUDA, sm_90a)"
-cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSV3_CUDA=ON -DDSV3_CUDA_ARCHS=90a >"$OUT/build.log" 2>&1
-# -k 0: a target that fails to build does not stop the others (each step checks its binary).
-cmake --build build-gpu -j "$jobs" --target dsv3_gpu_tests dsv3_bench_gpu_gemm dsv3_bench_gpu_mla_decode \
-  -- -k 0 >>"$OUT/build.log" 2>&1 || { status=1; grep -E "error|FAILED" "$OUT/build.log" | head -30; }
+B=${PREBUILT:-build-gpu}
+if [ -z "${PREBUILT:-}" ]; then
+  step "configure + build (CUDA, sm_90a)"
+  cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSV3_CUDA=ON -DDSV3_CUDA_ARCHS=90a >"$OUT/build.log" 2>&1
+  # -k 0: a target that fails to build does not stop the others (each step checks its binary).
+  cmake --build build-gpu -j "$jobs" --target dsv3 dsv3_gpu_tests dsv3_bench_gpu_gemm dsv3_bench_gpu_mla_decode \
+    -- -k 0 >>"$OUT/build.log" 2>&1 || { status=1; grep -E "error|FAILED" "$OUT/build.log" | head -30; }
+else
+  step "prebuilt binaries from $B"
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/summary.txt"
 
 step "GPU backend tests (every op on CUDA vs CPU and the double reference)"
-build-gpu/dsv3_gpu_tests --gtest_filter='-*CpuIsDeterministic*' --gtest_output=json:"$OUT/gpu_tests.json" \
+timeout ${TEST_TIMEOUT:-300} "$B"/dsv3_gpu_tests --gtest_filter='-*CpuIsDeterministic*' --gtest_output=json:"$OUT/gpu_tests.json" \
   >"$OUT/gpu_tests.log" 2>&1
 rc=$?
 grep -E "^\[  (PASSED|FAILED) |tests? ran|FAILED  \]" "$OUT/gpu_tests.log" | tee -a "$OUT/summary.txt"
 [ $rc -eq 0 ] || status=1
 
 step "GEMM benchmark (FP8 block-scaled ours vs cuBLASLt direct, BF16)"
-build-gpu/dsv3_bench_gpu_gemm 2>&1 | tee "$OUT/gpu_gemm.txt" | tee -a "$OUT/summary.txt"
+timeout 120 "$B"/dsv3_bench_gpu_gemm 2>&1 | tee "$OUT/gpu_gemm.txt" | tee -a "$OUT/summary.txt"
 cp bench/results/gpu_gemm.json "$OUT/" 2>/dev/null || status=1
 
 step "absorbed-MLA decode kernel bandwidth (batch 64, context 4096)"
-build-gpu/dsv3_bench_gpu_mla_decode 2>&1 | tee "$OUT/gpu_mla_decode.txt" | tee -a "$OUT/summary.txt"
+timeout 120 "$B"/dsv3_bench_gpu_mla_decode 2>&1 | tee "$OUT/gpu_mla_decode.txt" | tee -a "$OUT/summary.txt"
 cp bench/results/gpu_mla_decode.json "$OUT/" 2>/dev/null || status=1
 
 step "compute-sanitizer memcheck on the GPU test binary"
 if command -v compute-sanitizer >/dev/null || [ -x /usr/local/cuda/bin/compute-sanitizer ]; then
   CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-  timeout ${MEMCHECK_TIMEOUT:-150} "$CS" --tool memcheck --error-exitcode 3 build-gpu/dsv3_gpu_tests \
+  timeout ${MEMCHECK_TIMEOUT:-150} "$CS" --tool memcheck --error-exitcode 3 "$B"/dsv3_gpu_tests \
     --gtest_filter='AllOps/BackendOps.MatchesReference/*:CudaFp8.*:CudaDevice.*:CudaMlaDecode.*:CudaModel.*' >"$OUT/memcheck.log" 2>&1
   rc=$?
   tail -3 "$OUT/memcheck.log" | tee -a "$OUT/summary.txt"
@@ -52,8 +59,7 @@ fi
 
 if [ "${HF:-0}" = 1 ]; then
   step "transformers baseline (bench-0.7b: training B=8 T=2048, decode batch 1/32)"
-  cmake --build build-gpu -j "$jobs" --target dsv3 >>"$OUT/build.log" 2>&1 &&
-    build-gpu/dsv3 info --preset bench-0.7b --json >"$OUT/bench07b_info.json" &&
+  "$B"/dsv3 info --preset bench-0.7b --json >"$OUT/bench07b_info.json" &&
     python3 tools/hf_gpu_bench.py --info "$OUT/bench07b_info.json" --out "$OUT/hf_gpu.json" 2>&1 |
     tee "$OUT/hf_gpu.txt" | tee -a "$OUT/summary.txt" || status=1
 fi
