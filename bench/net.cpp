@@ -1,15 +1,16 @@
 // Network simulator speed: MPFT (k = 64, 8 planes) from 1K to 16K GPUs.
 //   1. NCCL-style all-to-all with PXN, ECMP: build the flows, one static max-min solve.
 //   2. Skewed MoE dispatch + combine (DeepEP normal kernels, 4,096 tokens/GPU, Zipf 1.0 expert
-//      popularity): event-driven fluid simulation of both phases.
-// Usage: dsv3_bench_net [max_gpus (16384)] [threads (2)] [moe_max_gpus (= max_gpus)]. Prints a table and writes
-// bench/results/net.json. The machine is shared, so the load average is recorded beside the times.
+//      popularity): token routing and flows, then the event-driven fluid simulation of both phases.
+// Usage: dsv3_bench_net [max_gpus (16384)] [threads (2)] [moe_max_gpus (= max_gpus)]. Prints a table
+// and writes bench/results/net.json. Every step reports wall seconds and CPU seconds (user + sys of
+// the process, all threads); the machine may be shared, so the load average is recorded too.
 #include <cstdio>
-#include <ctime>
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <string>
+#include <sys/resource.h>
 
 #include "common/bench_util.h"
 #include "core/threads.h"
@@ -28,6 +29,12 @@ std::string loadavg() {
   std::string a, b, c;
   f >> a >> b >> c;
   return a + " " + b + " " + c;
+}
+
+double cpu_s() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return (double)u.ru_utime.tv_sec + u.ru_utime.tv_usec * 1e-6 + (double)u.ru_stime.tv_sec + u.ru_stime.tv_usec * 1e-6;
 }
 
 double peak_rss_gb() {
@@ -51,68 +58,66 @@ int main(int argc, char** argv) {
   res["load_before"] = loadavg();
   res["rows"] = nlohmann::json::array();
   Table t;
-  t.headers = {"GPUs", "a2a flows", "build s", "solve s", "solve cpu s", "rounds", "moe flows", "moe gen s",
-               "moe sim s", "sim cpu s", "events", "imbalance", "load avg"};
+  t.headers = {"GPUs",       "a2a flows", "build s (cpu)", "solve s (cpu)", "levels", "moe flows", "moe gen s (cpu)",
+               "moe sim s (cpu)", "events", "imbalance", "load avg"};
+  auto pair = [](double w, double c) { return fmt(w, 2) + " (" + fmt(c, 2) + ")"; };
   for (int g = 1024; g <= max_gpus; g *= 2) {
     TopoSpec s;
     s.kind = TopoKind::MPFT;
     s.radix = 64;
     s.planes = 8;
     Network n = build_network(s, g);
-    double t0 = bench::now_s();
+    double t0 = bench::now_s(), c0 = cpu_s();
     Router r(n, Routing::ECMP);
     FlowSet fs = all_to_all(n, r, 1e6, true);
-    double t1 = bench::now_s();
+    double t1 = bench::now_s(), c1 = cpu_s();
     MaxMinStats st;
-    std::clock_t c0 = std::clock();
     auto rate = max_min_rates(fs, capacities(n), &st);
-    double t2 = bench::now_s(), cpu_solve = double(std::clock() - c0) / CLOCKS_PER_SEC;
+    double t2 = bench::now_s(), c2 = cpu_s();
     size_t a2a_flows = fs.count();
     fs = FlowSet();
-    if (g > moe_max) {
-      std::string load = loadavg();
-      t.add({std::to_string(g), fmt_int((long long)a2a_flows), fmt(t1 - t0, 2), fmt(t2 - t1, 2), fmt(cpu_solve, 2),
-             fmt_int(st.rounds), "-", "-", "-", "-", "-", "-", load});
-      res["rows"].push_back({{"gpus", g}, {"a2a_flows", a2a_flows}, {"a2a_build_s", t1 - t0}, {"a2a_solve_s", t2 - t1},
-                             {"a2a_solve_cpu_s", cpu_solve},
-                             {"a2a_rounds", st.rounds}, {"loadavg", load}, {"peak_rss_gb", peak_rss_gb()}});
-      std::cerr << "gpus " << g << " done (a2a solve " << fmt(t2 - t1, 2) << " s, moe skipped)\n";
-      continue;
+    nlohmann::json row{{"gpus", g},
+                       {"a2a_flows", a2a_flows},
+                       {"a2a_build_s", t1 - t0},
+                       {"a2a_build_cpu_s", c1 - c0},
+                       {"a2a_solve_s", t2 - t1},
+                       {"a2a_solve_cpu_s", c2 - c1},
+                       {"a2a_rounds", st.rounds}};
+    std::vector<std::string> cells = {std::to_string(g), fmt_int((long long)a2a_flows), pair(t1 - t0, c1 - c0),
+                                      pair(t2 - t1, c2 - c1), fmt_int(st.rounds)};
+    if (g <= moe_max) {
+      MoeParams mp;
+      mp.zipf = 1.0;
+      Router r2(n, Routing::ECMP);
+      double t3 = bench::now_s(), c3 = cpu_s();
+      MoeFlows mf = moe_flows(n, r2, mp);
+      double t4 = bench::now_s(), c4 = cpu_s();
+      SimOptions so;
+      so.batch_tol = 1e-2;
+      SimResult d = simulate_fluid(mf.dispatch, capacities(n), so);
+      SimResult c = simulate_fluid(mf.combine, capacities(n), so);
+      double t5 = bench::now_s(), c5 = cpu_s();
+      size_t moe_flows_n = mf.dispatch.count() + mf.combine.count();
+      cells.insert(cells.end(), {fmt_int((long long)moe_flows_n), pair(t4 - t3, c4 - c3), pair(t5 - t4, c5 - c4),
+                                 std::to_string(d.events + c.events), fmt(mf.recv_imbalance, 2)});
+      row.update({{"moe_flows", moe_flows_n},
+                  {"moe_generate_s", t4 - t3},
+                  {"moe_generate_cpu_s", c4 - c3},
+                  {"moe_simulate_s", t5 - t4},
+                  {"moe_simulate_cpu_s", c5 - c4},
+                  {"moe_events", d.events + c.events},
+                  {"moe_dispatch_ms", d.makespan * 1e3},
+                  {"moe_combine_ms", c.makespan * 1e3},
+                  {"moe_recv_imbalance", mf.recv_imbalance}});
+    } else {
+      cells.insert(cells.end(), {"-", "-", "-", "-", "-"});
     }
-    MoeParams mp;
-    mp.zipf = 1.0;
-    Router r2(n, Routing::ECMP);
-    MoeFlows mf = moe_flows(n, r2, mp);
-    double t3 = bench::now_s();
-    SimOptions so;
-    so.batch_tol = 1e-2;
-    std::clock_t c1 = std::clock();
-    SimResult d = simulate_fluid(mf.dispatch, capacities(n), so);
-    SimResult c = simulate_fluid(mf.combine, capacities(n), so);
-    double t4 = bench::now_s(), cpu_sim = double(std::clock() - c1) / CLOCKS_PER_SEC;
     std::string load = loadavg();
-    size_t moe_flows_n = mf.dispatch.count() + mf.combine.count();
-    t.add({std::to_string(g), fmt_int((long long)a2a_flows), fmt(t1 - t0, 2), fmt(t2 - t1, 2), fmt(cpu_solve, 2),
-           fmt_int(st.rounds), fmt_int((long long)moe_flows_n), fmt(t3 - t2, 2), fmt(t4 - t3, 2), fmt(cpu_sim, 2),
-           std::to_string(d.events + c.events),
-           fmt(mf.recv_imbalance, 2), load});
-    res["rows"].push_back({{"gpus", g},
-                           {"a2a_flows", a2a_flows},
-                           {"a2a_build_s", t1 - t0},
-                           {"a2a_solve_s", t2 - t1},
-                           {"a2a_solve_cpu_s", cpu_solve},
-                           {"a2a_rounds", st.rounds},
-                           {"moe_flows", moe_flows_n},
-                           {"moe_generate_s", t3 - t2},
-                           {"moe_simulate_s", t4 - t3},
-                           {"moe_simulate_cpu_s", cpu_sim},
-                           {"moe_events", d.events + c.events},
-                           {"moe_dispatch_ms", d.makespan * 1e3},
-                           {"moe_combine_ms", c.makespan * 1e3},
-                           {"moe_recv_imbalance", mf.recv_imbalance},
-                           {"loadavg", load},
-                           {"peak_rss_gb", peak_rss_gb()}});
-    std::cerr << "gpus " << g << " done (a2a solve " << fmt(t2 - t1, 2) << " s, moe " << fmt(t4 - t2, 2) << " s)\n";
+    cells.push_back(load);
+    t.add(cells);
+    row.update({{"loadavg", load}, {"peak_rss_gb", peak_rss_gb()}});
+    res["rows"].push_back(row);
+    std::cerr << "gpus " << g << " done: " << row.dump() << "\n";
   }
   res["peak_rss_gb"] = peak_rss_gb();
   res["load_after"] = loadavg();

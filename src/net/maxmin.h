@@ -27,6 +27,7 @@ struct FlowSet {
   void add(std::span<const int32_t> links, std::span<const float> coefs, double bytes, uint8_t tag_ = 0,
            int32_t s = -1, int32_t d = -1);
   void reserve(size_t flows, size_t entries);
+  void clear();  // keeps the capacity
   void append(const FlowSet& o);
 };
 

@@ -51,6 +51,34 @@ Router::Router(const Network& n, Routing mode, uint64_t seed) : n_(n), mode_(mod
     }
   }
   if (mode == Routing::Adaptive) load_.assign(n.links.size(), 0.0);
+  if ((size_t)leaves.size() * S <= (size_t)64 << 20) nh_idx_.assign((size_t)leaves.size() * S, -1);
+}
+
+bool Router::prepare_concurrent() {
+  if (mode_ == Routing::Adaptive || nh_idx_.empty()) return false;
+  for (int s = 0; s < n_.switches; ++s)
+    if (leaf_idx_[s] >= 0)
+      for (int u = 0; u < n_.switches; ++u) next_hops(u + n_.nics, s + n_.nics);
+  return true;
+}
+
+std::span<const int32_t> Router::next_hops(int u, int dst) {
+  const size_t key = (size_t)leaf_idx_[dst - n_.nics] * n_.switches + (u - n_.nics);
+  if (!nh_idx_.empty() && nh_idx_[key] >= 0) {
+    const int32_t* p = &nh_pool_[nh_idx_[key]];
+    return {p + 1, (size_t)p[0]};
+  }
+  cand_.clear();
+  int du = dist(dst, u);
+  for (int e = n_.out_off[u]; e < n_.out_off[u + 1]; ++e) {
+    const Link& l = n_.links[n_.out_link[e]];
+    if (l.up && l.kind == LinkKind::SwSw && dist(dst, l.to) == du - 1) cand_.push_back(n_.out_link[e]);
+  }
+  if (nh_idx_.empty()) return cand_;
+  nh_idx_[key] = (int32_t)nh_pool_.size();
+  nh_pool_.push_back((int32_t)cand_.size());
+  nh_pool_.insert(nh_pool_.end(), cand_.begin(), cand_.end());
+  return {nh_pool_.data() + nh_idx_[key] + 1, cand_.size()};
 }
 
 int Router::dist(int leaf_vertex, int sw_vertex) const {
@@ -72,22 +100,14 @@ bool Router::route(int a, int b, double bytes, uint64_t key, std::vector<int32_t
   if (crossed) *crossed = d0 + 1;
   links.push_back(n_.nic_up[a]);
   coefs.push_back(1.0f);
-  auto next_hops = [&](int u) {
-    cand_.clear();
-    int du = dist(dst, u);
-    for (int e = n_.out_off[u]; e < n_.out_off[u + 1]; ++e) {
-      const Link& l = n_.links[n_.out_link[e]];
-      if (l.up && l.kind == LinkKind::SwSw && dist(dst, l.to) == du - 1) cand_.push_back(n_.out_link[e]);
-    }
-  };
   if (mode_ == Routing::Spray) {
     std::unordered_map<int, double> frac{{src, 1.0}}, next;
     for (int h = d0; h > 0; --h) {
       next.clear();
       for (auto [u, w] : frac) {
-        next_hops(u);
-        double share = w / (double)cand_.size();
-        for (int l : cand_) {
+        auto cand = next_hops(u, dst);
+        double share = w / (double)cand.size();
+        for (int l : cand) {
           links.push_back(l);
           coefs.push_back((float)share);
           next[n_.links[l].to] += share;
@@ -97,30 +117,28 @@ bool Router::route(int a, int b, double bytes, uint64_t key, std::vector<int32_t
     }
   } else {
     int u = src, hop = 0;
-    std::vector<int32_t> path;
+    const size_t first = links.size();
     while (u != dst) {
-      next_hops(u);
-      DSV3_CHECK(!cand_.empty(), "no next hop on a reachable path");
+      auto cand = next_hops(u, dst);
+      DSV3_CHECK(!cand.empty(), "no next hop on a reachable path");
       int pick;
       if (mode_ == Routing::ECMP) {
-        pick = cand_[rng_u64(seed_, key, (uint64_t)hop) % cand_.size()];
+        pick = cand[rng_u64(seed_, key, (uint64_t)hop) % cand.size()];
       } else {
-        size_t off = rng_u64(seed_, key, (uint64_t)hop) % cand_.size();
-        pick = cand_[off];
-        for (size_t i = 0; i < cand_.size(); ++i) {
-          int c = cand_[(off + i) % cand_.size()];
+        size_t off = rng_u64(seed_, key, (uint64_t)hop) % cand.size();
+        pick = cand[off];
+        for (size_t i = 0; i < cand.size(); ++i) {
+          int c = cand[(off + i) % cand.size()];
           if (load_[c] < load_[pick]) pick = c;
         }
       }
-      path.push_back(pick);
+      links.push_back(pick);
+      coefs.push_back(1.0f);
       u = n_.links[pick].to;
       ++hop;
     }
-    for (int l : path) {
-      links.push_back(l);
-      coefs.push_back(1.0f);
-      if (mode_ == Routing::Adaptive) load_[l] += bytes;
-    }
+    if (mode_ == Routing::Adaptive)
+      for (size_t i = first; i < links.size(); ++i) load_[links[i]] += bytes;
   }
   links.push_back(n_.nic_down[b]);
   coefs.push_back(1.0f);

@@ -3,6 +3,7 @@
 // Also the latency model calibrated to the insights paper's Table 5.
 #pragma once
 #include <cstdint>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -23,6 +24,10 @@ class Router {
              int* switches_crossed = nullptr);
   bool reachable(int a, int b) const;
   Routing mode() const { return mode_; }
+  // Fills every next-hop list now, after which route() only reads shared state and may be called
+  // from several threads at once. False (nothing to rely on) in adaptive mode, whose choices depend
+  // on the flows placed before, and for graphs too large for the table.
+  bool prepare_concurrent();
 
  private:
   const Network& n_;
@@ -32,7 +37,12 @@ class Router {
   std::vector<uint8_t> dist_;      // [leaf_idx * switches + switch], 255 = unreachable
   std::vector<double> load_;       // adaptive: bytes assigned per link
   std::vector<int32_t> cand_;
+  // Next-hop lists per (destination leaf, switch), filled on first use: [count, link ids...] in
+  // nh_pool_ at nh_idx_ (-1 = not yet). Left empty for graphs too large to index this way.
+  std::vector<int32_t> nh_idx_, nh_pool_;
   int dist(int leaf_vertex, int sw_vertex) const;
+  // Minimal next hops (link ids) from switch vertex u towards leaf vertex dst.
+  std::span<const int32_t> next_hops(int u, int dst);
 };
 
 // Latency = base + per_switch × switches crossed (Table 5: same leaf crosses 1 switch, cross leaf 3).

@@ -168,29 +168,51 @@ struct SyntheticRouter {
     for (int e = 0; e < E; ++e) w[e] = std::pow(rank[e] + 1.0, -p.zipf);
     return w;
   }
-  // Fills out[0..topk) for global token t.
+  // Fills out[0..topk) for global token t. Draw i of token t is rng_u64(seed, t, i); the per-token
+  // part of that hash is computed once.
   void route(int64_t t, int32_t* out) const {
+    const uint64_t base = splitmix64(p.seed ^ splitmix64((uint64_t)t));
+    auto draw = [&](uint64_t i) { return splitmix64(base + i); };
     int chosen_nodes[64];
     int nn = 0, k = 0;
     uint64_t ctr = 0;
-    auto has = [&](int e) { return std::find(out, out + k, e) != out + k; };
+    auto has = [&](int e) {
+      for (int i = 0; i < k; ++i)
+        if (out[i] == e) return true;
+      return false;
+    };
     while (k < p.topk && nn < M) {
-      int e = alias.draw(rng_u64(p.seed, (uint64_t)t, ctr++));
+      int e = alias.draw(draw(ctr++));
       if (has(e)) continue;
       int nd = e / per_node;
-      if (std::find(chosen_nodes, chosen_nodes + nn, nd) == chosen_nodes + nn) chosen_nodes[nn++] = nd;
+      bool seen = false;
+      for (int i = 0; i < nn; ++i) seen |= chosen_nodes[i] == nd;
+      if (!seen) chosen_nodes[nn++] = nd;
       out[k++] = e;
     }
     if (k == p.topk) return;
     // The rest: weighted draws without replacement among the unchosen experts of the chosen nodes.
+    // Candidates in node order, then expert order, skipping the k already chosen (each of which
+    // lies in one of the chosen nodes: mark its slot instead of searching `out` per candidate).
     double cw[4096];
-    int ce[4096], nc = 0;
+    int ce[4096], nc = 0, slot[64];
+    for (int x = 0; x < k; ++x) {
+      int nd = out[x] / per_node, i = 0;
+      while (chosen_nodes[i] != nd) ++i;
+      slot[x] = i * per_node + (out[x] - nd * per_node);
+    }
+    std::sort(slot, slot + k);
     double mass = 0;
-    for (int i = 0; i < nn; ++i)
-      for (int e = chosen_nodes[i] * per_node; e < (chosen_nodes[i] + 1) * per_node ; ++e)
-        if (!has(e)) ce[nc] = e, cw[nc] = w[e], mass += w[e], ++nc;
+    for (int i = 0, s = 0, x = 0; i < nn; ++i)
+      for (int e = chosen_nodes[i] * per_node; e < (chosen_nodes[i] + 1) * per_node; ++e, ++s) {
+        if (x < k && slot[x] == s) {
+          ++x;
+          continue;
+        }
+        ce[nc] = e, cw[nc] = w[e], mass += w[e], ++nc;
+      }
     while (k < p.topk && nc > 0) {
-      uint64_t u = rng_u64(p.seed, (uint64_t)t, ctr++);
+      uint64_t u = draw(ctr++);
       double x = (double)(u >> 11) / 9007199254740992.0 * mass;
       int j = 0;
       while (j + 1 < nc && x >= cw[j]) x -= cw[j++];
@@ -235,20 +257,35 @@ MoeFlows moe_flows(const Network& n, Router& r, const MoeParams& p, const Expert
     for (int32_t e : trace->ids)
       if (e < 0 || e >= E) input_error("routing trace: expert id ", e, " outside 0..", E - 1);
   std::vector<int64_t> nvl_cnt((size_t)N * G * G, 0), recv(gpus, 0);
+  std::vector<int32_t> gpu_of(E), node_of(gpus);  // no divisions in the token loop
+  for (int e = 0; e < E; ++e) gpu_of[e] = e / per_gpu;
+  for (int g = 0; g < gpus; ++g) node_of[g] = g / G;
   FlowBuilder fd(n, r), fc(n, r);
   int64_t remote = 0, rdma_tok = 0, nvl_tok = 0;
-  // Token routing runs in parallel over source GPUs, a chunk at a time; flows are emitted in GPU
-  // order afterwards, so the result does not depend on the thread count.
+  // Token routing runs in parallel over source GPUs, a chunk at a time. Each GPU's flows go to its
+  // own slot and the slots are appended in GPU order, so the result does not depend on the thread
+  // count; the IB flows are routed in the parallel part too unless the router needs them in order
+  // (adaptive). Counters are per thread and summed at the end (integers: order-independent).
+  const bool concurrent = r.prepare_concurrent();
   const int chunk = 256;
   std::vector<std::vector<std::pair<int32_t, int32_t>>> ib_list(chunk);  // (target node, tokens)
-  for (int g0 = 0; g0 < gpus; g0 += chunk) {
-    int g1 = std::min(gpus, g0 + chunk);
+  std::vector<FlowBuilder> slot_d(chunk, FlowBuilder(n, r)), slot_c(chunk, FlowBuilder(n, r));
 #pragma omp parallel reduction(+ : remote, rdma_tok, nvl_tok)
-    {
-      std::vector<int32_t> ib_cnt(N, 0), ids(K);
+  {
+    std::vector<int32_t> ib_cnt(N, 0), ids(K);
+    std::vector<int64_t> my_nvl(nvl_cnt.size(), 0), my_recv(gpus, 0);
+    auto emit = [&](int g, FlowBuilder& d, FlowBuilder& c) {
+      for (auto [j, cnt] : ib_list[g % chunk]) {
+        int b = j * G + g % G;
+        d.ib(g, b, cnt * db, pair_key(g, b));
+        c.ib(b, g, cnt * cb, pair_key(b, g));
+      }
+    };
+    for (int g0 = 0; g0 < gpus; g0 += chunk) {
+      int g1 = std::min(gpus, g0 + chunk);
 #pragma omp for schedule(dynamic, 4)
       for (int g = g0; g < g1; ++g) {
-        const int i = g / G, rk = g % G;
+        const int i = node_of[g], rk = g - i * G;
         auto& lst = ib_list[g - g0];
         lst.clear();
         for (int t = 0; t < T; ++t) {
@@ -256,15 +293,18 @@ MoeFlows moe_flows(const Network& n, Router& r, const MoeParams& p, const Expert
           const int32_t* e = trace ? &trace->ids[(size_t)tok * K] : (sr->route(tok, ids.data()), ids.data());
           int tg[64], nt = 0;
           for (int k = 0; k < K; ++k) {
-            int gg = e[k] / per_gpu;
-            if (std::find(tg, tg + nt, gg) == tg + nt) tg[nt++] = gg;
+            int gg = gpu_of[e[k]];
+            bool seen = false;
+            for (int x = 0; x < nt; ++x) seen |= tg[x] == gg;
+            if (!seen) tg[nt++] = gg;
           }
           int nodes_hit[64], nn = 0;
           for (int x = 0; x < nt; ++x) {
-            int j = tg[x] / G, tr = tg[x] % G;
-#pragma omp atomic
-            ++recv[tg[x]];
-            if (std::find(nodes_hit, nodes_hit + nn, j) == nodes_hit + nn) {
+            int j = node_of[tg[x]], tr = tg[x] - j * G;
+            ++my_recv[tg[x]];
+            bool seen = false;
+            for (int y = 0; y < nn; ++y) seen |= nodes_hit[y] == j;
+            if (!seen) {
               nodes_hit[nn++] = j;
               if (j != i) {
                 if (!ib_cnt[j]++) lst.push_back({j, 0});
@@ -272,22 +312,35 @@ MoeFlows moe_flows(const Network& n, Router& r, const MoeParams& p, const Expert
               }
             }
             if (tr != rk) {
-#pragma omp atomic
-              ++nvl_cnt[((size_t)j * G + rk) * G + tr];
+              ++my_nvl[((size_t)j * G + rk) * G + tr];
               ++nvl_tok;
             }
           }
         }
         std::sort(lst.begin(), lst.end());
         for (auto& [j, c] : lst) c = ib_cnt[j], ib_cnt[j] = 0;
+        if (concurrent) {
+          slot_d[g - g0].fs.clear(), slot_c[g - g0].fs.clear();
+          emit(g, slot_d[g - g0], slot_c[g - g0]);
+        }
+      }
+      // The implicit barrier above ends the chunk; one thread collects it in GPU order.
+#pragma omp single
+      for (int g = g0; g < g1; ++g) {
+        if (concurrent) {
+          fd.fs.append(slot_d[g - g0].fs), fc.fs.append(slot_c[g - g0].fs);
+          fd.rerouted += slot_d[g - g0].rerouted, fc.rerouted += slot_c[g - g0].rerouted;
+          slot_d[g - g0].rerouted = slot_c[g - g0].rerouted = 0;
+        } else {
+          emit(g, fd, fc);
+        }
       }
     }
-    for (int g = g0; g < g1; ++g)
-      for (auto [j, c] : ib_list[g - g0]) {
-        int b = j * G + g % G;
-        fd.ib(g, b, c * db, pair_key(g, b));
-        fc.ib(b, g, c * cb, pair_key(b, g));
-      }
+#pragma omp critical
+    {
+      for (size_t x = 0; x < my_nvl.size(); ++x) nvl_cnt[x] += my_nvl[x];
+      for (int x = 0; x < gpus; ++x) recv[x] += my_recv[x];
+    }
   }
   for (int j = 0; j < N; ++j)
     for (int a = 0; a < G; ++a)

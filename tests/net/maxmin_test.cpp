@@ -3,7 +3,11 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+
+#include "core/rng.h"
+#include "maxmin_reference.h"
 
 using namespace dsv3::net;
 
@@ -105,4 +109,73 @@ TEST(Fluid, StalledFlowIsReported) {
   EXPECT_DOUBLE_EQ(r.finish[0], 1);
   EXPECT_TRUE(std::isinf(r.finish[1]));
   EXPECT_EQ(r.stalled, 1);
+}
+
+namespace {
+
+// Random flow sets over a few links: paths of 1-4 distinct links, some sprayed (fractional
+// coefficients), some failed links, several disconnected groups of links, a flow without links.
+FlowSet random_flows(uint64_t seed, int links, int flows, bool weighted, std::vector<double>* cap) {
+  dsv3::Rng rng{seed, 0};
+  cap->resize(links);
+  for (int l = 0; l < links; ++l) (*cap)[l] = rng.below(10) == 0 ? 0.0 : 1.0 + (double)rng.below(1000) / 10;
+  FlowSet fs;
+  const int groups = 3;
+  for (int f = 0; f < flows; ++f) {
+    int g = (int)rng.below(groups), per = links / groups;
+    std::vector<int32_t> ls;
+    std::vector<float> cs;
+    int len = 1 + (int)rng.below(4);
+    while ((int)ls.size() < len) {
+      int32_t l = g * per + (int32_t)rng.below(per);
+      if (std::find(ls.begin(), ls.end(), l) != ls.end()) continue;
+      ls.push_back(l);
+      cs.push_back(weighted && rng.below(3) == 0 ? 1.0f / (float)(1 + rng.below(4)) : 1.0f);
+    }
+    fs.add(ls, cs, 1.0 + (double)rng.below(10000));
+  }
+  fs.add({}, {}, 5.0);
+  return fs;
+}
+
+}  // namespace
+
+TEST(MaxMin, MatchesPlainProgressiveFillingOnRandomSets) {
+  for (uint64_t seed = 1; seed <= 12; ++seed)
+    for (bool weighted : {false, true}) {
+      std::vector<double> cap;
+      FlowSet fs = random_flows(seed, 30, 300, weighted, &cap);
+      auto fast = max_min_rates(fs, cap);
+      auto ref = reference::max_min(fs, cap, std::vector<bool>(fs.count(), true));
+      ASSERT_EQ(fast.size(), ref.size());
+      for (size_t f = 0; f < ref.size(); ++f) {
+        if (std::isinf(ref[f])) {
+          EXPECT_TRUE(std::isinf(fast[f])) << "seed " << seed << " flow " << f;
+          continue;
+        }
+        // The two subtract the frozen rates in different orders: equal up to rounding.
+        EXPECT_NEAR(fast[f], ref[f], 1e-9 * ref[f]) << "seed " << seed << " flow " << f;
+      }
+    }
+}
+
+TEST(Fluid, MatchesReEveryEventReferenceOnRandomSets) {
+  for (uint64_t seed = 1; seed <= 6; ++seed)
+    for (bool weighted : {false, true}) {
+      std::vector<double> cap;
+      FlowSet fs = random_flows(100 + seed, 24, 120, weighted, &cap);
+      SimResult fast = simulate_fluid(fs, cap);
+      auto ref = reference::finish_times(fs, cap);
+      int stalled = 0;
+      for (size_t f = 0; f < ref.size(); ++f) {
+        if (std::isinf(ref[f])) {
+          ++stalled;
+          EXPECT_TRUE(std::isinf(fast.finish[f])) << "seed " << seed << " flow " << f;
+          continue;
+        }
+        EXPECT_NEAR(fast.finish[f], ref[f], 1e-9 * ref[f]) << "seed " << seed << " flow " << f;
+      }
+      EXPECT_EQ(fast.stalled, stalled);
+      EXPECT_GT(fast.events, 20);  // the sets really have many distinct completion times
+    }
 }
