@@ -1,5 +1,6 @@
-# MPI tests (CTest label mpi): the dist test binary's Mpi* tests under mpirun with 2 and 4 ranks on
-# one machine (--oversubscribe: CI has 2 cores), and the killed-rank test. Root in CI: the
+# MPI tests (CTest label mpi): the dist test binary's Mpi* and MpiTrain* tests under mpirun with 2
+# and 4 ranks on one machine (--oversubscribe: CI has 2 cores), `mpirun -np 2 dsv3 train` end to
+# end, and the killed-rank test. Root in CI: the
 # OMPI_ALLOW_RUN_AS_ROOT variables go into each test's environment.
 if(DSV3_HAVE_MPI AND DSV3_BUILD_TESTS AND TARGET dsv3_dist_tests)
   find_program(DSV3_MPIRUN NAMES mpirun mpiexec HINTS ${MPIEXEC_EXECUTABLE})
@@ -7,10 +8,15 @@ if(DSV3_HAVE_MPI AND DSV3_BUILD_TESTS AND TARGET dsv3_dist_tests)
     set(dsv3_mpi_env "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMP_NUM_THREADS=1")
     foreach(np 2 4)
       add_test(NAME dist_mpi_np${np}
-               COMMAND ${DSV3_MPIRUN} --oversubscribe -np ${np} $<TARGET_FILE:dsv3_dist_tests> --gtest_filter=Mpi.*)
+               COMMAND ${DSV3_MPIRUN} --oversubscribe -np ${np} $<TARGET_FILE:dsv3_dist_tests> --gtest_filter=Mpi.*:MpiTrain.*)
       set_tests_properties(dist_mpi_np${np} PROPERTIES LABELS "mpi;dist" TIMEOUT 120 PROCESSORS 2
                            ENVIRONMENT "${dsv3_mpi_env}")
     endforeach()
+    # `mpirun -np 2 dsv3 train` end to end (EP, ZeRO-1, --ranks-per-node, resume, mismatched ranks).
+    add_test(NAME dist_mpi_train_cli
+             COMMAND bash ${CMAKE_SOURCE_DIR}/tests/dist/mpi_train_cli_test.sh $<TARGET_FILE:dsv3> 2)
+    set_tests_properties(dist_mpi_train_cli PROPERTIES LABELS "mpi;dist" TIMEOUT 300 PROCESSORS 2
+                         ENVIRONMENT "${dsv3_mpi_env}")
     add_test(NAME dist_nccl_one_rank COMMAND $<TARGET_FILE:dsv3_dist_tests> --gtest_filter=Nccl.*)
     set_tests_properties(dist_nccl_one_rank PROPERTIES LABELS "gpu")
     add_test(NAME dist_mpi_kill

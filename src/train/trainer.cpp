@@ -12,6 +12,7 @@
 #include "io/tokenizer.h"
 #include "model/loss.h"
 #include "model/model.h"
+#include "model/moe_hook.h"
 #include "model/weights.h"
 #include "train/checkpoint.h"
 #include "train/data_loader.h"
@@ -112,7 +113,9 @@ struct Trainer::Impl {
   std::optional<Weights> compute;  // BF16 copies for --precision bf16 / fp8
   std::unique_ptr<Model> model;
   std::unique_ptr<Grads> grads;
-  std::unique_ptr<AdamW> opt;
+  std::unique_ptr<AdamW> opt;  // null under ZeRO-1 (par holds the sharded state)
+  std::vector<ParamSlot> slots;  // every trainable parameter, the optimizer's order
+  TrainParallel* par = nullptr;
   LrSchedule lr;
   TokenDataset train_ds, val_ds;
   std::unique_ptr<BatchSampler> train_s, val_s;
@@ -123,12 +126,16 @@ struct Trainer::Impl {
   int64_t step = 0;
   double first_val = -1;
 
-  void build_optimizer(Weights& w) {
+  int rank() const { return par ? par->rank() : 0; }
+  int ranks() const { return par ? par->size() : 1; }
+
+  // full = false under ZeRO-1 for a fresh run: the sharded state is made by par instead.
+  void build_optimizer(Weights& w, bool full = true) {
     grads = std::make_unique<Grads>(cfg);
-    std::vector<ParamSlot> slots;
+    slots.clear();
     for (Param& p : w.params())
       if (p.spec.trainable) slots.push_back({p.spec.name, p.w, grads->get(p.spec.name), p.spec.weight_decay});
-    opt = std::make_unique<AdamW>(std::move(slots), o.opt, &be);
+    opt = full ? std::make_unique<AdamW>(slots, o.opt, &be) : nullptr;
   }
 
   void bind_model() {
@@ -162,9 +169,15 @@ struct Trainer::Impl {
   }
 };
 
-Trainer::Trainer(const ModelConfig& config, TrainOptions o) : impl_(std::make_unique<Impl>()) {
+Trainer::Trainer(const ModelConfig& config, TrainOptions o, TrainParallel* par) : impl_(std::make_unique<Impl>()) {
   Impl& m = *impl_;
   o.validate();
+  m.par = par;
+  if (par) {
+    par->check_same("model configuration", serialize_model_config(config));
+    par->check_same("training options", o.to_json().dump());
+    if (par->rank() != 0) o.quiet = true;
+  }
   m.cfg = config;
   m.o = o;
   m.moe = moe_layers(config);
@@ -182,30 +195,40 @@ Trainer::Trainer(const ModelConfig& config, TrainOptions o) : impl_(std::make_un
 
   fs::create_directories(o.out_dir);
   m.ckpt = std::make_unique<CheckpointManager>(o.out_dir, o.keep_checkpoints);
-  std::optional<FoundCheckpoint> found;
-  if (o.resume) found = m.ckpt->resume().newest;
-  if (found) {
-    LoadedTraining lt = load_training_checkpoint(found->dir, [&](Weights& w) -> AdamW& {
+  // Rank 0 finds (and repairs) the checkpoint; every rank reads the one it names.
+  std::string resume_dir;
+  if (o.resume && m.rank() == 0)
+    if (std::optional<FoundCheckpoint> f = m.ckpt->resume().newest) resume_dir = f->dir;
+  if (par) resume_dir = par->broadcast(resume_dir, 0);
+  const bool zero1 = par && par->shards_optimizer();
+  if (!resume_dir.empty()) {
+    LoadedTraining lt = load_training_checkpoint(resume_dir, [&](Weights& w) -> AdamW& {
       // Compared in the file's spelling; torch_dtype records the dtype the weights were saved in.
       ModelConfig saved = w.config(), want = parse_model_config(serialize_model_config(config));
       saved.torch_dtype = want.torch_dtype;
       if (serialize_model_config(saved) != serialize_model_config(want))
-        input_error(found->dir, ": its config.json differs from the requested model configuration; use another "
+        input_error(resume_dir, ": its config.json differs from the requested model configuration; use another "
                                 "--out or the same configuration");
       m.build_optimizer(w);
       return *m.opt;
     });
     m.master = std::move(lt.weights);
     m.step = lt.state.step;
-    m.train_s->restore(lt.state.data, found->dir);
+    m.train_s->restore(lt.state.data, resume_dir);
     m.first_val = lt.state.extra.value("first_val_loss", -1.0);
-    if (!o.quiet) std::cout << "resumed from " << found->dir << " at step " << m.step << "\n";
+    if (zero1) {
+      par->init_optimizer(m.slots, o.opt, &m.be, m.opt.get());
+      m.opt.reset();
+    }
+    if (!o.quiet) std::cout << "resumed from " << resume_dir << " at step " << m.step << "\n";
   } else {
     m.master = Weights::random(config, o.seed, float(o.init_std));
-    m.build_optimizer(m.master);
+    m.build_optimizer(m.master, !zero1);
+    if (zero1) par->init_optimizer(m.slots, o.opt, &m.be, nullptr);
   }
   m.bind_model();
-  m.log = std::make_unique<MetricsLog>(o.out_dir + "/metrics.jsonl", found ? m.step : -1);
+  if (m.rank() == 0)
+    m.log = std::make_unique<MetricsLog>(o.out_dir + "/metrics.jsonl", resume_dir.empty() ? -1 : m.step);
 }
 
 Trainer::~Trainer() = default;
@@ -273,6 +296,16 @@ TrainSummary Trainer::run(int64_t stop_at) {
   const TrainOptions& o = m.o;
   if (stop_at < 0 || stop_at > o.steps) stop_at = o.steps;
   const int64_t B = o.batch, T = o.seq_len, E = m.cfg.n_routed_experts;
+  // Data parallel: every rank draws all micro-batches of the step and trains on its own block.
+  const int64_t micros = o.grad_accum * m.ranks();
+  struct HookScope {
+    MoeLayerHook* prev = nullptr;
+    bool set = false;
+    ~HookScope() {
+      if (set) set_moe_layer_hook(prev);
+    }
+  } hook_scope;
+  if (m.par && m.par->moe_hook()) hook_scope = {set_moe_layer_hook(m.par->moe_hook()), true};
   TrainSummary sum;
   ThroughputMeter meter;
   const double t_run = now_s();
@@ -283,22 +316,29 @@ TrainSummary Trainer::run(int64_t stop_at) {
     st.step = m.step;
     st.data = m.train_s->state();
     st.extra = {{"options", o.to_json()}, {"first_val_loss", m.first_val}};
-    const std::string dir = save_training_checkpoint(*m.ckpt, m.master, o.tokenizer_path, st, *m.opt,
-                                                     m.cfg.bos_token_id.value_or(0),
+    std::unique_ptr<AdamW> gathered;  // ZeRO-1: the complete state, on rank 0
+    if (!m.opt) gathered = m.par->gather_optimizer(0);
+    if (m.rank() != 0) return;
+    const std::string dir = save_training_checkpoint(*m.ckpt, m.master, o.tokenizer_path, st,
+                                                     m.opt ? *m.opt : *gathered, m.cfg.bos_token_id.value_or(0),
                                                      m.cfg.eos_token_id.empty() ? 1 : m.cfg.eos_token_id[0]);
     if (!o.quiet) std::cout << "checkpoint " << dir << "\n";
   };
 
   while (m.step < stop_at) {
     const double t0 = now_s();
-    m.opt->zero_grads();
+    if (m.opt)
+      m.opt->zero_grads();
+    else
+      m.grads->zero();
     for (auto& l : loads) std::fill(l.begin(), l.end(), 0);
     LossOptions lo;
     lo.mtp_lambda = o.mtp_lambda.at(m.step);
     lo.balance_alpha = o.balance_alpha.at(m.step);
     double loss_sum = 0;
-    for (int64_t micro = 0; micro < o.grad_accum; ++micro) {
+    for (int64_t micro = 0; micro < micros; ++micro) {
       Tensor w = m.train_s->next();  // [B, T+1]
+      if (micro / o.grad_accum != m.rank()) continue;
       std::span<const int32_t> lab(w.data<int32_t>(), size_t(B * (T + 1)));
       std::vector<int32_t> ids;
       ids.reserve(size_t(B * T));
@@ -318,9 +358,11 @@ TrainSummary Trainer::run(int64_t stop_at) {
         for (int64_t e = 0; e < E; ++e) loads[i][size_t(e)] += c.data<int32_t>()[e];
       }
     }
-    const double loss = loss_sum / double(o.grad_accum);
+    if (m.par) m.par->reduce(m.slots, loads, loss_sum);
+    const double loss = loss_sum / double(micros);
     const double lr = m.lr.at(m.step);
-    const StepReport rep = m.opt->step(lr, loss, 1.0 / double(o.grad_accum));
+    const StepReport rep = m.opt ? m.opt->step(lr, loss, 1.0 / double(micros))
+                                 : m.par->optimizer_step(lr, loss, 1.0 / double(micros));
 
     // Aux-loss-free balancing and MaxVio from this step's loads (all micro-batches).
     const double gamma = o.bias_gamma.at(m.step);
@@ -344,7 +386,7 @@ TrainSummary Trainer::run(int64_t stop_at) {
     if (rep.applied) m.refresh_compute();
     ++m.step;
     const double dt = now_s() - t0;
-    const int64_t tokens = B * T * o.grad_accum;
+    const int64_t tokens = B * T * micros;
     StepLine line;
     line.step = m.step;
     line.total = o.steps;
@@ -379,7 +421,7 @@ TrainSummary Trainer::run(int64_t stop_at) {
         if (!o.quiet) std::cout << "sample: " << s << "\n";
       }
     }
-    m.log->append(rec);
+    if (m.log) m.log->append(rec);
     if ((o.checkpoint_every > 0 && m.step % o.checkpoint_every == 0) || last) save();
     if (o.plot && !o.quiet && (last || (o.eval_every > 0 && m.step % o.eval_every == 0))) {
       try {
@@ -390,7 +432,7 @@ TrainSummary Trainer::run(int64_t stop_at) {
     }
   }
   sum.steps_done = m.step;
-  sum.skipped = m.opt->skipped_total();
+  sum.skipped = m.opt ? m.opt->skipped_total() : m.par->skipped_total();
   sum.first_val_loss = m.first_val;
   sum.seconds = now_s() - t_run;
   return sum;

@@ -29,6 +29,52 @@
 namespace dsv3 {
 
 struct Grads;
+class MoeLayerHook;
+
+// Several processes training one model (docs/distributed.md): data parallel over size() ranks,
+// optionally expert parallel (moe_hook) and ZeRO-1 (shards_optimizer). Implemented over a
+// Communicator in src/dist/train_parallel.h; declared here because src/train cannot depend on
+// src/dist. Every call is collective: all ranks make it, in the same order.
+//   Data: each optimizer step draws grad_accum · size() micro-batches of `batch` sequences from the
+//   (identical, deterministic) sampler; rank r trains on micro-batches r·grad_accum … +grad_accum−1.
+//   So the sampler state, the checkpoints and the numbers are those of one process running
+//   grad_accum · size() micro-batches (tests/dist: equal within the DP tolerance).
+class TrainParallel {
+ public:
+  virtual ~TrainParallel() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  // InputError on every rank when `value` is not the same on all ranks (names `what` and the ranks).
+  virtual void check_same(const std::string& what, const std::string& value) = 0;
+  // root's string on every rank.
+  virtual std::string broadcast(const std::string& s, int root) = 0;
+  // After the backward of a step: gradients (slot order) and MoE loads summed over the ranks, the
+  // loss sum added in rank order (unscaled: the optimizer's grad_scale divides).
+  virtual void reduce(const std::vector<ParamSlot>& slots, std::vector<std::vector<int64_t>>& loads,
+                      double& loss_sum) = 0;
+  // Expert parallelism: installed on the training thread for every forward/backward (nullptr: none).
+  virtual MoeLayerHook* moe_hook() { return nullptr; }
+
+  // ZeRO-1: when true, the trainer keeps no AdamW of its own; these hold the sharded state.
+  virtual bool shards_optimizer() const { return false; }
+  // Build this rank's shard over `slots` (every parameter), from `loaded` (a complete AdamW read
+  // from a checkpoint) or fresh when null.
+  virtual void init_optimizer(const std::vector<ParamSlot>& slots, const OptimizerConfig& cfg, Backend* be,
+                              const AdamW* loaded) {
+    (void)slots, (void)cfg, (void)be, (void)loaded;
+  }
+  // As AdamW::step over all slots: global norm, clipping, skip rule; then parameters all-gathered.
+  virtual StepReport optimizer_step(double lr, double loss, double grad_scale) {
+    (void)lr, (void)loss, (void)grad_scale;
+    return {};
+  }
+  // The complete optimizer state on `root` (nullptr on the other ranks), for a checkpoint.
+  virtual std::unique_ptr<AdamW> gather_optimizer(int root) {
+    (void)root;
+    return nullptr;
+  }
+  virtual int64_t skipped_total() const { return 0; }
+};
 
 struct TrainOptions {
   int64_t steps = 1000;
@@ -74,7 +120,9 @@ class Trainer {
  public:
   // A fresh run starts from Weights::random(config, seed, init_std); with resume and a checkpoint
   // in out_dir the run continues from it (its config wins; a different one is an InputError).
-  Trainer(const ModelConfig& config, TrainOptions o);
+  // With `par` (kept by the caller, outliving the trainer) every rank constructs its Trainer with
+  // the same config and options (checked); rank 0 alone writes checkpoints, metrics and output.
+  Trainer(const ModelConfig& config, TrainOptions o, TrainParallel* par = nullptr);
   ~Trainer();
 
   // Run until `stop_at` optimizer steps are done (default: o.steps). Throws TrainingStopped after

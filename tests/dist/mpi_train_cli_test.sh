@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# `mpirun -np N dsv3 train` end to end on the tiny preset (a small prepared dataset made here):
+#  1. N ranks, expert parallel over N, ZeRO-1, --ranks-per-node 1 (N one-rank nodes): exits 0,
+#     rank 0 alone writes metrics.jsonl (one line per step) and the checkpoint;
+#  2. the same command with more steps resumes from that checkpoint;
+#  3. ranks started with different options (MPMD: another --seed on the last rank) end the job
+#     with an error naming the disagreement, within 60 s (nothing waits in a collective).
+set -u
+dsv3=$1
+np=${2:-2}
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
+fail() { echo "FAIL: $*"; exit 1; }
+for i in $(seq 1 60); do
+  echo "the cat sat on the mat and the dog sat on the log. a bird in the hand is worth two in the bush."
+  echo "the quick brown fox jumps over the lazy dog again and again."
+  echo
+done >"$dir/text.txt"
+"$dsv3" tokenizer train --vocab-size 300 --output "$dir/tok/tokenizer.json" "$dir/text.txt" >/dev/null || fail "tokenizer train"
+"$dsv3" data prepare --tokenizer "$dir/tok" --output "$dir/data" --val-fraction 0.1 "$dir/text.txt" >/dev/null ||
+  fail "data prepare"
+common=(train --preset tiny --data "$dir/data" --tokenizer "$dir/tok/tokenizer.json" --out "$dir/out" --batch 1
+        --seq-len 16 --eval-every 2 --eval-batches 1 --sample-tokens 2 --checkpoint-every 2 --threads 1)
+par=(--ep "$np" --zero1 --ranks-per-node 1)
+
+timeout 120 mpirun --oversubscribe -np "$np" "$dsv3" "${common[@]}" "${par[@]}" --steps 2 >"$dir/run1.txt" 2>&1
+rc=$?
+cat "$dir/run1.txt"
+[ "$rc" -eq 0 ] || fail "mpirun exited $rc"
+[ "$(wc -l <"$dir/out/metrics.jsonl")" -eq 2 ] || fail "metrics.jsonl should have 2 lines"
+[ -e "$dir/out/latest/optimizer.safetensors" ] || fail "no checkpoint"
+[ "$(grep -c '"ranks": '"$np" "$dir/run1.txt")" -eq 1 ] || fail "the configuration should be printed once, by rank 0"
+grep -q "ZeRO-1: optimizer moments on rank 0" "$dir/run1.txt" || fail "no ZeRO-1 line"
+
+timeout 120 mpirun --oversubscribe -np "$np" "$dsv3" "${common[@]}" "${par[@]}" --steps 3 >"$dir/run2.txt" 2>&1
+rc=$?
+cat "$dir/run2.txt"
+[ "$rc" -eq 0 ] || fail "resumed mpirun exited $rc"
+grep -q "resumed from .*step-2 at step 2" "$dir/run2.txt" || fail "did not resume from step 2"
+[ "$(wc -l <"$dir/out/metrics.jsonl")" -eq 3 ] || fail "metrics.jsonl should have 3 lines after the resume"
+
+start=$(date +%s)
+timeout 60 mpirun --oversubscribe -np $((np - 1)) "$dsv3" "${common[@]}" --out "$dir/out2" --steps 2 : \
+  -np 1 "$dsv3" "${common[@]}" --out "$dir/out2" --steps 2 --seed 7 >"$dir/run3.txt" 2>&1
+rc=$?
+elapsed=$(( $(date +%s) - start ))
+cat "$dir/run3.txt"
+echo "mismatch run: mpirun exit $rc after ${elapsed}s"
+[ "$rc" -ne 124 ] || fail "the mismatched job hung"
+[ "$rc" -ne 0 ] || fail "mismatched ranks reported success"
+grep -q "disagree on the training options" "$dir/run3.txt" || fail "no message naming the disagreement"
+echo PASS
