@@ -1,11 +1,55 @@
 // Elementwise and data-layout ops, the AdamW update, and the process-wide CPU backend.
+#include <omp.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "backend/cpu/cpu_backend.h"
+#include "backend/cpu/vec_math.h"
 
 namespace dsv3 {
+
+namespace {
+
+constexpr int64_t kLanes = 16;
+
+// Σ x² in double, lane k taking elements k, k + kLanes, ... in order, then the lanes in order.
+[[gnu::always_inline]] inline void sum_squares_body(const float* x, int64_t n, double* out) {
+  double acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t k = 0; k < kLanes; ++k) acc[k] += double(x[i + k]) * double(x[i + k]);
+  for (; i < n; ++i) acc[0] += double(x[i]) * double(x[i]);
+  double s = 0.0;
+  for (int64_t k = 0; k < kLanes; ++k) s += acc[k];
+  *out = s;
+}
+DSV3_CPU_KERNEL(sum_squares_chunk, (const float* x, int64_t n, double* out), sum_squares_body, (x, n, out))
+
+struct AdamWConsts {
+  float b1, b2, one_b1, one_b2, decay, step_size, bc2_sqrt, eps, gs;
+};
+
+// The F32-moment update, one element at a time as the generic loop below but branch-free, so it
+// compiles to SIMD (sqrt and division are correctly rounded in SIMD too: the same bits as scalar).
+[[gnu::always_inline]] inline void adamw_f32_body(float* p, const float* g, float* m, float* v, int64_t n,
+                                                  const AdamWConsts* c) {
+  const AdamWConsts k = *c;
+  for (int64_t i = 0; i < n; ++i) {
+    const float gi = g[i] * k.gs;
+    const float mi = k.b1 * m[i] + k.one_b1 * gi;
+    const float vi = k.b2 * v[i] + k.one_b2 * gi * gi;
+    m[i] = mi;
+    v[i] = vi;
+    p[i] = p[i] * k.decay - k.step_size * mi / (std::sqrt(vi) / k.bc2_sqrt + k.eps);
+  }
+}
+DSV3_CPU_KERNEL(adamw_f32, (float* p, const float* g, float* m, float* v, int64_t n, const AdamWConsts* c),
+                adamw_f32_body, (p, g, m, v, n, c))
+
+}  // namespace
 
 Backend& cpu_backend() {
   static CpuBackend b;
@@ -124,12 +168,9 @@ void CpuBackend::sum_squares(const SumSquaresArgs& a) {
   int64_t n = a.x.numel(), nc = (n + kChunk - 1) / kChunk;
   const float* x = a.x.data<float>();
   std::vector<double> part(size_t(nc), 0.0);
-#pragma omp parallel for schedule(static)
-  for (int64_t c = 0; c < nc; ++c) {
-    double s = 0.0;
-    for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) s += double(x[i]) * double(x[i]);
-    part[size_t(c)] = s;
-  }
+#pragma omp parallel for schedule(static) if (n >= cpu::kParallelMin)
+  for (int64_t c = 0; c < nc; ++c)
+    sum_squares_chunk(x + c * kChunk, std::min(n, (c + 1) * kChunk) - c * kChunk, &part[size_t(c)]);
   double total = 0.0;
   for (double p : part) total += p;
   float* o = cpu::mut<float>(a.out);
@@ -151,6 +192,19 @@ void CpuBackend::adamw(const AdamWArgs& a) {
   const double bc2 = 1.0 - std::pow(double(b2), double(a.step));
   const float step_size = float(double(lr) / bc1);
   const float bc2_sqrt = float(std::sqrt(bc2));
+  if (!mb && !vb) {
+    const AdamWConsts c{b1, b2, 1.0f - b1, 1.0f - b2, decay, step_size, bc2_sqrt, eps, gs};
+    float* m = static_cast<float*>(mp);
+    float* v = static_cast<float*>(vp);
+    // Contiguous ranges per thread (elementwise: the split does not change any result).
+#pragma omp parallel if (n >= cpu::kParallelMin)
+    {
+      const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+      const int64_t lo = n * id / nt, hi = n * (id + 1) / nt;
+      adamw_f32(p + lo, g + lo, m + lo, v + lo, hi - lo, &c);
+    }
+    return;
+  }
 #pragma omp parallel for schedule(static) if (n >= cpu::kParallelMin)
   for (int64_t i = 0; i < n; ++i) {
     float gi = g[i] * gs;

@@ -4,11 +4,116 @@
 #include <vector>
 
 #include "backend/cpu/cpu_backend.h"
+#include "backend/cpu/vec_math.h"
+
 #include <omp.h>
 
 namespace dsv3 {
 
 namespace {
+
+constexpr int64_t kLanes = 16;
+
+// Σ a·b in double over fixed lanes (lane k takes elements k, k + kLanes, ... in order).
+[[gnu::always_inline]] inline double lane_dot(const float* a, const float* b, int64_t n) {
+  double acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int64_t k = 0; k < kLanes; ++k) acc[k] += double(a[j + k]) * double(b[j + k]);
+  for (; j < n; ++j) acc[0] += double(a[j]) * double(b[j]);
+  double s = 0.0;
+  for (int64_t k = 0; k < kLanes; ++k) s += acc[k];
+  return s;
+}
+
+[[gnu::always_inline]] inline void rmsnorm_rows_body(const float* x, const float* w, float* y, float* rstd,
+                                                     int64_t r0, int64_t r1, int64_t d, float eps) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * d;
+    double ss = lane_dot(xr, xr, d);
+    float rs = float(1.0 / std::sqrt(ss / double(d) + double(eps)));
+    if (rstd) rstd[r] = rs;
+    float* yr = y + r * d;  // may alias xr: each element is read before it is written (so SIMD is safe)
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) yr[j] = w[j] * (xr[j] * rs);
+  }
+}
+DSV3_CPU_KERNEL(rmsnorm_rows,
+                (const float* x, const float* w, float* y, float* rstd, int64_t r0, int64_t r1, int64_t d, float eps),
+                rmsnorm_rows_body, (x, w, y, rstd, r0, r1, d, eps))
+
+// dx = rstd·(w·dy − x·rstd²·mean(w·dy·x)) for rows [r0, r1); dx may alias dy.
+[[gnu::always_inline]] inline void rmsnorm_dx_rows_body(const float* x, const float* w, const float* dy,
+                                                        const float* rstd, float* dx, float* wdy, int64_t r0,
+                                                        int64_t r1, int64_t d, bool acc) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * d;
+    const float* gr = dy + r * d;
+    float* o = dx + r * d;
+    for (int64_t j = 0; j < d; ++j) wdy[j] = w[j] * gr[j];
+    double dot = lane_dot(wdy, xr, d);
+    float rs = rstd[r];
+    float c = float(dot / double(d)) * rs * rs;
+    if (acc)
+      for (int64_t j = 0; j < d; ++j) o[j] += rs * (wdy[j] - xr[j] * c);
+    else
+      for (int64_t j = 0; j < d; ++j) o[j] = rs * (wdy[j] - xr[j] * c);
+  }
+}
+DSV3_CPU_KERNEL(rmsnorm_dx_rows,
+                (const float* x, const float* w, const float* dy, const float* rstd, float* dx, float* wdy, int64_t r0,
+                 int64_t r1, int64_t d, bool acc),
+                rmsnorm_dx_rows_body, (x, w, dy, rstd, dx, wdy, r0, r1, d, acc))
+
+// o may alias g or u; each element is read before it is written, so SIMD is safe (omp simd says so
+// to the compiler, which would otherwise fall back to scalar code for the alias).
+[[gnu::always_inline]] inline void swiglu_body(const float* g, const float* u, float* o, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float gi = g[i], ui = u[i];
+    o[i] = gi / (1.0f + cpu::exp_f32(-gi)) * ui;
+  }
+}
+DSV3_CPU_KERNEL(swiglu_range, (const float* g, const float* u, float* o, int64_t n), swiglu_body, (g, u, o, n))
+
+// The gradient of one element; dg or du may alias dout: both values are formed before either store.
+[[gnu::always_inline]] inline void swiglu_grad(float gi, float ui, float go, float& vg, float& vu) {
+  const float sg = 1.0f / (1.0f + cpu::exp_f32(-gi));
+  vg = go * ui * sg * (1.0f + gi * (1.0f - sg));
+  vu = go * (gi * sg);
+}
+
+[[gnu::always_inline]] inline void swiglu_backward_body(const float* g, const float* u, const float* dout, float* dg,
+                                                        float* du, int64_t n, bool acc) {
+  if (acc) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      float vg, vu;
+      swiglu_grad(g[i], u[i], dout[i], vg, vu);
+      dg[i] += vg;
+      du[i] += vu;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      float vg, vu;
+      swiglu_grad(g[i], u[i], dout[i], vg, vu);
+      dg[i] = vg;
+      du[i] = vu;
+    }
+  }
+}
+DSV3_CPU_KERNEL(swiglu_backward_range,
+                (const float* g, const float* u, const float* dout, float* dg, float* du, int64_t n, bool acc),
+                swiglu_backward_body, (g, u, dout, dg, du, n, acc))
+
+// [lo, hi) of n for this thread of the team (the whole range outside a parallel region).
+inline void thread_range(int64_t n, int64_t& lo, int64_t& hi) {
+  const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+  lo = n * id / nt;
+  hi = n * (id + 1) / nt;
+}
+
 // A weight vector of any float dtype as F32 (norm weights are small; converting per call is cheap).
 const float* as_f32(const Tensor& t, std::vector<float>& buf) {
   if (t.dtype() == DType::F32) return t.data<float>();
@@ -66,15 +171,11 @@ void CpuBackend::rmsnorm(const RmsNormArgs& a) {
   float* y = cpu::mut<float>(a.y);
   float* rstd = present(a.rstd) ? cpu::mut<float>(a.rstd) : nullptr;
   float eps = a.eps;
-#pragma omp parallel for schedule(static) if (m * d >= cpu::kParallelMin)
-  for (int64_t r = 0; r < m; ++r) {
-    const float* xr = x + r * d;
-    double ss = 0.0;
-    for (int64_t j = 0; j < d; ++j) ss += double(xr[j]) * double(xr[j]);
-    float rs = float(1.0 / std::sqrt(ss / double(d) + double(eps)));
-    if (rstd) rstd[r] = rs;
-    float* yr = y + r * d;  // may alias xr: each element is read before it is written
-    for (int64_t j = 0; j < d; ++j) yr[j] = w[j] * (xr[j] * rs);
+#pragma omp parallel if (m * d >= cpu::kParallelMin)
+  {
+    int64_t lo, hi;
+    thread_range(m, lo, hi);
+    rmsnorm_rows(x, w, y, rstd, lo, hi, d, eps);
   }
 }
 
@@ -106,20 +207,12 @@ void CpuBackend::rmsnorm_backward(const RmsNormBackwardArgs& a) {
   if (present(a.dx)) {
     float* dx = cpu::mut<float>(a.dx);
     bool acc = a.accumulate_dx;
-    // dx = rstd·(w·dy − x·rstd²·mean(w·dy·x)); dx may alias dy (read before write per element).
-#pragma omp parallel for schedule(static) if (m * d >= cpu::kParallelMin)
-    for (int64_t r = 0; r < m; ++r) {
-      const float* xr = x + r * d;
-      const float* gr = dy + r * d;
-      float* o = dx + r * d;
-      double dot = 0.0;
-      for (int64_t j = 0; j < d; ++j) dot += double(w[j]) * double(gr[j]) * double(xr[j]);
-      float rs = rstd[r];
-      float c = float(dot / double(d)) * rs * rs;
-      for (int64_t j = 0; j < d; ++j) {
-        float v = rs * (w[j] * gr[j] - xr[j] * c);
-        o[j] = acc ? o[j] + v : v;
-      }
+#pragma omp parallel if (m * d >= cpu::kParallelMin)
+    {
+      int64_t lo, hi;
+      thread_range(m, lo, hi);
+      float* wdy = cpu::scratch(size_t(d));
+      rmsnorm_dx_rows(x, w, dy, rstd, dx, wdy, lo, hi, d, acc);
     }
   }
 }
@@ -130,10 +223,11 @@ void CpuBackend::swiglu(const SwigluArgs& a) {
   const float* g = a.gate.data<float>();
   const float* u = a.up.data<float>();
   float* o = cpu::mut<float>(a.out);
-#pragma omp parallel for schedule(static) if (n >= cpu::kParallelMin)
-  for (int64_t i = 0; i < n; ++i) {
-    float gi = g[i], ui = u[i];
-    o[i] = gi / (1.0f + std::exp(-gi)) * ui;
+#pragma omp parallel if (n >= cpu::kParallelMin)
+  {
+    int64_t lo, hi;
+    thread_range(n, lo, hi);
+    swiglu_range(g + lo, u + lo, o + lo, hi - lo);
   }
 }
 
@@ -146,15 +240,14 @@ void CpuBackend::swiglu_backward(const SwigluBackwardArgs& a) {
   float* dg = present(a.dgate) ? cpu::mut<float>(a.dgate) : nullptr;
   float* du = present(a.dup) ? cpu::mut<float>(a.dup) : nullptr;
   bool acc = a.accumulate;
-#pragma omp parallel for schedule(static) if (n >= cpu::kParallelMin)
-  for (int64_t i = 0; i < n; ++i) {
-    float gi = g[i], ui = u[i], go = dout[i];
-    float sg = 1.0f / (1.0f + std::exp(-gi));
-    float silu = gi * sg;
-    float vg = go * ui * sg * (1.0f + gi * (1.0f - sg));
-    float vu = go * silu;
-    if (dg) dg[i] = acc ? dg[i] + vg : vg;
-    if (du) du[i] = acc ? du[i] + vu : vu;
+  // An absent output goes to scratch (one per thread, so the kernel has no branch per element).
+#pragma omp parallel if (n >= cpu::kParallelMin)
+  {
+    int64_t lo, hi;
+    thread_range(n, lo, hi);
+    float* sink = (dg && du) ? nullptr : cpu::scratch(size_t(hi - lo), 1);
+    swiglu_backward_range(g + lo, u + lo, dout + lo, dg ? dg + lo : sink, du ? du + lo : sink, hi - lo,
+                          acc);
   }
 }
 
