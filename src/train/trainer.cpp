@@ -298,14 +298,19 @@ TrainSummary Trainer::run(int64_t stop_at) {
   const int64_t B = o.batch, T = o.seq_len, E = m.cfg.n_routed_experts;
   // Data parallel: every rank draws all micro-batches of the step and trains on its own block.
   const int64_t micros = o.grad_accum * m.ranks();
+  // Expert parallelism: the MoE layers run through the hook on this thread for the whole run.
   struct HookScope {
-    MoeLayerHook* prev = nullptr;
-    bool set = false;
+    explicit HookScope(MoeLayerHook* h) : set(h != nullptr) {
+      if (set) prev = set_moe_layer_hook(h);
+    }
     ~HookScope() {
       if (set) set_moe_layer_hook(prev);
     }
-  } hook_scope;
-  if (m.par && m.par->moe_hook()) hook_scope = {set_moe_layer_hook(m.par->moe_hook()), true};
+    HookScope(const HookScope&) = delete;
+    HookScope& operator=(const HookScope&) = delete;
+    bool set;
+    MoeLayerHook* prev = nullptr;
+  } hook_scope(m.par ? m.par->moe_hook() : nullptr);
   TrainSummary sum;
   ThroughputMeter meter;
   const double t_run = now_s();
