@@ -43,11 +43,22 @@ step "absorbed-MLA decode kernel bandwidth (batch 64, context 4096)"
 timeout 120 "$B"/dsv3_bench_gpu_mla_decode 2>&1 | tee "$OUT/gpu_mla_decode.txt" | tee -a "$OUT/summary.txt"
 cp bench/results/gpu_mla_decode.json "$OUT/" 2>/dev/null || status=1
 
+if [ "${HF:-0}" = 1 ]; then
+  step "transformers baseline (bench-0.7b: training B=8 T=2048, decode batch 1/32)"
+  "$B"/dsv3 info --preset bench-0.7b --json >"$OUT/bench07b_info.json" &&
+    python3 tools/hf_gpu_bench.py --info "$OUT/bench07b_info.json" --out "$OUT/hf_gpu.json" 2>&1 |
+    tee "$OUT/hf_gpu.txt" | tee -a "$OUT/summary.txt" || status=1
+fi
+
+step "training throughput on the GPU (bench-0.7b, B=8, T=2048; vs transformers when HF=1)"
+timeout ${TRAIN_TIMEOUT:-240} "$B"/dsv3_bench_gpu_train --hf "$OUT/hf_gpu.json" 2>&1 | tee "$OUT/gpu_train.txt" | tee -a "$OUT/summary.txt"
+cp bench/results/gpu_train.json "$OUT/" 2>/dev/null || status=1
+
 step "compute-sanitizer memcheck on the GPU test binary"
 if command -v compute-sanitizer >/dev/null || [ -x /usr/local/cuda/bin/compute-sanitizer ]; then
   CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   timeout ${MEMCHECK_TIMEOUT:-150} "$CS" --tool memcheck --error-exitcode 3 "$B"/dsv3_gpu_tests \
-    --gtest_filter='AllOps/BackendOps.MatchesReference/*:CudaFp8.*:CudaDevice.*:CudaMlaDecode.*:CudaModel.*' >"$OUT/memcheck.log" 2>&1
+    --gtest_filter='AllOps/BackendOps.MatchesReference/*:CudaFp8.*:CudaDevice.*:CudaMlaDecode.*:CudaModel.*:CudaTrain.*' >"$OUT/memcheck.log" 2>&1
   rc=$?
   tail -3 "$OUT/memcheck.log" | tee -a "$OUT/summary.txt"
   echo "memcheck exit code $rc" | tee -a "$OUT/summary.txt"
@@ -55,13 +66,6 @@ if command -v compute-sanitizer >/dev/null || [ -x /usr/local/cuda/bin/compute-s
 else
   echo "compute-sanitizer not found" | tee -a "$OUT/summary.txt"
   status=1
-fi
-
-if [ "${HF:-0}" = 1 ]; then
-  step "transformers baseline (bench-0.7b: training B=8 T=2048, decode batch 1/32)"
-  "$B"/dsv3 info --preset bench-0.7b --json >"$OUT/bench07b_info.json" &&
-    python3 tools/hf_gpu_bench.py --info "$OUT/bench07b_info.json" --out "$OUT/hf_gpu.json" 2>&1 |
-    tee "$OUT/hf_gpu.txt" | tee -a "$OUT/summary.txt" || status=1
 fi
 
 step "summary"
@@ -74,6 +78,7 @@ def load(name):
 gemm = load("gpu_gemm.json")
 mla = load("gpu_mla_decode.json")
 hf = load("hf_gpu.json")
+train = load("gpu_train.json")
 tests = load("gpu_tests.json")
 s = {"commit": os.environ.get("DSV3_COMMIT"), "date": gemm.get("date") if gemm else None,
      "gpu": (gemm or {}).get("machine", {}).get("gpu"),
@@ -84,6 +89,9 @@ s = {"commit": os.environ.get("DSV3_COMMIT"), "date": gemm.get("date") if gemm e
      "fp8_gemm_vs_cublaslt": None, "gemm": gemm["rows"] if gemm else None}
 if hf:
     s["hf"] = hf
+if train:
+    s["train"] = train
+    s["train_speedup_vs_hf_bf16"] = train.get("train_speedup_vs_hf_bf16")
 if mla:
     s["mla_decode_bw_fraction"] = mla["mla_decode_bw_fraction_h16"]
     s["mla_decode"] = mla["rows"]

@@ -53,7 +53,7 @@ function(dsv3_tests dir)
   elseif(dir STREQUAL "cli")
     set(lib dsv3_core)
   elseif(dir STREQUAL "gpu")
-    set(lib dsv3_model)
+    set(lib dsv3_train dsv3_infer)  # end-to-end GPU tests train and decode
   endif()
   target_link_libraries(${name} PRIVATE ${lib} GTest::gtest GTest::gtest_main)
   target_compile_definitions(${name} PRIVATE DSV3_BINARY_DIR="${CMAKE_BINARY_DIR}")

@@ -41,8 +41,16 @@ std::string Shape::str() const {
 }
 
 namespace {
-std::mutex g_alloc_mu;
-Allocator g_alloc[2];
+// Function-local statics: a backend may register its allocator from another translation unit's
+// static initializer, which can run before this file's globals would be constructed.
+struct AllocatorTable {
+  std::mutex mu;
+  Allocator by_device[2];
+};
+AllocatorTable& allocators() {
+  static AllocatorTable t;
+  return t;
+}
 
 Allocator cpu_allocator() {
   return {[](size_t n) {
@@ -55,8 +63,9 @@ Allocator cpu_allocator() {
 }  // namespace
 
 void set_allocator(Device d, Allocator a) {
-  std::lock_guard<std::mutex> l(g_alloc_mu);
-  g_alloc[int(d)] = std::move(a);
+  AllocatorTable& t = allocators();
+  std::lock_guard<std::mutex> l(t.mu);
+  t.by_device[int(d)] = std::move(a);
 }
 
 Tensor Tensor::empty(DType t, const Shape& s, Device dev) {
@@ -64,8 +73,9 @@ Tensor Tensor::empty(DType t, const Shape& s, Device dev) {
     DSV3_CHECK(s.d[size_t(i)] >= 0, "negative dimension in ", s.str());
   Allocator a;
   {
-    std::lock_guard<std::mutex> l(g_alloc_mu);
-    a = g_alloc[int(dev)];
+    AllocatorTable& t = allocators();
+    std::lock_guard<std::mutex> l(t.mu);
+    a = t.by_device[int(dev)];
   }
   if (dev == Device::CPU && !a.alloc) a = cpu_allocator();
   if (!a.alloc) internal_error("no allocator registered for device ", device_name(dev));

@@ -218,17 +218,23 @@ ForwardOutput Model::forward(std::span<const int32_t> ids, int64_t B, int64_t T,
   return out;
 }
 
-Grads::Grads(const ModelConfig& c) {
+Grads::Grads(const ModelConfig& c, Backend* on) : be(on) {
   std::map<std::string, Tensor> t;
   for_each_tensor(c, [&](const TensorSpec& s) {
-    if (s.shared_with.empty()) t.emplace(s.name, Tensor::zeros(DType::F32, s.shape));
+    if (s.shared_with.empty()) t.emplace(s.name, be ? be->alloc(DType::F32, s.shape) : Tensor::zeros(DType::F32, s.shape));
   });
   w = Weights::from_tensors(c, std::move(t), "gradients");
   p = bind_params(w);
+  if (be) zero();
 }
 
 void Grads::zero() {
-  for (Param& q : w.params()) std::fill_n(q.w.data<float>(), q.w.numel(), 0.0f);
+  for (Param& q : w.params()) {
+    if (be)
+      be->fill(FillArgs{q.w, 0.0f});
+    else
+      std::fill_n(q.w.data<float>(), q.w.numel(), 0.0f);
+  }
 }
 
 void Model::backward(const BackwardInput& in, Grads& g) {

@@ -220,7 +220,8 @@ void linear_forward(Backend& be, const LinearParam& p, const Tensor& x, const Te
 struct Grads {
   Weights w;       // F32 zeros, one tensor per parameter of the table
   ModelParams p;   // views of w, structured as the model's parameters
-  explicit Grads(const ModelConfig& c);
+  Backend* be = nullptr;  // where the gradients live (null: host memory)
+  explicit Grads(const ModelConfig& c, Backend* on = nullptr);
   void zero();
   Tensor get(const std::string& name) const { return w.get(name).w; }
 };

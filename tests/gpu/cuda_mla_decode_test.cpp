@@ -79,8 +79,9 @@ TEST(CudaMlaDecode, MatchesReferenceOverPagedCache) {
     }
   Err e = compare(be.to_host(out), want), el = compare(be.to_host(lse), want_lse);
   EXPECT_EQ(e.non_finite, 0);
-  EXPECT_LE(e.norm_err, tol::kF32);
-  EXPECT_LE(el.norm_err, tol::kF32);
+  // The kernel runs on BF16 tensor cores: q and the softmax weights are rounded to BF16 operands.
+  EXPECT_LE(e.norm_err, tol::kBf16);
+  EXPECT_LE(el.norm_err, tol::kBf16);
 }
 
 }  // namespace
