@@ -67,18 +67,19 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// R = kWarps · 8 · kNT output columns; W = 16 · k-steps.
+// R = kWarps · 8 · kNT output columns; W = kW = 576 (kv_lora_rank 512 + rope 64).
+constexpr int kW = 576;
 template <int kNT>
 __global__ void __launch_bounds__(kThreads, 2)
     mla_split_kernel(const float* q, const __nv_bfloat16* pool, const int32_t* table, const int32_t* lengths,
                      Shape_ s, float scale, float* part_o, float* part_m, float* part_l) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int W = int(s.w), ws = W + kPad;
+  constexpr int W = kW, ws = W + kPad;
   __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [16][ws]
   __nv_bfloat16* kv = qs + kHeads * ws;                             // [2][kStage][ws]
   __nv_bfloat16* ps = kv + 2 * kStage * ws;                         // [16][kStage + kPad]
   float* red = reinterpret_cast<float*>(ps + kHeads * (kStage + kPad));  // [kWarps][16]
-  const int64_t split = blockIdx.x, hg = blockIdx.y, b = blockIdx.z;
+  const int64_t hg = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
   const int64_t h0 = hg * kHeads;
   const int nh = int(s.h - h0 < kHeads ? s.h - h0 : kHeads);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
@@ -93,17 +94,19 @@ __global__ void __launch_bounds__(kThreads, 2)
     int h = i / W, j = i % W;
     qs[h * ws + j] = __float2bfloat16(h < nh ? q[((b * s.h + h0 + h) * s.w) + j] : 0.0f);
   }
-  const int chunks = W / 8;  // 16-byte pieces per row
+  // A stage's 32 tokens lie in one 64-token cache block, whose rows are contiguous in the pool:
+  // one table lookup per stage, then a straight copy of 32·W BF16 into padded shared rows.
+  constexpr int kChunks = kW / 8;  // 16-byte pieces per row
   auto load_stage = [&](int64_t st, int buf) {
-    int64_t t_first = tok0 + st * kStage;
-    for (int i = tid; i < kStage * chunks; i += kThreads) {
-      int r = i / chunks, c = i % chunks;
-      int64_t t = t_first + r;
-      bool valid = t < tok1;
-      int64_t tt = valid ? t : tok0;  // any mapped address; nothing is read when invalid
-      int64_t pb = table[b * s.max_blocks + tt / kBlock];
-      const __nv_bfloat16* src = pool + (((pb * s.layers + s.layer) * kBlock) + tt % kBlock) * s.w + c * 8;
-      cp_async16(kv + (buf * kStage + r) * ws + c * 8, src, valid);
+    const int64_t t_first = tok0 + st * kStage;
+    const int64_t pb = table[b * s.max_blocks + t_first / kBlock];
+    const __nv_bfloat16* src = pool + (((pb * s.layers + s.layer) * kBlock) + t_first % kBlock) * kW;
+    const int valid_rows = int(tok1 - t_first < kStage ? tok1 - t_first : kStage);
+    __nv_bfloat16* dst = kv + buf * kStage * ws;
+#pragma unroll 4
+    for (int i = tid; i < kStage * kChunks; i += kThreads) {
+      const int r = i / kChunks, c = i - r * kChunks;
+      cp_async16(dst + r * ws + c * 8, src + r * kW + c * 8, r < valid_rows);
     }
     cp_async_commit();
   };
@@ -281,8 +284,8 @@ void cuda_mla_decode(const MlaDecodeArgs& a) {
              "cuda_mla_decode: q F32 [B, H, W], pool BF16, block_table I32 [B, n], lengths I32 [B], out F32");
   int64_t B = a.q.dim(0), H = a.q.dim(1), W = a.q.dim(2), R = a.kv_lora_rank;
   DSV3_CHECK(a.block_size == kBlock, "cuda_mla_decode: block_size must be ", kBlock, ", got ", a.block_size);
-  DSV3_CHECK(W % 16 == 0 && W <= 1024 && R == 512 && R <= W,
-             "cuda_mla_decode: needs W a multiple of 16 (≤ 1024) and kv_lora_rank = 512, got W=", W, " R=", R);
+  DSV3_CHECK(W == kW && R == 512,
+             "cuda_mla_decode: needs rows of 576 (kv_lora_rank 512 + rope 64, DeepSeek-V2/V3), got W=", W, " R=", R);
   DSV3_CHECK(a.out.shape() == Shape({B, H, R}) && a.lengths.numel() == B && a.block_table.dim(0) == B,
              "cuda_mla_decode: shapes of out/lengths/block_table do not match q ", a.q.shape().str());
   if (B == 0 || H == 0) return;
@@ -306,7 +309,8 @@ void cuda_mla_decode(const MlaDecodeArgs& a) {
   auto kernel = mla_split_kernel<kNT>;
   DSV3_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  kernel<<<dim3(unsigned(splits), unsigned(head_groups), unsigned(B)), kThreads, smem>>>(
+  // Head groups fastest: the CTAs reading the same rows are scheduled together and share them in L2.
+  kernel<<<dim3(unsigned(head_groups), unsigned(splits), unsigned(B)), kThreads, smem>>>(
       a.q.data<float>(), static_cast<const __nv_bfloat16*>(a.pool.raw()), a.block_table.data<int32_t>(),
       a.lengths.data<int32_t>(), s, a.scale, po.as<float>(), pm.as<float>(), pl.as<float>());
   mla_merge_kernel<<<dim3(unsigned(H), unsigned(B)), 128>>>(po.as<float>(), pm.as<float>(), pl.as<float>(), s,
