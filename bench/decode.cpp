@@ -6,10 +6,13 @@
 // decoding at batch 1 through the engine (greedy, output checked equal to plain decoding):
 // acceptance per draft position and the speed-up over the same engine without drafts.
 //
-//   dsv3_bench_decode [--quick] [--spec-only] [--spec-model DIR [--spec-prompt-ids "ID ..."]] [--threads N]
+//   dsv3_bench_decode [--quick] [--spec-only] [--spec-model DIR [--spec-prompt TEXT | --spec-prompt-ids "ID ..."]]
+//                     [--threads N]
 // (bench/spec_model.py trains a small model with an MTP module for --spec-model.)
 // Writes bench/results/decode.json.
+#include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -17,6 +20,7 @@
 #include "core/rng.h"
 #include "core/threads.h"
 #include "infer/engine.h"
+#include "io/tokenizer.h"
 #include "model/presets.h"
 
 using namespace dsv3;
@@ -114,15 +118,16 @@ Result measure(ModelRunner& runner, int64_t B, int64_t depth, int64_t steps, uin
 
 int main(int argc, char** argv) {
   bool quick = false, spec_only = false;
-  std::string spec_model, spec_prompt;
+  std::string spec_model, spec_prompt, spec_text;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     else if (!std::strcmp(argv[i], "--spec-only")) spec_only = true;
     else if (!std::strcmp(argv[i], "--spec-model") && i + 1 < argc) spec_model = argv[++i];
     else if (!std::strcmp(argv[i], "--spec-prompt-ids") && i + 1 < argc) spec_prompt = argv[++i];
+    else if (!std::strcmp(argv[i], "--spec-prompt") && i + 1 < argc) spec_text = argv[++i];
     else if (!std::strcmp(argv[i], "--threads") && i + 1 < argc) set_num_threads(std::atoi(argv[++i]));
     else {
-      std::fprintf(stderr, "usage: %s [--quick] [--spec-only] [--spec-model DIR [--spec-prompt-ids \"ID ...\"]] [--threads N]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--quick] [--spec-only] [--spec-model DIR [--spec-prompt TEXT | --spec-prompt-ids \"ID ...\"]] [--threads N]\n", argv[0]);
       return 2;
     }
   }
@@ -157,17 +162,26 @@ int main(int argc, char** argv) {
       }
   }
 
-  // Speculative decoding at batch 1 through the engine.
+  // Speculative decoding at batch 1 through the engine. Plain decoding (the same engine without
+  // drafts, i.e. the engine's normal decode path) and every draft count run in turns, `reps` times;
+  // each figure is the median of its turns, so both sides of a ratio see the same machine load.
   Weights w = spec_model.empty() ? Weights::random(preset_config("tiny"), 1) : Weights::load(spec_model);
   const std::string model_name = spec_model.empty() ? "tiny (random weights, untrained)" : spec_model;
   const int64_t n_gen = quick ? 16 : 96;
-  auto gen = [&](int mtp, EngineStats* st, double* secs) {
+  const int reps = quick ? 1 : 7;
+  std::vector<int32_t> prompt = {0, 17, 42, 99, 7, 255, 31, 12};
+  if (!spec_prompt.empty()) prompt = parse_token_ids(spec_prompt, w.config().vocab_size);
+  if (!spec_text.empty()) {
+    if (spec_model.empty()) input_error("--spec-prompt needs --spec-model (its tokenizer.json)");
+    prompt = Tokenizer::load(spec_model + "/tokenizer.json").encode(spec_text);
+  }
+  auto gen = [&](bool lean, int mtp, EngineStats* st, double* secs) {
     EngineOptions o;
     o.draft_tokens = mtp;
+    if (!lean) o.small_rows = 0;
     Engine eng(w, o);
     Request r;
-    r.prompt = spec_prompt.empty() ? std::vector<int32_t>{0, 17, 42, 99, 7, 255, 31, 12}
-                                   : parse_token_ids(spec_prompt, w.config().vocab_size);
+    r.prompt = prompt;
     r.max_tokens = n_gen;
     eng.add(r);
     std::vector<int32_t> toks;
@@ -179,29 +193,66 @@ int main(int argc, char** argv) {
     *st = eng.stats();
     return toks;
   };
-  EngineStats s0, s1;
-  double t_plain = 0, t_spec = 0;
-  const auto base = gen(0, &s0, &t_plain);
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  double load0[3] = {0, 0, 0}, load1[3] = {0, 0, 0};
+  getloadavg(load0, 3);
+  // Both step paths of the runner (runner.h): the lean one the engine uses for steps of a few rows,
+  // and the general one (backend ops throughout) for comparison.
+  const std::vector<int> drafts = {0, 1, 2, 3};
+  const size_t C = 2 * drafts.size();
+  std::vector<std::vector<double>> secs(C);
+  std::vector<EngineStats> stats(C);
+  std::vector<std::vector<int32_t>> outs(C);
+  bool identical = true;
+  for (int rep = 0; rep < reps; ++rep)
+    for (size_t c = 0; c < C; ++c) {
+      double t = 0;
+      const auto toks = gen(c < drafts.size(), drafts[c % drafts.size()], &stats[c], &t);
+      secs[c].push_back(t);
+      if (rep == 0) outs[c] = toks;
+      identical = identical && toks == outs[c];
+    }
+  getloadavg(load1, 3);
   out["speculative"] = nlohmann::json::array();
-  std::printf("\nMTP speculative decoding, batch 1, greedy, %lld tokens, model %s\n", (long long)n_gen, model_name.c_str());
-  std::printf("| drafts | tok/s | plain tok/s | speed-up | tokens/verification | acceptance per position | output == plain |\n");
-  std::printf("|---|---|---|---|---|---|---|\n");
-  for (int mtp : {1, 2, 3}) {
-    const auto spec = gen(mtp, &s1, &t_spec);
+  out["spec_prompt_tokens"] = prompt.size();
+  out["spec_generated_tokens"] = n_gen;
+  out["spec_repetitions"] = reps;
+  out["load_average_1min"] = {load0[0], load1[0]};
+  std::printf("\nMTP speculative decoding, batch 1, greedy, %zu prompt + %lld generated tokens, model %s, %d threads,"
+              " median of %d turns, load average %.1f -> %.1f\n",
+              prompt.size(), (long long)n_gen, model_name.c_str(), num_threads(), reps, load0[0], load1[0]);
+  std::printf("| step path | drafts | tok/s | plain tok/s | speed-up | tokens/verification | acceptance per position | output == plain |\n");
+  std::printf("|---|---|---|---|---|---|---|---|\n");
+  for (size_t c = 0; c < C; ++c) {
+    const size_t base = c < drafts.size() ? 0 : drafts.size();
+    const char* path_name = c < drafts.size() ? "lean" : "general";
+    // Tokens after the prefill's first one, per second.
+    const double tps0 = double(outs[base].size() - 1) / median(secs[base]);
+    const double tps = double(outs[c].size() - 1) / median(secs[c]);
+    const bool same = outs[c] == outs[0] && identical;
+    if (c == base) {
+      std::printf("| %s | 0 | %.1f | %.1f | 1.00x | 1.00 | - | %s |\n", path_name, tps, tps0, same ? "yes" : "NO");
+      out["plain"].push_back({{"step_path", path_name}, {"tok_s", tps}, {"seconds", secs[c]}, {"output_identical_to_lean", same}});
+      continue;
+    }
+    const SpecStats& sp = stats[c].spec;
     std::string acc;
     nlohmann::json rates = nlohmann::json::array();
-    for (size_t i = 0; i < s1.spec.proposed.size(); ++i) {
+    for (size_t j = 0; j < sp.proposed.size(); ++j) {
       char b[64];
-      std::snprintf(b, sizeof b, "%s%.1f%%", i ? " / " : "", 100 * s1.spec.rate(i));
+      std::snprintf(b, sizeof b, "%s%.1f%%", j ? " / " : "", 100 * sp.rate(j));
       acc += b;
-      rates.push_back(s1.spec.rate(i));
+      rates.push_back(sp.rate(j));
     }
-    const double tps = double(spec.size() - 1) / t_spec, tps0 = double(base.size() - 1) / t_plain;
-    std::printf("| %d | %.1f | %.1f | %.2fx | %.2f | %s | %s |\n", mtp, tps, tps0, tps / tps0,
-                s1.spec.tokens_per_round(), acc.c_str(), spec == base ? "yes" : "NO");
-    out["speculative"].push_back({{"model", model_name}, {"draft_tokens", mtp}, {"tok_s", tps}, {"plain_tok_s", tps0},
-                                  {"speedup", tps / tps0}, {"tokens_per_verification", s1.spec.tokens_per_round()},
-                                  {"acceptance_per_position", rates}, {"greedy_output_identical", spec == base}});
+    std::printf("| %s | %d | %.1f | %.1f | %.2fx | %.2f | %s | %s |\n", path_name, drafts[c % drafts.size()], tps,
+                tps0, tps / tps0, sp.tokens_per_round(), acc.c_str(), same ? "yes" : "NO");
+    out["speculative"].push_back({{"model", model_name}, {"step_path", path_name}, {"draft_tokens", drafts[c % drafts.size()]},
+                                  {"tok_s", tps}, {"plain_tok_s", tps0}, {"speedup", tps / tps0},
+                                  {"tokens_per_verification", sp.tokens_per_round()}, {"acceptance_per_position", rates},
+                                  {"greedy_output_identical", same}, {"seconds", secs[c]}});
   }
   const std::string path = bench::write_result(spec_only ? "decode_spec" : "decode", out);
   std::printf("\nwrote %s\n", path.c_str());

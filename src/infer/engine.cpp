@@ -38,6 +38,7 @@ Engine::Engine(const Weights& w, const EngineOptions& opt, Backend& be) : opt_(o
     input_error("max step tokens ", opt.max_step_tokens, " must be >= 1 + draft tokens (", 1 + opt.draft_tokens, ")");
   if (opt.max_running < 1) input_error("max running sequences ", opt.max_running, " must be >= 1");
   draft_ = opt.draft_tokens;
+  runner_.set_small_rows(opt.small_rows);
   const int64_t layers = c.num_hidden_layers + (draft_ > 0 ? runner_.num_mtp() : 0);
   pool_ = std::make_unique<LatentKvPool>(layers, c.kv_lora_rank, c.qk_rope_head_dim, opt.cache);
 }

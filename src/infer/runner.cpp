@@ -116,6 +116,7 @@ ModelRunner::Output ModelRunner::forward(AttentionCache& cache, const StepRows& 
   for (int64_t i = 0; i < N; ++i)
     if (tokens[size_t(i)] < 0 || tokens[size_t(i)] >= cfg_.vocab_size)
       input_error("token id ", tokens[size_t(i)], " is outside the model's vocabulary [0, ", cfg_.vocab_size, ")");
+  if (use_small(N)) return forward_small(cache, rows, tokens, logit_rows);
   const Tensor positions = positions_of(rows);
   Tensor x = be_.alloc(DType::F32, {N, d_.H});
   EmbeddingArgs e;
@@ -139,6 +140,7 @@ ModelRunner::Output ModelRunner::mtp_forward(int k, AttentionCache& cache, const
   const MtpParams& p = params_.mtp[size_t(k - 1)];
   const int64_t N = rows.size(), H = d_.H;
   DSV3_CHECK(N > 0 && int64_t(tokens.size()) == N && h_prev.dim(0) == N);
+  if (use_small(N)) return mtp_forward_small(k, cache, rows, tokens, h_prev, logit_rows);
   const Tensor positions = positions_of(rows);
   Tensor emb = be_.alloc(DType::F32, {N, H});
   EmbeddingArgs e;

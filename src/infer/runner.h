@@ -6,9 +6,18 @@
 // Built from the model's modules (model/model.h: parameters, RMSNorm/linear/MLP/MoE forwards, RoPE
 // tables); only the attention differs from the plain forward. MTP module k runs as cache layer
 // num_hidden_layers + k − 1, its hub layer index.
+//
+// Steps of at most small_rows() rows on the CPU backend (decode, draft verification, MTP drafts)
+// take a lean path (runner_small.cpp): the same math on reused host buffers, F32 weights through
+// row_linear (the weight streamed once for all rows, results independent of the row count), and
+// the norms, RoPE, SwiGLU and the MoE combine inline — a decode step is ~150 small ops, and the
+// per-op cost of the general path (validation, allocation, GEMM packing) is most of its time at
+// batch 1. Other weight dtypes go through the backend's linear. Larger steps (prefill) use the
+// backend ops throughout.
 #pragma once
 #include <cstdint>
 #include <span>
+#include <unordered_map>
 #include <vector>
 
 #include "infer/mla_absorbed.h"
@@ -19,6 +28,10 @@ namespace dsv3 {
 class ModelRunner {
  public:
   explicit ModelRunner(const Weights& w, Backend& be = cpu_backend());
+
+  // Row count up to which a step takes the lean path (0: never; tests compare the two paths).
+  int64_t small_rows() const { return small_rows_; }
+  void set_small_rows(int64_t n) { small_rows_ = n; }
 
   const ModelConfig& config() const { return cfg_; }
   const ModelDims& dims() const { return d_; }
@@ -46,12 +59,35 @@ class ModelRunner {
   const RopeTables& rope_for(int64_t n);
   Tensor positions_of(const StepRows& rows);
 
+  // The lean path (runner_small.cpp); x [N, H] in ws_.x, h⁰ / h^k left there.
+  bool use_small(int64_t N) const { return N <= small_rows_ && be_.device() == Device::CPU; }
+  Output forward_small(AttentionCache& cache, const StepRows& rows, std::span<const int32_t> tokens,
+                       std::span<const int32_t> logit_rows);
+  Output mtp_forward_small(int k, AttentionCache& cache, const StepRows& rows, std::span<const int32_t> tokens,
+                           const Tensor& h_prev, std::span<const int32_t> logit_rows);
+  void layer_small(int64_t layer, const LayerParams& p, int64_t N, const StepRows& rows, AttentionCache& cache);
+  void mlp_small(const MlpParams& p, const float* x, int64_t N, float* out, bool accumulate);
+  void moe_small(const MoeParams& p, const float* x, int64_t N, float* out);
+  void lin(const LinearParam& p, const float* x, int64_t N, float* y);
+  void rope_small(const StepRows& rows, float* x, int64_t heads, int64_t stride, int64_t offset);
+  Output head_small(const float* normed, int64_t N, std::span<const int32_t> logit_rows);
+  const float* f32_of(const Tensor& t);
+
   ModelConfig cfg_;
   Backend& be_;
   ModelDims d_;
   ModelParams params_;
   std::vector<AbsorbedKvB> absorbed_;  // main layers then MTP blocks
   RopeCache rope_;
+  int64_t small_rows_ = 16;
+  // Lean-path buffers, grown on demand and reused across steps.
+  struct Work {
+    std::vector<float> x, h, cat, qa, q, kv, ckv, kpe, attn, o;  // layer
+    std::vector<float> f1, f2, f3;                                 // MLP
+    std::vector<float> logits, scores, weights, xs, ys, picks;     // MoE
+    std::vector<int32_t> ids, rows;
+  } ws_;
+  std::unordered_map<const void*, std::vector<float>> f32_copies_;  // non-F32 norm weights and biases
 };
 
 }  // namespace dsv3

@@ -47,7 +47,13 @@ int32_t argmax(const std::vector<double>& l) {
 
 int32_t greedy_token(std::span<const float> logits, int64_t n_valid, std::span<const int32_t> history,
                      float repeat_penalty) {
-  return argmax(penalised(logits, n_valid, history, repeat_penalty));
+  if (repeat_penalty != 1.0f) return argmax(penalised(logits, n_valid, history, repeat_penalty));
+  // No penalty: the same argmax (float → double keeps the order) without the copy, once per token.
+  DSV3_CHECK(n_valid >= 1 && n_valid <= int64_t(logits.size()), "n_valid ", n_valid, " V ", logits.size());
+  int64_t best = 0;
+  for (int64_t i = 1; i < n_valid; ++i)
+    if (logits[size_t(i)] > logits[size_t(best)]) best = i;
+  return int32_t(best);
 }
 
 void sampling_probs(std::span<const float> logits, int64_t n_valid, std::span<const int32_t> history,

@@ -22,13 +22,15 @@ struct Rig {
   LatentKvPool pool;
   BlockTable table;
   LatentAttention cache;
-  explicit Rig(const std::string& fixture, DType cache_dtype = DType::F32, int64_t block = 4)
+  // small_rows: steps up to this many rows take the runner's lean path (0: the general path only).
+  explicit Rig(const std::string& fixture, DType cache_dtype = DType::F32, int64_t block = 4, int64_t small_rows = 16)
       : w(Weights::load(testing::fixture_dir(fixture))),
         runner(w),
         pool(w.config().num_layers_total(), w.config().kv_lora_rank, w.config().qk_rope_head_dim,
              KvCacheOptions{block, uint64_t(1) << 22, cache_dtype}),
         cache(pool, runner.absorbed(), runner.dims()) {
     cache.tables = {&table};
+    runner.set_small_rows(small_rows);
   }
   // Feed ids[p0, p1) as one chunk; returns logits of every row [p1 − p0, V] and the hidden rows.
   ModelRunner::Output feed(const std::vector<int32_t>& ids, int64_t p0, int64_t p1) {
@@ -82,9 +84,10 @@ TEST_P(AbsorbedFixture, PrefillThenDecodeMatchesReferenceAtEveryPosition) {
               worst, (long long)T);
 }
 
+// One-shot through the general path (backend ops), chunks of 3 through the lean path.
 TEST_P(AbsorbedFixture, ChunkedPrefillEqualsOneShot) {
   const Expected e = testing::load_expected(GetParam());
-  Rig one(GetParam()), chunked(GetParam());
+  Rig one(GetParam(), DType::F32, 4, 0), chunked(GetParam());
   const int64_t T = int64_t(e.ids.size()), V = one.w.config().vocab_size;
   const std::vector<float> a = run_chunks(one, e.ids, T, T);
   const std::vector<float> b = run_chunks(chunked, e.ids, 3, 3);
@@ -93,6 +96,27 @@ TEST_P(AbsorbedFixture, ChunkedPrefillEqualsOneShot) {
     EXPECT_LE(rel_err(a.data() + t * V, ref.data<float>() + t * V, V), kTol) << "one-shot, position " << t;
     // Same math, different row grouping of the GEMMs: F32 rounding only.
     EXPECT_LE(rel_err(b.data() + t * V, a.data() + t * V, V), 1e-5) << "chunked vs one-shot, position " << t;
+  }
+}
+
+// The lean path (runner_small.cpp) against the general one on the same steps: a prefill of 5, then
+// steps of 1, 2 and 3 rows (decode and verification shapes); logits and hidden states.
+TEST_P(AbsorbedFixture, LeanPathEqualsGeneralPath) {
+  const Expected e = testing::load_expected(GetParam());
+  Rig lean(GetParam()), general(GetParam(), DType::F32, 4, 0);
+  const int64_t T = int64_t(e.ids.size()), V = lean.w.config().vocab_size, H = lean.w.config().hidden_size;
+  ASSERT_GE(T, 11);
+  int64_t p0 = 0;
+  for (int64_t n : {int64_t(5), int64_t(1), int64_t(2), int64_t(3)}) {
+    auto a = lean.feed(e.ids, p0, p0 + n);
+    auto b = general.feed(e.ids, p0, p0 + n);
+    for (int64_t i = 0; i < n; ++i) {
+      EXPECT_LE(rel_err(a.logits.data<float>() + i * V, b.logits.data<float>() + i * V, V), 1e-5)
+          << "logits, step of " << n << " rows, position " << p0 + i;
+      EXPECT_LE(rel_err(a.hidden.data<float>() + i * H, b.hidden.data<float>() + i * H, H), 1e-5)
+          << "hidden, step of " << n << " rows, position " << p0 + i;
+    }
+    p0 += n;
   }
 }
 
@@ -141,34 +165,37 @@ class MtpFixture : public ::testing::TestWithParam<std::string> {};
 
 // Module k at positions 0..T−k−1 over its own latent cache layer, chained from h⁰ (model.norm output).
 TEST_P(MtpFixture, ModulesMatchReferenceThroughTheLatentCache) {
-  const Expected e = testing::load_expected(GetParam());
-  Rig r(GetParam());
-  const ModelConfig& c = r.w.config();
-  const int64_t T = int64_t(e.ids.size()), V = c.vocab_size, H = c.hidden_size;
-  std::vector<float> h;
-  run_chunks(r, e.ids, T, T, &h);
-  for (int k = 1; k <= int(c.num_nextn_predict_layers); ++k) {
-    const int64_t S = T - k;
-    StepRows rows;
-    std::vector<int32_t> toks, lr;
-    for (int64_t i = 0; i < S; ++i) {
-      rows.seq.push_back(0);
-      rows.pos.push_back(i);
-      toks.push_back(e.ids[size_t(i + k)]);
-      lr.push_back(int32_t(i));
+  for (int64_t small_rows : {int64_t(16), int64_t(0)}) {  // lean path, general path
+    const Expected e = testing::load_expected(GetParam());
+    Rig r(GetParam(), DType::F32, 4, small_rows);
+    const ModelConfig& c = r.w.config();
+    const int64_t T = int64_t(e.ids.size()), V = c.vocab_size, H = c.hidden_size;
+    std::vector<float> h;
+    run_chunks(r, e.ids, T, T, &h);
+    for (int k = 1; k <= int(c.num_nextn_predict_layers); ++k) {
+      const int64_t S = T - k;
+      StepRows rows;
+      std::vector<int32_t> toks, lr;
+      for (int64_t i = 0; i < S; ++i) {
+        rows.seq.push_back(0);
+        rows.pos.push_back(i);
+        toks.push_back(e.ids[size_t(i + k)]);
+        lr.push_back(int32_t(i));
+      }
+      Tensor hp = Tensor::empty(DType::F32, {S, H});
+      std::copy(h.begin(), h.begin() + S * H, hp.data<float>());
+      auto o = r.runner.mtp_forward(k, r.cache, rows, toks, hp, lr);
+      const Tensor ref = e.row_major(cat("mtp_logits_", k));
+      double worst = 0.0;
+      for (int64_t i = 0; i < S; ++i) {
+        const double err = rel_err(o.logits.data<float>() + i * V, ref.data<float>() + i * V, V);
+        worst = std::max(worst, err);
+        EXPECT_LE(err, kTol) << "module " << k << " position " << i;
+      }
+      std::printf("[absorbed] %-26s MTP module %d (%s path): max rel err %.3g\n", GetParam().c_str(), k,
+                  small_rows ? "lean" : "general", worst);
+      h.assign(o.hidden.data<float>(), o.hidden.data<float>() + S * H);
     }
-    Tensor hp = Tensor::empty(DType::F32, {S, H});
-    std::copy(h.begin(), h.begin() + S * H, hp.data<float>());
-    auto o = r.runner.mtp_forward(k, r.cache, rows, toks, hp, lr);
-    const Tensor ref = e.row_major(cat("mtp_logits_", k));
-    double worst = 0.0;
-    for (int64_t i = 0; i < S; ++i) {
-      const double err = rel_err(o.logits.data<float>() + i * V, ref.data<float>() + i * V, V);
-      worst = std::max(worst, err);
-      EXPECT_LE(err, kTol) << "module " << k << " position " << i;
-    }
-    std::printf("[absorbed] %-26s MTP module %d: max rel err %.3g\n", GetParam().c_str(), k, worst);
-    h.assign(o.hidden.data<float>(), o.hidden.data<float>() + S * H);
   }
 }
 
