@@ -4,8 +4,20 @@
 // 2-rank run mostly measures the extra packing and copying (expect little; see docs/distributed.md).
 //
 //   dsv3_bench_dist [--tokens N] [--steps S]     → table + bench/results/dist.json
+//
+// --train: `dsv3 train`'s loop on the tiny preset (Trainer + TrainParallel) on a small generated
+// corpus, per-rank micro-batch 4 × 64 tokens, the global batch fixed to 4 × ranks sequences:
+//   dsv3_bench_dist --train [--steps S]                 → 1 process (grad-accum 2, 1 and 2 threads)
+//   mpirun -np 2 dsv3_bench_dist --train [--steps S]    → 2 ranks: DP, DP + ZeRO-1, DP + EP 2
+// Step times come from the trainer's own metrics (first step excluded). Writes
+// bench/results/dist_train_<N>rank.json; ZeRO-1's optimizer bytes per rank are recorded too.
+#include <unistd.h>
+
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <string>
 #include <thread>
 
@@ -13,7 +25,12 @@
 #include "core/rng.h"
 #include "core/threads.h"
 #include "dist/expert_parallel.h"
+#include "dist/train_parallel.h"
+#include "io/tokenizer.h"
+#include "io/tokenizer_train.h"
 #include "model/config.h"
+#include "model/presets.h"
+#include "train/data_prepare.h"
 
 using namespace dsv3;
 
@@ -103,15 +120,126 @@ RunResult run(const ModelConfig& cfg, int P, int64_t N, int steps, int threads_p
   return tot;
 }
 
+// ---- --train: the whole training loop on 1 or several ranks ----------------------------------
+
+namespace fs = std::filesystem;
+
+// A generated corpus (BPE of 512 ids) prepared by rank 0 into a directory every rank reads.
+std::string prepare_corpus(Communicator& c, const std::string& dir) {
+  if (c.rank() == 0) {
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+    const char* words[] = {"the", "cat", "sat", "on", "mat", "and", "dog", "ran", "far", "away", "bird", "sang",
+                           "in", "a", "tree", "while", "fox", "jumps", "over", "lazy", "river", "stone"};
+    std::ofstream f(dir + "/text.txt");
+    for (uint64_t i = 0; i < 60000; ++i) {
+      const uint64_t w = uint64_t(std::fabs(rng_normal(11, 0, i)) * 7.0) % 22;
+      f << words[w] << ((i % 17 == 16) ? ".\n" : " ") << ((i % 340 == 339) ? "\n" : "");  // documents
+    }
+    f.close();
+    train_bpe_files({dir + "/text.txt"}, 512, dir + "/tokenizer.json");
+    Tokenizer tok = Tokenizer::load(dir + "/tokenizer.json");
+    PrepareOptions p;
+    p.tokenizer_path = dir + "/tokenizer.json";
+    p.output_dir = dir + "/data";
+    p.inputs = {dir + "/text.txt"};
+    p.val_fraction = 0.05;
+    prepare_token_dataset(tok, p);
+  }
+  c.barrier();
+  return dir + "/data";
+}
+
+struct TrainRow {
+  std::string name;
+  int grad_accum, threads;
+  TrainParallelOptions par;
+  bool parallel;
+};
+
+int train_bench(int steps) {
+  std::unique_ptr<Communicator> world = make_world_communicator();
+  Communicator& c = *world;
+  const int P = c.size();
+  std::string dir = c.rank() == 0 ? (fs::temp_directory_path() / cat("dsv3_bench_dist_", ::getpid())).string() : "";
+  int64_t n = int64_t(dir.size());
+  c.broadcast(&n, sizeof n, 0);
+  dir.resize(size_t(n));
+  c.broadcast(dir.data(), n, 0);
+  const std::string data = prepare_corpus(c, dir);
+  const ModelConfig cfg = preset_config("tiny");
+  std::vector<TrainRow> rows;
+  if (P == 1) {
+    rows = {{"1 process, 1 thread, grad-accum 2", 2, 1, {}, false},
+            {"1 process, 2 threads, grad-accum 2", 2, 2, {}, false}};
+  } else {
+    TrainParallelOptions z, ep;
+    z.zero1 = true;
+    ep.ep = P;
+    rows = {{cat(P, " ranks, data parallel"), 1, 1, {}, true},
+            {cat(P, " ranks, data parallel + ZeRO-1"), 1, 1, z, true},
+            {cat(P, " ranks, expert parallel ", P), 1, 1, ep, true}};
+  }
+  nlohmann::json out;
+  out["config"] = {{"preset", "tiny"}, {"batch_per_rank", 4}, {"seq_len", 64}, {"global_batch", 4 * (P == 1 ? 2 : P)},
+                   {"steps", steps}, {"ranks", P}};
+  out["runs"] = nlohmann::json::array();
+  if (c.rank() == 0) std::printf("%-40s %10s %10s %16s %16s\n", "run", "ms/step", "tokens/s", "moments B/rank", "unsharded B");
+  for (size_t ri = 0; ri < rows.size(); ++ri) {
+    const TrainRow& r = rows[ri];
+    set_num_threads(r.threads);
+    TrainOptions o;
+    o.steps = steps;
+    o.batch = 4;
+    o.seq_len = 64;
+    o.grad_accum = r.grad_accum;
+    o.data_dir = data;
+    o.out_dir = cat(dir, "/run", ri);
+    o.eval_every = 0;
+    o.checkpoint_every = 0;
+    o.plot = false;
+    o.quiet = true;
+    o.resume = false;
+    std::unique_ptr<TrainParallel> par = r.parallel ? make_train_parallel(c, r.par, cfg) : nullptr;
+    int64_t moments = 0, full = 0;
+    {
+      Trainer t(cfg, o, par.get());
+      t.run();
+      if (par)
+        if (const ZeroAdamW* z = train_parallel_info(*par).zero) moments = z->moment_bytes(), full = z->full_moment_bytes();
+    }
+    if (c.rank() != 0) continue;
+    // The trainer's own step times, without the first (warm-up) step.
+    std::ifstream f(o.out_dir + "/metrics.jsonl");
+    std::vector<double> ms;
+    for (std::string line; std::getline(f, line);) ms.push_back(nlohmann::json::parse(line)["ms"].get<double>());
+    double mean = 0;
+    for (size_t i = 1; i < ms.size(); ++i) mean += ms[i] / double(ms.size() - 1);
+    const double tps = double(4 * 64 * r.grad_accum * P) / (mean / 1e3);
+    std::printf("%-40s %10.1f %10.0f %16lld %16lld\n", r.name.c_str(), mean, tps, (long long)moments, (long long)full);
+    out["runs"].push_back({{"name", r.name}, {"ranks", P}, {"threads_per_rank", r.threads}, {"grad_accum", r.grad_accum},
+                           {"ep", r.par.ep}, {"zero1", r.par.zero1}, {"ms_per_step", mean}, {"tokens_per_s", tps},
+                           {"optimizer_moment_bytes_per_rank", moments}, {"optimizer_moment_bytes_unsharded", full}});
+  }
+  if (c.rank() == 0) {
+    std::printf("wrote %s\n", bench::write_result(cat("dist_train_", P, "rank"), out).c_str());
+    fs::remove_all(dir);
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   int64_t N = 512;
   int steps = 5;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    if (!std::strcmp(argv[i], "--tokens")) N = std::stoll(argv[i + 1]);
-    else if (!std::strcmp(argv[i], "--steps")) steps = std::stoi(argv[i + 1]);
+  bool train = false;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--train")) train = true;
+    else if (i + 1 < argc && !std::strcmp(argv[i], "--tokens")) N = std::stoll(argv[++i]);
+    else if (i + 1 < argc && !std::strcmp(argv[i], "--steps")) steps = std::stoi(argv[++i]);
   }
+  if (train) return train_bench(std::max(steps, 2));
   const ModelConfig cfg = bench_config();
   struct Row {
     std::string name;

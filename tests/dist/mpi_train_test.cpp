@@ -6,6 +6,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 
 #include <nlohmann/json.hpp>
 
@@ -202,11 +203,15 @@ void expect_bitwise(const Params& a, const Params& b, const char* what) {
 void expect_close_to_single(const Params& dp, const std::string& dp_out, const Params& single,
                             const std::string& single_out) {
   ASSERT_EQ(dp.size(), single.size());
+  double overall = 0;
   for (size_t i = 0; i < dp.size(); ++i) {
     double worst = 0;
     for (size_t k = 0; k < dp[i].size(); ++k) worst = std::max(worst, std::fabs(double(dp[i][k]) - double(single[i][k])));
     EXPECT_LT(worst, 1e-5) << "tensor " << i;
+    overall = std::max(overall, worst);
   }
+  std::cout << "[ measured ] " << dp_out << " vs one process after " << kSteps << " steps: max |parameter difference| "
+            << overall << "\n";
   const auto md = read_metrics(fixture().root + "/" + dp_out + "/metrics.jsonl");
   const auto ms = read_metrics(fixture().root + "/" + single_out + "/metrics.jsonl");
   ASSERT_EQ(md.size(), size_t(kSteps));
