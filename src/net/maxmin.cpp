@@ -248,8 +248,10 @@ struct Component {
         else push(sh, l);
       }
       std::sort(s.sat.begin(), s.sat.end());
+      // A link's count of unfrozen flows reaches 0 when its last one freezes: stop there rather
+      // than step over the frozen rest of its list.
       for (int32_t l : s.sat)
-        for (uint64_t e = lo[l]; e < lo[l + 1]; ++e) {
+        for (uint64_t e = lo[l]; e < lo[l + 1] && s.c[l] > 0; ++e) {
           int32_t f = lf[e];
           if (s.frozen[f]) continue;
           s.frozen[f] = 1;
