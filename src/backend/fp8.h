@@ -88,6 +88,14 @@ struct Fp8GemmArgs {
 };
 void fp8_gemm(const Fp8GemmArgs& args);
 
+// Fast CPU paths of the same ops, used by the reduced-precision linear layer: bit-identical to
+// quantize_fp8 / dequantize_fp8 / fp8_gemm with Fp8Accum::Fp32 (quantization bytes and scales, GEMM
+// output bits; tests/backend/fp8_fast_test.cpp). Division x/s stays a division (vectorized) so every
+// byte matches; the E4M3 rounding is done on the FP32 bits.
+Fp8Status quantize_fp8_fast(const QuantizeFp8Args& args);
+void dequantize_fp8_fast(const Tensor& q, const Tensor& scale, const Tensor& out);
+void fp8_gemm_fast(const Fp8GemmArgs& args);  // Fp8Accum::Fp32 only
+
 void validate(const QuantizeFp8Args&);
 void validate(const Fp8GemmArgs&);
 
@@ -114,8 +122,28 @@ struct LinearPrecision {
 // trainer's non-finite-step check (--max-skips) sees a diverged step instead of a saturated one.
 // The process-wide setting (the trainer sets it once before building the model; F32 by default).
 LinearPrecision& linear_precision();
+
+// An activation kept in FP8 for the backward ([V3] §3.3.3): E4M3 in 1×128 tiles, q [rows, K] and
+// scale [rows, ceil(K/128)], exactly what the forward's Fprop quantized (same bits). Rows are
+// independent, so rows(r0, r1) is the cache of x.rows(r0, r1).
+struct Fp8Tiles {
+  Tensor q, scale;
+  int64_t nonfinite = 0;
+  bool defined() const { return q.defined(); }
+  int64_t bytes() const;  // what is stored: q plus its scales
+  Fp8Tiles rows(int64_t r0, int64_t r1) const;
+};
+// x [..., K] F32 → its 1×128 tiles (non-finite values counted, not thrown: the linear layer turns
+// them into a NaN output).
+Fp8Tiles fp8_tiles(const Tensor& x, bool pow2_scale, const char* name);
+Tensor dequantize(const Fp8Tiles& t);  // F32 [rows, K]
+
 // The three GEMMs of a linear layer under `prec` (F32 CPU tensors, y/dx/dw [..] as LinearArgs).
-void linear_lowp(const LinearPrecision& prec, const LinearArgs& a);
-void linear_backward_lowp(const LinearPrecision& prec, const LinearBackwardArgs& a);
+// x_fp8 (Fp8 mode only): the forward's FP8 copy of x. linear_lowp fills it when it is empty and
+// otherwise uses it in place of quantizing x again (an input shared by several projections is
+// quantized once); linear_backward_lowp's Wgrad reads it instead of re-quantizing a.x. Either way
+// the numbers are those of the uncached path, bit for bit.
+void linear_lowp(const LinearPrecision& prec, const LinearArgs& a, Fp8Tiles* x_fp8 = nullptr);
+void linear_backward_lowp(const LinearPrecision& prec, const LinearBackwardArgs& a, const Fp8Tiles* x_fp8 = nullptr);
 
 }  // namespace dsv3
