@@ -8,7 +8,12 @@
 
 namespace dsv3 {
 
-void linear_forward(Backend& be, const LinearParam& p, const Tensor& x, const Tensor& y, bool accumulate) {
+bool fp8_layer(const Backend& be, const LinearParam& p) {
+  return p.lowp && linear_precision().mode == LinearPrecisionMode::Fp8 && be.device() == Device::CPU;
+}
+
+void linear_forward(Backend& be, const LinearParam& p, const Tensor& x, const Tensor& y, bool accumulate,
+                    Fp8Tiles* x_fp8) {
   LinearArgs a;
   a.x = x;
   a.w = p.w;
@@ -16,7 +21,7 @@ void linear_forward(Backend& be, const LinearParam& p, const Tensor& x, const Te
   a.y = y;
   a.accumulate = accumulate;
   if (p.lowp && linear_precision().mode != LinearPrecisionMode::F32 && be.device() == Device::CPU)
-    linear_lowp(linear_precision(), a);
+    linear_lowp(linear_precision(), a, x_fp8);
   else
     be.linear(a);
   if (present(p.bias)) {
@@ -56,23 +61,24 @@ void mla_forward(Backend& be, const ModelDims& d, const MlaParams& p, const Rope
                  int64_t B, int64_t T, MlaActs& a) {
   const int64_t N = B * T, nh = d.nh;
   a.x = x;  // [N, H]
+  a.x_fp8 = a.q_a_n_fp8 = a.c_kv_n_fp8 = a.attn_fp8 = Fp8Tiles{};  // filled by this forward's FP8 layers
 
   // Queries: [N, nh, qk] with per-head [q_nope ; q_pe].
   a.q = be.alloc(DType::F32, {N, nh, d.qk});
   const Tensor q2 = a.q.reshape({N, nh * d.qk});
   if (d.q_lora > 0) {
     a.q_a = be.alloc(DType::F32, {N, d.q_lora});
-    linear_forward(be, p.q_a_proj, x, a.q_a);                          // [N, q_lora]
+    linear_forward(be, p.q_a_proj, x, a.q_a, false, &a.x_fp8);         // [N, q_lora]
     a.q_a_n = rmsnorm(be, a.q_a, p.q_a_layernorm, d.eps_mla, a.q_a_rstd);  // [N, q_lora]
-    linear_forward(be, p.q_b_proj, a.q_a_n, q2);                       // [N, nh·qk]
+    linear_forward(be, p.q_b_proj, a.q_a_n, q2, false, &a.q_a_n_fp8);  // [N, nh·qk]
   } else {
-    linear_forward(be, p.q_proj, x, q2);  // [N, nh·qk]
+    linear_forward(be, p.q_proj, x, q2, false, &a.x_fp8);  // [N, nh·qk]
   }
   rope(be, r, a.q, d.nope, d.rope, d.rope_interleaved);  // q_pe rotated in place
 
   // Keys and values from the latent.
   a.kv_a = be.alloc(DType::F32, {N, d.kv_lora + d.rope});
-  linear_forward(be, p.kv_a_proj_with_mqa, x, a.kv_a);  // [N, kv_lora + rope]
+  linear_forward(be, p.kv_a_proj_with_mqa, x, a.kv_a, false, &a.x_fp8);  // [N, kv_lora + rope]
   Tensor c_kv = be.alloc(DType::F32, {N, d.kv_lora});
   copy_cols(be, a.kv_a, 0, c_kv, 0, d.kv_lora);                  // [N, kv_lora]
   a.c_kv_n = rmsnorm(be, c_kv, p.kv_a_layernorm, d.eps_mla, a.c_kv_rstd);
@@ -81,7 +87,8 @@ void mla_forward(Backend& be, const ModelDims& d, const MlaParams& p, const Rope
   rope(be, r, a.k_pe.reshape({N, 1, d.rope}), 0, d.rope, d.rope_interleaved);
 
   a.kv = be.alloc(DType::F32, {N, nh, d.nope + d.vd});
-  linear_forward(be, p.kv_b_proj, a.c_kv_n, a.kv.reshape({N, nh * (d.nope + d.vd)}));  // [N, nh·(nope+v)]
+  linear_forward(be, p.kv_b_proj, a.c_kv_n, a.kv.reshape({N, nh * (d.nope + d.vd)}), false,
+                 &a.c_kv_n_fp8);  // [N, nh·(nope+v)]
   a.k = be.alloc(DType::F32, {N, nh, d.qk});
   a.v = be.alloc(DType::F32, {N, nh, d.vd});
   const Tensor kv_rows = a.kv.reshape({N * nh, d.nope + d.vd});
@@ -104,7 +111,7 @@ void mla_forward(Backend& be, const ModelDims& d, const MlaParams& p, const Rope
   be.attention(at);
 
   a.out = be.alloc(DType::F32, {N, d.H});
-  linear_forward(be, p.o_proj, a.attn.reshape({N, nh * d.vd}), a.out);  // [N, H]
+  linear_forward(be, p.o_proj, a.attn.reshape({N, nh * d.vd}), a.out, false, &a.attn_fp8);  // [N, H]
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -125,7 +132,7 @@ void bias_backward(Backend& be, const Tensor& dy, const Tensor& dbias) {
 }  // namespace
 
 void linear_backward(Backend& be, const LinearParam& p, const LinearParam& g, const Tensor& x, const Tensor& dy,
-                     const Tensor& dx, bool accumulate_dx) {
+                     const Tensor& dx, bool accumulate_dx, const Fp8Tiles* x_fp8) {
   if (x.numel() == 0) return;
   LinearBackwardArgs a;
   a.dy = dy;
@@ -137,7 +144,7 @@ void linear_backward(Backend& be, const LinearParam& p, const LinearParam& g, co
   a.accumulate_dx = accumulate_dx;
   a.accumulate_dw = true;
   if (p.lowp && linear_precision().mode != LinearPrecisionMode::F32 && be.device() == Device::CPU)
-    linear_backward_lowp(linear_precision(), a);
+    linear_backward_lowp(linear_precision(), a, x_fp8);
   else
     be.linear_backward(a);
   if (present(p.bias)) bias_backward(be, dy, g.bias);
@@ -149,7 +156,7 @@ void mla_backward(Backend& be, const ModelDims& d, const MlaParams& p, const Mla
   const int64_t N = B * T, nh = d.nh;
   Tensor dattn = be.alloc(DType::F32, {N, nh, d.vd});
   linear_backward(be, p.o_proj, g.o_proj, a.attn.reshape({N, nh * d.vd}), dout,
-                  dattn.reshape({N, nh * d.vd}), false);  // [N, nh·v]
+                  dattn.reshape({N, nh * d.vd}), false, &a.attn_fp8);  // [N, nh·v]
 
   Tensor dq = be.alloc(DType::F32, {N, nh, d.qk});
   Tensor dk = be.alloc(DType::F32, {N, nh, d.qk});
@@ -180,7 +187,7 @@ void mla_backward(Backend& be, const ModelDims& d, const MlaParams& p, const Mla
 
   Tensor dc_kv_n = be.alloc(DType::F32, {N, d.kv_lora});
   linear_backward(be, p.kv_b_proj, g.kv_b_proj, a.c_kv_n, dkv.reshape({N, nh * (d.nope + d.vd)}), dc_kv_n,
-                  false);
+                  false, &a.c_kv_n_fp8);
   Tensor c_kv = be.alloc(DType::F32, {N, d.kv_lora});
   copy_cols(be, a.kv_a, 0, c_kv, 0, d.kv_lora);
   Tensor dkv_a = be.alloc(DType::F32, {N, d.kv_lora + d.rope});
@@ -188,18 +195,18 @@ void mla_backward(Backend& be, const ModelDims& d, const MlaParams& p, const Mla
   rmsnorm_backward(be, dc_kv_n, c_kv, p.kv_a_layernorm, a.c_kv_rstd, g.kv_a_layernorm, dc_kv, false);
   copy_cols(be, dc_kv, 0, dkv_a, 0, d.kv_lora);
   copy_cols(be, dk_pe, 0, dkv_a, d.kv_lora, d.rope);
-  linear_backward(be, p.kv_a_proj_with_mqa, g.kv_a_proj_with_mqa, a.x, dkv_a, dx, accumulate_dx);
+  linear_backward(be, p.kv_a_proj_with_mqa, g.kv_a_proj_with_mqa, a.x, dkv_a, dx, accumulate_dx, &a.x_fp8);
 
   // Queries: undo the rotation of q_pe, then the projections.
   rope(be, r, dq, d.nope, d.rope, d.rope_interleaved, true);
   const Tensor dq2 = dq.reshape({N, nh * d.qk});
   if (d.q_lora > 0) {
     Tensor dq_a_n = be.alloc(DType::F32, {N, d.q_lora});
-    linear_backward(be, p.q_b_proj, g.q_b_proj, a.q_a_n, dq2, dq_a_n, false);
+    linear_backward(be, p.q_b_proj, g.q_b_proj, a.q_a_n, dq2, dq_a_n, false, &a.q_a_n_fp8);
     rmsnorm_backward(be, dq_a_n, a.q_a, p.q_a_layernorm, a.q_a_rstd, g.q_a_layernorm, dq_a_n, false);
-    linear_backward(be, p.q_a_proj, g.q_a_proj, a.x, dq_a_n, dx, true);
+    linear_backward(be, p.q_a_proj, g.q_a_proj, a.x, dq_a_n, dx, true, &a.x_fp8);
   } else {
-    linear_backward(be, p.q_proj, g.q_proj, a.x, dq2, dx, true);
+    linear_backward(be, p.q_proj, g.q_proj, a.x, dq2, dx, true, &a.x_fp8);
   }
 }
 

@@ -26,6 +26,7 @@
 #include <span>
 #include <vector>
 
+#include "backend/fp8.h"
 #include "backend/ops.h"
 #include "model/config.h"
 #include "model/weights.h"
@@ -99,6 +100,9 @@ struct MlaActs {
   Tensor attn;      // [N, nh, v]       softmax(q·kᵀ·scale)·v
   Tensor lse;       // [B, nh, T]
   Tensor out;       // [N, H]           o_proj(attn)
+  // --precision fp8: the FP8 copies of the linear inputs the backward's Wgrad reads ([V3] §3.3.3):
+  // x (shared by q_a/q and kv_a), q_a_n (q_b), c_kv_n (kv_b), attn (o_proj). Empty otherwise.
+  Fp8Tiles x_fp8, q_a_n_fp8, c_kv_n_fp8, attn_fp8;
 };
 struct MlpActs {
   Tensor x;     // [M, H]
@@ -106,6 +110,9 @@ struct MlpActs {
   Tensor up;    // [M, I]
   Tensor act;   // [M, I]  silu(gate)·up
   Tensor out;   // [M, H]
+  // --precision fp8: x in FP8 (shared by gate and up) and the SwiGLU inputs gate, up in FP8; the
+  // backward recomputes act (down_proj's input) from them. Empty otherwise.
+  Fp8Tiles x_fp8, gate_fp8, up_fp8;
 };
 struct MoeActs {
   Tensor x;        // [N, H]
@@ -141,6 +148,7 @@ struct MtpActs {
   Tensor h_prev;      // [B·S, H]   h^{k−1}_i
   Tensor h_rstd, h_n; // hnorm
   Tensor cat;         // [B·S, 2H]  [e_n ; h_n]
+  Fp8Tiles cat_fp8;   // --precision fp8: cat in FP8 (eh_proj's Wgrad input)
   Tensor x;           // [B·S, H]   eh_proj(cat)
   LayerActs block;
   Tensor h;           // [B·S, H]   h^k (= block.out)
@@ -208,8 +216,12 @@ void mtp_module_forward(Backend& be, const ModelDims& d, const MtpParams& p, con
                         const LinearParam& head, const RopeTables& tables, std::span<const int32_t> ids,
                         int64_t B, int64_t T, int k, const Tensor& h_prev, int64_t prev_len, MtpActs& a,
                         Tensor& logits);
-// y = x·Wᵀ (+ bias) with the stored weight dtype.
-void linear_forward(Backend& be, const LinearParam& p, const Tensor& x, const Tensor& y, bool accumulate = false);
+// y = x·Wᵀ (+ bias) with the stored weight dtype. x_fp8: the FP8 copy of x to keep (or reuse) when the
+// layer runs in FP8 (backend/fp8.h linear_lowp); untouched otherwise.
+void linear_forward(Backend& be, const LinearParam& p, const Tensor& x, const Tensor& y, bool accumulate = false,
+                    Fp8Tiles* x_fp8 = nullptr);
+// The layer runs in FP8 (--precision fp8 on the CPU): its forward keeps FP8 copies for the backward.
+bool fp8_layer(const Backend& be, const LinearParam& p);
 
 // ---------------------------------------------------------------------------------------------
 // Backward (training). Gradients live in a second Weights of F32 zeros bound by the same tensor
@@ -229,7 +241,7 @@ struct Grads {
 // Each module backward takes dout (∂L/∂ module output) and writes ∂L/∂ input into dx
 // (overwritten, or added when accumulate_dx), accumulating weight gradients into g.
 void linear_backward(Backend& be, const LinearParam& p, const LinearParam& g, const Tensor& x,
-                     const Tensor& dy, const Tensor& dx, bool accumulate_dx);
+                     const Tensor& dy, const Tensor& dx, bool accumulate_dx, const Fp8Tiles* x_fp8 = nullptr);
 void mla_backward(Backend& be, const ModelDims& d, const MlaParams& p, const MlaParams& g,
                   const RopeInput& rope, const MlaActs& a, int64_t B, int64_t T, const Tensor& dout,
                   const Tensor& dx, bool accumulate_dx);

@@ -22,19 +22,34 @@ MoeLayerHook* set_moe_layer_hook(MoeLayerHook* h) {
   return prev;
 }
 
+namespace {
+
+// --precision fp8: the SwiGLU inputs kept in FP8 (1×128 tiles) for the backward, which recomputes the
+// SwiGLU output (down_proj's input) from them ([V3] §3.3.3).
+void keep_swiglu_inputs_fp8(const Backend& be, const MlpParams& p, MlpActs& a) {
+  if (!fp8_layer(be, p.down_proj)) return;
+  const bool pow2 = linear_precision().pow2_scale;
+  a.gate_fp8 = fp8_tiles(a.gate, pow2, "SwiGLU gate input");
+  a.up_fp8 = fp8_tiles(a.up, pow2, "SwiGLU up input");
+}
+
+}  // namespace
+
 void mlp_forward(Backend& be, const MlpParams& p, const Tensor& x, MlpActs& a, bool accumulate_out) {
   const int64_t M = x.dim(0), I = p.gate_proj.w.dim(0), H = p.down_proj.w.dim(0);
   a.x = x;                                            // [M, H]
   a.gate = be.alloc(DType::F32, {M, I});
   a.up = be.alloc(DType::F32, {M, I});
   a.act = be.alloc(DType::F32, {M, I});
-  linear_forward(be, p.gate_proj, x, a.gate);         // [M, I]
-  linear_forward(be, p.up_proj, x, a.up);             // [M, I]
+  a.x_fp8 = a.gate_fp8 = a.up_fp8 = Fp8Tiles{};
+  linear_forward(be, p.gate_proj, x, a.gate, false, &a.x_fp8);  // [M, I]
+  linear_forward(be, p.up_proj, x, a.up, false, &a.x_fp8);      // [M, I]
   SwigluArgs s;
   s.gate = a.gate;
   s.up = a.up;
   s.out = a.act;
   be.swiglu(s);                                       // [M, I] silu(gate)·up
+  keep_swiglu_inputs_fp8(be, p, a);
   if (!accumulate_out) a.out = be.alloc(DType::F32, {M, H});
   linear_forward(be, p.down_proj, a.act, a.out, accumulate_out);  // [M, H]
 }
@@ -92,12 +107,17 @@ void moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const Tens
   m.up = be.alloc(DType::F32, {N * k, I});
   m.act = be.alloc(DType::F32, {N * k, I});
   m.out = be.alloc(DType::F32, {N * k, H});
+  // FP8: the gathered rows quantized once (1×128 tiles are per row, so a slice is an expert's copy).
+  const bool fp8 = !p.experts.empty() && fp8_layer(be, p.experts[0].gate_proj);
+  m.x_fp8 = fp8 ? fp8_tiles(m.x, linear_precision().pow2_scale, "linear input") : Fp8Tiles{};
+  m.gate_fp8 = m.up_fp8 = Fp8Tiles{};
   for (int64_t e = 0; e < E; ++e) {
     const int64_t r0 = a.offsets[size_t(e)], r1 = a.offsets[size_t(e + 1)];
     if (r0 == r1) continue;
     const MlpParams& ep = p.experts[size_t(e)];
-    linear_forward(be, ep.gate_proj, m.x.rows(r0, r1), m.gate.rows(r0, r1));  // [c, I]
-    linear_forward(be, ep.up_proj, m.x.rows(r0, r1), m.up.rows(r0, r1));      // [c, I]
+    Fp8Tiles xe = fp8 ? m.x_fp8.rows(r0, r1) : Fp8Tiles{};
+    linear_forward(be, ep.gate_proj, m.x.rows(r0, r1), m.gate.rows(r0, r1), false, &xe);  // [c, I]
+    linear_forward(be, ep.up_proj, m.x.rows(r0, r1), m.up.rows(r0, r1), false, &xe);      // [c, I]
     SwigluArgs sw;
     sw.gate = m.gate.rows(r0, r1);
     sw.up = m.up.rows(r0, r1);
@@ -105,6 +125,7 @@ void moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const Tens
     be.swiglu(sw);                                                             // [c, I]
     linear_forward(be, ep.down_proj, m.act.rows(r0, r1), m.out.rows(r0, r1));  // [c, H]
   }
+  if (fp8) keep_swiglu_inputs_fp8(be, p.experts[0], m);
 
   // Combine: out[token] += weight · expert output, in a fixed order per token.
   a.sorted_weights = be.alloc(DType::F32, {N * k, 1});
@@ -156,17 +177,29 @@ void mlp_backward(Backend& be, const MlpParams& p, const MlpParams& g, const Mlp
   const int64_t M = a.x.dim(0), I = a.gate.dim(-1);
   if (M == 0) return;
   Tensor dact = be.alloc(DType::F32, {M, I});
-  linear_backward(be, p.down_proj, g.down_proj, a.act, dout, dact, false);  // [M, I]
+  // FP8: the SwiGLU inputs come back from their FP8 copies and act is recomputed from them.
+  const bool fp8 = a.gate_fp8.defined();
+  const Tensor gate = fp8 ? dequantize(a.gate_fp8) : a.gate, up = fp8 ? dequantize(a.up_fp8) : a.up;
+  Tensor act = a.act;
+  if (fp8) {
+    act = be.alloc(DType::F32, {M, I});
+    SwigluArgs f;
+    f.gate = gate;
+    f.up = up;
+    f.out = act;
+    be.swiglu(f);
+  }
+  linear_backward(be, p.down_proj, g.down_proj, act, dout, dact, false);  // [M, I]
   SwigluBackwardArgs s;
   s.dout = dact;
-  s.gate = a.gate;
-  s.up = a.up;
+  s.gate = gate;
+  s.up = up;
   Tensor dup = be.alloc(DType::F32, {M, I});
   s.dgate = dact;  // aliases dout (elementwise)
   s.dup = dup;
   be.swiglu_backward(s);
-  linear_backward(be, p.gate_proj, g.gate_proj, a.x, dact, dx, accumulate_dx);  // [M, H]
-  linear_backward(be, p.up_proj, g.up_proj, a.x, dup, dx, true);
+  linear_backward(be, p.gate_proj, g.gate_proj, a.x, dact, dx, accumulate_dx, &a.x_fp8);  // [M, H]
+  linear_backward(be, p.up_proj, g.up_proj, a.x, dup, dx, true, &a.x_fp8);
 }
 
 void moe_backward(Backend& be, const ModelDims& d, const MoeParams& p, const MoeParams& g, const MoeActs& a,
@@ -209,6 +242,11 @@ void moe_backward(Backend& be, const ModelDims& d, const MoeParams& p, const Moe
     ea.gate = m.gate.rows(r0, r1);
     ea.up = m.up.rows(r0, r1);
     ea.act = m.act.rows(r0, r1);
+    if (m.gate_fp8.defined()) {
+      ea.x_fp8 = m.x_fp8.rows(r0, r1);
+      ea.gate_fp8 = m.gate_fp8.rows(r0, r1);
+      ea.up_fp8 = m.up_fp8.rows(r0, r1);
+    }
     mlp_backward(be, p.experts[size_t(e)], g.experts[size_t(e)], ea, dm_out.rows(r0, r1), dm_x.rows(r0, r1),
                  false);
   }

@@ -46,7 +46,8 @@ void mtp_module_forward(Backend& be, const ModelDims& d, const MtpParams& p, con
   copy_cols(be, a.e_n, 0, a.cat, 0, H);                    // [B·S, 2H]  embedding first
   copy_cols(be, a.h_n, 0, a.cat, H, H);
   a.x = be.alloc(DType::F32, {B * S, H});
-  linear_forward(be, p.eh_proj, a.cat, a.x);               // [B·S, H]
+  a.cat_fp8 = Fp8Tiles{};
+  linear_forward(be, p.eh_proj, a.cat, a.x, false, &a.cat_fp8);  // [B·S, H]
 
   decoder_layer_forward(be, d, p.block, rope, a.x, B, S, a.block);
   a.h = a.block.out;                                                          // [B·S, H]  h^k
@@ -77,7 +78,7 @@ void mtp_module_backward(Backend& be, const ModelDims& d, const MtpParams& p, co
   decoder_layer_backward(be, d, p.block, g.block, rope, a.block, B, S, dh, router_dlogits, dx);
 
   Tensor dcat = be.alloc(DType::F32, {M, 2 * H});
-  linear_backward(be, p.eh_proj, g.eh_proj, a.cat, dx, dcat, false);  // [M, 2H]
+  linear_backward(be, p.eh_proj, g.eh_proj, a.cat, dx, dcat, false, &a.cat_fp8);  // [M, 2H]
   Tensor de_n = be.alloc(DType::F32, {M, H}), dh_n = be.alloc(DType::F32, {M, H});
   copy_cols(be, dcat, 0, de_n, 0, H);
   copy_cols(be, dcat, H, dh_n, 0, H);
