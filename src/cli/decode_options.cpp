@@ -1,8 +1,19 @@
 #include "cli/decode_options.h"
 
 #include "core/error.h"
+#include "model/model.h"
 
 namespace dsv3::cli {
+
+std::vector<int32_t> parse_prompt_ids(const std::string& text, int64_t vocab_size) {
+  try {
+    return parse_token_ids(text, vocab_size);
+  } catch (const InputError& e) {
+    const std::string m = e.what(), from = "--tokens";
+    if (m.compare(0, from.size(), from) != 0) throw;
+    throw InputError("--prompt-ids" + m.substr(from.size()));
+  }
+}
 
 SamplingParams DecodeOptions::sampling() const {
   SamplingParams sp;

@@ -4,6 +4,7 @@
 #include <CLI/CLI.hpp>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "infer/engine.h"
 #include "infer/sampler.h"
@@ -23,6 +24,10 @@ struct DecodeOptions {
   // Cache, speculation and context settings for one sequence at a time; checked.
   EngineOptions engine() const;
 };
+
+// The ids of --prompt-ids "ID ID ..." (model/model.h parse_token_ids, whose errors name dsv3
+// forward's --tokens; these name --prompt-ids).
+std::vector<int32_t> parse_prompt_ids(const std::string& text, int64_t vocab_size);
 
 // --temp --top-k --top-p --min-p --repeat-penalty -s/--seed (`seed_help` says how the seed is used).
 void add_sampling_options(CLI::App& app, DecodeOptions& o, const std::string& seed_help);

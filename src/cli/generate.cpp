@@ -43,7 +43,7 @@ int run_generate(const GenerateOptions& o) {
 
   std::vector<int32_t> prompt;
   if (!o.prompt_ids.empty()) {
-    prompt = parse_token_ids(o.prompt_ids, c.vocab_size);
+    prompt = parse_prompt_ids(o.prompt_ids, c.vocab_size);
   } else {
     std::string text = o.prompt;
     if (!o.prompt_file.empty()) {

@@ -156,6 +156,13 @@ TEST(CliGenerate, InvalidSamplingValuesNameTheFlag) {
   Result big = dsv3("generate -m " + fixture_dir(kFixture) + " --prompt-ids \"0 999\" -n 2 --print-ids", true);
   EXPECT_EQ(big.status, 2) << big.out;
   EXPECT_NE(big.out.find("999"), std::string::npos) << big.out;
+  // Ids errors name this command's flag, not dsv3 forward's --tokens.
+  for (const std::string ids : {"0 999", "0 x2", " "}) {
+    Result bad = dsv3("generate -m " + fixture_dir(kFixture) + " --prompt-ids \"" + ids + "\" -n 2 --print-ids", true);
+    EXPECT_EQ(bad.status, 2) << ids << "\n" << bad.out;
+    EXPECT_NE(bad.out.find("--prompt-ids"), std::string::npos) << ids << "\n" << bad.out;
+    EXPECT_EQ(bad.out.find("--tokens"), std::string::npos) << ids << "\n" << bad.out;
+  }
 }
 
 }  // namespace
