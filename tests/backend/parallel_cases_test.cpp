@@ -20,7 +20,8 @@ Tensor down(Backend& b, const Tensor& t) { return b.to_host(t); }
 }  // namespace
 
 OP_CASE(parallel_rmsnorm_swiglu_elementwise) {
-  int64_t m = 300, d = 128;
+  int64_t m = 1100, d = 128;
+  EXPECT_GE(m * d, cpu::kParallelMin);
   Tensor x = randn({m, d}, seed, 1), w = randn({d}, seed, 2), u = randn({m, d}, seed, 3);
   Tensor y = g.out(DType::F32, {m, d}), r = g.out(DType::F32, {m}), s = g.out(DType::F32, {m, d});
   Tensor sum = g.out(DType::F32, {m, d});
@@ -35,7 +36,8 @@ OP_CASE(parallel_rmsnorm_swiglu_elementwise) {
 }
 
 OP_CASE(parallel_embedding_gather_scatter) {
-  int64_t v = 50, d = 128, t = 300;
+  int64_t v = 50, d = 128, t = 1100;
+  EXPECT_GE(t * d, cpu::kParallelMin);
   Tensor table = randn({v, d}, seed, 1), ids = randi({t}, seed, 2, 0, int32_t(v)), w = randn({t}, seed, 3);
   Tensor emb = g.out(DType::F32, {t, d});
   b.embedding({up(b, ids), up(b, table), emb});
@@ -54,7 +56,9 @@ OP_CASE(parallel_embedding_gather_scatter) {
 }
 
 OP_CASE(parallel_router_and_cross_entropy) {
-  int64_t t = 2100, e = 16, vt = 10, vv = 4000;
+  int64_t t = 8400, e = 16, vt = 40, vv = 4000;
+  EXPECT_GE(t * e, cpu::kParallelMin);
+  EXPECT_GE(vt * vv, cpu::kParallelMin);
   Tensor logits = randn({t, e}, seed, 1, 2.0f), bias = randn({e}, seed, 2, 0.3f);
   RouterArgs a;
   a.logits = up(b, logits);
@@ -80,7 +84,8 @@ OP_CASE(parallel_router_and_cross_entropy) {
 }
 
 OP_CASE(parallel_rope) {
-  int64_t t = 64, h = 8, rd = 128;
+  int64_t t = 300, h = 8, rd = 128;
+  EXPECT_GE(t * h * rd / 2, cpu::kParallelMin);
   RopeParams p;
   p.dim = rd;
   RopeTables tab = rope_tables(p, 100);
@@ -117,7 +122,8 @@ void expect_same(const std::vector<Tensor>& a, const std::vector<Tensor>& b, dou
 
 TEST(ParallelBackward, RowLocalOpsAreBitwiseEqualAcrossThreadCounts) {
   Backend& b = cpu_backend();
-  int64_t m = 300, d = 128, v = 50;
+  int64_t m = 1100, d = 128, v = 50;
+  ASSERT_GE(m * d, cpu::kParallelMin);
   Tensor x = randn({m, d}, 5, 1), w = randn({d}, 5, 2), dy = randn({m, d}, 5, 3), u = randn({m, d}, 5, 4);
   Tensor ids = randi({m}, 5, 5, 0, int32_t(v)), sw = randn({m}, 5, 6), src = randn({m, d}, 5, 7);
   auto run = [&] {
@@ -142,7 +148,9 @@ TEST(ParallelBackward, GemmOpsAgreeAcrossThreadCounts) {
   Tensor q = randn({bs, t, h, dq}, 6, 1), kk = randn({bs, t, h, dq}, 6, 2), vv = randn({bs, t, h, dv}, 6, 3);
   Tensor dout = randn({bs, t, h, dv}, 6, 4), x = randn({m, k}, 6, 5), w = randn({n, k}, 6, 6, 0.1f);
   Tensor wb = w.to(DType::BF16), dy = randn({m, n}, 6, 7);
-  Tensor logits = randn({2100, 16}, 6, 8), dwts = randn({2100, 3}, 6, 9);
+  const int64_t rt = 8400;
+  ASSERT_GE(rt * 16, cpu::kParallelMin);
+  Tensor logits = randn({rt, 16}, 6, 8), dwts = randn({rt, 3}, 6, 9);
   auto run = [&] {
     Tensor o = Tensor::empty(DType::F32, dout.shape()), lse = Tensor::empty(DType::F32, {bs, h, t});
     b.attention({q, kk, vv, o, lse, 0.2f, true, 0});
@@ -158,11 +166,11 @@ TEST(ParallelBackward, GemmOpsAgreeAcrossThreadCounts) {
     a.n_group = 4;
     a.topk_group = 2;
     a.top_k = 3;
-    a.scores = Tensor::empty(DType::F32, {2100, 16});
-    a.ids = Tensor::empty(DType::I32, {2100, 3});
-    a.weights = Tensor::empty(DType::F32, {2100, 3});
+    a.scores = Tensor::empty(DType::F32, {rt, 16});
+    a.ids = Tensor::empty(DType::I32, {rt, 3});
+    a.weights = Tensor::empty(DType::F32, {rt, 3});
     b.router(a);
-    Tensor dl = Tensor::empty(DType::F32, {2100, 16});
+    Tensor dl = Tensor::empty(DType::F32, {rt, 16});
     b.router_backward({a.scores, a.ids, dwts, RouterScoring::Sigmoid, true, 1.0f, dl, false});
     return std::vector<Tensor>{o, gq, gk, gv, dx, dw, dxb, dl};
   };

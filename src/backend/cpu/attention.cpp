@@ -10,6 +10,7 @@
 #include <limits>
 
 #include "backend/cpu/cpu_backend.h"
+#include "backend/cpu/vec_math.h"
 
 namespace dsv3 {
 
@@ -46,6 +47,45 @@ void CpuBackend::rope(const RopeArgs& a) {
 namespace {
 
 constexpr int64_t kQueryBlock = 128;
+constexpr int64_t kLanes = 16;
+
+// One score row in place: softmax over [0, lim), zeros on [lim, n); returns the logsumexp. Sums in
+// double over fixed lanes (the same bits for any thread count).
+[[gnu::always_inline]] inline void softmax_row_body(float* row, int64_t lim, int64_t n, float* lse) {
+  float m[kLanes];
+  for (int64_t k = 0; k < kLanes; ++k) m[k] = -std::numeric_limits<float>::infinity();
+  int64_t j = 0;
+  for (; j + kLanes <= lim; j += kLanes)
+    for (int64_t k = 0; k < kLanes; ++k) m[k] = row[j + k] > m[k] ? row[j + k] : m[k];
+  for (; j < lim; ++j) m[0] = row[j] > m[0] ? row[j] : m[0];
+  float mx = m[0];
+  for (int64_t k = 1; k < kLanes; ++k) mx = m[k] > mx ? m[k] : mx;
+  for (j = 0; j < lim; ++j) row[j] = cpu::exp_f32(row[j] - mx);
+  double acc[kLanes] = {};
+  for (j = 0; j + kLanes <= lim; j += kLanes)
+    for (int64_t k = 0; k < kLanes; ++k) acc[k] += double(row[j + k]);
+  for (; j < lim; ++j) acc[0] += double(row[j]);
+  double sum = 0.0;
+  for (int64_t k = 0; k < kLanes; ++k) sum += acc[k];
+  const float inv = float(1.0 / sum);
+  for (j = 0; j < lim; ++j) row[j] *= inv;
+  for (j = lim; j < n; ++j) row[j] = 0.0f;
+  *lse = mx + float(std::log(sum));
+}
+DSV3_CPU_KERNEL(softmax_row, (float* row, int64_t lim, int64_t n, float* lse), softmax_row_body, (row, lim, n, lse))
+
+// Backward of one row: p = exp(s − lse), ds = p·(dp − d)·scale, both zero on [lim, n).
+[[gnu::always_inline]] inline void softmax_grad_row_body(float* p, float* ds, int64_t lim, int64_t n, float lse,
+                                                         float d, float scale) {
+  for (int64_t j = 0; j < lim; ++j) {
+    const float e = cpu::exp_f32(p[j] - lse);
+    p[j] = e;
+    ds[j] = e * (ds[j] - d) * scale;
+  }
+  for (int64_t j = lim; j < n; ++j) p[j] = ds[j] = 0.0f;
+}
+DSV3_CPU_KERNEL(softmax_grad_row, (float* p, float* ds, int64_t lim, int64_t n, float lse, float d, float scale),
+                softmax_grad_row_body, (p, ds, lim, n, lse, d, scale))
 
 struct AttnDims {
   int64_t b, t, s, h, dqk, dv;
@@ -86,20 +126,9 @@ void CpuBackend::attention(const AttentionArgs& a) {
       int64_t kmax = key_limit(a.causal, a.q_offset, i1 - 1, d.s);
       cpu::sgemm(false, true, nq, kmax, d.dqk, a.scale, qb + i0 * ldq, ldq, kb, ldq, 0.0f, sc, kmax);
       for (int64_t r = 0; r < nq; ++r) {
-        float* row = sc + r * kmax;
-        int64_t lim = key_limit(a.causal, a.q_offset, i0 + r, d.s);
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < lim; ++j) mx = std::max(mx, row[j]);
-        double sum = 0.0;
-        for (int64_t j = 0; j < lim; ++j) {
-          float e = std::exp(row[j] - mx);
-          row[j] = e;
-          sum += e;
-        }
-        float inv = float(1.0 / sum);
-        for (int64_t j = 0; j < lim; ++j) row[j] *= inv;
-        for (int64_t j = lim; j < kmax; ++j) row[j] = 0.0f;
-        if (lb) lb[i0 + r] = mx + float(std::log(sum));
+        float l;
+        softmax_row(sc + r * kmax, key_limit(a.causal, a.q_offset, i0 + r, d.s), kmax, &l);
+        if (lb) lb[i0 + r] = l;
       }
       cpu::sgemm(false, false, nq, d.dv, kmax, 1.0f, sc, kmax, vb, ldv, 0.0f, ob + i0 * ldv, ldv);
     }
@@ -145,15 +174,8 @@ void CpuBackend::attention_backward(const AttentionBackwardArgs& a) {
         double dd = 0.0;
         for (int64_t j = 0; j < d.dv; ++j) dd += double(o_r[j]) * double(g_r[j]);
         float drow = float(dd);
-        float* pr = p + r * kmax;
-        float* dr = ds + r * kmax;
-        int64_t lim = key_limit(a.causal, a.q_offset, i0 + r, d.s);
-        float l = lb[i0 + r];
-        for (int64_t j = 0; j < lim; ++j) {
-          pr[j] = std::exp(pr[j] - l);
-          dr[j] = pr[j] * (dr[j] - drow) * a.scale;  // the scale of q·kᵀ folded in
-        }
-        for (int64_t j = lim; j < kmax; ++j) pr[j] = dr[j] = 0.0f;
+        softmax_grad_row(p + r * kmax, ds + r * kmax, key_limit(a.causal, a.q_offset, i0 + r, d.s), kmax,
+                         lb[i0 + r], drow, a.scale);
       }
       if (dq) cpu::sgemm(false, false, nq, d.dqk, kmax, 1.0f, ds, kmax, k + ko, ldq, 0.0f, dq + qo + i0 * ldq, ldq);
       if (dk) cpu::sgemm(true, false, kmax, d.dqk, nq, 1.0f, ds, kmax, q + qo + i0 * ldq, ldq, 1.0f, dk + ko, ldq);

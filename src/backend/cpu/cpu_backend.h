@@ -60,7 +60,10 @@ void weight_rows_to_f32(const Tensor& w, const Tensor& scale_inv, int64_t r0, in
 
 // Loops over fewer elements than this run in the calling thread: starting the team would cost
 // more than the work (and far more on a loaded machine, where each barrier waits for a time slice).
-constexpr int64_t kParallelMin = 1 << 15;
+// With SIMD row kernels, 2^17 elements take ~20-100 µs; a fork/join of passive OpenMP threads
+// costs ~10-50 µs idle and more under load. (2^15 gave the tiny training step ~480 parallel
+// regions; 2^17 with the GEMM threshold below gives ~260.)
+constexpr int64_t kParallelMin = 1 << 17;
 
 // Scratch that grows and is reused between calls (one per calling thread).
 float* scratch(size_t n, int slot = 0);
