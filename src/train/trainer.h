@@ -55,30 +55,22 @@ class TrainParallel {
   // Expert parallelism: installed on the training thread for every forward/backward (nullptr: none).
   virtual MoeLayerHook* moe_hook() { return nullptr; }
 
-  // ZeRO-1: when true, the trainer keeps no AdamW of its own; these hold the sharded state.
-  virtual bool shards_optimizer() const { return false; }
+  // ZeRO-1: when true, the trainer keeps no AdamW of its own and uses the four below instead.
+  virtual bool shards_optimizer() const = 0;
   // Build this rank's shard over `slots` (every parameter), from `loaded` (a complete AdamW read
   // from a checkpoint) or fresh when null.
   virtual void init_optimizer(const std::vector<ParamSlot>& slots, const OptimizerConfig& cfg, Backend* be,
-                              const AdamW* loaded) {
-    (void)slots, (void)cfg, (void)be, (void)loaded;
-  }
+                              const AdamW* loaded) = 0;
   // As AdamW::step over all slots: global norm, clipping, skip rule; then parameters all-gathered.
-  virtual StepReport optimizer_step(double lr, double loss, double grad_scale) {
-    (void)lr, (void)loss, (void)grad_scale;
-    return {};
-  }
+  virtual StepReport optimizer_step(double lr, double loss, double grad_scale) = 0;
   // The complete optimizer state on `root` (nullptr on the other ranks), for a checkpoint.
-  virtual std::unique_ptr<AdamW> gather_optimizer(int root) {
-    (void)root;
-    return nullptr;
-  }
-  virtual int64_t skipped_total() const { return 0; }
+  virtual std::unique_ptr<AdamW> gather_optimizer(int root) = 0;
+  virtual int64_t skipped_total() const = 0;
 };
 
 struct TrainOptions {
   int64_t steps = 1000;
-  int64_t batch = 8;       // sequences per micro-batch
+  int64_t batch = 8;       // sequences per micro-batch (of one rank under TrainParallel)
   int64_t seq_len = 64;    // T
   int64_t grad_accum = 1;  // micro-batches per optimizer step
   double lr = 5e-3, min_lr = 5e-4;
@@ -91,7 +83,8 @@ struct TrainOptions {
   // 0.006 is the paper's for a 7168-wide model; the 128-wide tiny preset learns much faster from 0.02
   // (its initializer_range): measured on the Brown corpus, val loss 6.23 vs 6.79 after 200 steps.
   double init_std = 0.02;
-  std::string precision = "fp32";  // fp32 | bf16
+  std::string precision = "fp32";  // fp32 | bf16 | fp8 | fp8-dgrad-128x128
+  std::string device = "cpu";      // cpu | cuda (the GPU trains in fp32, on one process)
   std::string data_dir;            // prepared dataset (dataset.json)
   std::string tokenizer_path;      // for samples and the checkpoints' tokenizer.json ("" = none)
   std::string out_dir = "out";
