@@ -6,8 +6,9 @@
 // decoding at batch 1 through the engine (greedy, output checked equal to plain decoding):
 // acceptance per draft position and the speed-up over the same engine without drafts.
 //
-//   dsv3_bench_decode [--quick] [--spec-only] [--spec-model DIR [--spec-prompt TEXT | --spec-prompt-ids "ID ..."]]
-//                     [--threads N]
+//   dsv3_bench_decode [--quick] [--spec-only] [--preset NAME] [--small-rows N] [--no-spec] [--threads N]
+//                     [--spec-model DIR [--spec-prompt TEXT | --spec-prompt-ids "ID ..."]]
+// --small-rows: the runner's lean-path row limit for the decode table (runner.h; 0: general path).
 // (bench/spec_model.py trains a small model with an MTP module for --spec-model.)
 // Writes bench/results/decode.json.
 #include <algorithm>
@@ -117,8 +118,9 @@ Result measure(ModelRunner& runner, int64_t B, int64_t depth, int64_t steps, uin
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false, spec_only = false;
-  std::string spec_model, spec_prompt, spec_text;
+  bool quick = false, spec_only = false, no_spec = false;
+  std::string spec_model, spec_prompt, spec_text, only_preset;
+  int64_t small_rows = EngineOptions().small_rows;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     else if (!std::strcmp(argv[i], "--spec-only")) spec_only = true;
@@ -126,13 +128,17 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--spec-prompt-ids") && i + 1 < argc) spec_prompt = argv[++i];
     else if (!std::strcmp(argv[i], "--spec-prompt") && i + 1 < argc) spec_text = argv[++i];
     else if (!std::strcmp(argv[i], "--threads") && i + 1 < argc) set_num_threads(std::atoi(argv[++i]));
+    else if (!std::strcmp(argv[i], "--small-rows") && i + 1 < argc) small_rows = std::atoll(argv[++i]);
+    else if (!std::strcmp(argv[i], "--preset") && i + 1 < argc) only_preset = argv[++i];
+    else if (!std::strcmp(argv[i], "--no-spec")) no_spec = true;
     else {
-      std::fprintf(stderr, "usage: %s [--quick] [--spec-only] [--spec-model DIR [--spec-prompt TEXT | --spec-prompt-ids \"ID ...\"]] [--threads N]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--quick] [--spec-only] [--preset NAME] [--small-rows N] [--no-spec] [--spec-model DIR [--spec-prompt TEXT | --spec-prompt-ids \"ID ...\"]] [--threads N]\n", argv[0]);
       return 2;
     }
   }
   nlohmann::json out;
   out["threads"] = num_threads();
+  out["small_rows"] = small_rows;
   out["decode"] = nlohmann::json::array();
   std::printf("| preset | batch | depth | absorbed tok/s | plain tok/s | speed-up | latent B/token | plain B/token | ratio |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|\n");
@@ -143,11 +149,15 @@ int main(int argc, char** argv) {
   };
   std::vector<P> presets = {{"tiny", {128, 448}, 32}, {"bench-0.7b", {128, 2048}, 12}};
   if (quick) presets = {{"tiny", {64}, 4}};
+  if (!only_preset.empty())
+    presets.erase(std::remove_if(presets.begin(), presets.end(), [&](const P& p) { return only_preset != p.name; }),
+                  presets.end());
   if (spec_only) presets.clear();
   for (const P& p : presets) {
     const ModelConfig c = preset_config(p.name);
     Weights w = Weights::random(c, 1);
     ModelRunner runner(w);
+    runner.set_small_rows(small_rows);
     for (int64_t B : {int64_t(1), int64_t(16)})
       for (int64_t depth : p.depths) {
         uint64_t lb = 0, pb = 0;
@@ -162,6 +172,11 @@ int main(int argc, char** argv) {
       }
   }
 
+  if (no_spec) {
+    const std::string path = bench::write_result("decode_" + (only_preset.empty() ? std::string("all") : only_preset), out);
+    std::printf("\nwrote %s\n", path.c_str());
+    return 0;
+  }
   // Speculative decoding at batch 1 through the engine. Plain decoding (the same engine without
   // drafts, i.e. the engine's normal decode path) and every draft count run in turns, `reps` times;
   // each figure is the median of its turns, so both sides of a ratio see the same machine load.

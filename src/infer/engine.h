@@ -42,7 +42,7 @@ struct EngineOptions {
   int64_t max_context = 0;         // 0: max_position_embeddings
   int64_t n_valid = 0;             // ids ≥ n_valid are never sampled; 0: vocab_size
   bool all_logits = false;         // compute logits for every row (tests)
-  int64_t small_rows = 16;         // steps of at most this many rows take the runner's lean path (0: never)
+  int64_t small_rows = 8;          // steps of at most this many rows take the runner's lean path (0: never)
   std::function<std::string(int32_t)> token_text;  // bytes of a token, for text output and stop strings
   // Tests: replace the MTP drafts of greedy sequences by (id, tokens so far, count) → drafts, so
   // verification paths (all kept, some kept) can be forced. The MTP modules still run.

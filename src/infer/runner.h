@@ -79,7 +79,7 @@ class ModelRunner {
   ModelParams params_;
   std::vector<AbsorbedKvB> absorbed_;  // main layers then MTP blocks
   RopeCache rope_;
-  int64_t small_rows_ = 16;
+  int64_t small_rows_ = 8;
   // Lean-path buffers, grown on demand and reused across steps.
   struct Work {
     std::vector<float> x, h, cat, qa, q, kv, ckv, kpe, attn, o;  // layer

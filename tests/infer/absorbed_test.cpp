@@ -23,7 +23,7 @@ struct Rig {
   BlockTable table;
   LatentAttention cache;
   // small_rows: steps up to this many rows take the runner's lean path (0: the general path only).
-  explicit Rig(const std::string& fixture, DType cache_dtype = DType::F32, int64_t block = 4, int64_t small_rows = 16)
+  explicit Rig(const std::string& fixture, DType cache_dtype = DType::F32, int64_t block = 4, int64_t small_rows = 8)
       : w(Weights::load(testing::fixture_dir(fixture))),
         runner(w),
         pool(w.config().num_layers_total(), w.config().kv_lora_rank, w.config().qk_rope_head_dim,
