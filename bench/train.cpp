@@ -2,6 +2,7 @@
 // trainer's defaults, MTP on, FP32) against a PyTorch CPU eager model of the same shapes and work
 // (tools/torch_train_ref.py), both on the same threads, in the same run, on random token ids.
 //   dsv3_bench_train [--quick] [--threads N] [--steps N] [--python PATH] [--json PATH]
+// Each side runs twice, alternating (ours, PyTorch, ours, PyTorch); the better run of each counts.
 // Our figure is the trainer's own per-step time (metrics.jsonl "ms": zero grads, forward, loss,
 // backward, clipping, AdamW, bias update) over the steps after the warm-up; the reference times the
 // same span. The achieved GFLOP/s uses flops_per_token(...).train_with_mtp (model/model_stats.h).
@@ -20,6 +21,7 @@
 #include <vector>
 
 #include "common/bench_util.h"
+#include "backend/cpu/vec_math.h"
 #include "core/error.h"
 #include "core/rng.h"
 #include "core/threads.h"
@@ -163,15 +165,18 @@ int main(int argc, char** argv) {
   std::ofstream(config_path) << serialize_model_config(cfg);
 
   const std::string load_before = load_string();
-  // Ours, then PyTorch, then ours again: the better of our two runs counts, so load that comes and
-  // goes on the shared machine is less likely to land on one side only.
+  // Ours, PyTorch, ours, PyTorch: each side's better run counts, so load that comes and goes on the
+  // shared machine is less likely to land on one side only, and neither side gets more tries.
   const Ours a = run_ours(cfg, root, B, T, warmup, steps);
-  const nlohmann::json pt = run_torch(python, config_path, B, T, warmup, steps, threads);
+  const nlohmann::json pt_a = run_torch(python, config_path, B, T, warmup, steps, threads);
   const Ours b = run_ours(cfg, root, B, T, warmup, steps);
+  const nlohmann::json pt_b = quick ? pt_a : run_torch(python, config_path, B, T, warmup, steps, threads);
   const std::string load_after = load_string();
   fs::remove_all(root);
 
   const Ours& ours = a.step_ms <= b.step_ms ? a : b;
+  nlohmann::json pt = pt_a["step_ms"].get<double>() <= pt_b["step_ms"].get<double>() ? pt_a : pt_b;
+  pt["step_ms_runs"] = {pt_a["step_ms"], pt_b["step_ms"]};
   const double tokens = double(B * T);
   const double ours_tps = tokens / (ours.step_ms / 1e3), pt_tps = pt["tokens_per_s"].get<double>();
   const double ratio = ours_tps / pt_tps;
@@ -182,8 +187,9 @@ int main(int argc, char** argv) {
   std::printf("%-16s %10.1f %12.1f %10.2f\n", "dsv3", ours.step_ms, ours_tps, ours_tps * flop_tok / 1e9);
   std::printf("%-16s %10.1f %12.1f %10.2f\n", "pytorch eager", pt["step_ms"].get<double>(), pt_tps,
               pt_tps * flop_tok / 1e9);
-  std::printf("\nratio dsv3 / pytorch: %.2fx (goal >= 1.5x)   [our two runs: %.1f and %.1f ms/step]\n", ratio,
-              a.step_ms, b.step_ms);
+  std::printf("\nratio dsv3 / pytorch: %.2fx (goal >= 1.5x)\n", ratio);
+  std::printf("runs, ms/step: dsv3 %.1f and %.1f, pytorch %.1f and %.1f (the better of each counts)\n", a.step_ms,
+              b.step_ms, pt_a["step_ms"].get<double>(), pt_b["step_ms"].get<double>());
   std::printf("load: before %s | after %s\n", load_before.c_str(), load_after.c_str());
 
   const char* wait = std::getenv("OMP_WAIT_POLICY");
@@ -199,6 +205,7 @@ int main(int argc, char** argv) {
       {"warmup", warmup},
       {"quick", quick},
       {"omp_wait_policy", wait ? wait : "(unset)"},
+      {"cpu_kernels", cpu::isa_name(cpu::cpu_isa())},
       {"train_flops_per_token_with_mtp", flop_tok},
       {"dsv3",
        {{"step_ms", ours.step_ms},

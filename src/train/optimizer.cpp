@@ -151,6 +151,11 @@ StepReport AdamW::step(double lr, double loss, double grad_scale) {
     r.clip_scale = cfg_.clip_norm / (r.grad_norm + 1e-6);
   const double gscale = grad_scale * r.clip_scale;
   const int64_t t = updates_ + 1;
+  // On the CPU most tensors are too small for the backend to split (cpu::kParallelMin), so whole
+  // tensors go to threads instead (the backend's own region then runs in one thread). The update is
+  // elementwise: which thread does a tensor never changes a bit.
+  const bool cpu_tensors = backend_ && backend_->device() == Device::CPU;
+#pragma omp parallel for schedule(dynamic, 1) if (cpu_tensors && params_.size() > 1)
   for (size_t i = 0; i < params_.size(); ++i) {
     ParamSlot& p = params_[i];
     const double wd = p.decay ? cfg_.weight_decay : 0.0;

@@ -42,6 +42,24 @@ DSV3_CPU_KERNEL(rmsnorm_rows,
                 (const float* x, const float* w, float* y, float* rstd, int64_t r0, int64_t r1, int64_t d, float eps),
                 rmsnorm_rows_body, (x, w, y, rstd, r0, r1, d, eps))
 
+// dweight[c0, c1) (+)= Σ_rows dy · x · rstd, in double, rows in order (c1 − c0 <= 64).
+[[gnu::always_inline]] inline void rmsnorm_dw_cols_body(const float* x, const float* dy, const float* rstd, float* dw,
+                                                        int64_t m, int64_t d, int64_t c0, int64_t c1, bool acc) {
+  double s[64] = {};
+  const int64_t w = c1 - c0;
+  for (int64_t r = 0; r < m; ++r) {
+    const float* xr = x + r * d + c0;
+    const float* gr = dy + r * d + c0;
+    const float rs = rstd[r];
+    for (int64_t j = 0; j < w; ++j) s[j] += double(gr[j]) * double(xr[j] * rs);
+  }
+  for (int64_t j = 0; j < w; ++j) dw[c0 + j] = acc ? float(double(dw[c0 + j]) + s[j]) : float(s[j]);
+}
+DSV3_CPU_KERNEL(rmsnorm_dw_cols,
+                (const float* x, const float* dy, const float* rstd, float* dw, int64_t m, int64_t d, int64_t c0,
+                 int64_t c1, bool acc),
+                rmsnorm_dw_cols_body, (x, dy, rstd, dw, m, d, c0, c1, acc))
+
 // dx = rstd·(w·dy − x·rstd²·mean(w·dy·x)) for rows [r0, r1); dx may alias dy.
 [[gnu::always_inline]] inline void rmsnorm_dx_rows_body(const float* x, const float* w, const float* dy,
                                                         const float* rstd, float* dx, float* wdy, int64_t r0,
@@ -193,16 +211,8 @@ void CpuBackend::rmsnorm_backward(const RmsNormBackwardArgs& a) {
     // Each thread owns a block of columns and sums rows in order.
     constexpr int64_t kCols = 64;
 #pragma omp parallel for schedule(static) if (m * d >= cpu::kParallelMin)
-    for (int64_t c0 = 0; c0 < d; c0 += kCols) {
-      int64_t c1 = std::min(d, c0 + kCols);
-      double s[kCols] = {};
-      for (int64_t r = 0; r < m; ++r) {
-        const float* xr = x + r * d;
-        const float* gr = dy + r * d;
-        for (int64_t j = c0; j < c1; ++j) s[j - c0] += double(gr[j]) * double(xr[j] * rstd[r]);
-      }
-      for (int64_t j = c0; j < c1; ++j) dw[j] = acc ? float(double(dw[j]) + s[j - c0]) : float(s[j - c0]);
-    }
+    for (int64_t c0 = 0; c0 < d; c0 += kCols)
+      rmsnorm_dw_cols(x, dy, rstd, dw, m, d, c0, std::min(d, c0 + kCols), acc);
   }
   if (present(a.dx)) {
     float* dx = cpu::mut<float>(a.dx);
