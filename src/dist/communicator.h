@@ -97,9 +97,10 @@ std::unique_ptr<Communicator> make_mpi_communicator(int ranks_per_node = 0);
 bool nccl_available();
 std::unique_ptr<Communicator> make_nccl_communicator(Communicator* bootstrap, int device);
 
-// After an error on this rank of an MPI job of several ranks: MPI_Abort, which ends every rank at
-// once (a peer waiting in a collective would otherwise wait for this rank). No-op otherwise.
-void abort_mpi_job(int exit_code);
+// After an error on this rank of an MPI job of several ranks: prints `message` to stderr, then
+// MPI_Abort, which ends every rank at once (a peer waiting in a collective would otherwise wait for
+// this rank). Returns (printing nothing) when this is not such a job.
+void abort_mpi_job(const std::string& message, int exit_code);
 
 // The communicator a command should use: MPI when launched by mpirun, else local.
 std::unique_ptr<Communicator> make_world_communicator(int ranks_per_node = 0);
