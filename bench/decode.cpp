@@ -233,6 +233,7 @@ int main(int argc, char** argv) {
   getloadavg(load1, 3);
   out["speculative"] = nlohmann::json::array();
   out["spec_prompt_tokens"] = prompt.size();
+  out["spec_prompt"] = spec_text.empty() ? nlohmann::json(prompt) : nlohmann::json(spec_text);
   out["spec_generated_tokens"] = n_gen;
   out["spec_repetitions"] = reps;
   out["load_average_1min"] = {load0[0], load1[0]};
