@@ -152,8 +152,8 @@ std::string file_bytes(const std::string& p) {
 // continues, as a restarted job would. Returns the final parameters.
 // ep_bytes: the expert-parallel dispatch bytes this rank sent.
 Params run_parallel(const std::string& out, const TrainParallelOptions& po, int64_t resume_at,
-                    int64_t* ep_bytes = nullptr) {
-  Communicator& c = world();
+                    int64_t* ep_bytes = nullptr, Communicator* comm = nullptr) {
+  Communicator& c = comm ? *comm : world();
   const TrainOptions o = options(out, 1);
   if (c.rank() == 0) fs::remove_all(o.out_dir);
   c.barrier();
@@ -285,6 +285,38 @@ TEST(MpiTrain, ExpertParallelEqualsOneProcess) {
   EXPECT_GT(sent, 0) << "the MoE layers did not run expert-parallel";
   expect_same_on_every_rank(p);
   if (c.rank() == 0) expect_close_to_single(p, "ep", run_single("single_ep", c.size()), "single_ep");
+  c.barrier();
+}
+
+// The EP options inside the trainer, on a world of 2-rank nodes (--ranks-per-node 2): two-hop
+// dispatch only regroups the partial sums (same tolerance against the one process); node-limited
+// routing (1 node per token) and FP8 dispatch change the numbers, so there every rank must simply
+// agree and the losses stay finite.
+TEST(MpiTrain, ExpertParallelOptions) {
+  REQUIRE_MPI();
+  set_num_threads(1);
+  static std::unique_ptr<Communicator> nodes = make_world_communicator(2);
+  Communicator& c = *nodes;
+  ASSERT_EQ(c.ranks_per_node(), 2);
+  TrainParallelOptions hop;
+  hop.ep = c.size();
+  hop.ep_options.two_hop = true;
+  int64_t sent = 0;
+  const Params p = run_parallel("ep_two_hop", hop, 0, &sent, &c);
+  EXPECT_GT(sent, 0);
+  expect_same_on_every_rank(p);
+  if (c.rank() == 0) expect_close_to_single(p, "ep_two_hop", run_single("single_two_hop", c.size()), "single_two_hop");
+  c.barrier();
+
+  TrainParallelOptions lim;
+  lim.ep = c.size();
+  lim.ep_options.node_limit = 1;
+  lim.ep_options.fp8_dispatch = true;
+  expect_same_on_every_rank(run_parallel("ep_limited_fp8", lim, 2, nullptr, &c));
+  if (c.rank() == 0) {
+    for (const nlohmann::json& m : read_metrics(fixture().root + "/ep_limited_fp8/metrics.jsonl"))
+      EXPECT_TRUE(m["loss"].is_number() && std::isfinite(m["loss"].get<double>())) << m.dump();
+  }
   c.barrier();
 }
 
