@@ -132,7 +132,10 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--preset") && i + 1 < argc) only_preset = argv[++i];
     else if (!std::strcmp(argv[i], "--no-spec")) no_spec = true;
     else {
-      std::fprintf(stderr, "usage: %s [--quick] [--spec-only] [--preset NAME] [--small-rows N] [--no-spec] [--spec-model DIR [--spec-prompt TEXT | --spec-prompt-ids \"ID ...\"]] [--threads N]\n", argv[0]);
+      std::fprintf(stderr,
+                   "usage: %s [--quick] [--spec-only | --no-spec] [--preset NAME] [--small-rows N] [--threads N]\n"
+                   "          [--spec-model DIR [--spec-prompt TEXT | --spec-prompt-ids \"ID ...\"]]\n",
+                   argv[0]);
       return 2;
     }
   }
@@ -173,7 +176,8 @@ int main(int argc, char** argv) {
   }
 
   if (no_spec) {
-    const std::string path = bench::write_result("decode_" + (only_preset.empty() ? std::string("all") : only_preset), out);
+    const std::string name = "decode_" + (only_preset.empty() ? std::string("all") : only_preset);
+    const std::string path = bench::write_result(name, out);
     std::printf("\nwrote %s\n", path.c_str());
     return 0;
   }
@@ -240,7 +244,8 @@ int main(int argc, char** argv) {
   std::printf("\nMTP speculative decoding, batch 1, greedy, %zu prompt + %lld generated tokens, model %s, %d threads,"
               " median of %d turns, load average %.1f -> %.1f\n",
               prompt.size(), (long long)n_gen, model_name.c_str(), num_threads(), reps, load0[0], load1[0]);
-  std::printf("| step path | drafts | tok/s | plain tok/s | speed-up | tokens/verification | acceptance per position | output == plain |\n");
+  std::printf("| step path | drafts | tok/s | plain tok/s | speed-up | tokens/verification | acceptance per position"
+              " | output == plain |\n");
   std::printf("|---|---|---|---|---|---|---|---|\n");
   for (size_t c = 0; c < C; ++c) {
     const size_t base = c < drafts.size() ? 0 : drafts.size();
@@ -251,7 +256,8 @@ int main(int argc, char** argv) {
     const bool same = outs[c] == outs[0] && identical;
     if (c == base) {
       std::printf("| %s | 0 | %.1f | %.1f | 1.00x | 1.00 | - | %s |\n", path_name, tps, tps0, same ? "yes" : "NO");
-      out["plain"].push_back({{"step_path", path_name}, {"tok_s", tps}, {"seconds", secs[c]}, {"output_identical_to_lean", same}});
+      out["plain"].push_back(
+          {{"step_path", path_name}, {"tok_s", tps}, {"seconds", secs[c]}, {"output_identical_to_lean", same}});
       continue;
     }
     const SpecStats& sp = stats[c].spec;
@@ -265,10 +271,16 @@ int main(int argc, char** argv) {
     }
     std::printf("| %s | %d | %.1f | %.1f | %.2fx | %.2f | %s | %s |\n", path_name, drafts[c % drafts.size()], tps,
                 tps0, tps / tps0, sp.tokens_per_round(), acc.c_str(), same ? "yes" : "NO");
-    out["speculative"].push_back({{"model", model_name}, {"step_path", path_name}, {"draft_tokens", drafts[c % drafts.size()]},
-                                  {"tok_s", tps}, {"plain_tok_s", tps0}, {"speedup", tps / tps0},
-                                  {"tokens_per_verification", sp.tokens_per_round()}, {"acceptance_per_position", rates},
-                                  {"greedy_output_identical", same}, {"seconds", secs[c]}});
+    out["speculative"].push_back({{"model", model_name},
+                                  {"step_path", path_name},
+                                  {"draft_tokens", drafts[c % drafts.size()]},
+                                  {"tok_s", tps},
+                                  {"plain_tok_s", tps0},
+                                  {"speedup", tps / tps0},
+                                  {"tokens_per_verification", sp.tokens_per_round()},
+                                  {"acceptance_per_position", rates},
+                                  {"greedy_output_identical", same},
+                                  {"seconds", secs[c]}});
   }
   const std::string path = bench::write_result(spec_only ? "decode_spec" : "decode", out);
   std::printf("\nwrote %s\n", path.c_str());
