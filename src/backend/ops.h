@@ -378,6 +378,8 @@ class Backend {
 
 // The process-wide CPU backend.
 Backend& cpu_backend();
+// "cpu" or "cuda" (the latter needs a CUDA build and a device); InputError otherwise.
+Backend& backend_named(const std::string& device);
 
 // Shape/dtype rules of each op, shared by every backend (ops.cpp). Throw InternalError naming the op.
 void validate(const LinearArgs&);

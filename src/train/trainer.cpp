@@ -42,6 +42,10 @@ void TrainOptions::validate() const {
   if (!(init_std > 0)) input_error("--init-std is ", init_std, "; expected > 0");
   if (precision != "fp32" && precision != "bf16" && precision != "fp8" && precision != "fp8-dgrad-128x128")
     input_error("--precision '", precision, "': expected fp32, bf16, fp8 or fp8-dgrad-128x128");
+  if (device != "cpu" && device != "cuda") input_error("--device '", device, "': expected cpu or cuda");
+  if (device == "cuda" && precision != "fp32")
+    input_error("--precision ", precision, " with --device cuda: the GPU trains in fp32 only so far (the BF16/FP8 "
+                "linear paths run on the CPU; docs/cuda.md)");
   if (data_dir.empty()) input_error("no dataset: --data DIR (a directory written by `dsv3 data prepare`)");
   opt.validate();
 }
@@ -67,6 +71,7 @@ nlohmann::json TrainOptions::to_json() const {
           {"seed", seed},
           {"init_std", init_std},
           {"precision", precision},
+          {"device", device},
           {"data", data_dir},
           {"tokenizer", tokenizer_path},
           {"out", out_dir},
@@ -108,7 +113,7 @@ double now_s() {
 struct Trainer::Impl {
   ModelConfig cfg;
   TrainOptions o;
-  Backend& be = cpu_backend();
+  Backend* be = &cpu_backend();  // --device: master weights, gradients and moments live there
   Weights master;
   std::optional<Weights> compute;  // BF16 copies for --precision bf16 / fp8
   std::unique_ptr<Model> model;
@@ -129,13 +134,22 @@ struct Trainer::Impl {
   int rank() const { return par ? par->rank() : 0; }
   int ranks() const { return par ? par->size() : 1; }
 
+  bool on_host() const { return be->device() == Device::CPU; }
+
+  // Master weights to the training device (a no-op on the CPU).
+  void place(Weights& w) {
+    if (on_host()) return;
+    for (Param& p : w.params()) p.w = be->to_device(p.w);
+  }
+
   // full = false under ZeRO-1 for a fresh run: the sharded state is made by par instead.
   void build_optimizer(Weights& w, bool full = true) {
-    grads = std::make_unique<Grads>(cfg);
+    place(w);
+    grads = std::make_unique<Grads>(cfg, on_host() ? nullptr : be);
     slots.clear();
     for (Param& p : w.params())
       if (p.spec.trainable) slots.push_back({p.spec.name, p.w, grads->get(p.spec.name), p.spec.weight_decay});
-    opt = full ? std::make_unique<AdamW>(slots, o.opt, &be) : nullptr;
+    opt = full ? std::make_unique<AdamW>(slots, o.opt, be) : nullptr;
   }
 
   void bind_model() {
@@ -150,9 +164,9 @@ struct Trainer::Impl {
       for (const Param& p : master.params())
         t[p.spec.name] = p.spec.kind == TensorKind::router_bias ? p.w : p.w.to(DType::BF16);
       compute = Weights::from_tensors(cfg, std::move(t), "bf16 copies");
-      model = std::make_unique<Model>(*compute, be);
+      model = std::make_unique<Model>(*compute, *be);
     } else {
-      model = std::make_unique<Model>(master, be);
+      model = std::make_unique<Model>(master, *be);
     }
   }
 
@@ -164,7 +178,7 @@ struct Trainer::Impl {
       CopyArgs c;
       c.src = master.get(p.spec.name).w;
       c.dst = p.w;
-      be.copy(c);
+      be->copy(c);
     }
   }
 };
@@ -180,6 +194,8 @@ Trainer::Trainer(const ModelConfig& config, TrainOptions o, TrainParallel* par) 
   }
   m.cfg = config;
   m.o = o;
+  m.be = &backend_named(o.device);
+  if (!m.on_host() && par) input_error("--device cuda trains on one process; several ranks need --device cpu");
   m.moe = moe_layers(config);
   m.train_ds = TokenDataset::open(o.data_dir, "train");
   if (int64_t(m.train_ds.vocab_size()) > config.vocab_size)
@@ -217,14 +233,14 @@ Trainer::Trainer(const ModelConfig& config, TrainOptions o, TrainParallel* par) 
     m.train_s->restore(lt.state.data, resume_dir);
     m.first_val = lt.state.extra.value("first_val_loss", -1.0);
     if (zero1) {
-      par->init_optimizer(m.slots, o.opt, &m.be, m.opt.get());
+      par->init_optimizer(m.slots, o.opt, m.be, m.opt.get());
       m.opt.reset();
     }
     if (!o.quiet) std::cout << "resumed from " << resume_dir << " at step " << m.step << "\n";
   } else {
     m.master = Weights::random(config, o.seed, float(o.init_std));
     m.build_optimizer(m.master, !zero1);
-    if (zero1) par->init_optimizer(m.slots, o.opt, &m.be, nullptr);
+    if (zero1) par->init_optimizer(m.slots, o.opt, m.be, nullptr);
   }
   m.bind_model();
   if (m.rank() == 0)
@@ -265,7 +281,7 @@ double Trainer::validation_loss() {
     ForwardOutput out = m.model->forward(ids, B, T, fo);
     LossOptions lo;
     lo.need_grad = false;
-    sum += compute_loss(m.be, *m.model, out, lab, B, T, T + 1, lo).main;
+    sum += compute_loss(*m.be, *m.model, out, lab, B, T, T + 1, lo).main;
   }
   return sum / double(n);
 }
@@ -281,7 +297,8 @@ std::string Trainer::greedy_sample(int64_t n) {
   fo.mtp = false;
   for (int64_t i = 0; i < n && int64_t(ids.size()) < m.cfg.max_position_embeddings; ++i) {
     ForwardOutput out = m.model->forward(ids, 1, int64_t(ids.size()), fo);
-    const float* last = out.logits.data<float>() + (int64_t(ids.size()) - 1) * m.cfg.vocab_size;
+    const Tensor logits = m.on_host() ? out.logits : m.be->to_host(out.logits);
+    const float* last = logits.data<float>() + (int64_t(ids.size()) - 1) * m.cfg.vocab_size;
     int32_t best = 0;
     for (int32_t v = 1; v < V; ++v)
       if (last[v] > last[best]) best = v;
@@ -321,11 +338,26 @@ TrainSummary Trainer::run(int64_t stop_at) {
     st.step = m.step;
     st.data = m.train_s->state();
     st.extra = {{"options", o.to_json()}, {"first_val_loss", m.first_val}};
-    std::unique_ptr<AdamW> gathered;  // ZeRO-1: the complete state, on rank 0
+    std::unique_ptr<AdamW> gathered;  // ZeRO-1: the complete state, on rank 0; on a GPU: host copies
     if (!m.opt) gathered = m.par->gather_optimizer(0);
     if (m.rank() != 0) return;
-    const std::string dir = save_training_checkpoint(*m.ckpt, m.master, o.tokenizer_path, st,
-                                                     m.opt ? *m.opt : *gathered, m.cfg.bos_token_id.value_or(0),
+    Weights host_master;
+    if (!m.on_host()) {
+      host_master = m.master;
+      std::vector<ParamSlot> hs;
+      for (Param& p : host_master.params()) {
+        p.w = m.be->to_host(p.w);
+        if (p.spec.trainable) hs.push_back({p.spec.name, p.w, Tensor::zeros(DType::F32, p.w.shape()), p.spec.weight_decay});
+      }
+      gathered = std::make_unique<AdamW>(hs, o.opt, nullptr);
+      std::map<std::string, Tensor> moments;
+      for (const AdamW::NamedState& ns : m.opt->state_tensors()) moments[ns.name] = m.be->to_host(ns.tensor);
+      gathered->load_state([&](const std::string& n) { return moments.at(n); }, m.opt->state_json(),
+                           "the device optimizer state");
+    }
+    const std::string dir = save_training_checkpoint(*m.ckpt, m.on_host() ? m.master : host_master, o.tokenizer_path,
+                                                     st, m.opt && m.on_host() ? *m.opt : *gathered,
+                                                     m.cfg.bos_token_id.value_or(0),
                                                      m.cfg.eos_token_id.empty() ? 1 : m.cfg.eos_token_id[0]);
     if (!o.quiet) std::cout << "checkpoint " << dir << "\n";
   };
@@ -352,14 +384,14 @@ TrainSummary Trainer::run(int64_t stop_at) {
       ForwardOptions fo;
       fo.keep_activations = true;
       ForwardOutput out = m.model->forward(ids, B, T, fo);
-      LossResult r = compute_loss(m.be, *m.model, out, lab, B, T, T + 1, lo);
+      LossResult r = compute_loss(*m.be, *m.model, out, lab, B, T, T + 1, lo);
       loss_sum += r.total;
       m.model->backward(r.grad, *m.grads);
       if (grad_hook_) grad_hook_(m.step, *m.grads);
       for (size_t i = 0; i < m.moe.size(); ++i) {
         const LayerActs* la = layer_acts(m.model->acts(), m.moe[i].layer);
         if (!la) continue;
-        Tensor c = m.be.to_host(la->moe.counts);
+        Tensor c = m.be->to_host(la->moe.counts);
         for (int64_t e = 0; e < E; ++e) loads[i][size_t(e)] += c.data<int32_t>()[e];
       }
     }
@@ -381,11 +413,14 @@ TrainSummary Trainer::run(int64_t stop_at) {
       sum.max_vio.push_back(v);
       vio.push_back(v);
       if (!rep.applied || gamma == 0.0 || m.moe[i].bias.empty()) continue;
-      float* b = m.master.find(m.moe[i].bias)->w.data<float>();
+      Tensor bias = m.master.find(m.moe[i].bias)->w;
+      Tensor hb = m.on_host() ? bias : m.be->to_host(bias);
+      float* b = hb.data<float>();
       for (int64_t e = 0; e < E; ++e) {
         const double load = double(loads[i][size_t(e)]);
         b[e] += float(gamma * double((mean > load) - (mean < load)));
       }
+      if (!m.on_host()) m.be->copy(CopyArgs{m.be->to_device(hb), bias});
     }
     sum.loads = loads;
     if (rep.applied) m.refresh_compute();
