@@ -232,11 +232,14 @@ RunFn setup_train(CLI::App& app) {
                  "Node-limited routing: each token's experts on at most M nodes (0: the config's group limit)")
       ->capture_default_str();
   app.add_flag("--ep-two-hop", o->par.ep_options.two_hop,
-               "Plane-aware dispatch: across nodes only to the same local rank, then within the node")
+               "Plane-aware dispatch: across nodes only to the same local rank, then within the node "
+               "(default: off)")
       ->capture_default_str();
-  app.add_flag("--ep-fp8-dispatch", o->par.ep_options.fp8_dispatch, "FP8 (E4M3, 1x128 scales) dispatch payloads")
+  app.add_flag("--ep-fp8-dispatch", o->par.ep_options.fp8_dispatch,
+               "FP8 (E4M3, 1x128 scales) dispatch payloads (default: off, F32)")
       ->capture_default_str();
-  app.add_flag("--zero1", o->par.zero1, "ZeRO-1: shard AdamW's moments and update over the data-parallel ranks")
+  app.add_flag("--zero1", o->par.zero1,
+               "ZeRO-1: shard AdamW's moments and update over the data-parallel ranks (default: off)")
       ->capture_default_str();
   return [o] { return run_train(*o); };
 }
