@@ -141,12 +141,13 @@ ExperimentOutput experiment_e3(bool quick) {
 ExperimentOutput experiment_e4(bool quick) {
   ExperimentOutput o;
   o.name = "E4";
-  o.title = "E4: DeepEP normal kernels (4,096 tokens/GPU, hidden 7,168, top-8, 4 nodes/token) on MPFT";
   const int eps[3] = {16, 32, 64};
   const double pub_d[3] = {43, 58, 51}, pub_c[3] = {43, 57, 50};
   MoeParams mp;
   mp.experts = 256;
   if (quick) mp.tokens_per_gpu = 512;
+  o.title = cat("E4: DeepEP normal kernels (", fmt_int(mp.tokens_per_gpu),
+                " tokens/GPU, hidden 7,168, top-8, 4 nodes/token) on MPFT");
   struct Case {
     Network n;
     MoeFlows f;
