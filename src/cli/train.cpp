@@ -137,6 +137,10 @@ int run_train_ranks(TrainCli& o) {
   std::unique_ptr<Communicator> world;
   std::unique_ptr<TrainParallel> par;
   if (launched_by_mpi() || o.ranks_per_node > 0 || o.par.ep > 1 || o.par.zero1) {
+    // The ranks exchange host buffers (MPI): gradients, parameters and moments must be in host memory.
+    if (o.t.device != "cpu")
+      input_error("--device ", o.t.device, ": training on several ranks (mpirun, --ep, --zero1, --ranks-per-node) "
+                  "runs on the CPU; --device cuda trains in one process");
     world = make_world_communicator(o.ranks_per_node);
     par = make_train_parallel(*world, o.par, c);
     resolved["ranks"] = world->size();
