@@ -2,7 +2,7 @@
 """Summarise BF16 / FP8 / negative-control training runs (dsv3 train metrics.jsonl) into
 bench/results/fp8_vs_bf16.json and one SVG plot per experiment (gnuplot).
 
-usage: fp8_vs_bf16.py OUT_JSON NAME CONFIG_JSON BF16_DIR FP8_DIR [CONTROL_DIR [BF16_OTHER_SEED_DIR [FP32_DIR]]]
+usage: fp8_vs_bf16.py OUT_JSON NAME CONFIG_JSON BF16_DIR FP8_DIR [CONTROL_DIR [BF16_OTHER_SEED_DIR [FP8_BF16_MOMENTS_DIR]]]
                       [NAME CONFIG ...]...
 Each experiment is NAME, a JSON object describing the configuration, and its run directories.
 Smoothing: EMA with coefficient 0.9 (as [V3] Fig. 10), bias-corrected; the relative difference is
@@ -76,15 +76,16 @@ def main(argv):
         fp8, _, _ = summary(dirs[1])
         res = {"name": name, "config": config, "bf16": bf16, "fp8": fp8}
         curves = []
-        labels = ["bf16", "fp8", "fp8 dgrad 128x128", "bf16 other seed", "fp32"]
+        labels = ["bf16", "fp8", "fp8 dgrad 128x128", "bf16 other seed", "fp8 bf16 moments"]
         for label, d in zip(labels, dirs):
             s, sm, val = summary(d)
             curves.append((label + " train", sm))
             curves.append((label + " val", val))
             if label.startswith("fp8 dgrad"):
                 res["negative_control_dgrad_128x128"] = s
-            if label in ("bf16 other seed", "fp32"):
-                # Noise scale: how far a run that differs only by seed (or by precision, FP32) lands.
+            if label in ("bf16 other seed", "fp8 bf16 moments"):
+                # Noise scale: how far a run that differs only by seed lands; and the paper's BF16
+                # AdamW moments on top of FP8.
                 res.setdefault("references", {})[label] = {
                     "summary": s,
                     "rel_diff_train_loss": (s["final_train_loss_ema"] - bf16["final_train_loss_ema"])

@@ -65,8 +65,10 @@ void dequantize_fp8(const Tensor& q, const Tensor& scale, const Tensor& out);
 //     accumulator too when acc_in_alignment — and truncated toward zero to `acc_bits` significant
 //     bits (14 = 13 fraction bits + the implicit one, the FP22 register of [ISCA] §3.1.1); the group
 //     is summed exactly into the accumulator and the sum truncated to `acc_bits` significant bits.
-//     The papers do not say whether the accumulator joins the alignment; both readings are offered
-//     (bench/fp8_accum.cpp reports both). With promote_every = N_C > 0 the limited accumulator is
+//     The DeepSeek papers do not say whether the accumulator joins the alignment; the tensor-core
+//     models that do (a multi-term fused sum with the accumulator, one RZ normalisation: docs/fp8.md
+//     "Accumulation" has the sources) say it does, hence the default acc_in_alignment = true; false
+//     (products only) is kept as a sensitivity check (bench/fp8_accum.cpp reports both). With promote_every = N_C > 0 the limited accumulator is
 //     added into an FP32 accumulator and cleared every N_C elements of K (the paper's promotion to
 //     CUDA cores, N_C = 128); 0 = never. N_C must be a multiple of 32.
 enum class Fp8Accum : uint8_t { Fp32, Limited };
