@@ -11,6 +11,7 @@
 #include <set>
 
 #include "core/error.h"
+#include "core/threads.h"
 #include "net/sim.h"
 
 using namespace dsv3;
@@ -102,6 +103,37 @@ TEST(Workload, SyntheticRoutingIsNodeLimited) {
     for (int x : e) nodes.insert(x / per_node);
     ASSERT_LE(nodes.size(), 4u);
   }
+}
+
+TEST(Workload, MoeFlowsDoNotDependOnTheThreadCount) {
+  // Tokens are routed in parallel and, except with adaptive routing, so are the IB flows; either
+  // way the flow sets (links, sizes, order) must be the same as with one thread. 1,024 GPUs: four
+  // chunks of source GPUs, and 4 leaves per plane, so flows cross the spines.
+  TopoSpec s = spec(TopoKind::MPFT, 64);
+  s.planes = 8;
+  Network n = build_network(s, 1024);
+  MoeParams p;
+  p.tokens_per_gpu = 16;
+  p.zipf = 1.0;
+  const int saved = num_threads();
+  for (Routing rt : {Routing::ECMP, Routing::Adaptive, Routing::Spray}) {
+    std::vector<MoeFlows> out;
+    for (int t : {1, 2, 3}) {
+      set_num_threads(t);
+      Router r(n, rt);
+      out.push_back(moe_flows(n, r, p));
+    }
+    for (size_t i = 1; i < out.size(); ++i) {
+      EXPECT_EQ(out[i].dispatch.link, out[0].dispatch.link) << routing_name(rt);
+      EXPECT_EQ(out[i].dispatch.coef, out[0].dispatch.coef) << routing_name(rt);
+      EXPECT_EQ(out[i].dispatch.size, out[0].dispatch.size) << routing_name(rt);
+      EXPECT_EQ(out[i].combine.link, out[0].combine.link) << routing_name(rt);
+      EXPECT_EQ(out[i].combine.size, out[0].combine.size) << routing_name(rt);
+      EXPECT_EQ(out[i].recv_imbalance, out[0].recv_imbalance) << routing_name(rt);
+    }
+    EXPECT_GT(out[0].dispatch.count(), 1024u * 8);
+  }
+  set_num_threads(saved);
 }
 
 TEST(Workload, MoeFlowsFromTraceMatchSynthetic) {
