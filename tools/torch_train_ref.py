@@ -247,7 +247,8 @@ def main():
     total = sum(times)
     tokens = a.batch * a.seq_len
     print(json.dumps({"tokens_per_s": tokens * a.steps / total, "step_ms": 1e3 * total / a.steps,
-                      "step_ms_min": 1e3 * min(times), "batch": a.batch, "seq_len": a.seq_len,
+                      "step_ms_min": 1e3 * min(times), "step_ms_median": 1e3 * sorted(times)[len(times) // 2],
+                      "batch": a.batch, "seq_len": a.seq_len,
                       "steps": a.steps, "warmup": a.warmup, "threads": a.threads,
                       "torch_version": torch.__version__, "last_loss": last}))
 
