@@ -111,8 +111,9 @@ void CpuBackend::attention(const AttentionArgs& a) {
   float* lse = present(a.lse) ? cpu::mut<float>(a.lse) : nullptr;
   int64_t ldq = d.h * d.dqk, ldv = d.h * d.dv;
   size_t blk = size_t(std::min(d.t, kQueryBlock) * std::max<int64_t>(d.s, 1));
-  // One task per (batch, head); the GEMMs inside run in the task's thread.
-#pragma omp parallel for schedule(static)
+  // One task per (batch, head); the GEMMs inside run in the task's thread. Tasks go to threads as
+  // they come free (a task's result does not depend on its thread).
+#pragma omp parallel for schedule(dynamic, 1)
   for (int64_t task = 0; task < d.b * d.h; ++task) {
     int64_t b = task / d.h, hh = task % d.h;
     float* sc = cpu::scratch(blk);
@@ -149,8 +150,8 @@ void CpuBackend::attention_backward(const AttentionBackwardArgs& a) {
   float* dv = present(a.dv) ? cpu::mut<float>(a.dv) : nullptr;
   int64_t ldq = d.h * d.dqk, ldv = d.h * d.dv;
   size_t blk = size_t(std::min(d.t, kQueryBlock) * std::max<int64_t>(d.s, 1));
-  // One task per (batch, head): it owns that head's slices of dq, dk and dv.
-#pragma omp parallel for schedule(static)
+  // One task per (batch, head): it owns that head's slices of dq, dk and dv (handed out dynamically).
+#pragma omp parallel for schedule(dynamic, 1)
   for (int64_t task = 0; task < d.b * d.h; ++task) {
     int64_t b = task / d.h, hh = task % d.h;
     float* p = cpu::scratch(blk, 0);

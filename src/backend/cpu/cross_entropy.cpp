@@ -88,7 +88,8 @@ void CpuBackend::cross_entropy(const CrossEntropyArgs& a) {
   float* dl = present(a.dlogits) ? cpu::mut<float>(a.dlogits) : nullptr;
   std::vector<float> loss(static_cast<size_t>(t));
   float gs = a.grad_scale;
-#pragma omp parallel for schedule(static) if (t * v >= cpu::kParallelMin)
+  // Rows handed out as threads come free (row-local: the same bits whichever thread runs a row).
+#pragma omp parallel for schedule(dynamic, 8) if (t * v >= cpu::kParallelMin)
   for (int64_t i = 0; i < t; ++i) {
     float* o = dl ? dl + i * v : nullptr;
     if (tg[i] < 0) {

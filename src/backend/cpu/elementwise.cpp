@@ -1,6 +1,4 @@
 // Elementwise and data-layout ops, the AdamW update, and the process-wide CPU backend.
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -168,7 +166,7 @@ void CpuBackend::sum_squares(const SumSquaresArgs& a) {
   int64_t n = a.x.numel(), nc = (n + kChunk - 1) / kChunk;
   const float* x = a.x.data<float>();
   std::vector<double> part(size_t(nc), 0.0);
-#pragma omp parallel for schedule(static) if (n >= cpu::kParallelMin)
+#pragma omp parallel for schedule(dynamic, 1) if (n >= cpu::kParallelMin)
   for (int64_t c = 0; c < nc; ++c)
     sum_squares_chunk(x + c * kChunk, std::min(n, (c + 1) * kChunk) - c * kChunk, &part[size_t(c)]);
   double total = 0.0;
@@ -196,13 +194,8 @@ void CpuBackend::adamw(const AdamWArgs& a) {
     const AdamWConsts c{b1, b2, 1.0f - b1, 1.0f - b2, decay, step_size, bc2_sqrt, eps, gs};
     float* m = static_cast<float*>(mp);
     float* v = static_cast<float*>(vp);
-    // Contiguous ranges per thread (elementwise: the split does not change any result).
-#pragma omp parallel if (n >= cpu::kParallelMin)
-    {
-      const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
-      const int64_t lo = n * id / nt, hi = n * (id + 1) / nt;
-      adamw_f32(p + lo, g + lo, m + lo, v + lo, hi - lo, &c);
-    }
+    cpu::for_chunks(n, 1 << 14, n >= cpu::kParallelMin,
+                    [&](int64_t lo, int64_t hi) { adamw_f32(p + lo, g + lo, m + lo, v + lo, hi - lo, &c); });
     return;
   }
 #pragma omp parallel for schedule(static) if (n >= cpu::kParallelMin)

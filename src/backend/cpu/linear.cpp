@@ -35,13 +35,16 @@ void sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float al
     call(m, n, a, b, c);
     return;
   }
-  // Split the larger of m and n into nt contiguous parts, one per thread (fixed for a thread count).
+  // Split the larger of m and n into 2·nt contiguous chunks that threads take as they come free: on
+  // a shared machine a thread that lost its core takes fewer, instead of the others waiting for its
+  // fixed half. Each chunk is one sgemm call whose bounds depend on nt only, so which thread runs
+  // it never changes a bit.
   bool rows = m >= n;
   int64_t len = rows ? m : n;
-#pragma omp parallel num_threads(nt)
-  {
-    int id = omp_get_thread_num(), cnt = omp_get_num_threads();
-    int64_t lo = len * id / cnt, hi = len * (id + 1) / cnt;
+  int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(2 * nt, len / 16));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    int64_t lo = len * ch / chunks, hi = len * (ch + 1) / chunks;
     if (hi > lo) {
       if (rows)
         call(hi - lo, n, trans_a ? a + lo : a + lo * lda, b, c + lo * ldc);

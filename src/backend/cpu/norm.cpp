@@ -125,12 +125,9 @@ DSV3_CPU_KERNEL(swiglu_backward_range,
                 (const float* g, const float* u, const float* dout, float* dg, float* du, int64_t n, bool acc),
                 swiglu_backward_body, (g, u, dout, dg, du, n, acc))
 
-// [lo, hi) of n for this thread of the team (the whole range outside a parallel region).
-inline void thread_range(int64_t n, int64_t& lo, int64_t& hi) {
-  const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
-  lo = n * id / nt;
-  hi = n * (id + 1) / nt;
-}
+// Work units handed to threads (cpu::for_chunks): elements, and rows of a norm.
+constexpr int64_t kGrain = 1 << 14;
+constexpr int64_t kRowGrain = 64;
 
 // A weight vector of any float dtype as F32 (norm weights are small; converting per call is cheap).
 const float* as_f32(const Tensor& t, std::vector<float>& buf) {
@@ -189,12 +186,8 @@ void CpuBackend::rmsnorm(const RmsNormArgs& a) {
   float* y = cpu::mut<float>(a.y);
   float* rstd = present(a.rstd) ? cpu::mut<float>(a.rstd) : nullptr;
   float eps = a.eps;
-#pragma omp parallel if (m * d >= cpu::kParallelMin)
-  {
-    int64_t lo, hi;
-    thread_range(m, lo, hi);
-    rmsnorm_rows(x, w, y, rstd, lo, hi, d, eps);
-  }
+  cpu::for_chunks(m, kRowGrain, m * d >= cpu::kParallelMin,
+                  [&](int64_t lo, int64_t hi) { rmsnorm_rows(x, w, y, rstd, lo, hi, d, eps); });
 }
 
 void CpuBackend::rmsnorm_backward(const RmsNormBackwardArgs& a) {
@@ -217,13 +210,9 @@ void CpuBackend::rmsnorm_backward(const RmsNormBackwardArgs& a) {
   if (present(a.dx)) {
     float* dx = cpu::mut<float>(a.dx);
     bool acc = a.accumulate_dx;
-#pragma omp parallel if (m * d >= cpu::kParallelMin)
-    {
-      int64_t lo, hi;
-      thread_range(m, lo, hi);
-      float* wdy = cpu::scratch(size_t(d));
-      rmsnorm_dx_rows(x, w, dy, rstd, dx, wdy, lo, hi, d, acc);
-    }
+    cpu::for_chunks(m, kRowGrain, m * d >= cpu::kParallelMin, [&](int64_t lo, int64_t hi) {
+      rmsnorm_dx_rows(x, w, dy, rstd, dx, cpu::scratch(size_t(d)), lo, hi, d, acc);
+    });
   }
 }
 
@@ -233,12 +222,8 @@ void CpuBackend::swiglu(const SwigluArgs& a) {
   const float* g = a.gate.data<float>();
   const float* u = a.up.data<float>();
   float* o = cpu::mut<float>(a.out);
-#pragma omp parallel if (n >= cpu::kParallelMin)
-  {
-    int64_t lo, hi;
-    thread_range(n, lo, hi);
-    swiglu_range(g + lo, u + lo, o + lo, hi - lo);
-  }
+  cpu::for_chunks(n, kGrain, n >= cpu::kParallelMin,
+                  [&](int64_t lo, int64_t hi) { swiglu_range(g + lo, u + lo, o + lo, hi - lo); });
 }
 
 void CpuBackend::swiglu_backward(const SwigluBackwardArgs& a) {
@@ -251,14 +236,10 @@ void CpuBackend::swiglu_backward(const SwigluBackwardArgs& a) {
   float* du = present(a.dup) ? cpu::mut<float>(a.dup) : nullptr;
   bool acc = a.accumulate;
   // An absent output goes to scratch (one per thread, so the kernel has no branch per element).
-#pragma omp parallel if (n >= cpu::kParallelMin)
-  {
-    int64_t lo, hi;
-    thread_range(n, lo, hi);
+  cpu::for_chunks(n, kGrain, n >= cpu::kParallelMin, [&](int64_t lo, int64_t hi) {
     float* sink = (dg && du) ? nullptr : cpu::scratch(size_t(hi - lo), 1);
-    swiglu_backward_range(g + lo, u + lo, dout + lo, dg ? dg + lo : sink, du ? du + lo : sink, hi - lo,
-                          acc);
-  }
+    swiglu_backward_range(g + lo, u + lo, dout + lo, dg ? dg + lo : sink, du ? du + lo : sink, hi - lo, acc);
+  });
 }
 
 }  // namespace dsv3

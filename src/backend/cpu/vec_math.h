@@ -57,6 +57,16 @@ enum class Isa { Base, Avx2, Avx512 };
 Isa cpu_isa();
 const char* isa_name(Isa isa);
 
+// f(lo, hi) over [0, n) in chunks of `grain`, which the threads take as they come free (when
+// `parallel`): on a shared machine a thread that lost its core does fewer chunks instead of the
+// others waiting for a fixed share. For row-local and elementwise work only, where which thread
+// runs a chunk never changes a bit.
+template <class F> void for_chunks(int64_t n, int64_t grain, bool parallel, F&& f) {
+  const int64_t chunks = (n + grain - 1) / grain;
+#pragma omp parallel for schedule(dynamic, 1) if (parallel && chunks > 1)
+  for (int64_t c = 0; c < chunks; ++c) f(c * grain, c + 1 == chunks ? n : (c + 1) * grain);
+}
+
 // y[i] = exp_f32(x[i]) compiled for `isa` (or the widest this CPU has, if it lacks `isa`): lets
 // the tests check every variant.
 void exp_f32_array(const float* x, float* y, int64_t n, Isa isa);
