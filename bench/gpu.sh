@@ -47,7 +47,9 @@ if [ "${HF:-0}" = 1 ]; then
   step "transformers baseline (bench-0.7b: training B=8 T=2048, decode batch 1/32)"
   "$B"/dsv3 info --preset bench-0.7b --json >"$OUT/bench07b_info.json" &&
     python3 tools/hf_gpu_bench.py --info "$OUT/bench07b_info.json" --out "$OUT/hf_gpu.json" 2>&1 |
-    tee "$OUT/hf_gpu.txt" | tee -a "$OUT/summary.txt" || status=1
+    tee "$OUT/hf_gpu.txt" | tee -a "$OUT/summary.txt" ||
+    { status=1; echo "transformers baseline failed: needs $B/dsv3 (for the config) and torch; see $OUT/hf_gpu.txt" |
+        tee -a "$OUT/summary.txt"; }
 fi
 
 step "training throughput on the GPU (bench-0.7b, B=8, T=2048; vs transformers when HF=1)"
