@@ -17,6 +17,7 @@
 #include "io/tokenizer_train.h"
 #include "model/config.h"
 #include "model/model.h"
+#include "io/safetensors.h"
 #include "train/data_prepare.h"
 
 namespace dsv3 {
@@ -243,6 +244,30 @@ TEST(Trainer, BiasFollowsTheLoadsAndNotTheOptimizer) {
   tz.run();
   for (const auto& n : bias_names)
     for (float b : bias_of(tz, n)) EXPECT_EQ(b, 0.0f) << n;
+}
+
+// `--moments bf16` (the paper's storage of the AdamW moments, offered for FP8 runs): the moments are
+// kept and checkpointed in BF16, the run trains, and a resume reads them back.
+TEST(Trainer, Bf16MomentsForAnFp8Run) {
+  TrainOptions o = options("fp8_bf16_moments");
+  fs::remove_all(o.out_dir);
+  o.precision = "fp8";
+  o.opt.moment_dtype = DType::BF16;
+  o.steps = 4;
+  o.checkpoint_every = 2;
+  const TrainSummary s = Trainer(config(), o).run();
+  EXPECT_EQ(s.skipped, 0);
+  EXPECT_TRUE(std::isfinite(s.last_loss));
+  SafetensorsFile opt = SafetensorsFile::open(o.out_dir + "/latest/optimizer.safetensors");
+  const Tensor m = opt.tensor("model.layers.0.self_attn.o_proj.weight.exp_avg");
+  const Tensor v = opt.tensor("model.layers.0.self_attn.o_proj.weight.exp_avg_sq");
+  EXPECT_EQ(m.dtype(), DType::BF16);
+  EXPECT_EQ(v.dtype(), DType::BF16);
+  bool nonzero = false;
+  for (int64_t i = 0; i < m.numel(); ++i) nonzero |= m.data<bf16>()[i].bits != 0;
+  EXPECT_TRUE(nonzero) << "the moments were never updated";
+  o.steps = 5;
+  EXPECT_EQ(Trainer(config(), o).run().steps_done, 5);
 }
 
 TEST(Trainer, TinyModelOverfitsSmallText) {
