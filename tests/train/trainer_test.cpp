@@ -19,57 +19,15 @@
 #include "model/model.h"
 #include "io/safetensors.h"
 #include "train/data_prepare.h"
+#include "train_test_util.h"
 
 namespace dsv3 {
 namespace {
 
 namespace fs = std::filesystem;
 
-const char* kConfig = R"({
-  "model_type": "deepseek_v3", "vocab_size": 320, "hidden_size": 32, "intermediate_size": 48,
-  "moe_intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
-  "q_lora_rank": 16, "kv_lora_rank": 12, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8,
-  "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2,
-  "routed_scaling_factor": 2.5, "norm_topk_prob": true, "first_k_dense_replace": 1,
-  "num_nextn_predict_layers": 1, "max_position_embeddings": 64, "rope_theta": 10000.0,
-  "tie_word_embeddings": false
-})";
-
-// A small prepared dataset (BPE trained on it), shared by the tests of this file.
-struct Fixture {
-  fs::path root;
-  std::string data, tokenizer;
-  Fixture() {
-    root = fs::temp_directory_path() / cat("dsv3_trainer_test_", ::getpid());
-    fs::remove_all(root);
-    fs::create_directories(root);
-    const std::string text = (root / "text.txt").string();
-    {
-      std::ofstream f(text);
-      const char* lines[] = {"the cat sat on the mat and the dog sat on the log.",
-                             "a bird in the hand is worth two in the bush.",
-                             "the quick brown fox jumps over the lazy dog again and again."};
-      for (int doc = 0; doc < 40; ++doc) {
-        for (int i = 0; i < 6; ++i) f << lines[(doc + i) % 3] << " ";
-        f << "\n\n";
-      }
-    }
-    tokenizer = (root / "tokenizer.json").string();
-    train_bpe_files({text}, 300, tokenizer);
-    Tokenizer tok = Tokenizer::load(tokenizer);
-    PrepareOptions p;
-    p.tokenizer_path = tokenizer;
-    p.output_dir = (root / "data").string();
-    p.inputs = {text};
-    p.val_fraction = 0.1;
-    prepare_token_dataset(tok, p);
-    data = p.output_dir;
-  }
-  ~Fixture() { fs::remove_all(root); }
-};
-
-const Fixture& fixture() {
-  static Fixture f;
+const train_test::SmallTextData& fixture() {
+  static train_test::SmallTextData f("trainer_test");
   return f;
 }
 
@@ -99,7 +57,7 @@ TrainOptions options(const std::string& out) {
   return o;
 }
 
-ModelConfig config() { return parse_model_config(kConfig, "trainer_test"); }
+ModelConfig config() { return parse_model_config(train_test::small_model_config(), "trainer_test"); }
 
 std::vector<std::vector<float>> snapshot(const Trainer& t) {
   std::vector<std::vector<float>> out;

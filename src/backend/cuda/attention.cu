@@ -205,6 +205,21 @@ __device__ __forceinline__ void load_rows(float* dst, int ld, const float* src, 
   }
 }
 
+// out[r][j] = Σ_d a[(r0 + r)·la + d] · b[(tx + 8j)·lb + d] for r < 2, j < 4: the two rows of a thread
+// against its four rows of the other tile (scores q·kᵀ, or dO·vᵀ).
+__device__ __forceinline__ void tile_dots(const float* a, int la, int r0, const float* b, int lb, int tx, int n,
+                                          float (&out)[2][4]) {
+  for (int d = 0; d < n; ++d) {
+    float x0 = a[r0 * la + d], x1 = a[(r0 + 1) * la + d];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float y = b[(tx + 8 * j) * lb + d];
+      out[0][j] = fmaf(x0, y, out[0][j]);
+      out[1][j] = fmaf(x1, y, out[1][j]);
+    }
+  }
+}
+
 __global__ void __launch_bounds__(kTiledThreads) attn_fwd_tiled(const float* q, const float* k, const float* v,
                                                                 float* out, float* lse, Dims dm, float scale,
                                                                 bool causal, int64_t q_off) {
@@ -232,15 +247,7 @@ __global__ void __launch_bounds__(kTiledThreads) attn_fwd_tiled(const float* q, 
     load_rows(vs, lv, vb, k0, kTk, dm.s, ldv, dv);
     __syncthreads();
     float sc[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}};
-    for (int d = 0; d < dqk; ++d) {
-      float qa = qs[r0 * lq + d], qb2 = qs[(r0 + 1) * lq + d];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        float kk = ks[(tx + 8 * j) * lk + d];
-        sc[0][j] = fmaf(qa, kk, sc[0][j]);
-        sc[1][j] = fmaf(qb2, kk, sc[1][j]);
-      }
-    }
+    tile_dots(qs, lq, r0, ks, lk, tx, dqk, sc);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int64_t i = q0 + r0 + r;
@@ -344,24 +351,8 @@ __global__ void __launch_bounds__(kTiledThreads) attn_bwd_q_tiled(const float* q
     load_rows(vs, lv, vb, k0, kTk, dm.s, ldv, dv);
     __syncthreads();
     float sc[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}}, dp[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}};
-    for (int d = 0; d < dqk; ++d) {
-      float qa = qs[r0 * lq + d], qb2 = qs[(r0 + 1) * lq + d];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        float kk = ks[(tx + 8 * j) * lk + d];
-        sc[0][j] = fmaf(qa, kk, sc[0][j]);
-        sc[1][j] = fmaf(qb2, kk, sc[1][j]);
-      }
-    }
-    for (int d = 0; d < dv; ++d) {
-      float oa = dos[r0 * ld + d], ob = dos[(r0 + 1) * ld + d];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        float vv = vs[(tx + 8 * j) * lv + d];
-        dp[0][j] = fmaf(oa, vv, dp[0][j]);
-        dp[1][j] = fmaf(ob, vv, dp[1][j]);
-      }
-    }
+    tile_dots(qs, lq, r0, ks, lk, tx, dqk, sc);
+    tile_dots(dos, ld, r0, vs, lv, tx, dv, dp);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int64_t i = q0 + r0 + r;
