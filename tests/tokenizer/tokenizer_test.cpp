@@ -43,6 +43,19 @@ std::string error_of(const json& j) {
   return "(no error)";
 }
 
+// Tables are indexed by id: a sparse id far past the entry count is an error, not a multi-GB
+// allocation (found by fuzz_tokenizer; the input is in fuzz/corpus/fuzz_tokenizer/).
+TEST(Tokenizer, SparseVocabIdIsAnErrorNotAnAllocation) {
+  json j = tiny_tokenizer({"ab"}, {"a b"});
+  j["model"]["vocab"]["ab"] = 86000000;
+  const std::string e = error_of(j);
+  EXPECT_NE(e.find("vocab[\"ab\"]: id 86000000 out of range (expected 0 <= id < 2052 for 257 entries)"),
+            std::string::npos)
+      << e;
+  j["model"]["vocab"]["ab"] = 2051;  // the last id allowed
+  EXPECT_EQ(error_of(j), "(no error)");
+}
+
 TEST(Tokenizer, MergesInBothFormsGiveTheSameIds) {
   std::vector<std::string> extra = {"ab", "abc", "ĠĠ"};
   json str = tiny_tokenizer(extra, {"a b", "ab c", "Ġ Ġ"});
