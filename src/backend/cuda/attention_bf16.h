@@ -1,0 +1,28 @@
+// BF16 tensor-core flash attention for training (forward and backward) on the CUDA backend.
+// Plain C++: the trainer and tests include it. When the flag is on, CudaBackend::attention and
+// attention_backward take these kernels for the shapes they support (head dims multiples of 16,
+// qk ≤ 256, v ≤ 128); everything else keeps the exact FP32 kernels. Semantics: q, k, v, dout
+// rounded to BF16 (RNE) as MMA operands, P and dS rounded to BF16 for their products, FP32
+// accumulation and softmax statistics, FP32 outputs — compared with the FP32 reference under kBf16.
+#pragma once
+
+#include <cstdint>
+
+namespace dsv3 {
+
+// Process-wide; off by default (the FP32 kernels run, bit for bit as before).
+void cuda_set_attention_bf16(bool on);
+bool cuda_attention_bf16();
+
+// Whether the BF16 kernels take a problem with these head dims.
+bool cuda_attention_bf16_supported(int64_t dqk, int64_t dv);
+
+struct AttentionArgs;
+struct AttentionBackwardArgs;
+// The kernels themselves, regardless of the flag (args already validated, device tensors). They
+// return false, doing nothing, when the head dims are not supported. The backward needs the lse
+// the forward wrote (either path's: both are the FP32 logsumexp of the scaled logits).
+bool cuda_attention_bf16_forward(const AttentionArgs& a);
+bool cuda_attention_bf16_backward(const AttentionBackwardArgs& a);
+
+}  // namespace dsv3
