@@ -5,6 +5,7 @@
 // pass per key row gives dk and dv, so every output element has one owner (no atomics,
 // deterministic). Head dims that are multiples of 8 up to qk 256 / v 128 (MLA's 192 / 128 and
 // every training shape) take the tiled kernels below; others (the absorbed 576/512) the per-row ones.
+#include "backend/cuda/attention_bf16.h"
 #include "backend/cuda/common.cuh"
 
 namespace dsv3 {
@@ -489,6 +490,7 @@ void CudaBackend::attention(const AttentionArgs& a) {
   validate(a);
   Dims d = dims_of(a.q, a.k, a.v);
   if (d.b * d.t * d.h == 0) return;
+  if (cuda_attention_bf16() && cuda_attention_bf16_forward(a)) return;
   if (tiled_ok(d)) {
     size_t smem = size_t(kTq * (d.dqk + 1) + kTk * (d.dqk + 1) + kTk * d.dv + kTq * (kTk + 1)) * 4;
     set_smem(reinterpret_cast<const void*>(attn_fwd_tiled), smem);
@@ -510,6 +512,7 @@ void CudaBackend::attention_backward(const AttentionBackwardArgs& a) {
   validate(a);
   Dims d = dims_of(a.q, a.k, a.v);
   if (d.b * d.h == 0) return;
+  if (cuda_attention_bf16() && cuda_attention_bf16_backward(a)) return;
   Scratch dsum(size_t(std::max<int64_t>(d.b * d.h * d.t, 1)) * 4);
   if (tiled_ok(d)) {
     if (d.t > 0) {

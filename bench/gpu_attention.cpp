@@ -1,0 +1,135 @@
+// Training attention on the GPU at bench-0.7b's shape (B 8, T 2048, 16 heads, qk 192 = 128 nope +
+// 64 rope, v 128, causal): the exact FP32 tiled kernels against the BF16 tensor-core flash kernels
+// (attention_bf16.cu), forward and backward, through CudaBackend::attention / attention_backward
+// (so the BF16 times include the passes that round q, k, v, dout to BF16 and compute D).
+// FLOPs: forward 2·B·H·T·S·(Dqk + Dv), backward 2·B·H·T·S·(3·Dqk + 2·Dv) (S = Q·Kᵀ, dP, dV, dK,
+// dQ — our backward recomputes S and dP once more in its dk/dv kernel, which is not counted),
+// causal counted as half. Roofline: 989 TFLOP/s dense BF16 (H200 datasheet). Also the BF16 path's
+// normalised error against the FP32 kernels at this shape. Writes bench/results/gpu_attention.json.
+#include <cstdio>
+#include <cstdlib>
+
+#include "common/bench_util.h"
+
+#ifndef DSV3_HAVE_CUDA
+int main() {
+  std::puts("gpu_attention: built without CUDA");
+  return 1;
+}
+#else
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "backend/cuda/attention_bf16.h"
+#include "backend/cuda/cuda_backend.h"
+
+using namespace dsv3;
+
+namespace {
+template <class F> double time_s(F&& f, int iters, int reps) {
+  f();
+  cudaDeviceSynchronize();
+  cudaEvent_t a, b;
+  cudaEventCreate(&a);
+  cudaEventCreate(&b);
+  std::vector<double> t;
+  for (int r = 0; r < reps; ++r) {
+    cudaEventRecord(a);
+    for (int i = 0; i < iters; ++i) f();
+    cudaEventRecord(b);
+    cudaEventSynchronize(b);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, a, b);
+    t.push_back(ms / 1e3 / iters);
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+Tensor random_device(CudaBackend& be, const Shape& s, uint64_t salt) {
+  Tensor h = Tensor::empty(DType::F32, s);
+  float* p = h.data<float>();
+  for (int64_t i = 0; i < h.numel(); ++i) {
+    uint64_t x = (uint64_t(i) + salt * 0x9E3779B97F4A7C15ull) * 0xBF58476D1CE4E5B9ull;
+    x ^= x >> 31;
+    p[i] = float(int64_t(x >> 40 & 0xFFFF) - 32768) / 16384.0f;  // uniform in [-2, 2)
+  }
+  return be.to_device(h);
+}
+
+double norm_err(CudaBackend& be, const Tensor& got, const Tensor& want) {
+  Tensor g = be.to_host(got), w = be.to_host(want);
+  double md = 0, mr = 0;
+  for (int64_t i = 0; i < g.numel(); ++i) {
+    md = std::max(md, std::fabs(double(g.data<float>()[i]) - double(w.data<float>()[i])));
+    mr = std::max(mr, std::fabs(double(w.data<float>()[i])));
+  }
+  return mr > 0 ? md / mr : md;
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int64_t B = 8, T = argc > 1 ? std::atoll(argv[1]) : 2048, H = 16, DQ = 192, DV = 128;
+  CudaBackend& be = cuda_backend();
+  Tensor q = random_device(be, {B, T, H, DQ}, 1), k = random_device(be, {B, T, H, DQ}, 2);
+  Tensor v = random_device(be, {B, T, H, DV}, 3), dout = random_device(be, {B, T, H, DV}, 4);
+  const float scale = 1.0f / std::sqrt(float(DQ)) * 0.5f;  // inputs span ±2: keep logits O(1)
+  Tensor out32 = be.alloc(DType::F32, {B, T, H, DV}), lse32 = be.alloc(DType::F32, {B, H, T});
+  Tensor out16 = be.alloc(DType::F32, {B, T, H, DV}), lse16 = be.alloc(DType::F32, {B, H, T});
+  Tensor dq32 = be.alloc(DType::F32, {B, T, H, DQ}), dk32 = be.alloc(DType::F32, {B, T, H, DQ});
+  Tensor dv32 = be.alloc(DType::F32, {B, T, H, DV});
+  Tensor dq16 = be.alloc(DType::F32, {B, T, H, DQ}), dk16 = be.alloc(DType::F32, {B, T, H, DQ});
+  Tensor dv16 = be.alloc(DType::F32, {B, T, H, DV});
+  auto fwd = [&](Tensor& o, Tensor& l) { be.attention({q, k, v, o, l, scale, true, 0}); };
+  auto bwd = [&](Tensor& o, Tensor& l, Tensor& dq, Tensor& dk, Tensor& dv) {
+    be.attention_backward({q, k, v, o, l, dout, dq, dk, dv, scale, true, 0});
+  };
+  const double pairs = double(B) * double(H) * double(T) * double(T) * 0.5;
+  const double f_fwd = 2.0 * pairs * double(DQ + DV), f_bwd = 2.0 * pairs * double(3 * DQ + 2 * DV);
+  const double peak = 989e12;
+
+  cuda_set_attention_bf16(false);
+  const double t_f32_fwd = time_s([&] { fwd(out32, lse32); }, 2, 3);
+  const double t_f32_bwd = time_s([&] { bwd(out32, lse32, dq32, dk32, dv32); }, 1, 3);
+  cuda_set_attention_bf16(true);
+  const double t_b16_fwd = time_s([&] { fwd(out16, lse16); }, 10, 5);
+  const double t_b16_bwd = time_s([&] { bwd(out16, lse16, dq16, dk16, dv16); }, 5, 5);
+  cuda_set_attention_bf16(false);
+  const double e_out = norm_err(be, out16, out32), e_lse = norm_err(be, lse16, lse32);
+  const double e_dq = norm_err(be, dq16, dq32), e_dk = norm_err(be, dk16, dk32), e_dv = norm_err(be, dv16, dv32);
+
+  std::printf("attention, B %ld T %ld H %ld qk %ld v %ld causal (FLOPs counted over the causal half)\n", long(B),
+              long(T), long(H), long(DQ), long(DV));
+  std::printf("%-28s %10s %10s %12s\n", "kernel", "ms", "TFLOP/s", "of 989 peak");
+  struct Row {
+    const char* name;
+    double t, f;
+  } rows[] = {{"FP32 tiled forward", t_f32_fwd, f_fwd},
+              {"FP32 tiled backward", t_f32_bwd, f_bwd},
+              {"BF16 flash forward", t_b16_fwd, f_fwd},
+              {"BF16 flash backward", t_b16_bwd, f_bwd}};
+  nlohmann::json jr = nlohmann::json::array();
+  for (const Row& r : rows) {
+    std::printf("%-28s %10.3f %10.1f %12.3f\n", r.name, r.t * 1e3, r.f / r.t / 1e12, r.f / r.t / peak);
+    jr.push_back({{"kernel", r.name}, {"ms", r.t * 1e3}, {"tflops", r.f / r.t / 1e12}, {"fraction_of_peak", r.f / r.t / peak}});
+  }
+  std::printf("BF16 vs FP32 kernels, normalised error: out %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n", e_out, e_lse,
+              e_dq, e_dk, e_dv);
+  std::printf("speedup forward %.1fx, backward %.1fx\n", t_f32_fwd / t_b16_fwd, t_f32_bwd / t_b16_bwd);
+  nlohmann::json res = {{"bench", "gpu_attention"},
+                        {"shape", {{"batch", B}, {"seq", T}, {"heads", H}, {"qk_head_dim", DQ}, {"v_head_dim", DV}, {"causal", true}}},
+                        {"roofline_tflops_bf16_dense", peak / 1e12},
+                        {"rows", jr},
+                        {"bf16_fwd_tflops", f_fwd / t_b16_fwd / 1e12},
+                        {"bf16_bwd_tflops", f_bwd / t_b16_bwd / 1e12},
+                        {"speedup_fwd", t_f32_fwd / t_b16_fwd},
+                        {"speedup_bwd", t_f32_bwd / t_b16_bwd},
+                        {"bf16_vs_fp32_norm_err", {{"out", e_out}, {"lse", e_lse}, {"dq", e_dq}, {"dk", e_dk}, {"dv", e_dv}}}};
+  if (const char* c = std::getenv("DSV3_COMMIT")) res["commit"] = c;
+  std::printf("wrote %s\n", dsv3::bench::write_result("gpu_attention", res).c_str());
+  return 0;
+}
+#endif

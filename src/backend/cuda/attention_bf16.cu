@@ -1,0 +1,683 @@
+// BF16 tensor-core flash attention for training (FlashAttention-2 scheme on mma.sync m16n8k16).
+// A prep pass rounds q, k, v (and dout) to BF16 (RNE) into per-head [B·H, Tp, Dp] copies, rows
+// padded to a multiple of 64 and head dims to the kernel's template width with zeros, so every
+// tile load is an unconditional cp.async and zero columns add nothing to the dot products.
+//   forward: CTA = 4 warps × 16 queries; K/V tiles of 64 keys double-buffered by cp.async; Q kept
+//            in registers as MMA A fragments; S = Q·Kᵀ, online softmax in FP32 registers (exp2 with
+//            the scale folded in), P rounded to BF16 straight from the accumulator layout for P·V.
+//   dq:      CTA = 64 queries over key tiles of 32: S, dP = dO·Vᵀ, dS = P∘(dP − D), dQ += dS·K.
+//   dk, dv:  CTA = 64 keys over query tiles of 32: Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ, dV += Pᵀ·dO,
+//            dK += dSᵀ·Q.
+// D = rowsum(dO∘O) in FP32 from the FP32 tensors. Every output element has one owner (no atomics,
+// deterministic). Causal tiles entirely above the diagonal are skipped; the masking is the FP32
+// kernels' (query i at absolute position q_offset + i sees keys ≤ q_offset + i).
+#include "backend/cuda/attention_bf16.h"
+#include "backend/cuda/common.cuh"
+
+#include <algorithm>
+#include <atomic>
+
+namespace dsv3 {
+using namespace cuda;
+
+namespace {
+
+std::atomic<bool> g_bf16{false};
+
+constexpr int kThreads = 128, kRowPad = 64, kPad = 8;
+constexpr float kLog2e = 1.4426950408889634f;
+typedef __nv_bfloat16 bf16_t;
+
+struct Dims {
+  int64_t b, t, s, h, dqk, dv;
+};
+Dims dims_of(const Tensor& q, const Tensor& k, const Tensor& v) {
+  int o = q.ndim() == 4 ? 1 : 0;
+  return {o ? q.dim(0) : 1, q.dim(o), k.dim(o), q.dim(o + 1), q.dim(o + 2), v.dim(o + 2)};
+}
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+// c += a·b, m16n8k16, BF16 operands, FP32 accumulators.
+__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t pack(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Lane addresses of ldmatrix x4 for a 16×16 block at (r0, c0) of a row-major shared tile:
+// A operand (rows = M) and "trans" B operand (rows = K): matrices ordered (r lo, c lo), (r hi, c lo),
+// (r lo, c hi), (r hi, c hi).
+__device__ __forceinline__ const bf16_t* frag_a(const bf16_t* base, int ld, int r0, int c0, int lane) {
+  return base + (r0 + (lane & 15)) * ld + c0 + (lane >> 4) * 8;
+}
+// Non-trans B operand whose rows are N (keys, say) and columns K: two n-tiles of 8 at r0, r0 + 8;
+// matrices (n lo, k lo), (n lo, k hi), (n hi, k lo), (n hi, k hi) → b0, b1 of n-tile 0 then 1.
+__device__ __forceinline__ const bf16_t* frag_b(const bf16_t* base, int ld, int r0, int c0, int lane) {
+  return base + (r0 + (lane & 7) + ((lane >> 4) << 3)) * ld + c0 + ((lane >> 3) & 1) * 8;
+}
+// Trans B operand stored with rows = K and columns = N: 16 k-rows at r0, two n-tiles at c0, c0 + 8.
+__device__ __forceinline__ const bf16_t* frag_bt(const bf16_t* base, int ld, int r0, int c0, int lane) {
+  return base + (r0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + c0 + (lane >> 4) * 8;
+}
+
+// rows × W BF16 from global (row stride W, contiguous) into shared (row stride W + kPad).
+template <int W>
+__device__ __forceinline__ void load_tile(bf16_t* dst, const bf16_t* src, int rows) {
+  constexpr int chunks = W / 8;
+  for (int i = threadIdx.x; i < rows * chunks; i += kThreads) {
+    const int r = i / chunks, c = i - r * chunks;
+    cp_async16(dst + r * (W + kPad) + c * 8, src + int64_t(r) * W + c * 8);
+  }
+}
+
+// ---- prep ---------------------------------------------------------------------------------------
+
+// [B, T, H, D] F32 → [B·H, Tp, Dp] BF16 (RNE), zero past T and D. 4 elements per thread.
+__global__ void to_bf16_heads(const float* src, bf16_t* dst, int64_t b_, int64_t t, int64_t h, int64_t d,
+                              int64_t tp, int64_t dp) {
+  const int64_t n = b_ * h * tp * (dp / 4);
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t c4 = idx % (dp / 4), row = idx / (dp / 4);
+    const int64_t ti = row % tp, bh = row / tp, hi = bh % h, bi = bh / h;
+    float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (ti < t && c4 * 4 < d) x = *reinterpret_cast<const float4*>(src + ((bi * t + ti) * h + hi) * d + c4 * 4);
+    uint2 o;
+    o.x = pack(x.x, x.y);
+    o.y = pack(x.z, x.w);
+    *reinterpret_cast<uint2*>(dst + row * dp + c4 * 4) = o;
+  }
+}
+
+// D[bh, i] = Σ_c dout·out (F32), 0 on padded rows; lse2[bh, i] = lse·log2(e), +inf on padded rows
+// (so exp2(s·scale·log2e − lse2) = 0 there). One warp per row.
+__global__ void bwd_prep(const float* dout, const float* out, const float* lse, float* dsum, float* lse2, int64_t b_,
+                         int64_t t, int64_t h, int64_t dv, int64_t tp) {
+  const int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (row >= b_ * h * tp) return;
+  const int64_t ti = row % tp, bh = row / tp, hi = bh % h, bi = bh / h;
+  float s = 0.0f;
+  if (ti < t) {
+    const int64_t base = ((bi * t + ti) * h + hi) * dv;
+    for (int64_t c = lane; c < dv; c += 32) s = fmaf(dout[base + c], out[base + c], s);
+  }
+  s = warp_sum(s);
+  if (lane == 0) {
+    dsum[row] = s;
+    lse2[row] = ti < t ? lse[bh * t + ti] * kLog2e : INFINITY;
+  }
+}
+
+// ---- forward ------------------------------------------------------------------------------------
+
+constexpr int kFwdM = 64, kFwdN = 64;
+
+template <int DQK, int DV>
+__global__ void __launch_bounds__(kThreads, 1)
+    fwd_kernel(const bf16_t* q, const bf16_t* k, const bf16_t* v, float* out, float* lse, Dims dm, int64_t tp,
+               int64_t sp, float scale, bool causal, int64_t q_off) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  constexpr int lq = DQK + kPad, lv = DV + kPad, NT = kFwdN / 8;
+  bf16_t* qs = reinterpret_cast<bf16_t*>(smem_raw);  // [64][lq]
+  bf16_t* ks = qs + kFwdM * lq;                      // [2][64][lq]
+  bf16_t* vs = ks + 2 * kFwdN * lq;                  // [2][64][lv]
+  const int64_t q0 = int64_t(gridDim.x - 1 - blockIdx.x) * kFwdM;  // longest causal rows first
+  const int64_t bh = int64_t(blockIdx.z) * dm.h + blockIdx.y;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
+  const bf16_t* kg = k + bh * sp * DQK;
+  const bf16_t* vg = v + bh * sp * DV;
+  load_tile<DQK>(qs, q + (bh * tp + q0) * DQK, kFwdM);
+  cp_async_commit();
+  const int64_t q_last = q0 + kFwdM < dm.t ? q0 + kFwdM : dm.t;
+  const int64_t nkeys = causal ? (dm.s < q_off + q_last ? dm.s : q_off + q_last) : dm.s;
+  const int ntiles = int((nkeys + kFwdN - 1) / kFwdN);
+  auto load_kv = [&](int j, int buf) {
+    load_tile<DQK>(ks + buf * kFwdN * lq, kg + int64_t(j) * kFwdN * DQK, kFwdN);
+    load_tile<DV>(vs + buf * kFwdN * lv, vg + int64_t(j) * kFwdN * DV, kFwdN);
+    cp_async_commit();
+  };
+  if (ntiles > 0) load_kv(0, 0);
+
+  uint32_t qf[DQK / 16][4];
+  float o[DV / 8][4];
+#pragma unroll
+  for (int n = 0; n < DV / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.0f, l_hi = 0.0f;  // raw-score maxima, partial sums
+  const float sl2 = scale * kLog2e;
+  const int64_t row_lo = q0 + warp * 16 + g, row_hi = row_lo + 8;
+
+  for (int j = 0; j < ntiles; ++j) {
+    const int buf = j & 1;
+    if (j + 1 < ntiles) {
+      load_kv(j + 1, buf ^ 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (j == 0) {
+#pragma unroll
+      for (int kk = 0; kk < DQK / 16; ++kk) ldsm_x4(qf[kk], frag_a(qs, lq, warp * 16, kk * 16, lane));
+    }
+    const bf16_t* kt = ks + buf * kFwdN * lq;
+    const bf16_t* vt = vs + buf * kFwdN * lv;
+    float s[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < DQK / 16; ++kk) {
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        uint32_t b[4];
+        ldsm_x4(b, frag_b(kt, lq, np * 16, kk * 16, lane));
+        mma(s[2 * np], qf[kk], b[0], b[1]);
+        mma(s[2 * np + 1], qf[kk], b[2], b[3]);
+      }
+    }
+    const int64_t k0 = int64_t(j) * kFwdN;
+    // Mask only tiles that reach past S or past this warp's first row's diagonal.
+    if (k0 + kFwdN > dm.s || (causal && k0 + kFwdN - 1 > q_off + q0 + warp * 16)) {
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int64_t key = k0 + n * 8 + 2 * t4 + (e & 1);
+          const int64_t row = e < 2 ? row_lo : row_hi;
+          if (key >= dm.s || (causal && key > q_off + row)) s[n][e] = -INFINITY;
+        }
+    }
+    float mx_lo = -INFINITY, mx_hi = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      mx_lo = fmaxf(mx_lo, fmaxf(s[n][0], s[n][1]));
+      mx_hi = fmaxf(mx_hi, fmaxf(s[n][2], s[n][3]));
+    }
+    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+    const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
+    // A row with every key so far masked keeps −inf: exp2(−inf − −inf) would be NaN.
+    const float b_lo = mn_lo == -INFINITY ? 0.0f : mn_lo * sl2, b_hi = mn_hi == -INFINITY ? 0.0f : mn_hi * sl2;
+    const float al_lo = exp2f(m_lo * sl2 - b_lo), al_hi = exp2f(m_hi * sl2 - b_hi);
+    m_lo = mn_lo;
+    m_hi = mn_hi;
+    float ps_lo = 0.0f, ps_hi = 0.0f;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      s[n][0] = exp2f(fmaf(s[n][0], sl2, -b_lo));
+      s[n][1] = exp2f(fmaf(s[n][1], sl2, -b_lo));
+      s[n][2] = exp2f(fmaf(s[n][2], sl2, -b_hi));
+      s[n][3] = exp2f(fmaf(s[n][3], sl2, -b_hi));
+      ps_lo += s[n][0] + s[n][1];
+      ps_hi += s[n][2] + s[n][3];
+    }
+    l_lo = l_lo * al_lo + ps_lo;
+    l_hi = l_hi * al_hi + ps_hi;
+#pragma unroll
+    for (int n = 0; n < DV / 8; ++n) {
+      o[n][0] *= al_lo;
+      o[n][1] *= al_lo;
+      o[n][2] *= al_hi;
+      o[n][3] *= al_hi;
+    }
+    // The S accumulators of n-tiles 2kk, 2kk + 1 are exactly the A fragment of k-step kk.
+#pragma unroll
+    for (int kk = 0; kk < NT / 2; ++kk) {
+      uint32_t a[4] = {pack(s[2 * kk][0], s[2 * kk][1]), pack(s[2 * kk][2], s[2 * kk][3]),
+                       pack(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int np = 0; np < DV / 16; ++np) {
+        uint32_t b[4];
+        ldsm_x4_t(b, frag_bt(vt, lv, kk * 16, np * 16, lane));
+        mma(o[2 * np], a, b[0], b[1]);
+        mma(o[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // the buffer is refilled next iteration
+  }
+  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+  const int64_t ldv = dm.h * dm.dv;
+  const int64_t b = blockIdx.z, hh = blockIdx.y;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t row = half ? row_hi : row_lo;
+    if (row >= dm.t) continue;
+    const float l = half ? l_hi : l_lo, m = half ? m_hi : m_lo;
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    float* orow = out + (b * dm.t + row) * ldv + hh * dm.dv;
+#pragma unroll
+    for (int n = 0; n < DV / 8; ++n) {
+      const int c = n * 8 + 2 * t4;
+      if (c < dm.dv) *reinterpret_cast<float2*>(orow + c) = make_float2(o[n][2 * half] * inv, o[n][2 * half + 1] * inv);
+    }
+    if (lse && t4 == 0) lse[bh * dm.t + row] = m * scale + logf(l);
+  }
+}
+
+// ---- backward: dq ---------------------------------------------------------------------------------
+
+constexpr int kDqM = 64, kDqN = 32;
+
+template <int DQK, int DV>
+__global__ void __launch_bounds__(kThreads, 2)
+    dq_kernel(const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* dout, const float* lse2,
+              const float* dsum, float* dq, Dims dm, int64_t tp, int64_t sp, float scale, bool causal,
+              int64_t q_off) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  constexpr int lq = DQK + kPad, lv = DV + kPad, NT = kDqN / 8;
+  bf16_t* qs = reinterpret_cast<bf16_t*>(smem_raw);  // [64][lq]
+  bf16_t* dos = qs + kDqM * lq;                      // [64][lv]
+  bf16_t* ks = dos + kDqM * lv;                      // [2][32][lq]
+  bf16_t* vs = ks + 2 * kDqN * lq;                   // [2][32][lv]
+  const int64_t q0 = int64_t(gridDim.x - 1 - blockIdx.x) * kDqM;
+  const int64_t bh = int64_t(blockIdx.z) * dm.h + blockIdx.y;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
+  const bf16_t* kg = k + bh * sp * DQK;
+  const bf16_t* vg = v + bh * sp * DV;
+  load_tile<DQK>(qs, q + (bh * tp + q0) * DQK, kDqM);
+  load_tile<DV>(dos, dout + (bh * tp + q0) * DV, kDqM);
+  cp_async_commit();
+  const int64_t q_last = q0 + kDqM < dm.t ? q0 + kDqM : dm.t;
+  const int64_t nkeys = causal ? (dm.s < q_off + q_last ? dm.s : q_off + q_last) : dm.s;
+  const int ntiles = int((nkeys + kDqN - 1) / kDqN);
+  auto load_kv = [&](int j, int buf) {
+    load_tile<DQK>(ks + buf * kDqN * lq, kg + int64_t(j) * kDqN * DQK, kDqN);
+    load_tile<DV>(vs + buf * kDqN * lv, vg + int64_t(j) * kDqN * DV, kDqN);
+    cp_async_commit();
+  };
+  if (ntiles > 0) load_kv(0, 0);
+  const int64_t row_lo = q0 + warp * 16 + g, row_hi = row_lo + 8;
+  const float l2_lo = lse2[bh * tp + row_lo], l2_hi = lse2[bh * tp + row_hi];
+  const float d_lo = dsum[bh * tp + row_lo], d_hi = dsum[bh * tp + row_hi];
+  const float sl2 = scale * kLog2e;
+  float acc[DQK / 8][4];
+#pragma unroll
+  for (int n = 0; n < DQK / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+
+  for (int j = 0; j < ntiles; ++j) {
+    const int buf = j & 1;
+    if (j + 1 < ntiles) {
+      load_kv(j + 1, buf ^ 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const bf16_t* kt = ks + buf * kDqN * lq;
+    const bf16_t* vt = vs + buf * kDqN * lv;
+    float s[NT][4], dp[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < DQK / 16; ++kk) {
+      uint32_t a[4];
+      ldsm_x4(a, frag_a(qs, lq, warp * 16, kk * 16, lane));
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        uint32_t b[4];
+        ldsm_x4(b, frag_b(kt, lq, np * 16, kk * 16, lane));
+        mma(s[2 * np], a, b[0], b[1]);
+        mma(s[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < DV / 16; ++kk) {
+      uint32_t a[4];
+      ldsm_x4(a, frag_a(dos, lv, warp * 16, kk * 16, lane));
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        uint32_t b[4];
+        ldsm_x4(b, frag_b(vt, lv, np * 16, kk * 16, lane));
+        mma(dp[2 * np], a, b[0], b[1]);
+        mma(dp[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+    const int64_t k0 = int64_t(j) * kDqN;
+    const bool need_mask = k0 + kDqN > dm.s || (causal && k0 + kDqN - 1 > q_off + q0 + warp * 16);
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool hi = e >= 2;
+        float p = exp2f(fmaf(s[n][e], sl2, -(hi ? l2_hi : l2_lo)));
+        if (need_mask) {
+          const int64_t key = k0 + n * 8 + 2 * t4 + (e & 1);
+          if (key >= dm.s || (causal && key > q_off + (hi ? row_hi : row_lo))) p = 0.0f;
+        }
+        s[n][e] = p * (dp[n][e] - (hi ? d_hi : d_lo));  // dS (unscaled)
+      }
+#pragma unroll
+    for (int kk = 0; kk < NT / 2; ++kk) {
+      uint32_t a[4] = {pack(s[2 * kk][0], s[2 * kk][1]), pack(s[2 * kk][2], s[2 * kk][3]),
+                       pack(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int np = 0; np < DQK / 16; ++np) {
+        uint32_t b[4];
+        ldsm_x4_t(b, frag_bt(kt, lq, kk * 16, np * 16, lane));
+        mma(acc[2 * np], a, b[0], b[1]);
+        mma(acc[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+    __syncthreads();
+  }
+  const int64_t ldq = dm.h * dm.dqk, b = blockIdx.z, hh = blockIdx.y;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t row = half ? row_hi : row_lo;
+    if (row >= dm.t) continue;
+    float* orow = dq + (b * dm.t + row) * ldq + hh * dm.dqk;
+#pragma unroll
+    for (int n = 0; n < DQK / 8; ++n) {
+      const int c = n * 8 + 2 * t4;
+      if (c < dm.dqk)
+        *reinterpret_cast<float2*>(orow + c) = make_float2(scale * acc[n][2 * half], scale * acc[n][2 * half + 1]);
+    }
+  }
+}
+
+// ---- backward: dk, dv -----------------------------------------------------------------------------
+
+constexpr int kKvN = 64, kKvM = 32;
+
+template <int DQK, int DV>
+__global__ void __launch_bounds__(kThreads, 2)
+    dkv_kernel(const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* dout, const float* lse2,
+               const float* dsum, float* dk, float* dv_out, Dims dm, int64_t tp, int64_t sp, float scale,
+               bool causal, int64_t q_off) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  constexpr int lq = DQK + kPad, lv = DV + kPad, NT = kKvM / 8;
+  bf16_t* ks = reinterpret_cast<bf16_t*>(smem_raw);  // [64][lq]
+  bf16_t* vs = ks + kKvN * lq;                       // [64][lv]
+  bf16_t* qs = vs + kKvN * lv;                       // [2][32][lq]
+  bf16_t* dos = qs + 2 * kKvM * lq;                  // [2][32][lv]
+  float* ls = reinterpret_cast<float*>(dos + 2 * kKvM * lv);  // [2][32] lse·log2e
+  float* ds = ls + 2 * kKvM;                                  // [2][32] D
+  const int64_t k0 = int64_t(blockIdx.x) * kKvN;
+  const int64_t bh = int64_t(blockIdx.z) * dm.h + blockIdx.y;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
+  const bf16_t* qg = q + bh * tp * DQK;
+  const bf16_t* dg = dout + bh * tp * DV;
+  load_tile<DQK>(ks, k + (bh * sp + k0) * DQK, kKvN);
+  load_tile<DV>(vs, v + (bh * sp + k0) * DV, kKvN);
+  cp_async_commit();
+  int64_t first = causal ? (k0 - q_off > 0 ? k0 - q_off : 0) : 0;
+  first = first / kKvM * kKvM;
+  const int ntiles = first < dm.t ? int((dm.t - first + kKvM - 1) / kKvM) : 0;
+  auto load_q = [&](int j, int buf) {
+    const int64_t i0 = first + int64_t(j) * kKvM;
+    load_tile<DQK>(qs + buf * kKvM * lq, qg + i0 * DQK, kKvM);
+    load_tile<DV>(dos + buf * kKvM * lv, dg + i0 * DV, kKvM);
+    cp_async_commit();
+    if (tid < kKvM) {
+      ls[buf * kKvM + tid] = lse2[bh * tp + i0 + tid];
+      ds[buf * kKvM + tid] = dsum[bh * tp + i0 + tid];
+    }
+  };
+  if (ntiles > 0) load_q(0, 0);
+  const int64_t key_lo = k0 + warp * 16 + g, key_hi = key_lo + 8;
+  const float sl2 = scale * kLog2e;
+  float ak[DQK / 8][4], av[DV / 8][4];
+#pragma unroll
+  for (int n = 0; n < DQK / 8; ++n) ak[n][0] = ak[n][1] = ak[n][2] = ak[n][3] = 0.0f;
+#pragma unroll
+  for (int n = 0; n < DV / 8; ++n) av[n][0] = av[n][1] = av[n][2] = av[n][3] = 0.0f;
+
+  for (int j = 0; j < ntiles; ++j) {
+    const int buf = j & 1;
+    if (j + 1 < ntiles) {
+      load_q(j + 1, buf ^ 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const bf16_t* qt = qs + buf * kKvM * lq;
+    const bf16_t* dt = dos + buf * kKvM * lv;
+    const float* lt = ls + buf * kKvM;
+    const float* dd = ds + buf * kKvM;
+    float s[NT][4], dp[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < DQK / 16; ++kk) {
+      uint32_t a[4];
+      ldsm_x4(a, frag_a(ks, lq, warp * 16, kk * 16, lane));
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        uint32_t b[4];
+        ldsm_x4(b, frag_b(qt, lq, np * 16, kk * 16, lane));
+        mma(s[2 * np], a, b[0], b[1]);
+        mma(s[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < DV / 16; ++kk) {
+      uint32_t a[4];
+      ldsm_x4(a, frag_a(vs, lv, warp * 16, kk * 16, lane));
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        uint32_t b[4];
+        ldsm_x4(b, frag_b(dt, lv, np * 16, kk * 16, lane));
+        mma(dp[2 * np], a, b[0], b[1]);
+        mma(dp[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+    const int64_t i0 = first + int64_t(j) * kKvM;
+    // Transposed tiles: rows are keys (key_lo / key_hi), columns queries i0 + n·8 + 2·t4 + (e & 1).
+    const bool need_mask = k0 + kKvN > dm.s || (causal && k0 + kKvN - 1 > q_off + i0);
+    uint32_t pa[NT / 2][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int qc = n * 8 + 2 * t4 + (e & 1);
+        float p = exp2f(fmaf(s[n][e], sl2, -lt[qc]));  // 0 on padded query rows (lse2 = +inf)
+        if (need_mask) {
+          const int64_t key = e >= 2 ? key_hi : key_lo;
+          if (key >= dm.s || (causal && key > q_off + i0 + qc)) p = 0.0f;
+        }
+        s[n][e] = p;
+        dp[n][e] = p * (dp[n][e] - dd[qc]);
+      }
+#pragma unroll
+    for (int kk = 0; kk < NT / 2; ++kk) {
+      pa[kk][0] = pack(s[2 * kk][0], s[2 * kk][1]);
+      pa[kk][1] = pack(s[2 * kk][2], s[2 * kk][3]);
+      pa[kk][2] = pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[kk][3] = pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+#pragma unroll
+    for (int kk = 0; kk < NT / 2; ++kk) {
+#pragma unroll
+      for (int np = 0; np < DV / 16; ++np) {
+        uint32_t b[4];
+        ldsm_x4_t(b, frag_bt(dt, lv, kk * 16, np * 16, lane));
+        mma(av[2 * np], pa[kk], b[0], b[1]);
+        mma(av[2 * np + 1], pa[kk], b[2], b[3]);
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < NT / 2; ++kk) {
+      uint32_t a[4] = {pack(dp[2 * kk][0], dp[2 * kk][1]), pack(dp[2 * kk][2], dp[2 * kk][3]),
+                       pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]), pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+#pragma unroll
+      for (int np = 0; np < DQK / 16; ++np) {
+        uint32_t b[4];
+        ldsm_x4_t(b, frag_bt(qt, lq, kk * 16, np * 16, lane));
+        mma(ak[2 * np], a, b[0], b[1]);
+        mma(ak[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+    __syncthreads();
+  }
+  const int64_t ldq = dm.h * dm.dqk, ldv = dm.h * dm.dv, b = blockIdx.z, hh = blockIdx.y;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t key = half ? key_hi : key_lo;
+    if (key >= dm.s) continue;
+    if (dk) {
+      float* orow = dk + (b * dm.s + key) * ldq + hh * dm.dqk;
+#pragma unroll
+      for (int n = 0; n < DQK / 8; ++n) {
+        const int c = n * 8 + 2 * t4;
+        if (c < dm.dqk)
+          *reinterpret_cast<float2*>(orow + c) = make_float2(scale * ak[n][2 * half], scale * ak[n][2 * half + 1]);
+      }
+    }
+    if (dv_out) {
+      float* orow = dv_out + (b * dm.s + key) * ldv + hh * dm.dv;
+#pragma unroll
+      for (int n = 0; n < DV / 8; ++n) {
+        const int c = n * 8 + 2 * t4;
+        if (c < dm.dv) *reinterpret_cast<float2*>(orow + c) = make_float2(av[n][2 * half], av[n][2 * half + 1]);
+      }
+    }
+  }
+}
+
+// ---- dispatch -------------------------------------------------------------------------------------
+
+void set_smem(const void* kernel, size_t bytes) {
+  if (bytes > 48 * 1024)
+    DSV3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+}
+
+// Padded head dims of the instantiated kernels: (64, 64), (128, 128), (192, 128), (256, 128).
+struct Width {
+  int dqk, dv;
+};
+Width width_for(int64_t dqk, int64_t dv) {
+  if (dqk <= 64 && dv <= 64) return {64, 64};
+  return {dqk <= 128 ? 128 : dqk <= 192 ? 192 : 256, 128};
+}
+
+void convert(const Tensor& x, const Dims& d, int64_t rows, int64_t width, int64_t tp, int64_t dp, bf16_t* dst) {
+  const int64_t n = d.b * d.h * tp * (dp / 4);
+  const unsigned blocks = unsigned(std::min<int64_t>((n + 255) / 256, 132 * 16));
+  to_bf16_heads<<<blocks > 0 ? blocks : 1, 256>>>(x.data<float>(), dst, d.b, rows, d.h, width, tp, dp);
+  check_launch("attention_bf16 (convert)");
+}
+
+template <int DQK, int DV>
+void run_fwd(const AttentionArgs& a, const Dims& d) {
+  const int64_t tp = round_up(d.t, kRowPad), sp = round_up(std::max<int64_t>(d.s, 1), kRowPad);
+  Scratch qb(size_t(d.b * d.h * tp * DQK) * 2), kb(size_t(d.b * d.h * sp * DQK) * 2),
+      vb(size_t(d.b * d.h * sp * DV) * 2);
+  convert(a.q, d, d.t, d.dqk, tp, DQK, qb.as<bf16_t>());
+  convert(a.k, d, d.s, d.dqk, sp, DQK, kb.as<bf16_t>());
+  convert(a.v, d, d.s, d.dv, sp, DV, vb.as<bf16_t>());
+  const size_t smem = size_t(kFwdM * (DQK + kPad) + 2 * kFwdN * (DQK + kPad) + 2 * kFwdN * (DV + kPad)) * 2;
+  set_smem(reinterpret_cast<const void*>(fwd_kernel<DQK, DV>), smem);
+  fwd_kernel<DQK, DV><<<dim3(unsigned(tp / kFwdM), unsigned(d.h), unsigned(d.b)), kThreads, smem>>>(
+      qb.as<bf16_t>(), kb.as<bf16_t>(), vb.as<bf16_t>(), ptr<float>(a.out),
+      present(a.lse) ? ptr<float>(a.lse) : nullptr, d, tp, sp, a.scale, a.causal, a.q_offset);
+  check_launch("attention_bf16 (forward)");
+}
+
+template <int DQK, int DV>
+void run_bwd(const AttentionBackwardArgs& a, const Dims& d) {
+  const int64_t tp = round_up(std::max<int64_t>(d.t, 1), kRowPad), sp = round_up(std::max<int64_t>(d.s, 1), kRowPad);
+  Scratch qb(size_t(d.b * d.h * tp * DQK) * 2), kb(size_t(d.b * d.h * sp * DQK) * 2),
+      vb(size_t(d.b * d.h * sp * DV) * 2), db(size_t(d.b * d.h * tp * DV) * 2), dsum(size_t(d.b * d.h * tp) * 4),
+      lse2(size_t(d.b * d.h * tp) * 4);
+  convert(a.q, d, d.t, d.dqk, tp, DQK, qb.as<bf16_t>());
+  convert(a.k, d, d.s, d.dqk, sp, DQK, kb.as<bf16_t>());
+  convert(a.v, d, d.s, d.dv, sp, DV, vb.as<bf16_t>());
+  convert(a.dout, d, d.t, d.dv, tp, DV, db.as<bf16_t>());
+  const int64_t prep_threads = d.b * d.h * tp * 32;
+  bwd_prep<<<unsigned((prep_threads + 255) / 256), 256>>>(a.dout.data<float>(), a.out.data<float>(),
+                                                          a.lse.data<float>(), dsum.as<float>(), lse2.as<float>(),
+                                                          d.b, d.t, d.h, d.dv, tp);
+  check_launch("attention_bf16 (backward prep)");
+  if (present(a.dq) && d.t > 0) {
+    const size_t smem = size_t(kDqM * (DQK + kPad) + kDqM * (DV + kPad) + 2 * kDqN * (DQK + kPad) +
+                               2 * kDqN * (DV + kPad)) * 2;
+    set_smem(reinterpret_cast<const void*>(dq_kernel<DQK, DV>), smem);
+    dq_kernel<DQK, DV><<<dim3(unsigned(tp / kDqM), unsigned(d.h), unsigned(d.b)), kThreads, smem>>>(
+        qb.as<bf16_t>(), kb.as<bf16_t>(), vb.as<bf16_t>(), db.as<bf16_t>(), lse2.as<float>(), dsum.as<float>(),
+        ptr<float>(a.dq), d, tp, sp, a.scale, a.causal, a.q_offset);
+    check_launch("attention_bf16 (dq)");
+  }
+  if ((present(a.dk) || present(a.dv)) && d.s > 0) {
+    const size_t smem = size_t(kKvN * (DQK + kPad) + kKvN * (DV + kPad) + 2 * kKvM * (DQK + kPad) +
+                               2 * kKvM * (DV + kPad)) * 2 + 4 * kKvM * 4;
+    set_smem(reinterpret_cast<const void*>(dkv_kernel<DQK, DV>), smem);
+    dkv_kernel<DQK, DV><<<dim3(unsigned(sp / kKvN), unsigned(d.h), unsigned(d.b)), kThreads, smem>>>(
+        qb.as<bf16_t>(), kb.as<bf16_t>(), vb.as<bf16_t>(), db.as<bf16_t>(), lse2.as<float>(), dsum.as<float>(),
+        present(a.dk) ? ptr<float>(a.dk) : nullptr, present(a.dv) ? ptr<float>(a.dv) : nullptr, d, tp, sp, a.scale,
+        a.causal, a.q_offset);
+    check_launch("attention_bf16 (dk, dv)");
+  }
+}
+
+}  // namespace
+
+void cuda_set_attention_bf16(bool on) { g_bf16.store(on); }
+bool cuda_attention_bf16() { return g_bf16.load(); }
+
+bool cuda_attention_bf16_supported(int64_t dqk, int64_t dv) {
+  return dqk > 0 && dv > 0 && dqk % 16 == 0 && dv % 16 == 0 && dqk <= 256 && dv <= 128;
+}
+
+// The prep pass reads float4s: every base must be 16-byte aligned (rows are, as head dims are
+// multiples of 16; a view starting mid-row would not be).
+static bool aligned(const Tensor& t) { return !present(t) || (reinterpret_cast<uintptr_t>(t.raw()) & 15) == 0; }
+
+bool cuda_attention_bf16_forward(const AttentionArgs& a) {
+  const Dims d = dims_of(a.q, a.k, a.v);
+  if (!cuda_attention_bf16_supported(d.dqk, d.dv) || !aligned(a.q) || !aligned(a.k) || !aligned(a.v)) return false;
+  if (d.b * d.t * d.h == 0) return true;
+  const Width w = width_for(d.dqk, d.dv);
+  if (w.dqk == 64) run_fwd<64, 64>(a, d);
+  else if (w.dqk == 128) run_fwd<128, 128>(a, d);
+  else if (w.dqk == 192) run_fwd<192, 128>(a, d);
+  else run_fwd<256, 128>(a, d);
+  return true;
+}
+
+bool cuda_attention_bf16_backward(const AttentionBackwardArgs& a) {
+  const Dims d = dims_of(a.q, a.k, a.v);
+  if (!cuda_attention_bf16_supported(d.dqk, d.dv) || !aligned(a.q) || !aligned(a.k) || !aligned(a.v) ||
+      !aligned(a.dout))
+    return false;
+  if (d.b * d.h == 0) return true;
+  const Width w = width_for(d.dqk, d.dv);
+  if (w.dqk == 64) run_bwd<64, 64>(a, d);
+  else if (w.dqk == 128) run_bwd<128, 128>(a, d);
+  else if (w.dqk == 192) run_bwd<192, 128>(a, d);
+  else run_bwd<256, 128>(a, d);
+  return true;
+}
+
+}  // namespace dsv3
