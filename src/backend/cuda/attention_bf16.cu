@@ -95,39 +95,47 @@ __device__ __forceinline__ void load_tile(bf16_t* dst, const bf16_t* src, int ro
 
 // ---- prep ---------------------------------------------------------------------------------------
 
-// [B, T, H, D] F32 → [B·H, Tp, Dp] BF16 (RNE), zero past T and D. 4 elements per thread.
-__global__ void to_bf16_heads(const float* src, bf16_t* dst, int64_t b_, int64_t t, int64_t h, int64_t d,
-                              int64_t tp, int64_t dp) {
-  const int64_t n = b_ * h * tp * (dp / 4);
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t c4 = idx % (dp / 4), row = idx / (dp / 4);
-    const int64_t ti = row % tp, bh = row / tp, hi = bh % h, bi = bh / h;
-    float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (ti < t && c4 * 4 < d) x = *reinterpret_cast<const float4*>(src + ((bi * t + ti) * h + hi) * d + c4 * 4);
-    uint2 o;
-    o.x = pack(x.x, x.y);
-    o.y = pack(x.z, x.w);
-    *reinterpret_cast<uint2*>(dst + row * dp + c4 * 4) = o;
+// [B, T, H, D] F32 → [B·H, Tp, Dp] BF16 (RNE), zero past T and D. Grid (row chunks, H, B);
+// 8 elements per thread (D is a multiple of 16, so a chunk is entirely inside or past D).
+__global__ void to_bf16_heads(const float* src, bf16_t* dst, int t, int h, int d, int tp, int dp) {
+  const int chunks = dp / 8;
+  const int idx = int(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= tp * chunks) return;
+  const int r = idx / chunks, c = (idx - r * chunks) * 8;
+  const int64_t hh = blockIdx.y, b = blockIdx.z;
+  uint4 o = make_uint4(0u, 0u, 0u, 0u);
+  if (r < t && c < d) {
+    const float4* p = reinterpret_cast<const float4*>(src + ((b * t + r) * h + hh) * d + c);
+    const float4 x = p[0], y = p[1];
+    o = make_uint4(pack(x.x, x.y), pack(x.z, x.w), pack(y.x, y.y), pack(y.z, y.w));
   }
+  *reinterpret_cast<uint4*>(dst + ((b * h + hh) * tp + r) * int64_t(dp) + c) = o;
 }
 
-// D[bh, i] = Σ_c dout·out (F32), 0 on padded rows; lse2[bh, i] = lse·log2(e), +inf on padded rows
-// (so exp2(s·scale·log2e − lse2) = 0 there). One warp per row.
-__global__ void bwd_prep(const float* dout, const float* out, const float* lse, float* dsum, float* lse2, int64_t b_,
-                         int64_t t, int64_t h, int64_t dv, int64_t tp) {
-  const int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;
-  const int lane = threadIdx.x & 31;
-  if (row >= b_ * h * tp) return;
-  const int64_t ti = row % tp, bh = row / tp, hi = bh % h, bi = bh / h;
+// Per row of dout: D[bh, i] = Σ_c dout·out (F32, 0 on padded rows), lse2[bh, i] = lse·log2(e)
+// (+inf on padded rows, so exp2(s·scale·log2e − lse2) = 0 there), and dout rounded to BF16 into
+// [B·H, Tp, Dp] like to_bf16_heads. One warp per row, 4 columns per lane per step.
+__global__ void bwd_prep(const float* dout, const float* out, const float* lse, bf16_t* dout16, float* dsum,
+                         float* lse2, int t, int h, int dv, int tp, int dp) {
+  const int row = int(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  if (row >= tp) return;
+  const int64_t hh = blockIdx.y, b = blockIdx.z, bh = b * h + hh;
+  const int64_t src = ((b * t + row) * h + hh) * dv;
+  bf16_t* dst = dout16 + (bh * tp + row) * int64_t(dp);
   float s = 0.0f;
-  if (ti < t) {
-    const int64_t base = ((bi * t + ti) * h + hi) * dv;
-    for (int64_t c = lane; c < dv; c += 32) s = fmaf(dout[base + c], out[base + c], s);
+  for (int c = lane * 4; c < dp; c += 128) {
+    float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (row < t && c < dv) {
+      x = *reinterpret_cast<const float4*>(dout + src + c);
+      const float4 o = *reinterpret_cast<const float4*>(out + src + c);
+      s = fmaf(x.x, o.x, fmaf(x.y, o.y, fmaf(x.z, o.z, fmaf(x.w, o.w, s))));
+    }
+    *reinterpret_cast<uint2*>(dst + c) = make_uint2(pack(x.x, x.y), pack(x.z, x.w));
   }
   s = warp_sum(s);
   if (lane == 0) {
-    dsum[row] = s;
-    lse2[row] = ti < t ? lse[bh * t + ti] * kLog2e : INFINITY;
+    dsum[bh * tp + row] = s;
+    lse2[bh * tp + row] = row < t ? lse[bh * t + row] * kLog2e : INFINITY;
   }
 }
 
@@ -137,8 +145,8 @@ constexpr int kFwdM = 64, kFwdN = 64;
 
 template <int DQK, int DV>
 __global__ void __launch_bounds__(kThreads, 1)
-    fwd_kernel(const bf16_t* q, const bf16_t* k, const bf16_t* v, float* out, float* lse, Dims dm, int64_t tp,
-               int64_t sp, float scale, bool causal, int64_t q_off) {
+    fwd_kernel(const float* q, const bf16_t* k, const bf16_t* v, float* out, float* lse, Dims dm, int64_t sp,
+               float scale, bool causal, int64_t q_off) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   constexpr int lq = DQK + kPad, lv = DV + kPad, NT = kFwdN / 8;
   bf16_t* qs = reinterpret_cast<bf16_t*>(smem_raw);  // [64][lq]
@@ -149,8 +157,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
   const bf16_t* kg = k + bh * sp * DQK;
   const bf16_t* vg = v + bh * sp * DV;
-  load_tile<DQK>(qs, q + (bh * tp + q0) * DQK, kFwdM);
-  cp_async_commit();
   const int64_t q_last = q0 + kFwdM < dm.t ? q0 + kFwdM : dm.t;
   const int64_t nkeys = causal ? (dm.s < q_off + q_last ? dm.s : q_off + q_last) : dm.s;
   const int ntiles = int((nkeys + kFwdN - 1) / kFwdN);
@@ -160,6 +166,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     cp_async_commit();
   };
   if (ntiles > 0) load_kv(0, 0);
+  // Q is read once per CTA: straight from the F32 tensor, rounded here (the first tile's barrier
+  // publishes it).
+  {
+    constexpr int chunks = DQK / 4;
+    const float* qg = q + blockIdx.y * dm.dqk;
+    for (int i = tid; i < kFwdM * chunks; i += kThreads) {
+      const int r = i / chunks, c = (i - r * chunks) * 4;
+      float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (q0 + r < dm.t && c < dm.dqk)
+        x = *reinterpret_cast<const float4*>(qg + (int64_t(blockIdx.z) * dm.t + q0 + r) * dm.h * dm.dqk + c);
+      *reinterpret_cast<uint2*>(qs + r * lq + c) = make_uint2(pack(x.x, x.y), pack(x.z, x.w));
+    }
+  }
 
   uint32_t qf[DQK / 16][4];
   float o[DV / 8][4];
@@ -583,25 +602,25 @@ Width width_for(int64_t dqk, int64_t dv) {
 }
 
 void convert(const Tensor& x, const Dims& d, int64_t rows, int64_t width, int64_t tp, int64_t dp, bf16_t* dst) {
-  const int64_t n = d.b * d.h * tp * (dp / 4);
-  const unsigned blocks = unsigned(std::min<int64_t>((n + 255) / 256, 132 * 16));
-  to_bf16_heads<<<blocks > 0 ? blocks : 1, 256>>>(x.data<float>(), dst, d.b, rows, d.h, width, tp, dp);
+  const int64_t n = tp * (dp / 8);
+  DSV3_CHECK(n < (int64_t(1) << 31) && d.h < 65536 && d.b < 65536, "attention_bf16: ", rows, " rows of ", d.h,
+             " heads, batch ", d.b, " exceed the launch grid");
+  to_bf16_heads<<<dim3(unsigned((n + 255) / 256), unsigned(d.h), unsigned(d.b)), 256>>>(
+      x.data<float>(), dst, int(rows), int(d.h), int(width), int(tp), int(dp));
   check_launch("attention_bf16 (convert)");
 }
 
 template <int DQK, int DV>
 void run_fwd(const AttentionArgs& a, const Dims& d) {
   const int64_t tp = round_up(d.t, kRowPad), sp = round_up(std::max<int64_t>(d.s, 1), kRowPad);
-  Scratch qb(size_t(d.b * d.h * tp * DQK) * 2), kb(size_t(d.b * d.h * sp * DQK) * 2),
-      vb(size_t(d.b * d.h * sp * DV) * 2);
-  convert(a.q, d, d.t, d.dqk, tp, DQK, qb.as<bf16_t>());
+  Scratch kb(size_t(d.b * d.h * sp * DQK) * 2), vb(size_t(d.b * d.h * sp * DV) * 2);
   convert(a.k, d, d.s, d.dqk, sp, DQK, kb.as<bf16_t>());
   convert(a.v, d, d.s, d.dv, sp, DV, vb.as<bf16_t>());
   const size_t smem = size_t(kFwdM * (DQK + kPad) + 2 * kFwdN * (DQK + kPad) + 2 * kFwdN * (DV + kPad)) * 2;
   set_smem(reinterpret_cast<const void*>(fwd_kernel<DQK, DV>), smem);
   fwd_kernel<DQK, DV><<<dim3(unsigned(tp / kFwdM), unsigned(d.h), unsigned(d.b)), kThreads, smem>>>(
-      qb.as<bf16_t>(), kb.as<bf16_t>(), vb.as<bf16_t>(), ptr<float>(a.out),
-      present(a.lse) ? ptr<float>(a.lse) : nullptr, d, tp, sp, a.scale, a.causal, a.q_offset);
+      a.q.data<float>(), kb.as<bf16_t>(), vb.as<bf16_t>(), ptr<float>(a.out),
+      present(a.lse) ? ptr<float>(a.lse) : nullptr, d, sp, a.scale, a.causal, a.q_offset);
   check_launch("attention_bf16 (forward)");
 }
 
@@ -614,11 +633,9 @@ void run_bwd(const AttentionBackwardArgs& a, const Dims& d) {
   convert(a.q, d, d.t, d.dqk, tp, DQK, qb.as<bf16_t>());
   convert(a.k, d, d.s, d.dqk, sp, DQK, kb.as<bf16_t>());
   convert(a.v, d, d.s, d.dv, sp, DV, vb.as<bf16_t>());
-  convert(a.dout, d, d.t, d.dv, tp, DV, db.as<bf16_t>());
-  const int64_t prep_threads = d.b * d.h * tp * 32;
-  bwd_prep<<<unsigned((prep_threads + 255) / 256), 256>>>(a.dout.data<float>(), a.out.data<float>(),
-                                                          a.lse.data<float>(), dsum.as<float>(), lse2.as<float>(),
-                                                          d.b, d.t, d.h, d.dv, tp);
+  bwd_prep<<<dim3(unsigned(tp / 8), unsigned(d.h), unsigned(d.b)), 256>>>(
+      a.dout.data<float>(), a.out.data<float>(), a.lse.data<float>(), db.as<bf16_t>(), dsum.as<float>(),
+      lse2.as<float>(), int(d.t), int(d.h), int(d.dv), int(tp), DV);
   check_launch("attention_bf16 (backward prep)");
   if (present(a.dq) && d.t > 0) {
     const size_t smem = size_t(kDqM * (DQK + kPad) + kDqM * (DV + kPad) + 2 * kDqN * (DQK + kPad) +
@@ -669,7 +686,7 @@ bool cuda_attention_bf16_forward(const AttentionArgs& a) {
 bool cuda_attention_bf16_backward(const AttentionBackwardArgs& a) {
   const Dims d = dims_of(a.q, a.k, a.v);
   if (!cuda_attention_bf16_supported(d.dqk, d.dv) || !aligned(a.q) || !aligned(a.k) || !aligned(a.v) ||
-      !aligned(a.dout))
+      !aligned(a.dout) || !aligned(a.out))
     return false;
   if (d.b * d.h == 0) return true;
   const Width w = width_for(d.dqk, d.dv);
