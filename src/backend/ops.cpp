@@ -9,11 +9,12 @@ namespace dsv3 {
 
 namespace {
 
-// Throws InternalError "<op>: <what>" when cond is false.
-template <class... A>
-void req(bool cond, const char* op, A&&... what) {
-  if (!cond) internal_error(op, ": ", std::forward<A>(what)...);
-}
+// Throws InternalError "<op>: <what>" when cond is false. A macro so that the message (desc() builds
+// strings) is only evaluated on failure: validation runs on every op call, decode makes hundreds.
+#define REQ(cond, op, ...)                                  \
+  do {                                                      \
+    if (!(cond)) internal_error(op, ": ", __VA_ARGS__);     \
+  } while (0)
 
 int64_t last_dim(const Tensor& t) { return t.ndim() ? t.dim(-1) : 1; }
 int64_t rows_of(const Tensor& t) {
@@ -23,35 +24,35 @@ int64_t rows_of(const Tensor& t) {
 std::string desc(const Tensor& t) { return cat(dtype_name(t.dtype()), t.shape().str()); }
 
 void f32(const Tensor& t, const char* op, const char* name) {
-  req(t.defined(), op, name, " is missing");
-  req(t.dtype() == DType::F32, op, name, " must be F32, got ", desc(t));
+  REQ(t.defined(), op, name, " is missing");
+  REQ(t.dtype() == DType::F32, op, name, " must be F32, got ", desc(t));
 }
 void i32(const Tensor& t, const char* op, const char* name) {
-  req(t.defined(), op, name, " is missing");
-  req(t.dtype() == DType::I32, op, name, " must be I32, got ", desc(t));
+  REQ(t.defined(), op, name, " is missing");
+  REQ(t.dtype() == DType::I32, op, name, " must be I32, got ", desc(t));
 }
 void floating(const Tensor& t, const char* op, const char* name) {
-  req(t.defined(), op, name, " is missing");
-  req(is_float(t.dtype()), op, name, " must be a float dtype, got ", desc(t));
+  REQ(t.defined(), op, name, " is missing");
+  REQ(is_float(t.dtype()), op, name, " must be a float dtype, got ", desc(t));
 }
 void same_numel(const Tensor& a, const Tensor& b, const char* op, const char* an, const char* bn) {
-  req(a.numel() == b.numel(), op, an, " ", desc(a), " and ", bn, " ", desc(b), " differ in size");
+  REQ(a.numel() == b.numel(), op, an, " ", desc(a), " and ", bn, " ", desc(b), " differ in size");
 }
 void same_shape(const Tensor& a, const Tensor& b, const char* op, const char* an, const char* bn) {
-  req(a.shape() == b.shape(), op, an, " ", desc(a), " and ", bn, " ", desc(b), " differ in shape");
+  REQ(a.shape() == b.shape(), op, an, " ", desc(a), " and ", bn, " ", desc(b), " differ in shape");
 }
 void weight_ok(const Tensor& w, const Tensor& scale_inv, const char* op) {
-  req(w.defined() && w.ndim() == 2, op, "w must be [N, K], got ", desc(w));
+  REQ(w.defined() && w.ndim() == 2, op, "w must be [N, K], got ", desc(w));
   DType t = w.dtype();
-  req(t == DType::F32 || t == DType::BF16 || t == DType::F16 || t == DType::F8_E4M3, op,
+  REQ(t == DType::F32 || t == DType::BF16 || t == DType::F16 || t == DType::F8_E4M3, op,
       "w dtype must be F32, BF16, F16 or F8_E4M3, got ", desc(w));
   if (t == DType::F8_E4M3) {
     int64_t nb = (w.dim(0) + kFp8Block - 1) / kFp8Block, kb = (w.dim(1) + kFp8Block - 1) / kFp8Block;
-    req(present(scale_inv) && scale_inv.dtype() == DType::F32 && scale_inv.shape() == Shape({nb, kb}),
+    REQ(present(scale_inv) && scale_inv.dtype() == DType::F32 && scale_inv.shape() == Shape({nb, kb}),
         op, "F8_E4M3 weight ", desc(w), " needs scale_inv F32[", nb, ", ", kb, "], got ",
         present(scale_inv) ? desc(scale_inv) : std::string("none"));
   } else {
-    req(!present(scale_inv), op, "scale_inv given for a ", dtype_name(t), " weight");
+    REQ(!present(scale_inv), op, "scale_inv given for a ", dtype_name(t), " weight");
   }
 }
 
@@ -70,10 +71,10 @@ void validate(const LinearArgs& a) {
   weight_ok(a.w, a.w_scale_inv, op);
   f32(a.x, op, "x");
   f32(a.y, op, "y");
-  req(last_dim(a.x) == a.w.dim(1), op, "x ", desc(a.x), " last dim != K of w ", desc(a.w));
-  req(last_dim(a.y) == a.w.dim(0), op, "y ", desc(a.y), " last dim != N of w ", desc(a.w));
-  req(rows_of(a.x) == rows_of(a.y), op, "x ", desc(a.x), " and y ", desc(a.y), " differ in rows");
-  req(a.x.raw() != a.y.raw() || a.x.numel() == 0, op, "y must not alias x");
+  REQ(last_dim(a.x) == a.w.dim(1), op, "x ", desc(a.x), " last dim != K of w ", desc(a.w));
+  REQ(last_dim(a.y) == a.w.dim(0), op, "y ", desc(a.y), " last dim != N of w ", desc(a.w));
+  REQ(rows_of(a.x) == rows_of(a.y), op, "x ", desc(a.x), " and y ", desc(a.y), " differ in rows");
+  REQ(a.x.raw() != a.y.raw() || a.x.numel() == 0, op, "y must not alias x");
 }
 
 void validate(const LinearBackwardArgs& a) {
@@ -82,16 +83,16 @@ void validate(const LinearBackwardArgs& a) {
   if (present(a.dx)) {
     weight_ok(a.w, a.w_scale_inv, op);
     f32(a.dx, op, "dx");
-    req(last_dim(a.dy) == a.w.dim(0) && last_dim(a.dx) == a.w.dim(1), op, "dy ", desc(a.dy), ", dx ",
+    REQ(last_dim(a.dy) == a.w.dim(0) && last_dim(a.dx) == a.w.dim(1), op, "dy ", desc(a.dy), ", dx ",
         desc(a.dx), " do not match w ", desc(a.w));
-    req(rows_of(a.dx) == rows_of(a.dy), op, "dx and dy differ in rows");
+    REQ(rows_of(a.dx) == rows_of(a.dy), op, "dx and dy differ in rows");
   }
   if (present(a.dw)) {
     f32(a.dw, op, "dw");
     f32(a.x, op, "x");
-    req(a.dw.ndim() == 2 && a.dw.dim(0) == last_dim(a.dy) && a.dw.dim(1) == last_dim(a.x), op, "dw ",
+    REQ(a.dw.ndim() == 2 && a.dw.dim(0) == last_dim(a.dy) && a.dw.dim(1) == last_dim(a.x), op, "dw ",
         desc(a.dw), " must be [N, K] for dy ", desc(a.dy), ", x ", desc(a.x));
-    req(rows_of(a.x) == rows_of(a.dy), op, "x and dy differ in rows");
+    REQ(rows_of(a.x) == rows_of(a.dy), op, "x and dy differ in rows");
   }
 }
 
@@ -100,11 +101,11 @@ void validate(const MatmulArgs& a) {
   f32(a.a, op, "a");
   f32(a.b, op, "b");
   f32(a.c, op, "c");
-  req(a.a.ndim() == 2 && a.b.ndim() == 2 && a.c.ndim() == 2, op, "operands must be 2-D: ", desc(a.a),
+  REQ(a.a.ndim() == 2 && a.b.ndim() == 2 && a.c.ndim() == 2, op, "operands must be 2-D: ", desc(a.a),
       " ", desc(a.b), " ", desc(a.c));
   int64_t m = a.trans_a ? a.a.dim(1) : a.a.dim(0), k = a.trans_a ? a.a.dim(0) : a.a.dim(1);
   int64_t kb = a.trans_b ? a.b.dim(1) : a.b.dim(0), n = a.trans_b ? a.b.dim(0) : a.b.dim(1);
-  req(k == kb && a.c.dim(0) == m && a.c.dim(1) == n, op, "shapes do not chain: a ", desc(a.a),
+  REQ(k == kb && a.c.dim(0) == m && a.c.dim(1) == n, op, "shapes do not chain: a ", desc(a.a),
       a.trans_a ? "ᵀ" : "", " b ", desc(a.b), a.trans_b ? "ᵀ" : "", " c ", desc(a.c));
 }
 
@@ -113,8 +114,8 @@ void validate(const EmbeddingArgs& a) {
   i32(a.ids, op, "ids");
   floating(a.table, op, "table");
   f32(a.out, op, "out");
-  req(a.table.ndim() == 2, op, "table must be [V, D], got ", desc(a.table));
-  req(a.out.ndim() == 2 && a.out.dim(0) == a.ids.numel() && a.out.dim(1) == a.table.dim(1), op,
+  REQ(a.table.ndim() == 2, op, "table must be [V, D], got ", desc(a.table));
+  REQ(a.out.ndim() == 2 && a.out.dim(0) == a.ids.numel() && a.out.dim(1) == a.table.dim(1), op,
       "out ", desc(a.out), " must be [T, D] for ids ", desc(a.ids), ", table ", desc(a.table));
 }
 
@@ -123,7 +124,7 @@ void validate(const EmbeddingBackwardArgs& a) {
   i32(a.ids, op, "ids");
   f32(a.dout, op, "dout");
   f32(a.dtable, op, "dtable");
-  req(a.dtable.ndim() == 2 && a.dout.ndim() == 2 && a.dout.dim(0) == a.ids.numel() &&
+  REQ(a.dtable.ndim() == 2 && a.dout.ndim() == 2 && a.dout.dim(0) == a.ids.numel() &&
           a.dout.dim(1) == a.dtable.dim(1),
       op, "dout ", desc(a.dout), " must be [T, D] for ids ", desc(a.ids), ", dtable ", desc(a.dtable));
 }
@@ -134,10 +135,10 @@ void validate(const RmsNormArgs& a) {
   f32(a.y, op, "y");
   floating(a.weight, op, "weight");
   same_shape(a.x, a.y, op, "x", "y");
-  req(a.weight.numel() == last_dim(a.x), op, "weight ", desc(a.weight), " does not match x ", desc(a.x));
+  REQ(a.weight.numel() == last_dim(a.x), op, "weight ", desc(a.weight), " does not match x ", desc(a.x));
   if (present(a.rstd)) {
     f32(a.rstd, op, "rstd");
-    req(a.rstd.numel() == rows_of(a.x), op, "rstd ", desc(a.rstd), " must have one value per row of x ",
+    REQ(a.rstd.numel() == rows_of(a.x), op, "rstd ", desc(a.rstd), " must have one value per row of x ",
         desc(a.x));
   }
 }
@@ -149,15 +150,15 @@ void validate(const RmsNormBackwardArgs& a) {
   f32(a.rstd, op, "rstd");
   floating(a.weight, op, "weight");
   same_shape(a.dy, a.x, op, "dy", "x");
-  req(a.weight.numel() == last_dim(a.x), op, "weight ", desc(a.weight), " does not match x ", desc(a.x));
-  req(a.rstd.numel() == rows_of(a.x), op, "rstd ", desc(a.rstd), " does not match x ", desc(a.x));
+  REQ(a.weight.numel() == last_dim(a.x), op, "weight ", desc(a.weight), " does not match x ", desc(a.x));
+  REQ(a.rstd.numel() == rows_of(a.x), op, "rstd ", desc(a.rstd), " does not match x ", desc(a.x));
   if (present(a.dx)) {
     f32(a.dx, op, "dx");
     same_shape(a.dx, a.x, op, "dx", "x");
   }
   if (present(a.dweight)) {
     f32(a.dweight, op, "dweight");
-    req(a.dweight.numel() == last_dim(a.x), op, "dweight ", desc(a.dweight), " does not match x");
+    REQ(a.dweight.numel() == last_dim(a.x), op, "dweight ", desc(a.dweight), " does not match x");
   }
 }
 
@@ -167,12 +168,12 @@ void validate(const RopeArgs& a) {
   i32(a.positions, op, "positions");
   f32(a.cos, op, "cos");
   f32(a.sin, op, "sin");
-  req(a.x.ndim() == 3, op, "x must be [T, H, W], got ", desc(a.x));
-  req(a.positions.numel() == a.x.dim(0), op, "positions ", desc(a.positions), " do not match x ",
+  REQ(a.x.ndim() == 3, op, "x must be [T, H, W], got ", desc(a.x));
+  REQ(a.positions.numel() == a.x.dim(0), op, "positions ", desc(a.positions), " do not match x ",
       desc(a.x));
-  req(a.rope_dim > 0 && a.rope_dim % 2 == 0 && a.offset >= 0 && a.offset + a.rope_dim <= a.x.dim(2), op,
+  REQ(a.rope_dim > 0 && a.rope_dim % 2 == 0 && a.offset >= 0 && a.offset + a.rope_dim <= a.x.dim(2), op,
       "rope_dim ", a.rope_dim, " at offset ", a.offset, " does not fit x ", desc(a.x));
-  req(a.cos.ndim() == 2 && a.cos.dim(1) == a.rope_dim / 2 && a.sin.shape() == a.cos.shape(), op,
+  REQ(a.cos.ndim() == 2 && a.cos.dim(1) == a.rope_dim / 2 && a.sin.shape() == a.cos.shape(), op,
       "cos ", desc(a.cos), " / sin ", desc(a.sin), " must be [max_pos, ", a.rope_dim / 2, "]");
 }
 
@@ -180,31 +181,31 @@ namespace {
 // Leading batch dim optional: returns B (1 when absent) and checks ranks.
 int64_t attn_batch(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const char* op) {
   int n = q.ndim();
-  req(n == 3 || n == 4, op, "q must be [B?, T, H, D], got ", desc(q));
-  req(k.ndim() == n && v.ndim() == n && out.ndim() == n, op, "q, k, v, out must have the same rank: ",
+  REQ(n == 3 || n == 4, op, "q must be [B?, T, H, D], got ", desc(q));
+  REQ(k.ndim() == n && v.ndim() == n && out.ndim() == n, op, "q, k, v, out must have the same rank: ",
       desc(q), desc(k), desc(v), desc(out));
   int o = n - 3;
-  if (o) req(k.dim(0) == q.dim(0) && v.dim(0) == q.dim(0) && out.dim(0) == q.dim(0), op, "batch sizes differ");
-  req(k.dim(o + 1) == q.dim(o + 1) && v.dim(o + 1) == q.dim(o + 1) && out.dim(o + 1) == q.dim(o + 1), op,
+  if (o) REQ(k.dim(0) == q.dim(0) && v.dim(0) == q.dim(0) && out.dim(0) == q.dim(0), op, "batch sizes differ");
+  REQ(k.dim(o + 1) == q.dim(o + 1) && v.dim(o + 1) == q.dim(o + 1) && out.dim(o + 1) == q.dim(o + 1), op,
       "head counts differ: q ", desc(q), " k ", desc(k), " v ", desc(v), " out ", desc(out));
-  req(k.dim(o + 2) == q.dim(o + 2), op, "q ", desc(q), " and k ", desc(k), " differ in head dim");
-  req(v.dim(o) == k.dim(o), op, "k ", desc(k), " and v ", desc(v), " differ in length");
-  req(out.dim(o) == q.dim(o) && out.dim(o + 2) == v.dim(o + 2), op, "out ", desc(out),
+  REQ(k.dim(o + 2) == q.dim(o + 2), op, "q ", desc(q), " and k ", desc(k), " differ in head dim");
+  REQ(v.dim(o) == k.dim(o), op, "k ", desc(k), " and v ", desc(v), " differ in length");
+  REQ(out.dim(o) == q.dim(o) && out.dim(o + 2) == v.dim(o + 2), op, "out ", desc(out),
       " must be [B?, T, H, Dv] for q ", desc(q), ", v ", desc(v));
   return o ? q.dim(0) : 1;
 }
 void attn_mask_ok(const Tensor& q, const Tensor& k, bool causal, int64_t q_offset, const char* op) {
   int o = q.ndim() - 3;
-  req(q_offset >= 0, op, "q_offset ", q_offset, " < 0");
+  REQ(q_offset >= 0, op, "q_offset ", q_offset, " < 0");
   if (causal)
-    req(k.dim(o) >= q_offset + q.dim(o), op, "causal attention needs S >= q_offset + T: S ", k.dim(o),
+    REQ(k.dim(o) >= q_offset + q.dim(o), op, "causal attention needs S >= q_offset + T: S ", k.dim(o),
         ", q_offset ", q_offset, ", T ", q.dim(o));
 }
 void lse_ok(const Tensor& lse, const Tensor& q, const char* op) {
   f32(lse, op, "lse");
   int o = q.ndim() - 3;
   int64_t b = o ? q.dim(0) : 1;
-  req(lse.numel() == b * q.dim(o + 1) * q.dim(o), op, "lse ", desc(lse), " must be [B?, H, T] for q ",
+  REQ(lse.numel() == b * q.dim(o + 1) * q.dim(o), op, "lse ", desc(lse), " must be [B?, H, T] for q ",
       desc(q));
 }
 }  // namespace
@@ -264,27 +265,27 @@ void validate(const SwigluBackwardArgs& a) {
 void validate(const RouterArgs& a) {
   const char* op = "router";
   f32(a.logits, op, "logits");
-  req(a.logits.ndim() == 2, op, "logits must be [T, E], got ", desc(a.logits));
+  REQ(a.logits.ndim() == 2, op, "logits must be [T, E], got ", desc(a.logits));
   int64_t t = a.logits.dim(0), e = a.logits.dim(1);
-  req(a.top_k >= 1 && a.top_k <= e, op, "top_k ", a.top_k, " must be in [1, ", e, "]");
+  REQ(a.top_k >= 1 && a.top_k <= e, op, "top_k ", a.top_k, " must be in [1, ", e, "]");
   if (a.method != RouterMethod::Greedy) {
-    req(a.n_group >= 1 && e % a.n_group == 0, op, "n_group ", a.n_group, " must divide ", e, " experts");
-    req(a.topk_group >= 1 && a.topk_group <= a.n_group, op, "topk_group ", a.topk_group,
+    REQ(a.n_group >= 1 && e % a.n_group == 0, op, "n_group ", a.n_group, " must divide ", e, " experts");
+    REQ(a.topk_group >= 1 && a.topk_group <= a.n_group, op, "topk_group ", a.topk_group,
         " must be in [1, n_group = ", a.n_group, "]");
-    req(int64_t(a.topk_group) * (e / a.n_group) >= a.top_k, op, "topk_group ", a.topk_group, " groups of ",
+    REQ(int64_t(a.topk_group) * (e / a.n_group) >= a.top_k, op, "topk_group ", a.topk_group, " groups of ",
         e / a.n_group, " experts cannot hold top_k ", a.top_k);
   }
   if (a.method == RouterMethod::NoauxTc)
-    req(e / a.n_group >= 2, op, "noaux_tc sums the top-2 scores of a group: groups of ", e / a.n_group);
+    REQ(e / a.n_group >= 2, op, "noaux_tc sums the top-2 scores of a group: groups of ", e / a.n_group);
   if (present(a.bias)) {
     floating(a.bias, op, "bias");
-    req(a.bias.numel() == e, op, "bias ", desc(a.bias), " must have ", e, " values");
+    REQ(a.bias.numel() == e, op, "bias ", desc(a.bias), " must have ", e, " values");
   }
   f32(a.scores, op, "scores");
   same_shape(a.scores, a.logits, op, "scores", "logits");
   i32(a.ids, op, "ids");
   f32(a.weights, op, "weights");
-  req(a.ids.shape() == Shape({t, a.top_k}) && a.weights.shape() == Shape({t, a.top_k}), op, "ids ",
+  REQ(a.ids.shape() == Shape({t, a.top_k}) && a.weights.shape() == Shape({t, a.top_k}), op, "ids ",
       desc(a.ids), " and weights ", desc(a.weights), " must be [", t, ", ", a.top_k, "]");
 }
 
@@ -294,7 +295,7 @@ void validate(const RouterBackwardArgs& a) {
   i32(a.ids, op, "ids");
   f32(a.dweights, op, "dweights");
   f32(a.dlogits, op, "dlogits");
-  req(a.scores.ndim() == 2 && a.ids.ndim() == 2 && a.ids.dim(0) == a.scores.dim(0), op, "scores ",
+  REQ(a.scores.ndim() == 2 && a.ids.ndim() == 2 && a.ids.dim(0) == a.scores.dim(0), op, "scores ",
       desc(a.scores), " and ids ", desc(a.ids), " must be [T, E] and [T, k]");
   same_shape(a.ids, a.dweights, op, "ids", "dweights");
   same_shape(a.scores, a.dlogits, op, "scores", "dlogits");
@@ -306,10 +307,10 @@ void validate(const MoeSortArgs& a) {
   i32(a.pick, op, "pick");
   i32(a.token, op, "token");
   i32(a.counts, op, "counts");
-  req(a.ids.ndim() == 2, op, "ids must be [T, k], got ", desc(a.ids));
-  req(a.pick.numel() == a.ids.numel() && a.token.numel() == a.ids.numel(), op, "pick ", desc(a.pick),
+  REQ(a.ids.ndim() == 2, op, "ids must be [T, k], got ", desc(a.ids));
+  REQ(a.pick.numel() == a.ids.numel() && a.token.numel() == a.ids.numel(), op, "pick ", desc(a.pick),
       " and token ", desc(a.token), " must have T·k = ", a.ids.numel(), " values");
-  req(a.n_experts >= 1 && a.counts.numel() == a.n_experts, op, "counts ", desc(a.counts), " must have ",
+  REQ(a.n_experts >= 1 && a.counts.numel() == a.n_experts, op, "counts ", desc(a.counts), " must have ",
       a.n_experts, " values");
 }
 
@@ -318,12 +319,12 @@ void validate(const GatherRowsArgs& a) {
   f32(a.src, op, "src");
   i32(a.idx, op, "idx");
   f32(a.out, op, "out");
-  req(a.src.ndim() == 2 && a.out.ndim() == 2 && a.out.dim(0) == a.idx.numel() &&
+  REQ(a.src.ndim() == 2 && a.out.ndim() == 2 && a.out.dim(0) == a.idx.numel() &&
           a.out.dim(1) == a.src.dim(1),
       op, "out ", desc(a.out), " must be [N, D] for src ", desc(a.src), ", idx ", desc(a.idx));
   if (present(a.weight)) {
     f32(a.weight, op, "weight");
-    req(a.weight.numel() == a.idx.numel(), op, "weight ", desc(a.weight), " does not match idx");
+    REQ(a.weight.numel() == a.idx.numel(), op, "weight ", desc(a.weight), " does not match idx");
   }
 }
 
@@ -332,12 +333,12 @@ void validate(const ScatterAddRowsArgs& a) {
   f32(a.src, op, "src");
   i32(a.idx, op, "idx");
   f32(a.out, op, "out");
-  req(a.src.ndim() == 2 && a.out.ndim() == 2 && a.src.dim(0) == a.idx.numel() &&
+  REQ(a.src.ndim() == 2 && a.out.ndim() == 2 && a.src.dim(0) == a.idx.numel() &&
           a.out.dim(1) == a.src.dim(1),
       op, "src ", desc(a.src), " must be [N, D] for idx ", desc(a.idx), ", out ", desc(a.out));
   if (present(a.weight)) {
     f32(a.weight, op, "weight");
-    req(a.weight.numel() == a.idx.numel(), op, "weight ", desc(a.weight), " does not match idx");
+    REQ(a.weight.numel() == a.idx.numel(), op, "weight ", desc(a.weight), " does not match idx");
   }
 }
 
@@ -346,12 +347,12 @@ void validate(const ScatterAddRowsBackwardArgs& a) {
   f32(a.dout, op, "dout");
   i32(a.idx, op, "idx");
   f32(a.src, op, "src");
-  req(a.src.ndim() == 2 && a.dout.ndim() == 2 && a.src.dim(0) == a.idx.numel() &&
+  REQ(a.src.ndim() == 2 && a.dout.ndim() == 2 && a.src.dim(0) == a.idx.numel() &&
           a.dout.dim(1) == a.src.dim(1),
       op, "src ", desc(a.src), " must be [N, D] for idx ", desc(a.idx), ", dout ", desc(a.dout));
   if (present(a.weight)) {
     f32(a.weight, op, "weight");
-    req(a.weight.numel() == a.idx.numel(), op, "weight does not match idx");
+    REQ(a.weight.numel() == a.idx.numel(), op, "weight does not match idx");
   }
   if (present(a.dsrc)) {
     f32(a.dsrc, op, "dsrc");
@@ -359,7 +360,7 @@ void validate(const ScatterAddRowsBackwardArgs& a) {
   }
   if (present(a.dweight)) {
     f32(a.dweight, op, "dweight");
-    req(a.dweight.numel() == a.idx.numel(), op, "dweight does not match idx");
+    REQ(a.dweight.numel() == a.idx.numel(), op, "dweight does not match idx");
   }
 }
 
@@ -367,15 +368,15 @@ void validate(const CrossEntropyArgs& a) {
   const char* op = "cross_entropy";
   f32(a.logits, op, "logits");
   i32(a.targets, op, "targets");
-  req(a.logits.ndim() == 2 && a.targets.numel() == a.logits.dim(0), op, "logits ", desc(a.logits),
+  REQ(a.logits.ndim() == 2 && a.targets.numel() == a.logits.dim(0), op, "logits ", desc(a.logits),
       " must be [T, V] for targets ", desc(a.targets));
   if (present(a.loss)) {
     f32(a.loss, op, "loss");
-    req(a.loss.numel() == a.logits.dim(0), op, "loss ", desc(a.loss), " must have T values");
+    REQ(a.loss.numel() == a.logits.dim(0), op, "loss ", desc(a.loss), " must have T values");
   }
   if (present(a.loss_sum)) {
     f32(a.loss_sum, op, "loss_sum");
-    req(a.loss_sum.numel() == 1, op, "loss_sum must be [1]");
+    REQ(a.loss_sum.numel() == 1, op, "loss_sum must be [1]");
   }
   if (present(a.dlogits)) {
     f32(a.dlogits, op, "dlogits");
@@ -404,10 +405,10 @@ void validate(const MulArgs& a) {
 }
 void validate(const CopyArgs& a) {
   const char* op = "copy";
-  req(a.src.defined() && a.dst.defined(), op, "src or dst missing");
+  REQ(a.src.defined() && a.dst.defined(), op, "src or dst missing");
   same_numel(a.src, a.dst, op, "src", "dst");
   bool ok = (is_float(a.src.dtype()) && is_float(a.dst.dtype())) || a.src.dtype() == a.dst.dtype();
-  req(ok, op, "cannot convert ", desc(a.src), " to ", desc(a.dst));
+  REQ(ok, op, "cannot convert ", desc(a.src), " to ", desc(a.dst));
 }
 void validate(const FillArgs& a) { floating(a.x, "fill", "x"); }
 void validate(const CopyColsArgs& a) {
@@ -415,30 +416,30 @@ void validate(const CopyColsArgs& a) {
   f32(a.src, op, "src");
   f32(a.dst, op, "dst");
   int64_t cs = last_dim(a.src), cd = last_dim(a.dst), rs = rows_of(a.src), rd = rows_of(a.dst);
-  req(a.width >= 0 && a.src_col >= 0 && a.dst_col >= 0 && a.src_col + a.width <= cs &&
+  REQ(a.width >= 0 && a.src_col >= 0 && a.dst_col >= 0 && a.src_col + a.width <= cs &&
           a.dst_col + a.width <= cd,
       op, "columns [", a.src_col, ", +", a.width, ") of src ", desc(a.src), " → [", a.dst_col, ", +", a.width,
       ") of dst ", desc(a.dst), " out of range");
   bool rows_ok = rs == rd || (rs > 0 && rd % rs == 0) || (rd > 0 && rs % rd == 0);
-  req(rows_ok, op, "rows of src ", desc(a.src), " and dst ", desc(a.dst), " are not equal or multiples");
-  req(a.src.raw() != a.dst.raw() || a.src.numel() == 0, op, "src and dst must not alias");
+  REQ(rows_ok, op, "rows of src ", desc(a.src), " and dst ", desc(a.dst), " are not equal or multiples");
+  REQ(a.src.raw() != a.dst.raw() || a.src.numel() == 0, op, "src and dst must not alias");
 }
 void validate(const SumSquaresArgs& a) {
   f32(a.x, "sum_squares", "x");
   f32(a.out, "sum_squares", "out");
-  req(a.out.numel() == 1, "sum_squares", "out must be [1], got ", desc(a.out));
+  REQ(a.out.numel() == 1, "sum_squares", "out must be [1], got ", desc(a.out));
 }
 void validate(const AdamWArgs& a) {
   const char* op = "adamw";
   f32(a.param, op, "param");
   f32(a.grad, op, "grad");
   for (auto [t, n] : {std::pair{&a.m, "m"}, {&a.v, "v"}}) {
-    req(t->defined() && (t->dtype() == DType::F32 || t->dtype() == DType::BF16), op, n,
+    REQ(t->defined() && (t->dtype() == DType::F32 || t->dtype() == DType::BF16), op, n,
         " must be F32 or BF16, got ", t->defined() ? desc(*t) : std::string("none"));
     same_numel(a.param, *t, op, "param", n);
   }
   same_numel(a.param, a.grad, op, "param", "grad");
-  req(a.step >= 1, op, "step ", a.step, " must be >= 1");
+  REQ(a.step >= 1, op, "step ", a.step, " must be >= 1");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -522,3 +523,4 @@ RopeTables rope_tables(const RopeParams& p, int64_t max_pos) {
 }
 
 }  // namespace dsv3
+#undef REQ
