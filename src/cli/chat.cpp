@@ -31,7 +31,7 @@ int run_chat(const ChatOptions& o) {
       *load_model_tokenizer(o.model_dir, o.tokenizer, w.config().vocab_size, true, "chat needs the chat template");
   eo.n_valid = int64_t(tok.last_real_id()) + 1;
   eo.token_text = [&tok](int32_t id) { return tok.decode_token(id); };
-  Engine eng(w, eo);
+  Engine eng(w, eo, backend_named(o.d.device));
   note(eng.pool().describe());
 
   std::vector<ChatMessage> msgs;

@@ -59,6 +59,8 @@ void add_engine_options(CLI::App& app, DecodeOptions& o, bool with_block_size) {
   if (with_block_size)
     app.add_option("--block-size", o.block_size, "KV cache block size in tokens")->capture_default_str();
   app.add_option("-t,--threads", o.threads, "CPU threads (0 = all cores)")->capture_default_str();
+  app.add_option("--device", o.device, "where the engine runs: cpu or cuda (the CUDA cache is always bf16)")
+      ->capture_default_str();
 }
 
 }  // namespace dsv3::cli

@@ -18,6 +18,7 @@ struct DecodeOptions {
   int mtp = 0, threads = 0;
   double cache_mb = 256;
   std::string cache_type = "f32";
+  std::string device = "cpu";
 
   // Checked values (InputError naming the flag).
   SamplingParams sampling() const;
@@ -31,7 +32,8 @@ std::vector<int32_t> parse_prompt_ids(const std::string& text, int64_t vocab_siz
 
 // --temp --top-k --top-p --min-p --repeat-penalty -s/--seed (`seed_help` says how the seed is used).
 void add_sampling_options(CLI::App& app, DecodeOptions& o, const std::string& seed_help);
-// --mtp, -c/--ctx-size, --cache-mb, --cache-type, --block-size when `with_block_size`, -t/--threads.
+// --mtp, -c/--ctx-size, --cache-mb, --cache-type, --block-size when `with_block_size`, -t/--threads,
+// --device.
 void add_engine_options(CLI::App& app, DecodeOptions& o, bool with_block_size);
 
 }  // namespace dsv3::cli

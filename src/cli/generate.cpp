@@ -61,7 +61,7 @@ int run_generate(const GenerateOptions& o) {
     const Tokenizer* t = &*tok;
     eo.token_text = [t](int32_t id) { return t->decode_token(id); };
   }
-  Engine eng(w, eo);
+  Engine eng(w, eo, backend_named(o.d.device));
   note(eng.pool().describe());
 
   Request r;

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <map>
 
+#include "infer/cuda_latent_attention.h"
 #include "io/tokenizer.h"
 
 namespace dsv3 {
@@ -24,7 +25,20 @@ struct Engine::Seq {
   bool decoding() const { return processed == int64_t(tokens.size()) - 1; }
 };
 
-Engine::Engine(const Weights& w, const EngineOptions& opt, Backend& be) : opt_(opt), runner_(w, be) {
+namespace {
+Weights on_backend(const Weights& w, Backend& be) {
+  Weights out = w;
+  if (be.device() == Device::CPU) return out;
+  for (Param& p : out.params()) {
+    if (p.w.device() != be.device()) p.w = be.to_device(p.w);
+    if (present(p.scale_inv) && p.scale_inv.device() != be.device()) p.scale_inv = be.to_device(p.scale_inv);
+  }
+  return out;
+}
+}  // namespace
+
+Engine::Engine(const Weights& w, const EngineOptions& opt, Backend& be)
+    : opt_(opt), weights_(on_backend(w, be)), runner_(weights_, be) {
   const ModelConfig& c = runner_.config();
   max_context_ = opt.max_context > 0 ? std::min(opt.max_context, c.max_position_embeddings) : c.max_position_embeddings;
   n_valid_ = opt.n_valid > 0 ? std::min(opt.n_valid, c.vocab_size) : c.vocab_size;
@@ -39,8 +53,39 @@ Engine::Engine(const Weights& w, const EngineOptions& opt, Backend& be) : opt_(o
   if (opt.max_running < 1) input_error("max running sequences ", opt.max_running, " must be >= 1");
   draft_ = opt.draft_tokens;
   runner_.set_small_rows(opt.small_rows);
+  runner_.set_sync_free(opt.sync_free);
   const int64_t layers = c.num_hidden_layers + (draft_ > 0 ? runner_.num_mtp() : 0);
-  pool_ = std::make_unique<LatentKvPool>(layers, c.kv_lora_rank, c.qk_rope_head_dim, opt.cache);
+  on_device_ = be.device() != Device::CPU;
+  KvCacheOptions co = opt.cache;
+  if (on_device_) {
+    co.dtype = DType::BF16;  // the device cache is BF16 (cuda_mla_decode's operand type)
+    co.host_storage = false;
+  }
+  pool_ = std::make_unique<LatentKvPool>(layers, c.kv_lora_rank, c.qk_rope_head_dim, co);
+  if (!on_device_) {
+    host_cache_ = std::make_unique<LatentAttention>(*pool_, runner_.absorbed(), runner_.dims());
+    return;
+  }
+#ifdef DSV3_HAVE_CUDA
+  auto dev = std::make_unique<CudaLatentAttention>(*pool_, runner_.absorbed(), runner_.dims());
+  dev_tables_ = &dev->tables;
+  dev_cache_ = std::move(dev);
+#else
+  input_error("the inference engine on ", be.name(), " needs a CUDA build");
+#endif
+}
+
+AttentionCache& Engine::cache_with(std::vector<BlockTable*> tables) {
+  if (on_device_) {
+    *dev_tables_ = std::move(tables);
+    return *dev_cache_;
+  }
+  host_cache_->tables = std::move(tables);
+  return *host_cache_;
+}
+
+Tensor Engine::host(const Tensor& t) {
+  return on_device_ && t.defined() && t.device() != Device::CPU ? runner_.backend().to_host(t) : t;
 }
 
 Engine::~Engine() = default;
@@ -151,8 +196,9 @@ void Engine::draft(std::vector<Seq*>& spec, std::vector<std::vector<int32_t>>& d
   for (size_t b = 0; b < B; ++b)
     want[b] = int(std::min<int64_t>({draft_, spec[b]->req.max_tokens - spec[b]->generated - 1,
                                      max_context_ - 1 - spec[b]->processed}));
-  LatentAttention cache(*pool_, runner_.absorbed(), runner_.dims());
-  for (Seq* s : spec) cache.tables.push_back(&s->table);
+  std::vector<BlockTable*> tables;
+  for (Seq* s : spec) tables.push_back(&s->table);
+  AttentionCache& cache = cache_with(std::move(tables));
 
   auto take_draft = [&](size_t b, const float* logits) {
     Seq& s = *spec[b];
@@ -204,7 +250,10 @@ void Engine::draft(std::vector<Seq*>& spec, std::vector<std::vector<int32_t>>& d
                                 : prev_h.data<float>() + size_t(hrow[size_t(r)]) * size_t(H);
       std::memcpy(h_in.data<float>() + r * H, src, size_t(H) * sizeof(float));
     }
+    if (on_device_) h_in = runner_.backend().to_device(h_in);
     ModelRunner::Output o = runner_.mtp_forward(int(k), cache, rows, toks, h_in, logit_rows);
+    o.logits = host(o.logits);
+    o.hidden = host(o.hidden);
     for (size_t i = 0; i < logit_seq.size(); ++i) take_draft(logit_seq[i], o.logits.data<float>() + int64_t(i) * V);
     prev_h = o.hidden;
     prev_rows = my_rows;
@@ -229,7 +278,10 @@ void Engine::draft(std::vector<Seq*>& spec, std::vector<std::vector<int32_t>>& d
     h_in = Tensor::empty(DType::F32, {rows.size(), H});
     for (size_t i = 0; i < seqs.size(); ++i)
       std::memcpy(h_in.data<float>() + int64_t(i) * H, prev_h.data<float>() + src_rows[i] * H, size_t(H) * sizeof(float));
+    if (on_device_) h_in = runner_.backend().to_device(h_in);
     ModelRunner::Output o = runner_.mtp_forward(int(D), cache, rows, toks, h_in, logit_rows);
+    o.logits = host(o.logits);
+    o.hidden = host(o.hidden);
     for (size_t i = 0; i < seqs.size(); ++i) {
       take_draft(seqs[i], o.logits.data<float>() + int64_t(i) * V);
       prev_rows[seqs[i]] = {int64_t(i)};
@@ -299,14 +351,14 @@ std::vector<SeqEvent> Engine::step() {
         drafts[i] = opt_.override_drafts(spec_seqs[i]->id, spec_seqs[i]->tokens, drafts[i].size());
 
   // One forward over every planned row.
-  LatentAttention cache(*pool_, runner_.absorbed(), runner_.dims());
+  std::vector<BlockTable*> tables;
   StepRows rows;
   std::vector<int32_t> toks, logit_rows;
   std::vector<int64_t> first_row(plan.size());
   size_t si = 0;
   for (size_t pi = 0; pi < plan.size(); ++pi) {
     Seq& s = *plan[pi].s;
-    cache.tables.push_back(&s.table);
+    tables.push_back(&s.table);
     first_row[pi] = rows.size();
     std::vector<int32_t> feed(s.tokens.begin() + s.processed, s.tokens.begin() + s.processed + plan[pi].n_feed);
     if (plan[pi].spec) {
@@ -323,7 +375,22 @@ std::vector<SeqEvent> Engine::step() {
         logit_rows.push_back(int32_t(rows.size() - 1));
     }
   }
-  ModelRunner::Output out = runner_.forward(cache, rows, toks, logit_rows);
+  ModelRunner::Output out = runner_.forward(cache_with(std::move(tables)), rows, toks, logit_rows);
+  // On the device, plain greedy steps take the argmax there; everything else samples on the host.
+  std::vector<int32_t> dev_ids;
+  if (on_device_) {
+    bool plain_greedy = !on_logits && spec_seqs.empty();
+    for (const Plan& p : plan)
+      plain_greedy = plain_greedy && p.s->req.sampling.greedy() && p.s->req.sampling.repeat_penalty == 1.0f;
+#ifdef DSV3_HAVE_CUDA
+    if (plain_greedy && !logit_rows.empty()) {
+      dev_ids = cuda_greedy_tokens(out.logits, n_valid_);
+      ++device_greedy_steps_;
+    }
+#endif
+    if (dev_ids.empty()) out.logits = host(out.logits);
+    if (mtp) out.hidden = host(out.hidden);
+  }
   ++stats_.steps;
   stats_.forward_rows += rows.size();
   const int64_t V = runner_.config().vocab_size, H = runner_.dims().H;
@@ -345,7 +412,6 @@ std::vector<SeqEvent> Engine::step() {
     std::vector<int32_t> produced;
     int64_t kept_rows = nf;  // rows whose cache entries and hidden states are final
     if (reaches_end) {
-      const std::span<const float> last = logits_of(r0 + nf - 1);
       if (plan[pi].spec) {
         const std::vector<int32_t>& d = drafts[si];
         const SamplingParams& sp = s.req.sampling;
@@ -376,8 +442,11 @@ std::vector<SeqEvent> Engine::step() {
         stats_.spec.record(int(d.size()), v.accepted, v.accepted + 1);
         s.mtp_valid = std::max<int64_t>(0, n0 - runner_.num_mtp() + 1);
         ++si;
+      } else if (!dev_ids.empty()) {
+        const auto it = std::lower_bound(logit_rows.begin(), logit_rows.end(), int32_t(r0 + nf - 1));
+        produced.push_back(dev_ids[size_t(it - logit_rows.begin())]);
       } else {
-        produced.push_back(sample_token(last, n_valid_, s.tokens, s.req.sampling, s.rng));
+        produced.push_back(sample_token(logits_of(r0 + nf - 1), n_valid_, s.tokens, s.req.sampling, s.rng));
       }
     }
     if (on_logits)

@@ -42,6 +42,7 @@ struct EngineOptions {
   int64_t max_context = 0;         // 0: max_position_embeddings
   int64_t n_valid = 0;             // ids ≥ n_valid are never sampled; 0: vocab_size
   bool all_logits = false;         // compute logits for every row (tests)
+  bool sync_free = true;            // CUDA: the runner's synchronisation-free RoPE and MoE (ModelRunner::set_sync_free)
   int64_t small_rows = 8;          // steps of at most this many rows take the runner's lean path (0: never)
   std::function<std::string(int32_t)> token_text;  // bytes of a token, for text output and stop strings
   // Tests: replace the MTP drafts of greedy sequences by (id, tokens so far, count) → drafts, so
@@ -64,6 +65,11 @@ struct EngineStats {
   SpecStats spec;
 };
 
+// On the CUDA backend (cuda_backend()) the engine copies the weights to the device, keeps the cache
+// rows there (BF16, infer/cuda_latent_attention.h; the pool on the host only does the block
+// accounting) and runs every forward on the device. Greedy steps without a repetition penalty,
+// logits callback or speculation take the argmax on the device and read back one id per sequence;
+// other steps read the logits back and sample on the host as on the CPU.
 class Engine {
  public:
   Engine(const Weights& w, const EngineOptions& opt, Backend& be = cpu_backend());
@@ -81,6 +87,9 @@ class Engine {
   const EngineStats& stats() const { return stats_; }
   const LatentKvPool& pool() const { return *pool_; }
   const ModelRunner& runner() const { return runner_; }
+  bool on_device() const { return on_device_; }
+  // Steps whose tokens came from the device argmax (one read-back of the ids each).
+  int64_t device_greedy_steps() const { return device_greedy_steps_; }
   int64_t max_context() const { return max_context_; }
   int draft_tokens() const { return draft_; }
   // Called for every main-model logits row whose inputs are final: (id, position, logits[V]).
@@ -94,12 +103,22 @@ class Engine {
              std::vector<std::vector<std::vector<float>>>& qs);
   void emit(Seq& s, std::span<const int32_t> toks, SeqEvent& e);
   SeqEvent& event_for(std::vector<SeqEvent>& ev, int64_t id);
+  // The attention cache of this device over the given sequences' block tables.
+  AttentionCache& cache_with(std::vector<BlockTable*> tables);
+  // A tensor of the runner's output on the host (a no-op on the CPU).
+  Tensor host(const Tensor& t);
 
   EngineOptions opt_;
+  Weights weights_;  // the model on the backend's device (a shallow copy when it is there already)
   ModelRunner runner_;
   std::unique_ptr<LatentKvPool> pool_;
   int64_t max_context_ = 0, n_valid_ = 0, next_id_ = 0, admit_order_ = 0;
   int draft_ = 0;
+  bool on_device_ = false;
+  int64_t device_greedy_steps_ = 0;
+  std::unique_ptr<LatentAttention> host_cache_;
+  std::unique_ptr<AttentionCache> dev_cache_;
+  std::vector<BlockTable*>* dev_tables_ = nullptr;
   std::deque<std::unique_ptr<Seq>> waiting_;
   std::vector<std::unique_ptr<Seq>> running_;
   EngineStats stats_;

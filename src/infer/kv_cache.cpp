@@ -9,7 +9,8 @@
 namespace dsv3 {
 
 LatentKvPool::LatentKvPool(int64_t layers, int64_t kv_lora_rank, int64_t rope_dim, const KvCacheOptions& opt)
-    : layers_(layers), kv_lora_(kv_lora_rank), rope_(rope_dim), block_size_(opt.block_size), dtype_(opt.dtype) {
+    : layers_(layers), kv_lora_(kv_lora_rank), rope_(rope_dim), block_size_(opt.block_size), dtype_(opt.dtype),
+      host_storage_(opt.host_storage) {
   if (layers < 1 || kv_lora_rank < 1 || rope_dim < 0)
     internal_error("LatentKvPool: bad shape layers=", layers, " kv_lora_rank=", kv_lora_rank, " rope=", rope_dim);
   if (opt.block_size < 1 || opt.block_size > 65536)
@@ -21,10 +22,8 @@ LatentKvPool::LatentKvPool(int64_t layers, int64_t kv_lora_rank, int64_t rope_di
     input_error("KV cache budget of ", opt.budget_bytes, " bytes is smaller than one block of ", block_bytes(),
                 " bytes (", block_size_, " tokens × ", bytes_per_token(), " bytes/token); raise the budget");
   const size_t n = size_t(num_blocks_) * size_t(layers_) * size_t(block_size_) * size_t(row_width());
-  if (dtype_ == DType::F32)
-    f32_.assign(n, 0.0f);
-  else
-    bf16_.assign(n, 0);
+  if (host_storage_ && dtype_ == DType::F32) f32_.assign(n, 0.0f);
+  if (host_storage_ && dtype_ == DType::BF16) bf16_.assign(n, 0);
   free_.reserve(size_t(num_blocks_));
   for (int64_t b = num_blocks_ - 1; b >= 0; --b) free_.push_back(int32_t(b));
 }
@@ -64,7 +63,8 @@ void LatentKvPool::truncate(BlockTable& t, int64_t len) {
 
 void LatentKvPool::write(const BlockTable& t, int64_t layer, int64_t pos, const float* c_kv_n, const float* k_pe) {
   const int64_t bi = pos / block_size_;
-  DSV3_CHECK(pos >= 0 && bi < int64_t(t.blocks.size()) && layer >= 0 && layer < layers_, "pos ", pos, " layer ", layer);
+  DSV3_CHECK(host_storage_ && pos >= 0 && bi < int64_t(t.blocks.size()) && layer >= 0 && layer < layers_, "pos ", pos,
+             " layer ", layer);
   const size_t off = row_offset(t.blocks[size_t(bi)], layer, pos % block_size_);
   if (dtype_ == DType::F32) {
     std::memcpy(&f32_[off], c_kv_n, size_t(kv_lora_) * sizeof(float));
@@ -77,7 +77,7 @@ void LatentKvPool::write(const BlockTable& t, int64_t layer, int64_t pos, const 
 
 void LatentKvPool::read_rows(const BlockTable& t, int64_t layer, int64_t p0, int64_t n, float* out) const {
   const int64_t bi = p0 / block_size_, s0 = p0 % block_size_;
-  DSV3_CHECK(n >= 0 && s0 + n <= block_size_ && bi < int64_t(t.blocks.size()), "p0 ", p0, " n ", n);
+  DSV3_CHECK(host_storage_ && n >= 0 && s0 + n <= block_size_ && bi < int64_t(t.blocks.size()), "p0 ", p0, " n ", n);
   const size_t off = row_offset(t.blocks[size_t(bi)], layer, s0), W = size_t(row_width());
   if (dtype_ == DType::F32) {
     std::memcpy(out, &f32_[off], size_t(n) * W * sizeof(float));
@@ -87,7 +87,7 @@ void LatentKvPool::read_rows(const BlockTable& t, int64_t layer, int64_t p0, int
 }
 
 const float* LatentKvPool::block_rows_f32(int32_t block, int64_t layer) const {
-  DSV3_CHECK(dtype_ == DType::F32 && block >= 0 && block < num_blocks_);
+  DSV3_CHECK(host_storage_ && dtype_ == DType::F32 && block >= 0 && block < num_blocks_);
   return &f32_[row_offset(block, layer, 0)];
 }
 

@@ -21,6 +21,7 @@ struct KvCacheOptions {
   int64_t block_size = 64;                    // tokens per block
   uint64_t budget_bytes = uint64_t(256) << 20;  // the pool's size; rounded down to whole blocks
   DType dtype = DType::F32;                   // F32, or BF16 storage (rounded to nearest even)
+  bool host_storage = true;  // false: block accounting only, the rows live on a device (infer/cuda_latent_attention.h)
 };
 
 // The blocks one sequence owns, in position order, and how many positions hold valid entries.
@@ -47,6 +48,7 @@ class LatentKvPool {
   int64_t num_blocks() const { return num_blocks_; }
   int64_t free_blocks() const { return int64_t(free_.size()); }
   int64_t capacity_tokens() const { return num_blocks_ * block_size_; }
+  bool host_storage() const { return host_storage_; }
   // One line: "KV cache: latent (R + r) × L layers × B bytes = X bytes/token; N blocks of T tokens (M MiB)".
   std::string describe() const;
 
@@ -73,6 +75,7 @@ class LatentKvPool {
   }
   int64_t layers_, kv_lora_, rope_, block_size_, num_blocks_ = 0;
   DType dtype_;
+  bool host_storage_ = true;
   std::vector<float> f32_;
   std::vector<uint16_t> bf16_;
   std::vector<int32_t> free_;  // a stack; lowest ids handed out first

@@ -12,8 +12,49 @@ using modops::rmsnorm;
 
 ModelRunner::ModelRunner(const Weights& w, Backend& be)
     : cfg_(w.config()), be_(be), d_(model_dims(cfg_)), params_(bind_params(w)) {
-  for (const LayerParams& l : params_.layers) absorbed_.push_back(split_kv_b(l.attn.kv_b_proj, d_));
-  for (const MtpParams& m : params_.mtp) absorbed_.push_back(split_kv_b(m.block.attn.kv_b_proj, d_));
+  // The split is host code: device weights come back for it, and the halves go to the device.
+  auto split = [&](const LinearParam& kv_b) {
+    if (kv_b.w.device() == Device::CPU) return split_kv_b(kv_b, d_);
+    LinearParam h = kv_b;
+    h.w = be_.to_host(kv_b.w);
+    if (present(kv_b.scale_inv)) h.scale_inv = be_.to_host(kv_b.scale_inv);
+    AbsorbedKvB a = split_kv_b(h, d_);
+    a.w_uk = be_.to_device(a.w_uk);
+    a.w_uv = be_.to_device(a.w_uv);
+    return a;
+  };
+  for (const LayerParams& l : params_.layers) absorbed_.push_back(split(l.attn.kv_b_proj));
+  for (const MtpParams& m : params_.mtp) absorbed_.push_back(split(m.block.attn.kv_b_proj));
+#ifdef DSV3_HAVE_CUDA
+  if (be_.device() == Device::CUDA) {
+    auto tables = [&](const LayerParams& l) {
+      return l.is_moe && cuda_moe_supported(l.moe) ? cuda_moe_tables(l.moe) : CudaMoeTables{};
+    };
+    for (const LayerParams& l : params_.layers) moe_tables_.push_back(tables(l));
+    for (const MtpParams& m : params_.mtp) moe_tables_.push_back(tables(m.block));
+  }
+#endif
+}
+
+// The backend's rope, or on CUDA the same kernel without its range check (a synchronisation):
+// positions_of grew the tables to cover every position of the step.
+void ModelRunner::rope(const Tensor& positions, const Tensor& x, int64_t offset) {
+#ifdef DSV3_HAVE_CUDA
+  if (be_.device() == Device::CUDA && sync_free_) {
+    const RopeTables& t = rope_.tables();
+    cuda_rope_unchecked(x, positions, t.cos, t.sin, offset, d_.rope, d_.rope_interleaved);
+    return;
+  }
+#endif
+  RopeArgs a;
+  a.x = x;
+  a.positions = positions;
+  a.cos = rope_.tables().cos;
+  a.sin = rope_.tables().sin;
+  a.offset = offset;
+  a.rope_dim = d_.rope;
+  a.interleaved = d_.rope_interleaved;
+  be_.rope(a);
 }
 
 const RopeTables& ModelRunner::rope_for(int64_t n) { return rope_.covering(be_, cfg_, n); }
@@ -27,19 +68,6 @@ Tensor ModelRunner::positions_of(const StepRows& rows) {
   }
   rope_for(mx);
   return i32_tensor(be_, pos);
-}
-
-static void rope_rows(Backend& be, const RopeTables& t, const Tensor& positions, const Tensor& x, int64_t offset,
-                      int64_t dim, bool interleaved) {
-  RopeArgs a;
-  a.x = x;
-  a.positions = positions;
-  a.cos = t.cos;
-  a.sin = t.sin;
-  a.offset = offset;
-  a.rope_dim = dim;
-  a.interleaved = interleaved;
-  be.rope(a);
 }
 
 // One decoder block; the MLA projections are those of mla_forward, the attention is the cache's.
@@ -60,7 +88,7 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
   } else {
     linear_forward(be_, a.q_proj, h1, q2);
   }
-  rope_rows(be_, rope_.tables(), positions, q, d_.nope, d_.rope, d_.rope_interleaved);
+  rope(positions, q, d_.nope);
 
   Tensor kv_a = be_.alloc(DType::F32, {N, d_.kv_lora + d_.rope});
   linear_forward(be_, a.kv_a_proj_with_mqa, h1, kv_a);  // [N, kv_lora + rope]
@@ -69,7 +97,7 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
   const Tensor c_kv_n = rmsnorm(be_, c_kv, a.kv_a_layernorm, d_.eps_mla, rstd);  // cached latent
   Tensor k_pe = be_.alloc(DType::F32, {N, d_.rope});
   copy_cols(be_, kv_a, d_.kv_lora, k_pe, 0, d_.rope);
-  rope_rows(be_, rope_.tables(), positions, k_pe.reshape({N, 1, d_.rope}), 0, d_.rope, d_.rope_interleaved);
+  rope(positions, k_pe.reshape({N, 1, d_.rope}), 0);
 
   Tensor attn = be_.alloc(DType::F32, {N, nh * d_.vd});
   cache.attend(layer, a, rows, q, c_kv_n, k_pe, attn);
@@ -83,7 +111,12 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
 
   const Tensor h2 = rmsnorm(be_, x2, p.post_attention_layernorm, d_.eps, rstd);
   Tensor ffn;
-  if (p.is_moe) {
+  if (p.is_moe && sync_free_ && size_t(layer) < moe_tables_.size() && present(moe_tables_[size_t(layer)].ptrs) &&
+      N <= kDeviceMoeRows) {
+#ifdef DSV3_HAVE_CUDA
+    ffn = cuda_moe_forward(be_, d_, p.moe, moe_tables_[size_t(layer)], h2);
+#endif
+  } else if (p.is_moe) {
     MoeActs m;
     moe_forward(be_, d_, p.moe, h2, m);
     ffn = m.out;

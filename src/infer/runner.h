@@ -20,6 +20,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "infer/cuda_decode_ops.h"
 #include "infer/mla_absorbed.h"
 #include "model/model.h"
 
@@ -32,6 +33,9 @@ class ModelRunner {
   // Row count up to which a step takes the lean path (0: never; tests compare the two paths).
   int64_t small_rows() const { return small_rows_; }
   void set_small_rows(int64_t n) { small_rows_ = n; }
+  // CUDA: RoPE without the backend's range check and the grouped MoE for small steps (default on);
+  // off gives the backend ops throughout (benchmarks measure what the synchronisations cost).
+  void set_sync_free(bool on) { sync_free_ = on; }
 
   const ModelConfig& config() const { return cfg_; }
   const ModelDims& dims() const { return d_; }
@@ -78,6 +82,12 @@ class ModelRunner {
   ModelDims d_;
   ModelParams params_;
   std::vector<AbsorbedKvB> absorbed_;  // main layers then MTP blocks
+  // CUDA: routed experts' pointer tables per cache layer (empty where the grouped path does not
+  // apply), used for steps of at most kDeviceMoeRows rows.
+  std::vector<CudaMoeTables> moe_tables_;
+  static constexpr int64_t kDeviceMoeRows = 64;
+  bool sync_free_ = true;
+  void rope(const Tensor& positions, const Tensor& x, int64_t offset);
   RopeCache rope_;
   int64_t small_rows_ = 8;
   // Lean-path buffers, grown on demand and reused across steps.

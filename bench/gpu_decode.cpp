@@ -1,0 +1,225 @@
+// Decode throughput of the inference engine on the GPU (bench/gpu.sh runs it on the H200): the
+// bench-0.7b preset with random F32 weights (as gpu_train builds it), prompt 128, 128 new tokens,
+// greedy, batch 1 and 32, the whole engine (scheduler, runner, BF16 latent cache, device argmax) on
+// the CUDA backend. Tokens/s are counted as transformers' `generate` is (tools/hf_gpu_bench.py):
+// B·128 new tokens over the whole call, prefill included; the decode-only rate and the median step
+// time are printed beside it. With --hf FILE (that script's JSON from the same GPU) it records
+// decode_bs1_speedup_vs_hf / decode_bs32_speedup_vs_hf.
+//
+// Roofline: bytes a step must read — the weights it touches (attention, norms, dense MLP, router,
+// shared expert, the routed experts picked: top-k of them at batch 1, all at batch 32, lm_head, the
+// batch's embedding rows) plus the latent cache read at the mean depth — over 4.19 TB/s (the
+// device-to-device copy measured on this H200, docs/cuda.md).
+//
+// Host synchronisations and our own kernel launches per decode step are counted by wrapping the
+// CUDA runtime's cudaMemcpy / cudaDeviceSynchronize / cudaLaunchKernel (cuBLAS launches its kernels
+// through its own runtime copy and is not counted). Writes bench/results/gpu_decode.json.
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include "common/bench_util.h"
+
+#ifndef DSV3_HAVE_CUDA
+int main() {
+  std::puts("gpu_decode: built without CUDA");
+  return 1;
+}
+#else
+#include <cuda_runtime.h>
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <fstream>
+#include <vector>
+
+#include "backend/cuda/cuda_backend.h"
+#include "infer/engine.h"
+#include "model/presets.h"
+
+namespace {
+long g_memcpy = 0, g_sync = 0, g_launch = 0;
+template <class F> F real(const char* name) { return reinterpret_cast<F>(dlsym(RTLD_NEXT, name)); }
+}  // namespace
+
+extern "C" cudaError_t cudaMemcpy(void* dst, const void* src, size_t n, cudaMemcpyKind kind) {
+  static auto f = real<cudaError_t (*)(void*, const void*, size_t, cudaMemcpyKind)>("cudaMemcpy");
+  ++g_memcpy;
+  return f(dst, src, n, kind);
+}
+extern "C" cudaError_t cudaDeviceSynchronize() {
+  static auto f = real<cudaError_t (*)()>("cudaDeviceSynchronize");
+  ++g_sync;
+  return f();
+}
+extern "C" cudaError_t cudaLaunchKernel(const void* func, dim3 grid, dim3 block, void** args, size_t smem,
+                                        cudaStream_t stream) {
+  static auto f = real<cudaError_t (*)(const void*, dim3, dim3, void**, size_t, cudaStream_t)>("cudaLaunchKernel");
+  ++g_launch;
+  return f(func, grid, block, args, smem, stream);
+}
+
+using namespace dsv3;
+
+namespace {
+
+struct Result {
+  int64_t batch = 0;
+  double seconds = 0, tok_s = 0, decode_tok_s = 0, step_ms_median = 0, prefill_ms = 0;
+  double memcpy_per_step = 0, launches_per_step = 0;
+  double roofline_bytes = 0, roofline_step_ms = 0, roofline_tok_s = 0;
+};
+
+// Bytes of weights one decode step of B sequences touches, F32 as stored.
+double weight_bytes(const Weights& w, const ModelConfig& c, int64_t B) {
+  const double E = double(c.n_routed_experts);
+  const double frac = std::min(1.0, double(B * c.num_experts_per_tok) / E);
+  double bytes = 0;
+  for (const Param& p : w.params()) {
+    const std::string& n = p.spec.name;
+    const double b = double(p.w.nbytes()) + (present(p.scale_inv) ? double(p.scale_inv.nbytes()) : 0.0);
+    const bool mtp = n.rfind("model.layers.", 0) == 0 &&
+                     std::stoll(n.substr(13, n.find('.', 13) - 13)) >= c.num_hidden_layers;
+    if (mtp) continue;
+    if (n == "model.embed_tokens.weight")
+      bytes += b / double(c.vocab_size) * double(B);
+    else if (n.find(".mlp.experts.") != std::string::npos)
+      bytes += b * frac;
+    else
+      bytes += b;
+  }
+  return bytes;
+}
+
+Result run(const Weights& w, int64_t B, int64_t prompt, int64_t n_new, uint64_t seed, bool sync_free) {
+  const ModelConfig& c = w.config();
+  EngineOptions opt;
+  opt.sync_free = sync_free;
+  opt.cache.budget_bytes = uint64_t(512) << 20;
+  opt.max_running = std::max<int64_t>(64, B);
+  opt.prefill_chunk = prompt;
+  opt.max_step_tokens = std::max<int64_t>(2048, B * prompt);
+  Engine eng(w, opt, cuda_backend());
+  auto add_all = [&](int64_t n) {
+    for (int64_t b = 0; b < B; ++b) {
+      Request r;
+      for (int64_t i = 0; i < prompt; ++i)
+        r.prompt.push_back(int32_t((uint64_t(seed + b * prompt + i) * 2654435761u >> 7) % uint64_t(c.vocab_size)));
+      r.sampling.temperature = 0.0f;
+      r.max_tokens = n;
+      eng.add(r);
+    }
+  };
+  add_all(8);  // warm-up: cuBLAS plans, the caching allocator, the device cache
+  eng.run_all();
+  cuda_backend().synchronize();
+
+  add_all(n_new);
+  Result res;
+  res.batch = B;
+  std::vector<double> steps;
+  const double t0 = bench::now_s();
+  eng.step();  // prefill of every prompt, first token
+  const double t1 = bench::now_s();
+  const long m0 = g_memcpy + g_sync, l0 = g_launch;
+  int64_t produced = 0;
+  while (eng.has_work()) {
+    const double s0 = bench::now_s();
+    for (const SeqEvent& e : eng.step()) produced += int64_t(e.tokens.size());
+    steps.push_back(bench::now_s() - s0);
+  }
+  const double t2 = bench::now_s();
+  res.seconds = t2 - t0;
+  res.prefill_ms = (t1 - t0) * 1e3;
+  res.tok_s = double(B * n_new) / res.seconds;
+  res.decode_tok_s = double(produced) / (t2 - t1);
+  std::sort(steps.begin(), steps.end());
+  res.step_ms_median = steps.empty() ? 0 : steps[steps.size() / 2] * 1e3;
+  res.memcpy_per_step = steps.empty() ? 0 : double(g_memcpy + g_sync - m0) / double(steps.size());
+  res.launches_per_step = steps.empty() ? 0 : double(g_launch - l0) / double(steps.size());
+  const double depth = double(prompt) + double(n_new) / 2;
+  const double cache = double(B) * depth * double(c.kv_lora_rank + c.qk_rope_head_dim) *
+                       double(c.num_hidden_layers) * 2.0;
+  res.roofline_bytes = weight_bytes(w, c, B) + cache;
+  res.roofline_step_ms = res.roofline_bytes / 4.19e12 * 1e3;
+  res.roofline_tok_s = double(B) / (res.roofline_step_ms / 1e3);
+  return res;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string preset = "bench-0.7b", hf_path;
+  int64_t prompt = 128, n_new = 128;
+  std::vector<int64_t> batches = {1, 32};
+  for (int i = 1; i + 1 < argc; i += 2) {
+    std::string k = argv[i], v = argv[i + 1];
+    if (k == "--preset") preset = v;
+    else if (k == "--prompt") prompt = std::stoll(v);
+    else if (k == "--new") n_new = std::stoll(v);
+    else if (k == "--batch") batches = {std::stoll(v)};
+    else if (k == "--hf") hf_path = v;
+    else {
+      std::fprintf(stderr, "usage: dsv3_bench_gpu_decode [--preset bench-0.7b] [--prompt 128] [--new 128] "
+                           "[--batch B (default 1 and 32)] [--hf hf_gpu.json]\n");
+      return 2;
+    }
+  }
+  const ModelConfig cfg = preset_config(preset);
+  std::printf("gpu_decode: preset %s, prompt %ld, %ld new tokens, greedy, F32 weights, BF16 latent cache\n",
+              preset.c_str(), long(prompt), long(n_new));
+  const Weights w = Weights::random(cfg, 1, 0.02f);
+  nlohmann::json hf;
+  if (!hf_path.empty()) {
+    std::ifstream in(hf_path);
+    if (in) hf = nlohmann::json::parse(in);
+    else std::fprintf(stderr, "gpu_decode: cannot read %s; no ratios\n", hf_path.c_str());
+  }
+  auto hf_tok = [&](int64_t B) -> double {
+    if (hf.is_null() || !hf.contains("decode")) return 0;
+    for (const auto& d : hf["decode"])
+      if (d["batch"].get<int64_t>() == B) return d["tokens_per_s"].get<double>();
+    return 0;
+  };
+  nlohmann::json res = {{"bench", "gpu_decode"}, {"preset", preset}, {"prompt", prompt}, {"new_tokens", n_new},
+                        {"weights", "f32"}, {"cache", "bf16"}, {"copy_bw_tb_s", 4.19}};
+  res["runs"] = nlohmann::json::array();
+  std::printf("%5s %10s %12s %10s %10s %9s %9s %12s %10s %8s\n", "batch", "tok/s", "decode tok/s", "step ms",
+              "prefill ms", "syncs/st", "launch/st", "roofline tok/s", "hf tok/s", "vs hf");
+  for (int64_t B : batches) {
+    // The backend ops throughout (range checks and expert counts read back) for comparison.
+    const Result ref = run(w, B, prompt, n_new, 1000 + uint64_t(B), false);
+    std::printf("%5ld %10.1f %12.1f %10.3f %10.2f %9.1f %9.1f   (backend RoPE and MoE ops, for comparison)\n",
+                long(B), ref.tok_s, ref.decode_tok_s, ref.step_ms_median, ref.prefill_ms, ref.memcpy_per_step,
+                ref.launches_per_step);
+    const Result r = run(w, B, prompt, n_new, 1000 + uint64_t(B), true);
+    const double h = hf_tok(B);
+    std::printf("%5ld %10.1f %12.1f %10.3f %10.2f %9.1f %9.1f %12.1f %10.1f %8.2f\n", long(B), r.tok_s, r.decode_tok_s,
+                r.step_ms_median, r.prefill_ms, r.memcpy_per_step, r.launches_per_step, r.roofline_tok_s, h,
+                h > 0 ? r.tok_s / h : 0.0);
+    nlohmann::json j = {{"batch", B},
+                        {"seconds", r.seconds},
+                        {"tokens_per_s", r.tok_s},
+                        {"decode_tokens_per_s", r.decode_tok_s},
+                        {"step_ms_median", r.step_ms_median},
+                        {"prefill_ms", r.prefill_ms},
+                        {"host_syncs_per_step", r.memcpy_per_step},
+                        {"own_kernel_launches_per_step", r.launches_per_step},
+                        {"roofline_bytes_per_step", r.roofline_bytes},
+                        {"roofline_step_ms", r.roofline_step_ms},
+                        {"roofline_tokens_per_s", r.roofline_tok_s},
+                        {"fraction_of_roofline", r.step_ms_median > 0 ? r.roofline_step_ms / r.step_ms_median : 0},
+                        {"backend_ops_only", {{"tokens_per_s", ref.tok_s},
+                                              {"step_ms_median", ref.step_ms_median},
+                                              {"host_syncs_per_step", ref.memcpy_per_step},
+                                              {"own_kernel_launches_per_step", ref.launches_per_step}}}};
+    if (h > 0) {
+      j["hf_tokens_per_s"] = h;
+      res[B == 1 ? "decode_bs1_speedup_vs_hf" : cat("decode_bs", B, "_speedup_vs_hf")] = r.tok_s / h;
+    }
+    res["runs"].push_back(j);
+  }
+  std::printf("wrote %s\n", bench::write_result("gpu_decode", res).c_str());
+  return 0;
+}
+#endif

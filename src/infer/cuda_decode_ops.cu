@@ -1,0 +1,221 @@
+#include "infer/cuda_decode_ops.h"
+
+#include <algorithm>
+
+#include "backend/cuda/common.cuh"
+
+namespace dsv3 {
+using namespace cuda;
+
+namespace {
+
+constexpr int kWarps = 8;        // per CTA of the expert kernels
+constexpr int kRowsPerWarp = 2;  // weight rows per warp
+constexpr int kChunk = 8;        // picks per pass over an expert's weight rows
+
+__global__ void rope_kernel(float* x, const int32_t* pos, const float* cs, const float* sn, int64_t t, int64_t h,
+                            int64_t w, int64_t off, int64_t half, bool interleaved) {
+  const int64_t n = t * h * half;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t j = i % half, th = i / half, ti = th / h, a = pos[ti];
+    float* p = x + th * w + off + (interleaved ? 2 * j : j);
+    const int64_t stride = interleaved ? 1 : half;
+    const float x0 = p[0], x1 = p[stride], cj = cs[a * half + j], sj = sn[a * half + j];
+    p[0] = x0 * cj - x1 * sj;
+    p[stride] = x1 * cj + x0 * sj;
+  }
+}
+
+// One CTA of E threads: picks (r·k + j) grouped by expert, token order kept within an expert.
+// order[p] = pick at grouped position p, inv[pick] = p, offsets[e] = first position of expert e.
+__global__ void group_kernel(const int32_t* ids, int nk, int E, int32_t* order, int32_t* inv, int32_t* offsets) {
+  extern __shared__ int32_t off[];
+  const int e = threadIdx.x;
+  if (e < E) {
+    int c = 0;
+    for (int i = 0; i < nk; ++i) c += ids[i] == e;
+    off[e] = c;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int s = 0;
+    for (int i = 0; i < E; ++i) {
+      const int c = off[i];
+      off[i] = s;
+      offsets[i] = s;
+      s += c;
+    }
+    offsets[E] = s;
+  }
+  __syncthreads();
+  if (e < E) {
+    int p = off[e];
+    for (int i = 0; i < nk; ++i)
+      if (ids[i] == e) {
+        order[p] = i;
+        inv[i] = p;
+        ++p;
+      }
+  }
+}
+
+// y[p, j] for the picks p of expert blockIdx.x and weight rows j of this CTA: each weight row is read
+// once per kChunk picks (once in all for up to kChunk picks of an expert). kGateUp: y = silu(x·g_j)·(x·u_j)
+// with x the pick's token row; otherwise y = act_p·d_j with act the gate/up output rows.
+template <bool kGateUp>
+__global__ void expert_kernel(const float* in, const int32_t* order, const int32_t* offsets, const int64_t* w0,
+                              const int64_t* w1, int k, int K, int rows_out, float* out) {
+  extern __shared__ float xs[];
+  const int e = blockIdx.x, c0 = offsets[e], c = offsets[e + 1] - c0;
+  if (c == 0) return;
+  const float* A = reinterpret_cast<const float*>(w0[e]);
+  const float* B = kGateUp ? reinterpret_cast<const float*>(w1[e]) : nullptr;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int ch = 0; ch < c; ch += kChunk) {
+    const int n = min(kChunk, c - ch);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < n * K; idx += blockDim.x) {
+      const int q = idx / K, col = idx - q * K, p = c0 + ch + q;
+      const int64_t src = kGateUp ? int64_t(order[p] / k) : int64_t(p);
+      xs[q * K + col] = in[src * K + col];
+    }
+    __syncthreads();
+    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+      const int j = (blockIdx.y * kWarps + warp) * kRowsPerWarp + rr;
+      if (j >= rows_out) break;
+      float a[kChunk], b[kChunk];
+#pragma unroll
+      for (int q = 0; q < kChunk; ++q) a[q] = b[q] = 0.0f;
+      const float* ar = A + int64_t(j) * K;
+      const float* br = kGateUp ? B + int64_t(j) * K : nullptr;
+      for (int col = lane; col < K; col += 32) {
+        const float wa = ar[col], wb = kGateUp ? br[col] : 0.0f;
+#pragma unroll
+        for (int q = 0; q < kChunk; ++q)
+          if (q < n) {
+            const float xv = xs[q * K + col];
+            a[q] = fmaf(wa, xv, a[q]);
+            if (kGateUp) b[q] = fmaf(wb, xv, b[q]);
+          }
+      }
+#pragma unroll
+      for (int q = 0; q < kChunk; ++q) {
+        if (q >= n) break;
+        const float g = warp_sum(a[q]);
+        const float u = kGateUp ? warp_sum(b[q]) : 0.0f;
+        if (lane == 0) out[int64_t(c0 + ch + q) * rows_out + j] = kGateUp ? g / (1.0f + expf(-g)) * u : g;
+      }
+    }
+  }
+}
+
+// out[r] = Σ_j weights[r, j]·y[inv[r·k + j]] in top-k order.
+__global__ void combine_kernel(const float* y, const int32_t* inv, const float* wts, int k, int H, float* out) {
+  const int r = blockIdx.x;
+  for (int col = threadIdx.x; col < H; col += blockDim.x) {
+    float acc = 0.0f;
+    for (int j = 0; j < k; ++j) acc = fmaf(wts[r * k + j], y[int64_t(inv[r * k + j]) * H + col], acc);
+    out[int64_t(r) * H + col] = acc;
+  }
+}
+
+}  // namespace
+
+void cuda_rope_unchecked(const Tensor& x, const Tensor& positions, const Tensor& cos, const Tensor& sin,
+                         int64_t offset, int64_t dim, bool interleaved) {
+  DSV3_CHECK(x.ndim() == 3 && positions.numel() == x.dim(0) && offset + dim <= x.dim(2) && dim % 2 == 0,
+             "cuda_rope_unchecked: x ", x.shape().str());
+  const int64_t t = x.dim(0), h = x.dim(1), w = x.dim(2), half = dim / 2, n = t * h * half;
+  if (n)
+    rope_kernel<<<std::min(blocks_for(n), 1u << 20), 256>>>(ptr<float>(x), positions.data<int32_t>(),
+                                                            cos.data<float>(), sin.data<float>(), t, h, w, offset,
+                                                            half, interleaved);
+  check_launch("rope (unchecked)");
+}
+
+bool cuda_moe_supported(const MoeParams& p) {
+  if (p.experts.empty() || p.experts.size() > 1024) return false;
+  // One chunk of input rows must fit the expert kernels' 48 KB of shared memory.
+  const int64_t widest = std::max(p.experts[0].gate_proj.w.dim(0), p.experts[0].gate_proj.w.dim(1));
+  if (kChunk * widest * int64_t(sizeof(float)) > 48 * 1024) return false;
+  for (const MlpParams& m : p.experts)
+    for (const LinearParam* l : {&m.gate_proj, &m.up_proj, &m.down_proj})
+      if (l->w.dtype() != DType::F32 || l->w.device() != Device::CUDA || present(l->bias)) return false;
+  return true;
+}
+
+CudaMoeTables cuda_moe_tables(const MoeParams& p) {
+  DSV3_CHECK(cuda_moe_supported(p), "cuda_moe_tables: unsupported experts");
+  CudaMoeTables t;
+  t.E = int64_t(p.experts.size());
+  t.I = p.experts[0].gate_proj.w.dim(0);
+  t.H = p.experts[0].gate_proj.w.dim(1);
+  Tensor h = Tensor::empty(DType::I64, {3, t.E});
+  int64_t* d = h.data<int64_t>();
+  for (int64_t e = 0; e < t.E; ++e) {
+    const MlpParams& m = p.experts[size_t(e)];
+    DSV3_CHECK(m.gate_proj.w.dim(0) == t.I && m.up_proj.w.dim(0) == t.I && m.down_proj.w.dim(0) == t.H &&
+                   m.down_proj.w.dim(1) == t.I,
+               "cuda_moe_tables: expert ", e, " shapes differ");
+    d[e] = int64_t(reinterpret_cast<uintptr_t>(m.gate_proj.w.raw()));
+    d[t.E + e] = int64_t(reinterpret_cast<uintptr_t>(m.up_proj.w.raw()));
+    d[2 * t.E + e] = int64_t(reinterpret_cast<uintptr_t>(m.down_proj.w.raw()));
+  }
+  t.ptrs = cuda_backend().to_device(h);
+  return t;
+}
+
+Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const CudaMoeTables& t,
+                        const Tensor& x) {
+  const int64_t N = x.dim(0), E = t.E, k = d.top_k, H = t.H, I = t.I;
+  DSV3_CHECK(x.device() == Device::CUDA && x.dim(1) == H && E == d.n_experts, "cuda_moe_forward: x ",
+             x.shape().str());
+  Tensor logits = be.alloc(DType::F32, {N, E});
+  linear_forward(be, p.gate, x, logits);
+  Tensor scores = be.alloc(DType::F32, {N, E}), ids = be.alloc(DType::I32, {N, k}), wts = be.alloc(DType::F32, {N, k});
+  RouterArgs r;
+  r.logits = logits;
+  r.bias = p.e_score_correction_bias;
+  r.scoring = d.scoring;
+  r.method = d.method;
+  r.n_group = d.n_group;
+  r.topk_group = d.topk_group;
+  r.top_k = d.top_k;
+  r.norm_topk_prob = d.norm_topk_prob;
+  r.routed_scaling_factor = d.routed_scaling_factor;
+  r.scores = scores;
+  r.ids = ids;
+  r.weights = wts;
+  be.router(r);
+
+  Tensor grp = be.alloc(DType::I32, {2 * N * k + E + 1});
+  int32_t* order = ptr<int32_t>(grp);
+  int32_t* inv = order + N * k;
+  int32_t* offsets = inv + N * k;
+  group_kernel<<<1, unsigned((E + 31) / 32 * 32), size_t(E) * sizeof(int32_t)>>>(ids.data<int32_t>(), int(N * k),
+                                                                                   int(E), order, inv, offsets);
+  check_launch("moe grouping");
+  const int64_t* w = t.ptrs.data<int64_t>();
+  Tensor act = be.alloc(DType::F32, {N * k, I});
+  const int rows_per_cta = kWarps * kRowsPerWarp;
+  expert_kernel<true><<<dim3(unsigned(E), unsigned((I + rows_per_cta - 1) / rows_per_cta)), 32 * kWarps,
+                        size_t(kChunk * H) * sizeof(float)>>>(x.data<float>(), order, offsets, w, w + E, int(k),
+                                                              int(H), int(I), ptr<float>(act));
+  check_launch("experts gate/up");
+  Tensor y = be.alloc(DType::F32, {N * k, H});
+  expert_kernel<false><<<dim3(unsigned(E), unsigned((H + rows_per_cta - 1) / rows_per_cta)), 32 * kWarps,
+                         size_t(kChunk * I) * sizeof(float)>>>(act.data<float>(), order, offsets, w + 2 * E, nullptr,
+                                                               int(k), int(I), int(H), ptr<float>(y));
+  check_launch("experts down");
+  Tensor out = be.alloc(DType::F32, {N, H});
+  combine_kernel<<<unsigned(N), 256>>>(y.data<float>(), inv, wts.data<float>(), int(k), int(H), ptr<float>(out));
+  check_launch("moe combine");
+  if (p.has_shared) {
+    MlpActs m;
+    m.out = out;
+    mlp_forward(be, p.shared_experts, x, m, true);  // out += shared experts
+  }
+  return out;
+}
+
+}  // namespace dsv3

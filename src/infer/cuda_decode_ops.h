@@ -1,0 +1,35 @@
+// Device pieces of the runner's forward on the CUDA backend that avoid host synchronisation
+// (CUDA builds only: the implementation is cuda_decode_ops.cu). The backend's rope and moe_sort
+// range-check their inputs on the device and read the verdict back (a synchronisation each), and
+// moe_forward reads the expert counts back to slice rows per expert: ~6 synchronisations per MoE
+// layer. Here positions are valid by construction (the runner grows its RoPE tables to cover
+// them) and expert ids come from the router, so these run without a read-back. Plain C++ header.
+#pragma once
+#include <cstdint>
+
+#include "model/model.h"
+
+namespace dsv3 {
+
+// The backend's rope (rotate columns [offset, offset + dim) of x [T, heads, width] at positions[t])
+// without the positions' range check: positions must lie inside the tables.
+void cuda_rope_unchecked(const Tensor& x, const Tensor& positions, const Tensor& cos, const Tensor& sin,
+                         int64_t offset, int64_t dim, bool interleaved);
+
+// One MoE layer's routed experts as device pointer tables (gate, up, down per expert).
+struct CudaMoeTables {
+  Tensor ptrs;  // I64 [3, E] on the device
+  int64_t E = 0, H = 0, I = 0;
+};
+// Whether the layer's experts can take the grouped path (F32 weights without bias, E ≤ 1024).
+bool cuda_moe_supported(const MoeParams& p);
+CudaMoeTables cuda_moe_tables(const MoeParams& p);
+
+// moe_forward for a few rows without a host round trip: router (backend op) → picks grouped by
+// expert on the device (stable: token order within an expert) → each expert's weight rows read
+// once for all its picks (gate/up with SwiGLU, then down) → per token Σ_j weight_j·y_j in top-k
+// order, plus the shared experts. Returns out [N, H].
+Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const CudaMoeTables& t,
+                        const Tensor& x);
+
+}  // namespace dsv3

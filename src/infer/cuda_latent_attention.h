@@ -1,0 +1,61 @@
+// The latent cache and absorbed-MLA attention on the GPU (CUDA builds only: the implementation is
+// cuda_latent_attention.cu, compiled when DSV3_HAVE_CUDA is set). Plain C++ header, no CUDA types.
+//
+// The LatentKvPool keeps the block accounting (reserve/truncate/release on the host, built with
+// host_storage = false); this object owns the rows: BF16 on the device in the pool's layout, row
+// (block, layer, slot) at element ((block·layers + layer)·block_size + slot)·W.
+//
+// One attend() per layer:
+//   1. write the step's rows (kv_a_layernorm(c_kv) ‖ rotated k_pe, rounded to BF16) by a kernel;
+//   2. qcat[r, h] = [W_UK[h]ᵀ·q_nope[r, h] ‖ q_pe[r, h]]: one strided-batched SGEMM over the heads;
+//   3. lat[r, h] = Σ_j softmax(scale·qcat·row_j)·c_j over the row's sequence up to its position:
+//      cuda_mla_decode (backend/cuda/mla_decode.h) at DeepSeek-V2/V3's 512 + 64 and block size 64,
+//      a generic kernel (one warp per head, 32-row tiles in shared memory) for other shapes;
+//   4. o[r, h] = W_UV[h]·lat[r, h]: one strided-batched SGEMM.
+// Every row is its own attention entry (length pos + 1, its sequence's block table), so chunked
+// prefill and draft verification are the same call as decode. The per-row tables, lengths and
+// slots are uploaded once per step (one host→device copy), reused by every layer.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "infer/mla_absorbed.h"
+
+namespace dsv3 {
+
+class CudaLatentAttention : public AttentionCache {
+ public:
+  // absorbed: W_UK / W_UV per cache layer on the device (ModelRunner::absorbed() on the CUDA backend).
+  CudaLatentAttention(const LatentKvPool& pool, const std::vector<AbsorbedKvB>& absorbed, const ModelDims& d);
+  // Block tables of the sequences a step's rows name (StepRows::seq indexes this).
+  std::vector<BlockTable*> tables;
+  void attend(int64_t layer, const MlaParams& p, const StepRows& rows, const Tensor& q, const Tensor& c_kv_n,
+              const Tensor& k_pe, const Tensor& out) override;
+
+  // The device rows (BF16, [num_blocks·layers·block_size, W]).
+  const Tensor& storage() const { return storage_; }
+  // Host→device uploads of step metadata so far (one per distinct step).
+  int64_t uploads() const { return uploads_; }
+  // false: always the generic kernel (tests compare it with cuda_mla_decode on V3 shapes).
+  void set_use_mla_decode(bool on) { use_mla_decode_ = on; }
+  bool uses_mla_decode() const;
+
+ private:
+  void upload(const StepRows& rows);
+  const LatentKvPool& pool_;
+  const std::vector<AbsorbedKvB>& absorbed_;
+  ModelDims d_;
+  Tensor storage_;
+  // This step's metadata, host copy (to detect a new step) and device copy:
+  // [lengths N | row block N | row slot N | tables N × max_blocks].
+  std::vector<int32_t> meta_host_;
+  Tensor meta_dev_;
+  int64_t rows_ = 0, max_blocks_ = 0, max_len_ = 0, uploads_ = 0;
+  bool use_mla_decode_ = true;
+};
+
+// Greedy tokens on the device: ids[r] = argmax over [0, n_valid) of logits[r] (lowest id on ties);
+// one kernel, one read-back of the ids.
+std::vector<int32_t> cuda_greedy_tokens(const Tensor& logits, int64_t n_valid);
+
+}  // namespace dsv3

@@ -1,0 +1,311 @@
+// The inference engine on the CUDA backend (runner, weights and the BF16 latent cache on the
+// device, greedy argmax on the device) against the CPU engine with a BF16 cache — the same cache
+// rounding, so what remains is FP32 summation order. A step whose CPU logits have their two best
+// values closer than the parity tolerance could legitimately go either way: that sequence's
+// comparison stops there (at least 4 compared tokens are required per sequence).
+// Also: the device cache's attention (cuda_mla_decode at V3 shapes, the generic kernel otherwise)
+// against the host LatentAttention over a BF16 pool, under kBf16.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <map>
+
+#include "../backend/harness.h"
+#include "backend/cuda/cuda_backend.h"
+#include "infer/cuda_latent_attention.h"
+#include "infer/engine.h"
+#include "io/safetensors.h"
+#include "model/presets.h"
+
+namespace dsv3::test {
+namespace {
+
+namespace fs = std::filesystem;
+
+std::vector<fs::path> fixture_dirs() {
+  std::vector<fs::path> out;
+  for (const auto& e : fs::directory_iterator(fs::path(DSV3_SOURCE_DIR) / "tests" / "data" / "fixtures"))
+    if (fs::exists(e.path() / "expected.safetensors")) out.push_back(e.path());
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+std::vector<int32_t> fixture_ids(const fs::path& dir) {
+  SafetensorsFile exp = SafetensorsFile::open((dir / "expected.safetensors").string());
+  Tensor ids64 = exp.tensor("input_ids");
+  std::vector<int32_t> ids;
+  for (int64_t i = 0; i < ids64.numel(); ++i) ids.push_back(int32_t(ids64.data<int64_t>()[i]));
+  return ids;
+}
+
+Request greedy_request(std::vector<int32_t> prompt, int64_t n) {
+  Request r;
+  r.prompt = std::move(prompt);
+  r.sampling.temperature = 0.0f;
+  r.max_tokens = n;
+  return r;
+}
+
+// The CPU engine's greedy output per request, and for each (request, position) whether its logits
+// row was a near tie.
+struct CpuRef {
+  std::vector<std::vector<int32_t>> tokens;
+  std::map<std::pair<int64_t, int64_t>, bool> tie;
+};
+
+CpuRef cpu_reference(const Weights& w, EngineOptions opt, const std::vector<Request>& reqs) {
+  opt.cache.dtype = DType::BF16;
+  Engine e(w, opt);
+  CpuRef ref;
+  e.on_logits = [&](int64_t id, int64_t pos, std::span<const float> l) {
+    double best = -INFINITY, second = -INFINITY, scale = 0;
+    for (float x : l) {
+      scale = std::max(scale, double(std::fabs(x)));
+      if (x > best) {
+        second = best;
+        best = x;
+      } else if (x > second) {
+        second = x;
+      }
+    }
+    ref.tie[{id, pos}] = best - second < tol::kModelParity * scale;
+  };
+  for (const Request& r : reqs) e.add(r);
+  ref.tokens = e.run_all();
+  return ref;
+}
+
+// GPU tokens equal the CPU's up to each sequence's first near tie; returns the fewest compared.
+int64_t expect_matches(const CpuRef& ref, const std::vector<std::vector<int32_t>>& got,
+                       const std::vector<Request>& reqs) {
+  EXPECT_EQ(got.size(), ref.tokens.size());
+  int64_t fewest = INT64_MAX;
+  for (size_t s = 0; s < reqs.size() && s < got.size(); ++s) {
+    const int64_t n0 = int64_t(reqs[s].prompt.size());
+    int64_t compared = 0;
+    for (size_t i = 0; i < ref.tokens[s].size(); ++i) {
+      const auto it = ref.tie.find({int64_t(s), n0 - 1 + int64_t(i)});
+      if (it != ref.tie.end() && it->second) break;
+      if (i >= got[s].size()) {
+        ADD_FAILURE() << "sequence " << s << ": GPU output ends after " << got[s].size() << " tokens";
+        break;
+      }
+      EXPECT_EQ(got[s][i], ref.tokens[s][i]) << "sequence " << s << " token " << i;
+      if (got[s][i] != ref.tokens[s][i]) break;
+      ++compared;
+    }
+    fewest = std::min(fewest, compared);
+  }
+  return fewest;
+}
+
+TEST(CudaEngine, GreedyEqualsCpuEngineOnFixtures) {
+  ASSERT_GT(cuda_device_count(), 0);
+  int fixtures = 0;
+  for (const fs::path& dir : fixture_dirs()) {
+    SCOPED_TRACE(dir.filename().string());
+    ++fixtures;
+    const Weights w = Weights::load(dir.string());
+    std::vector<int32_t> ids = fixture_ids(dir);
+    ids.resize(std::min<size_t>(ids.size(), 8));
+    const std::vector<Request> reqs = {greedy_request(ids, 12)};
+    EngineOptions opt;
+    const CpuRef ref = cpu_reference(w, opt, reqs);
+    Engine gpu(w, opt, cuda_backend());
+    ASSERT_TRUE(gpu.on_device());
+    for (const Request& r : reqs) gpu.add(r);
+    EXPECT_GE(expect_matches(ref, gpu.run_all(), reqs), 4) << "too many near ties to compare";
+    EXPECT_GT(gpu.device_greedy_steps(), 0);
+    // MTP speculation on the device (drafts and verification read logits back): same output.
+    if (gpu.runner().num_mtp() > 0) {
+      EngineOptions mo = opt;
+      mo.draft_tokens = 2;
+      Engine spec(w, mo, cuda_backend());
+      for (const Request& r : reqs) spec.add(r);
+      EXPECT_GE(expect_matches(ref, spec.run_all(), reqs), 4);
+      EXPECT_GT(spec.stats().spec.rounds, 0);
+    }
+  }
+  EXPECT_GE(fixtures, 6);
+}
+
+// Sequences of different lengths decoding in one batch, joining in one step, and prompts fed in
+// chunks of 3: each sequence's output equals the CPU engine's.
+TEST(CudaEngine, BatchedAndChunkedEqualCpu) {
+  ASSERT_GT(cuda_device_count(), 0);
+  for (const fs::path& dir : fixture_dirs()) {
+    if (dir.filename() != "v3_hub_yarn_mtp1" && dir.filename() != "v3_fp8_h160") continue;
+    SCOPED_TRACE(dir.filename().string());
+    const Weights w = Weights::load(dir.string());
+    const std::vector<int32_t> ids = fixture_ids(dir);
+    std::vector<Request> reqs;
+    for (int64_t len : {2, 5, 9, 14}) {
+      std::vector<int32_t> p;
+      for (int64_t i = 0; i < len; ++i) p.push_back(ids[size_t(i) % ids.size()]);
+      reqs.push_back(greedy_request(p, 10));
+    }
+    for (int64_t chunk : {512, 3}) {
+      SCOPED_TRACE(cat("prefill chunk ", chunk));
+      EngineOptions opt;
+      opt.prefill_chunk = chunk;
+      opt.cache.block_size = 4;  // several blocks per sequence, handed out interleaved
+      const CpuRef ref = cpu_reference(w, opt, reqs);
+      Engine gpu(w, opt, cuda_backend());
+      for (const Request& r : reqs) gpu.add(r);
+      EXPECT_GE(expect_matches(ref, gpu.run_all(), reqs), 4);
+    }
+  }
+}
+
+// F32 weights take the runner's synchronisation-free path on the device (grouped experts, RoPE
+// without the read-back); the fixtures' BF16/FP8 experts take the backend's MoE. The tiny preset
+// with random F32 weights: batched prefill (up to 64 rows: several chunks of picks per expert)
+// and decode equal the CPU engine, and the backend-ops path on the device.
+TEST(CudaEngine, SyncFreePathEqualsCpuOnRandomTiny) {
+  ASSERT_GT(cuda_device_count(), 0);
+  const Weights w = Weights::random(preset_config("tiny"), 3, 0.05f);
+  std::vector<Request> reqs;
+  for (int64_t len : {2, 5, 9, 20}) {
+    std::vector<int32_t> p;
+    for (int64_t i = 0; i < len; ++i) p.push_back(int32_t((uint64_t(len * 131 + i) * 2654435761u >> 9) % 4096));
+    reqs.push_back(greedy_request(p, 12));
+  }
+  EngineOptions opt;
+  opt.cache.block_size = 8;
+  const CpuRef ref = cpu_reference(w, opt, reqs);
+  int64_t fewest[2] = {0, 0};
+  for (bool sync_free : {true, false}) {
+    SCOPED_TRACE(sync_free ? "sync-free" : "backend ops");
+    EngineOptions o = opt;
+    o.sync_free = sync_free;
+    Engine gpu(w, o, cuda_backend());
+    for (const Request& r : reqs) gpu.add(r);
+    fewest[sync_free] = expect_matches(ref, gpu.run_all(), reqs);
+  }
+  EXPECT_GE(fewest[1], 4) << "too many near ties to compare";
+  EXPECT_GE(fewest[0], 4) << "too many near ties to compare";
+}
+
+// ---- the device cache's attention against the host's -----------------------------------------
+
+struct AttnShape {
+  ModelDims d;
+  int64_t layers, block_size;
+};
+
+ModelDims dims(int64_t nh, int64_t nope, int64_t rope, int64_t vd, int64_t kv_lora) {
+  ModelDims d;
+  d.nh = nh;
+  d.nope = nope;
+  d.rope = rope;
+  d.qk = nope + rope;
+  d.vd = vd;
+  d.kv_lora = kv_lora;
+  d.softmax_scale = float(1.0 / std::sqrt(double(d.qk)));
+  return d;
+}
+
+void attention_against_host(const ModelDims& d, int64_t layers, int64_t bs, bool mla_decode) {
+  CudaBackend& be = cuda_backend();
+  KvCacheOptions o;
+  o.block_size = bs;
+  o.dtype = DType::BF16;
+  o.budget_bytes = uint64_t(d.kv_lora + d.rope) * uint64_t(layers) * 2 * uint64_t(bs) * 16;
+  LatentKvPool hp(layers, d.kv_lora, d.rope, o);
+  o.host_storage = false;
+  LatentKvPool dp(layers, d.kv_lora, d.rope, o);
+  std::vector<AbsorbedKvB> wh, wd;
+  for (int64_t l = 0; l < layers; ++l) {
+    AbsorbedKvB a;
+    a.w_uk = randn({d.nh, d.nope, d.kv_lora}, 11, uint64_t(2 * l), float(1.0 / std::sqrt(double(d.nope))));
+    a.w_uv = randn({d.nh, d.vd, d.kv_lora}, 11, uint64_t(2 * l + 1), 0.05f);
+    wh.push_back(a);
+    wd.push_back({be.to_device(a.w_uk), be.to_device(a.w_uv)});
+  }
+  LatentAttention host(hp, wh, d);
+  CudaLatentAttention dev(dp, wd, d);
+  dev.set_use_mla_decode(mla_decode);
+  ASSERT_EQ(dev.uses_mla_decode(), mla_decode);
+  const std::vector<int64_t> lens = {5, 2 * bs + 6, 3 * bs + 2};
+  std::vector<BlockTable> th(3), td(3);
+  // Interleaved reservations: sequences own scattered blocks.
+  for (int64_t upto = 1; upto <= 8; ++upto)
+    for (size_t s = 0; s < 3; ++s) {
+      const int64_t want = std::min(lens[s] + 4, upto * bs);
+      ASSERT_TRUE(hp.reserve(th[s], want));
+      ASSERT_TRUE(dp.reserve(td[s], want));
+    }
+  for (size_t s = 0; s < 3; ++s) {
+    host.tables.push_back(&th[s]);
+    dev.tables.push_back(&td[s]);
+  }
+  MlaParams unused;
+  auto step = [&](const StepRows& rows, uint64_t seed) {
+    const int64_t N = rows.size();
+    for (int64_t layer = 0; layer < layers; ++layer) {
+      SCOPED_TRACE(cat("layer ", layer, ", ", N, " rows"));
+      const Tensor q = randn({N, d.nh, d.qk}, seed, uint64_t(3 * layer));
+      const Tensor c = randn({N, d.kv_lora}, seed, uint64_t(3 * layer + 1));
+      const Tensor k = randn({N, d.rope}, seed, uint64_t(3 * layer + 2));
+      Tensor out_h = Tensor::empty(DType::F32, {N, d.nh * d.vd});
+      host.attend(layer, unused, rows, q, c, k, out_h);
+      Tensor out_d = be.alloc(DType::F32, {N, d.nh * d.vd});
+      dev.attend(layer, unused, rows, be.to_device(q), be.to_device(c), be.to_device(k), out_d);
+      const Err e = compare(be.to_host(out_d), to_vec(out_h));
+      EXPECT_EQ(e.non_finite, 0);
+      EXPECT_LE(e.norm_err, tol::kBf16) << "worst element " << e.worst;
+    }
+  };
+  // Prefill of every sequence in one step, then a mixed step: a decode row, three consecutive rows
+  // (a chunk or a verification), a decode row at a block boundary.
+  StepRows pre;
+  for (size_t s = 0; s < 3; ++s)
+    for (int64_t p = 0; p < lens[s]; ++p) {
+      pre.seq.push_back(int32_t(s));
+      pre.pos.push_back(p);
+    }
+  step(pre, 1);
+  StepRows mixed;
+  mixed.seq = {0, 1, 1, 1, 2};
+  mixed.pos = {lens[0], lens[1], lens[1] + 1, lens[1] + 2, lens[2]};
+  step(mixed, 2);
+  EXPECT_EQ(dev.uploads(), 2);  // once per step, every layer reuses it
+}
+
+TEST(CudaEngine, DeviceCacheAttentionEqualsHostV3ShapeMlaDecode) {
+  ASSERT_GT(cuda_device_count(), 0);
+  attention_against_host(dims(16, 128, 64, 128, 512), 2, 64, true);
+}
+
+TEST(CudaEngine, DeviceCacheAttentionEqualsHostV3ShapeGeneric) {
+  ASSERT_GT(cuda_device_count(), 0);
+  attention_against_host(dims(16, 128, 64, 128, 512), 2, 64, false);
+}
+
+TEST(CudaEngine, DeviceCacheAttentionEqualsHostSmallShapes) {
+  ASSERT_GT(cuda_device_count(), 0);
+  attention_against_host(dims(4, 12, 8, 12, 24), 3, 4, false);   // fixture-sized, 4-token blocks
+  attention_against_host(dims(16, 128, 64, 128, 256), 1, 64, false);  // bench-0.7b's latent
+  attention_against_host(dims(5, 16, 16, 32, 72), 2, 16, false);  // heads not a multiple of the CTA's 4
+}
+
+TEST(CudaEngine, GreedyTokensMatchHostArgmax) {
+  ASSERT_GT(cuda_device_count(), 0);
+  // Ties (lowest id wins) and a row whose maximum lies past n_valid.
+  Tensor l = randn({3, 5000}, 5, 0);
+  float* p = l.data<float>();
+  p[17] = p[4000] = 50.0f;
+  p[5000 + 4990] = 60.0f;
+  p[5000 + 12] = 40.0f;
+  p[10000 + 4999] = 70.0f;
+  const std::vector<int32_t> got = cuda_greedy_tokens(cuda_backend().to_device(l), 4990);
+  for (int64_t r = 0; r < 3; ++r) {
+    std::span<const float> row(p + r * 5000, 5000);
+    EXPECT_EQ(got[size_t(r)], greedy_token(row, 4990, {}, 1.0f)) << "row " << r;
+  }
+  EXPECT_EQ(got[0], 17);
+}
+
+}  // namespace
+}  // namespace dsv3::test
