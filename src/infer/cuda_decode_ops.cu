@@ -28,7 +28,9 @@ __global__ void rope_kernel(float* x, const int32_t* pos, const float* cs, const
 
 // One CTA of E threads: picks (r·k + j) grouped by expert, token order kept within an expert.
 // order[p] = pick at grouped position p, inv[pick] = p, offsets[e] = first position of expert e.
-__global__ void group_kernel(const int32_t* ids, int nk, int E, int32_t* order, int32_t* inv, int32_t* offsets) {
+// With a fused shared expert (group E), every token r is one more pick nk + r, after the routed ones.
+__global__ void group_kernel(const int32_t* ids, int nk, int E, int n_shared_rows, int32_t* order, int32_t* inv,
+                             int32_t* offsets) {
   extern __shared__ int32_t off[];
   const int e = threadIdx.x;
   if (e < E) {
@@ -46,7 +48,9 @@ __global__ void group_kernel(const int32_t* ids, int nk, int E, int32_t* order, 
       s += c;
     }
     offsets[E] = s;
+    if (n_shared_rows) offsets[E + 1] = s + n_shared_rows;
   }
+  for (int r = threadIdx.x; r < n_shared_rows; r += blockDim.x) order[nk + r] = nk + r;
   __syncthreads();
   if (e < E) {
     int p = off[e];
@@ -64,7 +68,7 @@ __global__ void group_kernel(const int32_t* ids, int nk, int E, int32_t* order, 
 // with x the pick's token row; otherwise y = act_p·d_j with act the gate/up output rows.
 template <bool kGateUp>
 __global__ void expert_kernel(const float* in, const int32_t* order, const int32_t* offsets, const int64_t* w0,
-                              const int64_t* w1, int k, int K, int rows_out, float* out) {
+                              const int64_t* w1, int k, int nk, int K, int rows_out, float* out) {
   extern __shared__ float xs[];
   const int e = blockIdx.x, c0 = offsets[e], c = offsets[e + 1] - c0;
   if (c == 0) return;
@@ -76,7 +80,8 @@ __global__ void expert_kernel(const float* in, const int32_t* order, const int32
     __syncthreads();
     for (int idx = threadIdx.x; idx < n * K; idx += blockDim.x) {
       const int q = idx / K, col = idx - q * K, p = c0 + ch + q;
-      const int64_t src = kGateUp ? int64_t(order[p] / k) : int64_t(p);
+      const int pick = kGateUp ? order[p] : 0;
+      const int64_t src = kGateUp ? int64_t(pick < nk ? pick / k : pick - nk) : int64_t(p);
       xs[q * K + col] = in[src * K + col];
     }
     __syncthreads();
@@ -109,13 +114,36 @@ __global__ void expert_kernel(const float* in, const int32_t* order, const int32
   }
 }
 
-// out[r] = Σ_j weights[r, j]·y[inv[r·k + j]] in top-k order.
-__global__ void combine_kernel(const float* y, const int32_t* inv, const float* wts, int k, int H, float* out) {
+// out[r] = Σ_j weights[r, j]·y[inv[r·k + j]] in top-k order (+ the fused shared expert's row).
+__global__ void combine_kernel(const float* y, const int32_t* inv, const float* wts, int k, int nk, bool shared,
+                               int H, float* out) {
   const int r = blockIdx.x;
   for (int col = threadIdx.x; col < H; col += blockDim.x) {
     float acc = 0.0f;
     for (int j = 0; j < k; ++j) acc = fmaf(wts[r * k + j], y[int64_t(inv[r * k + j]) * H + col], acc);
+    if (shared) acc += y[int64_t(nk + r) * H + col];
     out[int64_t(r) * H + col] = acc;
+  }
+}
+
+// c[r] = kv_a_layernorm(kv_a[r, :R]) (the backend's RMSNorm: sum of squares in double) and
+// k_pe[r] = RoPE(kv_a[r, R:]) at positions[r]: the backend's copy_cols, rmsnorm, copy_cols, rope.
+__global__ void kv_latent_kernel(const float* kva, int64_t R, int64_t P, const void* w, DType wt, float eps,
+                                 const int32_t* pos, const float* cs, const float* sn, bool interleaved, float* c,
+                                 float* kpe) {
+  const int64_t r = blockIdx.x;
+  const float* x = kva + r * (R + P);
+  double ss = 0.0;
+  for (int64_t j = threadIdx.x; j < R; j += blockDim.x) ss += double(x[j]) * double(x[j]);
+  ss = block_sum(ss);
+  const float rs = float(1.0 / sqrt(ss / double(R) + double(eps)));
+  for (int64_t j = threadIdx.x; j < R; j += blockDim.x) c[r * R + j] = load_f(w, wt, j) * (x[j] * rs);
+  const int64_t half = P / 2, a = pos[r];
+  for (int64_t j = threadIdx.x; j < half; j += blockDim.x) {
+    const int64_t i0 = interleaved ? 2 * j : j, i1 = interleaved ? 2 * j + 1 : j + half;
+    const float x0 = x[R + i0], x1 = x[R + i1], cj = cs[a * half + j], sj = sn[a * half + j];
+    kpe[r * P + i0] = x0 * cj - x1 * sj;
+    kpe[r * P + i1] = x1 * cj + x0 * sj;
   }
 }
 
@@ -133,14 +161,34 @@ void cuda_rope_unchecked(const Tensor& x, const Tensor& positions, const Tensor&
   check_launch("rope (unchecked)");
 }
 
+void cuda_kv_latent(const Tensor& kv_a, const Tensor& norm_w, float eps, const Tensor& positions, const Tensor& cos,
+                    const Tensor& sin, bool interleaved, const Tensor& c_kv_n, const Tensor& k_pe) {
+  const int64_t N = kv_a.dim(0), R = c_kv_n.dim(-1), P = k_pe.dim(-1);
+  DSV3_CHECK(kv_a.dim(1) == R + P && c_kv_n.numel() == N * R && k_pe.numel() == N * P && norm_w.numel() == R &&
+                 positions.numel() == N && P % 2 == 0,
+             "cuda_kv_latent: kv_a ", kv_a.shape().str());
+  if (N)
+    kv_latent_kernel<<<unsigned(N), 128>>>(kv_a.data<float>(), R, P, norm_w.raw(), norm_w.dtype(), eps,
+                                           positions.data<int32_t>(), cos.data<float>(), sin.data<float>(),
+                                           interleaved, ptr<float>(c_kv_n), ptr<float>(k_pe));
+  check_launch("kv latent");
+}
+
+namespace {
+bool f32_mlp(const MlpParams& m) {
+  for (const LinearParam* l : {&m.gate_proj, &m.up_proj, &m.down_proj})
+    if (l->w.dtype() != DType::F32 || l->w.device() != Device::CUDA || present(l->bias)) return false;
+  return true;
+}
+}  // namespace
+
 bool cuda_moe_supported(const MoeParams& p) {
   if (p.experts.empty() || p.experts.size() > 1024) return false;
   // One chunk of input rows must fit the expert kernels' 48 KB of shared memory.
   const int64_t widest = std::max(p.experts[0].gate_proj.w.dim(0), p.experts[0].gate_proj.w.dim(1));
   if (kChunk * widest * int64_t(sizeof(float)) > 48 * 1024) return false;
   for (const MlpParams& m : p.experts)
-    for (const LinearParam* l : {&m.gate_proj, &m.up_proj, &m.down_proj})
-      if (l->w.dtype() != DType::F32 || l->w.device() != Device::CUDA || present(l->bias)) return false;
+    if (!f32_mlp(m)) return false;
   return true;
 }
 
@@ -150,16 +198,20 @@ CudaMoeTables cuda_moe_tables(const MoeParams& p) {
   t.E = int64_t(p.experts.size());
   t.I = p.experts[0].gate_proj.w.dim(0);
   t.H = p.experts[0].gate_proj.w.dim(1);
-  Tensor h = Tensor::empty(DType::I64, {3, t.E});
+  // The shared experts join as one more group when they have the routed experts' shape.
+  const MlpParams& sh = p.shared_experts;
+  t.shared = p.has_shared && f32_mlp(sh) && sh.gate_proj.w.dim(0) == t.I && sh.gate_proj.w.dim(1) == t.H;
+  const int64_t cols = t.E + (t.shared ? 1 : 0);
+  Tensor h = Tensor::empty(DType::I64, {3, cols});
   int64_t* d = h.data<int64_t>();
-  for (int64_t e = 0; e < t.E; ++e) {
-    const MlpParams& m = p.experts[size_t(e)];
+  for (int64_t e = 0; e < cols; ++e) {
+    const MlpParams& m = e < t.E ? p.experts[size_t(e)] : sh;
     DSV3_CHECK(m.gate_proj.w.dim(0) == t.I && m.up_proj.w.dim(0) == t.I && m.down_proj.w.dim(0) == t.H &&
                    m.down_proj.w.dim(1) == t.I,
                "cuda_moe_tables: expert ", e, " shapes differ");
     d[e] = int64_t(reinterpret_cast<uintptr_t>(m.gate_proj.w.raw()));
-    d[t.E + e] = int64_t(reinterpret_cast<uintptr_t>(m.up_proj.w.raw()));
-    d[2 * t.E + e] = int64_t(reinterpret_cast<uintptr_t>(m.down_proj.w.raw()));
+    d[cols + e] = int64_t(reinterpret_cast<uintptr_t>(m.up_proj.w.raw()));
+    d[2 * cols + e] = int64_t(reinterpret_cast<uintptr_t>(m.down_proj.w.raw()));
   }
   t.ptrs = cuda_backend().to_device(h);
   return t;
@@ -188,29 +240,32 @@ Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, con
   r.weights = wts;
   be.router(r);
 
-  Tensor grp = be.alloc(DType::I32, {2 * N * k + E + 1});
+  const int64_t nk = N * k, groups = E + (t.shared ? 1 : 0), picks = nk + (t.shared ? N : 0);
+  Tensor grp = be.alloc(DType::I32, {picks + nk + groups + 1});
   int32_t* order = ptr<int32_t>(grp);
-  int32_t* inv = order + N * k;
-  int32_t* offsets = inv + N * k;
-  group_kernel<<<1, unsigned((E + 31) / 32 * 32), size_t(E) * sizeof(int32_t)>>>(ids.data<int32_t>(), int(N * k),
-                                                                                   int(E), order, inv, offsets);
+  int32_t* inv = order + picks;
+  int32_t* offsets = inv + nk;
+  group_kernel<<<1, unsigned((E + 31) / 32 * 32), size_t(E) * sizeof(int32_t)>>>(
+      ids.data<int32_t>(), int(nk), int(E), t.shared ? int(N) : 0, order, inv, offsets);
   check_launch("moe grouping");
   const int64_t* w = t.ptrs.data<int64_t>();
-  Tensor act = be.alloc(DType::F32, {N * k, I});
+  Tensor act = be.alloc(DType::F32, {picks, I});
   const int rows_per_cta = kWarps * kRowsPerWarp;
-  expert_kernel<true><<<dim3(unsigned(E), unsigned((I + rows_per_cta - 1) / rows_per_cta)), 32 * kWarps,
-                        size_t(kChunk * H) * sizeof(float)>>>(x.data<float>(), order, offsets, w, w + E, int(k),
-                                                              int(H), int(I), ptr<float>(act));
+  expert_kernel<true><<<dim3(unsigned(groups), unsigned((I + rows_per_cta - 1) / rows_per_cta)), 32 * kWarps,
+                        size_t(kChunk * H) * sizeof(float)>>>(x.data<float>(), order, offsets, w, w + groups, int(k),
+                                                              int(nk), int(H), int(I), ptr<float>(act));
   check_launch("experts gate/up");
-  Tensor y = be.alloc(DType::F32, {N * k, H});
-  expert_kernel<false><<<dim3(unsigned(E), unsigned((H + rows_per_cta - 1) / rows_per_cta)), 32 * kWarps,
-                         size_t(kChunk * I) * sizeof(float)>>>(act.data<float>(), order, offsets, w + 2 * E, nullptr,
-                                                               int(k), int(I), int(H), ptr<float>(y));
+  Tensor y = be.alloc(DType::F32, {picks, H});
+  expert_kernel<false><<<dim3(unsigned(groups), unsigned((H + rows_per_cta - 1) / rows_per_cta)), 32 * kWarps,
+                         size_t(kChunk * I) * sizeof(float)>>>(act.data<float>(), order, offsets, w + 2 * groups,
+                                                               nullptr, int(k), int(nk), int(I), int(H),
+                                                               ptr<float>(y));
   check_launch("experts down");
   Tensor out = be.alloc(DType::F32, {N, H});
-  combine_kernel<<<unsigned(N), 256>>>(y.data<float>(), inv, wts.data<float>(), int(k), int(H), ptr<float>(out));
+  combine_kernel<<<unsigned(N), 256>>>(y.data<float>(), inv, wts.data<float>(), int(k), int(nk), t.shared, int(H),
+                                       ptr<float>(out));
   check_launch("moe combine");
-  if (p.has_shared) {
+  if (p.has_shared && !t.shared) {
     MlpActs m;
     m.out = out;
     mlp_forward(be, p.shared_experts, x, m, true);  // out += shared experts

@@ -16,10 +16,17 @@ namespace dsv3 {
 void cuda_rope_unchecked(const Tensor& x, const Tensor& positions, const Tensor& cos, const Tensor& sin,
                          int64_t offset, int64_t dim, bool interleaved);
 
+// The latent half of kv_a_proj's output in one kernel: c_kv_n = kv_a_layernorm(kv_a[:, :R]) and
+// k_pe = RoPE(kv_a[:, R:]) at positions (inside the tables) — the backend's copy_cols, rmsnorm,
+// copy_cols and rope.
+void cuda_kv_latent(const Tensor& kv_a, const Tensor& norm_w, float eps, const Tensor& positions, const Tensor& cos,
+                    const Tensor& sin, bool interleaved, const Tensor& c_kv_n, const Tensor& k_pe);
+
 // One MoE layer's routed experts as device pointer tables (gate, up, down per expert).
 struct CudaMoeTables {
-  Tensor ptrs;  // I64 [3, E] on the device
+  Tensor ptrs;  // I64 [3, E (+1: the shared experts, when fused)] on the device
   int64_t E = 0, H = 0, I = 0;
+  bool shared = false;  // the shared experts run as group E (F32, the routed experts' shape)
 };
 // Whether the layer's experts can take the grouped path (F32 weights without bias, E ≤ 1024).
 bool cuda_moe_supported(const MoeParams& p);

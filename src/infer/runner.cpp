@@ -92,12 +92,21 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
 
   Tensor kv_a = be_.alloc(DType::F32, {N, d_.kv_lora + d_.rope});
   linear_forward(be_, a.kv_a_proj_with_mqa, h1, kv_a);  // [N, kv_lora + rope]
-  Tensor c_kv = be_.alloc(DType::F32, {N, d_.kv_lora});
-  copy_cols(be_, kv_a, 0, c_kv, 0, d_.kv_lora);
-  const Tensor c_kv_n = rmsnorm(be_, c_kv, a.kv_a_layernorm, d_.eps_mla, rstd);  // cached latent
-  Tensor k_pe = be_.alloc(DType::F32, {N, d_.rope});
-  copy_cols(be_, kv_a, d_.kv_lora, k_pe, 0, d_.rope);
-  rope(positions, k_pe.reshape({N, 1, d_.rope}), 0);
+  Tensor c_kv_n, k_pe = be_.alloc(DType::F32, {N, d_.rope});
+#ifdef DSV3_HAVE_CUDA
+  if (be_.device() == Device::CUDA && sync_free_) {
+    c_kv_n = be_.alloc(DType::F32, {N, d_.kv_lora});
+    const RopeTables& t = rope_.tables();
+    cuda_kv_latent(kv_a, a.kv_a_layernorm, d_.eps_mla, positions, t.cos, t.sin, d_.rope_interleaved, c_kv_n, k_pe);
+  }
+#endif
+  if (!c_kv_n.defined() || c_kv_n.numel() == 0) {
+    Tensor c_kv = be_.alloc(DType::F32, {N, d_.kv_lora});
+    copy_cols(be_, kv_a, 0, c_kv, 0, d_.kv_lora);
+    c_kv_n = rmsnorm(be_, c_kv, a.kv_a_layernorm, d_.eps_mla, rstd);  // cached latent
+    copy_cols(be_, kv_a, d_.kv_lora, k_pe, 0, d_.rope);
+    rope(positions, k_pe.reshape({N, 1, d_.rope}), 0);
+  }
 
   Tensor attn = be_.alloc(DType::F32, {N, nh * d_.vd});
   cache.attend(layer, a, rows, q, c_kv_n, k_pe, attn);
