@@ -116,13 +116,13 @@ __global__ void expert_kernel(const float* in, const int32_t* order, const int32
 
 // out[r] = Σ_j weights[r, j]·y[inv[r·k + j]] in top-k order (+ the fused shared expert's row).
 __global__ void combine_kernel(const float* y, const int32_t* inv, const float* wts, int k, int nk, bool shared,
-                               int H, float* out) {
+                               int H, const float* residual, float* out) {
   const int r = blockIdx.x;
   for (int col = threadIdx.x; col < H; col += blockDim.x) {
     float acc = 0.0f;
     for (int j = 0; j < k; ++j) acc = fmaf(wts[r * k + j], y[int64_t(inv[r * k + j]) * H + col], acc);
     if (shared) acc += y[int64_t(nk + r) * H + col];
-    out[int64_t(r) * H + col] = acc;
+    out[int64_t(r) * H + col] = residual ? residual[int64_t(r) * H + col] + acc : acc;
   }
 }
 
@@ -218,7 +218,7 @@ CudaMoeTables cuda_moe_tables(const MoeParams& p) {
 }
 
 Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const CudaMoeTables& t,
-                        const Tensor& x) {
+                        const Tensor& x, const Tensor* residual) {
   const int64_t N = x.dim(0), E = t.E, k = d.top_k, H = t.H, I = t.I;
   DSV3_CHECK(x.device() == Device::CUDA && x.dim(1) == H && E == d.n_experts, "cuda_moe_forward: x ",
              x.shape().str());
@@ -262,13 +262,22 @@ Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, con
                                                                ptr<float>(y));
   check_launch("experts down");
   Tensor out = be.alloc(DType::F32, {N, H});
+  const bool late_shared = p.has_shared && !t.shared;
+  const bool fold = residual && !late_shared;
   combine_kernel<<<unsigned(N), 256>>>(y.data<float>(), inv, wts.data<float>(), int(k), int(nk), t.shared, int(H),
-                                       ptr<float>(out));
+                                       fold ? residual->data<float>() : nullptr, ptr<float>(out));
   check_launch("moe combine");
-  if (p.has_shared && !t.shared) {
+  if (late_shared) {
     MlpActs m;
     m.out = out;
     mlp_forward(be, p.shared_experts, x, m, true);  // out += shared experts
+  }
+  if (residual && !fold) {
+    AddArgs a;
+    a.a = *residual;
+    a.b = out;
+    a.out = out;
+    be.add(a);
   }
   return out;
 }

@@ -35,8 +35,9 @@ CudaMoeTables cuda_moe_tables(const MoeParams& p);
 // moe_forward for a few rows without a host round trip: router (backend op) → picks grouped by
 // expert on the device (stable: token order within an expert) → each expert's weight rows read
 // once for all its picks (gate/up with SwiGLU, then down) → per token Σ_j weight_j·y_j in top-k
-// order, plus the shared experts. Returns out [N, H].
+// order, plus the shared experts. Returns out [N, H]; with `residual`, residual + that (one add
+// less; the same order of additions as the runner's x2 + ffn).
 Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const CudaMoeTables& t,
-                        const Tensor& x);
+                        const Tensor& x, const Tensor* residual = nullptr);
 
 }  // namespace dsv3

@@ -110,20 +110,31 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
 
   Tensor attn = be_.alloc(DType::F32, {N, nh * d_.vd});
   cache.attend(layer, a, rows, q, c_kv_n, k_pe, attn);
-  Tensor x2 = be_.alloc(DType::F32, {N, d_.H});
-  linear_forward(be_, a.o_proj, attn, x2);  // o_proj(attn)
+  // The grouped MoE on the device (small steps): the residual adds are folded into o_proj's GEMM
+  // (accumulating into x, which nothing reads afterwards) and into the experts' combine kernel.
+  const CudaMoeTables* dev_moe = p.is_moe && sync_free_ && size_t(layer) < moe_tables_.size() &&
+                                         present(moe_tables_[size_t(layer)].ptrs) && N <= kDeviceMoeRows
+                                     ? &moe_tables_[size_t(layer)]
+                                     : nullptr;
+  Tensor x2;
   AddArgs add;
-  add.a = x2;
-  add.b = x;
-  add.out = x2;
-  be_.add(add);  // x2 = x + attn
+  if (dev_moe) {
+    x2 = x;
+    linear_forward(be_, a.o_proj, attn, x2, true);  // x2 = x + o_proj(attn)
+  } else {
+    x2 = be_.alloc(DType::F32, {N, d_.H});
+    linear_forward(be_, a.o_proj, attn, x2);  // o_proj(attn)
+    add.a = x2;
+    add.b = x;
+    add.out = x2;
+    be_.add(add);  // x2 = x + attn
+  }
 
   const Tensor h2 = rmsnorm(be_, x2, p.post_attention_layernorm, d_.eps, rstd);
   Tensor ffn;
-  if (p.is_moe && sync_free_ && size_t(layer) < moe_tables_.size() && present(moe_tables_[size_t(layer)].ptrs) &&
-      N <= kDeviceMoeRows) {
+  if (dev_moe) {
 #ifdef DSV3_HAVE_CUDA
-    ffn = cuda_moe_forward(be_, d_, p.moe, moe_tables_[size_t(layer)], h2);
+    return cuda_moe_forward(be_, d_, p.moe, *dev_moe, h2, &x2);  // x2 + ffn
 #endif
   } else if (p.is_moe) {
     MoeActs m;
