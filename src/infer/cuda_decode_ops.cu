@@ -147,7 +147,73 @@ __global__ void kv_latent_kernel(const float* kva, int64_t R, int64_t P, const v
   }
 }
 
+// y[r, j] (+)= x[r]·W[j] for a few rows: a warp per two weight rows, each weight row streamed once
+// for all rows of x (x itself stays in L1/L2).
+template <bool kVec4>
+__global__ void rows_gemv_kernel(const float* x, int n, int K, const float* W, int n_out, float* y, bool acc) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+    const int j = (blockIdx.x * kWarps + warp) * kRowsPerWarp + rr;
+    if (j >= n_out) return;
+    float a[kChunk];
+#pragma unroll
+    for (int q = 0; q < kChunk; ++q) a[q] = 0.0f;
+    if (kVec4) {
+      const float4* w4 = reinterpret_cast<const float4*>(W + int64_t(j) * K);
+#pragma unroll 4
+      for (int c = lane; c < K / 4; c += 32) {
+        const float4 wv = w4[c];
+#pragma unroll
+        for (int q = 0; q < kChunk; ++q)
+          if (q < n) {
+            const float4 xv = __ldg(reinterpret_cast<const float4*>(x + int64_t(q) * K) + c);
+            a[q] = fmaf(wv.x, xv.x, fmaf(wv.y, xv.y, fmaf(wv.z, xv.z, fmaf(wv.w, xv.w, a[q]))));
+          }
+      }
+    } else {
+      const float* wr = W + int64_t(j) * K;
+      for (int c = lane; c < K; c += 32) {
+        const float wv = wr[c];
+#pragma unroll
+        for (int q = 0; q < kChunk; ++q)
+          if (q < n) a[q] = fmaf(wv, __ldg(x + int64_t(q) * K + c), a[q]);
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < kChunk; ++q) {
+      if (q >= n) break;
+      const float v = warp_sum(a[q]);
+      if (lane == 0) {
+        float* o = y + int64_t(q) * n_out + j;
+        *o = acc ? *o + v : v;
+      }
+    }
+  }
+}
+
 }  // namespace
+
+bool cuda_small_linear_ok(const LinearParam& p, const Tensor& x) {
+  return p.w.dtype() == DType::F32 && p.w.device() == Device::CUDA && !present(p.bias) && x.dtype() == DType::F32 &&
+         x.ndim() == 2 && x.dim(0) <= kChunk && x.dim(1) == p.w.dim(1);
+}
+
+void cuda_small_linear(const LinearParam& p, const Tensor& x, const Tensor& y, bool accumulate) {
+  DSV3_CHECK(cuda_small_linear_ok(p, x) && y.numel() == x.dim(0) * p.w.dim(0), "cuda_small_linear: x ",
+             x.shape().str(), " w ", p.w.shape().str());
+  const int n = int(x.dim(0)), K = int(p.w.dim(1)), n_out = int(p.w.dim(0));
+  if (n == 0) return;
+  const unsigned grid = unsigned((n_out + kWarps * kRowsPerWarp - 1) / (kWarps * kRowsPerWarp));
+  const bool vec = K % 4 == 0 && reinterpret_cast<uintptr_t>(x.raw()) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(p.w.raw()) % 16 == 0;
+  if (vec)
+    rows_gemv_kernel<true><<<grid, 32 * kWarps>>>(x.data<float>(), n, K, p.w.data<float>(), n_out, ptr<float>(y),
+                                                  accumulate);
+  else
+    rows_gemv_kernel<false><<<grid, 32 * kWarps>>>(x.data<float>(), n, K, p.w.data<float>(), n_out, ptr<float>(y),
+                                                   accumulate);
+  check_launch("small linear");
+}
 
 void cuda_rope_unchecked(const Tensor& x, const Tensor& positions, const Tensor& cos, const Tensor& sin,
                          int64_t offset, int64_t dim, bool interleaved) {
@@ -218,12 +284,15 @@ CudaMoeTables cuda_moe_tables(const MoeParams& p) {
 }
 
 Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const CudaMoeTables& t,
-                        const Tensor& x, const Tensor* residual) {
+                        const Tensor& x, const Tensor* residual, bool small_gemv) {
   const int64_t N = x.dim(0), E = t.E, k = d.top_k, H = t.H, I = t.I;
   DSV3_CHECK(x.device() == Device::CUDA && x.dim(1) == H && E == d.n_experts, "cuda_moe_forward: x ",
              x.shape().str());
   Tensor logits = be.alloc(DType::F32, {N, E});
-  linear_forward(be, p.gate, x, logits);
+  if (small_gemv && cuda_small_linear_ok(p.gate, x))
+    cuda_small_linear(p.gate, x, logits, false);
+  else
+    linear_forward(be, p.gate, x, logits);
   Tensor scores = be.alloc(DType::F32, {N, E}), ids = be.alloc(DType::I32, {N, k}), wts = be.alloc(DType::F32, {N, k});
   RouterArgs r;
   r.logits = logits;

@@ -37,7 +37,13 @@ CudaMoeTables cuda_moe_tables(const MoeParams& p);
 // once for all its picks (gate/up with SwiGLU, then down) → per token Σ_j weight_j·y_j in top-k
 // order, plus the shared experts. Returns out [N, H]; with `residual`, residual + that (one add
 // less; the same order of additions as the runner's x2 + ffn).
+// small_gemv: the router's gate through cuda_small_linear (when it applies).
 Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const CudaMoeTables& t,
-                        const Tensor& x, const Tensor* residual = nullptr);
+                        const Tensor& x, const Tensor* residual = nullptr, bool small_gemv = false);
+
+// y (+)= x·Wᵀ for at most 8 rows of x without cuBLAS: one kernel, each weight row read once for all
+// rows (F32 weights without bias; cuda_small_linear_ok says whether it applies).
+bool cuda_small_linear_ok(const LinearParam& p, const Tensor& x);
+void cuda_small_linear(const LinearParam& p, const Tensor& x, const Tensor& y, bool accumulate);
 
 }  // namespace dsv3

@@ -70,6 +70,16 @@ Tensor ModelRunner::positions_of(const StepRows& rows) {
   return i32_tensor(be_, pos);
 }
 
+void ModelRunner::linear(const LinearParam& p, const Tensor& x, const Tensor& y, bool accumulate) {
+#ifdef DSV3_HAVE_CUDA
+  if (small_gemv(x.dim(0)) && cuda_small_linear_ok(p, x)) {
+    cuda_small_linear(p, x, y, accumulate);
+    return;
+  }
+#endif
+  linear_forward(be_, p, x, y, accumulate);
+}
+
 // One decoder block; the MLA projections are those of mla_forward, the attention is the cache's.
 Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Tensor& x, const StepRows& rows,
                                   const Tensor& positions, AttentionCache& cache) {
@@ -82,16 +92,16 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
   const Tensor q2 = q.reshape({N, nh * d_.qk});
   if (d_.q_lora > 0) {
     Tensor qa = be_.alloc(DType::F32, {N, d_.q_lora});
-    linear_forward(be_, a.q_a_proj, h1, qa);                                // [N, q_lora]
+    linear(a.q_a_proj, h1, qa);                                // [N, q_lora]
     const Tensor qa_n = rmsnorm(be_, qa, a.q_a_layernorm, d_.eps_mla, rstd);  // [N, q_lora]
-    linear_forward(be_, a.q_b_proj, qa_n, q2);                              // [N, nh·qk]
+    linear(a.q_b_proj, qa_n, q2);                              // [N, nh·qk]
   } else {
-    linear_forward(be_, a.q_proj, h1, q2);
+    linear(a.q_proj, h1, q2);
   }
   rope(positions, q, d_.nope);
 
   Tensor kv_a = be_.alloc(DType::F32, {N, d_.kv_lora + d_.rope});
-  linear_forward(be_, a.kv_a_proj_with_mqa, h1, kv_a);  // [N, kv_lora + rope]
+  linear(a.kv_a_proj_with_mqa, h1, kv_a);  // [N, kv_lora + rope]
   Tensor c_kv_n, k_pe = be_.alloc(DType::F32, {N, d_.rope});
 #ifdef DSV3_HAVE_CUDA
   if (be_.device() == Device::CUDA && sync_free_) {
@@ -120,10 +130,10 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
   AddArgs add;
   if (dev_moe) {
     x2 = x;
-    linear_forward(be_, a.o_proj, attn, x2, true);  // x2 = x + o_proj(attn)
+    linear(a.o_proj, attn, x2, true);  // x2 = x + o_proj(attn)
   } else {
     x2 = be_.alloc(DType::F32, {N, d_.H});
-    linear_forward(be_, a.o_proj, attn, x2);  // o_proj(attn)
+    linear(a.o_proj, attn, x2);  // o_proj(attn)
     add.a = x2;
     add.b = x;
     add.out = x2;
@@ -134,7 +144,7 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
   Tensor ffn;
   if (dev_moe) {
 #ifdef DSV3_HAVE_CUDA
-    return cuda_moe_forward(be_, d_, p.moe, *dev_moe, h2, &x2);  // x2 + ffn
+    return cuda_moe_forward(be_, d_, p.moe, *dev_moe, h2, &x2, small_gemv(N));  // x2 + ffn
 #endif
   } else if (p.is_moe) {
     MoeActs m;
@@ -158,7 +168,7 @@ Tensor ModelRunner::head(const Tensor& normed, std::span<const int32_t> logit_ro
   Tensor sel = be_.alloc(DType::F32, {int64_t(logit_rows.size()), d_.H});
   modops::gather_rows(be_, normed, i32_tensor(be_, std::vector<int32_t>(logit_rows.begin(), logit_rows.end())), sel);
   Tensor logits = be_.alloc(DType::F32, {int64_t(logit_rows.size()), V});
-  linear_forward(be_, params_.lm_head, sel, logits);
+  linear(params_.lm_head, sel, logits);
   return logits;
 }
 

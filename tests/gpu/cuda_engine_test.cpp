@@ -13,6 +13,7 @@
 
 #include "../backend/harness.h"
 #include "backend/cuda/cuda_backend.h"
+#include "infer/cuda_decode_ops.h"
 #include "infer/cuda_latent_attention.h"
 #include "infer/engine.h"
 #include "io/safetensors.h"
@@ -288,6 +289,33 @@ TEST(CudaEngine, DeviceCacheAttentionEqualsHostSmallShapes) {
   attention_against_host(dims(4, 12, 8, 12, 24), 3, 4, false);   // fixture-sized, 4-token blocks
   attention_against_host(dims(16, 128, 64, 128, 256), 1, 64, false);  // bench-0.7b's latent
   attention_against_host(dims(5, 16, 16, 32, 72), 2, 16, false);  // heads not a multiple of the CTA's 4
+}
+
+// The small-row GEMV (decode's linears) against a double reference: float4 and scalar paths,
+// 1..8 rows, plain and accumulating.
+TEST(CudaEngine, SmallLinearEqualsReference) {
+  ASSERT_GT(cuda_device_count(), 0);
+  CudaBackend& be = cuda_backend();
+  for (int64_t K : {44, 45, 1024})
+    for (int64_t n : {1, 3, 8})
+      for (bool acc : {false, true}) {
+        SCOPED_TRACE(cat("K ", K, " rows ", n, acc ? " accumulate" : ""));
+        const int64_t M = 37;
+        LinearParam p;
+        p.w = be.to_device(randn({M, K}, 7, uint64_t(K)));
+        const Tensor w = be.to_host(p.w), x = randn({n, K}, 8, uint64_t(n)), y0 = randn({n, M}, 9, 0);
+        Vec want(size_t(n * M));
+        for (int64_t r = 0; r < n; ++r)
+          for (int64_t j = 0; j < M; ++j) {
+            double s = acc ? double(y0.data<float>()[r * M + j]) : 0.0;
+            for (int64_t k = 0; k < K; ++k) s += double(x.data<float>()[r * K + k]) * double(w.data<float>()[j * K + k]);
+            want[size_t(r * M + j)] = s;
+          }
+        const Tensor xd = be.to_device(x), yd = be.to_device(y0);
+        ASSERT_TRUE(cuda_small_linear_ok(p, xd));
+        cuda_small_linear(p, xd, yd, acc);
+        EXPECT_LE(compare(be.to_host(yd), want).norm_err, tol::kF32);
+      }
 }
 
 TEST(CudaEngine, GreedyTokensMatchHostArgmax) {
