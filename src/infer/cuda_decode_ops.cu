@@ -93,7 +93,21 @@ __global__ void expert_kernel(const float* in, const int32_t* order, const int32
       for (int q = 0; q < kChunk; ++q) a[q] = b[q] = 0.0f;
       const float* ar = A + int64_t(j) * K;
       const float* br = kGateUp ? B + int64_t(j) * K : nullptr;
-      for (int col = lane; col < K; col += 32) {
+      // 16-byte weight loads when rows allow it (K % 4 == 0: every row starts 16-byte aligned).
+      const int K4 = K % 4 == 0 ? K / 4 : 0;
+#pragma unroll 4
+      for (int c = lane; c < K4; c += 32) {
+        const float4 wa = reinterpret_cast<const float4*>(ar)[c];
+        const float4 wb = kGateUp ? reinterpret_cast<const float4*>(br)[c] : make_float4(0, 0, 0, 0);
+#pragma unroll
+        for (int q = 0; q < kChunk; ++q)
+          if (q < n) {
+            const float4 xv = reinterpret_cast<const float4*>(xs + q * K)[c];
+            a[q] = fmaf(wa.x, xv.x, fmaf(wa.y, xv.y, fmaf(wa.z, xv.z, fmaf(wa.w, xv.w, a[q]))));
+            if (kGateUp) b[q] = fmaf(wb.x, xv.x, fmaf(wb.y, xv.y, fmaf(wb.z, xv.z, fmaf(wb.w, xv.w, b[q]))));
+          }
+      }
+      for (int col = 4 * K4 + lane; col < K; col += 32) {
         const float wa = ar[col], wb = kGateUp ? br[col] : 0.0f;
 #pragma unroll
         for (int q = 0; q < kChunk; ++q)
@@ -243,7 +257,9 @@ void cuda_kv_latent(const Tensor& kv_a, const Tensor& norm_w, float eps, const T
 namespace {
 bool f32_mlp(const MlpParams& m) {
   for (const LinearParam* l : {&m.gate_proj, &m.up_proj, &m.down_proj})
-    if (l->w.dtype() != DType::F32 || l->w.device() != Device::CUDA || present(l->bias)) return false;
+    if (l->w.dtype() != DType::F32 || l->w.device() != Device::CUDA || present(l->bias) ||
+        reinterpret_cast<uintptr_t>(l->w.raw()) % 16 != 0)
+      return false;
   return true;
 }
 }  // namespace
