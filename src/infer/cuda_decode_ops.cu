@@ -205,7 +205,19 @@ __global__ void rows_gemv_kernel(const float* x, int n, int K, const float* W, i
   }
 }
 
+__global__ void embedding_kernel(const int32_t* ids, const void* tab, DType tt, float* out, int64_t d) {
+  const int64_t t = blockIdx.x, row = ids[t];
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) out[t * d + j] = load_f(tab, tt, row * d + j);
+}
+
 }  // namespace
+
+void cuda_embedding_unchecked(const Tensor& ids, const Tensor& table, const Tensor& out) {
+  const int64_t n = ids.numel(), d = table.dim(1);
+  DSV3_CHECK(ids.dtype() == DType::I32 && table.ndim() == 2 && out.numel() == n * d, "cuda_embedding_unchecked");
+  if (n) embedding_kernel<<<unsigned(n), 256>>>(ids.data<int32_t>(), table.raw(), table.dtype(), ptr<float>(out), d);
+  check_launch("embedding (unchecked)");
+}
 
 bool cuda_small_linear_ok(const LinearParam& p, const Tensor& x) {
   return p.w.dtype() == DType::F32 && p.w.device() == Device::CUDA && !present(p.bias) && x.dtype() == DType::F32 &&

@@ -22,6 +22,10 @@ void cuda_rope_unchecked(const Tensor& x, const Tensor& positions, const Tensor&
 void cuda_kv_latent(const Tensor& kv_a, const Tensor& norm_w, float eps, const Tensor& positions, const Tensor& cos,
                     const Tensor& sin, bool interleaved, const Tensor& c_kv_n, const Tensor& k_pe);
 
+// out[t] = table[ids[t]] as F32 (any float table dtype), without the backend's id range check: the
+// runner checked the ids on the host.
+void cuda_embedding_unchecked(const Tensor& ids, const Tensor& table, const Tensor& out);
+
 // One MoE layer's routed experts as device pointer tables (gate, up, down per expert).
 struct CudaMoeTables {
   Tensor ptrs;  // I64 [3, E (+1: the shared experts, when fused)] on the device

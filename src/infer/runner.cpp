@@ -165,8 +165,11 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
 Tensor ModelRunner::head(const Tensor& normed, std::span<const int32_t> logit_rows) {
   const int64_t V = params_.lm_head.w.dim(0);
   if (logit_rows.empty()) return Tensor();
-  Tensor sel = be_.alloc(DType::F32, {int64_t(logit_rows.size()), d_.H});
-  modops::gather_rows(be_, normed, i32_tensor(be_, std::vector<int32_t>(logit_rows.begin(), logit_rows.end())), sel);
+  bool all = int64_t(logit_rows.size()) == normed.dim(0);  // every row, in order: no gather
+  for (size_t i = 0; all && i < logit_rows.size(); ++i) all = logit_rows[i] == int32_t(i);
+  Tensor sel = all ? normed : be_.alloc(DType::F32, {int64_t(logit_rows.size()), d_.H});
+  if (!all)
+    modops::gather_rows(be_, normed, i32_tensor(be_, std::vector<int32_t>(logit_rows.begin(), logit_rows.end())), sel);
   Tensor logits = be_.alloc(DType::F32, {int64_t(logit_rows.size()), V});
   linear(params_.lm_head, sel, logits);
   return logits;
@@ -180,13 +183,27 @@ ModelRunner::Output ModelRunner::forward(AttentionCache& cache, const StepRows& 
     if (tokens[size_t(i)] < 0 || tokens[size_t(i)] >= cfg_.vocab_size)
       input_error("token id ", tokens[size_t(i)], " is outside the model's vocabulary [0, ", cfg_.vocab_size, ")");
   if (use_small(N)) return forward_small(cache, rows, tokens, logit_rows);
-  const Tensor positions = positions_of(rows);
+  // Token ids and positions in one upload (ids were checked above; positions are covered by the tables).
+  std::vector<int32_t> tp(tokens.begin(), tokens.end());
+  int64_t mx = 0;
+  for (int64_t p : rows.pos) {
+    tp.push_back(int32_t(p));
+    mx = std::max(mx, p + 1);
+  }
+  rope_for(mx);
+  const Tensor both = i32_tensor(be_, tp);
+  const Tensor ids = both.rows(0, N), positions = both.rows(N, 2 * N);
   Tensor x = be_.alloc(DType::F32, {N, d_.H});
-  EmbeddingArgs e;
-  e.ids = i32_tensor(be_, std::vector<int32_t>(tokens.begin(), tokens.end()));
-  e.table = params_.embed_tokens;
-  e.out = x;
-  be_.embedding(e);
+#ifdef DSV3_HAVE_CUDA
+  if (be_.device() == Device::CUDA && sync_free_) cuda_embedding_unchecked(ids, params_.embed_tokens, x);
+#endif
+  if (be_.device() == Device::CPU || !sync_free_) {
+    EmbeddingArgs e;
+    e.ids = ids;
+    e.table = params_.embed_tokens;
+    e.out = x;
+    be_.embedding(e);
+  }
   for (size_t l = 0; l < params_.layers.size(); ++l)
     x = decoder_layer(int64_t(l), params_.layers[l], x, rows, positions, cache);
   Tensor rstd;
