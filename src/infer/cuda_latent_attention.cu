@@ -57,13 +57,36 @@ __global__ void latent_attention_kernel(const float* qcat, const __nv_bfloat16* 
 #pragma unroll
   for (int i = 0; i < kMaxCols; ++i) acc[i] = 0.0f;
   float m = -INFINITY, l = 0.0f;
+  __shared__ const __nv_bfloat16* rowp[kTile];
+  const int bsi = int(bs);
   for (int t0 = 0; t0 < len; t0 += kTile) {
     const int cnt = min(kTile, len - t0);
     __syncthreads();
-    for (int idx = threadIdx.x; idx < cnt * W; idx += blockDim.x) {
-      const int j = idx / W, i = idx - j * W, pos = t0 + j;
-      const int64_t blk = table[pos / bs], slot = pos % bs;
-      tile[j * ldw + i] = __bfloat162float(pool[((blk * layers + layer) * bs + slot) * W + i]);
+    // The tile's row addresses first (one table lookup per row, in parallel), then independent
+    // loads: 16 bytes (8 values) at a time when rows allow it.
+    if (threadIdx.x < cnt) {
+      const int pos = t0 + threadIdx.x;
+      rowp[threadIdx.x] = pool + ((int64_t(table[pos / bsi]) * layers + layer) * bs + pos % bsi) * W;
+    }
+    __syncthreads();
+    if (W % 8 == 0) {
+      const int V = W / 8;
+      for (int idx = threadIdx.x; idx < cnt * V; idx += blockDim.x) {
+        const int j = idx / V, v = idx - j * V;
+        const uint4 raw = reinterpret_cast<const uint4*>(rowp[j])[v];
+        float* dst = tile + j * ldw + 8 * v;
+        const uint32_t w4[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          dst[2 * e] = __uint_as_float(w4[e] << 16);
+          dst[2 * e + 1] = __uint_as_float(w4[e] & 0xffff0000u);
+        }
+      }
+    } else {
+      for (int idx = threadIdx.x; idx < cnt * W; idx += blockDim.x) {
+        const int j = idx / W, i = idx - j * W;
+        tile[j * ldw + i] = __bfloat162float(rowp[j][i]);
+      }
     }
     __syncthreads();
     if (!active) continue;
