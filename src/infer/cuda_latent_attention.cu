@@ -38,9 +38,11 @@ __global__ void copy_qpe_kernel(const float* q, int64_t qk, int64_t nope, int64_
 // Absorbed attention for any latent width (one warp per head, kHeadsPerCta heads per CTA, one CTA
 // per row): tiles of 32 cached rows widened to F32 in shared memory (row stride odd: the lane-per-row
 // dot products hit distinct banks), online softmax, each lane owning latent columns lane + 32·i.
+// With splits > 1 (few rows: more CTAs), CTA z covers a contiguous range of the row's tiles and
+// writes its unnormalised partial (max, sum, Σ p·c) to part; merge_kernel combines them.
 __global__ void latent_attention_kernel(const float* qcat, const __nv_bfloat16* pool, const int32_t* meta, int n,
                                         int maxb, int nh, int W, int R, int64_t layers, int64_t bs, int64_t layer,
-                                        float scale, float* lat) {
+                                        float scale, float* lat, int splits, float* part) {
   extern __shared__ float sm[];
   const int ldw = W | 1;
   float* tile = sm;
@@ -59,8 +61,10 @@ __global__ void latent_attention_kernel(const float* qcat, const __nv_bfloat16* 
   float m = -INFINITY, l = 0.0f;
   __shared__ const __nv_bfloat16* rowp[kTile];
   const int bsi = int(bs);
-  for (int t0 = 0; t0 < len; t0 += kTile) {
-    const int cnt = min(kTile, len - t0);
+  const int per = ((len + kTile - 1) / kTile + splits - 1) / splits * kTile;  // positions per split
+  const int t_begin = blockIdx.z * per, t_end = min(len, t_begin + per);
+  for (int t0 = t_begin; t0 < t_end; t0 += kTile) {
+    const int cnt = min(kTile, t_end - t0);
     __syncthreads();
     // The tile's row addresses first (one table lookup per row, in parallel), then independent
     // loads: 16 bytes (8 values) at a time when rows allow it.
@@ -115,11 +119,45 @@ __global__ void latent_attention_kernel(const float* qcat, const __nv_bfloat16* 
     m = mnew;
   }
   if (!active) return;
+  if (splits > 1) {
+    float* pr = part + ((int64_t(r) * nh + h) * splits + blockIdx.z) * (R + 2);
+    if (lane == 0) {
+      pr[0] = m;
+      pr[1] = l;
+    }
+#pragma unroll
+    for (int i = 0; i < kMaxCols; ++i) {
+      const int col = lane + 32 * i;
+      if (col < R) pr[2 + col] = acc[i];
+    }
+    return;
+  }
   const float inv = 1.0f / l;
 #pragma unroll
   for (int i = 0; i < kMaxCols; ++i) {
     const int col = lane + 32 * i;
     if (col < R) lat[(int64_t(r) * nh + h) * R + col] = acc[i] * inv;
+  }
+}
+
+// lat[r, h] = Σ_s e^{m_s − M}·acc_s / Σ_s e^{m_s − M}·l_s over the splits (empty splits: m = −inf).
+__global__ void merge_kernel(const float* part, int splits, int R, float* lat) {
+  const int64_t rh = blockIdx.x;
+  const float* p = part + rh * splits * (R + 2);
+  float M = -INFINITY;
+  for (int s = 0; s < splits; ++s) M = fmaxf(M, p[s * (R + 2)]);
+  float L = 0.0f;
+  for (int s = 0; s < splits; ++s) {
+    const float ms = p[s * (R + 2)];
+    if (ms != -INFINITY) L += __expf(ms - M) * p[s * (R + 2) + 1];
+  }
+  for (int c = threadIdx.x; c < R; c += blockDim.x) {
+    float v = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+      const float ms = p[s * (R + 2)];
+      if (ms != -INFINITY) v += __expf(ms - M) * p[s * (R + 2) + 2 + c];
+    }
+    lat[rh * R + c] = v / L;
   }
 }
 
@@ -252,11 +290,19 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
     a.out = lat;
     cuda_mla_decode(a);
   } else {
-    const dim3 grid(unsigned(N), unsigned((nh + kHeadsPerCta - 1) / kHeadsPerCta));
+    // Few rows: split the positions over more CTAs (about one wave of the GPU's SMs).
+    const int64_t groups = (nh + kHeadsPerCta - 1) / kHeadsPerCta, tiles = (max_len_ + kTile - 1) / kTile;
+    const int64_t splits = std::clamp<int64_t>(132 / std::max<int64_t>(1, N * groups), 1, std::min<int64_t>(tiles, 16));
+    Tensor part = splits > 1 ? be.alloc(DType::F32, {N * nh * splits * (R + 2)}) : Tensor();
+    const dim3 grid{unsigned(N), unsigned(groups), unsigned(splits)};
     latent_attention_kernel<<<grid, 32 * kHeadsPerCta, attention_smem(int(W))>>>(
-        qcat.data<float>(), ptr<__nv_bfloat16>(storage_), meta, int(N),
-        int(max_blocks_), int(nh), int(W), int(R), layers, bs, layer, d_.softmax_scale, ptr<float>(lat));
+        qcat.data<float>(), ptr<__nv_bfloat16>(storage_), meta, int(N), int(max_blocks_), int(nh), int(W), int(R),
+        layers, bs, layer, d_.softmax_scale, ptr<float>(lat), int(splits), splits > 1 ? ptr<float>(part) : nullptr);
     check_launch("latent attention");
+    if (splits > 1) {
+      merge_kernel<<<unsigned(N * nh), 128>>>(part.data<float>(), int(splits), int(R), ptr<float>(lat));
+      check_launch("latent attention merge");
+    }
   }
   // out[r, h] = W_UV[h]·lat[r, h]  (column-major: [vd × N] = W_UV[vd × R] · latᵀ[R × N])
   DSV3_CUBLAS_CHECK(cublasSgemmStridedBatched(cublas(), CUBLAS_OP_T, CUBLAS_OP_N, int(d_.vd), int(N), int(R), &one,
