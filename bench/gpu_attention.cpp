@@ -3,8 +3,8 @@
 // (attention_bf16.cu), forward and backward, through CudaBackend::attention / attention_backward
 // (so the BF16 times include the passes that round q, k, v, dout to BF16 and compute D).
 // FLOPs: forward 2·B·H·T·S·(Dqk + Dv), backward 2·B·H·T·S·(3·Dqk + 2·Dv) (S = Q·Kᵀ, dP, dV, dK,
-// dQ — our backward recomputes S and dP once more in its dk/dv kernel, which is not counted),
-// causal counted as half. Roofline: 989 TFLOP/s dense BF16 (H200 datasheet). Also the BF16 path's
+// dQ — our backward recomputes S and dP once more in its dq kernel, which is not counted),
+// causal counted as half; the rows for the two backward kernels alone count what each executes. Roofline: 989 TFLOP/s dense BF16 (H200 datasheet). Also the BF16 path's
 // normalised error against the FP32 kernels at this shape. Writes bench/results/gpu_attention.json.
 #include <cstdio>
 #include <cstdlib>
@@ -90,6 +90,9 @@ int main(int argc, char** argv) {
   const double pairs = double(B) * double(H) * double(T) * double(T) * 0.5;
   const double f_fwd = 2.0 * pairs * double(DQ + DV), f_bwd = 2.0 * pairs * double(3 * DQ + 2 * DV);
   const double peak = 989e12;
+  // FLOPs each backward kernel executes (S and dP are computed in both): dq: S, dP, dQ;
+  // dk/dv: S, dP, dV, dK.
+  const double f_dq = 2.0 * pairs * double(2 * DQ + DV), f_dkv = 2.0 * pairs * double(2 * DQ + 2 * DV);
 
   cuda_set_attention_bf16(false);
   const double t_f32_fwd = time_s([&] { fwd(out32, lse32); }, 2, 3);
@@ -97,6 +100,10 @@ int main(int argc, char** argv) {
   cuda_set_attention_bf16(true);
   const double t_b16_fwd = time_s([&] { fwd(out16, lse16); }, 10, 5);
   const double t_b16_bwd = time_s([&] { bwd(out16, lse16, dq16, dk16, dv16); }, 5, 5);
+  // The two halves of the backward (each with the shared prep passes): dq alone, dk/dv alone.
+  Tensor none;
+  const double t_b16_dq = time_s([&] { bwd(out16, lse16, dq16, none, none); }, 5, 5);
+  const double t_b16_dkv = time_s([&] { bwd(out16, lse16, none, dk16, dv16); }, 5, 5);
   cuda_set_attention_bf16(false);
   const double e_out = norm_err(be, out16, out32), e_lse = norm_err(be, lse16, lse32);
   const double e_dq = norm_err(be, dq16, dq32), e_dk = norm_err(be, dk16, dk32), e_dv = norm_err(be, dv16, dv32);
@@ -110,7 +117,9 @@ int main(int argc, char** argv) {
   } rows[] = {{"FP32 tiled forward", t_f32_fwd, f_fwd},
               {"FP32 tiled backward", t_f32_bwd, f_bwd},
               {"BF16 flash forward", t_b16_fwd, f_fwd},
-              {"BF16 flash backward", t_b16_bwd, f_bwd}};
+              {"BF16 flash backward", t_b16_bwd, f_bwd},
+              {"  of which dq kernel + prep", t_b16_dq, f_dq},
+              {"  of which dk/dv kernel + prep", t_b16_dkv, f_dkv}};
   nlohmann::json jr = nlohmann::json::array();
   for (const Row& r : rows) {
     std::printf("%-28s %10.3f %10.1f %12.3f\n", r.name, r.t * 1e3, r.f / r.t / 1e12, r.f / r.t / peak);
@@ -125,6 +134,8 @@ int main(int argc, char** argv) {
                         {"rows", jr},
                         {"bf16_fwd_tflops", f_fwd / t_b16_fwd / 1e12},
                         {"bf16_bwd_tflops", f_bwd / t_b16_bwd / 1e12},
+                        {"bf16_bwd_dq_ms", t_b16_dq * 1e3},
+                        {"bf16_bwd_dkv_ms", t_b16_dkv * 1e3},
                         {"speedup_fwd", t_f32_fwd / t_b16_fwd},
                         {"speedup_bwd", t_f32_bwd / t_b16_bwd},
                         {"bf16_vs_fp32_norm_err", {{"out", e_out}, {"lse", e_lse}, {"dq", e_dq}, {"dk", e_dk}, {"dv", e_dv}}}};
