@@ -161,45 +161,81 @@ __global__ void kv_latent_kernel(const float* kva, int64_t R, int64_t P, const v
   }
 }
 
-// y[r, j] (+)= x[r]·W[j] for a few rows: a warp per two weight rows, each weight row streamed once
-// for all rows of x (x itself stays in L1/L2).
+// y[r, j] (+)= x[r]·W[j] for a few rows (see GemvArgs): a warp per two weight rows, each weight row
+// streamed once for all rows of x (x itself stays in L1/L2), optionally RMSNorm on x first.
 template <bool kVec4>
-__global__ void rows_gemv_kernel(const float* x, int n, int K, const float* W, int n_out, float* y, bool acc) {
+__global__ void rows_gemv_kernel(GemvArgs g) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-    const int j = (blockIdx.x * kWarps + warp) * kRowsPerWarp + rr;
-    if (j >= n_out) return;
+    int j = (blockIdx.x * kWarps + warp) * kRowsPerWarp + rr;
+    if (j >= g.n_out + g.n_out2) return;
+    const bool second = j >= g.n_out;
+    if (second) j -= g.n_out;
+    const float* W = (second ? g.W2 : g.W) + int64_t(j) * g.K;
+    const int head = second ? 0 : j / g.head_rows;
+    const float* x = g.x + int64_t(head) * g.head_x;
+    float rs[kChunk];
+#pragma unroll
+    for (int q = 0; q < kChunk; ++q) rs[q] = 1.0f;
+    if (g.norm_w) {  // the backend's RMSNorm: sum of squares in double, then w·(x·rs)
+#pragma unroll
+      for (int q = 0; q < kChunk; ++q)
+        if (q < g.n) {
+          double ss = 0.0;
+          for (int c = lane; c < g.K; c += 32) {
+            const double v = x[int64_t(q) * g.ldx + c];
+            ss += v * v;
+          }
+          for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+          rs[q] = float(1.0 / sqrt(ss / double(g.K) + double(g.eps)));
+        }
+    }
     float a[kChunk];
 #pragma unroll
     for (int q = 0; q < kChunk; ++q) a[q] = 0.0f;
     if (kVec4) {
-      const float4* w4 = reinterpret_cast<const float4*>(W + int64_t(j) * K);
+      const float4* w4 = reinterpret_cast<const float4*>(W);
 #pragma unroll 4
-      for (int c = lane; c < K / 4; c += 32) {
+      for (int c = lane; c < g.K / 4; c += 32) {
         const float4 wv = w4[c];
+        float4 gv = make_float4(1.0f, 1.0f, 1.0f, 1.0f);
+        if (g.norm_w)
+          gv = make_float4(load_f(g.norm_w, g.norm_t, 4 * c), load_f(g.norm_w, g.norm_t, 4 * c + 1),
+                           load_f(g.norm_w, g.norm_t, 4 * c + 2), load_f(g.norm_w, g.norm_t, 4 * c + 3));
 #pragma unroll
         for (int q = 0; q < kChunk; ++q)
-          if (q < n) {
-            const float4 xv = __ldg(reinterpret_cast<const float4*>(x + int64_t(q) * K) + c);
+          if (q < g.n) {
+            float4 xv = __ldg(reinterpret_cast<const float4*>(x + int64_t(q) * g.ldx) + c);
+            if (g.norm_w) {
+              xv.x = gv.x * (xv.x * rs[q]);
+              xv.y = gv.y * (xv.y * rs[q]);
+              xv.z = gv.z * (xv.z * rs[q]);
+              xv.w = gv.w * (xv.w * rs[q]);
+            }
             a[q] = fmaf(wv.x, xv.x, fmaf(wv.y, xv.y, fmaf(wv.z, xv.z, fmaf(wv.w, xv.w, a[q]))));
           }
       }
     } else {
-      const float* wr = W + int64_t(j) * K;
-      for (int c = lane; c < K; c += 32) {
-        const float wv = wr[c];
+      for (int c = lane; c < g.K; c += 32) {
+        const float wv = W[c];
+        const float gv = g.norm_w ? load_f(g.norm_w, g.norm_t, c) : 1.0f;
 #pragma unroll
         for (int q = 0; q < kChunk; ++q)
-          if (q < n) a[q] = fmaf(wv, __ldg(x + int64_t(q) * K + c), a[q]);
+          if (q < g.n) {
+            float xv = __ldg(x + int64_t(q) * g.ldx + c);
+            if (g.norm_w) xv = gv * (xv * rs[q]);
+            a[q] = fmaf(wv, xv, a[q]);
+          }
       }
     }
 #pragma unroll
     for (int q = 0; q < kChunk; ++q) {
-      if (q >= n) break;
+      if (q >= g.n) break;
       const float v = warp_sum(a[q]);
       if (lane == 0) {
-        float* o = y + int64_t(q) * n_out + j;
-        *o = acc ? *o + v : v;
+        float* o = second ? g.y2 + int64_t(q) * g.ldy2 + j
+                          : g.y + int64_t(q) * g.ldy + int64_t(head) * g.head_y + (j - head * g.head_rows);
+        *o = g.acc ? *o + v : v;
       }
     }
   }
@@ -224,21 +260,48 @@ bool cuda_small_linear_ok(const LinearParam& p, const Tensor& x) {
          x.ndim() == 2 && x.dim(0) <= kChunk && x.dim(1) == p.w.dim(1);
 }
 
-void cuda_small_linear(const LinearParam& p, const Tensor& x, const Tensor& y, bool accumulate) {
-  DSV3_CHECK(cuda_small_linear_ok(p, x) && y.numel() == x.dim(0) * p.w.dim(0), "cuda_small_linear: x ",
-             x.shape().str(), " w ", p.w.shape().str());
-  const int n = int(x.dim(0)), K = int(p.w.dim(1)), n_out = int(p.w.dim(0));
-  if (n == 0) return;
-  const unsigned grid = unsigned((n_out + kWarps * kRowsPerWarp - 1) / (kWarps * kRowsPerWarp));
-  const bool vec = K % 4 == 0 && reinterpret_cast<uintptr_t>(x.raw()) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(p.w.raw()) % 16 == 0;
+void cuda_rows_gemv(const GemvArgs& g) {
+  DSV3_CHECK(g.n >= 0 && g.n <= kChunk && g.K > 0 && g.head_rows > 0, "cuda_rows_gemv: n ", g.n, " K ", g.K);
+  if (g.n == 0 || g.n_out + g.n_out2 == 0) return;
+  auto al = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  const bool vec = g.K % 4 == 0 && g.ldx % 4 == 0 && g.head_x % 4 == 0 && al(g.x) && al(g.W) && (!g.W2 || al(g.W2));
+  const unsigned grid = unsigned((g.n_out + g.n_out2 + kWarps * kRowsPerWarp - 1) / (kWarps * kRowsPerWarp));
   if (vec)
-    rows_gemv_kernel<true><<<grid, 32 * kWarps>>>(x.data<float>(), n, K, p.w.data<float>(), n_out, ptr<float>(y),
-                                                  accumulate);
+    rows_gemv_kernel<true><<<grid, 32 * kWarps>>>(g);
   else
-    rows_gemv_kernel<false><<<grid, 32 * kWarps>>>(x.data<float>(), n, K, p.w.data<float>(), n_out, ptr<float>(y),
-                                                   accumulate);
+    rows_gemv_kernel<false><<<grid, 32 * kWarps>>>(g);
   check_launch("small linear");
+}
+
+void cuda_small_linear(const LinearParam& p, const Tensor& x, const Tensor& y, bool accumulate, const Tensor* norm_w,
+                       float eps, const LinearParam* p2, const Tensor* y2) {
+  DSV3_CHECK(cuda_small_linear_ok(p, x) && y.numel() == x.dim(0) * p.w.dim(0) &&
+                 (!p2 || (cuda_small_linear_ok(*p2, x) && y2 && y2->numel() == x.dim(0) * p2->w.dim(0) && !accumulate)),
+             "cuda_small_linear: x ", x.shape().str(), " w ", p.w.shape().str());
+  GemvArgs g;
+  g.x = x.data<float>();
+  g.n = int(x.dim(0));
+  g.K = int(p.w.dim(1));
+  g.ldx = g.K;
+  g.W = p.w.data<float>();
+  g.n_out = int(p.w.dim(0));
+  g.head_rows = g.n_out;
+  g.y = ptr<float>(y);
+  g.ldy = g.n_out;
+  g.acc = accumulate;
+  if (norm_w) {
+    DSV3_CHECK(norm_w->numel() == g.K, "cuda_small_linear: norm weight ", norm_w->shape().str());
+    g.norm_w = norm_w->raw();
+    g.norm_t = norm_w->dtype();
+    g.eps = eps;
+  }
+  if (p2) {
+    g.W2 = p2->w.data<float>();
+    g.n_out2 = int(p2->w.dim(0));
+    g.y2 = ptr<float>(*y2);
+    g.ldy2 = g.n_out2;
+  }
+  cuda_rows_gemv(g);
 }
 
 void cuda_rope_unchecked(const Tensor& x, const Tensor& positions, const Tensor& cos, const Tensor& sin,

@@ -46,8 +46,35 @@ Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, con
                         const Tensor& x, const Tensor* residual = nullptr, bool small_gemv = false);
 
 // y (+)= x·Wᵀ for at most 8 rows of x without cuBLAS: one kernel, each weight row read once for all
-// rows (F32 weights without bias; cuda_small_linear_ok says whether it applies).
+// rows (F32 weights without bias; cuda_small_linear_ok says whether it applies). With norm_w, x is
+// RMSNorm'ed first (the backend's rmsnorm, eps) inside the kernel; with p2, a second weight over
+// the same x writes y2 in the same launch.
 bool cuda_small_linear_ok(const LinearParam& p, const Tensor& x);
-void cuda_small_linear(const LinearParam& p, const Tensor& x, const Tensor& y, bool accumulate);
+void cuda_small_linear(const LinearParam& p, const Tensor& x, const Tensor& y, bool accumulate,
+                       const Tensor* norm_w = nullptr, float eps = 0.0f, const LinearParam* p2 = nullptr,
+                       const Tensor* y2 = nullptr);
+
+// The kernel behind it, on raw device pointers, with rows of W grouped in heads: output row j uses
+// x + q·ldx + (j / head_rows)·head_x and goes to y[q·ldy + (j / head_rows)·head_y + j % head_rows]
+// (a block-diagonal product: the absorbed W_UK / W_UV per head). Rows of W2 (plain) follow.
+struct GemvArgs {
+  const float* x = nullptr;
+  int n = 0, K = 0;
+  int64_t ldx = 0, head_x = 0;
+  int head_rows = 1;
+  const float* W = nullptr;
+  int n_out = 0;
+  float* y = nullptr;
+  int64_t ldy = 0, head_y = 0;
+  bool acc = false;
+  const void* norm_w = nullptr;
+  DType norm_t = DType::F32;
+  float eps = 0.0f;
+  const float* W2 = nullptr;
+  int n_out2 = 0;
+  float* y2 = nullptr;
+  int64_t ldy2 = 0;
+};
+void cuda_rows_gemv(const GemvArgs& g);
 
 }  // namespace dsv3

@@ -5,6 +5,7 @@
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/mla_decode.h"
+#include "infer/cuda_decode_ops.h"
 
 namespace dsv3 {
 using namespace cuda;
@@ -203,9 +204,17 @@ CudaLatentAttention::CudaLatentAttention(const LatentKvPool& pool, const std::ve
   DSV3_CHECK(d.kv_lora == pool.kv_lora_rank() && d.rope == pool.rope_dim(), "cache shape");
   if (d.kv_lora > 32 * kMaxCols)
     input_error("the CUDA latent cache supports kv_lora_rank up to ", 32 * kMaxCols, ", the model has ", d.kv_lora);
-  for (const AbsorbedKvB& a : absorbed)
+  for (const AbsorbedKvB& a : absorbed) {
     DSV3_CHECK(a.w_uk.device() == Device::CUDA && a.w_uv.device() == Device::CUDA,
                "absorbed kv_b_proj must live on the device");
+    const Tensor h = cuda_backend().to_host(a.w_uk);  // [nh, nope, R] → [nh, R, nope]
+    Tensor t = Tensor::empty(DType::F32, {d.nh * d.kv_lora, d.nope});
+    for (int64_t hh = 0; hh < d.nh; ++hh)
+      for (int64_t k = 0; k < d.nope; ++k)
+        for (int64_t i = 0; i < d.kv_lora; ++i)
+          t.data<float>()[(hh * d.kv_lora + i) * d.nope + k] = h.data<float>()[(hh * d.nope + k) * d.kv_lora + i];
+    w_uk_t_.push_back(cuda_backend().to_device(t));
+  }
   const int64_t rows = pool.num_blocks() * pool.layers() * pool.block_size();
   storage_ = cuda_backend().alloc(DType::BF16, {rows, pool.row_width()});
   DSV3_CUDA_CHECK(cudaMemset(storage_.raw(), 0, storage_.nbytes()));
@@ -266,11 +275,28 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
   const AbsorbedKvB& w = absorbed_[size_t(layer)];
   Tensor qcat = be.alloc(DType::F32, {N, nh, W});
   const float one = 1.0f, zero = 0.0f;
-  // qcat[r, h, :R] = q_nope[r, h]·W_UK[h]  (column-major: [R × N] = W_UKᵀ[R × nope] · q_nopeᵀ[nope × N])
-  DSV3_CUBLAS_CHECK(cublasSgemmStridedBatched(cublas(), CUBLAS_OP_N, CUBLAS_OP_N, int(R), int(N), int(d_.nope), &one,
-                                              w.w_uk.data<float>(), int(R), d_.nope * R, q.data<float>(),
-                                              int(nh * d_.qk), d_.qk, &zero, ptr<float>(qcat), int(nh * W), W,
-                                              int(nh)));
+  const bool small = N <= 8;
+  if (small) {  // qcat[r, h, :R] = W_UK[h]ᵀ·q_nope[r, h]: rows (h, i) of W_UKᵀ, one launch
+    GemvArgs g;
+    g.x = q.data<float>();
+    g.n = int(N);
+    g.K = int(d_.nope);
+    g.ldx = nh * d_.qk;
+    g.head_x = d_.qk;
+    g.head_rows = int(R);
+    g.W = w_uk_t_[size_t(layer)].data<float>();
+    g.n_out = int(nh * R);
+    g.y = ptr<float>(qcat);
+    g.ldy = nh * W;
+    g.head_y = W;
+    cuda_rows_gemv(g);
+  } else {
+    // qcat[r, h, :R] = q_nope[r, h]·W_UK[h]  (column-major: [R × N] = W_UKᵀ[R × nope] · q_nopeᵀ[nope × N])
+    DSV3_CUBLAS_CHECK(cublasSgemmStridedBatched(cublas(), CUBLAS_OP_N, CUBLAS_OP_N, int(R), int(N), int(d_.nope),
+                                                &one, w.w_uk.data<float>(), int(R), d_.nope * R, q.data<float>(),
+                                                int(nh * d_.qk), d_.qk, &zero, ptr<float>(qcat), int(nh * W), W,
+                                                int(nh)));
+  }
   copy_qpe_kernel<<<blocks_for(N * nh * P), 256>>>(q.data<float>(), d_.qk, d_.nope, P, W, R, N * nh, ptr<float>(qcat));
   check_launch("absorbed query");
 
@@ -303,6 +329,22 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
       merge_kernel<<<unsigned(N * nh), 128>>>(part.data<float>(), int(splits), int(R), ptr<float>(lat));
       check_launch("latent attention merge");
     }
+  }
+  if (small) {  // out[r, h] = W_UV[h]·lat[r, h]: rows (h, j) of W_UV, one launch
+    GemvArgs g;
+    g.x = lat.data<float>();
+    g.n = int(N);
+    g.K = int(R);
+    g.ldx = nh * R;
+    g.head_x = R;
+    g.head_rows = int(d_.vd);
+    g.W = w.w_uv.data<float>();
+    g.n_out = int(nh * d_.vd);
+    g.y = ptr<float>(out);
+    g.ldy = nh * d_.vd;
+    g.head_y = d_.vd;
+    cuda_rows_gemv(g);
+    return;
   }
   // out[r, h] = W_UV[h]·lat[r, h]  (column-major: [vd × N] = W_UV[vd × R] · latᵀ[R × N])
   DSV3_CUBLAS_CHECK(cublasSgemmStridedBatched(cublas(), CUBLAS_OP_T, CUBLAS_OP_N, int(d_.vd), int(N), int(R), &one,

@@ -86,22 +86,40 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
   const int64_t N = x.dim(0), nh = d_.nh;
   const MlaParams& a = p.attn;
   Tensor rstd;
-  const Tensor h1 = rmsnorm(be_, x, p.input_layernorm, d_.eps, rstd);  // [N, H]
-
   Tensor q = be_.alloc(DType::F32, {N, nh, d_.qk});
   const Tensor q2 = q.reshape({N, nh * d_.qk});
-  if (d_.q_lora > 0) {
-    Tensor qa = be_.alloc(DType::F32, {N, d_.q_lora});
-    linear(a.q_a_proj, h1, qa);                                // [N, q_lora]
-    const Tensor qa_n = rmsnorm(be_, qa, a.q_a_layernorm, d_.eps_mla, rstd);  // [N, q_lora]
-    linear(a.q_b_proj, qa_n, q2);                              // [N, nh·qk]
-  } else {
-    linear(a.q_proj, h1, q2);
+  Tensor kv_a = be_.alloc(DType::F32, {N, d_.kv_lora + d_.rope});
+  const LinearParam& q_first = d_.q_lora > 0 ? a.q_a_proj : a.q_proj;
+  bool fused = false;
+#ifdef DSV3_HAVE_CUDA
+  // Small steps on CUDA: input_layernorm inside one GEMV launch for q_a (or q) and kv_a, and
+  // q_a_layernorm inside q_b's.
+  fused = small_gemv(N) && cuda_small_linear_ok(q_first, x) && cuda_small_linear_ok(a.kv_a_proj_with_mqa, x) &&
+          (d_.q_lora == 0 || a.q_b_proj.w.dtype() == DType::F32);
+  if (fused) {
+    Tensor first = d_.q_lora > 0 ? be_.alloc(DType::F32, {N, d_.q_lora}) : q2;
+    cuda_small_linear(q_first, x, first, false, &p.input_layernorm, d_.eps, &a.kv_a_proj_with_mqa, &kv_a);
+    if (d_.q_lora > 0) {
+      if (cuda_small_linear_ok(a.q_b_proj, first))
+        cuda_small_linear(a.q_b_proj, first, q2, false, &a.q_a_layernorm, d_.eps_mla);
+      else
+        linear(a.q_b_proj, rmsnorm(be_, first, a.q_a_layernorm, d_.eps_mla, rstd), q2);
+    }
+  }
+#endif
+  if (!fused) {
+    const Tensor h1 = rmsnorm(be_, x, p.input_layernorm, d_.eps, rstd);  // [N, H]
+    if (d_.q_lora > 0) {
+      Tensor qa = be_.alloc(DType::F32, {N, d_.q_lora});
+      linear(a.q_a_proj, h1, qa);                                               // [N, q_lora]
+      const Tensor qa_n = rmsnorm(be_, qa, a.q_a_layernorm, d_.eps_mla, rstd);  // [N, q_lora]
+      linear(a.q_b_proj, qa_n, q2);                                             // [N, nh·qk]
+    } else {
+      linear(a.q_proj, h1, q2);
+    }
+    linear(a.kv_a_proj_with_mqa, h1, kv_a);  // [N, kv_lora + rope]
   }
   rope(positions, q, d_.nope);
-
-  Tensor kv_a = be_.alloc(DType::F32, {N, d_.kv_lora + d_.rope});
-  linear(a.kv_a_proj_with_mqa, h1, kv_a);  // [N, kv_lora + rope]
   Tensor c_kv_n, k_pe = be_.alloc(DType::F32, {N, d_.rope});
 #ifdef DSV3_HAVE_CUDA
   if (be_.device() == Device::CUDA && sync_free_) {

@@ -318,6 +318,41 @@ TEST(CudaEngine, SmallLinearEqualsReference) {
       }
 }
 
+// With the RMSNorm inside and a second weight in the same launch (q_a and kv_a over input_layernorm).
+TEST(CudaEngine, SmallLinearNormAndPairEqualsReference) {
+  ASSERT_GT(cuda_device_count(), 0);
+  CudaBackend& be = cuda_backend();
+  for (int64_t K : {64, 66}) {
+    SCOPED_TRACE(cat("K ", K));
+    const int64_t n = 3, M = 29, M2 = 13;
+    const float eps = 1e-6f;
+    LinearParam p, p2;
+    p.w = be.to_device(randn({M, K}, 21, 0));
+    p2.w = be.to_device(randn({M2, K}, 21, 1));
+    const Tensor g = randn({K}, 21, 2), x = randn({n, K}, 21, 3, 3.0f);
+    const Tensor w = be.to_host(p.w), w2 = be.to_host(p2.w);
+    Vec want(size_t(n * M)), want2(size_t(n * M2));
+    for (int64_t r = 0; r < n; ++r) {
+      double ss = 0;
+      for (int64_t k = 0; k < K; ++k) ss += double(x.data<float>()[r * K + k]) * x.data<float>()[r * K + k];
+      const double rs = 1.0 / std::sqrt(ss / double(K) + eps);
+      auto dot = [&](const Tensor& wt, int64_t j) {
+        double s = 0;
+        for (int64_t k = 0; k < K; ++k)
+          s += double(wt.data<float>()[j * K + k]) * double(g.data<float>()[k]) * double(x.data<float>()[r * K + k]) * rs;
+        return s;
+      };
+      for (int64_t j = 0; j < M; ++j) want[size_t(r * M + j)] = dot(w, j);
+      for (int64_t j = 0; j < M2; ++j) want2[size_t(r * M2 + j)] = dot(w2, j);
+    }
+    const Tensor xd = be.to_device(x), gd = be.to_device(g);
+    Tensor y = be.alloc(DType::F32, {n, M}), y2 = be.alloc(DType::F32, {n, M2});
+    cuda_small_linear(p, xd, y, false, &gd, eps, &p2, &y2);
+    EXPECT_LE(compare(be.to_host(y), want).norm_err, tol::kF32);
+    EXPECT_LE(compare(be.to_host(y2), want2).norm_err, tol::kF32);
+  }
+}
+
 TEST(CudaEngine, GreedyTokensMatchHostArgmax) {
   ASSERT_GT(cuda_device_count(), 0);
   // Ties (lowest id wins) and a row whose maximum lies past n_valid.
