@@ -87,7 +87,7 @@ class ModelRunner {
   // CUDA: routed experts' pointer tables per cache layer (empty where the grouped path does not
   // apply), used for steps of at most kDeviceMoeRows rows.
   std::vector<CudaMoeTables> moe_tables_;
-  static constexpr int64_t kDeviceMoeRows = 64;
+  static constexpr int64_t kDeviceMoeRows = 512;
   bool sync_free_ = true;
   void rope(const Tensor& positions, const Tensor& x, int64_t offset);
   // linear_forward, or on CUDA for steps of at most small_rows() rows cuda_small_linear.
