@@ -26,6 +26,7 @@ int main() {
   return 1;
 }
 #else
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 #include <dlfcn.h>
 
@@ -39,6 +40,7 @@ int main() {
 
 namespace {
 long g_memcpy = 0, g_sync = 0;
+int g_profile_steps = 0;  // --profile-steps: decode steps of the main run inside cudaProfilerStart/Stop
 template <class F> F real(const char* name) { return reinterpret_cast<F>(dlsym(RTLD_NEXT, name)); }
 }  // namespace
 
@@ -86,7 +88,7 @@ double weight_bytes(const Weights& w, const ModelConfig& c, int64_t B) {
 }
 
 Result run(const Weights& w, int64_t B, int64_t prompt, int64_t n_new, uint64_t seed, bool sync_free,
-           int64_t small_rows) {
+           int64_t small_rows, bool profile = false) {
   const ModelConfig& c = w.config();
   EngineOptions opt;
   opt.sync_free = sync_free;
@@ -120,9 +122,12 @@ Result run(const Weights& w, int64_t B, int64_t prompt, int64_t n_new, uint64_t 
   const long m0 = g_memcpy + g_sync;
   int64_t produced = 0;
   while (eng.has_work()) {
+    const bool prof = profile && g_profile_steps > 0 && steps.size() >= 4 && steps.size() < 4 + size_t(g_profile_steps);
+    if (prof) cudaProfilerStart();
     const double s0 = bench::now_s();
     for (const SeqEvent& e : eng.step()) produced += int64_t(e.tokens.size());
     steps.push_back(bench::now_s() - s0);
+    if (prof) cudaProfilerStop();
   }
   const double t2 = bench::now_s();
   res.seconds = t2 - t0;
@@ -147,6 +152,7 @@ int main(int argc, char** argv) {
   std::string preset = "bench-0.7b", hf_path;
   int64_t prompt = 128, n_new = 128;
   std::vector<int64_t> batches = {1, 32};
+  bool variants_on = true;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
     if (k == "--preset") preset = v;
@@ -154,9 +160,11 @@ int main(int argc, char** argv) {
     else if (k == "--new") n_new = std::stoll(v);
     else if (k == "--batch") batches = {std::stoll(v)};
     else if (k == "--hf") hf_path = v;
+    else if (k == "--profile-steps") g_profile_steps = std::stoi(v);
+    else if (k == "--variants") variants_on = v != "0";
     else {
       std::fprintf(stderr, "usage: dsv3_bench_gpu_decode [--preset bench-0.7b] [--prompt 128] [--new 128] "
-                           "[--batch B (default 1 and 32)] [--hf hf_gpu.json]\n");
+                           "[--batch B (default 1 and 32)] [--hf hf_gpu.json] [--variants 0|1] [--profile-steps K]\n");
       return 2;
     }
   }
@@ -185,7 +193,7 @@ int main(int argc, char** argv) {
     // For comparison: the backend ops throughout (range checks and expert counts read back), and
     // the synchronisation-free path with cuBLAS for every linear (no small-row GEMV kernel).
     nlohmann::json variants = nlohmann::json::array();
-    for (int v = 0; v < (B <= 8 ? 2 : 1); ++v) {  // above 8 rows the GEMV does not apply
+    for (int v = 0; variants_on && v < (B <= 8 ? 2 : 1); ++v) {  // above 8 rows the GEMV does not apply
       const Result ref = run(w, B, prompt, n_new, 1000 + uint64_t(B), v == 1, 0);
       const char* what = v == 0 ? "backend ops (RoPE/MoE synchronise), cuBLAS linears" : "sync-free, cuBLAS linears";
       std::printf("%5ld %10.1f %12.1f %10.3f %10.2f %9.1f   (%s)\n", long(B), ref.tok_s, ref.decode_tok_s,
@@ -196,7 +204,7 @@ int main(int argc, char** argv) {
                           {"step_ms_median", ref.step_ms_median},
                           {"host_syncs_per_step", ref.memcpy_per_step}});
     }
-    const Result r = run(w, B, prompt, n_new, 1000 + uint64_t(B), true, 8);
+    const Result r = run(w, B, prompt, n_new, 1000 + uint64_t(B), true, 8, true);
     const double h = hf_tok(B);
     std::printf("%5ld %10.1f %12.1f %10.3f %10.2f %9.1f %14.1f %10.1f %8.2f\n", long(B), r.tok_s, r.decode_tok_s,
                 r.step_ms_median, r.prefill_ms, r.memcpy_per_step, r.roofline_tok_s, h, h > 0 ? r.tok_s / h : 0.0);
