@@ -43,7 +43,8 @@ __global__ void copy_qpe_kernel(const float* q, int64_t qk, int64_t nope, int64_
 // writes its unnormalised partial (max, sum, Σ p·c) to part; merge_kernel combines them.
 __global__ void latent_attention_kernel(const float* qcat, const __nv_bfloat16* pool, const int32_t* meta, int n,
                                         int maxb, int nh, int W, int R, int64_t layers, int64_t bs, int64_t layer,
-                                        float scale, float* lat, int splits, float* part) {
+                                        float scale, float* lat, int splits, float* part, const float* qrot,
+                                        int qk, int nope) {
   extern __shared__ float sm[];
   const int ldw = W | 1;
   float* tile = sm;
@@ -54,8 +55,10 @@ __global__ void latent_attention_kernel(const float* qcat, const __nv_bfloat16* 
   const int len = meta[r];
   const int32_t* table = meta + 3 * n + int64_t(r) * maxb;
   float* q = qs + warp * W;
+  // q_lat from qcat; the rotated q_pe straight from the runner's q (no copy into qcat).
   if (active)
-    for (int i = lane; i < W; i += 32) q[i] = qcat[(int64_t(r) * nh + h) * W + i] * scale;
+    for (int i = lane; i < W; i += 32)
+      q[i] = (i < R ? qcat[(int64_t(r) * nh + h) * W + i] : qrot[(int64_t(r) * nh + h) * qk + nope + (i - R)]) * scale;
   float acc[kMaxCols];
 #pragma unroll
   for (int i = 0; i < kMaxCols; ++i) acc[i] = 0.0f;
@@ -297,8 +300,11 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
                                                 int(nh * d_.qk), d_.qk, &zero, ptr<float>(qcat), int(nh * W), W,
                                                 int(nh)));
   }
-  copy_qpe_kernel<<<blocks_for(N * nh * P), 256>>>(q.data<float>(), d_.qk, d_.nope, P, W, R, N * nh, ptr<float>(qcat));
-  check_launch("absorbed query");
+  if (uses_mla_decode()) {  // cuda_mla_decode reads whole query rows
+    copy_qpe_kernel<<<blocks_for(N * nh * P), 256>>>(q.data<float>(), d_.qk, d_.nope, P, W, R, N * nh,
+                                                     ptr<float>(qcat));
+    check_launch("absorbed query");
+  }
 
   Tensor lat = be.alloc(DType::F32, {N, nh, R});
   if (uses_mla_decode()) {
@@ -323,7 +329,8 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
     const dim3 grid{unsigned(N), unsigned(groups), unsigned(splits)};
     latent_attention_kernel<<<grid, 32 * kHeadsPerCta, attention_smem(int(W))>>>(
         qcat.data<float>(), ptr<__nv_bfloat16>(storage_), meta, int(N), int(max_blocks_), int(nh), int(W), int(R),
-        layers, bs, layer, d_.softmax_scale, ptr<float>(lat), int(splits), splits > 1 ? ptr<float>(part) : nullptr);
+        layers, bs, layer, d_.softmax_scale, ptr<float>(lat), int(splits), splits > 1 ? ptr<float>(part) : nullptr,
+        q.data<float>(), int(d_.qk), int(d_.nope));
     check_launch("latent attention");
     if (splits > 1) {
       merge_kernel<<<unsigned(N * nh), 128>>>(part.data<float>(), int(splits), int(R), ptr<float>(lat));

@@ -8,7 +8,8 @@
 // One attend() per layer:
 //   1. write the step's rows (kv_a_layernorm(c_kv) ‖ rotated k_pe, rounded to BF16) by a kernel;
 //   2. qcat[r, h] = [W_UK[h]ᵀ·q_nope[r, h] ‖ q_pe[r, h]]: one strided-batched SGEMM over the heads
-//      (steps of at most 8 rows: one GEMV launch over all heads instead, here and in 4.);
+//      (steps of at most 8 rows: one GEMV launch over all heads instead, here and in 4.); the q_pe
+//      half is copied only for cuda_mla_decode, the generic kernel reads it from q;
 //   3. lat[r, h] = Σ_j softmax(scale·qcat·row_j)·c_j over the row's sequence up to its position:
 //      cuda_mla_decode (backend/cuda/mla_decode.h) at DeepSeek-V2/V3's 512 + 64 and block size 64,
 //      a generic kernel (one warp per head, 32-row tiles in shared memory) for other shapes;
