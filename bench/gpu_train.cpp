@@ -1,10 +1,16 @@
 // Training throughput on the GPU (bench/gpu.sh runs it on the H200): the bench-0.7b preset, B = 8,
 // T = 2048, random weights and tokens, forward + loss + backward + AdamW entirely on the CUDA
-// backend, timed with the device synchronised. FLOPs per token are the ones transformers'
-// baseline (tools/hf_gpu_bench.py) is credited with: 6·N_mm(active) + causal attention, no MTP
-// (its MTP modules are skipped here too, so both sides do the same work). With --hf FILE (that
-// script's JSON from the same machine) it prints and records our speed over transformers'.
-// Writes bench/results/gpu_train.json.
+// backend, timed with the device synchronised, in each of --precisions (default fp32,bf16,fp8) as
+// `dsv3 train --device cuda --precision P` runs it: FP32 master weights, gradients and moments;
+// bf16/fp8 read BF16 weight copies refreshed after each update, run the eligible linear layers
+// through the GPU's linear_lowp (BF16 tensor cores / cuBLASLt block-scaled FP8) and the attention
+// core on BF16 tensor cores. FLOPs per token are the ones transformers' baseline
+// (tools/hf_gpu_bench.py) is credited with: 6·N_mm(active) + causal attention, no MTP (its MTP
+// modules are skipped here too, so both sides do the same work). With --hf FILE (that script's
+// JSON from the same machine) it records our BF16 speed over transformers' BF16
+// (train_speedup_vs_hf_bf16) and train_fp8_over_bf16. Per precision it also prints where a step's
+// time goes: phases, the attention core per layer, and the linear layers timed alone at the
+// model's shapes. Writes bench/results/gpu_train.json (top-level fields: the fp32 run, as before).
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -21,8 +27,15 @@ int main() {
 
 #include <chrono>
 #include <fstream>
+#include <functional>
+#include <map>
+#include <optional>
+#include <sstream>
+#include <tuple>
 
+#include "backend/cuda/attention_bf16.h"
 #include "backend/cuda/cuda_backend.h"
+#include "backend/fp8.h"
 #include "model/loss.h"
 #include "model/model.h"
 #include "model/model_stats.h"
@@ -31,48 +44,177 @@ int main() {
 
 using namespace dsv3;
 
-int main(int argc, char** argv) {
-  std::string preset = "bench-0.7b", hf_path;
-  int64_t B = 8, T = 2048;
-  int steps = 5, warmup = 2;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    std::string k = argv[i], v = argv[i + 1];
-    if (k == "--preset") preset = v;
-    else if (k == "--batch") B = std::stoll(v);
-    else if (k == "--seq") T = std::stoll(v);
-    else if (k == "--steps") steps = std::stoi(v);
-    else if (k == "--hf") hf_path = v;
-    else {
-      std::fprintf(stderr, "usage: dsv3_bench_gpu_train [--preset bench-0.7b] [--batch 8] [--seq 2048] [--steps 5] "
-                           "[--hf hf_gpu.json]\n");
-      return 2;
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double secs(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+
+void set_precision(const std::string& prec) {
+  LinearPrecision& lp = linear_precision();
+  lp = LinearPrecision{};
+  if (prec == "bf16") lp.mode = LinearPrecisionMode::Bf16;
+  if (prec == "fp8") lp.mode = LinearPrecisionMode::Fp8;
+  cuda_set_attention_bf16(prec != "fp32");
+}
+
+// The attention core alone at the model's shape (MLA heads: qk 192, v 128), forward and backward.
+std::pair<double, double> time_attention(CudaBackend& be, const ModelConfig& cfg, int64_t B, int64_t T) {
+  const int64_t H = cfg.num_attention_heads, dq = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, dv = cfg.v_head_dim;
+  Tensor q = be.alloc(DType::F32, {B, T, H, dq}), k = be.alloc(DType::F32, {B, T, H, dq});
+  Tensor v = be.alloc(DType::F32, {B, T, H, dv}), o = be.alloc(DType::F32, {B, T, H, dv});
+  Tensor lse = be.alloc(DType::F32, {B, H, T}), dqt = be.alloc(DType::F32, {B, T, H, dq});
+  Tensor dkt = be.alloc(DType::F32, {B, T, H, dq}), dvt = be.alloc(DType::F32, {B, T, H, dv});
+  for (Tensor* t : {&q, &k, &v, &o}) be.fill({*t, 0.01f});
+  AttentionArgs fa;
+  fa.q = q;
+  fa.k = k;
+  fa.v = v;
+  fa.out = o;
+  fa.lse = lse;
+  fa.scale = 0.07f;
+  fa.causal = true;
+  AttentionBackwardArgs ba;
+  ba.q = q;
+  ba.k = k;
+  ba.v = v;
+  ba.out = o;
+  ba.lse = lse;
+  ba.dout = o;
+  ba.dq = dqt;
+  ba.dk = dkt;
+  ba.dv = dvt;
+  ba.scale = 0.07f;
+  ba.causal = true;
+  be.attention(fa);
+  be.attention_backward(ba);
+  be.synchronize();
+  auto a0 = Clock::now();
+  be.attention(fa);
+  be.synchronize();
+  auto a1 = Clock::now();
+  be.attention_backward(ba);
+  be.synchronize();
+  return {secs(a0, a1), secs(a1, Clock::now())};
+}
+
+// One eligible linear layer [M, K] → [M, N] forward + backward (dx and dW) as the model calls it
+// (BF16 weight copy unless fp32), timed alone.
+double time_linear(CudaBackend& be, const std::string& prec, int64_t M, int64_t K, int64_t N) {
+  Tensor x = be.alloc(DType::F32, {M, K}), y = be.alloc(DType::F32, {M, N}), dx = be.alloc(DType::F32, {M, K});
+  Tensor w = be.alloc(prec == "fp32" ? DType::F32 : DType::BF16, {N, K}), dw = be.alloc(DType::F32, {N, K});
+  be.fill({x, 0.5f});
+  be.fill({w, 0.01f});
+  be.fill({y, 0.25f});
+  auto once = [&] {
+    Fp8Tiles cache;
+    linear_lowp(linear_precision(), {x, w, {}, y}, &cache);
+    linear_backward_lowp(linear_precision(), {y, x, w, {}, dx, dw, false, true}, &cache);
+  };
+  once();
+  be.synchronize();
+  auto t0 = Clock::now();
+  once();
+  be.synchronize();
+  return secs(t0, Clock::now());
+}
+
+struct Run {
+  std::string precision;
+  double step_s = 0, tok_s = 0, tflops = 0, loss = 0;
+  double ph[5] = {0, 0, 0, 0, 0};  // forward, loss, backward, optimizer, weight-copy refresh
+  double attn_f = 0, attn_b = 0, linear_s = 0, lm_head_s = 0, mem_gib = 0, host_s = 0;
+  double layers_f = 0, layers_b = 0;  // every decoder layer, synchronised one by one
+  std::map<std::string, double> linears;  // per group, per step
+  std::map<std::string, double> modules;  // one layer's module, forward / backward (s)
+};
+
+// One decoder layer's modules run again on the last step's activations (device synchronised around
+// each): what a layer of each kind costs, forward and backward, with everything it launches.
+void time_modules(CudaBackend& be, Model& model, Grads& g, int64_t B, int64_t T, Run& r) {
+  const ModelParams& P = model.params();
+  const ModelActs& A = model.acts();
+  const ModelDims& d = model.dims();
+  const int64_t N = B * T;
+  RopeInput rope{&model.rope_tables_for(T), A.positions};
+  Tensor dout = be.alloc(DType::F32, {N, d.H}), dx = be.alloc(DType::F32, {N, d.H});
+  be.fill({dout, 1e-3f});
+  auto timed = [&](const std::string& name, const std::function<void()>& f) {
+    f();  // shapes seen once (cuBLAS/cuBLASLt plans)
+    be.synchronize();
+    auto t0 = Clock::now();
+    f();
+    be.synchronize();
+    r.modules[name] = secs(t0, Clock::now());
+  };
+  // Every decoder layer forward and backward on the step's activations, one at a time.
+  for (size_t l = 0; l < A.layers.size(); ++l) {
+    LayerActs la;
+    be.synchronize();
+    auto t0 = Clock::now();
+    decoder_layer_forward(be, d, P.layers[l], rope, l ? A.layers[l - 1].out : A.emb, B, T, la);
+    be.synchronize();
+    auto t1 = Clock::now();
+    decoder_layer_backward(be, d, P.layers[l], g.p.layers[l], rope, la, B, T, dout, Tensor(), dx);
+    be.synchronize();
+    r.layers_f += secs(t0, t1);
+    r.layers_b += secs(t1, Clock::now());
+  }
+  for (size_t l = 0; l < A.layers.size() && l < P.layers.size(); ++l) {
+    const LayerParams& lp = P.layers[l];
+    const LayerActs& la = A.layers[l];
+    if (l == 0 || (lp.is_moe && !r.modules.count("moe_forward"))) {
+      if (!r.modules.count("mla_forward")) {
+        MlaActs ma;
+        timed("mla_forward", [&] { mla_forward(be, d, lp.attn, rope, la.h1, B, T, ma); });
+        timed("mla_backward", [&] { mla_backward(be, d, lp.attn, g.p.layers[l].attn, rope, ma, B, T, dout, dx, false); });
+      }
+      if (lp.is_moe) {
+        MoeActs mo;
+        timed("moe_forward", [&] { moe_forward(be, d, lp.moe, la.h2, mo); });
+        timed("moe_backward", [&] { moe_backward(be, d, lp.moe, g.p.layers[l].moe, mo, dout, Tensor(), dx, false); });
+      } else {
+        MlpActs mp;
+        timed("dense_mlp_forward", [&] { mlp_forward(be, lp.mlp, la.h2, mp); });
+        timed("dense_mlp_backward", [&] { mlp_backward(be, lp.mlp, g.p.layers[l].mlp, mp, dout, dx, false); });
+      }
     }
   }
-  CudaBackend& be = cuda_backend();
-  ModelConfig cfg = preset_config(preset);
-  std::printf("gpu_train: preset %s, B=%ld, T=%ld, FP32 weights and activations (cuBLAS SGEMM, no TF32)\n",
-              preset.c_str(), long(B), long(T));
-  Weights host = Weights::random(cfg, 1, 0.02f);
-  Weights w = host;
-  for (Param& p : w.params()) p.w = be.to_device(p.w);
-  Model model(w, be);
+}
+
+Run measure(CudaBackend& be, const ModelConfig& cfg, const Weights& host, const std::string& prec, int64_t B,
+            int64_t T, int steps, int warmup, const std::vector<int32_t>& ids, const std::vector<int32_t>& lab,
+            double fpt) {
+  Run r;
+  r.precision = prec;
+  set_precision(prec);
+  Weights master = host;
+  for (Param& p : master.params()) p.w = be.to_device(p.w);
+  std::optional<Weights> compute;
+  if (prec != "fp32") {
+    std::map<std::string, Tensor> t;
+    for (const Param& p : master.params()) {
+      if (p.spec.kind == TensorKind::router_bias) {
+        t[p.spec.name] = p.w;
+        continue;
+      }
+      Tensor b = be.alloc(DType::BF16, p.w.shape());
+      be.copy(CopyArgs{p.w, b});
+      t[p.spec.name] = b;
+    }
+    compute = Weights::from_tensors(cfg, std::move(t), "bf16 copies");
+  }
+  Model model(compute ? *compute : master, be);
   Grads g(cfg, &be);
   std::vector<ParamSlot> slots;
-  for (Param& p : w.params())
+  for (Param& p : master.params())
     if (p.spec.trainable) slots.push_back({p.spec.name, p.w, g.get(p.spec.name), p.spec.weight_decay});
   AdamW opt(slots, OptimizerConfig{}, &be);
   LossOptions lo;
   lo.mtp_lambda = 0.0;
-  std::vector<int32_t> lab(size_t(B * (T + 1))), ids;
-  for (size_t i = 0; i < lab.size(); ++i) lab[i] = int32_t((uint64_t(i) * 2654435761u >> 5) % uint64_t(cfg.vocab_size));
-  for (int64_t b = 0; b < B; ++b) ids.insert(ids.end(), lab.begin() + b * (T + 1), lab.begin() + b * (T + 1) + T);
-  double loss = 0;
-  // Phase times (device synchronised at each boundary; the timed steps below run without them).
-  double ph[4] = {0, 0, 0, 0};
   bool phases = false;
   auto now = [&] {
     if (phases) be.synchronize();
-    return std::chrono::steady_clock::now();
+    return Clock::now();
   };
   auto step = [&] {
     auto t0 = now();
@@ -82,96 +224,207 @@ int main(int argc, char** argv) {
     fo.mtp = false;
     ForwardOutput out = model.forward(ids, B, T, fo);
     auto t1 = now();
-    LossResult r = compute_loss(be, model, out, lab, B, T, T + 1, lo);
+    LossResult l = compute_loss(be, model, out, lab, B, T, T + 1, lo);
     auto t2 = now();
-    model.backward(r.grad, g);
+    model.backward(l.grad, g);
     auto t3 = now();
-    opt.step(1e-4, r.total, 1.0);
+    opt.step(1e-4, l.total, 1.0);
     auto t4 = now();
-    loss = r.total;
+    if (compute)
+      for (Param& p : compute->params())
+        if (p.spec.kind != TensorKind::router_bias) be.copy(CopyArgs{master.get(p.spec.name).w, p.w});
+    auto t5 = now();
+    r.loss = l.total;
     if (phases) {
-      ph[0] += std::chrono::duration<double>(t1 - t0).count();
-      ph[1] += std::chrono::duration<double>(t2 - t1).count();
-      ph[2] += std::chrono::duration<double>(t3 - t2).count();
-      ph[3] += std::chrono::duration<double>(t4 - t3).count();
+      r.ph[0] += secs(t0, t1);
+      r.ph[1] += secs(t1, t2);
+      r.ph[2] += secs(t2, t3);
+      r.ph[3] += secs(t3, t4);
+      r.ph[4] += secs(t4, t5);
     }
   };
   for (int i = 0; i < warmup; ++i) step();
   phases = true;
   step();
   phases = false;
-  std::printf("one step by phase (s): forward %.3f  loss %.3f  backward %.3f  optimizer %.3f\n", ph[0], ph[1], ph[2],
-              ph[3]);
-  {
-    // The attention core alone at this shape (MLA heads: qk 192, v 128), forward and backward.
-    const int64_t H = cfg.num_attention_heads, dq = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, dv = cfg.v_head_dim;
-    Tensor q = be.alloc(DType::F32, {B, T, H, dq}), k = be.alloc(DType::F32, {B, T, H, dq});
-    Tensor v = be.alloc(DType::F32, {B, T, H, dv}), o = be.alloc(DType::F32, {B, T, H, dv});
-    Tensor lse = be.alloc(DType::F32, {B, H, T}), dqt = be.alloc(DType::F32, {B, T, H, dq});
-    Tensor dkt = be.alloc(DType::F32, {B, T, H, dq}), dvt = be.alloc(DType::F32, {B, T, H, dv});
-    for (Tensor* t : {&q, &k, &v, &o}) be.fill({*t, 0.01f});
-    AttentionArgs fa;
-    fa.q = q;
-    fa.k = k;
-    fa.v = v;
-    fa.out = o;
-    fa.lse = lse;
-    fa.scale = 0.07f;
-    fa.causal = true;
-    AttentionBackwardArgs ba;
-    ba.q = q;
-    ba.k = k;
-    ba.v = v;
-    ba.out = o;
-    ba.lse = lse;
-    ba.dout = o;
-    ba.dq = dqt;
-    ba.dk = dkt;
-    ba.dv = dvt;
-    ba.scale = 0.07f;
-    ba.causal = true;
-    be.attention(fa);
-    be.synchronize();
-    auto a0 = std::chrono::steady_clock::now();
-    be.attention(fa);
-    be.synchronize();
-    auto a1 = std::chrono::steady_clock::now();
-    be.attention_backward(ba);
-    be.synchronize();
-    auto a2 = std::chrono::steady_clock::now();
-    double f = 4.0 * double(B * H) * double(T) * double(T) / 2 * double(dq + dv) / 2;  // causal
-    double tf = std::chrono::duration<double>(a1 - a0).count(), tb = std::chrono::duration<double>(a2 - a1).count();
-    std::printf("attention per layer: forward %.4f s (%.1f TFLOP/s), backward %.4f s; x%ld layers\n", tf, f / tf / 1e12,
-                tb, long(cfg.num_hidden_layers));
-  }
   be.synchronize();
-  auto t0 = std::chrono::steady_clock::now();
+  auto t0 = Clock::now();
   for (int i = 0; i < steps; ++i) step();
+  r.host_s = secs(t0, Clock::now()) / steps;  // until the host has queued the last step's work
   be.synchronize();
-  double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / steps;
+  r.step_s = secs(t0, Clock::now()) / steps;
+  r.tok_s = double(B * T) / r.step_s;
+  r.tflops = r.tok_s * fpt / 1e12;
   size_t free_b = 0, total_b = 0;
   cudaMemGetInfo(&free_b, &total_b);
+  r.mem_gib = double(total_b - free_b) / double(1ull << 30);
+
+  // Where the time goes: each module of a layer, the attention core and the linear layers, each
+  // alone at the model's shapes.
+  time_modules(be, model, g, B, T, r);
+  std::tie(r.attn_f, r.attn_b) = time_attention(be, cfg, B, T);
+  const int64_t N = B * T, H = cfg.hidden_size, nh = cfg.num_attention_heads;
+  const int64_t qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, L = cfg.num_hidden_layers;
+  const int64_t moe_layers = L - cfg.first_k_dense_replace, E = cfg.n_routed_experts;
+  const int64_t rows = E > 0 ? N * cfg.num_experts_per_tok / E : 0, I = cfg.moe_intermediate_size;
+  const int64_t ql = cfg.q_lora_rank.value_or(0);
+  double mla = (ql > 0 ? time_linear(be, prec, N, H, ql) + time_linear(be, prec, N, ql, nh * qk)
+                       : time_linear(be, prec, N, H, nh * qk)) +
+               time_linear(be, prec, N, H, cfg.kv_lora_rank + cfg.qk_rope_head_dim) +
+               time_linear(be, prec, N, cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim)) +
+               time_linear(be, prec, N, nh * cfg.v_head_dim, H);
+  double dense = 2 * time_linear(be, prec, N, H, cfg.intermediate_size) + time_linear(be, prec, N, cfg.intermediate_size, H);
+  const int64_t Is = I * std::max<int64_t>(cfg.n_shared_experts, 1);
+  double shared = cfg.n_shared_experts > 0 ? 2 * time_linear(be, prec, N, H, Is) + time_linear(be, prec, N, Is, H) : 0;
+  double expert = rows > 0 ? 2 * time_linear(be, prec, rows, H, I) + time_linear(be, prec, rows, I, H) : 0;
+  r.linears["attention projections"] = mla * double(L);
+  r.linears["dense MLP"] = dense * double(cfg.first_k_dense_replace);
+  r.linears["shared experts"] = shared * double(moe_layers);
+  r.linears["routed experts (even load)"] = expert * double(E * moe_layers);
+  for (const auto& [k, v] : r.linears) r.linear_s += v;
+  {  // lm_head: FP32 GEMMs on the (BF16) weight in every precision
+    Tensor x = be.alloc(DType::F32, {N, H}), y = be.alloc(DType::F32, {N, cfg.vocab_size});
+    Tensor w = be.alloc(prec == "fp32" ? DType::F32 : DType::BF16, {cfg.vocab_size, H});
+    Tensor dx = be.alloc(DType::F32, {N, H}), dw = be.alloc(DType::F32, {cfg.vocab_size, H});
+    be.fill({x, 0.5f});
+    be.fill({w, 0.01f});
+    be.synchronize();
+    auto a = Clock::now();
+    be.linear({x, w, {}, y});
+    be.linear_backward({y, x, w, {}, dx, dw, false, true});
+    be.synchronize();
+    r.lm_head_s = secs(a, Clock::now());
+  }
+  return r;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string preset = "bench-0.7b", hf_path, precisions = "fp32,bf16,fp8";
+  int64_t B = 8, T = 2048;
+  int steps = 5, warmup = 2;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    std::string k = argv[i], v = argv[i + 1];
+    if (k == "--preset") preset = v;
+    else if (k == "--batch") B = std::stoll(v);
+    else if (k == "--seq") T = std::stoll(v);
+    else if (k == "--steps") steps = std::stoi(v);
+    else if (k == "--warmup") warmup = std::stoi(v);
+    else if (k == "--precisions") precisions = v;
+    else if (k == "--hf") hf_path = v;
+    else {
+      std::fprintf(stderr, "usage: dsv3_bench_gpu_train [--preset bench-0.7b] [--batch 8] [--seq 2048] [--steps 5] "
+                           "[--warmup 2] [--precisions fp32,bf16,fp8] [--hf hf_gpu.json]\n");
+      return 2;
+    }
+  }
+  std::vector<std::string> precs;
+  {
+    std::stringstream ss(precisions);
+    for (std::string p; std::getline(ss, p, ',');) {
+      if (p != "fp32" && p != "bf16" && p != "fp8") {
+        std::fprintf(stderr, "--precisions: '%s' is not fp32, bf16 or fp8\n", p.c_str());
+        return 2;
+      }
+      precs.push_back(p);
+    }
+  }
+  CudaBackend& be = cuda_backend();
+  ModelConfig cfg = preset_config(preset);
+  std::printf("gpu_train: preset %s, B=%ld, T=%ld, %d timed steps after %d warm-up\n", preset.c_str(), long(B), long(T),
+              steps, warmup + 1);
+  Weights host = Weights::random(cfg, 1, 0.02f);
+  std::vector<int32_t> lab(size_t(B * (T + 1))), ids;
+  for (size_t i = 0; i < lab.size(); ++i) lab[i] = int32_t((uint64_t(i) * 2654435761u >> 5) % uint64_t(cfg.vocab_size));
+  for (int64_t b = 0; b < B; ++b) ids.insert(ids.end(), lab.begin() + b * (T + 1), lab.begin() + b * (T + 1) + T);
   FlopsPerToken f = flops_per_token(cfg, T);
   // transformers' credit: 6·N_mm + the attention term at T (tools/hf_gpu_bench.py).
-  double fpt = 6.0 * f.matmul_params_active + f.attention_train;
-  double tok_s = double(B * T) / dt, tflops = tok_s * fpt / 1e12;
+  const double fpt = 6.0 * f.matmul_params_active + f.attention_train;
+
+  std::map<std::string, Run> runs;
+  for (const std::string& p : precs) {
+    Run r = measure(be, cfg, host, p, B, T, steps, warmup, ids, lab, fpt);
+    std::printf("[%s] one step by phase (s): forward %.3f  loss %.3f  backward %.3f  optimizer %.3f  bf16 copies %.3f\n",
+                p.c_str(), r.ph[0], r.ph[1], r.ph[2], r.ph[3], r.ph[4]);
+    std::printf("[%s] timed steps: %.3f s each, of which the host had queued its work after %.3f s; every decoder "
+                "layer one by one (synchronised): forward %.3f s, backward %.3f s\n",
+                p.c_str(), r.step_s, r.host_s, r.layers_f, r.layers_b);
+    std::printf("[%s] attention core per layer: forward %.4f s, backward %.4f s; x%ld layers = %.3f s per step\n",
+                p.c_str(), r.attn_f, r.attn_b, long(cfg.num_hidden_layers),
+                (r.attn_f + r.attn_b) * double(cfg.num_hidden_layers));
+    std::printf("[%s] linear layers alone (forward + backward, per step): %.3f s =", p.c_str(), r.linear_s);
+    for (const auto& [k, v] : r.linears) std::printf(" %s %.3f;", k.c_str(), v);
+    std::printf(" lm_head (FP32 SGEMM) %.3f s\n", r.lm_head_s);
+    std::printf("[%s] one layer's modules (s):", p.c_str());
+    for (const auto& [k, v] : r.modules) std::printf(" %s %.4f;", k.c_str(), v);
+    const double L = double(cfg.num_hidden_layers), Ld = double(cfg.first_k_dense_replace);
+    auto mod = [&](const char* k) { return r.modules.count(k) ? r.modules.at(k) : 0.0; };
+    std::printf(" x layers: MLA %.3f, MoE %.3f, dense MLP %.3f s per step\n",
+                L * (mod("mla_forward") + mod("mla_backward")), (L - Ld) * (mod("moe_forward") + mod("moe_backward")),
+                Ld * (mod("dense_mlp_forward") + mod("dense_mlp_backward")));
+    runs[p] = r;
+  }
   std::printf("%-28s %10s %12s %10s %8s\n", "", "step s", "tokens/s", "TFLOP/s", "MFU");
-  std::printf("%-28s %10.3f %12.0f %10.1f %8.3f\n", "dsv3 CUDA (FP32)", dt, tok_s, tflops, tflops / 989.0);
-  nlohmann::json res = {{"bench", "gpu_train"}, {"preset", preset},   {"batch", B},
-                        {"seq", T},            {"precision", "fp32"}, {"step_s", dt},
-                        {"tokens_per_s", tok_s}, {"flops_per_token", fpt}, {"tflops", tflops},
-                        {"mfu_vs_989", tflops / 989.0}, {"final_loss", loss},
-                        {"device_memory_used_gib", double(total_b - free_b) / double(1ull << 30)}};
+  for (const std::string& p : precs) {
+    const Run& r = runs[p];
+    std::printf("%-28s %10.3f %12.0f %10.1f %8.3f\n", ("dsv3 CUDA (" + p + ")").c_str(), r.step_s, r.tok_s, r.tflops,
+                r.tflops / 989.0);
+  }
+  nlohmann::json res = {{"bench", "gpu_train"}, {"preset", preset}, {"batch", B}, {"seq", T}, {"steps", steps},
+                        {"flops_per_token", fpt}};
+  nlohmann::json rj = nlohmann::json::object();
+  for (const std::string& p : precs) {
+    const Run& r = runs[p];
+    nlohmann::json lin = nlohmann::json::object();
+    for (const auto& [k, v] : r.linears) lin[k] = v;
+    rj[p] = {{"step_s", r.step_s},
+             {"tokens_per_s", r.tok_s},
+             {"tflops", r.tflops},
+             {"mfu_vs_989", r.tflops / 989.0},
+             {"final_loss", r.loss},
+             {"device_memory_used_gib", r.mem_gib},
+             {"phases_s", {{"forward", r.ph[0]}, {"loss", r.ph[1]}, {"backward", r.ph[2]}, {"optimizer", r.ph[3]},
+                           {"bf16_copies", r.ph[4]}}},
+             {"attention_per_layer_s", {{"forward", r.attn_f}, {"backward", r.attn_b}}},
+             {"linear_alone_per_step_s", lin},
+             {"lm_head_alone_s", r.lm_head_s},
+             {"one_layer_modules_s", r.modules},
+             {"host_queue_s", r.host_s},
+             {"decoder_layers_synchronised_s", {{"forward", r.layers_f}, {"backward", r.layers_b}}}};
+  }
+  res["runs"] = rj;
+  if (runs.count("fp32")) {  // the fields of the fp32-only version of this bench
+    const Run& r = runs["fp32"];
+    res["precision"] = "fp32";
+    res["step_s"] = r.step_s;
+    res["tokens_per_s"] = r.tok_s;
+    res["tflops"] = r.tflops;
+    res["mfu_vs_989"] = r.tflops / 989.0;
+    res["final_loss"] = r.loss;
+    res["device_memory_used_gib"] = r.mem_gib;
+  }
+  if (runs.count("fp8") && runs.count("bf16")) {
+    res["train_fp8_over_bf16"] = runs["fp8"].tok_s / runs["bf16"].tok_s;
+    std::printf("fp8 over bf16: %.2fx\n", runs["fp8"].tok_s / runs["bf16"].tok_s);
+  }
   if (!hf_path.empty()) {
     std::ifstream in(hf_path);
     if (in) {
       nlohmann::json hf = nlohmann::json::parse(in);
-      double hf_tok = hf["train"]["tokens_per_s"].get<double>();
+      const double hf_tok = hf["train"]["tokens_per_s"].get<double>();
       std::printf("%-28s %10.3f %12.0f %10.1f %8.3f\n", "transformers BF16 (same GPU)", hf["train"]["step_s"].get<double>(),
                   hf_tok, hf["train"]["tflops"].get<double>(), hf["train"]["mfu"].get<double>());
-      std::printf("speed-up over transformers: %.2fx\n", tok_s / hf_tok);
       res["hf_tokens_per_s"] = hf_tok;
-      res["train_speedup_vs_hf_bf16"] = tok_s / hf_tok;
+      for (const std::string& p : precs) {
+        const double s = runs[p].tok_s / hf_tok;
+        std::printf("speed-up over transformers BF16, ours in %s: %.2fx\n", p.c_str(), s);
+        res["runs"][p]["speedup_vs_hf_bf16"] = s;
+      }
+      if (runs.count("bf16")) res["train_speedup_vs_hf_bf16"] = runs["bf16"].tok_s / hf_tok;
+      if (runs.count("fp32")) res["train_speedup_vs_hf_bf16_ours_fp32"] = runs["fp32"].tok_s / hf_tok;
+    } else {
+      std::printf("no transformers baseline at %s: speed-ups not recorded\n", hf_path.c_str());
     }
   }
   if (const char* c = std::getenv("DSV3_COMMIT")) res["commit"] = c;

@@ -1,5 +1,5 @@
 // FP8 op validation and the reduced-precision linear layer (backend/fp8.h), composed from the FP8
-// ops and the CPU backend's FP32 GEMMs.
+// ops and the CPU backend's FP32 GEMMs; on CUDA tensors the layer runs backend/cuda/linear_lowp.cu.
 #include "backend/fp8.h"
 
 #include <omp.h>
@@ -14,6 +14,9 @@
 
 #include "backend/cpu/cpu_backend.h"
 #include "core/error.h"
+#ifdef DSV3_HAVE_CUDA
+#include "backend/cuda/linear_lowp.h"
+#endif
 
 namespace dsv3 {
 namespace {
@@ -351,11 +354,17 @@ int64_t Fp8Tiles::bytes() const {
 Fp8Tiles Fp8Tiles::rows(int64_t r0, int64_t r1) const { return {q.rows(r0, r1), scale.rows(r0, r1), nonfinite}; }
 
 Fp8Tiles fp8_tiles(const Tensor& x, bool pow2, const char* name) {
+#ifdef DSV3_HAVE_CUDA
+  if (x.device() == Device::CUDA) return cuda_fp8_tiles(x, pow2);
+#endif
   Quant t = quant(mat(x), Fp8Tiling::Row1x128, false, pow2, name);
   return {t.q, t.s, t.nonfinite};
 }
 
 Tensor dequantize(const Fp8Tiles& t) {
+#ifdef DSV3_HAVE_CUDA
+  if (t.q.device() == Device::CUDA) return cuda_dequantize(t);
+#endif
   Tensor out = Tensor::empty(DType::F32, t.q.shape());
   dequantize_fp8_fast(t.q, t.scale, out);
   return out;
@@ -363,6 +372,9 @@ Tensor dequantize(const Fp8Tiles& t) {
 
 void linear_lowp(const LinearPrecision& p, const LinearArgs& a, Fp8Tiles* x_fp8) {
   validate(a);
+#ifdef DSV3_HAVE_CUDA
+  if (a.x.device() == Device::CUDA) return cuda_linear_lowp(p, a, x_fp8);
+#endif
   Backend& be = cpu_backend();
   if (p.mode == LinearPrecisionMode::F32) return be.linear(a);
   Tensor w = as_f32(a.w, a.w_scale_inv), x = mat(a.x), y = mat(a.y);
@@ -387,6 +399,9 @@ void linear_lowp(const LinearPrecision& p, const LinearArgs& a, Fp8Tiles* x_fp8)
 
 void linear_backward_lowp(const LinearPrecision& p, const LinearBackwardArgs& a, const Fp8Tiles* x_fp8) {
   validate(a);
+#ifdef DSV3_HAVE_CUDA
+  if (a.dy.device() == Device::CUDA) return cuda_linear_backward_lowp(p, a, x_fp8);
+#endif
   Backend& be = cpu_backend();
   if (p.mode == LinearPrecisionMode::F32) return be.linear_backward(a);
   Tensor w = present(a.w) ? as_f32(a.w, a.w_scale_inv) : a.w;

@@ -184,7 +184,7 @@ RunFn setup_train(CLI::App& app) {
                  "fp8-dgrad-128x128 (negative control)")
       ->capture_default_str();
   app.add_option("--device", t.device,
-                 "cpu | cuda (one GPU; fp32 only so far — the BF16/FP8 GEMM paths are CPU-only, docs/cuda.md)")
+                 "cpu | cuda (one GPU, every --precision; docs/cuda.md)")
       ->capture_default_str();
   app.add_option("--data", t.data_dir, "Prepared dataset (dsv3 data prepare); default: the Brown corpus");
   app.add_option("--tokenizer", t.tokenizer_path, "tokenizer.json for samples and checkpoints");

@@ -8,8 +8,9 @@
 
 namespace dsv3 {
 
-bool fp8_layer(const Backend& be, const LinearParam& p) {
-  return p.lowp && linear_precision().mode == LinearPrecisionMode::Fp8 && be.device() == Device::CPU;
+// Either backend: linear_lowp runs on CPU and CUDA tensors.
+bool fp8_layer(const Backend&, const LinearParam& p) {
+  return p.lowp && linear_precision().mode == LinearPrecisionMode::Fp8;
 }
 
 void linear_forward(Backend& be, const LinearParam& p, const Tensor& x, const Tensor& y, bool accumulate,
@@ -20,7 +21,7 @@ void linear_forward(Backend& be, const LinearParam& p, const Tensor& x, const Te
   a.w_scale_inv = p.scale_inv;
   a.y = y;
   a.accumulate = accumulate;
-  if (p.lowp && linear_precision().mode != LinearPrecisionMode::F32 && be.device() == Device::CPU)
+  if (p.lowp && linear_precision().mode != LinearPrecisionMode::F32)
     linear_lowp(linear_precision(), a, x_fp8);
   else
     be.linear(a);
@@ -143,7 +144,7 @@ void linear_backward(Backend& be, const LinearParam& p, const LinearParam& g, co
   a.dw = g.w;
   a.accumulate_dx = accumulate_dx;
   a.accumulate_dw = true;
-  if (p.lowp && linear_precision().mode != LinearPrecisionMode::F32 && be.device() == Device::CPU)
+  if (p.lowp && linear_precision().mode != LinearPrecisionMode::F32)
     linear_backward_lowp(linear_precision(), a, x_fp8);
   else
     be.linear_backward(a);

@@ -18,6 +18,9 @@
 #include "train/data_loader.h"
 #include "train/metrics.h"
 #include "train/trainer_io.h"
+#ifdef DSV3_HAVE_CUDA
+#include "backend/cuda/attention_bf16.h"
+#endif
 
 namespace dsv3 {
 
@@ -43,9 +46,6 @@ void TrainOptions::validate() const {
   if (precision != "fp32" && precision != "bf16" && precision != "fp8" && precision != "fp8-dgrad-128x128")
     input_error("--precision '", precision, "': expected fp32, bf16, fp8 or fp8-dgrad-128x128");
   if (device != "cpu" && device != "cuda") input_error("--device '", device, "': expected cpu or cuda");
-  if (device == "cuda" && precision != "fp32")
-    input_error("--precision ", precision, " with --device cuda: the GPU trains in fp32 only so far (the BF16/FP8 "
-                "linear paths run on the CPU; docs/cuda.md)");
   if (data_dir.empty()) input_error("no dataset: --data DIR (a directory written by `dsv3 data prepare`)");
   opt.validate();
 }
@@ -159,10 +159,23 @@ struct Trainer::Impl {
     if (o.precision == "bf16") lp.mode = LinearPrecisionMode::Bf16;
     if (o.precision.starts_with("fp8")) lp.mode = LinearPrecisionMode::Fp8;
     lp.dgrad_block = o.precision == "fp8-dgrad-128x128";
+#ifdef DSV3_HAVE_CUDA
+    // On the GPU, bf16/fp8 also run the attention core on BF16 tensor cores (FP32 softmax and sums).
+    if (!on_host()) cuda_set_attention_bf16(o.precision != "fp32");
+#endif
     if (o.precision != "fp32") {
       std::map<std::string, Tensor> t;
-      for (const Param& p : master.params())
-        t[p.spec.name] = p.spec.kind == TensorKind::router_bias ? p.w : p.w.to(DType::BF16);
+      for (const Param& p : master.params()) {
+        if (p.spec.kind == TensorKind::router_bias) {
+          t[p.spec.name] = p.w;
+        } else if (on_host()) {
+          t[p.spec.name] = p.w.to(DType::BF16);
+        } else {
+          Tensor b = be->alloc(DType::BF16, p.w.shape());
+          be->copy(CopyArgs{p.w, b});
+          t[p.spec.name] = b;
+        }
+      }
       compute = Weights::from_tensors(cfg, std::move(t), "bf16 copies");
       model = std::make_unique<Model>(*compute, *be);
     } else {

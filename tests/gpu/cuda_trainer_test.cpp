@@ -12,7 +12,6 @@
 
 #include "backend/cuda/cuda_backend.h"
 #include "backend/tolerance.h"
-#include "core/error.h"
 #include "model/config.h"
 #include "train/trainer.h"
 #include "../train/train_test_util.h"
@@ -79,19 +78,6 @@ TEST(CudaTrainer, FollowsCpuAndResumes) {
   TrainSummary on_cpu = Trainer(cfg, cross).run();
   EXPECT_EQ(on_cpu.steps_done, 7);
   EXPECT_TRUE(std::isfinite(on_cpu.last_loss));
-}
-
-TEST(CudaTrainer, RejectsPrecisionsTheGpuLacks) {
-  TrainOptions o;
-  o.data_dir = "unused";
-  o.device = "cuda";
-  o.precision = "fp8";
-  try {
-    o.validate();
-    FAIL() << "no error";
-  } catch (const InputError& e) {
-    EXPECT_NE(std::string(e.what()).find("--device cuda"), std::string::npos) << e.what();
-  }
 }
 
 }  // namespace

@@ -1,10 +1,14 @@
 // FP8 E4M3 tile quantization on the GPU (backend/fp8.h semantics): one warp per tile (1×128,
 // 128×1 or 128×128) finds the amax of its finite values, derives the scale exactly as the CPU does
 // (amax/448, all-zero tile → 1, underflow → the smallest FP32, optional power of two) and writes the
-// saturated RNE codes, optionally transposed.
+// saturated RNE codes, optionally transposed; 128×128 tiles take one CTA each, and transposed 128×1 /
+// 128×128 outputs go through a tiled transpose of x first. The reduced-precision linear layer's variant
+// (cuda_quantize_fp8_async) does not read the count back and marks a tile with non-finite values by
+// a NaN scale, so the whole training step runs without a host synchronisation per quantization.
 #include <cfloat>
 
 #include "backend/cuda/common.cuh"
+#include "backend/cuda/linear_lowp.h"
 
 namespace dsv3 {
 using namespace cuda;
@@ -24,7 +28,7 @@ __device__ float scale_of(float amax, bool pow2) {
 }
 
 __global__ void quantize_kernel(const float* x, int64_t M, int64_t K, int64_t th, int64_t tw, bool pow2, bool transpose,
-                                uint8_t* q, float* sc, unsigned long long* nonfinite) {
+                                bool nan_mark, uint8_t* q, float* sc, unsigned long long* nonfinite) {
   int64_t nrb = (M + th - 1) / th, ng = (K + tw - 1) / tw;
   int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32;
   int lane = threadIdx.x & 31;
@@ -43,9 +47,10 @@ __global__ void quantize_kernel(const float* x, int64_t M, int64_t K, int64_t th
   bad = warp_sum(bad);
   float s = scale_of(amax, pow2);
   if (lane == 0) {
-    if (transpose) sc[g * nrb + rb] = s;
-    else sc[rb * ng + g] = s;
-    if (bad) atomicAdd(nonfinite, bad);
+    float sw = bad && nan_mark ? __int_as_float(0x7fc00000) : s;
+    if (transpose) sc[g * nrb + rb] = sw;
+    else sc[rb * ng + g] = sw;
+    if (bad && nonfinite) atomicAdd(nonfinite, bad);
   }
   for (int64_t e = lane; e < n; e += 32) {
     int64_t r = r0 + e / w, k = c0 + e % w;
@@ -55,20 +60,86 @@ __global__ void quantize_kernel(const float* x, int64_t M, int64_t K, int64_t th
   }
 }
 
+// One CTA (256 threads) per 128×128 tile: a warp per tile leaves a weight's few tiles on a few warps.
+__global__ void quantize_block_kernel(const float* x, int64_t M, int64_t K, bool pow2, bool nan_mark, uint8_t* q,
+                                      float* sc, unsigned long long* nonfinite) {
+  const int64_t ng = (K + kFp8Block - 1) / kFp8Block, rb = blockIdx.x / ng, g = blockIdx.x % ng;
+  const int64_t r0 = rb * kFp8Block, r1 = r0 + kFp8Block < M ? r0 + kFp8Block : M, c = g * kFp8Block + (threadIdx.x & 127);
+  const bool in = c < K;
+  const int rs = threadIdx.x >> 7;
+  float amax = 0.0f;
+  unsigned long long bad = 0;
+  if (in)
+    for (int64_t r = r0 + rs; r < r1; r += 2) {
+      float v = x[r * K + c];
+      if (!isfinite(v)) ++bad;
+      else amax = fmaxf(amax, fabsf(v));
+    }
+  amax = block_max(amax);
+  bad = block_sum(bad);
+  const float s = scale_of(amax, pow2);
+  if (threadIdx.x == 0) {
+    sc[rb * ng + g] = bad && nan_mark ? __int_as_float(0x7fc00000) : s;
+    if (bad && nonfinite) atomicAdd(nonfinite, bad);
+  }
+  if (in)
+    for (int64_t r = r0 + rs; r < r1; r += 2) q[r * K + c] = __nv_cvt_float_to_fp8(x[r * K + c] / s, __NV_SATFINITE, __NV_E4M3);
+}
+
+// y[C, R] = x[R, C]ᵀ through 32×32 shared-memory tiles (both sides coalesced).
+__global__ void transpose_kernel(const float* x, int64_t R, int64_t C, float* y) {
+  __shared__ float t[32][33];
+  const int64_t c0 = int64_t(blockIdx.x) * 32, r0 = int64_t(blockIdx.y) * 32;
+  for (int j = threadIdx.y; j < 32; j += 8) {
+    const int64_t r = r0 + j, c = c0 + threadIdx.x;
+    if (r < R && c < C) t[j][threadIdx.x] = x[r * C + c];
+  }
+  __syncthreads();
+  for (int j = threadIdx.y; j < 32; j += 8) {
+    const int64_t c = c0 + j, r = r0 + threadIdx.x;
+    if (c < C && r < R) y[c * R + r] = t[threadIdx.x][j];
+  }
+}
+
 }  // namespace
 
-Fp8Status cuda_quantize_fp8(const QuantizeFp8Args& a) {
+// Transposed outputs of the 128×1 and 128×128 tilings are the 1×128 / 128×128 tilings of xᵀ (same
+// tiles, same scales, same codes), so x is transposed first and the coalesced kernels run on xᵀ.
+void cuda_quantize_fp8_async(const QuantizeFp8Args& a, unsigned long long* nonfinite, bool nan_mark) {
   validate(a);
   int64_t K = last_dim(a.x), M = rows_of(a.x);
-  int64_t th = a.tiling == Fp8Tiling::Row1x128 ? 1 : kFp8Block, tw = a.tiling == Fp8Tiling::Col128x1 ? 1 : kFp8Block;
-  int64_t tiles = ((M + th - 1) / th) * ((K + tw - 1) / tw);
+  if (M * K == 0) return;
+  const float* x = a.x.data<float>();
+  std::unique_ptr<Scratch> xt;
+  Fp8Tiling tiling = a.tiling;
+  bool transpose = a.transpose_out;
+  if (transpose && tiling != Fp8Tiling::Row1x128) {
+    xt = std::make_unique<Scratch>(size_t(M * K) * sizeof(float));
+    transpose_kernel<<<dim3(unsigned((K + 31) / 32), unsigned((M + 31) / 32)), dim3(32, 8)>>>(x, M, K, xt->as<float>());
+    check_launch("quantize_fp8 transpose");
+    x = xt->as<float>();
+    std::swap(M, K);
+    if (tiling == Fp8Tiling::Col128x1) tiling = Fp8Tiling::Row1x128;
+    transpose = false;
+  }
+  if (tiling == Fp8Tiling::Block128x128) {
+    const int64_t tiles = ((M + kFp8Block - 1) / kFp8Block) * ((K + kFp8Block - 1) / kFp8Block);
+    quantize_block_kernel<<<unsigned(tiles), 256>>>(x, M, K, a.pow2_scale, nan_mark, ptr<uint8_t>(a.q),
+                                                     ptr<float>(a.scale), nonfinite);
+  } else {
+    const int64_t th = tiling == Fp8Tiling::Row1x128 ? 1 : kFp8Block, tw = tiling == Fp8Tiling::Col128x1 ? 1 : kFp8Block;
+    const int64_t tiles = ((M + th - 1) / th) * ((K + tw - 1) / tw);
+    quantize_kernel<<<blocks_for(tiles * 32), 256>>>(x, M, K, th, tw, a.pow2_scale, transpose, nan_mark,
+                                                     ptr<uint8_t>(a.q), ptr<float>(a.scale), nonfinite);
+  }
+  check_launch("quantize_fp8");
+}
+
+Fp8Status cuda_quantize_fp8(const QuantizeFp8Args& a) {
+  int64_t K = last_dim(a.x), M = rows_of(a.x);
   Scratch count(sizeof(unsigned long long));
   DSV3_CUDA_CHECK(cudaMemset(count.as<void>(), 0, sizeof(unsigned long long)));
-  if (tiles)
-    quantize_kernel<<<blocks_for(tiles * 32), 256>>>(a.x.data<float>(), M, K, th, tw, a.pow2_scale, a.transpose_out,
-                                                     ptr<uint8_t>(a.q), ptr<float>(a.scale),
-                                                     count.as<unsigned long long>());
-  check_launch("quantize_fp8");
+  cuda_quantize_fp8_async(a, count.as<unsigned long long>(), false);
   unsigned long long bad = 0;
   DSV3_CUDA_CHECK(cudaMemcpy(&bad, count.as<void>(), sizeof bad, cudaMemcpyDeviceToHost));
   if (bad > 0 && a.on_nonfinite == NonFinitePolicy::Throw)

@@ -1,0 +1,300 @@
+// The reduced-precision linear layer on CUDA tensors (backend/cuda/linear_lowp.h): BF16 operands on
+// cuBLAS tensor cores, or the FP8 recipe through cuBLASLt's block-scaled matmul. Everything runs on
+// the default stream without host read-backs (non-finite operands travel as NaN scales).
+#include <cmath>
+
+#include "backend/cuda/common.cuh"
+#include "backend/cuda/linear_lowp.h"
+
+namespace dsv3 {
+using namespace cuda;
+
+namespace {
+
+// Tensor cores: default math (the backend's own handle is pedantic FP32 for the reference GEMMs).
+cublasHandle_t cublas_tc() {
+  static cublasHandle_t h = [] {
+    cublasHandle_t x;
+    DSV3_CUBLAS_CHECK(cublasCreate(&x));
+    DSV3_CUBLAS_CHECK(cublasSetMathMode(x, CUBLAS_DEFAULT_MATH));
+    return x;
+  }();
+  return h;
+}
+
+// Row-major c[m,n] = op(a)·op(b) (+ c) with BF16 a, b, FP32 accumulation and FP32 c.
+void gemm_bf16(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const __nv_bfloat16* a, int64_t lda,
+               const __nv_bfloat16* b, int64_t ldb, bool accumulate, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  DSV3_CUBLAS_CHECK(cublasGemmEx(cublas_tc(), trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                 int(n), int(m), int(k), &alpha, b, CUDA_R_16BF, int(ldb), a, CUDA_R_16BF, int(lda),
+                                 &beta, c, CUDA_R_32F, int(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+// Any float dtype (FP8 with its 128×128 scale_inv grid) → F32 or BF16 (RNE), as the CPU's as_f32 and
+// round_bf16: the FP8 product e4m3·scale is one FP32 multiplication there too.
+template <class Out>
+__global__ void convert_kernel(const void* src, DType t, const float* sc, int64_t kb, int64_t n, int64_t k, Out* out) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    float v = load_f(src, t, i);
+    if (sc) v *= sc[(i / k / kFp8Block) * kb + (i % k) / kFp8Block];
+    if constexpr (sizeof(Out) == 2) out[i] = __float2bfloat16_rn(v);
+    else out[i] = v;
+  }
+}
+
+template <class Out>
+Tensor converted(const Tensor& x, const Tensor& scale_inv, DType to) {
+  Tensor out = cuda_backend().alloc(to, x.shape());
+  const int64_t n = x.numel(), k = last_dim(x);
+  if (n == 0) return out;
+  const bool fp8 = x.dtype() == DType::F8_E4M3;
+  convert_kernel<Out><<<std::min(blocks_for(n), 1u << 16), 256>>>(
+      x.raw(), x.dtype(), fp8 ? scale_inv.data<float>() : nullptr, fp8 ? scale_inv.dim(1) : 0, n, k, ptr<Out>(out));
+  check_launch("lowp operand conversion");
+  return out;
+}
+Tensor to_bf16(const Tensor& x, const Tensor& scale_inv = Tensor()) {
+  return converted<__nv_bfloat16>(x, scale_inv, DType::BF16);
+}
+Tensor to_f32(const Tensor& x, const Tensor& scale_inv = Tensor()) {
+  if (x.dtype() == DType::F32) return x;
+  return converted<float>(x, scale_inv, DType::F32);
+}
+
+const __nv_bfloat16* bf(const Tensor& t) { return static_cast<const __nv_bfloat16*>(t.raw()); }
+
+Tensor mat(const Tensor& t) {
+  const int64_t k = last_dim(t);
+  return t.reshape({k ? t.numel() / k : 0, k});
+}
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------------------------------------
+// FP8.
+
+struct Q {
+  Tensor q, s;  // [R, K] E4M3; F32 grid per row [R, ⌈K/128⌉] or per block [⌈R/128⌉, ⌈K/128⌉]
+};
+
+Q quant(const Tensor& x, Fp8Tiling tiling, bool t, bool pow2) {
+  const int64_t R = x.dim(0), C = x.dim(1);
+  const int64_t th = tiling == Fp8Tiling::Row1x128 ? 1 : kFp8Block, tw = tiling == Fp8Tiling::Col128x1 ? 1 : kFp8Block;
+  const int64_t g0 = ceil_div(R, th), g1 = ceil_div(C, tw);
+  CudaBackend& be = cuda_backend();
+  Q out;
+  out.q = be.alloc(DType::F8_E4M3, t ? Shape{C, R} : Shape{R, C});
+  out.s = be.alloc(DType::F32, t ? Shape{g1, g0} : Shape{g0, g1});
+  QuantizeFp8Args a;
+  a.x = x;
+  a.tiling = tiling;
+  a.pow2_scale = pow2;
+  a.transpose_out = t;
+  a.q = out.q;
+  a.scale = out.s;
+  a.on_nonfinite = NonFinitePolicy::Report;
+  cuda_quantize_fp8_async(a, nullptr, true);
+  return out;
+}
+
+__global__ void dequant_kernel(const uint8_t* q, const float* s, int64_t R, int64_t C, bool per_row, int64_t kb,
+                               float* out) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < R * C; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / C, c = i % C;
+    const float v = load_f(q, DType::F8_E4M3, i);
+    out[i] = v * s[(per_row ? r : r / kFp8Block) * kb + c / kFp8Block];
+  }
+}
+
+// e4m3(q)·s as F32 [R, K] (per-row or per-block grid; the CPU's dequantize_fp8_fast bit for bit).
+Tensor dequant(const Q& a) {
+  const int64_t R = a.q.dim(0), C = a.q.dim(1);
+  Tensor out = cuda_backend().alloc(DType::F32, {R, C});
+  if (R * C == 0) return out;
+  dequant_kernel<<<std::min(blocks_for(R * C), 1u << 16), 256>>>(ptr<uint8_t>(a.q), a.s.data<float>(), R, C,
+                                                                  a.s.dim(0) == R, a.s.dim(1), ptr<float>(out));
+  check_launch("fp8 dequantize");
+  return out;
+}
+
+// *flag = whether either scale grid holds a NaN (a tile with a non-finite value); one CTA: the grids
+// have one float per 128 elements.
+__global__ void nan_flag_kernel(const float* a, int64_t na, const float* b, int64_t nb, unsigned* flag) {
+  int f = 0;
+  for (int64_t i = threadIdx.x; i < na; i += blockDim.x) f |= isnan(a[i]);
+  for (int64_t i = threadIdx.x; i < nb; i += blockDim.x) f |= isnan(b[i]);
+  f = __syncthreads_or(f);
+  if (threadIdx.x == 0) *flag = f ? 1u : 0u;
+}
+__global__ void nan_fill_kernel(const unsigned* flag, float* c, int64_t n) {
+  if (*flag == 0) return;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    c[i] = __int_as_float(0x7fc00000);
+}
+
+// dst[Rp, Cp] = src[R, C] with zero padding (E4M3 bytes).
+__global__ void pad_bytes_kernel(const uint8_t* src, int64_t R, int64_t C, uint8_t* dst, int64_t Rp, int64_t Cp) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < Rp * Cp; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / Cp, c = i % Cp;
+    dst[i] = r < R && c < C ? src[r * C + c] : uint8_t(0);
+  }
+}
+// Per-row grid [R, kb] → [Rp, kb], the padding rows scaled by 1 (their codes are zero).
+__global__ void pad_grid_kernel(const float* src, int64_t R, int64_t kb, float* dst, int64_t Rp) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < Rp * kb; i += int64_t(gridDim.x) * blockDim.x)
+    dst[i] = i / kb < R ? src[i] : 1.0f;
+}
+// c[M, N] (+)= p[:M, :N] (p has Np columns); all NaN when *flag.
+__global__ void add_block_kernel(const float* p, int64_t Np, float* c, int64_t M, int64_t N, bool accumulate,
+                                 const unsigned* flag) {
+  const bool nan = *flag != 0;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < M * N; i += int64_t(gridDim.x) * blockDim.x) {
+    const float v = p[(i / N) * Np + i % N];
+    c[i] = nan ? __int_as_float(0x7fc00000) : accumulate ? c[i] + v : v;
+  }
+}
+
+Q padded(const Q& a, int64_t Rp, int64_t Kp) {
+  const int64_t R = a.q.dim(0), K = a.q.dim(1);
+  CudaBackend& be = cuda_backend();
+  Q out;
+  out.q = be.alloc(DType::F8_E4M3, {Rp, Kp});
+  pad_bytes_kernel<<<std::min(blocks_for(Rp * Kp), 1u << 16), 256>>>(ptr<uint8_t>(a.q), R, K, ptr<uint8_t>(out.q),
+                                                                      Rp, Kp);
+  check_launch("fp8 operand padding");
+  if (a.s.dim(0) == R && R != Rp) {  // per-row grid: one scale row per padded row
+    out.s = be.alloc(DType::F32, {Rp, a.s.dim(1)});
+    pad_grid_kernel<<<blocks_for(Rp * a.s.dim(1)), 256>>>(a.s.data<float>(), R, a.s.dim(1), ptr<float>(out.s), Rp);
+    check_launch("fp8 scale padding");
+  } else {
+    out.s = a.s;  // a block grid covers the padded rows already (Rp < ⌈R/128⌉·128)
+  }
+  return out;
+}
+
+bool aligned(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 255u) == 0; }
+
+// c[M, N] (+)= (qa·sa)·(qb·sb)ᵀ: cuBLASLt's block-scaled FP8 GEMM (FP32 accumulation), zero-padded
+// to its shape rules (M of 16 — of 128 when M counts tokens —, N of 16, K of 128); the dequantized FP32 product when a is scaled per 128×128 block (cuBLASLt's
+// Hopper modes take blocks on the weight side only). A NaN scale on either side → c all NaN.
+void gemm_fp8(const Q& a, const Q& b, const Tensor& c, bool accumulate, bool m_tokens) {
+  const int64_t M = a.q.dim(0), K = a.q.dim(1), N = b.q.dim(0);
+  const int64_t m_align = m_tokens ? kFp8Block : 16;
+  if (M == 0 || N == 0) return;
+  Scratch flag(sizeof(unsigned));
+  // Views (an expert's rows) are contiguous row ranges: numel floats from the view's first one.
+  nan_flag_kernel<<<1, 1024>>>(a.s.data<float>(), a.s.numel(), b.s.data<float>(), b.s.numel(), flag.as<unsigned>());
+  check_launch("fp8 non-finite flag");
+  bool filled = false;
+  const bool a_block = a.s.dim(0) != M;
+  if (a_block) {
+    Tensor af = dequant(a), bf = dequant(b);
+    sgemm(false, true, M, N, K, 1.0f, af.data<float>(), K, bf.data<float>(), K, accumulate ? 1.0f : 0.0f,
+          ptr<float>(c), N);
+  } else if (K % kFp8Block == 0 && M % m_align == 0 && N % 16 == 0 && aligned(a.q.raw()) && aligned(b.q.raw()) &&
+             aligned(c.raw())) {
+    Fp8GemmArgs g;
+    g.a = a.q;
+    g.a_scale = a.s;
+    g.b = b.q;
+    g.b_scale = b.s;
+    g.c = c;
+    g.accumulate = accumulate;
+    cuda_fp8_gemm(g);
+  } else {
+    // M as tokens (Fprop, Dgrad: an expert's row count changes every step) is padded to 128, not
+    // just 16, so that cuBLASLt's per-shape plans (one heuristic query each) stay few.
+    const int64_t Mp = ceil_div(M, m_align) * m_align, Np = ceil_div(N, 16) * 16,
+                  Kp = ceil_div(K, kFp8Block) * kFp8Block;
+    Q ap = padded(a, Mp, Kp), bp = padded(b, Np, Kp);
+    Tensor cp = cuda_backend().alloc(DType::F32, {Mp, Np});
+    Fp8GemmArgs g;
+    g.a = ap.q;
+    g.a_scale = ap.s;
+    g.b = bp.q;
+    g.b_scale = bp.s;
+    g.c = cp;
+    cuda_fp8_gemm(g);
+    add_block_kernel<<<std::min(blocks_for(M * N), 1u << 16), 256>>>(cp.data<float>(), Np, ptr<float>(c), M, N,
+                                                                      accumulate, flag.as<unsigned>());
+    check_launch("fp8 gemm output");
+    filled = true;
+  }
+  if (!filled) {
+    nan_fill_kernel<<<std::min(blocks_for(M * N), 1u << 16), 256>>>(flag.as<unsigned>(), ptr<float>(c), M * N);
+    check_launch("fp8 non-finite output");
+  }
+}
+
+}  // namespace
+
+Fp8Tiles cuda_fp8_tiles(const Tensor& x, bool pow2_scale) {
+  Q t = quant(mat(x), Fp8Tiling::Row1x128, false, pow2_scale);
+  return {t.q, t.s, 0};
+}
+
+Tensor cuda_dequantize(const Fp8Tiles& t) { return dequant(Q{t.q, t.scale}); }
+
+void cuda_linear_lowp(const LinearPrecision& p, const LinearArgs& a, Fp8Tiles* x_fp8) {
+  CudaBackend& be = cuda_backend();
+  if (p.mode == LinearPrecisionMode::F32) return be.linear(a);
+  const Tensor x = mat(a.x), y = mat(a.y);
+  const int64_t M = x.dim(0), K = x.dim(1), N = a.w.dim(0);
+  if (M == 0) return;
+  if (p.mode == LinearPrecisionMode::Bf16) {
+    Tensor xb = to_bf16(x), wb = a.w.dtype() == DType::BF16 ? a.w : to_bf16(a.w, a.w_scale_inv);
+    gemm_bf16(false, true, M, N, K, bf(xb), K, bf(wb), K, a.accumulate,
+              ptr<float>(y), N);
+    return;
+  }
+  Q qx;
+  if (x_fp8 && x_fp8->defined()) {
+    DSV3_CHECK(x_fp8->q.numel() == x.numel(), "linear_lowp: the cached FP8 input does not match x");
+    qx = {x_fp8->q, x_fp8->scale};
+  } else {
+    qx = quant(x, Fp8Tiling::Row1x128, false, p.pow2_scale);
+    if (x_fp8) *x_fp8 = {qx.q, qx.s, 0};
+  }
+  gemm_fp8(qx, quant(to_f32(a.w, a.w_scale_inv), Fp8Tiling::Block128x128, false, p.pow2_scale), y, a.accumulate, true);
+}
+
+void cuda_linear_backward_lowp(const LinearPrecision& p, const LinearBackwardArgs& a, const Fp8Tiles* x_fp8) {
+  CudaBackend& be = cuda_backend();
+  if (p.mode == LinearPrecisionMode::F32) return be.linear_backward(a);
+  const Tensor dy = mat(a.dy);
+  const int64_t M = dy.dim(0), N = dy.dim(1);
+  if (M == 0) return;
+  if (p.mode == LinearPrecisionMode::Bf16) {
+    Tensor dyb = to_bf16(dy);
+    if (present(a.dx)) {  // dx[M, K] = dy[M, N] · W[N, K]
+      const int64_t K = a.w.dim(1);
+      Tensor wb = a.w.dtype() == DType::BF16 ? a.w : to_bf16(a.w, a.w_scale_inv);
+      gemm_bf16(false, false, M, K, N, bf(dyb), N, bf(wb), K, a.accumulate_dx,
+                ptr<float>(a.dx), K);
+    }
+    if (present(a.dw)) {  // dW[N, K] = dyᵀ · x
+      const Tensor x = mat(a.x);
+      const int64_t K = x.dim(1);
+      Tensor xb = to_bf16(x);
+      gemm_bf16(true, false, N, K, M, bf(dyb), N, bf(xb), K, a.accumulate_dw,
+                ptr<float>(a.dw), K);
+    }
+    return;
+  }
+  const Fp8Tiling gtile = p.dgrad_block ? Fp8Tiling::Block128x128 : Fp8Tiling::Row1x128;
+  if (present(a.dx))  // Dgrad: dx[M, K] = Q(dy)[M, N] · (Q(W)ᵀ [K, N])ᵀ
+    gemm_fp8(quant(dy, gtile, false, p.pow2_scale),
+             quant(to_f32(a.w, a.w_scale_inv), Fp8Tiling::Block128x128, true, p.pow2_scale), mat(a.dx),
+             a.accumulate_dx, true);
+  if (present(a.dw)) {
+    // Wgrad: dW[N, K] = Q(dyᵀ)[N, M] · (Q(x̂ᵀ)[K, M])ᵀ; x̂ = the forward's FP8 copy of x, dequantized
+    // and re-quantized per 128 tokens (a NaN scale in the copy comes back as NaN and is re-marked).
+    Fp8Tiles qx = x_fp8 && x_fp8->defined() ? *x_fp8 : cuda_fp8_tiles(a.x, p.pow2_scale);
+    DSV3_CHECK(qx.q.numel() == a.x.numel(), "linear_backward_lowp: the cached FP8 input does not match x");
+    gemm_fp8(quant(dy, p.dgrad_block ? Fp8Tiling::Block128x128 : Fp8Tiling::Col128x1, true, p.pow2_scale),
+             quant(cuda_dequantize(qx), Fp8Tiling::Col128x1, true, p.pow2_scale), a.dw, a.accumulate_dw, false);
+  }
+}
+
+}  // namespace dsv3

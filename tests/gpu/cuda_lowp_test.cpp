@@ -1,0 +1,172 @@
+// The reduced-precision linear layer (backend/fp8.h linear_lowp / linear_backward_lowp) on CUDA
+// tensors against the same calls on CPU tensors:
+//   bf16: BF16 operands, FP32 accumulation on both sides — the products are exact in FP32, so only
+//         the summation order differs: kF32.
+//   fp8:  the same quantization bytes and scales on both sides; cuBLASLt's FP8 tensor-core
+//         accumulation inside a 128-element chunk is not FP32-exact (~2^-14 relative per chunk,
+//         promoted to FP32 between chunks), so the comparison with the CPU's exact emulation uses
+//         kBf16; a wrong scale, tile layout, padding or transposition gives errors of order 1.
+// Shapes cover cuBLASLt's direct path (K % 128 == 0, M, N % 16 == 0) and the zero-padded one
+// (partial 128-tiles, odd row counts), the forward's FP8 copy of x reused by the backward, the
+// dgrad_block negative control, and non-finite inputs (an all-NaN output, as on the CPU).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "../backend/harness.h"
+#include "backend/cuda/cuda_backend.h"
+#include "backend/fp8.h"
+#include "backend/tolerance.h"
+
+namespace dsv3::test {
+namespace {
+
+struct Outs {
+  Tensor y, dx, dw;  // host
+  Fp8Tiles cache;    // host copies of the forward's FP8 copy of x (fp8 only)
+};
+
+struct Case {
+  int64_t M, K, N;
+  bool accumulate = false;
+  DType wtype = DType::F32;
+};
+
+// Forward and backward of one layer on the CPU or the GPU from the same host inputs.
+Outs run(const LinearPrecision& p, const Case& c, const Tensor& x, bool gpu) {
+  Backend& be = gpu ? static_cast<Backend&>(cuda_backend()) : cpu_backend();
+  const Tensor w = randn({c.N, c.K}, 21, 2, 0.05f, c.wtype), dy = randn({c.M, c.N}, 21, 3);
+  const Tensor y0 = randn({c.M, c.N}, 21, 4), dx0 = randn({c.M, c.K}, 21, 5), dw0 = randn({c.N, c.K}, 21, 6, 0.1f);
+  auto dev = [&](const Tensor& t) { return gpu ? be.to_device(t) : t.clone(); };
+  Tensor xd = dev(x), wd = dev(w), dyd = dev(dy), y = dev(y0), dx = dev(dx0), dw = dev(dw0);
+  Fp8Tiles cache;
+  LinearArgs f;
+  f.x = xd;
+  f.w = wd;
+  f.y = y;
+  f.accumulate = c.accumulate;
+  linear_lowp(p, f, &cache);
+  LinearBackwardArgs b;
+  b.dy = dyd;
+  b.x = xd;
+  b.w = wd;
+  b.dx = dx;
+  b.dw = dw;
+  b.accumulate_dx = b.accumulate_dw = c.accumulate;
+  linear_backward_lowp(p, b, &cache);
+  Outs o{be.to_host(y), be.to_host(dx), be.to_host(dw), {}};
+  if (cache.defined()) o.cache = {be.to_host(cache.q), be.to_host(cache.scale), cache.nonfinite};
+  return o;
+}
+
+void expect_close(const Tensor& got, const Tensor& want, double tol, const char* what) {
+  Err e = compare(got, to_vec(want));
+  EXPECT_EQ(e.non_finite, 0) << what;
+  EXPECT_LE(e.norm_err, tol) << what << " (worst element " << e.worst << ")";
+}
+
+void compare_case(const LinearPrecision& p, const Case& c, double tol) {
+  SCOPED_TRACE(cat("M=", c.M, " K=", c.K, " N=", c.N, " accumulate=", c.accumulate, " w=", dtype_name(c.wtype),
+                   " pow2=", p.pow2_scale, " dgrad_block=", p.dgrad_block));
+  const Tensor x = randn({c.M, c.K}, 21, 1);
+  Outs cpu = run(p, c, x, false), gpu = run(p, c, x, true);
+  expect_close(gpu.y, cpu.y, tol, "y");
+  expect_close(gpu.dx, cpu.dx, tol, "dx");
+  expect_close(gpu.dw, cpu.dw, tol, "dw");
+  if (p.mode == LinearPrecisionMode::Fp8) {  // the cached FP8 copy of x: the CPU's bytes and scales
+    ASSERT_TRUE(gpu.cache.defined());
+    EXPECT_EQ(std::memcmp(gpu.cache.q.raw(), cpu.cache.q.raw(), cpu.cache.q.nbytes()), 0);
+    EXPECT_EQ(std::memcmp(gpu.cache.scale.raw(), cpu.cache.scale.raw(), cpu.cache.scale.nbytes()), 0);
+  }
+}
+
+const Case kCases[] = {
+    {64, 256, 128},                    // cuBLASLt's shape rules met: no padding
+    {37, 200, 72},                     // partial tiles everywhere: padded
+    {130, 384, 48, true},              // two token blocks (Wgrad's K = 130 padded), accumulate
+    {16, 128, 400, false, DType::BF16},  // a BF16 weight (the trainer's copies), partial weight block row
+};
+
+TEST(CudaLowp, Bf16MatchesCpuEmulation) {
+  ASSERT_GT(cuda_device_count(), 0);
+  LinearPrecision p;
+  p.mode = LinearPrecisionMode::Bf16;
+  for (const Case& c : kCases) compare_case(p, c, tol::kF32);
+}
+
+TEST(CudaLowp, Fp8MatchesCpuEmulation) {
+  ASSERT_GT(cuda_device_count(), 0);
+  LinearPrecision p;
+  p.mode = LinearPrecisionMode::Fp8;
+  for (const Case& c : kCases) compare_case(p, c, tol::kBf16);
+  p.pow2_scale = true;
+  compare_case(p, kCases[1], tol::kBf16);
+}
+
+TEST(CudaLowp, Fp8DgradBlockNegativeControl) {
+  ASSERT_GT(cuda_device_count(), 0);
+  LinearPrecision p;
+  p.mode = LinearPrecisionMode::Fp8;
+  p.dgrad_block = true;
+  compare_case(p, kCases[0], tol::kBf16);
+  compare_case(p, kCases[2], tol::kBf16);
+}
+
+// The forward's FP8 copy of x, reused: a second forward and the backward give the bits of the
+// uncached path; the copy dequantizes to the CPU's values bit for bit.
+TEST(CudaLowp, Fp8CacheReusedBitForBit) {
+  ASSERT_GT(cuda_device_count(), 0);
+  CudaBackend& be = cuda_backend();
+  LinearPrecision p;
+  p.mode = LinearPrecisionMode::Fp8;
+  const int64_t M = 37, K = 200, N = 72;
+  Tensor x = be.to_device(randn({M, K}, 5, 1)), w = be.to_device(randn({N, K}, 5, 2, 0.05f, DType::BF16));
+  Tensor dy = be.to_device(randn({M, N}, 5, 3));
+  Fp8Tiles cache;
+  Tensor y1 = be.alloc(DType::F32, {M, N}), y2 = be.alloc(DType::F32, {M, N});
+  linear_lowp(p, {x, w, {}, y1}, &cache);
+  ASSERT_TRUE(cache.defined());
+  EXPECT_EQ(cache.q.device(), Device::CUDA);
+  linear_lowp(p, {x, w, {}, y2}, &cache);
+  Tensor dw1 = be.alloc(DType::F32, {N, K}), dw2 = be.alloc(DType::F32, {N, K});
+  linear_backward_lowp(p, {dy, x, w, {}, {}, dw1}, &cache);
+  linear_backward_lowp(p, {dy, x, w, {}, {}, dw2}, nullptr);
+  Tensor a = be.to_host(y1), b = be.to_host(y2), c = be.to_host(dw1), d = be.to_host(dw2);
+  EXPECT_EQ(std::memcmp(a.raw(), b.raw(), a.nbytes()), 0) << "forward from the cache";
+  EXPECT_EQ(std::memcmp(c.raw(), d.raw(), c.nbytes()), 0) << "Wgrad from the cache";
+  Fp8Tiles host{be.to_host(cache.q), be.to_host(cache.scale), 0};
+  Tensor dq_gpu = be.to_host(dequantize(cache)), dq_cpu = dequantize(host);
+  EXPECT_EQ(std::memcmp(dq_gpu.raw(), dq_cpu.raw(), dq_cpu.nbytes()), 0) << "dequantized copy";
+  // An expert's slice of the copy is the copy of its rows.
+  Fp8Tiles part = fp8_tiles(x.rows(8, 24), false, "x");
+  Tensor pq = be.to_host(part.q), cq = be.to_host(cache.rows(8, 24).q);
+  EXPECT_EQ(std::memcmp(pq.raw(), cq.raw(), pq.nbytes()), 0);
+}
+
+// A NaN in x: in fp8 every output that x reaches is all NaN (as on the CPU, so the trainer skips the
+// step); dx does not depend on x and stays finite. In bf16 the NaN row of y is NaN on both sides.
+TEST(CudaLowp, NonFiniteInputLikeCpu) {
+  ASSERT_GT(cuda_device_count(), 0);
+  const Case c{40, 256, 32};
+  Tensor x = randn({c.M, c.K}, 9, 1);
+  x.data<float>()[3 * c.K + 7] = NAN;
+  LinearPrecision p;
+  p.mode = LinearPrecisionMode::Fp8;
+  Outs cpu = run(p, c, x, false), gpu = run(p, c, x, true);
+  for (const Tensor* t : {&cpu.y, &gpu.y, &cpu.dw, &gpu.dw})
+    for (int64_t i = 0; i < t->numel(); ++i) ASSERT_TRUE(std::isnan(t->data<float>()[i])) << i;
+  expect_close(gpu.dx, cpu.dx, tol::kBf16, "dx");
+
+  p.mode = LinearPrecisionMode::Bf16;
+  cpu = run(p, c, x, false);
+  gpu = run(p, c, x, true);
+  for (int64_t i = 0; i < c.M * c.N; ++i)
+    EXPECT_EQ(std::isnan(gpu.y.data<float>()[i]), std::isnan(cpu.y.data<float>()[i])) << i;
+  for (int64_t j = 0; j < c.N; ++j) EXPECT_TRUE(std::isnan(gpu.y.data<float>()[3 * c.N + j]));
+  Tensor yr = gpu.y.rows(0, 3), cr = cpu.y.rows(0, 3);
+  expect_close(yr, cr, tol::kF32, "finite rows of y");
+}
+
+}  // namespace
+}  // namespace dsv3::test
