@@ -11,7 +11,8 @@ namespace {
 
 constexpr int kWarps = 8;        // per CTA of the expert kernels
 constexpr int kRowsPerWarp = 2;  // weight rows per warp
-constexpr int kChunk = 8;        // picks per pass over an expert's weight rows
+constexpr int kChunk = 8;        // picks (rows of x) per pass over an expert's (a weight's) rows
+constexpr int kMaxGemvRows = 64;
 
 __global__ void rope_kernel(float* x, const int32_t* pos, const float* cs, const float* sn, int64_t t, int64_t h,
                             int64_t w, int64_t off, int64_t half, bool interleaved) {
@@ -173,69 +174,74 @@ __global__ void rows_gemv_kernel(GemvArgs g) {
     if (second) j -= g.n_out;
     const float* W = (second ? g.W2 : g.W) + int64_t(j) * g.K;
     const int head = second ? 0 : j / g.head_rows;
-    const float* x = g.x + int64_t(head) * g.head_x;
-    float rs[kChunk];
+    // Rows of x in chunks of kChunk (the weight row is re-read per chunk, from L1/L2 after the first).
+    for (int q0 = 0; q0 < g.n; q0 += kChunk) {
+      const int nq = min(kChunk, g.n - q0);
+      const float* x = g.x + int64_t(head) * g.head_x + int64_t(q0) * g.ldx;
+      float rs[kChunk];
 #pragma unroll
-    for (int q = 0; q < kChunk; ++q) rs[q] = 1.0f;
-    if (g.norm_w) {  // the backend's RMSNorm: sum of squares in double, then w·(x·rs)
-#pragma unroll
-      for (int q = 0; q < kChunk; ++q)
-        if (q < g.n) {
-          double ss = 0.0;
-          for (int c = lane; c < g.K; c += 32) {
-            const double v = x[int64_t(q) * g.ldx + c];
-            ss += v * v;
-          }
-          for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-          rs[q] = float(1.0 / sqrt(ss / double(g.K) + double(g.eps)));
-        }
-    }
-    float a[kChunk];
-#pragma unroll
-    for (int q = 0; q < kChunk; ++q) a[q] = 0.0f;
-    if (kVec4) {
-      const float4* w4 = reinterpret_cast<const float4*>(W);
-#pragma unroll 4
-      for (int c = lane; c < g.K / 4; c += 32) {
-        const float4 wv = w4[c];
-        float4 gv = make_float4(1.0f, 1.0f, 1.0f, 1.0f);
-        if (g.norm_w)
-          gv = make_float4(load_f(g.norm_w, g.norm_t, 4 * c), load_f(g.norm_w, g.norm_t, 4 * c + 1),
-                           load_f(g.norm_w, g.norm_t, 4 * c + 2), load_f(g.norm_w, g.norm_t, 4 * c + 3));
+      for (int q = 0; q < kChunk; ++q) rs[q] = 1.0f;
+      if (g.norm_w) {  // the backend's RMSNorm: sum of squares in double, then w·(x·rs)
 #pragma unroll
         for (int q = 0; q < kChunk; ++q)
-          if (q < g.n) {
-            float4 xv = __ldg(reinterpret_cast<const float4*>(x + int64_t(q) * g.ldx) + c);
-            if (g.norm_w) {
-              xv.x = gv.x * (xv.x * rs[q]);
-              xv.y = gv.y * (xv.y * rs[q]);
-              xv.z = gv.z * (xv.z * rs[q]);
-              xv.w = gv.w * (xv.w * rs[q]);
+          if (q < nq) {
+            double ss = 0.0;
+            for (int c = lane; c < g.K; c += 32) {
+              const double v = x[int64_t(q) * g.ldx + c];
+              ss += v * v;
             }
-            a[q] = fmaf(wv.x, xv.x, fmaf(wv.y, xv.y, fmaf(wv.z, xv.z, fmaf(wv.w, xv.w, a[q]))));
+            for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+            rs[q] = float(1.0 / sqrt(ss / double(g.K) + double(g.eps)));
           }
       }
-    } else {
-      for (int c = lane; c < g.K; c += 32) {
-        const float wv = W[c];
-        const float gv = g.norm_w ? load_f(g.norm_w, g.norm_t, c) : 1.0f;
+      float a[kChunk];
 #pragma unroll
-        for (int q = 0; q < kChunk; ++q)
-          if (q < g.n) {
-            float xv = __ldg(x + int64_t(q) * g.ldx + c);
-            if (g.norm_w) xv = gv * (xv * rs[q]);
-            a[q] = fmaf(wv, xv, a[q]);
-          }
+      for (int q = 0; q < kChunk; ++q) a[q] = 0.0f;
+      if (kVec4) {
+        const float4* w4 = reinterpret_cast<const float4*>(W);
+#pragma unroll 4
+        for (int c = lane; c < g.K / 4; c += 32) {
+          const float4 wv = w4[c];
+          float4 gv = make_float4(1.0f, 1.0f, 1.0f, 1.0f);
+          if (g.norm_w)
+            gv = make_float4(load_f(g.norm_w, g.norm_t, 4 * c), load_f(g.norm_w, g.norm_t, 4 * c + 1),
+                             load_f(g.norm_w, g.norm_t, 4 * c + 2), load_f(g.norm_w, g.norm_t, 4 * c + 3));
+#pragma unroll
+          for (int q = 0; q < kChunk; ++q)
+            if (q < nq) {
+              float4 xv = __ldg(reinterpret_cast<const float4*>(x + int64_t(q) * g.ldx) + c);
+              if (g.norm_w) {
+                xv.x = gv.x * (xv.x * rs[q]);
+                xv.y = gv.y * (xv.y * rs[q]);
+                xv.z = gv.z * (xv.z * rs[q]);
+                xv.w = gv.w * (xv.w * rs[q]);
+              }
+              a[q] = fmaf(wv.x, xv.x, fmaf(wv.y, xv.y, fmaf(wv.z, xv.z, fmaf(wv.w, xv.w, a[q]))));
+            }
+        }
+      } else {
+        for (int c = lane; c < g.K; c += 32) {
+          const float wv = W[c];
+          const float gv = g.norm_w ? load_f(g.norm_w, g.norm_t, c) : 1.0f;
+#pragma unroll
+          for (int q = 0; q < kChunk; ++q)
+            if (q < nq) {
+              float xv = __ldg(x + int64_t(q) * g.ldx + c);
+              if (g.norm_w) xv = gv * (xv * rs[q]);
+              a[q] = fmaf(wv, xv, a[q]);
+            }
+        }
       }
-    }
 #pragma unroll
-    for (int q = 0; q < kChunk; ++q) {
-      if (q >= g.n) break;
-      const float v = warp_sum(a[q]);
-      if (lane == 0) {
-        float* o = second ? g.y2 + int64_t(q) * g.ldy2 + j
-                          : g.y + int64_t(q) * g.ldy + int64_t(head) * g.head_y + (j - head * g.head_rows);
-        *o = g.acc ? *o + v : v;
+      for (int q = 0; q < kChunk; ++q) {
+        if (q >= nq) break;
+        const float v = warp_sum(a[q]);
+        if (lane == 0) {
+          const int64_t row = q0 + q;
+          float* o = second ? g.y2 + row * g.ldy2 + j
+                            : g.y + row * g.ldy + int64_t(head) * g.head_y + (j - head * g.head_rows);
+          *o = g.acc ? *o + v : v;
+        }
       }
     }
   }
@@ -257,11 +263,11 @@ void cuda_embedding_unchecked(const Tensor& ids, const Tensor& table, const Tens
 
 bool cuda_small_linear_ok(const LinearParam& p, const Tensor& x) {
   return p.w.dtype() == DType::F32 && p.w.device() == Device::CUDA && !present(p.bias) && x.dtype() == DType::F32 &&
-         x.ndim() == 2 && x.dim(0) <= kChunk && x.dim(1) == p.w.dim(1);
+         x.ndim() == 2 && x.dim(0) <= kMaxGemvRows && x.dim(1) == p.w.dim(1);
 }
 
 void cuda_rows_gemv(const GemvArgs& g) {
-  DSV3_CHECK(g.n >= 0 && g.n <= kChunk && g.K > 0 && g.head_rows > 0, "cuda_rows_gemv: n ", g.n, " K ", g.K);
+  DSV3_CHECK(g.n >= 0 && g.n <= kMaxGemvRows && g.K > 0 && g.head_rows > 0, "cuda_rows_gemv: n ", g.n, " K ", g.K);
   if (g.n == 0 || g.n_out + g.n_out2 == 0) return;
   auto al = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   const bool vec = g.K % 4 == 0 && g.ldx % 4 == 0 && g.head_x % 4 == 0 && al(g.x) && al(g.W) && (!g.W2 || al(g.W2));

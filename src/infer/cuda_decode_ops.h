@@ -45,7 +45,7 @@ CudaMoeTables cuda_moe_tables(const MoeParams& p);
 Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const CudaMoeTables& t,
                         const Tensor& x, const Tensor* residual = nullptr, bool small_gemv = false);
 
-// y (+)= x·Wᵀ for at most 8 rows of x without cuBLAS: one kernel, each weight row read once for all
+// y (+)= x·Wᵀ for at most 64 rows of x without cuBLAS: one kernel, each weight row read once per 8
 // rows (F32 weights without bias; cuda_small_linear_ok says whether it applies). With norm_w, x is
 // RMSNorm'ed first (the backend's rmsnorm, eps) inside the kernel; with p2, a second weight over
 // the same x writes y2 in the same launch.

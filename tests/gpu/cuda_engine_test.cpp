@@ -292,12 +292,12 @@ TEST(CudaEngine, DeviceCacheAttentionEqualsHostSmallShapes) {
 }
 
 // The small-row GEMV (decode's linears) against a double reference: float4 and scalar paths,
-// 1..8 rows, plain and accumulating.
+// 1 to 19 rows (chunks of 8), plain and accumulating.
 TEST(CudaEngine, SmallLinearEqualsReference) {
   ASSERT_GT(cuda_device_count(), 0);
   CudaBackend& be = cuda_backend();
   for (int64_t K : {44, 45, 1024})
-    for (int64_t n : {1, 3, 8})
+    for (int64_t n : {1, 3, 8, 19})
       for (bool acc : {false, true}) {
         SCOPED_TRACE(cat("K ", K, " rows ", n, acc ? " accumulate" : ""));
         const int64_t M = 37;
