@@ -67,6 +67,13 @@ __device__ __forceinline__ uint32_t pack(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// 2^x on the MUFU unit (2 ulp; −inf → +0), without exp2f's extra scaling for subnormal results.
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Lane addresses of ldmatrix x4 for a 16×16 block at (r0, c0) of a row-major shared tile:
 // A operand (rows = M) and "trans" B operand (rows = K): matrices ordered (r lo, c lo), (r hi, c lo),
 // (r lo, c hi), (r hi, c hi).
@@ -241,16 +248,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
     // A row with every key so far masked keeps −inf: exp2(−inf − −inf) would be NaN.
     const float b_lo = mn_lo == -INFINITY ? 0.0f : mn_lo * sl2, b_hi = mn_hi == -INFINITY ? 0.0f : mn_hi * sl2;
-    const float al_lo = exp2f(m_lo * sl2 - b_lo), al_hi = exp2f(m_hi * sl2 - b_hi);
+    const float al_lo = ex2(m_lo * sl2 - b_lo), al_hi = ex2(m_hi * sl2 - b_hi);
     m_lo = mn_lo;
     m_hi = mn_hi;
     float ps_lo = 0.0f, ps_hi = 0.0f;
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
-      s[n][0] = exp2f(fmaf(s[n][0], sl2, -b_lo));
-      s[n][1] = exp2f(fmaf(s[n][1], sl2, -b_lo));
-      s[n][2] = exp2f(fmaf(s[n][2], sl2, -b_hi));
-      s[n][3] = exp2f(fmaf(s[n][3], sl2, -b_hi));
+      s[n][0] = ex2(fmaf(s[n][0], sl2, -b_lo));
+      s[n][1] = ex2(fmaf(s[n][1], sl2, -b_lo));
+      s[n][2] = ex2(fmaf(s[n][2], sl2, -b_hi));
+      s[n][3] = ex2(fmaf(s[n][3], sl2, -b_hi));
       ps_lo += s[n][0] + s[n][1];
       ps_hi += s[n][2] + s[n][3];
     }
@@ -302,6 +309,45 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // ---- backward: dq ---------------------------------------------------------------------------------
 
+// s += A·Bᵀ over DQK (A = a1 rows m0.., B = b1 rows) and dp += C·Dᵀ over DV (c2, d2), NT n-tiles of 8
+// each, zeroed first. The k-steps of the two products are interleaved so that 2·NT independent MMA
+// chains are in flight (one product alone, 4 chains of 12 dependent MMAs, is latency-bound).
+template <int DQK, int DV, int NT>
+__device__ __forceinline__ void scores_and_dp(float (&s)[NT][4], float (&dp)[NT][4], const bf16_t* a1,
+                                              const bf16_t* b1, const bf16_t* c2, const bf16_t* d2, int m0,
+                                              int lane) {
+  constexpr int lq = DQK + kPad, lv = DV + kPad, K1 = DQK / 16, K2 = DV / 16, KM = K1 > K2 ? K1 : K2;
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.0f;
+#pragma unroll
+  for (int kk = 0; kk < KM; ++kk) {
+    if (kk < K1) {
+      uint32_t a[4];
+      ldsm_x4(a, frag_a(a1, lq, m0, kk * 16, lane));
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        uint32_t b[4];
+        ldsm_x4(b, frag_b(b1, lq, np * 16, kk * 16, lane));
+        mma(s[2 * np], a, b[0], b[1]);
+        mma(s[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+    if (kk < K2) {
+      uint32_t a[4];
+      ldsm_x4(a, frag_a(c2, lv, m0, kk * 16, lane));
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        uint32_t b[4];
+        ldsm_x4(b, frag_b(d2, lv, np * 16, kk * 16, lane));
+        mma(dp[2 * np], a, b[0], b[1]);
+        mma(dp[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+  }
+}
+
 constexpr int kDqM = 64, kDqN = 32;
 
 template <int DQK, int DV>
@@ -352,34 +398,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     const bf16_t* kt = ks + buf * kDqN * lq;
     const bf16_t* vt = vs + buf * kDqN * lv;
     float s[NT][4], dp[NT][4];
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.0f;
-#pragma unroll
-    for (int kk = 0; kk < DQK / 16; ++kk) {
-      uint32_t a[4];
-      ldsm_x4(a, frag_a(qs, lq, warp * 16, kk * 16, lane));
-#pragma unroll
-      for (int np = 0; np < NT / 2; ++np) {
-        uint32_t b[4];
-        ldsm_x4(b, frag_b(kt, lq, np * 16, kk * 16, lane));
-        mma(s[2 * np], a, b[0], b[1]);
-        mma(s[2 * np + 1], a, b[2], b[3]);
-      }
-    }
-#pragma unroll
-    for (int kk = 0; kk < DV / 16; ++kk) {
-      uint32_t a[4];
-      ldsm_x4(a, frag_a(dos, lv, warp * 16, kk * 16, lane));
-#pragma unroll
-      for (int np = 0; np < NT / 2; ++np) {
-        uint32_t b[4];
-        ldsm_x4(b, frag_b(vt, lv, np * 16, kk * 16, lane));
-        mma(dp[2 * np], a, b[0], b[1]);
-        mma(dp[2 * np + 1], a, b[2], b[3]);
-      }
-    }
+    scores_and_dp<DQK, DV, NT>(s, dp, qs, kt, dos, vt, warp * 16, lane);
     const int64_t k0 = int64_t(j) * kDqN;
     const bool need_mask = k0 + kDqN > dm.s || (causal && k0 + kDqN - 1 > q_off + q0 + warp * 16);
 #pragma unroll
@@ -387,7 +406,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const bool hi = e >= 2;
-        float p = exp2f(fmaf(s[n][e], sl2, -(hi ? l2_hi : l2_lo)));
+        float p = ex2(fmaf(s[n][e], sl2, -(hi ? l2_hi : l2_lo)));
         if (need_mask) {
           const int64_t key = k0 + n * 8 + 2 * t4 + (e & 1);
           if (key >= dm.s || (causal && key > q_off + (hi ? row_hi : row_lo))) p = 0.0f;
@@ -484,34 +503,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     const float* lt = ls + buf * kKvM;
     const float* dd = ds + buf * kKvM;
     float s[NT][4], dp[NT][4];
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.0f;
-#pragma unroll
-    for (int kk = 0; kk < DQK / 16; ++kk) {
-      uint32_t a[4];
-      ldsm_x4(a, frag_a(ks, lq, warp * 16, kk * 16, lane));
-#pragma unroll
-      for (int np = 0; np < NT / 2; ++np) {
-        uint32_t b[4];
-        ldsm_x4(b, frag_b(qt, lq, np * 16, kk * 16, lane));
-        mma(s[2 * np], a, b[0], b[1]);
-        mma(s[2 * np + 1], a, b[2], b[3]);
-      }
-    }
-#pragma unroll
-    for (int kk = 0; kk < DV / 16; ++kk) {
-      uint32_t a[4];
-      ldsm_x4(a, frag_a(vs, lv, warp * 16, kk * 16, lane));
-#pragma unroll
-      for (int np = 0; np < NT / 2; ++np) {
-        uint32_t b[4];
-        ldsm_x4(b, frag_b(dt, lv, np * 16, kk * 16, lane));
-        mma(dp[2 * np], a, b[0], b[1]);
-        mma(dp[2 * np + 1], a, b[2], b[3]);
-      }
-    }
+    scores_and_dp<DQK, DV, NT>(s, dp, ks, qt, vs, dt, warp * 16, lane);
     const int64_t i0 = first + int64_t(j) * kKvM;
     // Transposed tiles: rows are keys (key_lo / key_hi), columns queries i0 + n·8 + 2·t4 + (e & 1).
     const bool need_mask = k0 + kKvN > dm.s || (causal && k0 + kKvN - 1 > q_off + i0);
@@ -521,7 +513,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int qc = n * 8 + 2 * t4 + (e & 1);
-        float p = exp2f(fmaf(s[n][e], sl2, -lt[qc]));  // 0 on padded query rows (lse2 = +inf)
+        float p = ex2(fmaf(s[n][e], sl2, -lt[qc]));  // 0 on padded query rows (lse2 = +inf)
         if (need_mask) {
           const int64_t key = e >= 2 ? key_hi : key_lo;
           if (key >= dm.s || (causal && key > q_off + i0 + qc)) p = 0.0f;
