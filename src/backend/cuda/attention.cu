@@ -5,6 +5,8 @@
 // pass per key row gives dk and dv, so every output element has one owner (no atomics,
 // deterministic). Head dims that are multiples of 8 up to qk 256 / v 128 (MLA's 192 / 128 and
 // every training shape) take the tiled kernels below; others (the absorbed 576/512) the per-row ones.
+// With cuda_set_attention_bf16(true) (BF16/FP8 training), shapes it supports go to the BF16
+// tensor-core kernels of attention_bf16.cu instead.
 #include "backend/cuda/attention_bf16.h"
 #include "backend/cuda/common.cuh"
 
