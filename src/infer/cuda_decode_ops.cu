@@ -13,6 +13,7 @@ constexpr int kWarps = 8;        // per CTA of the expert kernels
 constexpr int kRowsPerWarp = 2;  // weight rows per warp
 constexpr int kChunk = 8;        // picks (rows of x) per pass over an expert's (a weight's) rows
 constexpr int kMaxGemvRows = 64;
+constexpr int kGemvWarps = 4;  // GEMV: one weight row per warp, 4 warps per CTA (many CTAs for short rows)
 
 __global__ void rope_kernel(float* x, const int32_t* pos, const float* cs, const float* sn, int64_t t, int64_t h,
                             int64_t w, int64_t off, int64_t half, bool interleaved) {
@@ -76,14 +77,35 @@ __global__ void expert_kernel(const float* in, const int32_t* order, const int32
   const float* A = reinterpret_cast<const float*>(w0[e]);
   const float* B = kGateUp ? reinterpret_cast<const float*>(w1[e]) : nullptr;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  __shared__ const float* src_rows[kChunk];
   for (int ch = 0; ch < c; ch += kChunk) {
     const int n = min(kChunk, c - ch);
     __syncthreads();
-    for (int idx = threadIdx.x; idx < n * K; idx += blockDim.x) {
-      const int q = idx / K, col = idx - q * K, p = c0 + ch + q;
+    // The chunk's source rows first (one lookup each), then independent loads in batches of 8 per
+    // thread (a load-then-store loop would wait for every load in turn), 16 bytes when K allows.
+    if (threadIdx.x < n) {
+      const int p = c0 + ch + threadIdx.x;
       const int pick = kGateUp ? order[p] : 0;
-      const int64_t src = kGateUp ? int64_t(pick < nk ? pick / k : pick - nk) : int64_t(p);
-      xs[q * K + col] = in[src * K + col];
+      src_rows[threadIdx.x] = in + (kGateUp ? int64_t(pick < nk ? pick / k : pick - nk) : int64_t(p)) * K;
+    }
+    __syncthreads();
+    if (K % 4 == 0) {
+      const int K4 = K / 4, total = n * K4;
+      for (int base = threadIdx.x; base < total; base += 8 * blockDim.x) {
+        float4 v[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const int idx = base + u * blockDim.x;
+          if (idx < total) v[u] = reinterpret_cast<const float4*>(src_rows[idx / K4])[idx % K4];
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const int idx = base + u * blockDim.x;
+          if (idx < total) reinterpret_cast<float4*>(xs)[idx] = v[u];
+        }
+      }
+    } else {
+      for (int idx = threadIdx.x; idx < n * K; idx += blockDim.x) xs[idx] = src_rows[idx / K][idx % K];
     }
     __syncthreads();
     for (int rr = 0; rr < kRowsPerWarp; ++rr) {
@@ -133,9 +155,16 @@ __global__ void expert_kernel(const float* in, const int32_t* order, const int32
 __global__ void combine_kernel(const float* y, const int32_t* inv, const float* wts, int k, int nk, bool shared,
                                int H, const float* residual, float* out) {
   const int r = blockIdx.x;
+  __shared__ const float* rows[32];
+  __shared__ float w[32];
+  if (threadIdx.x < k) {  // k ≤ 32 (checked on the host)
+    rows[threadIdx.x] = y + int64_t(inv[r * k + threadIdx.x]) * H;
+    w[threadIdx.x] = wts[r * k + threadIdx.x];
+  }
+  __syncthreads();
   for (int col = threadIdx.x; col < H; col += blockDim.x) {
     float acc = 0.0f;
-    for (int j = 0; j < k; ++j) acc = fmaf(wts[r * k + j], y[int64_t(inv[r * k + j]) * H + col], acc);
+    for (int j = 0; j < k; ++j) acc = fmaf(w[j], rows[j][col], acc);
     if (shared) acc += y[int64_t(nk + r) * H + col];
     out[int64_t(r) * H + col] = residual ? residual[int64_t(r) * H + col] + acc : acc;
   }
@@ -162,13 +191,13 @@ __global__ void kv_latent_kernel(const float* kva, int64_t R, int64_t P, const v
   }
 }
 
-// y[r, j] (+)= x[r]·W[j] for a few rows (see GemvArgs): a warp per two weight rows, each weight row
-// streamed once for all rows of x (x itself stays in L1/L2), optionally RMSNorm on x first.
+// y[r, j] (+)= x[r]·W[j] for a few rows (see GemvArgs): a warp per weight row, streamed once per 8
+// rows of x (x itself stays in L1/L2), optionally RMSNorm on x first.
 template <bool kVec4>
 __global__ void rows_gemv_kernel(GemvArgs g) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-    int j = (blockIdx.x * kWarps + warp) * kRowsPerWarp + rr;
+  {
+    int j = blockIdx.x * kGemvWarps + warp;
     if (j >= g.n_out + g.n_out2) return;
     const bool second = j >= g.n_out;
     if (second) j -= g.n_out;
@@ -271,11 +300,11 @@ void cuda_rows_gemv(const GemvArgs& g) {
   if (g.n == 0 || g.n_out + g.n_out2 == 0) return;
   auto al = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   const bool vec = g.K % 4 == 0 && g.ldx % 4 == 0 && g.head_x % 4 == 0 && al(g.x) && al(g.W) && (!g.W2 || al(g.W2));
-  const unsigned grid = unsigned((g.n_out + g.n_out2 + kWarps * kRowsPerWarp - 1) / (kWarps * kRowsPerWarp));
+  const unsigned grid = unsigned((g.n_out + g.n_out2 + kGemvWarps - 1) / kGemvWarps);
   if (vec)
-    rows_gemv_kernel<true><<<grid, 32 * kWarps>>>(g);
+    rows_gemv_kernel<true><<<grid, 32 * kGemvWarps>>>(g);
   else
-    rows_gemv_kernel<false><<<grid, 32 * kWarps>>>(g);
+    rows_gemv_kernel<false><<<grid, 32 * kGemvWarps>>>(g);
   check_launch("small linear");
 }
 
@@ -383,7 +412,7 @@ CudaMoeTables cuda_moe_tables(const MoeParams& p) {
 Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const CudaMoeTables& t,
                         const Tensor& x, const Tensor* residual, bool small_gemv) {
   const int64_t N = x.dim(0), E = t.E, k = d.top_k, H = t.H, I = t.I;
-  DSV3_CHECK(x.device() == Device::CUDA && x.dim(1) == H && E == d.n_experts, "cuda_moe_forward: x ",
+  DSV3_CHECK(x.device() == Device::CUDA && x.dim(1) == H && E == d.n_experts && k <= 32, "cuda_moe_forward: x ",
              x.shape().str());
   Tensor logits = be.alloc(DType::F32, {N, E});
   if (small_gemv && cuda_small_linear_ok(p.gate, x))

@@ -78,16 +78,27 @@ __global__ void latent_attention_kernel(const float* qcat, const __nv_bfloat16* 
     }
     __syncthreads();
     if (W % 8 == 0) {
-      const int V = W / 8;
-      for (int idx = threadIdx.x; idx < cnt * V; idx += blockDim.x) {
-        const int j = idx / V, v = idx - j * V;
-        const uint4 raw = reinterpret_cast<const uint4*>(rowp[j])[v];
-        float* dst = tile + j * ldw + 8 * v;
-        const uint32_t w4[4] = {raw.x, raw.y, raw.z, raw.w};
+      // Batches of 8 independent 16-byte loads per thread, then the stores (a load-then-store loop
+      // waits for every load in turn).
+      const int V = W / 8, total = cnt * V;
+      for (int base = threadIdx.x; base < total; base += 8 * blockDim.x) {
+        uint4 raw[8];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          dst[2 * e] = __uint_as_float(w4[e] << 16);
-          dst[2 * e + 1] = __uint_as_float(w4[e] & 0xffff0000u);
+        for (int u = 0; u < 8; ++u) {
+          const int idx = base + u * blockDim.x;
+          if (idx < total) raw[u] = reinterpret_cast<const uint4*>(rowp[idx / V])[idx % V];
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const int idx = base + u * blockDim.x;
+          if (idx >= total) break;
+          float* dst = tile + (idx / V) * ldw + 8 * (idx % V);
+          const uint32_t w4[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            dst[2 * e] = __uint_as_float(w4[e] << 16);
+            dst[2 * e + 1] = __uint_as_float(w4[e] & 0xffff0000u);
+          }
         }
       }
     } else {
@@ -170,11 +181,23 @@ __global__ void argmax_kernel(const float* logits, int64_t V, int64_t n_valid, i
   const float* row = logits + blockIdx.x * V;
   float best = -INFINITY;
   int64_t bi = -1;
-  for (int64_t i = threadIdx.x; i < n_valid; i += blockDim.x)
-    if (bi < 0 || row[i] > best) {
-      best = row[i];
-      bi = i;
+  // Batches of 8 independent loads per thread; each thread still sees its ids in increasing order.
+  for (int64_t base = threadIdx.x; base < n_valid; base += 8 * int64_t(blockDim.x)) {
+    float v[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const int64_t i = base + u * int64_t(blockDim.x);
+      v[u] = i < n_valid ? row[i] : -INFINITY;
     }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const int64_t i = base + u * int64_t(blockDim.x);
+      if (i < n_valid && (bi < 0 || v[u] > best)) {
+        best = v[u];
+        bi = i;
+      }
+    }
+  }
   __shared__ float sv[1024];
   __shared__ int64_t si[1024];
   sv[threadIdx.x] = best;
