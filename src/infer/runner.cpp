@@ -141,7 +141,8 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
   // The grouped MoE on the device (small steps): the residual adds are folded into o_proj's GEMM
   // (accumulating into x, which nothing reads afterwards) and into the experts' combine kernel.
   const CudaMoeTables* dev_moe = p.is_moe && sync_free_ && size_t(layer) < moe_tables_.size() &&
-                                         present(moe_tables_[size_t(layer)].ptrs) && N <= kDeviceMoeRows
+                                         present(moe_tables_[size_t(layer)].ptrs) && N <= kDeviceMoeRows &&
+                                         N * d_.top_k <= 4096
                                      ? &moe_tables_[size_t(layer)]
                                      : nullptr;
   Tensor x2;
