@@ -188,6 +188,39 @@ TEST(CudaEngine, SyncFreePathEqualsCpuOnRandomTiny) {
   EXPECT_GE(fewest[0], 4) << "too many near ties to compare";
 }
 
+// The grouped MoE (router with a warp per token, grouping, experts, combine, residual) against the
+// CPU's moe_forward on one MoE layer of the tiny preset, with a router bias that changes the picks.
+TEST(CudaEngine, GroupedMoeEqualsCpuMoeForward) {
+  ASSERT_GT(cuda_device_count(), 0);
+  CudaBackend& be = cuda_backend();
+  Weights host = Weights::random(preset_config("tiny"), 5, 0.05f);
+  for (Param& p : host.params())
+    if (p.spec.name.find("e_score_correction_bias") != std::string::npos)
+      for (int64_t i = 0; i < p.w.numel(); ++i) p.w.data<float>()[i] = 0.02f * rng_normal(6, 0, uint64_t(i));
+  Weights dev = host;
+  for (Param& p : dev.params()) p.w = be.to_device(p.w);
+  const ModelParams ph = bind_params(host), pd = bind_params(dev);
+  const ModelDims d = model_dims(host.config());
+  const size_t layer = 2;
+  ASSERT_TRUE(ph.layers[layer].is_moe && cuda_moe_supported(pd.layers[layer].moe));
+  const CudaMoeTables t = cuda_moe_tables(pd.layers[layer].moe);
+  EXPECT_TRUE(t.shared);
+  for (int64_t N : {1, 5, 40}) {
+    SCOPED_TRACE(cat(N, " rows"));
+    const Tensor x = randn({N, d.H}, 7, uint64_t(N)), res = randn({N, d.H}, 8, uint64_t(N));
+    MoeActs a;
+    moe_forward(cpu_backend(), d, ph.layers[layer].moe, x, a);
+    Vec want = to_vec(res);
+    const Vec moe = to_vec(a.out);
+    for (size_t i = 0; i < want.size(); ++i) want[i] += moe[i];
+    const Tensor rd = be.to_device(res);
+    const Tensor got = cuda_moe_forward(be, d, pd.layers[layer].moe, t, be.to_device(x), &rd, N <= 8);
+    const Err e = compare(be.to_host(got), want);
+    EXPECT_LE(e.norm_err, tol::kF32) << "worst " << e.worst;
+    EXPECT_EQ(e.non_finite, 0);
+  }
+}
+
 // ---- the device cache's attention against the host's -----------------------------------------
 
 struct AttnShape {
