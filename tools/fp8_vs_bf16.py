@@ -2,9 +2,10 @@
 """Summarise BF16 / FP8 / negative-control training runs (dsv3 train metrics.jsonl) into
 bench/results/fp8_vs_bf16.json and one SVG plot per experiment (gnuplot).
 
-usage: fp8_vs_bf16.py OUT_JSON NAME CONFIG_JSON BF16_DIR FP8_DIR [CONTROL_DIR [BF16_OTHER_SEED_DIR [FP8_BF16_MOMENTS_DIR]]]
-                      [NAME CONFIG ...]...
-Each experiment is NAME, a JSON object describing the configuration, and its run directories.
+usage: fp8_vs_bf16.py OUT_JSON NAME CONFIG_JSON RUN_DIR... [NAME CONFIG_JSON RUN_DIR...]...
+Each experiment is NAME, a JSON object describing the configuration, and its run directories, named
+<first word of NAME>-<tag> with tag bf16, fp8 (both required), fp8-dgrad-128x128 (the negative control),
+bf16-seed1235 / fp8-seed1235 (a second seed), fp8-moments-bf16.
 Smoothing: EMA with coefficient 0.9 (as [V3] Fig. 10), bias-corrected; the relative difference is
 (fp8 - bf16) / bf16 of the smoothed training loss at the last step and of the last validation loss.
 """
@@ -61,45 +62,85 @@ def plot(name, curves, path):
     subprocess.run(["gnuplot"], input=body.encode(), check=True)
 
 
+# Run directories are named <experiment>-<tag>; the tag says what the run is.
+LABELS = {
+    "bf16": "bf16",
+    "fp8": "fp8",
+    "fp8-dgrad-128x128": "fp8 dgrad 128x128",
+    "bf16-seed1235": "bf16 other seed",
+    "fp8-seed1235": "fp8 other seed",
+    "fp8-moments-bf16": "fp8 bf16 moments",
+}
+
+
+def rel(a, b):
+    return None if a is None or b is None else (b - a) / a
+
+
+def flatness(val):
+    """Relative change of the validation loss over the last fifth of the run (negative: still falling)."""
+    if len(val) < 2:
+        return None
+    last_step = val[-1][0]
+    earlier = [v for s, v in val if s <= 0.8 * last_step]
+    return rel(earlier[-1], val[-1][1]) if earlier else None
+
+
 def main(argv):
     out_json = argv[1]
     args = argv[2:]
     experiments = []
     while args:
         name, config = args[0], json.loads(args[1])
-        dirs = []
+        dirs = {}
         args = args[2:]
         while args and os.path.isdir(args[0]):
-            dirs.append(args[0])
+            tag = os.path.basename(os.path.normpath(args[0]))[len(name.split("-")[0]) + 1:]
+            if tag not in LABELS:
+                sys.exit(f"fp8_vs_bf16.py: {args[0]}: unknown run tag '{tag}' (expected one of {sorted(LABELS)})")
+            dirs[tag] = args[0]
             args = args[1:]
-        bf16, _, _ = summary(dirs[0])
-        fp8, _, _ = summary(dirs[1])
+        for need in ("bf16", "fp8"):
+            if need not in dirs:
+                sys.exit(f"fp8_vs_bf16.py: experiment {name} has no '{need}' run")
+        runs = {tag: summary(d) for tag, d in dirs.items()}
+        bf16, fp8 = runs["bf16"][0], runs["fp8"][0]
         res = {"name": name, "config": config, "bf16": bf16, "fp8": fp8}
         curves = []
-        labels = ["bf16", "fp8", "fp8 dgrad 128x128", "bf16 other seed", "fp8 bf16 moments"]
-        for label, d in zip(labels, dirs):
-            s, sm, val = summary(d)
-            curves.append((label + " train", sm))
-            curves.append((label + " val", val))
-            if label.startswith("fp8 dgrad"):
-                res["negative_control_dgrad_128x128"] = s
-            if label in ("bf16 other seed", "fp8 bf16 moments"):
-                # Noise scale: how far a run that differs only by seed lands; and the paper's BF16
-                # AdamW moments on top of FP8.
-                res.setdefault("references", {})[label] = {
-                    "summary": s,
-                    "rel_diff_train_loss": (s["final_train_loss_ema"] - bf16["final_train_loss_ema"])
-                    / bf16["final_train_loss_ema"],
-                    "rel_diff_val_loss": (s["final_val_loss"] - bf16["final_val_loss"]) / bf16["final_val_loss"],
-                }
-        def rel(a, b):
-            return None if a is None or b is None else (b - a) / a
+        for tag in LABELS:
+            if tag in runs:
+                s, sm, val = runs[tag]
+                curves.append((LABELS[tag] + " train", sm))
+                curves.append((LABELS[tag] + " val", val))
         res["rel_diff_train_loss"] = rel(bf16["final_train_loss_ema"], fp8["final_train_loss_ema"])
         res["rel_diff_val_loss"] = rel(bf16["final_val_loss"], fp8["final_val_loss"])
-        if "negative_control_dgrad_128x128" in res:
-            nc = res["negative_control_dgrad_128x128"]
+        res["val_change_last_fifth"] = {tag: flatness(runs[tag][2]) for tag in runs}
+        if "fp8-dgrad-128x128" in runs:
+            nc = runs["fp8-dgrad-128x128"][0]
+            res["negative_control_dgrad_128x128"] = nc
             res["negative_control_rel_diff_train_loss"] = rel(bf16["final_train_loss_ema"], nc["final_train_loss_ema"])
             res["negative_control_rel_diff_val_loss"] = rel(bf16["final_val_loss"], nc["final_val_loss"])
+        for tag in ("bf16-seed1235", "fp8-moments-bf16"):
+            if tag in runs:
+                # Noise scale: how far a run that differs only by seed lands; and the paper's BF16
+                # AdamW moments on top of FP8.
+                s = runs[tag][0]
+                res.setdefault("references", {})[LABELS[tag]] = {
+                    "summary": s,
+                    "rel_diff_train_loss": rel(bf16["final_train_loss_ema"], s["final_train_loss_ema"]),
+                    "rel_diff_val_loss": rel(bf16["final_val_loss"], s["final_val_loss"]),
+                }
+        if "bf16-seed1235" in runs and "fp8-seed1235" in runs:
+            # A second FP8-vs-BF16 pair from another seed: the mean of the two pairs halves the variance
+            # of the seed-to-seed spread that a single pair carries.
+            b2, f2 = runs["bf16-seed1235"][0], runs["fp8-seed1235"][0]
+            res["references"]["fp8 other seed"] = {"summary": f2}
+            pairs_t = [res["rel_diff_train_loss"], rel(b2["final_train_loss_ema"], f2["final_train_loss_ema"])]
+            pairs_v = [res["rel_diff_val_loss"], rel(b2["final_val_loss"], f2["final_val_loss"])]
+            res["per_seed_rel_diff_train_loss"] = pairs_t
+            res["per_seed_rel_diff_val_loss"] = pairs_v
+            res["mean_rel_diff_train_loss"] = sum(pairs_t) / 2
+            res["mean_rel_diff_val_loss"] = sum(pairs_v) / 2
         svg = os.path.join(os.path.dirname(out_json), f"fp8_vs_bf16_{name}.svg")
         plot(name, curves, svg)
         res["plot"] = os.path.relpath(svg, os.path.dirname(os.path.dirname(os.path.dirname(out_json))))
@@ -120,8 +161,12 @@ def main(argv):
         json.dump(top, f, indent=1)
     os.replace(out_json + ".tmp", out_json)
     for e in experiments:
-        print(f"{e['name']}: rel_diff_train_loss {e['rel_diff_train_loss']:+.4%}  rel_diff_val_loss "
-              f"{e['rel_diff_val_loss']:+.4%}" if e["rel_diff_val_loss"] is not None else e["name"])
+        line = f"{e['name']}: rel_diff_train_loss {e['rel_diff_train_loss']:+.4%}  rel_diff_val_loss {e['rel_diff_val_loss']:+.4%}"
+        if "mean_rel_diff_val_loss" in e:
+            line += f"  (mean of 2 seeds: {e['mean_rel_diff_train_loss']:+.4%} / {e['mean_rel_diff_val_loss']:+.4%})"
+        print(line)
+        print("  val change over the last fifth: " +
+              ", ".join(f"{t} {v:+.3%}" for t, v in e["val_change_last_fifth"].items() if v is not None))
 
 
 if __name__ == "__main__":
