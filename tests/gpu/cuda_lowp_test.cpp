@@ -16,6 +16,7 @@
 
 #include "../backend/harness.h"
 #include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/linear_lowp.h"
 #include "backend/fp8.h"
 #include "backend/tolerance.h"
 
@@ -142,6 +143,29 @@ TEST(CudaLowp, Fp8CacheReusedBitForBit) {
   Fp8Tiles part = fp8_tiles(x.rows(8, 24), false, "x");
   Tensor pq = be.to_host(part.q), cq = be.to_host(cache.rows(8, 24).q);
   EXPECT_EQ(std::memcmp(pq.raw(), cq.raw(), pq.nbytes()), 0);
+}
+
+// Wgrad's x̂ᵀ straight from the FP8 copy (one kernel) = the CPU's dequantize then 128×1 quantize with
+// the transposed output, byte for byte (partial tiles both ways, an expert's row slice, pow2 scales).
+TEST(CudaLowp, RequantizeColumnsMatchesCpuBytes) {
+  ASSERT_GT(cuda_device_count(), 0);
+  CudaBackend& be = cuda_backend();
+  Tensor x = randn({300, 260}, 13, 1, 2.0f);
+  for (bool pow2 : {false, true}) {
+    Fp8Tiles all = fp8_tiles(x, pow2, "x"), all_gpu = fp8_tiles(be.to_device(x), pow2, "x");
+    for (auto [r0, r1] : {std::pair<int64_t, int64_t>{0, 300}, {37, 211}}) {
+      SCOPED_TRACE(cat("pow2=", pow2, " rows ", r0, "..", r1));
+      const int64_t M = r1 - r0, K = 260, g = (M + 127) / 128;
+      Tensor xh = dequantize(all.rows(r0, r1));
+      Tensor q_cpu = Tensor::empty(DType::F8_E4M3, {K, M}), s_cpu = Tensor::empty(DType::F32, {K, g});
+      quantize_fp8({xh, Fp8Tiling::Col128x1, pow2, true, q_cpu, s_cpu});
+      Tensor q = be.alloc(DType::F8_E4M3, {K, M}), s = be.alloc(DType::F32, {K, g});
+      cuda_requantize_cols_t(all_gpu.rows(r0, r1), pow2, q, s);
+      Tensor qh = be.to_host(q), sh = be.to_host(s);
+      EXPECT_EQ(std::memcmp(qh.raw(), q_cpu.raw(), q_cpu.nbytes()), 0) << "FP8 codes differ";
+      EXPECT_EQ(std::memcmp(sh.raw(), s_cpu.raw(), s_cpu.nbytes()), 0) << "scales differ";
+    }
+  }
 }
 
 // A NaN in x: in fp8 every output that x reaches is all NaN (as on the CPU, so the trainer skips the

@@ -98,6 +98,15 @@ Q quant(const Tensor& x, Fp8Tiling tiling, bool t, bool pow2) {
   return out;
 }
 
+// x̂ᵀ in 1×128 tiles of [K, M] from the FP8 copy of x [M, K] (Wgrad's b operand).
+Q requant_cols_t(const Fp8Tiles& t, bool pow2) {
+  const int64_t M = t.q.dim(0), K = t.q.dim(1);
+  CudaBackend& be = cuda_backend();
+  Q out{be.alloc(DType::F8_E4M3, {K, M}), be.alloc(DType::F32, {K, ceil_div(M, kFp8Block)})};
+  cuda_requantize_cols_t(t, pow2, out.q, out.s);
+  return out;
+}
+
 __global__ void dequant_kernel(const uint8_t* q, const float* s, int64_t R, int64_t C, bool per_row, int64_t kb,
                                float* out) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < R * C; i += int64_t(gridDim.x) * blockDim.x) {
@@ -293,7 +302,7 @@ void cuda_linear_backward_lowp(const LinearPrecision& p, const LinearBackwardArg
     Fp8Tiles qx = x_fp8 && x_fp8->defined() ? *x_fp8 : cuda_fp8_tiles(a.x, p.pow2_scale);
     DSV3_CHECK(qx.q.numel() == a.x.numel(), "linear_backward_lowp: the cached FP8 input does not match x");
     gemm_fp8(quant(dy, p.dgrad_block ? Fp8Tiling::Block128x128 : Fp8Tiling::Col128x1, true, p.pow2_scale),
-             quant(cuda_dequantize(qx), Fp8Tiling::Col128x1, true, p.pow2_scale), a.dw, a.accumulate_dw, false);
+             requant_cols_t(qx, p.pow2_scale), a.dw, a.accumulate_dw, false);
   }
 }
 

@@ -24,5 +24,9 @@ Tensor cuda_dequantize(const Fp8Tiles& t);
 // quantize_fp8 without the host read-back: non-finite elements are added to *nonfinite (a device
 // counter; may be null) and, with nan_mark, their tile's scale is written as NaN.
 void cuda_quantize_fp8_async(const QuantizeFp8Args& a, unsigned long long* nonfinite, bool nan_mark);
+// Wgrad's x̂: FP8 1×128 tiles src [M, K] dequantized and quantized again in 128×1 tiles with the
+// transposed output (q [K, M], scale [K, ⌈M/128⌉]) in one pass, NaN-marking as above; the bytes of
+// dequantize_fp8 followed by quantize_fp8(Col128x1, transpose_out).
+void cuda_requantize_cols_t(const Fp8Tiles& src, bool pow2_scale, const Tensor& q, const Tensor& scale);
 
 }  // namespace dsv3

@@ -86,6 +86,64 @@ __global__ void quantize_block_kernel(const float* x, int64_t M, int64_t K, bool
     for (int64_t r = r0 + rs; r < r1; r += 2) q[r * K + c] = __nv_cvt_float_to_fp8(x[r * K + c] / s, __NV_SATFINITE, __NV_E4M3);
 }
 
+// 128×1 tiles with the transposed output (Wgrad's operands), one CTA per 128 rows × 32 columns: the
+// tile is read once along rows (coalesced), kept in shared memory, and written per column (coalesced
+// in the transposed q). The source is x [M, K] F32, or FP8 1×128 tiles (qs, ss: x̂ = e4m3(qs)·ss, the
+// dequantized FP32 value, as dequantize_fp8 computes it) so that the forward's FP8 copy is
+// re-quantized without materialising x̂.
+template <bool kFp8Src>
+__global__ void quantize_cols_t_kernel(const float* x, const uint8_t* qs, const float* ss, int64_t M, int64_t K,
+                                       bool pow2, bool nan_mark, uint8_t* q, float* sc,
+                                       unsigned long long* nonfinite) {
+  __shared__ float t[kFp8Block][33];
+  __shared__ float am_w[8][32], s_col[32];
+  __shared__ unsigned bad_w[8][32];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const int64_t rb = blockIdx.y, r0 = rb * kFp8Block, c = int64_t(blockIdx.x) * 32 + lane;
+  const int64_t kb = (K + kFp8Block - 1) / kFp8Block;
+  float am = 0.0f;
+  unsigned bad = 0;
+  for (int i = w; i < kFp8Block; i += 8) {
+    const int64_t r = r0 + i;
+    float v = 0.0f;
+    if (r < M && c < K) {
+      if constexpr (kFp8Src) {
+        __half_raw h = __nv_cvt_fp8_to_halfraw(qs[r * K + c], __NV_E4M3);
+        v = __half2float(__half(h)) * ss[r * kb + c / kFp8Block];
+      } else {
+        v = x[r * K + c];
+      }
+      if (!isfinite(v)) ++bad;
+      else am = fmaxf(am, fabsf(v));
+    }
+    t[i][lane] = v;
+  }
+  am_w[w][lane] = am;
+  bad_w[w][lane] = bad;
+  __syncthreads();
+  if (w == 0) {
+    float a = 0.0f;
+    unsigned b = 0;
+    for (int j = 0; j < 8; ++j) a = fmaxf(a, am_w[j][lane]), b += bad_w[j][lane];
+    const float sv = scale_of(a, pow2);
+    s_col[lane] = sv;
+    if (c < K) {
+      sc[c * gridDim.y + rb] = b && nan_mark ? __int_as_float(0x7fc00000) : sv;
+      if (b && nonfinite) atomicAdd(nonfinite, (unsigned long long)b);
+    }
+  }
+  __syncthreads();
+  for (int kk = w; kk < 32; kk += 8) {
+    const int64_t k = int64_t(blockIdx.x) * 32 + kk;
+    if (k >= K) break;
+    const float sv = s_col[kk];
+    for (int i = lane; i < kFp8Block; i += 32) {
+      const int64_t r = r0 + i;
+      if (r < M) q[k * M + r] = __nv_cvt_float_to_fp8(t[i][kk] / sv, __NV_SATFINITE, __NV_E4M3);
+    }
+  }
+}
+
 // y[C, R] = x[R, C]ᵀ through 32×32 shared-memory tiles (both sides coalesced).
 __global__ void transpose_kernel(const float* x, int64_t R, int64_t C, float* y) {
   __shared__ float t[32][33];
@@ -103,8 +161,8 @@ __global__ void transpose_kernel(const float* x, int64_t R, int64_t C, float* y)
 
 }  // namespace
 
-// Transposed outputs of the 128×1 and 128×128 tilings are the 1×128 / 128×128 tilings of xᵀ (same
-// tiles, same scales, same codes), so x is transposed first and the coalesced kernels run on xᵀ.
+// A transposed 128×128 output is the 128×128 tiling of xᵀ (same tiles, scales and codes), so x is
+// transposed first and the coalesced block kernel runs on xᵀ; 128×1 transposed has its own kernel.
 void cuda_quantize_fp8_async(const QuantizeFp8Args& a, unsigned long long* nonfinite, bool nan_mark) {
   validate(a);
   int64_t K = last_dim(a.x), M = rows_of(a.x);
@@ -113,6 +171,12 @@ void cuda_quantize_fp8_async(const QuantizeFp8Args& a, unsigned long long* nonfi
   std::unique_ptr<Scratch> xt;
   Fp8Tiling tiling = a.tiling;
   bool transpose = a.transpose_out;
+  if (transpose && tiling == Fp8Tiling::Col128x1) {
+    quantize_cols_t_kernel<false><<<dim3(unsigned((K + 31) / 32), unsigned((M + kFp8Block - 1) / kFp8Block)), 256>>>(
+        x, nullptr, nullptr, M, K, a.pow2_scale, nan_mark, ptr<uint8_t>(a.q), ptr<float>(a.scale), nonfinite);
+    check_launch("quantize_fp8 128x1 transposed");
+    return;
+  }
   if (transpose && tiling != Fp8Tiling::Row1x128) {
     xt = std::make_unique<Scratch>(size_t(M * K) * sizeof(float));
     transpose_kernel<<<dim3(unsigned((K + 31) / 32), unsigned((M + 31) / 32)), dim3(32, 8)>>>(x, M, K, xt->as<float>());
@@ -133,6 +197,18 @@ void cuda_quantize_fp8_async(const QuantizeFp8Args& a, unsigned long long* nonfi
                                                      ptr<uint8_t>(a.q), ptr<float>(a.scale), nonfinite);
   }
   check_launch("quantize_fp8");
+}
+
+void cuda_requantize_cols_t(const Fp8Tiles& src, bool pow2_scale, const Tensor& q, const Tensor& scale) {
+  const int64_t M = src.q.dim(0), K = src.q.dim(1), rbs = (M + kFp8Block - 1) / kFp8Block;
+  DSV3_CHECK(src.scale.dim(0) == M && src.scale.dim(1) == (K + kFp8Block - 1) / kFp8Block && q.numel() == M * K &&
+                 scale.numel() == K * rbs,
+             "cuda_requantize_cols_t: shapes do not fit FP8 1x128 tiles of [", M, ", ", K, "]");
+  if (M * K == 0) return;
+  quantize_cols_t_kernel<true><<<dim3(unsigned((K + 31) / 32), unsigned(rbs)), 256>>>(
+      nullptr, ptr<uint8_t>(src.q), src.scale.data<float>(), M, K, pow2_scale, true, ptr<uint8_t>(q), ptr<float>(scale),
+      nullptr);
+  check_launch("fp8 re-quantization 128x1");
 }
 
 Fp8Status cuda_quantize_fp8(const QuantizeFp8Args& a) {
