@@ -93,7 +93,9 @@ if hf:
     s["hf"] = hf
 if train:
     s["train"] = train
+    # Ours in BF16 over transformers in BF16, and our FP8 over our BF16 (dsv3_bench_gpu_train).
     s["train_speedup_vs_hf_bf16"] = train.get("train_speedup_vs_hf_bf16")
+    s["train_fp8_over_bf16"] = train.get("train_fp8_over_bf16")
 if mla:
     s["mla_decode_bw_fraction"] = mla["mla_decode_bw_fraction_h16"]
     s["mla_decode"] = mla["rows"]
