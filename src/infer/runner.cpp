@@ -89,9 +89,9 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
   Tensor q = be_.alloc(DType::F32, {N, nh, d_.qk});
   const Tensor q2 = q.reshape({N, nh * d_.qk});
   Tensor kv_a = be_.alloc(DType::F32, {N, d_.kv_lora + d_.rope});
-  const LinearParam& q_first = d_.q_lora > 0 ? a.q_a_proj : a.q_proj;
   bool fused = false;
 #ifdef DSV3_HAVE_CUDA
+  const LinearParam& q_first = d_.q_lora > 0 ? a.q_a_proj : a.q_proj;
   // Small steps on CUDA: input_layernorm inside one GEMV launch for q_a (or q) and kv_a, and
   // q_a_layernorm inside q_b's.
   fused = small_gemv(N) && cuda_small_linear_ok(q_first, x) && cuda_small_linear_ok(a.kv_a_proj_with_mqa, x) &&
