@@ -17,6 +17,7 @@
 
 #include "backend/cuda/attention_bf16.h"
 #include "backend/cuda/cuda_backend.h"
+#include "backend/fp8.h"
 #include "backend/tolerance.h"
 #include "model/presets.h"
 #include "train/trainer.h"
@@ -58,7 +59,17 @@ std::vector<double> column(const std::string& out_dir, const char* key) {
   return v;
 }
 
+// The trainer sets the process-wide linear precision and attention switch; later tests in this binary
+// (model and op parity in FP32) must not inherit them.
+struct RestoreFp32 {
+  ~RestoreFp32() {
+    linear_precision() = LinearPrecision{};
+    cuda_set_attention_bf16(false);
+  }
+};
+
 void follows_cpu_and_resumes(const std::string& precision, DType moments) {
+  RestoreFp32 restore;
   SCOPED_TRACE(precision + (moments == DType::BF16 ? " (BF16 moments)" : ""));
   Data d(cat("cuda_lowp_trainer_", precision, moments == DType::BF16 ? "_bf16m" : ""));
   // tiny: head dims qk 48 / v 32, so the GPU's BF16 attention kernels take the attention core.
