@@ -1,8 +1,12 @@
 // Absorbed-MLA decode kernel bandwidth (bench/gpu.sh runs it on the H200): batch 64, context 4096,
-// BF16 latent rows of 576 over the paged cache (64-token blocks in shuffled order), 16 and 128 heads.
-// Baseline in the same run: a device-to-device cudaMemcpy of the same number of bytes. Bandwidth
-// counts HBM traffic: the kernel reads the cache once (q and outputs are < 1% extra); the copy reads
-// and writes, so its traffic is 2× the bytes. Writes bench/results/gpu_mla_decode.json.
+// BF16 latent rows of 576 over the paged cache (64-token blocks in shuffled order), 16, 64 and 128
+// heads. Baseline in the same run: a device-to-device cudaMemcpy of the same number of bytes.
+// Bandwidth counts HBM traffic: the kernel reads the cache once (q and outputs are < 1% extra at 16
+// heads); the copy reads and writes, so its traffic is 2× the bytes. Every compiled kernel shape
+// (mla_decode_configs) is timed at every head count, and the 16-head default at several splits;
+// `rows` and the top-level fractions are the default (what cuda_mla_decode runs). Rooflines: copy
+// bandwidth for the bytes, 989 TFLOP/s dense BF16 for 2·H·(576 + 512) FLOPs per cached row.
+// Writes bench/results/gpu_mla_decode.json.
 #include <cstdio>
 #include <cstdlib>
 
@@ -17,6 +21,7 @@ int main() {
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <string>
 #include <vector>
 
 #include "backend/cuda/cuda_backend.h"
@@ -40,9 +45,12 @@ template <class F> double time_s(F&& f, int iters = 20) {
     cudaEventElapsedTime(&ms, a, b);
     t.push_back(ms / 1e3 / iters);
   }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
   std::sort(t.begin(), t.end());
   return t[2];
 }
+constexpr double kBf16Peak = 989e12;
 }  // namespace
 
 int main() {
@@ -63,8 +71,11 @@ int main() {
   double t_copy = time_s([&] { cudaMemcpy(dst.raw(), pool.raw(), size_t(bytes), cudaMemcpyDeviceToDevice); });
   double copy_bw = 2 * bytes / t_copy;
   std::printf("device-to-device copy: %.0f GB/s (read + write traffic)\n", copy_bw / 1e9);
-  nlohmann::json rows = nlohmann::json::array();
-  double frac16 = 0;
+  std::printf("B=%ld context=%ld: %.0f MB of cache rows\n", long(B), long(ctx), bytes / 1e6);
+  std::printf("%-22s %5s %6s %9s %8s %6s %8s %6s %6s\n", "kernel", "heads", "splits", "time_us", "GB/s", "copy",
+              "TFLOP/s", "peak", "roof");
+  nlohmann::json rows = nlohmann::json::array(), configs = nlohmann::json::array();
+  nlohmann::json res = {{"bench", "gpu_mla_decode"}, {"copy_gbps_read_plus_write", copy_bw / 1e9}};
   for (int64_t H : {int64_t(16), int64_t(64), int64_t(128)}) {
     Tensor qh = Tensor::empty(DType::F32, {B, H, W});
     for (int64_t i = 0; i < B * H * W; ++i) qh.data<float>()[i] = float(int64_t((uint64_t(i) * 40503u) >> 6 & 255) - 128) / 1024.0f;
@@ -77,24 +88,53 @@ int main() {
     a.max_len = ctx;
     a.scale = 0.07f;
     a.out = out;
-    double t = time_s([&] { cuda_mla_decode(a); });
-    double bw = bytes / t, flops = 2.0 * double(B) * double(H) * double(ctx) * double(W + R);
-    std::printf("H=%3ld: %8.1f us  %6.0f GB/s  %.2f of copy  %6.1f TFLOP/s (BF16 mma.sync; dense peak 989)\n", long(H),
-                t * 1e6, bw / 1e9, bw / copy_bw, flops / t / 1e12);
-    if (H == 16) frac16 = bw / copy_bw;
-    rows.push_back({{"heads", H},
-                    {"batch", B},
-                    {"context", ctx},
-                    {"time_us", t * 1e6},
-                    {"cache_bytes", bytes},
-                    {"gbps", bw / 1e9},
-                    {"fraction_of_copy", bw / copy_bw},
-                    {"tflops", flops / t / 1e12}});
+    const double flops = 2.0 * double(B) * double(H) * double(ctx) * double(W + R);
+    // The roofline: the larger of reading the cache at copy speed and the FLOPs at the BF16 peak.
+    const double t_roof = std::max(bytes / copy_bw, flops / kBf16Peak);
+    auto measure = [&](const MlaDecodeConfig& c) {
+      int64_t splits = 0;
+      double t = time_s([&] { splits = cuda_mla_decode_with(a, c); });
+      double bw = bytes / t, tf = flops / t;
+      std::printf("%-22s %5ld %6ld %9.1f %8.0f %6.2f %8.1f %6.2f %6.2f\n", mla_decode_config_name(c).c_str(), long(H),
+                  long(splits), t * 1e6, bw / 1e9, bw / copy_bw, tf / 1e12, tf / kBf16Peak, t_roof / t);
+      return nlohmann::json{{"kernel", mla_decode_config_name(c)},
+                            {"heads", H},
+                            {"splits", splits},
+                            {"time_us", t * 1e6},
+                            {"gbps", bw / 1e9},
+                            {"fraction_of_copy", bw / copy_bw},
+                            {"tflops", tf / 1e12},
+                            {"fraction_of_bf16_peak", tf / kBf16Peak},
+                            {"fraction_of_roofline", t_roof / t}};
+    };
+    for (const MlaDecodeConfig& c : mla_decode_configs()) {
+      if (c.heads_per_cta > H) continue;
+      configs.push_back(measure(c));
+    }
+    MlaDecodeConfig def = mla_decode_default_config(H);
+    if (H == 16)
+      for (int sp : {1, 2, 3, 4, 8}) {
+        MlaDecodeConfig c = def;
+        c.splits = sp;
+        configs.push_back(measure(c));
+      }
+    nlohmann::json r = measure(def);
+    r["batch"] = B;
+    r["context"] = ctx;
+    r["cache_bytes"] = bytes;
+    r["default"] = true;
+    rows.push_back(r);
+    const std::string k = std::to_string(H);
+    res["mla_decode_bw_fraction_h" + k] = r["fraction_of_copy"];
+    res["mla_decode_tflops_h" + k] = r["tflops"];
+    res["mla_decode_bf16_peak_fraction_h" + k] = r["fraction_of_bf16_peak"];
+    res["mla_decode_roofline_fraction_h" + k] = r["fraction_of_roofline"];
+    std::printf("H=%3ld default (%s): %.2f of copy, %.2f of the BF16 peak, %.2f of the roofline\n", long(H),
+                mla_decode_config_name(def).c_str(), double(r["fraction_of_copy"]), double(r["fraction_of_bf16_peak"]),
+                double(r["fraction_of_roofline"]));
   }
-  nlohmann::json res = {{"bench", "gpu_mla_decode"},
-                        {"copy_gbps_read_plus_write", copy_bw / 1e9},
-                        {"rows", rows},
-                        {"mla_decode_bw_fraction_h16", frac16}};
+  res["rows"] = rows;
+  res["configs"] = configs;
   if (const char* c = std::getenv("DSV3_COMMIT")) res["commit"] = c;
   std::printf("wrote %s\n", dsv3::bench::write_result("gpu_mla_decode", res).c_str());
   return 0;

@@ -1,14 +1,21 @@
 // Absorbed-MLA decode (flash-decoding over the paged latent cache) on BF16 tensor cores.
-// One CTA (4 warps) takes one sequence, a group of 16 heads and a contiguous range of its cache
-// blocks, so every latent row is read from HBM once for all 16 heads (MLA's K and V are the same
-// row). The 16 heads are exactly the M = 16 of an mma.sync m16n8k16, so:
-//   scores S[16 heads, 32 tokens] = Q[16, W] · rowsᵀ     (each warp: 8 tokens, W/16 MMAs)
-//   O[16 heads, R] += P[16, 32 tokens] · rows[:, 0:R]     (each warp: R/4 output columns)
-// Rows arrive by cp.async in 32-token stages, double-buffered, with invalid rows zero-filled. The
-// softmax is online per head; its row maxima are shared through shared memory so every thread
-// rescales by the same factor, and each thread keeps partial row sums reduced once at the end.
-// Splits of the block range are merged by a second kernel. Operands are BF16 (q and the softmax
-// weights are rounded to BF16), accumulation FP32; the tolerance is the BF16-operand one.
+// A CTA takes one sequence, a group of heads (16 or 64) and a contiguous range of its cache blocks
+// (a split), so every latent row is read from HBM once for all heads of the group (MLA's K and V
+// are the same row). Rows stream through a ring of stages (kT tokens, inside one cache block, so
+// contiguous in the pool) by cp.async, kS − 1 stages in flight while one is computed, invalid rows
+// zero-filled. MMAs are mma.sync m16n8k16: 16 heads are the M of a tile. Per stage:
+//   scores S[heads, tokens] = Q[heads, 576] · rowsᵀ, with 576 split over the warps of a head group
+//   (partial scores added through shared memory), then the online softmax in base 2 in registers,
+//   then O[heads, 512] += P · rows[:, 0:512], the 512 columns split over the same warps.
+// With one split the CTA writes out and lse itself; otherwise a second kernel merges the splits'
+// partial sums (merging in the last CTA of each sequence measured slower on the H200: that CTA's
+// serial pass is a tail). Operands are BF16 (q and the softmax weights are rounded to BF16),
+// accumulation FP32; the tolerance is the BF16-operand one. The first kernel (legacy: four warps
+// splitting the tokens, maxima and weights through shared memory, double buffer) stays for
+// comparison in the benchmark.
+#include <algorithm>
+#include <cmath>
+
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/mla_decode.h"
 
@@ -17,12 +24,13 @@ using namespace cuda;
 
 namespace {
 
-constexpr int kBlock = 64;       // tokens per cache block (the paged cache's block size)
-constexpr int kStage = 32;       // tokens per pipeline stage
-constexpr int kHeads = 16;       // heads per CTA = MMA M
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
-constexpr int kPad = 8;          // BF16 elements of row padding: 16 bytes, so ldmatrix rows avoid bank conflicts
+constexpr int kBlock = 64;  // tokens per cache block (the paged cache's block size)
+constexpr int kW = 576;     // row width: kv_lora_rank 512 + rope 64
+constexpr int kR = 512;
+constexpr int kPad = 8;     // BF16 elements of row padding: 16 bytes, so ldmatrix rows avoid bank conflicts
+constexpr float kLog2e = 1.4426950408889634f;
+// Legacy kernel shape.
+constexpr int kLStage = 32, kLHeads = 16, kLWarps = 4, kLThreads = kLWarps * 32;
 
 struct Shape_ {
   int64_t b, h, w, r, layers, layer, max_blocks, splits, blocks_per_split;
@@ -66,31 +74,37 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
 }
+// 2^x in one MUFU instruction (2^−inf = 0); its error (~2 ulp) is far below the BF16 rounding of P.
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
 
-// R = kWarps · 8 · kNT output columns; W = kW = 576 (kv_lora_rank 512 + rope 64).
-constexpr int kW = 576;
+// The first kernel (kept for comparison in the benchmark): 16 heads, 4 warps, 32-token stages,
+// double-buffered, two CTAs per SM. R = kLWarps · 8 · kNT output columns.
 template <int kNT>
-__global__ void __launch_bounds__(kThreads, 2)
-    mla_split_kernel(const float* q, const __nv_bfloat16* pool, const int32_t* table, const int32_t* lengths,
+__global__ void __launch_bounds__(kLThreads, 2)
+    mla_legacy_kernel(const float* q, const __nv_bfloat16* pool, const int32_t* table, const int32_t* lengths,
                      Shape_ s, float scale, float* part_o, float* part_m, float* part_l) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   constexpr int W = kW, ws = W + kPad;
   __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [16][ws]
-  __nv_bfloat16* kv = qs + kHeads * ws;                             // [2][kStage][ws]
-  __nv_bfloat16* ps = kv + 2 * kStage * ws;                         // [16][kStage + kPad]
-  float* red = reinterpret_cast<float*>(ps + kHeads * (kStage + kPad));  // [kWarps][16]
+  __nv_bfloat16* kv = qs + kLHeads * ws;                             // [2][kLStage][ws]
+  __nv_bfloat16* ps = kv + 2 * kLStage * ws;                         // [16][kLStage + kPad]
+  float* red = reinterpret_cast<float*>(ps + kLHeads * (kLStage + kPad));  // [kLWarps][16]
   const int64_t hg = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
-  const int64_t h0 = hg * kHeads;
-  const int nh = int(s.h - h0 < kHeads ? s.h - h0 : kHeads);
+  const int64_t h0 = hg * kLHeads;
+  const int nh = int(s.h - h0 < kLHeads ? s.h - h0 : kLHeads);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
   const int64_t len = lengths[b], nblk = (len + kBlock - 1) / kBlock;
   const int64_t blk0 = split * s.blocks_per_split;
   const int64_t blk1 = blk0 + s.blocks_per_split < nblk ? blk0 + s.blocks_per_split : nblk;
   const int64_t tok0 = blk0 * kBlock, tok1 = blk1 * kBlock < len ? blk1 * kBlock : len;
-  const int64_t nstages = tok1 > tok0 ? (tok1 - tok0 + kStage - 1) / kStage : 0;
+  const int64_t nstages = tok1 > tok0 ? (tok1 - tok0 + kLStage - 1) / kLStage : 0;
 
   // q → BF16 in shared memory (heads past nh are zero rows).
-  for (int i = tid; i < kHeads * W; i += kThreads) {
+  for (int i = tid; i < kLHeads * W; i += kLThreads) {
     int h = i / W, j = i % W;
     qs[h * ws + j] = __float2bfloat16(h < nh ? q[((b * s.h + h0 + h) * s.w) + j] : 0.0f);
   }
@@ -98,13 +112,13 @@ __global__ void __launch_bounds__(kThreads, 2)
   // one table lookup per stage, then a straight copy of 32·W BF16 into padded shared rows.
   constexpr int kChunks = kW / 8;  // 16-byte pieces per row
   auto load_stage = [&](int64_t st, int buf) {
-    const int64_t t_first = tok0 + st * kStage;
+    const int64_t t_first = tok0 + st * kLStage;
     const int64_t pb = table[b * s.max_blocks + t_first / kBlock];
     const __nv_bfloat16* src = pool + (((pb * s.layers + s.layer) * kBlock) + t_first % kBlock) * kW;
-    const int valid_rows = int(tok1 - t_first < kStage ? tok1 - t_first : kStage);
-    __nv_bfloat16* dst = kv + buf * kStage * ws;
+    const int valid_rows = int(tok1 - t_first < kLStage ? tok1 - t_first : kLStage);
+    __nv_bfloat16* dst = kv + buf * kLStage * ws;
 #pragma unroll 4
-    for (int i = tid; i < kStage * kChunks; i += kThreads) {
+    for (int i = tid; i < kLStage * kChunks; i += kLThreads) {
       const int r = i / kChunks, c = i - r * kChunks;
       cp_async16(dst + r * ws + c * 8, src + r * kW + c * 8, r < valid_rows);
     }
@@ -127,7 +141,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       cp_async_wait<0>();
     }
     __syncthreads();
-    const __nv_bfloat16* rows = kv + buf * kStage * ws;
+    const __nv_bfloat16* rows = kv + buf * kLStage * ws;
     // Scores: warp → tokens 8·warp .. 8·warp + 7.
     float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     {
@@ -156,7 +170,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int i = 0; i < 4; ++i) sc[i] += sc2[i];
     }
     // sc[0], sc[1]: head g, tokens 2·t4, 2·t4 + 1 of this warp's 8; sc[2], sc[3]: head g + 8.
-    const int64_t tbase = tok0 + st * kStage + warp * 8 + 2 * t4;
+    const int64_t tbase = tok0 + st * kLStage + warp * 8 + 2 * t4;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       bool valid = tbase + (i & 1) < tok1;
@@ -168,15 +182,15 @@ __global__ void __launch_bounds__(kThreads, 2)
     mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
     mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
     if (t4 == 0) {
-      red[warp * kHeads + g] = mx_lo;
-      red[warp * kHeads + g + 8] = mx_hi;
+      red[warp * kLHeads + g] = mx_lo;
+      red[warp * kLHeads + g + 8] = mx_hi;
     }
     __syncthreads();
     float bm_lo = red[g], bm_hi = red[g + 8];
 #pragma unroll
-    for (int w2 = 1; w2 < kWarps; ++w2) {
-      bm_lo = fmaxf(bm_lo, red[w2 * kHeads + g]);
-      bm_hi = fmaxf(bm_hi, red[w2 * kHeads + g + 8]);
+    for (int w2 = 1; w2 < kLWarps; ++w2) {
+      bm_lo = fmaxf(bm_lo, red[w2 * kLHeads + g]);
+      bm_hi = fmaxf(bm_hi, red[w2 * kLHeads + g + 8]);
     }
     const float mn_lo = fmaxf(m_lo, bm_lo), mn_hi = fmaxf(m_hi, bm_hi);
     // A stage whose tokens are all masked keeps −inf maxima: exp(−inf − −inf) would be NaN.
@@ -191,7 +205,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     l_hi = l_hi * al_hi + p[2] + p[3];
     m_lo = mn_lo;
     m_hi = mn_hi;
-    const int pw = kStage + kPad;
+    const int pw = kLStage + kPad;
     *reinterpret_cast<uint32_t*>(ps + g * pw + warp * 8 + 2 * t4) = pack_bf16(p[0], p[1]);
     *reinterpret_cast<uint32_t*>(ps + (g + 8) * pw + warp * 8 + 2 * t4) = pack_bf16(p[2], p[3]);
 #pragma unroll
@@ -204,7 +218,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     __syncthreads();
     // O += P · rows[:, cols of this warp]: k = tokens (2 steps of 16), n = 8 columns per tile.
 #pragma unroll
-    for (int k0 = 0; k0 < kStage; k0 += 16) {
+    for (int k0 = 0; k0 < kLStage; k0 += 16) {
       uint32_t a[4];
       ldmatrix_x4(a, ps + (lane & 15) * pw + k0 + (lane >> 4) * 8);
       const int col0 = warp * kNT * 8;
@@ -229,20 +243,20 @@ __global__ void __launch_bounds__(kThreads, 2)
   l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
   l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
   if (t4 == 0) {
-    red[warp * kHeads + g] = l_lo;
-    red[warp * kHeads + g + 8] = l_hi;
+    red[warp * kLHeads + g] = l_lo;
+    red[warp * kLHeads + g + 8] = l_hi;
   }
   __syncthreads();
   const int64_t base = (b * s.splits + split) * s.h + h0;
   if (tid < nh) {
     float l = 0.0f;
-    for (int w2 = 0; w2 < kWarps; ++w2) l += red[w2 * kHeads + tid];
+    for (int w2 = 0; w2 < kLWarps; ++w2) l += red[w2 * kLHeads + tid];
     part_l[base + tid] = l;
     // Every thread holds the same maxima; thread tid's are those of heads g and g + 8 of its lane.
   }
   if (t4 == 0 && warp == 0) {
-    if (g < nh) part_m[base + g] = m_lo;
-    if (g + 8 < nh) part_m[base + g + 8] = m_hi;
+    if (g < nh) part_m[base + g] = m_lo * kLog2e;  // the merge works in base 2
+    if (g + 8 < nh) part_m[base + g + 8] = m_hi * kLog2e;
   }
 #pragma unroll
   for (int n = 0; n < kNT; ++n) {
@@ -253,70 +267,481 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
-__global__ void mla_merge_kernel(const float* part_o, const float* part_m, const float* part_l, Shape_ s, float* out,
-                                 float* lse) {
-  int64_t b = blockIdx.y, h = blockIdx.x;
-  float mx = -INFINITY;
-  for (int64_t sp = 0; sp < s.splits; ++sp) mx = fmaxf(mx, part_m[(b * s.splits + sp) * s.h + h]);
-  float l = 0.0f;
-  for (int64_t sp = 0; sp < s.splits; ++sp) {
-    float m = part_m[(b * s.splits + sp) * s.h + h];
-    if (m != -INFINITY) l += expf(m - mx) * part_l[(b * s.splits + sp) * s.h + h];
-  }
-  for (int64_t d = threadIdx.x; d < s.r; d += blockDim.x) {
-    float o = 0.0f;
-    for (int64_t sp = 0; sp < s.splits; ++sp) {
-      int64_t i = (b * s.splits + sp) * s.h + h;
-      float m = part_m[i];
-      if (m != -INFINITY) o += expf(m - mx) * part_o[i * s.r + d];
+// The CTA's result for heads hl, hl + 8 (CTA-local) and kNT 8-column tiles from column col0: with
+// one split, out = acc / sum and lse; otherwise the unnormalised partials for the merge kernel.
+template <int kNT>
+__device__ __forceinline__ void store_result(const float (&acc)[kNT][4], float m_lo, float m_hi, float sum_lo,
+                                             float sum_hi, bool write_ml, int hl, int nh, int col0, int t4,
+                                             const Shape_& s, int64_t b, int64_t split, int64_t h0, float* part_o,
+                                             float* part_m, float* part_l, float* out, float* lse) {
+  const bool has_lo = hl < nh, has_hi = hl + 8 < nh;
+  if (s.splits == 1) {
+    // Every sequence has a token, so the sums are positive.
+    const float inv_lo = 1.0f / sum_lo, inv_hi = 1.0f / sum_hi;
+    float* o_lo = out + (b * s.h + h0 + hl) * kR;
+    float* o_hi = o_lo + 8 * kR;
+#pragma unroll
+    for (int n = 0; n < kNT; ++n) {
+      const int col = col0 + n * 8 + 2 * t4;
+      if (has_lo) *reinterpret_cast<float2*>(o_lo + col) = make_float2(acc[n][0] * inv_lo, acc[n][1] * inv_lo);
+      if (has_hi) *reinterpret_cast<float2*>(o_hi + col) = make_float2(acc[n][2] * inv_hi, acc[n][3] * inv_hi);
     }
-    out[(b * s.h + h) * s.r + d] = o / l;
+    if (lse && write_ml) {
+      if (has_lo) lse[b * s.h + h0 + hl] = m_lo / kLog2e + logf(sum_lo);
+      if (has_hi) lse[b * s.h + h0 + hl + 8] = m_hi / kLog2e + logf(sum_hi);
+    }
+    return;
   }
-  if (lse && threadIdx.x == 0) lse[b * s.h + h] = mx + logf(l);
+  const int64_t base = (b * s.splits + split) * s.h + h0;
+  if (write_ml) {
+    if (has_lo) {
+      part_m[base + hl] = m_lo;
+      part_l[base + hl] = sum_lo;
+    }
+    if (has_hi) {
+      part_m[base + hl + 8] = m_hi;
+      part_l[base + hl + 8] = sum_hi;
+    }
+  }
+  float* o_lo = part_o + (base + hl) * kR;
+  float* o_hi = o_lo + 8 * kR;
+#pragma unroll
+  for (int n = 0; n < kNT; ++n) {
+    const int col = col0 + n * 8 + 2 * t4;
+    if (has_lo) *reinterpret_cast<float2*>(o_lo + col) = make_float2(acc[n][0], acc[n][1]);
+    if (has_hi) *reinterpret_cast<float2*>(o_hi + col) = make_float2(acc[n][2], acc[n][3]);
+  }
+}
+
+// Stage st of a sequence's token range [tok0, tok1) (kT tokens, inside one cache block, so its rows
+// are contiguous in the pool) into a padded shared buffer by cp.async; rows past tok1 are
+// zero-filled. Warp w copies rows w, w + warps, …: 72 pieces of 16 bytes per row, lanes 0-31, 32-63,
+// then 64-71, so every address is a per-stage base plus a constant.
+// pb: the stage's pool block (block_table entry), looked up by the caller ahead of time.
+template <int kT, int kThreads>
+__device__ __forceinline__ void load_rows(__nv_bfloat16* dst, const __nv_bfloat16* pool, int64_t pb,
+                                          const Shape_& s, int64_t tok0, int64_t tok1, int64_t st, int tid) {
+  constexpr int kWarps = kThreads / 32, ws = kW + kPad;
+  static_assert(kT % kWarps == 0, "rows per warp");
+  const int lane = tid & 31, warp = tid >> 5;
+  const int64_t t_first = tok0 + st * kT;
+  const __nv_bfloat16* src =
+      pool + (((pb * s.layers + s.layer) * kBlock) + t_first % kBlock) * kW + warp * kW + lane * 8;
+  dst += warp * ws + lane * 8;
+  const int valid_rows = int(tok1 - t_first < kT ? tok1 - t_first : kT);
+#pragma unroll
+  for (int i = 0; i < kT / kWarps; ++i) {
+    const bool v = warp + i * kWarps < valid_rows;
+    cp_async16(dst + i * kWarps * ws, src + i * kWarps * kW, v);
+    cp_async16(dst + i * kWarps * ws + 256, src + i * kWarps * kW + 256, v);
+    if (lane < 8) cp_async16(dst + i * kWarps * ws + 512, src + i * kWarps * kW + 512, v);
+  }
+}
+
+// q[b, h0 .. h0 + kHeads) → BF16 rows of shared memory (heads past nh are zero rows).
+template <int kHeads, int kThreads>
+__device__ __forceinline__ void stage_q(__nv_bfloat16* qs, const float* q, const Shape_& s, int64_t b, int64_t h0,
+                                        int nh, int tid) {
+  constexpr int ws = kW + kPad;
+  for (int i = tid; i < kHeads * (kW / 4); i += kThreads) {
+    const int h = i / (kW / 4), j = (i - h * (kW / 4)) * 4;
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (h < nh) v = *reinterpret_cast<const float4*>(q + (b * s.h + h0 + h) * kW + j);
+    *reinterpret_cast<uint32_t*>(qs + h * ws + j) = pack_bf16(v.x, v.y);
+    *reinterpret_cast<uint32_t*>(qs + h * ws + j + 2) = pack_bf16(v.z, v.w);
+  }
+}
+
+// The register-P kernel: warps form kMG head groups (kMW head tiles of 16 per warp, so each B
+// fragment feeds kMW MMAs) × kWN. The kWN warps of a head group split the scores' K = 576 (36
+// k-steps, as evenly as they divide) over all kT tokens of the stage and add their partial scores
+// through shared memory in a fixed order, so every warp of the group holds the same full scores:
+// maxima, softmax weights and row sums stay in registers (no maxima exchange, no weights through
+// shared memory), and the weights are the A operand of P·V directly (two m16n8 accumulator tiles
+// are one m16n8k16 A fragment). For P·V the kWN warps split the 512 output columns.
+template <int kMG, int kMW, int kWN, int kT, int kS> struct Reg {
+  static constexpr int kHeads = 16 * kMG * kMW, kThreads = 32 * kMG * kWN;
+  static constexpr int kTiles = kT / 8, kSteps = kW / 16;
+  static constexpr int kKS = (kSteps + kWN - 1) / kWN;  // k-steps of the first kSteps % kWN warps (others one less)
+  static constexpr int kCols = kR / kWN, kNT = kCols / 8;
+  static constexpr int ws = kW + kPad;
+  static constexpr size_t smem = (size_t(kHeads) * ws + size_t(kS) * kT * ws) * 2 +
+                                 (kWN > 1 ? size_t(kMG) * kWN * kMW * kTiles * 32 * sizeof(float4) : 0);
+  static_assert(kR % kWN == 0 && kBlock % kT == 0 && kT % 16 == 0 && kNT % 2 == 0 && kS >= 2,
+                "pipeline shape");
+};
+
+template <int kMG, int kMW, int kWN, int kT, int kS>
+__global__ void __launch_bounds__(Reg<kMG, kMW, kWN, kT, kS>::kThreads, 1)
+    mla_reg_kernel(const float* q, const __nv_bfloat16* pool, const int32_t* table, const int32_t* lengths,
+                   Shape_ s, float scale_log2, float* part_o, float* part_m, float* part_l, float* out, float* lse) {
+  using P = Reg<kMG, kMW, kWN, kT, kS>;
+  constexpr int kHeads = P::kHeads, kThreads = P::kThreads, kTiles = P::kTiles, ws = P::ws;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [kHeads][ws]
+  __nv_bfloat16* kv = qs + kHeads * ws;                             // [kS][kT][ws]
+  float4* xch = reinterpret_cast<float4*>(kv + kS * kT * ws);       // [kMG][kWN][kMW][kTiles][32 lanes]
+  const int64_t hg = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
+  const int64_t h0 = hg * kHeads;
+  const int nh = int(s.h - h0 < kHeads ? s.h - h0 : kHeads);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
+  const int mg = warp % kMG, wn = warp / kMG;
+  const int64_t len = lengths[b], nblk = (len + kBlock - 1) / kBlock;
+  const int64_t blk0 = split * s.blocks_per_split;
+  const int64_t blk1 = blk0 + s.blocks_per_split < nblk ? blk0 + s.blocks_per_split : nblk;
+  const int64_t tok0 = blk0 * kBlock, tok1 = blk1 * kBlock < len ? blk1 * kBlock : len;
+  const int64_t nstages = tok1 > tok0 ? (tok1 - tok0 + kT - 1) / kT : 0;
+
+  // Pool block of stage st. The loop looks the next one up a stage ahead: a table read right before
+  // the copies it addresses would stall the warp for a memory latency every stage.
+  const int32_t* trow = table + b * s.max_blocks;
+  auto block_of = [&](int64_t st) { return st < nstages ? int64_t(trow[(tok0 + st * kT) / kBlock]) : int64_t(0); };
+#pragma unroll
+  for (int i = 0; i < kS - 1; ++i) {
+    if (i < nstages) load_rows<kT, kThreads>(kv + i * kT * ws, pool, block_of(i), s, tok0, tok1, i, tid);
+    cp_async_commit();
+  }
+  int64_t pb_next = block_of(kS - 1);
+  stage_q<kHeads, kThreads>(qs, q, s, b, h0, nh, tid);
+
+  float acc[kMW][P::kNT][4];
+  float m_lo[kMW], m_hi[kMW], l_lo[kMW], l_hi[kMW];  // per head tile: running maxima (base 2), partial sums
+#pragma unroll
+  for (int i = 0; i < kMW; ++i) {
+#pragma unroll
+    for (int n = 0; n < P::kNT; ++n) acc[i][n][0] = acc[i][n][1] = acc[i][n][2] = acc[i][n][3] = 0.0f;
+    m_lo[i] = m_hi[i] = -INFINITY;
+    l_lo[i] = l_hi[i] = 0.0f;
+  }
+  // This warp's k-steps: [k_first, k_first + nks) of 36.
+  const int nks = P::kSteps / kWN + (wn < P::kSteps % kWN ? 1 : 0);
+  const int k_first = (wn * (P::kSteps / kWN) + (wn < P::kSteps % kWN ? wn : P::kSteps % kWN)) * 16;
+  const __nv_bfloat16* arow = qs + (mg * kMW * 16 + (lane & 15)) * ws + (lane >> 4) * 8 + k_first;
+  // ldmatrix x4 over two token tiles: (tile j, k lo), (j, k hi), (j + 1, k lo), (j + 1, k hi).
+  const int brow_off = ((lane >> 4) * 8 + (lane & 7)) * ws + ((lane >> 3) & 1) * 8 + k_first;
+  const int mat = lane >> 3;
+  const int vrow_off = ((mat & 1) * 8 + (lane & 7)) * ws + wn * P::kCols + (mat >> 1) * 8;
+
+  for (int64_t st = 0; st < nstages; ++st) {
+    cp_async_wait<kS - 2>();
+    __syncthreads();  // stage st visible to all; every warp is done with stage st − 1's buffer and xch
+    {
+      const int64_t nx = st + kS - 1;
+      if (nx < nstages) load_rows<kT, kThreads>(kv + int(nx % kS) * kT * ws, pool, pb_next, s, tok0, tok1, nx, tid);
+      cp_async_commit();
+      pb_next = block_of(nx + 1);
+    }
+    const __nv_bfloat16* rows = kv + int(st % kS) * kT * ws;
+    float sc[kMW][kTiles][4];
+#pragma unroll
+    for (int i = 0; i < kMW; ++i)
+#pragma unroll
+      for (int j = 0; j < kTiles; ++j) sc[i][j][0] = sc[i][j][1] = sc[i][j][2] = sc[i][j][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < P::kKS; ++kk) {
+      if (P::kSteps % kWN != 0 && kk >= nks) break;
+      uint32_t a[kMW][4];
+#pragma unroll
+      for (int i = 0; i < kMW; ++i) ldmatrix_x4(a[i], arow + i * 16 * ws + kk * 16);
+#pragma unroll
+      for (int j = 0; j < kTiles; j += 2) {
+        uint32_t bb[4];
+        ldmatrix_x4(bb, rows + brow_off + j * 8 * ws + kk * 16);
+#pragma unroll
+        for (int i = 0; i < kMW; ++i) {
+          mma_bf16(sc[i][j], a[i], bb[0], bb[1]);
+          mma_bf16(sc[i][j + 1], a[i], bb[2], bb[3]);
+        }
+      }
+    }
+    if constexpr (kWN > 1) {
+      float4* mine = xch + (mg * kWN + wn) * kMW * kTiles * 32 + lane;
+#pragma unroll
+      for (int i = 0; i < kMW; ++i)
+#pragma unroll
+        for (int j = 0; j < kTiles; ++j)
+          mine[(i * kTiles + j) * 32] = make_float4(sc[i][j][0], sc[i][j][1], sc[i][j][2], sc[i][j][3]);
+      __syncthreads();
+      const float4* all = xch + mg * kWN * kMW * kTiles * 32 + lane;
+#pragma unroll
+      for (int i = 0; i < kMW; ++i)
+#pragma unroll
+        for (int j = 0; j < kTiles; ++j) {
+          float4 t = all[(i * kTiles + j) * 32];
+#pragma unroll
+          for (int w2 = 1; w2 < kWN; ++w2) {
+            const float4 u = all[((w2 * kMW + i) * kTiles + j) * 32];
+            t.x += u.x;
+            t.y += u.y;
+            t.z += u.z;
+            t.w += u.w;
+          }
+          sc[i][j][0] = t.x;
+          sc[i][j][1] = t.y;
+          sc[i][j][2] = t.z;
+          sc[i][j][3] = t.w;
+        }
+    }
+    // sc[i][j][0..1]: head g of tile i, tokens 8j + 2·t4, +1 of the stage; sc[i][j][2..3]: head g + 8.
+    const int nvalid = int(tok1 - (tok0 + st * kT) < kT ? tok1 - (tok0 + st * kT) : kT);
+#pragma unroll
+    for (int i = 0; i < kMW; ++i) {
+      float mx_lo = -INFINITY, mx_hi = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < kTiles; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          sc[i][j][e] *= scale_log2;
+          if (nvalid < kT && j * 8 + 2 * t4 + (e & 1) >= nvalid) sc[i][j][e] = -INFINITY;
+          if (e < 2)
+            mx_lo = fmaxf(mx_lo, sc[i][j][e]);
+          else
+            mx_hi = fmaxf(mx_hi, sc[i][j][e]);
+        }
+      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+      // Every stage has a valid token, so the new maxima are finite.
+      const float mn_lo = fmaxf(m_lo[i], mx_lo), mn_hi = fmaxf(m_hi[i], mx_hi);
+      const float al_lo = ex2(m_lo[i] - mn_lo), al_hi = ex2(m_hi[i] - mn_hi);
+      m_lo[i] = mn_lo;
+      m_hi[i] = mn_hi;
+      l_lo[i] *= al_lo;
+      l_hi[i] *= al_hi;
+#pragma unroll
+      for (int j = 0; j < kTiles; ++j) {
+        sc[i][j][0] = ex2(sc[i][j][0] - mn_lo);
+        sc[i][j][1] = ex2(sc[i][j][1] - mn_lo);
+        sc[i][j][2] = ex2(sc[i][j][2] - mn_hi);
+        sc[i][j][3] = ex2(sc[i][j][3] - mn_hi);
+        l_lo[i] += sc[i][j][0] + sc[i][j][1];
+        l_hi[i] += sc[i][j][2] + sc[i][j][3];
+      }
+      // Once the maxima settle most stages leave them unchanged: skip the rescale (warp-uniform).
+      if (__any_sync(0xffffffffu, al_lo != 1.0f || al_hi != 1.0f)) {
+#pragma unroll
+        for (int n = 0; n < P::kNT; ++n) {
+          acc[i][n][0] *= al_lo;
+          acc[i][n][1] *= al_lo;
+          acc[i][n][2] *= al_hi;
+          acc[i][n][3] *= al_hi;
+        }
+      }
+    }
+    // O += P · rows[:, cols of this warp]: k = tokens (steps of 16), n = 8 columns per tile.
+#pragma unroll
+    for (int kk = 0; kk < kT / 16; ++kk) {
+      uint32_t a[kMW][4];
+#pragma unroll
+      for (int i = 0; i < kMW; ++i) {
+        a[i][0] = pack_bf16(sc[i][2 * kk][0], sc[i][2 * kk][1]);
+        a[i][1] = pack_bf16(sc[i][2 * kk][2], sc[i][2 * kk][3]);
+        a[i][2] = pack_bf16(sc[i][2 * kk + 1][0], sc[i][2 * kk + 1][1]);
+        a[i][3] = pack_bf16(sc[i][2 * kk + 1][2], sc[i][2 * kk + 1][3]);
+      }
+      const __nv_bfloat16* src = rows + kk * 16 * ws + vrow_off;
+#pragma unroll
+      for (int n = 0; n < P::kNT; n += 2) {
+        uint32_t bb[4];
+        ldmatrix_x4_trans(bb, src + n * 8);
+#pragma unroll
+        for (int i = 0; i < kMW; ++i) {
+          mma_bf16(acc[i][n], a[i], bb[0], bb[1]);
+          mma_bf16(acc[i][n + 1], a[i], bb[2], bb[3]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+#pragma unroll
+  for (int i = 0; i < kMW; ++i) {
+    float lo = l_lo[i], hi = l_hi[i];
+    lo += __shfl_xor_sync(0xffffffffu, lo, 1);
+    lo += __shfl_xor_sync(0xffffffffu, lo, 2);
+    hi += __shfl_xor_sync(0xffffffffu, hi, 1);
+    hi += __shfl_xor_sync(0xffffffffu, hi, 2);
+    store_result<P::kNT>(acc[i], m_lo[i], m_hi[i], lo, hi, wn == 0 && t4 == 0, (mg * kMW + i) * 16 + g, nh,
+                         wn * P::kCols, t4, s, b, split, h0, part_o, part_m, part_l, out, lse);
+  }
+}
+
+// Merge of the splits (maxima in base 2): one CTA of 128 threads per (head, sequence), 4 columns each.
+__global__ void __launch_bounds__(128) mla_merge_kernel(const float* part_o, const float* part_m,
+                                                        const float* part_l, Shape_ s, float* out, float* lse) {
+  const int64_t b = blockIdx.y, h = blockIdx.x;
+  const int64_t first = b * s.splits * s.h + h;  // split sp at first + sp·H
+  float mx = -INFINITY;
+  for (int64_t sp = 0; sp < s.splits; ++sp) mx = fmaxf(mx, part_m[first + sp * s.h]);
+  float l = 0.0f;
+  float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  const int d = threadIdx.x * 4;
+  for (int64_t sp = 0; sp < s.splits; ++sp) {
+    const int64_t i = first + sp * s.h;
+    const float m = part_m[i];
+    if (m == -INFINITY) continue;  // a split past the sequence's end
+    const float w = exp2f(m - mx);
+    l += w * part_l[i];
+    const float4 v = *reinterpret_cast<const float4*>(part_o + i * kR + d);
+    o.x += w * v.x;
+    o.y += w * v.y;
+    o.z += w * v.z;
+    o.w += w * v.w;
+  }
+  const float inv = 1.0f / l;
+  *reinterpret_cast<float4*>(out + (b * s.h + h) * kR + d) = make_float4(o.x * inv, o.y * inv, o.z * inv, o.w * inv);
+  if (lse && threadIdx.x == 0) lse[b * s.h + h] = mx / kLog2e + logf(l);
+}
+
+struct Launch {
+  MlaDecodeConfig c;
+  const void* kernel;
+  int threads;
+  size_t smem;
+  int per_sm = 1;  // resident CTAs per SM (set once, with the shared-memory attribute)
+};
+template <int kMG, int kMW, int kWN, int kT, int kS> Launch reg_launch() {
+  using P = Reg<kMG, kMW, kWN, kT, kS>;
+  return {MlaDecodeConfig{MlaKernel::reg_p, P::kHeads, 16 * kMW, kMG * kWN, kT, kS, 0},
+          reinterpret_cast<const void*>(mla_reg_kernel<kMG, kMW, kWN, kT, kS>), P::kThreads, P::smem};
+}
+const std::vector<Launch>& launches() {
+  static const std::vector<Launch> all = [] {
+    const size_t lws = kW + kPad;
+    const size_t legacy_smem =
+        (size_t(kLHeads) * lws + 2 * size_t(kLStage) * lws + size_t(kLHeads) * (kLStage + kPad)) * 2 +
+        size_t(kLWarps * kLHeads) * 4;
+    std::vector<Launch> v{
+        {MlaDecodeConfig{MlaKernel::legacy, 16, 16, kLWarps, kLStage, 2, 0},
+         reinterpret_cast<const void*>(mla_legacy_kernel<kR / (kLWarps * 8)>), kLThreads, legacy_smem},
+        reg_launch<1, 1, 4, 16, 4>(),  // two CTAs per SM
+        reg_launch<1, 1, 4, 32, 2>(),  // two CTAs per SM
+        reg_launch<1, 1, 4, 32, 3>(),
+        reg_launch<1, 1, 4, 64, 2>(),
+        reg_launch<1, 1, 8, 32, 2>(),  // two CTAs per SM
+        reg_launch<4, 1, 2, 32, 2>(),
+        reg_launch<4, 1, 4, 32, 2>(),
+        reg_launch<2, 2, 4, 32, 2>(),
+    };
+    for (Launch& l : v) {
+      DSV3_CUDA_CHECK(cudaFuncSetAttribute(l.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(l.smem)));
+      DSV3_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&l.per_sm, l.kernel, l.threads, l.smem));
+      l.per_sm = std::max(l.per_sm, 1);
+    }
+    return v;
+  }();
+  return all;
+}
+int sm_count() {
+  static const int n = [] {
+    int x = 132;
+    DSV3_CUDA_CHECK(cudaDeviceGetAttribute(&x, cudaDevAttrMultiProcessorCount, 0));
+    return x;
+  }();
+  return n;
+}
+bool same_shape(const MlaDecodeConfig& x, const MlaDecodeConfig& y) {
+  return x.kernel == y.kernel && x.heads_per_cta == y.heads_per_cta && x.heads_per_warp == y.heads_per_warp &&
+         x.warps == y.warps &&
+         x.stage_tokens == y.stage_tokens && x.stages == y.stages;
 }
 
 }  // namespace
 
+std::vector<MlaDecodeConfig> mla_decode_configs() {
+  std::vector<MlaDecodeConfig> v;
+  for (const Launch& l : launches()) v.push_back(l.c);
+  return v;
+}
+
+// Measured on the H200 (bench/gpu_mla_decode.cpp, B 64, context 4096): two 4-warp CTAs per SM with
+// double-buffered 32-token stages beat deeper rings at one CTA per SM (those are latency-bound on
+// one warp per scheduler); above 32 heads one 64-head CTA beats four 16-head ones re-reading rows.
+MlaDecodeConfig mla_decode_default_config(int64_t heads) {
+  return heads <= 32 ? MlaDecodeConfig{MlaKernel::reg_p, 16, 16, 4, 32, 2, 0}
+                     : MlaDecodeConfig{MlaKernel::reg_p, 64, 16, 8, 32, 2, 0};
+}
+
+std::string mla_decode_config_name(const MlaDecodeConfig& c) {
+  const char* k = c.kernel == MlaKernel::legacy ? "legacy" : "regP";
+  return cat(k, " h", c.heads_per_cta, c.heads_per_warp == 16 ? "" : cat("/", c.heads_per_warp), " w", c.warps,
+             " t", c.stage_tokens, " s", c.stages);
+}
+
 void cuda_mla_decode(const MlaDecodeArgs& a) {
+  cuda_mla_decode_with(a, mla_decode_default_config(a.q.ndim() == 3 ? a.q.dim(1) : 0));
+}
+
+int64_t cuda_mla_decode_with(const MlaDecodeArgs& a, const MlaDecodeConfig& c) {
   DSV3_CHECK(a.q.dtype() == DType::F32 && a.q.ndim() == 3 && a.pool.dtype() == DType::BF16 &&
                  a.block_table.dtype() == DType::I32 && a.block_table.ndim() == 2 &&
                  a.lengths.dtype() == DType::I32 && a.out.dtype() == DType::F32,
              "cuda_mla_decode: q F32 [B, H, W], pool BF16, block_table I32 [B, n], lengths I32 [B], out F32");
   int64_t B = a.q.dim(0), H = a.q.dim(1), W = a.q.dim(2), R = a.kv_lora_rank;
   DSV3_CHECK(a.block_size == kBlock, "cuda_mla_decode: block_size must be ", kBlock, ", got ", a.block_size);
-  DSV3_CHECK(W == kW && R == 512,
+  DSV3_CHECK(W == kW && R == kR,
              "cuda_mla_decode: needs rows of 576 (kv_lora_rank 512 + rope 64, DeepSeek-V2/V3), got W=", W, " R=", R);
   DSV3_CHECK(a.out.shape() == Shape({B, H, R}) && a.lengths.numel() == B && a.block_table.dim(0) == B,
              "cuda_mla_decode: shapes of out/lengths/block_table do not match q ", a.q.shape().str());
-  if (B == 0 || H == 0) return;
+  DSV3_CHECK(!present(a.lse) || (a.lse.dtype() == DType::F32 && a.lse.numel() == B * H),
+             "cuda_mla_decode: lse must be F32 [B, H]");
+  const Launch* l = nullptr;
+  for (const Launch& x : launches())
+    if (same_shape(x.c, c)) l = &x;
+  DSV3_CHECK(l, "cuda_mla_decode: no compiled kernel of shape ", mla_decode_config_name(c));
+  if (B == 0 || H == 0) return 0;
   int64_t max_blocks = a.block_table.dim(1);
   int64_t nblk = std::max<int64_t>(1, (std::max<int64_t>(a.max_len, 1) + kBlock - 1) / kBlock);
   DSV3_CHECK(nblk <= max_blocks, "cuda_mla_decode: max_len ", a.max_len, " exceeds the block table");
-  // About two CTAs per SM (two fit), at least one cache block each; splits cost a merge pass over
-  // B·splits·H·R partial sums, so no more than needed.
-  int sms = 132;
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
-  int64_t head_groups = (H + kHeads - 1) / kHeads;
-  int64_t splits = std::max<int64_t>(1, std::min<int64_t>(nblk, (2 * sms + B * head_groups / 2) / (B * head_groups)));
-  int64_t per = (nblk + splits - 1) / splits;
+  const int64_t slots = int64_t(sm_count()) * l->per_sm;
+  const int64_t head_groups = (H + c.heads_per_cta - 1) / c.heads_per_cta;
+  int64_t splits = c.splits;
+  if (splits <= 0) {
+    // Time model: CTAs run in waves over the slots, each wave as long as its CTAs' block count; a
+    // block takes one slot's share of the bandwidth. Splits add a merge pass over their partial sums.
+    const double block_s = 73728.0 * double(slots) / 3.5e12;
+    double best = 0;
+    for (int64_t sp = 1; sp <= nblk; ++sp) {
+      const int64_t per = (nblk + sp - 1) / sp;
+      if (sp > 1 && (nblk + per - 1) / per != sp) continue;  // same per-CTA work as fewer splits
+      const int64_t waves = (B * head_groups * sp + slots - 1) / slots;
+      double t = double(waves * per) * block_s;
+      if (sp > 1) t += double(B * H * R * 4 * (sp + 1)) / 3.0e12 + 3e-6;
+      if (sp == 1 || t < best) {
+        best = t;
+        splits = sp;
+      }
+    }
+  }
+  splits = std::min(splits, nblk);
+  const int64_t per = (nblk + splits - 1) / splits;
   splits = (nblk + per - 1) / per;
   Shape_ s{B, H, W, R, a.layers, a.layer, max_blocks, splits, per};
-  Scratch po(size_t(B * splits * H * R) * 4), pm(size_t(B * splits * H) * 4), pl(size_t(B * splits * H) * 4);
-  const size_t ws = size_t(W + kPad);
-  size_t smem = (size_t(kHeads) * ws + 2 * size_t(kStage) * ws + size_t(kHeads) * (kStage + kPad)) * 2 +
-                size_t(kWarps * kHeads) * 4;
-  constexpr int kNT = 512 / (kWarps * 8);
-  auto kernel = mla_split_kernel<kNT>;
-  DSV3_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  const bool legacy = c.kernel == MlaKernel::legacy;
+  const bool merge = splits > 1 || legacy;
+  Scratch po(merge ? size_t(B * splits * H * R) * 4 : 0), pm(merge ? size_t(B * splits * H) * 4 : 0),
+      pl(merge ? size_t(B * splits * H) * 4 : 0);
+  const float* qp = a.q.data<float>();
+  const __nv_bfloat16* pool = static_cast<const __nv_bfloat16*>(a.pool.raw());
+  const int32_t* table = a.block_table.data<int32_t>();
+  const int32_t* lens = a.lengths.data<int32_t>();
+  float* out = ptr<float>(a.out);
+  float* lse = present(a.lse) ? ptr<float>(a.lse) : nullptr;
+  float *pop = po.as<float>(), *pmp = pm.as<float>(), *plp = pl.as<float>();
   // Head groups fastest: the CTAs reading the same rows are scheduled together and share them in L2.
-  kernel<<<dim3(unsigned(head_groups), unsigned(splits), unsigned(B)), kThreads, smem>>>(
-      a.q.data<float>(), static_cast<const __nv_bfloat16*>(a.pool.raw()), a.block_table.data<int32_t>(),
-      a.lengths.data<int32_t>(), s, a.scale, po.as<float>(), pm.as<float>(), pl.as<float>());
-  mla_merge_kernel<<<dim3(unsigned(H), unsigned(B)), 128>>>(po.as<float>(), pm.as<float>(), pl.as<float>(), s,
-                                                            ptr<float>(a.out),
-                                                            present(a.lse) ? ptr<float>(a.lse) : nullptr);
+  const dim3 grid{unsigned(head_groups), unsigned(splits), unsigned(B)};
+  if (legacy) {
+    mla_legacy_kernel<kR / (kLWarps * 8)><<<grid, l->threads, l->smem>>>(qp, pool, table, lens, s, a.scale, pop,
+                                                                          pmp, plp);
+  } else {
+    float scale_log2 = a.scale * kLog2e;
+    void* args[] = {&qp, &pool, &table, &lens, &s, &scale_log2, &pop, &pmp, &plp, &out, &lse};
+    DSV3_CUDA_CHECK(cudaLaunchKernel(l->kernel, grid, dim3(unsigned(l->threads)), args, l->smem, nullptr));
+  }
+  if (merge)
+    mla_merge_kernel<<<dim3(unsigned(H), unsigned(B)), 128>>>(pop, pmp, plp, s, out, lse);
   check_launch("mla_decode");
+  return splits;
 }
 
 }  // namespace dsv3

@@ -1,6 +1,9 @@
 // Absorbed-MLA decode attention over the paged latent cache (src/infer/kv_cache.h layout), on the GPU.
 // Plain C++ header (no CUDA types) so the engine, tests and benchmarks can include it.
 #pragma once
+#include <string>
+#include <vector>
+
 #include "core/tensor.h"
 
 namespace dsv3 {
@@ -24,5 +27,27 @@ struct MlaDecodeArgs {
   Tensor lse;  // [B, H] F32, optional
 };
 void cuda_mla_decode(const MlaDecodeArgs& a);
+
+// The kernel shapes compiled in, for the benchmark and the tests to select explicitly;
+// cuda_mla_decode picks one by head count (mla_decode_default_config). Same results up to
+// floating-point summation order.
+enum class MlaKernel {
+  legacy,  // the first kernel (double buffer, 4 warps, two CTAs per SM), for comparison
+  reg_p,   // warps split the scores' K and add partial scores; softmax weights stay in registers
+};
+struct MlaDecodeConfig {
+  MlaKernel kernel = MlaKernel::reg_p;
+  int heads_per_cta = 16;  // 16 or 64 (one sequence's heads share every row read)
+  int heads_per_warp = 16; // MMA row tiles of 16 per warp (reg_p: 16 or 32)
+  int warps = 4;
+  int stage_tokens = 32;   // tokens per cp.async pipeline stage
+  int stages = 2;          // pipeline depth
+  int splits = 0;          // ranges of cache blocks per sequence merged afterwards; 0: chosen from the shape
+};
+std::vector<MlaDecodeConfig> mla_decode_configs();
+MlaDecodeConfig mla_decode_default_config(int64_t heads);
+std::string mla_decode_config_name(const MlaDecodeConfig& c);
+// Returns the number of splits it ran with.
+int64_t cuda_mla_decode_with(const MlaDecodeArgs& a, const MlaDecodeConfig& c);
 
 }  // namespace dsv3
