@@ -21,7 +21,8 @@ if [ -z "${PREBUILT:-}" ]; then
   step "configure + build (CUDA, sm_90a)"
   cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSV3_CUDA=ON -DDSV3_CUDA_ARCHS=90a >"$OUT/build.log" 2>&1
   # -k 0: a target that fails to build does not stop the others (each step checks its binary).
-  cmake --build build-gpu -j "$jobs" --target dsv3 dsv3_gpu_tests dsv3_bench_gpu_gemm dsv3_bench_gpu_mla_decode \
+  cmake --build build-gpu -j "$jobs" --target dsv3 dsv3_gpu_tests dsv3_bench_gpu_gemm dsv3_bench_gpu_mla_decode dsv3_bench_gpu_train \
+    dsv3_bench_gpu_attention dsv3_bench_gpu_decode dsv3_bench_gpu_fp8_accum \
     -- -k 0 >>"$OUT/build.log" 2>&1 || { status=1; grep -E "error|FAILED" "$OUT/build.log" | head -30; }
 else
   step "prebuilt binaries from $B"
@@ -52,6 +53,18 @@ if [ "${HF:-0}" = 1 ]; then
         tee -a "$OUT/summary.txt"; }
 fi
 
+step "BF16 tensor-core attention vs the FP32 kernels (bench-0.7b shape, forward and backward)"
+timeout 180 "$B"/dsv3_bench_gpu_attention 2>&1 | tee "$OUT/gpu_attention.txt" | tee -a "$OUT/summary.txt"
+cp bench/results/gpu_attention.json "$OUT/" 2>/dev/null || status=1
+
+step "decode on the GPU engine (bench-0.7b, prompt 128, 128 new tokens, batch 1 and 32; vs transformers when HF=1)"
+timeout 240 "$B"/dsv3_bench_gpu_decode --hf "$OUT/hf_gpu.json" 2>&1 | tee "$OUT/gpu_decode.txt" | tee -a "$OUT/summary.txt"
+cp bench/results/gpu_decode.json "$OUT/" 2>/dev/null || status=1
+
+step "FP8 accumulation on the tensor cores (no promotion vs every 128) beside the CPU emulation"
+timeout 120 "$B"/dsv3_bench_gpu_fp8_accum 2>&1 | tee "$OUT/gpu_fp8_accum.txt" | tee -a "$OUT/summary.txt"
+cp bench/results/gpu_fp8_accum.json "$OUT/" 2>/dev/null || status=1
+
 step "training throughput on the GPU (bench-0.7b, B=8, T=2048; vs transformers when HF=1)"
 timeout ${TRAIN_TIMEOUT:-240} "$B"/dsv3_bench_gpu_train --hf "$OUT/hf_gpu.json" 2>&1 | tee "$OUT/gpu_train.txt" | tee -a "$OUT/summary.txt"
 cp bench/results/gpu_train.json "$OUT/" 2>/dev/null || status=1
@@ -60,7 +73,7 @@ step "compute-sanitizer memcheck on the GPU test binary"
 if command -v compute-sanitizer >/dev/null || [ -x /usr/local/cuda/bin/compute-sanitizer ]; then
   CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   timeout ${MEMCHECK_TIMEOUT:-150} "$CS" --tool memcheck --error-exitcode 3 "$B"/dsv3_gpu_tests \
-    --gtest_filter='AllOps/BackendOps.MatchesReference/*:CudaFp8.*:CudaDevice.*:CudaMlaDecode.*:CudaModel.*:CudaTrain.*' >"$OUT/memcheck.log" 2>&1
+    --gtest_filter='AllOps/BackendOps.MatchesReference/*:CudaFp8.*:CudaDevice.*:CudaMlaDecode.*:CudaModel.*:CudaTrain.*:CudaAttnBf16.*:CudaLowp.*:CudaEngine.*:-*Bench07b*' >"$OUT/memcheck.log" 2>&1
   rc=$?
   tail -3 "$OUT/memcheck.log" | tee -a "$OUT/summary.txt"
   echo "memcheck exit code $rc" | tee -a "$OUT/summary.txt"
@@ -82,10 +95,13 @@ mla = load("gpu_mla_decode.json")
 hf = load("hf_gpu.json")
 train = load("gpu_train.json")
 tests = load("gpu_tests.json")
+decode = load("gpu_decode.json")
+attn = load("gpu_attention.json")
+accum = load("gpu_fp8_accum.json")
 s = {"commit": os.environ.get("DSV3_COMMIT"), "date": gemm.get("date") if gemm else None,
      "gpu": (gemm or {}).get("machine", {}).get("gpu"),
      "gpu_tests": {"tests": tests.get("tests"), "failures": tests.get("failures")} if tests else None,
-     # Not measured by this script yet (see docs/cuda.md): null, never a guess.
+     # null when a step did not produce its JSON: never a guess.
      "train_speedup_vs_hf_bf16": None, "train_fp8_over_bf16": None,
      "decode_bs1_speedup_vs_hf": None, "decode_bs32_speedup_vs_hf": None, "mla_decode_bw_fraction": None,
      "fp8_gemm_vs_cublaslt": None, "gemm": gemm["rows"] if gemm else None}
@@ -100,9 +116,19 @@ if mla:
     s["mla_decode_bw_fraction"] = mla["mla_decode_bw_fraction_h16"]
     s["mla_decode"] = mla["rows"]
     s["copy_gbps_read_plus_write"] = mla["copy_gbps_read_plus_write"]
+if decode:
+    s["decode_bs1_speedup_vs_hf"] = decode.get("decode_bs1_speedup_vs_hf")
+    s["decode_bs32_speedup_vs_hf"] = decode.get("decode_bs32_speedup_vs_hf")
+    s["decode"] = decode.get("runs")
+if attn:
+    s["attention_bf16"] = {k: attn.get(k) for k in ("shape", "bf16_fwd_tflops", "bf16_bwd_tflops", "speedup_fwd",
+                                                    "speedup_bwd", "roofline_tflops_bf16_dense")}
+if accum:
+    s["fp8_accum_rows"] = accum.get("rows")
 if gemm:
     s["fp8_gemm_vs_cublaslt"] = {r["shape"]: r["fp8_ours_over_cublaslt"] for r in gemm["rows"]}
 json.dump(s, open(os.path.join(out, "gpu_latest.json"), "w"), indent=1)
-print(json.dumps({k: v for k, v in s.items() if k not in ("gemm", "mla_decode", "hf")}, indent=1))
+print(json.dumps({k: v for k, v in s.items() if k not in ("gemm", "mla_decode", "hf", "decode", "fp8_accum_rows", "train")},
+                 indent=1))
 PY
 exit $status
