@@ -220,7 +220,7 @@ void mtp_module_forward(Backend& be, const ModelDims& d, const MtpParams& p, con
 // layer runs in FP8 (backend/fp8.h linear_lowp); untouched otherwise.
 void linear_forward(Backend& be, const LinearParam& p, const Tensor& x, const Tensor& y, bool accumulate = false,
                     Fp8Tiles* x_fp8 = nullptr);
-// The layer runs in FP8 (--precision fp8 on the CPU): its forward keeps FP8 copies for the backward.
+// The layer runs in FP8 (--precision fp8, on either backend): its forward keeps FP8 copies for the backward.
 bool fp8_layer(const Backend& be, const LinearParam& p);
 
 // ---------------------------------------------------------------------------------------------
