@@ -13,6 +13,7 @@
 // kernels' (query i at absolute position q_offset + i sees keys ≤ q_offset + i).
 #include "backend/cuda/attention_bf16.h"
 #include "backend/cuda/common.cuh"
+#include "backend/cuda/mma.cuh"
 
 #include <algorithm>
 #include <atomic>
@@ -36,43 +37,6 @@ Dims dims_of(const Tensor& q, const Tensor& k, const Tensor& v) {
   return {o ? q.dim(0) : 1, q.dim(o), k.dim(o), q.dim(o + 1), q.dim(o + 2), v.dim(o + 2)};
 }
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-// c += a·b, m16n8k16, BF16 operands, FP32 accumulators.
-__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ uint32_t pack(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-
-// 2^x on the MUFU unit (2 ulp; −inf → +0), without exp2f's extra scaling for subnormal results.
-__device__ __forceinline__ float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
 
 // Lane addresses of ldmatrix x4 for a 16×16 block at (r0, c0) of a row-major shared tile:
 // A operand (rows = M) and "trans" B operand (rows = K): matrices ordered (r lo, c lo), (r hi, c lo),
@@ -114,7 +78,7 @@ __global__ void to_bf16_heads(const float* src, bf16_t* dst, int t, int h, int d
   if (r < t && c < d) {
     const float4* p = reinterpret_cast<const float4*>(src + ((b * t + r) * h + hh) * d + c);
     const float4 x = p[0], y = p[1];
-    o = make_uint4(pack(x.x, x.y), pack(x.z, x.w), pack(y.x, y.y), pack(y.z, y.w));
+    o = make_uint4(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w), pack_bf16(y.x, y.y), pack_bf16(y.z, y.w));
   }
   *reinterpret_cast<uint4*>(dst + ((b * h + hh) * tp + r) * int64_t(dp) + c) = o;
 }
@@ -137,7 +101,7 @@ __global__ void bwd_prep(const float* dout, const float* out, const float* lse, 
       const float4 o = *reinterpret_cast<const float4*>(out + src + c);
       s = fmaf(x.x, o.x, fmaf(x.y, o.y, fmaf(x.z, o.z, fmaf(x.w, o.w, s))));
     }
-    *reinterpret_cast<uint2*>(dst + c) = make_uint2(pack(x.x, x.y), pack(x.z, x.w));
+    *reinterpret_cast<uint2*>(dst + c) = make_uint2(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w));
   }
   s = warp_sum(s);
   if (lane == 0) {
@@ -183,7 +147,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
       if (q0 + r < dm.t && c < dm.dqk)
         x = *reinterpret_cast<const float4*>(qg + (int64_t(blockIdx.z) * dm.t + q0 + r) * dm.h * dm.dqk + c);
-      *reinterpret_cast<uint2*>(qs + r * lq + c) = make_uint2(pack(x.x, x.y), pack(x.z, x.w));
+      *reinterpret_cast<uint2*>(qs + r * lq + c) = make_uint2(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w));
     }
   }
 
@@ -206,7 +170,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
     if (j == 0) {
 #pragma unroll
-      for (int kk = 0; kk < DQK / 16; ++kk) ldsm_x4(qf[kk], frag_a(qs, lq, warp * 16, kk * 16, lane));
+      for (int kk = 0; kk < DQK / 16; ++kk) ldmatrix_x4(qf[kk], frag_a(qs, lq, warp * 16, kk * 16, lane));
     }
     const bf16_t* kt = ks + buf * kFwdN * lq;
     const bf16_t* vt = vs + buf * kFwdN * lv;
@@ -218,9 +182,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int np = 0; np < NT / 2; ++np) {
         uint32_t b[4];
-        ldsm_x4(b, frag_b(kt, lq, np * 16, kk * 16, lane));
-        mma(s[2 * np], qf[kk], b[0], b[1]);
-        mma(s[2 * np + 1], qf[kk], b[2], b[3]);
+        ldmatrix_x4(b, frag_b(kt, lq, np * 16, kk * 16, lane));
+        mma_bf16(s[2 * np], qf[kk], b[0], b[1]);
+        mma_bf16(s[2 * np + 1], qf[kk], b[2], b[3]);
       }
     }
     const int64_t k0 = int64_t(j) * kFwdN;
@@ -273,14 +237,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     // The S accumulators of n-tiles 2kk, 2kk + 1 are exactly the A fragment of k-step kk.
 #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk) {
-      uint32_t a[4] = {pack(s[2 * kk][0], s[2 * kk][1]), pack(s[2 * kk][2], s[2 * kk][3]),
-                       pack(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      uint32_t a[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                       pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
 #pragma unroll
       for (int np = 0; np < DV / 16; ++np) {
         uint32_t b[4];
-        ldsm_x4_t(b, frag_bt(vt, lv, kk * 16, np * 16, lane));
-        mma(o[2 * np], a, b[0], b[1]);
-        mma(o[2 * np + 1], a, b[2], b[3]);
+        ldmatrix_x4_trans(b, frag_bt(vt, lv, kk * 16, np * 16, lane));
+        mma_bf16(o[2 * np], a, b[0], b[1]);
+        mma_bf16(o[2 * np + 1], a, b[2], b[3]);
       }
     }
     __syncthreads();  // the buffer is refilled next iteration
@@ -325,24 +289,24 @@ __device__ __forceinline__ void scores_and_dp(float (&s)[NT][4], float (&dp)[NT]
   for (int kk = 0; kk < KM; ++kk) {
     if (kk < K1) {
       uint32_t a[4];
-      ldsm_x4(a, frag_a(a1, lq, m0, kk * 16, lane));
+      ldmatrix_x4(a, frag_a(a1, lq, m0, kk * 16, lane));
 #pragma unroll
       for (int np = 0; np < NT / 2; ++np) {
         uint32_t b[4];
-        ldsm_x4(b, frag_b(b1, lq, np * 16, kk * 16, lane));
-        mma(s[2 * np], a, b[0], b[1]);
-        mma(s[2 * np + 1], a, b[2], b[3]);
+        ldmatrix_x4(b, frag_b(b1, lq, np * 16, kk * 16, lane));
+        mma_bf16(s[2 * np], a, b[0], b[1]);
+        mma_bf16(s[2 * np + 1], a, b[2], b[3]);
       }
     }
     if (kk < K2) {
       uint32_t a[4];
-      ldsm_x4(a, frag_a(c2, lv, m0, kk * 16, lane));
+      ldmatrix_x4(a, frag_a(c2, lv, m0, kk * 16, lane));
 #pragma unroll
       for (int np = 0; np < NT / 2; ++np) {
         uint32_t b[4];
-        ldsm_x4(b, frag_b(d2, lv, np * 16, kk * 16, lane));
-        mma(dp[2 * np], a, b[0], b[1]);
-        mma(dp[2 * np + 1], a, b[2], b[3]);
+        ldmatrix_x4(b, frag_b(d2, lv, np * 16, kk * 16, lane));
+        mma_bf16(dp[2 * np], a, b[0], b[1]);
+        mma_bf16(dp[2 * np + 1], a, b[2], b[3]);
       }
     }
   }
@@ -415,14 +379,14 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
 #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk) {
-      uint32_t a[4] = {pack(s[2 * kk][0], s[2 * kk][1]), pack(s[2 * kk][2], s[2 * kk][3]),
-                       pack(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      uint32_t a[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                       pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
 #pragma unroll
       for (int np = 0; np < DQK / 16; ++np) {
         uint32_t b[4];
-        ldsm_x4_t(b, frag_bt(kt, lq, kk * 16, np * 16, lane));
-        mma(acc[2 * np], a, b[0], b[1]);
-        mma(acc[2 * np + 1], a, b[2], b[3]);
+        ldmatrix_x4_trans(b, frag_bt(kt, lq, kk * 16, np * 16, lane));
+        mma_bf16(acc[2 * np], a, b[0], b[1]);
+        mma_bf16(acc[2 * np + 1], a, b[2], b[3]);
       }
     }
     __syncthreads();
@@ -523,31 +487,31 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
 #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk) {
-      pa[kk][0] = pack(s[2 * kk][0], s[2 * kk][1]);
-      pa[kk][1] = pack(s[2 * kk][2], s[2 * kk][3]);
-      pa[kk][2] = pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[kk][3] = pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      pa[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+      pa[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+      pa[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
     }
 #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk) {
 #pragma unroll
       for (int np = 0; np < DV / 16; ++np) {
         uint32_t b[4];
-        ldsm_x4_t(b, frag_bt(dt, lv, kk * 16, np * 16, lane));
-        mma(av[2 * np], pa[kk], b[0], b[1]);
-        mma(av[2 * np + 1], pa[kk], b[2], b[3]);
+        ldmatrix_x4_trans(b, frag_bt(dt, lv, kk * 16, np * 16, lane));
+        mma_bf16(av[2 * np], pa[kk], b[0], b[1]);
+        mma_bf16(av[2 * np + 1], pa[kk], b[2], b[3]);
       }
     }
 #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk) {
-      uint32_t a[4] = {pack(dp[2 * kk][0], dp[2 * kk][1]), pack(dp[2 * kk][2], dp[2 * kk][3]),
-                       pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]), pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+      uint32_t a[4] = {pack_bf16(dp[2 * kk][0], dp[2 * kk][1]), pack_bf16(dp[2 * kk][2], dp[2 * kk][3]),
+                       pack_bf16(dp[2 * kk + 1][0], dp[2 * kk + 1][1]), pack_bf16(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
 #pragma unroll
       for (int np = 0; np < DQK / 16; ++np) {
         uint32_t b[4];
-        ldsm_x4_t(b, frag_bt(qt, lq, kk * 16, np * 16, lane));
-        mma(ak[2 * np], a, b[0], b[1]);
-        mma(ak[2 * np + 1], a, b[2], b[3]);
+        ldmatrix_x4_trans(b, frag_bt(qt, lq, kk * 16, np * 16, lane));
+        mma_bf16(ak[2 * np], a, b[0], b[1]);
+        mma_bf16(ak[2 * np + 1], a, b[2], b[3]);
       }
     }
     __syncthreads();
