@@ -25,30 +25,11 @@ int main() {
 
 #include "backend/cuda/attention_bf16.h"
 #include "backend/cuda/cuda_backend.h"
+#include "common/gpu_bench.h"
 
 using namespace dsv3;
 
 namespace {
-template <class F> double time_s(F&& f, int iters, int reps) {
-  f();
-  cudaDeviceSynchronize();
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  std::vector<double> t;
-  for (int r = 0; r < reps; ++r) {
-    cudaEventRecord(a);
-    for (int i = 0; i < iters; ++i) f();
-    cudaEventRecord(b);
-    cudaEventSynchronize(b);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, a, b);
-    t.push_back(ms / 1e3 / iters);
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
-
 Tensor random_device(CudaBackend& be, const Shape& s, uint64_t salt) {
   Tensor h = Tensor::empty(DType::F32, s);
   float* p = h.data<float>();
@@ -95,15 +76,15 @@ int main(int argc, char** argv) {
   const double f_dq = 2.0 * pairs * double(2 * DQ + DV), f_dkv = 2.0 * pairs * double(2 * DQ + 2 * DV);
 
   cuda_set_attention_bf16(false);
-  const double t_f32_fwd = time_s([&] { fwd(out32, lse32); }, 2, 3);
-  const double t_f32_bwd = time_s([&] { bwd(out32, lse32, dq32, dk32, dv32); }, 1, 3);
+  const double t_f32_fwd = bench::gpu_time_s([&] { fwd(out32, lse32); }, 2, 3, 1);
+  const double t_f32_bwd = bench::gpu_time_s([&] { bwd(out32, lse32, dq32, dk32, dv32); }, 1, 3, 1);
   cuda_set_attention_bf16(true);
-  const double t_b16_fwd = time_s([&] { fwd(out16, lse16); }, 10, 5);
-  const double t_b16_bwd = time_s([&] { bwd(out16, lse16, dq16, dk16, dv16); }, 5, 5);
+  const double t_b16_fwd = bench::gpu_time_s([&] { fwd(out16, lse16); }, 10, 5, 1);
+  const double t_b16_bwd = bench::gpu_time_s([&] { bwd(out16, lse16, dq16, dk16, dv16); }, 5, 5, 1);
   // The two halves of the backward (each with the shared prep passes): dq alone, dk/dv alone.
   Tensor none;
-  const double t_b16_dq = time_s([&] { bwd(out16, lse16, dq16, none, none); }, 5, 5);
-  const double t_b16_dkv = time_s([&] { bwd(out16, lse16, none, dk16, dv16); }, 5, 5);
+  const double t_b16_dq = bench::gpu_time_s([&] { bwd(out16, lse16, dq16, none, none); }, 5, 5, 1);
+  const double t_b16_dkv = bench::gpu_time_s([&] { bwd(out16, lse16, none, dk16, dv16); }, 5, 5, 1);
   cuda_set_attention_bf16(false);
   const double e_out = norm_err(be, out16, out32), e_lse = norm_err(be, lse16, lse32);
   const double e_dq = norm_err(be, dq16, dq32), e_dk = norm_err(be, dk16, dk32), e_dv = norm_err(be, dv16, dv32);

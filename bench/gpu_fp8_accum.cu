@@ -25,20 +25,12 @@
 
 #include "backend/fp8.h"
 #include "common/bench_util.h"
+#include "common/gpu_bench.h"
 #include "core/rng.h"
 
 using namespace dsv3;
 
 namespace {
-
-#define CK(x)                                                                         \
-  do {                                                                                \
-    auto s_ = (x);                                                                    \
-    if (int(s_) != 0) {                                                               \
-      std::fprintf(stderr, "%s failed (%d) at line %d\n", #x, int(s_), __LINE__);     \
-      std::exit(1);                                                                   \
-    }                                                                                 \
-  } while (0)
 
 // a: [M, K] E4M3 row-major; b: [N, K] E4M3 (k contiguous, the MMA's column-major B); c: [M, N] F32.
 // One warp per 16×8 tile. promote = 0: one accumulator chain over all of K.

@@ -25,41 +25,13 @@ int main() {
 #include <vector>
 
 #include "backend/cuda/cuda_backend.h"
+#include "common/gpu_bench.h"
 
 using namespace dsv3;
 
 namespace {
 
-#define CK(x)                                                                \
-  do {                                                                       \
-    auto s_ = (x);                                                           \
-    if (int(s_) != 0) {                                                      \
-      std::fprintf(stderr, "%s failed (%d) at line %d\n", #x, int(s_), __LINE__); \
-      std::exit(1);                                                          \
-    }                                                                        \
-  } while (0)
-
 constexpr double kPeakBf16 = 989e12, kPeakFp8 = 1979e12;
-
-// Times `f` with CUDA events: 3 warm-up calls, then the median of 5 runs of `iters` calls.
-template <class F> double time_s(F&& f, int iters = 20) {
-  for (int i = 0; i < 3; ++i) f();
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  std::vector<double> t;
-  for (int r = 0; r < 5; ++r) {
-    cudaEventRecord(a);
-    for (int i = 0; i < iters; ++i) f();
-    cudaEventRecord(b);
-    cudaEventSynchronize(b);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, a, b);
-    t.push_back(ms / 1e3 / iters);
-  }
-  std::sort(t.begin(), t.end());
-  return t[2];
-}
 
 uint64_t lcg(uint64_t& s) {
   s = s * 6364136223846793005ull + 1442695040888963407ull;
@@ -132,9 +104,9 @@ int main() {
     Tensor dx = be.to_device(x), dw = be.to_device(w), dsx = be.to_device(sx), dsw = be.to_device(sw);
     Tensor c = be.alloc(DType::BF16, {m, n}), c2 = be.alloc(DType::BF16, {m, n});
     double flops = 2.0 * double(m) * double(n) * double(k);
-    double t_ours = time_s([&] { cuda_fp8_gemm({dx, dsx, dw, dsw, c}); });
+    double t_ours = bench::gpu_time_s([&] { cuda_fp8_gemm({dx, dsx, dw, dsw, c}); });
     Direct direct(m, n, k, dsw.raw(), dsx.raw());
-    double t_lt = time_s([&] { direct.run(dw.raw(), dx.raw(), c2.raw()); });
+    double t_lt = bench::gpu_time_s([&] { direct.run(dw.raw(), dx.raw(), c2.raw()); });
     // Sampled check of ours against the dequantized host product.
     Tensor ch = be.to_host(c);
     uint64_t s = 99;
@@ -154,7 +126,7 @@ int main() {
     // BF16 GEMM of the same shape (cuBLAS, FP32 accumulation), on zeroed operands.
     Tensor ab = be.zeros(DType::BF16, {m, k}), bb = be.zeros(DType::BF16, {n, k}), cb = be.alloc(DType::BF16, {m, n});
     float al = 1, bt = 0;
-    double t_bf16 = time_s([&] {
+    double t_bf16 = bench::gpu_time_s([&] {
       CK(cublasGemmEx(hb, CUBLAS_OP_T, CUBLAS_OP_N, int(n), int(m), int(k), &al, bb.raw(), CUDA_R_16BF, int(k),
                       ab.raw(), CUDA_R_16BF, int(k), &bt, cb.raw(), CUDA_R_16BF, int(n), CUBLAS_COMPUTE_32F,
                       CUBLAS_GEMM_DEFAULT));

@@ -25,31 +25,12 @@ int main() {
 #include <vector>
 
 #include "backend/cuda/cuda_backend.h"
+#include "common/gpu_bench.h"
 #include "backend/cuda/mla_decode.h"
 
 using namespace dsv3;
 
 namespace {
-template <class F> double time_s(F&& f, int iters = 20) {
-  for (int i = 0; i < 3; ++i) f();
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  std::vector<double> t;
-  for (int r = 0; r < 5; ++r) {
-    cudaEventRecord(a);
-    for (int i = 0; i < iters; ++i) f();
-    cudaEventRecord(b);
-    cudaEventSynchronize(b);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, a, b);
-    t.push_back(ms / 1e3 / iters);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(t.begin(), t.end());
-  return t[2];
-}
 constexpr double kBf16Peak = 989e12;
 }  // namespace
 
@@ -68,7 +49,7 @@ int main() {
   Tensor dt = be.to_device(table), dl = be.to_device(lens);
   double bytes = double(B) * double(ctx) * double(W) * 2.0;
   Tensor dst = be.alloc(DType::BF16, {B * ctx, W});
-  double t_copy = time_s([&] { cudaMemcpy(dst.raw(), pool.raw(), size_t(bytes), cudaMemcpyDeviceToDevice); });
+  double t_copy = bench::gpu_time_s([&] { cudaMemcpy(dst.raw(), pool.raw(), size_t(bytes), cudaMemcpyDeviceToDevice); });
   double copy_bw = 2 * bytes / t_copy;
   std::printf("device-to-device copy: %.0f GB/s (read + write traffic)\n", copy_bw / 1e9);
   std::printf("B=%ld context=%ld: %.0f MB of cache rows\n", long(B), long(ctx), bytes / 1e6);
@@ -93,7 +74,7 @@ int main() {
     const double t_roof = std::max(bytes / copy_bw, flops / kBf16Peak);
     auto measure = [&](const MlaDecodeConfig& c) {
       int64_t splits = 0;
-      double t = time_s([&] { splits = cuda_mla_decode_with(a, c); });
+      double t = bench::gpu_time_s([&] { splits = cuda_mla_decode_with(a, c); });
       double bw = bytes / t, tf = flops / t;
       std::printf("%-22s %5ld %6ld %9.1f %8.0f %6.2f %8.1f %6.2f %6.2f\n", mla_decode_config_name(c).c_str(), long(H),
                   long(splits), t * 1e6, bw / 1e9, bw / copy_bw, tf / 1e12, tf / kBf16Peak, t_roof / t);
