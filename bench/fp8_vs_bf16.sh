@@ -10,7 +10,8 @@
 # Environment: RUNS_DIR (default /tmp/dsv3_fp8_vs_bf16), OUT_JSON, NICE (default 5), THREADS (default 1),
 # EVAL_BATCHES (default 32), TINY_TAGS / LARGER_TAGS (the runs, see launch(); empty = skip that
 # configuration; default: all six for tiny, bf16 fp8 and the control for larger), LARGER_ALL=1 (all six
-# for larger too). Cost: ~0.2 CPU s per tiny step and ~0.45 per larger step, per run.
+# for larger too), SHAKES_TAGS / SHAKESPEARE (the runs on a small corpus, below). Cost: ~0.2 CPU s per tiny step
+# and ~0.45 per larger step, per run.
 set -euo pipefail
 build=${1:?usage: $0 BUILD_DIR [TINY_STEPS] [LARGER_STEPS]}
 tiny_steps=${2:-400}
@@ -20,6 +21,12 @@ runs=${RUNS_DIR:-/tmp/dsv3_fp8_vs_bf16}
 mkdir -p "$runs"
 bin="$runs/dsv3"  # a private copy: rebuilding the tree does not touch running jobs
 cp "$build/dsv3" "$bin"
+shakes_tags=${SHAKES_TAGS-bf16 fp8}
+shakes=${SHAKESPEARE:-$root/../shared/data/tinyshakespeare.txt}
+if [[ -n "$shakes_tags" && ! -f "$shakes" ]]; then
+  echo "fp8_vs_bf16.sh: $shakes not found (set SHAKESPEARE, or SHAKES_TAGS= to skip those runs)" >&2
+  exit 2
+fi
 larger_sets=(--set hidden_size=256 --set num_hidden_layers=6 --set intermediate_size=768
              --set num_attention_heads=8 --set num_key_value_heads=8 --set q_lora_rank=128 --set kv_lora_rank=64
              --set n_routed_experts=16 --set moe_intermediate_size=128)
@@ -60,6 +67,15 @@ larger_tags=${LARGER_TAGS-bf16 fp8 fp8-dgrad-128x128}
 [[ "${LARGER_ALL:-0}" == 1 ]] && larger_tags=$all_tags
 [[ -n "$tiny_tags" ]] && launch tiny "$tiny_steps" 8 64 "$tiny_tags"
 [[ -n "$larger_tags" ]] && launch larger "$larger_steps" 8 32 "$larger_tags" "${larger_sets[@]}"
+# Several passes over a small corpus: both configurations on tinyshakespeare (381k training tokens with
+# the Brown BPE), 2.4 passes each (tiny 1,800 steps x 512 tokens, larger 3,600 x 256); SHAKES_TAGS
+# (default bf16 fp8; empty: skip), SHAKESPEARE = the text file.
+if [[ -n "$shakes_tags" ]]; then
+  "$bin" data prepare --tokenizer "$root/data/brown-bpe4096" --output "$runs/shakespeare" --val-fraction 0.1 \
+    "$shakes" > "$runs/shakespeare.log" 2>&1
+  launch shakespeare_tiny 1800 8 64 "$shakes_tags" --data "$runs/shakespeare"
+  launch shakespeare_larger 3600 8 32 "$shakes_tags" --data "$runs/shakespeare" "${larger_sets[@]}"
+fi
 for pid in "${pids[@]}"; do wait "$pid" || echo "a run exited with $? (see $runs/*.log)"; done
 secs=$(( $(date +%s) - start ))
 cfg() {  # NAME PRESET_DESC STEPS BATCH SEQ
@@ -67,9 +83,11 @@ cfg() {  # NAME PRESET_DESC STEPS BATCH SEQ
     "$1" "$2" "$3" "$4" $(($2 * $3 * $4)) "$threads" "$eval_batches" "$secs" "$load_before" "$(cut -d' ' -f1-3 /proc/loadavg)"
 }
 exp_args=()
-for name in tiny larger; do
+for name in tiny larger shakespeare_tiny shakespeare_larger; do
   steps=$tiny_steps batch=8 seq=64 desc="tiny preset"
   [[ $name == larger ]] && steps=$larger_steps seq=32 desc="tiny ${larger_sets[*]}"
+  [[ $name == shakespeare_tiny ]] && steps=1800 desc="tiny preset, tinyshakespeare"
+  [[ $name == shakespeare_larger ]] && steps=3600 seq=32 desc="tiny ${larger_sets[*]}, tinyshakespeare"
   dirs=()
   for t in $all_tags; do [[ -d "$runs/$name-$t" ]] && dirs+=("$runs/$name-$t"); done
   [[ ${#dirs[@]} -ge 2 ]] && exp_args+=("$name-${steps}steps" "$(cfg "$desc" "$steps" "$batch" "$seq")" "${dirs[@]}")
