@@ -14,6 +14,7 @@
 
 #include "backend/fp8.h"
 #include "common/bench_util.h"
+#include "common/fp8_accum_util.h"
 #include "core/rng.h"
 
 using namespace dsv3;
@@ -31,24 +32,14 @@ struct Op {
 Op quant(const Tensor& x) {
   int64_t M = x.dim(0), K = x.dim(1);
   Op o{Tensor::empty(DType::F8_E4M3, {M, K}), Tensor::empty(DType::F32, {M, (K + 127) / 128})};
-  float amax = 0;
-  for (int64_t i = 0; i < M * K; ++i) amax = std::max(amax, std::fabs(x.data<float>()[i]));
-  int e;
-  float m = std::frexp(amax / kE4M3Max, &e);
-  float s = std::ldexp(1.0f, m == 0.5f ? e - 1 : e);
+  float s = bench::pow2_operand_scale(x.data<float>(), size_t(M * K));
   for (int64_t i = 0; i < o.s.numel(); ++i) o.s.data<float>()[i] = s;
   uint8_t* q = static_cast<uint8_t*>(o.q.raw());
   for (int64_t i = 0; i < M * K; ++i) q[i] = float_to_e4m3(x.data<float>()[i] / s);
   return o;
 }
 
-struct Err {
-  double max_rel = 0;   // max over outputs of |c − ref| / |ref|
-  double norm_max = 0;  // max|c − ref| / max|ref|
-  double mean_rel = 0;  // mean over outputs of |c − ref| / |ref|
-  double frob = 0;      // ‖c − ref‖_F / ‖ref‖_F
-};
-Err measure(const Op& a, const Op& b, const std::vector<double>& ref, Fp8Accum acc, int bits, int64_t promote,
+bench::AccumErr measure(const Op& a, const Op& b, const std::vector<double>& ref, Fp8Accum acc, int bits, int64_t promote,
             bool aligned) {
   int64_t M = a.q.dim(0), N = b.q.dim(0);
   Tensor c = Tensor::empty(DType::F32, {M, N});
@@ -58,20 +49,7 @@ Err measure(const Op& a, const Op& b, const std::vector<double>& ref, Fp8Accum a
   g.promote_every = promote;
   g.acc_in_alignment = aligned;
   fp8_gemm(g);
-  Err e;
-  double big = 0, worst = 0, d2 = 0, r2 = 0;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    double d = std::fabs(double(c.data<float>()[i]) - ref[i]), r = d / std::fabs(ref[i]);
-    e.max_rel = std::max(e.max_rel, r);
-    e.mean_rel += r / double(ref.size());
-    worst = std::max(worst, d);
-    big = std::max(big, std::fabs(ref[i]));
-    d2 += d * d;
-    r2 += ref[i] * ref[i];
-  }
-  e.norm_max = worst / big;
-  e.frob = std::sqrt(d2 / r2);
-  return e;
+  return bench::accum_error(c.data<float>(), ref);
 }
 
 }  // namespace
@@ -107,8 +85,8 @@ int main(int argc, char** argv) {
         Tensor x = Tensor::empty(DType::F32, {mn, K}), w = Tensor::empty(DType::F32, {mn, K});
         bool uni = !std::strcmp(dist, "uniform");
         for (int64_t i = 0; i < mn * K; ++i) {
-          x.data<float>()[i] = uni ? float(rng_u64(1, 1, uint64_t(i)) >> 40) * 0x1p-24f : rng_normal(1, 1, uint64_t(i));
-          w.data<float>()[i] = uni ? float(rng_u64(1, 2, uint64_t(i)) >> 40) * 0x1p-24f : rng_normal(1, 2, uint64_t(i));
+          x.data<float>()[i] = bench::accum_input(uni, 1, uint64_t(i));
+          w.data<float>()[i] = bench::accum_input(uni, 2, uint64_t(i));
         }
         Op a = quant(x), b = quant(w);
         Tensor da = Tensor::empty(DType::F32, {mn, K}), db = Tensor::empty(DType::F32, {mn, K});
@@ -121,23 +99,19 @@ int main(int argc, char** argv) {
             for (int64_t k = 0; k < K; ++k) s += double(da.data<float>()[i * K + k]) * db.data<float>()[j * K + k];
             ref[size_t(i * mn + j)] = s;
           }
-        Err none = measure(a, b, ref, Fp8Accum::Limited, bits, 0, aligned);
-        Err prom = measure(a, b, ref, Fp8Accum::Limited, bits, 128, aligned);
-        Err f32 = measure(a, b, ref, Fp8Accum::Fp32, bits, 0, aligned);
+        bench::AccumErr none = measure(a, b, ref, Fp8Accum::Limited, bits, 0, aligned);
+        bench::AccumErr prom = measure(a, b, ref, Fp8Accum::Limited, bits, 128, aligned);
+        bench::AccumErr f32 = measure(a, b, ref, Fp8Accum::Fp32, bits, 0, aligned);
         std::printf("%-5s %-7s %6lld | %8.4f%% %8.4f%% %8.4f%% %8.4f%% | %8.4f%% %8.4f%% %8.4f%% %8.4f%% | %8.1e\n",
                     aligned ? "acc" : "prod", dist, (long long)K, 100 * none.max_rel, 100 * none.mean_rel,
                     100 * none.norm_max, 100 * none.frob, 100 * prom.max_rel, 100 * prom.mean_rel,
                     100 * prom.norm_max, 100 * prom.frob, f32.max_rel);
-        auto js = [](const Err& e) {
-          return nlohmann::json{
-              {"max_rel", e.max_rel}, {"mean_rel", e.mean_rel}, {"norm_max", e.norm_max}, {"frob", e.frob}};
-        };
         rows.push_back({{"alignment", aligned ? "acc" : "prod"},
                         {"inputs", dist},
                         {"K", K},
-                        {"limited_no_promotion", js(none)},
-                        {"limited_promote_128", js(prom)},
-                        {"fp32", js(f32)}});
+                        {"limited_no_promotion", bench::to_json(none)},
+                        {"limited_promote_128", bench::to_json(prom)},
+                        {"fp32", bench::to_json(f32)}});
       }
   std::string path = bench::write_result(
       "fp8_accum", {{"bench", "fp8_accum"},

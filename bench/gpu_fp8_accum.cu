@@ -25,6 +25,7 @@
 
 #include "backend/fp8.h"
 #include "common/bench_util.h"
+#include "common/fp8_accum_util.h"
 #include "common/gpu_bench.h"
 #include "core/rng.h"
 
@@ -113,43 +114,16 @@ int lt_gemm(cublasLtHandle_t lt, const uint8_t* a, const uint8_t* b, float* c, i
   return splitk;
 }
 
-struct Err {
-  double max_rel = 0, mean_rel = 0, norm_max = 0, frob = 0;
-};
-Err measure(const float* c, const std::vector<double>& ref) {
-  Err e;
-  double big = 0, worst = 0, d2 = 0, r2 = 0;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    double d = std::fabs(double(c[i]) - ref[i]), r = d / std::fabs(ref[i]);
-    e.max_rel = std::max(e.max_rel, r);
-    e.mean_rel += r / double(ref.size());
-    worst = std::max(worst, d);
-    big = std::max(big, std::fabs(ref[i]));
-    d2 += d * d;
-    r2 += ref[i] * ref[i];
-  }
-  e.norm_max = worst / big;
-  e.frob = std::sqrt(d2 / r2);
-  return e;
-}
-nlohmann::json js(const Err& e) {
-  return {{"max_rel", e.max_rel}, {"mean_rel", e.mean_rel}, {"norm_max", e.norm_max}, {"frob", e.frob}};
-}
-
 // E4M3 bytes of x with one power-of-two scale for the whole operand (as bench/fp8_accum.cpp); the bytes
 // are what the tensor core multiplies, the scale (exact) is left out of every column alike.
 std::vector<uint8_t> quant(const std::vector<float>& x) {
-  float amax = 0;
-  for (float v : x) amax = std::max(amax, std::fabs(v));
-  int e;
-  float m = std::frexp(amax / kE4M3Max, &e);
-  float s = std::ldexp(1.0f, m == 0.5f ? e - 1 : e);
+  float s = bench::pow2_operand_scale(x.data(), x.size());
   std::vector<uint8_t> q(x.size());
   for (size_t i = 0; i < x.size(); ++i) q[i] = float_to_e4m3(x[i] / s);
   return q;
 }
 
-Err emulate(const std::vector<uint8_t>& qa, const std::vector<uint8_t>& qb, int mn, int K, int64_t promote,
+bench::AccumErr emulate(const std::vector<uint8_t>& qa, const std::vector<uint8_t>& qb, int mn, int K, int64_t promote,
             bool aligned, const std::vector<double>& ref) {
   int64_t kb = (K + 127) / 128;
   Tensor a = Tensor::empty(DType::F8_E4M3, {mn, K}), b = Tensor::empty(DType::F8_E4M3, {mn, K});
@@ -164,7 +138,7 @@ Err emulate(const std::vector<uint8_t>& qa, const std::vector<uint8_t>& qb, int 
   g.promote_every = promote;
   g.acc_in_alignment = aligned;
   fp8_gemm(g);
-  return measure(c.data<float>(), ref);
+  return bench::accum_error(c.data<float>(), ref);
 }
 
 }  // namespace
@@ -201,8 +175,8 @@ int main(int argc, char** argv) {
       bool uni = !std::strcmp(dist, "uniform");
       std::vector<float> x(size_t(mn) * K), w(size_t(mn) * K);
       for (size_t i = 0; i < x.size(); ++i) {
-        x[i] = uni ? float(rng_u64(1, 1, i) >> 40) * 0x1p-24f : rng_normal(1, 1, i);
-        w[i] = uni ? float(rng_u64(1, 2, i) >> 40) * 0x1p-24f : rng_normal(1, 2, i);
+        x[i] = bench::accum_input(uni, 1, i);
+        w[i] = bench::accum_input(uni, 2, i);
       }
       std::vector<uint8_t> qa = quant(x), qb = quant(w);
       std::vector<double> da(qa.size()), db(qb.size());
@@ -229,17 +203,17 @@ int main(int argc, char** argv) {
         mma_probe<<<(mn / 16) * (mn / 8), 32>>>(ga, gb, gc, mn, mn, K, promote);
         CK(cudaGetLastError());
         CK(cudaMemcpy(c.data(), gc, c.size() * sizeof(float), cudaMemcpyDeviceToHost));
-        return measure(c.data(), ref);
+        return bench::accum_error(c.data(), ref);
       };
       auto run_lt = [&](bool fast) {
         splitk_seen = std::max(splitk_seen, lt_gemm(lt, ga, gb, gc, mn, mn, K, fast, ws, ws_bytes));
         CK(cudaMemcpy(c.data(), gc, c.size() * sizeof(float), cudaMemcpyDeviceToHost));
-        return measure(c.data(), ref);
+        return bench::accum_error(c.data(), ref);
       };
-      Err chain = run_mma(0), prom = run_mma(128), fast = run_lt(true), dflt = run_lt(false);
-      Err eacc = emulate(qa, qb, mn, K, 0, true, ref), eprod = emulate(qa, qb, mn, K, 0, false, ref);
-      Err eprom = emulate(qa, qb, mn, K, 128, true, ref);
-      auto cell = [](const Err& e) {
+      bench::AccumErr chain = run_mma(0), prom = run_mma(128), fast = run_lt(true), dflt = run_lt(false);
+      bench::AccumErr eacc = emulate(qa, qb, mn, K, 0, true, ref), eprod = emulate(qa, qb, mn, K, 0, false, ref);
+      bench::AccumErr eprom = emulate(qa, qb, mn, K, 128, true, ref);
+      auto cell = [](const bench::AccumErr& e) {
         static char buf[8][40];
         static int i = 0;
         char* s = buf[i++ % 8];
@@ -250,13 +224,13 @@ int main(int argc, char** argv) {
                   cell(fast), cell(dflt), cell(eacc), cell(eprod), cell(eprom));
       rows.push_back({{"inputs", dist},
                       {"K", K},
-                      {"gpu_mma_no_promotion", js(chain)},
-                      {"gpu_mma_promote_128", js(prom)},
-                      {"cublaslt_fast_accum", js(fast)},
-                      {"cublaslt_default", js(dflt)},
-                      {"emulation_acc_aligned", js(eacc)},
-                      {"emulation_products_aligned", js(eprod)},
-                      {"emulation_acc_aligned_promote_128", js(eprom)}});
+                      {"gpu_mma_no_promotion", bench::to_json(chain)},
+                      {"gpu_mma_promote_128", bench::to_json(prom)},
+                      {"cublaslt_fast_accum", bench::to_json(fast)},
+                      {"cublaslt_default", bench::to_json(dflt)},
+                      {"emulation_acc_aligned", bench::to_json(eacc)},
+                      {"emulation_products_aligned", bench::to_json(eprod)},
+                      {"emulation_acc_aligned_promote_128", bench::to_json(eprom)}});
       cudaFree(ga);
       cudaFree(gb);
       cudaFree(gc);
