@@ -28,96 +28,6 @@ __global__ void rope_kernel(float* x, const int32_t* pos, const float* cs, const
   }
 }
 
-// DeepSeek-V3 routing (sigmoid scores, noaux_tc: groups ranked by the sum of their two best biased
-// scores, top-k among the chosen groups by biased score, weights from the unbiased scores,
-// normalised, times the scaling factor) — the backend's router with a warp per token instead of
-// one serial thread, the same ties (lower index first) and the same order of the weight sum.
-constexpr int kRouteWarps = 4;
-__global__ void route_kernel(const float* logits, int n, int E, const void* bias, DType bt, int ng, int topk_group,
-                             int k, bool norm, float rsf, int32_t* ids, float* weights) {
-  extern __shared__ float rsm[];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = blockIdx.x * kRouteWarps + warp;
-  if (r >= n) return;
-  float* s = rsm + warp * 2 * E;
-  float* c = s + E;
-  for (int j = lane; j < E; j += 32) {
-    s[j] = 1.0f / (1.0f + expf(-logits[int64_t(r) * E + j]));
-    c[j] = bias ? s[j] + load_f(bias, bt, j) : s[j];
-  }
-  __syncwarp();
-  const int gsz = E / ng;
-  if (topk_group < ng) {
-    // Lane g scores group g: its best plus its second best biased score.
-    float gs = -INFINITY;
-    if (lane < ng) {
-      const float* cg = c + lane * gsz;
-      int a = 0;
-      for (int j = 1; j < gsz; ++j)
-        if (cg[j] > cg[a]) a = j;
-      int b = -1;
-      for (int j = 0; j < gsz; ++j)
-        if (j != a && (b < 0 || cg[j] > cg[b])) b = j;
-      gs = cg[a] + cg[b];
-    }
-    bool chosen = false, free_g = lane < ng;
-    for (int i = 0; i < topk_group; ++i) {
-      float v = free_g ? gs : -INFINITY;
-      int idx = free_g ? lane : 1 << 30;
-      for (int o = 16; o > 0; o >>= 1) {
-        const float v2 = __shfl_xor_sync(0xffffffffu, v, o);
-        const int i2 = __shfl_xor_sync(0xffffffffu, idx, o);
-        if (i2 < (1 << 30) && (idx >= (1 << 30) || v2 > v || (v2 == v && i2 < idx))) {
-          v = v2;
-          idx = i2;
-        }
-      }
-      if (lane == idx) {
-        chosen = true;
-        free_g = false;
-      }
-    }
-    const unsigned mask = __ballot_sync(0xffffffffu, chosen);
-    __syncwarp();
-    for (int j = lane; j < E; j += 32)
-      if (!((mask >> (j / gsz)) & 1u)) c[j] = -INFINITY;
-    __syncwarp();
-  }
-  // Top-k over the free experts: the lane's candidates in increasing index, then across lanes.
-  unsigned taken = 0;  // bit i: expert lane + 32·i taken (E ≤ 256)
-  float sum = 0.0f;
-  for (int i = 0; i < k; ++i) {
-    float v = -INFINITY;
-    int idx = 1 << 30;
-    for (int q = 0, j = lane; j < E; ++q, j += 32)
-      if (!((taken >> q) & 1u) && (idx >= (1 << 30) || c[j] > v)) {
-        v = c[j];
-        idx = j;
-      }
-    for (int o = 16; o > 0; o >>= 1) {
-      const float v2 = __shfl_xor_sync(0xffffffffu, v, o);
-      const int i2 = __shfl_xor_sync(0xffffffffu, idx, o);
-      if (i2 < (1 << 30) && (idx >= (1 << 30) || v2 > v || (v2 == v && i2 < idx))) {
-        v = v2;
-        idx = i2;
-      }
-    }
-    if ((idx & 31) == lane) taken |= 1u << (idx >> 5);
-    if (lane == 0) {
-      ids[int64_t(r) * k + i] = idx;
-      weights[int64_t(r) * k + i] = s[idx];
-    }
-    sum += s[idx];
-  }
-  __syncwarp();
-  if (lane == 0) {
-    float* w = weights + int64_t(r) * k;
-    for (int i = 0; i < k; ++i) {
-      if (norm) w[i] /= sum + 1e-20f;
-      w[i] *= rsf;
-    }
-  }
-}
-
 // One CTA of E threads: picks (r·k + j) grouped by expert, token order kept within an expert.
 // order[p] = pick at grouped position p, inv[pick] = p, offsets[e] = first position of expert e.
 // With a fused shared expert (group E), every token r is one more pick nk + r, after the routed ones.
@@ -512,19 +422,8 @@ Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, con
     cuda_small_linear(p.gate, x, logits, false);
   else
     linear_forward(be, p.gate, x, logits);
-  Tensor scores, ids = be.alloc(DType::I32, {N, k}), wts = be.alloc(DType::F32, {N, k});
-  // The warp-per-token router for V3's scheme (what the tests exercise); the backend's otherwise.
-  const bool own_router = d.scoring == RouterScoring::Sigmoid && d.method == RouterMethod::NoauxTc && E <= 256 &&
-                          d.n_group >= 1 && d.n_group <= 32 && E % d.n_group == 0 && k <= E;
-  if (own_router) {
-    route_kernel<<<unsigned((N + kRouteWarps - 1) / kRouteWarps), 32 * kRouteWarps,
-                   size_t(kRouteWarps) * 2 * size_t(E) * sizeof(float)>>>(
-        logits.data<float>(), int(N), int(E), present(p.e_score_correction_bias) ? p.e_score_correction_bias.raw() : nullptr,
-        p.e_score_correction_bias.dtype(), d.n_group, d.topk_group, int(k), d.norm_topk_prob, d.routed_scaling_factor,
-        ptr<int32_t>(ids), ptr<float>(wts));
-    check_launch("router (warp per token)");
-  }
-  scores = own_router ? Tensor() : be.alloc(DType::F32, {N, E});
+  Tensor ids = be.alloc(DType::I32, {N, k}), wts = be.alloc(DType::F32, {N, k});
+  Tensor scores = be.alloc(DType::F32, {N, E});
   RouterArgs r;
   r.logits = logits;
   r.bias = p.e_score_correction_bias;
@@ -538,7 +437,7 @@ Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, con
   r.scores = scores;
   r.ids = ids;
   r.weights = wts;
-  if (!own_router) be.router(r);
+  be.router(r);
 
   const int64_t nk = N * k, groups = E + (t.shared ? 1 : 0), picks = nk + (t.shared ? N : 0);
   DSV3_CHECK((E + nk) * 4 <= 48 * 1024, "cuda_moe_forward: ", N, " rows × top-", k, " picks exceed the grouping kernel");

@@ -188,7 +188,7 @@ TEST(CudaEngine, SyncFreePathEqualsCpuOnRandomTiny) {
   EXPECT_GE(fewest[0], 4) << "too many near ties to compare";
 }
 
-// The grouped MoE (router with a warp per token, grouping, experts, combine, residual) against the
+// The grouped MoE (the backend's router, grouping, experts, combine, residual) against the
 // CPU's moe_forward on one MoE layer of the tiny preset, with a router bias that changes the picks.
 TEST(CudaEngine, GroupedMoeEqualsCpuMoeForward) {
   ASSERT_GT(cuda_device_count(), 0);
