@@ -5,7 +5,8 @@
 # `tiny` preset and on a larger configuration (`tiny` widened and deepened by --set, short sequences).
 # All runs go side by side, THREADS each; validation every steps/20 on EVAL_BATCHES batches;
 # tools/fp8_vs_bf16.py writes bench/results/fp8_vs_bf16.json (with how much the validation loss still
-# moved over the last fifth of each run) and one SVG plot per configuration.
+# moved over the last fifth of each run) and one SVG plot per configuration; experiments of other names
+# already in the JSON (the GPU runs of bench/fp8_vs_bf16_gpu.sh) stay.
 #   bench/fp8_vs_bf16.sh BUILD_DIR [TINY_STEPS] [LARGER_STEPS]
 # Environment: RUNS_DIR (default /tmp/dsv3_fp8_vs_bf16), OUT_JSON, NICE (default 5), THREADS (default 1),
 # EVAL_BATCHES (default 32), TINY_TAGS / LARGER_TAGS (the runs, see launch(); empty = skip that
@@ -92,4 +93,4 @@ for name in tiny larger shakespeare_tiny shakespeare_larger; do
   for t in $all_tags; do [[ -d "$runs/$name-$t" ]] && dirs+=("$runs/$name-$t"); done
   [[ ${#dirs[@]} -ge 2 ]] && exp_args+=("$name-${steps}steps" "$(cfg "$desc" "$steps" "$batch" "$seq")" "${dirs[@]}")
 done
-python3 "$root/tools/fp8_vs_bf16.py" "${OUT_JSON:-$root/bench/results/fp8_vs_bf16.json}" "${exp_args[@]}"
+python3 "$root/tools/fp8_vs_bf16.py" --keep-existing "${OUT_JSON:-$root/bench/results/fp8_vs_bf16.json}" "${exp_args[@]}"

@@ -2,12 +2,19 @@
 """Summarise BF16 / FP8 / negative-control training runs (dsv3 train metrics.jsonl) into
 bench/results/fp8_vs_bf16.json and one SVG plot per experiment (gnuplot).
 
-usage: fp8_vs_bf16.py OUT_JSON NAME CONFIG_JSON RUN_DIR... [NAME CONFIG_JSON RUN_DIR...]...
+usage: fp8_vs_bf16.py [--keep-existing] OUT_JSON NAME CONFIG_JSON RUN_DIR... [NAME CONFIG_JSON RUN_DIR...]...
+--keep-existing: experiments already in OUT_JSON under other names stay (after the new ones).
 Each experiment is NAME, a JSON object describing the configuration, and its run directories, named
 <first word of NAME>-<tag> with tag bf16, fp8 (both required), fp8-dgrad-128x128 (the negative control),
 bf16-seed1235 / fp8-seed1235 (a second seed), fp8-moments-bf16.
 Smoothing: EMA with coefficient 0.9 (as [V3] Fig. 10), bias-corrected; the relative difference is
 (fp8 - bf16) / bf16 of the smoothed training loss at the last step and of the last validation loss.
+Where the loss flattens: the flat point is the evaluation step where the mean validation loss of the
+experiment's runs is lowest (past it, runs that repeat their data start to over-fit); around it, a
+window of +-10% of the steps, the mean raw training loss and mean validation loss of each run give the
+relative differences in `flat_point` (a window, because a single step's smoothed loss moves by more
+than the 0.25% bar from one step to the next). A run counts as flat when its validation loss moved by
+less than the bar over its last fifth, or its lowest validation loss came before its last evaluation.
 """
 import json
 import os
@@ -86,7 +93,60 @@ def flatness(val):
     return rel(earlier[-1], val[-1][1]) if earlier else None
 
 
+BAR = 0.0025
+
+
+def window_means(run, step, half):
+    rows = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl")) if l.strip()]
+    tr = [r["loss"] for r in rows if r.get("loss") is not None and not r.get("skipped") and abs(r["step"] - step) <= half]
+    va = [r["val_loss"] for r in rows if r.get("val_loss") is not None and abs(r["step"] - step) <= half]
+    return (sum(tr) / len(tr) if tr else None), (sum(va) / len(va) if va else None)
+
+
+def flat_point(runs, dirs):
+    """The flat point and the windowed relative differences there (see the module comment)."""
+    curves = {tag: dict(runs[tag][2]) for tag in runs}
+    common = sorted(set.intersection(*(set(c) for c in curves.values())))
+    if not common:
+        return None
+    step = min(common, key=lambda s: sum(c[s] for c in curves.values()) / len(curves))
+    half = max(1, round(0.1 * max(common)))
+    means = {tag: window_means(dirs[tag], step, half) for tag in runs}
+    out = {"step": step, "window": [step - half, step + half],
+           "train_loss_mean": {t: m[0] for t, m in means.items()},
+           "val_loss_mean": {t: m[1] for t, m in means.items()}}
+    pairs = [("bf16", "fp8"), ("bf16-seed1235", "fp8-seed1235")]
+    out["pairs"] = []
+    for b, f in pairs:
+        if b in means and f in means:
+            out["pairs"].append({"bf16": b, "fp8": f, "rel_diff_train_loss": rel(means[b][0], means[f][0]),
+                                 "rel_diff_val_loss": rel(means[b][1], means[f][1])})
+    if "fp8-dgrad-128x128" in means:
+        out["negative_control_rel_diff_train_loss"] = rel(means["bf16"][0], means["fp8-dgrad-128x128"][0])
+        out["negative_control_rel_diff_val_loss"] = rel(means["bf16"][1], means["fp8-dgrad-128x128"][1])
+    if "bf16-seed1235" in means:
+        out["bf16_seed_spread_train_loss"] = rel(means["bf16"][0], means["bf16-seed1235"][0])
+        out["bf16_seed_spread_val_loss"] = rel(means["bf16"][1], means["bf16-seed1235"][1])
+    return out
+
+
+def is_flat(val):
+    if len(val) < 2:
+        return False
+    change = flatness(val)
+    best = min(range(len(val)), key=lambda i: val[i][1])
+    return (change is not None and abs(change) < BAR) or best < len(val) - 1
+
+
+def mean_sd(xs):
+    m = sum(xs) / len(xs)
+    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else None
+    return m, sd
+
+
 def main(argv):
+    keep = "--keep-existing" in argv[1:]
+    argv = [a for a in argv if a != "--keep-existing"]
     out_json = argv[1]
     args = argv[2:]
     experiments = []
@@ -115,6 +175,12 @@ def main(argv):
         res["rel_diff_train_loss"] = rel(bf16["final_train_loss_ema"], fp8["final_train_loss_ema"])
         res["rel_diff_val_loss"] = rel(bf16["final_val_loss"], fp8["final_val_loss"])
         res["val_change_last_fifth"] = {tag: flatness(runs[tag][2]) for tag in runs}
+        res["val_min"] = {tag: dict(zip(("step", "val_loss"), min(runs[tag][2], key=lambda p: p[1])))
+                          for tag in runs if runs[tag][2]}
+        res["flat"] = {tag: is_flat(runs[tag][2]) for tag in runs}
+        fp = flat_point(runs, dirs)
+        if fp and all(res["flat"].values()):
+            res["flat_point"] = fp
         if "fp8-dgrad-128x128" in runs:
             nc = runs["fp8-dgrad-128x128"][0]
             res["negative_control_dgrad_128x128"] = nc
@@ -145,7 +211,20 @@ def main(argv):
         plot(name, curves, svg)
         res["plot"] = os.path.relpath(svg, os.path.dirname(os.path.dirname(os.path.dirname(out_json))))
         experiments.append(res)
+    if keep and os.path.exists(out_json):
+        names = {e["name"] for e in experiments}
+        experiments += [e for e in json.load(open(out_json)).get("experiments", []) if e["name"] not in names]
     top = dict(experiments[0])
+    # Every FP8-vs-BF16 pair measured at a flat point, over all experiments: the mean and its spread.
+    flat_pairs = [dict(p, experiment=e["name"]) for e in experiments for p in e.get("flat_point", {}).get("pairs", [])]
+    if flat_pairs:
+        tm, tsd = mean_sd([p["rel_diff_train_loss"] for p in flat_pairs])
+        vm, vsd = mean_sd([p["rel_diff_val_loss"] for p in flat_pairs])
+        n = len(flat_pairs)
+        top["flat_pairs"] = {"pairs": flat_pairs, "n": n, "mean_rel_diff_train_loss": tm,
+                             "mean_rel_diff_val_loss": vm,
+                             "stderr_rel_diff_train_loss": tsd / n ** 0.5 if tsd is not None else None,
+                             "stderr_rel_diff_val_loss": vsd / n ** 0.5 if vsd is not None else None}
     top["steps"] = top["config"].get("steps")
     top["tokens"] = top["config"].get("tokens")
     top["paper_bar"] = "relative loss error below 0.25% ([V3] 3.3)"
@@ -167,6 +246,15 @@ def main(argv):
         print(line)
         print("  val change over the last fifth: " +
               ", ".join(f"{t} {v:+.3%}" for t, v in e["val_change_last_fifth"].items() if v is not None))
+        for p in e.get("flat_point", {}).get("pairs", []):
+            print(f"  flat point (step {e['flat_point']['step']}, window {e['flat_point']['window']}): {p['fp8']} vs "
+                  f"{p['bf16']}: train {p['rel_diff_train_loss']:+.3%}  val {p['rel_diff_val_loss']:+.3%}")
+    if "flat_pairs" in top:
+        f = top["flat_pairs"]
+        se = lambda x: "n/a" if x is None else f"{x:.3%}"
+        print(f"all {f['n']} pairs at flat points: train {f['mean_rel_diff_train_loss']:+.3%} "
+              f"(standard error {se(f['stderr_rel_diff_train_loss'])})  val {f['mean_rel_diff_val_loss']:+.3%} "
+              f"(standard error {se(f['stderr_rel_diff_val_loss'])})")
 
 
 if __name__ == "__main__":
