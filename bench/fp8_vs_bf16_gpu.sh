@@ -6,7 +6,9 @@
 # over the whole validation split every STEPS/20 steps; then tools/fp8_vs_bf16.py --keep-existing adds
 # the experiment to bench/results/fp8_vs_bf16.json (other experiments stay).
 #   bench/fp8_vs_bf16_gpu.sh BUILD_DIR tiny|larger STEPS
-# Environment: TAGS (default: bf16 fp8 fp8-dgrad-128x128 bf16-seed1235 fp8-seed1235), BATCH (256),
+# Environment: TAGS (default: bf16 fp8 fp8-dgrad-128x128 bf16-seed1235 fp8-seed1235; further seeds as
+# bf16-seedN fp8-seedN — without bf16 and fp8 the runs are only trained, for adding to an experiment
+# with tools/fp8_vs_bf16.py), BATCH (256),
 # RUNS_DIR (/tmp/dsv3_fp8_vs_bf16_gpu), OUT_JSON. Measured on the H200: tiny 1,500 steps x 5 runs 344 s,
 # 1,000 steps x 4 runs 182 s; larger 800 steps x 5 runs 361 s.
 set -euo pipefail
@@ -34,8 +36,7 @@ for tag in $tags; do
     bf16) args=(--precision bf16 --seed 1234) ;;
     fp8) args=(--precision fp8 --seed 1234) ;;
     fp8-dgrad-128x128) args=(--precision fp8-dgrad-128x128 --seed 1234) ;;
-    bf16-seed1235) args=(--precision bf16 --seed 1235) ;;
-    fp8-seed1235) args=(--precision fp8 --seed 1235) ;;
+    bf16-seed[0-9]*|fp8-seed[0-9]*) args=(--precision "${tag%%-seed*}" --seed "${tag##*-seed}") ;;
     *) echo "fp8_vs_bf16_gpu.sh: unknown run tag '$tag'" >&2; exit 2 ;;
   esac
   OMP_NUM_THREADS=3 "$build/dsv3" train --device cuda --preset tiny "${sets[@]}" "${args[@]}" --steps "$steps" \
@@ -48,5 +49,9 @@ secs=$(( $(date +%s) - start ))
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 config=$(printf '{"model":"%s","data":"Brown corpus (1.57M training tokens)","steps":%d,"batch":%d,"seq_len":64,"tokens":%d,"passes":%.1f,"seeds":[1234,1235],"lr":"dsv3 train default schedule (5e-3, 5%% warm-up, cosine from 50%% to 5e-4)","eval_every":%d,"eval":"the whole validation split (84.5k tokens)","moments":"f32","device":"cuda (%s; cuBLASLt block-scaled FP8, BF16 tensor-core attention), runs side by side","wall_s":%d}' \
   "$desc" "$steps" "$batch" $((steps * batch * 64)) "$(python3 -c "print($steps * $batch * 64 / 1567000)")" $((steps / 20)) "$gpu" "$secs")
+if [[ " $tags " != *" bf16 "* || " $tags " != *" fp8 "* ]]; then
+  echo "runs in $runs (no bf16/fp8 pair of seed 1234 among them: add them to an experiment with tools/fp8_vs_bf16.py)"
+  exit 0
+fi
 python3 "$root/tools/fp8_vs_bf16.py" --keep-existing "${OUT_JSON:-$root/bench/results/fp8_vs_bf16.json}" \
   "$name-${steps}steps" "$config" "${dirs[@]}"

@@ -6,7 +6,8 @@ usage: fp8_vs_bf16.py [--keep-existing] OUT_JSON NAME CONFIG_JSON RUN_DIR... [NA
 --keep-existing: experiments already in OUT_JSON under other names stay (after the new ones).
 Each experiment is NAME, a JSON object describing the configuration, and its run directories, named
 <first word of NAME>-<tag> with tag bf16, fp8 (both required), fp8-dgrad-128x128 (the negative control),
-bf16-seed1235 / fp8-seed1235 (a second seed), fp8-moments-bf16.
+bf16-seed1235 / fp8-seed1235 (a second seed), fp8-moments-bf16; bf16-seedN / fp8-seedN (further seeds:
+more pairs at the flat point and in the per-seed lists).
 Smoothing: EMA with coefficient 0.9 (as [V3] Fig. 10), bias-corrected; the relative difference is
 (fp8 - bf16) / bf16 of the smoothed training loss at the last step and of the last validation loss.
 Where the loss flattens: the flat point is the evaluation step where the mean validation loss of the
@@ -18,6 +19,7 @@ less than the bar over its last fifth, or its lowest validation loss came before
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -80,6 +82,20 @@ LABELS = {
 }
 
 
+def label(tag):
+    if tag in LABELS:
+        return LABELS[tag]
+    m = re.fullmatch(r"(bf16|fp8)-seed(\d+)", tag)
+    return f"{m.group(1)} seed {m.group(2)}" if m else None
+
+
+def seed_pairs(tags):
+    """(bf16, fp8) tag pairs of the same seed: the first seed, then every further one present."""
+    seeds = sorted({t.split("-seed")[1] for t in tags if re.fullmatch(r"(bf16|fp8)-seed\d+", t)}, key=int)
+    return [("bf16", "fp8")] + [(f"bf16-seed{n}", f"fp8-seed{n}") for n in seeds
+                                if f"bf16-seed{n}" in tags and f"fp8-seed{n}" in tags]
+
+
 def rel(a, b):
     return None if a is None or b is None else (b - a) / a
 
@@ -115,9 +131,8 @@ def flat_point(runs, dirs):
     out = {"step": step, "window": [step - half, step + half],
            "train_loss_mean": {t: m[0] for t, m in means.items()},
            "val_loss_mean": {t: m[1] for t, m in means.items()}}
-    pairs = [("bf16", "fp8"), ("bf16-seed1235", "fp8-seed1235")]
     out["pairs"] = []
-    for b, f in pairs:
+    for b, f in seed_pairs(set(means)):
         if b in means and f in means:
             out["pairs"].append({"bf16": b, "fp8": f, "rel_diff_train_loss": rel(means[b][0], means[f][0]),
                                  "rel_diff_val_loss": rel(means[b][1], means[f][1])})
@@ -156,8 +171,9 @@ def main(argv):
         args = args[2:]
         while args and os.path.isdir(args[0]):
             tag = os.path.basename(os.path.normpath(args[0]))[len(name.split("-")[0]) + 1:]
-            if tag not in LABELS:
-                sys.exit(f"fp8_vs_bf16.py: {args[0]}: unknown run tag '{tag}' (expected one of {sorted(LABELS)})")
+            if label(tag) is None:
+                sys.exit(f"fp8_vs_bf16.py: {args[0]}: unknown run tag '{tag}' "
+                         f"(expected one of {sorted(LABELS)} or bf16-seedN / fp8-seedN)")
             dirs[tag] = args[0]
             args = args[1:]
         for need in ("bf16", "fp8"):
@@ -167,11 +183,11 @@ def main(argv):
         bf16, fp8 = runs["bf16"][0], runs["fp8"][0]
         res = {"name": name, "config": config, "bf16": bf16, "fp8": fp8}
         curves = []
-        for tag in LABELS:
+        for tag in list(LABELS) + sorted(t for t in runs if t not in LABELS):
             if tag in runs:
                 s, sm, val = runs[tag]
-                curves.append((LABELS[tag] + " train", sm))
-                curves.append((LABELS[tag] + " val", val))
+                curves.append((label(tag) + " train", sm))
+                curves.append((label(tag) + " val", val))
         res["rel_diff_train_loss"] = rel(bf16["final_train_loss_ema"], fp8["final_train_loss_ema"])
         res["rel_diff_val_loss"] = rel(bf16["final_val_loss"], fp8["final_val_loss"])
         res["val_change_last_fifth"] = {tag: flatness(runs[tag][2]) for tag in runs}
@@ -197,16 +213,19 @@ def main(argv):
                     "rel_diff_val_loss": rel(bf16["final_val_loss"], s["final_val_loss"]),
                 }
         if "bf16-seed1235" in runs and "fp8-seed1235" in runs:
-            # A second FP8-vs-BF16 pair from another seed: the mean of the two pairs halves the variance
-            # of the seed-to-seed spread that a single pair carries.
-            b2, f2 = runs["bf16-seed1235"][0], runs["fp8-seed1235"][0]
-            res["references"]["fp8 other seed"] = {"summary": f2}
-            pairs_t = [res["rel_diff_train_loss"], rel(b2["final_train_loss_ema"], f2["final_train_loss_ema"])]
-            pairs_v = [res["rel_diff_val_loss"], rel(b2["final_val_loss"], f2["final_val_loss"])]
+            # A second FP8-vs-BF16 pair from another seed (and any further ones): the mean of n pairs
+            # divides the variance of the seed-to-seed spread that a single pair carries by n.
+            res["references"]["fp8 other seed"] = {"summary": runs["fp8-seed1235"][0]}
+            pairs = [(runs[b][0], runs[f][0]) for b, f in seed_pairs(set(runs))]
+            pairs_t = [rel(b["final_train_loss_ema"], f["final_train_loss_ema"]) for b, f in pairs]
+            pairs_v = [rel(b["final_val_loss"], f["final_val_loss"]) for b, f in pairs]
             res["per_seed_rel_diff_train_loss"] = pairs_t
             res["per_seed_rel_diff_val_loss"] = pairs_v
-            res["mean_rel_diff_train_loss"] = sum(pairs_t) / 2
-            res["mean_rel_diff_val_loss"] = sum(pairs_v) / 2
+            res["mean_rel_diff_train_loss"] = sum(pairs_t) / len(pairs_t)
+            res["mean_rel_diff_val_loss"] = sum(pairs_v) / len(pairs_v)
+        for b, f in seed_pairs(set(runs))[2:]:
+            res.setdefault("references", {})[label(b)] = {"summary": runs[b][0]}
+            res["references"][label(f)] = {"summary": runs[f][0]}
         svg = os.path.join(os.path.dirname(out_json), f"fp8_vs_bf16_{name}.svg")
         plot(name, curves, svg)
         res["plot"] = os.path.relpath(svg, os.path.dirname(os.path.dirname(os.path.dirname(out_json))))
@@ -242,7 +261,7 @@ def main(argv):
     for e in experiments:
         line = f"{e['name']}: rel_diff_train_loss {e['rel_diff_train_loss']:+.4%}  rel_diff_val_loss {e['rel_diff_val_loss']:+.4%}"
         if "mean_rel_diff_val_loss" in e:
-            line += f"  (mean of 2 seeds: {e['mean_rel_diff_train_loss']:+.4%} / {e['mean_rel_diff_val_loss']:+.4%})"
+            line += f"  (mean of {len(e['per_seed_rel_diff_train_loss'])} seeds: {e['mean_rel_diff_train_loss']:+.4%} / {e['mean_rel_diff_val_loss']:+.4%})"
         print(line)
         print("  val change over the last fifth: " +
               ", ".join(f"{t} {v:+.3%}" for t, v in e["val_change_last_fifth"].items() if v is not None))
