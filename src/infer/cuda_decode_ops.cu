@@ -424,20 +424,7 @@ Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, con
     linear_forward(be, p.gate, x, logits);
   Tensor ids = be.alloc(DType::I32, {N, k}), wts = be.alloc(DType::F32, {N, k});
   Tensor scores = be.alloc(DType::F32, {N, E});
-  RouterArgs r;
-  r.logits = logits;
-  r.bias = p.e_score_correction_bias;
-  r.scoring = d.scoring;
-  r.method = d.method;
-  r.n_group = d.n_group;
-  r.topk_group = d.topk_group;
-  r.top_k = d.top_k;
-  r.norm_topk_prob = d.norm_topk_prob;
-  r.routed_scaling_factor = d.routed_scaling_factor;
-  r.scores = scores;
-  r.ids = ids;
-  r.weights = wts;
-  be.router(r);
+  moe_route(be, d, p, logits, scores, ids, wts);
 
   const int64_t nk = N * k, groups = E + (t.shared ? 1 : 0), picks = nk + (t.shared ? N : 0);
   DSV3_CHECK((E + nk) * 4 <= 48 * 1024, "cuda_moe_forward: ", N, " rows × top-", k, " picks exceed the grouping kernel");

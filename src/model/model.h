@@ -208,6 +208,10 @@ void mla_forward(Backend& be, const ModelDims& d, const MlaParams& p, const Rope
                  const Tensor& x, int64_t B, int64_t T, MlaActs& a);
 void mlp_forward(Backend& be, const MlpParams& p, const Tensor& x, MlpActs& a, bool accumulate_out = false);
 void moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const Tensor& x, MoeActs& a);
+// The router op with the config's routing (DESIGN §2) on gate logits [N, E]: scores [N, E], ids and
+// weights [N, top_k], allocated by the caller. moe_forward and the GPU engine's MoE both route here.
+void moe_route(Backend& be, const ModelDims& d, const MoeParams& p, const Tensor& logits, const Tensor& scores,
+               const Tensor& ids, const Tensor& weights);
 void decoder_layer_forward(Backend& be, const ModelDims& d, const LayerParams& p, const RopeInput& rope,
                            const Tensor& x, int64_t B, int64_t T, LayerActs& a);
 // MTP module k on B sequences of T tokens (host ids [B·T]); h_prev = h^{k−1} with prev_len rows per

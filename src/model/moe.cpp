@@ -54,6 +54,24 @@ void mlp_forward(Backend& be, const MlpParams& p, const Tensor& x, MlpActs& a, b
   linear_forward(be, p.down_proj, a.act, a.out, accumulate_out);  // [M, H]
 }
 
+void moe_route(Backend& be, const ModelDims& d, const MoeParams& p, const Tensor& logits, const Tensor& scores,
+               const Tensor& ids, const Tensor& weights) {
+  RouterArgs r;
+  r.logits = logits;
+  r.bias = p.e_score_correction_bias;
+  r.scoring = d.scoring;
+  r.method = d.method;
+  r.n_group = d.n_group;
+  r.topk_group = d.topk_group;
+  r.top_k = d.top_k;
+  r.norm_topk_prob = d.norm_topk_prob;
+  r.routed_scaling_factor = d.routed_scaling_factor;
+  r.scores = scores;
+  r.ids = ids;
+  r.weights = weights;
+  be.router(r);
+}
+
 void moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const Tensor& x, MoeActs& a) {
   const int64_t N = x.dim(0), E = d.n_experts, k = d.top_k, H = d.H;
   a.x = x;  // [N, H]
@@ -64,20 +82,7 @@ void moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const Tens
   a.scores = be.alloc(DType::F32, {N, E});
   a.ids = be.alloc(DType::I32, {N, k});
   a.weights = be.alloc(DType::F32, {N, k});
-  RouterArgs r;
-  r.logits = a.logits;
-  r.bias = p.e_score_correction_bias;
-  r.scoring = d.scoring;
-  r.method = d.method;
-  r.n_group = d.n_group;
-  r.topk_group = d.topk_group;
-  r.top_k = d.top_k;
-  r.norm_topk_prob = d.norm_topk_prob;
-  r.routed_scaling_factor = d.routed_scaling_factor;
-  r.scores = a.scores;
-  r.ids = a.ids;
-  r.weights = a.weights;
-  be.router(r);
+  moe_route(be, d, p, a.logits, a.scores, a.ids, a.weights);
 
   // Group the N·k picks by expert.
   a.pick = be.alloc(DType::I32, {N * k});
