@@ -105,20 +105,7 @@ void ExpertParallelMoe::route(Backend& be, const MoeParams& p, const Tensor& x, 
   a.scores = be.alloc(DType::F32, {N, E});
   a.ids = be.alloc(DType::I32, {N, k});
   a.weights = be.alloc(DType::F32, {N, k});
-  RouterArgs r;
-  r.logits = a.logits;
-  r.bias = p.e_score_correction_bias;
-  r.scoring = d_.scoring;
-  r.method = d_.method;
-  r.n_group = d_.n_group;
-  r.topk_group = d_.topk_group;
-  r.top_k = d_.top_k;
-  r.norm_topk_prob = d_.norm_topk_prob;
-  r.routed_scaling_factor = d_.routed_scaling_factor;
-  r.scores = a.scores;
-  r.ids = a.ids;
-  r.weights = a.weights;
-  be.router(r);
+  moe_route(be, d_, p, a.logits, a.scores, a.ids, a.weights);
   if (o_.node_limit > 0) {
     Tensor ids = Tensor::empty(DType::I32, {N, k}), w = Tensor::empty(DType::F32, {N, k});
     Tensor bias = present(p.e_score_correction_bias) ? be.to_host(p.e_score_correction_bias) : Tensor();
@@ -397,7 +384,7 @@ void ExpertParallelMoe::forward(Backend& be, const MoeParams& p, const Tensor& x
 void ExpertParallelMoe::backward(Backend& be, const MoeParams& p, const MoeParams& g, const EpMoeActs& a,
                                  const Tensor& dout, const Tensor& router_dlogits, const Tensor& dx,
                                  bool accumulate_dx) {
-  const int64_t N = a.local.x.dim(0), E = d_.n_experts, K = d_.top_k, H = d_.H, e0 = first_expert();
+  const int64_t N = a.local.x.dim(0), K = d_.top_k, H = d_.H, e0 = first_expert();
   if (!accumulate_dx) {
     FillArgs f;
     f.x = dx;
@@ -458,24 +445,7 @@ void ExpertParallelMoe::backward(Backend& be, const MoeParams& p, const MoeParam
 
   Tensor dwt = Tensor::empty(DType::F32, {N, K});
   std::copy(dweights.begin(), dweights.end(), dwt.data<float>());
-  Tensor dlogits = be.alloc(DType::F32, {N, E});
-  RouterBackwardArgs rb;
-  rb.scores = a.local.scores;
-  rb.ids = a.local.ids;
-  rb.dweights = be.to_device(dwt);
-  rb.scoring = d_.scoring;
-  rb.norm_topk_prob = d_.norm_topk_prob;
-  rb.routed_scaling_factor = d_.routed_scaling_factor;
-  rb.dlogits = dlogits;
-  be.router_backward(rb);
-  if (present(router_dlogits)) {
-    AddArgs ad;
-    ad.a = dlogits;
-    ad.b = router_dlogits;
-    ad.out = dlogits;
-    be.add(ad);
-  }
-  linear_backward(be, p.gate, g.gate, a.local.x, dlogits, dx, true);
+  moe_route_backward(be, d_, p, g, a.local.x, a.local.scores, a.local.ids, be.to_device(dwt), router_dlogits, dx);
 }
 
 void node_limited_topk(const Tensor& scores, const Tensor& bias, int nodes, int node_limit, int top_k,

@@ -212,6 +212,11 @@ void moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const Tens
 // weights [N, top_k], allocated by the caller. moe_forward and the GPU engine's MoE both route here.
 void moe_route(Backend& be, const ModelDims& d, const MoeParams& p, const Tensor& logits, const Tensor& scores,
                const Tensor& ids, const Tensor& weights);
+// Its backward: dx += gateᵀ(dlogits) and the gate's weight gradient into g.gate, where dlogits comes
+// from dweights [N, top_k] through the saved scores/ids, plus router_dlogits (the balance loss's) if present.
+void moe_route_backward(Backend& be, const ModelDims& d, const MoeParams& p, const MoeParams& g, const Tensor& x,
+                        const Tensor& scores, const Tensor& ids, const Tensor& dweights, const Tensor& router_dlogits,
+                        const Tensor& dx);
 void decoder_layer_forward(Backend& be, const ModelDims& d, const LayerParams& p, const RopeInput& rope,
                            const Tensor& x, int64_t B, int64_t T, LayerActs& a);
 // MTP module k on B sequences of T tokens (host ids [B·T]); h_prev = h^{k−1} with prev_len rows per

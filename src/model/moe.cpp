@@ -72,6 +72,30 @@ void moe_route(Backend& be, const ModelDims& d, const MoeParams& p, const Tensor
   be.router(r);
 }
 
+void moe_route_backward(Backend& be, const ModelDims& d, const MoeParams& p, const MoeParams& g, const Tensor& x,
+                        const Tensor& scores, const Tensor& ids, const Tensor& dweights, const Tensor& router_dlogits,
+                        const Tensor& dx) {
+  // The gradient reaches the gate logits through the unbiased scores of the picks.
+  Tensor dlogits = be.alloc(DType::F32, {x.dim(0), d.n_experts});
+  RouterBackwardArgs rb;
+  rb.scores = scores;
+  rb.ids = ids;
+  rb.dweights = dweights;
+  rb.scoring = d.scoring;
+  rb.norm_topk_prob = d.norm_topk_prob;
+  rb.routed_scaling_factor = d.routed_scaling_factor;
+  rb.dlogits = dlogits;
+  be.router_backward(rb);
+  if (present(router_dlogits)) {
+    AddArgs ad;
+    ad.a = dlogits;
+    ad.b = router_dlogits;
+    ad.out = dlogits;
+    be.add(ad);
+  }
+  linear_backward(be, p.gate, g.gate, x, dlogits, dx, true);
+}
+
 void moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const Tensor& x, MoeActs& a) {
   const int64_t N = x.dim(0), E = d.n_experts, k = d.top_k, H = d.H;
   a.x = x;  // [N, H]
@@ -261,25 +285,7 @@ void moe_backward(Backend& be, const ModelDims& d, const MoeParams& p, const Moe
   sx.out = dx;
   be.scatter_add_rows(sx);
 
-  // Router: the gradient reaches the gate logits through the unbiased scores of the picks.
-  Tensor dlogits = be.alloc(DType::F32, {N, E});
-  RouterBackwardArgs rb;
-  rb.scores = a.scores;
-  rb.ids = a.ids;
-  rb.dweights = dweights;
-  rb.scoring = d.scoring;
-  rb.norm_topk_prob = d.norm_topk_prob;
-  rb.routed_scaling_factor = d.routed_scaling_factor;
-  rb.dlogits = dlogits;
-  be.router_backward(rb);
-  if (present(router_dlogits)) {
-    AddArgs ad;
-    ad.a = dlogits;
-    ad.b = router_dlogits;
-    ad.out = dlogits;
-    be.add(ad);
-  }
-  linear_backward(be, p.gate, g.gate, a.x, dlogits, dx, true);
+  moe_route_backward(be, d, p, g, a.x, a.scores, a.ids, dweights, router_dlogits, dx);
 }
 
 void decoder_layer_backward(Backend& be, const ModelDims& d, const LayerParams& p, const LayerParams& g,
