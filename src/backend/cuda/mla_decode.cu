@@ -8,11 +8,12 @@
 //   (partial scores added through shared memory), then the online softmax in base 2 in registers,
 //   then O[heads, 512] += P · rows[:, 0:512], the 512 columns split over the same warps.
 // With one split the CTA writes out and lse itself; otherwise a second kernel merges the splits'
-// partial sums (merging in the last CTA of each sequence measured slower on the H200: that CTA's
-// serial pass is a tail). Operands are BF16 (q and the softmax weights are rounded to BF16),
-// accumulation FP32; the tolerance is the BF16-operand one. The first kernel (legacy: four warps
-// splitting the tokens, maxima and weights through shared memory, double buffer) stays for
-// comparison in the benchmark.
+// partial sums (merging in the last CTA of each sequence, counted by an arrival counter, measured no
+// faster on the H200: the second launch's gap is hidden, and that CTA's serial pass is a tail).
+// Operands are BF16 (q and the softmax weights are rounded to BF16), accumulation FP32; the
+// tolerance is the BF16-operand one. The 16-head default keeps each warp's q fragments in registers
+// (q_in_registers). The first kernel (legacy: four warps splitting the tokens, maxima and weights
+// through shared memory, double buffer) stays for comparison in the benchmark.
 #include <algorithm>
 #include <cmath>
 
@@ -315,27 +316,30 @@ __device__ __forceinline__ void stage_q(__nv_bfloat16* qs, const float* q, const
 // maxima, softmax weights and row sums stay in registers (no maxima exchange, no weights through
 // shared memory), and the weights are the A operand of P·V directly (two m16n8 accumulator tiles
 // are one m16n8k16 A fragment). For P·V the kWN warps split the 512 output columns.
-template <int kMG, int kMW, int kWN, int kT, int kS> struct Reg {
+// kQR: each warp keeps the A fragments of its k-steps of q in registers (9 k-steps, 36 registers
+// with 4 warps) instead of reading them from a shared copy of q every stage: no q in shared memory,
+// no ldmatrix for A.
+template <int kMG, int kMW, int kWN, int kT, int kS, bool kQR> struct Reg {
   static constexpr int kHeads = 16 * kMG * kMW, kThreads = 32 * kMG * kWN;
   static constexpr int kTiles = kT / 8, kSteps = kW / 16;
   static constexpr int kKS = (kSteps + kWN - 1) / kWN;  // k-steps of the first kSteps % kWN warps (others one less)
   static constexpr int kCols = kR / kWN, kNT = kCols / 8;
   static constexpr int ws = kW + kPad;
-  static constexpr size_t smem = (size_t(kHeads) * ws + size_t(kS) * kT * ws) * 2 +
+  static constexpr size_t smem = (size_t(kQR ? 0 : kHeads) * ws + size_t(kS) * kT * ws) * 2 +
                                  (kWN > 1 ? size_t(kMG) * kWN * kMW * kTiles * 32 * sizeof(float4) : 0);
   static_assert(kR % kWN == 0 && kBlock % kT == 0 && kT % 16 == 0 && kNT % 2 == 0 && kS >= 2,
                 "pipeline shape");
 };
 
-template <int kMG, int kMW, int kWN, int kT, int kS>
-__global__ void __launch_bounds__(Reg<kMG, kMW, kWN, kT, kS>::kThreads, 1)
+template <int kMG, int kMW, int kWN, int kT, int kS, bool kQR>
+__global__ void __launch_bounds__(Reg<kMG, kMW, kWN, kT, kS, kQR>::kThreads, 1)
     mla_reg_kernel(const float* q, const __nv_bfloat16* pool, const int32_t* table, const int32_t* lengths,
                    Shape_ s, float scale_log2, float* part_o, float* part_m, float* part_l, float* out, float* lse) {
-  using P = Reg<kMG, kMW, kWN, kT, kS>;
+  using P = Reg<kMG, kMW, kWN, kT, kS, kQR>;
   constexpr int kHeads = P::kHeads, kThreads = P::kThreads, kTiles = P::kTiles, ws = P::ws;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [kHeads][ws]
-  __nv_bfloat16* kv = qs + kHeads * ws;                             // [kS][kT][ws]
+  __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [kHeads][ws], not with kQR
+  __nv_bfloat16* kv = qs + (kQR ? 0 : kHeads) * ws;                // [kS][kT][ws]
   float4* xch = reinterpret_cast<float4*>(kv + kS * kT * ws);       // [kMG][kWN][kMW][kTiles][32 lanes]
   const int64_t hg = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
   const int64_t h0 = hg * kHeads;
@@ -358,7 +362,7 @@ __global__ void __launch_bounds__(Reg<kMG, kMW, kWN, kT, kS>::kThreads, 1)
     cp_async_commit();
   }
   int64_t pb_next = block_of(kS - 1);
-  stage_q<kHeads, kThreads>(qs, q, s, b, h0, nh, tid);
+  if constexpr (!kQR) stage_q<kHeads, kThreads>(qs, q, s, b, h0, nh, tid);
 
   float acc[kMW][P::kNT][4];
   float m_lo[kMW], m_hi[kMW], l_lo[kMW], l_hi[kMW];  // per head tile: running maxima (base 2), partial sums
@@ -373,6 +377,22 @@ __global__ void __launch_bounds__(Reg<kMG, kMW, kWN, kT, kS>::kThreads, 1)
   const int nks = P::kSteps / kWN + (wn < P::kSteps % kWN ? 1 : 0);
   const int k_first = (wn * (P::kSteps / kWN) + (wn < P::kSteps % kWN ? wn : P::kSteps % kWN)) * 16;
   const __nv_bfloat16* arow = qs + (mg * kMW * 16 + (lane & 15)) * ws + (lane >> 4) * 8 + k_first;
+  // kQR: the A fragments straight from q, (head g, k 2·t4), (g + 8, 2·t4), (g, 2·t4 + 8), (g + 8, 2·t4 + 8)
+  // of each 16 × 16 tile, as ldmatrix would give them.
+  uint32_t qa[kQR ? kMW : 1][kQR ? P::kKS : 1][4];
+  if constexpr (kQR) {
+#pragma unroll
+    for (int i = 0; i < kMW; ++i)
+#pragma unroll
+      for (int kk = 0; kk < P::kKS; ++kk)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int h = mg * kMW * 16 + i * 16 + g + (e & 1) * 8, k = k_first + kk * 16 + 2 * t4 + (e >> 1) * 8;
+          float2 v = make_float2(0.0f, 0.0f);
+          if (h < nh && kk < nks) v = *reinterpret_cast<const float2*>(q + (b * s.h + h0 + h) * kW + k);
+          qa[i][kk][e] = pack_bf16(v.x, v.y);
+        }
+  }
   // ldmatrix x4 over two token tiles: (tile j, k lo), (j, k hi), (j + 1, k lo), (j + 1, k hi).
   const int brow_off = ((lane >> 4) * 8 + (lane & 7)) * ws + ((lane >> 3) & 1) * 8 + k_first;
   const int mat = lane >> 3;
@@ -398,7 +418,14 @@ __global__ void __launch_bounds__(Reg<kMG, kMW, kWN, kT, kS>::kThreads, 1)
       if (P::kSteps % kWN != 0 && kk >= nks) break;
       uint32_t a[kMW][4];
 #pragma unroll
-      for (int i = 0; i < kMW; ++i) ldmatrix_x4(a[i], arow + i * 16 * ws + kk * 16);
+      for (int i = 0; i < kMW; ++i) {
+        if constexpr (kQR) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) a[i][e] = qa[i][kk][e];
+        } else {
+          ldmatrix_x4(a[i], arow + i * 16 * ws + kk * 16);
+        }
+      }
 #pragma unroll
       for (int j = 0; j < kTiles; j += 2) {
         uint32_t bb[4];
@@ -556,10 +583,10 @@ struct Launch {
   size_t smem;
   int per_sm = 1;  // resident CTAs per SM (set once, with the shared-memory attribute)
 };
-template <int kMG, int kMW, int kWN, int kT, int kS> Launch reg_launch() {
-  using P = Reg<kMG, kMW, kWN, kT, kS>;
-  return {MlaDecodeConfig{MlaKernel::reg_p, P::kHeads, 16 * kMW, kMG * kWN, kT, kS, 0},
-          reinterpret_cast<const void*>(mla_reg_kernel<kMG, kMW, kWN, kT, kS>), P::kThreads, P::smem};
+template <int kMG, int kMW, int kWN, int kT, int kS, bool kQR = false> Launch reg_launch() {
+  using P = Reg<kMG, kMW, kWN, kT, kS, kQR>;
+  return {MlaDecodeConfig{MlaKernel::reg_p, P::kHeads, 16 * kMW, kMG * kWN, kT, kS, kQR, 0},
+          reinterpret_cast<const void*>(mla_reg_kernel<kMG, kMW, kWN, kT, kS, kQR>), P::kThreads, P::smem};
 }
 const std::vector<Launch>& launches() {
   static const std::vector<Launch> all = [] {
@@ -568,7 +595,7 @@ const std::vector<Launch>& launches() {
         (size_t(kLHeads) * lws + 2 * size_t(kLStage) * lws + size_t(kLHeads) * (kLStage + kPad)) * 2 +
         size_t(kLWarps * kLHeads) * 4;
     std::vector<Launch> v{
-        {MlaDecodeConfig{MlaKernel::legacy, 16, 16, kLWarps, kLStage, 2, 0},
+        {MlaDecodeConfig{MlaKernel::legacy, 16, 16, kLWarps, kLStage, 2, false, 0},
          reinterpret_cast<const void*>(mla_legacy_kernel<kR / (kLWarps * 8)>), kLThreads, legacy_smem},
         reg_launch<1, 1, 4, 16, 4>(),  // two CTAs per SM
         reg_launch<1, 1, 4, 32, 2>(),  // two CTAs per SM
@@ -578,6 +605,8 @@ const std::vector<Launch>& launches() {
         reg_launch<4, 1, 2, 32, 2>(),
         reg_launch<4, 1, 4, 32, 2>(),
         reg_launch<2, 2, 4, 32, 2>(),
+        reg_launch<1, 1, 4, 32, 2, true>(),  // two CTAs per SM
+        reg_launch<1, 1, 4, 64, 2, true>(),
     };
     for (Launch& l : v) {
       DSV3_CUDA_CHECK(cudaFuncSetAttribute(l.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(l.smem)));
@@ -599,7 +628,7 @@ int sm_count() {
 bool same_shape(const MlaDecodeConfig& x, const MlaDecodeConfig& y) {
   return x.kernel == y.kernel && x.heads_per_cta == y.heads_per_cta && x.heads_per_warp == y.heads_per_warp &&
          x.warps == y.warps &&
-         x.stage_tokens == y.stage_tokens && x.stages == y.stages;
+         x.stage_tokens == y.stage_tokens && x.stages == y.stages && x.q_in_registers == y.q_in_registers;
 }
 
 }  // namespace
@@ -612,16 +641,17 @@ std::vector<MlaDecodeConfig> mla_decode_configs() {
 
 // Measured on the H200 (bench/gpu_mla_decode.cpp, B 64, context 4096): two 4-warp CTAs per SM with
 // double-buffered 32-token stages beat deeper rings at one CTA per SM (those are latency-bound on
-// one warp per scheduler); above 32 heads one 64-head CTA beats four 16-head ones re-reading rows.
+// one warp per scheduler), and q held in registers beats q re-read from shared memory every stage;
+// above 32 heads one 64-head CTA beats four 16-head ones re-reading rows.
 MlaDecodeConfig mla_decode_default_config(int64_t heads) {
-  return heads <= 32 ? MlaDecodeConfig{MlaKernel::reg_p, 16, 16, 4, 32, 2, 0}
-                     : MlaDecodeConfig{MlaKernel::reg_p, 64, 16, 8, 32, 2, 0};
+  return heads <= 32 ? MlaDecodeConfig{MlaKernel::reg_p, 16, 16, 4, 32, 2, true, 0}
+                     : MlaDecodeConfig{MlaKernel::reg_p, 64, 16, 8, 32, 2, false, 0};
 }
 
 std::string mla_decode_config_name(const MlaDecodeConfig& c) {
   const char* k = c.kernel == MlaKernel::legacy ? "legacy" : "regP";
   return cat(k, " h", c.heads_per_cta, c.heads_per_warp == 16 ? "" : cat("/", c.heads_per_warp), " w", c.warps,
-             " t", c.stage_tokens, " s", c.stages);
+             " t", c.stage_tokens, " s", c.stages, c.q_in_registers ? " qr" : "");
 }
 
 void cuda_mla_decode(const MlaDecodeArgs& a) {

@@ -42,6 +42,7 @@ struct MlaDecodeConfig {
   int warps = 4;
   int stage_tokens = 32;   // tokens per cp.async pipeline stage
   int stages = 2;          // pipeline depth
+  bool q_in_registers = false;  // reg_p: each warp's q fragments in registers, not q in shared memory
   int splits = 0;          // ranges of cache blocks per sequence merged afterwards; 0: chosen from the shape
 };
 std::vector<MlaDecodeConfig> mla_decode_configs();
