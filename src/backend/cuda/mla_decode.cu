@@ -327,12 +327,15 @@ template <int kMG, int kMW, int kWN, int kT, int kS, bool kQR> struct Reg {
   static constexpr int ws = kW + kPad;
   static constexpr size_t smem = (size_t(kQR ? 0 : kHeads) * ws + size_t(kS) * kT * ws) * 2 +
                                  (kWN > 1 ? size_t(kMG) * kWN * kMW * kTiles * 32 * sizeof(float4) : 0);
+  // CTAs per SM the shared memory allows (228 KB per SM, 1 KB reserved per CTA), at most 3: the
+  // register budget the compiler is held to.
+  static constexpr int kPerSm = 233472 / (smem + 1536) < 3 ? int(233472 / (smem + 1536)) : 3;
   static_assert(kR % kWN == 0 && kBlock % kT == 0 && kT % 16 == 0 && kNT % 2 == 0 && kS >= 2,
                 "pipeline shape");
 };
 
 template <int kMG, int kMW, int kWN, int kT, int kS, bool kQR>
-__global__ void __launch_bounds__(Reg<kMG, kMW, kWN, kT, kS, kQR>::kThreads, 1)
+__global__ void __launch_bounds__(Reg<kMG, kMW, kWN, kT, kS, kQR>::kThreads, Reg<kMG, kMW, kWN, kT, kS, kQR>::kPerSm)
     mla_reg_kernel(const float* q, const __nv_bfloat16* pool, const int32_t* table, const int32_t* lengths,
                    Shape_ s, float scale_log2, float* part_o, float* part_m, float* part_l, float* out, float* lse) {
   using P = Reg<kMG, kMW, kWN, kT, kS, kQR>;
@@ -606,6 +609,8 @@ const std::vector<Launch>& launches() {
         reg_launch<4, 1, 4, 32, 2>(),
         reg_launch<2, 2, 4, 32, 2>(),
         reg_launch<1, 1, 4, 32, 2, true>(),  // two CTAs per SM
+        reg_launch<1, 1, 4, 16, 3, true>(),  // three CTAs per SM
+        reg_launch<1, 1, 4, 16, 4, true>(),  // two CTAs per SM
         reg_launch<1, 1, 4, 64, 2, true>(),
     };
     for (Launch& l : v) {
