@@ -15,7 +15,7 @@ experiment's runs is lowest (past it, runs that repeat their data start to over-
 window of +-10% of the steps, the mean raw training loss and mean validation loss of each run give the
 relative differences in `flat_point` (a window, because a single step's smoothed loss moves by more
 than the 0.25% bar from one step to the next). A run counts as flat when its validation loss moved by
-less than the bar over its last fifth, or its lowest validation loss came before its last evaluation.
+less than the bar over its last fifth, or its lowest validation loss came before its last fifth.
 """
 import json
 import os
@@ -149,8 +149,8 @@ def is_flat(val):
     if len(val) < 2:
         return False
     change = flatness(val)
-    best = min(range(len(val)), key=lambda i: val[i][1])
-    return (change is not None and abs(change) < BAR) or best < len(val) - 1
+    best_step = min(val, key=lambda p: p[1])[0]
+    return (change is not None and abs(change) < BAR) or best_step <= 0.8 * val[-1][0]
 
 
 def mean_sd(xs):
