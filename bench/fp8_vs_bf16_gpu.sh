@@ -46,9 +46,11 @@ for tag in $tags; do
 done
 for pid in "${pids[@]}"; do wait "$pid" || echo "a run exited with $? (see $runs/*.log)"; done
 secs=$(( $(date +%s) - start ))
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
-config=$(printf '{"model":"%s","data":"Brown corpus (1.57M training tokens)","steps":%d,"batch":%d,"seq_len":64,"tokens":%d,"passes":%.1f,"seeds":[1234,1235],"lr":"dsv3 train default schedule (5e-3, 5%% warm-up, cosine from 50%% to 5e-4)","eval_every":%d,"eval":"the whole validation split (84.5k tokens)","moments":"f32","device":"cuda (%s; cuBLASLt block-scaled FP8, BF16 tensor-core attention), runs side by side","wall_s":%d}' \
-  "$desc" "$steps" "$batch" $((steps * batch * 64)) "$(python3 -c "print($steps * $batch * 64 / 1567000)")" $((steps / 20)) "$gpu" "$secs")
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo "GPU name unknown")
+seeds=$(for t in $tags; do [[ $t == *-seed* ]] && echo "${t##*-seed}" || echo 1234; done | sort -un | paste -sd,)
+config=$(printf '{"model":"%s","data":"Brown corpus (1.57M training tokens)","steps":%d,"batch":%d,"seq_len":64,"tokens":%d,"passes":%.1f,"seeds":[%s],"lr":"dsv3 train default schedule (5e-3, 5%% warm-up, cosine from 50%% to 5e-4)","eval_every":%d,"eval":"the whole validation split (84.5k tokens)","moments":"f32","device":"cuda (%s; cuBLASLt block-scaled FP8, BF16 tensor-core attention), runs side by side","wall_s":%d}' \
+  "$desc" "$steps" "$batch" $((steps * batch * 64)) "$(python3 -c "print($steps * $batch * 64 / 1567025)")" "$seeds" \
+  $((steps / 20)) "$gpu" "$secs")
 if [[ " $tags " != *" bf16 "* || " $tags " != *" fp8 "* ]]; then
   echo "runs in $runs (no bf16/fp8 pair of seed 1234 among them: add them to an experiment with tools/fp8_vs_bf16.py)"
   exit 0
