@@ -90,12 +90,9 @@ Built build(const Case& c) {
   return d;
 }
 
-// Runs every compiled kernel shape with at least min_heads_per_cta heads per CTA, with several
-// splits (0 = the automatic choice), on one case.
-void check_all(const Case& c, int min_heads_per_cta = 0) {
+// The kernel's arguments for a built case, inputs on the device; out and lse are the caller's.
+MlaDecodeArgs device_args(const Case& c, const Built& d) {
   CudaBackend& be = cuda_backend();
-  Built d = build(c);
-  const int64_t B = int64_t(c.lens.size()), H = c.heads;
   MlaDecodeArgs a;
   a.q = be.to_device(d.q);
   a.pool = be.to_device(d.pool);
@@ -107,6 +104,16 @@ void check_all(const Case& c, int min_heads_per_cta = 0) {
   a.kv_lora_rank = kR;
   a.max_len = d.max_len;
   a.scale = float(1 / std::sqrt(192.0));
+  return a;
+}
+
+// Runs every compiled kernel shape with at least min_heads_per_cta heads per CTA, with several
+// splits (0 = the automatic choice), on one case.
+void check_all(const Case& c, int min_heads_per_cta = 0) {
+  CudaBackend& be = cuda_backend();
+  Built d = build(c);
+  const int64_t B = int64_t(c.lens.size()), H = c.heads;
+  MlaDecodeArgs a = device_args(c, d);
   const int64_t nblk = d.max_blocks;
   for (MlaDecodeConfig cfg : mla_decode_configs())
     for (int splits : {0, 1, 3, int(nblk)}) {
@@ -144,13 +151,7 @@ TEST(CudaMlaDecode, SplitMergeIsDeterministic) {
   const Case c{16, {4133, 700, 64, 1, 2049, 3000, 128, 4000}, 1, 0, 0.3f, 21};
   Built d = build(c);
   const int64_t B = int64_t(c.lens.size()), H = c.heads;
-  MlaDecodeArgs a;
-  a.q = be.to_device(d.q);
-  a.pool = be.to_device(d.pool);
-  a.block_table = be.to_device(d.table);
-  a.lengths = be.to_device(d.lens);
-  a.max_len = d.max_len;
-  a.scale = float(1 / std::sqrt(192.0));
+  MlaDecodeArgs a = device_args(c, d);
   for (MlaDecodeConfig cfg : mla_decode_configs()) {
     cfg.splits = 7;
     SCOPED_TRACE(mla_decode_config_name(cfg));
