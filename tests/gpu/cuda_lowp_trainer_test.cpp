@@ -51,14 +51,6 @@ TrainOptions options(const Data& d, const std::string& out, const std::string& d
   return o;
 }
 
-std::vector<double> column(const std::string& out_dir, const char* key) {
-  std::vector<double> v;
-  std::ifstream f(out_dir + "/metrics.jsonl");
-  std::string line;
-  while (std::getline(f, line)) v.push_back(nlohmann::json::parse(line).at(key).get<double>());
-  return v;
-}
-
 // The trainer sets the process-wide linear precision and attention switch; later tests in this binary
 // (model and op parity in FP32) must not inherit them.
 struct RestoreFp32 {
@@ -84,8 +76,8 @@ void follows_cpu_and_resumes(const std::string& precision, DType moments) {
   TrainSummary gpu = Trainer(cfg, opts("gpu", "cuda")).run();
   EXPECT_TRUE(cuda_attention_bf16());
   const std::string dc = (d.root / "cpu").string(), dg = (d.root / "gpu").string();
-  std::vector<double> lc = column(dc, "loss"), lg = column(dg, "loss");
-  std::vector<double> gc = column(dc, "grad_norm"), gg = column(dg, "grad_norm");
+  std::vector<double> lc = train_test::metrics_column(dc, "loss"), lg = train_test::metrics_column(dg, "loss");
+  std::vector<double> gc = train_test::metrics_column(dc, "grad_norm"), gg = train_test::metrics_column(dg, "grad_norm");
   ASSERT_EQ(lc.size(), 4u);
   ASSERT_EQ(lg.size(), 4u);
   for (size_t i = 0; i < lc.size(); ++i) {

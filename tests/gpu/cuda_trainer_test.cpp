@@ -43,14 +43,6 @@ TrainOptions options(const Data& d, const std::string& out, const std::string& d
   return o;
 }
 
-std::vector<double> losses(const std::string& out_dir) {
-  std::vector<double> v;
-  std::ifstream f(out_dir + "/metrics.jsonl");
-  std::string line;
-  while (std::getline(f, line)) v.push_back(nlohmann::json::parse(line).at("loss").get<double>());
-  return v;
-}
-
 TEST(CudaTrainer, FollowsCpuAndResumes) {
   ASSERT_GT(cuda_device_count(), 0);
   Data d("cuda_trainer_test");
@@ -58,7 +50,8 @@ TEST(CudaTrainer, FollowsCpuAndResumes) {
   ModelConfig cfg = parse_model_config(train_test::small_model_config(8));
   TrainSummary cpu = Trainer(cfg, options(d, "cpu", "cpu")).run();
   TrainSummary gpu = Trainer(cfg, options(d, "gpu", "cuda")).run();
-  std::vector<double> lc = losses((d.root / "cpu").string()), lg = losses((d.root / "gpu").string());
+  std::vector<double> lc = train_test::metrics_column((d.root / "cpu").string(), "loss"),
+                      lg = train_test::metrics_column((d.root / "gpu").string(), "loss");
   ASSERT_EQ(lc.size(), 6u);
   ASSERT_EQ(lg.size(), 6u);
   for (size_t i = 0; i < lc.size(); ++i)

@@ -1,5 +1,6 @@
-// Helpers shared by the train tests (and the GPU trainer test): a per-test temporary directory,
-// whole-file reads/writes, and a small model with a prepared dataset for running the Trainer.
+// Helpers shared by the train tests (and the GPU trainer tests): a per-test temporary
+// directory, whole-file reads/writes, a run's metrics.jsonl, and a small model with a prepared dataset
+// for running the Trainer.
 #pragma once
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -7,7 +8,9 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 #include "core/error.h"
 #include "io/tokenizer.h"
@@ -34,6 +37,26 @@ inline void spit(const std::string& path, const std::string& s) { std::ofstream(
 inline std::string slurp(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   return {std::istreambuf_iterator<char>(f), {}};
+}
+
+// metrics.jsonl (one object per step) without its wall-clock fields, so two runs compare exactly.
+inline std::vector<nlohmann::json> read_metrics(const std::string& path) {
+  std::ifstream f(path);
+  std::vector<nlohmann::json> out;
+  for (std::string line; std::getline(f, line);) {
+    nlohmann::json j = nlohmann::json::parse(line);
+    j.erase("ms");
+    j.erase("tok_per_s");
+    out.push_back(j);
+  }
+  return out;
+}
+
+// One field of every step of the run in out_dir.
+inline std::vector<double> metrics_column(const std::string& out_dir, const char* key) {
+  std::vector<double> v;
+  for (const nlohmann::json& j : read_metrics(out_dir + "/metrics.jsonl")) v.push_back(j.at(key).get<double>());
+  return v;
 }
 
 // A 2-layer V3 model with every feature (q compression, grouped routing, a shared expert, a dense

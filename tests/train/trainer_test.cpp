@@ -25,6 +25,7 @@ namespace dsv3 {
 namespace {
 
 namespace fs = std::filesystem;
+using train_test::read_metrics;
 
 const train_test::SmallTextData& fixture() {
   static train_test::SmallTextData f("trainer_test");
@@ -65,19 +66,6 @@ std::vector<std::vector<float>> snapshot(const Trainer& t) {
   const auto ptrs = t.parameters();
   for (size_t i = 0; i < ptrs.size(); ++i)
     out.emplace_back(ptrs[i].second, ptrs[i].second + sizes[i].second);
-  return out;
-}
-
-// metrics.jsonl without the wall-clock fields.
-std::vector<nlohmann::json> read_metrics(const std::string& p) {
-  std::ifstream f(p);
-  std::vector<nlohmann::json> out;
-  for (std::string line; std::getline(f, line);) {
-    nlohmann::json j = nlohmann::json::parse(line);
-    j.erase("ms");
-    j.erase("tok_per_s");
-    out.push_back(j);
-  }
   return out;
 }
 
