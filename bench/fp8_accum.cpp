@@ -39,19 +39,6 @@ Op quant(const Tensor& x) {
   return o;
 }
 
-bench::AccumErr measure(const Op& a, const Op& b, const std::vector<double>& ref, Fp8Accum acc, int bits, int64_t promote,
-            bool aligned) {
-  int64_t M = a.q.dim(0), N = b.q.dim(0);
-  Tensor c = Tensor::empty(DType::F32, {M, N});
-  Fp8GemmArgs g{a.q, a.s, b.q, b.s, c};
-  g.accum = acc;
-  g.acc_bits = bits;
-  g.promote_every = promote;
-  g.acc_in_alignment = aligned;
-  fp8_gemm(g);
-  return bench::accum_error(c.data<float>(), ref);
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -99,9 +86,11 @@ int main(int argc, char** argv) {
             for (int64_t k = 0; k < K; ++k) s += double(da.data<float>()[i * K + k]) * db.data<float>()[j * K + k];
             ref[size_t(i * mn + j)] = s;
           }
-        bench::AccumErr none = measure(a, b, ref, Fp8Accum::Limited, bits, 0, aligned);
-        bench::AccumErr prom = measure(a, b, ref, Fp8Accum::Limited, bits, 128, aligned);
-        bench::AccumErr f32 = measure(a, b, ref, Fp8Accum::Fp32, bits, 0, aligned);
+        auto measure = [&](Fp8Accum acc, int64_t promote) {
+          return bench::emulated_gemm_error(a.q, a.s, b.q, b.s, ref, acc, bits, promote, aligned);
+        };
+        bench::AccumErr none = measure(Fp8Accum::Limited, 0), prom = measure(Fp8Accum::Limited, 128);
+        bench::AccumErr f32 = measure(Fp8Accum::Fp32, 0);
         std::printf("%-5s %-7s %6lld | %8.4f%% %8.4f%% %8.4f%% %8.4f%% | %8.4f%% %8.4f%% %8.4f%% %8.4f%% | %8.1e\n",
                     aligned ? "acc" : "prod", dist, (long long)K, 100 * none.max_rel, 100 * none.mean_rel,
                     100 * none.norm_max, 100 * none.frob, 100 * prom.max_rel, 100 * prom.mean_rel,

@@ -131,14 +131,7 @@ bench::AccumErr emulate(const std::vector<uint8_t>& qa, const std::vector<uint8_
   std::memcpy(b.raw(), qb.data(), qb.size());
   Tensor sa = Tensor::empty(DType::F32, {mn, kb}), sb = Tensor::empty(DType::F32, {mn, kb});
   for (int64_t i = 0; i < mn * kb; ++i) sa.data<float>()[i] = sb.data<float>()[i] = 1.0f;
-  Tensor c = Tensor::empty(DType::F32, {mn, mn});
-  Fp8GemmArgs g{a, sa, b, sb, c};
-  g.accum = Fp8Accum::Limited;
-  g.acc_bits = 14;
-  g.promote_every = promote;
-  g.acc_in_alignment = aligned;
-  fp8_gemm(g);
-  return bench::accum_error(c.data<float>(), ref);
+  return bench::emulated_gemm_error(a, sa, b, sb, ref, Fp8Accum::Limited, 14, promote, aligned);
 }
 
 }  // namespace

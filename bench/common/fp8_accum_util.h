@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 #include <vector>
 
+#include "backend/fp8.h"
 #include "core/dtype.h"
 #include "core/rng.h"
 
@@ -48,6 +49,22 @@ inline AccumErr accum_error(const float* c, const std::vector<double>& ref) {
   e.frob = std::sqrt(d2 / r2);
   return e;
 }
+// The CPU's FP8 GEMM c = a·bᵀ (E4M3 operands with their scale grids) under accumulation `acc`:
+// bits-bit partial sums, promoted to FP32 every `promote` products (0: never), the products aligned
+// inside the accumulator (or only among themselves); its error against ref.
+inline AccumErr emulated_gemm_error(const Tensor& a, const Tensor& sa, const Tensor& b, const Tensor& sb,
+                                    const std::vector<double>& ref, Fp8Accum acc, int bits, int64_t promote,
+                                    bool aligned) {
+  Tensor c = Tensor::empty(DType::F32, {a.dim(0), b.dim(0)});
+  Fp8GemmArgs g{a, sa, b, sb, c};
+  g.accum = acc;
+  g.acc_bits = bits;
+  g.promote_every = promote;
+  g.acc_in_alignment = aligned;
+  fp8_gemm(g);
+  return accum_error(c.data<float>(), ref);
+}
+
 inline nlohmann::json to_json(const AccumErr& e) {
   return {{"max_rel", e.max_rel}, {"mean_rel", e.mean_rel}, {"norm_max", e.norm_max}, {"frob", e.frob}};
 }
