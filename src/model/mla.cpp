@@ -9,7 +9,7 @@
 namespace dsv3 {
 
 // Either backend: linear_lowp runs on CPU and CUDA tensors.
-bool fp8_layer(const Backend&, const LinearParam& p) {
+bool fp8_layer(const LinearParam& p) {
   return p.lowp && linear_precision().mode == LinearPrecisionMode::Fp8;
 }
 

@@ -230,7 +230,7 @@ void mtp_module_forward(Backend& be, const ModelDims& d, const MtpParams& p, con
 void linear_forward(Backend& be, const LinearParam& p, const Tensor& x, const Tensor& y, bool accumulate = false,
                     Fp8Tiles* x_fp8 = nullptr);
 // The layer runs in FP8 (--precision fp8, on either backend): its forward keeps FP8 copies for the backward.
-bool fp8_layer(const Backend& be, const LinearParam& p);
+bool fp8_layer(const LinearParam& p);
 
 // ---------------------------------------------------------------------------------------------
 // Backward (training). Gradients live in a second Weights of F32 zeros bound by the same tensor

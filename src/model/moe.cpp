@@ -26,8 +26,8 @@ namespace {
 
 // --precision fp8: the SwiGLU inputs kept in FP8 (1×128 tiles) for the backward, which recomputes the
 // SwiGLU output (down_proj's input) from them ([V3] §3.3.3).
-void keep_swiglu_inputs_fp8(const Backend& be, const MlpParams& p, MlpActs& a) {
-  if (!fp8_layer(be, p.down_proj)) return;
+void keep_swiglu_inputs_fp8(const MlpParams& p, MlpActs& a) {
+  if (!fp8_layer(p.down_proj)) return;
   const bool pow2 = linear_precision().pow2_scale;
   a.gate_fp8 = fp8_tiles(a.gate, pow2, "SwiGLU gate input");
   a.up_fp8 = fp8_tiles(a.up, pow2, "SwiGLU up input");
@@ -49,7 +49,7 @@ void mlp_forward(Backend& be, const MlpParams& p, const Tensor& x, MlpActs& a, b
   s.up = a.up;
   s.out = a.act;
   be.swiglu(s);                                       // [M, I] silu(gate)·up
-  keep_swiglu_inputs_fp8(be, p, a);
+  keep_swiglu_inputs_fp8(p, a);
   if (!accumulate_out) a.out = be.alloc(DType::F32, {M, H});
   linear_forward(be, p.down_proj, a.act, a.out, accumulate_out);  // [M, H]
 }
@@ -137,7 +137,7 @@ void moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const Tens
   m.act = be.alloc(DType::F32, {N * k, I});
   m.out = be.alloc(DType::F32, {N * k, H});
   // FP8: the gathered rows quantized once (1×128 tiles are per row, so a slice is an expert's copy).
-  const bool fp8 = !p.experts.empty() && fp8_layer(be, p.experts[0].gate_proj);
+  const bool fp8 = !p.experts.empty() && fp8_layer(p.experts[0].gate_proj);
   m.x_fp8 = fp8 ? fp8_tiles(m.x, linear_precision().pow2_scale, "linear input") : Fp8Tiles{};
   m.gate_fp8 = m.up_fp8 = Fp8Tiles{};
   for (int64_t e = 0; e < E; ++e) {
@@ -154,7 +154,7 @@ void moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const Tens
     be.swiglu(sw);                                                             // [c, I]
     linear_forward(be, ep.down_proj, m.act.rows(r0, r1), m.out.rows(r0, r1));  // [c, H]
   }
-  if (fp8) keep_swiglu_inputs_fp8(be, p.experts[0], m);
+  if (fp8) keep_swiglu_inputs_fp8(p.experts[0], m);
 
   // Combine: out[token] += weight · expert output, in a fixed order per token.
   a.sorted_weights = be.alloc(DType::F32, {N * k, 1});
