@@ -397,10 +397,13 @@ std::vector<SeqEvent> Engine::step() {
   auto has_logits = [&](int64_t row) {
     return std::binary_search(logit_rows.begin(), logit_rows.end(), int32_t(row));
   };
-  auto logits_of = [&](int64_t row) -> std::span<const float> {
+  auto logit_index = [&](int64_t row) -> int64_t {
     const auto it = std::lower_bound(logit_rows.begin(), logit_rows.end(), int32_t(row));
     DSV3_CHECK(it != logit_rows.end() && *it == row, "no logits for row ", row);
-    return {out.logits.data<float>() + (it - logit_rows.begin()) * V, size_t(V)};
+    return it - logit_rows.begin();
+  };
+  auto logits_of = [&](int64_t row) -> std::span<const float> {
+    return {out.logits.data<float>() + logit_index(row) * V, size_t(V)};
   };
 
   si = 0;
@@ -443,8 +446,7 @@ std::vector<SeqEvent> Engine::step() {
         s.mtp_valid = std::max<int64_t>(0, n0 - runner_.num_mtp() + 1);
         ++si;
       } else if (!dev_ids.empty()) {
-        const auto it = std::lower_bound(logit_rows.begin(), logit_rows.end(), int32_t(r0 + nf - 1));
-        produced.push_back(dev_ids[size_t(it - logit_rows.begin())]);
+        produced.push_back(dev_ids[size_t(logit_index(r0 + nf - 1))]);
       } else {
         produced.push_back(sample_token(logits_of(r0 + nf - 1), n_valid_, s.tokens, s.req.sampling, s.rng));
       }

@@ -121,14 +121,16 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
   }
   rope(positions, q, d_.nope);
   Tensor c_kv_n, k_pe = be_.alloc(DType::F32, {N, d_.rope});
+  bool latent_done = false;
 #ifdef DSV3_HAVE_CUDA
   if (be_.device() == Device::CUDA && sync_free_) {
     c_kv_n = be_.alloc(DType::F32, {N, d_.kv_lora});
     const RopeTables& t = rope_.tables();
     cuda_kv_latent(kv_a, a.kv_a_layernorm, d_.eps_mla, positions, t.cos, t.sin, d_.rope_interleaved, c_kv_n, k_pe);
+    latent_done = true;
   }
 #endif
-  if (!c_kv_n.defined() || c_kv_n.numel() == 0) {
+  if (!latent_done) {
     Tensor c_kv = be_.alloc(DType::F32, {N, d_.kv_lora});
     copy_cols(be_, kv_a, 0, c_kv, 0, d_.kv_lora);
     c_kv_n = rmsnorm(be_, c_kv, a.kv_a_layernorm, d_.eps_mla, rstd);  // cached latent
