@@ -164,8 +164,13 @@ __global__ void add_block_kernel(const float* p, int64_t Np, float* c, int64_t M
   }
 }
 
+bool aligned(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 255u) == 0; }
+
+// a zero-padded to [Rp, Kp] (cuBLASLt's shape rules); a itself when it already fits (usually the
+// weight, when only the tokens' M is off).
 Q padded(const Q& a, int64_t Rp, int64_t Kp) {
   const int64_t R = a.q.dim(0), K = a.q.dim(1);
+  if (R == Rp && K == Kp && aligned(a.q.raw())) return a;
   CudaBackend& be = cuda_backend();
   Q out;
   out.q = be.alloc(DType::F8_E4M3, {Rp, Kp});
@@ -182,8 +187,6 @@ Q padded(const Q& a, int64_t Rp, int64_t Kp) {
   return out;
 }
 
-bool aligned(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 255u) == 0; }
-
 // c[M, N] (+)= (qa·sa)·(qb·sb)ᵀ: cuBLASLt's block-scaled FP8 GEMM (FP32 accumulation), zero-padded
 // to its shape rules (M of 16 — of 128 when M counts tokens —, N of 16, K of 128); the dequantized FP32 product when a is scaled per 128×128 block (cuBLASLt's
 // Hopper modes take blocks on the weight side only). A NaN scale on either side → c all NaN.
@@ -195,7 +198,6 @@ void gemm_fp8(const Q& a, const Q& b, const Tensor& c, bool accumulate, bool m_t
   // Views (an expert's rows) are contiguous row ranges: numel floats from the view's first one.
   nan_flag_kernel<<<1, 1024>>>(a.s.data<float>(), a.s.numel(), b.s.data<float>(), b.s.numel(), flag.as<unsigned>());
   check_launch("fp8 non-finite flag");
-  bool filled = false;
   const bool a_block = a.s.dim(0) != M;
   if (a_block) {
     Tensor af = dequant(a), bf = dequant(b);
@@ -227,13 +229,11 @@ void gemm_fp8(const Q& a, const Q& b, const Tensor& c, bool accumulate, bool m_t
     cuda_fp8_gemm(g);
     add_block_kernel<<<std::min(blocks_for(M * N), 1u << 16), 256>>>(cp.data<float>(), Np, ptr<float>(c), M, N,
                                                                       accumulate, flag.as<unsigned>());
-    check_launch("fp8 gemm output");
-    filled = true;
+    check_launch("fp8 gemm output");  // also writes NaN where the flag is set
+    return;
   }
-  if (!filled) {
-    nan_fill_kernel<<<std::min(blocks_for(M * N), 1u << 16), 256>>>(flag.as<unsigned>(), ptr<float>(c), M * N);
-    check_launch("fp8 non-finite output");
-  }
+  nan_fill_kernel<<<std::min(blocks_for(M * N), 1u << 16), 256>>>(flag.as<unsigned>(), ptr<float>(c), M * N);
+  check_launch("fp8 non-finite output");
 }
 
 }  // namespace

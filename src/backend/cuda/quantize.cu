@@ -169,7 +169,7 @@ void cuda_quantize_fp8_async(const QuantizeFp8Args& a, unsigned long long* nonfi
   if (M * K == 0) return;
   const float* x = a.x.data<float>();
   std::unique_ptr<Scratch> xt;
-  Fp8Tiling tiling = a.tiling;
+  const Fp8Tiling tiling = a.tiling;
   bool transpose = a.transpose_out;
   if (transpose && tiling == Fp8Tiling::Col128x1) {
     quantize_cols_t_kernel<false><<<dim3(unsigned((K + 31) / 32), unsigned((M + kFp8Block - 1) / kFp8Block)), 256>>>(
@@ -177,13 +177,12 @@ void cuda_quantize_fp8_async(const QuantizeFp8Args& a, unsigned long long* nonfi
     check_launch("quantize_fp8 128x1 transposed");
     return;
   }
-  if (transpose && tiling != Fp8Tiling::Row1x128) {
+  if (transpose && tiling == Fp8Tiling::Block128x128) {
     xt = std::make_unique<Scratch>(size_t(M * K) * sizeof(float));
     transpose_kernel<<<dim3(unsigned((K + 31) / 32), unsigned((M + 31) / 32)), dim3(32, 8)>>>(x, M, K, xt->as<float>());
     check_launch("quantize_fp8 transpose");
     x = xt->as<float>();
     std::swap(M, K);
-    if (tiling == Fp8Tiling::Col128x1) tiling = Fp8Tiling::Row1x128;
     transpose = false;
   }
   if (tiling == Fp8Tiling::Block128x128) {
