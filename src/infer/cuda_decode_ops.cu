@@ -15,19 +15,6 @@ constexpr int kChunk = 8;        // picks (rows of x) per pass over an expert's 
 constexpr int kMaxGemvRows = 64;
 constexpr int kGemvWarps = 4;  // GEMV: one weight row per warp, 4 warps per CTA (many CTAs for short rows)
 
-__global__ void rope_kernel(float* x, const int32_t* pos, const float* cs, const float* sn, int64_t t, int64_t h,
-                            int64_t w, int64_t off, int64_t half, bool interleaved) {
-  const int64_t n = t * h * half;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t j = i % half, th = i / half, ti = th / h, a = pos[ti];
-    float* p = x + th * w + off + (interleaved ? 2 * j : j);
-    const int64_t stride = interleaved ? 1 : half;
-    const float x0 = p[0], x1 = p[stride], cj = cs[a * half + j], sj = sn[a * half + j];
-    p[0] = x0 * cj - x1 * sj;
-    p[stride] = x1 * cj + x0 * sj;
-  }
-}
-
 // One CTA of E threads: picks (r·k + j) grouped by expert, token order kept within an expert.
 // order[p] = pick at grouped position p, inv[pick] = p, offsets[e] = first position of expert e.
 // With a fused shared expert (group E), every token r is one more pick nk + r, after the routed ones.
@@ -279,19 +266,7 @@ __global__ void rows_gemv_kernel(GemvArgs g) {
   }
 }
 
-__global__ void embedding_kernel(const int32_t* ids, const void* tab, DType tt, float* out, int64_t d) {
-  const int64_t t = blockIdx.x, row = ids[t];
-  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) out[t * d + j] = load_f(tab, tt, row * d + j);
-}
-
 }  // namespace
-
-void cuda_embedding_unchecked(const Tensor& ids, const Tensor& table, const Tensor& out) {
-  const int64_t n = ids.numel(), d = table.dim(1);
-  DSV3_CHECK(ids.dtype() == DType::I32 && table.ndim() == 2 && out.numel() == n * d, "cuda_embedding_unchecked");
-  if (n) embedding_kernel<<<unsigned(n), 256>>>(ids.data<int32_t>(), table.raw(), table.dtype(), ptr<float>(out), d);
-  check_launch("embedding (unchecked)");
-}
 
 bool cuda_small_linear_ok(const LinearParam& p, const Tensor& x) {
   return p.w.dtype() == DType::F32 && p.w.device() == Device::CUDA && !present(p.bias) && x.dtype() == DType::F32 &&
@@ -342,17 +317,6 @@ void cuda_small_linear(const LinearParam& p, const Tensor& x, const Tensor& y, b
   cuda_rows_gemv(g);
 }
 
-void cuda_rope_unchecked(const Tensor& x, const Tensor& positions, const Tensor& cos, const Tensor& sin,
-                         int64_t offset, int64_t dim, bool interleaved) {
-  DSV3_CHECK(x.ndim() == 3 && positions.numel() == x.dim(0) && offset + dim <= x.dim(2) && dim % 2 == 0,
-             "cuda_rope_unchecked: x ", x.shape().str());
-  const int64_t t = x.dim(0), h = x.dim(1), w = x.dim(2), half = dim / 2, n = t * h * half;
-  if (n)
-    rope_kernel<<<std::min(blocks_for(n), 1u << 20), 256>>>(ptr<float>(x), positions.data<int32_t>(),
-                                                            cos.data<float>(), sin.data<float>(), t, h, w, offset,
-                                                            half, interleaved);
-  check_launch("rope (unchecked)");
-}
 
 void cuda_kv_latent(const Tensor& kv_a, const Tensor& norm_w, float eps, const Tensor& positions, const Tensor& cos,
                     const Tensor& sin, bool interleaved, const Tensor& c_kv_n, const Tensor& k_pe) {

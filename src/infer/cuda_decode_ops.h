@@ -11,20 +11,11 @@
 
 namespace dsv3 {
 
-// The backend's rope (rotate columns [offset, offset + dim) of x [T, heads, width] at positions[t])
-// without the positions' range check: positions must lie inside the tables.
-void cuda_rope_unchecked(const Tensor& x, const Tensor& positions, const Tensor& cos, const Tensor& sin,
-                         int64_t offset, int64_t dim, bool interleaved);
-
 // The latent half of kv_a_proj's output in one kernel: c_kv_n = kv_a_layernorm(kv_a[:, :R]) and
 // k_pe = RoPE(kv_a[:, R:]) at positions (inside the tables) — the backend's copy_cols, rmsnorm,
 // copy_cols and rope.
 void cuda_kv_latent(const Tensor& kv_a, const Tensor& norm_w, float eps, const Tensor& positions, const Tensor& cos,
                     const Tensor& sin, bool interleaved, const Tensor& c_kv_n, const Tensor& k_pe);
-
-// out[t] = table[ids[t]] as F32 (any float table dtype), without the backend's id range check: the
-// runner checked the ids on the host.
-void cuda_embedding_unchecked(const Tensor& ids, const Tensor& table, const Tensor& out);
 
 // One MoE layer's routed experts as device pointer tables (gate, up, down per expert).
 struct CudaMoeTables {

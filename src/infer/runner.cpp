@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "backend/cuda/unchecked_ops.h"
 #include "model/module_ops.h"
 
 namespace dsv3 {
@@ -36,16 +37,9 @@ ModelRunner::ModelRunner(const Weights& w, Backend& be)
 #endif
 }
 
-// The backend's rope, or on CUDA the same kernel without its range check (a synchronisation):
-// positions_of grew the tables to cover every position of the step.
+// The backend's rope, or on CUDA without its range check (a synchronisation): the step's positions
+// were made on the host and rope_for grew the tables to cover them.
 void ModelRunner::rope(const Tensor& positions, const Tensor& x, int64_t offset) {
-#ifdef DSV3_HAVE_CUDA
-  if (be_.device() == Device::CUDA && sync_free_) {
-    const RopeTables& t = rope_.tables();
-    cuda_rope_unchecked(x, positions, t.cos, t.sin, offset, d_.rope, d_.rope_interleaved);
-    return;
-  }
-#endif
   RopeArgs a;
   a.x = x;
   a.positions = positions;
@@ -54,6 +48,9 @@ void ModelRunner::rope(const Tensor& positions, const Tensor& x, int64_t offset)
   a.offset = offset;
   a.rope_dim = d_.rope;
   a.interleaved = d_.rope_interleaved;
+#ifdef DSV3_HAVE_CUDA
+  if (be_.device() == Device::CUDA && sync_free_) return cuda_rope_unchecked(a);
+#endif
   be_.rope(a);
 }
 
@@ -215,16 +212,16 @@ ModelRunner::Output ModelRunner::forward(AttentionCache& cache, const StepRows& 
   const Tensor both = i32_tensor(be_, tp);
   const Tensor ids = both.rows(0, N), positions = both.rows(N, 2 * N);
   Tensor x = be_.alloc(DType::F32, {N, d_.H});
+  EmbeddingArgs e;
+  e.ids = ids;
+  e.table = params_.embed_tokens;
+  e.out = x;
 #ifdef DSV3_HAVE_CUDA
-  if (be_.device() == Device::CUDA && sync_free_) cuda_embedding_unchecked(ids, params_.embed_tokens, x);
+  if (be_.device() == Device::CUDA && sync_free_)
+    cuda_embedding_unchecked(e);  // the ids were checked on the host
+  else
 #endif
-  if (be_.device() == Device::CPU || !sync_free_) {
-    EmbeddingArgs e;
-    e.ids = ids;
-    e.table = params_.embed_tokens;
-    e.out = x;
     be_.embedding(e);
-  }
   for (size_t l = 0; l < params_.layers.size(); ++l)
     x = decoder_layer(int64_t(l), params_.layers[l], x, rows, positions, cache);
   Tensor rstd;

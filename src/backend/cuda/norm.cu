@@ -2,6 +2,7 @@
 #include <algorithm>
 
 #include "backend/cuda/common.cuh"
+#include "backend/cuda/unchecked_ops.h"
 
 namespace dsv3 {
 using namespace cuda;
@@ -77,10 +78,16 @@ __global__ void rmsnorm_dw_kernel(const double* part, int64_t chunks, float* dw,
 
 void CudaBackend::embedding(const EmbeddingArgs& a) {
   validate(a);
-  int64_t t = a.ids.numel(), v = a.table.dim(0), d = a.table.dim(1);
+  int64_t t = a.ids.numel(), v = a.table.dim(0);
   int32_t bad = 0;
   int64_t i = first_out_of_range(a.ids.data<int32_t>(), t, 0, v, &bad);
   if (i >= 0) input_error("embedding: token id ", bad, " at position ", i, " is outside the vocabulary [0, ", v, ")");
+  cuda_embedding_unchecked(a);
+}
+
+void cuda_embedding_unchecked(const EmbeddingArgs& a) {
+  validate(a);
+  const int64_t t = a.ids.numel(), d = a.table.dim(1);
   if (t) embedding_kernel<<<unsigned(t), 256>>>(a.ids.data<int32_t>(), a.table.raw(), a.table.dtype(), ptr<float>(a.out), d);
   check_launch("embedding");
 }

@@ -1,5 +1,6 @@
 // Rotary embedding in place (interleaved or half-split pairs; inverse = the backward).
 #include "backend/cuda/common.cuh"
+#include "backend/cuda/unchecked_ops.h"
 
 namespace dsv3 {
 using namespace cuda;
@@ -19,20 +20,30 @@ __global__ void rope_kernel(float* x, const int32_t* pos, const float* cs, const
     p[stride] = x1 * cj + x0 * sj;
   }
 }
-}  // namespace
 
-void CudaBackend::rope(const RopeArgs& a) {
-  validate(a);
-  int64_t t = a.x.dim(0), h = a.x.dim(1), w = a.x.dim(2), half = a.rope_dim / 2, max_pos = a.cos.dim(0);
-  int32_t bad = 0;
-  int64_t i = first_out_of_range(a.positions.data<int32_t>(), t, 0, max_pos, &bad);
-  if (i >= 0) input_error("rope: position ", bad, " of token ", i, " is outside the table [0, ", max_pos, ")");
+void launch_rope(const RopeArgs& a) {
+  int64_t t = a.x.dim(0), h = a.x.dim(1), w = a.x.dim(2), half = a.rope_dim / 2;
   int64_t n = t * h * half;
   if (n)
     rope_kernel<<<std::min(blocks_for(n), 1u << 20), 256>>>(ptr<float>(a.x), a.positions.data<int32_t>(),
                                                             a.cos.data<float>(), a.sin.data<float>(), t, h, w, a.offset,
                                                             half, a.interleaved, a.inverse ? -1.0f : 1.0f);
   check_launch("rope");
+}
+}  // namespace
+
+void CudaBackend::rope(const RopeArgs& a) {
+  validate(a);
+  int64_t t = a.x.dim(0), max_pos = a.cos.dim(0);
+  int32_t bad = 0;
+  int64_t i = first_out_of_range(a.positions.data<int32_t>(), t, 0, max_pos, &bad);
+  if (i >= 0) input_error("rope: position ", bad, " of token ", i, " is outside the table [0, ", max_pos, ")");
+  launch_rope(a);
+}
+
+void cuda_rope_unchecked(const RopeArgs& a) {
+  validate(a);
+  launch_rope(a);
 }
 
 }  // namespace dsv3
