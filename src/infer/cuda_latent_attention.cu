@@ -347,7 +347,8 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
   } else {
     // Few rows: split the positions over more CTAs (about one wave of the GPU's SMs).
     const int64_t groups = (nh + kHeadsPerCta - 1) / kHeadsPerCta, tiles = (max_len_ + kTile - 1) / kTile;
-    const int64_t splits = std::clamp<int64_t>(132 / std::max<int64_t>(1, N * groups), 1, std::min<int64_t>(tiles, 16));
+    const int64_t splits =
+        std::clamp<int64_t>(sm_count() / std::max<int64_t>(1, N * groups), 1, std::min<int64_t>(tiles, 16));
     Tensor part = splits > 1 ? be.alloc(DType::F32, {N * nh * splits * (R + 2)}) : Tensor();
     const dim3 grid{unsigned(N), unsigned(groups), unsigned(splits)};
     latent_attention_kernel<<<grid, 32 * kHeadsPerCta, attention_smem(int(W))>>>(

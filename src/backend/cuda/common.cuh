@@ -32,6 +32,16 @@ inline void check_launch(const char* op) {
   if (e != cudaSuccess) internal_error("CUDA launch in ", op, ": ", cudaGetErrorString(e));
 }
 
+// The device's SM count (device 0, read once): grids sized to whole waves.
+inline int sm_count() {
+  static const int n = [] {
+    int x = 0;
+    DSV3_CUDA_CHECK(cudaDeviceGetAttribute(&x, cudaDevAttrMultiProcessorCount, 0));
+    return x;
+  }();
+  return n;
+}
+
 inline unsigned blocks_for(int64_t n, int threads = 256) {
   int64_t b = (n + threads - 1) / threads;
   return unsigned(b < 1 ? 1 : (b > (1 << 30) ? (1 << 30) : b));

@@ -622,14 +622,6 @@ const std::vector<Launch>& launches() {
   }();
   return all;
 }
-int sm_count() {
-  static const int n = [] {
-    int x = 132;
-    DSV3_CUDA_CHECK(cudaDeviceGetAttribute(&x, cudaDevAttrMultiProcessorCount, 0));
-    return x;
-  }();
-  return n;
-}
 bool same_shape(const MlaDecodeConfig& x, const MlaDecodeConfig& y) {
   return x.kernel == y.kernel && x.heads_per_cta == y.heads_per_cta && x.heads_per_warp == y.heads_per_warp &&
          x.warps == y.warps &&
