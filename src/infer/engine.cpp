@@ -63,25 +63,23 @@ Engine::Engine(const Weights& w, const EngineOptions& opt, Backend& be)
   }
   pool_ = std::make_unique<LatentKvPool>(layers, c.kv_lora_rank, c.qk_rope_head_dim, co);
   if (!on_device_) {
-    host_cache_ = std::make_unique<LatentAttention>(*pool_, runner_.absorbed(), runner_.dims());
+    auto host = std::make_unique<LatentAttention>(*pool_, runner_.absorbed(), runner_.dims());
+    tables_ = &host->tables;
+    cache_ = std::move(host);
     return;
   }
 #ifdef DSV3_HAVE_CUDA
   auto dev = std::make_unique<CudaLatentAttention>(*pool_, runner_.absorbed(), runner_.dims());
-  dev_tables_ = &dev->tables;
-  dev_cache_ = std::move(dev);
+  tables_ = &dev->tables;
+  cache_ = std::move(dev);
 #else
   input_error("the inference engine on ", be.name(), " needs a CUDA build");
 #endif
 }
 
 AttentionCache& Engine::cache_with(std::vector<BlockTable*> tables) {
-  if (on_device_) {
-    *dev_tables_ = std::move(tables);
-    return *dev_cache_;
-  }
-  host_cache_->tables = std::move(tables);
-  return *host_cache_;
+  *tables_ = std::move(tables);
+  return *cache_;
 }
 
 Tensor Engine::host(const Tensor& t) {

@@ -116,9 +116,8 @@ class Engine {
   int draft_ = 0;
   bool on_device_ = false;
   int64_t device_greedy_steps_ = 0;
-  std::unique_ptr<LatentAttention> host_cache_;
-  std::unique_ptr<AttentionCache> dev_cache_;
-  std::vector<BlockTable*>* dev_tables_ = nullptr;
+  std::unique_ptr<AttentionCache> cache_;      // the host's LatentAttention or the device's
+  std::vector<BlockTable*>* tables_ = nullptr;  // its block tables, set per forward
   std::deque<std::unique_ptr<Seq>> waiting_;
   std::vector<std::unique_ptr<Seq>> running_;
   EngineStats stats_;
