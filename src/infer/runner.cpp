@@ -56,15 +56,17 @@ void ModelRunner::rope(const Tensor& positions, const Tensor& x, int64_t offset)
 
 const RopeTables& ModelRunner::rope_for(int64_t n) { return rope_.covering(be_, cfg_, n); }
 
-Tensor ModelRunner::positions_of(const StepRows& rows) {
-  std::vector<int32_t> pos(rows.pos.size());
+std::pair<Tensor, Tensor> ModelRunner::ids_and_positions(std::span<const int32_t> tokens, const StepRows& rows) {
+  const int64_t N = rows.size();
+  std::vector<int32_t> tp(tokens.begin(), tokens.end());
   int64_t mx = 0;
-  for (size_t i = 0; i < pos.size(); ++i) {
-    pos[i] = int32_t(rows.pos[i]);
-    mx = std::max(mx, rows.pos[i] + 1);
+  for (int64_t p : rows.pos) {
+    tp.push_back(int32_t(p));
+    mx = std::max(mx, p + 1);
   }
   rope_for(mx);
-  return i32_tensor(be_, pos);
+  const Tensor both = i32_tensor(be_, tp);
+  return {both.rows(0, N), both.rows(N, 2 * N)};
 }
 
 void ModelRunner::linear(const LinearParam& p, const Tensor& x, const Tensor& y, bool accumulate) {
@@ -201,16 +203,7 @@ ModelRunner::Output ModelRunner::forward(AttentionCache& cache, const StepRows& 
     if (tokens[size_t(i)] < 0 || tokens[size_t(i)] >= cfg_.vocab_size)
       input_error("token id ", tokens[size_t(i)], " is outside the model's vocabulary [0, ", cfg_.vocab_size, ")");
   if (use_small(N)) return forward_small(cache, rows, tokens, logit_rows);
-  // Token ids and positions in one upload (ids were checked above; positions are covered by the tables).
-  std::vector<int32_t> tp(tokens.begin(), tokens.end());
-  int64_t mx = 0;
-  for (int64_t p : rows.pos) {
-    tp.push_back(int32_t(p));
-    mx = std::max(mx, p + 1);
-  }
-  rope_for(mx);
-  const Tensor both = i32_tensor(be_, tp);
-  const Tensor ids = both.rows(0, N), positions = both.rows(N, 2 * N);
+  const auto [ids, positions] = ids_and_positions(tokens, rows);  // ids checked above
   Tensor x = be_.alloc(DType::F32, {N, d_.H});
   EmbeddingArgs e;
   e.ids = ids;
@@ -239,10 +232,10 @@ ModelRunner::Output ModelRunner::mtp_forward(int k, AttentionCache& cache, const
   const int64_t N = rows.size(), H = d_.H;
   DSV3_CHECK(N > 0 && int64_t(tokens.size()) == N && h_prev.dim(0) == N);
   if (use_small(N)) return mtp_forward_small(k, cache, rows, tokens, h_prev, logit_rows);
-  const Tensor positions = positions_of(rows);
+  const auto [ids, positions] = ids_and_positions(tokens, rows);
   Tensor emb = be_.alloc(DType::F32, {N, H});
   EmbeddingArgs e;
-  e.ids = i32_tensor(be_, std::vector<int32_t>(tokens.begin(), tokens.end()));
+  e.ids = ids;
   e.table = params_.embed_tokens;
   e.out = emb;
   be_.embedding(e);

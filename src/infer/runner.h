@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <span>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "infer/cuda_decode_ops.h"
@@ -63,7 +64,9 @@ class ModelRunner {
                        const Tensor& positions, AttentionCache& cache);
   Tensor head(const Tensor& normed, std::span<const int32_t> logit_rows);
   const RopeTables& rope_for(int64_t n);
-  Tensor positions_of(const StepRows& rows);
+  // The step's token ids and positions in one upload ({ids, positions}, each [N] I32), the RoPE
+  // tables grown to cover the positions.
+  std::pair<Tensor, Tensor> ids_and_positions(std::span<const int32_t> tokens, const StepRows& rows);
 
   // The lean path (runner_small.cpp); x [N, H] in ws_.x, h⁰ / h^k left there.
   bool use_small(int64_t N) const { return N <= small_rows_ && be_.device() == Device::CPU; }
