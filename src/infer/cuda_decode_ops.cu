@@ -391,7 +391,7 @@ Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, con
   moe_route(be, d, p, logits, scores, ids, wts);
 
   const int64_t nk = N * k, groups = E + (t.shared ? 1 : 0), picks = nk + (t.shared ? N : 0);
-  DSV3_CHECK((E + nk) * 4 <= 48 * 1024, "cuda_moe_forward: ", N, " rows × top-", k, " picks exceed the grouping kernel");
+  DSV3_CHECK(cuda_moe_fits(t, N, k), "cuda_moe_forward: ", N, " rows × top-", k, " picks exceed the grouping kernel");
   Tensor grp = be.alloc(DType::I32, {picks + nk + groups + 1});
   int32_t* order = ptr<int32_t>(grp);
   int32_t* inv = order + picks;

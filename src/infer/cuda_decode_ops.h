@@ -32,7 +32,11 @@ CudaMoeTables cuda_moe_tables(const MoeParams& p);
 // once for all its picks (gate/up with SwiGLU, then down) → per token Σ_j weight_j·y_j in top-k
 // order, plus the shared experts. Returns out [N, H]; with `residual`, residual + that (one add
 // less; the same order of additions as the runner's x2 + ffn).
-// small_gemv: the router's gate through cuda_small_linear (when it applies).
+// small_gemv: the router's gate through cuda_small_linear (when it applies). cuda_moe_fits says
+// whether N rows of top-k picks fit its grouping kernel (one CTA, shared memory).
+inline bool cuda_moe_fits(const CudaMoeTables& t, int64_t N, int64_t top_k) {
+  return top_k <= 32 && (t.E + N * top_k) * int64_t(sizeof(int32_t)) <= 48 * 1024;
+}
 Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const CudaMoeTables& t,
                         const Tensor& x, const Tensor* residual = nullptr, bool small_gemv = false);
 

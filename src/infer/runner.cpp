@@ -143,7 +143,7 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
   // (accumulating into x, which nothing reads afterwards) and into the experts' combine kernel.
   const CudaMoeTables* dev_moe = p.is_moe && sync_free_ && size_t(layer) < moe_tables_.size() &&
                                          present(moe_tables_[size_t(layer)].ptrs) && N <= kDeviceMoeRows &&
-                                         N * d_.top_k <= 4096
+                                         cuda_moe_fits(moe_tables_[size_t(layer)], N, d_.top_k)
                                      ? &moe_tables_[size_t(layer)]
                                      : nullptr;
   Tensor x2;
