@@ -54,6 +54,20 @@ __device__ __forceinline__ const bf16_t* frag_bt(const bf16_t* base, int ld, int
   return base + (r0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + c0 + (lane >> 4) * 8;
 }
 
+// acc[:, 0..D) += a · rows [k0, k0 + 16) of the [·, D] tile at base (shared, row stride ld): the
+// rows are the MMA's K, read transposed by ldmatrix (the P·V / dS·K / Pᵀ·dO / dSᵀ·Q products).
+template <int D>
+__device__ __forceinline__ void mma_a_rows(float (&acc)[D / 8][4], const uint32_t (&a)[4], const bf16_t* base, int ld,
+                                           int k0, int lane) {
+#pragma unroll
+  for (int np = 0; np < D / 16; ++np) {
+    uint32_t b[4];
+    ldmatrix_x4_trans(b, frag_bt(base, ld, k0, np * 16, lane));
+    mma_bf16(acc[2 * np], a, b[0], b[1]);
+    mma_bf16(acc[2 * np + 1], a, b[2], b[3]);
+  }
+}
+
 // rows × W BF16 from global (row stride W, contiguous) into shared (row stride W + kPad).
 template <int W>
 __device__ __forceinline__ void load_tile(bf16_t* dst, const bf16_t* src, int rows) {
@@ -237,15 +251,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     // The S accumulators of n-tiles 2kk, 2kk + 1 are exactly the A fragment of k-step kk.
 #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk) {
-      uint32_t a[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
-                       pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-      for (int np = 0; np < DV / 16; ++np) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, frag_bt(vt, lv, kk * 16, np * 16, lane));
-        mma_bf16(o[2 * np], a, b[0], b[1]);
-        mma_bf16(o[2 * np + 1], a, b[2], b[3]);
-      }
+      uint32_t a[4];
+      acc_to_a(a, s[2 * kk], s[2 * kk + 1]);
+      mma_a_rows<DV>(o, a, vt, lv, kk * 16, lane);
     }
     __syncthreads();  // the buffer is refilled next iteration
   }
@@ -379,15 +387,9 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
 #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk) {
-      uint32_t a[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
-                       pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-      for (int np = 0; np < DQK / 16; ++np) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, frag_bt(kt, lq, kk * 16, np * 16, lane));
-        mma_bf16(acc[2 * np], a, b[0], b[1]);
-        mma_bf16(acc[2 * np + 1], a, b[2], b[3]);
-      }
+      uint32_t a[4];
+      acc_to_a(a, s[2 * kk], s[2 * kk + 1]);
+      mma_a_rows<DQK>(acc, a, kt, lq, kk * 16, lane);
     }
     __syncthreads();
   }
@@ -487,32 +489,17 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
 #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk) {
-      pa[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-      pa[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-      pa[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      acc_to_a(pa[kk], s[2 * kk], s[2 * kk + 1]);
     }
 #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk) {
-#pragma unroll
-      for (int np = 0; np < DV / 16; ++np) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, frag_bt(dt, lv, kk * 16, np * 16, lane));
-        mma_bf16(av[2 * np], pa[kk], b[0], b[1]);
-        mma_bf16(av[2 * np + 1], pa[kk], b[2], b[3]);
-      }
+      mma_a_rows<DV>(av, pa[kk], dt, lv, kk * 16, lane);
     }
 #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk) {
-      uint32_t a[4] = {pack_bf16(dp[2 * kk][0], dp[2 * kk][1]), pack_bf16(dp[2 * kk][2], dp[2 * kk][3]),
-                       pack_bf16(dp[2 * kk + 1][0], dp[2 * kk + 1][1]), pack_bf16(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
-#pragma unroll
-      for (int np = 0; np < DQK / 16; ++np) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, frag_bt(qt, lq, kk * 16, np * 16, lane));
-        mma_bf16(ak[2 * np], a, b[0], b[1]);
-        mma_bf16(ak[2 * np + 1], a, b[2], b[3]);
-      }
+      uint32_t a[4];
+      acc_to_a(a, dp[2 * kk], dp[2 * kk + 1]);
+      mma_a_rows<DQK>(ak, a, qt, lq, kk * 16, lane);
     }
     __syncthreads();
   }

@@ -521,10 +521,7 @@ __global__ void __launch_bounds__(Reg<kMG, kMW, kWN, kT, kS, kQR>::kThreads, Reg
       uint32_t a[kMW][4];
 #pragma unroll
       for (int i = 0; i < kMW; ++i) {
-        a[i][0] = pack_bf16(sc[i][2 * kk][0], sc[i][2 * kk][1]);
-        a[i][1] = pack_bf16(sc[i][2 * kk][2], sc[i][2 * kk][3]);
-        a[i][2] = pack_bf16(sc[i][2 * kk + 1][0], sc[i][2 * kk + 1][1]);
-        a[i][3] = pack_bf16(sc[i][2 * kk + 1][2], sc[i][2 * kk + 1][3]);
+        acc_to_a(a[i], sc[i][2 * kk], sc[i][2 * kk + 1]);
       }
       const __nv_bfloat16* src = rows + kk * 16 * ws + vrow_off;
 #pragma unroll

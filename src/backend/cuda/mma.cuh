@@ -1,5 +1,6 @@
 // PTX wrappers shared by the tensor-core kernels (attention_bf16.cu, mla_decode.cu): cp.async staging,
-// ldmatrix fragment loads and the BF16 mma.sync m16n8k16 with FP32 accumulators.
+// ldmatrix fragment loads and the BF16 mma.sync m16n8k16 with FP32 accumulators, and the repacking of
+// accumulators into the next MMA's A operand.
 #pragma once
 #include <cuda_bf16.h>
 
@@ -47,6 +48,14 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
+}
+// The A fragment (16×16, BF16) of an m16n8k16 MMA from two adjacent 16×8 FP32 accumulator tiles
+// (columns 0–7 in c0, 8–15 in c1): the accumulator layout of one MMA is the A layout of the next.
+__device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
+  a[0] = pack_bf16(c0[0], c0[1]);
+  a[1] = pack_bf16(c0[2], c0[3]);
+  a[2] = pack_bf16(c1[0], c1[1]);
+  a[3] = pack_bf16(c1[2], c1[3]);
 }
 // 2^x in one MUFU instruction (~2 ulp; 2^−inf = +0), without exp2f's handling of subnormal results:
 // far below the BF16 rounding the softmax weights get next.
