@@ -17,11 +17,13 @@
 #include "io/tokenizer_train.h"
 #include "train/data_prepare.h"
 #include "train/trainer.h"
+#include "../train/train_test_util.h"
 
 namespace dsv3 {
 namespace {
 
 namespace fs = std::filesystem;
+using train_test::read_metrics;
 
 #define REQUIRE_MPI() ASSERT_TRUE(launched_by_mpi() && mpi_available()) << "run under mpirun -np N (ctest -L mpi)"
 
@@ -128,18 +130,6 @@ Params snapshot(const Trainer& t) {
   const auto sizes = t.parameter_sizes();
   const auto ptrs = t.parameters();
   for (size_t i = 0; i < ptrs.size(); ++i) out.emplace_back(ptrs[i].second, ptrs[i].second + sizes[i].second);
-  return out;
-}
-
-std::vector<nlohmann::json> read_metrics(const std::string& p) {
-  std::ifstream f(p);
-  std::vector<nlohmann::json> out;
-  for (std::string line; std::getline(f, line);) {
-    nlohmann::json j = nlohmann::json::parse(line);
-    j.erase("ms");
-    j.erase("tok_per_s");
-    out.push_back(j);
-  }
   return out;
 }
 
