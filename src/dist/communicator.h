@@ -2,10 +2,11 @@
 //   local  — one process, size 1 (make_local_communicator); also a simulated world of N ranks on
 //            N threads of one process (make_thread_world), which the unit tests use;
 //   MPI    — Debian's OpenMPI (comm_mpi.cpp, DSV3_HAVE_MPI), host memory;
-//   NCCL   — GPU buffers (comm_nccl.cpp, DSV3_HAVE_NCCL), its unique id shared over MPI.
+//   NCCL   — one GPU per rank (comm_nccl.cpp, DSV3_HAVE_NCCL), bootstrapped over MPI or by
+//            scripts/launch_gpus.sh's rendezvous file.
 //
-// Buffers are byte ranges in the implementation's memory space (host for local/MPI, device for
-// NCCL). Transport-level primitives are all_to_all_v, all_gather, broadcast and barrier; the float
+// Buffers are byte ranges in host memory; NCCL also takes device memory (device_buffers()).
+// Transport-level primitives are all_to_all_v, all_gather, broadcast and barrier; the float
 // reductions are built on them here so that their summation order is fixed and the same on every
 // transport: element i of a sum is ((x_0 + x_1) + x_2) + … in rank order, on every rank, whatever
 // MPI's or NCCL's own algorithm would choose. So an all-reduce result is bitwise identical across
@@ -36,6 +37,8 @@ class Communicator {
  public:
   virtual ~Communicator() = default;
   virtual std::string name() const = 0;  // "local", "threads", "mpi", "nccl"
+  // True when buffers may be device memory (NCCL); host buffers are accepted by every implementation.
+  virtual bool device_buffers() const { return false; }
 
   int rank() const { return rank_; }
   int size() const { return size_; }
@@ -92,10 +95,14 @@ bool mpi_available();
 bool launched_by_mpi();
 std::unique_ptr<Communicator> make_mpi_communicator(int ranks_per_node = 0);
 
-// NCCL over device buffers (DSV3_HAVE_NCCL): the id comes from rank 0 by an MPI broadcast (or is
-// made locally for a world of one). Collectives run on the current CUDA stream 0 and synchronize.
+// NCCL (DSV3_HAVE_NCCL): rank r drives GPU (local rank mod visible devices), set current here.
+// The id comes from rank 0 by an MPI broadcast when launched by mpirun, else through the file
+// DSV3_RENDEZVOUS with DSV3_RANK / DSV3_WORLD_SIZE / DSV3_LOCAL_WORLD_SIZE (scripts/launch_gpus.sh);
+// neither: a world of one. Collectives run on the communicator's own stream and synchronize.
 bool nccl_available();
-std::unique_ptr<Communicator> make_nccl_communicator(Communicator* bootstrap, int device);
+std::unique_ptr<Communicator> make_nccl_world(int ranks_per_node = 0);
+// True when started by scripts/launch_gpus.sh (DSV3_WORLD_SIZE set).
+bool launched_by_gpu_launcher();
 
 // After an error on this rank of an MPI job of several ranks: prints `message` to stderr, then
 // MPI_Abort, which ends every rank at once (a peer waiting in a collective would otherwise wait for

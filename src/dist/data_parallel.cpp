@@ -26,10 +26,54 @@ GradientAllReduce::GradientAllReduce(Communicator& c, std::vector<Tensor> grads,
     }
   }
   if (!cur.empty()) buckets_.push_back(std::move(cur));
-  buf_.resize(size_t(std::min(cap, std::max<int64_t>(total_, 1))));
+  const int64_t len = std::min(cap, std::max<int64_t>(total_, 1));
+  const bool on_gpu = !grads_.empty() && grads_[0].device() != Device::CPU;
+  for (const Tensor& g : grads_)
+    if ((g.device() != Device::CPU) != on_gpu) internal_error("GradientAllReduce: gradients on two devices");
+  if (!on_gpu) {
+    buf_.resize(size_t(len));
+    return;
+  }
+  if (!c_.device_buffers())
+    internal_error("GradientAllReduce: GPU gradients need a communicator that takes device buffers (NCCL), got ",
+                   c_.name());
+  dev_ = &backend_named("cuda");
+  send_ = dev_->alloc(DType::F32, {len});
+  gathered_ = dev_->alloc(DType::F32, {int64_t(c_.size()) * len});
+}
+
+namespace {
+Tensor flat(const Tensor& t, int64_t begin, int64_t end) { return t.reshape({t.numel()}).rows(begin, end); }
+}  // namespace
+
+// Pack on the device, all-gather, then Σ_r in rank order into the pack buffer and scatter it back.
+void GradientAllReduce::run_device(float scale) {
+  const int P = c_.size();
+  for (const auto& bucket : buckets_) {
+    int64_t n = 0;
+    for (const Piece& p : bucket) {
+      dev_->copy(CopyArgs{flat(grads_[p.tensor], p.begin, p.end), flat(send_, n, n + p.end - p.begin)});
+      n += p.end - p.begin;
+    }
+    c_.all_gather(send_.raw(), gathered_.raw(), n * int64_t(sizeof(float)));
+    const Tensor sum = flat(send_, 0, n);
+    if (P == 1) dev_->copy(CopyArgs{flat(gathered_, 0, n), sum});
+    for (int r = 1; r < P; ++r)
+      dev_->add(AddArgs{r == 1 ? flat(gathered_, 0, n) : sum, flat(gathered_, r * n, (r + 1) * n), sum});
+    n = 0;
+    for (const Piece& p : bucket) {
+      const Tensor src = flat(send_, n, n + p.end - p.begin), dst = flat(grads_[p.tensor], p.begin, p.end);
+      if (scale == 1.0f)
+        dev_->copy(CopyArgs{src, dst});
+      else
+        dev_->scale(ScaleArgs{src, dst, scale});
+      n += p.end - p.begin;
+    }
+  }
 }
 
 void GradientAllReduce::run(float scale) {
+  if (dev_) return run_device(scale);
   for (const auto& bucket : buckets_) {
     int64_t n = 0;
     for (const Piece& p : bucket) {

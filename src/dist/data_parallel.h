@@ -1,12 +1,15 @@
 // Data parallelism: every rank runs the same model on its share of the global batch; gradients
 // are summed over ranks and scaled, in buckets of consecutive tensors in the order given (the
 // tensor table's order), so the summation order is fixed and every rank ends with identical bits
-// (Communicator::all_reduce_sum). Expert loads are summed exactly (integers) so every rank applies
-// the same aux-loss-free bias update.
+// (Communicator::all_reduce_sum). Gradients on a GPU stay there: each bucket is packed on the
+// device, all-gathered through NCCL and summed in rank order by the backend's add, the same
+// ((g₀ + g₁) + g₂) + … as on the host. Expert loads are summed exactly (integers) so every rank
+// applies the same aux-loss-free bias update.
 #pragma once
 #include <cstdint>
 #include <vector>
 
+#include "backend/ops.h"
 #include "core/tensor.h"
 #include "dist/communicator.h"
 
@@ -14,7 +17,8 @@ namespace dsv3 {
 
 class GradientAllReduce {
  public:
-  // grads: host F32 tensors, reduced in this order. bucket_bytes ≥ 4 (one float).
+  // grads: F32 tensors, reduced in this order, all on the host or all on the GPU (which needs a
+  // communicator that takes device buffers). bucket_bytes ≥ 4 (one float).
   GradientAllReduce(Communicator& c, std::vector<Tensor> grads, int64_t bucket_bytes = 8 << 20);
   // g ← scale · Σ_ranks g for every tensor (scale = 1/size for the mean over the global batch
   // when each rank's loss is the mean over its own equal share).
@@ -32,6 +36,9 @@ class GradientAllReduce {
   std::vector<std::vector<Piece>> buckets_;
   int64_t total_ = 0;
   std::vector<float> buf_;
+  Backend* dev_ = nullptr;  // the GPU backend when the gradients live there
+  Tensor send_, gathered_;  // device: [cap] and [size · cap]
+  void run_device(float scale);
 };
 
 // loads[layer][expert] ← Σ over ranks (exact).
