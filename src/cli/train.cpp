@@ -136,14 +136,18 @@ int run_train_ranks(TrainCli& o) {
   // Several ranks: started by mpirun (or asked for a parallel option, which then checks the world).
   std::unique_ptr<Communicator> world;
   std::unique_ptr<TrainParallel> par;
-  if (launched_by_mpi() || o.ranks_per_node > 0 || o.par.ep > 1 || o.par.zero1) {
-    // The ranks exchange host buffers (MPI): gradients, parameters and moments must be in host memory.
-    if (o.t.device != "cpu")
-      input_error("--device ", o.t.device, ": training on several ranks (mpirun, --ep, --zero1, --ranks-per-node) "
-                  "runs on the CPU; --device cuda trains in one process");
-    world = make_world_communicator(o.ranks_per_node);
+  if (launched_by_mpi() || launched_by_gpu_launcher() || o.ranks_per_node > 0 || o.par.ep > 1 || o.par.zero1) {
+    // CPU ranks talk over MPI (host memory); GPU ranks over NCCL, one GPU each (bootstrapped by
+    // mpirun or scripts/launch_gpus.sh), gradients staying on the device.
+    if (o.t.device == "cuda")
+      world = make_nccl_world(o.ranks_per_node);
+    else if (launched_by_gpu_launcher())
+      input_error("scripts/launch_gpus.sh starts GPU ranks: add --device cuda (CPU ranks run under mpirun)");
+    else
+      world = make_world_communicator(o.ranks_per_node);
     par = make_train_parallel(*world, o.par, c);
     resolved["ranks"] = world->size();
+    resolved["communicator"] = world->name();
     resolved["ranks_per_node"] = world->ranks_per_node();
     resolved["ep"] = o.par.ep;
     resolved["zero1"] = o.par.zero1;
@@ -184,7 +188,8 @@ RunFn setup_train(CLI::App& app) {
                  "fp8-dgrad-128x128 (negative control)")
       ->capture_default_str();
   app.add_option("--device", t.device,
-                 "cpu | cuda (one GPU, every --precision; docs/cuda.md)")
+                 "cpu | cuda (every --precision; several GPUs: mpirun or scripts/launch_gpus.sh, "
+                 "one rank per GPU, docs/distributed.md)")
       ->capture_default_str();
   app.add_option("--data", t.data_dir, "Prepared dataset (dsv3 data prepare); default: the Brown corpus");
   app.add_option("--tokenizer", t.tokenizer_path, "tokenizer.json for samples and checkpoints");
@@ -211,6 +216,7 @@ RunFn setup_train(CLI::App& app) {
       ->capture_default_str();
   app.add_option("--beta1", t.opt.beta1, "AdamW β1")->capture_default_str();
   app.add_option("--beta2", t.opt.beta2, "AdamW β2")->capture_default_str();
+  app.add_option("--adam-eps", t.opt.eps, "AdamW ε (the DP/EP equality runs use 1e-3, docs/distributed.md)")->capture_default_str();
   app.add_option("--max-skips", t.opt.max_consecutive_skips, "Stop after this many non-finite steps in a row")
       ->capture_default_str();
   app.add_option("--init-std", t.init_std, "Std of the random initialisation")->capture_default_str();

@@ -208,7 +208,9 @@ Trainer::Trainer(const ModelConfig& config, TrainOptions o, TrainParallel* par) 
   m.cfg = config;
   m.o = o;
   m.be = &backend_named(o.device);
-  if (!m.on_host() && par) input_error("--device cuda trains on one process; several ranks need --device cpu");
+  if (!m.on_host() && par && par->shards_optimizer())
+    input_error("--zero1 shards the optimizer in host memory: it needs --device cpu (on GPUs every rank keeps "
+                "the whole AdamW state)");
   m.moe = moe_layers(config);
   m.train_ds = TokenDataset::open(o.data_dir, "train");
   if (int64_t(m.train_ds.vocab_size()) > config.vocab_size)

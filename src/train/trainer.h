@@ -84,7 +84,7 @@ struct TrainOptions {
   // (its initializer_range): measured on the Brown corpus, val loss 6.23 vs 6.79 after 200 steps.
   double init_std = 0.02;
   std::string precision = "fp32";  // fp32 | bf16 | fp8 | fp8-dgrad-128x128
-  std::string device = "cpu";      // cpu | cuda (the GPU trains in fp32, on one process)
+  std::string device = "cpu";      // cpu | cuda (one GPU per rank)
   std::string data_dir;            // prepared dataset (dataset.json)
   std::string tokenizer_path;      // for samples and the checkpoints' tokenizer.json ("" = none)
   std::string out_dir = "out";
