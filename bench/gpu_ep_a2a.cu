@@ -14,8 +14,9 @@
 //   combine   those rows go back to their sources, which add them per token in rank order (FP32
 //             sum, BF16 out).
 // Check (before timing, from the same seeds on the host): every received row's bytes equal what the
-// sender packed (payload, scales, metadata); the combined output equals the host sum computed with the
-// same quantization and rounding, bitwise. Any mismatch → exit 1 (the timings are still written).
+// sender must have packed (payload and scales from the CPU reference quantize_fp8, metadata); the
+// combined output equals the host sum of the same products in the same order, bitwise. Any mismatch
+// → exit 1 (the timings are still written); --inject-error shows that the check fails.
 // Bytes, as DeepEP's tests/test_intranode.py counts them: dispatch = received rows × (H + 4·H/128)
 // (FP8 payload plus scales, the rank's own rows included, metadata not counted); combine = the same
 // rows × H × 2 (BF16). "NVLink" columns count only rows that cross to or from another rank.
@@ -48,6 +49,8 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/rng.h"
+#include "core/tensor.h"
+#include "backend/fp8.h"
 
 using namespace dsv3;
 
@@ -70,6 +73,7 @@ struct Opts {
   int64_t tokens = 4096, hidden = 7168, experts = 256, top_k = 8, iters = 50, warmup = 10, seed = 1;
   int64_t groups = 8, topk_groups = 4;
   std::string routing = "uniform", out = "bench/results/gpu_ep_a2a.json";
+  bool inject_error = false;
 };
 
 const char* kHelp =
@@ -86,6 +90,7 @@ const char* kHelp =
     "  --warmup W        untimed iterations first (default 10)\n"
     "  --seed S          seed of the hidden states and the routing (default 1)\n"
     "  --out PATH        JSON written by rank 0 (default bench/results/gpu_ep_a2a.json)\n"
+    "  --inject-error    flip one received bit before the check, which must then fail (exit 1); no timing\n"
     "  --help            this text\n";
 
 int64_t parse_int(const std::string& flag, const std::string& v, int64_t lo) {
@@ -101,6 +106,10 @@ bool parse(int argc, char** argv, Opts& o, int nranks) {
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i], v;
     if (a == "--help" || a == "-h") return false;
+    if (a == "--inject-error") {
+      o.inject_error = true;
+      continue;
+    }
     size_t eq = a.find('=');
     if (eq != std::string::npos) {
       v = a.substr(eq + 1);
@@ -349,14 +358,21 @@ void make_routing(const Opts& o, int src, std::vector<int32_t>& ids, std::vector
   }
 }
 
-// Token t's tile as the sender quantizes it (backend/fp8.h's 1×128 recipe).
-float quantize_tile(const uint16_t* x, uint8_t* q) {
-  float amax = 0.0f;
-  for (int i = 0; i < kTile; ++i) amax = std::max(amax, std::fabs(bf16_to_float(x[i])));
-  float s = amax == 0.0f ? 1.0f : amax / 448.0f;
-  if (s == 0.0f) s = FLT_TRUE_MIN;
-  for (int i = 0; i < kTile; ++i) q[i] = float_to_e4m3(bf16_to_float(x[i]) / s);
-  return s;
+// x quantized by the project's CPU reference (backend/fp8.h, 1×128 tiles, amax/448): what the pack
+// kernel must have produced. q [T, H] E4M3 bytes, scale [T, H/128].
+void reference_fp8(const std::vector<uint16_t>& x, int64_t T, int64_t H, std::vector<uint8_t>& q,
+                   std::vector<float>& scale) {
+  QuantizeFp8Args a;
+  a.x = Tensor::empty(DType::F32, Shape{T, H});
+  float* xf = a.x.data<float>();
+  for (size_t i = 0; i < x.size(); ++i) xf[i] = bf16_to_float(x[i]);
+  a.q = Tensor::empty(DType::F8_E4M3, Shape{T, H});
+  a.scale = Tensor::empty(DType::F32, Shape{T, H / kTile});
+  quantize_fp8(a);
+  const uint8_t* qp = a.q.data<uint8_t>();
+  const float* sp = a.scale.data<float>();
+  q.assign(qp, qp + T * H);
+  scale.assign(sp, sp + T * (H / kTile));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -454,11 +470,14 @@ nlohmann::json check(Ctx& c) {
   int64_t bad_rows = 0, bad_counts = 0, rows_checked = 0;
   std::string first_bad;
   std::vector<uint8_t> want(L.stride);
-  std::vector<uint16_t> mine_x;
+  std::vector<uint8_t> mine_q;
+  std::vector<float> mine_scale;
   std::vector<int32_t> mine_ids;
   std::vector<float> mine_w;
   for (int s = 0; s < c.N; ++s) {
-    std::vector<uint16_t> x = make_x(o, s);
+    std::vector<uint8_t> q;
+    std::vector<float> scale;
+    reference_fp8(make_x(o, s), T, H, q, scale);
     std::vector<int32_t> ids;
     std::vector<float> w;
     make_routing(o, s, ids, w);
@@ -469,10 +488,8 @@ nlohmann::json check(Ctx& c) {
       if (!to_me) continue;
       if (n < c.roff[size_t(s) + 1] - c.roff[size_t(s)]) {
         std::memset(want.data(), 0, want.size());
-        for (int64_t g = 0; g < L.tiles; ++g) {
-          float sc = quantize_tile(&x[size_t(t * H + g * kTile)], &want[size_t(g * kTile)]);
-          std::memcpy(&want[L.scale_off + size_t(g) * 4], &sc, 4);
-        }
+        std::memcpy(want.data(), &q[size_t(t * H)], size_t(H));
+        std::memcpy(&want[L.scale_off], &scale[size_t(t * L.tiles)], size_t(L.tiles) * 4);
         int32_t tok = int32_t(t);
         std::memcpy(&want[L.token_off], &tok, 4);
         for (int64_t k = 0; k < K; ++k) {
@@ -494,7 +511,8 @@ nlohmann::json check(Ctx& c) {
     }
     if (n != c.roff[size_t(s) + 1] - c.roff[size_t(s)]) ++bad_counts;
     if (s == c.rank) {
-      mine_x = std::move(x);
+      mine_q = std::move(q);
+      mine_scale = std::move(scale);
       mine_ids = std::move(ids);
       mine_w = std::move(w);
     }
@@ -502,13 +520,10 @@ nlohmann::json check(Ctx& c) {
   // Combined output: per destination in rank order, BF16(deq(q)·Σ local weights), summed in FP32.
   int64_t bad_out = 0;
   double max_diff = 0;
-  std::vector<uint8_t> q(static_cast<size_t>(kTile));
   std::vector<float> acc(static_cast<size_t>(H)), deq(static_cast<size_t>(H));
   for (int64_t t = 0; t < T; ++t) {
-    for (int64_t g = 0; g < L.tiles; ++g) {
-      const float s = quantize_tile(&mine_x[size_t(t * H + g * kTile)], q.data());
-      for (int i = 0; i < kTile; ++i) deq[size_t(g * kTile + i)] = e4m3_to_float(q[size_t(i)]) * s;
-    }
+    for (int64_t h = 0; h < H; ++h)
+      deq[size_t(h)] = e4m3_to_float(mine_q[size_t(t * H + h)]) * mine_scale[size_t(t * L.tiles + h / kTile)];
     std::fill(acc.begin(), acc.end(), 0.0f);
     for (int d = 0; d < c.N; ++d) {
       bool any = false;
@@ -610,6 +625,12 @@ int run(Ctx& c) {
   float ms[3];
   // First pass: checked.
   dispatch(c, ev, ms);
+  if (o.inject_error && c.rows_recv > 0) {
+    uint8_t b = 0;
+    CU(cudaMemcpy(&b, c.recv + 3, 1, cudaMemcpyDeviceToHost));
+    b ^= 0x10;
+    CU(cudaMemcpy(c.recv + 3, &b, 1, cudaMemcpyHostToDevice));
+  }
   if (c.rows_recv > 0) expert_kernel<<<int(c.rows_recv), 256, 0, c.st>>>(c.recv, c.L, c.part);
   CU(cudaGetLastError());
   CU(cudaStreamSynchronize(c.st));
@@ -617,8 +638,12 @@ int run(Ctx& c) {
   nlohmann::json chk = check(c);
   int ok = chk["passed"].get<bool>() ? 1 : 0, all_ok = 0;
   MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  if (o.inject_error) {
+    if (c.rank == 0) std::printf("check with an injected bit flip: %s\n", all_ok ? "passed (WRONG)" : "failed, as it must");
+    return all_ok ? 0 : 1;
+  }
 
-  std::vector<double> d_tot, d_pack, d_cnt, d_rows, c_tot, c_comm, c_red;
+  std::vector<double> d_tot, d_pack, d_cnt, d_rows, d_cached, c_tot, c_comm, c_red;
   for (int64_t it = 0; it < o.warmup + o.iters; ++it) {
     MPI_Barrier(MPI_COMM_WORLD);
     dispatch(c, ev, ms);
@@ -626,6 +651,7 @@ int run(Ctx& c) {
     d_pack.push_back(ms[0] * 1e-3);
     d_cnt.push_back(ms[1] * 1e-3);
     d_rows.push_back(ms[2] * 1e-3);
+    d_cached.push_back((double(ms[0]) + ms[2]) * 1e-3);
     d_tot.push_back((double(ms[0]) + ms[1] + ms[2]) * 1e-3);
   }
   for (int64_t it = 0; it < o.warmup + o.iters; ++it) {
@@ -650,7 +676,7 @@ int run(Ctx& c) {
                           {"gbps_nvlink_median", double(pp * (N - 1)) / s.med / 1e9}};
   };
 
-  const Stat dt = stat_of(d_tot), ct = stat_of(c_tot), dr = stat_of(d_rows), cx = stat_of(c_comm);
+  const Stat dt = stat_of(d_tot), ct = stat_of(c_tot), dr = stat_of(d_rows), cx = stat_of(c_comm), dc = stat_of(d_cached);
   const double db = double(c.rows_recv * disp_row_bytes), db_nvl = double(c.rows_recv_remote * disp_row_bytes);
   const double cb = double(c.rows_recv * comb_row_bytes), cb_nvl = double(c.rows_recv_remote * comb_row_bytes);
   const nlohmann::json mine = {
@@ -661,6 +687,7 @@ int run(Ctx& c) {
         {"count_exchange_median_us", stat_of(d_cnt).med * 1e6}, {"row_exchange_median_us", dr.med * 1e6},
         {"gbps_deepep_median", db / dt.med / 1e9}, {"gbps_deepep_best", db / dt.min / 1e9},
         {"gbps_nvlink_median", db_nvl / dt.med / 1e9}, {"gbps_nvlink_best", db_nvl / dt.min / 1e9},
+        {"gbps_deepep_cached_layout_median", db / dc.med / 1e9}, {"gbps_nvlink_cached_layout_median", db_nvl / dc.med / 1e9},
         {"gbps_deepep_row_exchange_only", db / dr.med / 1e9}, {"gbps_nvlink_row_exchange_only", db_nvl / dr.med / 1e9}}},
       {"combine",
        {{"median_us", ct.med * 1e6}, {"min_us", ct.min * 1e6}, {"exchange_median_us", cx.med * 1e6},
@@ -731,7 +758,9 @@ int run(Ctx& c) {
          "DeepEP tests/test_intranode.py: dispatch GB/s = received rows x (H + 4*H/128) / time (own rows included, "
          "metadata not counted); combine GB/s = the same rows x 2H / time. nvlink = only rows from/to other ranks. "
          "dispatch time = layout+pack kernels + count exchange (with host sync) + row exchange; combine = row "
-         "exchange + rank-order reduction. Median over iterations; best = min."},
+         "exchange + rank-order reduction. cached_layout = pack + row exchange without the count exchange (DeepEP "
+         "times its tuned dispatch with a cached handle: the layout and counts of an earlier call). Median over "
+         "iterations; best = min."},
         {"roofline_what", "ncclSend/ncclRecv group, equal bytes to every rank (self included), sized as the largest "
                           "EP receive (dispatch: FP8+scales, combine: BF16); GB/s = bytes received (nvlink: from other ranks) / time"},
         {"checks_passed_all_ranks", bool(all_ok)},
