@@ -93,11 +93,12 @@ const char* kHelp =
     "  --inject-error    flip one received bit before the check, which must then fail (exit 1); no timing\n"
     "  --help            this text\n";
 
-int64_t parse_int(const std::string& flag, const std::string& v, int64_t lo) {
+int64_t parse_int(const std::string& flag, const std::string& v, int64_t lo, int64_t hi = int64_t(1) << 30) {
   char* end = nullptr;
   errno = 0;
   long long x = std::strtoll(v.c_str(), &end, 10);
-  if (v.empty() || *end || errno || x < lo) input_error(flag, ": expected an integer >= ", lo, ", got '", v, "'");
+  if (v.empty() || *end || errno || x < lo || x > hi)
+    input_error(flag, ": expected an integer in [", lo, ", ", hi, "], got '", v, "'");
   return x;
 }
 
@@ -122,7 +123,7 @@ bool parse(int argc, char** argv, Opts& o, int nranks) {
     if (a == "--tokens") o.tokens = parse_int(a, v, 1);
     else if (a == "--hidden") o.hidden = parse_int(a, v, kTile);
     else if (a == "--experts") o.experts = parse_int(a, v, 1);
-    else if (a == "--top-k") o.top_k = parse_int(a, v, 1);
+    else if (a == "--top-k") o.top_k = parse_int(a, v, 1, 1024);
     else if (a == "--groups") o.groups = parse_int(a, v, 1);
     else if (a == "--topk-groups") o.topk_groups = parse_int(a, v, 1);
     else if (a == "--iters") o.iters = parse_int(a, v, 20);
@@ -403,7 +404,8 @@ void exchange(Ctx& c, const void* send, const int64_t* sc, const int64_t* so, vo
   NC(ncclGroupEnd());
 }
 
-// One dispatch; ms[0..2] = pack (layout + quantize), count exchange, row exchange.
+// One dispatch; ms[0..3] = pack (layout + quantize), count exchange, host turnaround (the stream
+// waits for the host to read the counts and post the row exchange), row exchange.
 void dispatch(Ctx& c, cudaEvent_t* ev, float* ms) {
   const int T = int(c.o.tokens), K = int(c.o.top_k), N = c.N;
   CU(cudaEventRecord(ev[0], c.st));
@@ -429,10 +431,11 @@ void dispatch(Ctx& c, cudaEvent_t* ev, float* ms) {
     c.soff[size_t(j) + 1] = c.soff[size_t(j)] + sc[size_t(j)];
     c.roff[size_t(j) + 1] = c.roff[size_t(j)] + rc[size_t(j)];
   }
-  exchange(c, c.send, sc.data(), c.soff.data(), c.recv, rc.data(), c.roff.data(), c.L.stride);
   CU(cudaEventRecord(ev[3], c.st));
+  exchange(c, c.send, sc.data(), c.soff.data(), c.recv, rc.data(), c.roff.data(), c.L.stride);
+  CU(cudaEventRecord(ev[4], c.st));
   CU(cudaStreamSynchronize(c.st));
-  for (int i = 0; i < 3; ++i) CU(cudaEventElapsedTime(&ms[i], ev[i], ev[i + 1]));
+  for (int i = 0; i < 4; ++i) CU(cudaEventElapsedTime(&ms[i], ev[i], ev[i + 1]));
   c.rows_sent = c.soff[size_t(N)];
   c.rows_recv = c.roff[size_t(N)];
   c.rows_recv_remote = c.rows_recv - rc[size_t(c.rank)];
@@ -620,9 +623,9 @@ int run(Ctx& c) {
     CU(cudaMemcpy(c.ids, ids.data(), ids.size() * 4, cudaMemcpyHostToDevice));
     CU(cudaMemcpy(c.w, w.data(), w.size() * 4, cudaMemcpyHostToDevice));
   }
-  cudaEvent_t ev[4];
+  cudaEvent_t ev[5];
   for (auto& e : ev) CU(cudaEventCreate(&e));
-  float ms[3];
+  float ms[4];
   // First pass: checked.
   dispatch(c, ev, ms);
   if (o.inject_error && c.rows_recv > 0) {
@@ -643,16 +646,17 @@ int run(Ctx& c) {
     return all_ok ? 0 : 1;
   }
 
-  std::vector<double> d_tot, d_pack, d_cnt, d_rows, d_cached, c_tot, c_comm, c_red;
+  std::vector<double> d_tot, d_pack, d_cnt, d_host, d_rows, d_cached, c_tot, c_comm, c_red;
   for (int64_t it = 0; it < o.warmup + o.iters; ++it) {
     MPI_Barrier(MPI_COMM_WORLD);
     dispatch(c, ev, ms);
     if (it < o.warmup) continue;
     d_pack.push_back(ms[0] * 1e-3);
     d_cnt.push_back(ms[1] * 1e-3);
-    d_rows.push_back(ms[2] * 1e-3);
-    d_cached.push_back((double(ms[0]) + ms[2]) * 1e-3);
-    d_tot.push_back((double(ms[0]) + ms[1] + ms[2]) * 1e-3);
+    d_host.push_back(ms[2] * 1e-3);
+    d_rows.push_back(ms[3] * 1e-3);
+    d_cached.push_back((double(ms[0]) + ms[3]) * 1e-3);
+    d_tot.push_back((double(ms[0]) + ms[1] + ms[2] + ms[3]) * 1e-3);
   }
   for (int64_t it = 0; it < o.warmup + o.iters; ++it) {
     MPI_Barrier(MPI_COMM_WORLD);
@@ -684,7 +688,8 @@ int run(Ctx& c) {
       {"rows_received_from_other_ranks", c.rows_recv_remote}, {"rows_sent_to_other_ranks", c.rows_sent_remote},
       {"dispatch",
        {{"median_us", dt.med * 1e6}, {"min_us", dt.min * 1e6}, {"pack_median_us", stat_of(d_pack).med * 1e6},
-        {"count_exchange_median_us", stat_of(d_cnt).med * 1e6}, {"row_exchange_median_us", dr.med * 1e6},
+        {"count_exchange_median_us", stat_of(d_cnt).med * 1e6}, {"host_turnaround_median_us", stat_of(d_host).med * 1e6},
+        {"row_exchange_median_us", dr.med * 1e6},
         {"gbps_deepep_median", db / dt.med / 1e9}, {"gbps_deepep_best", db / dt.min / 1e9},
         {"gbps_nvlink_median", db_nvl / dt.med / 1e9}, {"gbps_nvlink_best", db_nvl / dt.min / 1e9},
         {"gbps_deepep_cached_layout_median", db / dc.med / 1e9}, {"gbps_nvlink_cached_layout_median", db_nvl / dc.med / 1e9},
@@ -716,24 +721,26 @@ int run(Ctx& c) {
     std::printf("\nEP dispatch/combine, %d rank(s), %lld tokens/rank, hidden %lld, %lld experts, top-%lld (%s), %d iters\n",
                 N, (long long)T, (long long)H, (long long)o.experts, (long long)K, o.routing.c_str(), int(o.iters));
     std::printf("GB/s as DeepEP counts (received rows incl. own; FP8+scales / BF16); NVL: rows to/from other ranks only\n");
-    std::printf("%4s %6s %6s | %8s %8s %7s %7s %7s %6s %6s | %8s %8s %7s %7s %6s %6s | %6s %6s\n", "rank", "recv",
-                "remote", "disp_us", "min_us", "pack", "counts", "rows", "GB/s", "NVL", "comb_us", "min_us", "a2a",
-                "reduce", "GB/s", "NVL", "rf_d", "rf_c");
+    std::printf("%4s %6s %6s | %8s %8s %6s %6s %6s %6s %6s %6s %6s | %8s %8s %6s %6s %6s %6s | %6s %6s\n", "rank",
+                "recv", "remote", "disp_us", "min_us", "pack", "counts", "host", "rows", "GB/s", "NVL", "cached", "comb_us",
+                "min_us", "a2a", "reduce", "GB/s", "NVL", "rf_d", "rf_c");
     nlohmann::json ranks = nlohmann::json::array();
     for (int r = 0; r < N; ++r) {
       nlohmann::json v = nlohmann::json::parse(all.substr(size_t(displs[size_t(r)]), size_t(lens[size_t(r)])));
       const auto &d = v["dispatch"], &m = v["combine"], &f = v["roofline"];
-      std::printf("%4d %6lld %6lld | %8.1f %8.1f %7.1f %7.1f %7.1f %6.1f %6.1f | %8.1f %8.1f %7.1f %7.1f %6.1f %6.1f | %6.1f %6.1f\n",
+      std::printf("%4d %6lld %6lld | %8.1f %8.1f %6.1f %6.1f %6.1f %6.1f %6.1f %6.1f %6.1f | %8.1f %8.1f %6.1f %6.1f %6.1f %6.1f | %6.1f %6.1f\n",
                   r, v["rows_received"].get<long long>(), v["rows_received_from_other_ranks"].get<long long>(),
                   d["median_us"].get<double>(), d["min_us"].get<double>(), d["pack_median_us"].get<double>(),
-                  d["count_exchange_median_us"].get<double>(), d["row_exchange_median_us"].get<double>(),
-                  d["gbps_deepep_median"].get<double>(), d["gbps_nvlink_median"].get<double>(),
+                  d["count_exchange_median_us"].get<double>(), d["host_turnaround_median_us"].get<double>(),
+                  d["row_exchange_median_us"].get<double>(), d["gbps_deepep_median"].get<double>(),
+                  d["gbps_nvlink_median"].get<double>(), d["gbps_deepep_cached_layout_median"].get<double>(),
                   m["median_us"].get<double>(), m["min_us"].get<double>(), m["exchange_median_us"].get<double>(),
                   m["reduce_median_us"].get<double>(), m["gbps_deepep_median"].get<double>(),
                   m["gbps_nvlink_median"].get<double>(), f["dispatch_sized"]["gbps_received_median"].get<double>(),
                   f["combine_sized"]["gbps_received_median"].get<double>());
       ranks.push_back(v);
     }
+    std::printf("cached: DeepEP-convention GB/s of pack + rows only (no count exchange, no host turnaround)\n");
     std::printf("rf_d / rf_c: plain NCCL all-to-all of the dispatch / combine volume (%lld / %lld B per peer), GB/s received\n",
                 (long long)pp_disp, (long long)pp_comb);
     std::printf("check: %s\n", all_ok ? "passed (all ranks)" : "FAILED");
@@ -757,8 +764,9 @@ int run(Ctx& c) {
         {"byte_convention",
          "DeepEP tests/test_intranode.py: dispatch GB/s = received rows x (H + 4*H/128) / time (own rows included, "
          "metadata not counted); combine GB/s = the same rows x 2H / time. nvlink = only rows from/to other ranks. "
-         "dispatch time = layout+pack kernels + count exchange (with host sync) + row exchange; combine = row "
-         "exchange + rank-order reduction. cached_layout = pack + row exchange without the count exchange (DeepEP "
+         "dispatch time = layout+pack kernels + count exchange + host turnaround (read counts, post the rows) + row "
+         "exchange; combine = row "
+         "exchange + rank-order reduction. cached_layout = pack + row exchange, without count exchange and host turnaround (DeepEP "
          "times its tuned dispatch with a cached handle: the layout and counts of an earlier call). Median over "
          "iterations; best = min."},
         {"roofline_what", "ncclSend/ncclRecv group, equal bytes to every rank (self included), sized as the largest "
