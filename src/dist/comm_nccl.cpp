@@ -230,7 +230,10 @@ std::unique_ptr<Communicator> make_nccl_world(int ranks_per_node) {
   const char* path = std::getenv("DSV3_RENDEZVOUS");
   if (n > 1 && (!path || !*path))
     input_error("DSV3_WORLD_SIZE ", n, " without DSV3_RENDEZVOUS: start the ranks with scripts/launch_gpus.sh or mpirun");
-  return std::make_unique<NcclComm>(nullptr, r, n, rpn, path ? path : "");
+  // Every world of this process gets its own file (path.0, path.1, …): the ranks make their worlds in
+  // the same order, and a later world must not read an earlier world's id.
+  static int generation = 0;
+  return std::make_unique<NcclComm>(nullptr, r, n, rpn, cat(path ? path : "", ".", generation++));
 }
 
 }  // namespace dsv3

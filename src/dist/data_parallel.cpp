@@ -38,31 +38,35 @@ GradientAllReduce::GradientAllReduce(Communicator& c, std::vector<Tensor> grads,
     internal_error("GradientAllReduce: GPU gradients need a communicator that takes device buffers (NCCL), got ",
                    c_.name());
   dev_ = &backend_named("cuda");
-  send_ = dev_->alloc(DType::F32, {len});
-  gathered_ = dev_->alloc(DType::F32, {int64_t(c_.size()) * len});
+  const int64_t chunk = (len + c_.size() - 1) / c_.size();
+  pack_ = dev_->alloc(DType::F32, {int64_t(c_.size()) * chunk});
+  parts_ = dev_->alloc(DType::F32, {int64_t(c_.size()) * chunk});
 }
 
 namespace {
 Tensor flat(const Tensor& t, int64_t begin, int64_t end) { return t.reshape({t.numel()}).rows(begin, end); }
 }  // namespace
 
-// Pack on the device, all-gather, then Σ_r in rank order into the pack buffer and scatter it back.
+// As the host's all_reduce_sum, on device buffers: pack the bucket, cut it into P equal chunks
+// (the last padded), all-to-all so that rank r holds every rank's chunk r, add them in rank order,
+// all-gather the sums, unpack.
 void GradientAllReduce::run_device(float scale) {
   const int P = c_.size();
   for (const auto& bucket : buckets_) {
     int64_t n = 0;
     for (const Piece& p : bucket) {
-      dev_->copy(CopyArgs{flat(grads_[p.tensor], p.begin, p.end), flat(send_, n, n + p.end - p.begin)});
+      dev_->copy(CopyArgs{flat(grads_[p.tensor], p.begin, p.end), flat(pack_, n, n + p.end - p.begin)});
       n += p.end - p.begin;
     }
-    c_.all_gather(send_.raw(), gathered_.raw(), n * int64_t(sizeof(float)));
-    const Tensor sum = flat(send_, 0, n);
-    if (P == 1) dev_->copy(CopyArgs{flat(gathered_, 0, n), sum});
-    for (int r = 1; r < P; ++r)
-      dev_->add(AddArgs{r == 1 ? flat(gathered_, 0, n) : sum, flat(gathered_, r * n, (r + 1) * n), sum});
+    const int64_t chunk = (n + P - 1) / P;
+    const std::vector<int64_t> bytes(static_cast<size_t>(P), chunk * int64_t(sizeof(float)));
+    c_.all_to_all_v(pack_.raw(), bytes, parts_.raw(), bytes);
+    const Tensor sum = flat(parts_, 0, chunk);
+    for (int r = 1; r < P; ++r) dev_->add(AddArgs{sum, flat(parts_, r * chunk, (r + 1) * chunk), sum});
+    c_.all_gather(sum.raw(), pack_.raw(), chunk * int64_t(sizeof(float)));
     n = 0;
     for (const Piece& p : bucket) {
-      const Tensor src = flat(send_, n, n + p.end - p.begin), dst = flat(grads_[p.tensor], p.begin, p.end);
+      const Tensor src = flat(pack_, n, n + p.end - p.begin), dst = flat(grads_[p.tensor], p.begin, p.end);
       if (scale == 1.0f)
         dev_->copy(CopyArgs{src, dst});
       else

@@ -1,9 +1,9 @@
 // Data parallelism: every rank runs the same model on its share of the global batch; gradients
 // are summed over ranks and scaled, in buckets of consecutive tensors in the order given (the
 // tensor table's order), so the summation order is fixed and every rank ends with identical bits
-// (Communicator::all_reduce_sum). Gradients on a GPU stay there: each bucket is packed on the
-// device, all-gathered through NCCL and summed in rank order by the backend's add, the same
-// ((g₀ + g₁) + g₂) + … as on the host. Expert loads are summed exactly (integers) so every rank
+// (Communicator::all_reduce_sum). Gradients on a GPU stay there: the same reduce-scatter +
+// all-gather runs on device buffers through NCCL, the chunks summed in rank order by the backend's
+// add, so the bits are those of the host formula ((g₀ + g₁) + g₂) + …. Expert loads are summed exactly (integers) so every rank
 // applies the same aux-loss-free bias update.
 #pragma once
 #include <cstdint>
@@ -37,7 +37,7 @@ class GradientAllReduce {
   int64_t total_ = 0;
   std::vector<float> buf_;
   Backend* dev_ = nullptr;  // the GPU backend when the gradients live there
-  Tensor send_, gathered_;  // device: [cap] and [size · cap]
+  Tensor pack_, parts_;     // device: the packed bucket and the chunks arriving from each rank, [P · ⌈cap/P⌉] each
   void run_device(float scale);
 };
 
