@@ -126,9 +126,123 @@ void ExpertParallelMoe::route(Backend& be, const MoeParams& p, const Tensor& x, 
   be.moe_sort(s);  // counts = this rank's loads
 }
 
+void ExpertParallelMoe::token_groups(const int32_t* id, const float* wt, std::vector<Group>& out) const {
+  const int64_t K = d_.top_k;
+  const int rpn = c_.ranks_per_node();
+  auto dest_of = [&](int32_t e) { return o_.two_hop ? c_.node_of(owner(e)) * rpn + c_.local_rank() : owner(e); };
+  std::vector<std::pair<int32_t, float>> picks;
+  for (int64_t j = 0; j < K; ++j) picks.push_back({id[j], wt[j]});
+  std::sort(picks.begin(), picks.end(), [](auto& a, auto& b) { return a.first < b.first; });
+  out.clear();
+  for (const auto& [e, w] : picks) {
+    if (out.empty() || out.back().dest != dest_of(e)) out.push_back({dest_of(e), {}, {}});
+    out.back().experts.push_back(e);
+    out.back().weights.push_back(w);
+  }
+}
+
+bool ExpertParallelMoe::direct_path(const Backend& be, bool fp8) const {
+  return (be.device() == Device::CPU || c_.device_buffers()) && !o_.two_hop && !fp8;
+}
+
+// Single hop, F32: the metadata rows go through host memory as in the row path, while the hidden
+// states are gathered into destination order by the backend and sent from its memory (GPU to GPU
+// under NCCL). Rows arrive by source rank and, within one, by token: already (src, token) order.
+Tensor ExpertParallelMoe::dispatch_direct(Backend& be, const Tensor& ids_d, const Tensor& w_d, const Tensor& payload,
+                                          std::vector<EpRow>& rows, int64_t& bytes) {
+  const int P = c_.size(), me = c_.rank();
+  const int64_t N = payload.dim(0), H = d_.H, K = d_.top_k;
+  const Tensor ids = be.to_host(ids_d), w = be.to_host(w_d);
+  const Layout meta{K, 0};
+  Outbox out(P);
+  std::vector<std::vector<int32_t>> to(static_cast<size_t>(P));
+  std::vector<Group> groups;
+  for (int64_t t = 0; t < N; ++t) {
+    token_groups(ids.data<int32_t>() + t * K, w.data<float>() + t * K, groups);
+    for (const Group& g : groups) {
+      put_meta(out.add(g.dest, meta), meta, me, int32_t(t), g.experts, g.weights);
+      to[size_t(g.dest)].push_back(int32_t(t));
+    }
+  }
+  std::vector<int64_t> from;
+  const std::vector<char> got = exchange(c_, out, meta, from, bytes, stats_);
+  const int64_t R = int64_t(got.size()) / meta.bytes();
+  rows.clear();
+  for (int64_t r = 0; r < R; ++r) rows.push_back(get_meta(got.data() + r * meta.bytes(), meta));
+
+  std::vector<int32_t> send_tok;
+  for (const auto& v : to) send_tok.insert(send_tok.end(), v.begin(), v.end());
+  const int64_t S = int64_t(send_tok.size());
+  Tensor send = be.alloc(DType::F32, {std::max<int64_t>(S, 1), H}).rows(0, S);
+  if (S > 0) modops::gather_rows(be, payload, modops::i32_tensor(be, send_tok), send);
+  Tensor xin = be.alloc(DType::F32, {std::max<int64_t>(R, 1), H}).rows(0, R);
+  std::vector<int64_t> sb(static_cast<size_t>(P)), rb(static_cast<size_t>(P));
+  for (int j = 0; j < P; ++j) {
+    sb[size_t(j)] = int64_t(to[size_t(j)].size()) * H * 4;
+    rb[size_t(j)] = from[size_t(j)] * H * 4;
+    if (j == me) continue;
+    bytes += sb[size_t(j)];
+    (c_.node_of(j) == c_.node() ? stats_.intra_node_bytes : stats_.inter_node_bytes) += sb[size_t(j)];
+  }
+  c_.all_to_all_v(send.raw(), sb, xin.raw(), rb);
+  return xin;
+}
+
+// The reverse of dispatch_direct: the partial sums leave in row order (one contiguous block per
+// source); a source gets back from rank j the tokens it sent j, in the order it sent them.
+void ExpertParallelMoe::combine_direct(Backend& be, const std::vector<EpRow>& rows, const Tensor& partial,
+                                       const std::vector<std::vector<float>>* row_vals, int64_t N,
+                                       const Tensor& ids_d, Tensor& out, std::vector<float>* vals, int64_t& bytes) {
+  const int P = c_.size(), me = c_.rank();
+  const int64_t H = d_.H, K = d_.top_k;
+  const Tensor ids = be.to_host(ids_d);
+  std::vector<int64_t> sb(static_cast<size_t>(P), 0), rb(static_cast<size_t>(P), 0);
+  for (const EpRow& m : rows) sb[size_t(m.src)] += H * 4;
+  std::vector<int32_t> tok;
+  std::vector<Group> groups;
+  std::vector<std::vector<int32_t>> from(static_cast<size_t>(P));
+  std::vector<float> no_w(size_t(K), 0.0f);
+  for (int64_t t = 0; t < N; ++t) {
+    token_groups(ids.data<int32_t>() + t * K, no_w.data(), groups);
+    for (const Group& g : groups) from[size_t(g.dest)].push_back(int32_t(t));
+  }
+  for (int j = 0; j < P; ++j) {
+    rb[size_t(j)] = int64_t(from[size_t(j)].size()) * H * 4;
+    tok.insert(tok.end(), from[size_t(j)].begin(), from[size_t(j)].end());
+    if (j == me) continue;
+    bytes += sb[size_t(j)];
+    (c_.node_of(j) == c_.node() ? stats_.intra_node_bytes : stats_.inter_node_bytes) += sb[size_t(j)];
+  }
+  const int64_t Rs = int64_t(tok.size());
+  Tensor back = be.alloc(DType::F32, {std::max<int64_t>(Rs, 1), H}).rows(0, Rs);
+  c_.all_to_all_v(partial.raw(), sb, back.raw(), rb);
+  if (vals) {  // the gate-weight gradients of each (token, expert) travel as metadata rows
+    const Layout meta{K, 0};
+    Outbox box(P);
+    for (size_t r = 0; r < rows.size(); ++r)
+      put_meta(box.add(rows[r].src, meta), meta, rows[r].src, rows[r].token, rows[r].experts, (*row_vals)[r]);
+    std::vector<int64_t> n;
+    const std::vector<char> got = exchange(c_, box, meta, n, bytes, stats_);
+    for (size_t r = 0; r * size_t(meta.bytes()) < got.size(); ++r) {
+      const EpRow m = get_meta(got.data() + r * size_t(meta.bytes()), meta);
+      if (m.token < 0 || m.token >= N) throw CommError(cat("MoE combine: token ", m.token, " outside [0, ", N, ")"));
+      for (size_t i = 0; i < m.experts.size(); ++i)
+        for (int64_t j = 0; j < K; ++j)
+          if (ids.data<int32_t>()[m.token * K + j] == m.experts[i]) (*vals)[size_t(m.token * K + j)] = m.weights[i];
+    }
+  }
+  if (Rs == 0) return;
+  ScatterAddRowsArgs sc;
+  sc.src = back;
+  sc.idx = modops::i32_tensor(be, tok);
+  sc.out = out;
+  be.scatter_add_rows(sc);
+}
+
 Tensor ExpertParallelMoe::dispatch(Backend& be, const Tensor& ids_d, const Tensor& w_d, const Tensor& payload,
                                    bool fp8, std::vector<EpRow>& rows, int64_t& bytes) {
-  const int P = c_.size(), me = c_.rank(), rpn = c_.ranks_per_node();
+  if (direct_path(be, fp8)) return dispatch_direct(be, ids_d, w_d, payload, rows, bytes);
+  const int P = c_.size(), me = c_.rank();
   const int64_t N = payload.dim(0), H = d_.H, K = d_.top_k, nb = (H + 127) / 128;
   const Tensor ids = be.to_host(ids_d), w = be.to_host(w_d);
   const int32_t* id = ids.data<int32_t>();
@@ -160,22 +274,12 @@ Tensor ExpertParallelMoe::dispatch(Backend& be, const Tensor& ids_d, const Tenso
 
   // Hop 1: one row per (token, destination rank) — or per destination node, to the same local rank.
   Outbox out(P);
+  std::vector<Group> groups;
   for (int64_t t = 0; t < N; ++t) {
-    std::vector<std::pair<int32_t, float>> picks;
-    for (int64_t j = 0; j < K; ++j) picks.push_back({id[t * K + j], wt[t * K + j]});
-    std::sort(picks.begin(), picks.end(), [](auto& a, auto& b) { return a.first < b.first; });
-    for (size_t i = 0; i < picks.size();) {
-      const int dest = o_.two_hop ? c_.node_of(owner(picks[i].first)) * rpn + c_.local_rank() : owner(picks[i].first);
-      std::vector<int32_t> ex;
-      std::vector<float> wv;
-      for (; i < picks.size(); ++i) {
-        const int d2 = o_.two_hop ? c_.node_of(owner(picks[i].first)) * rpn + c_.local_rank() : owner(picks[i].first);
-        if (d2 != dest) break;
-        ex.push_back(picks[i].first);
-        wv.push_back(picks[i].second);
-      }
-      char* row = out.add(dest, l);
-      put_meta(row, l, me, int32_t(t), ex, wv);
+    token_groups(id + t * K, wt + t * K, groups);
+    for (const Group& g : groups) {
+      char* row = out.add(g.dest, l);
+      put_meta(row, l, me, int32_t(t), g.experts, g.weights);
       put_payload(row, t);
     }
   }
@@ -236,6 +340,7 @@ Tensor ExpertParallelMoe::dispatch(Backend& be, const Tensor& ids_d, const Tenso
 void ExpertParallelMoe::combine(Backend& be, const std::vector<EpRow>& rows, const Tensor& partial_d,
                                 const std::vector<std::vector<float>>* row_vals, int64_t N, const Tensor& ids_d,
                                 Tensor& out, std::vector<float>* vals, int64_t& bytes) {
+  if (direct_path(be, false)) return combine_direct(be, rows, partial_d, row_vals, N, ids_d, out, vals, bytes);
   const int P = c_.size(), rpn = c_.ranks_per_node();
   const int64_t H = d_.H, K = d_.top_k, R = int64_t(rows.size());
   const Layout l{K, 4 * H};

@@ -99,6 +99,24 @@ class ExpertParallelMoe {
                const std::vector<std::vector<float>>* row_vals, int64_t N, const Tensor& ids, Tensor& out,
                std::vector<float>* vals, int64_t& bytes);
 
+  // A token's picks grouped by the rank they go to (hop 1), experts ascending.
+  struct Group {
+    int dest;
+    std::vector<int32_t> experts;
+    std::vector<float> weights;
+  };
+  void token_groups(const int32_t* id, const float* wt, std::vector<Group>& out) const;
+  // Single hop with an F32 payload, and a communicator that reads the backend's memory (any on the
+  // CPU; NCCL on the GPU): the hidden states move as one block per rank straight from the
+  // backend's buffers (the _direct variants; on GPUs they never touch the host). Otherwise (two-hop,
+  // FP8 payload) they travel inside host rows.
+  bool direct_path(const Backend& be, bool fp8) const;
+  Tensor dispatch_direct(Backend& be, const Tensor& ids, const Tensor& weights, const Tensor& payload,
+                         std::vector<EpRow>& rows, int64_t& bytes);
+  void combine_direct(Backend& be, const std::vector<EpRow>& rows, const Tensor& partial,
+                      const std::vector<std::vector<float>>* row_vals, int64_t N, const Tensor& ids, Tensor& out,
+                      std::vector<float>* vals, int64_t& bytes);
+
   Communicator& c_;
   ModelDims d_;
   EpOptions o_;
