@@ -28,3 +28,11 @@ if(DSV3_HAVE_MPI AND DSV3_BUILD_TESTS AND TARGET dsv3_dist_tests)
                          ENVIRONMENT "${dsv3_mpi_env}")
   endif()
 endif()
+
+# The MPI-free GPU launcher's own behaviour (no GPU needed: the command is a stand-in).
+if(DSV3_BUILD_TESTS AND TARGET dsv3)
+  add_test(NAME dist_launch_gpus
+           COMMAND bash ${CMAKE_SOURCE_DIR}/tests/dist/launch_gpus_test.sh ${CMAKE_SOURCE_DIR}/scripts/launch_gpus.sh
+                   $<TARGET_FILE:dsv3>)
+  set_tests_properties(dist_launch_gpus PROPERTIES LABELS "dist" TIMEOUT 60)
+endif()

@@ -12,7 +12,10 @@
 # failing rank's, else 0.
 set -uo pipefail
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() {  # to stdout for --help, to stderr after a usage error
+  if [ "${1:-0}" -eq 0 ]; then sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; else sed -n '7,8p' "$0" | sed 's/^# \{0,1\}//' >&2; fi
+  exit "${1:-0}"
+}
 n="" logdir=""
 while [ $# -gt 0 ]; do
   case "$1" in
