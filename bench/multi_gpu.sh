@@ -90,8 +90,10 @@ def scaling(name, gpus):
     ms = [r["ms"] for r in rows[2:]] or [r["ms"] for r in rows]  # the first two steps warm up
     tokens = 8 * 2048 * gpus
     med = statistics.median(ms)
+    red = [r["reduce_ms"] for r in rows[2:] if "reduce_ms" in r]
     return {"gpus": gpus, "steps_timed": len(ms), "step_ms_median": med, "tokens_per_step": tokens,
-            "tokens_per_s": tokens / med * 1e3}
+            "tokens_per_s": tokens / med * 1e3,
+            "reduce_ms_median": statistics.median(red) if red else None}
 gpus = [l.strip() for l in open(os.path.join(out, "gpus.txt"))]
 s1, sdp, sep = scaling("s1", 1), scaling("sdp", n), scaling("sep", n)
 for s in (sdp, sep):
@@ -112,6 +114,7 @@ for k in ("one_gpu", "data_parallel", "expert_parallel"):
     s = res["scaling"][k]
     if s:
         print(f"{k:16s} {s['gpus']} GPU(s): {s['tokens_per_s']:9.0f} tok/s, step {s['step_ms_median']:.0f} ms"
-              + (f", {s['speedup_vs_1gpu']:.2f}x one GPU, efficiency {s['scaling_efficiency']:.2f}" if 'speedup_vs_1gpu' in s else ""))
+              + (f", {s['speedup_vs_1gpu']:.2f}x one GPU, efficiency {s['scaling_efficiency']:.2f}" if 'speedup_vs_1gpu' in s else "")
+              + (f", gradient/loads exchange {s['reduce_ms_median']:.0f} ms" if s.get('reduce_ms_median') is not None else ""))
 PY
 exit $status

@@ -410,7 +410,12 @@ TrainSummary Trainer::run(int64_t stop_at) {
         for (int64_t e = 0; e < E; ++e) loads[i][size_t(e)] += c.data<int32_t>()[e];
       }
     }
-    if (m.par) m.par->reduce(m.slots, loads, loss_sum);
+    double reduce_s = 0;  // the step's exchange between ranks (it blocks), for metrics.jsonl
+    if (m.par) {
+      const double t = now_s();
+      m.par->reduce(m.slots, loads, loss_sum);
+      reduce_s = now_s() - t;
+    }
     const double loss = loss_sum / double(micros);
     const double lr = m.lr.at(m.step);
     const StepReport rep = m.opt ? m.opt->step(lr, loss, 1.0 / double(micros))
@@ -455,6 +460,7 @@ TrainSummary Trainer::run(int64_t stop_at) {
     nlohmann::json rec = {{"step", m.step},       {"loss", loss}, {"grad_norm", rep.grad_norm}, {"lr", lr},
                           {"ms", line.ms},        {"tok_per_s", line.tok_per_s},
                           {"max_vio", vio},       {"skipped", !rep.applied}};
+    if (m.par) rec["reduce_ms"] = reduce_s * 1e3;
     if (!std::isfinite(loss)) rec["loss"] = nullptr;
     if (!std::isfinite(rep.grad_norm)) rec["grad_norm"] = nullptr;
     sum.last_loss = loss;

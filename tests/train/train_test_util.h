@@ -47,6 +47,7 @@ inline std::vector<nlohmann::json> read_metrics(const std::string& path) {
     nlohmann::json j = nlohmann::json::parse(line);
     j.erase("ms");
     j.erase("tok_per_s");
+    j.erase("reduce_ms");
     out.push_back(j);
   }
   return out;
