@@ -5,7 +5,7 @@
 // (local rank) and moves data with grouped ncclSend/ncclRecv on its own stream, timed by CUDA events.
 // Per rank: T tokens of BF16 hidden states, E experts split in contiguous blocks over the N ranks,
 // top-k picks drawn at random from seeded counters (src/dist/expert_parallel.h's design on the GPU):
-//   dispatch  layout kernel (per destination: which tokens have a pick there, their packed position
+//   dispatch  flag + layout kernels (per destination: which tokens have a pick there, their position
 //             by a block scan) → pack kernel (quantize each 1×128 tile to E4M3 with s = amax/448 as
 //             backend/fp8.h, write [payload | F32 scales | token id | K expert ids | K weights] once
 //             per destination rank; ids/weights of picks owned by another rank are -1/0) → counts
@@ -166,21 +166,28 @@ RowLayout row_layout(int H, int K) {
 // ---------------------------------------------------------------------------------------------
 // Kernels
 
+// flags[d·T + t] = 1 when token t has a pick on rank d (one thread per token).
+__global__ void flag_kernel(const int32_t* ids, int T, int K, int N, int epr, uint8_t* flags) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= T) return;
+  for (int d = 0; d < N; ++d) {
+    bool has = false;
+    for (int k = 0; k < K; ++k) has |= ids[t * K + k] / epr == d;
+    flags[size_t(d) * T + t] = has;
+  }
+}
+
 // Block d: pos[d·T + t] = the token's row among those this rank sends to d (ascending tokens), or -1.
-__global__ void layout_kernel(const int32_t* ids, int T, int K, int epr, int32_t* pos, int32_t* counts) {
+__global__ void layout_kernel(const uint8_t* flags, int T, int32_t* pos, int32_t* counts) {
   using Scan = cub::BlockScan<int, 1024>;
   __shared__ typename Scan::TempStorage tmp;
   const int d = blockIdx.x, per = (T + 1023) / 1024, t0 = threadIdx.x * per, t1 = min(T, t0 + per);
-  auto has = [&](int t) {
-    for (int k = 0; k < K; ++k)
-      if (ids[t * K + k] / epr == d) return true;
-    return false;
-  };
+  const uint8_t* f = flags + size_t(d) * T;
   int n = 0;
-  for (int t = t0; t < t1; ++t) n += has(t);
+  for (int t = t0; t < t1; ++t) n += f[t];
   int off = 0, total = 0;
   Scan(tmp).ExclusiveSum(n, off, total);
-  for (int t = t0; t < t1; ++t) pos[size_t(d) * T + t] = has(t) ? off++ : -1;
+  for (int t = t0; t < t1; ++t) pos[size_t(d) * T + t] = f[t] ? off++ : -1;
   if (threadIdx.x == 0) counts[d] = total;
 }
 
@@ -190,8 +197,8 @@ __device__ float tile_scale(float amax) {  // backend/fp8.h: amax/448, zero tile
   return s == 0.0f ? FLT_TRUE_MIN : s;
 }
 
-// One CTA per token: each warp quantizes 1×128 tiles (4 elements per lane) and stores the codes and
-// scale into every destination row of the token; the first threads write the metadata.
+// One CTA per token: each warp quantizes two 1×128 tiles at a time and stores the codes and scale
+// into every destination row of the token; the first threads write the metadata.
 __global__ void pack_kernel(const uint16_t* x, const int32_t* ids, const float* w, const int32_t* pos,
                             const int32_t* counts, int T, int N, int epr, RowLayout L, uint8_t* send) {
   extern __shared__ unsigned long long smem[];
@@ -212,20 +219,28 @@ __global__ void pack_kernel(const uint16_t* x, const int32_t* ids, const float* 
     nd = n;
   }
   __syncthreads();
-  const int lane = threadIdx.x & 31, nw = blockDim.x / 32;
-  for (int tile = threadIdx.x / 32; tile < L.tiles; tile += nw) {
-    const size_t e = size_t(t) * L.H + size_t(tile) * kTile + lane * 4;
-    const uint2 raw = *reinterpret_cast<const uint2*>(x + e);
-    float f[4] = {__uint_as_float(raw.x << 16), __uint_as_float(raw.x & 0xffff0000u), __uint_as_float(raw.y << 16),
-                  __uint_as_float(raw.y & 0xffff0000u)};
-    float amax = fmaxf(fmaxf(fabsf(f[0]), fabsf(f[1])), fmaxf(fabsf(f[2]), fabsf(f[3])));
-    for (int m = 16; m; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
+  // Half a warp per tile, 8 elements (16 bytes) per lane; both halves take part in every shuffle.
+  const int lane = threadIdx.x & 15, half = (threadIdx.x >> 4) & 1, nw = blockDim.x / 32;
+  for (int pair = threadIdx.x / 32; 2 * pair < L.tiles; pair += nw) {
+    const int tile = 2 * pair + half;
+    const bool live = tile < L.tiles;
+    uint4 raw = make_uint4(0, 0, 0, 0);
+    if (live) raw = *reinterpret_cast<const uint4*>(x + size_t(t) * L.H + size_t(tile) * kTile + lane * 8);
+    const uint32_t u[4] = {raw.x, raw.y, raw.z, raw.w};
+    float f[8], amax = 0.0f;
+    for (int i = 0; i < 4; ++i) {
+      f[2 * i] = __uint_as_float(u[i] << 16);
+      f[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
+      amax = fmaxf(amax, fmaxf(fabsf(f[2 * i]), fabsf(f[2 * i + 1])));
+    }
+    for (int m = 8; m; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
     const float s = tile_scale(amax);
-    uint32_t q = 0;
-    for (int i = 0; i < 4; ++i)
-      q |= uint32_t(__nv_cvt_float_to_fp8(f[i] / s, __NV_SATFINITE, __NV_E4M3)) << (8 * i);
+    uint32_t q[2] = {0, 0};
+    for (int i = 0; i < 8; ++i)
+      q[i / 4] |= uint32_t(__nv_cvt_float_to_fp8(f[i] / s, __NV_SATFINITE, __NV_E4M3)) << (8 * (i % 4));
+    if (!live) continue;
     for (int j = 0; j < nd; ++j) {
-      *reinterpret_cast<uint32_t*>(rows[j] + size_t(tile) * kTile + lane * 4) = q;
+      *reinterpret_cast<uint2*>(rows[j] + size_t(tile) * kTile + lane * 8) = make_uint2(q[0], q[1]);
       if (lane == 0) *reinterpret_cast<float*>(rows[j] + L.scale_off + size_t(tile) * 4) = s;
     }
   }
@@ -387,7 +402,7 @@ struct Ctx {
   uint16_t *x = nullptr, *part = nullptr, *back = nullptr, *out = nullptr;
   int32_t *ids = nullptr, *pos = nullptr, *cnt = nullptr;  // cnt: [send counts N | recv counts N]
   float* w = nullptr;
-  uint8_t *send = nullptr, *recv = nullptr;
+  uint8_t *send = nullptr, *recv = nullptr, *flags = nullptr;
   int32_t* hcnt = nullptr;  // pinned copy of cnt
   std::vector<int64_t> soff, roff;
   int64_t rows_sent = 0, rows_recv = 0, rows_recv_remote = 0, rows_sent_remote = 0;
@@ -409,7 +424,8 @@ void exchange(Ctx& c, const void* send, const int64_t* sc, const int64_t* so, vo
 void dispatch(Ctx& c, cudaEvent_t* ev, float* ms) {
   const int T = int(c.o.tokens), K = int(c.o.top_k), N = c.N;
   CU(cudaEventRecord(ev[0], c.st));
-  layout_kernel<<<N, 1024, 0, c.st>>>(c.ids, T, K, c.epr, c.pos, c.cnt);
+  flag_kernel<<<(T + 255) / 256, 256, 0, c.st>>>(c.ids, T, K, N, c.epr, c.flags);
+  layout_kernel<<<N, 1024, 0, c.st>>>(c.flags, T, c.pos, c.cnt);
   pack_kernel<<<T, 256, size_t(N) * 12, c.st>>>(c.x, c.ids, c.w, c.pos, c.cnt, T, N, c.epr, c.L, c.send);
   CU(cudaGetLastError());
   CU(cudaEventRecord(ev[1], c.st));
@@ -607,6 +623,7 @@ int run(Ctx& c) {
   CU(cudaMalloc(&c.ids, size_t(T * K) * 4));
   CU(cudaMalloc(&c.w, size_t(T * K) * 4));
   CU(cudaMalloc(&c.pos, cap_rows * 4));
+  CU(cudaMalloc(&c.flags, cap_rows));
   CU(cudaMalloc(&c.cnt, size_t(2 * N) * 4));
   CU(cudaMallocHost(&c.hcnt, size_t(2 * N) * 4));
   CU(cudaMalloc(&c.send, cap_rows * c.L.stride));
