@@ -385,7 +385,7 @@ void reference_fp8(const std::vector<uint16_t>& x, int64_t T, int64_t H, std::ve
   a.q = Tensor::empty(DType::F8_E4M3, Shape{T, H});
   a.scale = Tensor::empty(DType::F32, Shape{T, H / kTile});
   quantize_fp8(a);
-  const uint8_t* qp = a.q.data<uint8_t>();
+  const uint8_t* qp = static_cast<const uint8_t*>(a.q.raw());  // E4M3 codes as bytes
   const float* sp = a.scale.data<float>();
   q.assign(qp, qp + T * H);
   scale.assign(sp, sp + T * (H / kTile));
@@ -837,7 +837,12 @@ int main(int argc, char** argv) {
   if (c.rank == 0) NC(ncclGetUniqueId(&id));
   MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, MPI_COMM_WORLD);
   NC(ncclCommInitRank(&c.comm, c.N, id, c.rank));
-  rc = run(c);
+  try {
+    rc = run(c);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "rank %d: %s\n", c.rank, e.what());
+    MPI_Abort(MPI_COMM_WORLD, 1);
+  }
   ncclCommDestroy(c.comm);
   MPI_Comm_free(&node);
   MPI_Finalize();
