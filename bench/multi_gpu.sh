@@ -9,7 +9,12 @@
 # Writes $OUT/multi_gpu.json (commit, date, GPUs), which the caller commits as
 # bench/results/multi_gpu.json, plus every run's log and metrics under $OUT.
 # Usage: OUT=DIR BIN=DIR [N=2] [DATA=dataset dir] [TOK=tokenizer.json] [DSV3_COMMIT=sha] bench/multi_gpu.sh
-#   BIN holds dsv3 and dsv3_dist_tests built with -DDSV3_CUDA=ON (NCCL found).
+#   BIN holds dsv3 and dsv3_dist_tests built with -DDSV3_CUDA=ON (NCCL found). DATA/TOK: the Brown
+#   corpus with a 32,768-id BPE (bench-0.7b's vocabulary), which `dsv3 train --preset bench-0.7b`
+#   prepares on first use, or by hand:
+#     dsv3 tokenizer train --vocab-size 32768 --output data/brown-bpe32768/tokenizer.json data/brown/brown-train.txt
+#     dsv3 data prepare --tokenizer data/brown-bpe32768 --output data/brown-bpe32768/dataset \
+#       --val data/brown/brown-val.txt data/brown/brown-train.txt
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/multi_gpu_run}
@@ -30,7 +35,8 @@ threads=$(( $(nproc) / N ))
 status=0
 step() { echo "== $*" | tee -a "$OUT/summary.txt"; }
 for f in "$BIN/dsv3" "$BIN/dsv3_dist_tests" "$DATA/dataset.json" "$TOK"; do
-  [ -e "$f" ] || { echo "multi_gpu.sh: $f is missing" | tee -a "$OUT/summary.txt"; exit 2; }
+  [ -e "$f" ] || { echo "multi_gpu.sh: $f is missing (BIN, DATA, TOK: see the header of this script)" |
+    tee -a "$OUT/summary.txt"; exit 2; }
 done
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader > "$OUT/gpus.txt"
 cat "$OUT/gpus.txt" | tee -a "$OUT/summary.txt"
