@@ -31,6 +31,8 @@ mkdir -p "$OUT"
 R=${RUNS:-/dev/shm/dsv3_multi_gpu}
 rm -rf "$R" && mkdir -p "$R"
 L="bash scripts/launch_gpus.sh -n $N"
+# Every process, the one-GPU baseline too, gets its GPU's share of the host's cores (weak scaling
+# per GPU); the trainer's host work is mostly the launching thread, so this mainly bounds OpenMP.
 threads=$(( $(nproc) / N ))
 status=0
 step() { echo "== $*" | tee -a "$OUT/summary.txt"; }
@@ -42,11 +44,12 @@ nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader > "$OUT/gpu
 cat "$OUT/gpus.txt" | tee -a "$OUT/summary.txt"
 
 step "NCCL communicator tests: 1 rank, $N ranks (launch_gpus.sh), $N ranks (mpirun)"
-timeout 60 "$BIN/dsv3_dist_tests" --gtest_filter='Nccl.*' > "$OUT/nccl_1.log" 2>&1; echo "1 rank: rc=$?" | tee -a "$OUT/summary.txt"
+timeout 60 "$BIN/dsv3_dist_tests" --gtest_filter='Nccl.*' > "$OUT/nccl_1.log" 2>&1
+rc=$?; echo "1 rank: rc=$rc" | tee -a "$OUT/summary.txt"; [ $rc -eq 0 ] || status=1
 timeout 90 $L --log-dir "$OUT/nccl_launch" -- "$BIN/dsv3_dist_tests" --gtest_filter='Nccl.*' > "$OUT/nccl_launch.log" 2>&1
 rc=$?; echo "$N ranks, launch_gpus.sh: rc=$rc" | tee -a "$OUT/summary.txt"; [ $rc -eq 0 ] || status=1
 timeout 90 mpirun -np "$N" --bind-to none "$BIN/dsv3_dist_tests" --gtest_filter='Nccl.*' > "$OUT/nccl_mpi.log" 2>&1
-echo "$N ranks, mpirun: rc=$?" | tee -a "$OUT/summary.txt"
+rc=$?; echo "$N ranks, mpirun: rc=$rc" | tee -a "$OUT/summary.txt"; [ $rc -eq 0 ] || status=1
 
 run() {  # name launcher... -- train args
   local name=$1; shift
@@ -68,7 +71,8 @@ run dp $L --log-dir "$OUT/dp_ranks" -- "$BIN/dsv3" train $eq --batch 2 || status
 run ep $L --log-dir "$OUT/ep_ranks" -- "$BIN/dsv3" train $eq --batch 2 --ep "$N" || status=1
 $PY tools/compare_runs.py --ref "$R/one" "$R/dp" "$R/ep" --json "$OUT/equal_vs_one.json" > "$OUT/equal.txt" 2>&1 ||
   status=1
-$PY tools/compare_runs.py --ref "$R/accum" "$R/dp" "$R/ep" --json "$OUT/equal_vs_accum.json" >> "$OUT/equal.txt" 2>&1
+$PY tools/compare_runs.py --ref "$R/accum" "$R/dp" "$R/ep" --json "$OUT/equal_vs_accum.json" >> "$OUT/equal.txt" 2>&1 ||
+  status=1
 tee -a "$OUT/summary.txt" < "$OUT/equal.txt"
 rm -rf "$R"/*
 
@@ -113,7 +117,8 @@ res = {"bench": "multi_gpu", "commit": os.environ.get("DSV3_COMMIT"),
                     "vs_one_gpu_same_microbatches": load("equal_vs_accum.json"),
                     "setup": "2 FP32 steps, lr 1e-2, AdamW eps 1e-3, per-rank batch 2 x 256; tolerance: loss and "
                              "grad norm rel 1e-5, parameters abs 1e-5 (docs/distributed.md)"},
-       "scaling": {"setup": "BF16, per-GPU batch 8 x 2048 (weak scaling), step time median after 2 warm-up steps",
+       "scaling": {"setup": "BF16, per-GPU batch 8 x 2048 (weak scaling), step time median after 2 warm-up steps; "
+                            "every process (the one-GPU baseline too) --threads nproc/N",
                    "one_gpu": s1, "data_parallel": sdp, "expert_parallel": sep}}
 json.dump(res, open(os.path.join(out, "multi_gpu.json"), "w"), indent=1)
 for k in ("one_gpu", "data_parallel", "expert_parallel"):

@@ -91,13 +91,30 @@ def compare(ref_dir, run_dir, args):
     steps = sorted(set(ref) & set(run))
     if not steps:
         fail_input(f"{run_dir} and {ref_dir} share no logged step")
-    loss = max(rel(run[s]["loss"], ref[s]["loss"]) for s in steps)
-    gnorm = max(rel(run[s]["grad_norm"], ref[s]["grad_norm"]) for s in steps)
-    bitwise = all(run[s]["loss"] == ref[s]["loss"] and run[s]["grad_norm"] == ref[s]["grad_norm"] for s in steps)
+    errors = []
+    if set(ref) != set(run):
+        errors.append(f"logged steps differ: {sorted(run)} vs {sorted(ref)}")
+
+    def worst(field):
+        # A non-finite value is logged as null: that fails, named, instead of stopping the tool.
+        w = 0.0
+        for s in steps:
+            a, b = run[s].get(field), ref[s].get(field)
+            if a is None or b is None:
+                errors.append(f"step {s}: {field} is not finite ({a} vs {b})")
+                return float("inf")
+            w = max(w, rel(a, b))
+        return w
+    loss, gnorm = worst("loss"), worst("grad_norm")
+    bitwise = all(run[s].get("loss") == ref[s].get("loss") and run[s].get("grad_norm") == ref[s].get("grad_norm")
+                  for s in steps)
     res = {"run": run_dir, "ref": ref_dir, "steps": steps, "loss_max_rel": loss, "grad_norm_max_rel": gnorm,
-           "losses": [run[s]["loss"] for s in steps], "ref_losses": [ref[s]["loss"] for s in steps]}
+           "losses": [run[s].get("loss") for s in steps], "ref_losses": [ref[s].get("loss") for s in steps]}
     ok = loss <= args.loss_rtol and gnorm <= args.loss_rtol
     rc, cc = newest_checkpoint(ref_dir), newest_checkpoint(run_dir)
+    if rc and cc and os.path.basename(rc) != os.path.basename(cc):
+        errors.append(f"newest checkpoints are different steps: {cc} vs {rc}")
+        rc = cc = None
     if rc and cc:
         pr, pc = parameters(rc), parameters(cc)
         if set(pr) != set(pc):
@@ -105,9 +122,13 @@ def compare(ref_dir, run_dir, args):
         worst, worst_name, same = 0.0, None, True
         for name in sorted(pr):
             a, b = pc[name].astype(np.float64), pr[name].astype(np.float64)
+            if a.shape != b.shape:
+                fail_input(f"{name}: shape {a.shape} in {cc} but {b.shape} in {rc}")
             d = float(np.max(np.abs(a - b))) if a.size else 0.0
+            if not np.isfinite(d):  # a NaN or Inf on either side is a failure, not a skipped maximum
+                d = float("inf")
             same = same and bool(np.array_equal(pc[name], pr[name]))
-            if d > worst:
+            if d > worst or worst_name is None:
                 worst, worst_name = d, name
         res.update({"param_max_abs": worst, "param_worst_tensor": worst_name, "tensors": len(pr),
                     "checkpoints": [cc, rc]})
@@ -115,10 +136,10 @@ def compare(ref_dir, run_dir, args):
         bitwise = bitwise and same
     else:
         res["param_max_abs"] = None
-        ok = False  # the parameters are part of the check
-        res["error"] = "no checkpoint to compare"
-    res["bitwise"] = bitwise
-    res["pass"] = ok
+        errors.append("no pair of checkpoints to compare")  # the parameters are part of the check
+    res["bitwise"] = bitwise and not errors
+    res["errors"] = errors
+    res["pass"] = ok and not errors
     return res
 
 
@@ -135,7 +156,7 @@ def main():
         p = "n/a" if r["param_max_abs"] is None else f"{r['param_max_abs']:.3g}"
         print(f"{r['run']} vs {r['ref']}: loss max rel {r['loss_max_rel']:.3g}, grad norm max rel "
               f"{r['grad_norm_max_rel']:.3g}, params max abs {p}, bitwise {r['bitwise']} -> "
-              f"{'PASS' if r['pass'] else 'FAIL'}")
+              f"{'PASS' if r['pass'] else 'FAIL'}" + "".join(f"\n  {e}" for e in r["errors"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
