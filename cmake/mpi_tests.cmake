@@ -17,11 +17,6 @@ if(DSV3_HAVE_MPI AND DSV3_BUILD_TESTS AND TARGET dsv3_dist_tests)
              COMMAND bash ${CMAKE_SOURCE_DIR}/tests/dist/mpi_train_cli_test.sh $<TARGET_FILE:dsv3> 2)
     set_tests_properties(dist_mpi_train_cli PROPERTIES LABELS "mpi;dist" TIMEOUT 300 PROCESSORS 2
                          ENVIRONMENT "${dsv3_mpi_env}")
-    # NCCL on one GPU, and on two through the MPI-free launcher (GPU machines only: label gpu).
-    add_test(NAME dist_nccl_one_rank COMMAND $<TARGET_FILE:dsv3_dist_tests> --gtest_filter=Nccl.*)
-    add_test(NAME dist_nccl_two_ranks
-             COMMAND bash ${CMAKE_SOURCE_DIR}/scripts/launch_gpus.sh -n 2 -- $<TARGET_FILE:dsv3_dist_tests> --gtest_filter=Nccl.*)
-    set_tests_properties(dist_nccl_one_rank dist_nccl_two_ranks PROPERTIES LABELS "gpu")
     add_test(NAME dist_mpi_kill
              COMMAND bash ${CMAKE_SOURCE_DIR}/tests/dist/mpi_kill_test.sh $<TARGET_FILE:dsv3_dist_tests> 2)
     set_tests_properties(dist_mpi_kill PROPERTIES LABELS "mpi;dist" TIMEOUT 90 PROCESSORS 2
@@ -35,4 +30,12 @@ if(DSV3_BUILD_TESTS AND TARGET dsv3)
            COMMAND bash ${CMAKE_SOURCE_DIR}/tests/dist/launch_gpus_test.sh ${CMAKE_SOURCE_DIR}/scripts/launch_gpus.sh
                    $<TARGET_FILE:dsv3>)
   set_tests_properties(dist_launch_gpus PROPERTIES LABELS "dist" TIMEOUT 60)
+endif()
+
+# NCCL on one GPU, and on two through the MPI-free launcher (GPU machines only: label gpu).
+if(DSV3_HAVE_NCCL AND DSV3_BUILD_TESTS AND TARGET dsv3_dist_tests)
+  add_test(NAME dist_nccl_one_rank COMMAND $<TARGET_FILE:dsv3_dist_tests> --gtest_filter=Nccl.*)
+  add_test(NAME dist_nccl_two_ranks
+           COMMAND bash ${CMAKE_SOURCE_DIR}/scripts/launch_gpus.sh -n 2 -- $<TARGET_FILE:dsv3_dist_tests> --gtest_filter=Nccl.*)
+  set_tests_properties(dist_nccl_one_rank dist_nccl_two_ranks PROPERTIES LABELS "gpu" TIMEOUT 180 RESOURCE_LOCK gpu)
 endif()

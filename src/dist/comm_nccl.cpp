@@ -7,6 +7,7 @@
 // Every call synchronizes its stream, so the interface stays blocking like the MPI one.
 #include "dist/communicator.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
@@ -42,12 +43,12 @@ ncclUniqueId rendezvous(const std::string& path, int rank, double timeout_s) {
   if (rank == 0) {
     check_nccl(ncclGetUniqueId(&id), "ncclGetUniqueId", rank);
     const std::string tmp = path + ".tmp";
-    {
-      std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-      f.write(id.internal, sizeof id.internal);
-      if (!f) throw CommError(cat("rendezvous: cannot write ", tmp));
-    }
-    std::filesystem::rename(tmp, path);
+    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+    f.write(id.internal, sizeof id.internal);
+    f.close();
+    std::error_code ec;
+    if (f) std::filesystem::rename(tmp, path, ec);
+    if (!f || ec) throw CommError(cat("rendezvous: rank 0 cannot write ", path, ec ? ": " + ec.message() : ""));
     return id;
   }
   const auto start = std::chrono::steady_clock::now();
@@ -70,7 +71,10 @@ class NcclComm final : public Communicator {
     int devices = 0;
     check_cuda(cudaGetDeviceCount(&devices), "cudaGetDeviceCount", rank);
     if (devices < 1) throw CommError(cat("rank ", rank, ": no CUDA device"));
-    device_ = local_rank() % devices;
+    if (rpn > devices)
+      input_error("rank ", rank, ": ", rpn, " ranks per node but ", devices,
+                  " visible GPU(s) (one rank per GPU; see CUDA_VISIBLE_DEVICES)");
+    device_ = local_rank();
     check_cuda(cudaSetDevice(device_), "cudaSetDevice", rank);
     ncclUniqueId id;
     if (boot_) {
@@ -78,11 +82,14 @@ class NcclComm final : public Communicator {
       boot_->broadcast(&id, sizeof id, 0);
     } else if (size > 1) {
       id = rendezvous(rendezvous_path, rank, 120.0);
+      rendezvous_path_ = rank == 0 ? rendezvous_path : "";
     } else {
       check_nccl(ncclGetUniqueId(&id), "ncclGetUniqueId", rank);
     }
     check_cuda(cudaStreamCreate(&stream_), "cudaStreamCreate", rank);
     check_nccl(ncclCommInitRank(&comm_, size, id, rank), "ncclCommInitRank", rank);
+    // Every rank has joined, so every rank has read the id: a later run cannot pick up a stale one.
+    if (!rendezvous_path_.empty()) std::filesystem::remove(rendezvous_path_);
   }
   // A group split off a parent (split()).
   NcclComm(ncclComm_t c, std::unique_ptr<Communicator> boot, int rpn, int device) : boot_(std::move(boot)), comm_(c) {
@@ -126,7 +133,7 @@ class NcclComm final : public Communicator {
     s.finish();
   }
   void broadcast(void* data, int64_t bytes, int root) override {
-    Staged s(*this, data, bytes, data, bytes);
+    Staged s(*this, data, bytes, data, bytes, true);
     check_nccl(ncclBroadcast(s.in, s.out, size_t(bytes), ncclInt8, root, comm_, stream_), "ncclBroadcast", rank());
     s.finish();
   }
@@ -143,11 +150,12 @@ class NcclComm final : public Communicator {
     check_nccl(ncclCommSplit(comm_, color, key, &c, nullptr), "ncclCommSplit", rank());
     auto out = std::make_unique<NcclComm>(c, std::move(boot), 1, device_);
     // Keep the node layout when the group is whole nodes of consecutive ranks (as the MPI split).
-    int first = rank();
-    std::vector<int> firsts(size_t(out->size()));
-    out->all_gather(&first, firsts.data(), sizeof first);
+    const int mine = rank();
+    std::vector<int> parent(static_cast<size_t>(out->size()));
+    out->all_gather(&mine, parent.data(), sizeof mine);
     const int rpn = ranks_per_node();
-    const bool whole = out->size() % rpn == 0 && firsts[0] % rpn == 0;
+    bool whole = out->size() % rpn == 0 && parent[0] % rpn == 0;
+    for (size_t k = 1; k < parent.size(); ++k) whole = whole && parent[k] == parent[0] + int(k);
     out->set_layout(out->rank(), out->size(), whole ? rpn : 1);
     return out;
   }
@@ -155,7 +163,7 @@ class NcclComm final : public Communicator {
  private:
   // Host buffers go through device staging (grown on demand, kept); device buffers are used as given.
   struct Staged {
-    Staged(NcclComm& c, const void* send, int64_t sbytes, void* recv, int64_t rbytes)
+    Staged(NcclComm& c, const void* send, int64_t sbytes, void* recv, int64_t rbytes, bool in_place = false)
         : c_(c), host_in_(sbytes > 0 && !on_device(send)), host_out_(rbytes > 0 && !on_device(recv)), recv_(recv),
           rbytes_(rbytes) {
       const int64_t need = (host_in_ ? sbytes : 0) + (host_out_ ? rbytes : 0);
@@ -166,7 +174,7 @@ class NcclComm final : public Communicator {
         check_cuda(cudaMemcpyAsync(in, send, size_t(sbytes), cudaMemcpyHostToDevice, c.stream_), "cudaMemcpyAsync",
                    c.rank());
       // In-place broadcast of a host buffer: the staged input is also the output.
-      if (send == recv && host_in_ && host_out_) out = in;
+      if (in_place && host_in_ && host_out_) out = in;
     }
     void finish() {
       if (host_out_)
@@ -196,6 +204,7 @@ class NcclComm final : public Communicator {
   }
 
   std::unique_ptr<Communicator> boot_;
+  std::string rendezvous_path_;
   ncclComm_t comm_ = nullptr;
   cudaStream_t stream_ = nullptr;
   int device_ = 0;
@@ -222,7 +231,9 @@ std::unique_ptr<Communicator> make_nccl_world(int ranks_per_node) {
     const int r = boot->rank(), n = boot->size(), rpn = boot->ranks_per_node();
     return std::make_unique<NcclComm>(std::move(boot), r, n, rpn, "");
   }
-  const int n = env_int("DSV3_WORLD_SIZE", 1), r = env_int("DSV3_RANK", 0);
+  const int n = env_int("DSV3_WORLD_SIZE", 1), r = env_int("DSV3_RANK", -1);
+  if (n > 1 && r < 0)
+    input_error("DSV3_WORLD_SIZE ", n, " without DSV3_RANK: start the ranks with scripts/launch_gpus.sh or mpirun");
   if (n < 1 || r >= n) input_error("DSV3_RANK ", r, " / DSV3_WORLD_SIZE ", n, ": the rank must be below the world size");
   const int rpn = ranks_per_node > 0 ? ranks_per_node : env_int("DSV3_LOCAL_WORLD_SIZE", n);
   if (rpn < 1 || n % rpn != 0)
@@ -233,7 +244,7 @@ std::unique_ptr<Communicator> make_nccl_world(int ranks_per_node) {
   // Every world of this process gets its own file (path.0, path.1, …): the ranks make their worlds in
   // the same order, and a later world must not read an earlier world's id.
   static int generation = 0;
-  return std::make_unique<NcclComm>(nullptr, r, n, rpn, cat(path ? path : "", ".", generation++));
+  return std::make_unique<NcclComm>(nullptr, std::max(r, 0), n, rpn, cat(path ? path : "", ".", generation++));
 }
 
 }  // namespace dsv3

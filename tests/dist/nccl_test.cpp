@@ -94,13 +94,22 @@ TEST(Nccl, SplitGroups) {
   auto c = world();
   ASSERT_TRUE(c) << "needs a GPU (ctest -L gpu)";
   const int P = c->size(), r = c->rank();
+  // EXPECT, not ASSERT, before a collective: a rank that left early would leave its peers waiting.
   auto g = c->split(r % 2, r);
-  ASSERT_EQ(g->size(), (P - r % 2 + 1) / 2);
-  ASSERT_EQ(g->rank(), r / 2);
+  EXPECT_EQ(g->size(), (P - r % 2 + 1) / 2);
+  EXPECT_EQ(g->rank(), r / 2);
   std::vector<int> members(static_cast<size_t>(g->size()));
   g->all_gather(&r, members.data(), sizeof r);
   for (int k = 0; k < g->size(); ++k) EXPECT_EQ(members[size_t(k)], 2 * k + r % 2);
   g->barrier();
+  // The whole world as one group (what --ep N over N ranks makes): same ranks, same node layout.
+  auto all = c->split(0, r);
+  EXPECT_EQ(all->size(), P);
+  EXPECT_EQ(all->rank(), r);
+  EXPECT_EQ(all->ranks_per_node(), c->ranks_per_node());
+  std::vector<int> everyone(static_cast<size_t>(P));
+  all->all_gather(&r, everyone.data(), sizeof r);
+  for (int k = 0; k < P; ++k) EXPECT_EQ(everyone[size_t(k)], k);
 }
 
 TEST(Nccl, DeviceGradientAllReduceEqualsHostFormula) {
