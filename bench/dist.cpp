@@ -87,8 +87,9 @@ RunResult run(const ModelConfig& cfg, int P, int64_t N, int steps, int threads_p
         ep.backward(be, p, g.p.layers[1].moe, a, dout.rows(r * N, (r + 1) * N), Tensor(), dx, false);
         if (s == 0) {
           // Formula: one row per (token, other rank holding ≥ 1 of its experts), each
-          // 8 + 8K bytes of metadata plus the payload (F32 4H, or FP8 H + 4⌈H/128⌉); combine rows
-          // carry 4H of partial sums.
+          // 8 + 8K bytes of metadata plus the payload (F32 4H, or FP8 H + 4⌈H/128⌉); combine
+          // returns 4H of partial sums per row and no metadata (the direct path: the source knows
+          // which tokens it sent where).
           const Tensor ids = be.to_host(a.local.ids);
           int64_t rows = 0;
           for (int64_t t = 0; t < N; ++t) {
@@ -98,7 +99,7 @@ RunResult run(const ModelConfig& cfg, int P, int64_t N, int steps, int threads_p
           }
           const int64_t meta = 8 + 8 * K, payload = fp8 ? H + 4 * ((H + 127) / 128) : 4 * H;
           per[size_t(r)].formula_dispatch = rows * (meta + payload);
-          per[size_t(r)].formula_combine = rows * (meta + 4 * H);  // rows come back from those ranks
+          per[size_t(r)].formula_combine = rows * 4 * H;  // rows come back from those ranks
           per[size_t(r)].dispatch_bytes = ep.stats().dispatch_bytes;
           per[size_t(r)].combine_bytes = ep.stats().combine_bytes;
           per[size_t(r)].dispatch_rows = rows;

@@ -131,7 +131,11 @@ void ExpertParallelMoe::token_groups(const int32_t* id, const float* wt, std::ve
   const int rpn = c_.ranks_per_node();
   auto dest_of = [&](int32_t e) { return o_.two_hop ? c_.node_of(owner(e)) * rpn + c_.local_rank() : owner(e); };
   std::vector<std::pair<int32_t, float>> picks;
-  for (int64_t j = 0; j < K; ++j) picks.push_back({id[j], wt[j]});
+  for (int64_t j = 0; j < K; ++j) {
+    if (id[j] < 0 || id[j] >= d_.n_experts)
+      internal_error("expert-parallel routing: expert id ", id[j], " outside [0, ", d_.n_experts, ")");
+    picks.push_back({id[j], wt[j]});
+  }
   std::sort(picks.begin(), picks.end(), [](auto& a, auto& b) { return a.first < b.first; });
   out.clear();
   for (const auto& [e, w] : picks) {
@@ -142,7 +146,7 @@ void ExpertParallelMoe::token_groups(const int32_t* id, const float* wt, std::ve
 }
 
 bool ExpertParallelMoe::direct_path(const Backend& be, bool fp8) const {
-  return (be.device() == Device::CPU || c_.device_buffers()) && !o_.two_hop && !fp8;
+  return (be.device() == Device::CPU || c_.device_buffers()) && !o_.two_hop && !fp8 && !o_.host_rows;
 }
 
 // Single hop, F32: the metadata rows go through host memory as in the row path, while the hidden
@@ -196,8 +200,14 @@ void ExpertParallelMoe::combine_direct(Backend& be, const std::vector<EpRow>& ro
   const int P = c_.size(), me = c_.rank();
   const int64_t H = d_.H, K = d_.top_k;
   const Tensor ids = be.to_host(ids_d);
+  if (vals && !row_vals) internal_error("combine_direct: per-row values are needed for the per-pick ones");
   std::vector<int64_t> sb(static_cast<size_t>(P), 0), rb(static_cast<size_t>(P), 0);
-  for (const EpRow& m : rows) sb[size_t(m.src)] += H * 4;
+  for (size_t r = 0; r < rows.size(); ++r) {
+    // The partial sums leave as one block per source: the rows must be grouped by source, ascending.
+    if (rows[r].src < 0 || rows[r].src >= P || (r > 0 && rows[r].src < rows[r - 1].src))
+      internal_error("combine_direct: row ", r, " from rank ", rows[r].src, " is out of source order");
+    sb[size_t(rows[r].src)] += H * 4;
+  }
   std::vector<int32_t> tok;
   std::vector<Group> groups;
   std::vector<std::vector<int32_t>> from(static_cast<size_t>(P));

@@ -37,6 +37,7 @@ struct EpOptions {
   int node_limit = 0;         // M > 0: each token's experts lie on at most M nodes
   bool two_hop = false;       // cross nodes only between equal local ranks, then forward inside the node
   bool fp8_dispatch = false;  // dispatch payload E4M3, power-of-two scales per 1×128 tile (combine stays F32)
+  bool host_rows = false;     // tests: the host-row path even where the direct one applies
 };
 
 // Bytes this rank sent (payload and metadata), accumulated over calls.

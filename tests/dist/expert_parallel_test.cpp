@@ -145,6 +145,36 @@ TEST(ExpertParallel, SkewedRoutingEveryTokenToOneExpert) {
   check_grads(cs, res);
 }
 
+// The direct path (hidden states as one block per rank from the backend's memory) and the host-row
+// path it replaced for single-hop F32 dispatch move the same rows in the same order: same bits.
+TEST(ExpertParallel, DirectPathEqualsHostRows) {
+  for (auto [experts, ranks] : {std::pair{4, 4}, std::pair{8, 2}}) {
+    Case cs{test::tiny_moe_config(experts, 2), ranks, 0, 6, {}, {}};
+    Result direct = run_case(cs);
+    cs.opt.host_rows = true;
+    Result rows = run_case(cs);
+    EXPECT_TRUE(same_bits(direct.out, rows.out)) << experts << " experts on " << ranks << " ranks";
+    EXPECT_TRUE(same_bits(direct.dx, rows.dx)) << experts << " experts on " << ranks << " ranks";
+    for (int r = 0; r < ranks; ++r) {
+      ASSERT_EQ(direct.rows[size_t(r)].size(), rows.rows[size_t(r)].size());
+      for (size_t i = 0; i < rows.rows[size_t(r)].size(); ++i) {
+        EXPECT_EQ(direct.rows[size_t(r)][i].src, rows.rows[size_t(r)][i].src);
+        EXPECT_EQ(direct.rows[size_t(r)][i].token, rows.rows[size_t(r)][i].token);
+        EXPECT_EQ(direct.rows[size_t(r)][i].experts, rows.rows[size_t(r)][i].experts);
+      }
+      EXPECT_TRUE(same_bits(direct.xin[size_t(r)], rows.xin[size_t(r)]));
+      // Same bytes, except that the forward combine sends no metadata on the direct path.
+      int64_t back = 0;
+      for (const EpRow& m : rows.rows[size_t(r)]) back += m.src != r;
+      const int64_t meta = 8 + 8 * cs.cfg.num_experts_per_tok;
+      EXPECT_EQ(direct.stats[size_t(r)].dispatch_bytes, rows.stats[size_t(r)].dispatch_bytes);
+      EXPECT_EQ(direct.stats[size_t(r)].combine_bytes, rows.stats[size_t(r)].combine_bytes - back * meta);
+      EXPECT_EQ(direct.stats[size_t(r)].backward_bytes, rows.stats[size_t(r)].backward_bytes);
+    }
+    check_grads(cs, rows);
+  }
+}
+
 TEST(ExpertParallel, TwoHopMatchesDirect) {
   Case cs{test::tiny_moe_config(8, 4), 4, 2, 6, {}, {}};
   Result direct = run_case(cs);
