@@ -124,15 +124,6 @@ int run_train_ranks(TrainCli& o) {
   if (o.moments != "f32" && o.moments != "bf16")
     input_error("--moments '", o.moments, "': expected f32 or bf16 (the AdamW moments' storage dtype)");
   o.t.opt.moment_dtype = o.moments == "bf16" ? DType::BF16 : DType::F32;
-  if (o.t.data_dir.empty()) {
-    auto [ds, tok] = default_dataset(o, c.vocab_size);
-    o.t.data_dir = ds;
-    if (o.t.tokenizer_path.empty()) o.t.tokenizer_path = tok;
-  }
-  nlohmann::json resolved = o.t.to_json();
-  resolved["model"] = nlohmann::json::parse(serialize_model_config(c));
-  resolved["threads"] = num_threads();
-  resolved["moments"] = o.moments;
   // Several ranks: started by mpirun (or asked for a parallel option, which then checks the world).
   std::unique_ptr<Communicator> world;
   std::unique_ptr<TrainParallel> par;
@@ -142,11 +133,25 @@ int run_train_ranks(TrainCli& o) {
     if (o.t.device == "cuda") {
       world = make_nccl_world(o.ranks_per_node);
       // Each bucket costs two synchronizing NCCL calls: on the GPU fewer, larger ones.
-      o.par.bucket_bytes = int64_t(64) << 20;
+      if (o.par.bucket_bytes == TrainParallelOptions{}.bucket_bytes) o.par.bucket_bytes = int64_t(64) << 20;
     } else if (launched_by_gpu_launcher())
       input_error("scripts/launch_gpus.sh starts GPU ranks: add --device cuda (CPU ranks run under mpirun)");
     else
       world = make_world_communicator(o.ranks_per_node);
+  }
+  // The default corpus is prepared by rank 0 alone while the others wait, then found by all.
+  if (o.t.data_dir.empty()) {
+    if (!world || world->rank() == 0) default_dataset(o, c.vocab_size);
+    if (world) world->barrier();
+    auto [ds, tok] = default_dataset(o, c.vocab_size);
+    o.t.data_dir = ds;
+    if (o.t.tokenizer_path.empty()) o.t.tokenizer_path = tok;
+  }
+  nlohmann::json resolved = o.t.to_json();
+  resolved["model"] = nlohmann::json::parse(serialize_model_config(c));
+  resolved["threads"] = num_threads();
+  resolved["moments"] = o.moments;
+  if (world) {
     par = make_train_parallel(*world, o.par, c);
     resolved["ranks"] = world->size();
     resolved["communicator"] = world->name();

@@ -41,6 +41,7 @@ GradientAllReduce::GradientAllReduce(Communicator& c, std::vector<Tensor> grads,
   const int64_t chunk = (len + c_.size() - 1) / c_.size();
   pack_ = dev_->alloc(DType::F32, {int64_t(c_.size()) * chunk});
   parts_ = dev_->alloc(DType::F32, {int64_t(c_.size()) * chunk});
+  dev_->fill(FillArgs{pack_, 0.0f});  // a bucket's padding tail travels too: defined, never used
 }
 
 namespace {
