@@ -41,7 +41,7 @@ if [ -z "$n" ]; then
 fi
 case "$n" in ''|*[!0-9]*|0) echo "launch_gpus.sh: -n '$n': expected a positive number of ranks" >&2; exit 2 ;; esac
 
-rdv=$(mktemp -d "${TMPDIR:-/tmp}/dsv3-launch.XXXXXX") || { echo "launch_gpus.sh: cannot create a temporary directory" >&2; exit 2; }
+rdv=$(mktemp -d) || { echo "launch_gpus.sh: cannot create a temporary directory" >&2; exit 2; }
 [ -n "$logdir" ] || logdir=$rdv
 mkdir -p "$logdir" || { echo "launch_gpus.sh: cannot create --log-dir $logdir" >&2; exit 2; }
 [ "$n" -gt 1 ] && echo "launch_gpus.sh: $n ranks; ranks 1..$((n - 1)) log to $logdir/rank<r>.log" >&2
