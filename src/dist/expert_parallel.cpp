@@ -8,6 +8,7 @@
 #include <numeric>
 
 #include "backend/fp8.h"
+#include "model/moe_hook.h"
 #include "model/module_ops.h"
 
 namespace dsv3 {
@@ -98,14 +99,8 @@ ExpertParallelMoe::ExpertParallelMoe(Communicator& ep, const ModelDims& d, EpOpt
 }
 
 void ExpertParallelMoe::route(Backend& be, const MoeParams& p, const Tensor& x, MoeActs& a) {
-  const int64_t N = x.dim(0), E = d_.n_experts, k = d_.top_k;
-  a.x = x;
-  a.logits = be.alloc(DType::F32, {N, E});
-  linear_forward(be, p.gate, x, a.logits);  // [N, E]
-  a.scores = be.alloc(DType::F32, {N, E});
-  a.ids = be.alloc(DType::I32, {N, k});
-  a.weights = be.alloc(DType::F32, {N, k});
-  moe_route(be, d_, p, a.logits, a.scores, a.ids, a.weights);
+  const int64_t N = x.dim(0), k = d_.top_k;
+  moe_gate_and_route(be, d_, p, x, a);
   if (o_.node_limit > 0) {
     Tensor ids = Tensor::empty(DType::I32, {N, k}), w = Tensor::empty(DType::F32, {N, k});
     Tensor bias = present(p.e_score_correction_bias) ? be.to_host(p.e_score_correction_bias) : Tensor();
@@ -114,16 +109,7 @@ void ExpertParallelMoe::route(Backend& be, const MoeParams& p, const Tensor& x, 
     a.ids = be.to_device(ids);
     a.weights = be.to_device(w);
   }
-  a.pick = be.alloc(DType::I32, {N * k});
-  a.token = be.alloc(DType::I32, {N * k});
-  a.counts = be.alloc(DType::I32, {E});
-  MoeSortArgs s;
-  s.ids = a.ids;
-  s.n_experts = E;
-  s.pick = a.pick;
-  s.token = a.token;
-  s.counts = a.counts;
-  be.moe_sort(s);  // counts = this rank's loads
+  moe_group_picks(be, d_, a);  // counts = this rank's loads
 }
 
 void ExpertParallelMoe::token_groups(const int32_t* id, const float* wt, std::vector<Group>& out) const {

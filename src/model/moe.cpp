@@ -96,10 +96,9 @@ void moe_route_backward(Backend& be, const ModelDims& d, const MoeParams& p, con
   linear_backward(be, p.gate, g.gate, x, dlogits, dx, true);
 }
 
-void moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const Tensor& x, MoeActs& a) {
-  const int64_t N = x.dim(0), E = d.n_experts, k = d.top_k, H = d.H;
+void moe_gate_and_route(Backend& be, const ModelDims& d, const MoeParams& p, const Tensor& x, MoeActs& a) {
+  const int64_t N = x.dim(0), E = d.n_experts, k = d.top_k;
   a.x = x;  // [N, H]
-
   // Routing in FP32 on gate logits.
   a.logits = be.alloc(DType::F32, {N, E});
   linear_forward(be, p.gate, x, a.logits);  // [N, E]
@@ -107,18 +106,26 @@ void moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const Tens
   a.ids = be.alloc(DType::I32, {N, k});
   a.weights = be.alloc(DType::F32, {N, k});
   moe_route(be, d, p, a.logits, a.scores, a.ids, a.weights);
+}
 
-  // Group the N·k picks by expert.
+void moe_group_picks(Backend& be, const ModelDims& d, MoeActs& a) {
+  const int64_t N = a.ids.dim(0), k = d.top_k;
   a.pick = be.alloc(DType::I32, {N * k});
   a.token = be.alloc(DType::I32, {N * k});
-  a.counts = be.alloc(DType::I32, {E});
+  a.counts = be.alloc(DType::I32, {d.n_experts});
   MoeSortArgs s;
   s.ids = a.ids;
-  s.n_experts = E;
+  s.n_experts = d.n_experts;
   s.pick = a.pick;
   s.token = a.token;
   s.counts = a.counts;
   be.moe_sort(s);
+}
+
+void moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const Tensor& x, MoeActs& a) {
+  const int64_t N = x.dim(0), E = d.n_experts, k = d.top_k, H = d.H;
+  moe_gate_and_route(be, d, p, x, a);
+  moe_group_picks(be, d, a);  // the N·k picks by expert
   const Tensor counts = be.to_host(a.counts);
   a.offsets.assign(size_t(E + 1), 0);
   for (int64_t e = 0; e < E; ++e) a.offsets[size_t(e + 1)] = a.offsets[size_t(e)] + counts.data<int32_t>()[e];

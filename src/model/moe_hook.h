@@ -17,6 +17,11 @@ class MoeLayerHook {
                         const Tensor& dout, const Tensor& router_dlogits, const Tensor& dx, bool accumulate_dx) = 0;
 };
 
+// moe_forward's first two stages, for a hook's layer to share: a.x = x, the gate GEMM and the router
+// (a.logits, scores, ids, weights); then the picks grouped by expert (a.pick, token, counts).
+void moe_gate_and_route(Backend& be, const ModelDims& d, const MoeParams& p, const Tensor& x, MoeActs& a);
+void moe_group_picks(Backend& be, const ModelDims& d, MoeActs& a);
+
 // Installs h for this thread (nullptr: none); returns the previous hook.
 MoeLayerHook* set_moe_layer_hook(MoeLayerHook* h);
 
