@@ -27,6 +27,7 @@ int run_chat(const ChatOptions& o) {
   if (o.n_predict < 1) input_error("-n: ", o.n_predict, " tokens per reply; expected >= 1");
   EngineOptions eo = o.d.engine();
   Weights w = Weights::load(o.model_dir);
+  o.d.apply_weights(w);
   const Tokenizer tok =
       *load_model_tokenizer(o.model_dir, o.tokenizer, w.config().vocab_size, true, "chat needs the chat template");
   eo.n_valid = int64_t(tok.last_real_id()) + 1;

@@ -33,12 +33,19 @@ EngineOptions DecodeOptions::engine() const {
   if (cache_type == "f32") eo.cache.dtype = DType::F32;
   else if (cache_type == "bf16") eo.cache.dtype = DType::BF16;
   else input_error("--cache-type: '", cache_type, "' (expected f32 or bf16)");
+  if (weights != "stored" && weights != "bf16") input_error("--weights: '", weights, "' (expected stored or bf16)");
   eo.cache.block_size = block_size;
   eo.cache.budget_bytes = uint64_t(cache_mb * double(1 << 20));
   eo.draft_tokens = mtp;
   eo.max_context = ctx_size;
   eo.max_running = 1;
   return eo;
+}
+
+void DecodeOptions::apply_weights(Weights& w) const {
+  if (weights != "bf16") return;
+  for (Param& p : w.params())
+    if (p.w.ndim() == 2 && p.w.dtype() == DType::F32) p.w = p.w.to(DType::BF16);
 }
 
 void add_sampling_options(CLI::App& app, DecodeOptions& o, const std::string& seed_help) {
@@ -60,6 +67,10 @@ void add_engine_options(CLI::App& app, DecodeOptions& o, bool with_block_size) {
     app.add_option("--block-size", o.block_size, "KV cache block size in tokens")->capture_default_str();
   app.add_option("-t,--threads", o.threads, "CPU threads (0 = all cores)")->capture_default_str();
   app.add_option("--device", o.device, "where the engine runs: cpu or cuda (the CUDA cache is always bf16)")
+      ->capture_default_str();
+  app.add_option("--weights", o.weights,
+                 "stored: the checkpoint's dtypes; bf16: F32 matrices rounded to BF16 at load (half the bytes "
+                 "a decode step reads on the GPU; math stays F32)")
       ->capture_default_str();
 }
 

@@ -8,6 +8,7 @@
 
 #include "infer/engine.h"
 #include "infer/sampler.h"
+#include "model/weights.h"
 
 namespace dsv3::cli {
 
@@ -19,6 +20,11 @@ struct DecodeOptions {
   double cache_mb = 256;
   std::string cache_type = "f32";
   std::string device = "cpu";
+  std::string weights = "stored";
+
+  // --weights bf16: the F32 matrices rounded to BF16 in place (norms, the router bias and FP8/BF16
+  // tensors as stored); checked with the other engine options.
+  void apply_weights(Weights& w) const;
 
   // Checked values (InputError naming the flag).
   SamplingParams sampling() const;
@@ -33,7 +39,7 @@ std::vector<int32_t> parse_prompt_ids(const std::string& text, int64_t vocab_siz
 // --temp --top-k --top-p --min-p --repeat-penalty -s/--seed (`seed_help` says how the seed is used).
 void add_sampling_options(CLI::App& app, DecodeOptions& o, const std::string& seed_help);
 // --mtp, -c/--ctx-size, --cache-mb, --cache-type, --block-size when `with_block_size`, -t/--threads,
-// --device.
+// --device, --weights.
 void add_engine_options(CLI::App& app, DecodeOptions& o, bool with_block_size);
 
 }  // namespace dsv3::cli

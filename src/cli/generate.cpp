@@ -36,6 +36,7 @@ int run_generate(const GenerateOptions& o) {
   EngineOptions eo = o.d.engine();
 
   Weights w = Weights::load(o.model_dir);
+  o.d.apply_weights(w);
   const ModelConfig& c = w.config();
   const bool need_tok = o.prompt_ids.empty() || !o.print_ids || !o.stop.empty();
   std::optional<Tokenizer> tok = load_model_tokenizer(
