@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include <cooperative_groups.h>
+
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/mla_decode.h"
 #include "infer/cuda_decode_ops.h"
@@ -11,10 +13,6 @@ namespace dsv3 {
 using namespace cuda;
 
 namespace {
-
-constexpr int kTile = 32;      // cached rows per shared-memory tile (one per lane for the scores)
-constexpr int kMaxCols = 16;   // latent columns per lane: kv_lora_rank ≤ 512
-constexpr int kHeadsPerCta = 4;
 
 // Row r of the step → its pool slot in `layer`: c_kv_n ‖ k_pe rounded to BF16.
 __global__ void write_rows_kernel(const float* c, const float* kpe, const int32_t* meta, int n, int64_t R,
@@ -36,143 +34,446 @@ __global__ void copy_qpe_kernel(const float* q, int64_t qk, int64_t nope, int64_
   }
 }
 
-// Absorbed attention for any latent width (one warp per head, kHeadsPerCta heads per CTA, one CTA
-// per row): tiles of 32 cached rows widened to F32 in shared memory (row stride odd: the lane-per-row
-// dot products hit distinct banks), online softmax, each lane owning latent columns lane + 32·i.
-// With splits > 1 (few rows: more CTAs), CTA z covers a contiguous range of the row's tiles and
-// writes its unnormalised partial (max, sum, Σ p·c) to part; merge_kernel combines them.
-__global__ void latent_attention_kernel(const float* qcat, const __nv_bfloat16* pool, const int32_t* meta, int n,
-                                        int maxb, int nh, int W, int R, int64_t layers, int64_t bs, int64_t layer,
-                                        float scale, float* lat, int splits, float* part, const float* qrot,
-                                        int qk, int nope) {
-  extern __shared__ float sm[];
-  const int ldw = W | 1;
-  float* tile = sm;
-  float* qs = sm + kTile * ldw;
-  const int r = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int h = blockIdx.y * kHeadsPerCta + warp;
-  const bool active = h < nh;
-  const int len = meta[r];
-  const int32_t* table = meta + 3 * n + int64_t(r) * maxb;
-  float* q = qs + warp * W;
-  // q_lat from qcat; the rotated q_pe straight from the runner's q (no copy into qcat).
-  if (active)
-    for (int i = lane; i < W; i += 32)
-      q[i] = (i < R ? qcat[(int64_t(r) * nh + h) * W + i] : qrot[(int64_t(r) * nh + h) * qk + nope + (i - R)]) * scale;
-  float acc[kMaxCols];
+// The generic absorbed attention (any latent width up to 512; V3's 512 + 64 takes cuda_mla_decode).
+// One CTA of 8 warps per (split of a row's positions, row, group of 16 heads): every cached row is
+// read once for all the group's heads. Per 32-position tile, widened to F32 in shared memory:
+//   scores S[16 heads × 32 positions] = q·rows — each thread a 4 × 4 block over one eighth of the
+//     width (lanes of a warp: 8 width slices × 4 head quads), the slices added by a reduce-scatter
+//     of shuffles;
+//   online softmax per head (base 2: log2 e is folded into q's scale);
+//   acc[16 heads × R] += P·rows[:, :R] — each thread 4 heads × 4 (or 8) columns.
+// The next tile's rows are loaded into registers while this one is computed. Splits of one row
+// form a thread-block cluster and merge their partial (max, sum, acc) through distributed shared
+// memory; more than 8 splits (long contexts, few rows) write partials merged by merge_kernel.
+constexpr int kHg = 16;        // heads per CTA
+constexpr int kT = 32;         // positions per tile
+constexpr int kThreads = 256;  // 8 warps
+constexpr int kQStride = 4 * kHg + 4;  // floats per 4-column chunk of q (padded: conflict-free slices)
+constexpr int kMaxClusterSplits = 8;
+constexpr int kMaxSplits = 64;
+constexpr int kMaxColumns = 512;  // kv_lora_rank
+
+struct AttnArgs {
+  const float* qcat;  // [N, nh, W]: the latent part of the absorbed query
+  const float* qrot;  // [N, nh, qk]: q_pe at columns nope..qk
+  const __nv_bfloat16* pool;
+  const int32_t* meta;
+  int n, maxb, nh, W, R, qk, nope;
+  int64_t layers, bs, layer;
+  float scale;  // softmax scale · log2 e
+  int splits;
+  bool qvec;    // q readable as float4 pieces
+  int mode;     // 0: one split, lat written directly; 1: cluster merge; 2: partials to part
+  const float* c_new;    // with fold: this step's rows (c_kv_n [N, R], k_pe [N, P]), which
+  const float* kpe_new;  // the kernel writes to the pool and reads from here instead
+  bool fold;             // every row of the step is the last of its sequence (decode)
+  float* lat;   // [N, nh, R]
+  float* part;  // mode 2: [N, nh, splits, R + 2] = (max, sum, acc)
+};
+
+enum { kDirect = 0, kCluster = 1, kPartials = 2 };
+
+// Shared memory (floats): q chunks | tile [kT, W32] | S [kHg, kT + 1] | P [kT, kHg] | corr, max, sum,
+// 1/total sum, the cluster merge's split weights [8, kHg].
+__host__ __device__ inline int attn_w32(int W) { return (W + 31) & ~31; }
+__host__ __device__ inline int attn_smem_floats(int W) {
+  const int w32 = attn_w32(W);
+  return w32 / 4 * kQStride + kT * w32 + kHg * (kT + 1) + kT * kHg + (4 + kMaxClusterSplits) * kHg;
+}
+
+__device__ __forceinline__ void widen8(uint4 v, float* d) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+  float f[8];
 #pragma unroll
-  for (int i = 0; i < kMaxCols; ++i) acc[i] = 0.0f;
-  float m = -INFINITY, l = 0.0f;
-  __shared__ const __nv_bfloat16* rowp[kTile];
-  const int bsi = int(bs);
-  const int per = ((len + kTile - 1) / kTile + splits - 1) / splits * kTile;  // positions per split
-  const int t_begin = blockIdx.z * per, t_end = min(len, t_begin + per);
-  for (int t0 = t_begin; t0 < t_end; t0 += kTile) {
-    const int cnt = min(kTile, t_end - t0);
-    __syncthreads();
-    // The tile's row addresses first (one table lookup per row, in parallel), then independent
-    // loads: 16 bytes (8 values) at a time when rows allow it.
-    if (threadIdx.x < cnt) {
-      const int pos = t0 + threadIdx.x;
-      rowp[threadIdx.x] = pool + ((int64_t(table[pos / bsi]) * layers + layer) * bs + pos % bsi) * W;
+  for (int e = 0; e < 4; ++e) {
+    f[2 * e] = __uint_as_float(w[e] << 16);
+    f[2 * e + 1] = __uint_as_float(w[e] & 0xffff0000u);
+  }
+  reinterpret_cast<float4*>(d)[0] = make_float4(f[0], f[1], f[2], f[3]);
+  reinterpret_cast<float4*>(d)[1] = make_float4(f[4], f[5], f[6], f[7]);
+}
+
+// Element i of step row r as the pool holds it (BF16).
+__device__ __forceinline__ __nv_bfloat16 new_value(const AttnArgs& a, int r, int i) {
+  return __float2bfloat16_rn(i < a.R ? a.c_new[int64_t(r) * a.R + i]
+                                     : a.kpe_new[int64_t(r) * (a.W - a.R) + (i - a.R)]);
+}
+
+// CQ column quads per thread in P·V (R ≤ 256·CQ); NV 16-byte loads per thread per tile (W ≤ 64·NV
+// with W % 8 == 0 takes the prefetched path, other widths load each tile synchronously).
+template <int CQ, int NV>
+__global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs a) {
+  extern __shared__ __align__(16) float sm[];
+  const int W = a.W, R = a.R, w32 = attn_w32(W), nc = w32 / 4;
+  float* qs = sm;
+  float* tile = qs + nc * kQStride;
+  float* ss = tile + kT * w32;
+  float* ps = ss + kHg * (kT + 1);
+  float* st = ps + kT * kHg;  // corr | max | sum | 1/total | split weights, kHg each
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int split = blockIdx.x, r = blockIdx.y, h0 = blockIdx.z * kHg;
+  const int bs = int(a.bs);
+  const bool vec = (W & 7) == 0 && W <= 64 * NV;
+  const int V = W >> 3;  // 16-byte pieces per row
+  // q (scaled) into its chunks: the loads of a batch are all issued before their stores; the first
+  // batch (all of q up to W = 64·NV) before the tile's loads, which wait for the length and table.
+  const int w4 = w32 / 4, qtotal = kHg * w4;
+  float4 qv[NV];
+  auto q_load = [&](int base) {
+#pragma unroll
+    for (int u = 0; u < NV; ++u) {
+      const int idx = base + u * kThreads, hh = idx / w4, k = 4 * (idx - hh * w4), h = h0 + hh;
+      qv[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (idx < qtotal && h < a.nh && k < W) {
+        const int64_t rh = int64_t(r) * a.nh + h;
+        qv[u] = *reinterpret_cast<const float4*>(k < R ? a.qcat + rh * W + k : a.qrot + rh * a.qk + a.nope + (k - R));
+      }
     }
-    __syncthreads();
-    if (W % 8 == 0) {
-      // Batches of 8 independent 16-byte loads per thread, then the stores (a load-then-store loop
-      // waits for every load in turn).
-      const int V = W / 8, total = cnt * V;
-      for (int base = threadIdx.x; base < total; base += 8 * blockDim.x) {
-        uint4 raw[8];
+  };
+  auto q_store = [&](int base) {
 #pragma unroll
-        for (int u = 0; u < 8; ++u) {
-          const int idx = base + u * blockDim.x;
-          if (idx < total) raw[u] = reinterpret_cast<const uint4*>(rowp[idx / V])[idx % V];
+    for (int u = 0; u < NV; ++u) {
+      const int idx = base + u * kThreads, hh = idx / w4, k = 4 * (idx - hh * w4);
+      if (idx < qtotal)
+        *reinterpret_cast<float4*>(qs + (k >> 2) * kQStride + hh * 4) =
+            make_float4(qv[u].x * a.scale, qv[u].y * a.scale, qv[u].z * a.scale, qv[u].w * a.scale);
+    }
+  };
+  if (a.qvec) q_load(tid);
+  const int len = a.meta[r];
+  const int32_t* table = a.meta + 3 * a.n + int64_t(r) * a.maxb;
+  const int tiles = (len + kT - 1) / kT;
+  const int tb = int(int64_t(split) * tiles / a.splits), te = int(int64_t(split + 1) * tiles / a.splits);
+  auto row_of = [&](int pos) {
+    return (int64_t(table[pos / bs]) * a.layers + a.layer) * a.bs + pos % bs;
+  };
+  uint4 raw[NV];
+  auto fetch = [&](int tl) {
+    const int t0 = tl * kT, total = min(kT, len - t0) * V;
+#pragma unroll
+    for (int u = 0; u < NV; ++u) {
+      const int idx = tid + u * kThreads;
+      if (idx < total) {
+        const int t = idx / V, v = idx - t * V;
+        if (a.fold && t0 + t == len - 1) {
+          uint32_t w[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            w[e] = uint32_t(__bfloat16_as_ushort(new_value(a, r, 8 * v + 2 * e))) |
+                   (uint32_t(__bfloat16_as_ushort(new_value(a, r, 8 * v + 2 * e + 1))) << 16);
+          raw[u] = make_uint4(w[0], w[1], w[2], w[3]);
+        } else {
+          raw[u] = reinterpret_cast<const uint4*>(a.pool + row_of(t0 + t) * W)[v];
         }
+      }
+    }
+  };
+  // The tile in shared memory as F32; rows past the end are zero (their weights are 0, and 0·garbage
+  // could be NaN).
+  auto stash = [&](int tl) {
+    const int cnt = min(kT, len - tl * kT);
+    if (vec) {
 #pragma unroll
-        for (int u = 0; u < 8; ++u) {
-          const int idx = base + u * blockDim.x;
-          if (idx >= total) break;
-          float* dst = tile + (idx / V) * ldw + 8 * (idx % V);
-          const uint32_t w4[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            dst[2 * e] = __uint_as_float(w4[e] << 16);
-            dst[2 * e + 1] = __uint_as_float(w4[e] & 0xffff0000u);
-          }
+      for (int u = 0; u < NV; ++u) {
+        const int idx = tid + u * kThreads;
+        if (idx < kT * V) {
+          const int t = idx / V, v = idx - t * V;
+          widen8(t < cnt ? raw[u] : make_uint4(0, 0, 0, 0), tile + t * w32 + 8 * v);
         }
       }
     } else {
-      for (int idx = threadIdx.x; idx < cnt * W; idx += blockDim.x) {
-        const int j = idx / W, i = idx - j * W;
-        tile[j * ldw + i] = __bfloat162float(rowp[j][i]);
+      for (int idx = tid; idx < kT * W; idx += kThreads) {
+        const int t = idx / W, i = idx - t * W;
+        const int pos = tl * kT + t;
+        tile[t * w32 + i] = t >= cnt                        ? 0.0f
+                            : a.fold && pos == len - 1 ? __bfloat162float(new_value(a, r, i))
+                                                       : __bfloat162float(a.pool[row_of(pos) * W + i]);
       }
+    }
+  };
+  if (vec && tb < te) fetch(tb);
+  if (a.fold && blockIdx.z == 0 && te == tiles && tb < te) {  // the new row into the pool (nobody else reads it)
+    __nv_bfloat16* dst = const_cast<__nv_bfloat16*>(a.pool) + row_of(len - 1) * W;
+    for (int i = tid; i < W; i += kThreads) dst[i] = new_value(a, r, i);
+  }
+  for (int idx = tid; idx < kT * (w32 - W); idx += kThreads) {  // padding columns, never loaded
+    const int t = idx / (w32 - W);
+    tile[t * w32 + W + (idx - t * (w32 - W))] = 0.0f;
+  }
+  if (a.qvec) {  // float4 pieces: W, R, qk and nope multiples of 4
+    q_store(tid);
+    for (int base = tid + NV * kThreads; base < qtotal; base += NV * kThreads) {
+      q_load(base);
+      q_store(base);
+    }
+  } else {
+    const int total = kHg * w32;
+    for (int base = tid; base < total; base += 8 * kThreads) {
+      float v[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const int idx = base + u * kThreads, hh = idx / w32, k = idx - hh * w32, h = h0 + hh;
+        v[u] = 0.0f;
+        if (idx < total && h < a.nh && k < W) {
+          const int64_t rh = int64_t(r) * a.nh + h;
+          v[u] = k < R ? a.qcat[rh * W + k] : a.qrot[rh * a.qk + a.nope + (k - R)];
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const int idx = base + u * kThreads, hh = idx / w32, k = idx - hh * w32;
+        if (idx < total) qs[(k >> 2) * kQStride + hh * 4 + (k & 3)] = v[u] * a.scale;
+      }
+    }
+  }
+
+  const int ks = lane & 7, hq_s = lane >> 3;  // scores: width slice, head quad (positions: the warp's quad)
+  const int hq = warp >> 1;                   // P·V: head quad
+  const int cq0 = (warp & 1) * 32 + lane;     // P·V: first column quad (then + 64)
+  const int rq = (R + 3) >> 2;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};  // heads 2·warp + j
+  float o[CQ][4][4];
+#pragma unroll
+  for (int u = 0; u < CQ; ++u)
+#pragma unroll
+    for (int hh = 0; hh < 4; ++hh)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) o[u][hh][i] = 0.0f;
+
+  for (int tl = tb; tl < te; ++tl) {
+    const int cnt = min(kT, len - tl * kT);
+    __syncthreads();  // the previous tile is no longer read
+    stash(tl);
+    __syncthreads();
+    if (vec && tl + 1 < te) fetch(tl + 1);
+    float acc[4][4];
+#pragma unroll
+    for (int hh = 0; hh < 4; ++hh)
+#pragma unroll
+      for (int u = 0; u < 4; ++u) acc[hh][u] = 0.0f;
+    for (int c = ks; c < nc; c += 8) {
+      float4 qv[4], rv[4];
+#pragma unroll
+      for (int hh = 0; hh < 4; ++hh) qv[hh] = *reinterpret_cast<const float4*>(qs + c * kQStride + (4 * hq_s + hh) * 4);
+#pragma unroll
+      for (int u = 0; u < 4; ++u) rv[u] = *reinterpret_cast<const float4*>(tile + (4 * warp + u) * w32 + 4 * c);
+#pragma unroll
+      for (int hh = 0; hh < 4; ++hh)
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          float d = acc[hh][u];
+          d = fmaf(qv[hh].x, rv[u].x, d);
+          d = fmaf(qv[hh].y, rv[u].y, d);
+          d = fmaf(qv[hh].z, rv[u].z, d);
+          d = fmaf(qv[hh].w, rv[u].w, d);
+          acc[hh][u] = d;
+        }
+    }
+    // Reduce-scatter over the 8 slices (lane bits 2, 1, 0): lane keeps head 2·b2 + b0 of its quad and
+    // positions 2·b1, 2·b1 + 1 of the warp's quad.
+    const int b2 = (ks >> 2) & 1, b1 = (ks >> 1) & 1, b0 = ks & 1;
+    float x1[2][4];
+#pragma unroll
+    for (int hk = 0; hk < 2; ++hk)
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const float keep = b2 ? acc[2 + hk][u] : acc[hk][u], give = b2 ? acc[hk][u] : acc[2 + hk][u];
+        x1[hk][u] = keep + __shfl_xor_sync(0xffffffffu, give, 4);
+      }
+    float x2[2][2];
+#pragma unroll
+    for (int hk = 0; hk < 2; ++hk)
+#pragma unroll
+      for (int uk = 0; uk < 2; ++uk) {
+        const float keep = b1 ? x1[hk][2 + uk] : x1[hk][uk], give = b1 ? x1[hk][uk] : x1[hk][2 + uk];
+        x2[hk][uk] = keep + __shfl_xor_sync(0xffffffffu, give, 2);
+      }
+    float x3[2];
+#pragma unroll
+    for (int uk = 0; uk < 2; ++uk) {
+      const float keep = b0 ? x2[1][uk] : x2[0][uk], give = b0 ? x2[0][uk] : x2[1][uk];
+      x3[uk] = keep + __shfl_xor_sync(0xffffffffu, give, 1);
+    }
+    {
+      const int hh = 4 * hq_s + 2 * b2 + b0, t = 4 * warp + 2 * b1;
+      ss[hh * (kT + 1) + t] = x3[0];
+      ss[hh * (kT + 1) + t + 1] = x3[1];
     }
     __syncthreads();
-    if (!active) continue;
-    float s = -INFINITY;
-    if (lane < cnt) {
-      const float* row = tile + lane * ldw;
-      float d = 0.0f;
-      for (int i = 0; i < W; ++i) d = fmaf(q[i], row[i], d);
-      s = d;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int hh = 2 * warp + j;
+      const float sc = lane < cnt ? ss[hh * (kT + 1) + lane] : -INFINITY;
+      const float mnew = fmaxf(m_run[j], warp_max(sc));
+      const float corr = m_run[j] == -INFINITY ? 0.0f : exp2f(m_run[j] - mnew);
+      const float p = lane < cnt ? exp2f(sc - mnew) : 0.0f;
+      l_run[j] = l_run[j] * corr + warp_sum(p);
+      m_run[j] = mnew;
+      ps[lane * kHg + hh] = p;
+      if (lane == 0) st[hh] = corr;
     }
-    const float mnew = fmaxf(m, warp_max(s));
-    const float corr = m == -INFINITY ? 0.0f : __expf(m - mnew);
-    const float p = lane < cnt ? __expf(s - mnew) : 0.0f;
-    l = l * corr + warp_sum(p);
+    __syncthreads();
+    const float4 cr = *reinterpret_cast<const float4*>(st + 4 * hq);
+    const float crs[4] = {cr.x, cr.y, cr.z, cr.w};
 #pragma unroll
-    for (int i = 0; i < kMaxCols; ++i) acc[i] *= corr;
-    for (int j = 0; j < cnt; ++j) {
-      const float pj = __shfl_sync(0xffffffffu, p, j);
-      const float* row = tile + j * ldw;
+    for (int u = 0; u < CQ; ++u)
 #pragma unroll
-      for (int i = 0; i < kMaxCols; ++i) {
-        const int col = lane + 32 * i;
-        if (col < R) acc[i] = fmaf(pj, row[col], acc[i]);
+      for (int hh = 0; hh < 4; ++hh)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) o[u][hh][i] *= crs[hh];
+    for (int t = 0; t < cnt; ++t) {
+      const float4 pv = *reinterpret_cast<const float4*>(ps + t * kHg + 4 * hq);
+      const float pr[4] = {pv.x, pv.y, pv.z, pv.w};
+#pragma unroll
+      for (int u = 0; u < CQ; ++u) {
+        const int cq = cq0 + 64 * u;
+        if (cq >= rq) continue;
+        const float4 rv = *reinterpret_cast<const float4*>(tile + t * w32 + 4 * cq);
+#pragma unroll
+        for (int hh = 0; hh < 4; ++hh) {
+          o[u][hh][0] = fmaf(pr[hh], rv.x, o[u][hh][0]);
+          o[u][hh][1] = fmaf(pr[hh], rv.y, o[u][hh][1]);
+          o[u][hh][2] = fmaf(pr[hh], rv.z, o[u][hh][2]);
+          o[u][hh][3] = fmaf(pr[hh], rv.w, o[u][hh][3]);
+        }
       }
     }
-    m = mnew;
   }
-  if (!active) return;
-  if (splits > 1) {
-    float* pr = part + ((int64_t(r) * nh + h) * splits + blockIdx.z) * (R + 2);
-    if (lane == 0) {
-      pr[0] = m;
-      pr[1] = l;
-    }
+
+  if (lane == 0)
 #pragma unroll
-    for (int i = 0; i < kMaxCols; ++i) {
-      const int col = lane + 32 * i;
-      if (col < R) pr[2 + col] = acc[i];
+    for (int j = 0; j < 2; ++j) {
+      st[kHg + 2 * warp + j] = m_run[j];
+      st[2 * kHg + 2 * warp + j] = l_run[j];
+    }
+  __syncthreads();  // also: the tile is no longer read (the cluster merge reuses it)
+  if (a.mode == kDirect) {
+#pragma unroll
+    for (int hh = 0; hh < 4; ++hh) {
+      const int h = h0 + 4 * hq + hh;
+      if (h >= a.nh) continue;
+      const float inv = 1.0f / st[2 * kHg + 4 * hq + hh];
+      float* dst = a.lat + (int64_t(r) * a.nh + h) * R;
+#pragma unroll
+      for (int u = 0; u < CQ; ++u) {
+        const int cq = cq0 + 64 * u;
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          if (4 * cq + i < R) dst[4 * cq + i] = o[u][hh][i] * inv;
+      }
     }
     return;
   }
-  const float inv = 1.0f / l;
+  if (a.mode == kPartials) {
+    const int P = R + 2;
 #pragma unroll
-  for (int i = 0; i < kMaxCols; ++i) {
-    const int col = lane + 32 * i;
-    if (col < R) lat[(int64_t(r) * nh + h) * R + col] = acc[i] * inv;
+    for (int hh = 0; hh < 4; ++hh) {
+      const int h = h0 + 4 * hq + hh;
+      if (h >= a.nh) continue;
+      float* pr = a.part + ((int64_t(r) * a.nh + h) * a.splits + split) * P;
+      if ((warp & 1) == 0 && lane == 0) {
+        pr[0] = st[kHg + 4 * hq + hh];
+        pr[1] = st[2 * kHg + 4 * hq + hh];
+      }
+#pragma unroll
+      for (int u = 0; u < CQ; ++u) {
+        const int cq = cq0 + 64 * u;
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          if (4 * cq + i < R) pr[2 + 4 * cq + i] = o[u][hh][i];
+      }
+    }
+    return;
   }
+  // Cluster merge: the unnormalised acc into this CTA's tile region, then rank k of the cluster
+  // merges every splits-th float4 of the [kHg, rq] outputs from all members, in split order.
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  float* accs = tile;  // [kHg, 4·rq]
+#pragma unroll
+  for (int u = 0; u < CQ; ++u) {
+    const int cq = cq0 + 64 * u;
+    if (cq >= rq) continue;
+#pragma unroll
+    for (int hh = 0; hh < 4; ++hh)
+      *reinterpret_cast<float4*>(accs + (4 * hq + hh) * 4 * rq + 4 * cq) =
+          make_float4(o[u][hh][0], o[u][hh][1], o[u][hh][2], o[u][hh][3]);
+  }
+  cluster.sync();
+  const int ns = a.splits, me = int(cluster.block_rank());
+  float* wk = st + 4 * kHg;  // [split, head]
+  if (tid < kHg) {
+    float mk[kMaxClusterSplits], lk[kMaxClusterSplits], mx = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < kMaxClusterSplits; ++k)
+      if (k < ns) {
+        const float* pst = cluster.map_shared_rank(st, k);
+        mk[k] = pst[kHg + tid];
+        lk[k] = pst[2 * kHg + tid];
+        mx = fmaxf(mx, mk[k]);
+      }
+    float l = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kMaxClusterSplits; ++k)
+      if (k < ns) {
+        const float w = mk[k] == -INFINITY ? 0.0f : exp2f(mk[k] - mx);  // -inf: an empty split
+        wk[k * kHg + tid] = w;
+        l = fmaf(w, lk[k], l);
+      }
+    st[3 * kHg + tid] = 1.0f / l;
+  }
+  __syncthreads();
+  for (int idx = me * kThreads + tid; idx < kHg * rq; idx += ns * kThreads) {
+    const int hh = idx / rq, cq = idx - hh * rq, h = h0 + hh;
+    if (h >= a.nh) continue;
+    float4 ak[kMaxClusterSplits];
+#pragma unroll
+    for (int k = 0; k < kMaxClusterSplits; ++k)
+      if (k < ns) ak[k] = *reinterpret_cast<const float4*>(cluster.map_shared_rank(accs, k) + hh * 4 * rq + 4 * cq);
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+    for (int k = 0; k < kMaxClusterSplits; ++k)
+      if (k < ns) {
+        const float w = wk[k * kHg + hh];
+        v.x = fmaf(w, ak[k].x, v.x);
+        v.y = fmaf(w, ak[k].y, v.y);
+        v.z = fmaf(w, ak[k].z, v.z);
+        v.w = fmaf(w, ak[k].w, v.w);
+      }
+    const float inv = st[3 * kHg + hh];
+    float* dst = a.lat + (int64_t(r) * a.nh + h) * R + 4 * cq;
+    const float vv[4] = {v.x * inv, v.y * inv, v.z * inv, v.w * inv};
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      if (4 * cq + i < R) dst[i] = vv[i];
+  }
+  cluster.sync();  // members' shared memory stays until every read is done
 }
 
-// lat[r, h] = Σ_s e^{m_s − M}·acc_s / Σ_s e^{m_s − M}·l_s over the splits (empty splits: m = −inf).
+// lat[r, h] = Σ_s 2^{m_s − M}·acc_s / Σ_s 2^{m_s − M}·l_s over the splits (empty splits: m = −inf).
 __global__ void merge_kernel(const float* part, int splits, int R, float* lat) {
+  __shared__ float w[kMaxSplits];
+  __shared__ float inv_l;
   const int64_t rh = blockIdx.x;
   const float* p = part + rh * splits * (R + 2);
-  float M = -INFINITY;
-  for (int s = 0; s < splits; ++s) M = fmaxf(M, p[s * (R + 2)]);
-  float L = 0.0f;
-  for (int s = 0; s < splits; ++s) {
-    const float ms = p[s * (R + 2)];
-    if (ms != -INFINITY) L += __expf(ms - M) * p[s * (R + 2) + 1];
+  if (threadIdx.x < 32) {
+    float mx = -INFINITY;
+    for (int s = threadIdx.x; s < splits; s += 32) mx = fmaxf(mx, p[s * (R + 2)]);
+    mx = warp_max(mx);
+    float l = 0.0f;
+    for (int s = threadIdx.x; s < splits; s += 32) {
+      const float ms = p[s * (R + 2)];
+      w[s] = ms == -INFINITY ? 0.0f : exp2f(ms - mx);
+      l += w[s] * p[s * (R + 2) + 1];
+    }
+    l = warp_sum(l);
+    if (threadIdx.x == 0) inv_l = 1.0f / l;
   }
+  __syncthreads();
   for (int c = threadIdx.x; c < R; c += blockDim.x) {
     float v = 0.0f;
-    for (int s = 0; s < splits; ++s) {
-      const float ms = p[s * (R + 2)];
-      if (ms != -INFINITY) v += __expf(ms - M) * p[s * (R + 2) + 2 + c];
-    }
-    lat[rh * R + c] = v / L;
+    for (int s = 0; s < splits; ++s) v = fmaf(w[s], p[s * (R + 2) + 2 + c], v);
+    lat[rh * R + c] = v * inv_l;
   }
 }
 
@@ -218,7 +519,14 @@ __global__ void argmax_kernel(const float* logits, int64_t V, int64_t n_valid, i
   if (threadIdx.x == 0) ids[blockIdx.x] = int32_t(si[0]);
 }
 
-size_t attention_smem(int W) { return size_t(kTile * (W | 1) + kHeadsPerCta * W) * sizeof(float); }
+size_t attention_smem(int W) { return size_t(attn_smem_floats(W)) * sizeof(float); }
+
+// The kernel instance for a latent width R and row width W.
+using AttnKernel = void (*)(AttnArgs);
+AttnKernel attn_kernel(int64_t R, int64_t W) {
+  if (R <= 256 && W <= 320) return latent_attn_kernel<1, 5>;
+  return latent_attn_kernel<2, 9>;
+}
 
 }  // namespace
 
@@ -228,8 +536,12 @@ CudaLatentAttention::CudaLatentAttention(const LatentKvPool& pool, const std::ve
   DSV3_CHECK(!pool.host_storage() && pool.dtype() == DType::BF16,
              "CudaLatentAttention needs a BF16 pool built with host_storage = false");
   DSV3_CHECK(d.kv_lora == pool.kv_lora_rank() && d.rope == pool.rope_dim(), "cache shape");
-  if (d.kv_lora > 32 * kMaxCols)
-    input_error("the CUDA latent cache supports kv_lora_rank up to ", 32 * kMaxCols, ", the model has ", d.kv_lora);
+  if (d.kv_lora > kMaxColumns)
+    input_error("the CUDA latent cache supports kv_lora_rank up to ", kMaxColumns, ", the model has ", d.kv_lora);
+  const size_t smem = attention_smem(int(pool.row_width()));
+  if (smem > 227 * 1024)
+    input_error("the CUDA latent cache supports rows up to ~1300 values (kv_lora_rank + qk_rope_head_dim), the "
+                "model has ", pool.row_width());
   for (const AbsorbedKvB& a : absorbed) {
     DSV3_CHECK(a.w_uk.device() == Device::CUDA && a.w_uv.device() == Device::CUDA,
                "absorbed kv_b_proj must live on the device");
@@ -244,10 +556,9 @@ CudaLatentAttention::CudaLatentAttention(const LatentKvPool& pool, const std::ve
   const int64_t rows = pool.num_blocks() * pool.layers() * pool.block_size();
   storage_ = cuda_backend().alloc(DType::BF16, {rows, pool.row_width()});
   DSV3_CUDA_CHECK(cudaMemset(storage_.raw(), 0, storage_.nbytes()));
-  const size_t smem = attention_smem(int(pool.row_width()));
   if (smem > 48 * 1024)
-    DSV3_CUDA_CHECK(cudaFuncSetAttribute(latent_attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         int(smem)));
+    DSV3_CUDA_CHECK(cudaFuncSetAttribute(attn_kernel(d.kv_lora, pool.row_width()),
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
 }
 
 bool CudaLatentAttention::uses_mla_decode() const {
@@ -271,6 +582,13 @@ void CudaLatentAttention::upload(const StepRows& rows) {
     meta[size_t(2 * N + r)] = int32_t(pos % bs);
     std::copy(t.blocks.begin(), t.blocks.begin() + nb, meta.begin() + 3 * N + r * maxb);
   }
+  std::vector<char> seen(tables.size(), 0);
+  last_rows_ = true;
+  for (int64_t r = 0; r < N && last_rows_; ++r) {
+    char& c = seen[size_t(rows.seq[size_t(r)])];
+    last_rows_ = !c;
+    c = 1;
+  }
   if (N == rows_ && maxb == max_blocks_ && meta == meta_host_) return;
   meta_host_ = std::move(meta);
   rows_ = N;
@@ -293,9 +611,13 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
   upload(rows);
   const int32_t* meta = meta_dev_.data<int32_t>();
   const int64_t layers = pool_.layers(), bs = pool_.block_size();
-  write_rows_kernel<<<unsigned(N), 128>>>(c_kv_n.data<float>(), k_pe.data<float>(), meta, int(N), R, P, layers, bs,
-                                          layer, ptr<__nv_bfloat16>(storage_));
-  check_launch("latent cache write");
+  // Decode steps (one row per sequence) on the generic kernel: the kernel writes the new rows itself.
+  const bool fold = last_rows_ && !uses_mla_decode();
+  if (!fold) {
+    write_rows_kernel<<<unsigned(N), 128>>>(c_kv_n.data<float>(), k_pe.data<float>(), meta, int(N), R, P, layers, bs,
+                                            layer, ptr<__nv_bfloat16>(storage_));
+    check_launch("latent cache write");
+  }
 
   CudaBackend& be = cuda_backend();
   const AbsorbedKvB& w = absorbed_[size_t(layer)];
@@ -345,18 +667,60 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
     a.out = lat;
     cuda_mla_decode(a);
   } else {
-    // Few rows: split the positions over more CTAs (about one wave of the GPU's SMs).
-    const int64_t groups = (nh + kHeadsPerCta - 1) / kHeadsPerCta, tiles = (max_len_ + kTile - 1) / kTile;
-    const int64_t splits =
-        std::clamp<int64_t>(sm_count() / std::max<int64_t>(1, N * groups), 1, std::min<int64_t>(tiles, 16));
-    Tensor part = splits > 1 ? be.alloc(DType::F32, {N * nh * splits * (R + 2)}) : Tensor();
-    const dim3 grid{unsigned(N), unsigned(groups), unsigned(splits)};
-    latent_attention_kernel<<<grid, 32 * kHeadsPerCta, attention_smem(int(W))>>>(
-        qcat.data<float>(), ptr<__nv_bfloat16>(storage_), meta, int(N), int(max_blocks_), int(nh), int(W), int(R),
-        layers, bs, layer, d_.softmax_scale, ptr<float>(lat), int(splits), splits > 1 ? ptr<float>(part) : nullptr,
-        q.data<float>(), int(d_.qk), int(d_.nope));
+    // Splits of each row's positions: about two CTAs per SM; up to 8 merge inside a cluster, more
+    // (long contexts over few rows) through partials and merge_kernel.
+    DSV3_CHECK(N <= 65535, "latent attention: ", N, " rows in one step");
+    const int64_t groups = (nh + kHg - 1) / kHg, tiles = (max_len_ + kT - 1) / kT;
+    const int64_t want = (2 * int64_t(sm_count()) + N * groups - 1) / (N * groups);
+    int64_t splits = std::max<int64_t>(1, std::min(want, tiles));
+    int mode = splits == 1 ? kDirect : kCluster;
+    if (splits > kMaxClusterSplits) {
+      if (tiles <= 2 * kMaxClusterSplits) {
+        splits = kMaxClusterSplits;
+      } else {
+        splits = std::min<int64_t>(splits, kMaxSplits);
+        mode = kPartials;
+      }
+    }
+    Tensor part = mode == kPartials ? be.alloc(DType::F32, {N * nh * splits * (R + 2)}) : Tensor();
+    AttnArgs x;
+    x.qcat = qcat.data<float>();
+    x.qrot = q.data<float>();
+    x.pool = ptr<__nv_bfloat16>(storage_);
+    x.meta = meta;
+    x.n = int(N);
+    x.maxb = int(max_blocks_);
+    x.nh = int(nh);
+    x.W = int(W);
+    x.R = int(R);
+    x.qk = int(d_.qk);
+    x.nope = int(d_.nope);
+    x.layers = layers;
+    x.bs = bs;
+    x.layer = layer;
+    x.scale = float(double(d_.softmax_scale) * 1.4426950408889634);
+    x.splits = int(splits);
+    x.qvec = W % 4 == 0 && R % 4 == 0 && d_.qk % 4 == 0 && d_.nope % 4 == 0;
+    x.mode = mode;
+    x.c_new = c_kv_n.data<float>();
+    x.kpe_new = k_pe.data<float>();
+    x.fold = fold;
+    x.lat = ptr<float>(lat);
+    x.part = mode == kPartials ? ptr<float>(part) : nullptr;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(unsigned(splits), unsigned(N), unsigned(groups));
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = attention_smem(int(W));
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = unsigned(splits);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = mode == kCluster ? 1 : 0;
+    DSV3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, attn_kernel(R, W), x));
     check_launch("latent attention");
-    if (splits > 1) {
+    if (mode == kPartials) {
       merge_kernel<<<unsigned(N * nh), 128>>>(part.data<float>(), int(splits), int(R), ptr<float>(lat));
       check_launch("latent attention merge");
     }

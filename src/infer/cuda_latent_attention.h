@@ -6,13 +6,16 @@
 // (block, layer, slot) at element ((block·layers + layer)·block_size + slot)·W.
 //
 // One attend() per layer:
-//   1. write the step's rows (kv_a_layernorm(c_kv) ‖ rotated k_pe, rounded to BF16) by a kernel;
+//   1. write the step's rows (kv_a_layernorm(c_kv) ‖ rotated k_pe, rounded to BF16) by a kernel (or,
+//      on decode steps of the generic kernel, inside the attention kernel, which reads each
+//      sequence's new row from the step's inputs);
 //   2. qcat[r, h] = [W_UK[h]ᵀ·q_nope[r, h] ‖ q_pe[r, h]]: one strided-batched SGEMM over the heads
 //      (steps of at most 8 rows: one GEMV launch over all heads instead, here and in 4.); the q_pe
 //      half is copied only for cuda_mla_decode, the generic kernel reads it from q;
 //   3. lat[r, h] = Σ_j softmax(scale·qcat·row_j)·c_j over the row's sequence up to its position:
 //      cuda_mla_decode (backend/cuda/mla_decode.h) at DeepSeek-V2/V3's 512 + 64 and block size 64,
-//      a generic kernel (one warp per head, 32-row tiles in shared memory) for other shapes;
+//      a generic kernel for other shapes (one CTA per split of a row's positions and 16 heads, 32-row
+//      tiles in shared memory; the splits of a row merged in a thread-block cluster);
 //   4. o[r, h] = W_UV[h]·lat[r, h]: one strided-batched SGEMM.
 // Every row is its own attention entry (length pos + 1, its sequence's block table), so chunked
 // prefill and draft verification are the same call as decode. The per-row tables, lengths and
@@ -55,6 +58,7 @@ class CudaLatentAttention : public AttentionCache {
   Tensor meta_dev_;
   int64_t rows_ = 0, max_blocks_ = 0, max_len_ = 0, uploads_ = 0;
   bool use_mla_decode_ = true;
+  bool last_rows_ = false;  // this step has one row per sequence (a decode step)
 };
 
 // Greedy tokens on the device: ids[r] = argmax over [0, n_valid) of logits[r] (lowest id on ties);

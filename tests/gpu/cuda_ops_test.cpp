@@ -96,6 +96,62 @@ OP_CASE(v3_router_256_experts_8_groups) {
           {"scores", b.to_host(scores), r.scores, tol::kF32}};
 }
 
+// The router against the CPU backend on logits (and biases) rounded to a coarse grid, so that many
+// scores and group scores tie: the picks must be the CPU's (ties to the lower index), the weights
+// and scores within kF32. The grid is offset by a quarter step, so no two logits are opposite
+// (σ(x) + σ(−x) = 1 would tie group sums only up to each backend's rounding of exp). Shapes for
+// several widths of the warp-per-token kernel, and the serial kernel beyond 1024 experts.
+std::vector<Output> router_ties(Backend& b, Guards& g, uint64_t seed, int64_t t, int64_t e, RouterScoring sc,
+                                RouterMethod m, int ng, int tg, int k, bool bias, float step) {
+  Tensor logits = randn({t, e}, seed, 1, 2.0f), bt = randn({e}, seed, 2, 0.3f);
+  if (step > 0) {
+    for (int64_t i = 0; i < logits.numel(); ++i)
+      logits.data<float>()[i] = (std::round(logits.data<float>()[i] / step) + 0.25f) * step;
+    for (int64_t i = 0; i < e; ++i) bt.data<float>()[i] = std::round(bt.data<float>()[i] / step) * step / 2;
+  }
+  auto run = [&](Backend& x, const Tensor& scores, const Tensor& ids, const Tensor& w) {
+    RouterArgs a;
+    a.logits = dev(x, logits);
+    if (bias) a.bias = dev(x, bt);
+    a.scoring = sc;
+    a.method = m;
+    a.n_group = ng;
+    a.topk_group = tg;
+    a.top_k = k;
+    a.routed_scaling_factor = 2.5f;
+    a.scores = scores;
+    a.ids = ids;
+    a.weights = w;
+    x.router(a);
+  };
+  Tensor scores = g.out(DType::F32, {t, e}), ids = g.out(DType::I32, {t, k}), w = g.out(DType::F32, {t, k});
+  run(b, scores, ids, w);
+  Backend& c = cpu_backend();
+  Tensor cs = c.alloc(DType::F32, {t, e}), ci = c.alloc(DType::I32, {t, k}), cw = c.alloc(DType::F32, {t, k});
+  run(c, cs, ci, cw);
+  Vec want_ids(ci.data<int32_t>(), ci.data<int32_t>() + t * k);
+  return {{"ids", b.to_host(ids), want_ids, 0.0},
+          {"weights", b.to_host(w), to_vec(cw), tol::kF32},
+          {"scores", b.to_host(scores), to_vec(cs), tol::kF32}};
+}
+
+OP_CASE(router_bench07b_ties) {  // 32 experts, 4 groups top-2, top-4
+  return router_ties(b, g, seed, 40, 32, RouterScoring::Sigmoid, RouterMethod::NoauxTc, 4, 2, 4, true, 0.5f);
+}
+OP_CASE(router_v3_ties) {
+  return router_ties(b, g, seed, 33, 256, RouterScoring::Sigmoid, RouterMethod::NoauxTc, 8, 4, 8, true, 0.5f);
+}
+OP_CASE(router_v2_softmax_160_ties) {  // DeepSeek-V2: 160 experts, 8 groups of 20
+  return router_ties(b, g, seed, 9, 160, RouterScoring::Softmax, RouterMethod::GroupLimitedGreedy, 8, 3, 6, false,
+                     0.5f);
+}
+OP_CASE(router_64_groups_of_8) {
+  return router_ties(b, g, seed, 5, 512, RouterScoring::Sigmoid, RouterMethod::NoauxTc, 64, 6, 12, true, 1.0f);
+}
+OP_CASE(router_greedy_1536_serial) {
+  return router_ties(b, g, seed, 3, 1536, RouterScoring::Sigmoid, RouterMethod::Greedy, 1, 1, 8, true, 0.0f);
+}
+
 OP_CASE(v3_moe_sort_gather_scatter_7168) {
   int64_t t = 40, k = 8, e = 256, d = 7168;
   Tensor ids = randi({t, k}, seed, 1, 0, int32_t(e));
@@ -140,9 +196,9 @@ OP_CASE(v3_cross_entropy_vocab_129280) {
   return {{"loss", b.to_host(loss), want, tol::kF32}, {"loss_sum", b.to_host(sum), Vec{s}, tol::kF32}};
 }
 
-OP_CASE(v3_rmsnorm_7168_and_latent_512) {
+OP_CASE(v3_rmsnorm_7168_1536_and_latent_512) {  // hidden, q_lora_rank, kv_lora_rank
   std::vector<Output> outs;
-  for (int64_t d : {int64_t(7168), int64_t(512)}) {
+  for (int64_t d : {int64_t(7168), int64_t(1536), int64_t(512)}) {
     int64_t m = 33;
     Tensor x = randn({m, d}, seed, uint64_t(d)), w = randn({d}, seed, uint64_t(d) + 1, 1.0f, DType::BF16);
     Tensor y = g.out(DType::F32, {m, d}), rstd = g.out(DType::F32, {m});

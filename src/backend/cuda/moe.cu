@@ -1,13 +1,22 @@
-// MoE on the GPU: the grouped router and its backward (one block per token; the few serial
-// selection steps run in one thread, scores and outputs in all), sorting picks by expert, and the
-// row gather / deterministic weighted scatter-add (a stable sort by destination row gives every
-// output row its sources in ascending order, so no floating-point atomics are needed).
+// MoE on the GPU: the grouped router and its backward, sorting picks by expert, and the row gather /
+// deterministic weighted scatter-add (a stable sort by destination row gives every output row its
+// sources in ascending order, so no floating-point atomics are needed).
+//
+// The router runs one warp per token with the scores in registers (expert lane + 32·i); every
+// selection step is a warp reduction. It reproduces the serial scan it replaced bit for bit: the
+// largest value wins, ties go to the lower index, a NaN is never picked unless it is the first
+// candidate (a serial scan keeps that one), the softmax sum is added in the former 128-thread order,
+// and the weights are summed in pick order.
+#include <climits>
+
 #include "backend/cuda/common.cuh"
 
 namespace dsv3 {
 using namespace cuda;
 
 namespace {
+
+constexpr int kRouterWarps = 4;  // tokens per CTA
 
 // Index of the largest c[lo..hi) not yet taken; ties → lower index (torch.topk on the CPU).
 __device__ int argmax_free(const float* c, const unsigned char* taken, int lo, int hi) {
@@ -17,9 +26,10 @@ __device__ int argmax_free(const float* c, const unsigned char* taken, int lo, i
   return best;
 }
 
-__global__ void router_kernel(const float* logits, const void* bias, DType bt, bool sigmoid, int method, int ng,
-                              int topk_group, int k, bool norm, float rsf, int e, float* scores, int32_t* ids,
-                              float* weights) {
+// The serial router for more than 1024 experts (one thread selects; shared-memory flags).
+__global__ void router_serial_kernel(const float* logits, const void* bias, DType bt, bool sigmoid, int method, int ng,
+                                     int topk_group, int k, bool norm, float rsf, int e, float* scores, int32_t* ids,
+                                     float* weights) {
   extern __shared__ float sm[];
   float* choice = sm;
   unsigned char* taken = reinterpret_cast<unsigned char*>(sm + e);
@@ -79,6 +89,181 @@ __global__ void router_kernel(const float* logits, const void* bias, DType bt, b
   if (norm)
     for (int i = 0; i < k; ++i) w[i] /= sum + 1e-20f;
   for (int i = 0; i < k; ++i) w[i] *= rsf;
+}
+
+// argmax_free over c[0..n) without `excl` (a serial scan: the same comparisons in the same order).
+__device__ int scan_argmax(const float* c, int n, int excl) {
+  int best = -1;
+  float bv = 0.0f;
+  for (int j = 0; j < n; ++j)
+    if (j != excl && (best < 0 || c[j] > bv)) {
+      best = j;
+      bv = c[j];
+    }
+  return best;
+}
+
+// Unsigned key ordered as the floats (not NaN); −0 and +0 share a key, as they compare equal.
+__device__ __forceinline__ unsigned order_key(float v) {
+  const unsigned u = __float_as_uint(v == 0.0f ? 0.0f : v);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// What argmax_free returns over the warp's values v (index lane + 32·i, below n, bit i of `taken`
+// clear): its first candidate when that is NaN, else the largest non-NaN value, lowest index on ties.
+// Every key of a non-NaN value is above 0, the key of a lane without candidates.
+template <int C>
+__device__ int warp_argmax(const float (&v)[C], unsigned taken, int n, bool any_nan) {
+  const int lane = threadIdx.x & 31;
+  if (any_nan) {
+    unsigned first = UINT_MAX;
+#pragma unroll
+    for (int i = C - 1; i >= 0; --i) {
+      const int j = lane + 32 * i;
+      if (j < n && !((taken >> i) & 1u)) first = (unsigned(j) << 1) | unsigned(isnan(v[i]));
+    }
+    first = __reduce_min_sync(0xffffffffu, first);
+    if (first & 1u) return int(first >> 1);
+  }
+  unsigned best = 0;
+  int bi = INT_MAX;
+#pragma unroll
+  for (int i = 0; i < C; ++i) {
+    const int j = lane + 32 * i;
+    if (j < n && !((taken >> i) & 1u) && !isnan(v[i])) {
+      const unsigned key = order_key(v[i]);
+      if (key > best) {
+        best = key;
+        bi = j;
+      }
+    }
+  }
+  const unsigned top = __reduce_max_sync(0xffffffffu, best);
+  return __reduce_min_sync(0xffffffffu, best == top ? bi : INT_MAX);
+}
+
+template <int C> __device__ bool warp_any_nan(const float (&v)[C], int n) {
+  bool nan = false;
+#pragma unroll
+  for (int i = 0; i < C; ++i) nan |= (threadIdx.x & 31) + 32 * i < n && isnan(v[i]);
+  return __any_sync(0xffffffffu, nan);
+}
+
+// One warp per token, C experts per lane (e ≤ 32·C). Shared memory per warp: e floats (the choice
+// values, read serially per group) and k floats (the picked scores).
+template <int C>
+__global__ void router_warp_kernel(const float* logits, const void* bias, DType bt, bool sigmoid, int method, int ng,
+                                   int topk_group, int k, bool norm, float rsf, int e, int64_t tokens, float* scores,
+                                   int32_t* ids, float* weights) {
+  extern __shared__ float sm[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t t = int64_t(blockIdx.x) * kRouterWarps + warp;
+  if (t >= tokens) return;  // whole warps only: nothing below synchronises the CTA
+  float* choice = sm + warp * (e + k);
+  float* picked = choice + e;
+  const float* l = logits + t * e;
+  float s[C], c[C], bv[C];  // the bias loads issued with the logits'
+#pragma unroll
+  for (int i = 0; i < C; ++i) {
+    const int j = lane + 32 * i;
+    s[i] = j < e ? l[j] : 0.0f;
+    bv[i] = bias && j < e ? load_f(bias, bt, j) : 0.0f;
+  }
+  if (sigmoid) {
+#pragma unroll
+    for (int i = 0; i < C; ++i) s[i] = 1.0f / (1.0f + expf(-s[i]));
+  } else {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < C; ++i)
+      if (lane + 32 * i < e) mx = fmaxf(mx, s[i]);
+    mx = warp_max(mx);
+    // The former kernel's sum: thread τ < 128 added j ≡ τ (mod 128) in order, then each warp's
+    // xor-tree, then the tree over the four warp sums. Lane L holds thread L + 32·(i mod 4)'s terms.
+    double part[4] = {0.0, 0.0, 0.0, 0.0};
+#pragma unroll
+    for (int i = 0; i < C; ++i)
+      if (lane + 32 * i < e) part[i & 3] += exp(double(s[i] - mx));
+    double r = 0.0;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      const double pw = warp_sum(part[w]);
+      if (lane == w) r = pw;
+    }
+    const double sum = warp_sum(r);
+#pragma unroll
+    for (int i = 0; i < C; ++i) s[i] = float(exp(double(s[i] - mx)) / sum);
+  }
+  float* so = scores + t * e;
+#pragma unroll
+  for (int i = 0; i < C; ++i) {
+    const int j = lane + 32 * i;
+    if (j < e) {
+      so[j] = s[i];
+      c[i] = bias ? s[i] + bv[i] : s[i];
+      choice[j] = c[i];
+    } else {
+      c[i] = 0.0f;
+    }
+  }
+  if (method != int(RouterMethod::Greedy) && topk_group < ng) {
+    __syncwarp();
+    const int gsz = e / ng;
+    float gs[2];  // ng ≤ 64: groups lane and lane + 32
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int g = lane + 32 * q;
+      gs[q] = 0.0f;
+      if (g >= ng) continue;
+      const float* cg = choice + g * gsz;
+      if (method == int(RouterMethod::NoauxTc)) {
+        const int a = scan_argmax(cg, gsz, -1), b = scan_argmax(cg, gsz, a);
+        gs[q] = cg[a] + cg[b];
+      } else {
+        float m = cg[0];
+        for (int j = 1; j < gsz; ++j) m = fmaxf(m, cg[j]);
+        gs[q] = m;
+      }
+    }
+    const bool gnan = warp_any_nan(gs, ng);
+    unsigned gtaken = 0;
+    unsigned long long keep = 0;
+    for (int i = 0; i < topk_group; ++i) {
+      const int g = warp_argmax(gs, gtaken, ng, gnan);
+      keep |= 1ull << g;
+      if ((g & 31) == lane) gtaken |= 1u << (g >> 5);
+    }
+#pragma unroll
+    for (int i = 0; i < C; ++i) {
+      const int j = lane + 32 * i;
+      if (j < e && !((keep >> (j / gsz)) & 1ull)) c[i] = -INFINITY;
+    }
+  }
+  const bool cnan = warp_any_nan(c, e);
+  unsigned taken = 0;
+  float sum = 0.0f;
+  int32_t* id = ids + t * k;
+  for (int i = 0; i < k; ++i) {
+    const int p = warp_argmax(c, taken, e, cnan);
+    float sp = 0.0f;
+#pragma unroll
+    for (int ii = 0; ii < C; ++ii)
+      if (lane + 32 * ii == p) sp = s[ii];
+    sp = __shfl_sync(0xffffffffu, sp, p & 31);
+    if ((p & 31) == lane) {
+      taken |= 1u << (p >> 5);
+      id[i] = p;
+      picked[i] = sp;
+    }
+    sum += sp;
+  }
+  __syncwarp();
+  float* w = weights + t * k;
+  for (int i = lane; i < k; i += 32) {
+    float v = picked[i];
+    if (norm) v /= sum + 1e-20f;
+    w[i] = v * rsf;
+  }
 }
 
 __global__ void router_bwd_kernel(const float* scores, const int32_t* ids, const float* dw, bool sigmoid, bool norm,
@@ -183,12 +368,33 @@ void CudaBackend::router(const RouterArgs& a) {
   int64_t t = a.logits.dim(0), e = a.logits.dim(1);
   int ng = a.method != RouterMethod::Greedy ? a.n_group : 1;
   DSV3_CHECK(ng <= 64, "router on CUDA: n_group ", ng, " > 64");
-  size_t smem = size_t(e) * 5;
-  if (t)
-    router_kernel<<<unsigned(t), 128, smem>>>(a.logits.data<float>(), present(a.bias) ? a.bias.raw() : nullptr,
-                                              a.bias.dtype(), a.scoring == RouterScoring::Sigmoid, int(a.method), ng,
-                                              a.topk_group, a.top_k, a.norm_topk_prob, a.routed_scaling_factor, int(e),
-                                              ptr<float>(a.scores), ptr<int32_t>(a.ids), ptr<float>(a.weights));
+  if (t == 0) return;
+  const void* bias = present(a.bias) ? a.bias.raw() : nullptr;
+  const bool sig = a.scoring == RouterScoring::Sigmoid;
+  float* sc = ptr<float>(a.scores);
+  int32_t* ids = ptr<int32_t>(a.ids);
+  float* w = ptr<float>(a.weights);
+  if (e > 1024) {
+    router_serial_kernel<<<unsigned(t), 128, size_t(e) * 5>>>(a.logits.data<float>(), bias, a.bias.dtype(), sig,
+                                                                int(a.method), ng, a.topk_group, a.top_k,
+                                                                a.norm_topk_prob, a.routed_scaling_factor, int(e), sc,
+                                                                ids, w);
+    check_launch("router");
+    return;
+  }
+  const unsigned grid = unsigned((t + kRouterWarps - 1) / kRouterWarps);
+  const size_t smem = size_t(kRouterWarps) * size_t(e + a.top_k) * sizeof(float);
+  auto run = [&](auto kernel) {
+    kernel<<<grid, 32 * kRouterWarps, smem>>>(a.logits.data<float>(), bias, a.bias.dtype(), sig, int(a.method), ng,
+                                              a.topk_group, a.top_k, a.norm_topk_prob, a.routed_scaling_factor,
+                                              int(e), t, sc, ids, w);
+  };
+  if (e <= 32) run(router_warp_kernel<1>);
+  else if (e <= 64) run(router_warp_kernel<2>);
+  else if (e <= 128) run(router_warp_kernel<4>);
+  else if (e <= 256) run(router_warp_kernel<8>);
+  else if (e <= 512) run(router_warp_kernel<16>);
+  else run(router_warp_kernel<32>);
   check_launch("router");
 }
 

@@ -36,6 +36,34 @@ __global__ void rmsnorm_kernel(const float* x, const void* w, DType wt, float ep
   float* yr = y + r * d;
   for (int64_t j = threadIdx.x; j < d; j += blockDim.x) yr[j] = load_f(w, wt, j) * (xr[j] * rs);
 }
+// The same arithmetic for rows of up to 256·NPT values held in registers: x and the weight are
+// loaded together up front (the loop above waits for x, then, after the sum, for the weight).
+template <int NPT>
+__global__ void rmsnorm_reg_kernel(const float* x, const void* w, DType wt, float eps, float* y, float* rstd,
+                                   int64_t d) {
+  int64_t r = blockIdx.x;
+  const float* xr = x + r * d;
+  float xv[NPT], wv[NPT];
+#pragma unroll
+  for (int i = 0; i < NPT; ++i) {
+    const int64_t j = threadIdx.x + int64_t(i) * blockDim.x;
+    xv[i] = j < d ? xr[j] : 0.0f;
+    wv[i] = j < d ? load_f(w, wt, j) : 0.0f;
+  }
+  double ss = 0.0;
+#pragma unroll
+  for (int i = 0; i < NPT; ++i)
+    if (threadIdx.x + int64_t(i) * blockDim.x < d) ss += double(xv[i]) * double(xv[i]);
+  ss = block_sum(ss);
+  float rs = float(1.0 / sqrt(ss / double(d) + double(eps)));
+  if (rstd && threadIdx.x == 0) rstd[r] = rs;
+  float* yr = y + r * d;
+#pragma unroll
+  for (int i = 0; i < NPT; ++i) {
+    const int64_t j = threadIdx.x + int64_t(i) * blockDim.x;
+    if (j < d) yr[j] = wv[i] * (xv[i] * rs);
+  }
+}
 __global__ void rmsnorm_dx_kernel(const float* dy, const float* x, const void* w, DType wt, const float* rstd,
                                   float* dx, int64_t d, bool acc) {
   int64_t r = blockIdx.x;
@@ -109,9 +137,16 @@ void CudaBackend::embedding_backward(const EmbeddingBackwardArgs& a) {
 void CudaBackend::rmsnorm(const RmsNormArgs& a) {
   validate(a);
   int64_t d = last_dim(a.x), m = rows_of(a.x);
-  if (m)
-    rmsnorm_kernel<<<unsigned(m), 256>>>(a.x.data<float>(), a.weight.raw(), a.weight.dtype(), a.eps, ptr<float>(a.y),
-                                         present(a.rstd) ? ptr<float>(a.rstd) : nullptr, d);
+  if (m) {
+    const float* x = a.x.data<float>();
+    float* rstd = present(a.rstd) ? ptr<float>(a.rstd) : nullptr;
+    if (d <= 256 * 4)
+      rmsnorm_reg_kernel<4><<<unsigned(m), 256>>>(x, a.weight.raw(), a.weight.dtype(), a.eps, ptr<float>(a.y), rstd, d);
+    else if (d <= 256 * 8)
+      rmsnorm_reg_kernel<8><<<unsigned(m), 256>>>(x, a.weight.raw(), a.weight.dtype(), a.eps, ptr<float>(a.y), rstd, d);
+    else
+      rmsnorm_kernel<<<unsigned(m), 256>>>(x, a.weight.raw(), a.weight.dtype(), a.eps, ptr<float>(a.y), rstd, d);
+  }
   check_launch("rmsnorm");
 }
 

@@ -1,0 +1,126 @@
+// The generic kernel of CudaLatentAttention (every width but V3's 512 + 64 on 64-token blocks, which
+// cuda_mla_decode serves) against the host LatentAttention over a BF16 pool, under kBf16, in each
+// way the launch can split a row's positions: one CTA per row and head group (many rows), a cluster
+// of up to 8 splits merged through distributed shared memory (few rows, up to 16 tiles of 32
+// positions; with uneven and empty splits), and partials merged by a second kernel (few rows, long
+// contexts). Also: a second head group that is partly empty, rows without 16-byte loads.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "../backend/harness.h"
+#include "backend/cuda/cuda_backend.h"
+#include "infer/cuda_latent_attention.h"
+#include "infer/kv_cache.h"
+
+namespace dsv3::test {
+namespace {
+
+ModelDims dims(int64_t nh, int64_t nope, int64_t rope, int64_t vd, int64_t kv_lora) {
+  ModelDims d;
+  d.nh = nh;
+  d.nope = nope;
+  d.rope = rope;
+  d.qk = nope + rope;
+  d.vd = vd;
+  d.kv_lora = kv_lora;
+  d.softmax_scale = float(1.0 / std::sqrt(double(d.qk)));
+  return d;
+}
+
+// Prefill of every sequence in one step, then two decode steps (one row per sequence).
+void against_host(const ModelDims& d, int64_t bs, const std::vector<int64_t>& lens) {
+  CudaBackend& be = cuda_backend();
+  const int64_t layers = 1, S = int64_t(lens.size());
+  int64_t blocks = 0;
+  for (int64_t l : lens) blocks += (l + 2 + bs - 1) / bs + 1;
+  KvCacheOptions o;
+  o.block_size = bs;
+  o.dtype = DType::BF16;
+  o.budget_bytes = uint64_t(d.kv_lora + d.rope) * uint64_t(layers) * 2 * uint64_t(bs) * uint64_t(blocks);
+  LatentKvPool hp(layers, d.kv_lora, d.rope, o);
+  o.host_storage = false;
+  LatentKvPool dp(layers, d.kv_lora, d.rope, o);
+  AbsorbedKvB a;
+  a.w_uk = randn({d.nh, d.nope, d.kv_lora}, 21, 0, float(1.0 / std::sqrt(double(d.nope))));
+  a.w_uv = randn({d.nh, d.vd, d.kv_lora}, 21, 1, 0.05f);
+  const std::vector<AbsorbedKvB> wh = {a}, wd = {{be.to_device(a.w_uk), be.to_device(a.w_uv)}};
+  LatentAttention host(hp, wh, d);
+  CudaLatentAttention dev(dp, wd, d);
+  dev.set_use_mla_decode(false);
+  std::vector<BlockTable> th(lens.size()), td(lens.size());
+  // Reservations one block at a time, round robin: every sequence owns scattered blocks.
+  const int64_t most = *std::max_element(lens.begin(), lens.end()) + 2;
+  for (int64_t upto = 1; (upto - 1) * bs < most; ++upto)
+    for (size_t s = 0; s < size_t(S); ++s) {
+      const int64_t want = std::min(lens[s] + 2, upto * bs);
+      ASSERT_TRUE(hp.reserve(th[s], want));
+      ASSERT_TRUE(dp.reserve(td[s], want));
+    }
+  for (size_t s = 0; s < size_t(S); ++s) {
+    host.tables.push_back(&th[s]);
+    dev.tables.push_back(&td[s]);
+  }
+  MlaParams unused;
+  auto step = [&](const StepRows& rows, uint64_t seed) {
+    const int64_t N = rows.size();
+    SCOPED_TRACE(cat(N, " rows"));
+    const Tensor q = randn({N, d.nh, d.qk}, seed, 0), c = randn({N, d.kv_lora}, seed, 1);
+    const Tensor k = randn({N, d.rope}, seed, 2);
+    Tensor out_h = Tensor::empty(DType::F32, {N, d.nh * d.vd});
+    host.attend(0, unused, rows, q, c, k, out_h);
+    Tensor out_d = be.alloc(DType::F32, {N, d.nh * d.vd});
+    dev.attend(0, unused, rows, be.to_device(q), be.to_device(c), be.to_device(k), out_d);
+    const Err e = compare(be.to_host(out_d), to_vec(out_h));
+    EXPECT_EQ(e.non_finite, 0);
+    EXPECT_LE(e.norm_err, tol::kBf16) << "worst element " << e.worst;
+  };
+  StepRows pre;
+  for (size_t s = 0; s < size_t(S); ++s)
+    for (int64_t p = 0; p < lens[s]; ++p) {
+      pre.seq.push_back(int32_t(s));
+      pre.pos.push_back(p);
+    }
+  step(pre, 31);
+  for (int64_t i = 0; i < 2; ++i) {
+    StepRows dec;
+    for (size_t s = 0; s < size_t(S); ++s) {
+      dec.seq.push_back(int32_t(s));
+      dec.pos.push_back(lens[s] + i);
+    }
+    step(dec, 32 + uint64_t(i));
+  }
+}
+
+const ModelDims kBench07b = dims(16, 128, 64, 128, 256);  // rows of 256 + 64
+
+TEST(CudaLatentAttention, ClusterOfEightUnevenSplits) {
+  ASSERT_GT(cuda_device_count(), 0);
+  against_host(kBench07b, 64, {300});  // 10 tiles over 8 splits
+}
+
+TEST(CudaLatentAttention, PartialsForLongContexts) {
+  ASSERT_GT(cuda_device_count(), 0);
+  against_host(dims(4, 32, 64, 32, 256), 64, {1100, 40});  // 35 tiles: one split per tile
+}
+
+TEST(CudaLatentAttention, BatchWithEmptySplits) {
+  ASSERT_GT(cuda_device_count(), 0);
+  std::vector<int64_t> lens;
+  for (int64_t s = 0; s < 40; ++s) lens.push_back(1 + (s * 37) % 230);  // 1..229: splits outnumber some rows' tiles
+  against_host(kBench07b, 64, lens);
+}
+
+TEST(CudaLatentAttention, SecondHeadGroupPartlyEmpty) {
+  ASSERT_GT(cuda_device_count(), 0);
+  against_host(dims(20, 16, 32, 24, 64), 16, {77, 300});
+}
+
+TEST(CudaLatentAttention, RowsWithoutSixteenByteLoads) {
+  ASSERT_GT(cuda_device_count(), 0);
+  against_host(dims(5, 16, 16, 32, 70), 16, {600, 3});  // rows of 86: synchronous loads, partials
+}
+
+}  // namespace
+}  // namespace dsv3::test
