@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "model/module_ops.h"
+#include "model/output_head.h"
 
 namespace dsv3 {
 
@@ -198,7 +199,7 @@ ForwardOutput Model::forward(std::span<const int32_t> ids, int64_t B, int64_t T,
 
   ForwardOutput out;
   out.logits = be_.alloc(DType::F32, {N, cfg_.vocab_size});
-  linear_forward(be_, params_.lm_head, a.h0, out.logits);  // [N, V]
+  head_forward(be_, params_.lm_head, a.h0, out.logits);  // [N, V]
 
   if (opt.mtp && !params_.mtp.empty()) {
     if (opt.keep_activations) a.mtp.resize(params_.mtp.size());
@@ -251,7 +252,7 @@ void Model::backward(const BackwardInput& in, Grads& g) {
   // ∂L/∂h⁰: the main head, plus module 1's hnorm path. MTP modules run last to first, each handing
   // ∂L/∂h^{k−1} to the one before.
   Tensor dh0 = be_.alloc(DType::F32, {N, H});
-  linear_backward(be_, params_.lm_head, g.p.lm_head, a.h0, in.dlogits, dh0, false);  // [N, H]
+  head_backward(be_, params_.lm_head, g.p.lm_head, a.h0, in.dlogits, dh0, false);  // [N, H]
   Tensor dh_next;
   for (size_t k = a.mtp.size(); k >= 1; --k) {
     const MtpActs& ma = a.mtp[k - 1];

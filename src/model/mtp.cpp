@@ -5,6 +5,7 @@
 //   logits_k = head(shared_head.norm(h^k));  row i predicts token i+k+1.
 #include "model/model.h"
 #include "model/module_ops.h"
+#include "model/output_head.h"
 
 namespace dsv3 {
 
@@ -53,7 +54,7 @@ void mtp_module_forward(Backend& be, const ModelDims& d, const MtpParams& p, con
   a.h = a.block.out;                                                          // [B·S, H]  h^k
   a.head_n = rmsnorm(be, a.h, p.shared_head_norm, d.eps, a.head_rstd);        // [B·S, H]
   logits = be.alloc(DType::F32, {B * S, V});
-  linear_forward(be, head, a.head_n, logits);                                 // [B·S, V]
+  head_forward(be, head, a.head_n, logits);                                 // [B·S, V]
 }
 
 void mtp_module_backward(Backend& be, const ModelDims& d, const MtpParams& p, const MtpParams& g,
@@ -62,7 +63,7 @@ void mtp_module_backward(Backend& be, const ModelDims& d, const MtpParams& p, co
                          const Tensor& dh_next, const Tensor& router_dlogits, const Tensor& dh_prev) {
   const int64_t S = a.S, H = d.H, M = B * S;
   Tensor dhead_n = be.alloc(DType::F32, {M, H});
-  linear_backward(be, head, head_grad, a.head_n, dlogits, dhead_n, false);  // [M, H]
+  head_backward(be, head, head_grad, a.head_n, dlogits, dhead_n, false);  // [M, H]
   // h^k feeds shared_head.norm and (through hnorm) module k+1.
   Tensor dh = be.alloc(DType::F32, {M, H});
   if (present(dh_next)) {
