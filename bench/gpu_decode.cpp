@@ -1,7 +1,9 @@
 // Decode throughput of the inference engine on the GPU (bench/gpu.sh runs it on the H200): the
-// bench-0.7b preset with random F32 weights (as gpu_train builds it), prompt 128, 128 new tokens,
+// bench-0.7b preset with random weights (as gpu_train builds them), prompt 128, 128 new tokens,
 // greedy, batch 1 and 32, the whole engine (scheduler, runner, BF16 latent cache, device argmax) on
-// the CUDA backend. Tokens/s are counted as transformers' `generate` is (tools/hf_gpu_bench.py):
+// the CUDA backend. Two weight formats: F32 (as trained) and BF16 matrices (a BF16 checkpoint, the
+// precision transformers runs in; the kernels read BF16 and compute in F32). The ratios against
+// transformers are those of the BF16 run; the F32 run's are recorded beside them. Tokens/s are counted as transformers' `generate` is (tools/hf_gpu_bench.py):
 // B·128 new tokens over the whole call, prefill included; the decode-only rate and the median step
 // time are printed beside it. With --hf FILE (that script's JSON from the same GPU) it records
 // decode_bs1_speedup_vs_hf / decode_bs32_speedup_vs_hf.
@@ -66,7 +68,7 @@ struct Result {
   double roofline_bytes = 0, roofline_step_ms = 0, roofline_tok_s = 0;
 };
 
-// Bytes of weights one decode step of B sequences touches, F32 as stored.
+// Bytes of weights one decode step of B sequences touches, as stored (F32 or BF16).
 double weight_bytes(const Weights& w, const ModelConfig& c, int64_t B) {
   const double E = double(c.n_routed_experts);
   const double frac = std::min(1.0, double(B * c.num_experts_per_tok) / E);
@@ -153,6 +155,7 @@ int main(int argc, char** argv) {
   int64_t prompt = 128, n_new = 128;
   std::vector<int64_t> batches = {1, 32};
   bool variants_on = true;
+  std::vector<std::string> formats = {"bf16", "f32"};
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
     if (k == "--preset") preset = v;
@@ -162,16 +165,18 @@ int main(int argc, char** argv) {
     else if (k == "--hf") hf_path = v;
     else if (k == "--profile-steps") g_profile_steps = std::stoi(v);
     else if (k == "--variants") variants_on = v != "0";
+    else if (k == "--weights" && (v == "f32" || v == "bf16")) formats = {v};
     else {
       std::fprintf(stderr, "usage: dsv3_bench_gpu_decode [--preset bench-0.7b] [--prompt 128] [--new 128] "
-                           "[--batch B (default 1 and 32)] [--hf hf_gpu.json] [--variants 0|1] [--profile-steps K]\n");
+                           "[--batch B (default 1 and 32)] [--weights f32|bf16 (default both)] [--hf hf_gpu.json] "
+                           "[--variants 0|1] [--profile-steps K]\n");
       return 2;
     }
   }
   const ModelConfig cfg = preset_config(preset);
-  std::printf("gpu_decode: preset %s, prompt %ld, %ld new tokens, greedy, F32 weights, BF16 latent cache\n",
-              preset.c_str(), long(prompt), long(n_new));
-  const Weights w = Weights::random(cfg, 1, 0.02f);
+  std::printf("gpu_decode: preset %s, prompt %ld, %ld new tokens, greedy, BF16 latent cache\n", preset.c_str(),
+              long(prompt), long(n_new));
+  const Weights w32 = Weights::random(cfg, 1, 0.02f);
   nlohmann::json hf;
   if (!hf_path.empty()) {
     std::ifstream in(hf_path);
@@ -185,51 +190,60 @@ int main(int argc, char** argv) {
     return 0;
   };
   nlohmann::json res = {{"bench", "gpu_decode"}, {"preset", preset}, {"prompt", prompt}, {"new_tokens", n_new},
-                        {"weights", "f32"}, {"cache", "bf16"}, {"copy_bw_tb_s", 4.19}};
+                        {"cache", "bf16"}, {"copy_bw_tb_s", 4.19}};
   res["runs"] = nlohmann::json::array();
-  std::printf("%5s %10s %12s %10s %10s %9s %14s %10s %8s\n", "batch", "tok/s", "decode tok/s", "step ms",
-              "prefill ms", "syncs/st", "roofline tok/s", "hf tok/s", "vs hf");
-  for (int64_t B : batches) {
-    // For comparison: the backend ops throughout (range checks and expert counts read back), and
-    // the synchronisation-free path with cuBLAS for every linear (no small-row GEMV kernel).
-    nlohmann::json variants = nlohmann::json::array();
-    for (int v = 0; variants_on && v < 2; ++v) {
-      // Above 8 rows the main run uses cuBLAS: the variant is the GEMV kernel for every linear.
-      const int64_t small = v == 0 || B <= 8 ? 0 : B;
-      const Result ref = run(w, B, prompt, n_new, 1000 + uint64_t(B), v == 1, small);
-      const char* what = v == 0          ? "backend ops (RoPE/MoE synchronise), cuBLAS linears"
-                         : small == 0 ? "sync-free, cuBLAS linears"
-                                      : "sync-free, GEMV kernel for every linear";
-      std::printf("%5ld %10.1f %12.1f %10.3f %10.2f %9.1f   (%s)\n", long(B), ref.tok_s, ref.decode_tok_s,
-                  ref.step_ms_median, ref.prefill_ms, ref.memcpy_per_step, what);
-      variants.push_back({{"variant", what},
-                          {"tokens_per_s", ref.tok_s},
-                          {"decode_tokens_per_s", ref.decode_tok_s},
-                          {"step_ms_median", ref.step_ms_median},
-                          {"host_syncs_per_step", ref.memcpy_per_step}});
+  for (const std::string& fmt : formats) {
+    Weights w = w32;
+    if (fmt == "bf16")
+      for (Param& p : w.params())
+        if (p.w.ndim() == 2 && p.w.dtype() == DType::F32) p.w = p.w.to(DType::BF16);
+    std::printf("\n%s weights\n%5s %10s %12s %10s %10s %9s %14s %10s %8s\n", fmt.c_str(), "batch", "tok/s",
+                "decode tok/s", "step ms", "prefill ms", "syncs/st", "roofline tok/s", "hf tok/s", "vs hf");
+    for (int64_t B : batches) {
+      // For comparison: the backend ops throughout (range checks and expert counts read back), the
+      // synchronisation-free path with cuBLAS for every linear (no GEMV kernel), and the main path
+      // without programmatic dependent launch.
+      nlohmann::json variants = nlohmann::json::array();
+      for (int v = 0; variants_on && v < 3; ++v) {
+        if (v == 2) cuda_set_pdl(false);
+        const Result ref = run(w, B, prompt, n_new, 1000 + uint64_t(B), v != 0, v == 2 ? 8 : 0);
+        cuda_set_pdl(true);
+        const char* what = v == 0   ? "backend ops (RoPE/MoE synchronise), cuBLAS linears"
+                           : v == 1 ? "sync-free, cuBLAS linears"
+                                    : "sync-free, GEMV kernels, no programmatic dependent launch";
+        std::printf("%5ld %10.1f %12.1f %10.3f %10.2f %9.1f   (%s)\n", long(B), ref.tok_s, ref.decode_tok_s,
+                    ref.step_ms_median, ref.prefill_ms, ref.memcpy_per_step, what);
+        variants.push_back({{"variant", what},
+                            {"tokens_per_s", ref.tok_s},
+                            {"decode_tokens_per_s", ref.decode_tok_s},
+                            {"step_ms_median", ref.step_ms_median},
+                            {"host_syncs_per_step", ref.memcpy_per_step}});
+      }
+      const Result r = run(w, B, prompt, n_new, 1000 + uint64_t(B), true, 8, true);
+      const double h = hf_tok(B);
+      std::printf("%5ld %10.1f %12.1f %10.3f %10.2f %9.1f %14.1f %10.1f %8.2f\n", long(B), r.tok_s, r.decode_tok_s,
+                  r.step_ms_median, r.prefill_ms, r.memcpy_per_step, r.roofline_tok_s, h, h > 0 ? r.tok_s / h : 0.0);
+      nlohmann::json j = {{"batch", B},
+                          {"weights", fmt},
+                          {"seconds", r.seconds},
+                          {"tokens_per_s", r.tok_s},
+                          {"decode_tokens_per_s", r.decode_tok_s},
+                          {"step_ms_median", r.step_ms_median},
+                          {"prefill_ms", r.prefill_ms},
+                          {"host_syncs_per_step", r.memcpy_per_step},
+                          {"roofline_bytes_per_step", r.roofline_bytes},
+                          {"roofline_step_ms", r.roofline_step_ms},
+                          {"roofline_tokens_per_s", r.roofline_tok_s},
+                          {"fraction_of_roofline", r.step_ms_median > 0 ? r.roofline_step_ms / r.step_ms_median : 0},
+                          {"variant", "sync-free, GEMV kernels (up to 32 rows), PDL"},
+                          {"other_variants", variants}};
+      if (h > 0) {
+        j["hf_tokens_per_s"] = h;
+        const std::string key = cat("decode_bs", B, "_speedup_vs_hf", fmt == "bf16" ? "" : "_f32_weights");
+        res[key] = r.tok_s / h;
+      }
+      res["runs"].push_back(j);
     }
-    const Result r = run(w, B, prompt, n_new, 1000 + uint64_t(B), true, 8, true);
-    const double h = hf_tok(B);
-    std::printf("%5ld %10.1f %12.1f %10.3f %10.2f %9.1f %14.1f %10.1f %8.2f\n", long(B), r.tok_s, r.decode_tok_s,
-                r.step_ms_median, r.prefill_ms, r.memcpy_per_step, r.roofline_tok_s, h, h > 0 ? r.tok_s / h : 0.0);
-    nlohmann::json j = {{"batch", B},
-                        {"seconds", r.seconds},
-                        {"tokens_per_s", r.tok_s},
-                        {"decode_tokens_per_s", r.decode_tok_s},
-                        {"step_ms_median", r.step_ms_median},
-                        {"prefill_ms", r.prefill_ms},
-                        {"host_syncs_per_step", r.memcpy_per_step},
-                        {"roofline_bytes_per_step", r.roofline_bytes},
-                        {"roofline_step_ms", r.roofline_step_ms},
-                        {"roofline_tokens_per_s", r.roofline_tok_s},
-                        {"fraction_of_roofline", r.step_ms_median > 0 ? r.roofline_step_ms / r.step_ms_median : 0},
-                        {"variant", "sync-free, GEMV kernel for linears of <= 8 rows"},
-                        {"other_variants", variants}};
-    if (h > 0) {
-      j["hf_tokens_per_s"] = h;
-      res[B == 1 ? "decode_bs1_speedup_vs_hf" : cat("decode_bs", B, "_speedup_vs_hf")] = r.tok_s / h;
-    }
-    res["runs"].push_back(j);
   }
   std::printf("wrote %s\n", bench::write_result("gpu_decode", res).c_str());
   return 0;

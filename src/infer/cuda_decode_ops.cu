@@ -1,25 +1,97 @@
 #include "infer/cuda_decode_ops.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
+#include <utility>
 
 #include "backend/cuda/common.cuh"
+#include "backend/cuda/mma.cuh"
 
 namespace dsv3 {
 using namespace cuda;
 
 namespace {
 
-constexpr int kWarps = 8;        // per CTA of the expert kernels
-constexpr int kRowsPerWarp = 2;  // weight rows per warp
 constexpr int kChunk = 8;        // picks (rows of x) per pass over an expert's (a weight's) rows
 constexpr int kMaxGemvRows = 64;
-constexpr int kGemvWarps = 4;  // GEMV: one weight row per warp, 4 warps per CTA (many CTAs for short rows)
+constexpr int kGemvWarps = 4;  // GEMV: 4 warps per CTA (many CTAs for short outputs)
+constexpr int kExpertWarps = 8;
+
+// Programmatic dependent launch (Hopper): a kernel launched with launch_pdl may start while the
+// previous kernel in the stream drains; it reads nothing that kernel writes before pdl_wait (which
+// returns once the previous grid has completed and its writes are visible), so its own start-up and
+// its weight loads (weights no kernel writes) overlap the previous kernel's tail. It triggers its
+// dependents only after its own wait, so a later kernel's early reads of older outputs stay safe.
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+
+bool& pdl_flag() {
+  static bool on = [] {
+    const char* e = std::getenv("DSV3_CUDA_PDL");
+    return !(e && std::string(e) == "0");
+  }();
+  return on;
+}
+bool pdl_enabled() { return pdl_flag(); }
+
+template <class... P, class... A>
+void launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cudaLaunchAttribute at[1];
+  at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  at[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = at;
+  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  DSV3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...));
+}
+
+// 16 bytes of a weight row, read once: not kept in L1.
+__device__ __forceinline__ uint4 ld_weights(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+// The x columns one 16-byte weight vector covers (4 F32 or 8 BF16 weights), and acc + Σ w·x.
+template <class WT> constexpr int kVecCols = 16 / int(sizeof(WT));
+template <class WT> __device__ __forceinline__ void load_x(const float* x, float (&xs)[kVecCols<WT>]) {
+#pragma unroll
+  for (int i = 0; i < kVecCols<WT>; i += 4) {
+    const float4 v = __ldg(reinterpret_cast<const float4*>(x + i));
+    xs[i] = v.x;
+    xs[i + 1] = v.y;
+    xs[i + 2] = v.z;
+    xs[i + 3] = v.w;
+  }
+}
+template <class WT> __device__ __forceinline__ float dot_w(uint4 w, const float (&xs)[kVecCols<WT>], float acc) {
+  const uint32_t u[4] = {w.x, w.y, w.z, w.w};
+  if constexpr (sizeof(WT) == 4) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc = fmaf(__uint_as_float(u[i]), xs[i], acc);
+  } else {  // BF16: column 2i in the low half of word i (little-endian), 2i + 1 in the high half
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      acc = fmaf(__uint_as_float(u[i] << 16), xs[2 * i], acc);
+      acc = fmaf(__uint_as_float(u[i] & 0xffff0000u), xs[2 * i + 1], acc);
+    }
+  }
+  return acc;
+}
 
 // One CTA of E threads: picks (r·k + j) grouped by expert, token order kept within an expert.
 // order[p] = pick at grouped position p, inv[pick] = p, offsets[e] = first position of expert e.
 // With a fused shared expert (group E), every token r is one more pick nk + r, after the routed ones.
+// items[2i], items[2i + 1] (i < items[2·max_items]): the expert kernels' work items, a group with picks
+// and the first of up to kChunk of its picks, groups ascending (their CTAs index the list: no CTA
+// for a group without picks or a chunk past a group's end).
 __global__ void group_kernel(const int32_t* ids, int nk, int E, int n_shared_rows, int32_t* order, int32_t* inv,
-                             int32_t* offsets) {
+                             int32_t* offsets, int32_t* items, int max_items) {
   extern __shared__ int32_t off[];
   int32_t* sid = off + E;  // the ids, read once (coalesced) instead of by every thread in turn
   for (int i = threadIdx.x; i < nk; i += blockDim.x) sid[i] = ids[i];
@@ -31,16 +103,25 @@ __global__ void group_kernel(const int32_t* ids, int nk, int E, int n_shared_row
     off[e] = c;
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
-    int s = 0;
+  if (threadIdx.x == 0) {  // counts → starts, and the work items (from shared memory: no global re-reads)
+    int s = 0, ni = 0;
     for (int i = 0; i < E; ++i) {
       const int c = off[i];
       off[i] = s;
       offsets[i] = s;
       s += c;
+      for (int ch = 0; ch < c && ni < max_items; ch += kChunk, ++ni) {
+        items[2 * ni] = i;
+        items[2 * ni + 1] = ch;
+      }
     }
     offsets[E] = s;
     if (n_shared_rows) offsets[E + 1] = s + n_shared_rows;
+    for (int ch = 0; ch < n_shared_rows && ni < max_items; ch += kChunk, ++ni) {
+      items[2 * ni] = E;
+      items[2 * ni + 1] = ch;
+    }
+    items[2 * max_items] = ni;
   }
   for (int r = threadIdx.x; r < n_shared_rows; r += blockDim.x) order[nk + r] = nk + r;
   __syncthreads();
@@ -55,90 +136,172 @@ __global__ void group_kernel(const int32_t* ids, int nk, int E, int n_shared_row
   }
 }
 
-// y[p, j] for the picks p of expert blockIdx.x and weight rows j of this CTA: each weight row is read
-// once per kChunk picks (once in all for up to kChunk picks of an expert). kGateUp: y = silu(x·g_j)·(x·u_j)
-// with x the pick's token row; otherwise y = act_p·d_j with act the gate/up output rows.
-template <bool kGateUp>
-__global__ void expert_kernel(const float* in, const int32_t* order, const int32_t* offsets, const int64_t* w0,
-                              const int64_t* w1, int k, int nk, int K, int rows_out, float* out) {
-  extern __shared__ float xs[];
-  const int e = blockIdx.x, c0 = offsets[e], c = offsets[e + 1] - c0;
-  if (c == 0) return;
-  const float* A = reinterpret_cast<const float*>(w0[e]);
-  const float* B = kGateUp ? reinterpret_cast<const float*>(w1[e]) : nullptr;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  __shared__ const float* src_rows[kChunk];
-  for (int ch = 0; ch < c; ch += kChunk) {
-    const int n = min(kChunk, c - ch);
-    __syncthreads();
-    // The chunk's source rows first (one lookup each), then independent loads in batches of 8 per
-    // thread (a load-then-store loop would wait for every load in turn), 16 bytes when K allows.
-    if (threadIdx.x < n) {
-      const int p = c0 + ch + threadIdx.x;
-      const int pick = kGateUp ? order[p] : 0;
-      src_rows[threadIdx.x] = in + (kGateUp ? int64_t(pick < nk ? pick / k : pick - nk) : int64_t(p)) * K;
-    }
-    __syncthreads();
-    if (K % 4 == 0) {
-      const int K4 = K / 4, total = n * K4;
-      for (int base = threadIdx.x; base < total; base += 8 * blockDim.x) {
-        float4 v[8];
+// The core of the GEMV and expert kernels, for one CTA: n ≤ kChunk rows of x (src[q], in shared
+// memory) times R weight rows per warp (A, and B when kTwo), K = nv 16-byte weight vectors, in passes
+// of 32·U vectors per lane. Each pass loads the warp's weight vectors into registers first, then
+// stages the pass's columns of the n rows into shared memory by cp.async (every copy in flight at
+// once; the CTA's warps share them), then accumulates ga (and ub) with F32 FMAs. Before the first
+// pass's staging: pdl_wait when kWait (the caller has not waited yet), and with kNorm the rows'
+// RMSNorm factors (the backend's: sum of squares in double, then nw·(x·rs)), nw per column kept
+// in registers. Vectors past the row are zero in both operands. `active`: this warp has weight
+// rows (warps without take part in the staging and its barriers only).
+struct TileSmem {
+  const float* src[kChunk];
+  float rs[kChunk];
+};
+template <class WT, int U, int R, bool kTwo, bool kNorm, bool kWait>
+__device__ __forceinline__ void tile_rows(const char* A, const char* B, size_t row_bytes, bool active, int nv,
+                                          int n, TileSmem& ts, float* xs_sm, const void* nw, DType nt, float eps,
+                                          float (&ga)[R][kChunk], float (&ub)[kTwo ? R : 1][kChunk]) {
+  constexpr int kV = kVecCols<WT>, kCols = 32 * U * kV;  // x columns per pass
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int K = nv * kV;
 #pragma unroll
-        for (int u = 0; u < 8; ++u) {
-          const int idx = base + u * blockDim.x;
-          if (idx < total) v[u] = reinterpret_cast<const float4*>(src_rows[idx / K4])[idx % K4];
+  for (int q = 0; q < kChunk; ++q) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) ga[r][q] = 0.0f;
+#pragma unroll
+    for (int r = 0; r < (kTwo ? R : 1); ++r) ub[r][q] = 0.0f;
+  }
+  for (int v0 = 0; v0 < nv; v0 += 32 * U) {
+    uint4 wa[R][U], wb[kTwo ? R : 1][U];
+    float nwv[kNorm ? U : 1][kV];
+    if (active) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int v = v0 + u * 32 + lane;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          wa[r][u] = v < nv ? ld_weights(A + r * row_bytes + size_t(v) * 16) : make_uint4(0, 0, 0, 0);
+          if constexpr (kTwo) wb[r][u] = v < nv ? ld_weights(B + r * row_bytes + size_t(v) * 16) : make_uint4(0, 0, 0, 0);
+        }
+        if constexpr (kNorm) {
+#pragma unroll
+          for (int i = 0; i < kV; ++i) nwv[u][i] = v < nv ? load_f(nw, nt, v * kV + i) : 0.0f;
+        }
+      }
+    }
+    if (v0 == 0) {
+      if constexpr (kWait) {
+        pdl_wait();  // x comes from the previous kernels
+        pdl_trigger();
+      }
+      if constexpr (kNorm) {
+        __syncthreads();  // the caller's ts.src
+        for (int q = warp; q < n; q += nwarps) {
+          // Every lane's loads of the row issued before the sum (K % 4 == 0, 16-byte aligned rows).
+          const float4* x4 = reinterpret_cast<const float4*>(ts.src[q]);
+          double ss = 0.0;
+          for (int b = 0; b < K / 4; b += 32 * 8) {
+            float4 t[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+              const int c = b + i * 32 + lane;
+              t[i] = c < K / 4 ? __ldg(x4 + c) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            }
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+              ss += double(t[i].x) * t[i].x + double(t[i].y) * t[i].y + double(t[i].z) * t[i].z + double(t[i].w) * t[i].w;
+          }
+          for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+          if (lane == 0) ts.rs[q] = float(1.0 / sqrt(ss / double(K) + double(eps)));
+        }
+      }
+    }
+    __syncthreads();  // the previous pass is done with xs_sm (and rs is written)
+    const int c0 = v0 * kV, cols4 = min(kCols, K - c0) / 4;
+    for (int i = threadIdx.x; i < n * cols4; i += blockDim.x) {
+      const int q = i / cols4, c = i - q * cols4;
+      cp_async16(xs_sm + q * kCols + 4 * c, ts.src[q] + c0 + 4 * c);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    if (!active) continue;
+#pragma unroll
+    for (int q = 0; q < kChunk; ++q) {
+      if (q >= n) break;
+      const float rq = kNorm ? ts.rs[q] : 1.0f;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int vv = u * 32 + lane;
+        if (v0 + vv >= nv) break;
+        float xs[kV];
+#pragma unroll
+        for (int i = 0; i < kV; i += 4) {
+          const float4 t = *reinterpret_cast<const float4*>(xs_sm + q * kCols + vv * kV + i);
+          xs[i] = t.x;
+          xs[i + 1] = t.y;
+          xs[i + 2] = t.z;
+          xs[i + 3] = t.w;
+        }
+        if constexpr (kNorm) {
+#pragma unroll
+          for (int i = 0; i < kV; ++i) xs[i] = nwv[u][i] * (xs[i] * rq);
         }
 #pragma unroll
-        for (int u = 0; u < 8; ++u) {
-          const int idx = base + u * blockDim.x;
-          if (idx < total) reinterpret_cast<float4*>(xs)[idx] = v[u];
+        for (int r = 0; r < R; ++r) {
+          ga[r][q] = dot_w<WT>(wa[r][u], xs, ga[r][q]);
+          if constexpr (kTwo) ub[r][q] = dot_w<WT>(wb[r][u], xs, ub[r][q]);
         }
-      }
-    } else {
-      for (int idx = threadIdx.x; idx < n * K; idx += blockDim.x) xs[idx] = src_rows[idx / K][idx % K];
-    }
-    __syncthreads();
-    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-      const int j = (blockIdx.y * kWarps + warp) * kRowsPerWarp + rr;
-      if (j >= rows_out) break;
-      float a[kChunk], b[kChunk];
-#pragma unroll
-      for (int q = 0; q < kChunk; ++q) a[q] = b[q] = 0.0f;
-      const float* ar = A + int64_t(j) * K;
-      const float* br = kGateUp ? B + int64_t(j) * K : nullptr;
-      // 16-byte weight loads when rows allow it (K % 4 == 0: every row starts 16-byte aligned).
-      const int K4 = K % 4 == 0 ? K / 4 : 0;
-#pragma unroll 4
-      for (int c = lane; c < K4; c += 32) {
-        const float4 wa = reinterpret_cast<const float4*>(ar)[c];
-        const float4 wb = kGateUp ? reinterpret_cast<const float4*>(br)[c] : make_float4(0, 0, 0, 0);
-#pragma unroll
-        for (int q = 0; q < kChunk; ++q)
-          if (q < n) {
-            const float4 xv = reinterpret_cast<const float4*>(xs + q * K)[c];
-            a[q] = fmaf(wa.x, xv.x, fmaf(wa.y, xv.y, fmaf(wa.z, xv.z, fmaf(wa.w, xv.w, a[q]))));
-            if (kGateUp) b[q] = fmaf(wb.x, xv.x, fmaf(wb.y, xv.y, fmaf(wb.z, xv.z, fmaf(wb.w, xv.w, b[q]))));
-          }
-      }
-      for (int col = 4 * K4 + lane; col < K; col += 32) {
-        const float wa = ar[col], wb = kGateUp ? br[col] : 0.0f;
-#pragma unroll
-        for (int q = 0; q < kChunk; ++q)
-          if (q < n) {
-            const float xv = xs[q * K + col];
-            a[q] = fmaf(wa, xv, a[q]);
-            if (kGateUp) b[q] = fmaf(wb, xv, b[q]);
-          }
-      }
-#pragma unroll
-      for (int q = 0; q < kChunk; ++q) {
-        if (q >= n) break;
-        const float g = warp_sum(a[q]);
-        const float u = kGateUp ? warp_sum(b[q]) : 0.0f;
-        if (lane == 0) out[int64_t(c0 + ch + q) * rows_out + j] = kGateUp ? g / (1.0f + expf(-g)) * u : g;
       }
     }
   }
+}
+template <class WT, int U> constexpr size_t tile_smem() { return size_t(kChunk) * 32 * U * kVecCols<WT> * sizeof(float); }
+
+struct ExpertArgs {
+  const float* in;         // gate/up: the token rows x [N, K]; down: the activations [picks, K] in grouped order
+  const int32_t* order;    // grouped position → pick
+  const int32_t* offsets;  // first grouped position of each group, [groups + 1]
+  const int32_t* items;    // work items (group, first pick), their count at items[2·max_items]
+  int max_items;
+  const int64_t* w0;       // per group: gate (or down) weight [rows_out, K]
+  const int64_t* w1;       // per group: up weight (gate/up only)
+  int k, nk, K, rows_out;
+  float* out;  // [picks, rows_out] in grouped order
+};
+
+// Work item blockIdx.y (a group and up to kChunk of its picks), R weight rows per warp (blockIdx.x:
+// kExpertWarps·R rows per CTA); the picks' rows are staged in shared memory (tile_rows). kGateUp: out = silu(x·g_j)·(x·u_j) with x the pick's
+// token row; otherwise out = act_p·d_j.
+template <class WT, bool kGateUp, int U, int R>
+__global__ void __launch_bounds__(32 * kExpertWarps) expert_kernel(ExpertArgs a) {
+  extern __shared__ __align__(16) float xs_sm[];
+  __shared__ TileSmem ts;
+  pdl_wait();  // the grouping and the inputs come from the previous kernels
+  pdl_trigger();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int j0 = (blockIdx.x * kExpertWarps + warp) * R;
+  if (int(blockIdx.y) >= a.items[2 * a.max_items]) return;  // CTA-uniform exits only: tile_rows has barriers
+  const int e = a.items[2 * blockIdx.y], ch = a.items[2 * blockIdx.y + 1];
+  const int c0 = a.offsets[e], n = min(kChunk, a.offsets[e + 1] - c0 - ch);
+  if (threadIdx.x < n) {
+    const int p = c0 + ch + threadIdx.x;
+    if (kGateUp) {
+      const int pick = a.order[p];
+      ts.src[threadIdx.x] = a.in + int64_t(pick < a.nk ? pick / a.k : pick - a.nk) * a.K;
+    } else {
+      ts.src[threadIdx.x] = a.in + int64_t(p) * a.K;
+    }
+  }
+  const bool active = j0 < a.rows_out;
+  const size_t row_bytes = size_t(a.K) * sizeof(WT);
+  const char* A = reinterpret_cast<const char*>(a.w0[e]) + size_t(active ? j0 : 0) * row_bytes;
+  const char* B = kGateUp ? reinterpret_cast<const char*>(a.w1[e]) + size_t(active ? j0 : 0) * row_bytes : nullptr;
+  float ga[R][kChunk], ub[kGateUp ? R : 1][kChunk];
+  tile_rows<WT, U, R, kGateUp, false, false>(A, B, row_bytes, active, a.K / kVecCols<WT>, n, ts, xs_sm, nullptr,
+                                               DType::F32, 0.0f, ga, ub);
+  if (!active) return;
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int q = 0; q < kChunk; ++q) {
+      if (q >= n) break;
+      const float g = warp_sum(ga[r][q]);
+      const float u = kGateUp ? warp_sum(ub[r][q]) : 0.0f;
+      if (lane == 0) a.out[int64_t(c0 + ch + q) * a.rows_out + j0 + r] = kGateUp ? g / (1.0f + expf(-g)) * u : g;
+    }
 }
 
 // out[r] = Σ_j weights[r, j]·y[inv[r·k + j]] in top-k order (+ the fused shared expert's row).
@@ -181,108 +344,186 @@ __global__ void kv_latent_kernel(const float* kva, int64_t R, int64_t P, const v
   }
 }
 
-// y[r, j] (+)= x[r]·W[j] for a few rows (see GemvArgs): a warp per weight row, streamed once per 8
-// rows of x (x itself stays in L1/L2), optionally RMSNorm on x first.
-template <bool kVec4>
-__global__ void rows_gemv_kernel(GemvArgs g) {
+// y[r, j] (+)= x[r]·W[j] (see GemvArgs) for 16-byte-aligned rows: R weight rows per warp
+// (blockIdx.y), rows of x kChunk·blockIdx.x onwards staged in shared memory (tile_rows). The first
+// pass's weight loads are issued before pdl_wait, so they overlap the previous kernel's tail; the
+// CTAs of one weight block run side by side (x fastest), so their re-reads of W come from L2.
+template <class WT, int U, int R, bool kNorm>
+__global__ void __launch_bounds__(32 * kGemvWarps) gemv_kernel(GemvArgs g) {
+  extern __shared__ __align__(16) float xs_sm[];
+  __shared__ TileSmem ts;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  {
-    int j = blockIdx.x * kGemvWarps + warp;
-    if (j >= g.n_out + g.n_out2) return;
-    const bool second = j >= g.n_out;
-    if (second) j -= g.n_out;
-    const float* W = (second ? g.W2 : g.W) + int64_t(j) * g.K;
-    const int head = second ? 0 : j / g.head_rows;
-    // Rows of x in chunks of kChunk (the weight row is re-read per chunk, from L1/L2 after the first).
-    for (int q0 = 0; q0 < g.n; q0 += kChunk) {
-      const int nq = min(kChunk, g.n - q0);
-      const float* x = g.x + int64_t(head) * g.head_x + int64_t(q0) * g.ldx;
-      float rs[kChunk];
+  const int j0 = (blockIdx.y * kGemvWarps + warp) * R, q0 = blockIdx.x * kChunk;
+  const int n = min(kChunk, g.n - q0);
+  const bool active = j0 < g.n_out + g.n_out2;
+  const bool second = active && j0 >= g.n_out;  // R rows never straddle W and W2 (n_out % R == 0)
+  const int jr = second ? j0 - g.n_out : (active ? j0 : 0), head = second ? 0 : jr / g.head_rows;
+  // One x slice per CTA: its rows lie in one head (checked on the host).
+  const int cta_row = blockIdx.y * kGemvWarps * R, cta_head = cta_row < g.n_out ? cta_row / g.head_rows : 0;
+  if (threadIdx.x < n) ts.src[threadIdx.x] = g.x + int64_t(cta_head) * g.head_x + int64_t(q0 + threadIdx.x) * g.ldx;
+  const size_t row_bytes = size_t(g.K) * sizeof(WT);
+  const char* W = static_cast<const char*>(second ? g.W2 : g.W) + size_t(jr) * row_bytes;
+  float acc[R][kChunk], unused[1][kChunk];
+  tile_rows<WT, U, R, false, kNorm, true>(W, nullptr, row_bytes, active, g.K / kVecCols<WT>, n, ts, xs_sm, g.norm_w,
+                                          g.norm_t, g.eps, acc, unused);
+  if (!active) return;
 #pragma unroll
-      for (int q = 0; q < kChunk; ++q) rs[q] = 1.0f;
-      if (g.norm_w) {  // the backend's RMSNorm: sum of squares in double, then w·(x·rs)
+  for (int r = 0; r < R; ++r)
 #pragma unroll
-        for (int q = 0; q < kChunk; ++q)
-          if (q < nq) {
-            double ss = 0.0;
-            for (int c = lane; c < g.K; c += 32) {
-              const double v = x[int64_t(q) * g.ldx + c];
-              ss += v * v;
-            }
-            for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-            rs[q] = float(1.0 / sqrt(ss / double(g.K) + double(g.eps)));
+    for (int q = 0; q < kChunk; ++q) {
+      if (q >= n) break;
+      const float v = warp_sum(acc[r][q]);
+      if (lane == 0) {
+        const int64_t row = q0 + q;
+        const int j = jr + r;
+        float* o = second ? g.y2 + row * g.ldy2 + j
+                          : g.y + row * g.ldy + int64_t(head) * g.head_y + (j - head * g.head_rows);
+        *o = g.acc ? *o + v : v;
+      }
+    }
+}
+
+// The fallback for F32 rows that are not 16-byte aligned: a warp per weight row, streamed once per
+// kChunk rows of x, optionally RMSNorm on x first.
+__global__ void rows_gemv_scalar_kernel(GemvArgs g) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int j = blockIdx.x * kGemvWarps + warp;
+  if (j >= g.n_out + g.n_out2) return;
+  const bool second = j >= g.n_out;
+  if (second) j -= g.n_out;
+  const float* W = static_cast<const float*>(second ? g.W2 : g.W) + int64_t(j) * g.K;
+  const int head = second ? 0 : j / g.head_rows;
+  for (int q0 = 0; q0 < g.n; q0 += kChunk) {
+    const int nq = min(kChunk, g.n - q0);
+    const float* x = g.x + int64_t(head) * g.head_x + int64_t(q0) * g.ldx;
+    float rs[kChunk], a[kChunk];
+#pragma unroll
+    for (int q = 0; q < kChunk; ++q) {
+      rs[q] = 1.0f;
+      a[q] = 0.0f;
+    }
+    if (g.norm_w) {
+#pragma unroll
+      for (int q = 0; q < kChunk; ++q)
+        if (q < nq) {
+          double ss = 0.0;
+          for (int c = lane; c < g.K; c += 32) {
+            const double v = x[int64_t(q) * g.ldx + c];
+            ss += v * v;
           }
-      }
-      float a[kChunk];
-#pragma unroll
-      for (int q = 0; q < kChunk; ++q) a[q] = 0.0f;
-      if (kVec4) {
-        const float4* w4 = reinterpret_cast<const float4*>(W);
-#pragma unroll 4
-        for (int c = lane; c < g.K / 4; c += 32) {
-          const float4 wv = w4[c];
-          float4 gv = make_float4(1.0f, 1.0f, 1.0f, 1.0f);
-          if (g.norm_w)
-            gv = make_float4(load_f(g.norm_w, g.norm_t, 4 * c), load_f(g.norm_w, g.norm_t, 4 * c + 1),
-                             load_f(g.norm_w, g.norm_t, 4 * c + 2), load_f(g.norm_w, g.norm_t, 4 * c + 3));
-#pragma unroll
-          for (int q = 0; q < kChunk; ++q)
-            if (q < nq) {
-              float4 xv = __ldg(reinterpret_cast<const float4*>(x + int64_t(q) * g.ldx) + c);
-              if (g.norm_w) {
-                xv.x = gv.x * (xv.x * rs[q]);
-                xv.y = gv.y * (xv.y * rs[q]);
-                xv.z = gv.z * (xv.z * rs[q]);
-                xv.w = gv.w * (xv.w * rs[q]);
-              }
-              a[q] = fmaf(wv.x, xv.x, fmaf(wv.y, xv.y, fmaf(wv.z, xv.z, fmaf(wv.w, xv.w, a[q]))));
-            }
+          for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+          rs[q] = float(1.0 / sqrt(ss / double(g.K) + double(g.eps)));
         }
-      } else {
-        for (int c = lane; c < g.K; c += 32) {
-          const float wv = W[c];
-          const float gv = g.norm_w ? load_f(g.norm_w, g.norm_t, c) : 1.0f;
+    }
+    for (int c = lane; c < g.K; c += 32) {
+      const float wv = W[c];
+      const float gv = g.norm_w ? load_f(g.norm_w, g.norm_t, c) : 1.0f;
 #pragma unroll
-          for (int q = 0; q < kChunk; ++q)
-            if (q < nq) {
-              float xv = __ldg(x + int64_t(q) * g.ldx + c);
-              if (g.norm_w) xv = gv * (xv * rs[q]);
-              a[q] = fmaf(wv, xv, a[q]);
-            }
+      for (int q = 0; q < kChunk; ++q)
+        if (q < nq) {
+          float xv = __ldg(x + int64_t(q) * g.ldx + c);
+          if (g.norm_w) xv = gv * (xv * rs[q]);
+          a[q] = fmaf(wv, xv, a[q]);
         }
-      }
+    }
 #pragma unroll
-      for (int q = 0; q < kChunk; ++q) {
-        if (q >= nq) break;
-        const float v = warp_sum(a[q]);
-        if (lane == 0) {
-          const int64_t row = q0 + q;
-          float* o = second ? g.y2 + row * g.ldy2 + j
-                            : g.y + row * g.ldy + int64_t(head) * g.head_y + (j - head * g.head_rows);
-          *o = g.acc ? *o + v : v;
-        }
+    for (int q = 0; q < kChunk; ++q) {
+      if (q >= nq) break;
+      const float v = warp_sum(a[q]);
+      if (lane == 0) {
+        const int64_t row = q0 + q;
+        float* o = second ? g.y2 + row * g.ldy2 + j
+                          : g.y + row * g.ldy + int64_t(head) * g.head_y + (j - head * g.head_rows);
+        *o = g.acc ? *o + v : v;
       }
     }
   }
 }
 
+// A kernel instance with up to `smem` bytes of dynamic shared memory (the attribute set once).
+template <class... P> void allow_smem(void (*kernel)(P...), size_t smem) {
+  if (smem > 48 * 1024)
+    DSV3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+}
+template <class WT, int U, int R, bool kNorm> void launch_gemv_u(dim3 grid, int rows, const GemvArgs& g) {
+  static const bool once = (allow_smem(gemv_kernel<WT, U, R, kNorm>, tile_smem<WT, U>()), true);
+  (void)once;
+  launch_pdl(gemv_kernel<WT, U, R, kNorm>, grid, dim3(32 * kGemvWarps), size_t(rows) * tile_smem<WT, U>() / kChunk, g);
+}
+template <class WT, int R, bool kNorm> void launch_gemv(int U, dim3 grid, int rows, const GemvArgs& g) {
+  switch (U) {
+    case 1: launch_gemv_u<WT, 1, R, kNorm>(grid, rows, g); break;
+    case 2: launch_gemv_u<WT, 2, R, kNorm>(grid, rows, g); break;
+    case 4: launch_gemv_u<WT, 4, R, kNorm>(grid, rows, g); break;
+    default: launch_gemv_u<WT, 8, R, kNorm>(grid, rows, g); break;
+  }
+}
+template <class WT, bool kNorm> void launch_gemv(int R, int U, dim3 grid, int rows, const GemvArgs& g) {
+  R == 2 ? launch_gemv<WT, 2, kNorm>(U, grid, rows, g) : launch_gemv<WT, 1, kNorm>(U, grid, rows, g);
+}
+// 16-byte vectors per lane per pass: enough for the whole row up to 8 (K 1024 F32 / 2048 BF16).
+int vectors_per_lane(int nv) { return nv <= 32 ? 1 : nv <= 64 ? 2 : nv <= 128 ? 4 : 8; }
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 }  // namespace
 
+void cuda_set_pdl(bool on) { pdl_flag() = on; }
+
 bool cuda_small_linear_ok(const LinearParam& p, const Tensor& x) {
-  return p.w.dtype() == DType::F32 && p.w.device() == Device::CUDA && !present(p.bias) && x.dtype() == DType::F32 &&
-         x.ndim() == 2 && x.dim(0) <= kMaxGemvRows && x.dim(1) == p.w.dim(1);
+  const DType t = p.w.dtype();
+  // BF16 rows go through the vector kernel only: 16-byte aligned rows.
+  const bool wt_ok = t == DType::F32 || (t == DType::BF16 && p.w.dim(1) % 8 == 0 && aligned16(p.w.raw()));
+  return wt_ok && p.w.device() == Device::CUDA && !present(p.bias) && x.dtype() == DType::F32 && x.ndim() == 2 &&
+         x.dim(0) <= kMaxGemvRows && x.dim(1) == p.w.dim(1);
+}
+
+bool cuda_small_mlp_ok(const MlpParams& m, const Tensor& x) {
+  if (!cuda_small_linear_ok(m.gate_proj, x) || !cuda_small_linear_ok(m.up_proj, x) ||
+      m.gate_proj.w.dtype() != m.up_proj.w.dtype())
+    return false;
+  const LinearParam& d = m.down_proj;
+  const DType t = d.w.dtype();
+  return (t == DType::F32 || (t == DType::BF16 && d.w.dim(1) % 8 == 0 && aligned16(d.w.raw()))) &&
+         d.w.device() == Device::CUDA && !present(d.bias) && d.w.dim(1) == m.gate_proj.w.dim(0);
 }
 
 void cuda_rows_gemv(const GemvArgs& g) {
-  DSV3_CHECK(g.n >= 0 && g.n <= kMaxGemvRows && g.K > 0 && g.head_rows > 0, "cuda_rows_gemv: n ", g.n, " K ", g.K);
+  DSV3_CHECK(g.n >= 0 && g.n <= kMaxGemvRows && g.K > 0 && g.head_rows > 0 &&
+                 (g.wt == DType::F32 || g.wt == DType::BF16),
+             "cuda_rows_gemv: n ", g.n, " K ", g.K, " weights ", dtype_name(g.wt));
   if (g.n == 0 || g.n_out + g.n_out2 == 0) return;
-  auto al = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  const bool vec = g.K % 4 == 0 && g.ldx % 4 == 0 && g.head_x % 4 == 0 && al(g.x) && al(g.W) && (!g.W2 || al(g.W2));
-  const unsigned grid = unsigned((g.n_out + g.n_out2 + kGemvWarps - 1) / kGemvWarps);
-  if (vec)
-    rows_gemv_kernel<true><<<grid, 32 * kGemvWarps>>>(g);
+  const bool bf = g.wt == DType::BF16;
+  const int kv = bf ? 8 : 4;
+  const bool vec = g.K % kv == 0 && g.ldx % 4 == 0 && g.head_x % 4 == 0 && aligned16(g.x) && aligned16(g.W) &&
+                   (!g.W2 || aligned16(g.W2));
+  if (!vec) {
+    DSV3_CHECK(!bf, "cuda_rows_gemv: BF16 weights need 16-byte aligned rows (K ", g.K, ")");
+    rows_gemv_scalar_kernel<<<unsigned((g.n_out + g.n_out2 + kGemvWarps - 1) / kGemvWarps), 32 * kGemvWarps>>>(g);
+    check_launch("small linear");
+    return;
+  }
+  // Two rows per warp when pairs never straddle a head or W and W2: each x load feeds both. A CTA's
+  // rows share one x slice: within one head (W2 only beside a single-head W).
+  DSV3_CHECK(!g.W2 || g.head_rows >= g.n_out, "cuda_rows_gemv: a second weight beside a multi-head first");
+  const int R = g.head_rows % 2 == 0 && g.n_out % 2 == 0 && g.n_out2 % 2 == 0 ? 2 : 1;
+  const bool one_head_per_cta = g.head_rows >= g.n_out || g.head_rows % (kGemvWarps * R) == 0;
+  if (!one_head_per_cta) {
+    DSV3_CHECK(!bf, "cuda_rows_gemv: BF16 weights need heads of a multiple of ", kGemvWarps * R, " rows");
+    rows_gemv_scalar_kernel<<<unsigned((g.n_out + g.n_out2 + kGemvWarps - 1) / kGemvWarps), 32 * kGemvWarps>>>(g);
+    check_launch("small linear");
+    return;
+  }
+  const int U = vectors_per_lane(g.K / kv);
+  const int64_t blocks = (int64_t(g.n_out) + g.n_out2 + kGemvWarps * R - 1) / (kGemvWarps * R);
+  DSV3_CHECK(blocks <= 65535, "cuda_rows_gemv: ", g.n_out + g.n_out2, " output rows exceed one launch");
+  const dim3 grid(unsigned((g.n + kChunk - 1) / kChunk), unsigned(blocks));
+  const int rows = std::min(g.n, kChunk);  // rows of x staged per CTA
+  const bool norm = g.norm_w != nullptr;
+  if (bf)
+    norm ? launch_gemv<__nv_bfloat16, true>(R, U, grid, rows, g) : launch_gemv<__nv_bfloat16, false>(R, U, grid, rows, g);
   else
-    rows_gemv_kernel<false><<<grid, 32 * kGemvWarps>>>(g);
+    norm ? launch_gemv<float, true>(R, U, grid, rows, g) : launch_gemv<float, false>(R, U, grid, rows, g);
   check_launch("small linear");
 }
 
@@ -296,7 +537,8 @@ void cuda_small_linear(const LinearParam& p, const Tensor& x, const Tensor& y, b
   g.n = int(x.dim(0));
   g.K = int(p.w.dim(1));
   g.ldx = g.K;
-  g.W = p.w.data<float>();
+  g.W = p.w.raw();
+  g.wt = p.w.dtype();
   g.n_out = int(p.w.dim(0));
   g.head_rows = g.n_out;
   g.y = ptr<float>(y);
@@ -309,7 +551,8 @@ void cuda_small_linear(const LinearParam& p, const Tensor& x, const Tensor& y, b
     g.eps = eps;
   }
   if (p2) {
-    g.W2 = p2->w.data<float>();
+    DSV3_CHECK(p2->w.dtype() == g.wt, "cuda_small_linear: the paired weights differ in dtype");
+    g.W2 = p2->w.raw();
     g.n_out2 = int(p2->w.dim(0));
     g.y2 = ptr<float>(*y2);
     g.ldy2 = g.n_out2;
@@ -332,22 +575,53 @@ void cuda_kv_latent(const Tensor& kv_a, const Tensor& norm_w, float eps, const T
 }
 
 namespace {
-bool f32_mlp(const MlpParams& m) {
+// Weights the expert kernels take: F32 or BF16 (all three of one dtype), no bias, 16-byte aligned
+// rows of whole vectors.
+bool vec_mlp(const MlpParams& m) {
+  const DType t = m.gate_proj.w.dtype();
+  if (t != DType::F32 && t != DType::BF16) return false;
+  const int64_t cols = t == DType::BF16 ? 8 : 4;
   for (const LinearParam* l : {&m.gate_proj, &m.up_proj, &m.down_proj})
-    if (l->w.dtype() != DType::F32 || l->w.device() != Device::CUDA || present(l->bias) ||
-        reinterpret_cast<uintptr_t>(l->w.raw()) % 16 != 0)
+    if (l->w.dtype() != t || l->w.device() != Device::CUDA || present(l->bias) || !aligned16(l->w.raw()) ||
+        l->w.dim(1) % cols != 0)
       return false;
   return true;
+}
+
+template <class WT, bool kGateUp, int U, int R> void launch_expert_u(dim3 grid, int rows, const ExpertArgs& a) {
+  static const bool once = (allow_smem(expert_kernel<WT, kGateUp, U, R>, tile_smem<WT, U>()), true);
+  (void)once;
+  launch_pdl(expert_kernel<WT, kGateUp, U, R>, grid, dim3(32 * kExpertWarps), size_t(rows) * tile_smem<WT, U>() / kChunk,
+             a);
+}
+template <class WT, bool kGateUp, int R> void launch_expert(int U, dim3 grid, int rows, const ExpertArgs& a) {
+  switch (U) {
+    case 1: launch_expert_u<WT, kGateUp, 1, R>(grid, rows, a); break;
+    case 2: launch_expert_u<WT, kGateUp, 2, R>(grid, rows, a); break;
+    case 4: launch_expert_u<WT, kGateUp, 4, R>(grid, rows, a); break;
+    default: launch_expert_u<WT, kGateUp, 8, R>(grid, rows, a); break;
+  }
+}
+// gate/up: one row of each per warp (two weight streams); down: two rows per warp when they pair up.
+// Grid: weight-row blocks × the most work items a step can have.
+template <class WT> void launch_experts(bool gate_up, int64_t N, const ExpertArgs& a) {
+  const int R = gate_up || a.rows_out % 2 != 0 ? 1 : 2;
+  const int U = vectors_per_lane(a.K / kVecCols<WT>);
+  const dim3 grid(unsigned((a.rows_out + kExpertWarps * R - 1) / (kExpertWarps * R)), unsigned(a.max_items));
+  const int rows = int(std::min<int64_t>(N, kChunk));
+  if (gate_up)
+    launch_expert<WT, true, 1>(U, grid, rows, a);
+  else if (R == 2)
+    launch_expert<WT, false, 2>(U, grid, rows, a);
+  else
+    launch_expert<WT, false, 1>(U, grid, rows, a);
 }
 }  // namespace
 
 bool cuda_moe_supported(const MoeParams& p) {
   if (p.experts.empty() || p.experts.size() > 1024) return false;
-  // One chunk of input rows must fit the expert kernels' 48 KB of shared memory.
-  const int64_t widest = std::max(p.experts[0].gate_proj.w.dim(0), p.experts[0].gate_proj.w.dim(1));
-  if (kChunk * widest * int64_t(sizeof(float)) > 48 * 1024) return false;
   for (const MlpParams& m : p.experts)
-    if (!f32_mlp(m)) return false;
+    if (!vec_mlp(m) || m.gate_proj.w.dtype() != p.experts[0].gate_proj.w.dtype()) return false;
   return true;
 }
 
@@ -359,7 +633,9 @@ CudaMoeTables cuda_moe_tables(const MoeParams& p) {
   t.H = p.experts[0].gate_proj.w.dim(1);
   // The shared experts join as one more group when they have the routed experts' shape.
   const MlpParams& sh = p.shared_experts;
-  t.shared = p.has_shared && f32_mlp(sh) && sh.gate_proj.w.dim(0) == t.I && sh.gate_proj.w.dim(1) == t.H;
+  t.wt = p.experts[0].gate_proj.w.dtype();
+  t.shared = p.has_shared && vec_mlp(sh) && sh.gate_proj.w.dtype() == t.wt && sh.gate_proj.w.dim(0) == t.I &&
+             sh.gate_proj.w.dim(1) == t.H;
   const int64_t cols = t.E + (t.shared ? 1 : 0);
   Tensor h = Tensor::empty(DType::I64, {3, cols});
   int64_t* d = h.data<int64_t>();
@@ -392,25 +668,26 @@ Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, con
 
   const int64_t nk = N * k, groups = E + (t.shared ? 1 : 0), picks = nk + (t.shared ? N : 0);
   DSV3_CHECK(cuda_moe_fits(t, N, k), "cuda_moe_forward: ", N, " rows × top-", k, " picks exceed the grouping kernel");
-  Tensor grp = be.alloc(DType::I32, {picks + nk + groups + 1});
+  // Work items: Σ over groups with picks of ceil(c / kChunk) ≤ picks / kChunk + (groups with picks).
+  const int64_t max_items = picks / kChunk + std::min(groups, nk + (t.shared ? 1 : 0));
+  Tensor grp = be.alloc(DType::I32, {picks + nk + groups + 1 + 2 * max_items + 1});
   int32_t* order = ptr<int32_t>(grp);
   int32_t* inv = order + picks;
   int32_t* offsets = inv + nk;
+  int32_t* items = offsets + groups + 1;
   group_kernel<<<1, unsigned((E + 31) / 32 * 32), size_t(E + nk) * sizeof(int32_t)>>>(
-      ids.data<int32_t>(), int(nk), int(E), t.shared ? int(N) : 0, order, inv, offsets);
+      ids.data<int32_t>(), int(nk), int(E), t.shared ? int(N) : 0, order, inv, offsets, items, int(max_items));
   check_launch("moe grouping");
   const int64_t* w = t.ptrs.data<int64_t>();
   Tensor act = be.alloc(DType::F32, {picks, I});
-  const int rows_per_cta = kWarps * kRowsPerWarp;
-  expert_kernel<true><<<dim3(unsigned(groups), unsigned((I + rows_per_cta - 1) / rows_per_cta)), 32 * kWarps,
-                        size_t(kChunk * H) * sizeof(float)>>>(x.data<float>(), order, offsets, w, w + groups, int(k),
-                                                              int(nk), int(H), int(I), ptr<float>(act));
+  ExpertArgs ea{x.data<float>(), order, offsets, items, int(max_items), w, w + groups, int(k), int(nk), int(H),
+                int(I), ptr<float>(act)};
+  t.wt == DType::BF16 ? launch_experts<__nv_bfloat16>(true, N, ea) : launch_experts<float>(true, N, ea);
   check_launch("experts gate/up");
   Tensor y = be.alloc(DType::F32, {picks, H});
-  expert_kernel<false><<<dim3(unsigned(groups), unsigned((H + rows_per_cta - 1) / rows_per_cta)), 32 * kWarps,
-                         size_t(kChunk * I) * sizeof(float)>>>(act.data<float>(), order, offsets, w + 2 * groups,
-                                                               nullptr, int(k), int(nk), int(I), int(H),
-                                                               ptr<float>(y));
+  ExpertArgs ed{act.data<float>(), order, offsets, items, int(max_items), w + 2 * groups, nullptr, int(k), int(nk),
+                int(I), int(H), ptr<float>(y)};
+  t.wt == DType::BF16 ? launch_experts<__nv_bfloat16>(false, N, ed) : launch_experts<float>(false, N, ed);
   check_launch("experts down");
   Tensor out = be.alloc(DType::F32, {N, H});
   const bool late_shared = p.has_shared && !t.shared;

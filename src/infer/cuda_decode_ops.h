@@ -11,6 +11,10 @@
 
 namespace dsv3 {
 
+// Programmatic dependent launch for the GEMV and expert kernels (default on; DSV3_CUDA_PDL=0 turns
+// it off at start-up): benchmarks measure what it saves.
+void cuda_set_pdl(bool on);
+
 // The latent half of kv_a_proj's output in one kernel: c_kv_n = kv_a_layernorm(kv_a[:, :R]) and
 // k_pe = RoPE(kv_a[:, R:]) at positions (inside the tables) — the backend's copy_cols, rmsnorm,
 // copy_cols and rope.
@@ -21,9 +25,11 @@ void cuda_kv_latent(const Tensor& kv_a, const Tensor& norm_w, float eps, const T
 struct CudaMoeTables {
   Tensor ptrs;  // I64 [3, E (+1: the shared experts, when fused)] on the device
   int64_t E = 0, H = 0, I = 0;
+  DType wt = DType::F32;  // the experts' weights: F32 or BF16
   bool shared = false;  // the shared experts run as group E (F32, the routed experts' shape)
 };
-// Whether the layer's experts can take the grouped path (F32 weights without bias, E ≤ 1024).
+// Whether the layer's experts can take the grouped path (F32 or BF16 weights without bias, 16-byte
+// aligned rows, E ≤ 1024).
 bool cuda_moe_supported(const MoeParams& p);
 CudaMoeTables cuda_moe_tables(const MoeParams& p);
 
@@ -45,6 +51,8 @@ Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, con
 // RMSNorm'ed first (the backend's rmsnorm, eps) inside the kernel; with p2, a second weight over
 // the same x writes y2 in the same launch.
 bool cuda_small_linear_ok(const LinearParam& p, const Tensor& x);
+// Whether a dense MLP's three projections take cuda_small_linear for x (gate and up of one dtype).
+bool cuda_small_mlp_ok(const MlpParams& m, const Tensor& x);
 void cuda_small_linear(const LinearParam& p, const Tensor& x, const Tensor& y, bool accumulate,
                        const Tensor* norm_w = nullptr, float eps = 0.0f, const LinearParam* p2 = nullptr,
                        const Tensor* y2 = nullptr);
@@ -57,7 +65,8 @@ struct GemvArgs {
   int n = 0, K = 0;
   int64_t ldx = 0, head_x = 0;
   int head_rows = 1;
-  const float* W = nullptr;
+  const void* W = nullptr;  // F32 or BF16 (wt), as W2
+  DType wt = DType::F32;
   int n_out = 0;
   float* y = nullptr;
   int64_t ldy = 0, head_y = 0;
@@ -65,7 +74,7 @@ struct GemvArgs {
   const void* norm_w = nullptr;
   DType norm_t = DType::F32;
   float eps = 0.0f;
-  const float* W2 = nullptr;
+  const void* W2 = nullptr;
   int n_out2 = 0;
   float* y2 = nullptr;
   int64_t ldy2 = 0;

@@ -93,8 +93,8 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
   const LinearParam& q_first = d_.q_lora > 0 ? a.q_a_proj : a.q_proj;
   // Small steps on CUDA: input_layernorm inside one GEMV launch for q_a (or q) and kv_a, and
   // q_a_layernorm inside q_b's.
-  fused = small_gemv(N) && cuda_small_linear_ok(q_first, x) && cuda_small_linear_ok(a.kv_a_proj_with_mqa, x) &&
-          (d_.q_lora == 0 || a.q_b_proj.w.dtype() == DType::F32);
+  fused = small_gemv(N) && N <= small_rows_ && cuda_small_linear_ok(q_first, x) &&
+          cuda_small_linear_ok(a.kv_a_proj_with_mqa, x) && q_first.w.dtype() == a.kv_a_proj_with_mqa.w.dtype();
   if (fused) {
     Tensor first = d_.q_lora > 0 ? be_.alloc(DType::F32, {N, d_.q_lora}) : q2;
     cuda_small_linear(q_first, x, first, false, &p.input_layernorm, d_.eps, &a.kv_a_proj_with_mqa, &kv_a);
@@ -162,9 +162,28 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
 
   const Tensor h2 = rmsnorm(be_, x2, p.post_attention_layernorm, d_.eps, rstd);
   Tensor ffn;
+  bool small_mlp = false;
+#ifdef DSV3_HAVE_CUDA
+  small_mlp = !p.is_moe && small_gemv(N) && cuda_small_mlp_ok(p.mlp, h2);
+#endif
   if (dev_moe) {
 #ifdef DSV3_HAVE_CUDA
     return cuda_moe_forward(be_, d_, p.moe, *dev_moe, h2, &x2, small_gemv(N));  // x2 + ffn
+#endif
+  } else if (small_mlp) {
+#ifdef DSV3_HAVE_CUDA
+    // The dense MLP of a small step: gate and up in one GEMV launch, SwiGLU, then down accumulated
+    // into x2 (x2 + down(·), the order of the add below).
+    const int64_t I = p.mlp.gate_proj.w.dim(0);
+    Tensor g = be_.alloc(DType::F32, {N, I}), u = be_.alloc(DType::F32, {N, I}), act = be_.alloc(DType::F32, {N, I});
+    cuda_small_linear(p.mlp.gate_proj, h2, g, false, nullptr, 0.0f, &p.mlp.up_proj, &u);
+    SwigluArgs sw;
+    sw.gate = g;
+    sw.up = u;
+    sw.out = act;
+    be_.swiglu(sw);
+    linear(p.mlp.down_proj, act, x2, true);
+    return x2;
 #endif
   } else if (p.is_moe) {
     MoeActs m;

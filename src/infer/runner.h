@@ -7,8 +7,8 @@
 // tables); only the attention differs from the plain forward. MTP module k runs as cache layer
 // num_hidden_layers + k − 1, its hub layer index.
 //
-// On CUDA, steps of at most small_rows() rows run their F32 linears through one GEMV kernel each
-// (infer/cuda_decode_ops.h) instead of cuBLAS.
+// On CUDA, steps of at most kDeviceGemvRows rows run their F32 or BF16 linears through one GEMV
+// kernel each (infer/cuda_decode_ops.h) instead of cuBLAS.
 // Steps of at most small_rows() rows on the CPU backend (decode, draft verification, MTP drafts)
 // take a lean path (runner_small.cpp): the same math on reused host buffers, F32 weights through
 // row_linear (the weight streamed once for all rows, results independent of the row count), and
@@ -93,9 +93,13 @@ class ModelRunner {
   static constexpr int64_t kDeviceMoeRows = 512;
   bool sync_free_ = true;
   void rope(const Tensor& positions, const Tensor& x, int64_t offset);
-  // linear_forward, or on CUDA for steps of at most small_rows() rows cuda_small_linear.
+  // linear_forward, or on CUDA for steps of at most kDeviceGemvRows rows cuda_small_linear
   void linear(const LinearParam& p, const Tensor& x, const Tensor& y, bool accumulate = false);
-  bool small_gemv(int64_t N) const { return be_.device() == Device::CUDA && sync_free_ && N <= small_rows_; }
+  // (and the RMSNorms fused into the first GEMVs only up to small_rows(): each warp re-reads x for its norm).
+  bool small_gemv(int64_t N) const {
+    return be_.device() == Device::CUDA && sync_free_ && small_rows_ > 0 && N <= kDeviceGemvRows;
+  }
+  static constexpr int64_t kDeviceGemvRows = 32;
   RopeCache rope_;
   int64_t small_rows_ = 8;
   // Lean-path buffers, grown on demand and reused across steps.

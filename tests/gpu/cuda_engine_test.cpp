@@ -190,35 +190,66 @@ TEST(CudaEngine, SyncFreePathEqualsCpuOnRandomTiny) {
 
 // The grouped MoE (the backend's router, grouping, experts, combine, residual) against the
 // CPU's moe_forward on one MoE layer of the tiny preset, with a router bias that changes the picks.
+// BF16 copies of a model's matrices (norms and the router bias stay F32), as a BF16 checkpoint.
+Weights bf16_matrices(Weights w) {
+  for (Param& p : w.params())
+    if (p.w.ndim() == 2 && p.w.dtype() == DType::F32) p.w = p.w.to(DType::BF16);
+  return w;
+}
+
 TEST(CudaEngine, GroupedMoeEqualsCpuMoeForward) {
   ASSERT_GT(cuda_device_count(), 0);
   CudaBackend& be = cuda_backend();
-  Weights host = Weights::random(preset_config("tiny"), 5, 0.05f);
-  for (Param& p : host.params())
-    if (p.spec.name.find("e_score_correction_bias") != std::string::npos)
-      for (int64_t i = 0; i < p.w.numel(); ++i) p.w.data<float>()[i] = 0.02f * rng_normal(6, 0, uint64_t(i));
-  Weights dev = host;
-  for (Param& p : dev.params()) p.w = be.to_device(p.w);
-  const ModelParams ph = bind_params(host), pd = bind_params(dev);
-  const ModelDims d = model_dims(host.config());
-  const size_t layer = 2;
-  ASSERT_TRUE(ph.layers[layer].is_moe && cuda_moe_supported(pd.layers[layer].moe));
-  const CudaMoeTables t = cuda_moe_tables(pd.layers[layer].moe);
-  EXPECT_TRUE(t.shared);
-  for (int64_t N : {1, 5, 40}) {
-    SCOPED_TRACE(cat(N, " rows"));
-    const Tensor x = randn({N, d.H}, 7, uint64_t(N)), res = randn({N, d.H}, 8, uint64_t(N));
-    MoeActs a;
-    moe_forward(cpu_backend(), d, ph.layers[layer].moe, x, a);
-    Vec want = to_vec(res);
-    const Vec moe = to_vec(a.out);
-    for (size_t i = 0; i < want.size(); ++i) want[i] += moe[i];
-    const Tensor rd = be.to_device(res);
-    const Tensor got = cuda_moe_forward(be, d, pd.layers[layer].moe, t, be.to_device(x), &rd, N <= 8);
-    const Err e = compare(be.to_host(got), want);
-    EXPECT_LE(e.norm_err, tol::kF32) << "worst " << e.worst;
-    EXPECT_EQ(e.non_finite, 0);
+  for (DType wt : {DType::F32, DType::BF16}) {
+    SCOPED_TRACE(dtype_name(wt));
+    Weights host = Weights::random(preset_config("tiny"), 5, 0.05f);
+    for (Param& p : host.params())
+      if (p.spec.name.find("e_score_correction_bias") != std::string::npos)
+        for (int64_t i = 0; i < p.w.numel(); ++i) p.w.data<float>()[i] = 0.02f * rng_normal(6, 0, uint64_t(i));
+    if (wt == DType::BF16) host = bf16_matrices(host);
+    Weights dev = host;
+    for (Param& p : dev.params()) p.w = be.to_device(p.w);
+    const ModelParams ph = bind_params(host), pd = bind_params(dev);
+    const ModelDims d = model_dims(host.config());
+    const size_t layer = 2;
+    ASSERT_TRUE(ph.layers[layer].is_moe && cuda_moe_supported(pd.layers[layer].moe));
+    const CudaMoeTables t = cuda_moe_tables(pd.layers[layer].moe);
+    EXPECT_TRUE(t.shared);
+    for (int64_t N : {1, 5, 40}) {
+      SCOPED_TRACE(cat(N, " rows"));
+      const Tensor x = randn({N, d.H}, 7, uint64_t(N)), res = randn({N, d.H}, 8, uint64_t(N));
+      MoeActs a;
+      moe_forward(cpu_backend(), d, ph.layers[layer].moe, x, a);
+      Vec want = to_vec(res);
+      const Vec moe = to_vec(a.out);
+      for (size_t i = 0; i < want.size(); ++i) want[i] += moe[i];
+      const Tensor rd = be.to_device(res);
+      const Tensor got = cuda_moe_forward(be, d, pd.layers[layer].moe, t, be.to_device(x), &rd, N <= 8);
+      const Err e = compare(be.to_host(got), want);
+      EXPECT_LE(e.norm_err, tol::kF32) << "worst " << e.worst;
+      EXPECT_EQ(e.non_finite, 0);
+    }
   }
+}
+
+// A BF16 checkpoint's matrices: the device's GEMV and grouped experts read BF16 and compute in F32,
+// as the CPU engine does with the same weights (batch 1 to 20 rows per step: chunked prefill and
+// batched decode).
+TEST(CudaEngine, Bf16WeightsEqualCpu) {
+  ASSERT_GT(cuda_device_count(), 0);
+  const Weights w = bf16_matrices(Weights::random(preset_config("tiny"), 4, 0.05f));
+  std::vector<Request> reqs;
+  for (int64_t len : {3, 7, 16}) {
+    std::vector<int32_t> p;
+    for (int64_t i = 0; i < len; ++i) p.push_back(int32_t((uint64_t(len * 977 + i) * 2654435761u >> 9) % 4096));
+    reqs.push_back(greedy_request(p, 12));
+  }
+  EngineOptions opt;
+  opt.cache.block_size = 8;
+  const CpuRef ref = cpu_reference(w, opt, reqs);
+  Engine gpu(w, opt, cuda_backend());
+  for (const Request& r : reqs) gpu.add(r);
+  EXPECT_GE(expect_matches(ref, gpu.run_all(), reqs), 4) << "too many near ties to compare";
 }
 
 // ---- the device cache's attention against the host's -----------------------------------------
@@ -324,31 +355,34 @@ TEST(CudaEngine, DeviceCacheAttentionEqualsHostSmallShapes) {
   attention_against_host(dims(5, 16, 16, 32, 70), 2, 16, false);  // 5 heads; rows of 86 (no 16-byte loads)
 }
 
-// The small-row GEMV (decode's linears) against a double reference: float4 and scalar paths,
-// 1 to 19 rows (chunks of 8), plain and accumulating.
+// The small-row GEMV (decode's linears) against a double reference: F32 and BF16 weights, vector and
+// scalar paths, one and two weight rows per warp, 1 to 32 rows of x (chunks of 8), plain and accumulating.
 TEST(CudaEngine, SmallLinearEqualsReference) {
   ASSERT_GT(cuda_device_count(), 0);
   CudaBackend& be = cuda_backend();
-  for (int64_t K : {44, 45, 1024})
-    for (int64_t n : {1, 3, 8, 19})
-      for (bool acc : {false, true}) {
-        SCOPED_TRACE(cat("K ", K, " rows ", n, acc ? " accumulate" : ""));
-        const int64_t M = 37;
-        LinearParam p;
-        p.w = be.to_device(randn({M, K}, 7, uint64_t(K)));
-        const Tensor w = be.to_host(p.w), x = randn({n, K}, 8, uint64_t(n)), y0 = randn({n, M}, 9, 0);
-        Vec want(size_t(n * M));
-        for (int64_t r = 0; r < n; ++r)
-          for (int64_t j = 0; j < M; ++j) {
-            double s = acc ? double(y0.data<float>()[r * M + j]) : 0.0;
-            for (int64_t k = 0; k < K; ++k) s += double(x.data<float>()[r * K + k]) * double(w.data<float>()[j * K + k]);
-            want[size_t(r * M + j)] = s;
+  for (DType wt : {DType::F32, DType::BF16})
+    for (int64_t K : {44, 45, 1024, 2816})
+      for (int64_t n : {1, 3, 8, 19, 32})
+        for (int64_t M : {37, 38})
+          for (bool acc : {false, true}) {
+            if (wt == DType::BF16 && K % 8 != 0) continue;  // BF16 rows must be whole 16-byte vectors
+            SCOPED_TRACE(cat(dtype_name(wt), " K ", K, " rows ", n, " outputs ", M, acc ? " accumulate" : ""));
+            LinearParam p;
+            p.w = be.to_device(randn({M, K}, 7, uint64_t(K)).to(wt));
+            const Tensor w = be.to_host(p.w), x = randn({n, K}, 8, uint64_t(n)), y0 = randn({n, M}, 9, 0);
+            Vec want(size_t(n * M));
+            for (int64_t r = 0; r < n; ++r)
+              for (int64_t j = 0; j < M; ++j) {
+                double s = acc ? double(y0.data<float>()[r * M + j]) : 0.0;
+                for (int64_t k = 0; k < K; ++k)
+                  s += double(x.data<float>()[r * K + k]) * double(load_as_float(w.raw(), wt, j * K + k));
+                want[size_t(r * M + j)] = s;
+              }
+            const Tensor xd = be.to_device(x), yd = be.to_device(y0);
+            ASSERT_TRUE(cuda_small_linear_ok(p, xd));
+            cuda_small_linear(p, xd, yd, acc);
+            EXPECT_LE(compare(be.to_host(yd), want).norm_err, tol::kF32);
           }
-        const Tensor xd = be.to_device(x), yd = be.to_device(y0);
-        ASSERT_TRUE(cuda_small_linear_ok(p, xd));
-        cuda_small_linear(p, xd, yd, acc);
-        EXPECT_LE(compare(be.to_host(yd), want).norm_err, tol::kF32);
-      }
 }
 
 // With the RMSNorm inside and a second weight in the same launch (q_a and kv_a over input_layernorm).
