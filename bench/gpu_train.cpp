@@ -23,7 +23,9 @@ int main() {
   return 1;
 }
 #else
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
+#include <dlfcn.h>
 
 #include <chrono>
 #include <fstream>
@@ -41,6 +43,23 @@ int main() {
 #include "model/model_stats.h"
 #include "model/presets.h"
 #include "train/optimizer.h"
+
+// Blocking host-device interactions per step, counted by wrapping the runtime's cudaMemcpy and
+// cudaDeviceSynchronize (as bench/gpu_decode.cpp does): each one drains the GPU's queue.
+namespace {
+long g_blocking = 0;
+template <class F> F real(const char* name) { return reinterpret_cast<F>(dlsym(RTLD_NEXT, name)); }
+}  // namespace
+extern "C" cudaError_t cudaMemcpy(void* dst, const void* src, size_t n, cudaMemcpyKind kind) {
+  static auto f = real<cudaError_t (*)(void*, const void*, size_t, cudaMemcpyKind)>("cudaMemcpy");
+  ++g_blocking;
+  return f(dst, src, n, kind);
+}
+extern "C" cudaError_t cudaDeviceSynchronize() {
+  static auto f = real<cudaError_t (*)()>("cudaDeviceSynchronize");
+  ++g_blocking;
+  return f();
+}
 
 using namespace dsv3;
 
@@ -122,7 +141,7 @@ struct Run {
   std::string precision;
   double step_s = 0, tok_s = 0, tflops = 0, loss = 0;
   double ph[5] = {0, 0, 0, 0, 0};  // forward, loss, backward, optimizer, weight-copy refresh
-  double attn_f = 0, attn_b = 0, linear_s = 0, lm_head_s = 0, mem_gib = 0, host_s = 0;
+  double attn_f = 0, attn_b = 0, linear_s = 0, lm_head_s = 0, mem_gib = 0, host_s = 0, blocking = 0;
   double layers_f = 0, layers_b = 0;  // every decoder layer, synchronised one by one
   std::map<std::string, double> linears;  // per group, per step
   std::map<std::string, double> modules;  // one layer's module, forward / backward (s)
@@ -248,10 +267,15 @@ Run measure(CudaBackend& be, const ModelConfig& cfg, const Weights& host, const 
   step();
   phases = false;
   be.synchronize();
+  // The timed steps inside cudaProfilerStart/Stop: `ncu --profile-from-start off` sees only them.
+  cudaProfilerStart();
+  const long b0 = g_blocking;
   auto t0 = Clock::now();
   for (int i = 0; i < steps; ++i) step();
   r.host_s = secs(t0, Clock::now()) / steps;  // until the host has queued the last step's work
+  r.blocking = double(g_blocking - b0) / steps;
   be.synchronize();
+  cudaProfilerStop();
   r.step_s = secs(t0, Clock::now()) / steps;
   r.tok_s = double(B * T) / r.step_s;
   r.tflops = r.tok_s * fpt / 1e12;
@@ -350,6 +374,7 @@ int main(int argc, char** argv) {
     std::printf("[%s] timed steps: %.3f s each, of which the host had queued its work after %.3f s; every decoder "
                 "layer one by one (synchronised): forward %.3f s, backward %.3f s\n",
                 p.c_str(), r.step_s, r.host_s, r.layers_f, r.layers_b);
+    std::printf("[%s] blocking copies and synchronisations per step: %.0f\n", p.c_str(), r.blocking);
     std::printf("[%s] attention core per layer: forward %.4f s, backward %.4f s; x%ld layers = %.3f s per step\n",
                 p.c_str(), r.attn_f, r.attn_b, long(cfg.num_hidden_layers),
                 (r.attn_f + r.attn_b) * double(cfg.num_hidden_layers));
@@ -391,6 +416,7 @@ int main(int argc, char** argv) {
              {"lm_head_alone_s", r.lm_head_s},
              {"one_layer_modules_s", r.modules},
              {"host_queue_s", r.host_s},
+             {"blocking_calls_per_step", r.blocking},
              {"decoder_layers_synchronised_s", {{"forward", r.layers_f}, {"backward", r.layers_b}}}};
   }
   res["runs"] = rj;

@@ -94,6 +94,8 @@ __global__ void group_kernel(const int32_t* ids, int nk, int E, int n_shared_row
                              int32_t* offsets, int32_t* items, int max_items) {
   extern __shared__ int32_t off[];
   int32_t* sid = off + E;  // the ids, read once (coalesced) instead of by every thread in turn
+  pdl_wait();
+  pdl_trigger();
   for (int i = threadIdx.x; i < nk; i += blockDim.x) sid[i] = ids[i];
   __syncthreads();
   const int e = threadIdx.x;
@@ -307,6 +309,8 @@ __global__ void __launch_bounds__(32 * kExpertWarps) expert_kernel(ExpertArgs a)
 // out[r] = Σ_j weights[r, j]·y[inv[r·k + j]] in top-k order (+ the fused shared expert's row).
 __global__ void combine_kernel(const float* y, const int32_t* inv, const float* wts, int k, int nk, bool shared,
                                int H, const float* residual, float* out) {
+  pdl_wait();
+  pdl_trigger();
   const int r = blockIdx.x;
   __shared__ const float* rows[32];
   __shared__ float w[32];
@@ -328,6 +332,8 @@ __global__ void combine_kernel(const float* y, const int32_t* inv, const float* 
 __global__ void kv_latent_kernel(const float* kva, int64_t R, int64_t P, const void* w, DType wt, float eps,
                                  const int32_t* pos, const float* cs, const float* sn, bool interleaved, float* c,
                                  float* kpe) {
+  pdl_wait();
+  pdl_trigger();
   const int64_t r = blockIdx.x;
   const float* x = kva + r * (R + P);
   double ss = 0.0;
@@ -568,9 +574,9 @@ void cuda_kv_latent(const Tensor& kv_a, const Tensor& norm_w, float eps, const T
                  positions.numel() == N && P % 2 == 0,
              "cuda_kv_latent: kv_a ", kv_a.shape().str());
   if (N)
-    kv_latent_kernel<<<unsigned(N), 128>>>(kv_a.data<float>(), R, P, norm_w.raw(), norm_w.dtype(), eps,
-                                           positions.data<int32_t>(), cos.data<float>(), sin.data<float>(),
-                                           interleaved, ptr<float>(c_kv_n), ptr<float>(k_pe));
+    launch_pdl(kv_latent_kernel, dim3(unsigned(N)), dim3(128), 0, kv_a.data<float>(), R, P, norm_w.raw(),
+               norm_w.dtype(), eps, positions.data<int32_t>(), cos.data<float>(), sin.data<float>(), interleaved,
+               ptr<float>(c_kv_n), ptr<float>(k_pe));
   check_launch("kv latent");
 }
 
@@ -675,8 +681,8 @@ Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, con
   int32_t* inv = order + picks;
   int32_t* offsets = inv + nk;
   int32_t* items = offsets + groups + 1;
-  group_kernel<<<1, unsigned((E + 31) / 32 * 32), size_t(E + nk) * sizeof(int32_t)>>>(
-      ids.data<int32_t>(), int(nk), int(E), t.shared ? int(N) : 0, order, inv, offsets, items, int(max_items));
+  launch_pdl(group_kernel, dim3(1), dim3(unsigned((E + 31) / 32 * 32)), size_t(E + nk) * sizeof(int32_t),
+             ids.data<int32_t>(), int(nk), int(E), t.shared ? int(N) : 0, order, inv, offsets, items, int(max_items));
   check_launch("moe grouping");
   const int64_t* w = t.ptrs.data<int64_t>();
   Tensor act = be.alloc(DType::F32, {picks, I});
@@ -692,8 +698,9 @@ Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, con
   Tensor out = be.alloc(DType::F32, {N, H});
   const bool late_shared = p.has_shared && !t.shared;
   const bool fold = residual && !late_shared;
-  combine_kernel<<<unsigned(N), 256>>>(y.data<float>(), inv, wts.data<float>(), int(k), int(nk), t.shared, int(H),
-                                       fold ? residual->data<float>() : nullptr, ptr<float>(out));
+  launch_pdl(combine_kernel, dim3(unsigned(N)), dim3(256), 0, y.data<float>(), static_cast<const int32_t*>(inv),
+             wts.data<float>(), int(k), int(nk), t.shared, int(H), fold ? residual->data<float>() : nullptr,
+             ptr<float>(out));
   check_launch("moe combine");
   if (late_shared) {
     MlpActs m;

@@ -11,7 +11,7 @@
 
 namespace dsv3 {
 
-// Programmatic dependent launch for the GEMV and expert kernels (default on; DSV3_CUDA_PDL=0 turns
+// Programmatic dependent launch for this file's kernels (default on; DSV3_CUDA_PDL=0 turns
 // it off at start-up): benchmarks measure what it saves.
 void cuda_set_pdl(bool on);
 
