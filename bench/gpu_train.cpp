@@ -41,6 +41,7 @@ int main() {
 #include "model/loss.h"
 #include "model/model.h"
 #include "model/model_stats.h"
+#include "model/output_head.h"
 #include "model/presets.h"
 #include "train/optimizer.h"
 
@@ -306,16 +307,19 @@ Run measure(CudaBackend& be, const ModelConfig& cfg, const Weights& host, const 
   r.linears["shared experts"] = shared * double(moe_layers);
   r.linears["routed experts (even load)"] = expert * double(E * moe_layers);
   for (const auto& [k, v] : r.linears) r.linear_s += v;
-  {  // lm_head: FP32 GEMMs on the (BF16) weight in every precision
+  {  // lm_head as the step runs it (model/output_head.h): FP32, or BF16 operands in bf16 and fp8
     Tensor x = be.alloc(DType::F32, {N, H}), y = be.alloc(DType::F32, {N, cfg.vocab_size});
-    Tensor w = be.alloc(prec == "fp32" ? DType::F32 : DType::BF16, {cfg.vocab_size, H});
-    Tensor dx = be.alloc(DType::F32, {N, H}), dw = be.alloc(DType::F32, {cfg.vocab_size, H});
+    LinearParam w, g;
+    w.w = be.alloc(DType::F32, {cfg.vocab_size, H});
+    g.w = be.alloc(DType::F32, {cfg.vocab_size, H});
+    Tensor dx = be.alloc(DType::F32, {N, H});
     be.fill({x, 0.5f});
-    be.fill({w, 0.01f});
+    be.fill({w.w, 0.01f});
+    be.fill({g.w, 0.0f});
     be.synchronize();
     auto a = Clock::now();
-    be.linear({x, w, {}, y});
-    be.linear_backward({y, x, w, {}, dx, dw, false, true});
+    head_forward(be, w, x, y);
+    head_backward(be, w, g, x, y, dx, false);
     be.synchronize();
     r.lm_head_s = secs(a, Clock::now());
   }
@@ -380,7 +384,7 @@ int main(int argc, char** argv) {
                 (r.attn_f + r.attn_b) * double(cfg.num_hidden_layers));
     std::printf("[%s] linear layers alone (forward + backward, per step): %.3f s =", p.c_str(), r.linear_s);
     for (const auto& [k, v] : r.linears) std::printf(" %s %.3f;", k.c_str(), v);
-    std::printf(" lm_head (FP32 SGEMM) %.3f s\n", r.lm_head_s);
+    std::printf(" lm_head (%s) %.3f s\n", p == "fp32" ? "FP32 SGEMM" : "BF16 operands", r.lm_head_s);
     std::printf("[%s] one layer's modules (s):", p.c_str());
     for (const auto& [k, v] : r.modules) std::printf(" %s %.4f;", k.c_str(), v);
     const double L = double(cfg.num_hidden_layers), Ld = double(cfg.first_k_dense_replace);

@@ -1,12 +1,10 @@
 #include "infer/cuda_decode_ops.h"
 
 #include <algorithm>
-#include <cstdlib>
-#include <string>
-#include <utility>
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/mma.cuh"
+#include "backend/cuda/pdl.cuh"
 
 namespace dsv3 {
 using namespace cuda;
@@ -17,37 +15,6 @@ constexpr int kChunk = 8;        // picks (rows of x) per pass over an expert's 
 constexpr int kMaxGemvRows = 64;
 constexpr int kGemvWarps = 4;  // GEMV: 4 warps per CTA (many CTAs for short outputs)
 constexpr int kExpertWarps = 8;
-
-// Programmatic dependent launch (Hopper): a kernel launched with launch_pdl may start while the
-// previous kernel in the stream drains; it reads nothing that kernel writes before pdl_wait (which
-// returns once the previous grid has completed and its writes are visible), so its own start-up and
-// its weight loads (weights no kernel writes) overlap the previous kernel's tail. It triggers its
-// dependents only after its own wait, so a later kernel's early reads of older outputs stay safe.
-__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
-
-bool& pdl_flag() {
-  static bool on = [] {
-    const char* e = std::getenv("DSV3_CUDA_PDL");
-    return !(e && std::string(e) == "0");
-  }();
-  return on;
-}
-bool pdl_enabled() { return pdl_flag(); }
-
-template <class... P, class... A>
-void launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... args) {
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cudaLaunchAttribute at[1];
-  at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  at[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = at;
-  cfg.numAttrs = pdl_enabled() ? 1 : 0;
-  DSV3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...));
-}
 
 // 16 bytes of a weight row, read once: not kept in L1.
 __device__ __forceinline__ uint4 ld_weights(const void* p) {
@@ -250,6 +217,22 @@ __device__ __forceinline__ void tile_rows(const char* A, const char* B, size_t r
     }
   }
 }
+// The warp sums of ga[r][q] (and ub[r][q] when kTwo) for the n rows of x; lane 0 passes each to
+// store(r, q, Σga, Σub).
+template <bool kTwo, int R, class F>
+__device__ __forceinline__ void reduce_rows(const float (&ga)[R][kChunk], const float (&ub)[kTwo ? R : 1][kChunk],
+                                            int n, F&& store) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int q = 0; q < kChunk; ++q) {
+      if (q >= n) break;
+      const float g = warp_sum(ga[r][q]);
+      const float u = kTwo ? warp_sum(ub[kTwo ? r : 0][q]) : 0.0f;
+      if (lane == 0) store(r, q, g, u);
+    }
+}
 template <class WT, int U> constexpr size_t tile_smem() { return size_t(kChunk) * 32 * U * kVecCols<WT> * sizeof(float); }
 
 struct ExpertArgs {
@@ -273,7 +256,7 @@ __global__ void __launch_bounds__(32 * kExpertWarps) expert_kernel(ExpertArgs a)
   __shared__ TileSmem ts;
   pdl_wait();  // the grouping and the inputs come from the previous kernels
   pdl_trigger();
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
   const int j0 = (blockIdx.x * kExpertWarps + warp) * R;
   if (int(blockIdx.y) >= a.items[2 * a.max_items]) return;  // CTA-uniform exits only: tile_rows has barriers
   const int e = a.items[2 * blockIdx.y], ch = a.items[2 * blockIdx.y + 1];
@@ -295,15 +278,9 @@ __global__ void __launch_bounds__(32 * kExpertWarps) expert_kernel(ExpertArgs a)
   tile_rows<WT, U, R, kGateUp, false, false>(A, B, row_bytes, active, a.K / kVecCols<WT>, n, ts, xs_sm, nullptr,
                                                DType::F32, 0.0f, ga, ub);
   if (!active) return;
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int q = 0; q < kChunk; ++q) {
-      if (q >= n) break;
-      const float g = warp_sum(ga[r][q]);
-      const float u = kGateUp ? warp_sum(ub[r][q]) : 0.0f;
-      if (lane == 0) a.out[int64_t(c0 + ch + q) * a.rows_out + j0 + r] = kGateUp ? g / (1.0f + expf(-g)) * u : g;
-    }
+  reduce_rows<kGateUp>(ga, ub, n, [&](int r, int q, float g, float u) {
+    a.out[int64_t(c0 + ch + q) * a.rows_out + j0 + r] = kGateUp ? g / (1.0f + expf(-g)) * u : g;
+  });
 }
 
 // out[r] = Σ_j weights[r, j]·y[inv[r·k + j]] in top-k order (+ the fused shared expert's row).
@@ -358,7 +335,7 @@ template <class WT, int U, int R, bool kNorm>
 __global__ void __launch_bounds__(32 * kGemvWarps) gemv_kernel(GemvArgs g) {
   extern __shared__ __align__(16) float xs_sm[];
   __shared__ TileSmem ts;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
   const int j0 = (blockIdx.y * kGemvWarps + warp) * R, q0 = blockIdx.x * kChunk;
   const int n = min(kChunk, g.n - q0);
   const bool active = j0 < g.n_out + g.n_out2;
@@ -373,20 +350,12 @@ __global__ void __launch_bounds__(32 * kGemvWarps) gemv_kernel(GemvArgs g) {
   tile_rows<WT, U, R, false, kNorm, true>(W, nullptr, row_bytes, active, g.K / kVecCols<WT>, n, ts, xs_sm, g.norm_w,
                                           g.norm_t, g.eps, acc, unused);
   if (!active) return;
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int q = 0; q < kChunk; ++q) {
-      if (q >= n) break;
-      const float v = warp_sum(acc[r][q]);
-      if (lane == 0) {
-        const int64_t row = q0 + q;
-        const int j = jr + r;
-        float* o = second ? g.y2 + row * g.ldy2 + j
-                          : g.y + row * g.ldy + int64_t(head) * g.head_y + (j - head * g.head_rows);
-        *o = g.acc ? *o + v : v;
-      }
-    }
+  reduce_rows<false>(acc, unused, n, [&](int r, int q, float v, float) {
+    const int64_t row = q0 + q;
+    const int j = jr + r;
+    float* o = second ? g.y2 + row * g.ldy2 + j : g.y + row * g.ldy + int64_t(head) * g.head_y + (j - head * g.head_rows);
+    *o = g.acc ? *o + v : v;
+  });
 }
 
 // The fallback for F32 rows that are not 16-byte aligned: a warp per weight row, streamed once per
@@ -473,8 +442,6 @@ int vectors_per_lane(int nv) { return nv <= 32 ? 1 : nv <= 64 ? 2 : nv <= 128 ? 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 }  // namespace
-
-void cuda_set_pdl(bool on) { pdl_flag() = on; }
 
 bool cuda_small_linear_ok(const LinearParam& p, const Tensor& x) {
   const DType t = p.w.dtype();

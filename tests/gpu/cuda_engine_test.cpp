@@ -77,6 +77,19 @@ CpuRef cpu_reference(const Weights& w, EngineOptions opt, const std::vector<Requ
   return ref;
 }
 
+// Greedy requests of the given prompt lengths, 12 new tokens each, ids spread over the tiny
+// preset's vocabulary by a multiplicative hash (`salt` varies them between tests).
+std::vector<Request> hashed_requests(std::initializer_list<int64_t> lengths, uint64_t salt) {
+  std::vector<Request> reqs;
+  for (int64_t len : lengths) {
+    std::vector<int32_t> p;
+    for (int64_t i = 0; i < len; ++i)
+      p.push_back(int32_t(((uint64_t(len) * salt + uint64_t(i)) * 2654435761u >> 9) % 4096));
+    reqs.push_back(greedy_request(p, 12));
+  }
+  return reqs;
+}
+
 // GPU tokens equal the CPU's up to each sequence's first near tie; returns the fewest compared.
 int64_t expect_matches(const CpuRef& ref, const std::vector<std::vector<int32_t>>& got,
                        const std::vector<Request>& reqs) {
@@ -166,12 +179,7 @@ TEST(CudaEngine, BatchedAndChunkedEqualCpu) {
 TEST(CudaEngine, SyncFreePathEqualsCpuOnRandomTiny) {
   ASSERT_GT(cuda_device_count(), 0);
   const Weights w = Weights::random(preset_config("tiny"), 3, 0.05f);
-  std::vector<Request> reqs;
-  for (int64_t len : {2, 5, 9, 20}) {
-    std::vector<int32_t> p;
-    for (int64_t i = 0; i < len; ++i) p.push_back(int32_t((uint64_t(len * 131 + i) * 2654435761u >> 9) % 4096));
-    reqs.push_back(greedy_request(p, 12));
-  }
+  const std::vector<Request> reqs = hashed_requests({2, 5, 9, 20}, 131);
   EngineOptions opt;
   opt.cache.block_size = 8;
   const CpuRef ref = cpu_reference(w, opt, reqs);
@@ -238,12 +246,7 @@ TEST(CudaEngine, GroupedMoeEqualsCpuMoeForward) {
 TEST(CudaEngine, Bf16WeightsEqualCpu) {
   ASSERT_GT(cuda_device_count(), 0);
   const Weights w = bf16_matrices(Weights::random(preset_config("tiny"), 4, 0.05f));
-  std::vector<Request> reqs;
-  for (int64_t len : {3, 7, 16}) {
-    std::vector<int32_t> p;
-    for (int64_t i = 0; i < len; ++i) p.push_back(int32_t((uint64_t(len * 977 + i) * 2654435761u >> 9) % 4096));
-    reqs.push_back(greedy_request(p, 12));
-  }
+  const std::vector<Request> reqs = hashed_requests({3, 7, 16}, 977);
   EngineOptions opt;
   opt.cache.block_size = 8;
   const CpuRef ref = cpu_reference(w, opt, reqs);

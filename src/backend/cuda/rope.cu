@@ -1,5 +1,6 @@
 // Rotary embedding in place (interleaved or half-split pairs; inverse = the backward).
 #include "backend/cuda/common.cuh"
+#include "backend/cuda/pdl.cuh"
 #include "backend/cuda/unchecked_ops.h"
 
 namespace dsv3 {
@@ -8,6 +9,8 @@ using namespace cuda;
 namespace {
 __global__ void rope_kernel(float* x, const int32_t* pos, const float* cs, const float* sn, int64_t t, int64_t h,
                             int64_t w, int64_t off, int64_t half, bool interleaved, float sign) {
+  pdl_wait();
+  pdl_trigger();
   int64_t n = t * h * half;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     int64_t j = i % half, th = i / half, ti = th / h;
@@ -25,9 +28,9 @@ void launch_rope(const RopeArgs& a) {
   int64_t t = a.x.dim(0), h = a.x.dim(1), w = a.x.dim(2), half = a.rope_dim / 2;
   int64_t n = t * h * half;
   if (n)
-    rope_kernel<<<std::min(blocks_for(n), 1u << 20), 256>>>(ptr<float>(a.x), a.positions.data<int32_t>(),
-                                                            a.cos.data<float>(), a.sin.data<float>(), t, h, w, a.offset,
-                                                            half, a.interleaved, a.inverse ? -1.0f : 1.0f);
+    launch_pdl(rope_kernel, dim3(std::min(blocks_for(n), 1u << 20)), dim3(256), 0, ptr<float>(a.x),
+               a.positions.data<int32_t>(), a.cos.data<float>(), a.sin.data<float>(), t, h, w, a.offset, half,
+               a.interleaved, a.inverse ? -1.0f : 1.0f);
   check_launch("rope");
 }
 }  // namespace
