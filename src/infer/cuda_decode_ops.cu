@@ -24,31 +24,20 @@ __device__ __forceinline__ uint4 ld_weights(const void* p) {
                : "l"(p));
   return v;
 }
-// The x columns one 16-byte weight vector covers (4 F32 or 8 BF16 weights), and acc + Σ w·x.
+// The x columns one 16-byte weight vector covers (4 F32 or 8 BF16 weights), and the vector as F32.
 template <class WT> constexpr int kVecCols = 16 / int(sizeof(WT));
-template <class WT> __device__ __forceinline__ void load_x(const float* x, float (&xs)[kVecCols<WT>]) {
-#pragma unroll
-  for (int i = 0; i < kVecCols<WT>; i += 4) {
-    const float4 v = __ldg(reinterpret_cast<const float4*>(x + i));
-    xs[i] = v.x;
-    xs[i + 1] = v.y;
-    xs[i + 2] = v.z;
-    xs[i + 3] = v.w;
-  }
-}
-template <class WT> __device__ __forceinline__ float dot_w(uint4 w, const float (&xs)[kVecCols<WT>], float acc) {
+template <class WT> __device__ __forceinline__ void unpack_w(uint4 w, float (&f)[kVecCols<WT>]) {
   const uint32_t u[4] = {w.x, w.y, w.z, w.w};
   if constexpr (sizeof(WT) == 4) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) acc = fmaf(__uint_as_float(u[i]), xs[i], acc);
+    for (int i = 0; i < 4; ++i) f[i] = __uint_as_float(u[i]);
   } else {  // BF16: column 2i in the low half of word i (little-endian), 2i + 1 in the high half
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      acc = fmaf(__uint_as_float(u[i] << 16), xs[2 * i], acc);
-      acc = fmaf(__uint_as_float(u[i] & 0xffff0000u), xs[2 * i + 1], acc);
+      f[2 * i] = __uint_as_float(u[i] << 16);
+      f[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
     }
   }
-  return acc;
 }
 
 // One CTA of E threads: picks (r·k + j) grouped by expert, token order kept within an expert.
@@ -187,14 +176,21 @@ __device__ __forceinline__ void tile_rows(const char* A, const char* B, size_t r
     cp_async_wait<0>();
     __syncthreads();
     if (!active) continue;
+    // Per weight vector: unpacked to F32 once, then applied to every row of x. Each accumulator
+    // still sums in the vector order u, then column order i.
 #pragma unroll
-    for (int q = 0; q < kChunk; ++q) {
-      if (q >= n) break;
-      const float rq = kNorm ? ts.rs[q] : 1.0f;
+    for (int u = 0; u < U; ++u) {
+      const int vv = u * 32 + lane;
+      if (v0 + vv >= nv) break;
+      float wf[R][kV], bf[kTwo ? R : 1][kV];
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int vv = u * 32 + lane;
-        if (v0 + vv >= nv) break;
+      for (int r = 0; r < R; ++r) {
+        unpack_w<WT>(wa[r][u], wf[r]);
+        if constexpr (kTwo) unpack_w<WT>(wb[r][u], bf[r]);
+      }
+#pragma unroll
+      for (int q = 0; q < kChunk; ++q) {
+        if (q >= n) break;
         float xs[kV];
 #pragma unroll
         for (int i = 0; i < kV; i += 4) {
@@ -205,14 +201,17 @@ __device__ __forceinline__ void tile_rows(const char* A, const char* B, size_t r
           xs[i + 3] = t.w;
         }
         if constexpr (kNorm) {
+          const float rq = ts.rs[q];
 #pragma unroll
           for (int i = 0; i < kV; ++i) xs[i] = nwv[u][i] * (xs[i] * rq);
         }
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          ga[r][q] = dot_w<WT>(wa[r][u], xs, ga[r][q]);
-          if constexpr (kTwo) ub[r][q] = dot_w<WT>(wb[r][u], xs, ub[r][q]);
-        }
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+          for (int i = 0; i < kV; ++i) {
+            ga[r][q] = fmaf(wf[r][i], xs[i], ga[r][q]);
+            if constexpr (kTwo) ub[r][q] = fmaf(bf[r][i], xs[i], ub[r][q]);
+          }
       }
     }
   }
