@@ -6,6 +6,7 @@
 # With HF=1 it also builds `dsv3` and runs tools/hf_gpu_bench.py (transformers' baseline).
 # With PREBUILT=DIR it skips the build and runs the binaries in DIR (built elsewhere for sm_90a with
 # -DDSV3_CUDA=ON; the GPU image need not carry our Debian build dependencies).
+# MEMCHECK_FILTER (a gtest filter) narrows the memcheck run to the suites a change touched.
 # Usage: OUT=/some/dir DSV3_COMMIT=$(git rev-parse --short HEAD) [HF=1] [PREBUILT=DIR] bench/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -73,7 +74,7 @@ step "compute-sanitizer memcheck on the GPU test binary"
 if command -v compute-sanitizer >/dev/null || [ -x /usr/local/cuda/bin/compute-sanitizer ]; then
   CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   timeout ${MEMCHECK_TIMEOUT:-150} "$CS" --tool memcheck --error-exitcode 3 "$B"/dsv3_gpu_tests \
-    --gtest_filter='AllOps/BackendOps.MatchesReference/*:CudaFp8.*:CudaDevice.*:CudaMlaDecode.*:CudaModel.*:CudaTrain.*:CudaAttnBf16.*:CudaLowp.*:CudaEngine.*:-*Bench07b*' >"$OUT/memcheck.log" 2>&1
+    --gtest_filter="${MEMCHECK_FILTER:-AllOps/BackendOps.MatchesReference/*:CudaFp8.*:CudaDevice.*:CudaMlaDecode.*:CudaModel.*:CudaTrain.*:CudaAttnBf16.*:CudaLowp.*:CudaEngine.*:CudaLatentAttention.*:-*Bench07b*}" >"$OUT/memcheck.log" 2>&1
   rc=$?
   tail -3 "$OUT/memcheck.log" | tee -a "$OUT/summary.txt"
   echo "memcheck exit code $rc" | tee -a "$OUT/summary.txt"
@@ -119,6 +120,11 @@ if mla:
 if decode:
     s["decode_bs1_speedup_vs_hf"] = decode.get("decode_bs1_speedup_vs_hf")
     s["decode_bs32_speedup_vs_hf"] = decode.get("decode_bs32_speedup_vs_hf")
+    # Those are BF16 weights (transformers' precision); F32 weights beside them.
+    s["decode_weights"] = "bf16"
+    for b in (1, 32):
+        k = "decode_bs%d_speedup_vs_hf_f32_weights" % b
+        s[k] = decode.get(k)
     s["decode"] = decode.get("runs")
 if attn:
     s["attention_bf16"] = {k: attn.get(k) for k in ("shape", "bf16_fwd_tflops", "bf16_bwd_tflops", "speedup_fwd",
