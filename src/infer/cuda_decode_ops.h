@@ -46,10 +46,12 @@ inline bool cuda_moe_fits(const CudaMoeTables& t, int64_t N, int64_t top_k) {
 Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const CudaMoeTables& t,
                         const Tensor& x, const Tensor* residual = nullptr, bool small_gemv = false);
 
-// y (+)= x·Wᵀ for at most 64 rows of x without cuBLAS: one kernel, each weight row read once per 8
-// rows (F32 weights without bias; cuda_small_linear_ok says whether it applies). With norm_w, x is
-// RMSNorm'ed first (the backend's rmsnorm, eps) inside the kernel; with p2, a second weight over
-// the same x writes y2 in the same launch.
+// y (+)= x·Wᵀ for at most 64 rows of x without cuBLAS: one kernel, each weight row read from HBM
+// once (F32 or BF16 weights without bias, F32 math; cuda_small_linear_ok says whether it applies).
+// With norm_w, x is RMSNorm'ed first (the backend's rmsnorm, eps) inside the kernel; with p2, a
+// second weight over the same x writes y2 in the same launch. The weights are read before the
+// previous kernel in the stream has finished (programmatic dependent launch): they must not be the
+// output of a kernel still in flight — model weights, copied once, never are (as for the experts).
 bool cuda_small_linear_ok(const LinearParam& p, const Tensor& x);
 // Whether a dense MLP's three projections take cuda_small_linear for x (gate and up of one dtype).
 bool cuda_small_mlp_ok(const MlpParams& m, const Tensor& x);

@@ -2,6 +2,7 @@
 #include <algorithm>
 
 #include "backend/cuda/common.cuh"
+#include "backend/cuda/pdl.cuh"
 #include "backend/cuda/unchecked_ops.h"
 
 namespace dsv3 {
@@ -41,6 +42,8 @@ __global__ void rmsnorm_kernel(const float* x, const void* w, DType wt, float ep
 template <int NPT>
 __global__ void rmsnorm_reg_kernel(const float* x, const void* w, DType wt, float eps, float* y, float* rstd,
                                    int64_t d) {
+  pdl_wait();  // x and (in training) the weight come from previous kernels
+  pdl_trigger();
   int64_t r = blockIdx.x;
   const float* xr = x + r * d;
   float xv[NPT], wv[NPT];
@@ -140,10 +143,13 @@ void CudaBackend::rmsnorm(const RmsNormArgs& a) {
   if (m) {
     const float* x = a.x.data<float>();
     float* rstd = present(a.rstd) ? ptr<float>(a.rstd) : nullptr;
+    // Programmatic dependent launch: a decode step's RMSNorm starts while the previous kernel drains.
     if (d <= 256 * 4)
-      rmsnorm_reg_kernel<4><<<unsigned(m), 256>>>(x, a.weight.raw(), a.weight.dtype(), a.eps, ptr<float>(a.y), rstd, d);
+      launch_pdl(rmsnorm_reg_kernel<4>, dim3(unsigned(m)), dim3(256), 0, x, a.weight.raw(), a.weight.dtype(), a.eps,
+                 ptr<float>(a.y), rstd, d);
     else if (d <= 256 * 8)
-      rmsnorm_reg_kernel<8><<<unsigned(m), 256>>>(x, a.weight.raw(), a.weight.dtype(), a.eps, ptr<float>(a.y), rstd, d);
+      launch_pdl(rmsnorm_reg_kernel<8>, dim3(unsigned(m)), dim3(256), 0, x, a.weight.raw(), a.weight.dtype(), a.eps,
+                 ptr<float>(a.y), rstd, d);
     else
       rmsnorm_kernel<<<unsigned(m), 256>>>(x, a.weight.raw(), a.weight.dtype(), a.eps, ptr<float>(a.y), rstd, d);
   }
