@@ -1,19 +1,19 @@
 // Absorbed-MLA decode (flash-decoding over the paged latent cache) on BF16 tensor cores.
 // A CTA takes one sequence, a group of heads (16 or 64) and a contiguous range of its cache blocks
 // (a split), so every latent row is read from HBM once for all heads of the group (MLA's K and V
-// are the same row). Rows stream through a ring of stages (kT tokens, inside one cache block, so
-// contiguous in the pool) by cp.async, kS − 1 stages in flight while one is computed, invalid rows
-// zero-filled. MMAs are mma.sync m16n8k16: 16 heads are the M of a tile. Per stage:
-//   scores S[heads, tokens] = Q[heads, 576] · rowsᵀ, with 576 split over the warps of a head group
-//   (partial scores added through shared memory), then the online softmax in base 2 in registers,
+// are the same row). Rows stream through a ring of stages (inside one cache block, so contiguous in
+// the pool) by cp.async, invalid rows zero-filled. Two kernels:
+// - mla_wgmma_kernel (the default up to 32 heads): 16 heads, one warpgroup, whole 64-token blocks
+//   as stages, the scores and the output transposed so that the tokens are wgmma's M = 64.
+// - mla_reg_kernel (above 32 heads, 64-head CTAs): mma.sync m16n8k16 with the heads as M; per stage
+//   the scores S[heads, tokens] = Q[heads, 576] · rowsᵀ with 576 split over the warps of a head
+//   group (partial scores added through shared memory), the online softmax in base 2 in registers,
 //   then O[heads, 512] += P · rows[:, 0:512], the 512 columns split over the same warps.
 // With one split the CTA writes out and lse itself; otherwise a second kernel merges the splits'
-// partial sums (merging in the last CTA of each sequence, counted by an arrival counter, measured no
-// faster on the H200: the second launch's gap is hidden, and that CTA's serial pass is a tail).
+// partial sums (merging in the last CTA of each sequence, or inside a thread-block cluster through
+// distributed shared memory, measured no faster on the H200: docs/cuda.md).
 // Operands are BF16 (q and the softmax weights are rounded to BF16), accumulation FP32; the
-// tolerance is the BF16-operand one. The 16-head default keeps each warp's q fragments in registers
-// (q_in_registers). The first kernel (legacy: four warps splitting the tokens, maxima and weights
-// through shared memory, double buffer) stays for comparison in the benchmark.
+// tolerance is the BF16-operand one.
 #include <algorithm>
 #include <cmath>
 
@@ -31,198 +31,9 @@ constexpr int kW = 576;     // row width: kv_lora_rank 512 + rope 64
 constexpr int kR = 512;
 constexpr int kPad = 8;     // BF16 elements of row padding: 16 bytes, so ldmatrix rows avoid bank conflicts
 constexpr float kLog2e = 1.4426950408889634f;
-// Legacy kernel shape.
-constexpr int kLStage = 32, kLHeads = 16, kLWarps = 4, kLThreads = kLWarps * 32;
-
 struct Shape_ {
   int64_t b, h, w, r, layers, layer, max_blocks, splits, blocks_per_split;
 };
-
-// The first kernel (kept for comparison in the benchmark): 16 heads, 4 warps, 32-token stages,
-// double-buffered, two CTAs per SM. R = kLWarps · 8 · kNT output columns.
-template <int kNT>
-__global__ void __launch_bounds__(kLThreads, 2)
-    mla_legacy_kernel(const float* q, const __nv_bfloat16* pool, const int32_t* table, const int32_t* lengths,
-                     Shape_ s, float scale, float* part_o, float* part_m, float* part_l) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  constexpr int W = kW, ws = W + kPad;
-  __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [16][ws]
-  __nv_bfloat16* kv = qs + kLHeads * ws;                             // [2][kLStage][ws]
-  __nv_bfloat16* ps = kv + 2 * kLStage * ws;                         // [16][kLStage + kPad]
-  float* red = reinterpret_cast<float*>(ps + kLHeads * (kLStage + kPad));  // [kLWarps][16]
-  const int64_t hg = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
-  const int64_t h0 = hg * kLHeads;
-  const int nh = int(s.h - h0 < kLHeads ? s.h - h0 : kLHeads);
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
-  const int64_t len = lengths[b], nblk = (len + kBlock - 1) / kBlock;
-  const int64_t blk0 = split * s.blocks_per_split;
-  const int64_t blk1 = blk0 + s.blocks_per_split < nblk ? blk0 + s.blocks_per_split : nblk;
-  const int64_t tok0 = blk0 * kBlock, tok1 = blk1 * kBlock < len ? blk1 * kBlock : len;
-  const int64_t nstages = tok1 > tok0 ? (tok1 - tok0 + kLStage - 1) / kLStage : 0;
-
-  // q → BF16 in shared memory (heads past nh are zero rows).
-  for (int i = tid; i < kLHeads * W; i += kLThreads) {
-    int h = i / W, j = i % W;
-    qs[h * ws + j] = __float2bfloat16(h < nh ? q[((b * s.h + h0 + h) * s.w) + j] : 0.0f);
-  }
-  // A stage's 32 tokens lie in one 64-token cache block, whose rows are contiguous in the pool:
-  // one table lookup per stage, then a straight copy of 32·W BF16 into padded shared rows.
-  constexpr int kChunks = kW / 8;  // 16-byte pieces per row
-  auto load_stage = [&](int64_t st, int buf) {
-    const int64_t t_first = tok0 + st * kLStage;
-    const int64_t pb = table[b * s.max_blocks + t_first / kBlock];
-    const __nv_bfloat16* src = pool + (((pb * s.layers + s.layer) * kBlock) + t_first % kBlock) * kW;
-    const int valid_rows = int(tok1 - t_first < kLStage ? tok1 - t_first : kLStage);
-    __nv_bfloat16* dst = kv + buf * kLStage * ws;
-#pragma unroll 4
-    for (int i = tid; i < kLStage * kChunks; i += kLThreads) {
-      const int r = i / kChunks, c = i - r * kChunks;
-      cp_async16(dst + r * ws + c * 8, src + r * kW + c * 8, r < valid_rows);
-    }
-    cp_async_commit();
-  };
-  if (nstages > 0) load_stage(0, 0);
-
-  float acc[kNT][4];
-#pragma unroll
-  for (int n = 0; n < kNT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
-  float m_lo = -INFINITY, m_hi = -INFINITY;  // running maxima of heads g and g + 8 (same in every thread)
-  float l_lo = 0.0f, l_hi = 0.0f;            // this thread's partial sums
-
-  for (int64_t st = 0; st < nstages; ++st) {
-    const int buf = int(st & 1);
-    if (st + 1 < nstages) {
-      load_stage(st + 1, buf ^ 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
-    const __nv_bfloat16* rows = kv + buf * kLStage * ws;
-    // Scores: warp → tokens 8·warp .. 8·warp + 7.
-    float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    {
-      // Two accumulators on alternate k-steps: a chain of W/16 dependent MMAs would be latency-bound.
-      float sc2[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      const __nv_bfloat16* arow = qs + (lane & 15) * ws + (lane >> 4) * 8;
-      const __nv_bfloat16* brow = rows + (warp * 8 + (lane & 7)) * ws + ((lane >> 3) & 1) * 8;
-      int k0 = 0;
-      for (; k0 + 32 <= W; k0 += 32) {
-        // A matrices in mma order: (heads 0-7, k lo), (8-15, k lo), (0-7, k hi), (8-15, k hi).
-        uint32_t a[4], bb[2], a2[4], bb2[2];
-        ldmatrix_x4(a, arow + k0);
-        ldmatrix_x2(bb, brow + k0);
-        ldmatrix_x4(a2, arow + k0 + 16);
-        ldmatrix_x2(bb2, brow + k0 + 16);
-        mma_bf16(sc, a, bb[0], bb[1]);
-        mma_bf16(sc2, a2, bb2[0], bb2[1]);
-      }
-      if (k0 < W) {
-        uint32_t a[4], bb[2];
-        ldmatrix_x4(a, arow + k0);
-        ldmatrix_x2(bb, brow + k0);
-        mma_bf16(sc, a, bb[0], bb[1]);
-      }
-#pragma unroll
-      for (int i = 0; i < 4; ++i) sc[i] += sc2[i];
-    }
-    // sc[0], sc[1]: head g, tokens 2·t4, 2·t4 + 1 of this warp's 8; sc[2], sc[3]: head g + 8.
-    const int64_t tbase = tok0 + st * kLStage + warp * 8 + 2 * t4;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      bool valid = tbase + (i & 1) < tok1;
-      sc[i] = valid ? sc[i] * scale : -INFINITY;
-    }
-    float mx_lo = fmaxf(sc[0], sc[1]), mx_hi = fmaxf(sc[2], sc[3]);
-    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
-    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
-    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
-    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
-    if (t4 == 0) {
-      red[warp * kLHeads + g] = mx_lo;
-      red[warp * kLHeads + g + 8] = mx_hi;
-    }
-    __syncthreads();
-    float bm_lo = red[g], bm_hi = red[g + 8];
-#pragma unroll
-    for (int w2 = 1; w2 < kLWarps; ++w2) {
-      bm_lo = fmaxf(bm_lo, red[w2 * kLHeads + g]);
-      bm_hi = fmaxf(bm_hi, red[w2 * kLHeads + g + 8]);
-    }
-    const float mn_lo = fmaxf(m_lo, bm_lo), mn_hi = fmaxf(m_hi, bm_hi);
-    // A stage whose tokens are all masked keeps −inf maxima: exp(−inf − −inf) would be NaN.
-    const float al_lo = mn_lo == -INFINITY ? 1.0f : __expf(m_lo - mn_lo);
-    const float al_hi = mn_hi == -INFINITY ? 1.0f : __expf(m_hi - mn_hi);
-    float p[4];
-    p[0] = mn_lo == -INFINITY ? 0.0f : __expf(sc[0] - mn_lo);
-    p[1] = mn_lo == -INFINITY ? 0.0f : __expf(sc[1] - mn_lo);
-    p[2] = mn_hi == -INFINITY ? 0.0f : __expf(sc[2] - mn_hi);
-    p[3] = mn_hi == -INFINITY ? 0.0f : __expf(sc[3] - mn_hi);
-    l_lo = l_lo * al_lo + p[0] + p[1];
-    l_hi = l_hi * al_hi + p[2] + p[3];
-    m_lo = mn_lo;
-    m_hi = mn_hi;
-    const int pw = kLStage + kPad;
-    *reinterpret_cast<uint32_t*>(ps + g * pw + warp * 8 + 2 * t4) = pack_bf16(p[0], p[1]);
-    *reinterpret_cast<uint32_t*>(ps + (g + 8) * pw + warp * 8 + 2 * t4) = pack_bf16(p[2], p[3]);
-#pragma unroll
-    for (int n = 0; n < kNT; ++n) {
-      acc[n][0] *= al_lo;
-      acc[n][1] *= al_lo;
-      acc[n][2] *= al_hi;
-      acc[n][3] *= al_hi;
-    }
-    __syncthreads();
-    // O += P · rows[:, cols of this warp]: k = tokens (2 steps of 16), n = 8 columns per tile.
-#pragma unroll
-    for (int k0 = 0; k0 < kLStage; k0 += 16) {
-      uint32_t a[4];
-      ldmatrix_x4(a, ps + (lane & 15) * pw + k0 + (lane >> 4) * 8);
-      const int col0 = warp * kNT * 8;
-#pragma unroll
-      for (int n = 0; n < kNT; n += 2) {
-        // Matrices: (tokens k0..+7, cols c..c+7), (k0+8.., c..), (k0.., c+8..), (k0+8.., c+8..).
-        const int mat = lane >> 3;
-        const __nv_bfloat16* src =
-            rows + (k0 + (mat & 1) * 8 + (lane & 7)) * ws + col0 + n * 8 + (mat >> 1) * 8;
-        uint32_t bb[4];
-        ldmatrix_x4_trans(bb, src);
-        mma_bf16(acc[n], a, bb[0], bb[1]);
-        mma_bf16(acc[n + 1], a, bb[2], bb[3]);
-      }
-    }
-    __syncthreads();  // the next stage's load overwrites this buffer
-  }
-
-  // Row sums: reduce the quad, then the warps.
-  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
-  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
-  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
-  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
-  if (t4 == 0) {
-    red[warp * kLHeads + g] = l_lo;
-    red[warp * kLHeads + g + 8] = l_hi;
-  }
-  __syncthreads();
-  const int64_t base = (b * s.splits + split) * s.h + h0;
-  if (tid < nh) {
-    float l = 0.0f;
-    for (int w2 = 0; w2 < kLWarps; ++w2) l += red[w2 * kLHeads + tid];
-    part_l[base + tid] = l;
-    // Every thread holds the same maxima; thread tid's are those of heads g and g + 8 of its lane.
-  }
-  if (t4 == 0 && warp == 0) {
-    if (g < nh) part_m[base + g] = m_lo * kLog2e;  // the merge works in base 2
-    if (g + 8 < nh) part_m[base + g + 8] = m_hi * kLog2e;
-  }
-#pragma unroll
-  for (int n = 0; n < kNT; ++n) {
-    const int col = warp * kNT * 8 + n * 8 + 2 * t4;
-    if (g < nh) *reinterpret_cast<float2*>(part_o + (base + g) * s.r + col) = make_float2(acc[n][0], acc[n][1]);
-    if (g + 8 < nh)
-      *reinterpret_cast<float2*>(part_o + (base + g + 8) * s.r + col) = make_float2(acc[n][2], acc[n][3]);
-  }
-}
 
 // The CTA's result for heads hl, hl + 8 (CTA-local) and kNT 8-column tiles from column col0: with
 // one split, out = acc / sum and lse; otherwise the unnormalised partials for the merge kernel.
@@ -267,6 +78,36 @@ __device__ __forceinline__ void store_result(const float (&acc)[kNT][4], float m
     const int col = col0 + n * 8 + 2 * t4;
     if (has_lo) *reinterpret_cast<float2*>(o_lo + col) = make_float2(acc[n][0], acc[n][1]);
     if (has_hi) *reinterpret_cast<float2*>(o_hi + col) = make_float2(acc[n][2], acc[n][3]);
+  }
+}
+
+constexpr int kOS = kR + 8;  // floats per head row of O staged in shared memory (padding: fewer bank conflicts)
+
+// The result of a 16-head CTA from its shared memory: O unnormalised [16][kOS], then 16 maxima
+// (base 2) and 16 sums. One split writes out and lse, more write their partials for
+// mla_merge_kernel. Called by every thread of the CTA.
+template <int kThreads>
+__device__ __forceinline__ void finish_from_smem(float* smem, const Shape_& s, int64_t b, int64_t split, int64_t h0,
+                                                 int nh, int tid, float* part_o, float* part_m, float* part_l,
+                                                 float* out, float* lse) {
+  const float* ml = smem + 16 * kOS;
+  __syncthreads();
+  const int64_t base = (b * s.splits + split) * s.h + h0;
+  for (int i = tid; i < nh * (kR / 4); i += kThreads) {
+    const int h = i / (kR / 4), c = (i % (kR / 4)) * 4;
+    float4 v = *reinterpret_cast<const float4*>(smem + h * kOS + c);
+    if (s.splits == 1) {
+      const float inv = 1.0f / ml[16 + h];
+      v = make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
+      *reinterpret_cast<float4*>(out + (b * s.h + h0 + h) * kR + c) = v;
+      if (lse && c == 0) lse[b * s.h + h0 + h] = ml[h] / kLog2e + logf(ml[16 + h]);
+    } else {
+      *reinterpret_cast<float4*>(part_o + (base + h) * kR + c) = v;
+      if (c == 0) {
+        part_m[base + h] = ml[h];
+        part_l[base + h] = ml[16 + h];
+      }
+    }
   }
 }
 
@@ -549,6 +390,217 @@ __global__ void __launch_bounds__(Reg<kMG, kMW, kWN, kT, kS, kQR>::kThreads, Reg
   }
 }
 
+// The wgmma kernel: one warpgroup (4 warps) per CTA, 16 heads, stages of one whole 64-token cache
+// block, transposed so that the 64 tokens are wgmma's M: Sᵀ[64 tokens, 16 heads] = rows · qᵀ (36
+// m64n16k16, both operands from shared memory), the online softmax over the columns (maxima across
+// the four warps through shared memory), Pᵀ to shared memory as BF16, then Oᵀ[512, 16] += rowsᵀ ·
+// Pᵀ (8 × 4 m64n16k16, the rows read transposed). Rows land by cp.async in the 128-byte swizzled
+// layout wgmma reads (per 64 columns: 64 rows × 128 bytes, 16-byte chunks XORed with row mod 8), so
+// one copy of a stage serves as K-major A of the scores and as M-major A of Oᵀ. 4 warps issue 68
+// wgmma per 64 rows where the mma.sync kernels issue 544 mma.sync and 272 ldmatrix.
+namespace wg {
+constexpr int kRing = 2, kStage = kBlock * kW * 2;  // bytes per stage: 9 panels of 64 rows × 128 B
+constexpr int kQ = 16 * kW * 2, kP = 16 * kBlock * 2;
+constexpr size_t smem = size_t(kRing) * kStage + kQ + kP + 2 * 4 * 16 * 4 + 1024;  // + the 1024-byte alignment
+
+// Shared-memory matrix descriptor, 128-byte swizzle; offsets in bytes.
+__device__ __forceinline__ uint64_t desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t((lbo >> 4) & 0x3FFF) << 16) |
+         (uint64_t((sbo >> 4) & 0x3FFF) << 32) | (uint64_t(1) << 62);
+}
+__device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Generic-proxy writes of shared memory (st.shared, cp.async) made visible to wgmma's reads.
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// d (+)= A·B, m64n16k16, BF16 operands from shared memory, FP32 accumulators; kTA: A is M-major.
+template <int kTA>
+__device__ __forceinline__ void mma(float (&d)[8], uint64_t da, uint64_t db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7}, %8, %9, p, 1, 1, %11, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "l"(da), "l"(db), "r"(accumulate), "n"(kTA)
+      : "memory");
+}
+// Byte offset of 16-byte chunk c (0-7) of row r in a 128-byte swizzled panel.
+__device__ __forceinline__ int sw(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
+}  // namespace wg
+
+template <bool kEarly>
+__global__ void __launch_bounds__(128, 1)
+    mla_wgmma_kernel(const float* q, const __nv_bfloat16* pool, const int32_t* table, const int32_t* lengths,
+                     Shape_ s, float scale_log2, float* part_o, float* part_m, float* part_l, float* out, float* lse) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  unsigned char* ring = base;                        // [kRing][9 panels][64 rows][128 B]
+  unsigned char* qs = ring + wg::kRing * wg::kStage;  // [9 panels][16 heads][128 B]
+  unsigned char* ps = qs + wg::kQ;                    // [16 heads][64 tokens] BF16, swizzled
+  float* red = reinterpret_cast<float*>(ps + wg::kP);  // [2][4 warps][16 heads]
+  const int64_t split = blockIdx.y, b = blockIdx.z, h0 = int64_t(blockIdx.x) * 16;
+  const int nh = int(s.h - h0 < 16 ? s.h - h0 : 16);
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, t4 = lane & 3;
+  const int64_t len = lengths[b], nblk = (len + kBlock - 1) / kBlock;
+  const int64_t blk0 = split * s.blocks_per_split;
+  const int64_t blk1 = blk0 + s.blocks_per_split < nblk ? blk0 + s.blocks_per_split : nblk;
+  const int64_t tok0 = blk0 * kBlock, tok1 = blk1 * kBlock < len ? blk1 * kBlock : len;
+  const int64_t nstages = blk1 > blk0 ? blk1 - blk0 : 0;
+  const int32_t* trow = table + b * s.max_blocks + blk0;
+  // Warp w copies rows 16w .. 16w + 15 of a block: 72 chunks of 16 bytes per row (lanes, lanes + 32,
+  // lanes 0-7 + 64); chunk c goes to panel c / 8 at its swizzled place. Rows past tok1: zero-filled.
+  auto load = [&](int64_t st) {
+    const int64_t pb = trow[st];
+    const __nv_bfloat16* src = pool + ((pb * s.layers + s.layer) * kBlock + 16 * w) * kW + lane * 8;
+    unsigned char* dst = ring + int(st % wg::kRing) * wg::kStage;
+    const int valid = int(tok1 - (tok0 + st * kBlock) < kBlock ? tok1 - (tok0 + st * kBlock) : kBlock);
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const int r = 16 * w + i;
+      const bool v = r < valid;
+      cp_async16(dst + (lane >> 3) * 8192 + wg::sw(r, lane & 7), src + i * kW, v);
+      cp_async16(dst + ((lane >> 3) + 4) * 8192 + wg::sw(r, lane & 7), src + i * kW + 256, v);
+      if (lane < 8) cp_async16(dst + 8 * 8192 + wg::sw(r, lane), src + i * kW + 512, v);
+    }
+    cp_async_commit();
+  };
+  if (nstages > 0) load(0);
+  if (kEarly && nstages > 1) load(1);
+  // q → BF16, swizzled like the rows: panel c / 8, row = head (heads past nh are zero).
+  for (int i = tid; i < 16 * (kW / 8); i += 128) {
+    const int h = i / (kW / 8), c = i % (kW / 8);
+    float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f), y = x;
+    if (h < nh) {
+      x = *reinterpret_cast<const float4*>(q + (b * s.h + h0 + h) * kW + c * 8);
+      y = *reinterpret_cast<const float4*>(q + (b * s.h + h0 + h) * kW + c * 8 + 4);
+    }
+    *reinterpret_cast<uint4*>(qs + (c >> 3) * 2048 + wg::sw(h, c & 7)) =
+        make_uint4(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w), pack_bf16(y.x, y.y), pack_bf16(y.z, y.w));
+  }
+  // This thread's heads: 2·t4, 2·t4 + 1, 8 + 2·t4, 9 + 2·t4 (accumulator columns); its tokens of a
+  // stage: 16w + g and 16w + g + 8 (rows); of Oᵀ: columns 64·mb + 16w + g (+ 8).
+  float o[8][8];
+#pragma unroll
+  for (int mb = 0; mb < 8; ++mb)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) o[mb][e] = 0.0f;
+  float m[4], l[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    m[j] = -INFINITY;
+    l[j] = 0.0f;
+  }
+  const uint32_t ring_a = smem_addr(ring), qs_a = smem_addr(qs), ps_a = smem_addr(ps);
+  for (int64_t st = 0; st < nstages; ++st) {
+    if (kEarly && st + 1 < nstages)
+      cp_async_wait<1>();  // stage st + 1 may still be in flight
+    else
+      cp_async_wait<0>();
+    wg::fence_async_smem();
+    __syncthreads();  // stage st (and q) visible to wgmma; every warp is done with stage st − 1
+    if (!kEarly && st + 1 < nstages) load(st + 1);
+    const uint32_t stage_a = ring_a + uint32_t(st % wg::kRing) * wg::kStage;
+    float sc[8] = {};
+    wg::fence();
+#pragma unroll
+    for (int kk = 0; kk < kW / 16; ++kk) {
+      const uint32_t off = (kk >> 2) * 8192 + (kk & 3) * 32;
+      wg::mma<0>(sc, wg::desc(stage_a + off, 16, 1024), wg::desc(qs_a + (kk >> 2) * 2048 + (kk & 3) * 32, 16, 1024),
+                 kk > 0);
+    }
+    wg::commit();
+    wg::wait0();
+    // sc[e]: token 16w + g + 8·((e >> 1) & 1), head 2·t4 + (e & 1) + 8·(e >> 2).
+    const int nvalid = int(tok1 - (tok0 + st * kBlock) < kBlock ? tok1 - (tok0 + st * kBlock) : kBlock);
+    float mx[4];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      sc[e] *= scale_log2;
+      if (16 * w + g + 8 * ((e >> 1) & 1) >= nvalid) sc[e] = -INFINITY;
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {  // j: head 2·t4 + (j & 1) + 8·(j >> 1); values e = (j & 1) + 4·(j >> 1) (+ 2)
+      const int e = (j & 1) + 4 * (j >> 1);
+      mx[j] = fmaxf(sc[e], sc[e + 2]);
+      mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffffu, mx[j], 4));
+      mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffffu, mx[j], 8));
+      mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffffu, mx[j], 16));
+    }
+    float* rd = red + int(st & 1) * 64;
+    if (g == 0)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) rd[w * 16 + 2 * t4 + (j & 1) + 8 * (j >> 1)] = mx[j];
+    __syncthreads();
+    float al[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int h = 2 * t4 + (j & 1) + 8 * (j >> 1);
+      const float bm = fmaxf(fmaxf(rd[h], rd[16 + h]), fmaxf(rd[32 + h], rd[48 + h]));
+      const float mn = fmaxf(m[j], bm);  // finite: every stage has a token
+      al[j] = ex2(m[j] - mn);
+      m[j] = mn;
+      const int e = (j & 1) + 4 * (j >> 1);
+      sc[e] = ex2(sc[e] - mn);
+      sc[e + 2] = ex2(sc[e + 2] - mn);
+      l[j] = l[j] * al[j] + sc[e] + sc[e + 2];
+    }
+    // Pᵀ as the K-major B of Oᵀ: row = head, 64 tokens of 2 bytes, swizzled.
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int h = 2 * t4 + (e & 1) + 8 * (e >> 2), t = 16 * w + g + 8 * ((e >> 1) & 1);
+      *reinterpret_cast<__nv_bfloat16*>(ps + wg::sw(h, t >> 3) + (t & 7) * 2) = __float2bfloat16(sc[e]);
+    }
+    if (__any_sync(0xffffffffu, al[0] != 1.0f || al[1] != 1.0f || al[2] != 1.0f || al[3] != 1.0f)) {
+#pragma unroll
+      for (int mb = 0; mb < 8; ++mb)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) o[mb][e] *= al[(e & 1) + 2 * (e >> 2)];
+    }
+    wg::fence_async_smem();
+    __syncthreads();  // Pᵀ complete
+    wg::fence();
+#pragma unroll
+    for (int mb = 0; mb < 8; ++mb)
+#pragma unroll
+      for (int ks = 0; ks < kBlock / 16; ++ks)
+        wg::mma<1>(o[mb], wg::desc(stage_a + mb * 8192 + ks * 2048, 1024, 1024), wg::desc(ps_a + ks * 32, 16, 1024),
+                   1);
+    wg::commit();
+    wg::wait0();
+    if (kEarly && st + 2 < nstages) {
+      __syncthreads();  // every warp's wgmma is done with this stage's buffer
+      load(st + 2);
+    }
+  }
+  cp_async_wait<0>();
+  // Row sums: over the lanes of a column (g), then the warps; O, maxima and sums to shared memory.
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    l[j] += __shfl_xor_sync(0xffffffffu, l[j], 4);
+    l[j] += __shfl_xor_sync(0xffffffffu, l[j], 8);
+    l[j] += __shfl_xor_sync(0xffffffffu, l[j], 16);
+  }
+  __syncthreads();  // every warp is done with the ring and red
+  float* so = reinterpret_cast<float*>(base);
+  float* ml = so + 16 * kOS;
+  float* lw = ml + 32;  // [4 warps][16]
+  if (g == 0)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) lw[w * 16 + 2 * t4 + (j & 1) + 8 * (j >> 1)] = l[j];
+#pragma unroll
+  for (int mb = 0; mb < 8; ++mb)
+#pragma unroll
+    for (int e = 0; e < 8; ++e)
+      so[(2 * t4 + (e & 1) + 8 * (e >> 2)) * kOS + 64 * mb + 16 * w + g + 8 * ((e >> 1) & 1)] = o[mb][e];
+  __syncthreads();
+  if (tid < 16) {
+    ml[16 + tid] = lw[tid] + lw[16 + tid] + lw[32 + tid] + lw[48 + tid];
+  }
+  if (w == 0 && g == 0)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) ml[2 * t4 + (j & 1) + 8 * (j >> 1)] = m[j];
+  finish_from_smem<128>(so, s, b, split, h0, nh, tid, part_o, part_m, part_l, out, lse);
+}
+
 // Merge of the splits (maxima in base 2): one CTA of 128 threads per (head, sequence), 4 columns each.
 __global__ void __launch_bounds__(128) mla_merge_kernel(const float* part_o, const float* part_m,
                                                         const float* part_l, Shape_ s, float* out, float* lse) {
@@ -583,6 +635,10 @@ struct Launch {
   size_t smem;
   int per_sm = 1;  // resident CTAs per SM (set once, with the shared-memory attribute)
 };
+template <bool kEarly> Launch wgmma_launch() {
+  return {MlaDecodeConfig{MlaKernel::wgmma, 16, 16, 4, kBlock, wg::kRing, true, 0, kEarly},
+          reinterpret_cast<const void*>(mla_wgmma_kernel<kEarly>), 128, wg::smem};
+}
 template <int kMG, int kMW, int kWN, int kT, int kS, bool kQR = false> Launch reg_launch() {
   using P = Reg<kMG, kMW, kWN, kT, kS, kQR>;
   return {MlaDecodeConfig{MlaKernel::reg_p, P::kHeads, 16 * kMW, kMG * kWN, kT, kS, kQR, 0},
@@ -590,25 +646,14 @@ template <int kMG, int kMW, int kWN, int kT, int kS, bool kQR = false> Launch re
 }
 const std::vector<Launch>& launches() {
   static const std::vector<Launch> all = [] {
-    const size_t lws = kW + kPad;
-    const size_t legacy_smem =
-        (size_t(kLHeads) * lws + 2 * size_t(kLStage) * lws + size_t(kLHeads) * (kLStage + kPad)) * 2 +
-        size_t(kLWarps * kLHeads) * 4;
     std::vector<Launch> v{
-        {MlaDecodeConfig{MlaKernel::legacy, 16, 16, kLWarps, kLStage, 2, false, 0},
-         reinterpret_cast<const void*>(mla_legacy_kernel<kR / (kLWarps * 8)>), kLThreads, legacy_smem},
-        reg_launch<1, 1, 4, 16, 4>(),  // two CTAs per SM
-        reg_launch<1, 1, 4, 32, 2>(),  // two CTAs per SM
-        reg_launch<1, 1, 4, 32, 3>(),
-        reg_launch<1, 1, 4, 64, 2>(),
-        reg_launch<1, 1, 8, 32, 2>(),  // two CTAs per SM
-        reg_launch<4, 1, 2, 32, 2>(),
-        reg_launch<4, 1, 4, 32, 2>(),
+        reg_launch<1, 1, 4, 32, 2>(),        // two CTAs per SM
+        reg_launch<4, 1, 2, 32, 2>(),        // the default above 32 heads
         reg_launch<2, 2, 4, 32, 2>(),
-        reg_launch<1, 1, 4, 32, 2, true>(),  // two CTAs per SM
-        reg_launch<1, 1, 4, 16, 3, true>(),  // three CTAs per SM
+        reg_launch<1, 1, 4, 32, 2, true>(),  // two CTAs per SM; the 16-head default before wgmma
         reg_launch<1, 1, 4, 16, 4, true>(),  // two CTAs per SM
-        reg_launch<1, 1, 4, 64, 2, true>(),
+        wgmma_launch<false>(),               // the default up to 32 heads
+        wgmma_launch<true>(),
     };
     for (Launch& l : v) {
       DSV3_CUDA_CHECK(cudaFuncSetAttribute(l.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(l.smem)));
@@ -622,7 +667,8 @@ const std::vector<Launch>& launches() {
 bool same_shape(const MlaDecodeConfig& x, const MlaDecodeConfig& y) {
   return x.kernel == y.kernel && x.heads_per_cta == y.heads_per_cta && x.heads_per_warp == y.heads_per_warp &&
          x.warps == y.warps &&
-         x.stage_tokens == y.stage_tokens && x.stages == y.stages && x.q_in_registers == y.q_in_registers;
+         x.stage_tokens == y.stage_tokens && x.stages == y.stages && x.q_in_registers == y.q_in_registers &&
+         x.early_refill == y.early_refill;
 }
 
 }  // namespace
@@ -633,19 +679,18 @@ std::vector<MlaDecodeConfig> mla_decode_configs() {
   return v;
 }
 
-// Measured on the H200 (bench/gpu_mla_decode.cpp, B 64, context 4096): two 4-warp CTAs per SM with
-// double-buffered 32-token stages beat deeper rings at one CTA per SM (those are latency-bound on
-// one warp per scheduler), and q held in registers beats q re-read from shared memory every stage;
-// above 32 heads one 64-head CTA beats four 16-head ones re-reading rows.
+// Measured on the H200 (bench/gpu_mla_decode.cpp, B 64, context 4096): up to 32 heads the wgmma
+// kernel (85.7 us against 92.5 for two mma.sync CTAs per SM, docs/cuda.md); above 32 heads one
+// 64-head mma.sync CTA beats 16-head ones re-reading rows.
 MlaDecodeConfig mla_decode_default_config(int64_t heads) {
-  return heads <= 32 ? MlaDecodeConfig{MlaKernel::reg_p, 16, 16, 4, 32, 2, true, 0}
+  return heads <= 32 ? MlaDecodeConfig{MlaKernel::wgmma, 16, 16, 4, kBlock, 2, true, 0}
                      : MlaDecodeConfig{MlaKernel::reg_p, 64, 16, 8, 32, 2, false, 0};
 }
 
 std::string mla_decode_config_name(const MlaDecodeConfig& c) {
-  const char* k = c.kernel == MlaKernel::legacy ? "legacy" : "regP";
-  return cat(k, " h", c.heads_per_cta, c.heads_per_warp == 16 ? "" : cat("/", c.heads_per_warp), " w", c.warps,
-             " t", c.stage_tokens, " s", c.stages, c.q_in_registers ? " qr" : "");
+  return cat(c.kernel == MlaKernel::wgmma ? "wgmma" : "regP", " h", c.heads_per_cta,
+             c.heads_per_warp == 16 ? "" : cat("/", c.heads_per_warp), " w", c.warps, " t", c.stage_tokens, " s",
+             c.stages, c.q_in_registers ? " qr" : "", c.early_refill ? " er" : "");
 }
 
 void cuda_mla_decode(const MlaDecodeArgs& a) {
@@ -697,8 +742,7 @@ int64_t cuda_mla_decode_with(const MlaDecodeArgs& a, const MlaDecodeConfig& c) {
   const int64_t per = (nblk + splits - 1) / splits;
   splits = (nblk + per - 1) / per;
   Shape_ s{B, H, W, R, a.layers, a.layer, max_blocks, splits, per};
-  const bool legacy = c.kernel == MlaKernel::legacy;
-  const bool merge = splits > 1 || legacy;
+  const bool merge = splits > 1;
   Scratch po(merge ? size_t(B * splits * H * R) * 4 : 0), pm(merge ? size_t(B * splits * H) * 4 : 0),
       pl(merge ? size_t(B * splits * H) * 4 : 0);
   const float* qp = a.q.data<float>();
@@ -710,14 +754,9 @@ int64_t cuda_mla_decode_with(const MlaDecodeArgs& a, const MlaDecodeConfig& c) {
   float *pop = po.as<float>(), *pmp = pm.as<float>(), *plp = pl.as<float>();
   // Head groups fastest: the CTAs reading the same rows are scheduled together and share them in L2.
   const dim3 grid{unsigned(head_groups), unsigned(splits), unsigned(B)};
-  if (legacy) {
-    mla_legacy_kernel<kR / (kLWarps * 8)><<<grid, l->threads, l->smem>>>(qp, pool, table, lens, s, a.scale, pop,
-                                                                          pmp, plp);
-  } else {
-    float scale_log2 = a.scale * kLog2e;
-    void* args[] = {&qp, &pool, &table, &lens, &s, &scale_log2, &pop, &pmp, &plp, &out, &lse};
-    DSV3_CUDA_CHECK(cudaLaunchKernel(l->kernel, grid, dim3(unsigned(l->threads)), args, l->smem, nullptr));
-  }
+  float scale_log2 = a.scale * kLog2e;
+  void* args[] = {&qp, &pool, &table, &lens, &s, &scale_log2, &pop, &pmp, &plp, &out, &lse};
+  DSV3_CUDA_CHECK(cudaLaunchKernel(l->kernel, grid, dim3(unsigned(l->threads)), args, l->smem, nullptr));
   if (merge)
     mla_merge_kernel<<<dim3(unsigned(H), unsigned(B)), 128>>>(pop, pmp, plp, s, out, lse);
   check_launch("mla_decode");

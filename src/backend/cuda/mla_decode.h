@@ -32,8 +32,8 @@ void cuda_mla_decode(const MlaDecodeArgs& a);
 // cuda_mla_decode picks one by head count (mla_decode_default_config). Same results up to
 // floating-point summation order.
 enum class MlaKernel {
-  legacy,  // the first kernel (double buffer, 4 warps, two CTAs per SM), for comparison
   reg_p,   // warps split the scores' K and add partial scores; softmax weights stay in registers
+  wgmma,   // 16 heads, one warpgroup, 64-token stages: Sᵀ and Oᵀ by wgmma with the tokens as M
 };
 struct MlaDecodeConfig {
   MlaKernel kernel = MlaKernel::reg_p;
@@ -44,6 +44,8 @@ struct MlaDecodeConfig {
   int stages = 2;          // pipeline depth
   bool q_in_registers = false;  // reg_p: each warp's q fragments in registers, not q in shared memory
   int splits = 0;          // ranges of cache blocks per sequence merged afterwards; 0: chosen from the shape
+  bool early_refill = false;  // wgmma: a stage's buffer is refilled as soon as its wgmma are done, not once
+                              // the next stage has landed (both other stages in flight in between)
 };
 std::vector<MlaDecodeConfig> mla_decode_configs();
 MlaDecodeConfig mla_decode_default_config(int64_t heads);
