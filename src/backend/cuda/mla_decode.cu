@@ -378,6 +378,7 @@ __global__ void __launch_bounds__(Reg<kMG, kMW, kWN, kT, kS, kQR>::kThreads, Reg
     }
   }
   cp_async_wait<0>();
+  asm volatile("griddepcontrol.launch_dependents;\n");  // the merge kernel may start arriving
 #pragma unroll
   for (int i = 0; i < kMW; ++i) {
     float lo = l_lo[i], hi = l_hi[i];
@@ -427,7 +428,6 @@ __device__ __forceinline__ void mma(float (&d)[8], uint64_t da, uint64_t db, int
 __device__ __forceinline__ int sw(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
 }  // namespace wg
 
-template <bool kEarly>
 __global__ void __launch_bounds__(128, 1)
     mla_wgmma_kernel(const float* q, const __nv_bfloat16* pool, const int32_t* table, const int32_t* lengths,
                      Shape_ s, float scale_log2, float* part_o, float* part_m, float* part_l, float* out, float* lse) {
@@ -464,7 +464,6 @@ __global__ void __launch_bounds__(128, 1)
     cp_async_commit();
   };
   if (nstages > 0) load(0);
-  if (kEarly && nstages > 1) load(1);
   // q → BF16, swizzled like the rows: panel c / 8, row = head (heads past nh are zero).
   for (int i = tid; i < 16 * (kW / 8); i += 128) {
     const int h = i / (kW / 8), c = i % (kW / 8);
@@ -491,13 +490,10 @@ __global__ void __launch_bounds__(128, 1)
   }
   const uint32_t ring_a = smem_addr(ring), qs_a = smem_addr(qs), ps_a = smem_addr(ps);
   for (int64_t st = 0; st < nstages; ++st) {
-    if (kEarly && st + 1 < nstages)
-      cp_async_wait<1>();  // stage st + 1 may still be in flight
-    else
-      cp_async_wait<0>();
+    cp_async_wait<0>();
     wg::fence_async_smem();
     __syncthreads();  // stage st (and q) visible to wgmma; every warp is done with stage st − 1
-    if (!kEarly && st + 1 < nstages) load(st + 1);
+    if (st + 1 < nstages) load(st + 1);
     const uint32_t stage_a = ring_a + uint32_t(st % wg::kRing) * wg::kStage;
     float sc[8] = {};
     wg::fence();
@@ -566,10 +562,6 @@ __global__ void __launch_bounds__(128, 1)
                    1);
     wg::commit();
     wg::wait0();
-    if (kEarly && st + 2 < nstages) {
-      __syncthreads();  // every warp's wgmma is done with this stage's buffer
-      load(st + 2);
-    }
   }
   cp_async_wait<0>();
   // Row sums: over the lanes of a column (g), then the warps; O, maxima and sums to shared memory.
@@ -598,12 +590,16 @@ __global__ void __launch_bounds__(128, 1)
   if (w == 0 && g == 0)
 #pragma unroll
     for (int j = 0; j < 4; ++j) ml[2 * t4 + (j & 1) + 8 * (j >> 1)] = m[j];
+  asm volatile("griddepcontrol.launch_dependents;\n");  // the merge kernel may start arriving
   finish_from_smem<128>(so, s, b, split, h0, nh, tid, part_o, part_m, part_l, out, lse);
 }
 
 // Merge of the splits (maxima in base 2): one CTA of 128 threads per (head, sequence), 4 columns each.
 __global__ void __launch_bounds__(128) mla_merge_kernel(const float* part_o, const float* part_m,
                                                         const float* part_l, Shape_ s, float* out, float* lse) {
+  // Launched as a programmatic dependent of the decode kernel: it may be resident before that one
+  // ends (no launch gap) and waits here until its partials are complete and visible.
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
   const int64_t b = blockIdx.y, h = blockIdx.x;
   const int64_t first = b * s.splits * s.h + h;  // split sp at first + sp·H
   float mx = -INFINITY;
@@ -635,9 +631,9 @@ struct Launch {
   size_t smem;
   int per_sm = 1;  // resident CTAs per SM (set once, with the shared-memory attribute)
 };
-template <bool kEarly> Launch wgmma_launch() {
-  return {MlaDecodeConfig{MlaKernel::wgmma, 16, 16, 4, kBlock, wg::kRing, true, 0, kEarly},
-          reinterpret_cast<const void*>(mla_wgmma_kernel<kEarly>), 128, wg::smem};
+Launch wgmma_launch() {
+  return {MlaDecodeConfig{MlaKernel::wgmma, 16, 16, 4, kBlock, wg::kRing, false, 0},
+          reinterpret_cast<const void*>(mla_wgmma_kernel), 128, wg::smem};
 }
 template <int kMG, int kMW, int kWN, int kT, int kS, bool kQR = false> Launch reg_launch() {
   using P = Reg<kMG, kMW, kWN, kT, kS, kQR>;
@@ -652,8 +648,7 @@ const std::vector<Launch>& launches() {
         reg_launch<2, 2, 4, 32, 2>(),
         reg_launch<1, 1, 4, 32, 2, true>(),  // two CTAs per SM; the 16-head default before wgmma
         reg_launch<1, 1, 4, 16, 4, true>(),  // two CTAs per SM
-        wgmma_launch<false>(),               // the default up to 32 heads
-        wgmma_launch<true>(),
+        wgmma_launch(),                      // the default up to 32 heads
     };
     for (Launch& l : v) {
       DSV3_CUDA_CHECK(cudaFuncSetAttribute(l.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(l.smem)));
@@ -667,8 +662,7 @@ const std::vector<Launch>& launches() {
 bool same_shape(const MlaDecodeConfig& x, const MlaDecodeConfig& y) {
   return x.kernel == y.kernel && x.heads_per_cta == y.heads_per_cta && x.heads_per_warp == y.heads_per_warp &&
          x.warps == y.warps &&
-         x.stage_tokens == y.stage_tokens && x.stages == y.stages && x.q_in_registers == y.q_in_registers &&
-         x.early_refill == y.early_refill;
+         x.stage_tokens == y.stage_tokens && x.stages == y.stages && x.q_in_registers == y.q_in_registers;
 }
 
 }  // namespace
@@ -680,17 +674,17 @@ std::vector<MlaDecodeConfig> mla_decode_configs() {
 }
 
 // Measured on the H200 (bench/gpu_mla_decode.cpp, B 64, context 4096): up to 32 heads the wgmma
-// kernel (85.7 us against 92.5 for two mma.sync CTAs per SM, docs/cuda.md); above 32 heads one
-// 64-head mma.sync CTA beats 16-head ones re-reading rows.
+// kernel (83.3 us against 90.2 for two 16-head mma.sync CTAs per SM, docs/cuda.md); above 32 heads
+// one 64-head mma.sync CTA beats 16-head ones re-reading rows.
 MlaDecodeConfig mla_decode_default_config(int64_t heads) {
-  return heads <= 32 ? MlaDecodeConfig{MlaKernel::wgmma, 16, 16, 4, kBlock, 2, true, 0}
+  return heads <= 32 ? MlaDecodeConfig{MlaKernel::wgmma, 16, 16, 4, kBlock, wg::kRing, false, 0}
                      : MlaDecodeConfig{MlaKernel::reg_p, 64, 16, 8, 32, 2, false, 0};
 }
 
 std::string mla_decode_config_name(const MlaDecodeConfig& c) {
   return cat(c.kernel == MlaKernel::wgmma ? "wgmma" : "regP", " h", c.heads_per_cta,
              c.heads_per_warp == 16 ? "" : cat("/", c.heads_per_warp), " w", c.warps, " t", c.stage_tokens, " s",
-             c.stages, c.q_in_registers ? " qr" : "", c.early_refill ? " er" : "");
+             c.stages, c.q_in_registers ? " qr" : "");
 }
 
 void cuda_mla_decode(const MlaDecodeArgs& a) {
@@ -757,8 +751,18 @@ int64_t cuda_mla_decode_with(const MlaDecodeArgs& a, const MlaDecodeConfig& c) {
   float scale_log2 = a.scale * kLog2e;
   void* args[] = {&qp, &pool, &table, &lens, &s, &scale_log2, &pop, &pmp, &plp, &out, &lse};
   DSV3_CUDA_CHECK(cudaLaunchKernel(l->kernel, grid, dim3(unsigned(l->threads)), args, l->smem, nullptr));
-  if (merge)
-    mla_merge_kernel<<<dim3(unsigned(H), unsigned(B)), 128>>>(pop, pmp, plp, s, out, lse);
+  if (merge) {
+    cudaLaunchConfig_t lc{};
+    lc.gridDim = dim3(unsigned(H), unsigned(B));
+    lc.blockDim = dim3(128);
+    cudaLaunchAttribute at{};
+    at.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at.val.programmaticStreamSerializationAllowed = 1;
+    lc.attrs = &at;
+    lc.numAttrs = 1;
+    DSV3_CUDA_CHECK(cudaLaunchKernelEx(&lc, mla_merge_kernel, static_cast<const float*>(pop),
+                                       static_cast<const float*>(pmp), static_cast<const float*>(plp), s, out, lse));
+  }
   check_launch("mla_decode");
   return splits;
 }

@@ -37,15 +37,13 @@ enum class MlaKernel {
 };
 struct MlaDecodeConfig {
   MlaKernel kernel = MlaKernel::reg_p;
-  int heads_per_cta = 16;  // 16 or 64 (one sequence's heads share every row read)
+  int heads_per_cta = 16;  // 16 or 64 (one sequence's heads share every row read); wgmma: 16
   int heads_per_warp = 16; // MMA row tiles of 16 per warp (reg_p: 16 or 32)
   int warps = 4;
-  int stage_tokens = 32;   // tokens per cp.async pipeline stage
+  int stage_tokens = 32;   // tokens per cp.async pipeline stage (wgmma: 64, a whole cache block)
   int stages = 2;          // pipeline depth
   bool q_in_registers = false;  // reg_p: each warp's q fragments in registers, not q in shared memory
   int splits = 0;          // ranges of cache blocks per sequence merged afterwards; 0: chosen from the shape
-  bool early_refill = false;  // wgmma: a stage's buffer is refilled as soon as its wgmma are done, not once
-                              // the next stage has landed (both other stages in flight in between)
 };
 std::vector<MlaDecodeConfig> mla_decode_configs();
 MlaDecodeConfig mla_decode_default_config(int64_t heads);
