@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 
 #include <cooperative_groups.h>
 
@@ -61,7 +63,7 @@ struct AttnArgs {
   int n, maxb, nh, W, R, qk, nope;
   int64_t layers, bs, layer;
   float scale;  // softmax scale · log2 e
-  int splits;
+  int splits, max_tiles;
   bool qvec;    // q readable as float4 pieces
   int mode;     // 0: one split, lat written directly; 1: cluster merge; 2: partials to part
   const float* c_new;    // with fold: this step's rows (c_kv_n [N, R], k_pe [N, P]), which
@@ -73,12 +75,13 @@ struct AttnArgs {
 
 enum { kDirect = 0, kCluster = 1, kPartials = 2 };
 
-// Shared memory (floats): q chunks | tile [kT, W32] | S [kHg, kT + 1] | P [kT, kHg] | corr, max, sum,
-// 1/total sum, the cluster merge's split weights [8, kHg].
+// Shared memory (floats): q chunks | tile [kT, W32] | S [kHg, kT + 1] | P [kT, kHg] | corr, max, sum
+// [kHg each]; in a cluster also the members' (max, sum) [8, 2·kHg] and acc slices [8·kHg·slots·4].
 __host__ __device__ inline int attn_w32(int W) { return (W + 31) & ~31; }
-__host__ __device__ inline int attn_smem_floats(int W) {
-  const int w32 = attn_w32(W);
-  return w32 / 4 * kQStride + kT * w32 + kHg * (kT + 1) + kT * kHg + (4 + kMaxClusterSplits) * kHg;
+__host__ __device__ inline int attn_smem_floats(int W, int R, bool cluster) {
+  const int w32 = attn_w32(W), rq = (R + 3) / 4;
+  const int base = w32 / 4 * kQStride + kT * w32 + kHg * (kT + 1) + kT * kHg + 3 * kHg;
+  return cluster ? base + 2 * kHg * kMaxClusterSplits + kHg * 4 * (rq + kMaxClusterSplits - 1) : base;
 }
 
 __device__ __forceinline__ void widen8(uint4 v, float* d) {
@@ -99,100 +102,65 @@ __device__ __forceinline__ __nv_bfloat16 new_value(const AttnArgs& a, int r, int
                                      : a.kpe_new[int64_t(r) * (a.W - a.R) + (i - a.R)]);
 }
 
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+
 // CQ column quads per thread in P·V (R ≤ 256·CQ); NV 16-byte loads per thread per tile (W ≤ 64·NV
 // with W % 8 == 0 takes the prefetched path, other widths load each tile synchronously).
+//
+// Launched as a programmatic dependent of the previous kernel (the q GEMV): everything before
+// pdl_wait reads only what older kernels wrote (step metadata, block tables, cached rows, this
+// step's c_kv_n / k_pe), so the first tile's loads overlap that kernel; q comes after the wait.
 template <int CQ, int NV>
 __global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs a) {
   extern __shared__ __align__(16) float sm[];
-  const int W = a.W, R = a.R, w32 = attn_w32(W), nc = w32 / 4;
+  const int W = a.W, R = a.R, w32 = attn_w32(W), nc = w32 / 4, rq = (R + 3) >> 2;
   float* qs = sm;
   float* tile = qs + nc * kQStride;
   float* ss = tile + kT * w32;
   float* ps = ss + kHg * (kT + 1);
-  float* st = ps + kT * kHg;  // corr | max | sum | 1/total | split weights, kHg each
+  float* st = ps + kT * kHg;  // corr | max | sum, kHg each
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int split = blockIdx.x, r = blockIdx.y, h0 = blockIdx.z * kHg;
   const int bs = int(a.bs);
   const bool vec = (W & 7) == 0 && W <= 64 * NV;
   const int V = W >> 3;  // 16-byte pieces per row
-  // q (scaled) into its chunks: the loads of a batch are all issued before their stores; the first
-  // batch (all of q up to W = 64·NV) before the tile's loads, which wait for the length and table.
-  const int w4 = w32 / 4, qtotal = kHg * w4;
-  float4 qv[NV];
-  auto q_load = [&](int base) {
-#pragma unroll
-    for (int u = 0; u < NV; ++u) {
-      const int idx = base + u * kThreads, hh = idx / w4, k = 4 * (idx - hh * w4), h = h0 + hh;
-      qv[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      if (idx < qtotal && h < a.nh && k < W) {
-        const int64_t rh = int64_t(r) * a.nh + h;
-        qv[u] = *reinterpret_cast<const float4*>(k < R ? a.qcat + rh * W + k : a.qrot + rh * a.qk + a.nope + (k - R));
-      }
-    }
-  };
-  auto q_store = [&](int base) {
-#pragma unroll
-    for (int u = 0; u < NV; ++u) {
-      const int idx = base + u * kThreads, hh = idx / w4, k = 4 * (idx - hh * w4);
-      if (idx < qtotal)
-        *reinterpret_cast<float4*>(qs + (k >> 2) * kQStride + hh * 4) =
-            make_float4(qv[u].x * a.scale, qv[u].y * a.scale, qv[u].z * a.scale, qv[u].w * a.scale);
-    }
-  };
-  if (a.qvec) q_load(tid);
-  const int len = a.meta[r];
+  // The split's tiles from the longest row (no wait for this row's length), clipped to it below.
+  const int tb = int(int64_t(split) * a.max_tiles / a.splits);
+  int te = int(int64_t(split + 1) * a.max_tiles / a.splits);
   const int32_t* table = a.meta + 3 * a.n + int64_t(r) * a.maxb;
-  const int tiles = (len + kT - 1) / kT;
-  const int tb = int(int64_t(split) * tiles / a.splits), te = int(int64_t(split + 1) * tiles / a.splits);
+  const int len = a.meta[r];
   auto row_of = [&](int pos) {
     return (int64_t(table[pos / bs]) * a.layers + a.layer) * a.bs + pos % bs;
   };
+  // A tile's rows into registers, all 32 positions (those past this row's end are zeroed in stash;
+  // their block-table entries, within the row's maxb, exist).
   uint4 raw[NV];
   auto fetch = [&](int tl) {
-    const int t0 = tl * kT, total = min(kT, len - t0) * V;
+    const int t0 = tl * kT;
 #pragma unroll
     for (int u = 0; u < NV; ++u) {
-      const int idx = tid + u * kThreads;
-      if (idx < total) {
-        const int t = idx / V, v = idx - t * V;
-        if (a.fold && t0 + t == len - 1) {
-          uint32_t w[4];
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            w[e] = uint32_t(__bfloat16_as_ushort(new_value(a, r, 8 * v + 2 * e))) |
-                   (uint32_t(__bfloat16_as_ushort(new_value(a, r, 8 * v + 2 * e + 1))) << 16);
-          raw[u] = make_uint4(w[0], w[1], w[2], w[3]);
-        } else {
-          raw[u] = reinterpret_cast<const uint4*>(a.pool + row_of(t0 + t) * W)[v];
-        }
-      }
-    }
-  };
-  // The tile in shared memory as F32; rows past the end are zero (their weights are 0, and 0·garbage
-  // could be NaN).
-  auto stash = [&](int tl) {
-    const int cnt = min(kT, len - tl * kT);
-    if (vec) {
-#pragma unroll
-      for (int u = 0; u < NV; ++u) {
-        const int idx = tid + u * kThreads;
-        if (idx < kT * V) {
-          const int t = idx / V, v = idx - t * V;
-          widen8(t < cnt ? raw[u] : make_uint4(0, 0, 0, 0), tile + t * w32 + 8 * v);
-        }
-      }
-    } else {
-      for (int idx = tid; idx < kT * W; idx += kThreads) {
-        const int t = idx / W, i = idx - t * W;
-        const int pos = tl * kT + t;
-        tile[t * w32 + i] = t >= cnt                        ? 0.0f
-                            : a.fold && pos == len - 1 ? __bfloat162float(new_value(a, r, i))
-                                                       : __bfloat162float(a.pool[row_of(pos) * W + i]);
-      }
+      const int idx = tid + u * kThreads, t = idx / V, v = idx - t * V;
+      if (idx < kT * V && (t0 + t) / bs < a.maxb)
+        raw[u] = reinterpret_cast<const uint4*>(a.pool + row_of(t0 + t) * W)[v];
     }
   };
   if (vec && tb < te) fetch(tb);
-  if (a.fold && blockIdx.z == 0 && te == tiles && tb < te) {  // the new row into the pool (nobody else reads it)
+  const int tiles = (len + kT - 1) / kT;
+  te = min(te, tiles);
+  // With fold, the CTA holding the row's last position takes it from c_kv_n / k_pe (rounded as the
+  // pool holds it) and, for head group 0, writes it to the pool.
+  const bool new_row = a.fold && tb < te && te == tiles;
+  uint4 newp = make_uint4(0, 0, 0, 0);
+  if (new_row && vec && tid < V) {
+    uint32_t w[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      w[e] = uint32_t(__bfloat16_as_ushort(new_value(a, r, 8 * tid + 2 * e))) |
+             (uint32_t(__bfloat16_as_ushort(new_value(a, r, 8 * tid + 2 * e + 1))) << 16);
+    newp = make_uint4(w[0], w[1], w[2], w[3]);
+    if (blockIdx.z == 0) reinterpret_cast<uint4*>(const_cast<__nv_bfloat16*>(a.pool) + row_of(len - 1) * W)[tid] = newp;
+  } else if (new_row && !vec && blockIdx.z == 0) {
     __nv_bfloat16* dst = const_cast<__nv_bfloat16*>(a.pool) + row_of(len - 1) * W;
     for (int i = tid; i < W; i += kThreads) dst[i] = new_value(a, r, i);
   }
@@ -200,11 +168,54 @@ __global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs
     const int t = idx / (w32 - W);
     tile[t * w32 + W + (idx - t * (w32 - W))] = 0.0f;
   }
+  pdl_wait();
+  pdl_trigger();
+
+  // The tile in shared memory as F32; rows past the end are zero (their weights are 0, and 0·garbage
+  // could be NaN).
+  auto stash = [&](int tl) {
+    const int t0 = tl * kT, cnt = min(kT, len - t0);
+    if (vec) {
+#pragma unroll
+      for (int u = 0; u < NV; ++u) {
+        const int idx = tid + u * kThreads;
+        if (idx < kT * V) {
+          const int t = idx / V, v = idx - t * V;
+          if (!(new_row && t0 + t == len - 1)) widen8(t < cnt ? raw[u] : make_uint4(0, 0, 0, 0), tile + t * w32 + 8 * v);
+        }
+      }
+      if (new_row && len - 1 - t0 < kT && tid < V) widen8(newp, tile + (len - 1 - t0) * w32 + 8 * tid);
+    } else {
+      for (int idx = tid; idx < kT * W; idx += kThreads) {
+        const int t = idx / W, i = idx - t * W, pos = t0 + t;
+        tile[t * w32 + i] = t >= cnt                  ? 0.0f
+                            : new_row && pos == len - 1 ? __bfloat162float(new_value(a, r, i))
+                                                        : __bfloat162float(a.pool[row_of(pos) * W + i]);
+      }
+    }
+  };
+  // q (scaled) into its chunks: the loads of a batch are all issued before their stores.
   if (a.qvec) {  // float4 pieces: W, R, qk and nope multiples of 4
-    q_store(tid);
-    for (int base = tid + NV * kThreads; base < qtotal; base += NV * kThreads) {
-      q_load(base);
-      q_store(base);
+    const int w4 = w32 / 4, qtotal = kHg * w4;
+    for (int base = tid; base < qtotal; base += NV * kThreads) {
+      float4 qv[NV];
+#pragma unroll
+      for (int u = 0; u < NV; ++u) {
+        const int idx = base + u * kThreads, hh = idx / w4, k = 4 * (idx - hh * w4), h = h0 + hh;
+        qv[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (idx < qtotal && h < a.nh && k < W) {
+          const int64_t rh = int64_t(r) * a.nh + h;
+          qv[u] = *reinterpret_cast<const float4*>(k < R ? a.qcat + rh * W + k
+                                                         : a.qrot + rh * a.qk + a.nope + (k - R));
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < NV; ++u) {
+        const int idx = base + u * kThreads, hh = idx / w4, k = 4 * (idx - hh * w4);
+        if (idx < qtotal)
+          *reinterpret_cast<float4*>(qs + (k >> 2) * kQStride + hh * 4) =
+              make_float4(qv[u].x * a.scale, qv[u].y * a.scale, qv[u].z * a.scale, qv[u].w * a.scale);
+      }
     }
   } else {
     const int total = kHg * w32;
@@ -230,7 +241,6 @@ __global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs
   const int ks = lane & 7, hq_s = lane >> 3;  // scores: width slice, head quad (positions: the warp's quad)
   const int hq = warp >> 1;                   // P·V: head quad
   const int cq0 = (warp & 1) * 32 + lane;     // P·V: first column quad (then + 64)
-  const int rq = (R + 3) >> 2;
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};  // heads 2·warp + j
   float o[CQ][4][4];
 #pragma unroll
@@ -340,37 +350,85 @@ __global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs
     }
   }
 
+  // Four values of the output row (head h, columns 4·cq..), as float4 when R allows.
+  auto put = [&](float* dst, int cq, float4 v) {
+    if ((R & 3) == 0) {
+      *reinterpret_cast<float4*>(dst + 4 * cq) = v;
+    } else {
+      const float vv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        if (4 * cq + i < R) dst[4 * cq + i] = vv[i];
+    }
+  };
+  if (a.mode == kCluster) {
+    // Each member pushes its (max, sum) to every member and the acc of column quad cq to member
+    // cq mod splits (remote stores), one cluster barrier, then each merges its columns locally.
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    const int ns = a.splits, me = int(cluster.block_rank()), slots = (rq + ns - 1) / ns;
+    float* rml = st + 3 * kHg;           // [split][max kHg | sum kHg]
+    float* rbuf = rml + 2 * kHg * kMaxClusterSplits;  // [split][kHg][slots] float4
+    if (lane < ns) {  // lane k sends the warp's two heads to member k
+      float* d = cluster.map_shared_rank(rml, lane) + me * 2 * kHg;
+      *reinterpret_cast<float2*>(d + 2 * warp) = make_float2(m_run[0], m_run[1]);
+      *reinterpret_cast<float2*>(d + kHg + 2 * warp) = make_float2(l_run[0], l_run[1]);
+    }
+#pragma unroll
+    for (int u = 0; u < CQ; ++u) {
+      const int cq = cq0 + 64 * u;
+      if (cq >= rq) continue;
+      float* d = cluster.map_shared_rank(rbuf, cq % ns);
+#pragma unroll
+      for (int hh = 0; hh < 4; ++hh)
+        *reinterpret_cast<float4*>(d + ((me * kHg + 4 * hq + hh) * slots + cq / ns) * 4) =
+            make_float4(o[u][hh][0], o[u][hh][1], o[u][hh][2], o[u][hh][3]);
+    }
+    cluster.sync();
+    for (int idx = tid; idx < kHg * slots; idx += kThreads) {
+      const int hh = idx / slots, slot = idx - hh * slots, cq = me + ns * slot, h = h0 + hh;
+      if (cq >= rq || h >= a.nh) continue;
+      float mx = -INFINITY;
+      for (int k = 0; k < ns; ++k) mx = fmaxf(mx, rml[k * 2 * kHg + hh]);
+      float l = 0.0f;
+      float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      for (int k = 0; k < ns; ++k) {
+        const float mk = rml[k * 2 * kHg + hh];
+        const float w = mk == -INFINITY ? 0.0f : exp2f(mk - mx);  // -inf: an empty split
+        l = fmaf(w, rml[k * 2 * kHg + kHg + hh], l);
+        const float4 ak = *reinterpret_cast<const float4*>(rbuf + ((k * kHg + hh) * slots + slot) * 4);
+        v.x = fmaf(w, ak.x, v.x);
+        v.y = fmaf(w, ak.y, v.y);
+        v.z = fmaf(w, ak.z, v.z);
+        v.w = fmaf(w, ak.w, v.w);
+      }
+      const float inv = 1.0f / l;
+      put(a.lat + (int64_t(r) * a.nh + h) * R, cq, make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv));
+    }
+    return;
+  }
   if (lane == 0)
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       st[kHg + 2 * warp + j] = m_run[j];
       st[2 * kHg + 2 * warp + j] = l_run[j];
     }
-  __syncthreads();  // also: the tile is no longer read (the cluster merge reuses it)
-  if (a.mode == kDirect) {
+  __syncthreads();
 #pragma unroll
-    for (int hh = 0; hh < 4; ++hh) {
-      const int h = h0 + 4 * hq + hh;
-      if (h >= a.nh) continue;
+  for (int hh = 0; hh < 4; ++hh) {
+    const int h = h0 + 4 * hq + hh;
+    if (h >= a.nh) continue;
+    if (a.mode == kDirect) {
       const float inv = 1.0f / st[2 * kHg + 4 * hq + hh];
-      float* dst = a.lat + (int64_t(r) * a.nh + h) * R;
 #pragma unroll
       for (int u = 0; u < CQ; ++u) {
         const int cq = cq0 + 64 * u;
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-          if (4 * cq + i < R) dst[4 * cq + i] = o[u][hh][i] * inv;
+        if (cq < rq)
+          put(a.lat + (int64_t(r) * a.nh + h) * R, cq,
+              make_float4(o[u][hh][0] * inv, o[u][hh][1] * inv, o[u][hh][2] * inv, o[u][hh][3] * inv));
       }
-    }
-    return;
-  }
-  if (a.mode == kPartials) {
-    const int P = R + 2;
-#pragma unroll
-    for (int hh = 0; hh < 4; ++hh) {
-      const int h = h0 + 4 * hq + hh;
-      if (h >= a.nh) continue;
-      float* pr = a.part + ((int64_t(r) * a.nh + h) * a.splits + split) * P;
+    } else {
+      float* pr = a.part + ((int64_t(r) * a.nh + h) * a.splits + split) * (R + 2);
       if ((warp & 1) == 0 && lane == 0) {
         pr[0] = st[kHg + 4 * hq + hh];
         pr[1] = st[2 * kHg + 4 * hq + hh];
@@ -383,71 +441,7 @@ __global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs
           if (4 * cq + i < R) pr[2 + 4 * cq + i] = o[u][hh][i];
       }
     }
-    return;
   }
-  // Cluster merge: the unnormalised acc into this CTA's tile region, then rank k of the cluster
-  // merges every splits-th float4 of the [kHg, rq] outputs from all members, in split order.
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  float* accs = tile;  // [kHg, 4·rq]
-#pragma unroll
-  for (int u = 0; u < CQ; ++u) {
-    const int cq = cq0 + 64 * u;
-    if (cq >= rq) continue;
-#pragma unroll
-    for (int hh = 0; hh < 4; ++hh)
-      *reinterpret_cast<float4*>(accs + (4 * hq + hh) * 4 * rq + 4 * cq) =
-          make_float4(o[u][hh][0], o[u][hh][1], o[u][hh][2], o[u][hh][3]);
-  }
-  cluster.sync();
-  const int ns = a.splits, me = int(cluster.block_rank());
-  float* wk = st + 4 * kHg;  // [split, head]
-  if (tid < kHg) {
-    float mk[kMaxClusterSplits], lk[kMaxClusterSplits], mx = -INFINITY;
-#pragma unroll
-    for (int k = 0; k < kMaxClusterSplits; ++k)
-      if (k < ns) {
-        const float* pst = cluster.map_shared_rank(st, k);
-        mk[k] = pst[kHg + tid];
-        lk[k] = pst[2 * kHg + tid];
-        mx = fmaxf(mx, mk[k]);
-      }
-    float l = 0.0f;
-#pragma unroll
-    for (int k = 0; k < kMaxClusterSplits; ++k)
-      if (k < ns) {
-        const float w = mk[k] == -INFINITY ? 0.0f : exp2f(mk[k] - mx);  // -inf: an empty split
-        wk[k * kHg + tid] = w;
-        l = fmaf(w, lk[k], l);
-      }
-    st[3 * kHg + tid] = 1.0f / l;
-  }
-  __syncthreads();
-  for (int idx = me * kThreads + tid; idx < kHg * rq; idx += ns * kThreads) {
-    const int hh = idx / rq, cq = idx - hh * rq, h = h0 + hh;
-    if (h >= a.nh) continue;
-    float4 ak[kMaxClusterSplits];
-#pragma unroll
-    for (int k = 0; k < kMaxClusterSplits; ++k)
-      if (k < ns) ak[k] = *reinterpret_cast<const float4*>(cluster.map_shared_rank(accs, k) + hh * 4 * rq + 4 * cq);
-    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll
-    for (int k = 0; k < kMaxClusterSplits; ++k)
-      if (k < ns) {
-        const float w = wk[k * kHg + hh];
-        v.x = fmaf(w, ak[k].x, v.x);
-        v.y = fmaf(w, ak[k].y, v.y);
-        v.z = fmaf(w, ak[k].z, v.z);
-        v.w = fmaf(w, ak[k].w, v.w);
-      }
-    const float inv = st[3 * kHg + hh];
-    float* dst = a.lat + (int64_t(r) * a.nh + h) * R + 4 * cq;
-    const float vv[4] = {v.x * inv, v.y * inv, v.z * inv, v.w * inv};
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-      if (4 * cq + i < R) dst[i] = vv[i];
-  }
-  cluster.sync();  // members' shared memory stays until every read is done
 }
 
 // lat[r, h] = Σ_s 2^{m_s − M}·acc_s / Σ_s 2^{m_s − M}·l_s over the splits (empty splits: m = −inf).
@@ -519,7 +513,17 @@ __global__ void argmax_kernel(const float* logits, int64_t V, int64_t n_valid, i
   if (threadIdx.x == 0) ids[blockIdx.x] = int32_t(si[0]);
 }
 
-size_t attention_smem(int W) { return size_t(attn_smem_floats(W)) * sizeof(float); }
+size_t attention_smem(int W, int R, bool cluster) { return size_t(attn_smem_floats(W, R, cluster)) * sizeof(float); }
+
+// Programmatic dependent launch of the attention kernel: on unless DSV3_CUDA_PDL=0 (the switch the
+// decode kernels of cuda_decode_ops.cu read at start-up).
+bool pdl_on() {
+  static const bool on = [] {
+    const char* e = std::getenv("DSV3_CUDA_PDL");
+    return !(e && std::string(e) == "0");
+  }();
+  return on;
+}
 
 // The kernel instance for a latent width R and row width W.
 using AttnKernel = void (*)(AttnArgs);
@@ -538,7 +542,7 @@ CudaLatentAttention::CudaLatentAttention(const LatentKvPool& pool, const std::ve
   DSV3_CHECK(d.kv_lora == pool.kv_lora_rank() && d.rope == pool.rope_dim(), "cache shape");
   if (d.kv_lora > kMaxColumns)
     input_error("the CUDA latent cache supports kv_lora_rank up to ", kMaxColumns, ", the model has ", d.kv_lora);
-  const size_t smem = attention_smem(int(pool.row_width()));
+  const size_t smem = attention_smem(int(pool.row_width()), int(d.kv_lora), true);
   if (smem > 227 * 1024)
     input_error("the CUDA latent cache supports rows up to ~1300 values (kv_lora_rank + qk_rope_head_dim), the "
                 "model has ", pool.row_width());
@@ -700,6 +704,7 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
     x.layer = layer;
     x.scale = float(double(d_.softmax_scale) * 1.4426950408889634);
     x.splits = int(splits);
+    x.max_tiles = int(tiles);
     x.qvec = W % 4 == 0 && R % 4 == 0 && d_.qk % 4 == 0 && d_.nope % 4 == 0;
     x.mode = mode;
     x.c_new = c_kv_n.data<float>();
@@ -710,14 +715,23 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(unsigned(splits), unsigned(N), unsigned(groups));
     cfg.blockDim = dim3(kThreads);
-    cfg.dynamicSmemBytes = attention_smem(int(W));
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = unsigned(splits);
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
+    cfg.dynamicSmemBytes = attention_smem(int(W), int(R), mode == kCluster);
+    cudaLaunchAttribute attr[2];
+    int na = 0;
+    if (mode == kCluster) {
+      attr[na].id = cudaLaunchAttributeClusterDimension;
+      attr[na].val.clusterDim.x = unsigned(splits);
+      attr[na].val.clusterDim.y = 1;
+      attr[na].val.clusterDim.z = 1;
+      ++na;
+    }
+    if (pdl_on()) {
+      attr[na].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[na].val.programmaticStreamSerializationAllowed = 1;
+      ++na;
+    }
     cfg.attrs = attr;
-    cfg.numAttrs = mode == kCluster ? 1 : 0;
+    cfg.numAttrs = unsigned(na);
     DSV3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, attn_kernel(R, W), x));
     check_launch("latent attention");
     if (mode == kPartials) {
