@@ -2,13 +2,12 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <string>
 
 #include <cooperative_groups.h>
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/mla_decode.h"
+#include "backend/cuda/pdl.cuh"
 #include "infer/cuda_decode_ops.h"
 
 namespace dsv3 {
@@ -101,9 +100,6 @@ __device__ __forceinline__ __nv_bfloat16 new_value(const AttnArgs& a, int r, int
   return __float2bfloat16_rn(i < a.R ? a.c_new[int64_t(r) * a.R + i]
                                      : a.kpe_new[int64_t(r) * (a.W - a.R) + (i - a.R)]);
 }
-
-__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 
 // CQ column quads per thread in P·V (R ≤ 256·CQ); NV 16-byte loads per thread per tile (W ≤ 64·NV
 // with W % 8 == 0 takes the prefetched path, other widths load each tile synchronously).
@@ -515,16 +511,6 @@ __global__ void argmax_kernel(const float* logits, int64_t V, int64_t n_valid, i
 
 size_t attention_smem(int W, int R, bool cluster) { return size_t(attn_smem_floats(W, R, cluster)) * sizeof(float); }
 
-// Programmatic dependent launch of the attention kernel: on unless DSV3_CUDA_PDL=0 (the switch the
-// decode kernels of cuda_decode_ops.cu read at start-up).
-bool pdl_on() {
-  static const bool on = [] {
-    const char* e = std::getenv("DSV3_CUDA_PDL");
-    return !(e && std::string(e) == "0");
-  }();
-  return on;
-}
-
 // The kernel instance for a latent width R and row width W.
 using AttnKernel = void (*)(AttnArgs);
 AttnKernel attn_kernel(int64_t R, int64_t W) {
@@ -725,7 +711,7 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
       attr[na].val.clusterDim.z = 1;
       ++na;
     }
-    if (pdl_on()) {
+    if (pdl_enabled()) {
       attr[na].id = cudaLaunchAttributeProgrammaticStreamSerialization;
       attr[na].val.programmaticStreamSerializationAllowed = 1;
       ++na;

@@ -10,6 +10,7 @@
 #include <climits>
 
 #include "backend/cuda/common.cuh"
+#include "backend/cuda/pdl.cuh"
 
 namespace dsv3 {
 using namespace cuda;
@@ -149,8 +150,9 @@ template <int C> __device__ bool warp_any_nan(const float (&v)[C], int n) {
   return __any_sync(0xffffffffu, nan);
 }
 
-// One warp per token, C experts per lane (e ≤ 32·C). Shared memory per warp: e floats (the choice
-// values, read serially per group) and k floats (the picked scores).
+// One warp per token, C experts per lane (e ≤ 32·C). Shared memory per warp: e + 64 floats (the
+// choice values, each group followed by one pad float so that the lanes scanning groups in parallel
+// hit distinct banks) and k floats (the picked scores).
 template <int C>
 __global__ void router_warp_kernel(const float* logits, const void* bias, DType bt, bool sigmoid, int method, int ng,
                                    int topk_group, int k, bool norm, float rsf, int e, int64_t tokens, float* scores,
@@ -158,9 +160,12 @@ __global__ void router_warp_kernel(const float* logits, const void* bias, DType 
   extern __shared__ float sm[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t t = int64_t(blockIdx.x) * kRouterWarps + warp;
+  pdl_wait();  // the logits (and, in training, the bias) come from previous kernels
+  pdl_trigger();
   if (t >= tokens) return;  // whole warps only: nothing below synchronises the CTA
-  float* choice = sm + warp * (e + k);
-  float* picked = choice + e;
+  const int gsz = e / ng, gstride = gsz + 1;
+  float* choice = sm + warp * (e + 64 + k);
+  float* picked = choice + e + 64;
   const float* l = logits + t * e;
   float s[C], c[C], bv[C];  // the bias loads issued with the logits'
 #pragma unroll
@@ -201,21 +206,20 @@ __global__ void router_warp_kernel(const float* logits, const void* bias, DType 
     if (j < e) {
       so[j] = s[i];
       c[i] = bias ? s[i] + bv[i] : s[i];
-      choice[j] = c[i];
+      choice[j + j / gsz] = c[i];
     } else {
       c[i] = 0.0f;
     }
   }
   if (method != int(RouterMethod::Greedy) && topk_group < ng) {
     __syncwarp();
-    const int gsz = e / ng;
     float gs[2];  // ng ≤ 64: groups lane and lane + 32
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
       const int g = lane + 32 * q;
       gs[q] = 0.0f;
       if (g >= ng) continue;
-      const float* cg = choice + g * gsz;
+      const float* cg = choice + g * gstride;
       if (method == int(RouterMethod::NoauxTc)) {
         const int a = scan_argmax(cg, gsz, -1), b = scan_argmax(cg, gsz, a);
         gs[q] = cg[a] + cg[b];
@@ -383,11 +387,11 @@ void CudaBackend::router(const RouterArgs& a) {
     return;
   }
   const unsigned grid = unsigned((t + kRouterWarps - 1) / kRouterWarps);
-  const size_t smem = size_t(kRouterWarps) * size_t(e + a.top_k) * sizeof(float);
+  const size_t smem = size_t(kRouterWarps) * size_t(e + 64 + a.top_k) * sizeof(float);
   auto run = [&](auto kernel) {
-    kernel<<<grid, 32 * kRouterWarps, smem>>>(a.logits.data<float>(), bias, a.bias.dtype(), sig, int(a.method), ng,
-                                              a.topk_group, a.top_k, a.norm_topk_prob, a.routed_scaling_factor,
-                                              int(e), t, sc, ids, w);
+    launch_pdl(kernel, dim3(grid), dim3(32 * kRouterWarps), smem, a.logits.data<float>(), bias, a.bias.dtype(), sig,
+               int(a.method), ng, a.topk_group, a.top_k, a.norm_topk_prob, a.routed_scaling_factor, int(e), t, sc, ids,
+               w);
   };
   if (e <= 32) run(router_warp_kernel<1>);
   else if (e <= 64) run(router_warp_kernel<2>);
