@@ -6,7 +6,8 @@
 # With HF=1 it also builds `dsv3` and runs tools/hf_gpu_bench.py (transformers' baseline).
 # With PREBUILT=DIR it skips the build and runs the binaries in DIR (built elsewhere for sm_90a with
 # -DDSV3_CUDA=ON; the GPU image need not carry our Debian build dependencies).
-# MEMCHECK_FILTER (a gtest filter) narrows the memcheck run to the suites a change touched.
+# MEMCHECK_FILTER (a gtest filter) narrows the memcheck run to the suites a change touched;
+# TRAIN_ARGS adds flags to dsv3_bench_gpu_train (e.g. --precisions bf16,fp8 when device time is short).
 # Usage: OUT=/some/dir DSV3_COMMIT=$(git rev-parse --short HEAD) [HF=1] [PREBUILT=DIR] bench/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -67,7 +68,7 @@ timeout 120 "$B"/dsv3_bench_gpu_fp8_accum 2>&1 | tee "$OUT/gpu_fp8_accum.txt" | 
 cp bench/results/gpu_fp8_accum.json "$OUT/" 2>/dev/null || status=1
 
 step "training throughput on the GPU (bench-0.7b, B=8, T=2048; vs transformers when HF=1)"
-timeout ${TRAIN_TIMEOUT:-240} "$B"/dsv3_bench_gpu_train --hf "$OUT/hf_gpu.json" 2>&1 | tee "$OUT/gpu_train.txt" | tee -a "$OUT/summary.txt"
+timeout ${TRAIN_TIMEOUT:-240} "$B"/dsv3_bench_gpu_train --hf "$OUT/hf_gpu.json" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/gpu_train.txt" | tee -a "$OUT/summary.txt"
 cp bench/results/gpu_train.json "$OUT/" 2>/dev/null || status=1
 
 step "compute-sanitizer memcheck on the GPU test binary"
