@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <map>
 
+#include "attention_dims.h"
 #include "../backend/harness.h"
 #include "backend/cuda/cuda_backend.h"
 #include "infer/cuda_decode_ops.h"
@@ -261,18 +262,6 @@ struct AttnShape {
   ModelDims d;
   int64_t layers, block_size;
 };
-
-ModelDims dims(int64_t nh, int64_t nope, int64_t rope, int64_t vd, int64_t kv_lora) {
-  ModelDims d;
-  d.nh = nh;
-  d.nope = nope;
-  d.rope = rope;
-  d.qk = nope + rope;
-  d.vd = vd;
-  d.kv_lora = kv_lora;
-  d.softmax_scale = float(1.0 / std::sqrt(double(d.qk)));
-  return d;
-}
 
 void attention_against_host(const ModelDims& d, int64_t layers, int64_t bs, bool mla_decode) {
   CudaBackend& be = cuda_backend();

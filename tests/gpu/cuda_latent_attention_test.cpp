@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "attention_dims.h"
 #include "../backend/harness.h"
 #include "backend/cuda/cuda_backend.h"
 #include "infer/cuda_latent_attention.h"
@@ -16,18 +17,6 @@
 
 namespace dsv3::test {
 namespace {
-
-ModelDims dims(int64_t nh, int64_t nope, int64_t rope, int64_t vd, int64_t kv_lora) {
-  ModelDims d;
-  d.nh = nh;
-  d.nope = nope;
-  d.rope = rope;
-  d.qk = nope + rope;
-  d.vd = vd;
-  d.kv_lora = kv_lora;
-  d.softmax_scale = float(1.0 / std::sqrt(double(d.qk)));
-  return d;
-}
 
 // Prefill of every sequence in one step, then two decode steps (one row per sequence).
 void against_host(const ModelDims& d, int64_t bs, const std::vector<int64_t>& lens) {

@@ -72,14 +72,14 @@ OP_CASE(v3_attention_backward_mla_heads) {
           {"dv", b.to_host(dvv), to_vec(cv), tol::kF32Grad}};
 }
 
-OP_CASE(v3_router_256_experts_8_groups) {
-  int64_t t = 64, e = 256;
-  int ng = 8, tg = 4, k = 8;
-  Tensor logits = randn({t, e}, seed, 1, 2.0f), bias = randn({e}, seed, 2, 0.3f);
-  Tensor scores = g.out(DType::F32, {t, e}), ids = g.out(DType::I32, {t, k}), w = g.out(DType::F32, {t, k});
+// The router op on x (routed_scaling_factor 2.5, norm_topk_prob on), inputs copied to x's device.
+void run_router(Backend& x, const Tensor& logits, const Tensor* bias, RouterScoring sc, RouterMethod m, int ng, int tg,
+                int k, const Tensor& scores, const Tensor& ids, const Tensor& w) {
   RouterArgs a;
-  a.logits = dev(b, logits);
-  a.bias = dev(b, bias);
+  a.logits = dev(x, logits);
+  if (bias) a.bias = dev(x, *bias);
+  a.scoring = sc;
+  a.method = m;
   a.n_group = ng;
   a.topk_group = tg;
   a.top_k = k;
@@ -87,7 +87,15 @@ OP_CASE(v3_router_256_experts_8_groups) {
   a.scores = scores;
   a.ids = ids;
   a.weights = w;
-  b.router(a);
+  x.router(a);
+}
+
+OP_CASE(v3_router_256_experts_8_groups) {
+  int64_t t = 64, e = 256;
+  int ng = 8, tg = 4, k = 8;
+  Tensor logits = randn({t, e}, seed, 1, 2.0f), bias = randn({e}, seed, 2, 0.3f);
+  Tensor scores = g.out(DType::F32, {t, e}), ids = g.out(DType::I32, {t, k}), w = g.out(DType::F32, {t, k});
+  run_router(b, logits, &bias, RouterScoring::Sigmoid, RouterMethod::NoauxTc, ng, tg, k, scores, ids, w);
   Vec bv = to_vec(bias);
   ref::RouterOut r = ref::router(to_vec(logits), t, e, &bv, RouterScoring::Sigmoid, RouterMethod::NoauxTc, ng, tg, k,
                                  true, 2.5);
@@ -110,19 +118,7 @@ std::vector<Output> router_ties(Backend& b, Guards& g, uint64_t seed, int64_t t,
     for (int64_t i = 0; i < e; ++i) bt.data<float>()[i] = std::round(bt.data<float>()[i] / step) * step / 2;
   }
   auto run = [&](Backend& x, const Tensor& scores, const Tensor& ids, const Tensor& w) {
-    RouterArgs a;
-    a.logits = dev(x, logits);
-    if (bias) a.bias = dev(x, bt);
-    a.scoring = sc;
-    a.method = m;
-    a.n_group = ng;
-    a.topk_group = tg;
-    a.top_k = k;
-    a.routed_scaling_factor = 2.5f;
-    a.scores = scores;
-    a.ids = ids;
-    a.weights = w;
-    x.router(a);
+    run_router(x, logits, bias ? &bt : nullptr, sc, m, ng, tg, k, scores, ids, w);
   };
   Tensor scores = g.out(DType::F32, {t, e}), ids = g.out(DType::I32, {t, k}), w = g.out(DType::F32, {t, k});
   run(b, scores, ids, w);
