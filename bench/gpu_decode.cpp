@@ -13,9 +13,9 @@
 // batch's embedding rows) plus the latent cache read at the mean depth — over 4.19 TB/s (the
 // device-to-device copy measured on this H200, docs/cuda.md).
 //
-// Host synchronisations per decode step are counted by wrapping the CUDA runtime's cudaMemcpy and
-// cudaDeviceSynchronize (every blocking copy and range check goes through them; kernel launches
-// are counted by a profiler, see docs/cuda.md). Writes bench/results/gpu_decode.json.
+// Host synchronisations per decode step are counted by bench/common/blocking_calls.h (every blocking
+// copy and range check; kernel launches are counted by a profiler, see docs/cuda.md). Writes
+// bench/results/gpu_decode.json.
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -30,32 +30,20 @@ int main() {
 #else
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
-#include <dlfcn.h>
 
 #include <algorithm>
 #include <fstream>
 #include <vector>
 
 #include "backend/cuda/cuda_backend.h"
+#include "common/blocking_calls.h"
+#include "backend/cuda/pdl.h"
 #include "infer/engine.h"
 #include "model/presets.h"
 
 namespace {
-long g_memcpy = 0, g_sync = 0;
 int g_profile_steps = 0;  // --profile-steps: decode steps of the main run inside cudaProfilerStart/Stop
-template <class F> F real(const char* name) { return reinterpret_cast<F>(dlsym(RTLD_NEXT, name)); }
 }  // namespace
-
-extern "C" cudaError_t cudaMemcpy(void* dst, const void* src, size_t n, cudaMemcpyKind kind) {
-  static auto f = real<cudaError_t (*)(void*, const void*, size_t, cudaMemcpyKind)>("cudaMemcpy");
-  ++g_memcpy;
-  return f(dst, src, n, kind);
-}
-extern "C" cudaError_t cudaDeviceSynchronize() {
-  static auto f = real<cudaError_t (*)()>("cudaDeviceSynchronize");
-  ++g_sync;
-  return f();
-}
 
 using namespace dsv3;
 
@@ -121,7 +109,7 @@ Result run(const Weights& w, int64_t B, int64_t prompt, int64_t n_new, uint64_t 
   const double t0 = bench::now_s();
   eng.step();  // prefill of every prompt, first token
   const double t1 = bench::now_s();
-  const long m0 = g_memcpy + g_sync;
+  const long m0 = bench::blocking_calls();
   int64_t produced = 0;
   while (eng.has_work()) {
     const bool prof = profile && g_profile_steps > 0 && steps.size() >= 4 && steps.size() < 4 + size_t(g_profile_steps);
@@ -138,7 +126,7 @@ Result run(const Weights& w, int64_t B, int64_t prompt, int64_t n_new, uint64_t 
   res.decode_tok_s = double(produced) / (t2 - t1);
   std::sort(steps.begin(), steps.end());
   res.step_ms_median = steps.empty() ? 0 : steps[steps.size() / 2] * 1e3;
-  res.memcpy_per_step = steps.empty() ? 0 : double(g_memcpy + g_sync - m0) / double(steps.size());
+  res.memcpy_per_step = steps.empty() ? 0 : double(bench::blocking_calls() - m0) / double(steps.size());
   const double depth = double(prompt) + double(n_new) / 2;
   const double cache = double(B) * depth * double(c.kv_lora_rank + c.qk_rope_head_dim) *
                        double(c.num_hidden_layers) * 2.0;
@@ -194,9 +182,7 @@ int main(int argc, char** argv) {
   res["runs"] = nlohmann::json::array();
   for (const std::string& fmt : formats) {
     Weights w = w32;
-    if (fmt == "bf16")
-      for (Param& p : w.params())
-        if (p.w.ndim() == 2 && p.w.dtype() == DType::F32) p.w = p.w.to(DType::BF16);
+    if (fmt == "bf16") round_matrices_to_bf16(w);
     std::printf("\n%s weights\n%5s %10s %12s %10s %10s %9s %14s %10s %8s\n", fmt.c_str(), "batch", "tok/s",
                 "decode tok/s", "step ms", "prefill ms", "syncs/st", "roofline tok/s", "hf tok/s", "vs hf");
     for (int64_t B : batches) {

@@ -25,7 +25,6 @@ int main() {
 #else
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
-#include <dlfcn.h>
 
 #include <chrono>
 #include <fstream>
@@ -37,6 +36,7 @@ int main() {
 
 #include "backend/cuda/attention_bf16.h"
 #include "backend/cuda/cuda_backend.h"
+#include "common/blocking_calls.h"
 #include "backend/fp8.h"
 #include "model/loss.h"
 #include "model/model.h"
@@ -44,23 +44,6 @@ int main() {
 #include "model/output_head.h"
 #include "model/presets.h"
 #include "train/optimizer.h"
-
-// Blocking host-device interactions per step, counted by wrapping the runtime's cudaMemcpy and
-// cudaDeviceSynchronize (as bench/gpu_decode.cpp does): each one drains the GPU's queue.
-namespace {
-long g_blocking = 0;
-template <class F> F real(const char* name) { return reinterpret_cast<F>(dlsym(RTLD_NEXT, name)); }
-}  // namespace
-extern "C" cudaError_t cudaMemcpy(void* dst, const void* src, size_t n, cudaMemcpyKind kind) {
-  static auto f = real<cudaError_t (*)(void*, const void*, size_t, cudaMemcpyKind)>("cudaMemcpy");
-  ++g_blocking;
-  return f(dst, src, n, kind);
-}
-extern "C" cudaError_t cudaDeviceSynchronize() {
-  static auto f = real<cudaError_t (*)()>("cudaDeviceSynchronize");
-  ++g_blocking;
-  return f();
-}
 
 using namespace dsv3;
 
@@ -270,11 +253,11 @@ Run measure(CudaBackend& be, const ModelConfig& cfg, const Weights& host, const 
   be.synchronize();
   // The timed steps inside cudaProfilerStart/Stop: `ncu --profile-from-start off` sees only them.
   cudaProfilerStart();
-  const long b0 = g_blocking;
+  const long b0 = bench::blocking_calls();
   auto t0 = Clock::now();
   for (int i = 0; i < steps; ++i) step();
   r.host_s = secs(t0, Clock::now()) / steps;  // until the host has queued the last step's work
-  r.blocking = double(g_blocking - b0) / steps;
+  r.blocking = double(bench::blocking_calls() - b0) / steps;
   be.synchronize();
   cudaProfilerStop();
   r.step_s = secs(t0, Clock::now()) / steps;

@@ -43,9 +43,7 @@ EngineOptions DecodeOptions::engine() const {
 }
 
 void DecodeOptions::apply_weights(Weights& w) const {
-  if (weights != "bf16") return;
-  for (Param& p : w.params())
-    if (p.w.ndim() == 2 && p.w.dtype() == DType::F32) p.w = p.w.to(DType::BF16);
+  if (weights == "bf16") round_matrices_to_bf16(w);
 }
 
 void add_sampling_options(CLI::App& app, DecodeOptions& o, const std::string& seed_help) {

@@ -440,24 +440,28 @@ int vectors_per_lane(int nv) { return nv <= 32 ? 1 : nv <= 64 ? 2 : nv <= 128 ? 
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// F32 or BF16 rows of whole 16-byte vectors, 16-byte aligned: what the vector kernels read.
+bool vector_rows(const Tensor& w) {
+  const DType t = w.dtype();
+  return (t == DType::F32 || t == DType::BF16) && aligned16(w.raw()) && w.dim(1) % (t == DType::BF16 ? 8 : 4) == 0;
+}
+// A weight the GEMV takes: on the device, no bias, F32 (other layouts take the scalar fallback) or
+// BF16 in vector rows.
+bool gemv_weight_ok(const LinearParam& p) {
+  return p.w.device() == Device::CUDA && !present(p.bias) && (p.w.dtype() == DType::F32 || vector_rows(p.w));
+}
+
 }  // namespace
 
 bool cuda_small_linear_ok(const LinearParam& p, const Tensor& x) {
-  const DType t = p.w.dtype();
-  // BF16 rows go through the vector kernel only: 16-byte aligned rows.
-  const bool wt_ok = t == DType::F32 || (t == DType::BF16 && p.w.dim(1) % 8 == 0 && aligned16(p.w.raw()));
-  return wt_ok && p.w.device() == Device::CUDA && !present(p.bias) && x.dtype() == DType::F32 && x.ndim() == 2 &&
-         x.dim(0) <= kMaxGemvRows && x.dim(1) == p.w.dim(1);
+  return gemv_weight_ok(p) && x.dtype() == DType::F32 && x.ndim() == 2 && x.dim(0) <= kMaxGemvRows &&
+         x.dim(1) == p.w.dim(1);
 }
 
 bool cuda_small_mlp_ok(const MlpParams& m, const Tensor& x) {
-  if (!cuda_small_linear_ok(m.gate_proj, x) || !cuda_small_linear_ok(m.up_proj, x) ||
-      m.gate_proj.w.dtype() != m.up_proj.w.dtype())
-    return false;
-  const LinearParam& d = m.down_proj;
-  const DType t = d.w.dtype();
-  return (t == DType::F32 || (t == DType::BF16 && d.w.dim(1) % 8 == 0 && aligned16(d.w.raw()))) &&
-         d.w.device() == Device::CUDA && !present(d.bias) && d.w.dim(1) == m.gate_proj.w.dim(0);
+  return cuda_small_linear_ok(m.gate_proj, x) && cuda_small_linear_ok(m.up_proj, x) &&
+         m.gate_proj.w.dtype() == m.up_proj.w.dtype() && gemv_weight_ok(m.down_proj) &&
+         m.down_proj.w.dim(1) == m.gate_proj.w.dim(0);
 }
 
 void cuda_rows_gemv(const GemvArgs& g) {
@@ -550,12 +554,9 @@ namespace {
 // Weights the expert kernels take: F32 or BF16 (all three of one dtype), no bias, 16-byte aligned
 // rows of whole vectors.
 bool vec_mlp(const MlpParams& m) {
-  const DType t = m.gate_proj.w.dtype();
-  if (t != DType::F32 && t != DType::BF16) return false;
-  const int64_t cols = t == DType::BF16 ? 8 : 4;
   for (const LinearParam* l : {&m.gate_proj, &m.up_proj, &m.down_proj})
-    if (l->w.dtype() != t || l->w.device() != Device::CUDA || present(l->bias) || !aligned16(l->w.raw()) ||
-        l->w.dim(1) % cols != 0)
+    if (l->w.dtype() != m.gate_proj.w.dtype() || l->w.device() != Device::CUDA || present(l->bias) ||
+        !vector_rows(l->w))
       return false;
   return true;
 }

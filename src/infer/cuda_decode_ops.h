@@ -11,10 +11,6 @@
 
 namespace dsv3 {
 
-// Programmatic dependent launch of the decode kernels (backend/cuda/pdl.cuh): on by default,
-// DSV3_CUDA_PDL=0 turns it off at start-up; benchmarks measure what it saves.
-void cuda_set_pdl(bool on);
-
 // The latent half of kv_a_proj's output in one kernel: c_kv_n = kv_a_layernorm(kv_a[:, :R]) and
 // k_pe = RoPE(kv_a[:, R:]) at positions (inside the tables) — the backend's copy_cols, rmsnorm,
 // copy_cols and rope.

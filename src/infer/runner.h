@@ -93,9 +93,10 @@ class ModelRunner {
   static constexpr int64_t kDeviceMoeRows = 512;
   bool sync_free_ = true;
   void rope(const Tensor& positions, const Tensor& x, int64_t offset);
-  // linear_forward, or on CUDA for steps of at most kDeviceGemvRows rows cuda_small_linear
+  // linear_forward, or on CUDA for steps of at most kDeviceGemvRows rows cuda_small_linear.
   void linear(const LinearParam& p, const Tensor& x, const Tensor& y, bool accumulate = false);
-  // (and the RMSNorms fused into the first GEMVs only up to small_rows(): each warp re-reads x for its norm).
+  // The GEMV path; the RMSNorms fused into the first GEMVs only up to small_rows() rows (every CTA
+  // computes the norms of its rows again).
   bool small_gemv(int64_t N) const {
     return be_.device() == Device::CUDA && sync_free_ && small_rows_ > 0 && N <= kDeviceGemvRows;
   }

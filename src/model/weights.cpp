@@ -50,6 +50,11 @@ Tensor as_f32(const Param& p) {
 
 }  // namespace
 
+void round_matrices_to_bf16(Weights& w) {
+  for (Param& p : w.params())
+    if (p.w.ndim() == 2 && p.w.dtype() == DType::F32) p.w = p.w.to(DType::BF16);
+}
+
 std::pair<Tensor, Tensor> quantize_fp8_blocks(const Tensor& w) {
   DSV3_CHECK(w.ndim() == 2, "quantize_fp8_blocks wants a matrix, got ", w.shape().str());
   const int64_t R = w.dim(0), C = w.dim(1), B = 128;

@@ -84,6 +84,10 @@ class Weights {
   std::string source_;
 };
 
+// The F32 matrices (2-D parameters) rounded to BF16 in place, as a BF16 checkpoint stores them;
+// norms and the router bias (1-D) stay F32, FP8/BF16 tensors as stored.
+void round_matrices_to_bf16(Weights& w);
+
 // DeepSeek-V3's block quantization of a 2-D weight: per 128×128 block, scale = amax/448 (1 for an
 // all-zero block), q = e4m3(w / scale). Returns {q F8_E4M3 [R, C], scale_inv F32 [ceil(R/128), ceil(C/128)]}.
 std::pair<Tensor, Tensor> quantize_fp8_blocks(const Tensor& w);

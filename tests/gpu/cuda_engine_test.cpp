@@ -199,13 +199,6 @@ TEST(CudaEngine, SyncFreePathEqualsCpuOnRandomTiny) {
 
 // The grouped MoE (the backend's router, grouping, experts, combine, residual) against the
 // CPU's moe_forward on one MoE layer of the tiny preset, with a router bias that changes the picks.
-// BF16 copies of a model's matrices (norms and the router bias stay F32), as a BF16 checkpoint.
-Weights bf16_matrices(Weights w) {
-  for (Param& p : w.params())
-    if (p.w.ndim() == 2 && p.w.dtype() == DType::F32) p.w = p.w.to(DType::BF16);
-  return w;
-}
-
 TEST(CudaEngine, GroupedMoeEqualsCpuMoeForward) {
   ASSERT_GT(cuda_device_count(), 0);
   CudaBackend& be = cuda_backend();
@@ -215,7 +208,7 @@ TEST(CudaEngine, GroupedMoeEqualsCpuMoeForward) {
     for (Param& p : host.params())
       if (p.spec.name.find("e_score_correction_bias") != std::string::npos)
         for (int64_t i = 0; i < p.w.numel(); ++i) p.w.data<float>()[i] = 0.02f * rng_normal(6, 0, uint64_t(i));
-    if (wt == DType::BF16) host = bf16_matrices(host);
+    if (wt == DType::BF16) round_matrices_to_bf16(host);
     Weights dev = host;
     for (Param& p : dev.params()) p.w = be.to_device(p.w);
     const ModelParams ph = bind_params(host), pd = bind_params(dev);
@@ -246,7 +239,8 @@ TEST(CudaEngine, GroupedMoeEqualsCpuMoeForward) {
 // batched decode).
 TEST(CudaEngine, Bf16WeightsEqualCpu) {
   ASSERT_GT(cuda_device_count(), 0);
-  const Weights w = bf16_matrices(Weights::random(preset_config("tiny"), 4, 0.05f));
+  Weights w = Weights::random(preset_config("tiny"), 4, 0.05f);
+  round_matrices_to_bf16(w);
   const std::vector<Request> reqs = hashed_requests({3, 7, 16}, 977);
   EngineOptions opt;
   opt.cache.block_size = 8;

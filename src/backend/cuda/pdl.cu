@@ -1,3 +1,5 @@
+#include "backend/cuda/pdl.h"
+
 #include "backend/cuda/pdl.cuh"
 
 #include <cstdlib>

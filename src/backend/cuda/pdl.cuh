@@ -4,13 +4,14 @@
 // what comes before — index math, loads of weights no kernel writes — overlaps the previous
 // kernel's tail. Kernels trigger their dependents (pdl_trigger) only after their own wait, so a
 // later kernel's early reads of older outputs stay safe. The decode path's small kernels each save
-// the launch gap this way. DSV3_CUDA_PDL=0 (or cuda_set_pdl(false)) launches them plainly.
+// the launch gap this way. DSV3_CUDA_PDL=0 (or cuda_set_pdl(false), pdl.h) launches them plainly.
 #pragma once
 #include <cuda_runtime.h>
 
 #include <utility>
 
 #include "backend/cuda/common.cuh"
+#include "backend/cuda/pdl.h"
 
 namespace dsv3::cuda {
 
