@@ -16,8 +16,10 @@ if [ "${BASH_VERSINFO[0]}" -lt 5 ] || { [ "${BASH_VERSINFO[0]}" -eq 5 ] && [ "${
   exit 2
 fi
 
-usage() {  # to stdout for --help, to stderr after a usage error
-  if [ "${1:-0}" -eq 0 ]; then sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; else sed -n '7,8p' "$0" | sed 's/^# \{0,1\}//' >&2; fi
+usage() {  # the header comment: to stdout for --help, to stderr after a usage error
+  local text
+  text=$(awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0")
+  if [ "${1:-0}" -eq 0 ]; then echo "$text"; else echo "$text" >&2; fi
   exit "${1:-0}"
 }
 n="" logdir=""

@@ -112,14 +112,17 @@ def compare(ref_dir, run_dir, args):
            "losses": [run[s].get("loss") for s in steps], "ref_losses": [ref[s].get("loss") for s in steps]}
     ok = loss <= args.loss_rtol and gnorm <= args.loss_rtol
     rc, cc = newest_checkpoint(ref_dir), newest_checkpoint(run_dir)
-    if rc and cc and os.path.basename(rc) != os.path.basename(cc):
+    if not (rc and cc):
+        res["param_max_abs"] = None
+        errors.append("no pair of checkpoints to compare")  # the parameters are part of the check
+    elif os.path.basename(rc) != os.path.basename(cc):
+        res["param_max_abs"] = None
         errors.append(f"newest checkpoints are different steps: {cc} vs {rc}")
-        rc = cc = None
-    if rc and cc:
+    else:
         pr, pc = parameters(rc), parameters(cc)
         if set(pr) != set(pc):
             fail_input(f"{cc} and {rc} hold different tensors")
-        worst, worst_name, same = 0.0, None, True
+        param_worst, worst_name, same = 0.0, None, True
         for name in sorted(pr):
             a, b = pc[name].astype(np.float64), pr[name].astype(np.float64)
             if a.shape != b.shape:
@@ -128,15 +131,12 @@ def compare(ref_dir, run_dir, args):
             if not np.isfinite(d):  # a NaN or Inf on either side is a failure, not a skipped maximum
                 d = float("inf")
             same = same and bool(np.array_equal(pc[name], pr[name]))
-            if d > worst or worst_name is None:
-                worst, worst_name = d, name
-        res.update({"param_max_abs": worst, "param_worst_tensor": worst_name, "tensors": len(pr),
+            if d > param_worst or worst_name is None:
+                param_worst, worst_name = d, name
+        res.update({"param_max_abs": param_worst, "param_worst_tensor": worst_name, "tensors": len(pr),
                     "checkpoints": [cc, rc]})
-        ok = ok and worst <= args.param_atol
+        ok = ok and param_worst <= args.param_atol
         bitwise = bitwise and same
-    else:
-        res["param_max_abs"] = None
-        errors.append("no pair of checkpoints to compare")  # the parameters are part of the check
     res["bitwise"] = bitwise and not errors
     res["errors"] = errors
     res["pass"] = ok and not errors

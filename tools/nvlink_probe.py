@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 # The NVLink figure beside docs/distributed.md "Several GPUs": run on a 2-GPU machine as
-#   python3 tools/nvlink_probe.py OUT.json   (torch with NCCL; bench/results/nvlink_probe.json is its output)
+#   python3 tools/nvlink_probe.py OUT.json   (torch with NCCL, every visible GPU; writes the commit
+#   (DSV3_COMMIT or git), date and GPUs beside the figures; bench/results/nvlink_probe.json is its output)
 # NVLink probe between two GPUs: NCCL all-to-all / all-reduce / send-recv bandwidth through torch.distributed.
-import os, sys, time, json, torch, torch.distributed as dist, torch.multiprocessing as mp
+import datetime, os, subprocess, sys, tempfile, time, json, torch, torch.distributed as dist, torch.multiprocessing as mp
 def work(rank, world, path, out):
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method="file://" + path, rank=rank, world_size=world)
@@ -23,9 +24,15 @@ def work(rank, world, path, out):
         torch.cuda.synchronize(); dt = (time.perf_counter() - t) / it
         res[f"allreduce_{mb}MiB_busbw_GBps"] = n * 2 * (world - 1) / world / dt / 1e9
     if rank == 0:
+        commit = os.environ.get("DSV3_COMMIT") or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+        res = {"bench": "nvlink_probe", "commit": commit,
+               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+               "gpus": [torch.cuda.get_device_name(i) for i in range(world)], "world": world, **res}
         json.dump(res, open(out, "w"), indent=1); print(json.dumps(res, indent=1))
     dist.destroy_process_group()
 if __name__ == "__main__":
-    out = sys.argv[1]; path = "/tmp/nvl_probe_init"
-    if os.path.exists(path): os.remove(path)
-    mp.spawn(work, args=(2, path, out), nprocs=2)
+    out = sys.argv[1]; world = torch.cuda.device_count()
+    if world < 2: sys.exit("nvlink_probe: needs at least 2 GPUs, found %d" % world)
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(work, args=(world, os.path.join(d, "init"), out), nprocs=world)

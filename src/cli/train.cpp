@@ -132,8 +132,6 @@ int run_train_ranks(TrainCli& o) {
     // mpirun or scripts/launch_gpus.sh), gradients staying on the device.
     if (o.t.device == "cuda") {
       world = make_nccl_world(o.ranks_per_node);
-      // Each bucket costs two synchronizing NCCL calls: on the GPU fewer, larger ones.
-      if (o.par.bucket_bytes == TrainParallelOptions{}.bucket_bytes) o.par.bucket_bytes = int64_t(64) << 20;
     } else if (launched_by_gpu_launcher())
       input_error("scripts/launch_gpus.sh starts GPU ranks: add --device cuda (CPU ranks run under mpirun)");
     else
@@ -141,9 +139,12 @@ int run_train_ranks(TrainCli& o) {
   }
   // The default corpus is prepared by rank 0 alone while the others wait, then found by all.
   if (o.t.data_dir.empty()) {
-    if (!world || world->rank() == 0) default_dataset(o, c.vocab_size);
+    const bool first = !world || world->rank() == 0;
+    std::pair<std::string, std::string> found;
+    if (first) found = default_dataset(o, c.vocab_size);
     if (world) world->barrier();
-    auto [ds, tok] = default_dataset(o, c.vocab_size);
+    if (!first) found = default_dataset(o, c.vocab_size);
+    const auto& [ds, tok] = found;
     o.t.data_dir = ds;
     if (o.t.tokenizer_path.empty()) o.t.tokenizer_path = tok;
   }

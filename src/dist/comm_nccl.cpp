@@ -82,14 +82,13 @@ class NcclComm final : public Communicator {
       boot_->broadcast(&id, sizeof id, 0);
     } else if (size > 1) {
       id = rendezvous(rendezvous_path, rank, 120.0);
-      rendezvous_path_ = rank == 0 ? rendezvous_path : "";
     } else {
       check_nccl(ncclGetUniqueId(&id), "ncclGetUniqueId", rank);
     }
     check_cuda(cudaStreamCreate(&stream_), "cudaStreamCreate", rank);
     check_nccl(ncclCommInitRank(&comm_, size, id, rank), "ncclCommInitRank", rank);
     // Every rank has joined, so every rank has read the id: a later run cannot pick up a stale one.
-    if (!rendezvous_path_.empty()) std::filesystem::remove(rendezvous_path_);
+    if (!boot_ && size > 1 && rank == 0) std::filesystem::remove(rendezvous_path);
   }
   // A group split off a parent (split()).
   NcclComm(ncclComm_t c, std::unique_ptr<Communicator> boot, int rpn, int device) : boot_(std::move(boot)), comm_(c) {
@@ -204,7 +203,6 @@ class NcclComm final : public Communicator {
   }
 
   std::unique_ptr<Communicator> boot_;
-  std::string rendezvous_path_;
   ncclComm_t comm_ = nullptr;
   cudaStream_t stream_ = nullptr;
   int device_ = 0;

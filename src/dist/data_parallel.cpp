@@ -6,6 +6,11 @@ namespace dsv3 {
 
 GradientAllReduce::GradientAllReduce(Communicator& c, std::vector<Tensor> grads, int64_t bucket_bytes)
     : c_(c), grads_(std::move(grads)) {
+  const bool on_gpu = !grads_.empty() && grads_[0].device() != Device::CPU;
+  for (const Tensor& g : grads_)
+    if ((g.device() != Device::CPU) != on_gpu) internal_error("GradientAllReduce: gradients on two devices");
+  // Each GPU bucket costs two synchronizing NCCL calls: fewer, larger ones there.
+  if (bucket_bytes <= 0) bucket_bytes = on_gpu ? int64_t(64) << 20 : int64_t(8) << 20;
   const int64_t cap = std::max<int64_t>(1, bucket_bytes / 4);
   std::vector<Piece> cur;
   int64_t fill = 0;
@@ -27,9 +32,6 @@ GradientAllReduce::GradientAllReduce(Communicator& c, std::vector<Tensor> grads,
   }
   if (!cur.empty()) buckets_.push_back(std::move(cur));
   const int64_t len = std::min(cap, std::max<int64_t>(total_, 1));
-  const bool on_gpu = !grads_.empty() && grads_[0].device() != Device::CPU;
-  for (const Tensor& g : grads_)
-    if ((g.device() != Device::CPU) != on_gpu) internal_error("GradientAllReduce: gradients on two devices");
   if (!on_gpu) {
     buf_.resize(size_t(len));
     return;

@@ -17,7 +17,7 @@ struct TrainParallelOptions {
   int ep = 1;                      // EP group size: divides the world size and n_routed_experts
   EpOptions ep_options;            // node-limited routing, two-hop dispatch, FP8 dispatch
   bool zero1 = false;              // shard AdamW's moments and update over the ranks
-  int64_t bucket_bytes = 8 << 20;  // gradient all-reduce bucket
+  int64_t bucket_bytes = 0;        // gradient all-reduce bucket; 0: the device's default (GradientAllReduce)
 };
 
 // InputError (on every rank) when the options do not fit the world or the model.

@@ -172,6 +172,17 @@ TEST(ExpertParallel, DirectPathEqualsHostRows) {
       EXPECT_EQ(direct.stats[size_t(r)].backward_bytes, rows.stats[size_t(r)].backward_bytes);
     }
     check_grads(cs, rows);
+    // The direct path's gradients are the host-row path's, bit for bit (router gate and experts).
+    for (int r = 0; r < ranks; ++r) {
+      const MoeParams& gd = direct.g[size_t(r)]->p.layers[1].moe;
+      const MoeParams& gr = rows.g[size_t(r)]->p.layers[1].moe;
+      EXPECT_TRUE(same_bits(gd.gate.w, gr.gate.w)) << "rank " << r;
+      for (size_t e = 0; e < gd.experts.size(); ++e) {
+        EXPECT_TRUE(same_bits(gd.experts[e].gate_proj.w, gr.experts[e].gate_proj.w)) << "rank " << r << " expert " << e;
+        EXPECT_TRUE(same_bits(gd.experts[e].up_proj.w, gr.experts[e].up_proj.w)) << "rank " << r << " expert " << e;
+        EXPECT_TRUE(same_bits(gd.experts[e].down_proj.w, gr.experts[e].down_proj.w)) << "rank " << r << " expert " << e;
+      }
+    }
   }
 }
 
