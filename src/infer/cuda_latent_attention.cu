@@ -106,10 +106,14 @@ __device__ __forceinline__ __nv_bfloat16 new_value(const AttnArgs& a, int r, int
 //
 // Launched as a programmatic dependent of the previous kernel (the q GEMV): everything before
 // pdl_wait reads only what older kernels wrote (step metadata, block tables, cached rows, this
-// step's c_kv_n / k_pe), so the first tile's loads overlap that kernel; q comes after the wait.
+// step's c_kv_n / k_pe) and writes only the new cache row (which the q GEMV does not touch), so
+// the first tile's loads overlap that kernel; q comes after the wait.
 template <int CQ, int NV>
 __global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs a) {
   extern __shared__ __align__(16) float sm[];
+  // A member's shared memory may be written only once the member runs: arrive now, wait before the
+  // merge's remote stores (no member returns in between).
+  if (a.mode == kCluster) asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
   const int W = a.W, R = a.R, w32 = attn_w32(W), nc = w32 / 4, rq = (R + 3) >> 2;
   float* qs = sm;
   float* tile = qs + nc * kQStride;
@@ -365,6 +369,7 @@ __global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs
     const int ns = a.splits, me = int(cluster.block_rank()), slots = (rq + ns - 1) / ns;
     float* rml = st + 3 * kHg;           // [split][max kHg | sum kHg]
     float* rbuf = rml + 2 * kHg * kMaxClusterSplits;  // [split][kHg][slots] float4
+    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");  // every member is running
     if (lane < ns) {  // lane k sends the warp's two heads to member k
       float* d = cluster.map_shared_rank(rml, lane) + me * 2 * kHg;
       *reinterpret_cast<float2*>(d + 2 * warp) = make_float2(m_run[0], m_run[1]);

@@ -19,6 +19,7 @@
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/mma.cuh"
+#include "backend/cuda/pdl.cuh"
 #include "backend/cuda/mla_decode.h"
 
 namespace dsv3 {
@@ -378,7 +379,7 @@ __global__ void __launch_bounds__(Reg<kMG, kMW, kWN, kT, kS, kQR>::kThreads, Reg
     }
   }
   cp_async_wait<0>();
-  asm volatile("griddepcontrol.launch_dependents;\n");  // the merge kernel may start arriving
+  pdl_trigger();  // the merge kernel may start arriving
 #pragma unroll
   for (int i = 0; i < kMW; ++i) {
     float lo = l_lo[i], hi = l_hi[i];
@@ -590,7 +591,7 @@ __global__ void __launch_bounds__(128, 1)
   if (w == 0 && g == 0)
 #pragma unroll
     for (int j = 0; j < 4; ++j) ml[2 * t4 + (j & 1) + 8 * (j >> 1)] = m[j];
-  asm volatile("griddepcontrol.launch_dependents;\n");  // the merge kernel may start arriving
+  pdl_trigger();  // the merge kernel may start arriving
   finish_from_smem<128>(so, s, b, split, h0, nh, tid, part_o, part_m, part_l, out, lse);
 }
 
@@ -599,7 +600,7 @@ __global__ void __launch_bounds__(128) mla_merge_kernel(const float* part_o, con
                                                         const float* part_l, Shape_ s, float* out, float* lse) {
   // Launched as a programmatic dependent of the decode kernel: it may be resident before that one
   // ends (no launch gap) and waits here until its partials are complete and visible.
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  pdl_wait();
   const int64_t b = blockIdx.y, h = blockIdx.x;
   const int64_t first = b * s.splits * s.h + h;  // split sp at first + sp·H
   float mx = -INFINITY;
@@ -751,18 +752,9 @@ int64_t cuda_mla_decode_with(const MlaDecodeArgs& a, const MlaDecodeConfig& c) {
   float scale_log2 = a.scale * kLog2e;
   void* args[] = {&qp, &pool, &table, &lens, &s, &scale_log2, &pop, &pmp, &plp, &out, &lse};
   DSV3_CUDA_CHECK(cudaLaunchKernel(l->kernel, grid, dim3(unsigned(l->threads)), args, l->smem, nullptr));
-  if (merge) {
-    cudaLaunchConfig_t lc{};
-    lc.gridDim = dim3(unsigned(H), unsigned(B));
-    lc.blockDim = dim3(128);
-    cudaLaunchAttribute at{};
-    at.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    at.val.programmaticStreamSerializationAllowed = 1;
-    lc.attrs = &at;
-    lc.numAttrs = 1;
-    DSV3_CUDA_CHECK(cudaLaunchKernelEx(&lc, mla_merge_kernel, static_cast<const float*>(pop),
-                                       static_cast<const float*>(pmp), static_cast<const float*>(plp), s, out, lse));
-  }
+  if (merge)
+    launch_pdl(mla_merge_kernel, dim3(unsigned(H), unsigned(B)), dim3(128), 0, static_cast<const float*>(pop),
+               static_cast<const float*>(pmp), static_cast<const float*>(plp), s, out, lse);
   check_launch("mla_decode");
   return splits;
 }

@@ -2,8 +2,9 @@
 // previous kernel in the stream drains. It must call pdl_wait before reading or writing anything
 // the previous kernels touch (it returns once they have completed and their writes are visible);
 // what comes before — index math, loads of weights no kernel writes — overlaps the previous
-// kernel's tail. Kernels trigger their dependents (pdl_trigger) only after their own wait, so a
-// later kernel's early reads of older outputs stay safe. The decode path's small kernels each save
+// kernel's tail. Kernels so launched trigger their dependents (pdl_trigger) only after their own
+// wait, so a later kernel's early reads of older outputs stay safe (a kernel launched plainly has
+// no wait and may trigger anywhere: its predecessors had finished before it started). The decode path's small kernels each save
 // the launch gap this way. DSV3_CUDA_PDL=0 (or cuda_set_pdl(false), pdl.h) launches them plainly.
 #pragma once
 #include <cuda_runtime.h>
