@@ -61,6 +61,15 @@ EpRow get_meta(const char* row, const Layout& l) {
   return r;
 }
 
+// The bytes sb[j] sent to every other rank j, into `bytes` and the intra-/inter-node stats.
+void count_sent(const Communicator& c, const std::vector<int64_t>& sb, int64_t& bytes, EpStats& st) {
+  for (int j = 0; j < c.size(); ++j) {
+    if (j == c.rank()) continue;
+    bytes += sb[size_t(j)];
+    (c.node_of(j) == c.node() ? st.intra_node_bytes : st.inter_node_bytes) += sb[size_t(j)];
+  }
+}
+
 // Sends every outbox buffer to its rank; returns the received bytes (sender order) and the row
 // count from each sender. Counts the bytes sent to other ranks into `bytes` and the stats.
 std::vector<char> exchange(Communicator& c, const Outbox& out, const Layout& l, std::vector<int64_t>& rows_from,
@@ -73,10 +82,8 @@ std::vector<char> exchange(Communicator& c, const Outbox& out, const Layout& l, 
     sb[size_t(j)] = out.rows[size_t(j)] * l.bytes();
     rb[size_t(j)] = recv_rows[size_t(j)] * l.bytes();
     send.insert(send.end(), out.buf[size_t(j)].begin(), out.buf[size_t(j)].end());
-    if (j == c.rank()) continue;
-    bytes += sb[size_t(j)];
-    (c.node_of(j) == c.node() ? st.intra_node_bytes : st.inter_node_bytes) += sb[size_t(j)];
   }
+  count_sent(c, sb, bytes, st);
   std::vector<char> recv(size_t(std::accumulate(rb.begin(), rb.end(), int64_t(0))));
   c.all_to_all_v(send.data(), sb, recv.data(), rb);
   rows_from = recv_rows;
@@ -170,10 +177,8 @@ Tensor ExpertParallelMoe::dispatch_direct(Backend& be, const Tensor& ids_d, cons
   for (int j = 0; j < P; ++j) {
     sb[size_t(j)] = int64_t(to[size_t(j)].size()) * H * 4;
     rb[size_t(j)] = from[size_t(j)] * H * 4;
-    if (j == me) continue;
-    bytes += sb[size_t(j)];
-    (c_.node_of(j) == c_.node() ? stats_.intra_node_bytes : stats_.inter_node_bytes) += sb[size_t(j)];
   }
+  count_sent(c_, sb, bytes, stats_);
   c_.all_to_all_v(send.raw(), sb, xin.raw(), rb);
   return xin;
 }
@@ -183,7 +188,7 @@ Tensor ExpertParallelMoe::dispatch_direct(Backend& be, const Tensor& ids_d, cons
 void ExpertParallelMoe::combine_direct(Backend& be, const std::vector<EpRow>& rows, const Tensor& partial,
                                        const std::vector<std::vector<float>>* row_vals, int64_t N,
                                        const Tensor& ids_d, Tensor& out, std::vector<float>* vals, int64_t& bytes) {
-  const int P = c_.size(), me = c_.rank();
+  const int P = c_.size();
   const int64_t H = d_.H, K = d_.top_k;
   const Tensor ids = be.to_host(ids_d);
   if (vals && !row_vals) internal_error("combine_direct: per-row values are needed for the per-pick ones");
@@ -205,10 +210,8 @@ void ExpertParallelMoe::combine_direct(Backend& be, const std::vector<EpRow>& ro
   for (int j = 0; j < P; ++j) {
     rb[size_t(j)] = int64_t(from[size_t(j)].size()) * H * 4;
     tok.insert(tok.end(), from[size_t(j)].begin(), from[size_t(j)].end());
-    if (j == me) continue;
-    bytes += sb[size_t(j)];
-    (c_.node_of(j) == c_.node() ? stats_.intra_node_bytes : stats_.inter_node_bytes) += sb[size_t(j)];
   }
+  count_sent(c_, sb, bytes, stats_);
   const int64_t Rs = int64_t(tok.size());
   Tensor back = be.alloc(DType::F32, {std::max<int64_t>(Rs, 1), H}).rows(0, Rs);
   c_.all_to_all_v(partial.raw(), sb, back.raw(), rb);
