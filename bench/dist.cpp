@@ -11,6 +11,10 @@
 //   mpirun -np 2 dsv3_bench_dist --train [--steps S]    → 2 ranks: DP, DP + ZeRO-1, DP + EP 2
 // Step times come from the trainer's own metrics (first step excluded). Writes
 // bench/results/dist_train_<N>rank.json; ZeRO-1's optimizer bytes per rank are recorded too.
+//
+// Under mpirun without --train: the layer step on MPI ranks, forward and backward timed apart
+// (medians over S steps after one warm-up), with the collectives and bytes of one step:
+//   mpirun -np 2 dsv3_bench_dist [--tokens N] [--steps S] → bench/results/dist_layer_<P>rank_<N>tok.json
 #include <unistd.h>
 
 #include <algorithm>
@@ -119,6 +123,83 @@ RunResult run(const ModelConfig& cfg, int P, int64_t N, int steps, int threads_p
     tot.dispatch_rows += q.dispatch_rows;
   }
   return tot;
+}
+
+// ---- under mpirun: the layer step on MPI ranks (one process per rank, 1 thread each) ------------
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : v[v.size() / 2];
+}
+
+// Each rank times its forward and backward separately (barriers around each, so the slowest rank
+// sets the time) and counts the transport calls and bytes of one step.
+int layer_mpi_bench(int64_t N, int steps) {
+  std::unique_ptr<Communicator> world = make_world_communicator();
+  CountingCommunicator c(*world);
+  const int P = c.size(), r = c.rank();
+  set_num_threads(1);
+  const ModelConfig cfg = bench_config();
+  Backend& be = cpu_backend();
+  Weights w = Weights::random(cfg, 1, 0.05f);
+  ModelParams mp = bind_params(w);
+  const MoeParams& p = mp.layers[1].moe;
+  const ModelDims d = model_dims(cfg);
+  const int64_t H = d.H;
+  Tensor x = Tensor::empty(DType::F32, {N, H}), dout = Tensor::empty(DType::F32, {N, H});
+  for (int64_t i = 0; i < x.numel(); ++i) {  // rank r's rows of the thread benchmark's global batch
+    x.data<float>()[i] = rng_normal(2, 0, uint64_t(r * N * H + i));
+    dout.data<float>()[i] = 1e-3f * rng_normal(3, 0, uint64_t(r * N * H + i));
+  }
+  ExpertParallelMoe ep(c, d);
+  Grads g(cfg);
+  std::vector<double> fwd, bwd;
+  CountingCommunicator::Counts calls_fwd, calls_bwd;
+  EpStats st;
+  for (int s = 0; s <= steps; ++s) {  // step 0: warm-up
+    EpMoeActs a;
+    Tensor dx = be.alloc(DType::F32, {N, H});
+    ep.reset_stats();
+    world->barrier();
+    c.reset_counts();
+    const double t0 = bench::now_s();
+    ep.forward(be, p, x, a);
+    const CountingCommunicator::Counts cf = c.counts();
+    world->barrier();
+    const double t1 = bench::now_s();
+    c.reset_counts();
+    ep.backward(be, p, g.p.layers[1].moe, a, dout, Tensor(), dx, false);
+    const CountingCommunicator::Counts cb = c.counts();
+    world->barrier();
+    const double t2 = bench::now_s();
+    if (s == 0) continue;
+    fwd.push_back(1e3 * (t1 - t0));
+    bwd.push_back(1e3 * (t2 - t1));
+    calls_fwd = cf;
+    calls_bwd = cb;
+    st = ep.stats();
+  }
+  std::vector<double> step(fwd.size());
+  for (size_t i = 0; i < fwd.size(); ++i) step[i] = fwd[i] + bwd[i];
+  if (r != 0) return 0;
+  nlohmann::json out;
+  out["config"] = {{"hidden_size", 256}, {"n_routed_experts", 16}, {"num_experts_per_tok", 4},
+                   {"moe_intermediate_size", 128}, {"tokens_per_rank", N}, {"steps", steps}, {"ranks", P},
+                   {"transport", c.name()}, {"threads_per_rank", 1}};
+  out["rank0"] = {{"forward_ms_median", median(fwd)}, {"backward_ms_median", median(bwd)},
+                  {"step_ms_median", median(step)}, {"tokens_per_s", double(P * N) / (median(step) / 1e3)},
+                  {"all_to_all_v_forward", calls_fwd.all_to_all_v}, {"all_to_all_v_backward", calls_bwd.all_to_all_v},
+                  {"collectives_forward", calls_fwd.total()}, {"collectives_backward", calls_bwd.total()},
+                  {"dispatch_bytes", st.dispatch_bytes}, {"combine_bytes", st.combine_bytes},
+                  {"backward_bytes", st.backward_bytes}};
+  std::printf("%d ranks (%s), %lld tokens/rank, %d steps, rank 0, medians:\n", P, c.name().c_str(), (long long)N, steps);
+  std::printf("  forward %.3f ms  backward %.3f ms  step %.3f ms  (%.0f tokens/s)\n", median(fwd), median(bwd),
+              median(step), double(P * N) / (median(step) / 1e3));
+  std::printf("  collectives: forward %lld, backward %lld;  bytes sent: dispatch %lld, combine %lld, backward %lld\n",
+              (long long)calls_fwd.total(), (long long)calls_bwd.total(), (long long)st.dispatch_bytes,
+              (long long)st.combine_bytes, (long long)st.backward_bytes);
+  std::printf("wrote %s\n", bench::write_result(cat("dist_layer_", P, "rank_", N, "tok"), out).c_str());
+  return 0;
 }
 
 // ---- --train: the whole training loop on 1 or several ranks ----------------------------------
@@ -241,6 +322,7 @@ int main(int argc, char** argv) {
     else if (i + 1 < argc && !std::strcmp(argv[i], "--steps")) steps = std::stoi(argv[++i]);
   }
   if (train) return train_bench(std::max(steps, 2));
+  if (launched_by_mpi()) return layer_mpi_bench(N, std::max(steps, 1));
   const ModelConfig cfg = bench_config();
   struct Row {
     std::string name;

@@ -66,6 +66,27 @@ std::vector<int64_t> Communicator::exchange_counts(std::span<const int64_t> send
   return recv;
 }
 
+CountingCommunicator::CountingCommunicator(Communicator& inner) : inner_(inner) {
+  set_layout(inner.rank(), inner.size(), inner.ranks_per_node());
+}
+void CountingCommunicator::all_to_all_v(const void* send, std::span<const int64_t> sb, void* recv,
+                                        std::span<const int64_t> rb) {
+  ++counts_.all_to_all_v;
+  inner_.all_to_all_v(send, sb, recv, rb);
+}
+void CountingCommunicator::all_gather(const void* in, void* out, int64_t bytes) {
+  ++counts_.all_gather;
+  inner_.all_gather(in, out, bytes);
+}
+void CountingCommunicator::broadcast(void* data, int64_t bytes, int root) {
+  ++counts_.broadcast;
+  inner_.broadcast(data, bytes, root);
+}
+void CountingCommunicator::barrier() {
+  ++counts_.barrier;
+  inner_.barrier();
+}
+
 namespace {
 
 class LocalComm final : public Communicator {

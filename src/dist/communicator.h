@@ -109,6 +109,32 @@ bool launched_by_gpu_launcher();
 // this rank). Returns (printing nothing) when this is not such a job.
 void abort_mpi_job(const std::string& message, int exit_code);
 
+// Forwards every call to `inner` (same rank, size and node layout) and counts the transport-level
+// calls, so that tests and benchmarks can see how many synchronising collectives a step makes.
+class CountingCommunicator final : public Communicator {
+ public:
+  struct Counts {
+    int64_t all_to_all_v = 0, all_gather = 0, broadcast = 0, barrier = 0;
+    int64_t total() const { return all_to_all_v + all_gather + broadcast + barrier; }
+  };
+  explicit CountingCommunicator(Communicator& inner);
+  std::string name() const override { return inner_.name(); }
+  bool device_buffers() const override { return inner_.device_buffers(); }
+  void all_to_all_v(const void* send, std::span<const int64_t> send_bytes, void* recv,
+                    std::span<const int64_t> recv_bytes) override;
+  void all_gather(const void* in, void* out, int64_t bytes) override;
+  void broadcast(void* data, int64_t bytes, int root) override;
+  void barrier() override;
+  // The new communicator is the inner one's split, not counted.
+  std::unique_ptr<Communicator> split(int color, int key) override { return inner_.split(color, key); }
+  const Counts& counts() const { return counts_; }
+  void reset_counts() { counts_ = {}; }
+
+ private:
+  Communicator& inner_;
+  Counts counts_;
+};
+
 // The communicator a command should use: MPI when launched by mpirun, else local.
 std::unique_ptr<Communicator> make_world_communicator(int ranks_per_node = 0);
 
