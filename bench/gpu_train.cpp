@@ -37,6 +37,7 @@ int main() {
 #include "backend/cuda/attention_bf16.h"
 #include "backend/cuda/cuda_backend.h"
 #include "common/blocking_calls.h"
+#include "common/host_profile.h"
 #include "backend/fp8.h"
 #include "model/loss.h"
 #include "model/model.h"
@@ -252,14 +253,26 @@ Run measure(CudaBackend& be, const ModelConfig& cfg, const Weights& host, const 
   phases = false;
   be.synchronize();
   // The timed steps inside cudaProfilerStart/Stop: `ncu --profile-from-start off` sees only them.
+  // DSV3_HOST_PROFILE=PREFIX samples the host's stack over the timed steps into PREFIX.<precision>
+  // (tools/host_profile.py reads it).
+  const char* prof_prefix = std::getenv("DSV3_HOST_PROFILE");
+  std::optional<bench::HostProfiler> prof;
+  if (prof_prefix) prof.emplace();
   cudaProfilerStart();
   const long b0 = bench::blocking_calls();
+  if (prof) prof->start(200);
   auto t0 = Clock::now();
   for (int i = 0; i < steps; ++i) step();
   r.host_s = secs(t0, Clock::now()) / steps;  // until the host has queued the last step's work
   r.blocking = double(bench::blocking_calls() - b0) / steps;
   be.synchronize();
+  if (prof) prof->stop();
   cudaProfilerStop();
+  if (prof) {
+    const std::string path = std::string(prof_prefix) + "." + prec;
+    std::printf("host profile: %zu samples -> %s\n", prof->samples(), path.c_str());
+    if (!prof->write(path)) std::fprintf(stderr, "host profile: cannot write %s\n", path.c_str());
+  }
   r.step_s = secs(t0, Clock::now()) / steps;
   r.tok_s = double(B * T) / r.step_s;
   r.tflops = r.tok_s * fpt / 1e12;
