@@ -17,6 +17,7 @@
 #include "../backend/harness.h"
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/linear_lowp.h"
+#include "backend/cuda/lt_gemm.h"
 #include "backend/fp8.h"
 #include "backend/tolerance.h"
 
@@ -94,6 +95,20 @@ TEST(CudaLowp, Bf16MatchesCpuEmulation) {
   LinearPrecision p;
   p.mode = LinearPrecisionMode::Bf16;
   for (const Case& c : kCases) compare_case(p, c, tol::kF32);
+}
+
+// Row counts in one power-of-two bucket share its cuBLASLt plans (lt_gemm.h): the rows of x are a
+// free dimension of all three products (the forward's and dgrad's columns in cuBLASLt's view,
+// Wgrad's K), so after the first call no new heuristic query runs, and each call still matches the
+// CPU at its exact size.
+TEST(CudaLowp, Bf16RowCountsInOneBucketShareAPlan) {
+  ASSERT_GT(cuda_device_count(), 0);
+  LinearPrecision p;
+  p.mode = LinearPrecisionMode::Bf16;
+  compare_case(p, {1000, 256, 136}, tol::kF32);
+  const int64_t plans = cuda::lt_plan_count();
+  for (int64_t m : {777, 513, 1024}) compare_case(p, {m, 256, 136}, tol::kF32);
+  EXPECT_EQ(cuda::lt_plan_count(), plans);
 }
 
 TEST(CudaLowp, Fp8MatchesCpuEmulation) {

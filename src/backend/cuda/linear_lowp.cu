@@ -5,31 +5,31 @@
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/linear_lowp.h"
+#include "backend/cuda/lt_gemm.h"
 
 namespace dsv3 {
 using namespace cuda;
 
 namespace {
 
-// Tensor cores: default math (the backend's own handle is pedantic FP32 for the reference GEMMs).
-cublasHandle_t cublas_tc() {
-  static cublasHandle_t h = [] {
-    cublasHandle_t x;
-    DSV3_CUBLAS_CHECK(cublasCreate(&x));
-    DSV3_CUBLAS_CHECK(cublasSetMathMode(x, CUBLAS_DEFAULT_MATH));
-    return x;
-  }();
-  return h;
-}
-
-// Row-major c[m,n] = op(a)·op(b) (+ c) with BF16 a, b, FP32 accumulation and FP32 c.
+// Row-major c[m,n] = op(a)·op(b) (+ c) with BF16 a, b, FP32 accumulation and FP32 c. Row-major is
+// column-major transposed, so cuBLASLt's A is our b and its B our a.
 void gemm_bf16(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const __nv_bfloat16* a, int64_t lda,
                const __nv_bfloat16* b, int64_t ldb, bool accumulate, float* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-  DSV3_CUBLAS_CHECK(cublasGemmEx(cublas_tc(), trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
-                                 int(n), int(m), int(k), &alpha, b, CUDA_R_16BF, int(ldb), a, CUDA_R_16BF, int(lda),
-                                 &beta, c, CUDA_R_32F, int(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  LtMatmul g;
+  g.trans_a = trans_b;
+  g.trans_b = trans_a;
+  g.m = n;
+  g.n = m;
+  g.k = k;
+  g.a = b;
+  g.lda = ldb;
+  g.b = a;
+  g.ldb = lda;
+  g.c = c;
+  g.ldc = ldc;
+  g.beta = accumulate ? 1.0f : 0.0f;
+  lt_matmul(g);
 }
 
 // Any float dtype (FP8 with its 128×128 scale_inv grid) → F32 or BF16 (RNE), as the CPU's as_f32 and

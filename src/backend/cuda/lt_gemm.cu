@@ -1,0 +1,165 @@
+// cuBLASLt matmuls with plans cached per shape bucket (lt_gemm.h says why).
+#include <array>
+#include <map>
+#include <mutex>
+
+#include "backend/cuda/common.cuh"
+#include "backend/cuda/lt_gemm.h"
+
+namespace dsv3::cuda {
+namespace {
+
+cublasLtHandle_t handle() {
+  static cublasLtHandle_t h = [] {
+    cublasLtHandle_t x;
+    DSV3_CUBLAS_CHECK(cublasLtCreate(&x));
+    return x;
+  }();
+  return h;
+}
+
+constexpr size_t kWorkspace = 32u << 20;
+
+void* workspace() {
+  static void* w = [] {
+    void* p = nullptr;
+    DSV3_CUDA_CHECK(cudaMalloc(&p, kWorkspace));
+    return p;
+  }();
+  return w;
+}
+
+int64_t bucket(int64_t x) {
+  int64_t p = 16;
+  while (p < x) p <<= 1;
+  return p;
+}
+
+// The largest power of two (up to 256) dividing the address: algorithms that need more are excluded.
+uint32_t alignment(const void* p) {
+  uint32_t a = 256;
+  while (a > 1 && (uintptr_t(p) & (a - 1))) a >>= 1;
+  return a;
+}
+
+struct Plan {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+};
+
+using Key = std::array<int64_t, 17>;
+
+void set_dims(cublasLtMatrixLayout_t l, int64_t rows, int64_t cols, int64_t ld) {
+  uint64_t r = uint64_t(rows), c = uint64_t(cols);
+  DSV3_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_ROWS, &r, sizeof r));
+  DSV3_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_COLS, &c, sizeof c));
+  DSV3_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_LD, &ld, sizeof ld));
+}
+
+// The layouts at sizes m, n, k (the query's; each call sets its exact sizes before running).
+void set_sizes(const Plan& p, const LtMatmul& g, int64_t m, int64_t n, int64_t k) {
+  set_dims(p.la, g.trans_a ? k : m, g.trans_a ? m : k, g.lda);
+  set_dims(p.lb, g.trans_b ? n : k, g.trans_b ? k : n, g.ldb);
+  set_dims(p.lc, m, n, g.ldc);
+}
+
+void set_scale_pointers(const Plan& p, const LtMatmul& g) {
+  if (g.a_scale_mode < 0) return;
+  DSV3_CUBLAS_CHECK(
+      cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &g.a_scale, sizeof g.a_scale));
+  DSV3_CUBLAS_CHECK(
+      cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &g.b_scale, sizeof g.b_scale));
+}
+
+// One heuristic query at sizes m, n, k; false when cuBLASLt offers no algorithm.
+bool build(const LtMatmul& g, int64_t m, int64_t n, int64_t k, Plan& p) {
+  DSV3_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  cublasOperation_t ta = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  DSV3_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
+  DSV3_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
+  if (g.a_scale_mode >= 0) {
+    auto ma = cublasLtMatmulMatrixScale_t(g.a_scale_mode), mb = cublasLtMatmulMatrixScale_t(g.b_scale_mode);
+    DSV3_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &ma, sizeof ma));
+    DSV3_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mb, sizeof mb));
+    set_scale_pointers(p, g);  // cuBLASLt rejects block-scaled modes without them
+  }
+  DSV3_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.la, g.a_type, 1, 1, 1));
+  DSV3_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.lb, g.b_type, 1, 1, 1));
+  DSV3_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.lc, g.c_type, 1, 1, 1));
+  set_sizes(p, g, m, n, k);
+  cublasLtMatmulPreference_t pref;
+  DSV3_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  size_t ws = kWorkspace;
+  DSV3_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
+  const uint32_t al[3] = {alignment(g.a), alignment(g.b), alignment(g.c)};
+  DSV3_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al[0], 4));
+  DSV3_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al[1], 4));
+  DSV3_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al[2], 4));
+  DSV3_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al[2], 4));
+  cublasLtMatmulHeuristicResult_t res{};
+  int found = 0;
+  cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle(), p.desc, p.la, p.lb, p.lc, p.lc, pref, 1, &res, &found);
+  cublasLtMatmulPreferenceDestroy(pref);
+  p.algo = res.algo;
+  return st == CUBLAS_STATUS_SUCCESS && found > 0;
+}
+
+std::mutex g_mu;
+std::map<Key, Plan>& plans() {
+  static auto* m = new std::map<Key, Plan>;  // never destroyed: calls may come from static destructors
+  return *m;
+}
+
+// The plan for g's bucket (exact = false) or for its exact sizes; null when there is no algorithm.
+const Plan* plan_for(const LtMatmul& g, bool exact) {
+  // Free dimensions: n is only B's column count when B is not transposed (C's columns are n too);
+  // k only the column count of both when A is not transposed and B is.
+  const bool n_free = !exact && !g.trans_b, k_free = !exact && !g.trans_a && g.trans_b;
+  const int64_t n = n_free ? bucket(g.n) : g.n, k = k_free ? bucket(g.k) : g.k;
+  const Key key{g.a_type,   g.b_type, g.c_type, g.trans_a,          g.trans_b,         g.m,
+                n,          k,        g.lda,    g.ldb,              g.ldc,             alignment(g.a),
+                alignment(g.b), alignment(g.c), g.a_scale_mode, g.b_scale_mode, exact};
+  auto it = plans().find(key);
+  if (it != plans().end()) return &it->second;
+  Plan p;
+  if (!build(g, g.m, n, k, p)) return nullptr;
+  return &plans().emplace(key, p).first->second;
+}
+
+cublasStatus_t run(const Plan& p, const LtMatmul& g) {
+  set_sizes(p, g, g.m, g.n, g.k);
+  set_scale_pointers(p, g);
+  return cublasLtMatmul(handle(), p.desc, &g.alpha, g.a, p.la, g.b, p.lb, &g.beta, g.c, p.lc, g.c, p.lc, &p.algo,
+                        workspace(), kWorkspace, nullptr);
+}
+
+}  // namespace
+
+void lt_matmul(const LtMatmul& g) {
+  if (g.m == 0 || g.n == 0) return;
+  if (g.k == 0) {  // an empty sum: D = beta·C
+    DSV3_CHECK(g.beta == 0.0f || g.beta == 1.0f, "lt_matmul: an empty product with beta ", g.beta);
+    const size_t es = g.c_type == CUDA_R_32F ? 4 : 2;
+    if (g.beta == 0.0f) DSV3_CUDA_CHECK(cudaMemset2DAsync(g.c, size_t(g.ldc) * es, 0, size_t(g.m) * es, size_t(g.n)));
+    return;
+  }
+  std::lock_guard<std::mutex> lk(g_mu);  // plans carry per-call sizes and scale pointers
+  const Plan* p = plan_for(g, false);
+  cublasStatus_t st = p ? run(*p, g) : CUBLAS_STATUS_NOT_SUPPORTED;
+  if (st != CUBLAS_STATUS_SUCCESS) {
+    p = plan_for(g, true);
+    st = p ? run(*p, g) : CUBLAS_STATUS_NOT_SUPPORTED;
+  }
+  if (st != CUBLAS_STATUS_SUCCESS)
+    internal_error("cuBLASLt has no algorithm for the ", g.m, "×", g.k, " · ", g.k, "×", g.n, " product (types ",
+                   int(g.a_type), "/", int(g.b_type), " → ", int(g.c_type), ", scale modes ", g.a_scale_mode, "/",
+                   g.b_scale_mode, ", status ", int(st), ")");
+}
+
+int64_t lt_plan_count() {
+  std::lock_guard<std::mutex> lk(g_mu);
+  return int64_t(plans().size());
+}
+
+}  // namespace dsv3::cuda

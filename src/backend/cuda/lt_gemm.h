@@ -1,0 +1,39 @@
+// cuBLASLt matmuls with cached plans, shared by the BF16 (linear_lowp.cu) and block-scaled FP8
+// (gemm_fp8.cu) GEMMs. cuBLASLt's heuristic query costs tens of microseconds of host time, and
+// cuBLAS's own cache misses whenever a dimension changes; the MoE experts' row counts change every
+// step, so one query per call made the training step host-bound. Here a plan is kept per shape with
+// each "free" dimension (one that is no operand's leading dimension, so it can change under fixed
+// leading dimensions: the experts' rows) rounded up to a power of two; calls in the same bucket reuse
+// the bucket's algorithm with their exact sizes. If cuBLASLt rejects that algorithm for the exact
+// sizes, the exact shape gets its own plan.
+#pragma once
+#include <cublasLt.h>
+
+#include <cstdint>
+
+namespace dsv3::cuda {
+
+// Column-major D = alpha·op(A)·op(B) + beta·C, C and D the same matrix (cuBLASLt's view: callers with
+// row-major data swap the operands).
+struct LtMatmul {
+  cudaDataType_t a_type = CUDA_R_16BF, b_type = CUDA_R_16BF, c_type = CUDA_R_32F;
+  bool trans_a = false, trans_b = false;
+  int64_t m = 0, n = 0, k = 0;  // D is [m, n]; op(A) [m, k]; op(B) [k, n]
+  const void* a = nullptr;
+  const void* b = nullptr;
+  void* c = nullptr;
+  int64_t lda = 0, ldb = 0, ldc = 0;
+  float alpha = 1.0f, beta = 0.0f;
+  // Block-scaled FP8: cuBLASLt scale modes (cublasLtMatmulMatrixScale_t) and their scale arrays.
+  int a_scale_mode = -1, b_scale_mode = -1;
+  const void* a_scale = nullptr;
+  const void* b_scale = nullptr;
+};
+
+// Runs the matmul on the default stream; an internal error when cuBLASLt has no algorithm for it.
+void lt_matmul(const LtMatmul& g);
+
+// Plans built so far (each one heuristic query): a test's way to see that calls share a bucket's plan.
+int64_t lt_plan_count();
+
+}  // namespace dsv3::cuda
