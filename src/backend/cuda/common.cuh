@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 
 #include "backend/cuda/cuda_backend.h"
@@ -141,11 +142,17 @@ cublasHandle_t cublas();
 void sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
            const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 
-// Index of the first element of p[0..n) outside [lo, hi), or −1; its value in *bad. Synchronises.
-int64_t first_out_of_range(const int32_t* p, int64_t n, int64_t lo, int64_t hi, int32_t* bad);
+// Queues a device-side check that the n values at p lie in [lo, hi). A failure is raised at the next
+// read-back to the host (CudaBackend::to_host or synchronize) by fail(index, value) of the first
+// element outside, so checking an op's indices costs no synchronisation; every kernel that consumes
+// such indices skips values outside the range instead of reading or writing out of bounds.
+void check_range(const int32_t* p, int64_t n, int64_t lo, int64_t hi, std::function<void(int64_t, int32_t)> fail);
+// Raises the first failed queued check, if any (one blocking copy when checks are queued).
+void raise_range_errors();
 
 // Stable sort of keys k[0..n) in [0, nkeys): order[r] = index of the r-th element, and
-// offsets[0..nkeys] the start of each key's run (device arrays owned by the caller).
+// offsets[0..nkeys] the start of each key's run (device arrays owned by the caller). Keys outside
+// [0, nkeys) are counted in no run.
 void stable_bucket(const int32_t* keys, int64_t n, int64_t nkeys, int32_t* order, int32_t* offsets);
 
 }  // namespace dsv3::cuda

@@ -10,7 +10,7 @@ __global__ void ce_kernel(const float* lg, const int32_t* tg, float* loss, float
   const float* l = lg + i * v;
   float* o = dl ? dl + i * v : nullptr;
   int32_t target = tg[i];
-  if (target < 0) {
+  if (target < 0 || target >= v) {  // ignored, or out of range (reported by the range check)
     if (threadIdx.x == 0) loss[i] = 0.0f;
     if (o)
       for (int64_t j = threadIdx.x; j < v; j += blockDim.x) o[j] = 0.0f;
@@ -43,9 +43,9 @@ __global__ void sum_kernel(const float* x, int64_t n, float* out) {
 void CudaBackend::cross_entropy(const CrossEntropyArgs& a) {
   validate(a);
   int64_t t = a.logits.dim(0), v = a.logits.dim(1);
-  int32_t bad = 0;
-  int64_t i = first_out_of_range(a.targets.data<int32_t>(), t, -1, v, &bad);
-  if (i >= 0) input_error("cross_entropy: target ", bad, " at position ", i, " is outside [-1, ", v, ")");
+  check_range(a.targets.data<int32_t>(), t, -1, v, [v](int64_t i, int32_t bad) {
+    input_error("cross_entropy: target ", bad, " at position ", i, " is outside [-1, ", v, ")");
+  });
   Scratch loss(size_t(std::max<int64_t>(t, 1)) * 4);
   float* lp = present(a.loss) ? ptr<float>(a.loss) : loss.as<float>();
   if (t)

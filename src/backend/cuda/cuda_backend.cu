@@ -6,6 +6,7 @@
 #include <map>
 #include <mutex>
 #include <unordered_map>
+#include <vector>
 
 #include "backend/cuda/common.cuh"
 
@@ -58,18 +59,55 @@ CachingAllocator& allocator() {
   return *a;
 }
 
+// The first element outside [lo, hi) as (index << 32 | value bits): atomicMin keeps the lowest index.
 __global__ void range_kernel(const int32_t* p, int64_t n, int64_t lo, int64_t hi, unsigned long long* first) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    if (p[i] < lo || p[i] >= hi) atomicMin(first, (unsigned long long)i);
+    if (p[i] < lo || p[i] >= hi) atomicMin(first, (static_cast<unsigned long long>(i) << 32) | uint32_t(p[i]));
+}
+
+// Queued range checks: one 64-bit slot each in a device array (all ones = passed), read back together.
+class RangeChecks {
+ public:
+  void add(const int32_t* p, int64_t n, int64_t lo, int64_t hi, std::function<void(int64_t, int32_t)> fail) {
+    DSV3_CHECK(n < (int64_t(1) << 32), "check_range: ", n, " indices are more than a check slot holds");
+    if (fail_.size() == kSlots) raise();
+    if (!slots_) {
+      DSV3_CUDA_CHECK(cudaMalloc(&slots_, kSlots * sizeof(unsigned long long)));
+      DSV3_CUDA_CHECK(cudaMemset(slots_, 0xff, kSlots * sizeof(unsigned long long)));
+    }
+    range_kernel<<<std::min(blocks_for(n), 1024u), 256>>>(p, n, lo, hi, slots_ + fail_.size());
+    check_launch("range check");
+    fail_.push_back(std::move(fail));
+  }
+  void raise() {
+    if (fail_.empty()) return;
+    std::vector<unsigned long long> got(fail_.size());
+    DSV3_CUDA_CHECK(cudaMemcpy(got.data(), slots_, got.size() * sizeof got[0], cudaMemcpyDeviceToHost));
+    DSV3_CUDA_CHECK(cudaMemset(slots_, 0xff, got.size() * sizeof got[0]));
+    std::vector<std::function<void(int64_t, int32_t)>> fail;
+    fail.swap(fail_);  // cleared before raising: the error leaves nothing queued
+    for (size_t j = 0; j < got.size(); ++j)
+      if (got[j] != ~0ull) fail[j](int64_t(got[j] >> 32), int32_t(uint32_t(got[j] & 0xffffffffu)));
+  }
+
+ private:
+  static constexpr size_t kSlots = 4096;
+  unsigned long long* slots_ = nullptr;
+  std::vector<std::function<void(int64_t, int32_t)>> fail_;
+};
+
+RangeChecks& range_checks() {
+  static RangeChecks* r = new RangeChecks;  // never destroyed, as the allocator
+  return *r;
 }
 
 __global__ void iota_kernel(int32_t* p, int64_t n) {
   int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (i < n) p[i] = int32_t(i);
 }
-__global__ void count_kernel(const int32_t* keys, int64_t n, int32_t* counts) {
+__global__ void count_kernel(const int32_t* keys, int64_t n, int64_t nkeys, int32_t* counts) {
   int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (i < n) atomicAdd(&counts[keys[i]], 1);
+  if (i < n && keys[i] >= 0 && keys[i] < nkeys) atomicAdd(&counts[keys[i]], 1);
 }
 
 }  // namespace
@@ -95,18 +133,11 @@ void sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float al
                                 int(n), int(m), int(k), &alpha, b, int(ldb), a, int(lda), &beta, c, int(ldc)));
 }
 
-int64_t first_out_of_range(const int32_t* p, int64_t n, int64_t lo, int64_t hi, int32_t* bad) {
-  if (n == 0) return -1;
-  Scratch s(sizeof(unsigned long long));
-  unsigned long long init = ~0ull, first = 0;
-  DSV3_CUDA_CHECK(cudaMemcpy(s.as<void>(), &init, sizeof init, cudaMemcpyHostToDevice));
-  range_kernel<<<std::min(blocks_for(n), 1024u), 256>>>(p, n, lo, hi, s.as<unsigned long long>());
-  check_launch("range check");
-  DSV3_CUDA_CHECK(cudaMemcpy(&first, s.as<void>(), sizeof first, cudaMemcpyDeviceToHost));
-  if (first == ~0ull) return -1;
-  DSV3_CUDA_CHECK(cudaMemcpy(bad, p + first, sizeof(int32_t), cudaMemcpyDeviceToHost));
-  return int64_t(first);
+void check_range(const int32_t* p, int64_t n, int64_t lo, int64_t hi, std::function<void(int64_t, int32_t)> fail) {
+  if (n > 0) range_checks().add(p, n, lo, hi, std::move(fail));
 }
+
+void raise_range_errors() { range_checks().raise(); }
 
 void stable_bucket(const int32_t* keys, int64_t n, int64_t nkeys, int32_t* order, int32_t* offsets) {
   DSV3_CUDA_CHECK(cudaMemset(offsets, 0, size_t(nkeys + 1) * sizeof(int32_t)));
@@ -123,7 +154,7 @@ void stable_bucket(const int32_t* keys, int64_t n, int64_t nkeys, int32_t* order
   DSV3_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(t.as<void>(), tmp, keys, keys_out.as<int32_t>(),
                                                   idx.as<int32_t>(), order, int(n), 0, end_bit));
   DSV3_CUDA_CHECK(cudaMemset(counts.as<void>(), 0, size_t(nkeys + 1) * 4));
-  count_kernel<<<blocks_for(n), 256>>>(keys, n, counts.as<int32_t>());
+  count_kernel<<<blocks_for(n), 256>>>(keys, n, nkeys, counts.as<int32_t>());
   size_t tmp2 = 0;
   DSV3_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, tmp2, counts.as<int32_t>(), offsets, int(nkeys + 1)));
   Scratch t2(tmp2);
@@ -163,6 +194,7 @@ Tensor CudaBackend::to_device(const Tensor& host) {
 }
 
 Tensor CudaBackend::to_host(const Tensor& t) {
+  cuda::raise_range_errors();
   Tensor h = Tensor::empty(t.dtype(), t.shape());
   if (t.nbytes() == 0) return h;
   cudaMemcpyKind kind = t.device() == Device::CUDA ? cudaMemcpyDeviceToHost : cudaMemcpyHostToHost;
@@ -170,6 +202,9 @@ Tensor CudaBackend::to_host(const Tensor& t) {
   return h;
 }
 
-void CudaBackend::synchronize() { DSV3_CUDA_CHECK(cudaDeviceSynchronize()); }
+void CudaBackend::synchronize() {
+  DSV3_CUDA_CHECK(cudaDeviceSynchronize());
+  cuda::raise_range_errors();
+}
 
 }  // namespace dsv3

@@ -317,13 +317,16 @@ __global__ void counts_kernel(const int32_t* off, int64_t e, int32_t* counts) {
   if (j < e) counts[j] = off[j + 1] - off[j];
 }
 
-__global__ void gather_kernel(const float* src, const int32_t* idx, const float* w, float* out, int64_t d, bool acc) {
+// Indices outside the source rows (reported by the range check) read as zero rows.
+__global__ void gather_kernel(const float* src, int64_t rows, const int32_t* idx, const float* w, float* out,
+                              int64_t d, bool acc) {
   int64_t i = blockIdx.x;
-  const float* s = src + int64_t(idx[i]) * d;
+  const bool in = idx[i] >= 0 && idx[i] < rows;
+  const float* s = src + (in ? int64_t(idx[i]) * d : 0);
   float* o = out + i * d;
   float wi = w ? w[i] : 1.0f;
   for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
-    float v = w ? wi * s[j] : s[j];
+    float v = !in ? 0.0f : w ? wi * s[j] : s[j];
     o[j] = acc ? o[j] + v : v;
   }
 }
@@ -341,9 +344,10 @@ __global__ void scatter_kernel(const float* src, const int32_t* order, const int
     out[r * d + j] = v;
   }
 }
-__global__ void scatter_bwd_kernel(const float* dout, const float* src, const int32_t* idx, const float* w,
-                                   float* dsrc, float* dw, int64_t d, bool acc) {
+__global__ void scatter_bwd_kernel(const float* dout, int64_t rows, const int32_t* idx, const float* src,
+                                   const float* w, float* dsrc, float* dw, int64_t d, bool acc) {
   int64_t i = blockIdx.x;
+  if (idx[i] < 0 || idx[i] >= rows) return;  // reported by the range check
   const float* g = dout + int64_t(idx[i]) * d;
   const float* s = src + i * d;
   if (dw) {
@@ -360,9 +364,9 @@ __global__ void scatter_bwd_kernel(const float* dout, const float* src, const in
 }
 
 void check_idx(const Tensor& idx, int64_t rows, const char* op) {
-  int32_t bad = 0;
-  int64_t i = first_out_of_range(idx.data<int32_t>(), idx.numel(), 0, rows, &bad);
-  if (i >= 0) internal_error(op, ": idx[", i, "] = ", bad, " outside [0, ", rows, ")");
+  check_range(idx.data<int32_t>(), idx.numel(), 0, rows, [rows, op](int64_t i, int32_t bad) {
+    internal_error(op, ": idx[", i, "] = ", bad, " outside [0, ", rows, ")");
+  });
 }
 
 }  // namespace
@@ -415,9 +419,9 @@ void CudaBackend::router_backward(const RouterBackwardArgs& a) {
 void CudaBackend::moe_sort(const MoeSortArgs& a) {
   validate(a);
   int64_t n = a.ids.numel(), k = a.ids.dim(1), e = a.n_experts;
-  int32_t bad = 0;
-  int64_t i = first_out_of_range(a.ids.data<int32_t>(), n, 0, e, &bad);
-  if (i >= 0) internal_error("moe_sort: expert id ", bad, " at ", i, " outside [0, ", e, ")");
+  check_range(a.ids.data<int32_t>(), n, 0, e, [e](int64_t i, int32_t bad) {
+    internal_error("moe_sort: expert id ", bad, " at ", i, " outside [0, ", e, ")");
+  });
   Scratch off(size_t(e + 1) * 4);
   stable_bucket(a.ids.data<int32_t>(), n, e, ptr<int32_t>(a.pick), off.as<int32_t>());
   if (n) sort_finish_kernel<<<blocks_for(n), 256>>>(a.pick.data<int32_t>(), n, k, ptr<int32_t>(a.token));
@@ -430,7 +434,7 @@ void CudaBackend::gather_rows(const GatherRowsArgs& a) {
   check_idx(a.idx, a.src.dim(0), "gather_rows");
   int64_t n = a.idx.numel(), d = a.src.dim(1);
   if (n)
-    gather_kernel<<<unsigned(n), 128>>>(a.src.data<float>(), a.idx.data<int32_t>(),
+    gather_kernel<<<unsigned(n), 128>>>(a.src.data<float>(), a.src.dim(0), a.idx.data<int32_t>(),
                                         present(a.weight) ? a.weight.data<float>() : nullptr, ptr<float>(a.out), d,
                                         a.accumulate);
   check_launch("gather_rows");
@@ -453,7 +457,8 @@ void CudaBackend::scatter_add_rows_backward(const ScatterAddRowsBackwardArgs& a)
   int64_t n = a.idx.numel(), d = a.src.dim(1);
   check_idx(a.idx, a.dout.dim(0), "scatter_add_rows_backward");
   if (n)
-    scatter_bwd_kernel<<<unsigned(n), 128>>>(a.dout.data<float>(), a.src.data<float>(), a.idx.data<int32_t>(),
+    scatter_bwd_kernel<<<unsigned(n), 128>>>(a.dout.data<float>(), a.dout.dim(0), a.idx.data<int32_t>(),
+                                             a.src.data<float>(),
                                              present(a.weight) ? a.weight.data<float>() : nullptr,
                                              present(a.dsrc) ? ptr<float>(a.dsrc) : nullptr,
                                              present(a.dweight) ? ptr<float>(a.dweight) : nullptr, d, a.accumulate);

@@ -10,9 +10,11 @@ using namespace cuda;
 
 namespace {
 
-__global__ void embedding_kernel(const int32_t* ids, const void* tab, DType tt, float* out, int64_t d) {
+// An id outside the table (reported by the range check) gives a zero row.
+__global__ void embedding_kernel(const int32_t* ids, const void* tab, DType tt, float* out, int64_t d, int64_t v) {
   int64_t t = blockIdx.x, row = ids[t];
-  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) out[t * d + j] = load_f(tab, tt, row * d + j);
+  const bool in = row >= 0 && row < v;
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) out[t * d + j] = in ? load_f(tab, tt, row * d + j) : 0.0f;
 }
 // dtable row r += dout rows of its tokens, in position order (order[] from a stable sort by id).
 __global__ void embedding_bwd_kernel(const int32_t* order, const int32_t* off, const float* dout, float* dt,
@@ -109,26 +111,28 @@ __global__ void rmsnorm_dw_kernel(const double* part, int64_t chunks, float* dw,
 
 void CudaBackend::embedding(const EmbeddingArgs& a) {
   validate(a);
-  int64_t t = a.ids.numel(), v = a.table.dim(0);
-  int32_t bad = 0;
-  int64_t i = first_out_of_range(a.ids.data<int32_t>(), t, 0, v, &bad);
-  if (i >= 0) input_error("embedding: token id ", bad, " at position ", i, " is outside the vocabulary [0, ", v, ")");
+  const int64_t v = a.table.dim(0);
+  check_range(a.ids.data<int32_t>(), a.ids.numel(), 0, v, [v](int64_t i, int32_t bad) {
+    input_error("embedding: token id ", bad, " at position ", i, " is outside the vocabulary [0, ", v, ")");
+  });
   cuda_embedding_unchecked(a);
 }
 
 void cuda_embedding_unchecked(const EmbeddingArgs& a) {
   validate(a);
   const int64_t t = a.ids.numel(), d = a.table.dim(1);
-  if (t) embedding_kernel<<<unsigned(t), 256>>>(a.ids.data<int32_t>(), a.table.raw(), a.table.dtype(), ptr<float>(a.out), d);
+  if (t)
+    embedding_kernel<<<unsigned(t), 256>>>(a.ids.data<int32_t>(), a.table.raw(), a.table.dtype(), ptr<float>(a.out), d,
+                                           a.table.dim(0));
   check_launch("embedding");
 }
 
 void CudaBackend::embedding_backward(const EmbeddingBackwardArgs& a) {
   validate(a);
   int64_t t = a.ids.numel(), v = a.dtable.dim(0), d = a.dtable.dim(1);
-  int32_t bad = 0;
-  int64_t i = first_out_of_range(a.ids.data<int32_t>(), t, 0, v, &bad);
-  if (i >= 0) input_error("embedding_backward: token id ", bad, " at position ", i, " is outside [0, ", v, ")");
+  check_range(a.ids.data<int32_t>(), t, 0, v, [v](int64_t i, int32_t bad) {
+    input_error("embedding_backward: token id ", bad, " at position ", i, " is outside [0, ", v, ")");
+  });
   if (t == 0) return;
   Scratch order(size_t(t) * 4), off(size_t(v + 1) * 4);
   stable_bucket(a.ids.data<int32_t>(), t, v, order.as<int32_t>(), off.as<int32_t>());

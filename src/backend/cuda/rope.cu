@@ -8,13 +8,14 @@ using namespace cuda;
 
 namespace {
 __global__ void rope_kernel(float* x, const int32_t* pos, const float* cs, const float* sn, int64_t t, int64_t h,
-                            int64_t w, int64_t off, int64_t half, bool interleaved, float sign) {
+                            int64_t w, int64_t off, int64_t half, bool interleaved, float sign, int64_t max_pos) {
   pdl_wait();
   pdl_trigger();
   int64_t n = t * h * half;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     int64_t j = i % half, th = i / half, ti = th / h;
     int64_t a = pos[ti];
+    if (a < 0 || a >= max_pos) continue;  // reported by the range check
     float* r = x + th * w + off;
     float* p = r + (interleaved ? 2 * j : j);
     int64_t stride = interleaved ? 1 : half;
@@ -30,17 +31,17 @@ void launch_rope(const RopeArgs& a) {
   if (n)
     launch_pdl(rope_kernel, dim3(std::min(blocks_for(n), 1u << 20)), dim3(256), 0, ptr<float>(a.x),
                a.positions.data<int32_t>(), a.cos.data<float>(), a.sin.data<float>(), t, h, w, a.offset, half,
-               a.interleaved, a.inverse ? -1.0f : 1.0f);
+               a.interleaved, a.inverse ? -1.0f : 1.0f, a.cos.dim(0));
   check_launch("rope");
 }
 }  // namespace
 
 void CudaBackend::rope(const RopeArgs& a) {
   validate(a);
-  int64_t t = a.x.dim(0), max_pos = a.cos.dim(0);
-  int32_t bad = 0;
-  int64_t i = first_out_of_range(a.positions.data<int32_t>(), t, 0, max_pos, &bad);
-  if (i >= 0) input_error("rope: position ", bad, " of token ", i, " is outside the table [0, ", max_pos, ")");
+  const int64_t max_pos = a.cos.dim(0);
+  check_range(a.positions.data<int32_t>(), a.x.dim(0), 0, max_pos, [max_pos](int64_t i, int32_t bad) {
+    input_error("rope: position ", bad, " of token ", i, " is outside the table [0, ", max_pos, ")");
+  });
   launch_rope(a);
 }
 
