@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cstring>
 #include <numeric>
+#include <span>
+#include <tuple>
 
 #include "backend/fp8.h"
 #include "model/moe_hook.h"
@@ -33,8 +35,8 @@ struct Outbox {
   }
 };
 
-void put_meta(char* row, const Layout& l, int32_t src, int32_t token, const std::vector<int32_t>& ex,
-              const std::vector<float>& val) {
+void put_meta(char* row, const Layout& l, int32_t src, int32_t token, std::span<const int32_t> ex,
+              std::span<const float> val) {
   std::memcpy(row, &src, 4);
   std::memcpy(row + 4, &token, 4);
   for (int64_t j = 0; j < l.K; ++j) {
@@ -92,6 +94,12 @@ std::vector<char> exchange(Communicator& c, const Outbox& out, const Layout& l, 
 
 Tensor host_f32(Backend& be, const Tensor& t) { return be.to_host(t); }
 
+// Picks [b, e) of the plan's flat pick arrays.
+template <class T>
+std::span<const T> picks(const std::vector<T>& v, int64_t b, int64_t e) {
+  return std::span<const T>(v).subspan(size_t(b), size_t(e - b));
+}
+
 }  // namespace
 
 ExpertParallelMoe::ExpertParallelMoe(Communicator& ep, const ModelDims& d, EpOptions o) : c_(ep), d_(d), o_(o) {
@@ -123,19 +131,54 @@ void ExpertParallelMoe::token_groups(const int32_t* id, const float* wt, std::ve
   const int64_t K = d_.top_k;
   const int rpn = c_.ranks_per_node();
   auto dest_of = [&](int32_t e) { return o_.two_hop ? c_.node_of(owner(e)) * rpn + c_.local_rank() : owner(e); };
-  std::vector<std::pair<int32_t, float>> picks;
+  std::vector<std::tuple<int32_t, float, int32_t>> picks;
   for (int64_t j = 0; j < K; ++j) {
     if (id[j] < 0 || id[j] >= d_.n_experts)
       internal_error("expert-parallel routing: expert id ", id[j], " outside [0, ", d_.n_experts, ")");
-    picks.push_back({id[j], wt[j]});
+    picks.push_back({id[j], wt[j], int32_t(j)});
   }
-  std::sort(picks.begin(), picks.end(), [](auto& a, auto& b) { return a.first < b.first; });
+  std::sort(picks.begin(), picks.end(), [](auto& a, auto& b) { return std::get<0>(a) < std::get<0>(b); });
   out.clear();
-  for (const auto& [e, w] : picks) {
-    if (out.empty() || out.back().dest != dest_of(e)) out.push_back({dest_of(e), {}, {}});
+  for (size_t i = 0; i < picks.size(); ++i) {
+    const auto [e, w, j] = picks[i];
+    // A pick's gate-weight gradient returns to its slot j: two picks of one expert would share it.
+    if (i > 0 && std::get<0>(picks[i - 1]) == e) internal_error("expert-parallel routing: expert ", e, " picked twice");
+    if (out.empty() || out.back().dest != dest_of(e)) out.push_back({dest_of(e), {}, {}, {}});
     out.back().experts.push_back(e);
     out.back().weights.push_back(w);
+    out.back().slots.push_back(j);
   }
+}
+
+void ExpertParallelMoe::make_plan(Backend& be, const MoeActs& a, EpPlan& plan) {
+  const int P = c_.size();
+  const int64_t N = a.ids.dim(0), K = d_.top_k;
+  plan = EpPlan{};
+  plan.ids = be.to_host(a.ids);
+  plan.weights = be.to_host(a.weights);
+  ++stats_.plans;
+  std::vector<std::vector<std::pair<int32_t, Group>>> to(static_cast<size_t>(P));
+  std::vector<Group> groups;
+  for (int64_t t = 0; t < N; ++t) {
+    token_groups(plan.ids.data<int32_t>() + t * K, plan.weights.data<float>() + t * K, groups);
+    for (Group& g : groups) to[size_t(g.dest)].push_back({int32_t(t), std::move(g)});
+  }
+  plan.send_rows.assign(size_t(P), 0);
+  plan.pick_begin.assign(1, 0);
+  for (int j = 0; j < P; ++j) {
+    for (const auto& [t, g] : to[size_t(j)]) {
+      plan.send_tok.push_back(t);
+      for (size_t i = 0; i < g.experts.size(); ++i) {
+        plan.pick_expert.push_back(g.experts[i]);
+        plan.pick_weight.push_back(g.weights[i]);
+        plan.pick_slot.push_back(t * K + g.slots[i]);
+      }
+      plan.pick_begin.push_back(int64_t(plan.pick_expert.size()));
+    }
+    plan.send_rows[size_t(j)] = int64_t(to[size_t(j)].size());
+  }
+  // The combine (always F32) takes the direct path whenever the dispatch could.
+  if (direct_path(be, false) && !plan.send_tok.empty()) plan.send_tok_t = modops::i32_tensor(be, plan.send_tok);
 }
 
 bool ExpertParallelMoe::direct_path(const Backend& be, bool fp8) const {
@@ -145,38 +188,37 @@ bool ExpertParallelMoe::direct_path(const Backend& be, bool fp8) const {
 // Single hop, F32: the metadata rows go through host memory as in the row path, while the hidden
 // states are gathered into destination order by the backend and sent from its memory (GPU to GPU
 // under NCCL). Rows arrive by source rank and, within one, by token: already (src, token) order.
-Tensor ExpertParallelMoe::dispatch_direct(Backend& be, const Tensor& ids_d, const Tensor& w_d, const Tensor& payload,
-                                          std::vector<EpRow>& rows, int64_t& bytes) {
+Tensor ExpertParallelMoe::dispatch_direct(Backend& be, EpPlan& plan, const Tensor& payload, std::vector<EpRow>& rows,
+                                          int64_t& bytes) {
   const int P = c_.size(), me = c_.rank();
-  const int64_t N = payload.dim(0), H = d_.H, K = d_.top_k;
-  const Tensor ids = be.to_host(ids_d), w = be.to_host(w_d);
-  const Layout meta{K, 0};
+  const Layout meta{d_.top_k, 0};
   Outbox out(P);
-  std::vector<std::vector<int32_t>> to(static_cast<size_t>(P));
-  std::vector<Group> groups;
-  for (int64_t t = 0; t < N; ++t) {
-    token_groups(ids.data<int32_t>() + t * K, w.data<float>() + t * K, groups);
-    for (const Group& g : groups) {
-      put_meta(out.add(g.dest, meta), meta, me, int32_t(t), g.experts, g.weights);
-      to[size_t(g.dest)].push_back(int32_t(t));
+  for (int j = 0, i = 0; j < P; ++j)
+    for (int64_t n = 0; n < plan.send_rows[size_t(j)]; ++n, ++i) {
+      const int64_t b = plan.pick_begin[size_t(i)], e = plan.pick_begin[size_t(i) + 1];
+      put_meta(out.add(j, meta), meta, me, plan.send_tok[size_t(i)], picks(plan.pick_expert, b, e),
+               picks(plan.pick_weight, b, e));
     }
-  }
-  std::vector<int64_t> from;
-  const std::vector<char> got = exchange(c_, out, meta, from, bytes, stats_);
+  const std::vector<char> got = exchange(c_, out, meta, plan.recv_rows, bytes, stats_);
   const int64_t R = int64_t(got.size()) / meta.bytes();
   rows.clear();
   for (int64_t r = 0; r < R; ++r) rows.push_back(get_meta(got.data() + r * meta.bytes(), meta));
+  return send_direct(be, plan, payload, bytes);
+}
 
-  std::vector<int32_t> send_tok;
-  for (const auto& v : to) send_tok.insert(send_tok.end(), v.begin(), v.end());
-  const int64_t S = int64_t(send_tok.size());
+// The hidden states (or dout) of the plan's rows, one block per rank, with the counts the forward
+// exchanged: no metadata and no count exchange.
+Tensor ExpertParallelMoe::send_direct(Backend& be, const EpPlan& plan, const Tensor& payload, int64_t& bytes) {
+  const int P = c_.size();
+  const int64_t H = d_.H, S = int64_t(plan.send_tok.size());
+  const int64_t R = std::accumulate(plan.recv_rows.begin(), plan.recv_rows.end(), int64_t(0));
   Tensor send = be.alloc(DType::F32, {std::max<int64_t>(S, 1), H}).rows(0, S);
-  if (S > 0) modops::gather_rows(be, payload, modops::i32_tensor(be, send_tok), send);
+  if (S > 0) modops::gather_rows(be, payload, plan.send_tok_t, send);
   Tensor xin = be.alloc(DType::F32, {std::max<int64_t>(R, 1), H}).rows(0, R);
   std::vector<int64_t> sb(static_cast<size_t>(P)), rb(static_cast<size_t>(P));
   for (int j = 0; j < P; ++j) {
-    sb[size_t(j)] = int64_t(to[size_t(j)].size()) * H * 4;
-    rb[size_t(j)] = from[size_t(j)] * H * 4;
+    sb[size_t(j)] = plan.send_rows[size_t(j)] * H * 4;
+    rb[size_t(j)] = plan.recv_rows[size_t(j)] * H * 4;
   }
   count_sent(c_, sb, bytes, stats_);
   c_.all_to_all_v(send.raw(), sb, xin.raw(), rb);
@@ -184,68 +226,62 @@ Tensor ExpertParallelMoe::dispatch_direct(Backend& be, const Tensor& ids_d, cons
 }
 
 // The reverse of dispatch_direct: the partial sums leave in row order (one contiguous block per
-// source); a source gets back from rank j the tokens it sent j, in the order it sent them.
-void ExpertParallelMoe::combine_direct(Backend& be, const std::vector<EpRow>& rows, const Tensor& partial,
-                                       const std::vector<std::vector<float>>* row_vals, int64_t N,
-                                       const Tensor& ids_d, Tensor& out, std::vector<float>* vals, int64_t& bytes) {
+// source); a source gets back from rank j the tokens it sent j, in the order it sent them, which is
+// the plan's send order. The backward's gate-weight gradients follow as bare floats, one per pick,
+// in the same order: the source knows each pick's slot from the plan.
+void ExpertParallelMoe::combine_direct(Backend& be, const EpPlan& plan, const std::vector<EpRow>& rows,
+                                       const Tensor& partial, const std::vector<std::vector<float>>* row_vals,
+                                       Tensor& out, std::vector<float>* vals, int64_t& bytes) {
   const int P = c_.size();
-  const int64_t H = d_.H, K = d_.top_k;
-  const Tensor ids = be.to_host(ids_d);
+  const int64_t H = d_.H;
   if (vals && !row_vals) internal_error("combine_direct: per-row values are needed for the per-pick ones");
   std::vector<int64_t> sb(static_cast<size_t>(P), 0), rb(static_cast<size_t>(P), 0);
+  std::vector<int64_t> held(static_cast<size_t>(P), 0);
   for (size_t r = 0; r < rows.size(); ++r) {
     // The partial sums leave as one block per source: the rows must be grouped by source, ascending.
     if (rows[r].src < 0 || rows[r].src >= P || (r > 0 && rows[r].src < rows[r - 1].src))
       internal_error("combine_direct: row ", r, " from rank ", rows[r].src, " is out of source order");
-    sb[size_t(rows[r].src)] += H * 4;
+    ++held[size_t(rows[r].src)];
   }
-  std::vector<int32_t> tok;
-  std::vector<Group> groups;
-  std::vector<std::vector<int32_t>> from(static_cast<size_t>(P));
-  std::vector<float> no_w(size_t(K), 0.0f);
-  for (int64_t t = 0; t < N; ++t) {
-    token_groups(ids.data<int32_t>() + t * K, no_w.data(), groups);
-    for (const Group& g : groups) from[size_t(g.dest)].push_back(int32_t(t));
-  }
+  if (held != plan.recv_rows) internal_error("combine_direct: the rows held differ from the rows the forward received");
   for (int j = 0; j < P; ++j) {
-    rb[size_t(j)] = int64_t(from[size_t(j)].size()) * H * 4;
-    tok.insert(tok.end(), from[size_t(j)].begin(), from[size_t(j)].end());
+    sb[size_t(j)] = plan.recv_rows[size_t(j)] * H * 4;
+    rb[size_t(j)] = plan.send_rows[size_t(j)] * H * 4;
   }
   count_sent(c_, sb, bytes, stats_);
-  const int64_t Rs = int64_t(tok.size());
-  Tensor back = be.alloc(DType::F32, {std::max<int64_t>(Rs, 1), H}).rows(0, Rs);
+  const int64_t S = int64_t(plan.send_tok.size());
+  Tensor back = be.alloc(DType::F32, {std::max<int64_t>(S, 1), H}).rows(0, S);
   c_.all_to_all_v(partial.raw(), sb, back.raw(), rb);
-  if (vals) {  // the gate-weight gradients of each (token, expert) travel as metadata rows
-    const Layout meta{K, 0};
-    Outbox box(P);
-    for (size_t r = 0; r < rows.size(); ++r)
-      put_meta(box.add(rows[r].src, meta), meta, rows[r].src, rows[r].token, rows[r].experts, (*row_vals)[r]);
-    std::vector<int64_t> n;
-    const std::vector<char> got = exchange(c_, box, meta, n, bytes, stats_);
-    for (size_t r = 0; r * size_t(meta.bytes()) < got.size(); ++r) {
-      const EpRow m = get_meta(got.data() + r * size_t(meta.bytes()), meta);
-      if (m.token < 0 || m.token >= N) throw CommError(cat("MoE combine: token ", m.token, " outside [0, ", N, ")"));
-      for (size_t i = 0; i < m.experts.size(); ++i)
-        for (int64_t j = 0; j < K; ++j)
-          if (ids.data<int32_t>()[m.token * K + j] == m.experts[i]) (*vals)[size_t(m.token * K + j)] = m.weights[i];
+  if (vals) {
+    std::vector<float> send;
+    std::fill(sb.begin(), sb.end(), 0);
+    std::fill(rb.begin(), rb.end(), 0);
+    for (size_t r = 0; r < rows.size(); ++r) {
+      const std::vector<float>& v = (*row_vals)[r];
+      if (v.size() != rows[r].experts.size()) internal_error("combine_direct: row ", r, " has ", v.size(), " values");
+      send.insert(send.end(), v.begin(), v.end());
+      sb[size_t(rows[r].src)] += int64_t(v.size()) * 4;
     }
+    for (int j = 0, i = 0; j < P; ++j)
+      for (int64_t n = 0; n < plan.send_rows[size_t(j)]; ++n, ++i)
+        rb[size_t(j)] += (plan.pick_begin[size_t(i) + 1] - plan.pick_begin[size_t(i)]) * 4;
+    std::vector<float> got(plan.pick_slot.size());
+    count_sent(c_, sb, bytes, stats_);
+    c_.all_to_all_v(send.data(), sb, got.data(), rb);
+    for (size_t q = 0; q < got.size(); ++q) (*vals)[size_t(plan.pick_slot[q])] = got[q];
   }
-  if (Rs == 0) return;
+  if (S == 0) return;
   ScatterAddRowsArgs sc;
   sc.src = back;
-  sc.idx = modops::i32_tensor(be, tok);
+  sc.idx = plan.send_tok_t;
   sc.out = out;
   be.scatter_add_rows(sc);
 }
 
-Tensor ExpertParallelMoe::dispatch(Backend& be, const Tensor& ids_d, const Tensor& w_d, const Tensor& payload,
-                                   bool fp8, std::vector<EpRow>& rows, int64_t& bytes) {
-  if (direct_path(be, fp8)) return dispatch_direct(be, ids_d, w_d, payload, rows, bytes);
+Tensor ExpertParallelMoe::dispatch_rows(Backend& be, const EpPlan& plan, const Tensor& payload, bool fp8,
+                                        std::vector<EpRow>& rows, int64_t& bytes) {
   const int P = c_.size(), me = c_.rank();
   const int64_t N = payload.dim(0), H = d_.H, K = d_.top_k, nb = (H + 127) / 128;
-  const Tensor ids = be.to_host(ids_d), w = be.to_host(w_d);
-  const int32_t* id = ids.data<int32_t>();
-  const float* wt = w.data<float>();
   Layout l{K, fp8 ? H + 4 * nb : 4 * H};
 
   // Payload bytes per token.
@@ -273,15 +309,13 @@ Tensor ExpertParallelMoe::dispatch(Backend& be, const Tensor& ids_d, const Tenso
 
   // Hop 1: one row per (token, destination rank) — or per destination node, to the same local rank.
   Outbox out(P);
-  std::vector<Group> groups;
-  for (int64_t t = 0; t < N; ++t) {
-    token_groups(id + t * K, wt + t * K, groups);
-    for (const Group& g : groups) {
-      char* row = out.add(g.dest, l);
-      put_meta(row, l, me, int32_t(t), g.experts, g.weights);
-      put_payload(row, t);
+  for (int j = 0, i = 0; j < P; ++j)
+    for (int64_t n = 0; n < plan.send_rows[size_t(j)]; ++n, ++i) {
+      const int64_t b = plan.pick_begin[size_t(i)], e = plan.pick_begin[size_t(i) + 1];
+      char* row = out.add(j, l);
+      put_meta(row, l, me, plan.send_tok[size_t(i)], picks(plan.pick_expert, b, e), picks(plan.pick_weight, b, e));
+      put_payload(row, plan.send_tok[size_t(i)]);
     }
-  }
   std::vector<int64_t> from;
   std::vector<char> got = exchange(c_, out, l, from, bytes, stats_);
   int64_t R = int64_t(got.size()) / l.bytes();
@@ -336,10 +370,10 @@ Tensor ExpertParallelMoe::dispatch(Backend& be, const Tensor& ids_d, const Tenso
   return be.to_device(xin);
 }
 
-void ExpertParallelMoe::combine(Backend& be, const std::vector<EpRow>& rows, const Tensor& partial_d,
-                                const std::vector<std::vector<float>>* row_vals, int64_t N, const Tensor& ids_d,
+void ExpertParallelMoe::combine(Backend& be, const EpPlan& plan, const std::vector<EpRow>& rows,
+                                const Tensor& partial_d, const std::vector<std::vector<float>>* row_vals, int64_t N,
                                 Tensor& out, std::vector<float>* vals, int64_t& bytes) {
-  if (direct_path(be, false)) return combine_direct(be, rows, partial_d, row_vals, N, ids_d, out, vals, bytes);
+  if (direct_path(be, false)) return combine_direct(be, plan, rows, partial_d, row_vals, out, vals, bytes);
   const int P = c_.size(), rpn = c_.ranks_per_node();
   const int64_t H = d_.H, K = d_.top_k, R = int64_t(rows.size());
   const Layout l{K, 4 * H};
@@ -394,7 +428,7 @@ void ExpertParallelMoe::combine(Backend& be, const std::vector<EpRow>& rows, con
   if (Rs == 0) return;
   Tensor src = Tensor::empty(DType::F32, {Rs, H});
   std::vector<int32_t> tok(static_cast<size_t>(Rs));
-  const Tensor ids = vals ? be.to_host(ids_d) : Tensor();
+  const Tensor& ids = plan.ids;
   for (int64_t r = 0; r < Rs; ++r) {
     const char* row = got.data() + r * l.bytes();
     const EpRow m = get_meta(row, l);
@@ -416,8 +450,15 @@ void ExpertParallelMoe::combine(Backend& be, const std::vector<EpRow>& rows, con
 void ExpertParallelMoe::forward(Backend& be, const MoeParams& p, const Tensor& x, EpMoeActs& a) {
   const int64_t N = x.dim(0), H = d_.H, e0 = first_expert();
   route(be, p, x, a.local);
+  make_plan(be, a.local, a.plan);
   int64_t bytes = 0;
-  a.xin = dispatch(be, a.local.ids, a.local.weights, x, o_.fp8_dispatch, a.rows, bytes);
+  if (direct_path(be, o_.fp8_dispatch)) {
+    a.xin = dispatch_direct(be, a.plan, x, a.rows, bytes);
+  } else {
+    a.xin = dispatch_rows(be, a.plan, x, o_.fp8_dispatch, a.rows, bytes);
+    a.plan.recv_rows.assign(size_t(c_.size()), 0);
+    for (const EpRow& m : a.rows) ++a.plan.recv_rows[size_t(m.src)];
+  }
   stats_.dispatch_bytes += bytes;
   const int64_t R = int64_t(a.rows.size());
   stats_.dispatch_rows += R;
@@ -474,7 +515,7 @@ void ExpertParallelMoe::forward(Backend& be, const MoeParams& p, const Tensor& x
   }
   Tensor routed = be.zeros(DType::F32, {N, H});
   bytes = 0;
-  combine(be, a.rows, partial, nullptr, N, a.local.ids, routed, nullptr, bytes);
+  combine(be, a.plan, a.rows, partial, nullptr, N, routed, nullptr, bytes);
   stats_.combine_bytes += bytes;
   stats_.combine_rows += R;
   if (p.has_shared) {
@@ -496,12 +537,18 @@ void ExpertParallelMoe::backward(Backend& be, const MoeParams& p, const MoeParam
   }
   if (p.has_shared) mlp_backward(be, p.shared_experts, g.shared_experts, a.local.shared, dout, dx, true);
 
-  // dout travels the dispatch path (always F32); the arrived rows are the forward's.
-  std::vector<EpRow> rows;
+  // dout travels the dispatch path (always F32) to the forward's rows: on the direct path alone,
+  // with the forward's counts; on the row path inside rows again.
   int64_t bytes = 0;
-  Tensor dout_in = dispatch(be, a.local.ids, a.local.weights, dout, false, rows, bytes);
-  if (rows.size() != a.rows.size()) internal_error("EP backward: ", rows.size(), " rows arrived, forward had ", a.rows.size());
-  const int64_t R = int64_t(rows.size()), Rp = int64_t(a.pick_row.size());
+  Tensor dout_in;
+  if (direct_path(be, false)) {
+    dout_in = send_direct(be, a.plan, dout, bytes);
+  } else {
+    std::vector<EpRow> rows;
+    dout_in = dispatch_rows(be, a.plan, dout, false, rows, bytes);
+    if (rows.size() != a.rows.size()) internal_error("EP backward: ", rows.size(), " rows arrived, forward had ", a.rows.size());
+  }
+  const int64_t R = int64_t(a.rows.size()), Rp = int64_t(a.pick_row.size());
   Tensor partial = be.zeros(DType::F32, {std::max<int64_t>(R, 1), H}).rows(0, R);
   std::vector<std::vector<float>> row_vals(static_cast<size_t>(R));
   for (int64_t r = 0; r < R; ++r) row_vals[size_t(r)].assign(a.rows[size_t(r)].experts.size(), 0.0f);
@@ -544,7 +591,7 @@ void ExpertParallelMoe::backward(Backend& be, const MoeParams& p, const MoeParam
   }
   std::vector<float> dweights(size_t(N * K), 0.0f);
   Tensor dx_acc = dx;
-  combine(be, a.rows, partial, &row_vals, N, a.local.ids, dx_acc, &dweights, bytes);
+  combine(be, a.plan, a.rows, partial, &row_vals, N, dx_acc, &dweights, bytes);
   stats_.backward_bytes += bytes;
 
   Tensor dwt = Tensor::empty(DType::F32, {N, K});

@@ -23,6 +23,11 @@
 //     source then adds w·y in expert order exactly as scatter_add_rows does; otherwise the partial
 //     sums regroup float additions (tolerance in docs/distributed.md);
 //   - router/gate gradients are per-rank partial sums: a data-parallel all-reduce adds them.
+//
+// The routing plan (which token goes to which rank with which picks, and how many rows come back
+// from each rank) is derived once per forward from one host copy of the router's ids and weights,
+// and kept in EpMoeActs: the combine and the backward reuse it instead of copying the ids again
+// and exchanging the same counts again.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -46,6 +51,7 @@ struct EpStats {
   int64_t dispatch_rows = 0, combine_rows = 0;
   int64_t inter_node_bytes = 0, intra_node_bytes = 0;  // of both, split by where the receiver is (self excluded)
   int64_t backward_bytes = 0;
+  int64_t plans = 0;  // routing plans derived (each = one host copy of the router's ids and weights)
 };
 
 // A received row on the expert side: (source rank, source token) and the experts of this rank it needs.
@@ -55,8 +61,25 @@ struct EpRow {
   std::vector<float> weights;
 };
 
+// This rank's routing, from the forward's router (see the header comment).
+struct EpPlan {
+  Tensor ids, weights;  // host [N, K]: the router's picks
+  // Hop-1 rows in send order (destination rank ascending, tokens ascending within one): row i carries
+  // token send_tok[i] and the picks q in [pick_begin[i], pick_begin[i+1]) (experts ascending):
+  // expert pick_expert[q], weight pick_weight[q], found at ids[pick_slot[q]] (= t·K + j).
+  std::vector<int32_t> send_tok;
+  std::vector<int64_t> pick_begin;
+  std::vector<int32_t> pick_expert;
+  std::vector<float> pick_weight;
+  std::vector<int64_t> pick_slot;
+  std::vector<int64_t> send_rows;  // [P] hop-1 rows to each rank
+  std::vector<int64_t> recv_rows;  // [P] arrived rows from each source rank
+  Tensor send_tok_t;               // send_tok on the backend (I32): the direct path's gathers and scatters
+};
+
 struct EpMoeActs {
   MoeActs local;              // the source side: x, logits, scores, ids, weights, counts, shared, out
+  EpPlan plan;                // the routing, derived once in the forward
   std::vector<EpRow> rows;    // expert side: arrived rows, (src, token) order
   Tensor xin;                 // [R, H] their hidden states (dequantized when FP8)
   std::vector<int32_t> pick_row;   // sorted pick → arrived row (local experts ascending)
@@ -89,22 +112,26 @@ class ExpertParallelMoe {
  private:
   struct Wire;
   void route(Backend& be, const MoeParams& p, const Tensor& x, MoeActs& a);
-  // Sends one row per (token, destination rank) with the payload rows of `payload` (F32 [N, H]);
-  // returns the arrived rows in (src, token) order and their payload as F32 [R, H].
-  Tensor dispatch(Backend& be, const Tensor& ids, const Tensor& weights, const Tensor& payload, bool fp8,
-                  std::vector<EpRow>& rows, int64_t& bytes);
+  // The plan's host side from the router's ids and weights (one host copy of each), and send_tok_t.
+  void make_plan(Backend& be, const MoeActs& a, EpPlan& plan);
+  // Sends the plan's rows with the payload rows of `payload` (F32 [N, H]) inside host rows (two-hop
+  // forwarding included); returns the arrived rows in (src, token) order and their payload as F32 [R, H].
+  Tensor dispatch_rows(Backend& be, const EpPlan& plan, const Tensor& payload, bool fp8, std::vector<EpRow>& rows,
+                       int64_t& bytes);
   // Returns per arrived row a partial [R, H] (+ per expert values) to its source; the source gets
   // [N, H] summed in rank order (into `out`, which must be zero or hold what to add to) and, when
   // vals is non-null, the per-(token, slot) values in vals [N·K].
-  void combine(Backend& be, const std::vector<EpRow>& rows, const Tensor& partial,
-               const std::vector<std::vector<float>>* row_vals, int64_t N, const Tensor& ids, Tensor& out,
-               std::vector<float>* vals, int64_t& bytes);
+  void combine(Backend& be, const EpPlan& plan, const std::vector<EpRow>& rows, const Tensor& partial,
+               const std::vector<std::vector<float>>* row_vals, int64_t N, Tensor& out, std::vector<float>* vals,
+               int64_t& bytes);
 
-  // A token's picks grouped by the rank they go to (hop 1), experts ascending.
+  // A token's picks grouped by the rank they go to (hop 1), experts ascending; slots[i] = j where
+  // the token's pick j is experts[i].
   struct Group {
     int dest;
     std::vector<int32_t> experts;
     std::vector<float> weights;
+    std::vector<int32_t> slots;
   };
   void token_groups(const int32_t* id, const float* wt, std::vector<Group>& out) const;
   // Single hop with an F32 payload, and a communicator that reads the backend's memory (any on the
@@ -112,11 +139,14 @@ class ExpertParallelMoe {
   // backend's buffers (the _direct variants; on GPUs they never touch the host). Otherwise (two-hop,
   // FP8 payload) they travel inside host rows.
   bool direct_path(const Backend& be, bool fp8) const;
-  Tensor dispatch_direct(Backend& be, const Tensor& ids, const Tensor& weights, const Tensor& payload,
-                         std::vector<EpRow>& rows, int64_t& bytes);
-  void combine_direct(Backend& be, const std::vector<EpRow>& rows, const Tensor& partial,
-                      const std::vector<std::vector<float>>* row_vals, int64_t N, const Tensor& ids, Tensor& out,
-                      std::vector<float>* vals, int64_t& bytes);
+  // As dispatch_rows; also sets plan.recv_rows from the exchanged counts.
+  Tensor dispatch_direct(Backend& be, EpPlan& plan, const Tensor& payload, std::vector<EpRow>& rows,
+                         int64_t& bytes);
+  // The payload alone along the plan's rows (the backward's dout: the metadata arrived in the forward).
+  Tensor send_direct(Backend& be, const EpPlan& plan, const Tensor& payload, int64_t& bytes);
+  void combine_direct(Backend& be, const EpPlan& plan, const std::vector<EpRow>& rows, const Tensor& partial,
+                      const std::vector<std::vector<float>>* row_vals, Tensor& out, std::vector<float>* vals,
+                      int64_t& bytes);
 
   Communicator& c_;
   ModelDims d_;

@@ -30,6 +30,7 @@ struct Result {
   std::unique_ptr<Grads> gref;
   std::vector<std::unique_ptr<Grads>> g;  // per rank
   std::vector<EpStats> stats;
+  std::vector<CountingCommunicator::Counts> calls_fwd, calls_bwd;  // per rank, one forward / backward
   std::vector<std::vector<EpRow>> rows;
   std::vector<Tensor> xin;
   Tensor x;
@@ -57,16 +58,22 @@ Result run_case(const Case& cs) {
   res.out = Tensor::zeros(DType::F32, {T, H});
   res.dx = Tensor::zeros(DType::F32, {T, H});
   res.stats.resize(size_t(cs.P));
+  res.calls_fwd.resize(size_t(cs.P));
+  res.calls_bwd.resize(size_t(cs.P));
   res.rows.resize(size_t(cs.P));
   res.xin.resize(size_t(cs.P));
   for (int r = 0; r < cs.P; ++r) res.g.push_back(std::make_unique<Grads>(cs.cfg));
   auto world = make_thread_world(cs.P, cs.rpn);
-  run_ranks(world, [&](int r, Communicator& c) {
+  run_ranks(world, [&](int r, Communicator& inner) {
+    CountingCommunicator c(inner);
     ExpertParallelMoe ep(c, d, cs.opt);
     EpMoeActs a;
     ep.forward(be, p, res.x.rows(r * N, (r + 1) * N), a);
+    res.calls_fwd[size_t(r)] = c.counts();
+    c.reset_counts();
     Tensor dx = be.alloc(DType::F32, {N, H});
     ep.backward(be, p, res.g[size_t(r)]->p.layers[1].moe, a, dout.rows(r * N, (r + 1) * N), Tensor(), dx, false);
+    res.calls_bwd[size_t(r)] = c.counts();
     std::copy(a.local.out.data<float>(), a.local.out.data<float>() + N * H, res.out.data<float>() + r * N * H);
     std::copy(dx.data<float>(), dx.data<float>() + N * H, res.dx.data<float>() + r * N * H);
     res.stats[size_t(r)] = ep.stats();
@@ -163,13 +170,23 @@ TEST(ExpertParallel, DirectPathEqualsHostRows) {
         EXPECT_EQ(direct.rows[size_t(r)][i].experts, rows.rows[size_t(r)][i].experts);
       }
       EXPECT_TRUE(same_bits(direct.xin[size_t(r)], rows.xin[size_t(r)]));
-      // Same bytes, except that the forward combine sends no metadata on the direct path.
-      int64_t back = 0;
-      for (const EpRow& m : rows.rows[size_t(r)]) back += m.src != r;
+      // The same payload bytes (hidden states, partial sums, dout, input gradients); the direct path
+      // leaves out the metadata the receiver already has: in the forward combine, and in the
+      // backward's dispatch and combine, where only the gate-weight gradients (4 bytes per pick of
+      // a returned row) travel besides the payload.
+      int64_t back = 0, back_picks = 0, sent = 0;  // rows returned to other ranks, their picks; rows sent to others
+      for (const EpRow& m : rows.rows[size_t(r)]) {
+        if (m.src == r) continue;
+        ++back;
+        back_picks += int64_t(m.experts.size());
+      }
+      for (int q = 0; q < ranks; ++q)
+        for (const EpRow& m : rows.rows[size_t(q)]) sent += q != r && m.src == r;
       const int64_t meta = 8 + 8 * cs.cfg.num_experts_per_tok;
       EXPECT_EQ(direct.stats[size_t(r)].dispatch_bytes, rows.stats[size_t(r)].dispatch_bytes);
       EXPECT_EQ(direct.stats[size_t(r)].combine_bytes, rows.stats[size_t(r)].combine_bytes - back * meta);
-      EXPECT_EQ(direct.stats[size_t(r)].backward_bytes, rows.stats[size_t(r)].backward_bytes);
+      EXPECT_EQ(direct.stats[size_t(r)].backward_bytes,
+                rows.stats[size_t(r)].backward_bytes - (sent + back) * meta + 4 * back_picks);
     }
     check_grads(cs, rows);
     // The direct path's gradients are the host-row path's, bit for bit (router gate and experts).
@@ -183,6 +200,33 @@ TEST(ExpertParallel, DirectPathEqualsHostRows) {
         EXPECT_TRUE(same_bits(gd.experts[e].down_proj.w, gr.experts[e].down_proj.w)) << "rank " << r << " expert " << e;
       }
     }
+  }
+}
+
+// Per rank and layer step: one routing plan (one host copy of the router's ids and weights), and
+// only the exchanges that carry something new. Direct path: forward = counts, metadata rows,
+// hidden states, partial sums; backward = dout, input gradients, gate-weight gradients (the counts
+// and metadata are the forward's). FP8 dispatch: the forward's rows carry counts and metadata with
+// the payload, its combine and backward are direct. Host rows: every exchange sends its counts first.
+TEST(ExpertParallel, OnePlanAndNoRepeatedExchangesPerLayerStep) {
+  struct Want {
+    bool host_rows, fp8;
+    int64_t fwd, bwd;
+  };
+  for (const Want& w : {Want{false, false, 4, 3}, Want{false, true, 3, 3}, Want{true, false, 4, 4}}) {
+    Case cs{test::tiny_moe_config(8, 3), 4, 0, 6, {}, {}};
+    cs.opt.host_rows = w.host_rows;
+    cs.opt.fp8_dispatch = w.fp8;
+    Result res = run_case(cs);
+    for (int r = 0; r < 4; ++r) {
+      const std::string what = cat("host_rows ", w.host_rows, " fp8 ", w.fp8, " rank ", r);
+      EXPECT_EQ(res.stats[size_t(r)].plans, 1) << what;
+      EXPECT_EQ(res.calls_fwd[size_t(r)].all_to_all_v, w.fwd) << what;
+      EXPECT_EQ(res.calls_bwd[size_t(r)].all_to_all_v, w.bwd) << what;
+      EXPECT_EQ(res.calls_fwd[size_t(r)].total(), w.fwd) << what;
+      EXPECT_EQ(res.calls_bwd[size_t(r)].total(), w.bwd) << what;
+    }
+    if (!w.fp8) check_grads(cs, res);
   }
 }
 
