@@ -31,6 +31,8 @@ GradientAllReduce::GradientAllReduce(Communicator& c, std::vector<Tensor> grads,
     }
   }
   if (!cur.empty()) buckets_.push_back(std::move(cur));
+  if (on_gpu) dev_ = &backend_named("cuda");
+  if (c_.size() == 1) return;  // nothing to exchange: run() only scales, in place
   const int64_t len = std::min(cap, std::max<int64_t>(total_, 1));
   if (!on_gpu) {
     buf_.resize(size_t(len));
@@ -39,7 +41,6 @@ GradientAllReduce::GradientAllReduce(Communicator& c, std::vector<Tensor> grads,
   if (!c_.device_buffers())
     internal_error("GradientAllReduce: GPU gradients need a communicator that takes device buffers (NCCL), got ",
                    c_.name());
-  dev_ = &backend_named("cuda");
   const int64_t chunk = (len + c_.size() - 1) / c_.size();
   pack_ = dev_->alloc(DType::F32, {int64_t(c_.size()) * chunk});
   parts_ = dev_->alloc(DType::F32, {int64_t(c_.size()) * chunk});
@@ -80,6 +81,21 @@ void GradientAllReduce::run_device(float scale) {
 }
 
 void GradientAllReduce::run(float scale) {
+  // One rank: the sum is the gradient itself. No packing, no collective (on the GPU each bucket
+  // would cost two synchronizing NCCL calls); s·g in place is what the reduction's last step
+  // writes, bit for bit.
+  if (c_.size() == 1) {
+    if (scale == 1.0f) return;
+    for (const Tensor& g : grads_) {
+      if (dev_) {
+        dev_->scale(ScaleArgs{g, g, scale});
+      } else {
+        float* p = const_cast<float*>(g.data<float>());
+        for (int64_t i = 0; i < g.numel(); ++i) p[i] = p[i] * scale;
+      }
+    }
+    return;
+  }
   if (dev_) return run_device(scale);
   for (const auto& bucket : buckets_) {
     int64_t n = 0;

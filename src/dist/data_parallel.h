@@ -18,8 +18,9 @@ namespace dsv3 {
 class GradientAllReduce {
  public:
   // grads: F32 tensors, reduced in this order, all on the host or all on the GPU (which needs a
-  // communicator that takes device buffers). bucket_bytes: ≥ 4 (one float), or 0 for the default of
-  // the gradients' device (8 MiB on the host, 64 MiB on GPUs).
+  // communicator that takes device buffers, unless it has one rank: then nothing is exchanged and
+  // run only scales). bucket_bytes: ≥ 4 (one float), or 0 for the default of the gradients'
+  // device (8 MiB on the host, 64 MiB on GPUs).
   GradientAllReduce(Communicator& c, std::vector<Tensor> grads, int64_t bucket_bytes = 0);
   // g ← scale · Σ_ranks g for every tensor (scale = 1/size for the mean over the global batch
   // when each rank's loss is the mean over its own equal share).

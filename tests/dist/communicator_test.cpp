@@ -125,6 +125,29 @@ TEST(DataParallel, BucketedReduceEqualsOneAllReduceBitwise) {
     }
 }
 
+// One rank: the sum is the gradient itself, so no collective runs, only the scale (bitwise s·g).
+// (The host path's all-reduce already returned early; nccl_test.cpp checks the GPU path.)
+TEST(DataParallel, OneRankMakesNoCollectiveCalls) {
+  auto local = make_local_communicator();
+  CountingCommunicator c(*local);
+  std::vector<Tensor> g;
+  for (int64_t n : {5, 40}) {
+    Tensor t = Tensor::empty(DType::F32, {n});
+    const std::vector<float> v = rank_data(int(n), size_t(n));
+    std::copy(v.begin(), v.end(), t.data<float>());
+    g.push_back(t);
+  }
+  std::vector<Tensor> before;
+  for (const Tensor& t : g) before.push_back(t.clone());
+  GradientAllReduce red(c, g, 7 * 4);
+  EXPECT_EQ(red.buckets(), 7);
+  red.run(0.25f);
+  red.run(1.0f);
+  EXPECT_EQ(c.counts().total(), 0);
+  for (size_t i = 0; i < g.size(); ++i)
+    for (int64_t k = 0; k < g[i].numel(); ++k) ASSERT_EQ(g[i].data<float>()[k], 0.25f * before[i].data<float>()[k]);
+}
+
 TEST(DataParallel, LoadsAndShares) {
   auto world = make_thread_world(2);
   run_ranks(world, [&](int r, Communicator& c) {

@@ -133,9 +133,14 @@ TEST(Nccl, DeviceGradientAllReduceEqualsHostFormula) {
     dev.push_back(be.to_device(h));
     want.push_back(w);
   }
-  GradientAllReduce ar(*c, dev, 4 * 300);
+  CountingCommunicator counted(*c);
+  GradientAllReduce ar(counted, dev, 4 * 300);
   EXPECT_GT(ar.buckets(), 2);
   ar.run(0.25f);
+  // One rank exchanges nothing (only the scale runs); several: an all-to-all and an all-gather per bucket.
+  EXPECT_EQ(counted.counts().all_to_all_v, P == 1 ? 0 : ar.buckets());
+  EXPECT_EQ(counted.counts().all_gather, P == 1 ? 0 : ar.buckets());
+  EXPECT_EQ(counted.counts().total(), P == 1 ? 0 : 2 * ar.buckets());
   for (size_t t = 0; t < dev.size(); ++t) {
     const Tensor got = be.to_host(dev[t]);
     for (int64_t i = 0; i < got.numel(); ++i)
