@@ -96,7 +96,7 @@ Tensor host_f32(Backend& be, const Tensor& t) { return be.to_host(t); }
 
 // Picks [b, e) of the plan's flat pick arrays.
 template <class T>
-std::span<const T> picks(const std::vector<T>& v, int64_t b, int64_t e) {
+std::span<const T> pick_span(const std::vector<T>& v, int64_t b, int64_t e) {
   return std::span<const T>(v).subspan(size_t(b), size_t(e - b));
 }
 
@@ -196,8 +196,8 @@ Tensor ExpertParallelMoe::dispatch_direct(Backend& be, EpPlan& plan, const Tenso
   for (int j = 0, i = 0; j < P; ++j)
     for (int64_t n = 0; n < plan.send_rows[size_t(j)]; ++n, ++i) {
       const int64_t b = plan.pick_begin[size_t(i)], e = plan.pick_begin[size_t(i) + 1];
-      put_meta(out.add(j, meta), meta, me, plan.send_tok[size_t(i)], picks(plan.pick_expert, b, e),
-               picks(plan.pick_weight, b, e));
+      put_meta(out.add(j, meta), meta, me, plan.send_tok[size_t(i)], pick_span(plan.pick_expert, b, e),
+               pick_span(plan.pick_weight, b, e));
     }
   const std::vector<char> got = exchange(c_, out, meta, plan.recv_rows, bytes, stats_);
   const int64_t R = int64_t(got.size()) / meta.bytes();
@@ -313,7 +313,8 @@ Tensor ExpertParallelMoe::dispatch_rows(Backend& be, const EpPlan& plan, const T
     for (int64_t n = 0; n < plan.send_rows[size_t(j)]; ++n, ++i) {
       const int64_t b = plan.pick_begin[size_t(i)], e = plan.pick_begin[size_t(i) + 1];
       char* row = out.add(j, l);
-      put_meta(row, l, me, plan.send_tok[size_t(i)], picks(plan.pick_expert, b, e), picks(plan.pick_weight, b, e));
+      put_meta(row, l, me, plan.send_tok[size_t(i)], pick_span(plan.pick_expert, b, e),
+               pick_span(plan.pick_weight, b, e));
       put_payload(row, plan.send_tok[size_t(i)]);
     }
   std::vector<int64_t> from;
