@@ -110,7 +110,6 @@ class ExpertParallelMoe {
   void reset_stats() { stats_ = {}; }
 
  private:
-  struct Wire;
   void route(Backend& be, const MoeParams& p, const Tensor& x, MoeActs& a);
   // The plan's host side from the router's ids and weights (one host copy of each), and send_tok_t.
   void make_plan(Backend& be, const MoeActs& a, EpPlan& plan);
