@@ -458,7 +458,10 @@ void ExpertParallelMoe::forward(Backend& be, const MoeParams& p, const Tensor& x
   } else {
     a.xin = dispatch_rows(be, a.plan, x, o_.fp8_dispatch, a.rows, bytes);
     a.plan.recv_rows.assign(size_t(c_.size()), 0);
-    for (const EpRow& m : a.rows) ++a.plan.recv_rows[size_t(m.src)];
+    for (const EpRow& m : a.rows) {
+      if (m.src < 0 || m.src >= c_.size()) throw CommError(cat("MoE dispatch: a row from rank ", m.src));
+      ++a.plan.recv_rows[size_t(m.src)];
+    }
   }
   stats_.dispatch_bytes += bytes;
   const int64_t R = int64_t(a.rows.size());
