@@ -234,9 +234,12 @@ Run measure(CudaBackend& be, const ModelConfig& cfg, const Weights& host, const 
     auto t3 = now();
     opt.step(1e-4, l.total, 1.0);
     auto t4 = now();
-    if (compute)
+    if (compute) {
+      std::vector<CopyArgs> copies;
       for (Param& p : compute->params())
-        if (p.spec.kind != TensorKind::router_bias) be.copy(CopyArgs{master.get(p.spec.name).w, p.w});
+        if (p.spec.kind != TensorKind::router_bias) copies.push_back(CopyArgs{master.get(p.spec.name).w, p.w});
+      be.copy_many(copies);
+    }
     auto t5 = now();
     r.loss = l.total;
     if (phases) {

@@ -230,12 +230,13 @@ Grads::Grads(const ModelConfig& c, Backend* on) : be(on) {
 }
 
 void Grads::zero() {
-  for (Param& q : w.params()) {
-    if (be)
-      be->fill(FillArgs{q.w, 0.0f});
-    else
-      std::fill_n(q.w.data<float>(), q.w.numel(), 0.0f);
+  if (be) {
+    std::vector<FillArgs> f;
+    for (Param& q : w.params()) f.push_back(FillArgs{q.w, 0.0f});
+    be->fill_many(f);
+    return;
   }
+  for (Param& q : w.params()) std::fill_n(q.w.data<float>(), q.w.numel(), 0.0f);
 }
 
 void Model::backward(const BackwardInput& in, Grads& g) {

@@ -85,9 +85,9 @@ double AdamW::grad_norm(double grad_scale) const {
   double total = 0.0;
   if (backend_) {
     Tensor acc = backend_->alloc(DType::F32, Shape{1});
-    backend_->fill(FillArgs{acc, 0.0f});
-    for (size_t i = 0; i < params_.size(); ++i)
-      backend_->sum_squares(SumSquaresArgs{params_[i].grad, acc, i > 0});
+    std::vector<Tensor> grads;
+    for (const ParamSlot& p : params_) grads.push_back(p.grad);
+    backend_->sum_squares_many(grads, acc, false);
     total = double(backend_->to_host(acc).data<float>()[0]);
   } else {
     for (const ParamSlot& p : params_) total += sum_squares_plain(p.grad);
@@ -96,12 +96,13 @@ double AdamW::grad_norm(double grad_scale) const {
 }
 
 void AdamW::zero_grads() {
-  for (ParamSlot& p : params_) {
-    if (backend_)
-      backend_->fill(FillArgs{p.grad, 0.0f});
-    else
-      p.grad.fill(0.0f);
+  if (backend_) {
+    std::vector<FillArgs> f;
+    for (ParamSlot& p : params_) f.push_back(FillArgs{p.grad, 0.0f});
+    backend_->fill_many(f);
+    return;
   }
+  for (ParamSlot& p : params_) p.grad.fill(0.0f);
 }
 
 void AdamW::update_plain(ParamSlot& p, Tensor& m, Tensor& v, double lr, double wd,
@@ -155,26 +156,33 @@ StepReport AdamW::step(double lr, double loss, double grad_scale) {
   // tensors go to threads instead (the backend's own region then runs in one thread). The update is
   // elementwise: which thread does a tensor never changes a bit.
   const bool cpu_tensors = backend_ && backend_->device() == Device::CPU;
-#pragma omp parallel for schedule(dynamic, 1) if (cpu_tensors && params_.size() > 1)
-  for (size_t i = 0; i < params_.size(); ++i) {
+  auto args = [&](size_t i) {
     ParamSlot& p = params_[i];
-    const double wd = p.decay ? cfg_.weight_decay : 0.0;
-    if (backend_) {
-      AdamWArgs a;
-      a.param = p.param;
-      a.grad = p.grad;
-      a.m = m_[i];
-      a.v = v_[i];
-      a.lr = float(lr);
-      a.beta1 = float(cfg_.beta1);
-      a.beta2 = float(cfg_.beta2);
-      a.eps = float(cfg_.eps);
-      a.weight_decay = float(wd);
-      a.grad_scale = float(gscale);
-      a.step = t;
-      backend_->adamw(a);
-    } else {
-      update_plain(p, m_[i], v_[i], lr, wd, gscale, t);
+    AdamWArgs a;
+    a.param = p.param;
+    a.grad = p.grad;
+    a.m = m_[i];
+    a.v = v_[i];
+    a.lr = float(lr);
+    a.beta1 = float(cfg_.beta1);
+    a.beta2 = float(cfg_.beta2);
+    a.eps = float(cfg_.eps);
+    a.weight_decay = float(p.decay ? cfg_.weight_decay : 0.0);
+    a.grad_scale = float(gscale);
+    a.step = t;
+    return a;
+  };
+  if (backend_ && !cpu_tensors) {  // one call for all tensors (one launch on a GPU)
+    std::vector<AdamWArgs> all;
+    for (size_t i = 0; i < params_.size(); ++i) all.push_back(args(i));
+    backend_->adamw_many(all);
+  } else {
+#pragma omp parallel for schedule(dynamic, 1) if (cpu_tensors && params_.size() > 1)
+    for (size_t i = 0; i < params_.size(); ++i) {
+      if (backend_)
+        backend_->adamw(args(i));
+      else
+        update_plain(params_[i], m_[i], v_[i], lr, params_[i].decay ? cfg_.weight_decay : 0.0, gscale, t);
     }
   }
   updates_ = t;

@@ -186,13 +186,11 @@ struct Trainer::Impl {
   // After an update: refresh the BF16 copies the GEMMs read.
   void refresh_compute() {
     if (!compute) return;
-    for (Param& p : compute->params()) {
-      if (p.spec.kind == TensorKind::router_bias) continue;  // shares the master tensor
-      CopyArgs c;
-      c.src = master.get(p.spec.name).w;
-      c.dst = p.w;
-      be->copy(c);
-    }
+    std::vector<CopyArgs> copies;
+    for (Param& p : compute->params())
+      if (p.spec.kind != TensorKind::router_bias)  // shares the master tensor
+        copies.push_back(CopyArgs{master.get(p.spec.name).w, p.w});
+    be->copy_many(copies);
   }
 };
 

@@ -368,4 +368,62 @@ std::vector<Output> adamw_case(Backend& b, Guards& g, uint64_t seed, DType momen
 OP_CASE(adamw_f32_moments) { return adamw_case(b, g, seed, DType::F32); }
 OP_CASE(adamw_bf16_moments) { return adamw_case(b, g, seed, DType::BF16); }
 
+// The multi-tensor ops against the single ones on the same backend (bit for bit) and against the
+// double reference: tensors of several sizes (one spans two of the CUDA kernel's 8,192-element
+// chunks, one is empty), mixed moment dtypes and weight decays.
+OP_CASE(adamw_many_equals_adamw) {
+  const int64_t sizes[] = {33, 9000, 0, 700};
+  const DType mt[] = {DType::F32, DType::BF16, DType::F32, DType::BF16};
+  std::vector<AdamWArgs> many, one;
+  std::vector<Output> outs;
+  for (int j = 0; j < 4; ++j) {
+    const int64_t n = sizes[j];
+    Tensor p0 = randn({n}, seed, 10 + uint64_t(j)), gr = up(b, randn({n}, seed, 20 + uint64_t(j)));
+    Tensor m0 = randn({n}, seed, 30 + uint64_t(j), 0.1f, mt[j]), v0 = Tensor::zeros(mt[j], {n});
+    AdamWArgs a{g.init(p0), gr, g.init(m0), g.init(v0), 1e-2f, 0.9f, 0.95f, 1e-8f, j % 2 ? 0.1f : 0.0f, 0.5f, 2};
+    many.push_back(a);
+    a.param = g.init(p0);
+    a.m = g.init(m0);
+    a.v = g.init(v0);
+    one.push_back(a);
+  }
+  b.adamw_many(many);
+  for (const AdamWArgs& a : one) b.adamw(a);
+  for (int j = 0; j < 4; ++j) {
+    const std::string k = std::to_string(j);
+    outs.push_back({"param" + k, down(b, many[size_t(j)].param), to_vec(down(b, one[size_t(j)].param)), 0.0});
+    outs.push_back({"m" + k, down(b, many[size_t(j)].m), to_vec(down(b, one[size_t(j)].m)), 0.0});
+    outs.push_back({"v" + k, down(b, many[size_t(j)].v), to_vec(down(b, one[size_t(j)].v)), 0.0});
+  }
+  return outs;
+}
+
+OP_CASE(fill_many_copy_many_sum_squares_many) {
+  Tensor a = g.out(DType::F32, {9000}), c = g.out(DType::BF16, {5}), e = g.out(DType::F32, {0});
+  const FillArgs fills[] = {{a, 1.5f}, {c, -0.3f}, {e, 2.0f}};
+  b.fill_many(fills);
+  Tensor xs = randn({8193}, seed, 1), ys = randn({40}, seed, 2, 1.0f, DType::BF16);
+  Tensor xb = g.out(DType::BF16, {8193}), yf = g.out(DType::F32, {40});
+  const CopyArgs copies[] = {{up(b, xs), xb}, {up(b, ys), yf}};
+  b.copy_many(copies);
+  Vec xr = to_vec(xs.to(DType::BF16));
+  Tensor s1 = randn({70000}, seed, 3), s2 = randn({5}, seed, 4), s3 = randn({20000}, seed, 5);
+  const Tensor sq[] = {up(b, s1), up(b, s2), up(b, s3)};
+  Tensor sum = g.init(host_f32({1}, {2.0}));
+  b.sum_squares_many(sq, sum, true);
+  double want = 2.0;
+  for (const Tensor& t : {s1, s2, s3}) {
+    Vec v = to_vec(t);
+    want += dot(v, v);
+  }
+  Tensor none = g.out(DType::F32, {1});
+  b.sum_squares_many({}, none, false);
+  return {{"fill_f32", down(b, a), Vec(9000, 1.5), 0.0},
+          {"fill_bf16", down(b, c), Vec(5, double(bf16_to_float(float_to_bf16(-0.3f)))), 0.0},
+          {"copy_to_bf16", down(b, xb), xr, 0.0},
+          {"copy_to_f32", down(b, yf), to_vec(ys), 0.0},
+          {"sum_squares", down(b, sum), {want}, tol::kF32},
+          {"sum_squares_none", down(b, none), {0.0}, 0.0}};
+}
+
 }  // namespace dsv3::test

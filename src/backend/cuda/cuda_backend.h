@@ -50,6 +50,10 @@ class CudaBackend final : public Backend {
   void copy_cols(const CopyColsArgs&) override;
   void sum_squares(const SumSquaresArgs&) override;
   void adamw(const AdamWArgs&) override;
+  void adamw_many(std::span<const AdamWArgs>) override;
+  void fill_many(std::span<const FillArgs>) override;
+  void copy_many(std::span<const CopyArgs>) override;
+  void sum_squares_many(std::span<const Tensor> xs, const Tensor& out, bool accumulate) override;
 };
 
 // The process-wide CUDA backend (registers the CUDA allocator with core on first use).

@@ -1,4 +1,5 @@
-// Elementwise ops, copies and conversions, column-block copies, the sum of squares and AdamW.
+// Elementwise ops, copies and conversions, column-block copies and the sum of squares (AdamW and the
+// multi-tensor ops are in multi_tensor.cu).
 #include <cmath>
 
 #include "backend/cuda/common.cuh"
@@ -58,23 +59,6 @@ __global__ void sumsq_final(const double* part, int64_t np, float* out, bool acc
   for (int64_t i = threadIdx.x; i < np; i += blockDim.x) s += part[i];
   s = block_sum(s);
   if (threadIdx.x == 0) out[0] = acc ? float(double(out[0]) + s) : float(s);
-}
-__global__ void adamw_kernel(float* p, const float* g, void* m, bool mb, void* v, bool vb, int64_t n, float b1,
-                             float b2, float eps, float gs, float decay, float step_size, float bc2_sqrt) {
-  GRID_LOOP(i, n) {
-    float gi = g[i] * gs;
-    float mi = mb ? __bfloat162float(static_cast<__nv_bfloat16*>(m)[i]) : static_cast<float*>(m)[i];
-    float vi = vb ? __bfloat162float(static_cast<__nv_bfloat16*>(v)[i]) : static_cast<float*>(v)[i];
-    mi = b1 * mi + (1.0f - b1) * gi;
-    vi = b2 * vi + (1.0f - b2) * gi * gi;
-    float pi = p[i] * decay;
-    pi -= step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
-    p[i] = pi;
-    if (mb) static_cast<__nv_bfloat16*>(m)[i] = __float2bfloat16_rn(mi);
-    else static_cast<float*>(m)[i] = mi;
-    if (vb) static_cast<__nv_bfloat16*>(v)[i] = __float2bfloat16_rn(vi);
-    else static_cast<float*>(v)[i] = vi;
-  }
 }
 __global__ void swiglu_kernel(const float* g, const float* u, float* o, int64_t n) {
   GRID_LOOP(i, n) {
@@ -152,18 +136,6 @@ void CudaBackend::sum_squares(const SumSquaresArgs& a) {
   sumsq_partial<<<unsigned(nc), 256>>>(ptr<float>(a.x), n, kChunk, part.as<double>());
   sumsq_final<<<1, 256>>>(part.as<double>(), nc, ptr<float>(a.out), a.accumulate);
   check_launch("sum_squares");
-}
-void CudaBackend::adamw(const AdamWArgs& a) {
-  validate(a);
-  int64_t n = a.param.numel();
-  if (n == 0) return;
-  const double bc1 = 1.0 - std::pow(double(a.beta1), double(a.step));
-  const double bc2 = 1.0 - std::pow(double(a.beta2), double(a.step));
-  adamw_kernel<<<grid(n), 256>>>(ptr<float>(a.param), ptr<float>(a.grad), ptr<void>(a.m), a.m.dtype() == DType::BF16,
-                                 ptr<void>(a.v), a.v.dtype() == DType::BF16, n, a.beta1, a.beta2, a.eps,
-                                 a.grad_scale, 1.0f - a.lr * a.weight_decay, float(double(a.lr) / bc1),
-                                 float(std::sqrt(bc2)));
-  check_launch("adamw");
 }
 void CudaBackend::swiglu(const SwigluArgs& a) {
   validate(a);

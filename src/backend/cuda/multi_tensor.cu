@@ -1,0 +1,178 @@
+// The optimizer's per-parameter ops over many tensors (ops.h *_many) in one launch each: a table of
+// tensors is walked in fixed chunks, a chunk's tensor found by binary search over the chunks' starts.
+// One launch per tensor cost more than the work at bench-0.7b (~1,200 parameter tensors, four ops
+// per step). The single AdamW goes through the same kernel, so both compute every element alike.
+#include <cmath>
+#include <vector>
+
+#include "backend/cuda/common.cuh"
+
+namespace dsv3 {
+using namespace cuda;
+
+namespace {
+
+constexpr int64_t kChunk = 8192;
+
+struct AdamwItem {
+  float* p;
+  const float* g;
+  void* m;
+  void* v;
+  int64_t n, first;
+  float b1, b2, eps, gs, decay, step_size, bc2_sqrt;
+  bool mb, vb;
+  __device__ void apply(int64_t i) const {
+    float gi = g[i] * gs;
+    float mi = mb ? __bfloat162float(static_cast<__nv_bfloat16*>(m)[i]) : static_cast<float*>(m)[i];
+    float vi = vb ? __bfloat162float(static_cast<__nv_bfloat16*>(v)[i]) : static_cast<float*>(v)[i];
+    mi = b1 * mi + (1.0f - b1) * gi;
+    vi = b2 * vi + (1.0f - b2) * gi * gi;
+    float pi = p[i] * decay;
+    pi -= step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
+    p[i] = pi;
+    if (mb) static_cast<__nv_bfloat16*>(m)[i] = __float2bfloat16_rn(mi);
+    else static_cast<float*>(m)[i] = mi;
+    if (vb) static_cast<__nv_bfloat16*>(v)[i] = __float2bfloat16_rn(vi);
+    else static_cast<float*>(v)[i] = vi;
+  }
+};
+
+struct FillItem {
+  void* x;
+  DType t;
+  float value;
+  int64_t n, first;
+  __device__ void apply(int64_t i) const { store_f(x, t, i, value); }
+};
+
+struct CopyItem {
+  const void* s;
+  void* d;
+  DType st, dt;
+  int64_t n, first;
+  __device__ void apply(int64_t i) const { store_f(d, dt, i, load_f(s, st, i)); }
+};
+
+struct SumsqItem {
+  const float* x;
+  int64_t n, first;
+};
+
+// The item whose chunks include chunk c (items sorted by first chunk).
+template <class Item> __device__ const Item& item_of(const Item* items, int count, int64_t c) {
+  int lo = 0, hi = count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (items[mid].first <= c) lo = mid;
+    else hi = mid - 1;
+  }
+  return items[lo];
+}
+
+template <class Item> __global__ void for_each_kernel(const Item* items, int count, int64_t chunks) {
+  for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
+    const Item& it = item_of(items, count, c);
+    const int64_t b = (c - it.first) * kChunk, e = b + kChunk < it.n ? b + kChunk : it.n;
+    for (int64_t i = b + threadIdx.x; i < e; i += blockDim.x) it.apply(i);
+  }
+}
+
+__global__ void sumsq_chunks_kernel(const SumsqItem* items, int count, int64_t chunks, double* part) {
+  for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
+    const SumsqItem& it = item_of(items, count, c);
+    const int64_t b = (c - it.first) * kChunk, e = b + kChunk < it.n ? b + kChunk : it.n;
+    double s = 0.0;
+    for (int64_t i = b + threadIdx.x; i < e; i += blockDim.x) s += double(it.x[i]) * double(it.x[i]);
+    s = block_sum(s);
+    if (threadIdx.x == 0) part[c] = s;
+  }
+}
+// The chunks' partial sums in chunk order (deterministic), rounded once.
+__global__ void sumsq_total_kernel(const double* part, int64_t chunks, float* out, bool acc) {
+  double s = 0.0;
+  for (int64_t i = threadIdx.x; i < chunks; i += blockDim.x) s += part[i];
+  s = block_sum(s);
+  if (threadIdx.x == 0) out[0] = acc ? float(double(out[0]) + s) : float(s);
+}
+
+// Numbers the items' chunks (dropping empty tensors), uploads the table and returns the chunk count.
+template <class Item> int64_t upload(std::vector<Item>& items, Scratch& table) {
+  std::erase_if(items, [](const Item& it) { return it.n == 0; });
+  int64_t chunks = 0;
+  for (Item& it : items) {
+    it.first = chunks;
+    chunks += (it.n + kChunk - 1) / kChunk;
+  }
+  if (chunks)  // pageable source: staged before the call returns, so `items` may go
+    DSV3_CUDA_CHECK(cudaMemcpyAsync(table.as<void>(), items.data(), items.size() * sizeof(Item),
+                                    cudaMemcpyHostToDevice, 0));
+  return chunks;
+}
+
+unsigned grid_for(int64_t chunks) { return unsigned(std::min<int64_t>(chunks, int64_t(sm_count()) * 8)); }
+
+template <class Item> void run(std::vector<Item>& items, const char* op) {
+  Scratch table(std::max<size_t>(1, items.size() * sizeof(Item)));
+  const int64_t chunks = upload(items, table);
+  if (chunks == 0) return;
+  for_each_kernel<Item><<<grid_for(chunks), 256>>>(table.as<Item>(), int(items.size()), chunks);
+  check_launch(op);
+}
+
+}  // namespace
+
+void CudaBackend::adamw(const AdamWArgs& a) { adamw_many(std::span<const AdamWArgs>(&a, 1)); }
+
+void CudaBackend::adamw_many(std::span<const AdamWArgs> args) {
+  std::vector<AdamwItem> items;
+  items.reserve(args.size());
+  for (const AdamWArgs& a : args) {
+    validate(a);
+    const double bc1 = 1.0 - std::pow(double(a.beta1), double(a.step));
+    const double bc2 = 1.0 - std::pow(double(a.beta2), double(a.step));
+    items.push_back({ptr<float>(a.param), a.grad.data<float>(), ptr<void>(a.m), ptr<void>(a.v), a.param.numel(), 0,
+                     a.beta1, a.beta2, a.eps, a.grad_scale, 1.0f - a.lr * a.weight_decay, float(double(a.lr) / bc1),
+                     float(std::sqrt(bc2)), a.m.dtype() == DType::BF16, a.v.dtype() == DType::BF16});
+  }
+  run(items, "adamw");
+}
+
+void CudaBackend::fill_many(std::span<const FillArgs> args) {
+  std::vector<FillItem> items;
+  for (const FillArgs& a : args) {
+    validate(a);
+    if (a.x.dtype() == DType::I32) fill(a);  // not a float store
+    else items.push_back({ptr<void>(a.x), a.x.dtype(), a.value, a.x.numel(), 0});
+  }
+  run(items, "fill_many");
+}
+
+void CudaBackend::copy_many(std::span<const CopyArgs> args) {
+  std::vector<CopyItem> items;
+  for (const CopyArgs& a : args) {
+    validate(a);
+    if (a.src.dtype() == DType::I32 || a.dst.dtype() == DType::I32) copy(a);
+    else if (a.src.raw() != a.dst.raw() || a.src.dtype() != a.dst.dtype())
+      items.push_back({a.src.raw(), ptr<void>(a.dst), a.src.dtype(), a.dst.dtype(), a.src.numel(), 0});
+  }
+  run(items, "copy_many");
+}
+
+void CudaBackend::sum_squares_many(std::span<const Tensor> xs, const Tensor& out, bool accumulate) {
+  std::vector<SumsqItem> items;
+  for (const Tensor& x : xs) {
+    validate(SumSquaresArgs{x, out, accumulate});
+    items.push_back({x.data<float>(), x.numel(), 0});
+  }
+  Scratch table(std::max<size_t>(1, items.size() * sizeof(SumsqItem)));
+  const int64_t chunks = upload(items, table);
+  Scratch part(size_t(std::max<int64_t>(chunks, 1)) * sizeof(double));
+  if (chunks)
+    sumsq_chunks_kernel<<<grid_for(chunks), 256>>>(table.as<SumsqItem>(), int(items.size()), chunks,
+                                                   part.as<double>());
+  sumsq_total_kernel<<<1, 256>>>(part.as<double>(), chunks, ptr<float>(out), accumulate);
+  check_launch("sum_squares_many");
+}
+
+}  // namespace dsv3
