@@ -150,6 +150,9 @@ void check_range(const int32_t* p, int64_t n, int64_t lo, int64_t hi, std::funct
 // Raises the first failed queued check, if any (one blocking copy when checks are queued).
 void raise_range_errors();
 
+// y[0..n) = x rounded to BF16 (nearest even), vectorised when x is 16- and y 8-byte aligned.
+void f32_to_bf16(const float* x, int64_t n, __nv_bfloat16* y);
+
 // Stable sort of keys k[0..n) in [0, nkeys): order[r] = index of the r-th element, and
 // offsets[0..nkeys] the start of each key's run (device arrays owned by the caller). Keys outside
 // [0, nkeys) are counted in no run.
