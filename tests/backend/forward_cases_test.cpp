@@ -331,6 +331,34 @@ OP_CASE(copy_cols_concat_broadcast_reduce) {
           {"reduce", down(b, red), want_r, tol::kF32}};
 }
 
+// Column offsets, widths and row lengths all multiples of 4 (CUDA's float4 path): concat at column
+// 8, a broadcast over 3 heads at column 4, and its reduction back with accumulate.
+OP_CASE(copy_cols_four_aligned) {
+  Tensor a = randn({6, 16}, seed, 1), d0 = randn({6, 24}, seed, 2);
+  Tensor c = g.init(d0);
+  b.copy_cols({up(b, a), 4, c, 8, 12, false});
+  Vec want_c = to_vec(d0), av = to_vec(a);
+  for (int r = 0; r < 6; ++r)
+    for (int j = 0; j < 12; ++j) want_c[size_t(r * 24 + 8 + j)] = av[size_t(r * 16 + 4 + j)];
+  Tensor kpe = randn({2, 1, 8}, seed, 3);
+  Tensor bc = g.out(DType::F32, {2, 3, 16});
+  b.fill({bc, 0.0f});
+  b.copy_cols({up(b, kpe), 0, bc, 4, 8, false});
+  Vec kv = to_vec(kpe), want_b(96, 0.0);
+  for (int t = 0; t < 2; ++t)
+    for (int h = 0; h < 3; ++h)
+      for (int j = 0; j < 8; ++j) want_b[size_t((t * 3 + h) * 16 + 4 + j)] = kv[size_t(t * 8 + j)];
+  Tensor red0 = randn({2, 1, 8}, seed, 4);
+  Tensor red = g.init(red0);
+  b.copy_cols({bc, 4, red, 0, 8, true});
+  Vec want_r = to_vec(red0);
+  for (int t = 0; t < 2; ++t)
+    for (int j = 0; j < 8; ++j) want_r[size_t(t * 8 + j)] += 3 * kv[size_t(t * 8 + j)];
+  return {{"concat", down(b, c), want_c, 0.0},
+          {"broadcast", down(b, bc), want_b, 0.0},
+          {"reduce", down(b, red), want_r, tol::kF32}};
+}
+
 OP_CASE(sum_squares_accumulate) {
   Tensor x = randn({70000}, seed, 1);
   Tensor out = g.init(host_f32({1}, {2.0}));
