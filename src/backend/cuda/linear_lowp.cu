@@ -2,10 +2,6 @@
 // cuBLAS tensor cores, or the FP8 recipe through cuBLASLt's block-scaled matmul. Everything runs on
 // the default stream without host read-backs (non-finite operands travel as NaN scales).
 #include <cmath>
-#include <cstdlib>
-#include <initializer_list>
-#include <memory>
-#include <vector>
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/linear_lowp.h"
@@ -123,38 +119,13 @@ __global__ void dequant_kernel(const uint8_t* q, const float* s, int64_t R, int6
   }
 }
 
-// The same for C % 4 == 0, four codes per thread (one 4-byte load, one 16-byte store), a row per
-// CTA iteration: no per-element 64-bit division.
-__global__ void dequant4_kernel(const uint8_t* q, const float* s, int64_t R, int64_t C, bool per_row, int64_t kb,
-                                float* out) {
-  const int64_t c4n = C / 4;
-  for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
-    const float* sr = s + (per_row ? r : r / kFp8Block) * kb;
-    for (int64_t c4 = threadIdx.x; c4 < c4n; c4 += blockDim.x) {
-      const uint32_t b = reinterpret_cast<const uint32_t*>(q + r * C)[c4];
-      const float sc = sr[(4 * c4) / kFp8Block];
-      float v[4];
-      for (int j = 0; j < 4; ++j) {
-        __half_raw h = __nv_cvt_fp8_to_halfraw(__nv_fp8_storage_t((b >> (8 * j)) & 0xffu), __NV_E4M3);
-        v[j] = __half2float(__half(h)) * sc;
-      }
-      reinterpret_cast<float4*>(out + r * C)[c4] = make_float4(v[0], v[1], v[2], v[3]);
-    }
-  }
-}
-
 // e4m3(q)·s as F32 [R, K] (per-row or per-block grid; the CPU's dequantize_fp8_fast bit for bit).
 Tensor dequant(const Q& a) {
   const int64_t R = a.q.dim(0), C = a.q.dim(1);
   Tensor out = cuda_backend().alloc(DType::F32, {R, C});
   if (R * C == 0) return out;
-  if (C % 4 == 0 && (reinterpret_cast<uintptr_t>(a.q.raw()) & 3u) == 0) {
-    dequant4_kernel<<<unsigned(std::min<int64_t>(R, 1 << 16)), C >= 512 ? 128 : 64>>>(
-        ptr<uint8_t>(a.q), a.s.data<float>(), R, C, a.s.dim(0) == R, a.s.dim(1), ptr<float>(out));
-  } else {
-    dequant_kernel<<<std::min(blocks_for(R * C), 1u << 16), 256>>>(ptr<uint8_t>(a.q), a.s.data<float>(), R, C,
-                                                                    a.s.dim(0) == R, a.s.dim(1), ptr<float>(out));
-  }
+  dequant_kernel<<<std::min(blocks_for(R * C), 1u << 16), 256>>>(ptr<uint8_t>(a.q), a.s.data<float>(), R, C,
+                                                                  a.s.dim(0) == R, a.s.dim(1), ptr<float>(out));
   check_launch("fp8 dequantize");
   return out;
 }
@@ -268,116 +239,6 @@ void gemm_fp8(const Q& a, const Q& b, const Tensor& c, bool accumulate, bool m_t
   check_launch("fp8 non-finite output");
 }
 
-// ---------------------------------------------------------------------------------------------
-// The direct FP8 path: each GEMM is its quantization launches, one weight_prep launch (Fprop, Dgrad)
-// and the matmul, with every operand written in cuBLASLt's layouts and K padded by the quantizers
-// themselves (linear_lowp.h, "GEMM preparation"). DSV3_FP8_LEGACY=1 runs every GEMM on the general
-// path above instead (gemm_fp8: quantize, pad, relayout, NaN flag and fill per GEMM; the bench's before/after).
-
-bool legacy() {
-  static const bool v = [] {
-    const char* e = std::getenv("DSV3_FP8_LEGACY");
-    return e && *e == '1';
-  }();
-  return v;
-}
-
-int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
-
-// Device scratch carved into 256-byte aligned pieces (one allocation per GEMM).
-class Carve {
- public:
-  explicit Carve(std::initializer_list<size_t> bytes) {
-    size_t total = 0;
-    for (size_t b : bytes) total += (b + 255) / 256 * 256;
-    s_ = std::make_unique<Scratch>(total);
-    size_t off = 0;
-    for (size_t b : bytes) {
-      p_.push_back(s_->as<char>() + off);
-      off += (b + 255) / 256 * 256;
-    }
-  }
-  template <class T> T* at(size_t i) const { return reinterpret_cast<T*>(p_[i]); }
-
- private:
-  std::unique_ptr<Scratch> s_;
-  std::vector<char*> p_;
-};
-
-// cuBLASLt's rows of its A operand (our b: the weight side's rows, also c's row stride) in 16s.
-bool lt_rows_ok(int64_t n) { return n % 16 == 0; }
-
-WeightSide weight_side(const Tensor& w, const Tensor& w_scale_inv, bool transpose, int64_t ldq, uint8_t* q,
-                       float* scale_lt) {
-  WeightSide s;
-  s.w = w.raw();
-  s.wtype = w.dtype();
-  s.w_scale_inv = w.dtype() == DType::F8_E4M3 ? w_scale_inv.data<float>() : nullptr;
-  s.N = w.dim(0);
-  s.K = w.dim(1);
-  s.transpose = transpose;
-  s.q = q;
-  s.ldq = ldq;
-  s.scale_lt = scale_lt;
-  s.ld4 = round_up(ceil_div(transpose ? s.N : s.K, kFp8Block), 4);
-  return s;
-}
-
-// y[M, N] (+)= Q(x)·Q(W)ᵀ, K a multiple of 128: one preparation launch and the matmul. qx holds x's
-// 1×128 tiles (read) or, with x set, receives them.
-void fprop_direct(const Tensor& x, const Q& qx, const Tensor& w, const Tensor& w_scale_inv, bool pow2, float* y,
-                  bool accumulate) {
-  const int64_t M = qx.q.dim(0), K = qx.q.dim(1), N = w.dim(0), kb = K / kFp8Block, ld4 = round_up(kb, 4);
-  const Carve buf({size_t(ceil_div(N, kFp8Block) * ld4) * 4, size_t(kb * M) * 4, size_t(N * K)});
-  FpropPrep p;
-  p.pow2 = pow2;
-  p.w = weight_side(w, w_scale_inv, false, K, buf.at<uint8_t>(2), buf.at<float>(0));
-  p.M = M;
-  p.x = x.defined() ? x.data<float>() : nullptr;
-  p.xq = ptr<uint8_t>(qx.q);
-  p.x_scale = ptr<float>(qx.s);
-  p.x_scale_lt = buf.at<float>(1);
-  fp8_fprop_prep(p);
-  fp8_gemm_lt(p.xq, p.x_scale_lt, M, p.w.q, p.w.scale_lt, true, N, K, y, accumulate);
-}
-
-// Dgrad (dx set) and Wgrad (dw set) from one preparation launch: dy read once, the reductions (N for
-// Dgrad, the tokens M for Wgrad) padded to 128 by the quantizers.
-void backward_direct(const Tensor& dy, const Tensor& w, const Tensor& w_scale_inv, const Fp8Tiles& qx, bool pow2,
-                     float* dx, bool accumulate_dx, float* dw, bool accumulate_dw) {
-  if (!dx && !dw) return;
-  const int64_t M = dy.dim(0), N = dy.dim(1), K = dx ? w.dim(1) : qx.q.dim(1);
-  const int64_t Np = round_up(N, kFp8Block), Mp = round_up(M, kFp8Block), ld4 = round_up(Np / kFp8Block, 4);
-  const Carve buf({dx ? size_t((Np / kFp8Block) * M) * 4 : 0, dx ? size_t(ceil_div(K, kFp8Block) * ld4) * 4 : 0,
-                   dw ? size_t((Mp / kFp8Block) * N) * 4 : 0, dw ? size_t((Mp / kFp8Block) * K) * 4 : 0,
-                   dx ? size_t(M * Np) : 0, dx ? size_t(K * Np) : 0, dw ? size_t(N * Mp) : 0,
-                   dw ? size_t(K * Mp) : 0});
-  BackwardPrep p;
-  p.pow2 = pow2;
-  p.M = M;
-  p.N = N;
-  p.K = K;
-  p.dy = dy.data<float>();
-  if (dx) {
-    p.q1 = buf.at<uint8_t>(4);
-    p.ld1 = Np;
-    p.s1_lt = buf.at<float>(0);
-    p.w = weight_side(w, w_scale_inv, true, Np, buf.at<uint8_t>(5), buf.at<float>(1));
-  }
-  if (dw) {
-    p.q2 = buf.at<uint8_t>(6);
-    p.ld2 = Mp;
-    p.s2_lt = buf.at<float>(2);
-    p.xs_q = ptr<uint8_t>(qx.q);
-    p.xs_scale = qx.scale.data<float>();
-    p.q3 = buf.at<uint8_t>(7);
-    p.s3_lt = buf.at<float>(3);
-  }
-  fp8_backward_prep(p);
-  if (dw) fp8_gemm_lt(p.q2, p.s2_lt, N, p.q3, p.s3_lt, false, K, Mp, dw, accumulate_dw);
-  if (dx) fp8_gemm_lt(p.q1, p.s1_lt, M, p.w.q, p.w.scale_lt, true, K, Np, dx, accumulate_dx);
-}
-
 }  // namespace
 
 Fp8Tiles cuda_fp8_tiles(const Tensor& x, bool pow2_scale) {
@@ -399,17 +260,9 @@ void cuda_linear_lowp(const LinearPrecision& p, const LinearArgs& a, Fp8Tiles* x
               ptr<float>(y), N);
     return;
   }
-  const bool cached = x_fp8 && x_fp8->defined();
-  if (cached) DSV3_CHECK(x_fp8->q.numel() == x.numel(), "linear_lowp: the cached FP8 input does not match x");
-  if (!legacy() && K % kFp8Block == 0 && lt_rows_ok(N)) {
-    const Q qx = cached ? Q{x_fp8->q, x_fp8->scale}
-                        : Q{be.alloc(DType::F8_E4M3, {M, K}), be.alloc(DType::F32, {M, K / kFp8Block})};
-    fprop_direct(cached ? Tensor() : x, qx, a.w, a.w_scale_inv, p.pow2_scale, ptr<float>(y), a.accumulate);
-    if (x_fp8 && !cached) *x_fp8 = {qx.q, qx.s, 0};
-    return;
-  }
   Q qx;
-  if (cached) {
+  if (x_fp8 && x_fp8->defined()) {
+    DSV3_CHECK(x_fp8->q.numel() == x.numel(), "linear_lowp: the cached FP8 input does not match x");
     qx = {x_fp8->q, x_fp8->scale};
   } else {
     qx = quant(x, Fp8Tiling::Row1x128, false, p.pow2_scale);
@@ -441,27 +294,19 @@ void cuda_linear_backward_lowp(const LinearPrecision& p, const LinearBackwardArg
     }
     return;
   }
-  if (!present(a.dx) && !present(a.dw)) return;
   const Fp8Tiling gtile = p.dgrad_block ? Fp8Tiling::Block128x128 : Fp8Tiling::Row1x128;
-  // Wgrad: dW[N, K] = Q(dyᵀ)[N, M] · (Q(x̂ᵀ)[K, M])ᵀ; x̂ = the forward's FP8 copy of x, dequantized
-  // and re-quantized per 128 tokens (a NaN scale in the copy comes back as NaN and is re-marked).
-  Fp8Tiles qx;
-  if (present(a.dw)) {
-    qx = x_fp8 && x_fp8->defined() ? *x_fp8 : cuda_fp8_tiles(a.x, p.pow2_scale);
-    DSV3_CHECK(qx.q.numel() == a.x.numel(), "linear_backward_lowp: the cached FP8 input does not match x");
-  }
-  // Dgrad: dx[M, K] = Q(dy)[M, N] · (Q(W)ᵀ [K, N])ᵀ
-  const int64_t K = present(a.dx) ? a.w.dim(1) : qx.q.dim(1);
-  if (!legacy() && !p.dgrad_block && lt_rows_ok(K))
-    return backward_direct(dy, a.w, a.w_scale_inv, qx, p.pow2_scale, present(a.dx) ? ptr<float>(a.dx) : nullptr,
-                           a.accumulate_dx, present(a.dw) ? ptr<float>(a.dw) : nullptr, a.accumulate_dw);
-  if (present(a.dx))
+  if (present(a.dx))  // Dgrad: dx[M, K] = Q(dy)[M, N] · (Q(W)ᵀ [K, N])ᵀ
     gemm_fp8(quant(dy, gtile, false, p.pow2_scale),
              quant(to_f32(a.w, a.w_scale_inv), Fp8Tiling::Block128x128, true, p.pow2_scale), mat(a.dx),
              a.accumulate_dx, true);
-  if (present(a.dw))
+  if (present(a.dw)) {
+    // Wgrad: dW[N, K] = Q(dyᵀ)[N, M] · (Q(x̂ᵀ)[K, M])ᵀ; x̂ = the forward's FP8 copy of x, dequantized
+    // and re-quantized per 128 tokens (a NaN scale in the copy comes back as NaN and is re-marked).
+    Fp8Tiles qx = x_fp8 && x_fp8->defined() ? *x_fp8 : cuda_fp8_tiles(a.x, p.pow2_scale);
+    DSV3_CHECK(qx.q.numel() == a.x.numel(), "linear_backward_lowp: the cached FP8 input does not match x");
     gemm_fp8(quant(dy, p.dgrad_block ? Fp8Tiling::Block128x128 : Fp8Tiling::Col128x1, true, p.pow2_scale),
              requant_cols_t(qx, p.pow2_scale), a.dw, a.accumulate_dw, false);
+  }
 }
 
 }  // namespace dsv3
