@@ -38,6 +38,8 @@ int main() {
 #include "backend/cuda/cuda_backend.h"
 #include "common/blocking_calls.h"
 #include "backend/cuda/pdl.h"
+#include "infer/cuda_decode_ops.h"
+#include "infer/cuda_latent_attention.h"
 #include "infer/engine.h"
 #include "model/presets.h"
 
@@ -142,25 +144,39 @@ int main(int argc, char** argv) {
   std::string preset = "bench-0.7b", hf_path;
   int64_t prompt = 128, n_new = 128;
   std::vector<int64_t> batches = {1, 32};
-  bool variants_on = true;
+  std::string variants_on = "all";
+  int mma_rows = -1;  // -1: the library's default
   std::vector<std::string> formats = {"bf16", "f32"};
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
     if (k == "--preset") preset = v;
     else if (k == "--prompt") prompt = std::stoll(v);
     else if (k == "--new") n_new = std::stoll(v);
-    else if (k == "--batch") batches = {std::stoll(v)};
+    else if (k == "--batch") {
+      batches.clear();
+      for (size_t a = 0; a < v.size();) {
+        const size_t b = std::min(v.find(',', a), v.size());
+        batches.push_back(std::stoll(v.substr(a, b - a)));
+        a = b + 1;
+      }
+    }
+    else if (k == "--mma-rows") mma_rows = std::stoi(v);
     else if (k == "--hf") hf_path = v;
     else if (k == "--profile-steps") g_profile_steps = std::stoi(v);
-    else if (k == "--variants") variants_on = v != "0";
+    else if (k == "--variants" && (v == "all" || v == "none" || v == "mma" || v == "0" || v == "1"))
+      variants_on = v == "0" ? "none" : v == "1" ? "all" : v;
     else if (k == "--weights" && (v == "f32" || v == "bf16")) formats = {v};
     else {
       std::fprintf(stderr, "usage: dsv3_bench_gpu_decode [--preset bench-0.7b] [--prompt 128] [--new 128] "
-                           "[--batch B (default 1 and 32)] [--weights f32|bf16 (default both)] [--hf hf_gpu.json] "
-                           "[--variants 0|1] [--profile-steps K]\n");
+                           "[--batch B[,B...] (default 1,32)] [--weights f32|bf16 (default both)] [--hf hf_gpu.json] "
+                           "[--variants all|mma|none (default all; 1 = all, 0 = none)] [--mma-rows N (tensor cores from N rows; "
+                           "0 off; default the library's)] [--profile-steps K]\n");
       return 2;
     }
   }
+  if (mma_rows >= 0) cuda_set_decode_mma_rows(mma_rows);
+  const int mma_default = cuda_decode_mma_rows();
+  const int64_t absorbed_default = cuda_absorbed_gemv_rows();
   const ModelConfig cfg = preset_config(preset);
   std::printf("gpu_decode: preset %s, prompt %ld, %ld new tokens, greedy, BF16 latent cache\n", preset.c_str(),
               long(prompt), long(n_new));
@@ -187,16 +203,25 @@ int main(int argc, char** argv) {
                 "decode tok/s", "step ms", "prefill ms", "syncs/st", "roofline tok/s", "hf tok/s", "vs hf");
     for (int64_t B : batches) {
       // For comparison: the backend ops throughout (range checks and expert counts read back), the
-      // synchronisation-free path with cuBLAS for every linear (no GEMV kernel), and the main path
-      // without programmatic dependent launch.
+      // synchronisation-free path with cuBLAS for every linear (no GEMV kernel), the main path
+      // without programmatic dependent launch, without the tensor-core GEMV/expert path (F32 FMAs),
+      // and without it with W_UK / W_UV on cuBLAS beyond 8 rows (the path before both).
       nlohmann::json variants = nlohmann::json::array();
-      for (int v = 0; variants_on && v < 3; ++v) {
+      double old_path_tok_s = 0;
+      for (int v = variants_on == "all" ? 0 : 3; variants_on != "none" && v < 5; ++v) {
         if (v == 2) cuda_set_pdl(false);
-        const Result ref = run(w, B, prompt, n_new, 1000 + uint64_t(B), v != 0, v == 2 ? 8 : 0);
+        if (v >= 3) cuda_set_decode_mma_rows(0);
+        if (v == 4) cuda_set_absorbed_gemv_rows(8);
+        const Result ref = run(w, B, prompt, n_new, 1000 + uint64_t(B), v != 0, v >= 2 ? 8 : 0);
         cuda_set_pdl(true);
+        cuda_set_decode_mma_rows(mma_default);
+        cuda_set_absorbed_gemv_rows(absorbed_default);
+        if (v == 4) old_path_tok_s = ref.tok_s;
         const char* what = v == 0   ? "backend ops (RoPE/MoE synchronise), cuBLAS linears"
                            : v == 1 ? "sync-free, cuBLAS linears"
-                                    : "sync-free, GEMV kernels, no programmatic dependent launch";
+                           : v == 2 ? "sync-free, GEMV kernels, no programmatic dependent launch"
+                           : v == 3 ? "sync-free, GEMV kernels, PDL, no tensor cores (F32 FMAs)"
+                                    : "sync-free, GEMV kernels, PDL, no tensor cores, W_UK/W_UV on cuBLAS beyond 8 rows";
         std::printf("%5ld %10.1f %12.1f %10.3f %10.2f %9.1f   (%s)\n", long(B), ref.tok_s, ref.decode_tok_s,
                     ref.step_ms_median, ref.prefill_ms, ref.memcpy_per_step, what);
         variants.push_back({{"variant", what},
@@ -207,8 +232,12 @@ int main(int argc, char** argv) {
       }
       const Result r = run(w, B, prompt, n_new, 1000 + uint64_t(B), true, 8, true);
       const double h = hf_tok(B);
-      std::printf("%5ld %10.1f %12.1f %10.3f %10.2f %9.1f %14.1f %10.1f %8.2f\n", long(B), r.tok_s, r.decode_tok_s,
-                  r.step_ms_median, r.prefill_ms, r.memcpy_per_step, r.roofline_tok_s, h, h > 0 ? r.tok_s / h : 0.0);
+      std::printf("%5ld %10.1f %12.1f %10.3f %10.2f %9.1f %14.1f %10.1f %8.2f   (main: tensor cores from %d rows)\n",
+                  long(B), r.tok_s, r.decode_tok_s, r.step_ms_median, r.prefill_ms, r.memcpy_per_step,
+                  r.roofline_tok_s, h, h > 0 ? r.tok_s / h : 0.0, mma_default);
+      if (old_path_tok_s > 0)
+        std::printf("      %.2fx the path without tensor cores and W_UK/W_UV on cuBLAS (same run)\n",
+                    r.tok_s / old_path_tok_s);
       nlohmann::json j = {{"batch", B},
                           {"weights", fmt},
                           {"seconds", r.seconds},
@@ -221,8 +250,12 @@ int main(int argc, char** argv) {
                           {"roofline_step_ms", r.roofline_step_ms},
                           {"roofline_tokens_per_s", r.roofline_tok_s},
                           {"fraction_of_roofline", r.step_ms_median > 0 ? r.roofline_step_ms / r.step_ms_median : 0},
-                          {"variant", "sync-free, GEMV kernels (up to 32 rows), PDL"},
+                          {"variant", cat("sync-free, GEMV kernels (up to 32 rows), PDL, tensor cores from ",
+                                          mma_default, " rows (BF16 weights), W_UK/W_UV GEMV up to ",
+                                          absorbed_default, " rows")},
+                          {"mma_rows", mma_default},
                           {"other_variants", variants}};
+      if (old_path_tok_s > 0) j["speedup_vs_no_tensor_cores_cublas_absorbed"] = r.tok_s / old_path_tok_s;
       if (h > 0) {
         j["hf_tokens_per_s"] = h;
         const std::string key = cat("decode_bs", B, "_speedup_vs_hf", fmt == "bf16" ? "" : "_f32_weights");

@@ -1,10 +1,15 @@
 #include "infer/cuda_decode_ops.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/mma.cuh"
 #include "backend/cuda/pdl.cuh"
+#include "infer/cuda_decode_mma.cuh"
+#include "infer/cuda_weight_vec.cuh"
 
 namespace dsv3 {
 using namespace cuda;
@@ -15,30 +20,7 @@ constexpr int kChunk = 8;        // picks (rows of x) per pass over an expert's 
 constexpr int kMaxGemvRows = 64;
 constexpr int kGemvWarps = 4;  // GEMV: 4 warps per CTA (many CTAs for short outputs)
 constexpr int kExpertWarps = 8;
-
-// 16 bytes of a weight row, read once: not kept in L1.
-__device__ __forceinline__ uint4 ld_weights(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-// The x columns one 16-byte weight vector covers (4 F32 or 8 BF16 weights), and the vector as F32.
-template <class WT> constexpr int kVecCols = 16 / int(sizeof(WT));
-template <class WT> __device__ __forceinline__ void unpack_w(uint4 w, float (&f)[kVecCols<WT>]) {
-  const uint32_t u[4] = {w.x, w.y, w.z, w.w};
-  if constexpr (sizeof(WT) == 4) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) f[i] = __uint_as_float(u[i]);
-  } else {  // BF16: column 2i in the low half of word i (little-endian), 2i + 1 in the high half
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      f[2 * i] = __uint_as_float(u[i] << 16);
-      f[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
-    }
-  }
-}
+constexpr int kDefaultMmaRows = 4;  // the tensor-core path from this many rows of x (measured: docs/cuda.md)
 
 // One CTA of E threads: picks (r·k + j) grouped by expert, token order kept within an expert.
 // order[p] = pick at grouped position p, inv[pick] = p, offsets[e] = first position of expert e.
@@ -357,6 +339,98 @@ __global__ void __launch_bounds__(32 * kGemvWarps) gemv_kernel(GemvArgs g) {
   });
 }
 
+// The tensor-core GEMV (BF16 weights, cuda_decode_mma.cuh): each CTA's kMmaWarps warps take
+// kMmaWarps / ks row blocks of 16 weight rows, ks warps per block splitting its k-blocks; every
+// warp takes all n ≤ 8·NT rows of x. The warps' sums meet in shared memory and are added in warp
+// order. Row blocks never straddle W and W2 or two heads (checked on the host).
+template <int NT>
+__global__ void __launch_bounds__(32 * kMmaWarps, 2) gemv_mma_kernel(GemvArgs g, int ks) {
+  extern __shared__ float red[];  // [kMmaWarps][kMmaStash<NT>]
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2;
+  const int rbs = kMmaWarps / ks, rb = warp / ks, kw = warp - rb * ks;
+  const int total = g.n_out + g.n_out2, r0 = (int(blockIdx.x) * rbs + rb) * 16;
+  const bool active = r0 < total, second = active && r0 >= g.n_out;
+  const int jr = second ? r0 - g.n_out : (active ? r0 : 0), rows = second ? g.n_out2 : g.n_out;
+  const int head = second ? 0 : jr / g.head_rows;
+  const char* W = static_cast<const char*>(second ? g.W2 : g.W);
+  const size_t row_bytes = size_t(g.K) * 2;
+  // Rows past the last are read as the last row again; their sums are not stored.
+  const char* a_lo = W + size_t(min(jr + gq, rows - 1)) * row_bytes;
+  const char* a_hi = W + size_t(min(jr + gq + 8, rows - 1)) * row_bytes;
+  const float* xr[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int q = nt * 8 + gq;
+    xr[nt] = q < g.n ? g.x + int64_t(head) * g.head_x + int64_t(q) * g.ldx : nullptr;
+  }
+  float ca[NT][4], unused[1][4];
+  bool waited = false;
+  mma_rows<NT, false>(a_lo, a_hi, nullptr, nullptr, g.K, active ? kw : 1 << 30, ks, xr, waited, ca, unused);
+  mma_stash<NT>(red + warp * kMmaStash<NT>, ca);
+  __syncthreads();
+  constexpr int S = NT * 8 + 1;
+  for (int idx = threadIdx.x; idx < rbs * 16 * g.n; idx += blockDim.x) {
+    const int i = idx & 15, q = (idx >> 4) % g.n, b = (idx >> 4) / g.n;
+    const int j0 = (int(blockIdx.x) * rbs + b) * 16, j = j0 + i;
+    if (j >= total || (j0 < g.n_out && j >= g.n_out)) continue;
+    float v = 0.0f;
+    for (int k = 0; k < ks; ++k) v += red[(b * ks + k) * kMmaStash<NT> + i * S + q];
+    const bool sec = j >= g.n_out;
+    const int jj = sec ? j - g.n_out : j, h = sec ? 0 : jj / g.head_rows;
+    float* o = sec ? g.y2 + int64_t(q) * g.ldy2 + jj
+                   : g.y + int64_t(q) * g.ldy + int64_t(h) * g.head_y + (jj - h * g.head_rows);
+    *o = g.acc ? *o + v : v;
+  }
+}
+
+// The tensor-core expert kernel (BF16 weights): work item blockIdx.y (a group and up to kChunk of
+// its picks: one n-tile), row blocks as gemv_mma_kernel's. kGateUp: out = silu(x·g_j)·(x·u_j) with
+// x the pick's token row; otherwise out = act_p·d_j.
+template <bool kGateUp>
+__global__ void __launch_bounds__(32 * kMmaWarps, 2) expert_mma_kernel(ExpertArgs a, int ks) {
+  extern __shared__ float red[];  // [kGateUp ? 2 : 1][kMmaWarps][kMmaStash<1>]
+  pdl_wait();  // the grouping and the inputs come from the previous kernels
+  pdl_trigger();
+  if (int(blockIdx.y) >= a.items[2 * a.max_items]) return;  // CTA-uniform
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2;
+  const int e = a.items[2 * blockIdx.y], ch = a.items[2 * blockIdx.y + 1];
+  const int c0 = a.offsets[e] + ch, n = min(kChunk, a.offsets[e + 1] - c0);
+  const int rbs = kMmaWarps / ks, rb = warp / ks, kw = warp - rb * ks;
+  const int r0 = (int(blockIdx.x) * rbs + rb) * 16;
+  const float* xr[1] = {nullptr};
+  if (gq < n) {
+    if (kGateUp) {
+      const int pick = a.order[c0 + gq];
+      xr[0] = a.in + int64_t(pick < a.nk ? pick / a.k : pick - a.nk) * a.K;
+    } else {
+      xr[0] = a.in + int64_t(c0 + gq) * a.K;
+    }
+  }
+  const size_t row_bytes = size_t(a.K) * 2, lo = size_t(min(r0 + gq, a.rows_out - 1)) * row_bytes,
+               hi = size_t(min(r0 + gq + 8, a.rows_out - 1)) * row_bytes;
+  const char* A = reinterpret_cast<const char*>(a.w0[e]);
+  const char* B = kGateUp ? reinterpret_cast<const char*>(a.w1[e]) : nullptr;
+  float ga[1][4], ub[1][4];
+  bool waited = true;
+  mma_rows<1, kGateUp>(A + lo, A + hi, kGateUp ? B + lo : nullptr, kGateUp ? B + hi : nullptr, a.K,
+                       r0 < a.rows_out ? kw : 1 << 30, ks, xr, waited, ga, ub);
+  mma_stash<1>(red + warp * kMmaStash<1>, ga);
+  if (kGateUp) mma_stash<1>(red + (kMmaWarps + warp) * kMmaStash<1>, ub);
+  __syncthreads();
+  constexpr int S = 9;
+  for (int idx = threadIdx.x; idx < rbs * 16 * n; idx += blockDim.x) {
+    const int i = idx & 15, q = (idx >> 4) % n, b = (idx >> 4) / n;
+    const int j = (int(blockIdx.x) * rbs + b) * 16 + i;
+    if (j >= a.rows_out) continue;
+    float gs = 0.0f, us = 0.0f;
+    for (int k = 0; k < ks; ++k) {
+      gs += red[(b * ks + k) * kMmaStash<1> + i * S + q];
+      if (kGateUp) us += red[(kMmaWarps + b * ks + k) * kMmaStash<1> + i * S + q];
+    }
+    a.out[int64_t(c0 + q) * a.rows_out + j] = kGateUp ? gs / (1.0f + expf(-gs)) * us : gs;
+  }
+}
+
 // The fallback for F32 rows that are not 16-byte aligned: a warp per weight row, streamed once per
 // kChunk rows of x, optionally RMSNorm on x first.
 __global__ void rows_gemv_scalar_kernel(GemvArgs g) {
@@ -440,6 +514,42 @@ int vectors_per_lane(int nv) { return nv <= 32 ? 1 : nv <= 64 ? 2 : nv <= 128 ? 
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// The tensor-core path's threshold (cuda_set_decode_mma_rows): steps of at least this many rows of x.
+int& mma_rows_setting() {
+  static int rows = [] {
+    const char* e = std::getenv("DSV3_DECODE_MMA");
+    return e && std::string(e) == "0" ? 0 : kDefaultMmaRows;
+  }();
+  return rows;
+}
+bool mma_wanted(int64_t n) { return mma_rows_setting() > 0 && n >= mma_rows_setting(); }
+
+// Warps per row block of the tensor-core kernels: the largest power of two ≤ kMmaWarps that leaves
+// every warp at least two k-blocks (two blocks' loads in flight per lane).
+int mma_ksplit(int K) {
+  const int nkb = (K + kMmaKb - 1) / kMmaKb;
+  int ks = 1;
+  while (2 * ks <= kMmaWarps && 4 * ks <= nkb) ks *= 2;
+  return ks;
+}
+template <int NT> void launch_gemv_mma_nt(const GemvArgs& g) {
+  const int ks = mma_ksplit(g.K), rows_per_cta = 16 * (kMmaWarps / ks);
+  const int64_t ctas = (int64_t(g.n_out) + g.n_out2 + rows_per_cta - 1) / rows_per_cta;
+  DSV3_CHECK(ctas <= INT32_MAX, "cuda_rows_gemv: ", g.n_out + g.n_out2, " output rows exceed one launch");
+  launch_pdl(gemv_mma_kernel<NT>, dim3(unsigned(ctas)), dim3(32 * kMmaWarps),
+             size_t(kMmaWarps) * kMmaStash<NT> * sizeof(float), g, ks);
+}
+void launch_gemv_mma(const GemvArgs& g) {
+  if (g.n <= 8)
+    launch_gemv_mma_nt<1>(g);
+  else if (g.n <= 16)
+    launch_gemv_mma_nt<2>(g);
+  else if (g.n <= 32)
+    launch_gemv_mma_nt<4>(g);
+  else
+    launch_gemv_mma_nt<8>(g);
+}
+
 // F32 or BF16 rows of whole 16-byte vectors, 16-byte aligned: what the vector kernels read.
 bool vector_rows(const Tensor& w) {
   const DType t = w.dtype();
@@ -452,6 +562,9 @@ bool gemv_weight_ok(const LinearParam& p) {
 }
 
 }  // namespace
+
+void cuda_set_decode_mma_rows(int rows) { mma_rows_setting() = std::max(rows, 0); }
+int cuda_decode_mma_rows() { return mma_rows_setting(); }
 
 bool cuda_small_linear_ok(const LinearParam& p, const Tensor& x) {
   return gemv_weight_ok(p) && x.dtype() == DType::F32 && x.ndim() == 2 && x.dim(0) <= kMaxGemvRows &&
@@ -488,6 +601,12 @@ void cuda_rows_gemv(const GemvArgs& g) {
     DSV3_CHECK(!bf, "cuda_rows_gemv: BF16 weights need heads of a multiple of ", kGemvWarps * R, " rows");
     rows_gemv_scalar_kernel<<<unsigned((g.n_out + g.n_out2 + kGemvWarps - 1) / kGemvWarps), 32 * kGemvWarps>>>(g);
     check_launch("small linear");
+    return;
+  }
+  if (bf && mma_wanted(g.n) && !g.norm_w && (g.head_rows >= g.n_out || g.head_rows % 16 == 0) &&
+      (!g.W2 || g.n_out % 16 == 0)) {
+    launch_gemv_mma(g);
+    check_launch("small linear (tensor cores)");
     return;
   }
   const int U = vectors_per_lane(g.K / kv);
@@ -578,6 +697,16 @@ template <class WT, bool kGateUp, int R> void launch_expert(int U, dim3 grid, in
 // gate/up: one row of each per warp (two weight streams); down: two rows per warp when they pair up.
 // Grid: weight-row blocks × the most work items a step can have.
 template <class WT> void launch_experts(bool gate_up, int64_t N, const ExpertArgs& a) {
+  if (std::is_same_v<WT, __nv_bfloat16> && mma_wanted(N)) {
+    const int ks = mma_ksplit(a.K), rows_per_cta = 16 * (kMmaWarps / ks);
+    const dim3 grid(unsigned((a.rows_out + rows_per_cta - 1) / rows_per_cta), unsigned(a.max_items));
+    const size_t smem = size_t(gate_up ? 2 : 1) * kMmaWarps * kMmaStash<1> * sizeof(float);
+    if (gate_up)
+      launch_pdl(expert_mma_kernel<true>, grid, dim3(32 * kMmaWarps), smem, a, ks);
+    else
+      launch_pdl(expert_mma_kernel<false>, grid, dim3(32 * kMmaWarps), smem, a, ks);
+    return;
+  }
   const int R = gate_up || a.rows_out % 2 != 0 ? 1 : 2;
   const int U = vectors_per_lane(a.K / kVecCols<WT>);
   const dim3 grid(unsigned((a.rows_out + kExpertWarps * R - 1) / (kExpertWarps * R)), unsigned(a.max_items));

@@ -55,6 +55,13 @@ void cuda_small_linear(const LinearParam& p, const Tensor& x, const Tensor& y, b
                        const Tensor* norm_w = nullptr, float eps = 0.0f, const LinearParam* p2 = nullptr,
                        const Tensor* y2 = nullptr);
 
+// BF16 weights take a tensor-core path (mma.sync with x split into two BF16 terms, ~16 bits of x
+// kept: cuda_decode_mma.cuh has the error bound) in the GEMV and the grouped experts for steps of
+// at least cuda_decode_mma_rows() rows of x (tokens, for the experts); fewer rows, F32 weights and
+// the fused RMSNorm keep the F32-FMA kernels. 0 turns the path off (DSV3_DECODE_MMA=0 at start-up).
+void cuda_set_decode_mma_rows(int rows);
+int cuda_decode_mma_rows();
+
 // The kernel behind it, on raw device pointers, with rows of W grouped in heads: output row j uses
 // x + q·ldx + (j / head_rows)·head_x and goes to y[q·ldy + (j / head_rows)·head_y + j % head_rows]
 // (a block-diagonal product: the absorbed W_UK / W_UV per head). Rows of W2 (plain) follow.

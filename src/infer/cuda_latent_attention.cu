@@ -9,6 +9,7 @@
 #include "backend/cuda/mla_decode.h"
 #include "backend/cuda/pdl.cuh"
 #include "infer/cuda_decode_ops.h"
+#include "infer/cuda_weight_vec.cuh"
 
 namespace dsv3 {
 using namespace cuda;
@@ -83,14 +84,10 @@ __host__ __device__ inline int attn_smem_floats(int W, int R, bool cluster) {
   return cluster ? base + 2 * kHg * kMaxClusterSplits + kHg * 4 * (rq + kMaxClusterSplits - 1) : base;
 }
 
+// Eight BF16 cache values (one 16-byte vector) to F32 in shared memory.
 __device__ __forceinline__ void widen8(uint4 v, float* d) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
   float f[8];
-#pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    f[2 * e] = __uint_as_float(w[e] << 16);
-    f[2 * e + 1] = __uint_as_float(w[e] & 0xffff0000u);
-  }
+  unpack_w<__nv_bfloat16>(v, f);
   reinterpret_cast<float4*>(d)[0] = make_float4(f[0], f[1], f[2], f[3]);
   reinterpret_cast<float4*>(d)[1] = make_float4(f[4], f[5], f[6], f[7]);
 }
@@ -523,7 +520,19 @@ AttnKernel attn_kernel(int64_t R, int64_t W) {
   return latent_attn_kernel<2, 9>;
 }
 
+int64_t g_absorbed_gemv_rows = 64;
+
+// Whether every value of an F32 host tensor is a BF16 value (a slice of a BF16 kv_b_proj is).
+bool bf16_exact(const Tensor& t) {
+  const float* p = t.data<float>();
+  for (int64_t i = 0; i < t.numel(); ++i)
+    if (float(__float2bfloat16_rn(p[i])) != p[i]) return false;
+  return true;
+}
 }  // namespace
+
+void cuda_set_absorbed_gemv_rows(int64_t rows) { g_absorbed_gemv_rows = std::clamp<int64_t>(rows, 0, 64); }
+int64_t cuda_absorbed_gemv_rows() { return g_absorbed_gemv_rows; }
 
 CudaLatentAttention::CudaLatentAttention(const LatentKvPool& pool, const std::vector<AbsorbedKvB>& absorbed,
                                          const ModelDims& d)
@@ -546,7 +555,11 @@ CudaLatentAttention::CudaLatentAttention(const LatentKvPool& pool, const std::ve
       for (int64_t k = 0; k < d.nope; ++k)
         for (int64_t i = 0; i < d.kv_lora; ++i)
           t.data<float>()[(hh * d.kv_lora + i) * d.nope + k] = h.data<float>()[(hh * d.nope + k) * d.kv_lora + i];
-    w_uk_t_.push_back(cuda_backend().to_device(t));
+    // BF16 rows for the GEMV take whole 16-byte vectors and heads of a multiple of 8 rows.
+    const bool vec = d.nope % 8 == 0 && d.kv_lora % 8 == 0 && d.vd % 8 == 0;
+    w_uk_t_.push_back(cuda_backend().to_device(vec && bf16_exact(t) ? t.to(DType::BF16) : t));
+    const Tensor uv = cuda_backend().to_host(a.w_uv);
+    w_uv_bf16_.push_back(vec && bf16_exact(uv) ? cuda_backend().to_device(uv.to(DType::BF16)) : Tensor());
   }
   const int64_t rows = pool.num_blocks() * pool.layers() * pool.block_size();
   storage_ = cuda_backend().alloc(DType::BF16, {rows, pool.row_width()});
@@ -618,7 +631,7 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
   const AbsorbedKvB& w = absorbed_[size_t(layer)];
   Tensor qcat = be.alloc(DType::F32, {N, nh, W});
   const float one = 1.0f, zero = 0.0f;
-  const bool small = N <= 8;
+  const bool small = N <= g_absorbed_gemv_rows;
   if (small) {  // qcat[r, h, :R] = W_UK[h]ᵀ·q_nope[r, h]: rows (h, i) of W_UKᵀ, one launch
     GemvArgs g;
     g.x = q.data<float>();
@@ -627,7 +640,8 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
     g.ldx = nh * d_.qk;
     g.head_x = d_.qk;
     g.head_rows = int(R);
-    g.W = w_uk_t_[size_t(layer)].data<float>();
+    g.W = w_uk_t_[size_t(layer)].raw();
+    g.wt = w_uk_t_[size_t(layer)].dtype();
     g.n_out = int(nh * R);
     g.y = ptr<float>(qcat);
     g.ldy = nh * W;
@@ -738,7 +752,9 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
     g.ldx = nh * R;
     g.head_x = R;
     g.head_rows = int(d_.vd);
-    g.W = w.w_uv.data<float>();
+    const Tensor& uv = w_uv_bf16_[size_t(layer)];
+    g.W = present(uv) ? uv.raw() : w.w_uv.raw();
+    g.wt = present(uv) ? DType::BF16 : DType::F32;
     g.n_out = int(nh * d_.vd);
     g.y = ptr<float>(out);
     g.ldy = nh * d_.vd;

@@ -9,14 +9,16 @@
 //   1. write the step's rows (kv_a_layernorm(c_kv) ‖ rotated k_pe, rounded to BF16) by a kernel (or,
 //      on decode steps of the generic kernel, inside the attention kernel, which reads each
 //      sequence's new row from the step's inputs);
-//   2. qcat[r, h] = [W_UK[h]ᵀ·q_nope[r, h] ‖ q_pe[r, h]]: one strided-batched SGEMM over the heads
-//      (steps of at most 8 rows: one GEMV launch over all heads instead, here and in 4.); the q_pe
-//      half is copied only for cuda_mla_decode, the generic kernel reads it from q;
+//   2. qcat[r, h] = [W_UK[h]ᵀ·q_nope[r, h] ‖ q_pe[r, h]]: one GEMV launch over all heads
+//      (cuda_rows_gemv, here and in 4.) for steps of up to cuda_absorbed_gemv_rows() rows, a
+//      strided-batched SGEMM beyond; W_UK and W_UV are kept in BF16 for the GEMV when that is
+//      exact (a BF16 kv_b_proj), so BF16 checkpoints take its tensor-core path; the q_pe half is
+//      copied only for cuda_mla_decode, the generic kernel reads it from q;
 //   3. lat[r, h] = Σ_j softmax(scale·qcat·row_j)·c_j over the row's sequence up to its position:
 //      cuda_mla_decode (backend/cuda/mla_decode.h) at DeepSeek-V2/V3's 512 + 64 and block size 64,
 //      a generic kernel for other shapes (one CTA per split of a row's positions and 16 heads, 32-row
 //      tiles in shared memory; the splits of a row merged in a thread-block cluster);
-//   4. o[r, h] = W_UV[h]·lat[r, h]: one strided-batched SGEMM.
+//   4. o[r, h] = W_UV[h]·lat[r, h], as in 2.
 // Every row is its own attention entry (length pos + 1, its sequence's block table), so chunked
 // prefill and draft verification are the same call as decode. The per-row tables, lengths and
 // slots are uploaded once per step (one host→device copy), reused by every layer.
@@ -27,6 +29,11 @@
 #include "infer/mla_absorbed.h"
 
 namespace dsv3 {
+
+// Steps of up to this many rows (at most 64) run the absorbed W_UK / W_UV products through the GEMV,
+// larger ones through cuBLAS (default 64; the bench sets 8, the earlier limit, for comparison).
+void cuda_set_absorbed_gemv_rows(int64_t rows);
+int64_t cuda_absorbed_gemv_rows();
 
 class CudaLatentAttention : public AttentionCache {
  public:
@@ -50,6 +57,7 @@ class CudaLatentAttention : public AttentionCache {
   const LatentKvPool& pool_;
   const std::vector<AbsorbedKvB>& absorbed_;
   std::vector<Tensor> w_uk_t_;  // W_UK[h]ᵀ per layer [nh·kv_lora, nope]: rows for the small-step GEMV
+  std::vector<Tensor> w_uv_bf16_;  // W_UV per layer in BF16 when exact, else empty (the GEMV reads w_uv)
   ModelDims d_;
   Tensor storage_;
   // This step's metadata, host copy (to detect a new step) and device copy:

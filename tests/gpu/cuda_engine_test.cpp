@@ -115,6 +115,13 @@ int64_t expect_matches(const CpuRef& ref, const std::vector<std::vector<int32_t>
   return fewest;
 }
 
+// Sets the tensor-core threshold of the decode kernels for one scope (0: off, 1: every step).
+struct MmaRows {
+  int saved = cuda_decode_mma_rows();
+  explicit MmaRows(int rows) { cuda_set_decode_mma_rows(rows); }
+  ~MmaRows() { cuda_set_decode_mma_rows(saved); }
+};
+
 TEST(CudaEngine, GreedyEqualsCpuEngineOnFixtures) {
   ASSERT_GT(cuda_device_count(), 0);
   int fixtures = 0;
@@ -217,20 +224,23 @@ TEST(CudaEngine, GroupedMoeEqualsCpuMoeForward) {
     ASSERT_TRUE(ph.layers[layer].is_moe && cuda_moe_supported(pd.layers[layer].moe));
     const CudaMoeTables t = cuda_moe_tables(pd.layers[layer].moe);
     EXPECT_TRUE(t.shared);
-    for (int64_t N : {1, 5, 40}) {
-      SCOPED_TRACE(cat(N, " rows"));
-      const Tensor x = randn({N, d.H}, 7, uint64_t(N)), res = randn({N, d.H}, 8, uint64_t(N));
-      MoeActs a;
-      moe_forward(cpu_backend(), d, ph.layers[layer].moe, x, a);
-      Vec want = to_vec(res);
-      const Vec moe = to_vec(a.out);
-      for (size_t i = 0; i < want.size(); ++i) want[i] += moe[i];
-      const Tensor rd = be.to_device(res);
-      const Tensor got = cuda_moe_forward(be, d, pd.layers[layer].moe, t, be.to_device(x), &rd, N <= 8);
-      const Err e = compare(be.to_host(got), want);
-      EXPECT_LE(e.norm_err, tol::kF32) << "worst " << e.worst;
-      EXPECT_EQ(e.non_finite, 0);
-    }
+    for (int64_t N : {1, 5, 40})
+      for (int mma : {0, 1}) {  // the F32-FMA kernels, and (BF16) the tensor-core ones at every N
+        if (mma && wt != DType::BF16) continue;
+        SCOPED_TRACE(cat(N, " rows", mma ? ", tensor cores" : ""));
+        const MmaRows setting(mma);
+        const Tensor x = randn({N, d.H}, 7, uint64_t(N)), res = randn({N, d.H}, 8, uint64_t(N));
+        MoeActs a;
+        moe_forward(cpu_backend(), d, ph.layers[layer].moe, x, a);
+        Vec want = to_vec(res);
+        const Vec moe = to_vec(a.out);
+        for (size_t i = 0; i < want.size(); ++i) want[i] += moe[i];
+        const Tensor rd = be.to_device(res);
+        const Tensor got = cuda_moe_forward(be, d, pd.layers[layer].moe, t, be.to_device(x), &rd, N <= 8);
+        const Err e = compare(be.to_host(got), want);
+        EXPECT_LE(e.norm_err, tol::kF32) << "worst " << e.worst;
+        EXPECT_EQ(e.non_finite, 0);
+      }
   }
 }
 
@@ -245,9 +255,13 @@ TEST(CudaEngine, Bf16WeightsEqualCpu) {
   EngineOptions opt;
   opt.cache.block_size = 8;
   const CpuRef ref = cpu_reference(w, opt, reqs);
-  Engine gpu(w, opt, cuda_backend());
-  for (const Request& r : reqs) gpu.add(r);
-  EXPECT_GE(expect_matches(ref, gpu.run_all(), reqs), 4) << "too many near ties to compare";
+  for (int mma : {cuda_decode_mma_rows(), 1, 0}) {  // default; tensor cores for every step; none
+    SCOPED_TRACE(cat("tensor cores from ", mma, " rows"));
+    const MmaRows setting(mma);
+    Engine gpu(w, opt, cuda_backend());
+    for (const Request& r : reqs) gpu.add(r);
+    EXPECT_GE(expect_matches(ref, gpu.run_all(), reqs), 4) << "too many near ties to compare";
+  }
 }
 
 // ---- the device cache's attention against the host's -----------------------------------------
@@ -342,33 +356,39 @@ TEST(CudaEngine, DeviceCacheAttentionEqualsHostSmallShapes) {
 }
 
 // The small-row GEMV (decode's linears) against a double reference: F32 and BF16 weights, vector and
-// scalar paths, one and two weight rows per warp, 1 to 32 rows of x (chunks of 8), plain and accumulating.
+// scalar paths, one and two weight rows per warp, 1 to 64 rows of x (chunks of 8), plain and
+// accumulating; BF16 weights also on the tensor-core path (x in two BF16 terms, same kF32 bound:
+// cuda_decode_mma.cuh), K with a partial 64-column block (136), outputs not a multiple of 16.
 TEST(CudaEngine, SmallLinearEqualsReference) {
   ASSERT_GT(cuda_device_count(), 0);
   CudaBackend& be = cuda_backend();
   for (DType wt : {DType::F32, DType::BF16})
-    for (int64_t K : {44, 45, 1024, 2816})
-      for (int64_t n : {1, 3, 8, 19, 32})
+    for (int64_t K : {44, 45, 136, 1024, 2816})
+      for (int64_t n : {1, 3, 8, 19, 32, 64})
         for (int64_t M : {37, 38})
-          for (bool acc : {false, true}) {
-            if (wt == DType::BF16 && K % 8 != 0) continue;  // BF16 rows must be whole 16-byte vectors
-            SCOPED_TRACE(cat(dtype_name(wt), " K ", K, " rows ", n, " outputs ", M, acc ? " accumulate" : ""));
-            LinearParam p;
-            p.w = be.to_device(randn({M, K}, 7, uint64_t(K)).to(wt));
-            const Tensor w = be.to_host(p.w), x = randn({n, K}, 8, uint64_t(n)), y0 = randn({n, M}, 9, 0);
-            Vec want(size_t(n * M));
-            for (int64_t r = 0; r < n; ++r)
-              for (int64_t j = 0; j < M; ++j) {
-                double s = acc ? double(y0.data<float>()[r * M + j]) : 0.0;
-                for (int64_t k = 0; k < K; ++k)
-                  s += double(x.data<float>()[r * K + k]) * double(load_as_float(w.raw(), wt, j * K + k));
-                want[size_t(r * M + j)] = s;
-              }
-            const Tensor xd = be.to_device(x), yd = be.to_device(y0);
-            ASSERT_TRUE(cuda_small_linear_ok(p, xd));
-            cuda_small_linear(p, xd, yd, acc);
-            EXPECT_LE(compare(be.to_host(yd), want).norm_err, tol::kF32);
-          }
+          for (bool acc : {false, true})
+            for (int mma : {0, 1}) {
+              if (wt == DType::BF16 && K % 8 != 0) continue;  // BF16 rows must be whole 16-byte vectors
+              if (mma && wt != DType::BF16) continue;  // the tensor-core path reads BF16 only
+              SCOPED_TRACE(cat(dtype_name(wt), " K ", K, " rows ", n, " outputs ", M, acc ? " accumulate" : "",
+                               mma ? " tensor cores" : ""));
+              const MmaRows setting(mma);
+              LinearParam p;
+              p.w = be.to_device(randn({M, K}, 7, uint64_t(K)).to(wt));
+              const Tensor w = be.to_host(p.w), x = randn({n, K}, 8, uint64_t(n)), y0 = randn({n, M}, 9, 0);
+              Vec want(size_t(n * M));
+              for (int64_t r = 0; r < n; ++r)
+                for (int64_t j = 0; j < M; ++j) {
+                  double s = acc ? double(y0.data<float>()[r * M + j]) : 0.0;
+                  for (int64_t k = 0; k < K; ++k)
+                    s += double(x.data<float>()[r * K + k]) * double(load_as_float(w.raw(), wt, j * K + k));
+                  want[size_t(r * M + j)] = s;
+                }
+              const Tensor xd = be.to_device(x), yd = be.to_device(y0);
+              ASSERT_TRUE(cuda_small_linear_ok(p, xd));
+              cuda_small_linear(p, xd, yd, acc);
+              EXPECT_LE(compare(be.to_host(yd), want).norm_err, tol::kF32);
+            }
 }
 
 // With the RMSNorm inside and a second weight in the same launch (q_a and kv_a over input_layernorm).
@@ -404,6 +424,78 @@ TEST(CudaEngine, SmallLinearNormAndPairEqualsReference) {
     EXPECT_LE(compare(be.to_host(y), want).norm_err, tol::kF32);
     EXPECT_LE(compare(be.to_host(y2), want2).norm_err, tol::kF32);
   }
+}
+
+// The per-head GEMV (the absorbed W_UK / W_UV products) with BF16 weights on both paths: output row
+// (h, i) reads x's head-h slice and writes y[q, h·head_y + i]; the columns between heads' outputs
+// stay untouched. Also a second weight in the same launch without the norm (q_a with kv_a).
+TEST(CudaEngine, RowsGemvHeadsAndPairEqualReference) {
+  ASSERT_GT(cuda_device_count(), 0);
+  CudaBackend& be = cuda_backend();
+  const int64_t nh = 3, K = 128, head_rows = 32, head_x = 144, head_y = 40;
+  const Tensor w = randn({nh * head_rows, K}, 31, 0).to(DType::BF16), wd = be.to_device(w);
+  for (int64_t n : {1, 8, 32, 64})
+    for (int mma : {0, 1}) {
+      SCOPED_TRACE(cat(n, " rows", mma ? ", tensor cores" : ""));
+      const MmaRows setting(mma);
+      const Tensor x = randn({n, nh * head_x}, 32, uint64_t(n)), y0 = randn({n, nh * head_y}, 33, uint64_t(n));
+      Vec want = to_vec(y0);
+      for (int64_t q = 0; q < n; ++q)
+        for (int64_t h = 0; h < nh; ++h)
+          for (int64_t i = 0; i < head_rows; ++i) {
+            double s = 0;
+            for (int64_t k = 0; k < K; ++k)
+              s += double(load_as_float(w.raw(), DType::BF16, (h * head_rows + i) * K + k)) *
+                   double(x.data<float>()[q * nh * head_x + h * head_x + k]);
+            want[size_t(q * nh * head_y + h * head_y + i)] = s;
+          }
+      const Tensor xd = be.to_device(x);
+      Tensor yd = be.to_device(y0);
+      GemvArgs g;
+      g.x = xd.data<float>();
+      g.n = int(n);
+      g.K = int(K);
+      g.ldx = nh * head_x;
+      g.head_x = head_x;
+      g.head_rows = int(head_rows);
+      g.W = wd.raw();
+      g.wt = DType::BF16;
+      g.n_out = int(nh * head_rows);
+      g.y = yd.data<float>();
+      g.ldy = nh * head_y;
+      g.head_y = head_y;
+      cuda_rows_gemv(g);
+      const Vec got = to_vec(be.to_host(yd));
+      const Err e = compare(be.to_host(yd), want);
+      EXPECT_LE(e.norm_err, tol::kF32) << "worst " << e.worst;
+      for (int64_t q = 0; q < n; ++q)
+        for (int64_t h = 0; h < nh; ++h)
+          for (int64_t c = head_rows; c < head_y; ++c) {
+            const size_t at = size_t(q * nh * head_y + h * head_y + c);
+            ASSERT_EQ(got[at], want[at]) << "row " << q << " head " << h << " column " << c << " was written";
+          }
+
+      const int64_t M = 48, M2 = 20;
+      LinearParam p, p2;
+      p.w = be.to_device(randn({M, K}, 34, 0).to(DType::BF16));
+      p2.w = be.to_device(randn({M2, K}, 34, 1).to(DType::BF16));
+      const Tensor xp = randn({n, K}, 35, uint64_t(n)), wh = be.to_host(p.w), wh2 = be.to_host(p2.w);
+      Vec want1(size_t(n * M)), want2(size_t(n * M2));
+      for (int64_t q = 0; q < n; ++q) {
+        auto dot = [&](const Tensor& wt, int64_t j) {
+          double s = 0;
+          for (int64_t k = 0; k < K; ++k)
+            s += double(load_as_float(wt.raw(), DType::BF16, j * K + k)) * double(xp.data<float>()[q * K + k]);
+          return s;
+        };
+        for (int64_t j = 0; j < M; ++j) want1[size_t(q * M + j)] = dot(wh, j);
+        for (int64_t j = 0; j < M2; ++j) want2[size_t(q * M2 + j)] = dot(wh2, j);
+      }
+      Tensor y1 = be.alloc(DType::F32, {n, M}), y2 = be.alloc(DType::F32, {n, M2});
+      cuda_small_linear(p, be.to_device(xp), y1, false, nullptr, 0.0f, &p2, &y2);
+      EXPECT_LE(compare(be.to_host(y1), want1).norm_err, tol::kF32);
+      EXPECT_LE(compare(be.to_host(y2), want2).norm_err, tol::kF32);
+    }
 }
 
 TEST(CudaEngine, GreedyTokensMatchHostArgmax) {
