@@ -351,7 +351,9 @@ int64_t Fp8Tiles::bytes() const {
   return defined() ? q.numel() * int64_t(dtype_size(q.dtype())) + scale.numel() * int64_t(sizeof(float)) : 0;
 }
 
-Fp8Tiles Fp8Tiles::rows(int64_t r0, int64_t r1) const { return {q.rows(r0, r1), scale.rows(r0, r1), nonfinite}; }
+Fp8Tiles Fp8Tiles::rows(int64_t r0, int64_t r1) const {
+  return {q.rows(r0, r1), scale.defined() ? scale.rows(r0, r1) : Tensor(), nonfinite};
+}
 
 Fp8Tiles fp8_tiles(const Tensor& x, bool pow2, const char* name) {
 #ifdef DSV3_HAVE_CUDA

@@ -141,10 +141,12 @@ Fp8Tiles fp8_tiles(const Tensor& x, bool pow2_scale, const char* name);
 Tensor dequantize(const Fp8Tiles& t);  // F32 [rows, K]
 
 // The three GEMMs of a linear layer under `prec` (F32 CPU tensors, y/dx/dw [..] as LinearArgs).
-// x_fp8 (Fp8 mode only): the forward's FP8 copy of x. linear_lowp fills it when it is empty and
-// otherwise uses it in place of quantizing x again (an input shared by several projections is
-// quantized once); linear_backward_lowp's Wgrad reads it instead of re-quantizing a.x. Either way
-// the numbers are those of the uncached path, bit for bit.
+// x_fp8: the forward's FP8 copy of x. linear_lowp fills it when it is empty and otherwise uses it
+// in place of quantizing x again (an input shared by several projections is quantized once);
+// linear_backward_lowp's Wgrad reads it instead of re-quantizing a.x. In Bf16 mode on CUDA tensors
+// the slot keeps x's BF16 copy instead (q BF16, no scale), so x is converted once per step, not
+// once per GEMM; the CPU rounds x itself and leaves the slot alone. Either way the numbers are those
+// of the uncached path, bit for bit.
 void linear_lowp(const LinearPrecision& prec, const LinearArgs& a, Fp8Tiles* x_fp8 = nullptr);
 void linear_backward_lowp(const LinearPrecision& prec, const LinearBackwardArgs& a, const Fp8Tiles* x_fp8 = nullptr);
 

@@ -143,15 +143,23 @@ void moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const Tens
   m.up = be.alloc(DType::F32, {N * k, I});
   m.act = be.alloc(DType::F32, {N * k, I});
   m.out = be.alloc(DType::F32, {N * k, H});
-  // FP8: the gathered rows quantized once (1×128 tiles are per row, so a slice is an expert's copy).
+  // FP8: the gathered rows quantized once (1×128 tiles are per row, so a slice is an expert's copy);
+  // BF16 on the GPU: converted once, the copy every expert GEMM reads (the CPU rounds x itself,
+  // backend/fp8.h).
   const bool fp8 = !p.experts.empty() && fp8_layer(p.experts[0].gate_proj);
+  const bool bf16 = !p.experts.empty() && p.experts[0].gate_proj.lowp && be.device() == Device::CUDA &&
+                    linear_precision().mode == LinearPrecisionMode::Bf16;
   m.x_fp8 = fp8 ? fp8_tiles(m.x, linear_precision().pow2_scale, "linear input") : Fp8Tiles{};
+  if (bf16) {
+    m.x_fp8.q = be.alloc(DType::BF16, m.x.shape());
+    be.copy(CopyArgs{m.x, m.x_fp8.q});
+  }
   m.gate_fp8 = m.up_fp8 = Fp8Tiles{};
   for (int64_t e = 0; e < E; ++e) {
     const int64_t r0 = a.offsets[size_t(e)], r1 = a.offsets[size_t(e + 1)];
     if (r0 == r1) continue;
     const MlpParams& ep = p.experts[size_t(e)];
-    Fp8Tiles xe = fp8 ? m.x_fp8.rows(r0, r1) : Fp8Tiles{};
+    Fp8Tiles xe = m.x_fp8.defined() ? m.x_fp8.rows(r0, r1) : Fp8Tiles{};
     linear_forward(be, ep.gate_proj, m.x.rows(r0, r1), m.gate.rows(r0, r1), false, &xe);  // [c, I]
     linear_forward(be, ep.up_proj, m.x.rows(r0, r1), m.up.rows(r0, r1), false, &xe);      // [c, I]
     SwigluArgs sw;
@@ -278,8 +286,8 @@ void moe_backward(Backend& be, const ModelDims& d, const MoeParams& p, const Moe
     ea.gate = m.gate.rows(r0, r1);
     ea.up = m.up.rows(r0, r1);
     ea.act = m.act.rows(r0, r1);
+    if (m.x_fp8.defined()) ea.x_fp8 = m.x_fp8.rows(r0, r1);
     if (m.gate_fp8.defined()) {
-      ea.x_fp8 = m.x_fp8.rows(r0, r1);
       ea.gate_fp8 = m.gate_fp8.rows(r0, r1);
       ea.up_fp8 = m.up_fp8.rows(r0, r1);
     }

@@ -8,7 +8,8 @@
 //         kBf16; a wrong scale, tile layout, padding or transposition gives errors of order 1.
 // Shapes cover cuBLASLt's direct path (K % 128 == 0, M, N % 16 == 0) and the zero-padded one
 // (partial 128-tiles, odd row counts), the forward's FP8 copy of x reused by the backward, the
-// dgrad_block negative control, and non-finite inputs (an all-NaN output, as on the CPU).
+// dgrad_block negative control, non-finite inputs (an all-NaN output, as on the CPU), and in BF16 the
+// GPU's kept BF16 copy of x (the CPU's rounding, byte for byte).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -58,7 +59,8 @@ Outs run(const LinearPrecision& p, const Case& c, const Tensor& x, bool gpu) {
   b.accumulate_dx = b.accumulate_dw = c.accumulate;
   linear_backward_lowp(p, b, &cache);
   Outs o{be.to_host(y), be.to_host(dx), be.to_host(dw), {}};
-  if (cache.defined()) o.cache = {be.to_host(cache.q), be.to_host(cache.scale), cache.nonfinite};
+  if (cache.defined())
+    o.cache = {be.to_host(cache.q), cache.scale.defined() ? be.to_host(cache.scale) : Tensor(), cache.nonfinite};
   return o;
 }
 
@@ -80,6 +82,12 @@ void compare_case(const LinearPrecision& p, const Case& c, double tol) {
     ASSERT_TRUE(gpu.cache.defined());
     EXPECT_EQ(std::memcmp(gpu.cache.q.raw(), cpu.cache.q.raw(), cpu.cache.q.nbytes()), 0);
     EXPECT_EQ(std::memcmp(gpu.cache.scale.raw(), cpu.cache.scale.raw(), cpu.cache.scale.nbytes()), 0);
+  }
+  if (p.mode == LinearPrecisionMode::Bf16) {  // the GPU keeps x's BF16 copy for Wgrad (backend/fp8.h)
+    ASSERT_TRUE(gpu.cache.defined());
+    const Tensor xb = x.to(DType::BF16);
+    ASSERT_EQ(gpu.cache.q.nbytes(), xb.nbytes());
+    EXPECT_EQ(std::memcmp(gpu.cache.q.raw(), xb.raw(), xb.nbytes()), 0);
   }
 }
 

@@ -128,6 +128,10 @@ void CudaBackend::copy(const CopyArgs& a) {
     DSV3_CUDA_CHECK(cudaMemcpy(ptr<void>(a.dst), a.src.raw(), a.src.nbytes(), cudaMemcpyDeviceToDevice));
     return;
   }
+  if (a.src.dtype() == DType::F32 && a.dst.dtype() == DType::BF16) {
+    f32_to_bf16(a.src.data<float>(), n, ptr<__nv_bfloat16>(a.dst));
+    return;
+  }
   convert_kernel<<<grid(n), 256>>>(a.src.raw(), a.src.dtype(), ptr<void>(a.dst), a.dst.dtype(), n);
   check_launch("copy");
 }

@@ -61,6 +61,14 @@ Tensor to_bf16(const Tensor& x, const Tensor& scale_inv = Tensor()) {
   f32_to_bf16(x.data<float>(), x.numel(), ptr<__nv_bfloat16>(out));
   return out;
 }
+// x in BF16: the caller's cached copy (Bf16 mode keeps one per layer input in the Fp8Tiles slot,
+// backend/fp8.h) or a fresh conversion.
+Tensor bf16_input(const Tensor& x, const Fp8Tiles* cache) {
+  if (!cache || !cache->defined()) return to_bf16(x);
+  DSV3_CHECK(cache->q.dtype() == DType::BF16 && cache->q.numel() == x.numel(),
+             "linear_lowp: the cached BF16 input does not match x");
+  return cache->q;
+}
 Tensor to_f32(const Tensor& x, const Tensor& scale_inv = Tensor()) {
   if (x.dtype() == DType::F32) return x;
   return converted<float>(x, scale_inv, DType::F32);
@@ -255,7 +263,8 @@ void cuda_linear_lowp(const LinearPrecision& p, const LinearArgs& a, Fp8Tiles* x
   const int64_t M = x.dim(0), K = x.dim(1), N = a.w.dim(0);
   if (M == 0) return;
   if (p.mode == LinearPrecisionMode::Bf16) {
-    Tensor xb = to_bf16(x), wb = a.w.dtype() == DType::BF16 ? a.w : to_bf16(a.w, a.w_scale_inv);
+    Tensor xb = bf16_input(x, x_fp8), wb = a.w.dtype() == DType::BF16 ? a.w : to_bf16(a.w, a.w_scale_inv);
+    if (x_fp8 && !x_fp8->defined()) *x_fp8 = {xb, Tensor(), 0};
     gemm_bf16(false, true, M, N, K, bf(xb), K, bf(wb), K, a.accumulate,
               ptr<float>(y), N);
     return;
@@ -288,7 +297,7 @@ void cuda_linear_backward_lowp(const LinearPrecision& p, const LinearBackwardArg
     if (present(a.dw)) {  // dW[N, K] = dyᵀ · x
       const Tensor x = mat(a.x);
       const int64_t K = x.dim(1);
-      Tensor xb = to_bf16(x);
+      Tensor xb = bf16_input(x, x_fp8);
       gemm_bf16(true, false, N, K, M, bf(dyb), N, bf(xb), K, a.accumulate_dw,
                 ptr<float>(a.dw), K);
     }
