@@ -303,61 +303,42 @@ OP_CASE(copy_convert) {
   return {{"bf16_to_f32", down(b, f), to_vec(x), 0.0}, {"f32_to_bf16", down(b, back), to_vec(x), 0.0}};
 }
 
-OP_CASE(copy_cols_concat_broadcast_reduce) {
-  // concat: dst [3, 7] ← src [3, 4] at column 3; broadcast [2, 1, 5] → [2, 3, 8] at 2; reduce back.
-  Tensor a = randn({3, 4}, seed, 1);
-  Tensor cat0 = randn({3, 7}, seed, 2);
-  Tensor c = g.init(cat0);
-  b.copy_cols({up(b, a), 0, c, 3, 4, false});
-  Vec want_c = to_vec(cat0), av = to_vec(a);
-  for (int r = 0; r < 3; ++r)
-    for (int j = 0; j < 4; ++j) want_c[size_t(r * 7 + 3 + j)] = av[size_t(r * 4 + j)];
-  Tensor kpe = randn({2, 1, 5}, seed, 3);
-  Tensor bc = g.out(DType::F32, {2, 3, 8});
-  b.fill({bc, 0.0f});
-  b.copy_cols({up(b, kpe), 0, bc, 2, 5, false});
-  Vec kv = to_vec(kpe), want_b(48, 0.0);
-  for (int t = 0; t < 2; ++t)
-    for (int h = 0; h < 3; ++h)
-      for (int j = 0; j < 5; ++j) want_b[size_t((t * 3 + h) * 8 + 2 + j)] = kv[size_t(t * 5 + j)];
-  Tensor red0 = randn({2, 1, 5}, seed, 4);
-  Tensor red = g.init(red0);
-  b.copy_cols({bc, 2, red, 0, 5, true});
-  Vec want_r = to_vec(red0);
-  for (int t = 0; t < 2; ++t)
-    for (int j = 0; j < 5; ++j) want_r[size_t(t * 5 + j)] += 3 * kv[size_t(t * 5 + j)];
-  return {{"concat", down(b, c), want_c, 0.0},
-          {"broadcast", down(b, bc), want_b, 0.0},
-          {"reduce", down(b, red), want_r, tol::kF32}};
-}
-
-// Column offsets, widths and row lengths all multiples of 4 (CUDA's float4 path): concat at column
-// 8, a broadcast over 3 heads at column 4, and its reduction back with accumulate.
-OP_CASE(copy_cols_four_aligned) {
-  Tensor a = randn({6, 16}, seed, 1), d0 = randn({6, 24}, seed, 2);
+namespace {
+// concat: dst [rows, cd] ← src [rows, cs] columns [sc, sc + cw) at column dc; broadcast [2, 1, kw] →
+// [2, 3, bw] at column bc; the broadcast reduced back with accumulate.
+struct CopyColsShape {
+  int64_t rows, cs, sc, cd, dc, cw, kw, bw, bc;
+};
+std::vector<Output> copy_cols_case(Backend& b, Guards& g, uint64_t seed, const CopyColsShape& s) {
+  Tensor a = randn({s.rows, s.cs}, seed, 1), d0 = randn({s.rows, s.cd}, seed, 2);
   Tensor c = g.init(d0);
-  b.copy_cols({up(b, a), 4, c, 8, 12, false});
+  b.copy_cols({up(b, a), s.sc, c, s.dc, s.cw, false});
   Vec want_c = to_vec(d0), av = to_vec(a);
-  for (int r = 0; r < 6; ++r)
-    for (int j = 0; j < 12; ++j) want_c[size_t(r * 24 + 8 + j)] = av[size_t(r * 16 + 4 + j)];
-  Tensor kpe = randn({2, 1, 8}, seed, 3);
-  Tensor bc = g.out(DType::F32, {2, 3, 16});
+  for (int64_t r = 0; r < s.rows; ++r)
+    for (int64_t j = 0; j < s.cw; ++j) want_c[size_t(r * s.cd + s.dc + j)] = av[size_t(r * s.cs + s.sc + j)];
+  Tensor kpe = randn({2, 1, s.kw}, seed, 3);
+  Tensor bc = g.out(DType::F32, {2, 3, s.bw});
   b.fill({bc, 0.0f});
-  b.copy_cols({up(b, kpe), 0, bc, 4, 8, false});
-  Vec kv = to_vec(kpe), want_b(96, 0.0);
-  for (int t = 0; t < 2; ++t)
-    for (int h = 0; h < 3; ++h)
-      for (int j = 0; j < 8; ++j) want_b[size_t((t * 3 + h) * 16 + 4 + j)] = kv[size_t(t * 8 + j)];
-  Tensor red0 = randn({2, 1, 8}, seed, 4);
+  b.copy_cols({up(b, kpe), 0, bc, s.bc, s.kw, false});
+  Vec kv = to_vec(kpe), want_b(size_t(6 * s.bw), 0.0);
+  for (int64_t t = 0; t < 2; ++t)
+    for (int64_t h = 0; h < 3; ++h)
+      for (int64_t j = 0; j < s.kw; ++j) want_b[size_t((t * 3 + h) * s.bw + s.bc + j)] = kv[size_t(t * s.kw + j)];
+  Tensor red0 = randn({2, 1, s.kw}, seed, 4);
   Tensor red = g.init(red0);
-  b.copy_cols({bc, 4, red, 0, 8, true});
+  b.copy_cols({bc, s.bc, red, 0, s.kw, true});
   Vec want_r = to_vec(red0);
-  for (int t = 0; t < 2; ++t)
-    for (int j = 0; j < 8; ++j) want_r[size_t(t * 8 + j)] += 3 * kv[size_t(t * 8 + j)];
+  for (int64_t t = 0; t < 2; ++t)
+    for (int64_t j = 0; j < s.kw; ++j) want_r[size_t(t * s.kw + j)] += 3 * kv[size_t(t * s.kw + j)];
   return {{"concat", down(b, c), want_c, 0.0},
           {"broadcast", down(b, bc), want_b, 0.0},
           {"reduce", down(b, red), want_r, tol::kF32}};
 }
+}  // namespace
+
+OP_CASE(copy_cols_concat_broadcast_reduce) { return copy_cols_case(b, g, seed, {3, 4, 0, 7, 3, 4, 5, 8, 2}); }
+// Column offsets, widths and row lengths all multiples of 4 (CUDA's float4 path).
+OP_CASE(copy_cols_four_aligned) { return copy_cols_case(b, g, seed, {6, 16, 4, 24, 8, 12, 8, 16, 4}); }
 
 OP_CASE(sum_squares_accumulate) {
   Tensor x = randn({70000}, seed, 1);
