@@ -162,12 +162,15 @@ void moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const Tens
     Fp8Tiles xe = m.x_fp8.defined() ? m.x_fp8.rows(r0, r1) : Fp8Tiles{};
     linear_forward(be, ep.gate_proj, m.x.rows(r0, r1), m.gate.rows(r0, r1), false, &xe);  // [c, I]
     linear_forward(be, ep.up_proj, m.x.rows(r0, r1), m.up.rows(r0, r1), false, &xe);      // [c, I]
-    SwigluArgs sw;
-    sw.gate = m.gate.rows(r0, r1);
-    sw.up = m.up.rows(r0, r1);
-    sw.out = m.act.rows(r0, r1);
-    be.swiglu(sw);                                                             // [c, I]
-    linear_forward(be, ep.down_proj, m.act.rows(r0, r1), m.out.rows(r0, r1));  // [c, H]
+  }
+  SwigluArgs sw;  // elementwise: every expert's rows in one call
+  sw.gate = m.gate;
+  sw.up = m.up;
+  sw.out = m.act;
+  be.swiglu(sw);  // [N·k, I]
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t r0 = a.offsets[size_t(e)], r1 = a.offsets[size_t(e + 1)];
+    if (r0 < r1) linear_forward(be, p.experts[size_t(e)].down_proj, m.act.rows(r0, r1), m.out.rows(r0, r1));
   }
   if (fp8) keep_swiglu_inputs_fp8(p.experts[0], m);
 
