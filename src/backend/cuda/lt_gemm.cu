@@ -2,6 +2,7 @@
 #include <array>
 #include <map>
 #include <mutex>
+#include <set>
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/lt_gemm.h"
@@ -42,13 +43,21 @@ uint32_t alignment(const void* p) {
   return a;
 }
 
+// A plan whose desc is null records that cuBLASLt had no algorithm for its key.
 struct Plan {
   cublasLtMatmulDesc_t desc = nullptr;
   cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
   cublasLtMatmulAlgo_t algo{};
 };
 
-using Key = std::array<int64_t, 17>;
+void destroy(Plan& p) {
+  for (cublasLtMatrixLayout_t l : {p.la, p.lb, p.lc})
+    if (l) cublasLtMatrixLayoutDestroy(l);
+  if (p.desc) cublasLtMatmulDescDestroy(p.desc);
+  p = Plan{};
+}
+
+using Key = std::array<int64_t, 16>;
 
 void set_dims(cublasLtMatrixLayout_t l, int64_t rows, int64_t cols, int64_t ld) {
   uint64_t r = uint64_t(rows), c = uint64_t(cols);
@@ -111,21 +120,43 @@ std::map<Key, Plan>& plans() {
   static auto* m = new std::map<Key, Plan>;  // never destroyed: calls may come from static destructors
   return *m;
 }
+// Exact sizes whose bucket's algorithm cuBLASLt rejected: they go straight to their own plan.
+std::set<Key>& rejected() {
+  static auto* s = new std::set<Key>;
+  return *s;
+}
 
-// The plan for g's bucket (exact = false) or for its exact sizes; null when there is no algorithm.
-const Plan* plan_for(const LtMatmul& g, bool exact) {
-  // Free dimensions: n is only B's column count when B is not transposed (C's columns are n too);
-  // k only the column count of both when A is not transposed and B is.
-  const bool n_free = !exact && !g.trans_b, k_free = !exact && !g.trans_a && g.trans_b;
-  const int64_t n = n_free ? bucket(g.n) : g.n, k = k_free ? bucket(g.k) : g.k;
-  const Key key{g.a_type,   g.b_type, g.c_type, g.trans_a,          g.trans_b,         g.m,
-                n,          k,        g.lda,    g.ldb,              g.ldc,             alignment(g.a),
-                alignment(g.b), alignment(g.c), g.a_scale_mode, g.b_scale_mode, exact};
+// Free dimensions: n is only B's column count when B is not transposed (C's columns are n too);
+// k only the column count of both when A is not transposed and B is.
+Key key_of(const LtMatmul& g, bool bucketed) {
+  const bool n_free = bucketed && !g.trans_b, k_free = bucketed && !g.trans_a && g.trans_b;
+  return Key{g.a_type,
+             g.b_type,
+             g.c_type,
+             g.trans_a,
+             g.trans_b,
+             g.m,
+             n_free ? bucket(g.n) : g.n,
+             k_free ? bucket(g.k) : g.k,
+             g.lda,
+             g.ldb,
+             g.ldc,
+             alignment(g.a),
+             alignment(g.b),
+             alignment(g.c),
+             g.a_scale_mode,
+             g.b_scale_mode};
+}
+
+// The plan for a key (one heuristic query at the key's sizes, then cached, "none" included).
+const Plan* plan_for(const LtMatmul& g, const Key& key) {
   auto it = plans().find(key);
-  if (it != plans().end()) return &it->second;
-  Plan p;
-  if (!build(g, g.m, n, k, p)) return nullptr;
-  return &plans().emplace(key, p).first->second;
+  if (it == plans().end()) {
+    Plan p;
+    if (!build(g, key[5], key[6], key[7], p)) destroy(p);
+    it = plans().emplace(key, p).first;
+  }
+  return it->second.desc ? &it->second : nullptr;
 }
 
 cublasStatus_t run(const Plan& p, const LtMatmul& g) {
@@ -146,16 +177,19 @@ void lt_matmul(const LtMatmul& g) {
     return;
   }
   std::lock_guard<std::mutex> lk(g_mu);  // plans carry per-call sizes and scale pointers
-  const Plan* p = plan_for(g, false);
+  const Key exact = key_of(g, false), bucketed = key_of(g, true);
+  const bool own_plan = exact == bucketed || rejected().count(exact) > 0;
+  const Plan* p = plan_for(g, own_plan ? exact : bucketed);
   cublasStatus_t st = p ? run(*p, g) : CUBLAS_STATUS_NOT_SUPPORTED;
-  if (st != CUBLAS_STATUS_SUCCESS) {
-    p = plan_for(g, true);
+  if (!own_plan && (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE)) {
+    rejected().insert(exact);
+    p = plan_for(g, exact);
     st = p ? run(*p, g) : CUBLAS_STATUS_NOT_SUPPORTED;
   }
   if (st != CUBLAS_STATUS_SUCCESS)
-    internal_error("cuBLASLt has no algorithm for the ", g.m, "×", g.k, " · ", g.k, "×", g.n, " product (types ",
-                   int(g.a_type), "/", int(g.b_type), " → ", int(g.c_type), ", scale modes ", g.a_scale_mode, "/",
-                   g.b_scale_mode, ", status ", int(st), ")");
+    internal_error("cuBLASLt matmul of ", g.m, "×", g.k, " · ", g.k, "×", g.n, " (types ", int(g.a_type), "/",
+                   int(g.b_type), " → ", int(g.c_type), ", scale modes ", g.a_scale_mode, "/", g.b_scale_mode,
+                   ") failed: status ", int(st), st == CUBLAS_STATUS_NOT_SUPPORTED ? " (no algorithm)" : "");
 }
 
 int64_t lt_plan_count() {

@@ -4,8 +4,8 @@
 // step, so one query per call made the training step host-bound. Here a plan is kept per shape with
 // each "free" dimension (one that is no operand's leading dimension, so it can change under fixed
 // leading dimensions: the experts' rows) rounded up to a power of two; calls in the same bucket reuse
-// the bucket's algorithm with their exact sizes. If cuBLASLt rejects that algorithm for the exact
-// sizes, the exact shape gets its own plan.
+// the bucket's algorithm with their exact sizes (cuBLASLt checks an algorithm against the layouts it
+// runs on). If cuBLASLt rejects it for an exact size, that size gets its own plan from then on.
 #pragma once
 #include <cublasLt.h>
 
