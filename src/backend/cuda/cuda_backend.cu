@@ -70,7 +70,7 @@ class RangeChecks {
  public:
   void add(const int32_t* p, int64_t n, int64_t lo, int64_t hi, std::function<void(int64_t, int32_t)> fail) {
     DSV3_CHECK(n < (int64_t(1) << 32), "check_range: ", n, " indices are more than a check slot holds");
-    if (fail_.size() == kSlots) raise();
+    if (fail_.size() == kSlots) raise();  // a full queue is read now, so an error may surface here
     if (!slots_) {
       DSV3_CUDA_CHECK(cudaMalloc(&slots_, kSlots * sizeof(unsigned long long)));
       DSV3_CUDA_CHECK(cudaMemset(slots_, 0xff, kSlots * sizeof(unsigned long long)));
@@ -81,11 +81,11 @@ class RangeChecks {
   }
   void raise() {
     if (fail_.empty()) return;
-    std::vector<unsigned long long> got(fail_.size());
+    std::vector<std::function<void(int64_t, int32_t)>> fail;
+    fail.swap(fail_);  // cleared first: neither an error raised here nor a failed copy leaves checks queued
+    std::vector<unsigned long long> got(fail.size());
     DSV3_CUDA_CHECK(cudaMemcpy(got.data(), slots_, got.size() * sizeof got[0], cudaMemcpyDeviceToHost));
     DSV3_CUDA_CHECK(cudaMemset(slots_, 0xff, got.size() * sizeof got[0]));
-    std::vector<std::function<void(int64_t, int32_t)>> fail;
-    fail.swap(fail_);  // cleared before raising: the error leaves nothing queued
     for (size_t j = 0; j < got.size(); ++j)
       if (got[j] != ~0ull) fail[j](int64_t(got[j] >> 32), int32_t(uint32_t(got[j] & 0xffffffffu)));
   }

@@ -80,8 +80,6 @@ __global__ void swiglu_bwd_kernel(const float* dout, const float* g, const float
 
 unsigned grid(int64_t n) { return std::min(blocks_for(n), 65535u * 8); }
 
-}  // namespace
-
 // The same four columns at a time (float4), when every column offset and row length is a multiple
 // of 4 and the bases are 16-byte aligned: MLA's head splits and concatenations are.
 __global__ void copy_cols4_kernel(const float4* s, int64_t cs, float4* d, int64_t cd, int64_t rd, int64_t w,
@@ -100,6 +98,8 @@ __global__ void copy_cols4_kernel(const float4* s, int64_t cs, float4* d, int64_
     d[r * cd + c] = v;
   }
 }
+
+}  // namespace
 
 void CudaBackend::add(const AddArgs& a) {
   validate(a);

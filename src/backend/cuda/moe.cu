@@ -347,7 +347,12 @@ __global__ void scatter_kernel(const float* src, const int32_t* order, const int
 __global__ void scatter_bwd_kernel(const float* dout, int64_t rows, const int32_t* idx, const float* src,
                                    const float* w, float* dsrc, float* dw, int64_t d, bool acc) {
   int64_t i = blockIdx.x;
-  if (idx[i] < 0 || idx[i] >= rows) return;  // reported by the range check
+  if (idx[i] < 0 || idx[i] >= rows) {  // reported by the range check; the row's outputs read as zero
+    if (dw && threadIdx.x == 0 && !acc) dw[i] = 0.0f;
+    if (dsrc && !acc)
+      for (int64_t j = threadIdx.x; j < d; j += blockDim.x) dsrc[i * d + j] = 0.0f;
+    return;
+  }
   const float* g = dout + int64_t(idx[i]) * d;
   const float* s = src + i * d;
   if (dw) {
