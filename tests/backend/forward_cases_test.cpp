@@ -379,9 +379,11 @@ std::vector<Output> adamw_case(Backend& b, Guards& g, uint64_t seed, DType momen
 OP_CASE(adamw_f32_moments) { return adamw_case(b, g, seed, DType::F32); }
 OP_CASE(adamw_bf16_moments) { return adamw_case(b, g, seed, DType::BF16); }
 
-// The multi-tensor ops: AdamW against the single op on the same backend (bit for bit; the single op
-// is checked against the reference above), the others against references. Tensors of several sizes (one spans two of the CUDA kernel's 8,192-element
-// chunks, one is empty), mixed moment dtypes and weight decays.
+// The multi-tensor ops: AdamW over several tensors against the single op per tensor on the same
+// backend, bit for bit (on CUDA both run the multi-tensor kernel, so this checks its chunk table and
+// per-tensor factors; the single op is checked against the reference above); the others against
+// references. Tensors of several sizes (one spans two of the CUDA kernel's 8,192-element chunks,
+// one is empty), mixed moment dtypes and weight decays.
 OP_CASE(adamw_many_equals_adamw) {
   const int64_t sizes[] = {33, 9000, 0, 700};
   const DType mt[] = {DType::F32, DType::BF16, DType::F32, DType::BF16};

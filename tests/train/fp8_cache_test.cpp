@@ -57,6 +57,28 @@ TEST(Fp8Cache, CachedInputGivesTheRequantizingPathBitForBit) {
     }
 }
 
+// The model's linear layer refuses a cached copy of x made under another precision (FP8 tiles read
+// as a BF16 copy, or the other way round) instead of reading its bytes as the wrong type.
+TEST(Fp8Cache, CacheFromAnotherPrecisionIsRefused) {
+  PrecisionGuard guard;
+  const int64_t M = 4, K = 128, N = 16;
+  LinearParam w, g;
+  w.w = randn({N, K}, 2, 0.05f);
+  w.lowp = true;
+  g.w = Tensor::zeros(DType::F32, {N, K});
+  Tensor x = randn({M, K}, 1), y = Tensor::empty(DType::F32, {M, N}), dy = randn({M, N}, 3);
+  linear_precision() = LinearPrecision{LinearPrecisionMode::Fp8};
+  Fp8Tiles cache;
+  linear_forward(cpu_backend(), w, x, y, false, &cache);
+  ASSERT_EQ(cache.q.dtype(), DType::F8_E4M3);
+  linear_backward(cpu_backend(), w, g, x, dy, Tensor(), false, &cache);  // same precision: fine
+  linear_precision() = LinearPrecision{LinearPrecisionMode::Bf16};
+  EXPECT_THROW(linear_backward(cpu_backend(), w, g, x, dy, Tensor(), false, &cache), InternalError);
+  Fp8Tiles bf16_copy{x.to(DType::BF16), Tensor(), 0};
+  linear_precision() = LinearPrecision{LinearPrecisionMode::Fp8};
+  EXPECT_THROW(linear_forward(cpu_backend(), w, x, y, false, &bf16_copy), InternalError);
+}
+
 int64_t bytes_of(const MlaActs& a) { return a.x_fp8.bytes() + a.q_a_n_fp8.bytes() + a.c_kv_n_fp8.bytes() + a.attn_fp8.bytes(); }
 int64_t bytes_of(const MlpActs& a) { return a.x_fp8.bytes() + a.gate_fp8.bytes() + a.up_fp8.bytes(); }
 int64_t bytes_of(const LayerActs& a) {
