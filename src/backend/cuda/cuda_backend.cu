@@ -70,7 +70,12 @@ class RangeChecks {
  public:
   void add(const int32_t* p, int64_t n, int64_t lo, int64_t hi, std::function<void(int64_t, int32_t)> fail) {
     DSV3_CHECK(n < (int64_t(1) << 32), "check_range: ", n, " indices are more than a check slot holds");
-    if (fail_.size() == kSlots) raise();  // a full queue is read now, so an error may surface here
+    std::unique_lock<std::mutex> lk(mu_);
+    if (fail_.size() == kSlots) {  // a full queue is read now, so an error may surface here
+      lk.unlock();
+      raise();
+      lk.lock();
+    }
     if (!slots_) {
       DSV3_CUDA_CHECK(cudaMalloc(&slots_, kSlots * sizeof(unsigned long long)));
       DSV3_CUDA_CHECK(cudaMemset(slots_, 0xff, kSlots * sizeof(unsigned long long)));
@@ -80,18 +85,23 @@ class RangeChecks {
     fail_.push_back(std::move(fail));
   }
   void raise() {
-    if (fail_.empty()) return;
     std::vector<std::function<void(int64_t, int32_t)>> fail;
-    fail.swap(fail_);  // cleared first: neither an error raised here nor a failed copy leaves checks queued
-    std::vector<unsigned long long> got(fail.size());
-    DSV3_CUDA_CHECK(cudaMemcpy(got.data(), slots_, got.size() * sizeof got[0], cudaMemcpyDeviceToHost));
-    DSV3_CUDA_CHECK(cudaMemset(slots_, 0xff, got.size() * sizeof got[0]));
+    std::vector<unsigned long long> got;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (fail_.empty()) return;
+      fail.swap(fail_);  // cleared first: neither an error raised here nor a failed copy leaves checks queued
+      got.resize(fail.size());
+      DSV3_CUDA_CHECK(cudaMemcpy(got.data(), slots_, got.size() * sizeof got[0], cudaMemcpyDeviceToHost));
+      DSV3_CUDA_CHECK(cudaMemset(slots_, 0xff, got.size() * sizeof got[0]));
+    }
     for (size_t j = 0; j < got.size(); ++j)
       if (got[j] != ~0ull) fail[j](int64_t(got[j] >> 32), int32_t(uint32_t(got[j] & 0xffffffffu)));
   }
 
  private:
   static constexpr size_t kSlots = 4096;
+  std::mutex mu_;  // ops may come from several host threads, as the allocator's
   unsigned long long* slots_ = nullptr;
   std::vector<std::function<void(int64_t, int32_t)>> fail_;
 };
