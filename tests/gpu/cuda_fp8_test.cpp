@@ -5,6 +5,7 @@
 // while a wrong scale layout or operand order gives errors of order 1.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
 
 #include "../backend/harness.h"
@@ -83,6 +84,40 @@ TEST(CudaFp8, GemmFpropBlockScaledWeights) {
 TEST(CudaFp8, GemmWgradBothRowScaled) {
   ASSERT_GT(cuda_device_count(), 0);
   gemm_case(96, 128, 256, false);
+}
+
+// The linear layer's NaN propagation relies on cuBLASLt's block-scaled GEMM carrying a NaN scale
+// into the outputs it multiplies: a NaN 1×128 scale of a's row 3 → row 3 NaN; a NaN weight block
+// (rows 128..255 of b) → output columns 128..255 NaN; every weight scale NaN → every output NaN,
+// with and without accumulate (c + NaN).
+TEST(CudaFp8, NanScalesReachTheirOutputs) {
+  ASSERT_GT(cuda_device_count(), 0);
+  CudaBackend& be = cuda_backend();
+  const int64_t m = 64, n = 256, k = 512;
+  Tensor x = randn({m, k}, 11, 1), w = randn({n, k}, 11, 2, 0.05f);
+  Tensor qa = Tensor::empty(DType::F8_E4M3, {m, k}), sa = Tensor::empty(DType::F32, {m, k / 128});
+  quantize_fp8({x, Fp8Tiling::Row1x128, false, false, qa, sa});
+  Tensor qb = Tensor::empty(DType::F8_E4M3, {n, k}), sb = Tensor::empty(DType::F32, {n / 128, k / 128});
+  quantize_fp8({w, Fp8Tiling::Block128x128, false, false, qb, sb});
+  for (int mode = 0; mode < 3; ++mode)
+    for (bool acc : {false, true}) {
+      SCOPED_TRACE(cat("mode ", mode, " accumulate ", acc));
+      Tensor sa2 = sa.clone(), sb2 = sb.clone();
+      if (mode == 0) sa2.data<float>()[3 * (k / 128) + 1] = NAN;
+      if (mode == 1) sb2.data<float>()[1 * (k / 128) + 2] = NAN;
+      if (mode == 2)
+        for (int64_t i = 0; i < sb2.numel(); ++i) sb2.data<float>()[i] = NAN;
+      Tensor c = be.to_device(randn({m, n}, 11, 3));
+      Fp8GemmArgs g{be.to_device(qa), be.to_device(sa2), be.to_device(qb), be.to_device(sb2), c};
+      g.accumulate = acc;
+      cuda_fp8_gemm(g);
+      Tensor h = be.to_host(c);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < n; ++j) {
+          const bool want = mode == 2 || (mode == 0 && i == 3) || (mode == 1 && j >= 128);
+          ASSERT_EQ(std::isnan(h.data<float>()[i * n + j]), want) << i << ", " << j;
+        }
+    }
 }
 
 }  // namespace

@@ -36,10 +36,13 @@ struct Case {
   DType wtype = DType::F32;
 };
 
-// Forward and backward of one layer on the CPU or the GPU from the same host inputs.
-Outs run(const LinearPrecision& p, const Case& c, const Tensor& x, bool gpu) {
+// Forward and backward of one layer on the CPU or the GPU from the same host inputs (w and dy drawn
+// from fixed seeds unless given).
+Outs run(const LinearPrecision& p, const Case& c, const Tensor& x, bool gpu, const Tensor& w_in = Tensor(),
+         const Tensor& dy_in = Tensor()) {
   Backend& be = gpu ? static_cast<Backend&>(cuda_backend()) : cpu_backend();
-  const Tensor w = randn({c.N, c.K}, 21, 2, 0.05f, c.wtype), dy = randn({c.M, c.N}, 21, 3);
+  const Tensor w = w_in.defined() ? w_in : randn({c.N, c.K}, 21, 2, 0.05f, c.wtype);
+  const Tensor dy = dy_in.defined() ? dy_in : randn({c.M, c.N}, 21, 3);
   const Tensor y0 = randn({c.M, c.N}, 21, 4), dx0 = randn({c.M, c.K}, 21, 5), dw0 = randn({c.N, c.K}, 21, 6, 0.1f);
   auto dev = [&](const Tensor& t) { return gpu ? be.to_device(t) : t.clone(); };
   Tensor xd = dev(x), wd = dev(w), dyd = dev(dy), y = dev(y0), dx = dev(dx0), dw = dev(dw0);
@@ -126,6 +129,110 @@ TEST(CudaLowp, Fp8MatchesCpuEmulation) {
   for (const Case& c : kCases) compare_case(p, c, tol::kBf16);
   p.pow2_scale = true;
   compare_case(p, kCases[1], tol::kBf16);
+}
+
+// Shapes on the direct path (one preparation launch per pass writes cuBLASLt's layouts and pads the
+// reductions): token counts of every residue mod 4 (cuBLASLt takes multiples of 4: the others go
+// through padding rows) and no multiple of 128 (an expert's rows; Wgrad's reduction padded to 128),
+// an output width whose Dgrad reduction is padded (N = 320, as kv_a_proj_with_mqa), accumulate, a
+// BF16 weight, power-of-two scales; and an FP8 copy of x reused from a larger one (an expert's slice,
+// as the MoE layer passes it) with a row count the GEMM must pad.
+TEST(CudaLowp, Fp8DirectPathMatchesCpuEmulation) {
+  ASSERT_GT(cuda_device_count(), 0);
+  LinearPrecision p;
+  p.mode = LinearPrecisionMode::Fp8;
+  for (const Case& c : {Case{1999, 256, 320}, Case{37, 128, 64, true}, Case{300, 384, 192, false, DType::BF16},
+                        Case{129, 256, 16, true, DType::BF16}, Case{130, 128, 32}, Case{1, 128, 16, true}})
+    compare_case(p, c, tol::kBf16);
+  p.pow2_scale = true;
+  compare_case(p, {130, 256, 320, true}, tol::kBf16);
+}
+
+// An expert's rows: the FP8 copy of all rows made once, the layer called on a row slice with the
+// slice of that copy (rows 37..174: 137, no multiple of 4, so the GEMM pads a copy of the codes), as
+// the MoE layer does; the same outputs as the CPU's layer on those rows.
+TEST(CudaLowp, Fp8SliceOfSharedCopyMatchesCpu) {
+  ASSERT_GT(cuda_device_count(), 0);
+  CudaBackend& be = cuda_backend();
+  const int64_t R = 300, K = 256, N = 128, r0 = 37, r1 = 174, M = r1 - r0;
+  const Tensor x = randn({R, K}, 41, 1), w = randn({N, K}, 41, 2, 0.05f, DType::BF16), dy = randn({M, N}, 41, 3);
+  LinearPrecision p;
+  p.mode = LinearPrecisionMode::Fp8;
+  const Tensor xs = x.rows(r0, r1).clone();
+  Tensor y_cpu = Tensor::zeros(DType::F32, {M, N}), dx_cpu = Tensor::zeros(DType::F32, {M, K});
+  Tensor dw_cpu = Tensor::zeros(DType::F32, {N, K});
+  linear_lowp(p, {xs, w, {}, y_cpu});
+  linear_backward_lowp(p, {dy, xs, w, {}, dx_cpu, dw_cpu});
+  Tensor xd = be.to_device(x), wd = be.to_device(w), dyd = be.to_device(dy);
+  Fp8Tiles all = fp8_tiles(xd, false, "x"), part = all.rows(r0, r1);
+  Tensor y = be.to_device(Tensor::zeros(DType::F32, {M, N})), dx = be.to_device(Tensor::zeros(DType::F32, {M, K}));
+  Tensor dw = be.to_device(Tensor::zeros(DType::F32, {N, K}));
+  linear_lowp(p, {xd.rows(r0, r1), wd, {}, y}, &part);
+  linear_backward_lowp(p, {dyd, xd.rows(r0, r1), wd, {}, dx, dw}, &part);
+  expect_close(be.to_host(y), y_cpu, tol::kBf16, "y");
+  expect_close(be.to_host(dx), dx_cpu, tol::kBf16, "dx");
+  expect_close(be.to_host(dw), dw_cpu, tol::kBf16, "dw");
+}
+
+// An FP8 weight with its 128×128 scale_inv (dequantized inside the weight's quantization on the GPU,
+// as_f32 on the CPU): the same outputs as the CPU.
+TEST(CudaLowp, Fp8WeightWithScaleInvMatchesCpu) {
+  ASSERT_GT(cuda_device_count(), 0);
+  CudaBackend& be = cuda_backend();
+  const int64_t M = 200, K = 384, N = 272;
+  Tensor wf = randn({N, K}, 31, 2, 0.05f);
+  Tensor wq = Tensor::empty(DType::F8_E4M3, {N, K}), ws = Tensor::empty(DType::F32, {(N + 127) / 128, K / 128});
+  quantize_fp8({wf, Fp8Tiling::Block128x128, false, false, wq, ws});
+  Tensor x = randn({M, K}, 31, 1), dy = randn({M, N}, 31, 3);
+  LinearPrecision p;
+  p.mode = LinearPrecisionMode::Fp8;
+  Tensor y[2], dx[2], dw[2];
+  for (int gpu = 0; gpu < 2; ++gpu) {
+    auto dev = [&](const Tensor& t) { return gpu ? be.to_device(t) : t.clone(); };
+    Tensor xd = dev(x), wd = dev(wq), sd = dev(ws), dyd = dev(dy);
+    Tensor yy = dev(Tensor::zeros(DType::F32, {M, N})), dxx = dev(Tensor::zeros(DType::F32, {M, K}));
+    Tensor dww = dev(Tensor::zeros(DType::F32, {N, K}));
+    Fp8Tiles cache;
+    linear_lowp(p, {xd, wd, sd, yy}, &cache);
+    linear_backward_lowp(p, {dyd, xd, wd, sd, dxx, dww}, &cache);
+    y[gpu] = gpu ? be.to_host(yy) : yy;
+    dx[gpu] = gpu ? be.to_host(dxx) : dxx;
+    dw[gpu] = gpu ? be.to_host(dww) : dww;
+  }
+  expect_close(y[1], y[0], tol::kBf16, "y");
+  expect_close(dx[1], dx[0], tol::kBf16, "dx");
+  expect_close(dw[1], dw[0], tol::kBf16, "dw");
+}
+
+bool all_nan(const Tensor& t) {
+  for (int64_t i = 0; i < t.numel(); ++i)
+    if (!std::isnan(t.data<float>()[i])) return false;
+  return true;
+}
+
+// Non-finite values in dy or in the weight, on the direct path: every output they reach is all NaN
+// on both sides (with accumulate too), the others match; and a finite layer right after it matches
+// the CPU (nothing of the NaN propagation is left over).
+TEST(CudaLowp, Fp8NonFiniteOperandsLikeCpu) {
+  ASSERT_GT(cuda_device_count(), 0);
+  LinearPrecision p;
+  p.mode = LinearPrecisionMode::Fp8;
+  const Case c{200, 256, 128, true};
+  const Tensor x = randn({c.M, c.K}, 9, 1);
+  Tensor dy = randn({c.M, c.N}, 9, 3);
+  dy.data<float>()[150 * c.N + 5] = NAN;
+  Outs cpu = run(p, c, x, false, Tensor(), dy), gpu = run(p, c, x, true, Tensor(), dy);
+  for (const Tensor* t : {&cpu.dx, &gpu.dx, &cpu.dw, &gpu.dw}) EXPECT_TRUE(all_nan(*t));
+  expect_close(gpu.y, cpu.y, tol::kBf16, "y (dy does not reach it)");
+
+  Tensor w = randn({c.N, c.K}, 9, 2, 0.05f, DType::BF16);
+  reinterpret_cast<uint16_t*>(w.raw())[70 * c.K + 200] = 0x7f80;  // +Inf in BF16
+  cpu = run(p, c, x, false, w);
+  gpu = run(p, c, x, true, w);
+  for (const Tensor* t : {&cpu.y, &gpu.y, &cpu.dx, &gpu.dx}) EXPECT_TRUE(all_nan(*t));
+  expect_close(gpu.dw, cpu.dw, tol::kBf16, "dw (W does not reach it)");
+
+  compare_case(p, c, tol::kBf16);
 }
 
 TEST(CudaLowp, Fp8DgradBlockNegativeControl) {

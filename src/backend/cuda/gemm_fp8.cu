@@ -7,6 +7,7 @@
 // so each call first rewrites both grids into that layout in scratch (a few KB). Plans are cached
 // per shape bucket by lt_gemm.h.
 #include "backend/cuda/common.cuh"
+#include "backend/cuda/linear_lowp.h"
 #include "backend/cuda/lt_gemm.h"
 
 namespace dsv3 {
@@ -80,4 +81,31 @@ void cuda_fp8_gemm(const Fp8GemmArgs& a) {
   lt_matmul(g);
 }
 
+namespace cuda {
+
+void fp8_gemm_lt(const uint8_t* a, const float* a_scale, int64_t M, const uint8_t* b, const float* b_scale,
+                 bool b_block, int64_t N, int64_t K, float* c, bool accumulate) {
+  DSV3_CHECK(K % kFp8Block == 0, "fp8_gemm_lt: K ", K, " is no multiple of 128");
+  LtMatmul g;
+  g.a_type = g.b_type = CUDA_R_8F_E4M3;
+  g.c_type = CUDA_R_32F;
+  g.trans_a = true;  // cuBLASLt's A is our b, "TN"
+  g.m = N;
+  g.n = M;
+  g.k = K;
+  g.a = b;
+  g.lda = K;
+  g.b = a;
+  g.ldb = K;
+  g.c = c;
+  g.ldc = N;
+  g.beta = accumulate ? 1.0f : 0.0f;
+  g.a_scale_mode = b_block ? CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F : CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+  g.b_scale_mode = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+  g.a_scale = b_scale;
+  g.b_scale = a_scale;
+  lt_matmul(g);
+}
+
+}  // namespace cuda
 }  // namespace dsv3

@@ -2,6 +2,10 @@
 // cuBLAS tensor cores, or the FP8 recipe through cuBLASLt's block-scaled matmul. Everything runs on
 // the default stream without host read-backs (non-finite operands travel as NaN scales).
 #include <cmath>
+#include <cstdlib>
+#include <initializer_list>
+#include <memory>
+#include <vector>
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/linear_lowp.h"
@@ -127,13 +131,38 @@ __global__ void dequant_kernel(const uint8_t* q, const float* s, int64_t R, int6
   }
 }
 
+// The same for C % 4 == 0, four codes per thread (one 4-byte load, one 16-byte store), a row per
+// CTA iteration: no per-element 64-bit division.
+__global__ void dequant4_kernel(const uint8_t* q, const float* s, int64_t R, int64_t C, bool per_row, int64_t kb,
+                                float* out) {
+  const int64_t c4n = C / 4;
+  for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
+    const float* sr = s + (per_row ? r : r / kFp8Block) * kb;
+    for (int64_t c4 = threadIdx.x; c4 < c4n; c4 += blockDim.x) {
+      const uint32_t b = reinterpret_cast<const uint32_t*>(q + r * C)[c4];
+      const float sc = sr[(4 * c4) / kFp8Block];
+      float v[4];
+      for (int j = 0; j < 4; ++j) {
+        __half_raw h = __nv_cvt_fp8_to_halfraw(__nv_fp8_storage_t((b >> (8 * j)) & 0xffu), __NV_E4M3);
+        v[j] = __half2float(__half(h)) * sc;
+      }
+      reinterpret_cast<float4*>(out + r * C)[c4] = make_float4(v[0], v[1], v[2], v[3]);
+    }
+  }
+}
+
 // e4m3(q)·s as F32 [R, K] (per-row or per-block grid; the CPU's dequantize_fp8_fast bit for bit).
 Tensor dequant(const Q& a) {
   const int64_t R = a.q.dim(0), C = a.q.dim(1);
   Tensor out = cuda_backend().alloc(DType::F32, {R, C});
   if (R * C == 0) return out;
-  dequant_kernel<<<std::min(blocks_for(R * C), 1u << 16), 256>>>(ptr<uint8_t>(a.q), a.s.data<float>(), R, C,
-                                                                  a.s.dim(0) == R, a.s.dim(1), ptr<float>(out));
+  if (C % 4 == 0 && (reinterpret_cast<uintptr_t>(a.q.raw()) & 3u) == 0) {
+    dequant4_kernel<<<unsigned(std::min<int64_t>(R, 1 << 16)), C >= 512 ? 128 : 64>>>(
+        ptr<uint8_t>(a.q), a.s.data<float>(), R, C, a.s.dim(0) == R, a.s.dim(1), ptr<float>(out));
+  } else {
+    dequant_kernel<<<std::min(blocks_for(R * C), 1u << 16), 256>>>(ptr<uint8_t>(a.q), a.s.data<float>(), R, C,
+                                                                    a.s.dim(0) == R, a.s.dim(1), ptr<float>(out));
+  }
   check_launch("fp8 dequantize");
   return out;
 }
@@ -247,6 +276,140 @@ void gemm_fp8(const Q& a, const Q& b, const Tensor& c, bool accumulate, bool m_t
   check_launch("fp8 non-finite output");
 }
 
+// ---------------------------------------------------------------------------------------------
+// The direct FP8 path: each GEMM is its quantization launches, one weight_prep launch (Fprop, Dgrad)
+// and the matmul, with every operand written in cuBLASLt's layouts and K padded by the quantizers
+// themselves (linear_lowp.h, "GEMM preparation"). DSV3_FP8_LEGACY=1 runs every GEMM on the general
+// path above instead (gemm_fp8: quantize, pad, relayout, NaN flag and fill per GEMM; the bench's before/after).
+
+bool legacy() {
+  static const bool v = [] {
+    const char* e = std::getenv("DSV3_FP8_LEGACY");
+    return e && *e == '1';
+  }();
+  return v;
+}
+
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// Device scratch carved into 256-byte aligned pieces (one allocation per GEMM).
+class Carve {
+ public:
+  explicit Carve(std::initializer_list<size_t> bytes) {
+    size_t total = 0;
+    for (size_t b : bytes) total += (b + 255) / 256 * 256;
+    s_ = std::make_unique<Scratch>(total);
+    size_t off = 0;
+    for (size_t b : bytes) {
+      p_.push_back(s_->as<char>() + off);
+      off += (b + 255) / 256 * 256;
+    }
+  }
+  template <class T> T* at(size_t i) const { return reinterpret_cast<T*>(p_[i]); }
+
+ private:
+  std::unique_ptr<Scratch> s_;
+  std::vector<char*> p_;
+};
+
+// cuBLASLt's rows of its A operand (our b: the weight side's rows, also c's row stride) in 16s.
+bool lt_rows_ok(int64_t n) { return n % 16 == 0; }
+
+WeightSide weight_side(const Tensor& w, const Tensor& w_scale_inv, bool transpose, int64_t ldq, uint8_t* q,
+                       float* scale_lt) {
+  WeightSide s;
+  s.w = w.raw();
+  s.wtype = w.dtype();
+  s.w_scale_inv = w.dtype() == DType::F8_E4M3 ? w_scale_inv.data<float>() : nullptr;
+  s.N = w.dim(0);
+  s.K = w.dim(1);
+  s.transpose = transpose;
+  s.q = q;
+  s.ldq = ldq;
+  s.scale_lt = scale_lt;
+  s.ld4 = round_up(ceil_div(transpose ? s.N : s.K, kFp8Block), 4);
+  return s;
+}
+
+// c[i] (+)= s[i] for i < n: the first rows of a GEMM computed with padding rows (cuBLASLt takes token
+// counts in multiples of 4), as cuBLASLt's β = 1 would add them (one FP32 addition; NaN stays NaN).
+__global__ void add_rows_kernel(const float* s, float* c, int64_t n, bool accumulate) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    c[i] = accumulate ? c[i] + s[i] : s[i];
+}
+
+// The matmul of a token-side operand with M_lt ≥ M rows (rows M.. zero): straight into c when
+// M_lt = M, else through scratch rows whose first M are then written (added) into c.
+void gemm_token_rows(const uint8_t* a, const float* a_scale, int64_t M, int64_t M_lt, const uint8_t* b,
+                     const float* b_scale, bool b_block, int64_t N, int64_t K, float* c, bool accumulate) {
+  if (M_lt == M) return fp8_gemm_lt(a, a_scale, M, b, b_scale, b_block, N, K, c, accumulate);
+  Scratch out(size_t(M_lt * N) * sizeof(float));
+  fp8_gemm_lt(a, a_scale, M_lt, b, b_scale, b_block, N, K, out.as<float>(), false);
+  add_rows_kernel<<<std::min(blocks_for(M * N), 1u << 16), 256>>>(out.as<float>(), c, M * N, accumulate);
+  check_launch("fp8 gemm rows");
+}
+
+// y[M, N] (+)= Q(x)·Q(W)ᵀ, K a multiple of 128: one preparation launch and the matmul. qx holds x's
+// 1×128 tiles (read) or, with x set, receives them (its q then allocated with M_lt rows).
+void fprop_direct(const Tensor& x, const Q& qx, int64_t M_lt, const Tensor& w, const Tensor& w_scale_inv, bool pow2,
+                  float* y, bool accumulate) {
+  const int64_t M = qx.q.dim(0), K = qx.q.dim(1), N = w.dim(0), kb = K / kFp8Block, ld4 = round_up(kb, 4);
+  const bool copy = !x.defined() && M_lt != M;
+  const Carve buf({size_t(ceil_div(N, kFp8Block) * ld4) * 4, size_t(kb * M_lt) * 4, size_t(N * K),
+                   copy ? size_t(M_lt * K) : 0});
+  FpropPrep p;
+  p.pow2 = pow2;
+  p.w = weight_side(w, w_scale_inv, false, K, buf.at<uint8_t>(2), buf.at<float>(0));
+  p.M = M;
+  p.M_lt = M_lt;
+  p.x = x.defined() ? x.data<float>() : nullptr;
+  p.xq = ptr<uint8_t>(qx.q);
+  p.x_scale = ptr<float>(qx.s);
+  p.q_lt = copy ? buf.at<uint8_t>(3) : p.xq;
+  p.x_scale_lt = buf.at<float>(1);
+  fp8_fprop_prep(p);
+  gemm_token_rows(p.q_lt, p.x_scale_lt, M, M_lt, p.w.q, p.w.scale_lt, true, N, K, y, accumulate);
+}
+
+// Dgrad (dx set) and Wgrad (dw set) from one preparation launch: dy read once, the reductions (N for
+// Dgrad, the tokens M for Wgrad) padded to 128 by the quantizers.
+void backward_direct(const Tensor& dy, const Tensor& w, const Tensor& w_scale_inv, const Fp8Tiles& qx, bool pow2,
+                     float* dx, bool accumulate_dx, float* dw, bool accumulate_dw) {
+  if (!dx && !dw) return;
+  const int64_t M = dy.dim(0), N = dy.dim(1), K = dx ? w.dim(1) : qx.q.dim(1);
+  const int64_t Np = round_up(N, kFp8Block), Mp = round_up(M, kFp8Block), ld4 = round_up(Np / kFp8Block, 4);
+  const int64_t M1 = round_up(M, 4);
+  const Carve buf({dx ? size_t((Np / kFp8Block) * M1) * 4 : 0, dx ? size_t(ceil_div(K, kFp8Block) * ld4) * 4 : 0,
+                   dw ? size_t((Mp / kFp8Block) * N) * 4 : 0, dw ? size_t((Mp / kFp8Block) * K) * 4 : 0,
+                   dx ? size_t(M1 * Np) : 0, dx ? size_t(K * Np) : 0, dw ? size_t(N * Mp) : 0,
+                   dw ? size_t(K * Mp) : 0});
+  BackwardPrep p;
+  p.pow2 = pow2;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.dy = dy.data<float>();
+  if (dx) {
+    p.q1 = buf.at<uint8_t>(4);
+    p.ld1 = Np;
+    p.M1 = M1;
+    p.s1_lt = buf.at<float>(0);
+    p.w = weight_side(w, w_scale_inv, true, Np, buf.at<uint8_t>(5), buf.at<float>(1));
+  }
+  if (dw) {
+    p.q2 = buf.at<uint8_t>(6);
+    p.ld2 = Mp;
+    p.s2_lt = buf.at<float>(2);
+    p.xs_q = ptr<uint8_t>(qx.q);
+    p.xs_scale = qx.scale.data<float>();
+    p.q3 = buf.at<uint8_t>(7);
+    p.s3_lt = buf.at<float>(3);
+  }
+  fp8_backward_prep(p);
+  if (dw) fp8_gemm_lt(p.q2, p.s2_lt, N, p.q3, p.s3_lt, false, K, Mp, dw, accumulate_dw);
+  if (dx) gemm_token_rows(p.q1, p.s1_lt, M, M1, p.w.q, p.w.scale_lt, true, K, Np, dx, accumulate_dx);
+}
+
 }  // namespace
 
 Fp8Tiles cuda_fp8_tiles(const Tensor& x, bool pow2_scale) {
@@ -269,9 +432,18 @@ void cuda_linear_lowp(const LinearPrecision& p, const LinearArgs& a, Fp8Tiles* x
               ptr<float>(y), N);
     return;
   }
+  const bool cached = x_fp8 && x_fp8->defined();
+  if (cached) DSV3_CHECK(x_fp8->q.numel() == x.numel(), "linear_lowp: the cached FP8 input does not match x");
+  if (!legacy() && K % kFp8Block == 0 && lt_rows_ok(N)) {
+    const int64_t M_lt = round_up(M, 4);  // the new cache's codes get cuBLASLt's padding rows (a view hides them)
+    const Q qx = cached ? Q{x_fp8->q, x_fp8->scale}
+                        : Q{be.alloc(DType::F8_E4M3, {M_lt, K}).rows(0, M), be.alloc(DType::F32, {M, K / kFp8Block})};
+    fprop_direct(cached ? Tensor() : x, qx, M_lt, a.w, a.w_scale_inv, p.pow2_scale, ptr<float>(y), a.accumulate);
+    if (x_fp8 && !cached) *x_fp8 = {qx.q, qx.s, 0};
+    return;
+  }
   Q qx;
-  if (x_fp8 && x_fp8->defined()) {
-    DSV3_CHECK(x_fp8->q.numel() == x.numel(), "linear_lowp: the cached FP8 input does not match x");
+  if (cached) {
     qx = {x_fp8->q, x_fp8->scale};
   } else {
     qx = quant(x, Fp8Tiling::Row1x128, false, p.pow2_scale);
@@ -303,19 +475,27 @@ void cuda_linear_backward_lowp(const LinearPrecision& p, const LinearBackwardArg
     }
     return;
   }
+  if (!present(a.dx) && !present(a.dw)) return;
   const Fp8Tiling gtile = p.dgrad_block ? Fp8Tiling::Block128x128 : Fp8Tiling::Row1x128;
-  if (present(a.dx))  // Dgrad: dx[M, K] = Q(dy)[M, N] · (Q(W)ᵀ [K, N])ᵀ
+  // Wgrad: dW[N, K] = Q(dyᵀ)[N, M] · (Q(x̂ᵀ)[K, M])ᵀ; x̂ = the forward's FP8 copy of x, dequantized
+  // and re-quantized per 128 tokens (a NaN scale in the copy comes back as NaN and is re-marked).
+  Fp8Tiles qx;
+  if (present(a.dw)) {
+    qx = x_fp8 && x_fp8->defined() ? *x_fp8 : cuda_fp8_tiles(a.x, p.pow2_scale);
+    DSV3_CHECK(qx.q.numel() == a.x.numel(), "linear_backward_lowp: the cached FP8 input does not match x");
+  }
+  // Dgrad: dx[M, K] = Q(dy)[M, N] · (Q(W)ᵀ [K, N])ᵀ
+  const int64_t K = present(a.dx) ? a.w.dim(1) : qx.q.dim(1);
+  if (!legacy() && !p.dgrad_block && lt_rows_ok(K) && N % 4 == 0)  // N: cuBLASLt takes Wgrad's n in 4s
+    return backward_direct(dy, a.w, a.w_scale_inv, qx, p.pow2_scale, present(a.dx) ? ptr<float>(a.dx) : nullptr,
+                           a.accumulate_dx, present(a.dw) ? ptr<float>(a.dw) : nullptr, a.accumulate_dw);
+  if (present(a.dx))
     gemm_fp8(quant(dy, gtile, false, p.pow2_scale),
              quant(to_f32(a.w, a.w_scale_inv), Fp8Tiling::Block128x128, true, p.pow2_scale), mat(a.dx),
              a.accumulate_dx, true);
-  if (present(a.dw)) {
-    // Wgrad: dW[N, K] = Q(dyᵀ)[N, M] · (Q(x̂ᵀ)[K, M])ᵀ; x̂ = the forward's FP8 copy of x, dequantized
-    // and re-quantized per 128 tokens (a NaN scale in the copy comes back as NaN and is re-marked).
-    Fp8Tiles qx = x_fp8 && x_fp8->defined() ? *x_fp8 : cuda_fp8_tiles(a.x, p.pow2_scale);
-    DSV3_CHECK(qx.q.numel() == a.x.numel(), "linear_backward_lowp: the cached FP8 input does not match x");
+  if (present(a.dw))
     gemm_fp8(quant(dy, p.dgrad_block ? Fp8Tiling::Block128x128 : Fp8Tiling::Col128x1, true, p.pow2_scale),
              requant_cols_t(qx, p.pow2_scale), a.dw, a.accumulate_dw, false);
-  }
 }
 
 }  // namespace dsv3

@@ -29,4 +29,82 @@ void cuda_quantize_fp8_async(const QuantizeFp8Args& a, unsigned long long* nonfi
 // dequantize_fp8 followed by quantize_fp8(Col128x1, transpose_out).
 void cuda_requantize_cols_t(const Fp8Tiles& src, bool pow2_scale, const Tensor& q, const Tensor& scale);
 
+namespace cuda {
+
+// The FP8 linear layer's GEMM preparation (quantize.cu): one launch per pass (Fprop; Dgrad and Wgrad
+// together) writes every FP8 operand in the form cuBLASLt reads — the reduction dimension zero-padded
+// to 128 by the quantizers themselves, scales in cuBLASLt's layouts (VEC128: [K/128, rows], rows
+// contiguous; BLK128x128: [⌈rows/128⌉, ld4], ld4 = ⌈K/128⌉ rounded up to 4) — so that a GEMM costs
+// that launch and the matmul. Codes and scales are the CPU's (quantize_fp8), the transposed weight's
+// 128×128 tiles being the weight's own tiles transposed.
+// Non-finite values, with no host read-back and no pass over the outputs: a tile holding NaN/Inf gets
+// a NaN scale and flags its operand in a device word; the launch's last CTA then writes NaN over a
+// whole scale array of each GEMM that operand feeds (every output of such a GEMM is then NaN, as on
+// the CPU) and clears the word. Launches run in order on the one default stream.
+
+// The weight operand: W [N, K] in any float dtype (FP8 with its 128×128 scale_inv) → 128×128 tiles,
+// q [N, ldq] (Fprop) or, with transpose, Wᵀ as q [K, ldq] (Dgrad); ldq the reduction dimension
+// rounded up to 128 (code 0 beyond it); scale_lt in BLK128x128 layout.
+struct WeightSide {
+  const void* w = nullptr;
+  DType wtype = DType::BF16;
+  const float* w_scale_inv = nullptr;
+  int64_t N = 0, K = 0;
+  bool transpose = false;
+  uint8_t* q = nullptr;
+  int64_t ldq = 0;
+  float* scale_lt = nullptr;
+  int64_t ld4 = 0;
+};
+
+// Fprop, K (= w.K) a multiple of 128: the weight, and x's 1×128 tiles — quantized here from x [M, K]
+// F32 into the cache xq [M, K] / x_scale [M, K/128] when x is set, else read from that cache. cuBLASLt
+// takes the token count only in multiples of 4, so the GEMM's operand is q_lt [M_lt, K], M_lt = M
+// rounded up to 4, its rows M..M_lt zero: q_lt is xq when x is set (xq then has M_lt rows) or when
+// M_lt = M, else a buffer the cached codes are copied into; scales in VEC128 layout x_scale_lt
+// [K/128, M_lt] (1 for the padding rows).
+struct FpropPrep {
+  bool pow2 = false;
+  WeightSide w;
+  int64_t M = 0, M_lt = 0;
+  const float* x = nullptr;
+  uint8_t* xq = nullptr;
+  float* x_scale = nullptr;
+  uint8_t* q_lt = nullptr;
+  float* x_scale_lt = nullptr;
+  bool x_vec = false;  // set by fp8_fprop_prep
+};
+void fp8_fprop_prep(FpropPrep p);
+
+// Both backward GEMMs from dy [M, N] F32, read once. Dgrad (q1 set): dy's 1×128 tiles q1 [M1, ld1]
+// (ld1 = N rounded up to 128, M1 = M rounded up to cuBLASLt's 4, the padding rows zero) with VEC128
+// scales s1_lt [ld1/128, M1], and the weight side (transpose, ldq = ld1). Wgrad (q2 set): dyᵀ's 128×1 tiles q2 [N, ld2] (ld2 = M rounded up to 128) with VEC128
+// scales s2_lt [ld2/128, N], and x̂ᵀ q3 [K, ld2], s3_lt [ld2/128, K] re-quantized from the forward's
+// FP8 tiles xs_q [M, K] / xs_scale [M, ⌈K/128⌉] (x̂ = e4m3·scale, as cuda_requantize_cols_t).
+struct BackwardPrep {
+  bool pow2 = false;
+  int64_t M = 0, N = 0, K = 0;
+  const float* dy = nullptr;
+  uint8_t* q1 = nullptr;
+  int64_t ld1 = 0, M1 = 0;
+  float* s1_lt = nullptr;
+  uint8_t* q2 = nullptr;
+  int64_t ld2 = 0;
+  float* s2_lt = nullptr;
+  const uint8_t* xs_q = nullptr;
+  const float* xs_scale = nullptr;
+  uint8_t* q3 = nullptr;
+  float* s3_lt = nullptr;
+  WeightSide w;
+};
+void fp8_backward_prep(const BackwardPrep& p);
+
+// c[M, N] (+)= a·bᵀ on cuBLASLt's block-scaled FP8 matmul with operands already in its layouts:
+// a [M, K] E4M3 with VEC128 scales [K/128, M]; b [N, K] with BLK128x128 scales [⌈N/128⌉, ld4] or
+// VEC128 scales [K/128, N]; K a multiple of 128; c F32 with row stride N.
+void fp8_gemm_lt(const uint8_t* a, const float* a_scale, int64_t M, const uint8_t* b, const float* b_scale,
+                 bool b_block, int64_t N, int64_t K, float* c, bool accumulate);
+
+}  // namespace cuda
+
 }  // namespace dsv3

@@ -1,10 +1,11 @@
-// FP8 E4M3 tile quantization on the GPU (backend/fp8.h semantics): one warp per tile (1×128,
-// 128×1 or 128×128) finds the amax of its finite values, derives the scale exactly as the CPU does
-// (amax/448, all-zero tile → 1, underflow → the smallest FP32, optional power of two) and writes the
-// saturated RNE codes, optionally transposed; 128×128 tiles take one CTA each, and transposed 128×1 /
-// 128×128 outputs go through a tiled transpose of x first. The reduced-precision linear layer's variant
-// (cuda_quantize_fp8_async) does not read the count back and marks a tile with non-finite values by
-// a NaN scale, so the whole training step runs without a host synchronisation per quantization.
+// FP8 E4M3 tile quantization on the GPU (backend/fp8.h semantics): the amax of a tile's finite
+// values gives the scale exactly as the CPU derives it (amax/448, all-zero tile → 1, underflow → the
+// smallest FP32, optional power of two), the codes are the saturated RNE of x/s. 1×128 tiles take a
+// warp each, 128×128 tiles a CTA, transposed 128×1 tiles a CTA per 128 rows × 32 columns through
+// shared memory. The reduced-precision linear layer's variant (cuda_quantize_fp8_async) does not read
+// the count back and marks a tile with non-finite values by a NaN scale, so the whole training step
+// runs without a host synchronisation per quantization; its GEMM preparation (fp8_fprop_prep,
+// fp8_backward_prep, linear_lowp.h) runs these tiles as roles of one launch per pass.
 #include <cfloat>
 
 #include "backend/cuda/common.cuh"
@@ -25,6 +26,136 @@ __device__ float scale_of(float amax, bool pow2) {
     s = ldexpf(1.0f, m == 0.5f ? e - 1 : e);
   }
   return s;
+}
+
+// One warp, the 1×128 tile (r, g) of x [M, K]: lane l holds columns 4l..4l+3 in registers (x read
+// once; vec: one 16-byte load, K % 4 == 0 and x 16-byte aligned). q has row stride ldq (columns
+// K..ldq of the tile get code 0: 0/s is +0); the scale goes to sc (row-major [M, ⌈K/128⌉]) and/or
+// sc_lt (cuBLASLt's VEC128 layout [⌈K/128⌉, M_lt]). A row r ≥ M (padding up to M_lt) is all zero:
+// codes 0, scale 1. Returns the tile's non-finite count (every lane).
+__device__ unsigned rows_tile(const float* x, int64_t M, int64_t M_lt, int64_t K, int64_t ldq, int64_t r, int64_t g,
+                              bool vec, bool pow2, bool nan_mark, uint8_t* q, float* sc, float* sc_lt,
+                              unsigned long long* nonfinite) {
+  const int lane = threadIdx.x & 31;
+  const int64_t ng = (K + kFp8Block - 1) / kFp8Block, c = g * kFp8Block + 4 * lane;
+  const float* xr = x + r * K;
+  float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (r >= M) {
+  } else if (vec) {  // c < K means all four are in range
+    if (c < K) {
+      const float4 t = *reinterpret_cast<const float4*>(xr + c);
+      v[0] = t.x, v[1] = t.y, v[2] = t.z, v[3] = t.w;
+    }
+  } else {
+    for (int j = 0; j < 4; ++j)
+      if (c + j < K) v[j] = xr[c + j];
+  }
+  float amax = 0.0f;
+  unsigned bad = 0;
+  for (int j = 0; j < 4; ++j) {
+    if (!isfinite(v[j])) ++bad;
+    else amax = fmaxf(amax, fabsf(v[j]));
+  }
+  amax = warp_max(amax);
+  bad = warp_sum(bad);
+  const float s = scale_of(amax, pow2);
+  if (lane == 0) {
+    const float sw = bad && nan_mark ? __int_as_float(0x7fc00000) : s;
+    if (sc && r < M) sc[r * ng + g] = sw;
+    if (sc_lt) sc_lt[g * M_lt + r] = sw;
+    if (bad && nonfinite) atomicAdd(nonfinite, (unsigned long long)bad);
+  }
+  uint8_t* qr = q + r * ldq;
+  uint8_t b[4];
+  for (int j = 0; j < 4; ++j) b[j] = __nv_cvt_float_to_fp8(v[j] / s, __NV_SATFINITE, __NV_E4M3);
+  if (vec && ldq % 4 == 0) {  // q 4-byte aligned (checked with vec)
+    if (c < ldq) *reinterpret_cast<uint32_t*>(qr + c) = b[0] | b[1] << 8 | b[2] << 16 | uint32_t(b[3]) << 24;
+  } else {
+    for (int j = 0; j < 4; ++j)
+      if (c + j < ldq) qr[c + j] = b[j];
+  }
+  return bad;
+}
+
+__global__ void quantize_rows_kernel(const float* x, int64_t M, int64_t K, int64_t ldq, bool vec, bool pow2,
+                                     bool nan_mark, uint8_t* q, float* sc, unsigned long long* nonfinite) {
+  const int64_t ng = (K + kFp8Block - 1) / kFp8Block;
+  const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32;
+  if (warp < M * ng) rows_tile(x, M, M, K, ldq, warp / ng, warp % ng, vec, pow2, nan_mark, q, sc, nullptr, nonfinite);
+}
+
+bool aligned_to(const void* p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) & (a - 1)) == 0; }
+bool rows_vec(const float* x, int64_t K, const uint8_t* q) { return K % 4 == 0 && aligned_to(x, 16) && aligned_to(q, 4); }
+
+// 128×1 tiles with the transposed output (Wgrad's operands), one CTA (256 threads) per 128 rows × 32
+// columns (block bx, row block rb of nrb): the tile is read once along rows (coalesced), kept in
+// shared memory, and written per column (coalesced in the transposed q). The source is x [M, K] F32,
+// or FP8 1×128 tiles (qs, ss: x̂ = e4m3(qs)·ss, the dequantized FP32 value, as dequantize_fp8
+// computes it) so that the forward's FP8 copy is re-quantized without materialising x̂. q is [K, ldq],
+// its columns M..ldq zero (the padding of a GEMM's K); scales [K, nrb], or with lt cuBLASLt's VEC128
+// layout [nrb, K]. Returns (warp 0's lanes) whether the lane's column held non-finite values.
+struct ColsSmem {
+  float t[kFp8Block][33];
+  float am_w[8][32], s_col[32];
+  unsigned bad_w[8][32];
+};
+__device__ unsigned cols_t_tile(ColsSmem& sm, int64_t bx, int64_t rb, int64_t nrb, const float* x, const uint8_t* qs,
+                                const float* ss, int64_t M, int64_t K, int64_t ldq, bool pow2, bool nan_mark, bool lt,
+                                uint8_t* q, float* sc, unsigned long long* nonfinite) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const int64_t r0 = rb * kFp8Block, c = bx * 32 + lane, kb = (K + kFp8Block - 1) / kFp8Block;
+  float am = 0.0f;
+  unsigned bad = 0;
+  for (int i = w; i < kFp8Block; i += 8) {
+    const int64_t r = r0 + i;
+    float v = 0.0f;
+    if (r < M && c < K) {
+      if (qs) {
+        __half_raw h = __nv_cvt_fp8_to_halfraw(qs[r * K + c], __NV_E4M3);
+        v = __half2float(__half(h)) * ss[r * kb + c / kFp8Block];
+      } else {
+        v = x[r * K + c];
+      }
+      if (!isfinite(v)) ++bad;
+      else am = fmaxf(am, fabsf(v));
+    }
+    sm.t[i][lane] = v;
+  }
+  sm.am_w[w][lane] = am;
+  sm.bad_w[w][lane] = bad;
+  __syncthreads();
+  unsigned b = 0;
+  if (w == 0) {
+    float a = 0.0f;
+    for (int j = 0; j < 8; ++j) a = fmaxf(a, sm.am_w[j][lane]), b += sm.bad_w[j][lane];
+    const float sv = scale_of(a, pow2);
+    sm.s_col[lane] = sv;
+    if (c < K) {
+      sc[lt ? rb * K + c : c * nrb + rb] = b && nan_mark ? __int_as_float(0x7fc00000) : sv;
+      if (b && nonfinite) atomicAdd(nonfinite, (unsigned long long)b);
+    } else {
+      b = 0;
+    }
+  }
+  __syncthreads();
+  for (int kk = w; kk < 32; kk += 8) {
+    const int64_t k = bx * 32 + kk;
+    if (k >= K) break;
+    const float sv = sm.s_col[kk];
+    for (int i = lane; i < kFp8Block; i += 32) {
+      const int64_t r = r0 + i;  // rows M..ldq hold 0: their code is 0
+      if (r < ldq) q[k * ldq + r] = __nv_cvt_float_to_fp8(sm.t[i][kk] / sv, __NV_SATFINITE, __NV_E4M3);
+    }
+  }
+  __syncthreads();  // sm is reused by the caller's next tile
+  return b;
+}
+
+__global__ void quantize_cols_t_kernel(const float* x, const uint8_t* qs, const float* ss, int64_t M, int64_t K,
+                                       bool pow2, bool nan_mark, uint8_t* q, float* sc,
+                                       unsigned long long* nonfinite) {
+  __shared__ ColsSmem sm;
+  cols_t_tile(sm, blockIdx.x, blockIdx.y, gridDim.y, x, qs, ss, M, K, M, pow2, nan_mark, false, q, sc, nonfinite);
 }
 
 __global__ void quantize_kernel(const float* x, int64_t M, int64_t K, int64_t th, int64_t tw, bool pow2, bool transpose,
@@ -86,64 +217,6 @@ __global__ void quantize_block_kernel(const float* x, int64_t M, int64_t K, bool
     for (int64_t r = r0 + rs; r < r1; r += 2) q[r * K + c] = __nv_cvt_float_to_fp8(x[r * K + c] / s, __NV_SATFINITE, __NV_E4M3);
 }
 
-// 128×1 tiles with the transposed output (Wgrad's operands), one CTA per 128 rows × 32 columns: the
-// tile is read once along rows (coalesced), kept in shared memory, and written per column (coalesced
-// in the transposed q). The source is x [M, K] F32, or FP8 1×128 tiles (qs, ss: x̂ = e4m3(qs)·ss, the
-// dequantized FP32 value, as dequantize_fp8 computes it) so that the forward's FP8 copy is
-// re-quantized without materialising x̂.
-template <bool kFp8Src>
-__global__ void quantize_cols_t_kernel(const float* x, const uint8_t* qs, const float* ss, int64_t M, int64_t K,
-                                       bool pow2, bool nan_mark, uint8_t* q, float* sc,
-                                       unsigned long long* nonfinite) {
-  __shared__ float t[kFp8Block][33];
-  __shared__ float am_w[8][32], s_col[32];
-  __shared__ unsigned bad_w[8][32];
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-  const int64_t rb = blockIdx.y, r0 = rb * kFp8Block, c = int64_t(blockIdx.x) * 32 + lane;
-  const int64_t kb = (K + kFp8Block - 1) / kFp8Block;
-  float am = 0.0f;
-  unsigned bad = 0;
-  for (int i = w; i < kFp8Block; i += 8) {
-    const int64_t r = r0 + i;
-    float v = 0.0f;
-    if (r < M && c < K) {
-      if constexpr (kFp8Src) {
-        __half_raw h = __nv_cvt_fp8_to_halfraw(qs[r * K + c], __NV_E4M3);
-        v = __half2float(__half(h)) * ss[r * kb + c / kFp8Block];
-      } else {
-        v = x[r * K + c];
-      }
-      if (!isfinite(v)) ++bad;
-      else am = fmaxf(am, fabsf(v));
-    }
-    t[i][lane] = v;
-  }
-  am_w[w][lane] = am;
-  bad_w[w][lane] = bad;
-  __syncthreads();
-  if (w == 0) {
-    float a = 0.0f;
-    unsigned b = 0;
-    for (int j = 0; j < 8; ++j) a = fmaxf(a, am_w[j][lane]), b += bad_w[j][lane];
-    const float sv = scale_of(a, pow2);
-    s_col[lane] = sv;
-    if (c < K) {
-      sc[c * gridDim.y + rb] = b && nan_mark ? __int_as_float(0x7fc00000) : sv;
-      if (b && nonfinite) atomicAdd(nonfinite, (unsigned long long)b);
-    }
-  }
-  __syncthreads();
-  for (int kk = w; kk < 32; kk += 8) {
-    const int64_t k = int64_t(blockIdx.x) * 32 + kk;
-    if (k >= K) break;
-    const float sv = s_col[kk];
-    for (int i = lane; i < kFp8Block; i += 32) {
-      const int64_t r = r0 + i;
-      if (r < M) q[k * M + r] = __nv_cvt_float_to_fp8(t[i][kk] / sv, __NV_SATFINITE, __NV_E4M3);
-    }
-  }
-}
-
 // y[C, R] = x[R, C]ᵀ through 32×32 shared-memory tiles (both sides coalesced).
 __global__ void transpose_kernel(const float* x, int64_t R, int64_t C, float* y) {
   __shared__ float t[32][33];
@@ -159,6 +232,237 @@ __global__ void transpose_kernel(const float* x, int64_t R, int64_t C, float* y)
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The linear layer's GEMM preparation (linear_lowp.h): one launch per pass whose CTAs take roles by
+// their index, every operand written in cuBLASLt's layout.
+
+// NaN propagation: each role or-s a bit into g_nan.flag when its tiles hold non-finite values; the
+// last CTA of the launch to finish (an arrival count) sees every bit, writes NaN over whole scale
+// arrays of the GEMMs those operands feed (then every output of such a GEMM is NaN, as on the CPU)
+// and clears the pair for the next launch. Launches run in order on the one default stream.
+struct NanSync {
+  unsigned flag, count;
+};
+__device__ NanSync g_nan;  // zero at load; every launch leaves it zero
+
+constexpr unsigned kBadX = 1, kBadW = 2, kBadDy = 4;
+
+__device__ void nan_end(float* p0, int64_t n0, unsigned m0, float* p1, int64_t n1, unsigned m1) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&g_nan.count, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const unsigned f = *static_cast<volatile unsigned*>(&g_nan.flag);
+  if (p0 && (f & m0))
+    for (int64_t i = threadIdx.x; i < n0; i += blockDim.x) p0[i] = __int_as_float(0x7fc00000);
+  if (p1 && (f & m1))
+    for (int64_t i = threadIdx.x; i < n1; i += blockDim.x) p1[i] = __int_as_float(0x7fc00000);
+  __syncthreads();
+  if (threadIdx.x == 0) g_nan.flag = g_nan.count = 0;
+}
+
+// One CTA (256 threads), one 128×128 tile of W [N, K] (any float dtype; an FP8 weight times its
+// scale_inv as dequantize_fp8 does): amax, then the codes written as W [N, ldq] or, transposed,
+// through a shared byte tile as Wᵀ [K, ldq] (the transposed tiling has the same tiles, so the same
+// scales and codes); columns beyond the reduction get code 0. The scale goes to cuBLASLt's BLK128x128
+// layout (rows of ld4 floats, the padding 0). Returns the tile's non-finite count (every thread).
+struct WeightSmem {
+  uint8_t t[kFp8Block][kFp8Block + 4];
+};
+__device__ unsigned weight_tile(WeightSmem& sm, int64_t tile, const WeightSide& p, bool pow2) {
+  const int64_t ngk = (p.K + kFp8Block - 1) / kFp8Block, ngn = (p.N + kFp8Block - 1) / kFp8Block;
+  const int64_t rb = tile / ngk, g = tile % ngk;
+  const int64_t r0 = rb * kFp8Block, r1 = r0 + kFp8Block < p.N ? r0 + kFp8Block : p.N;
+  const int cl = threadIdx.x & 127, rs = threadIdx.x >> 7;
+  const int64_t c = g * kFp8Block + cl;
+  const bool in = c < p.K;
+  auto load = [&](int64_t r) {
+    float v = load_f(p.w, p.wtype, r * p.K + c);
+    if (p.w_scale_inv) v *= p.w_scale_inv[(r / kFp8Block) * ngk + c / kFp8Block];
+    return v;
+  };
+  float amax = 0.0f;
+  unsigned bad = 0;
+  if (in)
+    for (int64_t r = r0 + rs; r < r1; r += 2) {
+      const float v = load(r);
+      if (!isfinite(v)) ++bad;
+      else amax = fmaxf(amax, fabsf(v));
+    }
+  amax = block_max(amax);
+  bad = block_sum(bad);
+  const float s = scale_of(amax, pow2);
+  if (threadIdx.x == 0) {
+    const int64_t sr = p.transpose ? g : rb, scol = p.transpose ? rb : g, ncol = p.transpose ? ngn : ngk;
+    p.scale_lt[sr * p.ld4 + scol] = bad ? __int_as_float(0x7fc00000) : s;
+    if (scol == ncol - 1)
+      for (int64_t j = ncol; j < p.ld4; ++j) p.scale_lt[sr * p.ld4 + j] = 0.0f;
+  }
+  if (!p.transpose) {
+    if (c < p.ldq)
+      for (int64_t r = r0 + rs; r < r1; r += 2)
+        p.q[r * p.ldq + c] = in ? __nv_cvt_float_to_fp8(load(r) / s, __NV_SATFINITE, __NV_E4M3) : uint8_t(0);
+    return bad;
+  }
+  for (int i = rs; i < kFp8Block; i += 2) {
+    const int64_t r = r0 + i;
+    sm.t[cl][i] = in && r < p.N ? __nv_cvt_float_to_fp8(load(r) / s, __NV_SATFINITE, __NV_E4M3) : uint8_t(0);
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < kFp8Block * 32; e += blockDim.x) {
+    const int cc = e >> 5, w4 = e & 31;
+    const int64_t k = g * kFp8Block + cc;  // row k of Wᵀ, columns r0 + 4·w4 .. (ldq ≥ r0 + 128)
+    if (k < p.K)
+      *reinterpret_cast<uint32_t*>(p.q + k * p.ldq + r0 + 4 * w4) = *reinterpret_cast<const uint32_t*>(&sm.t[cc][4 * w4]);
+  }
+  return bad;
+}
+
+// Fprop: CTAs [0, w_tiles) the weight's tiles; the rest the token side, M_lt rows (M rounded up to
+// cuBLASLt's 4, the padding rows code 0 and scale 1): x's 1×128 tiles, eight per CTA (the cache and the
+// VEC128 scales at once), or the cached scales rewritten into VEC128 layout, 256 rows per CTA,
+// followed, when the cache lacks the padding rows, by CTAs copying its codes into q_lt 4 KB each.
+__global__ void __launch_bounds__(256) fprop_prep_kernel(FpropPrep p, int64_t w_tiles, int64_t rel_ctas) {
+  __shared__ WeightSmem sm;
+  const int64_t kb = p.w.K / kFp8Block;
+  unsigned bad = 0;
+  const int64_t b = int64_t(blockIdx.x) - w_tiles;
+  if (b < 0) {
+    bad = weight_tile(sm, blockIdx.x, p.w, p.pow2) ? kBadW : 0;
+  } else if (p.x) {
+    const int64_t tile = b * 8 + (threadIdx.x >> 5);
+    if (tile < p.M_lt * kb && rows_tile(p.x, p.M, p.M_lt, p.w.K, p.w.K, tile / kb, tile % kb, p.x_vec, p.pow2, true,
+                                        p.q_lt, p.x_scale, p.x_scale_lt, nullptr))
+      bad = kBadX;
+  } else if (b < rel_ctas) {
+    const int64_t r = b * int64_t(blockDim.x) + threadIdx.x;
+    if (r < p.M_lt)
+      for (int64_t j = 0; j < kb; ++j) {
+        const float v = r < p.M ? p.x_scale[r * kb + j] : 1.0f;
+        if (isnan(v)) bad = kBadX;
+        p.x_scale_lt[j * p.M_lt + r] = v;
+      }
+  } else {
+    const int64_t i = ((b - rel_ctas) * int64_t(blockDim.x) + threadIdx.x) * 16, n = p.M * p.w.K;
+    if (i < p.M_lt * p.w.K) {
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (i < n) v = *reinterpret_cast<const uint4*>(p.xq + i);  // n % 16 == 0: K is a multiple of 128
+      *reinterpret_cast<uint4*>(p.q_lt + i) = v;
+    }
+  }
+  if (bad) atomicOr(&g_nan.flag, bad);
+  nan_end(p.w.scale_lt, ((p.w.N + kFp8Block - 1) / kFp8Block) * p.w.ld4, kBadX | kBadW, nullptr, 0, 0);
+}
+
+// dy [M, N], one CTA per 128×128 block (g, rb): each warp quantizes whole rows in registers as it
+// loads them (1×128 tiles q1 [M, ld1], VEC128 scales s1_lt [⌈N/128⌉, M]) and, for Wgrad, the block is
+// kept in shared memory and quantized per column (128×1 tiles transposed: q2 [N, ld2], VEC128 scales
+// s2_lt [⌈M/128⌉, N]). Columns N..ld1 of q1 and M..ld2 of q2 get code 0. The bytes and scales of
+// rows_tile and cols_t_tile.
+constexpr int kDyLd = kFp8Block + 1;  // row stride (floats): column reads hit distinct banks
+struct DySmem {
+  float t[kFp8Block][kDyLd];
+  float am_c[2][kFp8Block], s_col[kFp8Block];
+  unsigned bad_c[2][kFp8Block];
+};
+__device__ unsigned dy_tile(DySmem& sm, int64_t g, int64_t rb, const BackwardPrep& p) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const int64_t M = p.M, N = p.N, r0 = rb * kFp8Block, c0 = g * kFp8Block;
+  unsigned any = 0;
+  for (int i = w; i < kFp8Block; i += 8) {
+    const int64_t r = r0 + i;
+    float v[4];
+    float amax = 0.0f;
+    unsigned bad = 0;
+    for (int j = 0; j < 4; ++j) {
+      const int64_t c = c0 + lane + 32 * j;
+      v[j] = r < M && c < N ? p.dy[r * N + c] : 0.0f;
+      if (p.q2) sm.t[i][lane + 32 * j] = v[j];
+      if (!isfinite(v[j])) ++bad;
+      else amax = fmaxf(amax, fabsf(v[j]));
+    }
+    if (r >= p.M1 || !p.q1) continue;  // warp-uniform; rows M..M1 are zero: codes 0, scale 1
+    amax = warp_max(amax);
+    bad = warp_sum(bad);
+    any |= bad;
+    const float s = scale_of(amax, p.pow2);
+    if (lane == 0) p.s1_lt[g * p.M1 + r] = bad ? __int_as_float(0x7fc00000) : s;
+    for (int j = 0; j < 4; ++j) {
+      const int64_t c = c0 + lane + 32 * j;
+      if (c < p.ld1) p.q1[r * p.ld1 + c] = __nv_cvt_float_to_fp8(v[j] / s, __NV_SATFINITE, __NV_E4M3);
+    }
+  }
+  if (!p.q2) return any;
+  __syncthreads();
+  {
+    const int col = threadIdx.x & 127, half = threadIdx.x >> 7;
+    float am = 0.0f;
+    unsigned bad = 0;
+    for (int i = half * 64; i < half * 64 + 64; ++i) {
+      const float v = sm.t[i][col];
+      if (!isfinite(v)) ++bad;
+      else am = fmaxf(am, fabsf(v));
+    }
+    sm.am_c[half][col] = am;
+    sm.bad_c[half][col] = bad;
+  }
+  __syncthreads();
+  if (threadIdx.x < kFp8Block) {
+    const int col = threadIdx.x;
+    const int64_t c = c0 + col;
+    const unsigned b = sm.bad_c[0][col] + sm.bad_c[1][col];
+    const float sv = scale_of(fmaxf(sm.am_c[0][col], sm.am_c[1][col]), p.pow2);
+    sm.s_col[col] = sv;
+    if (c < N) {
+      p.s2_lt[rb * N + c] = b ? __int_as_float(0x7fc00000) : sv;
+      any |= b;
+    }
+  }
+  __syncthreads();
+  for (int cc = w; cc < kFp8Block; cc += 8) {
+    const int64_t c = c0 + cc;
+    if (c >= N) break;
+    const float sv = sm.s_col[cc];
+    for (int j = 0; j < 4; ++j) {
+      const int i = lane + 32 * j;  // rows M..ld2 hold 0: their code is 0
+      if (r0 + i < p.ld2) p.q2[c * p.ld2 + r0 + i] = __nv_cvt_float_to_fp8(sm.t[i][cc] / sv, __NV_SATFINITE, __NV_E4M3);
+    }
+  }
+  return any;
+}
+
+union BackwardSmem {
+  DySmem dy;
+  ColsSmem cols;
+  WeightSmem w;
+};
+
+// Backward: CTAs [0, n_dy) dy's 128×128 blocks, then (Wgrad) x̂'s 128-row × 32-column blocks, then
+// (Dgrad) Wᵀ's tiles.
+__global__ void __launch_bounds__(256) backward_prep_kernel(BackwardPrep p, int64_t n_dy, int64_t n_x) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  BackwardSmem& sm = *reinterpret_cast<BackwardSmem*>(smem_raw);
+  const int64_t kbn = (p.N + kFp8Block - 1) / kFp8Block, rbs = (p.M + kFp8Block - 1) / kFp8Block;
+  unsigned bad = 0;
+  int64_t b = blockIdx.x;
+  if (b < n_dy) {
+    bad = dy_tile(sm.dy, b % kbn, b / kbn, p) ? kBadDy : 0;
+  } else if ((b -= n_dy) < n_x) {
+    bad = cols_t_tile(sm.cols, b / rbs, b % rbs, rbs, nullptr, p.xs_q, p.xs_scale, p.M, p.K, p.ld2, p.pow2, true, true,
+                      p.q3, p.s3_lt, nullptr)
+              ? kBadX
+              : 0;
+  } else {
+    bad = weight_tile(sm.w, b - n_x, p.w, p.pow2) ? kBadW : 0;
+  }
+  if (bad) atomicOr(&g_nan.flag, bad);
+  nan_end(p.q2 ? p.s3_lt : nullptr, rbs * p.K, kBadDy | kBadX, p.q1 ? p.w.scale_lt : nullptr,
+          ((p.K + kFp8Block - 1) / kFp8Block) * p.w.ld4, kBadDy | kBadW);
+}
+
 }  // namespace
 
 // A transposed 128×128 output is the 128×128 tiling of xᵀ (same tiles, scales and codes), so x is
@@ -172,7 +476,7 @@ void cuda_quantize_fp8_async(const QuantizeFp8Args& a, unsigned long long* nonfi
   const Fp8Tiling tiling = a.tiling;
   bool transpose = a.transpose_out;
   if (transpose && tiling == Fp8Tiling::Col128x1) {
-    quantize_cols_t_kernel<false><<<dim3(unsigned((K + 31) / 32), unsigned((M + kFp8Block - 1) / kFp8Block)), 256>>>(
+    quantize_cols_t_kernel<<<dim3(unsigned((K + 31) / 32), unsigned((M + kFp8Block - 1) / kFp8Block)), 256>>>(
         x, nullptr, nullptr, M, K, a.pow2_scale, nan_mark, ptr<uint8_t>(a.q), ptr<float>(a.scale), nonfinite);
     check_launch("quantize_fp8 128x1 transposed");
     return;
@@ -189,6 +493,10 @@ void cuda_quantize_fp8_async(const QuantizeFp8Args& a, unsigned long long* nonfi
     const int64_t tiles = ((M + kFp8Block - 1) / kFp8Block) * ((K + kFp8Block - 1) / kFp8Block);
     quantize_block_kernel<<<unsigned(tiles), 256>>>(x, M, K, a.pow2_scale, nan_mark, ptr<uint8_t>(a.q),
                                                      ptr<float>(a.scale), nonfinite);
+  } else if (tiling == Fp8Tiling::Row1x128 && !transpose) {
+    quantize_rows_kernel<<<blocks_for(M * ((K + kFp8Block - 1) / kFp8Block) * 32), 256>>>(
+        x, M, K, K, rows_vec(x, K, ptr<uint8_t>(a.q)), a.pow2_scale, nan_mark, ptr<uint8_t>(a.q), ptr<float>(a.scale),
+        nonfinite);
   } else {
     const int64_t th = tiling == Fp8Tiling::Row1x128 ? 1 : kFp8Block, tw = tiling == Fp8Tiling::Col128x1 ? 1 : kFp8Block;
     const int64_t tiles = ((M + th - 1) / th) * ((K + tw - 1) / tw);
@@ -204,11 +512,50 @@ void cuda_requantize_cols_t(const Fp8Tiles& src, bool pow2_scale, const Tensor& 
                  scale.numel() == K * rbs,
              "cuda_requantize_cols_t: shapes do not fit FP8 1x128 tiles of [", M, ", ", K, "]");
   if (M * K == 0) return;
-  quantize_cols_t_kernel<true><<<dim3(unsigned((K + 31) / 32), unsigned(rbs)), 256>>>(
+  quantize_cols_t_kernel<<<dim3(unsigned((K + 31) / 32), unsigned(rbs)), 256>>>(
       nullptr, ptr<uint8_t>(src.q), src.scale.data<float>(), M, K, pow2_scale, true, ptr<uint8_t>(q), ptr<float>(scale),
       nullptr);
   check_launch("fp8 re-quantization 128x1");
 }
+
+namespace cuda {
+
+void fp8_fprop_prep(FpropPrep p) {
+  const WeightSide& w = p.w;
+  DSV3_CHECK(w.K % kFp8Block == 0 && !w.transpose && w.ldq == w.K && w.ld4 >= w.K / kFp8Block,
+             "fp8_fprop_prep: the weight side does not fit [", w.N, ", ", w.K, "]");
+  DSV3_CHECK(p.M_lt >= p.M && p.M_lt < p.M + 4 && (p.x ? p.q_lt == p.xq : p.q_lt == p.xq || p.M_lt > p.M),
+             "fp8_fprop_prep: token rows ", p.M, " / ", p.M_lt);
+  if (p.M == 0) return;
+  const int64_t w_tiles = ((w.N + kFp8Block - 1) / kFp8Block) * (w.K / kFp8Block);
+  const int64_t rel_ctas = (p.M_lt + 255) / 256;
+  const int64_t x_ctas = p.x ? (p.M_lt * (w.K / kFp8Block) + 7) / 8
+                             : rel_ctas + (p.q_lt != p.xq ? (p.M_lt * w.K / 16 + 255) / 256 : 0);
+  p.x_vec = p.x && rows_vec(p.x, w.K, p.xq);
+  fprop_prep_kernel<<<unsigned(w_tiles + x_ctas), 256>>>(p, w_tiles, rel_ctas);
+  check_launch("fp8 Fprop preparation");
+}
+
+void fp8_backward_prep(const BackwardPrep& p) {
+  const int64_t kbn = (p.N + kFp8Block - 1) / kFp8Block, rbs = (p.M + kFp8Block - 1) / kFp8Block;
+  DSV3_CHECK((!p.q1 || (p.ld1 == kbn * kFp8Block && p.M1 >= p.M && p.M1 <= rbs * kFp8Block && p.w.transpose && p.w.N == p.N &&
+                        p.w.K == p.K && p.w.ldq == p.ld1)) &&
+                 (!p.q2 || (p.ld2 >= p.M && p.ld2 <= rbs * kFp8Block && p.q3)),
+             "fp8_backward_prep: operands do not fit dy [", p.M, ", ", p.N, "] and K ", p.K);
+  if (p.M * p.N == 0 || (!p.q1 && !p.q2)) return;
+  static const bool attr = [] {
+    DSV3_CUDA_CHECK(cudaFuncSetAttribute(backward_prep_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         int(sizeof(BackwardSmem))));
+    return true;
+  }();
+  (void)attr;
+  const int64_t n_dy = kbn * rbs, n_x = p.q2 ? ((p.K + 31) / 32) * rbs : 0;
+  const int64_t n_w = p.q1 ? ((p.N + kFp8Block - 1) / kFp8Block) * ((p.K + kFp8Block - 1) / kFp8Block) : 0;
+  backward_prep_kernel<<<unsigned(n_dy + n_x + n_w), 256, sizeof(BackwardSmem)>>>(p, n_dy, n_x);
+  check_launch("fp8 backward preparation");
+}
+
+}  // namespace cuda
 
 Fp8Status cuda_quantize_fp8(const QuantizeFp8Args& a) {
   int64_t K = last_dim(a.x), M = rows_of(a.x);
