@@ -16,7 +16,7 @@ constexpr double kF32 = 1e-5;
 // FP32 backward's own rounding, as for kF32, plus the extra products of chained derivatives.
 constexpr double kF32Grad = 2e-5;
 
-// A backend that stores activations in BF16 (8 significant bits, u = 2^-9 = 2e-3) against the
+// A backend that stores activations in BF16 (8 significant bits, u = 2^-8 = 3.9e-3) against the
 // FP32 CPU reference: one rounding per stored tensor and a few per op chain.
 constexpr double kBf16 = 1e-2;
 
