@@ -162,7 +162,6 @@ int main(int argc, char** argv) {
   res["rows"] = rows;
   res["configs"] = configs;
   res["hot_l2"] = hot_l2;
-  if (const char* c = std::getenv("DSV3_COMMIT")) res["commit"] = c;
   std::printf("wrote %s\n", dsv3::bench::write_result("gpu_mla_decode", res).c_str());
   return 0;
 }

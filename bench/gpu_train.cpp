@@ -456,7 +456,6 @@ int main(int argc, char** argv) {
       std::printf("no transformers baseline at %s: speed-ups not recorded\n", hf_path.c_str());
     }
   }
-  if (const char* c = std::getenv("DSV3_COMMIT")) res["commit"] = c;
   std::printf("wrote %s\n", dsv3::bench::write_result("gpu_train", res).c_str());
   return 0;
 }

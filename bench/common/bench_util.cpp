@@ -4,6 +4,7 @@
 
 #include <array>
 #include <cstdio>
+#include <cstdlib>
 #include <ctime>
 #include <fstream>
 #include <memory>
@@ -25,8 +26,15 @@ std::string run(const std::string& cmd) {
 
 nlohmann::json provenance() {
   nlohmann::json j;
-  j["commit"] = run("git -C " DSV3_SOURCE_DIR " rev-parse --short HEAD 2>/dev/null");
-  j["dirty"] = !run("git -C " DSV3_SOURCE_DIR " status --porcelain --untracked-files=no 2>/dev/null").empty();
+  // bench/gpu.sh names the commit its binaries were built from (the GPU machine may run them in a
+  // copy of the tree whose git state is not theirs); otherwise the checkout's.
+  if (const char* c = std::getenv("DSV3_COMMIT"); c && *c) {
+    j["commit"] = c;
+    j["commit_source"] = "DSV3_COMMIT";
+  } else {
+    j["commit"] = run("git -C " DSV3_SOURCE_DIR " rev-parse --short HEAD 2>/dev/null");
+    j["dirty"] = !run("git -C " DSV3_SOURCE_DIR " status --porcelain --untracked-files=no 2>/dev/null").empty();
+  }
   std::time_t t = std::time(nullptr);
   char date[32];
   std::strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
