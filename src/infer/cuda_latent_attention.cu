@@ -555,11 +555,13 @@ CudaLatentAttention::CudaLatentAttention(const LatentKvPool& pool, const std::ve
       for (int64_t k = 0; k < d.nope; ++k)
         for (int64_t i = 0; i < d.kv_lora; ++i)
           t.data<float>()[(hh * d.kv_lora + i) * d.nope + k] = h.data<float>()[(hh * d.nope + k) * d.kv_lora + i];
-    // BF16 rows for the GEMV take whole 16-byte vectors and heads of a multiple of 8 rows.
-    const bool vec = d.nope % 8 == 0 && d.kv_lora % 8 == 0 && d.vd % 8 == 0;
-    w_uk_t_.push_back(cuda_backend().to_device(vec && bf16_exact(t) ? t.to(DType::BF16) : t));
+    // BF16 rows for the GEMV take whole 16-byte vectors and heads of a multiple of 8 rows, and their
+    // x vectors too: W_UK reads q_nope at a head stride of qk floats, W_UV the latent output.
+    const bool uk_vec = d.nope % 8 == 0 && d.kv_lora % 8 == 0 && (d.nope + d.rope) % 4 == 0;
+    const bool uv_vec = d.kv_lora % 8 == 0 && d.vd % 8 == 0;
+    w_uk_t_.push_back(cuda_backend().to_device(uk_vec && bf16_exact(t) ? t.to(DType::BF16) : t));
     const Tensor uv = cuda_backend().to_host(a.w_uv);
-    w_uv_bf16_.push_back(vec && bf16_exact(uv) ? cuda_backend().to_device(uv.to(DType::BF16)) : Tensor());
+    w_uv_bf16_.push_back(uv_vec && bf16_exact(uv) ? cuda_backend().to_device(uv.to(DType::BF16)) : Tensor());
   }
   const int64_t rows = pool.num_blocks() * pool.layers() * pool.block_size();
   storage_ = cuda_backend().alloc(DType::BF16, {rows, pool.row_width()});
