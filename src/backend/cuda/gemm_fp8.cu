@@ -60,20 +60,10 @@ void cuda_fp8_gemm(const Fp8GemmArgs& a) {
   float* lt_b = lt_a + na;
   to_lt_scales(a.b_scale, b_block, lt_a);
   to_lt_scales(a.a_scale, a_block, lt_b);
-  LtMatmul g;
+  // a[M, K]·b[N, K]ᵀ: "TN" in cuBLASLt's terms, as FP8 requires.
+  LtMatmul g = lt_row_major(false, true, m, n, k, a.a.raw(), k, a.b.raw(), k, ptr<void>(a.c), n, a.accumulate);
   g.a_type = g.b_type = CUDA_R_8F_E4M3;
   g.c_type = bf16 ? CUDA_R_16BF : CUDA_R_32F;
-  g.trans_a = true;  // "TN", as FP8 requires
-  g.m = n;
-  g.n = m;
-  g.k = k;
-  g.a = a.b.raw();
-  g.lda = k;
-  g.b = a.a.raw();
-  g.ldb = k;
-  g.c = ptr<void>(a.c);
-  g.ldc = n;
-  g.beta = a.accumulate ? 1.0f : 0.0f;
   g.a_scale_mode = b_block ? CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F : CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
   g.b_scale_mode = a_block ? CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F : CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
   g.a_scale = lt_a;
@@ -86,20 +76,8 @@ namespace cuda {
 void fp8_gemm_lt(const uint8_t* a, const float* a_scale, int64_t M, const uint8_t* b, const float* b_scale,
                  bool b_block, int64_t N, int64_t K, float* c, bool accumulate) {
   DSV3_CHECK(K % kFp8Block == 0, "fp8_gemm_lt: K ", K, " is no multiple of 128");
-  LtMatmul g;
+  LtMatmul g = lt_row_major(false, true, M, N, K, a, K, b, K, c, N, accumulate);  // "TN"
   g.a_type = g.b_type = CUDA_R_8F_E4M3;
-  g.c_type = CUDA_R_32F;
-  g.trans_a = true;  // cuBLASLt's A is our b, "TN"
-  g.m = N;
-  g.n = M;
-  g.k = K;
-  g.a = b;
-  g.lda = K;
-  g.b = a;
-  g.ldb = K;
-  g.c = c;
-  g.ldc = N;
-  g.beta = accumulate ? 1.0f : 0.0f;
   g.a_scale_mode = b_block ? CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F : CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
   g.b_scale_mode = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
   g.a_scale = b_scale;

@@ -16,24 +16,10 @@ using namespace cuda;
 
 namespace {
 
-// Row-major c[m,n] = op(a)·op(b) (+ c) with BF16 a, b, FP32 accumulation and FP32 c. Row-major is
-// column-major transposed, so cuBLASLt's A is our b and its B our a.
+// Row-major c[m,n] = op(a)·op(b) (+ c) with BF16 a, b, FP32 accumulation and FP32 c.
 void gemm_bf16(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const __nv_bfloat16* a, int64_t lda,
                const __nv_bfloat16* b, int64_t ldb, bool accumulate, float* c, int64_t ldc) {
-  LtMatmul g;
-  g.trans_a = trans_b;
-  g.trans_b = trans_a;
-  g.m = n;
-  g.n = m;
-  g.k = k;
-  g.a = b;
-  g.lda = ldb;
-  g.b = a;
-  g.ldb = lda;
-  g.c = c;
-  g.ldc = ldc;
-  g.beta = accumulate ? 1.0f : 0.0f;
-  lt_matmul(g);
+  lt_matmul(lt_row_major(trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, accumulate));
 }
 
 // Any float dtype (FP8 with its 128×128 scale_inv grid) → F32 or BF16 (RNE), as the CPU's as_f32 and

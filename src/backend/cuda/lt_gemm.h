@@ -30,6 +30,26 @@ struct LtMatmul {
   const void* b_scale = nullptr;
 };
 
+// Row-major c[m, n] (+)= op(a)[m, k] · op(b)[k, n] as cuBLASLt's column-major problem (cᵀ = op(b)ᵀ ·
+// op(a)ᵀ: its A is our b, its B our a), BF16 operands and F32 c unless the caller changes the types.
+inline LtMatmul lt_row_major(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
+                             const void* b, int64_t ldb, void* c, int64_t ldc, bool accumulate) {
+  LtMatmul g;
+  g.trans_a = trans_b;
+  g.trans_b = trans_a;
+  g.m = n;
+  g.n = m;
+  g.k = k;
+  g.a = b;
+  g.lda = ldb;
+  g.b = a;
+  g.ldb = lda;
+  g.c = c;
+  g.ldc = ldc;
+  g.beta = accumulate ? 1.0f : 0.0f;
+  return g;
+}
+
 // Runs the matmul on the default stream; an internal error when cuBLASLt has no algorithm for it.
 void lt_matmul(const LtMatmul& g);
 
