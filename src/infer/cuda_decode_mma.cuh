@@ -1,5 +1,6 @@
-// The tensor-core core of the decode GEMV and grouped-expert kernels (cuda_decode_ops.cu): 16 BF16
-// weight rows per warp times up to 64 rows of F32 x on mma.sync m16n8k16, FP32 accumulators.
+// The tensor-core decode GEMV and grouped-expert kernels (launched by cuda_decode_ops.cu for BF16
+// weights): 16 BF16 weight rows per warp times up to 64 rows of F32 x on mma.sync m16n8k16, FP32
+// accumulators. Included by cuda_decode_ops.cu only.
 //
 // x in two BF16 terms. hi = bf16(x) (round to nearest) leaves |x − hi| ≤ 2⁻⁸|x| (8 significant
 // bits); x − hi is exact in F32 and lo = bf16(x − hi) leaves |x − hi − lo| ≤ 2⁻⁸|x − hi| ≤ 2⁻¹⁶|x|.
@@ -17,20 +18,23 @@
 // depend on the order of the columns, so each lane's 16 consecutive columns of a row (two 16-byte
 // loads) fill its A slots of four k16 MMAs, and x is read in the same permuted order (lane t of
 // quad g: x row g, the same 16 columns, four float4 loads from L1). A 64-column k-block of 16 rows
-// is 2 KB per weight; a warp takes every kstep-th k-block of its rows, two blocks' loads in flight
-// per weight (all issued before the first pdl_wait).
+// is 2 KB per weight; a warp takes every kstep-th k-block of its rows, the next block's loads in
+// flight while it multiplies one (the first issued before pdl_wait).
 #pragma once
 #include <cuda_bf16.h>
 
 #include <cstdint>
 
 #include "backend/cuda/pdl.cuh"
+#include "infer/cuda_decode_ops.h"
 #include "infer/cuda_weight_vec.cuh"
 
 namespace dsv3::cuda {
 
-constexpr int kMmaWarps = 8;  // warps per CTA of the tensor-core kernels
-constexpr int kMmaKb = 64;    // columns per k-block
+constexpr int kChunk = 8;         // picks (rows of x) per work item of the expert kernels
+constexpr int kMmaWarps = 8;      // warps per CTA of gemv_mma_kernel / expert_mma_kernel
+constexpr int kExpRowWarps = 16;  // warps per CTA of the row-range kernels (gemv_rows, expert_rows)
+constexpr int kMmaKb = 64;        // columns per k-block
 
 // c += a·b, m16n8k16, BF16 operands, FP32 accumulators (not volatile: the compiler may interleave).
 __device__ __forceinline__ void mma_bf16_acc(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -49,12 +53,47 @@ __device__ __forceinline__ void split_bf16x2(float x0, float x1, uint32_t& hi, u
   lo = *reinterpret_cast<const uint32_t*>(&l);
 }
 
+// One k-block's weights for one lane: [0..1] row g, columns c..c+7 and c+8..c+15; [2..3] row g + 8.
+struct MmaBlock {
+  uint4 w[4];
+};
+__device__ __forceinline__ void mma_load(MmaBlock& m, const char* lo, const char* hi, int b, int nkb, int K) {
+  const int c = b * kMmaKb + 16 * (threadIdx.x & 3);
+  const bool v0 = b < nkb && c + 8 <= K, v1 = b < nkb && c + 16 <= K;
+  const size_t o = size_t(c) * 2;
+  const uint4 z = make_uint4(0, 0, 0, 0);
+  m.w[0] = v0 ? ld_weights(lo + o) : z;
+  m.w[1] = v1 ? ld_weights(lo + o + 16) : z;
+  m.w[2] = v0 ? ld_weights(hi + o) : z;
+  m.w[3] = v1 ? ld_weights(hi + o + 16) : z;
+}
+// This lane's x columns of block b into L1 ahead of their loads (one line per row and lane pair).
+template <int NT>
+__device__ __forceinline__ void mma_prefetch_x(const float* const (&xr)[NT], int b, int K) {
+  const int c = b * kMmaKb + 16 * (threadIdx.x & 3);
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+    if (xr[nt] && c < K) asm volatile("prefetch.global.L1 [%0];" ::"l"(xr[nt] + c));
+}
+// k16 tile i of block (m, c): the A fragment. Logical columns 2t, 2t+1 ↔ physical c + 4i, +1 (word
+// 2i of the lane's 16 columns); 2t + 8, +9 ↔ c + 4i + 2, +3 (word 2i + 1).
+__device__ __forceinline__ uint32_t word(const uint4& v, int k) { return k == 0 ? v.x : k == 1 ? v.y : k == 2 ? v.z : v.w; }
+__device__ __forceinline__ void mma_a(const MmaBlock& m, int i, uint32_t (&a)[4]) {
+  const int u = i / 2, k = 2 * (i % 2);  // words 2i, 2i + 1 of the row's eight
+  a[0] = word(m.w[u], k);
+  a[1] = word(m.w[2 + u], k);
+  a[2] = word(m.w[u], k + 1);
+  a[3] = word(m.w[2 + u], k + 1);
+}
+
 // One warp: ca[nt] (and cb[nt] for a second weight, kTwo) = the sums over this warp's k-blocks
 // (kb0, kb0 + kstep, …) of W[16 rows]·x[8 rows of n-tile nt]ᵀ, in the MMA accumulator layout
 // (lane 4g + t: c[0], c[1] = weight row g, x rows 2t, 2t + 1; c[2], c[3] = weight row g + 8).
 // a_lo / a_hi: this lane's weight rows g and g + 8 (byte pointers to the row starts; BF16, K % 8 ==
 // 0, 16-byte aligned); xr[nt]: row nt·8 + g of x (F32, 16-byte aligned) or null for a missing row.
-// With `waited` false, pdl_wait (and the trigger) come after the first loads of the weights.
+// With `waited` false, pdl_wait (and the trigger) come after the first block's weight loads. The
+// next block's weights are loaded, and its x prefetched into L1, while this block is multiplied;
+// within a block the n-tiles' accumulators are interleaved (independent MMA chains).
 template <int NT, bool kTwo>
 __device__ __forceinline__ void mma_rows(const char* a_lo, const char* a_hi, const char* b_lo, const char* b_hi,
                                          int K, int kb0, int kstep, const float* const (&xr)[NT], bool& waited,
@@ -67,72 +106,83 @@ __device__ __forceinline__ void mma_rows(const char* a_lo, const char* a_hi, con
       ca[nt][i] = 0.0f;
       if constexpr (kTwo) cb[nt][i] = 0.0f;
     }
-  const uint4 z = make_uint4(0, 0, 0, 0);
   const int nkb = (K + kMmaKb - 1) / kMmaKb;
-  for (int kb = kb0; kb < nkb; kb += 2 * kstep) {
-    // [d][0..1]: row g, columns c..c+7 and c+8..c+15; [d][2..3]: row g + 8.
-    uint4 wa[2][4], wb[kTwo ? 2 : 1][4] = {};
-#pragma unroll
-    for (int d = 0; d < 2; ++d) {
-      const int b = kb + d * kstep, c = b * kMmaKb + 16 * t;
-      const bool v0 = b < nkb && c + 8 <= K, v1 = b < nkb && c + 16 <= K;
-      const size_t o = size_t(c) * 2;
-      wa[d][0] = v0 ? ld_weights(a_lo + o) : z;
-      wa[d][1] = v1 ? ld_weights(a_lo + o + 16) : z;
-      wa[d][2] = v0 ? ld_weights(a_hi + o) : z;
-      wa[d][3] = v1 ? ld_weights(a_hi + o + 16) : z;
-      if constexpr (kTwo) {
-        wb[d][0] = v0 ? ld_weights(b_lo + o) : z;
-        wb[d][1] = v1 ? ld_weights(b_lo + o + 16) : z;
-        wb[d][2] = v0 ? ld_weights(b_hi + o) : z;
-        wb[d][3] = v1 ? ld_weights(b_hi + o + 16) : z;
-      }
+  MmaBlock cur, curb;
+  if (kb0 < nkb) {
+    mma_load(cur, a_lo, a_hi, kb0, nkb, K);
+    if constexpr (kTwo) mma_load(curb, b_lo, b_hi, kb0, nkb, K);
+  }
+  if (!waited) {
+    pdl_wait();  // x comes from the previous kernels
+    pdl_trigger();
+    waited = true;
+  }
+  if (kb0 < nkb) mma_prefetch_x<NT>(xr, kb0, K);
+  for (int kb = kb0; kb < nkb; kb += kstep) {
+    const int kn = kb + kstep;
+    MmaBlock nxt, nxtb;
+    if (kn < nkb) {  // warp-uniform
+      mma_load(nxt, a_lo, a_hi, kn, nkb, K);
+      if constexpr (kTwo) mma_load(nxtb, b_lo, b_hi, kn, nkb, K);
+      mma_prefetch_x<NT>(xr, kn, K);
     }
-    if (!waited) {
-      pdl_wait();  // x comes from the previous kernels
-      pdl_trigger();
-      waited = true;
-    }
+    const int c = kb * kMmaKb + 16 * t;
 #pragma unroll
-    for (int d = 0; d < 2; ++d) {
-      const int b = kb + d * kstep, c = b * kMmaKb + 16 * t;
-      if (b >= nkb) break;  // warp-uniform
-      const uint32_t ra[8] = {wa[d][0].x, wa[d][0].y, wa[d][0].z, wa[d][0].w,
-                              wa[d][1].x, wa[d][1].y, wa[d][1].z, wa[d][1].w};
-      const uint32_t rh[8] = {wa[d][2].x, wa[d][2].y, wa[d][2].z, wa[d][2].w,
-                              wa[d][3].x, wa[d][3].y, wa[d][3].z, wa[d][3].w};
-      const int db = kTwo ? d : 0;
-      const uint32_t sa[8] = {wb[db][0].x, wb[db][0].y, wb[db][0].z, wb[db][0].w,
-                              wb[db][1].x, wb[db][1].y, wb[db][1].z, wb[db][1].w};
-      const uint32_t sh[8] = {wb[db][2].x, wb[db][2].y, wb[db][2].z, wb[db][2].w,
-                              wb[db][3].x, wb[db][3].y, wb[db][3].z, wb[db][3].w};
+    for (int i = 0; i < 4; ++i) {
+      uint32_t a[4], b[4];
+      mma_a(cur, i, a);
+      if constexpr (kTwo) mma_a(curb, i, b);
+      float4 xv[NT];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+        xv[nt] = xr[nt] && c + 4 * i + 4 <= K ? __ldg(reinterpret_cast<const float4*>(xr[nt] + c) + i)
+                                              : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        float4 xv[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-          xv[i] = xr[nt] && c + 4 * i + 4 <= K ? __ldg(reinterpret_cast<const float4*>(xr[nt] + c) + i)
-                                                : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        // k16 tile i: logical columns 2t, 2t+1 ↔ physical c + 4i, +1; 2t + 8, +9 ↔ c + 4i + 2, +3.
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          uint32_t h0, l0, h1, l1;
-          split_bf16x2(xv[i].x, xv[i].y, h0, l0);
-          split_bf16x2(xv[i].z, xv[i].w, h1, l1);
-          mma_bf16_acc(ca[nt], ra[2 * i], rh[2 * i], ra[2 * i + 1], rh[2 * i + 1], h0, h1);
-          mma_bf16_acc(ca[nt], ra[2 * i], rh[2 * i], ra[2 * i + 1], rh[2 * i + 1], l0, l1);
-          if constexpr (kTwo) {
-            mma_bf16_acc(cb[nt], sa[2 * i], sh[2 * i], sa[2 * i + 1], sh[2 * i + 1], h0, h1);
-            mma_bf16_acc(cb[nt], sa[2 * i], sh[2 * i], sa[2 * i + 1], sh[2 * i + 1], l0, l1);
-          }
+        uint32_t h0, l0, h1, l1;
+        split_bf16x2(xv[nt].x, xv[nt].y, h0, l0);
+        split_bf16x2(xv[nt].z, xv[nt].w, h1, l1);
+        mma_bf16_acc(ca[nt], a[0], a[1], a[2], a[3], h0, h1);
+        mma_bf16_acc(ca[nt], a[0], a[1], a[2], a[3], l0, l1);
+        if constexpr (kTwo) {
+          mma_bf16_acc(cb[nt], b[0], b[1], b[2], b[3], h0, h1);
+          mma_bf16_acc(cb[nt], b[0], b[1], b[2], b[3], l0, l1);
         }
       }
     }
+    if (kn < nkb) {
+      cur = nxt;
+      if constexpr (kTwo) curb = nxtb;
+    }
   }
-  if (!waited) {  // no k-block: still wait before the caller's epilogue touches outputs
-    pdl_wait();
-    pdl_trigger();
-    waited = true;
+}
+
+// One k-block of one x row as this lane's B fragments, split: h/l[i] = hi/lo of the columns its
+// k16 tile i takes (c + 4i … c + 4i + 3); zero past K or for a missing row.
+struct MmaX {
+  uint32_t h[4][2], l[4][2];
+};
+__device__ __forceinline__ void mma_load_x(MmaX& f, const float* xr, int b, int K) {
+  const int c = b * kMmaKb + 16 * (threadIdx.x & 3);
+  float4 v[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    v[i] = xr && c + 4 * i + 4 <= K ? __ldg(reinterpret_cast<const float4*>(xr + c) + i)
+                                    : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    split_bf16x2(v[i].x, v[i].y, f.h[i][0], f.l[i][0]);
+    split_bf16x2(v[i].z, v[i].w, f.h[i][1], f.l[i][1]);
+  }
+}
+// c += W[16 rows, block]·x[8 rows, block]ᵀ (both terms of x).
+__device__ __forceinline__ void mma_block(float (&c)[4], const MmaBlock& w, const MmaX& x) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    uint32_t a[4];
+    mma_a(w, i, a);
+    mma_bf16_acc(c, a[0], a[1], a[2], a[3], x.h[i][0], x.h[i][1]);
+    mma_bf16_acc(c, a[0], a[1], a[2], a[3], x.l[i][0], x.l[i][1]);
   }
 }
 
@@ -151,5 +201,271 @@ __device__ __forceinline__ void mma_stash(float* red, const float (&c)[NT][4]) {
   }
 }
 template <int NT> constexpr int kMmaStash = 16 * (NT * 8 + 1);  // floats per warp
+
+// The grouped experts' launch arguments (cuda_decode_ops.cu builds them; its F32-FMA expert kernel
+// takes them too).
+struct ExpertArgs {
+  const float* in;         // gate/up: the token rows x [N, K]; down: the activations [picks, K] in grouped order
+  const int32_t* order;    // grouped position → pick
+  const int32_t* offsets;  // first grouped position of each group, [groups + 1]
+  const int32_t* items;    // work items (group, first pick), their count at items[2·max_items]
+  int max_items;
+  const int64_t* w0;       // per group: gate (or down) weight [rows_out, K]
+  const int64_t* w1;       // per group: up weight (gate/up only)
+  int k, nk, K, rows_out;
+  float* out;  // [picks, rows_out] in grouped order
+};
+
+// The tensor-core GEMV (BF16 weights, cuda_decode_mma.cuh): each CTA's kMmaWarps warps take
+// kMmaWarps / ks row blocks of 16 weight rows, ks warps per block splitting its k-blocks; every
+// warp takes all n ≤ 8·NT rows of x. The warps' sums meet in shared memory and are added in warp
+// order. Row blocks never straddle W and W2 or two heads (checked on the host).
+template <int NT>
+__global__ void __launch_bounds__(32 * kMmaWarps, 2) gemv_mma_kernel(GemvArgs g, int ks) {
+  extern __shared__ float red[];  // [kMmaWarps][kMmaStash<NT>]
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2;
+  const int rbs = kMmaWarps / ks, rb = warp / ks, kw = warp - rb * ks;
+  const int total = g.n_out + g.n_out2, r0 = (int(blockIdx.x) * rbs + rb) * 16;
+  const bool active = r0 < total, second = active && r0 >= g.n_out;
+  const int jr = second ? r0 - g.n_out : (active ? r0 : 0), rows = second ? g.n_out2 : g.n_out;
+  const int head = second ? 0 : jr / g.head_rows;
+  const char* W = static_cast<const char*>(second ? g.W2 : g.W);
+  const size_t row_bytes = size_t(g.K) * 2;
+  // Rows past the last are read as the last row again; their sums are not stored.
+  const char* a_lo = W + size_t(min(jr + gq, rows - 1)) * row_bytes;
+  const char* a_hi = W + size_t(min(jr + gq + 8, rows - 1)) * row_bytes;
+  const float* xr[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int q = nt * 8 + gq;
+    xr[nt] = q < g.n ? g.x + int64_t(head) * g.head_x + int64_t(q) * g.ldx : nullptr;
+  }
+  float ca[NT][4], unused[1][4];
+  bool waited = false;
+  mma_rows<NT, false>(a_lo, a_hi, nullptr, nullptr, g.K, active ? kw : 1 << 30, ks, xr, waited, ca, unused);
+  mma_stash<NT>(red + warp * kMmaStash<NT>, ca);
+  __syncthreads();
+  constexpr int S = NT * 8 + 1;
+  const int i = threadIdx.x & 15;
+  for (int b = 0; b < rbs; ++b)
+    for (int q = threadIdx.x >> 4; q < g.n; q += blockDim.x >> 4) {
+      const int j0 = (int(blockIdx.x) * rbs + b) * 16, j = j0 + i;
+      if (j >= total || (j0 < g.n_out && j >= g.n_out)) continue;
+      float v = 0.0f;
+      for (int k = 0; k < ks; ++k) v += red[(b * ks + k) * kMmaStash<NT> + i * S + q];
+      const bool sec = j >= g.n_out;
+      const int jj = sec ? j - g.n_out : j, h = sec ? 0 : jj / g.head_rows;
+      float* o = sec ? g.y2 + int64_t(q) * g.ldy2 + jj
+                     : g.y + int64_t(q) * g.ldy + int64_t(h) * g.head_y + (jj - h * g.head_rows);
+      *o = g.acc ? *o + v : v;
+    }
+}
+
+// The tensor-core GEMV for n ≤ 8·NT rows and K ≤ 16 k-blocks (one per warp): a CTA of
+// kExpRowWarps warps takes a range of steps of 16·(kExpRowWarps / ks) weight rows; warp (rb, kw)
+// multiplies k-block kw of row block rb. Its x fragments (every n-tile, split once) stay in
+// registers while the rows' head is the same, the next step's weights load while a step is
+// multiplied, and each step's partial sums meet in a double-buffered shared array (one barrier per
+// step), added in warp order.
+template <int NT>
+__global__ void __launch_bounds__(32 * kExpRowWarps, 1) gemv_rows_kernel(GemvArgs g, int ks, int steps_per_cta) {
+  extern __shared__ float red[];  // [2][kExpRowWarps][kMmaStash<NT>]
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2;
+  const int rbs = kExpRowWarps / ks, rb = warp / ks, kw = warp - rb * ks;
+  const int total = g.n_out + g.n_out2, step_rows = 16 * rbs;
+  const int nkb = (g.K + kMmaKb - 1) / kMmaKb, all_steps = (total + step_rows - 1) / step_rows;
+  const int s_begin = int(blockIdx.x) * steps_per_cta, s_end = min(all_steps, s_begin + steps_per_cta);
+  const size_t row_bytes = size_t(g.K) * 2;
+  // This warp's row block in step s: its weight rows g, g + 8 (past the last: the last again) and head.
+  auto rows_of = [&](int s, const char*& lo, const char*& hi) {
+    const int r0 = min((s * rbs + rb) * 16, total - 1);
+    const bool second = r0 >= g.n_out;
+    const int jr = second ? r0 - g.n_out : r0, rows = second ? g.n_out2 : g.n_out;
+    const char* W = static_cast<const char*>(second ? g.W2 : g.W);
+    lo = W + size_t(min(jr + gq, rows - 1)) * row_bytes;
+    hi = W + size_t(min(jr + gq + 8, rows - 1)) * row_bytes;
+    return second ? 0 : jr / g.head_rows;
+  };
+  MmaBlock cur, nxt;
+  const char *lo, *hi;
+  int head = rows_of(s_begin, lo, hi);
+  mma_load(cur, lo, hi, kw, nkb, g.K);
+  pdl_wait();  // x (and y, when accumulating) come from the previous kernels
+  pdl_trigger();
+  MmaX xf[NT];
+  auto load_x = [&](int h) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int q = nt * 8 + gq;
+      mma_load_x(xf[nt], q < g.n && kw < nkb ? g.x + int64_t(h) * g.head_x + int64_t(q) * g.ldx : nullptr, kw, g.K);
+    }
+  };
+  int x_head = head;
+  load_x(head);
+  constexpr int S = NT * 8 + 1;
+  for (int s = s_begin; s < s_end; ++s) {
+    int next_head = head;
+    if (s + 1 < s_end) {
+      next_head = rows_of(s + 1, lo, hi);
+      mma_load(nxt, lo, hi, kw, nkb, g.K);
+    }
+    if (head != x_head) {  // warp-uniform: a new head's slice of x
+      load_x(head);
+      x_head = head;
+    }
+    float c[NT][4] = {};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) mma_block(c[nt], cur, xf[nt]);
+    float* buf = red + ((s - s_begin) & 1) * kExpRowWarps * kMmaStash<NT>;
+    mma_stash<NT>(buf + warp * kMmaStash<NT>, c);
+    __syncthreads();
+    const int i = threadIdx.x & 15;
+    for (int b = 0; b < rbs; ++b)
+      for (int q = threadIdx.x >> 4; q < g.n; q += blockDim.x >> 4) {
+        const int j0 = (s * rbs + b) * 16, j = j0 + i;
+        if (j >= total || (j0 < g.n_out && j >= g.n_out)) continue;
+        float v = 0.0f;
+        for (int k = 0; k < ks; ++k) v += buf[(b * ks + k) * kMmaStash<NT> + i * S + q];
+        const bool sec = j >= g.n_out;
+        const int jj = sec ? j - g.n_out : j, h = sec ? 0 : jj / g.head_rows;
+        float* o = sec ? g.y2 + int64_t(q) * g.ldy2 + jj
+                       : g.y + int64_t(q) * g.ldy + int64_t(h) * g.head_y + (jj - h * g.head_rows);
+        *o = g.acc ? *o + v : v;
+      }
+    cur = nxt;
+    head = next_head;
+  }
+}
+
+// The tensor-core expert kernel (BF16 weights): work item blockIdx.y (a group and up to kChunk of
+// its picks: one n-tile), row blocks as gemv_mma_kernel's. kGateUp: out = silu(x·g_j)·(x·u_j) with
+// x the pick's token row; otherwise out = act_p·d_j.
+template <bool kGateUp>
+__global__ void __launch_bounds__(32 * kMmaWarps, 2) expert_mma_kernel(ExpertArgs a, int ks) {
+  extern __shared__ float red[];  // [kGateUp ? 2 : 1][kMmaWarps][kMmaStash<1>]
+  pdl_wait();  // the grouping and the inputs come from the previous kernels
+  pdl_trigger();
+  if (int(blockIdx.y) >= a.items[2 * a.max_items]) return;  // CTA-uniform
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2;
+  const int e = a.items[2 * blockIdx.y], ch = a.items[2 * blockIdx.y + 1];
+  const int c0 = a.offsets[e] + ch, n = min(kChunk, a.offsets[e + 1] - c0);
+  const int rbs = kMmaWarps / ks, rb = warp / ks, kw = warp - rb * ks;
+  const int r0 = (int(blockIdx.x) * rbs + rb) * 16;
+  const float* xr[1] = {nullptr};
+  if (gq < n) {
+    if (kGateUp) {
+      const int pick = a.order[c0 + gq];
+      xr[0] = a.in + int64_t(pick < a.nk ? pick / a.k : pick - a.nk) * a.K;
+    } else {
+      xr[0] = a.in + int64_t(c0 + gq) * a.K;
+    }
+  }
+  const size_t row_bytes = size_t(a.K) * 2, lo = size_t(min(r0 + gq, a.rows_out - 1)) * row_bytes,
+               hi = size_t(min(r0 + gq + 8, a.rows_out - 1)) * row_bytes;
+  const char* A = reinterpret_cast<const char*>(a.w0[e]);
+  const char* B = kGateUp ? reinterpret_cast<const char*>(a.w1[e]) : nullptr;
+  float ga[1][4], ub[1][4];
+  bool waited = true;
+  mma_rows<1, kGateUp>(A + lo, A + hi, kGateUp ? B + lo : nullptr, kGateUp ? B + hi : nullptr, a.K,
+                       r0 < a.rows_out ? kw : 1 << 30, ks, xr, waited, ga, ub);
+  mma_stash<1>(red + warp * kMmaStash<1>, ga);
+  if (kGateUp) mma_stash<1>(red + (kMmaWarps + warp) * kMmaStash<1>, ub);
+  __syncthreads();
+  constexpr int S = 9;
+  for (int idx = threadIdx.x; idx < rbs * 16 * n; idx += blockDim.x) {
+    const int i = idx & 15, q = (idx >> 4) % n, b = (idx >> 4) / n;
+    const int j = (int(blockIdx.x) * rbs + b) * 16 + i;
+    if (j >= a.rows_out) continue;
+    float gs = 0.0f, us = 0.0f;
+    for (int k = 0; k < ks; ++k) {
+      gs += red[(b * ks + k) * kMmaStash<1> + i * S + q];
+      if (kGateUp) us += red[(kMmaWarps + b * ks + k) * kMmaStash<1> + i * S + q];
+    }
+    a.out[int64_t(c0 + q) * a.rows_out + j] = kGateUp ? gs / (1.0f + expf(-gs)) * us : gs;
+  }
+}
+
+// The tensor-core expert kernel for K ≤ 16·BPW k-blocks: a CTA of kExpRowWarps warps takes work item
+// blockIdx.y and a range of rows_per_cta weight rows, in steps of 16·(kExpRowWarps / ks) rows; warp
+// (rb, kw) owns k-blocks kw, kw + ks, … (BPW of them). The item's x fragments (its ≤ 8 rows, split
+// once) stay in registers for the whole range, the next step's weights load while a step is
+// multiplied, and each step's partial sums meet in a double-buffered shared array (one barrier per
+// step). So the dependent reads of a work item (items, offsets, order, x) are paid once per range,
+// not once per 16 rows.
+template <bool kGateUp, int BPW>
+__global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_rows_kernel(ExpertArgs a, int ks, int rows_per_cta) {
+  extern __shared__ float red[];  // [2][kGateUp ? 2 : 1][kExpRowWarps][kMmaStash<1>]
+  pdl_wait();  // the grouping and the inputs come from the previous kernels
+  pdl_trigger();
+  if (int(blockIdx.y) >= a.items[2 * a.max_items]) return;  // CTA-uniform
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2;
+  const int e = a.items[2 * blockIdx.y], ch = a.items[2 * blockIdx.y + 1];
+  const int c0 = a.offsets[e] + ch, n = min(kChunk, a.offsets[e + 1] - c0);
+  const int rbs = kExpRowWarps / ks, rb = warp / ks, kw = warp - rb * ks;
+  const int nkb = (a.K + kMmaKb - 1) / kMmaKb;
+  const int r_begin = int(blockIdx.x) * rows_per_cta, r_end = min(a.rows_out, r_begin + rows_per_cta);
+  if (r_begin >= r_end) return;  // CTA-uniform
+  const float* xr = nullptr;
+  if (gq < n) {
+    if (kGateUp) {
+      const int pick = a.order[c0 + gq];
+      xr = a.in + int64_t(pick < a.nk ? pick / a.k : pick - a.nk) * a.K;
+    } else {
+      xr = a.in + int64_t(c0 + gq) * a.K;
+    }
+  }
+  const char* A = reinterpret_cast<const char*>(a.w0[e]);
+  const char* B = kGateUp ? reinterpret_cast<const char*>(a.w1[e]) : nullptr;
+  const size_t row_bytes = size_t(a.K) * 2;
+  const int step_rows = 16 * rbs, steps = (r_end - r_begin + step_rows - 1) / step_rows;
+  MmaBlock cur[BPW], curb[kGateUp ? BPW : 1], nxt[BPW], nxtb[kGateUp ? BPW : 1];
+  // Rows past the last are read as the last row again; their sums are not stored.
+  auto load = [&](int s, MmaBlock (&w)[BPW], MmaBlock (&wb)[kGateUp ? BPW : 1]) {
+    const int r0 = r_begin + s * step_rows + rb * 16;
+    const size_t lo = size_t(min(r0 + gq, a.rows_out - 1)) * row_bytes,
+                 hi = size_t(min(r0 + gq + 8, a.rows_out - 1)) * row_bytes;
+#pragma unroll
+    for (int j = 0; j < BPW; ++j) {
+      mma_load(w[j], A + lo, A + hi, kw + j * ks, nkb, a.K);
+      if constexpr (kGateUp) mma_load(wb[j], B + lo, B + hi, kw + j * ks, nkb, a.K);
+    }
+  };
+  load(0, cur, curb);
+  MmaX xf[BPW];
+#pragma unroll
+  for (int j = 0; j < BPW; ++j) mma_load_x(xf[j], kw + j * ks < nkb ? xr : nullptr, kw + j * ks, a.K);
+  constexpr int S = 9, kMats = kGateUp ? 2 : 1;
+  for (int s = 0; s < steps; ++s) {
+    if (s + 1 < steps) load(s + 1, nxt, nxtb);
+    float ga[1][4] = {}, ub[1][4] = {};
+#pragma unroll
+    for (int j = 0; j < BPW; ++j) {
+      mma_block(ga[0], cur[j], xf[j]);
+      if constexpr (kGateUp) mma_block(ub[0], curb[j], xf[j]);
+    }
+    float* buf = red + (s & 1) * kMats * kExpRowWarps * kMmaStash<1>;
+    mma_stash<1>(buf + warp * kMmaStash<1>, ga);
+    if constexpr (kGateUp) mma_stash<1>(buf + (kExpRowWarps + warp) * kMmaStash<1>, ub);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < step_rows * n; idx += blockDim.x) {
+      const int i = idx & 15, b = (idx >> 4) % rbs, q = (idx >> 4) / rbs;
+      const int j = r_begin + s * step_rows + b * 16 + i;
+      if (j >= r_end) continue;
+      float gs = 0.0f, us = 0.0f;
+      for (int k = 0; k < ks; ++k) {
+        gs += buf[(b * ks + k) * kMmaStash<1> + i * S + q];
+        if constexpr (kGateUp) us += buf[(kExpRowWarps + b * ks + k) * kMmaStash<1> + i * S + q];
+      }
+      a.out[int64_t(c0 + q) * a.rows_out + j] = kGateUp ? gs / (1.0f + expf(-gs)) * us : gs;
+    }
+    if (s + 1 < steps) {
+#pragma unroll
+      for (int j = 0; j < BPW; ++j) {
+        cur[j] = nxt[j];
+        if constexpr (kGateUp) curb[j] = nxtb[j];
+      }
+    }
+  }
+}
 
 }  // namespace dsv3::cuda

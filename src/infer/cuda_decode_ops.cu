@@ -16,11 +16,10 @@ using namespace cuda;
 
 namespace {
 
-constexpr int kChunk = 8;        // picks (rows of x) per pass over an expert's (a weight's) rows
 constexpr int kMaxGemvRows = 64;
 constexpr int kGemvWarps = 4;  // GEMV: 4 warps per CTA (many CTAs for short outputs)
 constexpr int kExpertWarps = 8;
-constexpr int kDefaultMmaRows = 4;  // the tensor-core path from this many rows of x (measured: docs/cuda.md)
+constexpr int kDefaultMmaRows = 2;  // the tensor-core path from this many rows of x (measured: docs/cuda.md)
 
 // One CTA of E threads: picks (r·k + j) grouped by expert, token order kept within an expert.
 // order[p] = pick at grouped position p, inv[pick] = p, offsets[e] = first position of expert e.
@@ -216,18 +215,6 @@ __device__ __forceinline__ void reduce_rows(const float (&ga)[R][kChunk], const 
 }
 template <class WT, int U> constexpr size_t tile_smem() { return size_t(kChunk) * 32 * U * kVecCols<WT> * sizeof(float); }
 
-struct ExpertArgs {
-  const float* in;         // gate/up: the token rows x [N, K]; down: the activations [picks, K] in grouped order
-  const int32_t* order;    // grouped position → pick
-  const int32_t* offsets;  // first grouped position of each group, [groups + 1]
-  const int32_t* items;    // work items (group, first pick), their count at items[2·max_items]
-  int max_items;
-  const int64_t* w0;       // per group: gate (or down) weight [rows_out, K]
-  const int64_t* w1;       // per group: up weight (gate/up only)
-  int k, nk, K, rows_out;
-  float* out;  // [picks, rows_out] in grouped order
-};
-
 // Work item blockIdx.y (a group and up to kChunk of its picks), R weight rows per warp (blockIdx.x:
 // kExpertWarps·R rows per CTA); the picks' rows are staged in shared memory (tile_rows). kGateUp: out = silu(x·g_j)·(x·u_j) with x the pick's
 // token row; otherwise out = act_p·d_j.
@@ -339,98 +326,6 @@ __global__ void __launch_bounds__(32 * kGemvWarps) gemv_kernel(GemvArgs g) {
   });
 }
 
-// The tensor-core GEMV (BF16 weights, cuda_decode_mma.cuh): each CTA's kMmaWarps warps take
-// kMmaWarps / ks row blocks of 16 weight rows, ks warps per block splitting its k-blocks; every
-// warp takes all n ≤ 8·NT rows of x. The warps' sums meet in shared memory and are added in warp
-// order. Row blocks never straddle W and W2 or two heads (checked on the host).
-template <int NT>
-__global__ void __launch_bounds__(32 * kMmaWarps, 2) gemv_mma_kernel(GemvArgs g, int ks) {
-  extern __shared__ float red[];  // [kMmaWarps][kMmaStash<NT>]
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2;
-  const int rbs = kMmaWarps / ks, rb = warp / ks, kw = warp - rb * ks;
-  const int total = g.n_out + g.n_out2, r0 = (int(blockIdx.x) * rbs + rb) * 16;
-  const bool active = r0 < total, second = active && r0 >= g.n_out;
-  const int jr = second ? r0 - g.n_out : (active ? r0 : 0), rows = second ? g.n_out2 : g.n_out;
-  const int head = second ? 0 : jr / g.head_rows;
-  const char* W = static_cast<const char*>(second ? g.W2 : g.W);
-  const size_t row_bytes = size_t(g.K) * 2;
-  // Rows past the last are read as the last row again; their sums are not stored.
-  const char* a_lo = W + size_t(min(jr + gq, rows - 1)) * row_bytes;
-  const char* a_hi = W + size_t(min(jr + gq + 8, rows - 1)) * row_bytes;
-  const float* xr[NT];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int q = nt * 8 + gq;
-    xr[nt] = q < g.n ? g.x + int64_t(head) * g.head_x + int64_t(q) * g.ldx : nullptr;
-  }
-  float ca[NT][4], unused[1][4];
-  bool waited = false;
-  mma_rows<NT, false>(a_lo, a_hi, nullptr, nullptr, g.K, active ? kw : 1 << 30, ks, xr, waited, ca, unused);
-  mma_stash<NT>(red + warp * kMmaStash<NT>, ca);
-  __syncthreads();
-  constexpr int S = NT * 8 + 1;
-  for (int idx = threadIdx.x; idx < rbs * 16 * g.n; idx += blockDim.x) {
-    const int i = idx & 15, q = (idx >> 4) % g.n, b = (idx >> 4) / g.n;
-    const int j0 = (int(blockIdx.x) * rbs + b) * 16, j = j0 + i;
-    if (j >= total || (j0 < g.n_out && j >= g.n_out)) continue;
-    float v = 0.0f;
-    for (int k = 0; k < ks; ++k) v += red[(b * ks + k) * kMmaStash<NT> + i * S + q];
-    const bool sec = j >= g.n_out;
-    const int jj = sec ? j - g.n_out : j, h = sec ? 0 : jj / g.head_rows;
-    float* o = sec ? g.y2 + int64_t(q) * g.ldy2 + jj
-                   : g.y + int64_t(q) * g.ldy + int64_t(h) * g.head_y + (jj - h * g.head_rows);
-    *o = g.acc ? *o + v : v;
-  }
-}
-
-// The tensor-core expert kernel (BF16 weights): work item blockIdx.y (a group and up to kChunk of
-// its picks: one n-tile), row blocks as gemv_mma_kernel's. kGateUp: out = silu(x·g_j)·(x·u_j) with
-// x the pick's token row; otherwise out = act_p·d_j.
-template <bool kGateUp>
-__global__ void __launch_bounds__(32 * kMmaWarps, 2) expert_mma_kernel(ExpertArgs a, int ks) {
-  extern __shared__ float red[];  // [kGateUp ? 2 : 1][kMmaWarps][kMmaStash<1>]
-  pdl_wait();  // the grouping and the inputs come from the previous kernels
-  pdl_trigger();
-  if (int(blockIdx.y) >= a.items[2 * a.max_items]) return;  // CTA-uniform
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2;
-  const int e = a.items[2 * blockIdx.y], ch = a.items[2 * blockIdx.y + 1];
-  const int c0 = a.offsets[e] + ch, n = min(kChunk, a.offsets[e + 1] - c0);
-  const int rbs = kMmaWarps / ks, rb = warp / ks, kw = warp - rb * ks;
-  const int r0 = (int(blockIdx.x) * rbs + rb) * 16;
-  const float* xr[1] = {nullptr};
-  if (gq < n) {
-    if (kGateUp) {
-      const int pick = a.order[c0 + gq];
-      xr[0] = a.in + int64_t(pick < a.nk ? pick / a.k : pick - a.nk) * a.K;
-    } else {
-      xr[0] = a.in + int64_t(c0 + gq) * a.K;
-    }
-  }
-  const size_t row_bytes = size_t(a.K) * 2, lo = size_t(min(r0 + gq, a.rows_out - 1)) * row_bytes,
-               hi = size_t(min(r0 + gq + 8, a.rows_out - 1)) * row_bytes;
-  const char* A = reinterpret_cast<const char*>(a.w0[e]);
-  const char* B = kGateUp ? reinterpret_cast<const char*>(a.w1[e]) : nullptr;
-  float ga[1][4], ub[1][4];
-  bool waited = true;
-  mma_rows<1, kGateUp>(A + lo, A + hi, kGateUp ? B + lo : nullptr, kGateUp ? B + hi : nullptr, a.K,
-                       r0 < a.rows_out ? kw : 1 << 30, ks, xr, waited, ga, ub);
-  mma_stash<1>(red + warp * kMmaStash<1>, ga);
-  if (kGateUp) mma_stash<1>(red + (kMmaWarps + warp) * kMmaStash<1>, ub);
-  __syncthreads();
-  constexpr int S = 9;
-  for (int idx = threadIdx.x; idx < rbs * 16 * n; idx += blockDim.x) {
-    const int i = idx & 15, q = (idx >> 4) % n, b = (idx >> 4) / n;
-    const int j = (int(blockIdx.x) * rbs + b) * 16 + i;
-    if (j >= a.rows_out) continue;
-    float gs = 0.0f, us = 0.0f;
-    for (int k = 0; k < ks; ++k) {
-      gs += red[(b * ks + k) * kMmaStash<1> + i * S + q];
-      if (kGateUp) us += red[(kMmaWarps + b * ks + k) * kMmaStash<1> + i * S + q];
-    }
-    a.out[int64_t(c0 + q) * a.rows_out + j] = kGateUp ? gs / (1.0f + expf(-gs)) * us : gs;
-  }
-}
-
 // The fallback for F32 rows that are not 16-byte aligned: a warp per weight row, streamed once per
 // kChunk rows of x, optionally RMSNorm on x first.
 __global__ void rows_gemv_scalar_kernel(GemvArgs g) {
@@ -524,22 +419,57 @@ int& mma_rows_setting() {
 }
 bool mma_wanted(int64_t n) { return mma_rows_setting() > 0 && n >= mma_rows_setting(); }
 
-// Warps per row block of the tensor-core kernels: the largest power of two ≤ kMmaWarps that leaves
-// every warp at least two k-blocks (two blocks' loads in flight per lane).
-int mma_ksplit(int K) {
-  const int nkb = (K + kMmaKb - 1) / kMmaKb;
+// Warps per row block of gemv_mma_kernel / expert_mma_kernel (the shapes the row-range kernels do
+// not take): the largest power of two ≤ kMmaWarps that leaves every warp at least 1 (GEMV) or 2
+// (experts) k-blocks (bs-32 steps on the H200 before the row-range kernels: 1 / 2 1.87 ms, 2 / 4
+// 1.86, 1 / 1 1.89, 4 / 1 2.22).
+int mma_blocks_per_warp(bool experts) { return experts ? 2 : 1; }
+int mma_ksplit(int K, bool experts) {
+  const int nkb = (K + kMmaKb - 1) / kMmaKb, blocks = mma_blocks_per_warp(experts);
   int ks = 1;
-  while (2 * ks <= kMmaWarps && 4 * ks <= nkb) ks *= 2;
+  while (2 * ks <= kMmaWarps && 2 * ks * blocks <= nkb) ks *= 2;
   return ks;
 }
 template <int NT> void launch_gemv_mma_nt(const GemvArgs& g) {
-  const int ks = mma_ksplit(g.K), rows_per_cta = 16 * (kMmaWarps / ks);
+  const int ks = mma_ksplit(g.K, false), rows_per_cta = 16 * (kMmaWarps / ks);
   const int64_t ctas = (int64_t(g.n_out) + g.n_out2 + rows_per_cta - 1) / rows_per_cta;
   DSV3_CHECK(ctas <= INT32_MAX, "cuda_rows_gemv: ", g.n_out + g.n_out2, " output rows exceed one launch");
   launch_pdl(gemv_mma_kernel<NT>, dim3(unsigned(ctas)), dim3(32 * kMmaWarps),
              size_t(kMmaWarps) * kMmaStash<NT> * sizeof(float), g, ks);
 }
+// gemv_rows_kernel when x fits its registers (≤ 32 rows) and K its warps (≤ 16 k-blocks); step
+// ranges sized so the CTAs about fill the SMs once. DSV3_DECODE_MMA_GEMV_ROWS=0 keeps gemv_mma_kernel
+// (for comparison).
+template <int NT> void launch_gemv_rows_nt(const GemvArgs& g, int ks, int steps_per_cta, int ctas) {
+  const size_t smem = size_t(2) * kExpRowWarps * kMmaStash<NT> * sizeof(float);
+  static const bool once = (allow_smem(gemv_rows_kernel<NT>, smem), true);
+  (void)once;
+  launch_pdl(gemv_rows_kernel<NT>, dim3(unsigned(ctas)), dim3(32 * kExpRowWarps), smem, g, ks, steps_per_cta);
+}
+bool launch_gemv_rows(const GemvArgs& g) {
+  static const bool on = [] {
+    const char* e = std::getenv("DSV3_DECODE_MMA_GEMV_ROWS");
+    return !(e && std::string(e) == "0");
+  }();
+  const int nkb = (g.K + kMmaKb - 1) / kMmaKb;
+  int ks = 1;
+  while (ks < nkb) ks *= 2;
+  if (!on || ks > kExpRowWarps || g.n > 32) return false;
+  const int step_rows = 16 * (kExpRowWarps / ks);
+  const int64_t steps = (int64_t(g.n_out) + g.n_out2 + step_rows - 1) / step_rows;
+  const int64_t per = std::max<int64_t>(1, (steps + sm_count() - 1) / sm_count());
+  const int64_t ctas = (steps + per - 1) / per;
+  DSV3_CHECK(ctas <= INT32_MAX, "cuda_rows_gemv: ", g.n_out + g.n_out2, " output rows exceed one launch");
+  if (g.n <= 8)
+    launch_gemv_rows_nt<1>(g, ks, int(per), int(ctas));
+  else if (g.n <= 16)
+    launch_gemv_rows_nt<2>(g, ks, int(per), int(ctas));
+  else
+    launch_gemv_rows_nt<4>(g, ks, int(per), int(ctas));
+  return true;
+}
 void launch_gemv_mma(const GemvArgs& g) {
+  if (launch_gemv_rows(g)) return;
   if (g.n <= 8)
     launch_gemv_mma_nt<1>(g);
   else if (g.n <= 16)
@@ -696,9 +626,34 @@ template <class WT, bool kGateUp, int R> void launch_expert(int U, dim3 grid, in
 }
 // gate/up: one row of each per warp (two weight streams); down: two rows per warp when they pair up.
 // Grid: weight-row blocks × the most work items a step can have.
+// expert_rows_kernel when its k-blocks fit (gate/up: one per warp and step, down: two), row ranges
+// sized so the items' CTAs about fill the SMs once. DSV3_DECODE_MMA_ROWS_KERNEL=0 keeps
+// expert_mma_kernel (for comparison).
+bool launch_expert_rows(bool gate_up, const ExpertArgs& a) {
+  static const bool on = [] {
+    const char* e = std::getenv("DSV3_DECODE_MMA_ROWS_KERNEL");
+    return !(e && std::string(e) == "0");
+  }();
+  const int nkb = (a.K + kMmaKb - 1) / kMmaKb, bpw = gate_up ? 1 : 2;
+  int ks = 1;
+  while (ks * bpw < nkb) ks *= 2;
+  if (!on || ks > kExpRowWarps) return false;
+  const int step_rows = 16 * (kExpRowWarps / ks), steps = (a.rows_out + step_rows - 1) / step_rows;
+  const int ranges = std::clamp((sm_count() + a.max_items - 1) / a.max_items, 1, steps);
+  const int rows_per_cta = (steps + ranges - 1) / ranges * step_rows;
+  const dim3 grid(unsigned((a.rows_out + rows_per_cta - 1) / rows_per_cta), unsigned(a.max_items));
+  const size_t smem = size_t(2) * (gate_up ? 2 : 1) * kExpRowWarps * kMmaStash<1> * sizeof(float);
+  if (gate_up)
+    launch_pdl(expert_rows_kernel<true, 1>, grid, dim3(32 * kExpRowWarps), smem, a, ks, rows_per_cta);
+  else
+    launch_pdl(expert_rows_kernel<false, 2>, grid, dim3(32 * kExpRowWarps), smem, a, ks, rows_per_cta);
+  return true;
+}
+
 template <class WT> void launch_experts(bool gate_up, int64_t N, const ExpertArgs& a) {
+  if (std::is_same_v<WT, __nv_bfloat16> && mma_wanted(N) && launch_expert_rows(gate_up, a)) return;
   if (std::is_same_v<WT, __nv_bfloat16> && mma_wanted(N)) {
-    const int ks = mma_ksplit(a.K), rows_per_cta = 16 * (kMmaWarps / ks);
+    const int ks = mma_ksplit(a.K, true), rows_per_cta = 16 * (kMmaWarps / ks);
     const dim3 grid(unsigned((a.rows_out + rows_per_cta - 1) / rows_per_cta), unsigned(a.max_items));
     const size_t smem = size_t(gate_up ? 2 : 1) * kMmaWarps * kMmaStash<1> * sizeof(float);
     if (gate_up)
