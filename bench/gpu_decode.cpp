@@ -6,7 +6,11 @@
 // transformers are those of the BF16 run; the F32 run's are recorded beside them. Tokens/s are counted as transformers' `generate` is (tools/hf_gpu_bench.py):
 // B·128 new tokens over the whole call, prefill included; the decode-only rate and the median step
 // time are printed beside it. With --hf FILE (that script's JSON from the same GPU) it records
-// decode_bs1_speedup_vs_hf / decode_bs32_speedup_vs_hf.
+// decode_bs1_speedup_vs_hf / decode_bs32_speedup_vs_hf. Each batch is also run without the
+// tensor-core GEMV/expert path (cuda_set_decode_mma_rows(0)) and, the path before it, without it
+// and with W_UK / W_UV on cuBLAS beyond 8 rows: the main run's ratio to the latter is
+// speedup_vs_no_tensor_cores_cublas_absorbed (--variants mma runs only those two; --mma-rows N sets
+// the tensor-core threshold of the main run).
 //
 // Roofline: bytes a step must read — the weights it touches (attention, norms, dense MLP, router,
 // shared expert, the routed experts picked: top-k of them at batch 1, all at batch 32, lm_head, the
