@@ -420,7 +420,8 @@ void cuda_linear_lowp(const LinearPrecision& p, const LinearArgs& a, Fp8Tiles* x
   }
   const bool cached = x_fp8 && x_fp8->defined();
   if (cached) DSV3_CHECK(x_fp8->q.numel() == x.numel(), "linear_lowp: the cached FP8 input does not match x");
-  if (!legacy() && K % kFp8Block == 0 && lt_rows_ok(N)) {
+  const bool x_aligned = (reinterpret_cast<uintptr_t>(x.raw()) & 15u) == 0;  // the preparation's 16-byte loads
+  if (!legacy() && K % kFp8Block == 0 && lt_rows_ok(N) && (cached || x_aligned)) {
     const int64_t M_lt = round_up(M, 4);  // the new cache's codes get cuBLASLt's padding rows (a view hides them)
     const Q qx = cached ? Q{x_fp8->q, x_fp8->scale}
                         : Q{be.alloc(DType::F8_E4M3, {M_lt, K}).rows(0, M), be.alloc(DType::F32, {M, K / kFp8Block})};

@@ -58,7 +58,7 @@ struct WeightSide {
 };
 
 // Fprop, K (= w.K) a multiple of 128: the weight, and x's 1×128 tiles — quantized here from x [M, K]
-// F32 into the cache xq [M, K] / x_scale [M, K/128] when x is set, else read from that cache. cuBLASLt
+// F32 (16-byte aligned) into the cache xq [M, K] / x_scale [M, K/128] when x is set, else read from that cache. cuBLASLt
 // takes the token count only in multiples of 4, so the GEMM's operand is q_lt [M_lt, K], M_lt = M
 // rounded up to 4, its rows M..M_lt zero: q_lt is xq when x is set (xq then has M_lt rows) or when
 // M_lt = M, else a buffer the cached codes are copied into; scales in VEC128 layout x_scale_lt
@@ -72,7 +72,6 @@ struct FpropPrep {
   float* x_scale = nullptr;
   uint8_t* q_lt = nullptr;
   float* x_scale_lt = nullptr;
-  bool x_vec = false;  // set by fp8_fprop_prep
 };
 void fp8_fprop_prep(FpropPrep p);
 

@@ -6,6 +6,7 @@
 // the count back and marks a tile with non-finite values by a NaN scale, so the whole training step
 // runs without a host synchronisation per quantization; its GEMM preparation (fp8_fprop_prep,
 // fp8_backward_prep, linear_lowp.h) runs these tiles as roles of one launch per pass.
+#include <algorithm>
 #include <cfloat>
 
 #include "backend/cuda/common.cuh"
@@ -26,6 +27,13 @@ __device__ float scale_of(float amax, bool pow2) {
     s = ldexpf(1.0f, m == 0.5f ? e - 1 : e);
   }
   return s;
+}
+
+// Exact widening to F32 (E4M3 through half, as load_f).
+__device__ __forceinline__ float widen(float v) { return v; }
+__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float widen(__nv_fp8_storage_t v) {
+  return __half2float(__half(__nv_cvt_fp8_to_halfraw(v, __NV_E4M3)));
 }
 
 // One warp, the 1×128 tile (r, g) of x [M, K]: lane l holds columns 4l..4l+3 in registers (x read
@@ -106,20 +114,25 @@ __device__ unsigned cols_t_tile(ColsSmem& sm, int64_t bx, int64_t rb, int64_t nr
   const int64_t r0 = rb * kFp8Block, c = bx * 32 + lane, kb = (K + kFp8Block - 1) / kFp8Block;
   float am = 0.0f;
   unsigned bad = 0;
-  for (int i = w; i < kFp8Block; i += 8) {
-    const int64_t r = r0 + i;
-    float v = 0.0f;
-    if (r < M && c < K) {
-      if (qs) {
-        __half_raw h = __nv_cvt_fp8_to_halfraw(qs[r * K + c], __NV_E4M3);
-        v = __half2float(__half(h)) * ss[r * kb + c / kFp8Block];
-      } else {
-        v = x[r * K + c];
-      }
-      if (!isfinite(v)) ++bad;
-      else am = fmaxf(am, fabsf(v));
+  float v[16];  // rows w, w + 8, …: every load issued before the first use
+  if (qs) {
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {
+      const int64_t r = r0 + w + 8 * k;
+      v[k] = r < M && c < K ? widen(__nv_fp8_storage_t(qs[r * K + c])) * ss[r * kb + c / kFp8Block] : 0.0f;
     }
-    sm.t[i][lane] = v;
+  } else {
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {
+      const int64_t r = r0 + w + 8 * k;
+      v[k] = r < M && c < K ? x[r * K + c] : 0.0f;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < 16; ++k) {
+    if (!isfinite(v[k])) ++bad;
+    else am = fmaxf(am, fabsf(v[k]));
+    sm.t[w + 8 * k][lane] = v[k];
   }
   sm.am_w[w][lane] = am;
   sm.bad_w[w][lane] = bad;
@@ -249,9 +262,11 @@ constexpr unsigned kBadX = 1, kBadW = 2, kBadDy = 4;
 
 __device__ void nan_end(float* p0, int64_t n0, unsigned m0, float* p1, int64_t n1, unsigned m1) {
   __shared__ bool last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(&g_nan.count, 1u) == gridDim.x - 1;
+  __syncthreads();  // the CTA's writes happen before thread 0's fence (cumulative) and arrival
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(&g_nan.count, 1u) == gridDim.x - 1;
+  }
   __syncthreads();
   if (!last) return;
   __threadfence();
@@ -265,13 +280,29 @@ __device__ void nan_end(float* p0, int64_t n0, unsigned m0, float* p1, int64_t n
 }
 
 // One CTA (256 threads), one 128×128 tile of W [N, K] (any float dtype; an FP8 weight times its
-// scale_inv as dequantize_fp8 does): amax, then the codes written as W [N, ldq] or, transposed,
-// through a shared byte tile as Wᵀ [K, ldq] (the transposed tiling has the same tiles, so the same
-// scales and codes); columns beyond the reduction get code 0. The scale goes to cuBLASLt's BLK128x128
-// layout (rows of ld4 floats, the padding 0). Returns the tile's non-finite count (every thread).
+// scale_inv as dequantize_fp8 does: one scale per tile): thread (cl, rs) holds column cl's rows
+// rs, rs + 2, … in registers, all 64 loads issued before the first use (a weight has few tiles, so a
+// chain of dependent loads per thread would set the launch's length). The codes are written as
+// W [N, ldq] or, transposed, through a shared byte tile as Wᵀ [K, ldq] (the transposed tiling has
+// the same tiles, so the same scales and codes); columns beyond the reduction get code 0. The scale
+// goes to cuBLASLt's BLK128x128 layout (rows of ld4 floats, the padding 0). Returns the tile's
+// non-finite count (every thread).
 struct WeightSmem {
   uint8_t t[kFp8Block][kFp8Block + 4];
 };
+constexpr int kTileRows = kFp8Block / 2;  // rows per thread
+
+template <class T>
+__device__ __forceinline__ void load_tile(const void* w, int64_t K, int64_t r0, int64_t r1, int64_t c, bool in, int rs,
+                                          float si, float (&v)[kTileRows]) {
+  const T* p = static_cast<const T*>(w);
+#pragma unroll
+  for (int i = 0; i < kTileRows; ++i) {
+    const int64_t r = r0 + rs + 2 * i;
+    v[i] = in && r < r1 ? widen(p[r * K + c]) * si : 0.0f;
+  }
+}
+
 __device__ unsigned weight_tile(WeightSmem& sm, int64_t tile, const WeightSide& p, bool pow2) {
   const int64_t ngk = (p.K + kFp8Block - 1) / kFp8Block, ngn = (p.N + kFp8Block - 1) / kFp8Block;
   const int64_t rb = tile / ngk, g = tile % ngk;
@@ -279,19 +310,26 @@ __device__ unsigned weight_tile(WeightSmem& sm, int64_t tile, const WeightSide& 
   const int cl = threadIdx.x & 127, rs = threadIdx.x >> 7;
   const int64_t c = g * kFp8Block + cl;
   const bool in = c < p.K;
-  auto load = [&](int64_t r) {
-    float v = load_f(p.w, p.wtype, r * p.K + c);
-    if (p.w_scale_inv) v *= p.w_scale_inv[(r / kFp8Block) * ngk + c / kFp8Block];
-    return v;
-  };
+  const float si = p.w_scale_inv ? p.w_scale_inv[rb * ngk + g] : 1.0f;  // ×1 is exact
+  float v[kTileRows];
+  switch (p.wtype) {
+    case DType::BF16: load_tile<__nv_bfloat16>(p.w, p.K, r0, r1, c, in, rs, si, v); break;
+    case DType::F32: load_tile<float>(p.w, p.K, r0, r1, c, in, rs, si, v); break;
+    case DType::F8_E4M3: load_tile<__nv_fp8_storage_t>(p.w, p.K, r0, r1, c, in, rs, si, v); break;
+    default:
+#pragma unroll
+      for (int i = 0; i < kTileRows; ++i) {
+        const int64_t r = r0 + rs + 2 * i;
+        v[i] = in && r < r1 ? load_f(p.w, p.wtype, r * p.K + c) * si : 0.0f;
+      }
+  }
   float amax = 0.0f;
   unsigned bad = 0;
-  if (in)
-    for (int64_t r = r0 + rs; r < r1; r += 2) {
-      const float v = load(r);
-      if (!isfinite(v)) ++bad;
-      else amax = fmaxf(amax, fabsf(v));
-    }
+#pragma unroll
+  for (int i = 0; i < kTileRows; ++i) {
+    if (!isfinite(v[i])) ++bad;
+    else amax = fmaxf(amax, fabsf(v[i]));
+  }
   amax = block_max(amax);
   bad = block_sum(bad);
   const float s = scale_of(amax, pow2);
@@ -301,16 +339,18 @@ __device__ unsigned weight_tile(WeightSmem& sm, int64_t tile, const WeightSide& 
     if (scol == ncol - 1)
       for (int64_t j = ncol; j < p.ld4; ++j) p.scale_lt[sr * p.ld4 + j] = 0.0f;
   }
-  if (!p.transpose) {
+  if (!p.transpose) {  // rows beyond N do not exist in q; columns K..ldq hold 0/s = code 0
     if (c < p.ldq)
-      for (int64_t r = r0 + rs; r < r1; r += 2)
-        p.q[r * p.ldq + c] = in ? __nv_cvt_float_to_fp8(load(r) / s, __NV_SATFINITE, __NV_E4M3) : uint8_t(0);
+#pragma unroll
+      for (int i = 0; i < kTileRows; ++i) {
+        const int64_t r = r0 + rs + 2 * i;
+        if (r < r1) p.q[r * p.ldq + c] = __nv_cvt_float_to_fp8(v[i] / s, __NV_SATFINITE, __NV_E4M3);
+      }
     return bad;
   }
-  for (int i = rs; i < kFp8Block; i += 2) {
-    const int64_t r = r0 + i;
-    sm.t[cl][i] = in && r < p.N ? __nv_cvt_float_to_fp8(load(r) / s, __NV_SATFINITE, __NV_E4M3) : uint8_t(0);
-  }
+#pragma unroll
+  for (int i = 0; i < kTileRows; ++i)  // rows beyond N hold 0: code 0 (Dgrad's padded reduction)
+    sm.t[cl][rs + 2 * i] = __nv_cvt_float_to_fp8(v[i] / s, __NV_SATFINITE, __NV_E4M3);
   __syncthreads();
   for (int e = threadIdx.x; e < kFp8Block * 32; e += blockDim.x) {
     const int cc = e >> 5, w4 = e & 31;
@@ -318,14 +358,57 @@ __device__ unsigned weight_tile(WeightSmem& sm, int64_t tile, const WeightSide& 
     if (k < p.K)
       *reinterpret_cast<uint32_t*>(p.q + k * p.ldq + r0 + 4 * w4) = *reinterpret_cast<const uint32_t*>(&sm.t[cc][4 * w4]);
   }
+  __syncthreads();  // sm is reused by the caller's next tile
   return bad;
 }
 
-// Fprop: CTAs [0, w_tiles) the weight's tiles; the rest the token side, M_lt rows (M rounded up to
-// cuBLASLt's 4, the padding rows code 0 and scale 1): x's 1×128 tiles, eight per CTA (the cache and the
-// VEC128 scales at once), or the cached scales rewritten into VEC128 layout, 256 rows per CTA,
-// followed, when the cache lacks the padding rows, by CTAs copying its codes into q_lt 4 KB each.
-__global__ void __launch_bounds__(256) fprop_prep_kernel(FpropPrep p, int64_t w_tiles, int64_t rel_ctas) {
+// One warp, row r of x [M, K] (K a multiple of 128, x 16-byte aligned, vec as rows_tile): the row's
+// 1×128 tiles eight at a time, their loads issued together; the same codes and scales as rows_tile.
+// A row r ≥ M is padding (codes 0, scale 1). Returns the row's non-finite count (every lane).
+__device__ unsigned rows_row(const float* x, int64_t M, int64_t M_lt, int64_t K, int64_t r, bool pow2, uint8_t* q,
+                             float* sc, float* sc_lt) {
+  const int lane = threadIdx.x & 31;
+  const int64_t ng = K / kFp8Block;
+  unsigned bad_row = 0;
+  for (int64_t g0 = 0; g0 < ng; g0 += 8) {
+    float4 v[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      v[j] = r < M && g0 + j < ng ? *reinterpret_cast<const float4*>(x + r * K + (g0 + j) * kFp8Block + 4 * lane)
+                                  : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int64_t g = g0 + j;
+      if (g >= ng) break;
+      const float e[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+      float amax = 0.0f;
+      unsigned bad = 0;
+      for (int k = 0; k < 4; ++k) {
+        if (!isfinite(e[k])) ++bad;
+        else amax = fmaxf(amax, fabsf(e[k]));
+      }
+      amax = warp_max(amax);
+      bad = warp_sum(bad);
+      bad_row += bad;
+      const float s = scale_of(amax, pow2);
+      if (lane == 0) {
+        const float sw = bad ? __int_as_float(0x7fc00000) : s;
+        if (r < M) sc[r * ng + g] = sw;
+        sc_lt[g * M_lt + r] = sw;
+      }
+      uint32_t b = 0;
+      for (int k = 0; k < 4; ++k) b |= uint32_t(__nv_cvt_float_to_fp8(e[k] / s, __NV_SATFINITE, __NV_E4M3)) << (8 * k);
+      *reinterpret_cast<uint32_t*>(q + r * K + g * kFp8Block + 4 * lane) = b;
+    }
+  }
+  return bad_row;
+}
+
+// Fprop: CTAs [0, w_tiles) the weight's tiles; the rest (n_tok of them, looping) the token side,
+// M_lt rows (M rounded up to cuBLASLt's 4, the padding rows code 0 and scale 1): x's rows, a warp per
+// row (the cache and the VEC128 scales at once), or the cached scales rewritten into VEC128 layout,
+// 256 rows per CTA, and, when the cache lacks the padding rows, its codes copied into q_lt.
+__global__ void __launch_bounds__(256) fprop_prep_kernel(FpropPrep p, int64_t w_tiles, int64_t n_tok) {
   __shared__ WeightSmem sm;
   const int64_t kb = p.w.K / kFp8Block;
   unsigned bad = 0;
@@ -333,24 +416,19 @@ __global__ void __launch_bounds__(256) fprop_prep_kernel(FpropPrep p, int64_t w_
   if (b < 0) {
     bad = weight_tile(sm, blockIdx.x, p.w, p.pow2) ? kBadW : 0;
   } else if (p.x) {
-    const int64_t tile = b * 8 + (threadIdx.x >> 5);
-    if (tile < p.M_lt * kb && rows_tile(p.x, p.M, p.M_lt, p.w.K, p.w.K, tile / kb, tile % kb, p.x_vec, p.pow2, true,
-                                        p.q_lt, p.x_scale, p.x_scale_lt, nullptr))
-      bad = kBadX;
-  } else if (b < rel_ctas) {
-    const int64_t r = b * int64_t(blockDim.x) + threadIdx.x;
-    if (r < p.M_lt)
+    for (int64_t r = b * 8 + (threadIdx.x >> 5); r < p.M_lt; r += n_tok * 8)
+      if (rows_row(p.x, p.M, p.M_lt, p.w.K, r, p.pow2, p.q_lt, p.x_scale, p.x_scale_lt)) bad = kBadX;
+  } else {
+    for (int64_t r = b * int64_t(blockDim.x) + threadIdx.x; r < p.M_lt; r += n_tok * int64_t(blockDim.x))
       for (int64_t j = 0; j < kb; ++j) {
         const float v = r < p.M ? p.x_scale[r * kb + j] : 1.0f;
         if (isnan(v)) bad = kBadX;
         p.x_scale_lt[j * p.M_lt + r] = v;
       }
-  } else {
-    const int64_t i = ((b - rel_ctas) * int64_t(blockDim.x) + threadIdx.x) * 16, n = p.M * p.w.K;
-    if (i < p.M_lt * p.w.K) {
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (i < n) v = *reinterpret_cast<const uint4*>(p.xq + i);  // n % 16 == 0: K is a multiple of 128
-      *reinterpret_cast<uint4*>(p.q_lt + i) = v;
+    if (p.q_lt != p.xq) {  // K is a multiple of 128: 16-byte pieces
+      const int64_t n = p.M * p.w.K / 16, n_lt = p.M_lt * p.w.K / 16;
+      for (int64_t i = b * int64_t(blockDim.x) + threadIdx.x; i < n_lt; i += n_tok * int64_t(blockDim.x))
+        reinterpret_cast<uint4*>(p.q_lt)[i] = i < n ? reinterpret_cast<const uint4*>(p.xq)[i] : make_uint4(0, 0, 0, 0);
     }
   }
   if (bad) atomicOr(&g_nan.flag, bad);
@@ -372,17 +450,24 @@ __device__ unsigned dy_tile(DySmem& sm, int64_t g, int64_t rb, const BackwardPre
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const int64_t M = p.M, N = p.N, r0 = rb * kFp8Block, c0 = g * kFp8Block;
   unsigned any = 0;
-  for (int i = w; i < kFp8Block; i += 8) {
+  float v[16][4];  // warp w's rows w, w + 8, …: every load issued before the first use
+#pragma unroll
+  for (int k = 0; k < 16; ++k)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t r = r0 + w + 8 * k, c = c0 + lane + 32 * j;
+      v[k][j] = r < M && c < N ? p.dy[r * N + c] : 0.0f;
+    }
+#pragma unroll
+  for (int k = 0; k < 16; ++k) {
+    const int i = w + 8 * k;
     const int64_t r = r0 + i;
-    float v[4];
     float amax = 0.0f;
     unsigned bad = 0;
     for (int j = 0; j < 4; ++j) {
-      const int64_t c = c0 + lane + 32 * j;
-      v[j] = r < M && c < N ? p.dy[r * N + c] : 0.0f;
-      if (p.q2) sm.t[i][lane + 32 * j] = v[j];
-      if (!isfinite(v[j])) ++bad;
-      else amax = fmaxf(amax, fabsf(v[j]));
+      if (p.q2) sm.t[i][lane + 32 * j] = v[k][j];
+      if (!isfinite(v[k][j])) ++bad;
+      else amax = fmaxf(amax, fabsf(v[k][j]));
     }
     if (r >= p.M1 || !p.q1) continue;  // warp-uniform; rows M..M1 are zero: codes 0, scale 1
     amax = warp_max(amax);
@@ -392,7 +477,7 @@ __device__ unsigned dy_tile(DySmem& sm, int64_t g, int64_t rb, const BackwardPre
     if (lane == 0) p.s1_lt[g * p.M1 + r] = bad ? __int_as_float(0x7fc00000) : s;
     for (int j = 0; j < 4; ++j) {
       const int64_t c = c0 + lane + 32 * j;
-      if (c < p.ld1) p.q1[r * p.ld1 + c] = __nv_cvt_float_to_fp8(v[j] / s, __NV_SATFINITE, __NV_E4M3);
+      if (c < p.ld1) p.q1[r * p.ld1 + c] = __nv_cvt_float_to_fp8(v[k][j] / s, __NV_SATFINITE, __NV_E4M3);
     }
   }
   if (!p.q2) return any;
@@ -431,6 +516,7 @@ __device__ unsigned dy_tile(DySmem& sm, int64_t g, int64_t rb, const BackwardPre
       if (r0 + i < p.ld2) p.q2[c * p.ld2 + r0 + i] = __nv_cvt_float_to_fp8(sm.t[i][cc] / sv, __NV_SATFINITE, __NV_E4M3);
     }
   }
+  __syncthreads();  // sm is reused by the caller's next block
   return any;
 }
 
@@ -449,12 +535,13 @@ __global__ void __launch_bounds__(256) backward_prep_kernel(BackwardPrep p, int6
   unsigned bad = 0;
   int64_t b = blockIdx.x;
   if (b < n_dy) {
-    bad = dy_tile(sm.dy, b % kbn, b / kbn, p) ? kBadDy : 0;
+    for (int64_t t = b; t < kbn * rbs; t += n_dy)
+      if (dy_tile(sm.dy, t % kbn, t / kbn, p)) bad = kBadDy;
   } else if ((b -= n_dy) < n_x) {
-    bad = cols_t_tile(sm.cols, b / rbs, b % rbs, rbs, nullptr, p.xs_q, p.xs_scale, p.M, p.K, p.ld2, p.pow2, true, true,
-                      p.q3, p.s3_lt, nullptr)
-              ? kBadX
-              : 0;
+    for (int64_t t = b; t < ((p.K + 31) / 32) * rbs; t += n_x)
+      if (cols_t_tile(sm.cols, t / rbs, t % rbs, rbs, nullptr, p.xs_q, p.xs_scale, p.M, p.K, p.ld2, p.pow2, true, true,
+                      p.q3, p.s3_lt, nullptr))
+        bad = kBadX;
   } else {
     bad = weight_tile(sm.w, b - n_x, p.w, p.pow2) ? kBadW : 0;
   }
@@ -527,12 +614,11 @@ void fp8_fprop_prep(FpropPrep p) {
   DSV3_CHECK(p.M_lt >= p.M && p.M_lt < p.M + 4 && (p.x ? p.q_lt == p.xq : p.q_lt == p.xq || p.M_lt > p.M),
              "fp8_fprop_prep: token rows ", p.M, " / ", p.M_lt);
   if (p.M == 0) return;
+  DSV3_CHECK(!p.x || rows_vec(p.x, w.K, p.xq), "fp8_fprop_prep: x must be 16-byte aligned");
   const int64_t w_tiles = ((w.N + kFp8Block - 1) / kFp8Block) * (w.K / kFp8Block);
-  const int64_t rel_ctas = (p.M_lt + 255) / 256;
-  const int64_t x_ctas = p.x ? (p.M_lt * (w.K / kFp8Block) + 7) / 8
-                             : rel_ctas + (p.q_lt != p.xq ? (p.M_lt * w.K / 16 + 255) / 256 : 0);
-  p.x_vec = p.x && rows_vec(p.x, w.K, p.xq);
-  fprop_prep_kernel<<<unsigned(w_tiles + x_ctas), 256>>>(p, w_tiles, rel_ctas);
+  // Few CTAs, looping: every CTA of the launch takes one turn at the arrival counter (nan_end).
+  const int64_t n_tok = std::min<int64_t>(p.x ? (p.M_lt + 7) / 8 : std::max<int64_t>((p.M_lt + 255) / 256, p.q_lt != p.xq ? (p.M_lt * w.K / 16 + 255) / 256 : 0), 4 * sm_count());
+  fprop_prep_kernel<<<unsigned(w_tiles + n_tok), 256>>>(p, w_tiles, n_tok);
   check_launch("fp8 Fprop preparation");
 }
 
@@ -549,7 +635,9 @@ void fp8_backward_prep(const BackwardPrep& p) {
     return true;
   }();
   (void)attr;
-  const int64_t n_dy = kbn * rbs, n_x = p.q2 ? ((p.K + 31) / 32) * rbs : 0;
+  // Few CTAs, looping (three fit an SM): every CTA takes one turn at the arrival counter (nan_end).
+  const int64_t n_dy = std::min<int64_t>(kbn * rbs, 3 * sm_count());
+  const int64_t n_x = p.q2 ? std::min<int64_t>(((p.K + 31) / 32) * rbs, 3 * sm_count()) : 0;
   const int64_t n_w = p.q1 ? ((p.N + kFp8Block - 1) / kFp8Block) * ((p.K + kFp8Block - 1) / kFp8Block) : 0;
   backward_prep_kernel<<<unsigned(n_dy + n_x + n_w), 256, sizeof(BackwardSmem)>>>(p, n_dy, n_x);
   check_launch("fp8 backward preparation");
