@@ -214,8 +214,10 @@ Q padded(const Q& a, int64_t Rp, int64_t Kp) {
 }
 
 // c[M, N] (+)= (qa·sa)·(qb·sb)ᵀ: cuBLASLt's block-scaled FP8 GEMM (FP32 accumulation), zero-padded
-// to its shape rules (M of 16 — of 128 when M counts tokens —, N of 16, K of 128); the dequantized FP32 product when a is scaled per 128×128 block (cuBLASLt's
-// Hopper modes take blocks on the weight side only). A NaN scale on either side → c all NaN.
+// to its shape rules (M of 16 — of 128 when M counts tokens —, N of 16, K of 128); the dequantized
+// FP32 product when a is scaled per 128×128 block (cuBLASLt's Hopper modes take blocks on the weight
+// side only). A NaN scale on either side → c all NaN. The general path: fprop_direct and
+// backward_direct below are the usual one.
 void gemm_fp8(const Q& a, const Q& b, const Tensor& c, bool accumulate, bool m_tokens) {
   const int64_t M = a.q.dim(0), K = a.q.dim(1), N = b.q.dim(0);
   const int64_t m_align = m_tokens ? kFp8Block : 16;

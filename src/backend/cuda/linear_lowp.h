@@ -58,11 +58,11 @@ struct WeightSide {
 };
 
 // Fprop, K (= w.K) a multiple of 128: the weight, and x's 1×128 tiles — quantized here from x [M, K]
-// F32 (16-byte aligned) into the cache xq [M, K] / x_scale [M, K/128] when x is set, else read from that cache. cuBLASLt
-// takes the token count only in multiples of 4, so the GEMM's operand is q_lt [M_lt, K], M_lt = M
-// rounded up to 4, its rows M..M_lt zero: q_lt is xq when x is set (xq then has M_lt rows) or when
-// M_lt = M, else a buffer the cached codes are copied into; scales in VEC128 layout x_scale_lt
-// [K/128, M_lt] (1 for the padding rows).
+// F32 (16-byte aligned) into the cache xq [M, K] / x_scale [M, K/128] when x is set, else read from
+// that cache. cuBLASLt takes the token count only in multiples of 4, so the GEMM's operand is
+// q_lt [M_lt, K], M_lt = M rounded up to 4, its rows M..M_lt zero: q_lt is xq when x is set (xq then
+// has M_lt rows) or when M_lt = M, else a buffer the cached codes are copied into; scales in VEC128
+// layout x_scale_lt [K/128, M_lt] (1 for the padding rows).
 struct FpropPrep {
   bool pow2 = false;
   WeightSide w;
@@ -77,9 +77,10 @@ void fp8_fprop_prep(FpropPrep p);
 
 // Both backward GEMMs from dy [M, N] F32, read once. Dgrad (q1 set): dy's 1×128 tiles q1 [M1, ld1]
 // (ld1 = N rounded up to 128, M1 = M rounded up to cuBLASLt's 4, the padding rows zero) with VEC128
-// scales s1_lt [ld1/128, M1], and the weight side (transpose, ldq = ld1). Wgrad (q2 set): dyᵀ's 128×1 tiles q2 [N, ld2] (ld2 = M rounded up to 128) with VEC128
-// scales s2_lt [ld2/128, N], and x̂ᵀ q3 [K, ld2], s3_lt [ld2/128, K] re-quantized from the forward's
-// FP8 tiles xs_q [M, K] / xs_scale [M, ⌈K/128⌉] (x̂ = e4m3·scale, as cuda_requantize_cols_t).
+// scales s1_lt [ld1/128, M1], and the weight side (transpose, ldq = ld1). Wgrad (q2 set): dyᵀ's
+// 128×1 tiles q2 [N, ld2] (ld2 = M rounded up to 128) with VEC128 scales s2_lt [ld2/128, N], and x̂ᵀ
+// q3 [K, ld2], s3_lt [ld2/128, K] re-quantized from the forward's FP8 tiles xs_q [M, K] / xs_scale
+// [M, ⌈K/128⌉] (x̂ = e4m3·scale, as cuda_requantize_cols_t).
 struct BackwardPrep {
   bool pow2 = false;
   int64_t M = 0, N = 0, K = 0;

@@ -93,7 +93,9 @@ __global__ void quantize_rows_kernel(const float* x, int64_t M, int64_t K, int64
 }
 
 bool aligned_to(const void* p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) & (a - 1)) == 0; }
-bool rows_vec(const float* x, int64_t K, const uint8_t* q) { return K % 4 == 0 && aligned_to(x, 16) && aligned_to(q, 4); }
+bool rows_vec(const float* x, int64_t K, const uint8_t* q) {
+  return K % 4 == 0 && aligned_to(x, 16) && aligned_to(q, 4);
+}
 
 // 128×1 tiles with the transposed output (Wgrad's operands), one CTA (256 threads) per 128 rows × 32
 // columns (block bx, row block rb of nrb): the tile is read once along rows (coalesced), kept in
@@ -356,7 +358,8 @@ __device__ unsigned weight_tile(WeightSmem& sm, int64_t tile, const WeightSide& 
     const int cc = e >> 5, w4 = e & 31;
     const int64_t k = g * kFp8Block + cc;  // row k of Wᵀ, columns r0 + 4·w4 .. (ldq ≥ r0 + 128)
     if (k < p.K)
-      *reinterpret_cast<uint32_t*>(p.q + k * p.ldq + r0 + 4 * w4) = *reinterpret_cast<const uint32_t*>(&sm.t[cc][4 * w4]);
+      *reinterpret_cast<uint32_t*>(p.q + k * p.ldq + r0 + 4 * w4) =
+          *reinterpret_cast<const uint32_t*>(&sm.t[cc][4 * w4]);
   }
   __syncthreads();  // sm is reused by the caller's next tile
   return bad;
@@ -617,15 +620,16 @@ void fp8_fprop_prep(FpropPrep p) {
   DSV3_CHECK(!p.x || rows_vec(p.x, w.K, p.xq), "fp8_fprop_prep: x must be 16-byte aligned");
   const int64_t w_tiles = ((w.N + kFp8Block - 1) / kFp8Block) * (w.K / kFp8Block);
   // Few CTAs, looping: every CTA of the launch takes one turn at the arrival counter (nan_end).
-  const int64_t n_tok = std::min<int64_t>(p.x ? (p.M_lt + 7) / 8 : std::max<int64_t>((p.M_lt + 255) / 256, p.q_lt != p.xq ? (p.M_lt * w.K / 16 + 255) / 256 : 0), 4 * sm_count());
+  const int64_t rel = (p.M_lt + 255) / 256, copy = p.q_lt != p.xq ? (p.M_lt * w.K / 16 + 255) / 256 : 0;
+  const int64_t n_tok = std::min<int64_t>(p.x ? (p.M_lt + 7) / 8 : std::max(rel, copy), 4 * sm_count());
   fprop_prep_kernel<<<unsigned(w_tiles + n_tok), 256>>>(p, w_tiles, n_tok);
   check_launch("fp8 Fprop preparation");
 }
 
 void fp8_backward_prep(const BackwardPrep& p) {
   const int64_t kbn = (p.N + kFp8Block - 1) / kFp8Block, rbs = (p.M + kFp8Block - 1) / kFp8Block;
-  DSV3_CHECK((!p.q1 || (p.ld1 == kbn * kFp8Block && p.M1 >= p.M && p.M1 <= rbs * kFp8Block && p.w.transpose && p.w.N == p.N &&
-                        p.w.K == p.K && p.w.ldq == p.ld1)) &&
+  DSV3_CHECK((!p.q1 || (p.ld1 == kbn * kFp8Block && p.M1 >= p.M && p.M1 <= rbs * kFp8Block && p.w.transpose &&
+                        p.w.N == p.N && p.w.K == p.K && p.w.ldq == p.ld1)) &&
                  (!p.q2 || (p.ld2 >= p.M && p.ld2 <= rbs * kFp8Block && p.q3)),
              "fp8_backward_prep: operands do not fit dy [", p.M, ", ", p.N, "] and K ", p.K);
   if (p.M * p.N == 0 || (!p.q1 && !p.q2)) return;
