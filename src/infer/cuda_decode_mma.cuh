@@ -202,6 +202,28 @@ __device__ __forceinline__ void mma_stash(float* red, const float (&c)[NT][4]) {
 }
 template <int NT> constexpr int kMmaStash = 16 * (NT * 8 + 1);  // floats per warp
 
+// The GEMVs' epilogue: for rbs row blocks from block `block0` (16 weight rows each), the sum of their
+// ks warps' stashed slices in warp order, stored to y (heads of head_rows rows, head_y apart) or,
+// past n_out, to y2.
+template <int NT>
+__device__ __forceinline__ void gemv_store(const GemvArgs& g, const float* red, int block0, int rbs, int ks,
+                                           int total) {
+  constexpr int S = NT * 8 + 1;
+  const int i = threadIdx.x & 15;
+  for (int b = 0; b < rbs; ++b)
+    for (int q = threadIdx.x >> 4; q < g.n; q += blockDim.x >> 4) {
+      const int j0 = (block0 + b) * 16, j = j0 + i;
+      if (j >= total || (j0 < g.n_out && j >= g.n_out)) continue;
+      float v = 0.0f;
+      for (int k = 0; k < ks; ++k) v += red[(b * ks + k) * kMmaStash<NT> + i * S + q];
+      const bool sec = j >= g.n_out;
+      const int jj = sec ? j - g.n_out : j, h = sec ? 0 : jj / g.head_rows;
+      float* o = sec ? g.y2 + int64_t(q) * g.ldy2 + jj
+                     : g.y + int64_t(q) * g.ldy + int64_t(h) * g.head_y + (jj - h * g.head_rows);
+      *o = g.acc ? *o + v : v;
+    }
+}
+
 // The grouped experts' launch arguments (cuda_decode_ops.cu builds them; its F32-FMA expert kernel
 // takes them too).
 struct ExpertArgs {
@@ -245,20 +267,7 @@ __global__ void __launch_bounds__(32 * kMmaWarps, 2) gemv_mma_kernel(GemvArgs g,
   mma_rows<NT, false>(a_lo, a_hi, nullptr, nullptr, g.K, active ? kw : 1 << 30, ks, xr, waited, ca, unused);
   mma_stash<NT>(red + warp * kMmaStash<NT>, ca);
   __syncthreads();
-  constexpr int S = NT * 8 + 1;
-  const int i = threadIdx.x & 15;
-  for (int b = 0; b < rbs; ++b)
-    for (int q = threadIdx.x >> 4; q < g.n; q += blockDim.x >> 4) {
-      const int j0 = (int(blockIdx.x) * rbs + b) * 16, j = j0 + i;
-      if (j >= total || (j0 < g.n_out && j >= g.n_out)) continue;
-      float v = 0.0f;
-      for (int k = 0; k < ks; ++k) v += red[(b * ks + k) * kMmaStash<NT> + i * S + q];
-      const bool sec = j >= g.n_out;
-      const int jj = sec ? j - g.n_out : j, h = sec ? 0 : jj / g.head_rows;
-      float* o = sec ? g.y2 + int64_t(q) * g.ldy2 + jj
-                     : g.y + int64_t(q) * g.ldy + int64_t(h) * g.head_y + (jj - h * g.head_rows);
-      *o = g.acc ? *o + v : v;
-    }
+  gemv_store<NT>(g, red, int(blockIdx.x) * rbs, rbs, ks, total);
 }
 
 // The tensor-core GEMV for n ≤ 8·NT rows and K ≤ 16 k-blocks (one per warp): a CTA of
@@ -302,7 +311,6 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) gemv_rows_kernel(GemvArg
   };
   int x_head = head;
   load_x(head);
-  constexpr int S = NT * 8 + 1;
   for (int s = s_begin; s < s_end; ++s) {
     int next_head = head;
     if (s + 1 < s_end) {
@@ -319,19 +327,7 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) gemv_rows_kernel(GemvArg
     float* buf = red + ((s - s_begin) & 1) * kExpRowWarps * kMmaStash<NT>;
     mma_stash<NT>(buf + warp * kMmaStash<NT>, c);
     __syncthreads();
-    const int i = threadIdx.x & 15;
-    for (int b = 0; b < rbs; ++b)
-      for (int q = threadIdx.x >> 4; q < g.n; q += blockDim.x >> 4) {
-        const int j0 = (s * rbs + b) * 16, j = j0 + i;
-        if (j >= total || (j0 < g.n_out && j >= g.n_out)) continue;
-        float v = 0.0f;
-        for (int k = 0; k < ks; ++k) v += buf[(b * ks + k) * kMmaStash<NT> + i * S + q];
-        const bool sec = j >= g.n_out;
-        const int jj = sec ? j - g.n_out : j, h = sec ? 0 : jj / g.head_rows;
-        float* o = sec ? g.y2 + int64_t(q) * g.ldy2 + jj
-                       : g.y + int64_t(q) * g.ldy + int64_t(h) * g.head_y + (jj - h * g.head_rows);
-        *o = g.acc ? *o + v : v;
-      }
+    gemv_store<NT>(g, buf, s * rbs, rbs, ks, total);
     cur = nxt;
     head = next_head;
   }
