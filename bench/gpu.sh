@@ -17,6 +17,13 @@ export DSV3_COMMIT=${DSV3_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || ec
 jobs=$(nproc)
 status=0
 step() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+# A bench's JSON is taken only if this run wrote it (newer than the stamp): a bench that could not
+# write must not leave the checkout's committed file in its place.
+stamp=$(mktemp)
+take() {
+  if [ "bench/results/$1" -nt "$stamp" ]; then cp "bench/results/$1" "$OUT/"
+  else echo "bench/results/$1 was not written by this run" | tee -a "$OUT/summary.txt"; status=1; fi
+}
 
 B=${PREBUILT:-build-gpu}
 if [ -z "${PREBUILT:-}" ]; then
@@ -40,11 +47,11 @@ grep -E "^\[  (PASSED|FAILED) |tests? ran|FAILED  \]" "$OUT/gpu_tests.log" | tee
 
 step "GEMM benchmark (FP8 block-scaled ours vs cuBLASLt direct, BF16)"
 timeout 120 "$B"/dsv3_bench_gpu_gemm 2>&1 | tee "$OUT/gpu_gemm.txt" | tee -a "$OUT/summary.txt"
-cp bench/results/gpu_gemm.json "$OUT/" 2>/dev/null || status=1
+take gpu_gemm.json
 
 step "absorbed-MLA decode kernel bandwidth (batch 64, context 4096)"
 timeout 120 "$B"/dsv3_bench_gpu_mla_decode 2>&1 | tee "$OUT/gpu_mla_decode.txt" | tee -a "$OUT/summary.txt"
-cp bench/results/gpu_mla_decode.json "$OUT/" 2>/dev/null || status=1
+take gpu_mla_decode.json
 
 if [ "${HF:-0}" = 1 ]; then
   step "transformers baseline (bench-0.7b: training B=8 T=2048, decode batch 1/32)"
@@ -57,19 +64,19 @@ fi
 
 step "BF16 tensor-core attention vs the FP32 kernels (bench-0.7b shape, forward and backward)"
 timeout 180 "$B"/dsv3_bench_gpu_attention 2>&1 | tee "$OUT/gpu_attention.txt" | tee -a "$OUT/summary.txt"
-cp bench/results/gpu_attention.json "$OUT/" 2>/dev/null || status=1
+take gpu_attention.json
 
 step "decode on the GPU engine (bench-0.7b, prompt 128, 128 new tokens, batch 1 and 32; vs transformers when HF=1)"
 timeout 240 "$B"/dsv3_bench_gpu_decode --hf "$OUT/hf_gpu.json" 2>&1 | tee "$OUT/gpu_decode.txt" | tee -a "$OUT/summary.txt"
-cp bench/results/gpu_decode.json "$OUT/" 2>/dev/null || status=1
+take gpu_decode.json
 
 step "FP8 accumulation on the tensor cores (no promotion vs every 128) beside the CPU emulation"
 timeout 120 "$B"/dsv3_bench_gpu_fp8_accum 2>&1 | tee "$OUT/gpu_fp8_accum.txt" | tee -a "$OUT/summary.txt"
-cp bench/results/gpu_fp8_accum.json "$OUT/" 2>/dev/null || status=1
+take gpu_fp8_accum.json
 
 step "training throughput on the GPU (bench-0.7b, B=8, T=2048; vs transformers when HF=1)"
 timeout ${TRAIN_TIMEOUT:-240} "$B"/dsv3_bench_gpu_train --hf "$OUT/hf_gpu.json" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/gpu_train.txt" | tee -a "$OUT/summary.txt"
-cp bench/results/gpu_train.json "$OUT/" 2>/dev/null || status=1
+take gpu_train.json
 
 step "compute-sanitizer memcheck on the GPU test binary"
 if command -v compute-sanitizer >/dev/null || [ -x /usr/local/cuda/bin/compute-sanitizer ]; then
