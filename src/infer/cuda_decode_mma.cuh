@@ -333,6 +333,36 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) gemv_rows_kernel(GemvArg
   }
 }
 
+// A work item's x row for lane group gq (null past its n picks): the pick's token row for gate/up,
+// the grouped activation row for down.
+template <bool kGateUp>
+__device__ __forceinline__ const float* expert_x_row(const ExpertArgs& a, int c0, int gq, int n) {
+  if (gq >= n) return nullptr;
+  if (!kGateUp) return a.in + int64_t(c0 + gq) * a.K;
+  const int pick = a.order[c0 + gq];
+  return a.in + int64_t(pick < a.nk ? pick / a.k : pick - a.nk) * a.K;
+}
+
+// The expert kernels' epilogue: weight rows [row0, min(row0 + 16·rbs, row_end)) of the item's n picks,
+// each the sum of its ks warps' stashed slices in warp order (warps: the CTA's, whose up-projection
+// slices follow the gate's), stored as silu(gate)·up for gate/up.
+template <bool kGateUp>
+__device__ __forceinline__ void expert_store(const ExpertArgs& a, const float* red, int warps, int rbs, int ks, int c0,
+                                             int n, int row0, int row_end) {
+  constexpr int S = 9;
+  for (int idx = threadIdx.x; idx < rbs * 16 * n; idx += blockDim.x) {
+    const int i = idx & 15, b = (idx >> 4) % rbs, q = (idx >> 4) / rbs;
+    const int j = row0 + b * 16 + i;
+    if (j >= row_end) continue;
+    float gs = 0.0f, us = 0.0f;
+    for (int k = 0; k < ks; ++k) {
+      gs += red[(b * ks + k) * kMmaStash<1> + i * S + q];
+      if constexpr (kGateUp) us += red[(warps + b * ks + k) * kMmaStash<1> + i * S + q];
+    }
+    a.out[int64_t(c0 + q) * a.rows_out + j] = kGateUp ? gs / (1.0f + expf(-gs)) * us : gs;
+  }
+}
+
 // The tensor-core expert kernel (BF16 weights): work item blockIdx.y (a group and up to kChunk of
 // its picks: one n-tile), row blocks as gemv_mma_kernel's. kGateUp: out = silu(x·g_j)·(x·u_j) with
 // x the pick's token row; otherwise out = act_p·d_j.
@@ -347,15 +377,7 @@ __global__ void __launch_bounds__(32 * kMmaWarps, 2) expert_mma_kernel(ExpertArg
   const int c0 = a.offsets[e] + ch, n = min(kChunk, a.offsets[e + 1] - c0);
   const int rbs = kMmaWarps / ks, rb = warp / ks, kw = warp - rb * ks;
   const int r0 = (int(blockIdx.x) * rbs + rb) * 16;
-  const float* xr[1] = {nullptr};
-  if (gq < n) {
-    if (kGateUp) {
-      const int pick = a.order[c0 + gq];
-      xr[0] = a.in + int64_t(pick < a.nk ? pick / a.k : pick - a.nk) * a.K;
-    } else {
-      xr[0] = a.in + int64_t(c0 + gq) * a.K;
-    }
-  }
+  const float* xr[1] = {expert_x_row<kGateUp>(a, c0, gq, n)};
   const size_t row_bytes = size_t(a.K) * 2, lo = size_t(min(r0 + gq, a.rows_out - 1)) * row_bytes,
                hi = size_t(min(r0 + gq + 8, a.rows_out - 1)) * row_bytes;
   const char* A = reinterpret_cast<const char*>(a.w0[e]);
@@ -367,18 +389,7 @@ __global__ void __launch_bounds__(32 * kMmaWarps, 2) expert_mma_kernel(ExpertArg
   mma_stash<1>(red + warp * kMmaStash<1>, ga);
   if (kGateUp) mma_stash<1>(red + (kMmaWarps + warp) * kMmaStash<1>, ub);
   __syncthreads();
-  constexpr int S = 9;
-  for (int idx = threadIdx.x; idx < rbs * 16 * n; idx += blockDim.x) {
-    const int i = idx & 15, q = (idx >> 4) % n, b = (idx >> 4) / n;
-    const int j = (int(blockIdx.x) * rbs + b) * 16 + i;
-    if (j >= a.rows_out) continue;
-    float gs = 0.0f, us = 0.0f;
-    for (int k = 0; k < ks; ++k) {
-      gs += red[(b * ks + k) * kMmaStash<1> + i * S + q];
-      if (kGateUp) us += red[(kMmaWarps + b * ks + k) * kMmaStash<1> + i * S + q];
-    }
-    a.out[int64_t(c0 + q) * a.rows_out + j] = kGateUp ? gs / (1.0f + expf(-gs)) * us : gs;
-  }
+  expert_store<kGateUp>(a, red, kMmaWarps, rbs, ks, c0, n, int(blockIdx.x) * rbs * 16, a.rows_out);
 }
 
 // The tensor-core expert kernel for K ≤ 16·BPW k-blocks: a CTA of kExpRowWarps warps takes work item
@@ -401,15 +412,7 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_rows_kernel(Exper
   const int nkb = (a.K + kMmaKb - 1) / kMmaKb;
   const int r_begin = int(blockIdx.x) * rows_per_cta, r_end = min(a.rows_out, r_begin + rows_per_cta);
   if (r_begin >= r_end) return;  // CTA-uniform
-  const float* xr = nullptr;
-  if (gq < n) {
-    if (kGateUp) {
-      const int pick = a.order[c0 + gq];
-      xr = a.in + int64_t(pick < a.nk ? pick / a.k : pick - a.nk) * a.K;
-    } else {
-      xr = a.in + int64_t(c0 + gq) * a.K;
-    }
-  }
+  const float* xr = expert_x_row<kGateUp>(a, c0, gq, n);
   const char* A = reinterpret_cast<const char*>(a.w0[e]);
   const char* B = kGateUp ? reinterpret_cast<const char*>(a.w1[e]) : nullptr;
   const size_t row_bytes = size_t(a.K) * 2;
@@ -430,7 +433,7 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_rows_kernel(Exper
   MmaX xf[BPW];
 #pragma unroll
   for (int j = 0; j < BPW; ++j) mma_load_x(xf[j], kw + j * ks < nkb ? xr : nullptr, kw + j * ks, a.K);
-  constexpr int S = 9, kMats = kGateUp ? 2 : 1;
+  constexpr int kMats = kGateUp ? 2 : 1;
   for (int s = 0; s < steps; ++s) {
     if (s + 1 < steps) load(s + 1, nxt, nxtb);
     float ga[1][4] = {}, ub[1][4] = {};
@@ -443,17 +446,7 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_rows_kernel(Exper
     mma_stash<1>(buf + warp * kMmaStash<1>, ga);
     if constexpr (kGateUp) mma_stash<1>(buf + (kExpRowWarps + warp) * kMmaStash<1>, ub);
     __syncthreads();
-    for (int idx = threadIdx.x; idx < step_rows * n; idx += blockDim.x) {
-      const int i = idx & 15, b = (idx >> 4) % rbs, q = (idx >> 4) / rbs;
-      const int j = r_begin + s * step_rows + b * 16 + i;
-      if (j >= r_end) continue;
-      float gs = 0.0f, us = 0.0f;
-      for (int k = 0; k < ks; ++k) {
-        gs += buf[(b * ks + k) * kMmaStash<1> + i * S + q];
-        if constexpr (kGateUp) us += buf[(kExpRowWarps + b * ks + k) * kMmaStash<1> + i * S + q];
-      }
-      a.out[int64_t(c0 + q) * a.rows_out + j] = kGateUp ? gs / (1.0f + expf(-gs)) * us : gs;
-    }
+    expert_store<kGateUp>(a, buf, kExpRowWarps, rbs, ks, c0, n, r_begin + s * step_rows, r_end);
     if (s + 1 < steps) {
 #pragma unroll
       for (int j = 0; j < BPW; ++j) {
