@@ -30,6 +30,13 @@ __device__ float scale_of(float amax, bool pow2) {
 }
 
 // Exact widening to F32 (E4M3 through half, as load_f).
+// Folds v into a tile's statistics: amax over its finite values, bad counting the others.
+template <class Count>
+__device__ __forceinline__ void tile_stat(float v, float& amax, Count& bad) {
+  if (!isfinite(v)) ++bad;
+  else amax = fmaxf(amax, fabsf(v));
+}
+
 __device__ __forceinline__ float widen(float v) { return v; }
 __device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float widen(__nv_fp8_storage_t v) {
@@ -61,8 +68,7 @@ __device__ unsigned rows_tile(const float* x, int64_t M, int64_t M_lt, int64_t K
   float amax = 0.0f;
   unsigned bad = 0;
   for (int j = 0; j < 4; ++j) {
-    if (!isfinite(v[j])) ++bad;
-    else amax = fmaxf(amax, fabsf(v[j]));
+    tile_stat(v[j], amax, bad);
   }
   amax = warp_max(amax);
   bad = warp_sum(bad);
@@ -132,8 +138,7 @@ __device__ unsigned cols_t_tile(ColsSmem& sm, int64_t bx, int64_t rb, int64_t nr
   }
 #pragma unroll
   for (int k = 0; k < 16; ++k) {
-    if (!isfinite(v[k])) ++bad;
-    else am = fmaxf(am, fabsf(v[k]));
+    tile_stat(v[k], am, bad);
     sm.t[w + 8 * k][lane] = v[k];
   }
   sm.am_w[w][lane] = am;
@@ -186,8 +191,7 @@ __global__ void quantize_kernel(const float* x, int64_t M, int64_t K, int64_t th
   unsigned long long bad = 0;
   for (int64_t e = lane; e < n; e += 32) {
     float v = x[(r0 + e / w) * K + c0 + e % w];
-    if (!isfinite(v)) ++bad;
-    else amax = fmaxf(amax, fabsf(v));
+    tile_stat(v, amax, bad);
   }
   amax = warp_max(amax);
   bad = warp_sum(bad);
@@ -218,8 +222,7 @@ __global__ void quantize_block_kernel(const float* x, int64_t M, int64_t K, bool
   if (in)
     for (int64_t r = r0 + rs; r < r1; r += 2) {
       float v = x[r * K + c];
-      if (!isfinite(v)) ++bad;
-      else amax = fmaxf(amax, fabsf(v));
+      tile_stat(v, amax, bad);
     }
   amax = block_max(amax);
   bad = block_sum(bad);
@@ -329,8 +332,7 @@ __device__ unsigned weight_tile(WeightSmem& sm, int64_t tile, const WeightSide& 
   unsigned bad = 0;
 #pragma unroll
   for (int i = 0; i < kTileRows; ++i) {
-    if (!isfinite(v[i])) ++bad;
-    else amax = fmaxf(amax, fabsf(v[i]));
+    tile_stat(v[i], amax, bad);
   }
   amax = block_max(amax);
   bad = block_sum(bad);
@@ -387,8 +389,7 @@ __device__ unsigned rows_row(const float* x, int64_t M, int64_t M_lt, int64_t K,
       float amax = 0.0f;
       unsigned bad = 0;
       for (int k = 0; k < 4; ++k) {
-        if (!isfinite(e[k])) ++bad;
-        else amax = fmaxf(amax, fabsf(e[k]));
+        tile_stat(e[k], amax, bad);
       }
       amax = warp_max(amax);
       bad = warp_sum(bad);
@@ -469,8 +470,7 @@ __device__ unsigned dy_tile(DySmem& sm, int64_t g, int64_t rb, const BackwardPre
     unsigned bad = 0;
     for (int j = 0; j < 4; ++j) {
       if (p.q2) sm.t[i][lane + 32 * j] = v[k][j];
-      if (!isfinite(v[k][j])) ++bad;
-      else amax = fmaxf(amax, fabsf(v[k][j]));
+      tile_stat(v[k][j], amax, bad);
     }
     if (r >= p.M1 || !p.q1) continue;  // warp-uniform; rows M..M1 are zero: codes 0, scale 1
     amax = warp_max(amax);
@@ -491,8 +491,7 @@ __device__ unsigned dy_tile(DySmem& sm, int64_t g, int64_t rb, const BackwardPre
     unsigned bad = 0;
     for (int i = half * 64; i < half * 64 + 64; ++i) {
       const float v = sm.t[i][col];
-      if (!isfinite(v)) ++bad;
-      else am = fmaxf(am, fabsf(v));
+      tile_stat(v, am, bad);
     }
     sm.am_c[half][col] = am;
     sm.bad_c[half][col] = bad;
