@@ -15,6 +15,7 @@
 #include "backend/cpu/cpu_backend.h"
 #include "core/error.h"
 #ifdef DSV3_HAVE_CUDA
+#include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/linear_lowp.h"
 #endif
 
@@ -370,6 +371,18 @@ Tensor dequantize(const Fp8Tiles& t) {
   Tensor out = Tensor::empty(DType::F32, t.q.shape());
   dequantize_fp8_fast(t.q, t.scale, out);
   return out;
+}
+
+Fp8Tiles lowp_input_copy(const LinearPrecision& p, const Tensor& x, const char* name) {
+  if (p.mode == LinearPrecisionMode::Fp8) return fp8_tiles(x, p.pow2_scale, name);
+#ifdef DSV3_HAVE_CUDA
+  if (p.mode == LinearPrecisionMode::Bf16 && x.device() == Device::CUDA) {
+    Tensor b = cuda_backend().alloc(DType::BF16, x.shape());
+    cuda_backend().copy(CopyArgs{x, b});
+    return {b, Tensor(), 0};
+  }
+#endif
+  return {};
 }
 
 void linear_lowp(const LinearPrecision& p, const LinearArgs& a, Fp8Tiles* x_fp8) {

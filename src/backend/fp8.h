@@ -139,6 +139,10 @@ struct Fp8Tiles {
 // them into a NaN output).
 Fp8Tiles fp8_tiles(const Tensor& x, bool pow2_scale, const char* name);
 Tensor dequantize(const Fp8Tiles& t);  // F32 [rows, K]
+// What linear_lowp keeps in its x_fp8 slot (below) for an input that several calls share, made up
+// front (the MoE's gathered rows, sliced per expert): x's 1×128 FP8 tiles in Fp8 mode, its BF16 copy
+// in Bf16 mode on CUDA tensors, nothing otherwise.
+Fp8Tiles lowp_input_copy(const LinearPrecision& prec, const Tensor& x, const char* name);
 
 // The three GEMMs of a linear layer under `prec` (F32 CPU tensors, y/dx/dw [..] as LinearArgs).
 // x_fp8: the forward's FP8 copy of x. linear_lowp fills it when it is empty and otherwise uses it

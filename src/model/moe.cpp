@@ -143,17 +143,11 @@ void moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const Tens
   m.up = be.alloc(DType::F32, {N * k, I});
   m.act = be.alloc(DType::F32, {N * k, I});
   m.out = be.alloc(DType::F32, {N * k, H});
-  // FP8: the gathered rows quantized once (1×128 tiles are per row, so a slice is an expert's copy);
-  // BF16 on the GPU: converted once, the copy every expert GEMM reads (the CPU rounds x itself,
-  // backend/fp8.h).
-  const bool fp8 = !p.experts.empty() && fp8_layer(p.experts[0].gate_proj);
-  const bool bf16 = !p.experts.empty() && p.experts[0].gate_proj.lowp && be.device() == Device::CUDA &&
-                    linear_precision().mode == LinearPrecisionMode::Bf16;
-  m.x_fp8 = fp8 ? fp8_tiles(m.x, linear_precision().pow2_scale, "linear input") : Fp8Tiles{};
-  if (bf16) {
-    m.x_fp8.q = be.alloc(DType::BF16, m.x.shape());
-    be.copy(CopyArgs{m.x, m.x_fp8.q});
-  }
+  // The gathered rows quantized (FP8) or converted (BF16 on the GPU) once: the rows are independent,
+  // so a slice is an expert's copy.
+  const bool lowp = !p.experts.empty() && p.experts[0].gate_proj.lowp;
+  const bool fp8 = lowp && fp8_layer(p.experts[0].gate_proj);
+  m.x_fp8 = lowp ? lowp_input_copy(linear_precision(), m.x, "linear input") : Fp8Tiles{};
   m.gate_fp8 = m.up_fp8 = Fp8Tiles{};
   for (int64_t e = 0; e < E; ++e) {
     const int64_t r0 = a.offsets[size_t(e)], r1 = a.offsets[size_t(e + 1)];
