@@ -13,6 +13,7 @@
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/pdl.h"
+#include "backend/cuda/stream.h"
 
 namespace dsv3::cuda {
 
@@ -27,6 +28,7 @@ void launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&...
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream();
   cudaLaunchAttribute at[1];
   at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   at[0].val.programmaticStreamSerializationAllowed = 1;
