@@ -128,6 +128,8 @@ struct Run {
   double ph[5] = {0, 0, 0, 0, 0};  // forward, loss, backward, optimizer, weight-copy refresh
   double attn_f = 0, attn_b = 0, linear_s = 0, lm_head_s = 0, mem_gib = 0, host_s = 0, blocking = 0;
   double layers_f = 0, layers_b = 0;  // every decoder layer, synchronised one by one
+  int lanes = 0;                      // lane streams of the timed steps (0: none)
+  double step_s_no_lanes = 0;         // the same steps with lanes off
   std::map<std::string, double> linears;  // per group, per step
   std::map<std::string, double> modules;  // one layer's module, forward / backward (s)
 };
@@ -278,6 +280,18 @@ Run measure(CudaBackend& be, const ModelConfig& cfg, const Weights& host, const 
   }
   r.step_s = secs(t0, Clock::now()) / steps;
   r.tok_s = double(B * T) / r.step_s;
+  // The same steps with the experts' GEMMs in issue order (no lane streams): what the lanes save.
+  r.lanes = cuda_lanes();
+  if (r.lanes > 0) {
+    cuda_set_lanes(1);
+    step();
+    be.synchronize();
+    auto s0 = Clock::now();
+    for (int i = 0; i < steps; ++i) step();
+    be.synchronize();
+    r.step_s_no_lanes = secs(s0, Clock::now()) / steps;
+    cuda_set_lanes(r.lanes);
+  }
   r.tflops = r.tok_s * fpt / 1e12;
   size_t free_b = 0, total_b = 0;
   cudaMemGetInfo(&free_b, &total_b);
@@ -378,6 +392,9 @@ int main(int argc, char** argv) {
                 "layer one by one (synchronised): forward %.3f s, backward %.3f s\n",
                 p.c_str(), r.step_s, r.host_s, r.layers_f, r.layers_b);
     std::printf("[%s] blocking copies and synchronisations per step: %.0f\n", p.c_str(), r.blocking);
+    if (r.lanes > 0)
+      std::printf("[%s] experts' GEMMs on %d lane streams: %.3f s per step; in issue order: %.3f s (%.2fx)\n", p.c_str(),
+                  r.lanes, r.step_s, r.step_s_no_lanes, r.step_s_no_lanes / r.step_s);
     std::printf("[%s] attention core per layer: forward %.4f s, backward %.4f s; x%ld layers = %.3f s per step\n",
                 p.c_str(), r.attn_f, r.attn_b, long(cfg.num_hidden_layers),
                 (r.attn_f + r.attn_b) * double(cfg.num_hidden_layers));
@@ -419,6 +436,8 @@ int main(int argc, char** argv) {
              {"lm_head_alone_s", r.lm_head_s},
              {"one_layer_modules_s", r.modules},
              {"host_queue_s", r.host_s},
+             {"lane_streams", r.lanes},
+             {"step_s_experts_in_issue_order", r.lanes > 0 ? nlohmann::json(r.step_s_no_lanes) : nlohmann::json()},
              {"blocking_calls_per_step", r.blocking},
              {"decoder_layers_synchronised_s", {{"forward", r.layers_f}, {"backward", r.layers_b}}}};
   }

@@ -385,6 +385,10 @@ Fp8Tiles lowp_input_copy(const LinearPrecision& p, const Tensor& x, const char* 
   return {};
 }
 
+Fp8Tiles lowp_grad_copy(const LinearPrecision& p, const Tensor& dy) {
+  return p.mode == LinearPrecisionMode::Bf16 ? lowp_input_copy(p, dy, "linear output gradient") : Fp8Tiles{};
+}
+
 void linear_lowp(const LinearPrecision& p, const LinearArgs& a, Fp8Tiles* x_fp8) {
   validate(a);
 #ifdef DSV3_HAVE_CUDA
@@ -412,11 +416,13 @@ void linear_lowp(const LinearPrecision& p, const LinearArgs& a, Fp8Tiles* x_fp8)
   gemm(qx, quant(w, Fp8Tiling::Block128x128, false, p.pow2_scale, "linear weight"), y, a.accumulate);
 }
 
-void linear_backward_lowp(const LinearPrecision& p, const LinearBackwardArgs& a, const Fp8Tiles* x_fp8) {
+void linear_backward_lowp(const LinearPrecision& p, const LinearBackwardArgs& a, const Fp8Tiles* x_fp8,
+                          const Fp8Tiles* dy_copy) {
   validate(a);
 #ifdef DSV3_HAVE_CUDA
-  if (a.dy.device() == Device::CUDA) return cuda_linear_backward_lowp(p, a, x_fp8);
+  if (a.dy.device() == Device::CUDA) return cuda_linear_backward_lowp(p, a, x_fp8, dy_copy);
 #endif
+  (void)dy_copy;  // the CPU rounds dy itself
   Backend& be = cpu_backend();
   if (p.mode == LinearPrecisionMode::F32) return be.linear_backward(a);
   Tensor w = present(a.w) ? as_f32(a.w, a.w_scale_inv) : a.w;

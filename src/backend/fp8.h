@@ -143,6 +143,10 @@ Tensor dequantize(const Fp8Tiles& t);  // F32 [rows, K]
 // front (the MoE's gathered rows, sliced per expert): x's 1×128 FP8 tiles in Fp8 mode, its BF16 copy
 // in Bf16 mode on CUDA tensors, nothing otherwise.
 Fp8Tiles lowp_input_copy(const LinearPrecision& prec, const Tensor& x, const char* name);
+// The same for an output gradient dy that the backward GEMMs of several row blocks share (the MoE's
+// experts): its BF16 copy in Bf16 mode on CUDA tensors, nothing otherwise (FP8 quantizes dy in each
+// block's own tilings).
+Fp8Tiles lowp_grad_copy(const LinearPrecision& prec, const Tensor& dy);
 
 // The three GEMMs of a linear layer under `prec` (F32 CPU tensors, y/dx/dw [..] as LinearArgs).
 // x_fp8: the forward's FP8 copy of x. linear_lowp fills it when it is empty and otherwise uses it
@@ -150,8 +154,10 @@ Fp8Tiles lowp_input_copy(const LinearPrecision& prec, const Tensor& x, const cha
 // linear_backward_lowp's Wgrad reads it instead of re-quantizing a.x. In Bf16 mode on CUDA tensors
 // the slot keeps x's BF16 copy instead (q BF16, no scale), so x is converted once per step, not
 // once per GEMM; the CPU rounds x itself and leaves the slot alone. Either way the numbers are those
-// of the uncached path, bit for bit.
+// of the uncached path, bit for bit. dy_copy: lowp_grad_copy(dy) (or a row block of it), read in
+// place of converting dy; ignored where that makes nothing.
 void linear_lowp(const LinearPrecision& prec, const LinearArgs& a, Fp8Tiles* x_fp8 = nullptr);
-void linear_backward_lowp(const LinearPrecision& prec, const LinearBackwardArgs& a, const Fp8Tiles* x_fp8 = nullptr);
+void linear_backward_lowp(const LinearPrecision& prec, const LinearBackwardArgs& a, const Fp8Tiles* x_fp8 = nullptr,
+                          const Fp8Tiles* dy_copy = nullptr);
 
 }  // namespace dsv3

@@ -19,6 +19,7 @@
 //   reductions run in a fixed order and scatter-adds have one owner per output row.
 #pragma once
 #include <cstdint>
+#include <exception>
 #include <span>
 #include <string>
 
@@ -394,12 +395,45 @@ class Backend {
     for (size_t i = 0; i < xs.size(); ++i) sum_squares(SumSquaresArgs{xs[i], out, accumulate || i > 0});
     if (xs.empty() && !accumulate) fill(FillArgs{out, 0.0f});
   }
+
+  // Independent work that may overlap: between begin_lanes and end_lanes, ops issued after lane(i)
+  // may run concurrently with those issued after lane(j), i ≠ j (the MoE's per-expert GEMMs, too
+  // small each to fill a GPU). Ops of one lane keep their order; end_lanes orders everything after
+  // it behind all of them. No op may read what another lane writes. Here (and on the CPU) every op
+  // runs in issue order.
+  virtual void begin_lanes() {}
+  virtual void lane(int64_t i) { (void)i; }
+  virtual void end_lanes() {}
 };
 
 // The process-wide CPU backend.
 Backend& cpu_backend();
 // "cpu" or "cuda" (the latter needs a CUDA build and a device); InputError otherwise.
 Backend& backend_named(const std::string& device);
+
+// begin_lanes … end_lanes for a scope. end_lanes runs also when an op throws; its own error then
+// gives way to the one in flight.
+class LaneScope {
+ public:
+  explicit LaneScope(Backend& be) : be_(be), unwinding_(std::uncaught_exceptions()) { be_.begin_lanes(); }
+  ~LaneScope() noexcept(false) {
+    if (std::uncaught_exceptions() == unwinding_) {
+      be_.end_lanes();
+      return;
+    }
+    try {
+      be_.end_lanes();
+    } catch (...) {
+    }
+  }
+  LaneScope(const LaneScope&) = delete;
+  LaneScope& operator=(const LaneScope&) = delete;
+  void operator()(int64_t i) { be_.lane(i); }
+
+ private:
+  Backend& be_;
+  int unwinding_;
+};
 
 // Shape/dtype rules of each op, shared by every backend (ops.cpp). Throw InternalError naming the op.
 void validate(const LinearArgs&);

@@ -490,26 +490,9 @@ void ExpertParallelMoe::forward(Backend& be, const MoeParams& p, const Tensor& x
     std::copy(a.pick_w.begin(), a.pick_w.end(), pw.data<float>());
     a.pick_w_t = be.to_device(pw);
     MlpActs& m = a.routed;
-    const int64_t I = p.experts[size_t(e0)].gate_proj.w.dim(0);
     m.x = be.alloc(DType::F32, {Rp, H});
     modops::gather_rows(be, a.xin, a.pick_row_t, m.x);  // [Rp, H]
-    m.gate = be.alloc(DType::F32, {Rp, I});
-    m.up = be.alloc(DType::F32, {Rp, I});
-    m.act = be.alloc(DType::F32, {Rp, I});
-    m.out = be.alloc(DType::F32, {Rp, H});
-    for (int64_t el = 0; el < epr_; ++el) {
-      const int64_t r0 = a.offsets[size_t(el)], r1 = a.offsets[size_t(el + 1)];
-      if (r0 == r1) continue;
-      const MlpParams& ep = p.experts[size_t(e0 + el)];
-      linear_forward(be, ep.gate_proj, m.x.rows(r0, r1), m.gate.rows(r0, r1));  // [c, I]
-      linear_forward(be, ep.up_proj, m.x.rows(r0, r1), m.up.rows(r0, r1));      // [c, I]
-      SwigluArgs sw;
-      sw.gate = m.gate.rows(r0, r1);
-      sw.up = m.up.rows(r0, r1);
-      sw.out = m.act.rows(r0, r1);
-      be.swiglu(sw);
-      linear_forward(be, ep.down_proj, m.act.rows(r0, r1), m.out.rows(r0, r1));  // [c, H]
-    }
+    experts_forward(be, std::span(p.experts).subspan(size_t(e0), size_t(epr_)), a.offsets, m.x, m);
     ScatterAddRowsArgs sc;  // per arrived row: Σ over its experts (ascending) of w·y
     sc.src = m.out;
     sc.idx = a.pick_row_t;
@@ -569,17 +552,8 @@ void ExpertParallelMoe::backward(Backend& be, const MoeParams& p, const MoeParam
     sb.dweight = dpw;
     be.scatter_add_rows_backward(sb);
     Tensor dm_x = be.alloc(DType::F32, {Rp, H});
-    for (int64_t el = 0; el < epr_; ++el) {
-      const int64_t r0 = a.offsets[size_t(el)], r1 = a.offsets[size_t(el + 1)];
-      if (r0 == r1) continue;
-      MlpActs ea;
-      ea.x = m.x.rows(r0, r1);
-      ea.gate = m.gate.rows(r0, r1);
-      ea.up = m.up.rows(r0, r1);
-      ea.act = m.act.rows(r0, r1);
-      mlp_backward(be, p.experts[size_t(e0 + el)], g.experts[size_t(e0 + el)], ea, dm_out.rows(r0, r1),
-                   dm_x.rows(r0, r1), false);
-    }
+    experts_backward(be, std::span(p.experts).subspan(size_t(e0), size_t(epr_)),
+                     std::span(g.experts).subspan(size_t(e0), size_t(epr_)), a.offsets, m, dm_out, dm_x, false);
     ScatterAddRowsArgs sx;
     sx.src = dm_x;
     sx.idx = a.pick_row_t;

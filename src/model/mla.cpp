@@ -148,7 +148,7 @@ void bias_backward(Backend& be, const Tensor& dy, const Tensor& dbias) {
 }  // namespace
 
 void linear_backward(Backend& be, const LinearParam& p, const LinearParam& g, const Tensor& x, const Tensor& dy,
-                     const Tensor& dx, bool accumulate_dx, const Fp8Tiles* x_fp8) {
+                     const Tensor& dx, bool accumulate_dx, const Fp8Tiles* x_fp8, const Fp8Tiles* dy_copy) {
   if (x.numel() == 0) return;
   LinearBackwardArgs a;
   a.dy = dy;
@@ -161,7 +161,8 @@ void linear_backward(Backend& be, const LinearParam& p, const LinearParam& g, co
   a.accumulate_dw = true;
   if (p.lowp && linear_precision().mode != LinearPrecisionMode::F32) {
     check_cache(x_fp8, "linear_backward");
-    linear_backward_lowp(linear_precision(), a, x_fp8);
+    check_cache(dy_copy, "linear_backward");
+    linear_backward_lowp(linear_precision(), a, x_fp8, dy_copy);
   } else {
     be.linear_backward(a);
   }

@@ -113,6 +113,9 @@ struct MlpActs {
   // --precision fp8: x in FP8 (shared by gate and up) and the SwiGLU inputs gate, up in FP8; the
   // backward recomputes act (down_proj's input) from them. Empty otherwise.
   Fp8Tiles x_fp8, gate_fp8, up_fp8;
+  // --precision bf16 on CUDA: act's BF16 copy, down_proj's input in the forward and in its Wgrad
+  // (x's is in x_fp8: backend/fp8.h lowp_input_copy).
+  Fp8Tiles act_copy;
 };
 struct MoeActs {
   Tensor x;        // [N, H]
@@ -207,6 +210,12 @@ struct RopeInput {
 void mla_forward(Backend& be, const ModelDims& d, const MlaParams& p, const RopeInput& rope,
                  const Tensor& x, int64_t B, int64_t T, MlaActs& a);
 void mlp_forward(Backend& be, const MlpParams& p, const Tensor& x, MlpActs& a, bool accumulate_out = false);
+// Several MLPs (the routed experts) over consecutive row blocks of x: rows offsets[e] ..
+// offsets[e + 1] through p[e]. Each input is converted (or quantized) once for all blocks, the SwiGLU
+// is one op over all rows, and the blocks' GEMMs are issued on the backend's lanes, so they may
+// overlap. mlp_forward is the case of one block; the numbers are those of one mlp_forward per block.
+void experts_forward(Backend& be, std::span<const MlpParams> p, std::span<const int64_t> offsets, const Tensor& x,
+                     MlpActs& a, bool accumulate_out = false);
 void moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const Tensor& x, MoeActs& a);
 // The router op with the config's routing (DESIGN §2) on gate logits [N, E]: scores [N, E], ids and
 // weights [N, top_k], allocated by the caller. moe_forward and the GPU engine's MoE both route here.
@@ -249,13 +258,19 @@ struct Grads {
 
 // Each module backward takes dout (∂L/∂ module output) and writes ∂L/∂ input into dx
 // (overwritten, or added when accumulate_dx), accumulating weight gradients into g.
+// dy_copy: lowp_grad_copy of dy (backend/fp8.h) when several layers' backward share one dy.
 void linear_backward(Backend& be, const LinearParam& p, const LinearParam& g, const Tensor& x,
-                     const Tensor& dy, const Tensor& dx, bool accumulate_dx, const Fp8Tiles* x_fp8 = nullptr);
+                     const Tensor& dy, const Tensor& dx, bool accumulate_dx, const Fp8Tiles* x_fp8 = nullptr,
+                     const Fp8Tiles* dy_copy = nullptr);
 void mla_backward(Backend& be, const ModelDims& d, const MlaParams& p, const MlaParams& g,
                   const RopeInput& rope, const MlaActs& a, int64_t B, int64_t T, const Tensor& dout,
                   const Tensor& dx, bool accumulate_dx);
 void mlp_backward(Backend& be, const MlpParams& p, const MlpParams& g, const MlpActs& a, const Tensor& dout,
                   const Tensor& dx, bool accumulate_dx);
+// experts_forward's backward: weight gradients into g[e], dx rows of block e from p[e].
+void experts_backward(Backend& be, std::span<const MlpParams> p, std::span<const MlpParams> g,
+                      std::span<const int64_t> offsets, const MlpActs& a, const Tensor& dout, const Tensor& dx,
+                      bool accumulate_dx);
 // router_dlogits: an extra gradient on the gate logits [N, E] (the sequence-wise balance loss), optional.
 void moe_backward(Backend& be, const ModelDims& d, const MoeParams& p, const MoeParams& g, const MoeActs& a,
                   const Tensor& dout, const Tensor& router_dlogits, const Tensor& dx, bool accumulate_dx);

@@ -33,25 +33,59 @@ void keep_swiglu_inputs_fp8(const MlpParams& p, MlpActs& a) {
   a.up_fp8 = fp8_tiles(a.up, pow2, "SwiGLU up input");
 }
 
+Fp8Tiles block(const Fp8Tiles& t, int64_t r0, int64_t r1) { return t.defined() ? t.rows(r0, r1) : Fp8Tiles{}; }
+
 }  // namespace
 
 void mlp_forward(Backend& be, const MlpParams& p, const Tensor& x, MlpActs& a, bool accumulate_out) {
-  const int64_t M = x.dim(0), I = p.gate_proj.w.dim(0), H = p.down_proj.w.dim(0);
+  const int64_t offsets[2] = {0, x.dim(0)};
+  experts_forward(be, std::span(&p, 1), offsets, x, a, accumulate_out);
+}
+
+void experts_forward(Backend& be, std::span<const MlpParams> p, std::span<const int64_t> offsets, const Tensor& x,
+                     MlpActs& a, bool accumulate_out) {
+  DSV3_CHECK(!p.empty() && offsets.size() == p.size() + 1 && offsets.back() == x.dim(0));
+  const int64_t M = x.dim(0), I = p[0].gate_proj.w.dim(0), H = p[0].down_proj.w.dim(0);
   a.x = x;                                            // [M, H]
   a.gate = be.alloc(DType::F32, {M, I});
   a.up = be.alloc(DType::F32, {M, I});
   a.act = be.alloc(DType::F32, {M, I});
-  a.x_fp8 = a.gate_fp8 = a.up_fp8 = Fp8Tiles{};
-  linear_forward(be, p.gate_proj, x, a.gate, false, &a.x_fp8);  // [M, I]
-  linear_forward(be, p.up_proj, x, a.up, false, &a.x_fp8);      // [M, I]
+  const LinearPrecision& prec = linear_precision();
+  const bool lowp = p[0].gate_proj.lowp;
+  // Rows are independent, so a row block of a copy is the copy of that block.
+  a.x_fp8 = lowp ? lowp_input_copy(prec, x, "linear input") : Fp8Tiles{};
+  a.gate_fp8 = a.up_fp8 = a.act_copy = Fp8Tiles{};
+  {
+    LaneScope lane(be);
+    for (size_t e = 0; e < p.size(); ++e) {
+      const int64_t r0 = offsets[e], r1 = offsets[e + 1];
+      if (r0 == r1) continue;
+      lane(int64_t(e));
+      Fp8Tiles xe = block(a.x_fp8, r0, r1);
+      linear_forward(be, p[e].gate_proj, x.rows(r0, r1), a.gate.rows(r0, r1), false, &xe);  // [c, I]
+      linear_forward(be, p[e].up_proj, x.rows(r0, r1), a.up.rows(r0, r1), false, &xe);      // [c, I]
+    }
+  }
   SwigluArgs s;
   s.gate = a.gate;
   s.up = a.up;
   s.out = a.act;
-  be.swiglu(s);                                       // [M, I] silu(gate)·up
-  keep_swiglu_inputs_fp8(p, a);
+  be.swiglu(s);  // [M, I] silu(gate)·up
+  keep_swiglu_inputs_fp8(p[0], a);
+  const Fp8Tiles act = lowp ? lowp_input_copy(prec, a.act, "linear input") : Fp8Tiles{};
   if (!accumulate_out) a.out = be.alloc(DType::F32, {M, H});
-  linear_forward(be, p.down_proj, a.act, a.out, accumulate_out);  // [M, H]
+  {
+    LaneScope lane(be);
+    for (size_t e = 0; e < p.size(); ++e) {
+      const int64_t r0 = offsets[e], r1 = offsets[e + 1];
+      if (r0 == r1) continue;
+      lane(int64_t(e));
+      Fp8Tiles ae = block(act, r0, r1);
+      linear_forward(be, p[e].down_proj, a.act.rows(r0, r1), a.out.rows(r0, r1), accumulate_out, &ae);  // [c, H]
+    }
+  }
+  // FP8 recomputes act in the backward from the SwiGLU inputs' FP8 copies instead.
+  if (prec.mode == LinearPrecisionMode::Bf16) a.act_copy = act;
 }
 
 void moe_route(Backend& be, const ModelDims& d, const MoeParams& p, const Tensor& logits, const Tensor& scores,
@@ -138,35 +172,7 @@ void moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const Tens
   g.idx = a.token;
   g.out = m.x;
   be.gather_rows(g);  // [N·k, H]
-  const int64_t I = p.experts.empty() ? 0 : p.experts[0].gate_proj.w.dim(0);
-  m.gate = be.alloc(DType::F32, {N * k, I});
-  m.up = be.alloc(DType::F32, {N * k, I});
-  m.act = be.alloc(DType::F32, {N * k, I});
-  m.out = be.alloc(DType::F32, {N * k, H});
-  // The gathered rows quantized (FP8) or converted (BF16 on the GPU) once: the rows are independent,
-  // so a slice is an expert's copy.
-  const bool lowp = !p.experts.empty() && p.experts[0].gate_proj.lowp;
-  const bool fp8 = lowp && fp8_layer(p.experts[0].gate_proj);
-  m.x_fp8 = lowp ? lowp_input_copy(linear_precision(), m.x, "linear input") : Fp8Tiles{};
-  m.gate_fp8 = m.up_fp8 = Fp8Tiles{};
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t r0 = a.offsets[size_t(e)], r1 = a.offsets[size_t(e + 1)];
-    if (r0 == r1) continue;
-    const MlpParams& ep = p.experts[size_t(e)];
-    Fp8Tiles xe = m.x_fp8.defined() ? m.x_fp8.rows(r0, r1) : Fp8Tiles{};
-    linear_forward(be, ep.gate_proj, m.x.rows(r0, r1), m.gate.rows(r0, r1), false, &xe);  // [c, I]
-    linear_forward(be, ep.up_proj, m.x.rows(r0, r1), m.up.rows(r0, r1), false, &xe);      // [c, I]
-  }
-  SwigluArgs sw;  // elementwise: every expert's rows in one call
-  sw.gate = m.gate;
-  sw.up = m.up;
-  sw.out = m.act;
-  be.swiglu(sw);  // [N·k, I]
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t r0 = a.offsets[size_t(e)], r1 = a.offsets[size_t(e + 1)];
-    if (r0 < r1) linear_forward(be, p.experts[size_t(e)].down_proj, m.act.rows(r0, r1), m.out.rows(r0, r1));
-  }
-  if (fp8) keep_swiglu_inputs_fp8(p.experts[0], m);
+  experts_forward(be, p.experts, a.offsets, m.x, m);
 
   // Combine: out[token] += weight · expert output, in a fixed order per token.
   a.sorted_weights = be.alloc(DType::F32, {N * k, 1});
@@ -215,7 +221,15 @@ void decoder_layer_forward(Backend& be, const ModelDims& d, const LayerParams& p
 
 void mlp_backward(Backend& be, const MlpParams& p, const MlpParams& g, const MlpActs& a, const Tensor& dout,
                   const Tensor& dx, bool accumulate_dx) {
+  const int64_t offsets[2] = {0, a.x.dim(0)};
+  experts_backward(be, std::span(&p, 1), std::span(&g, 1), offsets, a, dout, dx, accumulate_dx);
+}
+
+void experts_backward(Backend& be, std::span<const MlpParams> p, std::span<const MlpParams> g,
+                      std::span<const int64_t> offsets, const MlpActs& a, const Tensor& dout, const Tensor& dx,
+                      bool accumulate_dx) {
   const int64_t M = a.x.dim(0), I = a.gate.dim(-1);
+  DSV3_CHECK(!p.empty() && g.size() == p.size() && offsets.size() == p.size() + 1 && offsets.back() == M);
   if (M == 0) return;
   Tensor dact = be.alloc(DType::F32, {M, I});
   // FP8: the SwiGLU inputs come back from their FP8 copies and act is recomputed from them.
@@ -230,7 +244,23 @@ void mlp_backward(Backend& be, const MlpParams& p, const MlpParams& g, const Mlp
     f.out = act;
     be.swiglu(f);
   }
-  linear_backward(be, p.down_proj, g.down_proj, act, dout, dact, false);  // [M, I]
+  const LinearPrecision& prec = linear_precision();
+  const bool lowp = p[0].gate_proj.lowp;
+  const Fp8Tiles act_copy = a.act_copy.defined() ? a.act_copy
+                            : lowp                ? lowp_input_copy(prec, act, "linear input")
+                                                  : Fp8Tiles{};
+  const Fp8Tiles dout_copy = lowp ? lowp_grad_copy(prec, dout) : Fp8Tiles{};
+  {
+    LaneScope lane(be);
+    for (size_t e = 0; e < p.size(); ++e) {
+      const int64_t r0 = offsets[e], r1 = offsets[e + 1];
+      if (r0 == r1) continue;
+      lane(int64_t(e));
+      const Fp8Tiles ae = block(act_copy, r0, r1), de = block(dout_copy, r0, r1);
+      linear_backward(be, p[e].down_proj, g[e].down_proj, act.rows(r0, r1), dout.rows(r0, r1), dact.rows(r0, r1),
+                      false, &ae, &de);  // [c, I]
+    }
+  }
   SwigluBackwardArgs s;
   s.dout = dact;
   s.gate = gate;
@@ -239,13 +269,23 @@ void mlp_backward(Backend& be, const MlpParams& p, const MlpParams& g, const Mlp
   s.dgate = dact;  // aliases dout (elementwise)
   s.dup = dup;
   be.swiglu_backward(s);
-  linear_backward(be, p.gate_proj, g.gate_proj, a.x, dact, dx, accumulate_dx, &a.x_fp8);  // [M, H]
-  linear_backward(be, p.up_proj, g.up_proj, a.x, dup, dx, true, &a.x_fp8);
+  const Fp8Tiles dgate_copy = lowp ? lowp_grad_copy(prec, dact) : Fp8Tiles{};
+  const Fp8Tiles dup_copy = lowp ? lowp_grad_copy(prec, dup) : Fp8Tiles{};
+  LaneScope lane(be);
+  for (size_t e = 0; e < p.size(); ++e) {
+    const int64_t r0 = offsets[e], r1 = offsets[e + 1];
+    if (r0 == r1) continue;
+    lane(int64_t(e));
+    const Fp8Tiles xe = block(a.x_fp8, r0, r1), ge = block(dgate_copy, r0, r1), ue = block(dup_copy, r0, r1);
+    const Tensor x = a.x.rows(r0, r1), dxe = dx.rows(r0, r1);
+    linear_backward(be, p[e].gate_proj, g[e].gate_proj, x, dact.rows(r0, r1), dxe, accumulate_dx, &xe, &ge);  // [c, H]
+    linear_backward(be, p[e].up_proj, g[e].up_proj, x, dup.rows(r0, r1), dxe, true, &xe, &ue);
+  }
 }
 
 void moe_backward(Backend& be, const ModelDims& d, const MoeParams& p, const MoeParams& g, const MoeActs& a,
                   const Tensor& dout, const Tensor& router_dlogits, const Tensor& dx, bool accumulate_dx) {
-  const int64_t N = a.x.dim(0), E = d.n_experts, k = d.top_k, H = d.H;
+  const int64_t N = a.x.dim(0), k = d.top_k, H = d.H;
   if (!accumulate_dx) {
     FillArgs f;
     f.x = dx;
@@ -275,22 +315,7 @@ void moe_backward(Backend& be, const ModelDims& d, const MoeParams& p, const Moe
 
   // Each expert on its rows, then the gather's backward: dx[token[r]] += dm_x[r].
   Tensor dm_x = be.alloc(DType::F32, {N * k, H});
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t r0 = a.offsets[size_t(e)], r1 = a.offsets[size_t(e + 1)];
-    if (r0 == r1) continue;
-    MlpActs ea;
-    ea.x = m.x.rows(r0, r1);
-    ea.gate = m.gate.rows(r0, r1);
-    ea.up = m.up.rows(r0, r1);
-    ea.act = m.act.rows(r0, r1);
-    if (m.x_fp8.defined()) ea.x_fp8 = m.x_fp8.rows(r0, r1);
-    if (m.gate_fp8.defined()) {
-      ea.gate_fp8 = m.gate_fp8.rows(r0, r1);
-      ea.up_fp8 = m.up_fp8.rows(r0, r1);
-    }
-    mlp_backward(be, p.experts[size_t(e)], g.experts[size_t(e)], ea, dm_out.rows(r0, r1), dm_x.rows(r0, r1),
-                 false);
-  }
+  experts_backward(be, p.experts, g.experts, a.offsets, m, dm_out, dm_x, false);
   ScatterAddRowsArgs sx;
   sx.src = dm_x;
   sx.idx = a.token;

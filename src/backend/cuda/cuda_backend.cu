@@ -3,12 +3,15 @@
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_scan.cuh>
 
+#include <algorithm>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
 
 #include "backend/cuda/common.cuh"
+#include "backend/cuda/stream.h"
 
 namespace dsv3 {
 namespace cuda {
@@ -45,13 +48,29 @@ class CachingAllocator {
     std::lock_guard<std::mutex> lk(mu_);
     auto it = size_.find(p);
     if (it == size_.end()) return;
-    free_.emplace(it->second, p);
+    if (deferring_)
+      deferred_.push_back(p);
+    else
+      free_.emplace(it->second, p);
+  }
+  // While deferring, freed blocks are held back (a lane may still be using them) until release.
+  void defer() {
+    std::lock_guard<std::mutex> lk(mu_);
+    deferring_ = true;
+  }
+  void release() {
+    std::lock_guard<std::mutex> lk(mu_);
+    deferring_ = false;
+    for (void* p : deferred_) free_.emplace(size_[p], p);
+    deferred_.clear();
   }
 
  private:
   std::mutex mu_;
   std::multimap<size_t, void*> free_;
   std::unordered_map<void*, size_t> size_;
+  bool deferring_ = false;
+  std::vector<void*> deferred_;
 };
 
 CachingAllocator& allocator() {
@@ -215,6 +234,104 @@ Tensor CudaBackend::to_host(const Tensor& t) {
 void CudaBackend::synchronize() {
   DSV3_CUDA_CHECK(cudaDeviceSynchronize());
   cuda::raise_range_errors();
+}
+
+namespace {
+
+// The lane streams; a scope forks them from the current stream on first use and joins them back at
+// its end. Scopes do not nest (an inner one is part of the outer).
+struct Lanes {
+  std::vector<cudaStream_t> streams;
+  std::vector<cudaEvent_t> done;
+  std::vector<bool> forked;
+  cudaEvent_t fork = nullptr;
+  int depth = 0;
+  bool active = false;  // this scope forks lanes
+  cudaStream_t before = nullptr;
+
+  Lanes() {
+    const char* e = std::getenv("DSV3_CUDA_LANES");
+    resize(e ? std::max(1, std::atoi(e)) : 4);
+  }
+  // n < 2: no lanes, everything in issue order on the current stream. At most 8 (the FP8
+  // preparation keeps a NaN slot per stream, quantize.cu).
+  void resize(int n) {
+    DSV3_CHECK(depth == 0, "cuda_set_lanes inside a lane scope");
+    n = n < 2 ? 0 : std::min(n, 8);
+    if (size_t(n) == streams.size()) return;
+    if (!streams.empty()) DSV3_CUDA_CHECK(cudaDeviceSynchronize());
+    for (size_t i = 0; i < streams.size(); ++i) {
+      cudaStreamDestroy(streams[i]);
+      cudaEventDestroy(done[i]);
+    }
+    streams.assign(size_t(n), nullptr);
+    done.assign(size_t(n), nullptr);
+    forked.assign(size_t(n), false);
+    for (int i = 0; i < n; ++i) {
+      DSV3_CUDA_CHECK(cudaStreamCreate(&streams[size_t(i)]));  // blocking: ordered with the legacy stream
+      DSV3_CUDA_CHECK(cudaEventCreateWithFlags(&done[size_t(i)], cudaEventDisableTiming));
+    }
+    if (!fork) DSV3_CUDA_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
+  }
+};
+
+Lanes& lanes() {
+  static Lanes* l = new Lanes;  // never destroyed: streams outlive static destructors' GPU work
+  return *l;
+}
+
+}  // namespace
+
+void cuda_set_lanes(int n) { lanes().resize(n); }
+
+int cuda_lanes() { return int(lanes().streams.size()); }
+
+void CudaBackend::begin_lanes() {
+  Lanes& l = lanes();
+  if (l.depth++ > 0) return;
+  l.before = cuda::stream();
+  // A stream being captured into a graph keeps its work: a graph has its own concurrency.
+  cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+  DSV3_CUDA_CHECK(cudaStreamIsCapturing(l.before, &cap));
+  l.active = !l.streams.empty() && cap == cudaStreamCaptureStatusNone;
+  if (!l.active) return;
+  DSV3_CUDA_CHECK(cudaEventRecord(l.fork, l.before));
+  l.forked.assign(l.streams.size(), false);
+  cuda::allocator().defer();
+}
+
+void CudaBackend::lane(int64_t i) {
+  Lanes& l = lanes();
+  if (!l.active) return;
+  const size_t k = size_t(i % int64_t(l.streams.size()));
+  if (!l.forked[k]) {
+    DSV3_CUDA_CHECK(cudaStreamWaitEvent(l.streams[k], l.fork, 0));
+    l.forked[k] = true;
+  }
+  cuda::current_stream_slot() = l.streams[k];
+}
+
+void CudaBackend::end_lanes() {
+  Lanes& l = lanes();
+  if (l.depth == 0 || --l.depth > 0 || !l.active) return;
+  // State first, so an error below leaves no scope half open.
+  l.active = false;
+  cuda::current_stream_slot() = l.before;
+  cudaError_t first = cudaSuccess;
+  for (size_t k = 0; k < l.streams.size(); ++k)
+    if (l.forked[k]) {
+      cudaError_t e = cudaEventRecord(l.done[k], l.streams[k]);
+      if (e == cudaSuccess) e = cudaStreamWaitEvent(l.before, l.done[k], 0);
+      if (first == cudaSuccess) first = e;
+    }
+  if (first == cudaSuccess) {
+    cuda::allocator().release();
+    return;
+  }
+  // Without the join, blocks freed in the scope may still be in use: synchronise before reusing them.
+  (void)cudaDeviceSynchronize();
+  cuda::allocator().release();
+  internal_error("CUDA: joining the lane streams: ", cudaGetErrorString(first));
 }
 
 }  // namespace dsv3

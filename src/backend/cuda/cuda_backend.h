@@ -54,7 +54,20 @@ class CudaBackend final : public Backend {
   void fill_many(std::span<const FillArgs>) override;
   void copy_many(std::span<const CopyArgs>) override;
   void sum_squares_many(std::span<const Tensor> xs, const Tensor& out, bool accumulate) override;
+  // Lanes are CUDA streams (DSV3_CUDA_LANES, default 4; 1 turns them off), taken in turn by lane(i).
+  // Only launch sites that take cuda::stream() follow a lane (the cuBLASLt GEMMs among them); the
+  // rest stay on the legacy stream, which the lane streams synchronise with. Memory freed inside a
+  // lane scope goes back to the caching allocator at end_lanes, after the join, so no lane reuses a
+  // block another lane may still be using.
+  void begin_lanes() override;
+  void lane(int64_t i) override;
+  void end_lanes() override;
 };
+
+// The number of lane streams (CudaBackend::begin_lanes, at most 8); below 2 turns lanes off. Not inside a lane
+// scope. Tests and benchmarks compare with and without.
+void cuda_set_lanes(int n);
+int cuda_lanes();  // 0 when off
 
 // The process-wide CUDA backend (registers the CUDA allocator with core on first use).
 // Throws InputError when no CUDA device is usable.

@@ -10,6 +10,7 @@
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/linear_lowp.h"
 #include "backend/cuda/lt_gemm.h"
+#include "backend/cuda/stream.h"
 
 namespace dsv3 {
 using namespace cuda;
@@ -333,7 +334,7 @@ void gemm_token_rows(const uint8_t* a, const float* a_scale, int64_t M, int64_t 
   if (M_lt == M) return fp8_gemm_lt(a, a_scale, M, b, b_scale, b_block, N, K, c, accumulate);
   Scratch out(size_t(M_lt * N) * sizeof(float));
   fp8_gemm_lt(a, a_scale, M_lt, b, b_scale, b_block, N, K, out.as<float>(), false);
-  add_rows_kernel<<<std::min(blocks_for(M * N), 1u << 16), 256>>>(out.as<float>(), c, M * N, accumulate);
+  add_rows_kernel<<<std::min(blocks_for(M * N), 1u << 16), 256, 0, stream()>>>(out.as<float>(), c, M * N, accumulate);
   check_launch("fp8 gemm rows");
 }
 
@@ -441,14 +442,15 @@ void cuda_linear_lowp(const LinearPrecision& p, const LinearArgs& a, Fp8Tiles* x
   gemm_fp8(qx, quant(to_f32(a.w, a.w_scale_inv), Fp8Tiling::Block128x128, false, p.pow2_scale), y, a.accumulate, true);
 }
 
-void cuda_linear_backward_lowp(const LinearPrecision& p, const LinearBackwardArgs& a, const Fp8Tiles* x_fp8) {
+void cuda_linear_backward_lowp(const LinearPrecision& p, const LinearBackwardArgs& a, const Fp8Tiles* x_fp8,
+                               const Fp8Tiles* dy_copy) {
   CudaBackend& be = cuda_backend();
   if (p.mode == LinearPrecisionMode::F32) return be.linear_backward(a);
   const Tensor dy = mat(a.dy);
   const int64_t M = dy.dim(0), N = dy.dim(1);
   if (M == 0) return;
   if (p.mode == LinearPrecisionMode::Bf16) {
-    Tensor dyb = to_bf16(dy);
+    Tensor dyb = bf16_input(dy, dy_copy);
     if (present(a.dx)) {  // dx[M, K] = dy[M, N] · W[N, K]
       const int64_t K = a.w.dim(1);
       Tensor wb = a.w.dtype() == DType::BF16 ? a.w : to_bf16(a.w, a.w_scale_inv);

@@ -17,7 +17,8 @@
 namespace dsv3 {
 
 void cuda_linear_lowp(const LinearPrecision& prec, const LinearArgs& a, Fp8Tiles* x_fp8);
-void cuda_linear_backward_lowp(const LinearPrecision& prec, const LinearBackwardArgs& a, const Fp8Tiles* x_fp8);
+void cuda_linear_backward_lowp(const LinearPrecision& prec, const LinearBackwardArgs& a, const Fp8Tiles* x_fp8,
+                               const Fp8Tiles* dy_copy);
 Fp8Tiles cuda_fp8_tiles(const Tensor& x, bool pow2_scale);
 Tensor cuda_dequantize(const Fp8Tiles& t);
 

@@ -6,6 +6,7 @@
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/lt_gemm.h"
+#include "backend/cuda/stream.h"
 
 namespace dsv3::cuda {
 namespace {
@@ -21,13 +22,13 @@ cublasLtHandle_t handle() {
 
 constexpr size_t kWorkspace = 32u << 20;
 
-void* workspace() {
-  static void* w = [] {
-    void* p = nullptr;
-    DSV3_CUDA_CHECK(cudaMalloc(&p, kWorkspace));
-    return p;
-  }();
-  return w;
+// One workspace per stream: GEMMs on different streams (the experts' lanes) may run at once.
+// Called under g_mu.
+void* workspace(cudaStream_t s) {
+  static std::map<cudaStream_t, void*> w;
+  void*& p = w[s];
+  if (!p) DSV3_CUDA_CHECK(cudaMalloc(&p, kWorkspace));
+  return p;
 }
 
 int64_t bucket(int64_t x) {
@@ -162,8 +163,9 @@ const Plan* plan_for(const LtMatmul& g, const Key& key) {
 cublasStatus_t run(const Plan& p, const LtMatmul& g) {
   set_sizes(p, g, g.m, g.n, g.k);
   set_scale_pointers(p, g);
+  const cudaStream_t s = stream();
   return cublasLtMatmul(handle(), p.desc, &g.alpha, g.a, p.la, g.b, p.lb, &g.beta, g.c, p.lc, g.c, p.lc, &p.algo,
-                        workspace(), kWorkspace, nullptr);
+                        workspace(s), kWorkspace, s);
 }
 
 }  // namespace
@@ -173,7 +175,7 @@ void lt_matmul(const LtMatmul& g) {
   if (g.k == 0) {  // an empty sum: D = beta·C
     DSV3_CHECK(g.beta == 0.0f || g.beta == 1.0f, "lt_matmul: an empty product with beta ", g.beta);
     const size_t es = g.c_type == CUDA_R_32F ? 4 : 2;
-    if (g.beta == 0.0f) DSV3_CUDA_CHECK(cudaMemset2DAsync(g.c, size_t(g.ldc) * es, 0, size_t(g.m) * es, size_t(g.n)));
+    if (g.beta == 0.0f) DSV3_CUDA_CHECK(cudaMemset2DAsync(g.c, size_t(g.ldc) * es, 0, size_t(g.m) * es, size_t(g.n), stream()));
     return;
   }
   std::lock_guard<std::mutex> lk(g_mu);  // plans carry per-call sizes and scale pointers

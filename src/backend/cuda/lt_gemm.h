@@ -50,7 +50,7 @@ inline LtMatmul lt_row_major(bool trans_a, bool trans_b, int64_t m, int64_t n, i
   return g;
 }
 
-// Runs the matmul on the default stream; an internal error when cuBLASLt has no algorithm for it.
+// Runs the matmul on cuda::stream() (stream.h); an internal error when cuBLASLt has no algorithm for it.
 void lt_matmul(const LtMatmul& g);
 
 // Plans built so far (each one heuristic query): a test's way to see that calls share a bucket's plan.

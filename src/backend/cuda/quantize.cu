@@ -8,9 +8,12 @@
 // fp8_backward_prep, linear_lowp.h) runs these tiles as roles of one launch per pass.
 #include <algorithm>
 #include <cfloat>
+#include <map>
+#include <mutex>
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/linear_lowp.h"
+#include "backend/cuda/stream.h"
 
 namespace dsv3 {
 using namespace cuda;
@@ -254,34 +257,36 @@ __global__ void transpose_kernel(const float* x, int64_t R, int64_t C, float* y)
 // The linear layer's GEMM preparation (linear_lowp.h): one launch per pass whose CTAs take roles by
 // their index, every operand written in cuBLASLt's layout.
 
-// NaN propagation: each role or-s a bit into g_nan.flag when its tiles hold non-finite values; the
-// last CTA of the launch to finish (an arrival count) sees every bit, writes NaN over whole scale
-// arrays of the GEMMs those operands feed (then every output of such a GEMM is NaN, as on the CPU)
-// and clears the pair for the next launch. Launches run in order on the one default stream.
+// NaN propagation: each role or-s a bit into its stream's g_nan slot when its tiles hold non-finite
+// values; the last CTA of the launch to finish (an arrival count) sees every bit, writes NaN over
+// whole scale arrays of the GEMMs those operands feed (then every output of such a GEMM is NaN, as on
+// the CPU) and clears the slot for the stream's next launch. A slot per stream (nan_slot), so
+// launches on the backend's lane streams may overlap.
 struct NanSync {
   unsigned flag, count;
 };
-__device__ NanSync g_nan;  // zero at load; every launch leaves it zero
+constexpr int kNanSlots = 16;
+__device__ NanSync g_nan[kNanSlots];  // zero at load; every launch leaves its slot zero
 
 constexpr unsigned kBadX = 1, kBadW = 2, kBadDy = 4;
 
-__device__ void nan_end(float* p0, int64_t n0, unsigned m0, float* p1, int64_t n1, unsigned m1) {
+__device__ void nan_end(NanSync& sync, float* p0, int64_t n0, unsigned m0, float* p1, int64_t n1, unsigned m1) {
   __shared__ bool last;
   __syncthreads();  // the CTA's writes happen before thread 0's fence (cumulative) and arrival
   if (threadIdx.x == 0) {
     __threadfence();
-    last = atomicAdd(&g_nan.count, 1u) == gridDim.x - 1;
+    last = atomicAdd(&sync.count, 1u) == gridDim.x - 1;
   }
   __syncthreads();
   if (!last) return;
   __threadfence();
-  const unsigned f = *static_cast<volatile unsigned*>(&g_nan.flag);
+  const unsigned f = *static_cast<volatile unsigned*>(&sync.flag);
   if (p0 && (f & m0))
     for (int64_t i = threadIdx.x; i < n0; i += blockDim.x) p0[i] = __int_as_float(0x7fc00000);
   if (p1 && (f & m1))
     for (int64_t i = threadIdx.x; i < n1; i += blockDim.x) p1[i] = __int_as_float(0x7fc00000);
   __syncthreads();
-  if (threadIdx.x == 0) g_nan.flag = g_nan.count = 0;
+  if (threadIdx.x == 0) sync.flag = sync.count = 0;
 }
 
 // One CTA (256 threads), one 128×128 tile of W [N, K] (any float dtype; an FP8 weight times its
@@ -412,7 +417,7 @@ __device__ unsigned rows_row(const float* x, int64_t M, int64_t M_lt, int64_t K,
 // M_lt rows (M rounded up to cuBLASLt's 4, the padding rows code 0 and scale 1): x's rows, a warp per
 // row (the cache and the VEC128 scales at once), or the cached scales rewritten into VEC128 layout,
 // 256 rows per CTA, and, when the cache lacks the padding rows, its codes copied into q_lt.
-__global__ void __launch_bounds__(256) fprop_prep_kernel(FpropPrep p, int64_t w_tiles, int64_t n_tok) {
+__global__ void __launch_bounds__(256) fprop_prep_kernel(FpropPrep p, int64_t w_tiles, int64_t n_tok, int slot) {
   __shared__ WeightSmem sm;
   const int64_t kb = p.w.K / kFp8Block;
   unsigned bad = 0;
@@ -435,8 +440,8 @@ __global__ void __launch_bounds__(256) fprop_prep_kernel(FpropPrep p, int64_t w_
         reinterpret_cast<uint4*>(p.q_lt)[i] = i < n ? reinterpret_cast<const uint4*>(p.xq)[i] : make_uint4(0, 0, 0, 0);
     }
   }
-  if (bad) atomicOr(&g_nan.flag, bad);
-  nan_end(p.w.scale_lt, ((p.w.N + kFp8Block - 1) / kFp8Block) * p.w.ld4, kBadX | kBadW, nullptr, 0, 0);
+  if (bad) atomicOr(&g_nan[slot].flag, bad);
+  nan_end(g_nan[slot], p.w.scale_lt, ((p.w.N + kFp8Block - 1) / kFp8Block) * p.w.ld4, kBadX | kBadW, nullptr, 0, 0);
 }
 
 // dy [M, N], one CTA per 128×128 block (g, rb): each warp quantizes whole rows in registers as it
@@ -530,7 +535,7 @@ union BackwardSmem {
 
 // Backward: CTAs [0, n_dy) dy's 128×128 blocks, then (Wgrad) x̂'s 128-row × 32-column blocks, then
 // (Dgrad) Wᵀ's tiles.
-__global__ void __launch_bounds__(256) backward_prep_kernel(BackwardPrep p, int64_t n_dy, int64_t n_x) {
+__global__ void __launch_bounds__(256) backward_prep_kernel(BackwardPrep p, int64_t n_dy, int64_t n_x, int slot) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   BackwardSmem& sm = *reinterpret_cast<BackwardSmem*>(smem_raw);
   const int64_t kbn = (p.N + kFp8Block - 1) / kFp8Block, rbs = (p.M + kFp8Block - 1) / kFp8Block;
@@ -547,9 +552,20 @@ __global__ void __launch_bounds__(256) backward_prep_kernel(BackwardPrep p, int6
   } else {
     bad = weight_tile(sm.w, b - n_x, p.w, p.pow2) ? kBadW : 0;
   }
-  if (bad) atomicOr(&g_nan.flag, bad);
-  nan_end(p.q2 ? p.s3_lt : nullptr, rbs * p.K, kBadDy | kBadX, p.q1 ? p.w.scale_lt : nullptr,
+  if (bad) atomicOr(&g_nan[slot].flag, bad);
+  nan_end(g_nan[slot], p.q2 ? p.s3_lt : nullptr, rbs * p.K, kBadDy | kBadX, p.q1 ? p.w.scale_lt : nullptr,
           ((p.K + kFp8Block - 1) / kFp8Block) * p.w.ld4, kBadDy | kBadW);
+}
+
+// The g_nan slot of a stream: the legacy stream's is 0, other streams get the next free one.
+int nan_slot(cudaStream_t s) {
+  static std::mutex mu;
+  static std::map<cudaStream_t, int> slots{{nullptr, 0}};
+  std::lock_guard<std::mutex> lk(mu);
+  auto it = slots.find(s);
+  if (it != slots.end()) return it->second;
+  DSV3_CHECK(int(slots.size()) < kNanSlots, "FP8 preparation: more than ", kNanSlots, " streams");
+  return slots.emplace(s, int(slots.size())).first->second;
 }
 
 }  // namespace
@@ -621,7 +637,7 @@ void fp8_fprop_prep(FpropPrep p) {
   // Few CTAs, looping: every CTA of the launch takes one turn at the arrival counter (nan_end).
   const int64_t rel = (p.M_lt + 255) / 256, copy = p.q_lt != p.xq ? (p.M_lt * w.K / 16 + 255) / 256 : 0;
   const int64_t n_tok = std::min<int64_t>(p.x ? (p.M_lt + 7) / 8 : std::max(rel, copy), 4 * sm_count());
-  fprop_prep_kernel<<<unsigned(w_tiles + n_tok), 256>>>(p, w_tiles, n_tok);
+  fprop_prep_kernel<<<unsigned(w_tiles + n_tok), 256, 0, stream()>>>(p, w_tiles, n_tok, nan_slot(stream()));
   check_launch("fp8 Fprop preparation");
 }
 
@@ -642,7 +658,8 @@ void fp8_backward_prep(const BackwardPrep& p) {
   const int64_t n_dy = std::min<int64_t>(kbn * rbs, 3 * sm_count());
   const int64_t n_x = p.q2 ? std::min<int64_t>(((p.K + 31) / 32) * rbs, 3 * sm_count()) : 0;
   const int64_t n_w = p.q1 ? ((p.N + kFp8Block - 1) / kFp8Block) * ((p.K + kFp8Block - 1) / kFp8Block) : 0;
-  backward_prep_kernel<<<unsigned(n_dy + n_x + n_w), 256, sizeof(BackwardSmem)>>>(p, n_dy, n_x);
+  backward_prep_kernel<<<unsigned(n_dy + n_x + n_w), 256, sizeof(BackwardSmem), stream()>>>(p, n_dy, n_x,
+                                                                                           nan_slot(stream()));
   check_launch("fp8 backward preparation");
 }
 

@@ -1,0 +1,100 @@
+// experts_forward / experts_backward (model/moe.cpp) on CUDA, where the row blocks' GEMMs go to the
+// backend's lane streams (CudaBackend::begin_lanes): with lanes the outputs, dx and every weight
+// gradient equal those of the same calls with lanes off, bit for bit (the same kernels on the same
+// operands; a race between lanes, or a block reused while a lane still reads it, would change them).
+// In bf16 both also match the CPU's experts_* under kBf16: a chain (gate/up, SwiGLU, down and back)
+// whose intermediate values are rounded to BF16 again, where a value summed in another order can
+// round to the neighbouring BF16 number. FP8 re-quantizes those values (a neighbouring E4M3 number
+// is up to 2⁻⁴ away), so its chain is compared with the CPU by the trainer tests' losses instead
+// (cuda_lowp_trainer_test.cpp). Blocks of 0, 1 and uneven row counts; F32 master weights (converted
+// in each call, inside the lanes) and BF16 ones.
+#include <gtest/gtest.h>
+
+#include <cstring>
+
+#include "../backend/harness.h"
+#include "backend/cuda/cuda_backend.h"
+#include "backend/fp8.h"
+#include "backend/tolerance.h"
+#include "model/model.h"
+
+namespace dsv3::test {
+namespace {
+
+constexpr int64_t H = 256, I = 128;
+const std::vector<int64_t> kRows = {37, 0, 130, 1, 64, 200, 12};
+
+struct Result {
+  std::vector<Tensor> t;  // host: out, dx, then each expert's three weight gradients
+};
+
+Result run(Backend& be, LinearPrecisionMode mode, DType wtype) {
+  const int64_t E = int64_t(kRows.size());
+  std::vector<int64_t> offsets = {0};
+  for (int64_t r : kRows) offsets.push_back(offsets.back() + r);
+  const int64_t M = offsets.back();
+  auto dev = [&](const Tensor& t) { return be.device() == Device::CPU ? t.clone() : be.to_device(t); };
+  auto zeros = [&](const Shape& s) { return dev(Tensor::zeros(DType::F32, s)); };
+  std::vector<MlpParams> p(static_cast<size_t>(E)), g(static_cast<size_t>(E));
+  for (int64_t e = 0; e < E; ++e) {
+    auto lin = [&](int64_t n, int64_t k, uint64_t s) {
+      LinearParam l;
+      l.w = dev(randn({n, k}, 40 + uint64_t(e), s, 0.06f, wtype));
+      l.lowp = true;
+      return l;
+    };
+    p[size_t(e)] = {lin(I, H, 1), lin(I, H, 2), lin(H, I, 3)};
+    for (LinearParam* l : {&g[size_t(e)].gate_proj, &g[size_t(e)].up_proj}) l->w = zeros({I, H});
+    g[size_t(e)].down_proj.w = zeros({H, I});
+  }
+  const Tensor x = dev(randn({M, H}, 41, 1)), dout = dev(randn({M, H}, 41, 2)), dx = zeros({M, H});
+  linear_precision() = LinearPrecision{mode};
+  MlpActs a;
+  experts_forward(be, p, offsets, x, a);
+  experts_backward(be, p, g, offsets, a, dout, dx, false);
+  linear_precision() = LinearPrecision{};
+  Result r;
+  r.t = {be.to_host(a.out), be.to_host(dx)};
+  for (const MlpParams& ge : g)
+    for (const LinearParam* l : {&ge.gate_proj, &ge.up_proj, &ge.down_proj}) r.t.push_back(be.to_host(l->w));
+  return r;
+}
+
+// cpu_tol < 0: no comparison with the CPU.
+void check(LinearPrecisionMode mode, DType wtype, double cpu_tol) {
+  SCOPED_TRACE(cat("mode ", int(mode), " weights ", dtype_name(wtype)));
+  const int before = cuda_lanes();
+  cuda_set_lanes(4);
+  const Result lanes = run(cuda_backend(), mode, wtype);
+  cuda_set_lanes(1);
+  const Result serial = run(cuda_backend(), mode, wtype);
+  cuda_set_lanes(before);
+  ASSERT_EQ(lanes.t.size(), serial.t.size());
+  for (size_t i = 0; i < lanes.t.size(); ++i) {
+    SCOPED_TRACE(cat("tensor ", i));
+    ASSERT_EQ(lanes.t[i].nbytes(), serial.t[i].nbytes());
+    EXPECT_EQ(std::memcmp(lanes.t[i].raw(), serial.t[i].raw(), lanes.t[i].nbytes()), 0);
+    const Err e = compare(lanes.t[i], to_vec(serial.t[i]));
+    EXPECT_EQ(e.non_finite, 0);
+  }
+  if (cpu_tol < 0) return;
+  const Result cpu = run(cpu_backend(), mode, wtype);
+  for (size_t i = 0; i < lanes.t.size(); ++i) {
+    SCOPED_TRACE(cat("tensor ", i, " against the CPU"));
+    const Err e = compare(lanes.t[i], to_vec(cpu.t[i]));
+    EXPECT_LE(e.norm_err, cpu_tol) << "worst element " << e.worst;
+  }
+}
+
+TEST(CudaExperts, Bf16LanesEqualSerialAndMatchCpu) {
+  check(LinearPrecisionMode::Bf16, DType::F32, tol::kBf16);
+  check(LinearPrecisionMode::Bf16, DType::BF16, tol::kBf16);
+}
+
+TEST(CudaExperts, Fp8LanesEqualSerial) {
+  check(LinearPrecisionMode::Fp8, DType::F32, -1);
+  check(LinearPrecisionMode::Fp8, DType::BF16, -1);
+}
+
+}  // namespace
+}  // namespace dsv3::test
