@@ -127,7 +127,10 @@ LinearPrecision& linear_precision();
 
 // An activation kept in FP8 for the backward ([V3] §3.3.3): E4M3 in 1×128 tiles, q [rows, K] and
 // scale [rows, ceil(K/128)], exactly what the forward's Fprop quantized (same bits). Rows are
-// independent, so rows(r0, r1) is the cache of x.rows(r0, r1).
+// independent, so rows(r0, r1) is the cache of x.rows(r0, r1) — except for `nonfinite`, which a row
+// block keeps whole: on the CPU a NaN/Inf anywhere in a shared copy (the MoE's rows) makes the FP8
+// GEMMs of every block NaN, where CUDA, which marks the bad tiles' scales, makes only that block's
+// NaN. Either way the step is non-finite and the trainer skips it.
 struct Fp8Tiles {
   Tensor q, scale;
   int64_t nonfinite = 0;

@@ -397,10 +397,11 @@ class Backend {
   }
 
   // Independent work that may overlap: between begin_lanes and end_lanes, ops issued after lane(i)
-  // may run concurrently with those issued after lane(j), i ≠ j (the MoE's per-expert GEMMs, too
-  // small each to fill a GPU). Ops of one lane keep their order; end_lanes orders everything after
-  // it behind all of them. No op may read what another lane writes. Here (and on the CPU) every op
-  // runs in issue order.
+  // (i ≥ 0) may run concurrently with those issued after lane(j), i ≠ j (the MoE's per-expert GEMMs,
+  // too small each to fill a GPU). Ops of one lane keep their order; end_lanes orders everything
+  // after it behind all of them. No op may read or write what another lane writes. One scope at a
+  // time (no nesting), begun and ended on one thread. Here (and on the CPU) every op runs in issue
+  // order.
   virtual void begin_lanes() {}
   virtual void lane(int64_t i) { (void)i; }
   virtual void end_lanes() {}
@@ -411,12 +412,15 @@ Backend& cpu_backend();
 // "cpu" or "cuda" (the latter needs a CUDA build and a device); InputError otherwise.
 Backend& backend_named(const std::string& device);
 
-// begin_lanes … end_lanes for a scope. end_lanes runs also when an op throws; its own error then
-// gives way to the one in flight.
+// begin_lanes … end_lanes for a scope (on = false: no lanes, ops in issue order). end_lanes runs
+// also when an op throws; its own error then gives way to the one in flight.
 class LaneScope {
  public:
-  explicit LaneScope(Backend& be) : be_(be), unwinding_(std::uncaught_exceptions()) { be_.begin_lanes(); }
+  explicit LaneScope(Backend& be, bool on = true) : be_(be), on_(on), unwinding_(std::uncaught_exceptions()) {
+    if (on_) be_.begin_lanes();
+  }
   ~LaneScope() noexcept(false) {
+    if (!on_) return;
     if (std::uncaught_exceptions() == unwinding_) {
       be_.end_lanes();
       return;
@@ -428,10 +432,13 @@ class LaneScope {
   }
   LaneScope(const LaneScope&) = delete;
   LaneScope& operator=(const LaneScope&) = delete;
-  void operator()(int64_t i) { be_.lane(i); }
+  void operator()(int64_t i) {
+    if (on_) be_.lane(i);
+  }
 
  private:
   Backend& be_;
+  bool on_;
   int unwinding_;
 };
 

@@ -14,14 +14,14 @@ bool fp8_layer(const LinearParam& p) {
 }
 
 namespace {
-// A cached copy of x holds FP8 tiles in Fp8 mode and a BF16 copy in Bf16 mode (backend/fp8.h): a
-// precision switched between a forward and its backward must not hand one to the other's kernels.
+// A cached copy of x (or dy) holds FP8 tiles in Fp8 mode and a BF16 copy in Bf16 mode (backend/fp8.h):
+// a precision switched between a forward and its backward must not hand one to the other's kernels.
 void check_cache(const Fp8Tiles* c, const char* where) {
   if (!c || !c->defined()) return;
   const LinearPrecisionMode m = linear_precision().mode;
   const bool ok = (m == LinearPrecisionMode::Fp8 && c->q.dtype() == DType::F8_E4M3 && c->scale.defined()) ||
                   (m == LinearPrecisionMode::Bf16 && c->q.dtype() == DType::BF16);
-  DSV3_CHECK(ok, where, ": the cached copy of x (", dtype_name(c->q.dtype()),
+  DSV3_CHECK(ok, where, ": a cached operand copy (", dtype_name(c->q.dtype()),
              ") is not the current precision's; was the precision changed between forward and backward?");
 }
 }  // namespace

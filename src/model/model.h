@@ -213,7 +213,8 @@ void mlp_forward(Backend& be, const MlpParams& p, const Tensor& x, MlpActs& a, b
 // Several MLPs (the routed experts) over consecutive row blocks of x: rows offsets[e] ..
 // offsets[e + 1] through p[e]. Each input is converted (or quantized) once for all blocks, the SwiGLU
 // is one op over all rows, and the blocks' GEMMs are issued on the backend's lanes, so they may
-// overlap. mlp_forward is the case of one block; the numbers are those of one mlp_forward per block.
+// overlap. mlp_forward is the case of one block; the numbers are those of one mlp_forward per block
+// (for finite inputs: backend/fp8.h Fp8Tiles on a non-finite value in an FP8 copy).
 void experts_forward(Backend& be, std::span<const MlpParams> p, std::span<const int64_t> offsets, const Tensor& x,
                      MlpActs& a, bool accumulate_out = false);
 void moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const Tensor& x, MoeActs& a);

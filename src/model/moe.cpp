@@ -35,6 +35,18 @@ void keep_swiglu_inputs_fp8(const MlpParams& p, MlpActs& a) {
 
 Fp8Tiles block(const Fp8Tiles& t, int64_t r0, int64_t r1) { return t.defined() ? t.rows(r0, r1) : Fp8Tiles{}; }
 
+// Row blocks: offsets[0] = 0, non-decreasing, offsets.back() = the rows; one per MLP.
+void check_blocks(size_t n, std::span<const int64_t> offsets, int64_t rows, const char* where) {
+  DSV3_CHECK(offsets.size() == n + 1 && offsets.front() == 0 && offsets.back() == rows, where, ": ", n,
+             " blocks do not fit offsets over ", rows, " rows");
+  for (size_t e = 0; e < n; ++e) DSV3_CHECK(offsets[e] <= offsets[e + 1], where, ": block ", e, " ends before it starts");
+}
+
+// Lanes pay off for several blocks whose GEMMs are not F32 (the backend's SGEMM stays in order).
+bool use_lanes(std::span<const MlpParams> p) {
+  return p.size() > 1 && p[0].gate_proj.lowp && linear_precision().mode != LinearPrecisionMode::F32;
+}
+
 }  // namespace
 
 void mlp_forward(Backend& be, const MlpParams& p, const Tensor& x, MlpActs& a, bool accumulate_out) {
@@ -44,9 +56,10 @@ void mlp_forward(Backend& be, const MlpParams& p, const Tensor& x, MlpActs& a, b
 
 void experts_forward(Backend& be, std::span<const MlpParams> p, std::span<const int64_t> offsets, const Tensor& x,
                      MlpActs& a, bool accumulate_out) {
-  DSV3_CHECK(!p.empty() && offsets.size() == p.size() + 1 && offsets.back() == x.dim(0));
+  check_blocks(p.size(), offsets, x.dim(0), "experts_forward");
+  a.x = x;
+  if (p.empty()) return;  // no experts, no rows
   const int64_t M = x.dim(0), I = p[0].gate_proj.w.dim(0), H = p[0].down_proj.w.dim(0);
-  a.x = x;                                            // [M, H]
   a.gate = be.alloc(DType::F32, {M, I});
   a.up = be.alloc(DType::F32, {M, I});
   a.act = be.alloc(DType::F32, {M, I});
@@ -56,7 +69,7 @@ void experts_forward(Backend& be, std::span<const MlpParams> p, std::span<const 
   a.x_fp8 = lowp ? lowp_input_copy(prec, x, "linear input") : Fp8Tiles{};
   a.gate_fp8 = a.up_fp8 = a.act_copy = Fp8Tiles{};
   {
-    LaneScope lane(be);
+    LaneScope lane(be, use_lanes(p));
     for (size_t e = 0; e < p.size(); ++e) {
       const int64_t r0 = offsets[e], r1 = offsets[e + 1];
       if (r0 == r1) continue;
@@ -75,7 +88,7 @@ void experts_forward(Backend& be, std::span<const MlpParams> p, std::span<const 
   const Fp8Tiles act = lowp ? lowp_input_copy(prec, a.act, "linear input") : Fp8Tiles{};
   if (!accumulate_out) a.out = be.alloc(DType::F32, {M, H});
   {
-    LaneScope lane(be);
+    LaneScope lane(be, use_lanes(p));
     for (size_t e = 0; e < p.size(); ++e) {
       const int64_t r0 = offsets[e], r1 = offsets[e + 1];
       if (r0 == r1) continue;
@@ -228,9 +241,11 @@ void mlp_backward(Backend& be, const MlpParams& p, const MlpParams& g, const Mlp
 void experts_backward(Backend& be, std::span<const MlpParams> p, std::span<const MlpParams> g,
                       std::span<const int64_t> offsets, const MlpActs& a, const Tensor& dout, const Tensor& dx,
                       bool accumulate_dx) {
-  const int64_t M = a.x.dim(0), I = a.gate.dim(-1);
-  DSV3_CHECK(!p.empty() && g.size() == p.size() && offsets.size() == p.size() + 1 && offsets.back() == M);
+  const int64_t M = a.x.dim(0);
+  DSV3_CHECK(g.size() == p.size(), "experts_backward: ", p.size(), " experts, ", g.size(), " gradients");
+  check_blocks(p.size(), offsets, M, "experts_backward");
   if (M == 0) return;
+  const int64_t I = a.gate.dim(-1);
   Tensor dact = be.alloc(DType::F32, {M, I});
   // FP8: the SwiGLU inputs come back from their FP8 copies and act is recomputed from them.
   const bool fp8 = a.gate_fp8.defined();
@@ -251,7 +266,7 @@ void experts_backward(Backend& be, std::span<const MlpParams> p, std::span<const
                                                   : Fp8Tiles{};
   const Fp8Tiles dout_copy = lowp ? lowp_grad_copy(prec, dout) : Fp8Tiles{};
   {
-    LaneScope lane(be);
+    LaneScope lane(be, use_lanes(p));
     for (size_t e = 0; e < p.size(); ++e) {
       const int64_t r0 = offsets[e], r1 = offsets[e + 1];
       if (r0 == r1) continue;
@@ -271,7 +286,7 @@ void experts_backward(Backend& be, std::span<const MlpParams> p, std::span<const
   be.swiglu_backward(s);
   const Fp8Tiles dgate_copy = lowp ? lowp_grad_copy(prec, dact) : Fp8Tiles{};
   const Fp8Tiles dup_copy = lowp ? lowp_grad_copy(prec, dup) : Fp8Tiles{};
-  LaneScope lane(be);
+  LaneScope lane(be, use_lanes(p));
   for (size_t e = 0; e < p.size(); ++e) {
     const int64_t r0 = offsets[e], r1 = offsets[e + 1];
     if (r0 == r1) continue;

@@ -10,7 +10,9 @@
 // in each call, inside the lanes) and BF16 ones.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "../backend/harness.h"
 #include "backend/cuda/cuda_backend.h"
@@ -28,7 +30,8 @@ struct Result {
   std::vector<Tensor> t;  // host: out, dx, then each expert's three weight gradients
 };
 
-Result run(Backend& be, LinearPrecisionMode mode, DType wtype) {
+// bad_row ≥ 0: x[bad_row, 3] = +Inf.
+Result run(Backend& be, LinearPrecisionMode mode, DType wtype, int64_t bad_row = -1) {
   const int64_t E = int64_t(kRows.size());
   std::vector<int64_t> offsets = {0};
   for (int64_t r : kRows) offsets.push_back(offsets.back() + r);
@@ -47,7 +50,9 @@ Result run(Backend& be, LinearPrecisionMode mode, DType wtype) {
     for (LinearParam* l : {&g[size_t(e)].gate_proj, &g[size_t(e)].up_proj}) l->w = zeros({I, H});
     g[size_t(e)].down_proj.w = zeros({H, I});
   }
-  const Tensor x = dev(randn({M, H}, 41, 1)), dout = dev(randn({M, H}, 41, 2)), dx = zeros({M, H});
+  Tensor xh = randn({M, H}, 41, 1);
+  if (bad_row >= 0) xh.data<float>()[bad_row * H + 3] = std::numeric_limits<float>::infinity();
+  const Tensor x = dev(xh), dout = dev(randn({M, H}, 41, 2)), dx = zeros({M, H});
   linear_precision() = LinearPrecision{mode};
   MlpActs a;
   experts_forward(be, p, offsets, x, a);
@@ -60,23 +65,37 @@ Result run(Backend& be, LinearPrecisionMode mode, DType wtype) {
   return r;
 }
 
-// cpu_tol < 0: no comparison with the CPU.
+// Equal bits, any NaN equal to any NaN (a GEMM fed a NaN scale writes NaNs of its own choosing).
+void expect_same(const Tensor& a, const Tensor& b) {
+  ASSERT_EQ(a.numel(), b.numel());
+  const float* x = a.data<float>();
+  const float* y = b.data<float>();
+  int64_t diff = 0;
+  for (int64_t i = 0; i < a.numel(); ++i)
+    if (!(std::isnan(x[i]) && std::isnan(y[i])) && std::memcmp(&x[i], &y[i], sizeof(float)) != 0) ++diff;
+  EXPECT_EQ(diff, 0) << "elements that differ";
+}
+
+// Lanes 4 and 8 (twice, cycling the lane count) against lanes off. cpu_tol < 0: no comparison with
+// the CPU.
 void check(LinearPrecisionMode mode, DType wtype, double cpu_tol) {
   SCOPED_TRACE(cat("mode ", int(mode), " weights ", dtype_name(wtype)));
   const int before = cuda_lanes();
-  cuda_set_lanes(4);
-  const Result lanes = run(cuda_backend(), mode, wtype);
   cuda_set_lanes(1);
   const Result serial = run(cuda_backend(), mode, wtype);
-  cuda_set_lanes(before);
-  ASSERT_EQ(lanes.t.size(), serial.t.size());
-  for (size_t i = 0; i < lanes.t.size(); ++i) {
-    SCOPED_TRACE(cat("tensor ", i));
-    ASSERT_EQ(lanes.t[i].nbytes(), serial.t[i].nbytes());
-    EXPECT_EQ(std::memcmp(lanes.t[i].raw(), serial.t[i].raw(), lanes.t[i].nbytes()), 0);
-    const Err e = compare(lanes.t[i], to_vec(serial.t[i]));
-    EXPECT_EQ(e.non_finite, 0);
+  Result lanes;
+  for (int n : {4, 8, 4, 8}) {
+    SCOPED_TRACE(cat(n, " lanes"));
+    cuda_set_lanes(n);
+    lanes = run(cuda_backend(), mode, wtype);
+    ASSERT_EQ(lanes.t.size(), serial.t.size());
+    for (size_t i = 0; i < lanes.t.size(); ++i) {
+      SCOPED_TRACE(cat("tensor ", i));
+      expect_same(lanes.t[i], serial.t[i]);
+      EXPECT_EQ(compare(lanes.t[i], to_vec(serial.t[i])).non_finite, 0);
+    }
   }
+  cuda_set_lanes(before);
   if (cpu_tol < 0) return;
   const Result cpu = run(cpu_backend(), mode, wtype);
   for (size_t i = 0; i < lanes.t.size(); ++i) {
@@ -94,6 +113,29 @@ TEST(CudaExperts, Bf16LanesEqualSerialAndMatchCpu) {
 TEST(CudaExperts, Fp8LanesEqualSerial) {
   check(LinearPrecisionMode::Fp8, DType::F32, -1);
   check(LinearPrecisionMode::Fp8, DType::BF16, -1);
+}
+
+// An Inf in one block's x: on lanes, as serially, that block's outputs are all NaN and every other
+// block stays finite (each lane's FP8 preparation flags its own NaN slot).
+TEST(CudaExperts, Fp8NonFiniteBlockStaysInItsLane) {
+  std::vector<int64_t> offsets = {0};
+  for (int64_t r : kRows) offsets.push_back(offsets.back() + r);
+  const size_t bad = 2;  // 130 rows
+  const int64_t bad_row = offsets[bad] + 7;
+  const int before = cuda_lanes();
+  cuda_set_lanes(1);
+  const Result serial = run(cuda_backend(), LinearPrecisionMode::Fp8, DType::BF16, bad_row);
+  cuda_set_lanes(4);
+  const Result lanes = run(cuda_backend(), LinearPrecisionMode::Fp8, DType::BF16, bad_row);
+  cuda_set_lanes(before);
+  for (size_t i = 0; i < 2; ++i) expect_same(lanes.t[i], serial.t[i]);
+  const Tensor& out = lanes.t[0];
+  for (size_t e = 0; e < kRows.size(); ++e) {
+    int64_t nan = 0;
+    for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r)
+      for (int64_t c = 0; c < H; ++c) nan += std::isnan(out.data<float>()[r * H + c]) ? 1 : 0;
+    EXPECT_EQ(nan, e == bad ? kRows[e] * H : 0) << "block " << e;
+  }
 }
 
 }  // namespace

@@ -121,8 +121,9 @@ __device__ inline float block_max(float v) {
   return warp_max(r);
 }
 
-// Device scratch from the caching allocator, freed (returned to the cache) at scope exit. Kernels
-// run on one stream, so memory freed here is only reused by work queued after this op's kernels.
+// Device scratch from the caching allocator, freed (returned to the cache) at scope exit. Memory
+// freed here is only reused by work queued after this op's kernels: on the same stream, or, inside
+// a lane scope (CudaBackend::begin_lanes), once the scope has joined its lanes.
 class Scratch {
  public:
   explicit Scratch(size_t bytes);

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <thread>
 #include <unordered_map>
 #include <vector>
 
@@ -35,7 +36,15 @@ class CachingAllocator {
     cudaError_t e = cudaMalloc(&p, bytes);
     if (e != cudaSuccess) {  // release the cache and retry once
       (void)cudaGetLastError();
-      for (auto& kv : free_) cudaFree(kv.second);
+      if (!deferred_.empty()) {  // held back for running lanes: once they are done, free too
+        (void)cudaDeviceSynchronize();
+        for (void* d : deferred_) free_.emplace(size_[d], d);
+        deferred_.clear();
+      }
+      for (auto& kv : free_) {
+        cudaFree(kv.second);
+        size_.erase(kv.second);
+      }
       free_.clear();
       e = cudaMalloc(&p, bytes);
       if (e != cudaSuccess) internal_error("cudaMalloc of ", bytes, " bytes: ", cudaGetErrorString(e));
@@ -238,40 +247,47 @@ void CudaBackend::synchronize() {
 
 namespace {
 
-// The lane streams; a scope forks them from the current stream on first use and joins them back at
-// its end. Scopes do not nest (an inner one is part of the outer).
+// The lane streams (made once, kMaxLanes of them; `count` are used). A scope forks them from the
+// current stream on first use and joins them back at its end. One scope at a time, on one thread.
+constexpr int kMaxLanes = 8;  // the FP8 preparation keeps a NaN slot per stream (quantize.cu)
+
 struct Lanes {
   std::vector<cudaStream_t> streams;
   std::vector<cudaEvent_t> done;
   std::vector<bool> forked;
   cudaEvent_t fork = nullptr;
-  int depth = 0;
+  int count = 0;        // lanes in use, 0 or 2..kMaxLanes
+  bool open = false;    // inside a scope
   bool active = false;  // this scope forks lanes
+  std::thread::id owner;
   cudaStream_t before = nullptr;
 
   Lanes() {
-    const char* e = std::getenv("DSV3_CUDA_LANES");
-    resize(e ? std::max(1, std::atoi(e)) : 4);
+    int n = 4;
+    if (const char* e = std::getenv("DSV3_CUDA_LANES")) {
+      char* end = nullptr;
+      const long v = std::strtol(e, &end, 10);
+      if (end == e || *end || v < 0 || v > kMaxLanes)
+        input_error("DSV3_CUDA_LANES='", e, "': expected a lane count from 0 to ", kMaxLanes, " (0 or 1: off)");
+      n = int(v);
+    }
+    resize(n);
   }
-  // n < 2: no lanes, everything in issue order on the current stream. At most 8 (the FP8
-  // preparation keeps a NaN slot per stream, quantize.cu).
   void resize(int n) {
-    DSV3_CHECK(depth == 0, "cuda_set_lanes inside a lane scope");
-    n = n < 2 ? 0 : std::min(n, 8);
-    if (size_t(n) == streams.size()) return;
-    if (!streams.empty()) DSV3_CUDA_CHECK(cudaDeviceSynchronize());
-    for (size_t i = 0; i < streams.size(); ++i) {
-      cudaStreamDestroy(streams[i]);
-      cudaEventDestroy(done[i]);
+    DSV3_CHECK(!open, "cuda_set_lanes inside a lane scope");
+    DSV3_CHECK(n >= 0 && n <= kMaxLanes, "cuda_set_lanes(", n, "): at most ", kMaxLanes, " lanes");
+    if (n >= 2 && streams.empty()) {
+      std::vector<cudaStream_t> s(kMaxLanes, nullptr);
+      std::vector<cudaEvent_t> d(kMaxLanes, nullptr);
+      for (int i = 0; i < kMaxLanes; ++i) {
+        DSV3_CUDA_CHECK(cudaStreamCreate(&s[size_t(i)]));  // blocking: ordered with the legacy stream
+        DSV3_CUDA_CHECK(cudaEventCreateWithFlags(&d[size_t(i)], cudaEventDisableTiming));
+      }
+      DSV3_CUDA_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
+      streams = std::move(s);
+      done = std::move(d);
     }
-    streams.assign(size_t(n), nullptr);
-    done.assign(size_t(n), nullptr);
-    forked.assign(size_t(n), false);
-    for (int i = 0; i < n; ++i) {
-      DSV3_CUDA_CHECK(cudaStreamCreate(&streams[size_t(i)]));  // blocking: ordered with the legacy stream
-      DSV3_CUDA_CHECK(cudaEventCreateWithFlags(&done[size_t(i)], cudaEventDisableTiming));
-    }
-    if (!fork) DSV3_CUDA_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
+    count = n < 2 ? 0 : n;
   }
 };
 
@@ -284,26 +300,31 @@ Lanes& lanes() {
 
 void cuda_set_lanes(int n) { lanes().resize(n); }
 
-int cuda_lanes() { return int(lanes().streams.size()); }
+int cuda_lanes() { return lanes().count; }
 
 void CudaBackend::begin_lanes() {
   Lanes& l = lanes();
-  if (l.depth++ > 0) return;
-  l.before = cuda::stream();
+  DSV3_CHECK(!l.open, "begin_lanes: a lane scope is already open (scopes do not nest)");
+  const cudaStream_t before = cuda::stream();
   // A stream being captured into a graph keeps its work: a graph has its own concurrency.
   cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
-  DSV3_CUDA_CHECK(cudaStreamIsCapturing(l.before, &cap));
-  l.active = !l.streams.empty() && cap == cudaStreamCaptureStatusNone;
-  if (!l.active) return;
-  DSV3_CUDA_CHECK(cudaEventRecord(l.fork, l.before));
-  l.forked.assign(l.streams.size(), false);
+  DSV3_CUDA_CHECK(cudaStreamIsCapturing(before, &cap));
+  const bool active = l.count >= 2 && cap == cudaStreamCaptureStatusNone;
+  if (active) DSV3_CUDA_CHECK(cudaEventRecord(l.fork, before));
+  l.open = true;
+  l.active = active;
+  l.owner = std::this_thread::get_id();
+  l.before = before;
+  if (!active) return;
+  l.forked.assign(size_t(l.count), false);
   cuda::allocator().defer();
 }
 
 void CudaBackend::lane(int64_t i) {
   Lanes& l = lanes();
+  DSV3_CHECK(l.open && l.owner == std::this_thread::get_id() && i >= 0, "lane(", i, ") outside its scope");
   if (!l.active) return;
-  const size_t k = size_t(i % int64_t(l.streams.size()));
+  const size_t k = size_t(i % l.count);
   if (!l.forked[k]) {
     DSV3_CUDA_CHECK(cudaStreamWaitEvent(l.streams[k], l.fork, 0));
     l.forked[k] = true;
@@ -313,12 +334,15 @@ void CudaBackend::lane(int64_t i) {
 
 void CudaBackend::end_lanes() {
   Lanes& l = lanes();
-  if (l.depth == 0 || --l.depth > 0 || !l.active) return;
+  if (!l.open) return;
+  DSV3_CHECK(l.owner == std::this_thread::get_id(), "end_lanes on another thread than begin_lanes");
   // State first, so an error below leaves no scope half open.
+  l.open = false;
+  if (!l.active) return;
   l.active = false;
   cuda::current_stream_slot() = l.before;
   cudaError_t first = cudaSuccess;
-  for (size_t k = 0; k < l.streams.size(); ++k)
+  for (size_t k = 0; k < l.forked.size(); ++k)
     if (l.forked[k]) {
       cudaError_t e = cudaEventRecord(l.done[k], l.streams[k]);
       if (e == cudaSuccess) e = cudaStreamWaitEvent(l.before, l.done[k], 0);
@@ -330,6 +354,7 @@ void CudaBackend::end_lanes() {
   }
   // Without the join, blocks freed in the scope may still be in use: synchronise before reusing them.
   (void)cudaDeviceSynchronize();
+  (void)cudaGetLastError();
   cuda::allocator().release();
   internal_error("CUDA: joining the lane streams: ", cudaGetErrorString(first));
 }

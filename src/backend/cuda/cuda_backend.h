@@ -1,6 +1,7 @@
 // The CUDA backend: every op of ops.h on one NVIDIA GPU (built for sm_90a). Tensors live in device
-// memory from a caching allocator; every kernel runs on the legacy default stream, so to_host and
-// to_device order themselves after queued work without explicit events. Numbers are FP32 like the
+// memory from a caching allocator; kernels run on the legacy default stream (or the thread's
+// cuda::stream(), stream.h: the experts' lanes below, a graph capture), so to_host and to_device
+// order themselves after queued work without explicit events. Numbers are FP32 like the
 // CPU reference (cuBLAS SGEMM with TF32 off), so the generic harness compares both under kF32.
 // This header has no CUDA types: tests and benchmarks include it from plain C++.
 #pragma once
@@ -64,8 +65,8 @@ class CudaBackend final : public Backend {
   void end_lanes() override;
 };
 
-// The number of lane streams (CudaBackend::begin_lanes, at most 8); below 2 turns lanes off. Not inside a lane
-// scope. Tests and benchmarks compare with and without.
+// The number of lane streams (CudaBackend::begin_lanes), 0 to 8; below 2 turns lanes off. Not
+// inside a lane scope. Tests and benchmarks compare with and without.
 void cuda_set_lanes(int n);
 int cuda_lanes();  // 0 when off
 

@@ -1,6 +1,8 @@
 // The reduced-precision linear layer on CUDA tensors (backend/cuda/linear_lowp.h): BF16 operands on
-// cuBLAS tensor cores, or the FP8 recipe through cuBLASLt's block-scaled matmul. Everything runs on
-// the default stream without host read-backs (non-finite operands travel as NaN scales).
+// cuBLAS tensor cores, or the FP8 recipe through cuBLASLt's block-scaled matmul, without host
+// read-backs (non-finite operands travel as NaN scales). The matmuls, the FP8 preparation launches
+// and the row-padding copy run on cuda::stream() (a lane of the MoE's experts); the rest on the
+// legacy stream.
 #include <cmath>
 #include <cstdlib>
 #include <initializer_list>

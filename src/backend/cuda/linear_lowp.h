@@ -41,7 +41,8 @@ namespace cuda {
 // Non-finite values, with no host read-back and no pass over the outputs: a tile holding NaN/Inf gets
 // a NaN scale and flags its operand in a device word; the launch's last CTA then writes NaN over a
 // whole scale array of each GEMM that operand feeds (every output of such a GEMM is then NaN, as on
-// the CPU) and clears the word. Launches run in order on the one default stream.
+// the CPU) and clears the word. The word is per stream (quantize.cu's nan_slot), so launches on
+// different streams (the experts' lanes) do not share it.
 
 // The weight operand: W [N, K] in any float dtype (FP8 with its 128×128 scale_inv) → 128×128 tiles,
 // q [N, ldq] (Fprop) or, with transpose, Wᵀ as q [K, ldq] (Dgrad); ldq the reduction dimension
