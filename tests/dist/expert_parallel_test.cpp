@@ -126,6 +126,31 @@ TEST(ExpertParallel, OneExpertPerRankIsBitwise) {
   EXPECT_LE(rows, 4 * 5 * 2);
 }
 
+// The reduced precisions: each rank's experts go through experts_forward/experts_backward as the
+// single process's do, on the same rows in the same order, so with one expert per rank the layer's
+// output, dx and the experts' gradients are the same bits. (The gate's and shared experts' gradients
+// are partial sums per rank; in FP8 their Wgrad groups 128 tokens of each rank, not of the batch.)
+TEST(ExpertParallel, OneExpertPerRankIsBitwiseInBf16AndFp8) {
+  struct Restore {
+    ~Restore() { linear_precision() = LinearPrecision{}; }
+  } restore;
+  for (LinearPrecisionMode mode : {LinearPrecisionMode::Bf16, LinearPrecisionMode::Fp8}) {
+    SCOPED_TRACE(mode == LinearPrecisionMode::Bf16 ? "bf16" : "fp8");
+    linear_precision() = LinearPrecision{mode};
+    Case cs{test::tiny_moe_config(4, 2), 4, 0, 5, {}, {}};
+    Result res = run_case(cs);
+    EXPECT_TRUE(same_bits(res.out, res.out_ref));
+    EXPECT_TRUE(same_bits(res.dx, res.dx_ref));
+    for (int64_t e = 0; e < 4; ++e) {
+      const MlpParams& ref = res.gref->p.layers[1].moe.experts[size_t(e)];
+      const MlpParams& got = res.g[size_t(e)]->p.layers[1].moe.experts[size_t(e)];
+      EXPECT_TRUE(same_bits(got.gate_proj.w, ref.gate_proj.w)) << "expert " << e;
+      EXPECT_TRUE(same_bits(got.up_proj.w, ref.up_proj.w)) << "expert " << e;
+      EXPECT_TRUE(same_bits(got.down_proj.w, ref.down_proj.w)) << "expert " << e;
+    }
+  }
+}
+
 TEST(ExpertParallel, SeveralExpertsPerRankWithinTolerance) {
   for (int P : {1, 2}) {
     Case cs{test::tiny_moe_config(8, 3), P, 0, 7, {}, {}};
