@@ -42,9 +42,16 @@ void check_blocks(size_t n, std::span<const int64_t> offsets, int64_t rows, cons
   for (size_t e = 0; e < n; ++e) DSV3_CHECK(offsets[e] <= offsets[e + 1], where, ": block ", e, " ends before it starts");
 }
 
-// Lanes pay off for several blocks whose GEMMs are not F32 (the backend's SGEMM stays in order).
-bool use_lanes(std::span<const MlpParams> p) {
-  return p.size() > 1 && p[0].gate_proj.lowp && linear_precision().mode != LinearPrecisionMode::F32;
+// fn(e, r0, r1) for each non-empty block, block e issued on lane e. Lanes pay off for several
+// blocks whose GEMMs are not F32 (the backend's SGEMM stays in order).
+template <class F>
+void each_block(Backend& be, std::span<const MlpParams> p, std::span<const int64_t> offsets, F fn) {
+  LaneScope lane(be, p.size() > 1 && p[0].gate_proj.lowp && linear_precision().mode != LinearPrecisionMode::F32);
+  for (size_t e = 0; e < p.size(); ++e) {
+    if (offsets[e] == offsets[e + 1]) continue;
+    lane(int64_t(e));
+    fn(e, offsets[e], offsets[e + 1]);
+  }
 }
 
 }  // namespace
@@ -68,17 +75,11 @@ void experts_forward(Backend& be, std::span<const MlpParams> p, std::span<const 
   // Rows are independent, so a row block of a copy is the copy of that block.
   a.x_fp8 = lowp ? lowp_input_copy(prec, x, "linear input") : Fp8Tiles{};
   a.gate_fp8 = a.up_fp8 = a.act_copy = Fp8Tiles{};
-  {
-    LaneScope lane(be, use_lanes(p));
-    for (size_t e = 0; e < p.size(); ++e) {
-      const int64_t r0 = offsets[e], r1 = offsets[e + 1];
-      if (r0 == r1) continue;
-      lane(int64_t(e));
-      Fp8Tiles xe = block(a.x_fp8, r0, r1);
-      linear_forward(be, p[e].gate_proj, x.rows(r0, r1), a.gate.rows(r0, r1), false, &xe);  // [c, I]
-      linear_forward(be, p[e].up_proj, x.rows(r0, r1), a.up.rows(r0, r1), false, &xe);      // [c, I]
-    }
-  }
+  each_block(be, p, offsets, [&](size_t e, int64_t r0, int64_t r1) {
+    Fp8Tiles xe = block(a.x_fp8, r0, r1);
+    linear_forward(be, p[e].gate_proj, x.rows(r0, r1), a.gate.rows(r0, r1), false, &xe);  // [c, I]
+    linear_forward(be, p[e].up_proj, x.rows(r0, r1), a.up.rows(r0, r1), false, &xe);      // [c, I]
+  });
   SwigluArgs s;
   s.gate = a.gate;
   s.up = a.up;
@@ -87,16 +88,10 @@ void experts_forward(Backend& be, std::span<const MlpParams> p, std::span<const 
   keep_swiglu_inputs_fp8(p[0], a);
   const Fp8Tiles act = lowp ? lowp_input_copy(prec, a.act, "linear input") : Fp8Tiles{};
   if (!accumulate_out) a.out = be.alloc(DType::F32, {M, H});
-  {
-    LaneScope lane(be, use_lanes(p));
-    for (size_t e = 0; e < p.size(); ++e) {
-      const int64_t r0 = offsets[e], r1 = offsets[e + 1];
-      if (r0 == r1) continue;
-      lane(int64_t(e));
-      Fp8Tiles ae = block(act, r0, r1);
-      linear_forward(be, p[e].down_proj, a.act.rows(r0, r1), a.out.rows(r0, r1), accumulate_out, &ae);  // [c, H]
-    }
-  }
+  each_block(be, p, offsets, [&](size_t e, int64_t r0, int64_t r1) {
+    Fp8Tiles ae = block(act, r0, r1);
+    linear_forward(be, p[e].down_proj, a.act.rows(r0, r1), a.out.rows(r0, r1), accumulate_out, &ae);  // [c, H]
+  });
   // FP8 recomputes act in the backward from the SwiGLU inputs' FP8 copies instead.
   if (prec.mode == LinearPrecisionMode::Bf16) a.act_copy = act;
 }
@@ -265,17 +260,11 @@ void experts_backward(Backend& be, std::span<const MlpParams> p, std::span<const
                             : lowp                ? lowp_input_copy(prec, act, "linear input")
                                                   : Fp8Tiles{};
   const Fp8Tiles dout_copy = lowp ? lowp_grad_copy(prec, dout) : Fp8Tiles{};
-  {
-    LaneScope lane(be, use_lanes(p));
-    for (size_t e = 0; e < p.size(); ++e) {
-      const int64_t r0 = offsets[e], r1 = offsets[e + 1];
-      if (r0 == r1) continue;
-      lane(int64_t(e));
-      const Fp8Tiles ae = block(act_copy, r0, r1), de = block(dout_copy, r0, r1);
-      linear_backward(be, p[e].down_proj, g[e].down_proj, act.rows(r0, r1), dout.rows(r0, r1), dact.rows(r0, r1),
-                      false, &ae, &de);  // [c, I]
-    }
-  }
+  each_block(be, p, offsets, [&](size_t e, int64_t r0, int64_t r1) {
+    const Fp8Tiles ae = block(act_copy, r0, r1), de = block(dout_copy, r0, r1);
+    linear_backward(be, p[e].down_proj, g[e].down_proj, act.rows(r0, r1), dout.rows(r0, r1), dact.rows(r0, r1),
+                    false, &ae, &de);  // [c, I]
+  });
   SwigluBackwardArgs s;
   s.dout = dact;
   s.gate = gate;
@@ -286,16 +275,12 @@ void experts_backward(Backend& be, std::span<const MlpParams> p, std::span<const
   be.swiglu_backward(s);
   const Fp8Tiles dgate_copy = lowp ? lowp_grad_copy(prec, dact) : Fp8Tiles{};
   const Fp8Tiles dup_copy = lowp ? lowp_grad_copy(prec, dup) : Fp8Tiles{};
-  LaneScope lane(be, use_lanes(p));
-  for (size_t e = 0; e < p.size(); ++e) {
-    const int64_t r0 = offsets[e], r1 = offsets[e + 1];
-    if (r0 == r1) continue;
-    lane(int64_t(e));
+  each_block(be, p, offsets, [&](size_t e, int64_t r0, int64_t r1) {
     const Fp8Tiles xe = block(a.x_fp8, r0, r1), ge = block(dgate_copy, r0, r1), ue = block(dup_copy, r0, r1);
     const Tensor x = a.x.rows(r0, r1), dxe = dx.rows(r0, r1);
     linear_backward(be, p[e].gate_proj, g[e].gate_proj, x, dact.rows(r0, r1), dxe, accumulate_dx, &xe, &ge);  // [c, H]
     linear_backward(be, p[e].up_proj, g[e].up_proj, x, dup.rows(r0, r1), dxe, true, &xe, &ue);
-  }
+  });
 }
 
 void moe_backward(Backend& be, const ModelDims& d, const MoeParams& p, const MoeParams& g, const MoeActs& a,
