@@ -103,5 +103,26 @@ TEST(CudaRangeCheck, ToHostRaisesTheFirstFailedCheck) {
   EXPECT_NO_THROW((void)be.to_host(out));
 }
 
+// FP8 quantization reads its non-finite count back: a queued error of an earlier op surfaces there.
+TEST(CudaRangeCheck, Fp8QuantizeReadBackRaisesAQueuedError) {
+  ASSERT_GT(cuda_device_count(), 0);
+  CudaBackend& be = cuda_backend();
+  Tensor table = be.to_device(randn({5, 8}, 6, 1)), out = be.alloc(DType::F32, {1, 8});
+  be.embedding({be.to_device(ints({6})), table, out});
+  QuantizeFp8Args q;
+  q.x = be.to_device(randn({2, 128}, 6, 2));
+  q.tiling = Fp8Tiling::Row1x128;
+  q.q = be.alloc(DType::F8_E4M3, {2, 128});
+  q.scale = be.alloc(DType::F32, {2, 1});
+  q.name = "x";
+  try {
+    (void)cuda_quantize_fp8(q);
+    ADD_FAILURE() << "cuda_quantize_fp8 raised nothing";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("token id 6 at position 0"), std::string::npos) << e.what();
+  }
+  EXPECT_NO_THROW((void)cuda_quantize_fp8(q));
+}
+
 }  // namespace
 }  // namespace dsv3::test

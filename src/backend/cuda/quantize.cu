@@ -671,6 +671,7 @@ Fp8Status cuda_quantize_fp8(const QuantizeFp8Args& a) {
   DSV3_CUDA_CHECK(cudaMemset(count.as<void>(), 0, sizeof(unsigned long long)));
   cuda_quantize_fp8_async(a, count.as<unsigned long long>(), false);
   unsigned long long bad = 0;
+  cuda::raise_range_errors();  // a read-back: an earlier op's queued index error surfaces here first
   DSV3_CUDA_CHECK(cudaMemcpy(&bad, count.as<void>(), sizeof bad, cudaMemcpyDeviceToHost));
   if (bad > 0 && a.on_nonfinite == NonFinitePolicy::Throw)
     input_error("FP8 quantization of ", a.name, ": ", bad, " non-finite value(s) (NaN or Inf) in [", M, ", ", K,
