@@ -10,7 +10,10 @@
 // tensor-core GEMV/expert path (cuda_set_decode_mma_rows(0)) and, the path before it, without it
 // and with W_UK / W_UV on cuBLAS beyond 8 rows: the main run's ratio to the latter is
 // speedup_vs_no_tensor_cores_cublas_absorbed (--variants mma runs only those two; --mma-rows N sets
-// the tensor-core threshold of the main run).
+// the tensor-core threshold of the main run). The main run replays its decode steps from CUDA
+// graphs (ModelRunner::set_cuda_graphs); every batch is also run with eager launches, the same
+// path otherwise, and the ratio is recorded as speedup_graphs_vs_eager (the other variants run
+// eagerly).
 //
 // Roofline: bytes a step must read — the weights it touches (attention, norms, dense MLP, router,
 // shared expert, the routed experts picked: top-k of them at batch 1, all at batch 32, lm_head, the
@@ -37,10 +40,12 @@ int main() {
 
 #include <algorithm>
 #include <fstream>
+#include <optional>
 #include <vector>
 
 #include "backend/cuda/cuda_backend.h"
 #include "common/blocking_calls.h"
+#include "common/host_profile.h"
 #include "backend/cuda/pdl.h"
 #include "infer/cuda_decode_ops.h"
 #include "infer/cuda_latent_attention.h"
@@ -59,6 +64,7 @@ struct Result {
   int64_t batch = 0;
   double seconds = 0, tok_s = 0, decode_tok_s = 0, step_ms_median = 0, prefill_ms = 0;
   double memcpy_per_step = 0;
+  ModelRunner::GraphStats graphs;
   double roofline_bytes = 0, roofline_step_ms = 0, roofline_tok_s = 0;
 };
 
@@ -84,10 +90,11 @@ double weight_bytes(const Weights& w, const ModelConfig& c, int64_t B) {
 }
 
 Result run(const Weights& w, int64_t B, int64_t prompt, int64_t n_new, uint64_t seed, bool sync_free,
-           int64_t small_rows, bool profile = false) {
+           int64_t small_rows, bool graphs, bool profile = false) {
   const ModelConfig& c = w.config();
   EngineOptions opt;
   opt.sync_free = sync_free;
+  opt.cuda_graphs = graphs;
   opt.small_rows = small_rows;
   opt.cache.budget_bytes = uint64_t(512) << 20;
   opt.max_running = std::max<int64_t>(64, B);
@@ -116,6 +123,14 @@ Result run(const Weights& w, int64_t B, int64_t prompt, int64_t n_new, uint64_t 
   eng.step();  // prefill of every prompt, first token
   const double t1 = bench::now_s();
   const long m0 = bench::blocking_calls();
+  // DSV3_HOST_PROFILE=PATH samples the host's stack over the main run's decode steps into
+  // PATH.b<batch> (tools/host_profile.py reads it).
+  const char* prof_prefix = profile ? std::getenv("DSV3_HOST_PROFILE") : nullptr;
+  std::optional<bench::HostProfiler> hprof;
+  if (prof_prefix) {
+    hprof.emplace();
+    hprof->start(100);
+  }
   int64_t produced = 0;
   while (eng.has_work()) {
     const bool prof = profile && g_profile_steps > 0 && steps.size() >= 4 && steps.size() < 4 + size_t(g_profile_steps);
@@ -126,6 +141,12 @@ Result run(const Weights& w, int64_t B, int64_t prompt, int64_t n_new, uint64_t 
     if (prof) cudaProfilerStop();
   }
   const double t2 = bench::now_s();
+  if (hprof) {
+    hprof->stop();
+    const std::string path = std::string(prof_prefix) + ".b" + std::to_string(B);
+    std::printf("host profile: %zu samples -> %s\n", hprof->samples(), path.c_str());
+    if (!hprof->write(path)) std::fprintf(stderr, "host profile: cannot write %s\n", path.c_str());
+  }
   res.seconds = t2 - t0;
   res.prefill_ms = (t1 - t0) * 1e3;
   res.tok_s = double(B * n_new) / res.seconds;
@@ -133,6 +154,7 @@ Result run(const Weights& w, int64_t B, int64_t prompt, int64_t n_new, uint64_t 
   std::sort(steps.begin(), steps.end());
   res.step_ms_median = steps.empty() ? 0 : steps[steps.size() / 2] * 1e3;
   res.memcpy_per_step = steps.empty() ? 0 : double(bench::blocking_calls() - m0) / double(steps.size());
+  res.graphs = eng.runner().graph_stats();
   const double depth = double(prompt) + double(n_new) / 2;
   const double cache = double(B) * depth * double(c.kv_lora_rank + c.qk_rope_head_dim) *
                        double(c.num_hidden_layers) * 2.0;
@@ -216,7 +238,7 @@ int main(int argc, char** argv) {
         if (v == 2) cuda_set_pdl(false);
         if (v >= 3) cuda_set_decode_mma_rows(0);
         if (v == 4) cuda_set_absorbed_gemv_rows(8);
-        const Result ref = run(w, B, prompt, n_new, 1000 + uint64_t(B), v != 0, v >= 2 ? 8 : 0);
+        const Result ref = run(w, B, prompt, n_new, 1000 + uint64_t(B), v != 0, v >= 2 ? 8 : 0, false);
         cuda_set_pdl(true);
         cuda_set_decode_mma_rows(mma_default);
         cuda_set_absorbed_gemv_rows(absorbed_default);
@@ -234,11 +256,27 @@ int main(int argc, char** argv) {
                             {"step_ms_median", ref.step_ms_median},
                             {"host_syncs_per_step", ref.memcpy_per_step}});
       }
-      const Result r = run(w, B, prompt, n_new, 1000 + uint64_t(B), true, 8, true);
+      // The main path with eager launches, then with CUDA graphs.
+      const Result eager = run(w, B, prompt, n_new, 1000 + uint64_t(B), true, 8, false);
+      std::printf("%5ld %10.1f %12.1f %10.3f %10.2f %9.1f   (eager launches, no CUDA graphs)\n", long(B), eager.tok_s,
+                  eager.decode_tok_s, eager.step_ms_median, eager.prefill_ms, eager.memcpy_per_step);
+      variants.push_back({{"variant", "eager launches (no CUDA graphs), otherwise the main path"},
+                          {"tokens_per_s", eager.tok_s},
+                          {"decode_tokens_per_s", eager.decode_tok_s},
+                          {"step_ms_median", eager.step_ms_median},
+                          {"host_syncs_per_step", eager.memcpy_per_step}});
+      const Result r = run(w, B, prompt, n_new, 1000 + uint64_t(B), true, 8, true, true);
+      const ModelRunner::GraphStats& g = r.graphs;
+      const double graph_speedup = r.step_ms_median > 0 ? eager.step_ms_median / r.step_ms_median : 0.0;
       const double h = hf_tok(B);
       std::printf("%5ld %10.1f %12.1f %10.3f %10.2f %9.1f %14.1f %10.1f %8.2f   (main: tensor cores from %d rows)\n",
                   long(B), r.tok_s, r.decode_tok_s, r.step_ms_median, r.prefill_ms, r.memcpy_per_step,
                   r.roofline_tok_s, h, h > 0 ? r.tok_s / h : 0.0, mma_default);
+      std::printf("      CUDA graphs: %.2fx the eager step time, %.2fx its tokens/s (same run); %ld replays, %ld "
+                  "captures, %ld eager steps, %zu nodes, %.1f MB kept%s%s\n",
+                  graph_speedup, r.tok_s / eager.tok_s, long(g.replays), long(g.captures), long(g.eager), g.nodes,
+                  double(g.memory_bytes) / 1e6, g.disabled ? "; DISABLED: " : g.error.empty() ? "" : "; ",
+                  g.error.c_str());
       if (old_path_tok_s > 0)
         std::printf("      %.2fx the path without tensor cores and W_UK/W_UV on cuBLAS (same run)\n",
                     r.tok_s / old_path_tok_s);
@@ -254,10 +292,22 @@ int main(int argc, char** argv) {
                           {"roofline_step_ms", r.roofline_step_ms},
                           {"roofline_tokens_per_s", r.roofline_tok_s},
                           {"fraction_of_roofline", r.step_ms_median > 0 ? r.roofline_step_ms / r.step_ms_median : 0},
-                          {"variant", cat("sync-free, GEMV kernels (up to 32 rows), PDL, tensor cores from ",
+                          {"variant", cat("CUDA graphs, sync-free, GEMV kernels (up to 32 rows), PDL, tensor cores "
+                                          "from ",
                                           mma_default, " rows (BF16 weights), W_UK/W_UV GEMV up to ",
                                           absorbed_default, " rows")},
                           {"mma_rows", mma_default},
+                          {"cuda_graphs",
+                           {{"replays", g.replays},
+                            {"captures", g.captures},
+                            {"eager_steps", g.eager},
+                            {"kernel_nodes", g.nodes},
+                            {"memory_bytes", g.memory_bytes},
+                            {"disabled", g.disabled},
+                            {"error", g.error}}},
+                          {"eager_step_ms_median", eager.step_ms_median},
+                          {"eager_tokens_per_s", eager.tok_s},
+                          {"speedup_graphs_vs_eager", graph_speedup},
                           {"other_variants", variants}};
       if (old_path_tok_s > 0) j["speedup_vs_no_tensor_cores_cublas_absorbed"] = r.tok_s / old_path_tok_s;
       if (h > 0) {

@@ -6,6 +6,7 @@
 #include <type_traits>
 
 #include "backend/cuda/common.cuh"
+#include "backend/cuda/graph.h"
 #include "backend/cuda/mma.cuh"
 #include "backend/cuda/pdl.cuh"
 #include "infer/cuda_decode_mma.cuh"
@@ -518,7 +519,8 @@ void cuda_rows_gemv(const GemvArgs& g) {
                    (!g.W2 || aligned16(g.W2));
   if (!vec) {
     DSV3_CHECK(!bf, "cuda_rows_gemv: BF16 weights need 16-byte aligned rows (K ", g.K, ")");
-    rows_gemv_scalar_kernel<<<unsigned((g.n_out + g.n_out2 + kGemvWarps - 1) / kGemvWarps), 32 * kGemvWarps>>>(g);
+    rows_gemv_scalar_kernel<<<unsigned((g.n_out + g.n_out2 + kGemvWarps - 1) / kGemvWarps), 32 * kGemvWarps, 0,
+                              stream()>>>(g);
     check_launch("small linear");
     return;
   }
@@ -529,7 +531,8 @@ void cuda_rows_gemv(const GemvArgs& g) {
   const bool one_head_per_cta = g.head_rows >= g.n_out || g.head_rows % (kGemvWarps * R) == 0;
   if (!one_head_per_cta) {
     DSV3_CHECK(!bf, "cuda_rows_gemv: BF16 weights need heads of a multiple of ", kGemvWarps * R, " rows");
-    rows_gemv_scalar_kernel<<<unsigned((g.n_out + g.n_out2 + kGemvWarps - 1) / kGemvWarps), 32 * kGemvWarps>>>(g);
+    rows_gemv_scalar_kernel<<<unsigned((g.n_out + g.n_out2 + kGemvWarps - 1) / kGemvWarps), 32 * kGemvWarps, 0,
+                              stream()>>>(g);
     check_launch("small linear");
     return;
   }
@@ -715,10 +718,12 @@ Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, con
   DSV3_CHECK(x.device() == Device::CUDA && x.dim(1) == H && E == d.n_experts && k <= 32, "cuda_moe_forward: x ",
              x.shape().str());
   Tensor logits = be.alloc(DType::F32, {N, E});
-  if (small_gemv && cuda_small_linear_ok(p.gate, x))
+  if (small_gemv && cuda_small_linear_ok(p.gate, x)) {
     cuda_small_linear(p.gate, x, logits, false);
-  else
+  } else {
+    cuda_graph_mark_unsafe("the router's gate through the backend's linear");
     linear_forward(be, p.gate, x, logits);
+  }
   Tensor ids = be.alloc(DType::I32, {N, k}), wts = be.alloc(DType::F32, {N, k});
   Tensor scores = be.alloc(DType::F32, {N, E});
   moe_route(be, d, p, logits, scores, ids, wts);
@@ -754,6 +759,7 @@ Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, con
              ptr<float>(out));
   check_launch("moe combine");
   if (late_shared) {
+    cuda_graph_mark_unsafe("shared experts through the backend's linears");
     MlpActs m;
     m.out = out;
     mlp_forward(be, p.shared_experts, x, m, true);  // out += shared experts

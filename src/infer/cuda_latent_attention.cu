@@ -6,6 +6,7 @@
 #include <cooperative_groups.h>
 
 #include "backend/cuda/common.cuh"
+#include "backend/cuda/graph.h"
 #include "backend/cuda/mla_decode.h"
 #include "backend/cuda/pdl.cuh"
 #include "infer/cuda_decode_ops.h"
@@ -604,10 +605,42 @@ void CudaLatentAttention::upload(const StepRows& rows) {
   rows_ = N;
   max_blocks_ = maxb;
   max_len_ = max_len;
-  auto keep = std::shared_ptr<void>(meta_host_.data(), [](void*) {});
-  meta_dev_ = cuda_backend().to_device(
-      Tensor::borrow(meta_host_.data(), DType::I32, {int64_t(meta_host_.size())}, keep));
+  const int64_t n = int64_t(meta_host_.size());
+  if (!present(meta_dev_) || meta_dev_.numel() < n)
+    meta_dev_ = cuda_backend().alloc(DType::I32, {std::max<int64_t>({n, 2 * meta_dev_.numel(), 1024})});
+  // In place: this copy is ordered after every kernel that read the previous step's metadata.
+  DSV3_CUDA_CHECK(cudaMemcpy(meta_dev_.raw(), meta_host_.data(), size_t(n) * sizeof(int32_t), cudaMemcpyHostToDevice));
   ++uploads_;
+}
+
+CudaLatentAttention::Split CudaLatentAttention::split_plan(int64_t N) const {
+  // Splits of each row's positions: about two CTAs per SM; up to 8 merge inside a cluster, more
+  // (long contexts over few rows) through partials and merge_kernel.
+  Split s;
+  s.groups = (d_.nh + kHg - 1) / kHg;
+  s.tiles = (max_len_ + kT - 1) / kT;
+  const int64_t want = (2 * int64_t(sm_count()) + N * s.groups - 1) / (N * s.groups);
+  s.splits = std::max<int64_t>(1, std::min(want, s.tiles));
+  s.mode = s.splits == 1 ? kDirect : kCluster;
+  if (s.splits > kMaxClusterSplits) {
+    if (s.tiles <= 2 * kMaxClusterSplits) {
+      s.splits = kMaxClusterSplits;
+    } else {
+      s.splits = std::min<int64_t>(s.splits, kMaxSplits);
+      s.mode = kPartials;
+    }
+  }
+  return s;
+}
+
+bool CudaLatentAttention::prepare_step(const StepRows& rows, std::vector<int64_t>& key) {
+  const int64_t N = rows.size();
+  if (N == 0 || N > g_absorbed_gemv_rows || uses_mla_decode()) return false;
+  upload(rows);
+  const Split s = split_plan(N);
+  key.insert(key.end(), {N, max_blocks_, s.tiles, s.splits, int64_t(s.mode), int64_t(last_rows_),
+                         int64_t(reinterpret_cast<uintptr_t>(meta_dev_.raw())), int64_t(pdl_enabled())});
+  return true;
 }
 
 void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows& rows, const Tensor& q,
@@ -624,8 +657,8 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
   // Decode steps (one row per sequence) on the generic kernel: the kernel writes the new rows itself.
   const bool fold = last_rows_ && !uses_mla_decode();
   if (!fold) {
-    write_rows_kernel<<<unsigned(N), 128>>>(c_kv_n.data<float>(), k_pe.data<float>(), meta, int(N), R, P, layers, bs,
-                                            layer, ptr<__nv_bfloat16>(storage_));
+    write_rows_kernel<<<unsigned(N), 128, 0, stream()>>>(c_kv_n.data<float>(), k_pe.data<float>(), meta, int(N), R, P,
+                                                         layers, bs, layer, ptr<__nv_bfloat16>(storage_));
     check_launch("latent cache write");
   }
 
@@ -650,6 +683,7 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
     g.head_y = W;
     cuda_rows_gemv(g);
   } else {
+    cuda_graph_mark_unsafe("W_UK through cuBLAS");
     // qcat[r, h, :R] = q_nope[r, h]·W_UK[h]  (column-major: [R × N] = W_UKᵀ[R × nope] · q_nopeᵀ[nope × N])
     DSV3_CUBLAS_CHECK(cublasSgemmStridedBatched(cublas(), CUBLAS_OP_N, CUBLAS_OP_N, int(R), int(N), int(d_.nope),
                                                 &one, w.w_uk.data<float>(), int(R), d_.nope * R, q.data<float>(),
@@ -657,8 +691,8 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
                                                 int(nh)));
   }
   if (uses_mla_decode()) {  // cuda_mla_decode reads whole query rows
-    copy_qpe_kernel<<<blocks_for(N * nh * P), 256>>>(q.data<float>(), d_.qk, d_.nope, P, W, R, N * nh,
-                                                     ptr<float>(qcat));
+    copy_qpe_kernel<<<blocks_for(N * nh * P), 256, 0, stream()>>>(q.data<float>(), d_.qk, d_.nope, P, W, R, N * nh,
+                                                                  ptr<float>(qcat));
     check_launch("absorbed query");
   }
 
@@ -678,21 +712,10 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
     a.out = lat;
     cuda_mla_decode(a);
   } else {
-    // Splits of each row's positions: about two CTAs per SM; up to 8 merge inside a cluster, more
-    // (long contexts over few rows) through partials and merge_kernel.
     DSV3_CHECK(N <= 65535, "latent attention: ", N, " rows in one step");
-    const int64_t groups = (nh + kHg - 1) / kHg, tiles = (max_len_ + kT - 1) / kT;
-    const int64_t want = (2 * int64_t(sm_count()) + N * groups - 1) / (N * groups);
-    int64_t splits = std::max<int64_t>(1, std::min(want, tiles));
-    int mode = splits == 1 ? kDirect : kCluster;
-    if (splits > kMaxClusterSplits) {
-      if (tiles <= 2 * kMaxClusterSplits) {
-        splits = kMaxClusterSplits;
-      } else {
-        splits = std::min<int64_t>(splits, kMaxSplits);
-        mode = kPartials;
-      }
-    }
+    const Split plan = split_plan(N);
+    const int64_t groups = plan.groups, tiles = plan.tiles, splits = plan.splits;
+    const int mode = plan.mode;
     Tensor part = mode == kPartials ? be.alloc(DType::F32, {N * nh * splits * (R + 2)}) : Tensor();
     AttnArgs x;
     x.qcat = qcat.data<float>();
@@ -722,6 +745,7 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(unsigned(splits), unsigned(N), unsigned(groups));
     cfg.blockDim = dim3(kThreads);
+    cfg.stream = stream();
     cfg.dynamicSmemBytes = attention_smem(int(W), int(R), mode == kCluster);
     cudaLaunchAttribute attr[2];
     int na = 0;
@@ -742,7 +766,7 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
     DSV3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, attn_kernel(R, W), x));
     check_launch("latent attention");
     if (mode == kPartials) {
-      merge_kernel<<<unsigned(N * nh), 128>>>(part.data<float>(), int(splits), int(R), ptr<float>(lat));
+      merge_kernel<<<unsigned(N * nh), 128, 0, stream()>>>(part.data<float>(), int(splits), int(R), ptr<float>(lat));
       check_launch("latent attention merge");
     }
   }
@@ -764,6 +788,7 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
     cuda_rows_gemv(g);
     return;
   }
+  cuda_graph_mark_unsafe("W_UV through cuBLAS");
   // out[r, h] = W_UV[h]·lat[r, h]  (column-major: [vd × N] = W_UV[vd × R] · latᵀ[R × N])
   DSV3_CUBLAS_CHECK(cublasSgemmStridedBatched(cublas(), CUBLAS_OP_T, CUBLAS_OP_N, int(d_.vd), int(N), int(R), &one,
                                               w.w_uv.data<float>(), int(R), d_.vd * R, lat.data<float>(), int(nh * R),
@@ -778,7 +803,7 @@ std::vector<int32_t> cuda_greedy_tokens(const Tensor& logits, int64_t n_valid) {
   std::vector<int32_t> ids(static_cast<size_t>(N));
   if (N == 0) return ids;
   Tensor dev = cuda_backend().alloc(DType::I32, {N});
-  argmax_kernel<<<unsigned(N), 1024>>>(logits.data<float>(), logits.dim(1), n_valid, ptr<int32_t>(dev));
+  argmax_kernel<<<unsigned(N), 1024, 0, stream()>>>(logits.data<float>(), logits.dim(1), n_valid, ptr<int32_t>(dev));
   check_launch("greedy argmax");
   DSV3_CUDA_CHECK(cudaMemcpy(ids.data(), dev.raw(), size_t(N) * sizeof(int32_t), cudaMemcpyDeviceToHost));
   return ids;

@@ -43,6 +43,10 @@ class CudaLatentAttention : public AttentionCache {
   std::vector<BlockTable*> tables;
   void attend(int64_t layer, const MlaParams& p, const StepRows& rows, const Tensor& q, const Tensor& c_kv_n,
               const Tensor& k_pe, const Tensor& out) override;
+  // The step's metadata uploaded (to a buffer that keeps its address until it must grow) and the
+  // key: rows, blocks per table, tiles, splits, merge mode, fold, the buffer's address. Steps on
+  // cuda_mla_decode or on cuBLAS (more rows than cuda_absorbed_gemv_rows()) are not replayable.
+  bool prepare_step(const StepRows& rows, std::vector<int64_t>& key) override;
 
   // The device rows (BF16, [num_blocks·layers·block_size, W]).
   const Tensor& storage() const { return storage_; }
@@ -54,14 +58,22 @@ class CudaLatentAttention : public AttentionCache {
 
  private:
   void upload(const StepRows& rows);
+  // The generic kernel's launch shape for this step's rows: splits of each row's positions, tiles
+  // of the longest row, and how splits merge (direct, cluster, partials).
+  struct Split {
+    int64_t splits = 1, tiles = 1, groups = 1;
+    int mode = 0;
+  };
+  Split split_plan(int64_t N) const;
   const LatentKvPool& pool_;
   const std::vector<AbsorbedKvB>& absorbed_;
   std::vector<Tensor> w_uk_t_;  // W_UK[h]ᵀ per layer [nh·kv_lora, nope]: rows for the small-step GEMV
   std::vector<Tensor> w_uv_bf16_;  // W_UV per layer in BF16 when exact, else empty (the GEMV reads w_uv)
   ModelDims d_;
   Tensor storage_;
-  // This step's metadata, host copy (to detect a new step) and device copy:
-  // [lengths N | row block N | row slot N | tables N × max_blocks].
+  // This step's metadata, host copy (to detect a new step) and device copy (overwritten in place,
+  // in stream order; reallocated only to grow): [lengths N | row block N | row slot N | tables N ×
+  // max_blocks].
   std::vector<int32_t> meta_host_;
   Tensor meta_dev_;
   int64_t rows_ = 0, max_blocks_ = 0, max_len_ = 0, uploads_ = 0;

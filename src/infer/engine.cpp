@@ -54,6 +54,7 @@ Engine::Engine(const Weights& w, const EngineOptions& opt, Backend& be)
   draft_ = opt.draft_tokens;
   runner_.set_small_rows(opt.small_rows);
   runner_.set_sync_free(opt.sync_free);
+  runner_.set_cuda_graphs(opt.cuda_graphs);
   const int64_t layers = c.num_hidden_layers + (draft_ > 0 ? runner_.num_mtp() : 0);
   on_device_ = be.device() != Device::CPU;
   KvCacheOptions co = opt.cache;
@@ -373,7 +374,10 @@ std::vector<SeqEvent> Engine::step() {
         logit_rows.push_back(int32_t(rows.size() - 1));
     }
   }
-  ModelRunner::Output out = runner_.forward(cache_with(std::move(tables)), rows, toks, logit_rows);
+  // A plain decode step (one row per sequence, no drafts) may replay a CUDA graph.
+  bool plain_decode = spec_seqs.empty();
+  for (const Plan& p : plan) plain_decode = plain_decode && p.n_feed == 1 && p.s->decoding();
+  ModelRunner::Output out = runner_.forward(cache_with(std::move(tables)), rows, toks, logit_rows, plain_decode);
   // On the device, plain greedy steps take the argmax there; everything else samples on the host.
   std::vector<int32_t> dev_ids;
   if (on_device_) {

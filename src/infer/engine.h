@@ -44,6 +44,7 @@ struct EngineOptions {
   bool all_logits = false;         // compute logits for every row (tests)
   bool sync_free = true;            // CUDA: the runner's synchronisation-free RoPE and MoE (ModelRunner::set_sync_free)
   int64_t small_rows = 8;          // steps of at most this many rows take the runner's lean path (0: never)
+  bool cuda_graphs = true;         // CUDA: plain decode steps replayed from graphs (DSV3_CUDA_GRAPHS=0: off)
   std::function<std::string(int32_t)> token_text;  // bytes of a token, for text output and stop strings
   // Tests: replace the MTP drafts of greedy sequences by (id, tokens so far, count) → drafts, so
   // verification paths (all kept, some kept) can be forced. The MTP modules still run.
@@ -87,6 +88,7 @@ class Engine {
   const EngineStats& stats() const { return stats_; }
   const LatentKvPool& pool() const { return *pool_; }
   const ModelRunner& runner() const { return runner_; }
+  ModelRunner& runner() { return runner_; }
   bool on_device() const { return on_device_; }
   // Steps whose tokens came from the device argmax (one read-back of the ids each).
   int64_t device_greedy_steps() const { return device_greedy_steps_; }

@@ -44,6 +44,10 @@ class AttentionCache {
   // q [N, nh, qk] with rotated q_pe; c_kv_n [N, kv_lora]; k_pe [N, rope] rotated; out [N, nh·vd].
   virtual void attend(int64_t layer, const MlaParams& p, const StepRows& rows, const Tensor& q,
                       const Tensor& c_kv_n, const Tensor& k_pe, const Tensor& out) = 0;
+  // For a step replayed from a CUDA graph (ModelRunner): puts what the step's attend() calls read
+  // at fixed device addresses now, and appends to key everything else that shapes their launches
+  // (sizes, grids, those addresses). false: this step's attention cannot be replayed.
+  virtual bool prepare_step(const StepRows&, std::vector<int64_t>&) { return false; }
 };
 
 class LatentAttention : public AttentionCache {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "backend/cuda/graph.h"
 #include "backend/cuda/unchecked_ops.h"
 #include "model/module_ops.h"
 
@@ -75,6 +76,7 @@ void ModelRunner::linear(const LinearParam& p, const Tensor& x, const Tensor& y,
     cuda_small_linear(p, x, y, accumulate);
     return;
   }
+  cuda_graph_mark_unsafe("a linear through the backend");  // cuBLAS(Lt) and its scratch
 #endif
   linear_forward(be_, p, x, y, accumulate);
 }
@@ -186,6 +188,9 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
     return x2;
 #endif
   } else if (p.is_moe) {
+#ifdef DSV3_HAVE_CUDA
+    cuda_graph_mark_unsafe("the backend's MoE");
+#endif
     MoeActs m;
     moe_forward(be_, d_, p.moe, h2, m);
     ffn = m.out;
@@ -215,14 +220,22 @@ Tensor ModelRunner::head(const Tensor& normed, std::span<const int32_t> logit_ro
 }
 
 ModelRunner::Output ModelRunner::forward(AttentionCache& cache, const StepRows& rows, std::span<const int32_t> tokens,
-                                         std::span<const int32_t> logit_rows) {
+                                         std::span<const int32_t> logit_rows, bool graph_ok) {
   const int64_t N = rows.size();
   DSV3_CHECK(N > 0 && int64_t(tokens.size()) == N);
   for (int64_t i = 0; i < N; ++i)
     if (tokens[size_t(i)] < 0 || tokens[size_t(i)] >= cfg_.vocab_size)
       input_error("token id ", tokens[size_t(i)], " is outside the model's vocabulary [0, ", cfg_.vocab_size, ")");
   if (use_small(N)) return forward_small(cache, rows, tokens, logit_rows);
+  if (graph_ok && graphs_ && small_gemv(N))
+    if (std::optional<Output> o = forward_graph(cache, rows, tokens, logit_rows)) return std::move(*o);
   const auto [ids, positions] = ids_and_positions(tokens, rows);  // ids checked above
+  return forward_body(cache, rows, ids, positions, logit_rows);
+}
+
+ModelRunner::Output ModelRunner::forward_body(AttentionCache& cache, const StepRows& rows, const Tensor& ids,
+                                              const Tensor& positions, std::span<const int32_t> logit_rows) {
+  const int64_t N = rows.size();
   Tensor x = be_.alloc(DType::F32, {N, d_.H});
   EmbeddingArgs e;
   e.ids = ids;

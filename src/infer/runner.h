@@ -8,7 +8,9 @@
 // num_hidden_layers + k − 1, its hub layer index.
 //
 // On CUDA, steps of at most kDeviceGemvRows rows run their F32 or BF16 linears through one GEMV
-// kernel each (infer/cuda_decode_ops.h) instead of cuBLAS.
+// kernel each (infer/cuda_decode_ops.h) instead of cuBLAS. Plain decode steps among them (forward
+// with graph_ok) are replayed from CUDA graphs (runner_graph.cpp): the step's ~16 launches per
+// layer recorded once per launch shape and replayed with one call.
 // Steps of at most small_rows() rows on the CPU backend (decode, draft verification, MTP drafts)
 // take a lean path (runner_small.cpp): the same math on reused host buffers, F32 weights through
 // row_linear (the weight streamed once for all rows, results independent of the row count), and
@@ -18,7 +20,11 @@
 // backend ops throughout.
 #pragma once
 #include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
 #include <span>
+#include <string>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -39,6 +45,23 @@ class ModelRunner {
   // CUDA: RoPE without the backend's range check and the grouped MoE for small steps (default on);
   // off gives the backend ops throughout (benchmarks measure what the synchronisations cost).
   void set_sync_free(bool on) { sync_free_ = on; }
+  // CUDA graphs for forward(…, graph_ok = true) (default off here; the engine turns them on unless
+  // DSV3_CUDA_GRAPHS=0). A step's key — rows, the attention's launch shape, the addresses of the
+  // inputs it reads, the settings that pick kernels — selects a graph; a key seen for the second
+  // time is captured (the first runs eagerly: kernels loaded, shared-memory limits set); `keep`
+  // graphs are kept, the least recently used dropped for a new one. A failed capture or launch
+  // turns graphs off for good (graph_stats().error says why) and the step runs eagerly.
+  void set_cuda_graphs(bool on, size_t keep = 4);
+  struct GraphStats {
+    int64_t replays = 0, captures = 0, eager = 0, failures = 0;
+    bool disabled = false;
+    std::string error;
+    size_t cached = 0, nodes = 0;  // graphs kept; kernel nodes of the latest capture
+    size_t memory_bytes = 0;       // device memory the kept graphs hold
+  };
+  const GraphStats& graph_stats() const { return gstats_; }
+  // Tests: runs inside every capture (work on the legacy stream here makes the capture fail).
+  std::function<void()> capture_hook;
 
   const ModelConfig& config() const { return cfg_; }
   const ModelDims& dims() const { return d_; }
@@ -52,9 +75,11 @@ class ModelRunner {
     Tensor hidden;  // [N, H]: h⁰ after model.norm (main), or h^k before shared_head.norm (MTP)
     Tensor logits;  // [logit_rows, V] F32
   };
-  // The main model on `tokens` (one per row). Logits only for the listed rows.
+  // The main model on `tokens` (one per row). Logits only for the listed rows. graph_ok: a plain
+  // decode step the caller lets replay from a CUDA graph; its outputs then live in the graph's
+  // memory and hold their values until the next forward.
   Output forward(AttentionCache& cache, const StepRows& rows, std::span<const int32_t> tokens,
-                 std::span<const int32_t> logit_rows);
+                 std::span<const int32_t> logit_rows, bool graph_ok = false);
   // MTP module k (1-based): row r takes token tokens[r] (= t_{i+k}) and h_prev row r (= h^{k−1}_i).
   Output mtp_forward(int k, AttentionCache& cache, const StepRows& rows, std::span<const int32_t> tokens,
                      const Tensor& h_prev, std::span<const int32_t> logit_rows);
@@ -64,6 +89,15 @@ class ModelRunner {
                        const Tensor& positions, AttentionCache& cache);
   Tensor head(const Tensor& normed, std::span<const int32_t> logit_rows);
   const RopeTables& rope_for(int64_t n);
+  // Everything after the uploads: embedding, layers, norm, head.
+  Output forward_body(AttentionCache& cache, const StepRows& rows, const Tensor& ids, const Tensor& positions,
+                      std::span<const int32_t> logit_rows);
+  // The step through a CUDA graph (runner_graph.cpp); nullopt: run it the usual way.
+  std::optional<Output> forward_graph(AttentionCache& cache, const StepRows& rows, std::span<const int32_t> tokens,
+                                      std::span<const int32_t> logit_rows);
+  struct GraphCache;
+  std::shared_ptr<GraphCache> graphs_;  // null while graphs are off
+  GraphStats gstats_;
   // The step's token ids and positions in one upload ({ids, positions}, each [N] I32), the RoPE
   // tables grown to cover the positions.
   std::pair<Tensor, Tensor> ids_and_positions(std::span<const int32_t> tokens, const StepRows& rows);

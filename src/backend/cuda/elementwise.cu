@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "backend/cuda/common.cuh"
+#include "backend/cuda/stream.h"
 
 namespace dsv3 {
 using namespace cuda;
@@ -104,7 +105,8 @@ __global__ void copy_cols4_kernel(const float4* s, int64_t cs, float4* d, int64_
 void CudaBackend::add(const AddArgs& a) {
   validate(a);
   int64_t n = a.out.numel();
-  if (n) add_kernel<<<grid(n), 256>>>(ptr<float>(a.a), ptr<float>(a.b), ptr<float>(a.out), n, a.alpha, a.beta);
+  if (n)
+    add_kernel<<<grid(n), 256, 0, stream()>>>(ptr<float>(a.a), ptr<float>(a.b), ptr<float>(a.out), n, a.alpha, a.beta);
   check_launch("add");
 }
 void CudaBackend::scale(const ScaleArgs& a) {
@@ -173,7 +175,7 @@ void CudaBackend::sum_squares(const SumSquaresArgs& a) {
 void CudaBackend::swiglu(const SwigluArgs& a) {
   validate(a);
   int64_t n = a.out.numel();
-  if (n) swiglu_kernel<<<grid(n), 256>>>(ptr<float>(a.gate), ptr<float>(a.up), ptr<float>(a.out), n);
+  if (n) swiglu_kernel<<<grid(n), 256, 0, stream()>>>(ptr<float>(a.gate), ptr<float>(a.up), ptr<float>(a.out), n);
   check_launch("swiglu");
 }
 void CudaBackend::swiglu_backward(const SwigluBackwardArgs& a) {

@@ -388,10 +388,9 @@ void CudaBackend::router(const RouterArgs& a) {
   int32_t* ids = ptr<int32_t>(a.ids);
   float* w = ptr<float>(a.weights);
   if (e > 1024) {
-    router_serial_kernel<<<unsigned(t), 128, size_t(e) * 5>>>(a.logits.data<float>(), bias, a.bias.dtype(), sig,
-                                                                int(a.method), ng, a.topk_group, a.top_k,
-                                                                a.norm_topk_prob, a.routed_scaling_factor, int(e), sc,
-                                                                ids, w);
+    router_serial_kernel<<<unsigned(t), 128, size_t(e) * 5, stream()>>>(
+        a.logits.data<float>(), bias, a.bias.dtype(), sig, int(a.method), ng, a.topk_group, a.top_k,
+        a.norm_topk_prob, a.routed_scaling_factor, int(e), sc, ids, w);
     check_launch("router");
     return;
   }

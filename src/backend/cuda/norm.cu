@@ -122,8 +122,8 @@ void cuda_embedding_unchecked(const EmbeddingArgs& a) {
   validate(a);
   const int64_t t = a.ids.numel(), d = a.table.dim(1);
   if (t)
-    embedding_kernel<<<unsigned(t), 256>>>(a.ids.data<int32_t>(), a.table.raw(), a.table.dtype(), ptr<float>(a.out), d,
-                                           a.table.dim(0));
+    embedding_kernel<<<unsigned(t), 256, 0, stream()>>>(a.ids.data<int32_t>(), a.table.raw(), a.table.dtype(),
+                                                        ptr<float>(a.out), d, a.table.dim(0));
   check_launch("embedding");
 }
 
@@ -155,7 +155,8 @@ void CudaBackend::rmsnorm(const RmsNormArgs& a) {
       launch_pdl(rmsnorm_reg_kernel<8>, dim3(unsigned(m)), dim3(256), 0, x, a.weight.raw(), a.weight.dtype(), a.eps,
                  ptr<float>(a.y), rstd, d);
     else
-      rmsnorm_kernel<<<unsigned(m), 256>>>(x, a.weight.raw(), a.weight.dtype(), a.eps, ptr<float>(a.y), rstd, d);
+      rmsnorm_kernel<<<unsigned(m), 256, 0, stream()>>>(x, a.weight.raw(), a.weight.dtype(), a.eps, ptr<float>(a.y),
+                                                        rstd, d);
   }
   check_launch("rmsnorm");
 }

@@ -1,0 +1,253 @@
+#include "backend/cuda/graph.h"
+
+#include <map>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "backend/cuda/common.cuh"
+#include "backend/cuda/pdl.cuh"
+#include "backend/cuda/stream.h"
+
+namespace dsv3 {
+using namespace cuda;
+
+namespace {
+
+// The device memory of one capture. Blocks come from the backend's caching allocator (as scratch
+// it hands out) and go back to it only when the last owner — the graph, or a tensor allocated
+// during the capture — lets go; replays are stream-ordered before any later reuse.
+class GraphMemory {
+ public:
+  void* alloc(size_t bytes) {
+    bytes = (std::max<size_t>(bytes, 1) + 511) & ~size_t(511);
+    std::lock_guard<std::mutex> lk(mu_);
+    if (!sealed_) {
+      auto it = free_.lower_bound(bytes);
+      if (it != free_.end() && it->first <= 2 * bytes) {
+        void* p = it->second;
+        free_.erase(it);
+        return p;
+      }
+    }
+    // The caching allocator may call cudaMalloc, which a thread-local capture refuses: relax this
+    // thread's mode for the call (the memory is not part of the graph's work).
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    DSV3_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+    std::unique_ptr<Scratch> s;
+    try {
+      s = std::make_unique<Scratch>(bytes);
+    } catch (...) {
+      cudaThreadExchangeStreamCaptureMode(&mode);
+      throw;
+    }
+    DSV3_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+    void* p = s->as<void>();
+    size_[p] = bytes;
+    bytes_ += bytes;
+    blocks_.push_back(std::move(s));
+    return p;
+  }
+  // During the capture a freed block serves later allocations of the same capture; afterwards
+  // blocks stay with the graph.
+  bool free(void* p) {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = size_.find(p);
+    if (it == size_.end()) return false;
+    if (!sealed_) free_.emplace(it->second, p);
+    return true;
+  }
+  void seal() {
+    std::lock_guard<std::mutex> lk(mu_);
+    sealed_ = true;
+    free_.clear();
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  std::mutex mu_;
+  std::vector<std::unique_ptr<Scratch>> blocks_;
+  std::unordered_map<void*, size_t> size_;
+  std::multimap<size_t, void*> free_;
+  size_t bytes_ = 0;
+  bool sealed_ = false;
+};
+
+// Allocations of other threads while the allocator is swapped: plain scratch from the backend.
+class Foreign {
+ public:
+  void* alloc(size_t bytes) {
+    auto s = std::make_unique<Scratch>(std::max<size_t>(bytes, 1));
+    void* p = s->as<void>();
+    std::lock_guard<std::mutex> lk(mu_);
+    blocks_[p] = std::move(s);
+    return p;
+  }
+  void free(void* p) {
+    std::unique_ptr<Scratch> s;
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = blocks_.find(p);
+    if (it == blocks_.end()) return;
+    s = std::move(it->second);
+    blocks_.erase(it);
+  }
+
+ private:
+  std::mutex mu_;
+  std::unordered_map<void*, std::unique_ptr<Scratch>> blocks_;
+};
+
+struct CaptureState {
+  std::string unsafe;  // why the capture must fail, if anything said so
+};
+thread_local CaptureState* g_capture = nullptr;
+
+__global__ void noop_kernel() {}
+
+}  // namespace
+
+struct CudaGraph::Impl {
+  cudaStream_t stream = nullptr;
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  std::shared_ptr<GraphMemory> memory;
+  std::string error;
+  size_t nodes = 0;
+
+  void drop() {
+    if (exec) cudaGraphExecDestroy(exec);  // an in-flight replay completes first (CUDA frees it then)
+    if (graph) cudaGraphDestroy(graph);
+    exec = nullptr;
+    graph = nullptr;
+    memory.reset();
+    nodes = 0;
+  }
+  ~Impl() {
+    drop();
+    if (stream) cudaStreamDestroy(stream);
+  }
+};
+
+CudaGraph::CudaGraph() : impl_(std::make_unique<Impl>()) {}
+CudaGraph::~CudaGraph() = default;
+
+bool CudaGraph::ready() const { return impl_->exec != nullptr; }
+const std::string& CudaGraph::error() const { return impl_->error; }
+size_t CudaGraph::nodes() const { return impl_->nodes; }
+size_t CudaGraph::memory_bytes() const { return impl_->memory ? impl_->memory->bytes() : 0; }
+
+bool CudaGraph::capture(const std::function<void()>& fn, bool pdl) {
+  Impl& m = *impl_;
+  m.error.clear();
+  if (g_capture) {
+    m.error = "nested capture";
+    return false;
+  }
+  if (!m.stream) DSV3_CUDA_CHECK(cudaStreamCreate(&m.stream));  // blocking: the legacy stream waits on it
+  (void)cudaGetLastError();  // a stale launch error must not fail this capture
+
+  // The capturing thread's CUDA tensors come from the graph's memory; other threads get plain
+  // scratch. The deleter is bound at allocation, so each tensor frees into the right place.
+  auto mem = std::make_shared<GraphMemory>();
+  auto foreign = std::make_shared<Foreign>();
+  const std::thread::id me = std::this_thread::get_id();
+  set_allocator(Device::CUDA,
+                Allocator{[mem, foreign, me](size_t n) {
+                            return std::this_thread::get_id() == me && g_capture ? mem->alloc(n) : foreign->alloc(n);
+                          },
+                          [mem, foreign](void* p) {
+                            if (!mem->free(p)) foreign->free(p);
+                          }});
+  // The backend's allocator again: its constructor registers it (it has no other state).
+  auto restore = [] { CudaBackend again; };
+
+  CaptureState st;
+  std::string fail;
+  cudaGraph_t g = nullptr;
+  cudaError_t e = cudaStreamBeginCapture(m.stream, cudaStreamCaptureModeThreadLocal);
+  if (e != cudaSuccess) {
+    fail = cat("cudaStreamBeginCapture: ", cudaGetErrorString(e));
+  } else {
+    g_capture = &st;
+    const bool pdl_was = pdl_enabled();
+    if (!pdl) cuda_set_pdl(false);
+    try {
+      StreamScope scope(m.stream);
+      fn();
+    } catch (const std::exception& x) {
+      fail = x.what();
+    } catch (...) {
+      fail = "unknown exception";
+    }
+    cuda_set_pdl(pdl_was);
+    g_capture = nullptr;
+    const cudaError_t last = cudaGetLastError();  // a launch site without a check
+    e = cudaStreamEndCapture(m.stream, &g);
+    if (fail.empty() && !st.unsafe.empty()) fail = st.unsafe;
+    if (fail.empty() && last != cudaSuccess) fail = cat("launch during capture: ", cudaGetErrorString(last));
+    if (fail.empty() && e != cudaSuccess) fail = cat("cudaStreamEndCapture: ", cudaGetErrorString(e));
+  }
+  restore();
+  mem->seal();
+  (void)cudaGetLastError();
+  if (fail.empty()) {
+    size_t n = 0;
+    e = cudaGraphGetNodes(g, nullptr, &n);
+    if (e != cudaSuccess) fail = cat("cudaGraphGetNodes: ", cudaGetErrorString(e));
+    else if (n == 0) fail = "nothing was captured";
+    else m.nodes = n;
+  }
+  if (!fail.empty()) {
+    if (g) cudaGraphDestroy(g);
+    m.drop();
+    m.error = fail;
+    (void)cudaGetLastError();
+    return false;
+  }
+  const size_t nodes = m.nodes;
+  m.drop();  // the previous instance and its memory (kept by its outputs while they live)
+  m.nodes = nodes;
+  cudaGraphExec_t x = nullptr;
+  e = cudaGraphInstantiate(&x, g, 0);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();
+    cudaGraphDestroy(g);
+    m.drop();
+    m.error = cat("cudaGraphInstantiate: ", cudaGetErrorString(e));
+    return false;
+  }
+  m.graph = g;
+  m.exec = x;
+  m.memory = mem;
+  return true;
+}
+
+bool CudaGraph::launch() {
+  Impl& m = *impl_;
+  if (!m.exec) {
+    m.error = "no captured graph";
+    return false;
+  }
+  const cudaError_t e = cudaGraphLaunch(m.exec, stream());
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();
+    m.error = cat("cudaGraphLaunch: ", cudaGetErrorString(e));
+    return false;
+  }
+  return true;
+}
+
+void cuda_graph_mark_unsafe(const char* what) {
+  if (g_capture && g_capture->unsafe.empty()) g_capture->unsafe = cat("not capturable: ", what);
+}
+
+bool cuda_graph_capturing() { return g_capture != nullptr; }
+
+void cuda_copy_to_device(void* dst, const void* src, size_t bytes) {
+  if (bytes) DSV3_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+}
+
+void cuda_graph_test_legacy_work() { noop_kernel<<<1, 1>>>(); }
+
+}  // namespace dsv3

@@ -1,0 +1,165 @@
+// Plain decode steps on CUDA replayed from graphs (ModelRunner::set_cuda_graphs). A batch-1 step is
+// ~200 launches whose host cost exceeds the GPU's time for them; a graph launch replaces them.
+//
+// What a replay reads must sit at the addresses the capture saw: the token ids and positions go to
+// step_in_ (fixed, written before each step), the attention's tables to its metadata buffer
+// (AttentionCache::prepare_step), weights, RoPE tables and the latent pool stay where they are.
+// Everything the host decides per step that changes a launch — the row count, the attention's
+// splits and tiles, those addresses, the kernel-selecting settings — is the key; steps that share a
+// key differ only in the contents of those buffers, so the graph's kernels, arguments and order are
+// the eager step's, and so are the results.
+#include <algorithm>
+#include <cstdlib>
+#include <list>
+#include <string>
+
+#include "infer/runner.h"
+
+#ifdef DSV3_HAVE_CUDA
+#include "backend/cuda/graph.h"
+#include "infer/cuda_latent_attention.h"
+#endif
+
+namespace dsv3 {
+
+#ifdef DSV3_HAVE_CUDA
+struct ModelRunner::GraphCache {
+  struct Entry {
+    std::vector<int64_t> key;
+    std::unique_ptr<CudaGraph> graph;
+    Output out;  // tensors in the graph's memory
+  };
+  std::list<Entry> entries;                // most recently used first
+  std::list<std::vector<int64_t>> seen;    // keys run eagerly once, most recent first
+  bool pdl = true;                         // captures keep programmatic dependent launch
+  Tensor step_in;                          // I32 [2·kDeviceGemvRows]: ids, then positions
+  size_t keep = 4;
+  static constexpr size_t kSeen = 16;
+};
+#else
+struct ModelRunner::GraphCache {};
+#endif
+
+void ModelRunner::set_cuda_graphs(bool on, size_t keep) {
+  const char* e = std::getenv("DSV3_CUDA_GRAPHS");
+  on = on && be_.device() == Device::CUDA && !(e && std::string(e) == "0");
+#ifndef DSV3_HAVE_CUDA
+  on = false;
+  (void)keep;
+#endif
+  if (!on) {
+    graphs_.reset();
+    gstats_.cached = gstats_.memory_bytes = 0;
+  } else if (!gstats_.disabled) {
+    if (!graphs_) graphs_ = std::make_shared<GraphCache>();
+#ifdef DSV3_HAVE_CUDA
+    graphs_->keep = std::max<size_t>(keep, 1);
+    while (graphs_->entries.size() > graphs_->keep) graphs_->entries.pop_back();
+#endif
+  }
+}
+
+#ifndef DSV3_HAVE_CUDA
+std::optional<ModelRunner::Output> ModelRunner::forward_graph(AttentionCache&, const StepRows&,
+                                                              std::span<const int32_t>, std::span<const int32_t>) {
+  return std::nullopt;
+}
+#else
+std::optional<ModelRunner::Output> ModelRunner::forward_graph(AttentionCache& cache, const StepRows& rows,
+                                                              std::span<const int32_t> tokens,
+                                                              std::span<const int32_t> logit_rows) {
+  const int64_t N = rows.size(), cap = kDeviceGemvRows;
+  // Every row's logits in order (a decode step): no gather with an index upload.
+  bool all = int64_t(logit_rows.size()) == N;
+  for (size_t i = 0; all && i < logit_rows.size(); ++i) all = logit_rows[i] == int32_t(i);
+  if (!all || N > cap) return std::nullopt;
+  std::vector<int64_t> key;
+  if (!cache.prepare_step(rows, key)) return std::nullopt;
+  GraphCache& gc = *graphs_;
+  int64_t mx = 0;
+  for (int64_t p : rows.pos) mx = std::max(mx, p + 1);
+  const RopeTables& t = rope_for(mx);
+  if (!present(gc.step_in)) gc.step_in = be_.alloc(DType::I32, {2 * cap});
+  std::vector<int32_t> in(size_t(cap + N), 0);
+  std::copy(tokens.begin(), tokens.end(), in.begin());
+  for (int64_t r = 0; r < N; ++r) in[size_t(cap + r)] = int32_t(rows.pos[size_t(r)]);
+  cuda_copy_to_device(gc.step_in.raw(), in.data(), in.size() * sizeof(int32_t));
+  const Tensor ids = gc.step_in.rows(0, N), positions = gc.step_in.rows(cap, cap + N);
+  auto addr = [](const Tensor& x) { return int64_t(reinterpret_cast<uintptr_t>(x.raw())); };
+  key.insert(key.end(), {N, addr(t.cos), addr(t.sin), addr(gc.step_in), int64_t(sync_free_), small_rows_,
+                         int64_t(cuda_decode_mma_rows()), cuda_absorbed_gemv_rows()});
+
+  auto turn_off = [&](const std::string& why) {
+    gstats_.disabled = true;
+    gstats_.error = why;
+    gstats_.cached = gstats_.memory_bytes = 0;
+    graphs_.reset();  // after this step's eager run below, nothing refers to the graphs
+  };
+  auto eager = [&] {
+    ++gstats_.eager;
+    return forward_body(cache, rows, ids, positions, logit_rows);
+  };
+  auto hit = std::find_if(gc.entries.begin(), gc.entries.end(),
+                          [&](const GraphCache::Entry& x) { return x.key == key; });
+  if (hit != gc.entries.end()) {
+    gc.entries.splice(gc.entries.begin(), gc.entries, hit);
+    GraphCache::Entry& e = gc.entries.front();
+    if (!e.graph->launch()) {
+      const std::string why = e.graph->error();
+      turn_off(why);
+      return eager();
+    }
+    ++gstats_.replays;
+    return e.out;
+  }
+  auto seen = std::find(gc.seen.begin(), gc.seen.end(), key);
+  if (seen == gc.seen.end()) {
+    gc.seen.push_front(key);
+    if (gc.seen.size() > GraphCache::kSeen) gc.seen.pop_back();
+    return eager();
+  }
+  gc.seen.erase(seen);
+  // A new graph; the least recently used one goes (its memory once its outputs are dropped).
+  while (gc.entries.size() >= gc.keep) gc.entries.pop_back();
+  gc.entries.emplace_front();
+  gc.entries.front().graph = std::make_unique<CudaGraph>();
+  GraphCache::Entry& e = gc.entries.front();
+  Output out;
+  auto body = [&] {
+    if (capture_hook) capture_hook();
+    out = forward_body(cache, rows, ids, positions, logit_rows);
+  };
+  bool ok = e.graph->capture(body, gc.pdl);
+  std::string why = e.graph->error();
+  if (!ok && gc.pdl) {  // a driver that cannot capture programmatic launches: capture them plainly
+    ok = e.graph->capture(body, false);
+    if (ok) {
+      gc.pdl = false;
+      gstats_.error = "captured without programmatic dependent launch: " + why;
+    } else {
+      why += "; without programmatic dependent launch: " + e.graph->error();
+    }
+  }
+  if (!ok) {
+    ++gstats_.failures;
+    turn_off(why);
+    return eager();
+  }
+  ++gstats_.captures;
+  gstats_.nodes = e.graph->nodes();
+  e.key = std::move(key);
+  e.out = out;
+  if (!e.graph->launch()) {
+    const std::string why = e.graph->error();
+    turn_off(why);
+    return eager();
+  }
+  ++gstats_.replays;
+  gstats_.cached = gc.entries.size();
+  gstats_.memory_bytes = 0;
+  for (const GraphCache::Entry& x : gc.entries) gstats_.memory_bytes += x.graph->memory_bytes();
+  return e.out;
+}
+#endif
+
+}  // namespace dsv3

@@ -1,0 +1,296 @@
+// CUDA graphs: CudaGraph on its own (replays read their inputs where the capture saw them, a launch
+// on the legacy stream or a step marked unsafe fails the capture without running anything, graph
+// memory is never handed to other tensors) and the engine's decode steps replayed from graphs
+// against the same engine with eager launches: the same kernels in the same order, so every logit
+// of every step is bit-identical — over contexts that cross the attention's split changes and its
+// partial-merge mode, sequences joining and leaving, one row and several, F32 and BF16 weights.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <set>
+
+#include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/graph.h"
+#include "infer/cuda_decode_ops.h"
+#include "infer/engine.h"
+#include "model/presets.h"
+
+namespace dsv3::test {
+namespace {
+
+Tensor host_f32(std::initializer_list<float> v) {
+  Tensor t = Tensor::empty(DType::F32, {int64_t(v.size())});
+  std::copy(v.begin(), v.end(), t.data<float>());
+  return t;
+}
+
+std::vector<float> values(const Tensor& dev) {
+  const Tensor h = cuda_backend().to_host(dev);
+  return std::vector<float>(h.data<float>(), h.data<float>() + h.numel());
+}
+
+TEST(CudaGraph, ReplayReadsInputsInPlaceAndKeepsOutputs) {
+  ASSERT_GT(cuda_device_count(), 0);
+  CudaBackend& be = cuda_backend();
+  const Tensor a = be.to_device(host_f32({1, 2, 3, 4})), b = be.to_device(host_f32({10, 20, 30, 40}));
+  Tensor out;
+  CudaGraph g;
+  ASSERT_TRUE(g.capture([&] {
+    Tensor t = be.alloc(DType::F32, {4});  // freed inside the capture
+    AddArgs s;
+    s.a = a;
+    s.b = b;
+    s.out = t;
+    be.add(s);
+    out = be.alloc(DType::F32, {4});
+    s.a = t;
+    s.b = a;
+    s.out = out;
+    be.add(s);  // out = 2a + b
+  })) << g.error();
+  EXPECT_GE(g.nodes(), 2u);
+  EXPECT_GT(g.memory_bytes(), 0u);
+  ASSERT_TRUE(g.launch()) << g.error();
+  EXPECT_EQ(values(out), (std::vector<float>{12, 24, 36, 48}));
+  const float next[4] = {-1, 0.5f, 7, 100};
+  cuda_copy_to_device(const_cast<Tensor&>(a).raw(), next, sizeof next);
+  ASSERT_TRUE(g.launch()) << g.error();
+  EXPECT_EQ(values(out), (std::vector<float>{8, 21, 44, 240}));
+}
+
+TEST(CudaGraph, LegacyStreamWorkFailsTheCaptureAndNothingRuns) {
+  ASSERT_GT(cuda_device_count(), 0);
+  CudaBackend& be = cuda_backend();
+  const Tensor a = be.to_device(host_f32({1, 2})), out = be.to_device(host_f32({5, 5}));
+  CudaGraph g;
+  EXPECT_FALSE(g.capture([&] {
+    AddArgs s;
+    s.a = a;
+    s.b = a;
+    s.out = out;
+    be.add(s);
+    cuda_graph_test_legacy_work();  // a launch site that ignores cuda::stream()
+  }));
+  EXPECT_FALSE(g.ready());
+  EXPECT_FALSE(g.error().empty());
+  EXPECT_FALSE(g.launch());
+  EXPECT_EQ(values(out), (std::vector<float>{5, 5}));  // the captured add never ran
+  // The backend works eagerly afterwards, and so does a new capture.
+  AddArgs s;
+  s.a = a;
+  s.b = a;
+  s.out = out;
+  be.add(s);
+  EXPECT_EQ(values(out), (std::vector<float>{2, 4}));
+  ASSERT_TRUE(g.capture([&] { be.add(s); })) << g.error();
+  ASSERT_TRUE(g.launch());
+  EXPECT_EQ(values(out), (std::vector<float>{2, 4}));
+}
+
+TEST(CudaGraph, UnsafeMarkAndExceptionsFailTheCapture) {
+  ASSERT_GT(cuda_device_count(), 0);
+  CudaBackend& be = cuda_backend();
+  const Tensor a = be.to_device(host_f32({1}));
+  AddArgs s;
+  s.a = a;
+  s.b = a;
+  s.out = a;
+  CudaGraph g;
+  EXPECT_FALSE(g.capture([&] {
+    be.add(s);
+    cuda_graph_mark_unsafe("test");
+  }));
+  EXPECT_NE(g.error().find("test"), std::string::npos) << g.error();
+  EXPECT_FALSE(g.capture([&] {
+    be.add(s);
+    input_error("thrown inside");
+  }));
+  EXPECT_NE(g.error().find("thrown inside"), std::string::npos) << g.error();
+  EXPECT_FALSE(cuda_graph_capturing());
+  cuda_graph_mark_unsafe("outside a capture: no effect");
+  EXPECT_EQ(values(a), (std::vector<float>{1}));
+}
+
+TEST(CudaGraph, MemoryIsNeverHandedToOtherTensors) {
+  ASSERT_GT(cuda_device_count(), 0);
+  CudaBackend& be = cuda_backend();
+  const int64_t n = 1000;
+  Tensor x = be.alloc(DType::F32, {n});
+  FillArgs f;
+  f.x = x;
+  f.value = 3.0f;
+  be.fill(f);
+  std::set<const void*> graph_blocks;
+  Tensor out;
+  CudaGraph g;
+  ASSERT_TRUE(g.capture([&] {
+    for (int i = 0; i < 4; ++i) {  // temporaries freed during the capture, of the outputs' size
+      Tensor t = be.alloc(DType::F32, {n});
+      graph_blocks.insert(t.raw());
+      AddArgs s;
+      s.a = x;
+      s.b = x;
+      s.out = t;
+      be.add(s);
+    }
+    out = be.alloc(DType::F32, {n});
+    graph_blocks.insert(out.raw());
+    AddArgs s;
+    s.a = x;
+    s.b = x;
+    s.out = out;
+    be.add(s);
+  })) << g.error();
+  // Tensors of the same sizes allocated (and freed, and allocated again) afterwards never land in
+  // the graph's blocks; writing them does not disturb a replay.
+  std::vector<Tensor> others;
+  for (int i = 0; i < 16; ++i) {
+    others.push_back(be.alloc(DType::F32, {n}));
+    EXPECT_EQ(graph_blocks.count(others.back().raw()), 0u) << "tensor " << i;
+    if (i % 4 == 3) others.erase(others.begin());
+  }
+  for (Tensor& t : others) {
+    FillArgs z;
+    z.x = t;
+    z.value = -9.0f;
+    be.fill(z);
+  }
+  ASSERT_TRUE(g.launch());
+  const std::vector<float> got = values(out);
+  EXPECT_TRUE(std::all_of(got.begin(), got.end(), [](float v) { return v == 6.0f; }));
+}
+
+// ---- the engine ----------------------------------------------------------------------------------
+
+// Every logits row the engine computes (by sequence and position) and the outputs.
+struct Trace {
+  std::map<std::pair<int64_t, int64_t>, std::vector<float>> logits;
+  std::vector<std::vector<int32_t>> tokens;
+  ModelRunner::GraphStats graphs;
+  int64_t device_greedy_steps = 0;
+};
+
+// Requests that join (max_running) and leave (max_tokens) at different times, prompts from 3 to
+// `long_prompt` tokens.
+std::vector<Request> mixed_requests(int64_t long_prompt, uint64_t salt) {
+  std::vector<Request> reqs;
+  const int64_t lens[] = {3, 40, long_prompt, 17, 9};
+  const int64_t news[] = {70, 25, 45, 30, 60};
+  for (int i = 0; i < 5; ++i) {
+    Request r;
+    for (int64_t j = 0; j < lens[i]; ++j)
+      r.prompt.push_back(int32_t(((uint64_t(lens[i]) * salt + uint64_t(j)) * 2654435761u >> 9) % 4096));
+    r.sampling.temperature = 0.0f;
+    r.max_tokens = news[i];
+    reqs.push_back(r);
+  }
+  return reqs;
+}
+
+Trace run_engine(const Weights& w, const std::vector<Request>& reqs, bool graphs, bool with_logits,
+                 int64_t max_running, std::function<void()> hook = nullptr, size_t keep = 4) {
+  EngineOptions opt;
+  opt.cache.block_size = 16;
+  opt.max_running = max_running;
+  opt.cuda_graphs = graphs;
+  Engine e(w, opt, cuda_backend());
+  if (graphs) e.runner().set_cuda_graphs(true, keep);
+  e.runner().capture_hook = std::move(hook);
+  Trace t;
+  if (with_logits)
+    e.on_logits = [&](int64_t id, int64_t pos, std::span<const float> l) {
+      t.logits[{id, pos}] = std::vector<float>(l.begin(), l.end());
+    };
+  for (const Request& r : reqs) e.add(r);
+  t.tokens = e.run_all();
+  t.graphs = e.runner().graph_stats();
+  t.device_greedy_steps = e.device_greedy_steps();
+  return t;
+}
+
+void expect_identical(const Trace& eager, const Trace& graph) {
+  EXPECT_EQ(graph.tokens, eager.tokens);
+  ASSERT_EQ(graph.logits.size(), eager.logits.size());
+  int64_t rows_differ = 0;
+  for (const auto& [k, v] : eager.logits) {
+    const auto it = graph.logits.find(k);
+    ASSERT_NE(it, graph.logits.end());
+    if (it->second.size() != v.size() || std::memcmp(it->second.data(), v.data(), v.size() * sizeof(float)) != 0)
+      ++rows_differ;
+  }
+  EXPECT_EQ(rows_differ, 0) << "logits rows not bit-identical, of " << eager.logits.size();
+}
+
+ModelConfig long_tiny() {
+  ModelConfig c = preset_config("tiny");
+  c.max_position_embeddings = 2048;  // room for contexts past 16 tiles of 32 (the partials merge)
+  return c;
+}
+
+TEST(CudaGraphEngine, LogitsBitIdenticalToEagerF32) {
+  ASSERT_GT(cuda_device_count(), 0);
+  const Weights w = Weights::random(long_tiny(), 7, 0.05f);
+  const std::vector<Request> reqs = mixed_requests(530, 31);
+  // One graph kept: every new key drops the last graph, whose outputs the engine has read.
+  for (auto [running, keep] : {std::pair<int64_t, size_t>{1, 4}, {3, 4}, {3, 1}}) {
+    SCOPED_TRACE(cat("max_running ", running, ", graphs kept ", keep));
+    const Trace eager = run_engine(w, reqs, false, true, running);
+    const Trace graph = run_engine(w, reqs, true, true, running, nullptr, keep);
+    EXPECT_EQ(eager.graphs.replays, 0);
+    EXPECT_FALSE(graph.graphs.disabled) << graph.graphs.error;
+    EXPECT_EQ(graph.graphs.failures, 0);
+    EXPECT_GT(graph.graphs.captures, 3);
+    EXPECT_GT(graph.graphs.replays, graph.graphs.eager) << "most decode steps should replay";
+    expect_identical(eager, graph);
+  }
+}
+
+TEST(CudaGraphEngine, LogitsBitIdenticalToEagerBf16TensorCores) {
+  ASSERT_GT(cuda_device_count(), 0);
+  Weights w = Weights::random(long_tiny(), 8, 0.05f);
+  round_matrices_to_bf16(w);
+  const std::vector<Request> reqs = mixed_requests(300, 57);
+  const int saved = cuda_decode_mma_rows();
+  for (int mma : {saved, 1}) {
+    SCOPED_TRACE(cat("tensor cores from ", mma, " rows"));
+    cuda_set_decode_mma_rows(mma);
+    const Trace eager = run_engine(w, reqs, false, true, 4);
+    const Trace graph = run_engine(w, reqs, true, true, 4);
+    cuda_set_decode_mma_rows(saved);
+    EXPECT_FALSE(graph.graphs.disabled) << graph.graphs.error;
+    EXPECT_GT(graph.graphs.replays, 0);
+    expect_identical(eager, graph);
+  }
+}
+
+// The engine's usual greedy path (argmax on the device, ids read back) over graph outputs.
+TEST(CudaGraphEngine, DeviceGreedyTokensEqualEager) {
+  ASSERT_GT(cuda_device_count(), 0);
+  const Weights w = Weights::random(long_tiny(), 9, 0.05f);
+  const std::vector<Request> reqs = mixed_requests(100, 77);
+  const Trace eager = run_engine(w, reqs, false, false, 5);
+  const Trace graph = run_engine(w, reqs, true, false, 5);
+  EXPECT_GT(graph.device_greedy_steps, 0);
+  EXPECT_GT(graph.graphs.replays, 0);
+  EXPECT_EQ(graph.tokens, eager.tokens);
+}
+
+// A launch site outside the capture stream fails the capture: the runner turns graphs off for good
+// and runs every step eagerly, with the same results.
+TEST(CudaGraphEngine, FailedCaptureFallsBackToEager) {
+  ASSERT_GT(cuda_device_count(), 0);
+  const Weights w = Weights::random(long_tiny(), 10, 0.05f);
+  const std::vector<Request> reqs = mixed_requests(60, 91);
+  const Trace eager = run_engine(w, reqs, false, true, 2);
+  const Trace failed = run_engine(w, reqs, true, true, 2, [] { cuda_graph_test_legacy_work(); });
+  EXPECT_TRUE(failed.graphs.disabled);
+  EXPECT_EQ(failed.graphs.failures, 1);
+  EXPECT_EQ(failed.graphs.replays, 0);
+  EXPECT_FALSE(failed.graphs.error.empty());
+  expect_identical(eager, failed);
+}
+
+}  // namespace
+}  // namespace dsv3::test
