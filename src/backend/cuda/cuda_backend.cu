@@ -36,16 +36,25 @@ class CachingAllocator {
     cudaError_t e = cudaMalloc(&p, bytes);
     if (e != cudaSuccess) {  // release the cache and retry once
       (void)cudaGetLastError();
+      // Not while the thread's stream is captured into a graph: synchronising or freeing would end
+      // the capture, which fails instead (its step then runs eagerly and allocates again).
+      cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+      if (cudaStreamIsCapturing(stream(), &cap) != cudaSuccess || cap != cudaStreamCaptureStatusNone)
+        internal_error("cudaMalloc of ", bytes, " bytes during a graph capture: ", cudaGetErrorString(e));
       if (!deferred_.empty()) {  // held back for running lanes: once they are done, free too
         (void)cudaDeviceSynchronize();
         for (void* d : deferred_) free_.emplace(size_[d], d);
         deferred_.clear();
       }
-      for (auto& kv : free_) {
-        cudaFree(kv.second);
-        size_.erase(kv.second);
+      for (auto it = free_.begin(); it != free_.end();) {
+        if (cudaFree(it->second) != cudaSuccess) {  // keep what could not be freed
+          (void)cudaGetLastError();
+          ++it;
+          continue;
+        }
+        size_.erase(it->second);
+        it = free_.erase(it);
       }
-      free_.clear();
       e = cudaMalloc(&p, bytes);
       if (e != cudaSuccess) internal_error("cudaMalloc of ", bytes, " bytes: ", cudaGetErrorString(e));
     }
