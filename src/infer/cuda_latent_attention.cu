@@ -1,6 +1,7 @@
 #include "infer/cuda_latent_attention.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 
 #include <cooperative_groups.h>
@@ -538,6 +539,8 @@ int64_t cuda_absorbed_gemv_rows() { return g_absorbed_gemv_rows; }
 CudaLatentAttention::CudaLatentAttention(const LatentKvPool& pool, const std::vector<AbsorbedKvB>& absorbed,
                                          const ModelDims& d)
     : pool_(pool), absorbed_(absorbed), d_(d) {
+  static std::atomic<int64_t> serials{0};
+  serial_ = ++serials;
   DSV3_CHECK(!pool.host_storage() && pool.dtype() == DType::BF16,
              "CudaLatentAttention needs a BF16 pool built with host_storage = false");
   DSV3_CHECK(d.kv_lora == pool.kv_lora_rank() && d.rope == pool.rope_dim(), "cache shape");
@@ -638,8 +641,9 @@ bool CudaLatentAttention::prepare_step(const StepRows& rows, std::vector<int64_t
   if (N == 0 || N > g_absorbed_gemv_rows || uses_mla_decode()) return false;
   upload(rows);
   const Split s = split_plan(N);
-  key.insert(key.end(), {N, max_blocks_, s.tiles, s.splits, int64_t(s.mode), int64_t(last_rows_),
-                         int64_t(reinterpret_cast<uintptr_t>(meta_dev_.raw())), int64_t(pdl_enabled())});
+  auto addr = [](const Tensor& x) { return int64_t(reinterpret_cast<uintptr_t>(x.raw())); };
+  key.insert(key.end(), {serial_, addr(storage_), N, max_blocks_, s.tiles, s.splits, int64_t(s.mode),
+                         int64_t(last_rows_), addr(meta_dev_), meta_dev_.numel(), int64_t(pdl_enabled())});
   return true;
 }
 

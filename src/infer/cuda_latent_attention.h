@@ -44,7 +44,8 @@ class CudaLatentAttention : public AttentionCache {
   void attend(int64_t layer, const MlaParams& p, const StepRows& rows, const Tensor& q, const Tensor& c_kv_n,
               const Tensor& k_pe, const Tensor& out) override;
   // The step's metadata uploaded (to a buffer that keeps its address until it must grow) and the
-  // key: rows, blocks per table, tiles, splits, merge mode, fold, the buffer's address. Steps on
+  // key: this object (a serial and the pool's address), rows, blocks per table, tiles, splits,
+  // merge mode, fold, the buffer's address. Steps on
   // cuda_mla_decode or on cuBLAS (more rows than cuda_absorbed_gemv_rows()) are not replayable.
   bool prepare_step(const StepRows& rows, std::vector<int64_t>& key) override;
 
@@ -79,6 +80,7 @@ class CudaLatentAttention : public AttentionCache {
   int64_t rows_ = 0, max_blocks_ = 0, max_len_ = 0, uploads_ = 0;
   bool use_mla_decode_ = true;
   bool last_rows_ = false;  // this step has one row per sequence (a decode step)
+  int64_t serial_ = 0;      // distinct per object in the process: part of the step key
 };
 
 // Greedy tokens on the device: ids[r] = argmax over [0, n_valid) of logits[r] (lowest id on ties);

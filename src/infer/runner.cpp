@@ -195,6 +195,9 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
     moe_forward(be_, d_, p.moe, h2, m);
     ffn = m.out;
   } else {
+#ifdef DSV3_HAVE_CUDA
+    cuda_graph_mark_unsafe("the backend's MLP");
+#endif
     MlpActs m;
     mlp_forward(be_, p.mlp, h2, m);
     ffn = m.out;

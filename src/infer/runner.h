@@ -38,6 +38,9 @@ namespace dsv3 {
 class ModelRunner {
  public:
   explicit ModelRunner(const Weights& w, Backend& be = cpu_backend());
+  ~ModelRunner();
+  ModelRunner(const ModelRunner&) = delete;
+  ModelRunner& operator=(const ModelRunner&) = delete;
 
   // Row count up to which a step takes the lean path (0: never; tests compare the two paths).
   int64_t small_rows() const { return small_rows_; }
@@ -56,7 +59,7 @@ class ModelRunner {
     int64_t replays = 0, captures = 0, eager = 0, failures = 0;
     bool disabled = false;
     std::string error;
-    size_t cached = 0, nodes = 0;  // graphs kept; kernel nodes of the latest capture
+    size_t cached = 0, nodes = 0;  // graphs kept; nodes (kernels) of the latest capture
     size_t memory_bytes = 0;       // device memory the kept graphs hold
   };
   const GraphStats& graph_stats() const { return gstats_; }
@@ -96,7 +99,10 @@ class ModelRunner {
   std::optional<Output> forward_graph(AttentionCache& cache, const StepRows& rows, std::span<const int32_t> tokens,
                                       std::span<const int32_t> logit_rows);
   struct GraphCache;
-  std::shared_ptr<GraphCache> graphs_;  // null while graphs are off
+  struct DropGraphs {  // defined where GraphCache is (runner_graph.cpp)
+    void operator()(GraphCache* g) const;
+  };
+  std::unique_ptr<GraphCache, DropGraphs> graphs_;  // null while graphs are off
   GraphStats gstats_;
   // The step's token ids and positions in one upload ({ids, positions}, each [N] I32), the RoPE
   // tables grown to cover the positions.

@@ -40,6 +40,9 @@ struct ModelRunner::GraphCache {
 struct ModelRunner::GraphCache {};
 #endif
 
+ModelRunner::~ModelRunner() = default;
+void ModelRunner::DropGraphs::operator()(GraphCache* g) const { delete g; }
+
 void ModelRunner::set_cuda_graphs(bool on, size_t keep) {
   const char* e = std::getenv("DSV3_CUDA_GRAPHS");
   on = on && be_.device() == Device::CUDA && !(e && std::string(e) == "0");
@@ -51,7 +54,7 @@ void ModelRunner::set_cuda_graphs(bool on, size_t keep) {
     graphs_.reset();
     gstats_.cached = gstats_.memory_bytes = 0;
   } else if (!gstats_.disabled) {
-    if (!graphs_) graphs_ = std::make_shared<GraphCache>();
+    if (!graphs_) graphs_.reset(new GraphCache);
 #ifdef DSV3_HAVE_CUDA
     graphs_->keep = std::max<size_t>(keep, 1);
     while (graphs_->entries.size() > graphs_->keep) graphs_->entries.pop_back();
@@ -86,8 +89,8 @@ std::optional<ModelRunner::Output> ModelRunner::forward_graph(AttentionCache& ca
   cuda_copy_to_device(gc.step_in.raw(), in.data(), in.size() * sizeof(int32_t));
   const Tensor ids = gc.step_in.rows(0, N), positions = gc.step_in.rows(cap, cap + N);
   auto addr = [](const Tensor& x) { return int64_t(reinterpret_cast<uintptr_t>(x.raw())); };
-  key.insert(key.end(), {N, addr(t.cos), addr(t.sin), addr(gc.step_in), int64_t(sync_free_), small_rows_,
-                         int64_t(cuda_decode_mma_rows()), cuda_absorbed_gemv_rows()});
+  key.insert(key.end(), {N, addr(t.cos), addr(t.sin), t.cos.numel(), addr(gc.step_in), int64_t(sync_free_),
+                         small_rows_, int64_t(cuda_decode_mma_rows()), cuda_absorbed_gemv_rows()});
 
   auto turn_off = [&](const std::string& why) {
     gstats_.disabled = true;
@@ -131,7 +134,9 @@ std::optional<ModelRunner::Output> ModelRunner::forward_graph(AttentionCache& ca
   };
   bool ok = e.graph->capture(body, gc.pdl);
   std::string why = e.graph->error();
-  if (!ok && gc.pdl) {  // a driver that cannot capture programmatic launches: capture them plainly
+  // A driver that cannot capture programmatic launches: capture them plainly (not for a step marked
+  // unsafe, which would fail again).
+  if (!ok && gc.pdl && why.rfind("not capturable", 0) != 0) {
     ok = e.graph->capture(body, false);
     if (ok) {
       gc.pdl = false;

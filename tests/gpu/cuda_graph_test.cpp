@@ -190,11 +190,12 @@ std::vector<Request> mixed_requests(int64_t long_prompt, uint64_t salt) {
 }
 
 Trace run_engine(const Weights& w, const std::vector<Request>& reqs, bool graphs, bool with_logits,
-                 int64_t max_running, std::function<void()> hook = nullptr, size_t keep = 4) {
+                 int64_t max_running, std::function<void()> hook = nullptr, size_t keep = 4, int drafts = 0) {
   EngineOptions opt;
   opt.cache.block_size = 16;
   opt.max_running = max_running;
   opt.cuda_graphs = graphs;
+  opt.draft_tokens = drafts;
   Engine e(w, opt, cuda_backend());
   if (graphs) e.runner().set_cuda_graphs(true, keep);
   e.runner().capture_hook = std::move(hook);
@@ -275,6 +276,32 @@ TEST(CudaGraphEngine, DeviceGreedyTokensEqualEager) {
   EXPECT_GT(graph.device_greedy_steps, 0);
   EXPECT_GT(graph.graphs.replays, 0);
   EXPECT_EQ(graph.tokens, eager.tokens);
+}
+
+// Steps of more than 32 rows (eager) before replayed ones, and an engine with MTP speculation
+// (drafts and verification eager, plain steps replayed): the same tokens and logits as eagerly.
+TEST(CudaGraphEngine, WideStepsAndMtpEqualEager) {
+  ASSERT_GT(cuda_device_count(), 0);
+  const Weights w = Weights::random(long_tiny(), 11, 0.05f);
+  // 40 sequences leaving in groups of 8 every 6 tokens: decode steps of 40, 32, 24, 16 and 8 rows.
+  std::vector<Request> reqs;
+  for (int i = 0; i < 40; ++i) {
+    Request r;
+    for (int j = 0; j < 2 + i % 7; ++j) r.prompt.push_back(int32_t((uint64_t(i * 131 + j) * 2654435761u >> 9) % 4096));
+    r.sampling.temperature = 0.0f;
+    r.max_tokens = 4 + 6 * (i / 8);
+    reqs.push_back(r);
+  }
+  const Trace eager = run_engine(w, reqs, false, true, 64);
+  const Trace graph = run_engine(w, reqs, true, true, 64);
+  EXPECT_FALSE(graph.graphs.disabled) << graph.graphs.error;
+  EXPECT_GT(graph.graphs.replays, 0);
+  expect_identical(eager, graph);
+  const std::vector<Request> few(reqs.begin(), reqs.begin() + 12);
+  const Trace eager_mtp = run_engine(w, few, false, true, 64, nullptr, 4, 1);
+  const Trace graph_mtp = run_engine(w, few, true, true, 64, nullptr, 4, 1);
+  EXPECT_FALSE(graph_mtp.graphs.disabled) << graph_mtp.graphs.error;
+  expect_identical(eager_mtp, graph_mtp);
 }
 
 // A launch site outside the capture stream fails the capture: the runner turns graphs off for good

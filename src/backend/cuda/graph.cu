@@ -1,5 +1,6 @@
 #include "backend/cuda/graph.h"
 
+#include <atomic>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -141,11 +142,38 @@ bool CudaGraph::capture(const std::function<void()>& fn, bool pdl) {
   Impl& m = *impl_;
   m.error.clear();
   if (g_capture) {
+    m.drop();
     m.error = "nested capture";
     return false;
   }
+  // The allocator swap is process-wide: one capture at a time in the process.
+  static std::atomic<bool> busy{false};
+  if (busy.exchange(true)) {
+    m.drop();
+    m.error = "another thread is capturing";
+    return false;
+  }
+  bool ok = false;
+  try {
+    ok = capture_once(fn, pdl);
+  } catch (const std::exception& x) {  // the capture's own CUDA calls (stream creation, ...)
+    g_capture = nullptr;
+    m.drop();
+    m.error = x.what();
+  }
+  busy = false;
+  return ok;
+}
+
+bool CudaGraph::capture_once(const std::function<void()>& fn, bool pdl) {
+  Impl& m = *impl_;
   if (!m.stream) DSV3_CUDA_CHECK(cudaStreamCreate(&m.stream));  // blocking: the legacy stream waits on it
-  (void)cudaGetLastError();  // a stale launch error must not fail this capture
+  const cudaError_t stale = cudaGetLastError();  // an unchecked error of earlier work: not ours to drop
+  if (stale != cudaSuccess) {
+    m.drop();
+    m.error = cat("a CUDA error was pending before the capture: ", cudaGetErrorString(stale));
+    return false;
+  }
 
   // The capturing thread's CUDA tensors come from the graph's memory; other threads get plain
   // scratch. The deleter is bound at allocation, so each tensor frees into the right place.

@@ -6,8 +6,11 @@
 // run, and one that does not (the legacy stream) is refused by CUDA — a blocking stream's capture
 // makes the legacy stream unusable — which fails the capture instead of running the work early.
 // Capture mode is thread-local: synchronising calls of this thread (cudaMalloc, cudaMemcpy) fail
-// it too. CUDA tensors the capturing thread allocates meanwhile come from memory owned by the
-// graph: a block freed during the capture is reused by later allocations of the same capture (as
+// it too. The allocator core uses for CUDA tensors is swapped for the capture (process-wide: one
+// capture at a time in the process; other threads' tensors meanwhile get plain scratch from the
+// caching allocator, and afterwards the CUDA backend's allocator is registered again, not whatever
+// was registered before). CUDA tensors the capturing thread allocates meanwhile come from memory
+// owned by the graph: a block freed during the capture is reused by later allocations of the same capture (as
 // the caching allocator would), and none goes back to the backend's allocator while the graph
 // lives — every replay writes the same addresses. Tensors allocated during the capture and kept
 // (the step's outputs) therefore hold the values of the latest replay.
@@ -31,7 +34,8 @@ class CudaGraph {
   CudaGraph& operator=(const CudaGraph&) = delete;
 
   // Records fn's device work and instantiates it. false (reason in error()) when the capture or the
-  // instantiation failed or fn threw: then nothing of fn's work ran and the graph is empty. A new
+  // instantiation failed or fn threw: then none of fn's device work ran (its host side effects did)
+  // and the graph holds no instance. A new
   // capture replaces an earlier instance (always a new instance: cudaGraphExecUpdate is not used,
   // since a kernel's cluster shape is a launch attribute the key may change). pdl = false:
   // programmatic dependent launch is off while fn runs (kernels that wait on their predecessors
@@ -41,11 +45,12 @@ class CudaGraph {
   bool launch();
   bool ready() const;
   const std::string& error() const;
-  // Nodes of the latest capture; device bytes its memory holds.
+  // Nodes (all kernels, for the decode step) of the latest capture; device bytes its memory holds.
   size_t nodes() const;
   size_t memory_bytes() const;
 
  private:
+  bool capture_once(const std::function<void()>& fn, bool pdl);
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
