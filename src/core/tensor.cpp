@@ -68,6 +68,12 @@ void set_allocator(Device d, Allocator a) {
   t.by_device[int(d)] = std::move(a);
 }
 
+Allocator get_allocator(Device d) {
+  AllocatorTable& t = allocators();
+  std::lock_guard<std::mutex> l(t.mu);
+  return t.by_device[int(d)];
+}
+
 Tensor Tensor::empty(DType t, const Shape& s, Device dev) {
   for (int i = 0; i < s.n; ++i)
     DSV3_CHECK(s.d[size_t(i)] >= 0, "negative dimension in ", s.str());

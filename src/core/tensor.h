@@ -38,6 +38,7 @@ struct Allocator {
   std::function<void(void*)> free;
 };
 void set_allocator(Device d, Allocator a);
+Allocator get_allocator(Device d);  // the one registered (empty if none), e.g. to restore it later
 
 class Tensor {
  public:

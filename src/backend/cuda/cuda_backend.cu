@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "backend/cuda/common.cuh"
+#include "backend/cuda/graph.h"
 #include "backend/cuda/stream.h"
 
 namespace dsv3 {
@@ -159,7 +160,11 @@ __global__ void count_kernel(const int32_t* keys, int64_t n, int64_t nkeys, int3
 
 }  // namespace
 
-Scratch::Scratch(size_t bytes) : p_(allocator().alloc(bytes)) {}
+// Scratch goes back to the cache when its op ends, while a graph captured around the op would keep
+// using it: a capture that takes scratch fails (its step runs eagerly).
+Scratch::Scratch(size_t bytes) : p_(allocator().alloc(bytes)) {
+  if (cuda_graph_capturing()) cuda_graph_mark_unsafe("device scratch from the caching allocator");
+}
 Scratch::~Scratch() { allocator().free(p_); }
 
 cublasHandle_t cublas() {

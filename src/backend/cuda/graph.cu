@@ -16,11 +16,18 @@ using namespace cuda;
 
 namespace {
 
-// The device memory of one capture. Blocks come from the backend's caching allocator (as scratch
-// it hands out) and go back to it only when the last owner — the graph, or a tensor allocated
-// during the capture — lets go; replays are stream-ordered before any later reuse.
+// The device memory of one capture. Blocks come from the allocator registered before the capture
+// (the backend's caching allocator) and go back to it only when the last owner — the graph, or a
+// tensor allocated during the capture — lets go; replays are stream-ordered before any later reuse.
 class GraphMemory {
  public:
+  // Blocks come from (and finally go back to) `from`, the allocator registered before the capture.
+  explicit GraphMemory(Allocator from) : from_(std::move(from)) {}
+  ~GraphMemory() {
+    for (const auto& kv : size_) from_.free(kv.first);
+  }
+  GraphMemory(const GraphMemory&) = delete;
+  GraphMemory& operator=(const GraphMemory&) = delete;
   void* alloc(size_t bytes) {
     bytes = (std::max<size_t>(bytes, 1) + 511) & ~size_t(511);
     std::lock_guard<std::mutex> lk(mu_);
@@ -36,18 +43,16 @@ class GraphMemory {
     // thread's mode for the call (the memory is not part of the graph's work).
     cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
     DSV3_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
-    std::unique_ptr<Scratch> s;
+    void* p = nullptr;
     try {
-      s = std::make_unique<Scratch>(bytes);
+      p = from_.alloc(bytes);
     } catch (...) {
       cudaThreadExchangeStreamCaptureMode(&mode);
       throw;
     }
     DSV3_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
-    void* p = s->as<void>();
     size_[p] = bytes;
     bytes_ += bytes;
-    blocks_.push_back(std::move(s));
     return p;
   }
   // During the capture a freed block serves later allocations of the same capture; afterwards
@@ -68,35 +73,11 @@ class GraphMemory {
 
  private:
   std::mutex mu_;
-  std::vector<std::unique_ptr<Scratch>> blocks_;
+  Allocator from_;
   std::unordered_map<void*, size_t> size_;
   std::multimap<size_t, void*> free_;
   size_t bytes_ = 0;
   bool sealed_ = false;
-};
-
-// Allocations of other threads while the allocator is swapped: plain scratch from the backend.
-class Foreign {
- public:
-  void* alloc(size_t bytes) {
-    auto s = std::make_unique<Scratch>(std::max<size_t>(bytes, 1));
-    void* p = s->as<void>();
-    std::lock_guard<std::mutex> lk(mu_);
-    blocks_[p] = std::move(s);
-    return p;
-  }
-  void free(void* p) {
-    std::unique_ptr<Scratch> s;
-    std::lock_guard<std::mutex> lk(mu_);
-    auto it = blocks_.find(p);
-    if (it == blocks_.end()) return;
-    s = std::move(it->second);
-    blocks_.erase(it);
-  }
-
- private:
-  std::mutex mu_;
-  std::unordered_map<void*, std::unique_ptr<Scratch>> blocks_;
 };
 
 struct CaptureState {
@@ -175,20 +156,21 @@ bool CudaGraph::capture_once(const std::function<void()>& fn, bool pdl) {
     return false;
   }
 
-  // The capturing thread's CUDA tensors come from the graph's memory; other threads get plain
-  // scratch. The deleter is bound at allocation, so each tensor frees into the right place.
-  auto mem = std::make_shared<GraphMemory>();
-  auto foreign = std::make_shared<Foreign>();
+  // The capturing thread's CUDA tensors come from the graph's memory; other threads' from the
+  // allocator registered before, which is registered again afterwards. The deleter is bound at
+  // allocation, so each tensor frees into the right place.
+  const Allocator before = get_allocator(Device::CUDA);
+  DSV3_CHECK(before.alloc && before.free, "CudaGraph::capture: no CUDA allocator is registered");
+  auto mem = std::make_shared<GraphMemory>(before);
   const std::thread::id me = std::this_thread::get_id();
   set_allocator(Device::CUDA,
-                Allocator{[mem, foreign, me](size_t n) {
-                            return std::this_thread::get_id() == me && g_capture ? mem->alloc(n) : foreign->alloc(n);
+                Allocator{[mem, before, me](size_t n) {
+                            return std::this_thread::get_id() == me && g_capture ? mem->alloc(n) : before.alloc(n);
                           },
-                          [mem, foreign](void* p) {
-                            if (!mem->free(p)) foreign->free(p);
+                          [mem, before](void* p) {
+                            if (!mem->free(p)) before.free(p);
                           }});
-  // The backend's allocator again: its constructor registers it (it has no other state).
-  auto restore = [] { CudaBackend again; };
+  auto restore = [before] { set_allocator(Device::CUDA, before); };
 
   CaptureState st;
   std::string fail;

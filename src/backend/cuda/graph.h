@@ -7,17 +7,18 @@
 // makes the legacy stream unusable — which fails the capture instead of running the work early.
 // Capture mode is thread-local: synchronising calls of this thread (cudaMalloc, cudaMemcpy) fail
 // it too. The allocator core uses for CUDA tensors is swapped for the capture (process-wide: one
-// capture at a time in the process; other threads' tensors meanwhile get plain scratch from the
-// caching allocator, and afterwards the CUDA backend's allocator is registered again, not whatever
-// was registered before). CUDA tensors the capturing thread allocates meanwhile come from memory
+// capture at a time in the process; other threads' tensors meanwhile come from the allocator
+// registered before, which is registered again afterwards). CUDA tensors the capturing thread
+// allocates meanwhile come from memory
 // owned by the graph: a block freed during the capture is reused by later allocations of the same capture (as
 // the caching allocator would), and none goes back to the backend's allocator while the graph
 // lives — every replay writes the same addresses. Tensors allocated during the capture and kept
 // (the step's outputs) therefore hold the values of the latest replay.
 //
 // Work that is not safe to capture although it would be recorded without an error (device scratch
-// taken from the backend's caching allocator and handed back at once, as cuBLAS-backed ops do)
-// calls cuda_graph_mark_unsafe(), which fails the capture in progress.
+// taken from the backend's caching allocator and handed back at once: cuda::Scratch marks itself,
+// and the runner marks the ops it knows to use cuBLAS) calls cuda_graph_mark_unsafe(), which fails
+// the capture in progress.
 #pragma once
 #include <cstddef>
 #include <functional>
