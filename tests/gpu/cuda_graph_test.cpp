@@ -126,7 +126,7 @@ TEST(CudaGraph, MemoryIsNeverHandedToOtherTensors) {
   Tensor out;
   CudaGraph g;
   ASSERT_TRUE(g.capture([&] {
-    for (int i = 0; i < 4; ++i) {  // temporaries freed during the capture, of the outputs' size
+    for (int i = 0; i < 5; ++i) {  // four temporaries freed during the capture, then the output kept
       Tensor t = be.alloc(DType::F32, {n});
       graph_blocks.insert(t.raw());
       AddArgs s;
@@ -134,14 +134,8 @@ TEST(CudaGraph, MemoryIsNeverHandedToOtherTensors) {
       s.b = x;
       s.out = t;
       be.add(s);
+      if (i == 4) out = t;
     }
-    out = be.alloc(DType::F32, {n});
-    graph_blocks.insert(out.raw());
-    AddArgs s;
-    s.a = x;
-    s.b = x;
-    s.out = out;
-    be.add(s);
   })) << g.error();
   // Tensors of the same sizes allocated (and freed, and allocated again) afterwards never land in
   // the graph's blocks; writing them does not disturb a replay.
@@ -224,6 +218,21 @@ void expect_identical(const Trace& eager, const Trace& graph) {
   EXPECT_EQ(rows_differ, 0) << "logits rows not bit-identical, of " << eager.logits.size();
 }
 
+// The engine on reqs eagerly and with graphs, all else equal: graphs stay on (and replay, when
+// `replays`) and give the same tokens and logits. Returns the graph run.
+Trace expect_graphs_match_eager(const Weights& w, const std::vector<Request>& reqs, int64_t max_running,
+                                size_t keep = 4, int drafts = 0, bool replays = true) {
+  const Trace eager = run_engine(w, reqs, false, true, max_running, nullptr, keep, drafts);
+  const Trace graph = run_engine(w, reqs, true, true, max_running, nullptr, keep, drafts);
+  EXPECT_EQ(eager.graphs.replays, 0);
+  EXPECT_FALSE(graph.graphs.disabled) << graph.graphs.error;
+  if (replays) {
+    EXPECT_GT(graph.graphs.replays, 0);
+  }
+  expect_identical(eager, graph);
+  return graph;
+}
+
 ModelConfig long_tiny() {
   ModelConfig c = preset_config("tiny");
   c.max_position_embeddings = 2048;  // room for contexts past 16 tiles of 32 (the partials merge)
@@ -237,14 +246,10 @@ TEST(CudaGraphEngine, LogitsBitIdenticalToEagerF32) {
   // One graph kept: every new key drops the last graph, whose outputs the engine has read.
   for (auto [running, keep] : {std::pair<int64_t, size_t>{1, 4}, {3, 4}, {3, 1}}) {
     SCOPED_TRACE(cat("max_running ", running, ", graphs kept ", keep));
-    const Trace eager = run_engine(w, reqs, false, true, running);
-    const Trace graph = run_engine(w, reqs, true, true, running, nullptr, keep);
-    EXPECT_EQ(eager.graphs.replays, 0);
-    EXPECT_FALSE(graph.graphs.disabled) << graph.graphs.error;
+    const Trace graph = expect_graphs_match_eager(w, reqs, running, keep);
     EXPECT_EQ(graph.graphs.failures, 0);
     EXPECT_GT(graph.graphs.captures, 3);
     EXPECT_GT(graph.graphs.replays, graph.graphs.eager) << "most decode steps should replay";
-    expect_identical(eager, graph);
   }
 }
 
@@ -257,12 +262,8 @@ TEST(CudaGraphEngine, LogitsBitIdenticalToEagerBf16TensorCores) {
   for (int mma : {saved, 1}) {
     SCOPED_TRACE(cat("tensor cores from ", mma, " rows"));
     cuda_set_decode_mma_rows(mma);
-    const Trace eager = run_engine(w, reqs, false, true, 4);
-    const Trace graph = run_engine(w, reqs, true, true, 4);
+    expect_graphs_match_eager(w, reqs, 4);
     cuda_set_decode_mma_rows(saved);
-    EXPECT_FALSE(graph.graphs.disabled) << graph.graphs.error;
-    EXPECT_GT(graph.graphs.replays, 0);
-    expect_identical(eager, graph);
   }
 }
 
@@ -292,16 +293,9 @@ TEST(CudaGraphEngine, WideStepsAndMtpEqualEager) {
     r.max_tokens = 4 + 6 * (i / 8);
     reqs.push_back(r);
   }
-  const Trace eager = run_engine(w, reqs, false, true, 64);
-  const Trace graph = run_engine(w, reqs, true, true, 64);
-  EXPECT_FALSE(graph.graphs.disabled) << graph.graphs.error;
-  EXPECT_GT(graph.graphs.replays, 0);
-  expect_identical(eager, graph);
+  expect_graphs_match_eager(w, reqs, 64);
   const std::vector<Request> few(reqs.begin(), reqs.begin() + 12);
-  const Trace eager_mtp = run_engine(w, few, false, true, 64, nullptr, 4, 1);
-  const Trace graph_mtp = run_engine(w, few, true, true, 64, nullptr, 4, 1);
-  EXPECT_FALSE(graph_mtp.graphs.disabled) << graph_mtp.graphs.error;
-  expect_identical(eager_mtp, graph_mtp);
+  expect_graphs_match_eager(w, few, 64, 4, 1, false);
 }
 
 // A launch site outside the capture stream fails the capture: the runner turns graphs off for good
