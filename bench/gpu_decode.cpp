@@ -53,7 +53,8 @@ int main() {
 #include "model/presets.h"
 
 namespace {
-int g_profile_steps = 0;  // --profile-steps: decode steps of the main run inside cudaProfilerStart/Stop
+int g_profile_steps = 0;
+int64_t g_small_rows = 8;  // --small-rows: the engine's small_rows in the main and eager runs (RMSNorms fused up to it)  // --profile-steps: decode steps of the main run inside cudaProfilerStart/Stop
 }  // namespace
 
 using namespace dsv3;
@@ -189,6 +190,7 @@ int main(int argc, char** argv) {
     else if (k == "--mma-rows") mma_rows = std::stoi(v);
     else if (k == "--hf") hf_path = v;
     else if (k == "--profile-steps") g_profile_steps = std::stoi(v);
+    else if (k == "--small-rows") g_small_rows = std::stoll(v);
     else if (k == "--variants" && (v == "all" || v == "none" || v == "mma" || v == "0" || v == "1"))
       variants_on = v == "0" ? "none" : v == "1" ? "all" : v;
     else if (k == "--weights" && (v == "f32" || v == "bf16")) formats = {v};
@@ -196,7 +198,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "usage: dsv3_bench_gpu_decode [--preset bench-0.7b] [--prompt 128] [--new 128] "
                            "[--batch B[,B...] (default 1,32)] [--weights f32|bf16 (default both)] [--hf hf_gpu.json] "
                            "[--variants all|mma|none (default all; 1 = all, 0 = none)] [--mma-rows N (tensor cores from N rows; "
-                           "0 off; default the library's)] [--profile-steps K]\n");
+                           "0 off; default the library's)] [--profile-steps K] [--small-rows N (default 8)]\n");
       return 2;
     }
   }
@@ -257,7 +259,7 @@ int main(int argc, char** argv) {
                             {"host_syncs_per_step", ref.memcpy_per_step}});
       }
       // The main path with eager launches, then with CUDA graphs.
-      const Result eager = run(w, B, prompt, n_new, 1000 + uint64_t(B), true, 8, false);
+      const Result eager = run(w, B, prompt, n_new, 1000 + uint64_t(B), true, g_small_rows, false);
       std::printf("%5ld %10.1f %12.1f %10.3f %10.2f %9.1f   (eager launches, no CUDA graphs)\n", long(B), eager.tok_s,
                   eager.decode_tok_s, eager.step_ms_median, eager.prefill_ms, eager.memcpy_per_step);
       variants.push_back({{"variant", "eager launches (no CUDA graphs), otherwise the main path"},
@@ -265,7 +267,7 @@ int main(int argc, char** argv) {
                           {"decode_tokens_per_s", eager.decode_tok_s},
                           {"step_ms_median", eager.step_ms_median},
                           {"host_syncs_per_step", eager.memcpy_per_step}});
-      const Result r = run(w, B, prompt, n_new, 1000 + uint64_t(B), true, 8, true, true);
+      const Result r = run(w, B, prompt, n_new, 1000 + uint64_t(B), true, g_small_rows, true, true);
       const ModelRunner::GraphStats& g = r.graphs;
       const double graph_speedup = r.step_ms_median > 0 ? eager.step_ms_median / r.step_ms_median : 0.0;
       const double h = hf_tok(B);
