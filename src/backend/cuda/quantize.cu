@@ -32,13 +32,24 @@ __device__ float scale_of(float amax, bool pow2) {
   return s;
 }
 
-// Exact widening to F32 (E4M3 through half, as load_f).
 // Folds v into a tile's statistics: amax over its finite values, bad counting the others.
 template <class Count>
 __device__ __forceinline__ void tile_stat(float v, float& amax, Count& bad) {
   if (!isfinite(v)) ++bad;
   else amax = fmaxf(amax, fabsf(v));
 }
+
+// A 1×128 tile held by a warp, four values per lane: its scale, and in bad (every lane) the count
+// of its non-finite values.
+__device__ __forceinline__ float warp_tile_scale(const float (&v)[4], bool pow2, unsigned& bad) {
+  float amax = 0.0f;
+  bad = 0;
+  for (int k = 0; k < 4; ++k) tile_stat(v[k], amax, bad);
+  bad = warp_sum(bad);
+  return scale_of(warp_max(amax), pow2);
+}
+
+// Exact widening to F32 (E4M3 through half, as load_f).
 
 __device__ __forceinline__ float widen(float v) { return v; }
 __device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -68,14 +79,8 @@ __device__ unsigned rows_tile(const float* x, int64_t M, int64_t M_lt, int64_t K
     for (int j = 0; j < 4; ++j)
       if (c + j < K) v[j] = xr[c + j];
   }
-  float amax = 0.0f;
   unsigned bad = 0;
-  for (int j = 0; j < 4; ++j) {
-    tile_stat(v[j], amax, bad);
-  }
-  amax = warp_max(amax);
-  bad = warp_sum(bad);
-  const float s = scale_of(amax, pow2);
+  const float s = warp_tile_scale(v, pow2, bad);
   if (lane == 0) {
     const float sw = bad && nan_mark ? __int_as_float(0x7fc00000) : s;
     if (sc && r < M) sc[r * ng + g] = sw;
@@ -391,15 +396,9 @@ __device__ unsigned rows_row(const float* x, int64_t M, int64_t M_lt, int64_t K,
       const int64_t g = g0 + j;
       if (g >= ng) break;
       const float e[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
-      float amax = 0.0f;
       unsigned bad = 0;
-      for (int k = 0; k < 4; ++k) {
-        tile_stat(e[k], amax, bad);
-      }
-      amax = warp_max(amax);
-      bad = warp_sum(bad);
+      const float s = warp_tile_scale(e, pow2, bad);
       bad_row += bad;
-      const float s = scale_of(amax, pow2);
       if (lane == 0) {
         const float sw = bad ? __int_as_float(0x7fc00000) : s;
         if (r < M) sc[r * ng + g] = sw;
