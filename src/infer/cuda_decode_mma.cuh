@@ -333,6 +333,16 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) gemv_rows_kernel(GemvArg
   }
 }
 
+// Work item blockIdx.y of the grouping: group e, the item's first grouped position c0 and its n
+// picks (at most kChunk).
+struct ExpertItem {
+  int e, c0, n;
+};
+__device__ __forceinline__ ExpertItem expert_item(const ExpertArgs& a) {
+  const int e = a.items[2 * blockIdx.y], c0 = a.offsets[e] + a.items[2 * blockIdx.y + 1];
+  return {e, c0, min(kChunk, a.offsets[e + 1] - c0)};
+}
+
 // A work item's x row for lane group gq (null past its n picks): the pick's token row for gate/up,
 // the grouped activation row for down.
 template <bool kGateUp>
@@ -373,8 +383,7 @@ __global__ void __launch_bounds__(32 * kMmaWarps, 2) expert_mma_kernel(ExpertArg
   pdl_trigger();
   if (int(blockIdx.y) >= a.items[2 * a.max_items]) return;  // CTA-uniform
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2;
-  const int e = a.items[2 * blockIdx.y], ch = a.items[2 * blockIdx.y + 1];
-  const int c0 = a.offsets[e] + ch, n = min(kChunk, a.offsets[e + 1] - c0);
+  const auto [e, c0, n] = expert_item(a);
   const int rbs = kMmaWarps / ks, rb = warp / ks, kw = warp - rb * ks;
   const int r0 = (int(blockIdx.x) * rbs + rb) * 16;
   const float* xr[1] = {expert_x_row<kGateUp>(a, c0, gq, n)};
@@ -406,8 +415,7 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_rows_kernel(Exper
   pdl_trigger();
   if (int(blockIdx.y) >= a.items[2 * a.max_items]) return;  // CTA-uniform
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2;
-  const int e = a.items[2 * blockIdx.y], ch = a.items[2 * blockIdx.y + 1];
-  const int c0 = a.offsets[e] + ch, n = min(kChunk, a.offsets[e + 1] - c0);
+  const auto [e, c0, n] = expert_item(a);
   const int rbs = kExpRowWarps / ks, rb = warp / ks, kw = warp - rb * ks;
   const int nkb = (a.K + kMmaKb - 1) / kMmaKb;
   const int r_begin = int(blockIdx.x) * rows_per_cta, r_end = min(a.rows_out, r_begin + rows_per_cta);
