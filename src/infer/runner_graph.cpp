@@ -102,18 +102,19 @@ std::optional<ModelRunner::Output> ModelRunner::forward_graph(AttentionCache& ca
     ++gstats_.eager;
     return forward_body(cache, rows, ids, positions, logit_rows);
   };
+  auto replay = [&](GraphCache::Entry& x) {
+    if (!x.graph->launch()) {
+      turn_off(x.graph->error());  // copies the reason before the graph goes
+      return eager();
+    }
+    ++gstats_.replays;
+    return x.out;
+  };
   auto hit = std::find_if(gc.entries.begin(), gc.entries.end(),
                           [&](const GraphCache::Entry& x) { return x.key == key; });
   if (hit != gc.entries.end()) {
     gc.entries.splice(gc.entries.begin(), gc.entries, hit);
-    GraphCache::Entry& e = gc.entries.front();
-    if (!e.graph->launch()) {
-      const std::string why = e.graph->error();
-      turn_off(why);
-      return eager();
-    }
-    ++gstats_.replays;
-    return e.out;
+    return replay(gc.entries.front());
   }
   auto seen = std::find(gc.seen.begin(), gc.seen.end(), key);
   if (seen == gc.seen.end()) {
@@ -136,7 +137,7 @@ std::optional<ModelRunner::Output> ModelRunner::forward_graph(AttentionCache& ca
   std::string why = e.graph->error();
   // A driver that cannot capture programmatic launches: capture them plainly (not for a step marked
   // unsafe, which would fail again).
-  if (!ok && gc.pdl && why.rfind("not capturable", 0) != 0) {
+  if (!ok && gc.pdl && !e.graph->unsafe()) {
     ok = e.graph->capture(body, false);
     if (ok) {
       gc.pdl = false;
@@ -152,18 +153,12 @@ std::optional<ModelRunner::Output> ModelRunner::forward_graph(AttentionCache& ca
   }
   ++gstats_.captures;
   gstats_.nodes = e.graph->nodes();
-  e.key = std::move(key);
-  e.out = out;
-  if (!e.graph->launch()) {
-    const std::string why = e.graph->error();
-    turn_off(why);
-    return eager();
-  }
-  ++gstats_.replays;
   gstats_.cached = gc.entries.size();
   gstats_.memory_bytes = 0;
   for (const GraphCache::Entry& x : gc.entries) gstats_.memory_bytes += x.graph->memory_bytes();
-  return e.out;
+  e.key = std::move(key);
+  e.out = out;
+  return replay(e);
 }
 #endif
 

@@ -95,6 +95,7 @@ struct CudaGraph::Impl {
   cudaGraphExec_t exec = nullptr;
   std::shared_ptr<GraphMemory> memory;
   std::string error;
+  bool unsafe = false;  // the latest capture failed on a cuda_graph_mark_unsafe
   size_t nodes = 0;
 
   void drop() {
@@ -116,12 +117,14 @@ CudaGraph::~CudaGraph() = default;
 
 bool CudaGraph::ready() const { return impl_->exec != nullptr; }
 const std::string& CudaGraph::error() const { return impl_->error; }
+bool CudaGraph::unsafe() const { return impl_->unsafe; }
 size_t CudaGraph::nodes() const { return impl_->nodes; }
 size_t CudaGraph::memory_bytes() const { return impl_->memory ? impl_->memory->bytes() : 0; }
 
 bool CudaGraph::capture(const std::function<void()>& fn, bool pdl) {
   Impl& m = *impl_;
   m.error.clear();
+  m.unsafe = false;
   if (g_capture) {
     m.drop();
     m.error = "nested capture";
@@ -194,7 +197,8 @@ bool CudaGraph::capture_once(const std::function<void()>& fn, bool pdl) {
     g_capture = nullptr;
     const cudaError_t last = cudaGetLastError();  // a launch site without a check
     e = cudaStreamEndCapture(m.stream, &g);
-    if (fail.empty() && !st.unsafe.empty()) fail = st.unsafe;
+    m.unsafe = !st.unsafe.empty();
+    if (m.unsafe) fail = st.unsafe;  // the cause of whatever failed after it
     if (fail.empty() && last != cudaSuccess) fail = cat("launch during capture: ", cudaGetErrorString(last));
     if (fail.empty() && e != cudaSuccess) fail = cat("cudaStreamEndCapture: ", cudaGetErrorString(e));
   }

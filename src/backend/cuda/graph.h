@@ -46,6 +46,9 @@ class CudaGraph {
   bool launch();
   bool ready() const;
   const std::string& error() const;
+  // The latest capture failed because its work marked itself not capturable
+  // (cuda_graph_mark_unsafe): capturing the same work again fails again.
+  bool unsafe() const;
   // Nodes (all kernels, for the decode step) of the latest capture; device bytes its memory holds.
   size_t nodes() const;
   size_t memory_bytes() const;
