@@ -45,6 +45,7 @@ std::vector<Output> linear_case(Backend& b, Guards& g, uint64_t seed, DType wt, 
 OP_CASE(linear_f32) { return linear_case(b, g, seed, DType::F32, false); }
 OP_CASE(linear_f32_accumulate) { return linear_case(b, g, seed, DType::F32, true); }
 OP_CASE(linear_bf16) { return linear_case(b, g, seed, DType::BF16, false); }
+OP_CASE(linear_bf16_accumulate) { return linear_case(b, g, seed, DType::BF16, true); }
 OP_CASE(linear_f16_accumulate) { return linear_case(b, g, seed, DType::F16, true); }
 OP_CASE(linear_fp8_block_scaled) { return linear_case(b, g, seed, DType::F8_E4M3, false); }
 
