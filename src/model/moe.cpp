@@ -43,10 +43,13 @@ void check_blocks(size_t n, std::span<const int64_t> offsets, int64_t rows, cons
 }
 
 // fn(e, r0, r1) for each non-empty block, block e issued on lane e. Lanes pay off for several
-// blocks whose GEMMs are not F32 (the backend's SGEMM stays in order).
+// blocks whose GEMMs run on tensor cores: in BF16 or FP8, or with BF16 weights (the CUDA forward
+// in F32 math splits x into two BF16 terms; an expert's few hundred prefill rows fill a few SMs).
+// The backend's SGEMM stays in order.
 template <class F>
 void each_block(Backend& be, std::span<const MlpParams> p, std::span<const int64_t> offsets, F fn) {
-  LaneScope lane(be, p.size() > 1 && p[0].gate_proj.lowp && linear_precision().mode != LinearPrecisionMode::F32);
+  const bool lowp = p.size() > 1 && p[0].gate_proj.lowp && linear_precision().mode != LinearPrecisionMode::F32;
+  LaneScope lane(be, lowp || (p.size() > 1 && p[0].gate_proj.w.dtype() == DType::BF16));
   for (size_t e = 0; e < p.size(); ++e) {
     if (offsets[e] == offsets[e + 1]) continue;
     lane(int64_t(e));

@@ -7,7 +7,8 @@
 // round to the neighbouring BF16 number. FP8 re-quantizes those values (a neighbouring E4M3 number
 // is up to 2⁻⁴ away), so its chain is compared with the CPU by the trainer tests' losses instead
 // (cuda_lowp_trainer_test.cpp). Blocks of 0, 1 and uneven row counts; F32 master weights (converted
-// in each call, inside the lanes) and BF16 ones.
+// in each call, inside the lanes) and BF16 ones. F32 math with BF16 weights (inference's prefill) runs
+// its forward GEMMs in the lanes too, x split into two BF16 terms: against the CPU under kF32.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -108,6 +109,10 @@ void check(LinearPrecisionMode mode, DType wtype, double cpu_tol) {
 TEST(CudaExperts, Bf16LanesEqualSerialAndMatchCpu) {
   check(LinearPrecisionMode::Bf16, DType::F32, tol::kBf16);
   check(LinearPrecisionMode::Bf16, DType::BF16, tol::kBf16);
+}
+
+TEST(CudaExperts, F32MathWithBf16WeightsLanesEqualSerialAndMatchCpu) {
+  check(LinearPrecisionMode::F32, DType::BF16, tol::kF32);
 }
 
 TEST(CudaExperts, Fp8LanesEqualSerial) {
