@@ -53,8 +53,9 @@ int main() {
 #include "model/presets.h"
 
 namespace {
-int g_profile_steps = 0;
-int64_t g_small_rows = 8;  // --small-rows: the engine's small_rows in the main and eager runs (RMSNorms fused up to it)  // --profile-steps: decode steps of the main run inside cudaProfilerStart/Stop
+int g_profile_steps = 0;       // --profile-steps: decode steps of the main run inside cudaProfilerStart/Stop
+bool g_profile_prefill = false;  // --profile-prefill 1: the main run's prefill step instead (and its host profile)
+int64_t g_small_rows = 8;  // --small-rows: the engine's small_rows in the main and eager runs (RMSNorms fused up to it)
 }  // namespace
 
 using namespace dsv3;
@@ -120,14 +121,34 @@ Result run(const Weights& w, int64_t B, int64_t prompt, int64_t n_new, uint64_t 
   Result res;
   res.batch = B;
   std::vector<double> steps;
+  // DSV3_HOST_PROFILE=PATH samples the host's stack over the main run's decode steps into
+  // PATH.b<batch>, or with --profile-prefill over its prefill into PATH.prefill.b<batch>
+  // (tools/host_profile.py reads it).
+  const char* prof_prefix = profile ? std::getenv("DSV3_HOST_PROFILE") : nullptr;
+  std::optional<bench::HostProfiler> hprof;
+  const bool prof_prefill = profile && g_profile_prefill;
+  if (prof_prefill) {
+    cudaProfilerStart();
+    if (prof_prefix) {
+      hprof.emplace();
+      hprof->start(100);
+    }
+  }
   const double t0 = bench::now_s();
   eng.step();  // prefill of every prompt, first token
   const double t1 = bench::now_s();
+  if (prof_prefill) {
+    cudaProfilerStop();
+    if (hprof) {
+      hprof->stop();
+      const std::string path = std::string(prof_prefix) + ".prefill.b" + std::to_string(B);
+      std::printf("host profile: %zu samples -> %s\n", hprof->samples(), path.c_str());
+      if (!hprof->write(path)) std::fprintf(stderr, "host profile: cannot write %s\n", path.c_str());
+      hprof.reset();
+    }
+    prof_prefix = nullptr;
+  }
   const long m0 = bench::blocking_calls();
-  // DSV3_HOST_PROFILE=PATH samples the host's stack over the main run's decode steps into
-  // PATH.b<batch> (tools/host_profile.py reads it).
-  const char* prof_prefix = profile ? std::getenv("DSV3_HOST_PROFILE") : nullptr;
-  std::optional<bench::HostProfiler> hprof;
   if (prof_prefix) {
     hprof.emplace();
     hprof->start(100);
@@ -190,6 +211,7 @@ int main(int argc, char** argv) {
     else if (k == "--mma-rows") mma_rows = std::stoi(v);
     else if (k == "--hf") hf_path = v;
     else if (k == "--profile-steps") g_profile_steps = std::stoi(v);
+    else if (k == "--profile-prefill" && (v == "0" || v == "1")) g_profile_prefill = v == "1";
     else if (k == "--small-rows") g_small_rows = std::stoll(v);
     else if (k == "--variants" && (v == "all" || v == "none" || v == "mma" || v == "0" || v == "1"))
       variants_on = v == "0" ? "none" : v == "1" ? "all" : v;
@@ -198,7 +220,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "usage: dsv3_bench_gpu_decode [--preset bench-0.7b] [--prompt 128] [--new 128] "
                            "[--batch B[,B...] (default 1,32)] [--weights f32|bf16 (default both)] [--hf hf_gpu.json] "
                            "[--variants all|mma|none (default all; 1 = all, 0 = none)] [--mma-rows N (tensor cores from N rows; "
-                           "0 off; default the library's)] [--profile-steps K] [--small-rows N (default 8)]\n");
+                           "0 off; default the library's)] [--profile-steps K | --profile-prefill 1] [--small-rows N (default 8)]\n");
       return 2;
     }
   }
