@@ -22,58 +22,92 @@ constexpr int kGemvWarps = 4;  // GEMV: 4 warps per CTA (many CTAs for short out
 constexpr int kExpertWarps = 8;
 constexpr int kDefaultMmaRows = 2;  // the tensor-core path from this many rows of x (measured: docs/cuda.md)
 
-// One CTA of E threads: picks (r·k + j) grouped by expert, token order kept within an expert.
+// One CTA: picks (r·k + j) grouped by expert, token order kept within an expert.
 // order[p] = pick at grouped position p, inv[pick] = p, offsets[e] = first position of expert e.
 // With a fused shared expert (group E), every token r is one more pick nk + r, after the routed ones.
 // items[2i], items[2i + 1] (i < items[2·max_items]): the expert kernels' work items, a group with picks
 // and the first of up to kChunk of its picks, groups ascending (their CTAs index the list: no CTA
-// for a group without picks or a chunk past a group's end).
+// for a group without picks or a chunk past a group's end). Each warp takes experts warp, warp + nw,
+// …, and finds an expert's picks 32 at a time by ballot (a pick's place is the count of earlier
+// lanes' and chunks' matches); warp 0 scans the counts. The former kernel, one thread per expert
+// scanning every pick and one thread writing the items, took 10 µs of a 160 µs bench-0.7b layer at
+// 32 rows (Nsight Compute, H200).
 __global__ void group_kernel(const int32_t* ids, int nk, int E, int n_shared_rows, int32_t* order, int32_t* inv,
                              int32_t* offsets, int32_t* items, int max_items) {
-  extern __shared__ int32_t off[];
-  int32_t* sid = off + E;  // the ids, read once (coalesced) instead of by every thread in turn
+  extern __shared__ int32_t gsm[];
+  int32_t* off = gsm;                 // [E] counts, then first grouped positions
+  int32_t* first_item = off + E;      // [E + 1] first work item of each group (E: the shared expert)
+  int32_t* sid = first_item + E + 1;  // [nk] the ids, read once (coalesced)
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   pdl_wait();
   pdl_trigger();
   for (int i = threadIdx.x; i < nk; i += blockDim.x) sid[i] = ids[i];
   __syncthreads();
-  const int e = threadIdx.x;
-  if (e < E) {
+  for (int e = warp; e < E; e += nw) {
     int c = 0;
-    for (int i = 0; i < nk; ++i) c += sid[i] == e;
-    off[e] = c;
+    for (int i0 = 0; i0 < nk; i0 += 32) c += __popc(__ballot_sync(0xffffffffu, i0 + lane < nk && sid[i0 + lane] == e));
+    if (lane == 0) off[e] = c;
   }
   __syncthreads();
-  if (threadIdx.x == 0) {  // counts → starts, and the work items (from shared memory: no global re-reads)
-    int s = 0, ni = 0;
-    for (int i = 0; i < E; ++i) {
-      const int c = off[i];
-      off[i] = s;
-      offsets[i] = s;
-      s += c;
-      for (int ch = 0; ch < c && ni < max_items; ch += kChunk, ++ni) {
-        items[2 * ni] = i;
+  if (warp == 0) {  // exclusive scans of the counts and of the items (ceil(count / kChunk) per expert)
+    int pos = 0, it = 0;
+    for (int e0 = 0; e0 < E; e0 += 32) {
+      const int e = e0 + lane, c = e < E ? off[e] : 0, ni = (c + kChunk - 1) / kChunk;
+      int cs = c, is = ni;
+      for (int o = 1; o < 32; o <<= 1) {
+        const int u = __shfl_up_sync(0xffffffffu, cs, o), v = __shfl_up_sync(0xffffffffu, is, o);
+        if (lane >= o) {
+          cs += u;
+          is += v;
+        }
+      }
+      if (e < E) {
+        off[e] = offsets[e] = pos + cs - c;
+        first_item[e] = it + is - ni;
+      }
+      pos += __shfl_sync(0xffffffffu, cs, 31);
+      it += __shfl_sync(0xffffffffu, is, 31);
+    }
+    if (lane == 0) {
+      offsets[E] = pos;
+      if (n_shared_rows) offsets[E + 1] = pos + n_shared_rows;
+      first_item[E] = it;
+    }
+  }
+  __syncthreads();
+  const unsigned below = (1u << lane) - 1u;
+  for (int e = warp; e < E; e += nw) {
+    const int start = off[e];
+    int p = start;
+    for (int i0 = 0; i0 < nk; i0 += 32) {
+      const int i = i0 + lane;
+      const bool mine = i < nk && sid[i] == e;
+      const unsigned m = __ballot_sync(0xffffffffu, mine);
+      if (mine) {
+        const int q = p + __popc(m & below);
+        order[q] = i;
+        inv[i] = q;
+      }
+      p += __popc(m);
+    }
+    for (int ch = lane * kChunk; ch < p - start; ch += 32 * kChunk) {
+      const int ni = first_item[e] + ch / kChunk;
+      if (ni < max_items) {
+        items[2 * ni] = e;
         items[2 * ni + 1] = ch;
       }
     }
-    offsets[E] = s;
-    if (n_shared_rows) offsets[E + 1] = s + n_shared_rows;
-    for (int ch = 0; ch < n_shared_rows && ni < max_items; ch += kChunk, ++ni) {
+  }
+  const int shared_first = first_item[E];
+  for (int r = threadIdx.x; r < n_shared_rows; r += blockDim.x) order[nk + r] = nk + r;
+  for (int ch = threadIdx.x * kChunk; ch < n_shared_rows; ch += blockDim.x * kChunk) {
+    const int ni = shared_first + ch / kChunk;
+    if (ni < max_items) {
       items[2 * ni] = E;
       items[2 * ni + 1] = ch;
     }
-    items[2 * max_items] = ni;
   }
-  for (int r = threadIdx.x; r < n_shared_rows; r += blockDim.x) order[nk + r] = nk + r;
-  __syncthreads();
-  if (e < E) {
-    int p = off[e];
-    for (int i = 0; i < nk; ++i)
-      if (sid[i] == e) {
-        order[p] = i;
-        inv[i] = p;
-        ++p;
-      }
-  }
+  if (threadIdx.x == 0) items[2 * max_items] = min(shared_first + (n_shared_rows + kChunk - 1) / kChunk, max_items);
 }
 
 // The core of the GEMV and expert kernels, for one CTA: n ≤ kChunk rows of x (src[q], in shared
@@ -275,9 +309,11 @@ __global__ void combine_kernel(const float* y, const int32_t* inv, const float* 
 
 // c[r] = kv_a_layernorm(kv_a[r, :R]) (the backend's RMSNorm: sum of squares in double) and
 // k_pe[r] = RoPE(kv_a[r, R:]) at positions[r]: the backend's copy_cols, rmsnorm, copy_cols, rope.
+// With q (rows of nh heads of qk floats), also q's RoPE part (columns nope..qk of each head) at the
+// same position, as the backend's rope on q: one launch fewer per layer.
 __global__ void kv_latent_kernel(const float* kva, int64_t R, int64_t P, const void* w, DType wt, float eps,
                                  const int32_t* pos, const float* cs, const float* sn, bool interleaved, float* c,
-                                 float* kpe) {
+                                 float* kpe, float* q, int64_t nh, int64_t qk, int64_t nope) {
   pdl_wait();
   pdl_trigger();
   const int64_t r = blockIdx.x;
@@ -287,12 +323,21 @@ __global__ void kv_latent_kernel(const float* kva, int64_t R, int64_t P, const v
   ss = block_sum(ss);
   const float rs = float(1.0 / sqrt(ss / double(R) + double(eps)));
   for (int64_t j = threadIdx.x; j < R; j += blockDim.x) c[r * R + j] = load_f(w, wt, j) * (x[j] * rs);
-  const int64_t half = P / 2, a = pos[r];
+  const int64_t half = P / 2, a = pos[r], stride = interleaved ? 1 : half;
+  auto rotate = [&](const float* in, float* out, int64_t j) {
+    const float x0 = in[0], x1 = in[stride], cj = cs[a * half + j], sj = sn[a * half + j];
+    out[0] = x0 * cj - x1 * sj;
+    out[stride] = x1 * cj + x0 * sj;
+  };
   for (int64_t j = threadIdx.x; j < half; j += blockDim.x) {
-    const int64_t i0 = interleaved ? 2 * j : j, i1 = interleaved ? 2 * j + 1 : j + half;
-    const float x0 = x[R + i0], x1 = x[R + i1], cj = cs[a * half + j], sj = sn[a * half + j];
-    kpe[r * P + i0] = x0 * cj - x1 * sj;
-    kpe[r * P + i1] = x1 * cj + x0 * sj;
+    const int64_t i0 = interleaved ? 2 * j : j;
+    rotate(x + R + i0, kpe + r * P + i0, j);
+  }
+  if (!q) return;
+  for (int64_t t = threadIdx.x; t < nh * half; t += blockDim.x) {
+    const int64_t j = t % half;
+    float* p = q + (r * nh + t / half) * qk + nope + (interleaved ? 2 * j : j);
+    rotate(p, p, j);
   }
 }
 
@@ -590,15 +635,19 @@ void cuda_small_linear(const LinearParam& p, const Tensor& x, const Tensor& y, b
 
 
 void cuda_kv_latent(const Tensor& kv_a, const Tensor& norm_w, float eps, const Tensor& positions, const Tensor& cos,
-                    const Tensor& sin, bool interleaved, const Tensor& c_kv_n, const Tensor& k_pe) {
+                    const Tensor& sin, bool interleaved, const Tensor& c_kv_n, const Tensor& k_pe, const Tensor* q,
+                    int64_t q_nope) {
   const int64_t N = kv_a.dim(0), R = c_kv_n.dim(-1), P = k_pe.dim(-1);
   DSV3_CHECK(kv_a.dim(1) == R + P && c_kv_n.numel() == N * R && k_pe.numel() == N * P && norm_w.numel() == R &&
                  positions.numel() == N && P % 2 == 0,
              "cuda_kv_latent: kv_a ", kv_a.shape().str());
+  DSV3_CHECK(!q || (q->ndim() == 3 && q->dim(0) == N && q->dim(2) == q_nope + P && q->dtype() == DType::F32),
+             "cuda_kv_latent: q ", q ? q->shape().str() : "", " does not hold ", P, " RoPE columns after ", q_nope);
   if (N)
     launch_pdl(kv_latent_kernel, dim3(unsigned(N)), dim3(128), 0, kv_a.data<float>(), R, P, norm_w.raw(),
                norm_w.dtype(), eps, positions.data<int32_t>(), cos.data<float>(), sin.data<float>(), interleaved,
-               ptr<float>(c_kv_n), ptr<float>(k_pe));
+               ptr<float>(c_kv_n), ptr<float>(k_pe), q ? ptr<float>(*q) : nullptr, q ? q->dim(1) : 0,
+               q ? q->dim(2) : 0, q_nope);
   check_launch("kv latent");
 }
 
@@ -737,7 +786,7 @@ Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, con
   int32_t* inv = order + picks;
   int32_t* offsets = inv + nk;
   int32_t* items = offsets + groups + 1;
-  launch_pdl(group_kernel, dim3(1), dim3(unsigned((E + 31) / 32 * 32)), size_t(E + nk) * sizeof(int32_t),
+  launch_pdl(group_kernel, dim3(1), dim3(unsigned(32 * std::min<int64_t>(E, 32))), size_t(2 * E + 1 + nk) * sizeof(int32_t),
              ids.data<int32_t>(), int(nk), int(E), t.shared ? int(N) : 0, order, inv, offsets, items, int(max_items));
   check_launch("moe grouping");
   const int64_t* w = t.ptrs.data<int64_t>();

@@ -13,9 +13,11 @@ namespace dsv3 {
 
 // The latent half of kv_a_proj's output in one kernel: c_kv_n = kv_a_layernorm(kv_a[:, :R]) and
 // k_pe = RoPE(kv_a[:, R:]) at positions (inside the tables) — the backend's copy_cols, rmsnorm,
-// copy_cols and rope.
+// copy_cols and rope. With q [N, heads, q_nope + rope], q's RoPE columns are rotated in place at the
+// same positions too (the backend's rope on q, offset q_nope).
 void cuda_kv_latent(const Tensor& kv_a, const Tensor& norm_w, float eps, const Tensor& positions, const Tensor& cos,
-                    const Tensor& sin, bool interleaved, const Tensor& c_kv_n, const Tensor& k_pe);
+                    const Tensor& sin, bool interleaved, const Tensor& c_kv_n, const Tensor& k_pe,
+                    const Tensor* q = nullptr, int64_t q_nope = 0);
 
 // One MoE layer's routed experts as device pointer tables (gate, up, down per expert).
 struct CudaMoeTables {
@@ -37,7 +39,7 @@ CudaMoeTables cuda_moe_tables(const MoeParams& p);
 // small_gemv: the router's gate through cuda_small_linear (when it applies). cuda_moe_fits says
 // whether N rows of top-k picks fit its grouping kernel (one CTA, shared memory).
 inline bool cuda_moe_fits(const CudaMoeTables& t, int64_t N, int64_t top_k) {
-  return top_k <= 32 && (t.E + N * top_k) * int64_t(sizeof(int32_t)) <= 48 * 1024;
+  return top_k <= 32 && (2 * t.E + 1 + N * top_k) * int64_t(sizeof(int32_t)) <= 48 * 1024;
 }
 Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const CudaMoeTables& t,
                         const Tensor& x, const Tensor* residual = nullptr, bool small_gemv = false);

@@ -110,28 +110,38 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
 #endif
   if (!fused) {
     const Tensor h1 = rmsnorm(be_, x, p.input_layernorm, d_.eps, rstd);  // [N, H]
+    bool kv_a_done = false;
     if (d_.q_lora > 0) {
       Tensor qa = be_.alloc(DType::F32, {N, d_.q_lora});
-      linear(a.q_a_proj, h1, qa);                                               // [N, q_lora]
+#ifdef DSV3_HAVE_CUDA
+      // Up to 32 rows the norms stay separate (fused, every CTA would recompute them), but q_a and
+      // kv_a still share one GEMV launch.
+      kv_a_done = small_gemv(N) && cuda_small_linear_ok(a.q_a_proj, h1) &&
+                  cuda_small_linear_ok(a.kv_a_proj_with_mqa, h1) &&
+                  a.q_a_proj.w.dtype() == a.kv_a_proj_with_mqa.w.dtype();
+      if (kv_a_done) cuda_small_linear(a.q_a_proj, h1, qa, false, nullptr, 0.0f, &a.kv_a_proj_with_mqa, &kv_a);
+#endif
+      if (!kv_a_done) linear(a.q_a_proj, h1, qa);                               // [N, q_lora]
       const Tensor qa_n = rmsnorm(be_, qa, a.q_a_layernorm, d_.eps_mla, rstd);  // [N, q_lora]
       linear(a.q_b_proj, qa_n, q2);                                             // [N, nh·qk]
     } else {
       linear(a.q_proj, h1, q2);
     }
-    linear(a.kv_a_proj_with_mqa, h1, kv_a);  // [N, kv_lora + rope]
+    if (!kv_a_done) linear(a.kv_a_proj_with_mqa, h1, kv_a);  // [N, kv_lora + rope]
   }
-  rope(positions, q, d_.nope);
   Tensor c_kv_n, k_pe = be_.alloc(DType::F32, {N, d_.rope});
   bool latent_done = false;
 #ifdef DSV3_HAVE_CUDA
-  if (be_.device() == Device::CUDA && sync_free_) {
+  if (be_.device() == Device::CUDA && sync_free_) {  // q's RoPE too
     c_kv_n = be_.alloc(DType::F32, {N, d_.kv_lora});
     const RopeTables& t = rope_.tables();
-    cuda_kv_latent(kv_a, a.kv_a_layernorm, d_.eps_mla, positions, t.cos, t.sin, d_.rope_interleaved, c_kv_n, k_pe);
+    cuda_kv_latent(kv_a, a.kv_a_layernorm, d_.eps_mla, positions, t.cos, t.sin, d_.rope_interleaved, c_kv_n, k_pe,
+                   &q, d_.nope);
     latent_done = true;
   }
 #endif
   if (!latent_done) {
+    rope(positions, q, d_.nope);
     Tensor c_kv = be_.alloc(DType::F32, {N, d_.kv_lora});
     copy_cols(be_, kv_a, 0, c_kv, 0, d_.kv_lora);
     c_kv_n = rmsnorm(be_, c_kv, a.kv_a_layernorm, d_.eps_mla, rstd);  // cached latent
