@@ -205,42 +205,53 @@ TEST(CudaEngine, SyncFreePathEqualsCpuOnRandomTiny) {
 }
 
 // The grouped MoE (the backend's router, grouping, experts, combine, residual) against the
-// CPU's moe_forward on one MoE layer of the tiny preset, with a router bias that changes the picks.
+// CPU's moe_forward on one MoE layer of the tiny preset, with a router bias that changes the picks;
+// also with V3's routing shape (256 experts, top-8 in 8 groups top-4: the grouping kernel's warps
+// then take several experts each and its scan several chunks of 32).
 TEST(CudaEngine, GroupedMoeEqualsCpuMoeForward) {
   ASSERT_GT(cuda_device_count(), 0);
   CudaBackend& be = cuda_backend();
-  for (DType wt : {DType::F32, DType::BF16}) {
-    SCOPED_TRACE(dtype_name(wt));
-    Weights host = Weights::random(preset_config("tiny"), 5, 0.05f);
-    for (Param& p : host.params())
-      if (p.spec.name.find("e_score_correction_bias") != std::string::npos)
-        for (int64_t i = 0; i < p.w.numel(); ++i) p.w.data<float>()[i] = 0.02f * rng_normal(6, 0, uint64_t(i));
-    if (wt == DType::BF16) round_matrices_to_bf16(host);
-    Weights dev = host;
-    for (Param& p : dev.params()) p.w = be.to_device(p.w);
-    const ModelParams ph = bind_params(host), pd = bind_params(dev);
-    const ModelDims d = model_dims(host.config());
-    const size_t layer = 2;
-    ASSERT_TRUE(ph.layers[layer].is_moe && cuda_moe_supported(pd.layers[layer].moe));
-    const CudaMoeTables t = cuda_moe_tables(pd.layers[layer].moe);
-    EXPECT_TRUE(t.shared);
-    for (int64_t N : {1, 5, 40})
-      for (int mma : {0, 1}) {  // the F32-FMA kernels, and (BF16) the tensor-core ones at every N
-        if (mma && wt != DType::BF16) continue;
-        SCOPED_TRACE(cat(N, " rows", mma ? ", tensor cores" : ""));
-        const MmaRows setting(mma);
-        const Tensor x = randn({N, d.H}, 7, uint64_t(N)), res = randn({N, d.H}, 8, uint64_t(N));
-        MoeActs a;
-        moe_forward(cpu_backend(), d, ph.layers[layer].moe, x, a);
-        Vec want = to_vec(res);
-        const Vec moe = to_vec(a.out);
-        for (size_t i = 0; i < want.size(); ++i) want[i] += moe[i];
-        const Tensor rd = be.to_device(res);
-        const Tensor got = cuda_moe_forward(be, d, pd.layers[layer].moe, t, be.to_device(x), &rd, N <= 8);
-        const Err e = compare(be.to_host(got), want);
-        EXPECT_LE(e.norm_err, tol::kF32) << "worst " << e.worst;
-        EXPECT_EQ(e.non_finite, 0);
-      }
+  ModelConfig v3_routing = preset_config("tiny");
+  v3_routing.n_routed_experts = 256;
+  v3_routing.num_experts_per_tok = 8;
+  v3_routing.n_group = 8;
+  v3_routing.topk_group = 4;
+  v3_routing.num_hidden_layers = 3;
+  v3_routing.num_nextn_predict_layers = 0;
+  for (const ModelConfig& cfg : {preset_config("tiny"), v3_routing}) {
+    for (DType wt : {DType::F32, DType::BF16}) {
+      SCOPED_TRACE(cat(cfg.n_routed_experts, " experts, ", dtype_name(wt)));
+      Weights host = Weights::random(cfg, 5, 0.05f);
+      for (Param& p : host.params())
+        if (p.spec.name.find("e_score_correction_bias") != std::string::npos)
+          for (int64_t i = 0; i < p.w.numel(); ++i) p.w.data<float>()[i] = 0.02f * rng_normal(6, 0, uint64_t(i));
+      if (wt == DType::BF16) round_matrices_to_bf16(host);
+      Weights dev = host;
+      for (Param& p : dev.params()) p.w = be.to_device(p.w);
+      const ModelParams ph = bind_params(host), pd = bind_params(dev);
+      const ModelDims d = model_dims(host.config());
+      const size_t layer = 2;
+      ASSERT_TRUE(ph.layers[layer].is_moe && cuda_moe_supported(pd.layers[layer].moe));
+      const CudaMoeTables t = cuda_moe_tables(pd.layers[layer].moe);
+      EXPECT_TRUE(t.shared);
+      for (int64_t N : {1, 5, 40})
+        for (int mma : {0, 1}) {  // the F32-FMA kernels, and (BF16) the tensor-core ones at every N
+          if (mma && wt != DType::BF16) continue;
+          SCOPED_TRACE(cat(N, " rows", mma ? ", tensor cores" : ""));
+          const MmaRows setting(mma);
+          const Tensor x = randn({N, d.H}, 7, uint64_t(N)), res = randn({N, d.H}, 8, uint64_t(N));
+          MoeActs a;
+          moe_forward(cpu_backend(), d, ph.layers[layer].moe, x, a);
+          Vec want = to_vec(res);
+          const Vec moe = to_vec(a.out);
+          for (size_t i = 0; i < want.size(); ++i) want[i] += moe[i];
+          const Tensor rd = be.to_device(res);
+          const Tensor got = cuda_moe_forward(be, d, pd.layers[layer].moe, t, be.to_device(x), &rd, N <= 8);
+          const Err e = compare(be.to_host(got), want);
+          EXPECT_LE(e.norm_err, tol::kF32) << "worst " << e.worst;
+          EXPECT_EQ(e.non_finite, 0);
+        }
+    }
   }
 }
 
