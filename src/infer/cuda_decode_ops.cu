@@ -311,33 +311,34 @@ __global__ void combine_kernel(const float* y, const int32_t* inv, const float* 
 // k_pe[r] = RoPE(kv_a[r, R:]) at positions[r]: the backend's copy_cols, rmsnorm, copy_cols, rope.
 // With q (rows of nh heads of qk floats), also q's RoPE part (columns nope..qk of each head) at the
 // same position, as the backend's rope on q: one launch fewer per layer.
-__global__ void kv_latent_kernel(const float* kva, int64_t R, int64_t P, const void* w, DType wt, float eps,
-                                 const int32_t* pos, const float* cs, const float* sn, bool interleaved, float* c,
-                                 float* kpe, float* q, int64_t nh, int64_t qk, int64_t nope) {
+__global__ void kv_latent_kernel(const float* __restrict__ kva, int64_t R, int64_t P, const void* w, DType wt,
+                                 float eps, const int32_t* pos, const float* cs, const float* sn, bool interleaved,
+                                 float* __restrict__ c, float* __restrict__ kpe, float* __restrict__ q, int64_t nh,
+                                 int64_t qk, int64_t nope) {
   pdl_wait();
   pdl_trigger();
   const int64_t r = blockIdx.x;
   const float* x = kva + r * (R + P);
-  double ss = 0.0;
-  for (int64_t j = threadIdx.x; j < R; j += blockDim.x) ss += double(x[j]) * double(x[j]);
-  ss = block_sum(ss);
-  const float rs = float(1.0 / sqrt(ss / double(R) + double(eps)));
-  for (int64_t j = threadIdx.x; j < R; j += blockDim.x) c[r * R + j] = load_f(w, wt, j) * (x[j] * rs);
   const int64_t half = P / 2, a = pos[r], stride = interleaved ? 1 : half;
   auto rotate = [&](const float* in, float* out, int64_t j) {
     const float x0 = in[0], x1 = in[stride], cj = cs[a * half + j], sj = sn[a * half + j];
     out[0] = x0 * cj - x1 * sj;
     out[stride] = x1 * cj + x0 * sj;
   };
+  if (q)  // first: independent of the norm's reduction, its loads overlap the ones below
+    for (int64_t t = threadIdx.x; t < nh * half; t += blockDim.x) {
+      const int64_t j = t % half;
+      float* p = q + (r * nh + t / half) * qk + nope + (interleaved ? 2 * j : j);
+      rotate(p, p, j);
+    }
+  double ss = 0.0;
+  for (int64_t j = threadIdx.x; j < R; j += blockDim.x) ss += double(x[j]) * double(x[j]);
+  ss = block_sum(ss);
+  const float rs = float(1.0 / sqrt(ss / double(R) + double(eps)));
+  for (int64_t j = threadIdx.x; j < R; j += blockDim.x) c[r * R + j] = load_f(w, wt, j) * (x[j] * rs);
   for (int64_t j = threadIdx.x; j < half; j += blockDim.x) {
     const int64_t i0 = interleaved ? 2 * j : j;
     rotate(x + R + i0, kpe + r * P + i0, j);
-  }
-  if (!q) return;
-  for (int64_t t = threadIdx.x; t < nh * half; t += blockDim.x) {
-    const int64_t j = t % half;
-    float* p = q + (r * nh + t / half) * qk + nope + (interleaved ? 2 * j : j);
-    rotate(p, p, j);
   }
 }
 
@@ -644,7 +645,7 @@ void cuda_kv_latent(const Tensor& kv_a, const Tensor& norm_w, float eps, const T
   DSV3_CHECK(!q || (q->ndim() == 3 && q->dim(0) == N && q->dim(2) == q_nope + P && q->dtype() == DType::F32),
              "cuda_kv_latent: q ", q ? q->shape().str() : "", " does not hold ", P, " RoPE columns after ", q_nope);
   if (N)
-    launch_pdl(kv_latent_kernel, dim3(unsigned(N)), dim3(128), 0, kv_a.data<float>(), R, P, norm_w.raw(),
+    launch_pdl(kv_latent_kernel, dim3(unsigned(N)), dim3(256), 0, kv_a.data<float>(), R, P, norm_w.raw(),
                norm_w.dtype(), eps, positions.data<int32_t>(), cos.data<float>(), sin.data<float>(), interleaved,
                ptr<float>(c_kv_n), ptr<float>(k_pe), q ? ptr<float>(*q) : nullptr, q ? q->dim(1) : 0,
                q ? q->dim(2) : 0, q_nope);
