@@ -220,7 +220,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "usage: dsv3_bench_gpu_decode [--preset bench-0.7b] [--prompt 128] [--new 128] "
                            "[--batch B[,B...] (default 1,32)] [--weights f32|bf16 (default both)] [--hf hf_gpu.json] "
                            "[--variants all|mma|none (default all; 1 = all, 0 = none)] [--mma-rows N (tensor cores from N rows; "
-                           "0 off; default the library's)] [--profile-steps K | --profile-prefill 1] [--small-rows N (default 8)]\n");
+                           "0 off; default the library's)] [--profile-steps K] [--profile-prefill 1] [--small-rows N (default 8)]\n");
       return 2;
     }
   }

@@ -114,8 +114,8 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
     if (d_.q_lora > 0) {
       Tensor qa = be_.alloc(DType::F32, {N, d_.q_lora});
 #ifdef DSV3_HAVE_CUDA
-      // Up to 32 rows the norms stay separate (fused, every CTA would recompute them), but q_a and
-      // kv_a still share one GEMV launch.
+      // Beyond small_rows (up to 32 rows) the norms stay separate (fused, every CTA would
+      // recompute them), but q_a and kv_a still share one GEMV launch.
       kv_a_done = small_gemv(N) && cuda_small_linear_ok(a.q_a_proj, h1) &&
                   cuda_small_linear_ok(a.kv_a_proj_with_mqa, h1) &&
                   a.q_a_proj.w.dtype() == a.kv_a_proj_with_mqa.w.dtype();

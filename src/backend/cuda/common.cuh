@@ -153,8 +153,10 @@ void raise_range_errors();
 
 // y[0..n) = x rounded to BF16 (nearest even), vectorised when x is 16- and y 8-byte aligned.
 void f32_to_bf16(const float* x, int64_t n, __nv_bfloat16* y);
-// x[i] = hi[i] + lo[i] + r, |r| ≤ 2⁻¹⁶|x[i]| (both BF16, nearest even; src/infer/cuda_decode_mma.cuh
-// derives the bound), on cuda::stream(). Used for BF16-weight linears in F32 math on tensor cores.
+// x[i] = hi[i] + lo[i] + r on cuda::stream(): hi = bf16(x) leaves |x − hi| ≤ 2⁻⁸|x|, x − hi is exact
+// in F32, and lo = bf16(x − hi) leaves |r| ≤ 2⁻⁸|x − hi| ≤ 2⁻¹⁶|x| (nearest even). For finite |x|
+// below BF16's largest value; beyond, hi rounds to inf (lo is 0 wherever hi is not finite). Used for
+// BF16-weight linears in F32 math on tensor cores.
 void f32_split_bf16(const float* x, int64_t n, __nv_bfloat16* hi, __nv_bfloat16* lo);
 
 // Stable sort of keys k[0..n) in [0, nkeys): order[r] = index of the r-th element, and

@@ -1,8 +1,8 @@
 // linear, its backward and matmul through cuBLAS SGEMM (FP32, TF32 off, as the CPU reference).
-// Weights stored in F16/FP8 (and BF16 ones in the backward) are widened to F32 in a scratch buffer
-// per call (FP8 with its 128×128 block scales), so a loaded model stays at its file size on the
-// device. The forward with a BF16 weight runs on BF16 tensor cores instead, x split into two BF16
-// terms (linear_split_bf16).
+// Weights stored in F16/FP8 (and BF16 ones in the backward, or in shapes linear_split_bf16 does
+// not take) are widened to F32 in a scratch buffer per call (FP8 with its 128×128 block scales), so
+// a loaded model stays at its file size on the device. The forward with a BF16 weight runs on BF16
+// tensor cores instead, x split into two BF16 terms (linear_split_bf16).
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/lt_gemm.h"
 #include "backend/cuda/stream.h"
@@ -53,10 +53,10 @@ __global__ void add_halves_kernel(const float4* top, const float4* bottom, float
 // W for SGEMM made the F32-math prefill of bench-0.7b at 4,096 rows run at ~30 TFLOP/s on the H200.
 // hi and lo are stacked as 2M rows of one matmul (cuBLASLt's host time per call, ~10 µs, bounded
 // the prefill's thousands of expert GEMMs), whose halves one kernel adds into y.
-// Shapes cuBLASLt's BF16 kernels take without padding only (16-byte rows and bases); false otherwise.
+// Shapes cuBLASLt's BF16 kernels take without padding only (16-byte rows and bases of W and y; the
+// terms are in scratch); false otherwise.
 bool linear_split_bf16(const LinearArgs& a, int64_t m, int64_t n, int64_t k) {
-  if (a.w.dtype() != DType::BF16 || k % 8 != 0 || n % 4 != 0 || !aligned16(a.x.raw()) || !aligned16(a.w.raw()) ||
-      !aligned16(a.y.raw()))
+  if (a.w.dtype() != DType::BF16 || k % 8 != 0 || n % 4 != 0 || !aligned16(a.w.raw()) || !aligned16(a.y.raw()))
     return false;
   const size_t terms_bytes = (size_t(2 * m * k) * sizeof(__nv_bfloat16) + 255) / 256 * 256;
   Scratch buf(terms_bytes + size_t(2 * m * n) * sizeof(float));
