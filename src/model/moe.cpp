@@ -42,14 +42,15 @@ void check_blocks(size_t n, std::span<const int64_t> offsets, int64_t rows, cons
   for (size_t e = 0; e < n; ++e) DSV3_CHECK(offsets[e] <= offsets[e + 1], where, ": block ", e, " ends before it starts");
 }
 
-// fn(e, r0, r1) for each non-empty block, block e issued on lane e. Lanes pay off for several
-// blocks whose GEMMs run on tensor cores: in BF16 or FP8, or with BF16 weights (the CUDA forward
-// in F32 math splits x into two BF16 terms; an expert's few hundred prefill rows fill a few SMs).
-// The backend's SGEMM stays in order.
+// The experts' GEMMs run on tensor cores in BF16 and FP8; lanes pay off for those (the backend's
+// SGEMM stays in order).
+bool lowp_gemms(const MlpParams& p) { return p.gate_proj.lowp && linear_precision().mode != LinearPrecisionMode::F32; }
+
+// fn(e, r0, r1) for each non-empty block, block e issued on lane e when `lanes` and there are
+// several blocks.
 template <class F>
-void each_block(Backend& be, std::span<const MlpParams> p, std::span<const int64_t> offsets, F fn) {
-  const bool lowp = p.size() > 1 && p[0].gate_proj.lowp && linear_precision().mode != LinearPrecisionMode::F32;
-  LaneScope lane(be, lowp || (p.size() > 1 && p[0].gate_proj.w.dtype() == DType::BF16));
+void each_block(Backend& be, std::span<const MlpParams> p, std::span<const int64_t> offsets, bool lanes, F fn) {
+  LaneScope lane(be, lanes && p.size() > 1);
   for (size_t e = 0; e < p.size(); ++e) {
     if (offsets[e] == offsets[e + 1]) continue;
     lane(int64_t(e));
@@ -78,7 +79,10 @@ void experts_forward(Backend& be, std::span<const MlpParams> p, std::span<const 
   // Rows are independent, so a row block of a copy is the copy of that block.
   a.x_fp8 = lowp ? lowp_input_copy(prec, x, "linear input") : Fp8Tiles{};
   a.gate_fp8 = a.up_fp8 = a.act_copy = Fp8Tiles{};
-  each_block(be, p, offsets, [&](size_t e, int64_t r0, int64_t r1) {
+  // With BF16 weights the CUDA forward in F32 math runs on tensor cores too (x split into two BF16
+  // terms; an expert's few hundred prefill rows fill a few SMs).
+  const bool lanes = lowp_gemms(p[0]) || p[0].gate_proj.w.dtype() == DType::BF16;
+  each_block(be, p, offsets, lanes, [&](size_t e, int64_t r0, int64_t r1) {
     Fp8Tiles xe = block(a.x_fp8, r0, r1);
     linear_forward(be, p[e].gate_proj, x.rows(r0, r1), a.gate.rows(r0, r1), false, &xe);  // [c, I]
     linear_forward(be, p[e].up_proj, x.rows(r0, r1), a.up.rows(r0, r1), false, &xe);      // [c, I]
@@ -91,7 +95,7 @@ void experts_forward(Backend& be, std::span<const MlpParams> p, std::span<const 
   keep_swiglu_inputs_fp8(p[0], a);
   const Fp8Tiles act = lowp ? lowp_input_copy(prec, a.act, "linear input") : Fp8Tiles{};
   if (!accumulate_out) a.out = be.alloc(DType::F32, {M, H});
-  each_block(be, p, offsets, [&](size_t e, int64_t r0, int64_t r1) {
+  each_block(be, p, offsets, lanes, [&](size_t e, int64_t r0, int64_t r1) {
     Fp8Tiles ae = block(act, r0, r1);
     linear_forward(be, p[e].down_proj, a.act.rows(r0, r1), a.out.rows(r0, r1), accumulate_out, &ae);  // [c, H]
   });
@@ -263,7 +267,7 @@ void experts_backward(Backend& be, std::span<const MlpParams> p, std::span<const
                             : lowp                ? lowp_input_copy(prec, act, "linear input")
                                                   : Fp8Tiles{};
   const Fp8Tiles dout_copy = lowp ? lowp_grad_copy(prec, dout) : Fp8Tiles{};
-  each_block(be, p, offsets, [&](size_t e, int64_t r0, int64_t r1) {
+  each_block(be, p, offsets, lowp_gemms(p[0]), [&](size_t e, int64_t r0, int64_t r1) {
     const Fp8Tiles ae = block(act_copy, r0, r1), de = block(dout_copy, r0, r1);
     linear_backward(be, p[e].down_proj, g[e].down_proj, act.rows(r0, r1), dout.rows(r0, r1), dact.rows(r0, r1),
                     false, &ae, &de);  // [c, I]
@@ -278,7 +282,7 @@ void experts_backward(Backend& be, std::span<const MlpParams> p, std::span<const
   be.swiglu_backward(s);
   const Fp8Tiles dgate_copy = lowp ? lowp_grad_copy(prec, dact) : Fp8Tiles{};
   const Fp8Tiles dup_copy = lowp ? lowp_grad_copy(prec, dup) : Fp8Tiles{};
-  each_block(be, p, offsets, [&](size_t e, int64_t r0, int64_t r1) {
+  each_block(be, p, offsets, lowp_gemms(p[0]), [&](size_t e, int64_t r0, int64_t r1) {
     const Fp8Tiles xe = block(a.x_fp8, r0, r1), ge = block(dgate_copy, r0, r1), ue = block(dup_copy, r0, r1);
     const Tensor x = a.x.rows(r0, r1), dxe = dx.rows(r0, r1);
     linear_backward(be, p[e].gate_proj, g[e].gate_proj, x, dact.rows(r0, r1), dxe, accumulate_dx, &xe, &ge);  // [c, H]
