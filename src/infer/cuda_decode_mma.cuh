@@ -11,8 +11,8 @@
 // near 2⁻¹⁶·‖w∘x‖₂/√3: ~2e-6 of max|y| for random rows at K 512–2816 (a CPU emulation of this
 // arithmetic with round-to-nearest and with truncated accumulation), inside tolerances.md's kF32
 // (1e-5), the class of the F32-math path (BF16 rounding of x alone, as transformers does, would
-// be ~2⁻⁹ relative: 1000× worse). Valid for |x| < 2¹²⁸·(1 − 2⁻⁹) (beyond, hi rounds to inf); a
-// non-finite x gives NaN.
+// be ~2⁻⁹ relative: 1000× worse). Valid for |x| < 2¹²⁸·(1 − 2⁻⁹) (beyond, hi rounds to inf); an
+// infinite x stays infinite, NaN stays NaN (split_bf16x2, backend/cuda/mma.cuh).
 //
 // The weights' 16-byte vectors go straight from HBM into A fragments: the sum over k does not
 // depend on the order of the columns, so each lane's 16 consecutive columns of a row (two 16-byte
@@ -25,6 +25,7 @@
 
 #include <cstdint>
 
+#include "backend/cuda/mma.cuh"
 #include "backend/cuda/pdl.cuh"
 #include "infer/cuda_decode_ops.h"
 #include "infer/cuda_weight_vec.cuh"
@@ -42,15 +43,6 @@ __device__ __forceinline__ void mma_bf16_acc(float (&c)[4], uint32_t a0, uint32_
   asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// (x0, x1) = hi + lo + r, |r| ≤ 2⁻¹⁶|x| (see the top of the file); x0 in the low halves.
-__device__ __forceinline__ void split_bf16x2(float x0, float x1, uint32_t& hi, uint32_t& lo) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
-  const float2 hf = __bfloat1622float2(h);
-  const __nv_bfloat162 l = __floats2bfloat162_rn(x0 - hf.x, x1 - hf.y);
-  hi = *reinterpret_cast<const uint32_t*>(&h);
-  lo = *reinterpret_cast<const uint32_t*>(&l);
 }
 
 // One k-block's weights for one lane: [0..1] row g, columns c..c+7 and c+8..c+15; [2..3] row g + 8.

@@ -454,7 +454,6 @@ template <class WT, bool kNorm> void launch_gemv(int R, int U, dim3 grid, int ro
 // 16-byte vectors per lane per pass: enough for the whole row up to 8 (K 1024 F32 / 2048 BF16).
 int vectors_per_lane(int nv) { return nv <= 32 ? 1 : nv <= 64 ? 2 : nv <= 128 ? 4 : 8; }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // The tensor-core path's threshold (cuda_set_decode_mma_rows): steps of at least this many rows of x.
 int& mma_rows_setting() {

@@ -139,6 +139,8 @@ class Scratch {
 // The shared cuBLAS handle (FP32 math, TF32 off; default stream).
 cublasHandle_t cublas();
 
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 // Row-major C[m,n] = alpha·op(A)·op(B) + beta·C (cuBLAS SGEMM).
 void sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
            const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
@@ -153,9 +155,7 @@ void raise_range_errors();
 
 // y[0..n) = x rounded to BF16 (nearest even), vectorised when x is 16- and y 8-byte aligned.
 void f32_to_bf16(const float* x, int64_t n, __nv_bfloat16* y);
-// x[i] = hi[i] + lo[i] + r on cuda::stream(): hi = bf16(x) leaves |x − hi| ≤ 2⁻⁸|x|, x − hi is exact
-// in F32, and lo = bf16(x − hi) leaves |r| ≤ 2⁻⁸|x − hi| ≤ 2⁻¹⁶|x| (nearest even). For finite |x|
-// below BF16's largest value; beyond, hi rounds to inf (lo is 0 wherever hi is not finite). Used for
+// x[i] = hi[i] + lo[i] + r, |r| ≤ 2⁻¹⁶|x[i]| (split_bf16x2 of mma.cuh), on cuda::stream(). Used for
 // BF16-weight linears in F32 math on tensor cores.
 void f32_split_bf16(const float* x, int64_t n, __nv_bfloat16* hi, __nv_bfloat16* lo);
 

@@ -2,6 +2,7 @@
 // store). The generic conversion loop (one element, a dtype switch and a scale lookup per thread)
 // took a fifth of a bench-0.7b BF16 training step's GPU time.
 #include "backend/cuda/common.cuh"
+#include "backend/cuda/mma.cuh"
 #include "backend/cuda/stream.h"
 
 namespace dsv3::cuda {
@@ -26,28 +27,24 @@ __global__ void f32_to_bf16_scalar_kernel(const float* x, int64_t n, __nv_bfloat
     y[i] = __float2bfloat16_rn(x[i]);
 }
 
-// hi = bf16(x), lo = bf16(x − hi) (x − hi is exact in F32); lo = 0 where hi is not finite, so an
-// infinite x stays infinite in hi·w + lo·w as it is in x·w.
-__device__ __forceinline__ void split_one(float x, __nv_bfloat16& hi, __nv_bfloat16& lo) {
-  hi = __float2bfloat16_rn(x);
-  const float h = __bfloat162float(hi);
-  lo = __float2bfloat16_rn(isfinite(h) ? x - h : 0.0f);
-}
-// Four elements per thread when x is 16- and hi, lo 8-byte aligned (vec), then the tail one by one.
+// Two elements per split_bf16x2: four per thread when x is 16- and hi, lo 8-byte aligned (vec),
+// then the tail one by one (its pair's second element 0).
 __global__ void f32_split_bf16_kernel(const float* x, int64_t n, __nv_bfloat16* hi, __nv_bfloat16* lo, bool vec) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x, n4 = vec ? n / 4 : 0;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n4; i += stride) {
     const float4 v = reinterpret_cast<const float4*>(x)[i];
-    __align__(8) __nv_bfloat16 h[4], l[4];
-    split_one(v.x, h[0], l[0]);
-    split_one(v.y, h[1], l[1]);
-    split_one(v.z, h[2], l[2]);
-    split_one(v.w, h[3], l[3]);
-    reinterpret_cast<uint2*>(hi)[i] = *reinterpret_cast<const uint2*>(h);
-    reinterpret_cast<uint2*>(lo)[i] = *reinterpret_cast<const uint2*>(l);
+    uint2 h, l;
+    split_bf16x2(v.x, v.y, h.x, l.x);
+    split_bf16x2(v.z, v.w, h.y, l.y);
+    reinterpret_cast<uint2*>(hi)[i] = h;
+    reinterpret_cast<uint2*>(lo)[i] = l;
   }
-  for (int64_t i = 4 * n4 + blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += stride)
-    split_one(x[i], hi[i], lo[i]);
+  for (int64_t i = 4 * n4 + blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += stride) {
+    uint32_t h, l;
+    split_bf16x2(x[i], 0.0f, h, l);
+    hi[i] = __ushort_as_bfloat16(uint16_t(h));
+    lo[i] = __ushort_as_bfloat16(uint16_t(l));
+  }
 }
 
 }  // namespace

@@ -32,7 +32,6 @@ const float* weight_f32(const Tensor& w, const Tensor& scale_inv, std::unique_pt
   check_launch("weight widening");
   return buf->as<float>();
 }
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // y = (acc ? y + top : top) + bottom, four floats per thread (n % 4 == 0).
 __global__ void add_halves_kernel(const float4* top, const float4* bottom, float4* y, int64_t n4, bool acc) {
@@ -47,9 +46,8 @@ __global__ void add_halves_kernel(const float4* top, const float4* bottom, float
   }
 }
 
-// y (+)= x·Wᵀ for a BF16 W as W·hi + W·lo, x = hi + lo + r with |r| ≤ 2⁻¹⁶|x| (f32_split_bf16): BF16
-// products are exact in FP32 and accumulate in FP32, so the result is within tolerances.md's kF32
-// of the F32 product, as the decode GEMVs' tensor-core path (src/infer/cuda_decode_mma.cuh). Widening
+// y (+)= x·Wᵀ for a BF16 W as W·hi + W·lo (f32_split_bf16): within tolerances.md's kF32 of the F32
+// product, as the decode GEMVs' tensor-core path (src/infer/cuda_decode_mma.cuh). Widening
 // W for SGEMM made the F32-math prefill of bench-0.7b at 4,096 rows run at ~30 TFLOP/s on the H200.
 // hi and lo are stacked as 2M rows of one matmul (cuBLASLt's host time per call, ~10 µs, bounded
 // the prefill's thousands of expert GEMMs), whose halves one kernel adds into y.

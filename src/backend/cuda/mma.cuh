@@ -1,6 +1,6 @@
-// PTX wrappers shared by the tensor-core kernels (attention_bf16.cu, mla_decode.cu): cp.async staging,
-// ldmatrix fragment loads and the BF16 mma.sync m16n8k16 with FP32 accumulators, and the repacking of
-// accumulators into the next MMA's A operand.
+// PTX wrappers shared by the tensor-core kernels (attention_bf16.cu, mla_decode.cu, the decode GEMVs):
+// cp.async staging, ldmatrix fragment loads, F32 split into two BF16 terms, the BF16 mma.sync
+// m16n8k16 with FP32 accumulators, and the repacking of accumulators into the next MMA's A operand.
 #pragma once
 #include <cuda_bf16.h>
 
@@ -36,6 +36,19 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(p)));
 }
+// (x0, x1) = hi + lo + r as two BF16 terms each, x0 in the low halves: hi = bf16(x) leaves
+// |x − hi| ≤ 2⁻⁸|x|, x − hi is exact in F32, and lo = bf16(x − hi) leaves |r| ≤ 2⁻¹⁶|x| (nearest
+// even; BF16 × BF16 products are exact in FP32, so W·hi + W·lo is an F32-class product). For finite
+// |x| below BF16's largest value; lo is 0 where hi is not finite, so an infinite x stays infinite.
+__device__ __forceinline__ void split_bf16x2(float x0, float x1, uint32_t& hi, uint32_t& lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
+  const float2 hf = __bfloat1622float2(h);
+  const __nv_bfloat162 l =
+      __floats2bfloat162_rn(isfinite(hf.x) ? x0 - hf.x : 0.0f, isfinite(hf.y) ? x1 - hf.y : 0.0f);
+  hi = *reinterpret_cast<const uint32_t*>(&h);
+  lo = *reinterpret_cast<const uint32_t*>(&l);
+}
+
 // c += a·b, m16n8k16, BF16 operands, FP32 accumulators.
 __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm volatile(
