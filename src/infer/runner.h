@@ -62,7 +62,7 @@ class ModelRunner {
     size_t cached = 0, nodes = 0;  // graphs kept; nodes (kernels) of the latest capture
     size_t memory_bytes = 0;       // device memory the kept graphs hold
   };
-  const GraphStats& graph_stats() const { return gstats_; }
+  GraphStats graph_stats() const;
   // Tests: runs inside every capture (work on the legacy stream here makes the capture fail).
   std::function<void()> capture_hook;
 
@@ -103,7 +103,7 @@ class ModelRunner {
     void operator()(GraphCache* g) const;
   };
   std::unique_ptr<GraphCache, DropGraphs> graphs_;  // null while graphs are off
-  GraphStats gstats_;
+  GraphStats gstats_;  // the counters; graph_stats() adds what the kept graphs hold
   // The step's token ids and positions in one upload ({ids, positions}, each [N] I32), the RoPE
   // tables grown to cover the positions.
   std::pair<Tensor, Tensor> ids_and_positions(std::span<const int32_t> tokens, const StepRows& rows);

@@ -31,7 +31,6 @@ struct ModelRunner::GraphCache {
   };
   std::list<Entry> entries;                // most recently used first
   std::list<std::vector<int64_t>> seen;    // keys run eagerly once, most recent first
-  bool pdl = true;                         // captures keep programmatic dependent launch
   Tensor step_in;                          // I32 [2·kDeviceGemvRows]: ids, then positions
   size_t keep = 4;
   static constexpr size_t kSeen = 16;
@@ -52,7 +51,6 @@ void ModelRunner::set_cuda_graphs(bool on, size_t keep) {
 #endif
   if (!on) {
     graphs_.reset();
-    gstats_.cached = gstats_.memory_bytes = 0;
   } else if (!gstats_.disabled) {
     if (!graphs_) graphs_.reset(new GraphCache);
 #ifdef DSV3_HAVE_CUDA
@@ -95,7 +93,6 @@ std::optional<ModelRunner::Output> ModelRunner::forward_graph(AttentionCache& ca
   auto turn_off = [&](const std::string& why) {
     gstats_.disabled = true;
     gstats_.error = why;
-    gstats_.cached = gstats_.memory_bytes = 0;
     graphs_.reset();  // after this step's eager run below, nothing refers to the graphs
   };
   auto eager = [&] {
@@ -133,33 +130,28 @@ std::optional<ModelRunner::Output> ModelRunner::forward_graph(AttentionCache& ca
     if (capture_hook) capture_hook();
     out = forward_body(cache, rows, ids, positions, logit_rows);
   };
-  bool ok = e.graph->capture(body, gc.pdl);
-  std::string why = e.graph->error();
-  // A driver that cannot capture programmatic launches: capture them plainly (not for a step marked
-  // unsafe, which would fail again).
-  if (!ok && gc.pdl && !e.graph->unsafe()) {
-    ok = e.graph->capture(body, false);
-    if (ok) {
-      gc.pdl = false;
-      gstats_.error = "captured without programmatic dependent launch: " + why;
-    } else {
-      why += "; without programmatic dependent launch: " + e.graph->error();
-    }
-  }
-  if (!ok) {
+  if (!e.graph->capture(body)) {
     ++gstats_.failures;
-    turn_off(why);
+    turn_off(e.graph->error());
     return eager();
   }
   ++gstats_.captures;
   gstats_.nodes = e.graph->nodes();
-  gstats_.cached = gc.entries.size();
-  gstats_.memory_bytes = 0;
-  for (const GraphCache::Entry& x : gc.entries) gstats_.memory_bytes += x.graph->memory_bytes();
   e.key = std::move(key);
   e.out = out;
   return replay(e);
 }
 #endif
+
+ModelRunner::GraphStats ModelRunner::graph_stats() const {
+  GraphStats s = gstats_;
+#ifdef DSV3_HAVE_CUDA
+  if (graphs_) {
+    s.cached = graphs_->entries.size();
+    for (const GraphCache::Entry& x : graphs_->entries) s.memory_bytes += x.graph->memory_bytes();
+  }
+#endif
+  return s;
+}
 
 }  // namespace dsv3

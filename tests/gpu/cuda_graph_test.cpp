@@ -279,8 +279,10 @@ TEST(CudaGraphEngine, DeviceGreedyTokensEqualEager) {
   EXPECT_EQ(graph.tokens, eager.tokens);
 }
 
-// Steps of more than 32 rows (eager) before replayed ones, and an engine with MTP speculation
-// (drafts and verification eager, plain steps replayed): the same tokens and logits as eagerly.
+// Steps of more than 32 rows (eager) before replayed ones: the same tokens and logits as eagerly.
+// Then an engine with MTP speculation: its steps draft and verify eagerly while a sequence has more
+// than one token to go, so few plain steps are left to replay (none is required); it checks that
+// turning graphs on changes nothing there.
 TEST(CudaGraphEngine, WideStepsAndMtpEqualEager) {
   ASSERT_GT(cuda_device_count(), 0);
   const Weights w = Weights::random(long_tiny(), 11, 0.05f);

@@ -8,7 +8,6 @@
 #include <vector>
 
 #include "backend/cuda/common.cuh"
-#include "backend/cuda/pdl.cuh"
 #include "backend/cuda/stream.h"
 
 namespace dsv3 {
@@ -95,7 +94,6 @@ struct CudaGraph::Impl {
   cudaGraphExec_t exec = nullptr;
   std::shared_ptr<GraphMemory> memory;
   std::string error;
-  bool unsafe = false;  // the latest capture failed on a cuda_graph_mark_unsafe
   size_t nodes = 0;
 
   void drop() {
@@ -117,14 +115,12 @@ CudaGraph::~CudaGraph() = default;
 
 bool CudaGraph::ready() const { return impl_->exec != nullptr; }
 const std::string& CudaGraph::error() const { return impl_->error; }
-bool CudaGraph::unsafe() const { return impl_->unsafe; }
 size_t CudaGraph::nodes() const { return impl_->nodes; }
 size_t CudaGraph::memory_bytes() const { return impl_->memory ? impl_->memory->bytes() : 0; }
 
-bool CudaGraph::capture(const std::function<void()>& fn, bool pdl) {
+bool CudaGraph::capture(const std::function<void()>& fn) {
   Impl& m = *impl_;
   m.error.clear();
-  m.unsafe = false;
   if (g_capture) {
     m.drop();
     m.error = "nested capture";
@@ -139,7 +135,7 @@ bool CudaGraph::capture(const std::function<void()>& fn, bool pdl) {
   }
   bool ok = false;
   try {
-    ok = capture_once(fn, pdl);
+    ok = capture_once(fn);
   } catch (const std::exception& x) {  // the capture's own CUDA calls (stream creation, ...)
     g_capture = nullptr;
     m.drop();
@@ -149,7 +145,7 @@ bool CudaGraph::capture(const std::function<void()>& fn, bool pdl) {
   return ok;
 }
 
-bool CudaGraph::capture_once(const std::function<void()>& fn, bool pdl) {
+bool CudaGraph::capture_once(const std::function<void()>& fn) {
   Impl& m = *impl_;
   if (!m.stream) DSV3_CUDA_CHECK(cudaStreamCreate(&m.stream));  // blocking: the legacy stream waits on it
   const cudaError_t stale = cudaGetLastError();  // an unchecked error of earlier work: not ours to drop
@@ -183,8 +179,6 @@ bool CudaGraph::capture_once(const std::function<void()>& fn, bool pdl) {
     fail = cat("cudaStreamBeginCapture: ", cudaGetErrorString(e));
   } else {
     g_capture = &st;
-    const bool pdl_was = pdl_enabled();
-    if (!pdl) cuda_set_pdl(false);
     try {
       StreamScope scope(m.stream);
       fn();
@@ -193,12 +187,10 @@ bool CudaGraph::capture_once(const std::function<void()>& fn, bool pdl) {
     } catch (...) {
       fail = "unknown exception";
     }
-    cuda_set_pdl(pdl_was);
     g_capture = nullptr;
     const cudaError_t last = cudaGetLastError();  // a launch site without a check
     e = cudaStreamEndCapture(m.stream, &g);
-    m.unsafe = !st.unsafe.empty();
-    if (m.unsafe) fail = st.unsafe;  // the cause of whatever failed after it
+    if (!st.unsafe.empty()) fail = st.unsafe;  // the cause of whatever failed after it
     if (fail.empty() && last != cudaSuccess) fail = cat("launch during capture: ", cudaGetErrorString(last));
     if (fail.empty() && e != cudaSuccess) fail = cat("cudaStreamEndCapture: ", cudaGetErrorString(e));
   }

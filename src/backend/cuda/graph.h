@@ -36,25 +36,20 @@ class CudaGraph {
 
   // Records fn's device work and instantiates it. false (reason in error()) when the capture or the
   // instantiation failed or fn threw: then none of fn's device work ran (its host side effects did)
-  // and the graph holds no instance. A new
-  // capture replaces an earlier instance (always a new instance: cudaGraphExecUpdate is not used,
-  // since a kernel's cluster shape is a launch attribute the key may change). pdl = false:
-  // programmatic dependent launch is off while fn runs (kernels that wait on their predecessors
-  // compute the same either way).
-  bool capture(const std::function<void()>& fn, bool pdl = true);
+  // and the graph holds no instance. A new capture replaces an earlier instance (always a new
+  // instance: cudaGraphExecUpdate is not used, since a kernel's cluster shape is a launch attribute
+  // the key may change).
+  bool capture(const std::function<void()>& fn);
   // Replays the latest capture on cuda::stream(); false (reason in error()) if the launch failed.
   bool launch();
   bool ready() const;
   const std::string& error() const;
-  // The latest capture failed because its work marked itself not capturable
-  // (cuda_graph_mark_unsafe): capturing the same work again fails again.
-  bool unsafe() const;
   // Nodes (all kernels, for the decode step) of the latest capture; device bytes its memory holds.
   size_t nodes() const;
   size_t memory_bytes() const;
 
  private:
-  bool capture_once(const std::function<void()>& fn, bool pdl);
+  bool capture_once(const std::function<void()>& fn);
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
@@ -68,7 +63,7 @@ bool cuda_graph_capturing();
 // replay reads, written in place before it.
 void cuda_copy_to_device(void* dst, const void* src, size_t bytes);
 
-// Tests: queue a tiny memset on the legacy default stream, as a launch site that ignores
+// Tests: queue an empty kernel on the legacy default stream, as a launch site that ignores
 // cuda::stream() would (inside a capture it fails the capture).
 void cuda_graph_test_legacy_work();
 
