@@ -125,34 +125,34 @@ Result run(const Weights& w, int64_t B, int64_t prompt, int64_t n_new, uint64_t 
   // PATH.b<batch>, or with --profile-prefill over its prefill into PATH.prefill.b<batch>
   // (tools/host_profile.py reads it).
   const char* prof_prefix = profile ? std::getenv("DSV3_HOST_PROFILE") : nullptr;
-  std::optional<bench::HostProfiler> hprof;
   const bool prof_prefill = profile && g_profile_prefill;
+  std::optional<bench::HostProfiler> hprof;
+  auto host_profile_start = [&] {
+    if (!prof_prefix) return;
+    hprof.emplace();
+    hprof->start(100);
+  };
+  auto host_profile_write = [&](const char* what) {
+    if (!hprof) return;
+    hprof->stop();
+    const std::string path = std::string(prof_prefix) + what + std::to_string(B);
+    std::printf("host profile: %zu samples -> %s\n", hprof->samples(), path.c_str());
+    if (!hprof->write(path)) std::fprintf(stderr, "host profile: cannot write %s\n", path.c_str());
+    hprof.reset();
+  };
   if (prof_prefill) {
     cudaProfilerStart();
-    if (prof_prefix) {
-      hprof.emplace();
-      hprof->start(100);
-    }
+    host_profile_start();
   }
   const double t0 = bench::now_s();
   eng.step();  // prefill of every prompt, first token
   const double t1 = bench::now_s();
   if (prof_prefill) {
     cudaProfilerStop();
-    if (hprof) {
-      hprof->stop();
-      const std::string path = std::string(prof_prefix) + ".prefill.b" + std::to_string(B);
-      std::printf("host profile: %zu samples -> %s\n", hprof->samples(), path.c_str());
-      if (!hprof->write(path)) std::fprintf(stderr, "host profile: cannot write %s\n", path.c_str());
-      hprof.reset();
-    }
-    prof_prefix = nullptr;
+    host_profile_write(".prefill.b");
   }
   const long m0 = bench::blocking_calls();
-  if (prof_prefix) {
-    hprof.emplace();
-    hprof->start(100);
-  }
+  if (!prof_prefill) host_profile_start();
   int64_t produced = 0;
   while (eng.has_work()) {
     const bool prof = profile && g_profile_steps > 0 && steps.size() >= 4 && steps.size() < 4 + size_t(g_profile_steps);
@@ -163,12 +163,7 @@ Result run(const Weights& w, int64_t B, int64_t prompt, int64_t n_new, uint64_t 
     if (prof) cudaProfilerStop();
   }
   const double t2 = bench::now_s();
-  if (hprof) {
-    hprof->stop();
-    const std::string path = std::string(prof_prefix) + ".b" + std::to_string(B);
-    std::printf("host profile: %zu samples -> %s\n", hprof->samples(), path.c_str());
-    if (!hprof->write(path)) std::fprintf(stderr, "host profile: cannot write %s\n", path.c_str());
-  }
+  host_profile_write(".b");
   res.seconds = t2 - t0;
   res.prefill_ms = (t1 - t0) * 1e3;
   res.tok_s = double(B * n_new) / res.seconds;
