@@ -437,6 +437,55 @@ TEST(CudaEngine, SmallLinearNormAndPairEqualsReference) {
   }
 }
 
+// x split into two BF16 terms (split_bf16x2) keeps an infinite x infinite, as F32 arithmetic does:
+// a row of x with one +Inf times positive weights gives +Inf in every output of that row (the lo
+// term Inf − Inf would make it NaN), the other rows stay finite. The decode GEMV on tensor cores,
+// the backend's linear (split kernel, prefill) and grouped_linear.
+TEST(CudaEngine, SplitTermsKeepAnInfiniteInputInfinite) {
+  ASSERT_GT(cuda_device_count(), 0);
+  CudaBackend& be = cuda_backend();
+  const int64_t K = 256, M = 48, bad = 1;
+  Tensor wh = randn({M, K}, 31, 0);
+  for (int64_t i = 0; i < wh.numel(); ++i) wh.data<float>()[i] = std::fabs(wh.data<float>()[i]) + 0.01f;
+  LinearParam p;
+  p.w = be.to_device(wh.to(DType::BF16));
+  auto check = [&](const Tensor& y, int64_t rows, const char* what) {
+    SCOPED_TRACE(what);
+    const Tensor h = be.to_host(y);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < M; ++j) {
+        const float v = h.data<float>()[r * M + j];
+        if (r == bad)
+          ASSERT_TRUE(std::isinf(v) && v > 0) << "row " << r << " col " << j << ": " << v;
+        else
+          ASSERT_TRUE(std::isfinite(v)) << "row " << r << " col " << j << ": " << v;
+      }
+  };
+  for (int64_t n : {4, 300}) {
+    Tensor x = randn({n, K}, 31, 1);
+    x.data<float>()[bad * K + 5] = INFINITY;
+    const Tensor xd = be.to_device(x);
+    Tensor y = be.alloc(DType::F32, {n, M});
+    if (n <= 64) {
+      const MmaRows setting(1);
+      ASSERT_TRUE(cuda_small_linear_ok(p, xd));
+      cuda_small_linear(p, xd, y, false);
+      check(y, n, "decode GEMV");
+    }
+    be.linear({xd, p.w, Tensor(), y, false});
+    check(y, n, "linear");
+    const std::vector<Tensor> ws = {p.w, p.w};
+    const std::vector<int64_t> off = {0, 2, n};
+    GroupedLinearArgs g;
+    g.x = xd;
+    g.w = ws;
+    g.offsets = off;
+    g.y = y;
+    be.grouped_linear(g);
+    check(y, n, "grouped_linear");
+  }
+}
+
 // The per-head GEMV (the absorbed W_UK / W_UV products) with BF16 weights on both paths: output row
 // (h, i) reads x's head-h slice and writes y[q, h·head_y + i]; the columns between heads' outputs
 // stay untouched. Also a second weight in the same launch without the norm (q_a with kv_a).
