@@ -66,6 +66,16 @@ Tensor Backend::zeros(DType t, const Shape& s) {
   return x;
 }
 
+void Backend::grouped_linear(const GroupedLinearArgs& a) {
+  validate(a);
+  for (size_t e = 0; e < a.w.size(); ++e) {
+    const int64_t r0 = a.offsets[e], r1 = a.offsets[e + 1];
+    if (r0 == r1) continue;
+    linear({a.x.rows(r0, r1), a.w[e], a.w_scale_inv.empty() ? Tensor() : a.w_scale_inv[e], a.y.rows(r0, r1),
+            a.accumulate});
+  }
+}
+
 void validate(const LinearArgs& a) {
   const char* op = "linear";
   weight_ok(a.w, a.w_scale_inv, op);
@@ -74,6 +84,29 @@ void validate(const LinearArgs& a) {
   REQ(last_dim(a.x) == a.w.dim(1), op, "x ", desc(a.x), " last dim != K of w ", desc(a.w));
   REQ(last_dim(a.y) == a.w.dim(0), op, "y ", desc(a.y), " last dim != N of w ", desc(a.w));
   REQ(rows_of(a.x) == rows_of(a.y), op, "x ", desc(a.x), " and y ", desc(a.y), " differ in rows");
+  REQ(a.x.raw() != a.y.raw() || a.x.numel() == 0, op, "y must not alias x");
+}
+
+void validate(const GroupedLinearArgs& a) {
+  const char* op = "grouped_linear";
+  f32(a.x, op, "x");
+  f32(a.y, op, "y");
+  REQ(a.x.ndim() == 2 && a.y.ndim() == 2 && a.x.dim(0) == a.y.dim(0), op, "x ", desc(a.x), " and y ", desc(a.y),
+      " must be [M, K] and [M, N]");
+  REQ(a.offsets.size() == a.w.size() + 1 && a.offsets.front() == 0 && a.offsets.back() == a.x.dim(0), op,
+      a.w.size(), " blocks need ", a.w.size() + 1, " offsets from 0 to ", a.x.dim(0), ", got ", a.offsets.size());
+  const bool scaled = !a.w_scale_inv.empty();
+  REQ(!scaled || a.w_scale_inv.size() == a.w.size(), op, a.w_scale_inv.size(), " scales for ", a.w.size(), " weights");
+  for (size_t e = 0; e < a.w.size(); ++e) {
+    REQ(a.offsets[e] <= a.offsets[e + 1], op, "block ", e, " ends (", a.offsets[e + 1], ") before it starts (",
+        a.offsets[e], ")");
+    weight_ok(a.w[e], scaled ? a.w_scale_inv[e] : Tensor(), op);
+    REQ(a.w[e].shape() == a.w[0].shape() && a.w[e].dtype() == a.w[0].dtype(), op, "weight ", e, " ", desc(a.w[e]),
+        " differs from weight 0 ", desc(a.w[0]));
+  }
+  if (a.w.empty()) return;
+  REQ(a.x.dim(1) == a.w[0].dim(1) && a.y.dim(1) == a.w[0].dim(0), op, "x ", desc(a.x), ", y ", desc(a.y),
+      " do not match w ", desc(a.w[0]));
   REQ(a.x.raw() != a.y.raw() || a.x.numel() == 0, op, "y must not alias x");
 }
 

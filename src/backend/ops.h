@@ -55,6 +55,18 @@ struct LinearBackwardArgs {
   bool accumulate_dx = false;
   bool accumulate_dw = false;
 };
+// The MoE experts' projections in one call: y[r] (+)= x[r]·W_eᵀ for the rows r of block e, blocks of
+// consecutive rows (offsets, host: offsets[0] = 0, non-decreasing, offsets.back() = rows), one weight
+// per block, all [N, K] of one dtype (F8_E4M3 with its scale_inv per block). Each block's result is
+// that of linear on its rows (the default runs exactly that); a GPU may batch the blocks' products.
+struct GroupedLinearArgs {
+  Tensor x;                             // [M, K] F32
+  std::span<const Tensor> w;            // one [N, K] per block
+  std::span<const Tensor> w_scale_inv;  // F8_E4M3: one per block; empty otherwise
+  std::span<const int64_t> offsets;     // blocks + 1
+  Tensor y;                             // [M, N] F32, not aliasing x
+  bool accumulate = false;
+};
 // General F32 matrix product c[M,N] (+)= alpha · op(a) · op(b), op = transpose when the flag is set
 // (a is [M,K] or [K,M]; b is [K,N] or [N,K]).
 struct MatmulArgs {
@@ -396,6 +408,9 @@ class Backend {
     if (xs.empty() && !accumulate) fill(FillArgs{out, 0.0f});
   }
 
+  // One linear per non-empty block unless a backend batches them.
+  virtual void grouped_linear(const GroupedLinearArgs& a);
+
   // Independent work that may overlap: between begin_lanes and end_lanes, ops issued after lane(i)
   // (i ≥ 0) may run concurrently with those issued after lane(j), i ≠ j (the MoE's per-expert GEMMs,
   // too small each to fill a GPU). Ops of one lane keep their order; end_lanes orders everything
@@ -445,6 +460,7 @@ class LaneScope {
 // Shape/dtype rules of each op, shared by every backend (ops.cpp). Throw InternalError naming the op.
 void validate(const LinearArgs&);
 void validate(const LinearBackwardArgs&);
+void validate(const GroupedLinearArgs&);
 void validate(const MatmulArgs&);
 void validate(const EmbeddingArgs&);
 void validate(const EmbeddingBackwardArgs&);

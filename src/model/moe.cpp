@@ -58,6 +58,34 @@ void each_block(Backend& be, std::span<const MlpParams> p, std::span<const int64
   }
 }
 
+// Whether the blocks' projections can go through grouped_linear: F32 math (the reduced-precision
+// GEMMs take per-block copies of their operands) and no bias (none of DeepSeek's experts has one).
+bool groupable(std::span<const MlpParams> p) {
+  if (lowp_gemms(p[0])) return false;
+  for (const MlpParams& m : p)
+    for (const LinearParam* l : {&m.gate_proj, &m.up_proj, &m.down_proj})
+      if (present(l->bias)) return false;
+  return true;
+}
+
+// y (+)= x·Wᵀ per block of rows for one projection of every MLP, in one call.
+void grouped(Backend& be, std::span<const MlpParams> p, std::span<const int64_t> offsets, LinearParam MlpParams::*proj,
+             const Tensor& x, const Tensor& y, bool accumulate) {
+  std::vector<Tensor> w, s;
+  for (const MlpParams& m : p) {
+    w.push_back((m.*proj).w);
+    if (present((m.*proj).scale_inv)) s.push_back((m.*proj).scale_inv);
+  }
+  GroupedLinearArgs g;
+  g.x = x;
+  g.w = w;
+  g.w_scale_inv = s;
+  g.offsets = offsets;
+  g.y = y;
+  g.accumulate = accumulate;
+  be.grouped_linear(g);
+}
+
 }  // namespace
 
 void mlp_forward(Backend& be, const MlpParams& p, const Tensor& x, MlpActs& a, bool accumulate_out) {
@@ -79,14 +107,18 @@ void experts_forward(Backend& be, std::span<const MlpParams> p, std::span<const 
   // Rows are independent, so a row block of a copy is the copy of that block.
   a.x_fp8 = lowp ? lowp_input_copy(prec, x, "linear input") : Fp8Tiles{};
   a.gate_fp8 = a.up_fp8 = a.act_copy = Fp8Tiles{};
-  // With BF16 weights the CUDA forward in F32 math runs on tensor cores too (x split into two BF16
-  // terms; an expert's few hundred prefill rows fill a few SMs).
-  const bool lanes = lowp_gemms(p[0]) || p[0].gate_proj.w.dtype() == DType::BF16;
-  each_block(be, p, offsets, lanes, [&](size_t e, int64_t r0, int64_t r1) {
-    Fp8Tiles xe = block(a.x_fp8, r0, r1);
-    linear_forward(be, p[e].gate_proj, x.rows(r0, r1), a.gate.rows(r0, r1), false, &xe);  // [c, I]
-    linear_forward(be, p[e].up_proj, x.rows(r0, r1), a.up.rows(r0, r1), false, &xe);      // [c, I]
-  });
+  // F32 math: each projection of every block in one grouped_linear call (a GPU batches the blocks).
+  const bool batched = groupable(p);
+  if (batched) {
+    grouped(be, p, offsets, &MlpParams::gate_proj, x, a.gate, false);  // [M, I]
+    grouped(be, p, offsets, &MlpParams::up_proj, x, a.up, false);      // [M, I]
+  } else {
+    each_block(be, p, offsets, lowp_gemms(p[0]), [&](size_t e, int64_t r0, int64_t r1) {
+      Fp8Tiles xe = block(a.x_fp8, r0, r1);
+      linear_forward(be, p[e].gate_proj, x.rows(r0, r1), a.gate.rows(r0, r1), false, &xe);  // [c, I]
+      linear_forward(be, p[e].up_proj, x.rows(r0, r1), a.up.rows(r0, r1), false, &xe);      // [c, I]
+    });
+  }
   SwigluArgs s;
   s.gate = a.gate;
   s.up = a.up;
@@ -95,10 +127,13 @@ void experts_forward(Backend& be, std::span<const MlpParams> p, std::span<const 
   keep_swiglu_inputs_fp8(p[0], a);
   const Fp8Tiles act = lowp ? lowp_input_copy(prec, a.act, "linear input") : Fp8Tiles{};
   if (!accumulate_out) a.out = be.alloc(DType::F32, {M, H});
-  each_block(be, p, offsets, lanes, [&](size_t e, int64_t r0, int64_t r1) {
-    Fp8Tiles ae = block(act, r0, r1);
-    linear_forward(be, p[e].down_proj, a.act.rows(r0, r1), a.out.rows(r0, r1), accumulate_out, &ae);  // [c, H]
-  });
+  if (batched)
+    grouped(be, p, offsets, &MlpParams::down_proj, a.act, a.out, accumulate_out);  // [M, H]
+  else
+    each_block(be, p, offsets, lowp_gemms(p[0]), [&](size_t e, int64_t r0, int64_t r1) {
+      Fp8Tiles ae = block(act, r0, r1);
+      linear_forward(be, p[e].down_proj, a.act.rows(r0, r1), a.out.rows(r0, r1), accumulate_out, &ae);  // [c, H]
+    });
   // FP8 recomputes act in the backward from the SwiGLU inputs' FP8 copies instead.
   if (prec.mode == LinearPrecisionMode::Bf16) a.act_copy = act;
 }

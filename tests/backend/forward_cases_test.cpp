@@ -40,8 +40,43 @@ std::vector<Output> linear_case(Backend& b, Guards& g, uint64_t seed, DType wt, 
   return {{"y", down(b, y), want, tol::kF32}};
 }
 
+// grouped_linear over uneven blocks (an empty one; one over several of the CUDA path's 128-row
+// chunks; the last chunk reading past x), each block against linear's reference on its rows.
+std::vector<Output> grouped_case(Backend& b, Guards& g, uint64_t seed, DType wt, bool accumulate) {
+  const std::vector<int64_t> off = {0, 3, 3, 300, 301, 420};
+  const int64_t m = off.back(), n = 96, k = 200;
+  Tensor x = randn({m, k}, seed, 1);
+  std::vector<Tensor> w, wd;
+  for (size_t e = 0; e + 1 < off.size(); ++e) {
+    w.push_back(randn({n, k}, seed, 10 + e, 0.5f, wt));
+    wd.push_back(up(b, w.back()));
+  }
+  Tensor y0 = randn({m, n}, seed, 3);
+  Tensor y = accumulate ? g.init(y0) : g.out(DType::F32, {m, n});
+  GroupedLinearArgs a;
+  a.x = up(b, x);
+  a.w = wd;
+  a.offsets = off;
+  a.y = y;
+  a.accumulate = accumulate;
+  b.grouped_linear(a);
+  Vec want(size_t(m * n));
+  const Vec xv = to_vec(x);
+  for (size_t e = 0; e + 1 < off.size(); ++e) {
+    const int64_t r0 = off[e], rows = off[e + 1] - r0;
+    const Vec part = ref::linear(Vec(xv.begin() + r0 * k, xv.begin() + (r0 + rows) * k), to_vec(w[e]), rows, n, k);
+    std::copy(part.begin(), part.end(), want.begin() + r0 * n);
+  }
+  if (accumulate)
+    for (size_t i = 0; i < want.size(); ++i) want[i] += double(y0.data<float>()[i]);
+  return {{"y", down(b, y), want, tol::kF32}};
+}
+
 }  // namespace
 
+OP_CASE(grouped_linear_f32) { return grouped_case(b, g, seed, DType::F32, false); }
+OP_CASE(grouped_linear_bf16) { return grouped_case(b, g, seed, DType::BF16, false); }
+OP_CASE(grouped_linear_bf16_accumulate) { return grouped_case(b, g, seed, DType::BF16, true); }
 OP_CASE(linear_f32) { return linear_case(b, g, seed, DType::F32, false); }
 OP_CASE(linear_f32_accumulate) { return linear_case(b, g, seed, DType::F32, true); }
 OP_CASE(linear_bf16) { return linear_case(b, g, seed, DType::BF16, false); }

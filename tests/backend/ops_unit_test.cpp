@@ -279,6 +279,25 @@ TEST(Linear, ZeroRowsLeaveOutputsAlone) {
   EXPECT_EQ(dw.data<float>()[5], 0.0f);
 }
 
+TEST(Validation, GroupedLinearRefusesBlocksThatDoNotTileTheRows) {
+  Tensor x = Tensor::zeros(DType::F32, {5, 8}), y = Tensor::zeros(DType::F32, {5, 4});
+  const std::vector<Tensor> w = {Tensor::zeros(DType::BF16, {4, 8}), Tensor::zeros(DType::BF16, {4, 8})};
+  auto call = [&](std::vector<int64_t> off, std::span<const Tensor> ws) {
+    GroupedLinearArgs a;
+    a.x = x;
+    a.w = ws;
+    a.offsets = off;
+    a.y = y;
+    cpu().grouped_linear(a);
+  };
+  EXPECT_NO_THROW(call({0, 2, 5}, w));
+  EXPECT_THROW(call({0, 2, 4}, w), InternalError);  // rows 4..5 in no block
+  EXPECT_THROW(call({0, 3, 4, 5}, w), InternalError);  // four offsets for two blocks
+  EXPECT_THROW(call({0, 3, 2}, w), InternalError);  // a block ending before it starts
+  const std::vector<Tensor> mixed = {w[0], Tensor::zeros(DType::F32, {4, 8})};
+  EXPECT_THROW(call({0, 2, 5}, mixed), InternalError);  // weights of two dtypes
+}
+
 TEST(Validation, ErrorsNameTheOpAndShapes) {
   Tensor x = Tensor::zeros(DType::F32, {2, 3}), w = Tensor::zeros(DType::F32, {4, 5});
   Tensor y = Tensor::zeros(DType::F32, {2, 4});

@@ -26,6 +26,7 @@ class CudaBackend final : public Backend {
 
   void linear(const LinearArgs&) override;
   void linear_backward(const LinearBackwardArgs&) override;
+  void grouped_linear(const GroupedLinearArgs&) override;
   void matmul(const MatmulArgs&) override;
   void embedding(const EmbeddingArgs&) override;
   void embedding_backward(const EmbeddingBackwardArgs&) override;

@@ -58,7 +58,7 @@ void destroy(Plan& p) {
   p = Plan{};
 }
 
-using Key = std::array<int64_t, 16>;
+using Key = std::array<int64_t, 17>;
 
 void set_dims(cublasLtMatrixLayout_t l, int64_t rows, int64_t cols, int64_t ld) {
   uint64_t r = uint64_t(rows), c = uint64_t(cols);
@@ -67,12 +67,18 @@ void set_dims(cublasLtMatrixLayout_t l, int64_t rows, int64_t cols, int64_t ld) 
   DSV3_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_LD, &ld, sizeof ld));
 }
 
-// The layouts at sizes m, n, k (the query's; each call sets its exact sizes before running).
+// The layouts at sizes m, n, k (the query's; each call sets its exact sizes and batch before running).
 void set_sizes(const Plan& p, const LtMatmul& g, int64_t m, int64_t n, int64_t k) {
   set_dims(p.la, g.trans_a ? k : m, g.trans_a ? m : k, g.lda);
   set_dims(p.lb, g.trans_b ? n : k, g.trans_b ? k : n, g.ldb);
   set_dims(p.lc, m, n, g.ldc);
+  if (!g.pointer_array) return;
+  const int32_t count = int32_t(g.batch);
+  for (cublasLtMatrixLayout_t l : {p.la, p.lb, p.lc})
+    DSV3_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof count));
 }
+
+uint32_t align_of(const LtMatmul& g, const void* p) { return g.pointer_array ? g.align : alignment(p); }
 
 void set_scale_pointers(const Plan& p, const LtMatmul& g) {
   if (g.a_scale_mode < 0) return;
@@ -97,13 +103,18 @@ bool build(const LtMatmul& g, int64_t m, int64_t n, int64_t k, Plan& p) {
   DSV3_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.la, g.a_type, 1, 1, 1));
   DSV3_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.lb, g.b_type, 1, 1, 1));
   DSV3_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.lc, g.c_type, 1, 1, 1));
+  if (g.pointer_array) {
+    const uint32_t mode = CUBLASLT_BATCH_MODE_POINTER_ARRAY;
+    for (cublasLtMatrixLayout_t l : {p.la, p.lb, p.lc})
+      DSV3_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_MODE, &mode, sizeof mode));
+  }
   set_sizes(p, g, m, n, k);
   cublasLtMatmulPreference_t pref;
   DSV3_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
   size_t ws = kWorkspace;
   DSV3_CUBLAS_CHECK(
       cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
-  const uint32_t al[3] = {alignment(g.a), alignment(g.b), alignment(g.c)};
+  const uint32_t al[3] = {align_of(g, g.a), align_of(g, g.b), align_of(g, g.c)};
   DSV3_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al[0], 4));
   DSV3_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al[1], 4));
   DSV3_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al[2], 4));
@@ -142,11 +153,12 @@ Key key_of(const LtMatmul& g, bool bucketed) {
              g.lda,
              g.ldb,
              g.ldc,
-             alignment(g.a),
-             alignment(g.b),
-             alignment(g.c),
+             align_of(g, g.a),
+             align_of(g, g.b),
+             align_of(g, g.c),
              g.a_scale_mode,
-             g.b_scale_mode};
+             g.b_scale_mode,
+             g.pointer_array};
 }
 
 // The plan for a key (one heuristic query at the key's sizes, then cached, "none" included).
@@ -170,13 +182,14 @@ cublasStatus_t run(const Plan& p, const LtMatmul& g) {
 
 }  // namespace
 
-void lt_matmul(const LtMatmul& g) {
-  if (g.m == 0 || g.n == 0) return;
+bool lt_try_matmul(const LtMatmul& g) {
+  if (g.m == 0 || g.n == 0) return true;
   if (g.k == 0) {  // an empty sum: D = beta·C
     DSV3_CHECK(g.beta == 0.0f || g.beta == 1.0f, "lt_matmul: an empty product with beta ", g.beta);
+    DSV3_CHECK(!g.pointer_array, "lt_matmul: an empty product in a pointer-array batch");
     const size_t es = g.c_type == CUDA_R_32F ? 4 : 2;
     if (g.beta == 0.0f) DSV3_CUDA_CHECK(cudaMemset2DAsync(g.c, size_t(g.ldc) * es, 0, size_t(g.m) * es, size_t(g.n), stream()));
-    return;
+    return true;
   }
   std::lock_guard<std::mutex> lk(g_mu);  // plans carry per-call sizes and scale pointers
   const Key exact = key_of(g, false), bucketed = key_of(g, true);
@@ -188,10 +201,19 @@ void lt_matmul(const LtMatmul& g) {
     p = plan_for(g, exact);
     st = p ? run(*p, g) : CUBLAS_STATUS_NOT_SUPPORTED;
   }
+  if (st == CUBLAS_STATUS_NOT_SUPPORTED) return false;
   if (st != CUBLAS_STATUS_SUCCESS)
     internal_error("cuBLASLt matmul of ", g.m, "×", g.k, " · ", g.k, "×", g.n, " (types ", int(g.a_type), "/",
                    int(g.b_type), " → ", int(g.c_type), ", scale modes ", g.a_scale_mode, "/", g.b_scale_mode,
-                   ") failed: status ", int(st), st == CUBLAS_STATUS_NOT_SUPPORTED ? " (no algorithm)" : "");
+                   ", batch ", g.batch, g.pointer_array ? " by pointer arrays" : "", ") failed: status ", int(st));
+  return true;
+}
+
+void lt_matmul(const LtMatmul& g) {
+  if (!lt_try_matmul(g))
+    internal_error("cuBLASLt has no algorithm for the matmul of ", g.m, "×", g.k, " · ", g.k, "×", g.n, " (types ",
+                   int(g.a_type), "/", int(g.b_type), " → ", int(g.c_type), ", scale modes ", g.a_scale_mode, "/",
+                   g.b_scale_mode, ")");
 }
 
 int64_t lt_plan_count() {

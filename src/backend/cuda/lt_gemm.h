@@ -28,6 +28,12 @@ struct LtMatmul {
   int a_scale_mode = -1, b_scale_mode = -1;
   const void* a_scale = nullptr;
   const void* b_scale = nullptr;
+  // A batch of `batch` products of these sizes whose matrices' addresses are read from device arrays
+  // of pointers (a, b, c then point at those arrays, and `align` is the smallest alignment in bytes
+  // of any matrix in them: cuBLASLt cannot see it).
+  int64_t batch = 1;
+  bool pointer_array = false;
+  uint32_t align = 0;
 };
 
 // Row-major c[m, n] (+)= op(a)[m, k] · op(b)[k, n] as cuBLASLt's column-major problem (cᵀ = op(b)ᵀ ·
@@ -52,6 +58,8 @@ inline LtMatmul lt_row_major(bool trans_a, bool trans_b, int64_t m, int64_t n, i
 
 // Runs the matmul on cuda::stream() (stream.h); an internal error when cuBLASLt has no algorithm for it.
 void lt_matmul(const LtMatmul& g);
+// The same, false (nothing run) when cuBLASLt has no algorithm for it.
+bool lt_try_matmul(const LtMatmul& g);
 
 // Plans built so far (each one heuristic query): a test's way to see that calls share a bucket's plan.
 int64_t lt_plan_count();
