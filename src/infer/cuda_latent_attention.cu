@@ -8,6 +8,7 @@
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/graph.h"
+#include "backend/cuda/lt_gemm.h"
 #include "backend/cuda/mla_decode.h"
 #include "backend/cuda/pdl.cuh"
 #include "infer/cuda_decode_ops.h"
@@ -531,6 +532,31 @@ bool bf16_exact(const Tensor& t) {
     if (float(__float2bfloat16_rn(p[i])) != p[i]) return false;
   return true;
 }
+
+// y[r, h] = W[h]·x[r, h] for `heads` heads (x rows [rows, heads, k] at row stride ldx, head stride
+// k; y at row stride ldy, head stride hy; W BF16 [heads, n, k]) on tensor cores: x split into two
+// BF16 terms, then two strided-batched matmuls over the heads, the second adding its product into
+// y (y = W·hi + W·lo, the kF32 class of linear's split path). Replaces an F32 SGEMM on steps beyond
+// the GEMV's rows (a prefill): bench-0.7b's W_UK and W_UV took 3.4 of its 25 ms of kernels.
+void head_linear_split(const float* x, int64_t rows, int64_t heads, int64_t k, int64_t ldx, const void* w, int64_t n,
+                       float* y, int64_t ldy, int64_t hy) {
+  Scratch terms(size_t(2 * rows * heads * k) * sizeof(__nv_bfloat16));
+  __nv_bfloat16* hi = terms.as<__nv_bfloat16>();
+  __nv_bfloat16* lo = hi + rows * heads * k;
+  if (ldx == heads * k)
+    f32_split_bf16(x, rows * heads * k, hi, lo);
+  else  // q's nope columns: rows of k values, one per (row, head), ldx / heads apart
+    f32_split_bf16_rows(x, rows * heads, k, ldx / heads, hi, lo);
+  for (int t = 0; t < 2; ++t) {
+    LtMatmul g = lt_row_major(false, true, rows, n, k, t ? lo : hi, heads * k, w, k, y, ldy, t == 1);
+    g.batch = heads;
+    g.stride_a = n * k;  // cuBLASLt's A is W
+    g.stride_b = k;
+    g.stride_c = hy;
+    lt_matmul(g);
+  }
+}
+
 }  // namespace
 
 void cuda_set_absorbed_gemv_rows(int64_t rows) { g_absorbed_gemv_rows = std::clamp<int64_t>(rows, 0, 64); }
@@ -686,6 +712,10 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
     g.ldy = nh * W;
     g.head_y = W;
     cuda_rows_gemv(g);
+  } else if (w_uk_t_[size_t(layer)].dtype() == DType::BF16) {
+    cuda_graph_mark_unsafe("W_UK through cuBLASLt");
+    head_linear_split(q.data<float>(), N, nh, d_.nope, nh * d_.qk, w_uk_t_[size_t(layer)].raw(), R, ptr<float>(qcat),
+                      nh * W, W);
   } else {
     cuda_graph_mark_unsafe("W_UK through cuBLAS");
     // qcat[r, h, :R] = q_nope[r, h]·W_UK[h]  (column-major: [R × N] = W_UKᵀ[R × nope] · q_nopeᵀ[nope × N])
@@ -790,6 +820,12 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
     g.ldy = nh * d_.vd;
     g.head_y = d_.vd;
     cuda_rows_gemv(g);
+    return;
+  }
+  if (present(w_uv_bf16_[size_t(layer)])) {
+    cuda_graph_mark_unsafe("W_UV through cuBLASLt");
+    head_linear_split(lat.data<float>(), N, nh, R, nh * R, w_uv_bf16_[size_t(layer)].raw(), d_.vd, ptr<float>(out),
+                      nh * d_.vd, d_.vd);
     return;
   }
   cuda_graph_mark_unsafe("W_UV through cuBLAS");

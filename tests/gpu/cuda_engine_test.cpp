@@ -282,7 +282,9 @@ struct AttnShape {
   int64_t layers, block_size;
 };
 
-void attention_against_host(const ModelDims& d, int64_t layers, int64_t bs, bool mla_decode) {
+// bf16_weights: W_UK and W_UV hold BF16 values (as a BF16 checkpoint's kv_b_proj), which the device
+// keeps in BF16 for its GEMV and, beyond the GEMV's rows, its split tensor-core matmuls.
+void attention_against_host(const ModelDims& d, int64_t layers, int64_t bs, bool mla_decode, bool bf16_weights = false) {
   CudaBackend& be = cuda_backend();
   KvCacheOptions o;
   o.block_size = bs;
@@ -296,6 +298,10 @@ void attention_against_host(const ModelDims& d, int64_t layers, int64_t bs, bool
     AbsorbedKvB a;
     a.w_uk = randn({d.nh, d.nope, d.kv_lora}, 11, uint64_t(2 * l), float(1.0 / std::sqrt(double(d.nope))));
     a.w_uv = randn({d.nh, d.vd, d.kv_lora}, 11, uint64_t(2 * l + 1), 0.05f);
+    if (bf16_weights) {
+      a.w_uk = a.w_uk.to(DType::BF16).to(DType::F32);
+      a.w_uv = a.w_uv.to(DType::BF16).to(DType::F32);
+    }
     wh.push_back(a);
     wd.push_back({be.to_device(a.w_uk), be.to_device(a.w_uv)});
   }
@@ -357,6 +363,13 @@ TEST(CudaEngine, DeviceCacheAttentionEqualsHostV3ShapeMlaDecode) {
 TEST(CudaEngine, DeviceCacheAttentionEqualsHostV3ShapeGeneric) {
   ASSERT_GT(cuda_device_count(), 0);
   attention_against_host(dims(16, 128, 64, 128, 512), 2, 64, false);
+}
+
+// The prefill step (333 rows) beyond the GEMV's 64 takes the split BF16 matmuls for W_UK and W_UV.
+TEST(CudaEngine, DeviceCacheAttentionEqualsHostBf16AbsorbedWeights) {
+  ASSERT_GT(cuda_device_count(), 0);
+  attention_against_host(dims(16, 128, 64, 128, 512), 2, 64, false, true);  // V3's heads, generic kernel
+  attention_against_host(dims(16, 128, 64, 128, 256), 2, 64, false, true);  // bench-0.7b's latent
 }
 
 TEST(CudaEngine, DeviceCacheAttentionEqualsHostSmallShapes) {

@@ -158,6 +158,9 @@ void f32_to_bf16(const float* x, int64_t n, __nv_bfloat16* y);
 // x[i] = hi[i] + lo[i] + r, |r| ≤ 2⁻¹⁶|x[i]| (split_bf16x2 of mma.cuh), on cuda::stream(). Used for
 // BF16-weight linears in F32 math on tensor cores.
 void f32_split_bf16(const float* x, int64_t n, __nv_bfloat16* hi, __nv_bfloat16* lo);
+// The same for `rows` rows of `cols` values ldx apart in x, dense [rows, cols] in hi and lo.
+void f32_split_bf16_rows(const float* x, int64_t rows, int64_t cols, int64_t ldx, __nv_bfloat16* hi,
+                         __nv_bfloat16* lo);
 
 // Stable sort of keys k[0..n) in [0, nkeys): order[r] = index of the r-th element, and
 // offsets[0..nkeys] the start of each key's run (device arrays owned by the caller). Keys outside

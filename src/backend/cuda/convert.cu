@@ -47,7 +47,34 @@ __global__ void f32_split_bf16_kernel(const float* x, int64_t n, __nv_bfloat16* 
   }
 }
 
+// One element pair per thread (cols even) or one element (odd cols), rows of x ldx apart.
+__global__ void f32_split_bf16_rows_kernel(const float* x, int64_t rows, int64_t cols, int64_t ldx, __nv_bfloat16* hi,
+                                           __nv_bfloat16* lo) {
+  const int64_t per = (cols + 1) / 2, n = rows * per, stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += stride) {
+    const int64_t r = i / per, c = 2 * (i % per);
+    const bool two = c + 1 < cols;
+    uint32_t h, l;
+    split_bf16x2(x[r * ldx + c], two ? x[r * ldx + c + 1] : 0.0f, h, l);
+    hi[r * cols + c] = __ushort_as_bfloat16(uint16_t(h));
+    lo[r * cols + c] = __ushort_as_bfloat16(uint16_t(l));
+    if (two) {
+      hi[r * cols + c + 1] = __ushort_as_bfloat16(uint16_t(h >> 16));
+      lo[r * cols + c + 1] = __ushort_as_bfloat16(uint16_t(l >> 16));
+    }
+  }
+}
+
 }  // namespace
+
+void f32_split_bf16_rows(const float* x, int64_t rows, int64_t cols, int64_t ldx, __nv_bfloat16* hi,
+                         __nv_bfloat16* lo) {
+  if (rows == 0 || cols == 0) return;
+  const int64_t pairs = rows * ((cols + 1) / 2);
+  const unsigned grid = unsigned(std::min<int64_t>((pairs + 255) / 256, int64_t(sm_count()) * 16));
+  f32_split_bf16_rows_kernel<<<grid, 256, 0, stream()>>>(x, rows, cols, ldx, hi, lo);
+  check_launch("f32 rows split into bf16 terms");
+}
 
 void f32_split_bf16(const float* x, int64_t n, __nv_bfloat16* hi, __nv_bfloat16* lo) {
   if (n == 0) return;

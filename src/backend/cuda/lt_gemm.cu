@@ -72,10 +72,17 @@ void set_sizes(const Plan& p, const LtMatmul& g, int64_t m, int64_t n, int64_t k
   set_dims(p.la, g.trans_a ? k : m, g.trans_a ? m : k, g.lda);
   set_dims(p.lb, g.trans_b ? n : k, g.trans_b ? k : n, g.ldb);
   set_dims(p.lc, m, n, g.ldc);
-  if (!g.pointer_array) return;
+  if (g.batch == 1 && !g.pointer_array) return;
   const int32_t count = int32_t(g.batch);
-  for (cublasLtMatrixLayout_t l : {p.la, p.lb, p.lc})
-    DSV3_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof count));
+  const int64_t strides[3] = {g.stride_a, g.stride_b, g.stride_c};
+  const cublasLtMatrixLayout_t layouts[3] = {p.la, p.lb, p.lc};
+  for (int i = 0; i < 3; ++i) {
+    DSV3_CUBLAS_CHECK(
+        cublasLtMatrixLayoutSetAttribute(layouts[i], CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof count));
+    if (!g.pointer_array)
+      DSV3_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layouts[i], CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                                                         &strides[i], sizeof strides[i]));
+  }
 }
 
 uint32_t align_of(const LtMatmul& g, const void* p) { return g.pointer_array ? g.align : alignment(p); }
@@ -158,7 +165,7 @@ Key key_of(const LtMatmul& g, bool bucketed) {
              align_of(g, g.c),
              g.a_scale_mode,
              g.b_scale_mode,
-             g.pointer_array};
+             g.pointer_array ? 2 : g.batch > 1 ? 1 : 0};
 }
 
 // The plan for a key (one heuristic query at the key's sizes, then cached, "none" included).

@@ -28,10 +28,12 @@ struct LtMatmul {
   int a_scale_mode = -1, b_scale_mode = -1;
   const void* a_scale = nullptr;
   const void* b_scale = nullptr;
-  // A batch of `batch` products of these sizes whose matrices' addresses are read from device arrays
-  // of pointers (a, b, c then point at those arrays, and `align` is the smallest alignment in bytes
-  // of any matrix in them: cuBLASLt cannot see it).
+  // A batch of `batch` products of these sizes: product i's matrices at a + i·stride_a elements (and
+  // b, c alike), or, with pointer_array, at addresses read from device arrays of pointers (a, b, c
+  // then point at those arrays, and `align` is the smallest alignment in bytes of any matrix in
+  // them: cuBLASLt cannot see it).
   int64_t batch = 1;
+  int64_t stride_a = 0, stride_b = 0, stride_c = 0;
   bool pointer_array = false;
   uint32_t align = 0;
 };
