@@ -286,9 +286,15 @@ __global__ void __launch_bounds__(32 * kExpertWarps) expert_kernel(ExpertArgs a)
   });
 }
 
-// out[r] = Σ_j weights[r, j]·y[inv[r·k + j]] in top-k order (+ the fused shared expert's row).
+// out[r] = Σ_j weights[r, j]·y[inv[r·k + j]] in top-k order (+ the fused shared expert's row), plus
+// the residual row. With norm_w, also normed[r] = RMSNorm(out[r])·norm_w — the next block's input
+// norm, one launch less per layer — in the arithmetic of the backend's rmsnorm_reg_kernel (the same
+// 256-thread column stride, sum of squares in double, w·(x·rs)), so its bits are the backend's. The
+// row is kept in registers (NPT values per thread: H ≤ 256·NPT).
+template <int NPT>
 __global__ void combine_kernel(const float* y, const int32_t* inv, const float* wts, int k, int nk, bool shared,
-                               int H, const float* residual, float* out) {
+                               int H, const float* residual, float* out, const void* norm_w, DType norm_t, float eps,
+                               float* normed) {
   pdl_wait();
   pdl_trigger();
   const int r = blockIdx.x;
@@ -299,11 +305,27 @@ __global__ void combine_kernel(const float* y, const int32_t* inv, const float* 
     w[threadIdx.x] = wts[r * k + threadIdx.x];
   }
   __syncthreads();
-  for (int col = threadIdx.x; col < H; col += blockDim.x) {
+  float v[NPT];
+  double ss = 0.0;
+#pragma unroll
+  for (int i = 0; i < NPT; ++i) {
+    const int col = threadIdx.x + i * blockDim.x;
+    v[i] = 0.0f;
+    if (col >= H) continue;
     float acc = 0.0f;
     for (int j = 0; j < k; ++j) acc = fmaf(w[j], rows[j][col], acc);
     if (shared) acc += y[int64_t(nk + r) * H + col];
-    out[int64_t(r) * H + col] = residual ? residual[int64_t(r) * H + col] + acc : acc;
+    v[i] = residual ? residual[int64_t(r) * H + col] + acc : acc;
+    out[int64_t(r) * H + col] = v[i];
+    ss += double(v[i]) * double(v[i]);
+  }
+  if (!norm_w) return;  // grid-uniform
+  ss = block_sum(ss);
+  const float rs = float(1.0 / sqrt(ss / double(H) + double(eps)));
+#pragma unroll
+  for (int i = 0; i < NPT; ++i) {
+    const int col = threadIdx.x + i * blockDim.x;
+    if (col < H) normed[int64_t(r) * H + col] = load_f(norm_w, norm_t, col) * (v[i] * rs);
   }
 }
 
@@ -728,7 +750,8 @@ template <class WT> void launch_experts(bool gate_up, int64_t N, const ExpertArg
 }  // namespace
 
 bool cuda_moe_supported(const MoeParams& p) {
-  if (p.experts.empty() || p.experts.size() > 1024) return false;
+  // The combine kernel holds a row of up to 256·32 values in registers.
+  if (p.experts.empty() || p.experts.size() > 1024 || p.experts[0].gate_proj.w.dim(1) > 256 * 32) return false;
   for (const MlpParams& m : p.experts)
     if (!vec_mlp(m) || m.gate_proj.w.dtype() != p.experts[0].gate_proj.w.dtype()) return false;
   return true;
@@ -762,7 +785,7 @@ CudaMoeTables cuda_moe_tables(const MoeParams& p) {
 }
 
 Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const CudaMoeTables& t,
-                        const Tensor& x, const Tensor* residual, bool small_gemv) {
+                        const Tensor& x, const Tensor* residual, bool small_gemv, CudaNextNorm* next_norm) {
   const int64_t N = x.dim(0), E = t.E, k = d.top_k, H = t.H, I = t.I;
   DSV3_CHECK(x.device() == Device::CUDA && x.dim(1) == H && E == d.n_experts && k <= 32, "cuda_moe_forward: x ",
              x.shape().str());
@@ -803,9 +826,21 @@ Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, con
   Tensor out = be.alloc(DType::F32, {N, H});
   const bool late_shared = p.has_shared && !t.shared;
   const bool fold = residual && !late_shared;
-  launch_pdl(combine_kernel, dim3(unsigned(N)), dim3(256), 0, y.data<float>(), static_cast<const int32_t*>(inv),
-             wts.data<float>(), int(k), int(nk), t.shared, int(H), fold ? residual->data<float>() : nullptr,
-             ptr<float>(out));
+  const bool norm_here = next_norm && fold;
+  if (next_norm) next_norm->out = be.alloc(DType::F32, {N, H});
+  auto combine = [&](auto kernel) {
+    launch_pdl(kernel, dim3(unsigned(N)), dim3(256), 0, y.data<float>(), static_cast<const int32_t*>(inv),
+               wts.data<float>(), int(k), int(nk), t.shared, int(H), fold ? residual->data<float>() : nullptr,
+               ptr<float>(out), norm_here ? next_norm->weight.raw() : nullptr,
+               norm_here ? next_norm->weight.dtype() : DType::F32, norm_here ? next_norm->eps : 0.0f,
+               norm_here ? ptr<float>(next_norm->out) : nullptr);
+  };
+  if (H <= 256 * 4)
+    combine(combine_kernel<4>);
+  else if (H <= 256 * 8)
+    combine(combine_kernel<8>);
+  else
+    combine(combine_kernel<32>);
   check_launch("moe combine");
   if (late_shared) {
     cuda_graph_mark_unsafe("shared experts through the backend's linears");
@@ -819,6 +854,14 @@ Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, con
     a.b = out;
     a.out = out;
     be.add(a);
+  }
+  if (next_norm && !norm_here) {
+    RmsNormArgs n;
+    n.x = out;
+    n.weight = next_norm->weight;
+    n.eps = next_norm->eps;
+    n.y = next_norm->out;
+    be.rmsnorm(n);
   }
   return out;
 }

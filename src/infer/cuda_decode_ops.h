@@ -27,7 +27,7 @@ struct CudaMoeTables {
   bool shared = false;  // the shared experts run as group E (F32, the routed experts' shape)
 };
 // Whether the layer's experts can take the grouped path (F32 or BF16 weights without bias, 16-byte
-// aligned rows, E ≤ 1024).
+// aligned rows, E ≤ 1024, hidden size ≤ 8192).
 bool cuda_moe_supported(const MoeParams& p);
 CudaMoeTables cuda_moe_tables(const MoeParams& p);
 
@@ -41,8 +41,16 @@ CudaMoeTables cuda_moe_tables(const MoeParams& p);
 inline bool cuda_moe_fits(const CudaMoeTables& t, int64_t N, int64_t top_k) {
   return top_k <= 32 && (2 * t.E + 1 + N * top_k) * int64_t(sizeof(int32_t)) <= 48 * 1024;
 }
+// next_norm: also out = RMSNorm(the result)·weight (the next block's input norm), inside the
+// combine kernel when it writes the final rows (the backend's rmsnorm otherwise).
+struct CudaNextNorm {
+  Tensor weight;
+  float eps = 0.0f;
+  Tensor out;  // [N, H], allocated by the call
+};
 Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const CudaMoeTables& t,
-                        const Tensor& x, const Tensor* residual = nullptr, bool small_gemv = false);
+                        const Tensor& x, const Tensor* residual = nullptr, bool small_gemv = false,
+                        CudaNextNorm* next_norm = nullptr);
 
 // y (+)= x·Wᵀ for at most 64 rows of x without cuBLAS: one kernel, each weight row read from HBM
 // once (F32 or BF16 weights without bias, F32 math; cuda_small_linear_ok says whether it applies).

@@ -83,7 +83,8 @@ void ModelRunner::linear(const LinearParam& p, const Tensor& x, const Tensor& y,
 
 // One decoder block; the MLA projections are those of mla_forward, the attention is the cache's.
 Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Tensor& x, const StepRows& rows,
-                                  const Tensor& positions, AttentionCache& cache) {
+                                  const Tensor& positions, AttentionCache& cache, const Tensor& h1_in,
+                                  [[maybe_unused]] const Tensor* next_norm, [[maybe_unused]] Tensor* next_h) {
   const int64_t N = x.dim(0), nh = d_.nh;
   const MlaParams& a = p.attn;
   Tensor rstd;
@@ -109,7 +110,7 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
   }
 #endif
   if (!fused) {
-    const Tensor h1 = rmsnorm(be_, x, p.input_layernorm, d_.eps, rstd);  // [N, H]
+    const Tensor h1 = present(h1_in) ? h1_in : rmsnorm(be_, x, p.input_layernorm, d_.eps, rstd);  // [N, H]
     bool kv_a_done = false;
     if (d_.q_lora > 0) {
       Tensor qa = be_.alloc(DType::F32, {N, d_.q_lora});
@@ -180,7 +181,14 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
 #endif
   if (dev_moe) {
 #ifdef DSV3_HAVE_CUDA
-    return cuda_moe_forward(be_, d_, p.moe, *dev_moe, h2, &x2, small_gemv(N));  // x2 + ffn
+    CudaNextNorm nn;
+    if (next_norm) {
+      nn.weight = *next_norm;
+      nn.eps = d_.eps;
+    }
+    Tensor out = cuda_moe_forward(be_, d_, p.moe, *dev_moe, h2, &x2, small_gemv(N), next_norm ? &nn : nullptr);
+    if (next_norm) *next_h = nn.out;
+    return out;  // x2 + ffn
 #endif
   } else if (small_mlp) {
 #ifdef DSV3_HAVE_CUDA
@@ -260,11 +268,20 @@ ModelRunner::Output ModelRunner::forward_body(AttentionCache& cache, const StepR
   else
 #endif
     be_.embedding(e);
-  for (size_t l = 0; l < params_.layers.size(); ++l)
-    x = decoder_layer(int64_t(l), params_.layers[l], x, rows, positions, cache);
+  // Each block's output norm comes from the block when it can compute it (the next block's input
+  // norm is only used beyond small_rows, where the GEMV does not fuse it; the final norm always).
+  Tensor h;
+  const size_t L = params_.layers.size();
+  for (size_t l = 0; l < L; ++l) {
+    const bool last = l + 1 == L;
+    const Tensor* next = last ? &params_.norm : N > small_rows_ ? &params_.layers[l + 1].input_layernorm : nullptr;
+    Tensor next_h;
+    x = decoder_layer(int64_t(l), params_.layers[l], x, rows, positions, cache, h, next, &next_h);
+    h = next_h;
+  }
   Tensor rstd;
   Output o;
-  o.hidden = rmsnorm(be_, x, params_.norm, d_.eps, rstd);  // h⁰
+  o.hidden = present(h) ? h : rmsnorm(be_, x, params_.norm, d_.eps, rstd);  // h⁰
   o.logits = head(o.hidden, logit_rows);
   return o;
 }

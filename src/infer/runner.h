@@ -88,8 +88,12 @@ class ModelRunner {
                      const Tensor& h_prev, std::span<const int32_t> logit_rows);
 
  private:
+  // One block on x. h1: its input_layernorm(x) when the previous block computed it (else undefined).
+  // next_norm: the weight of the norm that follows (the next block's input_layernorm or the final
+  // norm); the block may then set *next_h to it applied to its output (the grouped MoE's combine does).
   Tensor decoder_layer(int64_t layer, const LayerParams& p, const Tensor& x, const StepRows& rows,
-                       const Tensor& positions, AttentionCache& cache);
+                       const Tensor& positions, AttentionCache& cache, const Tensor& h1 = Tensor(),
+                       const Tensor* next_norm = nullptr, Tensor* next_h = nullptr);
   Tensor head(const Tensor& normed, std::span<const int32_t> logit_rows);
   const RopeTables& rope_for(int64_t n);
   // Everything after the uploads: embedding, layers, norm, head.
