@@ -262,17 +262,17 @@ __global__ void __launch_bounds__(32 * kMmaWarps, 2) gemv_mma_kernel(GemvArgs g,
   gemv_store<NT>(g, red, int(blockIdx.x) * rbs, rbs, ks, total);
 }
 
-// The tensor-core GEMV for n ≤ 8·NT rows and K ≤ 16 k-blocks (one per warp): a CTA of
-// kExpRowWarps warps takes a range of steps of 16·(kExpRowWarps / ks) weight rows; warp (rb, kw)
-// multiplies k-block kw of row block rb. Its x fragments (every n-tile, split once) stay in
+// The tensor-core GEMV for n ≤ 8·NT rows and K ≤ 16 k-blocks (one per warp): a CTA of nw ≤
+// kExpRowWarps warps (the launch's choice, a multiple of ks) takes a range of steps of 16·(nw / ks)
+// weight rows; warp (rb, kw) multiplies k-block kw of row block rb. Its x fragments (every n-tile, split once) stay in
 // registers while the rows' head is the same, the next step's weights load while a step is
 // multiplied, and each step's partial sums meet in a double-buffered shared array (one barrier per
 // step), added in warp order.
 template <int NT>
 __global__ void __launch_bounds__(32 * kExpRowWarps, 1) gemv_rows_kernel(GemvArgs g, int ks, int steps_per_cta) {
-  extern __shared__ float red[];  // [2][kExpRowWarps][kMmaStash<NT>]
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2;
-  const int rbs = kExpRowWarps / ks, rb = warp / ks, kw = warp - rb * ks;
+  extern __shared__ float red[];  // [2][nw][kMmaStash<NT>]
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, nw = blockDim.x >> 5;
+  const int rbs = nw / ks, rb = warp / ks, kw = warp - rb * ks;
   const int total = g.n_out + g.n_out2, step_rows = 16 * rbs;
   const int nkb = (g.K + kMmaKb - 1) / kMmaKb, all_steps = (total + step_rows - 1) / step_rows;
   const int s_begin = int(blockIdx.x) * steps_per_cta, s_end = min(all_steps, s_begin + steps_per_cta);
@@ -316,7 +316,7 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) gemv_rows_kernel(GemvArg
     float c[NT][4] = {};
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) mma_block(c[nt], cur, xf[nt]);
-    float* buf = red + ((s - s_begin) & 1) * kExpRowWarps * kMmaStash<NT>;
+    float* buf = red + ((s - s_begin) & 1) * nw * kMmaStash<NT>;
     mma_stash<NT>(buf + warp * kMmaStash<NT>, c);
     __syncthreads();
     gemv_store<NT>(g, buf, s * rbs, rbs, ks, total);

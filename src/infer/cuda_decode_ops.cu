@@ -505,14 +505,21 @@ template <int NT> void launch_gemv_mma_nt(const GemvArgs& g) {
   launch_pdl(gemv_mma_kernel<NT>, dim3(unsigned(ctas)), dim3(32 * kMmaWarps),
              size_t(kMmaWarps) * kMmaStash<NT> * sizeof(float), g, ks);
 }
-// gemv_rows_kernel when x fits its registers (≤ 32 rows) and K its warps (≤ 16 k-blocks); step
-// ranges sized so the CTAs about fill the SMs once. DSV3_DECODE_MMA_GEMV_ROWS=0 keeps gemv_mma_kernel
-// (for comparison).
-template <int NT> void launch_gemv_rows_nt(const GemvArgs& g, int ks, int steps_per_cta, int ctas) {
+// gemv_rows_kernel when x fits its registers (≤ 32 rows) and K its warps (≤ 16 k-blocks). Warps per
+// CTA: the most (up to kExpRowWarps) that still give every SM a step, else ks (the most CTAs): a
+// CTA's steps cost its warps' instructions in turn, so fewer warps per CTA spread a GEMV of few
+// steps over more SMs (bench-0.7b's W_UK and W_UV at 32 rows were 32 steps of 16 warps on 32 of the
+// H200's 132 SMs, issue-bound at ~16k cycles each under Nsight Compute: 13.2 / 11.6 -> 8.8 / 7.7 us
+// with 2 and 4 warps). Splitting K over the CTAs of a cluster as well (partial sums through
+// distributed shared memory) measured slower for every GEMV of the step (q_a + kv_a 10.8 -> 15.6 us,
+// o_proj 16 -> 37 us) and was dropped. Step ranges sized so the CTAs about fill the SMs once
+// (16 / nw CTAs of nw warps per SM). DSV3_DECODE_MMA_GEMV_ROWS=0 keeps gemv_mma_kernel.
+template <int NT> void launch_gemv_rows_nt(const GemvArgs& g, int ks, int nw, int steps_per_cta, int ctas) {
   const size_t smem = size_t(2) * kExpRowWarps * kMmaStash<NT> * sizeof(float);
   static const bool once = (allow_smem(gemv_rows_kernel<NT>, smem), true);
   (void)once;
-  launch_pdl(gemv_rows_kernel<NT>, dim3(unsigned(ctas)), dim3(32 * kExpRowWarps), smem, g, ks, steps_per_cta);
+  launch_pdl(gemv_rows_kernel<NT>, dim3(unsigned(ctas)), dim3(32 * nw), size_t(2) * nw * kMmaStash<NT> * sizeof(float),
+             g, ks, steps_per_cta);
 }
 bool launch_gemv_rows(const GemvArgs& g) {
   static const bool on = [] {
@@ -523,17 +530,20 @@ bool launch_gemv_rows(const GemvArgs& g) {
   int ks = 1;
   while (ks < nkb) ks *= 2;
   if (!on || ks > kExpRowWarps || g.n > 32) return false;
-  const int step_rows = 16 * (kExpRowWarps / ks);
-  const int64_t steps = (int64_t(g.n_out) + g.n_out2 + step_rows - 1) / step_rows;
-  const int64_t per = std::max<int64_t>(1, (steps + sm_count() - 1) / sm_count());
+  const int64_t rows = int64_t(g.n_out) + g.n_out2;
+  auto steps_for = [&](int nw) { return (rows + 16 * (nw / ks) - 1) / (16 * (nw / ks)); };
+  int nw = kExpRowWarps;
+  while (nw > ks && steps_for(nw) < sm_count()) nw /= 2;
+  const int64_t steps = steps_for(nw), slots = int64_t(sm_count()) * (kExpRowWarps / nw);
+  const int64_t per = std::max<int64_t>(1, (steps + slots - 1) / slots);
   const int64_t ctas = (steps + per - 1) / per;
   DSV3_CHECK(ctas <= INT32_MAX, "cuda_rows_gemv: ", g.n_out + g.n_out2, " output rows exceed one launch");
   if (g.n <= 8)
-    launch_gemv_rows_nt<1>(g, ks, int(per), int(ctas));
+    launch_gemv_rows_nt<1>(g, ks, nw, int(per), int(ctas));
   else if (g.n <= 16)
-    launch_gemv_rows_nt<2>(g, ks, int(per), int(ctas));
+    launch_gemv_rows_nt<2>(g, ks, nw, int(per), int(ctas));
   else
-    launch_gemv_rows_nt<4>(g, ks, int(per), int(ctas));
+    launch_gemv_rows_nt<4>(g, ks, nw, int(per), int(ctas));
   return true;
 }
 void launch_gemv_mma(const GemvArgs& g) {
