@@ -57,8 +57,9 @@ struct LinearBackwardArgs {
 };
 // The MoE experts' projections in one call: y[r] (+)= x[r]·W_eᵀ for the rows r of block e, blocks of
 // consecutive rows (offsets, host: offsets[0] = 0, non-decreasing, offsets.back() = rows), one weight
-// per block, all [N, K] of one dtype (F8_E4M3 with its scale_inv per block). Each block's result is
-// that of linear on its rows (the default runs exactly that); a GPU may batch the blocks' products.
+// per block, all [N, K] of one dtype (F8_E4M3 with its scale_inv per block). The default runs linear
+// on each block's rows; a GPU may batch the blocks' products (within linear's tolerance class, not
+// bit for bit: its algorithm can depend on the other blocks' sizes).
 struct GroupedLinearArgs {
   Tensor x;                             // [M, K] F32
   std::span<const Tensor> w;            // one [N, K] per block

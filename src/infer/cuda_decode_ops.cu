@@ -288,7 +288,7 @@ __global__ void __launch_bounds__(32 * kExpertWarps) expert_kernel(ExpertArgs a)
 
 // out[r] = Σ_j weights[r, j]·y[inv[r·k + j]] in top-k order (+ the fused shared expert's row), plus
 // the residual row. With norm_w, also normed[r] = RMSNorm(out[r])·norm_w — the next block's input
-// norm, one launch less per layer — in the arithmetic of the backend's rmsnorm_reg_kernel (the same
+// norm, one launch less per layer — in the arithmetic of the backend's RMSNorm kernels (the same
 // 256-thread column stride, sum of squares in double, w·(x·rs)), so its bits are the backend's. The
 // row is kept in registers (NPT values per thread: H ≤ 256·NPT).
 template <int NPT>
@@ -838,6 +838,7 @@ Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, con
   const bool fold = residual && !late_shared;
   const bool norm_here = next_norm && fold;
   if (next_norm) next_norm->out = be.alloc(DType::F32, {N, H});
+  DSV3_CHECK(H <= 256 * 32, "cuda_moe_forward: hidden size ", H, " above the combine kernel's 8192 (cuda_moe_supported)");
   auto combine = [&](auto kernel) {
     launch_pdl(kernel, dim3(unsigned(N)), dim3(256), 0, y.data<float>(), static_cast<const int32_t*>(inv),
                wts.data<float>(), int(k), int(nk), t.shared, int(H), fold ? residual->data<float>() : nullptr,

@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstring>
 #include <filesystem>
 #include <map>
 
@@ -18,6 +19,7 @@
 #include "infer/cuda_latent_attention.h"
 #include "infer/engine.h"
 #include "io/safetensors.h"
+#include "model/module_ops.h"
 #include "model/presets.h"
 
 namespace dsv3::test {
@@ -253,6 +255,73 @@ TEST(CudaEngine, GroupedMoeEqualsCpuMoeForward) {
         }
     }
   }
+}
+
+// The combine kernel's next-block RMSNorm (next_norm) equals the backend's rmsnorm of the same
+// output bit for bit, and the output itself is unchanged: a row held 4, 8 and 32 values per thread
+// (hidden 128, 1536, 3072), and shared experts of another shape (not fused, so the norm comes from
+// the backend after their add).
+TEST(CudaEngine, CombineNextNormEqualsBackendRmsNormBitForBit) {
+  ASSERT_GT(cuda_device_count(), 0);
+  CudaBackend& be = cuda_backend();
+  for (int64_t hidden : {128, 1536, 3072})
+    for (int64_t shared : {1, 2}) {
+      SCOPED_TRACE(cat("hidden ", hidden, ", shared experts ", shared));
+      ModelConfig cfg = preset_config("tiny");
+      cfg.hidden_size = hidden;
+      cfg.n_shared_experts = shared;
+      cfg.num_nextn_predict_layers = 0;
+      Weights w = Weights::random(cfg, 9, 0.05f);
+      round_matrices_to_bf16(w);
+      for (Param& p : w.params()) p.w = be.to_device(p.w);
+      const ModelParams pd = bind_params(w);
+      const ModelDims d = model_dims(w.config());
+      const MoeParams& moe = pd.layers[2].moe;
+      ASSERT_TRUE(cuda_moe_supported(moe));
+      const CudaMoeTables t = cuda_moe_tables(moe);
+      EXPECT_EQ(t.shared, shared == 1);
+      const int64_t N = 32;
+      const Tensor x = be.to_device(randn({N, hidden}, 10, 0)), res = be.to_device(randn({N, hidden}, 10, 1));
+      const Tensor norm_w = be.to_device(randn({hidden}, 10, 2));
+      CudaNextNorm nn;
+      nn.weight = norm_w;
+      nn.eps = d.eps;
+      const Tensor fused = be.to_host(cuda_moe_forward(be, d, moe, t, x, &res, false, &nn));
+      const Tensor plain_d = cuda_moe_forward(be, d, moe, t, x, &res, false);
+      Tensor rstd;
+      const Tensor normed = be.to_host(modops::rmsnorm(be, plain_d, norm_w, d.eps, rstd));
+      const Tensor plain = be.to_host(plain_d), got = be.to_host(nn.out);
+      ASSERT_EQ(fused.numel(), plain.numel());
+      EXPECT_EQ(std::memcmp(fused.raw(), plain.raw(), fused.nbytes()), 0) << "the MoE's output changed";
+      EXPECT_EQ(std::memcmp(got.raw(), normed.raw(), got.nbytes()), 0) << "the norm differs from the backend's";
+    }
+}
+
+// The row-range GEMV with several row blocks per CTA (nw / ks > 1): 8,448 outputs at K 128 take
+// 8-warp CTAs of four row blocks; the test shapes above all reduce to one row block per CTA.
+TEST(CudaEngine, RowRangeGemvWithSeveralRowBlocksPerCtaEqualsReference) {
+  ASSERT_GT(cuda_device_count(), 0);
+  CudaBackend& be = cuda_backend();
+  const int64_t n = 32, M = 8448, K = 128;
+  const MmaRows setting(1);
+  LinearParam p;
+  p.w = be.to_device(randn({M, K}, 12, 0).to(DType::BF16));
+  const Tensor w = be.to_host(p.w), x = randn({n, K}, 12, 1);
+  Vec want(size_t(n * M));
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t j = 0; j < M; ++j) {
+      double acc = 0.0;
+      for (int64_t k = 0; k < K; ++k)
+        acc += double(x.data<float>()[r * K + k]) * double(load_as_float(w.raw(), DType::BF16, j * K + k));
+      want[size_t(r * M + j)] = acc;
+    }
+  const Tensor xd = be.to_device(x);
+  Tensor y = be.alloc(DType::F32, {n, M});
+  ASSERT_TRUE(cuda_small_linear_ok(p, xd));
+  cuda_small_linear(p, xd, y, false);
+  const Err e = compare(be.to_host(y), want);
+  EXPECT_LE(e.norm_err, tol::kF32) << "worst " << e.worst;
+  EXPECT_EQ(e.non_finite, 0);
 }
 
 // A BF16 checkpoint's matrices: the device's GEMV and grouped experts read BF16 and compute in F32,

@@ -1,4 +1,5 @@
 // cuBLASLt matmuls with plans cached per shape bucket (lt_gemm.h says why).
+#include <algorithm>
 #include <array>
 #include <map>
 #include <mutex>
@@ -58,7 +59,7 @@ void destroy(Plan& p) {
   p = Plan{};
 }
 
-using Key = std::array<int64_t, 17>;
+using Key = std::array<int64_t, 18>;
 
 void set_dims(cublasLtMatrixLayout_t l, int64_t rows, int64_t cols, int64_t ld) {
   uint64_t r = uint64_t(rows), c = uint64_t(cols);
@@ -85,7 +86,16 @@ void set_sizes(const Plan& p, const LtMatmul& g, int64_t m, int64_t n, int64_t k
   }
 }
 
-uint32_t align_of(const LtMatmul& g, const void* p) { return g.pointer_array ? g.align : alignment(p); }
+size_t elem_bytes(cudaDataType_t t) { return t == CUDA_R_32F ? 4 : t == CUDA_R_16BF || t == CUDA_R_16F ? 2 : 1; }
+
+// The alignment cuBLASLt may assume for an operand: the caller's for pointer arrays, else that of the
+// base and, in a strided batch, of every matrix after it.
+uint32_t align_of(const LtMatmul& g, const void* p, int64_t stride, cudaDataType_t t) {
+  if (g.pointer_array) return g.align;
+  uint32_t a = alignment(p);
+  if (g.batch > 1) a = std::min(a, alignment(reinterpret_cast<const void*>(uintptr_t(stride) * elem_bytes(t))));
+  return a;
+}
 
 void set_scale_pointers(const Plan& p, const LtMatmul& g) {
   if (g.a_scale_mode < 0) return;
@@ -121,7 +131,8 @@ bool build(const LtMatmul& g, int64_t m, int64_t n, int64_t k, Plan& p) {
   size_t ws = kWorkspace;
   DSV3_CUBLAS_CHECK(
       cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
-  const uint32_t al[3] = {align_of(g, g.a), align_of(g, g.b), align_of(g, g.c)};
+  const uint32_t al[3] = {align_of(g, g.a, g.stride_a, g.a_type), align_of(g, g.b, g.stride_b, g.b_type),
+                          align_of(g, g.c, g.stride_c, g.c_type)};
   DSV3_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al[0], 4));
   DSV3_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al[1], 4));
   DSV3_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al[2], 4));
@@ -160,12 +171,13 @@ Key key_of(const LtMatmul& g, bool bucketed) {
              g.lda,
              g.ldb,
              g.ldc,
-             align_of(g, g.a),
-             align_of(g, g.b),
-             align_of(g, g.c),
+             align_of(g, g.a, g.stride_a, g.a_type),
+             align_of(g, g.b, g.stride_b, g.b_type),
+             align_of(g, g.c, g.stride_c, g.c_type),
              g.a_scale_mode,
              g.b_scale_mode,
-             g.pointer_array ? 2 : g.batch > 1 ? 1 : 0};
+             g.pointer_array ? 2 : g.batch > 1 ? 1 : 0,
+             bucketed && g.batch > 1 ? bucket(g.batch) : g.batch};
 }
 
 // The plan for a key (one heuristic query at the key's sizes, then cached, "none" included).
