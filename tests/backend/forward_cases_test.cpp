@@ -41,14 +41,25 @@ std::vector<Output> linear_case(Backend& b, Guards& g, uint64_t seed, DType wt, 
 }
 
 // grouped_linear over uneven blocks (an empty one; one over several of the CUDA path's 128-row
-// chunks; the last chunk reading past x), each block against linear's reference on its rows.
+// chunks; the last chunk reading past x), each block against linear's reference on its rows; FP8
+// weights with each block's own scales (the CUDA backend runs those as linear per block).
 std::vector<Output> grouped_case(Backend& b, Guards& g, uint64_t seed, DType wt, bool accumulate) {
   const std::vector<int64_t> off = {0, 3, 3, 300, 301, 420};
   const int64_t m = off.back(), n = 96, k = 200;
   Tensor x = randn({m, k}, seed, 1);
-  std::vector<Tensor> w, wd;
+  std::vector<Tensor> w, wd, sd;
+  std::vector<Vec> wref;
   for (size_t e = 0; e + 1 < off.size(); ++e) {
-    w.push_back(randn({n, k}, seed, 10 + e, 0.5f, wt));
+    if (wt == DType::F8_E4M3) {  // block scales [1, 2] per weight, different per block
+      Tensor sinv = Tensor::empty(DType::F32, {1, 2});
+      for (int i = 0; i < 2; ++i) sinv.data<float>()[i] = 0.01f * float(e + 1) + 0.005f * float(i);
+      w.push_back(randn({n, k}, seed, 10 + e, 0.5f).to(DType::F8_E4M3));
+      wref.push_back(ref::dequant_fp8(w.back(), sinv));
+      sd.push_back(up(b, sinv));
+    } else {
+      w.push_back(randn({n, k}, seed, 10 + e, 0.5f, wt));
+      wref.push_back(to_vec(w.back()));
+    }
     wd.push_back(up(b, w.back()));
   }
   Tensor y0 = randn({m, n}, seed, 3);
@@ -56,6 +67,7 @@ std::vector<Output> grouped_case(Backend& b, Guards& g, uint64_t seed, DType wt,
   GroupedLinearArgs a;
   a.x = up(b, x);
   a.w = wd;
+  a.w_scale_inv = sd;
   a.offsets = off;
   a.y = y;
   a.accumulate = accumulate;
@@ -64,7 +76,7 @@ std::vector<Output> grouped_case(Backend& b, Guards& g, uint64_t seed, DType wt,
   const Vec xv = to_vec(x);
   for (size_t e = 0; e + 1 < off.size(); ++e) {
     const int64_t r0 = off[e], rows = off[e + 1] - r0;
-    const Vec part = ref::linear(Vec(xv.begin() + r0 * k, xv.begin() + (r0 + rows) * k), to_vec(w[e]), rows, n, k);
+    const Vec part = ref::linear(Vec(xv.begin() + r0 * k, xv.begin() + (r0 + rows) * k), wref[e], rows, n, k);
     std::copy(part.begin(), part.end(), want.begin() + r0 * n);
   }
   if (accumulate)
@@ -77,6 +89,7 @@ std::vector<Output> grouped_case(Backend& b, Guards& g, uint64_t seed, DType wt,
 OP_CASE(grouped_linear_f32) { return grouped_case(b, g, seed, DType::F32, false); }
 OP_CASE(grouped_linear_bf16) { return grouped_case(b, g, seed, DType::BF16, false); }
 OP_CASE(grouped_linear_bf16_accumulate) { return grouped_case(b, g, seed, DType::BF16, true); }
+OP_CASE(grouped_linear_fp8_block_scaled) { return grouped_case(b, g, seed, DType::F8_E4M3, false); }
 OP_CASE(linear_f32) { return linear_case(b, g, seed, DType::F32, false); }
 OP_CASE(linear_f32_accumulate) { return linear_case(b, g, seed, DType::F32, true); }
 OP_CASE(linear_bf16) { return linear_case(b, g, seed, DType::BF16, false); }
