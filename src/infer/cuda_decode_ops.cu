@@ -11,6 +11,7 @@
 #include "backend/cuda/pdl.cuh"
 #include "infer/cuda_decode_mma.cuh"
 #include "infer/cuda_weight_vec.cuh"
+#include "model/module_ops.h"
 
 namespace dsv3 {
 using namespace cuda;
@@ -837,7 +838,7 @@ Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, con
   const bool late_shared = p.has_shared && !t.shared;
   const bool fold = residual && !late_shared;
   const bool norm_here = next_norm && fold;
-  if (next_norm) next_norm->out = be.alloc(DType::F32, {N, H});
+  if (norm_here) next_norm->out = be.alloc(DType::F32, {N, H});
   DSV3_CHECK(H <= 256 * 32, "cuda_moe_forward: hidden size ", H, " above the combine kernel's 8192 (cuda_moe_supported)");
   auto combine = [&](auto kernel) {
     launch_pdl(kernel, dim3(unsigned(N)), dim3(256), 0, y.data<float>(), static_cast<const int32_t*>(inv),
@@ -867,12 +868,8 @@ Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, con
     be.add(a);
   }
   if (next_norm && !norm_here) {
-    RmsNormArgs n;
-    n.x = out;
-    n.weight = next_norm->weight;
-    n.eps = next_norm->eps;
-    n.y = next_norm->out;
-    be.rmsnorm(n);
+    Tensor rstd;
+    next_norm->out = modops::rmsnorm(be, out, next_norm->weight, next_norm->eps, rstd);
   }
   return out;
 }

@@ -533,20 +533,17 @@ bool bf16_exact(const Tensor& t) {
   return true;
 }
 
-// y[r, h] = W[h]·x[r, h] for `heads` heads (x rows [rows, heads, k] at row stride ldx, head stride
-// k; y at row stride ldy, head stride hy; W BF16 [heads, n, k]) on tensor cores: x split into two
-// BF16 terms, then two strided-batched matmuls over the heads, the second adding its product into
-// y (y = W·hi + W·lo, the kF32 class of linear's split path). Replaces an F32 SGEMM on steps beyond
-// the GEMV's rows (a prefill): bench-0.7b's W_UK and W_UV took 3.4 of its 25 ms of kernels.
-void head_linear_split(const float* x, int64_t rows, int64_t heads, int64_t k, int64_t ldx, const void* w, int64_t n,
-                       float* y, int64_t ldy, int64_t hy) {
+// y[r, h] = W[h]·x[r, h] for `heads` heads (x[r, h] the k values at (r·heads + h)·stride; y at row
+// stride ldy, head stride hy; W BF16 [heads, n, k]) on tensor cores: x split into two BF16 terms,
+// then two strided-batched matmuls over the heads, the second adding its product into y (y = W·hi +
+// W·lo, the kF32 class of linear's split path). Replaces an F32 SGEMM on steps beyond the GEMV's
+// rows (a prefill): bench-0.7b's W_UK and W_UV took 3.4 of its 25 ms of kernels.
+void head_linear_split(const float* x, int64_t rows, int64_t heads, int64_t k, int64_t stride, const void* w,
+                       int64_t n, float* y, int64_t ldy, int64_t hy) {
   Scratch terms(size_t(2 * rows * heads * k) * sizeof(__nv_bfloat16));
   __nv_bfloat16* hi = terms.as<__nv_bfloat16>();
   __nv_bfloat16* lo = hi + rows * heads * k;
-  if (ldx == heads * k)
-    f32_split_bf16(x, rows * heads * k, hi, lo);
-  else  // q's nope columns: rows of k values, one per (row, head), ldx / heads apart
-    f32_split_bf16_rows(x, rows * heads, k, ldx / heads, hi, lo);
+  f32_split_bf16(x, rows * heads, k, stride, hi, lo);
   for (int t = 0; t < 2; ++t) {
     LtMatmul g = lt_row_major(false, true, rows, n, k, t ? lo : hi, heads * k, w, k, y, ldy, t == 1);
     g.batch = heads;
@@ -714,7 +711,7 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
     cuda_rows_gemv(g);
   } else if (w_uk_t_[size_t(layer)].dtype() == DType::BF16) {
     cuda_graph_mark_unsafe("W_UK through cuBLASLt");
-    head_linear_split(q.data<float>(), N, nh, d_.nope, nh * d_.qk, w_uk_t_[size_t(layer)].raw(), R, ptr<float>(qcat),
+    head_linear_split(q.data<float>(), N, nh, d_.nope, d_.qk, w_uk_t_[size_t(layer)].raw(), R, ptr<float>(qcat),
                       nh * W, W);
   } else {
     cuda_graph_mark_unsafe("W_UK through cuBLAS");
@@ -824,7 +821,7 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
   }
   if (present(w_uv_bf16_[size_t(layer)])) {
     cuda_graph_mark_unsafe("W_UV through cuBLASLt");
-    head_linear_split(lat.data<float>(), N, nh, R, nh * R, w_uv_bf16_[size_t(layer)].raw(), d_.vd, ptr<float>(out),
+    head_linear_split(lat.data<float>(), N, nh, R, R, w_uv_bf16_[size_t(layer)].raw(), d_.vd, ptr<float>(out),
                       nh * d_.vd, d_.vd);
     return;
   }

@@ -91,44 +91,35 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
   Tensor q = be_.alloc(DType::F32, {N, nh, d_.qk});
   const Tensor q2 = q.reshape({N, nh * d_.qk});
   Tensor kv_a = be_.alloc(DType::F32, {N, d_.kv_lora + d_.rope});
-  bool fused = false;
-#ifdef DSV3_HAVE_CUDA
   const LinearParam& q_first = d_.q_lora > 0 ? a.q_a_proj : a.q_proj;
-  // Small steps on CUDA: input_layernorm inside one GEMV launch for q_a (or q) and kv_a, and
-  // q_a_layernorm inside q_b's.
-  fused = small_gemv(N) && N <= small_rows_ && cuda_small_linear_ok(q_first, x) &&
-          cuda_small_linear_ok(a.kv_a_proj_with_mqa, x) && q_first.w.dtype() == a.kv_a_proj_with_mqa.w.dtype();
-  if (fused) {
-    Tensor first = d_.q_lora > 0 ? be_.alloc(DType::F32, {N, d_.q_lora}) : q2;
-    cuda_small_linear(q_first, x, first, false, &p.input_layernorm, d_.eps, &a.kv_a_proj_with_mqa, &kv_a);
-    if (d_.q_lora > 0) {
-      if (cuda_small_linear_ok(a.q_b_proj, first))
-        cuda_small_linear(a.q_b_proj, first, q2, false, &a.q_a_layernorm, d_.eps_mla);
-      else
-        linear(a.q_b_proj, rmsnorm(be_, first, a.q_a_layernorm, d_.eps_mla, rstd), q2);
-    }
-  }
-#endif
-  if (!fused) {
-    const Tensor h1 = present(h1_in) ? h1_in : rmsnorm(be_, x, p.input_layernorm, d_.eps, rstd);  // [N, H]
-    bool kv_a_done = false;
-    if (d_.q_lora > 0) {
-      Tensor qa = be_.alloc(DType::F32, {N, d_.q_lora});
+  // Small steps on CUDA: q_a (or q) and kv_a in one GEMV launch; up to small_rows that launch also
+  // applies input_layernorm and q_b's applies q_a_layernorm (beyond, every CTA would recompute them).
+  bool pair = false, fuse_norms = false;
 #ifdef DSV3_HAVE_CUDA
-      // Beyond small_rows (up to 32 rows) the norms stay separate (fused, every CTA would
-      // recompute them), but q_a and kv_a still share one GEMV launch.
-      kv_a_done = small_gemv(N) && cuda_small_linear_ok(a.q_a_proj, h1) &&
-                  cuda_small_linear_ok(a.kv_a_proj_with_mqa, h1) &&
-                  a.q_a_proj.w.dtype() == a.kv_a_proj_with_mqa.w.dtype();
-      if (kv_a_done) cuda_small_linear(a.q_a_proj, h1, qa, false, nullptr, 0.0f, &a.kv_a_proj_with_mqa, &kv_a);
+  pair = small_gemv(N) && cuda_small_linear_ok(q_first, x) && cuda_small_linear_ok(a.kv_a_proj_with_mqa, x) &&
+         q_first.w.dtype() == a.kv_a_proj_with_mqa.w.dtype();
+  fuse_norms = pair && N <= small_rows_;
 #endif
-      if (!kv_a_done) linear(a.q_a_proj, h1, qa);                               // [N, q_lora]
-      const Tensor qa_n = rmsnorm(be_, qa, a.q_a_layernorm, d_.eps_mla, rstd);  // [N, q_lora]
-      linear(a.q_b_proj, qa_n, q2);                                             // [N, nh·qk]
-    } else {
-      linear(a.q_proj, h1, q2);
-    }
-    if (!kv_a_done) linear(a.kv_a_proj_with_mqa, h1, kv_a);  // [N, kv_lora + rope]
+  const Tensor h1 = fuse_norms      ? x
+                    : present(h1_in) ? h1_in
+                                     : rmsnorm(be_, x, p.input_layernorm, d_.eps, rstd);  // [N, H]
+  const Tensor first = d_.q_lora > 0 ? be_.alloc(DType::F32, {N, d_.q_lora}) : q2;
+#ifdef DSV3_HAVE_CUDA
+  if (pair)
+    cuda_small_linear(q_first, h1, first, false, fuse_norms ? &p.input_layernorm : nullptr, d_.eps,
+                      &a.kv_a_proj_with_mqa, &kv_a);
+#endif
+  if (!pair) {
+    linear(q_first, h1, first);              // [N, q_lora] or [N, nh·qk]
+    linear(a.kv_a_proj_with_mqa, h1, kv_a);  // [N, kv_lora + rope]
+  }
+  if (d_.q_lora > 0) {
+    bool q_b_done = false;
+#ifdef DSV3_HAVE_CUDA
+    q_b_done = fuse_norms && cuda_small_linear_ok(a.q_b_proj, first);
+    if (q_b_done) cuda_small_linear(a.q_b_proj, first, q2, false, &a.q_a_layernorm, d_.eps_mla);
+#endif
+    if (!q_b_done) linear(a.q_b_proj, rmsnorm(be_, first, a.q_a_layernorm, d_.eps_mla, rstd), q2);  // [N, nh·qk]
   }
   Tensor c_kv_n, k_pe = be_.alloc(DType::F32, {N, d_.rope});
   bool latent_done = false;

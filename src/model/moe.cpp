@@ -76,14 +76,7 @@ void grouped(Backend& be, std::span<const MlpParams> p, std::span<const int64_t>
     w.push_back((m.*proj).w);
     if (present((m.*proj).scale_inv)) s.push_back((m.*proj).scale_inv);
   }
-  GroupedLinearArgs g;
-  g.x = x;
-  g.w = w;
-  g.w_scale_inv = s;
-  g.offsets = offsets;
-  g.y = y;
-  g.accumulate = accumulate;
-  be.grouped_linear(g);
+  be.grouped_linear({x, w, s, offsets, y, accumulate});
 }
 
 }  // namespace

@@ -64,14 +64,7 @@ std::vector<Output> grouped_case(Backend& b, Guards& g, uint64_t seed, DType wt,
   }
   Tensor y0 = randn({m, n}, seed, 3);
   Tensor y = accumulate ? g.init(y0) : g.out(DType::F32, {m, n});
-  GroupedLinearArgs a;
-  a.x = up(b, x);
-  a.w = wd;
-  a.w_scale_inv = sd;
-  a.offsets = off;
-  a.y = y;
-  a.accumulate = accumulate;
-  b.grouped_linear(a);
+  b.grouped_linear({up(b, x), wd, sd, off, y, accumulate});
   Vec want(size_t(m * n));
   const Vec xv = to_vec(x);
   for (size_t e = 0; e + 1 < off.size(); ++e) {

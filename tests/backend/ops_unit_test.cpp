@@ -282,14 +282,7 @@ TEST(Linear, ZeroRowsLeaveOutputsAlone) {
 TEST(Validation, GroupedLinearRefusesBlocksThatDoNotTileTheRows) {
   Tensor x = Tensor::zeros(DType::F32, {5, 8}), y = Tensor::zeros(DType::F32, {5, 4});
   const std::vector<Tensor> w = {Tensor::zeros(DType::BF16, {4, 8}), Tensor::zeros(DType::BF16, {4, 8})};
-  auto call = [&](std::vector<int64_t> off, std::span<const Tensor> ws) {
-    GroupedLinearArgs a;
-    a.x = x;
-    a.w = ws;
-    a.offsets = off;
-    a.y = y;
-    cpu().grouped_linear(a);
-  };
+  auto call = [&](std::vector<int64_t> off, std::span<const Tensor> ws) { cpu().grouped_linear({x, ws, {}, off, y}); };
   EXPECT_NO_THROW(call({0, 2, 5}, w));
   EXPECT_THROW(call({0, 2, 4}, w), InternalError);  // rows 4..5 in no block
   EXPECT_THROW(call({0, 3, 4, 5}, w), InternalError);  // four offsets for two blocks

@@ -155,12 +155,14 @@ void raise_range_errors();
 
 // y[0..n) = x rounded to BF16 (nearest even), vectorised when x is 16- and y 8-byte aligned.
 void f32_to_bf16(const float* x, int64_t n, __nv_bfloat16* y);
-// x[i] = hi[i] + lo[i] + r, |r| ≤ 2⁻¹⁶|x[i]| (split_bf16x2 of mma.cuh), on cuda::stream(). Used for
-// BF16-weight linears in F32 math on tensor cores.
-void f32_split_bf16(const float* x, int64_t n, __nv_bfloat16* hi, __nv_bfloat16* lo);
-// The same for `rows` rows of `cols` values ldx apart in x, dense [rows, cols] in hi and lo.
-void f32_split_bf16_rows(const float* x, int64_t rows, int64_t cols, int64_t ldx, __nv_bfloat16* hi,
-                         __nv_bfloat16* lo);
+// x = hi + lo + r per element, |r| ≤ 2⁻¹⁶|x| (split_bf16x2 of mma.cuh), on cuda::stream(): `rows`
+// rows of `cols` values ldx apart in x, dense [rows, cols] in hi and lo (vectorised when the rows are
+// contiguous). Used for BF16-weight products in F32 math on tensor cores.
+void f32_split_bf16(const float* x, int64_t rows, int64_t cols, int64_t ldx, __nv_bfloat16* hi, __nv_bfloat16* lo);
+// grouped_linear (and linear, one block) with BF16 weights on tensor cores, x split by
+// f32_split_bf16 (grouped_linear.cu); false, nothing written, for shapes it does not take (K or N
+// unaligned, unaligned weights or y, no cuBLASLt algorithm): the caller widens the weights instead.
+bool split_bf16_grouped(const GroupedLinearArgs& a);
 
 // Stable sort of keys k[0..n) in [0, nkeys): order[r] = index of the r-th element, and
 // offsets[0..nkeys] the start of each key's run (device arrays owned by the caller). Keys outside

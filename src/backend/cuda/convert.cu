@@ -67,21 +67,19 @@ __global__ void f32_split_bf16_rows_kernel(const float* x, int64_t rows, int64_t
 
 }  // namespace
 
-void f32_split_bf16_rows(const float* x, int64_t rows, int64_t cols, int64_t ldx, __nv_bfloat16* hi,
-                         __nv_bfloat16* lo) {
-  if (rows == 0 || cols == 0) return;
-  const int64_t pairs = rows * ((cols + 1) / 2);
-  const unsigned grid = unsigned(std::min<int64_t>((pairs + 255) / 256, int64_t(sm_count()) * 16));
-  f32_split_bf16_rows_kernel<<<grid, 256, 0, stream()>>>(x, rows, cols, ldx, hi, lo);
-  check_launch("f32 rows split into bf16 terms");
-}
-
-void f32_split_bf16(const float* x, int64_t n, __nv_bfloat16* hi, __nv_bfloat16* lo) {
+void f32_split_bf16(const float* x, int64_t rows, int64_t cols, int64_t ldx, __nv_bfloat16* hi, __nv_bfloat16* lo) {
+  const int64_t n = rows * cols;
   if (n == 0) return;
-  const bool vec = (reinterpret_cast<uintptr_t>(x) & 15u) == 0 && (reinterpret_cast<uintptr_t>(hi) & 7u) == 0 &&
-                   (reinterpret_cast<uintptr_t>(lo) & 7u) == 0;
-  const unsigned grid = unsigned(std::min<int64_t>((n / 4 + 255) / 256 + 1, int64_t(sm_count()) * 16));
-  f32_split_bf16_kernel<<<grid, 256, 0, stream()>>>(x, n, hi, lo, vec);
+  if (ldx == cols) {  // contiguous: one flat pass, four elements per thread when aligned
+    const bool vec = (reinterpret_cast<uintptr_t>(x) & 15u) == 0 && (reinterpret_cast<uintptr_t>(hi) & 7u) == 0 &&
+                     (reinterpret_cast<uintptr_t>(lo) & 7u) == 0;
+    const unsigned grid = unsigned(std::min<int64_t>((n / 4 + 255) / 256 + 1, int64_t(sm_count()) * 16));
+    f32_split_bf16_kernel<<<grid, 256, 0, stream()>>>(x, n, hi, lo, vec);
+  } else {
+    const int64_t pairs = rows * ((cols + 1) / 2);
+    const unsigned grid = unsigned(std::min<int64_t>((pairs + 255) / 256, int64_t(sm_count()) * 16));
+    f32_split_bf16_rows_kernel<<<grid, 256, 0, stream()>>>(x, rows, cols, ldx, hi, lo);
+  }
   check_launch("f32 split into bf16 terms");
 }
 

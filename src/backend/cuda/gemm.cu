@@ -1,11 +1,9 @@
 // linear, its backward and matmul through cuBLAS SGEMM (FP32, TF32 off, as the CPU reference).
-// Weights stored in F16/FP8 (and BF16 ones in the backward, or in shapes linear_split_bf16 does
+// Weights stored in F16/FP8 (and BF16 ones in the backward, or in shapes split_bf16_grouped does
 // not take) are widened to F32 in a scratch buffer per call (FP8 with its 128×128 block scales), so
 // a loaded model stays at its file size on the device. The forward with a BF16 weight runs on BF16
-// tensor cores instead, x split into two BF16 terms (linear_split_bf16).
+// tensor cores instead, x split into two BF16 terms (grouped_linear.cu, one block).
 #include "backend/cuda/common.cuh"
-#include "backend/cuda/lt_gemm.h"
-#include "backend/cuda/stream.h"
 
 namespace dsv3 {
 using namespace cuda;
@@ -33,49 +31,17 @@ const float* weight_f32(const Tensor& w, const Tensor& scale_inv, std::unique_pt
   return buf->as<float>();
 }
 
-// y = (acc ? y + top : top) + bottom, four floats per thread (n % 4 == 0).
-__global__ void add_halves_kernel(const float4* top, const float4* bottom, float4* y, int64_t n4, bool acc) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n4; i += int64_t(gridDim.x) * blockDim.x) {
-    const float4 t = top[i], b = bottom[i];
-    float4 v = t;
-    if (acc) {
-      const float4 o = y[i];
-      v = make_float4(o.x + t.x, o.y + t.y, o.z + t.z, o.w + t.w);
-    }
-    y[i] = make_float4(v.x + b.x, v.y + b.y, v.z + b.z, v.w + b.w);
-  }
-}
-
-// y (+)= x·Wᵀ for a BF16 W as W·hi + W·lo (f32_split_bf16): within tolerances.md's kF32 of the F32
-// product, as the decode GEMVs' tensor-core path (src/infer/cuda_decode_mma.cuh). Widening
-// W for SGEMM made the F32-math prefill of bench-0.7b at 4,096 rows run at ~30 TFLOP/s on the H200.
-// hi and lo are stacked as 2M rows of one matmul (cuBLASLt's host time per call, ~10 µs, bounded
-// the prefill's thousands of expert GEMMs), whose halves one kernel adds into y.
-// Shapes cuBLASLt's BF16 kernels take without padding only (16-byte rows and bases of W and y; the
-// terms are in scratch); false otherwise.
-bool linear_split_bf16(const LinearArgs& a, int64_t m, int64_t n, int64_t k) {
-  if (a.w.dtype() != DType::BF16 || k % 8 != 0 || n % 4 != 0 || !aligned16(a.w.raw()) || !aligned16(a.y.raw()))
-    return false;
-  const size_t terms_bytes = (size_t(2 * m * k) * sizeof(__nv_bfloat16) + 255) / 256 * 256;
-  Scratch buf(terms_bytes + size_t(2 * m * n) * sizeof(float));
-  __nv_bfloat16* hi = buf.as<__nv_bfloat16>();
-  float* halves = reinterpret_cast<float*>(buf.as<char>() + terms_bytes);
-  f32_split_bf16(a.x.data<float>(), m * k, hi, hi + m * k);
-  lt_matmul(lt_row_major(false, true, 2 * m, n, k, hi, k, a.w.raw(), k, halves, n, false));
-  const int64_t n4 = m * n / 4;
-  add_halves_kernel<<<unsigned(std::min<int64_t>((n4 + 255) / 256, int64_t(sm_count()) * 16)), 256, 0, stream()>>>(
-      reinterpret_cast<const float4*>(halves), reinterpret_cast<const float4*>(halves + m * n),
-      reinterpret_cast<float4*>(ptr<float>(a.y)), n4, a.accumulate);
-  check_launch("linear: adding the split terms' products");
-  return true;
-}
 }  // namespace
 
 void CudaBackend::linear(const LinearArgs& a) {
   validate(a);
   int64_t m = rows_of(a.x), n = a.w.dim(0), k = a.w.dim(1);
   if (m == 0) return;
-  if (linear_split_bf16(a, m, n, k)) return;
+  if (a.w.dtype() == DType::BF16) {  // on tensor cores: grouped_linear's path, one block
+    const Tensor w[1] = {a.w};
+    const int64_t offsets[2] = {0, m};
+    if (split_bf16_grouped({a.x.reshape({m, k}), w, {}, offsets, a.y.reshape({m, n}), a.accumulate})) return;
+  }
   std::unique_ptr<Scratch> buf;
   const float* w = weight_f32(a.w, a.w_scale_inv, buf);
   sgemm(false, true, m, n, k, 1.0f, a.x.data<float>(), k, w, k, a.accumulate ? 1.0f : 0.0f, ptr<float>(a.y), n);

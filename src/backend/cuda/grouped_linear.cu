@@ -1,10 +1,12 @@
-// grouped_linear: the MoE experts' projections. With BF16 weights the blocks' products run as one
-// cuBLASLt batch instead of one linear per block: x split into two BF16 terms once (as linear's
-// split path, gemm.cu), every block cut into chunks of at most `chunk` rows, each (chunk, term) one
-// matmul of a pointer-array batch into its own [chunk, N] slice of scratch, and one kernel adding
-// each row's two products into y. A bench-0.7b prefill of 4,096 tokens ran its experts as ~100
-// linears per layer (split, matmul, add each: ~3,900 launches and ~1,150 cuBLASLt calls, whose
-// host time bounded the step); here a projection is one split, one matmul and one add.
+// grouped_linear, and linear with a BF16 weight as its one-block case: F32 x against BF16 weights on
+// tensor cores. x is split into two BF16 terms once (16 bits of x; products of BF16 values are exact
+// in FP32, so y = W·hi + W·lo is in tolerances.md's kF32 class, as the decode GEMVs'), every block
+// cut into chunks of at most `chunk` rows, each (chunk, term) one matmul of a cuBLASLt pointer-array
+// batch into its own [chunk, N] slice of scratch, and one kernel adds each row's two products into
+// y. A bench-0.7b prefill of 4,096 tokens ran its experts as ~100 linears per layer (split, matmul,
+// add each: ~3,900 launches and ~1,150 cuBLASLt calls, whose host time bounded the step); here a
+// projection is one split, one matmul and one add. Widening the weights for SGEMM instead made that
+// prefill's linears run at ~30 TFLOP/s.
 #include <algorithm>
 #include <climits>
 #include <cstring>
@@ -71,7 +73,9 @@ uint32_t align_bytes(uintptr_t p) {
   return a;
 }
 
-bool grouped_split_bf16(const GroupedLinearArgs& a) {
+}  // namespace
+
+bool cuda::split_bf16_grouped(const GroupedLinearArgs& a) {
   const int64_t M = a.x.dim(0), N = a.w[0].dim(0), K = a.w[0].dim(1);
   if (a.w[0].dtype() != DType::BF16 || K == 0 || K % 8 != 0 || N % 4 != 0 || M > INT32_MAX || !aligned16(a.y.raw()))
     return false;
@@ -123,7 +127,7 @@ bool grouped_split_bf16(const GroupedLinearArgs& a) {
   std::memcpy(host.data() + ptrs.size() * sizeof(void*), starts.data(), starts.size() * sizeof(int32_t));
   DSV3_CUDA_CHECK(cudaMemcpyAsync(table, host.data(), table_bytes, cudaMemcpyHostToDevice, s));
   const int32_t* d_starts = reinterpret_cast<const int32_t*>(table + ptrs.size() * sizeof(void*));
-  f32_split_bf16(a.x.data<float>(), M * K, hi, lo);
+  f32_split_bf16(a.x.data<float>(), M, K, K, hi, lo);
   if (slack > 0) {
     DSV3_CUDA_CHECK(cudaMemsetAsync(hi + M * K, 0, size_t(slack * K) * 2, s));
     DSV3_CUDA_CHECK(cudaMemsetAsync(lo + M * K, 0, size_t(slack * K) * 2, s));
@@ -142,12 +146,10 @@ bool grouped_split_bf16(const GroupedLinearArgs& a) {
   return true;
 }
 
-}  // namespace
-
 void CudaBackend::grouped_linear(const GroupedLinearArgs& a) {
   validate(a);
   if (a.w.empty() || a.x.dim(0) == 0) return;
-  if (!grouped_split_bf16(a)) Backend::grouped_linear(a);
+  if (!split_bf16_grouped(a)) Backend::grouped_linear(a);
 }
 
 }  // namespace dsv3
