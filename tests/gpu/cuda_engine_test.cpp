@@ -522,7 +522,7 @@ TEST(CudaEngine, SmallLinearNormAndPairEqualsReference) {
 // x split into two BF16 terms (split_bf16x2) keeps an infinite x infinite, as F32 arithmetic does:
 // a row of x with one +Inf times positive weights gives +Inf in every output of that row (the lo
 // term Inf − Inf would make it NaN), the other rows stay finite. The decode GEMV on tensor cores,
-// the backend's linear (split kernel, prefill) and grouped_linear.
+// the backend's linear (prefill) and grouped_linear, each into an output first filled with NaN.
 TEST(CudaEngine, SplitTermsKeepAnInfiniteInputInfinite) {
   ASSERT_GT(cuda_device_count(), 0);
   CudaBackend& be = cuda_backend();
@@ -551,19 +551,17 @@ TEST(CudaEngine, SplitTermsKeepAnInfiniteInputInfinite) {
     if (n <= 64) {
       const MmaRows setting(1);
       ASSERT_TRUE(cuda_small_linear_ok(p, xd));
+      be.fill({y, NAN});
       cuda_small_linear(p, xd, y, false);
       check(y, n, "decode GEMV");
     }
+    be.fill({y, NAN});
     be.linear({xd, p.w, Tensor(), y, false});
     check(y, n, "linear");
     const std::vector<Tensor> ws = {p.w, p.w};
     const std::vector<int64_t> off = {0, 2, n};
-    GroupedLinearArgs g;
-    g.x = xd;
-    g.w = ws;
-    g.offsets = off;
-    g.y = y;
-    be.grouped_linear(g);
+    be.fill({y, NAN});
+    be.grouped_linear({xd, ws, {}, off, y, false});
     check(y, n, "grouped_linear");
   }
 }

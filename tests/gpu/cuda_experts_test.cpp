@@ -9,7 +9,7 @@
 // (cuda_lowp_trainer_test.cpp). Blocks of 0, 1 and uneven row counts; F32 master weights (converted
 // in each call, inside the lanes) and BF16 ones. F32 math with BF16 weights (inference's prefill) runs
 // each forward projection of all blocks as one grouped_linear (x split into two BF16 terms, one
-// batched matmul), the backward per block: against the CPU under kF32, and the same with lanes on.
+// batched matmul) and opens no lanes: against the CPU under kF32.
 #include <gtest/gtest.h>
 
 #include <cmath>
