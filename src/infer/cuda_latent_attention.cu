@@ -57,6 +57,7 @@ constexpr int kQStride = 4 * kHg + 4;  // floats per 4-column chunk of q (padded
 constexpr int kMaxClusterSplits = 8;
 constexpr int kMaxSplits = 64;
 constexpr int kMaxColumns = 512;  // kv_lora_rank
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 struct AttnArgs {
   const float* qcat;  // [N, nh, W]: the latent part of the absorbed query
@@ -604,11 +605,10 @@ bool CudaLatentAttention::uses_mla_decode() const {
 
 void CudaLatentAttention::upload(const StepRows& rows) {
   const int64_t N = rows.size(), bs = pool_.block_size();
-  int64_t maxb = 1, max_len = 1;
-  for (int64_t r = 0; r < N; ++r) {
-    maxb = std::max(maxb, rows.pos[size_t(r)] / bs + 1);
-    max_len = std::max(max_len, rows.pos[size_t(r)] + 1);
-  }
+  int64_t max_len = 1;
+  for (int64_t r = 0; r < N; ++r) max_len = std::max(max_len, rows.pos[size_t(r)] + 1);
+  max_len_ = max_len;
+  const int64_t maxb = (planned_len(N) + bs - 1) / bs;
   std::vector<int32_t> meta(size_t(3 * N + N * maxb), 0);
   for (int64_t r = 0; r < N; ++r) {
     const BlockTable& t = *tables[size_t(rows.seq[size_t(r)])];
@@ -630,7 +630,6 @@ void CudaLatentAttention::upload(const StepRows& rows) {
   meta_host_ = std::move(meta);
   rows_ = N;
   max_blocks_ = maxb;
-  max_len_ = max_len;
   const int64_t n = int64_t(meta_host_.size());
   if (!present(meta_dev_) || meta_dev_.numel() < n)
     meta_dev_ = cuda_backend().alloc(DType::I32, {std::max<int64_t>({n, 2 * meta_dev_.numel(), 1024})});
@@ -639,12 +638,24 @@ void CudaLatentAttention::upload(const StepRows& rows) {
   ++uploads_;
 }
 
+// The table width and the generic kernel's tiles cover the longest row, rounded up to 8 tiles when
+// a CTA per tile of every row still fits the SMs once. Both are part of a CUDA graph's key: at their
+// exact values every 32 new tokens changed it (an eager step and a capture each time; batch 1,
+// bench-0.7b, 128 new tokens: 1,436 -> 1,545 tok/s with the rounding). Beyond one wave of CTAs the
+// empty splits cost more than the captures (batch 32: 19,246 -> 18,902 tok/s), so there the tiles
+// stay exact. Table entries past a row's blocks are 0, a real block whose rows the kernels mask.
+int64_t CudaLatentAttention::planned_len(int64_t N) const {
+  const int64_t tiles = (max_len_ + kT - 1) / kT, wide = round_up(tiles, 8);
+  const int64_t groups = (d_.nh + kHg - 1) / kHg;
+  return (N * groups * wide <= sm_count() ? wide : tiles) * kT;
+}
+
 CudaLatentAttention::Split CudaLatentAttention::split_plan(int64_t N) const {
   // Splits of each row's positions: about two CTAs per SM; up to 8 merge inside a cluster, more
   // (long contexts over few rows) through partials and merge_kernel.
   Split s;
   s.groups = (d_.nh + kHg - 1) / kHg;
-  s.tiles = (max_len_ + kT - 1) / kT;
+  s.tiles = planned_len(N) / kT;
   const int64_t want = (2 * int64_t(sm_count()) + N * s.groups - 1) / (N * s.groups);
   s.splits = std::max<int64_t>(1, std::min(want, s.tiles));
   s.mode = s.splits == 1 ? kDirect : kCluster;

@@ -66,6 +66,7 @@ class CudaLatentAttention : public AttentionCache {
     int mode = 0;
   };
   Split split_plan(int64_t N) const;
+  int64_t planned_len(int64_t N) const;  // positions the tables and tiles cover (max_len_ rounded up)
   const LatentKvPool& pool_;
   const std::vector<AbsorbedKvB>& absorbed_;
   std::vector<Tensor> w_uk_t_;  // W_UK[h]ᵀ per layer [nh·kv_lora, nope]: rows for the small-step GEMV
