@@ -276,7 +276,7 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) gemv_rows_kernel(GemvArg
   const int total = g.n_out + g.n_out2, step_rows = 16 * rbs;
   const int nkb = (g.K + kMmaKb - 1) / kMmaKb, all_steps = (total + step_rows - 1) / step_rows;
   const int s_begin = int(blockIdx.x) * steps_per_cta, s_end = min(all_steps, s_begin + steps_per_cta);
-  const size_t row_bytes = size_t(g.K) * 2;
+  const size_t row_bytes = size_t(g.ldw ? g.ldw : g.K) * 2;
   // This warp's row block in step s: its weight rows g, g + 8 (past the last: the last again) and head.
   auto rows_of = [&](int s, const char*& lo, const char*& hi) {
     const int r0 = min((s * rbs + rb) * 16, total - 1);

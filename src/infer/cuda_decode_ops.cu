@@ -547,8 +547,31 @@ bool launch_gemv_rows(const GemvArgs& g) {
     launch_gemv_rows_nt<4>(g, ks, nw, int(per), int(ctas));
   return true;
 }
+// K beyond gemv_rows_kernel's 16 k-blocks (bench-0.7b's o_proj, K 2048, at 9–32 rows) as slices of
+// 16 k-blocks, each a gemv_rows launch, the later ones adding into y (in order: each waits for the
+// one before). gemv_mma_kernel takes such a GEMV in one launch, but a warp there reloads x for every
+// k-block it multiplies. DSV3_DECODE_GEMV_KSLICES=0 keeps it.
+bool launch_gemv_kslices(const GemvArgs& g) {
+  static const bool on = [] {
+    const char* e = std::getenv("DSV3_DECODE_GEMV_KSLICES");
+    return !(e && std::string(e) == "0");
+  }();
+  constexpr int kSlice = kExpRowWarps * kMmaKb;
+  if (!on || g.n <= 8 || g.n > 32 || g.W2 || g.head_rows < g.n_out || g.ldw || g.K <= kSlice || g.K > 4 * kSlice)
+    return false;
+  for (int k0 = 0; k0 < g.K; k0 += kSlice) {
+    GemvArgs s = g;
+    s.K = std::min(kSlice, g.K - k0);
+    s.x = g.x + k0;
+    s.W = static_cast<const char*>(g.W) + size_t(k0) * 2;
+    s.ldw = g.K;
+    s.acc = g.acc || k0 > 0;
+    DSV3_CHECK(launch_gemv_rows(s), "cuda_rows_gemv: a K slice the row-range kernel refused");
+  }
+  return true;
+}
 void launch_gemv_mma(const GemvArgs& g) {
-  if (launch_gemv_rows(g)) return;
+  if (launch_gemv_rows(g) || launch_gemv_kslices(g)) return;
   if (g.n <= 8)
     launch_gemv_mma_nt<1>(g);
   else if (g.n <= 16)
@@ -587,7 +610,7 @@ bool cuda_small_mlp_ok(const MlpParams& m, const Tensor& x) {
 }
 
 void cuda_rows_gemv(const GemvArgs& g) {
-  DSV3_CHECK(g.n >= 0 && g.n <= kMaxGemvRows && g.K > 0 && g.head_rows > 0 &&
+  DSV3_CHECK(g.n >= 0 && g.n <= kMaxGemvRows && g.K > 0 && g.head_rows > 0 && (g.ldw == 0 || g.ldw == g.K) &&
                  (g.wt == DType::F32 || g.wt == DType::BF16),
              "cuda_rows_gemv: n ", g.n, " K ", g.K, " weights ", dtype_name(g.wt));
   if (g.n == 0 || g.n_out + g.n_out2 == 0) return;

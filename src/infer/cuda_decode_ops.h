@@ -82,6 +82,7 @@ struct GemvArgs {
   int head_rows = 1;
   const void* W = nullptr;  // F32 or BF16 (wt), as W2
   DType wt = DType::F32;
+  int64_t ldw = 0;  // W's row stride in elements when it is not K (a K-slice of a wider W: gemv_rows only)
   int n_out = 0;
   float* y = nullptr;
   int64_t ldy = 0, head_y = 0;

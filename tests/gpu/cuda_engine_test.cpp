@@ -324,6 +324,38 @@ TEST(CudaEngine, RowRangeGemvWithSeveralRowBlocksPerCtaEqualsReference) {
   EXPECT_EQ(e.non_finite, 0);
 }
 
+// K beyond the row-range GEMV's 16 k-blocks at 9–32 rows: slices of 1,024 columns, the later ones
+// adding into y (K 2,240: two whole slices and a partial one), also on top of y's contents.
+TEST(CudaEngine, RowRangeGemvInKSlicesEqualsReference) {
+  ASSERT_GT(cuda_device_count(), 0);
+  CudaBackend& be = cuda_backend();
+  const int64_t M = 96, K = 2240;
+  const MmaRows setting(1);
+  LinearParam p;
+  p.w = be.to_device(randn({M, K}, 13, 0).to(DType::BF16));
+  const Tensor w = be.to_host(p.w);
+  for (int64_t n : {9, 32})
+    for (bool acc : {false, true}) {
+      SCOPED_TRACE(cat(n, " rows", acc ? ", accumulating" : ""));
+      const Tensor x = randn({n, K}, 13, uint64_t(n)), y0 = randn({n, M}, 14, uint64_t(n));
+      Vec want(size_t(n * M));
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t j = 0; j < M; ++j) {
+          double sum = acc ? double(y0.data<float>()[r * M + j]) : 0.0;
+          for (int64_t k = 0; k < K; ++k)
+            sum += double(x.data<float>()[r * K + k]) * double(load_as_float(w.raw(), DType::BF16, j * K + k));
+          want[size_t(r * M + j)] = sum;
+        }
+      const Tensor xd = be.to_device(x);
+      Tensor y = be.to_device(y0);
+      ASSERT_TRUE(cuda_small_linear_ok(p, xd));
+      cuda_small_linear(p, xd, y, acc);
+      const Err e = compare(be.to_host(y), want);
+      EXPECT_LE(e.norm_err, tol::kF32) << "worst " << e.worst;
+      EXPECT_EQ(e.non_finite, 0);
+    }
+}
+
 // A BF16 checkpoint's matrices: the device's GEMV and grouped experts read BF16 and compute in F32,
 // as the CPU engine does with the same weights (batch 1 to 20 rows per step: chunked prefill and
 // batched decode).
