@@ -2,8 +2,8 @@
 // tensor cores. x is split into two BF16 terms once (16 bits of x; products of BF16 values are exact
 // in FP32, so y = W·hi + W·lo is in tolerances.md's kF32 class, as the decode GEMVs'), every block
 // cut into chunks of at most `chunk` rows, each (chunk, term) one matmul of a cuBLASLt pointer-array
-// batch into its own [chunk, N] slice of scratch, and one kernel adds each row's two products into
-// y. A bench-0.7b prefill of 4,096 tokens ran its experts as ~100 linears per layer (split, matmul,
+// batch into its own [chunk, N] slice of scratch (K beyond 2,048 in slices, one batch each, added
+// in F32), and one kernel adds each row's two products into y. A bench-0.7b prefill of 4,096 tokens ran its experts as ~100 linears per layer (split, matmul,
 // add each: ~3,900 launches and ~1,150 cuBLASLt calls, whose host time bounded the step); here a
 // projection is one split, one matmul and one add. Widening the weights for SGEMM instead made that
 // prefill's linears run at ~30 TFLOP/s.
@@ -67,6 +67,8 @@ int64_t chunk_rows(std::span<const int64_t> counts) {
   return best;
 }
 
+constexpr int64_t kSliceK = 2048;  // columns per matmul (a multiple of 8: 16-byte aligned slices)
+
 uint32_t align_bytes(uintptr_t p) {
   uint32_t a = 256;
   while (a > 1 && (p & (a - 1))) a >>= 1;
@@ -95,12 +97,19 @@ bool cuda::split_bf16_grouped(const GroupedLinearArgs& a) {
   const int64_t J = int64_t(starts.size());
   const int64_t slack = std::max<int64_t>(0, starts.back() + chunk - M);  // rows a chunk reads past x
   starts.push_back(int32_t(M));
+  // K in slices of at most kSliceK columns, each slice's products added into the last's by the
+  // matmul's epilogue (beta 1, F32). The tensor cores' accumulation within one matmul loses more
+  // than round-to-nearest F32 over long K (V3's kv_a_proj, K 7168, in one matmul: 1.07e-5 of max|y|
+  // against kF32's 1e-5); a slice keeps each chain to the length the decode GEMVs are checked at.
+  const int64_t S = (K + kSliceK - 1) / kSliceK;
   // Device scratch: x's terms [M + slack, K] each (the last chunk may read past the last row: the
-  // slack is zeroed, its products unused), the products [J·chunk, N] per term, then the pointer arrays (A, B,
-  // C, 2J each: the hi terms' matmuls, then the lo terms') and the chunk starts.
+  // slack is zeroed, its products unused), the products [J·chunk, N] per term, then the pointer
+  // arrays (C: 2J, then per slice A and B: 2J each; in each the hi terms' matmuls, then the lo
+  // terms') and the chunk starts.
   auto up256 = [](size_t b) { return (b + 255) / 256 * 256; };
   const size_t term_bytes = up256(size_t((M + slack) * K) * 2), prod_bytes = up256(size_t(J * chunk * N) * 4);
-  const size_t table_bytes = size_t(6 * J) * sizeof(void*) + starts.size() * sizeof(int32_t);
+  const size_t n_ptrs = size_t(2 * J + 4 * J * S);
+  const size_t table_bytes = n_ptrs * sizeof(void*) + starts.size() * sizeof(int32_t);
   Scratch buf(2 * term_bytes + 2 * prod_bytes + table_bytes);
   char* base = buf.as<char>();
   __nv_bfloat16* hi = reinterpret_cast<__nv_bfloat16*>(base);
@@ -108,18 +117,26 @@ bool cuda::split_bf16_grouped(const GroupedLinearArgs& a) {
   float* prod_hi = reinterpret_cast<float*>(base + 2 * term_bytes);
   float* prod_lo = reinterpret_cast<float*>(base + 2 * term_bytes + prod_bytes);
   char* table = base + 2 * term_bytes + 2 * prod_bytes;
-  std::vector<const void*> ptrs(size_t(6 * J));
+  std::vector<const void*> ptrs(n_ptrs);
   uint32_t align = 256;
   for (int64_t j = 0; j < J; ++j) {
     const int64_t r = starts[size_t(j)];
-    const void* v[6] = {hi + r * K, lo + r * K, weights[size_t(j)], weights[size_t(j)], prod_hi + j * chunk * N,
-                        prod_lo + j * chunk * N};
+    const void* c[2] = {prod_hi + j * chunk * N, prod_lo + j * chunk * N};
     for (int t = 0; t < 2; ++t) {
-      ptrs[size_t(t * J + j)] = v[t];              // A (our x's term)
-      ptrs[size_t(2 * J + t * J + j)] = v[2 + t];  // B (the weight)
-      ptrs[size_t(4 * J + t * J + j)] = v[4 + t];  // C
+      ptrs[size_t(t * J + j)] = c[t];
+      align = std::min(align, align_bytes(reinterpret_cast<uintptr_t>(c[t])));
     }
-    for (const void* p : v) align = std::min(align, align_bytes(reinterpret_cast<uintptr_t>(p)));
+    for (int64_t sl = 0; sl < S; ++sl) {
+      const int64_t k0 = sl * kSliceK;
+      const void* v[4] = {hi + r * K + k0, lo + r * K + k0, static_cast<const __nv_bfloat16*>(weights[size_t(j)]) + k0,
+                          static_cast<const __nv_bfloat16*>(weights[size_t(j)]) + k0};
+      void const** p = ptrs.data() + 2 * J + 4 * J * sl;
+      for (int t = 0; t < 2; ++t) {
+        p[t * J + j] = v[t];              // A (our x's term)
+        p[2 * J + t * J + j] = v[2 + t];  // B (the weight)
+      }
+      for (const void* q : v) align = std::min(align, align_bytes(reinterpret_cast<uintptr_t>(q)));
+    }
   }
   const cudaStream_t s = stream();
   std::vector<char> host(table_bytes);
@@ -132,12 +149,15 @@ bool cuda::split_bf16_grouped(const GroupedLinearArgs& a) {
     DSV3_CUDA_CHECK(cudaMemsetAsync(hi + M * K, 0, size_t(slack * K) * 2, s));
     DSV3_CUDA_CHECK(cudaMemsetAsync(lo + M * K, 0, size_t(slack * K) * 2, s));
   }
-  LtMatmul g = lt_row_major(false, true, chunk, N, K, table, K, table + 2 * J * sizeof(void*), K,
-                            table + 4 * J * sizeof(void*), N, false);
-  g.batch = 2 * J;
-  g.pointer_array = true;
-  g.align = align;
-  if (!lt_try_matmul(g)) return false;  // no algorithm: y untouched, the caller runs linear per block
+  for (int64_t sl = 0; sl < S; ++sl) {
+    const char* p = table + (2 * J + 4 * J * sl) * sizeof(void*);
+    LtMatmul g = lt_row_major(false, true, chunk, N, std::min(kSliceK, K - sl * kSliceK), p, K,
+                              p + 2 * J * sizeof(void*), K, table, N, sl > 0);
+    g.batch = 2 * J;
+    g.pointer_array = true;
+    g.align = align;
+    if (!lt_try_matmul(g)) return false;  // no algorithm: y untouched, the caller runs linear per block
+  }
   const int64_t n4 = N / 4;
   add_chunk_halves_kernel<<<unsigned(std::min<int64_t>(M, int64_t(sm_count()) * 32)), 128, 0, s>>>(
       reinterpret_cast<const float4*>(prod_hi), reinterpret_cast<const float4*>(prod_lo), d_starts, int(J), chunk, M,
