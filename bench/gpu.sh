@@ -36,6 +36,8 @@ if [ -z "${PREBUILT:-}" ]; then
 else
   step "prebuilt binaries from $B"
 fi
+# The CLI tests in the GPU binary run this dsv3 (a prebuilt set is away from its build directory).
+[ -x "$B/dsv3" ] && export DSV3_CLI="$(cd "$B" && pwd)/dsv3"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/summary.txt"
 
 step "GPU backend tests (every op on CUDA vs CPU and the double reference)"

@@ -57,8 +57,8 @@ function(dsv3_tests dir)
   endif()
   target_link_libraries(${name} PRIVATE ${lib} GTest::gtest GTest::gtest_main)
   target_compile_definitions(${name} PRIVATE DSV3_BINARY_DIR="${CMAKE_BINARY_DIR}")
-  if(dir STREQUAL "cli")
-    add_dependencies(${name} dsv3)  # the CLI tests run the executable
+  if(dir STREQUAL "cli" OR dir STREQUAL "gpu")
+    add_dependencies(${name} dsv3)  # the CLI tests (and the GPU binary's) run the executable
   endif()
   set(filter "")
   if(dir STREQUAL "dist")

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <map>
@@ -21,9 +22,12 @@ struct Result {
 };
 
 // Runs `dsv3 args` through the shell (stderr folded into the output when `merge_stderr`,
-// otherwise discarded).
+// otherwise discarded). The executable is the build's, or $DSV3_CLI (binaries run away from their
+// build directory, as on the GPU machine).
 inline Result dsv3(const std::string& args, bool merge_stderr = false) {
-  std::string cmd = std::string(DSV3_BINARY_DIR) + "/dsv3 " + args + (merge_stderr ? " 2>&1" : " 2>/dev/null");
+  const char* cli = std::getenv("DSV3_CLI");
+  std::string cmd = (cli && *cli ? std::string(cli) : std::string(DSV3_BINARY_DIR) + "/dsv3") + " " + args +
+                    (merge_stderr ? " 2>&1" : " 2>/dev/null");
   Result r;
   FILE* p = popen(cmd.c_str(), "r");
   if (!p) return r;

@@ -1,0 +1,46 @@
+// `dsv3 generate --device cuda`, the CLI end to end on the GPU (checkpoint load, the CUDA engine with
+// its graphs, device greedy, MTP drafts), prints the greedy ids the CPU engine prints with the same
+// BF16 latent cache. The executable is the build's, or $DSV3_CLI.
+#include <gtest/gtest.h>
+
+#include <string>
+
+#include "../cli/cli_util.h"
+#include "backend/cuda/cuda_backend.h"
+
+namespace dsv3::test {
+namespace {
+
+using cli_test::dsv3;
+using cli_test::fixture_dir;
+using cli_test::Result;
+
+// stdout only; on failure, the run again with stderr for the message.
+Result run(const std::string& args) {
+  Result r = dsv3(args);
+  if (r.status != 0) r.out = dsv3(args, true).out;
+  return r;
+}
+
+TEST(CudaCli, GenerateOnCudaPrintsTheCpuGreedyIds) {
+  ASSERT_GT(cuda_device_count(), 0);
+  for (const char* fixture : {"v3_hub_yarn_mtp1", "v2_lite_greedy"}) {
+    SCOPED_TRACE(fixture);
+    const std::string base = "generate -m " + fixture_dir(fixture) +
+                             " --prompt-ids \"0 5 7 11 3\" -n 12 --temp 0 --ignore-eos --print-ids --cache-type bf16 ";
+    const Result cpu = run(base + "--device cpu --threads 1");
+    ASSERT_EQ(cpu.status, 0) << cpu.out;
+    ASSERT_FALSE(cpu.out.empty());
+    const Result gpu = run(base + "--device cuda");
+    ASSERT_EQ(gpu.status, 0) << gpu.out;
+    EXPECT_EQ(gpu.out, cpu.out);
+    if (std::string(fixture) == "v3_hub_yarn_mtp1") {  // speculative decoding with its MTP module
+      const Result mtp = run(base + "--device cuda --mtp 1");
+      ASSERT_EQ(mtp.status, 0) << mtp.out;
+      EXPECT_EQ(mtp.out, cpu.out);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace dsv3::test
