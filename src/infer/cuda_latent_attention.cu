@@ -672,12 +672,17 @@ CudaLatentAttention::Split CudaLatentAttention::split_plan(int64_t N) const {
 
 bool CudaLatentAttention::prepare_step(const StepRows& rows, std::vector<int64_t>& key) {
   const int64_t N = rows.size();
-  if (N == 0 || N > g_absorbed_gemv_rows || uses_mla_decode()) return false;
+  if (N == 0 || N > g_absorbed_gemv_rows) return false;
   upload(rows);
-  const Split s = split_plan(N);
   auto addr = [](const Tensor& x) { return int64_t(reinterpret_cast<uintptr_t>(x.raw())); };
-  key.insert(key.end(), {serial_, addr(storage_), N, max_blocks_, s.tiles, s.splits, int64_t(s.mode),
-                         int64_t(last_rows_), addr(meta_dev_), meta_dev_.numel(), int64_t(pdl_enabled())});
+  key.insert(key.end(), {serial_, addr(storage_), N, max_blocks_, int64_t(last_rows_), addr(meta_dev_),
+                         meta_dev_.numel(), int64_t(pdl_enabled()), int64_t(uses_mla_decode())});
+  if (uses_mla_decode()) {  // cuda_mla_decode sizes its splits by the blocks the longest row covers
+    key.push_back((max_len_ + pool_.block_size() - 1) / pool_.block_size());
+  } else {
+    const Split s = split_plan(N);
+    key.insert(key.end(), {s.tiles, s.splits, int64_t(s.mode)});
+  }
   return true;
 }
 

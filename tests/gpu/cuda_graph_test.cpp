@@ -184,9 +184,10 @@ std::vector<Request> mixed_requests(int64_t long_prompt, uint64_t salt) {
 }
 
 Trace run_engine(const Weights& w, const std::vector<Request>& reqs, bool graphs, bool with_logits,
-                 int64_t max_running, std::function<void()> hook = nullptr, size_t keep = 4, int drafts = 0) {
+                 int64_t max_running, std::function<void()> hook = nullptr, size_t keep = 4, int drafts = 0,
+                 int64_t block_size = 16) {
   EngineOptions opt;
-  opt.cache.block_size = 16;
+  opt.cache.block_size = block_size;
   opt.max_running = max_running;
   opt.cuda_graphs = graphs;
   opt.draft_tokens = drafts;
@@ -221,9 +222,9 @@ void expect_identical(const Trace& eager, const Trace& graph) {
 // The engine on reqs eagerly and with graphs, all else equal: graphs stay on (and replay, when
 // `replays`) and give the same tokens and logits. Returns the graph run.
 Trace expect_graphs_match_eager(const Weights& w, const std::vector<Request>& reqs, int64_t max_running,
-                                size_t keep = 4, int drafts = 0, bool replays = true) {
-  const Trace eager = run_engine(w, reqs, false, true, max_running, nullptr, keep, drafts);
-  const Trace graph = run_engine(w, reqs, true, true, max_running, nullptr, keep, drafts);
+                                size_t keep = 4, int drafts = 0, bool replays = true, int64_t block_size = 16) {
+  const Trace eager = run_engine(w, reqs, false, true, max_running, nullptr, keep, drafts, block_size);
+  const Trace graph = run_engine(w, reqs, true, true, max_running, nullptr, keep, drafts, block_size);
   EXPECT_EQ(eager.graphs.replays, 0);
   EXPECT_FALSE(graph.graphs.disabled) << graph.graphs.error;
   if (replays) {
@@ -265,6 +266,22 @@ TEST(CudaGraphEngine, LogitsBitIdenticalToEagerBf16TensorCores) {
     expect_graphs_match_eager(w, reqs, 4);
     cuda_set_decode_mma_rows(saved);
   }
+}
+
+// V3's latent shape (kv_lora_rank 512 + rope 64, 64-token blocks) decodes through cuda_mla_decode,
+// whose split partials are graph memory: its steps replay too, bit-identical to eager ones, with
+// one split and with several (a 300-token prompt: 5 blocks).
+TEST(CudaGraphEngine, MlaDecodeShapeReplaysBitIdenticalToEager) {
+  ASSERT_GT(cuda_device_count(), 0);
+  ModelConfig c = long_tiny();
+  c.kv_lora_rank = 512;
+  c.qk_rope_head_dim = 64;
+  Weights w = Weights::random(c, 12, 0.05f);
+  round_matrices_to_bf16(w);
+  const std::vector<Request> reqs = mixed_requests(300, 63);
+  const Trace graph = expect_graphs_match_eager(w, reqs, 3, 4, 0, true, 64);
+  EXPECT_EQ(graph.graphs.failures, 0);
+  EXPECT_GT(graph.graphs.replays, graph.graphs.eager) << "most decode steps should replay";
 }
 
 // The engine's usual greedy path (argmax on the device, ids read back) over graph outputs.

@@ -738,20 +738,25 @@ int64_t cuda_mla_decode_with(const MlaDecodeArgs& a, const MlaDecodeConfig& c) {
   splits = (nblk + per - 1) / per;
   Shape_ s{B, H, W, R, a.layers, a.layer, max_blocks, splits, per};
   const bool merge = splits > 1;
-  Scratch po(merge ? size_t(B * splits * H * R) * 4 : 0), pm(merge ? size_t(B * splits * H) * 4 : 0),
-      pl(merge ? size_t(B * splits * H) * 4 : 0);
+  // The partials as backend tensors (not Scratch): inside a CUDA graph capture they stay the
+  // graph's, so a decode step of this shape can be captured (docs/inference.md "CUDA graphs").
+  CudaBackend& be = cuda_backend();
+  const Tensor po = merge ? be.alloc(DType::F32, {B * splits * H * R}) : Tensor();
+  const Tensor pm = merge ? be.alloc(DType::F32, {B * splits * H}) : Tensor();
+  const Tensor pl = merge ? be.alloc(DType::F32, {B * splits * H}) : Tensor();
   const float* qp = a.q.data<float>();
   const __nv_bfloat16* pool = static_cast<const __nv_bfloat16*>(a.pool.raw());
   const int32_t* table = a.block_table.data<int32_t>();
   const int32_t* lens = a.lengths.data<int32_t>();
   float* out = ptr<float>(a.out);
   float* lse = present(a.lse) ? ptr<float>(a.lse) : nullptr;
-  float *pop = po.as<float>(), *pmp = pm.as<float>(), *plp = pl.as<float>();
+  float *pop = merge ? ptr<float>(po) : nullptr, *pmp = merge ? ptr<float>(pm) : nullptr,
+        *plp = merge ? ptr<float>(pl) : nullptr;
   // Head groups fastest: the CTAs reading the same rows are scheduled together and share them in L2.
   const dim3 grid{unsigned(head_groups), unsigned(splits), unsigned(B)};
   float scale_log2 = a.scale * kLog2e;
   void* args[] = {&qp, &pool, &table, &lens, &s, &scale_log2, &pop, &pmp, &plp, &out, &lse};
-  DSV3_CUDA_CHECK(cudaLaunchKernel(l->kernel, grid, dim3(unsigned(l->threads)), args, l->smem, nullptr));
+  DSV3_CUDA_CHECK(cudaLaunchKernel(l->kernel, grid, dim3(unsigned(l->threads)), args, l->smem, stream()));
   if (merge)
     launch_pdl(mla_merge_kernel, dim3(unsigned(H), unsigned(B)), dim3(128), 0, static_cast<const float*>(pop),
                static_cast<const float*>(pmp), static_cast<const float*>(plp), s, out, lse);
