@@ -3,9 +3,10 @@
 // in FP32, so y = W·hi + W·lo is in tolerances.md's kF32 class, as the decode GEMVs'), every block
 // cut into chunks of at most `chunk` rows, each (chunk, term) one matmul of a cuBLASLt pointer-array
 // batch into its own [chunk, N] slice of scratch (K beyond 2,048 in slices, one batch each, added
-// in F32), and one kernel adds each row's two products into y. A bench-0.7b prefill of 4,096 tokens ran its experts as ~100 linears per layer (split, matmul,
-// add each: ~3,900 launches and ~1,150 cuBLASLt calls, whose host time bounded the step); here a
-// projection is one split, one matmul and one add. Widening the weights for SGEMM instead made that
+// in F32), and one kernel adds each row's two products into y. A bench-0.7b prefill of 4,096
+// tokens ran its experts as ~100 linears per layer (split, matmul, add each: ~3,900 launches and
+// ~1,150 cuBLASLt calls, whose host time bounded the step); here a projection is one split, one
+// matmul per K slice and one add. Widening the weights for SGEMM instead made that
 // prefill's linears run at ~30 TFLOP/s.
 #include <algorithm>
 #include <climits>
