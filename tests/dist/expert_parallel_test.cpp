@@ -13,6 +13,7 @@ namespace {
 using test::max_rel_diff;
 using test::random_rows;
 using test::run_ranks;
+using test::expect_ep_equal;
 using test::same_bits;
 
 constexpr double kTol = 2e-6;  // FP32 regrouped sums (docs/distributed.md)
@@ -90,9 +91,10 @@ void check_grads(const Case& cs, const Result& res) {
   for (int64_t e = 0; e < E; ++e) {
     const MlpParams& ref = res.gref->p.layers[1].moe.experts[size_t(e)];
     const MlpParams& got = res.g[size_t(e / epr)]->p.layers[1].moe.experts[size_t(e)];
-    EXPECT_TRUE(same_bits(got.gate_proj.w, ref.gate_proj.w)) << "expert " << e;
-    EXPECT_TRUE(same_bits(got.up_proj.w, ref.up_proj.w)) << "expert " << e;
-    EXPECT_TRUE(same_bits(got.down_proj.w, ref.down_proj.w)) << "expert " << e;
+    const std::string ex = "expert " + std::to_string(e);
+    expect_ep_equal(got.gate_proj.w, ref.gate_proj.w, ex + " gate_proj");
+    expect_ep_equal(got.up_proj.w, ref.up_proj.w, ex + " up_proj");
+    expect_ep_equal(got.down_proj.w, ref.down_proj.w, ex + " down_proj");
     for (int r = 0; r < cs.P; ++r)
       if (r != e / epr) {
         const Tensor& t = res.g[size_t(r)]->p.layers[1].moe.experts[size_t(e)].down_proj.w;
@@ -117,8 +119,8 @@ void check_grads(const Case& cs, const Result& res) {
 TEST(ExpertParallel, OneExpertPerRankIsBitwise) {
   Case cs{test::tiny_moe_config(4, 2), 4, 0, 5, {}, {}};
   Result res = run_case(cs);
-  EXPECT_TRUE(same_bits(res.out, res.out_ref));
-  EXPECT_TRUE(same_bits(res.dx, res.dx_ref));
+  expect_ep_equal(res.out, res.out_ref, "out");
+  expect_ep_equal(res.dx, res.dx_ref, "dx");
   check_grads(cs, res);
   // Each token's hidden state crosses to a rank at most once per rank holding one of its experts.
   int64_t rows = 0;
@@ -139,14 +141,15 @@ TEST(ExpertParallel, OneExpertPerRankIsBitwiseInBf16AndFp8) {
     linear_precision() = LinearPrecision{mode};
     Case cs{test::tiny_moe_config(4, 2), 4, 0, 5, {}, {}};
     Result res = run_case(cs);
-    EXPECT_TRUE(same_bits(res.out, res.out_ref));
-    EXPECT_TRUE(same_bits(res.dx, res.dx_ref));
+    expect_ep_equal(res.out, res.out_ref, "out");
+    expect_ep_equal(res.dx, res.dx_ref, "dx");
     for (int64_t e = 0; e < 4; ++e) {
       const MlpParams& ref = res.gref->p.layers[1].moe.experts[size_t(e)];
       const MlpParams& got = res.g[size_t(e)]->p.layers[1].moe.experts[size_t(e)];
-      EXPECT_TRUE(same_bits(got.gate_proj.w, ref.gate_proj.w)) << "expert " << e;
-      EXPECT_TRUE(same_bits(got.up_proj.w, ref.up_proj.w)) << "expert " << e;
-      EXPECT_TRUE(same_bits(got.down_proj.w, ref.down_proj.w)) << "expert " << e;
+      const std::string ex = "expert " + std::to_string(e);
+      expect_ep_equal(got.gate_proj.w, ref.gate_proj.w, ex + " gate_proj");
+      expect_ep_equal(got.up_proj.w, ref.up_proj.w, ex + " up_proj");
+      expect_ep_equal(got.down_proj.w, ref.down_proj.w, ex + " down_proj");
     }
   }
 }
@@ -172,8 +175,8 @@ TEST(ExpertParallel, SkewedRoutingEveryTokenToOneExpert) {
   Result res = run_case(cs);
   EXPECT_EQ(res.rows[0].size(), size_t(20));
   for (int r = 1; r < 4; ++r) EXPECT_TRUE(res.rows[size_t(r)].empty());
-  EXPECT_TRUE(same_bits(res.out, res.out_ref));
-  EXPECT_TRUE(same_bits(res.dx, res.dx_ref));
+  expect_ep_equal(res.out, res.out_ref, "out");
+  expect_ep_equal(res.dx, res.dx_ref, "dx");
   check_grads(cs, res);
 }
 

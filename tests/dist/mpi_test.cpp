@@ -14,7 +14,6 @@ namespace dsv3 {
 namespace {
 using test::max_rel_diff;
 using test::random_rows;
-using test::same_bits;
 
 #define REQUIRE_MPI()                                                              \
   ASSERT_TRUE(launched_by_mpi() && mpi_available()) << "run under mpirun -np N (ctest -L mpi)"
@@ -74,12 +73,12 @@ TEST(Mpi, ExpertParallelMoeEqualsSingleProcess) {
   ep.forward(be, p, x.rows(r * N, (r + 1) * N), a);
   Tensor dx = be.alloc(DType::F32, {N, H});
   ep.backward(be, p, g.p.layers[1].moe, a, dout.rows(r * N, (r + 1) * N), Tensor(), dx, false);
-  EXPECT_TRUE(same_bits(a.local.out, ra.out.rows(r * N, (r + 1) * N)));
-  EXPECT_TRUE(same_bits(dx, dx_ref.rows(r * N, (r + 1) * N)));
+  test::expect_ep_equal(a.local.out, ra.out.rows(r * N, (r + 1) * N), "out");
+  test::expect_ep_equal(dx, dx_ref.rows(r * N, (r + 1) * N), "dx");
   const MlpParams& mine = g.p.layers[1].moe.experts[size_t(r)];
   const MlpParams& ref = gref.p.layers[1].moe.experts[size_t(r)];
-  EXPECT_TRUE(same_bits(mine.gate_proj.w, ref.gate_proj.w));
-  EXPECT_TRUE(same_bits(mine.down_proj.w, ref.down_proj.w));
+  test::expect_ep_equal(mine.gate_proj.w, ref.gate_proj.w, "gate_proj");
+  test::expect_ep_equal(mine.down_proj.w, ref.down_proj.w, "down_proj");
   Tensor gate = g.p.layers[1].moe.gate.w;
   GradientAllReduce red(c, {gate}, 64);
   red.run(1.0f);
