@@ -19,6 +19,7 @@ using namespace cuda;
 namespace {
 
 constexpr int kMaxGemvRows = 64;
+constexpr int64_t kNormRouterMaxWeights = int64_t(1) << 17;  // E·H of a fused router (every row's CTA reads it)
 constexpr int kGemvWarps = 4;  // GEMV: 4 warps per CTA (many CTAs for short outputs)
 constexpr int kExpertWarps = 8;
 constexpr int kDefaultMmaRows = 2;  // the tensor-core path from this many rows of x (measured: docs/cuda.md)
@@ -327,6 +328,54 @@ __global__ void combine_kernel(const float* y, const int32_t* inv, const float* 
   for (int i = 0; i < NPT; ++i) {
     const int col = threadIdx.x + i * blockDim.x;
     if (col < H) normed[int64_t(r) * H + col] = load_f(norm_w, norm_t, col) * (v[i] * rs);
+  }
+}
+
+// h[r] = RMSNorm(x[r])·norm_w in rmsnorm_reg_kernel's arithmetic (the 256-thread column stride, the
+// sum of squares in double, w·(x·rs): the backend's bits), and logits[r, e] = h[r]·gate[e]: the
+// router's GEMV inside the post-attention norm's launch, one launch fewer per MoE layer. The normed
+// row goes through shared memory; warp w takes experts w, w + 8, …, each lane every 32nd 16-byte
+// vector of the expert's row (four in flight), the lanes' sums added by a fixed butterfly.
+template <class WT, int NPT>
+__global__ void norm_router_kernel(const float* x, const void* norm_w, DType norm_t, float eps, const WT* gate, int H,
+                                   int E, float* h, float* logits) {
+  extern __shared__ __align__(16) float hs[];  // [H]
+  pdl_wait();
+  pdl_trigger();
+  const int64_t r = blockIdx.x;
+  float xv[NPT], wv[NPT];
+#pragma unroll
+  for (int i = 0; i < NPT; ++i) {
+    const int j = threadIdx.x + i * blockDim.x;
+    xv[i] = j < H ? x[r * H + j] : 0.0f;
+    wv[i] = j < H ? load_f(norm_w, norm_t, j) : 0.0f;
+  }
+  double ss = 0.0;
+#pragma unroll
+  for (int i = 0; i < NPT; ++i)
+    if (threadIdx.x + i * blockDim.x < H) ss += double(xv[i]) * double(xv[i]);
+  ss = block_sum(ss);
+  const float rs = float(1.0 / sqrt(ss / double(H) + double(eps)));
+#pragma unroll
+  for (int i = 0; i < NPT; ++i) {
+    const int j = threadIdx.x + i * blockDim.x;
+    if (j < H) h[r * H + j] = hs[j] = wv[i] * (xv[i] * rs);
+  }
+  __syncthreads();
+  constexpr int V = kVecCols<WT>;
+  const int lane = threadIdx.x & 31, nv = H / V;
+  for (int e = threadIdx.x >> 5; e < E; e += blockDim.x >> 5) {
+    const uint4* row = reinterpret_cast<const uint4*>(gate + int64_t(e) * H);
+    float acc = 0.0f;
+#pragma unroll 4
+    for (int v = lane; v < nv; v += 32) {
+      float f[V];
+      unpack_w<WT>(ld_weights(row + v), f);
+#pragma unroll
+      for (int c = 0; c < V; ++c) acc = fmaf(hs[v * V + c], f[c], acc);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) logits[r * E + e] = acc;
   }
 }
 
@@ -690,6 +739,45 @@ void cuda_small_linear(const LinearParam& p, const Tensor& x, const Tensor& y, b
 }
 
 
+bool cuda_norm_router_ok(const LinearParam& gate, const Tensor& x) {
+  const int64_t E = gate.w.dim(0), H = gate.w.dim(1);
+  return gate.w.device() == Device::CUDA && !present(gate.bias) && vector_rows(gate.w) && x.dtype() == DType::F32 &&
+         x.ndim() == 2 && x.dim(1) == H && H <= 256 * 8 && E * H <= kNormRouterMaxWeights;
+}
+// From 32 rows: bench-0.7b decode steps on the H200, fused against separate launches (two runs
+// each, one lease, ms per step): 2 rows 0.772–0.776 / 0.754–0.755, 8 rows 1.100–1.102 / 1.074–1.076,
+// 16 rows 1.080–1.081 / 1.069–1.081, 32 rows 1.407–1.440 / 1.446–1.476 (every CTA reads the whole
+// gate, so few rows leave the SMs idle where the GEMV spreads the weight over them).
+// DSV3_NORM_ROUTER_MIN_ROWS sets another threshold (for comparison).
+int64_t cuda_norm_router_min_rows() {
+  static const int64_t rows = [] {
+    const char* e = std::getenv("DSV3_NORM_ROUTER_MIN_ROWS");
+    return e ? std::max<int64_t>(1, std::atoll(e)) : int64_t(32);
+  }();
+  return rows;
+}
+
+void cuda_norm_router(const Tensor& x, const Tensor& norm_w, float eps, const LinearParam& gate, const Tensor& h,
+                      const Tensor& logits) {
+  const int64_t N = x.dim(0), E = gate.w.dim(0), H = gate.w.dim(1);
+  DSV3_CHECK(cuda_norm_router_ok(gate, x) && norm_w.numel() == H && h.numel() == N * H && logits.numel() == N * E,
+             "cuda_norm_router: x ", x.shape().str(), " gate ", gate.w.shape().str());
+  if (N == 0) return;
+  const size_t smem = size_t(H) * sizeof(float);
+  auto run = [&](auto kernel, const auto* w) {
+    launch_pdl(kernel, dim3(unsigned(N)), dim3(256), smem, x.data<float>(), norm_w.raw(), norm_w.dtype(), eps, w,
+               int(H), int(E), ptr<float>(h), ptr<float>(logits));
+  };
+  const bool bf = gate.w.dtype() == DType::BF16, wide = H > 256 * 4;
+  const auto* wb = static_cast<const __nv_bfloat16*>(gate.w.raw());
+  const auto* wf = static_cast<const float*>(gate.w.raw());
+  if (bf)
+    wide ? run(norm_router_kernel<__nv_bfloat16, 8>, wb) : run(norm_router_kernel<__nv_bfloat16, 4>, wb);
+  else
+    wide ? run(norm_router_kernel<float, 8>, wf) : run(norm_router_kernel<float, 4>, wf);
+  check_launch("norm and router");
+}
+
 void cuda_kv_latent(const Tensor& kv_a, const Tensor& norm_w, float eps, const Tensor& positions, const Tensor& cos,
                     const Tensor& sin, bool interleaved, const Tensor& c_kv_n, const Tensor& k_pe, const Tensor* q,
                     int64_t q_nope) {
@@ -819,14 +907,17 @@ CudaMoeTables cuda_moe_tables(const MoeParams& p) {
 }
 
 Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const CudaMoeTables& t,
-                        const Tensor& x, const Tensor* residual, bool small_gemv, CudaNextNorm* next_norm) {
+                        const Tensor& x, const Tensor* residual, bool small_gemv, CudaNextNorm* next_norm,
+                        const Tensor* router_logits) {
   const int64_t N = x.dim(0), E = t.E, k = d.top_k, H = t.H, I = t.I;
   DSV3_CHECK(x.device() == Device::CUDA && x.dim(1) == H && E == d.n_experts && k <= 32, "cuda_moe_forward: x ",
              x.shape().str());
-  Tensor logits = be.alloc(DType::F32, {N, E});
-  if (small_gemv && cuda_small_linear_ok(p.gate, x)) {
+  DSV3_CHECK(!router_logits || router_logits->numel() == N * E, "cuda_moe_forward: router logits ",
+             router_logits ? router_logits->shape().str() : "");
+  Tensor logits = router_logits ? *router_logits : be.alloc(DType::F32, {N, E});
+  if (!router_logits && small_gemv && cuda_small_linear_ok(p.gate, x)) {
     cuda_small_linear(p.gate, x, logits, false);
-  } else {
+  } else if (!router_logits) {
     cuda_graph_mark_unsafe("the router's gate through the backend's linear");
     linear_forward(be, p.gate, x, logits);
   }

@@ -48,9 +48,19 @@ struct CudaNextNorm {
   float eps = 0.0f;
   Tensor out;  // [N, H], allocated by the call
 };
+// router_logits: the router's logits for x, already computed (cuda_norm_router).
 Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const CudaMoeTables& t,
                         const Tensor& x, const Tensor* residual = nullptr, bool small_gemv = false,
-                        CudaNextNorm* next_norm = nullptr);
+                        CudaNextNorm* next_norm = nullptr, const Tensor* router_logits = nullptr);
+
+// h = RMSNorm(x)·norm_w (the backend's rmsnorm, bit for bit) and logits = h·gateᵀ (F32 FMAs) in one
+// launch: the post-attention norm with the MoE router's GEMV. cuda_norm_router_ok: an F32 or BF16
+// gate of 16-byte aligned rows without bias, hidden size ≤ 2048, at most 2¹⁷ gate weights (every
+// row's CTA reads them all).
+bool cuda_norm_router_ok(const LinearParam& gate, const Tensor& x);
+int64_t cuda_norm_router_min_rows();  // the runner fuses from this many rows
+void cuda_norm_router(const Tensor& x, const Tensor& norm_w, float eps, const LinearParam& gate, const Tensor& h,
+                      const Tensor& logits);
 
 // y (+)= x·Wᵀ for at most 64 rows of x without cuBLAS: one kernel, each weight row read from HBM
 // once (F32 or BF16 weights without bias, F32 math; cuda_small_linear_ok says whether it applies).

@@ -164,7 +164,17 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
     be_.add(add);  // x2 = x + attn
   }
 
-  const Tensor h2 = rmsnorm(be_, x2, p.post_attention_layernorm, d_.eps, rstd);
+  // The grouped MoE's router GEMV runs inside the post-attention norm's launch when its weight is
+  // small (bench-0.7b's 32 × 1024) and the step wide (cuda_norm_router_min_rows).
+  Tensor h2, router_logits;
+#ifdef DSV3_HAVE_CUDA
+  if (dev_moe && N >= cuda_norm_router_min_rows() && cuda_norm_router_ok(p.moe.gate, x2)) {
+    h2 = be_.alloc(DType::F32, {N, d_.H});
+    router_logits = be_.alloc(DType::F32, {N, p.moe.gate.w.dim(0)});
+    cuda_norm_router(x2, p.post_attention_layernorm, d_.eps, p.moe.gate, h2, router_logits);
+  }
+#endif
+  if (!present(h2)) h2 = rmsnorm(be_, x2, p.post_attention_layernorm, d_.eps, rstd);
   Tensor ffn;
   bool small_mlp = false;
 #ifdef DSV3_HAVE_CUDA
@@ -177,7 +187,8 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
       nn.weight = *next_norm;
       nn.eps = d_.eps;
     }
-    Tensor out = cuda_moe_forward(be_, d_, p.moe, *dev_moe, h2, &x2, small_gemv(N), next_norm ? &nn : nullptr);
+    Tensor out = cuda_moe_forward(be_, d_, p.moe, *dev_moe, h2, &x2, small_gemv(N), next_norm ? &nn : nullptr,
+                                  present(router_logits) ? &router_logits : nullptr);
     if (next_norm) *next_h = nn.out;
     return out;  // x2 + ffn
 #endif

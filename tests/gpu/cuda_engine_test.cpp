@@ -297,6 +297,47 @@ TEST(CudaEngine, CombineNextNormEqualsBackendRmsNormBitForBit) {
     }
 }
 
+// The post-attention norm with the router's GEMV in one launch: h equals the backend's rmsnorm bit
+// for bit, the logits h·gateᵀ a double reference under kF32 (hidden 128 / 1000 / 2048: 4 and 8
+// values per thread, a partial column stride; F32 and BF16 gates; 1 and 32 rows). A gate above the
+// limit is refused.
+TEST(CudaEngine, NormRouterEqualsBackendNormAndReference) {
+  ASSERT_GT(cuda_device_count(), 0);
+  CudaBackend& be = cuda_backend();
+  const float eps = 1e-6f;
+  for (int64_t H : {128, 1000, 2048})
+    for (int64_t E : {8, 64})
+      for (DType gt : {DType::F32, DType::BF16})
+        for (int64_t N : {1, 32}) {
+          SCOPED_TRACE(cat("hidden ", H, ", ", E, " experts, ", dtype_name(gt), " gate, ", N, " rows"));
+          const uint64_t salt = uint64_t(H * 1000 + E * 10 + N);
+          LinearParam gate;
+          gate.w = be.to_device(randn({E, H}, 15, salt).to(gt));
+          const Tensor xd = be.to_device(randn({N, H}, 16, salt)), nw = be.to_device(randn({H}, 17, salt));
+          ASSERT_TRUE(cuda_norm_router_ok(gate, xd));
+          Tensor h = be.alloc(DType::F32, {N, H}), logits = be.alloc(DType::F32, {N, E});
+          cuda_norm_router(xd, nw, eps, gate, h, logits);
+          Tensor rstd;
+          const Tensor want_h = be.to_host(modops::rmsnorm(be, xd, nw, eps, rstd)), got_h = be.to_host(h);
+          EXPECT_EQ(std::memcmp(got_h.raw(), want_h.raw(), got_h.nbytes()), 0) << "the norm differs from the backend's";
+          const Tensor w = be.to_host(gate.w);
+          Vec want(size_t(N * E));
+          for (int64_t r = 0; r < N; ++r)
+            for (int64_t e = 0; e < E; ++e) {
+              double acc = 0.0;
+              for (int64_t k = 0; k < H; ++k)
+                acc += double(want_h.data<float>()[r * H + k]) * double(load_as_float(w.raw(), gt, e * H + k));
+              want[size_t(r * E + e)] = acc;
+            }
+          const Err err = compare(be.to_host(logits), want);
+          EXPECT_LE(err.norm_err, tol::kF32) << "worst " << err.worst;
+          EXPECT_EQ(err.non_finite, 0);
+        }
+  LinearParam big;
+  big.w = be.to_device(randn({256, 1024}, 18, 0).to(DType::BF16));
+  EXPECT_FALSE(cuda_norm_router_ok(big, be.to_device(randn({2, 1024}, 18, 1))));
+}
+
 // The row-range GEMV with several row blocks per CTA (nw / ks > 1): 8,448 outputs at K 128 take
 // 8-warp CTAs of four row blocks; the test shapes above all reduce to one row block per CTA.
 TEST(CudaEngine, RowRangeGemvWithSeveralRowBlocksPerCtaEqualsReference) {
