@@ -290,9 +290,9 @@ __global__ void __launch_bounds__(32 * kExpertWarps) expert_kernel(ExpertArgs a)
 
 // out[r] = Σ_j weights[r, j]·y[inv[r·k + j]] in top-k order (+ the fused shared expert's row), plus
 // the residual row. With norm_w, also normed[r] = RMSNorm(out[r])·norm_w — the next block's input
-// norm, one launch less per layer — in the arithmetic of the backend's RMSNorm kernels (the same
-// 256-thread column stride, sum of squares in double, w·(x·rs)), so its bits are the backend's. The
-// row is kept in registers (NPT values per thread: H ≤ 256·NPT).
+// norm, one launch less per layer — with the backend's factor (rms_rstd, the same 256-thread column
+// stride) and w·(x·rs), so its bits are the backend's. The row is kept in registers (NPT values per
+// thread: H ≤ 256·NPT).
 template <int NPT>
 __global__ void combine_kernel(const float* y, const int32_t* inv, const float* wts, int k, int nk, bool shared,
                                int H, const float* residual, float* out, const void* norm_w, DType norm_t, float eps,
@@ -308,7 +308,6 @@ __global__ void combine_kernel(const float* y, const int32_t* inv, const float* 
   }
   __syncthreads();
   float v[NPT];
-  double ss = 0.0;
 #pragma unroll
   for (int i = 0; i < NPT; ++i) {
     const int col = threadIdx.x + i * blockDim.x;
@@ -319,11 +318,9 @@ __global__ void combine_kernel(const float* y, const int32_t* inv, const float* 
     if (shared) acc += y[int64_t(nk + r) * H + col];
     v[i] = residual ? residual[int64_t(r) * H + col] + acc : acc;
     out[int64_t(r) * H + col] = v[i];
-    ss += double(v[i]) * double(v[i]);
   }
   if (!norm_w) return;  // grid-uniform
-  ss = block_sum(ss);
-  const float rs = float(1.0 / sqrt(ss / double(H) + double(eps)));
+  const float rs = rms_rstd(v, H, eps);
 #pragma unroll
   for (int i = 0; i < NPT; ++i) {
     const int col = threadIdx.x + i * blockDim.x;
@@ -331,8 +328,8 @@ __global__ void combine_kernel(const float* y, const int32_t* inv, const float* 
   }
 }
 
-// h[r] = RMSNorm(x[r])·norm_w in rmsnorm_reg_kernel's arithmetic (the 256-thread column stride, the
-// sum of squares in double, w·(x·rs): the backend's bits), and logits[r, e] = h[r]·gate[e]: the
+// h[r] = RMSNorm(x[r])·norm_w as rmsnorm_reg_kernel computes it (rms_rstd at the 256-thread column
+// stride, then w·(x·rs): the backend's bits), and logits[r, e] = h[r]·gate[e]: the
 // router's GEMV inside the post-attention norm's launch, one launch fewer per MoE layer. The normed
 // row goes through shared memory; warp w takes experts w, w + 8, …, each lane every 32nd 16-byte
 // vector of the expert's row (four in flight), the lanes' sums added by a fixed butterfly.
@@ -350,12 +347,7 @@ __global__ void norm_router_kernel(const float* x, const void* norm_w, DType nor
     xv[i] = j < H ? x[r * H + j] : 0.0f;
     wv[i] = j < H ? load_f(norm_w, norm_t, j) : 0.0f;
   }
-  double ss = 0.0;
-#pragma unroll
-  for (int i = 0; i < NPT; ++i)
-    if (threadIdx.x + i * blockDim.x < H) ss += double(xv[i]) * double(xv[i]);
-  ss = block_sum(ss);
-  const float rs = float(1.0 / sqrt(ss / double(H) + double(eps)));
+  const float rs = rms_rstd(xv, H, eps);
 #pragma unroll
   for (int i = 0; i < NPT; ++i) {
     const int j = threadIdx.x + i * blockDim.x;

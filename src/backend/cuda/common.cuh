@@ -110,6 +110,18 @@ template <class T> __device__ T block_sum(T v) {
   T r = lane < nw ? part[lane] : T(0);
   return warp_sum(r);
 }
+// The backend's RMSNorm factor 1/sqrt(Σx²/d + eps) of a row held by the block, NPT values per thread
+// at column stride blockDim.x (v[i] is column threadIdx.x + i·blockDim.x): each thread's squares
+// summed in double in ascending i over the columns < d, then block_sum. Every kernel that must give
+// the backend's RMSNorm bits (rmsnorm_reg_kernel, the decode kernels that fuse a norm) calls this.
+template <int NPT> __device__ float rms_rstd(const float (&v)[NPT], int64_t d, float eps) {
+  double ss = 0.0;
+#pragma unroll
+  for (int i = 0; i < NPT; ++i)
+    if (threadIdx.x + int64_t(i) * blockDim.x < d) ss += double(v[i]) * double(v[i]);
+  ss = block_sum(ss);
+  return float(1.0 / sqrt(ss / double(d) + double(eps)));
+}
 __device__ inline float block_max(float v) {
   __shared__ float part[32];
   __syncthreads();

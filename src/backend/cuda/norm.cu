@@ -55,12 +55,7 @@ __global__ void rmsnorm_reg_kernel(const float* x, const void* w, DType wt, floa
     xv[i] = j < d ? xr[j] : 0.0f;
     wv[i] = j < d ? load_f(w, wt, j) : 0.0f;
   }
-  double ss = 0.0;
-#pragma unroll
-  for (int i = 0; i < NPT; ++i)
-    if (threadIdx.x + int64_t(i) * blockDim.x < d) ss += double(xv[i]) * double(xv[i]);
-  ss = block_sum(ss);
-  float rs = float(1.0 / sqrt(ss / double(d) + double(eps)));
+  const float rs = rms_rstd(xv, d, eps);
   if (rstd && threadIdx.x == 0) rstd[r] = rs;
   float* yr = y + r * d;
 #pragma unroll
