@@ -14,6 +14,7 @@
 
 #include "attention_dims.h"
 #include "../backend/harness.h"
+#include "../backend/reference.h"
 #include "backend/cuda/cuda_backend.h"
 #include "infer/cuda_decode_ops.h"
 #include "infer/cuda_latent_attention.h"
@@ -320,15 +321,7 @@ TEST(CudaEngine, NormRouterEqualsBackendNormAndReference) {
           Tensor rstd;
           const Tensor want_h = be.to_host(modops::rmsnorm(be, xd, nw, eps, rstd)), got_h = be.to_host(h);
           EXPECT_EQ(std::memcmp(got_h.raw(), want_h.raw(), got_h.nbytes()), 0) << "the norm differs from the backend's";
-          const Tensor w = be.to_host(gate.w);
-          Vec want(size_t(N * E));
-          for (int64_t r = 0; r < N; ++r)
-            for (int64_t e = 0; e < E; ++e) {
-              double acc = 0.0;
-              for (int64_t k = 0; k < H; ++k)
-                acc += double(want_h.data<float>()[r * H + k]) * double(load_as_float(w.raw(), gt, e * H + k));
-              want[size_t(r * E + e)] = acc;
-            }
+          const Vec want = ref::linear(to_vec(want_h), to_vec(be.to_host(gate.w)), N, E, H);
           const Err err = compare(be.to_host(logits), want);
           EXPECT_LE(err.norm_err, tol::kF32) << "worst " << err.worst;
           EXPECT_EQ(err.non_finite, 0);
@@ -347,15 +340,8 @@ TEST(CudaEngine, RowRangeGemvWithSeveralRowBlocksPerCtaEqualsReference) {
   const MmaRows setting(1);
   LinearParam p;
   p.w = be.to_device(randn({M, K}, 12, 0).to(DType::BF16));
-  const Tensor w = be.to_host(p.w), x = randn({n, K}, 12, 1);
-  Vec want(size_t(n * M));
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t j = 0; j < M; ++j) {
-      double acc = 0.0;
-      for (int64_t k = 0; k < K; ++k)
-        acc += double(x.data<float>()[r * K + k]) * double(load_as_float(w.raw(), DType::BF16, j * K + k));
-      want[size_t(r * M + j)] = acc;
-    }
+  const Tensor x = randn({n, K}, 12, 1);
+  const Vec want = ref::linear(to_vec(x), to_vec(be.to_host(p.w)), n, M, K);
   const Tensor xd = be.to_device(x);
   Tensor y = be.alloc(DType::F32, {n, M});
   ASSERT_TRUE(cuda_small_linear_ok(p, xd));
@@ -374,19 +360,14 @@ TEST(CudaEngine, RowRangeGemvInKSlicesEqualsReference) {
   const MmaRows setting(1);
   LinearParam p;
   p.w = be.to_device(randn({M, K}, 13, 0).to(DType::BF16));
-  const Tensor w = be.to_host(p.w);
+  const Vec w = to_vec(be.to_host(p.w));
   for (int64_t n : {9, 32})
     for (bool acc : {false, true}) {
       SCOPED_TRACE(cat(n, " rows", acc ? ", accumulating" : ""));
       const Tensor x = randn({n, K}, 13, uint64_t(n)), y0 = randn({n, M}, 14, uint64_t(n));
-      Vec want(size_t(n * M));
-      for (int64_t r = 0; r < n; ++r)
-        for (int64_t j = 0; j < M; ++j) {
-          double sum = acc ? double(y0.data<float>()[r * M + j]) : 0.0;
-          for (int64_t k = 0; k < K; ++k)
-            sum += double(x.data<float>()[r * K + k]) * double(load_as_float(w.raw(), DType::BF16, j * K + k));
-          want[size_t(r * M + j)] = sum;
-        }
+      Vec want = ref::linear(to_vec(x), w, n, M, K);
+      if (acc)
+        for (size_t i = 0; i < want.size(); ++i) want[i] += double(y0.data<float>()[i]);
       const Tensor xd = be.to_device(x);
       Tensor y = be.to_device(y0);
       ASSERT_TRUE(cuda_small_linear_ok(p, xd));
