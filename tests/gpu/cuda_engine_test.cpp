@@ -331,50 +331,43 @@ TEST(CudaEngine, NormRouterEqualsBackendNormAndReference) {
   EXPECT_FALSE(cuda_norm_router_ok(big, be.to_device(randn({2, 1024}, 18, 1))));
 }
 
+// cuda_small_linear(p, x) into y = y0 (accumulating or not) against the double reference.
+void expect_small_linear_matches(const LinearParam& p, const Tensor& x, const Tensor& y0, bool acc) {
+  CudaBackend& be = cuda_backend();
+  const int64_t n = x.dim(0), M = p.w.dim(0), K = p.w.dim(1);
+  Vec want = ref::linear(to_vec(x), to_vec(be.to_host(p.w)), n, M, K);
+  if (acc)
+    for (size_t i = 0; i < want.size(); ++i) want[i] += double(y0.data<float>()[i]);
+  const Tensor xd = be.to_device(x);
+  Tensor y = be.to_device(y0);
+  ASSERT_TRUE(cuda_small_linear_ok(p, xd));
+  cuda_small_linear(p, xd, y, acc);
+  const Err e = compare(be.to_host(y), want);
+  EXPECT_LE(e.norm_err, tol::kF32) << "worst " << e.worst;
+  EXPECT_EQ(e.non_finite, 0);
+}
+
 // The row-range GEMV with several row blocks per CTA (nw / ks > 1): 8,448 outputs at K 128 take
 // 8-warp CTAs of four row blocks; the test shapes above all reduce to one row block per CTA.
 TEST(CudaEngine, RowRangeGemvWithSeveralRowBlocksPerCtaEqualsReference) {
   ASSERT_GT(cuda_device_count(), 0);
-  CudaBackend& be = cuda_backend();
-  const int64_t n = 32, M = 8448, K = 128;
   const MmaRows setting(1);
   LinearParam p;
-  p.w = be.to_device(randn({M, K}, 12, 0).to(DType::BF16));
-  const Tensor x = randn({n, K}, 12, 1);
-  const Vec want = ref::linear(to_vec(x), to_vec(be.to_host(p.w)), n, M, K);
-  const Tensor xd = be.to_device(x);
-  Tensor y = be.alloc(DType::F32, {n, M});
-  ASSERT_TRUE(cuda_small_linear_ok(p, xd));
-  cuda_small_linear(p, xd, y, false);
-  const Err e = compare(be.to_host(y), want);
-  EXPECT_LE(e.norm_err, tol::kF32) << "worst " << e.worst;
-  EXPECT_EQ(e.non_finite, 0);
+  p.w = cuda_backend().to_device(randn({8448, 128}, 12, 0).to(DType::BF16));
+  expect_small_linear_matches(p, randn({32, 128}, 12, 1), randn({32, 8448}, 12, 2), false);
 }
 
 // K beyond the row-range GEMV's 16 k-blocks at 9–32 rows: slices of 1,024 columns, the later ones
 // adding into y (K 2,240: two whole slices and a partial one), also on top of y's contents.
 TEST(CudaEngine, RowRangeGemvInKSlicesEqualsReference) {
   ASSERT_GT(cuda_device_count(), 0);
-  CudaBackend& be = cuda_backend();
-  const int64_t M = 96, K = 2240;
   const MmaRows setting(1);
   LinearParam p;
-  p.w = be.to_device(randn({M, K}, 13, 0).to(DType::BF16));
-  const Vec w = to_vec(be.to_host(p.w));
+  p.w = cuda_backend().to_device(randn({96, 2240}, 13, 0).to(DType::BF16));
   for (int64_t n : {9, 32})
     for (bool acc : {false, true}) {
       SCOPED_TRACE(cat(n, " rows", acc ? ", accumulating" : ""));
-      const Tensor x = randn({n, K}, 13, uint64_t(n)), y0 = randn({n, M}, 14, uint64_t(n));
-      Vec want = ref::linear(to_vec(x), w, n, M, K);
-      if (acc)
-        for (size_t i = 0; i < want.size(); ++i) want[i] += double(y0.data<float>()[i]);
-      const Tensor xd = be.to_device(x);
-      Tensor y = be.to_device(y0);
-      ASSERT_TRUE(cuda_small_linear_ok(p, xd));
-      cuda_small_linear(p, xd, y, acc);
-      const Err e = compare(be.to_host(y), want);
-      EXPECT_LE(e.norm_err, tol::kF32) << "worst " << e.worst;
-      EXPECT_EQ(e.non_finite, 0);
+      expect_small_linear_matches(p, randn({n, 2240}, 13, uint64_t(n)), randn({n, 96}, 14, uint64_t(n)), acc);
     }
 }
 
