@@ -3,7 +3,8 @@
 // (attention_bf16.cu), forward and backward, through CudaBackend::attention / attention_backward
 // (so the BF16 times include the passes that round q, k, v, dout to BF16 and compute D).
 // FLOPs: forward 2·B·H·T·S·(Dqk + Dv), backward 2·B·H·T·S·(3·Dqk + 2·Dv) (S = Q·Kᵀ, dP, dV, dK,
-// dQ — our backward recomputes S and dP once more in its dq kernel, which is not counted),
+// dQ — the dq kernel path recomputes S and dP once more, and the default dQ matmul runs over the
+// whole square of dS, neither counted),
 // causal counted as half; the rows for the two backward kernels alone count what each executes. Roofline: 989 TFLOP/s dense BF16 (H200 datasheet). Also the BF16 path's
 // normalised error against the FP32 kernels at this shape. Writes bench/results/gpu_attention.json.
 #include <cstdio>
@@ -74,6 +75,9 @@ int main(int argc, char** argv) {
   // FLOPs each backward kernel executes (S and dP are computed in both): dq: S, dP, dQ;
   // dk/dv: S, dP, dV, dK.
   const double f_dq = 2.0 * pairs * double(2 * DQ + DV), f_dkv = 2.0 * pairs * double(2 * DQ + 2 * DV);
+  // dq alone by the matmul: the dk/dv kernel (all of its products; it stores only dSᵀ) and the
+  // matmul over the whole square of dS (twice the causal half).
+  const double f_dq_mm = f_dkv + 2.0 * (2.0 * pairs) * double(DQ);
 
   cuda_set_attention_bf16(false);
   const double t_f32_fwd = bench::gpu_time_s([&] { fwd(out32, lse32); }, 2, 3, 1);
@@ -81,10 +85,17 @@ int main(int argc, char** argv) {
   cuda_set_attention_bf16(true);
   const double t_b16_fwd = bench::gpu_time_s([&] { fwd(out16, lse16); }, 10, 5, 1);
   const double t_b16_bwd = bench::gpu_time_s([&] { bwd(out16, lse16, dq16, dk16, dv16); }, 5, 5, 1);
-  // The two halves of the backward (each with the shared prep passes): dq alone, dk/dv alone.
   Tensor none;
+  // dq alone by the default path: the dk/dv kernel storing dSᵀ (without dk, dv) and the matmul.
+  const double t_b16_dq_mm = bench::gpu_time_s([&] { bwd(out16, lse16, dq16, none, none); }, 5, 5, 1);
+  // The same backward with dQ by its own kernel, and its two halves (each with the shared prep
+  // passes): dq alone, dk/dv alone.
+  cuda_set_attention_dq_matmul(false);
+  const double t_b16_bwd_k = bench::gpu_time_s([&] { bwd(out16, lse16, dq16, dk16, dv16); }, 5, 5, 1);
   const double t_b16_dq = bench::gpu_time_s([&] { bwd(out16, lse16, dq16, none, none); }, 5, 5, 1);
+  cuda_set_attention_dq_matmul(true);
   const double t_b16_dkv = bench::gpu_time_s([&] { bwd(out16, lse16, none, dk16, dv16); }, 5, 5, 1);
+  bwd(out16, lse16, dq16, dk16, dv16);  // the default path's gradients for the error check
   cuda_set_attention_bf16(false);
   const double e_out = norm_err(be, out16, out32), e_lse = norm_err(be, lse16, lse32);
   const double e_dq = norm_err(be, dq16, dq32), e_dk = norm_err(be, dk16, dk32), e_dv = norm_err(be, dv16, dv32);
@@ -99,6 +110,8 @@ int main(int argc, char** argv) {
               {"FP32 tiled backward", t_f32_bwd, f_bwd},
               {"BF16 flash forward", t_b16_fwd, f_fwd},
               {"BF16 flash backward", t_b16_bwd, f_bwd},
+              {"  dq alone: dS + matmul", t_b16_dq_mm, f_dq_mm},
+              {"BF16 backward, dq kernel", t_b16_bwd_k, f_bwd},
               {"  of which dq kernel + prep", t_b16_dq, f_dq},
               {"  of which dk/dv kernel + prep", t_b16_dkv, f_dkv}};
   nlohmann::json jr = nlohmann::json::array();
@@ -108,7 +121,8 @@ int main(int argc, char** argv) {
   }
   std::printf("BF16 vs FP32 kernels, normalised error: out %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n", e_out, e_lse,
               e_dq, e_dk, e_dv);
-  std::printf("speedup forward %.1fx, backward %.1fx\n", t_f32_fwd / t_b16_fwd, t_f32_bwd / t_b16_bwd);
+  std::printf("speedup forward %.1fx, backward %.1fx; dQ as a matmul from dS: backward %.2fx the dq kernel's\n",
+              t_f32_fwd / t_b16_fwd, t_f32_bwd / t_b16_bwd, t_b16_bwd_k / t_b16_bwd);
   nlohmann::json res = {{"bench", "gpu_attention"},
                         {"shape", {{"batch", B}, {"seq", T}, {"heads", H}, {"qk_head_dim", DQ}, {"v_head_dim", DV}, {"causal", true}}},
                         {"roofline_tflops_bf16_dense", peak / 1e12},
@@ -116,6 +130,9 @@ int main(int argc, char** argv) {
                         {"bf16_fwd_tflops", f_fwd / t_b16_fwd / 1e12},
                         {"bf16_bwd_tflops", f_bwd / t_b16_bwd / 1e12},
                         {"bf16_bwd_dq_ms", t_b16_dq * 1e3},
+                        {"bf16_bwd_dq_kernel_ms", t_b16_bwd_k * 1e3},
+                        {"bf16_bwd_dq_matmul_alone_ms", t_b16_dq_mm * 1e3},
+                        {"bwd_dq_matmul_speedup", t_b16_bwd_k / t_b16_bwd},
                         {"bf16_bwd_dkv_ms", t_b16_dkv * 1e3},
                         {"speedup_fwd", t_f32_fwd / t_b16_fwd},
                         {"speedup_bwd", t_f32_bwd / t_b16_bwd},

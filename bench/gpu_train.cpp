@@ -130,6 +130,7 @@ struct Run {
   double layers_f = 0, layers_b = 0;  // every decoder layer, synchronised one by one
   int lanes = 0;                      // lane streams of the timed steps (0: none)
   double step_s_no_lanes = 0;         // the same steps with lanes off
+  double step_s_dq_kernel = 0;        // the same steps with the attention's dQ by its own kernel
   std::map<std::string, double> linears;  // per group, per step
   std::map<std::string, double> modules;  // one layer's module, forward / backward (s)
 };
@@ -292,6 +293,17 @@ Run measure(CudaBackend& be, const ModelConfig& cfg, const Weights& host, const 
     r.step_s_no_lanes = secs(s0, Clock::now()) / steps;
     cuda_set_lanes(r.lanes);
   }
+  // The same steps with the BF16 attention's dQ by the dq kernel instead of the matmul from dSᵀ.
+  if (cuda_attention_bf16() && cuda_attention_dq_matmul()) {
+    cuda_set_attention_dq_matmul(false);
+    step();
+    be.synchronize();
+    auto s0 = Clock::now();
+    for (int i = 0; i < steps; ++i) step();
+    be.synchronize();
+    r.step_s_dq_kernel = secs(s0, Clock::now()) / steps;
+    cuda_set_attention_dq_matmul(true);
+  }
   r.tflops = r.tok_s * fpt / 1e12;
   size_t free_b = 0, total_b = 0;
   cudaMemGetInfo(&free_b, &total_b);
@@ -395,6 +407,9 @@ int main(int argc, char** argv) {
     if (r.lanes > 0)
       std::printf("[%s] experts' GEMMs on %d lane streams: %.3f s per step; in issue order: %.3f s (%.2fx)\n", p.c_str(),
                   r.lanes, r.step_s, r.step_s_no_lanes, r.step_s_no_lanes / r.step_s);
+    if (r.step_s_dq_kernel > 0)
+      std::printf("[%s] attention dQ as a matmul from dS: %.3f s per step; by the dq kernel: %.3f s (%.2fx)\n",
+                  p.c_str(), r.step_s, r.step_s_dq_kernel, r.step_s_dq_kernel / r.step_s);
     std::printf("[%s] attention core per layer: forward %.4f s, backward %.4f s; x%ld layers = %.3f s per step\n",
                 p.c_str(), r.attn_f, r.attn_b, long(cfg.num_hidden_layers),
                 (r.attn_f + r.attn_b) * double(cfg.num_hidden_layers));
@@ -438,6 +453,7 @@ int main(int argc, char** argv) {
              {"host_queue_s", r.host_s},
              {"lane_streams", r.lanes},
              {"step_s_experts_in_issue_order", r.lanes > 0 ? nlohmann::json(r.step_s_no_lanes) : nlohmann::json()},
+             {"step_s_attention_dq_kernel", r.step_s_dq_kernel > 0 ? nlohmann::json(r.step_s_dq_kernel) : nlohmann::json()},
              {"blocking_calls_per_step", r.blocking},
              {"decoder_layers_synchronised_s", {{"forward", r.layers_f}, {"backward", r.layers_b}}}};
   }

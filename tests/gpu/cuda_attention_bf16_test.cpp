@@ -2,8 +2,9 @@
 // attention, forward (out, lse) and backward (dq, dk, dv), under the BF16-operand tolerance kBf16:
 // its q, k, v, dout, P and dS are rounded to BF16 for the MMAs. Shapes: tiny's heads (qk 48 padded
 // to the 64-wide kernel, v 32), bench-0.7b's (16 heads, 192/128), V3's (192/128) with a batch dim,
-// chunked causal (q_offset, S > T), non-causal, T and S not multiples of the tiles. Also: NaN/Inf
-// and guard bytes, determinism, and that with the flag off the FP32 kernels run unchanged.
+// chunked causal (q_offset, S > T), non-causal, T and S not multiples of the tiles; dq by both paths
+// (the matmul from the stored dSᵀ and the dq kernel). Also: NaN/Inf and guard bytes, determinism,
+// and that with the flag off the FP32 kernels run unchanged.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -28,6 +29,13 @@ struct Shape6 {
 struct Bf16On {
   explicit Bf16On(bool on) { cuda_set_attention_bf16(on); }
   ~Bf16On() { cuda_set_attention_bf16(false); }
+};
+// The backward's dQ path for a scope (matmul from the stored dSᵀ, or the dq kernel); restores the
+// previous setting.
+struct DqMatmul {
+  explicit DqMatmul(bool on) : prev(cuda_attention_dq_matmul()) { cuda_set_attention_dq_matmul(on); }
+  ~DqMatmul() { cuda_set_attention_dq_matmul(prev); }
+  bool prev;
 };
 
 Shape dims(const Shape6& c, int64_t rows, int64_t width) {
@@ -94,10 +102,20 @@ void check_bf16(const Shape6& c, uint64_t seed, bool backward = true, bool round
   double e_lse = max_err(got.lse, want.lse, "lse", tol::kBf16);
   std::string msg = cat("out ", e_out, " lse ", e_lse);
   if (backward) {
-    double e_dq = max_err(got.dq, want.dq, "dq", tol::kBf16);
+    // Both dQ paths (got: the default, the matmul from dSᵀ; then the dq kernel), each against the
+    // reference; dk and dv come from the same kernel either way.
+    EXPECT_TRUE(cuda_attention_dq_matmul());
+    Results kernel;
+    {
+      DqMatmul off(false);
+      kernel = run(cuda_backend(), c, in, backward);
+    }
+    EXPECT_EQ(kernel.damaged, "");
+    double e_dq = max_err(got.dq, want.dq, "dq (matmul)", tol::kBf16);
+    double e_dqk = max_err(kernel.dq, want.dq, "dq (kernel)", tol::kBf16);
     double e_dk = max_err(got.dk, want.dk, "dk", tol::kBf16);
     double e_dv = max_err(got.dv, want.dv, "dv", tol::kBf16);
-    msg += cat(" dq ", e_dq, " dk ", e_dk, " dv ", e_dv);
+    msg += cat(" dq ", e_dq, " (dq kernel ", e_dqk, ") dk ", e_dk, " dv ", e_dv);
   }
   if (rounded_reference) {  // what the input rounding alone does, for the log
     Results exact = run(cpu_backend(), c, in, backward);

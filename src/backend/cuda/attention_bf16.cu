@@ -8,15 +8,24 @@
 //   dq:      CTA = 64 queries over key tiles of 32: S, dP = dO·Vᵀ, dS = P∘(dP − D), dQ += dS·K.
 //   dk, dv:  CTA = 64 keys over query tiles of 32: Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ, dV += Pᵀ·dO,
 //            dK += dSᵀ·Q.
+//   dq as a matmul (the default while dSᵀ fits kDsMaxBytes): the dk, dv kernel also stores its
+//            BF16 dSᵀ tiles (the MMA operand it rounds anyway) and zeros for the query tiles the
+//            causal mask skips; dQ = scale·dS·K is then one cuBLASLt batched matmul per batch
+//            element. The dq kernel recomputes S and dP (two of its three products), so this
+//            saves that work at the cost of writing and reading dSᵀ once.
 // D = rowsum(dO∘O) in FP32 from the FP32 tensors. Every output element has one owner (no atomics,
 // deterministic). Causal tiles entirely above the diagonal are skipped; the masking is the FP32
 // kernels' (query i at absolute position q_offset + i sees keys ≤ q_offset + i).
 #include "backend/cuda/attention_bf16.h"
 #include "backend/cuda/common.cuh"
+#include "backend/cuda/lt_gemm.h"
 #include "backend/cuda/mma.cuh"
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
 
 namespace dsv3 {
 using namespace cuda;
@@ -24,6 +33,13 @@ using namespace cuda;
 namespace {
 
 std::atomic<bool> g_bf16{false};
+// dQ by matmul from the stored dSᵀ (on unless DSV3_ATTN_DQ_MATMUL=0); the dq kernel otherwise, or
+// when dSᵀ (2 bytes per query-key pair of every head) would exceed kDsMaxBytes.
+std::atomic<bool> g_dq_matmul{[] {
+  const char* e = std::getenv("DSV3_ATTN_DQ_MATMUL");
+  return !(e && std::strcmp(e, "0") == 0);
+}()};
+constexpr int64_t kDsMaxBytes = int64_t(2) << 30;
 
 constexpr int kThreads = 128, kRowPad = 64, kPad = 8;
 constexpr float kLog2e = 1.4426950408889634f;
@@ -415,8 +431,8 @@ constexpr int kKvN = 64, kKvM = 32;
 template <int DQK, int DV>
 __global__ void __launch_bounds__(kThreads, 2)
     dkv_kernel(const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* dout, const float* lse2,
-               const float* dsum, float* dk, float* dv_out, Dims dm, int64_t tp, int64_t sp, float scale,
-               bool causal, int64_t q_off) {
+               const float* dsum, float* dk, float* dv_out, bf16_t* dst, Dims dm, int64_t tp, int64_t sp,
+               float scale, bool causal, int64_t q_off) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   constexpr int lq = DQK + kPad, lv = DV + kPad, NT = kKvM / 8;
   bf16_t* ks = reinterpret_cast<bf16_t*>(smem_raw);  // [64][lq]
@@ -447,6 +463,13 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   };
   if (ntiles > 0) load_q(0, 0);
+  if (dst) {  // dSᵀ of the query columns the causal mask skips: zero (the matmul reads them)
+    const int64_t zv = (first < tp ? first : tp) / 8;
+    for (int64_t i = tid; i < kKvN * zv; i += kThreads) {
+      const int64_t r = i / zv;
+      reinterpret_cast<uint4*>(dst + (bh * sp + k0 + r) * tp)[i - r * zv] = make_uint4(0, 0, 0, 0);
+    }
+  }
   const int64_t key_lo = k0 + warp * 16 + g, key_hi = key_lo + 8;
   const float sl2 = scale * kLog2e;
   float ak[DQK / 8][4], av[DV / 8][4];
@@ -499,6 +522,14 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int kk = 0; kk < NT / 2; ++kk) {
       uint32_t a[4];
       acc_to_a(a, dp[2 * kk], dp[2 * kk + 1]);
+      if (dst) {  // a's words: (key_lo, key_hi) × query pairs at 16·kk + 2·t4 and 16·kk + 8 + 2·t4
+        bf16_t* lo = dst + (bh * sp + key_lo) * tp + i0 + 16 * kk + 2 * t4;
+        bf16_t* hi = lo + 8 * tp;
+        *reinterpret_cast<uint32_t*>(lo) = a[0];
+        *reinterpret_cast<uint32_t*>(hi) = a[1];
+        *reinterpret_cast<uint32_t*>(lo + 8) = a[2];
+        *reinterpret_cast<uint32_t*>(hi + 8) = a[3];
+      }
       mma_a_rows<DQK>(ak, a, qt, lq, kk * 16, lane);
     }
     __syncthreads();
@@ -580,7 +611,35 @@ void run_bwd(const AttentionBackwardArgs& a, const Dims& d) {
       a.dout.data<float>(), a.out.data<float>(), a.lse.data<float>(), db.as<bf16_t>(), dsum.as<float>(),
       lse2.as<float>(), int(d.t), int(d.h), int(d.dv), int(tp), DV);
   check_launch("attention_bf16 (backward prep)");
-  if (present(a.dq) && d.t > 0) {
+  const bool dq_matmul = present(a.dq) && d.t > 0 && d.s > 0 && g_dq_matmul.load() &&
+                         d.b * d.h * sp * tp * 2 <= kDsMaxBytes;
+  std::optional<Scratch> ds;
+  if (dq_matmul) ds.emplace(size_t(d.b * d.h * sp * tp) * 2);
+  if ((present(a.dk) || present(a.dv) || dq_matmul) && d.s > 0) {
+    const size_t smem = size_t(kKvN * (DQK + kPad) + kKvN * (DV + kPad) + 2 * kKvM * (DQK + kPad) +
+                               2 * kKvM * (DV + kPad)) * 2 + 4 * kKvM * 4;
+    set_smem(reinterpret_cast<const void*>(dkv_kernel<DQK, DV>), smem);
+    dkv_kernel<DQK, DV><<<dim3(unsigned(sp / kKvN), unsigned(d.h), unsigned(d.b)), kThreads, smem>>>(
+        qb.as<bf16_t>(), kb.as<bf16_t>(), vb.as<bf16_t>(), db.as<bf16_t>(), lse2.as<float>(), dsum.as<float>(),
+        present(a.dk) ? ptr<float>(a.dk) : nullptr, present(a.dv) ? ptr<float>(a.dv) : nullptr,
+        dq_matmul ? ds->as<bf16_t>() : nullptr, d, tp, sp, a.scale, a.causal, a.q_offset);
+    check_launch("attention_bf16 (dk, dv)");
+  }
+  if (dq_matmul) {
+    // Per batch element, per head: dq[t, h, :dqk] = scale · (dSᵀ)ᵀ[t, keys] · K[keys, :dqk] (K's
+    // padded rows are zero, as are dSᵀ's masked entries).
+    for (int64_t b = 0; b < d.b; ++b) {
+      LtMatmul g = lt_row_major(true, false, d.t, d.dqk, sp, ds->as<bf16_t>() + b * d.h * sp * tp, tp,
+                                kb.as<bf16_t>() + b * d.h * sp * DQK, DQK, ptr<float>(a.dq) + b * d.t * d.h * d.dqk,
+                                d.h * d.dqk, false);
+      g.alpha = a.scale;
+      g.batch = d.h;
+      g.stride_a = sp * DQK;  // cuBLASLt's A is K (lt_row_major swaps the operands)
+      g.stride_b = sp * tp;
+      g.stride_c = d.dqk;
+      lt_matmul(g);
+    }
+  } else if (present(a.dq) && d.t > 0) {
     const size_t smem = size_t(kDqM * (DQK + kPad) + kDqM * (DV + kPad) + 2 * kDqN * (DQK + kPad) +
                                2 * kDqN * (DV + kPad)) * 2;
     set_smem(reinterpret_cast<const void*>(dq_kernel<DQK, DV>), smem);
@@ -589,22 +648,14 @@ void run_bwd(const AttentionBackwardArgs& a, const Dims& d) {
         ptr<float>(a.dq), d, tp, sp, a.scale, a.causal, a.q_offset);
     check_launch("attention_bf16 (dq)");
   }
-  if ((present(a.dk) || present(a.dv)) && d.s > 0) {
-    const size_t smem = size_t(kKvN * (DQK + kPad) + kKvN * (DV + kPad) + 2 * kKvM * (DQK + kPad) +
-                               2 * kKvM * (DV + kPad)) * 2 + 4 * kKvM * 4;
-    set_smem(reinterpret_cast<const void*>(dkv_kernel<DQK, DV>), smem);
-    dkv_kernel<DQK, DV><<<dim3(unsigned(sp / kKvN), unsigned(d.h), unsigned(d.b)), kThreads, smem>>>(
-        qb.as<bf16_t>(), kb.as<bf16_t>(), vb.as<bf16_t>(), db.as<bf16_t>(), lse2.as<float>(), dsum.as<float>(),
-        present(a.dk) ? ptr<float>(a.dk) : nullptr, present(a.dv) ? ptr<float>(a.dv) : nullptr, d, tp, sp, a.scale,
-        a.causal, a.q_offset);
-    check_launch("attention_bf16 (dk, dv)");
-  }
 }
 
 }  // namespace
 
 void cuda_set_attention_bf16(bool on) { g_bf16.store(on); }
 bool cuda_attention_bf16() { return g_bf16.load(); }
+void cuda_set_attention_dq_matmul(bool on) { g_dq_matmul.store(on); }
+bool cuda_attention_dq_matmul() { return g_dq_matmul.load(); }
 
 bool cuda_attention_bf16_supported(int64_t dqk, int64_t dv) {
   return dqk > 0 && dv > 0 && dqk % 16 == 0 && dv % 16 == 0 && dqk <= 256 && dv <= 128;

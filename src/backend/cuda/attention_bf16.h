@@ -14,6 +14,12 @@ namespace dsv3 {
 void cuda_set_attention_bf16(bool on);
 bool cuda_attention_bf16();
 
+// dQ of the backward: from the dk/dv kernel's stored BF16 dSᵀ by a cuBLASLt matmul (on by default;
+// DSV3_ATTN_DQ_MATMUL=0 turns it off) or by its own kernel (off, or dSᵀ over 2 GiB). Both round
+// the same dS to BF16; only the order of the FP32 sums differs.
+void cuda_set_attention_dq_matmul(bool on);
+bool cuda_attention_dq_matmul();
+
 // Whether the BF16 kernels take a problem with these head dims.
 bool cuda_attention_bf16_supported(int64_t dqk, int64_t dv);
 
