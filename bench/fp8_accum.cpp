@@ -44,13 +44,15 @@ Op quant(const Tensor& x) {
 int main(int argc, char** argv) {
   int64_t mn = 64;
   int bits = 14;
+  const std::string usage = std::string("usage: ") + argv[0] + " [--mn 64] [--bits 14]\n";
+  if (const int rc = bench::check_pair_args(argc, argv, usage.c_str()); rc >= 0) return rc;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!std::strcmp(argv[i], "--mn"))
       mn = std::stoll(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--bits"))
       bits = std::stoi(argv[i + 1]);
     else {
-      std::fprintf(stderr, "usage: %s [--mn 64] [--bits 14]\n", argv[0]);
+      std::fputs(usage.c_str(), stderr);
       return 2;
     }
   }

@@ -67,6 +67,8 @@ QuantizeFp8Args qargs(const Tensor& x, Fp8Tiling t, bool transpose, Quant& o) {
 int main(int argc, char** argv) {
   int64_t M = 512, K = 1024, N = 1024;
   int reps = 3;
+  const std::string usage = std::string("usage: ") + argv[0] + " [--m 512] [--k 1024] [--n 1024] [--reps 3]\n";
+  if (const int rc = bench::check_pair_args(argc, argv, usage.c_str()); rc >= 0) return rc;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!std::strcmp(argv[i], "--m"))
       M = std::stoll(argv[i + 1]);
@@ -77,7 +79,7 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--reps"))
       reps = std::stoi(argv[i + 1]);
     else {
-      std::fprintf(stderr, "usage: %s [--m 512] [--k 1024] [--n 1024] [--reps 3]\n", argv[0]);
+      std::fputs(usage.c_str(), stderr);
       return 2;
     }
   }

@@ -9,6 +9,7 @@
 // normalised error against the FP32 kernels at this shape. Writes bench/results/gpu_attention.json.
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 
 #include "common/bench_util.h"
 
@@ -54,6 +55,15 @@ double norm_err(CudaBackend& be, const Tensor& got, const Tensor& want) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  const char* usage = "usage: dsv3_bench_gpu_attention [T (sequence length, default 2048)]\n";
+  if (argc > 1 && (!std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h"))) {
+    std::fputs(usage, stdout);
+    return 0;
+  }
+  if (argc > 2 || (argc == 2 && std::atoll(argv[1]) <= 0)) {
+    std::fprintf(stderr, "dsv3_bench_gpu_attention: expected one positive sequence length\n%s", usage);
+    return 2;
+  }
   const int64_t B = 8, T = argc > 1 ? std::atoll(argv[1]) : 2048, H = 16, DQ = 192, DV = 128;
   CudaBackend& be = cuda_backend();
   Tensor q = random_device(be, {B, T, H, DQ}, 1), k = random_device(be, {B, T, H, DQ}, 2);

@@ -190,6 +190,12 @@ int main(int argc, char** argv) {
   std::string variants_on = "all";
   int mma_rows = -1;  // -1: the library's default
   std::vector<std::string> formats = {"bf16", "f32"};
+  const char* usage =
+      "usage: dsv3_bench_gpu_decode [--preset bench-0.7b] [--prompt 128] [--new 128] [--batch B[,B...] (default "
+      "1,32)] [--weights f32|bf16 (default both)] [--hf hf_gpu.json] [--variants all|mma|none (default all; 1 = all, "
+      "0 = none)] [--mma-rows N (tensor cores from N rows; 0 off; default the library's)] [--profile-steps K] "
+      "[--profile-prefill 1] [--small-rows N (default 8)]\n";
+  if (const int rc = bench::check_pair_args(argc, argv, usage); rc >= 0) return rc;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
     if (k == "--preset") preset = v;
@@ -212,10 +218,7 @@ int main(int argc, char** argv) {
       variants_on = v == "0" ? "none" : v == "1" ? "all" : v;
     else if (k == "--weights" && (v == "f32" || v == "bf16")) formats = {v};
     else {
-      std::fprintf(stderr, "usage: dsv3_bench_gpu_decode [--preset bench-0.7b] [--prompt 128] [--new 128] "
-                           "[--batch B[,B...] (default 1,32)] [--weights f32|bf16 (default both)] [--hf hf_gpu.json] "
-                           "[--variants all|mma|none (default all; 1 = all, 0 = none)] [--mma-rows N (tensor cores from N rows; "
-                           "0 off; default the library's)] [--profile-steps K] [--profile-prefill 1] [--small-rows N (default 8)]\n");
+      std::fputs(usage, stderr);
       return 2;
     }
   }

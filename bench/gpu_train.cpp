@@ -357,6 +357,9 @@ int main(int argc, char** argv) {
   std::string preset = "bench-0.7b", hf_path, precisions = "fp32,bf16,fp8";
   int64_t B = 8, T = 2048;
   int steps = 5, warmup = 2;
+  const char* usage = "usage: dsv3_bench_gpu_train [--preset bench-0.7b] [--batch 8] [--seq 2048] [--steps 5] "
+                      "[--warmup 2] [--precisions fp32,bf16,fp8] [--hf hf_gpu.json]\n";
+  if (const int rc = bench::check_pair_args(argc, argv, usage); rc >= 0) return rc;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
     if (k == "--preset") preset = v;
@@ -367,8 +370,7 @@ int main(int argc, char** argv) {
     else if (k == "--precisions") precisions = v;
     else if (k == "--hf") hf_path = v;
     else {
-      std::fprintf(stderr, "usage: dsv3_bench_gpu_train [--preset bench-0.7b] [--batch 8] [--seq 2048] [--steps 5] "
-                           "[--warmup 2] [--precisions fp32,bf16,fp8] [--hf hf_gpu.json]\n");
+      std::fputs(usage, stderr);
       return 2;
     }
   }

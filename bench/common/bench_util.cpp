@@ -5,6 +5,7 @@
 #include <array>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <ctime>
 #include <fstream>
 #include <memory>
@@ -57,6 +58,19 @@ std::string write_result(const std::string& name, nlohmann::json result) {
   }
   std::rename(tmp.c_str(), path.c_str());
   return path;
+}
+
+int check_pair_args(int argc, char** argv, const char* usage) {
+  for (int i = 1; i < argc; ++i)
+    if (!std::strcmp(argv[i], "--help") || !std::strcmp(argv[i], "-h")) {
+      std::fputs(usage, stdout);
+      return 0;
+    }
+  if (argc % 2 == 0) {  // a flag without its value (argv[0] plus pairs is odd)
+    std::fprintf(stderr, "%s: %s needs a value\n%s", argv[0], argv[argc - 1], usage);
+    return 2;
+  }
+  return -1;
 }
 
 }  // namespace dsv3::bench

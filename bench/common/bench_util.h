@@ -18,4 +18,8 @@ nlohmann::json provenance();
 // Returns the path written.
 std::string write_result(const std::string& name, nlohmann::json result);
 
+// For programs that take "--flag value" pairs, before parsing them: 0 after printing `usage` to
+// stdout for --help or -h, 2 (usage on stderr) when the last flag has no value, -1 to go on.
+int check_pair_args(int argc, char** argv, const char* usage);
+
 }  // namespace dsv3::bench
