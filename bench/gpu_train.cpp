@@ -281,29 +281,26 @@ Run measure(CudaBackend& be, const ModelConfig& cfg, const Weights& host, const 
   }
   r.step_s = secs(t0, Clock::now()) / steps;
   r.tok_s = double(B * T) / r.step_s;
-  // The same steps with the experts' GEMMs in issue order (no lane streams): what the lanes save.
+  // The same timed steps (after one untimed) with a setting changed, then restored: what it saves.
+  auto steps_with = [&](const std::function<void()>& change, const std::function<void()>& restore) {
+    change();
+    step();
+    be.synchronize();
+    auto s0 = Clock::now();
+    for (int i = 0; i < steps; ++i) step();
+    be.synchronize();
+    const double t = secs(s0, Clock::now()) / steps;
+    restore();
+    return t;
+  };
+  // The experts' GEMMs in issue order (no lane streams): what the lanes save.
   r.lanes = cuda_lanes();
-  if (r.lanes > 0) {
-    cuda_set_lanes(1);
-    step();
-    be.synchronize();
-    auto s0 = Clock::now();
-    for (int i = 0; i < steps; ++i) step();
-    be.synchronize();
-    r.step_s_no_lanes = secs(s0, Clock::now()) / steps;
-    cuda_set_lanes(r.lanes);
-  }
-  // The same steps with the BF16 attention's dQ by the dq kernel instead of the matmul from dSᵀ.
-  if (cuda_attention_bf16() && cuda_attention_dq_matmul()) {
-    cuda_set_attention_dq_matmul(false);
-    step();
-    be.synchronize();
-    auto s0 = Clock::now();
-    for (int i = 0; i < steps; ++i) step();
-    be.synchronize();
-    r.step_s_dq_kernel = secs(s0, Clock::now()) / steps;
-    cuda_set_attention_dq_matmul(true);
-  }
+  if (r.lanes > 0)
+    r.step_s_no_lanes = steps_with([] { cuda_set_lanes(1); }, [&] { cuda_set_lanes(r.lanes); });
+  // The BF16 attention's dQ by the dq kernel instead of the matmul from dSᵀ.
+  if (cuda_attention_bf16() && cuda_attention_dq_matmul())
+    r.step_s_dq_kernel = steps_with([] { cuda_set_attention_dq_matmul(false); },
+                                    [] { cuda_set_attention_dq_matmul(true); });
   r.tflops = r.tok_s * fpt / 1e12;
   size_t free_b = 0, total_b = 0;
   cudaMemGetInfo(&free_b, &total_b);
