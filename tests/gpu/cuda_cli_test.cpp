@@ -1,10 +1,14 @@
-// `dsv3 generate --device cuda`, the CLI end to end on the GPU (checkpoint load, the CUDA engine with
-// its graphs, device greedy, MTP drafts), prints the greedy ids the CPU engine prints with the same
-// BF16 latent cache. The executable is the build's, or $DSV3_CLI.
+// `dsv3 generate --device cuda` and `dsv3 chat --device cuda`, the CLI end to end on the GPU
+// (checkpoint load, the CUDA engine with its graphs, device greedy, MTP drafts), print what the CPU
+// engine prints with the same BF16 latent cache. The executable is the build's, or $DSV3_CLI.
 #include <gtest/gtest.h>
 
+#include <filesystem>
+#include <fstream>
 #include <string>
+#include <unistd.h>
 
+#include "../cli/chat_model.h"
 #include "../cli/cli_util.h"
 #include "backend/cuda/cuda_backend.h"
 
@@ -40,6 +44,23 @@ TEST(CudaCli, GenerateOnCudaPrintsTheCpuGreedyIds) {
       EXPECT_EQ(mtp.out, cpu.out);
     }
   }
+}
+
+// `dsv3 chat --device cuda`: two greedy turns (the second with the first in its context) print what
+// the CPU engine prints with the same BF16 cache, on a small random model with a trained tokenizer.
+TEST(CudaCli, ChatOnCudaRepliesAsTheCpu) {
+  ASSERT_GT(cuda_device_count(), 0);
+  const std::string dir = cli_test::make_chat_model(
+      (std::filesystem::temp_directory_path() / ("dsv3_cuda_chat_" + std::to_string(::getpid()))).string());
+  std::ofstream(dir + "/turns.txt") << "hello there\nand again\n";
+  const std::string base = "chat -m " + dir + " -q --temp 0 -n 8 --cache-type bf16 < " + dir + "/turns.txt ";
+  const Result cpu = run(base + "--device cpu --threads 1");
+  ASSERT_EQ(cpu.status, 0) << cpu.out;
+  ASSERT_FALSE(cpu.out.empty());
+  const Result gpu = run(base + "--device cuda");
+  ASSERT_EQ(gpu.status, 0) << gpu.out;
+  EXPECT_EQ(gpu.out, cpu.out);
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

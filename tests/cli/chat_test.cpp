@@ -1,0 +1,58 @@
+// `dsv3 chat` end to end on the CPU: turns read from stdin are answered with the chat template,
+// greedy replies are reproducible, "/reset" starts the conversation over, a later turn sees the
+// earlier ones, and a model directory without a tokenizer is an error naming it.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <unistd.h>
+
+#include "chat_model.h"
+#include "cli_util.h"
+
+namespace dsv3::cli_test {
+namespace {
+
+// Written once per process, removed at exit.
+const std::string& model() {
+  struct Dir {
+    std::string path = make_chat_model(
+        (std::filesystem::temp_directory_path() / ("dsv3_chat_" + std::to_string(::getpid()))).string());
+    ~Dir() { std::filesystem::remove_all(path); }
+  };
+  static const Dir dir;
+  return dir.path;
+}
+
+// The replies (stdout) to the turns in `input` (one per line), greedy, 6 tokens at most each.
+Result chat(const std::string& input) {
+  const std::string path = model() + "/turns.txt";
+  std::ofstream(path) << input;
+  return dsv3("chat -m " + model() + " -q --temp 0 -n 6 --threads 1 < " + path);
+}
+
+TEST(CliChat, GreedyRepliesAreReproducibleAndResetStartsOver) {
+  const Result one = chat("hello there\n");
+  ASSERT_EQ(one.status, 0) << one.out;
+  ASSERT_FALSE(one.out.empty());
+  EXPECT_EQ(chat("hello there\n").out, one.out);
+  // After /reset the same question gets the same reply; /exit ends the session before the last line.
+  const Result reset = chat("hello there\n/reset\nhello there\n/exit\nnever read\n");
+  ASSERT_EQ(reset.status, 0) << reset.out;
+  EXPECT_EQ(reset.out, one.out + one.out);
+  // A second turn is answered with the first in its context: the output starts with the first reply.
+  const Result two = chat("hello there\nand again\n");
+  ASSERT_EQ(two.status, 0) << two.out;
+  EXPECT_EQ(two.out.substr(0, one.out.size()), one.out);
+  EXPECT_GT(two.out.size(), one.out.size());
+}
+
+TEST(CliChat, ModelWithoutTokenizerIsAnErrorNamingIt) {
+  const Result r = dsv3("chat -m " + fixture_dir("v3_hub_yarn_mtp1") + " -q < /dev/null", true);
+  EXPECT_EQ(r.status, 2) << r.out;
+  EXPECT_NE(r.out.find("tokenizer.json"), std::string::npos) << r.out;
+}
+
+}  // namespace
+}  // namespace dsv3::cli_test
