@@ -26,22 +26,29 @@ Result run(const std::string& args) {
   return r;
 }
 
+// `dsv3 <args> --device cpu --threads 1` and `dsv3 <args> --device cuda` both succeed and print the
+// same, non-empty stdout, which is returned.
+std::string expect_cuda_prints_the_cpu(const std::string& args) {
+  const Result cpu = run(args + "--device cpu --threads 1");
+  EXPECT_EQ(cpu.status, 0) << cpu.out;
+  EXPECT_FALSE(cpu.out.empty());
+  const Result gpu = run(args + "--device cuda");
+  EXPECT_EQ(gpu.status, 0) << gpu.out;
+  EXPECT_EQ(gpu.out, cpu.out);
+  return cpu.out;
+}
+
 TEST(CudaCli, GenerateOnCudaPrintsTheCpuGreedyIds) {
   ASSERT_GT(cuda_device_count(), 0);
   for (const char* fixture : {"v3_hub_yarn_mtp1", "v2_lite_greedy"}) {
     SCOPED_TRACE(fixture);
     const std::string base = "generate -m " + fixture_dir(fixture) +
                              " --prompt-ids \"0 5 7 11 3\" -n 12 --temp 0 --ignore-eos --print-ids --cache-type bf16 ";
-    const Result cpu = run(base + "--device cpu --threads 1");
-    ASSERT_EQ(cpu.status, 0) << cpu.out;
-    ASSERT_FALSE(cpu.out.empty());
-    const Result gpu = run(base + "--device cuda");
-    ASSERT_EQ(gpu.status, 0) << gpu.out;
-    EXPECT_EQ(gpu.out, cpu.out);
+    const std::string cpu = expect_cuda_prints_the_cpu(base);
     if (std::string(fixture) == "v3_hub_yarn_mtp1") {  // speculative decoding with its MTP module
       const Result mtp = run(base + "--device cuda --mtp 1");
       ASSERT_EQ(mtp.status, 0) << mtp.out;
-      EXPECT_EQ(mtp.out, cpu.out);
+      EXPECT_EQ(mtp.out, cpu);
     }
   }
 }
@@ -53,13 +60,7 @@ TEST(CudaCli, ChatOnCudaRepliesAsTheCpu) {
   const std::string dir = cli_test::make_chat_model(
       (std::filesystem::temp_directory_path() / ("dsv3_cuda_chat_" + std::to_string(::getpid()))).string());
   std::ofstream(dir + "/turns.txt") << "hello there\nand again\n";
-  const std::string base = "chat -m " + dir + " -q --temp 0 -n 8 --cache-type bf16 < " + dir + "/turns.txt ";
-  const Result cpu = run(base + "--device cpu --threads 1");
-  ASSERT_EQ(cpu.status, 0) << cpu.out;
-  ASSERT_FALSE(cpu.out.empty());
-  const Result gpu = run(base + "--device cuda");
-  ASSERT_EQ(gpu.status, 0) << gpu.out;
-  EXPECT_EQ(gpu.out, cpu.out);
+  expect_cuda_prints_the_cpu("chat -m " + dir + " -q --temp 0 -n 8 --cache-type bf16 < " + dir + "/turns.txt ");
   std::filesystem::remove_all(dir);
 }
 
