@@ -907,11 +907,13 @@ Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, con
   DSV3_CHECK(!router_logits || router_logits->numel() == N * E, "cuda_moe_forward: router logits ",
              router_logits ? router_logits->shape().str() : "");
   Tensor logits = router_logits ? *router_logits : be.alloc(DType::F32, {N, E});
-  if (!router_logits && small_gemv && cuda_small_linear_ok(p.gate, x)) {
-    cuda_small_linear(p.gate, x, logits, false);
-  } else if (!router_logits) {
-    cuda_graph_mark_unsafe("the router's gate through the backend's linear");
-    linear_forward(be, p.gate, x, logits);
+  if (!router_logits) {
+    if (small_gemv && cuda_small_linear_ok(p.gate, x)) {
+      cuda_small_linear(p.gate, x, logits, false);
+    } else {
+      cuda_graph_mark_unsafe("the router's gate through the backend's linear");
+      linear_forward(be, p.gate, x, logits);
+    }
   }
   Tensor ids = be.alloc(DType::I32, {N, k}), wts = be.alloc(DType::F32, {N, k});
   Tensor scores = be.alloc(DType::F32, {N, E});
