@@ -96,19 +96,23 @@ void check_bf16(const Shape6& c, uint64_t seed, bool backward = true, bool round
   if (rounded_reference) ref_in = {round_bf16(in.q), round_bf16(in.k), round_bf16(in.v), round_bf16(in.dout), in.scale};
   Results want = run(cpu_backend(), c, ref_in, backward);
   Bf16On on(true);
+  const DqMatmul matmul(true);
+  const int64_t matmuls = cuda_attention_dq_matmuls();
   Results got = run(cuda_backend(), c, in, backward);
+  EXPECT_EQ(cuda_attention_dq_matmuls() - matmuls, backward ? 1 : 0) << "dQ did not take the matmul";
   EXPECT_EQ(got.damaged, "");
   double e_out = max_err(got.out, want.out, "out", tol::kBf16);
   double e_lse = max_err(got.lse, want.lse, "lse", tol::kBf16);
   std::string msg = cat("out ", e_out, " lse ", e_lse);
   if (backward) {
-    // Both dQ paths (got: the default, the matmul from dSᵀ; then the dq kernel), each against the
-    // reference; dk and dv come from the same kernel either way.
-    EXPECT_TRUE(cuda_attention_dq_matmul());
+    // Both dQ paths (got: the matmul from dSᵀ; then the dq kernel), each against the reference;
+    // dk and dv come from the same kernel either way.
     Results kernel;
     {
       DqMatmul off(false);
+      const int64_t before = cuda_attention_dq_matmuls();
       kernel = run(cuda_backend(), c, in, backward);
+      EXPECT_EQ(cuda_attention_dq_matmuls(), before) << "the dq kernel was asked for";
     }
     EXPECT_EQ(kernel.damaged, "");
     double e_dq = max_err(got.dq, want.dq, "dq (matmul)", tol::kBf16);

@@ -40,6 +40,7 @@ std::atomic<bool> g_dq_matmul{[] {
   return !(e && std::strcmp(e, "0") == 0);
 }()};
 constexpr int64_t kDsMaxBytes = int64_t(2) << 30;
+std::atomic<int64_t> g_dq_matmuls{0};
 
 constexpr int kThreads = 128, kRowPad = 64, kPad = 8;
 constexpr float kLog2e = 1.4426950408889634f;
@@ -639,6 +640,7 @@ void run_bwd(const AttentionBackwardArgs& a, const Dims& d) {
       g.stride_c = d.dqk;
       lt_matmul(g);
     }
+    ++g_dq_matmuls;
   } else if (present(a.dq) && d.t > 0) {
     const size_t smem = size_t(kDqM * (DQK + kPad) + kDqM * (DV + kPad) + 2 * kDqN * (DQK + kPad) +
                                2 * kDqN * (DV + kPad)) * 2;
@@ -656,6 +658,7 @@ void cuda_set_attention_bf16(bool on) { g_bf16.store(on); }
 bool cuda_attention_bf16() { return g_bf16.load(); }
 void cuda_set_attention_dq_matmul(bool on) { g_dq_matmul.store(on); }
 bool cuda_attention_dq_matmul() { return g_dq_matmul.load(); }
+int64_t cuda_attention_dq_matmuls() { return g_dq_matmuls.load(); }
 
 bool cuda_attention_bf16_supported(int64_t dqk, int64_t dv) {
   return dqk > 0 && dv > 0 && dqk % 16 == 0 && dv % 16 == 0 && dqk <= 256 && dv <= 128;

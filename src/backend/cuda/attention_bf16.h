@@ -19,6 +19,8 @@ bool cuda_attention_bf16();
 // the same dS to BF16; only the order of the FP32 sums differs.
 void cuda_set_attention_dq_matmul(bool on);
 bool cuda_attention_dq_matmul();
+// Backward calls in this process whose dQ took the matmul (tests: which path ran).
+int64_t cuda_attention_dq_matmuls();
 
 // Whether the BF16 kernels take a problem with these head dims.
 bool cuda_attention_bf16_supported(int64_t dqk, int64_t dv);
