@@ -107,6 +107,7 @@ inline bool linear_rows_independent() {
 }
 // got equals want bit for bit where linear_rows_independent(), else within kEpTol.
 inline void expect_ep_equal(const Tensor& got, const Tensor& want, const std::string& what) {
+  ASSERT_EQ(got.numel(), want.numel()) << what;
   if (linear_rows_independent())
     EXPECT_TRUE(same_bits(got, want)) << what;
   else
