@@ -328,8 +328,8 @@ __global__ void combine_kernel(const float* y, const int32_t* inv, const float* 
   }
 }
 
-// h[r] = RMSNorm(x[r])·norm_w as rmsnorm_reg_kernel computes it (rms_rstd at the 256-thread column
-// stride, then w·(x·rs): the backend's bits), and logits[r, e] = h[r]·gate[e]: the
+// h[r] = RMSNorm(x[r])·norm_w as rmsnorm_reg_kernel computes it (rms_norm_row at the 256-thread
+// column stride: the backend's bits), and logits[r, e] = h[r]·gate[e]: the
 // router's GEMV inside the post-attention norm's launch, one launch fewer per MoE layer. The normed
 // row goes through shared memory; warp w takes experts w, w + 8, …, each lane every 32nd 16-byte
 // vector of the expert's row (four in flight), the lanes' sums added by a fixed butterfly.
@@ -340,18 +340,12 @@ __global__ void norm_router_kernel(const float* x, const void* norm_w, DType nor
   pdl_wait();
   pdl_trigger();
   const int64_t r = blockIdx.x;
-  float xv[NPT], wv[NPT];
+  float hv[NPT];
+  rms_norm_row(x + r * H, norm_w, norm_t, H, eps, hv);
 #pragma unroll
   for (int i = 0; i < NPT; ++i) {
     const int j = threadIdx.x + i * blockDim.x;
-    xv[i] = j < H ? x[r * H + j] : 0.0f;
-    wv[i] = j < H ? load_f(norm_w, norm_t, j) : 0.0f;
-  }
-  const float rs = rms_rstd(xv, H, eps);
-#pragma unroll
-  for (int i = 0; i < NPT; ++i) {
-    const int j = threadIdx.x + i * blockDim.x;
-    if (j < H) h[r * H + j] = hs[j] = wv[i] * (xv[i] * rs);
+    if (j < H) h[r * H + j] = hs[j] = hv[i];
   }
   __syncthreads();
   constexpr int V = kVecCols<WT>;

@@ -122,6 +122,23 @@ template <int NPT> __device__ float rms_rstd(const float (&v)[NPT], int64_t d, f
   ss = block_sum(ss);
   return float(1.0 / sqrt(ss / double(d) + double(eps)));
 }
+// The backend's RMSNorm of the row xr (d values) for this thread's NPT columns (column threadIdx.x +
+// i·blockDim.x; 0 past d): h[i] = w·(x·rs), with x and the weight loaded together before the sum.
+// Returns rs. rmsnorm_reg_kernel and the decode's fused norm + router share it, so their bits agree.
+template <int NPT>
+__device__ float rms_norm_row(const float* xr, const void* w, DType wt, int64_t d, float eps, float (&h)[NPT]) {
+  float xv[NPT], wv[NPT];
+#pragma unroll
+  for (int i = 0; i < NPT; ++i) {
+    const int64_t j = threadIdx.x + int64_t(i) * blockDim.x;
+    xv[i] = j < d ? xr[j] : 0.0f;
+    wv[i] = j < d ? load_f(w, wt, j) : 0.0f;
+  }
+  const float rs = rms_rstd(xv, d, eps);
+#pragma unroll
+  for (int i = 0; i < NPT; ++i) h[i] = wv[i] * (xv[i] * rs);
+  return rs;
+}
 __device__ inline float block_max(float v) {
   __shared__ float part[32];
   __syncthreads();

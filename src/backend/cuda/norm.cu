@@ -46,22 +46,15 @@ __global__ void rmsnorm_reg_kernel(const float* x, const void* w, DType wt, floa
                                    int64_t d) {
   pdl_wait();  // x and (in training) the weight come from previous kernels
   pdl_trigger();
-  int64_t r = blockIdx.x;
-  const float* xr = x + r * d;
-  float xv[NPT], wv[NPT];
-#pragma unroll
-  for (int i = 0; i < NPT; ++i) {
-    const int64_t j = threadIdx.x + int64_t(i) * blockDim.x;
-    xv[i] = j < d ? xr[j] : 0.0f;
-    wv[i] = j < d ? load_f(w, wt, j) : 0.0f;
-  }
-  const float rs = rms_rstd(xv, d, eps);
+  const int64_t r = blockIdx.x;
+  float h[NPT];
+  const float rs = rms_norm_row(x + r * d, w, wt, d, eps, h);
   if (rstd && threadIdx.x == 0) rstd[r] = rs;
   float* yr = y + r * d;
 #pragma unroll
   for (int i = 0; i < NPT; ++i) {
     const int64_t j = threadIdx.x + int64_t(i) * blockDim.x;
-    if (j < d) yr[j] = wv[i] * (xv[i] * rs);
+    if (j < d) yr[j] = h[i];
   }
 }
 __global__ void rmsnorm_dx_kernel(const float* dy, const float* x, const void* w, DType wt, const float* rstd,
