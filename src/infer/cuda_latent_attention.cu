@@ -134,14 +134,34 @@ __global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs
   auto row_of = [&](int pos) {
     return (int64_t(table[pos / bs]) * a.layers + a.layer) * a.bs + pos % bs;
   };
+  // idx / V for a tile's 16-byte pieces, through F32 up to R 256: idx < 32·V ≤ 2304 and V ≤ 72, so
+  // (idx + ½)/V lies ≥ 1/144 from an integer, and the product's rounding (< 2⁻²³ relative) cannot
+  // cross one. The integer divisions (by V, and per row by the block size) were a fifth of the
+  // kernel's instructions at batch 1 (Nsight Compute). The R 512 instance is at its 128 registers,
+  // where the leaner code spills; it keeps them.
+  constexpr bool kLean = NV <= 5;
+  const float rv = 1.0f / float(max(V, 1));
+  auto quot = [&](int idx) { return kLean ? __float2int_rz((float(idx) + 0.5f) * rv) : idx / V; };
   // A tile's rows into registers, all 32 positions (those past this row's end are zeroed in stash;
-  // their block-table entries, within the row's maxb, exist).
+  // their block-table entries, within the row's maxb, exist). A tile inside one block (block size
+  // a multiple of 32) takes one table entry.
   uint4 raw[NV];
   auto fetch = [&](int tl) {
     const int t0 = tl * kT;
+    if (kLean && bs % kT == 0) {
+      const int b = t0 / bs;
+      if (b >= a.maxb) return;
+      const __nv_bfloat16* base = a.pool + ((int64_t(table[b]) * a.layers + a.layer) * a.bs + (t0 - b * bs)) * W;
+#pragma unroll
+      for (int u = 0; u < NV; ++u) {
+        const int idx = tid + u * kThreads, t = quot(idx), v = idx - t * V;
+        if (idx < kT * V) raw[u] = reinterpret_cast<const uint4*>(base + int64_t(t) * W)[v];
+      }
+      return;
+    }
 #pragma unroll
     for (int u = 0; u < NV; ++u) {
-      const int idx = tid + u * kThreads, t = idx / V, v = idx - t * V;
+      const int idx = tid + u * kThreads, t = quot(idx), v = idx - t * V;
       if (idx < kT * V && (t0 + t) / bs < a.maxb)
         raw[u] = reinterpret_cast<const uint4*>(a.pool + row_of(t0 + t) * W)[v];
     }
@@ -181,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs
       for (int u = 0; u < NV; ++u) {
         const int idx = tid + u * kThreads;
         if (idx < kT * V) {
-          const int t = idx / V, v = idx - t * V;
+          const int t = quot(idx), v = idx - t * V;
           if (!(new_row && t0 + t == len - 1)) widen8(t < cnt ? raw[u] : make_uint4(0, 0, 0, 0), tile + t * w32 + 8 * v);
         }
       }
