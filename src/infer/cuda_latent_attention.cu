@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 
 #include <cooperative_groups.h>
 
@@ -10,6 +12,7 @@
 #include "backend/cuda/graph.h"
 #include "backend/cuda/lt_gemm.h"
 #include "backend/cuda/mla_decode.h"
+#include "backend/cuda/mma.cuh"
 #include "backend/cuda/pdl.cuh"
 #include "infer/cuda_decode_ops.h"
 #include "infer/cuda_weight_vec.cuh"
@@ -82,9 +85,13 @@ enum { kDirect = 0, kCluster = 1, kPartials = 2 };
 // Shared memory (floats): q chunks | tile [kT, W32] | S [kHg, kT + 1] | P [kT, kHg] | corr, max, sum
 // [kHg each]; in a cluster also the members' (max, sum) [8, 2·kHg] and acc slices [8·kHg·slots·4].
 __host__ __device__ inline int attn_w32(int W) { return (W + 31) & ~31; }
-__host__ __device__ inline int attn_smem_floats(int W, int R, bool cluster) {
+// With mma: q as two BF16 terms [2][kHg][W + 8] and the tile as BF16 [kT][W + 8] (32·(W + 8) floats),
+// both halves' scores [2][kHg, kT + 1], P as two BF16 terms [2][kHg][kPs], then corr, max, sum.
+constexpr int kPs = kT + 8;  // BF16 elements per row of P (80 bytes: conflict-free ldmatrix rows)
+__host__ __device__ inline int attn_smem_floats(int W, int R, bool cluster, bool mma) {
   const int w32 = attn_w32(W), rq = (R + 3) / 4;
-  const int base = w32 / 4 * kQStride + kT * w32 + kHg * (kT + 1) + kT * kHg + 3 * kHg;
+  const int base = mma ? 32 * (W + 8) + 2 * kHg * (kT + 1) + kHg * kPs + 3 * kHg
+                       : w32 / 4 * kQStride + kT * w32 + kHg * (kT + 1) + kT * kHg + 3 * kHg;
   return cluster ? base + 2 * kHg * kMaxClusterSplits + kHg * 4 * (rq + kMaxClusterSplits - 1) : base;
 }
 
@@ -105,11 +112,19 @@ __device__ __forceinline__ __nv_bfloat16 new_value(const AttnArgs& a, int r, int
 // CQ column quads per thread in P·V (R ≤ 256·CQ); NV 16-byte loads per thread per tile (W ≤ 64·NV
 // with W % 8 == 0 takes the prefetched path, other widths load each tile synchronously).
 //
+// kMma (R ≤ 256, R % 8 = 0, W ≤ 320, W % 16 = 0, q readable as float4): both products on BF16 tensor
+// cores (mma.sync m16n8k16, FP32 accumulators) from a BF16 tile. q and the softmax weights P enter
+// as two BF16 terms each (hi + lo, split_bf16x2: 2⁻¹⁶ relative left), the cache rows are BF16
+// already, so each product is F32-class. Scores: warp w takes positions 8·(w mod 4)… and half the
+// width's k-steps, the halves added through shared memory; P·V: warp w takes column tiles w, w + 8,
+// …. The FP32 path above spent ~2,600 instructions per warp on a tile (Nsight Compute, batch 1);
+// the accumulators go through shared memory into its layout for the shared merge below.
+//
 // Launched as a programmatic dependent of the previous kernel (the q GEMV): everything before
 // pdl_wait reads only what older kernels wrote (step metadata, block tables, cached rows, this
 // step's c_kv_n / k_pe) and writes only the new cache row (which the q GEMV does not touch), so
 // the first tile's loads overlap that kernel; q comes after the wait.
-template <int CQ, int NV>
+template <int CQ, int NV, bool kMma>
 __global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs a) {
   extern __shared__ __align__(16) float sm[];
   // A member's shared memory may be written only once the member runs: arrive now, wait before the
@@ -121,6 +136,16 @@ __global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs
   float* ss = tile + kT * w32;
   float* ps = ss + kHg * (kT + 1);
   float* st = ps + kT * kHg;  // corr | max | sum, kHg each
+  const int sq = W + 8;       // kMma: BF16 elements per row of q and of the tile (16-byte multiple)
+  __nv_bfloat16* qh = reinterpret_cast<__nv_bfloat16*>(sm);
+  __nv_bfloat16* ql = qh + kHg * sq;
+  __nv_bfloat16* t16 = ql + kHg * sq;
+  __nv_bfloat16* ph = reinterpret_cast<__nv_bfloat16*>(sm + 32 * sq + 2 * kHg * (kT + 1));
+  __nv_bfloat16* pl = ph + kHg * kPs;
+  if constexpr (kMma) {
+    ss = sm + 32 * sq;  // [2][kHg][kT + 1]: the two halves of the width
+    st = sm + 32 * sq + 2 * kHg * (kT + 1) + kHg * kPs;
+  }
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int split = blockIdx.x, r = blockIdx.y, h0 = blockIdx.z * kHg;
   const int bs = int(a.bs);
@@ -185,7 +210,7 @@ __global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs
     __nv_bfloat16* dst = const_cast<__nv_bfloat16*>(a.pool) + row_of(len - 1) * W;
     for (int i = tid; i < W; i += kThreads) dst[i] = new_value(a, r, i);
   }
-  for (int idx = tid; idx < kT * (w32 - W); idx += kThreads) {  // padding columns, never loaded
+  for (int idx = tid; !kMma && idx < kT * (w32 - W); idx += kThreads) {  // padding columns, never loaded
     const int t = idx / (w32 - W);
     tile[t * w32 + W + (idx - t * (w32 - W))] = 0.0f;
   }
@@ -196,7 +221,18 @@ __global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs
   // could be NaN).
   auto stash = [&](int tl) {
     const int t0 = tl * kT, cnt = min(kT, len - t0);
-    if (vec) {
+    if (kMma) {  // as the pool holds it
+#pragma unroll
+      for (int u = 0; u < NV; ++u) {
+        const int idx = tid + u * kThreads;
+        if (idx < kT * V) {
+          const int t = quot(idx), v = idx - t * V;
+          if (!(new_row && t0 + t == len - 1))
+            *reinterpret_cast<uint4*>(t16 + t * sq + 8 * v) = t < cnt ? raw[u] : make_uint4(0, 0, 0, 0);
+        }
+      }
+      if (new_row && len - 1 - t0 < kT && tid < V) *reinterpret_cast<uint4*>(t16 + (len - 1 - t0) * sq + 8 * tid) = newp;
+    } else if (vec) {
 #pragma unroll
       for (int u = 0; u < NV; ++u) {
         const int idx = tid + u * kThreads;
@@ -216,7 +252,33 @@ __global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs
     }
   };
   // q (scaled) into its chunks: the loads of a batch are all issued before their stores.
-  if (a.qvec) {  // float4 pieces: W, R, qk and nope multiples of 4
+  if (kMma) {  // rows of two BF16 terms
+    const int w4 = W / 4, qtotal = kHg * w4;
+    for (int base = tid; base < qtotal; base += NV * kThreads) {
+      float4 qv[NV];
+#pragma unroll
+      for (int u = 0; u < NV; ++u) {
+        const int idx = base + u * kThreads, hh = idx / w4, k = 4 * (idx - hh * w4), h = h0 + hh;
+        qv[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (idx < qtotal && h < a.nh) {
+          const int64_t rh = int64_t(r) * a.nh + h;
+          qv[u] = *reinterpret_cast<const float4*>(k < R ? a.qcat + rh * W + k
+                                                         : a.qrot + rh * a.qk + a.nope + (k - R));
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < NV; ++u) {
+        const int idx = base + u * kThreads, hh = idx / w4, k = 4 * (idx - hh * w4);
+        if (idx < qtotal) {
+          uint2 hi, lo;
+          split_bf16x2(qv[u].x * a.scale, qv[u].y * a.scale, hi.x, lo.x);
+          split_bf16x2(qv[u].z * a.scale, qv[u].w * a.scale, hi.y, lo.y);
+          *reinterpret_cast<uint2*>(qh + hh * sq + k) = hi;
+          *reinterpret_cast<uint2*>(ql + hh * sq + k) = lo;
+        }
+      }
+    }
+  } else if (a.qvec) {  // float4 pieces: W, R, qk and nope multiples of 4
     const int w4 = w32 / 4, qtotal = kHg * w4;
     for (int base = tid; base < qtotal; base += NV * kThreads) {
       float4 qv[NV];
@@ -270,6 +332,9 @@ __global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs
     for (int hh = 0; hh < 4; ++hh)
 #pragma unroll
       for (int i = 0; i < 4; ++i) o[u][hh][i] = 0.0f;
+  // kMma: this warp's P·V accumulators, column tiles warp + 8j (heads g, g + 8; columns 2·t4, +1).
+  const int g = lane >> 2, t4 = lane & 3;
+  float om[4][4] = {};
 
   for (int tl = tb; tl < te; ++tl) {
     const int cnt = min(kT, len - tl * kT);
@@ -277,96 +342,175 @@ __global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs
     stash(tl);
     __syncthreads();
     if (vec && tl + 1 < te) fetch(tl + 1);
-    float acc[4][4];
-#pragma unroll
-    for (int hh = 0; hh < 4; ++hh)
-#pragma unroll
-      for (int u = 0; u < 4; ++u) acc[hh][u] = 0.0f;
-    for (int c = ks; c < nc; c += 8) {
-      float4 qv[4], rv[4];
-#pragma unroll
-      for (int hh = 0; hh < 4; ++hh) qv[hh] = *reinterpret_cast<const float4*>(qs + c * kQStride + (4 * hq_s + hh) * 4);
-#pragma unroll
-      for (int u = 0; u < 4; ++u) rv[u] = *reinterpret_cast<const float4*>(tile + (4 * warp + u) * w32 + 4 * c);
-#pragma unroll
+    if constexpr (kMma) {
+      const int nt = warp & 3, kh = warp >> 2, nks = W >> 4, half = (nks + 1) >> 1;
+      const int s_end = min(nks, (kh + 1) * half);
+      const int arow = (lane & 15) * sq + ((lane >> 4) << 3);
+      const __nv_bfloat16* brow = t16 + (8 * nt + (lane & 7)) * sq + (((lane >> 3) & 1) << 3);
+      float chi[4] = {}, clo[4] = {};
+      for (int ks16 = kh * half; ks16 < s_end; ++ks16) {
+        uint32_t ah[4], al[4], bw[2];
+        ldmatrix_x4(ah, qh + arow + 16 * ks16);
+        ldmatrix_x4(al, ql + arow + 16 * ks16);
+        ldmatrix_x2(bw, brow + 16 * ks16);
+        mma_bf16(chi, ah, bw[0], bw[1]);
+        mma_bf16(clo, al, bw[0], bw[1]);
+      }
+      float* sp = ss + kh * kHg * (kT + 1) + 8 * nt + 2 * t4;
+      sp[g * (kT + 1)] = chi[0] + clo[0];
+      sp[g * (kT + 1) + 1] = chi[1] + clo[1];
+      sp[(g + 8) * (kT + 1)] = chi[2] + clo[2];
+      sp[(g + 8) * (kT + 1) + 1] = chi[3] + clo[3];
+    } else {
+      float acc[4][4];
+  #pragma unroll
       for (int hh = 0; hh < 4; ++hh)
-#pragma unroll
+  #pragma unroll
+        for (int u = 0; u < 4; ++u) acc[hh][u] = 0.0f;
+      for (int c = ks; c < nc; c += 8) {
+        float4 qv[4], rv[4];
+  #pragma unroll
+        for (int hh = 0; hh < 4; ++hh) qv[hh] = *reinterpret_cast<const float4*>(qs + c * kQStride + (4 * hq_s + hh) * 4);
+  #pragma unroll
+        for (int u = 0; u < 4; ++u) rv[u] = *reinterpret_cast<const float4*>(tile + (4 * warp + u) * w32 + 4 * c);
+  #pragma unroll
+        for (int hh = 0; hh < 4; ++hh)
+  #pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            float d = acc[hh][u];
+            d = fmaf(qv[hh].x, rv[u].x, d);
+            d = fmaf(qv[hh].y, rv[u].y, d);
+            d = fmaf(qv[hh].z, rv[u].z, d);
+            d = fmaf(qv[hh].w, rv[u].w, d);
+            acc[hh][u] = d;
+          }
+      }
+      // Reduce-scatter over the 8 slices (lane bits 2, 1, 0): lane keeps head 2·b2 + b0 of its quad and
+      // positions 2·b1, 2·b1 + 1 of the warp's quad.
+      const int b2 = (ks >> 2) & 1, b1 = (ks >> 1) & 1, b0 = ks & 1;
+      float x1[2][4];
+  #pragma unroll
+      for (int hk = 0; hk < 2; ++hk)
+  #pragma unroll
         for (int u = 0; u < 4; ++u) {
-          float d = acc[hh][u];
-          d = fmaf(qv[hh].x, rv[u].x, d);
-          d = fmaf(qv[hh].y, rv[u].y, d);
-          d = fmaf(qv[hh].z, rv[u].z, d);
-          d = fmaf(qv[hh].w, rv[u].w, d);
-          acc[hh][u] = d;
+          const float keep = b2 ? acc[2 + hk][u] : acc[hk][u], give = b2 ? acc[hk][u] : acc[2 + hk][u];
+          x1[hk][u] = keep + __shfl_xor_sync(0xffffffffu, give, 4);
         }
-    }
-    // Reduce-scatter over the 8 slices (lane bits 2, 1, 0): lane keeps head 2·b2 + b0 of its quad and
-    // positions 2·b1, 2·b1 + 1 of the warp's quad.
-    const int b2 = (ks >> 2) & 1, b1 = (ks >> 1) & 1, b0 = ks & 1;
-    float x1[2][4];
-#pragma unroll
-    for (int hk = 0; hk < 2; ++hk)
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const float keep = b2 ? acc[2 + hk][u] : acc[hk][u], give = b2 ? acc[hk][u] : acc[2 + hk][u];
-        x1[hk][u] = keep + __shfl_xor_sync(0xffffffffu, give, 4);
-      }
-    float x2[2][2];
-#pragma unroll
-    for (int hk = 0; hk < 2; ++hk)
-#pragma unroll
+      float x2[2][2];
+  #pragma unroll
+      for (int hk = 0; hk < 2; ++hk)
+  #pragma unroll
+        for (int uk = 0; uk < 2; ++uk) {
+          const float keep = b1 ? x1[hk][2 + uk] : x1[hk][uk], give = b1 ? x1[hk][uk] : x1[hk][2 + uk];
+          x2[hk][uk] = keep + __shfl_xor_sync(0xffffffffu, give, 2);
+        }
+      float x3[2];
+  #pragma unroll
       for (int uk = 0; uk < 2; ++uk) {
-        const float keep = b1 ? x1[hk][2 + uk] : x1[hk][uk], give = b1 ? x1[hk][uk] : x1[hk][2 + uk];
-        x2[hk][uk] = keep + __shfl_xor_sync(0xffffffffu, give, 2);
+        const float keep = b0 ? x2[1][uk] : x2[0][uk], give = b0 ? x2[0][uk] : x2[1][uk];
+        x3[uk] = keep + __shfl_xor_sync(0xffffffffu, give, 1);
       }
-    float x3[2];
-#pragma unroll
-    for (int uk = 0; uk < 2; ++uk) {
-      const float keep = b0 ? x2[1][uk] : x2[0][uk], give = b0 ? x2[0][uk] : x2[1][uk];
-      x3[uk] = keep + __shfl_xor_sync(0xffffffffu, give, 1);
-    }
-    {
-      const int hh = 4 * hq_s + 2 * b2 + b0, t = 4 * warp + 2 * b1;
-      ss[hh * (kT + 1) + t] = x3[0];
-      ss[hh * (kT + 1) + t + 1] = x3[1];
+      {
+        const int hh = 4 * hq_s + 2 * b2 + b0, t = 4 * warp + 2 * b1;
+        ss[hh * (kT + 1) + t] = x3[0];
+        ss[hh * (kT + 1) + t + 1] = x3[1];
+      }
     }
     __syncthreads();
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int hh = 2 * warp + j;
-      const float sc = lane < cnt ? ss[hh * (kT + 1) + lane] : -INFINITY;
+      const float sc = lane >= cnt ? -INFINITY
+                       : kMma     ? ss[hh * (kT + 1) + lane] + ss[(kHg + hh) * (kT + 1) + lane]
+                                  : ss[hh * (kT + 1) + lane];
       const float mnew = fmaxf(m_run[j], warp_max(sc));
       const float corr = m_run[j] == -INFINITY ? 0.0f : exp2f(m_run[j] - mnew);
       const float p = lane < cnt ? exp2f(sc - mnew) : 0.0f;
       l_run[j] = l_run[j] * corr + warp_sum(p);
       m_run[j] = mnew;
-      ps[lane * kHg + hh] = p;
+      if (kMma) {
+        const __nv_bfloat16 hi = __float2bfloat16_rn(p);
+        ph[hh * kPs + lane] = hi;
+        pl[hh * kPs + lane] = __float2bfloat16_rn(p - __bfloat162float(hi));
+      } else {
+        ps[lane * kHg + hh] = p;
+      }
       if (lane == 0) st[hh] = corr;
     }
     __syncthreads();
-    const float4 cr = *reinterpret_cast<const float4*>(st + 4 * hq);
-    const float crs[4] = {cr.x, cr.y, cr.z, cr.w};
+    if constexpr (kMma) {
+      const float cg = st[g], cg8 = st[g + 8];
+      uint32_t pah[2][4], pal[2][4];
 #pragma unroll
-    for (int u = 0; u < CQ; ++u)
+      for (int k2 = 0; k2 < 2; ++k2) {
+        ldmatrix_x4(pah[k2], ph + (lane & 15) * kPs + 16 * k2 + ((lane >> 4) << 3));
+        ldmatrix_x4(pal[k2], pl + (lane & 15) * kPs + 16 * k2 + ((lane >> 4) << 3));
+      }
 #pragma unroll
-      for (int hh = 0; hh < 4; ++hh)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) o[u][hh][i] *= crs[hh];
-    for (int t = 0; t < cnt; ++t) {
-      const float4 pv = *reinterpret_cast<const float4*>(ps + t * kHg + 4 * hq);
-      const float pr[4] = {pv.x, pv.y, pv.z, pv.w};
-#pragma unroll
-      for (int u = 0; u < CQ; ++u) {
-        const int cq = cq0 + 64 * u;
-        if (cq >= rq) continue;
-        const float4 rv = *reinterpret_cast<const float4*>(tile + t * w32 + 4 * cq);
-#pragma unroll
-        for (int hh = 0; hh < 4; ++hh) {
-          o[u][hh][0] = fmaf(pr[hh], rv.x, o[u][hh][0]);
-          o[u][hh][1] = fmaf(pr[hh], rv.y, o[u][hh][1]);
-          o[u][hh][2] = fmaf(pr[hh], rv.z, o[u][hh][2]);
-          o[u][hh][3] = fmaf(pr[hh], rv.w, o[u][hh][3]);
+      for (int j = 0; j < 4; ++j) {
+        const int nt = warp + 8 * j;
+        if (8 * nt >= R) break;
+        om[j][0] *= cg;
+        om[j][1] *= cg;
+        om[j][2] *= cg8;
+        om[j][3] *= cg8;
+        uint32_t bv[4];  // rows (positions) 0–7, 8–15, 16–23, 24–31 of the tile's columns 8·nt…
+        ldmatrix_x4_trans(bv, t16 + lane * sq + 8 * nt);
+        mma_bf16(om[j], pah[0], bv[0], bv[1]);
+        mma_bf16(om[j], pal[0], bv[0], bv[1]);
+        mma_bf16(om[j], pah[1], bv[2], bv[3]);
+        mma_bf16(om[j], pal[1], bv[2], bv[3]);
+      }
+    } else {
+      const float4 cr = *reinterpret_cast<const float4*>(st + 4 * hq);
+      const float crs[4] = {cr.x, cr.y, cr.z, cr.w};
+  #pragma unroll
+      for (int u = 0; u < CQ; ++u)
+  #pragma unroll
+        for (int hh = 0; hh < 4; ++hh)
+  #pragma unroll
+          for (int i = 0; i < 4; ++i) o[u][hh][i] *= crs[hh];
+      for (int t = 0; t < cnt; ++t) {
+        const float4 pv = *reinterpret_cast<const float4*>(ps + t * kHg + 4 * hq);
+        const float pr[4] = {pv.x, pv.y, pv.z, pv.w};
+  #pragma unroll
+        for (int u = 0; u < CQ; ++u) {
+          const int cq = cq0 + 64 * u;
+          if (cq >= rq) continue;
+          const float4 rv = *reinterpret_cast<const float4*>(tile + t * w32 + 4 * cq);
+  #pragma unroll
+          for (int hh = 0; hh < 4; ++hh) {
+            o[u][hh][0] = fmaf(pr[hh], rv.x, o[u][hh][0]);
+            o[u][hh][1] = fmaf(pr[hh], rv.y, o[u][hh][1]);
+            o[u][hh][2] = fmaf(pr[hh], rv.z, o[u][hh][2]);
+            o[u][hh][3] = fmaf(pr[hh], rv.w, o[u][hh][3]);
+          }
         }
+      }
+    }
+  }
+  if constexpr (kMma) {  // the accumulators into the FP32 path's layout, through the tile's memory
+    float* of = reinterpret_cast<float*>(t16);  // [kHg][R]
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int col = 8 * (warp + 8 * j) + 2 * t4;
+      if (col >= R) break;
+      *reinterpret_cast<float2*>(of + g * R + col) = make_float2(om[j][0], om[j][1]);
+      *reinterpret_cast<float2*>(of + (g + 8) * R + col) = make_float2(om[j][2], om[j][3]);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int u = 0; u < CQ; ++u) {
+      const int cq = cq0 + 64 * u;
+      if (cq >= rq) continue;
+#pragma unroll
+      for (int hh = 0; hh < 4; ++hh) {
+        const float4 v = *reinterpret_cast<const float4*>(of + (4 * hq + hh) * R + 4 * cq);
+        o[u][hh][0] = v.x;
+        o[u][hh][1] = v.y;
+        o[u][hh][2] = v.z;
+        o[u][hh][3] = v.w;
       }
     }
   }
@@ -535,14 +679,30 @@ __global__ void argmax_kernel(const float* logits, int64_t V, int64_t n_valid, i
   if (threadIdx.x == 0) ids[blockIdx.x] = int32_t(si[0]);
 }
 
-size_t attention_smem(int W, int R, bool cluster) { return size_t(attn_smem_floats(W, R, cluster)) * sizeof(float); }
+size_t attention_smem(int W, int R, bool cluster, bool mma) {
+  return size_t(attn_smem_floats(W, R, cluster, mma)) * sizeof(float);
+}
 
 // The kernel instance for a latent width R and row width W.
 using AttnKernel = void (*)(AttnArgs);
-AttnKernel attn_kernel(int64_t R, int64_t W) {
-  if (R <= 256 && W <= 320) return latent_attn_kernel<1, 5>;
-  return latent_attn_kernel<2, 9>;
+AttnKernel attn_kernel(int64_t R, int64_t W, bool mma) {
+  if (mma) return latent_attn_kernel<1, 5, true>;
+  if (R <= 256 && W <= 320) return latent_attn_kernel<1, 5, false>;
+  return latent_attn_kernel<2, 9, false>;
 }
+// Shapes the tensor-core path takes (its tiles: 16-column k-steps, 8-column output tiles; q as float4).
+bool mma_shape(const ModelDims& d) {
+  const int64_t W = d.kv_lora + d.rope;
+  return d.kv_lora <= 256 && d.kv_lora % 8 == 0 && W <= 320 && W % 16 == 0 && d.qk % 4 == 0 && d.nope % 4 == 0;
+}
+bool& mma_setting() {
+  static bool on = [] {
+    const char* e = std::getenv("DSV3_LATENT_ATTN_MMA");
+    return !(e && std::string(e) == "0");
+  }();
+  return on;
+}
+std::atomic<int64_t> g_mma_launches{0};
 
 int64_t g_absorbed_gemv_rows = 64;
 
@@ -579,6 +739,8 @@ void head_linear_split(const float* x, int64_t rows, int64_t heads, int64_t k, i
 
 void cuda_set_absorbed_gemv_rows(int64_t rows) { g_absorbed_gemv_rows = std::clamp<int64_t>(rows, 0, 64); }
 int64_t cuda_absorbed_gemv_rows() { return g_absorbed_gemv_rows; }
+void cuda_set_latent_attention_mma(bool on) { mma_setting() = on; }
+int64_t cuda_latent_attention_mma_launches() { return g_mma_launches; }
 
 CudaLatentAttention::CudaLatentAttention(const LatentKvPool& pool, const std::vector<AbsorbedKvB>& absorbed,
                                          const ModelDims& d)
@@ -590,7 +752,7 @@ CudaLatentAttention::CudaLatentAttention(const LatentKvPool& pool, const std::ve
   DSV3_CHECK(d.kv_lora == pool.kv_lora_rank() && d.rope == pool.rope_dim(), "cache shape");
   if (d.kv_lora > kMaxColumns)
     input_error("the CUDA latent cache supports kv_lora_rank up to ", kMaxColumns, ", the model has ", d.kv_lora);
-  const size_t smem = attention_smem(int(pool.row_width()), int(d.kv_lora), true);
+  const size_t smem = attention_smem(int(pool.row_width()), int(d.kv_lora), true, false);
   if (smem > 227 * 1024)
     input_error("the CUDA latent cache supports rows up to ~1300 values (kv_lora_rank + qk_rope_head_dim), the "
                 "model has ", pool.row_width());
@@ -614,9 +776,13 @@ CudaLatentAttention::CudaLatentAttention(const LatentKvPool& pool, const std::ve
   const int64_t rows = pool.num_blocks() * pool.layers() * pool.block_size();
   storage_ = cuda_backend().alloc(DType::BF16, {rows, pool.row_width()});
   DSV3_CUDA_CHECK(cudaMemset(storage_.raw(), 0, storage_.nbytes()));
-  if (smem > 48 * 1024)
-    DSV3_CUDA_CHECK(cudaFuncSetAttribute(attn_kernel(d.kv_lora, pool.row_width()),
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  for (bool mma : {false, true}) {
+    if (mma && !mma_shape(d)) continue;
+    const size_t need = attention_smem(int(pool.row_width()), int(d.kv_lora), true, mma);
+    if (need > 48 * 1024)
+      DSV3_CUDA_CHECK(cudaFuncSetAttribute(attn_kernel(d.kv_lora, pool.row_width(), mma),
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(need)));
+  }
 }
 
 bool CudaLatentAttention::uses_mla_decode() const {
@@ -701,7 +867,7 @@ bool CudaLatentAttention::prepare_step(const StepRows& rows, std::vector<int64_t
     key.push_back((max_len_ + pool_.block_size() - 1) / pool_.block_size());
   } else {
     const Split s = split_plan(N);
-    key.insert(key.end(), {s.tiles, s.splits, int64_t(s.mode)});
+    key.insert(key.end(), {s.tiles, s.splits, int64_t(s.mode), int64_t(mma_setting())});
   }
   return true;
 }
@@ -813,7 +979,8 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
     cfg.gridDim = dim3(unsigned(splits), unsigned(N), unsigned(groups));
     cfg.blockDim = dim3(kThreads);
     cfg.stream = stream();
-    cfg.dynamicSmemBytes = attention_smem(int(W), int(R), mode == kCluster);
+    const bool mma = mma_setting() && mma_shape(d_);
+    cfg.dynamicSmemBytes = attention_smem(int(W), int(R), mode == kCluster, mma);
     cudaLaunchAttribute attr[2];
     int na = 0;
     if (mode == kCluster) {
@@ -830,7 +997,8 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
     }
     cfg.attrs = attr;
     cfg.numAttrs = unsigned(na);
-    DSV3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, attn_kernel(R, W), x));
+    DSV3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, attn_kernel(R, W, mma), x));
+    if (mma) ++g_mma_launches;
     check_launch("latent attention");
     if (mode == kPartials) {
       merge_kernel<<<unsigned(N * nh), 128, 0, stream()>>>(part.data<float>(), int(splits), int(R), ptr<float>(lat));

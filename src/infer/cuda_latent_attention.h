@@ -35,6 +35,12 @@ namespace dsv3 {
 void cuda_set_absorbed_gemv_rows(int64_t rows);
 int64_t cuda_absorbed_gemv_rows();
 
+// The generic kernel's tensor-core path (kv_lora_rank ≤ 256 and rows of ≤ 320 values, both
+// multiples of 8 / 16): on by default; false (or DSV3_LATENT_ATTN_MMA=0 at start-up) keeps the FP32
+// path. cuda_latent_attention_mma_launches() counts the launches that took it (for tests).
+void cuda_set_latent_attention_mma(bool on);
+int64_t cuda_latent_attention_mma_launches();
+
 class CudaLatentAttention : public AttentionCache {
  public:
   // absorbed: W_UK / W_UV per cache layer on the device (ModelRunner::absorbed() on the CUDA backend).

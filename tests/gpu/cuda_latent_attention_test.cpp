@@ -3,7 +3,9 @@
 // way the launch can split a row's positions: one CTA per row and head group (many rows), a cluster
 // of up to 8 splits merged through distributed shared memory (few rows, up to 16 tiles of 32
 // positions; with uneven and empty splits), and partials merged by a second kernel (few rows, long
-// contexts). Also: a second head group that is partly empty, rows without 16-byte loads.
+// contexts). Also: a second head group that is partly empty, rows without 16-byte loads. Each shape
+// runs on the FP32 path and, where its widths allow (kv_lora_rank ≤ 256 and a multiple of 8, rows of
+// ≤ 320 values and a multiple of 16), on the tensor-core path; a launch count shows which ran.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -19,7 +21,7 @@ namespace dsv3::test {
 namespace {
 
 // Prefill of every sequence in one step, then two decode steps (one row per sequence).
-void against_host(const ModelDims& d, int64_t bs, const std::vector<int64_t>& lens) {
+void against_host_once(const ModelDims& d, int64_t bs, const std::vector<int64_t>& lens) {
   CudaBackend& be = cuda_backend();
   const int64_t layers = 1, S = int64_t(lens.size());
   int64_t blocks = 0;
@@ -82,6 +84,18 @@ void against_host(const ModelDims& d, int64_t bs, const std::vector<int64_t>& le
   }
 }
 
+// Both paths: mma_shape says whether the widths take the tensor-core one.
+void against_host(const ModelDims& d, int64_t bs, const std::vector<int64_t>& lens, bool mma_shape = true) {
+  for (bool mma : {false, true}) {
+    SCOPED_TRACE(mma ? "tensor cores" : "FP32");
+    cuda_set_latent_attention_mma(mma);
+    const int64_t before = cuda_latent_attention_mma_launches();
+    against_host_once(d, bs, lens);
+    EXPECT_EQ(cuda_latent_attention_mma_launches() > before, mma && mma_shape) << "the path taken";
+  }
+  cuda_set_latent_attention_mma(true);
+}
+
 const ModelDims kBench07b = dims(16, 128, 64, 128, 256);  // rows of 256 + 64
 
 TEST(CudaLatentAttention, ClusterOfEightUnevenSplits) {
@@ -108,7 +122,7 @@ TEST(CudaLatentAttention, SecondHeadGroupPartlyEmpty) {
 
 TEST(CudaLatentAttention, RowsWithoutSixteenByteLoads) {
   ASSERT_GT(cuda_device_count(), 0);
-  against_host(dims(5, 16, 16, 32, 70), 16, {600, 3});  // rows of 86: synchronous loads, partials
+  against_host(dims(5, 16, 16, 32, 70), 16, {600, 3}, false);  // rows of 86: synchronous loads, partials
 }
 
 }  // namespace
