@@ -26,9 +26,12 @@ TEST(CudaFp8, QuantizeMatchesCpuBytes) {
   Tensor x = randn({m, k}, 7, 1, 3.0f);
   x.data<float>()[5] = 0.0f;
   for (int64_t j = 256; j < 300; ++j) x.data<float>()[j] = 0.0f;  // an all-zero 1×128 edge tile
+  // Every tiling with and without transposed output (the transposed 1×128 and the plain 128×1 take
+  // the generic kernel, the others their own), power-of-two scales on each.
   for (QCase c : {QCase{Fp8Tiling::Row1x128, false, false}, QCase{Fp8Tiling::Row1x128, true, false},
-                  QCase{Fp8Tiling::Col128x1, false, true}, QCase{Fp8Tiling::Block128x128, false, false},
-                  QCase{Fp8Tiling::Block128x128, true, true}}) {
+                  QCase{Fp8Tiling::Row1x128, false, true}, QCase{Fp8Tiling::Col128x1, false, true},
+                  QCase{Fp8Tiling::Col128x1, false, false}, QCase{Fp8Tiling::Col128x1, true, false},
+                  QCase{Fp8Tiling::Block128x128, false, false}, QCase{Fp8Tiling::Block128x128, true, true}}) {
     SCOPED_TRACE(cat(fp8_tiling_name(c.tiling), " pow2=", c.pow2, " transpose=", c.transpose));
     int64_t th = c.tiling == Fp8Tiling::Row1x128 ? 1 : 128, tw = c.tiling == Fp8Tiling::Col128x1 ? 1 : 128;
     int64_t g0 = (m + th - 1) / th, g1 = (k + tw - 1) / tw;
