@@ -252,34 +252,8 @@ __global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs
     }
   };
   // q (scaled) into its chunks: the loads of a batch are all issued before their stores.
-  if (kMma) {  // rows of two BF16 terms
-    const int w4 = W / 4, qtotal = kHg * w4;
-    for (int base = tid; base < qtotal; base += NV * kThreads) {
-      float4 qv[NV];
-#pragma unroll
-      for (int u = 0; u < NV; ++u) {
-        const int idx = base + u * kThreads, hh = idx / w4, k = 4 * (idx - hh * w4), h = h0 + hh;
-        qv[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (idx < qtotal && h < a.nh) {
-          const int64_t rh = int64_t(r) * a.nh + h;
-          qv[u] = *reinterpret_cast<const float4*>(k < R ? a.qcat + rh * W + k
-                                                         : a.qrot + rh * a.qk + a.nope + (k - R));
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < NV; ++u) {
-        const int idx = base + u * kThreads, hh = idx / w4, k = 4 * (idx - hh * w4);
-        if (idx < qtotal) {
-          uint2 hi, lo;
-          split_bf16x2(qv[u].x * a.scale, qv[u].y * a.scale, hi.x, lo.x);
-          split_bf16x2(qv[u].z * a.scale, qv[u].w * a.scale, hi.y, lo.y);
-          *reinterpret_cast<uint2*>(qh + hh * sq + k) = hi;
-          *reinterpret_cast<uint2*>(ql + hh * sq + k) = lo;
-        }
-      }
-    }
-  } else if (a.qvec) {  // float4 pieces: W, R, qk and nope multiples of 4
-    const int w4 = w32 / 4, qtotal = kHg * w4;
+  if (kMma || a.qvec) {  // float4 pieces: W, R, qk and nope multiples of 4 (kMma: rows of two BF16 terms)
+    const int w4 = (kMma ? W : w32) / 4, qtotal = kHg * w4;
     for (int base = tid; base < qtotal; base += NV * kThreads) {
       float4 qv[NV];
 #pragma unroll
@@ -295,9 +269,17 @@ __global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs
 #pragma unroll
       for (int u = 0; u < NV; ++u) {
         const int idx = base + u * kThreads, hh = idx / w4, k = 4 * (idx - hh * w4);
-        if (idx < qtotal)
-          *reinterpret_cast<float4*>(qs + (k >> 2) * kQStride + hh * 4) =
-              make_float4(qv[u].x * a.scale, qv[u].y * a.scale, qv[u].z * a.scale, qv[u].w * a.scale);
+        if (idx >= qtotal) continue;
+        const float4 v = make_float4(qv[u].x * a.scale, qv[u].y * a.scale, qv[u].z * a.scale, qv[u].w * a.scale);
+        if (kMma) {
+          uint2 hi, lo;
+          split_bf16x2(v.x, v.y, hi.x, lo.x);
+          split_bf16x2(v.z, v.w, hi.y, lo.y);
+          *reinterpret_cast<uint2*>(qh + hh * sq + k) = hi;
+          *reinterpret_cast<uint2*>(ql + hh * sq + k) = lo;
+        } else {
+          *reinterpret_cast<float4*>(qs + (k >> 2) * kQStride + hh * 4) = v;
+        }
       }
     }
   } else {
