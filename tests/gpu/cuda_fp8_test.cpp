@@ -38,9 +38,11 @@ TEST(CudaFp8, QuantizeMatchesCpuBytes) {
     Shape qs = c.transpose ? Shape{k, m} : Shape{m, k}, ss = c.transpose ? Shape{g1, g0} : Shape{g0, g1};
     Tensor q_cpu = Tensor::empty(DType::F8_E4M3, qs), s_cpu = Tensor::empty(DType::F32, ss);
     quantize_fp8({x, c.tiling, c.pow2, c.transpose, q_cpu, s_cpu});
-    Tensor q_gpu = be.alloc(DType::F8_E4M3, qs), s_gpu = be.alloc(DType::F32, ss);
+    Guards g(be);  // NaN-filled outputs inside guard bytes: a missed or stray write shows up
+    Tensor q_gpu = g.out(DType::F8_E4M3, qs), s_gpu = g.out(DType::F32, ss);
     Fp8Status st = cuda_quantize_fp8({be.to_device(x), c.tiling, c.pow2, c.transpose, q_gpu, s_gpu});
     EXPECT_EQ(st.nonfinite, 0);
+    EXPECT_EQ(g.damaged(), "");
     Tensor qh = be.to_host(q_gpu), sh = be.to_host(s_gpu);
     EXPECT_EQ(std::memcmp(qh.raw(), q_cpu.raw(), q_cpu.nbytes()), 0) << "FP8 codes differ";
     EXPECT_EQ(std::memcmp(sh.raw(), s_cpu.raw(), s_cpu.nbytes()), 0) << "scales differ";
@@ -72,10 +74,12 @@ void gemm_case(int64_t m, int64_t n, int64_t k, bool b_block) {
   quantize_fp8({w, b_block ? Fp8Tiling::Block128x128 : Fp8Tiling::Row1x128, false, false, qb, sb});
   Tensor c_cpu = Tensor::empty(DType::F32, {m, n});
   fp8_gemm({qa, sa, qb, sb, c_cpu});
-  Tensor c = be.alloc(DType::BF16, {m, n});
+  Guards g(be);  // a NaN-filled output inside guard bytes
+  Tensor c = g.out(DType::BF16, {m, n});
   cuda_fp8_gemm({be.to_device(qa), be.to_device(sa), be.to_device(qb), be.to_device(sb), c});
   Err e = compare(be.to_host(c), to_vec(c_cpu));
   EXPECT_EQ(e.non_finite, 0);
+  EXPECT_EQ(g.damaged(), "");
   EXPECT_LE(e.norm_err, tol::kBf16) << "M=" << m << " N=" << n << " K=" << k;
 }
 

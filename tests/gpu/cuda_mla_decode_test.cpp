@@ -120,16 +120,16 @@ void check_all(const Case& c, int min_heads_per_cta = 0) {
       if (cfg.heads_per_cta < min_heads_per_cta) continue;
       cfg.splits = splits;
       SCOPED_TRACE(cat(mla_decode_config_name(cfg), " splits ", splits, " heads ", H));
-      // NaN-filled outputs: an element the kernel fails to write shows up as non-finite.
-      Tensor nan_out = Tensor::empty(DType::F32, {B, H, kR}), nan_lse = Tensor::empty(DType::F32, {B, H});
-      std::fill(nan_out.data<float>(), nan_out.data<float>() + nan_out.numel(), NAN);
-      std::fill(nan_lse.data<float>(), nan_lse.data<float>() + nan_lse.numel(), NAN);
-      a.out = be.to_device(nan_out);
-      a.lse = be.to_device(nan_lse);
+      // NaN-filled outputs inside guard bytes: an element the kernel fails to write shows up as
+      // non-finite, a write outside them as a damaged guard.
+      Guards g(be);
+      a.out = g.out(DType::F32, {B, H, kR});
+      a.lse = g.out(DType::F32, {B, H});
       cuda_mla_decode_with(a, cfg);
       Err e = compare(be.to_host(a.out), d.want), el = compare(be.to_host(a.lse), d.want_lse);
       EXPECT_EQ(e.non_finite, 0);
       EXPECT_EQ(el.non_finite, 0);
+      EXPECT_EQ(g.damaged(), "");
       // BF16 tensor cores: q and the softmax weights are rounded to BF16 operands.
       EXPECT_LE(e.norm_err, tol::kBf16);
       EXPECT_LE(el.norm_err, tol::kBf16);
