@@ -13,7 +13,8 @@
 // the tensor-core threshold of the main run). The main run replays its decode steps from CUDA
 // graphs (ModelRunner::set_cuda_graphs); every batch is also run with eager launches, the same
 // path otherwise, and the ratio is recorded as speedup_graphs_vs_eager (the other variants run
-// eagerly).
+// eagerly). Unless --variants none, the main run is repeated with the generic latent attention's
+// FP32 path (cuda_set_latent_attention_mma(false)): speedup_latent_attention_mma.
 //
 // Roofline: bytes a step must read — the weights it touches (attention, norms, dense MLP, router,
 // shared expert, the routed experts picked: top-k of them at batch 1, all at batch 32, lm_head, the
@@ -288,6 +289,13 @@ int main(int argc, char** argv) {
                           {"step_ms_median", eager.step_ms_median},
                           {"host_syncs_per_step", eager.memcpy_per_step}});
       const Result r = run(w, B, prompt, n_new, 1000 + uint64_t(B), true, g_small_rows, true, true);
+      // The same with the generic latent attention's FP32 path instead of its tensor-core one.
+      Result attn_fp32;
+      if (variants_on != "none") {
+        cuda_set_latent_attention_mma(false);
+        attn_fp32 = run(w, B, prompt, n_new, 1000 + uint64_t(B), true, g_small_rows, true, true);
+        cuda_set_latent_attention_mma(true);
+      }
       const ModelRunner::GraphStats& g = r.graphs;
       const double graph_speedup = r.step_ms_median > 0 ? eager.step_ms_median / r.step_ms_median : 0.0;
       const double h = hf_tok(B);
@@ -302,6 +310,11 @@ int main(int argc, char** argv) {
       if (old_path_tok_s > 0)
         std::printf("      %.2fx the path without tensor cores and W_UK/W_UV on cuBLAS (same run)\n",
                     r.tok_s / old_path_tok_s);
+      if (attn_fp32.tok_s > 0)
+        std::printf("      latent attention on tensor cores: %.2fx the tokens/s of its FP32 path (step %.3f against "
+                    "%.3f ms, prefill %.2f against %.2f ms; same run)\n",
+                    r.tok_s / attn_fp32.tok_s, r.step_ms_median, attn_fp32.step_ms_median, r.prefill_ms,
+                    attn_fp32.prefill_ms);
       nlohmann::json j = {{"batch", B},
                           {"weights", fmt},
                           {"seconds", r.seconds},
@@ -332,6 +345,11 @@ int main(int argc, char** argv) {
                           {"speedup_graphs_vs_eager", graph_speedup},
                           {"other_variants", variants}};
       if (old_path_tok_s > 0) j["speedup_vs_no_tensor_cores_cublas_absorbed"] = r.tok_s / old_path_tok_s;
+      if (attn_fp32.tok_s > 0) {
+        j["latent_attention_fp32_step_ms_median"] = attn_fp32.step_ms_median;
+        j["latent_attention_fp32_prefill_ms"] = attn_fp32.prefill_ms;
+        j["speedup_latent_attention_mma"] = r.tok_s / attn_fp32.tok_s;
+      }
       if (h > 0) {
         j["hf_tokens_per_s"] = h;
         const std::string key = cat("decode_bs", B, "_speedup_vs_hf", fmt == "bf16" ? "" : "_f32_weights");
