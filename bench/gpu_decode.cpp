@@ -13,8 +13,9 @@
 // the tensor-core threshold of the main run). The main run replays its decode steps from CUDA
 // graphs (ModelRunner::set_cuda_graphs); every batch is also run with eager launches, the same
 // path otherwise, and the ratio is recorded as speedup_graphs_vs_eager (the other variants run
-// eagerly). Unless --variants none, the main run is repeated with the generic latent attention's
-// FP32 path (cuda_set_latent_attention_mma(false)): speedup_latent_attention_mma.
+// eagerly). Unless --variants none (or DSV3_LATENT_ATTN_MMA=0), the main run is repeated with the
+// generic latent attention's FP32 path (cuda_set_latent_attention_mma(false)):
+// speedup_latent_attention_mma.
 //
 // Roofline: bytes a step must read — the weights it touches (attention, norms, dense MLP, router,
 // shared expert, the routed experts picked: top-k of them at batch 1, all at batch 32, lm_head, the
@@ -291,7 +292,7 @@ int main(int argc, char** argv) {
       const Result r = run(w, B, prompt, n_new, 1000 + uint64_t(B), true, g_small_rows, true, true);
       // The same with the generic latent attention's FP32 path instead of its tensor-core one.
       Result attn_fp32;
-      if (variants_on != "none") {
+      if (variants_on != "none" && cuda_latent_attention_mma()) {
         cuda_set_latent_attention_mma(false);
         attn_fp32 = run(w, B, prompt, n_new, 1000 + uint64_t(B), true, g_small_rows, true, true);
         cuda_set_latent_attention_mma(true);

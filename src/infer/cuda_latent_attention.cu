@@ -44,7 +44,8 @@ __global__ void copy_qpe_kernel(const float* q, int64_t qk, int64_t nope, int64_
 
 // The generic absorbed attention (any latent width up to 512; V3's 512 + 64 takes cuda_mla_decode).
 // One CTA of 8 warps per (split of a row's positions, row, group of 16 heads): every cached row is
-// read once for all the group's heads. Per 32-position tile, widened to F32 in shared memory:
+// read once for all the group's heads. Per 32-position tile, widened to F32 in shared memory (the
+// tensor-core path, kMma below, keeps it in BF16 and takes both products on mma.sync):
 //   scores S[16 heads × 32 positions] = q·rows — each thread a 4 × 4 block over one eighth of the
 //     width (lanes of a warp: 8 width slices × 4 head quads), the slices added by a reduce-scatter
 //     of shuffles;
@@ -159,9 +160,9 @@ __global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs
   auto row_of = [&](int pos) {
     return (int64_t(table[pos / bs]) * a.layers + a.layer) * a.bs + pos % bs;
   };
-  // idx / V for a tile's 16-byte pieces, through F32 up to R 256: idx < 32·V ≤ 2304 and V ≤ 72, so
-  // (idx + ½)/V lies ≥ 1/144 from an integer, and the product's rounding (< 2⁻²³ relative) cannot
-  // cross one. The integer divisions (by V, and per row by the block size) were a fifth of the
+  // idx / V for a tile's 16-byte pieces, through F32 up to R 256: there idx < 32·V and V ≤ 40 (rows
+  // of ≤ 320 values), so (idx + ½)/V lies ≥ 1/80 from an integer, and the product's rounding
+  // (< 2⁻²³ relative, idx < 1280) cannot cross one. The integer divisions (by V, and per row by the block size) were a fifth of the
   // kernel's instructions at batch 1 (Nsight Compute). The R 512 instance is at its 128 registers,
   // where the leaner code spills; it keeps them.
   constexpr bool kLean = NV <= 5;
@@ -217,31 +218,26 @@ __global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs
   pdl_wait();
   pdl_trigger();
 
-  // The tile in shared memory as F32; rows past the end are zero (their weights are 0, and 0·garbage
-  // could be NaN).
+  // The tile in shared memory, as F32 (kMma: BF16, as the pool holds it); rows past the end are zero
+  // (their weights are 0, and 0·garbage could be NaN).
+  auto put8 = [&](int t, int v, uint4 x) {  // 8 values of tile row t from column 8·v
+    if (kMma)
+      *reinterpret_cast<uint4*>(t16 + t * sq + 8 * v) = x;
+    else
+      widen8(x, tile + t * w32 + 8 * v);
+  };
   auto stash = [&](int tl) {
     const int t0 = tl * kT, cnt = min(kT, len - t0);
-    if (kMma) {  // as the pool holds it
+    if (kMma || vec) {
 #pragma unroll
       for (int u = 0; u < NV; ++u) {
         const int idx = tid + u * kThreads;
         if (idx < kT * V) {
           const int t = quot(idx), v = idx - t * V;
-          if (!(new_row && t0 + t == len - 1))
-            *reinterpret_cast<uint4*>(t16 + t * sq + 8 * v) = t < cnt ? raw[u] : make_uint4(0, 0, 0, 0);
+          if (!(new_row && t0 + t == len - 1)) put8(t, v, t < cnt ? raw[u] : make_uint4(0, 0, 0, 0));
         }
       }
-      if (new_row && len - 1 - t0 < kT && tid < V) *reinterpret_cast<uint4*>(t16 + (len - 1 - t0) * sq + 8 * tid) = newp;
-    } else if (vec) {
-#pragma unroll
-      for (int u = 0; u < NV; ++u) {
-        const int idx = tid + u * kThreads;
-        if (idx < kT * V) {
-          const int t = quot(idx), v = idx - t * V;
-          if (!(new_row && t0 + t == len - 1)) widen8(t < cnt ? raw[u] : make_uint4(0, 0, 0, 0), tile + t * w32 + 8 * v);
-        }
-      }
-      if (new_row && len - 1 - t0 < kT && tid < V) widen8(newp, tile + (len - 1 - t0) * w32 + 8 * tid);
+      if (new_row && len - 1 - t0 < kT && tid < V) put8(len - 1 - t0, tid, newp);
     } else {
       for (int idx = tid; idx < kT * W; idx += kThreads) {
         const int t = idx / W, i = idx - t * W, pos = t0 + t;
@@ -345,19 +341,19 @@ __global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs
       sp[(g + 8) * (kT + 1) + 1] = chi[3] + clo[3];
     } else {
       float acc[4][4];
-  #pragma unroll
+#pragma unroll
       for (int hh = 0; hh < 4; ++hh)
-  #pragma unroll
+#pragma unroll
         for (int u = 0; u < 4; ++u) acc[hh][u] = 0.0f;
       for (int c = ks; c < nc; c += 8) {
         float4 qv[4], rv[4];
-  #pragma unroll
+#pragma unroll
         for (int hh = 0; hh < 4; ++hh) qv[hh] = *reinterpret_cast<const float4*>(qs + c * kQStride + (4 * hq_s + hh) * 4);
-  #pragma unroll
+#pragma unroll
         for (int u = 0; u < 4; ++u) rv[u] = *reinterpret_cast<const float4*>(tile + (4 * warp + u) * w32 + 4 * c);
-  #pragma unroll
+#pragma unroll
         for (int hh = 0; hh < 4; ++hh)
-  #pragma unroll
+#pragma unroll
           for (int u = 0; u < 4; ++u) {
             float d = acc[hh][u];
             d = fmaf(qv[hh].x, rv[u].x, d);
@@ -371,23 +367,23 @@ __global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs
       // positions 2·b1, 2·b1 + 1 of the warp's quad.
       const int b2 = (ks >> 2) & 1, b1 = (ks >> 1) & 1, b0 = ks & 1;
       float x1[2][4];
-  #pragma unroll
+#pragma unroll
       for (int hk = 0; hk < 2; ++hk)
-  #pragma unroll
+#pragma unroll
         for (int u = 0; u < 4; ++u) {
           const float keep = b2 ? acc[2 + hk][u] : acc[hk][u], give = b2 ? acc[hk][u] : acc[2 + hk][u];
           x1[hk][u] = keep + __shfl_xor_sync(0xffffffffu, give, 4);
         }
       float x2[2][2];
-  #pragma unroll
+#pragma unroll
       for (int hk = 0; hk < 2; ++hk)
-  #pragma unroll
+#pragma unroll
         for (int uk = 0; uk < 2; ++uk) {
           const float keep = b1 ? x1[hk][2 + uk] : x1[hk][uk], give = b1 ? x1[hk][uk] : x1[hk][2 + uk];
           x2[hk][uk] = keep + __shfl_xor_sync(0xffffffffu, give, 2);
         }
       float x3[2];
-  #pragma unroll
+#pragma unroll
       for (int uk = 0; uk < 2; ++uk) {
         const float keep = b0 ? x2[1][uk] : x2[0][uk], give = b0 ? x2[0][uk] : x2[1][uk];
         x3[uk] = keep + __shfl_xor_sync(0xffffffffu, give, 1);
@@ -446,21 +442,21 @@ __global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs
     } else {
       const float4 cr = *reinterpret_cast<const float4*>(st + 4 * hq);
       const float crs[4] = {cr.x, cr.y, cr.z, cr.w};
-  #pragma unroll
+#pragma unroll
       for (int u = 0; u < CQ; ++u)
-  #pragma unroll
+#pragma unroll
         for (int hh = 0; hh < 4; ++hh)
-  #pragma unroll
+#pragma unroll
           for (int i = 0; i < 4; ++i) o[u][hh][i] *= crs[hh];
       for (int t = 0; t < cnt; ++t) {
         const float4 pv = *reinterpret_cast<const float4*>(ps + t * kHg + 4 * hq);
         const float pr[4] = {pv.x, pv.y, pv.z, pv.w};
-  #pragma unroll
+#pragma unroll
         for (int u = 0; u < CQ; ++u) {
           const int cq = cq0 + 64 * u;
           if (cq >= rq) continue;
           const float4 rv = *reinterpret_cast<const float4*>(tile + t * w32 + 4 * cq);
-  #pragma unroll
+#pragma unroll
           for (int hh = 0; hh < 4; ++hh) {
             o[u][hh][0] = fmaf(pr[hh], rv.x, o[u][hh][0]);
             o[u][hh][1] = fmaf(pr[hh], rv.y, o[u][hh][1]);
@@ -680,6 +676,7 @@ void head_linear_split(const float* x, int64_t rows, int64_t heads, int64_t k, i
 void cuda_set_absorbed_gemv_rows(int64_t rows) { g_absorbed_gemv_rows = std::clamp<int64_t>(rows, 0, 64); }
 int64_t cuda_absorbed_gemv_rows() { return g_absorbed_gemv_rows; }
 void cuda_set_latent_attention_mma(bool on) { mma_setting() = on; }
+bool cuda_latent_attention_mma() { return mma_setting(); }
 int64_t cuda_latent_attention_mma_launches() { return g_mma_launches; }
 
 CudaLatentAttention::CudaLatentAttention(const LatentKvPool& pool, const std::vector<AbsorbedKvB>& absorbed,

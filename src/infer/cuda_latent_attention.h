@@ -39,6 +39,7 @@ int64_t cuda_absorbed_gemv_rows();
 // multiples of 8 / 16): on by default; false (or DSV3_LATENT_ATTN_MMA=0 at start-up) keeps the FP32
 // path. cuda_latent_attention_mma_launches() counts the launches that took it (for tests).
 void cuda_set_latent_attention_mma(bool on);
+bool cuda_latent_attention_mma();
 int64_t cuda_latent_attention_mma_launches();
 
 class CudaLatentAttention : public AttentionCache {

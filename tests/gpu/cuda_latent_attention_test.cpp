@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 
 #include "attention_dims.h"
 #include "../backend/harness.h"
@@ -20,8 +21,12 @@
 namespace dsv3::test {
 namespace {
 
-// Prefill of every sequence in one step, then two decode steps (one row per sequence).
-void against_host_once(const ModelDims& d, int64_t bs, const std::vector<int64_t>& lens) {
+// Prefill of every sequence in one step, then two decode steps (one row per sequence). With
+// vs_fp32 (the tensor-core path on), each step runs again on the FP32 path, over the same pool, and
+// the two must agree within kF32: the tensor cores' operands keep q and P to 2⁻¹⁶ (two BF16 terms
+// each), where BF16 operands alone (2⁻⁹) would differ by ~1e-3; worst_vs_fp32 gets the largest.
+void against_host_once(const ModelDims& d, int64_t bs, const std::vector<int64_t>& lens, bool vs_fp32,
+                       double& worst_vs_fp32) {
   CudaBackend& be = cuda_backend();
   const int64_t layers = 1, S = int64_t(lens.size());
   int64_t blocks = 0;
@@ -54,6 +59,7 @@ void against_host_once(const ModelDims& d, int64_t bs, const std::vector<int64_t
     dev.tables.push_back(&td[s]);
   }
   MlaParams unused;
+  worst_vs_fp32 = 0;
   auto step = [&](const StepRows& rows, uint64_t seed) {
     const int64_t N = rows.size();
     SCOPED_TRACE(cat(N, " rows"));
@@ -63,9 +69,18 @@ void against_host_once(const ModelDims& d, int64_t bs, const std::vector<int64_t
     host.attend(0, unused, rows, q, c, k, out_h);
     Tensor out_d = be.alloc(DType::F32, {N, d.nh * d.vd});
     dev.attend(0, unused, rows, be.to_device(q), be.to_device(c), be.to_device(k), out_d);
-    const Err e = compare(be.to_host(out_d), to_vec(out_h));
+    const Tensor got = be.to_host(out_d);
+    const Err e = compare(got, to_vec(out_h));
     EXPECT_EQ(e.non_finite, 0);
     EXPECT_LE(e.norm_err, tol::kBf16) << "worst element " << e.worst;
+    if (!vs_fp32) return;
+    Tensor out_f = be.alloc(DType::F32, {N, d.nh * d.vd});
+    cuda_set_latent_attention_mma(false);  // the same rows again (the new rows' writes repeat them)
+    dev.attend(0, unused, rows, be.to_device(q), be.to_device(c), be.to_device(k), out_f);
+    cuda_set_latent_attention_mma(true);
+    const Err ef = compare(got, to_vec(be.to_host(out_f)));
+    EXPECT_LE(ef.norm_err, tol::kF32) << "tensor cores against the FP32 path, worst element " << ef.worst;
+    worst_vs_fp32 = std::max(worst_vs_fp32, ef.norm_err);
   };
   StepRows pre;
   for (size_t s = 0; s < size_t(S); ++s)
@@ -86,14 +101,17 @@ void against_host_once(const ModelDims& d, int64_t bs, const std::vector<int64_t
 
 // Both paths: mma_shape says whether the widths take the tensor-core one.
 void against_host(const ModelDims& d, int64_t bs, const std::vector<int64_t>& lens, bool mma_shape = true) {
+  const bool setting = cuda_latent_attention_mma();
   for (bool mma : {false, true}) {
     SCOPED_TRACE(mma ? "tensor cores" : "FP32");
     cuda_set_latent_attention_mma(mma);
     const int64_t before = cuda_latent_attention_mma_launches();
-    against_host_once(d, bs, lens);
+    double vs_fp32 = 0;
+    against_host_once(d, bs, lens, mma && mma_shape, vs_fp32);
     EXPECT_EQ(cuda_latent_attention_mma_launches() > before, mma && mma_shape) << "the path taken";
+    if (mma && mma_shape) ::testing::Test::RecordProperty("tensor_cores_vs_fp32", std::to_string(vs_fp32));
   }
-  cuda_set_latent_attention_mma(true);
+  cuda_set_latent_attention_mma(setting);
 }
 
 const ModelDims kBench07b = dims(16, 128, 64, 128, 256);  // rows of 256 + 64
@@ -118,6 +136,15 @@ TEST(CudaLatentAttention, BatchWithEmptySplits) {
 TEST(CudaLatentAttention, SecondHeadGroupPartlyEmpty) {
   ASSERT_GT(cuda_device_count(), 0);
   against_host(dims(20, 16, 32, 24, 64), 16, {77, 300});
+}
+
+// Tensor-core edge shapes: rows of 48 values (three 16-column k-steps: the two width halves
+// unequal), a latent of 40 (five 8-column output tiles), 32-token blocks; rows of 16 values (one
+// k-step: the second half has none) on 8-token blocks.
+TEST(CudaLatentAttention, OddStepCountsAndNarrowRows) {
+  ASSERT_GT(cuda_device_count(), 0);
+  against_host(dims(4, 16, 8, 16, 40), 32, {100, 7, 33});
+  against_host(dims(2, 8, 8, 8, 8), 8, {50, 2});
 }
 
 TEST(CudaLatentAttention, RowsWithoutSixteenByteLoads) {
