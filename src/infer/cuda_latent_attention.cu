@@ -162,9 +162,9 @@ __global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs
   };
   // idx / V for a tile's 16-byte pieces, through F32 up to R 256: there idx < 32·V and V ≤ 40 (rows
   // of ≤ 320 values), so (idx + ½)/V lies ≥ 1/80 from an integer, and the product's rounding
-  // (< 2⁻²³ relative, idx < 1280) cannot cross one. The integer divisions (by V, and per row by the block size) were a fifth of the
-  // kernel's instructions at batch 1 (Nsight Compute). The R 512 instance is at its 128 registers,
-  // where the leaner code spills; it keeps them.
+  // (< 2⁻²³ relative, idx < 1280) cannot cross one. The integer divisions (by V, and per row by the
+  // block size) were a fifth of the kernel's instructions at batch 1 (Nsight Compute). The R 512
+  // instance is at its 128 registers, where the leaner code spills; it keeps them.
   constexpr bool kLean = NV <= 5;
   const float rv = 1.0f / float(max(V, 1));
   auto quot = [&](int idx) { return kLean ? __float2int_rz((float(idx) + 0.5f) * rv) : idx / V; };
