@@ -8,19 +8,29 @@
 #include <string_view>
 #include <vector>
 
+#include <unistd.h>
+
 #include "io/tokenizer_train.h"
 #include "model/presets.h"
 #include "model/weights.h"
 
 namespace dsv3::cli_test {
 
-inline std::string make_chat_model(const std::string& dir) {
-  std::filesystem::create_directories(dir);
-  Weights::random(preset_config("tiny"), 21, 0.05f).save(dir);
-  const std::vector<std::string_view> texts = {"hello there, how are you today?", "the quick brown fox jumps",
-                                               "over the lazy dog and again", "tell me about the weather"};
-  std::ofstream(dir + "/tokenizer.json") << train_bpe(texts, bpe_min_vocab_size() + 40).tokenizer_json;
-  return dir;
-}
+// The model in a fresh directory under the system's temporary one (`tag` and the process id name
+// it), removed with this object.
+struct ChatModelDir {
+  std::string path;
+  explicit ChatModelDir(const std::string& tag)
+      : path((std::filesystem::temp_directory_path() / (tag + "_" + std::to_string(::getpid()))).string()) {
+    std::filesystem::create_directories(path);
+    Weights::random(preset_config("tiny"), 21, 0.05f).save(path);
+    const std::vector<std::string_view> texts = {"hello there, how are you today?", "the quick brown fox jumps",
+                                                 "over the lazy dog and again", "tell me about the weather"};
+    std::ofstream(path + "/tokenizer.json") << train_bpe(texts, bpe_min_vocab_size() + 40).tokenizer_json;
+  }
+  ~ChatModelDir() { std::filesystem::remove_all(path); }
+  ChatModelDir(const ChatModelDir&) = delete;
+  ChatModelDir& operator=(const ChatModelDir&) = delete;
+};
 
 }  // namespace dsv3::cli_test

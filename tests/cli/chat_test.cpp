@@ -3,10 +3,8 @@
 // earlier ones, and a model directory without a tokenizer is an error naming it.
 #include <gtest/gtest.h>
 
-#include <filesystem>
 #include <fstream>
 #include <string>
-#include <unistd.h>
 
 #include "chat_model.h"
 #include "cli_util.h"
@@ -16,12 +14,7 @@ namespace {
 
 // Written once per process, removed at exit.
 const std::string& model() {
-  struct Dir {
-    std::string path = make_chat_model(
-        (std::filesystem::temp_directory_path() / ("dsv3_chat_" + std::to_string(::getpid()))).string());
-    ~Dir() { std::filesystem::remove_all(path); }
-  };
-  static const Dir dir;
+  static const ChatModelDir dir("dsv3_chat");
   return dir.path;
 }
 

@@ -3,10 +3,8 @@
 // engine prints with the same BF16 latent cache. The executable is the build's, or $DSV3_CLI.
 #include <gtest/gtest.h>
 
-#include <filesystem>
 #include <fstream>
 #include <string>
-#include <unistd.h>
 
 #include "../cli/chat_model.h"
 #include "../cli/cli_util.h"
@@ -57,11 +55,10 @@ TEST(CudaCli, GenerateOnCudaPrintsTheCpuGreedyIds) {
 // the CPU engine prints with the same BF16 cache, on a small random model with a trained tokenizer.
 TEST(CudaCli, ChatOnCudaRepliesAsTheCpu) {
   ASSERT_GT(cuda_device_count(), 0);
-  const std::string dir = cli_test::make_chat_model(
-      (std::filesystem::temp_directory_path() / ("dsv3_cuda_chat_" + std::to_string(::getpid()))).string());
+  const cli_test::ChatModelDir model("dsv3_cuda_chat");
+  const std::string& dir = model.path;
   std::ofstream(dir + "/turns.txt") << "hello there\nand again\n";
   expect_cuda_prints_the_cpu("chat -m " + dir + " -q --temp 0 -n 8 --cache-type bf16 < " + dir + "/turns.txt ");
-  std::filesystem::remove_all(dir);
 }
 
 }  // namespace
