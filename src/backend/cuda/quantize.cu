@@ -51,8 +51,6 @@ __device__ __forceinline__ float warp_tile_scale(const float (&v)[4], bool pow2,
 
 // Exact widening to F32 (E4M3 through half, as load_f).
 
-__device__ __forceinline__ float widen(float v) { return v; }
-__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float widen(__nv_fp8_storage_t v) {
   return __half2float(__half(__nv_cvt_fp8_to_halfraw(v, __NV_E4M3)));
 }
@@ -130,24 +128,47 @@ __device__ unsigned cols_t_tile(ColsSmem& sm, int64_t bx, int64_t rb, int64_t nr
   const int64_t r0 = rb * kFp8Block, c = bx * 32 + lane, kb = (K + kFp8Block - 1) / kFp8Block;
   float am = 0.0f;
   unsigned bad = 0;
-  float v[16];  // rows w, w + 8, …: every load issued before the first use
   if (qs) {
+    // FP8 codes, 4 columns per thread (one 4-byte load; the 32 columns share one 128-column block,
+    // so one scale per row) into shared memory, then each column's statistics from there: per-byte
+    // loads and their 64-bit index arithmetic were half of an expert's backward preparation.
+    const int cq = 4 * (threadIdx.x & 7);
+    const int64_t c0 = bx * 32 + cq;
+    const bool vec = K % 4 == 0 && (reinterpret_cast<uintptr_t>(qs) & 3u) == 0;
 #pragma unroll
-    for (int k = 0; k < 16; ++k) {
-      const int64_t r = r0 + w + 8 * k;
-      v[k] = r < M && c < K ? widen(__nv_fp8_storage_t(qs[r * K + c])) * ss[r * kb + c / kFp8Block] : 0.0f;
+    for (int k = 0; k < 4; ++k) {
+      const int i = (threadIdx.x >> 3) + 32 * k;
+      const int64_t r = r0 + i;
+      float e[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      if (r < M && c0 < K) {
+        const float sr = ss[r * kb + c0 / kFp8Block];
+        const uint8_t* row = qs + r * K + c0;
+        uint32_t u = 0;
+        if (vec) u = *reinterpret_cast<const uint32_t*>(row);
+        else
+#pragma unroll
+          for (int j = 0; j < 4; ++j) u |= c0 + j < K ? uint32_t(row[j]) << (8 * j) : 0u;
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          e[j] = c0 + j < K ? widen(__nv_fp8_storage_t((u >> (8 * j)) & 0xffu)) * sr : 0.0f;
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) sm.t[i][cq + j] = e[j];
     }
+    __syncthreads();
+    for (int i = 16 * w; i < 16 * w + 16; ++i) tile_stat(sm.t[i][lane], am, bad);
   } else {
+    float v[16];  // rows w, w + 8, …: every load issued before the first use
 #pragma unroll
     for (int k = 0; k < 16; ++k) {
       const int64_t r = r0 + w + 8 * k;
       v[k] = r < M && c < K ? x[r * K + c] : 0.0f;
     }
-  }
 #pragma unroll
-  for (int k = 0; k < 16; ++k) {
-    tile_stat(v[k], am, bad);
-    sm.t[w + 8 * k][lane] = v[k];
+    for (int k = 0; k < 16; ++k) {
+      tile_stat(v[k], am, bad);
+      sm.t[w + 8 * k][lane] = v[k];
+    }
   }
   sm.am_w[w][lane] = am;
   sm.bad_w[w][lane] = bad;
@@ -295,55 +316,82 @@ __device__ void nan_end(NanSync& sync, float* p0, int64_t n0, unsigned m0, float
 }
 
 // One CTA (256 threads), one 128×128 tile of W [N, K] (any float dtype; an FP8 weight times its
-// scale_inv as dequantize_fp8 does: one scale per tile): thread (cl, rs) holds column cl's rows
-// rs, rs + 2, … in registers, all 64 loads issued before the first use (a weight has few tiles, so a
-// chain of dependent loads per thread would set the launch's length). The codes are written as
-// W [N, ldq] or, transposed, through a shared byte tile as Wᵀ [K, ldq] (the transposed tiling has
-// the same tiles, so the same scales and codes); columns beyond the reduction get code 0. The scale
-// goes to cuBLASLt's BLK128x128 layout (rows of ld4 floats, the padding 0). Returns the tile's
-// non-finite count (every thread).
+// scale_inv as dequantize_fp8 does: one scale per tile). Thread (cg, rs) holds the 8 columns
+// 8·cg..8·cg+7 of rows rs, rs + 16, … (16 lanes cover a row: coalesced), loaded 8 values at a time
+// (one 16-byte load for BF16, two for F32, one 8-byte for FP8) when the row's base allows it, all
+// loads issued before the first use. A scalar load per value (ncu on the H200: 2,600 instructions
+// per warp, half the stalls on instruction fetch, 27 µs per tile on one SM) had set the length of
+// every expert's preparation launch. The codes are written as W [N, ldq] (8 per store) or,
+// transposed, through a shared byte tile as Wᵀ [K, ldq] (the transposed tiling has the same tiles,
+// so the same scales and codes); columns beyond the reduction get code 0. The scale goes to
+// cuBLASLt's BLK128x128 layout (rows of ld4 floats, the padding 0). Returns the tile's non-finite
+// count (every thread).
 struct WeightSmem {
   uint8_t t[kFp8Block][kFp8Block + 4];
 };
-constexpr int kTileRows = kFp8Block / 2;  // rows per thread
+constexpr int kTileCols = 8;                                 // columns per thread
+constexpr int kTileRowStep = 256 / (kFp8Block / kTileCols);  // 16: rows between a thread's rows
+constexpr int kTileRows = kFp8Block / kTileRowStep;          // 8 rows per thread
 
-template <class T>
-__device__ __forceinline__ void load_tile(const void* w, int64_t K, int64_t r0, int64_t r1, int64_t c, bool in, int rs,
-                                          float si, float (&v)[kTileRows]) {
-  const T* p = static_cast<const T*>(w);
+__device__ __forceinline__ void widen8(uint4 u, float (&v)[kTileCols]) {  // 8 BF16
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
-  for (int i = 0; i < kTileRows; ++i) {
-    const int64_t r = r0 + rs + 2 * i;
-    v[i] = in && r < r1 ? widen(p[r * K + c]) * si : 0.0f;
+  for (int j = 0; j < 4; ++j) {
+    v[2 * j] = __uint_as_float(w[j] << 16);
+    v[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
   }
+}
+
+// The 8 values of row r from column c (all < K, or all ≥ K: K is a multiple of 8 when vec).
+__device__ __forceinline__ void load_row8(const WeightSide& p, bool vec, int64_t r, int64_t c, bool row_in, float si,
+                                          float (&v)[kTileCols]) {
+  if (!row_in || c >= p.K) {
+#pragma unroll
+    for (int j = 0; j < kTileCols; ++j) v[j] = 0.0f;
+    return;
+  }
+  const int64_t i = r * p.K + c;
+  if (vec && p.wtype == DType::BF16) {
+    widen8(*reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p.w) + i), v);
+  } else if (vec && p.wtype == DType::F32) {
+    const float4 a = reinterpret_cast<const float4*>(static_cast<const float*>(p.w) + i)[0];
+    const float4 b = reinterpret_cast<const float4*>(static_cast<const float*>(p.w) + i)[1];
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+  } else if (vec && p.wtype == DType::F8_E4M3) {
+    const uint2 u = *reinterpret_cast<const uint2*>(static_cast<const uint8_t*>(p.w) + i);
+#pragma unroll
+    for (int j = 0; j < kTileCols; ++j)
+      v[j] = widen(__nv_fp8_storage_t(((j < 4 ? u.x : u.y) >> (8 * (j & 3))) & 0xffu));
+  } else {
+#pragma unroll
+    for (int j = 0; j < kTileCols; ++j) v[j] = c + j < p.K ? load_f(p.w, p.wtype, i + j) : 0.0f;
+  }
+#pragma unroll
+  for (int j = 0; j < kTileCols; ++j) v[j] *= si;  // ×1 is exact
 }
 
 __device__ unsigned weight_tile(WeightSmem& sm, int64_t tile, const WeightSide& p, bool pow2) {
   const int64_t ngk = (p.K + kFp8Block - 1) / kFp8Block, ngn = (p.N + kFp8Block - 1) / kFp8Block;
   const int64_t rb = tile / ngk, g = tile % ngk;
   const int64_t r0 = rb * kFp8Block, r1 = r0 + kFp8Block < p.N ? r0 + kFp8Block : p.N;
-  const int cl = threadIdx.x & 127, rs = threadIdx.x >> 7;
-  const int64_t c = g * kFp8Block + cl;
-  const bool in = c < p.K;
-  const float si = p.w_scale_inv ? p.w_scale_inv[rb * ngk + g] : 1.0f;  // ×1 is exact
-  float v[kTileRows];
-  switch (p.wtype) {
-    case DType::BF16: load_tile<__nv_bfloat16>(p.w, p.K, r0, r1, c, in, rs, si, v); break;
-    case DType::F32: load_tile<float>(p.w, p.K, r0, r1, c, in, rs, si, v); break;
-    case DType::F8_E4M3: load_tile<__nv_fp8_storage_t>(p.w, p.K, r0, r1, c, in, rs, si, v); break;
-    default:
+  const int cg = threadIdx.x % (kFp8Block / kTileCols), rs = threadIdx.x / (kFp8Block / kTileCols);
+  const int64_t c = g * kFp8Block + kTileCols * cg;
+  const unsigned align = p.wtype == DType::F8_E4M3 ? 8u : 16u;
+  const bool vec = p.K % kTileCols == 0 && (reinterpret_cast<uintptr_t>(p.w) & (align - 1)) == 0 &&
+                   (p.wtype == DType::BF16 || p.wtype == DType::F32 || p.wtype == DType::F8_E4M3);
+  const float si = p.w_scale_inv ? p.w_scale_inv[rb * ngk + g] : 1.0f;
+  float v[kTileRows][kTileCols];
 #pragma unroll
-      for (int i = 0; i < kTileRows; ++i) {
-        const int64_t r = r0 + rs + 2 * i;
-        v[i] = in && r < r1 ? load_f(p.w, p.wtype, r * p.K + c) * si : 0.0f;
-      }
+  for (int i = 0; i < kTileRows; ++i) {
+    const int64_t r = r0 + rs + kTileRowStep * i;
+    load_row8(p, vec, r, c, r < r1, si, v[i]);
   }
   float amax = 0.0f;
   unsigned bad = 0;
 #pragma unroll
-  for (int i = 0; i < kTileRows; ++i) {
-    tile_stat(v[i], amax, bad);
-  }
+  for (int i = 0; i < kTileRows; ++i)
+#pragma unroll
+    for (int j = 0; j < kTileCols; ++j) tile_stat(v[i][j], amax, bad);
   amax = block_max(amax);
   bad = block_sum(bad);
   const float s = scale_of(amax, pow2);
@@ -353,18 +401,34 @@ __device__ unsigned weight_tile(WeightSmem& sm, int64_t tile, const WeightSide& 
     if (scol == ncol - 1)
       for (int64_t j = ncol; j < p.ld4; ++j) p.scale_lt[sr * p.ld4 + j] = 0.0f;
   }
-  if (!p.transpose) {  // rows beyond N do not exist in q; columns K..ldq hold 0/s = code 0
-    if (c < p.ldq)
+  // The codes, a row of 8 per iteration from a second read of the row (L1): unrolled over the 64
+  // values held, this code ran once per SM per launch, so fetching it set the pace (ncu: 58% of
+  // the stalls on instruction fetch after the loads were vectorised).
+#pragma unroll 1
+  for (int i = 0; i < kTileRows; ++i) {
+    const int64_t r = r0 + rs + kTileRowStep * i;
+    float u[kTileCols];
+    load_row8(p, vec, r, c, r < r1, si, u);
+    uint32_t b[2] = {0, 0};
 #pragma unroll
-      for (int i = 0; i < kTileRows; ++i) {
-        const int64_t r = r0 + rs + 2 * i;
-        if (r < r1) p.q[r * p.ldq + c] = __nv_cvt_float_to_fp8(v[i] / s, __NV_SATFINITE, __NV_E4M3);
-      }
-    return bad;
+    for (int j = 0; j < kTileCols; ++j)
+      b[j / 4] |= uint32_t(__nv_cvt_float_to_fp8(u[j] / s, __NV_SATFINITE, __NV_E4M3)) << (8 * (j % 4));
+    if (p.transpose) {  // rows beyond N hold 0: code 0 (Dgrad's padded reduction)
+#pragma unroll
+      for (int j = 0; j < kTileCols; ++j)
+        sm.t[kTileCols * cg + j][rs + kTileRowStep * i] = uint8_t(b[j / 4] >> (8 * (j % 4)));
+      continue;
+    }
+    if (r >= r1) continue;  // rows beyond N do not exist in q; columns K..ldq hold 0/s = code 0
+    uint8_t* dst = p.q + r * p.ldq + c;
+    if (c + kTileCols <= p.ldq && p.ldq % kTileCols == 0 && (reinterpret_cast<uintptr_t>(p.q) & 7u) == 0)
+      *reinterpret_cast<uint2*>(dst) = make_uint2(b[0], b[1]);
+    else
+#pragma unroll
+      for (int j = 0; j < kTileCols; ++j)
+        if (c + j < p.ldq) dst[j] = uint8_t(b[j / 4] >> (8 * (j % 4)));
   }
-#pragma unroll
-  for (int i = 0; i < kTileRows; ++i)  // rows beyond N hold 0: code 0 (Dgrad's padded reduction)
-    sm.t[cl][rs + 2 * i] = __nv_cvt_float_to_fp8(v[i] / s, __NV_SATFINITE, __NV_E4M3);
+  if (!p.transpose) return bad;
   __syncthreads();
   for (int e = threadIdx.x; e < kFp8Block * 32; e += blockDim.x) {
     const int cc = e >> 5, w4 = e & 31;
@@ -416,7 +480,7 @@ __device__ unsigned rows_row(const float* x, int64_t M, int64_t M_lt, int64_t K,
 // M_lt rows (M rounded up to cuBLASLt's 4, the padding rows code 0 and scale 1): x's rows, a warp per
 // row (the cache and the VEC128 scales at once), or the cached scales rewritten into VEC128 layout,
 // 256 rows per CTA, and, when the cache lacks the padding rows, its codes copied into q_lt.
-__global__ void __launch_bounds__(256) fprop_prep_kernel(FpropPrep p, int64_t w_tiles, int64_t n_tok, int slot) {
+__global__ void __launch_bounds__(256, 1) fprop_prep_kernel(FpropPrep p, int64_t w_tiles, int64_t n_tok, int slot) {
   __shared__ WeightSmem sm;
   const int64_t kb = p.w.K / kFp8Block;
   unsigned bad = 0;
