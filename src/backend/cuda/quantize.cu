@@ -512,7 +512,7 @@ __global__ void __launch_bounds__(256, 1) fprop_prep_kernel(FpropPrep p, int64_t
 // kept in shared memory and quantized per column (128×1 tiles transposed: q2 [N, ld2], VEC128 scales
 // s2_lt [⌈M/128⌉, N]). Columns N..ld1 of q1 and M..ld2 of q2 get code 0. The bytes and scales of
 // rows_tile and cols_t_tile.
-constexpr int kDyLd = kFp8Block + 1;  // row stride (floats): column reads hit distinct banks
+constexpr int kDyLd = kFp8Block + 4;  // row stride (floats): rows 16-byte aligned for float4 access
 struct DySmem {
   float t[kFp8Block][kDyLd];
   float am_c[2][kFp8Block], s_col[kFp8Block];
@@ -521,35 +521,50 @@ struct DySmem {
 __device__ unsigned dy_tile(DySmem& sm, int64_t g, int64_t rb, const BackwardPrep& p) {
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const int64_t M = p.M, N = p.N, r0 = rb * kFp8Block, c0 = g * kFp8Block;
+  const int64_t cl = c0 + 4 * lane;  // this lane's first column
+  const bool vec = N % 4 == 0 && (reinterpret_cast<uintptr_t>(p.dy) & 15u) == 0;
   unsigned any = 0;
-  float v[16][4];  // warp w's rows w, w + 8, …: every load issued before the first use
-#pragma unroll
-  for (int k = 0; k < 16; ++k)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t r = r0 + w + 8 * k, c = c0 + lane + 32 * j;
-      v[k][j] = r < M && c < N ? p.dy[r * N + c] : 0.0f;
-    }
+  // Warp w's rows w, w + 8, …, four columns per lane, every load issued before the first use, into
+  // shared memory (the 128×1 tiles read it by column; the rows' codes below read it back).
 #pragma unroll
   for (int k = 0; k < 16; ++k) {
+    const int64_t r = r0 + w + 8 * k;
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (r < M && cl < N) {
+      const float* src = p.dy + r * N + cl;
+      if (vec) {
+        v = *reinterpret_cast<const float4*>(src);
+      } else {
+        v.x = src[0];
+        v.y = cl + 1 < N ? src[1] : 0.0f;
+        v.z = cl + 2 < N ? src[2] : 0.0f;
+        v.w = cl + 3 < N ? src[3] : 0.0f;
+      }
+    }
+    *reinterpret_cast<float4*>(&sm.t[w + 8 * k][4 * lane]) = v;
+  }
+  // The 1×128 tiles, a row per iteration (rolled: each SM runs this code once per launch, so its
+  // length is fetch time); rows M..M1 are zero: codes 0, scale 1.
+#pragma unroll 1
+  for (int k = 0; k < 16 && p.q1; ++k) {
     const int i = w + 8 * k;
     const int64_t r = r0 + i;
+    if (r >= p.M1) break;  // warp-uniform
+    const float4 v4 = *reinterpret_cast<const float4*>(&sm.t[i][4 * lane]);
+    const float e[4] = {v4.x, v4.y, v4.z, v4.w};
     float amax = 0.0f;
     unsigned bad = 0;
-    for (int j = 0; j < 4; ++j) {
-      if (p.q2) sm.t[i][lane + 32 * j] = v[k][j];
-      tile_stat(v[k][j], amax, bad);
-    }
-    if (r >= p.M1 || !p.q1) continue;  // warp-uniform; rows M..M1 are zero: codes 0, scale 1
+#pragma unroll
+    for (int j = 0; j < 4; ++j) tile_stat(e[j], amax, bad);
     amax = warp_max(amax);
     bad = warp_sum(bad);
     any |= bad;
     const float s = scale_of(amax, p.pow2);
     if (lane == 0) p.s1_lt[g * p.M1 + r] = bad ? __int_as_float(0x7fc00000) : s;
-    for (int j = 0; j < 4; ++j) {
-      const int64_t c = c0 + lane + 32 * j;
-      if (c < p.ld1) p.q1[r * p.ld1 + c] = __nv_cvt_float_to_fp8(v[k][j] / s, __NV_SATFINITE, __NV_E4M3);
-    }
+    uint32_t b = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) b |= uint32_t(__nv_cvt_float_to_fp8(e[j] / s, __NV_SATFINITE, __NV_E4M3)) << (8 * j);
+    *reinterpret_cast<uint32_t*>(p.q1 + r * p.ld1 + cl) = b;  // ld1 = N rounded up to 128: in range
   }
   if (!p.q2) return any;
   __syncthreads();
@@ -598,7 +613,7 @@ union BackwardSmem {
 
 // Backward: CTAs [0, n_dy) dy's 128×128 blocks, then (Wgrad) x̂'s 128-row × 32-column blocks, then
 // (Dgrad) Wᵀ's tiles.
-__global__ void __launch_bounds__(256) backward_prep_kernel(BackwardPrep p, int64_t n_dy, int64_t n_x, int slot) {
+__global__ void __launch_bounds__(256, 1) backward_prep_kernel(BackwardPrep p, int64_t n_dy, int64_t n_x, int slot) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   BackwardSmem& sm = *reinterpret_cast<BackwardSmem*>(smem_raw);
   const int64_t kbn = (p.N + kFp8Block - 1) / kFp8Block, rbs = (p.M + kFp8Block - 1) / kFp8Block;
