@@ -316,8 +316,10 @@ TEST(CudaEngine, NormRouterEqualsBackendNormAndReference) {
           gate.w = be.to_device(randn({E, H}, 15, salt).to(gt));
           const Tensor xd = be.to_device(randn({N, H}, 16, salt)), nw = be.to_device(randn({H}, 17, salt));
           ASSERT_TRUE(cuda_norm_router_ok(gate, xd));
-          Tensor h = be.alloc(DType::F32, {N, H}), logits = be.alloc(DType::F32, {N, E});
+          Guards g(be);  // NaN-filled outputs inside guard bytes
+          Tensor h = g.out(DType::F32, {N, H}), logits = g.out(DType::F32, {N, E});
           cuda_norm_router(xd, nw, eps, gate, h, logits);
+          EXPECT_EQ(g.damaged(), "");
           Tensor rstd;
           const Tensor want_h = be.to_host(modops::rmsnorm(be, xd, nw, eps, rstd)), got_h = be.to_host(h);
           EXPECT_EQ(std::memcmp(got_h.raw(), want_h.raw(), got_h.nbytes()), 0) << "the norm differs from the backend's";
@@ -339,12 +341,14 @@ void expect_small_linear_matches(const LinearParam& p, const Tensor& x, const Te
   if (acc)
     for (size_t i = 0; i < want.size(); ++i) want[i] += double(y0.data<float>()[i]);
   const Tensor xd = be.to_device(x);
-  Tensor y = be.to_device(y0);
+  Guards g(be);  // y inside guard bytes: a write past it shows up
+  Tensor y = g.init(y0);
   ASSERT_TRUE(cuda_small_linear_ok(p, xd));
   cuda_small_linear(p, xd, y, acc);
   const Err e = compare(be.to_host(y), want);
   EXPECT_LE(e.norm_err, tol::kF32) << "worst " << e.worst;
   EXPECT_EQ(e.non_finite, 0);
+  EXPECT_EQ(g.damaged(), "");
 }
 
 // The row-range GEMV with several row blocks per CTA (nw / ks > 1): 8,448 outputs at K 128 take
@@ -524,10 +528,12 @@ TEST(CudaEngine, SmallLinearEqualsReference) {
                     s += double(x.data<float>()[r * K + k]) * double(load_as_float(w.raw(), wt, j * K + k));
                   want[size_t(r * M + j)] = s;
                 }
-              const Tensor xd = be.to_device(x), yd = be.to_device(y0);
+              Guards g(be);
+              const Tensor xd = be.to_device(x), yd = g.init(y0);
               ASSERT_TRUE(cuda_small_linear_ok(p, xd));
               cuda_small_linear(p, xd, yd, acc);
               EXPECT_LE(compare(be.to_host(yd), want).norm_err, tol::kF32);
+              EXPECT_EQ(g.damaged(), "");
             }
 }
 
@@ -559,10 +565,14 @@ TEST(CudaEngine, SmallLinearNormAndPairEqualsReference) {
       for (int64_t j = 0; j < M2; ++j) want2[size_t(r * M2 + j)] = dot(w2, j);
     }
     const Tensor xd = be.to_device(x), gd = be.to_device(g);
-    Tensor y = be.alloc(DType::F32, {n, M}), y2 = be.alloc(DType::F32, {n, M2});
+    Guards guards(be);  // NaN-filled outputs inside guard bytes: a missed or stray write shows up
+    Tensor y = guards.out(DType::F32, {n, M}), y2 = guards.out(DType::F32, {n, M2});
     cuda_small_linear(p, xd, y, false, &gd, eps, &p2, &y2);
-    EXPECT_LE(compare(be.to_host(y), want).norm_err, tol::kF32);
-    EXPECT_LE(compare(be.to_host(y2), want2).norm_err, tol::kF32);
+    const Err e = compare(be.to_host(y), want), e2 = compare(be.to_host(y2), want2);
+    EXPECT_LE(e.norm_err, tol::kF32);
+    EXPECT_LE(e2.norm_err, tol::kF32);
+    EXPECT_EQ(e.non_finite + e2.non_finite, 0);
+    EXPECT_EQ(guards.damaged(), "");
   }
 }
 
@@ -637,7 +647,8 @@ TEST(CudaEngine, RowsGemvHeadsAndPairEqualReference) {
             want[size_t(q * nh * head_y + h * head_y + i)] = s;
           }
       const Tensor xd = be.to_device(x);
-      Tensor yd = be.to_device(y0);
+      Guards guards(be);  // outputs inside guard bytes: a write past them shows up
+      Tensor yd = guards.init(y0);
       GemvArgs g;
       g.x = xd.data<float>();
       g.n = int(n);
@@ -678,10 +689,13 @@ TEST(CudaEngine, RowsGemvHeadsAndPairEqualReference) {
         for (int64_t j = 0; j < M; ++j) want1[size_t(q * M + j)] = dot(wh, j);
         for (int64_t j = 0; j < M2; ++j) want2[size_t(q * M2 + j)] = dot(wh2, j);
       }
-      Tensor y1 = be.alloc(DType::F32, {n, M}), y2 = be.alloc(DType::F32, {n, M2});
+      Tensor y1 = guards.out(DType::F32, {n, M}), y2 = guards.out(DType::F32, {n, M2});
       cuda_small_linear(p, be.to_device(xp), y1, false, nullptr, 0.0f, &p2, &y2);
-      EXPECT_LE(compare(be.to_host(y1), want1).norm_err, tol::kF32);
-      EXPECT_LE(compare(be.to_host(y2), want2).norm_err, tol::kF32);
+      const Err e1 = compare(be.to_host(y1), want1), e2 = compare(be.to_host(y2), want2);
+      EXPECT_LE(e1.norm_err, tol::kF32);
+      EXPECT_LE(e2.norm_err, tol::kF32);
+      EXPECT_EQ(e1.non_finite + e2.non_finite, 0);
+      EXPECT_EQ(guards.damaged(), "");
     }
 }
 
