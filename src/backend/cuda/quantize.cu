@@ -54,6 +54,22 @@ __device__ __forceinline__ float warp_tile_scale(const float (&v)[4], bool pow2,
 __device__ __forceinline__ float widen(__nv_fp8_storage_t v) {
   return __half2float(__half(__nv_cvt_fp8_to_halfraw(v, __NV_E4M3)));
 }
+// Byte j (0 = lowest) of a word of packed codes, widened.
+__device__ __forceinline__ float widen_byte(uint32_t word, int j) {
+  return widen(__nv_fp8_storage_t((word >> (8 * j)) & 0xffu));
+}
+
+// The code of v in a tile of scale s: the saturated round-to-nearest E4M3 of v/s, the CPU's rule.
+__device__ __forceinline__ uint8_t code_of(float v, float s) {
+  return __nv_cvt_float_to_fp8(v / s, __NV_SATFINITE, __NV_E4M3);
+}
+// The codes of v[0..3], packed for one 4-byte store (v[0] in the lowest byte).
+__device__ __forceinline__ uint32_t codes4(const float* v, float s) {
+  uint32_t b = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) b |= uint32_t(code_of(v[j], s)) << (8 * j);
+  return b;
+}
 
 // One warp, the 1×128 tile (r, g) of x [M, K]: lane l holds columns 4l..4l+3 in registers (x read
 // once; vec: one 16-byte load, K % 4 == 0 and x 16-byte aligned). q has row stride ldq (columns
@@ -86,13 +102,12 @@ __device__ unsigned rows_tile(const float* x, int64_t M, int64_t M_lt, int64_t K
     if (bad && nonfinite) atomicAdd(nonfinite, (unsigned long long)bad);
   }
   uint8_t* qr = q + r * ldq;
-  uint8_t b[4];
-  for (int j = 0; j < 4; ++j) b[j] = __nv_cvt_float_to_fp8(v[j] / s, __NV_SATFINITE, __NV_E4M3);
+  const uint32_t b = codes4(v, s);
   if (vec && ldq % 4 == 0) {  // q 4-byte aligned (checked with vec)
-    if (c < ldq) *reinterpret_cast<uint32_t*>(qr + c) = b[0] | b[1] << 8 | b[2] << 16 | uint32_t(b[3]) << 24;
+    if (c < ldq) *reinterpret_cast<uint32_t*>(qr + c) = b;
   } else {
     for (int j = 0; j < 4; ++j)
-      if (c + j < ldq) qr[c + j] = b[j];
+      if (c + j < ldq) qr[c + j] = uint8_t(b >> (8 * j));
   }
   return bad;
 }
@@ -150,7 +165,7 @@ __device__ unsigned cols_t_tile(ColsSmem& sm, int64_t bx, int64_t rb, int64_t nr
           for (int j = 0; j < 4; ++j) u |= c0 + j < K ? uint32_t(row[j]) << (8 * j) : 0u;
 #pragma unroll
         for (int j = 0; j < 4; ++j)
-          e[j] = c0 + j < K ? widen(__nv_fp8_storage_t((u >> (8 * j)) & 0xffu)) * sr : 0.0f;
+          e[j] = c0 + j < K ? widen_byte(u, j) * sr : 0.0f;
       }
 #pragma unroll
       for (int j = 0; j < 4; ++j) sm.t[i][cq + j] = e[j];
@@ -193,7 +208,7 @@ __device__ unsigned cols_t_tile(ColsSmem& sm, int64_t bx, int64_t rb, int64_t nr
     const float sv = sm.s_col[kk];
     for (int i = lane; i < kFp8Block; i += 32) {
       const int64_t r = r0 + i;  // rows M..ldq hold 0: their code is 0
-      if (r < ldq) q[k * ldq + r] = __nv_cvt_float_to_fp8(sm.t[i][kk] / sv, __NV_SATFINITE, __NV_E4M3);
+      if (r < ldq) q[k * ldq + r] = code_of(sm.t[i][kk], sv);
     }
   }
   __syncthreads();  // sm is reused by the caller's next tile
@@ -233,7 +248,7 @@ __global__ void quantize_kernel(const float* x, int64_t M, int64_t K, int64_t th
   }
   for (int64_t e = lane; e < n; e += 32) {
     int64_t r = r0 + e / w, k = c0 + e % w;
-    uint8_t v = __nv_cvt_float_to_fp8(x[r * K + k] / s, __NV_SATFINITE, __NV_E4M3);
+    uint8_t v = code_of(x[r * K + k], s);
     if (transpose) q[k * M + r] = v;
     else q[r * K + k] = v;
   }
@@ -261,7 +276,7 @@ __global__ void quantize_block_kernel(const float* x, int64_t M, int64_t K, bool
     if (bad && nonfinite) atomicAdd(nonfinite, bad);
   }
   if (in)
-    for (int64_t r = r0 + rs; r < r1; r += 2) q[r * K + c] = __nv_cvt_float_to_fp8(x[r * K + c] / s, __NV_SATFINITE, __NV_E4M3);
+    for (int64_t r = r0 + rs; r < r1; r += 2) q[r * K + c] = code_of(x[r * K + c], s);
 }
 
 // y[C, R] = x[R, C]ᵀ through 32×32 shared-memory tiles (both sides coalesced).
@@ -361,7 +376,7 @@ __device__ __forceinline__ void load_row8(const WeightSide& p, bool vec, int64_t
     const uint2 u = *reinterpret_cast<const uint2*>(static_cast<const uint8_t*>(p.w) + i);
 #pragma unroll
     for (int j = 0; j < kTileCols; ++j)
-      v[j] = widen(__nv_fp8_storage_t(((j < 4 ? u.x : u.y) >> (8 * (j & 3))) & 0xffu));
+      v[j] = widen_byte(j < 4 ? u.x : u.y, j & 3);
   } else {  // columns past K stay +0 (unscaled: a non-finite or negative scale_inv must not touch them)
 #pragma unroll
     for (int j = 0; j < kTileCols; ++j) v[j] = c + j < p.K ? load_f(p.w, p.wtype, i + j) * si : 0.0f;
@@ -410,10 +425,7 @@ __device__ unsigned weight_tile(WeightSmem& sm, int64_t tile, const WeightSide& 
     const int64_t r = r0 + rs + kTileRowStep * i;
     float u[kTileCols];
     load_row8(p, vec, r, c, r < r1, si, u);
-    uint32_t b[2] = {0, 0};
-#pragma unroll
-    for (int j = 0; j < kTileCols; ++j)
-      b[j / 4] |= uint32_t(__nv_cvt_float_to_fp8(u[j] / s, __NV_SATFINITE, __NV_E4M3)) << (8 * (j % 4));
+    const uint32_t b[2] = {codes4(u, s), codes4(u + 4, s)};
     if (p.transpose) {  // rows beyond N hold 0: code 0 (Dgrad's padded reduction)
 #pragma unroll
       for (int j = 0; j < kTileCols; ++j)
@@ -469,9 +481,7 @@ __device__ unsigned rows_row(const float* x, int64_t M, int64_t M_lt, int64_t K,
         if (r < M) sc[r * ng + g] = sw;
         sc_lt[g * M_lt + r] = sw;
       }
-      uint32_t b = 0;
-      for (int k = 0; k < 4; ++k) b |= uint32_t(__nv_cvt_float_to_fp8(e[k] / s, __NV_SATFINITE, __NV_E4M3)) << (8 * k);
-      *reinterpret_cast<uint32_t*>(q + r * K + g * kFp8Block + 4 * lane) = b;
+      *reinterpret_cast<uint32_t*>(q + r * K + g * kFp8Block + 4 * lane) = codes4(e, s);
     }
   }
   return bad_row;
@@ -565,10 +575,7 @@ __device__ unsigned dy_tile(DySmem& sm, int64_t g, int64_t rb, const BackwardPre
     any |= bad;
     const float s = scale_of(amax, p.pow2);
     if (lane == 0) p.s1_lt[g * p.M1 + r] = bad ? __int_as_float(0x7fc00000) : s;
-    uint32_t b = 0;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) b |= uint32_t(__nv_cvt_float_to_fp8(e[j] / s, __NV_SATFINITE, __NV_E4M3)) << (8 * j);
-    *reinterpret_cast<uint32_t*>(p.q1 + r * p.ld1 + cl) = b;  // ld1 = N rounded up to 128: in range
+    *reinterpret_cast<uint32_t*>(p.q1 + r * p.ld1 + cl) = codes4(e, s);  // ld1 = N rounded up to 128: in range
   }
   if (!p.q2) return any;
   __syncthreads();
@@ -602,7 +609,7 @@ __device__ unsigned dy_tile(DySmem& sm, int64_t g, int64_t rb, const BackwardPre
     const float sv = sm.s_col[cc];
     for (int j = 0; j < 4; ++j) {
       const int i = lane + 32 * j;  // rows M..ld2 hold 0: their code is 0
-      if (r0 + i < p.ld2) p.q2[c * p.ld2 + r0 + i] = __nv_cvt_float_to_fp8(sm.t[i][cc] / sv, __NV_SATFINITE, __NV_E4M3);
+      if (r0 + i < p.ld2) p.q2[c * p.ld2 + r0 + i] = code_of(sm.t[i][cc], sv);
     }
   }
   __syncthreads();  // sm is reused by the caller's next block
