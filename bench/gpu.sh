@@ -87,11 +87,12 @@ if command -v compute-sanitizer >/dev/null || [ -x /usr/local/cuda/bin/compute-s
   # legacy stream, which CUDA refuses during a capture) runs eagerly instead, by design, and the
   # graph tests provoke that on purpose; memcheck would count each refused call as an error. Every
   # CUDA call of ours is checked by the code itself (DSV3_CUDA_CHECK), so API errors are not lost.
-  # Every GPU suite but CudaCli (its tests start `dsv3` as child processes, which memcheck instruments
-  # too: over 7 minutes for the first) and the bench-0.7b-sized cases (ParallelBackward, also in the
-  # binary, runs on the CPU); ~150 s on the H200.
+  # Every GPU test but CudaCli's (they start `dsv3` as child processes, which memcheck instruments
+  # too: over 7 minutes for the first) and the bench-0.7b-sized cases; the binary's CPU-only tests
+  # (ParallelBackward, the CPU determinism cases) are left out too. Written as exclusions so that a
+  # new GPU suite is checked without being listed here. ~150 s on the H200.
   timeout ${MEMCHECK_TIMEOUT:-240} "$CS" --tool memcheck --report-api-errors no --error-exitcode 3 "$B"/dsv3_gpu_tests \
-    --gtest_filter="${MEMCHECK_FILTER:-AllOps/BackendOps.MatchesReference/*:CudaRangeCheck.*:CudaFp8.*:CudaDevice.*:CudaMlaDecode.*:CudaModel.*:CudaTrain.*:CudaAttnBf16.*:CudaLowp.*:CudaExperts.*:CudaGraph*:CudaEngine.*:CudaLatentAttention.*:CudaGenerate.*:CudaTrainer.*:CudaLowpTrainer.*:-*Bench07b*}" >"$OUT/memcheck.log" 2>&1
+    --gtest_filter="${MEMCHECK_FILTER:-*:-CudaCli.*:ParallelBackward.*:*CpuIsDeterministic*:*Bench07b*}" >"$OUT/memcheck.log" 2>&1
   rc=$?
   tail -3 "$OUT/memcheck.log" | tee -a "$OUT/summary.txt"
   echo "memcheck exit code $rc" | tee -a "$OUT/summary.txt"
