@@ -454,4 +454,79 @@ void linear_backward_lowp(const LinearPrecision& p, const LinearBackwardArgs& a,
   }
 }
 
+namespace {
+
+// Block e's backward arguments (checked as linear_backward_lowp checks them).
+LinearBackwardArgs block_backward(const GroupedLinearBackwardArgs& a, size_t e) {
+  const int64_t r0 = a.offsets[e], r1 = a.offsets[e + 1];
+  LinearBackwardArgs b;
+  b.dy = a.dy.rows(r0, r1);
+  b.x = a.x.rows(r0, r1);
+  b.w = a.w[e];
+  if (!a.w_scale_inv.empty()) b.w_scale_inv = a.w_scale_inv[e];
+  if (present(a.dx)) b.dx = a.dx.rows(r0, r1);
+  b.dw = a.dw[e];
+  b.accumulate_dx = a.accumulate_dx;
+  b.accumulate_dw = true;
+  return b;
+}
+
+Backend& backend_of(const Tensor& t) {
+#ifdef DSV3_HAVE_CUDA
+  if (t.device() == Device::CUDA) return cuda_backend();
+#endif
+  (void)t;
+  return cpu_backend();
+}
+
+}  // namespace
+
+void linear_lowp_grouped(const LinearPrecision& p, const GroupedLinearArgs& a, const Fp8Tiles& x_copy) {
+  validate(a);
+  DSV3_CHECK(!x_copy.defined() || x_copy.q.numel() == a.x.numel(),
+             "linear_lowp_grouped: the FP8 copy does not match x");
+#ifdef DSV3_HAVE_CUDA
+  if (a.x.device() == Device::CUDA && cuda_linear_lowp_grouped(p, a, x_copy)) return;
+#endif
+  Backend& be = backend_of(a.x);
+  LaneScope lanes(be, a.w.size() > 1);
+  for (size_t e = 0; e < a.w.size(); ++e) {
+    const int64_t r0 = a.offsets[e], r1 = a.offsets[e + 1];
+    if (r0 == r1) continue;
+    lanes(int64_t(e));
+    Fp8Tiles xe = x_copy.defined() ? x_copy.rows(r0, r1) : Fp8Tiles{};
+    linear_lowp(p, {a.x.rows(r0, r1), a.w[e], a.w_scale_inv.empty() ? Tensor() : a.w_scale_inv[e], a.y.rows(r0, r1),
+                    a.accumulate},
+                &xe);
+  }
+}
+
+void linear_backward_lowp_grouped(const LinearPrecision& p, const GroupedLinearBackwardArgs& a,
+                                  const Fp8Tiles& x_copy) {
+  const size_t n = a.w.size();
+  DSV3_CHECK(a.dy.ndim() == 2 && a.x.ndim() == 2, "linear_backward_lowp_grouped: dy and x must be [M, N] and [M, K]");
+  const int64_t M = a.dy.dim(0);
+  DSV3_CHECK(a.offsets.size() == n + 1 && a.offsets.front() == 0 && a.offsets.back() == M && a.dw.size() == n &&
+                 (a.w_scale_inv.empty() || a.w_scale_inv.size() == n),
+             "linear_backward_lowp_grouped: ", n, " blocks need ", n + 1, " offsets from 0 to ", M, " and ", n,
+             " weight gradients");
+  DSV3_CHECK(!x_copy.defined() || x_copy.q.numel() == a.x.numel(),
+             "linear_backward_lowp_grouped: the FP8 copy does not match x");
+  for (size_t e = 0; e < n; ++e) {
+    DSV3_CHECK(a.offsets[e] <= a.offsets[e + 1], "linear_backward_lowp_grouped: block ", e, " ends before it starts");
+    validate(block_backward(a, e));
+  }
+#ifdef DSV3_HAVE_CUDA
+  if (a.dy.device() == Device::CUDA && cuda_linear_backward_lowp_grouped(p, a, x_copy)) return;
+#endif
+  Backend& be = backend_of(a.dy);
+  LaneScope lanes(be, n > 1);
+  for (size_t e = 0; e < n; ++e) {
+    if (a.offsets[e] == a.offsets[e + 1]) continue;
+    lanes(int64_t(e));
+    const Fp8Tiles xe = x_copy.defined() ? x_copy.rows(a.offsets[e], a.offsets[e + 1]) : Fp8Tiles{};
+    linear_backward_lowp(p, block_backward(a, e), &xe);
+  }
+}
+
 }  // namespace dsv3

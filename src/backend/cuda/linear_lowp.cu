@@ -3,10 +3,12 @@
 // read-backs (non-finite operands travel as NaN scales). The matmuls, the FP8 preparation launches
 // and the row-padding copy run on cuda::stream() (a lane of the MoE's experts); the rest on the
 // legacy stream.
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <initializer_list>
 #include <memory>
+#include <span>
 #include <vector>
 
 #include "backend/cuda/common.cuh"
@@ -286,7 +288,8 @@ int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 // Device scratch carved into 256-byte aligned pieces (one allocation per GEMM).
 class Carve {
  public:
-  explicit Carve(std::initializer_list<size_t> bytes) {
+  explicit Carve(std::initializer_list<size_t> bytes) : Carve(std::vector<size_t>(bytes)) {}
+  explicit Carve(const std::vector<size_t>& bytes) {
     size_t total = 0;
     for (size_t b : bytes) total += (b + 255) / 256 * 256;
     s_ = std::make_unique<Scratch>(total);
@@ -401,7 +404,193 @@ void backward_direct(const Tensor& dy, const Tensor& w, const Tensor& w_scale_in
   if (dx) gemm_token_rows(p.q1, p.s1_lt, M, M1, p.w.q, p.w.scale_lt, true, K, Np, dx, accumulate_dx);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The MoE's experts (linear_lowp_grouped): the blocks' preparations in grouped launches, their
+// matmuls on the lanes, and the rows cuBLASLt padded added into the output in one launch.
+// A block whose row count is no multiple of 4 reads the rows after it in x's copy as its padding
+// rows (another block's codes: the products of those rows are dropped, and a row of the product
+// depends on its own row of codes only), so the codes are copied only when those rows run past x.
+
+// c[i] (+)= s[i], i < len, for each padded block (blockIdx.y); vec: 16-byte aligned, len % 4 == 0.
+struct PaddedRows {
+  int n = 0;
+  const float* s[kPrepGroup] = {};
+  float* c[kPrepGroup] = {};
+  int64_t len[kPrepGroup] = {};
+};
+__global__ void add_padded_rows_kernel(const __grid_constant__ PaddedRows t, bool accumulate, bool vec) {
+  const int e = blockIdx.y;
+  const int64_t n = vec ? t.len[e] / 4 : t.len[e], step = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += step) {
+    if (vec) {
+      const float4 v = reinterpret_cast<const float4*>(t.s[e])[i];
+      float4& o = reinterpret_cast<float4*>(t.c[e])[i];
+      o = accumulate ? make_float4(o.x + v.x, o.y + v.y, o.z + v.z, o.w + v.w) : v;
+    } else {
+      t.c[e][i] = accumulate ? t.c[e][i] + t.s[e][i] : t.s[e][i];
+    }
+  }
+}
+
+class PaddedAdd {
+ public:
+  void add(const float* s, float* c, int64_t len) {
+    t_.s[t_.n] = s;
+    t_.c[t_.n] = c;
+    t_.len[t_.n++] = len;
+    vec_ = vec_ && len % 4 == 0 && (reinterpret_cast<uintptr_t>(s) & 15u) == 0 &&
+           (reinterpret_cast<uintptr_t>(c) & 15u) == 0;
+    longest_ = std::max(longest_, len);
+  }
+  void run(bool accumulate) {
+    if (t_.n == 0) return;
+    const unsigned x = std::min(blocks_for(vec_ ? longest_ / 4 : longest_), 256u);
+    add_padded_rows_kernel<<<dim3(x, unsigned(t_.n)), 256, 0, stream()>>>(t_, accumulate, vec_);
+    check_launch("fp8 grouped padding rows");
+  }
+
+ private:
+  PaddedRows t_;
+  bool vec_ = true;
+  int64_t longest_ = 0;
+};
+
+// The non-empty blocks, kPrepGroup at a time.
+template <class F>
+void each_group(std::span<const int64_t> offsets, F fn) {
+  std::vector<size_t> blocks;
+  for (size_t e = 0; e + 1 < offsets.size(); ++e)
+    if (offsets[e + 1] > offsets[e]) blocks.push_back(e);
+  for (size_t i = 0; i < blocks.size(); i += kPrepGroup)
+    fn(std::span<const size_t>(blocks).subspan(i, std::min<size_t>(kPrepGroup, blocks.size() - i)));
+}
+
 }  // namespace
+
+bool cuda_linear_lowp_grouped(const LinearPrecision& p, const GroupedLinearArgs& a, const Fp8Tiles& xc) {
+  if (p.mode != LinearPrecisionMode::Fp8 || legacy() || a.w.empty() || !xc.defined() ||
+      xc.q.dtype() != DType::F8_E4M3 || !xc.scale.defined())
+    return false;
+  const int64_t M = a.x.dim(0), K = a.x.dim(1), N = a.w[0].dim(0), kb = K / kFp8Block, ld4 = round_up(kb, 4);
+  if (K % kFp8Block != 0 || !lt_rows_ok(N)) return false;
+  CudaBackend& be = cuda_backend();
+  uint8_t* const xq = ptr<uint8_t>(xc.q);
+  float* const xs = ptr<float>(xc.scale);
+  float* const y = ptr<float>(a.y);
+  each_group(a.offsets, [&](std::span<const size_t> blocks) {
+    const size_t n = blocks.size();
+    std::vector<size_t> bytes;
+    for (size_t e : blocks) {
+      const int64_t r0 = a.offsets[e], Me = a.offsets[e + 1] - r0, Mlt = round_up(Me, 4);
+      bytes.insert(bytes.end(), {size_t(ceil_div(N, kFp8Block) * ld4) * 4, size_t(N * K), size_t(kb * Mlt) * 4,
+                                 r0 + Mlt > M ? size_t(Mlt * K) : 0, Mlt != Me ? size_t(Mlt * N) * 4 : 0});
+    }
+    const Carve buf(bytes);
+    std::vector<FpropPrep> ps(n);
+    for (size_t i = 0; i < n; ++i) {
+      const size_t e = blocks[i];
+      const int64_t r0 = a.offsets[e], Me = a.offsets[e + 1] - r0, Mlt = round_up(Me, 4);
+      FpropPrep& q = ps[i];
+      q.pow2 = p.pow2_scale;
+      q.w = weight_side(a.w[e], a.w_scale_inv.empty() ? Tensor() : a.w_scale_inv[e], false, K,
+                        buf.at<uint8_t>(5 * i + 1), buf.at<float>(5 * i));
+      q.M = Me;
+      q.M_lt = Mlt;
+      q.xq = xq + r0 * K;
+      q.x_scale = xs + r0 * kb;
+      q.q_lt = r0 + Mlt > M ? buf.at<uint8_t>(5 * i + 3) : q.xq;
+      q.x_scale_lt = buf.at<float>(5 * i + 2);
+    }
+    fp8_fprop_prep_group(ps);
+    PaddedAdd pad;
+    {
+      LaneScope lanes(be, n > 1);
+      for (size_t i = 0; i < n; ++i) {
+        lanes(int64_t(i));
+        const FpropPrep& q = ps[i];
+        float* out = y + a.offsets[blocks[i]] * N;
+        if (q.M_lt != q.M) pad.add(buf.at<float>(5 * i + 4), out, q.M * N);
+        fp8_gemm_lt(q.q_lt, q.x_scale_lt, q.M_lt, q.w.q, q.w.scale_lt, true, N, K,
+                    q.M_lt != q.M ? buf.at<float>(5 * i + 4) : out, q.M_lt == q.M && a.accumulate);
+      }
+    }
+    pad.run(a.accumulate);
+  });
+  return true;
+}
+
+bool cuda_linear_backward_lowp_grouped(const LinearPrecision& p, const GroupedLinearBackwardArgs& a,
+                                       const Fp8Tiles& xc) {
+  if (p.mode != LinearPrecisionMode::Fp8 || legacy() || p.dgrad_block || a.w.empty() || !xc.defined() ||
+      xc.q.dtype() != DType::F8_E4M3 || !xc.scale.defined())
+    return false;
+  const Tensor dy = mat(a.dy);
+  const int64_t M = dy.dim(0), N = dy.dim(1), K = a.w[0].dim(1), kbx = ceil_div(K, kFp8Block);
+  if (!lt_rows_ok(K) || N % 4 != 0) return false;
+  const bool want_dx = present(a.dx);
+  const int64_t Np = round_up(N, kFp8Block), ld4 = round_up(Np / kFp8Block, 4);
+  CudaBackend& be = cuda_backend();
+  const uint8_t* const xq = ptr<uint8_t>(xc.q);
+  const float* const xs = ptr<float>(xc.scale);
+  each_group(a.offsets, [&](std::span<const size_t> blocks) {
+    const size_t n = blocks.size();
+    constexpr size_t kPieces = 9;
+    std::vector<size_t> bytes;
+    for (size_t e : blocks) {
+      const int64_t Me = a.offsets[e + 1] - a.offsets[e], M1 = round_up(Me, 4), Mp = round_up(Me, kFp8Block);
+      bytes.insert(bytes.end(), {want_dx ? size_t((Np / kFp8Block) * M1) * 4 : 0,
+                                 want_dx ? size_t(ceil_div(K, kFp8Block) * ld4) * 4 : 0,
+                                 size_t((Mp / kFp8Block) * N) * 4, size_t((Mp / kFp8Block) * K) * 4,
+                                 want_dx ? size_t(M1 * Np) : 0, want_dx ? size_t(K * Np) : 0, size_t(N * Mp),
+                                 size_t(K * Mp), want_dx && M1 != Me ? size_t(M1 * K) * 4 : 0});
+    }
+    const Carve buf(bytes);
+    std::vector<BackwardPrep> ps(n);
+    for (size_t i = 0; i < n; ++i) {
+      const size_t e = blocks[i], b = kPieces * i;
+      const int64_t r0 = a.offsets[e], Me = a.offsets[e + 1] - r0;
+      BackwardPrep& q = ps[i];
+      q.pow2 = p.pow2_scale;
+      q.M = Me;
+      q.N = N;
+      q.K = K;
+      q.dy = dy.data<float>() + r0 * N;
+      if (want_dx) {
+        q.q1 = buf.at<uint8_t>(b + 4);
+        q.ld1 = Np;
+        q.M1 = round_up(Me, 4);
+        q.s1_lt = buf.at<float>(b);
+        q.w = weight_side(a.w[e], a.w_scale_inv.empty() ? Tensor() : a.w_scale_inv[e], true, Np,
+                          buf.at<uint8_t>(b + 5), buf.at<float>(b + 1));
+      }
+      q.q2 = buf.at<uint8_t>(b + 6);
+      q.ld2 = round_up(Me, kFp8Block);
+      q.s2_lt = buf.at<float>(b + 2);
+      q.xs_q = xq + r0 * K;
+      q.xs_scale = xs + r0 * kbx;
+      q.q3 = buf.at<uint8_t>(b + 7);
+      q.s3_lt = buf.at<float>(b + 3);
+    }
+    fp8_backward_prep_group(ps);
+    PaddedAdd pad;
+    {
+      LaneScope lanes(be, n > 1);
+      for (size_t i = 0; i < n; ++i) {
+        lanes(int64_t(i));
+        const BackwardPrep& q = ps[i];
+        fp8_gemm_lt(q.q2, q.s2_lt, N, q.q3, q.s3_lt, false, K, q.ld2, ptr<float>(a.dw[blocks[i]]), true);
+        if (!want_dx) continue;
+        float* out = ptr<float>(a.dx) + a.offsets[blocks[i]] * K;
+        float* scratch = buf.at<float>(kPieces * i + 8);
+        if (q.M1 != q.M) pad.add(scratch, out, q.M * K);
+        fp8_gemm_lt(q.q1, q.s1_lt, q.M1, q.w.q, q.w.scale_lt, true, K, Np, q.M1 != q.M ? scratch : out,
+                    q.M1 == q.M && a.accumulate_dx);
+      }
+    }
+    pad.run(a.accumulate_dx);
+  });
+  return true;
+}
 
 Fp8Tiles cuda_fp8_tiles(const Tensor& x, bool pow2_scale) {
   Q t = quant(mat(x), Fp8Tiling::Row1x128, false, pow2_scale);

@@ -12,6 +12,8 @@
 // whose operand scales is NaN writes an all-NaN output, as the CPU does; Fp8Tiles::nonfinite stays 0
 // on the GPU (the scale grid carries it).
 #pragma once
+#include <span>
+
 #include "backend/fp8.h"
 
 namespace dsv3 {
@@ -19,6 +21,11 @@ namespace dsv3 {
 void cuda_linear_lowp(const LinearPrecision& prec, const LinearArgs& a, Fp8Tiles* x_fp8);
 void cuda_linear_backward_lowp(const LinearPrecision& prec, const LinearBackwardArgs& a, const Fp8Tiles* x_fp8,
                                const Fp8Tiles* dy_copy);
+// linear_lowp_grouped / linear_backward_lowp_grouped on CUDA tensors in Fp8 mode with x's FP8 copy
+// given, when every block fits the direct path: false (nothing done) otherwise.
+bool cuda_linear_lowp_grouped(const LinearPrecision& prec, const GroupedLinearArgs& a, const Fp8Tiles& x_copy);
+bool cuda_linear_backward_lowp_grouped(const LinearPrecision& prec, const GroupedLinearBackwardArgs& a,
+                                       const Fp8Tiles& x_copy);
 Fp8Tiles cuda_fp8_tiles(const Tensor& x, bool pow2_scale);
 Tensor cuda_dequantize(const Fp8Tiles& t);
 
@@ -100,6 +107,13 @@ struct BackwardPrep {
   WeightSide w;
 };
 void fp8_backward_prep(const BackwardPrep& p);
+
+// Several preparations in one launch (the MoE's experts, a few MB each: alone, a launch's fixed
+// cost and its code fetched cold on every SM outweighed its work), kPrepGroup per launch; each keeps
+// its own NaN propagation, and the bytes and scales are those of its own launch.
+constexpr int kPrepGroup = 32;
+void fp8_fprop_prep_group(std::span<const FpropPrep> p);
+void fp8_backward_prep_group(std::span<const BackwardPrep> p);
 
 // c[M, N] (+)= a·bᵀ on cuBLASLt's block-scaled FP8 matmul with operands already in its layouts:
 // a [M, K] E4M3 with VEC128 scales [K/128, M]; b [N, K] with BLK128x128 scales [⌈N/128⌉, ld4] or

@@ -8,6 +8,7 @@
 // fp8_backward_prep, linear_lowp.h) runs these tiles as roles of one launch per pass.
 #include <algorithm>
 #include <cfloat>
+#include <climits>
 #include <map>
 #include <mutex>
 
@@ -298,6 +299,19 @@ __global__ void transpose_kernel(const float* x, int64_t R, int64_t C, float* y)
 // The linear layer's GEMM preparation (linear_lowp.h): one launch per pass whose CTAs take roles by
 // their index, every operand written in cuBLASLt's layout.
 
+// Preparations of one grouped launch: the CTAs [start[i], start[i + 1]) run p[i], split between its
+// roles as a[i] / b[i] (Fprop: weight tiles / token CTAs; backward: dy / x̂ CTAs, the rest weight
+// tiles). Passed as a __grid_constant__ parameter (~8 KB for 32 backward preparations).
+template <class P>
+struct PrepGroup {
+  int n = 0;
+  int64_t start[kPrepGroup + 1] = {};
+  int64_t a[kPrepGroup] = {}, b[kPrepGroup] = {};
+  P p[kPrepGroup];
+};
+using FpropGroup = PrepGroup<FpropPrep>;
+using BackwardGroup = PrepGroup<BackwardPrep>;
+
 // NaN propagation: each role or-s a bit into its stream's g_nan slot when its tiles hold non-finite
 // values; the last CTA of the launch to finish (an arrival count) sees every bit, writes NaN over
 // whole scale arrays of the GEMMs those operands feed (then every output of such a GEMM is NaN, as on
@@ -308,15 +322,19 @@ struct NanSync {
 };
 constexpr int kNanSlots = 16;
 __device__ NanSync g_nan[kNanSlots];  // zero at load; every launch leaves its slot zero
+// Grouped launches (fp8_*_prep_group): one sync per preparation of the group, per stream slot.
+__device__ NanSync g_nan_group[kNanSlots][kPrepGroup];
 
 constexpr unsigned kBadX = 1, kBadW = 2, kBadDy = 4;
 
-__device__ void nan_end(NanSync& sync, float* p0, int64_t n0, unsigned m0, float* p1, int64_t n1, unsigned m1) {
+// ctas: the CTAs that arrive at sync (the launch's, or one grouped preparation's).
+__device__ void nan_end(NanSync& sync, unsigned ctas, float* p0, int64_t n0, unsigned m0, float* p1, int64_t n1,
+                        unsigned m1) {
   __shared__ bool last;
   __syncthreads();  // the CTA's writes happen before thread 0's fence (cumulative) and arrival
   if (threadIdx.x == 0) {
     __threadfence();
-    last = atomicAdd(&sync.count, 1u) == gridDim.x - 1;
+    last = atomicAdd(&sync.count, 1u) == ctas - 1;
   }
   __syncthreads();
   if (!last) return;
@@ -491,13 +509,14 @@ __device__ unsigned rows_row(const float* x, int64_t M, int64_t M_lt, int64_t K,
 // M_lt rows (M rounded up to cuBLASLt's 4, the padding rows code 0 and scale 1): x's rows, a warp per
 // row (the cache and the VEC128 scales at once), or the cached scales rewritten into VEC128 layout,
 // 256 rows per CTA, and, when the cache lacks the padding rows, its codes copied into q_lt.
-__global__ void __launch_bounds__(256, 1) fprop_prep_kernel(FpropPrep p, int64_t w_tiles, int64_t n_tok, int slot) {
-  __shared__ WeightSmem sm;
+// CTA `cta` of the w_tiles + n_tok that run p, ctas of them arriving at sync.
+__device__ void fprop_prep_cta(WeightSmem& sm, const FpropPrep& p, int64_t cta, int64_t w_tiles, int64_t n_tok,
+                               NanSync& sync, unsigned ctas) {
   const int64_t kb = p.w.K / kFp8Block;
   unsigned bad = 0;
-  const int64_t b = int64_t(blockIdx.x) - w_tiles;
+  const int64_t b = cta - w_tiles;
   if (b < 0) {
-    bad = weight_tile(sm, blockIdx.x, p.w, p.pow2) ? kBadW : 0;
+    bad = weight_tile(sm, cta, p.w, p.pow2) ? kBadW : 0;
   } else if (p.x) {
     for (int64_t r = b * 8 + (threadIdx.x >> 5); r < p.M_lt; r += n_tok * 8)
       if (rows_row(p.x, p.M, p.M_lt, p.w.K, r, p.pow2, p.q_lt, p.x_scale, p.x_scale_lt)) bad = kBadX;
@@ -514,8 +533,28 @@ __global__ void __launch_bounds__(256, 1) fprop_prep_kernel(FpropPrep p, int64_t
         reinterpret_cast<uint4*>(p.q_lt)[i] = i < n ? reinterpret_cast<const uint4*>(p.xq)[i] : make_uint4(0, 0, 0, 0);
     }
   }
-  if (bad) atomicOr(&g_nan[slot].flag, bad);
-  nan_end(g_nan[slot], p.w.scale_lt, ((p.w.N + kFp8Block - 1) / kFp8Block) * p.w.ld4, kBadX | kBadW, nullptr, 0, 0);
+  if (bad) atomicOr(&sync.flag, bad);
+  nan_end(sync, ctas, p.w.scale_lt, ((p.w.N + kFp8Block - 1) / kFp8Block) * p.w.ld4, kBadX | kBadW, nullptr, 0, 0);
+}
+
+__global__ void __launch_bounds__(256, 1) fprop_prep_kernel(FpropPrep p, int64_t w_tiles, int64_t n_tok, int slot) {
+  __shared__ WeightSmem sm;
+  fprop_prep_cta(sm, p, blockIdx.x, w_tiles, n_tok, g_nan[slot], gridDim.x);
+}
+
+// The preparation of CTA blockIdx.x in a group: the last whose first CTA is at or before it.
+__device__ int group_entry(const int64_t* start, int n) {
+  int e = 0;
+  while (e + 1 < n && start[e + 1] <= int64_t(blockIdx.x)) ++e;
+  return e;
+}
+
+__global__ void __launch_bounds__(256, 1) fprop_prep_group_kernel(const __grid_constant__ FpropGroup g, int slot) {
+  __shared__ WeightSmem sm;
+  const int e = group_entry(g.start, g.n);
+  const FpropPrep p = g.p[e];
+  fprop_prep_cta(sm, p, int64_t(blockIdx.x) - g.start[e], g.a[e], g.b[e], g_nan_group[slot][e],
+                 unsigned(g.start[e + 1] - g.start[e]));
 }
 
 // dy [M, N], one CTA per 128×128 block (g, rb), staged in shared memory: for Dgrad each warp
@@ -624,12 +663,11 @@ union BackwardSmem {
 
 // Backward: CTAs [0, n_dy) dy's 128×128 blocks, then (Wgrad) x̂'s 128-row × 32-column blocks, then
 // (Dgrad) Wᵀ's tiles.
-__global__ void __launch_bounds__(256, 1) backward_prep_kernel(BackwardPrep p, int64_t n_dy, int64_t n_x, int slot) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  BackwardSmem& sm = *reinterpret_cast<BackwardSmem*>(smem_raw);
+__device__ void backward_prep_cta(BackwardSmem& sm, const BackwardPrep& p, int64_t cta, int64_t n_dy, int64_t n_x,
+                                  NanSync& sync, unsigned ctas) {
   const int64_t kbn = (p.N + kFp8Block - 1) / kFp8Block, rbs = (p.M + kFp8Block - 1) / kFp8Block;
   unsigned bad = 0;
-  int64_t b = blockIdx.x;
+  int64_t b = cta;
   if (b < n_dy) {
     for (int64_t t = b; t < kbn * rbs; t += n_dy)
       if (dy_tile(sm.dy, t % kbn, t / kbn, p)) bad = kBadDy;
@@ -641,9 +679,23 @@ __global__ void __launch_bounds__(256, 1) backward_prep_kernel(BackwardPrep p, i
   } else {
     bad = weight_tile(sm.w, b - n_x, p.w, p.pow2) ? kBadW : 0;
   }
-  if (bad) atomicOr(&g_nan[slot].flag, bad);
-  nan_end(g_nan[slot], p.q2 ? p.s3_lt : nullptr, rbs * p.K, kBadDy | kBadX, p.q1 ? p.w.scale_lt : nullptr,
+  if (bad) atomicOr(&sync.flag, bad);
+  nan_end(sync, ctas, p.q2 ? p.s3_lt : nullptr, rbs * p.K, kBadDy | kBadX, p.q1 ? p.w.scale_lt : nullptr,
           ((p.K + kFp8Block - 1) / kFp8Block) * p.w.ld4, kBadDy | kBadW);
+}
+
+__global__ void __launch_bounds__(256, 1) backward_prep_kernel(BackwardPrep p, int64_t n_dy, int64_t n_x, int slot) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  backward_prep_cta(*reinterpret_cast<BackwardSmem*>(smem_raw), p, blockIdx.x, n_dy, n_x, g_nan[slot], gridDim.x);
+}
+
+__global__ void __launch_bounds__(256, 1) backward_prep_group_kernel(const __grid_constant__ BackwardGroup g,
+                                                                      int slot) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int e = group_entry(g.start, g.n);
+  const BackwardPrep p = g.p[e];
+  backward_prep_cta(*reinterpret_cast<BackwardSmem*>(smem_raw), p, int64_t(blockIdx.x) - g.start[e], g.a[e], g.b[e],
+                    g_nan_group[slot][e], unsigned(g.start[e + 1] - g.start[e]));
 }
 
 // The g_nan slot of a stream: the legacy stream's is 0, other streams get the next free one.
@@ -714,44 +766,105 @@ void cuda_requantize_cols_t(const Fp8Tiles& src, bool pow2_scale, const Tensor& 
 
 namespace cuda {
 
-void fp8_fprop_prep(FpropPrep p) {
+namespace {
+
+// One preparation's CTAs by role (a, b as PrepGroup's; total 0: nothing to do), after its checks.
+struct Split {
+  int64_t a = 0, b = 0, total = 0;
+};
+
+Split fprop_split(const FpropPrep& p) {
   const WeightSide& w = p.w;
   DSV3_CHECK(w.K % kFp8Block == 0 && !w.transpose && w.ldq == w.K && w.ld4 >= w.K / kFp8Block,
              "fp8_fprop_prep: the weight side does not fit [", w.N, ", ", w.K, "]");
   DSV3_CHECK(p.M_lt >= p.M && p.M_lt < p.M + 4 && (p.x ? p.q_lt == p.xq : p.q_lt == p.xq || p.M_lt > p.M),
              "fp8_fprop_prep: token rows ", p.M, " / ", p.M_lt);
-  if (p.M == 0) return;
+  if (p.M == 0) return {};
   DSV3_CHECK(!p.x || rows_vec(p.x, w.K, p.xq), "fp8_fprop_prep: x must be 16-byte aligned");
   const int64_t w_tiles = ((w.N + kFp8Block - 1) / kFp8Block) * (w.K / kFp8Block);
   // Few CTAs, looping: every CTA of the launch takes one turn at the arrival counter (nan_end).
   const int64_t rel = (p.M_lt + 255) / 256, copy = p.q_lt != p.xq ? (p.M_lt * w.K / 16 + 255) / 256 : 0;
   const int64_t n_tok = std::min<int64_t>(p.x ? (p.M_lt + 7) / 8 : std::max(rel, copy), 4 * sm_count());
-  fprop_prep_kernel<<<unsigned(w_tiles + n_tok), 256, 0, stream()>>>(p, w_tiles, n_tok, nan_slot(stream()));
-  check_launch("fp8 Fprop preparation");
+  return {w_tiles, n_tok, w_tiles + n_tok};
 }
 
-void fp8_backward_prep(const BackwardPrep& p) {
+Split backward_split(const BackwardPrep& p) {
   const int64_t kbn = (p.N + kFp8Block - 1) / kFp8Block, rbs = (p.M + kFp8Block - 1) / kFp8Block;
   DSV3_CHECK((!p.q1 || (p.ld1 == kbn * kFp8Block && p.M1 >= p.M && p.M1 <= rbs * kFp8Block && p.w.transpose &&
                         p.w.N == p.N && p.w.K == p.K && p.w.ldq == p.ld1)) &&
                  (!p.q2 || (p.ld2 >= p.M && p.ld2 <= rbs * kFp8Block && p.q3)) &&
                  (reinterpret_cast<uintptr_t>(p.q1) & 3u) == 0,  // dy_tile stores q1's codes 4 at a time
              "fp8_backward_prep: operands do not fit dy [", p.M, ", ", p.N, "] and K ", p.K);
-  if (p.M * p.N == 0 || (!p.q1 && !p.q2)) return;
-  static const bool attr = [] {
-    DSV3_CUDA_CHECK(cudaFuncSetAttribute(backward_prep_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         int(sizeof(BackwardSmem))));
-    return true;
-  }();
-  (void)attr;
+  if (p.M * p.N == 0 || (!p.q1 && !p.q2)) return {};
   // Few CTAs, looping (two fit an SM by registers): every CTA takes one turn at the arrival counter
   // (nan_end).
   const int64_t n_dy = std::min<int64_t>(kbn * rbs, 3 * sm_count());
   const int64_t n_x = p.q2 ? std::min<int64_t>(((p.K + 31) / 32) * rbs, 3 * sm_count()) : 0;
   const int64_t n_w = p.q1 ? ((p.N + kFp8Block - 1) / kFp8Block) * ((p.K + kFp8Block - 1) / kFp8Block) : 0;
-  backward_prep_kernel<<<unsigned(n_dy + n_x + n_w), 256, sizeof(BackwardSmem), stream()>>>(p, n_dy, n_x,
-                                                                                           nan_slot(stream()));
+  return {n_dy, n_x, n_dy + n_x + n_w};
+}
+
+void backward_smem_attr() {
+  static const bool attr = [] {
+    for (const void* k : {reinterpret_cast<const void*>(backward_prep_kernel),
+                          reinterpret_cast<const void*>(backward_prep_group_kernel)})
+      DSV3_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(BackwardSmem))));
+    return true;
+  }();
+  (void)attr;
+}
+
+// The grouped launches, kPrepGroup preparations at a time (those with nothing to do left out).
+template <class P, class SplitFn, class Launch>
+void launch_groups(std::span<const P> ps, SplitFn split, Launch launch) {
+  for (size_t i0 = 0; i0 < ps.size(); i0 += kPrepGroup) {
+    PrepGroup<P> g;
+    for (size_t i = i0; i < std::min(ps.size(), i0 + kPrepGroup); ++i) {
+      const Split s = split(ps[i]);
+      if (s.total == 0) continue;
+      g.a[g.n] = s.a;
+      g.b[g.n] = s.b;
+      g.p[g.n] = ps[i];
+      g.start[g.n + 1] = g.start[g.n] + s.total;
+      ++g.n;
+    }
+    if (g.n == 0) continue;
+    DSV3_CHECK(g.start[g.n] <= INT32_MAX, "FP8 grouped preparation: ", g.start[g.n], " CTAs");
+    launch(g);
+  }
+}
+
+}  // namespace
+
+void fp8_fprop_prep(FpropPrep p) {
+  const Split s = fprop_split(p);
+  if (s.total == 0) return;
+  fprop_prep_kernel<<<unsigned(s.total), 256, 0, stream()>>>(p, s.a, s.b, nan_slot(stream()));
+  check_launch("fp8 Fprop preparation");
+}
+
+void fp8_fprop_prep_group(std::span<const FpropPrep> ps) {
+  launch_groups(ps, fprop_split, [](const FpropGroup& g) {
+    fprop_prep_group_kernel<<<unsigned(g.start[g.n]), 256, 0, stream()>>>(g, nan_slot(stream()));
+    check_launch("fp8 grouped Fprop preparation");
+  });
+}
+
+void fp8_backward_prep(const BackwardPrep& p) {
+  const Split s = backward_split(p);
+  if (s.total == 0) return;
+  backward_smem_attr();
+  backward_prep_kernel<<<unsigned(s.total), 256, sizeof(BackwardSmem), stream()>>>(p, s.a, s.b, nan_slot(stream()));
   check_launch("fp8 backward preparation");
+}
+
+void fp8_backward_prep_group(std::span<const BackwardPrep> ps) {
+  backward_smem_attr();
+  launch_groups(ps, backward_split, [](const BackwardGroup& g) {
+    backward_prep_group_kernel<<<unsigned(g.start[g.n]), 256, sizeof(BackwardSmem), stream()>>>(g,
+                                                                                                nan_slot(stream()));
+    check_launch("fp8 grouped backward preparation");
+  });
 }
 
 }  // namespace cuda

@@ -1,0 +1,168 @@
+// linear_lowp_grouped / linear_backward_lowp_grouped (backend/fp8.h) on CUDA tensors in Fp8 mode —
+// the MoE's experts: every block's GEMM preparation in grouped launches of up to 32, the matmuls on
+// the lane streams, a block whose row count is no multiple of 4 reading the next block's FP8 rows as
+// its padding, and the padded rows added into the output in one launch — against one linear_lowp /
+// linear_backward_lowp per block on the same GPU operands: the same bits (any NaN equal to any
+// NaN), and no byte written outside y, dx or a weight gradient (guard bytes). The per-block path is
+// checked against the CPU in cuda_lowp_test.cpp. Blocks: more than one launch's 32, empty ones,
+// every residue mod 4, a first block that pads into its neighbour and a last one that pads past x
+// (its codes copied); BF16, F32 and FP8 (with scale_inv) weights, accumulate on and off, power-of-two
+// scales, no dx; an Inf in one block (that block's outputs NaN, the others untouched); and a K that
+// is no multiple of 128 (the per-block fallback).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "../backend/harness.h"
+#include "backend/cuda/cuda_backend.h"
+#include "backend/fp8.h"
+
+namespace dsv3::test {
+namespace {
+
+struct Case {
+  int64_t K = 256, N = 128;
+  DType wtype = DType::BF16;
+  bool accumulate = false, pow2 = false, dx = true;
+  int64_t bad_row = -1;  // x[bad_row, 1] = +Inf
+};
+
+// 40 blocks: 5 first (pads into block 1), empty ones, 1..3 rows, 130 (two token tiles), 203 last
+// (pads past x).
+std::vector<int64_t> block_rows() {
+  std::vector<int64_t> r = {5, 0, 130, 1, 2, 3, 64, 0};
+  for (int64_t e = 0; r.size() < 39; ++e) r.push_back((e * 37 + 11) % 97);
+  r.push_back(203);
+  return r;
+}
+
+struct Outs {
+  Tensor y, dx;
+  std::vector<Tensor> dw;
+  std::string damaged;
+};
+
+Outs run(const Case& c, bool grouped) {
+  CudaBackend& be = cuda_backend();
+  const std::vector<int64_t> rows = block_rows();
+  std::vector<int64_t> off = {0};
+  for (int64_t r : rows) off.push_back(off.back() + r);
+  const int64_t M = off.back(), E = int64_t(rows.size());
+  std::vector<Tensor> w, s, dw;
+  Guards g(be);
+  for (int64_t e = 0; e < E; ++e) {
+    const Tensor wf = randn({c.N, c.K}, 70 + uint64_t(e), 1, 0.05f);
+    if (c.wtype == DType::F8_E4M3) {
+      Tensor q = Tensor::empty(DType::F8_E4M3, {c.N, c.K});
+      Tensor sc = Tensor::empty(DType::F32, {(c.N + 127) / 128, (c.K + 127) / 128});
+      quantize_fp8({wf, Fp8Tiling::Block128x128, false, false, q, sc});
+      w.push_back(be.to_device(q));
+      s.push_back(be.to_device(sc));
+    } else {
+      w.push_back(be.to_device(wf.to(c.wtype)));
+    }
+    dw.push_back(g.init(randn({c.N, c.K}, 70 + uint64_t(e), 2, 0.1f)));
+  }
+  Tensor xh = randn({M, c.K}, 71, 1);
+  if (c.bad_row >= 0) xh.data<float>()[c.bad_row * c.K + 1] = std::numeric_limits<float>::infinity();
+  const Tensor x = be.to_device(xh), dy = be.to_device(randn({M, c.N}, 71, 2));
+  const Tensor y = g.init(randn({M, c.N}, 71, 3)), dx = c.dx ? g.init(randn({M, c.K}, 71, 4)) : Tensor();
+  LinearPrecision p;
+  p.mode = LinearPrecisionMode::Fp8;
+  p.pow2_scale = c.pow2;
+  const Fp8Tiles copy = fp8_tiles(x, c.pow2, "x");
+  if (grouped) {
+    linear_lowp_grouped(p, {x, w, s, off, y, c.accumulate}, copy);
+    GroupedLinearBackwardArgs b;
+    b.x = x;
+    b.dy = dy;
+    b.w = w;
+    b.w_scale_inv = s;
+    b.dw = dw;
+    b.offsets = off;
+    b.dx = dx;
+    b.accumulate_dx = c.accumulate;
+    linear_backward_lowp_grouped(p, b, copy);
+  } else {
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t r0 = off[size_t(e)], r1 = off[size_t(e) + 1];
+      if (r0 == r1) continue;
+      Fp8Tiles xe = copy.rows(r0, r1);
+      const Tensor se = s.empty() ? Tensor() : s[size_t(e)];
+      linear_lowp(p, {x.rows(r0, r1), w[size_t(e)], se, y.rows(r0, r1), c.accumulate}, &xe);
+      linear_backward_lowp(p,
+                           {dy.rows(r0, r1), x.rows(r0, r1), w[size_t(e)], se, c.dx ? dx.rows(r0, r1) : Tensor(),
+                            dw[size_t(e)], c.accumulate, true},
+                           &xe);
+    }
+  }
+  Outs o{be.to_host(y), c.dx ? be.to_host(dx) : Tensor(), {}, g.damaged()};
+  for (const Tensor& t : dw) o.dw.push_back(be.to_host(t));
+  return o;
+}
+
+int64_t differing(const Tensor& a, const Tensor& b) {
+  const float* x = a.data<float>();
+  const float* y = b.data<float>();
+  int64_t diff = 0;
+  for (int64_t i = 0; i < a.numel(); ++i)
+    if (!(std::isnan(x[i]) && std::isnan(y[i])) && std::memcmp(&x[i], &y[i], sizeof(float)) != 0) ++diff;
+  return diff;
+}
+
+void check(const Case& c) {
+  SCOPED_TRACE(cat("K ", c.K, " w ", dtype_name(c.wtype), " accumulate ", c.accumulate, " pow2 ", c.pow2, " dx ", c.dx,
+                   " bad row ", c.bad_row));
+  const Outs per_block = run(c, false), grouped = run(c, true);
+  EXPECT_EQ(grouped.damaged, "");
+  EXPECT_EQ(differing(grouped.y, per_block.y), 0) << "y";
+  if (c.dx) {
+    EXPECT_EQ(differing(grouped.dx, per_block.dx), 0) << "dx";
+  }
+  ASSERT_EQ(grouped.dw.size(), per_block.dw.size());
+  for (size_t e = 0; e < grouped.dw.size(); ++e) EXPECT_EQ(differing(grouped.dw[e], per_block.dw[e]), 0) << "dw " << e;
+  if (c.bad_row >= 0) return;
+  for (const Tensor* t : {&grouped.y, &grouped.dx}) {
+    if (t->defined()) {
+      EXPECT_EQ(compare(*t, to_vec(*t)).non_finite, 0);
+    }
+  }
+}
+
+TEST(CudaLowpGrouped, EqualsOneLinearPerBlock) {
+  ASSERT_GT(cuda_device_count(), 0);
+  check({});
+  check({256, 128, DType::F8_E4M3, true, true, false});
+  check({384, 256, DType::F32, true});
+}
+
+// K = 200: the preparation's direct path needs multiples of 128, so the grouped call takes one
+// linear_lowp per block.
+TEST(CudaLowpGrouped, UnalignedShapeFallsBackPerBlock) {
+  ASSERT_GT(cuda_device_count(), 0);
+  check({200, 128, DType::BF16, true});
+}
+
+// An Inf in block 2's rows: its y and dw (and, through dy, nothing else) are NaN; every other
+// block's outputs are finite (each grouped preparation keeps its own NaN flag).
+TEST(CudaLowpGrouped, NonFiniteBlockStaysInItsBlock) {
+  ASSERT_GT(cuda_device_count(), 0);
+  const std::vector<int64_t> rows = block_rows();
+  Case c;
+  c.bad_row = rows[0] + rows[1] + 7;
+  check(c);
+  const Outs o = run(c, true);
+  int64_t r0 = 0;
+  for (size_t e = 0; e < rows.size(); ++e) {
+    int64_t nan = 0;
+    for (int64_t i = r0 * c.N; i < (r0 + rows[e]) * c.N; ++i) nan += std::isnan(o.y.data<float>()[i]) ? 1 : 0;
+    EXPECT_EQ(nan, e == 2 ? rows[e] * c.N : 0) << "block " << e;
+    EXPECT_EQ(compare(o.dw[e], to_vec(o.dw[e])).non_finite, e == 2 ? c.N * c.K : 0) << "dw " << e;
+    r0 += rows[e];
+  }
+}
+
+}  // namespace
+}  // namespace dsv3::test
