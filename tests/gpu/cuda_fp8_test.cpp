@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "../backend/harness.h"
 #include "backend/cuda/cuda_backend.h"
@@ -19,15 +20,12 @@ struct QCase {
   bool pow2, transpose;
 };
 
-TEST(CudaFp8, QuantizeMatchesCpuBytes) {
-  ASSERT_GT(cuda_device_count(), 0);
+// Every tiling with and without transposed output (the transposed 1×128 and the plain 128×1 take
+// the generic kernel, the others their own), power-of-two scales on each: x's codes and scales on
+// the GPU are the CPU's, byte for byte.
+void expect_cpu_bytes(const Tensor& x) {
   CudaBackend& be = cuda_backend();
-  int64_t m = 260, k = 300;  // partial tiles in both directions
-  Tensor x = randn({m, k}, 7, 1, 3.0f);
-  x.data<float>()[5] = 0.0f;
-  for (int64_t j = 256; j < 300; ++j) x.data<float>()[j] = 0.0f;  // an all-zero 1×128 edge tile
-  // Every tiling with and without transposed output (the transposed 1×128 and the plain 128×1 take
-  // the generic kernel, the others their own), power-of-two scales on each.
+  const int64_t m = x.dim(0), k = x.dim(1);
   for (QCase c : {QCase{Fp8Tiling::Row1x128, false, false}, QCase{Fp8Tiling::Row1x128, true, false},
                   QCase{Fp8Tiling::Row1x128, false, true}, QCase{Fp8Tiling::Col128x1, false, true},
                   QCase{Fp8Tiling::Col128x1, false, false}, QCase{Fp8Tiling::Col128x1, true, false},
@@ -47,6 +45,45 @@ TEST(CudaFp8, QuantizeMatchesCpuBytes) {
     EXPECT_EQ(std::memcmp(qh.raw(), q_cpu.raw(), q_cpu.nbytes()), 0) << "FP8 codes differ";
     EXPECT_EQ(std::memcmp(sh.raw(), s_cpu.raw(), s_cpu.nbytes()), 0) << "scales differ";
   }
+}
+
+TEST(CudaFp8, QuantizeMatchesCpuBytes) {
+  ASSERT_GT(cuda_device_count(), 0);
+  int64_t m = 260, k = 300;  // partial tiles in both directions
+  Tensor x = randn({m, k}, 7, 1, 3.0f);
+  x.data<float>()[5] = 0.0f;
+  for (int64_t j = 256; j < 300; ++j) x.data<float>()[j] = 0.0f;  // an all-zero 1×128 edge tile
+  expect_cpu_bytes(x);
+}
+
+// The GPU divides by a tile's scale through its reciprocal and one exact correction (quantize.cu,
+// ScaleDiv), the CPU by a division: quotients at and a few ulps around every E4M3 rounding midpoint
+// (ties go to even, so an ulp decides the code), for scales 2^-100 .. 2^99 in 1×128 rows — beyond
+// the reciprocal's range at both ends, where the GPU divides too — with subnormal values among the
+// smallest. The other tilings see the same values under their own scales.
+TEST(CudaFp8, QuantizeRoundsMidpointsLikeCpu) {
+  ASSERT_GT(cuda_device_count(), 0);
+  std::vector<float> pos;  // E4M3's positive values
+  for (int j = 1; j < 8; ++j) pos.push_back(std::ldexp(float(j), -9));
+  for (int e = -6; e <= 8; ++e)
+    for (int j = 0; j < 8; ++j)
+      if (std::ldexp(1.0f + float(j) / 8.0f, e) <= 448.0f) pos.push_back(std::ldexp(1.0f + float(j) / 8.0f, e));
+  std::vector<float> mids = {std::ldexp(1.0f, -10)};
+  for (size_t i = 0; i + 1 < pos.size(); ++i) mids.push_back((pos[i] + pos[i + 1]) / 2.0f);
+  const int64_t R = 200, K = 128;
+  Tensor x = Tensor::empty(DType::F32, {R, K});
+  for (int64_t r = 0; r < R; ++r) {
+    const float s = std::ldexp(1.0f + float(rng_u64(9, 1, uint64_t(r)) % 1024) / 1024.0f, int(r) - 100);
+    float* row = x.data<float>() + r * K;
+    row[0] = s * 448.0f;  // the tile's amax: its scale is about s
+    for (int64_t j = 1; j < K; ++j) {
+      float v = mids[rng_u64(9, 2, uint64_t(r * K + j)) % mids.size()] * s;
+      const int step = int(j % 5) - 2;
+      for (int t = 0; t < std::abs(step); ++t) v = std::nextafter(v, step > 0 ? INFINITY : 0.0f);
+      row[j] = j % 2 ? -v : v;
+    }
+  }
+  expect_cpu_bytes(x);
 }
 
 TEST(CudaFp8, QuantizeCountsNonFinite) {

@@ -60,15 +60,35 @@ __device__ __forceinline__ float widen_byte(uint32_t word, int j) {
   return widen(__nv_fp8_storage_t((word >> (8 * j)) & 0xffu));
 }
 
-// The code of v in a tile of scale s: the saturated round-to-nearest E4M3 of v/s, the CPU's rule.
-__device__ __forceinline__ uint8_t code_of(float v, float s) {
-  return __nv_cvt_float_to_fp8(v / s, __NV_SATFINITE, __NV_E4M3);
+// v / s for a tile's scale s, rounded as the CPU's FP32 division, in three instructions where the
+// division takes ~15 (it was most of the GEMM preparation's instructions): q = RN(v·r) with
+// r = RN(1/s) is within an ulp of v/s, and one step with the exact remainder v − q·s (an fma) rounds
+// it correctly (Markstein). The remainder is exact while s is not tiny: tiles with s outside
+// [2^-80, 2^100] divide outright. Below that, a quotient under 2^-11 may come out an ulp off (a
+// subnormal remainder), and its code is ±0 either way. Non-finite v: q itself, as the division
+// gives (±Inf saturates, NaN stays NaN). Checked against the division for every finite |v| ≤ 448·s
+// of scales across that range (docs/cuda.md).
+struct ScaleDiv {
+  float s, r;
+  bool fast;
+  __device__ explicit ScaleDiv(float scale)
+      : s(scale), r(1.0f / scale), fast(scale >= 0x1p-80f && scale <= 0x1p100f) {}
+  __device__ __forceinline__ float operator()(float v) const {
+    if (!fast) return v / s;
+    const float q = __fmul_rn(v, r), c = __fmaf_rn(__fmaf_rn(-q, s, v), r, q);
+    return isfinite(c) ? c : q;
+  }
+};
+
+// The code of v in a tile: the saturated round-to-nearest E4M3 of v/s, the CPU's rule.
+__device__ __forceinline__ uint8_t code_of(float v, const ScaleDiv& d) {
+  return __nv_cvt_float_to_fp8(d(v), __NV_SATFINITE, __NV_E4M3);
 }
 // The codes of v[0..3], packed for one 4-byte store (v[0] in the lowest byte).
-__device__ __forceinline__ uint32_t codes4(const float* v, float s) {
+__device__ __forceinline__ uint32_t codes4(const float* v, const ScaleDiv& d) {
   uint32_t b = 0;
 #pragma unroll
-  for (int j = 0; j < 4; ++j) b |= uint32_t(code_of(v[j], s)) << (8 * j);
+  for (int j = 0; j < 4; ++j) b |= uint32_t(code_of(v[j], d)) << (8 * j);
   return b;
 }
 
@@ -103,7 +123,7 @@ __device__ unsigned rows_tile(const float* x, int64_t M, int64_t M_lt, int64_t K
     if (bad && nonfinite) atomicAdd(nonfinite, (unsigned long long)bad);
   }
   uint8_t* qr = q + r * ldq;
-  const uint32_t b = codes4(v, s);
+  const uint32_t b = codes4(v, ScaleDiv(s));
   if (vec && ldq % 4 == 0) {  // q 4-byte aligned (checked with vec)
     if (c < ldq) *reinterpret_cast<uint32_t*>(qr + c) = b;
   } else {
@@ -206,10 +226,10 @@ __device__ unsigned cols_t_tile(ColsSmem& sm, int64_t bx, int64_t rb, int64_t nr
   for (int kk = w; kk < 32; kk += 8) {
     const int64_t k = bx * 32 + kk;
     if (k >= K) break;
-    const float sv = sm.s_col[kk];
+    const ScaleDiv d(sm.s_col[kk]);
     for (int i = lane; i < kFp8Block; i += 32) {
       const int64_t r = r0 + i;  // rows M..ldq hold 0: their code is 0
-      if (r < ldq) q[k * ldq + r] = code_of(sm.t[i][kk], sv);
+      if (r < ldq) q[k * ldq + r] = code_of(sm.t[i][kk], d);
     }
   }
   __syncthreads();  // sm is reused by the caller's next tile
@@ -247,9 +267,10 @@ __global__ void quantize_kernel(const float* x, int64_t M, int64_t K, int64_t th
     else sc[rb * ng + g] = sw;
     if (bad && nonfinite) atomicAdd(nonfinite, bad);
   }
+  const ScaleDiv d(s);
   for (int64_t e = lane; e < n; e += 32) {
     int64_t r = r0 + e / w, k = c0 + e % w;
-    uint8_t v = code_of(x[r * K + k], s);
+    uint8_t v = code_of(x[r * K + k], d);
     if (transpose) q[k * M + r] = v;
     else q[r * K + k] = v;
   }
@@ -276,8 +297,9 @@ __global__ void quantize_block_kernel(const float* x, int64_t M, int64_t K, bool
     sc[rb * ng + g] = bad && nan_mark ? __int_as_float(0x7fc00000) : s;
     if (bad && nonfinite) atomicAdd(nonfinite, bad);
   }
+  const ScaleDiv d(s);
   if (in)
-    for (int64_t r = r0 + rs; r < r1; r += 2) q[r * K + c] = code_of(x[r * K + c], s);
+    for (int64_t r = r0 + rs; r < r1; r += 2) q[r * K + c] = code_of(x[r * K + c], d);
 }
 
 // y[C, R] = x[R, C]ᵀ through 32×32 shared-memory tiles (both sides coalesced).
@@ -438,12 +460,13 @@ __device__ unsigned weight_tile(WeightSmem& sm, int64_t tile, const WeightSide& 
   // The codes, a row of 8 per iteration from a second read of the row (L1): unrolled over the 64
   // values held, this code ran once per SM per launch, so fetching it set the pace (ncu: 58% of
   // the stalls on instruction fetch after the loads were vectorised).
+  const ScaleDiv d(s);
 #pragma unroll 1
   for (int i = 0; i < kTileRows; ++i) {
     const int64_t r = r0 + rs + kTileRowStep * i;
     float u[kTileCols];
     load_row8(p, vec, r, c, r < r1, si, u);
-    const uint32_t b[2] = {codes4(u, s), codes4(u + 4, s)};
+    const uint32_t b[2] = {codes4(u, d), codes4(u + 4, d)};
     if (p.transpose) {  // rows beyond N hold 0: code 0 (Dgrad's padded reduction)
 #pragma unroll
       for (int j = 0; j < kTileCols; ++j)
@@ -499,7 +522,7 @@ __device__ unsigned rows_row(const float* x, int64_t M, int64_t M_lt, int64_t K,
         if (r < M) sc[r * ng + g] = sw;
         sc_lt[g * M_lt + r] = sw;
       }
-      *reinterpret_cast<uint32_t*>(q + r * K + g * kFp8Block + 4 * lane) = codes4(e, s);
+      *reinterpret_cast<uint32_t*>(q + r * K + g * kFp8Block + 4 * lane) = codes4(e, ScaleDiv(s));
     }
   }
   return bad_row;
@@ -614,7 +637,8 @@ __device__ unsigned dy_tile(DySmem& sm, int64_t g, int64_t rb, const BackwardPre
     any |= bad;
     const float s = scale_of(amax, p.pow2);
     if (lane == 0) p.s1_lt[g * p.M1 + r] = bad ? __int_as_float(0x7fc00000) : s;
-    *reinterpret_cast<uint32_t*>(p.q1 + r * p.ld1 + cl) = codes4(e, s);  // ld1 = N rounded up to 128: in range
+    // ld1 = N rounded up to 128: in range
+    *reinterpret_cast<uint32_t*>(p.q1 + r * p.ld1 + cl) = codes4(e, ScaleDiv(s));
   }
   if (!p.q2) return any;
   __syncthreads();
@@ -645,10 +669,10 @@ __device__ unsigned dy_tile(DySmem& sm, int64_t g, int64_t rb, const BackwardPre
   for (int cc = w; cc < kFp8Block; cc += 8) {
     const int64_t c = c0 + cc;
     if (c >= N) break;
-    const float sv = sm.s_col[cc];
+    const ScaleDiv d(sm.s_col[cc]);
     for (int j = 0; j < 4; ++j) {
       const int i = lane + 32 * j;  // rows M..ld2 hold 0: their code is 0
-      if (r0 + i < p.ld2) p.q2[c * p.ld2 + r0 + i] = code_of(sm.t[i][cc], sv);
+      if (r0 + i < p.ld2) p.q2[c * p.ld2 + r0 + i] = code_of(sm.t[i][cc], d);
     }
   }
   __syncthreads();  // sm is reused by the caller's next block
