@@ -66,8 +66,8 @@ __device__ __forceinline__ float widen_byte(uint32_t word, int j) {
 // it correctly (Markstein). The remainder is exact while s is not tiny: tiles with s outside
 // [2^-80, 2^100] divide outright. Below that, a quotient under 2^-11 may come out an ulp off (a
 // subnormal remainder), and its code is ±0 either way. Non-finite v: q itself, as the division
-// gives (±Inf saturates, NaN stays NaN). Checked against the division for every finite |v| ≤ 448·s
-// of scales across that range (docs/cuda.md).
+// gives (±Inf saturates, NaN stays NaN); the sign is v's (−0 included). Checked against the
+// division for every finite |v| ≤ 448·s of scales across that range (tools/scale_div_check.c).
 struct ScaleDiv {
   float s, r;
   bool fast;
@@ -76,7 +76,7 @@ struct ScaleDiv {
   __device__ __forceinline__ float operator()(float v) const {
     if (!fast) return v / s;
     const float q = __fmul_rn(v, r), c = __fmaf_rn(__fmaf_rn(-q, s, v), r, q);
-    return isfinite(c) ? c : q;
+    return isfinite(c) ? copysignf(c, v) : q;  // −0: the remainder's sum comes out +0
   }
 };
 
@@ -150,15 +150,15 @@ bool rows_vec(const float* x, int64_t K, const uint8_t* q) {
 // shared memory, and written per column (coalesced in the transposed q). The source is x [M, K] F32,
 // or FP8 1×128 tiles (qs, ss: x̂ = e4m3(qs)·ss, the dequantized FP32 value, as dequantize_fp8
 // computes it) so that the forward's FP8 copy is re-quantized without materialising x̂. q is [K, ldq],
-// its columns M..ldq zero (the padding of a GEMM's K); scales [K, nrb], or with lt cuBLASLt's VEC128
-// layout [nrb, K]. Returns (warp 0's lanes) whether the lane's column held non-finite values.
+// its columns M..ldq zero (the padding of a GEMM's K); scales [K, nrb]. Returns (warp 0's lanes)
+// whether the lane's column held non-finite values.
 struct ColsSmem {
   float t[kFp8Block][33];
   float am_w[8][32], s_col[32];
   unsigned bad_w[8][32];
 };
 __device__ unsigned cols_t_tile(ColsSmem& sm, int64_t bx, int64_t rb, int64_t nrb, const float* x, const uint8_t* qs,
-                                const float* ss, int64_t M, int64_t K, int64_t ldq, bool pow2, bool nan_mark, bool lt,
+                                const float* ss, int64_t M, int64_t K, int64_t ldq, bool pow2, bool nan_mark,
                                 uint8_t* q, float* sc, unsigned long long* nonfinite) {
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const int64_t r0 = rb * kFp8Block, c = bx * 32 + lane, kb = (K + kFp8Block - 1) / kFp8Block;
@@ -216,7 +216,7 @@ __device__ unsigned cols_t_tile(ColsSmem& sm, int64_t bx, int64_t rb, int64_t nr
     const float sv = scale_of(a, pow2);
     sm.s_col[lane] = sv;
     if (c < K) {
-      sc[lt ? rb * K + c : c * nrb + rb] = b && nan_mark ? __int_as_float(0x7fc00000) : sv;
+      sc[c * nrb + rb] = b && nan_mark ? __int_as_float(0x7fc00000) : sv;
       if (b && nonfinite) atomicAdd(nonfinite, (unsigned long long)b);
     } else {
       b = 0;
@@ -240,7 +240,7 @@ __global__ void quantize_cols_t_kernel(const float* x, const uint8_t* qs, const 
                                        bool pow2, bool nan_mark, uint8_t* q, float* sc,
                                        unsigned long long* nonfinite) {
   __shared__ ColsSmem sm;
-  cols_t_tile(sm, blockIdx.x, blockIdx.y, gridDim.y, x, qs, ss, M, K, M, pow2, nan_mark, false, q, sc, nonfinite);
+  cols_t_tile(sm, blockIdx.x, blockIdx.y, gridDim.y, x, qs, ss, M, K, M, pow2, nan_mark, q, sc, nonfinite);
 }
 
 __global__ void quantize_kernel(const float* x, int64_t M, int64_t K, int64_t th, int64_t tw, bool pow2, bool transpose,
@@ -594,6 +594,51 @@ struct DySmem {
   float am_c[2][kFp8Block], s_col[kFp8Block];
   unsigned bad_c[2][kFp8Block];
 };
+// The 128×1 tiles of the 128 × 128 block in sm (rows r0.., columns c0.. of a [rows, n] matrix),
+// transposed: codes q [n, ld] (rows beyond the matrix hold 0: code 0), VEC128 scales s_lt
+// [⌈rows/128⌉, n]. Returns (threads below 128) whether the thread's column held non-finite values.
+__device__ unsigned cols_pass(DySmem& sm, int64_t r0, int64_t c0, int64_t n, int64_t ld, bool pow2, uint8_t* q,
+                              float* s_lt) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const int64_t rb = r0 / kFp8Block;
+  unsigned any = 0;
+  {
+    const int col = threadIdx.x & 127, half = threadIdx.x >> 7;
+    float am = 0.0f;
+    unsigned bad = 0;
+    for (int i = half * 64; i < half * 64 + 64; ++i) {
+      const float v = sm.t[i][col];
+      tile_stat(v, am, bad);
+    }
+    sm.am_c[half][col] = am;
+    sm.bad_c[half][col] = bad;
+  }
+  __syncthreads();
+  if (threadIdx.x < kFp8Block) {
+    const int col = threadIdx.x;
+    const int64_t c = c0 + col;
+    const unsigned b = sm.bad_c[0][col] + sm.bad_c[1][col];
+    const float sv = scale_of(fmaxf(sm.am_c[0][col], sm.am_c[1][col]), pow2);
+    sm.s_col[col] = sv;
+    if (c < n) {
+      s_lt[rb * n + c] = b ? __int_as_float(0x7fc00000) : sv;
+      any |= b;
+    }
+  }
+  __syncthreads();
+  for (int cc = w; cc < kFp8Block; cc += 8) {
+    const int64_t c = c0 + cc;
+    if (c >= n) break;
+    const ScaleDiv d(sm.s_col[cc]);
+    for (int j = 0; j < 4; ++j) {
+      const int i = lane + 32 * j;
+      if (r0 + i < ld) q[c * ld + r0 + i] = code_of(sm.t[i][cc], d);
+    }
+  }
+  __syncthreads();  // sm is reused by the caller's next block
+  return any;
+}
+
 __device__ unsigned dy_tile(DySmem& sm, int64_t g, int64_t rb, const BackwardPrep& p) {
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const int64_t M = p.M, N = p.N, r0 = rb * kFp8Block, c0 = g * kFp8Block;
@@ -642,51 +687,48 @@ __device__ unsigned dy_tile(DySmem& sm, int64_t g, int64_t rb, const BackwardPre
   }
   if (!p.q2) return any;
   __syncthreads();
-  {
-    const int col = threadIdx.x & 127, half = threadIdx.x >> 7;
-    float am = 0.0f;
-    unsigned bad = 0;
-    for (int i = half * 64; i < half * 64 + 64; ++i) {
-      const float v = sm.t[i][col];
-      tile_stat(v, am, bad);
-    }
-    sm.am_c[half][col] = am;
-    sm.bad_c[half][col] = bad;
+  return any | cols_pass(sm, r0, c0, N, p.ld2, p.pow2, p.q2, p.s2_lt);
+}
+
+// x̂'s 128×1 tiles for Wgrad, a 128 × 128 block (g, rb) per CTA: the forward's FP8 copy of x
+// (codes xs_q [M, K], K a multiple of 16, the row's scale per 128 columns) widened and scaled into
+// shared memory — 16 codes per 16-byte load, four rows per thread — then cols_pass (q3 [K, ld2],
+// s3_lt [⌈M/128⌉, K]). A 128 × 32 block per CTA (cols_t_tile) moved 4 KB, too little to keep
+// the memory busy at two CTAs per SM. The values are cols_t_tile's: e4m3 · scale in FP32.
+__device__ unsigned xhat_tile(DySmem& sm, int64_t g, int64_t rb, const BackwardPrep& p) {
+  const int64_t M = p.M, K = p.K, r0 = rb * kFp8Block, c0 = g * kFp8Block, kb = (K + kFp8Block - 1) / kFp8Block;
+  const int cq = 16 * (threadIdx.x & 7);
+  const int64_t c = c0 + cq;  // K is a multiple of 16: all 16 columns in range or none
+  uint4 u[4];
+  float sr[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const int64_t r = r0 + (threadIdx.x >> 3) + 32 * k;
+    const bool in = r < M && c < K;
+    u[k] = in ? *reinterpret_cast<const uint4*>(p.xs_q + r * K + c) : make_uint4(0, 0, 0, 0);
+    sr[k] = in ? p.xs_scale[r * kb + g] : 0.0f;
+  }
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const int i = (threadIdx.x >> 3) + 32 * k;
+    const uint32_t w[4] = {u[k].x, u[k].y, u[k].z, u[k].w};
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+      *reinterpret_cast<float4*>(&sm.t[i][cq + 4 * q]) =
+          make_float4(widen_byte(w[q], 0) * sr[k], widen_byte(w[q], 1) * sr[k], widen_byte(w[q], 2) * sr[k],
+                      widen_byte(w[q], 3) * sr[k]);
   }
   __syncthreads();
-  if (threadIdx.x < kFp8Block) {
-    const int col = threadIdx.x;
-    const int64_t c = c0 + col;
-    const unsigned b = sm.bad_c[0][col] + sm.bad_c[1][col];
-    const float sv = scale_of(fmaxf(sm.am_c[0][col], sm.am_c[1][col]), p.pow2);
-    sm.s_col[col] = sv;
-    if (c < N) {
-      p.s2_lt[rb * N + c] = b ? __int_as_float(0x7fc00000) : sv;
-      any |= b;
-    }
-  }
-  __syncthreads();
-  for (int cc = w; cc < kFp8Block; cc += 8) {
-    const int64_t c = c0 + cc;
-    if (c >= N) break;
-    const ScaleDiv d(sm.s_col[cc]);
-    for (int j = 0; j < 4; ++j) {
-      const int i = lane + 32 * j;  // rows M..ld2 hold 0: their code is 0
-      if (r0 + i < p.ld2) p.q2[c * p.ld2 + r0 + i] = code_of(sm.t[i][cc], d);
-    }
-  }
-  __syncthreads();  // sm is reused by the caller's next block
-  return any;
+  return cols_pass(sm, r0, c0, K, p.ld2, p.pow2, p.q3, p.s3_lt);
 }
 
 union BackwardSmem {
   DySmem dy;
-  ColsSmem cols;
   WeightSmem w;
 };
 
-// Backward: CTAs [0, n_dy) dy's 128×128 blocks, then (Wgrad) x̂'s 128-row × 32-column blocks, then
-// (Dgrad) Wᵀ's tiles.
+// Backward: CTAs [0, n_dy) dy's 128×128 blocks, then (Wgrad) x̂'s 128×128 blocks, then (Dgrad) Wᵀ's
+// tiles.
 __device__ void backward_prep_cta(BackwardSmem& sm, const BackwardPrep& p, int64_t cta, int64_t n_dy, int64_t n_x,
                                   NanSync& sync, unsigned ctas) {
   const int64_t kbn = (p.N + kFp8Block - 1) / kFp8Block, rbs = (p.M + kFp8Block - 1) / kFp8Block;
@@ -696,10 +738,8 @@ __device__ void backward_prep_cta(BackwardSmem& sm, const BackwardPrep& p, int64
     for (int64_t t = b; t < kbn * rbs; t += n_dy)
       if (dy_tile(sm.dy, t % kbn, t / kbn, p)) bad = kBadDy;
   } else if ((b -= n_dy) < n_x) {
-    for (int64_t t = b; t < ((p.K + 31) / 32) * rbs; t += n_x)
-      if (cols_t_tile(sm.cols, t / rbs, t % rbs, rbs, nullptr, p.xs_q, p.xs_scale, p.M, p.K, p.ld2, p.pow2, true, true,
-                      p.q3, p.s3_lt, nullptr))
-        bad = kBadX;
+    for (int64_t t = b; t < ((p.K + kFp8Block - 1) / kFp8Block) * rbs; t += n_x)
+      if (xhat_tile(sm.dy, t / rbs, t % rbs, p)) bad = kBadX;
   } else {
     bad = weight_tile(sm.w, b - n_x, p.w, p.pow2) ? kBadW : 0;
   }
@@ -708,12 +748,12 @@ __device__ void backward_prep_cta(BackwardSmem& sm, const BackwardPrep& p, int64
           ((p.K + kFp8Block - 1) / kFp8Block) * p.w.ld4, kBadDy | kBadW);
 }
 
-__global__ void __launch_bounds__(256, 1) backward_prep_kernel(BackwardPrep p, int64_t n_dy, int64_t n_x, int slot) {
+__global__ void __launch_bounds__(256, 3) backward_prep_kernel(BackwardPrep p, int64_t n_dy, int64_t n_x, int slot) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   backward_prep_cta(*reinterpret_cast<BackwardSmem*>(smem_raw), p, blockIdx.x, n_dy, n_x, g_nan[slot], gridDim.x);
 }
 
-__global__ void __launch_bounds__(256, 1) backward_prep_group_kernel(const __grid_constant__ BackwardGroup g,
+__global__ void __launch_bounds__(256, 3) backward_prep_group_kernel(const __grid_constant__ BackwardGroup g,
                                                                       int slot) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int e = group_entry(g.start, g.n);
@@ -816,14 +856,15 @@ Split backward_split(const BackwardPrep& p) {
   const int64_t kbn = (p.N + kFp8Block - 1) / kFp8Block, rbs = (p.M + kFp8Block - 1) / kFp8Block;
   DSV3_CHECK((!p.q1 || (p.ld1 == kbn * kFp8Block && p.M1 >= p.M && p.M1 <= rbs * kFp8Block && p.w.transpose &&
                         p.w.N == p.N && p.w.K == p.K && p.w.ldq == p.ld1)) &&
-                 (!p.q2 || (p.ld2 >= p.M && p.ld2 <= rbs * kFp8Block && p.q3)) &&
+                 (!p.q2 || (p.ld2 >= p.M && p.ld2 <= rbs * kFp8Block && p.q3 && p.K % 16 == 0 &&
+                            (reinterpret_cast<uintptr_t>(p.xs_q) & 15u) == 0)) &&  // xhat_tile's 16-byte loads
                  (reinterpret_cast<uintptr_t>(p.q1) & 3u) == 0,  // dy_tile stores q1's codes 4 at a time
              "fp8_backward_prep: operands do not fit dy [", p.M, ", ", p.N, "] and K ", p.K);
   if (p.M * p.N == 0 || (!p.q1 && !p.q2)) return {};
-  // Few CTAs, looping (two fit an SM by registers): every CTA takes one turn at the arrival counter
-  // (nan_end).
+  // Few CTAs, looping (three fit an SM by the launch bounds): every CTA takes one turn at the
+  // arrival counter (nan_end).
   const int64_t n_dy = std::min<int64_t>(kbn * rbs, 3 * sm_count());
-  const int64_t n_x = p.q2 ? std::min<int64_t>(((p.K + 31) / 32) * rbs, 3 * sm_count()) : 0;
+  const int64_t n_x = p.q2 ? std::min<int64_t>(((p.K + kFp8Block - 1) / kFp8Block) * rbs, 3 * sm_count()) : 0;
   const int64_t n_w = p.q1 ? ((p.N + kFp8Block - 1) / kFp8Block) * ((p.K + kFp8Block - 1) / kFp8Block) : 0;
   return {n_dy, n_x, n_dy + n_x + n_w};
 }

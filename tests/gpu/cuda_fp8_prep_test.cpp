@@ -1,0 +1,221 @@
+// The FP8 GEMM preparation kernels (backend/cuda/linear_lowp.h: fp8_fprop_prep, fp8_backward_prep
+// and their grouped launches) byte for byte against the CPU's quantize_fp8, rearranged into the
+// layouts cuBLASLt reads: every code and every scale, padding included. The layer tests compare
+// GEMM outputs under kBf16, where one wrong code in a 128-element reduction could hide. Shapes with
+// partial 128-blocks everywhere (M 200, 37 and 5 token rows; N 320; K 272 for the backward, whose
+// x̂ blocks then end inside a block), a BF16 weight, power-of-two scales on the second pass.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "../backend/harness.h"
+#include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/linear_lowp.h"
+
+namespace dsv3::test {
+namespace {
+
+int64_t up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+struct Quant {
+  Tensor q, s;  // host
+};
+Quant cpu_quant(const Tensor& x, Fp8Tiling t, bool transpose, bool pow2) {
+  const int64_t R = x.dim(0), C = x.dim(1);
+  const int64_t th = t == Fp8Tiling::Row1x128 ? 1 : 128, tw = t == Fp8Tiling::Col128x1 ? 1 : 128;
+  const int64_t g0 = (R + th - 1) / th, g1 = (C + tw - 1) / tw;
+  Quant o{Tensor::empty(DType::F8_E4M3, transpose ? Shape{C, R} : Shape{R, C}),
+          Tensor::empty(DType::F32, transpose ? Shape{g1, g0} : Shape{g0, g1})};
+  quantize_fp8({x, t, pow2, transpose, o.q, o.s});
+  return o;
+}
+
+// A device tensor's bytes / floats, fetched.
+std::vector<uint8_t> bytes(const Tensor& t) {
+  const Tensor h = cuda_backend().to_host(t);
+  const uint8_t* p = static_cast<const uint8_t*>(h.raw());
+  return {p, p + h.nbytes()};
+}
+std::vector<float> floats(const Tensor& t) {
+  const Tensor h = cuda_backend().to_host(t);
+  return {h.data<float>(), h.data<float>() + h.numel()};
+}
+
+// want[r, c] (codes of a [rows, cols] host tensor, 0 beyond it) against got [R, ld].
+int64_t code_diffs(const std::vector<uint8_t>& got, int64_t R, int64_t ld, const Tensor& want) {
+  int64_t d = 0;
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < ld; ++c) {
+      const bool in = r < want.dim(0) && c < want.dim(1);
+      const uint8_t w = in ? static_cast<const uint8_t*>(want.raw())[r * want.dim(1) + c] : 0;
+      d += got[size_t(r * ld + c)] != w;
+    }
+  return d;
+}
+// got[i, j] (i < gi, j < ld) against f(i, j); bit equality.
+template <class F>
+int64_t scale_diffs(const std::vector<float>& got, int64_t gi, int64_t ld, F f) {
+  int64_t d = 0;
+  for (int64_t i = 0; i < gi; ++i)
+    for (int64_t j = 0; j < ld; ++j) {
+      const float w = f(i, j), g = got[size_t(i * ld + j)];
+      d += std::memcmp(&w, &g, sizeof w) != 0;
+    }
+  return d;
+}
+
+// One backward preparation's device buffers and inputs, with the CPU's expectations.
+struct BackwardCase {
+  int64_t M, N, K;
+  Tensor dy, xq, xs, w;  // host
+  Tensor d_dy, d_xq, d_xs, d_w;
+  Tensor q1, s1, q2, s2, q3, s3, wq, ws;
+  cuda::BackwardPrep p;
+
+  BackwardCase(int64_t m, int64_t n, int64_t k, uint64_t seed, bool pow2) : M(m), N(n), K(k) {
+    CudaBackend& be = cuda_backend();
+    dy = randn({M, N}, seed, 1);
+    const Quant xc = cpu_quant(randn({M, K}, seed, 2, 3.0f), Fp8Tiling::Row1x128, false, pow2);
+    xq = xc.q;
+    xs = xc.s;
+    w = randn({N, K}, seed, 3, 0.05f, DType::BF16);
+    d_dy = be.to_device(dy);
+    d_xq = be.to_device(xq);
+    d_xs = be.to_device(xs);
+    d_w = be.to_device(w);
+    const int64_t Np = up(N, 128), M1 = up(M, 4), Mp = up(M, 128), ld4 = up(Np / 128, 4);
+    q1 = be.alloc(DType::F8_E4M3, {M1, Np});
+    s1 = be.alloc(DType::F32, {Np / 128, M1});
+    q2 = be.alloc(DType::F8_E4M3, {N, Mp});
+    s2 = be.alloc(DType::F32, {Mp / 128, N});
+    q3 = be.alloc(DType::F8_E4M3, {K, Mp});
+    s3 = be.alloc(DType::F32, {Mp / 128, K});
+    wq = be.alloc(DType::F8_E4M3, {K, Np});
+    ws = be.alloc(DType::F32, {up(K, 128) / 128, ld4});
+    p.pow2 = pow2;
+    p.M = M;
+    p.N = N;
+    p.K = K;
+    p.dy = d_dy.data<float>();
+    p.q1 = static_cast<uint8_t*>(q1.raw());
+    p.ld1 = Np;
+    p.M1 = M1;
+    p.s1_lt = s1.data<float>();
+    p.q2 = static_cast<uint8_t*>(q2.raw());
+    p.ld2 = Mp;
+    p.s2_lt = s2.data<float>();
+    p.xs_q = static_cast<const uint8_t*>(d_xq.raw());
+    p.xs_scale = d_xs.data<float>();
+    p.q3 = static_cast<uint8_t*>(q3.raw());
+    p.s3_lt = s3.data<float>();
+    p.w.w = d_w.raw();
+    p.w.wtype = DType::BF16;
+    p.w.N = N;
+    p.w.K = K;
+    p.w.transpose = true;
+    p.w.q = static_cast<uint8_t*>(wq.raw());
+    p.w.ldq = Np;
+    p.w.scale_lt = ws.data<float>();
+    p.w.ld4 = ld4;
+  }
+
+  void check() const {
+    SCOPED_TRACE(cat("M ", M, " N ", N, " K ", K, " pow2 ", p.pow2));
+    const int64_t Np = p.ld1, M1 = p.M1, Mp = p.ld2, ld4 = p.w.ld4;
+    const Quant rows = cpu_quant(dy, Fp8Tiling::Row1x128, false, p.pow2);
+    EXPECT_EQ(code_diffs(bytes(q1), M1, Np, rows.q), 0) << "dy 1x128 codes";
+    const int64_t gn = Np / 128;
+    EXPECT_EQ(scale_diffs(floats(s1), gn, M1,
+                          [&](int64_t g, int64_t r) { return r < M ? rows.s.data<float>()[r * gn + g] : 1.0f; }),
+              0)
+        << "dy 1x128 scales";
+    const Quant cols = cpu_quant(dy, Fp8Tiling::Col128x1, true, p.pow2);  // [N, M], scales [N, Mp/128]
+    EXPECT_EQ(code_diffs(bytes(q2), N, Mp, cols.q), 0) << "dy 128x1 codes";
+    EXPECT_EQ(scale_diffs(floats(s2), Mp / 128, N,
+                          [&](int64_t rb, int64_t c) { return cols.s.data<float>()[c * (Mp / 128) + rb]; }),
+              0)
+        << "dy 128x1 scales";
+    const Quant xh = cpu_quant(dequantize(Fp8Tiles{xq, xs, 0}), Fp8Tiling::Col128x1, true, p.pow2);
+    EXPECT_EQ(code_diffs(bytes(q3), K, Mp, xh.q), 0) << "x-hat codes";
+    EXPECT_EQ(scale_diffs(floats(s3), Mp / 128, K,
+                          [&](int64_t rb, int64_t c) { return xh.s.data<float>()[c * (Mp / 128) + rb]; }),
+              0)
+        << "x-hat scales";
+    const Quant wt = cpu_quant(w.to(DType::F32), Fp8Tiling::Block128x128, true, p.pow2);  // [K, N]
+    EXPECT_EQ(code_diffs(bytes(wq), K, Np, wt.q), 0) << "weight codes";
+    const int64_t gk = up(K, 128) / 128;
+    EXPECT_EQ(scale_diffs(floats(ws), gk, ld4,
+                          [&](int64_t i, int64_t j) { return j < gn ? wt.s.data<float>()[i * gn + j] : 0.0f; }),
+              0)
+        << "weight scales";
+  }
+};
+
+TEST(CudaFp8Prep, BackwardBytesAreTheCpus) {
+  ASSERT_GT(cuda_device_count(), 0);
+  for (bool pow2 : {false, true}) {
+    const BackwardCase c(200, 320, 272, 5, pow2);
+    cuda::fp8_backward_prep(c.p);
+    c.check();
+  }
+}
+
+// Three preparations of different row counts in one grouped launch: each one's bytes as alone.
+TEST(CudaFp8Prep, GroupedBackwardBytesAreTheCpus) {
+  ASSERT_GT(cuda_device_count(), 0);
+  const std::vector<int64_t> rows = {200, 37, 5};
+  std::vector<std::unique_ptr<BackwardCase>> cases;
+  std::vector<cuda::BackwardPrep> ps;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    cases.push_back(std::make_unique<BackwardCase>(rows[i], 320, 272, 11 + i, false));
+    ps.push_back(cases.back()->p);
+  }
+  cuda::fp8_backward_prep_group(ps);
+  for (const auto& c : cases) c->check();
+}
+
+TEST(CudaFp8Prep, FpropBytesAreTheCpus) {
+  ASSERT_GT(cuda_device_count(), 0);
+  CudaBackend& be = cuda_backend();
+  const int64_t M = 37, K = 256, N = 320, M_lt = up(M, 4), kb = K / 128, gn = up(N, 128) / 128, ld4 = up(kb, 4);
+  const Tensor x = randn({M, K}, 8, 1, 2.0f), w = randn({N, K}, 8, 2, 0.05f, DType::BF16);
+  const Tensor dx = be.to_device(x), dw = be.to_device(w);
+  Tensor xq = be.alloc(DType::F8_E4M3, {M_lt, K}), xs = be.alloc(DType::F32, {M, kb});
+  Tensor xs_lt = be.alloc(DType::F32, {kb, M_lt}), wq = be.alloc(DType::F8_E4M3, {N, K});
+  Tensor ws = be.alloc(DType::F32, {gn, ld4});
+  cuda::FpropPrep p;
+  p.M = M;
+  p.M_lt = M_lt;
+  p.x = dx.data<float>();
+  p.xq = p.q_lt = static_cast<uint8_t*>(xq.raw());
+  p.x_scale = xs.data<float>();
+  p.x_scale_lt = xs_lt.data<float>();
+  p.w.w = dw.raw();
+  p.w.wtype = DType::BF16;
+  p.w.N = N;
+  p.w.K = K;
+  p.w.q = static_cast<uint8_t*>(wq.raw());
+  p.w.ldq = K;
+  p.w.scale_lt = ws.data<float>();
+  p.w.ld4 = ld4;
+  cuda::fp8_fprop_prep(p);
+  const Quant rows = cpu_quant(x, Fp8Tiling::Row1x128, false, false);
+  EXPECT_EQ(code_diffs(bytes(xq), M_lt, K, rows.q), 0) << "x codes";
+  EXPECT_EQ(scale_diffs(floats(xs), M, kb, [&](int64_t r, int64_t g) { return rows.s.data<float>()[r * kb + g]; }), 0)
+      << "x scales";
+  EXPECT_EQ(scale_diffs(floats(xs_lt), kb, M_lt,
+                        [&](int64_t g, int64_t r) { return r < M ? rows.s.data<float>()[r * kb + g] : 1.0f; }),
+            0)
+      << "x scales, cuBLASLt's layout";
+  const Quant wb = cpu_quant(w.to(DType::F32), Fp8Tiling::Block128x128, false, false);
+  EXPECT_EQ(code_diffs(bytes(wq), N, K, wb.q), 0) << "weight codes";
+  EXPECT_EQ(scale_diffs(floats(ws), gn, ld4,
+                        [&](int64_t i, int64_t j) { return j < kb ? wb.s.data<float>()[i * kb + j] : 0.0f; }),
+            0)
+      << "weight scales";
+}
+
+}  // namespace
+}  // namespace dsv3::test
