@@ -406,7 +406,8 @@ void backward_direct(const Tensor& dy, const Tensor& w, const Tensor& w_scale_in
 
 // ---------------------------------------------------------------------------------------------
 // The MoE's experts (linear_lowp_grouped): the blocks' preparations in grouped launches, their
-// matmuls on the lanes, and the rows cuBLASLt padded added into the output in one launch.
+// matmuls on the lanes (LaneRuns), and the rows of padded matmuls that could not be written in
+// place added into the output in one launch.
 // A block whose row count is no multiple of 4 reads the rows after it in x's copy as its padding
 // rows (another block's codes: the products of those rows are dropped, and a row of the product
 // depends on its own row of codes only), so the codes are copied only when those rows run past x.
@@ -465,6 +466,32 @@ void each_group(std::span<const int64_t> offsets, F fn) {
     fn(std::span<const size_t>(blocks).subspan(i, std::min<size_t>(kPrepGroup, blocks.size() - i)));
 }
 
+// The lanes of a group's n blocks as contiguous runs (block i on lane i·L/n, L the lane count), so
+// that the padding rows a block's matmul writes past its own rows (cuBLASLt's multiple of 4) land
+// in later blocks of its own lane, whose matmuls then overwrite them in stream order. Only without
+// accumulation (the padding rows' products would be added to those rows), and only up to the last
+// block of the lane: past it the rows go to scratch and are added by PaddedAdd. With lanes off (or
+// while a graph is captured) every block runs in issue order, a case of the same rule.
+class LaneRuns {
+ public:
+  LaneRuns(std::span<const size_t> blocks, std::span<const int64_t> offsets) : lane_(blocks.size()) {
+    const int64_t n = int64_t(blocks.size()), L = std::max(cuda_lanes(), 1);
+    end_.assign(size_t(L), 0);
+    for (int64_t i = 0; i < n; ++i) {
+      lane_[size_t(i)] = i * L / n;
+      end_[size_t(lane_[size_t(i)])] = offsets[blocks[size_t(i)] + 1];
+    }
+  }
+  int64_t lane(size_t i) const { return lane_[i]; }
+  // Whether block i's matmul may write rows up to `end` itself.
+  bool writes(size_t i, int64_t rows, int64_t rows_lt, int64_t r0, bool accumulate) const {
+    return rows_lt == rows || (!accumulate && r0 + rows_lt <= end_[size_t(lane_[i])]);
+  }
+
+ private:
+  std::vector<int64_t> lane_, end_;
+};
+
 }  // namespace
 
 bool cuda_linear_lowp_grouped(const LinearPrecision& p, const GroupedLinearArgs& a, const Fp8Tiles& xc) {
@@ -479,11 +506,14 @@ bool cuda_linear_lowp_grouped(const LinearPrecision& p, const GroupedLinearArgs&
   float* const y = ptr<float>(a.y);
   each_group(a.offsets, [&](std::span<const size_t> blocks) {
     const size_t n = blocks.size();
+    const LaneRuns runs(blocks, a.offsets);
     std::vector<size_t> bytes;
-    for (size_t e : blocks) {
-      const int64_t r0 = a.offsets[e], Me = a.offsets[e + 1] - r0, Mlt = round_up(Me, 4);
+    std::vector<bool> direct(n);
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t r0 = a.offsets[blocks[i]], Me = a.offsets[blocks[i] + 1] - r0, Mlt = round_up(Me, 4);
+      direct[i] = runs.writes(i, Me, Mlt, r0, a.accumulate);
       bytes.insert(bytes.end(), {size_t(ceil_div(N, kFp8Block) * ld4) * 4, size_t(N * K), size_t(kb * Mlt) * 4,
-                                 r0 + Mlt > M ? size_t(Mlt * K) : 0, Mlt != Me ? size_t(Mlt * N) * 4 : 0});
+                                 r0 + Mlt > M ? size_t(Mlt * K) : 0, direct[i] ? 0 : size_t(Mlt * N) * 4});
     }
     const Carve buf(bytes);
     std::vector<FpropPrep> ps(n);
@@ -506,12 +536,12 @@ bool cuda_linear_lowp_grouped(const LinearPrecision& p, const GroupedLinearArgs&
     {
       LaneScope lanes(be, n > 1);
       for (size_t i = 0; i < n; ++i) {
-        lanes(int64_t(i));
+        lanes(runs.lane(i));
         const FpropPrep& q = ps[i];
         float* out = y + a.offsets[blocks[i]] * N;
-        if (q.M_lt != q.M) pad.add(buf.at<float>(5 * i + 4), out, q.M * N);
+        if (!direct[i]) pad.add(buf.at<float>(5 * i + 4), out, q.M * N);
         fp8_gemm_lt(q.q_lt, q.x_scale_lt, q.M_lt, q.w.q, q.w.scale_lt, true, N, K,
-                    q.M_lt != q.M ? buf.at<float>(5 * i + 4) : out, q.M_lt == q.M && a.accumulate);
+                    direct[i] ? out : buf.at<float>(5 * i + 4), direct[i] && a.accumulate);
       }
     }
     pad.run(a.accumulate);
@@ -535,14 +565,18 @@ bool cuda_linear_backward_lowp_grouped(const LinearPrecision& p, const GroupedLi
   each_group(a.offsets, [&](std::span<const size_t> blocks) {
     const size_t n = blocks.size();
     constexpr size_t kPieces = 9;
+    const LaneRuns runs(blocks, a.offsets);
     std::vector<size_t> bytes;
-    for (size_t e : blocks) {
+    std::vector<bool> direct(n);
+    for (size_t i = 0; i < n; ++i) {
+      const size_t e = blocks[i];
       const int64_t Me = a.offsets[e + 1] - a.offsets[e], M1 = round_up(Me, 4), Mp = round_up(Me, kFp8Block);
+      direct[i] = runs.writes(i, Me, M1, a.offsets[e], a.accumulate_dx);
       bytes.insert(bytes.end(), {want_dx ? size_t((Np / kFp8Block) * M1) * 4 : 0,
                                  want_dx ? size_t(ceil_div(K, kFp8Block) * ld4) * 4 : 0,
                                  size_t((Mp / kFp8Block) * N) * 4, size_t((Mp / kFp8Block) * K) * 4,
                                  want_dx ? size_t(M1 * Np) : 0, want_dx ? size_t(K * Np) : 0, size_t(N * Mp),
-                                 size_t(K * Mp), want_dx && M1 != Me ? size_t(M1 * K) * 4 : 0});
+                                 size_t(K * Mp), want_dx && !direct[i] ? size_t(M1 * K) * 4 : 0});
     }
     const Carve buf(bytes);
     std::vector<BackwardPrep> ps(n);
@@ -576,15 +610,15 @@ bool cuda_linear_backward_lowp_grouped(const LinearPrecision& p, const GroupedLi
     {
       LaneScope lanes(be, n > 1);
       for (size_t i = 0; i < n; ++i) {
-        lanes(int64_t(i));
+        lanes(runs.lane(i));
         const BackwardPrep& q = ps[i];
         fp8_gemm_lt(q.q2, q.s2_lt, N, q.q3, q.s3_lt, false, K, q.ld2, ptr<float>(a.dw[blocks[i]]), true);
         if (!want_dx) continue;
         float* out = ptr<float>(a.dx) + a.offsets[blocks[i]] * K;
         float* scratch = buf.at<float>(kPieces * i + 8);
-        if (q.M1 != q.M) pad.add(scratch, out, q.M * K);
-        fp8_gemm_lt(q.q1, q.s1_lt, q.M1, q.w.q, q.w.scale_lt, true, K, Np, q.M1 != q.M ? scratch : out,
-                    q.M1 == q.M && a.accumulate_dx);
+        if (!direct[i]) pad.add(scratch, out, q.M * K);
+        fp8_gemm_lt(q.q1, q.s1_lt, q.M1, q.w.q, q.w.scale_lt, true, K, Np, direct[i] ? out : scratch,
+                    direct[i] && a.accumulate_dx);
       }
     }
     pad.run(a.accumulate_dx);
