@@ -894,12 +894,17 @@ CudaMoeTables cuda_moe_tables(const MoeParams& p) {
 
 Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const CudaMoeTables& t,
                         const Tensor& x, const Tensor* residual, bool small_gemv, CudaNextNorm* next_norm,
-                        const Tensor* router_logits) {
+                        const Tensor* router_logits, const Tensor& into) {
   const int64_t N = x.dim(0), E = t.E, k = d.top_k, H = t.H, I = t.I;
   DSV3_CHECK(x.device() == Device::CUDA && x.dim(1) == H && E == d.n_experts && k <= 32, "cuda_moe_forward: x ",
              x.shape().str());
   DSV3_CHECK(!router_logits || router_logits->numel() == N * E, "cuda_moe_forward: router logits ",
              router_logits ? router_logits->shape().str() : "");
+  for (const Tensor* o : std::initializer_list<const Tensor*>{&into, next_norm ? &next_norm->out : nullptr})
+    DSV3_CHECK(!o || !o->defined() ||
+                   (o->device() == Device::CUDA && o->dtype() == DType::F32 && o->numel() == N * H),
+               "cuda_moe_forward: an output given must be [", N, ", ", H, "] F32 on the GPU, got ",
+               o ? o->shape().str() : "");
   Tensor logits = router_logits ? *router_logits : be.alloc(DType::F32, {N, E});
   if (!router_logits) {
     if (small_gemv && cuda_small_linear_ok(p.gate, x)) {
@@ -936,11 +941,11 @@ Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, con
                 int(I), int(H), ptr<float>(y)};
   t.wt == DType::BF16 ? launch_experts<__nv_bfloat16>(false, N, ed) : launch_experts<float>(false, N, ed);
   check_launch("experts down");
-  Tensor out = be.alloc(DType::F32, {N, H});
+  Tensor out = into.defined() ? into : be.alloc(DType::F32, {N, H});
   const bool late_shared = p.has_shared && !t.shared;
   const bool fold = residual && !late_shared;
   const bool norm_here = next_norm && fold;
-  if (norm_here) next_norm->out = be.alloc(DType::F32, {N, H});
+  if (norm_here && !next_norm->out.defined()) next_norm->out = be.alloc(DType::F32, {N, H});
   DSV3_CHECK(H <= 256 * 32, "cuda_moe_forward: hidden size ", H, " above the combine kernel's 8192 (cuda_moe_supported)");
   auto combine = [&](auto kernel) {
     launch_pdl(kernel, dim3(unsigned(N)), dim3(256), 0, y.data<float>(), static_cast<const int32_t*>(inv),
@@ -971,7 +976,11 @@ Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, con
   }
   if (next_norm && !norm_here) {
     Tensor rstd;
-    next_norm->out = modops::rmsnorm(be, out, next_norm->weight, next_norm->eps, rstd);
+    const Tensor normed = modops::rmsnorm(be, out, next_norm->weight, next_norm->eps, rstd);
+    if (next_norm->out.defined())
+      be.copy(CopyArgs{normed, next_norm->out});
+    else
+      next_norm->out = normed;
   }
   return out;
 }

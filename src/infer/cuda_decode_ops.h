@@ -46,12 +46,14 @@ inline bool cuda_moe_fits(const CudaMoeTables& t, int64_t N, int64_t top_k) {
 struct CudaNextNorm {
   Tensor weight;
   float eps = 0.0f;
-  Tensor out;  // [N, H], allocated by the call
+  Tensor out;  // [N, H]: allocated by the call unless given
 };
-// router_logits: the router's logits for x, already computed (cuda_norm_router).
+// router_logits: the router's logits for x, already computed (cuda_norm_router). into: an [N, H] F32
+// tensor to write the result to (returned), allocated by the call when absent.
 Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const CudaMoeTables& t,
                         const Tensor& x, const Tensor* residual = nullptr, bool small_gemv = false,
-                        CudaNextNorm* next_norm = nullptr, const Tensor* router_logits = nullptr);
+                        CudaNextNorm* next_norm = nullptr, const Tensor* router_logits = nullptr,
+                        const Tensor& into = Tensor());
 
 // h = RMSNorm(x)·norm_w (the backend's rmsnorm, bit for bit) and logits = h·gateᵀ (F32 FMAs) in one
 // launch: the post-attention norm with the MoE router's GEMV. cuda_norm_router_ok: an F32 or BF16

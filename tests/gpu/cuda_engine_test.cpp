@@ -249,10 +249,15 @@ TEST(CudaEngine, GroupedMoeEqualsCpuMoeForward) {
           const Vec moe = to_vec(a.out);
           for (size_t i = 0; i < want.size(); ++i) want[i] += moe[i];
           const Tensor rd = be.to_device(res);
-          const Tensor got = cuda_moe_forward(be, d, pd.layers[layer].moe, t, be.to_device(x), &rd, N <= 8);
+          Guards g(be);  // the output inside guard bytes, NaN-filled: a stray or missed write shows
+          const Tensor out = g.out(DType::F32, {N, d.H});
+          const Tensor got =
+              cuda_moe_forward(be, d, pd.layers[layer].moe, t, be.to_device(x), &rd, N <= 8, nullptr, nullptr, out);
+          EXPECT_EQ(got.raw(), out.raw());
           const Err e = compare(be.to_host(got), want);
           EXPECT_LE(e.norm_err, tol::kF32) << "worst " << e.worst;
           EXPECT_EQ(e.non_finite, 0);
+          EXPECT_EQ(g.damaged(), "");
         }
     }
   }
@@ -284,10 +289,14 @@ TEST(CudaEngine, CombineNextNormEqualsBackendRmsNormBitForBit) {
       const int64_t N = 32;
       const Tensor x = be.to_device(randn({N, hidden}, 10, 0)), res = be.to_device(randn({N, hidden}, 10, 1));
       const Tensor norm_w = be.to_device(randn({hidden}, 10, 2));
+      Guards g(be);  // both outputs inside guard bytes
       CudaNextNorm nn;
       nn.weight = norm_w;
       nn.eps = d.eps;
-      const Tensor fused = be.to_host(cuda_moe_forward(be, d, moe, t, x, &res, false, &nn));
+      nn.out = g.out(DType::F32, {N, hidden});
+      const Tensor fused =
+          be.to_host(cuda_moe_forward(be, d, moe, t, x, &res, false, &nn, nullptr, g.out(DType::F32, {N, hidden})));
+      EXPECT_EQ(g.damaged(), "");
       const Tensor plain_d = cuda_moe_forward(be, d, moe, t, x, &res, false);
       Tensor rstd;
       const Tensor normed = be.to_host(modops::rmsnorm(be, plain_d, norm_w, d.eps, rstd));
