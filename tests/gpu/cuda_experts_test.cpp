@@ -1,5 +1,6 @@
 // experts_forward / experts_backward (model/moe.cpp) on CUDA, where the row blocks' GEMMs go to the
-// backend's lane streams (CudaBackend::begin_lanes): with lanes the outputs, dx and every weight
+// backend's lane streams (CudaBackend::begin_lanes; in fp8 through linear_lowp_grouped, whose
+// preparations for all blocks run in one launch on the issuing stream before the lanes fork): with lanes the outputs, dx and every weight
 // gradient equal those of the same calls with lanes off, bit for bit (the same kernels on the same
 // operands; a race between lanes, or a block reused while a lane still reads it, would change them).
 // In bf16 both also match the CPU's experts_* under kBf16: a chain (gate/up, SwiGLU, down and back)
@@ -7,9 +8,10 @@
 // round to the neighbouring BF16 number. FP8 re-quantizes those values (a neighbouring E4M3 number
 // is up to 2⁻⁴ away), so its chain is compared with the CPU by the trainer tests' losses instead
 // (cuda_lowp_trainer_test.cpp). Blocks of 0, 1 and uneven row counts; F32 master weights (converted
-// in each call, inside the lanes) and BF16 ones. F32 math with BF16 weights (inference's prefill) runs
-// each forward projection of all blocks as one grouped_linear (x split into two BF16 terms, one
-// batched matmul) and opens no lanes: against the CPU under kF32.
+// in each call: inside the lanes in bf16, in the grouped preparation in fp8) and BF16 ones. F32
+// math with BF16 weights (inference's prefill) runs each forward projection of all blocks as one
+// grouped_linear (x split into two BF16 terms, one batched matmul) and opens no lanes: against the
+// CPU under kF32.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -122,7 +124,7 @@ TEST(CudaExperts, Fp8LanesEqualSerial) {
 }
 
 // An Inf in one block's x: on lanes, as serially, that block's outputs are all NaN and every other
-// block stays finite (each lane's FP8 preparation flags its own NaN slot).
+// block stays finite (each block's preparation in the grouped launch keeps its own NaN flag).
 TEST(CudaExperts, Fp8NonFiniteBlockStaysInItsLane) {
   std::vector<int64_t> offsets = {0};
   for (int64_t r : kRows) offsets.push_back(offsets.back() + r);

@@ -3,7 +3,8 @@
 // layouts cuBLASLt reads: every code and every scale, padding included. The layer tests compare
 // GEMM outputs under kBf16, where one wrong code in a 128-element reduction could hide. Shapes with
 // partial 128-blocks everywhere (M 200, 37 and 5 token rows; N 320; K 272 for the backward, whose
-// x̂ blocks then end inside a block), a BF16 weight, power-of-two scales on the second pass.
+// x̂ blocks then end inside a block), a BF16 weight, power-of-two scales on the second pass; the
+// grouped Fprop from a cached copy of x (the MoE's path).
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -215,6 +216,69 @@ TEST(CudaFp8Prep, FpropBytesAreTheCpus) {
                         [&](int64_t i, int64_t j) { return j < kb ? wb.s.data<float>()[i * kb + j] : 0.0f; }),
             0)
       << "weight scales";
+}
+
+// The grouped Fprop from a cached copy of x (the MoE's path: x unset), three blocks of one copy:
+// 37 and 5 rows read the rows after them as cuBLASLt's padding (q_lt is the copy itself), the last
+// (138 rows) would read past the copy, so its codes are copied with zero padding rows. Each one's
+// VEC128 scales (1 for the padding rows), copied codes and weight bytes are the CPU's.
+TEST(CudaFp8Prep, GroupedFpropFromCachedCopyBytesAreTheCpus) {
+  ASSERT_GT(cuda_device_count(), 0);
+  CudaBackend& be = cuda_backend();
+  const int64_t R = 180, K = 256, N = 192, kb = K / 128, gn = up(N, 128) / 128, ld4 = up(kb, 4);
+  const Quant xc = cpu_quant(randn({R, K}, 12, 1, 2.0f), Fp8Tiling::Row1x128, false, false);
+  Tensor xq = be.to_device(xc.q), xs = be.to_device(xc.s);
+  const std::vector<int64_t> r0 = {0, 37, 42}, rows = {37, 5, 138};
+  std::vector<Tensor> w, wq, ws, s_lt, q_lt;
+  std::vector<cuda::FpropPrep> ps;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const int64_t M = rows[i], M_lt = up(M, 4);
+    const bool copy = r0[i] + M_lt > R;
+    w.push_back(randn({N, K}, 12, 2 + i, 0.05f, DType::BF16));
+    wq.push_back(be.alloc(DType::F8_E4M3, {N, K}));
+    ws.push_back(be.alloc(DType::F32, {gn, ld4}));
+    s_lt.push_back(be.alloc(DType::F32, {kb, M_lt}));
+    q_lt.push_back(copy ? be.alloc(DType::F8_E4M3, {M_lt, K}) : Tensor());
+    cuda::FpropPrep p;
+    p.M = M;
+    p.M_lt = M_lt;
+    p.xq = static_cast<uint8_t*>(xq.raw()) + r0[i] * K;
+    p.x_scale = xs.data<float>() + r0[i] * kb;
+    p.q_lt = copy ? static_cast<uint8_t*>(q_lt.back().raw()) : p.xq;
+    p.x_scale_lt = s_lt.back().data<float>();
+    p.w.wtype = DType::BF16;
+    p.w.N = N;
+    p.w.K = K;
+    p.w.q = static_cast<uint8_t*>(wq.back().raw());
+    p.w.ldq = K;
+    p.w.scale_lt = ws.back().data<float>();
+    p.w.ld4 = ld4;
+    ps.push_back(p);
+  }
+  std::vector<Tensor> dw;  // the device weights
+  for (size_t i = 0; i < rows.size(); ++i) {
+    dw.push_back(be.to_device(w[i]));
+    ps[i].w.w = dw.back().raw();
+  }
+  cuda::fp8_fprop_prep_group(ps);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    SCOPED_TRACE(cat("block ", i, ": ", rows[i], " rows"));
+    const int64_t M = rows[i], M_lt = up(M, 4);
+    const float* cs = xc.s.data<float>() + r0[i] * kb;
+    EXPECT_EQ(scale_diffs(floats(s_lt[i]), kb, M_lt,
+                          [&](int64_t g, int64_t r) { return r < M ? cs[r * kb + g] : 1.0f; }),
+              0)
+        << "x scales, cuBLASLt's layout";
+    if (q_lt[i].defined()) {
+      EXPECT_EQ(code_diffs(bytes(q_lt[i]), M_lt, K, xc.q.rows(r0[i], r0[i] + M)), 0) << "copied codes";
+    }
+    const Quant wb = cpu_quant(w[i].to(DType::F32), Fp8Tiling::Block128x128, false, false);
+    EXPECT_EQ(code_diffs(bytes(wq[i]), N, K, wb.q), 0) << "weight codes";
+    EXPECT_EQ(scale_diffs(floats(ws[i]), gn, ld4,
+                          [&](int64_t a, int64_t j) { return j < kb ? wb.s.data<float>()[a * kb + j] : 0.0f; }),
+              0)
+        << "weight scales";
+  }
 }
 
 }  // namespace

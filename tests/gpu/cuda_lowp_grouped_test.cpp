@@ -4,11 +4,12 @@
 // its padding, and the padded rows added into the output in one launch — against one linear_lowp /
 // linear_backward_lowp per block on the same GPU operands: the same bits (any NaN equal to any
 // NaN), and no byte written outside y, dx or a weight gradient (guard bytes). The per-block path is
-// checked against the CPU in cuda_lowp_test.cpp. Blocks: more than one launch's 32, empty ones,
-// every residue mod 4, a first block that pads into its neighbour and a last one that pads past x
-// (its codes copied); BF16, F32 and FP8 (with scale_inv) weights, accumulate on and off, power-of-two
-// scales, no dx; an Inf in one block (that block's outputs NaN, the others untouched); and a K that
-// is no multiple of 128 (the per-block fallback).
+// checked against the CPU in cuda_lowp_test.cpp. On 1, 4 and 8 lanes. Blocks: more than one
+// launch's 32, empty ones, every residue mod 4, a first block that pads into its neighbour and a last
+// one that pads past x (its codes copied); BF16, F32 and FP8 (with scale_inv) weights, accumulate on
+// and off, power-of-two scales, no dx; an Inf or a NaN in a row another block reads as padding (that
+// row's block's outputs NaN, the others untouched); and a K that is no multiple of 128 (the
+// per-block fallback).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -26,7 +27,8 @@ struct Case {
   int64_t K = 256, N = 128;
   DType wtype = DType::BF16;
   bool accumulate = false, pow2 = false, dx = true;
-  int64_t bad_row = -1;  // x[bad_row, 1] = +Inf
+  int64_t bad_row = -1;  // x[bad_row, 1] = bad
+  float bad = std::numeric_limits<float>::infinity();
 };
 
 // 40 blocks: 5 first (pads into block 1), empty ones, 1..3 rows, 130 (two token tiles), 203 last
@@ -66,7 +68,7 @@ Outs run(const Case& c, bool grouped) {
     dw.push_back(g.init(randn({c.N, c.K}, 70 + uint64_t(e), 2, 0.1f)));
   }
   Tensor xh = randn({M, c.K}, 71, 1);
-  if (c.bad_row >= 0) xh.data<float>()[c.bad_row * c.K + 1] = std::numeric_limits<float>::infinity();
+  if (c.bad_row >= 0) xh.data<float>()[c.bad_row * c.K + 1] = c.bad;
   const Tensor x = be.to_device(xh), dy = be.to_device(randn({M, c.N}, 71, 2));
   const Tensor y = g.init(randn({M, c.N}, 71, 3)), dx = c.dx ? g.init(randn({M, c.K}, 71, 4)) : Tensor();
   LinearPrecision p;
@@ -112,10 +114,7 @@ int64_t differing(const Tensor& a, const Tensor& b) {
   return diff;
 }
 
-void check(const Case& c) {
-  SCOPED_TRACE(cat("K ", c.K, " w ", dtype_name(c.wtype), " accumulate ", c.accumulate, " pow2 ", c.pow2, " dx ", c.dx,
-                   " bad row ", c.bad_row));
-  const Outs per_block = run(c, false), grouped = run(c, true);
+void check_against(const Case& c, const Outs& per_block, const Outs& grouped) {
   EXPECT_EQ(grouped.damaged, "");
   EXPECT_EQ(differing(grouped.y, per_block.y), 0) << "y";
   if (c.dx) {
@@ -129,6 +128,20 @@ void check(const Case& c) {
       EXPECT_EQ(compare(*t, to_vec(*t)).non_finite, 0);
     }
   }
+}
+
+// The grouped calls on 1 (off), 4 and 8 lanes against the per-block calls.
+void check(const Case& c) {
+  SCOPED_TRACE(cat("K ", c.K, " w ", dtype_name(c.wtype), " accumulate ", c.accumulate, " pow2 ", c.pow2, " dx ", c.dx,
+                   " bad row ", c.bad_row, " bad ", c.bad));
+  const Outs per_block = run(c, false);
+  const int before = cuda_lanes();
+  for (int lanes : {1, 4, 8}) {
+    SCOPED_TRACE(cat(lanes, " lanes"));
+    cuda_set_lanes(lanes);
+    check_against(c, per_block, run(c, true));
+  }
+  cuda_set_lanes(before);
 }
 
 TEST(CudaLowpGrouped, EqualsOneLinearPerBlock) {
@@ -145,22 +158,27 @@ TEST(CudaLowpGrouped, UnalignedShapeFallsBackPerBlock) {
   check({200, 128, DType::BF16, true});
 }
 
-// An Inf in block 2's rows: its y and dw (and, through dy, nothing else) are NaN; every other
-// block's outputs are finite (each grouped preparation keeps its own NaN flag).
+// An Inf, then a NaN, in block 2's first row — which block 0 (5 rows) reads as one of its padding
+// rows: block 2's y and dw (and, through dy, nothing else) are NaN; every other block's outputs are
+// finite (each grouped preparation keeps its own NaN flag, and a padding row's products are
+// dropped).
 TEST(CudaLowpGrouped, NonFiniteBlockStaysInItsBlock) {
   ASSERT_GT(cuda_device_count(), 0);
   const std::vector<int64_t> rows = block_rows();
-  Case c;
-  c.bad_row = rows[0] + rows[1] + 7;
-  check(c);
-  const Outs o = run(c, true);
-  int64_t r0 = 0;
-  for (size_t e = 0; e < rows.size(); ++e) {
-    int64_t nan = 0;
-    for (int64_t i = r0 * c.N; i < (r0 + rows[e]) * c.N; ++i) nan += std::isnan(o.y.data<float>()[i]) ? 1 : 0;
-    EXPECT_EQ(nan, e == 2 ? rows[e] * c.N : 0) << "block " << e;
-    EXPECT_EQ(compare(o.dw[e], to_vec(o.dw[e])).non_finite, e == 2 ? c.N * c.K : 0) << "dw " << e;
-    r0 += rows[e];
+  for (float bad : {std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN()}) {
+    Case c;
+    c.bad_row = rows[0] + rows[1];
+    c.bad = bad;
+    check(c);
+    const Outs o = run(c, true);
+    int64_t r0 = 0;
+    for (size_t e = 0; e < rows.size(); ++e) {
+      int64_t nan = 0;
+      for (int64_t i = r0 * c.N; i < (r0 + rows[e]) * c.N; ++i) nan += std::isnan(o.y.data<float>()[i]) ? 1 : 0;
+      EXPECT_EQ(nan, e == 2 ? rows[e] * c.N : 0) << "block " << e;
+      EXPECT_EQ(compare(o.dw[e], to_vec(o.dw[e])).non_finite, e == 2 ? c.N * c.K : 0) << "dw " << e;
+      r0 += rows[e];
+    }
   }
 }
 

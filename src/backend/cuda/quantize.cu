@@ -60,14 +60,16 @@ __device__ __forceinline__ float widen_byte(uint32_t word, int j) {
   return widen(__nv_fp8_storage_t((word >> (8 * j)) & 0xffu));
 }
 
-// v / s for a tile's scale s, rounded as the CPU's FP32 division, in three instructions where the
-// division takes ~15 (it was most of the GEMM preparation's instructions): q = RN(v·r) with
-// r = RN(1/s) is within an ulp of v/s, and one step with the exact remainder v − q·s (an fma) rounds
-// it correctly (Markstein). The remainder is exact while s is not tiny: tiles with s outside
-// [2^-80, 2^100] divide outright. Below that, a quotient under 2^-11 may come out an ulp off (a
-// subnormal remainder), and its code is ±0 either way. Non-finite v: q itself, as the division
-// gives (±Inf saturates, NaN stays NaN); the sign is v's (−0 included). Checked against the
-// division for every finite |v| ≤ 448·s of scales across that range (tools/scale_div_check.c).
+// v / s for a tile's scale s, rounded as the CPU's FP32 division, in five instructions where the
+// division takes ~15 (it was most of the GEMM preparation's instructions): q0 = RN(v·r) with
+// r = RN(1/s) may be an ulp or so off, one step with the remainder v − q0·s (an fma) brings it
+// within an ulp, and a second step, whose remainder is then exact, rounds it correctly
+// (Markstein: r within half an ulp of 1/s, q within an ulp of v/s). The remainders stay normal
+// while s is not tiny: tiles with s outside [2^-80, 2^100] divide outright. Below that, a quotient
+// under 2^-11 may come out an ulp off (a subnormal remainder), and its code is ±0 either way.
+// Non-finite v: q0 itself, as the division gives (±Inf saturates, NaN stays NaN); the sign is v's
+// (−0 included). tools/scale_div_check.c compares it with the division for every finite
+// |v| ≤ 448·s of scales across that range.
 struct ScaleDiv {
   float s, r;
   bool fast;
@@ -75,8 +77,9 @@ struct ScaleDiv {
       : s(scale), r(1.0f / scale), fast(scale >= 0x1p-80f && scale <= 0x1p100f) {}
   __device__ __forceinline__ float operator()(float v) const {
     if (!fast) return v / s;
-    const float q = __fmul_rn(v, r), c = __fmaf_rn(__fmaf_rn(-q, s, v), r, q);
-    return isfinite(c) ? copysignf(c, v) : q;  // −0: the remainder's sum comes out +0
+    const float q0 = __fmul_rn(v, r), q1 = __fmaf_rn(__fmaf_rn(-q0, s, v), r, q0);
+    const float q = __fmaf_rn(__fmaf_rn(-q1, s, v), r, q1);
+    return isfinite(q) ? copysignf(q, v) : q0;  // −0: the remainder's sum comes out +0
   }
 };
 
