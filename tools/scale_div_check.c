@@ -5,8 +5,10 @@
  * holds; the sign is symmetric, and the GPU copies v's sign onto q', -0 included), for random
  * scales in [2^-80, 2^100] (some powers of two) and scales at both ends of that range. Differences
  * in quotients below 2^-11 are not counted: their E4M3 code is +-0 either way.
- *   cc -O2 -ffp-contract=off -o /tmp/scale_div_check tools/scale_div_check.c -lm
- *   /tmp/scale_div_check 60 0; /tmp/scale_div_check 12 1; /tmp/scale_div_check 8 2   (~2 min each)
+ *   cc -O2 -march=native -ffp-contract=off -o /tmp/scale_div_check tools/scale_div_check.c -lm
+ *   /tmp/scale_div_check 60 0; /tmp/scale_div_check 12 1; /tmp/scale_div_check 8 2
+ * (-march=native gives a hardware fma, the same correctly rounded result as libm's, many times
+ * faster: the three runs take about four minutes here; 0 differences on 2026-12-01.)
  * Prints the count of code-relevant differences per mode (0 expected). */
 #include <math.h>
 #include <stdint.h>
