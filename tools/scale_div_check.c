@@ -1,8 +1,8 @@
 /* The GPU's FP8 quantization divides by a tile's scale s as q0 = RN(v*r), r = RN(1/s), corrected
  * twice by the remainder: q(i+1) = RN(q(i) + RN(v - q(i)*s)*r) (src/backend/cuda/quantize.cu,
  * ScaleDiv).
- * This checks q' against the division v/s for every finite v with |v| <= 448*s (the range a tile
- * holds; the sign is symmetric, and the GPU copies v's sign onto q', -0 included), for random
+ * This checks q2 against the division v/s for every finite v with |v| <= 448*s (the range a tile
+ * holds; the sign is symmetric, and the GPU copies v's sign onto q2, -0 included), for random
  * scales in [2^-80, 2^100] (some powers of two) and scales at both ends of that range. Differences
  * in quotients below 2^-11 are not counted: their E4M3 code is +-0 either way.
  *   cc -O2 -march=native -ffp-contract=off -o /tmp/scale_div_check tools/scale_div_check.c -lm
