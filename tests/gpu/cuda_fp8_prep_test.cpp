@@ -1,5 +1,5 @@
-// The FP8 GEMM preparation kernels (backend/cuda/linear_lowp.h: fp8_fprop_prep, fp8_backward_prep
-// and their grouped launches) byte for byte against the CPU's quantize_fp8, rearranged into the
+// The FP8 GEMM preparation kernels (backend/cuda/linear_lowp.h: fp8_fprop_prep, fp8_backward_prep,
+// one preparation per launch and several) byte for byte against the CPU's quantize_fp8, rearranged into the
 // layouts cuBLASLt reads: every code and every scale, padding included. The layer tests compare
 // GEMM outputs under kBf16, where one wrong code in a 128-element reduction could hide. Shapes with
 // partial 128-blocks everywhere (M 200, 37 and 5 token rows; N 320; K 272 for the backward, whose
@@ -158,12 +158,12 @@ TEST(CudaFp8Prep, BackwardBytesAreTheCpus) {
   ASSERT_GT(cuda_device_count(), 0);
   for (bool pow2 : {false, true}) {
     const BackwardCase c(200, 320, 272, 5, pow2);
-    cuda::fp8_backward_prep(c.p);
+    cuda::fp8_backward_prep({&c.p, 1});
     c.check();
   }
 }
 
-// Three preparations of different row counts in one grouped launch: each one's bytes as alone.
+// Three preparations of different row counts in one launch: each one's bytes as alone.
 TEST(CudaFp8Prep, GroupedBackwardBytesAreTheCpus) {
   ASSERT_GT(cuda_device_count(), 0);
   const std::vector<int64_t> rows = {200, 37, 5};
@@ -173,7 +173,7 @@ TEST(CudaFp8Prep, GroupedBackwardBytesAreTheCpus) {
     cases.push_back(std::make_unique<BackwardCase>(rows[i], 320, 272, 11 + i, false));
     ps.push_back(cases.back()->p);
   }
-  cuda::fp8_backward_prep_group(ps);
+  cuda::fp8_backward_prep(ps);
   for (const auto& c : cases) c->check();
 }
 
@@ -201,7 +201,7 @@ TEST(CudaFp8Prep, FpropBytesAreTheCpus) {
   p.w.ldq = K;
   p.w.scale_lt = ws.data<float>();
   p.w.ld4 = ld4;
-  cuda::fp8_fprop_prep(p);
+  cuda::fp8_fprop_prep({&p, 1});
   const Quant rows = cpu_quant(x, Fp8Tiling::Row1x128, false, false);
   EXPECT_EQ(code_diffs(bytes(xq), M_lt, K, rows.q), 0) << "x codes";
   EXPECT_EQ(scale_diffs(floats(xs), M, kb, [&](int64_t r, int64_t g) { return rows.s.data<float>()[r * kb + g]; }), 0)
@@ -260,7 +260,7 @@ TEST(CudaFp8Prep, GroupedFpropFromCachedCopyBytesAreTheCpus) {
     dw.push_back(be.to_device(w[i]));
     ps[i].w.w = dw.back().raw();
   }
-  cuda::fp8_fprop_prep_group(ps);
+  cuda::fp8_fprop_prep(ps);
   for (size_t i = 0; i < rows.size(); ++i) {
     SCOPED_TRACE(cat("block ", i, ": ", rows[i], " rows"));
     const int64_t M = rows[i], M_lt = up(M, 4);

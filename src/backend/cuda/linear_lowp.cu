@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <initializer_list>
 #include <memory>
 #include <span>
 #include <vector>
@@ -288,7 +287,6 @@ int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 // Device scratch carved into 256-byte aligned pieces (one allocation per GEMM).
 class Carve {
  public:
-  explicit Carve(std::initializer_list<size_t> bytes) : Carve(std::vector<size_t>(bytes)) {}
   explicit Carve(const std::vector<size_t>& bytes) {
     size_t total = 0;
     for (size_t b : bytes) total += (b + 255) / 256 * 256;
@@ -343,25 +341,86 @@ void gemm_token_rows(const uint8_t* a, const float* a_scale, int64_t M, int64_t 
   check_launch("fp8 gemm rows");
 }
 
+// One Fprop preparation's scratch, kFpropPieces pieces of a Carve from `base`: the weight's
+// BLK128x128 scales, x's VEC128 scales, the weight's codes, and (copy) x's codes with cuBLASLt's
+// padding rows.
+constexpr size_t kFpropPieces = 4;
+void fprop_bytes(std::vector<size_t>& out, int64_t N, int64_t K, int64_t M_lt, bool copy) {
+  const int64_t kb = K / kFp8Block;
+  out.insert(out.end(), {size_t(ceil_div(N, kFp8Block) * round_up(kb, 4)) * 4, size_t(kb * M_lt) * 4, size_t(N * K),
+                         copy ? size_t(M_lt * K) : 0});
+}
+// The preparation writing there: x [M, K] quantized into xq / x_scale when x is set, else those read
+// (FpropPrep).
+FpropPrep fprop_prep_in(const Carve& buf, size_t base, const Tensor& w, const Tensor& w_scale_inv, bool pow2,
+                        int64_t M, int64_t M_lt, const float* x, uint8_t* xq, float* x_scale, bool copy) {
+  FpropPrep p;
+  p.pow2 = pow2;
+  p.w = weight_side(w, w_scale_inv, false, w.dim(1), buf.at<uint8_t>(base + 2), buf.at<float>(base));
+  p.M = M;
+  p.M_lt = M_lt;
+  p.x = x;
+  p.xq = xq;
+  p.x_scale = x_scale;
+  p.q_lt = copy ? buf.at<uint8_t>(base + 3) : xq;
+  p.x_scale_lt = buf.at<float>(base + 1);
+  return p;
+}
+
+// One backward preparation's scratch, kBackwardPieces pieces from `base`: Dgrad's (dx) dy scales,
+// weight scales, dy codes and weight codes, Wgrad's (dw) dy and x̂ scales and codes.
+constexpr size_t kBackwardPieces = 8;
+void backward_bytes(std::vector<size_t>& out, int64_t M, int64_t N, int64_t K, bool dx, bool dw) {
+  const int64_t Np = round_up(N, kFp8Block), Mp = round_up(M, kFp8Block), M1 = round_up(M, 4);
+  const int64_t ld4 = round_up(Np / kFp8Block, 4);
+  out.insert(out.end(), {dx ? size_t((Np / kFp8Block) * M1) * 4 : 0, dx ? size_t(ceil_div(K, kFp8Block) * ld4) * 4 : 0,
+                         dw ? size_t((Mp / kFp8Block) * N) * 4 : 0, dw ? size_t((Mp / kFp8Block) * K) * 4 : 0,
+                         dx ? size_t(M1 * Np) : 0, dx ? size_t(K * Np) : 0, dw ? size_t(N * Mp) : 0,
+                         dw ? size_t(K * Mp) : 0});
+}
+// The preparation writing there (BackwardPrep): dy [M, N], the weight for Dgrad, x's FP8 copy for
+// Wgrad.
+BackwardPrep backward_prep_in(const Carve& buf, size_t base, const float* dy, int64_t M, int64_t N, int64_t K,
+                              const Tensor& w, const Tensor& w_scale_inv, const uint8_t* xs_q, const float* xs_scale,
+                              bool dx, bool dw, bool pow2) {
+  const int64_t Np = round_up(N, kFp8Block);
+  BackwardPrep p;
+  p.pow2 = pow2;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.dy = dy;
+  if (dx) {
+    p.q1 = buf.at<uint8_t>(base + 4);
+    p.ld1 = Np;
+    p.M1 = round_up(M, 4);
+    p.s1_lt = buf.at<float>(base);
+    p.w = weight_side(w, w_scale_inv, true, Np, buf.at<uint8_t>(base + 5), buf.at<float>(base + 1));
+  }
+  if (dw) {
+    p.q2 = buf.at<uint8_t>(base + 6);
+    p.ld2 = round_up(M, kFp8Block);
+    p.s2_lt = buf.at<float>(base + 2);
+    p.xs_q = xs_q;
+    p.xs_scale = xs_scale;
+    p.q3 = buf.at<uint8_t>(base + 7);
+    p.s3_lt = buf.at<float>(base + 3);
+  }
+  return p;
+}
+
 // y[M, N] (+)= Q(x)·Q(W)ᵀ, K a multiple of 128: one preparation launch and the matmul. qx holds x's
 // 1×128 tiles (read) or, with x set, receives them (its q then allocated with M_lt rows).
 void fprop_direct(const Tensor& x, const Q& qx, int64_t M_lt, const Tensor& w, const Tensor& w_scale_inv, bool pow2,
                   float* y, bool accumulate) {
-  const int64_t M = qx.q.dim(0), K = qx.q.dim(1), N = w.dim(0), kb = K / kFp8Block, ld4 = round_up(kb, 4);
+  const int64_t M = qx.q.dim(0), K = qx.q.dim(1), N = w.dim(0);
   const bool copy = !x.defined() && M_lt != M;
-  const Carve buf({size_t(ceil_div(N, kFp8Block) * ld4) * 4, size_t(kb * M_lt) * 4, size_t(N * K),
-                   copy ? size_t(M_lt * K) : 0});
-  FpropPrep p;
-  p.pow2 = pow2;
-  p.w = weight_side(w, w_scale_inv, false, K, buf.at<uint8_t>(2), buf.at<float>(0));
-  p.M = M;
-  p.M_lt = M_lt;
-  p.x = x.defined() ? x.data<float>() : nullptr;
-  p.xq = ptr<uint8_t>(qx.q);
-  p.x_scale = ptr<float>(qx.s);
-  p.q_lt = copy ? buf.at<uint8_t>(3) : p.xq;
-  p.x_scale_lt = buf.at<float>(1);
-  fp8_fprop_prep(p);
+  std::vector<size_t> bytes;
+  fprop_bytes(bytes, N, K, M_lt, copy);
+  const Carve buf(bytes);
+  const FpropPrep p = fprop_prep_in(buf, 0, w, w_scale_inv, pow2, M, M_lt, x.defined() ? x.data<float>() : nullptr,
+                                    ptr<uint8_t>(qx.q), ptr<float>(qx.s), copy);
+  fp8_fprop_prep({&p, 1});
   gemm_token_rows(p.q_lt, p.x_scale_lt, M, M_lt, p.w.q, p.w.scale_lt, true, N, K, y, accumulate);
 }
 
@@ -371,37 +430,15 @@ void backward_direct(const Tensor& dy, const Tensor& w, const Tensor& w_scale_in
                      float* dx, bool accumulate_dx, float* dw, bool accumulate_dw) {
   if (!dx && !dw) return;
   const int64_t M = dy.dim(0), N = dy.dim(1), K = dx ? w.dim(1) : qx.q.dim(1);
-  const int64_t Np = round_up(N, kFp8Block), Mp = round_up(M, kFp8Block), ld4 = round_up(Np / kFp8Block, 4);
-  const int64_t M1 = round_up(M, 4);
-  const Carve buf({dx ? size_t((Np / kFp8Block) * M1) * 4 : 0, dx ? size_t(ceil_div(K, kFp8Block) * ld4) * 4 : 0,
-                   dw ? size_t((Mp / kFp8Block) * N) * 4 : 0, dw ? size_t((Mp / kFp8Block) * K) * 4 : 0,
-                   dx ? size_t(M1 * Np) : 0, dx ? size_t(K * Np) : 0, dw ? size_t(N * Mp) : 0,
-                   dw ? size_t(K * Mp) : 0});
-  BackwardPrep p;
-  p.pow2 = pow2;
-  p.M = M;
-  p.N = N;
-  p.K = K;
-  p.dy = dy.data<float>();
-  if (dx) {
-    p.q1 = buf.at<uint8_t>(4);
-    p.ld1 = Np;
-    p.M1 = M1;
-    p.s1_lt = buf.at<float>(0);
-    p.w = weight_side(w, w_scale_inv, true, Np, buf.at<uint8_t>(5), buf.at<float>(1));
-  }
-  if (dw) {
-    p.q2 = buf.at<uint8_t>(6);
-    p.ld2 = Mp;
-    p.s2_lt = buf.at<float>(2);
-    p.xs_q = ptr<uint8_t>(qx.q);
-    p.xs_scale = qx.scale.data<float>();
-    p.q3 = buf.at<uint8_t>(7);
-    p.s3_lt = buf.at<float>(3);
-  }
-  fp8_backward_prep(p);
-  if (dw) fp8_gemm_lt(p.q2, p.s2_lt, N, p.q3, p.s3_lt, false, K, Mp, dw, accumulate_dw);
-  if (dx) gemm_token_rows(p.q1, p.s1_lt, M, M1, p.w.q, p.w.scale_lt, true, K, Np, dx, accumulate_dx);
+  std::vector<size_t> bytes;
+  backward_bytes(bytes, M, N, K, dx, dw);
+  const Carve buf(bytes);
+  const BackwardPrep p = backward_prep_in(buf, 0, dy.data<float>(), M, N, K, w, w_scale_inv,
+                                          dw ? ptr<uint8_t>(qx.q) : nullptr, dw ? qx.scale.data<float>() : nullptr,
+                                          dx, dw, pow2);
+  fp8_backward_prep({&p, 1});
+  if (dw) fp8_gemm_lt(p.q2, p.s2_lt, N, p.q3, p.s3_lt, false, K, p.ld2, dw, accumulate_dw);
+  if (dx) gemm_token_rows(p.q1, p.s1_lt, M, p.M1, p.w.q, p.w.scale_lt, true, K, p.ld1, dx, accumulate_dx);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -498,12 +535,10 @@ bool cuda_linear_lowp_grouped(const LinearPrecision& p, const GroupedLinearArgs&
   if (p.mode != LinearPrecisionMode::Fp8 || legacy() || a.w.empty() || !xc.defined() ||
       xc.q.dtype() != DType::F8_E4M3 || !xc.scale.defined())
     return false;
-  const int64_t M = a.x.dim(0), K = a.x.dim(1), N = a.w[0].dim(0), kb = K / kFp8Block, ld4 = round_up(kb, 4);
+  const int64_t M = a.x.dim(0), K = a.x.dim(1), N = a.w[0].dim(0), kb = K / kFp8Block;
   if (K % kFp8Block != 0 || !lt_rows_ok(N)) return false;
   CudaBackend& be = cuda_backend();
-  uint8_t* const xq = ptr<uint8_t>(xc.q);
-  float* const xs = ptr<float>(xc.scale);
-  float* const y = ptr<float>(a.y);
+  constexpr size_t kPieces = kFpropPieces + 1;  // and the output rows of a padded matmul
   each_group(a.offsets, [&](std::span<const size_t> blocks) {
     const size_t n = blocks.size();
     const LaneRuns runs(blocks, a.offsets);
@@ -512,36 +547,30 @@ bool cuda_linear_lowp_grouped(const LinearPrecision& p, const GroupedLinearArgs&
     for (size_t i = 0; i < n; ++i) {
       const int64_t r0 = a.offsets[blocks[i]], Me = a.offsets[blocks[i] + 1] - r0, Mlt = round_up(Me, 4);
       direct[i] = runs.writes(i, Me, Mlt, r0, a.accumulate);
-      bytes.insert(bytes.end(), {size_t(ceil_div(N, kFp8Block) * ld4) * 4, size_t(N * K), size_t(kb * Mlt) * 4,
-                                 r0 + Mlt > M ? size_t(Mlt * K) : 0, direct[i] ? 0 : size_t(Mlt * N) * 4});
+      fprop_bytes(bytes, N, K, Mlt, r0 + Mlt > M);
+      bytes.push_back(direct[i] ? 0 : size_t(Mlt * N) * 4);
     }
     const Carve buf(bytes);
-    std::vector<FpropPrep> ps(n);
+    std::vector<FpropPrep> ps;
     for (size_t i = 0; i < n; ++i) {
       const size_t e = blocks[i];
       const int64_t r0 = a.offsets[e], Me = a.offsets[e + 1] - r0, Mlt = round_up(Me, 4);
-      FpropPrep& q = ps[i];
-      q.pow2 = p.pow2_scale;
-      q.w = weight_side(a.w[e], a.w_scale_inv.empty() ? Tensor() : a.w_scale_inv[e], false, K,
-                        buf.at<uint8_t>(5 * i + 1), buf.at<float>(5 * i));
-      q.M = Me;
-      q.M_lt = Mlt;
-      q.xq = xq + r0 * K;
-      q.x_scale = xs + r0 * kb;
-      q.q_lt = r0 + Mlt > M ? buf.at<uint8_t>(5 * i + 3) : q.xq;
-      q.x_scale_lt = buf.at<float>(5 * i + 2);
+      ps.push_back(fprop_prep_in(buf, kPieces * i, a.w[e], a.w_scale_inv.empty() ? Tensor() : a.w_scale_inv[e],
+                                 p.pow2_scale, Me, Mlt, nullptr, ptr<uint8_t>(xc.q) + r0 * K,
+                                 ptr<float>(xc.scale) + r0 * kb, r0 + Mlt > M));
     }
-    fp8_fprop_prep_group(ps);
+    fp8_fprop_prep(ps);
     PaddedAdd pad;
     {
       LaneScope lanes(be, n > 1);
       for (size_t i = 0; i < n; ++i) {
         lanes(runs.lane(i));
         const FpropPrep& q = ps[i];
-        float* out = y + a.offsets[blocks[i]] * N;
-        if (!direct[i]) pad.add(buf.at<float>(5 * i + 4), out, q.M * N);
-        fp8_gemm_lt(q.q_lt, q.x_scale_lt, q.M_lt, q.w.q, q.w.scale_lt, true, N, K,
-                    direct[i] ? out : buf.at<float>(5 * i + 4), direct[i] && a.accumulate);
+        float* out = ptr<float>(a.y) + a.offsets[blocks[i]] * N;
+        float* scratch = buf.at<float>(kPieces * i + kFpropPieces);
+        if (!direct[i]) pad.add(scratch, out, q.M * N);
+        fp8_gemm_lt(q.q_lt, q.x_scale_lt, q.M_lt, q.w.q, q.w.scale_lt, true, N, K, direct[i] ? out : scratch,
+                    direct[i] && a.accumulate);
       }
     }
     pad.run(a.accumulate);
@@ -558,54 +587,30 @@ bool cuda_linear_backward_lowp_grouped(const LinearPrecision& p, const GroupedLi
   const int64_t M = dy.dim(0), N = dy.dim(1), K = a.w[0].dim(1), kbx = ceil_div(K, kFp8Block);
   if (!lt_rows_ok(K) || N % 4 != 0) return false;
   const bool want_dx = present(a.dx);
-  const int64_t Np = round_up(N, kFp8Block), ld4 = round_up(Np / kFp8Block, 4);
   CudaBackend& be = cuda_backend();
-  const uint8_t* const xq = ptr<uint8_t>(xc.q);
-  const float* const xs = ptr<float>(xc.scale);
+  constexpr size_t kPieces = kBackwardPieces + 1;  // and the dx rows of a padded matmul
   each_group(a.offsets, [&](std::span<const size_t> blocks) {
     const size_t n = blocks.size();
-    constexpr size_t kPieces = 9;
     const LaneRuns runs(blocks, a.offsets);
     std::vector<size_t> bytes;
     std::vector<bool> direct(n);
     for (size_t i = 0; i < n; ++i) {
       const size_t e = blocks[i];
-      const int64_t Me = a.offsets[e + 1] - a.offsets[e], M1 = round_up(Me, 4), Mp = round_up(Me, kFp8Block);
+      const int64_t Me = a.offsets[e + 1] - a.offsets[e], M1 = round_up(Me, 4);
       direct[i] = runs.writes(i, Me, M1, a.offsets[e], a.accumulate_dx);
-      bytes.insert(bytes.end(), {want_dx ? size_t((Np / kFp8Block) * M1) * 4 : 0,
-                                 want_dx ? size_t(ceil_div(K, kFp8Block) * ld4) * 4 : 0,
-                                 size_t((Mp / kFp8Block) * N) * 4, size_t((Mp / kFp8Block) * K) * 4,
-                                 want_dx ? size_t(M1 * Np) : 0, want_dx ? size_t(K * Np) : 0, size_t(N * Mp),
-                                 size_t(K * Mp), want_dx && !direct[i] ? size_t(M1 * K) * 4 : 0});
+      backward_bytes(bytes, Me, N, K, want_dx, true);
+      bytes.push_back(want_dx && !direct[i] ? size_t(M1 * K) * 4 : 0);
     }
     const Carve buf(bytes);
-    std::vector<BackwardPrep> ps(n);
+    std::vector<BackwardPrep> ps;
     for (size_t i = 0; i < n; ++i) {
-      const size_t e = blocks[i], b = kPieces * i;
-      const int64_t r0 = a.offsets[e], Me = a.offsets[e + 1] - r0;
-      BackwardPrep& q = ps[i];
-      q.pow2 = p.pow2_scale;
-      q.M = Me;
-      q.N = N;
-      q.K = K;
-      q.dy = dy.data<float>() + r0 * N;
-      if (want_dx) {
-        q.q1 = buf.at<uint8_t>(b + 4);
-        q.ld1 = Np;
-        q.M1 = round_up(Me, 4);
-        q.s1_lt = buf.at<float>(b);
-        q.w = weight_side(a.w[e], a.w_scale_inv.empty() ? Tensor() : a.w_scale_inv[e], true, Np,
-                          buf.at<uint8_t>(b + 5), buf.at<float>(b + 1));
-      }
-      q.q2 = buf.at<uint8_t>(b + 6);
-      q.ld2 = round_up(Me, kFp8Block);
-      q.s2_lt = buf.at<float>(b + 2);
-      q.xs_q = xq + r0 * K;
-      q.xs_scale = xs + r0 * kbx;
-      q.q3 = buf.at<uint8_t>(b + 7);
-      q.s3_lt = buf.at<float>(b + 3);
+      const size_t e = blocks[i];
+      const int64_t r0 = a.offsets[e];
+      ps.push_back(backward_prep_in(buf, kPieces * i, dy.data<float>() + r0 * N, a.offsets[e + 1] - r0, N, K, a.w[e],
+                                    a.w_scale_inv.empty() ? Tensor() : a.w_scale_inv[e], ptr<uint8_t>(xc.q) + r0 * K,
+                                    ptr<float>(xc.scale) + r0 * kbx, want_dx, true, p.pow2_scale));
     }
-    fp8_backward_prep_group(ps);
+    fp8_backward_prep(ps);
     PaddedAdd pad;
     {
       LaneScope lanes(be, n > 1);
@@ -615,9 +620,9 @@ bool cuda_linear_backward_lowp_grouped(const LinearPrecision& p, const GroupedLi
         fp8_gemm_lt(q.q2, q.s2_lt, N, q.q3, q.s3_lt, false, K, q.ld2, ptr<float>(a.dw[blocks[i]]), true);
         if (!want_dx) continue;
         float* out = ptr<float>(a.dx) + a.offsets[blocks[i]] * K;
-        float* scratch = buf.at<float>(kPieces * i + 8);
+        float* scratch = buf.at<float>(kPieces * i + kBackwardPieces);
         if (!direct[i]) pad.add(scratch, out, q.M * K);
-        fp8_gemm_lt(q.q1, q.s1_lt, q.M1, q.w.q, q.w.scale_lt, true, K, Np, direct[i] ? out : scratch,
+        fp8_gemm_lt(q.q1, q.s1_lt, q.M1, q.w.q, q.w.scale_lt, true, K, q.ld1, direct[i] ? out : scratch,
                     direct[i] && a.accumulate_dx);
       }
     }

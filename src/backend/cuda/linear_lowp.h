@@ -82,7 +82,6 @@ struct FpropPrep {
   uint8_t* q_lt = nullptr;
   float* x_scale_lt = nullptr;
 };
-void fp8_fprop_prep(FpropPrep p);
 
 // Both backward GEMMs from dy [M, N] F32, read once. Dgrad (q1 set): dy's 1×128 tiles q1 [M1, ld1]
 // (ld1 = N rounded up to 128, M1 = M rounded up to cuBLASLt's 4, the padding rows zero) with VEC128
@@ -107,14 +106,13 @@ struct BackwardPrep {
   float* s3_lt = nullptr;
   WeightSide w;
 };
-void fp8_backward_prep(const BackwardPrep& p);
 
-// Several preparations in one launch (the MoE's experts, a few MB each: alone, a launch's fixed
-// cost and its code fetched cold on every SM outweighed its work), kPrepGroup per launch; each keeps
-// its own NaN propagation, and the bytes and scales are those of its own launch.
+// The preparations p (one, or the MoE's experts: a few MB each, where a launch of its own cost more
+// than its work, its code fetched cold on every SM), kPrepGroup per launch; each keeps its own NaN
+// propagation, and its bytes and scales do not depend on the others.
 constexpr int kPrepGroup = 32;
-void fp8_fprop_prep_group(std::span<const FpropPrep> p);
-void fp8_backward_prep_group(std::span<const BackwardPrep> p);
+void fp8_fprop_prep(std::span<const FpropPrep> p);
+void fp8_backward_prep(std::span<const BackwardPrep> p);
 
 // c[M, N] (+)= a·bᵀ on cuBLASLt's block-scaled FP8 matmul with operands already in its layouts:
 // a [M, K] E4M3 with VEC128 scales [K/128, M]; b [N, K] with BLK128x128 scales [⌈N/128⌉, ld4] or

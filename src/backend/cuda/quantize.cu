@@ -152,62 +152,32 @@ bool rows_vec(const float* x, int64_t K, const uint8_t* q) {
 // columns (block bx, row block rb of nrb): the tile is read once along rows (coalesced), kept in
 // shared memory, and written per column (coalesced in the transposed q). The source is x [M, K] F32,
 // or FP8 1×128 tiles (qs, ss: x̂ = e4m3(qs)·ss, the dequantized FP32 value, as dequantize_fp8
-// computes it) so that the forward's FP8 copy is re-quantized without materialising x̂. q is [K, ldq],
-// its columns M..ldq zero (the padding of a GEMM's K); scales [K, nrb]. Returns (warp 0's lanes)
-// whether the lane's column held non-finite values.
+// computes it) so that the forward's FP8 copy is re-quantized without materialising x̂. q is [K, M],
+// scales [K, nrb]. Returns (warp 0's lanes) whether the lane's column held non-finite values.
 struct ColsSmem {
   float t[kFp8Block][33];
   float am_w[8][32], s_col[32];
   unsigned bad_w[8][32];
 };
 __device__ unsigned cols_t_tile(ColsSmem& sm, int64_t bx, int64_t rb, int64_t nrb, const float* x, const uint8_t* qs,
-                                const float* ss, int64_t M, int64_t K, int64_t ldq, bool pow2, bool nan_mark,
-                                uint8_t* q, float* sc, unsigned long long* nonfinite) {
+                                const float* ss, int64_t M, int64_t K, bool pow2, bool nan_mark, uint8_t* q, float* sc,
+                                unsigned long long* nonfinite) {
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const int64_t r0 = rb * kFp8Block, c = bx * 32 + lane, kb = (K + kFp8Block - 1) / kFp8Block;
   float am = 0.0f;
   unsigned bad = 0;
-  if (qs) {
-    // FP8 codes, 4 columns per thread (one 4-byte load; the 32 columns share one 128-column block,
-    // so one scale per row) into shared memory, then each column's statistics from there: per-byte
-    // loads and their 64-bit index arithmetic were half of an expert's backward preparation.
-    const int cq = 4 * (threadIdx.x & 7);
-    const int64_t c0 = bx * 32 + cq;
-    const bool vec = K % 4 == 0 && (reinterpret_cast<uintptr_t>(qs) & 3u) == 0;
+  float v[16];  // rows w, w + 8, …: every load issued before the first use
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int i = (threadIdx.x >> 3) + 32 * k;
-      const int64_t r = r0 + i;
-      float e[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      if (r < M && c0 < K) {
-        const float sr = ss[r * kb + c0 / kFp8Block];
-        const uint8_t* row = qs + r * K + c0;
-        uint32_t u = 0;
-        if (vec) u = *reinterpret_cast<const uint32_t*>(row);
-        else
+  for (int k = 0; k < 16; ++k) {
+    const int64_t r = r0 + w + 8 * k;
+    v[k] = r >= M || c >= K ? 0.0f
+           : qs             ? widen(__nv_fp8_storage_t(qs[r * K + c])) * ss[r * kb + c / kFp8Block]
+                            : x[r * K + c];
+  }
 #pragma unroll
-          for (int j = 0; j < 4; ++j) u |= c0 + j < K ? uint32_t(row[j]) << (8 * j) : 0u;
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          e[j] = c0 + j < K ? widen_byte(u, j) * sr : 0.0f;
-      }
-#pragma unroll
-      for (int j = 0; j < 4; ++j) sm.t[i][cq + j] = e[j];
-    }
-    __syncthreads();
-    for (int i = 16 * w; i < 16 * w + 16; ++i) tile_stat(sm.t[i][lane], am, bad);
-  } else {
-    float v[16];  // rows w, w + 8, …: every load issued before the first use
-#pragma unroll
-    for (int k = 0; k < 16; ++k) {
-      const int64_t r = r0 + w + 8 * k;
-      v[k] = r < M && c < K ? x[r * K + c] : 0.0f;
-    }
-#pragma unroll
-    for (int k = 0; k < 16; ++k) {
-      tile_stat(v[k], am, bad);
-      sm.t[w + 8 * k][lane] = v[k];
-    }
+  for (int k = 0; k < 16; ++k) {
+    tile_stat(v[k], am, bad);
+    sm.t[w + 8 * k][lane] = v[k];
   }
   sm.am_w[w][lane] = am;
   sm.bad_w[w][lane] = bad;
@@ -231,8 +201,8 @@ __device__ unsigned cols_t_tile(ColsSmem& sm, int64_t bx, int64_t rb, int64_t nr
     if (k >= K) break;
     const ScaleDiv d(sm.s_col[kk]);
     for (int i = lane; i < kFp8Block; i += 32) {
-      const int64_t r = r0 + i;  // rows M..ldq hold 0: their code is 0
-      if (r < ldq) q[k * ldq + r] = code_of(sm.t[i][kk], d);
+      const int64_t r = r0 + i;
+      if (r < M) q[k * M + r] = code_of(sm.t[i][kk], d);
     }
   }
   __syncthreads();  // sm is reused by the caller's next tile
@@ -243,7 +213,7 @@ __global__ void quantize_cols_t_kernel(const float* x, const uint8_t* qs, const 
                                        bool pow2, bool nan_mark, uint8_t* q, float* sc,
                                        unsigned long long* nonfinite) {
   __shared__ ColsSmem sm;
-  cols_t_tile(sm, blockIdx.x, blockIdx.y, gridDim.y, x, qs, ss, M, K, M, pow2, nan_mark, q, sc, nonfinite);
+  cols_t_tile(sm, blockIdx.x, blockIdx.y, gridDim.y, x, qs, ss, M, K, pow2, nan_mark, q, sc, nonfinite);
 }
 
 __global__ void quantize_kernel(const float* x, int64_t M, int64_t K, int64_t th, int64_t tw, bool pow2, bool transpose,
@@ -324,7 +294,7 @@ __global__ void transpose_kernel(const float* x, int64_t R, int64_t C, float* y)
 // The linear layer's GEMM preparation (linear_lowp.h): one launch per pass whose CTAs take roles by
 // their index, every operand written in cuBLASLt's layout.
 
-// Preparations of one grouped launch: the CTAs [start[i], start[i + 1]) run p[i], split between its
+// The preparations of one launch: the CTAs [start[i], start[i + 1]) run p[i], split between its
 // roles as a[i] / b[i] (Fprop: weight tiles / token CTAs; backward: dy / x̂ CTAs, the rest weight
 // tiles). Passed as a __grid_constant__ parameter (~8 KB for 32 backward preparations).
 template <class P>
@@ -337,22 +307,21 @@ struct PrepGroup {
 using FpropGroup = PrepGroup<FpropPrep>;
 using BackwardGroup = PrepGroup<BackwardPrep>;
 
-// NaN propagation: each role or-s a bit into its stream's g_nan slot when its tiles hold non-finite
-// values; the last CTA of the launch to finish (an arrival count) sees every bit, writes NaN over
-// whole scale arrays of the GEMMs those operands feed (then every output of such a GEMM is NaN, as on
-// the CPU) and clears the slot for the stream's next launch. A slot per stream (nan_slot), so
-// launches on the backend's lane streams may overlap.
+// NaN propagation: each role or-s a bit into its preparation's g_nan word when its tiles hold
+// non-finite values; the last of the preparation's CTAs to finish (an arrival count) sees every bit,
+// writes NaN over whole scale arrays of the GEMMs those operands feed (then every output of such a
+// GEMM is NaN, as on the CPU) and clears the word for the stream's next launch. Words per stream
+// (nan_slot), so launches on the backend's lane streams may overlap, and per preparation of a
+// launch.
 struct NanSync {
   unsigned flag, count;
 };
 constexpr int kNanSlots = 16;
-__device__ NanSync g_nan[kNanSlots];  // zero at load; every launch leaves its slot zero
-// Grouped launches (fp8_*_prep_group): one sync per preparation of the group, per stream slot.
-__device__ NanSync g_nan_group[kNanSlots][kPrepGroup];
+__device__ NanSync g_nan[kNanSlots][kPrepGroup];  // zero at load; every launch leaves its words zero
 
 constexpr unsigned kBadX = 1, kBadW = 2, kBadDy = 4;
 
-// ctas: the CTAs that arrive at sync (the launch's, or one grouped preparation's).
+// ctas: the CTAs that arrive at sync (the preparation's).
 __device__ void nan_end(NanSync& sync, unsigned ctas, float* p0, int64_t n0, unsigned m0, float* p1, int64_t n1,
                         unsigned m1) {
   __shared__ bool last;
@@ -563,11 +532,6 @@ __device__ void fprop_prep_cta(WeightSmem& sm, const FpropPrep& p, int64_t cta, 
   nan_end(sync, ctas, p.w.scale_lt, ((p.w.N + kFp8Block - 1) / kFp8Block) * p.w.ld4, kBadX | kBadW, nullptr, 0, 0);
 }
 
-__global__ void __launch_bounds__(256, 1) fprop_prep_kernel(FpropPrep p, int64_t w_tiles, int64_t n_tok, int slot) {
-  __shared__ WeightSmem sm;
-  fprop_prep_cta(sm, p, blockIdx.x, w_tiles, n_tok, g_nan[slot], gridDim.x);
-}
-
 // The preparation of CTA blockIdx.x in a group: the last whose first CTA is at or before it.
 __device__ int group_entry(const int64_t* start, int n) {
   int e = 0;
@@ -575,11 +539,11 @@ __device__ int group_entry(const int64_t* start, int n) {
   return e;
 }
 
-__global__ void __launch_bounds__(256, 1) fprop_prep_group_kernel(const __grid_constant__ FpropGroup g, int slot) {
+__global__ void __launch_bounds__(256, 1) fprop_prep_kernel(const __grid_constant__ FpropGroup g, int slot) {
   __shared__ WeightSmem sm;
   const int e = group_entry(g.start, g.n);
   const FpropPrep p = g.p[e];
-  fprop_prep_cta(sm, p, int64_t(blockIdx.x) - g.start[e], g.a[e], g.b[e], g_nan_group[slot][e],
+  fprop_prep_cta(sm, p, int64_t(blockIdx.x) - g.start[e], g.a[e], g.b[e], g_nan[slot][e],
                  unsigned(g.start[e + 1] - g.start[e]));
 }
 
@@ -751,21 +715,16 @@ __device__ void backward_prep_cta(BackwardSmem& sm, const BackwardPrep& p, int64
           ((p.K + kFp8Block - 1) / kFp8Block) * p.w.ld4, kBadDy | kBadW);
 }
 
-__global__ void __launch_bounds__(256, 3) backward_prep_kernel(BackwardPrep p, int64_t n_dy, int64_t n_x, int slot) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  backward_prep_cta(*reinterpret_cast<BackwardSmem*>(smem_raw), p, blockIdx.x, n_dy, n_x, g_nan[slot], gridDim.x);
-}
-
-__global__ void __launch_bounds__(256, 3) backward_prep_group_kernel(const __grid_constant__ BackwardGroup g,
+__global__ void __launch_bounds__(256, 3) backward_prep_kernel(const __grid_constant__ BackwardGroup g,
                                                                       int slot) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int e = group_entry(g.start, g.n);
   const BackwardPrep p = g.p[e];
   backward_prep_cta(*reinterpret_cast<BackwardSmem*>(smem_raw), p, int64_t(blockIdx.x) - g.start[e], g.a[e], g.b[e],
-                    g_nan_group[slot][e], unsigned(g.start[e + 1] - g.start[e]));
+                    g_nan[slot][e], unsigned(g.start[e + 1] - g.start[e]));
 }
 
-// The g_nan slot of a stream: the legacy stream's is 0, other streams get the next free one.
+// The g_nan words of a stream: the legacy stream's is 0, other streams get the next free one.
 int nan_slot(cudaStream_t s) {
   static std::mutex mu;
   static std::map<cudaStream_t, int> slots{{nullptr, 0}};
@@ -872,17 +831,7 @@ Split backward_split(const BackwardPrep& p) {
   return {n_dy, n_x, n_dy + n_x + n_w};
 }
 
-void backward_smem_attr() {
-  static const bool attr = [] {
-    for (const void* k : {reinterpret_cast<const void*>(backward_prep_kernel),
-                          reinterpret_cast<const void*>(backward_prep_group_kernel)})
-      DSV3_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(BackwardSmem))));
-    return true;
-  }();
-  (void)attr;
-}
-
-// The grouped launches, kPrepGroup preparations at a time (those with nothing to do left out).
+// The launches, kPrepGroup preparations at a time (those with nothing to do left out).
 template <class P, class SplitFn, class Launch>
 void launch_groups(std::span<const P> ps, SplitFn split, Launch launch) {
   for (size_t i0 = 0; i0 < ps.size(); i0 += kPrepGroup) {
@@ -904,34 +853,24 @@ void launch_groups(std::span<const P> ps, SplitFn split, Launch launch) {
 
 }  // namespace
 
-void fp8_fprop_prep(FpropPrep p) {
-  const Split s = fprop_split(p);
-  if (s.total == 0) return;
-  fprop_prep_kernel<<<unsigned(s.total), 256, 0, stream()>>>(p, s.a, s.b, nan_slot(stream()));
-  check_launch("fp8 Fprop preparation");
-}
-
-void fp8_fprop_prep_group(std::span<const FpropPrep> ps) {
+void fp8_fprop_prep(std::span<const FpropPrep> ps) {
   launch_groups(ps, fprop_split, [](const FpropGroup& g) {
-    fprop_prep_group_kernel<<<unsigned(g.start[g.n]), 256, 0, stream()>>>(g, nan_slot(stream()));
-    check_launch("fp8 grouped Fprop preparation");
+    fprop_prep_kernel<<<unsigned(g.start[g.n]), 256, 0, stream()>>>(g, nan_slot(stream()));
+    check_launch("fp8 Fprop preparation");
   });
 }
 
-void fp8_backward_prep(const BackwardPrep& p) {
-  const Split s = backward_split(p);
-  if (s.total == 0) return;
-  backward_smem_attr();
-  backward_prep_kernel<<<unsigned(s.total), 256, sizeof(BackwardSmem), stream()>>>(p, s.a, s.b, nan_slot(stream()));
-  check_launch("fp8 backward preparation");
-}
-
-void fp8_backward_prep_group(std::span<const BackwardPrep> ps) {
-  backward_smem_attr();
+void fp8_backward_prep(std::span<const BackwardPrep> ps) {
+  static const bool attr = [] {
+    DSV3_CUDA_CHECK(cudaFuncSetAttribute(backward_prep_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         int(sizeof(BackwardSmem))));
+    return true;
+  }();
+  (void)attr;
   launch_groups(ps, backward_split, [](const BackwardGroup& g) {
-    backward_prep_group_kernel<<<unsigned(g.start[g.n]), 256, sizeof(BackwardSmem), stream()>>>(g,
+    backward_prep_kernel<<<unsigned(g.start[g.n]), 256, sizeof(BackwardSmem), stream()>>>(g,
                                                                                                 nan_slot(stream()));
-    check_launch("fp8 grouped backward preparation");
+    check_launch("fp8 backward preparation");
   });
 }
 
