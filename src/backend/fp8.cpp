@@ -389,6 +389,14 @@ Fp8Tiles lowp_grad_copy(const LinearPrecision& p, const Tensor& dy) {
   return p.mode == LinearPrecisionMode::Bf16 ? lowp_input_copy(p, dy, "linear output gradient") : Fp8Tiles{};
 }
 
+void check_lowp_copy(const LinearPrecision& p, const Fp8Tiles* c, const char* where) {
+  if (!c || !c->defined()) return;
+  const bool ok = (p.mode == LinearPrecisionMode::Fp8 && c->q.dtype() == DType::F8_E4M3 && c->scale.defined()) ||
+                  (p.mode == LinearPrecisionMode::Bf16 && c->q.dtype() == DType::BF16);
+  DSV3_CHECK(ok, where, ": a cached operand copy (", dtype_name(c->q.dtype()),
+             ") is not the current precision's; was the precision changed between forward and backward?");
+}
+
 void linear_lowp(const LinearPrecision& p, const LinearArgs& a, Fp8Tiles* x_fp8) {
   validate(a);
 #ifdef DSV3_HAVE_CUDA
@@ -471,16 +479,6 @@ LinearBackwardArgs block_backward(const GroupedLinearBackwardArgs& a, size_t e) 
   return b;
 }
 
-// A copy of x made in another precision than the current one (a precision switched between a
-// forward and its backward) must not reach the other's kernels.
-void check_copy(const LinearPrecision& p, const Fp8Tiles& c, const char* where) {
-  if (!c.defined()) return;
-  const bool ok = (p.mode == LinearPrecisionMode::Fp8 && c.q.dtype() == DType::F8_E4M3 && c.scale.defined()) ||
-                  (p.mode == LinearPrecisionMode::Bf16 && c.q.dtype() == DType::BF16);
-  DSV3_CHECK(ok, where, ": the copy of x (", dtype_name(c.q.dtype()),
-             ") is not the current precision's; was the precision changed between forward and backward?");
-}
-
 Backend& backend_of(const Tensor& t) {
 #ifdef DSV3_HAVE_CUDA
   if (t.device() == Device::CUDA) return cuda_backend();
@@ -495,7 +493,7 @@ void linear_lowp_grouped(const LinearPrecision& p, const GroupedLinearArgs& a, c
   validate(a);
   DSV3_CHECK(!x_copy.defined() || x_copy.q.numel() == a.x.numel(),
              "linear_lowp_grouped: the FP8 copy does not match x");
-  check_copy(p, x_copy, "linear_lowp_grouped");
+  check_lowp_copy(p, &x_copy, "linear_lowp_grouped");
 #ifdef DSV3_HAVE_CUDA
   if (a.x.device() == Device::CUDA && cuda_linear_lowp_grouped(p, a, x_copy)) return;
 #endif
@@ -523,7 +521,7 @@ void linear_backward_lowp_grouped(const LinearPrecision& p, const GroupedLinearB
              " weight gradients");
   DSV3_CHECK(!x_copy.defined() || x_copy.q.numel() == a.x.numel(),
              "linear_backward_lowp_grouped: the FP8 copy does not match x");
-  check_copy(p, x_copy, "linear_backward_lowp_grouped");
+  check_lowp_copy(p, &x_copy, "linear_backward_lowp_grouped");
   for (size_t e = 0; e < n; ++e) {
     DSV3_CHECK(a.offsets[e] <= a.offsets[e + 1], "linear_backward_lowp_grouped: block ", e, " ends before it starts");
     DSV3_CHECK(present(a.dw[e]) && a.w[e].ndim() == 2 && a.w[e].dim(1) == a.x.dim(1),

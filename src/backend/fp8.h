@@ -151,6 +151,11 @@ Fp8Tiles lowp_input_copy(const LinearPrecision& prec, const Tensor& x, const cha
 // block's own tilings).
 Fp8Tiles lowp_grad_copy(const LinearPrecision& prec, const Tensor& dy);
 
+// A cached copy of x (or dy) holds FP8 tiles in Fp8 mode and a BF16 copy in Bf16 mode: a precision
+// switched between a forward and its backward must not hand one to the other's kernels. Throws,
+// naming `where`; null or an empty copy passes.
+void check_lowp_copy(const LinearPrecision& prec, const Fp8Tiles* copy, const char* where);
+
 // The three GEMMs of a linear layer under `prec` (F32 CPU tensors, y/dx/dw [..] as LinearArgs).
 // x_fp8: the forward's FP8 copy of x. linear_lowp fills it when it is empty and otherwise uses it
 // in place of quantizing x again (an input shared by several projections is quantized once);

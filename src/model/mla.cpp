@@ -13,19 +13,6 @@ bool fp8_layer(const LinearParam& p) {
   return p.lowp && linear_precision().mode == LinearPrecisionMode::Fp8;
 }
 
-namespace {
-// A cached copy of x (or dy) holds FP8 tiles in Fp8 mode and a BF16 copy in Bf16 mode (backend/fp8.h):
-// a precision switched between a forward and its backward must not hand one to the other's kernels.
-void check_cache(const Fp8Tiles* c, const char* where) {
-  if (!c || !c->defined()) return;
-  const LinearPrecisionMode m = linear_precision().mode;
-  const bool ok = (m == LinearPrecisionMode::Fp8 && c->q.dtype() == DType::F8_E4M3 && c->scale.defined()) ||
-                  (m == LinearPrecisionMode::Bf16 && c->q.dtype() == DType::BF16);
-  DSV3_CHECK(ok, where, ": a cached operand copy (", dtype_name(c->q.dtype()),
-             ") is not the current precision's; was the precision changed between forward and backward?");
-}
-}  // namespace
-
 void linear_forward(Backend& be, const LinearParam& p, const Tensor& x, const Tensor& y, bool accumulate,
                     Fp8Tiles* x_fp8) {
   LinearArgs a;
@@ -35,7 +22,7 @@ void linear_forward(Backend& be, const LinearParam& p, const Tensor& x, const Te
   a.y = y;
   a.accumulate = accumulate;
   if (p.lowp && linear_precision().mode != LinearPrecisionMode::F32) {
-    check_cache(x_fp8, "linear_forward");
+    check_lowp_copy(linear_precision(), x_fp8, "linear_forward");
     linear_lowp(linear_precision(), a, x_fp8);
   } else {
     be.linear(a);
@@ -160,8 +147,8 @@ void linear_backward(Backend& be, const LinearParam& p, const LinearParam& g, co
   a.accumulate_dx = accumulate_dx;
   a.accumulate_dw = true;
   if (p.lowp && linear_precision().mode != LinearPrecisionMode::F32) {
-    check_cache(x_fp8, "linear_backward");
-    check_cache(dy_copy, "linear_backward");
+    check_lowp_copy(linear_precision(), x_fp8, "linear_backward");
+    check_lowp_copy(linear_precision(), dy_copy, "linear_backward");
     linear_backward_lowp(linear_precision(), a, x_fp8, dy_copy);
   } else {
     be.linear_backward(a);

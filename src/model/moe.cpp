@@ -103,16 +103,7 @@ void grouped_fp8_backward(std::span<const MlpParams> p, std::span<const MlpParam
                           LinearParam MlpParams::*proj, const Tensor& x, const Tensor& dy, const Tensor& dx,
                           bool accumulate_dx, const Fp8Tiles& x_copy) {
   const ProjWeights pw(p, proj), gw(g, proj);
-  GroupedLinearBackwardArgs b;
-  b.x = x;
-  b.dy = dy;
-  b.w = pw.w;
-  b.w_scale_inv = pw.s;
-  b.dw = gw.w;
-  b.offsets = offsets;
-  b.dx = dx;
-  b.accumulate_dx = accumulate_dx;
-  linear_backward_lowp_grouped(linear_precision(), b, x_copy);
+  linear_backward_lowp_grouped(linear_precision(), {x, dy, pw.w, pw.s, gw.w, offsets, dx, accumulate_dx}, x_copy);
 }
 
 }  // namespace

@@ -336,5 +336,27 @@ TEST(Fp8Linear, Bf16RoundsOperandsOnly) {
     }
 }
 
+// A cached copy of x made in another precision than the layer runs in (a forward in bf16, its
+// backward in fp8) is refused, naming the caller, before any GEMM reads it; the grouped experts'
+// call checks its copy as linear_forward does.
+TEST(Fp8Linear, CopyOfAnotherPrecisionIsRefused) {
+  const Tensor x = randn({4, 128}, 43, 1), w = randn({8, 128}, 44, 1), y = Tensor::empty(DType::F32, {4, 8});
+  const Fp8Tiles bf16_copy{x.to(DType::BF16), Tensor(), 0}, fp8_copy = fp8_tiles(x, false, "x");
+  const LinearPrecision fp8{LinearPrecisionMode::Fp8}, bf16{LinearPrecisionMode::Bf16};
+  EXPECT_NO_THROW(check_lowp_copy(fp8, &fp8_copy, "t"));
+  EXPECT_NO_THROW(check_lowp_copy(bf16, &bf16_copy, "t"));
+  EXPECT_NO_THROW(check_lowp_copy(fp8, nullptr, "t"));
+  EXPECT_THROW(check_lowp_copy(fp8, &bf16_copy, "t"), InternalError);
+  EXPECT_THROW(check_lowp_copy(bf16, &fp8_copy, "t"), InternalError);
+  const int64_t offsets[] = {0, 1, 4};
+  const Tensor ws[] = {w, w};
+  try {
+    linear_lowp_grouped(fp8, {x, ws, {}, offsets, y, false}, bf16_copy);
+    ADD_FAILURE() << "a BF16 copy reached the Fp8 GEMMs";
+  } catch (const InternalError& e) {
+    EXPECT_NE(std::string(e.what()).find("linear_lowp_grouped"), std::string::npos) << e.what();
+  }
+}
+
 }  // namespace
 }  // namespace dsv3::test
