@@ -69,9 +69,9 @@ bool no_bias(std::span<const MlpParams> p) {
 // GEMMs take per-block copies of their operands) and no bias (none of DeepSeek's experts has one).
 bool groupable(std::span<const MlpParams> p) { return !lowp_gemms(p[0]) && no_bias(p); }
 
-// Fp8: each projection of every block in one linear_lowp_grouped call (on a GPU the blocks' GEMM
-// preparations share launches).
-bool fp8_grouped(std::span<const MlpParams> p) { return fp8_layer(p[0].gate_proj) && no_bias(p); }
+// Fp8 and Bf16: each projection of every block in one linear_lowp_grouped call (on a GPU the FP8
+// blocks' GEMM preparations share launches, and BF16 blocks run as batched matmuls).
+bool lowp_grouped(std::span<const MlpParams> p) { return lowp_gemms(p[0]) && no_bias(p); }
 
 // One projection's weights (and FP8 scale_inv) of every MLP.
 struct ProjWeights {
@@ -91,15 +91,15 @@ void grouped(Backend& be, std::span<const MlpParams> p, std::span<const int64_t>
   be.grouped_linear({x, pw.w, pw.s, offsets, y, accumulate});
 }
 
-// The same in Fp8 mode, x_copy x's FP8 tiles.
-void grouped_fp8(std::span<const MlpParams> p, std::span<const int64_t> offsets, LinearParam MlpParams::*proj,
+// The same in Fp8 or Bf16 mode, x_copy x's FP8 tiles or BF16 copy.
+void grouped_lowp(std::span<const MlpParams> p, std::span<const int64_t> offsets, LinearParam MlpParams::*proj,
                  const Tensor& x, const Tensor& y, bool accumulate, const Fp8Tiles& x_copy) {
   const ProjWeights pw(p, proj);
   linear_lowp_grouped(linear_precision(), {x, pw.w, pw.s, offsets, y, accumulate}, x_copy);
 }
 
 // Its backward: every block's weight gradient accumulated in g, dx written or accumulated.
-void grouped_fp8_backward(std::span<const MlpParams> p, std::span<const MlpParams> g, std::span<const int64_t> offsets,
+void grouped_lowp_backward(std::span<const MlpParams> p, std::span<const MlpParams> g, std::span<const int64_t> offsets,
                           LinearParam MlpParams::*proj, const Tensor& x, const Tensor& dy, const Tensor& dx,
                           bool accumulate_dx, const Fp8Tiles& x_copy) {
   const ProjWeights pw(p, proj), gw(g, proj);
@@ -128,13 +128,13 @@ void experts_forward(Backend& be, std::span<const MlpParams> p, std::span<const 
   a.x_fp8 = lowp ? lowp_input_copy(prec, x, "linear input") : Fp8Tiles{};
   a.gate_fp8 = a.up_fp8 = a.act_copy = Fp8Tiles{};
   // F32 math: each projection of every block in one grouped_linear call (a GPU batches the blocks).
-  const bool batched = groupable(p), fp8 = fp8_grouped(p);
+  const bool batched = groupable(p), lowp_batched = lowp_grouped(p);
   if (batched) {
     grouped(be, p, offsets, &MlpParams::gate_proj, x, a.gate, false);  // [M, I]
     grouped(be, p, offsets, &MlpParams::up_proj, x, a.up, false);      // [M, I]
-  } else if (fp8) {
-    grouped_fp8(p, offsets, &MlpParams::gate_proj, x, a.gate, false, a.x_fp8);  // [M, I]
-    grouped_fp8(p, offsets, &MlpParams::up_proj, x, a.up, false, a.x_fp8);      // [M, I]
+  } else if (lowp_batched) {
+    grouped_lowp(p, offsets, &MlpParams::gate_proj, x, a.gate, false, a.x_fp8);  // [M, I]
+    grouped_lowp(p, offsets, &MlpParams::up_proj, x, a.up, false, a.x_fp8);      // [M, I]
   } else {
     each_block(be, p, offsets, lowp_gemms(p[0]), [&](size_t e, int64_t r0, int64_t r1) {
       Fp8Tiles xe = block(a.x_fp8, r0, r1);
@@ -152,8 +152,8 @@ void experts_forward(Backend& be, std::span<const MlpParams> p, std::span<const 
   if (!accumulate_out) a.out = be.alloc(DType::F32, {M, H});
   if (batched)
     grouped(be, p, offsets, &MlpParams::down_proj, a.act, a.out, accumulate_out);  // [M, H]
-  else if (fp8)
-    grouped_fp8(p, offsets, &MlpParams::down_proj, a.act, a.out, accumulate_out, act);  // [M, H]
+  else if (lowp_batched)
+    grouped_lowp(p, offsets, &MlpParams::down_proj, a.act, a.out, accumulate_out, act);  // [M, H]
   else
     each_block(be, p, offsets, lowp_gemms(p[0]), [&](size_t e, int64_t r0, int64_t r1) {
       Fp8Tiles ae = block(act, r0, r1);
@@ -326,10 +326,10 @@ void experts_backward(Backend& be, std::span<const MlpParams> p, std::span<const
   const Fp8Tiles act_copy = a.act_copy.defined() ? a.act_copy
                             : lowp                ? lowp_input_copy(prec, act, "linear input")
                                                   : Fp8Tiles{};
-  const Fp8Tiles dout_copy = lowp ? lowp_grad_copy(prec, dout) : Fp8Tiles{};
-  const bool fp8_blocks = fp8_grouped(p);
-  if (fp8_blocks)
-    grouped_fp8_backward(p, g, offsets, &MlpParams::down_proj, act, dout, dact, false, act_copy);  // [M, I]
+  const bool lowp_batched = lowp_grouped(p);
+  const Fp8Tiles dout_copy = lowp && !lowp_batched ? lowp_grad_copy(prec, dout) : Fp8Tiles{};
+  if (lowp_batched)
+    grouped_lowp_backward(p, g, offsets, &MlpParams::down_proj, act, dout, dact, false, act_copy);  // [M, I]
   else
     each_block(be, p, offsets, lowp_gemms(p[0]), [&](size_t e, int64_t r0, int64_t r1) {
       const Fp8Tiles ae = block(act_copy, r0, r1), de = block(dout_copy, r0, r1);
@@ -344,9 +344,9 @@ void experts_backward(Backend& be, std::span<const MlpParams> p, std::span<const
   s.dgate = dact;  // aliases dout (elementwise)
   s.dup = dup;
   be.swiglu_backward(s);
-  if (fp8_blocks) {
-    grouped_fp8_backward(p, g, offsets, &MlpParams::gate_proj, a.x, dact, dx, accumulate_dx, a.x_fp8);  // [M, H]
-    grouped_fp8_backward(p, g, offsets, &MlpParams::up_proj, a.x, dup, dx, true, a.x_fp8);
+  if (lowp_batched) {
+    grouped_lowp_backward(p, g, offsets, &MlpParams::gate_proj, a.x, dact, dx, accumulate_dx, a.x_fp8);  // [M, H]
+    grouped_lowp_backward(p, g, offsets, &MlpParams::up_proj, a.x, dup, dx, true, a.x_fp8);
     return;
   }
   const Fp8Tiles dgate_copy = lowp ? lowp_grad_copy(prec, dact) : Fp8Tiles{};

@@ -1,8 +1,10 @@
 // experts_forward / experts_backward (model/moe.cpp) on CUDA, where the row blocks' GEMMs go to the
-// backend's lane streams (CudaBackend::begin_lanes; in fp8 through linear_lowp_grouped, whose
-// preparations for all blocks run in one launch on the issuing stream before the lanes fork): with lanes the outputs, dx and every weight
-// gradient equal those of the same calls with lanes off, bit for bit (the same kernels on the same
-// operands; a race between lanes, or a block reused while a lane still reads it, would change them).
+// backend's lane streams (CudaBackend::begin_lanes) through linear_lowp_grouped: in fp8 the
+// preparations for all blocks run in one launch on the issuing stream before the lanes fork; in bf16
+// the forward and Dgrad of all blocks are batched matmuls and only the Wgrads take lanes. With lanes
+// the outputs, dx and every weight gradient equal those of the same calls with lanes off, bit for
+// bit (the same kernels on the same operands; a race between lanes, or a block reused while a lane
+// still reads it, would change them).
 // In bf16 both also match the CPU's experts_* under kBf16: a chain (gate/up, SwiGLU, down and back)
 // whose intermediate values are rounded to BF16 again, where a value summed in another order can
 // round to the neighbouring BF16 number. FP8 re-quantizes those values (a neighbouring E4M3 number

@@ -9,7 +9,12 @@
 // one that pads past x (its codes copied); BF16, F32 and FP8 (with scale_inv) weights, accumulate on
 // and off, power-of-two scales, no dx; an Inf or a NaN in a row another block reads as padding (that
 // row's block's outputs NaN, the others untouched); and a K that is no multiple of 128 (the
-// per-block fallback).
+// per-block fallback). In Bf16 mode the blocks' forward and Dgrad products are batched matmuls of
+// 256-row chunks, a block's last rows the tail of a chunk reaching back into earlier blocks (into
+// scratch, then added): against the per-block calls under kF32 (the same BF16 products, FP32 sums
+// in another order), non-finite values in the same places, with blocks of exact multiples of 256
+// rows, tails, x shorter than one chunk, F32 weights (the per-block fallback) and a NaN in a row
+// a later block's tail chunk reads.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -19,9 +24,12 @@
 #include "../backend/harness.h"
 #include "backend/cuda/cuda_backend.h"
 #include "backend/fp8.h"
+#include "backend/tolerance.h"
 
 namespace dsv3::test {
 namespace {
+
+std::vector<int64_t> block_rows();
 
 struct Case {
   int64_t K = 256, N = 128;
@@ -29,6 +37,8 @@ struct Case {
   bool accumulate = false, pow2 = false, dx = true;
   int64_t bad_row = -1;  // x[bad_row, 1] = bad
   float bad = std::numeric_limits<float>::infinity();
+  LinearPrecisionMode mode = LinearPrecisionMode::Fp8;
+  std::vector<int64_t> rows = block_rows();
 };
 
 // 40 blocks: 5 first (pads into block 1), empty ones, 1..3 rows, 130 (two token tiles), 203 last
@@ -48,7 +58,7 @@ struct Outs {
 
 Outs run(const Case& c, bool grouped) {
   CudaBackend& be = cuda_backend();
-  const std::vector<int64_t> rows = block_rows();
+  const std::vector<int64_t>& rows = c.rows;
   std::vector<int64_t> off = {0};
   for (int64_t r : rows) off.push_back(off.back() + r);
   const int64_t M = off.back(), E = int64_t(rows.size());
@@ -72,9 +82,9 @@ Outs run(const Case& c, bool grouped) {
   const Tensor x = be.to_device(xh), dy = be.to_device(randn({M, c.N}, 71, 2));
   const Tensor y = g.init(randn({M, c.N}, 71, 3)), dx = c.dx ? g.init(randn({M, c.K}, 71, 4)) : Tensor();
   LinearPrecision p;
-  p.mode = LinearPrecisionMode::Fp8;
+  p.mode = c.mode;
   p.pow2_scale = c.pow2;
-  const Fp8Tiles copy = fp8_tiles(x, c.pow2, "x");
+  const Fp8Tiles copy = lowp_input_copy(p, x, "x");
   if (grouped) {
     linear_lowp_grouped(p, {x, w, s, off, y, c.accumulate}, copy);
     GroupedLinearBackwardArgs b;
@@ -114,14 +124,33 @@ int64_t differing(const Tensor& a, const Tensor& b) {
   return diff;
 }
 
+// Bf16: non-finite in the same places, the finite values within kF32 of the per-block ones.
+void expect_close(const Tensor& got, const Tensor& want, const std::string& what) {
+  const float* g = got.data<float>();
+  const float* w = want.data<float>();
+  double mref = 0, md = 0;
+  int64_t misplaced = 0;
+  for (int64_t i = 0; i < got.numel(); ++i) {
+    if (std::isfinite(g[i]) != std::isfinite(w[i]) || (std::isnan(g[i]) != std::isnan(w[i]))) ++misplaced;
+    if (!std::isfinite(g[i]) || !std::isfinite(w[i])) continue;
+    mref = std::max(mref, std::fabs(double(w[i])));
+    md = std::max(md, std::fabs(double(g[i]) - double(w[i])));
+  }
+  EXPECT_EQ(misplaced, 0) << what;
+  EXPECT_LE(mref > 0 ? md / mref : md, tol::kF32) << what;
+}
+
+void expect_same(const Case& c, const Tensor& got, const Tensor& want, const std::string& what) {
+  if (c.mode == LinearPrecisionMode::Bf16) return expect_close(got, want, what);
+  EXPECT_EQ(differing(got, want), 0) << what;
+}
+
 void check_against(const Case& c, const Outs& per_block, const Outs& grouped) {
   EXPECT_EQ(grouped.damaged, "");
-  EXPECT_EQ(differing(grouped.y, per_block.y), 0) << "y";
-  if (c.dx) {
-    EXPECT_EQ(differing(grouped.dx, per_block.dx), 0) << "dx";
-  }
+  expect_same(c, grouped.y, per_block.y, "y");
+  if (c.dx) expect_same(c, grouped.dx, per_block.dx, "dx");
   ASSERT_EQ(grouped.dw.size(), per_block.dw.size());
-  for (size_t e = 0; e < grouped.dw.size(); ++e) EXPECT_EQ(differing(grouped.dw[e], per_block.dw[e]), 0) << "dw " << e;
+  for (size_t e = 0; e < grouped.dw.size(); ++e) expect_same(c, grouped.dw[e], per_block.dw[e], cat("dw ", e));
   if (c.bad_row >= 0) return;
   for (const Tensor* t : {&grouped.y, &grouped.dx}) {
     if (t->defined()) {
@@ -132,7 +161,8 @@ void check_against(const Case& c, const Outs& per_block, const Outs& grouped) {
 
 // The grouped calls on 1 (off), 4 and 8 lanes against the per-block calls.
 void check(const Case& c) {
-  SCOPED_TRACE(cat("K ", c.K, " w ", dtype_name(c.wtype), " accumulate ", c.accumulate, " pow2 ", c.pow2, " dx ", c.dx,
+  SCOPED_TRACE(cat(c.mode == LinearPrecisionMode::Bf16 ? "bf16" : "fp8", " rows ", c.rows.size(), " K ", c.K,
+                   " w ", dtype_name(c.wtype), " accumulate ", c.accumulate, " pow2 ", c.pow2, " dx ", c.dx,
                    " bad row ", c.bad_row, " bad ", c.bad));
   const Outs per_block = run(c, false);
   const int before = cuda_lanes();
@@ -178,6 +208,53 @@ TEST(CudaLowpGrouped, NonFiniteBlockStaysInItsBlock) {
       EXPECT_EQ(nan, e == 2 ? rows[e] * c.N : 0) << "block " << e;
       EXPECT_EQ(compare(o.dw[e], to_vec(o.dw[e])).non_finite, e == 2 ? c.N * c.K : 0) << "dw " << e;
       r0 += rows[e];
+    }
+  }
+}
+
+// Bf16: blocks of 256-row multiples (full chunks only), longer ones with tails, short ones whose
+// tail chunk reaches back over several earlier blocks, empty ones.
+std::vector<int64_t> bf16_rows() { return {600, 5, 0, 256, 1, 300, 512, 0, 37, 255, 257, 130}; }
+
+Case bf16_case(std::vector<int64_t> rows = bf16_rows()) {
+  Case c;
+  c.mode = LinearPrecisionMode::Bf16;
+  c.rows = std::move(rows);
+  return c;
+}
+
+TEST(CudaLowpGrouped, Bf16BatchesEqualOneLinearPerBlock) {
+  ASSERT_GT(cuda_device_count(), 0);
+  Case c = bf16_case();
+  check(c);
+  c.accumulate = true;
+  check(c);
+  c.dx = false;
+  c.K = 384;
+  c.N = 64;
+  check(c);
+  check(bf16_case({5, 0, 30, 7, 100}));  // x shorter than one chunk
+  c = bf16_case();
+  c.wtype = DType::F32;  // not batched: one linear_lowp per block
+  check(c);
+}
+
+// A NaN, then an Inf, in the last row of block 0 (600 rows), which the tail chunks of blocks 1 and
+// 3.. read: only block 0's outputs take it.
+TEST(CudaLowpGrouped, Bf16NonFiniteRowStaysInItsBlock) {
+  ASSERT_GT(cuda_device_count(), 0);
+  for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    Case c = bf16_case();
+    c.bad_row = 599;
+    c.bad = bad;
+    check(c);
+    const Outs o = run(c, true);
+    int64_t r0 = 0;
+    for (size_t e = 0; e < c.rows.size(); ++e) {
+      const int64_t bad_y = compare(o.y.rows(r0, r0 + c.rows[e]), to_vec(o.y.rows(r0, r0 + c.rows[e]))).non_finite;
+      EXPECT_EQ(bad_y, e == 0 ? c.N : 0) << "block " << e;
+      EXPECT_EQ(compare(o.dw[e], to_vec(o.dw[e])).non_finite, e == 0 ? c.N : 0) << "dw " << e;
+      r0 += c.rows[e];
     }
   }
 }

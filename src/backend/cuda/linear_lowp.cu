@@ -323,12 +323,52 @@ WeightSide weight_side(const Tensor& w, const Tensor& w_scale_inv, bool transpos
   return s;
 }
 
-// c[i] (+)= s[i] for i < n: the first rows of a GEMM computed with padding rows (cuBLASLt takes token
-// counts in multiples of 4), as cuBLASLt's β = 1 would add them (one FP32 addition; NaN stays NaN).
-__global__ void add_rows_kernel(const float* s, float* c, int64_t n, bool accumulate) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    c[i] = accumulate ? c[i] + s[i] : s[i];
+// c[i] (+)= s[i], i < len, for each of up to kPrepGroup pieces (blockIdx.y): the rows of matmuls
+// computed with more rows than c has room for (cuBLASLt's multiple of 4, a BF16 batch's chunk), as
+// cuBLASLt's β = 1 would add them (one FP32 addition; NaN stays NaN). vec: 16-byte aligned, len % 4 == 0.
+struct PaddedRows {
+  int n = 0;
+  const float* s[kPrepGroup] = {};
+  float* c[kPrepGroup] = {};
+  int64_t len[kPrepGroup] = {};
+};
+__global__ void add_padded_rows_kernel(const __grid_constant__ PaddedRows t, bool accumulate, bool vec) {
+  const int e = blockIdx.y;
+  const int64_t n = vec ? t.len[e] / 4 : t.len[e], step = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += step) {
+    if (vec) {
+      const float4 v = reinterpret_cast<const float4*>(t.s[e])[i];
+      float4& o = reinterpret_cast<float4*>(t.c[e])[i];
+      o = accumulate ? make_float4(o.x + v.x, o.y + v.y, o.z + v.z, o.w + v.w) : v;
+    } else {
+      t.c[e][i] = accumulate ? t.c[e][i] + t.s[e][i] : t.s[e][i];
+    }
+  }
 }
+
+class PaddedAdd {
+ public:
+  bool full() const { return t_.n == kPrepGroup; }
+  void add(const float* s, float* c, int64_t len) {
+    t_.s[t_.n] = s;
+    t_.c[t_.n] = c;
+    t_.len[t_.n++] = len;
+    vec_ = vec_ && len % 4 == 0 && (reinterpret_cast<uintptr_t>(s) & 15u) == 0 &&
+           (reinterpret_cast<uintptr_t>(c) & 15u) == 0;
+    longest_ = std::max(longest_, len);
+  }
+  void run(bool accumulate) {
+    if (t_.n == 0) return;
+    const unsigned x = std::min(blocks_for(vec_ ? longest_ / 4 : longest_), 256u);
+    add_padded_rows_kernel<<<dim3(x, unsigned(t_.n)), 256, 0, stream()>>>(t_, accumulate, vec_);
+    check_launch("padded matmul rows");
+  }
+
+ private:
+  PaddedRows t_;
+  bool vec_ = true;
+  int64_t longest_ = 0;
+};
 
 // The matmul of a token-side operand with M_lt ≥ M rows (rows M.. zero): straight into c when
 // M_lt = M, else through scratch rows whose first M are then written (added) into c.
@@ -337,8 +377,9 @@ void gemm_token_rows(const uint8_t* a, const float* a_scale, int64_t M, int64_t 
   if (M_lt == M) return fp8_gemm_lt(a, a_scale, M, b, b_scale, b_block, N, K, c, accumulate);
   Scratch out(size_t(M_lt * N) * sizeof(float));
   fp8_gemm_lt(a, a_scale, M_lt, b, b_scale, b_block, N, K, out.as<float>(), false);
-  add_rows_kernel<<<std::min(blocks_for(M * N), 1u << 16), 256, 0, stream()>>>(out.as<float>(), c, M * N, accumulate);
-  check_launch("fp8 gemm rows");
+  PaddedAdd pad;
+  pad.add(out.as<float>(), c, M * N);
+  pad.run(accumulate);
 }
 
 // One Fprop preparation's scratch, kFpropPieces pieces of a Carve from `base`: the weight's
@@ -449,50 +490,6 @@ void backward_direct(const Tensor& dy, const Tensor& w, const Tensor& w_scale_in
 // rows (another block's codes: the products of those rows are dropped, and a row of the product
 // depends on its own row of codes only), so the codes are copied only when those rows run past x.
 
-// c[i] (+)= s[i], i < len, for each padded block (blockIdx.y); vec: 16-byte aligned, len % 4 == 0.
-struct PaddedRows {
-  int n = 0;
-  const float* s[kPrepGroup] = {};
-  float* c[kPrepGroup] = {};
-  int64_t len[kPrepGroup] = {};
-};
-__global__ void add_padded_rows_kernel(const __grid_constant__ PaddedRows t, bool accumulate, bool vec) {
-  const int e = blockIdx.y;
-  const int64_t n = vec ? t.len[e] / 4 : t.len[e], step = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += step) {
-    if (vec) {
-      const float4 v = reinterpret_cast<const float4*>(t.s[e])[i];
-      float4& o = reinterpret_cast<float4*>(t.c[e])[i];
-      o = accumulate ? make_float4(o.x + v.x, o.y + v.y, o.z + v.z, o.w + v.w) : v;
-    } else {
-      t.c[e][i] = accumulate ? t.c[e][i] + t.s[e][i] : t.s[e][i];
-    }
-  }
-}
-
-class PaddedAdd {
- public:
-  void add(const float* s, float* c, int64_t len) {
-    t_.s[t_.n] = s;
-    t_.c[t_.n] = c;
-    t_.len[t_.n++] = len;
-    vec_ = vec_ && len % 4 == 0 && (reinterpret_cast<uintptr_t>(s) & 15u) == 0 &&
-           (reinterpret_cast<uintptr_t>(c) & 15u) == 0;
-    longest_ = std::max(longest_, len);
-  }
-  void run(bool accumulate) {
-    if (t_.n == 0) return;
-    const unsigned x = std::min(blocks_for(vec_ ? longest_ / 4 : longest_), 256u);
-    add_padded_rows_kernel<<<dim3(x, unsigned(t_.n)), 256, 0, stream()>>>(t_, accumulate, vec_);
-    check_launch("fp8 grouped padding rows");
-  }
-
- private:
-  PaddedRows t_;
-  bool vec_ = true;
-  int64_t longest_ = 0;
-};
-
 // The non-empty blocks, kPrepGroup at a time.
 template <class F>
 void each_group(std::span<const int64_t> offsets, F fn) {
@@ -529,9 +526,157 @@ class LaneRuns {
   std::vector<int64_t> lane_, end_;
 };
 
+// Bf16 mode: the blocks' products as cuBLASLt pointer-array batches. Each block's rows are cut into
+// chunks of kBf16Chunk rows, one batch written in place; a block's last Me % kBf16Chunk rows are the
+// tail of a chunk that ends with the block (or starts at row 0, for the first rows of x), a second
+// batch into scratch whose tails PaddedAdd writes (adds) into c. A chunk's other rows are products
+// of other blocks' rows with this block's weight, dropped (a row of the product reads its own row
+// of a only). On the H200, per block on four lanes the experts' GEMMs of a bench-0.7b step ran at
+// ~250-300 TFLOP/s, as one batch of 256-row chunks at ~500-600 (docs/cuda.md).
+constexpr int64_t kBf16Chunk = 256;
+
+// The pointer arrays of bf16_blocks' two batches, written on the device (a pageable host copy may
+// wait for the stream, and the experts' step is queued by a host only just ahead of the GPU). Per
+// block: its weight, rows, the index of its first full chunk and of its tail (-1: none). One thread
+// per block writes a[], w[], c[] of the full chunks (nf each), then of the tails (nt each).
+constexpr int kTableBlocks = 64;
+struct ChunkTable {
+  int n = 0;
+  const void* w[kTableBlocks] = {};
+  int64_t r0[kTableBlocks] = {}, r1[kTableBlocks] = {};
+  int first[kTableBlocks] = {}, tail[kTableBlocks] = {};
+};
+__global__ void chunk_pointers_kernel(const __grid_constant__ ChunkTable t, const __nv_bfloat16* a, int64_t kin,
+                                      float* c, int64_t nout, float* prod, int64_t C, int64_t nf, int64_t nt,
+                                      const void** out) {
+  const int e = threadIdx.x;
+  if (e >= t.n) return;
+  int64_t r = t.r0[e];
+  for (int64_t j = t.first[e]; r + C <= t.r1[e]; r += C, ++j) {
+    out[j] = a + r * kin;
+    out[nf + j] = t.w[e];
+    out[2 * nf + j] = c + r * nout;
+  }
+  if (t.tail[e] < 0) return;
+  const int64_t j = t.tail[e], start = t.r1[e] - C > 0 ? t.r1[e] - C : 0;
+  const void** o = out + 3 * nf;
+  o[j] = a + start * kin;
+  o[nt + j] = t.w[e];
+  o[2 * nt + j] = prod + j * C * nout;
+}
+
+// Whether bf16_blocks takes these operands: BF16 weights, 16-byte aligned rows of c (and of a, whose
+// base the caller checks), two or more blocks with rows (one block is linear_lowp's one matmul).
+bool bf16_batchable(std::span<const int64_t> offsets, std::span<const Tensor> w, int64_t kin, const void* c,
+                    int64_t nout) {
+  if (kin % 8 != 0 || nout % 4 != 0 || !aligned16(c)) return false;
+  int blocks = 0;
+  for (size_t e = 0; e < w.size(); ++e) {
+    if (w[e].dtype() != DType::BF16 || !aligned16(w[e].raw())) return false;
+    blocks += offsets[e + 1] > offsets[e] ? 1 : 0;
+  }
+  return blocks >= 2;
+}
+
+// c[r] (+)= a[r] · op(w_e) for the rows r of every block e: a [M, kin] BF16, w_e [nout, kin] (trans_w:
+// the forward) or [kin, nout] (Dgrad), c [M, nout] F32. False, nothing written, when cuBLASLt has no
+// algorithm for the batch.
+bool bf16_blocks(std::span<const int64_t> offsets, std::span<const Tensor> w, bool trans_w, const __nv_bfloat16* a,
+                 int64_t kin, int64_t nout, float* c, bool accumulate) {
+  const int64_t M = offsets.back(), C = std::min(kBf16Chunk, M);
+  struct Tail { int64_t skip, r, len; };  // rows of its chunk before the tail; the tail's rows in c
+  std::vector<Tail> tails;
+  std::vector<int> first, tail_of;
+  int64_t nf = 0;
+  for (size_t e = 0; e + 1 < offsets.size(); ++e) {
+    const int64_t r0 = offsets[e], r1 = offsets[e + 1], full = (r1 - r0) / C, r = r0 + full * C;
+    first.push_back(int(nf));
+    nf += full;
+    tail_of.push_back(r < r1 ? int(tails.size()) : -1);
+    if (r < r1) tails.push_back({r - std::max<int64_t>(0, r1 - C), r, r1 - r});
+  }
+  const int64_t nt = int64_t(tails.size());
+  // Scratch: the tails' products [nt·C, nout], then the pointer arrays (full: a, w, c; tails: a, w, c).
+  const size_t prod_bytes = (size_t(nt * C * nout) * 4 + 255) / 256 * 256;
+  Scratch buf(prod_bytes + size_t(3 * (nf + nt)) * sizeof(void*));
+  float* prod = buf.as<float>();
+  const void** table = reinterpret_cast<const void**>(buf.as<char>() + prod_bytes);
+  for (size_t e0 = 0; e0 < w.size(); e0 += kTableBlocks) {
+    ChunkTable t;
+    for (size_t e = e0; e < std::min(w.size(), e0 + kTableBlocks); ++e, ++t.n) {
+      t.w[t.n] = w[e].raw();
+      t.r0[t.n] = offsets[e];
+      t.r1[t.n] = offsets[e + 1];
+      t.first[t.n] = first[e];
+      t.tail[t.n] = tail_of[e];
+    }
+    chunk_pointers_kernel<<<1, kTableBlocks, 0, stream()>>>(t, a, kin, c, nout, prod, C, nf, nt, table);
+    check_launch("BF16 expert batches: pointer arrays");
+  }
+  // Every pointer is 16-byte aligned (bf16_batchable and the callers' checks); cuBLASLt cannot see
+  // more through a pointer array.
+  constexpr uint32_t align = 16;
+  auto batch = [&](const void** t, size_t n, bool acc) {
+    LtMatmul g = lt_row_major(false, trans_w, C, nout, kin, t, kin, t + n, trans_w ? kin : nout, t + 2 * n, nout, acc);
+    g.batch = int64_t(n);
+    g.pointer_array = true;
+    g.align = align;
+    return lt_try_matmul(g);
+  };
+  // The first batch may find no algorithm (nothing written yet); once one has run, the other must.
+  bool ran = false;
+  if (nf > 0) {
+    if (!batch(table, size_t(nf), accumulate)) return false;
+    ran = true;
+  }
+  if (nt == 0) return true;
+  if (!batch(table + 3 * nf, size_t(nt), false)) {
+    if (!ran) return false;
+    DSV3_CHECK(false, "linear_lowp_grouped: cuBLASLt ran the BF16 chunks but has no algorithm for the tails");
+  }
+  PaddedAdd pad;
+  for (size_t j = 0; j < tails.size(); ++j) {
+    if (pad.full()) {
+      pad.run(accumulate);
+      pad = PaddedAdd();
+    }
+    pad.add(prod + (int64_t(j) * C + tails[j].skip) * nout, c + tails[j].r * nout, tails[j].len * nout);
+  }
+  pad.run(accumulate);
+  return true;
+}
+
+// linear_backward_lowp_grouped in Bf16 mode: dy converted once, Dgrad as bf16_blocks, each block's
+// Wgrad (its rows are the reduction, which a batch cannot vary) one matmul on the lanes.
+bool bf16_grouped_backward(const GroupedLinearBackwardArgs& a, const Fp8Tiles& xc) {
+  const Tensor dy = mat(a.dy), x = mat(a.x);
+  const int64_t N = dy.dim(1), K = x.dim(1);
+  const bool want_dx = present(a.dx);
+  if (!bf16_batchable(a.offsets, a.w, N, want_dx ? a.dx.raw() : nullptr, K)) return false;
+  const Tensor dyb = to_bf16(dy), xb = bf16_input(x, &xc);
+  if (!aligned16(dyb.raw()) || !aligned16(xb.raw())) return false;
+  const size_t n = a.w.size();
+  LaneScope lanes(cuda_backend());
+  lanes(0);  // Dgrad's batch beside the other lanes' Wgrads
+  if (want_dx && !bf16_blocks(a.offsets, a.w, false, bf(dyb), N, K, ptr<float>(a.dx), a.accumulate_dx)) return false;
+  for (size_t e = 0; e < n; ++e) {
+    const int64_t r0 = a.offsets[e], Me = a.offsets[e + 1] - r0;
+    if (Me == 0) continue;
+    lanes(int64_t(e));
+    gemm_bf16(true, false, N, K, Me, bf(dyb) + r0 * N, N, bf(xb) + r0 * K, K, true, ptr<float>(a.dw[e]), K);
+  }
+  return true;
+}
+
 }  // namespace
 
 bool cuda_linear_lowp_grouped(const LinearPrecision& p, const GroupedLinearArgs& a, const Fp8Tiles& xc) {
+  if (p.mode == LinearPrecisionMode::Bf16) {
+    const int64_t K = a.x.dim(1), N = a.y.dim(1);
+    if (!bf16_batchable(a.offsets, a.w, K, a.y.raw(), N)) return false;
+    const Tensor xb = bf16_input(a.x, &xc);
+    return aligned16(xb.raw()) && bf16_blocks(a.offsets, a.w, true, bf(xb), K, N, ptr<float>(a.y), a.accumulate);
+  }
   if (p.mode != LinearPrecisionMode::Fp8 || legacy() || a.w.empty() || !xc.defined() ||
       xc.q.dtype() != DType::F8_E4M3 || !xc.scale.defined())
     return false;
@@ -580,6 +725,7 @@ bool cuda_linear_lowp_grouped(const LinearPrecision& p, const GroupedLinearArgs&
 
 bool cuda_linear_backward_lowp_grouped(const LinearPrecision& p, const GroupedLinearBackwardArgs& a,
                                        const Fp8Tiles& xc) {
+  if (p.mode == LinearPrecisionMode::Bf16) return bf16_grouped_backward(a, xc);
   if (p.mode != LinearPrecisionMode::Fp8 || legacy() || p.dgrad_block || a.w.empty() || !xc.defined() ||
       xc.q.dtype() != DType::F8_E4M3 || !xc.scale.defined())
     return false;

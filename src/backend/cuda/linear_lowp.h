@@ -21,8 +21,9 @@ namespace dsv3 {
 void cuda_linear_lowp(const LinearPrecision& prec, const LinearArgs& a, Fp8Tiles* x_fp8);
 void cuda_linear_backward_lowp(const LinearPrecision& prec, const LinearBackwardArgs& a, const Fp8Tiles* x_fp8,
                                const Fp8Tiles* dy_copy);
-// linear_lowp_grouped / linear_backward_lowp_grouped on CUDA tensors in Fp8 mode with x's FP8 copy
-// given, when every block fits the direct path: false (nothing done) otherwise.
+// linear_lowp_grouped / linear_backward_lowp_grouped on CUDA tensors: in Fp8 mode with x's FP8 copy
+// given, when every block fits the direct path; in Bf16 mode with BF16 weights, 16-byte aligned rows
+// and two or more blocks with rows. False (nothing done) otherwise.
 bool cuda_linear_lowp_grouped(const LinearPrecision& prec, const GroupedLinearArgs& a, const Fp8Tiles& x_copy);
 bool cuda_linear_backward_lowp_grouped(const LinearPrecision& prec, const GroupedLinearBackwardArgs& a,
                                        const Fp8Tiles& x_copy);
