@@ -7,7 +7,9 @@ random weights in BF16 on the GPU, then measures
     TFLOP/s and MFU against 989 TFLOP/s dense BF16, FLOPs per token from the same info JSON
     (6 x matmul_params_active + causal attention at T; transformers has no MTP loss, so none is
     counted);
-  - decode: generate() greedy, prompt 128, exactly 128 new tokens, batch 1 and 32; new tokens/s.
+  - decode: generate() greedy, prompt 128, exactly 128 new tokens, batch 1 and 32; new tokens/s,
+    the median of --decode-runs timed calls after one warm-up (a single call's rate moved between
+    30 and 57 tok/s at batch 1 across leases of the same H200); every call's rate is recorded.
 Writes one JSON (commit/date/gpu given by the caller's environment) and prints a table.
 
 usage: dsv3 info --preset bench-0.7b --json > info.json
@@ -27,8 +29,11 @@ def main():
     ap.add_argument("--batch", type=int, default=8, help="training batch (default 8)")
     ap.add_argument("--seq", type=int, default=2048, help="training sequence length (default 2048)")
     ap.add_argument("--steps", type=int, default=10, help="timed training steps after 3 warm-up steps (default 10)")
+    ap.add_argument("--decode-runs", type=int, default=3, help="timed generate() calls per batch (default 3)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense BF16 peak for MFU (default 989)")
     args = ap.parse_args()
+    if args.decode_runs < 1:
+        ap.error(f"--decode-runs must be at least 1, got {args.decode_runs}")
 
     import torch
     import transformers
@@ -91,22 +96,28 @@ def main():
     for bs in (1, 32):
         prompt = torch.randint(2, vocab, (bs, 128), device=dev)
         kw = dict(max_new_tokens=128, min_new_tokens=128, do_sample=False, pad_token_id=0)
+        runs = []
         with torch.no_grad():
             model.generate(prompt, **kw)  # warm-up
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = model.generate(prompt, **kw)
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        new = (out.shape[1] - 128) * bs
-        result["decode"].append({"batch": bs, "prompt": 128, "new_tokens": new, "seconds": dt,
-                                 "tokens_per_s": new / dt})
+            for _ in range(args.decode_runs):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                out = model.generate(prompt, **kw)
+                torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                new = (out.shape[1] - 128) * bs
+                runs.append({"seconds": dt, "new_tokens": new, "tokens_per_s": new / dt})
+        med = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
+        result["decode"].append({"batch": bs, "prompt": 128, "new_tokens": med["new_tokens"],
+                                 "seconds": med["seconds"], "tokens_per_s": med["tokens_per_s"],
+                                 "runs": runs})
 
     print(f"{'HF transformers':<18} {result['transformers']}  torch {result['torch']}  {result['gpu']}")
     tr = result["train"]
     print(f"train B={B} T={T}: {tr['tokens_per_s']:.0f} tok/s, {tr['tflops']:.1f} TFLOP/s, MFU {tr['mfu']:.3f}")
     for d in result["decode"]:
-        print(f"decode batch {d['batch']:>2}: {d['tokens_per_s']:.1f} new tok/s")
+        each = ", ".join(f"{r['tokens_per_s']:.1f}" for r in d["runs"])
+        print(f"decode batch {d['batch']:>2}: {d['tokens_per_s']:.1f} new tok/s (median of {each})")
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1)
