@@ -21,20 +21,38 @@ struct AdamwItem {
   void* v;
   int64_t n, first;
   float b1, b2, eps, gs, decay, step_size, bc2_sqrt;
-  bool mb, vb;
-  __device__ void apply(int64_t i) const {
-    float gi = g[i] * gs;
-    float mi = mb ? __bfloat162float(static_cast<__nv_bfloat16*>(m)[i]) : static_cast<float*>(m)[i];
-    float vi = vb ? __bfloat162float(static_cast<__nv_bfloat16*>(v)[i]) : static_cast<float*>(v)[i];
+  bool mb, vb, vec;  // vec: F32 moments, every array 16-byte aligned (apply4)
+  // One element: m, v and p from the gradient (p, m, v updated in place).
+  __device__ void update(float gr, float& pi, float& mi, float& vi) const {
+    const float gi = gr * gs;
     mi = b1 * mi + (1.0f - b1) * gi;
     vi = b2 * vi + (1.0f - b2) * gi * gi;
-    float pi = p[i] * decay;
-    pi -= step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
+    pi = pi * decay - step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
+  }
+  __device__ void apply(int64_t i) const {
+    float mi = mb ? __bfloat162float(static_cast<__nv_bfloat16*>(m)[i]) : static_cast<float*>(m)[i];
+    float vi = vb ? __bfloat162float(static_cast<__nv_bfloat16*>(v)[i]) : static_cast<float*>(v)[i];
+    float pi = p[i];
+    update(g[i], pi, mi, vi);
     p[i] = pi;
     if (mb) static_cast<__nv_bfloat16*>(m)[i] = __float2bfloat16_rn(mi);
     else static_cast<float*>(m)[i] = mi;
     if (vb) static_cast<__nv_bfloat16*>(v)[i] = __float2bfloat16_rn(vi);
     else static_cast<float*>(v)[i] = vi;
+  }
+  // Elements i..i + 3 by 16-byte loads and stores (the optimizer pass is memory-bound); each
+  // element's arithmetic is apply's.
+  __device__ void apply4(int64_t i) const {
+    float4 pv = reinterpret_cast<const float4*>(p)[i / 4], mv = static_cast<const float4*>(m)[i / 4];
+    float4 vv = static_cast<const float4*>(v)[i / 4];
+    const float4 gv = reinterpret_cast<const float4*>(g)[i / 4];
+    update(gv.x, pv.x, mv.x, vv.x);
+    update(gv.y, pv.y, mv.y, vv.y);
+    update(gv.z, pv.z, mv.z, vv.z);
+    update(gv.w, pv.w, mv.w, vv.w);
+    reinterpret_cast<float4*>(p)[i / 4] = pv;
+    static_cast<float4*>(m)[i / 4] = mv;
+    static_cast<float4*>(v)[i / 4] = vv;
   }
 };
 
@@ -51,7 +69,14 @@ struct CopyItem {
   void* d;
   DType st, dt;
   int64_t n, first;
+  bool vec;  // F32 → BF16 (the trainer's weight copies), 16- and 8-byte aligned: apply4
   __device__ void apply(int64_t i) const { store_f(d, dt, i, load_f(s, st, i)); }
+  __device__ void apply4(int64_t i) const {
+    const float4 x = static_cast<const float4*>(s)[i / 4];
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(x.x, x.y), hi = __floats2bfloat162_rn(x.z, x.w);
+    static_cast<uint2*>(d)[i / 4] =
+        make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
+  }
 };
 
 struct SumsqItem {
@@ -74,7 +99,15 @@ template <class Item> __global__ void for_each_kernel(const Item* items, int cou
   for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
     const Item& it = item_of(items, count, c);
     const int64_t b = (c - it.first) * kChunk, e = b + kChunk < it.n ? b + kChunk : it.n;
-    for (int64_t i = b + threadIdx.x; i < e; i += blockDim.x) it.apply(i);
+    int64_t i = b + threadIdx.x;
+    if constexpr (requires { it.apply4(b); }) {
+      if (it.vec) {  // b is a multiple of kChunk, so of 4
+        const int64_t e4 = b + (e - b) / 4 * 4;
+        for (int64_t j = b + 4 * int64_t(threadIdx.x); j < e4; j += 4 * int64_t(blockDim.x)) it.apply4(j);
+        i = e4 + threadIdx.x;
+      }
+    }
+    for (; i < e; i += blockDim.x) it.apply(i);
   }
 }
 
@@ -131,9 +164,12 @@ void CudaBackend::adamw_many(std::span<const AdamWArgs> args) {
     validate(a);
     const double bc1 = 1.0 - std::pow(double(a.beta1), double(a.step));
     const double bc2 = 1.0 - std::pow(double(a.beta2), double(a.step));
+    const bool mb = a.m.dtype() == DType::BF16, vb = a.v.dtype() == DType::BF16;
+    const bool vec = !mb && !vb && aligned16(a.param.raw()) && aligned16(a.grad.raw()) && aligned16(a.m.raw()) &&
+                     aligned16(a.v.raw());
     items.push_back({ptr<float>(a.param), a.grad.data<float>(), ptr<void>(a.m), ptr<void>(a.v), a.param.numel(), 0,
                      a.beta1, a.beta2, a.eps, a.grad_scale, 1.0f - a.lr * a.weight_decay, float(double(a.lr) / bc1),
-                     float(std::sqrt(bc2)), a.m.dtype() == DType::BF16, a.v.dtype() == DType::BF16});
+                     float(std::sqrt(bc2)), mb, vb, vec});
   }
   run(items, "adamw");
 }
@@ -155,7 +191,9 @@ void CudaBackend::copy_many(std::span<const CopyArgs> args) {
     if (a.src.dtype() == a.dst.dtype() || a.src.dtype() == DType::I32 || a.dst.dtype() == DType::I32)
       copy(a);  // bytes as they are (a float round trip would narrow F64 and touch NaN payloads)
     else
-      items.push_back({a.src.raw(), ptr<void>(a.dst), a.src.dtype(), a.dst.dtype(), a.src.numel(), 0});
+      items.push_back({a.src.raw(), ptr<void>(a.dst), a.src.dtype(), a.dst.dtype(), a.src.numel(), 0,
+                       a.src.dtype() == DType::F32 && a.dst.dtype() == DType::BF16 && aligned16(a.src.raw()) &&
+                           reinterpret_cast<uintptr_t>(a.dst.raw()) % 8 == 0});
   }
   run(items, "copy_many");
 }
