@@ -172,14 +172,15 @@ void linear_backward_lowp(const LinearPrecision& prec, const LinearBackwardArgs&
 // against w[e]), each block as linear_lowp with x_copy.rows(...) as its cache — the same bits (in
 // Bf16 mode on a GPU the same products, summed in another order). On CUDA tensors in Fp8 mode the
 // blocks' GEMM preparations share launches (a launch per block cost more than its work) and their
-// matmuls run on the backend's lanes; in Bf16 mode with BF16 weights the blocks' matmuls are one
-// batch; otherwise one linear_lowp per block (on lanes on a GPU). x_copy: lowp_input_copy of x, or
+// matmuls run on the backend's lanes; in Bf16 mode with BF16 weights and blocks large enough the
+// blocks' matmuls are batched; otherwise one linear_lowp per block (on lanes on a GPU). x_copy: lowp_input_copy of x, or
 // undefined (each block quantizes or converts its rows).
 void linear_lowp_grouped(const LinearPrecision& prec, const GroupedLinearArgs& a, const Fp8Tiles& x_copy);
 
 // Its backward: per block linear_backward_lowp with dw[e] accumulated into, dx (if present) written
 // or accumulated (accumulate_dx) per block's rows, x_copy as above. In Bf16 mode on a GPU dy is
-// converted once for all blocks, Dgrad is one batch and each block's Wgrad one matmul on a lane.
+// converted once for all blocks, Dgrad is batched as the forward and each block's Wgrad is one matmul
+// on a lane.
 struct GroupedLinearBackwardArgs {
   Tensor x, dy;                                // [M, K], [M, N] F32
   std::span<const Tensor> w, w_scale_inv, dw;  // per block: [N, K]; scale_inv for FP8 weights (else empty); [N, K]

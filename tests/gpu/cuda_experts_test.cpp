@@ -1,7 +1,8 @@
 // experts_forward / experts_backward (model/moe.cpp) on CUDA, where the row blocks' GEMMs go to the
 // backend's lane streams (CudaBackend::begin_lanes) through linear_lowp_grouped: in fp8 the
 // preparations for all blocks run in one launch on the issuing stream before the lanes fork; in bf16
-// the forward and Dgrad of all blocks are batched matmuls and only the Wgrads take lanes. With lanes
+// blocks this small take one linear per block on the lanes (larger ones are batched matmuls:
+// cuda_lowp_grouped_test.cpp). With lanes
 // the outputs, dx and every weight gradient equal those of the same calls with lanes off, bit for
 // bit (the same kernels on the same operands; a race between lanes, or a block reused while a lane
 // still reads it, would change them).

@@ -12,9 +12,10 @@
 // per-block fallback). In Bf16 mode the blocks' forward and Dgrad products are batched matmuls of
 // 256-row chunks, a block's last rows the tail of a chunk reaching back into earlier blocks (into
 // scratch, then added): against the per-block calls under kF32 (the same BF16 products, FP32 sums
-// in another order), non-finite values in the same places, with blocks of exact multiples of 256
-// rows, tails, x shorter than one chunk, F32 weights (the per-block fallback) and a NaN in a row
-// a later block's tail chunk reads.
+// in another order), non-finite values in the same places, the batched path counted as taken (or
+// not), with blocks of exact multiples of 256 rows, tails, x shorter than one chunk, 70 blocks,
+// F32 weights and many small blocks (the per-block fallback), and a NaN / Inf in a row of x or dy
+// that later blocks' tail chunks read.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -23,6 +24,7 @@
 
 #include "../backend/harness.h"
 #include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/linear_lowp.h"
 #include "backend/fp8.h"
 #include "backend/tolerance.h"
 
@@ -35,7 +37,8 @@ struct Case {
   int64_t K = 256, N = 128;
   DType wtype = DType::BF16;
   bool accumulate = false, pow2 = false, dx = true;
-  int64_t bad_row = -1;  // x[bad_row, 1] = bad
+  int64_t bad_row = -1;     // x[bad_row, 1] = bad
+  int64_t bad_dy_row = -1;  // dy[bad_dy_row, 1] = bad
   float bad = std::numeric_limits<float>::infinity();
   LinearPrecisionMode mode = LinearPrecisionMode::Fp8;
   std::vector<int64_t> rows = block_rows();
@@ -54,6 +57,7 @@ struct Outs {
   Tensor y, dx;
   std::vector<Tensor> dw;
   std::string damaged;
+  int64_t batches = 0;  // Bf16-mode calls that ran as batched matmuls
 };
 
 Outs run(const Case& c, bool grouped) {
@@ -79,12 +83,15 @@ Outs run(const Case& c, bool grouped) {
   }
   Tensor xh = randn({M, c.K}, 71, 1);
   if (c.bad_row >= 0) xh.data<float>()[c.bad_row * c.K + 1] = c.bad;
-  const Tensor x = be.to_device(xh), dy = be.to_device(randn({M, c.N}, 71, 2));
+  Tensor dyh = randn({M, c.N}, 71, 2);
+  if (c.bad_dy_row >= 0) dyh.data<float>()[c.bad_dy_row * c.N + 1] = c.bad;
+  const Tensor x = be.to_device(xh), dy = be.to_device(dyh);
   const Tensor y = g.init(randn({M, c.N}, 71, 3)), dx = c.dx ? g.init(randn({M, c.K}, 71, 4)) : Tensor();
   LinearPrecision p;
   p.mode = c.mode;
   p.pow2_scale = c.pow2;
   const Fp8Tiles copy = lowp_input_copy(p, x, "x");
+  const int64_t batches0 = cuda_bf16_grouped_batches();
   if (grouped) {
     linear_lowp_grouped(p, {x, w, s, off, y, c.accumulate}, copy);
     GroupedLinearBackwardArgs b;
@@ -110,7 +117,7 @@ Outs run(const Case& c, bool grouped) {
                            &xe);
     }
   }
-  Outs o{be.to_host(y), c.dx ? be.to_host(dx) : Tensor(), {}, g.damaged()};
+  Outs o{be.to_host(y), c.dx ? be.to_host(dx) : Tensor(), {}, g.damaged(), cuda_bf16_grouped_batches() - batches0};
   for (const Tensor& t : dw) o.dw.push_back(be.to_host(t));
   return o;
 }
@@ -151,7 +158,7 @@ void check_against(const Case& c, const Outs& per_block, const Outs& grouped) {
   if (c.dx) expect_same(c, grouped.dx, per_block.dx, "dx");
   ASSERT_EQ(grouped.dw.size(), per_block.dw.size());
   for (size_t e = 0; e < grouped.dw.size(); ++e) expect_same(c, grouped.dw[e], per_block.dw[e], cat("dw ", e));
-  if (c.bad_row >= 0) return;
+  if (c.bad_row >= 0 || c.bad_dy_row >= 0) return;
   for (const Tensor* t : {&grouped.y, &grouped.dx}) {
     if (t->defined()) {
       EXPECT_EQ(compare(*t, to_vec(*t)).non_finite, 0);
@@ -160,16 +167,21 @@ void check_against(const Case& c, const Outs& per_block, const Outs& grouped) {
 }
 
 // The grouped calls on 1 (off), 4 and 8 lanes against the per-block calls.
-void check(const Case& c) {
+// batched: whether the Bf16-mode grouped calls must take the batched path (forward, and Dgrad when
+// there is a dx), or must not.
+void check(const Case& c, bool batched = false) {
   SCOPED_TRACE(cat(c.mode == LinearPrecisionMode::Bf16 ? "bf16" : "fp8", " rows ", c.rows.size(), " K ", c.K,
                    " w ", dtype_name(c.wtype), " accumulate ", c.accumulate, " pow2 ", c.pow2, " dx ", c.dx,
-                   " bad row ", c.bad_row, " bad ", c.bad));
+                   " bad row ", c.bad_row, " bad dy row ", c.bad_dy_row, " bad ", c.bad));
   const Outs per_block = run(c, false);
   const int before = cuda_lanes();
   for (int lanes : {1, 4, 8}) {
     SCOPED_TRACE(cat(lanes, " lanes"));
     cuda_set_lanes(lanes);
-    check_against(c, per_block, run(c, true));
+    const Outs grouped = run(c, true);
+    check_against(c, per_block, grouped);
+    EXPECT_EQ(per_block.batches, 0);
+    EXPECT_EQ(grouped.batches, batched ? (c.dx ? 2 : 1) : 0) << "batched calls";
   }
   cuda_set_lanes(before);
 }
@@ -213,8 +225,9 @@ TEST(CudaLowpGrouped, NonFiniteBlockStaysInItsBlock) {
 }
 
 // Bf16: blocks of 256-row multiples (full chunks only), longer ones with tails, short ones whose
-// tail chunk reaches back over several earlier blocks, empty ones.
-std::vector<int64_t> bf16_rows() { return {600, 5, 0, 256, 1, 300, 512, 0, 37, 255, 257, 130}; }
+// tail chunk reaches back over several earlier blocks (blocks 1 and 2 both over block 0's last
+// rows), empty ones. 4,096 rows computed for 2,360: within the batch's limit of twice the rows.
+std::vector<int64_t> bf16_rows() { return {600, 5, 7, 0, 256, 1, 300, 512, 0, 37, 255, 257, 130}; }
 
 Case bf16_case(std::vector<int64_t> rows = bf16_rows()) {
   Case c;
@@ -226,37 +239,48 @@ Case bf16_case(std::vector<int64_t> rows = bf16_rows()) {
 TEST(CudaLowpGrouped, Bf16BatchesEqualOneLinearPerBlock) {
   ASSERT_GT(cuda_device_count(), 0);
   Case c = bf16_case();
-  check(c);
+  check(c, true);
   c.accumulate = true;
-  check(c);
+  check(c, true);
   c.dx = false;
   c.K = 384;
   c.N = 64;
-  check(c);
-  check(bf16_case({5, 0, 30, 7, 100}));  // x shorter than one chunk
+  check(c, true);
+  check(bf16_case({100, 0, 30}), true);  // x shorter than one chunk: the chunk is x
+  // 70 blocks of tails of 200..255 rows: two pointer-array launches (64 blocks each) and three
+  // padded-row adds (32 tails each).
+  std::vector<int64_t> many;
+  for (int64_t e = 0; e < 70; ++e) many.push_back(256 * (e % 3) + 200 + (e * 7) % 56);
+  check(bf16_case(many), true);
   c = bf16_case();
   c.wtype = DType::F32;  // not batched: one linear_lowp per block
   check(c);
+  check(bf16_case({5, 0, 30, 7, 100}));  // 4 chunks of 142 rows for 142: per block instead
 }
 
-// A NaN, then an Inf, in the last row of block 0 (600 rows), which the tail chunks of blocks 1 and
-// 3.. read: only block 0's outputs take it.
+// A NaN, then an Inf, in the last row of block 0 (600 rows) of x, then of dy, which the tail chunks of
+// blocks 1 and 2 read: only block 0's outputs take it (x: its y row and dw's column 1; dy: its dx row
+// and dw's row 1).
 TEST(CudaLowpGrouped, Bf16NonFiniteRowStaysInItsBlock) {
   ASSERT_GT(cuda_device_count(), 0);
-  for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
-    Case c = bf16_case();
-    c.bad_row = 599;
-    c.bad = bad;
-    check(c);
-    const Outs o = run(c, true);
-    int64_t r0 = 0;
-    for (size_t e = 0; e < c.rows.size(); ++e) {
-      const int64_t bad_y = compare(o.y.rows(r0, r0 + c.rows[e]), to_vec(o.y.rows(r0, r0 + c.rows[e]))).non_finite;
-      EXPECT_EQ(bad_y, e == 0 ? c.N : 0) << "block " << e;
-      EXPECT_EQ(compare(o.dw[e], to_vec(o.dw[e])).non_finite, e == 0 ? c.N : 0) << "dw " << e;
-      r0 += c.rows[e];
+  for (bool in_dy : {false, true})
+    for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+      Case c = bf16_case();
+      (in_dy ? c.bad_dy_row : c.bad_row) = 599;
+      c.bad = bad;
+      check(c, true);
+      const Outs o = run(c, true);
+      int64_t r0 = 0;
+      for (size_t e = 0; e < c.rows.size(); ++e) {
+        const int64_t r1 = r0 + c.rows[e];
+        const int64_t bad_y = compare(o.y.rows(r0, r1), to_vec(o.y.rows(r0, r1))).non_finite;
+        const int64_t bad_dx = compare(o.dx.rows(r0, r1), to_vec(o.dx.rows(r0, r1))).non_finite;
+        EXPECT_EQ(bad_y, e == 0 && !in_dy ? c.N : 0) << "y, block " << e;
+        EXPECT_EQ(bad_dx, e == 0 && in_dy ? c.K : 0) << "dx, block " << e;
+        EXPECT_EQ(compare(o.dw[e], to_vec(o.dw[e])).non_finite, e == 0 ? (in_dy ? c.K : c.N) : 0) << "dw " << e;
+        r0 = r1;
+      }
     }
-  }
 }
 
 }  // namespace

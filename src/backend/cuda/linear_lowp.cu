@@ -4,6 +4,7 @@
 // and the row-padding copy run on cuda::stream() (a lane of the MoE's experts); the rest on the
 // legacy stream.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <memory>
@@ -359,7 +360,7 @@ class PaddedAdd {
   }
   void run(bool accumulate) {
     if (t_.n == 0) return;
-    const unsigned x = std::min(blocks_for(vec_ ? longest_ / 4 : longest_), 256u);
+    const unsigned x = std::min(blocks_for(vec_ ? longest_ / 4 : longest_), 2048u);
     add_padded_rows_kernel<<<dim3(x, unsigned(t_.n)), 256, 0, stream()>>>(t_, accumulate, vec_);
     check_launch("padded matmul rows");
   }
@@ -538,7 +539,7 @@ constexpr int64_t kBf16Chunk = 256;
 // The pointer arrays of bf16_blocks' two batches, written on the device (a pageable host copy may
 // wait for the stream, and the experts' step is queued by a host only just ahead of the GPU). Per
 // block: its weight, rows, the index of its first full chunk and of its tail (-1: none). One thread
-// per block writes a[], w[], c[] of the full chunks (nf each), then of the tails (nt each).
+// per block writes a[], w[], c[] of the full chunks (nf apart), then of the tails (nt apart).
 constexpr int kTableBlocks = 64;
 struct ChunkTable {
   int n = 0;
@@ -548,7 +549,7 @@ struct ChunkTable {
 };
 __global__ void chunk_pointers_kernel(const __grid_constant__ ChunkTable t, const __nv_bfloat16* a, int64_t kin,
                                       float* c, int64_t nout, float* prod, int64_t C, int64_t nf, int64_t nt,
-                                      const void** out) {
+                                      const void** out) {  // nf, nt: the arrays' strides
   const int e = threadIdx.x;
   if (e >= t.n) return;
   int64_t r = t.r0[e];
@@ -565,22 +566,29 @@ __global__ void chunk_pointers_kernel(const __grid_constant__ ChunkTable t, cons
   o[2 * nt + j] = prod + j * C * nout;
 }
 
+std::atomic<int64_t> g_bf16_batched{0};
+
 // Whether bf16_blocks takes these operands: BF16 weights, 16-byte aligned rows of c (and of a, whose
-// base the caller checks), two or more blocks with rows (one block is linear_lowp's one matmul).
+// base the caller checks), two or more blocks with rows (one block is linear_lowp's one matmul), and
+// at most twice x's rows computed: a tail costs a whole chunk, so many small blocks (V3's 256 experts
+// at a few rows each) would multiply the work where the batch is only ~2x faster per row.
 bool bf16_batchable(std::span<const int64_t> offsets, std::span<const Tensor> w, int64_t kin, const void* c,
                     int64_t nout) {
-  if (kin % 8 != 0 || nout % 4 != 0 || !aligned16(c)) return false;
-  int blocks = 0;
+  if (kin <= 0 || nout <= 0 || kin % 8 != 0 || nout % 4 != 0 || !aligned16(c)) return false;
+  const int64_t M = offsets.back(), C = std::min(kBf16Chunk, M);
+  int64_t blocks = 0, computed = 0;
   for (size_t e = 0; e < w.size(); ++e) {
     if (w[e].dtype() != DType::BF16 || !aligned16(w[e].raw())) return false;
-    blocks += offsets[e + 1] > offsets[e] ? 1 : 0;
+    const int64_t rows = offsets[e + 1] - offsets[e];
+    blocks += rows > 0 ? 1 : 0;
+    computed += (rows + C - 1) / C * C;
   }
-  return blocks >= 2;
+  return blocks >= 2 && computed <= 2 * M;
 }
 
 // c[r] (+)= a[r] · op(w_e) for the rows r of every block e: a [M, kin] BF16, w_e [nout, kin] (trans_w:
-// the forward) or [kin, nout] (Dgrad), c [M, nout] F32. False, nothing written, when cuBLASLt has no
-// algorithm for the batch.
+// the forward) or [kin, nout] (Dgrad), c [M, nout] F32. False, nothing written into c, when cuBLASLt
+// has no algorithm for a batch (the tails' batch runs first: it writes scratch only).
 bool bf16_blocks(std::span<const int64_t> offsets, std::span<const Tensor> w, bool trans_w, const __nv_bfloat16* a,
                  int64_t kin, int64_t nout, float* c, bool accumulate) {
   const int64_t M = offsets.back(), C = std::min(kBf16Chunk, M);
@@ -596,9 +604,11 @@ bool bf16_blocks(std::span<const int64_t> offsets, std::span<const Tensor> w, bo
     if (r < r1) tails.push_back({r - std::max<int64_t>(0, r1 - C), r, r1 - r});
   }
   const int64_t nt = int64_t(tails.size());
-  // Scratch: the tails' products [nt·C, nout], then the pointer arrays (full: a, w, c; tails: a, w, c).
+  // Scratch: the tails' products [nt·C, nout], then the pointer arrays (full: a, w, c; tails: a, w, c),
+  // each of an even length so that every array starts 16-byte aligned.
+  const int64_t sf = nf + (nf & 1), st = nt + (nt & 1);
   const size_t prod_bytes = (size_t(nt * C * nout) * 4 + 255) / 256 * 256;
-  Scratch buf(prod_bytes + size_t(3 * (nf + nt)) * sizeof(void*));
+  Scratch buf(prod_bytes + size_t(3 * (sf + st)) * sizeof(void*));
   float* prod = buf.as<float>();
   const void** table = reinterpret_cast<const void**>(buf.as<char>() + prod_bytes);
   for (size_t e0 = 0; e0 < w.size(); e0 += kTableBlocks) {
@@ -610,30 +620,23 @@ bool bf16_blocks(std::span<const int64_t> offsets, std::span<const Tensor> w, bo
       t.first[t.n] = first[e];
       t.tail[t.n] = tail_of[e];
     }
-    chunk_pointers_kernel<<<1, kTableBlocks, 0, stream()>>>(t, a, kin, c, nout, prod, C, nf, nt, table);
+    chunk_pointers_kernel<<<1, kTableBlocks, 0, stream()>>>(t, a, kin, c, nout, prod, C, sf, st, table);
     check_launch("BF16 expert batches: pointer arrays");
   }
   // Every pointer is 16-byte aligned (bf16_batchable and the callers' checks); cuBLASLt cannot see
   // more through a pointer array.
   constexpr uint32_t align = 16;
-  auto batch = [&](const void** t, size_t n, bool acc) {
-    LtMatmul g = lt_row_major(false, trans_w, C, nout, kin, t, kin, t + n, trans_w ? kin : nout, t + 2 * n, nout, acc);
-    g.batch = int64_t(n);
+  auto batch = [&](const void** t, int64_t n, int64_t stride, bool acc) {
+    LtMatmul g = lt_row_major(false, trans_w, C, nout, kin, t, kin, t + stride, trans_w ? kin : nout, t + 2 * stride,
+                              nout, acc);
+    g.batch = n;
     g.pointer_array = true;
     g.align = align;
     return lt_try_matmul(g);
   };
-  // The first batch may find no algorithm (nothing written yet); once one has run, the other must.
-  bool ran = false;
-  if (nf > 0) {
-    if (!batch(table, size_t(nf), accumulate)) return false;
-    ran = true;
-  }
-  if (nt == 0) return true;
-  if (!batch(table + 3 * nf, size_t(nt), false)) {
-    if (!ran) return false;
-    DSV3_CHECK(false, "linear_lowp_grouped: cuBLASLt ran the BF16 chunks but has no algorithm for the tails");
-  }
+  if (nt > 0 && !batch(table + 3 * sf, nt, st, false)) return false;
+  if (nf > 0 && !batch(table, nf, sf, accumulate)) return false;
+  ++g_bf16_batched;
   PaddedAdd pad;
   for (size_t j = 0; j < tails.size(); ++j) {
     if (pad.full()) {
@@ -669,6 +672,8 @@ bool bf16_grouped_backward(const GroupedLinearBackwardArgs& a, const Fp8Tiles& x
 }
 
 }  // namespace
+
+int64_t cuda_bf16_grouped_batches() { return g_bf16_batched.load(); }
 
 bool cuda_linear_lowp_grouped(const LinearPrecision& p, const GroupedLinearArgs& a, const Fp8Tiles& xc) {
   if (p.mode == LinearPrecisionMode::Bf16) {

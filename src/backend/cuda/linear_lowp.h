@@ -22,11 +22,14 @@ void cuda_linear_lowp(const LinearPrecision& prec, const LinearArgs& a, Fp8Tiles
 void cuda_linear_backward_lowp(const LinearPrecision& prec, const LinearBackwardArgs& a, const Fp8Tiles* x_fp8,
                                const Fp8Tiles* dy_copy);
 // linear_lowp_grouped / linear_backward_lowp_grouped on CUDA tensors: in Fp8 mode with x's FP8 copy
-// given, when every block fits the direct path; in Bf16 mode with BF16 weights, 16-byte aligned rows
-// and two or more blocks with rows. False (nothing done) otherwise.
+// given, when every block fits the direct path; in Bf16 mode with BF16 weights, 16-byte aligned rows,
+// two or more blocks with rows and at most twice the rows computed in chunks. False (nothing done)
+// otherwise.
 bool cuda_linear_lowp_grouped(const LinearPrecision& prec, const GroupedLinearArgs& a, const Fp8Tiles& x_copy);
 bool cuda_linear_backward_lowp_grouped(const LinearPrecision& prec, const GroupedLinearBackwardArgs& a,
                                        const Fp8Tiles& x_copy);
+// Bf16-mode grouped calls that ran as batched matmuls so far (a test's way to see the path taken).
+int64_t cuda_bf16_grouped_batches();
 Fp8Tiles cuda_fp8_tiles(const Tensor& x, bool pow2_scale);
 Tensor cuda_dequantize(const Fp8Tiles& t);
 
