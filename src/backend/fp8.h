@@ -173,8 +173,8 @@ void linear_backward_lowp(const LinearPrecision& prec, const LinearBackwardArgs&
 // Bf16 mode on a GPU the same products, summed in another order). On CUDA tensors in Fp8 mode the
 // blocks' GEMM preparations share launches (a launch per block cost more than its work) and their
 // matmuls run on the backend's lanes; in Bf16 mode with BF16 weights and blocks large enough the
-// blocks' matmuls are batched; otherwise one linear_lowp per block (on lanes on a GPU). x_copy: lowp_input_copy of x, or
-// undefined (each block quantizes or converts its rows).
+// blocks' matmuls are batched; otherwise one linear_lowp per block (on lanes on a GPU). x_copy:
+// lowp_input_copy of x, or undefined (each block quantizes or converts its rows).
 void linear_lowp_grouped(const LinearPrecision& prec, const GroupedLinearArgs& a, const Fp8Tiles& x_copy);
 
 // Its backward: per block linear_backward_lowp with dw[e] accumulated into, dx (if present) written

@@ -93,15 +93,15 @@ void grouped(Backend& be, std::span<const MlpParams> p, std::span<const int64_t>
 
 // The same in Fp8 or Bf16 mode, x_copy x's FP8 tiles or BF16 copy.
 void grouped_lowp(std::span<const MlpParams> p, std::span<const int64_t> offsets, LinearParam MlpParams::*proj,
-                 const Tensor& x, const Tensor& y, bool accumulate, const Fp8Tiles& x_copy) {
+                  const Tensor& x, const Tensor& y, bool accumulate, const Fp8Tiles& x_copy) {
   const ProjWeights pw(p, proj);
   linear_lowp_grouped(linear_precision(), {x, pw.w, pw.s, offsets, y, accumulate}, x_copy);
 }
 
 // Its backward: every block's weight gradient accumulated in g, dx written or accumulated.
-void grouped_lowp_backward(std::span<const MlpParams> p, std::span<const MlpParams> g, std::span<const int64_t> offsets,
-                          LinearParam MlpParams::*proj, const Tensor& x, const Tensor& dy, const Tensor& dx,
-                          bool accumulate_dx, const Fp8Tiles& x_copy) {
+void grouped_lowp_backward(std::span<const MlpParams> p, std::span<const MlpParams> g,
+                           std::span<const int64_t> offsets, LinearParam MlpParams::*proj, const Tensor& x,
+                           const Tensor& dy, const Tensor& dx, bool accumulate_dx, const Fp8Tiles& x_copy) {
   const ProjWeights pw(p, proj), gw(g, proj);
   linear_backward_lowp_grouped(linear_precision(), {x, dy, pw.w, pw.s, gw.w, offsets, dx, accumulate_dx}, x_copy);
 }
