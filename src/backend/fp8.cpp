@@ -479,6 +479,13 @@ LinearBackwardArgs block_backward(const GroupedLinearBackwardArgs& a, size_t e) 
   return b;
 }
 
+// The grouped calls' x_copy, if given: x's, and of the current precision.
+void check_grouped_copy(const LinearPrecision& p, const Fp8Tiles& x_copy, const Tensor& x, const char* where) {
+  DSV3_CHECK(!x_copy.defined() || x_copy.q.numel() == x.numel(), where, ": the cached copy of x (",
+             x_copy.q.numel(), " values) does not match x (", x.numel(), ")");
+  check_lowp_copy(p, &x_copy, where);
+}
+
 Backend& backend_of(const Tensor& t) {
 #ifdef DSV3_HAVE_CUDA
   if (t.device() == Device::CUDA) return cuda_backend();
@@ -491,9 +498,7 @@ Backend& backend_of(const Tensor& t) {
 
 void linear_lowp_grouped(const LinearPrecision& p, const GroupedLinearArgs& a, const Fp8Tiles& x_copy) {
   validate(a);
-  DSV3_CHECK(!x_copy.defined() || x_copy.q.numel() == a.x.numel(),
-             "linear_lowp_grouped: the FP8 copy does not match x");
-  check_lowp_copy(p, &x_copy, "linear_lowp_grouped");
+  check_grouped_copy(p, x_copy, a.x, "linear_lowp_grouped");
 #ifdef DSV3_HAVE_CUDA
   if (a.x.device() == Device::CUDA && cuda_linear_lowp_grouped(p, a, x_copy)) return;
 #endif
@@ -519,9 +524,7 @@ void linear_backward_lowp_grouped(const LinearPrecision& p, const GroupedLinearB
                  (a.w_scale_inv.empty() || a.w_scale_inv.size() == n),
              "linear_backward_lowp_grouped: ", n, " blocks need ", n + 1, " offsets from 0 to ", M, " and ", n,
              " weight gradients");
-  DSV3_CHECK(!x_copy.defined() || x_copy.q.numel() == a.x.numel(),
-             "linear_backward_lowp_grouped: the FP8 copy does not match x");
-  check_lowp_copy(p, &x_copy, "linear_backward_lowp_grouped");
+  check_grouped_copy(p, x_copy, a.x, "linear_backward_lowp_grouped");
   for (size_t e = 0; e < n; ++e) {
     DSV3_CHECK(a.offsets[e] <= a.offsets[e + 1], "linear_backward_lowp_grouped: block ", e, " ends before it starts");
     DSV3_CHECK(present(a.dw[e]) && a.w[e].ndim() == 2 && a.w[e].dim(1) == a.x.dim(1),

@@ -65,12 +65,8 @@ bool no_bias(std::span<const MlpParams> p) {
   return true;
 }
 
-// Whether the blocks' projections can go through grouped_linear: F32 math (the reduced-precision
-// GEMMs take per-block copies of their operands) and no bias (none of DeepSeek's experts has one).
-bool groupable(std::span<const MlpParams> p) { return !lowp_gemms(p[0]) && no_bias(p); }
-
-// Fp8 and Bf16: each projection of every block in one linear_lowp_grouped call (on a GPU the FP8
-// blocks' GEMM preparations share launches, and BF16 blocks run as batched matmuls).
+// Whether the blocks' lowp GEMMs go through the grouped calls: no bias (none of DeepSeek's experts
+// has one; linear_forward / linear_backward add it per block).
 bool lowp_grouped(std::span<const MlpParams> p) { return lowp_gemms(p[0]) && no_bias(p); }
 
 // One projection's weights (and FP8 scale_inv) of every MLP.
@@ -84,18 +80,16 @@ struct ProjWeights {
   }
 };
 
-// y (+)= x·Wᵀ per block of rows for one projection of every MLP, in one call.
+// y (+)= x·Wᵀ per block of rows for one projection of every MLP, in one call: grouped_linear in
+// F32 math (a GPU batches the blocks), linear_lowp_grouped in Bf16 / Fp8 (x_copy: x's BF16 copy or
+// FP8 tiles). The blocks must have no bias.
 void grouped(Backend& be, std::span<const MlpParams> p, std::span<const int64_t> offsets, LinearParam MlpParams::*proj,
-             const Tensor& x, const Tensor& y, bool accumulate) {
+             const Tensor& x, const Tensor& y, bool accumulate, const Fp8Tiles& x_copy) {
   const ProjWeights pw(p, proj);
-  be.grouped_linear({x, pw.w, pw.s, offsets, y, accumulate});
-}
-
-// The same in Fp8 or Bf16 mode, x_copy x's FP8 tiles or BF16 copy.
-void grouped_lowp(std::span<const MlpParams> p, std::span<const int64_t> offsets, LinearParam MlpParams::*proj,
-                  const Tensor& x, const Tensor& y, bool accumulate, const Fp8Tiles& x_copy) {
-  const ProjWeights pw(p, proj);
-  linear_lowp_grouped(linear_precision(), {x, pw.w, pw.s, offsets, y, accumulate}, x_copy);
+  if (lowp_gemms(p[0]))
+    linear_lowp_grouped(linear_precision(), {x, pw.w, pw.s, offsets, y, accumulate}, x_copy);
+  else
+    be.grouped_linear({x, pw.w, pw.s, offsets, y, accumulate});
 }
 
 // Its backward: every block's weight gradient accumulated in g, dx written or accumulated.
@@ -127,14 +121,10 @@ void experts_forward(Backend& be, std::span<const MlpParams> p, std::span<const 
   // Rows are independent, so a row block of a copy is the copy of that block.
   a.x_fp8 = lowp ? lowp_input_copy(prec, x, "linear input") : Fp8Tiles{};
   a.gate_fp8 = a.up_fp8 = a.act_copy = Fp8Tiles{};
-  // F32 math: each projection of every block in one grouped_linear call (a GPU batches the blocks).
-  const bool batched = groupable(p), lowp_batched = lowp_grouped(p);
+  const bool batched = no_bias(p);
   if (batched) {
-    grouped(be, p, offsets, &MlpParams::gate_proj, x, a.gate, false);  // [M, I]
-    grouped(be, p, offsets, &MlpParams::up_proj, x, a.up, false);      // [M, I]
-  } else if (lowp_batched) {
-    grouped_lowp(p, offsets, &MlpParams::gate_proj, x, a.gate, false, a.x_fp8);  // [M, I]
-    grouped_lowp(p, offsets, &MlpParams::up_proj, x, a.up, false, a.x_fp8);      // [M, I]
+    grouped(be, p, offsets, &MlpParams::gate_proj, x, a.gate, false, a.x_fp8);  // [M, I]
+    grouped(be, p, offsets, &MlpParams::up_proj, x, a.up, false, a.x_fp8);      // [M, I]
   } else {
     each_block(be, p, offsets, lowp_gemms(p[0]), [&](size_t e, int64_t r0, int64_t r1) {
       Fp8Tiles xe = block(a.x_fp8, r0, r1);
@@ -151,9 +141,7 @@ void experts_forward(Backend& be, std::span<const MlpParams> p, std::span<const 
   const Fp8Tiles act = lowp ? lowp_input_copy(prec, a.act, "linear input") : Fp8Tiles{};
   if (!accumulate_out) a.out = be.alloc(DType::F32, {M, H});
   if (batched)
-    grouped(be, p, offsets, &MlpParams::down_proj, a.act, a.out, accumulate_out);  // [M, H]
-  else if (lowp_batched)
-    grouped_lowp(p, offsets, &MlpParams::down_proj, a.act, a.out, accumulate_out, act);  // [M, H]
+    grouped(be, p, offsets, &MlpParams::down_proj, a.act, a.out, accumulate_out, act);  // [M, H]
   else
     each_block(be, p, offsets, lowp_gemms(p[0]), [&](size_t e, int64_t r0, int64_t r1) {
       Fp8Tiles ae = block(act, r0, r1);
