@@ -8,16 +8,22 @@
 //
 //   dsv3_bench_decode [--quick] [--spec-only] [--preset NAME] [--small-rows N] [--no-spec] [--threads N]
 //                     [--spec-model DIR [--spec-prompt TEXT | --spec-prompt-ids "ID ..."]]
+//                     [--device cpu|cuda] [--weights stored|bf16]
 // --small-rows: the runner's lean-path row limit for the decode table (runner.h; 0: general path).
 // (bench/spec_model.py trains a small model with an MTP module for --spec-model.)
-// Writes bench/results/decode.json.
+// --device cuda runs only the speculation part, on the GPU engine, with and without CUDA graphs
+// (in place of the CPU's lean and general step paths); DSV3_HOST_PROFILE=PREFIX then samples the
+// host's stack over each first turn into PREFIX.<path>.d<drafts> (tools/host_profile.py).
+// Writes bench/results/decode.json (decode_spec.json with --spec-only, gpu_spec.json on CUDA).
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <string>
 
 #include "common/bench_util.h"
+#include "common/host_profile.h"
 #include "core/rng.h"
 #include "core/threads.h"
 #include "infer/engine.h"
@@ -117,9 +123,9 @@ Result measure(ModelRunner& runner, int64_t B, int64_t depth, int64_t steps, uin
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int run(int argc, char** argv) {
   bool quick = false, spec_only = false, no_spec = false;
-  std::string spec_model, spec_prompt, spec_text, only_preset;
+  std::string spec_model, spec_prompt, spec_text, only_preset, device = "cpu", weights = "stored";
   int64_t small_rows = EngineOptions().small_rows;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
@@ -131,16 +137,26 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--small-rows") && i + 1 < argc) small_rows = std::atoll(argv[++i]);
     else if (!std::strcmp(argv[i], "--preset") && i + 1 < argc) only_preset = argv[++i];
     else if (!std::strcmp(argv[i], "--no-spec")) no_spec = true;
+    else if (!std::strcmp(argv[i], "--device") && i + 1 < argc) device = argv[++i];
+    else if (!std::strcmp(argv[i], "--weights") && i + 1 < argc) weights = argv[++i];
     else {
       std::fprintf(stderr,
                    "usage: %s [--quick] [--spec-only | --no-spec] [--preset NAME] [--small-rows N] [--threads N]\n"
-                   "          [--spec-model DIR [--spec-prompt TEXT | --spec-prompt-ids \"ID ...\"]]\n",
+                   "          [--spec-model DIR [--spec-prompt TEXT | --spec-prompt-ids \"ID ...\"]]\n"
+                   "          [--device cpu|cuda] [--weights stored|bf16]\n",
                    argv[0]);
       return 2;
     }
   }
+  if (weights != "stored" && weights != "bf16") input_error("--weights: '", weights, "' (expected stored or bf16)");
+  Backend& be = backend_named(device);
+  const bool gpu = be.device() == Device::CUDA;
+  if (gpu && no_spec) input_error("--device cuda measures speculation only; --no-spec leaves nothing to run");
+  if (gpu) spec_only = true;
   nlohmann::json out;
   out["threads"] = num_threads();
+  out["device"] = device;
+  out["weights"] = weights;
   out["small_rows"] = small_rows;
   out["decode"] = nlohmann::json::array();
   std::printf("| preset | batch | depth | absorbed tok/s | plain tok/s | speed-up | latent B/token | plain B/token | ratio |\n");
@@ -185,6 +201,7 @@ int main(int argc, char** argv) {
   // drafts, i.e. the engine's normal decode path) and every draft count run in turns, `reps` times;
   // each figure is the median of its turns, so both sides of a ratio see the same machine load.
   Weights w = spec_model.empty() ? Weights::random(preset_config("tiny"), 1) : Weights::load(spec_model);
+  if (weights == "bf16") round_matrices_to_bf16(w);
   const std::string model_name = spec_model.empty() ? "tiny (random weights, untrained)" : spec_model;
   const int64_t n_gen = quick ? 16 : 96;
   const int reps = quick ? 1 : 7;
@@ -194,21 +211,31 @@ int main(int argc, char** argv) {
     if (spec_model.empty()) input_error("--spec-prompt needs --spec-model (its tokenizer.json)");
     prompt = Tokenizer::load(spec_model + "/tokenizer.json").encode(spec_text);
   }
-  auto gen = [&](bool lean, int mtp, EngineStats* st, double* secs) {
+  // CPU: the lean step path or the general one; CUDA: steps replayed from graphs or launched eagerly.
+  const char* prof_prefix = std::getenv("DSV3_HOST_PROFILE");
+  auto gen = [&](bool first_path, int mtp, EngineStats* st, double* secs, const std::string& profile_to) {
     EngineOptions o;
     o.draft_tokens = mtp;
-    if (!lean) o.small_rows = 0;
-    Engine eng(w, o);
+    if (!first_path && !gpu) o.small_rows = 0;
+    if (!first_path && gpu) o.cuda_graphs = false;
+    Engine eng(w, o, be);
     Request r;
     r.prompt = prompt;
     r.max_tokens = n_gen;
     eng.add(r);
     std::vector<int32_t> toks;
     eng.step();  // prefill (not timed)
+    std::optional<bench::HostProfiler> prof;
+    if (!profile_to.empty()) prof.emplace().start(100);
     const double t0 = now_s();
     while (eng.has_work())
       for (const SeqEvent& e : eng.step()) toks.insert(toks.end(), e.tokens.begin(), e.tokens.end());
     *secs = now_s() - t0;
+    if (prof) {
+      prof->stop();
+      std::printf("host profile: %zu samples -> %s\n", prof->samples(), profile_to.c_str());
+      if (!prof->write(profile_to)) std::fprintf(stderr, "host profile: cannot write %s\n", profile_to.c_str());
+    }
     *st = eng.stats();
     return toks;
   };
@@ -221,6 +248,7 @@ int main(int argc, char** argv) {
   // Both step paths of the runner (runner.h): the lean one the engine uses for steps of a few rows,
   // and the general one (backend ops throughout) for comparison.
   const std::vector<int> drafts = {0, 1, 2, 3};
+  const char* path_names[2] = {gpu ? "graphs" : "lean", gpu ? "eager" : "general"};
   const size_t C = 2 * drafts.size();
   std::vector<std::vector<double>> secs(C);
   std::vector<EngineStats> stats(C);
@@ -229,7 +257,11 @@ int main(int argc, char** argv) {
   for (int rep = 0; rep < reps; ++rep)
     for (size_t c = 0; c < C; ++c) {
       double t = 0;
-      const auto toks = gen(c < drafts.size(), drafts[c % drafts.size()], &stats[c], &t);
+      std::string profile_to;
+      if (prof_prefix && rep == 0)
+        profile_to = std::string(prof_prefix) + "." + path_names[c < drafts.size() ? 0 : 1] + ".d" +
+                     std::to_string(drafts[c % drafts.size()]);
+      const auto toks = gen(c < drafts.size(), drafts[c % drafts.size()], &stats[c], &t, profile_to);
       secs[c].push_back(t);
       if (rep == 0) outs[c] = toks;
       identical = identical && toks == outs[c];
@@ -241,15 +273,16 @@ int main(int argc, char** argv) {
   out["spec_generated_tokens"] = n_gen;
   out["spec_repetitions"] = reps;
   out["load_average_1min"] = {load0[0], load1[0]};
-  std::printf("\nMTP speculative decoding, batch 1, greedy, %zu prompt + %lld generated tokens, model %s, %d threads,"
-              " median of %d turns, load average %.1f -> %.1f\n",
-              prompt.size(), (long long)n_gen, model_name.c_str(), num_threads(), reps, load0[0], load1[0]);
+  std::printf("\nMTP speculative decoding, batch 1, greedy, %zu prompt + %lld generated tokens, model %s (%s weights),"
+              " on %s, %d threads, median of %d turns, load average %.1f -> %.1f\n",
+              prompt.size(), (long long)n_gen, model_name.c_str(), weights.c_str(), device.c_str(), num_threads(), reps,
+              load0[0], load1[0]);
   std::printf("| step path | drafts | tok/s | plain tok/s | speed-up | tokens/verification | acceptance per position"
               " | output == plain |\n");
   std::printf("|---|---|---|---|---|---|---|---|\n");
   for (size_t c = 0; c < C; ++c) {
     const size_t base = c < drafts.size() ? 0 : drafts.size();
-    const char* path_name = c < drafts.size() ? "lean" : "general";
+    const char* path_name = path_names[c < drafts.size() ? 0 : 1];
     // Tokens after the prefill's first one, per second.
     const double tps0 = double(outs[base].size() - 1) / median(secs[base]);
     const double tps = double(outs[c].size() - 1) / median(secs[c]);
@@ -257,7 +290,7 @@ int main(int argc, char** argv) {
     if (c == base) {
       std::printf("| %s | 0 | %.1f | %.1f | 1.00x | 1.00 | - | %s |\n", path_name, tps, tps0, same ? "yes" : "NO");
       out["plain"].push_back(
-          {{"step_path", path_name}, {"tok_s", tps}, {"seconds", secs[c]}, {"output_identical_to_lean", same}});
+          {{"step_path", path_name}, {"tok_s", tps}, {"seconds", secs[c]}, {std::string("output_identical_to_") + path_names[0], same}});
       continue;
     }
     const SpecStats& sp = stats[c].spec;
@@ -282,7 +315,16 @@ int main(int argc, char** argv) {
                                   {"greedy_output_identical", same},
                                   {"seconds", secs[c]}});
   }
-  const std::string path = bench::write_result(spec_only ? "decode_spec" : "decode", out);
+  const std::string path = bench::write_result(gpu ? "gpu_spec" : spec_only ? "decode_spec" : "decode", out);
   std::printf("\nwrote %s\n", path.c_str());
   return 0;
+}
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const InputError& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 2;
+  }
 }

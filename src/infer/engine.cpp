@@ -51,10 +51,11 @@ Engine::Engine(const Weights& w, const EngineOptions& opt, Backend& be)
   if (opt.max_step_tokens < 1 + opt.draft_tokens)
     input_error("max step tokens ", opt.max_step_tokens, " must be >= 1 + draft tokens (", 1 + opt.draft_tokens, ")");
   if (opt.max_running < 1) input_error("max running sequences ", opt.max_running, " must be >= 1");
-  draft_ = opt.draft_tokens;
   runner_.set_small_rows(opt.small_rows);
   runner_.set_sync_free(opt.sync_free);
-  runner_.set_cuda_graphs(opt.cuda_graphs);
+  draft_ = opt.draft_tokens;
+  // Speculation keeps graphs of the verification step and of the MTP modules' row counts.
+  runner_.set_cuda_graphs(opt.cuda_graphs, draft_ > 0 ? 8 : 4);
   const int64_t layers = c.num_hidden_layers + (draft_ > 0 ? runner_.num_mtp() : 0);
   on_device_ = be.device() != Device::CPU;
   KvCacheOptions co = opt.cache;
@@ -249,8 +250,7 @@ void Engine::draft(std::vector<Seq*>& spec, std::vector<std::vector<int32_t>>& d
                                 : prev_h.data<float>() + size_t(hrow[size_t(r)]) * size_t(H);
       std::memcpy(h_in.data<float>() + r * H, src, size_t(H) * sizeof(float));
     }
-    if (on_device_) h_in = runner_.backend().to_device(h_in);
-    ModelRunner::Output o = runner_.mtp_forward(int(k), cache, rows, toks, h_in, logit_rows);
+    ModelRunner::Output o = runner_.mtp_forward(int(k), cache, rows, toks, h_in, logit_rows, true);
     o.logits = host(o.logits);
     o.hidden = host(o.hidden);
     for (size_t i = 0; i < logit_seq.size(); ++i) take_draft(logit_seq[i], o.logits.data<float>() + int64_t(i) * V);
@@ -277,8 +277,7 @@ void Engine::draft(std::vector<Seq*>& spec, std::vector<std::vector<int32_t>>& d
     h_in = Tensor::empty(DType::F32, {rows.size(), H});
     for (size_t i = 0; i < seqs.size(); ++i)
       std::memcpy(h_in.data<float>() + int64_t(i) * H, prev_h.data<float>() + src_rows[i] * H, size_t(H) * sizeof(float));
-    if (on_device_) h_in = runner_.backend().to_device(h_in);
-    ModelRunner::Output o = runner_.mtp_forward(int(D), cache, rows, toks, h_in, logit_rows);
+    ModelRunner::Output o = runner_.mtp_forward(int(D), cache, rows, toks, h_in, logit_rows, true);
     o.logits = host(o.logits);
     o.hidden = host(o.hidden);
     for (size_t i = 0; i < seqs.size(); ++i) {
@@ -374,18 +373,19 @@ std::vector<SeqEvent> Engine::step() {
         logit_rows.push_back(int32_t(rows.size() - 1));
     }
   }
-  // A plain decode step (one row per sequence, no drafts) may replay a CUDA graph.
-  bool plain_decode = spec_seqs.empty();
-  for (const Plan& p : plan) plain_decode = plain_decode && p.n_feed == 1 && p.s->decoding();
-  ModelRunner::Output out = runner_.forward(cache_with(std::move(tables)), rows, toks, logit_rows, plain_decode);
-  // On the device, plain greedy steps take the argmax there; everything else samples on the host.
+  // A decode step (every sequence feeds its next token, and its drafts when speculating) may replay
+  // a CUDA graph.
+  bool decode_step = true;
+  for (const Plan& p : plan) decode_step = decode_step && p.n_feed == 1 && p.s->decoding();
+  ModelRunner::Output out = runner_.forward(cache_with(std::move(tables)), rows, toks, logit_rows, decode_step);
+  // On the device, steps whose sequences all decode greedily without a penalty take the argmax of
+  // every logits row there (the tokens, or the verification of drafts); the others sample on the host.
   std::vector<int32_t> dev_ids;
   if (on_device_) {
-    bool plain_greedy = !on_logits && spec_seqs.empty();
-    for (const Plan& p : plan)
-      plain_greedy = plain_greedy && p.s->req.sampling.greedy() && p.s->req.sampling.repeat_penalty == 1.0f;
+    bool greedy = !on_logits;
+    for (const Plan& p : plan) greedy = greedy && p.s->req.sampling.greedy() && p.s->req.sampling.repeat_penalty == 1.0f;
 #ifdef DSV3_HAVE_CUDA
-    if (plain_greedy && !logit_rows.empty()) {
+    if (greedy && !logit_rows.empty()) {
       dev_ids = cuda_greedy_tokens(out.logits, n_valid_);
       ++device_greedy_steps_;
     }
@@ -424,7 +424,9 @@ std::vector<SeqEvent> Engine::step() {
         if (sp.greedy()) {
           std::vector<int32_t> hist = s.tokens;
           for (size_t i = 0; i <= d.size(); ++i) {
-            const int32_t g = greedy_token(logits_of(r0 + int64_t(i)), n_valid_, hist, sp.repeat_penalty);
+            const int64_t row = r0 + int64_t(i);
+            const int32_t g = dev_ids.empty() ? greedy_token(logits_of(row), n_valid_, hist, sp.repeat_penalty)
+                                              : dev_ids[size_t(logit_index(row))];
             if (i == d.size() || d[i] != g) {
               v.next = g;
               break;

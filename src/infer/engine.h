@@ -44,7 +44,7 @@ struct EngineOptions {
   bool all_logits = false;         // compute logits for every row (tests)
   bool sync_free = true;            // CUDA: the runner's synchronisation-free RoPE and MoE (ModelRunner::set_sync_free)
   int64_t small_rows = 8;          // steps of at most this many rows take the runner's lean path (0: never)
-  bool cuda_graphs = true;         // CUDA: plain decode steps replayed from graphs (DSV3_CUDA_GRAPHS=0: off)
+  bool cuda_graphs = true;         // CUDA: decode steps and MTP drafts replayed from graphs (DSV3_CUDA_GRAPHS=0: off)
   std::function<std::string(int32_t)> token_text;  // bytes of a token, for text output and stop strings
   // Tests: replace the MTP drafts of greedy sequences by (id, tokens so far, count) → drafts, so
   // verification paths (all kept, some kept) can be forced. The MTP modules still run.
@@ -68,9 +68,10 @@ struct EngineStats {
 
 // On the CUDA backend (cuda_backend()) the engine copies the weights to the device, keeps the cache
 // rows there (BF16, infer/cuda_latent_attention.h; the pool on the host only does the block
-// accounting) and runs every forward on the device. Greedy steps without a repetition penalty,
-// logits callback or speculation take the argmax on the device and read back one id per sequence;
-// other steps read the logits back and sample on the host as on the CPU.
+// accounting) and runs every forward on the device. Greedy steps without a repetition penalty or
+// logits callback take the argmax on the device and read back one id per logits row (a sequence's
+// next token, or the main model's choice at each draft it verifies); other steps, and the MTP
+// drafts, read the logits back and sample on the host as on the CPU.
 class Engine {
  public:
   Engine(const Weights& w, const EngineOptions& opt, Backend& be = cpu_backend());

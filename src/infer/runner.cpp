@@ -290,19 +290,38 @@ ModelRunner::Output ModelRunner::forward_body(AttentionCache& cache, const StepR
 
 ModelRunner::Output ModelRunner::mtp_forward(int k, AttentionCache& cache, const StepRows& rows,
                                              std::span<const int32_t> tokens, const Tensor& h_prev,
-                                             std::span<const int32_t> logit_rows) {
+                                             std::span<const int32_t> logit_rows, bool graph_ok) {
   DSV3_CHECK(k >= 1 && k <= num_mtp());
+  const int64_t N = rows.size();
+  DSV3_CHECK(N > 0 && int64_t(tokens.size()) == N && h_prev.dim(0) == N && h_prev.dim(1) == d_.H &&
+             h_prev.dtype() == DType::F32);
+  for (int64_t i = 0; i < N; ++i)
+    if (tokens[size_t(i)] < 0 || tokens[size_t(i)] >= cfg_.vocab_size)
+      input_error("token id ", tokens[size_t(i)], " is outside the model's vocabulary [0, ", cfg_.vocab_size, ")");
+  if (use_small(N)) return mtp_forward_small(k, cache, rows, tokens, h_prev, logit_rows);
+  if (graph_ok && graphs_ && small_gemv(N))
+    if (std::optional<Output> o = mtp_forward_graph(k, cache, rows, tokens, h_prev, logit_rows)) return std::move(*o);
+  const auto [ids, positions] = ids_and_positions(tokens, rows);  // ids checked above
+  const Tensor h = h_prev.device() == be_.device() ? h_prev : be_.to_device(h_prev);
+  return mtp_body(k, cache, rows, ids, positions, h, logit_rows);
+}
+
+ModelRunner::Output ModelRunner::mtp_body(int k, AttentionCache& cache, const StepRows& rows, const Tensor& ids,
+                                          const Tensor& positions, const Tensor& h_prev,
+                                          std::span<const int32_t> logit_rows) {
   const MtpParams& p = params_.mtp[size_t(k - 1)];
   const int64_t N = rows.size(), H = d_.H;
-  DSV3_CHECK(N > 0 && int64_t(tokens.size()) == N && h_prev.dim(0) == N);
-  if (use_small(N)) return mtp_forward_small(k, cache, rows, tokens, h_prev, logit_rows);
-  const auto [ids, positions] = ids_and_positions(tokens, rows);
   Tensor emb = be_.alloc(DType::F32, {N, H});
   EmbeddingArgs e;
   e.ids = ids;
   e.table = params_.embed_tokens;
   e.out = emb;
-  be_.embedding(e);
+#ifdef DSV3_HAVE_CUDA
+  if (be_.device() == Device::CUDA && sync_free_)
+    cuda_embedding_unchecked(e);  // the ids were checked on the host
+  else
+#endif
+    be_.embedding(e);
   Tensor rstd;
   const Tensor e_n = rmsnorm(be_, emb, p.enorm, d_.eps, rstd);
   const Tensor h_n = rmsnorm(be_, h_prev, p.hnorm, d_.eps, rstd);
@@ -310,7 +329,7 @@ ModelRunner::Output ModelRunner::mtp_forward(int k, AttentionCache& cache, const
   copy_cols(be_, e_n, 0, cat, 0, H);  // embedding first, as the hub weights
   copy_cols(be_, h_n, 0, cat, H, H);
   Tensor x = be_.alloc(DType::F32, {N, H});
-  linear_forward(be_, p.eh_proj, cat, x);
+  linear(p.eh_proj, cat, x);
   Output o;
   o.hidden = decoder_layer(cfg_.num_hidden_layers + k - 1, p.block, x, rows, positions, cache);  // h^k
   o.logits = head(rmsnorm(be_, o.hidden, p.shared_head_norm, d_.eps, rstd), logit_rows);

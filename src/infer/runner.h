@@ -9,8 +9,9 @@
 //
 // On CUDA, steps of at most kDeviceGemvRows rows run their F32 or BF16 linears through one GEMV
 // kernel each (infer/cuda_decode_ops.h) instead of cuBLAS. Plain decode steps among them (forward
-// with graph_ok) are replayed from CUDA graphs (runner_graph.cpp): the step's ~16 launches per
-// layer recorded once per launch shape and replayed with one call.
+// with graph_ok: plain decode and draft verification) and MTP drafts (mtp_forward with graph_ok)
+// are replayed from CUDA graphs (runner_graph.cpp): the step's ~16 launches per layer recorded
+// once per launch shape and replayed with one call.
 // Steps of at most small_rows() rows on the CPU backend (decode, draft verification, MTP drafts)
 // take a lean path (runner_small.cpp): the same math on reused host buffers, F32 weights through
 // row_linear (the weight streamed once for all rows, results independent of the row count), and
@@ -57,6 +58,7 @@ class ModelRunner {
   void set_cuda_graphs(bool on, size_t keep = 4);
   struct GraphStats {
     int64_t replays = 0, captures = 0, eager = 0, failures = 0;
+    int64_t mtp_replays = 0;  // of the replays, those of MTP modules
     bool disabled = false;
     std::string error;
     size_t cached = 0, nodes = 0;  // graphs kept; nodes (kernels) of the latest capture
@@ -78,14 +80,17 @@ class ModelRunner {
     Tensor hidden;  // [N, H]: h⁰ after model.norm (main), or h^k before shared_head.norm (MTP)
     Tensor logits;  // [logit_rows, V] F32
   };
-  // The main model on `tokens` (one per row). Logits only for the listed rows. graph_ok: a plain
-  // decode step the caller lets replay from a CUDA graph; its outputs then live in the graph's
-  // memory and hold their values until the next forward.
+  // The main model on `tokens` (one per row). Logits only for the listed rows. graph_ok: a decode
+  // step (every row its sequence's next token or a draft to verify, logits for every row) the
+  // caller lets replay from a CUDA graph; its outputs then live in the graph's memory and hold their
+  // values until the next step of the same launch shape.
   Output forward(AttentionCache& cache, const StepRows& rows, std::span<const int32_t> tokens,
                  std::span<const int32_t> logit_rows, bool graph_ok = false);
-  // MTP module k (1-based): row r takes token tokens[r] (= t_{i+k}) and h_prev row r (= h^{k−1}_i).
+  // MTP module k (1-based): row r takes token tokens[r] (= t_{i+k}) and h_prev row r (= h^{k−1}_i);
+  // h_prev on the host or the backend's device. graph_ok: the caller lets it replay from a CUDA
+  // graph (which computes every row's logits and selects the listed ones after the replay).
   Output mtp_forward(int k, AttentionCache& cache, const StepRows& rows, std::span<const int32_t> tokens,
-                     const Tensor& h_prev, std::span<const int32_t> logit_rows);
+                     const Tensor& h_prev, std::span<const int32_t> logit_rows, bool graph_ok = false);
 
  private:
   // One block on x. h1: its input_layernorm(x) when the previous block computed it (else undefined).
@@ -99,9 +104,21 @@ class ModelRunner {
   // Everything after the uploads: embedding, layers, norm, head.
   Output forward_body(AttentionCache& cache, const StepRows& rows, const Tensor& ids, const Tensor& positions,
                       std::span<const int32_t> logit_rows);
-  // The step through a CUDA graph (runner_graph.cpp); nullopt: run it the usual way.
+  // MTP module k on device inputs (h_prev on the backend's device).
+  Output mtp_body(int k, AttentionCache& cache, const StepRows& rows, const Tensor& ids, const Tensor& positions,
+                  const Tensor& h_prev, std::span<const int32_t> logit_rows);
+  // The step / the MTP module through a CUDA graph (runner_graph.cpp); nullopt: run it the usual way.
   std::optional<Output> forward_graph(AttentionCache& cache, const StepRows& rows, std::span<const int32_t> tokens,
                                       std::span<const int32_t> logit_rows);
+  std::optional<Output> mtp_forward_graph(int k, AttentionCache& cache, const StepRows& rows,
+                                          std::span<const int32_t> tokens, const Tensor& h_prev,
+                                          std::span<const int32_t> logit_rows);
+  // Puts the step's ids and positions (and grows the RoPE tables) where a replay reads them; appends
+  // what else a replay depends on to key. nullopt: this step cannot replay.
+  std::optional<std::pair<Tensor, Tensor>> graph_inputs(AttentionCache& cache, const StepRows& rows,
+                                                        std::span<const int32_t> tokens, std::vector<int64_t>& key);
+  // Replays the graph of key, captures it (a key seen before), or runs body eagerly.
+  Output graph_step(std::vector<int64_t> key, const std::function<Output()>& body, bool mtp);
   struct GraphCache;
   struct DropGraphs {  // defined where GraphCache is (runner_graph.cpp)
     void operator()(GraphCache* g) const;

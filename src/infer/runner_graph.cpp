@@ -1,19 +1,21 @@
-// Plain decode steps on CUDA replayed from graphs (ModelRunner::set_cuda_graphs). A batch-1 step is
-// ~200 launches whose host cost exceeds the GPU's time for them; a graph launch replaces them.
+// Decode steps on CUDA (plain ones and draft verification) and MTP drafts replayed from graphs
+// (ModelRunner::set_cuda_graphs). A batch-1 step is ~200 launches whose host cost exceeds the GPU's
+// time for them; a graph launch replaces them.
 //
 // What a replay reads must sit at the addresses the capture saw: the token ids and positions go to
-// step_in_ (fixed, written before each step), the attention's tables to its metadata buffer
-// (AttentionCache::prepare_step), weights, RoPE tables and the latent pool stay where they are.
-// Everything the host decides per step that changes a launch — the row count, the attention's
-// splits and tiles, those addresses, the kernel-selecting settings — is the key; steps that share a
-// key differ only in the contents of those buffers, so the graph's kernels, arguments and order are
-// the eager step's, and so are the results.
+// step_in (fixed, written before each step), an MTP module's h_prev to h_in, the attention's tables
+// to its metadata buffer (AttentionCache::prepare_step), weights, RoPE tables and the latent pool
+// stay where they are. Everything the host decides per step that changes a launch — the model or
+// module, the row count, the attention's splits and tiles, those addresses, the kernel-selecting
+// settings — is the key; steps that share a key differ only in the contents of those buffers, so
+// the graph's kernels, arguments and order are the eager step's, and so are the results.
 #include <algorithm>
 #include <cstdlib>
 #include <list>
 #include <string>
 
 #include "infer/runner.h"
+#include "model/module_ops.h"
 
 #ifdef DSV3_HAVE_CUDA
 #include "backend/cuda/graph.h"
@@ -32,6 +34,7 @@ struct ModelRunner::GraphCache {
   std::list<Entry> entries;                // most recently used first
   std::list<std::vector<int64_t>> seen;    // keys run eagerly once, most recent first
   Tensor step_in;                          // I32 [2·kDeviceGemvRows]: ids, then positions
+  Tensor h_in;                             // F32 [kDeviceGemvRows, H]: an MTP module's h_prev
   size_t keep = 4;
   static constexpr size_t kSeen = 16;
 };
@@ -65,17 +68,17 @@ std::optional<ModelRunner::Output> ModelRunner::forward_graph(AttentionCache&, c
                                                               std::span<const int32_t>, std::span<const int32_t>) {
   return std::nullopt;
 }
+std::optional<ModelRunner::Output> ModelRunner::mtp_forward_graph(int, AttentionCache&, const StepRows&,
+                                                                  std::span<const int32_t>, const Tensor&,
+                                                                  std::span<const int32_t>) {
+  return std::nullopt;
+}
 #else
-std::optional<ModelRunner::Output> ModelRunner::forward_graph(AttentionCache& cache, const StepRows& rows,
-                                                              std::span<const int32_t> tokens,
-                                                              std::span<const int32_t> logit_rows) {
+std::optional<std::pair<Tensor, Tensor>> ModelRunner::graph_inputs(AttentionCache& cache, const StepRows& rows,
+                                                                   std::span<const int32_t> tokens,
+                                                                   std::vector<int64_t>& key) {
   const int64_t N = rows.size(), cap = kDeviceGemvRows;
-  // Every row's logits in order (a decode step): no gather with an index upload.
-  bool all = int64_t(logit_rows.size()) == N;
-  for (size_t i = 0; all && i < logit_rows.size(); ++i) all = logit_rows[i] == int32_t(i);
-  if (!all || N > cap) return std::nullopt;
-  std::vector<int64_t> key;
-  if (!cache.prepare_step(rows, key)) return std::nullopt;
+  if (N > cap || !cache.prepare_step(rows, key)) return std::nullopt;
   GraphCache& gc = *graphs_;
   int64_t mx = 0;
   for (int64_t p : rows.pos) mx = std::max(mx, p + 1);
@@ -85,11 +88,67 @@ std::optional<ModelRunner::Output> ModelRunner::forward_graph(AttentionCache& ca
   std::copy(tokens.begin(), tokens.end(), in.begin());
   for (int64_t r = 0; r < N; ++r) in[size_t(cap + r)] = int32_t(rows.pos[size_t(r)]);
   cuda_copy_to_device(gc.step_in.raw(), in.data(), in.size() * sizeof(int32_t));
-  const Tensor ids = gc.step_in.rows(0, N), positions = gc.step_in.rows(cap, cap + N);
   auto addr = [](const Tensor& x) { return int64_t(reinterpret_cast<uintptr_t>(x.raw())); };
   key.insert(key.end(), {N, addr(t.cos), addr(t.sin), t.cos.numel(), addr(gc.step_in), int64_t(sync_free_),
                          small_rows_, int64_t(cuda_decode_mma_rows()), cuda_absorbed_gemv_rows()});
+  return std::pair{gc.step_in.rows(0, N), gc.step_in.rows(cap, cap + N)};
+}
 
+std::optional<ModelRunner::Output> ModelRunner::forward_graph(AttentionCache& cache, const StepRows& rows,
+                                                              std::span<const int32_t> tokens,
+                                                              std::span<const int32_t> logit_rows) {
+  // Every row's logits in order (a decode step): no gather with an index upload.
+  bool all = int64_t(logit_rows.size()) == rows.size();
+  for (size_t i = 0; all && i < logit_rows.size(); ++i) all = logit_rows[i] == int32_t(i);
+  std::vector<int64_t> key = {0};  // the main model
+  const auto in = all ? graph_inputs(cache, rows, tokens, key) : std::nullopt;
+  if (!in) return std::nullopt;
+  const auto [ids, positions] = *in;
+  return graph_step(std::move(key), [&] { return forward_body(cache, rows, ids, positions, logit_rows); }, false);
+}
+
+std::optional<ModelRunner::Output> ModelRunner::mtp_forward_graph(int k, AttentionCache& cache, const StepRows& rows,
+                                                                  std::span<const int32_t> tokens,
+                                                                  const Tensor& h_prev,
+                                                                  std::span<const int32_t> logit_rows) {
+  const int64_t N = rows.size(), H = d_.H;
+  std::vector<int64_t> key = {k};  // MTP module k
+  const auto in = graph_inputs(cache, rows, tokens, key);
+  if (!in) return std::nullopt;
+  const auto [ids, positions] = *in;
+  GraphCache& gc = *graphs_;
+  if (!present(gc.h_in)) gc.h_in = be_.alloc(DType::F32, {int64_t(kDeviceGemvRows), H});
+  const Tensor h = gc.h_in.rows(0, N);
+  if (h_prev.device() == Device::CPU) {
+    cuda_copy_to_device(gc.h_in.raw(), h_prev.data<float>(), size_t(N * H) * sizeof(float));  // h is its first rows
+  } else {
+    CopyArgs c;
+    c.src = h_prev;
+    c.dst = h;
+    be_.copy(c);
+  }
+  key.push_back(int64_t(reinterpret_cast<uintptr_t>(gc.h_in.raw())));
+  // The graph computes every row's logits (the head reads its weight once for all of them), so the
+  // listed rows need not be part of the key; they are selected after the replay.
+  std::vector<int32_t> every(static_cast<size_t>(N));
+  for (int64_t r = 0; r < N; ++r) every[size_t(r)] = int32_t(r);
+  Output o = graph_step(std::move(key), [&] { return mtp_body(k, cache, rows, ids, positions, h, every); }, true);
+  if (logit_rows.empty()) {
+    o.logits = Tensor();
+  } else if (logit_rows.back() - logit_rows.front() + 1 == int32_t(logit_rows.size()) &&
+             std::is_sorted(logit_rows.begin(), logit_rows.end())) {
+    o.logits = o.logits.rows(logit_rows.front(), logit_rows.back() + 1);  // a contiguous range: a view
+  } else {
+    Tensor sel = be_.alloc(DType::F32, {int64_t(logit_rows.size()), o.logits.dim(1)});
+    modops::gather_rows(be_, o.logits, modops::i32_tensor(be_, std::vector<int32_t>(logit_rows.begin(), logit_rows.end())),
+                        sel);
+    o.logits = sel;
+  }
+  return o;
+}
+
+ModelRunner::Output ModelRunner::graph_step(std::vector<int64_t> key, const std::function<Output()>& body, bool mtp) {
+  GraphCache& gc = *graphs_;
   auto turn_off = [&](const std::string& why) {
     gstats_.disabled = true;
     gstats_.error = why;
@@ -97,7 +156,7 @@ std::optional<ModelRunner::Output> ModelRunner::forward_graph(AttentionCache& ca
   };
   auto eager = [&] {
     ++gstats_.eager;
-    return forward_body(cache, rows, ids, positions, logit_rows);
+    return body();
   };
   auto replay = [&](GraphCache::Entry& x) {
     if (!x.graph->launch()) {
@@ -105,6 +164,7 @@ std::optional<ModelRunner::Output> ModelRunner::forward_graph(AttentionCache& ca
       return eager();
     }
     ++gstats_.replays;
+    if (mtp) ++gstats_.mtp_replays;
     return x.out;
   };
   auto hit = std::find_if(gc.entries.begin(), gc.entries.end(),
@@ -126,11 +186,11 @@ std::optional<ModelRunner::Output> ModelRunner::forward_graph(AttentionCache& ca
   gc.entries.front().graph = std::make_unique<CudaGraph>();
   GraphCache::Entry& e = gc.entries.front();
   Output out;
-  auto body = [&] {
+  auto record = [&] {
     if (capture_hook) capture_hook();
-    out = forward_body(cache, rows, ids, positions, logit_rows);
+    out = body();
   };
-  if (!e.graph->capture(body)) {
+  if (!e.graph->capture(record)) {
     ++gstats_.failures;
     turn_off(e.graph->error());
     return eager();

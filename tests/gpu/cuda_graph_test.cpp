@@ -164,6 +164,7 @@ struct Trace {
   std::vector<std::vector<int32_t>> tokens;
   ModelRunner::GraphStats graphs;
   int64_t device_greedy_steps = 0;
+  SpecStats spec;
 };
 
 // Requests that join (max_running) and leave (max_tokens) at different times, prompts from 3 to
@@ -185,8 +186,8 @@ std::vector<Request> mixed_requests(int64_t long_prompt, uint64_t salt) {
 
 Trace run_engine(const Weights& w, const std::vector<Request>& reqs, bool graphs, bool with_logits,
                  int64_t max_running, std::function<void()> hook = nullptr, size_t keep = 4, int drafts = 0,
-                 int64_t block_size = 16) {
-  EngineOptions opt;
+                 int64_t block_size = 16, const EngineOptions& base = {}) {
+  EngineOptions opt = base;
   opt.cache.block_size = block_size;
   opt.max_running = max_running;
   opt.cuda_graphs = graphs;
@@ -203,6 +204,7 @@ Trace run_engine(const Weights& w, const std::vector<Request>& reqs, bool graphs
   t.tokens = e.run_all();
   t.graphs = e.runner().graph_stats();
   t.device_greedy_steps = e.device_greedy_steps();
+  t.spec = e.stats().spec;
   return t;
 }
 
@@ -297,9 +299,8 @@ TEST(CudaGraphEngine, DeviceGreedyTokensEqualEager) {
 }
 
 // Steps of more than 32 rows (eager) before replayed ones: the same tokens and logits as eagerly.
-// Then an engine with MTP speculation: its steps draft and verify eagerly while a sequence has more
-// than one token to go, so few plain steps are left to replay (none is required); it checks that
-// turning graphs on changes nothing there.
+// Then an engine with MTP speculation over 12 sequences: verification steps of 24 rows and the MTP
+// module's drafts replay too.
 TEST(CudaGraphEngine, WideStepsAndMtpEqualEager) {
   ASSERT_GT(cuda_device_count(), 0);
   const Weights w = Weights::random(long_tiny(), 11, 0.05f);
@@ -314,7 +315,51 @@ TEST(CudaGraphEngine, WideStepsAndMtpEqualEager) {
   }
   expect_graphs_match_eager(w, reqs, 64);
   const std::vector<Request> few(reqs.begin(), reqs.begin() + 12);
-  expect_graphs_match_eager(w, few, 64, 4, 1, false);
+  const Trace spec = expect_graphs_match_eager(w, few, 64, 8, 1);
+  EXPECT_GT(spec.graphs.mtp_replays, 0);
+}
+
+// Speculation at batch 1 and 3 with drafts forced to the plain greedy output (all kept: the MTP
+// module then runs two rows per sequence) or wrong at every second position (some kept), one and
+// three drafts (module 1 reused beyond the first): verification steps and drafts replay from graphs,
+// with the eager run's tokens and logits; without the logits callback, the verification's argmax
+// on the device gives the same tokens. (Not compared with the plain run: its 1-row steps take the
+// GEMVs' F32 path, the verification's rows tensor cores.)
+TEST(CudaGraphEngine, SpeculationReplaysVerificationAndDrafts) {
+  ASSERT_GT(cuda_device_count(), 0);
+  const Weights w = Weights::random(long_tiny(), 13, 0.05f);
+  std::vector<Request> reqs = mixed_requests(90, 101);
+  reqs.resize(3);
+  const Trace plain = run_engine(w, reqs, false, false, 3);
+  for (int64_t running : {1, 3})
+    for (int drafts : {1, 3})
+      for (bool corrupt : {false, true}) {
+        SCOPED_TRACE(cat("max_running ", running, ", drafts ", drafts, corrupt ? ", corrupted" : ", perfect"));
+        EngineOptions o;
+        o.override_drafts = [&](int64_t id, std::span<const int32_t> toks, size_t n) {
+          const std::vector<int32_t>& want = plain.tokens[size_t(id)];
+          const size_t done = toks.size() - reqs[size_t(id)].prompt.size();
+          std::vector<int32_t> d;
+          for (size_t i = 0; i < n; ++i) {
+            int32_t t = done + i < want.size() ? want[done + i] : 0;
+            if (corrupt && i % 2 == 1) t = (t + 1) % 4096;
+            d.push_back(t);
+          }
+          return d;
+        };
+        const Trace eager = run_engine(w, reqs, false, true, running, nullptr, 8, drafts, 16, o);
+        const Trace graph = run_engine(w, reqs, true, true, running, nullptr, 8, drafts, 16, o);
+        ASSERT_EQ(graph.spec.accepted.size(), size_t(drafts));
+        EXPECT_GT(graph.spec.accepted[0], 0) << "no draft kept";
+        EXPECT_FALSE(graph.graphs.disabled) << graph.graphs.error;
+        EXPECT_EQ(graph.graphs.failures, 0);
+        EXPECT_GT(graph.graphs.mtp_replays, 0);
+        EXPECT_GT(graph.graphs.replays - graph.graphs.mtp_replays, 0) << "no verification step replayed";
+        expect_identical(eager, graph);
+        const Trace ids = run_engine(w, reqs, true, false, running, nullptr, 8, drafts, 16, o);
+        EXPECT_EQ(ids.tokens, eager.tokens);
+        EXPECT_GT(ids.device_greedy_steps, 0);
+      }
 }
 
 // A launch site outside the capture stream fails the capture: the runner turns graphs off for good

@@ -152,14 +152,14 @@ void CudaBackend::copy_cols(const CopyColsArgs& a) {
   float* dst = ptr<float>(a.dst) + a.dst_col;
   if (cs % 4 == 0 && cd % 4 == 0 && w % 4 == 0 && (reinterpret_cast<uintptr_t>(src) & 15u) == 0 &&
       (reinterpret_cast<uintptr_t>(dst) & 15u) == 0) {
-    copy_cols4_kernel<<<grid(rd * w / 4), 256>>>(reinterpret_cast<const float4*>(src), cs / 4,
-                                                 reinterpret_cast<float4*>(dst), cd / 4, rd, w / 4, g_b, g_r,
-                                                 a.accumulate);
+    copy_cols4_kernel<<<grid(rd * w / 4), 256, 0, stream()>>>(reinterpret_cast<const float4*>(src), cs / 4,
+                                                              reinterpret_cast<float4*>(dst), cd / 4, rd, w / 4, g_b,
+                                                              g_r, a.accumulate);
     check_launch("copy_cols");
     return;
   }
-  copy_cols_kernel<<<grid(rd * w), 256>>>(ptr<float>(a.src) + a.src_col, cs, ptr<float>(a.dst) + a.dst_col, cd, rd,
-                                          w, g_b, g_r, a.accumulate);
+  copy_cols_kernel<<<grid(rd * w), 256, 0, stream()>>>(ptr<float>(a.src) + a.src_col, cs, ptr<float>(a.dst) + a.dst_col,
+                                                       cd, rd, w, g_b, g_r, a.accumulate);
   check_launch("copy_cols");
 }
 void CudaBackend::sum_squares(const SumSquaresArgs& a) {
