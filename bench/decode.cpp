@@ -8,7 +8,7 @@
 //
 //   dsv3_bench_decode [--quick] [--spec-only] [--preset NAME] [--small-rows N] [--no-spec] [--threads N]
 //                     [--spec-model DIR [--spec-prompt TEXT | --spec-prompt-ids "ID ..."]]
-//                     [--device cpu|cuda] [--weights stored|bf16]
+//                     [--device cpu|cuda] [--weights stored|bf16] [--spec-reps N]
 // --small-rows: the runner's lean-path row limit for the decode table (runner.h; 0: general path).
 // (bench/spec_model.py trains a small model with an MTP module for --spec-model.)
 // --device cuda runs only the speculation part, on the GPU engine, with and without CUDA graphs
@@ -127,6 +127,7 @@ int run(int argc, char** argv) {
   bool quick = false, spec_only = false, no_spec = false;
   std::string spec_model, spec_prompt, spec_text, only_preset, device = "cpu", weights = "stored";
   int64_t small_rows = EngineOptions().small_rows;
+  int spec_reps = 0;  // 0: 7 (1 with --quick)
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     else if (!std::strcmp(argv[i], "--spec-only")) spec_only = true;
@@ -139,11 +140,12 @@ int run(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--no-spec")) no_spec = true;
     else if (!std::strcmp(argv[i], "--device") && i + 1 < argc) device = argv[++i];
     else if (!std::strcmp(argv[i], "--weights") && i + 1 < argc) weights = argv[++i];
+    else if (!std::strcmp(argv[i], "--spec-reps") && i + 1 < argc) spec_reps = std::atoi(argv[++i]);
     else {
       std::fprintf(stderr,
                    "usage: %s [--quick] [--spec-only | --no-spec] [--preset NAME] [--small-rows N] [--threads N]\n"
                    "          [--spec-model DIR [--spec-prompt TEXT | --spec-prompt-ids \"ID ...\"]]\n"
-                   "          [--device cpu|cuda] [--weights stored|bf16]\n",
+                   "          [--device cpu|cuda] [--weights stored|bf16] [--spec-reps N]\n",
                    argv[0]);
       return 2;
     }
@@ -159,8 +161,7 @@ int run(int argc, char** argv) {
   out["weights"] = weights;
   out["small_rows"] = small_rows;
   out["decode"] = nlohmann::json::array();
-  std::printf("| preset | batch | depth | absorbed tok/s | plain tok/s | speed-up | latent B/token | plain B/token | ratio |\n");
-  std::printf("|---|---|---|---|---|---|---|---|---|\n");
+
   struct P {
     const char* name;
     std::vector<int64_t> depths;
@@ -172,6 +173,10 @@ int run(int argc, char** argv) {
     presets.erase(std::remove_if(presets.begin(), presets.end(), [&](const P& p) { return only_preset != p.name; }),
                   presets.end());
   if (spec_only) presets.clear();
+  if (!presets.empty()) {
+    std::printf("| preset | batch | depth | absorbed tok/s | plain tok/s | speed-up | latent B/token | plain B/token | ratio |\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|\n");
+  }
   for (const P& p : presets) {
     const ModelConfig c = preset_config(p.name);
     Weights w = Weights::random(c, 1);
@@ -204,7 +209,8 @@ int run(int argc, char** argv) {
   if (weights == "bf16") round_matrices_to_bf16(w);
   const std::string model_name = spec_model.empty() ? "tiny (random weights, untrained)" : spec_model;
   const int64_t n_gen = quick ? 16 : 96;
-  const int reps = quick ? 1 : 7;
+  if (spec_reps < 0) input_error("--spec-reps: ", spec_reps, " (expected >= 1, or 0 for the default)");
+  const int reps = spec_reps > 0 ? spec_reps : quick ? 1 : 7;
   std::vector<int32_t> prompt = {0, 17, 42, 99, 7, 255, 31, 12};
   if (!spec_prompt.empty()) prompt = parse_token_ids(spec_prompt, w.config().vocab_size);
   if (!spec_text.empty()) {

@@ -8,6 +8,8 @@
 # -DDSV3_CUDA=ON; the GPU image need not carry our Debian build dependencies).
 # MEMCHECK_FILTER (a gtest filter) narrows the memcheck run to the suites a change touched;
 # TRAIN_ARGS adds flags to dsv3_bench_gpu_train (e.g. --precisions bf16,fp8 when device time is short).
+# SPEC_MODEL=DIR (a checkpoint with an MTP module, e.g. from `dsv3 train`; SPEC_PROMPT its prompt
+# text) adds MTP speculation at batch 1 on the GPU engine (dsv3_bench_decode --device cuda).
 # Usage: OUT=/some/dir DSV3_COMMIT=$(git rev-parse --short HEAD) [HF=1] [PREBUILT=DIR] bench/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +33,7 @@ if [ -z "${PREBUILT:-}" ]; then
   cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSV3_CUDA=ON -DDSV3_CUDA_ARCHS=90a >"$OUT/build.log" 2>&1
   # -k 0: a target that fails to build does not stop the others (each step checks its binary).
   cmake --build build-gpu -j "$jobs" --target dsv3 dsv3_gpu_tests dsv3_bench_gpu_gemm dsv3_bench_gpu_mla_decode dsv3_bench_gpu_train \
-    dsv3_bench_gpu_attention dsv3_bench_gpu_decode dsv3_bench_gpu_fp8_accum \
+    dsv3_bench_gpu_attention dsv3_bench_gpu_decode dsv3_bench_gpu_fp8_accum dsv3_bench_decode \
     -- -k 0 >>"$OUT/build.log" 2>&1 || { status=1; grep -E "error|FAILED" "$OUT/build.log" | head -30; }
 else
   step "prebuilt binaries from $B"
@@ -71,6 +73,13 @@ take gpu_attention.json
 step "decode on the GPU engine (bench-0.7b, prompt 128, 128 new tokens, batch 1 and 32; vs transformers when HF=1)"
 timeout 240 "$B"/dsv3_bench_gpu_decode --hf "$OUT/hf_gpu.json" 2>&1 | tee "$OUT/gpu_decode.txt" | tee -a "$OUT/summary.txt"
 take gpu_decode.json
+
+if [ -n "${SPEC_MODEL:-}" ]; then
+  step "MTP speculation on the GPU engine (batch 1, greedy, BF16 weights, graphs and eager; $SPEC_MODEL)"
+  timeout 240 "$B"/dsv3_bench_decode --device cuda --weights bf16 --spec-model "$SPEC_MODEL" \
+    ${SPEC_PROMPT:+--spec-prompt "$SPEC_PROMPT"} 2>&1 | tee "$OUT/gpu_spec.txt" | grep -v "^dsv3: " | tee -a "$OUT/summary.txt"
+  take gpu_spec.json
+fi
 
 step "FP8 accumulation on the tensor cores (no promotion vs every 128) beside the CPU emulation"
 timeout 120 "$B"/dsv3_bench_gpu_fp8_accum 2>&1 | tee "$OUT/gpu_fp8_accum.txt" | tee -a "$OUT/summary.txt"
@@ -117,6 +126,7 @@ tests = load("gpu_tests.json")
 decode = load("gpu_decode.json")
 attn = load("gpu_attention.json")
 accum = load("gpu_fp8_accum.json")
+spec = load("gpu_spec.json")
 s = {"commit": os.environ.get("DSV3_COMMIT"), "date": gemm.get("date") if gemm else None,
      "gpu": (gemm or {}).get("machine", {}).get("gpu"),
      "gpu_tests": {"tests": tests.get("tests"), "failures": tests.get("failures")} if tests else None,
@@ -149,6 +159,10 @@ if attn:
                                                     "speedup_bwd", "roofline_tflops_bf16_dense")}
 if accum:
     s["fp8_accum_rows"] = accum.get("rows")
+if spec:
+    # Speed-up over plain decoding of the same engine with graphs, per draft count (batch 1, greedy).
+    s["mtp_spec_speedup_graphs"] = {str(r["draft_tokens"]): r["speedup"] for r in spec.get("speculative", [])
+                                    if r.get("step_path") == "graphs"}
 if gemm:
     s["fp8_gemm_vs_cublaslt"] = {r["shape"]: r["fp8_ours_over_cublaslt"] for r in gemm["rows"]}
 json.dump(s, open(os.path.join(out, "gpu_latest.json"), "w"), indent=1)
