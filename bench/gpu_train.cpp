@@ -122,6 +122,37 @@ double time_linear(CudaBackend& be, const std::string& prec, int64_t M, int64_t 
   return secs(t0, Clock::now());
 }
 
+// One projection of E routed experts of `rows` rows each, [E·rows, K] → [E·rows, N], forward +
+// backward through the grouped calls as the MoE makes them in bf16 / fp8 (x's low-precision copy
+// made once; bf16 batches the blocks, fp8 runs them on lanes), timed alone.
+double time_experts(CudaBackend& be, int64_t E, int64_t rows, int64_t K, int64_t N) {
+  const int64_t M = E * rows;
+  Tensor x = be.alloc(DType::F32, {M, K}), y = be.alloc(DType::F32, {M, N}), dx = be.alloc(DType::F32, {M, K});
+  be.fill({x, 0.5f});
+  be.fill({y, 0.25f});
+  std::vector<Tensor> w, dw;
+  std::vector<int64_t> offsets;
+  for (int64_t e = 0; e < E; ++e) {
+    w.push_back(be.alloc(DType::BF16, {N, K}));
+    dw.push_back(be.alloc(DType::F32, {N, K}));
+    be.fill({w.back(), 0.01f});
+    be.fill({dw.back(), 0.0f});
+    offsets.push_back(e * rows);
+  }
+  offsets.push_back(M);
+  auto once = [&] {
+    const Fp8Tiles xc = lowp_input_copy(linear_precision(), x, "experts' x");
+    linear_lowp_grouped(linear_precision(), {x, w, {}, offsets, y, false}, xc);
+    linear_backward_lowp_grouped(linear_precision(), {x, y, w, {}, dw, offsets, dx, false}, xc);
+  };
+  once();
+  be.synchronize();
+  auto t0 = Clock::now();
+  once();
+  be.synchronize();
+  return secs(t0, Clock::now());
+}
+
 struct Run {
   std::string precision;
   double step_s = 0, tok_s = 0, tflops = 0, loss = 0;
@@ -323,11 +354,16 @@ Run measure(CudaBackend& be, const ModelConfig& cfg, const Weights& host, const 
   double dense = 2 * time_linear(be, prec, N, H, cfg.intermediate_size) + time_linear(be, prec, N, cfg.intermediate_size, H);
   const int64_t Is = I * std::max<int64_t>(cfg.n_shared_experts, 1);
   double shared = cfg.n_shared_experts > 0 ? 2 * time_linear(be, prec, N, H, Is) + time_linear(be, prec, N, Is, H) : 0;
-  double expert = rows > 0 ? 2 * time_linear(be, prec, rows, H, I) + time_linear(be, prec, rows, I, H) : 0;
+  // All of a layer's routed experts: the grouped calls in bf16 / fp8, one linear per expert in fp32.
+  double expert = 0;
+  if (rows > 0 && prec == "fp32")
+    expert = double(E) * (2 * time_linear(be, prec, rows, H, I) + time_linear(be, prec, rows, I, H));
+  else if (rows > 0)
+    expert = 2 * time_experts(be, E, rows, H, I) + time_experts(be, E, rows, I, H);
   r.linears["attention projections"] = mla * double(L);
   r.linears["dense MLP"] = dense * double(cfg.first_k_dense_replace);
   r.linears["shared experts"] = shared * double(moe_layers);
-  r.linears["routed experts (even load)"] = expert * double(E * moe_layers);
+  r.linears["routed experts (even load)"] = expert * double(moe_layers);
   for (const auto& [k, v] : r.linears) r.linear_s += v;
   {  // lm_head as the step runs it (model/output_head.h): FP32, or BF16 operands in bf16 and fp8
     Tensor x = be.alloc(DType::F32, {N, H}), y = be.alloc(DType::F32, {N, cfg.vocab_size});

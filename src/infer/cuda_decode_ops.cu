@@ -11,7 +11,6 @@
 #include "backend/cuda/pdl.cuh"
 #include "infer/cuda_decode_mma.cuh"
 #include "infer/cuda_weight_vec.cuh"
-#include "model/module_ops.h"
 
 namespace dsv3 {
 using namespace cuda;
@@ -945,7 +944,7 @@ Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, con
   const bool late_shared = p.has_shared && !t.shared;
   const bool fold = residual && !late_shared;
   const bool norm_here = next_norm && fold;
-  if (norm_here && !next_norm->out.defined()) next_norm->out = be.alloc(DType::F32, {N, H});
+  if (next_norm && !next_norm->out.defined()) next_norm->out = be.alloc(DType::F32, {N, H});
   DSV3_CHECK(H <= 256 * 32, "cuda_moe_forward: hidden size ", H, " above the combine kernel's 8192 (cuda_moe_supported)");
   auto combine = [&](auto kernel) {
     launch_pdl(kernel, dim3(unsigned(N)), dim3(256), 0, y.data<float>(), static_cast<const int32_t*>(inv),
@@ -975,12 +974,12 @@ Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, con
     be.add(a);
   }
   if (next_norm && !norm_here) {
-    Tensor rstd;
-    const Tensor normed = modops::rmsnorm(be, out, next_norm->weight, next_norm->eps, rstd);
-    if (next_norm->out.defined())
-      be.copy(CopyArgs{normed, next_norm->out});
-    else
-      next_norm->out = normed;
+    RmsNormArgs r;
+    r.x = out;
+    r.weight = next_norm->weight;
+    r.eps = next_norm->eps;
+    r.y = next_norm->out;
+    be.rmsnorm(r);
   }
   return out;
 }

@@ -67,6 +67,23 @@ int64_t scale_diffs(const std::vector<float>& got, int64_t gi, int64_t ld, F f) 
   return d;
 }
 
+// The weight side of a preparation: the BF16 weight dw [N, K] on the device into codes wq (leading
+// dimension ldq; transposed for Dgrad) and cuBLASLt's 128×128 scales ws (ld4 per row of tiles).
+cuda::WeightSide bf16_weight_side(const Tensor& dw, int64_t N, int64_t K, bool transpose, Tensor& wq, int64_t ldq,
+                                  Tensor& ws, int64_t ld4) {
+  cuda::WeightSide w;
+  w.w = dw.raw();
+  w.wtype = DType::BF16;
+  w.N = N;
+  w.K = K;
+  w.transpose = transpose;
+  w.q = static_cast<uint8_t*>(wq.raw());
+  w.ldq = ldq;
+  w.scale_lt = ws.data<float>();
+  w.ld4 = ld4;
+  return w;
+}
+
 // One backward preparation's device buffers and inputs, with the CPU's expectations.
 struct BackwardCase {
   int64_t M, N, K;
@@ -111,15 +128,7 @@ struct BackwardCase {
     p.xs_scale = d_xs.data<float>();
     p.q3 = static_cast<uint8_t*>(q3.raw());
     p.s3_lt = s3.data<float>();
-    p.w.w = d_w.raw();
-    p.w.wtype = DType::BF16;
-    p.w.N = N;
-    p.w.K = K;
-    p.w.transpose = true;
-    p.w.q = static_cast<uint8_t*>(wq.raw());
-    p.w.ldq = Np;
-    p.w.scale_lt = ws.data<float>();
-    p.w.ld4 = ld4;
+    p.w = bf16_weight_side(d_w, N, K, true, wq, Np, ws, ld4);
   }
 
   void check() const {
@@ -193,14 +202,7 @@ TEST(CudaFp8Prep, FpropBytesAreTheCpus) {
   p.xq = p.q_lt = static_cast<uint8_t*>(xq.raw());
   p.x_scale = xs.data<float>();
   p.x_scale_lt = xs_lt.data<float>();
-  p.w.w = dw.raw();
-  p.w.wtype = DType::BF16;
-  p.w.N = N;
-  p.w.K = K;
-  p.w.q = static_cast<uint8_t*>(wq.raw());
-  p.w.ldq = K;
-  p.w.scale_lt = ws.data<float>();
-  p.w.ld4 = ld4;
+  p.w = bf16_weight_side(dw, N, K, false, wq, K, ws, ld4);
   cuda::fp8_fprop_prep({&p, 1});
   const Quant rows = cpu_quant(x, Fp8Tiling::Row1x128, false, false);
   EXPECT_EQ(code_diffs(bytes(xq), M_lt, K, rows.q), 0) << "x codes";
@@ -229,12 +231,13 @@ TEST(CudaFp8Prep, GroupedFpropFromCachedCopyBytesAreTheCpus) {
   const Quant xc = cpu_quant(randn({R, K}, 12, 1, 2.0f), Fp8Tiling::Row1x128, false, false);
   Tensor xq = be.to_device(xc.q), xs = be.to_device(xc.s);
   const std::vector<int64_t> r0 = {0, 37, 42}, rows = {37, 5, 138};
-  std::vector<Tensor> w, wq, ws, s_lt, q_lt;
+  std::vector<Tensor> w, dw, wq, ws, s_lt, q_lt;
   std::vector<cuda::FpropPrep> ps;
   for (size_t i = 0; i < rows.size(); ++i) {
     const int64_t M = rows[i], M_lt = up(M, 4);
     const bool copy = r0[i] + M_lt > R;
     w.push_back(randn({N, K}, 12, 2 + i, 0.05f, DType::BF16));
+    dw.push_back(be.to_device(w.back()));
     wq.push_back(be.alloc(DType::F8_E4M3, {N, K}));
     ws.push_back(be.alloc(DType::F32, {gn, ld4}));
     s_lt.push_back(be.alloc(DType::F32, {kb, M_lt}));
@@ -246,19 +249,8 @@ TEST(CudaFp8Prep, GroupedFpropFromCachedCopyBytesAreTheCpus) {
     p.x_scale = xs.data<float>() + r0[i] * kb;
     p.q_lt = copy ? static_cast<uint8_t*>(q_lt.back().raw()) : p.xq;
     p.x_scale_lt = s_lt.back().data<float>();
-    p.w.wtype = DType::BF16;
-    p.w.N = N;
-    p.w.K = K;
-    p.w.q = static_cast<uint8_t*>(wq.back().raw());
-    p.w.ldq = K;
-    p.w.scale_lt = ws.back().data<float>();
-    p.w.ld4 = ld4;
+    p.w = bf16_weight_side(dw.back(), N, K, false, wq.back(), K, ws.back(), ld4);
     ps.push_back(p);
-  }
-  std::vector<Tensor> dw;  // the device weights
-  for (size_t i = 0; i < rows.size(); ++i) {
-    dw.push_back(be.to_device(w[i]));
-    ps[i].w.w = dw.back().raw();
   }
   cuda::fp8_fprop_prep(ps);
   for (size_t i = 0; i < rows.size(); ++i) {

@@ -347,10 +347,15 @@ __global__ void add_padded_rows_kernel(const __grid_constant__ PaddedRows t, boo
   }
 }
 
+// Rows computed in scratch written (added, with accumulate) into their place: pieces queued by add()
+// and launched kPrepGroup at a time, by add() when the table is full and by flush() for the rest.
+// A caller adding inside a lane scope, before the scratch is written, must add at most kPrepGroup
+// pieces (each_group's groups) so that only its own flush, after the lanes, launches.
 class PaddedAdd {
  public:
-  bool full() const { return t_.n == kPrepGroup; }
+  explicit PaddedAdd(bool accumulate) : accumulate_(accumulate) {}
   void add(const float* s, float* c, int64_t len) {
+    if (t_.n == kPrepGroup) flush();
     t_.s[t_.n] = s;
     t_.c[t_.n] = c;
     t_.len[t_.n++] = len;
@@ -358,14 +363,18 @@ class PaddedAdd {
            (reinterpret_cast<uintptr_t>(c) & 15u) == 0;
     longest_ = std::max(longest_, len);
   }
-  void run(bool accumulate) {
+  void flush() {
     if (t_.n == 0) return;
     const unsigned x = std::min(blocks_for(vec_ ? longest_ / 4 : longest_), 2048u);
-    add_padded_rows_kernel<<<dim3(x, unsigned(t_.n)), 256, 0, stream()>>>(t_, accumulate, vec_);
+    add_padded_rows_kernel<<<dim3(x, unsigned(t_.n)), 256, 0, stream()>>>(t_, accumulate_, vec_);
     check_launch("padded matmul rows");
+    t_ = PaddedRows();
+    vec_ = true;
+    longest_ = 0;
   }
 
  private:
+  bool accumulate_;
   PaddedRows t_;
   bool vec_ = true;
   int64_t longest_ = 0;
@@ -378,9 +387,9 @@ void gemm_token_rows(const uint8_t* a, const float* a_scale, int64_t M, int64_t 
   if (M_lt == M) return fp8_gemm_lt(a, a_scale, M, b, b_scale, b_block, N, K, c, accumulate);
   Scratch out(size_t(M_lt * N) * sizeof(float));
   fp8_gemm_lt(a, a_scale, M_lt, b, b_scale, b_block, N, K, out.as<float>(), false);
-  PaddedAdd pad;
+  PaddedAdd pad(accumulate);
   pad.add(out.as<float>(), c, M * N);
-  pad.run(accumulate);
+  pad.flush();
 }
 
 // One Fprop preparation's scratch, kFpropPieces pieces of a Carve from `base`: the weight's
@@ -637,15 +646,10 @@ bool bf16_blocks(std::span<const int64_t> offsets, std::span<const Tensor> w, bo
   if (nt > 0 && !batch(table + 3 * sf, nt, st, false)) return false;
   if (nf > 0 && !batch(table, nf, sf, accumulate)) return false;
   ++g_bf16_batched;
-  PaddedAdd pad;
-  for (size_t j = 0; j < tails.size(); ++j) {
-    if (pad.full()) {
-      pad.run(accumulate);
-      pad = PaddedAdd();
-    }
+  PaddedAdd pad(accumulate);
+  for (size_t j = 0; j < tails.size(); ++j)
     pad.add(prod + (int64_t(j) * C + tails[j].skip) * nout, c + tails[j].r * nout, tails[j].len * nout);
-  }
-  pad.run(accumulate);
+  pad.flush();
   return true;
 }
 
@@ -710,7 +714,7 @@ bool cuda_linear_lowp_grouped(const LinearPrecision& p, const GroupedLinearArgs&
                                  ptr<float>(xc.scale) + r0 * kb, r0 + Mlt > M));
     }
     fp8_fprop_prep(ps);
-    PaddedAdd pad;
+    PaddedAdd pad(a.accumulate);
     {
       LaneScope lanes(be, n > 1);
       for (size_t i = 0; i < n; ++i) {
@@ -723,7 +727,7 @@ bool cuda_linear_lowp_grouped(const LinearPrecision& p, const GroupedLinearArgs&
                     direct[i] && a.accumulate);
       }
     }
-    pad.run(a.accumulate);
+    pad.flush();
   });
   return true;
 }
@@ -762,7 +766,7 @@ bool cuda_linear_backward_lowp_grouped(const LinearPrecision& p, const GroupedLi
                                     ptr<float>(xc.scale) + r0 * kbx, want_dx, true, p.pow2_scale));
     }
     fp8_backward_prep(ps);
-    PaddedAdd pad;
+    PaddedAdd pad(a.accumulate_dx);
     {
       LaneScope lanes(be, n > 1);
       for (size_t i = 0; i < n; ++i) {
@@ -777,7 +781,7 @@ bool cuda_linear_backward_lowp_grouped(const LinearPrecision& p, const GroupedLi
                     direct[i] && a.accumulate_dx);
       }
     }
-    pad.run(a.accumulate_dx);
+    pad.flush();
   });
   return true;
 }
