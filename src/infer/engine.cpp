@@ -200,6 +200,10 @@ void Engine::draft(std::vector<Seq*>& spec, std::vector<std::vector<int32_t>>& d
   for (Seq* s : spec) tables.push_back(&s->table);
   AttentionCache& cache = cache_with(std::move(tables));
 
+  // On the device, greedy drafts without a penalty are the argmax there (ids read back, not logits).
+  bool dev_greedy = on_device_;
+  for (const Seq* s : spec) dev_greedy = dev_greedy && s->req.sampling.greedy() && s->req.sampling.repeat_penalty == 1.0f;
+  const int max_want = B ? *std::max_element(want.begin(), want.end()) : 0;
   auto take_draft = [&](size_t b, const float* logits) {
     Seq& s = *spec[b];
     std::vector<int32_t> hist = s.tokens;
@@ -214,11 +218,22 @@ void Engine::draft(std::vector<Seq*>& spec, std::vector<std::vector<int32_t>>& d
       qs[b].push_back(std::move(q));
     }
   };
+  // The drafts of a module's logits rows: row i for sequence seqs[i].
+  auto take_drafts = [&](const std::vector<size_t>& seqs, const Tensor& logits) {
+#ifdef DSV3_HAVE_CUDA
+    if (dev_greedy && !seqs.empty()) {
+      const std::vector<int32_t> ids = cuda_greedy_tokens(logits, n_valid_);
+      for (size_t i = 0; i < seqs.size(); ++i) drafts[seqs[i]].push_back(ids[i]);
+      return;
+    }
+#endif
+    const Tensor l = host(logits);
+    for (size_t i = 0; i < seqs.size(); ++i) take_draft(seqs[i], l.data<float>() + int64_t(i) * V);
+  };
 
   // Chain over modules at the same positions; h_prev rows follow each module's rows.
-  std::vector<int64_t> lo(B), hi(B);  // position range [lo, hi] each module k runs for sequence b
   Tensor prev_h;
-  std::vector<std::vector<int64_t>> prev_rows(B);  // row index in prev_h of position lo + i
+  std::vector<std::vector<int64_t>> prev_rows(B);  // per sequence, its rows in the previous module's output
   for (int64_t k = 1; k <= D; ++k) {
     StepRows rows;
     std::vector<int32_t> toks, logit_rows, hrow;
@@ -251,10 +266,9 @@ void Engine::draft(std::vector<Seq*>& spec, std::vector<std::vector<int32_t>>& d
       std::memcpy(h_in.data<float>() + r * H, src, size_t(H) * sizeof(float));
     }
     ModelRunner::Output o = runner_.mtp_forward(int(k), cache, rows, toks, h_in, logit_rows, true);
-    o.logits = host(o.logits);
-    o.hidden = host(o.hidden);
-    for (size_t i = 0; i < logit_seq.size(); ++i) take_draft(logit_seq[i], o.logits.data<float>() + int64_t(i) * V);
-    prev_h = o.hidden;
+    take_drafts(logit_seq, o.logits);
+    // h^k feeds the next module, or this one again beyond D.
+    if (k < D || max_want > D) prev_h = host(o.hidden);
     prev_rows = my_rows;
   }
   // Beyond D: the last module, one position further each step, on its own output and last draft.
@@ -278,13 +292,9 @@ void Engine::draft(std::vector<Seq*>& spec, std::vector<std::vector<int32_t>>& d
     for (size_t i = 0; i < seqs.size(); ++i)
       std::memcpy(h_in.data<float>() + int64_t(i) * H, prev_h.data<float>() + src_rows[i] * H, size_t(H) * sizeof(float));
     ModelRunner::Output o = runner_.mtp_forward(int(D), cache, rows, toks, h_in, logit_rows, true);
-    o.logits = host(o.logits);
-    o.hidden = host(o.hidden);
-    for (size_t i = 0; i < seqs.size(); ++i) {
-      take_draft(seqs[i], o.logits.data<float>() + int64_t(i) * V);
-      prev_rows[seqs[i]] = {int64_t(i)};
-    }
-    prev_h = o.hidden;
+    take_drafts(seqs, o.logits);
+    for (size_t i = 0; i < seqs.size(); ++i) prev_rows[seqs[i]] = {int64_t(i)};
+    if (max_want > s_i) prev_h = host(o.hidden);
   }
 }
 

@@ -70,8 +70,8 @@ struct EngineStats {
 // rows there (BF16, infer/cuda_latent_attention.h; the pool on the host only does the block
 // accounting) and runs every forward on the device. Greedy steps without a repetition penalty or
 // logits callback take the argmax on the device and read back one id per logits row (a sequence's
-// next token, or the main model's choice at each draft it verifies); other steps, and the MTP
-// drafts, read the logits back and sample on the host as on the CPU.
+// next token, the main model's choice at each draft it verifies, an MTP module's draft); other
+// steps read the logits back and sample on the host as on the CPU.
 class Engine {
  public:
   Engine(const Weights& w, const EngineOptions& opt, Backend& be = cpu_backend());
