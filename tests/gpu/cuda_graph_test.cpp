@@ -331,35 +331,39 @@ TEST(CudaGraphEngine, SpeculationReplaysVerificationAndDrafts) {
   std::vector<Request> reqs = mixed_requests(90, 101);
   reqs.resize(3);
   const Trace plain = run_engine(w, reqs, false, false, 3);
-  for (int64_t running : {1, 3})
-    for (int drafts : {1, 3})
-      for (bool corrupt : {false, true}) {
-        SCOPED_TRACE(cat("max_running ", running, ", drafts ", drafts, corrupt ? ", corrupted" : ", perfect"));
-        EngineOptions o;
-        o.override_drafts = [&](int64_t id, std::span<const int32_t> toks, size_t n) {
-          const std::vector<int32_t>& want = plain.tokens[size_t(id)];
-          const size_t done = toks.size() - reqs[size_t(id)].prompt.size();
-          std::vector<int32_t> d;
-          for (size_t i = 0; i < n; ++i) {
-            int32_t t = done + i < want.size() ? want[done + i] : 0;
-            if (corrupt && i % 2 == 1) t = (t + 1) % 4096;
-            d.push_back(t);
-          }
-          return d;
-        };
-        const Trace eager = run_engine(w, reqs, false, true, running, nullptr, 8, drafts, 16, o);
-        const Trace graph = run_engine(w, reqs, true, true, running, nullptr, 8, drafts, 16, o);
-        ASSERT_EQ(graph.spec.accepted.size(), size_t(drafts));
-        EXPECT_GT(graph.spec.accepted[0], 0) << "no draft kept";
-        EXPECT_FALSE(graph.graphs.disabled) << graph.graphs.error;
-        EXPECT_EQ(graph.graphs.failures, 0);
-        EXPECT_GT(graph.graphs.mtp_replays, 0);
-        EXPECT_GT(graph.graphs.replays - graph.graphs.mtp_replays, 0) << "no verification step replayed";
-        expect_identical(eager, graph);
-        const Trace ids = run_engine(w, reqs, true, false, running, nullptr, 8, drafts, 16, o);
-        EXPECT_EQ(ids.tokens, eager.tokens);
-        EXPECT_GT(ids.device_greedy_steps, 0);
+  struct Case {
+    int64_t running;
+    int drafts;
+    bool corrupt;
+  };
+  // Each value of each setting with both values of the other two (half the eight combinations).
+  for (const Case c : {Case{1, 1, false}, Case{1, 3, true}, Case{3, 1, true}, Case{3, 3, false}}) {
+    SCOPED_TRACE(cat("max_running ", c.running, ", drafts ", c.drafts, c.corrupt ? ", corrupted" : ", perfect"));
+    EngineOptions o;
+    o.override_drafts = [&](int64_t id, std::span<const int32_t> toks, size_t n) {
+      const std::vector<int32_t>& want = plain.tokens[size_t(id)];
+      const size_t done = toks.size() - reqs[size_t(id)].prompt.size();
+      std::vector<int32_t> d;
+      for (size_t i = 0; i < n; ++i) {
+        int32_t t = done + i < want.size() ? want[done + i] : 0;
+        if (c.corrupt && i % 2 == 1) t = (t + 1) % 4096;
+        d.push_back(t);
       }
+      return d;
+    };
+    const Trace eager = run_engine(w, reqs, false, true, c.running, nullptr, 8, c.drafts, 16, o);
+    const Trace graph = run_engine(w, reqs, true, true, c.running, nullptr, 8, c.drafts, 16, o);
+    ASSERT_EQ(graph.spec.accepted.size(), size_t(c.drafts));
+    EXPECT_GT(graph.spec.accepted[0], 0) << "no draft kept";
+    EXPECT_FALSE(graph.graphs.disabled) << graph.graphs.error;
+    EXPECT_EQ(graph.graphs.failures, 0);
+    EXPECT_GT(graph.graphs.mtp_replays, 0);
+    EXPECT_GT(graph.graphs.replays - graph.graphs.mtp_replays, 0) << "no verification step replayed";
+    expect_identical(eager, graph);
+    const Trace ids = run_engine(w, reqs, true, false, c.running, nullptr, 8, c.drafts, 16, o);
+    EXPECT_EQ(ids.tokens, eager.tokens);
+    EXPECT_GT(ids.device_greedy_steps, 0);
+  }
 }
 
 // A launch site outside the capture stream fails the capture: the runner turns graphs off for good
