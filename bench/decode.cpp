@@ -140,7 +140,12 @@ int run(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--no-spec")) no_spec = true;
     else if (!std::strcmp(argv[i], "--device") && i + 1 < argc) device = argv[++i];
     else if (!std::strcmp(argv[i], "--weights") && i + 1 < argc) weights = argv[++i];
-    else if (!std::strcmp(argv[i], "--spec-reps") && i + 1 < argc) spec_reps = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--spec-reps") && i + 1 < argc) {
+      const std::string v = argv[++i];
+      if (v.empty() || v.size() > 6 || v.find_first_not_of("0123456789") != std::string::npos)
+        input_error("--spec-reps: '", v, "' (expected a whole number >= 1, or 0 for the default)");
+      spec_reps = std::stoi(v);
+    }
     else {
       std::fprintf(stderr,
                    "usage: %s [--quick] [--spec-only | --no-spec] [--preset NAME] [--small-rows N] [--threads N]\n"
@@ -209,7 +214,6 @@ int run(int argc, char** argv) {
   if (weights == "bf16") round_matrices_to_bf16(w);
   const std::string model_name = spec_model.empty() ? "tiny (random weights, untrained)" : spec_model;
   const int64_t n_gen = quick ? 16 : 96;
-  if (spec_reps < 0) input_error("--spec-reps: ", spec_reps, " (expected >= 1, or 0 for the default)");
   const int reps = spec_reps > 0 ? spec_reps : quick ? 1 : 7;
   std::vector<int32_t> prompt = {0, 17, 42, 99, 7, 255, 31, 12};
   if (!spec_prompt.empty()) prompt = parse_token_ids(spec_prompt, w.config().vocab_size);

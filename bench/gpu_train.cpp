@@ -101,6 +101,16 @@ std::pair<double, double> time_attention(CudaBackend& be, const ModelConfig& cfg
   return {secs(a0, a1), secs(a1, Clock::now())};
 }
 
+// The second call of f alone (the first one sees the shapes: plans, scratch), device synchronised.
+double time_second_call(CudaBackend& be, const std::function<void()>& f) {
+  f();
+  be.synchronize();
+  auto t0 = Clock::now();
+  f();
+  be.synchronize();
+  return secs(t0, Clock::now());
+}
+
 // One eligible linear layer [M, K] → [M, N] forward + backward (dx and dW) as the model calls it
 // (BF16 weight copy unless fp32), timed alone.
 double time_linear(CudaBackend& be, const std::string& prec, int64_t M, int64_t K, int64_t N) {
@@ -109,17 +119,11 @@ double time_linear(CudaBackend& be, const std::string& prec, int64_t M, int64_t 
   be.fill({x, 0.5f});
   be.fill({w, 0.01f});
   be.fill({y, 0.25f});
-  auto once = [&] {
+  return time_second_call(be, [&] {
     Fp8Tiles cache;
     linear_lowp(linear_precision(), {x, w, {}, y}, &cache);
     linear_backward_lowp(linear_precision(), {y, x, w, {}, dx, dw, false, true}, &cache);
-  };
-  once();
-  be.synchronize();
-  auto t0 = Clock::now();
-  once();
-  be.synchronize();
-  return secs(t0, Clock::now());
+  });
 }
 
 // One projection of E routed experts of `rows` rows each, [E·rows, K] → [E·rows, N], forward +
@@ -140,17 +144,11 @@ double time_experts(CudaBackend& be, int64_t E, int64_t rows, int64_t K, int64_t
     offsets.push_back(e * rows);
   }
   offsets.push_back(M);
-  auto once = [&] {
+  return time_second_call(be, [&] {
     const Fp8Tiles xc = lowp_input_copy(linear_precision(), x, "experts' x");
     linear_lowp_grouped(linear_precision(), {x, w, {}, offsets, y, false}, xc);
     linear_backward_lowp_grouped(linear_precision(), {x, y, w, {}, dw, offsets, dx, false}, xc);
-  };
-  once();
-  be.synchronize();
-  auto t0 = Clock::now();
-  once();
-  be.synchronize();
-  return secs(t0, Clock::now());
+  });
 }
 
 struct Run {
@@ -177,12 +175,7 @@ void time_modules(CudaBackend& be, Model& model, Grads& g, int64_t B, int64_t T,
   Tensor dout = be.alloc(DType::F32, {N, d.H}), dx = be.alloc(DType::F32, {N, d.H});
   be.fill({dout, 1e-3f});
   auto timed = [&](const std::string& name, const std::function<void()>& f) {
-    f();  // shapes seen once (cuBLAS/cuBLASLt plans)
-    be.synchronize();
-    auto t0 = Clock::now();
-    f();
-    be.synchronize();
-    r.modules[name] = secs(t0, Clock::now());
+    r.modules[name] = time_second_call(be, f);
   };
   // Every decoder layer forward and backward on the step's activations, one at a time.
   for (size_t l = 0; l < A.layers.size(); ++l) {

@@ -200,8 +200,9 @@ void Engine::draft(std::vector<Seq*>& spec, std::vector<std::vector<int32_t>>& d
   for (Seq* s : spec) tables.push_back(&s->table);
   AttentionCache& cache = cache_with(std::move(tables));
 
-  // On the device, greedy drafts without a penalty are the argmax there (ids read back, not logits).
-  bool dev_greedy = on_device_;
+  // On the device, greedy drafts without a penalty are the argmax there (ids read back, not logits),
+  // unless the caller reads logits (then every choice is made on the host).
+  bool dev_greedy = on_device_ && !on_logits;
   for (const Seq* s : spec) dev_greedy = dev_greedy && s->req.sampling.greedy() && s->req.sampling.repeat_penalty == 1.0f;
   const int max_want = B ? *std::max_element(want.begin(), want.end()) : 0;
   auto take_draft = [&](size_t b, const float* logits) {
@@ -357,6 +358,8 @@ std::vector<SeqEvent> Engine::step() {
     for (size_t i = 0; i < spec_seqs.size(); ++i)
       if (spec_seqs[i]->req.sampling.greedy())
         drafts[i] = opt_.override_drafts(spec_seqs[i]->id, spec_seqs[i]->tokens, drafts[i].size());
+  if (on_drafts)
+    for (size_t i = 0; i < spec_seqs.size(); ++i) on_drafts(spec_seqs[i]->id, drafts[i]);
 
   // One forward over every planned row.
   std::vector<BlockTable*> tables;

@@ -95,8 +95,11 @@ class Engine {
   int64_t device_greedy_steps() const { return device_greedy_steps_; }
   int64_t max_context() const { return max_context_; }
   int draft_tokens() const { return draft_; }
-  // Called for every main-model logits row whose inputs are final: (id, position, logits[V]).
+  // Called for every main-model logits row whose inputs are final: (id, position, logits[V]). While
+  // it is set, every token and draft is chosen on the host from read-back logits.
   std::function<void(int64_t, int64_t, std::span<const float>)> on_logits;
+  // Called with a sequence's drafts before their verification: (id, drafts).
+  std::function<void(int64_t, std::span<const int32_t>)> on_drafts;
 
   struct Seq;
 

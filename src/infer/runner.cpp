@@ -8,6 +8,15 @@
 
 namespace dsv3 {
 
+namespace {
+// Logits rows of an N-row step: increasing, each in [0, N).
+void check_logit_rows(std::span<const int32_t> logit_rows, int64_t N) {
+  for (size_t i = 0; i < logit_rows.size(); ++i)
+    DSV3_CHECK(logit_rows[i] >= 0 && logit_rows[i] < N && (i == 0 || logit_rows[i] > logit_rows[i - 1]),
+               "logit row ", logit_rows[i], " at ", i, " of a ", N, "-row step (increasing, in [0, N) expected)");
+}
+}  // namespace
+
 using modops::copy_cols;
 using modops::i32_tensor;
 using modops::rmsnorm;
@@ -249,6 +258,7 @@ ModelRunner::Output ModelRunner::forward(AttentionCache& cache, const StepRows& 
   for (int64_t i = 0; i < N; ++i)
     if (tokens[size_t(i)] < 0 || tokens[size_t(i)] >= cfg_.vocab_size)
       input_error("token id ", tokens[size_t(i)], " is outside the model's vocabulary [0, ", cfg_.vocab_size, ")");
+  check_logit_rows(logit_rows, N);
   if (use_small(N)) return forward_small(cache, rows, tokens, logit_rows);
   if (graph_ok && graphs_ && small_gemv(N))
     if (std::optional<Output> o = forward_graph(cache, rows, tokens, logit_rows)) return std::move(*o);
@@ -256,10 +266,8 @@ ModelRunner::Output ModelRunner::forward(AttentionCache& cache, const StepRows& 
   return forward_body(cache, rows, ids, positions, logit_rows);
 }
 
-ModelRunner::Output ModelRunner::forward_body(AttentionCache& cache, const StepRows& rows, const Tensor& ids,
-                                              const Tensor& positions, std::span<const int32_t> logit_rows) {
-  const int64_t N = rows.size();
-  Tensor x = be_.alloc(DType::F32, {N, d_.H});
+Tensor ModelRunner::embed(const Tensor& ids) {
+  Tensor x = be_.alloc(DType::F32, {ids.numel(), d_.H});
   EmbeddingArgs e;
   e.ids = ids;
   e.table = params_.embed_tokens;
@@ -270,6 +278,13 @@ ModelRunner::Output ModelRunner::forward_body(AttentionCache& cache, const StepR
   else
 #endif
     be_.embedding(e);
+  return x;
+}
+
+ModelRunner::Output ModelRunner::forward_body(AttentionCache& cache, const StepRows& rows, const Tensor& ids,
+                                              const Tensor& positions, std::span<const int32_t> logit_rows) {
+  const int64_t N = rows.size();
+  Tensor x = embed(ids);
   // Each block's output norm comes from the block when it can compute it (the next block's input
   // norm is only used beyond small_rows, where the GEMV does not fuse it; the final norm always).
   Tensor h;
@@ -298,12 +313,31 @@ ModelRunner::Output ModelRunner::mtp_forward(int k, AttentionCache& cache, const
   for (int64_t i = 0; i < N; ++i)
     if (tokens[size_t(i)] < 0 || tokens[size_t(i)] >= cfg_.vocab_size)
       input_error("token id ", tokens[size_t(i)], " is outside the model's vocabulary [0, ", cfg_.vocab_size, ")");
+  check_logit_rows(logit_rows, N);
   if (use_small(N)) return mtp_forward_small(k, cache, rows, tokens, h_prev, logit_rows);
-  if (graph_ok && graphs_ && small_gemv(N))
-    if (std::optional<Output> o = mtp_forward_graph(k, cache, rows, tokens, h_prev, logit_rows)) return std::move(*o);
-  const auto [ids, positions] = ids_and_positions(tokens, rows);  // ids checked above
-  const Tensor h = h_prev.device() == be_.device() ? h_prev : be_.to_device(h_prev);
-  return mtp_body(k, cache, rows, ids, positions, h, logit_rows);
+  auto eager = [&](std::span<const int32_t> out_rows) {
+    const auto [ids, positions] = ids_and_positions(tokens, rows);  // ids checked above
+    const Tensor h = h_prev.device() == be_.device() ? h_prev : be_.to_device(h_prev);
+    return mtp_body(k, cache, rows, ids, positions, h, out_rows);
+  };
+  if (!small_gemv(N)) return eager(logit_rows);
+  std::vector<int32_t> every(static_cast<size_t>(N));
+  for (int64_t r = 0; r < N; ++r) every[size_t(r)] = int32_t(r);
+  std::optional<Output> o;
+  if (graph_ok && graphs_ && !gstats_.mtp_disabled) o = mtp_forward_graph(k, cache, rows, tokens, h_prev, every);
+  if (!o) o = eager(every);
+  o->logits = select_rows(o->logits, logit_rows);
+  return std::move(*o);
+}
+
+Tensor ModelRunner::select_rows(const Tensor& logits, std::span<const int32_t> logit_rows) {
+  if (logit_rows.empty()) return Tensor();
+  bool consecutive = true;
+  for (size_t i = 1; consecutive && i < logit_rows.size(); ++i) consecutive = logit_rows[i] == logit_rows[i - 1] + 1;
+  if (consecutive) return logits.rows(logit_rows.front(), logit_rows.back() + 1);
+  Tensor sel = be_.alloc(DType::F32, {int64_t(logit_rows.size()), logits.dim(1)});
+  modops::gather_rows(be_, logits, i32_tensor(be_, std::vector<int32_t>(logit_rows.begin(), logit_rows.end())), sel);
+  return sel;
 }
 
 ModelRunner::Output ModelRunner::mtp_body(int k, AttentionCache& cache, const StepRows& rows, const Tensor& ids,
@@ -311,17 +345,7 @@ ModelRunner::Output ModelRunner::mtp_body(int k, AttentionCache& cache, const St
                                           std::span<const int32_t> logit_rows) {
   const MtpParams& p = params_.mtp[size_t(k - 1)];
   const int64_t N = rows.size(), H = d_.H;
-  Tensor emb = be_.alloc(DType::F32, {N, H});
-  EmbeddingArgs e;
-  e.ids = ids;
-  e.table = params_.embed_tokens;
-  e.out = emb;
-#ifdef DSV3_HAVE_CUDA
-  if (be_.device() == Device::CUDA && sync_free_)
-    cuda_embedding_unchecked(e);  // the ids were checked on the host
-  else
-#endif
-    be_.embedding(e);
+  const Tensor emb = embed(ids);
   Tensor rstd;
   const Tensor e_n = rmsnorm(be_, emb, p.enorm, d_.eps, rstd);
   const Tensor h_n = rmsnorm(be_, h_prev, p.hnorm, d_.eps, rstd);

@@ -58,8 +58,10 @@ class ModelRunner {
   void set_cuda_graphs(bool on, size_t keep = 4);
   struct GraphStats {
     int64_t replays = 0, captures = 0, eager = 0, failures = 0;
-    int64_t mtp_replays = 0;  // of the replays, those of MTP modules
-    bool disabled = false;
+    int64_t verify_replays = 0;  // of the replays, main-model steps with several rows of one sequence
+    int64_t mtp_replays = 0;     // of the replays, those of MTP modules
+    bool disabled = false;       // graphs off for good (a failed capture of the main model, a failed replay)
+    bool mtp_disabled = false;   // MTP graphs off for good (a failed capture of an MTP module)
     std::string error;
     size_t cached = 0, nodes = 0;  // graphs kept; nodes (kernels) of the latest capture
     size_t memory_bytes = 0;       // device memory the kept graphs hold
@@ -88,7 +90,9 @@ class ModelRunner {
                  std::span<const int32_t> logit_rows, bool graph_ok = false);
   // MTP module k (1-based): row r takes token tokens[r] (= t_{i+k}) and h_prev row r (= h^{k−1}_i);
   // h_prev on the host or the backend's device. graph_ok: the caller lets it replay from a CUDA
-  // graph (which computes every row's logits and selects the listed ones after the replay).
+  // graph. On CUDA's GEMV path (steps of at most 32 rows) the head computes every row's logits and
+  // the listed ones are selected afterwards, graph or not (the head's kernel depends on its row
+  // count, so drafts do not depend on whether graphs are on).
   Output mtp_forward(int k, AttentionCache& cache, const StepRows& rows, std::span<const int32_t> tokens,
                      const Tensor& h_prev, std::span<const int32_t> logit_rows, bool graph_ok = false);
 
@@ -101,6 +105,8 @@ class ModelRunner {
                        const Tensor* next_norm = nullptr, Tensor* next_h = nullptr);
   Tensor head(const Tensor& normed, std::span<const int32_t> logit_rows);
   const RopeTables& rope_for(int64_t n);
+  // The embedding rows of ids [N] (on CUDA without the range check: callers check ids on the host).
+  Tensor embed(const Tensor& ids);
   // Everything after the uploads: embedding, layers, norm, head.
   Output forward_body(AttentionCache& cache, const StepRows& rows, const Tensor& ids, const Tensor& positions,
                       std::span<const int32_t> logit_rows);
@@ -112,13 +118,16 @@ class ModelRunner {
                                       std::span<const int32_t> logit_rows);
   std::optional<Output> mtp_forward_graph(int k, AttentionCache& cache, const StepRows& rows,
                                           std::span<const int32_t> tokens, const Tensor& h_prev,
-                                          std::span<const int32_t> logit_rows);
+                                          std::span<const int32_t> every_row);
+  // The listed rows of logits [N, V] (every row of a step): a view when they are consecutive.
+  Tensor select_rows(const Tensor& logits, std::span<const int32_t> logit_rows);
   // Puts the step's ids and positions (and grows the RoPE tables) where a replay reads them; appends
   // what else a replay depends on to key. nullopt: this step cannot replay.
   std::optional<std::pair<Tensor, Tensor>> graph_inputs(AttentionCache& cache, const StepRows& rows,
                                                         std::span<const int32_t> tokens, std::vector<int64_t>& key);
   // Replays the graph of key, captures it (a key seen before), or runs body eagerly.
-  Output graph_step(std::vector<int64_t> key, const std::function<Output()>& body, bool mtp);
+  enum class GraphKind { Decode, Verify, Mtp };
+  Output graph_step(std::vector<int64_t> key, const std::function<Output()>& body, GraphKind kind);
   struct GraphCache;
   struct DropGraphs {  // defined where GraphCache is (runner_graph.cpp)
     void operator()(GraphCache* g) const;

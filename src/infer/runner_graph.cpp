@@ -15,7 +15,6 @@
 #include <string>
 
 #include "infer/runner.h"
-#include "model/module_ops.h"
 
 #ifdef DSV3_HAVE_CUDA
 #include "backend/cuda/graph.h"
@@ -104,13 +103,16 @@ std::optional<ModelRunner::Output> ModelRunner::forward_graph(AttentionCache& ca
   const auto in = all ? graph_inputs(cache, rows, tokens, key) : std::nullopt;
   if (!in) return std::nullopt;
   const auto [ids, positions] = *in;
-  return graph_step(std::move(key), [&] { return forward_body(cache, rows, ids, positions, logit_rows); }, false);
+  bool verify = false;  // rows of a sequence are adjacent
+  for (size_t r = 1; r < rows.seq.size(); ++r) verify = verify || rows.seq[r] == rows.seq[r - 1];
+  return graph_step(std::move(key), [&] { return forward_body(cache, rows, ids, positions, logit_rows); },
+                    verify ? GraphKind::Verify : GraphKind::Decode);
 }
 
 std::optional<ModelRunner::Output> ModelRunner::mtp_forward_graph(int k, AttentionCache& cache, const StepRows& rows,
                                                                   std::span<const int32_t> tokens,
                                                                   const Tensor& h_prev,
-                                                                  std::span<const int32_t> logit_rows) {
+                                                                  std::span<const int32_t> every_row) {
   const int64_t N = rows.size(), H = d_.H;
   std::vector<int64_t> key = {k};  // MTP module k
   const auto in = graph_inputs(cache, rows, tokens, key);
@@ -128,26 +130,12 @@ std::optional<ModelRunner::Output> ModelRunner::mtp_forward_graph(int k, Attenti
     be_.copy(c);
   }
   key.push_back(int64_t(reinterpret_cast<uintptr_t>(gc.h_in.raw())));
-  // The graph computes every row's logits (the head reads its weight once for all of them), so the
-  // listed rows need not be part of the key; they are selected after the replay.
-  std::vector<int32_t> every(static_cast<size_t>(N));
-  for (int64_t r = 0; r < N; ++r) every[size_t(r)] = int32_t(r);
-  Output o = graph_step(std::move(key), [&] { return mtp_body(k, cache, rows, ids, positions, h, every); }, true);
-  if (logit_rows.empty()) {
-    o.logits = Tensor();
-  } else if (logit_rows.back() - logit_rows.front() + 1 == int32_t(logit_rows.size()) &&
-             std::is_sorted(logit_rows.begin(), logit_rows.end())) {
-    o.logits = o.logits.rows(logit_rows.front(), logit_rows.back() + 1);  // a contiguous range: a view
-  } else {
-    Tensor sel = be_.alloc(DType::F32, {int64_t(logit_rows.size()), o.logits.dim(1)});
-    modops::gather_rows(be_, o.logits, modops::i32_tensor(be_, std::vector<int32_t>(logit_rows.begin(), logit_rows.end())),
-                        sel);
-    o.logits = sel;
-  }
-  return o;
+  return graph_step(
+      std::move(key), [&] { return mtp_body(k, cache, rows, ids, positions, h, every_row); }, GraphKind::Mtp);
 }
 
-ModelRunner::Output ModelRunner::graph_step(std::vector<int64_t> key, const std::function<Output()>& body, bool mtp) {
+ModelRunner::Output ModelRunner::graph_step(std::vector<int64_t> key, const std::function<Output()>& body,
+                                            GraphKind kind) {
   GraphCache& gc = *graphs_;
   auto turn_off = [&](const std::string& why) {
     gstats_.disabled = true;
@@ -164,7 +152,8 @@ ModelRunner::Output ModelRunner::graph_step(std::vector<int64_t> key, const std:
       return eager();
     }
     ++gstats_.replays;
-    if (mtp) ++gstats_.mtp_replays;
+    if (kind == GraphKind::Mtp) ++gstats_.mtp_replays;
+    if (kind == GraphKind::Verify) ++gstats_.verify_replays;
     return x.out;
   };
   auto hit = std::find_if(gc.entries.begin(), gc.entries.end(),
@@ -192,7 +181,15 @@ ModelRunner::Output ModelRunner::graph_step(std::vector<int64_t> key, const std:
   };
   if (!e.graph->capture(record)) {
     ++gstats_.failures;
-    turn_off(e.graph->error());
+    if (kind != GraphKind::Mtp) {
+      turn_off(e.graph->error());
+      return eager();
+    }
+    // An MTP module that cannot be captured (an op of its own off the graph-safe path) leaves the
+    // main model's graphs on.
+    gstats_.mtp_disabled = true;
+    gstats_.error = e.graph->error();
+    gc.entries.pop_front();
     return eager();
   }
   ++gstats_.captures;

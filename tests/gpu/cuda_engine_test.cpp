@@ -142,7 +142,7 @@ TEST(CudaEngine, GreedyEqualsCpuEngineOnFixtures) {
     for (const Request& r : reqs) gpu.add(r);
     EXPECT_GE(expect_matches(ref, gpu.run_all(), reqs), 4) << "too many near ties to compare";
     EXPECT_GT(gpu.device_greedy_steps(), 0);
-    // MTP speculation on the device (drafts and verification read logits back): same output.
+    // MTP speculation on the device (drafts and their verification by the device argmax): same output.
     if (gpu.runner().num_mtp() > 0) {
       EngineOptions mo = opt;
       mo.draft_tokens = 2;

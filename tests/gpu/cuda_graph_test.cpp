@@ -165,6 +165,7 @@ struct Trace {
   ModelRunner::GraphStats graphs;
   int64_t device_greedy_steps = 0;
   SpecStats spec;
+  std::map<int64_t, std::vector<int32_t>> drafts;  // per sequence, every draft proposed, in order
 };
 
 // Requests that join (max_running) and leave (max_tokens) at different times, prompts from 3 to
@@ -200,6 +201,9 @@ Trace run_engine(const Weights& w, const std::vector<Request>& reqs, bool graphs
     e.on_logits = [&](int64_t id, int64_t pos, std::span<const float> l) {
       t.logits[{id, pos}] = std::vector<float>(l.begin(), l.end());
     };
+  e.on_drafts = [&](int64_t id, std::span<const int32_t> d) {
+    t.drafts[id].insert(t.drafts[id].end(), d.begin(), d.end());
+  };
   for (const Request& r : reqs) e.add(r);
   t.tokens = e.run_all();
   t.graphs = e.runner().graph_stats();
@@ -324,7 +328,8 @@ TEST(CudaGraphEngine, WideStepsAndMtpEqualEager) {
 // three drafts (module 1 reused beyond the first): verification steps and drafts replay from graphs,
 // with the eager run's tokens and logits; without the logits callback, the verification's argmax
 // on the device gives the same tokens. (Not compared with the plain run: its 1-row steps take the
-// GEMVs' F32 path, the verification's rows tensor cores.)
+// GEMVs' F32 path, the verification's rows tensor cores.) Then the MTP module's own drafts, by the
+// device argmax and by the host.
 TEST(CudaGraphEngine, SpeculationReplaysVerificationAndDrafts) {
   ASSERT_GT(cuda_device_count(), 0);
   const Weights w = Weights::random(long_tiny(), 13, 0.05f);
@@ -358,11 +363,25 @@ TEST(CudaGraphEngine, SpeculationReplaysVerificationAndDrafts) {
     EXPECT_FALSE(graph.graphs.disabled) << graph.graphs.error;
     EXPECT_EQ(graph.graphs.failures, 0);
     EXPECT_GT(graph.graphs.mtp_replays, 0);
-    EXPECT_GT(graph.graphs.replays - graph.graphs.mtp_replays, 0) << "no verification step replayed";
+    EXPECT_GT(graph.graphs.verify_replays, 0);
     expect_identical(eager, graph);
     const Trace ids = run_engine(w, reqs, true, false, c.running, nullptr, 8, c.drafts, 16, o);
     EXPECT_EQ(ids.tokens, eager.tokens);
-    EXPECT_GT(ids.device_greedy_steps, 0);
+    EXPECT_EQ(ids.spec.accepted, graph.spec.accepted);
+    EXPECT_GT(ids.graphs.verify_replays, 0);
+  }
+  // The MTP module's own drafts: chosen by the device argmax (no logits callback) they are the
+  // host's greedy choices (with one), graphs on or off.
+  for (int drafts : {1, 3}) {
+    SCOPED_TRACE(cat("MTP drafts ", drafts));
+    const Trace host = run_engine(w, reqs, true, true, 3, nullptr, 8, drafts);
+    const Trace dev = run_engine(w, reqs, true, false, 3, nullptr, 8, drafts);
+    const Trace dev_eager = run_engine(w, reqs, false, false, 3, nullptr, 8, drafts);
+    ASSERT_FALSE(host.drafts.empty());
+    EXPECT_EQ(dev.drafts, host.drafts);
+    EXPECT_EQ(dev_eager.drafts, host.drafts);
+    EXPECT_EQ(dev.tokens, host.tokens);
+    EXPECT_GT(dev.graphs.mtp_replays, 0);
   }
 }
 
