@@ -203,7 +203,7 @@ void Engine::draft(std::vector<Seq*>& spec, std::vector<std::vector<int32_t>>& d
   // On the device, greedy drafts without a penalty are the argmax there (ids read back, not logits),
   // unless the caller reads logits (then every choice is made on the host).
   bool dev_greedy = on_device_ && !on_logits;
-  for (const Seq* s : spec) dev_greedy = dev_greedy && s->req.sampling.greedy() && s->req.sampling.repeat_penalty == 1.0f;
+  for (const Seq* s : spec) dev_greedy = dev_greedy && s->req.sampling.plain_argmax();
   const int max_want = B ? *std::max_element(want.begin(), want.end()) : 0;
   auto take_draft = [&](size_t b, const float* logits) {
     Seq& s = *spec[b];
@@ -396,7 +396,7 @@ std::vector<SeqEvent> Engine::step() {
   std::vector<int32_t> dev_ids;
   if (on_device_) {
     bool greedy = !on_logits;
-    for (const Plan& p : plan) greedy = greedy && p.s->req.sampling.greedy() && p.s->req.sampling.repeat_penalty == 1.0f;
+    for (const Plan& p : plan) greedy = greedy && p.s->req.sampling.plain_argmax();
 #ifdef DSV3_HAVE_CUDA
     if (greedy && !logit_rows.empty()) {
       dev_ids = cuda_greedy_tokens(out.logits, n_valid_);

@@ -9,8 +9,11 @@
 namespace dsv3 {
 
 namespace {
-// Logits rows of an N-row step: increasing, each in [0, N).
-void check_logit_rows(std::span<const int32_t> logit_rows, int64_t N) {
+// A step's token ids in the vocabulary (an InputError: they may come from a user) and its logits
+// rows increasing, each in [0, N).
+void check_step_inputs(std::span<const int32_t> tokens, int64_t vocab, std::span<const int32_t> logit_rows, int64_t N) {
+  for (int32_t t : tokens)
+    if (t < 0 || t >= vocab) input_error("token id ", t, " is outside the model's vocabulary [0, ", vocab, ")");
   for (size_t i = 0; i < logit_rows.size(); ++i)
     DSV3_CHECK(logit_rows[i] >= 0 && logit_rows[i] < N && (i == 0 || logit_rows[i] > logit_rows[i - 1]),
                "logit row ", logit_rows[i], " at ", i, " of a ", N, "-row step (increasing, in [0, N) expected)");
@@ -241,11 +244,7 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
 Tensor ModelRunner::head(const Tensor& normed, std::span<const int32_t> logit_rows) {
   const int64_t V = params_.lm_head.w.dim(0);
   if (logit_rows.empty()) return Tensor();
-  bool all = int64_t(logit_rows.size()) == normed.dim(0);  // every row, in order: no gather
-  for (size_t i = 0; all && i < logit_rows.size(); ++i) all = logit_rows[i] == int32_t(i);
-  Tensor sel = all ? normed : be_.alloc(DType::F32, {int64_t(logit_rows.size()), d_.H});
-  if (!all)
-    modops::gather_rows(be_, normed, i32_tensor(be_, std::vector<int32_t>(logit_rows.begin(), logit_rows.end())), sel);
+  const Tensor sel = select_rows(normed, logit_rows);
   Tensor logits = be_.alloc(DType::F32, {int64_t(logit_rows.size()), V});
   linear(params_.lm_head, sel, logits);
   return logits;
@@ -255,10 +254,7 @@ ModelRunner::Output ModelRunner::forward(AttentionCache& cache, const StepRows& 
                                          std::span<const int32_t> logit_rows, bool graph_ok) {
   const int64_t N = rows.size();
   DSV3_CHECK(N > 0 && int64_t(tokens.size()) == N);
-  for (int64_t i = 0; i < N; ++i)
-    if (tokens[size_t(i)] < 0 || tokens[size_t(i)] >= cfg_.vocab_size)
-      input_error("token id ", tokens[size_t(i)], " is outside the model's vocabulary [0, ", cfg_.vocab_size, ")");
-  check_logit_rows(logit_rows, N);
+  check_step_inputs(tokens, cfg_.vocab_size, logit_rows, N);
   if (use_small(N)) return forward_small(cache, rows, tokens, logit_rows);
   if (graph_ok && graphs_ && small_gemv(N))
     if (std::optional<Output> o = forward_graph(cache, rows, tokens, logit_rows)) return std::move(*o);
@@ -308,16 +304,13 @@ ModelRunner::Output ModelRunner::mtp_forward(int k, AttentionCache& cache, const
                                              std::span<const int32_t> logit_rows, bool graph_ok) {
   DSV3_CHECK(k >= 1 && k <= num_mtp());
   const int64_t N = rows.size();
-  DSV3_CHECK(N > 0 && int64_t(tokens.size()) == N && h_prev.dim(0) == N && h_prev.dim(1) == d_.H &&
-             h_prev.dtype() == DType::F32);
-  for (int64_t i = 0; i < N; ++i)
-    if (tokens[size_t(i)] < 0 || tokens[size_t(i)] >= cfg_.vocab_size)
-      input_error("token id ", tokens[size_t(i)], " is outside the model's vocabulary [0, ", cfg_.vocab_size, ")");
-  check_logit_rows(logit_rows, N);
+  DSV3_CHECK(N > 0 && int64_t(tokens.size()) == N && h_prev.device() == Device::CPU && h_prev.dim(0) == N &&
+             h_prev.dim(1) == d_.H && h_prev.dtype() == DType::F32);
+  check_step_inputs(tokens, cfg_.vocab_size, logit_rows, N);
   if (use_small(N)) return mtp_forward_small(k, cache, rows, tokens, h_prev, logit_rows);
   auto eager = [&](std::span<const int32_t> out_rows) {
     const auto [ids, positions] = ids_and_positions(tokens, rows);  // ids checked above
-    const Tensor h = h_prev.device() == be_.device() ? h_prev : be_.to_device(h_prev);
+    const Tensor h = be_.device() == Device::CPU ? h_prev : be_.to_device(h_prev);
     return mtp_body(k, cache, rows, ids, positions, h, out_rows);
   };
   if (!small_gemv(N)) return eager(logit_rows);
@@ -330,13 +323,13 @@ ModelRunner::Output ModelRunner::mtp_forward(int k, AttentionCache& cache, const
   return std::move(*o);
 }
 
-Tensor ModelRunner::select_rows(const Tensor& logits, std::span<const int32_t> logit_rows) {
-  if (logit_rows.empty()) return Tensor();
+Tensor ModelRunner::select_rows(const Tensor& x, std::span<const int32_t> rows) {
+  if (rows.empty()) return Tensor();
   bool consecutive = true;
-  for (size_t i = 1; consecutive && i < logit_rows.size(); ++i) consecutive = logit_rows[i] == logit_rows[i - 1] + 1;
-  if (consecutive) return logits.rows(logit_rows.front(), logit_rows.back() + 1);
-  Tensor sel = be_.alloc(DType::F32, {int64_t(logit_rows.size()), logits.dim(1)});
-  modops::gather_rows(be_, logits, i32_tensor(be_, std::vector<int32_t>(logit_rows.begin(), logit_rows.end())), sel);
+  for (size_t i = 1; consecutive && i < rows.size(); ++i) consecutive = rows[i] == rows[i - 1] + 1;
+  if (consecutive) return x.rows(rows.front(), rows.back() + 1);
+  Tensor sel = be_.alloc(DType::F32, {int64_t(rows.size()), x.dim(1)});
+  modops::gather_rows(be_, x, i32_tensor(be_, std::vector<int32_t>(rows.begin(), rows.end())), sel);
   return sel;
 }
 

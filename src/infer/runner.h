@@ -89,7 +89,7 @@ class ModelRunner {
   Output forward(AttentionCache& cache, const StepRows& rows, std::span<const int32_t> tokens,
                  std::span<const int32_t> logit_rows, bool graph_ok = false);
   // MTP module k (1-based): row r takes token tokens[r] (= t_{i+k}) and h_prev row r (= h^{k−1}_i);
-  // h_prev on the host or the backend's device. graph_ok: the caller lets it replay from a CUDA
+  // h_prev on the host (the caller gathers its rows there). graph_ok: the caller lets it replay from a CUDA
   // graph. On CUDA's GEMV path (steps of at most 32 rows) the head computes every row's logits and
   // the listed ones are selected afterwards, graph or not (the head's kernel depends on its row
   // count, so drafts do not depend on whether graphs are on).
@@ -119,8 +119,8 @@ class ModelRunner {
   std::optional<Output> mtp_forward_graph(int k, AttentionCache& cache, const StepRows& rows,
                                           std::span<const int32_t> tokens, const Tensor& h_prev,
                                           std::span<const int32_t> every_row);
-  // The listed rows of logits [N, V] (every row of a step): a view when they are consecutive.
-  Tensor select_rows(const Tensor& logits, std::span<const int32_t> logit_rows);
+  // The listed rows of x [N, ·]: a view when they are consecutive, else gathered.
+  Tensor select_rows(const Tensor& x, std::span<const int32_t> rows);
   // Puts the step's ids and positions (and grows the RoPE tables) where a replay reads them; appends
   // what else a replay depends on to key. nullopt: this step cannot replay.
   std::optional<std::pair<Tensor, Tensor>> graph_inputs(AttentionCache& cache, const StepRows& rows,

@@ -120,15 +120,8 @@ std::optional<ModelRunner::Output> ModelRunner::mtp_forward_graph(int k, Attenti
   const auto [ids, positions] = *in;
   GraphCache& gc = *graphs_;
   if (!present(gc.h_in)) gc.h_in = be_.alloc(DType::F32, {int64_t(kDeviceGemvRows), H});
+  cuda_copy_to_device(gc.h_in.raw(), h_prev.data<float>(), size_t(N * H) * sizeof(float));
   const Tensor h = gc.h_in.rows(0, N);
-  if (h_prev.device() == Device::CPU) {
-    cuda_copy_to_device(gc.h_in.raw(), h_prev.data<float>(), size_t(N * H) * sizeof(float));  // h is its first rows
-  } else {
-    CopyArgs c;
-    c.src = h_prev;
-    c.dst = h;
-    be_.copy(c);
-  }
   key.push_back(int64_t(reinterpret_cast<uintptr_t>(gc.h_in.raw())));
   return graph_step(
       std::move(key), [&] { return mtp_body(k, cache, rows, ids, positions, h, every_row); }, GraphKind::Mtp);

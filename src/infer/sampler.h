@@ -26,6 +26,8 @@ struct SamplingParams {
   float repeat_penalty = 1.0f;  // 1 = off
   uint64_t seed = 0;
   bool greedy() const { return temperature <= 0.0f; }
+  // Greedy without a repetition penalty: the plain argmax of the logits (a GPU can take it).
+  bool plain_argmax() const { return greedy() && repeat_penalty == 1.0f; }
   // InputError naming the flag (e.g. "--top-p") and the accepted range.
   void validate() const;
 };
