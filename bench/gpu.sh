@@ -148,11 +148,12 @@ if mla:
 if decode:
     s["decode_bs1_speedup_vs_hf"] = decode.get("decode_bs1_speedup_vs_hf")
     s["decode_bs32_speedup_vs_hf"] = decode.get("decode_bs32_speedup_vs_hf")
-    # Those are BF16 weights (transformers' precision); F32 weights beside them.
+    # Those are BF16 weights (transformers' precision); F32 and FP8 weights beside them.
     s["decode_weights"] = "bf16"
     for b in (1, 32):
-        k = "decode_bs%d_speedup_vs_hf_f32_weights" % b
-        s[k] = decode.get(k)
+        for f in ("f32", "fp8"):
+            k = "decode_bs%d_speedup_vs_hf_%s_weights" % (b, f)
+            s[k] = decode.get(k)
     s["decode"] = decode.get("runs")
 if attn:
     s["attention_bf16"] = {k: attn.get(k) for k in ("shape", "bf16_fwd_tflops", "bf16_bwd_tflops", "speedup_fwd",

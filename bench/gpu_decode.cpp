@@ -1,9 +1,12 @@
 // Decode throughput of the inference engine on the GPU (bench/gpu.sh runs it on the H200): the
 // bench-0.7b preset with random weights (as gpu_train builds them), prompt 128, 128 new tokens,
 // greedy, batch 1 and 32, the whole engine (scheduler, runner, BF16 latent cache, device argmax) on
-// the CUDA backend. Two weight formats: F32 (as trained) and BF16 matrices (a BF16 checkpoint, the
-// precision transformers runs in; the kernels read BF16 and compute in F32). The ratios against
-// transformers are those of the BF16 run; the F32 run's are recorded beside them. Tokens/s are counted as transformers' `generate` is (tools/hf_gpu_bench.py):
+// the CUDA backend. Three weight formats: F32 (as trained), BF16 matrices (a BF16 checkpoint, the
+// precision transformers runs in; the kernels read BF16 and compute in F32) and FP8 (as
+// DeepSeek-V3's release: the matrices it stores in E4M3 with 128×128 block scales quantized so, the
+// others BF16; the kernels widen FP8 to BF16 on tensor cores and compute in F32). The ratios against transformers are those of
+// the BF16 run; the others' are recorded beside them (the comparison variants run for F32 and BF16).
+// Tokens/s are counted as transformers' `generate` is (tools/hf_gpu_bench.py):
 // B·128 new tokens over the whole call, prefill included; the decode-only rate and the median step
 // time are printed beside it. With --hf FILE (that script's JSON from the same GPU) it records
 // decode_bs1_speedup_vs_hf / decode_bs32_speedup_vs_hf. Each batch is also run without the
@@ -191,11 +194,11 @@ int main(int argc, char** argv) {
   std::vector<int64_t> batches = {1, 32};
   std::string variants_on = "all";
   int mma_rows = -1;  // -1: the library's default
-  std::vector<std::string> formats = {"bf16", "f32"};
+  std::vector<std::string> formats = {"bf16", "f32", "fp8"};
   const char* usage =
       "usage: dsv3_bench_gpu_decode [--preset bench-0.7b] [--prompt 128] [--new 128] [--batch B[,B...] (default "
-      "1,32)] [--weights f32|bf16 (default both)] [--hf hf_gpu.json] [--variants all|mma|none (default all; 1 = all, "
-      "0 = none)] [--mma-rows N (tensor cores from N rows; 0 off; default the library's)] [--profile-steps K] "
+      "1,32)] [--weights f32|bf16|fp8 (default all three)] [--hf hf_gpu.json] [--variants all|mma|none (default all; "
+      "1 = all, 0 = none)] [--mma-rows N (tensor cores from N rows; 0 off; default the library's)] [--profile-steps K] "
       "[--profile-prefill 1] [--small-rows N (default 8)]\n";
   if (const int rc = bench::check_pair_args(argc, argv, usage); rc >= 0) return rc;
   for (int i = 1; i + 1 < argc; i += 2) {
@@ -218,7 +221,7 @@ int main(int argc, char** argv) {
     else if (k == "--small-rows") g_small_rows = std::stoll(v);
     else if (k == "--variants" && (v == "all" || v == "none" || v == "mma" || v == "0" || v == "1"))
       variants_on = v == "0" ? "none" : v == "1" ? "all" : v;
-    else if (k == "--weights" && (v == "f32" || v == "bf16")) formats = {v};
+    else if (k == "--weights" && (v == "f32" || v == "bf16" || v == "fp8")) formats = {v};
     else {
       std::fputs(usage, stderr);
       return 2;
@@ -249,6 +252,10 @@ int main(int argc, char** argv) {
   for (const std::string& fmt : formats) {
     Weights w = w32;
     if (fmt == "bf16") round_matrices_to_bf16(w);
+    if (fmt == "fp8") quantize_matrices_to_fp8(w);
+    // FP8 weights take the tensor-core kernels whatever the variant, and the backend's linear widens
+    // them to F32 per call: the comparison variants are for F32 and BF16.
+    const std::string fmt_variants = fmt == "fp8" ? "none" : variants_on;
     std::printf("\n%s weights\n%5s %10s %12s %10s %10s %9s %14s %10s %8s\n", fmt.c_str(), "batch", "tok/s",
                 "decode tok/s", "step ms", "prefill ms", "syncs/st", "roofline tok/s", "hf tok/s", "vs hf");
     for (int64_t B : batches) {
@@ -258,7 +265,7 @@ int main(int argc, char** argv) {
       // and without it with W_UK / W_UV on cuBLAS beyond 8 rows (the path before both).
       nlohmann::json variants = nlohmann::json::array();
       double old_path_tok_s = 0;
-      for (int v = variants_on == "all" ? 0 : 3; variants_on != "none" && v < 5; ++v) {
+      for (int v = fmt_variants == "all" ? 0 : 3; fmt_variants != "none" && v < 5; ++v) {
         if (v == 2) cuda_set_pdl(false);
         if (v >= 3) cuda_set_decode_mma_rows(0);
         if (v == 4) cuda_set_absorbed_gemv_rows(8);
@@ -292,7 +299,7 @@ int main(int argc, char** argv) {
       const Result r = run(w, B, prompt, n_new, 1000 + uint64_t(B), true, g_small_rows, true, true);
       // The same with the generic latent attention's FP32 path instead of its tensor-core one.
       Result attn_fp32;
-      if (variants_on != "none" && cuda_latent_attention_mma()) {
+      if (fmt_variants != "none" && cuda_latent_attention_mma()) {
         cuda_set_latent_attention_mma(false);
         attn_fp32 = run(w, B, prompt, n_new, 1000 + uint64_t(B), true, g_small_rows, true, true);
         cuda_set_latent_attention_mma(true);
@@ -353,7 +360,7 @@ int main(int argc, char** argv) {
       }
       if (h > 0) {
         j["hf_tokens_per_s"] = h;
-        const std::string key = cat("decode_bs", B, "_speedup_vs_hf", fmt == "bf16" ? "" : "_f32_weights");
+        const std::string key = cat("decode_bs", B, "_speedup_vs_hf", fmt == "bf16" ? "" : "_" + fmt + "_weights");
         res[key] = r.tok_s / h;
       }
       res["runs"].push_back(j);

@@ -33,7 +33,8 @@ EngineOptions DecodeOptions::engine() const {
   if (cache_type == "f32") eo.cache.dtype = DType::F32;
   else if (cache_type == "bf16") eo.cache.dtype = DType::BF16;
   else input_error("--cache-type: '", cache_type, "' (expected f32 or bf16)");
-  if (weights != "stored" && weights != "bf16") input_error("--weights: '", weights, "' (expected stored or bf16)");
+  if (weights != "stored" && weights != "bf16" && weights != "fp8")
+    input_error("--weights: '", weights, "' (expected stored, bf16 or fp8)");
   eo.cache.block_size = block_size;
   eo.cache.budget_bytes = uint64_t(cache_mb * double(1 << 20));
   eo.draft_tokens = mtp;
@@ -44,6 +45,7 @@ EngineOptions DecodeOptions::engine() const {
 
 void DecodeOptions::apply_weights(Weights& w) const {
   if (weights == "bf16") round_matrices_to_bf16(w);
+  if (weights == "fp8") quantize_matrices_to_fp8(w);
 }
 
 void add_sampling_options(CLI::App& app, DecodeOptions& o, const std::string& seed_help) {
@@ -68,7 +70,8 @@ void add_engine_options(CLI::App& app, DecodeOptions& o, bool with_block_size) {
       ->capture_default_str();
   app.add_option("--weights", o.weights,
                  "stored: the checkpoint's dtypes; bf16: F32 matrices rounded to BF16 at load (half the bytes "
-                 "a decode step reads on the GPU; math stays F32)")
+                 "a decode step reads on the GPU; math stays F32); fp8: as DeepSeek-V3's release at load, its FP8 "
+                 "matrices quantized to E4M3 with 128x128 block scales, the other matrices rounded to BF16")
       ->capture_default_str();
 }
 

@@ -1,6 +1,6 @@
-// The tensor-core decode GEMV and grouped-expert kernels (launched by cuda_decode_ops.cu for BF16
-// weights): 16 BF16 weight rows per warp times up to 64 rows of F32 x on mma.sync m16n8k16, FP32
-// accumulators. Included by cuda_decode_ops.cu only.
+// The tensor-core decode GEMV and grouped-expert kernels (launched by cuda_decode_ops.cu and
+// cuda_decode_moe.cu for BF16 and FP8 weights): 16 BF16 weight rows per warp times up to 64 rows of
+// F32 x on mma.sync m16n8k16, FP32 accumulators. Included by those two only.
 //
 // x in two BF16 terms. hi = bf16(x) (round to nearest) leaves |x − hi| ≤ 2⁻⁸|x| (8 significant
 // bits); x − hi is exact in F32 and lo = bf16(x − hi) leaves |x − hi − lo| ≤ 2⁻⁸|x − hi| ≤ 2⁻¹⁶|x|.
@@ -20,8 +20,17 @@
 // quad g: x row g, the same 16 columns, four float4 loads from L1). A 64-column k-block of 16 rows
 // is 2 KB per weight; a warp takes every kstep-th k-block of its rows, the next block's loads in
 // flight while it multiplies one (the first issued before pdl_wait).
+//
+// FP8 weights (E4M3 with 128×128 block scales, as DeepSeek-V3's checkpoint; kF8): a lane's 16
+// columns of a row are one 16-byte load, widened to BF16 in registers before its MMAs — exactly:
+// an E4M3 value has 4 significant bits and an exponent BF16 spans. A k-block (64 columns) lies in
+// one 128-column scale block and a warp's 16 rows in one 128-row block, so each k-block's sums are
+// kept apart and multiplied by their block's scale once (the products stay exact; one rounding per
+// k-block where the CPU's dequantized weight has one per element: inside kF32 alike).
 #pragma once
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include <cstdint>
 
@@ -46,19 +55,53 @@ __device__ __forceinline__ void mma_bf16_acc(float (&c)[4], uint32_t a0, uint32_
 }
 
 // One k-block's weights for one lane: [0..1] row g, columns c..c+7 and c+8..c+15; [2..3] row g + 8.
+// FP8 (kF8): as loaded, [0] and [2] hold the 16 columns of rows g and g + 8; mma_expand widens them.
 struct MmaBlock {
   uint4 w[4];
 };
+template <bool kF8 = false>
 __device__ __forceinline__ void mma_load(MmaBlock& m, const char* lo, const char* hi, int b, int nkb, int K) {
   const int c = b * kMmaKb + 16 * (threadIdx.x & 3);
+  const uint4 z = make_uint4(0, 0, 0, 0);
+  if constexpr (kF8) {  // K % 16 == 0 (checked on the host)
+    const bool v = b < nkb && c + 16 <= K;
+    m.w[0] = v ? ld_weights(lo + c) : z;
+    m.w[2] = v ? ld_weights(hi + c) : z;
+    return;
+  }
   const bool v0 = b < nkb && c + 8 <= K, v1 = b < nkb && c + 16 <= K;
   const size_t o = size_t(c) * 2;
-  const uint4 z = make_uint4(0, 0, 0, 0);
   m.w[0] = v0 ? ld_weights(lo + o) : z;
   m.w[1] = v1 ? ld_weights(lo + o + 16) : z;
   m.w[2] = v0 ? ld_weights(hi + o) : z;
   m.w[3] = v1 ? ld_weights(hi + o + 16) : z;
 }
+// Two E4M3 values (the low 16 bits) as a BF16 pair, the first in the low half.
+__device__ __forceinline__ uint32_t e4m3x2_to_bf16x2(uint32_t two) {
+  const __half2 h(__nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(two & 0xffffu), __NV_E4M3));
+  const float2 f = __half22float2(h);
+  const __nv_bfloat162 b = __floats2bfloat162_rn(f.x, f.y);
+  return *reinterpret_cast<const uint32_t*>(&b);
+}
+__device__ __forceinline__ uint4 e4m3x8_to_bf16(uint32_t a, uint32_t b) {
+  return make_uint4(e4m3x2_to_bf16x2(a), e4m3x2_to_bf16x2(a >> 16), e4m3x2_to_bf16x2(b), e4m3x2_to_bf16x2(b >> 16));
+}
+// An FP8 block as mma_load left it, widened in place to the BF16 layout (nothing to do for BF16).
+template <bool kF8> __device__ __forceinline__ void mma_expand(MmaBlock& m) {
+  if constexpr (kF8) {
+    const uint4 r0 = m.w[0], r1 = m.w[2];
+    m.w[0] = e4m3x8_to_bf16(r0.x, r0.y);
+    m.w[1] = e4m3x8_to_bf16(r0.z, r0.w);
+    m.w[2] = e4m3x8_to_bf16(r1.x, r1.y);
+    m.w[3] = e4m3x8_to_bf16(r1.z, r1.w);
+  }
+}
+// The scale of k-block b for the 128-row block whose scale row is `srow` (FP8 only; 0 past the
+// last block, whose sums are zero).
+__device__ __forceinline__ float mma_scale(const float* srow, int b, int nkb) {
+  return b < nkb ? __ldg(srow + b / 2) : 0.0f;
+}
+
 // This lane's x columns of block b into L1 ahead of their loads (one line per row and lane pair).
 template <int NT>
 __device__ __forceinline__ void mma_prefetch_x(const float* const (&xr)[NT], int b, int K) {
@@ -82,14 +125,16 @@ __device__ __forceinline__ void mma_a(const MmaBlock& m, int i, uint32_t (&a)[4]
 // (kb0, kb0 + kstep, …) of W[16 rows]·x[8 rows of n-tile nt]ᵀ, in the MMA accumulator layout
 // (lane 4g + t: c[0], c[1] = weight row g, x rows 2t, 2t + 1; c[2], c[3] = weight row g + 8).
 // a_lo / a_hi: this lane's weight rows g and g + 8 (byte pointers to the row starts; BF16, K % 8 ==
-// 0, 16-byte aligned); xr[nt]: row nt·8 + g of x (F32, 16-byte aligned) or null for a missing row.
+// 0, or FP8, K % 16 == 0; 16-byte aligned); xr[nt]: row nt·8 + g of x (F32, 16-byte aligned) or null
+// for a missing row. FP8: sa / sb are the rows' scale rows, each block's sums scaled apart.
 // With `waited` false, pdl_wait (and the trigger) come after the first block's weight loads. The
 // next block's weights are loaded, and its x prefetched into L1, while this block is multiplied;
 // within a block the n-tiles' accumulators are interleaved (independent MMA chains).
-template <int NT, bool kTwo>
+template <int NT, bool kTwo, bool kF8 = false>
 __device__ __forceinline__ void mma_rows(const char* a_lo, const char* a_hi, const char* b_lo, const char* b_hi,
                                          int K, int kb0, int kstep, const float* const (&xr)[NT], bool& waited,
-                                         float (&ca)[NT][4], float (&cb)[kTwo ? NT : 1][4]) {
+                                         float (&ca)[NT][4], float (&cb)[kTwo ? NT : 1][4], const float* sa = nullptr,
+                                         const float* sb = nullptr) {
   const int t = threadIdx.x & 3;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
@@ -101,8 +146,8 @@ __device__ __forceinline__ void mma_rows(const char* a_lo, const char* a_hi, con
   const int nkb = (K + kMmaKb - 1) / kMmaKb;
   MmaBlock cur, curb;
   if (kb0 < nkb) {
-    mma_load(cur, a_lo, a_hi, kb0, nkb, K);
-    if constexpr (kTwo) mma_load(curb, b_lo, b_hi, kb0, nkb, K);
+    mma_load<kF8>(cur, a_lo, a_hi, kb0, nkb, K);
+    if constexpr (kTwo) mma_load<kF8>(curb, b_lo, b_hi, kb0, nkb, K);
   }
   if (!waited) {
     pdl_wait();  // x comes from the previous kernels
@@ -110,20 +155,14 @@ __device__ __forceinline__ void mma_rows(const char* a_lo, const char* a_hi, con
     waited = true;
   }
   if (kb0 < nkb) mma_prefetch_x<NT>(xr, kb0, K);
-  for (int kb = kb0; kb < nkb; kb += kstep) {
-    const int kn = kb + kstep;
-    MmaBlock nxt, nxtb;
-    if (kn < nkb) {  // warp-uniform
-      mma_load(nxt, a_lo, a_hi, kn, nkb, K);
-      if constexpr (kTwo) mma_load(nxtb, b_lo, b_hi, kn, nkb, K);
-      mma_prefetch_x<NT>(xr, kn, K);
-    }
+  // One block's products into (a, b): the accumulators themselves, or (FP8) the block's own sums.
+  auto block = [&](int kb, float (&a)[NT][4], float (&b)[kTwo ? NT : 1][4]) {
     const int c = kb * kMmaKb + 16 * t;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      uint32_t a[4], b[4];
-      mma_a(cur, i, a);
-      if constexpr (kTwo) mma_a(curb, i, b);
+      uint32_t wa[4], wb[4];
+      mma_a(cur, i, wa);
+      if constexpr (kTwo) mma_a(curb, i, wb);
       float4 xv[NT];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
@@ -134,13 +173,38 @@ __device__ __forceinline__ void mma_rows(const char* a_lo, const char* a_hi, con
         uint32_t h0, l0, h1, l1;
         split_bf16x2(xv[nt].x, xv[nt].y, h0, l0);
         split_bf16x2(xv[nt].z, xv[nt].w, h1, l1);
-        mma_bf16_acc(ca[nt], a[0], a[1], a[2], a[3], h0, h1);
-        mma_bf16_acc(ca[nt], a[0], a[1], a[2], a[3], l0, l1);
+        mma_bf16_acc(a[nt], wa[0], wa[1], wa[2], wa[3], h0, h1);
+        mma_bf16_acc(a[nt], wa[0], wa[1], wa[2], wa[3], l0, l1);
         if constexpr (kTwo) {
-          mma_bf16_acc(cb[nt], b[0], b[1], b[2], b[3], h0, h1);
-          mma_bf16_acc(cb[nt], b[0], b[1], b[2], b[3], l0, l1);
+          mma_bf16_acc(b[nt], wb[0], wb[1], wb[2], wb[3], h0, h1);
+          mma_bf16_acc(b[nt], wb[0], wb[1], wb[2], wb[3], l0, l1);
         }
       }
+    }
+  };
+  for (int kb = kb0; kb < nkb; kb += kstep) {
+    const int kn = kb + kstep;
+    MmaBlock nxt, nxtb;
+    if (kn < nkb) {  // warp-uniform
+      mma_load<kF8>(nxt, a_lo, a_hi, kn, nkb, K);
+      if constexpr (kTwo) mma_load<kF8>(nxtb, b_lo, b_hi, kn, nkb, K);
+      mma_prefetch_x<NT>(xr, kn, K);
+    }
+    if constexpr (kF8) {
+      const float s_a = mma_scale(sa, kb, nkb), s_b = kTwo ? mma_scale(sb, kb, nkb) : 0.0f;
+      mma_expand<true>(cur);
+      if constexpr (kTwo) mma_expand<true>(curb);
+      float ta[NT][4] = {}, tb[kTwo ? NT : 1][4] = {};
+      block(kb, ta, tb);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          ca[nt][i] = fmaf(s_a, ta[nt][i], ca[nt][i]);
+          if constexpr (kTwo) cb[nt][i] = fmaf(s_b, tb[nt][i], cb[nt][i]);
+        }
+    } else {
+      block(kb, ca, cb);
     }
     if (kn < nkb) {
       cur = nxt;
@@ -228,13 +292,16 @@ struct ExpertArgs {
   const int64_t* w1;       // per group: up weight (gate/up only)
   int k, nk, K, rows_out;
   float* out;  // [picks, rows_out] in grouped order
+  const int64_t* s0 = nullptr;  // FP8: per group, w0's (and w1's) block scales [⌈rows_out/128⌉, lds]
+  const int64_t* s1 = nullptr;
+  int lds = 0;
 };
 
 // The tensor-core GEMV (BF16 weights, cuda_decode_mma.cuh): each CTA's kMmaWarps warps take
 // kMmaWarps / ks row blocks of 16 weight rows, ks warps per block splitting its k-blocks; every
 // warp takes all n ≤ 8·NT rows of x. The warps' sums meet in shared memory and are added in warp
 // order. Row blocks never straddle W and W2 or two heads (checked on the host).
-template <int NT>
+template <int NT, bool kF8>
 __global__ void __launch_bounds__(32 * kMmaWarps, 2) gemv_mma_kernel(GemvArgs g, int ks) {
   extern __shared__ float red[];  // [kMmaWarps][kMmaStash<NT>]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2;
@@ -244,10 +311,11 @@ __global__ void __launch_bounds__(32 * kMmaWarps, 2) gemv_mma_kernel(GemvArgs g,
   const int jr = second ? r0 - g.n_out : (active ? r0 : 0), rows = second ? g.n_out2 : g.n_out;
   const int head = second ? 0 : jr / g.head_rows;
   const char* W = static_cast<const char*>(second ? g.W2 : g.W);
-  const size_t row_bytes = size_t(g.K) * 2;
+  const size_t row_bytes = size_t(g.K) * (kF8 ? 1 : 2);
   // Rows past the last are read as the last row again; their sums are not stored.
   const char* a_lo = W + size_t(min(jr + gq, rows - 1)) * row_bytes;
   const char* a_hi = W + size_t(min(jr + gq + 8, rows - 1)) * row_bytes;
+  const float* srow = !kF8 ? nullptr : second ? g.scale2 + (jr / 128) * g.ld_scale2 : g.scale + (jr / 128) * g.ld_scale;
   const float* xr[NT];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
@@ -256,7 +324,7 @@ __global__ void __launch_bounds__(32 * kMmaWarps, 2) gemv_mma_kernel(GemvArgs g,
   }
   float ca[NT][4], unused[1][4];
   bool waited = false;
-  mma_rows<NT, false>(a_lo, a_hi, nullptr, nullptr, g.K, active ? kw : 1 << 30, ks, xr, waited, ca, unused);
+  mma_rows<NT, false, kF8>(a_lo, a_hi, nullptr, nullptr, g.K, active ? kw : 1 << 30, ks, xr, waited, ca, unused, srow);
   mma_stash<NT>(red + warp * kMmaStash<NT>, ca);
   __syncthreads();
   gemv_store<NT>(g, red, int(blockIdx.x) * rbs, rbs, ks, total);
@@ -268,7 +336,7 @@ __global__ void __launch_bounds__(32 * kMmaWarps, 2) gemv_mma_kernel(GemvArgs g,
 // registers while the rows' head is the same, the next step's weights load while a step is
 // multiplied, and each step's partial sums meet in a double-buffered shared array (one barrier per
 // step), added in warp order.
-template <int NT>
+template <int NT, bool kF8>
 __global__ void __launch_bounds__(32 * kExpRowWarps, 1) gemv_rows_kernel(GemvArgs g, int ks, int steps_per_cta) {
   extern __shared__ float red[];  // [2][nw][kMmaStash<NT>]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, nw = blockDim.x >> 5;
@@ -276,21 +344,25 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) gemv_rows_kernel(GemvArg
   const int total = g.n_out + g.n_out2, step_rows = 16 * rbs;
   const int nkb = (g.K + kMmaKb - 1) / kMmaKb, all_steps = (total + step_rows - 1) / step_rows;
   const int s_begin = int(blockIdx.x) * steps_per_cta, s_end = min(all_steps, s_begin + steps_per_cta);
-  const size_t row_bytes = size_t(g.ldw ? g.ldw : g.K) * 2;
-  // This warp's row block in step s: its weight rows g, g + 8 (past the last: the last again) and head.
-  auto rows_of = [&](int s, const char*& lo, const char*& hi) {
+  const size_t row_bytes = size_t(g.ldw ? g.ldw : g.K) * (kF8 ? 1 : 2);
+  // This warp's row block in step s: its weight rows g, g + 8 (past the last: the last again), head
+  // and (FP8) the scale of its k-block.
+  auto rows_of = [&](int s, const char*& lo, const char*& hi, float& scale) {
     const int r0 = min((s * rbs + rb) * 16, total - 1);
     const bool second = r0 >= g.n_out;
     const int jr = second ? r0 - g.n_out : r0, rows = second ? g.n_out2 : g.n_out;
     const char* W = static_cast<const char*>(second ? g.W2 : g.W);
     lo = W + size_t(min(jr + gq, rows - 1)) * row_bytes;
     hi = W + size_t(min(jr + gq + 8, rows - 1)) * row_bytes;
+    if constexpr (kF8)
+      scale = mma_scale(second ? g.scale2 + (jr / 128) * g.ld_scale2 : g.scale + (jr / 128) * g.ld_scale, kw, nkb);
     return second ? 0 : jr / g.head_rows;
   };
   MmaBlock cur, nxt;
   const char *lo, *hi;
-  int head = rows_of(s_begin, lo, hi);
-  mma_load(cur, lo, hi, kw, nkb, g.K);
+  float scale = 1.0f, next_scale = 1.0f;
+  int head = rows_of(s_begin, lo, hi, scale);
+  mma_load<kF8>(cur, lo, hi, kw, nkb, g.K);
   pdl_wait();  // x (and y, when accumulating) come from the previous kernels
   pdl_trigger();
   MmaX xf[NT];
@@ -306,22 +378,29 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) gemv_rows_kernel(GemvArg
   for (int s = s_begin; s < s_end; ++s) {
     int next_head = head;
     if (s + 1 < s_end) {
-      next_head = rows_of(s + 1, lo, hi);
-      mma_load(nxt, lo, hi, kw, nkb, g.K);
+      next_head = rows_of(s + 1, lo, hi, next_scale);
+      mma_load<kF8>(nxt, lo, hi, kw, nkb, g.K);
     }
     if (head != x_head) {  // warp-uniform: a new head's slice of x
       load_x(head);
       x_head = head;
     }
+    mma_expand<kF8>(cur);
     float c[NT][4] = {};
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) mma_block(c[nt], cur, xf[nt]);
+    if constexpr (kF8)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) c[nt][i] *= scale;
     float* buf = red + ((s - s_begin) & 1) * nw * kMmaStash<NT>;
     mma_stash<NT>(buf + warp * kMmaStash<NT>, c);
     __syncthreads();
     gemv_store<NT>(g, buf, s * rbs, rbs, ks, total);
     cur = nxt;
     head = next_head;
+    scale = next_scale;
   }
 }
 
@@ -365,10 +444,10 @@ __device__ __forceinline__ void expert_store(const ExpertArgs& a, const float* r
   }
 }
 
-// The tensor-core expert kernel (BF16 weights): work item blockIdx.y (a group and up to kChunk of
-// its picks: one n-tile), row blocks as gemv_mma_kernel's. kGateUp: out = silu(x·g_j)·(x·u_j) with
-// x the pick's token row; otherwise out = act_p·d_j.
-template <bool kGateUp>
+// The tensor-core expert kernel (BF16 or FP8 weights): work item blockIdx.y (a group and up to
+// kChunk of its picks: one n-tile), row blocks as gemv_mma_kernel's. kGateUp: out =
+// silu(x·g_j)·(x·u_j) with x the pick's token row; otherwise out = act_p·d_j.
+template <bool kGateUp, bool kF8>
 __global__ void __launch_bounds__(32 * kMmaWarps, 2) expert_mma_kernel(ExpertArgs a, int ks) {
   extern __shared__ float red[];  // [kGateUp ? 2 : 1][kMmaWarps][kMmaStash<1>]
   pdl_wait();  // the grouping and the inputs come from the previous kernels
@@ -379,14 +458,17 @@ __global__ void __launch_bounds__(32 * kMmaWarps, 2) expert_mma_kernel(ExpertArg
   const int rbs = kMmaWarps / ks, rb = warp / ks, kw = warp - rb * ks;
   const int r0 = (int(blockIdx.x) * rbs + rb) * 16;
   const float* xr[1] = {expert_x_row<kGateUp>(a, c0, gq, n)};
-  const size_t row_bytes = size_t(a.K) * 2, lo = size_t(min(r0 + gq, a.rows_out - 1)) * row_bytes,
+  const size_t row_bytes = size_t(a.K) * (kF8 ? 1 : 2), lo = size_t(min(r0 + gq, a.rows_out - 1)) * row_bytes,
                hi = size_t(min(r0 + gq + 8, a.rows_out - 1)) * row_bytes;
   const char* A = reinterpret_cast<const char*>(a.w0[e]);
   const char* B = kGateUp ? reinterpret_cast<const char*>(a.w1[e]) : nullptr;
+  const int64_t srow = int64_t(min(r0, a.rows_out - 1) / 128) * a.lds;
+  const float* sa = kF8 ? reinterpret_cast<const float*>(a.s0[e]) + srow : nullptr;
+  const float* sb = kF8 && kGateUp ? reinterpret_cast<const float*>(a.s1[e]) + srow : nullptr;
   float ga[1][4], ub[1][4];
   bool waited = true;
-  mma_rows<1, kGateUp>(A + lo, A + hi, kGateUp ? B + lo : nullptr, kGateUp ? B + hi : nullptr, a.K,
-                       r0 < a.rows_out ? kw : 1 << 30, ks, xr, waited, ga, ub);
+  mma_rows<1, kGateUp, kF8>(A + lo, A + hi, kGateUp ? B + lo : nullptr, kGateUp ? B + hi : nullptr, a.K,
+                            r0 < a.rows_out ? kw : 1 << 30, ks, xr, waited, ga, ub, sa, sb);
   mma_stash<1>(red + warp * kMmaStash<1>, ga);
   if (kGateUp) mma_stash<1>(red + (kMmaWarps + warp) * kMmaStash<1>, ub);
   __syncthreads();
@@ -400,7 +482,7 @@ __global__ void __launch_bounds__(32 * kMmaWarps, 2) expert_mma_kernel(ExpertArg
 // multiplied, and each step's partial sums meet in a double-buffered shared array (one barrier per
 // step). So the dependent reads of a work item (items, offsets, order, x) are paid once per range,
 // not once per 16 rows.
-template <bool kGateUp, int BPW>
+template <bool kGateUp, int BPW, bool kF8>
 __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_rows_kernel(ExpertArgs a, int ks, int rows_per_cta) {
   extern __shared__ float red[];  // [2][kGateUp ? 2 : 1][kExpRowWarps][kMmaStash<1>]
   pdl_wait();  // the grouping and the inputs come from the previous kernels
@@ -415,32 +497,55 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_rows_kernel(Exper
   const float* xr = expert_x_row<kGateUp>(a, c0, gq, n);
   const char* A = reinterpret_cast<const char*>(a.w0[e]);
   const char* B = kGateUp ? reinterpret_cast<const char*>(a.w1[e]) : nullptr;
-  const size_t row_bytes = size_t(a.K) * 2;
+  const size_t row_bytes = size_t(a.K) * (kF8 ? 1 : 2);
   const int step_rows = 16 * rbs, steps = (r_end - r_begin + step_rows - 1) / step_rows;
   MmaBlock cur[BPW], curb[kGateUp ? BPW : 1], nxt[BPW], nxtb[kGateUp ? BPW : 1];
+  // FP8: each block's scale (a step's, and the next step's while it loads).
+  float sc[BPW] = {}, scb[BPW] = {}, nsc[BPW] = {}, nscb[BPW] = {};
   // Rows past the last are read as the last row again; their sums are not stored.
-  auto load = [&](int s, MmaBlock (&w)[BPW], MmaBlock (&wb)[kGateUp ? BPW : 1]) {
+  auto load = [&](int s, MmaBlock (&w)[BPW], MmaBlock (&wb)[kGateUp ? BPW : 1], float (&ws)[BPW],
+                  float (&wbs)[BPW]) {
     const int r0 = r_begin + s * step_rows + rb * 16;
     const size_t lo = size_t(min(r0 + gq, a.rows_out - 1)) * row_bytes,
                  hi = size_t(min(r0 + gq + 8, a.rows_out - 1)) * row_bytes;
+    const int64_t srow = int64_t(min(r0, a.rows_out - 1) / 128) * a.lds;
 #pragma unroll
     for (int j = 0; j < BPW; ++j) {
-      mma_load(w[j], A + lo, A + hi, kw + j * ks, nkb, a.K);
-      if constexpr (kGateUp) mma_load(wb[j], B + lo, B + hi, kw + j * ks, nkb, a.K);
+      mma_load<kF8>(w[j], A + lo, A + hi, kw + j * ks, nkb, a.K);
+      if constexpr (kGateUp) mma_load<kF8>(wb[j], B + lo, B + hi, kw + j * ks, nkb, a.K);
+      if constexpr (kF8) {
+        ws[j] = mma_scale(reinterpret_cast<const float*>(a.s0[e]) + srow, kw + j * ks, nkb);
+        if constexpr (kGateUp) wbs[j] = mma_scale(reinterpret_cast<const float*>(a.s1[e]) + srow, kw + j * ks, nkb);
+      }
     }
   };
-  load(0, cur, curb);
+  load(0, cur, curb, sc, scb);
   MmaX xf[BPW];
 #pragma unroll
   for (int j = 0; j < BPW; ++j) mma_load_x(xf[j], kw + j * ks < nkb ? xr : nullptr, kw + j * ks, a.K);
   constexpr int kMats = kGateUp ? 2 : 1;
   for (int s = 0; s < steps; ++s) {
-    if (s + 1 < steps) load(s + 1, nxt, nxtb);
+    if (s + 1 < steps) load(s + 1, nxt, nxtb, nsc, nscb);
     float ga[1][4] = {}, ub[1][4] = {};
 #pragma unroll
     for (int j = 0; j < BPW; ++j) {
-      mma_block(ga[0], cur[j], xf[j]);
-      if constexpr (kGateUp) mma_block(ub[0], curb[j], xf[j]);
+      if constexpr (kF8) {
+        float tg[4] = {}, tu[4] = {};
+        mma_expand<true>(cur[j]);
+        mma_block(tg, cur[j], xf[j]);
+        if constexpr (kGateUp) {
+          mma_expand<true>(curb[j]);
+          mma_block(tu, curb[j], xf[j]);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          ga[0][i] = fmaf(sc[j], tg[i], ga[0][i]);
+          if constexpr (kGateUp) ub[0][i] = fmaf(scb[j], tu[i], ub[0][i]);
+        }
+      } else {
+        mma_block(ga[0], cur[j], xf[j]);
+        if constexpr (kGateUp) mma_block(ub[0], curb[j], xf[j]);
+      }
     }
     float* buf = red + (s & 1) * kMats * kExpRowWarps * kMmaStash<1>;
     mma_stash<1>(buf + warp * kMmaStash<1>, ga);
@@ -452,6 +557,8 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_rows_kernel(Exper
       for (int j = 0; j < BPW; ++j) {
         cur[j] = nxt[j];
         if constexpr (kGateUp) curb[j] = nxtb[j];
+        sc[j] = nsc[j];
+        scb[j] = nscb[j];
       }
     }
   }

@@ -9,6 +9,8 @@
 #include "backend/cuda/graph.h"
 #include "backend/cuda/mma.cuh"
 #include "backend/cuda/pdl.cuh"
+#include "infer/cuda_decode_fma.cuh"
+#include "infer/cuda_decode_launch.cuh"
 #include "infer/cuda_decode_mma.cuh"
 #include "infer/cuda_weight_vec.cuh"
 
@@ -20,312 +22,6 @@ namespace {
 constexpr int kMaxGemvRows = 64;
 constexpr int64_t kNormRouterMaxWeights = int64_t(1) << 17;  // E·H of a fused router (every row's CTA reads it)
 constexpr int kGemvWarps = 4;  // GEMV: 4 warps per CTA (many CTAs for short outputs)
-constexpr int kExpertWarps = 8;
-constexpr int kDefaultMmaRows = 2;  // the tensor-core path from this many rows of x (measured: docs/cuda.md)
-
-// One CTA: picks (r·k + j) grouped by expert, token order kept within an expert.
-// order[p] = pick at grouped position p, inv[pick] = p, offsets[e] = first position of expert e.
-// With a fused shared expert (group E), every token r is one more pick nk + r, after the routed ones.
-// items[2i], items[2i + 1] (i < items[2·max_items]): the expert kernels' work items, a group with picks
-// and the first of up to kChunk of its picks, groups ascending (their CTAs index the list: no CTA
-// for a group without picks or a chunk past a group's end). Each warp takes experts warp, warp + nw,
-// …, and finds an expert's picks 32 at a time by ballot (a pick's place is the count of earlier
-// lanes' and chunks' matches); warp 0 scans the counts. The former kernel, one thread per expert
-// scanning every pick and one thread writing the items, took 10 µs of a 160 µs bench-0.7b layer at
-// 32 rows (Nsight Compute, H200).
-__global__ void group_kernel(const int32_t* ids, int nk, int E, int n_shared_rows, int32_t* order, int32_t* inv,
-                             int32_t* offsets, int32_t* items, int max_items) {
-  extern __shared__ int32_t gsm[];
-  int32_t* off = gsm;                 // [E] counts, then first grouped positions
-  int32_t* first_item = off + E;      // [E + 1] first work item of each group (E: the shared expert)
-  int32_t* sid = first_item + E + 1;  // [nk] the ids, read once (coalesced)
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  pdl_wait();
-  pdl_trigger();
-  for (int i = threadIdx.x; i < nk; i += blockDim.x) sid[i] = ids[i];
-  __syncthreads();
-  for (int e = warp; e < E; e += nw) {
-    int c = 0;
-    for (int i0 = 0; i0 < nk; i0 += 32) c += __popc(__ballot_sync(0xffffffffu, i0 + lane < nk && sid[i0 + lane] == e));
-    if (lane == 0) off[e] = c;
-  }
-  __syncthreads();
-  if (warp == 0) {  // exclusive scans of the counts and of the items (ceil(count / kChunk) per expert)
-    int pos = 0, it = 0;
-    for (int e0 = 0; e0 < E; e0 += 32) {
-      const int e = e0 + lane, c = e < E ? off[e] : 0, ni = (c + kChunk - 1) / kChunk;
-      int cs = c, is = ni;
-      for (int o = 1; o < 32; o <<= 1) {
-        const int u = __shfl_up_sync(0xffffffffu, cs, o), v = __shfl_up_sync(0xffffffffu, is, o);
-        if (lane >= o) {
-          cs += u;
-          is += v;
-        }
-      }
-      if (e < E) {
-        off[e] = offsets[e] = pos + cs - c;
-        first_item[e] = it + is - ni;
-      }
-      pos += __shfl_sync(0xffffffffu, cs, 31);
-      it += __shfl_sync(0xffffffffu, is, 31);
-    }
-    if (lane == 0) {
-      offsets[E] = pos;
-      if (n_shared_rows) offsets[E + 1] = pos + n_shared_rows;
-      first_item[E] = it;
-    }
-  }
-  __syncthreads();
-  const unsigned below = (1u << lane) - 1u;
-  for (int e = warp; e < E; e += nw) {
-    const int start = off[e];
-    int p = start;
-    for (int i0 = 0; i0 < nk; i0 += 32) {
-      const int i = i0 + lane;
-      const bool mine = i < nk && sid[i] == e;
-      const unsigned m = __ballot_sync(0xffffffffu, mine);
-      if (mine) {
-        const int q = p + __popc(m & below);
-        order[q] = i;
-        inv[i] = q;
-      }
-      p += __popc(m);
-    }
-    for (int ch = lane * kChunk; ch < p - start; ch += 32 * kChunk) {
-      const int ni = first_item[e] + ch / kChunk;
-      if (ni < max_items) {
-        items[2 * ni] = e;
-        items[2 * ni + 1] = ch;
-      }
-    }
-  }
-  const int shared_first = first_item[E];
-  for (int r = threadIdx.x; r < n_shared_rows; r += blockDim.x) order[nk + r] = nk + r;
-  for (int ch = threadIdx.x * kChunk; ch < n_shared_rows; ch += blockDim.x * kChunk) {
-    const int ni = shared_first + ch / kChunk;
-    if (ni < max_items) {
-      items[2 * ni] = E;
-      items[2 * ni + 1] = ch;
-    }
-  }
-  if (threadIdx.x == 0) items[2 * max_items] = min(shared_first + (n_shared_rows + kChunk - 1) / kChunk, max_items);
-}
-
-// The core of the GEMV and expert kernels, for one CTA: n ≤ kChunk rows of x (src[q], in shared
-// memory) times R weight rows per warp (A, and B when kTwo), K = nv 16-byte weight vectors, in passes
-// of 32·U vectors per lane. Each pass loads the warp's weight vectors into registers first, then
-// stages the pass's columns of the n rows into shared memory by cp.async (every copy in flight at
-// once; the CTA's warps share them), then accumulates ga (and ub) with F32 FMAs. Before the first
-// pass's staging: pdl_wait when kWait (the caller has not waited yet), and with kNorm the rows'
-// RMSNorm factors (the backend's: sum of squares in double, then nw·(x·rs)), nw per column kept
-// in registers. Vectors past the row are zero in both operands. `active`: this warp has weight
-// rows (warps without take part in the staging and its barriers only).
-struct TileSmem {
-  const float* src[kChunk];
-  float rs[kChunk];
-};
-template <class WT, int U, int R, bool kTwo, bool kNorm, bool kWait>
-__device__ __forceinline__ void tile_rows(const char* A, const char* B, size_t row_bytes, bool active, int nv,
-                                          int n, TileSmem& ts, float* xs_sm, const void* nw, DType nt, float eps,
-                                          float (&ga)[R][kChunk], float (&ub)[kTwo ? R : 1][kChunk]) {
-  constexpr int kV = kVecCols<WT>, kCols = 32 * U * kV;  // x columns per pass
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  const int K = nv * kV;
-#pragma unroll
-  for (int q = 0; q < kChunk; ++q) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) ga[r][q] = 0.0f;
-#pragma unroll
-    for (int r = 0; r < (kTwo ? R : 1); ++r) ub[r][q] = 0.0f;
-  }
-  for (int v0 = 0; v0 < nv; v0 += 32 * U) {
-    uint4 wa[R][U], wb[kTwo ? R : 1][U];
-    float nwv[kNorm ? U : 1][kV];
-    if (active) {
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int v = v0 + u * 32 + lane;
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          wa[r][u] = v < nv ? ld_weights(A + r * row_bytes + size_t(v) * 16) : make_uint4(0, 0, 0, 0);
-          if constexpr (kTwo) wb[r][u] = v < nv ? ld_weights(B + r * row_bytes + size_t(v) * 16) : make_uint4(0, 0, 0, 0);
-        }
-        if constexpr (kNorm) {
-#pragma unroll
-          for (int i = 0; i < kV; ++i) nwv[u][i] = v < nv ? load_f(nw, nt, v * kV + i) : 0.0f;
-        }
-      }
-    }
-    if (v0 == 0) {
-      if constexpr (kWait) {
-        pdl_wait();  // x comes from the previous kernels
-        pdl_trigger();
-      }
-      if constexpr (kNorm) {
-        __syncthreads();  // the caller's ts.src
-        for (int q = warp; q < n; q += nwarps) {
-          // Every lane's loads of the row issued before the sum (K % 4 == 0, 16-byte aligned rows).
-          const float4* x4 = reinterpret_cast<const float4*>(ts.src[q]);
-          double ss = 0.0;
-          for (int b = 0; b < K / 4; b += 32 * 8) {
-            float4 t[8];
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-              const int c = b + i * 32 + lane;
-              t[i] = c < K / 4 ? __ldg(x4 + c) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            }
-#pragma unroll
-            for (int i = 0; i < 8; ++i)
-              ss += double(t[i].x) * t[i].x + double(t[i].y) * t[i].y + double(t[i].z) * t[i].z + double(t[i].w) * t[i].w;
-          }
-          for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-          if (lane == 0) ts.rs[q] = float(1.0 / sqrt(ss / double(K) + double(eps)));
-        }
-      }
-    }
-    __syncthreads();  // the previous pass is done with xs_sm (and rs is written)
-    const int c0 = v0 * kV, cols4 = min(kCols, K - c0) / 4;
-    for (int i = threadIdx.x; i < n * cols4; i += blockDim.x) {
-      const int q = i / cols4, c = i - q * cols4;
-      cp_async16(xs_sm + q * kCols + 4 * c, ts.src[q] + c0 + 4 * c);
-    }
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
-    if (!active) continue;
-    // Per weight vector: unpacked to F32 once, then applied to every row of x. Each accumulator
-    // still sums in the vector order u, then column order i.
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int vv = u * 32 + lane;
-      if (v0 + vv >= nv) break;
-      float wf[R][kV], bf[kTwo ? R : 1][kV];
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        unpack_w<WT>(wa[r][u], wf[r]);
-        if constexpr (kTwo) unpack_w<WT>(wb[r][u], bf[r]);
-      }
-#pragma unroll
-      for (int q = 0; q < kChunk; ++q) {
-        if (q >= n) break;
-        float xs[kV];
-#pragma unroll
-        for (int i = 0; i < kV; i += 4) {
-          const float4 t = *reinterpret_cast<const float4*>(xs_sm + q * kCols + vv * kV + i);
-          xs[i] = t.x;
-          xs[i + 1] = t.y;
-          xs[i + 2] = t.z;
-          xs[i + 3] = t.w;
-        }
-        if constexpr (kNorm) {
-          const float rq = ts.rs[q];
-#pragma unroll
-          for (int i = 0; i < kV; ++i) xs[i] = nwv[u][i] * (xs[i] * rq);
-        }
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-#pragma unroll
-          for (int i = 0; i < kV; ++i) {
-            ga[r][q] = fmaf(wf[r][i], xs[i], ga[r][q]);
-            if constexpr (kTwo) ub[r][q] = fmaf(bf[r][i], xs[i], ub[r][q]);
-          }
-      }
-    }
-  }
-}
-// The warp sums of ga[r][q] (and ub[r][q] when kTwo) for the n rows of x; lane 0 passes each to
-// store(r, q, Σga, Σub).
-template <bool kTwo, int R, class F>
-__device__ __forceinline__ void reduce_rows(const float (&ga)[R][kChunk], const float (&ub)[kTwo ? R : 1][kChunk],
-                                            int n, F&& store) {
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int q = 0; q < kChunk; ++q) {
-      if (q >= n) break;
-      const float g = warp_sum(ga[r][q]);
-      const float u = kTwo ? warp_sum(ub[kTwo ? r : 0][q]) : 0.0f;
-      if (lane == 0) store(r, q, g, u);
-    }
-}
-template <class WT, int U> constexpr size_t tile_smem() { return size_t(kChunk) * 32 * U * kVecCols<WT> * sizeof(float); }
-
-// Work item blockIdx.y (a group and up to kChunk of its picks), R weight rows per warp (blockIdx.x:
-// kExpertWarps·R rows per CTA); the picks' rows are staged in shared memory (tile_rows). kGateUp: out = silu(x·g_j)·(x·u_j) with x the pick's
-// token row; otherwise out = act_p·d_j.
-template <class WT, bool kGateUp, int U, int R>
-__global__ void __launch_bounds__(32 * kExpertWarps) expert_kernel(ExpertArgs a) {
-  extern __shared__ __align__(16) float xs_sm[];
-  __shared__ TileSmem ts;
-  pdl_wait();  // the grouping and the inputs come from the previous kernels
-  pdl_trigger();
-  const int warp = threadIdx.x >> 5;
-  const int j0 = (blockIdx.x * kExpertWarps + warp) * R;
-  if (int(blockIdx.y) >= a.items[2 * a.max_items]) return;  // CTA-uniform exits only: tile_rows has barriers
-  const int e = a.items[2 * blockIdx.y], ch = a.items[2 * blockIdx.y + 1];
-  const int c0 = a.offsets[e], n = min(kChunk, a.offsets[e + 1] - c0 - ch);
-  if (threadIdx.x < n) {
-    const int p = c0 + ch + threadIdx.x;
-    if (kGateUp) {
-      const int pick = a.order[p];
-      ts.src[threadIdx.x] = a.in + int64_t(pick < a.nk ? pick / a.k : pick - a.nk) * a.K;
-    } else {
-      ts.src[threadIdx.x] = a.in + int64_t(p) * a.K;
-    }
-  }
-  const bool active = j0 < a.rows_out;
-  const size_t row_bytes = size_t(a.K) * sizeof(WT);
-  const char* A = reinterpret_cast<const char*>(a.w0[e]) + size_t(active ? j0 : 0) * row_bytes;
-  const char* B = kGateUp ? reinterpret_cast<const char*>(a.w1[e]) + size_t(active ? j0 : 0) * row_bytes : nullptr;
-  float ga[R][kChunk], ub[kGateUp ? R : 1][kChunk];
-  tile_rows<WT, U, R, kGateUp, false, false>(A, B, row_bytes, active, a.K / kVecCols<WT>, n, ts, xs_sm, nullptr,
-                                               DType::F32, 0.0f, ga, ub);
-  if (!active) return;
-  reduce_rows<kGateUp>(ga, ub, n, [&](int r, int q, float g, float u) {
-    a.out[int64_t(c0 + ch + q) * a.rows_out + j0 + r] = kGateUp ? g / (1.0f + expf(-g)) * u : g;
-  });
-}
-
-// out[r] = Σ_j weights[r, j]·y[inv[r·k + j]] in top-k order (+ the fused shared expert's row), plus
-// the residual row. With norm_w, also normed[r] = RMSNorm(out[r])·norm_w — the next block's input
-// norm, one launch less per layer — with the backend's factor (rms_rstd, the same 256-thread column
-// stride) and w·(x·rs), so its bits are the backend's. The row is kept in registers (NPT values per
-// thread: H ≤ 256·NPT).
-template <int NPT>
-__global__ void combine_kernel(const float* y, const int32_t* inv, const float* wts, int k, int nk, bool shared,
-                               int H, const float* residual, float* out, const void* norm_w, DType norm_t, float eps,
-                               float* normed) {
-  pdl_wait();
-  pdl_trigger();
-  const int r = blockIdx.x;
-  __shared__ const float* rows[32];
-  __shared__ float w[32];
-  if (threadIdx.x < k) {  // k ≤ 32 (checked on the host)
-    rows[threadIdx.x] = y + int64_t(inv[r * k + threadIdx.x]) * H;
-    w[threadIdx.x] = wts[r * k + threadIdx.x];
-  }
-  __syncthreads();
-  float v[NPT];
-#pragma unroll
-  for (int i = 0; i < NPT; ++i) {
-    const int col = threadIdx.x + i * blockDim.x;
-    v[i] = 0.0f;
-    if (col >= H) continue;
-    float acc = 0.0f;
-    for (int j = 0; j < k; ++j) acc = fmaf(w[j], rows[j][col], acc);
-    if (shared) acc += y[int64_t(nk + r) * H + col];
-    v[i] = residual ? residual[int64_t(r) * H + col] + acc : acc;
-    out[int64_t(r) * H + col] = v[i];
-  }
-  if (!norm_w) return;  // grid-uniform
-  const float rs = rms_rstd(v, H, eps);
-#pragma unroll
-  for (int i = 0; i < NPT; ++i) {
-    const int col = threadIdx.x + i * blockDim.x;
-    if (col < H) normed[int64_t(r) * H + col] = load_f(norm_w, norm_t, col) * (v[i] * rs);
-  }
-}
 
 // h[r] = RMSNorm(x[r])·norm_w as rmsnorm_reg_kernel computes it (rms_norm_row at the 256-thread
 // column stride: the backend's bits), and logits[r, e] = h[r]·gate[e]: the
@@ -487,11 +183,6 @@ __global__ void rows_gemv_scalar_kernel(GemvArgs g) {
   }
 }
 
-// A kernel instance with up to `smem` bytes of dynamic shared memory (the attribute set once).
-template <class... P> void allow_smem(void (*kernel)(P...), size_t smem) {
-  if (smem > 48 * 1024)
-    DSV3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-}
 template <class WT, int U, int R, bool kNorm> void launch_gemv_u(dim3 grid, int rows, const GemvArgs& g) {
   static const bool once = (allow_smem(gemv_kernel<WT, U, R, kNorm>, tile_smem<WT, U>()), true);
   (void)once;
@@ -508,36 +199,11 @@ template <class WT, int R, bool kNorm> void launch_gemv(int U, dim3 grid, int ro
 template <class WT, bool kNorm> void launch_gemv(int R, int U, dim3 grid, int rows, const GemvArgs& g) {
   R == 2 ? launch_gemv<WT, 2, kNorm>(U, grid, rows, g) : launch_gemv<WT, 1, kNorm>(U, grid, rows, g);
 }
-// 16-byte vectors per lane per pass: enough for the whole row up to 8 (K 1024 F32 / 2048 BF16).
-int vectors_per_lane(int nv) { return nv <= 32 ? 1 : nv <= 64 ? 2 : nv <= 128 ? 4 : 8; }
-
-
-// The tensor-core path's threshold (cuda_set_decode_mma_rows): steps of at least this many rows of x.
-int& mma_rows_setting() {
-  static int rows = [] {
-    const char* e = std::getenv("DSV3_DECODE_MMA");
-    return e && std::string(e) == "0" ? 0 : kDefaultMmaRows;
-  }();
-  return rows;
-}
-bool mma_wanted(int64_t n) { return mma_rows_setting() > 0 && n >= mma_rows_setting(); }
-
-// Warps per row block of gemv_mma_kernel / expert_mma_kernel (the shapes the row-range kernels do
-// not take): the largest power of two ≤ kMmaWarps that leaves every warp at least 1 (GEMV) or 2
-// (experts) k-blocks (bs-32 steps on the H200 before the row-range kernels: 1 / 2 1.87 ms, 2 / 4
-// 1.86, 1 / 1 1.89, 4 / 1 2.22).
-int mma_blocks_per_warp(bool experts) { return experts ? 2 : 1; }
-int mma_ksplit(int K, bool experts) {
-  const int nkb = (K + kMmaKb - 1) / kMmaKb, blocks = mma_blocks_per_warp(experts);
-  int ks = 1;
-  while (2 * ks <= kMmaWarps && 2 * ks * blocks <= nkb) ks *= 2;
-  return ks;
-}
-template <int NT> void launch_gemv_mma_nt(const GemvArgs& g) {
+template <int NT, bool kF8> void launch_gemv_mma_nt(const GemvArgs& g) {
   const int ks = mma_ksplit(g.K, false), rows_per_cta = 16 * (kMmaWarps / ks);
   const int64_t ctas = (int64_t(g.n_out) + g.n_out2 + rows_per_cta - 1) / rows_per_cta;
   DSV3_CHECK(ctas <= INT32_MAX, "cuda_rows_gemv: ", g.n_out + g.n_out2, " output rows exceed one launch");
-  launch_pdl(gemv_mma_kernel<NT>, dim3(unsigned(ctas)), dim3(32 * kMmaWarps),
+  launch_pdl(gemv_mma_kernel<NT, kF8>, dim3(unsigned(ctas)), dim3(32 * kMmaWarps),
              size_t(kMmaWarps) * kMmaStash<NT> * sizeof(float), g, ks);
 }
 // gemv_rows_kernel when x fits its registers (≤ 32 rows) and K its warps (≤ 16 k-blocks). Warps per
@@ -549,12 +215,13 @@ template <int NT> void launch_gemv_mma_nt(const GemvArgs& g) {
 // distributed shared memory) measured slower for every GEMV of the step (q_a + kv_a 10.8 -> 15.6 us,
 // o_proj 16 -> 37 us) and was dropped. Step ranges sized so the CTAs about fill the SMs once
 // (16 / nw CTAs of nw warps per SM). DSV3_DECODE_MMA_GEMV_ROWS=0 keeps gemv_mma_kernel.
-template <int NT> void launch_gemv_rows_nt(const GemvArgs& g, int ks, int nw, int steps_per_cta, int ctas) {
+template <int NT, bool kF8>
+void launch_gemv_rows_nt(const GemvArgs& g, int ks, int nw, int steps_per_cta, int ctas) {
   const size_t smem = size_t(2) * kExpRowWarps * kMmaStash<NT> * sizeof(float);
-  static const bool once = (allow_smem(gemv_rows_kernel<NT>, smem), true);
+  static const bool once = (allow_smem(gemv_rows_kernel<NT, kF8>, smem), true);
   (void)once;
-  launch_pdl(gemv_rows_kernel<NT>, dim3(unsigned(ctas)), dim3(32 * nw), size_t(2) * nw * kMmaStash<NT> * sizeof(float),
-             g, ks, steps_per_cta);
+  launch_pdl(gemv_rows_kernel<NT, kF8>, dim3(unsigned(ctas)), dim3(32 * nw),
+             size_t(2) * nw * kMmaStash<NT> * sizeof(float), g, ks, steps_per_cta);
 }
 bool launch_gemv_rows(const GemvArgs& g) {
   static const bool on = [] {
@@ -573,12 +240,14 @@ bool launch_gemv_rows(const GemvArgs& g) {
   const int64_t per = std::max<int64_t>(1, (steps + slots - 1) / slots);
   const int64_t ctas = (steps + per - 1) / per;
   DSV3_CHECK(ctas <= INT32_MAX, "cuda_rows_gemv: ", g.n_out + g.n_out2, " output rows exceed one launch");
+  const bool f8 = g.wt == DType::F8_E4M3;
+  const int P = int(per), C = int(ctas);
   if (g.n <= 8)
-    launch_gemv_rows_nt<1>(g, ks, nw, int(per), int(ctas));
+    f8 ? launch_gemv_rows_nt<1, true>(g, ks, nw, P, C) : launch_gemv_rows_nt<1, false>(g, ks, nw, P, C);
   else if (g.n <= 16)
-    launch_gemv_rows_nt<2>(g, ks, nw, int(per), int(ctas));
+    f8 ? launch_gemv_rows_nt<2, true>(g, ks, nw, P, C) : launch_gemv_rows_nt<2, false>(g, ks, nw, P, C);
   else
-    launch_gemv_rows_nt<4>(g, ks, nw, int(per), int(ctas));
+    f8 ? launch_gemv_rows_nt<4, true>(g, ks, nw, P, C) : launch_gemv_rows_nt<4, false>(g, ks, nw, P, C);
   return true;
 }
 // K beyond gemv_rows_kernel's 16 k-blocks (bench-0.7b's o_proj, K 2048, at 9–32 rows) as slices of
@@ -593,11 +262,13 @@ bool launch_gemv_kslices(const GemvArgs& g) {
   constexpr int kSlice = kExpRowWarps * kMmaKb;
   if (!on || g.n <= 8 || g.n > 32 || g.W2 || g.head_rows < g.n_out || g.ldw || g.K <= kSlice || g.K > 4 * kSlice)
     return false;
+  const bool f8 = g.wt == DType::F8_E4M3;
   for (int k0 = 0; k0 < g.K; k0 += kSlice) {
     GemvArgs s = g;
     s.K = std::min(kSlice, g.K - k0);
     s.x = g.x + k0;
-    s.W = static_cast<const char*>(g.W) + size_t(k0) * 2;
+    s.W = static_cast<const char*>(g.W) + size_t(k0) * (f8 ? 1 : 2);
+    if (f8) s.scale = g.scale + k0 / 128;  // kSlice is a multiple of the 128-column scale blocks
     s.ldw = g.K;
     s.acc = g.acc || k0 > 0;
     DSV3_CHECK(launch_gemv_rows(s), "cuda_rows_gemv: a K slice the row-range kernel refused");
@@ -606,25 +277,22 @@ bool launch_gemv_kslices(const GemvArgs& g) {
 }
 void launch_gemv_mma(const GemvArgs& g) {
   if (launch_gemv_rows(g) || launch_gemv_kslices(g)) return;
+  const bool f8 = g.wt == DType::F8_E4M3;
   if (g.n <= 8)
-    launch_gemv_mma_nt<1>(g);
+    f8 ? launch_gemv_mma_nt<1, true>(g) : launch_gemv_mma_nt<1, false>(g);
   else if (g.n <= 16)
-    launch_gemv_mma_nt<2>(g);
+    f8 ? launch_gemv_mma_nt<2, true>(g) : launch_gemv_mma_nt<2, false>(g);
   else if (g.n <= 32)
-    launch_gemv_mma_nt<4>(g);
+    f8 ? launch_gemv_mma_nt<4, true>(g) : launch_gemv_mma_nt<4, false>(g);
   else
-    launch_gemv_mma_nt<8>(g);
+    f8 ? launch_gemv_mma_nt<8, true>(g) : launch_gemv_mma_nt<8, false>(g);
 }
 
-// F32 or BF16 rows of whole 16-byte vectors, 16-byte aligned: what the vector kernels read.
-bool vector_rows(const Tensor& w) {
-  const DType t = w.dtype();
-  return (t == DType::F32 || t == DType::BF16) && aligned16(w.raw()) && w.dim(1) % (t == DType::BF16 ? 8 : 4) == 0;
-}
-// A weight the GEMV takes: on the device, no bias, F32 (other layouts take the scalar fallback) or
-// BF16 in vector rows.
+// A weight the GEMV takes: on the device, no bias, F32 (other layouts take the scalar fallback),
+// BF16 in vector rows, or FP8 (fp8_rows).
 bool gemv_weight_ok(const LinearParam& p) {
-  return p.w.device() == Device::CUDA && !present(p.bias) && (p.w.dtype() == DType::F32 || vector_rows(p.w));
+  return p.w.device() == Device::CUDA && !present(p.bias) &&
+         (p.w.dtype() == DType::F32 || vector_rows(p.w) || fp8_rows(p));
 }
 
 }  // namespace
@@ -637,6 +305,8 @@ bool cuda_small_linear_ok(const LinearParam& p, const Tensor& x) {
          x.dim(1) == p.w.dim(1);
 }
 
+bool cuda_small_linear_fuses_norm(const LinearParam& p) { return p.w.dtype() != DType::F8_E4M3; }
+
 bool cuda_small_mlp_ok(const MlpParams& m, const Tensor& x) {
   return cuda_small_linear_ok(m.gate_proj, x) && cuda_small_linear_ok(m.up_proj, x) &&
          m.gate_proj.w.dtype() == m.up_proj.w.dtype() && gemv_weight_ok(m.down_proj) &&
@@ -645,9 +315,19 @@ bool cuda_small_mlp_ok(const MlpParams& m, const Tensor& x) {
 
 void cuda_rows_gemv(const GemvArgs& g) {
   DSV3_CHECK(g.n >= 0 && g.n <= kMaxGemvRows && g.K > 0 && g.head_rows > 0 && (g.ldw == 0 || g.ldw == g.K) &&
-                 (g.wt == DType::F32 || g.wt == DType::BF16),
+                 (g.wt == DType::F32 || g.wt == DType::BF16 || g.wt == DType::F8_E4M3),
              "cuda_rows_gemv: n ", g.n, " K ", g.K, " weights ", dtype_name(g.wt));
   if (g.n == 0 || g.n_out + g.n_out2 == 0) return;
+  if (g.wt == DType::F8_E4M3) {  // the tensor-core kernels only (cuda_decode_ops.h)
+    DSV3_CHECK(g.scale && (!g.W2 || g.scale2) && !g.norm_w && g.K % 16 == 0 && g.ldx % 4 == 0 && g.head_x % 4 == 0 &&
+                   aligned16(g.x) && aligned16(g.W) && (!g.W2 || (aligned16(g.W2) && g.n_out % 16 == 0)) &&
+                   (g.head_rows >= g.n_out || g.head_rows % 16 == 0),
+               "cuda_rows_gemv: FP8 weights need block scales, no fused norm, K a multiple of 16 (K ", g.K,
+               "), aligned rows and heads of a multiple of 16 rows");
+    launch_gemv_mma(g);
+    check_launch("small linear (FP8, tensor cores)");
+    return;
+  }
   const bool bf = g.wt == DType::BF16;
   const int kv = bf ? 8 : 4;
   const bool vec = g.K % kv == 0 && g.ldx % 4 == 0 && g.head_x % 4 == 0 && aligned16(g.x) && aligned16(g.W) &&
@@ -695,6 +375,13 @@ void cuda_small_linear(const LinearParam& p, const Tensor& x, const Tensor& y, b
   DSV3_CHECK(cuda_small_linear_ok(p, x) && y.numel() == x.dim(0) * p.w.dim(0) &&
                  (!p2 || (cuda_small_linear_ok(*p2, x) && y2 && y2->numel() == x.dim(0) * p2->w.dim(0) && !accumulate)),
              "cuda_small_linear: x ", x.shape().str(), " w ", p.w.shape().str());
+  if (p2 && p.w.dtype() == DType::F8_E4M3 && p.w.dim(0) % 16 != 0) {
+    // The FP8 kernels' 16-row blocks would straddle the two weights (the others take the F32-FMA
+    // GEMV then): one launch each.
+    cuda_small_linear(p, x, y, false);
+    cuda_small_linear(*p2, x, *y2, false);
+    return;
+  }
   GemvArgs g;
   g.x = x.data<float>();
   g.n = int(x.dim(0));
@@ -702,6 +389,10 @@ void cuda_small_linear(const LinearParam& p, const Tensor& x, const Tensor& y, b
   g.ldx = g.K;
   g.W = p.w.raw();
   g.wt = p.w.dtype();
+  if (g.wt == DType::F8_E4M3) {
+    g.scale = p.scale_inv.data<float>();
+    g.ld_scale = p.scale_inv.dim(1);
+  }
   g.n_out = int(p.w.dim(0));
   g.head_rows = g.n_out;
   g.y = ptr<float>(y);
@@ -716,6 +407,10 @@ void cuda_small_linear(const LinearParam& p, const Tensor& x, const Tensor& y, b
   if (p2) {
     DSV3_CHECK(p2->w.dtype() == g.wt, "cuda_small_linear: the paired weights differ in dtype");
     g.W2 = p2->w.raw();
+    if (g.wt == DType::F8_E4M3) {
+      g.scale2 = p2->scale_inv.data<float>();
+      g.ld_scale2 = p2->scale_inv.dim(1);
+    }
     g.n_out2 = int(p2->w.dim(0));
     g.y2 = ptr<float>(*y2);
     g.ldy2 = g.n_out2;
@@ -778,210 +473,6 @@ void cuda_kv_latent(const Tensor& kv_a, const Tensor& norm_w, float eps, const T
                ptr<float>(c_kv_n), ptr<float>(k_pe), q ? ptr<float>(*q) : nullptr, q ? q->dim(1) : 0,
                q ? q->dim(2) : 0, q_nope);
   check_launch("kv latent");
-}
-
-namespace {
-// Weights the expert kernels take: F32 or BF16 (all three of one dtype), no bias, 16-byte aligned
-// rows of whole vectors.
-bool vec_mlp(const MlpParams& m) {
-  for (const LinearParam* l : {&m.gate_proj, &m.up_proj, &m.down_proj})
-    if (l->w.dtype() != m.gate_proj.w.dtype() || l->w.device() != Device::CUDA || present(l->bias) ||
-        !vector_rows(l->w))
-      return false;
-  return true;
-}
-
-template <class WT, bool kGateUp, int U, int R> void launch_expert_u(dim3 grid, int rows, const ExpertArgs& a) {
-  static const bool once = (allow_smem(expert_kernel<WT, kGateUp, U, R>, tile_smem<WT, U>()), true);
-  (void)once;
-  launch_pdl(expert_kernel<WT, kGateUp, U, R>, grid, dim3(32 * kExpertWarps), size_t(rows) * tile_smem<WT, U>() / kChunk,
-             a);
-}
-template <class WT, bool kGateUp, int R> void launch_expert(int U, dim3 grid, int rows, const ExpertArgs& a) {
-  switch (U) {
-    case 1: launch_expert_u<WT, kGateUp, 1, R>(grid, rows, a); break;
-    case 2: launch_expert_u<WT, kGateUp, 2, R>(grid, rows, a); break;
-    case 4: launch_expert_u<WT, kGateUp, 4, R>(grid, rows, a); break;
-    default: launch_expert_u<WT, kGateUp, 8, R>(grid, rows, a); break;
-  }
-}
-// gate/up: one row of each per warp (two weight streams); down: two rows per warp when they pair up.
-// Grid: weight-row blocks × the most work items a step can have.
-// expert_rows_kernel when its k-blocks fit (gate/up: one per warp and step, down: two), row ranges
-// sized so the items' CTAs about fill the SMs once. DSV3_DECODE_MMA_ROWS_KERNEL=0 keeps
-// expert_mma_kernel (for comparison).
-bool launch_expert_rows(bool gate_up, const ExpertArgs& a) {
-  static const bool on = [] {
-    const char* e = std::getenv("DSV3_DECODE_MMA_ROWS_KERNEL");
-    return !(e && std::string(e) == "0");
-  }();
-  const int nkb = (a.K + kMmaKb - 1) / kMmaKb, bpw = gate_up ? 1 : 2;
-  int ks = 1;
-  while (ks * bpw < nkb) ks *= 2;
-  if (!on || ks > kExpRowWarps) return false;
-  const int step_rows = 16 * (kExpRowWarps / ks), steps = (a.rows_out + step_rows - 1) / step_rows;
-  const int ranges = std::clamp((sm_count() + a.max_items - 1) / a.max_items, 1, steps);
-  const int rows_per_cta = (steps + ranges - 1) / ranges * step_rows;
-  const dim3 grid(unsigned((a.rows_out + rows_per_cta - 1) / rows_per_cta), unsigned(a.max_items));
-  const size_t smem = size_t(2) * (gate_up ? 2 : 1) * kExpRowWarps * kMmaStash<1> * sizeof(float);
-  if (gate_up)
-    launch_pdl(expert_rows_kernel<true, 1>, grid, dim3(32 * kExpRowWarps), smem, a, ks, rows_per_cta);
-  else
-    launch_pdl(expert_rows_kernel<false, 2>, grid, dim3(32 * kExpRowWarps), smem, a, ks, rows_per_cta);
-  return true;
-}
-
-template <class WT> void launch_experts(bool gate_up, int64_t N, const ExpertArgs& a) {
-  if (std::is_same_v<WT, __nv_bfloat16> && mma_wanted(N) && launch_expert_rows(gate_up, a)) return;
-  if (std::is_same_v<WT, __nv_bfloat16> && mma_wanted(N)) {
-    const int ks = mma_ksplit(a.K, true), rows_per_cta = 16 * (kMmaWarps / ks);
-    const dim3 grid(unsigned((a.rows_out + rows_per_cta - 1) / rows_per_cta), unsigned(a.max_items));
-    const size_t smem = size_t(gate_up ? 2 : 1) * kMmaWarps * kMmaStash<1> * sizeof(float);
-    if (gate_up)
-      launch_pdl(expert_mma_kernel<true>, grid, dim3(32 * kMmaWarps), smem, a, ks);
-    else
-      launch_pdl(expert_mma_kernel<false>, grid, dim3(32 * kMmaWarps), smem, a, ks);
-    return;
-  }
-  const int R = gate_up || a.rows_out % 2 != 0 ? 1 : 2;
-  const int U = vectors_per_lane(a.K / kVecCols<WT>);
-  const dim3 grid(unsigned((a.rows_out + kExpertWarps * R - 1) / (kExpertWarps * R)), unsigned(a.max_items));
-  const int rows = int(std::min<int64_t>(N, kChunk));
-  if (gate_up)
-    launch_expert<WT, true, 1>(U, grid, rows, a);
-  else if (R == 2)
-    launch_expert<WT, false, 2>(U, grid, rows, a);
-  else
-    launch_expert<WT, false, 1>(U, grid, rows, a);
-}
-}  // namespace
-
-bool cuda_moe_supported(const MoeParams& p) {
-  // The combine kernel holds a row of up to 256·32 values in registers.
-  if (p.experts.empty() || p.experts.size() > 1024 || p.experts[0].gate_proj.w.dim(1) > 256 * 32) return false;
-  for (const MlpParams& m : p.experts)
-    if (!vec_mlp(m) || m.gate_proj.w.dtype() != p.experts[0].gate_proj.w.dtype()) return false;
-  return true;
-}
-
-CudaMoeTables cuda_moe_tables(const MoeParams& p) {
-  DSV3_CHECK(cuda_moe_supported(p), "cuda_moe_tables: unsupported experts");
-  CudaMoeTables t;
-  t.E = int64_t(p.experts.size());
-  t.I = p.experts[0].gate_proj.w.dim(0);
-  t.H = p.experts[0].gate_proj.w.dim(1);
-  // The shared experts join as one more group when they have the routed experts' shape.
-  const MlpParams& sh = p.shared_experts;
-  t.wt = p.experts[0].gate_proj.w.dtype();
-  t.shared = p.has_shared && vec_mlp(sh) && sh.gate_proj.w.dtype() == t.wt && sh.gate_proj.w.dim(0) == t.I &&
-             sh.gate_proj.w.dim(1) == t.H;
-  const int64_t cols = t.E + (t.shared ? 1 : 0);
-  Tensor h = Tensor::empty(DType::I64, {3, cols});
-  int64_t* d = h.data<int64_t>();
-  for (int64_t e = 0; e < cols; ++e) {
-    const MlpParams& m = e < t.E ? p.experts[size_t(e)] : sh;
-    DSV3_CHECK(m.gate_proj.w.dim(0) == t.I && m.up_proj.w.dim(0) == t.I && m.down_proj.w.dim(0) == t.H &&
-                   m.down_proj.w.dim(1) == t.I,
-               "cuda_moe_tables: expert ", e, " shapes differ");
-    d[e] = int64_t(reinterpret_cast<uintptr_t>(m.gate_proj.w.raw()));
-    d[cols + e] = int64_t(reinterpret_cast<uintptr_t>(m.up_proj.w.raw()));
-    d[2 * cols + e] = int64_t(reinterpret_cast<uintptr_t>(m.down_proj.w.raw()));
-  }
-  t.ptrs = cuda_backend().to_device(h);
-  return t;
-}
-
-Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const CudaMoeTables& t,
-                        const Tensor& x, const Tensor* residual, bool small_gemv, CudaNextNorm* next_norm,
-                        const Tensor* router_logits, const Tensor& into) {
-  const int64_t N = x.dim(0), E = t.E, k = d.top_k, H = t.H, I = t.I;
-  DSV3_CHECK(x.device() == Device::CUDA && x.dim(1) == H && E == d.n_experts && k <= 32, "cuda_moe_forward: x ",
-             x.shape().str());
-  DSV3_CHECK(!router_logits || router_logits->numel() == N * E, "cuda_moe_forward: router logits ",
-             router_logits ? router_logits->shape().str() : "");
-  for (const Tensor* o : std::initializer_list<const Tensor*>{&into, next_norm ? &next_norm->out : nullptr})
-    DSV3_CHECK(!o || !o->defined() ||
-                   (o->device() == Device::CUDA && o->dtype() == DType::F32 && o->numel() == N * H),
-               "cuda_moe_forward: an output given must be [", N, ", ", H, "] F32 on the GPU, got ",
-               o ? o->shape().str() : "");
-  Tensor logits = router_logits ? *router_logits : be.alloc(DType::F32, {N, E});
-  if (!router_logits) {
-    if (small_gemv && cuda_small_linear_ok(p.gate, x)) {
-      cuda_small_linear(p.gate, x, logits, false);
-    } else {
-      cuda_graph_mark_unsafe("the router's gate through the backend's linear");
-      linear_forward(be, p.gate, x, logits);
-    }
-  }
-  Tensor ids = be.alloc(DType::I32, {N, k}), wts = be.alloc(DType::F32, {N, k});
-  Tensor scores = be.alloc(DType::F32, {N, E});
-  moe_route(be, d, p, logits, scores, ids, wts);
-
-  const int64_t nk = N * k, groups = E + (t.shared ? 1 : 0), picks = nk + (t.shared ? N : 0);
-  DSV3_CHECK(cuda_moe_fits(t, N, k), "cuda_moe_forward: ", N, " rows × top-", k, " picks exceed the grouping kernel");
-  // Work items: Σ over groups with picks of ceil(c / kChunk) ≤ picks / kChunk + (groups with picks).
-  const int64_t max_items = picks / kChunk + std::min(groups, nk + (t.shared ? 1 : 0));
-  Tensor grp = be.alloc(DType::I32, {picks + nk + groups + 1 + 2 * max_items + 1});
-  int32_t* order = ptr<int32_t>(grp);
-  int32_t* inv = order + picks;
-  int32_t* offsets = inv + nk;
-  int32_t* items = offsets + groups + 1;
-  launch_pdl(group_kernel, dim3(1), dim3(unsigned(32 * std::min<int64_t>(E, 32))), size_t(2 * E + 1 + nk) * sizeof(int32_t),
-             ids.data<int32_t>(), int(nk), int(E), t.shared ? int(N) : 0, order, inv, offsets, items, int(max_items));
-  check_launch("moe grouping");
-  const int64_t* w = t.ptrs.data<int64_t>();
-  Tensor act = be.alloc(DType::F32, {picks, I});
-  ExpertArgs ea{x.data<float>(), order, offsets, items, int(max_items), w, w + groups, int(k), int(nk), int(H),
-                int(I), ptr<float>(act)};
-  t.wt == DType::BF16 ? launch_experts<__nv_bfloat16>(true, N, ea) : launch_experts<float>(true, N, ea);
-  check_launch("experts gate/up");
-  Tensor y = be.alloc(DType::F32, {picks, H});
-  ExpertArgs ed{act.data<float>(), order, offsets, items, int(max_items), w + 2 * groups, nullptr, int(k), int(nk),
-                int(I), int(H), ptr<float>(y)};
-  t.wt == DType::BF16 ? launch_experts<__nv_bfloat16>(false, N, ed) : launch_experts<float>(false, N, ed);
-  check_launch("experts down");
-  Tensor out = into.defined() ? into : be.alloc(DType::F32, {N, H});
-  const bool late_shared = p.has_shared && !t.shared;
-  const bool fold = residual && !late_shared;
-  const bool norm_here = next_norm && fold;
-  if (next_norm && !next_norm->out.defined()) next_norm->out = be.alloc(DType::F32, {N, H});
-  DSV3_CHECK(H <= 256 * 32, "cuda_moe_forward: hidden size ", H, " above the combine kernel's 8192 (cuda_moe_supported)");
-  auto combine = [&](auto kernel) {
-    launch_pdl(kernel, dim3(unsigned(N)), dim3(256), 0, y.data<float>(), static_cast<const int32_t*>(inv),
-               wts.data<float>(), int(k), int(nk), t.shared, int(H), fold ? residual->data<float>() : nullptr,
-               ptr<float>(out), norm_here ? next_norm->weight.raw() : nullptr,
-               norm_here ? next_norm->weight.dtype() : DType::F32, norm_here ? next_norm->eps : 0.0f,
-               norm_here ? ptr<float>(next_norm->out) : nullptr);
-  };
-  if (H <= 256 * 4)
-    combine(combine_kernel<4>);
-  else if (H <= 256 * 8)
-    combine(combine_kernel<8>);
-  else
-    combine(combine_kernel<32>);
-  check_launch("moe combine");
-  if (late_shared) {
-    cuda_graph_mark_unsafe("shared experts through the backend's linears");
-    MlpActs m;
-    m.out = out;
-    mlp_forward(be, p.shared_experts, x, m, true);  // out += shared experts
-  }
-  if (residual && !fold) {
-    AddArgs a;
-    a.a = *residual;
-    a.b = out;
-    a.out = out;
-    be.add(a);
-  }
-  if (next_norm && !norm_here) {
-    RmsNormArgs r;
-    r.x = out;
-    r.weight = next_norm->weight;
-    r.eps = next_norm->eps;
-    r.y = next_norm->out;
-    be.rmsnorm(r);
-  }
-  return out;
 }
 
 }  // namespace dsv3

@@ -21,13 +21,13 @@ void cuda_kv_latent(const Tensor& kv_a, const Tensor& norm_w, float eps, const T
 
 // One MoE layer's routed experts as device pointer tables (gate, up, down per expert).
 struct CudaMoeTables {
-  Tensor ptrs;  // I64 [3, E (+1: the shared experts, when fused)] on the device
+  Tensor ptrs;  // I64 [3 (FP8: 6, the block scales after), E (+1: the shared experts, when fused)] on the device
   int64_t E = 0, H = 0, I = 0;
-  DType wt = DType::F32;  // the experts' weights: F32 or BF16
+  DType wt = DType::F32;  // the experts' weights: F32, BF16 or FP8
   bool shared = false;  // the shared experts run as group E (F32, the routed experts' shape)
 };
-// Whether the layer's experts can take the grouped path (F32 or BF16 weights without bias, 16-byte
-// aligned rows, E ≤ 1024, hidden size ≤ 8192).
+// Whether the layer's experts can take the grouped path (F32, BF16 or FP8 weights without bias,
+// 16-byte aligned rows, E ≤ 1024, hidden size ≤ 8192).
 bool cuda_moe_supported(const MoeParams& p);
 CudaMoeTables cuda_moe_tables(const MoeParams& p);
 
@@ -65,12 +65,13 @@ void cuda_norm_router(const Tensor& x, const Tensor& norm_w, float eps, const Li
                       const Tensor& logits);
 
 // y (+)= x·Wᵀ for at most 64 rows of x without cuBLAS: one kernel, each weight row read from HBM
-// once (F32 or BF16 weights without bias, F32 math; cuda_small_linear_ok says whether it applies).
+// once (F32, BF16 or FP8 weights without bias, F32 math; cuda_small_linear_ok says whether it applies).
 // With norm_w, x is RMSNorm'ed first (the backend's rmsnorm, eps) inside the kernel; with p2, a
 // second weight over the same x writes y2 in the same launch. The weights are read before the
 // previous kernel in the stream has finished (programmatic dependent launch): they must not be the
 // output of a kernel still in flight — model weights, copied once, never are (as for the experts).
 bool cuda_small_linear_ok(const LinearParam& p, const Tensor& x);
+bool cuda_small_linear_fuses_norm(const LinearParam& p);  // whether norm_w may be given for p
 // Whether a dense MLP's three projections take cuda_small_linear for x (gate and up of one dtype).
 bool cuda_small_mlp_ok(const MlpParams& m, const Tensor& x);
 void cuda_small_linear(const LinearParam& p, const Tensor& x, const Tensor& y, bool accumulate,
@@ -81,6 +82,9 @@ void cuda_small_linear(const LinearParam& p, const Tensor& x, const Tensor& y, b
 // kept: cuda_decode_mma.cuh has the error bound) in the GEMV and the grouped experts for steps of
 // at least cuda_decode_mma_rows() rows of x (tokens, for the experts); fewer rows, F32 weights and
 // the fused RMSNorm keep the F32-FMA kernels. 0 turns the path off (DSV3_DECODE_MMA=0 at start-up).
+// FP8 weights (E4M3, 128×128 block scales in LinearParam::scale_inv; rows of a multiple of 16) take
+// the tensor-core kernels at every row count, whatever this setting: there is no F32-FMA kernel for
+// them, and the RMSNorm is not fused into their GEMV (cuda_small_linear_fuses_norm).
 void cuda_set_decode_mma_rows(int rows);
 int cuda_decode_mma_rows();
 
@@ -92,8 +96,12 @@ struct GemvArgs {
   int n = 0, K = 0;
   int64_t ldx = 0, head_x = 0;
   int head_rows = 1;
-  const void* W = nullptr;  // F32 or BF16 (wt), as W2
+  const void* W = nullptr;  // F32, BF16 or FP8 (wt), as W2
   DType wt = DType::F32;
+  const float* scale = nullptr;  // FP8: W's 128×128 block scales, rows ld_scale apart (likewise W2's)
+  int64_t ld_scale = 0;
+  const float* scale2 = nullptr;
+  int64_t ld_scale2 = 0;
   int64_t ldw = 0;  // W's row stride in elements when it is not K (a K-slice of a wider W: gemv_rows only)
   int n_out = 0;
   float* y = nullptr;

@@ -650,6 +650,19 @@ bool bf16_exact(const Tensor& t) {
   return true;
 }
 
+// Whether the decode GEMV takes kv_b's FP8 blocks for W_UK / W_UV (split_kv_b kept them): x rows and
+// heads `x_stride` floats apart load as 16-byte vectors.
+bool fp8_gemv(const LinearParam& p, int64_t x_stride) { return present(p.w) && x_stride % 4 == 0; }
+// The GEMV's weight: FP8 blocks with their scales, or an F32 / BF16 tensor.
+void set_weight(GemvArgs& g, const LinearParam* f8, const Tensor& t) {
+  g.W = f8 ? f8->w.raw() : t.raw();
+  g.wt = f8 ? DType::F8_E4M3 : t.dtype();
+  if (f8) {
+    g.scale = f8->scale_inv.data<float>();
+    g.ld_scale = f8->scale_inv.dim(1);
+  }
+}
+
 // y[r, h] = W[h]·x[r, h] for `heads` heads (x[r, h] the k values at (r·heads + h)·stride; y at row
 // stride ldy, head stride hy; W BF16 [heads, n, k]) on tensor cores: x split into two BF16 terms,
 // then two strided-batched matmuls over the heads, the second adding its product into y (y = W·hi +
@@ -696,6 +709,13 @@ CudaLatentAttention::CudaLatentAttention(const LatentKvPool& pool, const std::ve
   for (const AbsorbedKvB& a : absorbed) {
     DSV3_CHECK(a.w_uk.device() == Device::CUDA && a.w_uv.device() == Device::CUDA,
                "absorbed kv_b_proj must live on the device");
+    const bool f8 = fp8_gemv(a.uk_t_fp8, d.qk) && fp8_gemv(a.uv_fp8, d.kv_lora);
+    fp8_.push_back(f8);
+    if (f8) {  // the GEMV reads kv_b's FP8 blocks; beyond its rows cuBLAS reads w_uk, w_uv
+      w_uk_t_.emplace_back();
+      w_uv_bf16_.emplace_back();
+      continue;
+    }
     const Tensor h = cuda_backend().to_host(a.w_uk);  // [nh, nope, R] → [nh, R, nope]
     Tensor t = Tensor::empty(DType::F32, {d.nh * d.kv_lora, d.nope});
     for (int64_t hh = 0; hh < d.nh; ++hh)
@@ -841,14 +861,13 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
     g.ldx = nh * d_.qk;
     g.head_x = d_.qk;
     g.head_rows = int(R);
-    g.W = w_uk_t_[size_t(layer)].raw();
-    g.wt = w_uk_t_[size_t(layer)].dtype();
+    set_weight(g, fp8_[size_t(layer)] ? &w.uk_t_fp8 : nullptr, w_uk_t_[size_t(layer)]);
     g.n_out = int(nh * R);
     g.y = ptr<float>(qcat);
     g.ldy = nh * W;
     g.head_y = W;
     cuda_rows_gemv(g);
-  } else if (w_uk_t_[size_t(layer)].dtype() == DType::BF16) {
+  } else if (!fp8_[size_t(layer)] && w_uk_t_[size_t(layer)].dtype() == DType::BF16) {
     cuda_graph_mark_unsafe("W_UK through cuBLASLt");
     head_linear_split(q.data<float>(), N, nh, d_.nope, d_.qk, w_uk_t_[size_t(layer)].raw(), R, ptr<float>(qcat),
                       nh * W, W);
@@ -951,8 +970,7 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
     g.head_x = R;
     g.head_rows = int(d_.vd);
     const Tensor& uv = w_uv_bf16_[size_t(layer)];
-    g.W = present(uv) ? uv.raw() : w.w_uv.raw();
-    g.wt = present(uv) ? DType::BF16 : DType::F32;
+    set_weight(g, fp8_[size_t(layer)] ? &w.uv_fp8 : nullptr, present(uv) ? uv : w.w_uv);
     g.n_out = int(nh * d_.vd);
     g.y = ptr<float>(out);
     g.ldy = nh * d_.vd;

@@ -78,6 +78,7 @@ class CudaLatentAttention : public AttentionCache {
   const std::vector<AbsorbedKvB>& absorbed_;
   std::vector<Tensor> w_uk_t_;  // W_UK[h]ᵀ per layer [nh·kv_lora, nope]: rows for the small-step GEMV
   std::vector<Tensor> w_uv_bf16_;  // W_UV per layer in BF16 when exact, else empty (the GEMV reads w_uv)
+  std::vector<bool> fp8_;  // per layer: the GEMV reads the FP8 blocks of AbsorbedKvB (the two above empty)
   ModelDims d_;
   Tensor storage_;
   // This step's metadata, host copy (to detect a new step) and device copy (overwritten in place,

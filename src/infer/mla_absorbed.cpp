@@ -26,6 +26,28 @@ AbsorbedKvB split_kv_b(const LinearParam& kv_b, const ModelDims& d) {
     std::memcpy(a.w_uv.data<float>() + size_t(h * d.vd) * R, src + size_t(h * per + d.nope) * R,
                 size_t(d.vd) * R * sizeof(float));
   }
+  constexpr int64_t B = 128;
+  if (kv_b.w.dtype() != DType::F8_E4M3 || d.nope % B || d.vd % B || d.kv_lora % B) return a;
+  const uint8_t* q = static_cast<const uint8_t*>(kv_b.w.raw());
+  const float* sc = kv_b.scale_inv.data<float>();
+  const int64_t cb = d.kv_lora / B;  // kv_b's scale columns
+  a.uk_t_fp8.w = Tensor::empty(DType::F8_E4M3, {d.nh * d.kv_lora, d.nope});
+  a.uk_t_fp8.scale_inv = Tensor::empty(DType::F32, {d.nh * cb, d.nope / B});
+  a.uv_fp8.w = Tensor::empty(DType::F8_E4M3, {d.nh * d.vd, d.kv_lora});
+  a.uv_fp8.scale_inv = Tensor::empty(DType::F32, {d.nh * d.vd / B, cb});
+  uint8_t* uk = static_cast<uint8_t*>(a.uk_t_fp8.w.raw());
+  float* uks = a.uk_t_fp8.scale_inv.data<float>();
+  for (int64_t h = 0; h < d.nh; ++h) {
+    for (int64_t i = 0; i < d.kv_lora; ++i)
+      for (int64_t k = 0; k < d.nope; ++k) uk[(h * d.kv_lora + i) * d.nope + k] = q[(h * per + k) * R + size_t(i)];
+    const int64_t kbs = d.nope / B;  // a head's W_UK row blocks become its W_UKᵀ column blocks
+    for (int64_t ib = 0; ib < cb; ++ib)
+      for (int64_t kb = 0; kb < kbs; ++kb) uks[(h * cb + ib) * kbs + kb] = sc[(h * per / B + kb) * cb + ib];
+    std::memcpy(static_cast<uint8_t*>(a.uv_fp8.w.raw()) + size_t(h * d.vd) * R, q + size_t(h * per + d.nope) * R,
+                size_t(d.vd) * R);
+    std::memcpy(a.uv_fp8.scale_inv.data<float>() + (h * d.vd / B) * cb, sc + ((h * per + d.nope) / B) * cb,
+                size_t(d.vd / B * cb) * sizeof(float));
+  }
   return a;
 }
 

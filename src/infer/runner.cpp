@@ -35,6 +35,11 @@ ModelRunner::ModelRunner(const Weights& w, Backend& be)
     AbsorbedKvB a = split_kv_b(h, d_);
     a.w_uk = be_.to_device(a.w_uk);
     a.w_uv = be_.to_device(a.w_uv);
+    for (LinearParam* f : {&a.uk_t_fp8, &a.uv_fp8})
+      if (present(f->w)) {
+        f->w = be_.to_device(f->w);
+        f->scale_inv = be_.to_device(f->scale_inv);
+      }
     return a;
   };
   for (const LayerParams& l : params_.layers) absorbed_.push_back(split(l.attn.kv_b_proj));
@@ -110,7 +115,7 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
 #ifdef DSV3_HAVE_CUDA
   pair = small_gemv(N) && cuda_small_linear_ok(q_first, x) && cuda_small_linear_ok(a.kv_a_proj_with_mqa, x) &&
          q_first.w.dtype() == a.kv_a_proj_with_mqa.w.dtype();
-  fuse_norms = pair && N <= small_rows_;
+  fuse_norms = pair && N <= small_rows_ && cuda_small_linear_fuses_norm(q_first);
 #endif
   const Tensor h1 = fuse_norms      ? x
                     : present(h1_in) ? h1_in
@@ -128,7 +133,7 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
   if (d_.q_lora > 0) {
     bool q_b_done = false;
 #ifdef DSV3_HAVE_CUDA
-    q_b_done = fuse_norms && cuda_small_linear_ok(a.q_b_proj, first);
+    q_b_done = fuse_norms && cuda_small_linear_ok(a.q_b_proj, first) && cuda_small_linear_fuses_norm(a.q_b_proj);
     if (q_b_done) cuda_small_linear(a.q_b_proj, first, q2, false, &a.q_a_layernorm, d_.eps_mla);
 #endif
     if (!q_b_done) linear(a.q_b_proj, rmsnorm(be_, first, a.q_a_layernorm, d_.eps_mla, rstd), q2);  // [N, nh·qk]

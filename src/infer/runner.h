@@ -7,7 +7,7 @@
 // tables); only the attention differs from the plain forward. MTP module k runs as cache layer
 // num_hidden_layers + k − 1, its hub layer index.
 //
-// On CUDA, steps of at most kDeviceGemvRows rows run their F32 or BF16 linears through one GEMV
+// On CUDA, steps of at most kDeviceGemvRows rows run their F32, BF16 or FP8 linears through one GEMV
 // kernel each (infer/cuda_decode_ops.h) instead of cuBLAS. Plain decode steps among them (forward
 // with graph_ok: plain decode and draft verification) and MTP drafts (mtp_forward with graph_ok)
 // are replayed from CUDA graphs (runner_graph.cpp): the step's ~16 launches per layer recorded

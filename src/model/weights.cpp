@@ -6,6 +6,7 @@
 #include <functional>
 #include <iostream>
 #include <optional>
+#include <tuple>
 
 #include "core/rng.h"
 #include "io/checkpoint_index.h"
@@ -53,6 +54,12 @@ Tensor as_f32(const Param& p) {
 void round_matrices_to_bf16(Weights& w) {
   for (Param& p : w.params())
     if (p.w.ndim() == 2 && p.w.dtype() == DType::F32) p.w = p.w.to(DType::BF16);
+}
+
+void quantize_matrices_to_fp8(Weights& w) {
+  for (Param& p : w.params())
+    if (p.spec.fp8 && !p.fp8()) std::tie(p.w, p.scale_inv) = quantize_fp8_blocks(p.w);
+  round_matrices_to_bf16(w);
 }
 
 std::pair<Tensor, Tensor> quantize_fp8_blocks(const Tensor& w) {

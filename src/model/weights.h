@@ -87,6 +87,10 @@ class Weights {
 // The F32 matrices (2-D parameters) rounded to BF16 in place, as a BF16 checkpoint stores them;
 // norms and the router bias (1-D) stay F32, FP8/BF16 tensors as stored.
 void round_matrices_to_bf16(Weights& w);
+// The matrices as the hub's FP8 release holds them: those it stores in F8_E4M3 (TensorSpec::fp8)
+// quantized in place with quantize_fp8_blocks, the other F32 matrices (embeddings, lm_head, the
+// router's gate) rounded to BF16; norms and the router bias stay F32.
+void quantize_matrices_to_fp8(Weights& w);
 
 // DeepSeek-V3's block quantization of a 2-D weight: per 128×128 block, scale = amax/448 (1 for an
 // all-zero block), q = e4m3(w / scale). Returns {q F8_E4M3 [R, C], scale_inv F32 [ceil(R/128), ceil(C/128)]}.

@@ -126,6 +126,8 @@ TEST(CliGenerate, GreedyIdsUnchangedBySpeculationAndAgreeWithForward) {
   EXPECT_TRUE(std::equal(eos.begin(), eos.end(), plain.begin()));
   // F32 matrices rounded to BF16 at load: a different model, so only that it decodes.
   EXPECT_EQ(greedy_ids(ids, "--ignore-eos --weights bf16").size(), 8u);
+  // Likewise the matrices quantized to FP8 blocks at load (V3's release format).
+  EXPECT_EQ(greedy_ids(ids, "--ignore-eos --weights fp8").size(), 8u);
 
   // The first generated token is the argmax of forward's last row over the same prompt, and each
   // next one the argmax after appending the previous (checked for the first three).

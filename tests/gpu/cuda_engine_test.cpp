@@ -11,6 +11,7 @@
 #include <cstring>
 #include <filesystem>
 #include <map>
+#include <tuple>
 
 #include "attention_dims.h"
 #include "../backend/harness.h"
@@ -404,6 +405,21 @@ TEST(CudaEngine, Bf16WeightsEqualCpu) {
   }
 }
 
+// An FP8 checkpoint's matrices (E4M3, 128×128 block scales): the device's GEMV and grouped experts
+// widen them on tensor cores at every row count, the CPU engine dequantizes them; greedy tokens agree.
+TEST(CudaEngine, Fp8WeightsEqualCpu) {
+  ASSERT_GT(cuda_device_count(), 0);
+  Weights w = Weights::random(preset_config("tiny"), 14, 0.05f);
+  quantize_matrices_to_fp8(w);
+  const std::vector<Request> reqs = hashed_requests({3, 7, 16}, 991);
+  EngineOptions opt;
+  opt.cache.block_size = 8;
+  const CpuRef ref = cpu_reference(w, opt, reqs);
+  Engine gpu(w, opt, cuda_backend());
+  for (const Request& r : reqs) gpu.add(r);
+  EXPECT_GE(expect_matches(ref, gpu.run_all(), reqs), 4) << "too many near ties to compare";
+}
+
 // ---- the device cache's attention against the host's -----------------------------------------
 
 struct AttnShape {
@@ -411,9 +427,12 @@ struct AttnShape {
   int64_t layers, block_size;
 };
 
-// bf16_weights: W_UK and W_UV hold BF16 values (as a BF16 checkpoint's kv_b_proj), which the device
-// keeps in BF16 for its GEMV and, beyond the GEMV's rows, its split tensor-core matmuls.
-void attention_against_host(const ModelDims& d, int64_t layers, int64_t bs, bool mla_decode, bool bf16_weights = false) {
+// Bf16: W_UK and W_UV hold BF16 values (as a BF16 checkpoint's kv_b_proj), which the device keeps in
+// BF16 for its GEMV and, beyond the GEMV's rows, its split tensor-core matmuls. Fp8: they come from
+// an FP8 kv_b_proj (split_kv_b), whose blocks the device's GEMV reads (cuBLAS the F32 split beyond).
+enum class AbsorbedForm { F32, Bf16, Fp8 };
+void attention_against_host(const ModelDims& d, int64_t layers, int64_t bs, bool mla_decode,
+                            AbsorbedForm form = AbsorbedForm::F32) {
   CudaBackend& be = cuda_backend();
   KvCacheOptions o;
   o.block_size = bs;
@@ -427,12 +446,28 @@ void attention_against_host(const ModelDims& d, int64_t layers, int64_t bs, bool
     AbsorbedKvB a;
     a.w_uk = randn({d.nh, d.nope, d.kv_lora}, 11, uint64_t(2 * l), float(1.0 / std::sqrt(double(d.nope))));
     a.w_uv = randn({d.nh, d.vd, d.kv_lora}, 11, uint64_t(2 * l + 1), 0.05f);
-    if (bf16_weights) {
+    if (form == AbsorbedForm::Bf16) {
       a.w_uk = a.w_uk.to(DType::BF16).to(DType::F32);
       a.w_uv = a.w_uv.to(DType::BF16).to(DType::F32);
     }
+    if (form == AbsorbedForm::Fp8) {  // kv_b_proj's rows per head: W_UK's, then W_UV's
+      Tensor kv_b = Tensor::empty(DType::F32, {d.nh * (d.nope + d.vd), d.kv_lora});
+      const size_t uk = size_t(d.nope * d.kv_lora), uv = size_t(d.vd * d.kv_lora);
+      for (int64_t h = 0; h < d.nh; ++h) {
+        float* dst = kv_b.data<float>() + size_t(h) * (uk + uv);
+        std::copy_n(a.w_uk.data<float>() + size_t(h) * uk, uk, dst);
+        std::copy_n(a.w_uv.data<float>() + size_t(h) * uv, uv, dst + uk);
+      }
+      LinearParam p;
+      std::tie(p.w, p.scale_inv) = quantize_fp8_blocks(kv_b);
+      a = split_kv_b(p, d);
+      ASSERT_TRUE(present(a.uk_t_fp8.w));
+    }
     wh.push_back(a);
-    wd.push_back({be.to_device(a.w_uk), be.to_device(a.w_uv)});
+    AbsorbedKvB dv = a;
+    for (Tensor* t : {&dv.w_uk, &dv.w_uv, &dv.uk_t_fp8.w, &dv.uk_t_fp8.scale_inv, &dv.uv_fp8.w, &dv.uv_fp8.scale_inv})
+      if (present(*t)) *t = be.to_device(*t);
+    wd.push_back(dv);
   }
   LatentAttention host(hp, wh, d);
   CudaLatentAttention dev(dp, wd, d);
@@ -497,8 +532,17 @@ TEST(CudaEngine, DeviceCacheAttentionEqualsHostV3ShapeGeneric) {
 // The prefill step (333 rows) beyond the GEMV's 64 takes the split BF16 matmuls for W_UK and W_UV.
 TEST(CudaEngine, DeviceCacheAttentionEqualsHostBf16AbsorbedWeights) {
   ASSERT_GT(cuda_device_count(), 0);
-  attention_against_host(dims(16, 128, 64, 128, 512), 2, 64, false, true);  // V3's heads, generic kernel
-  attention_against_host(dims(16, 128, 64, 128, 256), 2, 64, false, true);  // bench-0.7b's latent
+  // V3's heads on the generic kernel, then bench-0.7b's latent.
+  attention_against_host(dims(16, 128, 64, 128, 512), 2, 64, false, AbsorbedForm::Bf16);
+  attention_against_host(dims(16, 128, 64, 128, 256), 2, 64, false, AbsorbedForm::Bf16);
+}
+
+// W_UK / W_UV from an FP8 kv_b_proj at V3's head sizes: the decode GEMV reads its FP8 blocks.
+TEST(CudaEngine, DeviceCacheAttentionEqualsHostFp8AbsorbedWeights) {
+  ASSERT_GT(cuda_device_count(), 0);
+  // V3's shape through cuda_mla_decode, then bench-0.7b's latent.
+  attention_against_host(dims(16, 128, 64, 128, 512), 2, 64, true, AbsorbedForm::Fp8);
+  attention_against_host(dims(16, 128, 64, 128, 256), 2, 64, false, AbsorbedForm::Fp8);
 }
 
 TEST(CudaEngine, DeviceCacheAttentionEqualsHostSmallShapes) {

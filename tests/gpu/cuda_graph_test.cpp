@@ -274,6 +274,17 @@ TEST(CudaGraphEngine, LogitsBitIdenticalToEagerBf16TensorCores) {
   }
 }
 
+// FP8 weights (the matrices V3's release stores so): decode steps take the FP8 tensor-core GEMV and
+// experts, and replay bit-identically to eager launches.
+TEST(CudaGraphEngine, LogitsBitIdenticalToEagerFp8) {
+  ASSERT_GT(cuda_device_count(), 0);
+  Weights w = Weights::random(long_tiny(), 13, 0.05f);
+  quantize_matrices_to_fp8(w);
+  const Trace graph = expect_graphs_match_eager(w, mixed_requests(300, 59), 4);
+  EXPECT_EQ(graph.graphs.failures, 0);
+  EXPECT_GT(graph.graphs.replays, graph.graphs.eager) << "most decode steps should replay";
+}
+
 // V3's latent shape (kv_lora_rank 512 + rope 64, 64-token blocks) decodes through cuda_mla_decode,
 // whose split partials are graph memory: its steps replay too, bit-identical to eager ones, with
 // one split and with several (a 300-token prompt: 5 blocks).

@@ -41,7 +41,7 @@ void against_host_once(const ModelDims& d, int64_t bs, const std::vector<int64_t
   AbsorbedKvB a;
   a.w_uk = randn({d.nh, d.nope, d.kv_lora}, 21, 0, float(1.0 / std::sqrt(double(d.nope))));
   a.w_uv = randn({d.nh, d.vd, d.kv_lora}, 21, 1, 0.05f);
-  const std::vector<AbsorbedKvB> wh = {a}, wd = {{be.to_device(a.w_uk), be.to_device(a.w_uv)}};
+  const std::vector<AbsorbedKvB> wh = {a}, wd = {{be.to_device(a.w_uk), be.to_device(a.w_uv), {}, {}}};
   LatentAttention host(hp, wh, d);
   CudaLatentAttention dev(dp, wd, d);
   dev.set_use_mla_decode(false);

@@ -3,7 +3,9 @@
 // max|Δ|/max|ref|, the forward tolerance of docs/), for every fixture; MTP modules too.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdio>
+#include <tuple>
 
 #include "infer/runner.h"
 #include "infer_test_util.h"
@@ -201,6 +203,41 @@ TEST_P(MtpFixture, ModulesMatchReferenceThroughTheLatentCache) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, MtpFixture, ::testing::ValuesIn(testing::mtp_fixtures()),
                          [](const auto& i) { return i.param; });
+
+// An FP8 kv_b_proj at V3's head sizes keeps its blocks for the GEMV: W_UKᵀ and W_UV as FP8 with
+// their scales stand for exactly the dequantized split's values (the bytes moved, not re-quantized);
+// sizes off the 128 grid keep no FP8 copy.
+TEST(SplitKvB, Fp8BlocksStandForTheDequantizedSplit) {
+  ModelDims d;
+  d.nh = 3;
+  d.nope = 128;
+  d.vd = 128;
+  d.kv_lora = 256;
+  Tensor w = Tensor::empty(DType::F32, {d.nh * (d.nope + d.vd), d.kv_lora});
+  for (int64_t i = 0; i < w.numel(); ++i)  // blocks of different magnitudes: distinct scales
+    w.data<float>()[i] = std::ldexp(std::sin(0.37 * double(i)), int((i / d.kv_lora / 128 + i % d.kv_lora / 128) % 5));
+  LinearParam kv_b;
+  std::tie(kv_b.w, kv_b.scale_inv) = quantize_fp8_blocks(w);
+  const AbsorbedKvB a = split_kv_b(kv_b, d);
+  ASSERT_TRUE(present(a.uk_t_fp8.w) && present(a.uv_fp8.w));
+  const Tensor uk_t = dequantize_fp8_blocks(a.uk_t_fp8.w, a.uk_t_fp8.scale_inv);
+  const Tensor uv = dequantize_fp8_blocks(a.uv_fp8.w, a.uv_fp8.scale_inv);
+  ASSERT_EQ(uk_t.numel(), a.w_uk.numel());
+  ASSERT_EQ(uv.numel(), a.w_uv.numel());
+  const int64_t R = d.kv_lora;
+  for (int64_t h = 0; h < d.nh; ++h)
+    for (int64_t k = 0; k < d.nope; ++k)
+      for (int64_t i = 0; i < R; ++i)
+        ASSERT_EQ(uk_t.data<float>()[(h * R + i) * d.nope + k], a.w_uk.data<float>()[(h * d.nope + k) * R + i])
+            << "head " << h << " row " << k << " column " << i;
+  for (int64_t i = 0; i < uv.numel(); ++i) ASSERT_EQ(uv.data<float>()[i], a.w_uv.data<float>()[i]) << i;
+  d.nope = 96;  // heads no longer on the 128-row grid
+  LinearParam off;
+  std::tie(off.w, off.scale_inv) = quantize_fp8_blocks(w.rows(0, d.nh * (d.nope + d.vd)));
+  const AbsorbedKvB b = split_kv_b(off, d);
+  EXPECT_FALSE(present(b.uk_t_fp8.w));
+  EXPECT_FALSE(present(b.uv_fp8.w));
+}
 
 }  // namespace
 }  // namespace dsv3
