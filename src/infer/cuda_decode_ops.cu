@@ -306,6 +306,7 @@ bool cuda_small_linear_ok(const LinearParam& p, const Tensor& x) {
 }
 
 bool cuda_small_linear_fuses_norm(const LinearParam& p) { return p.w.dtype() != DType::F8_E4M3; }
+bool cuda_decode_fp8_ok(const LinearParam& p) { return fp8_rows(p); }
 
 bool cuda_small_mlp_ok(const MlpParams& m, const Tensor& x) {
   return cuda_small_linear_ok(m.gate_proj, x) && cuda_small_linear_ok(m.up_proj, x) &&
@@ -378,8 +379,8 @@ void cuda_small_linear(const LinearParam& p, const Tensor& x, const Tensor& y, b
   if (p2 && p.w.dtype() == DType::F8_E4M3 && p.w.dim(0) % 16 != 0) {
     // The FP8 kernels' 16-row blocks would straddle the two weights (the others take the F32-FMA
     // GEMV then): one launch each.
-    cuda_small_linear(p, x, y, false);
-    cuda_small_linear(*p2, x, *y2, false);
+    cuda_small_linear(p, x, y, false, norm_w, eps);  // a norm_w is refused there, as for every FP8 GEMV
+    cuda_small_linear(*p2, x, *y2, false, norm_w, eps);
     return;
   }
   GemvArgs g;

@@ -72,6 +72,9 @@ void cuda_norm_router(const Tensor& x, const Tensor& norm_w, float eps, const Li
 // output of a kernel still in flight — model weights, copied once, never are (as for the experts).
 bool cuda_small_linear_ok(const LinearParam& p, const Tensor& x);
 bool cuda_small_linear_fuses_norm(const LinearParam& p);  // whether norm_w may be given for p
+// Whether an FP8 weight (with its scale_inv) takes the tensor-core kernels: on the device, rows of
+// a multiple of 16 columns, 16-byte aligned, scales [⌈N/128⌉, ⌈K/128⌉]; not with DSV3_DECODE_FP8=0.
+bool cuda_decode_fp8_ok(const LinearParam& p);
 // Whether a dense MLP's three projections take cuda_small_linear for x (gate and up of one dtype).
 bool cuda_small_mlp_ok(const MlpParams& m, const Tensor& x);
 void cuda_small_linear(const LinearParam& p, const Tensor& x, const Tensor& y, bool accumulate,

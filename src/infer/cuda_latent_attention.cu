@@ -652,7 +652,9 @@ bool bf16_exact(const Tensor& t) {
 
 // Whether the decode GEMV takes kv_b's FP8 blocks for W_UK / W_UV (split_kv_b kept them): x rows and
 // heads `x_stride` floats apart load as 16-byte vectors.
-bool fp8_gemv(const LinearParam& p, int64_t x_stride) { return present(p.w) && x_stride % 4 == 0; }
+bool fp8_gemv(const LinearParam& p, int64_t x_stride) {
+  return present(p.w) && cuda_decode_fp8_ok(p) && x_stride % 4 == 0;
+}
 // The GEMV's weight: FP8 blocks with their scales, or an F32 / BF16 tensor.
 void set_weight(GemvArgs& g, const LinearParam* f8, const Tensor& t) {
   g.W = f8 ? f8->w.raw() : t.raw();

@@ -10,7 +10,7 @@
 
 namespace dsv3 {
 
-AbsorbedKvB split_kv_b(const LinearParam& kv_b, const ModelDims& d) {
+AbsorbedKvB split_kv_b(const LinearParam& kv_b, const ModelDims& d, bool fp8_blocks) {
   const int64_t per = d.nope + d.vd;
   DSV3_CHECK(kv_b.w.dim(0) == d.nh * per && kv_b.w.dim(1) == d.kv_lora, "kv_b_proj ", kv_b.w.shape().str());
   const Tensor w = kv_b.w.dtype() == DType::F8_E4M3 ? dequantize_fp8_blocks(kv_b.w, kv_b.scale_inv)
@@ -27,7 +27,7 @@ AbsorbedKvB split_kv_b(const LinearParam& kv_b, const ModelDims& d) {
                 size_t(d.vd) * R * sizeof(float));
   }
   constexpr int64_t B = 128;
-  if (kv_b.w.dtype() != DType::F8_E4M3 || d.nope % B || d.vd % B || d.kv_lora % B) return a;
+  if (!fp8_blocks || kv_b.w.dtype() != DType::F8_E4M3 || d.nope % B || d.vd % B || d.kv_lora % B) return a;
   const uint8_t* q = static_cast<const uint8_t*>(kv_b.w.raw());
   const float* sc = kv_b.scale_inv.data<float>();
   const int64_t cb = d.kv_lora / B;  // kv_b's scale columns

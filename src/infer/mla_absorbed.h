@@ -32,15 +32,16 @@ struct StepRows {
 };
 
 // kv_b_proj split per head into F32 W_UK [nh, nope, kv_lora] and W_UV [nh, vd, kv_lora]
-// (FP8 weights are dequantized once here). An FP8 kv_b_proj whose heads' nope and vd and kv_lora are
-// multiples of 128 (V3's) also keeps its blocks as they are (exact; the CUDA decode GEMV reads them):
+// (FP8 weights are dequantized once here). With fp8_blocks, an FP8 kv_b_proj whose heads' nope and
+// vd and kv_lora are multiples of 128 (V3's) also keeps its blocks as they are (exact; the CUDA
+// decode GEMV reads them):
 // uk_t_fp8 = W_UKᵀ per head [nh·kv_lora, nope] (each 128×128 block transposed, its scale moved with
 // it) and uv_fp8 = W_UV [nh·vd, kv_lora], each with its scale_inv; absent otherwise.
 struct AbsorbedKvB {
   Tensor w_uk, w_uv;
   LinearParam uk_t_fp8, uv_fp8;
 };
-AbsorbedKvB split_kv_b(const LinearParam& kv_b, const ModelDims& d);
+AbsorbedKvB split_kv_b(const LinearParam& kv_b, const ModelDims& d, bool fp8_blocks = false);
 
 class AttentionCache {
  public:

@@ -32,7 +32,7 @@ ModelRunner::ModelRunner(const Weights& w, Backend& be)
     LinearParam h = kv_b;
     h.w = be_.to_host(kv_b.w);
     if (present(kv_b.scale_inv)) h.scale_inv = be_.to_host(kv_b.scale_inv);
-    AbsorbedKvB a = split_kv_b(h, d_);
+    AbsorbedKvB a = split_kv_b(h, d_, true);  // the device's GEMV may read an FP8 kv_b's blocks
     a.w_uk = be_.to_device(a.w_uk);
     a.w_uv = be_.to_device(a.w_uv);
     for (LinearParam* f : {&a.uk_t_fp8, &a.uv_fp8})

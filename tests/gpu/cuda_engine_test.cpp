@@ -211,7 +211,9 @@ TEST(CudaEngine, SyncFreePathEqualsCpuOnRandomTiny) {
 // The grouped MoE (the backend's router, grouping, experts, combine, residual) against the
 // CPU's moe_forward on one MoE layer of the tiny preset, with a router bias that changes the picks;
 // also with V3's routing shape (256 experts, top-8 in 8 groups top-4: the grouping kernel's warps
-// then take several experts each and its scan several chunks of 32).
+// then take several experts each and its scan several chunks of 32), and at hidden 1152 with
+// experts 2112 wide (the tensor-core k-loop kernels). F32, BF16 and FP8 experts (E4M3 with block
+// scales, as V3's release; the CPU dequantizes them).
 TEST(CudaEngine, GroupedMoeEqualsCpuMoeForward) {
   ASSERT_GT(cuda_device_count(), 0);
   CudaBackend& be = cuda_backend();
@@ -222,24 +224,39 @@ TEST(CudaEngine, GroupedMoeEqualsCpuMoeForward) {
   v3_routing.topk_group = 4;
   v3_routing.num_hidden_layers = 3;
   v3_routing.num_nextn_predict_layers = 0;
-  for (const ModelConfig& cfg : {preset_config("tiny"), v3_routing}) {
-    for (DType wt : {DType::F32, DType::BF16}) {
-      SCOPED_TRACE(cat(cfg.n_routed_experts, " experts, ", dtype_name(wt)));
+  // Hidden 1152 and experts 2112 wide: beyond the row-range expert kernels' k-blocks, the k-loop ones.
+  ModelConfig wide = v3_routing;
+  wide.hidden_size = 1152;
+  wide.moe_intermediate_size = 2112;
+  wide.n_routed_experts = 4;
+  wide.num_experts_per_tok = 2;
+  wide.n_group = 1;
+  wide.topk_group = 1;
+  for (const ModelConfig& cfg : {preset_config("tiny"), v3_routing, wide}) {
+    for (DType wt : {DType::F32, DType::BF16, DType::F8_E4M3}) {
+      if (cfg.hidden_size == wide.hidden_size && wt == DType::F32) continue;  // no tensor cores for F32
+      SCOPED_TRACE(cat(cfg.n_routed_experts, " experts, hidden ", cfg.hidden_size, ", ", dtype_name(wt)));
       Weights host = Weights::random(cfg, 5, 0.05f);
       for (Param& p : host.params())
         if (p.spec.name.find("e_score_correction_bias") != std::string::npos)
           for (int64_t i = 0; i < p.w.numel(); ++i) p.w.data<float>()[i] = 0.02f * rng_normal(6, 0, uint64_t(i));
       if (wt == DType::BF16) round_matrices_to_bf16(host);
+      if (wt == DType::F8_E4M3) quantize_matrices_to_fp8(host);  // experts FP8 (the router's gate BF16)
       Weights dev = host;
-      for (Param& p : dev.params()) p.w = be.to_device(p.w);
+      for (Param& p : dev.params()) {
+        p.w = be.to_device(p.w);
+        if (present(p.scale_inv)) p.scale_inv = be.to_device(p.scale_inv);
+      }
       const ModelParams ph = bind_params(host), pd = bind_params(dev);
       const ModelDims d = model_dims(host.config());
       const size_t layer = 2;
       ASSERT_TRUE(ph.layers[layer].is_moe && cuda_moe_supported(pd.layers[layer].moe));
       const CudaMoeTables t = cuda_moe_tables(pd.layers[layer].moe);
       EXPECT_TRUE(t.shared);
+      EXPECT_EQ(t.wt, wt);
       for (int64_t N : {1, 5, 40})
-        for (int mma : {0, 1}) {  // the F32-FMA kernels, and (BF16) the tensor-core ones at every N
+        // The F32-FMA kernels, and (BF16) the tensor-core ones at every N; FP8 takes the latter always.
+        for (int mma : {0, 1}) {
           if (mma && wt != DType::BF16) continue;
           SCOPED_TRACE(cat(N, " rows", mma ? ", tensor cores" : ""));
           const MmaRows setting(mma);
@@ -385,18 +402,14 @@ TEST(CudaEngine, RowRangeGemvInKSlicesEqualsReference) {
     }
 }
 
-// A BF16 checkpoint's matrices: the device's GEMV and grouped experts read BF16 and compute in F32,
-// as the CPU engine does with the same weights (batch 1 to 20 rows per step: chunked prefill and
-// batched decode).
-TEST(CudaEngine, Bf16WeightsEqualCpu) {
-  ASSERT_GT(cuda_device_count(), 0);
-  Weights w = Weights::random(preset_config("tiny"), 4, 0.05f);
-  round_matrices_to_bf16(w);
-  const std::vector<Request> reqs = hashed_requests({3, 7, 16}, 977);
+// The GPU engine's greedy tokens on w equal the CPU engine's with the same weights, for each
+// tensor-core threshold given (batch 1 to 20 rows per step: chunked prefill and batched decode).
+void weights_equal_cpu(const Weights& w, uint64_t salt, std::initializer_list<int> mma_rows) {
+  const std::vector<Request> reqs = hashed_requests({3, 7, 16}, salt);
   EngineOptions opt;
   opt.cache.block_size = 8;
   const CpuRef ref = cpu_reference(w, opt, reqs);
-  for (int mma : {cuda_decode_mma_rows(), 1, 0}) {  // default; tensor cores for every step; none
+  for (int mma : mma_rows) {
     SCOPED_TRACE(cat("tensor cores from ", mma, " rows"));
     const MmaRows setting(mma);
     Engine gpu(w, opt, cuda_backend());
@@ -405,19 +418,22 @@ TEST(CudaEngine, Bf16WeightsEqualCpu) {
   }
 }
 
+// A BF16 checkpoint's matrices: the device's GEMV and grouped experts read BF16 and compute in F32,
+// as the CPU engine does with the same weights; by default, on tensor cores for every step, without.
+TEST(CudaEngine, Bf16WeightsEqualCpu) {
+  ASSERT_GT(cuda_device_count(), 0);
+  Weights w = Weights::random(preset_config("tiny"), 4, 0.05f);
+  round_matrices_to_bf16(w);
+  weights_equal_cpu(w, 977, {cuda_decode_mma_rows(), 1, 0});
+}
+
 // An FP8 checkpoint's matrices (E4M3, 128×128 block scales): the device's GEMV and grouped experts
-// widen them on tensor cores at every row count, the CPU engine dequantizes them; greedy tokens agree.
+// widen them on tensor cores at every row count (whatever the threshold), the CPU dequantizes them.
 TEST(CudaEngine, Fp8WeightsEqualCpu) {
   ASSERT_GT(cuda_device_count(), 0);
   Weights w = Weights::random(preset_config("tiny"), 14, 0.05f);
   quantize_matrices_to_fp8(w);
-  const std::vector<Request> reqs = hashed_requests({3, 7, 16}, 991);
-  EngineOptions opt;
-  opt.cache.block_size = 8;
-  const CpuRef ref = cpu_reference(w, opt, reqs);
-  Engine gpu(w, opt, cuda_backend());
-  for (const Request& r : reqs) gpu.add(r);
-  EXPECT_GE(expect_matches(ref, gpu.run_all(), reqs), 4) << "too many near ties to compare";
+  weights_equal_cpu(w, 991, {cuda_decode_mma_rows(), 0});
 }
 
 // ---- the device cache's attention against the host's -----------------------------------------
@@ -460,7 +476,7 @@ void attention_against_host(const ModelDims& d, int64_t layers, int64_t bs, bool
       }
       LinearParam p;
       std::tie(p.w, p.scale_inv) = quantize_fp8_blocks(kv_b);
-      a = split_kv_b(p, d);
+      a = split_kv_b(p, d, true);
       ASSERT_TRUE(present(a.uk_t_fp8.w));
     }
     wh.push_back(a);

@@ -204,13 +204,13 @@ TEST_P(MtpFixture, ModulesMatchReferenceThroughTheLatentCache) {
 INSTANTIATE_TEST_SUITE_P(Fixtures, MtpFixture, ::testing::ValuesIn(testing::mtp_fixtures()),
                          [](const auto& i) { return i.param; });
 
-// An FP8 kv_b_proj at V3's head sizes keeps its blocks for the GEMV: W_UKᵀ and W_UV as FP8 with
-// their scales stand for exactly the dequantized split's values (the bytes moved, not re-quantized);
-// sizes off the 128 grid keep no FP8 copy.
+// An FP8 kv_b_proj on the 128 grid (nope 256: two row blocks per head's W_UK) keeps its blocks for
+// the GEMV when asked: W_UKᵀ and W_UV as FP8 with their scales stand for exactly the dequantized
+// split's values (the bytes moved, not re-quantized); sizes off the 128 grid keep no FP8 copy.
 TEST(SplitKvB, Fp8BlocksStandForTheDequantizedSplit) {
   ModelDims d;
   d.nh = 3;
-  d.nope = 128;
+  d.nope = 256;
   d.vd = 128;
   d.kv_lora = 256;
   Tensor w = Tensor::empty(DType::F32, {d.nh * (d.nope + d.vd), d.kv_lora});
@@ -218,7 +218,8 @@ TEST(SplitKvB, Fp8BlocksStandForTheDequantizedSplit) {
     w.data<float>()[i] = std::ldexp(std::sin(0.37 * double(i)), int((i / d.kv_lora / 128 + i % d.kv_lora / 128) % 5));
   LinearParam kv_b;
   std::tie(kv_b.w, kv_b.scale_inv) = quantize_fp8_blocks(w);
-  const AbsorbedKvB a = split_kv_b(kv_b, d);
+  EXPECT_FALSE(present(split_kv_b(kv_b, d).uk_t_fp8.w)) << "kept only when asked";
+  const AbsorbedKvB a = split_kv_b(kv_b, d, true);
   ASSERT_TRUE(present(a.uk_t_fp8.w) && present(a.uv_fp8.w));
   const Tensor uk_t = dequantize_fp8_blocks(a.uk_t_fp8.w, a.uk_t_fp8.scale_inv);
   const Tensor uv = dequantize_fp8_blocks(a.uv_fp8.w, a.uv_fp8.scale_inv);
@@ -234,7 +235,7 @@ TEST(SplitKvB, Fp8BlocksStandForTheDequantizedSplit) {
   d.nope = 96;  // heads no longer on the 128-row grid
   LinearParam off;
   std::tie(off.w, off.scale_inv) = quantize_fp8_blocks(w.rows(0, d.nh * (d.nope + d.vd)));
-  const AbsorbedKvB b = split_kv_b(off, d);
+  const AbsorbedKvB b = split_kv_b(off, d, true);
   EXPECT_FALSE(present(b.uk_t_fp8.w));
   EXPECT_FALSE(present(b.uv_fp8.w));
 }
