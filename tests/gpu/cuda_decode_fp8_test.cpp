@@ -14,6 +14,7 @@
 #include "backend/cuda/cuda_backend.h"
 #include "infer/cuda_decode_ops.h"
 #include "model/weights.h"
+#include "small_linear_check.h"
 
 namespace dsv3::test {
 namespace {
@@ -38,43 +39,21 @@ Fp8Weight fp8_weight(int64_t M, int64_t K, uint64_t seed) {
   return f;
 }
 
-// y[r, j] = y0[r, j] (when accumulating) + Σ_k x[r, k]·w[j, k], in double.
-Vec reference(const Tensor& x, const Tensor& w, const Tensor* y0) {
-  const int64_t n = x.dim(0), K = x.dim(1), M = w.dim(0);
-  Vec want(size_t(n * M));
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t j = 0; j < M; ++j) {
-      double s = y0 ? double(y0->data<float>()[r * M + j]) : 0.0;
-      for (int64_t k = 0; k < K; ++k) s += double(x.data<float>()[r * K + k]) * double(w.data<float>()[j * K + k]);
-      want[size_t(r * M + j)] = s;
-    }
-  return want;
-}
-
 // K 144 and 1024: the row-range GEMV (one k-block per warp; 144 ends in a partial k-block and a
 // partial scale block); 2240: its K slices at 9–32 rows (the k-loop GEMV otherwise); 4608 (beyond
 // four slices): the k-loop GEMV. 300 outputs: three 128-row scale blocks, the last partial.
 TEST(DecodeFp8, SmallLinearEqualsReference) {
   ASSERT_GT(cuda_device_count(), 0);
-  CudaBackend& be = cuda_backend();
   for (int64_t K : {144, 1024, 2240, 4608})
     for (int64_t M : {37, 300}) {
       const Fp8Weight f = fp8_weight(M, K, 40 + uint64_t(K + M));
+      EXPECT_FALSE(cuda_small_linear_fuses_norm(f.p));
       for (int64_t n : {1, 3, 8, 12, 19, 32, 64})
         for (bool acc : {false, true}) {
           if (K == 4608 && n != 3 && n != 12 && n != 32) continue;  // the k-loop kernel: fewer row counts
           SCOPED_TRACE(cat("K ", K, " outputs ", M, " rows ", n, acc ? " accumulate" : ""));
-          const Tensor x = randn({n, K}, 41, uint64_t(n)), y0 = randn({n, M}, 42, uint64_t(n));
-          const Vec want = reference(x, f.deq, acc ? &y0 : nullptr);
-          Guards g(be);
-          const Tensor xd = be.to_device(x), yd = acc ? g.init(y0) : g.out(DType::F32, {n, M});
-          ASSERT_TRUE(cuda_small_linear_ok(f.p, xd));
-          EXPECT_FALSE(cuda_small_linear_fuses_norm(f.p));
-          cuda_small_linear(f.p, xd, yd, acc);
-          const Err e = compare(be.to_host(yd), want);
-          EXPECT_LE(e.norm_err, tol::kF32) << "worst " << e.worst;
-          EXPECT_EQ(e.non_finite, 0);
-          EXPECT_EQ(g.damaged(), "");
+          expect_small_linear_matches(f.p, f.deq, randn({n, K}, 41, uint64_t(n)), randn({n, M}, 42, uint64_t(n)),
+                                      acc);
         }
     }
 }
@@ -95,8 +74,8 @@ TEST(DecodeFp8, PairAndRefusals) {
         Guards g(be);
         Tensor y = g.out(DType::F32, {n, M}), y2 = g.out(DType::F32, {n, 40});
         cuda_small_linear(a.p, be.to_device(x), y, false, nullptr, 0.0f, &b.p, &y2);
-        const Err e = compare(be.to_host(y), reference(x, a.deq, nullptr));
-        const Err e2 = compare(be.to_host(y2), reference(x, b.deq, nullptr));
+        const Err e = compare(be.to_host(y), ref::linear(to_vec(x), to_vec(a.deq), n, M, K));
+        const Err e2 = compare(be.to_host(y2), ref::linear(to_vec(x), to_vec(b.deq), n, 40, K));
         EXPECT_LE(e.norm_err, tol::kF32);
         EXPECT_LE(e2.norm_err, tol::kF32);
         EXPECT_EQ(e.non_finite + e2.non_finite, 0);
@@ -124,7 +103,6 @@ TEST(DecodeFp8, PairAndRefusals) {
 // columns between heads' outputs stay untouched.
 TEST(DecodeFp8, HeadsEqualReference) {
   ASSERT_GT(cuda_device_count(), 0);
-  CudaBackend& be = cuda_backend();
   const int64_t nh = 3, head_rows = 48, head_y = 56;
   for (int64_t K : {128, 1040})
     for (int64_t n : {12, 40}) {
@@ -132,47 +110,8 @@ TEST(DecodeFp8, HeadsEqualReference) {
       SCOPED_TRACE(cat("K ", K, ", ", n, " rows"));
       const int64_t head_x = K + 4;
       const Fp8Weight f = fp8_weight(nh * head_rows, K, 60 + uint64_t(K));
-      const Tensor x = randn({n, nh * head_x}, 61, uint64_t(n)), y0 = randn({n, nh * head_y}, 62, uint64_t(n));
-      Vec want = to_vec(y0);
-      for (int64_t q = 0; q < n; ++q)
-        for (int64_t h = 0; h < nh; ++h)
-          for (int64_t i = 0; i < head_rows; ++i) {
-            double acc = 0;
-            for (int64_t k = 0; k < K; ++k)
-              acc += double(f.deq.data<float>()[(h * head_rows + i) * K + k]) *
-                     double(x.data<float>()[q * nh * head_x + h * head_x + k]);
-            want[size_t(q * nh * head_y + h * head_y + i)] = acc;
-          }
-      const Tensor xd = be.to_device(x);
-      Guards guards(be);
-      Tensor yd = guards.init(y0);
-      GemvArgs g;
-      g.x = xd.data<float>();
-      g.n = int(n);
-      g.K = int(K);
-      g.ldx = nh * head_x;
-      g.head_x = head_x;
-      g.head_rows = int(head_rows);
-      g.W = f.p.w.raw();
-      g.wt = DType::F8_E4M3;
-      g.scale = f.p.scale_inv.data<float>();
-      g.ld_scale = f.p.scale_inv.dim(1);
-      g.n_out = int(nh * head_rows);
-      g.y = yd.data<float>();
-      g.ldy = nh * head_y;
-      g.head_y = head_y;
-      cuda_rows_gemv(g);
-      const Vec got = to_vec(be.to_host(yd));
-      const Err e = compare(be.to_host(yd), want);
-      EXPECT_LE(e.norm_err, tol::kF32) << "worst " << e.worst;
-      EXPECT_EQ(e.non_finite, 0);
-      for (int64_t q = 0; q < n; ++q)
-        for (int64_t h = 0; h < nh; ++h)
-          for (int64_t c = head_rows; c < head_y; ++c) {
-            const size_t at = size_t(q * nh * head_y + h * head_y + c);
-            ASSERT_EQ(got[at], want[at]) << "row " << q << " head " << h << " column " << c << " was written";
-          }
-      EXPECT_EQ(guards.damaged(), "");
+      expect_heads_gemv_matches(f.p.w, f.p.scale_inv, f.deq, nh, head_rows, head_x, head_y,
+                                randn({n, nh * head_x}, 61, uint64_t(n)), randn({n, nh * head_y}, 62, uint64_t(n)));
     }
 }
 

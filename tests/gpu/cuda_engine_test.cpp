@@ -14,6 +14,7 @@
 #include <tuple>
 
 #include "attention_dims.h"
+#include "small_linear_check.h"
 #include "../backend/harness.h"
 #include "../backend/reference.h"
 #include "backend/cuda/cuda_backend.h"
@@ -360,24 +361,6 @@ TEST(CudaEngine, NormRouterEqualsBackendNormAndReference) {
   EXPECT_FALSE(cuda_norm_router_ok(big, be.to_device(randn({2, 1024}, 18, 1))));
 }
 
-// cuda_small_linear(p, x) into y = y0 (accumulating or not) against the double reference.
-void expect_small_linear_matches(const LinearParam& p, const Tensor& x, const Tensor& y0, bool acc) {
-  CudaBackend& be = cuda_backend();
-  const int64_t n = x.dim(0), M = p.w.dim(0), K = p.w.dim(1);
-  Vec want = ref::linear(to_vec(x), to_vec(be.to_host(p.w)), n, M, K);
-  if (acc)
-    for (size_t i = 0; i < want.size(); ++i) want[i] += double(y0.data<float>()[i]);
-  const Tensor xd = be.to_device(x);
-  Guards g(be);  // y inside guard bytes: a write past it shows up
-  Tensor y = g.init(y0);
-  ASSERT_TRUE(cuda_small_linear_ok(p, xd));
-  cuda_small_linear(p, xd, y, acc);
-  const Err e = compare(be.to_host(y), want);
-  EXPECT_LE(e.norm_err, tol::kF32) << "worst " << e.worst;
-  EXPECT_EQ(e.non_finite, 0);
-  EXPECT_EQ(g.damaged(), "");
-}
-
 // The row-range GEMV with several row blocks per CTA (nw / ks > 1): 8,448 outputs at K 128 take
 // 8-warp CTAs of four row blocks; the test shapes above all reduce to one row block per CTA.
 TEST(CudaEngine, RowRangeGemvWithSeveralRowBlocksPerCtaEqualsReference) {
@@ -704,45 +687,11 @@ TEST(CudaEngine, RowsGemvHeadsAndPairEqualReference) {
     for (int mma : {0, 1}) {
       SCOPED_TRACE(cat(n, " rows", mma ? ", tensor cores" : ""));
       const MmaRows setting(mma);
-      const Tensor x = randn({n, nh * head_x}, 32, uint64_t(n)), y0 = randn({n, nh * head_y}, 33, uint64_t(n));
-      Vec want = to_vec(y0);
-      for (int64_t q = 0; q < n; ++q)
-        for (int64_t h = 0; h < nh; ++h)
-          for (int64_t i = 0; i < head_rows; ++i) {
-            double s = 0;
-            for (int64_t k = 0; k < K; ++k)
-              s += double(load_as_float(w.raw(), DType::BF16, (h * head_rows + i) * K + k)) *
-                   double(x.data<float>()[q * nh * head_x + h * head_x + k]);
-            want[size_t(q * nh * head_y + h * head_y + i)] = s;
-          }
-      const Tensor xd = be.to_device(x);
-      Guards guards(be);  // outputs inside guard bytes: a write past them shows up
-      Tensor yd = guards.init(y0);
-      GemvArgs g;
-      g.x = xd.data<float>();
-      g.n = int(n);
-      g.K = int(K);
-      g.ldx = nh * head_x;
-      g.head_x = head_x;
-      g.head_rows = int(head_rows);
-      g.W = wd.raw();
-      g.wt = DType::BF16;
-      g.n_out = int(nh * head_rows);
-      g.y = yd.data<float>();
-      g.ldy = nh * head_y;
-      g.head_y = head_y;
-      cuda_rows_gemv(g);
-      const Vec got = to_vec(be.to_host(yd));
-      const Err e = compare(be.to_host(yd), want);
-      EXPECT_LE(e.norm_err, tol::kF32) << "worst " << e.worst;
-      for (int64_t q = 0; q < n; ++q)
-        for (int64_t h = 0; h < nh; ++h)
-          for (int64_t c = head_rows; c < head_y; ++c) {
-            const size_t at = size_t(q * nh * head_y + h * head_y + c);
-            ASSERT_EQ(got[at], want[at]) << "row " << q << " head " << h << " column " << c << " was written";
-          }
+      expect_heads_gemv_matches(wd, Tensor(), w.to(DType::F32), nh, head_rows, head_x, head_y,
+                                randn({n, nh * head_x}, 32, uint64_t(n)), randn({n, nh * head_y}, 33, uint64_t(n)));
 
       const int64_t M = 48, M2 = 20;
+      Guards guards(be);  // outputs inside guard bytes: a write past them shows up
       LinearParam p, p2;
       p.w = be.to_device(randn({M, K}, 34, 0).to(DType::BF16));
       p2.w = be.to_device(randn({M2, K}, 34, 1).to(DType::BF16));
