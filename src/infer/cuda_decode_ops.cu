@@ -223,7 +223,7 @@ void launch_gemv_rows_nt(const GemvArgs& g, int ks, int nw, int steps_per_cta, i
   launch_pdl(gemv_rows_kernel<NT, kF8>, dim3(unsigned(ctas)), dim3(32 * nw),
              size_t(2) * nw * kMmaStash<NT> * sizeof(float), g, ks, steps_per_cta);
 }
-bool launch_gemv_rows(const GemvArgs& g) {
+template <bool kF8> bool launch_gemv_rows(const GemvArgs& g) {
   static const bool on = [] {
     const char* e = std::getenv("DSV3_DECODE_MMA_GEMV_ROWS");
     return !(e && std::string(e) == "0");
@@ -240,21 +240,19 @@ bool launch_gemv_rows(const GemvArgs& g) {
   const int64_t per = std::max<int64_t>(1, (steps + slots - 1) / slots);
   const int64_t ctas = (steps + per - 1) / per;
   DSV3_CHECK(ctas <= INT32_MAX, "cuda_rows_gemv: ", g.n_out + g.n_out2, " output rows exceed one launch");
-  const bool f8 = g.wt == DType::F8_E4M3;
-  const int P = int(per), C = int(ctas);
   if (g.n <= 8)
-    f8 ? launch_gemv_rows_nt<1, true>(g, ks, nw, P, C) : launch_gemv_rows_nt<1, false>(g, ks, nw, P, C);
+    launch_gemv_rows_nt<1, kF8>(g, ks, nw, int(per), int(ctas));
   else if (g.n <= 16)
-    f8 ? launch_gemv_rows_nt<2, true>(g, ks, nw, P, C) : launch_gemv_rows_nt<2, false>(g, ks, nw, P, C);
+    launch_gemv_rows_nt<2, kF8>(g, ks, nw, int(per), int(ctas));
   else
-    f8 ? launch_gemv_rows_nt<4, true>(g, ks, nw, P, C) : launch_gemv_rows_nt<4, false>(g, ks, nw, P, C);
+    launch_gemv_rows_nt<4, kF8>(g, ks, nw, int(per), int(ctas));
   return true;
 }
 // K beyond gemv_rows_kernel's 16 k-blocks (bench-0.7b's o_proj, K 2048, at 9–32 rows) as slices of
 // 16 k-blocks, each a gemv_rows launch, the later ones adding into y (in order: each waits for the
 // one before). gemv_mma_kernel takes such a GEMV in one launch, but a warp there reloads x for every
 // k-block it multiplies. DSV3_DECODE_GEMV_KSLICES=0 keeps it.
-bool launch_gemv_kslices(const GemvArgs& g) {
+template <bool kF8> bool launch_gemv_kslices(const GemvArgs& g) {
   static const bool on = [] {
     const char* e = std::getenv("DSV3_DECODE_GEMV_KSLICES");
     return !(e && std::string(e) == "0");
@@ -262,30 +260,33 @@ bool launch_gemv_kslices(const GemvArgs& g) {
   constexpr int kSlice = kExpRowWarps * kMmaKb;
   if (!on || g.n <= 8 || g.n > 32 || g.W2 || g.head_rows < g.n_out || g.ldw || g.K <= kSlice || g.K > 4 * kSlice)
     return false;
-  const bool f8 = g.wt == DType::F8_E4M3;
   for (int k0 = 0; k0 < g.K; k0 += kSlice) {
     GemvArgs s = g;
     s.K = std::min(kSlice, g.K - k0);
     s.x = g.x + k0;
-    s.W = static_cast<const char*>(g.W) + size_t(k0) * (f8 ? 1 : 2);
-    if (f8) s.scale = g.scale + k0 / 128;  // kSlice is a multiple of the 128-column scale blocks
+    s.W = static_cast<const char*>(g.W) + size_t(k0) * (kF8 ? 1 : 2);
+    if (kF8) s.scale = g.scale + k0 / 128;  // kSlice is a multiple of the 128-column scale blocks
     s.ldw = g.K;
     s.acc = g.acc || k0 > 0;
-    DSV3_CHECK(launch_gemv_rows(s), "cuda_rows_gemv: a K slice the row-range kernel refused");
+    DSV3_CHECK(launch_gemv_rows<kF8>(s), "cuda_rows_gemv: a K slice the row-range kernel refused");
   }
   return true;
 }
-void launch_gemv_mma(const GemvArgs& g) {
-  if (launch_gemv_rows(g) || launch_gemv_kslices(g)) return;
-  const bool f8 = g.wt == DType::F8_E4M3;
+// The tensor-core GEMV, BF16 or (kF8) FP8 weights: the row-range kernel, its K slices, or the k-loop one.
+template <bool kF8> void launch_gemv_mma(const GemvArgs& g) {
+  if (launch_gemv_rows<kF8>(g) || launch_gemv_kslices<kF8>(g)) return;
   if (g.n <= 8)
-    f8 ? launch_gemv_mma_nt<1, true>(g) : launch_gemv_mma_nt<1, false>(g);
+    launch_gemv_mma_nt<1, kF8>(g);
   else if (g.n <= 16)
-    f8 ? launch_gemv_mma_nt<2, true>(g) : launch_gemv_mma_nt<2, false>(g);
+    launch_gemv_mma_nt<2, kF8>(g);
   else if (g.n <= 32)
-    f8 ? launch_gemv_mma_nt<4, true>(g) : launch_gemv_mma_nt<4, false>(g);
+    launch_gemv_mma_nt<4, kF8>(g);
   else
-    f8 ? launch_gemv_mma_nt<8, true>(g) : launch_gemv_mma_nt<8, false>(g);
+    launch_gemv_mma_nt<8, kF8>(g);
+}
+// The shapes the tensor-core GEMV takes: no fused norm, 16-row blocks inside one head and one weight.
+bool mma_shape_ok(const GemvArgs& g) {
+  return !g.norm_w && (g.head_rows >= g.n_out || g.head_rows % 16 == 0) && (!g.W2 || g.n_out % 16 == 0);
 }
 
 // A weight the GEMV takes: on the device, no bias, F32 (other layouts take the scalar fallback),
@@ -319,20 +320,18 @@ void cuda_rows_gemv(const GemvArgs& g) {
                  (g.wt == DType::F32 || g.wt == DType::BF16 || g.wt == DType::F8_E4M3),
              "cuda_rows_gemv: n ", g.n, " K ", g.K, " weights ", dtype_name(g.wt));
   if (g.n == 0 || g.n_out + g.n_out2 == 0) return;
-  if (g.wt == DType::F8_E4M3) {  // the tensor-core kernels only (cuda_decode_ops.h)
-    DSV3_CHECK(g.scale && (!g.W2 || g.scale2) && !g.norm_w && g.K % 16 == 0 && g.ldx % 4 == 0 && g.head_x % 4 == 0 &&
-                   aligned16(g.x) && aligned16(g.W) && (!g.W2 || (aligned16(g.W2) && g.n_out % 16 == 0)) &&
-                   (g.head_rows >= g.n_out || g.head_rows % 16 == 0),
+  const bool f8 = g.wt == DType::F8_E4M3, bf = g.wt == DType::BF16;
+  const int kv = f8 ? 16 : bf ? 8 : 4;
+  const bool vec = g.K % kv == 0 && g.ldx % 4 == 0 && g.head_x % 4 == 0 && aligned16(g.x) && aligned16(g.W) &&
+                   (!g.W2 || aligned16(g.W2));
+  if (f8) {  // the tensor-core kernels only (cuda_decode_ops.h)
+    DSV3_CHECK(vec && mma_shape_ok(g) && g.scale && (!g.W2 || g.scale2),
                "cuda_rows_gemv: FP8 weights need block scales, no fused norm, K a multiple of 16 (K ", g.K,
                "), aligned rows and heads of a multiple of 16 rows");
-    launch_gemv_mma(g);
+    launch_gemv_mma<true>(g);
     check_launch("small linear (FP8, tensor cores)");
     return;
   }
-  const bool bf = g.wt == DType::BF16;
-  const int kv = bf ? 8 : 4;
-  const bool vec = g.K % kv == 0 && g.ldx % 4 == 0 && g.head_x % 4 == 0 && aligned16(g.x) && aligned16(g.W) &&
-                   (!g.W2 || aligned16(g.W2));
   if (!vec) {
     DSV3_CHECK(!bf, "cuda_rows_gemv: BF16 weights need 16-byte aligned rows (K ", g.K, ")");
     rows_gemv_scalar_kernel<<<unsigned((g.n_out + g.n_out2 + kGemvWarps - 1) / kGemvWarps), 32 * kGemvWarps, 0,
@@ -352,9 +351,8 @@ void cuda_rows_gemv(const GemvArgs& g) {
     check_launch("small linear");
     return;
   }
-  if (bf && mma_wanted(g.n) && !g.norm_w && (g.head_rows >= g.n_out || g.head_rows % 16 == 0) &&
-      (!g.W2 || g.n_out % 16 == 0)) {
-    launch_gemv_mma(g);
+  if (bf && mma_wanted(g.n) && mma_shape_ok(g)) {
+    launch_gemv_mma<false>(g);
     check_launch("small linear (tensor cores)");
     return;
   }
@@ -388,12 +386,7 @@ void cuda_small_linear(const LinearParam& p, const Tensor& x, const Tensor& y, b
   g.n = int(x.dim(0));
   g.K = int(p.w.dim(1));
   g.ldx = g.K;
-  g.W = p.w.raw();
-  g.wt = p.w.dtype();
-  if (g.wt == DType::F8_E4M3) {
-    g.scale = p.scale_inv.data<float>();
-    g.ld_scale = p.scale_inv.dim(1);
-  }
+  set_gemv_weight(g, p.w, p.scale_inv);
   g.n_out = int(p.w.dim(0));
   g.head_rows = g.n_out;
   g.y = ptr<float>(y);
@@ -407,11 +400,11 @@ void cuda_small_linear(const LinearParam& p, const Tensor& x, const Tensor& y, b
   }
   if (p2) {
     DSV3_CHECK(p2->w.dtype() == g.wt, "cuda_small_linear: the paired weights differ in dtype");
-    g.W2 = p2->w.raw();
-    if (g.wt == DType::F8_E4M3) {
-      g.scale2 = p2->scale_inv.data<float>();
-      g.ld_scale2 = p2->scale_inv.dim(1);
-    }
+    GemvArgs second;
+    set_gemv_weight(second, p2->w, p2->scale_inv);
+    g.W2 = second.W;
+    g.scale2 = second.scale;
+    g.ld_scale2 = second.ld_scale;
     g.n_out2 = int(p2->w.dim(0));
     g.y2 = ptr<float>(*y2);
     g.ldy2 = g.n_out2;

@@ -119,5 +119,13 @@ struct GemvArgs {
   int64_t ldy2 = 0;
 };
 void cuda_rows_gemv(const GemvArgs& g);
+// W, its dtype and, for FP8, its block scales (scale_inv [⌈N/128⌉, ⌈K/128⌉]).
+inline void set_gemv_weight(GemvArgs& g, const Tensor& w, const Tensor& scale_inv) {
+  g.W = w.raw();
+  g.wt = w.dtype();
+  const bool f8 = w.dtype() == DType::F8_E4M3;
+  g.scale = f8 ? scale_inv.data<float>() : nullptr;
+  g.ld_scale = f8 ? scale_inv.dim(1) : 0;
+}
 
 }  // namespace dsv3

@@ -652,18 +652,7 @@ bool bf16_exact(const Tensor& t) {
 
 // Whether the decode GEMV takes kv_b's FP8 blocks for W_UK / W_UV (split_kv_b kept them): x rows and
 // heads `x_stride` floats apart load as 16-byte vectors.
-bool fp8_gemv(const LinearParam& p, int64_t x_stride) {
-  return present(p.w) && cuda_decode_fp8_ok(p) && x_stride % 4 == 0;
-}
-// The GEMV's weight: FP8 blocks with their scales, or an F32 / BF16 tensor.
-void set_weight(GemvArgs& g, const LinearParam* f8, const Tensor& t) {
-  g.W = f8 ? f8->w.raw() : t.raw();
-  g.wt = f8 ? DType::F8_E4M3 : t.dtype();
-  if (f8) {
-    g.scale = f8->scale_inv.data<float>();
-    g.ld_scale = f8->scale_inv.dim(1);
-  }
-}
+bool fp8_gemv(const LinearParam& p, int64_t x_stride) { return cuda_decode_fp8_ok(p) && x_stride % 4 == 0; }
 
 // y[r, h] = W[h]·x[r, h] for `heads` heads (x[r, h] the k values at (r·heads + h)·stride; y at row
 // stride ldy, head stride hy; W BF16 [heads, n, k]) on tensor cores: x split into two BF16 terms,
@@ -863,7 +852,10 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
     g.ldx = nh * d_.qk;
     g.head_x = d_.qk;
     g.head_rows = int(R);
-    set_weight(g, fp8_[size_t(layer)] ? &w.uk_t_fp8 : nullptr, w_uk_t_[size_t(layer)]);
+    if (fp8_[size_t(layer)])
+      set_gemv_weight(g, w.uk_t_fp8.w, w.uk_t_fp8.scale_inv);
+    else
+      set_gemv_weight(g, w_uk_t_[size_t(layer)], Tensor());
     g.n_out = int(nh * R);
     g.y = ptr<float>(qcat);
     g.ldy = nh * W;
@@ -972,7 +964,10 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
     g.head_x = R;
     g.head_rows = int(d_.vd);
     const Tensor& uv = w_uv_bf16_[size_t(layer)];
-    set_weight(g, fp8_[size_t(layer)] ? &w.uv_fp8 : nullptr, present(uv) ? uv : w.w_uv);
+    if (fp8_[size_t(layer)])
+      set_gemv_weight(g, w.uv_fp8.w, w.uv_fp8.scale_inv);
+    else
+      set_gemv_weight(g, present(uv) ? uv : w.w_uv, Tensor());
     g.n_out = int(nh * d_.vd);
     g.y = ptr<float>(out);
     g.ldy = nh * d_.vd;

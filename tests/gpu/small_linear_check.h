@@ -63,12 +63,7 @@ inline void expect_heads_gemv_matches(const Tensor& W, const Tensor& scale, cons
   g.ldx = nh * head_x;
   g.head_x = head_x;
   g.head_rows = int(head_rows);
-  g.W = W.raw();
-  g.wt = W.dtype();
-  if (present(scale)) {
-    g.scale = scale.data<float>();
-    g.ld_scale = scale.dim(1);
-  }
+  set_gemv_weight(g, W, scale);
   g.n_out = int(nh * head_rows);
   g.y = yd.data<float>();
   g.ldy = nh * head_y;
