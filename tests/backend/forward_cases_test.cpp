@@ -42,7 +42,7 @@ std::vector<Output> linear_case(Backend& b, Guards& g, uint64_t seed, DType wt, 
 
 // grouped_linear over uneven blocks (an empty one; one over several of the CUDA path's 128-row
 // chunks; the last chunk reading past x), each block against linear's reference on its rows; FP8
-// weights with each block's own scales (the CUDA backend runs those as linear per block).
+// weights with each block's own scales.
 std::vector<Output> grouped_case(Backend& b, Guards& g, uint64_t seed, DType wt, bool accumulate) {
   const std::vector<int64_t> off = {0, 3, 3, 300, 301, 420};
   const int64_t m = off.back(), n = 96, k = 200;
@@ -89,6 +89,7 @@ OP_CASE(linear_bf16) { return linear_case(b, g, seed, DType::BF16, false); }
 OP_CASE(linear_bf16_accumulate) { return linear_case(b, g, seed, DType::BF16, true); }
 OP_CASE(linear_f16_accumulate) { return linear_case(b, g, seed, DType::F16, true); }
 OP_CASE(linear_fp8_block_scaled) { return linear_case(b, g, seed, DType::F8_E4M3, false); }
+OP_CASE(linear_fp8_block_scaled_accumulate) { return linear_case(b, g, seed, DType::F8_E4M3, true); }
 
 OP_CASE(matmul_transposes) {
   std::vector<Output> outs;

@@ -72,6 +72,61 @@ OP_CASE(v3_attention_backward_mla_heads) {
           {"dv", b.to_host(dvv), to_vec(cv), tol::kF32Grad}};
 }
 
+// FP8 weights with 128×128 block scales, each a different power-of-two-free value (as a checkpoint's).
+Tensor fp8_scales(int64_t n, int64_t k, uint64_t salt) {
+  Tensor s = Tensor::empty(DType::F32, {(n + 127) / 128, (k + 127) / 128});
+  for (int64_t i = 0; i < s.numel(); ++i) s.data<float>()[i] = 0.003f + 0.0007f * float((i * 7 + int64_t(salt)) % 13);
+  return s;
+}
+
+// linear with an FP8 weight at V3's block grid (grouped_linear.cu's two BF16 terms per weight, taken
+// from 256 rows): K over two of the matmul's 2,048-column slices, the last scale block 64 columns
+// wide, accumulating.
+OP_CASE(v3_linear_fp8_long_k_accumulate) {
+  const int64_t m = 300, n = 260, k = 4160;
+  Tensor x = randn({m, k}, seed, 1);
+  Tensor w = randn({n, k}, seed, 2, 0.5f).to(DType::F8_E4M3), sinv = fp8_scales(n, k, 1);
+  Tensor y0 = randn({m, n}, seed, 3, 0.05f);  // below |x·Wᵀ|, so the products' error shows
+  Tensor y = g.init(y0);
+  b.linear({dev(b, x), dev(b, w), dev(b, sinv), y, true});
+  Vec want = ref::linear(to_vec(x), ref::dequant_fp8(w, sinv), m, n, k);
+  for (size_t i = 0; i < want.size(); ++i) want[i] += double(y0.data<float>()[i]);
+  return {{"y", b.to_host(y), want, tol::kF32}};
+}
+
+// grouped_linear with FP8 weights in runs of one block (the terms' budget at one byte; blocks
+// without rows between them), accumulating, and again in one run (each weight's terms in a slot).
+OP_CASE(grouped_linear_fp8_runs_accumulate) {
+  const std::vector<int64_t> off = {0, 0, 40, 40, 41, 300, 300};
+  const int64_t m = off.back(), n = 132, k = 392;
+  Tensor x = randn({m, k}, seed, 1);
+  std::vector<Tensor> w, wd, sd;
+  std::vector<Vec> wref;
+  for (size_t e = 0; e + 1 < off.size(); ++e) {
+    Tensor sinv = fp8_scales(n, k, e);
+    w.push_back(randn({n, k}, seed, 10 + e, 0.5f).to(DType::F8_E4M3));
+    wref.push_back(ref::dequant_fp8(w.back(), sinv));
+    wd.push_back(dev(b, w.back()));
+    sd.push_back(dev(b, sinv));
+  }
+  Tensor y0 = randn({m, n}, seed, 3, 0.05f);
+  Vec want(size_t(m * n));
+  const Vec xv = to_vec(x);
+  for (size_t e = 0; e + 1 < off.size(); ++e) {
+    const int64_t r0 = off[e], rows = off[e + 1] - r0;
+    const Vec part = ref::linear(Vec(xv.begin() + r0 * k, xv.begin() + (r0 + rows) * k), wref[e], rows, n, k);
+    for (size_t i = 0; i < part.size(); ++i) want[size_t(r0 * n) + i] = part[i] + double(y0.data<float>()[r0 * n + i]);
+  }
+  std::vector<Output> outs;
+  for (size_t budget : {size_t(1), size_t(256) << 20}) {
+    cuda_set_fp8_terms_budget(budget);
+    Tensor y = g.init(y0);
+    b.grouped_linear({dev(b, x), wd, sd, off, y, true});
+    outs.push_back({budget == 1 ? "y (runs of one block)" : "y (one run)", b.to_host(y), want, tol::kF32});
+  }
+  return outs;
+}
+
 // The router op on x (routed_scaling_factor 2.5, norm_topk_prob on), inputs copied to x's device.
 void run_router(Backend& x, const Tensor& logits, const Tensor* bias, RouterScoring sc, RouterMethod m, int ng, int tg,
                 int k, const Tensor& scores, const Tensor& ids, const Tensor& w) {

@@ -188,10 +188,12 @@ void f32_to_bf16(const float* x, int64_t n, __nv_bfloat16* y);
 // rows of `cols` values ldx apart in x, dense [rows, cols] in hi and lo (vectorised when the rows are
 // contiguous). Used for BF16-weight products in F32 math on tensor cores.
 void f32_split_bf16(const float* x, int64_t rows, int64_t cols, int64_t ldx, __nv_bfloat16* hi, __nv_bfloat16* lo);
-// grouped_linear (and linear, one block) with BF16 weights on tensor cores, x split by
-// f32_split_bf16 (grouped_linear.cu); false, nothing written, for shapes it does not take (K or N
-// unaligned, unaligned weights or y, no cuBLASLt algorithm): the caller widens the weights instead.
-bool split_bf16_grouped(const GroupedLinearArgs& a);
+// grouped_linear (and linear, one block) with BF16 or FP8 weights on tensor cores, x split by
+// f32_split_bf16, FP8 weights into two BF16 terms (grouped_linear.cu). Returns the number of leading
+// blocks done: all, or 0 with nothing written for shapes it does not take (K or N unaligned,
+// unaligned weights or y, other dtypes), or where cuBLASLt has no algorithm the blocks before the
+// run that found none. The caller widens the weights of the rest.
+size_t split_bf16_grouped(const GroupedLinearArgs& a);
 
 // Stable sort of keys k[0..n) in [0, nkeys): order[r] = index of the r-th element, and
 // offsets[0..nkeys] the start of each key's run (device arrays owned by the caller). Keys outside

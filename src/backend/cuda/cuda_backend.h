@@ -71,6 +71,11 @@ class CudaBackend final : public Backend {
 void cuda_set_lanes(int n);
 int cuda_lanes();  // 0 when off
 
+// Bytes of BF16 weight terms an FP8 grouped_linear writes at once (default 256 MiB; each block
+// takes 4 bytes per weight, and at least one block is written whatever the budget). Tests set it
+// low to run the blocks in several runs.
+void cuda_set_fp8_terms_budget(size_t bytes);
+
 // The process-wide CUDA backend (registers the CUDA allocator with core on first use).
 // Throws InputError when no CUDA device is usable.
 CudaBackend& cuda_backend();

@@ -1,8 +1,9 @@
 // linear, its backward and matmul through cuBLAS SGEMM (FP32, TF32 off, as the CPU reference).
-// Weights stored in F16/FP8 (and BF16 ones in the backward, or in shapes split_bf16_grouped does
-// not take) are widened to F32 in a scratch buffer per call (FP8 with its 128×128 block scales), so
-// a loaded model stays at its file size on the device. The forward with a BF16 weight runs on BF16
-// tensor cores instead, x split into two BF16 terms (grouped_linear.cu, one block).
+// Weights stored in F16/FP8 (and BF16 or FP8 ones in the backward, or in shapes split_bf16_grouped
+// does not take) are widened to F32 in a scratch buffer per call (FP8 with its 128×128 block scales),
+// so a loaded model stays at its file size on the device. The forward with a BF16 or FP8 weight runs
+// on BF16 tensor cores instead, x split into two BF16 terms, an FP8 weight too (grouped_linear.cu,
+// one block).
 #include "backend/cuda/common.cuh"
 
 namespace dsv3 {
@@ -37,10 +38,12 @@ void CudaBackend::linear(const LinearArgs& a) {
   validate(a);
   int64_t m = rows_of(a.x), n = a.w.dim(0), k = a.w.dim(1);
   if (m == 0) return;
-  if (a.w.dtype() == DType::BF16) {  // on tensor cores: grouped_linear's path, one block
+  if (a.w.dtype() == DType::BF16 || a.w.dtype() == DType::F8_E4M3) {  // tensor cores: grouped_linear's path
     const Tensor w[1] = {a.w};
+    const Tensor s[1] = {a.w_scale_inv};
     const int64_t offsets[2] = {0, m};
-    if (split_bf16_grouped({a.x.reshape({m, k}), w, {}, offsets, a.y.reshape({m, n}), a.accumulate})) return;
+    const std::span<const Tensor> scales = present(a.w_scale_inv) ? std::span<const Tensor>(s) : std::span<const Tensor>();
+    if (split_bf16_grouped({a.x.reshape({m, k}), w, scales, offsets, a.y.reshape({m, n}), a.accumulate})) return;
   }
   std::unique_ptr<Scratch> buf;
   const float* w = weight_f32(a.w, a.w_scale_inv, buf);
