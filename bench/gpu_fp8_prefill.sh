@@ -7,7 +7,7 @@
 # call). Prints a table and writes bench/results/gpu_fp8_prefill.json (commit, date, GPU); the
 # checkout's gpu_decode.json, which every call rewrites, is put back.
 #   bench/gpu_fp8_prefill.sh BUILD_DIR     (DSV3_COMMIT names the commit when BUILD_DIR is prebuilt)
-# ~2 minutes on the H200.
+# 537 s on the H200 (2026-12-02; ~27 s per call, most of it building the random model).
 set -euo pipefail
 build=${1:?usage: $0 BUILD_DIR}
 root=$(cd "$(dirname "$0")/.." && pwd)
