@@ -233,12 +233,11 @@ size_t cuda::split_bf16_grouped(const GroupedLinearArgs& a) {
     return !(e && std::string(e) == "0");
   }();
   // Below kFp8SplitRows rows an FP8 weight's widening to F32 and SGEMM costs less than its terms and
-  // three matmuls (bench-0.7b batch-1 prefill on the H200, widened against split: a 128-token prompt
-  // 3.25 against 3.67 ms, 256 tokens 4.72 against 4.40).
+  // three matmuls (bench-0.7b batch-1 prefill on the H200: a 128-token prompt split 3.67 against
+  // 3.25 ms widened; from 256 rows split is ahead, bench/gpu_fp8_prefill.sh).
   constexpr int64_t kFp8SplitRows = 256;
-  if ((wt != DType::BF16 && !(f8 && f8_on && a.x.dim(0) >= kFp8SplitRows)) || K == 0 || K % 8 != 0 || N % 4 != 0 || a.x.dim(0) > INT32_MAX ||
-      !aligned16(a.y.raw()))
-    return 0;
+  const bool takes = wt == DType::BF16 || (f8 && f8_on && a.x.dim(0) >= kFp8SplitRows);
+  if (!takes || K == 0 || K % 8 != 0 || N % 4 != 0 || a.x.dim(0) > INT32_MAX || !aligned16(a.y.raw())) return 0;
   for (size_t e = 0; e < a.w.size(); ++e) {
     const Tensor& w = a.w[e];
     if (f8 ? reinterpret_cast<uintptr_t>(w.raw()) % 8 != 0 || a.w_scale_inv.size() != a.w.size() ||
