@@ -18,7 +18,9 @@
 // path otherwise, and the ratio is recorded as speedup_graphs_vs_eager (the other variants run
 // eagerly). Unless --variants none (or DSV3_LATENT_ATTN_MMA=0), the main run is repeated with the
 // generic latent attention's FP32 path (cuda_set_latent_attention_mma(false)):
-// speedup_latent_attention_mma.
+// speedup_latent_attention_mma. Batches of 33–64 (--batch 48,64) are also run with steps beyond 32
+// rows on the backend's linears without graphs (device_gemv_rows 32, the limit before 2026-12-02):
+// speedup_vs_gemv_rows_32. --out NAME writes bench/results/NAME.json instead.
 //
 // Roofline: bytes a step must read — the weights it touches (attention, norms, dense MLP, router,
 // shared expert, the routed experts picked: top-k of them at batch 1, all at batch 32, lm_head, the
@@ -61,6 +63,7 @@ namespace {
 int g_profile_steps = 0;       // --profile-steps: decode steps of the main run inside cudaProfilerStart/Stop
 bool g_profile_prefill = false;  // --profile-prefill 1: the main run's prefill step instead (and its host profile)
 int64_t g_small_rows = 8;  // --small-rows: the engine's small_rows in the main and eager runs (RMSNorms fused up to it)
+int64_t g_gemv_rows = dsv3::ModelRunner::kDeviceGemvMaxRows;  // --gemv-rows: EngineOptions::device_gemv_rows of every run
 }  // namespace
 
 using namespace dsv3;
@@ -97,9 +100,10 @@ double weight_bytes(const Weights& w, const ModelConfig& c, int64_t B) {
 }
 
 Result run(const Weights& w, int64_t B, int64_t prompt, int64_t n_new, uint64_t seed, bool sync_free,
-           int64_t small_rows, bool graphs, bool profile = false) {
+           int64_t small_rows, bool graphs, bool profile = false, int64_t gemv_rows = -1) {
   const ModelConfig& c = w.config();
   EngineOptions opt;
+  opt.device_gemv_rows = gemv_rows >= 0 ? gemv_rows : g_gemv_rows;
   opt.sync_free = sync_free;
   opt.cuda_graphs = graphs;
   opt.small_rows = small_rows;
@@ -189,7 +193,7 @@ Result run(const Weights& w, int64_t B, int64_t prompt, int64_t n_new, uint64_t 
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string preset = "bench-0.7b", hf_path;
+  std::string preset = "bench-0.7b", hf_path, out_name = "gpu_decode";
   int64_t prompt = 128, n_new = 128;
   std::vector<int64_t> batches = {1, 32};
   std::string variants_on = "all";
@@ -197,9 +201,10 @@ int main(int argc, char** argv) {
   std::vector<std::string> formats = {"bf16", "f32", "fp8"};
   const char* usage =
       "usage: dsv3_bench_gpu_decode [--preset bench-0.7b] [--prompt 128] [--new 128] [--batch B[,B...] (default "
-      "1,32)] [--weights f32|bf16|fp8 (default all three)] [--hf hf_gpu.json] [--variants all|mma|none (default all; "
+      "1,32)] [--weights f32|bf16|fp8[,...] (default all three)] [--hf hf_gpu.json] [--variants all|mma|none (default all; "
       "1 = all, 0 = none)] [--mma-rows N (tensor cores from N rows; 0 off; default the library's)] [--profile-steps K] "
-      "[--profile-prefill 1] [--small-rows N (default 8)]\n";
+      "[--profile-prefill 1] [--small-rows N (default 8)] [--gemv-rows N (steps of up to N rows on the GEMV kernels and graphs; "
+      "default and most 64)] [--out NAME (bench/results/NAME.json; default gpu_decode)]\n";
   if (const int rc = bench::check_pair_args(argc, argv, usage); rc >= 0) return rc;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
@@ -219,9 +224,24 @@ int main(int argc, char** argv) {
     else if (k == "--profile-steps") g_profile_steps = std::stoi(v);
     else if (k == "--profile-prefill" && (v == "0" || v == "1")) g_profile_prefill = v == "1";
     else if (k == "--small-rows") g_small_rows = std::stoll(v);
+    else if (k == "--gemv-rows" && std::stoll(v) >= 0 && std::stoll(v) <= ModelRunner::kDeviceGemvMaxRows)
+      g_gemv_rows = std::stoll(v);
+    else if (k == "--out" && !v.empty() && v.find('/') == std::string::npos) out_name = v;
     else if (k == "--variants" && (v == "all" || v == "none" || v == "mma" || v == "0" || v == "1"))
       variants_on = v == "0" ? "none" : v == "1" ? "all" : v;
-    else if (k == "--weights" && (v == "f32" || v == "bf16" || v == "fp8")) formats = {v};
+    else if (k == "--weights") {
+      formats.clear();
+      for (size_t a = 0; a <= v.size();) {
+        const size_t b = std::min(v.find(',', a), v.size());
+        const std::string f = v.substr(a, b - a);
+        if (f != "f32" && f != "bf16" && f != "fp8") {
+          std::fprintf(stderr, "gpu_decode: --weights %s: %s is not f32, bf16 or fp8\n%s", v.c_str(), f.c_str(), usage);
+          return 2;
+        }
+        formats.push_back(f);
+        a = b + 1;
+      }
+    }
     else {
       std::fputs(usage, stderr);
       return 2;
@@ -304,6 +324,10 @@ int main(int argc, char** argv) {
         attn_fp32 = run(w, B, prompt, n_new, 1000 + uint64_t(B), true, g_small_rows, true, true);
         cuda_set_latent_attention_mma(true);
       }
+      // Steps of 33–64 rows: also with the limit of before 2026-12-02 (device_gemv_rows 32: the
+      // backend's linears (cuBLASLt), no graphs), the main path otherwise.
+      Result narrow;
+      if (B > 32 && B <= g_gemv_rows) narrow = run(w, B, prompt, n_new, 1000 + uint64_t(B), true, g_small_rows, true, false, 32);
       const ModelRunner::GraphStats& g = r.graphs;
       const double graph_speedup = r.step_ms_median > 0 ? eager.step_ms_median / r.step_ms_median : 0.0;
       const double h = hf_tok(B);
@@ -318,6 +342,10 @@ int main(int argc, char** argv) {
       if (old_path_tok_s > 0)
         std::printf("      %.2fx the path without tensor cores and W_UK/W_UV on cuBLAS (same run)\n",
                     r.tok_s / old_path_tok_s);
+      if (narrow.tok_s > 0)
+        std::printf("      GEMV kernels and graphs up to %ld rows: %.2fx the tokens/s of the backend's linears beyond 32 rows "
+                    "(%.1f tok/s, step %.3f ms, prefill %.2f ms; same run)\n",
+                    long(g_gemv_rows), r.tok_s / narrow.tok_s, narrow.tok_s, narrow.step_ms_median, narrow.prefill_ms);
       if (attn_fp32.tok_s > 0)
         std::printf("      latent attention on tensor cores: %.2fx the tokens/s of its FP32 path (step %.3f against "
                     "%.3f ms, prefill %.2f against %.2f ms; same run)\n",
@@ -335,8 +363,8 @@ int main(int argc, char** argv) {
                           {"roofline_step_ms", r.roofline_step_ms},
                           {"roofline_tokens_per_s", r.roofline_tok_s},
                           {"fraction_of_roofline", r.step_ms_median > 0 ? r.roofline_step_ms / r.step_ms_median : 0},
-                          {"variant", cat("CUDA graphs, sync-free, GEMV kernels (up to 32 rows), PDL, tensor cores "
-                                          "from ",
+                          {"variant", cat("CUDA graphs, sync-free, GEMV kernels (up to ", g_gemv_rows,
+                                          " rows), PDL, tensor cores from ",
                                           mma_default, " rows (BF16 weights), W_UK/W_UV GEMV up to ",
                                           absorbed_default, " rows")},
                           {"mma_rows", mma_default},
@@ -353,6 +381,13 @@ int main(int argc, char** argv) {
                           {"speedup_graphs_vs_eager", graph_speedup},
                           {"other_variants", variants}};
       if (old_path_tok_s > 0) j["speedup_vs_no_tensor_cores_cublas_absorbed"] = r.tok_s / old_path_tok_s;
+      j["device_gemv_rows"] = g_gemv_rows;
+      if (narrow.tok_s > 0) {
+        j["gemv_rows_32_tokens_per_s"] = narrow.tok_s;
+        j["gemv_rows_32_step_ms_median"] = narrow.step_ms_median;
+        j["gemv_rows_32_prefill_ms"] = narrow.prefill_ms;
+        j["speedup_vs_gemv_rows_32"] = r.tok_s / narrow.tok_s;
+      }
       if (attn_fp32.tok_s > 0) {
         j["latent_attention_fp32_step_ms_median"] = attn_fp32.step_ms_median;
         j["latent_attention_fp32_prefill_ms"] = attn_fp32.prefill_ms;
@@ -366,7 +401,7 @@ int main(int argc, char** argv) {
       res["runs"].push_back(j);
     }
   }
-  std::printf("wrote %s\n", bench::write_result("gpu_decode", res).c_str());
+  std::printf("wrote %s\n", bench::write_result(out_name, res).c_str());
   return 0;
 }
 #endif

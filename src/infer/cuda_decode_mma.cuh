@@ -330,15 +330,25 @@ __global__ void __launch_bounds__(32 * kMmaWarps, 2) gemv_mma_kernel(GemvArgs g,
   gemv_store<NT>(g, red, int(blockIdx.x) * rbs, rbs, ks, total);
 }
 
-// The tensor-core GEMV for n ≤ 8·NT rows and K ≤ 16 k-blocks (one per warp): a CTA of nw ≤
-// kExpRowWarps warps (the launch's choice, a multiple of ks) takes a range of steps of 16·(nw / ks)
-// weight rows; warp (rb, kw) multiplies k-block kw of row block rb. Its x fragments (every n-tile, split once) stay in
-// registers while the rows' head is the same, the next step's weights load while a step is
-// multiplied, and each step's partial sums meet in a double-buffered shared array (one barrier per
-// step), added in warp order.
+// The tensor-core GEMV for K ≤ 16 k-blocks (one per warp): a CTA of nw ≤ kExpRowWarps warps (the
+// launch's choice, a multiple of ks) takes a range of steps of 16·(nw / ks) weight rows and the
+// 8·NT rows of x from 8·NT·blockIdx.y (beyond 32 rows of x the CTAs of blockIdx.y read the same
+// weights at about the same time, the later ones from L2: x's fragments of more rows would not fit
+// the registers); warp (rb, kw) multiplies k-block kw of row block rb. Its x fragments (every
+// n-tile, split once) stay in registers while the rows' head is the same, the next step's weights
+// load while a step is multiplied, and each step's partial sums meet in a double-buffered shared
+// array (one barrier per step), added in warp order.
 template <int NT, bool kF8>
 __global__ void __launch_bounds__(32 * kExpRowWarps, 1) gemv_rows_kernel(GemvArgs g, int ks, int steps_per_cta) {
   extern __shared__ float red[];  // [2][nw][kMmaStash<NT>]
+  if (blockIdx.y) {  // CTA-uniform: this CTA's rows of x and y
+    const int q0 = 8 * NT * int(blockIdx.y);
+    g.x += int64_t(q0) * g.ldx;
+    g.y += int64_t(q0) * g.ldy;
+    if (g.y2) g.y2 += int64_t(q0) * g.ldy2;
+    g.n -= q0;
+  }
+  g.n = min(g.n, 8 * NT);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, nw = blockDim.x >> 5;
   const int rbs = nw / ks, rb = warp / ks, kw = warp - rb * ks;
   const int total = g.n_out + g.n_out2, step_rows = 16 * rbs;

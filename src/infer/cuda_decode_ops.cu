@@ -206,7 +206,8 @@ template <int NT, bool kF8> void launch_gemv_mma_nt(const GemvArgs& g) {
   launch_pdl(gemv_mma_kernel<NT, kF8>, dim3(unsigned(ctas)), dim3(32 * kMmaWarps),
              size_t(kMmaWarps) * kMmaStash<NT> * sizeof(float), g, ks);
 }
-// gemv_rows_kernel when x fits its registers (≤ 32 rows) and K its warps (≤ 16 k-blocks). Warps per
+// gemv_rows_kernel when K fits its warps (≤ 16 k-blocks); x in parts of 32 rows (its registers)
+// along the grid's y, the steps per CTA sized for all parts together. Warps per
 // CTA: the most (up to kExpRowWarps) that still give every SM a step, else ks (the most CTAs): a
 // CTA's steps cost its warps' instructions in turn, so fewer warps per CTA spread a GEMV of few
 // steps over more SMs (bench-0.7b's W_UK and W_UV at 32 rows were 32 steps of 16 warps on 32 of the
@@ -216,49 +217,55 @@ template <int NT, bool kF8> void launch_gemv_mma_nt(const GemvArgs& g) {
 // o_proj 16 -> 37 us) and was dropped. Step ranges sized so the CTAs about fill the SMs once
 // (16 / nw CTAs of nw warps per SM). DSV3_DECODE_MMA_GEMV_ROWS=0 keeps gemv_mma_kernel.
 template <int NT, bool kF8>
-void launch_gemv_rows_nt(const GemvArgs& g, int ks, int nw, int steps_per_cta, int ctas) {
+void launch_gemv_rows_nt(const GemvArgs& g, int ks, int nw, int steps_per_cta, int ctas, int x_parts) {
   const size_t smem = size_t(2) * kExpRowWarps * kMmaStash<NT> * sizeof(float);
   static const bool once = (allow_smem(gemv_rows_kernel<NT, kF8>, smem), true);
   (void)once;
-  launch_pdl(gemv_rows_kernel<NT, kF8>, dim3(unsigned(ctas)), dim3(32 * nw),
+  launch_pdl(gemv_rows_kernel<NT, kF8>, dim3(unsigned(ctas), unsigned(x_parts)), dim3(32 * nw),
              size_t(2) * nw * kMmaStash<NT> * sizeof(float), g, ks, steps_per_cta);
 }
-template <bool kF8> bool launch_gemv_rows(const GemvArgs& g) {
+bool gemv_rows_on() {
   static const bool on = [] {
     const char* e = std::getenv("DSV3_DECODE_MMA_GEMV_ROWS");
     return !(e && std::string(e) == "0");
   }();
+  return on;
+}
+template <bool kF8> bool launch_gemv_rows(const GemvArgs& g) {
+  const bool on = gemv_rows_on();
   const int nkb = (g.K + kMmaKb - 1) / kMmaKb;
   int ks = 1;
   while (ks < nkb) ks *= 2;
-  if (!on || ks > kExpRowWarps || g.n > 32) return false;
+  if (!on || ks > kExpRowWarps || g.n > kMaxGemvRows) return false;
+  const int x_parts = (g.n + 31) / 32;  // beyond 32 rows of x: CTAs of 32 rows each (gemv_rows_kernel)
   const int64_t rows = int64_t(g.n_out) + g.n_out2;
   auto steps_for = [&](int nw) { return (rows + 16 * (nw / ks) - 1) / (16 * (nw / ks)); };
   int nw = kExpRowWarps;
-  while (nw > ks && steps_for(nw) < sm_count()) nw /= 2;
-  const int64_t steps = steps_for(nw), slots = int64_t(sm_count()) * (kExpRowWarps / nw);
+  while (nw > ks && steps_for(nw) * x_parts < sm_count()) nw /= 2;
+  const int64_t steps = steps_for(nw);
+  const int64_t slots = std::max<int64_t>(1, int64_t(sm_count()) * (kExpRowWarps / nw) / x_parts);
   const int64_t per = std::max<int64_t>(1, (steps + slots - 1) / slots);
   const int64_t ctas = (steps + per - 1) / per;
   DSV3_CHECK(ctas <= INT32_MAX, "cuda_rows_gemv: ", g.n_out + g.n_out2, " output rows exceed one launch");
   if (g.n <= 8)
-    launch_gemv_rows_nt<1, kF8>(g, ks, nw, int(per), int(ctas));
+    launch_gemv_rows_nt<1, kF8>(g, ks, nw, int(per), int(ctas), x_parts);
   else if (g.n <= 16)
-    launch_gemv_rows_nt<2, kF8>(g, ks, nw, int(per), int(ctas));
+    launch_gemv_rows_nt<2, kF8>(g, ks, nw, int(per), int(ctas), x_parts);
   else
-    launch_gemv_rows_nt<4, kF8>(g, ks, nw, int(per), int(ctas));
+    launch_gemv_rows_nt<4, kF8>(g, ks, nw, int(per), int(ctas), x_parts);
   return true;
 }
-// K beyond gemv_rows_kernel's 16 k-blocks (bench-0.7b's o_proj, K 2048, at 9–32 rows) as slices of
+// K beyond gemv_rows_kernel's 16 k-blocks (bench-0.7b's o_proj, K 2048, at 9–64 rows) as slices of
 // 16 k-blocks, each a gemv_rows launch, the later ones adding into y (in order: each waits for the
 // one before). gemv_mma_kernel takes such a GEMV in one launch, but a warp there reloads x for every
-// k-block it multiplies. DSV3_DECODE_GEMV_KSLICES=0 keeps it.
+// k-block it multiplies. DSV3_DECODE_GEMV_KSLICES=0 keeps it, as DSV3_DECODE_MMA_GEMV_ROWS=0 does.
 template <bool kF8> bool launch_gemv_kslices(const GemvArgs& g) {
   static const bool on = [] {
     const char* e = std::getenv("DSV3_DECODE_GEMV_KSLICES");
     return !(e && std::string(e) == "0");
   }();
   constexpr int kSlice = kExpRowWarps * kMmaKb;
-  if (!on || g.n <= 8 || g.n > 32 || g.W2 || g.head_rows < g.n_out || g.ldw || g.K <= kSlice || g.K > 4 * kSlice)
+  if (!on || !gemv_rows_on() || g.n <= 8 || g.n > kMaxGemvRows || g.W2 || g.head_rows < g.n_out || g.ldw || g.K <= kSlice || g.K > 4 * kSlice)
     return false;
   for (int k0 = 0; k0 < g.K; k0 += kSlice) {
     GemvArgs s = g;

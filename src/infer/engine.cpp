@@ -53,6 +53,7 @@ Engine::Engine(const Weights& w, const EngineOptions& opt, Backend& be)
   if (opt.max_running < 1) input_error("max running sequences ", opt.max_running, " must be >= 1");
   runner_.set_small_rows(opt.small_rows);
   runner_.set_sync_free(opt.sync_free);
+  runner_.set_device_gemv_rows(opt.device_gemv_rows);
   draft_ = opt.draft_tokens;
   // Speculation keeps graphs of the verification step and of the MTP modules' row counts.
   runner_.set_cuda_graphs(opt.cuda_graphs, draft_ > 0 ? 8 : 4);

@@ -45,6 +45,7 @@ struct EngineOptions {
   bool sync_free = true;            // CUDA: the runner's synchronisation-free RoPE and MoE (ModelRunner::set_sync_free)
   int64_t small_rows = 8;          // steps of at most this many rows take the runner's lean path (0: never)
   bool cuda_graphs = true;         // CUDA: decode steps and MTP drafts replayed from graphs (DSV3_CUDA_GRAPHS=0: off)
+  int64_t device_gemv_rows = ModelRunner::kDeviceGemvMaxRows;  // CUDA: ModelRunner::set_device_gemv_rows
   std::function<std::string(int32_t)> token_text;  // bytes of a token, for text output and stop strings
   // Tests: replace the MTP drafts of greedy sequences by (id, tokens so far, count) → drafts, so
   // verification paths (all kept, some kept) can be forced. The MTP modules still run.

@@ -74,6 +74,12 @@ void ModelRunner::rope(const Tensor& positions, const Tensor& x, int64_t offset)
 
 const RopeTables& ModelRunner::rope_for(int64_t n) { return rope_.covering(be_, cfg_, n); }
 
+void ModelRunner::set_device_gemv_rows(int64_t n) {
+  if (n < 0 || n > kDeviceGemvMaxRows)
+    input_error("device GEMV rows ", n, " is out of range (expected 0..", kDeviceGemvMaxRows, ")");
+  device_gemv_rows_ = n;
+}
+
 std::pair<Tensor, Tensor> ModelRunner::ids_and_positions(std::span<const int32_t> tokens, const StepRows& rows) {
   const int64_t N = rows.size();
   std::vector<int32_t> tp(tokens.begin(), tokens.end());

@@ -7,7 +7,7 @@
 // tables); only the attention differs from the plain forward. MTP module k runs as cache layer
 // num_hidden_layers + k − 1, its hub layer index.
 //
-// On CUDA, steps of at most kDeviceGemvRows rows run their F32, BF16 or FP8 linears through one GEMV
+// On CUDA, steps of at most device_gemv_rows() rows run their F32, BF16 or FP8 linears through one GEMV
 // kernel each (infer/cuda_decode_ops.h) instead of cuBLAS. Plain decode steps among them (forward
 // with graph_ok: plain decode and draft verification) and MTP drafts (mtp_forward with graph_ok)
 // are replayed from CUDA graphs (runner_graph.cpp): the step's ~16 launches per layer recorded
@@ -49,6 +49,11 @@ class ModelRunner {
   // CUDA: RoPE without the backend's range check and the grouped MoE for small steps (default on);
   // off gives the backend ops throughout (benchmarks measure what the synchronisations cost).
   void set_sync_free(bool on) { sync_free_ = on; }
+  // CUDA: steps of up to this many rows (0..kDeviceGemvMaxRows, default the most) take the GEMV
+  // kernels and, as decode steps, CUDA graphs; larger ones the backend's linears (cuBLASLt), eagerly.
+  int64_t device_gemv_rows() const { return device_gemv_rows_; }
+  void set_device_gemv_rows(int64_t n);
+  static constexpr int64_t kDeviceGemvMaxRows = 64;  // the GEMV kernels' limit (cuda_small_linear_ok)
   // CUDA graphs for forward(…, graph_ok = true) (default off here; the engine turns them on unless
   // DSV3_CUDA_GRAPHS=0). A step's key — rows, the attention's launch shape, the addresses of the
   // inputs it reads, the settings that pick kernels — selects a graph; a key seen for the second
@@ -90,9 +95,9 @@ class ModelRunner {
                  std::span<const int32_t> logit_rows, bool graph_ok = false);
   // MTP module k (1-based): row r takes token tokens[r] (= t_{i+k}) and h_prev row r (= h^{k−1}_i);
   // h_prev on the host (the caller gathers its rows there). graph_ok: the caller lets it replay from a CUDA
-  // graph. On CUDA's GEMV path (steps of at most 32 rows) the head computes every row's logits and
-  // the listed ones are selected afterwards, graph or not (the head's kernel depends on its row
-  // count, so drafts do not depend on whether graphs are on).
+  // graph. On CUDA's GEMV path (steps of at most device_gemv_rows() rows) the head computes every
+  // row's logits and the listed ones are selected afterwards, graph or not (the head's kernel
+  // depends on its row count, so drafts do not depend on whether graphs are on).
   Output mtp_forward(int k, AttentionCache& cache, const StepRows& rows, std::span<const int32_t> tokens,
                      const Tensor& h_prev, std::span<const int32_t> logit_rows, bool graph_ok = false);
 
@@ -163,14 +168,14 @@ class ModelRunner {
   static constexpr int64_t kDeviceMoeRows = 512;
   bool sync_free_ = true;
   void rope(const Tensor& positions, const Tensor& x, int64_t offset);
-  // linear_forward, or on CUDA for steps of at most kDeviceGemvRows rows cuda_small_linear.
+  // linear_forward, or on CUDA for steps of at most device_gemv_rows_ rows cuda_small_linear.
   void linear(const LinearParam& p, const Tensor& x, const Tensor& y, bool accumulate = false);
   // The GEMV path; the RMSNorms fused into the first GEMVs only up to small_rows() rows (every CTA
   // computes the norms of its rows again).
   bool small_gemv(int64_t N) const {
-    return be_.device() == Device::CUDA && sync_free_ && small_rows_ > 0 && N <= kDeviceGemvRows;
+    return be_.device() == Device::CUDA && sync_free_ && small_rows_ > 0 && N <= device_gemv_rows_;
   }
-  static constexpr int64_t kDeviceGemvRows = 32;
+  int64_t device_gemv_rows_ = kDeviceGemvMaxRows;
   RopeCache rope_;
   int64_t small_rows_ = 8;
   // Lean-path buffers, grown on demand and reused across steps.

@@ -32,8 +32,8 @@ struct ModelRunner::GraphCache {
   };
   std::list<Entry> entries;                // most recently used first
   std::list<std::vector<int64_t>> seen;    // keys run eagerly once, most recent first
-  Tensor step_in;                          // I32 [2·kDeviceGemvRows]: ids, then positions
-  Tensor h_in;                             // F32 [kDeviceGemvRows, H]: an MTP module's h_prev
+  Tensor step_in;                          // I32 [2·kDeviceGemvMaxRows]: ids, then positions
+  Tensor h_in;                             // F32 [kDeviceGemvMaxRows, H]: an MTP module's h_prev
   size_t keep = 4;
   static constexpr size_t kSeen = 16;
 };
@@ -76,8 +76,8 @@ std::optional<ModelRunner::Output> ModelRunner::mtp_forward_graph(int, Attention
 std::optional<std::pair<Tensor, Tensor>> ModelRunner::graph_inputs(AttentionCache& cache, const StepRows& rows,
                                                                    std::span<const int32_t> tokens,
                                                                    std::vector<int64_t>& key) {
-  const int64_t N = rows.size(), cap = kDeviceGemvRows;
-  if (N > cap || !cache.prepare_step(rows, key)) return std::nullopt;
+  const int64_t N = rows.size(), cap = kDeviceGemvMaxRows;
+  if (N > cap || N > device_gemv_rows_ || !cache.prepare_step(rows, key)) return std::nullopt;
   GraphCache& gc = *graphs_;
   int64_t mx = 0;
   for (int64_t p : rows.pos) mx = std::max(mx, p + 1);
@@ -89,7 +89,8 @@ std::optional<std::pair<Tensor, Tensor>> ModelRunner::graph_inputs(AttentionCach
   cuda_copy_to_device(gc.step_in.raw(), in.data(), in.size() * sizeof(int32_t));
   auto addr = [](const Tensor& x) { return int64_t(reinterpret_cast<uintptr_t>(x.raw())); };
   key.insert(key.end(), {N, addr(t.cos), addr(t.sin), t.cos.numel(), addr(gc.step_in), int64_t(sync_free_),
-                         small_rows_, int64_t(cuda_decode_mma_rows()), cuda_absorbed_gemv_rows()});
+                         small_rows_, device_gemv_rows_, int64_t(cuda_decode_mma_rows()),
+                         cuda_absorbed_gemv_rows()});
   return std::pair{gc.step_in.rows(0, N), gc.step_in.rows(cap, cap + N)};
 }
 
@@ -119,7 +120,7 @@ std::optional<ModelRunner::Output> ModelRunner::mtp_forward_graph(int k, Attenti
   if (!in) return std::nullopt;
   const auto [ids, positions] = *in;
   GraphCache& gc = *graphs_;
-  if (!present(gc.h_in)) gc.h_in = be_.alloc(DType::F32, {int64_t(kDeviceGemvRows), H});
+  if (!present(gc.h_in)) gc.h_in = be_.alloc(DType::F32, {kDeviceGemvMaxRows, H});
   cuda_copy_to_device(gc.h_in.raw(), h_prev.data<float>(), size_t(N * H) * sizeof(float));
   const Tensor h = gc.h_in.rows(0, N);
   key.push_back(int64_t(reinterpret_cast<uintptr_t>(gc.h_in.raw())));

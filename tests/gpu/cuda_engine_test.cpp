@@ -85,7 +85,7 @@ CpuRef cpu_reference(const Weights& w, EngineOptions opt, const std::vector<Requ
 
 // Greedy requests of the given prompt lengths, 12 new tokens each, ids spread over the tiny
 // preset's vocabulary by a multiplicative hash (`salt` varies them between tests).
-std::vector<Request> hashed_requests(std::initializer_list<int64_t> lengths, uint64_t salt) {
+std::vector<Request> hashed_requests(const std::vector<int64_t>& lengths, uint64_t salt) {
   std::vector<Request> reqs;
   for (int64_t len : lengths) {
     std::vector<int32_t> p;
@@ -96,9 +96,10 @@ std::vector<Request> hashed_requests(std::initializer_list<int64_t> lengths, uin
   return reqs;
 }
 
-// GPU tokens equal the CPU's up to each sequence's first near tie; returns the fewest compared.
+// GPU tokens equal the CPU's up to each sequence's first near tie; returns the fewest compared
+// (and in *total the sum over the sequences).
 int64_t expect_matches(const CpuRef& ref, const std::vector<std::vector<int32_t>>& got,
-                       const std::vector<Request>& reqs) {
+                       const std::vector<Request>& reqs, int64_t* total = nullptr) {
   EXPECT_EQ(got.size(), ref.tokens.size());
   int64_t fewest = INT64_MAX;
   for (size_t s = 0; s < reqs.size() && s < got.size(); ++s) {
@@ -116,6 +117,7 @@ int64_t expect_matches(const CpuRef& ref, const std::vector<std::vector<int32_t>
       ++compared;
     }
     fewest = std::min(fewest, compared);
+    if (total) *total += compared;
   }
   return fewest;
 }
@@ -371,18 +373,52 @@ TEST(CudaEngine, RowRangeGemvWithSeveralRowBlocksPerCtaEqualsReference) {
   expect_small_linear_matches(p, randn({32, 128}, 12, 1), randn({32, 8448}, 12, 2), false);
 }
 
-// K beyond the row-range GEMV's 16 k-blocks at 9–32 rows: slices of 1,024 columns, the later ones
-// adding into y (K 2,240: two whole slices and a partial one), also on top of y's contents.
+// K beyond the row-range GEMV's 16 k-blocks at 9–64 rows: slices of 1,024 columns, the later ones
+// adding into y (K 2,240: two whole slices and a partial one), also on top of y's contents; beyond
+// 32 rows each slice's x in two parts along the grid's y.
 TEST(CudaEngine, RowRangeGemvInKSlicesEqualsReference) {
   ASSERT_GT(cuda_device_count(), 0);
   const MmaRows setting(1);
   LinearParam p;
   p.w = cuda_backend().to_device(randn({96, 2240}, 13, 0).to(DType::BF16));
-  for (int64_t n : {9, 32})
+  for (int64_t n : {9, 32, 40, 64})
     for (bool acc : {false, true}) {
       SCOPED_TRACE(cat(n, " rows", acc ? ", accumulating" : ""));
       expect_small_linear_matches(p, randn({n, 2240}, 13, uint64_t(n)), randn({n, 96}, 14, uint64_t(n)), acc);
     }
+}
+
+// Decode steps of 33–64 rows (40 sequences) on the GEMV kernels and CUDA graphs (the default
+// device_gemv_rows, 64), BF16 and FP8 weights: every sequence's output equals the CPU engine's, as
+// with the limit at 32, where those steps take the backend's linears and run eagerly.
+TEST(CudaEngine, DecodeStepsOfMoreThan32RowsEqualCpu) {
+  ASSERT_GT(cuda_device_count(), 0);
+  std::vector<int64_t> lengths;
+  for (int64_t i = 0; i < 40; ++i) lengths.push_back(1 + (i * 7) % 13);
+  const std::vector<Request> reqs = hashed_requests(lengths, 523);
+  for (DType wt : {DType::BF16, DType::F8_E4M3}) {
+    Weights w = Weights::random(preset_config("tiny"), 21, 0.05f);
+    wt == DType::BF16 ? round_matrices_to_bf16(w) : quantize_matrices_to_fp8(w);
+    EngineOptions opt;
+    opt.cache.block_size = 8;
+    const CpuRef ref = cpu_reference(w, opt, reqs);
+    for (int64_t rows : {ModelRunner::kDeviceGemvMaxRows, int64_t(32)}) {
+      SCOPED_TRACE(cat(dtype_name(wt), " weights, GEMV kernels up to ", rows, " rows"));
+      EngineOptions o = opt;
+      o.device_gemv_rows = rows;
+      Engine gpu(w, o, cuda_backend());
+      for (const Request& r : reqs) gpu.add(r);
+      int64_t total = 0;
+      expect_matches(ref, gpu.run_all(), reqs, &total);
+      EXPECT_GE(total, 40 * 12 / 2) << "too many near ties to compare";
+      const ModelRunner::GraphStats g = gpu.runner().graph_stats();
+      EXPECT_TRUE(g.error.empty()) << g.error;
+      if (rows > 32)
+        EXPECT_GE(g.replays, 8);  // 11 decode steps of 40 rows: one eager, one captured, the rest replayed
+      else
+        EXPECT_EQ(g.replays + g.captures, 0);
+    }
+  }
 }
 
 // The GPU engine's greedy tokens on w equal the CPU engine's with the same weights, for each
