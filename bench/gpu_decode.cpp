@@ -18,9 +18,9 @@
 // path otherwise, and the ratio is recorded as speedup_graphs_vs_eager (the other variants run
 // eagerly). Unless --variants none (or DSV3_LATENT_ATTN_MMA=0), the main run is repeated with the
 // generic latent attention's FP32 path (cuda_set_latent_attention_mma(false)):
-// speedup_latent_attention_mma. Batches of 33–64 (--batch 48,64) are also run with steps beyond 32
-// rows on the backend's linears without graphs (device_gemv_rows 32, the limit before 2026-12-02):
-// speedup_vs_gemv_rows_32. --out NAME writes bench/results/NAME.json instead.
+// speedup_latent_attention_mma. Batches of 33–128 (--batch 64,128) are also run with steps beyond 32
+// rows (--base-gemv-rows) on the backend's linears without graphs (device_gemv_rows 32, the limit
+// before 2026-12-02): speedup_vs_base_gemv_rows. --out NAME writes bench/results/NAME.json instead.
 //
 // Roofline: bytes a step must read — the weights it touches (attention, norms, dense MLP, router,
 // shared expert, the routed experts picked: top-k of them at batch 1, all at batch 32, lm_head, the
@@ -64,6 +64,7 @@ int g_profile_steps = 0;       // --profile-steps: decode steps of the main run 
 bool g_profile_prefill = false;  // --profile-prefill 1: the main run's prefill step instead (and its host profile)
 int64_t g_small_rows = 8;  // --small-rows: the engine's small_rows in the main and eager runs (RMSNorms fused up to it)
 int64_t g_gemv_rows = dsv3::ModelRunner::kDeviceGemvMaxRows;  // --gemv-rows: EngineOptions::device_gemv_rows of every run
+int64_t g_base_rows = 32;  // --base-gemv-rows: the comparison run's device_gemv_rows (batches beyond it)
 }  // namespace
 
 using namespace dsv3;
@@ -204,7 +205,7 @@ int main(int argc, char** argv) {
       "1,32)] [--weights f32|bf16|fp8[,...] (default all three)] [--hf hf_gpu.json] [--variants all|mma|none (default all; "
       "1 = all, 0 = none)] [--mma-rows N (tensor cores from N rows; 0 off; default the library's)] [--profile-steps K] "
       "[--profile-prefill 1] [--small-rows N (default 8)] [--gemv-rows N (steps of up to N rows on the GEMV kernels and graphs; "
-      "default and most 64)] [--out NAME (bench/results/NAME.json; default gpu_decode)]\n";
+      "default and most 128)] [--base-gemv-rows N (the comparison run's; default 32)] [--out NAME (bench/results/NAME.json; default gpu_decode)]\n";
   if (const int rc = bench::check_pair_args(argc, argv, usage); rc >= 0) return rc;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
@@ -226,6 +227,8 @@ int main(int argc, char** argv) {
     else if (k == "--small-rows") g_small_rows = std::stoll(v);
     else if (k == "--gemv-rows" && std::stoll(v) >= 0 && std::stoll(v) <= ModelRunner::kDeviceGemvMaxRows)
       g_gemv_rows = std::stoll(v);
+    else if (k == "--base-gemv-rows" && std::stoll(v) >= 0 && std::stoll(v) <= ModelRunner::kDeviceGemvMaxRows)
+      g_base_rows = std::stoll(v);
     else if (k == "--out" && !v.empty() && v.find('/') == std::string::npos) out_name = v;
     else if (k == "--variants" && (v == "all" || v == "none" || v == "mma" || v == "0" || v == "1"))
       variants_on = v == "0" ? "none" : v == "1" ? "all" : v;
@@ -324,10 +327,12 @@ int main(int argc, char** argv) {
         attn_fp32 = run(w, B, prompt, n_new, 1000 + uint64_t(B), true, g_small_rows, true, true);
         cuda_set_latent_attention_mma(true);
       }
-      // Steps of 33–64 rows: also with the limit of before 2026-12-02 (device_gemv_rows 32: the
-      // backend's linears (cuBLASLt), no graphs), the main path otherwise.
+      // Batches beyond --base-gemv-rows (32: the limit before 2026-12-02) up to --gemv-rows: also
+      // with that limit (those steps on the backend's linears (cuBLASLt), no graphs), the main
+      // path otherwise.
       Result narrow;
-      if (B > 32 && B <= g_gemv_rows) narrow = run(w, B, prompt, n_new, 1000 + uint64_t(B), true, g_small_rows, true, false, 32);
+      if (B > g_base_rows && B <= g_gemv_rows)
+        narrow = run(w, B, prompt, n_new, 1000 + uint64_t(B), true, g_small_rows, true, false, g_base_rows);
       const ModelRunner::GraphStats& g = r.graphs;
       const double graph_speedup = r.step_ms_median > 0 ? eager.step_ms_median / r.step_ms_median : 0.0;
       const double h = hf_tok(B);
@@ -343,9 +348,10 @@ int main(int argc, char** argv) {
         std::printf("      %.2fx the path without tensor cores and W_UK/W_UV on cuBLAS (same run)\n",
                     r.tok_s / old_path_tok_s);
       if (narrow.tok_s > 0)
-        std::printf("      GEMV kernels and graphs up to %ld rows: %.2fx the tokens/s of the backend's linears beyond 32 rows "
-                    "(%.1f tok/s, step %.3f ms, prefill %.2f ms; same run)\n",
-                    long(g_gemv_rows), r.tok_s / narrow.tok_s, narrow.tok_s, narrow.step_ms_median, narrow.prefill_ms);
+        std::printf("      GEMV kernels and graphs up to %ld rows: %.2fx the tokens/s of the backend's linears beyond %ld "
+                    "rows (%.1f tok/s, step %.3f ms, prefill %.2f ms; same run)\n",
+                    long(g_gemv_rows), r.tok_s / narrow.tok_s, long(g_base_rows), narrow.tok_s, narrow.step_ms_median,
+                    narrow.prefill_ms);
       if (attn_fp32.tok_s > 0)
         std::printf("      latent attention on tensor cores: %.2fx the tokens/s of its FP32 path (step %.3f against "
                     "%.3f ms, prefill %.2f against %.2f ms; same run)\n",
@@ -383,10 +389,11 @@ int main(int argc, char** argv) {
       if (old_path_tok_s > 0) j["speedup_vs_no_tensor_cores_cublas_absorbed"] = r.tok_s / old_path_tok_s;
       j["device_gemv_rows"] = g_gemv_rows;
       if (narrow.tok_s > 0) {
-        j["gemv_rows_32_tokens_per_s"] = narrow.tok_s;
-        j["gemv_rows_32_step_ms_median"] = narrow.step_ms_median;
-        j["gemv_rows_32_prefill_ms"] = narrow.prefill_ms;
-        j["speedup_vs_gemv_rows_32"] = r.tok_s / narrow.tok_s;
+        j["base_gemv_rows"] = g_base_rows;
+        j["base_gemv_rows_tokens_per_s"] = narrow.tok_s;
+        j["base_gemv_rows_step_ms_median"] = narrow.step_ms_median;
+        j["base_gemv_rows_prefill_ms"] = narrow.prefill_ms;
+        j["speedup_vs_base_gemv_rows"] = r.tok_s / narrow.tok_s;
       }
       if (attn_fp32.tok_s > 0) {
         j["latent_attention_fp32_step_ms_median"] = attn_fp32.step_ms_median;

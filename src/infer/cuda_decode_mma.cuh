@@ -1,6 +1,6 @@
 // The tensor-core decode GEMV and grouped-expert kernels (launched by cuda_decode_ops.cu and
 // cuda_decode_moe.cu for BF16 and FP8 weights): 16 BF16 weight rows per warp times up to 64 rows of
-// F32 x on mma.sync m16n8k16, FP32 accumulators. Included by those two only.
+// F32 x per CTA on mma.sync m16n8k16, FP32 accumulators. Included by those two only.
 //
 // x in two BF16 terms. hi = bf16(x) (round to nearest) leaves |x − hi| ≤ 2⁻⁸|x| (8 significant
 // bits); x − hi is exact in F32 and lo = bf16(x − hi) leaves |x − hi − lo| ≤ 2⁻⁸|x − hi| ≤ 2⁻¹⁶|x|.
@@ -297,13 +297,27 @@ struct ExpertArgs {
   int lds = 0;
 };
 
+// A GEMV launch over more rows of x than a CTA's registers hold: the CTAs along the grid's y take
+// 8·NT rows each (they read the same weights at about the same time, the later ones from L2).
+// Narrows g to this CTA's rows (CTA-uniform).
+template <int NT> __device__ __forceinline__ void gemv_part(GemvArgs& g) {
+  const int q0 = 8 * NT * int(blockIdx.y);
+  if (q0) {
+    g.x += int64_t(q0) * g.ldx;
+    g.y += int64_t(q0) * g.ldy;
+    if (g.y2) g.y2 += int64_t(q0) * g.ldy2;
+  }
+  g.n = min(g.n - q0, 8 * NT);
+}
+
 // The tensor-core GEMV (BF16 weights, cuda_decode_mma.cuh): each CTA's kMmaWarps warps take
 // kMmaWarps / ks row blocks of 16 weight rows, ks warps per block splitting its k-blocks; every
-// warp takes all n ≤ 8·NT rows of x. The warps' sums meet in shared memory and are added in warp
-// order. Row blocks never straddle W and W2 or two heads (checked on the host).
+// warp takes the CTA's ≤ 8·NT rows of x (gemv_part). The warps' sums meet in shared memory and are
+// added in warp order. Row blocks never straddle W and W2 or two heads (checked on the host).
 template <int NT, bool kF8>
 __global__ void __launch_bounds__(32 * kMmaWarps, 2) gemv_mma_kernel(GemvArgs g, int ks) {
   extern __shared__ float red[];  // [kMmaWarps][kMmaStash<NT>]
+  gemv_part<NT>(g);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2;
   const int rbs = kMmaWarps / ks, rb = warp / ks, kw = warp - rb * ks;
   const int total = g.n_out + g.n_out2, r0 = (int(blockIdx.x) * rbs + rb) * 16;
@@ -331,24 +345,16 @@ __global__ void __launch_bounds__(32 * kMmaWarps, 2) gemv_mma_kernel(GemvArgs g,
 }
 
 // The tensor-core GEMV for K ≤ 16 k-blocks (one per warp): a CTA of nw ≤ kExpRowWarps warps (the
-// launch's choice, a multiple of ks) takes a range of steps of 16·(nw / ks) weight rows and the
-// 8·NT rows of x from 8·NT·blockIdx.y (beyond 32 rows of x the CTAs of blockIdx.y read the same
-// weights at about the same time, the later ones from L2: x's fragments of more rows would not fit
-// the registers); warp (rb, kw) multiplies k-block kw of row block rb. Its x fragments (every
+// launch's choice, a multiple of ks) takes a range of steps of 16·(nw / ks) weight rows and its
+// ≤ 8·NT rows of x (gemv_part: beyond 32 rows x's fragments would not fit the registers); warp
+// (rb, kw) multiplies k-block kw of row block rb. Its x fragments (every
 // n-tile, split once) stay in registers while the rows' head is the same, the next step's weights
 // load while a step is multiplied, and each step's partial sums meet in a double-buffered shared
 // array (one barrier per step), added in warp order.
 template <int NT, bool kF8>
 __global__ void __launch_bounds__(32 * kExpRowWarps, 1) gemv_rows_kernel(GemvArgs g, int ks, int steps_per_cta) {
   extern __shared__ float red[];  // [2][nw][kMmaStash<NT>]
-  if (blockIdx.y) {  // CTA-uniform: this CTA's rows of x and y
-    const int q0 = 8 * NT * int(blockIdx.y);
-    g.x += int64_t(q0) * g.ldx;
-    g.y += int64_t(q0) * g.ldy;
-    if (g.y2) g.y2 += int64_t(q0) * g.ldy2;
-    g.n -= q0;
-  }
-  g.n = min(g.n, 8 * NT);
+  gemv_part<NT>(g);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, nw = blockDim.x >> 5;
   const int rbs = nw / ks, rb = warp / ks, kw = warp - rb * ks;
   const int total = g.n_out + g.n_out2, step_rows = 16 * rbs;

@@ -19,7 +19,7 @@ using namespace cuda;
 
 namespace {
 
-constexpr int kMaxGemvRows = 64;
+constexpr int kMaxGemvRows = 128;  // as ModelRunner::kDeviceGemvMaxRows
 constexpr int64_t kNormRouterMaxWeights = int64_t(1) << 17;  // E·H of a fused router (every row's CTA reads it)
 constexpr int kGemvWarps = 4;  // GEMV: 4 warps per CTA (many CTAs for short outputs)
 
@@ -203,7 +203,7 @@ template <int NT, bool kF8> void launch_gemv_mma_nt(const GemvArgs& g) {
   const int ks = mma_ksplit(g.K, false), rows_per_cta = 16 * (kMmaWarps / ks);
   const int64_t ctas = (int64_t(g.n_out) + g.n_out2 + rows_per_cta - 1) / rows_per_cta;
   DSV3_CHECK(ctas <= INT32_MAX, "cuda_rows_gemv: ", g.n_out + g.n_out2, " output rows exceed one launch");
-  launch_pdl(gemv_mma_kernel<NT, kF8>, dim3(unsigned(ctas)), dim3(32 * kMmaWarps),
+  launch_pdl(gemv_mma_kernel<NT, kF8>, dim3(unsigned(ctas), unsigned((g.n + 8 * NT - 1) / (8 * NT))), dim3(32 * kMmaWarps),
              size_t(kMmaWarps) * kMmaStash<NT> * sizeof(float), g, ks);
 }
 // gemv_rows_kernel when K fits its warps (≤ 16 k-blocks); x in parts of 32 rows (its registers)
@@ -255,7 +255,7 @@ template <bool kF8> bool launch_gemv_rows(const GemvArgs& g) {
     launch_gemv_rows_nt<4, kF8>(g, ks, nw, int(per), int(ctas), x_parts);
   return true;
 }
-// K beyond gemv_rows_kernel's 16 k-blocks (bench-0.7b's o_proj, K 2048, at 9–64 rows) as slices of
+// K beyond gemv_rows_kernel's 16 k-blocks (bench-0.7b's o_proj, K 2048, at 9–128 rows) as slices of
 // 16 k-blocks, each a gemv_rows launch, the later ones adding into y (in order: each waits for the
 // one before). gemv_mma_kernel takes such a GEMV in one launch, but a warp there reloads x for every
 // k-block it multiplies. DSV3_DECODE_GEMV_KSLICES=0 keeps it, as DSV3_DECODE_MMA_GEMV_ROWS=0 does.

@@ -40,7 +40,7 @@ Fp8Weight fp8_weight(int64_t M, int64_t K, uint64_t seed) {
 }
 
 // K 144 and 1024: the row-range GEMV (one k-block per warp; 144 ends in a partial k-block and a
-// partial scale block); 2240: its K slices at 9–32 rows (the k-loop GEMV otherwise); 4608 (beyond
+// partial scale block); 2240: its K slices at 9–128 rows (the k-loop GEMV otherwise); 4608 (beyond
 // four slices): the k-loop GEMV. 300 outputs: three 128-row scale blocks, the last partial.
 TEST(DecodeFp8, SmallLinearEqualsReference) {
   ASSERT_GT(cuda_device_count(), 0);
@@ -48,9 +48,10 @@ TEST(DecodeFp8, SmallLinearEqualsReference) {
     for (int64_t M : {37, 300}) {
       const Fp8Weight f = fp8_weight(M, K, 40 + uint64_t(K + M));
       EXPECT_FALSE(cuda_small_linear_fuses_norm(f.p));
-      for (int64_t n : {1, 3, 8, 12, 19, 32, 64})
+      for (int64_t n : {1, 3, 8, 12, 19, 32, 64, 100})
         for (bool acc : {false, true}) {
-          if (K == 4608 && n != 3 && n != 12 && n != 32) continue;  // the k-loop kernel: fewer row counts
+          // the k-loop kernel: fewer row counts (100: two CTAs of 64 rows along the grid's y)
+          if (K == 4608 && n != 3 && n != 12 && n != 32 && n != 100) continue;
           SCOPED_TRACE(cat("K ", K, " outputs ", M, " rows ", n, acc ? " accumulate" : ""));
           expect_small_linear_matches(f.p, f.deq, randn({n, K}, 41, uint64_t(n)), randn({n, M}, 42, uint64_t(n)),
                                       acc);
@@ -59,7 +60,7 @@ TEST(DecodeFp8, SmallLinearEqualsReference) {
 }
 
 // Two FP8 weights in one call (q_a with kv_a), each with its own scales: one launch (the row-range
-// GEMV at K 512 and up to 32 rows, the k-loop one at K 2112 or 40 rows), or two when the first
+// GEMV at K 512, the k-loop one at K 2112), or two when the first
 // weight's rows are no multiple of 16 (136); and weights that do not qualify (a K of no multiple of
 // 16, missing or misshapen scales) are refused.
 TEST(DecodeFp8, PairAndRefusals) {
@@ -67,7 +68,7 @@ TEST(DecodeFp8, PairAndRefusals) {
   CudaBackend& be = cuda_backend();
   for (int64_t K : {512, 2112})
     for (int64_t M : {144, 136})
-      for (int64_t n : {1, 32, 40}) {
+      for (int64_t n : {1, 32, 40, 100}) {
         SCOPED_TRACE(cat("K ", K, ", ", M, " + 40 outputs, ", n, " rows"));
         const Fp8Weight a = fp8_weight(M, K, 50), b = fp8_weight(40, K, 51);
         const Tensor x = randn({n, K}, 52, uint64_t(n));

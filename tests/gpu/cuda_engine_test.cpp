@@ -373,7 +373,7 @@ TEST(CudaEngine, RowRangeGemvWithSeveralRowBlocksPerCtaEqualsReference) {
   expect_small_linear_matches(p, randn({32, 128}, 12, 1), randn({32, 8448}, 12, 2), false);
 }
 
-// K beyond the row-range GEMV's 16 k-blocks at 9–64 rows: slices of 1,024 columns, the later ones
+// K beyond the row-range GEMV's 16 k-blocks at 9–100 rows: slices of 1,024 columns, the later ones
 // adding into y (K 2,240: two whole slices and a partial one), also on top of y's contents; beyond
 // 32 rows each slice's x in two parts along the grid's y.
 TEST(CudaEngine, RowRangeGemvInKSlicesEqualsReference) {
@@ -381,42 +381,46 @@ TEST(CudaEngine, RowRangeGemvInKSlicesEqualsReference) {
   const MmaRows setting(1);
   LinearParam p;
   p.w = cuda_backend().to_device(randn({96, 2240}, 13, 0).to(DType::BF16));
-  for (int64_t n : {9, 32, 40, 64})
+  for (int64_t n : {9, 32, 40, 64, 100})
     for (bool acc : {false, true}) {
       SCOPED_TRACE(cat(n, " rows", acc ? ", accumulating" : ""));
       expect_small_linear_matches(p, randn({n, 2240}, 13, uint64_t(n)), randn({n, 96}, 14, uint64_t(n)), acc);
     }
 }
 
-// Decode steps of 33–64 rows (40 sequences) on the GEMV kernels and CUDA graphs (the default
-// device_gemv_rows, 64), BF16 and FP8 weights: every sequence's output equals the CPU engine's, as
-// with the limit at 32, where those steps take the backend's linears and run eagerly.
+// Decode steps of 40 and 100 rows (as many sequences) on the GEMV kernels (x in parts of 32 rows)
+// and CUDA graphs (the default device_gemv_rows, 128), BF16 and FP8 weights: every sequence's output
+// equals the CPU engine's, as with the limit at 32, where those steps take the backend's linears
+// and run eagerly.
 TEST(CudaEngine, DecodeStepsOfMoreThan32RowsEqualCpu) {
   ASSERT_GT(cuda_device_count(), 0);
-  std::vector<int64_t> lengths;
-  for (int64_t i = 0; i < 40; ++i) lengths.push_back(1 + (i * 7) % 13);
-  const std::vector<Request> reqs = hashed_requests(lengths, 523);
-  for (DType wt : {DType::BF16, DType::F8_E4M3}) {
-    Weights w = Weights::random(preset_config("tiny"), 21, 0.05f);
-    wt == DType::BF16 ? round_matrices_to_bf16(w) : quantize_matrices_to_fp8(w);
-    EngineOptions opt;
-    opt.cache.block_size = 8;
-    const CpuRef ref = cpu_reference(w, opt, reqs);
-    for (int64_t rows : {ModelRunner::kDeviceGemvMaxRows, int64_t(32)}) {
-      SCOPED_TRACE(cat(dtype_name(wt), " weights, GEMV kernels up to ", rows, " rows"));
-      EngineOptions o = opt;
-      o.device_gemv_rows = rows;
-      Engine gpu(w, o, cuda_backend());
-      for (const Request& r : reqs) gpu.add(r);
-      int64_t total = 0;
-      expect_matches(ref, gpu.run_all(), reqs, &total);
-      EXPECT_GE(total, 40 * 12 / 2) << "too many near ties to compare";
-      const ModelRunner::GraphStats g = gpu.runner().graph_stats();
-      EXPECT_TRUE(g.error.empty()) << g.error;
-      if (rows > 32)
-        EXPECT_GE(g.replays, 8);  // 11 decode steps of 40 rows: one eager, one captured, the rest replayed
-      else
-        EXPECT_EQ(g.replays + g.captures, 0);
+  for (int64_t seqs : {40, 100}) {
+    std::vector<int64_t> lengths;
+    for (int64_t i = 0; i < seqs; ++i) lengths.push_back(1 + (i * 7) % 13);
+    const std::vector<Request> reqs = hashed_requests(lengths, 523 + uint64_t(seqs));
+    for (DType wt : {DType::BF16, DType::F8_E4M3}) {
+      Weights w = Weights::random(preset_config("tiny"), 21, 0.05f);
+      wt == DType::BF16 ? round_matrices_to_bf16(w) : quantize_matrices_to_fp8(w);
+      EngineOptions opt;
+      opt.cache.block_size = 8;
+      opt.max_running = seqs;
+      const CpuRef ref = cpu_reference(w, opt, reqs);
+      for (int64_t rows : {ModelRunner::kDeviceGemvMaxRows, int64_t(32)}) {
+        SCOPED_TRACE(cat(seqs, " sequences, ", dtype_name(wt), " weights, GEMV kernels up to ", rows, " rows"));
+        EngineOptions o = opt;
+        o.device_gemv_rows = rows;
+        Engine gpu(w, o, cuda_backend());
+        for (const Request& r : reqs) gpu.add(r);
+        int64_t total = 0;
+        expect_matches(ref, gpu.run_all(), reqs, &total);
+        EXPECT_GE(total, seqs * 12 / 2) << "too many near ties to compare";
+        const ModelRunner::GraphStats g = gpu.runner().graph_stats();
+        EXPECT_TRUE(g.error.empty()) << g.error;
+        if (rows > 32)
+          EXPECT_GE(g.replays, 8);  // 11 decode steps of every sequence: one eager, one captured, the rest replayed
+        else
+          EXPECT_EQ(g.replays + g.captures, 0);
+      }
     }
   }
 }
@@ -564,7 +568,7 @@ TEST(CudaEngine, DeviceCacheAttentionEqualsHostV3ShapeGeneric) {
   attention_against_host(dims(16, 128, 64, 128, 512), 2, 64, false);
 }
 
-// The prefill step (333 rows) beyond the GEMV's 64 takes the split BF16 matmuls for W_UK and W_UV.
+// The prefill step (333 rows) beyond the GEMV's 128 takes the split BF16 matmuls for W_UK and W_UV.
 TEST(CudaEngine, DeviceCacheAttentionEqualsHostBf16AbsorbedWeights) {
   ASSERT_GT(cuda_device_count(), 0);
   // V3's heads on the generic kernel, then bench-0.7b's latent.
@@ -588,7 +592,7 @@ TEST(CudaEngine, DeviceCacheAttentionEqualsHostSmallShapes) {
 }
 
 // The small-row GEMV (decode's linears) against a double reference: F32 and BF16 weights, vector and
-// scalar paths, one and two weight rows per warp, 1 to 64 rows of x (chunks of 8), plain and
+// scalar paths, one and two weight rows per warp, 1 to 100 rows of x (chunks of 8), plain and
 // accumulating; BF16 weights also on the tensor-core path (x in two BF16 terms, same kF32 bound:
 // cuda_decode_mma.cuh), K with a partial 64-column block (136), outputs not a multiple of 16.
 TEST(CudaEngine, SmallLinearEqualsReference) {
@@ -596,7 +600,7 @@ TEST(CudaEngine, SmallLinearEqualsReference) {
   CudaBackend& be = cuda_backend();
   for (DType wt : {DType::F32, DType::BF16})
     for (int64_t K : {44, 45, 136, 1024, 2816})
-      for (int64_t n : {1, 3, 8, 19, 32, 64})
+      for (int64_t n : {1, 3, 8, 19, 32, 64, 100})
         for (int64_t M : {37, 38})
           for (bool acc : {false, true})
             for (int mma : {0, 1}) {
