@@ -207,6 +207,15 @@ int main(int argc, char** argv) {
       "[--profile-prefill 1] [--small-rows N (default 8)] [--gemv-rows N (steps of up to N rows on the GEMV kernels and graphs; "
       "default and most 128)] [--base-gemv-rows N (the comparison run's; default 32)] [--out NAME (bench/results/NAME.json; default gpu_decode)]\n";
   if (const int rc = bench::check_pair_args(argc, argv, usage); rc >= 0) return rc;
+  auto items = [](const std::string& v) {  // a comma-separated list
+    std::vector<std::string> out;
+    for (size_t a = 0; a <= v.size();) {
+      const size_t b = std::min(v.find(',', a), v.size());
+      out.push_back(v.substr(a, b - a));
+      a = b + 1;
+    }
+    return out;
+  };
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
     if (k == "--preset") preset = v;
@@ -214,36 +223,26 @@ int main(int argc, char** argv) {
     else if (k == "--new") n_new = std::stoll(v);
     else if (k == "--batch") {
       batches.clear();
-      for (size_t a = 0; a < v.size();) {
-        const size_t b = std::min(v.find(',', a), v.size());
-        batches.push_back(std::stoll(v.substr(a, b - a)));
-        a = b + 1;
-      }
+      for (const std::string& b : items(v)) batches.push_back(std::stoll(b));
     }
     else if (k == "--mma-rows") mma_rows = std::stoi(v);
     else if (k == "--hf") hf_path = v;
     else if (k == "--profile-steps") g_profile_steps = std::stoi(v);
     else if (k == "--profile-prefill" && (v == "0" || v == "1")) g_profile_prefill = v == "1";
     else if (k == "--small-rows") g_small_rows = std::stoll(v);
-    else if (k == "--gemv-rows" && std::stoll(v) >= 0 && std::stoll(v) <= ModelRunner::kDeviceGemvMaxRows)
-      g_gemv_rows = std::stoll(v);
-    else if (k == "--base-gemv-rows" && std::stoll(v) >= 0 && std::stoll(v) <= ModelRunner::kDeviceGemvMaxRows)
-      g_base_rows = std::stoll(v);
+    else if ((k == "--gemv-rows" || k == "--base-gemv-rows") && std::stoll(v) >= 0 &&
+             std::stoll(v) <= ModelRunner::kDeviceGemvMaxRows)
+      (k == "--gemv-rows" ? g_gemv_rows : g_base_rows) = std::stoll(v);
     else if (k == "--out" && !v.empty() && v.find('/') == std::string::npos) out_name = v;
     else if (k == "--variants" && (v == "all" || v == "none" || v == "mma" || v == "0" || v == "1"))
       variants_on = v == "0" ? "none" : v == "1" ? "all" : v;
     else if (k == "--weights") {
-      formats.clear();
-      for (size_t a = 0; a <= v.size();) {
-        const size_t b = std::min(v.find(',', a), v.size());
-        const std::string f = v.substr(a, b - a);
+      formats = items(v);
+      for (const std::string& f : formats)
         if (f != "f32" && f != "bf16" && f != "fp8") {
           std::fprintf(stderr, "gpu_decode: --weights %s: %s is not f32, bf16 or fp8\n%s", v.c_str(), f.c_str(), usage);
           return 2;
         }
-        formats.push_back(f);
-        a = b + 1;
-      }
     }
     else {
       std::fputs(usage, stderr);

@@ -19,7 +19,6 @@ using namespace cuda;
 
 namespace {
 
-constexpr int kMaxGemvRows = 128;  // as ModelRunner::kDeviceGemvMaxRows
 constexpr int64_t kNormRouterMaxWeights = int64_t(1) << 17;  // E·H of a fused router (every row's CTA reads it)
 constexpr int kGemvWarps = 4;  // GEMV: 4 warps per CTA (many CTAs for short outputs)
 
@@ -232,11 +231,10 @@ bool gemv_rows_on() {
   return on;
 }
 template <bool kF8> bool launch_gemv_rows(const GemvArgs& g) {
-  const bool on = gemv_rows_on();
   const int nkb = (g.K + kMmaKb - 1) / kMmaKb;
   int ks = 1;
   while (ks < nkb) ks *= 2;
-  if (!on || ks > kExpRowWarps || g.n > kMaxGemvRows) return false;
+  if (!gemv_rows_on() || ks > kExpRowWarps || g.n > kCudaGemvMaxRows) return false;
   const int x_parts = (g.n + 31) / 32;  // beyond 32 rows of x: CTAs of 32 rows each (gemv_rows_kernel)
   const int64_t rows = int64_t(g.n_out) + g.n_out2;
   auto steps_for = [&](int nw) { return (rows + 16 * (nw / ks) - 1) / (16 * (nw / ks)); };
@@ -265,7 +263,8 @@ template <bool kF8> bool launch_gemv_kslices(const GemvArgs& g) {
     return !(e && std::string(e) == "0");
   }();
   constexpr int kSlice = kExpRowWarps * kMmaKb;
-  if (!on || !gemv_rows_on() || g.n <= 8 || g.n > kMaxGemvRows || g.W2 || g.head_rows < g.n_out || g.ldw || g.K <= kSlice || g.K > 4 * kSlice)
+  if (!on || !gemv_rows_on() || g.n <= 8 || g.n > kCudaGemvMaxRows || g.W2 || g.head_rows < g.n_out || g.ldw ||
+      g.K <= kSlice || g.K > 4 * kSlice)
     return false;
   for (int k0 = 0; k0 < g.K; k0 += kSlice) {
     GemvArgs s = g;
@@ -309,7 +308,7 @@ void cuda_set_decode_mma_rows(int rows) { mma_rows_setting() = std::max(rows, 0)
 int cuda_decode_mma_rows() { return mma_rows_setting(); }
 
 bool cuda_small_linear_ok(const LinearParam& p, const Tensor& x) {
-  return gemv_weight_ok(p) && x.dtype() == DType::F32 && x.ndim() == 2 && x.dim(0) <= kMaxGemvRows &&
+  return gemv_weight_ok(p) && x.dtype() == DType::F32 && x.ndim() == 2 && x.dim(0) <= kCudaGemvMaxRows &&
          x.dim(1) == p.w.dim(1);
 }
 
@@ -323,7 +322,7 @@ bool cuda_small_mlp_ok(const MlpParams& m, const Tensor& x) {
 }
 
 void cuda_rows_gemv(const GemvArgs& g) {
-  DSV3_CHECK(g.n >= 0 && g.n <= kMaxGemvRows && g.K > 0 && g.head_rows > 0 && (g.ldw == 0 || g.ldw == g.K) &&
+  DSV3_CHECK(g.n >= 0 && g.n <= kCudaGemvMaxRows && g.K > 0 && g.head_rows > 0 && (g.ldw == 0 || g.ldw == g.K) &&
                  (g.wt == DType::F32 || g.wt == DType::BF16 || g.wt == DType::F8_E4M3),
              "cuda_rows_gemv: n ", g.n, " K ", g.K, " weights ", dtype_name(g.wt));
   if (g.n == 0 || g.n_out + g.n_out2 == 0) return;

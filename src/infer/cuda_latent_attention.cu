@@ -640,7 +640,7 @@ bool& mma_setting() {
 }
 std::atomic<int64_t> g_mma_launches{0};
 
-int64_t g_absorbed_gemv_rows = 128;
+int64_t g_absorbed_gemv_rows = kCudaGemvMaxRows;
 
 // Whether every value of an F32 host tensor is a BF16 value (a slice of a BF16 kv_b_proj is).
 bool bf16_exact(const Tensor& t) {
@@ -677,7 +677,7 @@ void head_linear_split(const float* x, int64_t rows, int64_t heads, int64_t k, i
 
 }  // namespace
 
-void cuda_set_absorbed_gemv_rows(int64_t rows) { g_absorbed_gemv_rows = std::clamp<int64_t>(rows, 0, 128); }
+void cuda_set_absorbed_gemv_rows(int64_t rows) { g_absorbed_gemv_rows = std::clamp<int64_t>(rows, 0, kCudaGemvMaxRows); }
 int64_t cuda_absorbed_gemv_rows() { return g_absorbed_gemv_rows; }
 void cuda_set_latent_attention_mma(bool on) { mma_setting() = on; }
 bool cuda_latent_attention_mma() { return mma_setting(); }

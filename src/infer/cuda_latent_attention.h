@@ -30,8 +30,8 @@
 
 namespace dsv3 {
 
-// Steps of up to this many rows (at most 128) run the absorbed W_UK / W_UV products through the
-// GEMV, larger ones through cuBLAS (default 128; the bench sets 8, an earlier limit, for comparison).
+// Steps of up to this many rows (at most kCudaGemvMaxRows) run the absorbed W_UK / W_UV products through the
+// GEMV, larger ones through cuBLAS (default the most; the bench sets 8, an earlier limit, for comparison).
 void cuda_set_absorbed_gemv_rows(int64_t rows);
 int64_t cuda_absorbed_gemv_rows();
 

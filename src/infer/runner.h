@@ -53,7 +53,7 @@ class ModelRunner {
   // kernels and, as decode steps, CUDA graphs; larger ones the backend's linears (cuBLASLt), eagerly.
   int64_t device_gemv_rows() const { return device_gemv_rows_; }
   void set_device_gemv_rows(int64_t n);
-  static constexpr int64_t kDeviceGemvMaxRows = 128;  // the GEMV kernels' limit (cuda_small_linear_ok)
+  static constexpr int64_t kDeviceGemvMaxRows = kCudaGemvMaxRows;
   // CUDA graphs for forward(…, graph_ok = true) (default off here; the engine turns them on unless
   // DSV3_CUDA_GRAPHS=0). A step's key — rows, the attention's launch shape, the addresses of the
   // inputs it reads, the settings that pick kernels — selects a graph; a key seen for the second

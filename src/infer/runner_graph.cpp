@@ -77,7 +77,7 @@ std::optional<std::pair<Tensor, Tensor>> ModelRunner::graph_inputs(AttentionCach
                                                                    std::span<const int32_t> tokens,
                                                                    std::vector<int64_t>& key) {
   const int64_t N = rows.size(), cap = kDeviceGemvMaxRows;
-  if (N > cap || N > device_gemv_rows_ || !cache.prepare_step(rows, key)) return std::nullopt;
+  if (N > cap || !cache.prepare_step(rows, key)) return std::nullopt;
   GraphCache& gc = *graphs_;
   int64_t mx = 0;
   for (int64_t p : rows.pos) mx = std::max(mx, p + 1);
@@ -89,8 +89,7 @@ std::optional<std::pair<Tensor, Tensor>> ModelRunner::graph_inputs(AttentionCach
   cuda_copy_to_device(gc.step_in.raw(), in.data(), in.size() * sizeof(int32_t));
   auto addr = [](const Tensor& x) { return int64_t(reinterpret_cast<uintptr_t>(x.raw())); };
   key.insert(key.end(), {N, addr(t.cos), addr(t.sin), t.cos.numel(), addr(gc.step_in), int64_t(sync_free_),
-                         small_rows_, device_gemv_rows_, int64_t(cuda_decode_mma_rows()),
-                         cuda_absorbed_gemv_rows()});
+                         small_rows_, int64_t(cuda_decode_mma_rows()), cuda_absorbed_gemv_rows()});
   return std::pair{gc.step_in.rows(0, N), gc.step_in.rows(cap, cap + N)};
 }
 
