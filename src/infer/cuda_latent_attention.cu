@@ -15,6 +15,7 @@
 #include "backend/cuda/mma.cuh"
 #include "backend/cuda/pdl.cuh"
 #include "infer/cuda_decode_ops.h"
+#include "infer/cuda_latent_prefill.h"
 #include "infer/cuda_weight_vec.cuh"
 
 namespace dsv3 {
@@ -639,6 +640,37 @@ bool& mma_setting() {
   return on;
 }
 std::atomic<int64_t> g_mma_launches{0};
+std::atomic<int64_t> g_prefill_launches{0};
+
+// Rows per CTA of the prefill kernel (0: the row kernel for every step); DSV3_LATENT_PREFILL_ROWS.
+int& prefill_rows_setting() {
+  static int q = [] {
+    const char* e = std::getenv("DSV3_LATENT_PREFILL_ROWS");
+    if (!e) return 4;
+    const int v = std::atoi(e);
+    if (v != 0 && !latent_prefill_rows_ok(v))
+      input_error("DSV3_LATENT_PREFILL_ROWS is '", e, "': 0 (off), 2 or 4");
+    return v;
+  }();
+  return q;
+}
+
+// The first row of each group of up to q consecutive rows of one sequence at consecutive positions
+// (a prefill chunk's rows), then N.
+std::vector<int32_t> query_groups(const StepRows& rows, int q) {
+  const int64_t N = rows.size();
+  std::vector<int32_t> starts;
+  for (int64_t r = 0; r < N;) {
+    starts.push_back(int32_t(r));
+    int64_t e = r + 1;
+    while (e < N && e - r < q && rows.seq[size_t(e)] == rows.seq[size_t(r)] &&
+           rows.pos[size_t(e)] == rows.pos[size_t(e - 1)] + 1)
+      ++e;
+    r = e;
+  }
+  starts.push_back(int32_t(N));
+  return starts;
+}
 
 int64_t g_absorbed_gemv_rows = kCudaGemvMaxRows;
 
@@ -682,6 +714,12 @@ int64_t cuda_absorbed_gemv_rows() { return g_absorbed_gemv_rows; }
 void cuda_set_latent_attention_mma(bool on) { mma_setting() = on; }
 bool cuda_latent_attention_mma() { return mma_setting(); }
 int64_t cuda_latent_attention_mma_launches() { return g_mma_launches; }
+void cuda_set_latent_prefill_rows(int rows) {
+  if (rows != 0 && !latent_prefill_rows_ok(rows)) input_error("latent prefill rows per CTA: ", rows, " (0, 2 or 4)");
+  prefill_rows_setting() = rows;
+}
+int cuda_latent_prefill_rows() { return prefill_rows_setting(); }
+int64_t cuda_latent_prefill_launches() { return g_prefill_launches; }
 
 CudaLatentAttention::CudaLatentAttention(const LatentKvPool& pool, const std::vector<AbsorbedKvB>& absorbed,
                                          const ModelDims& d)
@@ -804,6 +842,18 @@ CudaLatentAttention::Split CudaLatentAttention::split_plan(int64_t N) const {
   return s;
 }
 
+// The prefill kernel's groups when it takes this step: a step beyond the GEMV's rows (never a
+// graph's: prepare_step refuses those), on the tensor-core shapes, whose rows form groups of two or
+// more on average (a prefill chunk; decode steps are one row per sequence).
+std::vector<int32_t> CudaLatentAttention::prefill_groups(const StepRows& rows) const {
+  const int64_t N = rows.size();
+  const int q = prefill_rows_setting();
+  if (q == 0 || N <= g_absorbed_gemv_rows || !mma_setting() || !mma_shape(d_) || uses_mla_decode()) return {};
+  std::vector<int32_t> starts = query_groups(rows, q);
+  if (2 * (int64_t(starts.size()) - 1) > N) return {};
+  return starts;
+}
+
 bool CudaLatentAttention::prepare_step(const StepRows& rows, std::vector<int64_t>& key) {
   const int64_t N = rows.size();
   if (N == 0 || N > g_absorbed_gemv_rows) return false;
@@ -894,6 +944,31 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
     a.scale = d_.softmax_scale;
     a.out = lat;
     cuda_mla_decode(a);
+  } else if (const std::vector<int32_t> starts = prefill_groups(rows); !starts.empty()) {
+    Tensor host_starts = Tensor::empty(DType::I32, {int64_t(starts.size())});
+    std::copy(starts.begin(), starts.end(), host_starts.data<int32_t>());
+    const Tensor groups = be.to_device(host_starts);
+    LatentPrefillArgs x;
+    x.qcat = qcat.data<float>();
+    x.qrot = q.data<float>();
+    x.pool = ptr<__nv_bfloat16>(storage_);
+    x.meta = meta;
+    x.groups = groups.data<int32_t>();
+    x.n = int(N);
+    x.maxb = int(max_blocks_);
+    x.nh = int(nh);
+    x.W = int(W);
+    x.R = int(R);
+    x.qk = int(d_.qk);
+    x.nope = int(d_.nope);
+    x.ngroups = int(starts.size() - 1);
+    x.layers = layers;
+    x.bs = bs;
+    x.layer = layer;
+    x.scale = float(double(d_.softmax_scale) * 1.4426950408889634);
+    x.lat = ptr<float>(lat);
+    launch_latent_prefill(x, prefill_rows_setting());
+    ++g_prefill_launches;
   } else {
     DSV3_CHECK(N <= 65535, "latent attention: ", N, " rows in one step");
     const Split plan = split_plan(N);

@@ -42,6 +42,15 @@ void cuda_set_latent_attention_mma(bool on);
 bool cuda_latent_attention_mma();
 int64_t cuda_latent_attention_mma_launches();
 
+// Prefill steps (more rows than cuda_absorbed_gemv_rows(), rows of one sequence at consecutive
+// positions, on the tensor-core shapes) take a kernel with one CTA per this many query rows, each
+// cache tile read once for all of them (cuda_latent_prefill.h): 4 by default, 2, or 0 for the row
+// kernel everywhere (DSV3_LATENT_PREFILL_ROWS at start-up). cuda_latent_prefill_launches() counts
+// its launches (for tests).
+void cuda_set_latent_prefill_rows(int rows);
+int cuda_latent_prefill_rows();
+int64_t cuda_latent_prefill_launches();
+
 class CudaLatentAttention : public AttentionCache {
  public:
   // absorbed: W_UK / W_UV per cache layer on the device (ModelRunner::absorbed() on the CUDA backend).
@@ -73,6 +82,7 @@ class CudaLatentAttention : public AttentionCache {
     int mode = 0;
   };
   Split split_plan(int64_t N) const;
+  std::vector<int32_t> prefill_groups(const StepRows& rows) const;  // empty: the row kernel
   int64_t planned_len(int64_t N) const;  // positions the tables and tiles cover (max_len_ rounded up)
   const LatentKvPool& pool_;
   const std::vector<AbsorbedKvB>& absorbed_;

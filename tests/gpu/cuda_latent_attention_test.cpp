@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
+#include <stdexcept>
 #include <string>
 
 #include "attention_dims.h"
@@ -21,43 +23,70 @@
 namespace dsv3::test {
 namespace {
 
+// Host and device attention over the same random absorbed weights and the same block tables,
+// reserved one block at a time, round robin: every sequence owns scattered blocks.
+struct Pair {
+  std::unique_ptr<LatentKvPool> hp, dp;
+  std::unique_ptr<LatentAttention> host;
+  std::unique_ptr<CudaLatentAttention> dev;
+  std::vector<BlockTable> th, td;
+  Pair(const ModelDims& d, int64_t bs, const std::vector<int64_t>& lens) : th(lens.size()), td(lens.size()) {
+    CudaBackend& be = cuda_backend();
+    const int64_t layers = 1;
+    int64_t blocks = 0;
+    for (int64_t l : lens) blocks += (l + 2 + bs - 1) / bs + 1;
+    KvCacheOptions o;
+    o.block_size = bs;
+    o.dtype = DType::BF16;
+    o.budget_bytes = uint64_t(d.kv_lora + d.rope) * uint64_t(layers) * 2 * uint64_t(bs) * uint64_t(blocks);
+    hp = std::make_unique<LatentKvPool>(layers, d.kv_lora, d.rope, o);
+    o.host_storage = false;
+    dp = std::make_unique<LatentKvPool>(layers, d.kv_lora, d.rope, o);
+    AbsorbedKvB a;
+    a.w_uk = randn({d.nh, d.nope, d.kv_lora}, 21, 0, float(1.0 / std::sqrt(double(d.nope))));
+    a.w_uv = randn({d.nh, d.vd, d.kv_lora}, 21, 1, 0.05f);
+    const std::vector<AbsorbedKvB> wh = {a}, wd = {{be.to_device(a.w_uk), be.to_device(a.w_uv), {}, {}}};
+    host = std::make_unique<LatentAttention>(*hp, wh, d);
+    dev = std::make_unique<CudaLatentAttention>(*dp, wd, d);
+    dev->set_use_mla_decode(false);
+    const int64_t most = *std::max_element(lens.begin(), lens.end()) + 2;
+    for (int64_t upto = 1; (upto - 1) * bs < most; ++upto)
+      for (size_t s = 0; s < lens.size(); ++s) {
+        const int64_t want = std::min(lens[s] + 2, upto * bs);
+        if (!hp->reserve(th[s], want) || !dp->reserve(td[s], want)) throw std::runtime_error("pool too small");
+      }
+    for (size_t s = 0; s < lens.size(); ++s) {
+      host->tables.push_back(&th[s]);
+      dev->tables.push_back(&td[s]);
+    }
+  }
+};
+
+// Every sequence's prompt as the rows of one step.
+StepRows prefill_rows(const std::vector<int64_t>& lens) {
+  StepRows pre;
+  for (size_t s = 0; s < lens.size(); ++s)
+    for (int64_t p = 0; p < lens[s]; ++p) {
+      pre.seq.push_back(int32_t(s));
+      pre.pos.push_back(p);
+    }
+  return pre;
+}
+
 // Prefill of every sequence in one step, then two decode steps (one row per sequence). With
 // vs_fp32 (the tensor-core path on), each step runs again on the FP32 path, over the same pool, and
 // the two must agree within kF32: the tensor cores' operands keep q and P to 2⁻¹⁶ (two BF16 terms
 // each), where BF16 operands alone (2⁻⁹) would differ by ~1e-3; worst_vs_fp32 gets the largest.
+// A prefill of more rows than the absorbed GEMV's takes the prefill kernel on the tensor-core path
+// (cuda_latent_prefill.h); the row kernel's tensor-core path runs it again there, and must agree
+// within kF32 too.
 void against_host_once(const ModelDims& d, int64_t bs, const std::vector<int64_t>& lens, bool vs_fp32,
                        double& worst_vs_fp32) {
   CudaBackend& be = cuda_backend();
-  const int64_t layers = 1, S = int64_t(lens.size());
-  int64_t blocks = 0;
-  for (int64_t l : lens) blocks += (l + 2 + bs - 1) / bs + 1;
-  KvCacheOptions o;
-  o.block_size = bs;
-  o.dtype = DType::BF16;
-  o.budget_bytes = uint64_t(d.kv_lora + d.rope) * uint64_t(layers) * 2 * uint64_t(bs) * uint64_t(blocks);
-  LatentKvPool hp(layers, d.kv_lora, d.rope, o);
-  o.host_storage = false;
-  LatentKvPool dp(layers, d.kv_lora, d.rope, o);
-  AbsorbedKvB a;
-  a.w_uk = randn({d.nh, d.nope, d.kv_lora}, 21, 0, float(1.0 / std::sqrt(double(d.nope))));
-  a.w_uv = randn({d.nh, d.vd, d.kv_lora}, 21, 1, 0.05f);
-  const std::vector<AbsorbedKvB> wh = {a}, wd = {{be.to_device(a.w_uk), be.to_device(a.w_uv), {}, {}}};
-  LatentAttention host(hp, wh, d);
-  CudaLatentAttention dev(dp, wd, d);
-  dev.set_use_mla_decode(false);
-  std::vector<BlockTable> th(lens.size()), td(lens.size());
-  // Reservations one block at a time, round robin: every sequence owns scattered blocks.
-  const int64_t most = *std::max_element(lens.begin(), lens.end()) + 2;
-  for (int64_t upto = 1; (upto - 1) * bs < most; ++upto)
-    for (size_t s = 0; s < size_t(S); ++s) {
-      const int64_t want = std::min(lens[s] + 2, upto * bs);
-      ASSERT_TRUE(hp.reserve(th[s], want));
-      ASSERT_TRUE(dp.reserve(td[s], want));
-    }
-  for (size_t s = 0; s < size_t(S); ++s) {
-    host.tables.push_back(&th[s]);
-    dev.tables.push_back(&td[s]);
-  }
+  const int64_t S = int64_t(lens.size());
+  Pair pair(d, bs, lens);
+  LatentAttention& host = *pair.host;
+  CudaLatentAttention& dev = *pair.dev;
   MlaParams unused;
   worst_vs_fp32 = 0;
   auto step = [&](const StepRows& rows, uint64_t seed) {
@@ -68,6 +97,7 @@ void against_host_once(const ModelDims& d, int64_t bs, const std::vector<int64_t
     Tensor out_h = Tensor::empty(DType::F32, {N, d.nh * d.vd});
     host.attend(0, unused, rows, q, c, k, out_h);
     Tensor out_d = be.alloc(DType::F32, {N, d.nh * d.vd});
+    const int64_t prefill_before = cuda_latent_prefill_launches();
     dev.attend(0, unused, rows, be.to_device(q), be.to_device(c), be.to_device(k), out_d);
     const Tensor got = be.to_host(out_d);
     const Err e = compare(got, to_vec(out_h));
@@ -81,14 +111,15 @@ void against_host_once(const ModelDims& d, int64_t bs, const std::vector<int64_t
     const Err ef = compare(got, to_vec(be.to_host(out_f)));
     EXPECT_LE(ef.norm_err, tol::kF32) << "tensor cores against the FP32 path, worst element " << ef.worst;
     worst_vs_fp32 = std::max(worst_vs_fp32, ef.norm_err);
+    if (cuda_latent_prefill_launches() == prefill_before) return;
+    const int setting = cuda_latent_prefill_rows();
+    cuda_set_latent_prefill_rows(0);
+    dev.attend(0, unused, rows, be.to_device(q), be.to_device(c), be.to_device(k), out_f);
+    cuda_set_latent_prefill_rows(setting);
+    const Err er = compare(got, to_vec(be.to_host(out_f)));
+    EXPECT_LE(er.norm_err, tol::kF32) << "prefill kernel against the row kernel, worst element " << er.worst;
   };
-  StepRows pre;
-  for (size_t s = 0; s < size_t(S); ++s)
-    for (int64_t p = 0; p < lens[s]; ++p) {
-      pre.seq.push_back(int32_t(s));
-      pre.pos.push_back(p);
-    }
-  step(pre, 31);
+  step(prefill_rows(lens), 31);
   for (int64_t i = 0; i < 2; ++i) {
     StepRows dec;
     for (size_t s = 0; s < size_t(S); ++s) {
@@ -150,6 +181,52 @@ TEST(CudaLatentAttention, OddStepCountsAndNarrowRows) {
 TEST(CudaLatentAttention, RowsWithoutSixteenByteLoads) {
   ASSERT_GT(cuda_device_count(), 0);
   against_host(dims(5, 16, 16, 32, 70), 16, {600, 3}, false);  // rows of 86: synchronous loads, partials
+}
+
+// The prefill kernel (groups of 2 or 4 consecutive rows of one sequence per CTA) against the row
+// kernel on the tensor cores: the same bits while the row kernel runs one split per row (600+ rows
+// of one head group: two CTAs per SM on up to 300 SMs), under kF32 against each other and kBf16
+// against the host. Prompts whose lengths leave groups of 1–3 rows at their ends, one of one row,
+// a second head group partly empty.
+TEST(CudaLatentAttention, PrefillGroupsEqualTheRowKernel) {
+  ASSERT_GT(cuda_device_count(), 0);
+  CudaBackend& be = cuda_backend();
+  const int setting = cuda_latent_prefill_rows();
+  for (const ModelDims& d : {kBench07b, dims(20, 16, 32, 24, 64)}) {
+    const std::vector<int64_t> lens = {300, 1, 77, 129, 34, 64, 3};
+    Pair pair(d, 64, lens);
+    const StepRows rows = prefill_rows(lens);
+    const int64_t N = rows.size();
+    ASSERT_GE(N, 600);
+    const Tensor q = randn({N, d.nh, d.qk}, 41, 0), c = randn({N, d.kv_lora}, 41, 1), k = randn({N, d.rope}, 41, 2);
+    Tensor out_h = Tensor::empty(DType::F32, {N, d.nh * d.vd});
+    MlaParams unused;
+    pair.host->attend(0, unused, rows, q, c, k, out_h);
+    auto run = [&](int per_cta) {
+      cuda_set_latent_prefill_rows(per_cta);
+      Tensor out = be.alloc(DType::F32, {N, d.nh * d.vd});
+      const int64_t before = cuda_latent_prefill_launches();
+      pair.dev->attend(0, unused, rows, be.to_device(q), be.to_device(c), be.to_device(k), out);
+      EXPECT_EQ(cuda_latent_prefill_launches() - before, per_cta ? 1 : 0) << per_cta << " rows per CTA";
+      return to_vec(be.to_host(out));
+    };
+    const Vec row = run(0);
+    for (int per_cta : {2, 4}) {
+      SCOPED_TRACE(cat(per_cta, " rows per CTA, ", d.nh, " heads"));
+      const Vec got = run(per_cta);
+      ASSERT_EQ(got.size(), row.size());
+      int64_t differ = 0;
+      for (size_t i = 0; i < got.size(); ++i) differ += got[i] != row[i];
+      EXPECT_EQ(differ, 0) << "elements that differ from the row kernel's";
+      Tensor t = Tensor::empty(DType::F32, {N, d.nh * d.vd});
+      std::copy(got.begin(), got.end(), t.data<float>());
+      const Err e = compare(t, to_vec(out_h));
+      EXPECT_EQ(e.non_finite, 0);
+      EXPECT_LE(e.norm_err, tol::kBf16) << "against the host, worst element " << e.worst;
+    }
+  }
+  cuda_set_latent_prefill_rows(setting);
+  EXPECT_THROW(cuda_set_latent_prefill_rows(3), std::exception);
 }
 
 }  // namespace

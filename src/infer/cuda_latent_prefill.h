@@ -1,0 +1,32 @@
+// The generic absorbed attention for prefill rows (cuda_latent_attention.cu's kernel is one CTA per
+// query row): one CTA per group of up to Q consecutive rows of one sequence (positions p..p+Q−1) and
+// 16 heads, every 32-position tile of the cache read once for all of the group's rows, the scores
+// and P·V on BF16 tensor cores with q and P as two BF16 terms each (the row kernel's arithmetic, row
+// for row: on finite cache rows the results are the same bits). Only the tensor-core shapes of the
+// row kernel (kv_lora_rank ≤ 256, rows of ≤ 320 values, multiples of 8 / 16), one split per group.
+// Internal to the CUDA build: included by cuda_latent_attention.cu.
+#pragma once
+#include <cstdint>
+
+#include <cuda_bf16.h>
+
+namespace dsv3 {
+
+struct LatentPrefillArgs {
+  const float* qcat;  // [N, nh, W]: the latent part of the absorbed query (columns < R)
+  const float* qrot;  // [N, nh, qk]: q_pe at columns nope..qk
+  const __nv_bfloat16* pool;
+  const int32_t* meta;    // CudaLatentAttention's step metadata: lengths [N] | … | tables [N, maxb]
+  const int32_t* groups;  // [ngroups + 1]: first row of each group, then N
+  int n, maxb, nh, W, R, qk, nope, ngroups;
+  int64_t layers, bs, layer;
+  float scale;  // softmax scale · log2 e
+  float* lat;   // [N, nh, R]
+};
+
+// Rows per group the kernel is compiled for.
+bool latent_prefill_rows_ok(int q);
+// One launch on cuda::stream(): grid (ngroups, head groups of 16).
+void launch_latent_prefill(const LatentPrefillArgs& a, int q);
+
+}  // namespace dsv3
