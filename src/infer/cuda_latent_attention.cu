@@ -64,21 +64,13 @@ constexpr int kMaxSplits = 64;
 constexpr int kMaxColumns = 512;  // kv_lora_rank
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-struct AttnArgs {
-  const float* qcat;  // [N, nh, W]: the latent part of the absorbed query
-  const float* qrot;  // [N, nh, qk]: q_pe at columns nope..qk
-  const __nv_bfloat16* pool;
-  const int32_t* meta;
-  int n, maxb, nh, W, R, qk, nope;
-  int64_t layers, bs, layer;
-  float scale;  // softmax scale · log2 e
+struct AttnArgs : LatentAttnCommon {
   int splits, max_tiles;
   bool qvec;    // q readable as float4 pieces
   int mode;     // 0: one split, lat written directly; 1: cluster merge; 2: partials to part
   const float* c_new;    // with fold: this step's rows (c_kv_n [N, R], k_pe [N, P]), which
   const float* kpe_new;  // the kernel writes to the pool and reads from here instead
   bool fold;             // every row of the step is the last of its sequence (decode)
-  float* lat;   // [N, nh, R]
   float* part;  // mode 2: [N, nh, splits, R + 2] = (max, sum, acc)
 };
 
@@ -930,6 +922,23 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
   }
 
   Tensor lat = be.alloc(DType::F32, {N, nh, R});
+  LatentAttnCommon common;
+  common.qcat = qcat.data<float>();
+  common.qrot = q.data<float>();
+  common.pool = ptr<__nv_bfloat16>(storage_);
+  common.meta = meta;
+  common.n = int(N);
+  common.maxb = int(max_blocks_);
+  common.nh = int(nh);
+  common.W = int(W);
+  common.R = int(R);
+  common.qk = int(d_.qk);
+  common.nope = int(d_.nope);
+  common.layers = layers;
+  common.bs = bs;
+  common.layer = layer;
+  common.scale = float(double(d_.softmax_scale) * 1.4426950408889634);
+  common.lat = ptr<float>(lat);
   if (uses_mla_decode()) {
     MlaDecodeArgs a;
     a.q = qcat;
@@ -949,24 +958,9 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
     std::copy(starts.begin(), starts.end(), host_starts.data<int32_t>());
     const Tensor groups = be.to_device(host_starts);
     LatentPrefillArgs x;
-    x.qcat = qcat.data<float>();
-    x.qrot = q.data<float>();
-    x.pool = ptr<__nv_bfloat16>(storage_);
-    x.meta = meta;
+    static_cast<LatentAttnCommon&>(x) = common;
     x.groups = groups.data<int32_t>();
-    x.n = int(N);
-    x.maxb = int(max_blocks_);
-    x.nh = int(nh);
-    x.W = int(W);
-    x.R = int(R);
-    x.qk = int(d_.qk);
-    x.nope = int(d_.nope);
     x.ngroups = int(starts.size() - 1);
-    x.layers = layers;
-    x.bs = bs;
-    x.layer = layer;
-    x.scale = float(double(d_.softmax_scale) * 1.4426950408889634);
-    x.lat = ptr<float>(lat);
     launch_latent_prefill(x, prefill_rows_setting());
     ++g_prefill_launches;
   } else {
@@ -976,21 +970,7 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
     const int mode = plan.mode;
     Tensor part = mode == kPartials ? be.alloc(DType::F32, {N * nh * splits * (R + 2)}) : Tensor();
     AttnArgs x;
-    x.qcat = qcat.data<float>();
-    x.qrot = q.data<float>();
-    x.pool = ptr<__nv_bfloat16>(storage_);
-    x.meta = meta;
-    x.n = int(N);
-    x.maxb = int(max_blocks_);
-    x.nh = int(nh);
-    x.W = int(W);
-    x.R = int(R);
-    x.qk = int(d_.qk);
-    x.nope = int(d_.nope);
-    x.layers = layers;
-    x.bs = bs;
-    x.layer = layer;
-    x.scale = float(double(d_.softmax_scale) * 1.4426950408889634);
+    static_cast<LatentAttnCommon&>(x) = common;
     x.splits = int(splits);
     x.max_tiles = int(tiles);
     x.qvec = W % 4 == 0 && R % 4 == 0 && d_.qk % 4 == 0 && d_.nope % 4 == 0;
@@ -998,7 +978,6 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
     x.c_new = c_kv_n.data<float>();
     x.kpe_new = k_pe.data<float>();
     x.fold = fold;
-    x.lat = ptr<float>(lat);
     x.part = mode == kPartials ? ptr<float>(part) : nullptr;
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(unsigned(splits), unsigned(N), unsigned(groups));

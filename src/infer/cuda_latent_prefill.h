@@ -12,16 +12,21 @@
 
 namespace dsv3 {
 
-struct LatentPrefillArgs {
+// What both latent attention kernels read and write (the row kernel's AttnArgs extends it too).
+struct LatentAttnCommon {
   const float* qcat;  // [N, nh, W]: the latent part of the absorbed query (columns < R)
   const float* qrot;  // [N, nh, qk]: q_pe at columns nope..qk
   const __nv_bfloat16* pool;
-  const int32_t* meta;    // CudaLatentAttention's step metadata: lengths [N] | … | tables [N, maxb]
-  const int32_t* groups;  // [ngroups + 1]: first row of each group, then N
-  int n, maxb, nh, W, R, qk, nope, ngroups;
+  const int32_t* meta;  // CudaLatentAttention's step metadata: lengths [N] | blocks | slots | tables [N, maxb]
+  int n, maxb, nh, W, R, qk, nope;
   int64_t layers, bs, layer;
   float scale;  // softmax scale · log2 e
   float* lat;   // [N, nh, R]
+};
+
+struct LatentPrefillArgs : LatentAttnCommon {
+  const int32_t* groups;  // [ngroups + 1]: first row of each group, then N
+  int ngroups;
 };
 
 // Rows per group the kernel is compiled for.
