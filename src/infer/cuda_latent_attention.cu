@@ -638,7 +638,7 @@ std::atomic<int64_t> g_prefill_launches{0};
 int& prefill_rows_setting() {
   static int q = [] {
     const char* e = std::getenv("DSV3_LATENT_PREFILL_ROWS");
-    if (!e) return 4;
+    if (!e) return 2;
     const int v = std::atoi(e);
     if (v != 0 && !latent_prefill_rows_ok(v))
       input_error("DSV3_LATENT_PREFILL_ROWS is '", e, "': 0 (off), 2 or 4");
@@ -835,14 +835,18 @@ CudaLatentAttention::Split CudaLatentAttention::split_plan(int64_t N) const {
 }
 
 // The prefill kernel's groups when it takes this step: a step beyond the GEMV's rows (never a
-// graph's: prepare_step refuses those), on the tensor-core shapes, whose rows form groups of two or
-// more on average (a prefill chunk; decode steps are one row per sequence).
+// graph's: prepare_step refuses those), on the tensor-core shapes, whose rows form groups of 1.5 or
+// more on average (prefill chunks; decode steps are one row per sequence), and at least two groups
+// per SM: with fewer, the row kernel's CTAs spread a short prompt better (bench-0.7b, one prompt of
+// 512 tokens: 5.47 ms in groups of 2 against 5.30 per row; 1,024 tokens, 512 groups: 9.19 against
+// 9.84; `dsv3_bench_gpu_prefill`, H200, 2026-12-02).
 std::vector<int32_t> CudaLatentAttention::prefill_groups(const StepRows& rows) const {
   const int64_t N = rows.size();
   const int q = prefill_rows_setting();
   if (q == 0 || N <= g_absorbed_gemv_rows || !mma_setting() || !mma_shape(d_) || uses_mla_decode()) return {};
   std::vector<int32_t> starts = query_groups(rows, q);
-  if (2 * (int64_t(starts.size()) - 1) > N) return {};
+  const int64_t groups = int64_t(starts.size()) - 1;
+  if (3 * groups > 2 * N || groups < 2 * int64_t(sm_count())) return {};
   return starts;
 }
 

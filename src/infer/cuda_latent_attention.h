@@ -43,10 +43,11 @@ bool cuda_latent_attention_mma();
 int64_t cuda_latent_attention_mma_launches();
 
 // Prefill steps (more rows than cuda_absorbed_gemv_rows(), rows of one sequence at consecutive
-// positions, on the tensor-core shapes) take a kernel with one CTA per this many query rows, each
-// cache tile read once for all of them (cuda_latent_prefill.h): 4 by default, 2, or 0 for the row
-// kernel everywhere (DSV3_LATENT_PREFILL_ROWS at start-up). cuda_latent_prefill_launches() counts
-// its launches (for tests).
+// positions, on the tensor-core shapes, at least two groups of rows per SM) take a kernel with one
+// CTA per this many query rows, each cache tile read once for all of them (cuda_latent_prefill.h):
+// 2 by default, 4 (one CTA per SM: slower), or 0 for the row kernel everywhere
+// (DSV3_LATENT_PREFILL_ROWS at start-up). cuda_latent_prefill_launches() counts its launches (for
+// tests).
 void cuda_set_latent_prefill_rows(int rows);
 int cuda_latent_prefill_rows();
 int64_t cuda_latent_prefill_launches();

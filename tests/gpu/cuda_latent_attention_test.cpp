@@ -29,6 +29,7 @@ struct Pair {
   std::unique_ptr<LatentKvPool> hp, dp;
   std::unique_ptr<LatentAttention> host;
   std::unique_ptr<CudaLatentAttention> dev;
+  std::vector<AbsorbedKvB> wh, wd;  // the attention objects keep references to these
   std::vector<BlockTable> th, td;
   Pair(const ModelDims& d, int64_t bs, const std::vector<int64_t>& lens) : th(lens.size()), td(lens.size()) {
     CudaBackend& be = cuda_backend();
@@ -45,7 +46,8 @@ struct Pair {
     AbsorbedKvB a;
     a.w_uk = randn({d.nh, d.nope, d.kv_lora}, 21, 0, float(1.0 / std::sqrt(double(d.nope))));
     a.w_uv = randn({d.nh, d.vd, d.kv_lora}, 21, 1, 0.05f);
-    const std::vector<AbsorbedKvB> wh = {a}, wd = {{be.to_device(a.w_uk), be.to_device(a.w_uv), {}, {}}};
+    wh = {a};
+    wd = {{be.to_device(a.w_uk), be.to_device(a.w_uv), {}, {}}};
     host = std::make_unique<LatentAttention>(*hp, wh, d);
     dev = std::make_unique<CudaLatentAttention>(*dp, wd, d);
     dev->set_use_mla_decode(false);
@@ -184,20 +186,21 @@ TEST(CudaLatentAttention, RowsWithoutSixteenByteLoads) {
 }
 
 // The prefill kernel (groups of 2 or 4 consecutive rows of one sequence per CTA) against the row
-// kernel on the tensor cores: the same bits while the row kernel runs one split per row (600+ rows
-// of one head group: two CTAs per SM on up to 300 SMs), under kF32 against each other and kBf16
-// against the host. Prompts whose lengths leave groups of 1–3 rows at their ends, one of one row,
-// a second head group partly empty.
+// kernel on the tensor cores: the same bits while the row kernel runs one split per row (1,300 rows
+// of one head group: two CTAs per SM on up to 650 SMs), and kBf16 against the host. 1,300 rows
+// make 330 groups of up to 4 (the kernel takes a step of at least two groups per SM; 132 on the
+// H200). Prompts whose lengths leave groups of 1–3 rows at their ends, one of one row, a second
+// head group partly empty.
 TEST(CudaLatentAttention, PrefillGroupsEqualTheRowKernel) {
   ASSERT_GT(cuda_device_count(), 0);
   CudaBackend& be = cuda_backend();
   const int setting = cuda_latent_prefill_rows();
   for (const ModelDims& d : {kBench07b, dims(20, 16, 32, 24, 64)}) {
-    const std::vector<int64_t> lens = {300, 1, 77, 129, 34, 64, 3};
+    const std::vector<int64_t> lens = {700, 1, 77, 129, 34, 64, 3, 300};
     Pair pair(d, 64, lens);
     const StepRows rows = prefill_rows(lens);
     const int64_t N = rows.size();
-    ASSERT_GE(N, 600);
+    ASSERT_EQ(N, 1308);
     const Tensor q = randn({N, d.nh, d.qk}, 41, 0), c = randn({N, d.kv_lora}, 41, 1), k = randn({N, d.rope}, 41, 2);
     Tensor out_h = Tensor::empty(DType::F32, {N, d.nh * d.vd});
     MlaParams unused;
