@@ -33,7 +33,7 @@ if [ -z "${PREBUILT:-}" ]; then
   cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSV3_CUDA=ON -DDSV3_CUDA_ARCHS=90a >"$OUT/build.log" 2>&1
   # -k 0: a target that fails to build does not stop the others (each step checks its binary).
   cmake --build build-gpu -j "$jobs" --target dsv3 dsv3_gpu_tests dsv3_bench_gpu_gemm dsv3_bench_gpu_mla_decode dsv3_bench_gpu_train \
-    dsv3_bench_gpu_attention dsv3_bench_gpu_decode dsv3_bench_gpu_fp8_accum dsv3_bench_decode \
+    dsv3_bench_gpu_attention dsv3_bench_gpu_decode dsv3_bench_gpu_prefill dsv3_bench_gpu_fp8_accum dsv3_bench_decode \
     -- -k 0 >>"$OUT/build.log" 2>&1 || { status=1; grep -E "error|FAILED" "$OUT/build.log" | head -30; }
 else
   step "prebuilt binaries from $B"
@@ -73,6 +73,10 @@ take gpu_attention.json
 step "decode on the GPU engine (bench-0.7b, prompt 128, 128 new tokens, batch 1 and 32; vs transformers when HF=1)"
 timeout 240 "$B"/dsv3_bench_gpu_decode --hf "$OUT/hf_gpu.json" 2>&1 | tee "$OUT/gpu_decode.txt" | tee -a "$OUT/summary.txt"
 take gpu_decode.json
+
+step "prefill on the GPU engine (bench-0.7b, one prompt of 1,024-4,000 tokens; the latent attention's prefill kernel vs its row kernel)"
+timeout 180 "$B"/dsv3_bench_gpu_prefill --prompts 1024,2048,4000 --rows 0,2 2>&1 | tee "$OUT/gpu_prefill.txt" | tee -a "$OUT/summary.txt"
+take gpu_prefill.json
 
 if [ -n "${SPEC_MODEL:-}" ]; then
   step "MTP speculation on the GPU engine (batch 1, greedy, BF16 weights, graphs and eager; $SPEC_MODEL)"

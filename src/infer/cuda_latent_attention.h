@@ -17,7 +17,8 @@
 //   3. lat[r, h] = Σ_j softmax(scale·qcat·row_j)·c_j over the row's sequence up to its position:
 //      cuda_mla_decode (backend/cuda/mla_decode.h) at DeepSeek-V2/V3's 512 + 64 and block size 64,
 //      a generic kernel for other shapes (one CTA per split of a row's positions and 16 heads, 32-row
-//      tiles in shared memory; the splits of a row merged in a thread-block cluster);
+//      tiles in shared memory; the splits of a row merged in a thread-block cluster; prefill steps
+//      one CTA per two consecutive rows of a sequence, cuda_latent_prefill.h);
 //   4. o[r, h] = W_UV[h]·lat[r, h], as in 2.
 // Every row is its own attention entry (length pos + 1, its sequence's block table), so chunked
 // prefill and draft verification are the same call as decode. The per-row tables, lengths and
