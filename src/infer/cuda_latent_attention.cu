@@ -632,38 +632,6 @@ bool& mma_setting() {
   return on;
 }
 std::atomic<int64_t> g_mma_launches{0};
-std::atomic<int64_t> g_prefill_launches{0};
-
-// Rows per CTA of the prefill kernel (0: the row kernel for every step); DSV3_LATENT_PREFILL_ROWS.
-int& prefill_rows_setting() {
-  static int q = [] {
-    const char* e = std::getenv("DSV3_LATENT_PREFILL_ROWS");
-    if (!e) return 2;
-    const int v = std::atoi(e);
-    if (v != 0 && !latent_prefill_rows_ok(v))
-      input_error("DSV3_LATENT_PREFILL_ROWS is '", e, "': 0 (off), 2 or 4");
-    return v;
-  }();
-  return q;
-}
-
-// The first row of each group of up to q consecutive rows of one sequence at consecutive positions
-// (a prefill chunk's rows), then N.
-std::vector<int32_t> query_groups(const StepRows& rows, int q) {
-  const int64_t N = rows.size();
-  std::vector<int32_t> starts;
-  for (int64_t r = 0; r < N;) {
-    starts.push_back(int32_t(r));
-    int64_t e = r + 1;
-    while (e < N && e - r < q && rows.seq[size_t(e)] == rows.seq[size_t(r)] &&
-           rows.pos[size_t(e)] == rows.pos[size_t(e - 1)] + 1)
-      ++e;
-    r = e;
-  }
-  starts.push_back(int32_t(N));
-  return starts;
-}
-
 int64_t g_absorbed_gemv_rows = kCudaGemvMaxRows;
 
 // Whether every value of an F32 host tensor is a BF16 value (a slice of a BF16 kv_b_proj is).
@@ -706,12 +674,6 @@ int64_t cuda_absorbed_gemv_rows() { return g_absorbed_gemv_rows; }
 void cuda_set_latent_attention_mma(bool on) { mma_setting() = on; }
 bool cuda_latent_attention_mma() { return mma_setting(); }
 int64_t cuda_latent_attention_mma_launches() { return g_mma_launches; }
-void cuda_set_latent_prefill_rows(int rows) {
-  if (rows != 0 && !latent_prefill_rows_ok(rows)) input_error("latent prefill rows per CTA: ", rows, " (0, 2 or 4)");
-  prefill_rows_setting() = rows;
-}
-int cuda_latent_prefill_rows() { return prefill_rows_setting(); }
-int64_t cuda_latent_prefill_launches() { return g_prefill_launches; }
 
 CudaLatentAttention::CudaLatentAttention(const LatentKvPool& pool, const std::vector<AbsorbedKvB>& absorbed,
                                          const ModelDims& d)
@@ -842,9 +804,9 @@ CudaLatentAttention::Split CudaLatentAttention::split_plan(int64_t N) const {
 // 9.84; `dsv3_bench_gpu_prefill`, H200, 2026-12-02).
 std::vector<int32_t> CudaLatentAttention::prefill_groups(const StepRows& rows) const {
   const int64_t N = rows.size();
-  const int q = prefill_rows_setting();
+  const int q = cuda_latent_prefill_rows();
   if (q == 0 || N <= g_absorbed_gemv_rows || !mma_setting() || !mma_shape(d_) || uses_mla_decode()) return {};
-  std::vector<int32_t> starts = query_groups(rows, q);
+  std::vector<int32_t> starts = latent_prefill_groups(rows, q);
   const int64_t groups = int64_t(starts.size()) - 1;
   if (3 * groups > 2 * N || groups < 2 * int64_t(sm_count())) return {};
   return starts;
@@ -965,8 +927,7 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
     static_cast<LatentAttnCommon&>(x) = common;
     x.groups = groups.data<int32_t>();
     x.ngroups = int(starts.size() - 1);
-    launch_latent_prefill(x, prefill_rows_setting());
-    ++g_prefill_launches;
+    launch_latent_prefill(x, cuda_latent_prefill_rows());
   } else {
     DSV3_CHECK(N <= 65535, "latent attention: ", N, " rows in one step");
     const Split plan = split_plan(N);

@@ -1,10 +1,14 @@
 #include "infer/cuda_latent_prefill.h"
 
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/mma.cuh"
 #include "backend/cuda/stream.h"
+#include "infer/cuda_latent_attention.h"
 
 namespace dsv3 {
 using namespace cuda;
@@ -246,9 +250,43 @@ void launch(const LatentPrefillArgs& a) {
   check_launch("latent prefill attention");
 }
 
+std::atomic<int64_t> g_launches{0};
+
+// Rows per CTA (0: the row kernel for every step); DSV3_LATENT_PREFILL_ROWS at start-up.
+int& rows_setting() {
+  static int q = [] {
+    const char* e = std::getenv("DSV3_LATENT_PREFILL_ROWS");
+    if (!e) return 2;
+    const std::string v = e;
+    if (v != "0" && v != "2" && v != "4") input_error("DSV3_LATENT_PREFILL_ROWS is '", v, "': 0 (off), 2 or 4");
+    return std::stoi(v);
+  }();
+  return q;
+}
+
 }  // namespace
 
-bool latent_prefill_rows_ok(int q) { return q == 2 || q == 4; }
+void cuda_set_latent_prefill_rows(int rows) {
+  if (rows != 0 && rows != 2 && rows != 4) input_error("latent prefill rows per CTA: ", rows, " (0, 2 or 4)");
+  rows_setting() = rows;
+}
+int cuda_latent_prefill_rows() { return rows_setting(); }
+int64_t cuda_latent_prefill_launches() { return g_launches; }
+
+std::vector<int32_t> latent_prefill_groups(const StepRows& rows, int q) {
+  const int64_t N = rows.size();
+  std::vector<int32_t> starts;
+  for (int64_t r = 0; r < N;) {
+    starts.push_back(int32_t(r));
+    int64_t e = r + 1;
+    while (e < N && e - r < q && rows.seq[size_t(e)] == rows.seq[size_t(r)] &&
+           rows.pos[size_t(e)] == rows.pos[size_t(e - 1)] + 1)
+      ++e;
+    r = e;
+  }
+  starts.push_back(int32_t(N));
+  return starts;
+}
 
 void launch_latent_prefill(const LatentPrefillArgs& a, int q) {
   DSV3_CHECK(a.W % 16 == 0 && a.W <= 320 && a.R % 8 == 0 && a.R <= 256 && a.ngroups > 0,
@@ -259,6 +297,7 @@ void launch_latent_prefill(const LatentPrefillArgs& a, int q) {
     launch<4>(a);
   else
     DSV3_CHECK(false, "latent prefill attention: ", q, " rows per group");
+  ++g_launches;
 }
 
 }  // namespace dsv3

@@ -7,8 +7,11 @@
 // Internal to the CUDA build: included by cuda_latent_attention.cu.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include <cuda_bf16.h>
+
+#include "infer/mla_absorbed.h"
 
 namespace dsv3 {
 
@@ -29,9 +32,11 @@ struct LatentPrefillArgs : LatentAttnCommon {
   int ngroups;
 };
 
-// Rows per group the kernel is compiled for.
-bool latent_prefill_rows_ok(int q);
-// One launch on cuda::stream(): grid (ngroups, head groups of 16).
+// The first row of each group of up to q consecutive rows of one sequence at consecutive positions
+// (a prefill chunk's rows), then N.
+std::vector<int32_t> latent_prefill_groups(const StepRows& rows, int q);
+// One launch on cuda::stream(): grid (ngroups, head groups of 16); q is 2 or 4. Counted by
+// cuda_latent_prefill_launches() (cuda_latent_attention.h, with the setting that picks q).
 void launch_latent_prefill(const LatentPrefillArgs& a, int q);
 
 }  // namespace dsv3
