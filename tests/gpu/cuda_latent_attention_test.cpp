@@ -5,7 +5,9 @@
 // positions; with uneven and empty splits), and partials merged by a second kernel (few rows, long
 // contexts). Also: a second head group that is partly empty, rows without 16-byte loads. Each shape
 // runs on the FP32 path and, where its widths allow (kv_lora_rank ≤ 256 and a multiple of 8, rows of
-// ≤ 320 values and a multiple of 16), on the tensor-core path; a launch count shows which ran.
+// ≤ 320 values and a multiple of 16), on the tensor-core path; a launch count shows which ran. Large
+// prefills on the tensor-core path take the prefill kernel (groups of consecutive query rows per
+// CTA), compared with the row kernel too.
 #include <gtest/gtest.h>
 
 #include <algorithm>
