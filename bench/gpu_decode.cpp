@@ -207,15 +207,7 @@ int main(int argc, char** argv) {
       "[--profile-prefill 1] [--small-rows N (default 8)] [--gemv-rows N (steps of up to N rows on the GEMV kernels and graphs; "
       "default and most 128)] [--base-gemv-rows N (the comparison run's; default 32)] [--out NAME (bench/results/NAME.json; default gpu_decode)]\n";
   if (const int rc = bench::check_pair_args(argc, argv, usage); rc >= 0) return rc;
-  auto items = [](const std::string& v) {  // a comma-separated list
-    std::vector<std::string> out;
-    for (size_t a = 0; a <= v.size();) {
-      const size_t b = std::min(v.find(',', a), v.size());
-      out.push_back(v.substr(a, b - a));
-      a = b + 1;
-    }
-    return out;
-  };
+  const auto items = bench::split_list;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
     if (k == "--preset") preset = v;

@@ -41,11 +41,7 @@ namespace {
 
 std::vector<int64_t> numbers(const std::string& v) {
   std::vector<int64_t> out;
-  for (size_t a = 0; a <= v.size();) {
-    const size_t b = std::min(v.find(',', a), v.size());
-    out.push_back(std::stoll(v.substr(a, b - a)));
-    a = b + 1;
-  }
+  for (const std::string& s : bench::split_list(v)) out.push_back(std::stoll(s));
   return out;
 }
 

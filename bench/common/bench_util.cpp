@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdio>
 #include <cstdlib>
@@ -71,6 +72,16 @@ int check_pair_args(int argc, char** argv, const char* usage) {
     return 2;
   }
   return -1;
+}
+
+std::vector<std::string> split_list(const std::string& v) {
+  std::vector<std::string> out;
+  for (size_t a = 0; a <= v.size();) {
+    const size_t b = std::min(v.find(',', a), v.size());
+    out.push_back(v.substr(a, b - a));
+    a = b + 1;
+  }
+  return out;
 }
 
 }  // namespace dsv3::bench

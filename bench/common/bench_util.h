@@ -4,6 +4,7 @@
 #include <chrono>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 namespace dsv3::bench {
 
@@ -21,5 +22,8 @@ std::string write_result(const std::string& name, nlohmann::json result);
 // For programs that take "--flag value" pairs, before parsing them: 0 after printing `usage` to
 // stdout for --help or -h, 2 (usage on stderr) when the last flag has no value, -1 to go on.
 int check_pair_args(int argc, char** argv, const char* usage);
+
+// "a,b,c" → {"a", "b", "c"} (a flag's comma-separated list; empty items kept).
+std::vector<std::string> split_list(const std::string& v);
 
 }  // namespace dsv3::bench

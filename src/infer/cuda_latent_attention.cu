@@ -752,6 +752,10 @@ void CudaLatentAttention::upload(const StepRows& rows) {
     last_rows_ = !c;
     c = 1;
   }
+  // The prefill kernel's row groups follow the tables (its step only: decode steps keep their size).
+  const std::vector<int32_t> starts = prefill_groups(rows);
+  prefill_ngroups_ = starts.empty() ? 0 : int64_t(starts.size()) - 1;
+  meta.insert(meta.end(), starts.begin(), starts.end());
   if (N == rows_ && maxb == max_blocks_ && meta == meta_host_) return;
   meta_host_ = std::move(meta);
   rows_ = N;
@@ -919,14 +923,11 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
     a.scale = d_.softmax_scale;
     a.out = lat;
     cuda_mla_decode(a);
-  } else if (const std::vector<int32_t> starts = prefill_groups(rows); !starts.empty()) {
-    Tensor host_starts = Tensor::empty(DType::I32, {int64_t(starts.size())});
-    std::copy(starts.begin(), starts.end(), host_starts.data<int32_t>());
-    const Tensor groups = be.to_device(host_starts);
+  } else if (prefill_ngroups_ > 0) {
     LatentPrefillArgs x;
     static_cast<LatentAttnCommon&>(x) = common;
-    x.groups = groups.data<int32_t>();
-    x.ngroups = int(starts.size() - 1);
+    x.groups = meta + 3 * N + N * max_blocks_;
+    x.ngroups = int(prefill_ngroups_);
     launch_latent_prefill(x, cuda_latent_prefill_rows());
   } else {
     DSV3_CHECK(N <= 65535, "latent attention: ", N, " rows in one step");

@@ -101,6 +101,7 @@ class CudaLatentAttention : public AttentionCache {
   int64_t rows_ = 0, max_blocks_ = 0, max_len_ = 0, uploads_ = 0;
   bool use_mla_decode_ = true;
   bool last_rows_ = false;  // this step has one row per sequence (a decode step)
+  int64_t prefill_ngroups_ = 0;  // the prefill kernel's groups this step (their starts end the metadata), or 0
   int64_t serial_ = 0;      // distinct per object in the process: part of the step key
 };
 

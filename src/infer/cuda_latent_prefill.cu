@@ -54,16 +54,10 @@ __global__ void __launch_bounds__(kThreads, Q <= 2 ? 2 : 1) latent_prefill_kerne
   const int grp = a.ngroups - 1 - int(blockIdx.x), h0 = int(blockIdx.y) * kHg;
   const int r0 = a.groups[grp], nq = a.groups[grp + 1] - r0;
   int lens[Q];
-  int len = 0, longest = r0;
 #pragma unroll
-  for (int q = 0; q < Q; ++q) {
-    lens[q] = q < nq ? a.meta[r0 + q] : 0;
-    if (lens[q] > len) {
-      len = lens[q];
-      longest = r0 + q;
-    }
-  }
-  const int32_t* table = a.meta + 3 * a.n + int64_t(longest) * a.maxb;
+  for (int q = 0; q < Q; ++q) lens[q] = q < nq ? a.meta[r0 + q] : 0;
+  const int len = a.meta[r0 + nq - 1];  // the longest row's, and its table covers every tile
+  const int32_t* table = a.meta + 3 * a.n + int64_t(r0 + nq - 1) * a.maxb;
   const int bs = int(a.bs), V = W >> 3;
   // idx / V through F32: idx < 32·V, V ≤ 40, so (idx + ½)/V lies ≥ 1/80 from an integer.
   const float rv = 1.0f / float(V);

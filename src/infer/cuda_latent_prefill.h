@@ -28,7 +28,7 @@ struct LatentAttnCommon {
 };
 
 struct LatentPrefillArgs : LatentAttnCommon {
-  const int32_t* groups;  // [ngroups + 1]: first row of each group, then N
+  const int32_t* groups;  // [ngroups + 1]: first row of each group, then N (the metadata's end)
   int ngroups;
 };
 
