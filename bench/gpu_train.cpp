@@ -160,6 +160,7 @@ struct Run {
   int lanes = 0;                      // lane streams of the timed steps (0: none)
   double step_s_no_lanes = 0;         // the same steps with lanes off
   double step_s_dq_kernel = 0;        // the same steps with the attention's dQ by its own kernel
+  double step_s_attn_before = 0;      // with the mma.sync forward and dk/dv, the dQ matmul in one block
   std::map<std::string, double> linears;  // per group, per step
   std::map<std::string, double> modules;  // one layer's module, forward / backward (s)
 };
@@ -325,6 +326,20 @@ Run measure(CudaBackend& be, const ModelConfig& cfg, const Weights& host, const 
   if (cuda_attention_bf16() && cuda_attention_dq_matmul())
     r.step_s_dq_kernel = steps_with([] { cuda_set_attention_dq_matmul(false); },
                                     [] { cuda_set_attention_dq_matmul(true); });
+  // The BF16 attention as before 2026-12-02: mma.sync forward and dk/dv, the dQ matmul over the whole square.
+  if (cuda_attention_bf16() && cuda_attention_dq_matmul()) {
+    const int blocks = cuda_attention_dq_blocks();
+    const bool wgmma = cuda_attention_wgmma();
+    r.step_s_attn_before = steps_with(
+        [] {
+          cuda_set_attention_wgmma(false);
+          cuda_set_attention_dq_blocks(1);
+        },
+        [&] {
+          cuda_set_attention_wgmma(wgmma);
+          cuda_set_attention_dq_blocks(blocks);
+        });
+  }
   r.tflops = r.tok_s * fpt / 1e12;
   size_t free_b = 0, total_b = 0;
   cudaMemGetInfo(&free_b, &total_b);
@@ -438,6 +453,10 @@ int main(int argc, char** argv) {
     if (r.step_s_dq_kernel > 0)
       std::printf("[%s] attention dQ as a matmul from dS: %.3f s per step; by the dq kernel: %.3f s (%.2fx)\n",
                   p.c_str(), r.step_s, r.step_s_dq_kernel, r.step_s_dq_kernel / r.step_s);
+    if (r.step_s_attn_before > 0)
+      std::printf("[%s] attention forward and dk/dv on wgmma, causal dQ matmul in blocks: %.3f s per step; on mma.sync, "
+                  "dQ over the whole square: %.3f s (%.2fx)\n",
+                  p.c_str(), r.step_s, r.step_s_attn_before, r.step_s_attn_before / r.step_s);
     std::printf("[%s] attention core per layer: forward %.4f s, backward %.4f s; x%ld layers = %.3f s per step\n",
                 p.c_str(), r.attn_f, r.attn_b, long(cfg.num_hidden_layers),
                 (r.attn_f + r.attn_b) * double(cfg.num_hidden_layers));
@@ -482,6 +501,8 @@ int main(int argc, char** argv) {
              {"lane_streams", r.lanes},
              {"step_s_experts_in_issue_order", r.lanes > 0 ? nlohmann::json(r.step_s_no_lanes) : nlohmann::json()},
              {"step_s_attention_dq_kernel", r.step_s_dq_kernel > 0 ? nlohmann::json(r.step_s_dq_kernel) : nlohmann::json()},
+             {"step_s_attention_mma_sync_whole_dq",
+              r.step_s_attn_before > 0 ? nlohmann::json(r.step_s_attn_before) : nlohmann::json()},
              {"blocking_calls_per_step", r.blocking},
              {"decoder_layers_synchronised_s", {{"forward", r.layers_f}, {"backward", r.layers_b}}}};
   }

@@ -2,9 +2,10 @@
 // attention, forward (out, lse) and backward (dq, dk, dv), under the BF16-operand tolerance kBf16:
 // its q, k, v, dout, P and dS are rounded to BF16 for the MMAs. Shapes: tiny's heads (qk 48 padded
 // to the 64-wide kernel, v 32), bench-0.7b's (16 heads, 192/128), V3's (192/128) with a batch dim,
-// chunked causal (q_offset, S > T), non-causal, T and S not multiples of the tiles; dq by both paths
-// (the matmul from the stored dSᵀ and the dq kernel). Also: NaN/Inf and guard bytes, determinism,
-// and that with the flag off the FP32 kernels run unchanged.
+// chunked causal (q_offset, S > T), non-causal, T and S not multiples of the tiles; the forward and
+// dk/dv by both kernels each (wgmma, mma.sync), dq by both paths (the matmul from the stored dSᵀ and
+// the dq kernel). Also: NaN/Inf and guard bytes, determinism, that with the flag off the FP32
+// kernels run unchanged, and the causal dQ matmul in blocks of rows over poisoned scratch.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -35,6 +36,14 @@ struct Bf16On {
 struct DqMatmul {
   explicit DqMatmul(bool on) : prev(cuda_attention_dq_matmul()) { cuda_set_attention_dq_matmul(on); }
   ~DqMatmul() { cuda_set_attention_dq_matmul(prev); }
+  bool prev;
+};
+
+// The forward and dk/dv kernels for a scope (wgmma, the default, or mma.sync); restores the previous
+// setting.
+struct Wgmma {
+  explicit Wgmma(bool on) : prev(cuda_attention_wgmma()) { cuda_set_attention_wgmma(on); }
+  ~Wgmma() { cuda_set_attention_wgmma(prev); }
   bool prev;
 };
 
@@ -97,13 +106,29 @@ void check_bf16(const Shape6& c, uint64_t seed, bool backward = true, bool round
   Results want = run(cpu_backend(), c, ref_in, backward);
   Bf16On on(true);
   const DqMatmul matmul(true);
-  const int64_t matmuls = cuda_attention_dq_matmuls();
+  const Wgmma wgmma(true);
+  const int64_t matmuls = cuda_attention_dq_matmuls(), fwds = cuda_attention_wgmma_calls();
   Results got = run(cuda_backend(), c, in, backward);
   EXPECT_EQ(cuda_attention_dq_matmuls() - matmuls, backward ? 1 : 0) << "dQ did not take the matmul";
+  EXPECT_EQ(cuda_attention_wgmma_calls() - fwds, backward ? 2 : 1) << "forward or dk/dv did not take wgmma";
   EXPECT_EQ(got.damaged, "");
   double e_out = max_err(got.out, want.out, "out", tol::kBf16);
   double e_lse = max_err(got.lse, want.lse, "lse", tol::kBf16);
   std::string msg = cat("out ", e_out, " lse ", e_lse);
+  {  // the mma.sync forward and dk/dv kernels against the same reference
+    const Wgmma off(false);
+    const int64_t before = cuda_attention_wgmma_calls();
+    Results sync = run(cuda_backend(), c, in, backward);
+    EXPECT_EQ(cuda_attention_wgmma_calls(), before) << "the mma.sync kernels were asked for";
+    EXPECT_EQ(sync.damaged, "");
+    msg += cat(" (mma.sync: out ", max_err(sync.out, want.out, "out (mma.sync)", tol::kBf16), " lse ",
+               max_err(sync.lse, want.lse, "lse (mma.sync)", tol::kBf16));
+    if (backward)
+      msg += cat(" dq ", max_err(sync.dq, want.dq, "dq (mma.sync)", tol::kBf16), " dk ",
+                 max_err(sync.dk, want.dk, "dk (mma.sync)", tol::kBf16), " dv ",
+                 max_err(sync.dv, want.dv, "dv (mma.sync)", tol::kBf16));
+    msg += ")";
+  }
   if (backward) {
     // Both dQ paths (got: the matmul from dSᵀ; then the dq kernel), each against the reference;
     // dk and dv come from the same kernel either way.
@@ -161,6 +186,52 @@ TEST(CudaAttnBf16, ForwardOnlyWithoutLse) {
   be.attention({be.to_device(in.q), be.to_device(in.k), be.to_device(in.v), out, Tensor(), in.scale, true, 0});
   max_err(be.to_host(out), want.out, "out", tol::kBf16);
   EXPECT_EQ(g.damaged(), "");
+}
+
+// The causal dQ matmul in blocks of query rows: each block reads dSᵀ only up to the keys its last
+// row sees, and the dk/dv kernel zeros the masked entries only within that reach. Scratch is
+// poisoned with NaN, so a block that read an entry nobody wrote gives NaN. Every block count
+// against the reference (kBf16) and against one block over the whole square (the same BF16
+// products, FP32 sums in another order: kF32); the backward's counter says the matmul ran.
+struct ScratchPoison {
+  ScratchPoison() { cuda_set_scratch_poison(true); }
+  ~ScratchPoison() { cuda_set_scratch_poison(false); }
+};
+struct DqBlocks {
+  explicit DqBlocks(int n) : prev(cuda_attention_dq_blocks()) { cuda_set_attention_dq_blocks(n); }
+  ~DqBlocks() { cuda_set_attention_dq_blocks(prev); }
+  int prev;
+};
+TEST(CudaAttnBf16, DqMatmulRowBlocksReadOnlyWhatTheyNeed) {
+  ASSERT_GT(cuda_device_count(), 0);
+  const Shape6 shapes[] = {{0, 512, 512, 2, 192, 128, true, 0},
+                           {1, 333, 333, 2, 192, 128, true, 0},
+                           {2, 150, 230, 3, 192, 128, true, 80},
+                           {0, 37, 300, 2, 192, 128, true, 263}};
+  uint64_t seed = 40;
+  for (const Shape6& c : shapes) {
+    Inputs in = make_inputs(c, ++seed);
+    Results want = run(cpu_backend(), c, in);
+    Bf16On on(true);
+    const DqMatmul matmul(true);
+    const ScratchPoison poison;
+    Results whole;
+    for (int n : {1, 2, 3, 4, 8, 64}) {
+      const DqBlocks blocks(n);
+      const int64_t before = cuda_attention_dq_matmuls();
+      Results got = run(cuda_backend(), c, in);
+      const std::string at = cat("T ", c.t, " S ", c.s, " q_offset ", c.q_off, ", ", n, " blocks");
+      EXPECT_EQ(cuda_attention_dq_matmuls() - before, 1) << at;
+      EXPECT_EQ(got.damaged, "") << at;
+      SCOPED_TRACE(at);
+      max_err(got.dq, want.dq, "dq", tol::kBf16);
+      max_err(got.dk, want.dk, "dk", tol::kBf16);
+      if (n == 1)
+        whole = got;
+      else
+        max_err(got.dq, whole.dq, "dq against one block", tol::kF32);
+    }
+  }
 }
 
 bool bitwise_equal(const Tensor& a, const Tensor& b) {

@@ -1,4 +1,5 @@
-// BF16 tensor-core flash attention for training (FlashAttention-2 scheme on mma.sync m16n8k16).
+// BF16 tensor-core flash attention for training (FlashAttention-2 scheme on mma.sync m16n8k16; the
+// forward and dk/dv by default on wgmma, attention_bf16_wgmma.cu, the same scheme and roundings).
 // A prep pass rounds q, k, v (and dout) to BF16 (RNE) into per-head [B·H, Tp, Dp] copies, rows
 // padded to a multiple of 64 and head dims to the kernel's template width with zeros, so every
 // tile load is an unconditional cp.async and zero columns add nothing to the dot products.
@@ -10,13 +11,15 @@
 //            dK += dSᵀ·Q.
 //   dq as a matmul (the default while dSᵀ fits kDsMaxBytes): the dk, dv kernel also stores its
 //            BF16 dSᵀ tiles (the MMA operand it rounds anyway) and zeros for the query tiles the
-//            causal mask skips; dQ = scale·dS·K is then one cuBLASLt batched matmul per batch
-//            element. The dq kernel recomputes S and dP (two of its three products), so this
-//            saves that work at the cost of writing and reading dSᵀ once.
+//            causal mask skips; dQ = scale·dS·K is then cuBLASLt batched matmuls per batch
+//            element and block of query rows, each over the keys its block sees. The dq kernel
+//            recomputes S and dP (two of its three products), so this saves that work at the cost
+//            of writing and reading dSᵀ once.
 // D = rowsum(dO∘O) in FP32 from the FP32 tensors. Every output element has one owner (no atomics,
 // deterministic). Causal tiles entirely above the diagonal are skipped; the masking is the FP32
 // kernels' (query i at absolute position q_offset + i sees keys ≤ q_offset + i).
 #include "backend/cuda/attention_bf16.h"
+#include "backend/cuda/attention_bf16_wgmma.h"
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/lt_gemm.h"
 #include "backend/cuda/mma.cuh"
@@ -41,6 +44,20 @@ std::atomic<bool> g_dq_matmul{[] {
 }()};
 constexpr int64_t kDsMaxBytes = int64_t(2) << 30;
 std::atomic<int64_t> g_dq_matmuls{0};
+// The forward and dk/dv kernels on wgmma (attention_bf16_wgmma.cu; on unless DSV3_ATTN_WGMMA=0) or
+// on mma.sync (the dq kernel is mma.sync either way).
+std::atomic<bool> g_wgmma{[] {
+  const char* e = std::getenv("DSV3_ATTN_WGMMA");
+  return !(e && std::strcmp(e, "0") == 0);
+}()};
+std::atomic<int64_t> g_wgmma_calls{0};
+// Causal dQ matmul in this many blocks of query rows (DSV3_ATTN_DQ_BLOCKS, default 4): block j
+// reads keys up to its last row only, (nb + 1) / (2·nb) of the square's products.
+std::atomic<int> g_dq_blocks{[] {
+  const char* e = std::getenv("DSV3_ATTN_DQ_BLOCKS");
+  const int n = e ? std::atoi(e) : 4;
+  return n >= 1 && n <= 64 ? n : 4;
+}()};
 
 constexpr int kThreads = 128, kRowPad = 64, kPad = 8;
 constexpr float kLog2e = 1.4426950408889634f;
@@ -432,8 +449,8 @@ constexpr int kKvN = 64, kKvM = 32;
 template <int DQK, int DV>
 __global__ void __launch_bounds__(kThreads, 2)
     dkv_kernel(const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* dout, const float* lse2,
-               const float* dsum, float* dk, float* dv_out, bf16_t* dst, Dims dm, int64_t tp, int64_t sp,
-               float scale, bool causal, int64_t q_off) {
+               const float* dsum, float* dk, float* dv_out, bf16_t* dst, int64_t dq_rows, Dims dm, int64_t tp,
+               int64_t sp, float scale, bool causal, int64_t q_off) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   constexpr int lq = DQK + kPad, lv = DV + kPad, NT = kKvM / 8;
   bf16_t* ks = reinterpret_cast<bf16_t*>(smem_raw);  // [64][lq]
@@ -464,11 +481,14 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   };
   if (ntiles > 0) load_q(0, 0);
-  if (dst) {  // dSᵀ of the query columns the causal mask skips: zero (the matmul reads them)
-    const int64_t zv = (first < tp ? first : tp) / 8;
+  if (dst) {
+    // dSᵀ of the query columns the causal mask skips, zeroed where the matmul reads them: from the
+    // first block of dq_rows queries whose keys reach this tile (all of them without the mask).
+    const int64_t z0 = causal ? (k0 - q_off > 0 ? k0 - q_off : 0) / dq_rows * dq_rows : 0;
+    const int64_t z1 = first < tp ? first : tp, zv = z1 > z0 ? (z1 - z0) / 8 : 0;
     for (int64_t i = tid; i < kKvN * zv; i += kThreads) {
       const int64_t r = i / zv;
-      reinterpret_cast<uint4*>(dst + (bh * sp + k0 + r) * tp)[i - r * zv] = make_uint4(0, 0, 0, 0);
+      reinterpret_cast<uint4*>(dst + (bh * sp + k0 + r) * tp + z0)[i - r * zv] = make_uint4(0, 0, 0, 0);
     }
   }
   const int64_t key_lo = k0 + warp * 16 + g, key_hi = key_lo + 8;
@@ -591,6 +611,14 @@ void run_fwd(const AttentionArgs& a, const Dims& d) {
   Scratch kb(size_t(d.b * d.h * sp * DQK) * 2), vb(size_t(d.b * d.h * sp * DV) * 2);
   convert(a.k, d, d.s, d.dqk, sp, DQK, kb.as<bf16_t>());
   convert(a.v, d, d.s, d.dv, sp, DV, vb.as<bf16_t>());
+  if (g_wgmma.load()) {
+    attention_bf16_forward_wgmma({a.q.data<float>(), kb.as<bf16_t>(), vb.as<bf16_t>(), ptr<float>(a.out),
+                                  present(a.lse) ? ptr<float>(a.lse) : nullptr, d.b, d.t, d.s, d.h, d.dqk, d.dv, sp,
+                                  a.scale, a.causal, a.q_offset},
+                                 DQK, DV);
+    ++g_wgmma_calls;
+    return;
+  }
   const size_t smem = size_t(kFwdM * (DQK + kPad) + 2 * kFwdN * (DQK + kPad) + 2 * kFwdN * (DV + kPad)) * 2;
   set_smem(reinterpret_cast<const void*>(fwd_kernel<DQK, DV>), smem);
   fwd_kernel<DQK, DV><<<dim3(unsigned(tp / kFwdM), unsigned(d.h), unsigned(d.b)), kThreads, smem>>>(
@@ -614,32 +642,48 @@ void run_bwd(const AttentionBackwardArgs& a, const Dims& d) {
   check_launch("attention_bf16 (backward prep)");
   const bool dq_matmul = present(a.dq) && d.t > 0 && d.s > 0 && g_dq_matmul.load() &&
                          d.b * d.h * sp * tp * 2 <= kDsMaxBytes;
+  // Causal: dQ's rows in blocks of dq_rows (a multiple of 64), each block's matmul over the keys its
+  // last row sees; without the mask one block reads every key.
+  const int blocks = a.causal ? std::max(1, g_dq_blocks.load()) : 1;
+  const int64_t dq_rows = round_up((d.t + blocks - 1) / blocks, kRowPad);
   std::optional<Scratch> ds;
   if (dq_matmul) ds.emplace(size_t(d.b * d.h * sp * tp) * 2);
   if ((present(a.dk) || present(a.dv) || dq_matmul) && d.s > 0) {
-    const size_t smem = size_t(kKvN * (DQK + kPad) + kKvN * (DV + kPad) + 2 * kKvM * (DQK + kPad) +
-                               2 * kKvM * (DV + kPad)) * 2 + 4 * kKvM * 4;
-    set_smem(reinterpret_cast<const void*>(dkv_kernel<DQK, DV>), smem);
-    dkv_kernel<DQK, DV><<<dim3(unsigned(sp / kKvN), unsigned(d.h), unsigned(d.b)), kThreads, smem>>>(
-        qb.as<bf16_t>(), kb.as<bf16_t>(), vb.as<bf16_t>(), db.as<bf16_t>(), lse2.as<float>(), dsum.as<float>(),
-        present(a.dk) ? ptr<float>(a.dk) : nullptr, present(a.dv) ? ptr<float>(a.dv) : nullptr,
-        dq_matmul ? ds->as<bf16_t>() : nullptr, d, tp, sp, a.scale, a.causal, a.q_offset);
-    check_launch("attention_bf16 (dk, dv)");
+    float* dk = present(a.dk) ? ptr<float>(a.dk) : nullptr;
+    float* dv = present(a.dv) ? ptr<float>(a.dv) : nullptr;
+    bf16_t* dst = dq_matmul ? ds->as<bf16_t>() : nullptr;
+    if (g_wgmma.load()) {
+      attention_bf16_dkv_wgmma({qb.as<bf16_t>(), kb.as<bf16_t>(), vb.as<bf16_t>(), db.as<bf16_t>(), lse2.as<float>(),
+                                dsum.as<float>(), dk, dv, dst, dq_rows, d.b, d.t, d.s, d.h, d.dqk, d.dv, tp, sp,
+                                a.scale, a.causal, a.q_offset},
+                               DQK, DV);
+      ++g_wgmma_calls;
+    } else {
+      const size_t smem = size_t(kKvN * (DQK + kPad) + kKvN * (DV + kPad) + 2 * kKvM * (DQK + kPad) +
+                                 2 * kKvM * (DV + kPad)) * 2 + 4 * kKvM * 4;
+      set_smem(reinterpret_cast<const void*>(dkv_kernel<DQK, DV>), smem);
+      dkv_kernel<DQK, DV><<<dim3(unsigned(sp / kKvN), unsigned(d.h), unsigned(d.b)), kThreads, smem>>>(
+          qb.as<bf16_t>(), kb.as<bf16_t>(), vb.as<bf16_t>(), db.as<bf16_t>(), lse2.as<float>(), dsum.as<float>(), dk,
+          dv, dst, dq_rows, d, tp, sp, a.scale, a.causal, a.q_offset);
+      check_launch("attention_bf16 (dk, dv)");
+    }
   }
   if (dq_matmul) {
-    // Per batch element, per head: dq[t, h, :dqk] = scale · (dSᵀ)ᵀ[t, keys] · K[keys, :dqk] (K's
-    // padded rows are zero, as are dSᵀ's masked entries).
-    for (int64_t b = 0; b < d.b; ++b) {
-      LtMatmul g = lt_row_major(true, false, d.t, d.dqk, sp, ds->as<bf16_t>() + b * d.h * sp * tp, tp,
-                                kb.as<bf16_t>() + b * d.h * sp * DQK, DQK, ptr<float>(a.dq) + b * d.t * d.h * d.dqk,
-                                d.h * d.dqk, false);
-      g.alpha = a.scale;
-      g.batch = d.h;
-      g.stride_a = sp * DQK;  // cuBLASLt's A is K (lt_row_major swaps the operands)
-      g.stride_b = sp * tp;
-      g.stride_c = d.dqk;
-      lt_matmul(g);
-    }
+    // Per batch element, per head, per block of rows [r0, r1): dq[r0:r1, h, :dqk] = scale ·
+    // (dSᵀ)ᵀ[r0:r1, :keys] · K[:keys, :dqk] (K's padded rows are zero, as are dSᵀ's masked entries).
+    for (int64_t b = 0; b < d.b; ++b)
+      for (int64_t r0 = 0; r0 < d.t; r0 += dq_rows) {
+        const int64_t r1 = std::min(d.t, r0 + dq_rows), keys = a.causal ? std::min(sp, r1 + a.q_offset) : sp;
+        LtMatmul g = lt_row_major(true, false, r1 - r0, d.dqk, keys, ds->as<bf16_t>() + b * d.h * sp * tp + r0, tp,
+                                  kb.as<bf16_t>() + b * d.h * sp * DQK, DQK,
+                                  ptr<float>(a.dq) + (b * d.t + r0) * d.h * d.dqk, d.h * d.dqk, false);
+        g.alpha = a.scale;
+        g.batch = d.h;
+        g.stride_a = sp * DQK;  // cuBLASLt's A is K (lt_row_major swaps the operands)
+        g.stride_b = sp * tp;
+        g.stride_c = d.dqk;
+        lt_matmul(g);
+      }
     ++g_dq_matmuls;
   } else if (present(a.dq) && d.t > 0) {
     const size_t smem = size_t(kDqM * (DQK + kPad) + kDqM * (DV + kPad) + 2 * kDqN * (DQK + kPad) +
@@ -659,6 +703,11 @@ bool cuda_attention_bf16() { return g_bf16.load(); }
 void cuda_set_attention_dq_matmul(bool on) { g_dq_matmul.store(on); }
 bool cuda_attention_dq_matmul() { return g_dq_matmul.load(); }
 int64_t cuda_attention_dq_matmuls() { return g_dq_matmuls.load(); }
+void cuda_set_attention_wgmma(bool on) { g_wgmma.store(on); }
+bool cuda_attention_wgmma() { return g_wgmma.load(); }
+int64_t cuda_attention_wgmma_calls() { return g_wgmma_calls.load(); }
+void cuda_set_attention_dq_blocks(int n) { g_dq_blocks.store(std::max(1, n)); }
+int cuda_attention_dq_blocks() { return g_dq_blocks.load(); }
 
 bool cuda_attention_bf16_supported(int64_t dqk, int64_t dv) {
   return dqk > 0 && dv > 0 && dqk % 16 == 0 && dv % 16 == 0 && dqk <= 256 && dv <= 128;

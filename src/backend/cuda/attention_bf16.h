@@ -21,6 +21,16 @@ void cuda_set_attention_dq_matmul(bool on);
 bool cuda_attention_dq_matmul();
 // Backward calls in this process whose dQ took the matmul (tests: which path ran).
 int64_t cuda_attention_dq_matmuls();
+// The forward and the dk/dv kernel on Hopper's wgmma (on by default; DSV3_ATTN_WGMMA=0 turns it off)
+// or on mma.sync: the same roundings, only the order of the FP32 sums differs. Forward and backward
+// calls that took wgmma, one count each (tests).
+void cuda_set_attention_wgmma(bool on);
+bool cuda_attention_wgmma();
+int64_t cuda_attention_wgmma_calls();
+// Causal dQ matmul in n blocks of query rows, each over the keys its last row sees (default 4,
+// DSV3_ATTN_DQ_BLOCKS; 1 is the whole square): the same nonzero products, in the matmul's order.
+void cuda_set_attention_dq_blocks(int n);
+int cuda_attention_dq_blocks();
 
 // Whether the BF16 kernels take a problem with these head dims.
 bool cuda_attention_bf16_supported(int64_t dqk, int64_t dv);

@@ -4,6 +4,7 @@
 #include <cub/device/device_scan.cuh>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -162,8 +163,13 @@ __global__ void count_kernel(const int32_t* keys, int64_t n, int64_t nkeys, int3
 
 // Scratch goes back to the cache when its op ends, while a graph captured around the op would keep
 // using it: a capture that takes scratch fails (its step runs eagerly).
+namespace {
+std::atomic<bool> g_scratch_poison{false};
+}
+
 Scratch::Scratch(size_t bytes) : p_(allocator().alloc(bytes)) {
   if (cuda_graph_capturing()) cuda_graph_mark_unsafe("device scratch from the caching allocator");
+  if (g_scratch_poison.load()) DSV3_CUDA_CHECK(cudaMemsetAsync(p_, 0xFF, bytes, stream()));
 }
 Scratch::~Scratch() { allocator().free(p_); }
 
@@ -215,6 +221,8 @@ void stable_bucket(const int32_t* keys, int64_t n, int64_t nkeys, int32_t* order
 }
 
 }  // namespace cuda
+
+void cuda_set_scratch_poison(bool on) { cuda::g_scratch_poison.store(on); }
 
 int cuda_device_count() {
   int n = 0;

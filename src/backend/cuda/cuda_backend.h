@@ -76,6 +76,10 @@ int cuda_lanes();  // 0 when off
 // low to run the blocks in several runs.
 void cuda_set_fp8_terms_budget(size_t bytes);
 
+// Tests: every op's device scratch (Scratch) is filled with 0xFF bytes (NaN as F32 and BF16) when
+// it is taken, so an op that reads scratch it never wrote produces NaN. Off by default.
+void cuda_set_scratch_poison(bool on);
+
 // The process-wide CUDA backend (registers the CUDA allocator with core on first use).
 // Throws InputError when no CUDA device is usable.
 CudaBackend& cuda_backend();

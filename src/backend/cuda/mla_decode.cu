@@ -20,6 +20,7 @@
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/mma.cuh"
 #include "backend/cuda/pdl.cuh"
+#include "backend/cuda/wgmma.cuh"
 #include "backend/cuda/mla_decode.h"
 
 namespace dsv3 {
@@ -405,16 +406,7 @@ constexpr int kRing = 2, kStage = kBlock * kW * 2;  // bytes per stage: 9 panels
 constexpr int kQ = 16 * kW * 2, kP = 16 * kBlock * 2;
 constexpr size_t smem = size_t(kRing) * kStage + kQ + kP + 2 * 4 * 16 * 4 + 1024;  // + the 1024-byte alignment
 
-// Shared-memory matrix descriptor, 128-byte swizzle; offsets in bytes.
-__device__ __forceinline__ uint64_t desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t((lbo >> 4) & 0x3FFF) << 16) |
-         (uint64_t((sbo >> 4) & 0x3FFF) << 32) | (uint64_t(1) << 62);
-}
-__device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-// Generic-proxy writes of shared memory (st.shared, cp.async) made visible to wgmma's reads.
-__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+using namespace wgmma;  // desc, fences, sw (wgmma.cuh)
 // d (+)= A·B, m64n16k16, BF16 operands from shared memory, FP32 accumulators; kTA: A is M-major.
 template <int kTA>
 __device__ __forceinline__ void mma(float (&d)[8], uint64_t da, uint64_t db, int accumulate) {
@@ -425,8 +417,6 @@ __device__ __forceinline__ void mma(float (&d)[8], uint64_t da, uint64_t db, int
       : "l"(da), "l"(db), "r"(accumulate), "n"(kTA)
       : "memory");
 }
-// Byte offset of 16-byte chunk c (0-7) of row r in a 128-byte swizzled panel.
-__device__ __forceinline__ int sw(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
 }  // namespace wg
 
 __global__ void __launch_bounds__(128, 1)

@@ -1,0 +1,394 @@
+// The BF16 training attention's forward on Hopper's warpgroup MMA (see attention_bf16_wgmma.h).
+// CTA = two warpgroups × 64 query rows (128 rows share each K/V tile); 64-key tiles double-buffered
+// by cp.async into the 128-byte swizzled panels wgmma reads. Per tile and warpgroup:
+// S[64, 64] = Q·Kᵀ as DQK/16 m64n64k16 with both operands in shared memory (no ldmatrix: the
+// mma.sync kernel's B fragments were one shared-memory load per two MMAs), the online softmax in
+// the accumulators (each warp owns 16 rows, as in the mma.sync kernel), then O += P·V with P packed
+// from the accumulators as register A operands and V read N-major. Tiles a warpgroup's rows mask
+// entirely are skipped by that warpgroup.
+#include "backend/cuda/attention_bf16_wgmma.h"
+#include "backend/cuda/common.cuh"
+#include "backend/cuda/mma.cuh"
+#include "backend/cuda/wgmma.cuh"
+
+namespace dsv3::cuda {
+namespace {
+
+typedef __nv_bfloat16 bf16_t;
+constexpr int kM = 128, kN = 64, kThreads = 256;
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <int DQK, int DV>
+struct Smem {
+  static constexpr int q = kM * DQK * 2;  // DQK / 64 panels of 128 rows
+  static constexpr int k = kN * DQK * 2;  // per stage: DQK / 64 panels of 64 keys
+  static constexpr int v = kN * DV * 2;   // per stage: DV / 64 panels of 64 keys
+  static constexpr size_t bytes = size_t(q) + 2 * size_t(k + v) + 1024;  // + the 1,024-byte alignment
+};
+
+// rows × W BF16 (row stride W) into panels of 64 columns, `rows` rows each, swizzled; NT threads.
+template <int W, int NT = kThreads>
+__device__ __forceinline__ void load_panels(unsigned char* dst, const bf16_t* src, int rows) {
+  constexpr int chunks = W / 8;
+  for (int i = threadIdx.x; i < rows * chunks; i += NT) {
+    const int r = i / chunks, c = i - r * chunks;
+    cp_async16(dst + (c >> 3) * (rows * 128) + wgmma::sw(r, c & 7), src + int64_t(r) * W + c * 8);
+  }
+}
+
+template <int DQK, int DV>
+__global__ void __launch_bounds__(kThreads, 1) fwd_wgmma_kernel(const AttnFwdArgs a) {
+  using S = Smem<DQK, DV>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* qs = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  unsigned char* ks = qs + S::q;      // [2][DQK / 64][64][128 B]
+  unsigned char* vs = ks + 2 * S::k;  // [2][DV / 64][64][128 B]
+  const int64_t q0 = int64_t(gridDim.x - 1 - blockIdx.x) * kM;  // longest causal rows first
+  const int64_t bh = int64_t(blockIdx.z) * a.h + blockIdx.y;
+  const int tid = threadIdx.x, wgi = tid >> 7, w = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+  const bf16_t* kg = a.k + bh * a.sp * DQK;
+  const bf16_t* vg = a.v + bh * a.sp * DV;
+  const int64_t q_last = q0 + kM < a.t ? q0 + kM : a.t;
+  const int64_t nkeys = a.causal ? (a.s < a.q_off + q_last ? a.s : a.q_off + q_last) : a.s;
+  const int ntiles = int((nkeys + kN - 1) / kN);
+  auto load_kv = [&](int j, int buf) {
+    load_panels<DQK>(ks + buf * S::k, kg + int64_t(j) * kN * DQK, kN);
+    load_panels<DV>(vs + buf * S::v, vg + int64_t(j) * kN * DV, kN);
+    cp_async_commit();
+  };
+  if (ntiles > 0) load_kv(0, 0);
+  // Q once per CTA, straight from the F32 tensor, rounded here; rows past T and columns past dqk zero.
+  {
+    constexpr int chunks = DQK / 8;
+    const float* qg = a.q + blockIdx.y * a.dqk;
+    for (int i = tid; i < kM * chunks; i += kThreads) {
+      const int r = i / chunks, c = i - r * chunks;
+      float4 x = make_float4(0.f, 0.f, 0.f, 0.f), y = x;
+      if (q0 + r < a.t && c * 8 < a.dqk) {
+        const float* p = qg + (int64_t(blockIdx.z) * a.t + q0 + r) * a.h * a.dqk + c * 8;
+        x = *reinterpret_cast<const float4*>(p);
+        y = *reinterpret_cast<const float4*>(p + 4);
+      }
+      *reinterpret_cast<uint4*>(qs + (c >> 3) * (kM * 128) + wgmma::sw(r, c & 7)) =
+          make_uint4(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w), pack_bf16(y.x, y.y), pack_bf16(y.z, y.w));
+    }
+  }
+
+  float o[DV / 64][8][4];
+#pragma unroll
+  for (int nb = 0; nb < DV / 64; ++nb)
+#pragma unroll
+    for (int n = 0; n < 8; ++n) o[nb][n][0] = o[nb][n][1] = o[nb][n][2] = o[nb][n][3] = 0.0f;
+  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.0f, l_hi = 0.0f;  // raw-score maxima, partial sums
+  const float sl2 = a.scale * kLog2e;
+  const int64_t wg_row0 = q0 + 64 * wgi, warp_row0 = wg_row0 + 16 * w;
+  const int64_t row_lo = warp_row0 + g, row_hi = row_lo + 8;
+  // The last key any row of this warpgroup sees: later tiles are masked for all of them.
+  const int64_t wg_keys_end = a.causal ? a.q_off + (wg_row0 + 63 < a.t ? wg_row0 + 63 : a.t - 1) : a.s - 1;
+  const uint32_t q_a = smem_addr(qs) + uint32_t(wgi) * 64 * 128, k_a = smem_addr(ks), v_a = smem_addr(vs);
+
+  for (int j = 0; j < ntiles; ++j) {
+    const int buf = j & 1;
+    cp_async_wait<0>();
+    wgmma::fence_async_smem();
+    __syncthreads();  // tile j (and Q) visible to wgmma; both warpgroups are done with tile j − 1
+    if (j + 1 < ntiles) load_kv(j + 1, buf ^ 1);
+    const int64_t k0 = int64_t(j) * kN;
+    if (wg_row0 >= a.t || k0 > wg_keys_end) continue;
+    float s[8][4] = {};
+    const uint32_t kt = k_a + uint32_t(buf * S::k), vt = v_a + uint32_t(buf * S::v);
+    wgmma::fence();
+#pragma unroll
+    for (int kk = 0; kk < DQK / 16; ++kk)
+      wgmma::mma_m64n64_ss(s, wgmma::desc_k(q_a + (kk >> 2) * (kM * 128) + (kk & 3) * 32),
+                           wgmma::desc_k(kt + (kk >> 2) * (kN * 128) + (kk & 3) * 32), kk > 0);
+    wgmma::commit();
+    wgmma::wait0();
+    // Mask only tiles that reach past S or past this warp's first row's diagonal.
+    if (k0 + kN > a.s || (a.causal && k0 + kN - 1 > a.q_off + warp_row0)) {
+#pragma unroll
+      for (int n = 0; n < 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int64_t key = k0 + n * 8 + 2 * t4 + (e & 1);
+          const int64_t row = e < 2 ? row_lo : row_hi;
+          if (key >= a.s || (a.causal && key > a.q_off + row)) s[n][e] = -INFINITY;
+        }
+    }
+    float mx_lo = -INFINITY, mx_hi = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      mx_lo = fmaxf(mx_lo, fmaxf(s[n][0], s[n][1]));
+      mx_hi = fmaxf(mx_hi, fmaxf(s[n][2], s[n][3]));
+    }
+    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+    const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
+    // A row with every key so far masked keeps −inf: exp2(−inf − −inf) would be NaN.
+    const float b_lo = mn_lo == -INFINITY ? 0.0f : mn_lo * sl2, b_hi = mn_hi == -INFINITY ? 0.0f : mn_hi * sl2;
+    const float al_lo = ex2(m_lo * sl2 - b_lo), al_hi = ex2(m_hi * sl2 - b_hi);
+    m_lo = mn_lo;
+    m_hi = mn_hi;
+    float ps_lo = 0.0f, ps_hi = 0.0f;
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      s[n][0] = ex2(fmaf(s[n][0], sl2, -b_lo));
+      s[n][1] = ex2(fmaf(s[n][1], sl2, -b_lo));
+      s[n][2] = ex2(fmaf(s[n][2], sl2, -b_hi));
+      s[n][3] = ex2(fmaf(s[n][3], sl2, -b_hi));
+      ps_lo += s[n][0] + s[n][1];
+      ps_hi += s[n][2] + s[n][3];
+    }
+    l_lo = l_lo * al_lo + ps_lo;
+    l_hi = l_hi * al_hi + ps_hi;
+#pragma unroll
+    for (int nb = 0; nb < DV / 64; ++nb)
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        o[nb][n][0] *= al_lo;
+        o[nb][n][1] *= al_lo;
+        o[nb][n][2] *= al_hi;
+        o[nb][n][3] *= al_hi;
+      }
+    // The S accumulators of n-tiles 2kk, 2kk + 1 are the A fragment of k-step kk.
+    uint32_t p[kN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kN / 16; ++kk) acc_to_a(p[kk], s[2 * kk], s[2 * kk + 1]);
+    wgmma::fence();
+#pragma unroll
+    for (int kk = 0; kk < kN / 16; ++kk)
+#pragma unroll
+      for (int nb = 0; nb < DV / 64; ++nb)
+        wgmma::mma_m64n64_rs_tb(o[nb], p[kk], wgmma::desc_mn(vt + nb * (kN * 128) + kk * 2048));
+    wgmma::commit();
+    wgmma::wait0();
+  }
+  cp_async_wait<0>();
+  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+  const int64_t ldv = a.h * a.dv, b = blockIdx.z, hh = blockIdx.y;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t row = half ? row_hi : row_lo;
+    if (row >= a.t) continue;
+    const float l = half ? l_hi : l_lo, m = half ? m_hi : m_lo;
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    float* orow = a.out + (b * a.t + row) * ldv + hh * a.dv;
+#pragma unroll
+    for (int nb = 0; nb < DV / 64; ++nb)
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        const int c = nb * 64 + n * 8 + 2 * t4;
+        if (c < a.dv)
+          *reinterpret_cast<float2*>(orow + c) =
+              make_float2(o[nb][n][2 * half] * inv, o[nb][n][2 * half + 1] * inv);
+      }
+    if (a.lse && t4 == 0) a.lse[bh * a.t + row] = m * a.scale + logf(l);
+  }
+}
+
+template <int DQK, int DV>
+void launch(const AttnFwdArgs& a) {
+  const size_t smem = Smem<DQK, DV>::bytes;
+  DSV3_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(fwd_wgmma_kernel<DQK, DV>),
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  fwd_wgmma_kernel<DQK, DV><<<dim3(unsigned((a.t + kM - 1) / kM), unsigned(a.h), unsigned(a.b)), kThreads, smem>>>(a);
+  check_launch("attention_bf16 (forward, wgmma)");
+}
+
+// ---- dk, dv ----------------------------------------------------------------------------------------
+
+constexpr int kKeys = 64, kQt = 32, kDkvThreads = 128;
+
+template <int DQK, int DV>
+struct DkvSmem {
+  static constexpr int k = kKeys * DQK * 2, v = kKeys * DV * 2;  // DQK / 64, DV / 64 panels of 64 keys
+  static constexpr int q = kQt * DQK * 2, d = kQt * DV * 2;      // per stage: panels of 32 queries
+  static constexpr size_t bytes = size_t(k + v) + 2 * size_t(q + d) + 4 * kQt * 4 + 1024;
+};
+
+template <int DQK, int DV>
+__global__ void __launch_bounds__(kDkvThreads, 2) dkv_wgmma_kernel(const AttnDkvArgs a) {
+  using S = DkvSmem<DQK, DV>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* ks = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  unsigned char* vs = ks + S::k;
+  unsigned char* qs = vs + S::v;       // [2][DQK / 64][32][128 B]
+  unsigned char* dos = qs + 2 * S::q;  // [2][DV / 64][32][128 B]
+  float* ls = reinterpret_cast<float*>(dos + 2 * S::d);  // [2][32] lse·log2e
+  float* ds = ls + 2 * kQt;                              // [2][32] D
+  const int64_t k0 = int64_t(blockIdx.x) * kKeys, bh = int64_t(blockIdx.z) * a.h + blockIdx.y;
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, t4 = lane & 3;
+  const bf16_t* qg = a.q + bh * a.tp * DQK;
+  const bf16_t* dg = a.dout + bh * a.tp * DV;
+  load_panels<DQK, kDkvThreads>(ks, a.k + (bh * a.sp + k0) * DQK, kKeys);
+  load_panels<DV, kDkvThreads>(vs, a.v + (bh * a.sp + k0) * DV, kKeys);
+  cp_async_commit();
+  int64_t first = a.causal ? (k0 - a.q_off > 0 ? k0 - a.q_off : 0) : 0;
+  first = first / kQt * kQt;
+  const int ntiles = first < a.t ? int((a.t - first + kQt - 1) / kQt) : 0;
+  auto load_q = [&](int j, int buf) {
+    const int64_t i0 = first + int64_t(j) * kQt;
+    load_panels<DQK, kDkvThreads>(qs + buf * S::q, qg + i0 * DQK, kQt);
+    load_panels<DV, kDkvThreads>(dos + buf * S::d, dg + i0 * DV, kQt);
+    cp_async_commit();
+    if (tid < kQt) {
+      ls[buf * kQt + tid] = a.lse2[bh * a.tp + i0 + tid];
+      ds[buf * kQt + tid] = a.dsum[bh * a.tp + i0 + tid];
+    }
+  };
+  if (ntiles > 0) load_q(0, 0);
+  if (a.dst) {  // the masked query columns the dQ matmul reads: zero (as the mma.sync kernel)
+    const int64_t z0 = a.causal ? (k0 - a.q_off > 0 ? k0 - a.q_off : 0) / a.dq_rows * a.dq_rows : 0;
+    const int64_t z1 = first < a.tp ? first : a.tp, zv = z1 > z0 ? (z1 - z0) / 8 : 0;
+    for (int64_t i = tid; i < kKeys * zv; i += kDkvThreads) {
+      const int64_t r = i / zv;
+      reinterpret_cast<uint4*>(a.dst + (bh * a.sp + k0 + r) * a.tp + z0)[i - r * zv] = make_uint4(0, 0, 0, 0);
+    }
+  }
+  const int64_t key_lo = k0 + w * 16 + g, key_hi = key_lo + 8;
+  const float sl2 = a.scale * kLog2e;
+  float ak[DQK / 64][8][4], av[DV / 64][8][4];
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+#pragma unroll
+      for (int nb = 0; nb < DQK / 64; ++nb) ak[nb][n][e] = 0.0f;
+#pragma unroll
+      for (int nb = 0; nb < DV / 64; ++nb) av[nb][n][e] = 0.0f;
+    }
+  const uint32_t k_a = smem_addr(ks), v_a = smem_addr(vs), q_a = smem_addr(qs), d_a = smem_addr(dos);
+
+  for (int j = 0; j < ntiles; ++j) {
+    const int buf = j & 1;
+    if (j + 1 < ntiles) {
+      load_q(j + 1, buf ^ 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    wgmma::fence_async_smem();
+    __syncthreads();
+    const uint32_t qt = q_a + uint32_t(buf * S::q), dt = d_a + uint32_t(buf * S::d);
+    const float* lt = ls + buf * kQt;
+    const float* dd = ds + buf * kQt;
+    float s[4][4] = {}, dp[4][4] = {};
+    wgmma::fence();
+#pragma unroll
+    for (int kk = 0; kk < DQK / 16; ++kk)
+      wgmma::mma_m64n32_ss(s, wgmma::desc_k(k_a + (kk >> 2) * (kKeys * 128) + (kk & 3) * 32),
+                           wgmma::desc_k(qt + (kk >> 2) * (kQt * 128) + (kk & 3) * 32), kk > 0);
+#pragma unroll
+    for (int kk = 0; kk < DV / 16; ++kk)
+      wgmma::mma_m64n32_ss(dp, wgmma::desc_k(v_a + (kk >> 2) * (kKeys * 128) + (kk & 3) * 32),
+                           wgmma::desc_k(dt + (kk >> 2) * (kQt * 128) + (kk & 3) * 32), kk > 0);
+    wgmma::commit();
+    wgmma::wait0();
+    const int64_t i0 = first + int64_t(j) * kQt;
+    // Transposed tiles: rows are keys (key_lo / key_hi), columns queries i0 + n·8 + 2·t4 + (e & 1).
+    const bool need_mask = k0 + kKeys > a.s || (a.causal && k0 + kKeys - 1 > a.q_off + i0);
+#pragma unroll
+    for (int n = 0; n < 4; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int qc = n * 8 + 2 * t4 + (e & 1);
+        float p = ex2(fmaf(s[n][e], sl2, -lt[qc]));  // 0 on padded query rows (lse2 = +inf)
+        if (need_mask) {
+          const int64_t key = e >= 2 ? key_hi : key_lo;
+          if (key >= a.s || (a.causal && key > a.q_off + i0 + qc)) p = 0.0f;
+        }
+        s[n][e] = p;
+        dp[n][e] = p * (dp[n][e] - dd[qc]);
+      }
+    uint32_t pa[2][4], da[2][4];
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {
+      acc_to_a(pa[kk], s[2 * kk], s[2 * kk + 1]);
+      acc_to_a(da[kk], dp[2 * kk], dp[2 * kk + 1]);
+      if (a.dst) {  // da's words: (key_lo, key_hi) × query pairs at 16·kk + 2·t4 and 16·kk + 8 + 2·t4
+        bf16_t* lo = a.dst + (bh * a.sp + key_lo) * a.tp + i0 + 16 * kk + 2 * t4;
+        bf16_t* hi = lo + 8 * a.tp;
+        *reinterpret_cast<uint32_t*>(lo) = da[kk][0];
+        *reinterpret_cast<uint32_t*>(hi) = da[kk][1];
+        *reinterpret_cast<uint32_t*>(lo + 8) = da[kk][2];
+        *reinterpret_cast<uint32_t*>(hi + 8) = da[kk][3];
+      }
+    }
+    wgmma::fence();
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {
+#pragma unroll
+      for (int nb = 0; nb < DV / 64; ++nb)
+        wgmma::mma_m64n64_rs_tb(av[nb], pa[kk], wgmma::desc_mn(dt + nb * (kQt * 128) + kk * 2048));
+#pragma unroll
+      for (int nb = 0; nb < DQK / 64; ++nb)
+        wgmma::mma_m64n64_rs_tb(ak[nb], da[kk], wgmma::desc_mn(qt + nb * (kQt * 128) + kk * 2048));
+    }
+    wgmma::commit();
+    wgmma::wait0();
+    __syncthreads();  // the buffer is refilled next iteration
+  }
+  cp_async_wait<0>();
+  const int64_t ldq = a.h * a.dqk, ldv = a.h * a.dv, b = blockIdx.z, hh = blockIdx.y;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t key = half ? key_hi : key_lo;
+    if (key >= a.s) continue;
+    if (a.dk) {
+      float* orow = a.dk + (b * a.s + key) * ldq + hh * a.dqk;
+#pragma unroll
+      for (int nb = 0; nb < DQK / 64; ++nb)
+#pragma unroll
+        for (int n = 0; n < 8; ++n) {
+          const int c = nb * 64 + n * 8 + 2 * t4;
+          if (c < a.dqk)
+            *reinterpret_cast<float2*>(orow + c) =
+                make_float2(a.scale * ak[nb][n][2 * half], a.scale * ak[nb][n][2 * half + 1]);
+        }
+    }
+    if (a.dv_out) {
+      float* orow = a.dv_out + (b * a.s + key) * ldv + hh * a.dv;
+#pragma unroll
+      for (int nb = 0; nb < DV / 64; ++nb)
+#pragma unroll
+        for (int n = 0; n < 8; ++n) {
+          const int c = nb * 64 + n * 8 + 2 * t4;
+          if (c < a.dv) *reinterpret_cast<float2*>(orow + c) = make_float2(av[nb][n][2 * half], av[nb][n][2 * half + 1]);
+        }
+    }
+  }
+}
+
+template <int DQK, int DV>
+void launch_dkv(const AttnDkvArgs& a) {
+  const size_t smem = DkvSmem<DQK, DV>::bytes;
+  DSV3_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(dkv_wgmma_kernel<DQK, DV>),
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  dkv_wgmma_kernel<DQK, DV><<<dim3(unsigned(a.sp / kKeys), unsigned(a.h), unsigned(a.b)), kDkvThreads, smem>>>(a);
+  check_launch("attention_bf16 (dk, dv, wgmma)");
+}
+
+}  // namespace
+
+void attention_bf16_dkv_wgmma(const AttnDkvArgs& a, int dqk_w, int dv_w) {
+  if (dqk_w == 64 && dv_w == 64) launch_dkv<64, 64>(a);
+  else if (dqk_w == 128 && dv_w == 128) launch_dkv<128, 128>(a);
+  else if (dqk_w == 192 && dv_w == 128) launch_dkv<192, 128>(a);
+  else if (dqk_w == 256 && dv_w == 128) launch_dkv<256, 128>(a);
+  else internal_error("attention_bf16_dkv_wgmma: no kernel for padded widths ", dqk_w, " × ", dv_w);
+}
+
+void attention_bf16_forward_wgmma(const AttnFwdArgs& a, int dqk_w, int dv_w) {
+  if (dqk_w == 64 && dv_w == 64) launch<64, 64>(a);
+  else if (dqk_w == 128 && dv_w == 128) launch<128, 128>(a);
+  else if (dqk_w == 192 && dv_w == 128) launch<192, 128>(a);
+  else if (dqk_w == 256 && dv_w == 128) launch<256, 128>(a);
+  else internal_error("attention_bf16_forward_wgmma: no kernel for padded widths ", dqk_w, " × ", dv_w);
+}
+
+}  // namespace dsv3::cuda
