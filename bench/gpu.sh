@@ -10,6 +10,9 @@
 # TRAIN_ARGS adds flags to dsv3_bench_gpu_train (e.g. --precisions bf16,fp8 when device time is short).
 # SPEC_MODEL=DIR (a checkpoint with an MTP module, e.g. from `dsv3 train`; SPEC_PROMPT its prompt
 # text) adds MTP speculation at batch 1 on the GPU engine (dsv3_bench_decode --device cuda).
+# STEPS (comma-separated, default all): tests gemm mla hf attention decode prefill spec accum train
+# memcheck summary. A lease too short for all of them runs them over several calls; the summary reads
+# the JSON of earlier calls from $OUT (copy them there first).
 # Usage: OUT=/some/dir DSV3_COMMIT=$(git rev-parse --short HEAD) [HF=1] [PREBUILT=DIR] bench/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +22,7 @@ export DSV3_COMMIT=${DSV3_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || ec
 jobs=$(nproc)
 status=0
 step() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+want() { [ -z "${STEPS:-}" ] || [[ ",$STEPS," == *",$1,"* ]]; }
 # A bench's JSON is taken only if this run wrote it (newer than the stamp): a bench that could not
 # write must not leave the checkout's committed file in its place.
 stamp=$(mktemp)
@@ -42,22 +46,28 @@ fi
 [ -x "$B/dsv3" ] && export DSV3_CLI="$(cd "$B" && pwd)/dsv3"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/summary.txt"
 
-step "GPU backend tests (every op on CUDA vs CPU and the double reference)"
-timeout ${TEST_TIMEOUT:-300} "$B"/dsv3_gpu_tests --gtest_filter='-*CpuIsDeterministic*' --gtest_output=json:"$OUT/gpu_tests.json" \
-  >"$OUT/gpu_tests.log" 2>&1
-rc=$?
-grep -E "^\[  (PASSED|FAILED) |tests? ran|FAILED  \]" "$OUT/gpu_tests.log" | tee -a "$OUT/summary.txt"
-[ $rc -eq 0 ] || status=1
+if want tests; then
+  step "GPU backend tests (every op on CUDA vs CPU and the double reference)"
+  timeout ${TEST_TIMEOUT:-300} "$B"/dsv3_gpu_tests --gtest_filter='-*CpuIsDeterministic*' --gtest_output=json:"$OUT/gpu_tests.json" \
+    >"$OUT/gpu_tests.log" 2>&1
+  rc=$?
+  grep -E "^\[  (PASSED|FAILED) |tests? ran|FAILED  \]" "$OUT/gpu_tests.log" | tee -a "$OUT/summary.txt"
+  [ $rc -eq 0 ] || status=1
+fi
 
-step "GEMM benchmark (FP8 block-scaled ours vs cuBLASLt direct, BF16)"
-timeout 120 "$B"/dsv3_bench_gpu_gemm 2>&1 | tee "$OUT/gpu_gemm.txt" | tee -a "$OUT/summary.txt"
-take gpu_gemm.json
+if want gemm; then
+  step "GEMM benchmark (FP8 block-scaled ours vs cuBLASLt direct, BF16)"
+  timeout 120 "$B"/dsv3_bench_gpu_gemm 2>&1 | tee "$OUT/gpu_gemm.txt" | tee -a "$OUT/summary.txt"
+  take gpu_gemm.json
+fi
 
-step "absorbed-MLA decode kernel bandwidth (batch 64, context 4096)"
-timeout 120 "$B"/dsv3_bench_gpu_mla_decode 2>&1 | tee "$OUT/gpu_mla_decode.txt" | tee -a "$OUT/summary.txt"
-take gpu_mla_decode.json
+if want mla; then
+  step "absorbed-MLA decode kernel bandwidth (batch 64, context 4096)"
+  timeout 120 "$B"/dsv3_bench_gpu_mla_decode 2>&1 | tee "$OUT/gpu_mla_decode.txt" | tee -a "$OUT/summary.txt"
+  take gpu_mla_decode.json
+fi
 
-if [ "${HF:-0}" = 1 ]; then
+if [ "${HF:-0}" = 1 ] && want hf; then
   step "transformers baseline (bench-0.7b: training B=8 T=2048, decode batch 1/32)"
   "$B"/dsv3 info --preset bench-0.7b --json >"$OUT/bench07b_info.json" &&
     python3 tools/hf_gpu_bench.py --info "$OUT/bench07b_info.json" --out "$OUT/hf_gpu.json" 2>&1 |
@@ -66,55 +76,68 @@ if [ "${HF:-0}" = 1 ]; then
         tee -a "$OUT/summary.txt"; }
 fi
 
-step "BF16 tensor-core attention vs the FP32 kernels (bench-0.7b shape, forward and backward)"
-timeout 180 "$B"/dsv3_bench_gpu_attention 2>&1 | tee "$OUT/gpu_attention.txt" | tee -a "$OUT/summary.txt"
-take gpu_attention.json
+if want attention; then
+  step "BF16 tensor-core attention vs the FP32 kernels (bench-0.7b shape, forward and backward)"
+  timeout 180 "$B"/dsv3_bench_gpu_attention 2>&1 | tee "$OUT/gpu_attention.txt" | tee -a "$OUT/summary.txt"
+  take gpu_attention.json
+fi
 
-step "decode on the GPU engine (bench-0.7b, prompt 128, 128 new tokens, batch 1 and 32; vs transformers when HF=1)"
-timeout 240 "$B"/dsv3_bench_gpu_decode --hf "$OUT/hf_gpu.json" 2>&1 | tee "$OUT/gpu_decode.txt" | tee -a "$OUT/summary.txt"
-take gpu_decode.json
+if want decode; then
+  step "decode on the GPU engine (bench-0.7b, prompt 128, 128 new tokens, batch 1 and 32; vs transformers when HF=1)"
+  timeout 240 "$B"/dsv3_bench_gpu_decode --hf "$OUT/hf_gpu.json" 2>&1 | tee "$OUT/gpu_decode.txt" | tee -a "$OUT/summary.txt"
+  take gpu_decode.json
+fi
 
-step "prefill on the GPU engine (bench-0.7b, one prompt of 1,024-4,000 tokens; the latent attention's prefill kernel vs its row kernel)"
-timeout 180 "$B"/dsv3_bench_gpu_prefill --prompts 1024,2048,4000 --rows 0,2 2>&1 | tee "$OUT/gpu_prefill.txt" | tee -a "$OUT/summary.txt"
-take gpu_prefill.json
+if want prefill; then
+  step "prefill on the GPU engine (bench-0.7b, one prompt of 1,024-4,000 tokens; the latent attention's prefill kernel vs its row kernel)"
+  timeout 180 "$B"/dsv3_bench_gpu_prefill --prompts 1024,2048,4000 --rows 0,2 2>&1 | tee "$OUT/gpu_prefill.txt" | tee -a "$OUT/summary.txt"
+  take gpu_prefill.json
+fi
 
-if [ -n "${SPEC_MODEL:-}" ]; then
+if [ -n "${SPEC_MODEL:-}" ] && want spec; then
   step "MTP speculation on the GPU engine (batch 1, greedy, BF16 weights, graphs and eager; $SPEC_MODEL)"
   timeout 240 "$B"/dsv3_bench_decode --device cuda --weights bf16 --spec-model "$SPEC_MODEL" \
     ${SPEC_PROMPT:+--spec-prompt "$SPEC_PROMPT"} 2>&1 | tee "$OUT/gpu_spec.txt" | grep -v "^dsv3: " | tee -a "$OUT/summary.txt"
   take gpu_spec.json
 fi
 
-step "FP8 accumulation on the tensor cores (no promotion vs every 128) beside the CPU emulation"
-timeout 120 "$B"/dsv3_bench_gpu_fp8_accum 2>&1 | tee "$OUT/gpu_fp8_accum.txt" | tee -a "$OUT/summary.txt"
-take gpu_fp8_accum.json
-
-step "training throughput on the GPU (bench-0.7b, B=8, T=2048; vs transformers when HF=1)"
-timeout ${TRAIN_TIMEOUT:-240} "$B"/dsv3_bench_gpu_train --hf "$OUT/hf_gpu.json" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/gpu_train.txt" | tee -a "$OUT/summary.txt"
-take gpu_train.json
-
-step "compute-sanitizer memcheck on the GPU test binary"
-if command -v compute-sanitizer >/dev/null || [ -x /usr/local/cuda/bin/compute-sanitizer ]; then
-  CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-  # --report-api-errors no: a decode step whose capture into a CUDA graph fails (a launch on the
-  # legacy stream, which CUDA refuses during a capture) runs eagerly instead, by design, and the
-  # graph tests provoke that on purpose; memcheck would count each refused call as an error. Every
-  # CUDA call of ours is checked by the code itself (DSV3_CUDA_CHECK), so API errors are not lost.
-  # Every GPU test but CudaCli's (they start `dsv3` as child processes, which memcheck instruments
-  # too: over 7 minutes for the first) and the bench-0.7b-sized cases; the binary's CPU-only tests
-  # (ParallelBackward, the CPU determinism cases) are left out too. Written as exclusions so that a
-  # new GPU suite is checked without being listed here. ~230 s on the H200 (2026-12-01).
-  timeout ${MEMCHECK_TIMEOUT:-360} "$CS" --tool memcheck --report-api-errors no --error-exitcode 3 "$B"/dsv3_gpu_tests \
-    --gtest_filter="${MEMCHECK_FILTER:-*:-CudaCli.*:ParallelBackward.*:*CpuIsDeterministic*:*Bench07b*}" >"$OUT/memcheck.log" 2>&1
-  rc=$?
-  tail -3 "$OUT/memcheck.log" | tee -a "$OUT/summary.txt"
-  echo "memcheck exit code $rc" | tee -a "$OUT/summary.txt"
-  [ $rc -eq 0 ] || status=1
-else
-  echo "compute-sanitizer not found" | tee -a "$OUT/summary.txt"
-  status=1
+if want accum; then
+  step "FP8 accumulation on the tensor cores (no promotion vs every 128) beside the CPU emulation"
+  timeout 120 "$B"/dsv3_bench_gpu_fp8_accum 2>&1 | tee "$OUT/gpu_fp8_accum.txt" | tee -a "$OUT/summary.txt"
+  take gpu_fp8_accum.json
 fi
 
+if want train; then
+  step "training throughput on the GPU (bench-0.7b, B=8, T=2048; vs transformers when HF=1)"
+  timeout ${TRAIN_TIMEOUT:-240} "$B"/dsv3_bench_gpu_train --hf "$OUT/hf_gpu.json" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/gpu_train.txt" | tee -a "$OUT/summary.txt"
+  take gpu_train.json
+fi
+
+if want memcheck; then
+  step "compute-sanitizer memcheck on the GPU test binary"
+  if command -v compute-sanitizer >/dev/null || [ -x /usr/local/cuda/bin/compute-sanitizer ]; then
+    CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+    # --report-api-errors no: a decode step whose capture into a CUDA graph fails (a launch on the
+    # legacy stream, which CUDA refuses during a capture) runs eagerly instead, by design, and the
+    # graph tests provoke that on purpose; memcheck would count each refused call as an error. Every
+    # CUDA call of ours is checked by the code itself (DSV3_CUDA_CHECK), so API errors are not lost.
+    # Every GPU test but CudaCli's (they start `dsv3` as child processes, which memcheck instruments
+    # too: over 7 minutes for the first) and the bench-0.7b-sized cases; the binary's CPU-only tests
+    # (ParallelBackward, the CPU determinism cases) are left out too. Written as exclusions so that a
+    # new GPU suite is checked without being listed here. ~230 s on the H200 (2026-12-01).
+    timeout ${MEMCHECK_TIMEOUT:-360} "$CS" --tool memcheck --report-api-errors no --error-exitcode 3 "$B"/dsv3_gpu_tests \
+      --gtest_filter="${MEMCHECK_FILTER:-*:-CudaCli.*:ParallelBackward.*:*CpuIsDeterministic*:*Bench07b*}" >"$OUT/memcheck.log" 2>&1
+    rc=$?
+    tail -3 "$OUT/memcheck.log" | tee -a "$OUT/summary.txt"
+    echo "memcheck exit code $rc" | tee -a "$OUT/summary.txt"
+    [ $rc -eq 0 ] || status=1
+  else
+    echo "compute-sanitizer not found" | tee -a "$OUT/summary.txt"
+    status=1
+  fi
+fi
+
+if want summary; then
 step "summary"
 python3 - "$OUT" <<'PY' | tee -a "$OUT/summary.txt"
 import json, os, sys
@@ -174,4 +197,5 @@ json.dump(s, open(os.path.join(out, "gpu_latest.json"), "w"), indent=1)
 print(json.dumps({k: v for k, v in s.items() if k not in ("gemm", "mla_decode", "hf", "decode", "fp8_accum_rows", "train")},
                  indent=1))
 PY
+fi
 exit $status
