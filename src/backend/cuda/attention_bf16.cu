@@ -611,7 +611,7 @@ void run_fwd(const AttentionArgs& a, const Dims& d) {
   Scratch kb(size_t(d.b * d.h * sp * DQK) * 2), vb(size_t(d.b * d.h * sp * DV) * 2);
   convert(a.k, d, d.s, d.dqk, sp, DQK, kb.as<bf16_t>());
   convert(a.v, d, d.s, d.dv, sp, DV, vb.as<bf16_t>());
-  if (g_wgmma.load()) {
+  if (g_wgmma.load() && d.s > 0) {  // (no keys: the mma.sync kernel writes the empty rows)
     attention_bf16_forward_wgmma({a.q.data<float>(), kb.as<bf16_t>(), vb.as<bf16_t>(), ptr<float>(a.out),
                                   present(a.lse) ? ptr<float>(a.lse) : nullptr, d.b, d.t, d.s, d.h, d.dqk, d.dv, sp,
                                   a.scale, a.causal, a.q_offset},

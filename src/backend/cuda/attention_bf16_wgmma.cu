@@ -15,7 +15,9 @@ namespace dsv3::cuda {
 namespace {
 
 typedef __nv_bfloat16 bf16_t;
-constexpr int kM = 128, kN = 64, kThreads = 256;
+// Three stages: a tile's keys are read by its scores while the previous tile's values are read by
+// its P·V, and the next tile lands.
+constexpr int kM = 128, kN = 64, kThreads = 256, kStages = 3;
 constexpr float kLog2e = 1.4426950408889634f;
 
 template <int DQK, int DV>
@@ -23,7 +25,7 @@ struct Smem {
   static constexpr int q = kM * DQK * 2;  // DQK / 64 panels of 128 rows
   static constexpr int k = kN * DQK * 2;  // per stage: DQK / 64 panels of 64 keys
   static constexpr int v = kN * DV * 2;   // per stage: DV / 64 panels of 64 keys
-  static constexpr size_t bytes = size_t(q) + 2 * size_t(k + v) + 1024;  // + the 1,024-byte alignment
+  static constexpr size_t bytes = size_t(q) + kStages * size_t(k + v) + 1024;  // + the 1,024-byte alignment
 };
 
 // rows × W BF16 (row stride W) into panels of 64 columns, `rows` rows each, swizzled; NT threads.
@@ -41,8 +43,8 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_wgmma_kernel(const AttnFwdArg
   using S = Smem<DQK, DV>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* qs = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
-  unsigned char* ks = qs + S::q;      // [2][DQK / 64][64][128 B]
-  unsigned char* vs = ks + 2 * S::k;  // [2][DV / 64][64][128 B]
+  unsigned char* ks = qs + S::q;            // [3][DQK / 64][64][128 B]
+  unsigned char* vs = ks + kStages * S::k;  // [3][DV / 64][64][128 B]
   const int64_t q0 = int64_t(gridDim.x - 1 - blockIdx.x) * kM;  // longest causal rows first
   const int64_t bh = int64_t(blockIdx.z) * a.h + blockIdx.y;
   const int tid = threadIdx.x, wgi = tid >> 7, w = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
@@ -83,27 +85,22 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_wgmma_kernel(const AttnFwdArg
   const float sl2 = a.scale * kLog2e;
   const int64_t wg_row0 = q0 + 64 * wgi, warp_row0 = wg_row0 + 16 * w;
   const int64_t row_lo = warp_row0 + g, row_hi = row_lo + 8;
-  // The last key any row of this warpgroup sees: later tiles are masked for all of them.
-  const int64_t wg_keys_end = a.causal ? a.q_off + (wg_row0 + 63 < a.t ? wg_row0 + 63 : a.t - 1) : a.s - 1;
   const uint32_t q_a = smem_addr(qs) + uint32_t(wgi) * 64 * 128, k_a = smem_addr(ks), v_a = smem_addr(vs);
 
-  for (int j = 0; j < ntiles; ++j) {
-    const int buf = j & 1;
-    cp_async_wait<0>();
-    wgmma::fence_async_smem();
-    __syncthreads();  // tile j (and Q) visible to wgmma; both warpgroups are done with tile j − 1
-    if (j + 1 < ntiles) load_kv(j + 1, buf ^ 1);
-    const int64_t k0 = int64_t(j) * kN;
-    if (wg_row0 >= a.t || k0 > wg_keys_end) continue;
-    float s[8][4] = {};
-    const uint32_t kt = k_a + uint32_t(buf * S::k), vt = v_a + uint32_t(buf * S::v);
-    wgmma::fence();
+  // P of two consecutive tiles as A fragments, taking turns: one is read by its P·V in flight while
+  // the next one is written (no copy between them, which ptxas would see as a write to a wgmma's
+  // input while it runs, and serialise).
+  uint32_t pa[kN / 16][4], pb[kN / 16][4];
+  float s[8][4];
+  // S_j's mask, online softmax and P_j (into pn) on a copy of s (s itself is only written by
+  // wgmma); returns the rescale factors of the rows' sums.
+  auto softmax = [&](int j, uint32_t (&pn)[kN / 16][4], float& al_lo, float& al_hi) {
+    float x[8][4];
 #pragma unroll
-    for (int kk = 0; kk < DQK / 16; ++kk)
-      wgmma::mma_m64n64_ss(s, wgmma::desc_k(q_a + (kk >> 2) * (kM * 128) + (kk & 3) * 32),
-                           wgmma::desc_k(kt + (kk >> 2) * (kN * 128) + (kk & 3) * 32), kk > 0);
-    wgmma::commit();
-    wgmma::wait0();
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) x[n][e] = s[n][e];
+    const int64_t k0 = int64_t(j) * kN;
     // Mask only tiles that reach past S or past this warp's first row's diagonal.
     if (k0 + kN > a.s || (a.causal && k0 + kN - 1 > a.q_off + warp_row0)) {
 #pragma unroll
@@ -112,14 +109,14 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_wgmma_kernel(const AttnFwdArg
         for (int e = 0; e < 4; ++e) {
           const int64_t key = k0 + n * 8 + 2 * t4 + (e & 1);
           const int64_t row = e < 2 ? row_lo : row_hi;
-          if (key >= a.s || (a.causal && key > a.q_off + row)) s[n][e] = -INFINITY;
+          if (key >= a.s || (a.causal && key > a.q_off + row)) x[n][e] = -INFINITY;
         }
     }
     float mx_lo = -INFINITY, mx_hi = -INFINITY;
 #pragma unroll
     for (int n = 0; n < 8; ++n) {
-      mx_lo = fmaxf(mx_lo, fmaxf(s[n][0], s[n][1]));
-      mx_hi = fmaxf(mx_hi, fmaxf(s[n][2], s[n][3]));
+      mx_lo = fmaxf(mx_lo, fmaxf(x[n][0], x[n][1]));
+      mx_hi = fmaxf(mx_hi, fmaxf(x[n][2], x[n][3]));
     }
     mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
     mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
@@ -128,21 +125,69 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_wgmma_kernel(const AttnFwdArg
     const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
     // A row with every key so far masked keeps −inf: exp2(−inf − −inf) would be NaN.
     const float b_lo = mn_lo == -INFINITY ? 0.0f : mn_lo * sl2, b_hi = mn_hi == -INFINITY ? 0.0f : mn_hi * sl2;
-    const float al_lo = ex2(m_lo * sl2 - b_lo), al_hi = ex2(m_hi * sl2 - b_hi);
+    al_lo = ex2(m_lo * sl2 - b_lo);
+    al_hi = ex2(m_hi * sl2 - b_hi);
     m_lo = mn_lo;
     m_hi = mn_hi;
     float ps_lo = 0.0f, ps_hi = 0.0f;
 #pragma unroll
     for (int n = 0; n < 8; ++n) {
-      s[n][0] = ex2(fmaf(s[n][0], sl2, -b_lo));
-      s[n][1] = ex2(fmaf(s[n][1], sl2, -b_lo));
-      s[n][2] = ex2(fmaf(s[n][2], sl2, -b_hi));
-      s[n][3] = ex2(fmaf(s[n][3], sl2, -b_hi));
-      ps_lo += s[n][0] + s[n][1];
-      ps_hi += s[n][2] + s[n][3];
+      x[n][0] = ex2(fmaf(x[n][0], sl2, -b_lo));
+      x[n][1] = ex2(fmaf(x[n][1], sl2, -b_lo));
+      x[n][2] = ex2(fmaf(x[n][2], sl2, -b_hi));
+      x[n][3] = ex2(fmaf(x[n][3], sl2, -b_hi));
+      ps_lo += x[n][0] + x[n][1];
+      ps_hi += x[n][2] + x[n][3];
     }
     l_lo = l_lo * al_lo + ps_lo;
     l_hi = l_hi * al_hi + ps_hi;
+    // The S accumulators of n-tiles 2kk, 2kk + 1 are the A fragment of k-step kk.
+#pragma unroll
+    for (int kk = 0; kk < kN / 16; ++kk) acc_to_a(pn[kk], x[2 * kk], x[2 * kk + 1]);
+  };
+  auto issue_s = [&](int j) {  // S_j = Q·K_jᵀ
+    const uint32_t kt = k_a + uint32_t((j % kStages) * S::k);
+#pragma unroll
+    for (int kk = 0; kk < DQK / 16; ++kk)
+      wgmma::mma_m64n64_ss(s, wgmma::desc_k(q_a + (kk >> 2) * (kM * 128) + (kk & 3) * 32),
+                           wgmma::desc_k(kt + (kk >> 2) * (kN * 128) + (kk & 3) * 32), kk > 0);
+  };
+  auto issue_pv = [&](int j, const uint32_t (&p)[kN / 16][4]) {  // O += P_j·V_j
+    const uint32_t vt = v_a + uint32_t((j % kStages) * S::v);
+#pragma unroll
+    for (int kk = 0; kk < kN / 16; ++kk)
+#pragma unroll
+      for (int nb = 0; nb < DV / 64; ++nb)
+        wgmma::mma_m64n64_rs_tb(o[nb], p[kk], wgmma::desc_mn(vt + nb * (kN * 128) + kk * 2048));
+  };
+  auto next_tile = [&](int j) {  // tile j landed and visible; tile j + 1 on its way
+    cp_async_wait<0>();
+    wgmma::fence_async_smem();
+    __syncthreads();  // every warpgroup is also done with tile j − 2, whose stage tile j + 1 takes
+    if (j + 1 < ntiles) load_kv(j + 1, (j + 1) % kStages);
+  };
+  auto fence_o = [&] {
+#pragma unroll
+    for (int nb = 0; nb < DV / 64; ++nb) wgmma::fence_regs(o[nb]);
+  };
+  // Tile j ≥ 1: S_j and P_{j−1}·V_{j−1} issued together (P_{j−1} in pin), S_j's softmax into pout
+  // while the P·V runs, then O rescaled.
+  auto step = [&](int j, uint32_t (&pin)[kN / 16][4], uint32_t (&pout)[kN / 16][4]) {
+    next_tile(j);
+    wgmma::fence_regs(s);
+    wgmma::fence_regs(pin);
+    fence_o();
+    wgmma::fence();
+    issue_s(j);
+    wgmma::commit();
+    issue_pv(j - 1, pin);
+    wgmma::commit();
+    wgmma::wait<1>(s);  // the scores are in
+    float al_lo, al_hi;
+    softmax(j, pout, al_lo, al_hi);
+    wgmma::wait<0>();  // the previous tile's P·V is in
+    fence_o();
+    wgmma::fence_regs(pin);  // pin stays live until here: that P·V read its registers asynchronously
 #pragma unroll
     for (int nb = 0; nb < DV / 64; ++nb)
 #pragma unroll
@@ -152,19 +197,41 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_wgmma_kernel(const AttnFwdArg
         o[nb][n][2] *= al_hi;
         o[nb][n][3] *= al_hi;
       }
-    // The S accumulators of n-tiles 2kk, 2kk + 1 are the A fragment of k-step kk.
-    uint32_t p[kN / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kN / 16; ++kk) acc_to_a(p[kk], s[2 * kk], s[2 * kk + 1]);
+  };
+  // Every CTA has a tile (S ≥ 1; the dispatch keeps S = 0 off this kernel), and every warpgroup
+  // runs every tile, so no wgmma sits behind a warpgroup's branch (ptxas would serialise them); a
+  // tile masked for all of a warpgroup's rows gives it P = 0.
+  {
+    float al_lo, al_hi;
+    next_tile(0);
+    wgmma::fence_regs(s);
     wgmma::fence();
-#pragma unroll
-    for (int kk = 0; kk < kN / 16; ++kk)
-#pragma unroll
-      for (int nb = 0; nb < DV / 64; ++nb)
-        wgmma::mma_m64n64_rs_tb(o[nb], p[kk], wgmma::desc_mn(vt + nb * (kN * 128) + kk * 2048));
+    issue_s(0);
     wgmma::commit();
-    wgmma::wait0();
+    wgmma::wait<0>(s);
+    softmax(0, pa, al_lo, al_hi);
   }
+  int j = 1;
+  for (; j + 1 < ntiles; j += 2) {
+    step(j, pa, pb);
+    step(j + 1, pb, pa);
+  }
+  if (j < ntiles) step(j, pa, pb);
+  // The last tile's P: in pb after an odd number of steps, else in pa (a select, not a branch
+  // around the wgmma).
+  const bool in_b = (ntiles - 1) % 2 == 1;
+  uint32_t pl[kN / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < kN / 16; ++kk)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) pl[kk][e] = in_b ? pb[kk][e] : pa[kk][e];
+  wgmma::fence_regs(pl);
+  fence_o();
+  wgmma::fence();
+  issue_pv(ntiles - 1, pl);
+  wgmma::commit();
+  wgmma::wait<0>();
+  fence_o();
   cp_async_wait<0>();
   l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
   l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);

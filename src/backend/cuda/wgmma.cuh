@@ -24,9 +24,41 @@ __device__ __forceinline__ uint64_t desc_mn(uint32_t addr) { return desc(addr, 1
 
 __device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Until at most N committed groups are pending (groups complete in order).
+template <int N> __device__ __forceinline__ void wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void wait0() { wait<0>(); }
+// wait<N> that also marks the 8 × 4 accumulators r as written here: their readers stay after it,
+// and no non-wgmma instruction between the issue and this wait defines them (ptxas would
+// serialise the pipeline).
+template <int N> __device__ __forceinline__ void wait(float (&r)[8][4]) {
+  asm volatile("wgmma.wait_group.sync.aligned %32;\n"
+               : "+f"(r[0][0]), "+f"(r[0][1]), "+f"(r[0][2]), "+f"(r[0][3]), "+f"(r[1][0]), "+f"(r[1][1]),
+                 "+f"(r[1][2]), "+f"(r[1][3]), "+f"(r[2][0]), "+f"(r[2][1]), "+f"(r[2][2]), "+f"(r[2][3]),
+                 "+f"(r[3][0]), "+f"(r[3][1]), "+f"(r[3][2]), "+f"(r[3][3]), "+f"(r[4][0]), "+f"(r[4][1]),
+                 "+f"(r[4][2]), "+f"(r[4][3]), "+f"(r[5][0]), "+f"(r[5][1]), "+f"(r[5][2]), "+f"(r[5][3]),
+                 "+f"(r[6][0]), "+f"(r[6][1]), "+f"(r[6][2]), "+f"(r[6][3]), "+f"(r[7][0]), "+f"(r[7][1]),
+                 "+f"(r[7][2]), "+f"(r[7][3])
+               : "n"(N)
+               : "memory");
+}
 // Generic-proxy writes of shared memory (st.shared, cp.async) made visible to wgmma's reads.
 __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// Register fences for wgmma's operands (as CUTLASS's warpgroup_fence_operand): the compiler sees
+// an asm write its registers only at issue, so without these it may read an accumulator before the
+// wait that completes it, or compute an input after the fence that starts the next issue.
+template <int N> __device__ __forceinline__ void fence_regs(float (&r)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+    asm volatile("" : "+f"(r[i][0]), "+f"(r[i][1]), "+f"(r[i][2]), "+f"(r[i][3])::"memory");
+}
+template <int N> __device__ __forceinline__ void fence_regs(uint32_t (&r)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+    asm volatile("" : "+r"(r[i][0]), "+r"(r[i][1]), "+r"(r[i][2]), "+r"(r[i][3])::"memory");
+}
 
 // Byte offset of 16-byte chunk c (0-7) of row r in a 128-byte swizzled panel.
 __device__ __forceinline__ int sw(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
