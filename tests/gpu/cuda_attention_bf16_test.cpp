@@ -163,6 +163,9 @@ TEST(CudaAttnBf16, V3HeadsBatchedRagged) { check_bf16({2, 200, 200, 3, 192, 128,
 // Chunked prefill: the chunk's queries sit at q_offset.., S > T, neither a multiple of a tile.
 TEST(CudaAttnBf16, ChunkedCausalWithOffset) { check_bf16({2, 150, 170, 3, 192, 128, true, 20}, 15); }
 TEST(CudaAttnBf16, ChunkedCausalLongPrefix) { check_bf16({0, 37, 300, 2, 192, 128, true, 263}, 16); }
+// Keys past the last query's position (S > q_offset + T): masked for every row, whole key tiles
+// with no query to see them.
+TEST(CudaAttnBf16, CausalKeysPastTheLastQuery) { check_bf16({1, 100, 330, 2, 192, 128, true, 40}, 28); }
 TEST(CudaAttnBf16, NonCausal) { check_bf16({2, 90, 130, 3, 192, 128, false, 0}, 17); }
 TEST(CudaAttnBf16, NonCausalSmallHeads) { check_bf16({0, 70, 33, 5, 48, 32, false, 0}, 18); }
 // The other kernel widths: 128/128 (qk 112 padded) and 256/128.
@@ -189,7 +192,8 @@ TEST(CudaAttnBf16, ForwardOnlyWithoutLse) {
 }
 
 // The causal dQ matmul in blocks of query rows: each block reads dSᵀ only up to the keys its last
-// row sees, and the dk/dv kernel zeros the masked entries only within that reach. Scratch is
+// row sees, and the dk/dv kernels (wgmma and mma.sync, each run) zero the masked entries only
+// within that reach. Scratch is
 // poisoned with NaN, so a block that read an entry nobody wrote gives NaN. Every block count
 // against the reference (kBf16) and against one block over the whole square (the same BF16
 // products, FP32 sums in another order: kF32); the backward's counter says the matmul ran.
@@ -204,10 +208,9 @@ struct DqBlocks {
 };
 TEST(CudaAttnBf16, DqMatmulRowBlocksReadOnlyWhatTheyNeed) {
   ASSERT_GT(cuda_device_count(), 0);
-  const Shape6 shapes[] = {{0, 512, 512, 2, 192, 128, true, 0},
-                           {1, 333, 333, 2, 192, 128, true, 0},
-                           {2, 150, 230, 3, 192, 128, true, 80},
-                           {0, 37, 300, 2, 192, 128, true, 263}};
+  const Shape6 shapes[] = {{0, 512, 512, 2, 192, 128, true, 0},  {1, 333, 333, 2, 192, 128, true, 0},
+                           {2, 150, 230, 3, 192, 128, true, 80}, {0, 37, 300, 2, 192, 128, true, 263},
+                           {1, 300, 300, 2, 48, 32, true, 0},    {0, 260, 330, 2, 256, 128, true, 40}};
   uint64_t seed = 40;
   for (const Shape6& c : shapes) {
     Inputs in = make_inputs(c, ++seed);
@@ -215,21 +218,25 @@ TEST(CudaAttnBf16, DqMatmulRowBlocksReadOnlyWhatTheyNeed) {
     Bf16On on(true);
     const DqMatmul matmul(true);
     const ScratchPoison poison;
-    Results whole;
-    for (int n : {1, 2, 3, 4, 8, 64}) {
-      const DqBlocks blocks(n);
-      const int64_t before = cuda_attention_dq_matmuls();
-      Results got = run(cuda_backend(), c, in);
-      const std::string at = cat("T ", c.t, " S ", c.s, " q_offset ", c.q_off, ", ", n, " blocks");
-      EXPECT_EQ(cuda_attention_dq_matmuls() - before, 1) << at;
-      EXPECT_EQ(got.damaged, "") << at;
-      SCOPED_TRACE(at);
-      max_err(got.dq, want.dq, "dq", tol::kBf16);
-      max_err(got.dk, want.dk, "dk", tol::kBf16);
-      if (n == 1)
-        whole = got;
-      else
-        max_err(got.dq, whole.dq, "dq against one block", tol::kF32);
+    for (bool wgmma_kernels : {true, false}) {  // both dk/dv kernels write and zero dSᵀ
+      const Wgmma kernels(wgmma_kernels);
+      Results whole;
+      for (int n : {1, 2, 3, 4, 8, 64}) {
+        const DqBlocks blocks(n);
+        const int64_t before = cuda_attention_dq_matmuls();
+        Results got = run(cuda_backend(), c, in);
+        const std::string at = cat("T ", c.t, " S ", c.s, " q_offset ", c.q_off, ", ", n, " blocks, ",
+                                   wgmma_kernels ? "wgmma" : "mma.sync");
+        EXPECT_EQ(cuda_attention_dq_matmuls() - before, 1) << at;
+        EXPECT_EQ(got.damaged, "") << at;
+        SCOPED_TRACE(at);
+        max_err(got.dq, want.dq, "dq", tol::kBf16);
+        max_err(got.dk, want.dk, "dk", tol::kBf16);
+        if (n == 1)
+          whole = got;
+        else
+          max_err(got.dq, whole.dq, "dq against one block", tol::kF32);
+      }
     }
   }
 }

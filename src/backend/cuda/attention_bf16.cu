@@ -19,6 +19,7 @@
 // deterministic). Causal tiles entirely above the diagonal are skipped; the masking is the FP32
 // kernels' (query i at absolute position q_offset + i sees keys ≤ q_offset + i).
 #include "backend/cuda/attention_bf16.h"
+#include "backend/cuda/attention_bf16_tile.cuh"
 #include "backend/cuda/attention_bf16_wgmma.h"
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/lt_gemm.h"
@@ -203,9 +204,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   float o[DV / 8][4];
 #pragma unroll
   for (int n = 0; n < DV / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.0f, l_hi = 0.0f;  // raw-score maxima, partial sums
+  attn::RowStats st;
   const float sl2 = scale * kLog2e;
-  const int64_t row_lo = q0 + warp * 16 + g, row_hi = row_lo + 8;
 
   for (int j = 0; j < ntiles; ++j) {
     const int buf = j & 1;
@@ -235,46 +235,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         mma_bf16(s[2 * np + 1], qf[kk], b[2], b[3]);
       }
     }
-    const int64_t k0 = int64_t(j) * kFwdN;
-    // Mask only tiles that reach past S or past this warp's first row's diagonal.
-    if (k0 + kFwdN > dm.s || (causal && k0 + kFwdN - 1 > q_off + q0 + warp * 16)) {
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int64_t key = k0 + n * 8 + 2 * t4 + (e & 1);
-          const int64_t row = e < 2 ? row_lo : row_hi;
-          if (key >= dm.s || (causal && key > q_off + row)) s[n][e] = -INFINITY;
-        }
-    }
-    float mx_lo = -INFINITY, mx_hi = -INFINITY;
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      mx_lo = fmaxf(mx_lo, fmaxf(s[n][0], s[n][1]));
-      mx_hi = fmaxf(mx_hi, fmaxf(s[n][2], s[n][3]));
-    }
-    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
-    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
-    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
-    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
-    const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
-    // A row with every key so far masked keeps −inf: exp2(−inf − −inf) would be NaN.
-    const float b_lo = mn_lo == -INFINITY ? 0.0f : mn_lo * sl2, b_hi = mn_hi == -INFINITY ? 0.0f : mn_hi * sl2;
-    const float al_lo = ex2(m_lo * sl2 - b_lo), al_hi = ex2(m_hi * sl2 - b_hi);
-    m_lo = mn_lo;
-    m_hi = mn_hi;
-    float ps_lo = 0.0f, ps_hi = 0.0f;
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      s[n][0] = ex2(fmaf(s[n][0], sl2, -b_lo));
-      s[n][1] = ex2(fmaf(s[n][1], sl2, -b_lo));
-      s[n][2] = ex2(fmaf(s[n][2], sl2, -b_hi));
-      s[n][3] = ex2(fmaf(s[n][3], sl2, -b_hi));
-      ps_lo += s[n][0] + s[n][1];
-      ps_hi += s[n][2] + s[n][3];
-    }
-    l_lo = l_lo * al_lo + ps_lo;
-    l_hi = l_hi * al_hi + ps_hi;
+    float al_lo, al_hi;
+    attn::softmax_tile(s, st, int64_t(j) * kFwdN, dm.s, causal, q_off, q0 + warp * 16, g, t4, sl2, al_lo, al_hi);
 #pragma unroll
     for (int n = 0; n < DV / 8; ++n) {
       o[n][0] *= al_lo;
@@ -291,26 +253,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();  // the buffer is refilled next iteration
   }
-  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
-  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
-  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
-  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
-  const int64_t ldv = dm.h * dm.dv;
-  const int64_t b = blockIdx.z, hh = blockIdx.y;
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int64_t row = half ? row_hi : row_lo;
-    if (row >= dm.t) continue;
-    const float l = half ? l_hi : l_lo, m = half ? m_hi : m_lo;
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-    float* orow = out + (b * dm.t + row) * ldv + hh * dm.dv;
-#pragma unroll
-    for (int n = 0; n < DV / 8; ++n) {
-      const int c = n * 8 + 2 * t4;
-      if (c < dm.dv) *reinterpret_cast<float2*>(orow + c) = make_float2(o[n][2 * half] * inv, o[n][2 * half + 1] * inv);
-    }
-    if (lse && t4 == 0) lse[bh * dm.t + row] = m * scale + logf(l);
-  }
+  attn::write_rows<DV>(o, st, out, lse, blockIdx.z, blockIdx.y, dm.t, dm.h, dm.dv, q0 + warp * 16, g, t4, scale);
 }
 
 // ---- backward: dq ---------------------------------------------------------------------------------
@@ -491,7 +434,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       reinterpret_cast<uint4*>(dst + (bh * sp + k0 + r) * tp + z0)[i - r * zv] = make_uint4(0, 0, 0, 0);
     }
   }
-  const int64_t key_lo = k0 + warp * 16 + g, key_hi = key_lo + 8;
+  const int64_t key_lo = k0 + warp * 16 + g;
   const float sl2 = scale * kLog2e;
   float ak[DQK / 8][4], av[DV / 8][4];
 #pragma unroll
@@ -517,20 +460,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int64_t i0 = first + int64_t(j) * kKvM;
     // Transposed tiles: rows are keys (key_lo / key_hi), columns queries i0 + n·8 + 2·t4 + (e & 1).
     const bool need_mask = k0 + kKvN > dm.s || (causal && k0 + kKvN - 1 > q_off + i0);
+    attn::p_and_ds(s, dp, lt, dd, need_mask, key_lo, dm.s, causal, q_off, i0, t4, sl2);
     uint32_t pa[NT / 2][4];
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int qc = n * 8 + 2 * t4 + (e & 1);
-        float p = ex2(fmaf(s[n][e], sl2, -lt[qc]));  // 0 on padded query rows (lse2 = +inf)
-        if (need_mask) {
-          const int64_t key = e >= 2 ? key_hi : key_lo;
-          if (key >= dm.s || (causal && key > q_off + i0 + qc)) p = 0.0f;
-        }
-        s[n][e] = p;
-        dp[n][e] = p * (dp[n][e] - dd[qc]);
-      }
 #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk) {
       acc_to_a(pa[kk], s[2 * kk], s[2 * kk + 1]);
@@ -543,41 +474,12 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int kk = 0; kk < NT / 2; ++kk) {
       uint32_t a[4];
       acc_to_a(a, dp[2 * kk], dp[2 * kk + 1]);
-      if (dst) {  // a's words: (key_lo, key_hi) × query pairs at 16·kk + 2·t4 and 16·kk + 8 + 2·t4
-        bf16_t* lo = dst + (bh * sp + key_lo) * tp + i0 + 16 * kk + 2 * t4;
-        bf16_t* hi = lo + 8 * tp;
-        *reinterpret_cast<uint32_t*>(lo) = a[0];
-        *reinterpret_cast<uint32_t*>(hi) = a[1];
-        *reinterpret_cast<uint32_t*>(lo + 8) = a[2];
-        *reinterpret_cast<uint32_t*>(hi + 8) = a[3];
-      }
+      if (dst) attn::store_ds(dst + (bh * sp + key_lo) * tp + i0 + 16 * kk + 2 * t4, tp, a);
       mma_a_rows<DQK>(ak, a, qt, lq, kk * 16, lane);
     }
     __syncthreads();
   }
-  const int64_t ldq = dm.h * dm.dqk, ldv = dm.h * dm.dv, b = blockIdx.z, hh = blockIdx.y;
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int64_t key = half ? key_hi : key_lo;
-    if (key >= dm.s) continue;
-    if (dk) {
-      float* orow = dk + (b * dm.s + key) * ldq + hh * dm.dqk;
-#pragma unroll
-      for (int n = 0; n < DQK / 8; ++n) {
-        const int c = n * 8 + 2 * t4;
-        if (c < dm.dqk)
-          *reinterpret_cast<float2*>(orow + c) = make_float2(scale * ak[n][2 * half], scale * ak[n][2 * half + 1]);
-      }
-    }
-    if (dv_out) {
-      float* orow = dv_out + (b * dm.s + key) * ldv + hh * dm.dv;
-#pragma unroll
-      for (int n = 0; n < DV / 8; ++n) {
-        const int c = n * 8 + 2 * t4;
-        if (c < dm.dv) *reinterpret_cast<float2*>(orow + c) = make_float2(av[n][2 * half], av[n][2 * half + 1]);
-      }
-    }
-  }
+  attn::write_dkv<DQK, DV>(ak, av, dk, dv_out, blockIdx.z, blockIdx.y, dm.s, dm.h, dm.dqk, dm.dv, key_lo, t4, scale);
 }
 
 // ---- dispatch -------------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
-// The BF16 training attention's forward on Hopper's warpgroup MMA (see attention_bf16_wgmma.h).
-// CTA = two warpgroups × 64 query rows (128 rows share each K/V tile); 64-key tiles double-buffered
-// by cp.async into the 128-byte swizzled panels wgmma reads. Per tile and warpgroup:
-// S[64, 64] = Q·Kᵀ as DQK/16 m64n64k16 with both operands in shared memory (no ldmatrix: the
-// mma.sync kernel's B fragments were one shared-memory load per two MMAs), the online softmax in
-// the accumulators (each warp owns 16 rows, as in the mma.sync kernel), then O += P·V with P packed
-// from the accumulators as register A operands and V read N-major. Tiles a warpgroup's rows mask
-// entirely are skipped by that warpgroup.
+// The BF16 training attention's forward and dk/dv kernels on Hopper's warpgroup MMA (see
+// attention_bf16_wgmma.h). Forward: CTA = two warpgroups × 64 query rows (128 rows share each K/V
+// tile); 64-key tiles in a ring of three stages, loaded by cp.async into the 128-byte swizzled
+// panels wgmma reads. Per tile and warpgroup: S[64, 64] = Q·Kᵀ as DQK/16 m64n64k16 with both
+// operands in shared memory (no ldmatrix: the mma.sync kernel's B fragments were one shared-memory
+// load per two MMAs), the online softmax in the accumulators (each warp owns 16 rows, as in the
+// mma.sync kernel), then O += P·V with P packed from the accumulators as register A operands and V
+// read N-major. One tile's P·V is issued with the next tile's scores and runs beside their softmax.
 #include "backend/cuda/attention_bf16_wgmma.h"
+#include "backend/cuda/attention_bf16_tile.cuh"
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/mma.cuh"
 #include "backend/cuda/wgmma.cuh"
@@ -29,7 +30,7 @@ struct Smem {
 };
 
 // rows × W BF16 (row stride W) into panels of 64 columns, `rows` rows each, swizzled; NT threads.
-template <int W, int NT = kThreads>
+template <int W, int NT>
 __device__ __forceinline__ void load_panels(unsigned char* dst, const bf16_t* src, int rows) {
   constexpr int chunks = W / 8;
   for (int i = threadIdx.x; i < rows * chunks; i += NT) {
@@ -37,6 +38,29 @@ __device__ __forceinline__ void load_panels(unsigned char* dst, const bf16_t* sr
     cp_async16(dst + (c >> 3) * (rows * 128) + wgmma::sw(r, c & 7), src + int64_t(r) * W + c * 8);
   }
 }
+
+// A thread's share of a 64-row tile of W columns loaded by kThreads threads: the shared-memory and
+// source offsets of its 16-byte chunks, worked out once per CTA (every tile repeats the pattern;
+// recomputing it per tile cost about as many instructions as the softmax).
+template <int W>
+struct TilePlan {
+  static constexpr int n = kN * (W / 8) / kThreads;
+  static_assert(kN * (W / 8) % kThreads == 0);
+  uint32_t dst[n], src[n];
+  __device__ __forceinline__ TilePlan() {
+#pragma unroll
+    for (int k = 0; k < n; ++k) {
+      const int i = threadIdx.x + k * kThreads, r = i / (W / 8), c = i % (W / 8);
+      dst[k] = uint32_t((c >> 3) * (kN * 128) + wgmma::sw(r, c & 7));
+      src[k] = uint32_t(r * W + c * 8);
+    }
+  }
+  __device__ __forceinline__ void load(uint32_t d, const bf16_t* g) const {  // d: a shared-space address
+#pragma unroll
+    for (int k = 0; k < n; ++k)
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d + dst[k]), "l"(g + src[k]));
+  }
+};
 
 template <int DQK, int DV>
 __global__ void __launch_bounds__(kThreads, 1) fwd_wgmma_kernel(const AttnFwdArgs a) {
@@ -53,9 +77,12 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_wgmma_kernel(const AttnFwdArg
   const int64_t q_last = q0 + kM < a.t ? q0 + kM : a.t;
   const int64_t nkeys = a.causal ? (a.s < a.q_off + q_last ? a.s : a.q_off + q_last) : a.s;
   const int ntiles = int((nkeys + kN - 1) / kN);
+  const TilePlan<DQK> plan_k;
+  const TilePlan<DV> plan_v;
+  const uint32_t ks_a = smem_addr(ks), vs_a = smem_addr(vs);
   auto load_kv = [&](int j, int buf) {
-    load_panels<DQK>(ks + buf * S::k, kg + int64_t(j) * kN * DQK, kN);
-    load_panels<DV>(vs + buf * S::v, vg + int64_t(j) * kN * DV, kN);
+    plan_k.load(ks_a + uint32_t(buf * S::k), kg + int64_t(j) * kN * DQK);
+    plan_v.load(vs_a + uint32_t(buf * S::v), vg + int64_t(j) * kN * DV);
     cp_async_commit();
   };
   if (ntiles > 0) load_kv(0, 0);
@@ -81,10 +108,9 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_wgmma_kernel(const AttnFwdArg
   for (int nb = 0; nb < DV / 64; ++nb)
 #pragma unroll
     for (int n = 0; n < 8; ++n) o[nb][n][0] = o[nb][n][1] = o[nb][n][2] = o[nb][n][3] = 0.0f;
-  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.0f, l_hi = 0.0f;  // raw-score maxima, partial sums
+  attn::RowStats st;
   const float sl2 = a.scale * kLog2e;
-  const int64_t wg_row0 = q0 + 64 * wgi, warp_row0 = wg_row0 + 16 * w;
-  const int64_t row_lo = warp_row0 + g, row_hi = row_lo + 8;
+  const int64_t warp_row0 = q0 + 64 * wgi + 16 * w;
   const uint32_t q_a = smem_addr(qs) + uint32_t(wgi) * 64 * 128, k_a = smem_addr(ks), v_a = smem_addr(vs);
 
   // P of two consecutive tiles as A fragments, taking turns: one is read by its P·V in flight while
@@ -100,47 +126,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_wgmma_kernel(const AttnFwdArg
     for (int n = 0; n < 8; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) x[n][e] = s[n][e];
-    const int64_t k0 = int64_t(j) * kN;
-    // Mask only tiles that reach past S or past this warp's first row's diagonal.
-    if (k0 + kN > a.s || (a.causal && k0 + kN - 1 > a.q_off + warp_row0)) {
-#pragma unroll
-      for (int n = 0; n < 8; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int64_t key = k0 + n * 8 + 2 * t4 + (e & 1);
-          const int64_t row = e < 2 ? row_lo : row_hi;
-          if (key >= a.s || (a.causal && key > a.q_off + row)) x[n][e] = -INFINITY;
-        }
-    }
-    float mx_lo = -INFINITY, mx_hi = -INFINITY;
-#pragma unroll
-    for (int n = 0; n < 8; ++n) {
-      mx_lo = fmaxf(mx_lo, fmaxf(x[n][0], x[n][1]));
-      mx_hi = fmaxf(mx_hi, fmaxf(x[n][2], x[n][3]));
-    }
-    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
-    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
-    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
-    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
-    const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
-    // A row with every key so far masked keeps −inf: exp2(−inf − −inf) would be NaN.
-    const float b_lo = mn_lo == -INFINITY ? 0.0f : mn_lo * sl2, b_hi = mn_hi == -INFINITY ? 0.0f : mn_hi * sl2;
-    al_lo = ex2(m_lo * sl2 - b_lo);
-    al_hi = ex2(m_hi * sl2 - b_hi);
-    m_lo = mn_lo;
-    m_hi = mn_hi;
-    float ps_lo = 0.0f, ps_hi = 0.0f;
-#pragma unroll
-    for (int n = 0; n < 8; ++n) {
-      x[n][0] = ex2(fmaf(x[n][0], sl2, -b_lo));
-      x[n][1] = ex2(fmaf(x[n][1], sl2, -b_lo));
-      x[n][2] = ex2(fmaf(x[n][2], sl2, -b_hi));
-      x[n][3] = ex2(fmaf(x[n][3], sl2, -b_hi));
-      ps_lo += x[n][0] + x[n][1];
-      ps_hi += x[n][2] + x[n][3];
-    }
-    l_lo = l_lo * al_lo + ps_lo;
-    l_hi = l_hi * al_hi + ps_hi;
+    attn::softmax_tile(x, st, int64_t(j) * kN, a.s, a.causal, a.q_off, warp_row0, g, t4, sl2, al_lo, al_hi);
     // The S accumulators of n-tiles 2kk, 2kk + 1 are the A fragment of k-step kk.
 #pragma unroll
     for (int kk = 0; kk < kN / 16; ++kk) acc_to_a(pn[kk], x[2 * kk], x[2 * kk + 1]);
@@ -232,37 +218,19 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_wgmma_kernel(const AttnFwdArg
   wgmma::commit();
   wgmma::wait<0>();
   fence_o();
-  cp_async_wait<0>();
-  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
-  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
-  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
-  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
-  const int64_t ldv = a.h * a.dv, b = blockIdx.z, hh = blockIdx.y;
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int64_t row = half ? row_hi : row_lo;
-    if (row >= a.t) continue;
-    const float l = half ? l_hi : l_lo, m = half ? m_hi : m_lo;
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-    float* orow = a.out + (b * a.t + row) * ldv + hh * a.dv;
-#pragma unroll
-    for (int nb = 0; nb < DV / 64; ++nb)
-#pragma unroll
-      for (int n = 0; n < 8; ++n) {
-        const int c = nb * 64 + n * 8 + 2 * t4;
-        if (c < a.dv)
-          *reinterpret_cast<float2*>(orow + c) =
-              make_float2(o[nb][n][2 * half] * inv, o[nb][n][2 * half + 1] * inv);
-      }
-    if (a.lse && t4 == 0) a.lse[bh * a.t + row] = m * a.scale + logf(l);
-  }
+  attn::write_rows<DV>(reinterpret_cast<const float(&)[DV / 8][4]>(o), st, a.out, a.lse, blockIdx.z, blockIdx.y, a.t,
+                       a.h, a.dv, warp_row0, g, t4, a.scale);
 }
 
 template <int DQK, int DV>
 void launch(const AttnFwdArgs& a) {
   const size_t smem = Smem<DQK, DV>::bytes;
-  DSV3_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(fwd_wgmma_kernel<DQK, DV>),
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  static const bool sized = [&] {  // once per instantiation (per device: the backend uses one)
+    DSV3_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(fwd_wgmma_kernel<DQK, DV>),
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    return true;
+  }();
+  (void)sized;
   fwd_wgmma_kernel<DQK, DV><<<dim3(unsigned((a.t + kM - 1) / kM), unsigned(a.h), unsigned(a.b)), kThreads, smem>>>(a);
   check_launch("attention_bf16 (forward, wgmma)");
 }
@@ -317,7 +285,7 @@ __global__ void __launch_bounds__(kDkvThreads, 2) dkv_wgmma_kernel(const AttnDkv
       reinterpret_cast<uint4*>(a.dst + (bh * a.sp + k0 + r) * a.tp + z0)[i - r * zv] = make_uint4(0, 0, 0, 0);
     }
   }
-  const int64_t key_lo = k0 + w * 16 + g, key_hi = key_lo + 8;
+  const int64_t key_lo = k0 + w * 16 + g;
   const float sl2 = a.scale * kLog2e;
   float ak[DQK / 64][8][4], av[DV / 64][8][4];
 #pragma unroll
@@ -359,32 +327,13 @@ __global__ void __launch_bounds__(kDkvThreads, 2) dkv_wgmma_kernel(const AttnDkv
     const int64_t i0 = first + int64_t(j) * kQt;
     // Transposed tiles: rows are keys (key_lo / key_hi), columns queries i0 + n·8 + 2·t4 + (e & 1).
     const bool need_mask = k0 + kKeys > a.s || (a.causal && k0 + kKeys - 1 > a.q_off + i0);
-#pragma unroll
-    for (int n = 0; n < 4; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int qc = n * 8 + 2 * t4 + (e & 1);
-        float p = ex2(fmaf(s[n][e], sl2, -lt[qc]));  // 0 on padded query rows (lse2 = +inf)
-        if (need_mask) {
-          const int64_t key = e >= 2 ? key_hi : key_lo;
-          if (key >= a.s || (a.causal && key > a.q_off + i0 + qc)) p = 0.0f;
-        }
-        s[n][e] = p;
-        dp[n][e] = p * (dp[n][e] - dd[qc]);
-      }
+    attn::p_and_ds(s, dp, lt, dd, need_mask, key_lo, a.s, a.causal, a.q_off, i0, t4, sl2);
     uint32_t pa[2][4], da[2][4];
 #pragma unroll
     for (int kk = 0; kk < 2; ++kk) {
       acc_to_a(pa[kk], s[2 * kk], s[2 * kk + 1]);
       acc_to_a(da[kk], dp[2 * kk], dp[2 * kk + 1]);
-      if (a.dst) {  // da's words: (key_lo, key_hi) × query pairs at 16·kk + 2·t4 and 16·kk + 8 + 2·t4
-        bf16_t* lo = a.dst + (bh * a.sp + key_lo) * a.tp + i0 + 16 * kk + 2 * t4;
-        bf16_t* hi = lo + 8 * a.tp;
-        *reinterpret_cast<uint32_t*>(lo) = da[kk][0];
-        *reinterpret_cast<uint32_t*>(hi) = da[kk][1];
-        *reinterpret_cast<uint32_t*>(lo + 8) = da[kk][2];
-        *reinterpret_cast<uint32_t*>(hi + 8) = da[kk][3];
-      }
+      if (a.dst) attn::store_ds(a.dst + (bh * a.sp + key_lo) * a.tp + i0 + 16 * kk + 2 * t4, a.tp, da[kk]);
     }
     wgmma::fence();
 #pragma unroll
@@ -400,42 +349,19 @@ __global__ void __launch_bounds__(kDkvThreads, 2) dkv_wgmma_kernel(const AttnDkv
     wgmma::wait0();
     __syncthreads();  // the buffer is refilled next iteration
   }
-  cp_async_wait<0>();
-  const int64_t ldq = a.h * a.dqk, ldv = a.h * a.dv, b = blockIdx.z, hh = blockIdx.y;
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int64_t key = half ? key_hi : key_lo;
-    if (key >= a.s) continue;
-    if (a.dk) {
-      float* orow = a.dk + (b * a.s + key) * ldq + hh * a.dqk;
-#pragma unroll
-      for (int nb = 0; nb < DQK / 64; ++nb)
-#pragma unroll
-        for (int n = 0; n < 8; ++n) {
-          const int c = nb * 64 + n * 8 + 2 * t4;
-          if (c < a.dqk)
-            *reinterpret_cast<float2*>(orow + c) =
-                make_float2(a.scale * ak[nb][n][2 * half], a.scale * ak[nb][n][2 * half + 1]);
-        }
-    }
-    if (a.dv_out) {
-      float* orow = a.dv_out + (b * a.s + key) * ldv + hh * a.dv;
-#pragma unroll
-      for (int nb = 0; nb < DV / 64; ++nb)
-#pragma unroll
-        for (int n = 0; n < 8; ++n) {
-          const int c = nb * 64 + n * 8 + 2 * t4;
-          if (c < a.dv) *reinterpret_cast<float2*>(orow + c) = make_float2(av[nb][n][2 * half], av[nb][n][2 * half + 1]);
-        }
-    }
-  }
+  attn::write_dkv<DQK, DV>(reinterpret_cast<const float(&)[DQK / 8][4]>(ak), reinterpret_cast<const float(&)[DV / 8][4]>(av),
+                           a.dk, a.dv_out, blockIdx.z, blockIdx.y, a.s, a.h, a.dqk, a.dv, key_lo, t4, a.scale);
 }
 
 template <int DQK, int DV>
 void launch_dkv(const AttnDkvArgs& a) {
   const size_t smem = DkvSmem<DQK, DV>::bytes;
-  DSV3_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(dkv_wgmma_kernel<DQK, DV>),
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  static const bool sized = [&] {
+    DSV3_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(dkv_wgmma_kernel<DQK, DV>),
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    return true;
+  }();
+  (void)sized;
   dkv_wgmma_kernel<DQK, DV><<<dim3(unsigned(a.sp / kKeys), unsigned(a.h), unsigned(a.b)), kDkvThreads, smem>>>(a);
   check_launch("attention_bf16 (dk, dv, wgmma)");
 }

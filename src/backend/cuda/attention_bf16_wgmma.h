@@ -20,9 +20,10 @@ struct AttnFwdArgs {
   int64_t q_off;
 };
 
-// Two warpgroups of 64 query rows per CTA over 64-key tiles; DQK, DV the padded widths (multiples of
-// 64: (64, 64), (128, 128), (192, 128), (256, 128)). Same arithmetic as the mma.sync forward: S in
-// FP32, the online softmax in base 2, P rounded to BF16 for P·V.
+// Two warpgroups of 64 query rows per CTA over 64-key tiles, one tile's P·V beside the next one's
+// softmax; DQK, DV the padded widths (multiples of 64: (64, 64), (128, 128), (192, 128), (256,
+// 128)); S ≥ 1. Same arithmetic as the mma.sync forward: S in FP32, the online softmax in base 2, P
+// rounded to BF16 for P·V.
 void attention_bf16_forward_wgmma(const AttnFwdArgs& a, int dqk_w, int dv_w);
 
 struct AttnDkvArgs {
