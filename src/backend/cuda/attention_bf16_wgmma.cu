@@ -39,26 +39,26 @@ __device__ __forceinline__ void load_panels(unsigned char* dst, const bf16_t* sr
   }
 }
 
-// A thread's share of a 64-row tile of W columns loaded by kThreads threads: the shared-memory and
-// source offsets of its 16-byte chunks, worked out once per CTA (every tile repeats the pattern;
-// recomputing it per tile cost about as many instructions as the softmax).
-template <int W>
+// A thread's share of a tile of ROWS rows × W columns loaded by NT threads into panels of 64
+// columns: its 16-byte chunks' shared-memory and source offsets (both below 2¹⁶), worked out once
+// per CTA and packed two to a register, since every tile repeats the pattern (recomputed per tile,
+// the index arithmetic cost about as many instructions as the forward's softmax).
+template <int W, int ROWS, int NT>
 struct TilePlan {
-  static constexpr int n = kN * (W / 8) / kThreads;
-  static_assert(kN * (W / 8) % kThreads == 0);
-  uint32_t dst[n], src[n];
+  static constexpr int n = ROWS * (W / 8) / NT;
+  static_assert(ROWS * (W / 8) % NT == 0 && ROWS * W * 2 <= 65536);
+  uint32_t off[n];  // shared-memory offset | source offset << 16 (elements)
   __device__ __forceinline__ TilePlan() {
 #pragma unroll
     for (int k = 0; k < n; ++k) {
-      const int i = threadIdx.x + k * kThreads, r = i / (W / 8), c = i % (W / 8);
-      dst[k] = uint32_t((c >> 3) * (kN * 128) + wgmma::sw(r, c & 7));
-      src[k] = uint32_t(r * W + c * 8);
+      const int i = int(threadIdx.x) + k * NT, r = i / (W / 8), c = i % (W / 8);
+      off[k] = uint32_t((c >> 3) * (ROWS * 128) + wgmma::sw(r, c & 7)) | (uint32_t(r * W + c * 8) << 16);
     }
   }
   __device__ __forceinline__ void load(uint32_t d, const bf16_t* g) const {  // d: a shared-space address
 #pragma unroll
     for (int k = 0; k < n; ++k)
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d + dst[k]), "l"(g + src[k]));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d + (off[k] & 0xFFFFu)), "l"(g + (off[k] >> 16)));
   }
 };
 
@@ -77,8 +77,8 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_wgmma_kernel(const AttnFwdArg
   const int64_t q_last = q0 + kM < a.t ? q0 + kM : a.t;
   const int64_t nkeys = a.causal ? (a.s < a.q_off + q_last ? a.s : a.q_off + q_last) : a.s;
   const int ntiles = int((nkeys + kN - 1) / kN);
-  const TilePlan<DQK> plan_k;
-  const TilePlan<DV> plan_v;
+  const TilePlan<DQK, kN, kThreads> plan_k;
+  const TilePlan<DV, kN, kThreads> plan_v;
   const uint32_t ks_a = smem_addr(ks), vs_a = smem_addr(vs);
   auto load_kv = [&](int j, int buf) {
     plan_k.load(ks_a + uint32_t(buf * S::k), kg + int64_t(j) * kN * DQK);
@@ -266,10 +266,19 @@ __global__ void __launch_bounds__(kDkvThreads, 2) dkv_wgmma_kernel(const AttnDkv
   int64_t first = a.causal ? (k0 - a.q_off > 0 ? k0 - a.q_off : 0) : 0;
   first = first / kQt * kQt;
   const int ntiles = first < a.t ? int((a.t - first + kQt - 1) / kQt) : 0;
+  // The tiles' chunk offsets kept in registers up to DQK 192 (at 256 the 10 registers would spill).
+  const TilePlan<DQK, kQt, kDkvThreads> plan_q;
+  const TilePlan<DV, kQt, kDkvThreads> plan_d;
+  const uint32_t qs_a = smem_addr(qs), dos_a = smem_addr(dos);
   auto load_q = [&](int j, int buf) {
     const int64_t i0 = first + int64_t(j) * kQt;
-    load_panels<DQK, kDkvThreads>(qs + buf * S::q, qg + i0 * DQK, kQt);
-    load_panels<DV, kDkvThreads>(dos + buf * S::d, dg + i0 * DV, kQt);
+    if constexpr (DQK <= 192) {
+      plan_q.load(qs_a + uint32_t(buf * S::q), qg + i0 * DQK);
+      plan_d.load(dos_a + uint32_t(buf * S::d), dg + i0 * DV);
+    } else {
+      load_panels<DQK, kDkvThreads>(qs + buf * S::q, qg + i0 * DQK, kQt);
+      load_panels<DV, kDkvThreads>(dos + buf * S::d, dg + i0 * DV, kQt);
+    }
     cp_async_commit();
     if (tid < kQt) {
       ls[buf * kQt + tid] = a.lse2[bh * a.tp + i0 + tid];
