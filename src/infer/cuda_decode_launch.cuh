@@ -15,12 +15,6 @@ namespace dsv3::cuda {
 
 constexpr int kDefaultMmaRows = 2;  // the tensor-core path from this many rows of x (measured: docs/cuda.md)
 
-// A kernel instance with up to `smem` bytes of dynamic shared memory (the attribute set once).
-template <class... P> void allow_smem(void (*kernel)(P...), size_t smem) {
-  if (smem > 48 * 1024)
-    DSV3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-}
-
 // 16-byte vectors per lane per pass: enough for the whole row up to 8 (K 1024 F32 / 2048 BF16).
 inline int vectors_per_lane(int nv) { return nv <= 32 ? 1 : nv <= 64 ? 2 : nv <= 128 ? 4 : 8; }
 

@@ -481,11 +481,6 @@ __global__ void __launch_bounds__(kTiledThreads) attn_bwd_kv_tiled(const float* 
   }
 }
 
-void set_smem(const void* kernel, size_t bytes) {
-  if (bytes > 48 * 1024)
-    DSV3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-}
-
 }  // namespace
 
 void CudaBackend::attention(const AttentionArgs& a) {
@@ -495,7 +490,7 @@ void CudaBackend::attention(const AttentionArgs& a) {
   if (cuda_attention_bf16() && cuda_attention_bf16_forward(a)) return;
   if (tiled_ok(d)) {
     size_t smem = size_t(kTq * (d.dqk + 1) + kTk * (d.dqk + 1) + kTk * d.dv + kTq * (kTk + 1)) * 4;
-    set_smem(reinterpret_cast<const void*>(attn_fwd_tiled), smem);
+    allow_smem(attn_fwd_tiled, smem);
     attn_fwd_tiled<<<dim3(unsigned((d.t + kTq - 1) / kTq), unsigned(d.h), unsigned(d.b)), kTiledThreads, smem>>>(
         a.q.data<float>(), a.k.data<float>(), a.v.data<float>(), ptr<float>(a.out),
         present(a.lse) ? ptr<float>(a.lse) : nullptr, d, a.scale, a.causal, a.q_offset);
@@ -503,7 +498,7 @@ void CudaBackend::attention(const AttentionArgs& a) {
     return;
   }
   size_t smem = size_t(d.dqk + d.dv + kChunk) * 4;
-  set_smem(reinterpret_cast<const void*>(attn_fwd_kernel), smem);
+  allow_smem(attn_fwd_kernel, smem);
   attn_fwd_kernel<<<dim3(unsigned(d.t), unsigned(d.h), unsigned(d.b)), kChunk, smem>>>(
       a.q.data<float>(), a.k.data<float>(), a.v.data<float>(), ptr<float>(a.out),
       present(a.lse) ? ptr<float>(a.lse) : nullptr, d, a.scale, a.causal, a.q_offset);
@@ -520,7 +515,7 @@ void CudaBackend::attention_backward(const AttentionBackwardArgs& a) {
     if (d.t > 0) {
       size_t smem = size_t(kTq * (d.dqk + 1) + kTq * (d.dv + 1) + kTk * (d.dqk + 1) + kTk * (d.dv + 1) +
                            kTq * (kTk + 1)) * 4;
-      set_smem(reinterpret_cast<const void*>(attn_bwd_q_tiled), smem);
+      allow_smem(attn_bwd_q_tiled, smem);
       attn_bwd_q_tiled<<<dim3(unsigned((d.t + kTq - 1) / kTq), unsigned(d.h), unsigned(d.b)), kTiledThreads, smem>>>(
           a.q.data<float>(), a.k.data<float>(), a.v.data<float>(), a.out.data<float>(), a.lse.data<float>(),
           a.dout.data<float>(), present(a.dq) ? ptr<float>(a.dq) : nullptr, dsum.as<float>(), d, a.scale, a.causal,
@@ -530,7 +525,7 @@ void CudaBackend::attention_backward(const AttentionBackwardArgs& a) {
     if ((present(a.dk) || present(a.dv)) && d.s > 0) {
       size_t smem = size_t(kTk * (d.dqk + 1) + kTk * (d.dv + 1) + kTq * (d.dqk + 1) + kTq * (d.dv + 1) + 2 * kTq +
                            2 * kTk * (kTq + 1)) * 4;
-      set_smem(reinterpret_cast<const void*>(attn_bwd_kv_tiled), smem);
+      allow_smem(attn_bwd_kv_tiled, smem);
       attn_bwd_kv_tiled<<<dim3(unsigned((d.s + kTk - 1) / kTk), unsigned(d.h), unsigned(d.b)), kTiledThreads, smem>>>(
           a.q.data<float>(), a.k.data<float>(), a.v.data<float>(), a.lse.data<float>(), a.dout.data<float>(),
           dsum.as<float>(), present(a.dk) ? ptr<float>(a.dk) : nullptr, present(a.dv) ? ptr<float>(a.dv) : nullptr,
@@ -541,7 +536,7 @@ void CudaBackend::attention_backward(const AttentionBackwardArgs& a) {
   }
   if (d.t > 0) {
     size_t smem = size_t(2 * d.dqk + d.dv + kChunk) * 4;
-    set_smem(reinterpret_cast<const void*>(attn_bwd_q_kernel), smem);
+    allow_smem(attn_bwd_q_kernel, smem);
     attn_bwd_q_kernel<<<dim3(unsigned(d.t), unsigned(d.h), unsigned(d.b)), kChunk, smem>>>(
         a.q.data<float>(), a.k.data<float>(), a.v.data<float>(), a.out.data<float>(), a.lse.data<float>(),
         a.dout.data<float>(), present(a.dq) ? ptr<float>(a.dq) : nullptr, dsum.as<float>(), d, a.scale, a.causal,
@@ -550,7 +545,7 @@ void CudaBackend::attention_backward(const AttentionBackwardArgs& a) {
   }
   if ((present(a.dk) || present(a.dv)) && d.s > 0) {
     size_t smem = size_t(2 * d.dqk + 2 * d.dv + 2 * kChunk) * 4;
-    set_smem(reinterpret_cast<const void*>(attn_bwd_kv_kernel), smem);
+    allow_smem(attn_bwd_kv_kernel, smem);
     attn_bwd_kv_kernel<<<dim3(unsigned(d.s), unsigned(d.h), unsigned(d.b)), kChunk, smem>>>(
         a.q.data<float>(), a.k.data<float>(), a.v.data<float>(), a.lse.data<float>(), a.dout.data<float>(),
         dsum.as<float>(), present(a.dk) ? ptr<float>(a.dk) : nullptr, present(a.dv) ? ptr<float>(a.dv) : nullptr, d,

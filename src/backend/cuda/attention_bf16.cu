@@ -410,8 +410,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   load_tile<DQK>(ks, k + (bh * sp + k0) * DQK, kKvN);
   load_tile<DV>(vs, v + (bh * sp + k0) * DV, kKvN);
   cp_async_commit();
-  int64_t first = causal ? (k0 - q_off > 0 ? k0 - q_off : 0) : 0;
-  first = first / kKvM * kKvM;
+  const int64_t first = attn::first_query(k0, q_off, causal, kKvM);
   const int ntiles = first < dm.t ? int((dm.t - first + kKvM - 1) / kKvM) : 0;
   auto load_q = [&](int j, int buf) {
     const int64_t i0 = first + int64_t(j) * kKvM;
@@ -424,16 +423,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   };
   if (ntiles > 0) load_q(0, 0);
-  if (dst) {
-    // dSᵀ of the query columns the causal mask skips, zeroed where the matmul reads them: from the
-    // first block of dq_rows queries whose keys reach this tile (all of them without the mask).
-    const int64_t z0 = causal ? (k0 - q_off > 0 ? k0 - q_off : 0) / dq_rows * dq_rows : 0;
-    const int64_t z1 = first < tp ? first : tp, zv = z1 > z0 ? (z1 - z0) / 8 : 0;
-    for (int64_t i = tid; i < kKvN * zv; i += kThreads) {
-      const int64_t r = i / zv;
-      reinterpret_cast<uint4*>(dst + (bh * sp + k0 + r) * tp + z0)[i - r * zv] = make_uint4(0, 0, 0, 0);
-    }
-  }
+  if (dst) attn::zero_masked_ds(dst + (bh * sp + k0) * tp, tp, kKvN, k0, q_off, causal, first, dq_rows, kThreads);
   const int64_t key_lo = k0 + warp * 16 + g;
   const float sl2 = scale * kLog2e;
   float ak[DQK / 8][4], av[DV / 8][4];
@@ -484,11 +474,6 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 // ---- dispatch -------------------------------------------------------------------------------------
 
-void set_smem(const void* kernel, size_t bytes) {
-  if (bytes > 48 * 1024)
-    DSV3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-}
-
 // Padded head dims of the instantiated kernels: (64, 64), (128, 128), (192, 128), (256, 128).
 struct Width {
   int dqk, dv;
@@ -522,7 +507,7 @@ void run_fwd(const AttentionArgs& a, const Dims& d) {
     return;
   }
   const size_t smem = size_t(kFwdM * (DQK + kPad) + 2 * kFwdN * (DQK + kPad) + 2 * kFwdN * (DV + kPad)) * 2;
-  set_smem(reinterpret_cast<const void*>(fwd_kernel<DQK, DV>), smem);
+  allow_smem(fwd_kernel<DQK, DV>, smem);
   fwd_kernel<DQK, DV><<<dim3(unsigned(tp / kFwdM), unsigned(d.h), unsigned(d.b)), kThreads, smem>>>(
       a.q.data<float>(), kb.as<bf16_t>(), vb.as<bf16_t>(), ptr<float>(a.out),
       present(a.lse) ? ptr<float>(a.lse) : nullptr, d, sp, a.scale, a.causal, a.q_offset);
@@ -546,8 +531,7 @@ void run_bwd(const AttentionBackwardArgs& a, const Dims& d) {
                          d.b * d.h * sp * tp * 2 <= kDsMaxBytes;
   // Causal: dQ's rows in blocks of dq_rows (a multiple of 64), each block's matmul over the keys its
   // last row sees; without the mask one block reads every key.
-  const int blocks = a.causal ? std::max(1, g_dq_blocks.load()) : 1;
-  const int64_t dq_rows = round_up((d.t + blocks - 1) / blocks, kRowPad);
+  const int64_t dq_rows = cuda_attention_dq_block_rows(d.t, a.causal ? g_dq_blocks.load() : 1);
   std::optional<Scratch> ds;
   if (dq_matmul) ds.emplace(size_t(d.b * d.h * sp * tp) * 2);
   if ((present(a.dk) || present(a.dv) || dq_matmul) && d.s > 0) {
@@ -563,7 +547,7 @@ void run_bwd(const AttentionBackwardArgs& a, const Dims& d) {
     } else {
       const size_t smem = size_t(kKvN * (DQK + kPad) + kKvN * (DV + kPad) + 2 * kKvM * (DQK + kPad) +
                                  2 * kKvM * (DV + kPad)) * 2 + 4 * kKvM * 4;
-      set_smem(reinterpret_cast<const void*>(dkv_kernel<DQK, DV>), smem);
+      allow_smem(dkv_kernel<DQK, DV>, smem);
       dkv_kernel<DQK, DV><<<dim3(unsigned(sp / kKvN), unsigned(d.h), unsigned(d.b)), kThreads, smem>>>(
           qb.as<bf16_t>(), kb.as<bf16_t>(), vb.as<bf16_t>(), db.as<bf16_t>(), lse2.as<float>(), dsum.as<float>(), dk,
           dv, dst, dq_rows, d, tp, sp, a.scale, a.causal, a.q_offset);
@@ -590,7 +574,7 @@ void run_bwd(const AttentionBackwardArgs& a, const Dims& d) {
   } else if (present(a.dq) && d.t > 0) {
     const size_t smem = size_t(kDqM * (DQK + kPad) + kDqM * (DV + kPad) + 2 * kDqN * (DQK + kPad) +
                                2 * kDqN * (DV + kPad)) * 2;
-    set_smem(reinterpret_cast<const void*>(dq_kernel<DQK, DV>), smem);
+    allow_smem(dq_kernel<DQK, DV>, smem);
     dq_kernel<DQK, DV><<<dim3(unsigned(tp / kDqM), unsigned(d.h), unsigned(d.b)), kThreads, smem>>>(
         qb.as<bf16_t>(), kb.as<bf16_t>(), vb.as<bf16_t>(), db.as<bf16_t>(), lse2.as<float>(), dsum.as<float>(),
         ptr<float>(a.dq), d, tp, sp, a.scale, a.causal, a.q_offset);
@@ -610,6 +594,10 @@ bool cuda_attention_wgmma() { return g_wgmma.load(); }
 int64_t cuda_attention_wgmma_calls() { return g_wgmma_calls.load(); }
 void cuda_set_attention_dq_blocks(int n) { g_dq_blocks.store(std::max(1, n)); }
 int cuda_attention_dq_blocks() { return g_dq_blocks.load(); }
+int64_t cuda_attention_dq_block_rows(int64_t t, int n) {
+  n = std::max(1, n);
+  return round_up((t + n - 1) / n, kRowPad);
+}
 
 bool cuda_attention_bf16_supported(int64_t dqk, int64_t dv) {
   return dqk > 0 && dv > 0 && dqk % 16 == 0 && dv % 16 == 0 && dqk <= 256 && dv <= 128;

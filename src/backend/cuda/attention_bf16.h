@@ -31,6 +31,8 @@ int64_t cuda_attention_wgmma_calls();
 // DSV3_ATTN_DQ_BLOCKS; 1 is the whole square): the same nonzero products, in the matmul's order.
 void cuda_set_attention_dq_blocks(int n);
 int cuda_attention_dq_blocks();
+// The query rows per block for T queries in n blocks (rounded up to 64; the last block may be short).
+int64_t cuda_attention_dq_block_rows(int64_t t, int n);
 
 // Whether the BF16 kernels take a problem with these head dims.
 bool cuda_attention_bf16_supported(int64_t dqk, int64_t dv);

@@ -115,6 +115,25 @@ __device__ __forceinline__ void p_and_ds(float (&s)[NT][4], float (&dp)[NT][4], 
     }
 }
 
+// The dk/dv kernels' first query tile (of `tile` queries) for the keys from k0: causal, the first
+// query that sees key k0, rounded down to the tile; else 0.
+__device__ __forceinline__ int64_t first_query(int64_t k0, int64_t q_off, bool causal, int tile) {
+  return causal ? (k0 - q_off > 0 ? k0 - q_off : 0) / tile * tile : 0;
+}
+
+// dSᵀ rows of `rows` keys from k0 (rows, tp apart, at dst): zero the query columns before `first`
+// (the tiles the causal mask skips) that the dQ matmul reads, i.e. from the first block of dq_rows
+// queries whose keys reach k0 (attention_bf16.cu, the blocks). The CTA's nt threads share it.
+__device__ __forceinline__ void zero_masked_ds(__nv_bfloat16* dst, int64_t tp, int rows, int64_t k0, int64_t q_off,
+                                               bool causal, int64_t first, int64_t dq_rows, int nt) {
+  const int64_t z0 = first_query(k0, q_off, causal, 1) / dq_rows * dq_rows;
+  const int64_t z1 = first < tp ? first : tp, zv = z1 > z0 ? (z1 - z0) / 8 : 0;
+  for (int64_t i = threadIdx.x; i < rows * zv; i += nt) {
+    const int64_t r = i / zv;
+    reinterpret_cast<uint4*>(dst + r * tp + z0)[i - r * zv] = make_uint4(0, 0, 0, 0);
+  }
+}
+
 // An A fragment of dSᵀ (keys key_lo, key_lo + 8 × queries q0 + 2·t4, q0 + 8 + 2·t4, two each) into
 // the [keys, tp] BF16 rows at row_lo (the row of key_lo).
 __device__ __forceinline__ void store_ds(__nv_bfloat16* row_lo, int64_t tp, const uint32_t (&a)[4]) {

@@ -103,11 +103,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_wgmma_kernel(const AttnFwdArg
     }
   }
 
-  float o[DV / 64][8][4];
-#pragma unroll
-  for (int nb = 0; nb < DV / 64; ++nb)
-#pragma unroll
-    for (int n = 0; n < 8; ++n) o[nb][n][0] = o[nb][n][1] = o[nb][n][2] = o[nb][n][3] = 0.0f;
+  float o[DV / 64][8][4] = {};
   attn::RowStats st;
   const float sl2 = a.scale * kLog2e;
   const int64_t warp_row0 = q0 + 64 * wgi + 16 * w;
@@ -117,7 +113,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_wgmma_kernel(const AttnFwdArg
   // the next one is written (no copy between them, which ptxas would see as a write to a wgmma's
   // input while it runs, and serialise).
   uint32_t pa[kN / 16][4], pb[kN / 16][4];
-  float s[8][4];
+  float s[8][4] = {};  // only written by wgmma from here on (its first k-step ignores the old value)
   // S_j's mask, online softmax and P_j (into pn) on a copy of s (s itself is only written by
   // wgmma); returns the rescale factors of the rows' sums.
   auto softmax = [&](int j, uint32_t (&pn)[kN / 16][4], float& al_lo, float& al_hi) {
@@ -225,12 +221,8 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_wgmma_kernel(const AttnFwdArg
 template <int DQK, int DV>
 void launch(const AttnFwdArgs& a) {
   const size_t smem = Smem<DQK, DV>::bytes;
-  static const bool sized = [&] {  // once per instantiation (per device: the backend uses one)
-    DSV3_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(fwd_wgmma_kernel<DQK, DV>),
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    return true;
-  }();
-  (void)sized;
+  static const bool once = (allow_smem(fwd_wgmma_kernel<DQK, DV>, smem), true);
+  (void)once;
   fwd_wgmma_kernel<DQK, DV><<<dim3(unsigned((a.t + kM - 1) / kM), unsigned(a.h), unsigned(a.b)), kThreads, smem>>>(a);
   check_launch("attention_bf16 (forward, wgmma)");
 }
@@ -263,8 +255,7 @@ __global__ void __launch_bounds__(kDkvThreads, 2) dkv_wgmma_kernel(const AttnDkv
   load_panels<DQK, kDkvThreads>(ks, a.k + (bh * a.sp + k0) * DQK, kKeys);
   load_panels<DV, kDkvThreads>(vs, a.v + (bh * a.sp + k0) * DV, kKeys);
   cp_async_commit();
-  int64_t first = a.causal ? (k0 - a.q_off > 0 ? k0 - a.q_off : 0) : 0;
-  first = first / kQt * kQt;
+  const int64_t first = attn::first_query(k0, a.q_off, a.causal, kQt);
   const int ntiles = first < a.t ? int((a.t - first + kQt - 1) / kQt) : 0;
   // The tiles' chunk offsets kept in registers up to DQK 192 (at 256 the 10 registers would spill).
   const TilePlan<DQK, kQt, kDkvThreads> plan_q;
@@ -286,26 +277,12 @@ __global__ void __launch_bounds__(kDkvThreads, 2) dkv_wgmma_kernel(const AttnDkv
     }
   };
   if (ntiles > 0) load_q(0, 0);
-  if (a.dst) {  // the masked query columns the dQ matmul reads: zero (as the mma.sync kernel)
-    const int64_t z0 = a.causal ? (k0 - a.q_off > 0 ? k0 - a.q_off : 0) / a.dq_rows * a.dq_rows : 0;
-    const int64_t z1 = first < a.tp ? first : a.tp, zv = z1 > z0 ? (z1 - z0) / 8 : 0;
-    for (int64_t i = tid; i < kKeys * zv; i += kDkvThreads) {
-      const int64_t r = i / zv;
-      reinterpret_cast<uint4*>(a.dst + (bh * a.sp + k0 + r) * a.tp + z0)[i - r * zv] = make_uint4(0, 0, 0, 0);
-    }
-  }
+  if (a.dst)
+    attn::zero_masked_ds(a.dst + (bh * a.sp + k0) * a.tp, a.tp, kKeys, k0, a.q_off, a.causal, first, a.dq_rows,
+                         kDkvThreads);
   const int64_t key_lo = k0 + w * 16 + g;
   const float sl2 = a.scale * kLog2e;
-  float ak[DQK / 64][8][4], av[DV / 64][8][4];
-#pragma unroll
-  for (int n = 0; n < 8; ++n)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-#pragma unroll
-      for (int nb = 0; nb < DQK / 64; ++nb) ak[nb][n][e] = 0.0f;
-#pragma unroll
-      for (int nb = 0; nb < DV / 64; ++nb) av[nb][n][e] = 0.0f;
-    }
+  float ak[DQK / 64][8][4] = {}, av[DV / 64][8][4] = {};
   const uint32_t k_a = smem_addr(ks), v_a = smem_addr(vs), q_a = smem_addr(qs), d_a = smem_addr(dos);
 
   for (int j = 0; j < ntiles; ++j) {
@@ -365,12 +342,8 @@ __global__ void __launch_bounds__(kDkvThreads, 2) dkv_wgmma_kernel(const AttnDkv
 template <int DQK, int DV>
 void launch_dkv(const AttnDkvArgs& a) {
   const size_t smem = DkvSmem<DQK, DV>::bytes;
-  static const bool sized = [&] {
-    DSV3_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(dkv_wgmma_kernel<DQK, DV>),
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    return true;
-  }();
-  (void)sized;
+  static const bool once = (allow_smem(dkv_wgmma_kernel<DQK, DV>, smem), true);
+  (void)once;
   dkv_wgmma_kernel<DQK, DV><<<dim3(unsigned(a.sp / kKeys), unsigned(a.h), unsigned(a.b)), kDkvThreads, smem>>>(a);
   check_launch("attention_bf16 (dk, dv, wgmma)");
 }

@@ -33,6 +33,13 @@ inline void check_launch(const char* op) {
   if (e != cudaSuccess) internal_error("CUDA launch in ", op, ": ", cudaGetErrorString(e));
 }
 
+// Lets a kernel instance take `smem` bytes of dynamic shared memory (needed beyond 48 KB). Callers
+// that launch the same instance again keep it in a function-local static: set once.
+template <class... P> void allow_smem(void (*kernel)(P...), size_t smem) {
+  if (smem > 48 * 1024)
+    DSV3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+}
+
 // The device's SM count (device 0, read once): grids sized to whole waves.
 inline int sm_count() {
   static const int n = [] {
