@@ -23,6 +23,16 @@ jobs=$(nproc)
 status=0
 step() { echo "== $*" | tee -a "$OUT/summary.txt"; }
 want() { [ -z "${STEPS:-}" ] || [[ ",$STEPS," == *",$1,"* ]]; }
+# A benchmark step: bench NAME JSON TITLE CMD…: runs CMD when STEPS wants NAME, its output to
+# $OUT/JSON.txt and the summary, then takes bench/results/JSON.json.
+bench() {
+  local name=$1 json=$2 title=$3
+  shift 3
+  want "$name" || return 0
+  step "$title"
+  "$@" 2>&1 | tee "$OUT/$json.txt" | tee -a "$OUT/summary.txt"
+  take "$json.json"
+}
 # A bench's JSON is taken only if this run wrote it (newer than the stamp): a bench that could not
 # write must not leave the checkout's committed file in its place.
 stamp=$(mktemp)
@@ -55,17 +65,10 @@ if want tests; then
   [ $rc -eq 0 ] || status=1
 fi
 
-if want gemm; then
-  step "GEMM benchmark (FP8 block-scaled ours vs cuBLASLt direct, BF16)"
-  timeout 120 "$B"/dsv3_bench_gpu_gemm 2>&1 | tee "$OUT/gpu_gemm.txt" | tee -a "$OUT/summary.txt"
-  take gpu_gemm.json
-fi
-
-if want mla; then
-  step "absorbed-MLA decode kernel bandwidth (batch 64, context 4096)"
-  timeout 120 "$B"/dsv3_bench_gpu_mla_decode 2>&1 | tee "$OUT/gpu_mla_decode.txt" | tee -a "$OUT/summary.txt"
-  take gpu_mla_decode.json
-fi
+bench gemm gpu_gemm "GEMM benchmark (FP8 block-scaled ours vs cuBLASLt direct, BF16)" \
+  timeout 120 "$B"/dsv3_bench_gpu_gemm
+bench mla gpu_mla_decode "absorbed-MLA decode kernel bandwidth (batch 64, context 4096)" \
+  timeout 120 "$B"/dsv3_bench_gpu_mla_decode
 
 if [ "${HF:-0}" = 1 ] && want hf; then
   step "transformers baseline (bench-0.7b: training B=8 T=2048, decode batch 1/32)"
@@ -76,23 +79,14 @@ if [ "${HF:-0}" = 1 ] && want hf; then
         tee -a "$OUT/summary.txt"; }
 fi
 
-if want attention; then
-  step "BF16 tensor-core attention vs the FP32 kernels (bench-0.7b shape, forward and backward)"
-  timeout 180 "$B"/dsv3_bench_gpu_attention 2>&1 | tee "$OUT/gpu_attention.txt" | tee -a "$OUT/summary.txt"
-  take gpu_attention.json
-fi
-
-if want decode; then
-  step "decode on the GPU engine (bench-0.7b, prompt 128, 128 new tokens, batch 1 and 32; vs transformers when HF=1)"
-  timeout 240 "$B"/dsv3_bench_gpu_decode --hf "$OUT/hf_gpu.json" 2>&1 | tee "$OUT/gpu_decode.txt" | tee -a "$OUT/summary.txt"
-  take gpu_decode.json
-fi
-
-if want prefill; then
-  step "prefill on the GPU engine (bench-0.7b, one prompt of 1,024-4,000 tokens; the latent attention's prefill kernel vs its row kernel)"
-  timeout 180 "$B"/dsv3_bench_gpu_prefill --prompts 1024,2048,4000 --rows 0,2 2>&1 | tee "$OUT/gpu_prefill.txt" | tee -a "$OUT/summary.txt"
-  take gpu_prefill.json
-fi
+bench attention gpu_attention "BF16 tensor-core attention vs the FP32 kernels (bench-0.7b shape, forward and backward)" \
+  timeout 180 "$B"/dsv3_bench_gpu_attention
+bench decode gpu_decode \
+  "decode on the GPU engine (bench-0.7b, prompt 128, 128 new tokens, batch 1 and 32; vs transformers when HF=1)" \
+  timeout 240 "$B"/dsv3_bench_gpu_decode --hf "$OUT/hf_gpu.json"
+bench prefill gpu_prefill \
+  "prefill on the GPU engine (bench-0.7b, one prompt of 1,024-4,000 tokens; the latent attention's prefill kernel vs its row kernel)" \
+  timeout 180 "$B"/dsv3_bench_gpu_prefill --prompts 1024,2048,4000 --rows 0,2
 
 if [ -n "${SPEC_MODEL:-}" ] && want spec; then
   step "MTP speculation on the GPU engine (batch 1, greedy, BF16 weights, graphs and eager; $SPEC_MODEL)"
@@ -101,17 +95,12 @@ if [ -n "${SPEC_MODEL:-}" ] && want spec; then
   take gpu_spec.json
 fi
 
-if want accum; then
-  step "FP8 accumulation on the tensor cores (no promotion vs every 128) beside the CPU emulation"
-  timeout 120 "$B"/dsv3_bench_gpu_fp8_accum 2>&1 | tee "$OUT/gpu_fp8_accum.txt" | tee -a "$OUT/summary.txt"
-  take gpu_fp8_accum.json
-fi
-
-if want train; then
-  step "training throughput on the GPU (bench-0.7b, B=8, T=2048; vs transformers when HF=1)"
-  timeout ${TRAIN_TIMEOUT:-240} "$B"/dsv3_bench_gpu_train --hf "$OUT/hf_gpu.json" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/gpu_train.txt" | tee -a "$OUT/summary.txt"
-  take gpu_train.json
-fi
+bench accum gpu_fp8_accum "FP8 accumulation on the tensor cores (no promotion vs every 128) beside the CPU emulation" \
+  timeout 120 "$B"/dsv3_bench_gpu_fp8_accum
+# TRAIN_ARGS is split into words on purpose (flags and their values).
+# shellcheck disable=SC2086
+bench train gpu_train "training throughput on the GPU (bench-0.7b, B=8, T=2048; vs transformers when HF=1)" \
+  timeout "${TRAIN_TIMEOUT:-240}" "$B"/dsv3_bench_gpu_train --hf "$OUT/hf_gpu.json" ${TRAIN_ARGS:-}
 
 if want memcheck; then
   step "compute-sanitizer memcheck on the GPU test binary"
