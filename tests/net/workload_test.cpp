@@ -9,6 +9,9 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <string>
+
+#include <unistd.h>
 
 #include "core/error.h"
 #include "core/threads.h"
@@ -187,14 +190,21 @@ struct CliRun {
   std::string out, err;
 };
 CliRun dsv3_run(const std::string& args) {
-  auto dir = std::filesystem::temp_directory_path();
-  std::string o = (dir / "dsv3_net_cli.out").string(), e = (dir / "dsv3_net_cli.err").string();
+  // Per process and call: ctest runs the Cli tests in parallel, and a shared name let one test read
+  // another's half-written output (an empty parse, seen once in CI).
+  static int calls = 0;
+  const auto dir = std::filesystem::temp_directory_path();
+  const std::string tag = "dsv3_net_cli." + std::to_string(getpid()) + "." + std::to_string(++calls);
+  const std::string o = (dir / (tag + ".out")).string(), e = (dir / (tag + ".err")).string();
   int st = std::system((std::string(DSV3_BINARY_DIR) + "/dsv3 " + args + " >" + o + " 2>" + e).c_str());
   auto slurp = [](const std::string& p) {
     std::ifstream f(p);
     return std::string(std::istreambuf_iterator<char>(f), {});
   };
-  return {WEXITSTATUS(st), slurp(o), slurp(e)};
+  CliRun r{WEXITSTATUS(st), slurp(o), slurp(e)};
+  std::filesystem::remove(o);
+  std::filesystem::remove(e);
+  return r;
 }
 }  // namespace
 
