@@ -165,8 +165,10 @@ OP_CASE(router_backward_softmax) {
   return router_bw(b, g, seed, RouterScoring::Softmax, RouterMethod::GroupLimitedGreedy, false);
 }
 
-OP_CASE(gather_scatter_backward) {
-  int64_t r = 5, d = 4, n = 9;
+namespace {
+// d 4: the CUDA row kernels four columns at a time; d 5: one by one.
+std::vector<Output> gather_scatter_backward(Backend& b, Guards& g, uint64_t seed, int64_t d) {
+  int64_t r = 5, n = 9;
   Tensor src = randn({n, d}, seed, 1), idx = randi({n}, seed, 2, 0, int32_t(r)), w = randn({n}, seed, 3);
   Tensor dout = randn({r, d}, seed, 4);
   Tensor dsrc = g.out(DType::F32, {n, d}), dw = g.out(DType::F32, {n});
@@ -195,6 +197,11 @@ OP_CASE(gather_scatter_backward) {
           {"dweight", down(b, dw), fd_grad([&](const Vec& x) { return scatter(sv, x); }, wv), tol::kF32Grad},
           {"gather_dsrc", down(b, gd), fd_grad(gather, to_vec(gsrc)), tol::kF32Grad}};
 }
+
+}  // namespace
+
+OP_CASE(gather_scatter_backward) { return gather_scatter_backward(b, g, seed, 4); }
+OP_CASE(gather_scatter_backward_d5) { return gather_scatter_backward(b, g, seed, 5); }
 
 OP_CASE(cross_entropy_gradient) {
   int64_t t = 4, v = 9;

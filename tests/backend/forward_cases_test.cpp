@@ -187,11 +187,33 @@ OP_CASE(attention_causal_batched_offset) { return attention_case(b, g, seed, 2, 
 OP_CASE(attention_full_unbatched) { return attention_case(b, g, seed, 0, 5, 7, 2, 6, 8, false, 0); }
 OP_CASE(attention_causal_two_query_blocks) { return attention_case(b, g, seed, 0, 130, 130, 2, 8, 4, true, 0); }
 
+// 45 elements: the CUDA kernel's four-at-a-time loop and its tail.
 OP_CASE(swiglu) {
-  Tensor gt = randn({4, 9}, seed, 1, 3.0f), u = randn({4, 9}, seed, 2);
-  Tensor out = g.out(DType::F32, {4, 9});
+  Tensor gt = randn({5, 9}, seed, 1, 3.0f), u = randn({5, 9}, seed, 2);
+  Tensor out = g.out(DType::F32, {5, 9});
   b.swiglu({up(b, gt), up(b, u), out});
   return {{"out", down(b, out), ref::swiglu(to_vec(gt), to_vec(u)), tol::kF32}};
+}
+
+// The elementwise maps on views one float past a 16-byte boundary (the CUDA kernels' one-by-one
+// path); mul accumulates into its output.
+OP_CASE(elementwise_unaligned) {
+  const int64_t n = 21;
+  Tensor x = randn({n + 1, 1}, seed, 1, 2.0f), y = randn({n + 1, 1}, seed, 2);
+  const Tensor xd = up(b, x), yd = up(b, y), xs = xd.rows(1, n + 1), ys = yd.rows(1, n + 1);
+  Tensor add = g.out(DType::F32, {n + 1, 1}), sw = g.out(DType::F32, {n + 1, 1}), mul = g.init(y);
+  b.add({xs, ys, add.rows(1, n + 1), 2.0f, -0.5f});
+  b.swiglu({xs, ys, sw.rows(1, n + 1)});
+  b.mul({xs, ys, mul.rows(1, n + 1), true});
+  const Vec xa = to_vec(x), ya = to_vec(y), xv(xa.begin() + 1, xa.end()), yv(ya.begin() + 1, ya.end());
+  Vec wa, wm;
+  for (int64_t i = 0; i < n; ++i) {
+    wa.push_back(2 * xv[size_t(i)] - 0.5 * yv[size_t(i)]);
+    wm.push_back(xv[size_t(i)] * yv[size_t(i)] + yv[size_t(i)]);
+  }
+  return {{"add", down(b, add.rows(1, n + 1)), wa, tol::kF32},
+          {"swiglu", down(b, sw.rows(1, n + 1)), ref::swiglu(xv, yv), tol::kF32},
+          {"mul", down(b, mul.rows(1, n + 1)), wm, tol::kF32}};
 }
 
 namespace {
@@ -251,8 +273,10 @@ OP_CASE(moe_sort) {
   return {{"pick", down(b, pick), wp, 0.0}, {"token", down(b, token), wt, 0.0}, {"counts", down(b, counts), wc, 0.0}};
 }
 
-OP_CASE(gather_rows_weighted_accumulate) {
-  int64_t r = 6, d = 5, n = 10;
+namespace {
+// d 5: the CUDA row kernels' one-by-one path; d 8: four columns at a time.
+std::vector<Output> gather_case(Backend& b, Guards& g, uint64_t seed, int64_t d) {
+  int64_t r = 6, n = 10;
   Tensor src = randn({r, d}, seed, 1), idx = randi({n}, seed, 2, 0, int32_t(r)), w = randn({n}, seed, 3);
   Tensor o0 = randn({n, d}, seed, 4);
   Tensor out = g.init(o0);
@@ -264,8 +288,8 @@ OP_CASE(gather_rows_weighted_accumulate) {
   return {{"out", down(b, out), want, tol::kF32}};
 }
 
-OP_CASE(scatter_add_rows_weighted) {
-  int64_t r = 6, d = 5, n = 14;
+std::vector<Output> scatter_case(Backend& b, Guards& g, uint64_t seed, int64_t d) {
+  int64_t r = 6, n = 14;
   Tensor src = randn({n, d}, seed, 1), idx = randi({n}, seed, 2, 0, int32_t(r)), w = randn({n}, seed, 3);
   Tensor o0 = randn({r, d}, seed, 4);
   Tensor out = g.init(o0);
@@ -276,6 +300,13 @@ OP_CASE(scatter_add_rows_weighted) {
     for (int64_t j = 0; j < d; ++j) want[size_t(iv[size_t(i)] * d + j)] += wv[size_t(i)] * sv[size_t(i * d + j)];
   return {{"out", down(b, out), want, tol::kF32}};
 }
+
+}  // namespace
+
+OP_CASE(gather_rows_weighted_accumulate) { return gather_case(b, g, seed, 5); }
+OP_CASE(gather_rows_weighted_accumulate_d8) { return gather_case(b, g, seed, 8); }
+OP_CASE(scatter_add_rows_weighted) { return scatter_case(b, g, seed, 5); }
+OP_CASE(scatter_add_rows_weighted_d8) { return scatter_case(b, g, seed, 8); }
 
 OP_CASE(cross_entropy_with_ignored) {
   int64_t t = 6, v = 50;
@@ -299,6 +330,34 @@ OP_CASE(cross_entropy_with_ignored) {
           {"loss_sum", down(b, sum), {s}, tol::kF32},
           {"dlogits", down(b, dl), wd, tol::kF32}};
 }
+
+namespace {
+// Vocabularies the CUDA register kernel takes (4, 8 and 16 float4 chunks per thread; the first two
+// with masked columns past v), one row's target ignored.
+std::vector<Output> cross_entropy_wide(Backend& b, Guards& g, uint64_t seed, int64_t v) {
+  const int64_t t = 3;
+  Tensor l = randn({t, v}, seed, 1, 4.0f), tg = randi({t}, seed, 2, 0, int32_t(v));
+  tg.data<int32_t>()[1] = -1;
+  Tensor loss = g.out(DType::F32, {t}), dl = g.out(DType::F32, {t, v});
+  b.cross_entropy({up(b, l), up(b, tg), loss, Tensor(), dl, 0.5f});
+  const Vec lv = to_vec(l);
+  Vec wl(size_t(t), 0.0), wd(size_t(t * v), 0.0);
+  for (int64_t i = 0; i < t; ++i) {
+    const int32_t y = tg.data<int32_t>()[i];
+    if (y < 0) continue;
+    double mx = -INFINITY, z = 0;
+    for (int64_t j = 0; j < v; ++j) mx = std::max(mx, lv[size_t(i * v + j)]);
+    for (int64_t j = 0; j < v; ++j) z += std::exp(lv[size_t(i * v + j)] - mx);
+    wl[size_t(i)] = mx + std::log(z) - lv[size_t(i * v + y)];
+    for (int64_t j = 0; j < v; ++j) wd[size_t(i * v + j)] = 0.5 * (std::exp(lv[size_t(i * v + j)] - mx) / z - (j == y));
+  }
+  return {{"loss", down(b, loss), wl, tol::kF32}, {"dlogits", down(b, dl), wd, tol::kF32}};
+}
+}  // namespace
+
+OP_CASE(cross_entropy_vocab_3000) { return cross_entropy_wide(b, g, seed, 3000); }
+OP_CASE(cross_entropy_vocab_12000) { return cross_entropy_wide(b, g, seed, 12000); }
+OP_CASE(cross_entropy_vocab_32768) { return cross_entropy_wide(b, g, seed, 32768); }
 
 OP_CASE(cross_entropy_in_place) {
   int64_t t = 3, v = 20;
@@ -325,7 +384,11 @@ OP_CASE(elementwise) {
   b.scale({up(b, x), sc, 3.0f});
   b.mul({up(b, x), up(b, y), mul, true});
   b.fill({fill, 1.25f});
-  Vec wa, ws, wm, wf(size_t(n), 1.25);
+  // Zero (CUDA: a memset) in F32 and BF16, over outputs that start as NaN bytes.
+  Tensor zb = g.out(DType::BF16, {n}), zf = g.out(DType::F32, {n});
+  b.fill({zb, 0.0f});
+  b.fill({zf, 0.0f});
+  Vec wa, ws, wm, wf(size_t(n), 1.25), wz(size_t(n), 0.0);
   for (int64_t i = 0; i < n; ++i) {
     wa.push_back(2 * xv[size_t(i)] - 0.5 * yv[size_t(i)]);
     ws.push_back(3 * xv[size_t(i)]);
@@ -334,7 +397,9 @@ OP_CASE(elementwise) {
   return {{"add", down(b, add), wa, tol::kF32},
           {"scale", down(b, sc), ws, tol::kF32},
           {"mul", down(b, mul), wm, tol::kF32},
-          {"fill", down(b, fill), wf, 0.0}};
+          {"fill", down(b, fill), wf, 0.0},
+          {"fill_zero_bf16", down(b, zb), wz, 0.0},
+          {"fill_zero_f32", down(b, zf), wz, 0.0}};
 }
 
 OP_CASE(copy_convert) {

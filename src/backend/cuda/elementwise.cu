@@ -4,6 +4,7 @@
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/stream.h"
+#include "backend/cuda/vec4.cuh"
 
 namespace dsv3 {
 using namespace cuda;
@@ -13,13 +14,44 @@ namespace {
 #define GRID_LOOP(i, n) \
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)
 
-__global__ void add_kernel(const float* a, const float* b, float* o, int64_t n, float al, float be) {
-  GRID_LOOP(i, n) o[i] = al * a[i] + be * b[i];
-}
-__global__ void scale_kernel(const float* x, float* o, int64_t n, float s) { GRID_LOOP(i, n) o[i] = s * x[i]; }
-__global__ void mul_kernel(const float* a, const float* b, float* o, int64_t n, bool acc) {
-  GRID_LOOP(i, n) o[i] = acc ? o[i] + a[i] * b[i] : a[i] * b[i];
-}
+// The F32 maps run through map4_kernel (vec4.cuh): out may alias an input, as each element is read
+// before it is written by the same thread.
+struct AddOp {
+  const float *a, *b;
+  float* o;
+  float al, be;
+  template <int W> __device__ void at(int64_t i) const {
+    const Floats<W> x = load_w<W>(a + i), y = load_w<W>(b + i);
+    Floats<W> r;
+#pragma unroll
+    for (int j = 0; j < W; ++j) r.v[j] = al * x.v[j] + be * y.v[j];
+    store_w<W>(o + i, r);
+  }
+};
+struct ScaleOp {
+  const float* x;
+  float* o;
+  float s;
+  template <int W> __device__ void at(int64_t i) const {
+    Floats<W> r = load_w<W>(x + i);
+#pragma unroll
+    for (int j = 0; j < W; ++j) r.v[j] = s * r.v[j];
+    store_w<W>(o + i, r);
+  }
+};
+struct MulOp {
+  const float *a, *b;
+  float* o;
+  bool acc;
+  template <int W> __device__ void at(int64_t i) const {
+    const Floats<W> x = load_w<W>(a + i), y = load_w<W>(b + i);
+    Floats<W> r;
+    if (acc) r = load_w<W>(o + i);
+#pragma unroll
+    for (int j = 0; j < W; ++j) r.v[j] = acc ? r.v[j] + x.v[j] * y.v[j] : x.v[j] * y.v[j];
+    store_w<W>(o + i, r);
+  }
+};
 __global__ void convert_kernel(const void* s, DType st, void* d, DType dt, int64_t n) {
   GRID_LOOP(i, n) store_f(d, dt, i, load_f(s, st, i));
 }
@@ -61,25 +93,43 @@ __global__ void sumsq_final(const double* part, int64_t np, float* out, bool acc
   s = block_sum(s);
   if (threadIdx.x == 0) out[0] = acc ? float(double(out[0]) + s) : float(s);
 }
-__global__ void swiglu_kernel(const float* g, const float* u, float* o, int64_t n) {
-  GRID_LOOP(i, n) {
-    float gi = g[i], ui = u[i];
-    o[i] = gi / (1.0f + expf(-gi)) * ui;
+struct SwigluOp {
+  const float *g, *u;
+  float* o;
+  template <int W> __device__ void at(int64_t i) const {
+    const Floats<W> gv = load_w<W>(g + i), uv = load_w<W>(u + i);
+    Floats<W> r;
+#pragma unroll
+    for (int j = 0; j < W; ++j) r.v[j] = gv.v[j] / (1.0f + expf(-gv.v[j])) * uv.v[j];
+    store_w<W>(o + i, r);
   }
-}
-__global__ void swiglu_bwd_kernel(const float* dout, const float* g, const float* u, float* dg, float* du, int64_t n,
-                                  bool acc) {
-  GRID_LOOP(i, n) {
-    float gi = g[i], ui = u[i], go = dout[i];
-    float sg = 1.0f / (1.0f + expf(-gi));
-    float vg = go * ui * sg * (1.0f + gi * (1.0f - sg));
-    float vu = go * (gi * sg);
-    if (dg) dg[i] = acc ? dg[i] + vg : vg;
-    if (du) du[i] = acc ? du[i] + vu : vu;
+};
+// dg may alias dout (elementwise); either output may be absent.
+struct SwigluBwdOp {
+  const float *dout, *g, *u;
+  float *dg, *du;
+  bool acc;
+  template <int W> __device__ void at(int64_t i) const {
+    const Floats<W> gv = load_w<W>(g + i), uv = load_w<W>(u + i), go = load_w<W>(dout + i);
+    Floats<W> vg, vu;
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      const float gi = gv.v[j], sg = 1.0f / (1.0f + expf(-gi));
+      vg.v[j] = go.v[j] * uv.v[j] * sg * (1.0f + gi * (1.0f - sg));
+      vu.v[j] = go.v[j] * (gi * sg);
+    }
+    if (acc) {
+      const Floats<W> pg = dg ? load_w<W>(dg + i) : Floats<W>{}, pu = du ? load_w<W>(du + i) : Floats<W>{};
+#pragma unroll
+      for (int j = 0; j < W; ++j) vg.v[j] = pg.v[j] + vg.v[j], vu.v[j] = pu.v[j] + vu.v[j];
+    }
+    if (dg) store_w<W>(dg + i, vg);
+    if (du) store_w<W>(du + i, vu);
   }
-}
+};
 
 unsigned grid(int64_t n) { return std::min(blocks_for(n), 65535u * 8); }
+unsigned grid4(int64_t n) { return grid((n + 3) / 4); }
 
 // The same four columns at a time (float4), when every column offset and row length is a multiple
 // of 4 and the bases are 16-byte aligned: MLA's head splits and concatenations are.
@@ -105,20 +155,22 @@ __global__ void copy_cols4_kernel(const float4* s, int64_t cs, float4* d, int64_
 void CudaBackend::add(const AddArgs& a) {
   validate(a);
   int64_t n = a.out.numel();
-  if (n)
-    add_kernel<<<grid(n), 256, 0, stream()>>>(ptr<float>(a.a), ptr<float>(a.b), ptr<float>(a.out), n, a.alpha, a.beta);
+  const AddOp op{ptr<float>(a.a), ptr<float>(a.b), ptr<float>(a.out), a.alpha, a.beta};
+  if (n) map4_kernel<<<grid4(n), 256, 0, stream()>>>(op, n, all_aligned16({op.a, op.b, op.o}));
   check_launch("add");
 }
 void CudaBackend::scale(const ScaleArgs& a) {
   validate(a);
   int64_t n = a.out.numel();
-  if (n) scale_kernel<<<grid(n), 256>>>(ptr<float>(a.x), ptr<float>(a.out), n, a.s);
+  const ScaleOp op{ptr<float>(a.x), ptr<float>(a.out), a.s};
+  if (n) map4_kernel<<<grid4(n), 256>>>(op, n, all_aligned16({op.x, op.o}));
   check_launch("scale");
 }
 void CudaBackend::mul(const MulArgs& a) {
   validate(a);
   int64_t n = a.out.numel();
-  if (n) mul_kernel<<<grid(n), 256>>>(ptr<float>(a.a), ptr<float>(a.b), ptr<float>(a.out), n, a.accumulate);
+  const MulOp op{ptr<float>(a.a), ptr<float>(a.b), ptr<float>(a.out), a.accumulate};
+  if (n) map4_kernel<<<grid4(n), 256>>>(op, n, all_aligned16({op.a, op.b, op.o}));
   check_launch("mul");
 }
 void CudaBackend::copy(const CopyArgs& a) {
@@ -140,7 +192,13 @@ void CudaBackend::copy(const CopyArgs& a) {
 void CudaBackend::fill(const FillArgs& a) {
   validate(a);
   int64_t n = a.x.numel();
-  if (n) fill_kernel<<<grid(n), 256>>>(ptr<void>(a.x), a.x.dtype(), n, a.value);
+  if (n == 0) return;
+  // +0 is all-zero bytes in every dtype: a memset (on the legacy stream, as the kernel) writes at
+  // twice the kernel's rate.
+  if (a.value == 0.0f && !std::signbit(a.value))
+    DSV3_CUDA_CHECK(cudaMemsetAsync(ptr<void>(a.x), 0, a.x.nbytes(), nullptr));
+  else
+    fill_kernel<<<grid(n), 256>>>(ptr<void>(a.x), a.x.dtype(), n, a.value);
   check_launch("fill");
 }
 void CudaBackend::copy_cols(const CopyColsArgs& a) {
@@ -175,16 +233,17 @@ void CudaBackend::sum_squares(const SumSquaresArgs& a) {
 void CudaBackend::swiglu(const SwigluArgs& a) {
   validate(a);
   int64_t n = a.out.numel();
-  if (n) swiglu_kernel<<<grid(n), 256, 0, stream()>>>(ptr<float>(a.gate), ptr<float>(a.up), ptr<float>(a.out), n);
+  const SwigluOp op{ptr<float>(a.gate), ptr<float>(a.up), ptr<float>(a.out)};
+  if (n) map4_kernel<<<grid4(n), 256, 0, stream()>>>(op, n, all_aligned16({op.g, op.u, op.o}));
   check_launch("swiglu");
 }
 void CudaBackend::swiglu_backward(const SwigluBackwardArgs& a) {
   validate(a);
   int64_t n = a.gate.numel();
-  if (n)
-    swiglu_bwd_kernel<<<grid(n), 256>>>(ptr<float>(a.dout), ptr<float>(a.gate), ptr<float>(a.up),
-                                        present(a.dgate) ? ptr<float>(a.dgate) : nullptr,
-                                        present(a.dup) ? ptr<float>(a.dup) : nullptr, n, a.accumulate);
+  const SwigluBwdOp op{ptr<float>(a.dout), ptr<float>(a.gate), ptr<float>(a.up),
+                       present(a.dgate) ? ptr<float>(a.dgate) : nullptr, present(a.dup) ? ptr<float>(a.dup) : nullptr,
+                       a.accumulate};
+  if (n) map4_kernel<<<grid4(n), 256>>>(op, n, all_aligned16({op.dout, op.g, op.u, op.dg, op.du}));
   check_launch("swiglu_backward");
 }
 
