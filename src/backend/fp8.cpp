@@ -377,6 +377,7 @@ Fp8Tiles lowp_input_copy(const LinearPrecision& p, const Tensor& x, const char* 
   if (p.mode == LinearPrecisionMode::Fp8) return fp8_tiles(x, p.pow2_scale, name);
 #ifdef DSV3_HAVE_CUDA
   if (p.mode == LinearPrecisionMode::Bf16 && x.device() == Device::CUDA) {
+    if (x.dtype() == DType::BF16) return {x, Tensor(), 0};  // its own copy
     Tensor b = cuda_backend().alloc(DType::BF16, x.shape());
     cuda_backend().copy(CopyArgs{x, b});
     return {b, Tensor(), 0};
@@ -398,7 +399,7 @@ void check_lowp_copy(const LinearPrecision& p, const Fp8Tiles* c, const char* wh
 }
 
 void linear_lowp(const LinearPrecision& p, const LinearArgs& a, Fp8Tiles* x_fp8) {
-  validate(a);
+  validate(a, p.mode == LinearPrecisionMode::Bf16);
 #ifdef DSV3_HAVE_CUDA
   if (a.x.device() == Device::CUDA) return cuda_linear_lowp(p, a, x_fp8);
 #endif
@@ -426,7 +427,7 @@ void linear_lowp(const LinearPrecision& p, const LinearArgs& a, Fp8Tiles* x_fp8)
 
 void linear_backward_lowp(const LinearPrecision& p, const LinearBackwardArgs& a, const Fp8Tiles* x_fp8,
                           const Fp8Tiles* dy_copy) {
-  validate(a);
+  validate(a, p.mode == LinearPrecisionMode::Bf16);
 #ifdef DSV3_HAVE_CUDA
   if (a.dy.device() == Device::CUDA) return cuda_linear_backward_lowp(p, a, x_fp8, dy_copy);
 #endif
@@ -497,7 +498,7 @@ Backend& backend_of(const Tensor& t) {
 }  // namespace
 
 void linear_lowp_grouped(const LinearPrecision& p, const GroupedLinearArgs& a, const Fp8Tiles& x_copy) {
-  validate(a);
+  validate(a, p.mode == LinearPrecisionMode::Bf16);
   check_grouped_copy(p, x_copy, a.x, "linear_lowp_grouped");
 #ifdef DSV3_HAVE_CUDA
   if (a.x.device() == Device::CUDA && cuda_linear_lowp_grouped(p, a, x_copy)) return;
@@ -530,7 +531,7 @@ void linear_backward_lowp_grouped(const LinearPrecision& p, const GroupedLinearB
     DSV3_CHECK(present(a.dw[e]) && a.w[e].ndim() == 2 && a.w[e].dim(1) == a.x.dim(1),
                "linear_backward_lowp_grouped: block ", e, " needs its weight gradient and a weight [N, ",
                a.x.dim(1), "]");
-    validate(block_backward(a, e));
+    validate(block_backward(a, e), p.mode == LinearPrecisionMode::Bf16);
   }
 #ifdef DSV3_HAVE_CUDA
   if (a.dy.device() == Device::CUDA && cuda_linear_backward_lowp_grouped(p, a, x_copy)) return;

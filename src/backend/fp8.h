@@ -144,7 +144,7 @@ Fp8Tiles fp8_tiles(const Tensor& x, bool pow2_scale, const char* name);
 Tensor dequantize(const Fp8Tiles& t);  // F32 [rows, K]
 // What linear_lowp keeps in its x_fp8 slot (below) for an input that several calls share, made up
 // front (the MoE's gathered rows, sliced per expert): x's 1×128 FP8 tiles in Fp8 mode, its BF16 copy
-// in Bf16 mode on CUDA tensors, nothing otherwise.
+// in Bf16 mode on CUDA tensors (x itself when x is BF16), nothing otherwise.
 Fp8Tiles lowp_input_copy(const LinearPrecision& prec, const Tensor& x, const char* name);
 // The same for an output gradient dy that the backward GEMMs of several row blocks share (the MoE's
 // experts): its BF16 copy in Bf16 mode on CUDA tensors, nothing otherwise (FP8 quantizes dy in each
@@ -162,7 +162,8 @@ void check_lowp_copy(const LinearPrecision& prec, const Fp8Tiles* copy, const ch
 // linear_backward_lowp's Wgrad reads it instead of re-quantizing a.x. In Bf16 mode on CUDA tensors
 // the slot keeps x's BF16 copy instead (q BF16, no scale), so x is converted once per step, not
 // once per GEMM; the CPU rounds x itself and leaves the slot alone. Either way the numbers are those
-// of the uncached path, bit for bit. dy_copy: lowp_grad_copy(dy) (or a row block of it), read in
+// of the uncached path, bit for bit. In Bf16 mode x and dy may themselves be BF16 (activations the
+// model keeps in BF16, model/moe.cpp): the same values the rounding would give. dy_copy: lowp_grad_copy(dy) (or a row block of it), read in
 // place of converting dy; ignored where that makes nothing.
 void linear_lowp(const LinearPrecision& prec, const LinearArgs& a, Fp8Tiles* x_fp8 = nullptr);
 void linear_backward_lowp(const LinearPrecision& prec, const LinearBackwardArgs& a, const Fp8Tiles* x_fp8 = nullptr,

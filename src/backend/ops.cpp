@@ -27,6 +27,13 @@ void f32(const Tensor& t, const char* op, const char* name) {
   REQ(t.defined(), op, name, " is missing");
   REQ(t.dtype() == DType::F32, op, name, " must be F32, got ", desc(t));
 }
+// F32, or BF16 where allowed: the reduced-precision linear layer's operands and the activations
+// that feed only it (model/moe.cpp keeps those in BF16 in --precision bf16).
+void f32_or_bf16(const Tensor& t, bool bf16_ok, const char* op, const char* name) {
+  REQ(t.defined(), op, name, " is missing");
+  REQ(t.dtype() == DType::F32 || (bf16_ok && t.dtype() == DType::BF16), op, name,
+      bf16_ok ? " must be F32 or BF16, got " : " must be F32, got ", desc(t));
+}
 void i32(const Tensor& t, const char* op, const char* name) {
   REQ(t.defined(), op, name, " is missing");
   REQ(t.dtype() == DType::I32, op, name, " must be I32, got ", desc(t));
@@ -76,10 +83,11 @@ void Backend::grouped_linear(const GroupedLinearArgs& a) {
   }
 }
 
-void validate(const LinearArgs& a) {
+void validate(const LinearArgs& a) { validate(a, false); }
+void validate(const LinearArgs& a, bool bf16_x) {
   const char* op = "linear";
   weight_ok(a.w, a.w_scale_inv, op);
-  f32(a.x, op, "x");
+  f32_or_bf16(a.x, bf16_x, op, "x");
   f32(a.y, op, "y");
   REQ(last_dim(a.x) == a.w.dim(1), op, "x ", desc(a.x), " last dim != K of w ", desc(a.w));
   REQ(last_dim(a.y) == a.w.dim(0), op, "y ", desc(a.y), " last dim != N of w ", desc(a.w));
@@ -87,9 +95,10 @@ void validate(const LinearArgs& a) {
   REQ(a.x.raw() != a.y.raw() || a.x.numel() == 0, op, "y must not alias x");
 }
 
-void validate(const GroupedLinearArgs& a) {
+void validate(const GroupedLinearArgs& a) { validate(a, false); }
+void validate(const GroupedLinearArgs& a, bool bf16_x) {
   const char* op = "grouped_linear";
-  f32(a.x, op, "x");
+  f32_or_bf16(a.x, bf16_x, op, "x");
   f32(a.y, op, "y");
   REQ(a.x.ndim() == 2 && a.y.ndim() == 2 && a.x.dim(0) == a.y.dim(0), op, "x ", desc(a.x), " and y ", desc(a.y),
       " must be [M, K] and [M, N]");
@@ -110,9 +119,10 @@ void validate(const GroupedLinearArgs& a) {
   REQ(a.x.raw() != a.y.raw() || a.x.numel() == 0, op, "y must not alias x");
 }
 
-void validate(const LinearBackwardArgs& a) {
+void validate(const LinearBackwardArgs& a) { validate(a, false); }
+void validate(const LinearBackwardArgs& a, bool bf16_operands) {
   const char* op = "linear_backward";
-  f32(a.dy, op, "dy");
+  f32_or_bf16(a.dy, bf16_operands, op, "dy");
   if (present(a.dx)) {
     weight_ok(a.w, a.w_scale_inv, op);
     f32(a.dx, op, "dx");
@@ -122,7 +132,7 @@ void validate(const LinearBackwardArgs& a) {
   }
   if (present(a.dw)) {
     f32(a.dw, op, "dw");
-    f32(a.x, op, "x");
+    f32_or_bf16(a.x, bf16_operands, op, "x");
     REQ(a.dw.ndim() == 2 && a.dw.dim(0) == last_dim(a.dy) && a.dw.dim(1) == last_dim(a.x), op, "dw ",
         desc(a.dw), " must be [N, K] for dy ", desc(a.dy), ", x ", desc(a.x));
     REQ(rows_of(a.x) == rows_of(a.dy), op, "x and dy differ in rows");
@@ -273,7 +283,7 @@ void validate(const SwigluArgs& a) {
   const char* op = "swiglu";
   f32(a.gate, op, "gate");
   f32(a.up, op, "up");
-  f32(a.out, op, "out");
+  f32_or_bf16(a.out, true, op, "out");
   same_numel(a.gate, a.up, op, "gate", "up");
   same_numel(a.gate, a.out, op, "gate", "out");
 }
@@ -286,11 +296,11 @@ void validate(const SwigluBackwardArgs& a) {
   same_numel(a.gate, a.up, op, "gate", "up");
   same_numel(a.gate, a.dout, op, "gate", "dout");
   if (present(a.dgate)) {
-    f32(a.dgate, op, "dgate");
+    f32_or_bf16(a.dgate, !a.accumulate, op, "dgate");
     same_numel(a.gate, a.dgate, op, "gate", "dgate");
   }
   if (present(a.dup)) {
-    f32(a.dup, op, "dup");
+    f32_or_bf16(a.dup, !a.accumulate, op, "dup");
     same_numel(a.gate, a.dup, op, "gate", "dup");
   }
 }
@@ -351,7 +361,7 @@ void validate(const GatherRowsArgs& a) {
   const char* op = "gather_rows";
   f32(a.src, op, "src");
   i32(a.idx, op, "idx");
-  f32(a.out, op, "out");
+  f32_or_bf16(a.out, !a.accumulate, op, "out");
   REQ(a.src.ndim() == 2 && a.out.ndim() == 2 && a.out.dim(0) == a.idx.numel() &&
           a.out.dim(1) == a.src.dim(1),
       op, "out ", desc(a.out), " must be [N, D] for src ", desc(a.src), ", idx ", desc(a.idx));
@@ -388,7 +398,7 @@ void validate(const ScatterAddRowsBackwardArgs& a) {
     REQ(a.weight.numel() == a.idx.numel(), op, "weight does not match idx");
   }
   if (present(a.dsrc)) {
-    f32(a.dsrc, op, "dsrc");
+    f32_or_bf16(a.dsrc, !a.accumulate, op, "dsrc");
     same_shape(a.dsrc, a.src, op, "dsrc", "src");
   }
   if (present(a.dweight)) {

@@ -194,9 +194,9 @@ struct AttentionBackwardArgs {
 // 6. SwiGLU: out = silu(gate) · up, silu(g) = g·sigmoid(g). out may alias gate or up.
 struct SwigluArgs {
   Tensor gate, up;  // [M, F] F32
-  Tensor out;       // [M, F] F32
+  Tensor out;       // [M, F] F32, or BF16 (each value rounded once, RNE)
 };
-// dgate, dup (+)= ...; may alias dout (elementwise).
+// dgate, dup (+)= ...; may alias dout (elementwise). Either may be BF16 without accumulate.
 struct SwigluBackwardArgs {
   Tensor dout, gate, up;
   Tensor dgate, dup;
@@ -261,7 +261,7 @@ struct GatherRowsArgs {
   Tensor src;     // [R, D] F32
   Tensor idx;     // [N] I32 in [0, R)
   Tensor weight;  // [N] F32, optional
-  Tensor out;     // [N, D] F32
+  Tensor out;     // [N, D] F32, or BF16 without accumulate (each value rounded once, RNE)
   bool accumulate = false;
 };
 // out[idx[i]] += weight[i] · src[i] for i in order (weight optional = 1). Always accumulates.
@@ -275,7 +275,7 @@ struct ScatterAddRowsArgs {
 // Backward of scatter_add_rows: dsrc[i] (+)= weight[i]·dout[idx[i]]; dweight[i] (+)= dout[idx[i]]·src[i].
 struct ScatterAddRowsBackwardArgs {
   Tensor dout, src, idx, weight;  // weight optional
-  Tensor dsrc;     // [N, D], optional
+  Tensor dsrc;     // [N, D] F32, or BF16 without accumulate; optional
   Tensor dweight;  // [N], optional
   bool accumulate = false;
 };
@@ -462,6 +462,10 @@ class LaneScope {
 void validate(const LinearArgs&);
 void validate(const LinearBackwardArgs&);
 void validate(const GroupedLinearArgs&);
+// The reduced-precision linear layer's rules (backend/fp8.h): x (and dy) may also be BF16.
+void validate(const LinearArgs&, bool bf16_x);
+void validate(const LinearBackwardArgs&, bool bf16_operands);
+void validate(const GroupedLinearArgs&, bool bf16_x);
 void validate(const MatmulArgs&);
 void validate(const EmbeddingArgs&);
 void validate(const EmbeddingBackwardArgs&);

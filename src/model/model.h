@@ -104,6 +104,8 @@ struct MlaActs {
   // x (shared by q_a/q and kv_a), q_a_n (q_b), c_kv_n (kv_b), attn (o_proj). Empty otherwise.
   Fp8Tiles x_fp8, q_a_n_fp8, c_kv_n_fp8, attn_fp8;
 };
+// F32, except that --precision bf16 keeps the tensors whose only readers are BF16 matmuls in BF16
+// (bf16_activations in model/moe.cpp): act, and the routed experts' gathered x.
 struct MlpActs {
   Tensor x;     // [M, H]
   Tensor gate;  // [M, I]
@@ -113,8 +115,8 @@ struct MlpActs {
   // --precision fp8: x in FP8 (shared by gate and up) and the SwiGLU inputs gate, up in FP8; the
   // backward recomputes act (down_proj's input) from them. Empty otherwise.
   Fp8Tiles x_fp8, gate_fp8, up_fp8;
-  // --precision bf16 on CUDA: act's BF16 copy, down_proj's input in the forward and in its Wgrad
-  // (x's is in x_fp8: backend/fp8.h lowp_input_copy).
+  // --precision bf16: act's BF16 copy (act itself where act is BF16), down_proj's input in the
+  // forward and in its Wgrad (x's is in x_fp8: backend/fp8.h lowp_input_copy).
   Fp8Tiles act_copy;
 };
 struct MoeActs {

@@ -69,6 +69,14 @@ bool no_bias(std::span<const MlpParams> p) {
 // has one; linear_forward / linear_backward add it per block).
 bool lowp_grouped(std::span<const MlpParams> p) { return lowp_gemms(p[0]) && no_bias(p); }
 
+// --precision bf16 with the grouped calls: the tensors read only by the BF16 matmuls (the gathered
+// rows, act, and the gradients at the experts' outputs and at gate / up) are made in BF16 by the op
+// that produces them, rounded once where the matmul would round them: the same products, without
+// an F32 write, a read and a conversion pass per tensor.
+bool bf16_activations(std::span<const MlpParams> p) {
+  return lowp_grouped(p) && linear_precision().mode == LinearPrecisionMode::Bf16;
+}
+
 // One projection's weights (and FP8 scale_inv) of every MLP.
 struct ProjWeights {
   std::vector<Tensor> w, s;
@@ -115,7 +123,7 @@ void experts_forward(Backend& be, std::span<const MlpParams> p, std::span<const 
   const int64_t M = x.dim(0), I = p[0].gate_proj.w.dim(0), H = p[0].down_proj.w.dim(0);
   a.gate = be.alloc(DType::F32, {M, I});
   a.up = be.alloc(DType::F32, {M, I});
-  a.act = be.alloc(DType::F32, {M, I});
+  a.act = be.alloc(bf16_activations(p) ? DType::BF16 : DType::F32, {M, I});
   const LinearPrecision& prec = linear_precision();
   const bool lowp = p[0].gate_proj.lowp;
   // Rows are independent, so a row block of a copy is the copy of that block.
@@ -229,7 +237,7 @@ void moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const Tens
 
   // Gather the token rows in expert order and run each expert on its contiguous block.
   MlpActs& m = a.routed;
-  m.x = be.alloc(DType::F32, {N * k, H});
+  m.x = be.alloc(bf16_activations(p.experts) ? DType::BF16 : DType::F32, {N * k, H});
   GatherRowsArgs g;
   g.src = x;
   g.idx = a.token;
@@ -328,12 +336,13 @@ void experts_backward(Backend& be, std::span<const MlpParams> p, std::span<const
   s.dout = dact;
   s.gate = gate;
   s.up = up;
-  Tensor dup = be.alloc(DType::F32, {M, I});
-  s.dgate = dact;  // aliases dout (elementwise)
+  const bool bf16 = bf16_activations(p);
+  Tensor dup = be.alloc(bf16 ? DType::BF16 : DType::F32, {M, I});
+  s.dgate = bf16 ? be.alloc(DType::BF16, {M, I}) : dact;  // in F32 it aliases dout (elementwise)
   s.dup = dup;
   be.swiglu_backward(s);
   if (lowp_batched) {
-    grouped_lowp_backward(p, g, offsets, &MlpParams::gate_proj, a.x, dact, dx, accumulate_dx, a.x_fp8);  // [M, H]
+    grouped_lowp_backward(p, g, offsets, &MlpParams::gate_proj, a.x, s.dgate, dx, accumulate_dx, a.x_fp8);  // [M, H]
     grouped_lowp_backward(p, g, offsets, &MlpParams::up_proj, a.x, dup, dx, true, a.x_fp8);
     return;
   }
@@ -359,7 +368,7 @@ void moe_backward(Backend& be, const ModelDims& d, const MoeParams& p, const Moe
 
   // Combine: routed[token[r]] += w[r]·expert_out[r]  →  d expert_out and d w (sorted order).
   const MlpActs& m = a.routed;
-  Tensor dm_out = be.alloc(DType::F32, {N * k, H});
+  Tensor dm_out = be.alloc(bf16_activations(p.experts) ? DType::BF16 : DType::F32, {N * k, H});
   Tensor dsorted_w = be.alloc(DType::F32, {N * k});
   ScatterAddRowsBackwardArgs sb;
   sb.dout = dout;

@@ -118,6 +118,16 @@ OP_CASE(attention_backward) {
           {"dv", down(b, dvv), fd_grad([&](const Vec& x) { return L(qv, kv, x); }, vv), tol::kF32Grad}};
 }
 
+// BF16 outputs (model/moe.cpp's bf16_activations), 45 elements: each value rounded once.
+OP_CASE(swiglu_backward_bf16_outputs) {
+  Tensor gt = randn({5, 9}, seed, 1, 2.0f), u = randn({5, 9}, seed, 2), dout = randn({5, 9}, seed, 3);
+  Tensor dg = g.out(DType::BF16, {5, 9}), du = g.out(DType::BF16, {5, 9});
+  b.swiglu_backward({up(b, dout), up(b, gt), up(b, u), dg, du, false});
+  Vec gv = to_vec(gt), uv = to_vec(u), dv = to_vec(dout);
+  return {{"dgate", down(b, dg), fd_grad([&](const Vec& x) { return dot(dv, ref::swiglu(x, uv)); }, gv), tol::kBf16},
+          {"dup", down(b, du), fd_grad([&](const Vec& x) { return dot(dv, ref::swiglu(gv, x)); }, uv), tol::kBf16}};
+}
+
 OP_CASE(swiglu_backward) {
   Tensor gt = randn({3, 5}, seed, 1, 2.0f), u = randn({3, 5}, seed, 2), dout = randn({3, 5}, seed, 3);
   Tensor dg = g.out(DType::F32, {3, 5}), du = g.out(DType::F32, {3, 5});
@@ -198,9 +208,30 @@ std::vector<Output> gather_scatter_backward(Backend& b, Guards& g, uint64_t seed
           {"gather_dsrc", down(b, gd), fd_grad(gather, to_vec(gsrc)), tol::kF32Grad}};
 }
 
+// dsrc in BF16 (no accumulate): w·dout rounded once, the F32 product both backends form, so exact;
+// d 8 and 5 for the CUDA kernel's two widths.
+std::vector<Output> scatter_backward_bf16(Backend& b, Guards& g, uint64_t seed, int64_t d) {
+  const int64_t r = 5, n = 9;
+  Tensor src = randn({n, d}, seed, 1), idx = randi({n}, seed, 2, 0, int32_t(r)), w = randn({n}, seed, 3);
+  Tensor dout = randn({r, d}, seed, 4);
+  Tensor dsrc = g.out(DType::BF16, {n, d}), dw = g.out(DType::F32, {n});
+  b.scatter_add_rows_backward({up(b, dout), up(b, src), up(b, idx), up(b, w), dsrc, dw, false});
+  const std::vector<int32_t> iv = ints(idx);
+  Tensor want = Tensor::empty(DType::F32, {n, d});
+  Vec wdw(size_t(n), 0.0);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < d; ++j) {
+      const float gij = dout.data<float>()[iv[size_t(i)] * d + j];
+      want.data<float>()[i * d + j] = w.data<float>()[i] * gij;
+      wdw[size_t(i)] += double(gij) * double(src.data<float>()[i * d + j]);
+    }
+  return {{"dsrc", down(b, dsrc), to_vec(want.to(DType::BF16)), 0.0}, {"dweight", down(b, dw), wdw, tol::kF32}};
+}
 }  // namespace
 
 OP_CASE(gather_scatter_backward) { return gather_scatter_backward(b, g, seed, 4); }
+OP_CASE(scatter_backward_bf16_d8) { return scatter_backward_bf16(b, g, seed, 8); }
+OP_CASE(scatter_backward_bf16_d5) { return scatter_backward_bf16(b, g, seed, 5); }
 OP_CASE(gather_scatter_backward_d5) { return gather_scatter_backward(b, g, seed, 5); }
 
 OP_CASE(cross_entropy_gradient) {

@@ -195,6 +195,14 @@ OP_CASE(swiglu) {
   return {{"out", down(b, out), ref::swiglu(to_vec(gt), to_vec(u)), tol::kF32}};
 }
 
+// BF16 output (model/moe.cpp's bf16_activations): each value rounded once.
+OP_CASE(swiglu_bf16_out) {
+  Tensor gt = randn({5, 9}, seed, 1, 3.0f), u = randn({5, 9}, seed, 2);
+  Tensor out = g.out(DType::BF16, {5, 9});
+  b.swiglu({up(b, gt), up(b, u), out});
+  return {{"out", down(b, out), ref::swiglu(to_vec(gt), to_vec(u)), tol::kBf16}};
+}
+
 // The elementwise maps on views one float past a 16-byte boundary (the CUDA kernels' one-by-one
 // path); mul accumulates into its output.
 OP_CASE(elementwise_unaligned) {
@@ -301,8 +309,23 @@ std::vector<Output> scatter_case(Backend& b, Guards& g, uint64_t seed, int64_t d
   return {{"out", down(b, out), want, tol::kF32}};
 }
 
+// Into BF16 (no accumulate): w·src rounded once, the F32 product both backends form, so exact.
+std::vector<Output> gather_bf16_case(Backend& b, Guards& g, uint64_t seed, int64_t d) {
+  const int64_t r = 6, n = 10;
+  Tensor src = randn({r, d}, seed, 1), idx = randi({n}, seed, 2, 0, int32_t(r)), w = randn({n}, seed, 3);
+  Tensor out = g.out(DType::BF16, {n, d});
+  b.gather_rows({up(b, src), up(b, idx), up(b, w), out, false});
+  const std::vector<int32_t> iv = ints(idx);
+  Tensor want = Tensor::empty(DType::F32, {n, d});
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < d; ++j)
+      want.data<float>()[i * d + j] = w.data<float>()[i] * src.data<float>()[iv[size_t(i)] * d + j];
+  return {{"out", down(b, out), to_vec(want.to(DType::BF16)), 0.0}};
+}
 }  // namespace
 
+OP_CASE(gather_rows_to_bf16_d5) { return gather_bf16_case(b, g, seed, 5); }
+OP_CASE(gather_rows_to_bf16_d8) { return gather_bf16_case(b, g, seed, 8); }
 OP_CASE(gather_rows_weighted_accumulate) { return gather_case(b, g, seed, 5); }
 OP_CASE(gather_rows_weighted_accumulate_d8) { return gather_case(b, g, seed, 8); }
 OP_CASE(scatter_add_rows_weighted) { return scatter_case(b, g, seed, 5); }

@@ -3,6 +3,7 @@
 // thread (or one call per task inside a parallel loop), other ops loop over rows. Every split is a
 // function of the thread count only, so results are bitwise reproducible for a given count.
 #pragma once
+#include <cstring>
 #include <vector>
 
 #include "backend/ops.h"
@@ -70,6 +71,23 @@ float* scratch(size_t n, int slot = 0);
 
 // Writable data of an output tensor held in a const argument struct (tensors are handles).
 template <class T> T* mut(const Tensor& t) { return const_cast<Tensor&>(t).data<T>(); }
+
+// An op output that may be BF16 (ops.h says which): the kernels write F32 into f32() — the output
+// itself, or a temporary that done() rounds into it (RNE, as Tensor::to).
+class F32Out {
+ public:
+  explicit F32Out(const Tensor& out)
+      : out_(out), f32_(out.dtype() == DType::F32 ? out : Tensor::empty(DType::F32, out.shape())) {}
+  float* f32() const { return mut<float>(f32_); }
+  void done() const {
+    if (out_.dtype() == DType::F32) return;
+    const Tensor r = f32_.to(out_.dtype());
+    std::memcpy(const_cast<Tensor&>(out_).raw(), r.raw(), r.nbytes());
+  }
+
+ private:
+  Tensor out_, f32_;
+};
 
 inline int64_t last_dim(const Tensor& t) { return t.ndim() ? t.dim(-1) : 1; }
 inline int64_t rows_of(const Tensor& t) {

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <optional>
 #include <vector>
 
 #include "backend/cpu/cpu_backend.h"
@@ -168,7 +169,8 @@ void CpuBackend::gather_rows(const GatherRowsArgs& a) {
   const float* src = a.src.data<float>();
   const int32_t* idx = a.idx.data<int32_t>();
   const float* w = present(a.weight) ? a.weight.data<float>() : nullptr;
-  float* out = cpu::mut<float>(a.out);
+  const cpu::F32Out o32(a.out);
+  float* out = o32.f32();
   bool acc = a.accumulate;
 #pragma omp parallel for schedule(static) if (n * d >= cpu::kParallelMin)
   for (int64_t i = 0; i < n; ++i) {
@@ -180,6 +182,7 @@ void CpuBackend::gather_rows(const GatherRowsArgs& a) {
       o[j] = acc ? o[j] + v : v;
     }
   }
+  o32.done();
 }
 
 void CpuBackend::scatter_add_rows(const ScatterAddRowsArgs& a) {
@@ -216,7 +219,8 @@ void CpuBackend::scatter_add_rows_backward(const ScatterAddRowsBackwardArgs& a) 
   const float* src = a.src.data<float>();
   const int32_t* idx = a.idx.data<int32_t>();
   const float* w = present(a.weight) ? a.weight.data<float>() : nullptr;
-  float* dsrc = present(a.dsrc) ? cpu::mut<float>(a.dsrc) : nullptr;
+  const std::optional<cpu::F32Out> d32 = present(a.dsrc) ? std::optional<cpu::F32Out>(a.dsrc) : std::nullopt;
+  float* dsrc = d32 ? d32->f32() : nullptr;
   float* dw = present(a.dweight) ? cpu::mut<float>(a.dweight) : nullptr;
   bool acc = a.accumulate;
 #pragma omp parallel for schedule(static) if (n * d >= cpu::kParallelMin)
@@ -234,6 +238,7 @@ void CpuBackend::scatter_add_rows_backward(const ScatterAddRowsBackwardArgs& a) 
       for (int64_t j = 0; j < d; ++j) o[j] = acc ? o[j] + wi * g[j] : wi * g[j];
     }
   }
+  if (d32) d32->done();
 }
 
 }  // namespace dsv3

@@ -1,6 +1,7 @@
 // Embedding, RMSNorm and SwiGLU: row-local ops and their backwards.
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "backend/cpu/cpu_backend.h"
@@ -221,9 +222,11 @@ void CpuBackend::swiglu(const SwigluArgs& a) {
   int64_t n = a.out.numel();
   const float* g = a.gate.data<float>();
   const float* u = a.up.data<float>();
-  float* o = cpu::mut<float>(a.out);
+  const cpu::F32Out o32(a.out);
+  float* o = o32.f32();
   cpu::for_chunks(n, kGrain, n >= cpu::kParallelMin,
                   [&](int64_t lo, int64_t hi) { swiglu_range(g + lo, u + lo, o + lo, hi - lo); });
+  o32.done();
 }
 
 void CpuBackend::swiglu_backward(const SwigluBackwardArgs& a) {
@@ -232,14 +235,19 @@ void CpuBackend::swiglu_backward(const SwigluBackwardArgs& a) {
   const float* g = a.gate.data<float>();
   const float* u = a.up.data<float>();
   const float* dout = a.dout.data<float>();
-  float* dg = present(a.dgate) ? cpu::mut<float>(a.dgate) : nullptr;
-  float* du = present(a.dup) ? cpu::mut<float>(a.dup) : nullptr;
+  // BF16 outputs (never accumulated) through F32 temporaries; dgate may alias dout only in F32.
+  const std::optional<cpu::F32Out> g32 = present(a.dgate) ? std::optional<cpu::F32Out>(a.dgate) : std::nullopt;
+  const std::optional<cpu::F32Out> u32 = present(a.dup) ? std::optional<cpu::F32Out>(a.dup) : std::nullopt;
+  float* dg = g32 ? g32->f32() : nullptr;
+  float* du = u32 ? u32->f32() : nullptr;
   bool acc = a.accumulate;
   // An absent output goes to scratch (one per thread, so the kernel has no branch per element).
   cpu::for_chunks(n, kGrain, n >= cpu::kParallelMin, [&](int64_t lo, int64_t hi) {
     float* sink = (dg && du) ? nullptr : cpu::scratch(size_t(hi - lo), 1);
     swiglu_backward_range(g + lo, u + lo, dout + lo, dg ? dg + lo : sink, du ? du + lo : sink, hi - lo, acc);
   });
+  if (g32) g32->done();
+  if (u32) u32->done();
 }
 
 }  // namespace dsv3

@@ -93,9 +93,10 @@ __global__ void sumsq_final(const double* part, int64_t np, float* out, bool acc
   s = block_sum(s);
   if (threadIdx.x == 0) out[0] = acc ? float(double(out[0]) + s) : float(s);
 }
+template <class O>
 struct SwigluOp {
   const float *g, *u;
-  float* o;
+  O* o;
   template <int W> __device__ void at(int64_t i) const {
     const Floats<W> gv = load_w<W>(g + i), uv = load_w<W>(u + i);
     Floats<W> r;
@@ -104,10 +105,12 @@ struct SwigluOp {
     store_w<W>(o + i, r);
   }
 };
-// dg may alias dout (elementwise); either output may be absent.
+// dg may alias dout (elementwise); either output may be absent, or BF16 (then acc is false).
+template <class G, class U>
 struct SwigluBwdOp {
   const float *dout, *g, *u;
-  float *dg, *du;
+  G* dg;
+  U* du;
   bool acc;
   template <int W> __device__ void at(int64_t i) const {
     const Floats<W> gv = load_w<W>(g + i), uv = load_w<W>(u + i), go = load_w<W>(dout + i);
@@ -130,6 +133,13 @@ struct SwigluBwdOp {
 
 unsigned grid(int64_t n) { return std::min(blocks_for(n), 65535u * 8); }
 unsigned grid4(int64_t n) { return grid((n + 3) / 4); }
+
+// SwiGLU backward with each output in F32 or BF16 (absent outputs are null).
+template <class G, class U>
+void swiglu_bwd_launch(const float* dout, const float* g, const float* u, void* dg, void* du, int64_t n, bool acc,
+                       bool vec) {
+  map4_kernel<<<grid4(n), 256>>>(SwigluBwdOp<G, U>{dout, g, u, static_cast<G*>(dg), static_cast<U*>(du), acc}, n, vec);
+}
 
 // The same four columns at a time (float4), when every column offset and row length is a multiple
 // of 4 and the bases are 16-byte aligned: MLA's head splits and concatenations are.
@@ -233,17 +243,30 @@ void CudaBackend::sum_squares(const SumSquaresArgs& a) {
 void CudaBackend::swiglu(const SwigluArgs& a) {
   validate(a);
   int64_t n = a.out.numel();
-  const SwigluOp op{ptr<float>(a.gate), ptr<float>(a.up), ptr<float>(a.out)};
-  if (n) map4_kernel<<<grid4(n), 256, 0, stream()>>>(op, n, all_aligned16({op.g, op.u, op.o}));
+  if (n == 0) return;
+  const float *g = ptr<float>(a.gate), *u = ptr<float>(a.up);
+  const bool vec = all_aligned16({g, u, a.out.raw()});
+  if (a.out.dtype() == DType::BF16)
+    map4_kernel<<<grid4(n), 256, 0, stream()>>>(SwigluOp<__nv_bfloat16>{g, u, ptr<__nv_bfloat16>(a.out)}, n, vec);
+  else
+    map4_kernel<<<grid4(n), 256, 0, stream()>>>(SwigluOp<float>{g, u, ptr<float>(a.out)}, n, vec);
   check_launch("swiglu");
 }
 void CudaBackend::swiglu_backward(const SwigluBackwardArgs& a) {
   validate(a);
   int64_t n = a.gate.numel();
-  const SwigluBwdOp op{ptr<float>(a.dout), ptr<float>(a.gate), ptr<float>(a.up),
-                       present(a.dgate) ? ptr<float>(a.dgate) : nullptr, present(a.dup) ? ptr<float>(a.dup) : nullptr,
-                       a.accumulate};
-  if (n) map4_kernel<<<grid4(n), 256>>>(op, n, all_aligned16({op.dout, op.g, op.u, op.dg, op.du}));
+  if (n == 0) return;
+  const float *dout = ptr<float>(a.dout), *g = ptr<float>(a.gate), *u = ptr<float>(a.up);
+  void* dg = present(a.dgate) ? ptr<void>(a.dgate) : nullptr;
+  void* du = present(a.dup) ? ptr<void>(a.dup) : nullptr;
+  const bool vec = all_aligned16({dout, g, u, dg, du});
+  using B = __nv_bfloat16;
+  const bool gb = present(a.dgate) && a.dgate.dtype() == DType::BF16, ub = present(a.dup) && a.dup.dtype() == DType::BF16;
+  auto* launch = gb && ub ? swiglu_bwd_launch<B, B>
+                 : gb     ? swiglu_bwd_launch<B, float>
+                 : ub     ? swiglu_bwd_launch<float, B>
+                          : swiglu_bwd_launch<float, float>;
+  launch(dout, g, u, dg, du, n, a.accumulate, vec);
   check_launch("swiglu_backward");
 }
 

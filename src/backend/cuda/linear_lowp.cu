@@ -51,6 +51,7 @@ Tensor converted(const Tensor& x, const Tensor& scale_inv, DType to) {
   return out;
 }
 Tensor to_bf16(const Tensor& x, const Tensor& scale_inv = Tensor()) {
+  if (x.dtype() == DType::BF16 && !present(scale_inv)) return x;
   if (x.dtype() != DType::F32) return converted<__nv_bfloat16>(x, scale_inv, DType::BF16);
   Tensor out = cuda_backend().alloc(DType::BF16, x.shape());
   f32_to_bf16(x.data<float>(), x.numel(), ptr<__nv_bfloat16>(out));

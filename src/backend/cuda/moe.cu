@@ -321,13 +321,14 @@ __global__ void counts_kernel(const int32_t* off, int64_t e, int32_t* counts) {
 // Indices outside the source rows (reported by the range check) read as zero rows.
 // The row kernels below take W = 4 columns at a time (16-byte loads) when d % 4 == 0 and every
 // base is 16-byte aligned, else W = 1; the arithmetic per element is the same either way.
-template <int W>
-__global__ void gather_kernel(const float* src, int64_t rows, const int32_t* idx, const float* w, float* out,
-                              int64_t d, bool acc) {
+// O: float, or __nv_bfloat16 for an output the op writes rounded (never accumulated).
+template <int W, class O>
+__global__ void gather_kernel(const float* src, int64_t rows, const int32_t* idx, const float* w, O* out, int64_t d,
+                              bool acc) {
   int64_t i = blockIdx.x;
   const bool in = idx[i] >= 0 && idx[i] < rows;
   const float* s = src + (in ? int64_t(idx[i]) * d : 0);
-  float* o = out + i * d;
+  O* o = out + i * d;
   float wi = w ? w[i] : 1.0f;
   for (int64_t j = W * threadIdx.x; j < d; j += W * blockDim.x) {
     Floats<W> v = load_w<W>(s + j);
@@ -358,20 +359,20 @@ __global__ void scatter_kernel(const float* src, const int32_t* order, const int
   }
 }
 // dw's dot product: each thread's columns in ascending order in double, then block_sum.
-template <int W>
+template <int W, class O>
 __global__ void scatter_bwd_kernel(const float* dout, int64_t rows, const int32_t* idx, const float* src,
-                                   const float* w, float* dsrc, float* dw, int64_t d, bool acc) {
+                                   const float* w, O* dsrc, float* dw, int64_t d, bool acc) {
   int64_t i = blockIdx.x;
   if (idx[i] < 0 || idx[i] >= rows) {  // reported by the range check; the row's outputs read as zero
     if (dw && threadIdx.x == 0 && !acc) dw[i] = 0.0f;
     if (dsrc && !acc)
-      for (int64_t j = threadIdx.x; j < d; j += blockDim.x) dsrc[i * d + j] = 0.0f;
+      for (int64_t j = threadIdx.x; j < d; j += blockDim.x) dsrc[i * d + j] = O(0.0f);
     return;
   }
   const float* g = dout + int64_t(idx[i]) * d;
   const float* s = src + i * d;
   const float wi = w ? w[i] : 1.0f;
-  float* o = dsrc ? dsrc + i * d : nullptr;
+  O* o = dsrc ? dsrc + i * d : nullptr;
   double dot = 0.0;
   for (int64_t j = W * threadIdx.x; j < d; j += W * blockDim.x) {
     const Floats<W> gv = load_w<W>(g + j);
@@ -463,11 +464,17 @@ void CudaBackend::gather_rows(const GatherRowsArgs& a) {
   check_idx(a.idx, a.src.dim(0), "gather_rows");
   int64_t n = a.idx.numel(), d = a.src.dim(1);
   const float* src = a.src.data<float>();
-  float* out = ptr<float>(a.out);
-  auto* kernel = d % 4 == 0 && all_aligned16({src, out}) ? gather_kernel<4> : gather_kernel<1>;
-  if (n)
+  const bool vec = d % 4 == 0 && all_aligned16({src, a.out.raw()});
+  auto run = [&](auto* out, auto kernel) {
     kernel<<<unsigned(n), 128>>>(src, a.src.dim(0), a.idx.data<int32_t>(),
                                  present(a.weight) ? a.weight.data<float>() : nullptr, out, d, a.accumulate);
+  };
+  using B = __nv_bfloat16;
+  if (n == 0) return;
+  if (a.out.dtype() == DType::BF16)
+    run(ptr<B>(a.out), vec ? gather_kernel<4, B> : gather_kernel<1, B>);
+  else
+    run(ptr<float>(a.out), vec ? gather_kernel<4, float> : gather_kernel<1, float>);
   check_launch("gather_rows");
 }
 
@@ -491,12 +498,18 @@ void CudaBackend::scatter_add_rows_backward(const ScatterAddRowsBackwardArgs& a)
   int64_t n = a.idx.numel(), d = a.src.dim(1);
   check_idx(a.idx, a.dout.dim(0), "scatter_add_rows_backward");
   const float *dout = a.dout.data<float>(), *src = a.src.data<float>();
-  float* dsrc = present(a.dsrc) ? ptr<float>(a.dsrc) : nullptr;
-  auto* kernel = d % 4 == 0 && all_aligned16({dout, src, dsrc}) ? scatter_bwd_kernel<4> : scatter_bwd_kernel<1>;
-  if (n)
+  const bool vec = d % 4 == 0 && all_aligned16({dout, src, present(a.dsrc) ? a.dsrc.raw() : nullptr});
+  auto run = [&](auto* dsrc, auto kernel) {
     kernel<<<unsigned(n), 128>>>(dout, a.dout.dim(0), a.idx.data<int32_t>(), src,
                                  present(a.weight) ? a.weight.data<float>() : nullptr, dsrc,
                                  present(a.dweight) ? ptr<float>(a.dweight) : nullptr, d, a.accumulate);
+  };
+  using B = __nv_bfloat16;
+  if (n == 0) return;
+  if (present(a.dsrc) && a.dsrc.dtype() == DType::BF16)
+    run(ptr<B>(a.dsrc), vec ? scatter_bwd_kernel<4, B> : scatter_bwd_kernel<1, B>);
+  else
+    run(present(a.dsrc) ? ptr<float>(a.dsrc) : nullptr, vec ? scatter_bwd_kernel<4, float> : scatter_bwd_kernel<1, float>);
   check_launch("scatter_add_rows_backward");
 }
 

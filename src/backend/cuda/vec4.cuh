@@ -2,6 +2,8 @@
 // where every base is 16-byte aligned, then the tail (or the whole array otherwise) one by one.
 // The arithmetic per element is the same in both forms, so the result does not depend on the path.
 #pragma once
+#include <cuda_bf16.h>
+
 #include <cstdint>
 #include <initializer_list>
 
@@ -27,6 +29,24 @@ template <int W> __device__ __forceinline__ void store_w(float* p, const Floats<
   } else {
 #pragma unroll
     for (int j = 0; j < W; ++j) p[j] = r.v[j];
+  }
+}
+
+// BF16 operands (an output the op may write in BF16): RNE on store, exact widening on load.
+template <int W> __device__ __forceinline__ Floats<W> load_w(const __nv_bfloat16* p) {
+  Floats<W> r;
+#pragma unroll
+  for (int j = 0; j < W; ++j) r.v[j] = __bfloat162float(p[j]);
+  return r;
+}
+template <int W> __device__ __forceinline__ void store_w(__nv_bfloat16* p, const Floats<W>& r) {
+  if constexpr (W == 4) {
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(r.v[0], r.v[1]), hi = __floats2bfloat162_rn(r.v[2], r.v[3]);
+    *reinterpret_cast<uint2*>(p) =
+        make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
+  } else {
+#pragma unroll
+    for (int j = 0; j < W; ++j) p[j] = __float2bfloat16_rn(r.v[j]);
   }
 }
 
