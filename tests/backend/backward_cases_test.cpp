@@ -83,6 +83,37 @@ OP_CASE(rmsnorm_backward) {
            fd_grad([&](const Vec& v) { return dot(dyv, ref::rmsnorm(xv, v, m, d, 1e-5)); }, wv), tol::kF32Grad}};
 }
 
+// Enough rows for several 128-row dweight chunks (the CUDA reduction's warps each take every 8th:
+// 9 chunks, the last partial) and columns over two of its 32-column CTAs; the closed forms
+// dx = r·(w∘dy − x·r²·Σ(w∘dy∘x)/d) and dw = Σ_rows dy∘x·r in double.
+OP_CASE(rmsnorm_backward_many_rows) {
+  const int64_t m = 1100, d = 40;
+  const double eps = 1e-5;
+  Tensor x = randn({m, d}, seed, 1, 2.0f), w = randn({d}, seed, 2), dy = randn({m, d}, seed, 3);
+  Tensor y = b.alloc(DType::F32, {m, d}), rstd = b.alloc(DType::F32, {m});
+  Tensor xd = up(b, x), wd = up(b, w);
+  b.rmsnorm({xd, wd, float(eps), y, rstd});
+  Tensor dx = g.out(DType::F32, {m, d}), dw = g.out(DType::F32, {d});
+  b.rmsnorm_backward({up(b, dy), xd, wd, rstd, dx, dw, false, false});
+  const Vec xv = to_vec(x), wv = to_vec(w), dyv = to_vec(dy);
+  Vec wdx(size_t(m * d)), wdw(size_t(d), 0.0);
+  for (int64_t i = 0; i < m; ++i) {
+    double ss = 0, dot = 0;
+    for (int64_t j = 0; j < d; ++j) {
+      const size_t k = size_t(i * d + j);
+      ss += xv[k] * xv[k];
+      dot += wv[size_t(j)] * dyv[k] * xv[k];
+    }
+    const double r = 1 / std::sqrt(ss / double(d) + eps);
+    for (int64_t j = 0; j < d; ++j) {
+      const size_t k = size_t(i * d + j);
+      wdx[k] = r * (wv[size_t(j)] * dyv[k] - xv[k] * r * r * dot / double(d));
+      wdw[size_t(j)] += dyv[k] * xv[k] * r;
+    }
+  }
+  return {{"dx", down(b, dx), wdx, tol::kF32}, {"dweight", down(b, dw), wdw, tol::kF32}};
+}
+
 OP_CASE(rope_backward_is_inverse_rotation) {
   int64_t t = 3, h = 2, w = 7, off = 1, rd = 6;
   RopeParams p;
