@@ -130,7 +130,7 @@ struct MoeActs {
   Tensor sorted_weights;  // [N·k, 1] weights in sorted order
   MlpActs routed;  // over the N·k sorted rows (x = gathered tokens, out = expert outputs)
   MlpActs shared;  // over N rows (n_shared_experts > 0)
-  Tensor out;      // [N, H]  shared + routed: the routed rows are added onto shared.out (the same tensor)
+  Tensor out;      // [N, H]
 };
 struct LayerActs {
   Tensor x;           // [N, H]  layer input (residual stream)

@@ -245,26 +245,27 @@ void moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, const Tens
   be.gather_rows(g);  // [N·k, H]
   experts_forward(be, p.experts, a.offsets, m.x, m);
 
-  // Combine: out[token] += weight · expert output, in a fixed order per token, onto the shared
-  // experts' output (or zeros): shared + Σ routed without a separate sum pass.
+  // Combine: out[token] += weight · expert output, in a fixed order per token.
   a.sorted_weights = be.alloc(DType::F32, {N * k, 1});
   GatherRowsArgs gw;
   gw.src = a.weights.reshape({N * k, 1});
   gw.idx = a.pick;
   gw.out = a.sorted_weights;
   be.gather_rows(gw);  // [N·k, 1]
-  if (p.has_shared) {
-    mlp_forward(be, p.shared_experts, x, a.shared);  // [N, H]
-    a.out = a.shared.out;
-  } else {
-    a.out = be.zeros(DType::F32, {N, H});
-  }
+  Tensor routed = be.zeros(DType::F32, {N, H});
   ScatterAddRowsArgs sc;
   sc.src = m.out;
   sc.idx = a.token;
   sc.weight = a.sorted_weights.reshape({N * k});
-  sc.out = a.out;
+  sc.out = routed;
   be.scatter_add_rows(sc);  // [N, H]
+
+  if (p.has_shared) {
+    mlp_forward(be, p.shared_experts, x, a.shared);  // [N, H]
+    a.out = add(be, routed, a.shared.out);
+  } else {
+    a.out = routed;
+  }
 }
 
 void decoder_layer_forward(Backend& be, const ModelDims& d, const LayerParams& p, const RopeInput& rope,
