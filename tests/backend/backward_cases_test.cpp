@@ -149,24 +149,22 @@ OP_CASE(attention_backward) {
           {"dv", down(b, dvv), fd_grad([&](const Vec& x) { return L(qv, kv, x); }, vv), tol::kF32Grad}};
 }
 
-// BF16 outputs (model/moe.cpp's bf16_activations), 45 elements: each value rounded once.
-OP_CASE(swiglu_backward_bf16_outputs) {
-  Tensor gt = randn({5, 9}, seed, 1, 2.0f), u = randn({5, 9}, seed, 2), dout = randn({5, 9}, seed, 3);
-  Tensor dg = g.out(DType::BF16, {5, 9}), du = g.out(DType::BF16, {5, 9});
+namespace {
+// F32 outputs at 15 elements, or BF16 outputs (model/moe.cpp's bf16_activations: each value rounded
+// once) at 45, the CUDA kernel's four-at-a-time loop and its tail.
+std::vector<Output> swiglu_bwd_outputs(Backend& b, Guards& g, uint64_t seed, DType out, Shape s) {
+  Tensor gt = randn(s, seed, 1, 2.0f), u = randn(s, seed, 2), dout = randn(s, seed, 3);
+  Tensor dg = g.out(out, s), du = g.out(out, s);
   b.swiglu_backward({up(b, dout), up(b, gt), up(b, u), dg, du, false});
   Vec gv = to_vec(gt), uv = to_vec(u), dv = to_vec(dout);
-  return {{"dgate", down(b, dg), fd_grad([&](const Vec& x) { return dot(dv, ref::swiglu(x, uv)); }, gv), tol::kBf16},
-          {"dup", down(b, du), fd_grad([&](const Vec& x) { return dot(dv, ref::swiglu(gv, x)); }, uv), tol::kBf16}};
+  const double tol = out == DType::BF16 ? tol::kBf16 : tol::kF32Grad;
+  return {{"dgate", down(b, dg), fd_grad([&](const Vec& x) { return dot(dv, ref::swiglu(x, uv)); }, gv), tol},
+          {"dup", down(b, du), fd_grad([&](const Vec& x) { return dot(dv, ref::swiglu(gv, x)); }, uv), tol}};
 }
+}  // namespace
 
-OP_CASE(swiglu_backward) {
-  Tensor gt = randn({3, 5}, seed, 1, 2.0f), u = randn({3, 5}, seed, 2), dout = randn({3, 5}, seed, 3);
-  Tensor dg = g.out(DType::F32, {3, 5}), du = g.out(DType::F32, {3, 5});
-  b.swiglu_backward({up(b, dout), up(b, gt), up(b, u), dg, du, false});
-  Vec gv = to_vec(gt), uv = to_vec(u), dv = to_vec(dout);
-  return {{"dgate", down(b, dg), fd_grad([&](const Vec& x) { return dot(dv, ref::swiglu(x, uv)); }, gv), tol::kF32Grad},
-          {"dup", down(b, du), fd_grad([&](const Vec& x) { return dot(dv, ref::swiglu(gv, x)); }, uv), tol::kF32Grad}};
-}
+OP_CASE(swiglu_backward) { return swiglu_bwd_outputs(b, g, seed, DType::F32, {3, 5}); }
+OP_CASE(swiglu_backward_bf16_outputs) { return swiglu_bwd_outputs(b, g, seed, DType::BF16, {5, 9}); }
 
 namespace {
 std::vector<Output> router_bw(Backend& b, Guards& g, uint64_t seed, RouterScoring sc, RouterMethod m, bool norm) {
