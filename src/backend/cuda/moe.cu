@@ -463,6 +463,7 @@ void CudaBackend::gather_rows(const GatherRowsArgs& a) {
   validate(a);
   check_idx(a.idx, a.src.dim(0), "gather_rows");
   int64_t n = a.idx.numel(), d = a.src.dim(1);
+  if (n == 0) return;
   const float* src = a.src.data<float>();
   const bool vec = d % 4 == 0 && all_aligned16({src, a.out.raw()});
   auto run = [&](auto* out, auto kernel) {
@@ -470,7 +471,6 @@ void CudaBackend::gather_rows(const GatherRowsArgs& a) {
                                  present(a.weight) ? a.weight.data<float>() : nullptr, out, d, a.accumulate);
   };
   using B = __nv_bfloat16;
-  if (n == 0) return;
   if (a.out.dtype() == DType::BF16)
     run(ptr<B>(a.out), vec ? gather_kernel<4, B> : gather_kernel<1, B>);
   else
@@ -497,6 +497,7 @@ void CudaBackend::scatter_add_rows_backward(const ScatterAddRowsBackwardArgs& a)
   validate(a);
   int64_t n = a.idx.numel(), d = a.src.dim(1);
   check_idx(a.idx, a.dout.dim(0), "scatter_add_rows_backward");
+  if (n == 0) return;
   const float *dout = a.dout.data<float>(), *src = a.src.data<float>();
   const bool vec = d % 4 == 0 && all_aligned16({dout, src, present(a.dsrc) ? a.dsrc.raw() : nullptr});
   auto run = [&](auto* dsrc, auto kernel) {
@@ -505,7 +506,6 @@ void CudaBackend::scatter_add_rows_backward(const ScatterAddRowsBackwardArgs& a)
                                  present(a.dweight) ? ptr<float>(a.dweight) : nullptr, d, a.accumulate);
   };
   using B = __nv_bfloat16;
-  if (n == 0) return;
   if (present(a.dsrc) && a.dsrc.dtype() == DType::BF16)
     run(ptr<B>(a.dsrc), vec ? scatter_bwd_kernel<4, B> : scatter_bwd_kernel<1, B>);
   else
