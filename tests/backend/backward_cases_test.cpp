@@ -83,19 +83,24 @@ OP_CASE(rmsnorm_backward) {
            fd_grad([&](const Vec& v) { return dot(dyv, ref::rmsnorm(xv, v, m, d, 1e-5)); }, wv), tol::kF32Grad}};
 }
 
-// Enough rows for several 128-row dweight chunks (the CUDA reduction's warps each take every 8th:
-// 9 chunks, the last partial) and columns over two of its 32-column CTAs; the closed forms
-// dx = r·(w∘dy − x·r²·Σ(w∘dy∘x)/d) and dw = Σ_rows dy∘x·r in double.
-OP_CASE(rmsnorm_backward_many_rows) {
-  const int64_t m = 1100, d = 40;
+namespace {
+
+// Enough rows for many dweight chunks (32 rows each, the last partial; the CUDA reduction's warps
+// each take every 8th) and, by d, each CUDA path: rows held in registers at 4 (d ≤ 1024) or 8
+// values per thread, and the two-pass kernels beyond. `alias`: dx is dy's buffer, accumulated into,
+// and dweight accumulates onto a random start. The closed forms dx = r·(w∘dy − x·r²·Σ(w∘dy∘x)/d) and
+// dw = Σ_rows dy∘x·r in double.
+std::vector<Output> rmsnorm_bw_rows(Backend& b, Guards& g, uint64_t seed, int64_t m, int64_t d, bool alias) {
   const double eps = 1e-5;
   Tensor x = randn({m, d}, seed, 1, 2.0f), w = randn({d}, seed, 2), dy = randn({m, d}, seed, 3);
+  Tensor dw0 = randn({d}, seed, 4);
   Tensor y = b.alloc(DType::F32, {m, d}), rstd = b.alloc(DType::F32, {m});
   Tensor xd = up(b, x), wd = up(b, w);
   b.rmsnorm({xd, wd, float(eps), y, rstd});
-  Tensor dx = g.out(DType::F32, {m, d}), dw = g.out(DType::F32, {d});
-  b.rmsnorm_backward({up(b, dy), xd, wd, rstd, dx, dw, false, false});
-  const Vec xv = to_vec(x), wv = to_vec(w), dyv = to_vec(dy);
+  Tensor dx = alias ? g.init(dy) : g.out(DType::F32, {m, d});
+  Tensor dw = alias ? g.init(dw0) : g.out(DType::F32, {d});
+  b.rmsnorm_backward({alias ? dx : up(b, dy), xd, wd, rstd, dx, dw, alias, alias});
+  const Vec xv = to_vec(x), wv = to_vec(w), dyv = to_vec(dy), dw0v = to_vec(dw0);
   Vec wdx(size_t(m * d)), wdw(size_t(d), 0.0);
   for (int64_t i = 0; i < m; ++i) {
     double ss = 0, dot = 0;
@@ -107,12 +112,20 @@ OP_CASE(rmsnorm_backward_many_rows) {
     const double r = 1 / std::sqrt(ss / double(d) + eps);
     for (int64_t j = 0; j < d; ++j) {
       const size_t k = size_t(i * d + j);
-      wdx[k] = r * (wv[size_t(j)] * dyv[k] - xv[k] * r * r * dot / double(d));
+      wdx[k] = r * (wv[size_t(j)] * dyv[k] - xv[k] * r * r * dot / double(d)) + (alias ? dyv[k] : 0.0);
       wdw[size_t(j)] += dyv[k] * xv[k] * r;
     }
   }
+  if (alias)
+    for (int64_t j = 0; j < d; ++j) wdw[size_t(j)] += dw0v[size_t(j)];
   return {{"dx", down(b, dx), wdx, tol::kF32}, {"dweight", down(b, dw), wdw, tol::kF32}};
 }
+
+}  // namespace
+
+OP_CASE(rmsnorm_backward_many_rows) { return rmsnorm_bw_rows(b, g, seed, 1100, 40, false); }
+OP_CASE(rmsnorm_backward_wide_rows_in_place) { return rmsnorm_bw_rows(b, g, seed, 333, 1500, true); }
+OP_CASE(rmsnorm_backward_wider_rows_in_place) { return rmsnorm_bw_rows(b, g, seed, 70, 2100, true); }
 
 OP_CASE(rope_backward_is_inverse_rotation) {
   int64_t t = 3, h = 2, w = 7, off = 1, rd = 6;
