@@ -85,10 +85,9 @@ OP_CASE(rmsnorm_backward) {
 
 namespace {
 
-// Enough rows for many dweight chunks (32 rows each, the last partial; the CUDA reduction's warps
-// each take every 8th) and, by d, each CUDA path: rows held in registers at 4 (d ≤ 1024) or 8
-// values per thread, and the two-pass kernels beyond. `alias`: dx is dy's buffer, accumulated into,
-// and dweight accumulates onto a random start. The closed forms dx = r·(w∘dy − x·r²·Σ(w∘dy∘x)/d) and
+// Enough rows for several dweight chunks (the CUDA kernels' 128 rows each, the last partial; the
+// reduction's warps each take every 8th), rows narrower and wider than a CUDA CTA's 256 threads, and
+// `alias`: dx is dy's buffer, accumulated into, and dweight accumulates onto a random start. The closed forms dx = r·(w∘dy − x·r²·Σ(w∘dy∘x)/d) and
 // dw = Σ_rows dy∘x·r in double.
 std::vector<Output> rmsnorm_bw_rows(Backend& b, Guards& g, uint64_t seed, int64_t m, int64_t d, bool alias) {
   const double eps = 1e-5;

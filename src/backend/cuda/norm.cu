@@ -1,6 +1,5 @@
 // Embedding and RMSNorm with their backwards (SwiGLU is elementwise, in elementwise.cu).
 #include <algorithm>
-#include <memory>
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/pdl.cuh"
@@ -77,9 +76,8 @@ __global__ void rmsnorm_dx_kernel(const float* dy, const float* x, const void* w
 }
 // dweight in two deterministic passes (one thread per column over all rows left a 1024-wide weight
 // on 1024 threads for 16k rows: ~10 ms per layer): per chunk of kDwRows rows, one thread per column
-// sums its rows in order (double); then each column adds its chunks in order. 32 rows per chunk:
-// the fused kernel below runs a CTA per chunk, and 16k rows must give the SMs several CTAs each.
-constexpr int64_t kDwRows = 32;
+// sums its rows in order (double); then each column adds its chunks in order.
+constexpr int64_t kDwRows = 128;
 __global__ void rmsnorm_dw_part_kernel(const float* dy, const float* x, const float* rstd, double* part, int64_t m,
                                        int64_t d) {
   int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x, c = blockIdx.y;
@@ -88,62 +86,6 @@ __global__ void rmsnorm_dw_part_kernel(const float* dy, const float* x, const fl
   double s = 0.0;
   for (int64_t r = r0; r < r1; ++r) s += double(dy[r * d + j]) * double(x[r * d + j] * rstd[r]);
   part[c * d + j] = s;
-}
-// Rows of up to 256·NPT values: dx and the chunk's dweight sums (part, when given) from one read of
-// dy and x, with the arithmetic of rmsnorm_dx_kernel and rmsnorm_dw_part_kernel (same bits). CTA c
-// takes chunk c's rows in order, the next row's loads issued before this row's reduction. dx may
-// alias dy: a row is read whole before its dx is written.
-template <int NPT>
-__global__ void rmsnorm_bwd_reg_kernel(const float* dy, const float* x, const void* w, DType wt, const float* rstd,
-                                       float* dx, double* part, int64_t m, int64_t d, bool acc) {
-  const int64_t r0 = blockIdx.x * kDwRows, r1 = r0 + kDwRows < m ? r0 + kDwRows : m;
-  float wv[NPT], g[NPT], xv[NPT];
-  double s[NPT];
-  auto load = [&](int64_t r, float (&gr)[NPT], float (&xr)[NPT]) {
-#pragma unroll
-    for (int i = 0; i < NPT; ++i) {
-      const int64_t j = threadIdx.x + int64_t(i) * blockDim.x;
-      const bool in = r < r1 && j < d;
-      gr[i] = in ? dy[r * d + j] : 0.0f;
-      xr[i] = in ? x[r * d + j] : 0.0f;
-    }
-  };
-#pragma unroll
-  for (int i = 0; i < NPT; ++i) {
-    const int64_t j = threadIdx.x + int64_t(i) * blockDim.x;
-    wv[i] = j < d ? load_f(w, wt, j) : 0.0f;
-    s[i] = 0.0;
-  }
-  load(r0, g, xv);
-  for (int64_t r = r0; r < r1; ++r) {
-    float gn[NPT], xn[NPT];
-    load(r + 1, gn, xn);
-    const float rs = rstd[r];
-    double dot = 0.0;
-#pragma unroll
-    for (int i = 0; i < NPT; ++i) dot += double(wv[i]) * double(g[i]) * double(xv[i]);
-    dot = block_sum(dot);
-    const float c = float(dot / double(d)) * rs * rs;
-#pragma unroll
-    for (int i = 0; i < NPT; ++i) {
-      const int64_t j = threadIdx.x + int64_t(i) * blockDim.x;
-      if (j >= d) continue;
-      if (dx) {
-        const float v = rs * (wv[i] * g[i] - xv[i] * c);
-        float* o = dx + r * d + j;
-        *o = acc ? *o + v : v;
-      }
-      s[i] += double(g[i]) * double(xv[i] * rs);
-      g[i] = gn[i];
-      xv[i] = xn[i];
-    }
-  }
-  if (!part) return;
-#pragma unroll
-  for (int i = 0; i < NPT; ++i) {
-    const int64_t j = threadIdx.x + int64_t(i) * blockDim.x;
-    if (j < d) part[blockIdx.x * d + j] = s[i];
-  }
 }
 // 32 columns per CTA, its 8 warps each summing every 8th chunk, then the 8 sums in warp order (a
 // thread per column over all chunks left a 1024-wide weight on 8 CTAs: ~18 µs of dependent loads).
@@ -220,28 +162,21 @@ void CudaBackend::rmsnorm(const RmsNormArgs& a) {
 void CudaBackend::rmsnorm_backward(const RmsNormBackwardArgs& a) {
   validate(a);
   int64_t d = last_dim(a.x), m = rows_of(a.x);
-  const bool want_dw = present(a.dweight), want_dx = present(a.dx) && m;
-  const int64_t chunks = std::max<int64_t>((m + kDwRows - 1) / kDwRows, 1);
-  std::unique_ptr<Scratch> part;
-  if (want_dw) part = std::make_unique<Scratch>(size_t(chunks * d) * sizeof(double));
-  double* pp = want_dw ? part->as<double>() : nullptr;
-  float* dx = want_dx ? ptr<float>(a.dx) : nullptr;
-  const float *dy = a.dy.data<float>(), *x = a.x.data<float>(), *rstd = a.rstd.data<float>();
-  if (m && (want_dx || want_dw) && d <= 256 * 8) {
-    const auto kernel = d <= 256 * 4 ? rmsnorm_bwd_reg_kernel<4> : rmsnorm_bwd_reg_kernel<8>;
-    kernel<<<unsigned(chunks), 256>>>(dy, x, a.weight.raw(), a.weight.dtype(), rstd, dx, pp, m, d, a.accumulate_dx);
-  } else {
-    // dweight first: dx may alias dy.
-    if (want_dw && m)
-      rmsnorm_dw_part_kernel<<<dim3(blocks_for(d, 128), unsigned(chunks)), 128>>>(dy, x, rstd, pp, m, d);
-    if (want_dx)
-      rmsnorm_dx_kernel<<<unsigned(m), 256>>>(dy, x, a.weight.raw(), a.weight.dtype(), rstd, dx, d, a.accumulate_dx);
-  }
-  if (want_dw) {
-    if (!m) DSV3_CUDA_CHECK(cudaMemsetAsync(pp, 0, size_t(d) * sizeof(double), nullptr));
-    rmsnorm_dw_kernel<<<unsigned((d + 31) / 32), 32 * kDwWarps>>>(pp, chunks, ptr<float>(a.dweight), d,
+  // dweight first: dx may alias dy.
+  if (present(a.dweight)) {
+    const int64_t chunks = std::max<int64_t>((m + kDwRows - 1) / kDwRows, 1);
+    Scratch part(size_t(chunks * d) * sizeof(double));
+    if (m)
+      rmsnorm_dw_part_kernel<<<dim3(blocks_for(d, 128), unsigned(chunks)), 128>>>(
+          a.dy.data<float>(), a.x.data<float>(), a.rstd.data<float>(), part.as<double>(), m, d);
+    else
+      DSV3_CUDA_CHECK(cudaMemsetAsync(part.as<void>(), 0, size_t(d) * sizeof(double), nullptr));
+    rmsnorm_dw_kernel<<<unsigned((d + 31) / 32), 32 * kDwWarps>>>(part.as<double>(), chunks, ptr<float>(a.dweight), d,
                                                                  a.accumulate_dweight);
   }
+  if (present(a.dx) && m)
+    rmsnorm_dx_kernel<<<unsigned(m), 256>>>(a.dy.data<float>(), a.x.data<float>(), a.weight.raw(), a.weight.dtype(),
+                                            a.rstd.data<float>(), ptr<float>(a.dx), d, a.accumulate_dx);
   check_launch("rmsnorm_backward");
 }
 
