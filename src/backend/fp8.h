@@ -180,8 +180,8 @@ void linear_lowp_grouped(const LinearPrecision& prec, const GroupedLinearArgs& a
 
 // Its backward: per block linear_backward_lowp with dw[e] accumulated into, dx (if present) written
 // or accumulated (accumulate_dx) per block's rows, x_copy as above. In Bf16 mode on a GPU dy is
-// converted once for all blocks, Dgrad is batched as the forward and each block's Wgrad is one matmul
-// on a lane.
+// converted once for all blocks, Dgrad is batched as the forward and the blocks' Wgrads are one
+// grouped launch (or, for shapes it does not take, one matmul per block on a lane).
 struct GroupedLinearBackwardArgs {
   Tensor x, dy;                                // [M, K], [M, N] F32
   std::span<const Tensor> w, w_scale_inv, dw;  // per block: [N, K]; scale_inv for FP8 weights (else empty); [N, K]

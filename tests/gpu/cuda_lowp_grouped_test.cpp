@@ -15,7 +15,9 @@
 // in another order), non-finite values in the same places, the batched path counted as taken (or
 // not), with blocks of exact multiples of 256 rows, tails, x shorter than one chunk, 70 blocks,
 // F32 weights and many small blocks (the per-block fallback), and a NaN / Inf in a row of x or dy
-// that later blocks' tail chunks read.
+// that later blocks' tail chunks read. The batched backward's Wgrads are one grouped launch
+// (grouped_wgrad.cu: 128 × 128 tiles, here also partial ones, and blocks of any row count), or
+// per block when it is turned off.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -58,6 +60,7 @@ struct Outs {
   std::vector<Tensor> dw;
   std::string damaged;
   int64_t batches = 0;  // Bf16-mode calls that ran as batched matmuls
+  int64_t wgrads = 0;   // grouped Wgrad launches (Bf16 mode)
 };
 
 Outs run(const Case& c, bool grouped) {
@@ -91,7 +94,7 @@ Outs run(const Case& c, bool grouped) {
   p.mode = c.mode;
   p.pow2_scale = c.pow2;
   const Fp8Tiles copy = lowp_input_copy(p, x, "x");
-  const int64_t batches0 = cuda_bf16_grouped_batches();
+  const int64_t batches0 = cuda_bf16_grouped_batches(), wgrads0 = cuda::grouped_wgrad_launches();
   if (grouped) {
     linear_lowp_grouped(p, {x, w, s, off, y, c.accumulate}, copy);
     GroupedLinearBackwardArgs b;
@@ -117,7 +120,8 @@ Outs run(const Case& c, bool grouped) {
                            &xe);
     }
   }
-  Outs o{be.to_host(y), c.dx ? be.to_host(dx) : Tensor(), {}, g.damaged(), cuda_bf16_grouped_batches() - batches0};
+  Outs o{be.to_host(y), c.dx ? be.to_host(dx) : Tensor(), {}, g.damaged(), cuda_bf16_grouped_batches() - batches0,
+         cuda::grouped_wgrad_launches() - wgrads0};
   for (const Tensor& t : dw) o.dw.push_back(be.to_host(t));
   return o;
 }
@@ -168,22 +172,28 @@ void check_against(const Case& c, const Outs& per_block, const Outs& grouped) {
 
 // The grouped calls on 1 (off), 4 and 8 lanes against the per-block calls.
 // batched: whether the Bf16-mode grouped calls must take the batched path (forward, and Dgrad when
-// there is a dx), or must not.
-void check(const Case& c, bool batched = false) {
+// there is a dx, with the Wgrads in one grouped launch), or must not. wgrad_grouped off: the
+// batched backward's Wgrad per block instead.
+void check(const Case& c, bool batched = false, bool wgrad_grouped = true) {
   SCOPED_TRACE(cat(c.mode == LinearPrecisionMode::Bf16 ? "bf16" : "fp8", " rows ", c.rows.size(), " K ", c.K,
                    " w ", dtype_name(c.wtype), " accumulate ", c.accumulate, " pow2 ", c.pow2, " dx ", c.dx,
                    " bad row ", c.bad_row, " bad dy row ", c.bad_dy_row, " bad ", c.bad));
   const Outs per_block = run(c, false);
   const int before = cuda_lanes();
+  const bool wgrad_before = cuda_grouped_wgrad();
+  cuda_set_grouped_wgrad(wgrad_grouped);
   for (int lanes : {1, 4, 8}) {
     SCOPED_TRACE(cat(lanes, " lanes"));
     cuda_set_lanes(lanes);
     const Outs grouped = run(c, true);
     check_against(c, per_block, grouped);
     EXPECT_EQ(per_block.batches, 0);
+    EXPECT_EQ(per_block.wgrads, 0);
     EXPECT_EQ(grouped.batches, batched ? (c.dx ? 2 : 1) : 0) << "batched calls";
+    EXPECT_EQ(grouped.wgrads, batched && wgrad_grouped ? 1 : 0) << "grouped Wgrad launches";
   }
   cuda_set_lanes(before);
+  cuda_set_grouped_wgrad(wgrad_before);
 }
 
 TEST(CudaLowpGrouped, EqualsOneLinearPerBlock) {
@@ -252,6 +262,12 @@ TEST(CudaLowpGrouped, Bf16BatchesEqualOneLinearPerBlock) {
   std::vector<int64_t> many;
   for (int64_t e = 0; e < 70; ++e) many.push_back(256 * (e % 3) + 200 + (e * 7) % 56);
   check(bf16_case(many), true);
+  c = bf16_case();
+  check(c, true, false);  // the Wgrads per block
+  // N and K no multiples of the grouped Wgrad's 128 × 128 tiles (partial tiles at both edges).
+  c.K = 200;
+  c.N = 72;
+  check(c, true);
   c = bf16_case();
   c.wtype = DType::F32;  // not batched: one linear_lowp per block
   check(c);

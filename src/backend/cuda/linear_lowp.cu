@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "backend/cuda/common.cuh"
@@ -654,8 +655,14 @@ bool bf16_blocks(std::span<const int64_t> offsets, std::span<const Tensor> w, bo
   return true;
 }
 
-// linear_backward_lowp_grouped in Bf16 mode: dy converted once, Dgrad as bf16_blocks, each block's
-// Wgrad (its rows are the reduction, which a batch cannot vary) one matmul on the lanes.
+std::atomic<bool> g_grouped_wgrad{[] {
+  const char* e = std::getenv("DSV3_GROUPED_WGRAD");
+  return !(e && std::string(e) == "0");
+}()};
+
+// linear_backward_lowp_grouped in Bf16 mode: dy converted once, Dgrad as bf16_blocks, the blocks'
+// Wgrads (their rows are the reduction, which a cuBLASLt batch cannot vary) in one grouped launch
+// beside it, or one matmul per block on the lanes.
 bool bf16_grouped_backward(const GroupedLinearBackwardArgs& a, const Fp8Tiles& xc) {
   const Tensor dy = mat(a.dy), x = mat(a.x);
   const int64_t N = dy.dim(1), K = x.dim(1);
@@ -667,6 +674,8 @@ bool bf16_grouped_backward(const GroupedLinearBackwardArgs& a, const Fp8Tiles& x
   LaneScope lanes(cuda_backend());
   lanes(0);  // Dgrad's batch beside the other lanes' Wgrads
   if (want_dx && !bf16_blocks(a.offsets, a.w, false, bf(dyb), N, K, ptr<float>(a.dx), a.accumulate_dx)) return false;
+  lanes(1);
+  if (g_grouped_wgrad.load() && cuda::grouped_wgrad_bf16(dyb.raw(), xb.raw(), N, K, a.offsets, a.dw)) return true;
   for (size_t e = 0; e < n; ++e) {
     const int64_t r0 = a.offsets[e], Me = a.offsets[e + 1] - r0;
     if (Me == 0) continue;
@@ -679,6 +688,8 @@ bool bf16_grouped_backward(const GroupedLinearBackwardArgs& a, const Fp8Tiles& x
 }  // namespace
 
 int64_t cuda_bf16_grouped_batches() { return g_bf16_batched.load(); }
+void cuda_set_grouped_wgrad(bool on) { g_grouped_wgrad.store(on); }
+bool cuda_grouped_wgrad() { return g_grouped_wgrad.load(); }
 
 bool cuda_linear_lowp_grouped(const LinearPrecision& p, const GroupedLinearArgs& a, const Fp8Tiles& xc) {
   if (p.mode == LinearPrecisionMode::Bf16) {

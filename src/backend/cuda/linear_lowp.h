@@ -30,6 +30,10 @@ bool cuda_linear_backward_lowp_grouped(const LinearPrecision& prec, const Groupe
                                        const Fp8Tiles& x_copy);
 // Bf16-mode grouped calls that ran as batched matmuls so far (a test's way to see the path taken).
 int64_t cuda_bf16_grouped_batches();
+// The Bf16-mode grouped backward's Wgrad: every block's in one launch (grouped_wgrad.cu; on by
+// default, DSV3_GROUPED_WGRAD=0 at start-up turns it off) or one cuBLASLt matmul per block.
+void cuda_set_grouped_wgrad(bool on);
+bool cuda_grouped_wgrad();
 Fp8Tiles cuda_fp8_tiles(const Tensor& x, bool pow2_scale);
 Tensor cuda_dequantize(const Fp8Tiles& t);
 
@@ -42,6 +46,13 @@ void cuda_quantize_fp8_async(const QuantizeFp8Args& a, unsigned long long* nonfi
 void cuda_requantize_cols_t(const Fp8Tiles& src, bool pow2_scale, const Tensor& q, const Tensor& scale);
 
 namespace cuda {
+
+// dw[e] += dy[rows of e]ᵀ · x[rows of e] for every block e (offsets: blocks + 1) in one launch on
+// cuda::stream(): dy [M, N] and x [M, K] BF16, row-major and 16-byte aligned, dw[e] F32 [N, K].
+// False, nothing launched, unless N and K are multiples of 8 and there are at most 256 blocks.
+bool grouped_wgrad_bf16(const void* dy, const void* x, int64_t N, int64_t K, std::span<const int64_t> offsets,
+                        std::span<const Tensor> dw);
+int64_t grouped_wgrad_launches();  // launches so far (a test's way to see the path taken)
 
 // The FP8 linear layer's GEMM preparation (quantize.cu): one launch per pass (Fprop; Dgrad and Wgrad
 // together) writes every FP8 operand in the form cuBLASLt reads — the reduction dimension zero-padded

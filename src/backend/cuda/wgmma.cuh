@@ -1,6 +1,7 @@
 // PTX wrappers for Hopper's warpgroup MMA (wgmma), shared by mla_decode.cu and
 // attention_bf16_wgmma.cu: shared-memory matrix descriptors for the 128-byte swizzled layout, the
-// fences and group waits, and the m64n64k16 / m64n32k16 BF16 shapes with FP32 accumulators.
+// fences and group waits, and the m64n64k16 / m64n32k16 BF16 shapes with FP32 accumulators (and
+// grouped_wgrad.cu's m64n64k16 with both operands transposed).
 //
 // Layout: an operand tile is cut into panels of 64 BF16 columns (128 bytes per row); each panel
 // holds its rows 128 bytes apart with the 16-byte chunk c of row r at chunk c ^ (r mod 8) (sw()).
@@ -63,20 +64,22 @@ template <int N> __device__ __forceinline__ void fence_regs(uint32_t (&r)[N][4])
 // Byte offset of 16-byte chunk c (0-7) of row r in a 128-byte swizzled panel.
 __device__ __forceinline__ int sw(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
 
-// d (+)= A·B, m64n64k16, both operands from shared memory (K-major), FP32 accumulators in the
-// mma.sync order: d[4n + e] is row 16·warp + g + 8·(e >> 1), column 8n + 2·(lane mod 4) + (e & 1).
+// d (+)= A·B, m64n64k16, both operands from shared memory, K-major (TA, TB = 1: M- / N-major, A
+// stored as [K, M], B as [K, N], each one 64-wide panel), FP32 accumulators in the mma.sync order:
+// d[4n + e] is row 16·warp + g + 8·(e >> 1), column 8n + 2·(lane mod 4) + (e & 1).
+template <int TA = 0, int TB = 0>
 __device__ __forceinline__ void mma_m64n64_ss(float (&d)[8][4], uint64_t da, uint64_t db, int accumulate) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
       "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, %35, %36;\n}\n"
       : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),
         "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),
         "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]),
         "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
         "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
-      : "l"(da), "l"(db), "r"(accumulate)
+      : "l"(da), "l"(db), "r"(accumulate), "n"(TA), "n"(TB)
       : "memory");
 }
 // d (+)= A·B, m64n32k16, both operands from shared memory (K-major); d as in mma_m64n64_ss.
