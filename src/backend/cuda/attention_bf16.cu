@@ -39,18 +39,12 @@ namespace {
 std::atomic<bool> g_bf16{false};
 // dQ by matmul from the stored dSᵀ (on unless DSV3_ATTN_DQ_MATMUL=0); the dq kernel otherwise, or
 // when dSᵀ (2 bytes per query-key pair of every head) would exceed kDsMaxBytes.
-std::atomic<bool> g_dq_matmul{[] {
-  const char* e = std::getenv("DSV3_ATTN_DQ_MATMUL");
-  return !(e && std::strcmp(e, "0") == 0);
-}()};
+std::atomic<bool> g_dq_matmul{on_unless_env_zero("DSV3_ATTN_DQ_MATMUL")};
 constexpr int64_t kDsMaxBytes = int64_t(2) << 30;
 std::atomic<int64_t> g_dq_matmuls{0};
 // The forward and dk/dv kernels on wgmma (attention_bf16_wgmma.cu; on unless DSV3_ATTN_WGMMA=0) or
 // on mma.sync (the dq kernel is mma.sync either way).
-std::atomic<bool> g_wgmma{[] {
-  const char* e = std::getenv("DSV3_ATTN_WGMMA");
-  return !(e && std::strcmp(e, "0") == 0);
-}()};
+std::atomic<bool> g_wgmma{on_unless_env_zero("DSV3_ATTN_WGMMA")};
 std::atomic<int64_t> g_wgmma_calls{0};
 // Causal dQ matmul in this many blocks of query rows (DSV3_ATTN_DQ_BLOCKS, default 4): block j
 // reads keys up to its last row only, (nb + 1) / (2·nb) of the square's products.

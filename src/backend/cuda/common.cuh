@@ -8,6 +8,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <memory>
 
@@ -31,6 +33,13 @@ namespace dsv3::cuda {
 inline void check_launch(const char* op) {
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) internal_error("CUDA launch in ", op, ": ", cudaGetErrorString(e));
+}
+
+// A start-up switch (DSV3_CUDA_PDL, DSV3_GROUPED_WGRAD, …): on unless the environment sets the
+// variable to "0", which keeps the older path for comparison.
+inline bool on_unless_env_zero(const char* name) {
+  const char* e = std::getenv(name);
+  return !(e && std::strcmp(e, "0") == 0);
 }
 
 // Lets a kernel instance take `smem` bytes of dynamic shared memory (needed beyond 48 KB). Callers

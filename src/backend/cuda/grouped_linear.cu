@@ -11,9 +11,7 @@
 // terms each, hi and lo of the dequantized F32 value, for one more matmul batch (x_hi·W_lo).
 #include <algorithm>
 #include <climits>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <vector>
 
 #include "backend/cuda/common.cuh"
@@ -228,10 +226,7 @@ size_t cuda::split_bf16_grouped(const GroupedLinearArgs& a) {
   const DType wt = a.w[0].dtype();
   const bool f8 = wt == DType::F8_E4M3;
   // DSV3_LINEAR_FP8_SPLIT=0 at start-up: FP8 weights widened to F32 for SGEMM, as before (comparison).
-  static const bool f8_on = [] {
-    const char* e = std::getenv("DSV3_LINEAR_FP8_SPLIT");
-    return !(e && std::string(e) == "0");
-  }();
+  static const bool f8_on = on_unless_env_zero("DSV3_LINEAR_FP8_SPLIT");
   // Below kFp8SplitRows rows an FP8 weight's widening to F32 and SGEMM costs less than its terms and
   // three matmuls (bench-0.7b batch-1 prefill on the H200: a 128-token prompt split 3.67 against
   // 3.25 ms widened; from 256 rows split is ahead, bench/gpu_fp8_prefill.sh).

@@ -144,11 +144,8 @@ bool grouped_wgrad_bf16(const void* dy, const void* x, int64_t N, int64_t K, std
     t.dw[e] = ptr<float>(d);
   }
   t.off[blocks] = offsets[blocks];
-  static const bool attr = [] {
-    DSV3_CUDA_CHECK(cudaFuncSetAttribute(wgrad_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmem)));
-    return true;
-  }();
-  (void)attr;
+  static const bool smem_set = (allow_smem(wgrad_kernel, kSmem), true);
+  (void)smem_set;
   wgrad_kernel<<<dim3(unsigned(tiles), unsigned(blocks)), kThreads, kSmem, stream()>>>(
       t, int((K + kTile - 1) / kTile));
   check_launch("grouped BF16 Wgrad");

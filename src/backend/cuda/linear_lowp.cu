@@ -9,7 +9,6 @@
 #include <cstdlib>
 #include <memory>
 #include <span>
-#include <string>
 #include <vector>
 
 #include "backend/cuda/common.cuh"
@@ -655,10 +654,7 @@ bool bf16_blocks(std::span<const int64_t> offsets, std::span<const Tensor> w, bo
   return true;
 }
 
-std::atomic<bool> g_grouped_wgrad{[] {
-  const char* e = std::getenv("DSV3_GROUPED_WGRAD");
-  return !(e && std::string(e) == "0");
-}()};
+std::atomic<bool> g_grouped_wgrad{on_unless_env_zero("DSV3_GROUPED_WGRAD")};
 
 // linear_backward_lowp_grouped in Bf16 mode: dy converted once, Dgrad as bf16_blocks, the blocks'
 // Wgrads (their rows are the reduction, which a cuBLASLt batch cannot vary) in one grouped launch

@@ -2,17 +2,11 @@
 
 #include "backend/cuda/pdl.cuh"
 
-#include <cstdlib>
-#include <string>
-
 namespace dsv3 {
 namespace cuda {
 namespace {
 bool& pdl_flag() {
-  static bool on = [] {
-    const char* e = std::getenv("DSV3_CUDA_PDL");
-    return !(e && std::string(e) == "0");
-  }();
+  static bool on = on_unless_env_zero("DSV3_CUDA_PDL");
   return on;
 }
 }  // namespace
