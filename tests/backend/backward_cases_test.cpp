@@ -87,8 +87,8 @@ namespace {
 
 // Enough rows for several dweight chunks (the CUDA kernels' 128 rows each, the last partial; the
 // reduction's warps each take every 8th), rows narrower and wider than a CUDA CTA's 256 threads, and
-// `alias`: dx is dy's buffer, accumulated into, and dweight accumulates onto a random start. The closed forms dx = r·(w∘dy − x·r²·Σ(w∘dy∘x)/d) and
-// dw = Σ_rows dy∘x·r in double.
+// `alias`: dx is dy's buffer, accumulated into, and dweight accumulates onto a random start. The
+// closed forms dx = r·(w∘dy − x·r²·Σ(w∘dy∘x)/d) and dw = Σ_rows dy∘x·r in double.
 std::vector<Output> rmsnorm_bw_rows(Backend& b, Guards& g, uint64_t seed, int64_t m, int64_t d, bool alias) {
   const double eps = 1e-5;
   Tensor x = randn({m, d}, seed, 1, 2.0f), w = randn({d}, seed, 2), dy = randn({m, d}, seed, 3);
