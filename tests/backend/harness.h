@@ -5,6 +5,7 @@
 // around every output. A CUDA backend plugs in by adding itself to `test_backends()`.
 #pragma once
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -40,6 +41,31 @@ inline Tensor randn(const Shape& s, uint64_t seed, uint64_t stream, float scale 
   Tensor f = Tensor::empty(DType::F32, s);
   for (int64_t i = 0; i < f.numel(); ++i) f.data<float>()[i] = scale * rng_normal(seed, stream, uint64_t(i));
   return t == DType::F32 ? f : f.to(t);
+}
+// FP8 quotients where one ulp decides the code: rows of K values at, and a few ulps around, E4M3's
+// rounding midpoints (signs alternating), row r scaled by about 2^(e0 + r) and led by its amax
+// (448 times that), so a 1×128 tile of row r has a scale of about 2^(e0 + r).
+inline Tensor fp8_midpoints(int64_t R, int64_t K, uint64_t seed, int e0) {
+  std::vector<float> pos;  // E4M3's positive values
+  for (int j = 1; j < 8; ++j) pos.push_back(std::ldexp(float(j), -9));
+  for (int e = -6; e <= 8; ++e)
+    for (int j = 0; j < 8; ++j)
+      if (std::ldexp(1.0f + float(j) / 8.0f, e) <= 448.0f) pos.push_back(std::ldexp(1.0f + float(j) / 8.0f, e));
+  std::vector<float> mids = {std::ldexp(1.0f, -10)};
+  for (size_t i = 0; i + 1 < pos.size(); ++i) mids.push_back((pos[i] + pos[i + 1]) / 2.0f);
+  Tensor x = Tensor::empty(DType::F32, {R, K});
+  for (int64_t r = 0; r < R; ++r) {
+    const float s = std::ldexp(1.0f + float(rng_u64(seed, 1, uint64_t(r)) % 1024) / 1024.0f, e0 + int(r));
+    float* row = x.data<float>() + r * K;
+    row[0] = s * 448.0f;
+    for (int64_t j = 1; j < K; ++j) {
+      float v = mids[rng_u64(seed, 2, uint64_t(r * K + j)) % mids.size()] * s;
+      const int step = int(j % 5) - 2;
+      for (int t = 0; t < std::abs(step); ++t) v = std::nextafter(v, step > 0 ? INFINITY : 0.0f);
+      row[j] = j % 2 ? -v : v;
+    }
+  }
+  return x;
 }
 inline Tensor randi(const Shape& s, uint64_t seed, uint64_t stream, int32_t lo, int32_t hi) {
   Tensor t = Tensor::empty(DType::I32, s);

@@ -92,10 +92,13 @@ struct BackwardCase {
   Tensor q1, s1, q2, s2, q3, s3, wq, ws;
   cuda::BackwardPrep p;
 
-  BackwardCase(int64_t m, int64_t n, int64_t k, uint64_t seed, bool pow2) : M(m), N(n), K(k) {
+  BackwardCase(int64_t m, int64_t n, int64_t k, uint64_t seed, bool pow2)
+      : BackwardCase(randn({m, n}, seed, 1), randn({m, k}, seed, 2, 3.0f), seed, pow2) {}
+  // dy [M, N] and x [M, K] given (host F32); x's FP8 copy is the CPU's.
+  BackwardCase(const Tensor& dy_in, const Tensor& x, uint64_t seed, bool pow2)
+      : M(dy_in.dim(0)), N(dy_in.dim(1)), K(x.dim(1)), dy(dy_in) {
     CudaBackend& be = cuda_backend();
-    dy = randn({M, N}, seed, 1);
-    const Quant xc = cpu_quant(randn({M, K}, seed, 2, 3.0f), Fp8Tiling::Row1x128, false, pow2);
+    const Quant xc = cpu_quant(x, Fp8Tiling::Row1x128, false, pow2);
     xq = xc.q;
     xs = xc.s;
     w = randn({N, K}, seed, 3, 0.05f, DType::BF16);
@@ -167,6 +170,39 @@ TEST(CudaFp8Prep, BackwardBytesAreTheCpus) {
   ASSERT_GT(cuda_device_count(), 0);
   for (bool pow2 : {false, true}) {
     const BackwardCase c(200, 320, 272, 5, pow2);
+    cuda::fp8_backward_prep({&c.p, 1});
+    c.check();
+  }
+}
+
+// The transpose of a host F32 matrix.
+Tensor transposed(const Tensor& a) {
+  const int64_t R = a.dim(0), C = a.dim(1);
+  Tensor t = Tensor::empty(DType::F32, {C, R});
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < C; ++c) t.data<float>()[c * R + r] = a.data<float>()[r * C + c];
+  return t;
+}
+
+// Quotients where one ulp decides the code (fp8_midpoints) under tile scales from 2^-121 to 2^118,
+// in dy's rows (the 1×128 pass) and then in its columns (the 128×1 pass), so that each pass divides
+// both through the reciprocal and, beyond [2^-80, 2^100], outright; x's two column blocks at 2^-100
+// and 2^110 take x̂'s 128×1 tiles beyond that range at both ends. Some values are -0 (code 0x80)
+// and one 128×1 block of x̂ is all zero (scale 1).
+TEST(CudaFp8Prep, BackwardBytesAtMidpointsAndExtremeScales) {
+  ASSERT_GT(cuda_device_count(), 0);
+  const int64_t M = 240, K = 240;
+  Tensor x = randn({M, K}, 23, 1);
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t k = 0; k < K; ++k) {
+      float& v = x.data<float>()[r * K + k];
+      v = r >= 128 && k < 16 ? 0.0f : std::ldexp(v, k < 128 ? -100 : 110);
+      if ((r * K + k) % 97 == 0) v = -0.0f;
+    }
+  for (const Tensor& dy : {fp8_midpoints(M, 256, 21, -121), transposed(fp8_midpoints(240, M, 22, -121))}) {
+    Tensor d = dy;
+    for (int64_t i = 0; i < d.numel(); i += 89) d.data<float>()[i] = -0.0f;
+    const BackwardCase c(d, x, 24, false);
     cuda::fp8_backward_prep({&c.p, 1});
     c.check();
   }

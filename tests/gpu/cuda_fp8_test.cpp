@@ -56,34 +56,14 @@ TEST(CudaFp8, QuantizeMatchesCpuBytes) {
   expect_cpu_bytes(x);
 }
 
-// The GPU divides by a tile's scale through its reciprocal and one exact correction (quantize.cu,
+// The GPU divides by a tile's scale through its reciprocal and two fma corrections (quantize.cu,
 // ScaleDiv), the CPU by a division: quotients at and a few ulps around every E4M3 rounding midpoint
 // (ties go to even, so an ulp decides the code), for scales 2^-120 .. 2^118 in 1×128 rows — beyond
 // the reciprocal's range [2^-80, 2^100] at both ends, where the GPU divides too — with subnormal
 // values in the smallest. The other tilings see the same values under their own scales.
 TEST(CudaFp8, QuantizeRoundsMidpointsLikeCpu) {
   ASSERT_GT(cuda_device_count(), 0);
-  std::vector<float> pos;  // E4M3's positive values
-  for (int j = 1; j < 8; ++j) pos.push_back(std::ldexp(float(j), -9));
-  for (int e = -6; e <= 8; ++e)
-    for (int j = 0; j < 8; ++j)
-      if (std::ldexp(1.0f + float(j) / 8.0f, e) <= 448.0f) pos.push_back(std::ldexp(1.0f + float(j) / 8.0f, e));
-  std::vector<float> mids = {std::ldexp(1.0f, -10)};
-  for (size_t i = 0; i + 1 < pos.size(); ++i) mids.push_back((pos[i] + pos[i + 1]) / 2.0f);
-  const int64_t R = 239, K = 128;
-  Tensor x = Tensor::empty(DType::F32, {R, K});
-  for (int64_t r = 0; r < R; ++r) {
-    const float s = std::ldexp(1.0f + float(rng_u64(9, 1, uint64_t(r)) % 1024) / 1024.0f, int(r) - 120);
-    float* row = x.data<float>() + r * K;
-    row[0] = s * 448.0f;  // the tile's amax: its scale is about s
-    for (int64_t j = 1; j < K; ++j) {
-      float v = mids[rng_u64(9, 2, uint64_t(r * K + j)) % mids.size()] * s;
-      const int step = int(j % 5) - 2;
-      for (int t = 0; t < std::abs(step); ++t) v = std::nextafter(v, step > 0 ? INFINITY : 0.0f);
-      row[j] = j % 2 ? -v : v;
-    }
-  }
-  expect_cpu_bytes(x);
+  expect_cpu_bytes(fp8_midpoints(239, 128, 9, -120));
 }
 
 TEST(CudaFp8, QuantizeCountsNonFinite) {

@@ -14,6 +14,7 @@
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/linear_lowp.h"
+#include "backend/cuda/mma.cuh"
 #include "backend/cuda/stream.h"
 
 namespace dsv3 {
@@ -40,14 +41,20 @@ __device__ __forceinline__ void tile_stat(float v, float& amax, Count& bad) {
   else amax = fmaxf(amax, fabsf(v));
 }
 
+// The warp's largest amax: finite and ≥ +0, so the bits order as unsigned integers and one
+// redux.sync replaces five shuffle-and-max steps.
+__device__ __forceinline__ float warp_amax(float amax) {
+  return __uint_as_float(__reduce_max_sync(0xffffffffu, __float_as_uint(amax)));
+}
+
 // A 1×128 tile held by a warp, four values per lane: its scale, and in bad (every lane) the count
 // of its non-finite values.
 __device__ __forceinline__ float warp_tile_scale(const float (&v)[4], bool pow2, unsigned& bad) {
   float amax = 0.0f;
   bad = 0;
   for (int k = 0; k < 4; ++k) tile_stat(v[k], amax, bad);
-  bad = warp_sum(bad);
-  return scale_of(warp_max(amax), pow2);
+  bad = __reduce_add_sync(0xffffffffu, bad);
+  return scale_of(warp_amax(amax), pow2);
 }
 
 // Exact widening to F32 (E4M3 through half, as load_f).
@@ -58,6 +65,14 @@ __device__ __forceinline__ float widen(__nv_fp8_storage_t v) {
 // Byte j (0 = lowest) of a word of packed codes, widened.
 __device__ __forceinline__ float widen_byte(uint32_t word, int j) {
   return widen(__nv_fp8_storage_t((word >> (8 * j)) & 0xffu));
+}
+// The four codes of a word widened (byte 0 first), two per conversion; the values of widen.
+__device__ __forceinline__ float4 widen4(uint32_t word) {
+  const auto pair = [](uint32_t two) {
+    return __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(two), __NV_E4M3)));
+  };
+  const float2 lo = pair(word & 0xffffu), hi = pair(word >> 16);
+  return make_float4(lo.x, lo.y, hi.x, hi.y);
 }
 
 // v / s for a tile's scale s, rounded as the CPU's FP32 division, in five instructions where the
@@ -75,24 +90,43 @@ struct ScaleDiv {
   bool fast;
   __device__ explicit ScaleDiv(float scale)
       : s(scale), r(1.0f / scale), fast(scale >= 0x1p-80f && scale <= 0x1p100f) {}
-  __device__ __forceinline__ float operator()(float v) const {
-    if (!fast) return v / s;
+  // The quotient while fast.
+  __device__ __forceinline__ float quick(float v) const {
     const float q0 = __fmul_rn(v, r), q1 = __fmaf_rn(__fmaf_rn(-q0, s, v), r, q0);
     const float q = __fmaf_rn(__fmaf_rn(-q1, s, v), r, q1);
     return isfinite(q) ? copysignf(q, v) : q0;  // −0: the remainder's sum comes out +0
   }
+  __device__ __forceinline__ float operator()(float v) const { return fast ? quick(v) : v / s; }
 };
 
 // The code of v in a tile: the saturated round-to-nearest E4M3 of v/s, the CPU's rule.
 __device__ __forceinline__ uint8_t code_of(float v, const ScaleDiv& d) {
   return __nv_cvt_float_to_fp8(d(v), __NV_SATFINITE, __NV_E4M3);
 }
-// The codes of v[0..3], packed for one 4-byte store (v[0] in the lowest byte).
-__device__ __forceinline__ uint32_t codes4(const float* v, const ScaleDiv& d) {
-  uint32_t b = 0;
+// The codes of v[0..N) (N a multiple of 4) packed four to a word, v[0] in the lowest byte. The test
+// for the fast quotient is made once for all N, not around each code, and two codes come from one
+// conversion (with redux.sync for the tiles' amax: the experts' down-projection preparation of a
+// bench-0.7b layer 258M → 166M instructions under ncu).
+template <int N>
+__device__ __forceinline__ void codes(const float* v, const ScaleDiv& d, uint32_t (&out)[N / 4]) {
+  float q[N];
+  if (d.fast) {
 #pragma unroll
-  for (int j = 0; j < 4; ++j) b |= uint32_t(code_of(v[j], d)) << (8 * j);
-  return b;
+    for (int j = 0; j < N; ++j) q[j] = d.quick(v[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) q[j] = v[j] / d.s;
+  }
+#pragma unroll
+  for (int j = 0; j < N / 4; ++j)
+    out[j] = uint32_t(__nv_cvt_float2_to_fp8x2(make_float2(q[4 * j], q[4 * j + 1]), __NV_SATFINITE, __NV_E4M3)) |
+             uint32_t(__nv_cvt_float2_to_fp8x2(make_float2(q[4 * j + 2], q[4 * j + 3]), __NV_SATFINITE, __NV_E4M3))
+                 << 16;
+}
+__device__ __forceinline__ uint32_t codes4(const float* v, const ScaleDiv& d) {
+  uint32_t b[1];
+  codes<4>(v, d, b);
+  return b[0];
 }
 
 // One warp, the 1×128 tile (r, g) of x [M, K]: lane l holds columns 4l..4l+3 in registers (x read
@@ -140,7 +174,18 @@ __global__ void quantize_rows_kernel(const float* x, int64_t M, int64_t K, int64
                                      bool nan_mark, uint8_t* q, float* sc, unsigned long long* nonfinite) {
   const int64_t ng = (K + kFp8Block - 1) / kFp8Block;
   const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32;
-  if (warp < M * ng) rows_tile(x, M, M, K, ldq, warp / ng, warp % ng, vec, pow2, nan_mark, q, sc, nullptr, nonfinite);
+  if (warp >= M * ng) return;
+  // 32-bit index division where it fits: a 64-bit one is a software routine of dozens of
+  // instructions, against a tile's few hundred (ncu: ~260 per warp before the codes' changes).
+  int64_t r, g;
+  if (M * ng <= INT32_MAX) {
+    r = uint32_t(warp) / uint32_t(ng);
+    g = uint32_t(warp) - uint32_t(r) * uint32_t(ng);
+  } else {
+    r = warp / ng;
+    g = warp % ng;
+  }
+  rows_tile(x, M, M, K, ldq, r, g, vec, pow2, nan_mark, q, sc, nullptr, nonfinite);
 }
 
 bool aligned_to(const void* p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) & (a - 1)) == 0; }
@@ -532,11 +577,18 @@ __device__ void fprop_prep_cta(WeightSmem& sm, const FpropPrep& p, int64_t cta, 
   nan_end(sync, ctas, p.w.scale_lt, ((p.w.N + kFp8Block - 1) / kFp8Block) * p.w.ld4, kBadX | kBadW, nullptr, 0, 0);
 }
 
-// The preparation of CTA blockIdx.x in a group: the last whose first CTA is at or before it.
+// The preparation of CTA blockIdx.x in a group: the last whose first CTA is at or before it (start
+// rises strictly: launch_groups leaves out the empty ones). A binary search: most CTAs of a grouped
+// launch take one tile, so their prologue counts (ncu: ~5% of the experts' backward preparation's
+// instructions with a scan over the entries).
 __device__ int group_entry(const int64_t* start, int n) {
-  int e = 0;
-  while (e + 1 < n && start[e + 1] <= int64_t(blockIdx.x)) ++e;
-  return e;
+  int lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (start[mid] <= int64_t(blockIdx.x)) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
 }
 
 __global__ void __launch_bounds__(256, 1) fprop_prep_kernel(const __grid_constant__ FpropGroup g, int slot) {
@@ -552,9 +604,8 @@ __global__ void __launch_bounds__(256, 1) fprop_prep_kernel(const __grid_constan
 // Wgrad the block is quantized per column (128×1 tiles transposed: q2 [N, ld2], VEC128 scales
 // s2_lt [⌈M/128⌉, N]). Columns N..ld1 of q1 and M..ld2 of q2 get code 0. The bytes and scales of
 // rows_tile and cols_t_tile.
-// Row stride in floats: rows 16-byte aligned for float4 access (the column pass's reads by row are
-// 4-way bank-conflicted at this stride, conflict-free at 129; the FP8 step measured the same
-// before and after this layout).
+// Row stride in floats: rows 16-byte aligned for float4 access (the column pass has a thread per
+// column, so its reads are free of bank conflicts at any stride).
 constexpr int kDyLd = kFp8Block + 4;
 struct DySmem {
   float t[kFp8Block][kDyLd];
@@ -566,7 +617,6 @@ struct DySmem {
 // [⌈rows/128⌉, n]. Returns (threads below 128) whether the thread's column held non-finite values.
 __device__ unsigned cols_pass(DySmem& sm, int64_t r0, int64_t c0, int64_t n, int64_t ld, bool pow2, uint8_t* q,
                               float* s_lt) {
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const int64_t rb = r0 / kFp8Block;
   unsigned any = 0;
   {
@@ -593,13 +643,24 @@ __device__ unsigned cols_pass(DySmem& sm, int64_t r0, int64_t c0, int64_t n, int
     }
   }
   __syncthreads();
-  for (int cc = w; cc < kFp8Block; cc += 8) {
-    const int64_t c = c0 + cc;
-    if (c >= n) break;
-    const ScaleDiv d(sm.s_col[cc]);
-    for (int j = 0; j < 4; ++j) {
-      const int i = lane + 32 * j;
-      if (r0 + i < ld) q[c * ld + r0 + i] = code_of(sm.t[i][cc], d);
+  // Thread (col, half) codes its column's 64 rows of the half, 16 to a store (ld a multiple of 16,
+  // q 16-byte aligned; rows ld.. do not exist, rows M..ld hold 0: code 0). A warp per column
+  // storing byte by byte issued 16 times the stores.
+  {
+    const int col = threadIdx.x & 127, half = threadIdx.x >> 7;
+    const int64_t c = c0 + col;
+    if (c < n) {
+      const ScaleDiv d(sm.s_col[col]);
+      for (int k = 0; k < 4; ++k) {
+        const int i0 = half * 64 + 16 * k;
+        if (r0 + i0 >= ld) break;
+        float v[16];
+#pragma unroll
+        for (int j = 0; j < 16; ++j) v[j] = sm.t[i0 + j][col];
+        uint32_t b[4];
+        codes<16>(v, d, b);
+        *reinterpret_cast<uint4*>(q + c * ld + r0 + i0) = make_uint4(b[0], b[1], b[2], b[3]);
+      }
     }
   }
   __syncthreads();  // sm is reused by the caller's next block
@@ -612,24 +673,33 @@ __device__ unsigned dy_tile(DySmem& sm, int64_t g, int64_t rb, const BackwardPre
   const int64_t cl = c0 + 4 * lane;  // this lane's first column
   const bool vec = N % 4 == 0 && (reinterpret_cast<uintptr_t>(p.dy) & 15u) == 0;
   unsigned any = 0;
-  // Warp w's rows w, w + 8, …, four columns per lane, every load issued before the first use, into
-  // shared memory (the 128×1 tiles read it by column; the rows' codes below read it back).
+  // Warp w's rows w, w + 8, …, four columns per lane, into shared memory (the 128×1 tiles read it by
+  // column; the rows' codes below read back what the lane copied). cp.async puts all 16 copies in
+  // flight at once: loads through registers went one at a time (ncu: each load's wait before its
+  // store to shared memory drew ~30% of the stall samples).
+  if (vec) {
 #pragma unroll
-  for (int k = 0; k < 16; ++k) {
-    const int64_t r = r0 + w + 8 * k;
-    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (r < M && cl < N) {
-      const float* src = p.dy + r * N + cl;
-      if (vec) {
-        v = *reinterpret_cast<const float4*>(src);
-      } else {
+    for (int k = 0; k < 16; ++k) {
+      const int64_t r = r0 + w + 8 * k;
+      const bool in = r < M && cl < N;  // N % 4 == 0: all four columns or none
+      cp_async16(&sm.t[w + 8 * k][4 * lane], in ? p.dy + r * N + cl : p.dy, in);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+  } else {
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {
+      const int64_t r = r0 + w + 8 * k;
+      float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (r < M && cl < N) {
+        const float* src = p.dy + r * N + cl;
         v.x = src[0];
         v.y = cl + 1 < N ? src[1] : 0.0f;
         v.z = cl + 2 < N ? src[2] : 0.0f;
         v.w = cl + 3 < N ? src[3] : 0.0f;
       }
+      *reinterpret_cast<float4*>(&sm.t[w + 8 * k][4 * lane]) = v;
     }
-    *reinterpret_cast<float4*>(&sm.t[w + 8 * k][4 * lane]) = v;
   }
   // The 1×128 tiles, a row per iteration (rolled: each SM runs this code once per launch, so its
   // length is fetch time); rows M..M1 are zero: codes 0, scale 1.
@@ -640,14 +710,9 @@ __device__ unsigned dy_tile(DySmem& sm, int64_t g, int64_t rb, const BackwardPre
     if (r >= p.M1) break;  // warp-uniform
     const float4 v4 = *reinterpret_cast<const float4*>(&sm.t[i][4 * lane]);
     const float e[4] = {v4.x, v4.y, v4.z, v4.w};
-    float amax = 0.0f;
-    unsigned bad = 0;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) tile_stat(e[j], amax, bad);
-    amax = warp_max(amax);
-    bad = warp_sum(bad);
+    unsigned bad;
+    const float s = warp_tile_scale(e, p.pow2, bad);
     any |= bad;
-    const float s = scale_of(amax, p.pow2);
     if (lane == 0) p.s1_lt[g * p.M1 + r] = bad ? __int_as_float(0x7fc00000) : s;
     // ld1 = N rounded up to 128: in range
     *reinterpret_cast<uint32_t*>(p.q1 + r * p.ld1 + cl) = codes4(e, ScaleDiv(s));
@@ -680,10 +745,11 @@ __device__ unsigned xhat_tile(DySmem& sm, int64_t g, int64_t rb, const BackwardP
     const int i = (threadIdx.x >> 3) + 32 * k;
     const uint32_t w[4] = {u[k].x, u[k].y, u[k].z, u[k].w};
 #pragma unroll
-    for (int q = 0; q < 4; ++q)
+    for (int q = 0; q < 4; ++q) {
+      const float4 f = widen4(w[q]);
       *reinterpret_cast<float4*>(&sm.t[i][cq + 4 * q]) =
-          make_float4(widen_byte(w[q], 0) * sr[k], widen_byte(w[q], 1) * sr[k], widen_byte(w[q], 2) * sr[k],
-                      widen_byte(w[q], 3) * sr[k]);
+          make_float4(f.x * sr[k], f.y * sr[k], f.z * sr[k], f.w * sr[k]);
+    }
   }
   __syncthreads();
   return cols_pass(sm, r0, c0, K, p.ld2, p.pow2, p.q3, p.s3_lt);
@@ -819,7 +885,9 @@ Split backward_split(const BackwardPrep& p) {
   DSV3_CHECK((!p.q1 || (p.ld1 == kbn * kFp8Block && p.M1 >= p.M && p.M1 <= rbs * kFp8Block && p.w.transpose &&
                         p.w.N == p.N && p.w.K == p.K && p.w.ldq == p.ld1)) &&
                  (!p.q2 || (p.ld2 >= p.M && p.ld2 <= rbs * kFp8Block && p.q3 && p.K % 16 == 0 &&
-                            (reinterpret_cast<uintptr_t>(p.xs_q) & 15u) == 0)) &&  // xhat_tile's 16-byte loads
+                            (reinterpret_cast<uintptr_t>(p.xs_q) & 15u) == 0 &&  // xhat_tile's 16-byte loads
+                            p.ld2 % 16 == 0 &&                                   // cols_pass's 16-byte stores
+                            ((reinterpret_cast<uintptr_t>(p.q2) | reinterpret_cast<uintptr_t>(p.q3)) & 15u) == 0)) &&
                  (reinterpret_cast<uintptr_t>(p.q1) & 3u) == 0,  // dy_tile stores q1's codes 4 at a time
              "fp8_backward_prep: operands do not fit dy [", p.M, ", ", p.N, "] and K ", p.K);
   if (p.M * p.N == 0 || (!p.q1 && !p.q2)) return {};
