@@ -43,8 +43,9 @@ inline Tensor randn(const Shape& s, uint64_t seed, uint64_t stream, float scale 
   return t == DType::F32 ? f : f.to(t);
 }
 // FP8 quotients where one ulp decides the code: rows of K values at, and a few ulps around, E4M3's
-// rounding midpoints (signs alternating), row r scaled by about 2^(e0 + r) and led by its amax
-// (448 times that), so a 1×128 tile of row r has a scale of about 2^(e0 + r).
+// rounding midpoints (signs alternating), row r scaled by about 2^(e0 + r) and led by 448 times
+// that, so row r's first 1×128 tile has a scale of 2^(e0 + r) within a factor of two and its
+// quotients are the midpoints (its other tiles' amax is a midpoint's: quotients near them).
 inline Tensor fp8_midpoints(int64_t R, int64_t K, uint64_t seed, int e0) {
   std::vector<float> pos;  // E4M3's positive values
   for (int j = 1; j < 8; ++j) pos.push_back(std::ldexp(float(j), -9));

@@ -134,7 +134,8 @@ struct BackwardCase {
     p.w = bf16_weight_side(d_w, N, K, true, wq, Np, ws, ld4);
   }
 
-  void check() const {
+  // Every byte and scale the preparation wrote; wgrad false: Dgrad's alone (q2 unset).
+  void check(bool wgrad = true) const {
     SCOPED_TRACE(cat("M ", M, " N ", N, " K ", K, " pow2 ", p.pow2));
     const int64_t Np = p.ld1, M1 = p.M1, Mp = p.ld2, ld4 = p.w.ld4;
     const Quant rows = cpu_quant(dy, Fp8Tiling::Row1x128, false, p.pow2);
@@ -144,6 +145,14 @@ struct BackwardCase {
                           [&](int64_t g, int64_t r) { return r < M ? rows.s.data<float>()[r * gn + g] : 1.0f; }),
               0)
         << "dy 1x128 scales";
+    const Quant wt = cpu_quant(w.to(DType::F32), Fp8Tiling::Block128x128, true, p.pow2);  // [K, N]
+    EXPECT_EQ(code_diffs(bytes(wq), K, Np, wt.q), 0) << "weight codes";
+    const int64_t gk = up(K, 128) / 128;
+    EXPECT_EQ(scale_diffs(floats(ws), gk, ld4,
+                          [&](int64_t i, int64_t j) { return j < gn ? wt.s.data<float>()[i * gn + j] : 0.0f; }),
+              0)
+        << "weight scales";
+    if (!wgrad) return;
     const Quant cols = cpu_quant(dy, Fp8Tiling::Col128x1, true, p.pow2);  // [N, M], scales [N, Mp/128]
     EXPECT_EQ(code_diffs(bytes(q2), N, Mp, cols.q), 0) << "dy 128x1 codes";
     EXPECT_EQ(scale_diffs(floats(s2), Mp / 128, N,
@@ -156,13 +165,6 @@ struct BackwardCase {
                           [&](int64_t rb, int64_t c) { return xh.s.data<float>()[c * (Mp / 128) + rb]; }),
               0)
         << "x-hat scales";
-    const Quant wt = cpu_quant(w.to(DType::F32), Fp8Tiling::Block128x128, true, p.pow2);  // [K, N]
-    EXPECT_EQ(code_diffs(bytes(wq), K, Np, wt.q), 0) << "weight codes";
-    const int64_t gk = up(K, 128) / 128;
-    EXPECT_EQ(scale_diffs(floats(ws), gk, ld4,
-                          [&](int64_t i, int64_t j) { return j < gn ? wt.s.data<float>()[i * gn + j] : 0.0f; }),
-              0)
-        << "weight scales";
   }
 };
 
@@ -187,8 +189,8 @@ Tensor transposed(const Tensor& a) {
 // Quotients where one ulp decides the code (fp8_midpoints) under tile scales from 2^-121 to 2^118,
 // in dy's rows (the 1×128 pass) and then in its columns (the 128×1 pass), so that each pass divides
 // both through the reciprocal and, beyond [2^-80, 2^100], outright; x's two column blocks at 2^-100
-// and 2^110 take x̂'s 128×1 tiles beyond that range at both ends. Some values are -0 (code 0x80)
-// and one 128×1 block of x̂ is all zero (scale 1).
+// and 2^110 take x̂'s 128×1 tiles beyond that range at both ends. Some values are -0 (code 0x80),
+// and x̂'s 128×1 tiles of columns 0..15 in rows 128..239 hold only zeros (scale 1).
 TEST(CudaFp8Prep, BackwardBytesAtMidpointsAndExtremeScales) {
   ASSERT_GT(cuda_device_count(), 0);
   const int64_t M = 240, K = 240;
@@ -205,6 +207,20 @@ TEST(CudaFp8Prep, BackwardBytesAtMidpointsAndExtremeScales) {
     const BackwardCase c(d, x, 24, false);
     cuda::fp8_backward_prep({&c.p, 1});
     c.check();
+  }
+}
+
+// 480 blocks of dy, more than the launch gives dy CTAs (3 per SM: 396 on an H200), so CTAs loop over
+// blocks and reuse shared memory: with both GEMMs, and with Dgrad alone, where no barrier separates
+// a block's row pass from the next block's copies into shared memory.
+TEST(CudaFp8Prep, BackwardBytesWhenCtasLoopOverBlocks) {
+  ASSERT_GT(cuda_device_count(), 0);
+  for (bool wgrad : {true, false}) {
+    SCOPED_TRACE(wgrad ? "Dgrad and Wgrad" : "Dgrad alone");
+    BackwardCase c(24 * 128 - 3, 20 * 128, 128, 31, false);
+    if (!wgrad) c.p.q2 = c.p.q3 = nullptr;
+    cuda::fp8_backward_prep({&c.p, 1});
+    c.check(wgrad);
   }
 }
 

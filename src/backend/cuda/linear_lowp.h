@@ -98,13 +98,14 @@ struct FpropPrep {
   float* x_scale_lt = nullptr;
 };
 
-// Both backward GEMMs from dy [M, N] F32, read once. Dgrad (q1 set): dy's 1×128 tiles q1 [M1, ld1]
-// (ld1 = N rounded up to 128, M1 = M rounded up to cuBLASLt's 4, the padding rows zero) with VEC128
-// scales s1_lt [ld1/128, M1], and the weight side (transpose, ldq = ld1). Wgrad (q2 set): dyᵀ's
-// 128×1 tiles q2 [N, ld2] (ld2 = M rounded up to 128) with VEC128 scales s2_lt [ld2/128, N], and x̂ᵀ
-// q3 [K, ld2], s3_lt [ld2/128, K] re-quantized from the forward's FP8 tiles xs_q [M, K] / xs_scale
-// [M, ⌈K/128⌉] (x̂ = e4m3·scale, as cuda_requantize_cols_t; K a multiple of 16 and xs_q 16-byte
-// aligned: x̂ is read 16 codes per load).
+// Both backward GEMMs from dy [M, N] F32, read once. Dgrad (q1 set, 4-byte aligned): dy's 1×128
+// tiles q1 [M1, ld1] (ld1 = N rounded up to 128, M1 = M rounded up to cuBLASLt's 4, the padding
+// rows zero) with VEC128 scales s1_lt [ld1/128, M1], and the weight side (transpose, ldq = ld1).
+// Wgrad (q2 set): dyᵀ's 128×1 tiles q2 [N, ld2] (ld2 = M rounded up to 128; a multiple of 16 at
+// least) with VEC128 scales s2_lt [ld2/128, N], and x̂ᵀ q3 [K, ld2], s3_lt [ld2/128, K] re-quantized
+// from the forward's FP8 tiles xs_q [M, K] / xs_scale [M, ⌈K/128⌉] (x̂ = e4m3·scale, as
+// cuda_requantize_cols_t; K a multiple of 16 and xs_q 16-byte aligned: x̂ is read 16 codes per
+// load; q2 and q3 16-byte aligned: their codes are written 16 per store).
 struct BackwardPrep {
   bool pow2 = false;
   int64_t M = 0, N = 0, K = 0;
