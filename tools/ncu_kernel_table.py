@@ -6,7 +6,9 @@
   tools/ncu_kernel_table.py step.csv [--top 40]
 
 Prints total kernel time, launches, and per name: ms, share, launches, mean µs (the profiler
-serialises kernels, so this is GPU work, not the overlapped wall clock)."""
+serialises kernels, so this is GPU work, not the overlapped wall clock). When the CSV also holds
+smsp__inst_executed.sum (add it to --metrics), a column gives each name's warp instructions in
+millions: a kernel whose count fell while its time did not is no longer bound by issue."""
 import argparse
 import csv
 import collections
@@ -25,7 +27,11 @@ def main():
         sys.exit(f"{a.csv}: no CSV rows (was ncu run with --csv and the gpu__time_duration metric?)")
     ns = collections.defaultdict(float)
     n = collections.Counter()
+    inst = collections.defaultdict(float)
     for row in csv.DictReader(lines):
+        if row.get("Metric Name") == "smsp__inst_executed.sum":
+            inst[row["Kernel Name"]] += float(row["Metric Value"].replace(",", ""))
+            continue
         if row.get("Metric Name") != "gpu__time_duration.sum":
             continue
         unit = row.get("Metric Unit", "ns")
@@ -38,10 +44,12 @@ def main():
     if total == 0:
         sys.exit(f"{a.csv}: no gpu__time_duration.sum rows")
     print(f"{total / 1e6:.2f} ms of kernels over {sum(n.values())} launches, {len(ns)} kernel names")
-    print(f"{'kernel':<{a.width}} {'ms':>8} {'share':>6} {'launches':>8} {'mean us':>8}")
+    head = f"{'kernel':<{a.width}} {'ms':>8} {'share':>6} {'launches':>8} {'mean us':>8}"
+    print(head + (f" {'Minstr':>9}" if inst else ""))
     for name, v in sorted(ns.items(), key=lambda kv: -kv[1])[: a.top]:
         short = name if len(name) <= a.width else name[: a.width - 1] + "…"
-        print(f"{short:<{a.width}} {v / 1e6:8.3f} {v / total:6.1%} {n[name]:8d} {v / n[name] / 1e3:8.1f}")
+        line = f"{short:<{a.width}} {v / 1e6:8.3f} {v / total:6.1%} {n[name]:8d} {v / n[name] / 1e3:8.1f}"
+        print(line + (f" {inst[name] / 1e6:9.1f}" if inst else ""))
 
 
 if __name__ == "__main__":
