@@ -201,10 +201,9 @@ TEST(CudaFp8Prep, BackwardBytesAtMidpointsAndExtremeScales) {
       v = r >= 128 && k < 16 ? 0.0f : std::ldexp(v, k < 128 ? -100 : 110);
       if ((r * K + k) % 97 == 0) v = -0.0f;
     }
-  for (const Tensor& dy : {fp8_midpoints(M, 256, 21, -121), transposed(fp8_midpoints(240, M, 22, -121))}) {
-    Tensor d = dy;
-    for (int64_t i = 0; i < d.numel(); i += 89) d.data<float>()[i] = -0.0f;
-    const BackwardCase c(d, x, 24, false);
+  for (Tensor dy : {fp8_midpoints(M, 256, 21, -121), transposed(fp8_midpoints(240, M, 22, -121))}) {
+    for (int64_t i = 0; i < dy.numel(); i += 89) dy.data<float>()[i] = -0.0f;
+    const BackwardCase c(dy, x, 24, false);
     cuda::fp8_backward_prep({&c.p, 1});
     c.check();
   }

@@ -885,9 +885,8 @@ Split backward_split(const BackwardPrep& p) {
   DSV3_CHECK((!p.q1 || (p.ld1 == kbn * kFp8Block && p.M1 >= p.M && p.M1 <= rbs * kFp8Block && p.w.transpose &&
                         p.w.N == p.N && p.w.K == p.K && p.w.ldq == p.ld1)) &&
                  (!p.q2 || (p.ld2 >= p.M && p.ld2 <= rbs * kFp8Block && p.q3 && p.K % 16 == 0 &&
-                            (reinterpret_cast<uintptr_t>(p.xs_q) & 15u) == 0 &&  // xhat_tile's 16-byte loads
-                            p.ld2 % 16 == 0 &&                                   // cols_pass's 16-byte stores
-                            ((reinterpret_cast<uintptr_t>(p.q2) | reinterpret_cast<uintptr_t>(p.q3)) & 15u) == 0)) &&
+                            aligned16(p.xs_q) &&  // xhat_tile's 16-byte loads
+                            p.ld2 % 16 == 0 && aligned16(p.q2) && aligned16(p.q3))) &&  // cols_pass's 16-byte stores
                  (reinterpret_cast<uintptr_t>(p.q1) & 3u) == 0,  // dy_tile stores q1's codes 4 at a time
              "fp8_backward_prep: operands do not fit dy [", p.M, ", ", p.N, "] and K ", p.K);
   if (p.M * p.N == 0 || (!p.q1 && !p.q2)) return {};
