@@ -56,7 +56,6 @@ std::atomic<int> g_dq_blocks{[] {
 
 constexpr int kThreads = 128, kRowPad = 64, kPad = 8;
 constexpr float kLog2e = 1.4426950408889634f;
-typedef __nv_bfloat16 bf16_t;
 
 struct Dims {
   int64_t b, t, s, h, dqk, dv;

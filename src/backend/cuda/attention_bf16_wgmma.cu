@@ -15,7 +15,6 @@
 namespace dsv3::cuda {
 namespace {
 
-typedef __nv_bfloat16 bf16_t;
 // Three stages: a tile's keys are read by its scores while the previous tile's values are read by
 // its P·V, and the next tile lands.
 constexpr int kM = 128, kN = 64, kThreads = 256, kStages = 3;

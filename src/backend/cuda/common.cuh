@@ -18,6 +18,8 @@
 
 namespace dsv3::cuda {
 
+using bf16_t = __nv_bfloat16;  // the kernels' BF16 element type
+
 #define DSV3_CUDA_CHECK(expr)                                                                     \
   do {                                                                                            \
     cudaError_t e_ = (expr);                                                                      \

@@ -19,7 +19,6 @@
 namespace dsv3::cuda {
 namespace {
 
-typedef __nv_bfloat16 bf16_t;
 constexpr int kTile = 128, kRed = 64, kStages = 3, kThreads = 256;
 constexpr int kPanel = kRed * 128;         // bytes: 64 reduction rows × 64 columns
 constexpr int kStageBytes = 4 * kPanel;    // dyᵀ's two panels, then x's two

@@ -62,10 +62,6 @@ __device__ __forceinline__ float warp_tile_scale(const float (&v)[4], bool pow2,
 __device__ __forceinline__ float widen(__nv_fp8_storage_t v) {
   return __half2float(__half(__nv_cvt_fp8_to_halfraw(v, __NV_E4M3)));
 }
-// Byte j (0 = lowest) of a word of packed codes, widened.
-__device__ __forceinline__ float widen_byte(uint32_t word, int j) {
-  return widen(__nv_fp8_storage_t((word >> (8 * j)) & 0xffu));
-}
 // The four codes of a word widened (byte 0 first), two per conversion; the values of widen.
 __device__ __forceinline__ float4 widen4(uint32_t word) {
   const auto pair = [](uint32_t two) {
@@ -431,9 +427,8 @@ __device__ __forceinline__ void load_row8(const WeightSide& p, bool vec, int64_t
     v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
   } else if (vec && p.wtype == DType::F8_E4M3) {
     const uint2 u = *reinterpret_cast<const uint2*>(static_cast<const uint8_t*>(p.w) + i);
-#pragma unroll
-    for (int j = 0; j < kTileCols; ++j)
-      v[j] = widen_byte(j < 4 ? u.x : u.y, j & 3);
+    const float4 a = widen4(u.x), b = widen4(u.y);
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
   } else {  // columns past K stay +0 (unscaled: a non-finite or negative scale_inv must not touch them)
 #pragma unroll
     for (int j = 0; j < kTileCols; ++j) v[j] = c + j < p.K ? load_f(p.w, p.wtype, i + j) * si : 0.0f;
