@@ -9,6 +9,7 @@
 //          buffer before the wait (as the decode GEMVs load their weights), then every CTA relays
 // Writes bench/results/gpu_chain.json (--out NAME: NAME.json).
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -99,7 +100,15 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "gpu_chain: capture failed: %s\n", g.error().c_str());
         return 1;
       }
-      const double s = bench::gpu_time_s([&] { graph ? (void)g.launch() : chain(kind); }, 10, 7, 3);
+      const double s = bench::gpu_time_s(
+          [&] {
+            if (!graph) return chain(kind);
+            if (!g.launch()) {
+              std::fprintf(stderr, "gpu_chain: graph launch failed: %s\n", g.error().c_str());
+              std::exit(1);
+            }
+          },
+          10, 7, 3);
       CK(cudaGetLastError());
       us[mode] = s / length * 1e6;
     }
