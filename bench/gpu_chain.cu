@@ -1,5 +1,5 @@
 // The floor a chain of dependent kernels puts under a batch-1 decode step (bench-0.7b's step is 168
-// kernels, each reading what an earlier one wrote): seconds per kernel of a chain of --length
+// kernels, each reading what an earlier one wrote): microseconds per kernel of a chain of --length
 // launches, launched eagerly and replayed from a CUDA graph, each plainly and as a programmatic
 // dependent launch (launch_pdl, the engine's kernels' launch), for three kernels:
 //   empty  one warp: the dependency wait and the trigger only
@@ -54,7 +54,7 @@ __global__ void wide_kernel(const uint4* w, float* v, float* sink, int i) {
 int main(int argc, char** argv) {
   const char* usage =
       "usage: dsv3_bench_gpu_chain [--length L] [--out NAME]\n"
-      "  seconds per kernel of a chain of L dependent launches (default 168: a bench-0.7b batch-1\n"
+      "  microseconds per kernel of a chain of L dependent launches (default 168: a bench-0.7b batch-1\n"
       "  decode step), eager and from a CUDA graph, plain and programmatic-dependent\n";
   if (const int rc = bench::check_pair_args(argc, argv, usage); rc >= 0) return rc;
   int length = 168;
