@@ -5,13 +5,13 @@
 //   empty  one warp: the dependency wait and the trigger only
 //   relay  one warp: reads the value the previous kernel wrote and writes the next one (a dependent
 //          round trip through memory, the least a decode kernel does)
-//   wide   132 CTAs of 256 threads (a GEMV's grid): each thread loads 16 bytes of a constant 4 MiB
-//          buffer before the wait (as the decode GEMVs load their weights), then every CTA relays
+//   wide   132 CTAs of 256 threads (a GEMV's grid): each thread loads 16 bytes of a constant 528 KiB
+//          buffer before the wait (as the decode GEMVs load their weights), then every CTA reads the
+//          previous kernel's value and CTA 0 writes the next one
 // Writes bench/results/gpu_chain.json (--out NAME: NAME.json).
 #include <cstdio>
 #include <cstdlib>
 #include <string>
-#include <vector>
 
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/graph.h"
@@ -61,8 +61,9 @@ int main(int argc, char** argv) {
   std::string out = "gpu_chain";
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i], val = argv[i + 1];
-    if (k == "--length" && std::atoi(val.c_str()) >= 1 && std::atoi(val.c_str()) <= 100000)
-      length = std::atoi(val.c_str());
+    const int n = std::atoi(val.c_str());
+    if (k == "--length" && n >= 1 && n <= 100000)
+      length = n;
     else if (k == "--out" && !val.empty() && val.find('/') == std::string::npos)
       out = val;
     else {
