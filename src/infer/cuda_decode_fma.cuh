@@ -15,28 +15,53 @@ namespace dsv3::cuda {
 
 constexpr int kExpertWarps = 8;  // warps per CTA of expert_kernel
 
-// The core of the GEMV and expert kernels, for one CTA: n ≤ kChunk rows of x (src[q], in shared
+// The core of the GEMV and expert kernels, for one CTA: n ≤ kRows rows of x (src[q], in shared
 // memory) times R weight rows per warp (A, and B when kTwo), K = nv 16-byte weight vectors, in passes
 // of 32·U vectors per lane. Each pass loads the warp's weight vectors into registers first, then
 // stages the pass's columns of the n rows into shared memory by cp.async (every copy in flight at
 // once; the CTA's warps share them), then accumulates ga (and ub) with F32 FMAs. Before the first
-// pass's staging: pdl_wait when kWait (the caller has not waited yet), and with kNorm the rows'
-// RMSNorm factors (the backend's: sum of squares in double, then nw·(x·rs)), nw per column kept
-// in registers. Vectors past the row are zero in both operands. `active`: this warp has weight
-// rows (warps without take part in the staging and its barriers only).
+// pass's staging: pdl_wait when kWait (the caller has not waited yet). With kNorm, the rows' RMSNorm
+// factors (the backend's: sum of squares in double, then nw·(x·rs)), nw per column kept in
+// registers: summed from the staged rows when one pass covers K (x is read from global memory
+// once), else from global memory before the first staging. Vectors past the row are zero in both
+// operands. `active`: this warp has weight rows (warps without take part in the staging and its
+// barriers only). kRows (kChunk, or 1 for one-row steps) sizes the unrolled per-row code: at one
+// row the kernel is a fraction as long, and every launch starts on a cold instruction cache.
 struct TileSmem {
   const float* src[kChunk];
   float rs[kChunk];
 };
-template <class WT, int U, int R, bool kTwo, bool kNorm, bool kWait>
+// rs = 1/sqrt(mean(x²) + eps) of one row of K floats (K % 4 == 0, 16-byte aligned; global or
+// shared memory), by one warp: every lane's loads issued before its sum, the squares summed in
+// double (the backend's rmsnorm), the lanes' sums by butterfly; lane 0 writes rs.
+template <bool kGlobal>
+__device__ __forceinline__ void row_rstd(const float4* x4, int K, float eps, float& rs) {
+  const int lane = threadIdx.x & 31;
+  double ss = 0.0;
+  for (int b = 0; b < K / 4; b += 32 * 8) {
+    float4 t[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int c = b + i * 32 + lane;
+      t[i] = c < K / 4 ? (kGlobal ? __ldg(x4 + c) : x4[c]) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      ss += double(t[i].x) * t[i].x + double(t[i].y) * t[i].y + double(t[i].z) * t[i].z + double(t[i].w) * t[i].w;
+  }
+  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  if (lane == 0) rs = float(1.0 / sqrt(ss / double(K) + double(eps)));
+}
+template <class WT, int U, int R, bool kTwo, bool kNorm, bool kWait, int kRows>
 __device__ __forceinline__ void tile_rows(const char* A, const char* B, size_t row_bytes, bool active, int nv,
                                           int n, TileSmem& ts, float* xs_sm, const void* nw, DType nt, float eps,
-                                          float (&ga)[R][kChunk], float (&ub)[kTwo ? R : 1][kChunk]) {
+                                          float (&ga)[R][kRows], float (&ub)[kTwo ? R : 1][kRows]) {
   constexpr int kV = kVecCols<WT>, kCols = 32 * U * kV;  // x columns per pass
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int K = nv * kV;
+  const bool one_pass = nv <= 32 * U;
 #pragma unroll
-  for (int q = 0; q < kChunk; ++q) {
+  for (int q = 0; q < kRows; ++q) {
 #pragma unroll
     for (int r = 0; r < R; ++r) ga[r][q] = 0.0f;
 #pragma unroll
@@ -66,24 +91,9 @@ __device__ __forceinline__ void tile_rows(const char* A, const char* B, size_t r
         pdl_trigger();
       }
       if constexpr (kNorm) {
-        __syncthreads();  // the caller's ts.src
-        for (int q = warp; q < n; q += nwarps) {
-          // Every lane's loads of the row issued before the sum (K % 4 == 0, 16-byte aligned rows).
-          const float4* x4 = reinterpret_cast<const float4*>(ts.src[q]);
-          double ss = 0.0;
-          for (int b = 0; b < K / 4; b += 32 * 8) {
-            float4 t[8];
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-              const int c = b + i * 32 + lane;
-              t[i] = c < K / 4 ? __ldg(x4 + c) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            }
-#pragma unroll
-            for (int i = 0; i < 8; ++i)
-              ss += double(t[i].x) * t[i].x + double(t[i].y) * t[i].y + double(t[i].z) * t[i].z + double(t[i].w) * t[i].w;
-          }
-          for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-          if (lane == 0) ts.rs[q] = float(1.0 / sqrt(ss / double(K) + double(eps)));
+        if (!one_pass) {
+          __syncthreads();  // the caller's ts.src
+          for (int q = warp; q < n; q += nwarps) row_rstd<true>(reinterpret_cast<const float4*>(ts.src[q]), K, eps, ts.rs[q]);
         }
       }
     }
@@ -96,6 +106,12 @@ __device__ __forceinline__ void tile_rows(const char* A, const char* B, size_t r
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
+    if constexpr (kNorm) {
+      if (one_pass) {  // the staged rows are whole: their factors from shared memory
+        for (int q = warp; q < n; q += nwarps) row_rstd<false>(reinterpret_cast<const float4*>(xs_sm + q * kCols), K, eps, ts.rs[q]);
+        __syncthreads();
+      }
+    }
     if (!active) continue;
     // Per weight vector: unpacked to F32 once, then applied to every row of x. Each accumulator
     // still sums in the vector order u, then column order i.
@@ -110,7 +126,7 @@ __device__ __forceinline__ void tile_rows(const char* A, const char* B, size_t r
         if constexpr (kTwo) unpack_w<WT>(wb[r][u], bf[r]);
       }
 #pragma unroll
-      for (int q = 0; q < kChunk; ++q) {
+      for (int q = 0; q < kRows; ++q) {
         if (q >= n) break;
         float xs[kV];
 #pragma unroll
@@ -139,14 +155,14 @@ __device__ __forceinline__ void tile_rows(const char* A, const char* B, size_t r
 }
 // The warp sums of ga[r][q] (and ub[r][q] when kTwo) for the n rows of x; lane 0 passes each to
 // store(r, q, Σga, Σub).
-template <bool kTwo, int R, class F>
-__device__ __forceinline__ void reduce_rows(const float (&ga)[R][kChunk], const float (&ub)[kTwo ? R : 1][kChunk],
+template <bool kTwo, int R, int kRows, class F>
+__device__ __forceinline__ void reduce_rows(const float (&ga)[R][kRows], const float (&ub)[kTwo ? R : 1][kRows],
                                             int n, F&& store) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
-    for (int q = 0; q < kChunk; ++q) {
+    for (int q = 0; q < kRows; ++q) {
       if (q >= n) break;
       const float g = warp_sum(ga[r][q]);
       const float u = kTwo ? warp_sum(ub[kTwo ? r : 0][q]) : 0.0f;
@@ -158,7 +174,7 @@ template <class WT, int U> constexpr size_t tile_smem() { return size_t(kChunk) 
 // Work item blockIdx.y (a group and up to kChunk of its picks), R weight rows per warp (blockIdx.x:
 // kExpertWarps·R rows per CTA); the picks' rows are staged in shared memory (tile_rows). kGateUp: out = silu(x·g_j)·(x·u_j) with x the pick's
 // token row; otherwise out = act_p·d_j.
-template <class WT, bool kGateUp, int U, int R>
+template <class WT, bool kGateUp, int U, int R, int kRows>
 __global__ void __launch_bounds__(32 * kExpertWarps) expert_kernel(ExpertArgs a) {
   extern __shared__ __align__(16) float xs_sm[];
   __shared__ TileSmem ts;
@@ -168,7 +184,7 @@ __global__ void __launch_bounds__(32 * kExpertWarps) expert_kernel(ExpertArgs a)
   const int j0 = (blockIdx.x * kExpertWarps + warp) * R;
   if (int(blockIdx.y) >= a.items[2 * a.max_items]) return;  // CTA-uniform exits only: tile_rows has barriers
   const int e = a.items[2 * blockIdx.y], ch = a.items[2 * blockIdx.y + 1];
-  const int c0 = a.offsets[e], n = min(kChunk, a.offsets[e + 1] - c0 - ch);
+  const int c0 = a.offsets[e], n = min(kRows, a.offsets[e + 1] - c0 - ch);
   if (threadIdx.x < n) {
     const int p = c0 + ch + threadIdx.x;
     if (kGateUp) {
@@ -182,7 +198,7 @@ __global__ void __launch_bounds__(32 * kExpertWarps) expert_kernel(ExpertArgs a)
   const size_t row_bytes = size_t(a.K) * sizeof(WT);
   const char* A = reinterpret_cast<const char*>(a.w0[e]) + size_t(active ? j0 : 0) * row_bytes;
   const char* B = kGateUp ? reinterpret_cast<const char*>(a.w1[e]) + size_t(active ? j0 : 0) * row_bytes : nullptr;
-  float ga[R][kChunk], ub[kGateUp ? R : 1][kChunk];
+  float ga[R][kRows], ub[kGateUp ? R : 1][kRows];
   tile_rows<WT, U, R, kGateUp, false, false>(A, B, row_bytes, active, a.K / kVecCols<WT>, n, ts, xs_sm, nullptr,
                                                DType::F32, 0.0f, ga, ub);
   if (!active) return;

@@ -161,11 +161,16 @@ bool vec_mlp(const MlpParams& m) {
   return true;
 }
 
-template <class WT, bool kGateUp, int U, int R> void launch_expert_u(dim3 grid, int rows, const ExpertArgs& a) {
-  static const bool once = (allow_smem(expert_kernel<WT, kGateUp, U, R>, tile_smem<WT, U>()), true);
+// rows: the most picks of a work item (min(N, kChunk): an expert takes a token once). At one, the
+// kernel built for one row (its code a fraction of the kChunk-row kernel's).
+template <class WT, bool kGateUp, int U, int R, int kRows> void launch_expert_k(dim3 grid, int rows, const ExpertArgs& a) {
+  static const bool once = (allow_smem(expert_kernel<WT, kGateUp, U, R, kRows>, tile_smem<WT, U>()), true);
   (void)once;
-  launch_pdl(expert_kernel<WT, kGateUp, U, R>, grid, dim3(32 * kExpertWarps), size_t(rows) * tile_smem<WT, U>() / kChunk,
-             a);
+  launch_pdl(expert_kernel<WT, kGateUp, U, R, kRows>, grid, dim3(32 * kExpertWarps),
+             size_t(rows) * tile_smem<WT, U>() / kChunk, a);
+}
+template <class WT, bool kGateUp, int U, int R> void launch_expert_u(dim3 grid, int rows, const ExpertArgs& a) {
+  rows == 1 ? launch_expert_k<WT, kGateUp, U, R, 1>(grid, rows, a) : launch_expert_k<WT, kGateUp, U, R, kChunk>(grid, rows, a);
 }
 template <class WT, bool kGateUp, int R> void launch_expert(int U, dim3 grid, int rows, const ExpertArgs& a) {
   switch (U) {

@@ -95,16 +95,16 @@ __global__ void kv_latent_kernel(const float* __restrict__ kva, int64_t R, int64
 }
 
 // y[r, j] (+)= x[r]·W[j] (see GemvArgs) for 16-byte-aligned rows: R weight rows per warp
-// (blockIdx.y), rows of x kChunk·blockIdx.x onwards staged in shared memory (tile_rows). The first
+// (blockIdx.y), rows of x kRows·blockIdx.x onwards staged in shared memory (tile_rows). The first
 // pass's weight loads are issued before pdl_wait, so they overlap the previous kernel's tail; the
 // CTAs of one weight block run side by side (x fastest), so their re-reads of W come from L2.
-template <class WT, int U, int R, bool kNorm>
+template <class WT, int U, int R, bool kNorm, int kRows>
 __global__ void __launch_bounds__(32 * kGemvWarps) gemv_kernel(GemvArgs g) {
   extern __shared__ __align__(16) float xs_sm[];
   __shared__ TileSmem ts;
   const int warp = threadIdx.x >> 5;
-  const int j0 = (blockIdx.y * kGemvWarps + warp) * R, q0 = blockIdx.x * kChunk;
-  const int n = min(kChunk, g.n - q0);
+  const int j0 = (blockIdx.y * kGemvWarps + warp) * R, q0 = blockIdx.x * kRows;
+  const int n = min(kRows, g.n - q0);
   const bool active = j0 < g.n_out + g.n_out2;
   const bool second = active && j0 >= g.n_out;  // R rows never straddle W and W2 (n_out % R == 0)
   const int jr = second ? j0 - g.n_out : (active ? j0 : 0), head = second ? 0 : jr / g.head_rows;
@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(32 * kGemvWarps) gemv_kernel(GemvArgs g) {
   if (threadIdx.x < n) ts.src[threadIdx.x] = g.x + int64_t(cta_head) * g.head_x + int64_t(q0 + threadIdx.x) * g.ldx;
   const size_t row_bytes = size_t(g.K) * sizeof(WT);
   const char* W = static_cast<const char*>(second ? g.W2 : g.W) + size_t(jr) * row_bytes;
-  float acc[R][kChunk], unused[1][kChunk];
+  float acc[R][kRows], unused[1][kRows];
   tile_rows<WT, U, R, false, kNorm, true>(W, nullptr, row_bytes, active, g.K / kVecCols<WT>, n, ts, xs_sm, g.norm_w,
                                           g.norm_t, g.eps, acc, unused);
   if (!active) return;
@@ -182,21 +182,28 @@ __global__ void rows_gemv_scalar_kernel(GemvArgs g) {
   }
 }
 
-template <class WT, int U, int R, bool kNorm> void launch_gemv_u(dim3 grid, int rows, const GemvArgs& g) {
-  static const bool once = (allow_smem(gemv_kernel<WT, U, R, kNorm>, tile_smem<WT, U>()), true);
+// One row of x (a batch-1 step) takes the kernel built for one row: its code is a fraction of the
+// kChunk-row kernel's.
+template <class WT, int U, int R, bool kNorm, int kRows> void launch_gemv_k(int blocks, const GemvArgs& g) {
+  static const bool once = (allow_smem(gemv_kernel<WT, U, R, kNorm, kRows>, tile_smem<WT, U>()), true);
   (void)once;
-  launch_pdl(gemv_kernel<WT, U, R, kNorm>, grid, dim3(32 * kGemvWarps), size_t(rows) * tile_smem<WT, U>() / kChunk, g);
+  const int rows = std::min(g.n, kRows);  // rows of x staged per CTA
+  launch_pdl(gemv_kernel<WT, U, R, kNorm, kRows>, dim3(unsigned((g.n + kRows - 1) / kRows), unsigned(blocks)),
+             dim3(32 * kGemvWarps), size_t(rows) * tile_smem<WT, U>() / kChunk, g);
 }
-template <class WT, int R, bool kNorm> void launch_gemv(int U, dim3 grid, int rows, const GemvArgs& g) {
+template <class WT, int U, int R, bool kNorm> void launch_gemv_u(int blocks, const GemvArgs& g) {
+  g.n == 1 ? launch_gemv_k<WT, U, R, kNorm, 1>(blocks, g) : launch_gemv_k<WT, U, R, kNorm, kChunk>(blocks, g);
+}
+template <class WT, int R, bool kNorm> void launch_gemv(int U, int blocks, const GemvArgs& g) {
   switch (U) {
-    case 1: launch_gemv_u<WT, 1, R, kNorm>(grid, rows, g); break;
-    case 2: launch_gemv_u<WT, 2, R, kNorm>(grid, rows, g); break;
-    case 4: launch_gemv_u<WT, 4, R, kNorm>(grid, rows, g); break;
-    default: launch_gemv_u<WT, 8, R, kNorm>(grid, rows, g); break;
+    case 1: launch_gemv_u<WT, 1, R, kNorm>(blocks, g); break;
+    case 2: launch_gemv_u<WT, 2, R, kNorm>(blocks, g); break;
+    case 4: launch_gemv_u<WT, 4, R, kNorm>(blocks, g); break;
+    default: launch_gemv_u<WT, 8, R, kNorm>(blocks, g); break;
   }
 }
-template <class WT, bool kNorm> void launch_gemv(int R, int U, dim3 grid, int rows, const GemvArgs& g) {
-  R == 2 ? launch_gemv<WT, 2, kNorm>(U, grid, rows, g) : launch_gemv<WT, 1, kNorm>(U, grid, rows, g);
+template <class WT, bool kNorm> void launch_gemv(int R, int U, int blocks, const GemvArgs& g) {
+  R == 2 ? launch_gemv<WT, 2, kNorm>(U, blocks, g) : launch_gemv<WT, 1, kNorm>(U, blocks, g);
 }
 template <int NT, bool kF8> void launch_gemv_mma_nt(const GemvArgs& g) {
   const int ks = mma_ksplit(g.K, false), rows_per_cta = 16 * (kMmaWarps / ks);
@@ -365,13 +372,12 @@ void cuda_rows_gemv(const GemvArgs& g) {
   const int U = vectors_per_lane(g.K / kv);
   const int64_t blocks = (int64_t(g.n_out) + g.n_out2 + kGemvWarps * R - 1) / (kGemvWarps * R);
   DSV3_CHECK(blocks <= 65535, "cuda_rows_gemv: ", g.n_out + g.n_out2, " output rows exceed one launch");
-  const dim3 grid(unsigned((g.n + kChunk - 1) / kChunk), unsigned(blocks));
-  const int rows = std::min(g.n, kChunk);  // rows of x staged per CTA
   const bool norm = g.norm_w != nullptr;
+  const int nb = int(blocks);
   if (bf)
-    norm ? launch_gemv<__nv_bfloat16, true>(R, U, grid, rows, g) : launch_gemv<__nv_bfloat16, false>(R, U, grid, rows, g);
+    norm ? launch_gemv<__nv_bfloat16, true>(R, U, nb, g) : launch_gemv<__nv_bfloat16, false>(R, U, nb, g);
   else
-    norm ? launch_gemv<float, true>(R, U, grid, rows, g) : launch_gemv<float, false>(R, U, grid, rows, g);
+    norm ? launch_gemv<float, true>(R, U, nb, g) : launch_gemv<float, false>(R, U, nb, g);
   check_launch("small linear");
 }
 

@@ -629,43 +629,53 @@ TEST(CudaEngine, SmallLinearEqualsReference) {
             }
 }
 
-// With the RMSNorm inside and a second weight in the same launch (q_a and kv_a over input_layernorm).
+// With the RMSNorm inside and a second weight in the same launch (q_a and kv_a over input_layernorm):
+// F32 and BF16 weights, one row of x (the one-row kernel) and several (chunks of 8), K on the
+// scalar path (66), in one staging pass (the norm's sums from shared memory: 64, 1024) and in
+// several (2816: the sums from global memory first); odd and even outputs (one and two weight rows
+// per warp).
 TEST(CudaEngine, SmallLinearNormAndPairEqualsReference) {
   ASSERT_GT(cuda_device_count(), 0);
   CudaBackend& be = cuda_backend();
-  for (int64_t K : {64, 66}) {
-    SCOPED_TRACE(cat("K ", K));
-    const int64_t n = 3, M = 29, M2 = 13;
-    const float eps = 1e-6f;
-    LinearParam p, p2;
-    p.w = be.to_device(randn({M, K}, 21, 0));
-    p2.w = be.to_device(randn({M2, K}, 21, 1));
-    const Tensor g = randn({K}, 21, 2), x = randn({n, K}, 21, 3, 3.0f);
-    const Tensor w = be.to_host(p.w), w2 = be.to_host(p2.w);
-    Vec want(size_t(n * M)), want2(size_t(n * M2));
-    for (int64_t r = 0; r < n; ++r) {
-      double ss = 0;
-      for (int64_t k = 0; k < K; ++k) ss += double(x.data<float>()[r * K + k]) * x.data<float>()[r * K + k];
-      const double rs = 1.0 / std::sqrt(ss / double(K) + eps);
-      auto dot = [&](const Tensor& wt, int64_t j) {
-        double s = 0;
-        for (int64_t k = 0; k < K; ++k)
-          s += double(wt.data<float>()[j * K + k]) * double(g.data<float>()[k]) * double(x.data<float>()[r * K + k]) * rs;
-        return s;
-      };
-      for (int64_t j = 0; j < M; ++j) want[size_t(r * M + j)] = dot(w, j);
-      for (int64_t j = 0; j < M2; ++j) want2[size_t(r * M2 + j)] = dot(w2, j);
-    }
-    const Tensor xd = be.to_device(x), gd = be.to_device(g);
-    Guards guards(be);  // NaN-filled outputs inside guard bytes: a missed or stray write shows up
-    Tensor y = guards.out(DType::F32, {n, M}), y2 = guards.out(DType::F32, {n, M2});
-    cuda_small_linear(p, xd, y, false, &gd, eps, &p2, &y2);
-    const Err e = compare(be.to_host(y), want), e2 = compare(be.to_host(y2), want2);
-    EXPECT_LE(e.norm_err, tol::kF32);
-    EXPECT_LE(e2.norm_err, tol::kF32);
-    EXPECT_EQ(e.non_finite + e2.non_finite, 0);
-    EXPECT_EQ(guards.damaged(), "");
-  }
+  for (DType wt : {DType::F32, DType::BF16})
+    for (int64_t K : {64, 66, 1024, 2816})
+      for (int64_t n : {1, 3, 9})
+        for (int64_t M : {29, 30}) {
+          if (wt == DType::BF16 && K % 8 != 0) continue;  // BF16 rows must be whole 16-byte vectors
+          SCOPED_TRACE(cat(dtype_name(wt), " K ", K, " rows ", n, " outputs ", M));
+          const int64_t M2 = M - 16;
+          const float eps = 1e-6f;
+          LinearParam p, p2;
+          p.w = be.to_device(randn({M, K}, 21, 0).to(wt));
+          p2.w = be.to_device(randn({M2, K}, 21, 1).to(wt));
+          const Tensor g = randn({K}, 21, 2), x = randn({n, K}, 21, 3, 3.0f);
+          const Tensor w = be.to_host(p.w), w2 = be.to_host(p2.w);
+          Vec want(size_t(n * M)), want2(size_t(n * M2));
+          for (int64_t r = 0; r < n; ++r) {
+            double ss = 0;
+            for (int64_t k = 0; k < K; ++k) ss += double(x.data<float>()[r * K + k]) * x.data<float>()[r * K + k];
+            const double rs = 1.0 / std::sqrt(ss / double(K) + eps);
+            auto dot = [&](const Tensor& wm, int64_t j) {
+              double s = 0;
+              for (int64_t k = 0; k < K; ++k)
+                s += double(load_as_float(wm.raw(), wt, j * K + k)) * double(g.data<float>()[k]) *
+                     double(x.data<float>()[r * K + k]) * rs;
+              return s;
+            };
+            for (int64_t j = 0; j < M; ++j) want[size_t(r * M + j)] = dot(w, j);
+            for (int64_t j = 0; j < M2; ++j) want2[size_t(r * M2 + j)] = dot(w2, j);
+          }
+          const Tensor xd = be.to_device(x), gd = be.to_device(g);
+          Guards guards(be);  // NaN-filled outputs inside guard bytes: a missed or stray write shows up
+          Tensor y = guards.out(DType::F32, {n, M}), y2 = guards.out(DType::F32, {n, M2});
+          ASSERT_TRUE(cuda_small_linear_ok(p, xd) && cuda_small_linear_fuses_norm(p));
+          cuda_small_linear(p, xd, y, false, &gd, eps, &p2, &y2);
+          const Err e = compare(be.to_host(y), want), e2 = compare(be.to_host(y2), want2);
+          EXPECT_LE(e.norm_err, tol::kF32);
+          EXPECT_LE(e2.norm_err, tol::kF32);
+          EXPECT_EQ(e.non_finite + e2.non_finite, 0);
+          EXPECT_EQ(guards.damaged(), "");
+        }
 }
 
 // x split into two BF16 terms (split_bf16x2) keeps an infinite x infinite, as F32 arithmetic does:
