@@ -410,6 +410,9 @@ __device__ __forceinline__ void widen8(uint4 u, float (&v)[kTileCols]) {  // 8 B
   }
 }
 
+__device__ __forceinline__ void put8(float4 a, float4 b, float (&v)[kTileCols]) {
+  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
 // The 8 values of row r from column c (all < K, or all ≥ K: K is a multiple of 8 when vec).
 __device__ __forceinline__ void load_row8(const WeightSide& p, bool vec, int64_t r, int64_t c, bool row_in, float si,
                                           float (&v)[kTileCols]) {
@@ -422,13 +425,11 @@ __device__ __forceinline__ void load_row8(const WeightSide& p, bool vec, int64_t
   if (vec && p.wtype == DType::BF16) {
     widen8(*reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p.w) + i), v);
   } else if (vec && p.wtype == DType::F32) {
-    const float4 a = reinterpret_cast<const float4*>(static_cast<const float*>(p.w) + i)[0];
-    const float4 b = reinterpret_cast<const float4*>(static_cast<const float*>(p.w) + i)[1];
-    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    const float4* f = reinterpret_cast<const float4*>(static_cast<const float*>(p.w) + i);
+    put8(f[0], f[1], v);
   } else if (vec && p.wtype == DType::F8_E4M3) {
     const uint2 u = *reinterpret_cast<const uint2*>(static_cast<const uint8_t*>(p.w) + i);
-    const float4 a = widen4(u.x), b = widen4(u.y);
-    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    put8(widen4(u.x), widen4(u.y), v);
   } else {  // columns past K stay +0 (unscaled: a non-finite or negative scale_inv must not touch them)
 #pragma unroll
     for (int j = 0; j < kTileCols; ++j) v[j] = c + j < p.K ? load_f(p.w, p.wtype, i + j) * si : 0.0f;
