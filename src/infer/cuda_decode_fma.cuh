@@ -173,13 +173,17 @@ template <class WT, int U> constexpr size_t tile_smem() { return size_t(kChunk) 
 
 // Work item blockIdx.y (a group and up to kChunk of its picks), R weight rows per warp (blockIdx.x:
 // kExpertWarps·R rows per CTA); the picks' rows are staged in shared memory (tile_rows). kGateUp: out = silu(x·g_j)·(x·u_j) with x the pick's
-// token row; otherwise out = act_p·d_j.
+// token row; otherwise out = act_p·d_j. Gate/up waits first: its work items come from the kernel
+// before it. Down's come from the grouping two kernels back, complete by now (pdl.cuh), so it reads
+// them and issues its weight loads before waiting for act.
 template <class WT, bool kGateUp, int U, int R, int kRows>
 __global__ void __launch_bounds__(32 * kExpertWarps) expert_kernel(ExpertArgs a) {
   extern __shared__ __align__(16) float xs_sm[];
   __shared__ TileSmem ts;
-  pdl_wait();  // the grouping and the inputs come from the previous kernels
-  pdl_trigger();
+  if constexpr (kGateUp) {
+    pdl_wait();
+    pdl_trigger();
+  }
   const int warp = threadIdx.x >> 5;
   const int j0 = (blockIdx.x * kExpertWarps + warp) * R;
   if (int(blockIdx.y) >= a.items[2 * a.max_items]) return;  // CTA-uniform exits only: tile_rows has barriers
@@ -199,7 +203,7 @@ __global__ void __launch_bounds__(32 * kExpertWarps) expert_kernel(ExpertArgs a)
   const char* A = reinterpret_cast<const char*>(a.w0[e]) + size_t(active ? j0 : 0) * row_bytes;
   const char* B = kGateUp ? reinterpret_cast<const char*>(a.w1[e]) + size_t(active ? j0 : 0) * row_bytes : nullptr;
   float ga[R][kRows], ub[kGateUp ? R : 1][kRows];
-  tile_rows<WT, U, R, kGateUp, false, false>(A, B, row_bytes, active, a.K / kVecCols<WT>, n, ts, xs_sm, nullptr,
+  tile_rows<WT, U, R, kGateUp, false, !kGateUp>(A, B, row_bytes, active, a.K / kVecCols<WT>, n, ts, xs_sm, nullptr,
                                                DType::F32, 0.0f, ga, ub);
   if (!active) return;
   reduce_rows<kGateUp>(ga, ub, n, [&](int r, int q, float g, float u) {

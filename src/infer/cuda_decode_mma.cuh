@@ -462,12 +462,16 @@ __device__ __forceinline__ void expert_store(const ExpertArgs& a, const float* r
 
 // The tensor-core expert kernel (BF16 or FP8 weights): work item blockIdx.y (a group and up to
 // kChunk of its picks: one n-tile), row blocks as gemv_mma_kernel's. kGateUp: out =
-// silu(x·g_j)·(x·u_j) with x the pick's token row; otherwise out = act_p·d_j.
+// silu(x·g_j)·(x·u_j) with x the pick's token row; otherwise out = act_p·d_j. Gate/up waits first
+// (its work items come from the kernel before it); down, whose items come from the grouping two
+// kernels back (complete by now: pdl.cuh), waits in mma_rows after its first weight loads.
 template <bool kGateUp, bool kF8>
 __global__ void __launch_bounds__(32 * kMmaWarps, 2) expert_mma_kernel(ExpertArgs a, int ks) {
   extern __shared__ float red[];  // [kGateUp ? 2 : 1][kMmaWarps][kMmaStash<1>]
-  pdl_wait();  // the grouping and the inputs come from the previous kernels
-  pdl_trigger();
+  if constexpr (kGateUp) {
+    pdl_wait();
+    pdl_trigger();
+  }
   if (int(blockIdx.y) >= a.items[2 * a.max_items]) return;  // CTA-uniform
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2;
   const auto [e, c0, n] = expert_item(a);
@@ -482,7 +486,7 @@ __global__ void __launch_bounds__(32 * kMmaWarps, 2) expert_mma_kernel(ExpertArg
   const float* sa = kF8 ? reinterpret_cast<const float*>(a.s0[e]) + srow : nullptr;
   const float* sb = kF8 && kGateUp ? reinterpret_cast<const float*>(a.s1[e]) + srow : nullptr;
   float ga[1][4], ub[1][4];
-  bool waited = true;
+  bool waited = kGateUp;
   mma_rows<1, kGateUp, kF8>(A + lo, A + hi, kGateUp ? B + lo : nullptr, kGateUp ? B + hi : nullptr, a.K,
                             r0 < a.rows_out ? kw : 1 << 30, ks, xr, waited, ga, ub, sa, sb);
   mma_stash<1>(red + warp * kMmaStash<1>, ga);
@@ -497,12 +501,16 @@ __global__ void __launch_bounds__(32 * kMmaWarps, 2) expert_mma_kernel(ExpertArg
 // once) stay in registers for the whole range, the next step's weights load while a step is
 // multiplied, and each step's partial sums meet in a double-buffered shared array (one barrier per
 // step). So the dependent reads of a work item (items, offsets, order, x) are paid once per range,
-// not once per 16 rows.
+// not once per 16 rows. Gate/up waits first (its items come from the kernel before it); down reads
+// its items (the grouping two kernels back, complete by now: pdl.cuh) and loads its first step's
+// weights before waiting for act.
 template <bool kGateUp, int BPW, bool kF8>
 __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_rows_kernel(ExpertArgs a, int ks, int rows_per_cta) {
   extern __shared__ float red[];  // [2][kGateUp ? 2 : 1][kExpRowWarps][kMmaStash<1>]
-  pdl_wait();  // the grouping and the inputs come from the previous kernels
-  pdl_trigger();
+  if constexpr (kGateUp) {
+    pdl_wait();
+    pdl_trigger();
+  }
   if (int(blockIdx.y) >= a.items[2 * a.max_items]) return;  // CTA-uniform
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2;
   const auto [e, c0, n] = expert_item(a);
@@ -536,6 +544,10 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_rows_kernel(Exper
     }
   };
   load(0, cur, curb, sc, scb);
+  if constexpr (!kGateUp) {
+    pdl_wait();  // act comes from the gate/up kernel
+    pdl_trigger();
+  }
   MmaX xf[BPW];
 #pragma unroll
   for (int j = 0; j < BPW; ++j) mma_load_x(xf[j], kw + j * ks < nkb ? xr : nullptr, kw + j * ks, a.K);

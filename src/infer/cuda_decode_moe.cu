@@ -112,13 +112,13 @@ __global__ void group_kernel(const int32_t* ids, int nk, int E, int n_shared_row
 // the residual row. With norm_w, also normed[r] = RMSNorm(out[r])·norm_w — the next block's input
 // norm, one launch less per layer — with the backend's factor (rms_rstd, the same 256-thread column
 // stride) and w·(x·rs), so its bits are the backend's. The row is kept in registers (NPT values per
-// thread: H ≤ 256·NPT).
+// thread: H ≤ 256·NPT). Only y comes from the kernel before (the experts' down projection): inv
+// (the grouping), the weights (the router) and the residual are older, complete by now (pdl.cuh),
+// so they are read before the wait.
 template <int NPT>
 __global__ void combine_kernel(const float* y, const int32_t* inv, const float* wts, int k, int nk, bool shared,
                                int H, const float* residual, float* out, const void* norm_w, DType norm_t, float eps,
                                float* normed) {
-  pdl_wait();
-  pdl_trigger();
   const int r = blockIdx.x;
   __shared__ const float* rows[32];
   __shared__ float w[32];
@@ -126,7 +126,15 @@ __global__ void combine_kernel(const float* y, const int32_t* inv, const float* 
     rows[threadIdx.x] = y + int64_t(inv[r * k + threadIdx.x]) * H;
     w[threadIdx.x] = wts[r * k + threadIdx.x];
   }
+  float res[NPT];
+#pragma unroll
+  for (int i = 0; i < NPT; ++i) {
+    const int col = threadIdx.x + i * blockDim.x;
+    res[i] = residual && col < H ? residual[int64_t(r) * H + col] : 0.0f;
+  }
   __syncthreads();
+  pdl_wait();
+  pdl_trigger();
   float v[NPT];
 #pragma unroll
   for (int i = 0; i < NPT; ++i) {
@@ -136,7 +144,7 @@ __global__ void combine_kernel(const float* y, const int32_t* inv, const float* 
     float acc = 0.0f;
     for (int j = 0; j < k; ++j) acc = fmaf(w[j], rows[j][col], acc);
     if (shared) acc += y[int64_t(nk + r) * H + col];
-    v[i] = residual ? residual[int64_t(r) * H + col] + acc : acc;
+    v[i] = residual ? res[i] + acc : acc;
     out[int64_t(r) * H + col] = v[i];
   }
   if (!norm_w) return;  // grid-uniform
