@@ -62,30 +62,36 @@ __global__ void norm_router_kernel(const float* x, const void* norm_w, DType nor
 // c[r] = kv_a_layernorm(kv_a[r, :R]) (the backend's RMSNorm: sum of squares in double) and
 // k_pe[r] = RoPE(kv_a[r, R:]) at positions[r]: the backend's copy_cols, rmsnorm, copy_cols, rope.
 // With q (rows of nh heads of qk floats), also q's RoPE part (columns nope..qk of each head) at the
-// same position, as the backend's rope on q: one launch fewer per layer.
+// same position, as the backend's rope on q: one launch fewer per layer. kva_older: kv_a was
+// written two or more launches back (complete by now, pdl.cuh), so the norm's sum of squares is
+// taken before the wait; otherwise after it, q's rotation first (its loads overlap the sum's).
 __global__ void kv_latent_kernel(const float* __restrict__ kva, int64_t R, int64_t P, const void* w, DType wt,
                                  float eps, const int32_t* pos, const float* cs, const float* sn, bool interleaved,
                                  float* __restrict__ c, float* __restrict__ kpe, float* __restrict__ q, int64_t nh,
-                                 int64_t qk, int64_t nope) {
-  pdl_wait();
-  pdl_trigger();
+                                 int64_t qk, int64_t nope, bool kva_older) {
   const int64_t r = blockIdx.x;
   const float* x = kva + r * (R + P);
+  auto sum_squares = [&] {
+    double ss = 0.0;
+    for (int64_t j = threadIdx.x; j < R; j += blockDim.x) ss += double(x[j]) * double(x[j]);
+    return block_sum(ss);
+  };
+  double ss = kva_older ? sum_squares() : 0.0;
+  pdl_wait();
+  pdl_trigger();
   const int64_t half = P / 2, a = pos[r], stride = interleaved ? 1 : half;
   auto rotate = [&](const float* in, float* out, int64_t j) {
     const float x0 = in[0], x1 = in[stride], cj = cs[a * half + j], sj = sn[a * half + j];
     out[0] = x0 * cj - x1 * sj;
     out[stride] = x1 * cj + x0 * sj;
   };
-  if (q)  // first: independent of the norm's reduction, its loads overlap the ones below
+  if (q)
     for (int64_t t = threadIdx.x; t < nh * half; t += blockDim.x) {
       const int64_t j = t % half;
       float* p = q + (r * nh + t / half) * qk + nope + (interleaved ? 2 * j : j);
       rotate(p, p, j);
     }
-  double ss = 0.0;
-  for (int64_t j = threadIdx.x; j < R; j += blockDim.x) ss += double(x[j]) * double(x[j]);
-  ss = block_sum(ss);
+  if (!kva_older) ss = sum_squares();
   const float rs = float(1.0 / sqrt(ss / double(R) + double(eps)));
   for (int64_t j = threadIdx.x; j < R; j += blockDim.x) c[r * R + j] = load_f(w, wt, j) * (x[j] * rs);
   for (int64_t j = threadIdx.x; j < half; j += blockDim.x) {
@@ -466,7 +472,7 @@ void cuda_norm_router(const Tensor& x, const Tensor& norm_w, float eps, const Li
 
 void cuda_kv_latent(const Tensor& kv_a, const Tensor& norm_w, float eps, const Tensor& positions, const Tensor& cos,
                     const Tensor& sin, bool interleaved, const Tensor& c_kv_n, const Tensor& k_pe, const Tensor* q,
-                    int64_t q_nope) {
+                    int64_t q_nope, bool kv_a_older) {
   const int64_t N = kv_a.dim(0), R = c_kv_n.dim(-1), P = k_pe.dim(-1);
   DSV3_CHECK(kv_a.dim(1) == R + P && c_kv_n.numel() == N * R && k_pe.numel() == N * P && norm_w.numel() == R &&
                  positions.numel() == N && P % 2 == 0,
@@ -477,7 +483,7 @@ void cuda_kv_latent(const Tensor& kv_a, const Tensor& norm_w, float eps, const T
     launch_pdl(kv_latent_kernel, dim3(unsigned(N)), dim3(256), 0, kv_a.data<float>(), R, P, norm_w.raw(),
                norm_w.dtype(), eps, positions.data<int32_t>(), cos.data<float>(), sin.data<float>(), interleaved,
                ptr<float>(c_kv_n), ptr<float>(k_pe), q ? ptr<float>(*q) : nullptr, q ? q->dim(1) : 0,
-               q ? q->dim(2) : 0, q_nope);
+               q ? q->dim(2) : 0, q_nope, kv_a_older);
   check_launch("kv latent");
 }
 

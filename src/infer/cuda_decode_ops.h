@@ -14,10 +14,12 @@ namespace dsv3 {
 // The latent half of kv_a_proj's output in one kernel: c_kv_n = kv_a_layernorm(kv_a[:, :R]) and
 // k_pe = RoPE(kv_a[:, R:]) at positions (inside the tables) — the backend's copy_cols, rmsnorm,
 // copy_cols and rope. With q [N, heads, q_nope + rope], q's RoPE columns are rotated in place at the
-// same positions too (the backend's rope on q, offset q_nope).
+// same positions too (the backend's rope on q, offset q_nope). kv_a_older: kv_a was written by a
+// kernel launched before the last one in the stream (q_b's GEMV came between): the kernel then reads
+// it before its programmatic-launch wait.
 void cuda_kv_latent(const Tensor& kv_a, const Tensor& norm_w, float eps, const Tensor& positions, const Tensor& cos,
                     const Tensor& sin, bool interleaved, const Tensor& c_kv_n, const Tensor& k_pe,
-                    const Tensor* q = nullptr, int64_t q_nope = 0);
+                    const Tensor* q = nullptr, int64_t q_nope = 0, bool kv_a_older = false);
 
 // One MoE layer's routed experts as device pointer tables (gate, up, down per expert).
 struct CudaMoeTables {

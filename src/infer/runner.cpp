@@ -150,8 +150,9 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
   if (be_.device() == Device::CUDA && sync_free_) {  // q's RoPE too
     c_kv_n = be_.alloc(DType::F32, {N, d_.kv_lora});
     const RopeTables& t = rope_.tables();
+    // With q_lora, q_b's launches came after kv_a's.
     cuda_kv_latent(kv_a, a.kv_a_layernorm, d_.eps_mla, positions, t.cos, t.sin, d_.rope_interleaved, c_kv_n, k_pe,
-                   &q, d_.nope);
+                   &q, d_.nope, d_.q_lora > 0);
     latent_done = true;
   }
 #endif

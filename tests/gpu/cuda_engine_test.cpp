@@ -190,25 +190,32 @@ TEST(CudaEngine, BatchedAndChunkedEqualCpu) {
 // F32 weights take the runner's synchronisation-free path on the device (grouped experts, RoPE
 // without the read-back); the fixtures' BF16/FP8 experts take the backend's MoE. The tiny preset
 // with random F32 weights: batched prefill (up to 64 rows: several chunks of picks per expert)
-// and decode equal the CPU engine, and the backend-ops path on the device.
+// and decode equal the CPU engine, and the backend-ops path on the device. Also without q
+// compression (a plain q_proj: kv_a comes from the launch just before the latent kernel, which then
+// reads it after its programmatic-launch wait).
 TEST(CudaEngine, SyncFreePathEqualsCpuOnRandomTiny) {
   ASSERT_GT(cuda_device_count(), 0);
-  const Weights w = Weights::random(preset_config("tiny"), 3, 0.05f);
-  const std::vector<Request> reqs = hashed_requests({2, 5, 9, 20}, 131);
-  EngineOptions opt;
-  opt.cache.block_size = 8;
-  const CpuRef ref = cpu_reference(w, opt, reqs);
-  int64_t fewest[2] = {0, 0};
-  for (bool sync_free : {true, false}) {
-    SCOPED_TRACE(sync_free ? "sync-free" : "backend ops");
-    EngineOptions o = opt;
-    o.sync_free = sync_free;
-    Engine gpu(w, o, cuda_backend());
-    for (const Request& r : reqs) gpu.add(r);
-    fewest[sync_free] = expect_matches(ref, gpu.run_all(), reqs);
+  ModelConfig no_q_lora = preset_config("tiny");
+  no_q_lora.q_lora_rank = std::nullopt;
+  for (const ModelConfig& cfg : {preset_config("tiny"), no_q_lora}) {
+    SCOPED_TRACE(cfg.q_lora_rank ? "q_lora" : "plain q_proj");
+    const Weights w = Weights::random(cfg, 3, 0.05f);
+    const std::vector<Request> reqs = hashed_requests({2, 5, 9, 20}, 131);
+    EngineOptions opt;
+    opt.cache.block_size = 8;
+    const CpuRef ref = cpu_reference(w, opt, reqs);
+    int64_t fewest[2] = {0, 0};
+    for (bool sync_free : {true, false}) {
+      SCOPED_TRACE(sync_free ? "sync-free" : "backend ops");
+      EngineOptions o = opt;
+      o.sync_free = sync_free;
+      Engine gpu(w, o, cuda_backend());
+      for (const Request& r : reqs) gpu.add(r);
+      fewest[sync_free] = expect_matches(ref, gpu.run_all(), reqs);
+    }
+    EXPECT_GE(fewest[1], 4) << "too many near ties to compare";
+    EXPECT_GE(fewest[0], 4) << "too many near ties to compare";
   }
-  EXPECT_GE(fewest[1], 4) << "too many near ties to compare";
-  EXPECT_GE(fewest[0], 4) << "too many near ties to compare";
 }
 
 // The grouped MoE (the backend's router, grouping, experts, combine, residual) against the
@@ -633,49 +640,62 @@ TEST(CudaEngine, SmallLinearEqualsReference) {
 // F32 and BF16 weights, one row of x (the one-row kernel) and several (chunks of 8), K on the
 // scalar path (66), in one staging pass (the norm's sums from shared memory: 64, 1024) and in
 // several (2816: the sums from global memory first); odd and even outputs (one and two weight rows
-// per warp).
+// per warp); the norm weight in F32, in BF16, and in BF16 2 bytes off the 16-byte grid.
 TEST(CudaEngine, SmallLinearNormAndPairEqualsReference) {
   ASSERT_GT(cuda_device_count(), 0);
   CudaBackend& be = cuda_backend();
   for (DType wt : {DType::F32, DType::BF16})
     for (int64_t K : {64, 66, 1024, 2816})
       for (int64_t n : {1, 3, 9})
-        for (int64_t M : {29, 30}) {
-          if (wt == DType::BF16 && K % 8 != 0) continue;  // BF16 rows must be whole 16-byte vectors
-          SCOPED_TRACE(cat(dtype_name(wt), " K ", K, " rows ", n, " outputs ", M));
-          const int64_t M2 = M - 16;
-          const float eps = 1e-6f;
-          LinearParam p, p2;
-          p.w = be.to_device(randn({M, K}, 21, 0).to(wt));
-          p2.w = be.to_device(randn({M2, K}, 21, 1).to(wt));
-          const Tensor g = randn({K}, 21, 2), x = randn({n, K}, 21, 3, 3.0f);
-          const Tensor w = be.to_host(p.w), w2 = be.to_host(p2.w);
-          Vec want(size_t(n * M)), want2(size_t(n * M2));
-          for (int64_t r = 0; r < n; ++r) {
-            double ss = 0;
-            for (int64_t k = 0; k < K; ++k) ss += double(x.data<float>()[r * K + k]) * x.data<float>()[r * K + k];
-            const double rs = 1.0 / std::sqrt(ss / double(K) + eps);
-            auto dot = [&](const Tensor& wm, int64_t j) {
-              double s = 0;
-              for (int64_t k = 0; k < K; ++k)
-                s += double(load_as_float(wm.raw(), wt, j * K + k)) * double(g.data<float>()[k]) *
-                     double(x.data<float>()[r * K + k]) * rs;
-              return s;
-            };
-            for (int64_t j = 0; j < M; ++j) want[size_t(r * M + j)] = dot(w, j);
-            for (int64_t j = 0; j < M2; ++j) want2[size_t(r * M2 + j)] = dot(w2, j);
+        for (int64_t M : {29, 30})
+          for (int gv : {0, 1, 2}) {
+            if (wt == DType::BF16 && K % 8 != 0) continue;  // BF16 rows must be whole 16-byte vectors
+            SCOPED_TRACE(cat(dtype_name(wt), " K ", K, " rows ", n, " outputs ", M, " norm weight ",
+                             gv == 0 ? "F32" : gv == 1 ? "BF16" : "BF16 unaligned"));
+            const int64_t M2 = M - 16;
+            const float eps = 1e-6f;
+            LinearParam p, p2;
+            p.w = be.to_device(randn({M, K}, 21, 0).to(wt));
+            p2.w = be.to_device(randn({M2, K}, 21, 1).to(wt));
+            const Tensor x = randn({n, K}, 21, 3, 3.0f);
+            // gh: the norm weight's values on the host; gd: on the device (with gv 2 one element into
+            // a longer buffer, so 2 bytes off the 16-byte grid).
+            const Tensor gh = gv == 0 ? randn({K}, 21, 2) : randn({K}, 21, 2).to(DType::BF16);
+            Tensor gd = be.to_device(gh);
+            if (gv == 2) {
+              Tensor pad = Tensor::zeros(DType::BF16, {K + 1});
+              std::memcpy(static_cast<char*>(pad.raw()) + 2, gh.raw(), gh.nbytes());
+              Tensor buf = be.to_device(pad);
+              gd = Tensor::borrow(static_cast<char*>(buf.raw()) + 2, DType::BF16, {K},
+                                  std::shared_ptr<void>(buf.raw(), [buf](void*) {}), Device::CUDA);
+            }
+            const Tensor w = be.to_host(p.w), w2 = be.to_host(p2.w);
+            Vec want(size_t(n * M)), want2(size_t(n * M2));
+            for (int64_t r = 0; r < n; ++r) {
+              double ss = 0;
+              for (int64_t k = 0; k < K; ++k) ss += double(x.data<float>()[r * K + k]) * x.data<float>()[r * K + k];
+              const double rs = 1.0 / std::sqrt(ss / double(K) + eps);
+              auto dot = [&](const Tensor& wm, int64_t j) {
+                double s = 0;
+                for (int64_t k = 0; k < K; ++k)
+                  s += double(load_as_float(wm.raw(), wt, j * K + k)) * double(load_as_float(gh.raw(), gh.dtype(), k)) *
+                       double(x.data<float>()[r * K + k]) * rs;
+                return s;
+              };
+              for (int64_t j = 0; j < M; ++j) want[size_t(r * M + j)] = dot(w, j);
+              for (int64_t j = 0; j < M2; ++j) want2[size_t(r * M2 + j)] = dot(w2, j);
+            }
+            const Tensor xd = be.to_device(x);
+            Guards guards(be);  // NaN-filled outputs inside guard bytes: a missed or stray write shows up
+            Tensor y = guards.out(DType::F32, {n, M}), y2 = guards.out(DType::F32, {n, M2});
+            ASSERT_TRUE(cuda_small_linear_ok(p, xd) && cuda_small_linear_fuses_norm(p));
+            cuda_small_linear(p, xd, y, false, &gd, eps, &p2, &y2);
+            const Err e = compare(be.to_host(y), want), e2 = compare(be.to_host(y2), want2);
+            EXPECT_LE(e.norm_err, tol::kF32);
+            EXPECT_LE(e2.norm_err, tol::kF32);
+            EXPECT_EQ(e.non_finite + e2.non_finite, 0);
+            EXPECT_EQ(guards.damaged(), "");
           }
-          const Tensor xd = be.to_device(x), gd = be.to_device(g);
-          Guards guards(be);  // NaN-filled outputs inside guard bytes: a missed or stray write shows up
-          Tensor y = guards.out(DType::F32, {n, M}), y2 = guards.out(DType::F32, {n, M2});
-          ASSERT_TRUE(cuda_small_linear_ok(p, xd) && cuda_small_linear_fuses_norm(p));
-          cuda_small_linear(p, xd, y, false, &gd, eps, &p2, &y2);
-          const Err e = compare(be.to_host(y), want), e2 = compare(be.to_host(y2), want2);
-          EXPECT_LE(e.norm_err, tol::kF32);
-          EXPECT_LE(e2.norm_err, tol::kF32);
-          EXPECT_EQ(e.non_finite + e2.non_finite, 0);
-          EXPECT_EQ(guards.damaged(), "");
-        }
 }
 
 // x split into two BF16 terms (split_bf16x2) keeps an infinite x infinite, as F32 arithmetic does:
