@@ -18,6 +18,7 @@
 #include "../backend/harness.h"
 #include "../backend/reference.h"
 #include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/pdl.h"
 #include "infer/cuda_decode_ops.h"
 #include "infer/cuda_latent_attention.h"
 #include "infer/engine.h"
@@ -464,6 +465,55 @@ TEST(CudaEngine, Fp8WeightsEqualCpu) {
   Weights w = Weights::random(preset_config("tiny"), 14, 0.05f);
   quantize_matrices_to_fp8(w);
   weights_equal_cpu(w, 991, {cuda_decode_mma_rows(), 0});
+}
+
+// Programmatic dependent launch changes no bit: the decode kernels read what was written two or
+// more launches back before their wait (pdl.cuh), so a wrong "older" assumption is a race that
+// shows up as logits that differ from a run with PDL off. Every logits row of the sync-free engine,
+// F32, BF16 and FP8 weights with q compression and F32 without, PDL on twice and off once.
+TEST(CudaEngine, ProgrammaticLaunchChangesNoBits) {
+  ASSERT_GT(cuda_device_count(), 0);
+  struct PdlScope {
+    ~PdlScope() { cuda_set_pdl(true); }
+  } restore;
+  ModelConfig no_q_lora = preset_config("tiny");
+  no_q_lora.q_lora_rank = std::nullopt;
+  const std::vector<Request> reqs = hashed_requests({1, 3, 17}, 613);
+  for (const ModelConfig& cfg : {preset_config("tiny"), no_q_lora})
+    for (int wt : {0, 1, 2}) {
+      if (!cfg.q_lora_rank && wt != 0) continue;
+      SCOPED_TRACE(cat(cfg.q_lora_rank ? "q_lora" : "plain q_proj", wt == 0 ? ", F32" : wt == 1 ? ", BF16" : ", FP8",
+                       " weights"));
+      Weights w = Weights::random(cfg, 29, 0.05f);
+      if (wt == 1) round_matrices_to_bf16(w);
+      if (wt == 2) quantize_matrices_to_fp8(w);
+      auto logits_of = [&](bool pdl) {
+        cuda_set_pdl(pdl);
+        EngineOptions opt;
+        opt.cache.block_size = 8;
+        Engine gpu(w, opt, cuda_backend());
+        std::map<std::pair<int64_t, int64_t>, std::vector<float>> rows;
+        gpu.on_logits = [&](int64_t id, int64_t pos, std::span<const float> l) {
+          rows[{id, pos}].assign(l.begin(), l.end());
+        };
+        for (const Request& r : reqs) gpu.add(r);
+        gpu.run_all();
+        return rows;
+      };
+      const auto on = logits_of(true), again = logits_of(true), off = logits_of(false);
+      ASSERT_FALSE(on.empty());
+      for (const auto* other : {&again, &off}) {
+        ASSERT_EQ(other->size(), on.size());
+        for (const auto& [key, row] : on) {
+          const auto it = other->find(key);
+          ASSERT_TRUE(it != other->end()) << "sequence " << key.first << " position " << key.second;
+          ASSERT_EQ(it->second.size(), row.size());
+          EXPECT_EQ(std::memcmp(it->second.data(), row.data(), row.size() * sizeof(float)), 0)
+              << (other == &off ? "PDL off" : "second PDL run") << " differs at sequence " << key.first
+              << " position " << key.second;
+        }
+      }
+    }
 }
 
 // ---- the device cache's attention against the host's -----------------------------------------
