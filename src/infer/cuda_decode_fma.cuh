@@ -49,7 +49,7 @@ __device__ __forceinline__ void row_rstd(const float4* x4, int K, float eps, flo
     for (int i = 0; i < 8; ++i)
       ss += double(t[i].x) * t[i].x + double(t[i].y) * t[i].y + double(t[i].z) * t[i].z + double(t[i].w) * t[i].w;
   }
-  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  ss = warp_sum(ss);
   if (lane == 0) rs = float(1.0 / sqrt(ss / double(K) + double(eps)));
 }
 template <class WT, int U, int R, bool kTwo, bool kNorm, bool kWait, int kRows>

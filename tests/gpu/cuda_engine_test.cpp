@@ -473,8 +473,9 @@ TEST(CudaEngine, Fp8WeightsEqualCpu) {
 // F32, BF16 and FP8 weights with q compression and F32 without, PDL on twice and off once.
 TEST(CudaEngine, ProgrammaticLaunchChangesNoBits) {
   ASSERT_GT(cuda_device_count(), 0);
-  struct PdlScope {
-    ~PdlScope() { cuda_set_pdl(true); }
+  struct PdlScope {  // the setting the process started with (DSV3_CUDA_PDL) comes back
+    bool was = cuda_set_pdl(true);
+    ~PdlScope() { cuda_set_pdl(was); }
   } restore;
   ModelConfig no_q_lora = preset_config("tiny");
   no_q_lora.q_lora_rank = std::nullopt;

@@ -1,5 +1,7 @@
 #include "backend/cuda/pdl.h"
 
+#include <utility>
+
 #include "backend/cuda/pdl.cuh"
 
 namespace dsv3 {
@@ -14,6 +16,6 @@ bool& pdl_flag() {
 bool pdl_enabled() { return pdl_flag(); }
 }  // namespace cuda
 
-void cuda_set_pdl(bool on) { cuda::pdl_flag() = on; }
+bool cuda_set_pdl(bool on) { return std::exchange(cuda::pdl_flag(), on); }
 
 }  // namespace dsv3

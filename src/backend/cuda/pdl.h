@@ -5,6 +5,6 @@
 
 namespace dsv3 {
 
-void cuda_set_pdl(bool on);
+bool cuda_set_pdl(bool on);  // returns the previous setting
 
 }  // namespace dsv3
