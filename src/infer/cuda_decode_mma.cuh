@@ -420,13 +420,13 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) gemv_rows_kernel(GemvArg
   }
 }
 
-// Work item blockIdx.y of the grouping: group e, the item's first grouped position c0 and its n
-// picks (at most kChunk).
+// Work item i of the grouping: group e, the item's first grouped position c0 and its n picks (at
+// most kChunk).
 struct ExpertItem {
   int e, c0, n;
 };
-__device__ __forceinline__ ExpertItem expert_item(const ExpertArgs& a) {
-  const int e = a.items[2 * blockIdx.y], c0 = a.offsets[e] + a.items[2 * blockIdx.y + 1];
+__device__ __forceinline__ ExpertItem expert_item(const ExpertArgs& a, int i) {
+  const int e = a.items[2 * i], c0 = a.offsets[e] + a.items[2 * i + 1];
   return {e, c0, min(kChunk, a.offsets[e + 1] - c0)};
 }
 
@@ -474,7 +474,7 @@ __global__ void __launch_bounds__(32 * kMmaWarps, 2) expert_mma_kernel(ExpertArg
   }
   if (int(blockIdx.y) >= a.items[2 * a.max_items]) return;  // CTA-uniform
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2;
-  const auto [e, c0, n] = expert_item(a);
+  const auto [e, c0, n] = expert_item(a, int(blockIdx.y));
   const int rbs = kMmaWarps / ks, rb = warp / ks, kw = warp - rb * ks;
   const int r0 = (int(blockIdx.x) * rbs + rb) * 16;
   const float* xr[1] = {expert_x_row<kGateUp>(a, c0, gq, n)};
@@ -495,41 +495,42 @@ __global__ void __launch_bounds__(32 * kMmaWarps, 2) expert_mma_kernel(ExpertArg
   expert_store<kGateUp>(a, red, kMmaWarps, rbs, ks, c0, n, int(blockIdx.x) * rbs * 16, a.rows_out);
 }
 
-// The tensor-core expert kernel for K ≤ 16·BPW k-blocks: a CTA of kExpRowWarps warps takes work item
-// blockIdx.y and a range of rows_per_cta weight rows, in steps of 16·(kExpRowWarps / ks) rows; warp
-// (rb, kw) owns k-blocks kw, kw + ks, … (BPW of them). The item's x fragments (its ≤ 8 rows, split
-// once) stay in registers for the whole range, the next step's weights load while a step is
-// multiplied, and each step's partial sums meet in a double-buffered shared array (one barrier per
-// step). So the dependent reads of a work item (items, offsets, order, x) are paid once per range,
-// not once per 16 rows. Gate/up waits first (its items come from the kernel before it); down reads
-// its items (the grouping two kernels back, complete by now: pdl.cuh) and loads its first step's
-// weights before waiting for act.
+// The tensor-core expert kernel for K ≤ 16·BPW k-blocks. The work is the flat sequence of (work
+// item, step) pairs, items in order, each step 16·(kExpRowWarps / ks) weight rows of the item's
+// group; CTA i takes the i-th of gridDim.x equal parts of it. The item count is read on the device,
+// so every CTA gets the same number of steps (±1) whatever the routing did: a grid of work items ×
+// row ranges sized for the most items a step can have left ~15 of the H200's 132 SMs idle at
+// bench-0.7b's batch 32 and some CTAs a step more than others. Warp (rb, kw) owns k-blocks kw, kw + ks, … (BPW
+// of them). An item's x fragments (its ≤ 8 rows, split once) stay in registers while its steps
+// last, the next step's weights (across an item boundary too) load while a step is multiplied, and
+// each step's partial sums meet in a double-buffered shared array (one barrier per step). Gate/up
+// waits first (its items come from the kernel before it); down reads its items (the grouping two
+// kernels back, complete by now: pdl.cuh) and loads its first step's weights before waiting for act.
 template <bool kGateUp, int BPW, bool kF8>
-__global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_rows_kernel(ExpertArgs a, int ks, int rows_per_cta) {
+__global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_rows_kernel(ExpertArgs a, int ks) {
   extern __shared__ float red[];  // [2][kGateUp ? 2 : 1][kExpRowWarps][kMmaStash<1>]
   if constexpr (kGateUp) {
     pdl_wait();
     pdl_trigger();
   }
-  if (int(blockIdx.y) >= a.items[2 * a.max_items]) return;  // CTA-uniform
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2;
-  const auto [e, c0, n] = expert_item(a);
   const int rbs = kExpRowWarps / ks, rb = warp / ks, kw = warp - rb * ks;
   const int nkb = (a.K + kMmaKb - 1) / kMmaKb;
-  const int r_begin = int(blockIdx.x) * rows_per_cta, r_end = min(a.rows_out, r_begin + rows_per_cta);
-  if (r_begin >= r_end) return;  // CTA-uniform
-  const float* xr = expert_x_row<kGateUp>(a, c0, gq, n);
-  const char* A = reinterpret_cast<const char*>(a.w0[e]);
-  const char* B = kGateUp ? reinterpret_cast<const char*>(a.w1[e]) : nullptr;
+  const int step_rows = 16 * rbs, steps = (a.rows_out + step_rows - 1) / step_rows;
+  const int count = a.items[2 * a.max_items];
+  const int64_t total = int64_t(count) * steps;
+  const int f_begin = int(total * blockIdx.x / gridDim.x), f_end = int(total * (blockIdx.x + 1) / gridDim.x);
+  if (f_begin >= f_end) return;  // CTA-uniform; the last CTA's part is never empty, so one CTA waits
   const size_t row_bytes = size_t(a.K) * (kF8 ? 1 : 2);
-  const int step_rows = 16 * rbs, steps = (r_end - r_begin + step_rows - 1) / step_rows;
   MmaBlock cur[BPW], curb[kGateUp ? BPW : 1], nxt[BPW], nxtb[kGateUp ? BPW : 1];
   // FP8: each block's scale (a step's, and the next step's while it loads).
   float sc[BPW] = {}, scb[BPW] = {}, nsc[BPW] = {}, nscb[BPW] = {};
-  // Rows past the last are read as the last row again; their sums are not stored.
-  auto load = [&](int s, MmaBlock (&w)[BPW], MmaBlock (&wb)[kGateUp ? BPW : 1], float (&ws)[BPW],
+  // Step s of group e. Rows past the last are read as the last row again; their sums are not stored.
+  auto load = [&](int e, int s, MmaBlock (&w)[BPW], MmaBlock (&wb)[kGateUp ? BPW : 1], float (&ws)[BPW],
                   float (&wbs)[BPW]) {
-    const int r0 = r_begin + s * step_rows + rb * 16;
+    const char* A = reinterpret_cast<const char*>(a.w0[e]);
+    const char* B = kGateUp ? reinterpret_cast<const char*>(a.w1[e]) : nullptr;
+    const int r0 = s * step_rows + rb * 16;
     const size_t lo = size_t(min(r0 + gq, a.rows_out - 1)) * row_bytes,
                  hi = size_t(min(r0 + gq + 8, a.rows_out - 1)) * row_bytes;
     const int64_t srow = int64_t(min(r0, a.rows_out - 1) / 128) * a.lds;
@@ -543,17 +544,27 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_rows_kernel(Exper
       }
     }
   };
-  load(0, cur, curb, sc, scb);
+  MmaX xf[BPW];
+  auto load_x = [&](const ExpertItem& it) {
+    const float* xr = expert_x_row<kGateUp>(a, it.c0, gq, it.n);
+#pragma unroll
+    for (int j = 0; j < BPW; ++j) mma_load_x(xf[j], kw + j * ks < nkb ? xr : nullptr, kw + j * ks, a.K);
+  };
+  int item = f_begin / steps, s = f_begin - item * steps;
+  ExpertItem it = expert_item(a, item);
+  load(it.e, s, cur, curb, sc, scb);
+  // The next item, read while this one's steps run: a step that crosses to it issues its weight
+  // loads without waiting for the item list.
+  ExpertItem next = item + 1 < count ? expert_item(a, item + 1) : it;
   if constexpr (!kGateUp) {
     pdl_wait();  // act comes from the gate/up kernel
     pdl_trigger();
   }
-  MmaX xf[BPW];
-#pragma unroll
-  for (int j = 0; j < BPW; ++j) mma_load_x(xf[j], kw + j * ks < nkb ? xr : nullptr, kw + j * ks, a.K);
+  load_x(it);
   constexpr int kMats = kGateUp ? 2 : 1;
-  for (int s = 0; s < steps; ++s) {
-    if (s + 1 < steps) load(s + 1, nxt, nxtb, nsc, nscb);
+  for (int f = f_begin; f < f_end; ++f) {
+    const bool more = f + 1 < f_end, cross = s + 1 == steps;  // CTA-uniform
+    if (more) load(cross ? next.e : it.e, cross ? 0 : s + 1, nxt, nxtb, nsc, nscb);
     float ga[1][4] = {}, ub[1][4] = {};
 #pragma unroll
     for (int j = 0; j < BPW; ++j) {
@@ -575,18 +586,26 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_rows_kernel(Exper
         if constexpr (kGateUp) mma_block(ub[0], curb[j], xf[j]);
       }
     }
-    float* buf = red + (s & 1) * kMats * kExpRowWarps * kMmaStash<1>;
+    if (more && cross) load_x(next);  // the MMAs above have read xf; the loads overlap the epilogue
+    float* buf = red + ((f - f_begin) & 1) * kMats * kExpRowWarps * kMmaStash<1>;
     mma_stash<1>(buf + warp * kMmaStash<1>, ga);
     if constexpr (kGateUp) mma_stash<1>(buf + (kExpRowWarps + warp) * kMmaStash<1>, ub);
     __syncthreads();
-    expert_store<kGateUp>(a, buf, kExpRowWarps, rbs, ks, c0, n, r_begin + s * step_rows, r_end);
-    if (s + 1 < steps) {
+    expert_store<kGateUp>(a, buf, kExpRowWarps, rbs, ks, it.c0, it.n, s * step_rows, a.rows_out);
+    if (more) {
 #pragma unroll
       for (int j = 0; j < BPW; ++j) {
         cur[j] = nxt[j];
         if constexpr (kGateUp) curb[j] = nxtb[j];
         sc[j] = nsc[j];
         scb[j] = nscb[j];
+      }
+      if (cross) {
+        it = next;
+        if (++item + 1 < count) next = expert_item(a, item + 1);
+        s = 0;
+      } else {
+        ++s;
       }
     }
   }

@@ -190,9 +190,9 @@ template <class WT, bool kGateUp, int R> void launch_expert(int U, dim3 grid, in
 }
 // gate/up: one row of each per warp (two weight streams); down: two rows per warp when they pair up.
 // Grid: weight-row blocks × the most work items a step can have.
-// expert_rows_kernel when its k-blocks fit (gate/up: one per warp and step, down: two), row ranges
-// sized so the items' CTAs about fill the SMs once. DSV3_DECODE_MMA_ROWS_KERNEL=0 keeps
-// expert_mma_kernel (for comparison).
+// expert_rows_kernel when its k-blocks fit (gate/up: one per warp and step, down: two): one CTA per
+// SM (a CTA's 16 warps take its registers), each a part of all items' steps. DSV3_DECODE_MMA_ROWS_KERNEL=0
+// keeps expert_mma_kernel (for comparison).
 template <bool kF8> bool launch_expert_rows(bool gate_up, const ExpertArgs& a) {
   static const bool on = [] {
     const char* e = std::getenv("DSV3_DECODE_MMA_ROWS_KERNEL");
@@ -202,15 +202,15 @@ template <bool kF8> bool launch_expert_rows(bool gate_up, const ExpertArgs& a) {
   int ks = 1;
   while (ks * bpw < nkb) ks *= 2;
   if (!on || ks > kExpRowWarps) return false;
-  const int step_rows = 16 * (kExpRowWarps / ks), steps = (a.rows_out + step_rows - 1) / step_rows;
-  const int ranges = std::clamp((sm_count() + a.max_items - 1) / a.max_items, 1, steps);
-  const int rows_per_cta = (steps + ranges - 1) / ranges * step_rows;
-  const dim3 grid(unsigned((a.rows_out + rows_per_cta - 1) / rows_per_cta), unsigned(a.max_items));
+  const int64_t step_rows = 16 * (kExpRowWarps / ks), steps = (a.rows_out + step_rows - 1) / step_rows;
+  DSV3_CHECK(steps * a.max_items <= INT32_MAX, "cuda_moe_forward: ", a.max_items, " work items × ", steps,
+             " steps exceed the expert kernel's step index");
+  const dim3 grid(unsigned(std::min<int64_t>(sm_count(), steps * a.max_items)));
   const size_t smem = size_t(2) * (gate_up ? 2 : 1) * kExpRowWarps * kMmaStash<1> * sizeof(float);
   if (gate_up)
-    launch_pdl(expert_rows_kernel<true, 1, kF8>, grid, dim3(32 * kExpRowWarps), smem, a, ks, rows_per_cta);
+    launch_pdl(expert_rows_kernel<true, 1, kF8>, grid, dim3(32 * kExpRowWarps), smem, a, ks);
   else
-    launch_pdl(expert_rows_kernel<false, 2, kF8>, grid, dim3(32 * kExpRowWarps), smem, a, ks, rows_per_cta);
+    launch_pdl(expert_rows_kernel<false, 2, kF8>, grid, dim3(32 * kExpRowWarps), smem, a, ks);
   return true;
 }
 

@@ -222,9 +222,11 @@ TEST(CudaEngine, SyncFreePathEqualsCpuOnRandomTiny) {
 // The grouped MoE (the backend's router, grouping, experts, combine, residual) against the
 // CPU's moe_forward on one MoE layer of the tiny preset, with a router bias that changes the picks;
 // also with V3's routing shape (256 experts, top-8 in 8 groups top-4: the grouping kernel's warps
-// then take several experts each and its scan several chunks of 32), and at hidden 1152 with
-// experts 2112 wide (the tensor-core k-loop kernels). F32, BF16 and FP8 experts (E4M3 with block
-// scales, as V3's release; the CPU dequantizes them).
+// then take several experts each and its scan several chunks of 32), at bench-0.7b's expert shape
+// (hidden 1024, 32 experts 512 wide: the row-range expert kernels' CTAs take many steps each, their
+// parts crossing from one work item to the next), and at hidden 1152 with experts 2112 wide (the
+// tensor-core k-loop kernels). F32, BF16 and FP8 experts (E4M3 with block scales, as V3's release;
+// the CPU dequantizes them).
 TEST(CudaEngine, GroupedMoeEqualsCpuMoeForward) {
   ASSERT_GT(cuda_device_count(), 0);
   CudaBackend& be = cuda_backend();
@@ -235,6 +237,10 @@ TEST(CudaEngine, GroupedMoeEqualsCpuMoeForward) {
   v3_routing.topk_group = 4;
   v3_routing.num_hidden_layers = 3;
   v3_routing.num_nextn_predict_layers = 0;
+  ModelConfig bench_like = preset_config("bench-0.7b");
+  bench_like.num_hidden_layers = 3;
+  bench_like.num_nextn_predict_layers = 0;
+  bench_like.vocab_size = 512;
   // Hidden 1152 and experts 2112 wide: beyond the row-range expert kernels' k-blocks, the k-loop ones.
   ModelConfig wide = v3_routing;
   wide.hidden_size = 1152;
@@ -243,9 +249,9 @@ TEST(CudaEngine, GroupedMoeEqualsCpuMoeForward) {
   wide.num_experts_per_tok = 2;
   wide.n_group = 1;
   wide.topk_group = 1;
-  for (const ModelConfig& cfg : {preset_config("tiny"), v3_routing, wide}) {
+  for (const ModelConfig& cfg : {preset_config("tiny"), v3_routing, bench_like, wide}) {
     for (DType wt : {DType::F32, DType::BF16, DType::F8_E4M3}) {
-      if (cfg.hidden_size == wide.hidden_size && wt == DType::F32) continue;  // no tensor cores for F32
+      if (cfg.hidden_size >= bench_like.hidden_size && wt == DType::F32) continue;  // no tensor cores for F32
       SCOPED_TRACE(cat(cfg.n_routed_experts, " experts, hidden ", cfg.hidden_size, ", ", dtype_name(wt)));
       Weights host = Weights::random(cfg, 5, 0.05f);
       for (Param& p : host.params())
