@@ -344,14 +344,16 @@ __global__ void __launch_bounds__(32 * kMmaWarps, 2) gemv_mma_kernel(GemvArgs g,
   gemv_store<NT>(g, red, int(blockIdx.x) * rbs, rbs, ks, total);
 }
 
-// The tensor-core GEMV for K ≤ 16 k-blocks (one per warp): a CTA of nw ≤ kExpRowWarps warps (the
-// launch's choice, a multiple of ks) takes a range of steps of 16·(nw / ks) weight rows and its
-// ≤ 8·NT rows of x (gemv_part: beyond 32 rows x's fragments would not fit the registers); warp
-// (rb, kw) multiplies k-block kw of row block rb. Its x fragments (every
-// n-tile, split once) stay in registers while the rows' head is the same, the next step's weights
-// load while a step is multiplied, and each step's partial sums meet in a double-buffered shared
-// array (one barrier per step), added in warp order.
-template <int NT, bool kF8>
+// The tensor-core GEMV for K ≤ 16·kRounds k-blocks: a CTA of nw ≤ kExpRowWarps warps (the launch's
+// choice, a multiple of ks) takes a range of steps of 16·(nw / ks) weight rows and its ≤ 8·NT rows
+// of x (gemv_part: beyond 32 rows x's fragments would not fit the registers); warp (rb, kw)
+// multiplies k-blocks kw, kw + ks, … (kRounds of them) of row block rb. With one round its x
+// fragments (every n-tile, split once) stay in registers while the rows' head is the same; with
+// two (bench-0.7b's o_proj, K 2048) they are loaded for every round, one launch where two launches
+// of 16 k-blocks, the second adding into y, cost a launch and an epilogue more. The next (step,
+// round)'s weights load while one is multiplied, and each step's partial sums meet in a
+// double-buffered shared array (one barrier per step), added in warp order.
+template <int NT, bool kF8, int kRounds>
 __global__ void __launch_bounds__(32 * kExpRowWarps, 1) gemv_rows_kernel(GemvArgs g, int ks, int steps_per_cta) {
   extern __shared__ float red[];  // [2][nw][kMmaStash<NT>]
   gemv_part<NT>(g);
@@ -362,8 +364,8 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) gemv_rows_kernel(GemvArg
   const int s_begin = int(blockIdx.x) * steps_per_cta, s_end = min(all_steps, s_begin + steps_per_cta);
   const size_t row_bytes = size_t(g.ldw ? g.ldw : g.K) * (kF8 ? 1 : 2);
   // This warp's row block in step s: its weight rows g, g + 8 (past the last: the last again), head
-  // and (FP8) the scale of its k-block.
-  auto rows_of = [&](int s, const char*& lo, const char*& hi, float& scale) {
+  // and (FP8) the scale of k-block kb.
+  auto rows_of = [&](int s, int kb, const char*& lo, const char*& hi, float& scale) {
     const int r0 = min((s * rbs + rb) * 16, total - 1);
     const bool second = r0 >= g.n_out;
     const int jr = second ? r0 - g.n_out : r0, rows = second ? g.n_out2 : g.n_out;
@@ -371,52 +373,61 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) gemv_rows_kernel(GemvArg
     lo = W + size_t(min(jr + gq, rows - 1)) * row_bytes;
     hi = W + size_t(min(jr + gq + 8, rows - 1)) * row_bytes;
     if constexpr (kF8)
-      scale = mma_scale(second ? g.scale2 + (jr / 128) * g.ld_scale2 : g.scale + (jr / 128) * g.ld_scale, kw, nkb);
+      scale = mma_scale(second ? g.scale2 + (jr / 128) * g.ld_scale2 : g.scale + (jr / 128) * g.ld_scale, kb, nkb);
     return second ? 0 : jr / g.head_rows;
   };
   MmaBlock cur, nxt;
   const char *lo, *hi;
   float scale = 1.0f, next_scale = 1.0f;
-  int head = rows_of(s_begin, lo, hi, scale);
+  int head = rows_of(s_begin, kw, lo, hi, scale);
   mma_load<kF8>(cur, lo, hi, kw, nkb, g.K);
   pdl_wait();  // x (and y, when accumulating) come from the previous kernels
   pdl_trigger();
   MmaX xf[NT];
-  auto load_x = [&](int h) {
+  auto load_x = [&](int h, int kb) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const int q = nt * 8 + gq;
-      mma_load_x(xf[nt], q < g.n && kw < nkb ? g.x + int64_t(h) * g.head_x + int64_t(q) * g.ldx : nullptr, kw, g.K);
+      mma_load_x(xf[nt], q < g.n && kb < nkb ? g.x + int64_t(h) * g.head_x + int64_t(q) * g.ldx : nullptr, kb, g.K);
     }
   };
   int x_head = head;
-  load_x(head);
+  if constexpr (kRounds == 1) load_x(head, kw);
   for (int s = s_begin; s < s_end; ++s) {
-    int next_head = head;
-    if (s + 1 < s_end) {
-      next_head = rows_of(s + 1, lo, hi, next_scale);
-      mma_load<kF8>(nxt, lo, hi, kw, nkb, g.K);
-    }
-    if (head != x_head) {  // warp-uniform: a new head's slice of x
-      load_x(head);
-      x_head = head;
-    }
-    mma_expand<kF8>(cur);
     float c[NT][4] = {};
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) mma_block(c[nt], cur, xf[nt]);
-    if constexpr (kF8)
+    for (int r = 0; r < kRounds; ++r) {
+      int next_head = head;
+      const bool last = r + 1 == kRounds;
+      if (!last || s + 1 < s_end) {
+        next_head = rows_of(last ? s + 1 : s, kw + (last ? 0 : r + 1) * ks, lo, hi, next_scale);
+        mma_load<kF8>(nxt, lo, hi, kw + (last ? 0 : r + 1) * ks, nkb, g.K);
+      }
+      if (kRounds > 1 || head != x_head) {  // warp-uniform: this round's (or a new head's) slice of x
+        load_x(head, kw + r * ks);
+        x_head = head;
+      }
+      mma_expand<kF8>(cur);
+      if constexpr (kF8) {
+        float t[NT][4] = {};
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
+        for (int nt = 0; nt < NT; ++nt) mma_block(t[nt], cur, xf[nt]);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) c[nt][i] *= scale;
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) c[nt][i] = r == 0 ? t[nt][i] * scale : fmaf(scale, t[nt][i], c[nt][i]);
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mma_block(c[nt], cur, xf[nt]);
+      }
+      cur = nxt;
+      head = next_head;
+      scale = next_scale;
+    }
     float* buf = red + ((s - s_begin) & 1) * nw * kMmaStash<NT>;
     mma_stash<NT>(buf + warp * kMmaStash<NT>, c);
     __syncthreads();
     gemv_store<NT>(g, buf, s * rbs, rbs, ks, total);
-    cur = nxt;
-    head = next_head;
-    scale = next_scale;
   }
 }
 

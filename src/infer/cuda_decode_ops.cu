@@ -218,8 +218,9 @@ template <int NT, bool kF8> void launch_gemv_mma_nt(const GemvArgs& g) {
   launch_pdl(gemv_mma_kernel<NT, kF8>, dim3(unsigned(ctas), unsigned((g.n + 8 * NT - 1) / (8 * NT))), dim3(32 * kMmaWarps),
              size_t(kMmaWarps) * kMmaStash<NT> * sizeof(float), g, ks);
 }
-// gemv_rows_kernel when K fits its warps (≤ 16 k-blocks); x in parts of 32 rows (its registers)
-// along the grid's y, the steps per CTA sized for all parts together. Warps per
+// gemv_rows_kernel when K fits its warps (≤ 16 k-blocks; with more than 8 rows of x, ≤ 32 in two
+// rounds); x in parts of 32 rows (its registers) along the grid's y, the steps per CTA sized for
+// all parts together. Warps per
 // CTA: the most (up to kExpRowWarps) that still give every SM a step, else ks (the most CTAs): a
 // CTA's steps cost its warps' instructions in turn, so fewer warps per CTA spread a GEMV of few
 // steps over more SMs (bench-0.7b's W_UK and W_UV at 32 rows were 32 steps of 16 warps on 32 of the
@@ -227,13 +228,14 @@ template <int NT, bool kF8> void launch_gemv_mma_nt(const GemvArgs& g) {
 // with 2 and 4 warps). Splitting K over the CTAs of a cluster as well (partial sums through
 // distributed shared memory) measured slower for every GEMV of the step (q_a + kv_a 10.8 -> 15.6 us,
 // o_proj 16 -> 37 us) and was dropped. Step ranges sized so the CTAs about fill the SMs once
-// (16 / nw CTAs of nw warps per SM). DSV3_DECODE_MMA_GEMV_ROWS=0 keeps gemv_mma_kernel.
-template <int NT, bool kF8>
+// (16 / nw CTAs of nw warps per SM). DSV3_DECODE_MMA_GEMV_ROWS=0 keeps gemv_mma_kernel;
+// DSV3_DECODE_GEMV_ROUNDS=1 keeps one round (K beyond 16 k-blocks in slices of 16, one launch each).
+template <int NT, bool kF8, int kRounds>
 void launch_gemv_rows_nt(const GemvArgs& g, int ks, int nw, int steps_per_cta, int ctas, int x_parts) {
   const size_t smem = size_t(2) * kExpRowWarps * kMmaStash<NT> * sizeof(float);
-  static const bool once = (allow_smem(gemv_rows_kernel<NT, kF8>, smem), true);
+  static const bool once = (allow_smem(gemv_rows_kernel<NT, kF8, kRounds>, smem), true);
   (void)once;
-  launch_pdl(gemv_rows_kernel<NT, kF8>, dim3(unsigned(ctas), unsigned(x_parts)), dim3(32 * nw),
+  launch_pdl(gemv_rows_kernel<NT, kF8, kRounds>, dim3(unsigned(ctas), unsigned(x_parts)), dim3(32 * nw),
              size_t(2) * nw * kMmaStash<NT> * sizeof(float), g, ks, steps_per_cta);
 }
 bool gemv_rows_on() {
@@ -243,11 +245,20 @@ bool gemv_rows_on() {
   }();
   return on;
 }
+int gemv_max_rounds() {
+  static const int n = [] {
+    const char* e = std::getenv("DSV3_DECODE_GEMV_ROUNDS");
+    return e && std::string(e) == "1" ? 1 : 2;
+  }();
+  return n;
+}
 template <bool kF8> bool launch_gemv_rows(const GemvArgs& g) {
   const int nkb = (g.K + kMmaKb - 1) / kMmaKb;
   int ks = 1;
   while (ks < nkb) ks *= 2;
-  if (!gemv_rows_on() || ks > kExpRowWarps || g.n > kCudaGemvMaxRows) return false;
+  const int rounds = ks > kExpRowWarps && g.n > 8 ? ks / kExpRowWarps : 1;
+  if (rounds > 1) ks = kExpRowWarps;
+  if (!gemv_rows_on() || ks > kExpRowWarps || rounds > gemv_max_rounds() || g.n > kCudaGemvMaxRows) return false;
   const int x_parts = (g.n + 31) / 32;  // beyond 32 rows of x: CTAs of 32 rows each (gemv_rows_kernel)
   const int64_t rows = int64_t(g.n_out) + g.n_out2;
   auto steps_for = [&](int nw) { return (rows + 16 * (nw / ks) - 1) / (16 * (nw / ks)); };
@@ -258,24 +269,27 @@ template <bool kF8> bool launch_gemv_rows(const GemvArgs& g) {
   const int64_t per = std::max<int64_t>(1, (steps + slots - 1) / slots);
   const int64_t ctas = (steps + per - 1) / per;
   DSV3_CHECK(ctas <= INT32_MAX, "cuda_rows_gemv: ", g.n_out + g.n_out2, " output rows exceed one launch");
-  if (g.n <= 8)
-    launch_gemv_rows_nt<1, kF8>(g, ks, nw, int(per), int(ctas), x_parts);
+  const int p = int(per), c = int(ctas);
+  if (rounds == 2)
+    g.n <= 16 ? launch_gemv_rows_nt<2, kF8, 2>(g, ks, nw, p, c, x_parts) : launch_gemv_rows_nt<4, kF8, 2>(g, ks, nw, p, c, x_parts);
+  else if (g.n <= 8)
+    launch_gemv_rows_nt<1, kF8, 1>(g, ks, nw, p, c, x_parts);
   else if (g.n <= 16)
-    launch_gemv_rows_nt<2, kF8>(g, ks, nw, int(per), int(ctas), x_parts);
+    launch_gemv_rows_nt<2, kF8, 1>(g, ks, nw, p, c, x_parts);
   else
-    launch_gemv_rows_nt<4, kF8>(g, ks, nw, int(per), int(ctas), x_parts);
+    launch_gemv_rows_nt<4, kF8, 1>(g, ks, nw, p, c, x_parts);
   return true;
 }
-// K beyond gemv_rows_kernel's 16 k-blocks (bench-0.7b's o_proj, K 2048, at 9–128 rows) as slices of
-// 16 k-blocks, each a gemv_rows launch, the later ones adding into y (in order: each waits for the
-// one before). gemv_mma_kernel takes such a GEMV in one launch, but a warp there reloads x for every
-// k-block it multiplies. DSV3_DECODE_GEMV_KSLICES=0 keeps it, as DSV3_DECODE_MMA_GEMV_ROWS=0 does.
+// K beyond gemv_rows_kernel's reach (16 k-blocks, or 32 in two rounds; up to four times that) as
+// slices of its reach, each a gemv_rows launch, the later ones adding into y (in order: each waits
+// for the one before). gemv_mma_kernel takes such a GEMV in one launch, but a warp there reloads x
+// for every k-block it multiplies. DSV3_DECODE_GEMV_KSLICES=0 keeps it, as DSV3_DECODE_MMA_GEMV_ROWS=0 does.
 template <bool kF8> bool launch_gemv_kslices(const GemvArgs& g) {
   static const bool on = [] {
     const char* e = std::getenv("DSV3_DECODE_GEMV_KSLICES");
     return !(e && std::string(e) == "0");
   }();
-  constexpr int kSlice = kExpRowWarps * kMmaKb;
+  const int kSlice = gemv_max_rounds() * kExpRowWarps * kMmaKb;
   if (!on || !gemv_rows_on() || g.n <= 8 || g.n > kCudaGemvMaxRows || g.W2 || g.head_rows < g.n_out || g.ldw ||
       g.K <= kSlice || g.K > 4 * kSlice)
     return false;

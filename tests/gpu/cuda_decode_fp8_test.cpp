@@ -40,18 +40,19 @@ Fp8Weight fp8_weight(int64_t M, int64_t K, uint64_t seed) {
 }
 
 // K 144 and 1024: the row-range GEMV (one k-block per warp; 144 ends in a partial k-block and a
-// partial scale block); 2240: its K slices at 9–128 rows (the k-loop GEMV otherwise); 4608 (beyond
-// four slices): the k-loop GEMV. 300 outputs: three 128-row scale blocks, the last partial.
+// partial scale block); 1552: two rounds of k-blocks per warp at 9–128 rows (each block's own
+// scale), 2240: K slices of two rounds and one (the k-loop GEMV otherwise); 9216 (beyond four
+// slices): the k-loop GEMV. 300 outputs: three 128-row scale blocks, the last partial.
 TEST(DecodeFp8, SmallLinearEqualsReference) {
   ASSERT_GT(cuda_device_count(), 0);
-  for (int64_t K : {144, 1024, 2240, 4608})
+  for (int64_t K : {144, 1024, 1552, 2240, 9216})
     for (int64_t M : {37, 300}) {
       const Fp8Weight f = fp8_weight(M, K, 40 + uint64_t(K + M));
       EXPECT_FALSE(cuda_small_linear_fuses_norm(f.p));
       for (int64_t n : {1, 3, 8, 12, 19, 32, 64, 100})
         for (bool acc : {false, true}) {
           // the k-loop kernel: fewer row counts (100: two CTAs of 64 rows along the grid's y)
-          if (K == 4608 && n != 3 && n != 12 && n != 32 && n != 100) continue;
+          if (K == 9216 && n != 3 && n != 12 && n != 32 && n != 100) continue;
           SCOPED_TRACE(cat("K ", K, " outputs ", M, " rows ", n, acc ? " accumulate" : ""));
           expect_small_linear_matches(f.p, f.deq, randn({n, K}, 41, uint64_t(n)), randn({n, M}, 42, uint64_t(n)),
                                       acc);
@@ -60,13 +61,13 @@ TEST(DecodeFp8, SmallLinearEqualsReference) {
 }
 
 // Two FP8 weights in one call (q_a with kv_a), each with its own scales: one launch (the row-range
-// GEMV at K 512, the k-loop one at K 2112), or two when the first
+// GEMV at K 512, in two rounds at K 1552 from 9 rows, the k-loop one at K 2112), or two when the first
 // weight's rows are no multiple of 16 (136); and weights that do not qualify (a K of no multiple of
 // 16, missing or misshapen scales) are refused.
 TEST(DecodeFp8, PairAndRefusals) {
   ASSERT_GT(cuda_device_count(), 0);
   CudaBackend& be = cuda_backend();
-  for (int64_t K : {512, 2112})
+  for (int64_t K : {512, 1552, 2112})
     for (int64_t M : {144, 136})
       for (int64_t n : {1, 32, 40, 100}) {
         SCOPED_TRACE(cat("K ", K, ", ", M, " + 40 outputs, ", n, " rows"));
@@ -100,12 +101,12 @@ TEST(DecodeFp8, PairAndRefusals) {
 
 // The per-head form (the absorbed W_UKᵀ / W_UV): output row (h, i) reads x's head-h slice and
 // writes y[q, h·head_y + i]; heads of 48 rows, so scale blocks straddle heads (scales follow the
-// global row). The row-range GEMV (K 128, 12 rows) and the k-loop one (K 1040, 12 and 40 rows); the
-// columns between heads' outputs stay untouched.
+// global row). The row-range GEMV (K 128, 12 rows; K 1040 in two rounds, 12 and 40 rows) and the
+// k-loop one (K 2112); the columns between heads' outputs stay untouched.
 TEST(DecodeFp8, HeadsEqualReference) {
   ASSERT_GT(cuda_device_count(), 0);
   const int64_t nh = 3, head_rows = 48, head_y = 56;
-  for (int64_t K : {128, 1040})
+  for (int64_t K : {128, 1040, 2112})
     for (int64_t n : {12, 40}) {
       if (K == 128 && n == 40) continue;
       SCOPED_TRACE(cat("K ", K, ", ", n, " rows"));

@@ -387,19 +387,23 @@ TEST(CudaEngine, RowRangeGemvWithSeveralRowBlocksPerCtaEqualsReference) {
   expect_small_linear_matches(p, randn({32, 128}, 12, 1), randn({32, 8448}, 12, 2), false);
 }
 
-// K beyond the row-range GEMV's 16 k-blocks at 9–100 rows: slices of 1,024 columns, the later ones
-// adding into y (K 2,240: two whole slices and a partial one), also on top of y's contents; beyond
-// 32 rows each slice's x in two parts along the grid's y.
-TEST(CudaEngine, RowRangeGemvInKSlicesEqualsReference) {
+// K beyond the row-range GEMV's 16 k-blocks at 9–100 rows: two rounds of k-blocks per warp up to
+// 32 (K 1,552: the second round's last k-block partial and half the warps without one; 2,048:
+// bench-0.7b's o_proj), beyond that slices of 2,048 columns, the later ones adding into y (2,240:
+// a two-round slice and a one-round one), also on top of y's contents; beyond 32 rows x in two
+// parts along the grid's y.
+TEST(CudaEngine, RowRangeGemvInRoundsAndKSlicesEqualsReference) {
   ASSERT_GT(cuda_device_count(), 0);
   const MmaRows setting(1);
-  LinearParam p;
-  p.w = cuda_backend().to_device(randn({96, 2240}, 13, 0).to(DType::BF16));
-  for (int64_t n : {9, 32, 40, 64, 100})
-    for (bool acc : {false, true}) {
-      SCOPED_TRACE(cat(n, " rows", acc ? ", accumulating" : ""));
-      expect_small_linear_matches(p, randn({n, 2240}, 13, uint64_t(n)), randn({n, 96}, 14, uint64_t(n)), acc);
-    }
+  for (int64_t K : {1552, 2048, 2240}) {
+    LinearParam p;
+    p.w = cuda_backend().to_device(randn({96, K}, 13, uint64_t(K)).to(DType::BF16));
+    for (int64_t n : {9, 32, 40, 64, 100})
+      for (bool acc : {false, true}) {
+        SCOPED_TRACE(cat("K ", K, ", ", n, " rows", acc ? ", accumulating" : ""));
+        expect_small_linear_matches(p, randn({n, K}, 13, uint64_t(n)), randn({n, 96}, 14, uint64_t(n)), acc);
+      }
+  }
 }
 
 // Decode steps of 40 and 100 rows (as many sequences) on the GEMV kernels (x in parts of 32 rows)
