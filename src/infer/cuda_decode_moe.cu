@@ -188,8 +188,6 @@ template <class WT, bool kGateUp, int R> void launch_expert(int U, dim3 grid, in
     default: launch_expert_u<WT, kGateUp, 8, R>(grid, rows, a); break;
   }
 }
-// gate/up: one row of each per warp (two weight streams); down: two rows per warp when they pair up.
-// Grid: weight-row blocks × the most work items a step can have.
 // expert_rows_kernel when its k-blocks fit (gate/up: one per warp and step, down: two): one CTA per
 // SM (a CTA's 16 warps take its registers), each a part of all items' steps. DSV3_DECODE_MMA_ROWS_KERNEL=0
 // keeps expert_mma_kernel (for comparison).
@@ -214,7 +212,9 @@ template <bool kF8> bool launch_expert_rows(bool gate_up, const ExpertArgs& a) {
   return true;
 }
 
-// The F32-FMA expert kernels (F32 or BF16 weights).
+// The F32-FMA expert kernels (F32 or BF16 weights). gate/up: one row of each per warp (two weight
+// streams); down: two rows per warp when they pair up. Grid: weight-row blocks × the most work
+// items a step can have.
 template <class WT> void launch_experts_fma(bool gate_up, int64_t N, const ExpertArgs& a) {
   const int R = gate_up || a.rows_out % 2 != 0 ? 1 : 2;
   const int U = vectors_per_lane(a.K / kVecCols<WT>);
