@@ -224,7 +224,8 @@ TEST(CudaEngine, SyncFreePathEqualsCpuOnRandomTiny) {
 // also with V3's routing shape (256 experts, top-8 in 8 groups top-4: the grouping kernel's warps
 // then take several experts each and its scan several chunks of 32), at bench-0.7b's expert shape
 // (hidden 1024, 32 experts 512 wide: the row-range expert kernels' CTAs take many steps each, their
-// parts crossing from one work item to the next), and at hidden 1152 with experts 2112 wide (the
+// parts crossing from one work item to the next) and beside it hidden 1008 with experts 528 wide
+// (the down kernel's last step of each item partial, its last k-block too), and at hidden 1152 with experts 2112 wide (the
 // tensor-core k-loop kernels). F32, BF16 and FP8 experts (E4M3 with block scales, as V3's release;
 // the CPU dequantizes them).
 TEST(CudaEngine, GroupedMoeEqualsCpuMoeForward) {
@@ -241,6 +242,9 @@ TEST(CudaEngine, GroupedMoeEqualsCpuMoeForward) {
   bench_like.num_hidden_layers = 3;
   bench_like.num_nextn_predict_layers = 0;
   bench_like.vocab_size = 512;
+  ModelConfig partial_steps = bench_like;
+  partial_steps.hidden_size = 1008;
+  partial_steps.moe_intermediate_size = 528;
   // Hidden 1152 and experts 2112 wide: beyond the row-range expert kernels' k-blocks, the k-loop ones.
   ModelConfig wide = v3_routing;
   wide.hidden_size = 1152;
@@ -249,10 +253,11 @@ TEST(CudaEngine, GroupedMoeEqualsCpuMoeForward) {
   wide.num_experts_per_tok = 2;
   wide.n_group = 1;
   wide.topk_group = 1;
-  for (const ModelConfig& cfg : {preset_config("tiny"), v3_routing, bench_like, wide}) {
+  for (const ModelConfig& cfg : {preset_config("tiny"), v3_routing, bench_like, partial_steps, wide}) {
     for (DType wt : {DType::F32, DType::BF16, DType::F8_E4M3}) {
-      if (cfg.hidden_size >= bench_like.hidden_size && wt == DType::F32) continue;  // no tensor cores for F32
-      SCOPED_TRACE(cat(cfg.n_routed_experts, " experts, hidden ", cfg.hidden_size, ", ", dtype_name(wt)));
+      if (cfg.hidden_size >= partial_steps.hidden_size && wt == DType::F32) continue;  // no tensor cores for F32
+      SCOPED_TRACE(cat(cfg.n_routed_experts, " experts, hidden ", cfg.hidden_size, ", ", cfg.moe_intermediate_size,
+                       " wide, ", dtype_name(wt)));
       Weights host = Weights::random(cfg, 5, 0.05f);
       for (Param& p : host.params())
         if (p.spec.name.find("e_score_correction_bias") != std::string::npos)
@@ -391,7 +396,8 @@ TEST(CudaEngine, RowRangeGemvWithSeveralRowBlocksPerCtaEqualsReference) {
 // 32 (K 1,552: the second round's last k-block partial and half the warps without one; 2,048:
 // bench-0.7b's o_proj), beyond that slices of 2,048 columns, the later ones adding into y (2,240:
 // a two-round slice and a one-round one), also on top of y's contents; beyond 32 rows x in two
-// parts along the grid's y.
+// parts along the grid's y. Two rounds in the per-head form too (K 1,040: x's head slice reloaded
+// per round).
 TEST(CudaEngine, RowRangeGemvInRoundsAndKSlicesEqualsReference) {
   ASSERT_GT(cuda_device_count(), 0);
   const MmaRows setting(1);
@@ -403,6 +409,13 @@ TEST(CudaEngine, RowRangeGemvInRoundsAndKSlicesEqualsReference) {
         SCOPED_TRACE(cat("K ", K, ", ", n, " rows", acc ? ", accumulating" : ""));
         expect_small_linear_matches(p, randn({n, K}, 13, uint64_t(n)), randn({n, 96}, 14, uint64_t(n)), acc);
       }
+  }
+  const int64_t nh = 3, K = 1040, head_rows = 32, head_x = K + 8, head_y = 40;
+  const Tensor w = randn({nh * head_rows, K}, 15, 0).to(DType::BF16);
+  for (int64_t n : {12, 40}) {
+    SCOPED_TRACE(cat("heads, K ", K, ", ", n, " rows"));
+    expect_heads_gemv_matches(cuda_backend().to_device(w), Tensor(), w.to(DType::F32), nh, head_rows, head_x, head_y,
+                              randn({n, nh * head_x}, 16, uint64_t(n)), randn({n, nh * head_y}, 17, uint64_t(n)));
   }
 }
 
