@@ -20,6 +20,11 @@ import collections
 import sys
 
 
+def duration_ns(row):
+    unit = {"ns": 1, "nsecond": 1, "us": 1e3, "usecond": 1e3, "ms": 1e6, "msecond": 1e6}
+    return float(row["Metric Value"].replace(",", "")) * unit.get(row.get("Metric Unit", "ns"), 1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("csv")
@@ -42,9 +47,7 @@ def main():
             continue
         if row.get("Metric Name") != "gpu__time_duration.sum":
             continue
-        unit = row.get("Metric Unit", "ns")
-        v = float(row["Metric Value"].replace(",", ""))
-        v *= {"ns": 1, "nsecond": 1, "us": 1e3, "usecond": 1e3, "ms": 1e6, "msecond": 1e6}.get(unit, 1)
+        v = duration_ns(row)
         name = row["Kernel Name"]
         ns[name] += v
         n[name] += 1
@@ -68,11 +71,10 @@ def list_launches(lines, a):
     rows = [r for r in csv.DictReader(lines) if r.get("Metric Name") == "gpu__time_duration.sum"]
     if not rows:
         sys.exit(f"{a.csv}: no gpu__time_duration.sum rows")
-    unit = {"ns": 1, "nsecond": 1, "us": 1e3, "usecond": 1e3, "ms": 1e6, "msecond": 1e6}
     print(f"{'id':>5} {'kernel':<{a.width}} {'grid':>14} {'block':>14} {'us':>8}")
     total = 0.0
     for r in rows[first:end]:
-        v = float(r["Metric Value"].replace(",", "")) * unit.get(r.get("Metric Unit", "ns"), 1)
+        v = duration_ns(r)
         total += v
         name = r["Kernel Name"]
         short = name if len(name) <= a.width else name[: a.width - 1] + "…"

@@ -5,7 +5,7 @@
 // kernel's tail. Kernels so launched trigger their dependents (pdl_trigger) only after their own
 // wait, so a later kernel's early reads of older outputs stay safe (a kernel launched plainly has
 // no wait and may trigger anywhere: its predecessors had finished before it started). CTAs that
-// return before waiting (the experts' down kernels past the step's work items) are fine as long as
+// return before waiting (the experts' down kernels with no work item or no steps) are fine as long as
 // one CTA of the grid waits: a grid whose CTAs all returned early would complete before its
 // predecessor. The decode path's small kernels each save
 // the launch gap this way. DSV3_CUDA_PDL=0 (or cuda_set_pdl(false), pdl.h) launches them plainly.
