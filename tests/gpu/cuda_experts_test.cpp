@@ -1,6 +1,7 @@
 // experts_forward / experts_backward (model/moe.cpp) on CUDA, where the row blocks' GEMMs go to the
 // backend's lane streams (CudaBackend::begin_lanes) through linear_lowp_grouped: in fp8 the
-// preparations for all blocks run in one launch on the issuing stream before the lanes fork; in bf16
+// preparations for all blocks run in one launch on the issuing stream, then the matmuls in one grouped
+// launch (grouped_fp8_gemm.cu) or, with that turned off, on the lanes; in bf16
 // blocks this small take one linear per block on the lanes (larger ones are batched matmuls:
 // cuda_lowp_grouped_test.cpp). With lanes
 // the outputs, dx and every weight gradient equal those of the same calls with lanes off, bit for
@@ -23,6 +24,7 @@
 
 #include "../backend/harness.h"
 #include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/linear_lowp.h"
 #include "backend/fp8.h"
 #include "backend/tolerance.h"
 #include "model/model.h"
@@ -122,8 +124,14 @@ TEST(CudaExperts, F32MathWithBf16WeightsMatchesCpu) {
 }
 
 TEST(CudaExperts, Fp8LanesEqualSerial) {
-  check(LinearPrecisionMode::Fp8, DType::F32, -1);
-  check(LinearPrecisionMode::Fp8, DType::BF16, -1);
+  const bool before = cuda::grouped_fp8();
+  for (bool grouped : {false, true}) {
+    SCOPED_TRACE(cat("grouped FP8 matmuls ", grouped));
+    cuda::set_grouped_fp8(grouped);
+    check(LinearPrecisionMode::Fp8, DType::F32, -1);
+    check(LinearPrecisionMode::Fp8, DType::BF16, -1);
+  }
+  cuda::set_grouped_fp8(before);
 }
 
 // An Inf in one block's x: on lanes, as serially, that block's outputs are all NaN and every other

@@ -722,6 +722,13 @@ bool cuda_linear_lowp_grouped(const LinearPrecision& p, const GroupedLinearArgs&
                                  ptr<float>(xc.scale) + r0 * kb, r0 + Mlt > M));
     }
     fp8_fprop_prep(ps);
+    std::vector<cuda::Fp8GroupItem> items;
+    for (size_t i = 0; i < n; ++i) {
+      const FpropPrep& q = ps[i];
+      items.push_back({q.q_lt, q.x_scale_lt, q.M_lt, q.w.q, q.w.scale_lt, q.w.ld4,
+                       ptr<float>(a.y) + a.offsets[blocks[i]] * N, q.M, K, true, a.accumulate});
+    }
+    if (cuda::grouped_fp8_gemm(items, N)) return;
     PaddedAdd pad(a.accumulate);
     {
       LaneScope lanes(be, n > 1);
@@ -774,6 +781,15 @@ bool cuda_linear_backward_lowp_grouped(const LinearPrecision& p, const GroupedLi
                                     ptr<float>(xc.scale) + r0 * kbx, want_dx, true, p.pow2_scale));
     }
     fp8_backward_prep(ps);
+    std::vector<cuda::Fp8GroupItem> items;
+    for (size_t i = 0; i < n; ++i) {
+      const BackwardPrep& q = ps[i];
+      items.push_back({q.q2, q.s2_lt, N, q.q3, q.s3_lt, K, ptr<float>(a.dw[blocks[i]]), N, q.ld2, false, true});
+      if (want_dx)
+        items.push_back({q.q1, q.s1_lt, q.M1, q.w.q, q.w.scale_lt, q.w.ld4, ptr<float>(a.dx) + a.offsets[blocks[i]] * K,
+                         q.M, q.ld1, true, a.accumulate_dx});
+    }
+    if (cuda::grouped_fp8_gemm(items, K)) return;
     PaddedAdd pad(a.accumulate_dx);
     {
       LaneScope lanes(be, n > 1);

@@ -54,6 +54,31 @@ bool grouped_wgrad_bf16(const void* dy, const void* x, int64_t N, int64_t K, std
                         std::span<const Tensor> dw);
 int64_t grouped_wgrad_launches();  // launches so far (a test's way to see the path taken)
 
+// One matmul of a grouped FP8 launch (grouped_fp8_gemm.cu), its operands as the preparation
+// launches below write them for cuBLASLt: c[M, N] (+)= a·bᵀ, a [≥ M rows, K] and b [N, K] E4M3
+// row-major with row stride K (a multiple of 128), a's VEC128 scales sa [K/128, sa_ld] (row m's at
+// sa[kb·sa_ld + m], sa_ld ≥ M), b's BLK128x128 scales [⌈N/128⌉, sb_ld] (b_block) or VEC128 scales
+// [K/128, sb_ld]; c F32 with row stride N. Each k-block's partial sum is scaled and added in FP32.
+struct Fp8GroupItem {
+  const void* a = nullptr;
+  const float* sa = nullptr;
+  int64_t sa_ld = 0;
+  const void* b = nullptr;
+  const float* sb = nullptr;
+  int64_t sb_ld = 0;
+  float* c = nullptr;
+  int64_t M = 0, K = 0;
+  bool b_block = true, accumulate = false;
+};
+// Every item's matmul (items with M = 0 skipped), up to 64 per launch on cuda::stream(); the
+// experts' Fprop, and their Dgrad and Wgrad together, in Fp8 mode. False, nothing launched, when it
+// is turned off (DSV3_GROUPED_FP8=0 at start-up, or set_grouped_fp8) or an operand misses the rules
+// above (N a multiple of 16; a, b, c, sa and a per-column sb 16-byte aligned).
+bool grouped_fp8_gemm(std::span<const Fp8GroupItem> items, int64_t N);
+int64_t grouped_fp8_launches();
+void set_grouped_fp8(bool on);
+bool grouped_fp8();
+
 // The FP8 linear layer's GEMM preparation (quantize.cu): one launch per pass (Fprop; Dgrad and Wgrad
 // together) writes every FP8 operand in the form cuBLASLt reads — the reduction dimension zero-padded
 // to 128 by the quantizers themselves, scales in cuBLASLt's layouts (VEC128: [K/128, rows], rows

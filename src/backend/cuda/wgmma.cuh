@@ -1,7 +1,8 @@
 // PTX wrappers for Hopper's warpgroup MMA (wgmma), shared by mla_decode.cu and
 // attention_bf16_wgmma.cu: shared-memory matrix descriptors for the 128-byte swizzled layout, the
 // fences and group waits, and the m64n64k16 / m64n32k16 BF16 shapes with FP32 accumulators (and
-// grouped_wgrad.cu's m64n64k16 with both operands transposed).
+// grouped_wgrad.cu's m64n64k16 with both operands transposed), and grouped_fp8_gemm.cu's E4M3
+// m64n128k32.
 //
 // Layout: an operand tile is cut into panels of 64 BF16 columns (128 bytes per row); each panel
 // holds its rows 128 bytes apart with the 16-byte chunk c of row r at chunk c ^ (r mod 8) (sw()).
@@ -108,6 +109,31 @@ __device__ __forceinline__ void mma_m64n64_rs_tb(float (&d)[8][4], const uint32_
         "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
         "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1)
+      : "memory");
+}
+
+// d (+)= A·B, m64n128k32 with E4M3 operands (FP32 accumulators), both from shared memory, K-major
+// (FP8 wgmma has no transposed forms): 32 codes of K are 32 bytes, so a k32 step advances 32 bytes
+// inside a 128-byte swizzled row as a BF16 k16 step does. d as in mma_m64n64_ss with 16 column groups.
+__device__ __forceinline__ void mma_m64n128k32_e4m3(float (&d)[16][4], uint64_t da, uint64_t db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
+      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),
+        "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),
+        "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]),
+        "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]),
+        "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]),
+        "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]),
+        "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
+        "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]),
+        "+f"(d[15][3])
+      : "l"(da), "l"(db), "r"(accumulate)
       : "memory");
 }
 
