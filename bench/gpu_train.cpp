@@ -164,6 +164,7 @@ struct Run {
   double step_s_attn_before = 0;      // with the mma.sync forward and dk/dv, the dQ matmul in one block
   double step_s_wgrad_per_block = 0;  // with the experts' BF16 Wgrad as one cuBLASLt matmul per expert
   double step_s_fp8_per_expert = 0;   // with the experts' FP8 matmuls as one cuBLASLt matmul per expert
+  double step_s_fp8_rows64 = 0;       // with the grouped FP8 matmuls in 64-row tiles
   std::map<std::string, double> linears;  // per group, per step
   std::map<std::string, double> modules;  // one layer's module, forward / backward (s)
 };
@@ -347,8 +348,11 @@ Run measure(CudaBackend& be, const ModelConfig& cfg, const Weights& host, const 
   if (prec == "bf16" && cuda_grouped_wgrad())
     r.step_s_wgrad_per_block = steps_with([] { cuda_set_grouped_wgrad(false); }, [] { cuda_set_grouped_wgrad(true); });
   // The experts' FP8 matmuls per expert (cuBLASLt on the lanes) instead of the grouped kernel (fp8 only).
-  if (prec == "fp8" && cuda::grouped_fp8())
+  if (prec == "fp8" && cuda::grouped_fp8()) {
     r.step_s_fp8_per_expert = steps_with([] { cuda::set_grouped_fp8(false); }, [] { cuda::set_grouped_fp8(true); });
+    const int rows = cuda::grouped_fp8_rows();
+    r.step_s_fp8_rows64 = steps_with([] { cuda::set_grouped_fp8_rows(64); }, [&] { cuda::set_grouped_fp8_rows(rows); });
+  }
   r.tflops = r.tok_s * fpt / 1e12;
   size_t free_b = 0, total_b = 0;
   cudaMemGetInfo(&free_b, &total_b);
@@ -474,6 +478,9 @@ int main(int argc, char** argv) {
       std::printf("[%s] experts' FP8 matmuls in one grouped launch per pass: %.3f s per step; one cuBLASLt matmul per "
                   "expert on the lanes: %.3f s (%.2fx)\n",
                   p.c_str(), r.step_s, r.step_s_fp8_per_expert, r.step_s_fp8_per_expert / r.step_s);
+    if (r.step_s_fp8_rows64 > 0)
+      std::printf("[%s] grouped FP8 matmuls in tiles of %d rows: %.3f s per step; of 64 rows: %.3f s (%.2fx)\n",
+                  p.c_str(), cuda::grouped_fp8_rows(), r.step_s, r.step_s_fp8_rows64, r.step_s_fp8_rows64 / r.step_s);
     std::printf("[%s] attention core per layer: forward %.4f s, backward %.4f s; x%ld layers = %.3f s per step\n",
                 p.c_str(), r.attn_f, r.attn_b, long(cfg.num_hidden_layers),
                 (r.attn_f + r.attn_b) * double(cfg.num_hidden_layers));
@@ -522,6 +529,8 @@ int main(int argc, char** argv) {
               r.step_s_wgrad_per_block > 0 ? nlohmann::json(r.step_s_wgrad_per_block) : nlohmann::json()},
              {"step_s_experts_fp8_per_expert",
               r.step_s_fp8_per_expert > 0 ? nlohmann::json(r.step_s_fp8_per_expert) : nlohmann::json()},
+             {"step_s_experts_fp8_tiles_64_rows",
+              r.step_s_fp8_rows64 > 0 ? nlohmann::json(r.step_s_fp8_rows64) : nlohmann::json()},
              {"step_s_attention_mma_sync_whole_dq",
               r.step_s_attn_before > 0 ? nlohmann::json(r.step_s_attn_before) : nlohmann::json()},
              {"blocking_calls_per_step", r.blocking},

@@ -3,7 +3,8 @@
 // within kBf16, as cuBLASLt's FP8 GEMM is held (the tensor cores' in-block sums are not FP32-exact;
 // a wrong scale index, tile or operand order gives errors of order 1). Items: partial row and
 // column tiles, one row, an empty item, per-block and per-column weight scales in one launch,
-// accumulate on and off, K from one block to 16, more items than one launch holds; nothing
+// accumulate on and off, K from one block to 16, more items than one launch holds, tiles of 64 and
+// 128 rows; nothing
 // written outside each item's M rows (guard bytes; the padding rows cuBLASLt would compute are
 // not written); NaN scales reach exactly the outputs they multiply.
 #include <gtest/gtest.h>
@@ -98,7 +99,8 @@ Tensor reference(const Item& it, int64_t N) {
   return c;
 }
 
-void run_items(const std::vector<ItemCase>& cases, int64_t N, int64_t launches) {
+void run_items(const std::vector<ItemCase>& cases, int64_t N, int64_t launches, int rows) {
+  SCOPED_TRACE(cat("tiles of ", rows, " rows"));
   CudaBackend& be = cuda_backend();
   Guards g(be);
   std::vector<Item> items;
@@ -106,11 +108,14 @@ void run_items(const std::vector<ItemCase>& cases, int64_t N, int64_t launches) 
   for (size_t i = 0; i < cases.size(); ++i) items.push_back(make_item(be, g, cases[i], N, 300 + i));
   for (Item& it : items) table.push_back(table_item(it));
   const bool before = cuda::grouped_fp8();
+  const int rows_before = cuda::grouped_fp8_rows();
   cuda::set_grouped_fp8(true);
+  cuda::set_grouped_fp8_rows(rows);
   const int64_t l0 = cuda::grouped_fp8_launches();
   ASSERT_TRUE(cuda::grouped_fp8_gemm(table, N));
   EXPECT_EQ(cuda::grouped_fp8_launches() - l0, launches);
   cuda::set_grouped_fp8(before);
+  cuda::set_grouped_fp8_rows(rows_before);
   EXPECT_EQ(g.damaged(), "");
   for (size_t i = 0; i < items.size(); ++i) {
     const Item& it = items[i];
@@ -151,31 +156,34 @@ void run_items(const std::vector<ItemCase>& cases, int64_t N, int64_t launches) 
     }
     EXPECT_EQ(non_finite, 0);
     EXPECT_LE(md / mref, tol::kBf16);
-    ::testing::Test::RecordProperty(cat("norm_err_", i), std::to_string(md / mref));
+    ::testing::Test::RecordProperty(cat("norm_err_", rows, "_", i), std::to_string(md / mref));
   }
 }
 
 TEST(CudaGroupedFp8, EqualsCpuEmulation) {
   ASSERT_GT(cuda_device_count(), 0);
   // N = 400: the last column tile is 16 wide, and the per-block grid's last block partial.
-  run_items({{200, 384, true, false},
-             {1, 128, true, true},
-             {0, 256, true, true},
-             {130, 256, false, false},
-             {513, 2048, true, true},
-             {77, 512, false, true}},
-            400, 1);
-  run_items({{128, 1024, true, false}, {256, 128, false, true}}, 128, 1);
+  for (int rows : {64, 128}) {
+    run_items({{200, 384, true, false},
+               {1, 128, true, true},
+               {0, 256, true, true},
+               {130, 256, false, false},
+               {513, 2048, true, true},
+               {77, 512, false, true}},
+              400, 1, rows);
+    run_items({{128, 1024, true, false}, {256, 128, false, true}}, 128, 1, rows);
+  }
 }
 
 TEST(CudaGroupedFp8, NanScalesReachTheirOutputs) {
   ASSERT_GT(cuda_device_count(), 0);
-  run_items({{40, 256, true, false, 1},
-             {40, 256, true, true, 2},
-             {40, 256, false, false, 2},
-             {40, 256, false, true, 1},
-             {40, 256, true, false}},
-            272, 1);
+  for (int rows : {64, 128})
+    run_items({{40, 256, true, false, 1},
+               {40, 256, true, true, 2},
+               {40, 256, false, false, 2},
+               {40, 256, false, true, 1},
+               {40, 256, true, false}},
+              272, 1, rows);
 }
 
 // 70 items: two launches (64 items each at most).
@@ -183,7 +191,7 @@ TEST(CudaGroupedFp8, MoreItemsThanOneLaunch) {
   ASSERT_GT(cuda_device_count(), 0);
   std::vector<ItemCase> cases;
   for (int i = 0; i < 70; ++i) cases.push_back({(i * 37) % 150 + 1, 128 * (1 + i % 3), i % 2 == 0, i % 3 == 0});
-  run_items(cases, 144, 2);
+  for (int rows : {64, 128}) run_items(cases, 144, 2, rows);
 }
 
 TEST(CudaGroupedFp8, RefusesOperandsOffItsRules) {

@@ -241,6 +241,11 @@ TEST(CudaLowpGrouped, Fp8KernelEqualsCpuEmulation) {
   big.N = 512;
   big.rows = {300, 0, 129, 517, 4, 260};
   check_fp8_kernel(big);
+  const int rows_before = cuda::grouped_fp8_rows();
+  cuda::set_grouped_fp8_rows(rows_before == 64 ? 128 : 64);  // the other tile height
+  check_fp8_kernel(big);
+  check_fp8_kernel({});
+  cuda::set_grouped_fp8_rows(rows_before);
   // A NaN in dy's row 7 (block 0): that block's dx and dw NaN on both sides. (A non-finite x is left
   // to NonFiniteBlockStaysInItsBlock: the CPU's shared copy of x counts it for every block, the
   // GPU's NaN scales mark its own block only.)

@@ -13,6 +13,8 @@
 // Only rows < M_e and columns < N are written, so the rows cuBLASLt pads to 4 need no scratch.
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/linear_lowp.h"
@@ -23,11 +25,18 @@
 namespace dsv3::cuda {
 namespace {
 
-constexpr int kRows = 64, kCols = 128, kStages = 4, kThreads = 128, kMaxItems = 64;
-constexpr int kA = kRows * 128, kB = kCols * 128;  // bytes: rows × one k-block of codes
-constexpr int kStageBytes = kA + kB + 1024;          // A, B, A's row scales, B's column scales
-static_assert(kA % 1024 == 0 && kStageBytes % 1024 == 0, "operands start on the swizzle's 1,024 bytes");
-constexpr size_t kSmem = size_t(kStages) * kStageBytes + 1024;  // + the 1,024-byte alignment
+constexpr int kCols = 128, kThreads = 128, kMaxItems = 64, kB = kCols * 128;
+
+// H 64-row halves per tile (one warpgroup; its MMAs one half at a time into one set of partial
+// accumulators): 64 × 128 tiles in a ring of four stages, or 128 × 128 in a ring of three, which
+// read 24 and 32 KB per k-block for 2 and 4 MFLOP. Two CTAs per SM either way.
+template <int H> struct Shape {
+  static constexpr int rows = 64 * H, stages = H == 1 ? 4 : 3;
+  static constexpr int a = rows * 128;             // bytes: rows × one k-block of codes
+  static constexpr int stage = a + kB + 1024;       // A, B, A's row scales, B's column scales (at +512)
+  static constexpr size_t smem = size_t(stages) * stage + 1024;  // + the 1,024-byte alignment
+  static_assert(a % 1024 == 0 && stage % 1024 == 0, "operands start on the swizzle's 1,024 bytes");
+};
 
 struct Table {
   Fp8GroupItem item[kMaxItems];
@@ -37,7 +46,10 @@ struct Table {
 
 using Acc = float[16][4];
 
+template <int H>
 __global__ void __launch_bounds__(kThreads, 2) fp8_gemm_kernel(const __grid_constant__ Table t) {
+  using S = Shape<H>;
+  constexpr int kRows = S::rows, kStages = S::stages, kA = S::a, kStageBytes = S::stage;
   int i = 0;
   while (int(blockIdx.x) >= t.tile_end[i]) ++i;
   const Fp8GroupItem& it = t.item[i];
@@ -52,9 +64,9 @@ __global__ void __launch_bounds__(kThreads, 2) fp8_gemm_kernel(const __grid_cons
   const int steps = int(K / 128);
 
   // Stage s: k-block s of rows m0.. of A and n0.. of B, 8 chunks of 16 codes per row. A thread
-  // takes chunk c of rows rb + 16·j (2,048 bytes apart when swizzled): 4 of A's, 8 of B's (rows
-  // past M or N zero); threads 0-15 A's 64 row scales, 32-63 B's 128 column scales (per-column
-  // grids only).
+  // takes chunk c of rows rb + 16·j (2,048 bytes apart when swizzled): 4·H of A's, 8 of B's (rows
+  // past M or N zero); threads 0-(16·H − 1) A's row scales, 32-63 B's 128 column scales
+  // (per-column grids only).
   const int c = tid & 7, rb = tid >> 3, off = wgmma::sw(rb, c);
   const int64_t stride = 16 * K;
   const uint8_t* a_row = static_cast<const uint8_t*>(it.a) + (m0 + rb) * K + c * 16;
@@ -62,7 +74,7 @@ __global__ void __launch_bounds__(kThreads, 2) fp8_gemm_kernel(const __grid_cons
   unsigned a_in = 0, b_in = 0;
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
-    a_in |= unsigned(j < 4 && m0 + rb + 16 * j < M) << j;
+    a_in |= unsigned(j < 4 * H && m0 + rb + 16 * j < M) << j;
     b_in |= unsigned(n0 + rb + 16 * j < N) << j;
   }
   // This thread's scale chunk, if any, at k-block 0. Chunks past the grids are not loaded: their
@@ -70,70 +82,75 @@ __global__ void __launch_bounds__(kThreads, 2) fp8_gemm_kernel(const __grid_cons
   const float* s_src = nullptr;
   int64_t s_ld = 0;
   int s_dst = -1;
-  if (tid < 16 && m0 + 4 * tid < sa_ld) {
+  if (tid < 16 * H && m0 + 4 * tid < sa_ld) {
     s_src = it.sa + m0 + 4 * tid;
     s_ld = sa_ld;
     s_dst = kA + kB + tid * 16;
   } else if (tid >= 32 && tid < 64 && !b_block && n0 + 4 * (tid - 32) < N) {
     s_src = it.sb + n0 + 4 * (tid - 32);
     s_ld = sb_ld;
-    s_dst = kA + kB + 256 + (tid - 32) * 16;
+    s_dst = kA + kB + 512 + (tid - 32) * 16;
   }
   auto load = [&](int s, int slot) {
     unsigned char* st = sm + slot * kStageBytes;
     const uint8_t* a_s = a_row + s * 128;
     const uint8_t* b_s = b_row + s * 128;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < 4 * H; ++j, a_s += stride) {
       const bool in = (a_in >> j) & 1u;
-      cp_async16(st + off + j * 2048, in ? a_s + j * stride : a_row, in);
+      cp_async16(st + off + j * 2048, in ? a_s : a_row, in);
     }
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
+    for (int j = 0; j < 8; ++j, b_s += stride) {
       const bool in = (b_in >> j) & 1u;
-      cp_async16(st + kA + off + j * 2048, in ? b_s + j * stride : b_row, in);
+      cp_async16(st + kA + off + j * 2048, in ? b_s : b_row, in);
     }
     if (s_dst >= 0) cp_async16(st + s_dst, s_src + s * s_ld);
   };
-  // k-block s's products into p (wgmma, not waited for).
-  auto issue = [&](int s, Acc& p) {
+  // k-block s's products of rows 64·h.. into p (wgmma, not waited for).
+  auto issue = [&](int s, int h, Acc& p) {
     const uint32_t base = smem_addr(sm + (s % kStages) * kStageBytes);
     wgmma::fence_regs(p);
     wgmma::fence();
 #pragma unroll
     for (int k = 0; k < 4; ++k)
-      wgmma::mma_m64n128k32_e4m3(p, wgmma::desc_k(base + 32 * k), wgmma::desc_k(base + kA + 32 * k), k);
+      wgmma::mma_m64n128k32_e4m3(p, wgmma::desc_k(base + h * 8192 + 32 * k), wgmma::desc_k(base + kA + 32 * k), k);
     wgmma::commit();
   };
-  const int row = 16 * w + g;  // the thread's rows of the tile: row, row + 8
+  const int row = 16 * w + g;  // the thread's rows of each half: row, row + 8
   const float* sb_block = it.sb + (n0 / kCols) * sb_ld;
-  Acc acc, part;
+  Acc acc[H], part;
 #pragma unroll
   for (int j = 0; j < 16; ++j)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[j][e] = part[j][e] = 0.0f;
-  // acc += p·(sa·sb) with k-block s's scales (sb: the block's, when b_block), once its products are in.
-  auto promote = [&](int s, Acc& p, float sb) {
-    wgmma::fence_regs(p);
+    for (int e = 0; e < 4; ++e) {
+      part[j][e] = 0.0f;
+#pragma unroll
+      for (int h = 0; h < H; ++h) acc[h][j][e] = 0.0f;
+    }
+  // acc[h] += p·(sa·sb) with k-block s's scales (sb: the block's, when b_block), once its
+  // products are in.
+  auto promote = [&](int s, Acc& a, const Acc& p, int h, float sb) {
+    wgmma::fence_regs(const_cast<Acc&>(p));
     const float* scales = reinterpret_cast<const float*>(sm + (s % kStages) * kStageBytes + kA + kB);
-    const float sa0 = scales[row], sa1 = scales[row + 8];
+    const float sa0 = scales[64 * h + row], sa1 = scales[64 * h + row + 8];
     if (b_block) {
       const float f0 = sa0 * sb, f1 = sa1 * sb;
 #pragma unroll
       for (int j = 0; j < 16; ++j) {
-        acc[j][0] = fmaf(p[j][0], f0, acc[j][0]);
-        acc[j][1] = fmaf(p[j][1], f0, acc[j][1]);
-        acc[j][2] = fmaf(p[j][2], f1, acc[j][2]);
-        acc[j][3] = fmaf(p[j][3], f1, acc[j][3]);
+        a[j][0] = fmaf(p[j][0], f0, a[j][0]);
+        a[j][1] = fmaf(p[j][1], f0, a[j][1]);
+        a[j][2] = fmaf(p[j][2], f1, a[j][2]);
+        a[j][3] = fmaf(p[j][3], f1, a[j][3]);
       }
     } else {
 #pragma unroll
       for (int j = 0; j < 16; ++j) {
-        const float2 c2 = *reinterpret_cast<const float2*>(scales + 64 + 8 * j + 2 * t4);
-        acc[j][0] = fmaf(p[j][0], sa0 * c2.x, acc[j][0]);
-        acc[j][1] = fmaf(p[j][1], sa0 * c2.y, acc[j][1]);
-        acc[j][2] = fmaf(p[j][2], sa1 * c2.x, acc[j][2]);
-        acc[j][3] = fmaf(p[j][3], sa1 * c2.y, acc[j][3]);
+        const float2 c2 = *reinterpret_cast<const float2*>(scales + 128 + 8 * j + 2 * t4);
+        a[j][0] = fmaf(p[j][0], sa0 * c2.x, a[j][0]);
+        a[j][1] = fmaf(p[j][1], sa0 * c2.y, a[j][1]);
+        a[j][2] = fmaf(p[j][2], sa1 * c2.x, a[j][2]);
+        a[j][3] = fmaf(p[j][3], sa1 * c2.y, a[j][3]);
       }
     }
   };
@@ -148,49 +165,67 @@ __global__ void __launch_bounds__(kThreads, 2) fp8_gemm_kernel(const __grid_cons
     cp_async_wait<kStages - 2>();
     wgmma::fence_async_smem();
     __syncthreads();  // stage s landed for every thread; k-block s − 1 promoted by all, its slot free
-    issue(s, part);
+    issue(s, 0, part);
     if (s + kStages - 1 < steps) load(s + kStages - 1, (s + kStages - 1) % kStages);
     cp_async_commit();
     wgmma::wait<0>();
-    promote(s, part, sb);
+    promote(s, acc[0], part, 0, sb);
+#pragma unroll
+    for (int h = 1; h < H; ++h) {
+      issue(s, h, part);
+      wgmma::wait<0>();
+      promote(s, acc[h], part, h, sb);
+    }
   }
 
   // The tile goes out through shared memory (the ring is free once every warp's last products are
-  // in): acc[j][e] is row `row` + 8·(e >> 1), column 8·j + 2·t4 + (e & 1); then warp w writes rows
-  // w, w + 4, … as whole 512-byte rows, with accumulate every old value loaded before any store.
+  // in): acc[h][j][e] is row 64·h + `row` + 8·(e >> 1), column 8·j + 2·t4 + (e & 1); then warp w
+  // writes rows w, w + 4, … as whole 512-byte rows, 64 rows at a time, with accumulate every old
+  // value loaded before any store.
   constexpr int kLd = kCols + 8;
   static_assert(kRows * kLd * 4 <= kStages * kStageBytes, "the tile fits in the ring");
   float* tile = reinterpret_cast<float*>(sm);
   __syncthreads();
 #pragma unroll
-  for (int half = 0; half < 2; ++half)
+  for (int h = 0; h < H; ++h)
 #pragma unroll
-    for (int j = 0; j < 16; ++j)
-      *reinterpret_cast<float2*>(tile + (row + 8 * half) * kLd + 8 * j + 2 * t4) =
-          make_float2(acc[j][2 * half], acc[j][2 * half + 1]);
+    for (int half = 0; half < 2; ++half)
+#pragma unroll
+      for (int j = 0; j < 16; ++j)
+        *reinterpret_cast<float2*>(tile + (64 * h + row + 8 * half) * kLd + 8 * j + 2 * t4) =
+            make_float2(acc[h][j][2 * half], acc[h][j][2 * half + 1]);
   __syncthreads();
   const int64_t col = n0 + 4 * lane;  // N is a multiple of 16: col < N means col + 3 < N
   if (col >= N) return;
-  float4 v[kRows / 4];
-#pragma unroll
-  for (int q = 0; q < kRows / 4; ++q) v[q] = *reinterpret_cast<const float4*>(tile + (w + 4 * q) * kLd + 4 * lane);
   float* out = it.c + col;
-  if (it.accumulate) {
-    float4 o[kRows / 4];
 #pragma unroll
-    for (int q = 0; q < kRows / 4; ++q)
-      if (m0 + w + 4 * q < M) o[q] = *reinterpret_cast<const float4*>(out + (m0 + w + 4 * q) * N);
+  for (int h = 0; h < H; ++h) {
+    float4 v[16];
 #pragma unroll
-    for (int q = 0; q < kRows / 4; ++q)
-      v[q] = make_float4(o[q].x + v[q].x, o[q].y + v[q].y, o[q].z + v[q].z, o[q].w + v[q].w);
+    for (int q = 0; q < 16; ++q) v[q] = *reinterpret_cast<const float4*>(tile + (64 * h + w + 4 * q) * kLd + 4 * lane);
+    const int64_t r0 = m0 + 64 * h + w;
+    if (it.accumulate) {
+      float4 o[16];
+#pragma unroll
+      for (int q = 0; q < 16; ++q)
+        if (r0 + 4 * q < M) o[q] = *reinterpret_cast<const float4*>(out + (r0 + 4 * q) * N);
+#pragma unroll
+      for (int q = 0; q < 16; ++q)
+        v[q] = make_float4(o[q].x + v[q].x, o[q].y + v[q].y, o[q].z + v[q].z, o[q].w + v[q].w);
+    }
+#pragma unroll
+    for (int q = 0; q < 16; ++q)
+      if (r0 + 4 * q < M) *reinterpret_cast<float4*>(out + (r0 + 4 * q) * N) = v[q];
   }
-#pragma unroll
-  for (int q = 0; q < kRows / 4; ++q)
-    if (m0 + w + 4 * q < M) *reinterpret_cast<float4*>(out + (m0 + w + 4 * q) * N) = v[q];
 }
 
 std::atomic<int64_t> g_launches{0};
 std::atomic<bool> g_on{on_unless_env_zero("DSV3_GROUPED_FP8")};
+// Tile rows: 128 unless DSV3_GROUPED_FP8_ROWS=64 at start-up (or set_grouped_fp8_rows).
+std::atomic<int> g_rows{[] {
+  const char* v = std::getenv("DSV3_GROUPED_FP8_ROWS");
+  return v && std::string(v) == "64" ? 64 : 128;
+}()};
 
 bool fits(const Fp8GroupItem& it, int64_t N) {
   return it.K > 0 && it.K % 128 == 0 && aligned16(it.a) && aligned16(it.b) && aligned16(it.sa) && it.sa_ld % 4 == 0 &&
@@ -204,9 +239,11 @@ bool grouped_fp8_gemm(std::span<const Fp8GroupItem> items, int64_t N) {
   if (!g_on.load() || N <= 0 || N % 16 != 0) return false;
   for (const Fp8GroupItem& it : items)
     if (it.M > 0 && !fits(it, N)) return false;
-  static const bool smem_set = (allow_smem(fp8_gemm_kernel, kSmem), true);
+  const int h = g_rows.load() == 64 ? 1 : 2;
+  static const bool smem_set = (allow_smem(fp8_gemm_kernel<1>, Shape<1>::smem),
+                                allow_smem(fp8_gemm_kernel<2>, Shape<2>::smem), true);
   (void)smem_set;
-  const int64_t tiles_n = (N + kCols - 1) / kCols;
+  const int64_t rows = 64 * h, tiles_n = (N + kCols - 1) / kCols;
   Table t{};
   t.N = N;
   int n = 0;
@@ -214,7 +251,10 @@ bool grouped_fp8_gemm(std::span<const Fp8GroupItem> items, int64_t N) {
   auto launch = [&] {
     if (n == 0) return;
     DSV3_CHECK(tiles <= INT32_MAX, "grouped FP8 GEMM: ", tiles, " tiles exceed the launch grid");
-    fp8_gemm_kernel<<<unsigned(tiles), kThreads, kSmem, stream()>>>(t);
+    if (h == 1)
+      fp8_gemm_kernel<1><<<unsigned(tiles), kThreads, Shape<1>::smem, stream()>>>(t);
+    else
+      fp8_gemm_kernel<2><<<unsigned(tiles), kThreads, Shape<2>::smem, stream()>>>(t);
     check_launch("grouped FP8 GEMM");
     ++g_launches;
     n = 0;
@@ -224,7 +264,7 @@ bool grouped_fp8_gemm(std::span<const Fp8GroupItem> items, int64_t N) {
     if (it.M <= 0) continue;
     if (n == kMaxItems) launch();
     t.item[n] = it;
-    tiles += (it.M + kRows - 1) / kRows * tiles_n;
+    tiles += (it.M + rows - 1) / rows * tiles_n;
     t.tile_end[n] = int(std::min<int64_t>(tiles, INT32_MAX));
     ++n;
   }
@@ -234,6 +274,8 @@ bool grouped_fp8_gemm(std::span<const Fp8GroupItem> items, int64_t N) {
 
 int64_t grouped_fp8_launches() { return g_launches.load(); }
 void set_grouped_fp8(bool on) { g_on.store(on); }
+void set_grouped_fp8_rows(int rows) { g_rows.store(rows == 64 ? 64 : 128); }
+int grouped_fp8_rows() { return g_rows.load(); }
 bool grouped_fp8() { return g_on.load(); }
 
 }  // namespace dsv3::cuda

@@ -78,6 +78,9 @@ bool grouped_fp8_gemm(std::span<const Fp8GroupItem> items, int64_t N);
 int64_t grouped_fp8_launches();
 void set_grouped_fp8(bool on);
 bool grouped_fp8();
+// Its tile height, 64 or 128 rows (128 unless DSV3_GROUPED_FP8_ROWS=64 at start-up).
+void set_grouped_fp8_rows(int rows);
+int grouped_fp8_rows();
 
 // The FP8 linear layer's GEMM preparation (quantize.cu): one launch per pass (Fprop; Dgrad and Wgrad
 // together) writes every FP8 operand in the form cuBLASLt reads — the reduction dimension zero-padded
