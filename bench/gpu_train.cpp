@@ -351,7 +351,8 @@ Run measure(CudaBackend& be, const ModelConfig& cfg, const Weights& host, const 
   if (prec == "fp8" && cuda::grouped_fp8()) {
     r.step_s_fp8_per_expert = steps_with([] { cuda::set_grouped_fp8(false); }, [] { cuda::set_grouped_fp8(true); });
     const int rows = cuda::grouped_fp8_rows();
-    r.step_s_fp8_rows64 = steps_with([] { cuda::set_grouped_fp8_rows(64); }, [&] { cuda::set_grouped_fp8_rows(rows); });
+    if (rows != 64)
+      r.step_s_fp8_rows64 = steps_with([] { cuda::set_grouped_fp8_rows(64); }, [&] { cuda::set_grouped_fp8_rows(rows); });
   }
   r.tflops = r.tok_s * fpt / 1e12;
   size_t free_b = 0, total_b = 0;

@@ -4,7 +4,7 @@
 // a wrong scale index, tile or operand order gives errors of order 1). Items: partial row and
 // column tiles, one row, an empty item, per-block and per-column weight scales in one launch,
 // accumulate on and off, K from one block to 16, more items than one launch holds, tiles of 64 and
-// 128 rows; nothing
+// 128 rows, scale grids with longer leading dimensions; nothing
 // written outside each item's M rows (guard bytes; the padding rows cuBLASLt would compute are
 // not written); NaN scales reach exactly the outputs they multiply.
 #include <gtest/gtest.h>
@@ -37,6 +37,7 @@ struct ItemCase {
   int64_t M, K;
   bool b_block, accumulate;
   int nan = 0;  // 1: a's scale of row 3, k-block 0; 2: b's scale of column block 1 (or column 5), k-block 0
+  int64_t extra_ld = 0;  // added to the scale grids' leading dimensions (a's, and b's per-column one)
 };
 
 struct Item {
@@ -62,7 +63,7 @@ Item make_item(CudaBackend& be, Guards& g, const ItemCase& c, int64_t N, uint64_
   // Device layouts: a's scales [kb, M rounded up to 4] (the padding rows' scale 1, as the
   // preparation writes it), b's per-block grid with its rows ld4 apart, per-column [kb, N].
   it.dev_qa = be.to_device(it.qa);
-  it.dev_sa = be.to_device(transposed(it.sa, round_up(it.sa.dim(0), 4), 1.0f));
+  it.dev_sa = be.to_device(transposed(it.sa, round_up(it.sa.dim(0), 4) + c.extra_ld, 1.0f));
   it.dev_qb = be.to_device(it.qb);
   if (c.b_block) {
     Tensor s = Tensor::empty(DType::F32, {it.sb.dim(0), ld4});
@@ -70,7 +71,7 @@ Item make_item(CudaBackend& be, Guards& g, const ItemCase& c, int64_t N, uint64_
       for (int64_t j = 0; j < ld4; ++j) s.data<float>()[r * ld4 + j] = j < kb ? it.sb.data<float>()[r * kb + j] : 7.0f;
     it.dev_sb = be.to_device(s);
   } else {
-    it.dev_sb = be.to_device(transposed(it.sb, N, 1.0f));
+    it.dev_sb = be.to_device(transposed(it.sb, N + c.extra_ld, 1.0f));
   }
   it.dev_c = c.accumulate ? g.init(it.c0) : g.out(DType::F32, it.c0.shape());
   return it;
@@ -169,7 +170,10 @@ TEST(CudaGroupedFp8, EqualsCpuEmulation) {
                {0, 256, true, true},
                {130, 256, false, false},
                {513, 2048, true, true},
-               {77, 512, false, true}},
+               {77, 512, false, true},
+               {0, 128, false, false},
+               {90, 256, false, true, 0, 12},
+               {45, 384, true, false, 0, 20}},
               400, 1, rows);
     run_items({{128, 1024, true, false}, {256, 128, false, true}}, 128, 1, rows);
   }
@@ -200,6 +204,8 @@ TEST(CudaGroupedFp8, RefusesOperandsOffItsRules) {
   Guards g(be);
   Item it = make_item(be, g, {64, 256, true, false}, 128, 9);
   const cuda::Fp8GroupItem t = table_item(it);
+  const bool before = cuda::grouped_fp8();
+  cuda::set_grouped_fp8(true);  // refused for its operands, not because it is off
   const int64_t l0 = cuda::grouped_fp8_launches();
   EXPECT_FALSE(cuda::grouped_fp8_gemm(std::vector<cuda::Fp8GroupItem>{t}, 120));  // N no multiple of 16
   cuda::Fp8GroupItem k = t;
@@ -208,7 +214,13 @@ TEST(CudaGroupedFp8, RefusesOperandsOffItsRules) {
   cuda::Fp8GroupItem a = t;
   a.a = static_cast<const uint8_t*>(t.a) + 8;
   EXPECT_FALSE(cuda::grouped_fp8_gemm(std::vector<cuda::Fp8GroupItem>{a}, 128));
+  cuda::Fp8GroupItem ld = t;
+  ld.sa_ld = 62;  // below M
+  EXPECT_FALSE(cuda::grouped_fp8_gemm(std::vector<cuda::Fp8GroupItem>{ld}, 128));
   EXPECT_EQ(cuda::grouped_fp8_launches(), l0);
+  EXPECT_TRUE(cuda::grouped_fp8_gemm(std::vector<cuda::Fp8GroupItem>{t}, 128));  // the same item, as made
+  EXPECT_EQ(cuda::grouped_fp8_launches(), l0 + 1);
+  cuda::set_grouped_fp8(before);
 }
 
 }  // namespace

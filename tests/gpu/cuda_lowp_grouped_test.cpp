@@ -221,6 +221,9 @@ void check_fp8_kernel(const Case& c) {
   EXPECT_EQ(gpu.damaged, "");
   expect_close(gpu.y, cpu.y, "y", tol::kBf16);
   if (c.dx) expect_close(gpu.dx, cpu.dx, "dx", tol::kBf16);
+  if (c.dx && c.bad_dy_row >= 0) {
+    EXPECT_GT(compare(gpu.dx, to_vec(gpu.dx)).non_finite, 0) << "the bad dy row reaches dx";
+  }
   for (size_t e = 0; e < gpu.dw.size(); ++e) expect_close(gpu.dw[e], cpu.dw[e], cat("dw ", e), tol::kBf16);
 }
 
@@ -246,7 +249,7 @@ TEST(CudaLowpGrouped, Fp8KernelEqualsCpuEmulation) {
   check_fp8_kernel(big);
   check_fp8_kernel({});
   cuda::set_grouped_fp8_rows(rows_before);
-  // A NaN in dy's row 7 (block 0): that block's dx and dw NaN on both sides. (A non-finite x is left
+  // A NaN in dy's row 7 (block 2): that block's dx and dw NaN on both sides. (A non-finite x is left
   // to NonFiniteBlockStaysInItsBlock: the CPU's shared copy of x counts it for every block, the
   // GPU's NaN scales mark its own block only.)
   Case bad;

@@ -4,13 +4,14 @@
 // cuBLASLt took one matmul per expert: on bench-0.7b's FP8 step ~3,200 launches of 8–13 µs (a
 // 2,048 × 512 output fills half the SMs), ~180–270 TFLOP/s.
 //
-// CTA (item, tile) computes a 128 × 128 tile of c_e on Hopper's warpgroup MMA: two warpgroups of
-// 64 rows, one k-block per stage in a ring of four, loaded by cp.async (zero past the item's rows
-// and past N) into 128-byte swizzled rows (a k-block of E4M3 is one such row). Each k-block's
-// products go into a fresh FP32 accumulator that is then scaled and added to the tile's (the
-// recipe's promotion: the tensor cores' in-block sums are not FP32-exact, so a block's partial
-// sum is promoted before the next one starts), in the CPU emulation's order: acc += part·(sa·sb).
-// Only rows < M_e and columns < N are written, so the rows cuBLASLt pads to 4 need no scratch.
+// CTA (item, tile) computes a 128 × 128 (or 64 × 128) tile of c_e on Hopper's warpgroup MMA with
+// one warpgroup, one k-block per stage in a ring of three (four), loaded by cp.async (zero past
+// the item's rows and past N) into 128-byte swizzled rows (a k-block of E4M3 is one such row).
+// Each k-block's products go into fresh FP32 accumulators that are then scaled and added to the
+// tile's (the recipe's promotion: the tensor cores' in-block sums are not FP32-exact, so a block's
+// partial sum is promoted before the next one starts): acc += part·(sa·sb), the CPU emulation's
+// order, with the multiply and add fused. Only rows < M_e and columns < N are written, so the rows
+// cuBLASLt pads to 4 need no scratch.
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>

@@ -73,7 +73,8 @@ struct Fp8GroupItem {
 // Every item's matmul (items with M = 0 skipped), up to 64 per launch on cuda::stream(); the
 // experts' Fprop, and their Dgrad and Wgrad together, in Fp8 mode. False, nothing launched, when it
 // is turned off (DSV3_GROUPED_FP8=0 at start-up, or set_grouped_fp8) or an operand misses the rules
-// above (N a multiple of 16; a, b, c, sa and a per-column sb 16-byte aligned).
+// above: N a multiple of 16, K a positive multiple of 128; a, b, c, sa and a per-column sb 16-byte
+// aligned; sa_ld ≥ M and a per-column sb_ld ≥ N, both multiples of 4.
 bool grouped_fp8_gemm(std::span<const Fp8GroupItem> items, int64_t N);
 int64_t grouped_fp8_launches();
 void set_grouped_fp8(bool on);
