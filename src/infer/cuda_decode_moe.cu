@@ -192,10 +192,7 @@ template <class WT, bool kGateUp, int R> void launch_expert(int U, dim3 grid, in
 // SM (a CTA's 16 warps take its registers), each a part of all items' steps. DSV3_DECODE_MMA_ROWS_KERNEL=0
 // keeps expert_mma_kernel (for comparison).
 template <bool kF8> bool launch_expert_rows(bool gate_up, const ExpertArgs& a) {
-  static const bool on = [] {
-    const char* e = std::getenv("DSV3_DECODE_MMA_ROWS_KERNEL");
-    return !(e && std::string(e) == "0");
-  }();
+  static const bool on = cuda::on_unless_env_zero("DSV3_DECODE_MMA_ROWS_KERNEL");
   const int nkb = (a.K + kMmaKb - 1) / kMmaKb, bpw = gate_up ? 1 : 2;
   int ks = 1;
   while (ks * bpw < nkb) ks *= 2;

@@ -239,10 +239,7 @@ void launch_gemv_rows_nt(const GemvArgs& g, int ks, int nw, int steps_per_cta, i
              size_t(2) * nw * kMmaStash<NT> * sizeof(float), g, ks, steps_per_cta);
 }
 bool gemv_rows_on() {
-  static const bool on = [] {
-    const char* e = std::getenv("DSV3_DECODE_MMA_GEMV_ROWS");
-    return !(e && std::string(e) == "0");
-  }();
+  static const bool on = cuda::on_unless_env_zero("DSV3_DECODE_MMA_GEMV_ROWS");
   return on;
 }
 int gemv_max_rounds() {
@@ -285,10 +282,7 @@ template <bool kF8> bool launch_gemv_rows(const GemvArgs& g) {
 // for the one before). gemv_mma_kernel takes such a GEMV in one launch, but a warp there reloads x
 // for every k-block it multiplies. DSV3_DECODE_GEMV_KSLICES=0 keeps it, as DSV3_DECODE_MMA_GEMV_ROWS=0 does.
 template <bool kF8> bool launch_gemv_kslices(const GemvArgs& g) {
-  static const bool on = [] {
-    const char* e = std::getenv("DSV3_DECODE_GEMV_KSLICES");
-    return !(e && std::string(e) == "0");
-  }();
+  static const bool on = cuda::on_unless_env_zero("DSV3_DECODE_GEMV_KSLICES");
   const int kSlice = gemv_max_rounds() * kExpRowWarps * kMmaKb;
   if (!on || !gemv_rows_on() || g.n <= 8 || g.n > kCudaGemvMaxRows || g.W2 || g.head_rows < g.n_out || g.ldw ||
       g.K <= kSlice || g.K > 4 * kSlice)

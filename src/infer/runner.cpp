@@ -136,10 +136,7 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
     linear(q_first, h1, first);              // [N, q_lora] or [N, nh·qk]
     linear(a.kv_a_proj_with_mqa, h1, kv_a);  // [N, kv_lora + rope]
   }
-  // Whether a kernel launch came after kv_a's producer (then cuda_kv_latent may read kv_a early).
-  [[maybe_unused]] bool launched_since_kv_a = false;
   if (d_.q_lora > 0) {
-    launched_since_kv_a = true;  // q_b's launches, below
     bool q_b_done = false;
 #ifdef DSV3_HAVE_CUDA
     q_b_done = fuse_norms && cuda_small_linear_ok(a.q_b_proj, first) && cuda_small_linear_fuses_norm(a.q_b_proj);
@@ -153,8 +150,9 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
   if (be_.device() == Device::CUDA && sync_free_) {  // q's RoPE too
     c_kv_n = be_.alloc(DType::F32, {N, d_.kv_lora});
     const RopeTables& t = rope_.tables();
+    // With q_lora, q_b's launches came after kv_a's producer, so cuda_kv_latent may read kv_a early.
     cuda_kv_latent(kv_a, a.kv_a_layernorm, d_.eps_mla, positions, t.cos, t.sin, d_.rope_interleaved, c_kv_n, k_pe,
-                   &q, d_.nope, launched_since_kv_a);
+                   &q, d_.nope, d_.q_lora > 0);
     latent_done = true;
   }
 #endif

@@ -129,10 +129,10 @@ __global__ void __launch_bounds__(kThreads, 2) fp8_gemm_kernel(const __grid_cons
 #pragma unroll
       for (int h = 0; h < H; ++h) acc[h][j][e] = 0.0f;
     }
-  // acc[h] += p·(sa·sb) with k-block s's scales (sb: the block's, when b_block), once its
-  // products are in.
-  auto promote = [&](int s, Acc& a, const Acc& p, int h, float sb) {
-    wgmma::fence_regs(const_cast<Acc&>(p));
+  // a += p·(sa·sb) with k-block s's scales for rows 64·h.. (sb: the block's, when b_block), once
+  // p's products are in.
+  auto promote = [&](int s, int h, Acc& a, Acc& p, float sb) {
+    wgmma::fence_regs(p);
     const float* scales = reinterpret_cast<const float*>(sm + (s % kStages) * kStageBytes + kA + kB);
     const float sa0 = scales[64 * h + row], sa1 = scales[64 * h + row + 8];
     if (b_block) {
@@ -166,16 +166,15 @@ __global__ void __launch_bounds__(kThreads, 2) fp8_gemm_kernel(const __grid_cons
     cp_async_wait<kStages - 2>();
     wgmma::fence_async_smem();
     __syncthreads();  // stage s landed for every thread; k-block s − 1 promoted by all, its slot free
-    issue(s, 0, part);
-    if (s + kStages - 1 < steps) load(s + kStages - 1, (s + kStages - 1) % kStages);
-    cp_async_commit();
-    wgmma::wait<0>();
-    promote(s, acc[0], part, 0, sb);
 #pragma unroll
-    for (int h = 1; h < H; ++h) {
+    for (int h = 0; h < H; ++h) {  // the halves in turn, through the one set of partial accumulators
       issue(s, h, part);
+      if (h == 0) {  // the next stage's loads while the first half's products are computed
+        if (s + kStages - 1 < steps) load(s + kStages - 1, (s + kStages - 1) % kStages);
+        cp_async_commit();
+      }
       wgmma::wait<0>();
-      promote(s, acc[h], part, h, sb);
+      promote(s, h, acc[h], part, sb);
     }
   }
 
@@ -251,7 +250,6 @@ bool grouped_fp8_gemm(std::span<const Fp8GroupItem> items, int64_t N) {
   int64_t tiles = 0;
   auto launch = [&] {
     if (n == 0) return;
-    DSV3_CHECK(tiles <= INT32_MAX, "grouped FP8 GEMM: ", tiles, " tiles exceed the launch grid");
     if (h == 1)
       fp8_gemm_kernel<1><<<unsigned(tiles), kThreads, Shape<1>::smem, stream()>>>(t);
     else
@@ -266,7 +264,8 @@ bool grouped_fp8_gemm(std::span<const Fp8GroupItem> items, int64_t N) {
     if (n == kMaxItems) launch();
     t.item[n] = it;
     tiles += (it.M + rows - 1) / rows * tiles_n;
-    t.tile_end[n] = int(std::min<int64_t>(tiles, INT32_MAX));
+    DSV3_CHECK(tiles <= INT32_MAX, "grouped FP8 GEMM: ", tiles, " tiles exceed the launch grid");
+    t.tile_end[n] = int(tiles);
     ++n;
   }
   launch();

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <memory>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -537,6 +538,42 @@ class LaneRuns {
   std::vector<int64_t> lane_, end_;
 };
 
+// The grouped FP8 calls' matmuls one cuBLASLt call per block, where the grouped kernel is off or
+// refuses the operands: gemm(i, out, accumulate) for block i on the lanes in contiguous runs
+// (LaneRuns), out its rows of c (W columns each, from c + offsets[blocks[i]]·W) or, when its
+// padding rows would run past its lane's run or be added into c, scratch rows that one PaddedAdd
+// then writes into c. c null: gemm writes elsewhere, nothing is padded.
+template <class F>
+void lt_blocks_on_lanes(std::span<const size_t> blocks, std::span<const int64_t> offsets, float* c, int64_t W,
+                        bool accumulate, F gemm) {
+  const size_t n = blocks.size();
+  const LaneRuns runs(blocks, offsets);
+  std::vector<size_t> bytes(n, 0);
+  bool padded = false;
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t r0 = offsets[blocks[i]], rows = offsets[blocks[i] + 1] - r0, rows_lt = round_up(rows, 4);
+    if (c && !runs.writes(i, rows, rows_lt, r0, accumulate)) bytes[i] = size_t(rows_lt * W) * 4, padded = true;
+  }
+  std::optional<Carve> scratch;
+  if (padded) scratch.emplace(bytes);
+  PaddedAdd pad(accumulate);
+  {
+    LaneScope lanes(cuda_backend(), n > 1);
+    for (size_t i = 0; i < n; ++i) {
+      lanes(runs.lane(i));
+      const int64_t r0 = offsets[blocks[i]];
+      float* out = c ? c + r0 * W : nullptr;
+      if (bytes[i] == 0) {
+        gemm(i, out, accumulate);
+        continue;
+      }
+      pad.add(scratch->at<float>(i), out, (offsets[blocks[i] + 1] - r0) * W);
+      gemm(i, scratch->at<float>(i), false);
+    }
+  }
+  pad.flush();
+}
+
 // Bf16 mode: the blocks' products as cuBLASLt pointer-array batches. Each block's rows are cut into
 // chunks of kBf16Chunk rows, one batch written in place; a block's last Me % kBf16Chunk rows are the
 // tail of a chunk that ends with the block (or starts at row 0, for the first rows of x), a second
@@ -699,25 +736,19 @@ bool cuda_linear_lowp_grouped(const LinearPrecision& p, const GroupedLinearArgs&
     return false;
   const int64_t M = a.x.dim(0), K = a.x.dim(1), N = a.w[0].dim(0), kb = K / kFp8Block;
   if (K % kFp8Block != 0 || !lt_rows_ok(N)) return false;
-  CudaBackend& be = cuda_backend();
-  constexpr size_t kPieces = kFpropPieces + 1;  // and the output rows of a padded matmul
   each_group(a.offsets, [&](std::span<const size_t> blocks) {
     const size_t n = blocks.size();
-    const LaneRuns runs(blocks, a.offsets);
     std::vector<size_t> bytes;
-    std::vector<bool> direct(n);
     for (size_t i = 0; i < n; ++i) {
-      const int64_t r0 = a.offsets[blocks[i]], Me = a.offsets[blocks[i] + 1] - r0, Mlt = round_up(Me, 4);
-      direct[i] = runs.writes(i, Me, Mlt, r0, a.accumulate);
+      const int64_t r0 = a.offsets[blocks[i]], Mlt = round_up(a.offsets[blocks[i] + 1] - r0, 4);
       fprop_bytes(bytes, N, K, Mlt, r0 + Mlt > M);
-      bytes.push_back(direct[i] ? 0 : size_t(Mlt * N) * 4);
     }
     const Carve buf(bytes);
     std::vector<FpropPrep> ps;
     for (size_t i = 0; i < n; ++i) {
       const size_t e = blocks[i];
       const int64_t r0 = a.offsets[e], Me = a.offsets[e + 1] - r0, Mlt = round_up(Me, 4);
-      ps.push_back(fprop_prep_in(buf, kPieces * i, a.w[e], a.w_scale_inv.empty() ? Tensor() : a.w_scale_inv[e],
+      ps.push_back(fprop_prep_in(buf, kFpropPieces * i, a.w[e], a.w_scale_inv.empty() ? Tensor() : a.w_scale_inv[e],
                                  p.pow2_scale, Me, Mlt, nullptr, ptr<uint8_t>(xc.q) + r0 * K,
                                  ptr<float>(xc.scale) + r0 * kb, r0 + Mlt > M));
     }
@@ -729,20 +760,10 @@ bool cuda_linear_lowp_grouped(const LinearPrecision& p, const GroupedLinearArgs&
                        ptr<float>(a.y) + a.offsets[blocks[i]] * N, q.M, K, true, a.accumulate});
     }
     if (cuda::grouped_fp8_gemm(items, N)) return;
-    PaddedAdd pad(a.accumulate);
-    {
-      LaneScope lanes(be, n > 1);
-      for (size_t i = 0; i < n; ++i) {
-        lanes(runs.lane(i));
-        const FpropPrep& q = ps[i];
-        float* out = ptr<float>(a.y) + a.offsets[blocks[i]] * N;
-        float* scratch = buf.at<float>(kPieces * i + kFpropPieces);
-        if (!direct[i]) pad.add(scratch, out, q.M * N);
-        fp8_gemm_lt(q.q_lt, q.x_scale_lt, q.M_lt, q.w.q, q.w.scale_lt, true, N, K, direct[i] ? out : scratch,
-                    direct[i] && a.accumulate);
-      }
-    }
-    pad.flush();
+    lt_blocks_on_lanes(blocks, a.offsets, ptr<float>(a.y), N, a.accumulate, [&](size_t i, float* out, bool acc) {
+      const FpropPrep& q = ps[i];
+      fp8_gemm_lt(q.q_lt, q.x_scale_lt, q.M_lt, q.w.q, q.w.scale_lt, true, N, K, out, acc);
+    });
   });
   return true;
 }
@@ -754,31 +775,23 @@ bool cuda_linear_backward_lowp_grouped(const LinearPrecision& p, const GroupedLi
       xc.q.dtype() != DType::F8_E4M3 || !xc.scale.defined())
     return false;
   const Tensor dy = mat(a.dy);
-  const int64_t M = dy.dim(0), N = dy.dim(1), K = a.w[0].dim(1), kbx = ceil_div(K, kFp8Block);
+  const int64_t N = dy.dim(1), K = a.w[0].dim(1), kbx = ceil_div(K, kFp8Block);
   if (!lt_rows_ok(K) || N % 4 != 0) return false;
   const bool want_dx = present(a.dx);
-  CudaBackend& be = cuda_backend();
-  constexpr size_t kPieces = kBackwardPieces + 1;  // and the dx rows of a padded matmul
   each_group(a.offsets, [&](std::span<const size_t> blocks) {
     const size_t n = blocks.size();
-    const LaneRuns runs(blocks, a.offsets);
     std::vector<size_t> bytes;
-    std::vector<bool> direct(n);
-    for (size_t i = 0; i < n; ++i) {
-      const size_t e = blocks[i];
-      const int64_t Me = a.offsets[e + 1] - a.offsets[e], M1 = round_up(Me, 4);
-      direct[i] = runs.writes(i, Me, M1, a.offsets[e], a.accumulate_dx);
-      backward_bytes(bytes, Me, N, K, want_dx, true);
-      bytes.push_back(want_dx && !direct[i] ? size_t(M1 * K) * 4 : 0);
-    }
+    for (size_t i = 0; i < n; ++i)
+      backward_bytes(bytes, a.offsets[blocks[i] + 1] - a.offsets[blocks[i]], N, K, want_dx, true);
     const Carve buf(bytes);
     std::vector<BackwardPrep> ps;
     for (size_t i = 0; i < n; ++i) {
       const size_t e = blocks[i];
       const int64_t r0 = a.offsets[e];
-      ps.push_back(backward_prep_in(buf, kPieces * i, dy.data<float>() + r0 * N, a.offsets[e + 1] - r0, N, K, a.w[e],
-                                    a.w_scale_inv.empty() ? Tensor() : a.w_scale_inv[e], ptr<uint8_t>(xc.q) + r0 * K,
-                                    ptr<float>(xc.scale) + r0 * kbx, want_dx, true, p.pow2_scale));
+      ps.push_back(backward_prep_in(buf, kBackwardPieces * i, dy.data<float>() + r0 * N, a.offsets[e + 1] - r0, N, K,
+                                    a.w[e], a.w_scale_inv.empty() ? Tensor() : a.w_scale_inv[e],
+                                    ptr<uint8_t>(xc.q) + r0 * K, ptr<float>(xc.scale) + r0 * kbx, want_dx, true,
+                                    p.pow2_scale));
     }
     fp8_backward_prep(ps);
     std::vector<cuda::Fp8GroupItem> items;
@@ -790,22 +803,12 @@ bool cuda_linear_backward_lowp_grouped(const LinearPrecision& p, const GroupedLi
                          q.M, q.ld1, true, a.accumulate_dx});
     }
     if (cuda::grouped_fp8_gemm(items, K)) return;
-    PaddedAdd pad(a.accumulate_dx);
-    {
-      LaneScope lanes(be, n > 1);
-      for (size_t i = 0; i < n; ++i) {
-        lanes(runs.lane(i));
-        const BackwardPrep& q = ps[i];
-        fp8_gemm_lt(q.q2, q.s2_lt, N, q.q3, q.s3_lt, false, K, q.ld2, ptr<float>(a.dw[blocks[i]]), true);
-        if (!want_dx) continue;
-        float* out = ptr<float>(a.dx) + a.offsets[blocks[i]] * K;
-        float* scratch = buf.at<float>(kPieces * i + kBackwardPieces);
-        if (!direct[i]) pad.add(scratch, out, q.M * K);
-        fp8_gemm_lt(q.q1, q.s1_lt, q.M1, q.w.q, q.w.scale_lt, true, K, q.ld1, direct[i] ? out : scratch,
-                    direct[i] && a.accumulate_dx);
-      }
-    }
-    pad.flush();
+    float* dx = want_dx ? ptr<float>(a.dx) : nullptr;
+    lt_blocks_on_lanes(blocks, a.offsets, dx, K, a.accumulate_dx, [&](size_t i, float* out, bool acc) {
+      const BackwardPrep& q = ps[i];
+      fp8_gemm_lt(q.q2, q.s2_lt, N, q.q3, q.s3_lt, false, K, q.ld2, ptr<float>(a.dw[blocks[i]]), true);
+      if (out) fp8_gemm_lt(q.q1, q.s1_lt, q.M1, q.w.q, q.w.scale_lt, true, K, q.ld1, out, acc);
+    });
   });
   return true;
 }
