@@ -227,7 +227,8 @@ TEST(CudaEngine, SyncFreePathEqualsCpuOnRandomTiny) {
 // parts crossing from one work item to the next) and beside it hidden 1008 with experts 528 wide
 // (the down kernel's last step of each item partial, its last k-block too), and at hidden 1152 with experts 2112 wide (the
 // tensor-core k-loop kernels). F32, BF16 and FP8 experts (E4M3 with block scales, as V3's release;
-// the CPU dequantizes them).
+// the CPU dequantizes them). Steps of 1, 5, 16, 32 and 40 rows: the engine's batch sizes of 16 and
+// 32 (work items of a full kChunk, the shared expert's four) as well as the odd ones.
 TEST(CudaEngine, GroupedMoeEqualsCpuMoeForward) {
   ASSERT_GT(cuda_device_count(), 0);
   CudaBackend& be = cuda_backend();
@@ -276,7 +277,7 @@ TEST(CudaEngine, GroupedMoeEqualsCpuMoeForward) {
       const CudaMoeTables t = cuda_moe_tables(pd.layers[layer].moe);
       EXPECT_TRUE(t.shared);
       EXPECT_EQ(t.wt, wt);
-      for (int64_t N : {1, 5, 40})
+      for (int64_t N : {1, 5, 16, 32, 40})
         // The F32-FMA kernels, and (BF16) the tensor-core ones at every N; FP8 takes the latter always.
         for (int mma : {0, 1}) {
           if (mma && wt != DType::BF16) continue;
