@@ -10,7 +10,7 @@
 # TRAIN_ARGS adds flags to dsv3_bench_gpu_train (e.g. --precisions bf16,fp8 when device time is short).
 # SPEC_MODEL=DIR (a checkpoint with an MTP module, e.g. from `dsv3 train`; SPEC_PROMPT its prompt
 # text) adds MTP speculation at batch 1 on the GPU engine (dsv3_bench_decode --device cuda).
-# STEPS (comma-separated, default all): tests gemm mla hf attention decode chain prefill spec accum
+# STEPS (comma-separated, default all): tests gemm mla hf attention decode chain stream prefill spec accum
 # train memcheck summary. A lease too short for all of them runs them over several calls; the summary reads
 # the JSON of earlier calls from $OUT (copy them there first).
 # Usage: OUT=/some/dir DSV3_COMMIT=$(git rev-parse --short HEAD) [HF=1] [PREBUILT=DIR] bench/gpu.sh
@@ -47,7 +47,7 @@ if [ -z "${PREBUILT:-}" ]; then
   cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSV3_CUDA=ON -DDSV3_CUDA_ARCHS=90a >"$OUT/build.log" 2>&1
   # -k 0: a target that fails to build does not stop the others (each step checks its binary).
   cmake --build build-gpu -j "$jobs" --target dsv3 dsv3_gpu_tests dsv3_bench_gpu_gemm dsv3_bench_gpu_mla_decode dsv3_bench_gpu_train \
-    dsv3_bench_gpu_attention dsv3_bench_gpu_decode dsv3_bench_gpu_chain dsv3_bench_gpu_prefill dsv3_bench_gpu_fp8_accum dsv3_bench_decode \
+    dsv3_bench_gpu_attention dsv3_bench_gpu_decode dsv3_bench_gpu_chain dsv3_bench_gpu_stream dsv3_bench_gpu_prefill dsv3_bench_gpu_fp8_accum dsv3_bench_decode \
     -- -k 0 >>"$OUT/build.log" 2>&1 || { status=1; grep -E "error|FAILED" "$OUT/build.log" | head -30; }
 else
   step "prebuilt binaries from $B"
@@ -86,6 +86,8 @@ bench decode gpu_decode \
   timeout 240 "$B"/dsv3_bench_gpu_decode --hf "$OUT/hf_gpu.json"
 bench chain gpu_chain "dependent launches (the floor kernel boundaries put under a batch-1 decode step of 168 kernels)" \
   timeout 60 "$B"/dsv3_bench_gpu_chain
+bench stream gpu_stream "read orders of the batch-32 experts' weights (bench-0.7b's 33 groups of gate and up; no arithmetic)" \
+  timeout 60 "$B"/dsv3_bench_gpu_stream
 bench prefill gpu_prefill \
   "prefill on the GPU engine (bench-0.7b, one prompt of 1,024-4,000 tokens; the latent attention's prefill kernel vs its row kernel)" \
   timeout 180 "$B"/dsv3_bench_gpu_prefill --prompts 1024,2048,4000 --rows 0,2
