@@ -73,10 +73,10 @@ __global__ void __launch_bounds__(kThreads, 1) flat_kernel(Mats m, unsigned* sin
   for (int f = f0; f < f1; ++f) {
     if (f + 1 < f1) load(f + 1, nxt);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      acc ^= fold(cur[i]);
-      cur[i] = nxt[i];
-    }
+    for (int i = 0; i < 8; ++i) acc ^= fold(cur[i]);
+    if (f + 1 < f1)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) cur[i] = nxt[i];
   }
   keep(acc, sink);
 }
