@@ -11,6 +11,7 @@
 //   bulk          CTA (part, group): units of 16 whole rows (32 KB, contiguous) by cp.async.bulk into
 //                 a 4-stage ring, one barrier per unit (session 30's bulk-copy kernel)
 //   bulk-stagger  the same, each CTA starting at its own unit (branch exp/expert-group-bulk)
+//   flat-bulk     the flat order's steps (gate and up, 64 KB) by cp.async.bulk into a 3-stage ring
 //   linear        16-byte vectors grid-stride over one contiguous layer (the ceiling)
 // Two placements of the matrices: "packed" (one buffer, 1 MiB apart: every CTA of an order by group
 // starts at the same offset modulo 256 KiB) and "engine" (one backend allocation each, gate, up and
@@ -141,6 +142,50 @@ template <bool kStagger> __global__ void __launch_bounds__(kThreads, 1) bulk_ker
   keep(acc, sink);
 }
 
+// The flat order by bulk copies: a step (16 rows of gate, 16 of up: two 32 KB copies on one
+// mbarrier) a stage of a 3-stage ring.
+constexpr int kFlatStages = 3;
+__global__ void __launch_bounds__(kThreads, 1) flat_bulk_kernel(Mats m, unsigned* sink) {
+  extern __shared__ __align__(128) unsigned char ring[];  // [kFlatStages][2 · kUnitBytes], then the mbarriers
+  uint64_t* bar = reinterpret_cast<uint64_t*>(ring + kFlatStages * 2 * kUnitBytes);
+  const int steps = kRows / 16, total = kGroups * steps;
+  const int f0 = int(int64_t(total) * blockIdx.x / gridDim.x), f1 = int(int64_t(total) * (blockIdx.x + 1) / gridDim.x);
+  auto issue = [&](int f) {
+    const int e = f / steps, s = f - e * steps, slot = (f - f0) % kFlatStages;
+    const uint32_t b = smem_u32(bar + slot);
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(2 * kUnitBytes) : "memory");
+    for (int j = 0; j < 2; ++j)
+      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                       smem_u32(ring + (slot * 2 + j) * kUnitBytes)),
+                   "l"(m.p[2 * e + j] + size_t(s) * kUnitBytes), "r"(kUnitBytes), "r"(b)
+                   : "memory");
+  };
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kFlatStages; ++s) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(bar + s)));
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    for (int f = f0; f < min(f1, f0 + kFlatStages); ++f) issue(f);
+  }
+  __syncthreads();
+  uint32_t acc = 0;
+  for (int f = f0; f < f1; ++f) {
+    const int slot = (f - f0) % kFlatStages;
+    asm volatile(
+        "{\n .reg .pred p;\n WAIT_%=:\n mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra WAIT_%=;\n}" ::"r"(
+            smem_u32(bar + slot)),
+        "r"(((f - f0) / kFlatStages) & 1)
+        : "memory");
+    const uint4* st = reinterpret_cast<const uint4*>(ring + slot * 2 * kUnitBytes);
+#pragma unroll
+    for (int i = 0; i < 2 * kUnitBytes / 16 / kThreads; ++i) acc ^= fold(st[threadIdx.x + i * kThreads]);
+    __syncthreads();
+    if (threadIdx.x == 0 && f + kFlatStages < f1) {
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      issue(f + kFlatStages);
+    }
+  }
+  keep(acc, sink);
+}
+
 __global__ void __launch_bounds__(kThreads) linear_kernel(const uint4* x, int64_t n, unsigned* sink) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   uint32_t acc = 0;
@@ -205,16 +250,18 @@ int main(int argc, char** argv) {
   const size_t smem = size_t(kStages) * kUnitBytes + kStages * sizeof(uint64_t);
   CK(cudaFuncSetAttribute(bulk_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   CK(cudaFuncSetAttribute(bulk_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  const size_t flat_smem = size_t(kFlatStages) * 2 * kUnitBytes + kFlatStages * sizeof(uint64_t);
+  CK(cudaFuncSetAttribute(flat_bulk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(flat_smem)));
   const double bytes = double(2 * kGroups) * double(kMatBytes);
-  const char* orders[] = {"flat", "rows", "bulk", "bulk-stagger", "linear"};
+  const char* orders[] = {"flat", "rows", "bulk", "bulk-stagger", "flat-bulk", "linear"};
   const char* places[] = {"packed", "engine"};
   std::printf("gpu_stream: %.1f MB a pass (33 groups x gate, up 512 x 1024 BF16), %d layers in turn\n", bytes / 1e6,
               kLayers);
   std::printf("%-13s %-7s %9s %8s %9s\n", "order", "place", "us", "TB/s", "of linear");
   nlohmann::json rows = nlohmann::json::array();
   double linear_tb = 0.0;
-  for (int o = 4; o >= 0; --o)  // linear first: the others' ceiling
-    for (int pl = 0; pl < (o == 4 ? 1 : 2); ++pl) {
+  for (int o = 5; o >= 0; --o)  // linear first: the others' ceiling
+    for (int pl = 0; pl < (o == 5 ? 1 : 2); ++pl) {
       int layer = 0;
       auto pass = [&] {
         const Mats& m = layouts[pl][size_t(layer)];
@@ -223,7 +270,8 @@ int main(int argc, char** argv) {
         if (o == 1) rows_kernel<<<by_group, kThreads>>>(m, sink);
         if (o == 2) bulk_kernel<false><<<by_group, kThreads, smem>>>(m, sink);
         if (o == 3) bulk_kernel<true><<<by_group, kThreads, smem>>>(m, sink);
-        if (o == 4)
+        if (o == 4) flat_bulk_kernel<<<kCtas, kThreads, flat_smem>>>(m, sink);
+        if (o == 5)
           linear_kernel<<<kCtas * 4, kThreads>>>(reinterpret_cast<const uint4*>(packed[size_t(layer)]),
                                                  int64_t(bytes / 16), sink);
         layer = (layer + 1) % kLayers;
@@ -231,11 +279,11 @@ int main(int argc, char** argv) {
       const double s = bench::gpu_time_s(pass, 8, reps, 4);
       CK(cudaGetLastError());
       const double tb = bytes / s / 1e12;
-      if (o == 4) linear_tb = tb;
-      std::printf("%-13s %-7s %9.1f %8.2f %9.2f\n", orders[o], o == 4 ? "packed" : places[pl], s * 1e6, tb,
+      if (o == 5) linear_tb = tb;
+      std::printf("%-13s %-7s %9.1f %8.2f %9.2f\n", orders[o], o == 5 ? "packed" : places[pl], s * 1e6, tb,
                   tb / linear_tb);
       rows.push_back({{"order", orders[o]},
-                      {"placement", o == 4 ? "packed" : places[pl]},
+                      {"placement", o == 5 ? "packed" : places[pl]},
                       {"us_per_pass", s * 1e6},
                       {"tb_per_s", tb},
                       {"fraction_of_linear", tb / linear_tb}});
