@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "backend/cuda/bulk.cuh"
 #include "backend/cuda/cuda_backend.h"
 #include "common/bench_util.h"
 #include "common/gpu_bench.h"
@@ -100,90 +101,61 @@ __global__ void __launch_bounds__(kThreads, 1) rows_kernel(Mats m, unsigned* sin
   keep(acc, sink);
 }
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
-
-template <bool kStagger> __global__ void __launch_bounds__(kThreads, 1) bulk_kernel(Mats m, unsigned* sink) {
-  extern __shared__ __align__(128) unsigned char ring[];  // [kStages][kUnitBytes], then the mbarriers
-  uint64_t* bar = reinterpret_cast<uint64_t*>(ring + kStages * kUnitBytes);
-  const int e = blockIdx.y, part = blockIdx.x;
-  const int shift = kStagger ? 2 * ((e * 7 + part * 3) % (kUnits / 2)) : 0;
-  auto issue = [&](int u) {  // unit v: 16 rows of gate (v even) or up from the part's row v / 2 · 16
-    const int v = (u + shift) % kUnits;
-    const char* src = m.p[2 * e + v % 2] + size_t(part * kPartRows + (v / 2) * 16) * kRowBytes;
-    const uint32_t b = smem_u32(bar + u % kStages);
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(kUnitBytes) : "memory");
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                     smem_u32(ring + (u % kStages) * kUnitBytes)),
-                 "l"(src), "r"(kUnitBytes), "r"(b)
-                 : "memory");
-  };
+// Reads `count` stages through a ring of kS stages of kBytes in shared memory (`ring`, its kS
+// mbarriers after it): fill(k, dst, bar) arms bar and issues stage k's copies into dst (thread 0);
+// every thread folds its share of each stage, and a stage is filled again once all have read it.
+template <int kS, int kBytes, class Fill>
+__device__ uint32_t read_ring(unsigned char* ring, int count, Fill fill) {
+  uint64_t* bar = reinterpret_cast<uint64_t*>(ring + kS * kBytes);
   if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(bar + s)));
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    for (int u = 0; u < kStages; ++u) issue(u);
+    cuda::bulk::init(bar, kS);
+    for (int k = 0; k < min(kS, count); ++k) fill(k, ring + k * kBytes, bar + k);
   }
   __syncthreads();
   uint32_t acc = 0;
-  for (int u = 0; u < kUnits; ++u) {
-    asm volatile(
-        "{\n .reg .pred p;\n WAIT_%=:\n mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra WAIT_%=;\n}" ::"r"(
-            smem_u32(bar + u % kStages)),
-        "r"((u / kStages) & 1)
-        : "memory");
-    const uint4* st = reinterpret_cast<const uint4*>(ring + (u % kStages) * kUnitBytes);
+  for (int k = 0; k < count; ++k) {
+    cuda::bulk::wait(bar + k % kS, (k / kS) & 1);
+    const uint4* st = reinterpret_cast<const uint4*>(ring + (k % kS) * kBytes);
 #pragma unroll
-    for (int i = 0; i < kUnitBytes / 16 / kThreads; ++i) acc ^= fold(st[threadIdx.x + i * kThreads]);
+    for (int i = 0; i < kBytes / 16 / kThreads; ++i) acc ^= fold(st[threadIdx.x + i * kThreads]);
     __syncthreads();  // the stage is read: it may be filled again
-    if (threadIdx.x == 0 && u + kStages < kUnits) {
-      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-      issue(u + kStages);
+    if (threadIdx.x == 0 && k + kS < count) {
+      cuda::bulk::refill_fence();
+      fill(k + kS, ring + (k % kS) * kBytes, bar + k % kS);
     }
   }
-  keep(acc, sink);
+  return acc;
+}
+template <int kS, int kBytes> constexpr size_t ring_smem = size_t(kS) * kBytes + kS * sizeof(uint64_t);
+
+// By group: unit v of CTA (part, group) is 16 rows of gate (v even) or up from the part's row
+// v / 2 · 16, one copy; staggered, each CTA starts at its own unit.
+template <bool kStagger> __global__ void __launch_bounds__(kThreads, 1) bulk_kernel(Mats m, unsigned* sink) {
+  extern __shared__ __align__(128) unsigned char ring[];
+  const int e = blockIdx.y, part = blockIdx.x;
+  const int shift = kStagger ? 2 * ((e * 7 + part * 3) % (kUnits / 2)) : 0;
+  auto fill = [&](int u, unsigned char* dst, uint64_t* bar) {
+    const int v = (u + shift) % kUnits;
+    cuda::bulk::arm(bar, kUnitBytes);
+    cuda::bulk::get(dst, m.p[2 * e + v % 2] + size_t(part * kPartRows + (v / 2) * 16) * kRowBytes, kUnitBytes, bar);
+  };
+  keep(read_ring<kStages, kUnitBytes>(ring, kUnits, fill), sink);
 }
 
 // The flat order by bulk copies: a step (16 rows of gate, 16 of up: two 32 KB copies on one
 // mbarrier) a stage of a 3-stage ring.
 constexpr int kFlatStages = 3;
 __global__ void __launch_bounds__(kThreads, 1) flat_bulk_kernel(Mats m, unsigned* sink) {
-  extern __shared__ __align__(128) unsigned char ring[];  // [kFlatStages][2 · kUnitBytes], then the mbarriers
-  uint64_t* bar = reinterpret_cast<uint64_t*>(ring + kFlatStages * 2 * kUnitBytes);
+  extern __shared__ __align__(128) unsigned char ring[];
   const int steps = kRows / 16, total = kGroups * steps;
   const int f0 = int(int64_t(total) * blockIdx.x / gridDim.x), f1 = int(int64_t(total) * (blockIdx.x + 1) / gridDim.x);
-  auto issue = [&](int f) {
-    const int e = f / steps, s = f - e * steps, slot = (f - f0) % kFlatStages;
-    const uint32_t b = smem_u32(bar + slot);
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(2 * kUnitBytes) : "memory");
+  auto fill = [&](int k, unsigned char* dst, uint64_t* bar) {
+    const int e = (f0 + k) / steps, s = f0 + k - e * steps;
+    cuda::bulk::arm(bar, 2 * kUnitBytes);
     for (int j = 0; j < 2; ++j)
-      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                       smem_u32(ring + (slot * 2 + j) * kUnitBytes)),
-                   "l"(m.p[2 * e + j] + size_t(s) * kUnitBytes), "r"(kUnitBytes), "r"(b)
-                   : "memory");
+      cuda::bulk::get(dst + j * kUnitBytes, m.p[2 * e + j] + size_t(s) * kUnitBytes, kUnitBytes, bar);
   };
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kFlatStages; ++s) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(bar + s)));
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    for (int f = f0; f < min(f1, f0 + kFlatStages); ++f) issue(f);
-  }
-  __syncthreads();
-  uint32_t acc = 0;
-  for (int f = f0; f < f1; ++f) {
-    const int slot = (f - f0) % kFlatStages;
-    asm volatile(
-        "{\n .reg .pred p;\n WAIT_%=:\n mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra WAIT_%=;\n}" ::"r"(
-            smem_u32(bar + slot)),
-        "r"(((f - f0) / kFlatStages) & 1)
-        : "memory");
-    const uint4* st = reinterpret_cast<const uint4*>(ring + slot * 2 * kUnitBytes);
-#pragma unroll
-    for (int i = 0; i < 2 * kUnitBytes / 16 / kThreads; ++i) acc ^= fold(st[threadIdx.x + i * kThreads]);
-    __syncthreads();
-    if (threadIdx.x == 0 && f + kFlatStages < f1) {
-      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-      issue(f + kFlatStages);
-    }
-  }
-  keep(acc, sink);
+  keep(read_ring<kFlatStages, 2 * kUnitBytes>(ring, f1 - f0, fill), sink);
 }
 
 __global__ void __launch_bounds__(kThreads) linear_kernel(const uint4* x, int64_t n, unsigned* sink) {
@@ -247,10 +219,9 @@ int main(int argc, char** argv) {
       }
     layouts[1].push_back(m);
   }
-  const size_t smem = size_t(kStages) * kUnitBytes + kStages * sizeof(uint64_t);
+  constexpr size_t smem = ring_smem<kStages, kUnitBytes>, flat_smem = ring_smem<kFlatStages, 2 * kUnitBytes>;
   CK(cudaFuncSetAttribute(bulk_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   CK(cudaFuncSetAttribute(bulk_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  const size_t flat_smem = size_t(kFlatStages) * 2 * kUnitBytes + kFlatStages * sizeof(uint64_t);
   CK(cudaFuncSetAttribute(flat_bulk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(flat_smem)));
   const double bytes = double(2 * kGroups) * double(kMatBytes);
   const char* orders[] = {"flat", "rows", "bulk", "bulk-stagger", "flat-bulk", "linear"};

@@ -1,0 +1,37 @@
+// Hopper's bulk copies into shared memory without a tensor map (cp.async.bulk), completing on an
+// mbarrier: a stage's barrier is initialised for one arrival; whoever fills the stage arms it with
+// the bytes its copies will bring, then issues them; readers wait for the barrier's phase (the
+// n-th fill of a stage completes phase n − 1, parity (n − 1) & 1). Before a stage that threads
+// have read is filled again, refill_fence orders their reads before the copies' writes.
+#pragma once
+#include <cstdint>
+
+#include "backend/cuda/mma.cuh"
+
+namespace dsv3::cuda::bulk {
+
+// Every barrier of `bars` for one arrival, made visible to the copies (one thread, then a CTA barrier).
+__device__ __forceinline__ void init(uint64_t* bars, int n) {
+  for (int s = 0; s < n; ++s) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bars + s)));
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+__device__ __forceinline__ void arm(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+// bytes: a multiple of 16; dst and src 16-byte aligned.
+__device__ __forceinline__ void get(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   smem_addr(dst)),
+               "l"(src), "r"(bytes), "r"(smem_addr(bar))
+               : "memory");
+}
+__device__ __forceinline__ void wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n .reg .pred p;\n WAIT_%=:\n mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra WAIT_%=;\n}" ::"r"(
+          smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void refill_fence() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+}  // namespace dsv3::cuda::bulk
