@@ -135,16 +135,33 @@ __global__ void combine_kernel(const float* y, const int32_t* inv, const float* 
   __syncthreads();
   pdl_wait();
   pdl_trigger();
+  // Picks outer, columns inner: a pick's NPT loads are independent (and the unrolled picks' too),
+  // where a loop over the picks per column waited for every load in turn (k·NPT round trips to L2,
+  // ~6 µs for one row). Each column still sums in top-k order.
+  float acc[NPT] = {}, sh[NPT];
+#pragma unroll
+  for (int i = 0; i < NPT; ++i) {
+    const int col = threadIdx.x + i * blockDim.x;
+    sh[i] = shared && col < H ? y[int64_t(nk + r) * H + col] : 0.0f;
+  }
+#pragma unroll 4
+  for (int j = 0; j < k; ++j) {
+    const float* row = rows[j];
+    const float wj = w[j];
+#pragma unroll
+    for (int i = 0; i < NPT; ++i) {
+      const int col = threadIdx.x + i * blockDim.x;
+      if (col < H) acc[i] = fmaf(wj, row[col], acc[i]);
+    }
+  }
   float v[NPT];
 #pragma unroll
   for (int i = 0; i < NPT; ++i) {
     const int col = threadIdx.x + i * blockDim.x;
     v[i] = 0.0f;
     if (col >= H) continue;
-    float acc = 0.0f;
-    for (int j = 0; j < k; ++j) acc = fmaf(w[j], rows[j][col], acc);
-    if (shared) acc += y[int64_t(nk + r) * H + col];
-    v[i] = residual ? res[i] + acc : acc;
+    if (shared) acc[i] += sh[i];
+    v[i] = residual ? res[i] + acc[i] : acc[i];
     out[int64_t(r) * H + col] = v[i];
   }
   if (!norm_w) return;  // grid-uniform

@@ -26,11 +26,25 @@ constexpr int kGemvWarps = 4;  // GEMV: 4 warps per CTA (many CTAs for short out
 // column stride: the backend's bits), and logits[r, e] = h[r]·gate[e]: the
 // router's GEMV inside the post-attention norm's launch, one launch fewer per MoE layer. The normed
 // row goes through shared memory; warp w takes experts w, w + 8, …, each lane every 32nd 16-byte
-// vector of the expert's row (four in flight), the lanes' sums added by a fixed butterfly.
+// vector of the expert's row (four in flight), the lanes' sums added by a fixed butterfly. At 32
+// rows this launch took ~7 µs of which the gate's loads, issued after the norm, were the tail.
 template <class WT, int NPT>
 __global__ void norm_router_kernel(const float* x, const void* norm_w, DType norm_t, float eps, const WT* gate, int H,
                                    int E, float* h, float* logits) {
   extern __shared__ __align__(16) float hs[];  // [H]
+  constexpr int V = kVecCols<WT>, kPE = 4, kPV = 4;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5, nv = H / V;
+  auto row_of = [&](int e) { return reinterpret_cast<const uint4*>(gate + int64_t(e) * H); };
+  // The gate is a model weight: this warp's first kPE experts' first kPV vectors per lane are
+  // loaded before the wait, so they arrive while the previous kernel drains.
+  uint4 pre[kPE][kPV];
+#pragma unroll
+  for (int i = 0; i < kPE; ++i)
+#pragma unroll
+    for (int u = 0; u < kPV; ++u) {
+      const int e = warp + i * nw, v = lane + 32 * u;
+      pre[i][u] = e < E && v < nv ? ld_weights(row_of(e) + v) : make_uint4(0, 0, 0, 0);
+    }
   pdl_wait();
   pdl_trigger();
   const int64_t r = blockIdx.x;
@@ -42,13 +56,23 @@ __global__ void norm_router_kernel(const float* x, const void* norm_w, DType nor
     if (j < H) h[r * H + j] = hs[j] = hv[i];
   }
   __syncthreads();
-  constexpr int V = kVecCols<WT>;
-  const int lane = threadIdx.x & 31, nv = H / V;
-  for (int e = threadIdx.x >> 5; e < E; e += blockDim.x >> 5) {
-    const uint4* row = reinterpret_cast<const uint4*>(gate + int64_t(e) * H);
+  // One expert's logit, its vectors in lane order (the first kPV from `pre` when given).
+  auto logit = [&](int e, const uint4 (&first)[kPV], bool prefetched) {
+    const uint4* row = row_of(e);
     float acc = 0.0f;
+    int v = lane;
+    if (prefetched) {
+#pragma unroll
+      for (int u = 0; u < kPV; ++u, v += 32) {
+        if (v >= nv) break;
+        float f[V];
+        unpack_w<WT>(first[u], f);
+#pragma unroll
+        for (int c = 0; c < V; ++c) acc = fmaf(hs[v * V + c], f[c], acc);
+      }
+    }
 #pragma unroll 4
-    for (int v = lane; v < nv; v += 32) {
+    for (; v < nv; v += 32) {
       float f[V];
       unpack_w<WT>(ld_weights(row + v), f);
 #pragma unroll
@@ -56,47 +80,116 @@ __global__ void norm_router_kernel(const float* x, const void* norm_w, DType nor
     }
     acc = warp_sum(acc);
     if (lane == 0) logits[r * E + e] = acc;
-  }
+  };
+#pragma unroll
+  for (int i = 0; i < kPE; ++i)
+    if (warp + i * nw < E) logit(warp + i * nw, pre[i], true);
+  for (int e = warp + kPE * nw; e < E; e += nw) logit(e, pre[0], false);
 }
 
 // c[r] = kv_a_layernorm(kv_a[r, :R]) (the backend's RMSNorm: sum of squares in double) and
-// k_pe[r] = RoPE(kv_a[r, R:]) at positions[r]: the backend's copy_cols, rmsnorm, copy_cols, rope.
+// k_pe[r] = RoPE(kv_a[r, R:]) at positions[r]: the backend's copy_cols, rmsnorm, copy_cols and rope.
 // With q (rows of nh heads of qk floats), also q's RoPE part (columns nope..qk of each head) at the
 // same position, as the backend's rope on q: one launch fewer per layer. kva_older: kv_a was
-// written two or more launches back (complete by now, pdl.cuh), so the norm's sum of squares is
-// taken before the wait; otherwise after it, q's rotation first (its loads overlap the sum's).
+// written two or more launches back (complete by now, pdl.cuh), so the norm's sum of squares and
+// the first chunk of c's and k_pe's operands are read before the wait; otherwise after it. The
+// positions, the RoPE tables and the norm weight are older still. Each pass loads a chunk (U
+// elements per thread) into registers before it stores any, so a chunk costs one round trip where
+// a loop of dependent load-store pairs cost one per element.
 __global__ void kv_latent_kernel(const float* __restrict__ kva, int64_t R, int64_t P, const void* w, DType wt,
                                  float eps, const int32_t* pos, const float* cs, const float* sn, bool interleaved,
                                  float* __restrict__ c, float* __restrict__ kpe, float* __restrict__ q, int64_t nh,
                                  int64_t qk, int64_t nope, bool kva_older) {
-  const int64_t r = blockIdx.x;
+  constexpr int U = 4;
+  const int64_t r = blockIdx.x, nt = blockDim.x;
   const float* x = kva + r * (R + P);
+  const int64_t half = P / 2, a = pos[r], stride = interleaved ? 1 : half;
+  const float* ca = cs + a * half;
+  const float* sa = sn + a * half;
+  // A chunk of rotations (x0 at src, x1 at src + stride, table column j), loaded then stored.
+  struct Rot {
+    float x0[U], x1[U], cj[U], sj[U];
+    float* dst[U];
+  };
+  auto rot_load = [&](Rot& o, int64_t t0, int64_t total, auto&& where) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t t = t0 + u * nt;
+      o.dst[u] = nullptr;
+      o.x0[u] = o.x1[u] = o.cj[u] = o.sj[u] = 0.0f;
+      if (t >= total) continue;
+      const int64_t j = t % half;
+      const float* src;
+      where(t, j, src, o.dst[u]);
+      o.x0[u] = src[0];
+      o.x1[u] = src[stride];
+      o.cj[u] = ca[j];
+      o.sj[u] = sa[j];
+    }
+  };
+  auto rot_store = [&](const Rot& o) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (!o.dst[u]) continue;
+      o.dst[u][0] = o.x0[u] * o.cj[u] - o.x1[u] * o.sj[u];
+      o.dst[u][stride] = o.x1[u] * o.cj[u] + o.x0[u] * o.sj[u];
+    }
+  };
+  auto kpe_at = [&](int64_t, int64_t j, const float*& src, float*& dst) {
+    const int64_t i0 = interleaved ? 2 * j : j;
+    src = x + R + i0;
+    dst = kpe + r * P + i0;
+  };
+  auto q_at = [&](int64_t t, int64_t j, const float*& src, float*& dst) {
+    dst = q + (r * nh + t / half) * qk + nope + (interleaved ? 2 * j : j);
+    src = dst;
+  };
+  float xv[U], wv[U];
+  auto c_load = [&](int64_t j0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t j = j0 + u * nt;
+      xv[u] = j < R ? x[j] : 0.0f;
+      wv[u] = j < R ? load_f(w, wt, j) : 0.0f;
+    }
+  };
   auto sum_squares = [&] {
     double ss = 0.0;
-    for (int64_t j = threadIdx.x; j < R; j += blockDim.x) ss += double(x[j]) * double(x[j]);
+    for (int64_t j = threadIdx.x; j < R; j += nt) ss += double(x[j]) * double(x[j]);
     return block_sum(ss);
   };
-  double ss = kva_older ? sum_squares() : 0.0;
+  double ss = 0.0;
+  Rot kp;
+  if (kva_older) {
+    ss = sum_squares();
+    c_load(threadIdx.x);
+    rot_load(kp, threadIdx.x, half, kpe_at);
+  }
   pdl_wait();
   pdl_trigger();
-  const int64_t half = P / 2, a = pos[r], stride = interleaved ? 1 : half;
-  auto rotate = [&](const float* in, float* out, int64_t j) {
-    const float x0 = in[0], x1 = in[stride], cj = cs[a * half + j], sj = sn[a * half + j];
-    out[0] = x0 * cj - x1 * sj;
-    out[stride] = x1 * cj + x0 * sj;
-  };
   if (q)
-    for (int64_t t = threadIdx.x; t < nh * half; t += blockDim.x) {
-      const int64_t j = t % half;
-      float* p = q + (r * nh + t / half) * qk + nope + (interleaved ? 2 * j : j);
-      rotate(p, p, j);
+    for (int64_t t0 = threadIdx.x; t0 < nh * half; t0 += U * nt) {
+      Rot o;
+      rot_load(o, t0, nh * half, q_at);
+      rot_store(o);
     }
-  if (!kva_older) ss = sum_squares();
+  if (!kva_older) {
+    ss = sum_squares();
+    c_load(threadIdx.x);
+    rot_load(kp, threadIdx.x, half, kpe_at);
+  }
   const float rs = float(1.0 / sqrt(ss / double(R) + double(eps)));
-  for (int64_t j = threadIdx.x; j < R; j += blockDim.x) c[r * R + j] = load_f(w, wt, j) * (x[j] * rs);
-  for (int64_t j = threadIdx.x; j < half; j += blockDim.x) {
-    const int64_t i0 = interleaved ? 2 * j : j;
-    rotate(x + R + i0, kpe + r * P + i0, j);
+  for (int64_t j0 = threadIdx.x; j0 < R; j0 += U * nt) {
+    if (j0 != threadIdx.x) c_load(j0);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t j = j0 + u * nt;
+      if (j < R) c[r * R + j] = wv[u] * (xv[u] * rs);
+    }
+  }
+  for (int64_t t0 = threadIdx.x; t0 < half; t0 += U * nt) {
+    if (t0 != threadIdx.x) rot_load(kp, t0, half, kpe_at);
+    rot_store(kp);
   }
 }
 
@@ -249,6 +342,16 @@ int gemv_max_rounds() {
   }();
   return n;
 }
+// Rows of x per CTA (DSV3_DECODE_GEMV_XROWS: 8, 16 or 32): fewer rows give more CTAs, each with
+// fewer x loads, splits and MMAs per warp, the weights read once more per part (from L2).
+int gemv_x_rows() {
+  static const int n = [] {
+    const char* e = std::getenv("DSV3_DECODE_GEMV_XROWS");
+    const int v = e ? std::atoi(e) : 16;
+    return v == 8 || v == 32 ? v : 16;
+  }();
+  return n;
+}
 template <bool kF8> bool launch_gemv_rows(const GemvArgs& g) {
   const int nkb = (g.K + kMmaKb - 1) / kMmaKb;
   int ks = 1;
@@ -256,7 +359,8 @@ template <bool kF8> bool launch_gemv_rows(const GemvArgs& g) {
   const int rounds = ks > kExpRowWarps && g.n > 8 ? ks / kExpRowWarps : 1;
   if (rounds > 1) ks = kExpRowWarps;
   if (!gemv_rows_on() || ks > kExpRowWarps || rounds > gemv_max_rounds() || g.n > kCudaGemvMaxRows) return false;
-  const int x_parts = (g.n + 31) / 32;  // beyond 32 rows of x: CTAs of 32 rows each (gemv_rows_kernel)
+  const int part = gemv_x_rows(), x_parts = (g.n + part - 1) / part;  // CTAs of `part` rows of x each
+  const int prows = std::min(g.n, part);
   const int64_t rows = int64_t(g.n_out) + g.n_out2;
   auto steps_for = [&](int nw) { return (rows + 16 * (nw / ks) - 1) / (16 * (nw / ks)); };
   int nw = kExpRowWarps;
@@ -267,11 +371,13 @@ template <bool kF8> bool launch_gemv_rows(const GemvArgs& g) {
   const int64_t ctas = (steps + per - 1) / per;
   DSV3_CHECK(ctas <= INT32_MAX, "cuda_rows_gemv: ", g.n_out + g.n_out2, " output rows exceed one launch");
   const int p = int(per), c = int(ctas);
-  if (rounds == 2)
-    g.n <= 16 ? launch_gemv_rows_nt<2, kF8, 2>(g, ks, nw, p, c, x_parts) : launch_gemv_rows_nt<4, kF8, 2>(g, ks, nw, p, c, x_parts);
-  else if (g.n <= 8)
+  if (rounds == 2 && prows <= 8)
+    launch_gemv_rows_nt<1, kF8, 2>(g, ks, nw, p, c, x_parts);
+  else if (rounds == 2)
+    prows <= 16 ? launch_gemv_rows_nt<2, kF8, 2>(g, ks, nw, p, c, x_parts) : launch_gemv_rows_nt<4, kF8, 2>(g, ks, nw, p, c, x_parts);
+  else if (prows <= 8)
     launch_gemv_rows_nt<1, kF8, 1>(g, ks, nw, p, c, x_parts);
-  else if (g.n <= 16)
+  else if (prows <= 16)
     launch_gemv_rows_nt<2, kF8, 1>(g, ks, nw, p, c, x_parts);
   else
     launch_gemv_rows_nt<4, kF8, 1>(g, ks, nw, p, c, x_parts);
