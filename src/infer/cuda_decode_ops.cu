@@ -312,8 +312,8 @@ template <int NT, bool kF8> void launch_gemv_mma_nt(const GemvArgs& g) {
              size_t(kMmaWarps) * kMmaStash<NT> * sizeof(float), g, ks);
 }
 // gemv_rows_kernel when K fits its warps (≤ 16 k-blocks; with more than 8 rows of x, ≤ 32 in two
-// rounds); x in parts of 32 rows (its registers) along the grid's y, the steps per CTA sized for
-// all parts together. Warps per
+// rounds); x in parts of gemv_x_rows() rows (16; at most 32, its registers) along the grid's y,
+// the steps per CTA sized for all parts together. Warps per
 // CTA: the most (up to kExpRowWarps) that still give every SM a step, else ks (the most CTAs): a
 // CTA's steps cost its warps' instructions in turn, so fewer warps per CTA spread a GEMV of few
 // steps over more SMs (bench-0.7b's W_UK and W_UV at 32 rows were 32 steps of 16 warps on 32 of the

@@ -71,8 +71,9 @@ void cuda_norm_router(const Tensor& x, const Tensor& norm_w, float eps, const Li
 constexpr int64_t kCudaGemvMaxRows = 128;
 
 // y (+)= x·Wᵀ for at most kCudaGemvMaxRows rows of x without cuBLAS: one kernel, each weight row
-// read from HBM once (beyond 32 or 64 rows of x the CTAs of each part read it again, mostly from
-// L2); F32, BF16 or FP8 weights without bias, F32 math; cuda_small_linear_ok says whether it applies.
+// read from HBM once (beyond 16 rows of x in the row-range kernel, or 64, the CTAs of each part read
+// it again, mostly from L2); F32, BF16 or FP8 weights without bias, F32 math; cuda_small_linear_ok
+// says whether it applies.
 // With norm_w, x is RMSNorm'ed first (the backend's rmsnorm, eps) inside the kernel; with p2, a
 // second weight over the same x writes y2 in the same launch. The weights are read before the
 // previous kernel in the stream has finished (programmatic dependent launch): they must not be the
