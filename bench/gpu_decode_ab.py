@@ -10,15 +10,20 @@ bench/results/<out>.json (commit, date, machine, every round's figures).
 A variant is a label, the bench binary and optional environment settings, e.g.
   base=/tmp/old/dsv3_bench_gpu_decode  new=build-gpu/dsv3_bench_gpu_decode
   x32=build-gpu/dsv3_bench_gpu_decode:DSV3_DECODE_GEMV_XROWS=32
-Each run is `BINARY --batch B --weights W --variants none --new N --out ab_<label>_<round>`; its
-JSON (written under the binary's source tree, bench/results) is read back and removed. Exit status
-1 when a run fails, 2 on bad input.
+Settings are split at a ':' that starts another NAME=, so a value may hold ':' (LD_LIBRARY_PATH).
+Round r runs the variants in an order rotated by r, so none always goes first. Each run is
+`BINARY --batch B --weights W --variants none --new N --out ab_<pid>_<label>_<round>`; its JSON
+(written under the binary's source tree, bench/results) is read back and removed. The output
+records each binary's SHA-256 beside the checkout's commit. Exit status 1 when a run fails, 2 on
+bad input.
 """
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 
@@ -36,16 +41,18 @@ def parse_variant(text):
         bad(f"variant '{text}': expected LABEL=BINARY[:NAME=VALUE...]")
     if not all(c.isalnum() or c in "-_" for c in label):
         bad(f"variant '{text}': a label is letters, digits, '-' and '_' (it names the runs' files)")
-    binary, *settings = rest.split(":")
+    binary, *settings = re.split(r":(?=[A-Za-z_][A-Za-z0-9_]*=)", rest)
     env = {}
     for s in settings:
         name, sep, value = s.partition("=")
         if not sep or not name:
             bad(f"variant '{label}': setting '{s}' is not NAME=VALUE")
         env[name] = value
-    if not os.access(binary, os.X_OK):
+    if not os.path.isfile(binary) or not os.access(binary, os.X_OK):
         bad(f"variant '{label}': {binary} is not an executable file")
-    return {"label": label, "binary": binary, "env": env}
+    with open(binary, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return {"label": label, "binary": os.path.abspath(binary), "sha256": digest, "env": env}
 
 
 def git_commit():
@@ -65,7 +72,7 @@ def gpu_name():
 
 
 def run_once(v, args, rnd):
-    name = f"ab_{v['label']}_{rnd}"
+    name = f"ab_{os.getpid()}_{v['label']}_{rnd}"
     cmd = [v["binary"], "--batch", args.batch, "--weights", args.weights, "--variants", "none", "--new",
            str(args.new), "--out", name]
     env = dict(os.environ, **v["env"])
@@ -77,9 +84,13 @@ def run_once(v, args, rnd):
     # The bench prints the path it wrote; fall back to this checkout's results folder.
     path = next((line.split("wrote ", 1)[1].strip() for line in proc.stdout.splitlines() if line.startswith("wrote ")),
                 os.path.join(RESULTS, name + ".json"))
-    with open(path) as f:
-        data = json.load(f)
-    os.remove(path)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        os.remove(path)
+    except (OSError, ValueError) as e:
+        print(f"gpu_decode_ab.py: {v['label']} round {rnd}: no readable result at '{path}' ({e})", file=sys.stderr)
+        sys.exit(1)
     return {f"{r['weights']} b{r['batch']}": r["step_ms_median"] for r in data["runs"]}
 
 
@@ -94,12 +105,21 @@ def main():
     args = ap.parse_args()
     if args.rounds < 1:
         bad("--rounds must be at least 1")
+    if not re.fullmatch(r"[1-9][0-9]*(,[1-9][0-9]*)*", args.batch):
+        bad(f"--batch '{args.batch}': a comma-separated list of positive row counts")
+    if not re.fullmatch(r"(f32|bf16|fp8)(,(f32|bf16|fp8))*", args.weights):
+        bad(f"--weights '{args.weights}': a comma-separated list of f32, bf16, fp8")
+    if args.new < 1:
+        bad("--new must be at least 1")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", args.out):
+        bad(f"--out '{args.out}': a file name (letters, digits, '-', '_'), written under bench/results")
     variants = [parse_variant(t) for t in args.variants]
     if len({v["label"] for v in variants}) != len(variants):
         bad("variant labels must differ")
     rounds = {v["label"]: [] for v in variants}
     for rnd in range(1, args.rounds + 1):
-        for v in variants:
+        for i in range(len(variants)):
+            v = variants[(i + rnd - 1) % len(variants)]
             rounds[v["label"]].append(run_once(v, args, rnd))
             print(f"round {rnd}: {v['label']} done", flush=True)
     keys = sorted({k for rs in rounds.values() for r in rs for k in r},
@@ -116,7 +136,7 @@ def main():
            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
            "machine": {"gpu": gpu_name(), "host": platform.node()},
            "batch": args.batch, "weights": args.weights, "new_tokens": args.new, "rounds": args.rounds,
-           "variants": [{"label": v["label"], "binary": v["binary"], "env": v["env"],
+           "variants": [{"label": v["label"], "binary": v["binary"], "sha256": v["sha256"], "env": v["env"],
                          "step_ms": rounds[v["label"]]} for v in variants]}
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, args.out + ".json")
