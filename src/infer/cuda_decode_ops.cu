@@ -2,7 +2,7 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <string>
+#include <initializer_list>
 #include <type_traits>
 
 #include "backend/cuda/common.cuh"
@@ -88,108 +88,43 @@ __global__ void norm_router_kernel(const float* x, const void* norm_w, DType nor
 }
 
 // c[r] = kv_a_layernorm(kv_a[r, :R]) (the backend's RMSNorm: sum of squares in double) and
-// k_pe[r] = RoPE(kv_a[r, R:]) at positions[r]: the backend's copy_cols, rmsnorm, copy_cols and rope.
+// k_pe[r] = RoPE(kv_a[r, R:]) at positions[r]: the backend's copy_cols, rmsnorm, copy_cols, rope.
 // With q (rows of nh heads of qk floats), also q's RoPE part (columns nope..qk of each head) at the
 // same position, as the backend's rope on q: one launch fewer per layer. kva_older: kv_a was
-// written two or more launches back (complete by now, pdl.cuh), so the norm's sum of squares and
-// the first chunk of c's and k_pe's operands are read before the wait; otherwise after it. The
-// positions, the RoPE tables and the norm weight are older still. Each pass loads a chunk (U
-// elements per thread) into registers before it stores any, so a chunk costs one round trip where
-// a loop of dependent load-store pairs cost one per element.
+// written two or more launches back (complete by now, pdl.cuh), so the norm's sum of squares is
+// taken before the wait; otherwise after it, q's rotation first (its loads overlap the sum's).
 __global__ void kv_latent_kernel(const float* __restrict__ kva, int64_t R, int64_t P, const void* w, DType wt,
                                  float eps, const int32_t* pos, const float* cs, const float* sn, bool interleaved,
                                  float* __restrict__ c, float* __restrict__ kpe, float* __restrict__ q, int64_t nh,
                                  int64_t qk, int64_t nope, bool kva_older) {
-  constexpr int U = 4;
-  const int64_t r = blockIdx.x, nt = blockDim.x;
+  const int64_t r = blockIdx.x;
   const float* x = kva + r * (R + P);
-  const int64_t half = P / 2, a = pos[r], stride = interleaved ? 1 : half;
-  const float* ca = cs + a * half;
-  const float* sa = sn + a * half;
-  // A chunk of rotations (x0 at src, x1 at src + stride, table column j), loaded then stored.
-  struct Rot {
-    float x0[U], x1[U], cj[U], sj[U];
-    float* dst[U];
-  };
-  auto rot_load = [&](Rot& o, int64_t t0, int64_t total, auto&& where) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t t = t0 + u * nt;
-      o.dst[u] = nullptr;
-      o.x0[u] = o.x1[u] = o.cj[u] = o.sj[u] = 0.0f;
-      if (t >= total) continue;
-      const int64_t j = t % half;
-      const float* src;
-      where(t, j, src, o.dst[u]);
-      o.x0[u] = src[0];
-      o.x1[u] = src[stride];
-      o.cj[u] = ca[j];
-      o.sj[u] = sa[j];
-    }
-  };
-  auto rot_store = [&](const Rot& o) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (!o.dst[u]) continue;
-      o.dst[u][0] = o.x0[u] * o.cj[u] - o.x1[u] * o.sj[u];
-      o.dst[u][stride] = o.x1[u] * o.cj[u] + o.x0[u] * o.sj[u];
-    }
-  };
-  auto kpe_at = [&](int64_t, int64_t j, const float*& src, float*& dst) {
-    const int64_t i0 = interleaved ? 2 * j : j;
-    src = x + R + i0;
-    dst = kpe + r * P + i0;
-  };
-  auto q_at = [&](int64_t t, int64_t j, const float*& src, float*& dst) {
-    dst = q + (r * nh + t / half) * qk + nope + (interleaved ? 2 * j : j);
-    src = dst;
-  };
-  float xv[U], wv[U];
-  auto c_load = [&](int64_t j0) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t j = j0 + u * nt;
-      xv[u] = j < R ? x[j] : 0.0f;
-      wv[u] = j < R ? load_f(w, wt, j) : 0.0f;
-    }
-  };
   auto sum_squares = [&] {
     double ss = 0.0;
-    for (int64_t j = threadIdx.x; j < R; j += nt) ss += double(x[j]) * double(x[j]);
+    for (int64_t j = threadIdx.x; j < R; j += blockDim.x) ss += double(x[j]) * double(x[j]);
     return block_sum(ss);
   };
-  double ss = 0.0;
-  Rot kp;
-  if (kva_older) {
-    ss = sum_squares();
-    c_load(threadIdx.x);
-    rot_load(kp, threadIdx.x, half, kpe_at);
-  }
+  double ss = kva_older ? sum_squares() : 0.0;
   pdl_wait();
   pdl_trigger();
+  const int64_t half = P / 2, a = pos[r], stride = interleaved ? 1 : half;
+  auto rotate = [&](const float* in, float* out, int64_t j) {
+    const float x0 = in[0], x1 = in[stride], cj = cs[a * half + j], sj = sn[a * half + j];
+    out[0] = x0 * cj - x1 * sj;
+    out[stride] = x1 * cj + x0 * sj;
+  };
   if (q)
-    for (int64_t t0 = threadIdx.x; t0 < nh * half; t0 += U * nt) {
-      Rot o;
-      rot_load(o, t0, nh * half, q_at);
-      rot_store(o);
+    for (int64_t t = threadIdx.x; t < nh * half; t += blockDim.x) {
+      const int64_t j = t % half;
+      float* p = q + (r * nh + t / half) * qk + nope + (interleaved ? 2 * j : j);
+      rotate(p, p, j);
     }
-  if (!kva_older) {
-    ss = sum_squares();
-    c_load(threadIdx.x);
-    rot_load(kp, threadIdx.x, half, kpe_at);
-  }
+  if (!kva_older) ss = sum_squares();
   const float rs = float(1.0 / sqrt(ss / double(R) + double(eps)));
-  for (int64_t j0 = threadIdx.x; j0 < R; j0 += U * nt) {
-    if (j0 != threadIdx.x) c_load(j0);
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t j = j0 + u * nt;
-      if (j < R) c[r * R + j] = wv[u] * (xv[u] * rs);
-    }
-  }
-  for (int64_t t0 = threadIdx.x; t0 < half; t0 += U * nt) {
-    if (t0 != threadIdx.x) rot_load(kp, t0, half, kpe_at);
-    rot_store(kp);
+  for (int64_t j = threadIdx.x; j < R; j += blockDim.x) c[r * R + j] = load_f(w, wt, j) * (x[j] * rs);
+  for (int64_t j = threadIdx.x; j < half; j += blockDim.x) {
+    const int64_t i0 = interleaved ? 2 * j : j;
+    rotate(x + R + i0, kpe + r * P + i0, j);
   }
 }
 
@@ -335,21 +270,20 @@ bool gemv_rows_on() {
   static const bool on = cuda::on_unless_env_zero("DSV3_DECODE_MMA_GEMV_ROWS");
   return on;
 }
+// An integer setting from the environment: one of `allowed`, else `def` (read once per caller).
+int env_choice(const char* name, int def, std::initializer_list<int> allowed) {
+  const char* e = std::getenv(name);
+  const int v = e ? std::atoi(e) : def;
+  return std::find(allowed.begin(), allowed.end(), v) != allowed.end() ? v : def;
+}
 int gemv_max_rounds() {
-  static const int n = [] {
-    const char* e = std::getenv("DSV3_DECODE_GEMV_ROUNDS");
-    return e && std::string(e) == "1" ? 1 : 2;
-  }();
+  static const int n = env_choice("DSV3_DECODE_GEMV_ROUNDS", 2, {1, 2});
   return n;
 }
 // Rows of x per CTA (DSV3_DECODE_GEMV_XROWS: 8, 16 or 32): fewer rows give more CTAs, each with
 // fewer x loads, splits and MMAs per warp, the weights read once more per part (from L2).
 int gemv_x_rows() {
-  static const int n = [] {
-    const char* e = std::getenv("DSV3_DECODE_GEMV_XROWS");
-    const int v = e ? std::atoi(e) : 16;
-    return v == 8 || v == 32 ? v : 16;
-  }();
+  static const int n = env_choice("DSV3_DECODE_GEMV_XROWS", 16, {8, 16, 32});
   return n;
 }
 template <bool kF8> bool launch_gemv_rows(const GemvArgs& g) {
@@ -371,16 +305,16 @@ template <bool kF8> bool launch_gemv_rows(const GemvArgs& g) {
   const int64_t ctas = (steps + per - 1) / per;
   DSV3_CHECK(ctas <= INT32_MAX, "cuda_rows_gemv: ", g.n_out + g.n_out2, " output rows exceed one launch");
   const int p = int(per), c = int(ctas);
-  if (rounds == 2 && prows <= 8)
-    launch_gemv_rows_nt<1, kF8, 2>(g, ks, nw, p, c, x_parts);
-  else if (rounds == 2)
-    prows <= 16 ? launch_gemv_rows_nt<2, kF8, 2>(g, ks, nw, p, c, x_parts) : launch_gemv_rows_nt<4, kF8, 2>(g, ks, nw, p, c, x_parts);
-  else if (prows <= 8)
-    launch_gemv_rows_nt<1, kF8, 1>(g, ks, nw, p, c, x_parts);
+  auto with_nt = [&]<int NT>() {  // NT n-tiles of 8 rows: the part's rows of x
+    rounds == 2 ? launch_gemv_rows_nt<NT, kF8, 2>(g, ks, nw, p, c, x_parts)
+                : launch_gemv_rows_nt<NT, kF8, 1>(g, ks, nw, p, c, x_parts);
+  };
+  if (prows <= 8)
+    with_nt.template operator()<1>();
   else if (prows <= 16)
-    launch_gemv_rows_nt<2, kF8, 1>(g, ks, nw, p, c, x_parts);
+    with_nt.template operator()<2>();
   else
-    launch_gemv_rows_nt<4, kF8, 1>(g, ks, nw, p, c, x_parts);
+    with_nt.template operator()<4>();
   return true;
 }
 // K beyond gemv_rows_kernel's reach (16 k-blocks, or 32 in two rounds; up to four times that) as
