@@ -56,11 +56,14 @@ def parse_variant(text):
 
 
 def git_commit():
+    # As the C++ benches (bench_util.cpp): DSV3_COMMIT first, for a copy of the tree without .git.
+    if os.environ.get("DSV3_COMMIT"):
+        return os.environ["DSV3_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("DSV3_COMMIT", "unknown")
+        return "unknown"
 
 
 def gpu_name():
