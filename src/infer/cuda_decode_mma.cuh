@@ -451,21 +451,34 @@ __device__ __forceinline__ const float* expert_x_row(const ExpertArgs& a, int c0
   return a.in + int64_t(pick < a.nk ? pick / a.k : pick - a.nk) * a.K;
 }
 
+// The ring kernel's stash (expert_ring_kernel): a warp's 16 × 8 sums without mma_stash's padding,
+// row r's columns permuted by XOR with 2·(r / 4), so a warp's float2 stores and the epilogue's reads
+// (16 rows of one or two columns) fall on distinct banks. 128 floats a warp where mma_stash takes
+// 144: only so do three 64 KB stages of BF16 gate/up weights and the double-buffered sums fit the
+// 227 KB a CTA may have.
+constexpr int kRingStash = 128;
+__device__ __forceinline__ int ring_at(int row, int col) { return row * 8 + (col ^ (2 * ((row >> 2) & 3))); }
+__device__ __forceinline__ void ring_stash(float* red, const float (&c)[1][4]) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  *reinterpret_cast<float2*>(red + ring_at(g, 2 * t)) = make_float2(c[0][0], c[0][1]);
+  *reinterpret_cast<float2*>(red + ring_at(g + 8, 2 * t)) = make_float2(c[0][2], c[0][3]);
+}
+
 // The expert kernels' epilogue: weight rows [row0, min(row0 + 16·rbs, row_end)) of the item's n picks,
 // each the sum of its ks warps' stashed slices in warp order (warps: the CTA's, whose up-projection
-// slices follow the gate's), stored as silu(gate)·up for gate/up.
-template <bool kGateUp>
+// slices follow the gate's), stored as silu(gate)·up for gate/up. kRing: the slices are ring_stash's.
+template <bool kGateUp, bool kRing = false>
 __device__ __forceinline__ void expert_store(const ExpertArgs& a, const float* red, int warps, int rbs, int ks, int c0,
                                              int n, int row0, int row_end) {
-  constexpr int S = 9;
+  constexpr int kWarp = kRing ? kRingStash : kMmaStash<1>;
   for (int idx = threadIdx.x; idx < rbs * 16 * n; idx += blockDim.x) {
     const int i = idx & 15, b = (idx >> 4) % rbs, q = (idx >> 4) / rbs;
-    const int j = row0 + b * 16 + i;
+    const int j = row0 + b * 16 + i, at = kRing ? ring_at(i, q) : i * 9 + q;
     if (j >= row_end) continue;
     float gs = 0.0f, us = 0.0f;
     for (int k = 0; k < ks; ++k) {
-      gs += red[(b * ks + k) * kMmaStash<1> + i * S + q];
-      if constexpr (kGateUp) us += red[(warps + b * ks + k) * kMmaStash<1> + i * S + q];
+      gs += red[(b * ks + k) * kWarp + at];
+      if constexpr (kGateUp) us += red[(warps + b * ks + k) * kWarp + at];
     }
     a.out[int64_t(c0 + q) * a.rows_out + j] = kGateUp ? gs / (1.0f + expf(-gs)) * us : gs;
   }
@@ -611,6 +624,199 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_rows_kernel(Exper
         sc[j] = nsc[j];
         scb[j] = nscb[j];
       }
+      if (cross) {
+        it = next;
+        if (++item + 1 < count) next = expert_item(a, item + 1);
+        s = 0;
+      } else {
+        ++s;
+      }
+    }
+  }
+}
+
+// Copies into the expert ring (expert_ring_kernel): 16 bytes, or 4 (an FP8 block scale), from global
+// memory, zero-filled when !valid. "memory": the thread's own reads of the stage being refilled (its
+// previous step, already in registers) stay above the copy.
+__device__ __forceinline__ void ring_copy16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void ring_copy4(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 4 : 0)
+               : "memory");
+}
+// Waits until at most n of this thread's copy groups are pending (n < 8: the ring's stages).
+__device__ __forceinline__ void ring_wait(int n) {
+  switch (n) {
+    case 0: cp_async_wait<0>(); break;
+    case 1: cp_async_wait<1>(); break;
+    case 2: cp_async_wait<2>(); break;
+    case 3: cp_async_wait<3>(); break;
+    case 4: cp_async_wait<4>(); break;
+    case 5: cp_async_wait<5>(); break;
+    case 6: cp_async_wait<6>(); break;
+    default: cp_async_wait<7>(); break;
+  }
+}
+// One stage of the expert ring per thread: 16-byte weight vectors, then (FP8) block scales.
+template <bool kGateUp, int BPW, bool kF8> struct RingShape {
+  static constexpr int kMats = kGateUp ? 2 : 1, kVecs = kF8 ? 2 : 4;
+  static constexpr int kSlots = BPW * kMats * kVecs, kScales = kF8 ? BPW * kMats : 0;
+  static constexpr size_t kStageBytes = size_t(32 * kExpRowWarps) * (kSlots * 16 + kScales * 4);
+  static constexpr size_t kRedBytes = size_t(2) * kMats * kExpRowWarps * kRingStash * sizeof(float);
+};
+
+// expert_rows_kernel's work and arithmetic (the same sums in the same order, so the same bits) with
+// its weights staged through shared memory: each thread copies the 16-byte vectors mma_load would
+// load (cp.async) into its own slots of a ring of `stages` steps and reads them back itself, so the
+// ring needs no barrier, and `stages` steps' loads are in flight while one is multiplied where the
+// register double buffer had one. At bench-0.7b's batch 32 a step is 64 KB of BF16 weights a CTA
+// (32 KB FP8), about 2 µs of an SM's share of HBM bandwidth, so with one step in flight each step
+// also waited out the loads' latency (gate/up 59%, down 42% of DRAM's peak under ncu). The refill
+// of a stage is issued after the step read from it has been multiplied. Down issues its first
+// stages before waiting for act.
+template <bool kGateUp, int BPW, bool kF8>
+__global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_ring_kernel(ExpertArgs a, int ks, int stages) {
+  using Shape = RingShape<kGateUp, BPW, kF8>;
+  constexpr int kMats = Shape::kMats, kVecs = Shape::kVecs, kSlots = Shape::kSlots, kScales = Shape::kScales;
+  constexpr int nt = 32 * kExpRowWarps;
+  extern __shared__ uint4 ring[];  // [stages][kSlots][nt] vectors, [stages][kScales][nt] scales, the stash
+  float* const scales = reinterpret_cast<float*>(ring + size_t(stages) * kSlots * nt);
+  float* const red = scales + size_t(stages) * kScales * nt;  // [2][kMats][kExpRowWarps][kRingStash]
+  if constexpr (kGateUp) {
+    pdl_wait();
+    pdl_trigger();
+  }
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gq = lane >> 2;
+  const int rbs = kExpRowWarps / ks, rb = warp / ks, kw = warp - rb * ks;
+  const int nkb = (a.K + kMmaKb - 1) / kMmaKb;
+  const int step_rows = 16 * rbs, steps = (a.rows_out + step_rows - 1) / step_rows;
+  const int count = a.items[2 * a.max_items];
+  const int64_t total = int64_t(count) * steps;
+  const int f_begin = int(total * blockIdx.x / gridDim.x), f_end = int(total * (blockIdx.x + 1) / gridDim.x);
+  if (f_begin >= f_end) return;  // CTA-uniform
+  const size_t row_bytes = size_t(a.K) * (kF8 ? 1 : 2);
+  // Step s of group e into stage st. Rows past the last are read as the last row again; their sums
+  // are not stored.
+  auto issue = [&](int e, int s, int st) {
+    const int r0 = s * step_rows + rb * 16;
+    const size_t lo = size_t(min(r0 + gq, a.rows_out - 1)) * row_bytes,
+                 hi = size_t(min(r0 + gq + 8, a.rows_out - 1)) * row_bytes;
+    const int64_t srow = int64_t(min(r0, a.rows_out - 1) / 128) * a.lds;
+    uint4* v = ring + size_t(st) * kSlots * nt + tid;
+#pragma unroll
+    for (int j = 0; j < BPW; ++j) {
+      const int b = kw + j * ks, c = b * kMmaKb + 16 * (tid & 3);
+#pragma unroll
+      for (int m = 0; m < kMats; ++m) {
+        const char* W = reinterpret_cast<const char*>(m ? a.w1[e] : a.w0[e]);
+        uint4* d = v + (j * kMats + m) * kVecs * nt;
+        if constexpr (kF8) {  // K % 16 == 0 (checked on the host)
+          const bool ok = b < nkb && c + 16 <= a.K;
+          ring_copy16(d, ok ? W + lo + c : W, ok);
+          ring_copy16(d + nt, ok ? W + hi + c : W, ok);
+          const float* sp = reinterpret_cast<const float*>(m ? a.s1[e] : a.s0[e]) + srow;
+          ring_copy4(scales + (size_t(st) * kScales + j * kMats + m) * nt + tid, b < nkb ? sp + b / 2 : sp, b < nkb);
+        } else {
+          const bool v0 = b < nkb && c + 8 <= a.K, v1 = b < nkb && c + 16 <= a.K;
+          const size_t o = size_t(c) * 2;
+          ring_copy16(d, v0 ? W + lo + o : W, v0);
+          ring_copy16(d + nt, v1 ? W + lo + o + 16 : W, v1);
+          ring_copy16(d + 2 * nt, v0 ? W + hi + o : W, v0);
+          ring_copy16(d + 3 * nt, v1 ? W + hi + o + 16 : W, v1);
+        }
+      }
+    }
+  };
+  MmaBlock cur[BPW], curb[kGateUp ? BPW : 1];
+  float sc[BPW] = {}, scb[BPW] = {};
+  auto read = [&](int st) {
+    const uint4* v = ring + size_t(st) * kSlots * nt + tid;
+#pragma unroll
+    for (int j = 0; j < BPW; ++j)
+#pragma unroll
+      for (int m = 0; m < kMats; ++m) {
+        MmaBlock& w = m ? curb[kGateUp ? j : 0] : cur[j];
+        const uint4* s = v + (j * kMats + m) * kVecs * nt;
+        if constexpr (kF8) {  // mma_load's FP8 layout: rows g and g + 8 in w[0] and w[2]
+          w.w[0] = s[0];
+          w.w[2] = s[nt];
+          (m ? scb : sc)[j] = scales[(size_t(st) * kScales + j * kMats + m) * nt + tid];
+        } else {
+#pragma unroll
+          for (int u = 0; u < 4; ++u) w.w[u] = s[u * nt];
+        }
+      }
+  };
+  MmaX xf[BPW];
+  auto load_x = [&](const ExpertItem& it) {
+    const float* xr = expert_x_row<kGateUp>(a, it.c0, gq, it.n);
+#pragma unroll
+    for (int j = 0; j < BPW; ++j) mma_load_x(xf[j], kw + j * ks < nkb ? xr : nullptr, kw + j * ks, a.K);
+  };
+  int item = f_begin / steps, s = f_begin - item * steps;
+  ExpertItem it = expert_item(a, item);
+  ExpertItem next = item + 1 < count ? expert_item(a, item + 1) : it;
+  // The loader runs `stages` steps ahead of the multiplication; it needs only each item's group.
+  int l_item = item, l_step = s, l_f = f_begin, l_stage = 0;
+  int l_e = it.e, l_next_e = next.e;
+  auto issue_next = [&]() {  // one copy group per step, empty past the part's end
+    if (l_f < f_end) {
+      issue(l_e, l_step, l_stage);
+      if (++l_step == steps) {
+        l_step = 0;
+        l_e = l_next_e;
+        if (++l_item + 1 < count) l_next_e = a.items[2 * (l_item + 1)];
+      }
+    }
+    cp_async_commit();
+    ++l_f;
+    if (++l_stage == stages) l_stage = 0;
+  };
+  for (int i = 0; i < stages; ++i) issue_next();
+  if constexpr (!kGateUp) {
+    pdl_wait();  // act comes from the gate/up kernel
+    pdl_trigger();
+  }
+  load_x(it);
+  ring_wait(stages - 1);
+  read(0);
+  int c_stage = 0;
+  for (int f = f_begin; f < f_end; ++f) {
+    const bool more = f + 1 < f_end, cross = s + 1 == steps;  // CTA-uniform
+    float ga[1][4] = {}, ub[1][4] = {};
+#pragma unroll
+    for (int j = 0; j < BPW; ++j) {
+      if constexpr (kF8) {
+        float tg[4] = {}, tu[4] = {};
+        mma_expand<true>(cur[j]);
+        mma_block(tg, cur[j], xf[j]);
+        if constexpr (kGateUp) {
+          mma_expand<true>(curb[j]);
+          mma_block(tu, curb[j], xf[j]);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          ga[0][i] = fmaf(sc[j], tg[i], ga[0][i]);
+          if constexpr (kGateUp) ub[0][i] = fmaf(scb[j], tu[i], ub[0][i]);
+        }
+      } else {
+        mma_block(ga[0], cur[j], xf[j]);
+        if constexpr (kGateUp) mma_block(ub[0], curb[j], xf[j]);
+      }
+    }
+    issue_next();  // step f + stages, into the stage this step came from
+    if (more && cross) load_x(next);
+    float* buf = red + ((f - f_begin) & 1) * kMats * kExpRowWarps * kRingStash;
+    ring_stash(buf + warp * kRingStash, ga);
+    if constexpr (kGateUp) ring_stash(buf + (kExpRowWarps + warp) * kRingStash, ub);
+    __syncthreads();
+    expert_store<kGateUp, true>(a, buf, kExpRowWarps, rbs, ks, it.c0, it.n, s * step_rows, a.rows_out);
+    if (more) {
+      ring_wait(stages - 1);  // step f + 1 has landed
+      if (++c_stage == stages) c_stage = 0;
+      read(c_stage);
       if (cross) {
         it = next;
         if (++item + 1 < count) next = expert_item(a, item + 1);
