@@ -697,9 +697,24 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_ring_kernel(Exper
   const int f_begin = int(total * blockIdx.x / gridDim.x), f_end = int(total * (blockIdx.x + 1) / gridDim.x);
   if (f_begin >= f_end) return;  // CTA-uniform
   const size_t row_bytes = size_t(a.K) * (kF8 ? 1 : 2);
-  // Step s of group e into stage st. Rows past the last are read as the last row again; their sums
+  // A group's weight and scale pointers, held in registers by the loader: the copies' "memory"
+  // clobber would otherwise have each copy wait for the pointer table to be read again.
+  struct Group {
+    const char* w[2];
+    const float* s[2];
+  };
+  auto group = [&](int e) {
+    Group g{};
+#pragma unroll
+    for (int m = 0; m < kMats; ++m) {
+      g.w[m] = reinterpret_cast<const char*>(m ? a.w1[e] : a.w0[e]);
+      if constexpr (kF8) g.s[m] = reinterpret_cast<const float*>(m ? a.s1[e] : a.s0[e]);
+    }
+    return g;
+  };
+  // Step s of group g into stage st. Rows past the last are read as the last row again; their sums
   // are not stored.
-  auto issue = [&](int e, int s, int st) {
+  auto issue = [&](const Group& g, int s, int st) {
     const int r0 = s * step_rows + rb * 16;
     const size_t lo = size_t(min(r0 + gq, a.rows_out - 1)) * row_bytes,
                  hi = size_t(min(r0 + gq + 8, a.rows_out - 1)) * row_bytes;
@@ -710,13 +725,13 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_ring_kernel(Exper
       const int b = kw + j * ks, c = b * kMmaKb + 16 * (tid & 3);
 #pragma unroll
       for (int m = 0; m < kMats; ++m) {
-        const char* W = reinterpret_cast<const char*>(m ? a.w1[e] : a.w0[e]);
+        const char* W = g.w[m];
         uint4* d = v + (j * kMats + m) * kVecs * nt;
         if constexpr (kF8) {  // K % 16 == 0 (checked on the host)
           const bool ok = b < nkb && c + 16 <= a.K;
           ring_copy16(d, ok ? W + lo + c : W, ok);
           ring_copy16(d + nt, ok ? W + hi + c : W, ok);
-          const float* sp = reinterpret_cast<const float*>(m ? a.s1[e] : a.s0[e]) + srow;
+          const float* sp = g.s[m] + srow;
           ring_copy4(scales + (size_t(st) * kScales + j * kMats + m) * nt + tid, b < nkb ? sp + b / 2 : sp, b < nkb);
         } else {
           const bool v0 = b < nkb && c + 8 <= a.K, v1 = b < nkb && c + 16 <= a.K;
@@ -760,14 +775,14 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_ring_kernel(Exper
   ExpertItem next = item + 1 < count ? expert_item(a, item + 1) : it;
   // The loader runs `stages` steps ahead of the multiplication; it needs only each item's group.
   int l_item = item, l_step = s, l_f = f_begin, l_stage = 0;
-  int l_e = it.e, l_next_e = next.e;
+  Group l_g = group(it.e), l_next = group(next.e);
   auto issue_next = [&]() {  // one copy group per step, empty past the part's end
     if (l_f < f_end) {
-      issue(l_e, l_step, l_stage);
+      issue(l_g, l_step, l_stage);
       if (++l_step == steps) {
         l_step = 0;
-        l_e = l_next_e;
-        if (++l_item + 1 < count) l_next_e = a.items[2 * (l_item + 1)];
+        l_g = l_next;
+        if (++l_item + 1 < count) l_next = group(a.items[2 * (l_item + 1)]);
       }
     }
     cp_async_commit();
