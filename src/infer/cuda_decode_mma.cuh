@@ -636,7 +636,7 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_rows_kernel(Exper
 }
 
 // Copies into the expert ring (expert_ring_kernel): 16 bytes, or 4 (an FP8 block scale), from global
-// memory, zero-filled when !valid. "memory": the thread's own reads of the stage being refilled (its
+// memory, zero-filled when !valid. "memory": the warp's reads of the stage being refilled (its
 // previous step, already in registers) stay above the copy.
 __device__ __forceinline__ void ring_copy16(void* dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0)
@@ -659,36 +659,41 @@ __device__ __forceinline__ void ring_wait(int n) {
     default: cp_async_wait<7>(); break;
   }
 }
-// One stage of the expert ring per thread: 16-byte weight vectors, then (FP8) block scales.
+// One stage of the expert ring: per warp, each of its BPW k-blocks of each weight (16 rows × 64
+// columns: 2 KB BF16, 1 KB FP8), then (FP8) per warp its blocks' scales.
 template <bool kGateUp, int BPW, bool kF8> struct RingShape {
-  static constexpr int kMats = kGateUp ? 2 : 1, kVecs = kF8 ? 2 : 4;
-  static constexpr int kSlots = BPW * kMats * kVecs, kScales = kF8 ? BPW * kMats : 0;
-  static constexpr size_t kStageBytes = size_t(32 * kExpRowWarps) * (kSlots * 16 + kScales * 4);
+  static constexpr int kMats = kGateUp ? 2 : 1, kRowBytes = kF8 ? 64 : 128, kBlockBytes = 16 * kRowBytes;
+  static constexpr int kBlocks = BPW * kMats, kScales = kF8 ? kBlocks : 0;
+  static constexpr size_t kStageBytes = size_t(kExpRowWarps) * (kBlocks * kBlockBytes + kScales * 4);
   static constexpr size_t kRedBytes = size_t(2) * kMats * kExpRowWarps * kRingStash * sizeof(float);
 };
 
 // expert_rows_kernel's work and arithmetic (the same sums in the same order, so the same bits) with
-// its weights staged through shared memory: each thread copies the 16-byte vectors mma_load would
-// load (cp.async) into its own slots of a ring of `stages` steps and reads them back itself, so the
-// ring needs no barrier, and `stages` steps' loads are in flight while one is multiplied where the
-// register double buffer had one. At bench-0.7b's batch 32 a step is 64 KB of BF16 weights a CTA
-// (32 KB FP8), about 2 µs of an SM's share of HBM bandwidth, so with one step in flight each step
-// also waited out the loads' latency (gate/up 59%, down 42% of DRAM's peak under ncu). The refill
-// of a stage is issued after the step read from it has been multiplied. Down issues its first
+// its weights staged through shared memory: each warp copies its k-blocks (cp.async, 16 bytes a
+// lane, whole 128-byte rows per eight lanes) into its own part of a ring of `stages` steps and reads
+// them back as mma_load's fragments, so `stages` steps' loads are in flight while one is multiplied
+// where the register double buffer had one, and the ring needs no CTA barrier (__syncwarp after
+// each lane's wait). At bench-0.7b's batch 32 a step is 64 KB of BF16 weights a CTA (32 KB FP8),
+// about 2 µs of an SM's share of HBM bandwidth. Copying each lane's own fragment vectors instead
+// (16 bytes of every 32-byte sector per copy) doubled the L2 traffic, the sectors' second halves
+// coming back from L2 (hit rate 64% against 15%, L2 73% busy at 1.5 TB/s of DRAM under ncu). A BF16
+// row's 16-byte chunk c sits at c ^ (row & 7), so a quarter-warp's reads fall on distinct banks.
+// A stage is refilled after the step read from it has been multiplied. Down issues its first
 // stages before waiting for act.
 template <bool kGateUp, int BPW, bool kF8>
 __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_ring_kernel(ExpertArgs a, int ks, int stages) {
   using Shape = RingShape<kGateUp, BPW, kF8>;
-  constexpr int kMats = Shape::kMats, kVecs = Shape::kVecs, kSlots = Shape::kSlots, kScales = Shape::kScales;
-  constexpr int nt = 32 * kExpRowWarps;
-  extern __shared__ uint4 ring[];  // [stages][kSlots][nt] vectors, [stages][kScales][nt] scales, the stash
-  float* const scales = reinterpret_cast<float*>(ring + size_t(stages) * kSlots * nt);
-  float* const red = scales + size_t(stages) * kScales * nt;  // [2][kMats][kExpRowWarps][kRingStash]
+  constexpr int kMats = Shape::kMats, kRowBytes = Shape::kRowBytes, kBlockBytes = Shape::kBlockBytes;
+  constexpr int kBlocks = Shape::kBlocks, kScales = Shape::kScales;
+  extern __shared__ uint4 ring[];  // [stages][warps][kBlocks] blocks, [stages][warps][kScales] scales, the stash
+  char* const blocks = reinterpret_cast<char*>(ring);
+  float* const scales = reinterpret_cast<float*>(blocks + size_t(stages) * kExpRowWarps * kBlocks * kBlockBytes);
+  float* const red = scales + size_t(stages) * kExpRowWarps * kScales;  // [2][kMats][kExpRowWarps][kRingStash]
   if constexpr (kGateUp) {
     pdl_wait();
     pdl_trigger();
   }
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gq = lane >> 2;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
   const int rbs = kExpRowWarps / ks, rb = warp / ks, kw = warp - rb * ks;
   const int nkb = (a.K + kMmaKb - 1) / kMmaKb;
   const int step_rows = 16 * rbs, steps = (a.rows_out + step_rows - 1) / step_rows;
@@ -697,8 +702,13 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_ring_kernel(Exper
   const int f_begin = int(total * blockIdx.x / gridDim.x), f_end = int(total * (blockIdx.x + 1) / gridDim.x);
   if (f_begin >= f_end) return;  // CTA-uniform
   const size_t row_bytes = size_t(a.K) * (kF8 ? 1 : 2);
-  // A group's weight and scale pointers, held in registers by the loader: the copies' "memory"
-  // clobber would otherwise have each copy wait for the pointer table to be read again.
+  auto block_at = [&](int st, int j, int m) {
+    return blocks + ((size_t(st) * kExpRowWarps + warp) * kBlocks + j * kMats + m) * kBlockBytes;
+  };
+  auto scale_at = [&](int st, int j, int m) {
+    return scales + (size_t(st) * kExpRowWarps + warp) * kScales + j * kMats + m;
+  };
+  // A group's weight and scale pointers, held in registers by the loader (read once per item).
   struct Group {
     const char* w[2];
     const float* s[2];
@@ -712,55 +722,57 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_ring_kernel(Exper
     }
     return g;
   };
-  // Step s of group g into stage st. Rows past the last are read as the last row again; their sums
-  // are not stored.
+  // This warp's blocks of step s of group g into stage st: copy i of a lane takes row
+  // (i·32 + lane) / (kRowBytes / 16) of the 16 and its 16-byte chunk. Rows past the last are read as
+  // the last row again (their sums are not stored); chunks past K are zero-filled.
+  constexpr int kChunks = kRowBytes / 16, kCopies = 16 * kChunks / 32;
   auto issue = [&](const Group& g, int s, int st) {
     const int r0 = s * step_rows + rb * 16;
-    const size_t lo = size_t(min(r0 + gq, a.rows_out - 1)) * row_bytes,
-                 hi = size_t(min(r0 + gq + 8, a.rows_out - 1)) * row_bytes;
-    const int64_t srow = int64_t(min(r0, a.rows_out - 1) / 128) * a.lds;
-    uint4* v = ring + size_t(st) * kSlots * nt + tid;
 #pragma unroll
     for (int j = 0; j < BPW; ++j) {
-      const int b = kw + j * ks, c = b * kMmaKb + 16 * (tid & 3);
+      const int b = kw + j * ks;
 #pragma unroll
       for (int m = 0; m < kMats; ++m) {
-        const char* W = g.w[m];
-        uint4* d = v + (j * kMats + m) * kVecs * nt;
-        if constexpr (kF8) {  // K % 16 == 0 (checked on the host)
-          const bool ok = b < nkb && c + 16 <= a.K;
-          ring_copy16(d, ok ? W + lo + c : W, ok);
-          ring_copy16(d + nt, ok ? W + hi + c : W, ok);
-          const float* sp = g.s[m] + srow;
-          ring_copy4(scales + (size_t(st) * kScales + j * kMats + m) * nt + tid, b < nkb ? sp + b / 2 : sp, b < nkb);
-        } else {
-          const bool v0 = b < nkb && c + 8 <= a.K, v1 = b < nkb && c + 16 <= a.K;
-          const size_t o = size_t(c) * 2;
-          ring_copy16(d, v0 ? W + lo + o : W, v0);
-          ring_copy16(d + nt, v1 ? W + lo + o + 16 : W, v1);
-          ring_copy16(d + 2 * nt, v0 ? W + hi + o : W, v0);
-          ring_copy16(d + 3 * nt, v1 ? W + hi + o + 16 : W, v1);
+        char* d = block_at(st, j, m);
+#pragma unroll
+        for (int i = 0; i < kCopies; ++i) {
+          const int q = i * 32 + lane, r = q / kChunks, ch = q % kChunks;
+          const int col = b * kMmaKb + ch * (16 / (kF8 ? 1 : 2));  // the chunk's first column
+          const bool ok = b < nkb && col + 16 / (kF8 ? 1 : 2) <= a.K;
+          const char* src = g.w[m] + size_t(min(r0 + r, a.rows_out - 1)) * row_bytes + size_t(col) * (kF8 ? 1 : 2);
+          ring_copy16(d + r * kRowBytes + (kF8 ? ch : ch ^ (r & 7)) * 16, ok ? src : g.w[m], ok);
         }
+        if constexpr (kF8)
+          if (lane == 0) {
+            const float* sp = g.s[m] + int64_t(min(r0, a.rows_out - 1) / 128) * a.lds;
+            ring_copy4(scale_at(st, j, m), b < nkb ? sp + b / 2 : sp, b < nkb);
+          }
       }
     }
   };
   MmaBlock cur[BPW], curb[kGateUp ? BPW : 1];
   float sc[BPW] = {}, scb[BPW] = {};
+  // Stage st as mma_load's fragments: lane (g, t) takes 16-byte chunks 2t, 2t + 1 (BF16) or t (FP8)
+  // of rows g and g + 8.
   auto read = [&](int st) {
-    const uint4* v = ring + size_t(st) * kSlots * nt + tid;
 #pragma unroll
     for (int j = 0; j < BPW; ++j)
 #pragma unroll
       for (int m = 0; m < kMats; ++m) {
         MmaBlock& w = m ? curb[kGateUp ? j : 0] : cur[j];
-        const uint4* s = v + (j * kMats + m) * kVecs * nt;
+        const char* bl = block_at(st, j, m);
+        auto chunk = [&](int r, int ch) {
+          return *reinterpret_cast<const uint4*>(bl + r * kRowBytes + (kF8 ? ch : ch ^ (r & 7)) * 16);
+        };
         if constexpr (kF8) {  // mma_load's FP8 layout: rows g and g + 8 in w[0] and w[2]
-          w.w[0] = s[0];
-          w.w[2] = s[nt];
-          (m ? scb : sc)[j] = scales[(size_t(st) * kScales + j * kMats + m) * nt + tid];
+          w.w[0] = chunk(gq, tq);
+          w.w[2] = chunk(gq + 8, tq);
+          (m ? scb : sc)[j] = *scale_at(st, j, m);
         } else {
-#pragma unroll
-          for (int u = 0; u < 4; ++u) w.w[u] = s[u * nt];
+          w.w[0] = chunk(gq, 2 * tq);
+          w.w[1] = chunk(gq, 2 * tq + 1);
+          w.w[2] = chunk(gq + 8, 2 * tq);
+          w.w[3] = chunk(gq + 8, 2 * tq + 1);
         }
       }
   };
@@ -796,6 +808,7 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_ring_kernel(Exper
   }
   load_x(it);
   ring_wait(stages - 1);
+  __syncwarp();  // the other lanes' copies of the stage have landed too
   read(0);
   int c_stage = 0;
   for (int f = f_begin; f < f_end; ++f) {
@@ -821,6 +834,7 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_ring_kernel(Exper
         if constexpr (kGateUp) mma_block(ub[0], curb[j], xf[j]);
       }
     }
+    __syncwarp();  // every lane has read the stage (its fragments are in the MMAs above)
     issue_next();  // step f + stages, into the stage this step came from
     if (more && cross) load_x(next);
     float* buf = red + ((f - f_begin) & 1) * kMats * kExpRowWarps * kRingStash;
@@ -830,6 +844,7 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_ring_kernel(Exper
     expert_store<kGateUp, true>(a, buf, kExpRowWarps, rbs, ks, it.c0, it.n, s * step_rows, a.rows_out);
     if (more) {
       ring_wait(stages - 1);  // step f + 1 has landed
+      __syncwarp();
       if (++c_stage == stages) c_stage = 0;
       read(c_stage);
       if (cross) {
