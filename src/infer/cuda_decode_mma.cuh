@@ -451,34 +451,21 @@ __device__ __forceinline__ const float* expert_x_row(const ExpertArgs& a, int c0
   return a.in + int64_t(pick < a.nk ? pick / a.k : pick - a.nk) * a.K;
 }
 
-// The ring kernel's stash (expert_ring_kernel): a warp's 16 × 8 sums without mma_stash's padding,
-// row r's columns permuted by XOR with 2·(r / 4), so a warp's float2 stores and the epilogue's reads
-// (16 rows of one or two columns) fall on distinct banks. 128 floats a warp where mma_stash takes
-// 144: only so do three 64 KB stages of BF16 gate/up weights and the double-buffered sums fit the
-// 227 KB a CTA may have.
-constexpr int kRingStash = 128;
-__device__ __forceinline__ int ring_at(int row, int col) { return row * 8 + (col ^ (2 * ((row >> 2) & 3))); }
-__device__ __forceinline__ void ring_stash(float* red, const float (&c)[1][4]) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  *reinterpret_cast<float2*>(red + ring_at(g, 2 * t)) = make_float2(c[0][0], c[0][1]);
-  *reinterpret_cast<float2*>(red + ring_at(g + 8, 2 * t)) = make_float2(c[0][2], c[0][3]);
-}
-
 // The expert kernels' epilogue: weight rows [row0, min(row0 + 16·rbs, row_end)) of the item's n picks,
 // each the sum of its ks warps' stashed slices in warp order (warps: the CTA's, whose up-projection
-// slices follow the gate's), stored as silu(gate)·up for gate/up. kRing: the slices are ring_stash's.
-template <bool kGateUp, bool kRing = false>
+// slices follow the gate's), stored as silu(gate)·up for gate/up.
+template <bool kGateUp>
 __device__ __forceinline__ void expert_store(const ExpertArgs& a, const float* red, int warps, int rbs, int ks, int c0,
                                              int n, int row0, int row_end) {
-  constexpr int kWarp = kRing ? kRingStash : kMmaStash<1>;
+  constexpr int S = 9;
   for (int idx = threadIdx.x; idx < rbs * 16 * n; idx += blockDim.x) {
     const int i = idx & 15, b = (idx >> 4) % rbs, q = (idx >> 4) / rbs;
-    const int j = row0 + b * 16 + i, at = kRing ? ring_at(i, q) : i * 9 + q;
+    const int j = row0 + b * 16 + i;
     if (j >= row_end) continue;
     float gs = 0.0f, us = 0.0f;
     for (int k = 0; k < ks; ++k) {
-      gs += red[(b * ks + k) * kWarp + at];
-      if constexpr (kGateUp) us += red[(warps + b * ks + k) * kWarp + at];
+      gs += red[(b * ks + k) * kMmaStash<1> + i * S + q];
+      if constexpr (kGateUp) us += red[(warps + b * ks + k) * kMmaStash<1> + i * S + q];
     }
     a.out[int64_t(c0 + q) * a.rows_out + j] = kGateUp ? gs / (1.0f + expf(-gs)) * us : gs;
   }
@@ -624,229 +611,6 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_rows_kernel(Exper
         sc[j] = nsc[j];
         scb[j] = nscb[j];
       }
-      if (cross) {
-        it = next;
-        if (++item + 1 < count) next = expert_item(a, item + 1);
-        s = 0;
-      } else {
-        ++s;
-      }
-    }
-  }
-}
-
-// Copies into the expert ring (expert_ring_kernel): 16 bytes, or 4 (an FP8 block scale), from global
-// memory, zero-filled when !valid. "memory": the warp's reads of the stage being refilled (its
-// previous step, already in registers) stay above the copy.
-__device__ __forceinline__ void ring_copy16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void ring_copy4(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 4 : 0)
-               : "memory");
-}
-// Waits until at most n of this thread's copy groups are pending (n < 8: the ring's stages).
-__device__ __forceinline__ void ring_wait(int n) {
-  switch (n) {
-    case 0: cp_async_wait<0>(); break;
-    case 1: cp_async_wait<1>(); break;
-    case 2: cp_async_wait<2>(); break;
-    case 3: cp_async_wait<3>(); break;
-    case 4: cp_async_wait<4>(); break;
-    case 5: cp_async_wait<5>(); break;
-    case 6: cp_async_wait<6>(); break;
-    default: cp_async_wait<7>(); break;
-  }
-}
-// One stage of the expert ring: per warp, each of its BPW k-blocks of each weight (16 rows × 64
-// columns: 2 KB BF16, 1 KB FP8), then (FP8) per warp its blocks' scales.
-template <bool kGateUp, int BPW, bool kF8> struct RingShape {
-  static constexpr int kMats = kGateUp ? 2 : 1, kRowBytes = kF8 ? 64 : 128, kBlockBytes = 16 * kRowBytes;
-  static constexpr int kBlocks = BPW * kMats, kScales = kF8 ? kBlocks : 0;
-  static constexpr size_t kStageBytes = size_t(kExpRowWarps) * (kBlocks * kBlockBytes + kScales * 4);
-  static constexpr size_t kRedBytes = size_t(2) * kMats * kExpRowWarps * kRingStash * sizeof(float);
-};
-
-// expert_rows_kernel's work and arithmetic (the same sums in the same order, so the same bits) with
-// its weights staged through shared memory: each warp copies its k-blocks (cp.async, 16 bytes a
-// lane, whole 128-byte rows per eight lanes) into its own part of a ring of `stages` steps and reads
-// them back as mma_load's fragments, so `stages` steps' loads are in flight while one is multiplied
-// where the register double buffer had one, and the ring needs no CTA barrier (__syncwarp after
-// each lane's wait). At bench-0.7b's batch 32 a step is 64 KB of BF16 weights a CTA (32 KB FP8),
-// about 2 µs of an SM's share of HBM bandwidth. Copying each lane's own fragment vectors instead
-// (16 bytes of every 32-byte sector per copy) doubled the L2 traffic, the sectors' second halves
-// coming back from L2 (hit rate 64% against 15%, L2 73% busy at 1.5 TB/s of DRAM under ncu). A BF16
-// row's 16-byte chunk c sits at c ^ (row & 7), so a quarter-warp's reads fall on distinct banks.
-// A stage is refilled after the step read from it has been multiplied. Down issues its first
-// stages before waiting for act.
-template <bool kGateUp, int BPW, bool kF8>
-__global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_ring_kernel(ExpertArgs a, int ks, int stages) {
-  using Shape = RingShape<kGateUp, BPW, kF8>;
-  constexpr int kMats = Shape::kMats, kRowBytes = Shape::kRowBytes, kBlockBytes = Shape::kBlockBytes;
-  constexpr int kBlocks = Shape::kBlocks, kScales = Shape::kScales;
-  extern __shared__ uint4 ring[];  // [stages][warps][kBlocks] blocks, [stages][warps][kScales] scales, the stash
-  char* const blocks = reinterpret_cast<char*>(ring);
-  float* const scales = reinterpret_cast<float*>(blocks + size_t(stages) * kExpRowWarps * kBlocks * kBlockBytes);
-  float* const red = scales + size_t(stages) * kExpRowWarps * kScales;  // [2][kMats][kExpRowWarps][kRingStash]
-  if constexpr (kGateUp) {
-    pdl_wait();
-    pdl_trigger();
-  }
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
-  const int rbs = kExpRowWarps / ks, rb = warp / ks, kw = warp - rb * ks;
-  const int nkb = (a.K + kMmaKb - 1) / kMmaKb;
-  const int step_rows = 16 * rbs, steps = (a.rows_out + step_rows - 1) / step_rows;
-  const int count = a.items[2 * a.max_items];
-  const int64_t total = int64_t(count) * steps;
-  const int f_begin = int(total * blockIdx.x / gridDim.x), f_end = int(total * (blockIdx.x + 1) / gridDim.x);
-  if (f_begin >= f_end) return;  // CTA-uniform
-  const size_t row_bytes = size_t(a.K) * (kF8 ? 1 : 2);
-  auto block_at = [&](int st, int j, int m) {
-    return blocks + ((size_t(st) * kExpRowWarps + warp) * kBlocks + j * kMats + m) * kBlockBytes;
-  };
-  auto scale_at = [&](int st, int j, int m) {
-    return scales + (size_t(st) * kExpRowWarps + warp) * kScales + j * kMats + m;
-  };
-  // A group's weight and scale pointers, held in registers by the loader (read once per item).
-  struct Group {
-    const char* w[2];
-    const float* s[2];
-  };
-  auto group = [&](int e) {
-    Group g{};
-#pragma unroll
-    for (int m = 0; m < kMats; ++m) {
-      g.w[m] = reinterpret_cast<const char*>(m ? a.w1[e] : a.w0[e]);
-      if constexpr (kF8) g.s[m] = reinterpret_cast<const float*>(m ? a.s1[e] : a.s0[e]);
-    }
-    return g;
-  };
-  // This warp's blocks of step s of group g into stage st: copy i of a lane takes row
-  // (i·32 + lane) / (kRowBytes / 16) of the 16 and its 16-byte chunk. Rows past the last are read as
-  // the last row again (their sums are not stored); chunks past K are zero-filled.
-  constexpr int kChunks = kRowBytes / 16, kCopies = 16 * kChunks / 32;
-  auto issue = [&](const Group& g, int s, int st) {
-    const int r0 = s * step_rows + rb * 16;
-#pragma unroll
-    for (int j = 0; j < BPW; ++j) {
-      const int b = kw + j * ks;
-#pragma unroll
-      for (int m = 0; m < kMats; ++m) {
-        char* d = block_at(st, j, m);
-#pragma unroll
-        for (int i = 0; i < kCopies; ++i) {
-          const int q = i * 32 + lane, r = q / kChunks, ch = q % kChunks;
-          const int col = b * kMmaKb + ch * (16 / (kF8 ? 1 : 2));  // the chunk's first column
-          const bool ok = b < nkb && col + 16 / (kF8 ? 1 : 2) <= a.K;
-          const char* src = g.w[m] + size_t(min(r0 + r, a.rows_out - 1)) * row_bytes + size_t(col) * (kF8 ? 1 : 2);
-          ring_copy16(d + r * kRowBytes + (kF8 ? ch : ch ^ (r & 7)) * 16, ok ? src : g.w[m], ok);
-        }
-        if constexpr (kF8)
-          if (lane == 0) {
-            const float* sp = g.s[m] + int64_t(min(r0, a.rows_out - 1) / 128) * a.lds;
-            ring_copy4(scale_at(st, j, m), b < nkb ? sp + b / 2 : sp, b < nkb);
-          }
-      }
-    }
-  };
-  MmaBlock cur[BPW], curb[kGateUp ? BPW : 1];
-  float sc[BPW] = {}, scb[BPW] = {};
-  // Stage st as mma_load's fragments: lane (g, t) takes 16-byte chunks 2t, 2t + 1 (BF16) or t (FP8)
-  // of rows g and g + 8.
-  auto read = [&](int st) {
-#pragma unroll
-    for (int j = 0; j < BPW; ++j)
-#pragma unroll
-      for (int m = 0; m < kMats; ++m) {
-        MmaBlock& w = m ? curb[kGateUp ? j : 0] : cur[j];
-        const char* bl = block_at(st, j, m);
-        auto chunk = [&](int r, int ch) {
-          return *reinterpret_cast<const uint4*>(bl + r * kRowBytes + (kF8 ? ch : ch ^ (r & 7)) * 16);
-        };
-        if constexpr (kF8) {  // mma_load's FP8 layout: rows g and g + 8 in w[0] and w[2]
-          w.w[0] = chunk(gq, tq);
-          w.w[2] = chunk(gq + 8, tq);
-          (m ? scb : sc)[j] = *scale_at(st, j, m);
-        } else {
-          w.w[0] = chunk(gq, 2 * tq);
-          w.w[1] = chunk(gq, 2 * tq + 1);
-          w.w[2] = chunk(gq + 8, 2 * tq);
-          w.w[3] = chunk(gq + 8, 2 * tq + 1);
-        }
-      }
-  };
-  MmaX xf[BPW];
-  auto load_x = [&](const ExpertItem& it) {
-    const float* xr = expert_x_row<kGateUp>(a, it.c0, gq, it.n);
-#pragma unroll
-    for (int j = 0; j < BPW; ++j) mma_load_x(xf[j], kw + j * ks < nkb ? xr : nullptr, kw + j * ks, a.K);
-  };
-  int item = f_begin / steps, s = f_begin - item * steps;
-  ExpertItem it = expert_item(a, item);
-  ExpertItem next = item + 1 < count ? expert_item(a, item + 1) : it;
-  // The loader runs `stages` steps ahead of the multiplication; it needs only each item's group.
-  int l_item = item, l_step = s, l_f = f_begin, l_stage = 0;
-  Group l_g = group(it.e), l_next = group(next.e);
-  auto issue_next = [&]() {  // one copy group per step, empty past the part's end
-    if (l_f < f_end) {
-      issue(l_g, l_step, l_stage);
-      if (++l_step == steps) {
-        l_step = 0;
-        l_g = l_next;
-        if (++l_item + 1 < count) l_next = group(a.items[2 * (l_item + 1)]);
-      }
-    }
-    cp_async_commit();
-    ++l_f;
-    if (++l_stage == stages) l_stage = 0;
-  };
-  for (int i = 0; i < stages; ++i) issue_next();
-  if constexpr (!kGateUp) {
-    pdl_wait();  // act comes from the gate/up kernel
-    pdl_trigger();
-  }
-  load_x(it);
-  ring_wait(stages - 1);
-  __syncwarp();  // the other lanes' copies of the stage have landed too
-  read(0);
-  int c_stage = 0;
-  for (int f = f_begin; f < f_end; ++f) {
-    const bool more = f + 1 < f_end, cross = s + 1 == steps;  // CTA-uniform
-    float ga[1][4] = {}, ub[1][4] = {};
-#pragma unroll
-    for (int j = 0; j < BPW; ++j) {
-      if constexpr (kF8) {
-        float tg[4] = {}, tu[4] = {};
-        mma_expand<true>(cur[j]);
-        mma_block(tg, cur[j], xf[j]);
-        if constexpr (kGateUp) {
-          mma_expand<true>(curb[j]);
-          mma_block(tu, curb[j], xf[j]);
-        }
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          ga[0][i] = fmaf(sc[j], tg[i], ga[0][i]);
-          if constexpr (kGateUp) ub[0][i] = fmaf(scb[j], tu[i], ub[0][i]);
-        }
-      } else {
-        mma_block(ga[0], cur[j], xf[j]);
-        if constexpr (kGateUp) mma_block(ub[0], curb[j], xf[j]);
-      }
-    }
-    __syncwarp();  // every lane has read the stage (its fragments are in the MMAs above)
-    issue_next();  // step f + stages, into the stage this step came from
-    if (more && cross) load_x(next);
-    float* buf = red + ((f - f_begin) & 1) * kMats * kExpRowWarps * kRingStash;
-    ring_stash(buf + warp * kRingStash, ga);
-    if constexpr (kGateUp) ring_stash(buf + (kExpRowWarps + warp) * kRingStash, ub);
-    __syncthreads();
-    expert_store<kGateUp, true>(a, buf, kExpRowWarps, rbs, ks, it.c0, it.n, s * step_rows, a.rows_out);
-    if (more) {
-      ring_wait(stages - 1);  // step f + 1 has landed
-      __syncwarp();
-      if (++c_stage == stages) c_stage = 0;
-      read(c_stage);
       if (cross) {
         it = next;
         if (++item + 1 < count) next = expert_item(a, item + 1);

@@ -205,29 +205,9 @@ template <class WT, bool kGateUp, int R> void launch_expert(int U, dim3 grid, in
     default: launch_expert_u<WT, kGateUp, 8, R>(grid, rows, a); break;
   }
 }
-// The most dynamic shared memory a CTA may take (device 0, read once).
-int smem_optin() {
-  static const int n = [] {
-    int x = 0;
-    DSV3_CUDA_CHECK(cudaDeviceGetAttribute(&x, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0));
-    return x;
-  }();
-  return n;
-}
-// expert_ring_kernel with as many of cuda_decode_expert_stages() stages as fit (at least one).
-template <bool kGateUp, int BPW, bool kF8> void launch_expert_ring(dim3 grid, const ExpertArgs& a, int ks) {
-  using Shape = RingShape<kGateUp, BPW, kF8>;
-  const int fit = int((size_t(smem_optin()) - Shape::kRedBytes) / Shape::kStageBytes);
-  const int stages = std::max(1, std::min({cuda_decode_expert_stages(), fit, 8}));
-  const size_t smem = Shape::kRedBytes + size_t(stages) * Shape::kStageBytes;
-  static const bool once = (allow_smem(expert_ring_kernel<kGateUp, BPW, kF8>, size_t(smem_optin())), true);
-  (void)once;
-  launch_pdl(expert_ring_kernel<kGateUp, BPW, kF8>, grid, dim3(32 * kExpRowWarps), smem, a, ks, stages);
-}
 // expert_rows_kernel when its k-blocks fit (gate/up: one per warp and step, down: two): one CTA per
-// SM (a CTA's 16 warps take its registers), each a part of all items' steps; its weights staged
-// through shared memory (expert_ring_kernel) unless cuda_decode_expert_stages() is 0.
-// DSV3_DECODE_MMA_ROWS_KERNEL=0 keeps expert_mma_kernel (for comparison).
+// SM (a CTA's 16 warps take its registers), each a part of all items' steps. DSV3_DECODE_MMA_ROWS_KERNEL=0
+// keeps expert_mma_kernel (for comparison).
 template <bool kF8> bool launch_expert_rows(bool gate_up, const ExpertArgs& a) {
   static const bool on = cuda::on_unless_env_zero("DSV3_DECODE_MMA_ROWS_KERNEL");
   const int nkb = (a.K + kMmaKb - 1) / kMmaKb, bpw = gate_up ? 1 : 2;
@@ -238,10 +218,6 @@ template <bool kF8> bool launch_expert_rows(bool gate_up, const ExpertArgs& a) {
   DSV3_CHECK(steps * a.max_items <= INT32_MAX, "cuda_moe_forward: ", a.max_items, " work items × ", steps,
              " steps exceed the expert kernel's step index");
   const dim3 grid(unsigned(std::min<int64_t>(sm_count(), steps * a.max_items)));
-  if (cuda_decode_expert_stages() > 0) {
-    gate_up ? launch_expert_ring<true, 1, kF8>(grid, a, ks) : launch_expert_ring<false, 2, kF8>(grid, a, ks);
-    return true;
-  }
   const size_t smem = size_t(2) * (gate_up ? 2 : 1) * kExpRowWarps * kMmaStash<1> * sizeof(float);
   if (gate_up)
     launch_pdl(expert_rows_kernel<true, 1, kF8>, grid, dim3(32 * kExpRowWarps), smem, a, ks);

@@ -367,14 +367,6 @@ bool gemv_weight_ok(const LinearParam& p) {
 
 void cuda_set_decode_mma_rows(int rows) { mma_rows_setting() = std::max(rows, 0); }
 int cuda_decode_mma_rows() { return mma_rows_setting(); }
-namespace {
-int& expert_stages_setting() {
-  static int n = env_choice("DSV3_DECODE_EXPERT_STAGES", 3, {0, 1, 2, 3, 4, 5, 6, 7, 8});
-  return n;
-}
-}  // namespace
-void cuda_set_decode_expert_stages(int stages) { expert_stages_setting() = std::clamp(stages, 0, 8); }
-int cuda_decode_expert_stages() { return expert_stages_setting(); }
 
 bool cuda_small_linear_ok(const LinearParam& p, const Tensor& x) {
   return gemv_weight_ok(p) && x.dtype() == DType::F32 && x.ndim() == 2 && x.dim(0) <= kCudaGemvMaxRows &&

@@ -98,11 +98,6 @@ void cuda_small_linear(const LinearParam& p, const Tensor& x, const Tensor& y, b
 // them, and the RMSNorm is not fused into their GEMV (cuda_small_linear_fuses_norm).
 void cuda_set_decode_mma_rows(int rows);
 int cuda_decode_mma_rows();
-// Steps of weights in flight in the tensor-core expert kernel of steps of many rows (its ring in
-// shared memory; fewer where they do not fit): DSV3_DECODE_EXPERT_STAGES at start-up, default 3.
-// 0 keeps the kernel that double-buffers one step in registers (for comparison).
-void cuda_set_decode_expert_stages(int stages);
-int cuda_decode_expert_stages();
 
 // The kernel behind it, on raw device pointers, with rows of W grouped in heads: output row j uses
 // x + q·ldx + (j / head_rows)·head_x and goes to y[q·ldy + (j / head_rows)·head_y + j % head_rows]
