@@ -1,10 +1,10 @@
-// The generic absorbed attention for prefill rows (cuda_latent_attention.cu's kernel is one CTA per
+// The generic absorbed attention for prefill rows (cuda_latent_attn_kernel.cuh's kernel is one CTA per
 // query row): one CTA per group of up to Q consecutive rows of one sequence (positions p..p+Q−1) and
 // 16 heads, every 32-position tile of the cache read once for all of the group's rows, the scores
 // and P·V on BF16 tensor cores with q and P as two BF16 terms each (the row kernel's arithmetic, row
 // for row: on finite cache rows the results are the same bits). Only the tensor-core shapes of the
 // row kernel (kv_lora_rank ≤ 256, rows of ≤ 320 values, multiples of 8 / 16), one split per group.
-// Internal to the CUDA build: included by cuda_latent_attention.cu.
+// Internal to the CUDA build: included by cuda_latent_attention.cu and cuda_latent_attn_kernel.cuh.
 #pragma once
 #include <cstdint>
 #include <vector>
