@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <cstdlib>
 #include <string>
 
@@ -10,18 +9,18 @@
 #include "backend/cuda/graph.h"
 #include "backend/cuda/lt_gemm.h"
 #include "backend/cuda/mla_decode.h"
-#include "backend/cuda/mma.cuh"
 #include "backend/cuda/pdl.cuh"
 #include "infer/cuda_decode_ops.h"
 #include "infer/cuda_latent_attn_kernel.cuh"
 #include "infer/cuda_latent_prefill.h"
-#include "infer/cuda_weight_vec.cuh"
 
 namespace dsv3 {
 using namespace cuda;
 using namespace cuda::latent;
 
 namespace {
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // Row r of the step → its pool slot in `layer`: c_kv_n ‖ k_pe rounded to BF16.
 __global__ void write_rows_kernel(const float* c, const float* kpe, const int32_t* meta, int n, int64_t R,

@@ -35,7 +35,6 @@ constexpr int kQStride = 4 * kHg + 4;  // floats per 4-column chunk of q (padded
 constexpr int kMaxClusterSplits = 8;
 constexpr int kMaxSplits = 64;
 constexpr int kMaxColumns = 512;  // kv_lora_rank
-int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 struct AttnArgs : LatentAttnCommon {
   int splits, max_tiles;
