@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Decode A/B on the GPU machine: several builds (or environment settings) of dsv3_bench_gpu_decode,
 run in turn for a number of rounds in one command, so that every variant sees the same machine
-state; prints the per-step time of each (weights, batch) as min–max over the rounds and writes
-bench/results/<out>.json (commit, date, machine, every round's figures).
+state; prints the per-step time and the prefill (one per run) of each (weights, batch) as min–max
+over the rounds and writes bench/results/<out>.json (commit, date, machine, every round's figures).
 
   bench/gpu_decode_ab.py [--rounds 2] [--batch 1,32] [--weights bf16,fp8] [--new 128]
                          [--out gpu_decode_ab] LABEL=BINARY[:NAME=VALUE...] ...
@@ -94,7 +94,8 @@ def run_once(v, args, rnd):
     except (OSError, ValueError) as e:
         print(f"gpu_decode_ab.py: {v['label']} round {rnd}: no readable result at '{path}' ({e})", file=sys.stderr)
         sys.exit(1)
-    return {f"{r['weights']} b{r['batch']}": r["step_ms_median"] for r in data["runs"]}
+    return ({f"{r['weights']} b{r['batch']}": r["step_ms_median"] for r in data["runs"]},
+            {f"{r['weights']} b{r['batch']}": r["prefill_ms"] for r in data["runs"]})
 
 
 def main():
@@ -120,27 +121,31 @@ def main():
     if len({v["label"] for v in variants}) != len(variants):
         bad("variant labels must differ")
     rounds = {v["label"]: [] for v in variants}
+    prefill = {v["label"]: [] for v in variants}
     for rnd in range(1, args.rounds + 1):
         for i in range(len(variants)):
             v = variants[(i + rnd - 1) % len(variants)]
-            rounds[v["label"]].append(run_once(v, args, rnd))
+            step, pre = run_once(v, args, rnd)
+            rounds[v["label"]].append(step)
+            prefill[v["label"]].append(pre)
             print(f"round {rnd}: {v['label']} done", flush=True)
     keys = sorted({k for rs in rounds.values() for r in rs for k in r},
                   key=lambda k: (k.split()[0], int(k.split()[1][1:])))
-    print("ms per decode step (min-max over rounds)")
-    print(f"{'variant':<12}" + "".join(f"{k:>18}" for k in keys))
-    for v in variants:
-        cells = []
-        for k in keys:
-            xs = [r[k] for r in rounds[v["label"]] if k in r]
-            cells.append(f"{min(xs):.3f}-{max(xs):.3f}" if xs else "-")
-        print(f"{v['label']:<12}" + "".join(f"{c:>18}" for c in cells))
+    for title, table in (("ms per decode step", rounds), ("ms per prefill (one per run)", prefill)):
+        print(f"{title} (min-max over rounds)")
+        print(f"{'variant':<12}" + "".join(f"{k:>18}" for k in keys))
+        for v in variants:
+            cells = []
+            for k in keys:
+                xs = [r[k] for r in table[v["label"]] if k in r]
+                cells.append(f"{min(xs):.3f}-{max(xs):.3f}" if xs else "-")
+            print(f"{v['label']:<12}" + "".join(f"{c:>18}" for c in cells))
     out = {"bench": "gpu_decode_ab", "commit": git_commit(),
            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
            "machine": {"gpu": gpu_name(), "host": platform.node()},
            "batch": args.batch, "weights": args.weights, "new_tokens": args.new, "rounds": args.rounds,
            "variants": [{"label": v["label"], "binary": v["binary"], "sha256": v["sha256"], "env": v["env"],
-                         "step_ms": rounds[v["label"]]} for v in variants]}
+                         "step_ms": rounds[v["label"]], "prefill_ms": prefill[v["label"]]} for v in variants]}
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, args.out + ".json")
     with open(path + ".tmp", "w") as f:

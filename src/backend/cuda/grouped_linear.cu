@@ -1,14 +1,16 @@
 // grouped_linear, and linear with a BF16 or FP8 weight as its one-block case: F32 x against BF16
 // weights on tensor cores. x is split into two BF16 terms once (16 bits of x; products of BF16
 // values are exact in FP32, so y = W·hi + W·lo is in tolerances.md's kF32 class, as the decode
-// GEMVs'), every block cut into chunks of at most `chunk` rows, each (chunk, term) one matmul of a
-// cuBLASLt pointer-array batch into its own [chunk, N] slice of scratch (K beyond 2,048 in slices,
-// one batch each, added in F32), and one kernel adds each row's two products into y. A bench-0.7b
-// prefill of 4,096 tokens ran its experts as ~100 linears per layer (split, matmul, add each: ~3,900
-// launches and ~1,150 cuBLASLt calls, whose host time bounded the step); here a projection is one
-// split, one matmul per K slice and one add. Widening the weights for SGEMM instead made that
-// prefill's linears run at ~30 TFLOP/s. FP8 weights (128×128 block scales) are written as two BF16
-// terms each, hi and lo of the dequantized F32 value, for one more matmul batch (x_hi·W_lo).
+// GEMVs'), and each term's product is a cuBLASLt matmul adding into the last in F32 (beta 1). A
+// linear's matmuls write y itself; blocks are cut into chunks of at most `chunk` rows, each
+// (chunk, term) one matmul of a pointer-array batch into the chunk's [chunk, N] slice of scratch
+// (K beyond 2,048 in slices, one batch per term and slice), and one kernel moves each row's
+// product into y. A bench-0.7b prefill of 4,096 tokens ran its experts as ~100 linears per layer
+// (split, matmul, add each: ~3,900 launches and ~1,150 cuBLASLt calls, whose host time bounded the
+// step); here a projection is one split, two batches per K slice and one move. Widening the weights
+// for SGEMM instead made that prefill's linears run at ~30 TFLOP/s. FP8 weights (128×128 block
+// scales) are written as two BF16 terms each, hi and lo of the dequantized F32 value, for one more
+// matmul batch (x_hi·W_lo).
 #include <algorithm>
 #include <climits>
 #include <cstring>
@@ -25,10 +27,10 @@ using namespace cuda;
 
 namespace {
 
-// y[r] = (acc ? y[r] + hi : hi) + lo, the two products of row r: in chunk j (starts[j] ≤ r <
-// starts[j + 1]) at row j·chunk + r − starts[j] of the hi and lo slices. One CTA per row (grid-stride).
-__global__ void add_chunk_halves_kernel(const float4* hi, const float4* lo, const int32_t* starts, int chunks,
-                                        int64_t chunk, int64_t rows, int64_t n4, float4* y, bool acc) {
+// y[r] = (acc ? y[r] : 0) + p, p row r's product: in chunk j (starts[j] ≤ r < starts[j + 1]) at row
+// j·chunk + r − starts[j] of prod. One CTA per row (grid-stride).
+__global__ void gather_chunk_rows_kernel(const float4* prod, const int32_t* starts, int chunks, int64_t chunk,
+                                         int64_t rows, int64_t n4, float4* y, bool acc) {
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     int lo_j = 0, hi_j = chunks - 1;  // the last chunk starting at or before r
     while (lo_j < hi_j) {
@@ -40,13 +42,13 @@ __global__ void add_chunk_halves_kernel(const float4* hi, const float4* lo, cons
     }
     const int64_t src = (int64_t(lo_j) * chunk + (r - starts[lo_j])) * n4;
     for (int64_t c = threadIdx.x; c < n4; c += blockDim.x) {
-      const float4 t = hi[src + c], b = lo[src + c];
-      float4 v = t;
+      const float4 v = prod[src + c];
       if (acc) {
         const float4 o = y[r * n4 + c];
-        v = make_float4(o.x + t.x, o.y + t.y, o.z + t.z, o.w + t.w);
+        y[r * n4 + c] = make_float4(o.x + v.x, o.y + v.y, o.z + v.z, o.w + v.w);
+      } else {
+        y[r * n4 + c] = v;
       }
-      y[r * n4 + c] = make_float4(v.x + b.x, v.y + b.y, v.z + b.z, v.w + b.w);
     }
   }
 }
@@ -70,7 +72,15 @@ int64_t chunk_rows(std::span<const int64_t> counts) {
   return best;
 }
 
-constexpr int64_t kSliceK = 2048;  // columns per matmul (a multiple of 8: 16-byte aligned slices)
+// Columns per matmul: K in S slices of at most kMaxSliceK, equal ones where K allows (a multiple of 8
+// dividing K, S ≤ s < 2S slices), else kMaxSliceK and the rest last.
+constexpr int64_t kMaxSliceK = 2048;
+int64_t slice_k(int64_t K) {
+  const int64_t S = (K + kMaxSliceK - 1) / kMaxSliceK;
+  for (int64_t s = S; s < 2 * S; ++s)
+    if (K % s == 0 && (K / s) % 8 == 0) return K / s;
+  return kMaxSliceK;
+}
 
 uint32_t align_bytes(uintptr_t p) {
   uint32_t a = 256;
@@ -117,13 +127,47 @@ size_t& fp8_terms_budget() {
   return bytes;
 }
 
-// The matmuls and the add for blocks whose weights are BF16 terms: w_hi[e] (and, for FP8, w_lo[e],
-// the products x_hi·w_lo added to x_hi·w_hi's; x_lo·w_lo, ≤ 2⁻¹⁸ of each |w·x|, is left out).
-// offsets from 0 to x's rows. False, y untouched, when cuBLASLt has no algorithm.
+// The matmuls for blocks whose weights are BF16 terms: w_hi[e] (and, for FP8, w_lo[e]: x_hi·w_lo
+// added too; x_lo·w_lo, ≤ 2⁻¹⁸ of each |w·x|, is left out), offsets from 0 to x's rows. Every
+// product after the first adds into the sum so far in the matmul's F32 epilogue (beta 1), K in
+// slices (slice_k): the tensor cores' accumulation within one matmul loses more than
+// round-to-nearest F32 over long K (V3's kv_a_proj, K 7168, in one matmul: 1.07e-5 of max|y|
+// against kF32's 1e-5); a slice keeps each chain to the length the decode GEMVs are checked at.
+// False, y untouched, when cuBLASLt has no algorithm.
 bool split_core(const Tensor& x, std::span<const int64_t> offsets, std::span<const void* const> w_hi,
                 std::span<const void* const> w_lo, int64_t N, const Tensor& y, bool accumulate) {
-  const int64_t M = x.dim(0), K = x.dim(1);
+  const int64_t M = x.dim(0), K = x.dim(1), ks = slice_k(K), S = (K + ks - 1) / ks;
   const bool two_w = !w_lo.empty();
+  const int terms = two_w ? 3 : 2;  // per slice: x_hi·w_hi, x_lo·w_hi (and x_hi·w_lo)
+  const cudaStream_t s = stream();
+  auto up256 = [](size_t b) { return (b + 255) / 256 * 256; };
+  if (w_hi.size() == 1 && K % ks == 0) {
+    // One block (a linear) whose slices share a shape: every matmul straight into y. Only the first
+    // can find no algorithm (the rest are its shape, its plan), so y is untouched when it does. The
+    // batch-32 bench-0.7b prefill's dense linears wrote two products to scratch and added them in
+    // a kernel of their own (~2.3 ms of ~17 ms of kernels for all its linears' adds, 2026-12-03).
+    const size_t term_bytes = up256(size_t(M * K) * 2);
+    Scratch buf(2 * term_bytes);
+    auto* hi = buf.as<__nv_bfloat16>();
+    auto* lo = reinterpret_cast<__nv_bfloat16*>(buf.as<char>() + term_bytes);
+    f32_split_bf16(x.data<float>(), M, K, K, hi, lo);
+    const auto* wh = static_cast<const __nv_bfloat16*>(w_hi[0]);
+    const auto* wl = two_w ? static_cast<const __nv_bfloat16*>(w_lo[0]) : wh;
+    const __nv_bfloat16* a[3] = {hi, lo, hi};
+    const __nv_bfloat16* b[3] = {wh, wh, wl};
+    for (int64_t sl = 0; sl < S; ++sl)
+      for (int t = 0; t < terms; ++t) {
+        const bool first = sl == 0 && t == 0;
+        const int64_t k0 = sl * ks;
+        if (lt_try_matmul(lt_row_major(false, true, M, N, ks, a[t] + k0, K, b[t] + k0, K, ptr<float>(y), N,
+                                       accumulate || !first)))
+          continue;
+        if (first) return false;
+        internal_error("grouped_linear: cuBLASLt has no algorithm for a ", M, "×", ks, " · ", ks, "×", N,
+                       " matmul after running one of that shape");
+      }
+    return true;
+  }
   std::vector<int64_t> counts(w_hi.size());
   for (size_t e = 0; e < w_hi.size(); ++e) counts[e] = offsets[e + 1] - offsets[e];
   const int64_t chunk = chunk_rows(counts);
@@ -138,51 +182,36 @@ bool split_core(const Tensor& x, std::span<const int64_t> offsets, std::span<con
   const int64_t J = int64_t(starts.size());
   const int64_t slack = std::max<int64_t>(0, starts.back() + chunk - M);  // rows a chunk reads past x
   starts.push_back(int32_t(M));
-  // K in slices of at most kSliceK columns, each slice's products added into the last's by the
-  // matmul's epilogue (beta 1, F32). The tensor cores' accumulation within one matmul loses more
-  // than round-to-nearest F32 over long K (V3's kv_a_proj, K 7168, in one matmul: 1.07e-5 of max|y|
-  // against kF32's 1e-5); a slice keeps each chain to the length the decode GEMVs are checked at.
-  const int64_t S = (K + kSliceK - 1) / kSliceK;
   // Device scratch: x's terms [M + slack, K] each (the last chunk may read past the last row: the
-  // slack is zeroed, its products unused), the products [J·chunk, N] per term, then the pointer
-  // arrays (C: 2J, then per slice A and B: 2J each, and the w_lo B: J; in each the hi terms'
-  // matmuls, then the lo terms') and the chunk starts.
-  auto up256 = [](size_t b) { return (b + 255) / 256 * 256; };
+  // slack is zeroed, its products unused), the products [J·chunk, N], then the pointer arrays (C:
+  // J; per slice, A: the hi terms' J then the lo terms', B: the w_hi J and the w_lo J) and the
+  // chunk starts.
   const size_t term_bytes = up256(size_t((M + slack) * K) * 2), prod_bytes = up256(size_t(J * chunk * N) * 4);
-  const int64_t per_slice = 4 * J + (two_w ? J : 0);
-  const size_t n_ptrs = size_t(2 * J + per_slice * S);
+  const int64_t per_slice = (two_w ? 4 : 3) * J;
+  const size_t n_ptrs = size_t(J + per_slice * S);
   const size_t table_bytes = n_ptrs * sizeof(void*) + starts.size() * sizeof(int32_t);
-  Scratch buf(2 * term_bytes + 2 * prod_bytes + table_bytes);
+  Scratch buf(2 * term_bytes + prod_bytes + table_bytes);
   char* base = buf.as<char>();
   __nv_bfloat16* hi = reinterpret_cast<__nv_bfloat16*>(base);
   __nv_bfloat16* lo = reinterpret_cast<__nv_bfloat16*>(base + term_bytes);
-  float* prod_hi = reinterpret_cast<float*>(base + 2 * term_bytes);
-  float* prod_lo = reinterpret_cast<float*>(base + 2 * term_bytes + prod_bytes);
-  char* table = base + 2 * term_bytes + 2 * prod_bytes;
+  float* prod = reinterpret_cast<float*>(base + 2 * term_bytes);
+  char* table = base + 2 * term_bytes + prod_bytes;
   std::vector<const void*> ptrs(n_ptrs);
   uint32_t align = 256;
   for (int64_t j = 0; j < J; ++j) {
     const int64_t r = starts[size_t(j)];
-    const void* c[2] = {prod_hi + j * chunk * N, prod_lo + j * chunk * N};
-    for (int t = 0; t < 2; ++t) {
-      ptrs[size_t(t * J + j)] = c[t];
-      align = std::min(align, align_bytes(reinterpret_cast<uintptr_t>(c[t])));
-    }
+    ptrs[size_t(j)] = prod + j * chunk * N;
+    align = std::min(align, align_bytes(reinterpret_cast<uintptr_t>(ptrs[size_t(j)])));
     for (int64_t sl = 0; sl < S; ++sl) {
-      const int64_t k0 = sl * kSliceK;
+      const int64_t k0 = sl * ks;
       const auto* wh = static_cast<const __nv_bfloat16*>(w_hi[block[size_t(j)]]) + k0;
-      const void* v[5] = {hi + r * K + k0, lo + r * K + k0, wh, wh,
+      const void* v[4] = {hi + r * K + k0, lo + r * K + k0, wh,
                           two_w ? static_cast<const __nv_bfloat16*>(w_lo[block[size_t(j)]]) + k0 : wh};
-      void const** p = ptrs.data() + 2 * J + per_slice * sl;
-      for (int t = 0; t < 2; ++t) {
-        p[t * J + j] = v[t];              // A (our x's term)
-        p[2 * J + t * J + j] = v[2 + t];  // B (the weight)
-      }
-      if (two_w) p[4 * J + j] = v[4];
+      const void** p = ptrs.data() + J + per_slice * sl;
+      for (int i = 0; i < (two_w ? 4 : 3); ++i) p[i * J + j] = v[i];
       for (const void* q : v) align = std::min(align, align_bytes(reinterpret_cast<uintptr_t>(q)));
     }
   }
-  const cudaStream_t s = stream();
   std::vector<char> host(table_bytes);
   std::memcpy(host.data(), ptrs.data(), ptrs.size() * sizeof(void*));
   std::memcpy(host.data() + ptrs.size() * sizeof(void*), starts.data(), starts.size() * sizeof(int32_t));
@@ -193,27 +222,24 @@ bool split_core(const Tensor& x, std::span<const int64_t> offsets, std::span<con
     DSV3_CUDA_CHECK(cudaMemsetAsync(hi + M * K, 0, size_t(slack * K) * 2, s));
     DSV3_CUDA_CHECK(cudaMemsetAsync(lo + M * K, 0, size_t(slack * K) * 2, s));
   }
+  // Per slice: the hi terms' batch, the lo terms' into the same products, then x_hi·w_lo.
+  const int a_of[3] = {0, 1, 0}, b_of[3] = {2, 2, 3};
   for (int64_t sl = 0; sl < S; ++sl) {
-    const char* p = table + (2 * J + per_slice * sl) * sizeof(void*);
-    const int64_t ks = std::min(kSliceK, K - sl * kSliceK);
-    LtMatmul g = lt_row_major(false, true, chunk, N, ks, p, K, p + 2 * J * sizeof(void*), K, table, N, sl > 0);
-    g.batch = 2 * J;
-    g.pointer_array = true;
-    g.align = align;
-    if (!lt_try_matmul(g)) return false;  // no algorithm: y untouched, the caller runs linear per block
-    if (two_w) {  // x_hi·w_lo into the hi products
-      LtMatmul l = lt_row_major(false, true, chunk, N, ks, p, K, p + 4 * J * sizeof(void*), K, table, N, true);
-      l.batch = J;
-      l.pointer_array = true;
-      l.align = align;
-      if (!lt_try_matmul(l)) return false;
+    const char* p = table + (J + per_slice * sl) * sizeof(void*);
+    const int64_t w = std::min(ks, K - sl * ks);
+    for (int t = 0; t < terms; ++t) {
+      LtMatmul g = lt_row_major(false, true, chunk, N, w, p + a_of[t] * J * sizeof(void*), K,
+                                p + b_of[t] * J * sizeof(void*), K, table, N, sl > 0 || t > 0);
+      g.batch = J;
+      g.pointer_array = true;
+      g.align = align;
+      if (!lt_try_matmul(g)) return false;  // no algorithm: y untouched, the caller runs linear per block
     }
   }
-  const int64_t n4 = N / 4;
-  add_chunk_halves_kernel<<<unsigned(std::min<int64_t>(M, int64_t(sm_count()) * 32)), 128, 0, s>>>(
-      reinterpret_cast<const float4*>(prod_hi), reinterpret_cast<const float4*>(prod_lo), d_starts, int(J), chunk, M,
-      n4, reinterpret_cast<float4*>(ptr<float>(y)), accumulate);
-  check_launch("grouped_linear: adding the split terms' products");
+  gather_chunk_rows_kernel<<<unsigned(std::min<int64_t>(M, int64_t(sm_count()) * 32)), 128, 0, s>>>(
+      reinterpret_cast<const float4*>(prod), d_starts, int(J), chunk, M, N / 4, reinterpret_cast<float4*>(ptr<float>(y)),
+      accumulate);
+  check_launch("grouped_linear: the chunks' products into y");
   return true;
 }
 
