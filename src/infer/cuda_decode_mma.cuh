@@ -541,9 +541,9 @@ __global__ void __launch_bounds__(32 * kMmaWarps, 2) expert_mma_kernel(ExpertArg
 // kernels back, complete by now: pdl.cuh) and loads its first step's weights before waiting for act.
 // kCounted (a.done set): down waits per work item instead of for the whole gate/up grid: gate/up
 // counts each warp's finished steps of an item, and down starts an item once all of them are in,
-// so the CTAs that finish gate/up first go on to down while the last gate/up steps run. Down never
-// waits on the grid then; its items need every gate/up step, so its completion still follows
-// gate/up's.
+// so the CTAs that finish gate/up first go on to down while the last gate/up steps run. Each down
+// CTA still waits for the gate/up grid before it ends (by then all but its tail is done), so down's
+// completion implies gate/up's, as the kernels after it assume (pdl.cuh).
 template <bool kGateUp, int BPW, bool kF8, bool kCounted = false>
 __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_rows_kernel(ExpertArgs a, int ks) {
   extern __shared__ float red[];  // [2][kGateUp ? 2 : 1][kExpRowWarps][kMmaStash<1>]
@@ -558,7 +558,10 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_rows_kernel(Exper
   const int count = a.items[2 * a.max_items];
   const int64_t total = int64_t(count) * steps;
   const int f_begin = int(total * blockIdx.x / gridDim.x), f_end = int(total * (blockIdx.x + 1) / gridDim.x);
-  if (f_begin >= f_end) return;  // CTA-uniform; the last CTA's part is never empty, so one CTA waits
+  if (f_begin >= f_end) {  // CTA-uniform; the last CTA's part is never empty, so one CTA waits
+    if constexpr (kCounted && !kGateUp) pdl_wait();
+    return;
+  }
   const size_t row_bytes = size_t(a.K) * (kF8 ? 1 : 2);
   MmaBlock cur[BPW], curb[kGateUp ? BPW : 1], nxt[BPW], nxtb[kGateUp ? BPW : 1];
   // FP8: each block's scale (a step's, and the next step's while it loads).
@@ -634,9 +637,11 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_rows_kernel(Exper
     __syncthreads();
     expert_store<kGateUp>(a, buf, kExpRowWarps, rbs, ks, it.c0, it.n, s * step_rows, a.rows_out);
     if constexpr (kCounted && kGateUp) {  // this warp's stores of the step, then its count
-      __threadfence();
       __syncwarp();
-      if (lane == 0) atomicAdd(a.done + item, 1);
+      if (lane == 0) {
+        __threadfence();
+        atomicAdd(a.done + item, 1);
+      }
     }
     if (more) {
 #pragma unroll
@@ -655,6 +660,7 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_rows_kernel(Exper
       }
     }
   }
+  if constexpr (kCounted && !kGateUp) pdl_wait();  // the gate/up grid too has completed (above)
 }
 
 }  // namespace dsv3::cuda

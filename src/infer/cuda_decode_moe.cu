@@ -288,6 +288,13 @@ bool& expert_counts() {
 
 bool cuda_set_decode_expert_counts(bool on) { return std::exchange(expert_counts(), on); }
 
+bool cuda_moe_counted(const CudaMoeTables& t, int64_t N) {
+  // As launch_experts chooses: BF16 / FP8 weights on the tensor cores, both halves on
+  // expert_rows_kernel at their K.
+  const bool mma = t.wt == DType::F8_E4M3 || (t.wt == DType::BF16 && mma_wanted(N));
+  return expert_counts() && mma && expert_rows_ks(true, t.H) > 0 && expert_rows_ks(false, t.I) > 0;
+}
+
 bool cuda_moe_supported(const MoeParams& p) {
   // The combine kernel holds a row of up to 256·32 values in registers.
   if (p.experts.empty() || p.experts.size() > 1024 || p.experts[0].gate_proj.w.dim(1) > 256 * 32) return false;
@@ -357,12 +364,7 @@ Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, con
   DSV3_CHECK(cuda_moe_fits(t, N, k), "cuda_moe_forward: ", N, " rows × top-", k, " picks exceed the grouping kernel");
   // Work items: Σ over groups with picks of ceil(c / kChunk) ≤ picks / kChunk + (groups with picks).
   const int64_t max_items = picks / kChunk + std::min(groups, nk + (t.shared ? 1 : 0));
-  // With the counts on (cuda_set_decode_expert_counts) and both halves on expert_rows_kernel (BF16 /
-  // FP8 weights on the tensor cores at these K), down starts each work item once its gate/up steps
-  // are counted in, not after the whole gate/up grid.
-  const bool mma = t.wt == DType::F8_E4M3 || (t.wt == DType::BF16 && mma_wanted(N));
-  const int ks_gate_up = expert_rows_ks(true, H);
-  const bool counted = expert_counts() && mma && ks_gate_up > 0 && expert_rows_ks(false, I) > 0;
+  const bool counted = cuda_moe_counted(t, N);
   Tensor grp = be.alloc(DType::I32, {picks + nk + groups + 1 + 2 * max_items + 1 + (counted ? max_items : 0)});
   int32_t* order = ptr<int32_t>(grp);
   int32_t* inv = order + picks;
@@ -402,7 +404,7 @@ Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, con
     ed.lds = int((I + 127) / 128);
   }
   ed.done = done;
-  ed.done_target = counted ? int(expert_rows_steps(ks_gate_up, I)) * kExpRowWarps : 0;
+  ed.done_target = counted ? int(expert_rows_steps(expert_rows_ks(true, H), I)) * kExpRowWarps : 0;
   launch(false, ed);
   check_launch("experts down");
   Tensor out = into.defined() ? into : be.alloc(DType::F32, {N, H});

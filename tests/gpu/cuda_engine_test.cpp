@@ -307,8 +307,9 @@ TEST(CudaEngine, GroupedMoeEqualsCpuMoeForward) {
 // Down starting each work item on gate/up's per-item counts (cuda_set_decode_expert_counts) gives
 // the bits of the grid-wide wait, with programmatic launch on (down then overlaps gate/up's last
 // steps): bench-0.7b's expert shapes, where both halves take the row-range kernel, in BF16 and
-// FP8, at 32, 40 and 128 rows, each counted call repeated so that a read of act before its rows
-// are in would show.
+// FP8, at 32, 40 and 128 rows. The counted calls alternate two inputs, each against its own
+// reference: act's memory comes back from the allocator holding the other input's values, so a
+// read of act before its rows are in would show.
 TEST(CudaEngine, ExpertCountsChangeNoBits) {
   ASSERT_GT(cuda_device_count(), 0);
   CudaBackend& be = cuda_backend();
@@ -338,13 +339,19 @@ TEST(CudaEngine, ExpertCountsChangeNoBits) {
     const CudaMoeTables t = cuda_moe_tables(moe);
     for (int64_t N : {32, 40, 128}) {
       SCOPED_TRACE(cat(N, " rows"));
-      const Tensor x = be.to_device(randn({N, d.H}, 9, uint64_t(N))), res = be.to_device(randn({N, d.H}, 10, uint64_t(N)));
+      const Tensor res = be.to_device(randn({N, d.H}, 10, uint64_t(N)));
+      Tensor x[2], want[2];
       cuda_set_decode_expert_counts(false);
-      const Tensor want = be.to_host(cuda_moe_forward(be, d, moe, t, x, &res));
+      for (int i = 0; i < 2; ++i) {
+        x[i] = be.to_device(randn({N, d.H}, 9 + uint64_t(i), uint64_t(N)));
+        want[i] = be.to_host(cuda_moe_forward(be, d, moe, t, x[i], &res));
+      }
+      ASSERT_NE(std::memcmp(want[0].raw(), want[1].raw(), size_t(want[0].numel()) * sizeof(float)), 0);
       cuda_set_decode_expert_counts(true);
+      ASSERT_TRUE(cuda_moe_counted(t, N));
       for (int rep = 0; rep < 8; ++rep) {
-        const Tensor got = be.to_host(cuda_moe_forward(be, d, moe, t, x, &res));
-        ASSERT_EQ(std::memcmp(got.raw(), want.raw(), size_t(want.numel()) * sizeof(float)), 0) << "call " << rep;
+        const Tensor got = be.to_host(cuda_moe_forward(be, d, moe, t, x[rep % 2], &res));
+        ASSERT_EQ(std::memcmp(got.raw(), want[rep % 2].raw(), size_t(got.numel()) * sizeof(float)), 0) << "call " << rep;
       }
     }
   }

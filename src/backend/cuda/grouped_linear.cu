@@ -72,13 +72,15 @@ int64_t chunk_rows(std::span<const int64_t> counts) {
   return best;
 }
 
-// Columns per matmul: K in S slices of at most kMaxSliceK, equal ones where K allows (a multiple of 8
-// dividing K, S ≤ s < 2S slices), else kMaxSliceK and the rest last.
+// Columns per matmul: K in S slices of at most kMaxSliceK, equal ones where K allows (a multiple of
+// 128 dividing K, S ≤ s < 2S slices: every slice's base 256-byte aligned, so all of a linear's
+// matmuls share one cuBLASLt plan key), else kMaxSliceK and the rest last.
 constexpr int64_t kMaxSliceK = 2048;
 int64_t slice_k(int64_t K) {
   const int64_t S = (K + kMaxSliceK - 1) / kMaxSliceK;
+  if (S == 1) return K;
   for (int64_t s = S; s < 2 * S; ++s)
-    if (K % s == 0 && (K / s) % 8 == 0) return K / s;
+    if (K % s == 0 && (K / s) % 128 == 0) return K / s;
   return kMaxSliceK;
 }
 
