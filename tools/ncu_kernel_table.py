@@ -43,9 +43,9 @@ def main():
     if a.launches:
         return list_launches(lines, a)
     ns, n, inst = totals(lines, a.csv)
-    total = sum(ns.values())
     if a.against:
         return compare(a, ns, n, *totals(csv_lines(a.against), a.against)[:2])
+    total = sum(ns.values())
     print(f"{total / 1e6:.2f} ms of kernels over {sum(n.values())} launches, {len(ns)} kernel names")
     head = f"{'kernel':<{a.width}} {'ms':>8} {'share':>6} {'launches':>8} {'mean us':>8}"
     print(head + (f" {'Minstr':>9}" if inst else ""))

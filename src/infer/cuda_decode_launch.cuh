@@ -4,7 +4,9 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <initializer_list>
 #include <string>
 
 #include "backend/cuda/common.cuh"
@@ -27,6 +29,18 @@ inline int& mma_rows_setting() {
   return rows;
 }
 inline bool mma_wanted(int64_t n) { return mma_rows_setting() > 0 && n >= mma_rows_setting(); }
+// Whether the grouped experts of N tokens take the tensor-core kernels: FP8 weights always, BF16
+// ones from the threshold (F32 ones never).
+inline bool experts_mma(DType wt, int64_t N) {
+  return wt == DType::F8_E4M3 || (wt == DType::BF16 && mma_wanted(N));
+}
+
+// An integer setting from the environment: one of `allowed`, else `def` (read once per caller).
+inline int env_choice(const char* name, int def, std::initializer_list<int> allowed) {
+  const char* e = std::getenv(name);
+  const int v = e ? std::atoi(e) : def;
+  return std::find(allowed.begin(), allowed.end(), v) != allowed.end() ? v : def;
+}
 
 // Warps per row block of gemv_mma_kernel / expert_mma_kernel (the shapes the row-range kernels do
 // not take): the largest power of two ≤ kMmaWarps that leaves every warp at least 1 (GEMV) or 2

@@ -4,8 +4,6 @@
 // cuda_decode_fma.cuh otherwise), and the combine in top-k order with the residual and the next
 // block's RMSNorm.
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 #include <utility>
 
@@ -260,8 +258,9 @@ template <class WT> void launch_experts_fma(bool gate_up, int64_t N, const Exper
 }
 // WT: float, __nv_bfloat16, or __nv_fp8_e4m3 (the tensor-core kernels at every N).
 template <class WT> void launch_experts(bool gate_up, int64_t N, const ExpertArgs& a) {
-  constexpr bool f8 = std::is_same_v<WT, __nv_fp8_e4m3>, mma = f8 || std::is_same_v<WT, __nv_bfloat16>;
-  if (mma && (f8 || mma_wanted(N))) {
+  constexpr bool f8 = std::is_same_v<WT, __nv_fp8_e4m3>;
+  constexpr DType wt = f8 ? DType::F8_E4M3 : std::is_same_v<WT, __nv_bfloat16> ? DType::BF16 : DType::F32;
+  if (experts_mma(wt, N)) {
     if (launch_expert_rows<f8>(gate_up, a)) return;
     const int ks = mma_ksplit(a.K, true), rows_per_cta = 16 * (kMmaWarps / ks);
     const dim3 grid(unsigned((a.rows_out + rows_per_cta - 1) / rows_per_cta), unsigned(a.max_items));
@@ -274,14 +273,9 @@ template <class WT> void launch_experts(bool gate_up, int64_t N, const ExpertArg
   }
   if constexpr (!f8) launch_experts_fma<WT>(gate_up, N, a);
 }
-}  // namespace
 
-namespace {
 bool& expert_counts() {
-  static bool on = [] {
-    const char* e = std::getenv("DSV3_DECODE_EXPERT_COUNTS");
-    return e && std::strcmp(e, "1") == 0;
-  }();
+  static bool on = env_choice("DSV3_DECODE_EXPERT_COUNTS", 0, {0, 1}) == 1;
   return on;
 }
 }  // namespace
@@ -289,10 +283,8 @@ bool& expert_counts() {
 bool cuda_set_decode_expert_counts(bool on) { return std::exchange(expert_counts(), on); }
 
 bool cuda_moe_counted(const CudaMoeTables& t, int64_t N) {
-  // As launch_experts chooses: BF16 / FP8 weights on the tensor cores, both halves on
-  // expert_rows_kernel at their K.
-  const bool mma = t.wt == DType::F8_E4M3 || (t.wt == DType::BF16 && mma_wanted(N));
-  return expert_counts() && mma && expert_rows_ks(true, t.H) > 0 && expert_rows_ks(false, t.I) > 0;
+  // As launch_experts chooses: the tensor-core kernels, both halves on expert_rows_kernel at their K.
+  return expert_counts() && experts_mma(t.wt, N) && expert_rows_ks(true, t.H) > 0 && expert_rows_ks(false, t.I) > 0;
 }
 
 bool cuda_moe_supported(const MoeParams& p) {

@@ -270,12 +270,6 @@ bool gemv_rows_on() {
   static const bool on = cuda::on_unless_env_zero("DSV3_DECODE_MMA_GEMV_ROWS");
   return on;
 }
-// An integer setting from the environment: one of `allowed`, else `def` (read once per caller).
-int env_choice(const char* name, int def, std::initializer_list<int> allowed) {
-  const char* e = std::getenv(name);
-  const int v = e ? std::atoi(e) : def;
-  return std::find(allowed.begin(), allowed.end(), v) != allowed.end() ? v : def;
-}
 int gemv_max_rounds() {
   static const int n = env_choice("DSV3_DECODE_GEMV_ROUNDS", 2, {1, 2});
   return n;
