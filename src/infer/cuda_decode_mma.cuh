@@ -218,20 +218,13 @@ __device__ __forceinline__ void mma_rows(const char* a_lo, const char* a_hi, con
 struct MmaX {
   uint32_t h[4][2], l[4][2];
 };
-// kL2: x is written by a kernel still running (the experts' act under the done counters), so it is
-// read from L2 (ld.global.cg) rather than through the read-only path.
-template <bool kL2 = false>
 __device__ __forceinline__ void mma_load_x(MmaX& f, const float* xr, int b, int K) {
   const int c = b * kMmaKb + 16 * (threadIdx.x & 3);
   float4 v[4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float4* q = reinterpret_cast<const float4*>(xr + c) + i;
-    if constexpr (kL2)
-      v[i] = xr && c + 4 * i + 4 <= K ? __ldcg(q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    else
-      v[i] = xr && c + 4 * i + 4 <= K ? __ldg(q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  }
+  for (int i = 0; i < 4; ++i)
+    v[i] = xr && c + 4 * i + 4 <= K ? __ldg(reinterpret_cast<const float4*>(xr + c) + i)
+                                    : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     split_bf16x2(v[i].x, v[i].y, f.h[i][0], f.l[i][0]);
@@ -302,10 +295,6 @@ struct ExpertArgs {
   const int64_t* s0 = nullptr;  // FP8: per group, w0's (and w1's) block scales [⌈rows_out/128⌉, lds]
   const int64_t* s1 = nullptr;
   int lds = 0;
-  // Both halves on expert_rows_kernel: per work item, its gate/up warp-steps done (zeroed by the
-  // grouping; gate/up adds one per warp and step), and the count at which down may read its act rows.
-  int* done = nullptr;
-  int done_target = 0;
 };
 
 // A GEMV launch over more rows of x than a CTA's registers hold: the CTAs along the grid's y take
@@ -442,17 +431,6 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) gemv_rows_kernel(GemvArg
   }
 }
 
-// Spins until *p ≥ target (an acquire load: what the adders wrote before their fences is visible
-// after it). Warp-uniform.
-__device__ __forceinline__ void wait_count(const int* p, int target) {
-  for (;;) {
-    int v;
-    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    if (v >= target) return;
-    __nanosleep(64);
-  }
-}
-
 // Work item i of the grouping: group e, the item's first grouped position c0 and its n picks (at
 // most kChunk).
 struct ExpertItem {
@@ -539,12 +517,7 @@ __global__ void __launch_bounds__(32 * kMmaWarps, 2) expert_mma_kernel(ExpertArg
 // each step's partial sums meet in a double-buffered shared array (one barrier per step). Gate/up
 // waits first (its items come from the kernel before it); down reads its items (the grouping two
 // kernels back, complete by now: pdl.cuh) and loads its first step's weights before waiting for act.
-// kCounted (a.done set): down waits per work item instead of for the whole gate/up grid: gate/up
-// counts each warp's finished steps of an item, and down starts an item once all of them are in,
-// so the CTAs that finish gate/up first go on to down while the last gate/up steps run. Each down
-// CTA still waits for the gate/up grid before it ends (by then all but its tail is done), so down's
-// completion implies gate/up's, as the kernels after it assume (pdl.cuh).
-template <bool kGateUp, int BPW, bool kF8, bool kCounted = false>
+template <bool kGateUp, int BPW, bool kF8>
 __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_rows_kernel(ExpertArgs a, int ks) {
   extern __shared__ float red[];  // [2][kGateUp ? 2 : 1][kExpRowWarps][kMmaStash<1>]
   if constexpr (kGateUp) {
@@ -558,10 +531,7 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_rows_kernel(Exper
   const int count = a.items[2 * a.max_items];
   const int64_t total = int64_t(count) * steps;
   const int f_begin = int(total * blockIdx.x / gridDim.x), f_end = int(total * (blockIdx.x + 1) / gridDim.x);
-  if (f_begin >= f_end) {  // CTA-uniform; the last CTA's part is never empty, so one CTA waits
-    if constexpr (kCounted && !kGateUp) pdl_wait();
-    return;
-  }
+  if (f_begin >= f_end) return;  // CTA-uniform; the last CTA's part is never empty, so one CTA waits
   const size_t row_bytes = size_t(a.K) * (kF8 ? 1 : 2);
   MmaBlock cur[BPW], curb[kGateUp ? BPW : 1], nxt[BPW], nxtb[kGateUp ? BPW : 1];
   // FP8: each block's scale (a step's, and the next step's while it loads).
@@ -586,13 +556,10 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_rows_kernel(Exper
     }
   };
   MmaX xf[BPW];
-  // Counted, down's act rows may come from a gate/up kernel still running: read from L2 (mma_load_x).
-  constexpr bool kWaits = kCounted && !kGateUp;
-  auto load_x = [&](const ExpertItem& it, int i) {
-    if constexpr (kWaits) wait_count(a.done + i, a.done_target);
+  auto load_x = [&](const ExpertItem& it) {
     const float* xr = expert_x_row<kGateUp>(a, it.c0, gq, it.n);
 #pragma unroll
-    for (int j = 0; j < BPW; ++j) mma_load_x<kWaits>(xf[j], kw + j * ks < nkb ? xr : nullptr, kw + j * ks, a.K);
+    for (int j = 0; j < BPW; ++j) mma_load_x(xf[j], kw + j * ks < nkb ? xr : nullptr, kw + j * ks, a.K);
   };
   int item = f_begin / steps, s = f_begin - item * steps;
   ExpertItem it = expert_item(a, item);
@@ -601,10 +568,10 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_rows_kernel(Exper
   // loads without waiting for the item list.
   ExpertItem next = item + 1 < count ? expert_item(a, item + 1) : it;
   if constexpr (!kGateUp) {
-    if constexpr (!kCounted) pdl_wait();  // act comes from the gate/up kernel
+    pdl_wait();  // act comes from the gate/up kernel
     pdl_trigger();
   }
-  load_x(it, item);
+  load_x(it);
   constexpr int kMats = kGateUp ? 2 : 1;
   for (int f = f_begin; f < f_end; ++f) {
     const bool more = f + 1 < f_end, cross = s + 1 == steps;  // CTA-uniform
@@ -630,19 +597,12 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_rows_kernel(Exper
         if constexpr (kGateUp) mma_block(ub[0], curb[j], xf[j]);
       }
     }
-    if (more && cross) load_x(next, item + 1);  // the MMAs above have read xf; the loads overlap the epilogue
+    if (more && cross) load_x(next);  // the MMAs above have read xf; the loads overlap the epilogue
     float* buf = red + ((f - f_begin) & 1) * kMats * kExpRowWarps * kMmaStash<1>;
     mma_stash<1>(buf + warp * kMmaStash<1>, ga);
     if constexpr (kGateUp) mma_stash<1>(buf + (kExpRowWarps + warp) * kMmaStash<1>, ub);
     __syncthreads();
     expert_store<kGateUp>(a, buf, kExpRowWarps, rbs, ks, it.c0, it.n, s * step_rows, a.rows_out);
-    if constexpr (kCounted && kGateUp) {  // this warp's stores of the step, then its count
-      __syncwarp();
-      if (lane == 0) {
-        __threadfence();
-        atomicAdd(a.done + item, 1);
-      }
-    }
     if (more) {
 #pragma unroll
       for (int j = 0; j < BPW; ++j) {
@@ -660,7 +620,6 @@ __global__ void __launch_bounds__(32 * kExpRowWarps, 1) expert_rows_kernel(Exper
       }
     }
   }
-  if constexpr (kCounted && !kGateUp) pdl_wait();  // the gate/up grid too has completed (above)
 }
 
 }  // namespace dsv3::cuda

@@ -5,7 +5,6 @@
 // block's RMSNorm.
 #include <algorithm>
 #include <type_traits>
-#include <utility>
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/graph.h"
@@ -30,9 +29,9 @@ namespace {
 // …, and finds an expert's picks 32 at a time by ballot (a pick's place is the count of earlier
 // lanes' and chunks' matches); warp 0 scans the counts. The former kernel, one thread per expert
 // scanning every pick and one thread writing the items, took 10 µs of a 160 µs bench-0.7b layer at
-// 32 rows (Nsight Compute, H200). done (if given): the expert kernels' per-item counts, zeroed.
+// 32 rows (Nsight Compute, H200).
 __global__ void group_kernel(const int32_t* ids, int nk, int E, int n_shared_rows, int32_t* order, int32_t* inv,
-                             int32_t* offsets, int32_t* items, int max_items, int32_t* done) {
+                             int32_t* offsets, int32_t* items, int max_items) {
   extern __shared__ int32_t gsm[];
   int32_t* off = gsm;                 // [E] counts, then first grouped positions
   int32_t* first_item = off + E;      // [E + 1] first work item of each group (E: the shared expert)
@@ -40,8 +39,6 @@ __global__ void group_kernel(const int32_t* ids, int nk, int E, int n_shared_row
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   pdl_wait();
   pdl_trigger();
-  if (done)
-    for (int i = threadIdx.x; i < max_items; i += blockDim.x) done[i] = 0;
   for (int i = threadIdx.x; i < nk; i += blockDim.x) sid[i] = ids[i];
   __syncthreads();
   for (int e = warp; e < E; e += nw) {
@@ -208,36 +205,24 @@ template <class WT, bool kGateUp, int R> void launch_expert(int U, dim3 grid, in
     default: launch_expert_u<WT, kGateUp, 8, R>(grid, rows, a); break;
   }
 }
-// expert_rows_kernel's k-split (warps per row block) for one half at reduction depth K, or 0 when
-// that half does not take it: its k-blocks (gate/up: one per warp and step, down: two) must fit the
-// CTA's warps. DSV3_DECODE_MMA_ROWS_KERNEL=0 keeps expert_mma_kernel (for comparison).
-int expert_rows_ks(bool gate_up, int64_t K) {
+// expert_rows_kernel when its k-blocks fit (gate/up: one per warp and step, down: two): one CTA per
+// SM (a CTA's 16 warps take its registers), each a part of all items' steps. DSV3_DECODE_MMA_ROWS_KERNEL=0
+// keeps expert_mma_kernel (for comparison).
+template <bool kF8> bool launch_expert_rows(bool gate_up, const ExpertArgs& a) {
   static const bool on = cuda::on_unless_env_zero("DSV3_DECODE_MMA_ROWS_KERNEL");
-  const int64_t nkb = (K + kMmaKb - 1) / kMmaKb, bpw = gate_up ? 1 : 2;
+  const int nkb = (a.K + kMmaKb - 1) / kMmaKb, bpw = gate_up ? 1 : 2;
   int ks = 1;
   while (ks * bpw < nkb) ks *= 2;
-  return on && ks <= kExpRowWarps ? ks : 0;
-}
-// Steps of one work item in expert_rows_kernel at k-split ks.
-int64_t expert_rows_steps(int ks, int64_t rows_out) {
-  const int64_t step_rows = 16 * (kExpRowWarps / ks);
-  return (rows_out + step_rows - 1) / step_rows;
-}
-// expert_rows_kernel when expert_rows_ks takes the half: one CTA per SM (a CTA's 16 warps take its
-// registers), each a part of all items' steps.
-template <bool kF8> bool launch_expert_rows(bool gate_up, const ExpertArgs& a) {
-  const int ks = expert_rows_ks(gate_up, a.K);
-  if (ks == 0) return false;
-  const int64_t steps = expert_rows_steps(ks, a.rows_out);
+  if (!on || ks > kExpRowWarps) return false;
+  const int64_t step_rows = 16 * (kExpRowWarps / ks), steps = (a.rows_out + step_rows - 1) / step_rows;
   DSV3_CHECK(steps * a.max_items <= INT32_MAX, "cuda_moe_forward: ", a.max_items, " work items × ", steps,
              " steps exceed the expert kernel's step index");
   const dim3 grid(unsigned(std::min<int64_t>(sm_count(), steps * a.max_items)));
   const size_t smem = size_t(2) * (gate_up ? 2 : 1) * kExpRowWarps * kMmaStash<1> * sizeof(float);
-  auto go = [&](auto kernel) { launch_pdl(kernel, grid, dim3(32 * kExpRowWarps), smem, a, ks); };
   if (gate_up)
-    a.done ? go(expert_rows_kernel<true, 1, kF8, true>) : go(expert_rows_kernel<true, 1, kF8>);
+    launch_pdl(expert_rows_kernel<true, 1, kF8>, grid, dim3(32 * kExpRowWarps), smem, a, ks);
   else
-    a.done ? go(expert_rows_kernel<false, 2, kF8, true>) : go(expert_rows_kernel<false, 2, kF8>);
+    launch_pdl(expert_rows_kernel<false, 2, kF8>, grid, dim3(32 * kExpRowWarps), smem, a, ks);
   return true;
 }
 
@@ -273,19 +258,7 @@ template <class WT> void launch_experts(bool gate_up, int64_t N, const ExpertArg
   }
   if constexpr (!f8) launch_experts_fma<WT>(gate_up, N, a);
 }
-
-bool& expert_counts() {
-  static bool on = env_choice("DSV3_DECODE_EXPERT_COUNTS", 0, {0, 1}) == 1;
-  return on;
-}
 }  // namespace
-
-bool cuda_set_decode_expert_counts(bool on) { return std::exchange(expert_counts(), on); }
-
-bool cuda_moe_counted(const CudaMoeTables& t, int64_t N) {
-  // As launch_experts chooses: the tensor-core kernels, both halves on expert_rows_kernel at their K.
-  return expert_counts() && experts_mma(t.wt, N) && expert_rows_ks(true, t.H) > 0 && expert_rows_ks(false, t.I) > 0;
-}
 
 bool cuda_moe_supported(const MoeParams& p) {
   // The combine kernel holds a row of up to 256·32 values in registers.
@@ -356,16 +329,13 @@ Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, con
   DSV3_CHECK(cuda_moe_fits(t, N, k), "cuda_moe_forward: ", N, " rows × top-", k, " picks exceed the grouping kernel");
   // Work items: Σ over groups with picks of ceil(c / kChunk) ≤ picks / kChunk + (groups with picks).
   const int64_t max_items = picks / kChunk + std::min(groups, nk + (t.shared ? 1 : 0));
-  const bool counted = cuda_moe_counted(t, N);
-  Tensor grp = be.alloc(DType::I32, {picks + nk + groups + 1 + 2 * max_items + 1 + (counted ? max_items : 0)});
+  Tensor grp = be.alloc(DType::I32, {picks + nk + groups + 1 + 2 * max_items + 1});
   int32_t* order = ptr<int32_t>(grp);
   int32_t* inv = order + picks;
   int32_t* offsets = inv + nk;
   int32_t* items = offsets + groups + 1;
-  int32_t* done = counted ? items + 2 * max_items + 1 : nullptr;
   launch_pdl(group_kernel, dim3(1), dim3(unsigned(32 * std::min<int64_t>(E, 32))), size_t(2 * E + 1 + nk) * sizeof(int32_t),
-             ids.data<int32_t>(), int(nk), int(E), t.shared ? int(N) : 0, order, inv, offsets, items, int(max_items),
-             done);
+             ids.data<int32_t>(), int(nk), int(E), t.shared ? int(N) : 0, order, inv, offsets, items, int(max_items));
   check_launch("moe grouping");
   const int64_t* w = t.ptrs.data<int64_t>();
   Tensor act = be.alloc(DType::F32, {picks, I});
@@ -385,7 +355,6 @@ Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, con
     ea.s1 = w + 4 * groups;
     ea.lds = int((H + 127) / 128);
   }
-  ea.done = done;
   launch(true, ea);
   check_launch("experts gate/up");
   Tensor y = be.alloc(DType::F32, {picks, H});
@@ -395,8 +364,6 @@ Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, con
     ed.s0 = w + 5 * groups;
     ed.lds = int((I + 127) / 128);
   }
-  ed.done = done;
-  ed.done_target = counted ? int(expert_rows_steps(expert_rows_ks(true, H), I)) * kExpRowWarps : 0;
   launch(false, ed);
   check_launch("experts down");
   Tensor out = into.defined() ? into : be.alloc(DType::F32, {N, H});

@@ -56,14 +56,6 @@ Tensor cuda_moe_forward(Backend& be, const ModelDims& d, const MoeParams& p, con
                         const Tensor& x, const Tensor* residual = nullptr, bool small_gemv = false,
                         CudaNextNorm* next_norm = nullptr, const Tensor* router_logits = nullptr,
                         const Tensor& into = Tensor());
-// When both halves of the experts take the row-range tensor-core kernel, down can start each work
-// item once gate/up's steps for it are counted in (per-item counters) instead of waiting for the
-// whole gate/up grid; the sums are the same. Off until it has been measured on a GPU
-// (DSV3_DECODE_EXPERT_COUNTS=1 at start-up turns it on); returns the previous setting.
-bool cuda_set_decode_expert_counts(bool on);
-// Whether cuda_moe_forward over N rows hands over per work item (the setting on, and both halves
-// on that kernel for these tables).
-bool cuda_moe_counted(const CudaMoeTables& t, int64_t N);
 
 // h = RMSNorm(x)·norm_w (the backend's rmsnorm, bit for bit) and logits = h·gateᵀ (F32 FMAs) in one
 // launch: the post-attention norm with the MoE router's GEMV. cuda_norm_router_ok: an F32 or BF16

@@ -304,59 +304,6 @@ TEST(CudaEngine, GroupedMoeEqualsCpuMoeForward) {
   }
 }
 
-// Down starting each work item on gate/up's per-item counts (cuda_set_decode_expert_counts) gives
-// the bits of the grid-wide wait, with programmatic launch on (down then overlaps gate/up's last
-// steps): bench-0.7b's expert shapes, where both halves take the row-range kernel, in BF16 and
-// FP8, at 32, 40 and 128 rows. The counted calls alternate two inputs, each against its own
-// reference: act's memory comes back from the allocator holding the other input's values, so a
-// read of act before its rows are in would show.
-TEST(CudaEngine, ExpertCountsChangeNoBits) {
-  ASSERT_GT(cuda_device_count(), 0);
-  CudaBackend& be = cuda_backend();
-  struct Restore {
-    bool pdl = cuda_set_pdl(true), counts = cuda_set_decode_expert_counts(true);
-    ~Restore() {
-      cuda_set_pdl(pdl);
-      cuda_set_decode_expert_counts(counts);
-    }
-  } restore;
-  ModelConfig cfg = preset_config("bench-0.7b");
-  cfg.num_hidden_layers = 3;
-  cfg.num_nextn_predict_layers = 0;
-  cfg.vocab_size = 512;
-  for (DType wt : {DType::BF16, DType::F8_E4M3}) {
-    SCOPED_TRACE(dtype_name(wt));
-    Weights w = Weights::random(cfg, 31, 0.05f);
-    if (wt == DType::BF16) round_matrices_to_bf16(w);
-    if (wt == DType::F8_E4M3) quantize_matrices_to_fp8(w);
-    for (Param& p : w.params()) {
-      p.w = be.to_device(p.w);
-      if (present(p.scale_inv)) p.scale_inv = be.to_device(p.scale_inv);
-    }
-    const ModelParams pd = bind_params(w);
-    const ModelDims d = model_dims(w.config());
-    const MoeParams& moe = pd.layers[2].moe;
-    const CudaMoeTables t = cuda_moe_tables(moe);
-    for (int64_t N : {32, 40, 128}) {
-      SCOPED_TRACE(cat(N, " rows"));
-      const Tensor res = be.to_device(randn({N, d.H}, 10, uint64_t(N)));
-      Tensor x[2], want[2];
-      cuda_set_decode_expert_counts(false);
-      for (int i = 0; i < 2; ++i) {
-        x[i] = be.to_device(randn({N, d.H}, 9 + uint64_t(i), uint64_t(N)));
-        want[i] = be.to_host(cuda_moe_forward(be, d, moe, t, x[i], &res));
-      }
-      ASSERT_NE(std::memcmp(want[0].raw(), want[1].raw(), size_t(want[0].numel()) * sizeof(float)), 0);
-      cuda_set_decode_expert_counts(true);
-      ASSERT_TRUE(cuda_moe_counted(t, N));
-      for (int rep = 0; rep < 8; ++rep) {
-        const Tensor got = be.to_host(cuda_moe_forward(be, d, moe, t, x[rep % 2], &res));
-        ASSERT_EQ(std::memcmp(got.raw(), want[rep % 2].raw(), size_t(got.numel()) * sizeof(float)), 0) << "call " << rep;
-      }
-    }
-  }
-}
-
 // The combine kernel's next-block RMSNorm (next_norm) equals the backend's rmsnorm of the same
 // output bit for bit, and the output itself is unchanged: a row held 4, 8 and 32 values per thread
 // (hidden 128, 1536, 3072), and shared experts of another shape (not fused, so the norm comes from

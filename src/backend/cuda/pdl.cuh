@@ -7,10 +7,7 @@
 // no wait and may trigger anywhere: its predecessors had finished before it started). CTAs that
 // return before waiting (the experts' down kernels with no work item or no steps) are fine as long as
 // one CTA of the grid waits: a grid whose CTAs all returned early would complete before its
-// predecessor. One exception: the experts' down kernel with per-item counts (expert_rows_kernel,
-// kCounted) triggers before it waits — what its dependents read early is older than the gate/up
-// kernel, which had waited before any down CTA started — and every CTA waits at its end, so its
-// completion still implies its predecessors'. The decode path's small kernels each save
+// predecessor. The decode path's small kernels each save
 // the launch gap this way. DSV3_CUDA_PDL=0 (or cuda_set_pdl(false), pdl.h) launches them plainly.
 #pragma once
 #include <cuda_runtime.h>
