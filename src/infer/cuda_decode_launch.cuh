@@ -29,11 +29,6 @@ inline int& mma_rows_setting() {
   return rows;
 }
 inline bool mma_wanted(int64_t n) { return mma_rows_setting() > 0 && n >= mma_rows_setting(); }
-// Whether the grouped experts of N tokens take the tensor-core kernels: FP8 weights always, BF16
-// ones from the threshold (F32 ones never).
-inline bool experts_mma(DType wt, int64_t N) {
-  return wt == DType::F8_E4M3 || (wt == DType::BF16 && mma_wanted(N));
-}
 
 // An integer setting from the environment: one of `allowed`, else `def` (read once per caller).
 inline int env_choice(const char* name, int def, std::initializer_list<int> allowed) {

@@ -243,9 +243,8 @@ template <class WT> void launch_experts_fma(bool gate_up, int64_t N, const Exper
 }
 // WT: float, __nv_bfloat16, or __nv_fp8_e4m3 (the tensor-core kernels at every N).
 template <class WT> void launch_experts(bool gate_up, int64_t N, const ExpertArgs& a) {
-  constexpr bool f8 = std::is_same_v<WT, __nv_fp8_e4m3>;
-  constexpr DType wt = f8 ? DType::F8_E4M3 : std::is_same_v<WT, __nv_bfloat16> ? DType::BF16 : DType::F32;
-  if (experts_mma(wt, N)) {
+  constexpr bool f8 = std::is_same_v<WT, __nv_fp8_e4m3>, mma = f8 || std::is_same_v<WT, __nv_bfloat16>;
+  if (mma && (f8 || mma_wanted(N))) {
     if (launch_expert_rows<f8>(gate_up, a)) return;
     const int ks = mma_ksplit(a.K, true), rows_per_cta = 16 * (kMmaWarps / ks);
     const dim3 grid(unsigned((a.rows_out + rows_per_cta - 1) / rows_per_cta), unsigned(a.max_items));
