@@ -280,6 +280,16 @@ int gemv_x_rows() {
   static const int n = env_choice("DSV3_DECODE_GEMV_XROWS", 16, {8, 16, 32});
   return n;
 }
+// GEMVs of many row steps (kWideSteps per SM or more: bench-0.7b's lm_head, 2,048 steps) take up
+// to 32 rows of x in one part: their steps already fill every SM, so a second part would only
+// read the weights again from L2 (that lm_head at batch 32 on an H100: 204 against 123 MB of L2
+// traffic, 49.7 against 45.5 us; session 37). Each output's sum has the same terms in the same
+// order either way. DSV3_DECODE_GEMV_WIDE=0 at start-up turns it off.
+constexpr int64_t kWideSteps = 4;
+bool& gemv_wide_setting() {
+  static bool on = cuda::on_unless_env_zero("DSV3_DECODE_GEMV_WIDE");
+  return on;
+}
 template <bool kF8> bool launch_gemv_rows(const GemvArgs& g) {
   const int nkb = (g.K + kMmaKb - 1) / kMmaKb;
   int ks = 1;
@@ -287,10 +297,12 @@ template <bool kF8> bool launch_gemv_rows(const GemvArgs& g) {
   const int rounds = ks > kExpRowWarps && g.n > 8 ? ks / kExpRowWarps : 1;
   if (rounds > 1) ks = kExpRowWarps;
   if (!gemv_rows_on() || ks > kExpRowWarps || rounds > gemv_max_rounds() || g.n > kCudaGemvMaxRows) return false;
-  const int part = gemv_x_rows(), x_parts = (g.n + part - 1) / part;  // CTAs of `part` rows of x each
-  const int prows = std::min(g.n, part);
   const int64_t rows = int64_t(g.n_out) + g.n_out2;
   auto steps_for = [&](int nw) { return (rows + 16 * (nw / ks) - 1) / (16 * (nw / ks)); };
+  const bool wide = gemv_wide_setting() && steps_for(kExpRowWarps) >= kWideSteps * sm_count();
+  const int part = wide ? std::max(32, gemv_x_rows()) : gemv_x_rows();
+  const int x_parts = (g.n + part - 1) / part;  // CTAs of `part` rows of x each
+  const int prows = std::min(g.n, part);
   int nw = kExpRowWarps;
   while (nw > ks && steps_for(nw) * x_parts < sm_count()) nw /= 2;
   const int64_t steps = steps_for(nw);
@@ -361,6 +373,8 @@ bool gemv_weight_ok(const LinearParam& p) {
 
 void cuda_set_decode_mma_rows(int rows) { mma_rows_setting() = std::max(rows, 0); }
 int cuda_decode_mma_rows() { return mma_rows_setting(); }
+void cuda_set_decode_gemv_wide(bool on) { gemv_wide_setting() = on; }
+bool cuda_decode_gemv_wide() { return gemv_wide_setting(); }
 
 bool cuda_small_linear_ok(const LinearParam& p, const Tensor& x) {
   return gemv_weight_ok(p) && x.dtype() == DType::F32 && x.ndim() == 2 && x.dim(0) <= kCudaGemvMaxRows &&

@@ -98,6 +98,10 @@ void cuda_small_linear(const LinearParam& p, const Tensor& x, const Tensor& y, b
 // them, and the RMSNorm is not fused into their GEMV (cuda_small_linear_fuses_norm).
 void cuda_set_decode_mma_rows(int rows);
 int cuda_decode_mma_rows();
+// Whether the tensor-core GEMVs of many row steps (the lm_head) take 32 rows of x per CTA instead
+// of parts of 16 (the same bits; DSV3_DECODE_GEMV_WIDE=0 at start-up turns it off).
+void cuda_set_decode_gemv_wide(bool on);
+bool cuda_decode_gemv_wide();
 
 // The kernel behind it, on raw device pointers, with rows of W grouped in heads: output row j uses
 // x + q·ldx + (j / head_rows)·head_x and goes to y[q·ldy + (j / head_rows)·head_y + j % head_rows]

@@ -25,6 +25,7 @@
 #include "io/safetensors.h"
 #include "model/module_ops.h"
 #include "model/presets.h"
+#include "model/weights.h"
 
 namespace dsv3::test {
 namespace {
@@ -391,6 +392,42 @@ TEST(CudaEngine, RowRangeGemvWithSeveralRowBlocksPerCtaEqualsReference) {
   LinearParam p;
   p.w = cuda_backend().to_device(randn({8448, 128}, 12, 0).to(DType::BF16));
   expect_small_linear_matches(p, randn({32, 128}, 12, 1), randn({32, 8448}, 12, 2), false);
+}
+
+// A GEMV of at least four row steps per SM (an lm_head's) takes up to 32 rows of x in one part
+// (cuda_decode_gemv_wide) where others take parts of 16: the same bits with the setting on and off,
+// and within kF32 of the reference, BF16 and FP8 weights, 24 and 32 rows. 16,424 rows at K
+// 1,024 are one row per warp and step, so 1,027 steps: past the threshold for GPUs of up to 256 SMs,
+// the last row block partial.
+TEST(CudaEngine, WideGemvInOnePartEqualsTwoPartsAndReference) {
+  ASSERT_GT(cuda_device_count(), 0);
+  CudaBackend& be = cuda_backend();
+  const MmaRows setting(1);
+  const bool saved = cuda_decode_gemv_wide();
+  const int64_t M = 16424, K = 1024;
+  const Tensor w = randn({M, K}, 19, 0);
+  auto [q, s] = quantize_fp8_blocks(w);
+  LinearParam bf, f8;
+  bf.w = be.to_device(w.to(DType::BF16));
+  f8.w = be.to_device(q);
+  f8.scale_inv = be.to_device(s);
+  const Tensor bf_host = be.to_host(bf.w), f8_host = dequantize_fp8_blocks(q, s);
+  for (int64_t n : {24, 32})
+    for (const auto& [p, host] : {std::pair{&bf, &bf_host}, std::pair{&f8, &f8_host}}) {
+      SCOPED_TRACE(cat(n, " rows, ", p == &f8 ? "FP8" : "BF16"));
+      const Tensor x = randn({n, K}, 19, uint64_t(n)), y0 = randn({n, M}, 20, uint64_t(n));
+      const Tensor xd = be.to_device(x);
+      Tensor got[2];
+      for (bool wide : {false, true}) {
+        cuda_set_decode_gemv_wide(wide);
+        got[wide] = be.to_device(y0);
+        cuda_small_linear(*p, xd, got[wide], false);
+        got[wide] = be.to_host(got[wide]);
+      }
+      expect_small_linear_matches(*p, *host, x, y0, false);  // with the setting on
+      EXPECT_EQ(std::memcmp(got[0].raw(), got[1].raw(), got[0].nbytes()), 0) << "one part and two differ";
+    }
+  cuda_set_decode_gemv_wide(saved);
 }
 
 // K beyond the row-range GEMV's 16 k-blocks at 9–100 rows: two rounds of k-blocks per warp up to
