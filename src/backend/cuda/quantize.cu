@@ -1,7 +1,7 @@
 // FP8 E4M3 tile quantization on the GPU (backend/fp8.h semantics): the amax of a tile's finite
 // values gives the scale exactly as the CPU derives it (amax/448, all-zero tile → 1, underflow → the
-// smallest FP32, optional power of two), the codes are the saturated RNE of x/s. 1×128 tiles take a
-// warp each, 128×128 tiles a CTA, transposed 128×1 tiles a CTA per 128 rows × 32 columns through
+// smallest FP32, optional power of two), the codes are the saturated RNE of x/s. 1×128 tiles take
+// eight lanes each, 128×128 tiles a CTA, transposed 128×1 tiles a CTA per 128 rows × 32 columns through
 // shared memory. The reduced-precision linear layer's variant (cuda_quantize_fp8_async) does not read
 // the count back and marks a tile with non-finite values by a NaN scale, so the whole training step
 // runs without a host synchronisation per quantization; its GEMM preparation (fp8_fprop_prep,
@@ -125,63 +125,77 @@ __device__ __forceinline__ uint32_t codes4(const float* v, const ScaleDiv& d) {
   return b[0];
 }
 
-// One warp, the 1×128 tile (r, g) of x [M, K]: lane l holds columns 4l..4l+3 in registers (x read
-// once; vec: one 16-byte load, K % 4 == 0 and x 16-byte aligned). q has row stride ldq (columns
-// K..ldq of the tile get code 0: 0/s is +0); the scale goes to sc (row-major [M, ⌈K/128⌉]) and/or
-// sc_lt (cuBLASLt's VEC128 layout [⌈K/128⌉, M_lt]). A row r ≥ M (padding up to M_lt) is all zero:
-// codes 0, scale 1. Returns the tile's non-finite count (every lane).
-__device__ unsigned rows_tile(const float* x, int64_t M, int64_t M_lt, int64_t K, int64_t ldq, int64_t r, int64_t g,
-                              bool vec, bool pow2, bool nan_mark, uint8_t* q, float* sc, float* sc_lt,
-                              unsigned long long* nonfinite) {
-  const int lane = threadIdx.x & 31;
-  const int64_t ng = (K + kFp8Block - 1) / kFp8Block, c = g * kFp8Block + 4 * lane;
-  const float* xr = x + r * K;
-  float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  if (r >= M) {
-  } else if (vec) {  // c < K means all four are in range
-    if (c < K) {
-      const float4 t = *reinterpret_cast<const float4*>(xr + c);
-      v[0] = t.x, v[1] = t.y, v[2] = t.z, v[3] = t.w;
-    }
-  } else {
-    for (int j = 0; j < 4; ++j)
-      if (c + j < K) v[j] = xr[c + j];
+// A 1×128 tile held by an aligned group of eight lanes, sixteen values per lane: its scale, and in
+// bad (every lane of the group) the count of its non-finite values. The amax is exact in any order.
+__device__ __forceinline__ float group8_tile_scale(const float (&v)[16], bool pow2, unsigned& bad) {
+  float amax = 0.0f;
+  bad = 0;
+#pragma unroll
+  for (int k = 0; k < 16; ++k) tile_stat(v[k], amax, bad);
+#pragma unroll
+  for (int m = 1; m < 8; m <<= 1) {
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
+    bad += __shfl_xor_sync(0xffffffffu, bad, m);
   }
-  unsigned bad = 0;
-  const float s = warp_tile_scale(v, pow2, bad);
-  if (lane == 0) {
-    const float sw = bad && nan_mark ? __int_as_float(0x7fc00000) : s;
-    if (sc && r < M) sc[r * ng + g] = sw;
-    if (sc_lt) sc_lt[g * M_lt + r] = sw;
-    if (bad && nonfinite) atomicAdd(nonfinite, (unsigned long long)bad);
-  }
-  uint8_t* qr = q + r * ldq;
-  const uint32_t b = codes4(v, ScaleDiv(s));
-  if (vec && ldq % 4 == 0) {  // q 4-byte aligned (checked with vec)
-    if (c < ldq) *reinterpret_cast<uint32_t*>(qr + c) = b;
-  } else {
-    for (int j = 0; j < 4; ++j)
-      if (c + j < ldq) qr[c + j] = uint8_t(b >> (8 * j));
-  }
-  return bad;
+  return scale_of(amax, pow2);
 }
 
-__global__ void quantize_rows_kernel(const float* x, int64_t M, int64_t K, int64_t ldq, bool vec, bool pow2,
-                                     bool nan_mark, uint8_t* q, float* sc, unsigned long long* nonfinite) {
+// The 1×128 tiles of x [M, K] into q [M, K] and row-major scales sc [M, ⌈K/128⌉]: eight lanes per
+// tile, four tiles per warp. A warp per tile spent ~330 instructions on it, issue-bound at ~1.5 TB/s
+// (ncu, 16,384 × 1,024): the scale, its reciprocal and the index are a tile's fixed cost, now shared
+// by four. Lane j of a group holds columns 4j + 32k .. +3 (k < 4), so each load instruction reads a
+// tile's 128 contiguous bytes per group; vec: one 16-byte load (K % 4 == 0, x 16-byte and q 4-byte
+// aligned), so a group of four columns is all in range or all out.
+__global__ void quantize_rows_kernel(const float* x, int64_t M, int64_t K, bool vec, bool pow2, bool nan_mark,
+                                     uint8_t* q, float* sc, unsigned long long* nonfinite) {
   const int64_t ng = (K + kFp8Block - 1) / kFp8Block;
-  const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32;
-  if (warp >= M * ng) return;
-  // 32-bit index division where it fits: a 64-bit one is a software routine of dozens of
-  // instructions, against a tile's few hundred (ncu: ~260 per warp before the codes' changes).
-  int64_t r, g;
-  if (M * ng <= INT32_MAX) {
-    r = uint32_t(warp) / uint32_t(ng);
-    g = uint32_t(warp) - uint32_t(r) * uint32_t(ng);
+  const int64_t t = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 8;
+  const int j = threadIdx.x & 7;
+  // Every lane reaches the shuffles; a tile past the end is zeros and is not stored.
+  const bool live = t < M * ng;
+  int64_t r = 0, g = 0;
+  if (!live) {
+  } else if (M * ng <= INT32_MAX) {  // a 64-bit division is a software routine of dozens of instructions
+    r = uint32_t(t) / uint32_t(ng);
+    g = uint32_t(t) - uint32_t(r) * uint32_t(ng);
   } else {
-    r = warp / ng;
-    g = warp % ng;
+    r = t / ng;
+    g = t % ng;
   }
-  rows_tile(x, M, M, K, ldq, r, g, vec, pow2, nan_mark, q, sc, nullptr, nonfinite);
+  const int64_t c0 = g * kFp8Block + 4 * j;
+  const float* xr = x + r * K;
+  float v[16];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const int64_t c = c0 + 32 * k;
+    if (vec) {
+      const float4 f = live && c < K ? *reinterpret_cast<const float4*>(xr + c) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      v[4 * k] = f.x, v[4 * k + 1] = f.y, v[4 * k + 2] = f.z, v[4 * k + 3] = f.w;
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) v[4 * k + i] = live && c + i < K ? xr[c + i] : 0.0f;
+    }
+  }
+  unsigned bad = 0;
+  const float s = group8_tile_scale(v, pow2, bad);
+  if (!live) return;
+  if (j == 0) {
+    sc[r * ng + g] = bad && nan_mark ? __int_as_float(0x7fc00000) : s;
+    if (bad && nonfinite) atomicAdd(nonfinite, (unsigned long long)bad);
+  }
+  uint32_t b[4];
+  codes<16>(v, ScaleDiv(s), b);
+  uint8_t* qr = q + r * K;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const int64_t c = c0 + 32 * k;
+    if (vec) {
+      if (c < K) *reinterpret_cast<uint32_t*>(qr + c) = b[k];
+    } else {
+      for (int i = 0; i < 4; ++i)
+        if (c + i < K) qr[c + i] = uint8_t(b[k] >> (8 * i));
+    }
+  }
 }
 
 bool aligned_to(const void* p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) & (a - 1)) == 0; }
@@ -508,8 +522,8 @@ __device__ unsigned weight_tile(WeightSmem& sm, int64_t tile, const WeightSide& 
   return bad;
 }
 
-// One warp, row r of x [M, K] (K a multiple of 128, x 16-byte aligned, vec as rows_tile): the row's
-// 1×128 tiles eight at a time, their loads issued together; the same codes and scales as rows_tile.
+// One warp, row r of x [M, K] (K a multiple of 128, x 16-byte aligned): the row's
+// 1×128 tiles eight at a time, their loads issued together; the same codes and scales as quantize_rows_kernel.
 // A row r ≥ M is padding (codes 0, scale 1). Returns the row's non-finite count (every lane).
 __device__ unsigned rows_row(const float* x, int64_t M, int64_t M_lt, int64_t K, int64_t r, bool pow2, uint8_t* q,
                              float* sc, float* sc_lt) {
@@ -599,7 +613,7 @@ __global__ void __launch_bounds__(256, 1) fprop_prep_kernel(const __grid_constan
 // quantizes its rows from there (1×128 tiles q1 [M1, ld1], VEC128 scales s1_lt [⌈N/128⌉, M1]); for
 // Wgrad the block is quantized per column (128×1 tiles transposed: q2 [N, ld2], VEC128 scales
 // s2_lt [⌈M/128⌉, N]). Columns N..ld1 of q1 and M..ld2 of q2 get code 0. The bytes and scales of
-// rows_tile and cols_t_tile.
+// quantize_rows_kernel and cols_t_tile.
 // Row stride in floats: rows 16-byte aligned for float4 access (the column pass has a thread per
 // column, so its reads are free of bank conflicts at any stride).
 constexpr int kDyLd = kFp8Block + 4;
@@ -828,8 +842,8 @@ void cuda_quantize_fp8_async(const QuantizeFp8Args& a, unsigned long long* nonfi
     quantize_block_kernel<<<unsigned(tiles), 256>>>(x, M, K, a.pow2_scale, nan_mark, ptr<uint8_t>(a.q),
                                                      ptr<float>(a.scale), nonfinite);
   } else if (tiling == Fp8Tiling::Row1x128 && !transpose) {
-    quantize_rows_kernel<<<blocks_for(M * ((K + kFp8Block - 1) / kFp8Block) * 32), 256>>>(
-        x, M, K, K, rows_vec(x, K, ptr<uint8_t>(a.q)), a.pow2_scale, nan_mark, ptr<uint8_t>(a.q), ptr<float>(a.scale),
+    quantize_rows_kernel<<<blocks_for(M * ((K + kFp8Block - 1) / kFp8Block) * 8), 256>>>(
+        x, M, K, rows_vec(x, K, ptr<uint8_t>(a.q)), a.pow2_scale, nan_mark, ptr<uint8_t>(a.q), ptr<float>(a.scale),
         nonfinite);
   } else {
     const int64_t th = tiling == Fp8Tiling::Row1x128 ? 1 : kFp8Block, tw = tiling == Fp8Tiling::Col128x1 ? 1 : kFp8Block;
