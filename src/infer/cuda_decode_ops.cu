@@ -1,8 +1,10 @@
 #include "infer/cuda_decode_ops.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <initializer_list>
+#include <optional>
 #include <type_traits>
 
 #include "backend/cuda/common.cuh"
@@ -526,20 +528,91 @@ void cuda_norm_router(const Tensor& x, const Tensor& norm_w, float eps, const Li
   check_launch("norm and router");
 }
 
+namespace {
+
+// This thread's side stream for cuda_kv_latent(…, beside = true): non-blocking, so that it runs
+// beside the legacy stream in an eager step too; inside a capture the fork and join events make
+// it part of the graph (two branches between q_b's GEMV and the latent attention).
+struct Beside {
+  cudaStream_t side = nullptr;
+  cudaEvent_t fork = nullptr, join = nullptr;
+  bool pending = false;
+  Beside() {
+    relaxed([&] {
+      DSV3_CUDA_CHECK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
+      DSV3_CUDA_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
+      DSV3_CUDA_CHECK(cudaEventCreateWithFlags(&join, cudaEventDisableTiming));
+    });
+  }
+  // Creation may happen during a capture, whose thread-local mode refuses such calls.
+  template <class F> static void relaxed(F f) {
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    DSV3_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+    f();
+    DSV3_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+  }
+  ~Beside() {  // errors ignored: at exit the runtime may be gone already
+    cudaEventDestroy(fork);
+    cudaEventDestroy(join);
+    cudaStreamDestroy(side);
+  }
+};
+Beside& beside_state() {
+  static thread_local Beside b;
+  return b;
+}
+bool& beside_setting() {
+  static bool on = cuda::on_unless_env_zero("DSV3_DECODE_BESIDE");
+  return on;
+}
+std::atomic<int64_t> g_beside_forks{0};
+
+}  // namespace
+
+void cuda_set_decode_beside(bool on) { beside_setting() = on; }
+bool cuda_decode_beside() { return beside_setting(); }
+int64_t cuda_decode_beside_forks() { return g_beside_forks.load(); }
+
+void cuda_join_beside() {
+  Beside& b = beside_state();
+  if (!b.pending) return;
+  b.pending = false;
+  if (cudaEventRecord(b.join, b.side) != cudaSuccess) {
+    // Forked inside a capture that ended without this join (a throw in between): its work was never
+    // run, and the side stream may be left in the dead capture; a fresh one replaces it.
+    (void)cudaGetLastError();
+    cudaStream_t old = b.side;
+    Beside::relaxed([&] { DSV3_CUDA_CHECK(cudaStreamCreateWithFlags(&b.side, cudaStreamNonBlocking)); });
+    cudaStreamDestroy(old);
+    return;
+  }
+  DSV3_CUDA_CHECK(cudaStreamWaitEvent(stream(), b.join, 0));
+}
+
 void cuda_kv_latent(const Tensor& kv_a, const Tensor& norm_w, float eps, const Tensor& positions, const Tensor& cos,
                     const Tensor& sin, bool interleaved, const Tensor& c_kv_n, const Tensor& k_pe, const Tensor* q,
-                    int64_t q_nope, bool kv_a_older) {
+                    int64_t q_nope, bool kv_a_older, bool beside) {
   const int64_t N = kv_a.dim(0), R = c_kv_n.dim(-1), P = k_pe.dim(-1);
   DSV3_CHECK(kv_a.dim(1) == R + P && c_kv_n.numel() == N * R && k_pe.numel() == N * P && norm_w.numel() == R &&
                  positions.numel() == N && P % 2 == 0,
              "cuda_kv_latent: kv_a ", kv_a.shape().str());
   DSV3_CHECK(!q || (q->ndim() == 3 && q->dim(0) == N && q->dim(2) == q_nope + P && q->dtype() == DType::F32),
              "cuda_kv_latent: q ", q ? q->shape().str() : "", " does not hold ", P, " RoPE columns after ", q_nope);
-  if (N)
-    launch_pdl(kv_latent_kernel, dim3(unsigned(N)), dim3(256), 0, kv_a.data<float>(), R, P, norm_w.raw(),
-               norm_w.dtype(), eps, positions.data<int32_t>(), cos.data<float>(), sin.data<float>(), interleaved,
-               ptr<float>(c_kv_n), ptr<float>(k_pe), q ? ptr<float>(*q) : nullptr, q ? q->dim(1) : 0,
-               q ? q->dim(2) : 0, q_nope, kv_a_older);
+  if (!N) return;
+  cuda_join_beside();  // one branch at a time
+  std::optional<StreamScope> side;
+  if (beside) {
+    Beside& b = beside_state();
+    DSV3_CUDA_CHECK(cudaEventRecord(b.fork, stream()));
+    DSV3_CUDA_CHECK(cudaStreamWaitEvent(b.side, b.fork, 0));
+    side.emplace(b.side);
+    b.pending = true;
+    ++g_beside_forks;
+  }
+  launch_pdl(kv_latent_kernel, dim3(unsigned(N)), dim3(256), 0, kv_a.data<float>(), R, P, norm_w.raw(),
+             norm_w.dtype(), eps, positions.data<int32_t>(), cos.data<float>(), sin.data<float>(), interleaved,
+             ptr<float>(c_kv_n), ptr<float>(k_pe), q ? ptr<float>(*q) : nullptr, q ? q->dim(1) : 0,
+             q ? q->dim(2) : 0, q_nope, kv_a_older);
   check_launch("kv latent");
 }
 

@@ -16,10 +16,22 @@ namespace dsv3 {
 // copy_cols and rope. With q [N, heads, q_nope + rope], q's RoPE columns are rotated in place at the
 // same positions too (the backend's rope on q, offset q_nope). kv_a_older: kv_a was written by a
 // kernel launched before the last one in the stream (q_b's GEMV came between): the kernel then reads
-// it before its programmatic-launch wait.
+// it before its programmatic-launch wait. beside: the kernel goes to a side stream forked from
+// cuda::stream() here, so that the next launches on the stream (the W_UK GEMV, which reads only
+// q's other columns) run beside it; cuda_join_beside() orders the stream after it again, and must
+// come before anything reads c_kv_n, k_pe or q's RoPE columns.
 void cuda_kv_latent(const Tensor& kv_a, const Tensor& norm_w, float eps, const Tensor& positions, const Tensor& cos,
                     const Tensor& sin, bool interleaved, const Tensor& c_kv_n, const Tensor& k_pe,
-                    const Tensor* q = nullptr, int64_t q_nope = 0, bool kv_a_older = false);
+                    const Tensor* q = nullptr, int64_t q_nope = 0, bool kv_a_older = false, bool beside = false);
+// Joins a kernel forked by cuda_kv_latent(…, beside = true) back into cuda::stream() (a no-op when
+// none is pending on this thread).
+void cuda_join_beside();
+// Whether decode steps fork cuda_kv_latent beside the W_UK GEMV (on by default; the same kernels
+// and bits either way, one dependent launch fewer per layer; DSV3_DECODE_BESIDE=0 at start-up turns
+// it off).
+void cuda_set_decode_beside(bool on);
+bool cuda_decode_beside();
+int64_t cuda_decode_beside_forks();  // forks so far (a test's way to see the path taken)
 
 // One MoE layer's routed experts as device pointer tables (gate, up, down per expert).
 struct CudaMoeTables {

@@ -277,14 +277,6 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
   upload(rows);
   const int32_t* meta = meta_dev_.data<int32_t>();
   const int64_t layers = pool_.layers(), bs = pool_.block_size();
-  // Decode steps (one row per sequence) on the generic kernel: the kernel writes the new rows itself.
-  const bool fold = last_rows_ && !uses_mla_decode();
-  if (!fold) {
-    write_rows_kernel<<<unsigned(N), 128, 0, stream()>>>(c_kv_n.data<float>(), k_pe.data<float>(), meta, int(N), R, P,
-                                                         layers, bs, layer, ptr<__nv_bfloat16>(storage_));
-    check_launch("latent cache write");
-  }
-
   CudaBackend& be = cuda_backend();
   const AbsorbedKvB& w = absorbed_[size_t(layer)];
   Tensor qcat = be.alloc(DType::F32, {N, nh, W});
@@ -318,6 +310,16 @@ void CudaLatentAttention::attend(int64_t layer, const MlaParams&, const StepRows
                                                 &one, w.w_uk.data<float>(), int(R), d_.nope * R, q.data<float>(),
                                                 int(nh * d_.qk), d_.qk, &zero, ptr<float>(qcat), int(nh * W), W,
                                                 int(nh)));
+  }
+  // W_UK reads only q_nope: a cuda_kv_latent forked beside it (rotating q_pe, writing c_kv_n and
+  // k_pe) joins here, before the launches that read those.
+  cuda_join_beside();
+  // Decode steps (one row per sequence) on the generic kernel: the kernel writes the new rows itself.
+  const bool fold = last_rows_ && !uses_mla_decode();
+  if (!fold) {
+    write_rows_kernel<<<unsigned(N), 128, 0, stream()>>>(c_kv_n.data<float>(), k_pe.data<float>(), meta, int(N), R, P,
+                                                         layers, bs, layer, ptr<__nv_bfloat16>(storage_));
+    check_launch("latent cache write");
   }
   if (uses_mla_decode()) {  // cuda_mla_decode reads whole query rows
     copy_qpe_kernel<<<blocks_for(N * nh * P), 256, 0, stream()>>>(q.data<float>(), d_.qk, d_.nope, P, W, R, N * nh,

@@ -66,6 +66,7 @@ class CudaLatentAttention : public AttentionCache {
   // merge mode, fold, the buffer's address. Steps on
   // cuda_mla_decode or on cuBLAS (more rows than cuda_absorbed_gemv_rows()) are not replayable.
   bool prepare_step(const StepRows& rows, std::vector<int64_t>& key) override;
+  bool joins_beside() const override { return true; }  // after the W_UK product, attend()'s first launch
 
   // The device rows (BF16, [num_blocks·layers·block_size, W]).
   const Tensor& storage() const { return storage_; }

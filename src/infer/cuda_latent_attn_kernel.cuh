@@ -87,9 +87,9 @@ __device__ __forceinline__ __nv_bfloat16 new_value(const AttnArgs& a, int r, int
 // the accumulators go through shared memory into its layout for the shared merge below.
 //
 // Launched as a programmatic dependent of the previous kernel (the q GEMV): everything before
-// pdl_wait reads only what older kernels wrote (step metadata, block tables, cached rows, this
-// step's c_kv_n / k_pe) and writes only the new cache row (which the q GEMV does not touch), so
-// the first tile's loads overlap that kernel; q comes after the wait.
+// pdl_wait reads only what older kernels wrote (step metadata, block tables, cached rows), so the
+// first tile's loads overlap that kernel; q and this step's c_kv_n / k_pe (with the new cache row
+// they make) come after the wait, since cuda_kv_latent may run beside the q GEMV.
 template <int CQ, int NV, bool kMma>
 __global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs a) {
   extern __shared__ __align__(16) float sm[];
@@ -160,6 +160,12 @@ __global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs
   if (vec && tb < te) fetch(tb);
   const int tiles = (len + kT - 1) / kT;
   te = min(te, tiles);
+  for (int idx = tid; !kMma && idx < kT * (w32 - W); idx += kThreads) {  // padding columns, never loaded
+    const int t = idx / (w32 - W);
+    tile[t * w32 + W + (idx - t * (w32 - W))] = 0.0f;
+  }
+  pdl_wait();
+  pdl_trigger();
   // With fold, the CTA holding the row's last position takes it from c_kv_n / k_pe (rounded as the
   // pool holds it) and, for head group 0, writes it to the pool.
   const bool new_row = a.fold && tb < te && te == tiles;
@@ -176,12 +182,6 @@ __global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs
     __nv_bfloat16* dst = const_cast<__nv_bfloat16*>(a.pool) + row_of(len - 1) * W;
     for (int i = tid; i < W; i += kThreads) dst[i] = new_value(a, r, i);
   }
-  for (int idx = tid; !kMma && idx < kT * (w32 - W); idx += kThreads) {  // padding columns, never loaded
-    const int t = idx / (w32 - W);
-    tile[t * w32 + W + (idx - t * (w32 - W))] = 0.0f;
-  }
-  pdl_wait();
-  pdl_trigger();
 
   // The tile in shared memory, as F32 (kMma: BF16, as the pool holds it); rows past the end are zero
   // (their weights are 0, and 0·garbage could be NaN).

@@ -53,6 +53,9 @@ class AttentionCache {
   // at fixed device addresses now, and appends to key everything else that shapes their launches
   // (sizes, grids, those addresses). false: this step's attention cannot be replayed.
   virtual bool prepare_step(const StepRows&, std::vector<int64_t>&) { return false; }
+  // Whether attend() first joins a cuda_kv_latent forked beside it (infer/cuda_decode_ops.h) before
+  // it reads c_kv_n, k_pe or q's RoPE columns; only then may the runner fork it.
+  virtual bool joins_beside() const { return false; }
 };
 
 class LatentAttention : public AttentionCache {

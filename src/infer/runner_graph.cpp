@@ -90,7 +90,7 @@ std::optional<std::pair<Tensor, Tensor>> ModelRunner::graph_inputs(AttentionCach
   auto addr = [](const Tensor& x) { return int64_t(reinterpret_cast<uintptr_t>(x.raw())); };
   key.insert(key.end(), {N, addr(t.cos), addr(t.sin), t.cos.numel(), addr(gc.step_in), int64_t(sync_free_),
                          small_rows_, int64_t(cuda_decode_mma_rows()), cuda_absorbed_gemv_rows(),
-                         int64_t(cuda_decode_gemv_wide())});
+                         int64_t(cuda_decode_gemv_wide()), int64_t(cuda_decode_beside())});
   return std::pair{gc.step_in.rows(0, N), gc.step_in.rows(cap, cap + N)};
 }
 

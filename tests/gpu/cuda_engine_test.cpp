@@ -578,6 +578,55 @@ TEST(CudaEngine, ProgrammaticLaunchChangesNoBits) {
     }
 }
 
+// cuda_kv_latent forked beside the W_UK GEMV (two graph branches) runs the same kernels on the same
+// inputs: decode, verification and MTP steps, captured or eager, give the bits of the chain.
+TEST(CudaEngine, KvLatentBesideChangesNoBits) {
+  ASSERT_GT(cuda_device_count(), 0);
+  struct BesideScope {  // the setting the process started with (DSV3_DECODE_BESIDE) comes back
+    bool was = cuda_decode_beside();
+    ~BesideScope() { cuda_set_decode_beside(was); }
+  } restore;
+  const std::vector<Request> reqs = hashed_requests({1, 3, 17}, 617);
+  for (int wt : {0, 1}) {
+    SCOPED_TRACE(wt == 0 ? "F32 weights" : "BF16 weights");
+    Weights w = Weights::random(preset_config("tiny"), 31, 0.05f);
+    if (wt == 1) round_matrices_to_bf16(w);
+    auto logits_of = [&](bool beside, bool graphs, int drafts) {
+      cuda_set_decode_beside(beside);
+      const int64_t forks = cuda_decode_beside_forks();
+      EngineOptions opt;
+      opt.cache.block_size = 8;
+      opt.cuda_graphs = graphs;
+      opt.draft_tokens = drafts;
+      Engine gpu(w, opt, cuda_backend());
+      std::map<std::pair<int64_t, int64_t>, std::vector<float>> rows;
+      gpu.on_logits = [&](int64_t id, int64_t pos, std::span<const float> l) {
+        rows[{id, pos}].assign(l.begin(), l.end());
+      };
+      for (const Request& r : reqs) gpu.add(r);
+      gpu.run_all();
+      EXPECT_EQ(cuda_decode_beside_forks() > forks, beside) << "graphs " << graphs << ", drafts " << drafts;
+      return rows;
+    };
+    for (int drafts : {0, 1}) {
+      SCOPED_TRACE(cat(drafts, " MTP drafts"));
+      const auto off = logits_of(false, true, drafts);
+      ASSERT_FALSE(off.empty());
+      for (bool graphs : {true, false}) {
+        const auto on = logits_of(true, graphs, drafts);
+        ASSERT_EQ(on.size(), off.size());
+        for (const auto& [key, row] : off) {
+          const auto it = on.find(key);
+          ASSERT_TRUE(it != on.end()) << "sequence " << key.first << " position " << key.second;
+          ASSERT_EQ(it->second.size(), row.size());
+          EXPECT_EQ(std::memcmp(it->second.data(), row.data(), row.size() * sizeof(float)), 0)
+              << "beside (graphs " << graphs << ") differs at sequence " << key.first << " position " << key.second;
+        }
+      }
+    }
+  }
+}
+
 // ---- the device cache's attention against the host's -----------------------------------------
 
 struct AttnShape {
