@@ -532,6 +532,17 @@ TEST(CudaEngine, Fp8WeightsEqualCpu) {
 // more launches back before their wait (pdl.cuh), so a wrong "older" assumption is a race that
 // shows up as logits that differ from a run with PDL off. Every logits row of the sync-free engine,
 // F32, BF16 and FP8 weights with q compression and F32 without, PDL on twice and off once.
+// Every main-model logits row the GPU engine produces for reqs, by (sequence, position).
+std::map<std::pair<int64_t, int64_t>, std::vector<float>> gpu_logits_by_row(const Weights& w, const EngineOptions& opt,
+                                                                            const std::vector<Request>& reqs) {
+  Engine gpu(w, opt, cuda_backend());
+  std::map<std::pair<int64_t, int64_t>, std::vector<float>> rows;
+  gpu.on_logits = [&](int64_t id, int64_t pos, std::span<const float> l) { rows[{id, pos}].assign(l.begin(), l.end()); };
+  for (const Request& r : reqs) gpu.add(r);
+  gpu.run_all();
+  return rows;
+}
+
 TEST(CudaEngine, ProgrammaticLaunchChangesNoBits) {
   ASSERT_GT(cuda_device_count(), 0);
   struct PdlScope {  // the setting the process started with (DSV3_CUDA_PDL) comes back
@@ -553,14 +564,7 @@ TEST(CudaEngine, ProgrammaticLaunchChangesNoBits) {
         cuda_set_pdl(pdl);
         EngineOptions opt;
         opt.cache.block_size = 8;
-        Engine gpu(w, opt, cuda_backend());
-        std::map<std::pair<int64_t, int64_t>, std::vector<float>> rows;
-        gpu.on_logits = [&](int64_t id, int64_t pos, std::span<const float> l) {
-          rows[{id, pos}].assign(l.begin(), l.end());
-        };
-        for (const Request& r : reqs) gpu.add(r);
-        gpu.run_all();
-        return rows;
+        return gpu_logits_by_row(w, opt, reqs);
       };
       const auto on = logits_of(true), again = logits_of(true), off = logits_of(false);
       ASSERT_FALSE(on.empty());
@@ -598,13 +602,7 @@ TEST(CudaEngine, KvLatentBesideChangesNoBits) {
       opt.cache.block_size = 8;
       opt.cuda_graphs = graphs;
       opt.draft_tokens = drafts;
-      Engine gpu(w, opt, cuda_backend());
-      std::map<std::pair<int64_t, int64_t>, std::vector<float>> rows;
-      gpu.on_logits = [&](int64_t id, int64_t pos, std::span<const float> l) {
-        rows[{id, pos}].assign(l.begin(), l.end());
-      };
-      for (const Request& r : reqs) gpu.add(r);
-      gpu.run_all();
+      const auto rows = gpu_logits_by_row(w, opt, reqs);
       EXPECT_EQ(cuda_decode_beside_forks() > forks, beside) << "graphs " << graphs << ", drafts " << drafts;
       return rows;
     };
