@@ -26,9 +26,9 @@ void cuda_kv_latent(const Tensor& kv_a, const Tensor& norm_w, float eps, const T
 // Joins a kernel forked by cuda_kv_latent(…, beside = true) back into cuda::stream() (a no-op when
 // none is pending on this thread).
 void cuda_join_beside();
-// Whether decode steps fork cuda_kv_latent beside the W_UK GEMV (on by default; the same kernels
-// and bits either way, one dependent launch fewer per layer; DSV3_DECODE_BESIDE=0 at start-up turns
-// it off).
+// Whether one-row decode steps fork cuda_kv_latent beside the W_UK GEMV (on by default; the same
+// kernels and bits either way, one dependent launch fewer per layer; DSV3_DECODE_BESIDE=0 at start-up
+// turns it off).
 void cuda_set_decode_beside(bool on);
 bool cuda_decode_beside();
 int64_t cuda_decode_beside_forks();  // forks so far (a test's way to see the path taken)

@@ -582,43 +582,51 @@ TEST(CudaEngine, ProgrammaticLaunchChangesNoBits) {
     }
 }
 
-// cuda_kv_latent forked beside the W_UK GEMV (two graph branches) runs the same kernels on the same
-// inputs: decode, verification and MTP steps, captured or eager, give the bits of the chain.
+// cuda_kv_latent forked beside the W_UK GEMV (two graph branches; one-row steps) runs the same
+// kernels on the same inputs: decode, verification and MTP steps, captured or eager, give the bits of
+// the chain. One request decodes one row per step, so there the fork must be taken.
 TEST(CudaEngine, KvLatentBesideChangesNoBits) {
   ASSERT_GT(cuda_device_count(), 0);
   struct BesideScope {  // the setting the process started with (DSV3_DECODE_BESIDE) comes back
     bool was = cuda_decode_beside();
     ~BesideScope() { cuda_set_decode_beside(was); }
   } restore;
-  const std::vector<Request> reqs = hashed_requests({1, 3, 17}, 617);
-  for (int wt : {0, 1}) {
-    SCOPED_TRACE(wt == 0 ? "F32 weights" : "BF16 weights");
-    Weights w = Weights::random(preset_config("tiny"), 31, 0.05f);
-    if (wt == 1) round_matrices_to_bf16(w);
-    auto logits_of = [&](bool beside, bool graphs, int drafts) {
-      cuda_set_decode_beside(beside);
-      const int64_t forks = cuda_decode_beside_forks();
-      EngineOptions opt;
-      opt.cache.block_size = 8;
-      opt.cuda_graphs = graphs;
-      opt.draft_tokens = drafts;
-      const auto rows = gpu_logits_by_row(w, opt, reqs);
-      EXPECT_EQ(cuda_decode_beside_forks() > forks, beside) << "graphs " << graphs << ", drafts " << drafts;
-      return rows;
-    };
-    for (int drafts : {0, 1}) {
-      SCOPED_TRACE(cat(drafts, " MTP drafts"));
-      const auto off = logits_of(false, true, drafts);
-      ASSERT_FALSE(off.empty());
-      for (bool graphs : {true, false}) {
-        const auto on = logits_of(true, graphs, drafts);
-        ASSERT_EQ(on.size(), off.size());
-        for (const auto& [key, row] : off) {
-          const auto it = on.find(key);
-          ASSERT_TRUE(it != on.end()) << "sequence " << key.first << " position " << key.second;
-          ASSERT_EQ(it->second.size(), row.size());
-          EXPECT_EQ(std::memcmp(it->second.data(), row.data(), row.size() * sizeof(float)), 0)
-              << "beside (graphs " << graphs << ") differs at sequence " << key.first << " position " << key.second;
+  for (const std::vector<Request>& reqs : {hashed_requests({1, 3, 17}, 617), hashed_requests({9}, 619)}) {
+    SCOPED_TRACE(cat(reqs.size(), " requests"));
+    for (int wt : {0, 1}) {
+      SCOPED_TRACE(wt == 0 ? "F32 weights" : "BF16 weights");
+      Weights w = Weights::random(preset_config("tiny"), 31, 0.05f);
+      if (wt == 1) round_matrices_to_bf16(w);
+      auto logits_of = [&](bool beside, bool graphs, int drafts) {
+        cuda_set_decode_beside(beside);
+        const int64_t forks = cuda_decode_beside_forks();
+        EngineOptions opt;
+        opt.cache.block_size = 8;
+        opt.cuda_graphs = graphs;
+        opt.draft_tokens = drafts;
+        const auto rows = gpu_logits_by_row(w, opt, reqs);
+        const bool forked = cuda_decode_beside_forks() > forks;
+        if (!beside) {
+          EXPECT_FALSE(forked);
+        } else if (reqs.size() == 1 && drafts == 0) {
+          EXPECT_TRUE(forked) << "graphs " << graphs;
+        }
+        return rows;
+      };
+      for (int drafts : {0, 1}) {
+        SCOPED_TRACE(cat(drafts, " MTP drafts"));
+        const auto off = logits_of(false, true, drafts);
+        ASSERT_FALSE(off.empty());
+        for (bool graphs : {true, false}) {
+          const auto on = logits_of(true, graphs, drafts);
+          ASSERT_EQ(on.size(), off.size());
+          for (const auto& [key, row] : off) {
+            const auto it = on.find(key);
+            ASSERT_TRUE(it != on.end()) << "sequence " << key.first << " position " << key.second;
+            ASSERT_EQ(it->second.size(), row.size());
+            EXPECT_EQ(std::memcmp(it->second.data(), row.data(), row.size() * sizeof(float)), 0)
+                << "beside (graphs " << graphs << ") differs at sequence " << key.first << " position " << key.second;
+          }
         }
       }
     }
