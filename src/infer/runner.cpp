@@ -152,7 +152,7 @@ Tensor ModelRunner::decoder_layer(int64_t layer, const LayerParams& p, const Ten
     const RopeTables& t = rope_.tables();
     // With q_lora, q_b's launches came after kv_a's producer, so cuda_kv_latent may read kv_a early.
     // On the GEMV path of a one-row step it runs beside the attention's W_UK GEMV, which attend()
-    // issues first (at 32 rows the fork measured slower than the chain: gpu_decode_beside.json).
+    // issues first (at 32 rows it measured no gain, within the A/B's spread: gpu_decode_beside.json).
     const bool beside = N == 1 && small_gemv(N) && cuda_decode_beside() && cache.joins_beside();
     cuda_kv_latent(kv_a, a.kv_a_layernorm, d_.eps_mla, positions, t.cos, t.sin, d_.rope_interleaved, c_kv_n, k_pe,
                    &q, d_.nope, d_.q_lora > 0, beside);

@@ -528,10 +528,6 @@ TEST(CudaEngine, Fp8WeightsEqualCpu) {
   weights_equal_cpu(w, 991, {cuda_decode_mma_rows(), 0});
 }
 
-// Programmatic dependent launch changes no bit: the decode kernels read what was written two or
-// more launches back before their wait (pdl.cuh), so a wrong "older" assumption is a race that
-// shows up as logits that differ from a run with PDL off. Every logits row of the sync-free engine,
-// F32, BF16 and FP8 weights with q compression and F32 without, PDL on twice and off once.
 // Every main-model logits row the GPU engine produces for reqs, by (sequence, position).
 std::map<std::pair<int64_t, int64_t>, std::vector<float>> gpu_logits_by_row(const Weights& w, const EngineOptions& opt,
                                                                             const std::vector<Request>& reqs) {
@@ -543,6 +539,10 @@ std::map<std::pair<int64_t, int64_t>, std::vector<float>> gpu_logits_by_row(cons
   return rows;
 }
 
+// Programmatic dependent launch changes no bit: the decode kernels read what was written two or
+// more launches back before their wait (pdl.cuh), so a wrong "older" assumption is a race that
+// shows up as logits that differ from a run with PDL off. Every logits row of the sync-free engine,
+// F32, BF16 and FP8 weights with q compression and F32 without, PDL on twice and off once.
 TEST(CudaEngine, ProgrammaticLaunchChangesNoBits) {
   ASSERT_GT(cuda_device_count(), 0);
   struct PdlScope {  // the setting the process started with (DSV3_CUDA_PDL) comes back
@@ -582,51 +582,49 @@ TEST(CudaEngine, ProgrammaticLaunchChangesNoBits) {
     }
 }
 
-// cuda_kv_latent forked beside the W_UK GEMV (two graph branches; one-row steps) runs the same
-// kernels on the same inputs: decode, verification and MTP steps, captured or eager, give the bits of
-// the chain. One request decodes one row per step, so there the fork must be taken.
+// cuda_kv_latent forked beside the W_UK GEMV (two graph branches) runs the same kernels on the same
+// inputs: one request's one-row decode steps, captured or eager, with and without an MTP draft (its
+// verification steps have two rows and keep the chain), give the bits of the chain.
 TEST(CudaEngine, KvLatentBesideChangesNoBits) {
   ASSERT_GT(cuda_device_count(), 0);
   struct BesideScope {  // the setting the process started with (DSV3_DECODE_BESIDE) comes back
     bool was = cuda_decode_beside();
     ~BesideScope() { cuda_set_decode_beside(was); }
   } restore;
-  for (const std::vector<Request>& reqs : {hashed_requests({1, 3, 17}, 617), hashed_requests({9}, 619)}) {
-    SCOPED_TRACE(cat(reqs.size(), " requests"));
-    for (int wt : {0, 1}) {
-      SCOPED_TRACE(wt == 0 ? "F32 weights" : "BF16 weights");
-      Weights w = Weights::random(preset_config("tiny"), 31, 0.05f);
-      if (wt == 1) round_matrices_to_bf16(w);
-      auto logits_of = [&](bool beside, bool graphs, int drafts) {
-        cuda_set_decode_beside(beside);
-        const int64_t forks = cuda_decode_beside_forks();
-        EngineOptions opt;
-        opt.cache.block_size = 8;
-        opt.cuda_graphs = graphs;
-        opt.draft_tokens = drafts;
-        const auto rows = gpu_logits_by_row(w, opt, reqs);
-        const bool forked = cuda_decode_beside_forks() > forks;
-        if (!beside) {
-          EXPECT_FALSE(forked);
-        } else if (reqs.size() == 1 && drafts == 0) {
-          EXPECT_TRUE(forked) << "graphs " << graphs;
-        }
-        return rows;
-      };
-      for (int drafts : {0, 1}) {
-        SCOPED_TRACE(cat(drafts, " MTP drafts"));
-        const auto off = logits_of(false, true, drafts);
-        ASSERT_FALSE(off.empty());
-        for (bool graphs : {true, false}) {
-          const auto on = logits_of(true, graphs, drafts);
-          ASSERT_EQ(on.size(), off.size());
-          for (const auto& [key, row] : off) {
-            const auto it = on.find(key);
-            ASSERT_TRUE(it != on.end()) << "sequence " << key.first << " position " << key.second;
-            ASSERT_EQ(it->second.size(), row.size());
-            EXPECT_EQ(std::memcmp(it->second.data(), row.data(), row.size() * sizeof(float)), 0)
-                << "beside (graphs " << graphs << ") differs at sequence " << key.first << " position " << key.second;
-          }
+  const std::vector<Request> reqs = hashed_requests({9}, 619);
+  for (int wt : {0, 1}) {
+    SCOPED_TRACE(wt == 0 ? "F32 weights" : "BF16 weights");
+    Weights w = Weights::random(preset_config("tiny"), 31, 0.05f);
+    if (wt == 1) round_matrices_to_bf16(w);
+    auto logits_of = [&](bool beside, bool graphs, int drafts) {
+      cuda_set_decode_beside(beside);
+      const int64_t forks = cuda_decode_beside_forks();
+      EngineOptions opt;
+      opt.cache.block_size = 8;
+      opt.cuda_graphs = graphs;
+      opt.draft_tokens = drafts;
+      const auto rows = gpu_logits_by_row(w, opt, reqs);
+      const bool forked = cuda_decode_beside_forks() > forks;
+      if (!beside) {
+        EXPECT_FALSE(forked);
+      } else if (drafts == 0) {
+        EXPECT_TRUE(forked) << "graphs " << graphs;
+      }
+      return rows;
+    };
+    for (int drafts : {0, 1}) {
+      SCOPED_TRACE(cat(drafts, " MTP drafts"));
+      const auto off = logits_of(false, true, drafts);
+      ASSERT_FALSE(off.empty());
+      for (bool graphs : {true, false}) {
+        const auto on = logits_of(true, graphs, drafts);
+        ASSERT_EQ(on.size(), off.size());
+        for (const auto& [key, row] : off) {
+          const auto it = on.find(key);
+          ASSERT_TRUE(it != on.end()) << "sequence " << key.first << " position " << key.second;
+          ASSERT_EQ(it->second.size(), row.size());
+          EXPECT_EQ(std::memcmp(it->second.data(), row.data(), row.size() * sizeof(float)), 0)
+              << "beside (graphs " << graphs << ") differs at sequence " << key.first << " position " << key.second;
         }
       }
     }

@@ -1,8 +1,8 @@
 // FP8 E4M3 tile quantization on the GPU (backend/fp8.h semantics): the amax of a tile's finite
 // values gives the scale exactly as the CPU derives it (amax/448, all-zero tile → 1, underflow → the
 // smallest FP32, optional power of two), the codes are the saturated RNE of x/s. 1×128 tiles take
-// eight lanes each, 128×128 tiles a CTA, transposed 128×1 tiles a CTA per 128 rows × 32 columns through
-// shared memory. The reduced-precision linear layer's variant (cuda_quantize_fp8_async) does not read
+// eight lanes each, 128×128 tiles a CTA, transposed 128×1 tiles a CTA per 128 rows × 32 columns
+// through shared memory. The reduced-precision linear layer's variant (cuda_quantize_fp8_async) does not read
 // the count back and marks a tile with non-finite values by a NaN scale, so the whole training step
 // runs without a host synchronisation per quantization; its GEMM preparation (fp8_fprop_prep,
 // fp8_backward_prep, linear_lowp.h) runs these tiles as roles of one launch per pass.
@@ -522,8 +522,8 @@ __device__ unsigned weight_tile(WeightSmem& sm, int64_t tile, const WeightSide& 
   return bad;
 }
 
-// One warp, row r of x [M, K] (K a multiple of 128, x 16-byte aligned): the row's
-// 1×128 tiles eight at a time, their loads issued together; the same codes and scales as quantize_rows_kernel.
+// One warp, row r of x [M, K] (K a multiple of 128, x 16-byte aligned): the row's 1×128 tiles
+// eight at a time, their loads issued together; the same codes and scales as quantize_rows_kernel.
 // A row r ≥ M is padding (codes 0, scale 1). Returns the row's non-finite count (every lane).
 __device__ unsigned rows_row(const float* x, int64_t M, int64_t M_lt, int64_t K, int64_t r, bool pow2, uint8_t* q,
                              float* sc, float* sc_lt) {
