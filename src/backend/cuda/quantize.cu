@@ -683,8 +683,10 @@ __device__ unsigned dy_tile(DySmem& sm, int64_t g, int64_t rb, const BackwardPre
   const int64_t cl = c0 + 4 * lane;  // this lane's first column
   const bool vec = N % 4 == 0 && (reinterpret_cast<uintptr_t>(p.dy) & 15u) == 0;
   unsigned any = 0;
+  // The rows' tiles of the previous block read other lanes' columns: all of them before any copy.
+  __syncwarp();
   // Warp w's rows w, w + 8, …, four columns per lane, into shared memory (the 128×1 tiles read it by
-  // column; the rows' codes below read back what the lane copied). cp.async puts all 16 copies in
+  // column; the rows' codes below read back what the warp copied). cp.async puts all 16 copies in
   // flight at once: loads through registers went one at a time (ncu: each load's wait before its
   // store to shared memory drew ~30% of the stall samples).
   if (vec) {
@@ -711,21 +713,37 @@ __device__ unsigned dy_tile(DySmem& sm, int64_t g, int64_t rb, const BackwardPre
       *reinterpret_cast<float4*>(&sm.t[w + 8 * k][4 * lane]) = v;
     }
   }
-  // The 1×128 tiles, a row per iteration (rolled: each SM runs this code once per launch, so its
-  // length is fetch time); rows M..M1 are zero: codes 0, scale 1.
+  __syncwarp();
+  // The 1×128 tiles, eight lanes per row and four rows per iteration (group8_tile_scale: a warp per
+  // row spent ~120 instructions on each, half of them the scale, its reciprocal and the index, now
+  // shared by eight lanes); lane j of group h takes row w + 8(4m + h), columns 4j + 32k, so each
+  // group's loads read 128 contiguous bytes. The loop is rolled: each SM runs this code once per
+  // launch, so its length is fetch time. Rows M..M1 are zero: codes 0, scale 1.
+  if (p.q1) {
+    const int h = lane >> 3, j = lane & 7;
 #pragma unroll 1
-  for (int k = 0; k < 16 && p.q1; ++k) {
-    const int i = w + 8 * k;
-    const int64_t r = r0 + i;
-    if (r >= p.M1) break;  // warp-uniform
-    const float4 v4 = *reinterpret_cast<const float4*>(&sm.t[i][4 * lane]);
-    const float e[4] = {v4.x, v4.y, v4.z, v4.w};
-    unsigned bad;
-    const float s = warp_tile_scale(e, p.pow2, bad);
-    any |= bad;
-    if (lane == 0) p.s1_lt[g * p.M1 + r] = bad ? __int_as_float(0x7fc00000) : s;
-    // ld1 = N rounded up to 128: in range
-    *reinterpret_cast<uint32_t*>(p.q1 + r * p.ld1 + cl) = codes4(e, ScaleDiv(s));
+    for (int m = 0; m < 4; ++m) {
+      if (r0 + w + 32 * m >= p.M1) break;  // warp-uniform: the iteration's first row
+      const int i = w + 8 * (4 * m + h);
+      const int64_t r = r0 + i;
+      float v[16];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float4 f = *reinterpret_cast<const float4*>(&sm.t[i][4 * j + 32 * k]);
+        v[4 * k] = f.x, v[4 * k + 1] = f.y, v[4 * k + 2] = f.z, v[4 * k + 3] = f.w;
+      }
+      unsigned bad;
+      const float s = group8_tile_scale(v, p.pow2, bad);  // every lane: it shuffles
+      if (r < p.M1) {
+        any |= bad;
+        if (j == 0) p.s1_lt[g * p.M1 + r] = bad ? __int_as_float(0x7fc00000) : s;
+        uint32_t b[4];
+        codes<16>(v, ScaleDiv(s), b);
+        uint8_t* qr = p.q1 + r * p.ld1 + c0 + 4 * j;  // ld1 = N rounded up to 128: in range
+#pragma unroll
+        for (int k = 0; k < 4; ++k) *reinterpret_cast<uint32_t*>(qr + 32 * k) = b[k];
+      }
+    }
   }
   if (!p.q2) return any;
   __syncthreads();
