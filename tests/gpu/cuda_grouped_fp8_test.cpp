@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "../backend/harness.h"
@@ -100,8 +101,11 @@ Tensor reference(const Item& it, int64_t N) {
   return c;
 }
 
-void run_items(const std::vector<ItemCase>& cases, int64_t N, int64_t launches, int rows) {
-  SCOPED_TRACE(cat("tiles of ", rows, " rows"));
+// kernel: the tile height, 64 or 128, or 0 for the warp-specialised kernel (128-row tiles).
+void run_items(const std::vector<ItemCase>& cases, int64_t N, int64_t launches, int kernel) {
+  const int rows = kernel ? kernel : 128;
+  const bool ws = kernel == 0;
+  SCOPED_TRACE(ws ? std::string("warp-specialised kernel") : cat("tiles of ", rows, " rows"));
   CudaBackend& be = cuda_backend();
   Guards g(be);
   std::vector<Item> items;
@@ -110,13 +114,16 @@ void run_items(const std::vector<ItemCase>& cases, int64_t N, int64_t launches, 
   for (Item& it : items) table.push_back(table_item(it));
   const bool before = cuda::grouped_fp8();
   const int rows_before = cuda::grouped_fp8_rows();
+  const bool ws_before = cuda::grouped_fp8_ws();
   cuda::set_grouped_fp8(true);
   cuda::set_grouped_fp8_rows(rows);
+  cuda::set_grouped_fp8_ws(ws);
   const int64_t l0 = cuda::grouped_fp8_launches();
   ASSERT_TRUE(cuda::grouped_fp8_gemm(table, N));
   EXPECT_EQ(cuda::grouped_fp8_launches() - l0, launches);
   cuda::set_grouped_fp8(before);
   cuda::set_grouped_fp8_rows(rows_before);
+  cuda::set_grouped_fp8_ws(ws_before);
   EXPECT_EQ(g.damaged(), "");
   for (size_t i = 0; i < items.size(); ++i) {
     const Item& it = items[i];
@@ -164,7 +171,7 @@ void run_items(const std::vector<ItemCase>& cases, int64_t N, int64_t launches, 
 TEST(CudaGroupedFp8, EqualsCpuEmulation) {
   ASSERT_GT(cuda_device_count(), 0);
   // N = 400: the last column tile is 16 wide, and the per-block grid's last block partial.
-  for (int rows : {64, 128}) {
+  for (int rows : {64, 128, 0}) {
     run_items({{200, 384, true, false},
                {1, 128, true, true},
                {0, 256, true, true},
@@ -181,7 +188,7 @@ TEST(CudaGroupedFp8, EqualsCpuEmulation) {
 
 TEST(CudaGroupedFp8, NanScalesReachTheirOutputs) {
   ASSERT_GT(cuda_device_count(), 0);
-  for (int rows : {64, 128})
+  for (int rows : {64, 128, 0})
     run_items({{40, 256, true, false, 1},
                {40, 256, true, true, 2},
                {40, 256, false, false, 2},
@@ -195,7 +202,44 @@ TEST(CudaGroupedFp8, MoreItemsThanOneLaunch) {
   ASSERT_GT(cuda_device_count(), 0);
   std::vector<ItemCase> cases;
   for (int i = 0; i < 70; ++i) cases.push_back({(i * 37) % 150 + 1, 128 * (1 + i % 3), i % 2 == 0, i % 3 == 0});
-  for (int rows : {64, 128}) run_items(cases, 144, 2, rows);
+  for (int rows : {64, 128, 0}) run_items(cases, 144, 2, rows);
+}
+
+// The warp-specialised kernel's arithmetic is the 128-row kernel's, in its order: the same bits, on
+// more tiles than the GPU has SMs (so CTAs take several tiles, their loads running across tiles),
+// with K from one block to 24 (more k-blocks than stages) and accumulation on and off.
+TEST(CudaGroupedFp8, WarpSpecialisedGivesTheBlockKernelsBits) {
+  ASSERT_GT(cuda_device_count(), 0);
+  CudaBackend& be = cuda_backend();
+  const std::vector<ItemCase> cases = {{1000, 1024, true, false}, {777, 128, false, true},  {2050, 512, true, true},
+                                       {300, 3072, false, false}, {64, 256, true, false}, {1, 768, false, true}};
+  const int64_t N = 1040;
+  std::vector<Tensor> got[2];
+  for (int ws = 0; ws < 2; ++ws) {
+    Guards g(be);
+    std::vector<Item> items;
+    std::vector<cuda::Fp8GroupItem> table;
+    for (size_t i = 0; i < cases.size(); ++i) items.push_back(make_item(be, g, cases[i], N, 700 + i));
+    for (Item& it : items) table.push_back(table_item(it));
+    const bool before = cuda::grouped_fp8(), ws_before = cuda::grouped_fp8_ws();
+    const int rows_before = cuda::grouped_fp8_rows();
+    cuda::set_grouped_fp8(true);
+    cuda::set_grouped_fp8_rows(128);
+    cuda::set_grouped_fp8_ws(ws == 1);
+    ASSERT_TRUE(cuda::grouped_fp8_gemm(table, N));
+    cuda::set_grouped_fp8(before);
+    cuda::set_grouped_fp8_rows(rows_before);
+    cuda::set_grouped_fp8_ws(ws_before);
+    EXPECT_EQ(g.damaged(), "");
+    for (Item& it : items) got[ws].push_back(be.to_host(it.dev_c));
+  }
+  for (size_t i = 0; i < cases.size(); ++i) {
+    SCOPED_TRACE(cat("item ", i, " M ", cases[i].M, " K ", cases[i].K));
+    int64_t differ = 0;
+    for (int64_t j = 0; j < got[0][i].numel(); ++j)
+      differ += std::memcmp(got[0][i].data<float>() + j, got[1][i].data<float>() + j, sizeof(float)) != 0;
+    EXPECT_EQ(differ, 0);
+  }
 }
 
 TEST(CudaGroupedFp8, RefusesOperandsOffItsRules) {

@@ -12,6 +12,7 @@
 // partial sum is promoted before the next one starts): acc += part·(sa·sb), the CPU emulation's
 // order, with the multiply and add fused. Only rows < M_e and columns < N are written, so the rows
 // cuBLASLt pads to 4 need no scratch.
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -219,12 +220,220 @@ __global__ void __launch_bounds__(kThreads, 2) fp8_gemm_kernel(const __grid_cons
   }
 }
 
+// The warp-specialised persistent form (DSV3_GROUPED_FP8_WS=1 or set_grouped_fp8_ws): one CTA per
+// SM walks tiles blockIdx.x, + gridDim.x, …; warpgroup 0 only loads, by cp.async into a ring of six
+// 33 KB stages, running ahead across tile boundaries; warpgroups 1 and 2 each take 64 rows of the
+// 128 × 128 tile and go out from registers, so the next tile's loads overlap a tile's epilogue and
+// no CTA barrier sits in the k-loop. Stage handover on mbarriers: a loader thread arrives on
+// full[s] once its copies of that stage have landed (it waits for them kWsLag stages later, then
+// fences them for wgmma's async proxy); each consumer warp arrives on empty[s] once its products
+// of the stage are in and its scales read. The arithmetic is fp8_gemm_kernel's, in its order.
+constexpr int kWsStages = 6, kWsLag = 4, kWsThreads = 384, kWsA = 128 * 128;
+constexpr int kWsStage = kWsA + kB + 1024;  // A, B, A's row scales, B's column scales (at +512)
+constexpr size_t kWsSmem = size_t(kWsStages) * kWsStage + 1024 + 2 * kWsStages * sizeof(uint64_t);
+static_assert(kWsStage % 1024 == 0 && kWsLag < kWsStages, "stages on the swizzle's 1,024 bytes");
+
+struct TileAt {
+  int item;
+  int64_t m0, n0;
+};
+__device__ __forceinline__ TileAt tile_at(const Table& t, int tile, int tiles_n) {
+  int i = 0;
+  while (tile >= t.tile_end[i]) ++i;
+  const int local = tile - (i > 0 ? t.tile_end[i - 1] : 0);
+  return {i, int64_t(local / tiles_n) * 128, int64_t(local % tiles_n) * kCols};
+}
+
+__device__ __forceinline__ void bar_init(uint64_t* bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
+}
+__device__ __forceinline__ void bar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void bar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n .reg .pred p;\n WAIT_%=:\n mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra WAIT_%=;\n}" ::"r"(
+          smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+}
+
+__global__ void __launch_bounds__(kWsThreads, 1) fp8_gemm_ws_kernel(const __grid_constant__ Table t, int tiles) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* sm = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  uint64_t* full = reinterpret_cast<uint64_t*>(sm + kWsStages * kWsStage);
+  uint64_t* empty = full + kWsStages;
+  const int tid = threadIdx.x, wg = tid >> 7;
+  const int64_t N = t.N;
+  const int tiles_n = int((N + kCols - 1) / kCols);
+  if (tid == 0) {
+    for (int s = 0; s < kWsStages; ++s) {
+      bar_init(full + s, 128);  // every loader thread
+      bar_init(empty + s, 8);   // every consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {  // loader: chunk c of rows rb + 16·j of A and B, as fp8_gemm_kernel's load
+    const int c = tid & 7, rb = tid >> 3, off = wgmma::sw(rb, c);
+    int it = 0;  // k-blocks issued by this CTA
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      const TileAt at = tile_at(t, tile, tiles_n);
+      const Fp8GroupItem& x = t.item[at.item];
+      const int64_t K = x.K, M = x.M, stride = 16 * K;
+      const uint8_t* a_row = static_cast<const uint8_t*>(x.a) + (at.m0 + rb) * K + c * 16;
+      const uint8_t* b_row = static_cast<const uint8_t*>(x.b) + (at.n0 + rb) * K + c * 16;
+      unsigned a_in = 0, b_in = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        a_in |= unsigned(at.m0 + rb + 16 * j < M) << j;
+        b_in |= unsigned(at.n0 + rb + 16 * j < N) << j;
+      }
+      const float* s_src = nullptr;
+      int64_t s_ld = 0;
+      int s_dst = -1;
+      if (tid < 32 && at.m0 + 4 * tid < x.sa_ld) {
+        s_src = x.sa + at.m0 + 4 * tid;
+        s_ld = x.sa_ld;
+        s_dst = kWsA + kB + tid * 16;
+      } else if (tid >= 32 && tid < 64 && !x.b_block && at.n0 + 4 * (tid - 32) < N) {
+        s_src = x.sb + at.n0 + 4 * (tid - 32);
+        s_ld = x.sb_ld;
+        s_dst = kWsA + kB + 512 + (tid - 32) * 16;
+      }
+      for (int kb = 0; kb < int(K / 128); ++kb, ++it) {
+        const int slot = it % kWsStages;
+        bar_wait(empty + slot, ((it / kWsStages) & 1) ^ 1);  // the first pass finds every slot free
+        unsigned char* st = sm + slot * kWsStage;
+        const uint8_t* a_s = a_row + kb * 128;
+        const uint8_t* b_s = b_row + kb * 128;
+#pragma unroll
+        for (int j = 0; j < 8; ++j, a_s += stride, b_s += stride) {
+          const bool ai = (a_in >> j) & 1u, bi = (b_in >> j) & 1u;
+          cp_async16(st + off + j * 2048, ai ? a_s : a_row, ai);
+          cp_async16(st + kWsA + off + j * 2048, bi ? b_s : b_row, bi);
+        }
+        if (s_dst >= 0) cp_async16(st + s_dst, s_src + kb * s_ld);
+        cp_async_commit();
+        if (it >= kWsLag) {
+          cp_async_wait<kWsLag>();
+          wgmma::fence_async_smem();
+          bar_arrive(full + (it - kWsLag) % kWsStages);
+        }
+      }
+    }
+    cp_async_wait<0>();
+    wgmma::fence_async_smem();
+    for (int q = it > kWsLag ? it - kWsLag : 0; q < it; ++q) bar_arrive(full + q % kWsStages);
+    return;
+  }
+
+  const int half = wg - 1, w = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+  const int row = 64 * half + 16 * w + g;  // the thread's rows of the tile: row, row + 8
+  Acc acc;
+  // k-block `itk`'s (the CTA's count) products of this warpgroup's rows into p, not waited for.
+  auto issue = [&](Acc& p, int itk) {
+    const int slot = itk % kWsStages;
+    bar_wait(full + slot, (itk / kWsStages) & 1);
+    const uint32_t base = smem_addr(sm + slot * kWsStage);
+    wgmma::fence_regs(p);
+    wgmma::fence();
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      wgmma::mma_m64n128k32_e4m3(p, wgmma::desc_k(base + half * 8192 + 32 * k), wgmma::desc_k(base + kWsA + 32 * k),
+                                 k);
+    wgmma::commit();
+  };
+  // acc += p·(sa·sb) once p's products are in; the stage is handed back once its scales are read.
+  auto promote = [&](Acc& p, int itk, bool b_block, float sb) {
+    wgmma::fence_regs(p);
+    const int slot = itk % kWsStages;
+    const float* scales = reinterpret_cast<const float*>(sm + slot * kWsStage + kWsA + kB);
+    const float sa0 = scales[row], sa1 = scales[row + 8];
+    if (b_block) {
+      __syncwarp();
+      if (lane == 0) bar_arrive(empty + slot);
+      const float f0 = sa0 * sb, f1 = sa1 * sb;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        acc[j][0] = fmaf(p[j][0], f0, acc[j][0]);
+        acc[j][1] = fmaf(p[j][1], f0, acc[j][1]);
+        acc[j][2] = fmaf(p[j][2], f1, acc[j][2]);
+        acc[j][3] = fmaf(p[j][3], f1, acc[j][3]);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        const float2 c2 = *reinterpret_cast<const float2*>(scales + 128 + 8 * j + 2 * t4);
+        acc[j][0] = fmaf(p[j][0], sa0 * c2.x, acc[j][0]);
+        acc[j][1] = fmaf(p[j][1], sa0 * c2.y, acc[j][1]);
+        acc[j][2] = fmaf(p[j][2], sa1 * c2.x, acc[j][2]);
+        acc[j][3] = fmaf(p[j][3], sa1 * c2.y, acc[j][3]);
+      }
+      __syncwarp();
+      if (lane == 0) bar_arrive(empty + slot);
+    }
+  };
+  int it = 0;  // k-blocks consumed
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const TileAt at = tile_at(t, tile, tiles_n);
+    const Fp8GroupItem& x = t.item[at.item];
+    const int steps = int(x.K / 128);
+    const bool b_block = x.b_block;
+    const float* sb_block = x.sb + (at.n0 / kCols) * x.sb_ld;
+    Acc part;  // the tile's: not live across tiles
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
+    for (int kb = 0; kb < steps; ++kb) {
+      const float sb = b_block ? __ldg(sb_block + kb) : 0.0f;  // in flight while the products are
+      issue(part, it + kb);
+      wgmma::wait<0>();
+      promote(part, it + kb, b_block, sb);
+    }
+    it += steps;
+    // acc[j][e] is row `row` + 8·(e >> 1), column 8·j + 2·t4 + (e & 1): 32-byte pieces of 8 rows per
+    // store instruction, whole sectors. With accumulate every old value of the row is loaded before
+    // any store (a load after a store it may alias waits for it: one round trip per piece, which
+    // made the backward's launches 1.8–2.6× slower).
+    const int64_t M = x.M;
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) {
+      const int64_t r = at.m0 + row + 8 * h2;
+      if (r >= M) continue;
+      float* out = x.c + r * N + at.n0 + 2 * t4;
+      const int n_in = int(min(int64_t(16), (N - at.n0 - 2 * t4 + 7) / 8));  // pieces with col < N
+      if (x.accumulate) {
+        float2 o[16];
+#pragma unroll
+        for (int j = 0; j < 16; ++j)
+          o[j] = j < n_in ? *reinterpret_cast<const float2*>(out + 8 * j) : make_float2(0.0f, 0.0f);
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+          acc[j][2 * h2] += o[j].x;
+          acc[j][2 * h2 + 1] += o[j].y;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 16; ++j)
+        if (j < n_in) *reinterpret_cast<float2*>(out + 8 * j) = make_float2(acc[j][2 * h2], acc[j][2 * h2 + 1]);
+    }
+  }
+}
+
 std::atomic<int64_t> g_launches{0};
 std::atomic<bool> g_on{on_unless_env_zero("DSV3_GROUPED_FP8")};
 // Tile rows: 128 unless DSV3_GROUPED_FP8_ROWS=64 at start-up (or set_grouped_fp8_rows).
 std::atomic<int> g_rows{[] {
   const char* v = std::getenv("DSV3_GROUPED_FP8_ROWS");
   return v && std::string(v) == "64" ? 64 : 128;
+}()};
+// The warp-specialised persistent kernel instead (128-row tiles): DSV3_GROUPED_FP8_WS=1 at start-up.
+std::atomic<bool> g_ws{[] {
+  const char* v = std::getenv("DSV3_GROUPED_FP8_WS");
+  return v && std::string(v) == "1";
 }()};
 
 bool fits(const Fp8GroupItem& it, int64_t N) {
@@ -239,9 +448,11 @@ bool grouped_fp8_gemm(std::span<const Fp8GroupItem> items, int64_t N) {
   if (!g_on.load() || N <= 0 || N % 16 != 0) return false;
   for (const Fp8GroupItem& it : items)
     if (it.M > 0 && !fits(it, N)) return false;
-  const int h = g_rows.load() == 64 ? 1 : 2;
+  const bool ws = g_ws.load();
+  const int h = !ws && g_rows.load() == 64 ? 1 : 2;
   static const bool smem_set = (allow_smem(fp8_gemm_kernel<1>, Shape<1>::smem),
-                                allow_smem(fp8_gemm_kernel<2>, Shape<2>::smem), true);
+                                allow_smem(fp8_gemm_kernel<2>, Shape<2>::smem),
+                                allow_smem(fp8_gemm_ws_kernel, kWsSmem), true);
   (void)smem_set;
   const int64_t rows = 64 * h, tiles_n = (N + kCols - 1) / kCols;
   Table t{};
@@ -250,7 +461,10 @@ bool grouped_fp8_gemm(std::span<const Fp8GroupItem> items, int64_t N) {
   int64_t tiles = 0;
   auto launch = [&] {
     if (n == 0) return;
-    if (h == 1)
+    if (ws)
+      fp8_gemm_ws_kernel<<<unsigned(std::min<int64_t>(tiles, sm_count())), kWsThreads, kWsSmem, stream()>>>(
+          t, int(tiles));
+    else if (h == 1)
       fp8_gemm_kernel<1><<<unsigned(tiles), kThreads, Shape<1>::smem, stream()>>>(t);
     else
       fp8_gemm_kernel<2><<<unsigned(tiles), kThreads, Shape<2>::smem, stream()>>>(t);
@@ -276,6 +490,8 @@ int64_t grouped_fp8_launches() { return g_launches.load(); }
 void set_grouped_fp8(bool on) { g_on.store(on); }
 void set_grouped_fp8_rows(int rows) { g_rows.store(rows == 64 ? 64 : 128); }
 int grouped_fp8_rows() { return g_rows.load(); }
+void set_grouped_fp8_ws(bool on) { g_ws.store(on); }
+bool grouped_fp8_ws() { return g_ws.load(); }
 bool grouped_fp8() { return g_on.load(); }
 
 }  // namespace dsv3::cuda

@@ -82,6 +82,10 @@ bool grouped_fp8();
 // Its tile height, 64 or 128 rows (128 unless DSV3_GROUPED_FP8_ROWS=64 at start-up).
 void set_grouped_fp8_rows(int rows);
 int grouped_fp8_rows();
+// The warp-specialised persistent kernel (128-row tiles; off unless DSV3_GROUPED_FP8_WS=1 at
+// start-up): same bits as the 128-row one.
+void set_grouped_fp8_ws(bool on);
+bool grouped_fp8_ws();
 
 // The FP8 linear layer's GEMM preparation (quantize.cu): one launch per pass (Fprop; Dgrad and Wgrad
 // together) writes every FP8 operand in the form cuBLASLt reads — the reduction dimension zero-padded
