@@ -48,6 +48,32 @@ struct Table {
 
 using Acc = float[16][4];
 
+// a += p·(sa·sb) for the thread's rows (scales sa0, sa1) of a k-block's partial products p: sb the
+// weight block's scale (b_block), else the columns' from cs (128 of them, the thread's at 8j + 2·t4).
+// The recipe's promotion, in the CPU emulation's order, the multiply and add fused.
+__device__ __forceinline__ void promote_rows(Acc& a, const Acc& p, float sa0, float sa1, bool b_block, float sb,
+                                             const float* cs, int t4) {
+  if (b_block) {
+    const float f0 = sa0 * sb, f1 = sa1 * sb;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      a[j][0] = fmaf(p[j][0], f0, a[j][0]);
+      a[j][1] = fmaf(p[j][1], f0, a[j][1]);
+      a[j][2] = fmaf(p[j][2], f1, a[j][2]);
+      a[j][3] = fmaf(p[j][3], f1, a[j][3]);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const float2 c2 = *reinterpret_cast<const float2*>(cs + 8 * j + 2 * t4);
+      a[j][0] = fmaf(p[j][0], sa0 * c2.x, a[j][0]);
+      a[j][1] = fmaf(p[j][1], sa0 * c2.y, a[j][1]);
+      a[j][2] = fmaf(p[j][2], sa1 * c2.x, a[j][2]);
+      a[j][3] = fmaf(p[j][3], sa1 * c2.y, a[j][3]);
+    }
+  }
+}
+
 template <int H>
 __global__ void __launch_bounds__(kThreads, 2) fp8_gemm_kernel(const __grid_constant__ Table t) {
   using S = Shape<H>;
@@ -135,26 +161,7 @@ __global__ void __launch_bounds__(kThreads, 2) fp8_gemm_kernel(const __grid_cons
   auto promote = [&](int s, int h, Acc& a, Acc& p, float sb) {
     wgmma::fence_regs(p);
     const float* scales = reinterpret_cast<const float*>(sm + (s % kStages) * kStageBytes + kA + kB);
-    const float sa0 = scales[64 * h + row], sa1 = scales[64 * h + row + 8];
-    if (b_block) {
-      const float f0 = sa0 * sb, f1 = sa1 * sb;
-#pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        a[j][0] = fmaf(p[j][0], f0, a[j][0]);
-        a[j][1] = fmaf(p[j][1], f0, a[j][1]);
-        a[j][2] = fmaf(p[j][2], f1, a[j][2]);
-        a[j][3] = fmaf(p[j][3], f1, a[j][3]);
-      }
-    } else {
-#pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        const float2 c2 = *reinterpret_cast<const float2*>(scales + 128 + 8 * j + 2 * t4);
-        a[j][0] = fmaf(p[j][0], sa0 * c2.x, a[j][0]);
-        a[j][1] = fmaf(p[j][1], sa0 * c2.y, a[j][1]);
-        a[j][2] = fmaf(p[j][2], sa1 * c2.x, a[j][2]);
-        a[j][3] = fmaf(p[j][3], sa1 * c2.y, a[j][3]);
-      }
-    }
+    promote_rows(a, p, scales[64 * h + row], scales[64 * h + row + 8], b_block, sb, scales + 128, t4);
   };
 
 #pragma unroll
@@ -345,35 +352,14 @@ __global__ void __launch_bounds__(kWsThreads, 1) fp8_gemm_ws_kernel(const __grid
                                  k);
     wgmma::commit();
   };
-  // acc += p·(sa·sb) once p's products are in; the stage is handed back once its scales are read.
+  // acc += p·(sa·sb) once p's products are in; then the stage is handed back.
   auto promote = [&](Acc& p, int itk, bool b_block, float sb) {
     wgmma::fence_regs(p);
     const int slot = itk % kWsStages;
     const float* scales = reinterpret_cast<const float*>(sm + slot * kWsStage + kWsA + kB);
-    const float sa0 = scales[row], sa1 = scales[row + 8];
-    if (b_block) {
-      __syncwarp();
-      if (lane == 0) bar_arrive(empty + slot);
-      const float f0 = sa0 * sb, f1 = sa1 * sb;
-#pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        acc[j][0] = fmaf(p[j][0], f0, acc[j][0]);
-        acc[j][1] = fmaf(p[j][1], f0, acc[j][1]);
-        acc[j][2] = fmaf(p[j][2], f1, acc[j][2]);
-        acc[j][3] = fmaf(p[j][3], f1, acc[j][3]);
-      }
-    } else {
-#pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        const float2 c2 = *reinterpret_cast<const float2*>(scales + 128 + 8 * j + 2 * t4);
-        acc[j][0] = fmaf(p[j][0], sa0 * c2.x, acc[j][0]);
-        acc[j][1] = fmaf(p[j][1], sa0 * c2.y, acc[j][1]);
-        acc[j][2] = fmaf(p[j][2], sa1 * c2.x, acc[j][2]);
-        acc[j][3] = fmaf(p[j][3], sa1 * c2.y, acc[j][3]);
-      }
-      __syncwarp();
-      if (lane == 0) bar_arrive(empty + slot);
-    }
+    promote_rows(acc, p, scales[row], scales[row + 8], b_block, sb, scales + 128, t4);
+    __syncwarp();
+    if (lane == 0) bar_arrive(empty + slot);
   };
   int it = 0;  // k-blocks consumed
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
