@@ -165,6 +165,7 @@ struct Run {
   double step_s_wgrad_per_block = 0;  // with the experts' BF16 Wgrad as one cuBLASLt matmul per expert
   double step_s_fp8_per_expert = 0;   // with the experts' FP8 matmuls as one cuBLASLt matmul per expert
   double step_s_fp8_rows64 = 0;       // with the grouped FP8 matmuls in 64-row tiles
+  double step_s_fp8_ws = 0;           // with them on the warp-specialised kernel (DSV3_GROUPED_FP8_WS)
   std::map<std::string, double> linears;  // per group, per step
   std::map<std::string, double> modules;  // one layer's module, forward / backward (s)
 };
@@ -353,6 +354,8 @@ Run measure(CudaBackend& be, const ModelConfig& cfg, const Weights& host, const 
     const int rows = cuda::grouped_fp8_rows();
     if (rows != 64)
       r.step_s_fp8_rows64 = steps_with([] { cuda::set_grouped_fp8_rows(64); }, [&] { cuda::set_grouped_fp8_rows(rows); });
+    if (!cuda::grouped_fp8_ws())
+      r.step_s_fp8_ws = steps_with([] { cuda::set_grouped_fp8_ws(true); }, [] { cuda::set_grouped_fp8_ws(false); });
   }
   r.tflops = r.tok_s * fpt / 1e12;
   size_t free_b = 0, total_b = 0;
@@ -482,6 +485,10 @@ int main(int argc, char** argv) {
     if (r.step_s_fp8_rows64 > 0)
       std::printf("[%s] grouped FP8 matmuls in tiles of %d rows: %.3f s per step; of 64 rows: %.3f s (%.2fx)\n",
                   p.c_str(), cuda::grouped_fp8_rows(), r.step_s, r.step_s_fp8_rows64, r.step_s_fp8_rows64 / r.step_s);
+    if (r.step_s_fp8_ws > 0)
+      std::printf("[%s] grouped FP8 matmuls by fp8_gemm_kernel: %.3f s per step; by the warp-specialised kernel: %.3f s "
+                  "(%.2fx)\n",
+                  p.c_str(), r.step_s, r.step_s_fp8_ws, r.step_s_fp8_ws / r.step_s);
     std::printf("[%s] attention core per layer: forward %.4f s, backward %.4f s; x%ld layers = %.3f s per step\n",
                 p.c_str(), r.attn_f, r.attn_b, long(cfg.num_hidden_layers),
                 (r.attn_f + r.attn_b) * double(cfg.num_hidden_layers));
@@ -532,6 +539,8 @@ int main(int argc, char** argv) {
               r.step_s_fp8_per_expert > 0 ? nlohmann::json(r.step_s_fp8_per_expert) : nlohmann::json()},
              {"step_s_experts_fp8_tiles_64_rows",
               r.step_s_fp8_rows64 > 0 ? nlohmann::json(r.step_s_fp8_rows64) : nlohmann::json()},
+             {"step_s_experts_fp8_warp_specialised",
+              r.step_s_fp8_ws > 0 ? nlohmann::json(r.step_s_fp8_ws) : nlohmann::json()},
              {"step_s_attention_mma_sync_whole_dq",
               r.step_s_attn_before > 0 ? nlohmann::json(r.step_s_attn_before) : nlohmann::json()},
              {"blocking_calls_per_step", r.blocking},
