@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "backend/cuda/bulk.cuh"
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/linear_lowp.h"
 #include "backend/cuda/mma.cuh"
@@ -257,13 +258,6 @@ __device__ __forceinline__ void bar_init(uint64_t* bar, unsigned count) {
 __device__ __forceinline__ void bar_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
 }
-__device__ __forceinline__ void bar_wait(uint64_t* bar, uint32_t parity) {
-  asm volatile(
-      "{\n .reg .pred p;\n WAIT_%=:\n mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra WAIT_%=;\n}" ::"r"(
-          smem_addr(bar)),
-      "r"(parity)
-      : "memory");
-}
 
 __global__ void __launch_bounds__(kWsThreads, 1) fp8_gemm_ws_kernel(const __grid_constant__ Table t, int tiles) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -311,7 +305,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) fp8_gemm_ws_kernel(const __grid
       }
       for (int kb = 0; kb < int(K / 128); ++kb, ++it) {
         const int slot = it % kWsStages;
-        bar_wait(empty + slot, ((it / kWsStages) & 1) ^ 1);  // the first pass finds every slot free
+        bulk::wait(empty + slot, ((it / kWsStages) & 1) ^ 1);  // the first pass finds every slot free
         unsigned char* st = sm + slot * kWsStage;
         const uint8_t* a_s = a_row + kb * 128;
         const uint8_t* b_s = b_row + kb * 128;
@@ -342,7 +336,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) fp8_gemm_ws_kernel(const __grid
   // k-block `itk`'s (the CTA's count) products of this warpgroup's rows into p, not waited for.
   auto issue = [&](Acc& p, int itk) {
     const int slot = itk % kWsStages;
-    bar_wait(full + slot, (itk / kWsStages) & 1);
+    bulk::wait(full + slot, (itk / kWsStages) & 1);
     const uint32_t base = smem_addr(sm + slot * kWsStage);
     wgmma::fence_regs(p);
     wgmma::fence();
