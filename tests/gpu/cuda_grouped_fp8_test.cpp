@@ -101,6 +101,23 @@ Tensor reference(const Item& it, int64_t N) {
   return c;
 }
 
+// The grouped kernel on, with the given tile height and form, for the object's life; the process's
+// settings back afterwards.
+struct KernelChoice {
+  bool on = cuda::grouped_fp8(), ws = cuda::grouped_fp8_ws();
+  int rows = cuda::grouped_fp8_rows();
+  KernelChoice(int tile_rows, bool warp_specialised) {
+    cuda::set_grouped_fp8(true);
+    cuda::set_grouped_fp8_rows(tile_rows);
+    cuda::set_grouped_fp8_ws(warp_specialised);
+  }
+  ~KernelChoice() {
+    cuda::set_grouped_fp8(on);
+    cuda::set_grouped_fp8_rows(rows);
+    cuda::set_grouped_fp8_ws(ws);
+  }
+};
+
 // kernel: the tile height, 64 or 128, or 0 for the warp-specialised kernel (128-row tiles).
 void run_items(const std::vector<ItemCase>& cases, int64_t N, int64_t launches, int kernel) {
   const int rows = kernel ? kernel : 128;
@@ -112,18 +129,12 @@ void run_items(const std::vector<ItemCase>& cases, int64_t N, int64_t launches, 
   std::vector<cuda::Fp8GroupItem> table;
   for (size_t i = 0; i < cases.size(); ++i) items.push_back(make_item(be, g, cases[i], N, 300 + i));
   for (Item& it : items) table.push_back(table_item(it));
-  const bool before = cuda::grouped_fp8();
-  const int rows_before = cuda::grouped_fp8_rows();
-  const bool ws_before = cuda::grouped_fp8_ws();
-  cuda::set_grouped_fp8(true);
-  cuda::set_grouped_fp8_rows(rows);
-  cuda::set_grouped_fp8_ws(ws);
-  const int64_t l0 = cuda::grouped_fp8_launches();
-  ASSERT_TRUE(cuda::grouped_fp8_gemm(table, N));
-  EXPECT_EQ(cuda::grouped_fp8_launches() - l0, launches);
-  cuda::set_grouped_fp8(before);
-  cuda::set_grouped_fp8_rows(rows_before);
-  cuda::set_grouped_fp8_ws(ws_before);
+  {
+    const KernelChoice choice(rows, ws);
+    const int64_t l0 = cuda::grouped_fp8_launches();
+    ASSERT_TRUE(cuda::grouped_fp8_gemm(table, N));
+    EXPECT_EQ(cuda::grouped_fp8_launches() - l0, launches);
+  }
   EXPECT_EQ(g.damaged(), "");
   for (size_t i = 0; i < items.size(); ++i) {
     const Item& it = items[i];
@@ -221,15 +232,10 @@ TEST(CudaGroupedFp8, WarpSpecialisedGivesTheBlockKernelsBits) {
     std::vector<cuda::Fp8GroupItem> table;
     for (size_t i = 0; i < cases.size(); ++i) items.push_back(make_item(be, g, cases[i], N, 700 + i));
     for (Item& it : items) table.push_back(table_item(it));
-    const bool before = cuda::grouped_fp8(), ws_before = cuda::grouped_fp8_ws();
-    const int rows_before = cuda::grouped_fp8_rows();
-    cuda::set_grouped_fp8(true);
-    cuda::set_grouped_fp8_rows(128);
-    cuda::set_grouped_fp8_ws(ws == 1);
-    ASSERT_TRUE(cuda::grouped_fp8_gemm(table, N));
-    cuda::set_grouped_fp8(before);
-    cuda::set_grouped_fp8_rows(rows_before);
-    cuda::set_grouped_fp8_ws(ws_before);
+    {
+      const KernelChoice choice(128, ws == 1);
+      ASSERT_TRUE(cuda::grouped_fp8_gemm(table, N));
+    }
     EXPECT_EQ(g.damaged(), "");
     for (Item& it : items) got[ws].push_back(be.to_host(it.dev_c));
   }

@@ -3,6 +3,8 @@
 // the bytes its copies will bring, then issues them; readers wait for the barrier's phase (the
 // n-th fill of a stage completes phase n − 1, parity (n − 1) & 1). Before a stage that threads
 // have read is filled again, refill_fence orders their reads before the copies' writes.
+// The same barriers serve stage handovers without bulk copies (grouped_fp8_gemm.cu's warp-specialised
+// kernel): init for several arrivals, arrive, wait.
 #pragma once
 #include <cstdint>
 
@@ -10,10 +12,16 @@
 
 namespace dsv3::cuda::bulk {
 
-// Every barrier of `bars` for one arrival, made visible to the copies (one thread, then a CTA barrier).
-__device__ __forceinline__ void init(uint64_t* bars, int n) {
-  for (int s = 0; s < n; ++s) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bars + s)));
+// Every barrier of `bars` for `count` arrivals per phase (one: the thread that arms it), made visible
+// to the copies (one thread, then a CTA barrier).
+__device__ __forceinline__ void init(uint64_t* bars, int n, unsigned count = 1) {
+  for (int s = 0; s < n; ++s)
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bars + s)), "r"(count));
   asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+// One plain arrival (release: the thread's earlier writes are seen by whoever waits for the phase).
+__device__ __forceinline__ void arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
 }
 __device__ __forceinline__ void arm(uint64_t* bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");

@@ -252,13 +252,6 @@ __device__ __forceinline__ TileAt tile_at(const Table& t, int tile, int tiles_n)
   return {i, int64_t(local / tiles_n) * 128, int64_t(local % tiles_n) * kCols};
 }
 
-__device__ __forceinline__ void bar_init(uint64_t* bar, unsigned count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
-}
-__device__ __forceinline__ void bar_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
-}
-
 __global__ void __launch_bounds__(kWsThreads, 1) fp8_gemm_ws_kernel(const __grid_constant__ Table t, int tiles) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* sm = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
@@ -268,11 +261,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) fp8_gemm_ws_kernel(const __grid
   const int64_t N = t.N;
   const int tiles_n = int((N + kCols - 1) / kCols);
   if (tid == 0) {
-    for (int s = 0; s < kWsStages; ++s) {
-      bar_init(full + s, 128);  // every loader thread
-      bar_init(empty + s, 8);   // every consumer warp
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    bulk::init(full, kWsStages, 128);  // every loader thread
+    bulk::init(empty, kWsStages, 8);   // every consumer warp
   }
   __syncthreads();
 
@@ -320,13 +310,13 @@ __global__ void __launch_bounds__(kWsThreads, 1) fp8_gemm_ws_kernel(const __grid
         if (it >= kWsLag) {
           cp_async_wait<kWsLag>();
           wgmma::fence_async_smem();
-          bar_arrive(full + (it - kWsLag) % kWsStages);
+          bulk::arrive(full + (it - kWsLag) % kWsStages);
         }
       }
     }
     cp_async_wait<0>();
     wgmma::fence_async_smem();
-    for (int q = it > kWsLag ? it - kWsLag : 0; q < it; ++q) bar_arrive(full + q % kWsStages);
+    for (int q = it > kWsLag ? it - kWsLag : 0; q < it; ++q) bulk::arrive(full + q % kWsStages);
     return;
   }
 
@@ -353,7 +343,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) fp8_gemm_ws_kernel(const __grid
     const float* scales = reinterpret_cast<const float*>(sm + slot * kWsStage + kWsA + kB);
     promote_rows(acc, p, scales[row], scales[row + 8], b_block, sb, scales + 128, t4);
     __syncwarp();
-    if (lane == 0) bar_arrive(empty + slot);
+    if (lane == 0) bulk::arrive(empty + slot);
   };
   int it = 0;  // k-blocks consumed
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
