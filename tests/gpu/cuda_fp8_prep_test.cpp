@@ -237,38 +237,43 @@ TEST(CudaFp8Prep, GroupedBackwardBytesAreTheCpus) {
   for (const auto& c : cases) c->check();
 }
 
+// x's rows at K = 256 and at K = 1,408: eleven 1×128 tiles a row, so the row pass (eight tiles a
+// round, two of them per group of eight lanes) ends in a part round with idle groups.
 TEST(CudaFp8Prep, FpropBytesAreTheCpus) {
   ASSERT_GT(cuda_device_count(), 0);
   CudaBackend& be = cuda_backend();
-  const int64_t M = 37, K = 256, N = 320, M_lt = up(M, 4), kb = K / 128, gn = up(N, 128) / 128, ld4 = up(kb, 4);
-  const Tensor x = randn({M, K}, 8, 1, 2.0f), w = randn({N, K}, 8, 2, 0.05f, DType::BF16);
-  const Tensor dx = be.to_device(x), dw = be.to_device(w);
-  Tensor xq = be.alloc(DType::F8_E4M3, {M_lt, K}), xs = be.alloc(DType::F32, {M, kb});
-  Tensor xs_lt = be.alloc(DType::F32, {kb, M_lt}), wq = be.alloc(DType::F8_E4M3, {N, K});
-  Tensor ws = be.alloc(DType::F32, {gn, ld4});
-  cuda::FpropPrep p;
-  p.M = M;
-  p.M_lt = M_lt;
-  p.x = dx.data<float>();
-  p.xq = p.q_lt = static_cast<uint8_t*>(xq.raw());
-  p.x_scale = xs.data<float>();
-  p.x_scale_lt = xs_lt.data<float>();
-  p.w = bf16_weight_side(dw, N, K, false, wq, K, ws, ld4);
-  cuda::fp8_fprop_prep({&p, 1});
-  const Quant rows = cpu_quant(x, Fp8Tiling::Row1x128, false, false);
-  EXPECT_EQ(code_diffs(bytes(xq), M_lt, K, rows.q), 0) << "x codes";
-  EXPECT_EQ(scale_diffs(floats(xs), M, kb, [&](int64_t r, int64_t g) { return rows.s.data<float>()[r * kb + g]; }), 0)
-      << "x scales";
-  EXPECT_EQ(scale_diffs(floats(xs_lt), kb, M_lt,
-                        [&](int64_t g, int64_t r) { return r < M ? rows.s.data<float>()[r * kb + g] : 1.0f; }),
-            0)
-      << "x scales, cuBLASLt's layout";
-  const Quant wb = cpu_quant(w.to(DType::F32), Fp8Tiling::Block128x128, false, false);
-  EXPECT_EQ(code_diffs(bytes(wq), N, K, wb.q), 0) << "weight codes";
-  EXPECT_EQ(scale_diffs(floats(ws), gn, ld4,
-                        [&](int64_t i, int64_t j) { return j < kb ? wb.s.data<float>()[i * kb + j] : 0.0f; }),
-            0)
-      << "weight scales";
+  for (const int64_t K : {256, 1408}) {
+    SCOPED_TRACE(cat("K ", K));
+    const int64_t M = 37, N = 320, M_lt = up(M, 4), kb = K / 128, gn = up(N, 128) / 128, ld4 = up(kb, 4);
+    const Tensor x = randn({M, K}, 8, 1, 2.0f), w = randn({N, K}, 8, 2, 0.05f, DType::BF16);
+    const Tensor dx = be.to_device(x), dw = be.to_device(w);
+    Tensor xq = be.alloc(DType::F8_E4M3, {M_lt, K}), xs = be.alloc(DType::F32, {M, kb});
+    Tensor xs_lt = be.alloc(DType::F32, {kb, M_lt}), wq = be.alloc(DType::F8_E4M3, {N, K});
+    Tensor ws = be.alloc(DType::F32, {gn, ld4});
+    cuda::FpropPrep p;
+    p.M = M;
+    p.M_lt = M_lt;
+    p.x = dx.data<float>();
+    p.xq = p.q_lt = static_cast<uint8_t*>(xq.raw());
+    p.x_scale = xs.data<float>();
+    p.x_scale_lt = xs_lt.data<float>();
+    p.w = bf16_weight_side(dw, N, K, false, wq, K, ws, ld4);
+    cuda::fp8_fprop_prep({&p, 1});
+    const Quant rows = cpu_quant(x, Fp8Tiling::Row1x128, false, false);
+    EXPECT_EQ(code_diffs(bytes(xq), M_lt, K, rows.q), 0) << "x codes";
+    EXPECT_EQ(scale_diffs(floats(xs), M, kb, [&](int64_t r, int64_t g) { return rows.s.data<float>()[r * kb + g]; }), 0)
+        << "x scales";
+    EXPECT_EQ(scale_diffs(floats(xs_lt), kb, M_lt,
+                          [&](int64_t g, int64_t r) { return r < M ? rows.s.data<float>()[r * kb + g] : 1.0f; }),
+              0)
+        << "x scales, cuBLASLt's layout";
+    const Quant wb = cpu_quant(w.to(DType::F32), Fp8Tiling::Block128x128, false, false);
+    EXPECT_EQ(code_diffs(bytes(wq), N, K, wb.q), 0) << "weight codes";
+    EXPECT_EQ(scale_diffs(floats(ws), gn, ld4,
+                          [&](int64_t i, int64_t j) { return j < kb ? wb.s.data<float>()[i * kb + j] : 0.0f; }),
+              0)
+        << "weight scales";
+  }
 }
 
 // The grouped Fprop from a cached copy of x (the MoE's path: x unset), three blocks of one copy:

@@ -41,22 +41,6 @@ __device__ __forceinline__ void tile_stat(float v, float& amax, Count& bad) {
   else amax = fmaxf(amax, fabsf(v));
 }
 
-// The warp's largest amax: finite and ≥ +0, so the bits order as unsigned integers and one
-// redux.sync replaces five shuffle-and-max steps.
-__device__ __forceinline__ float warp_amax(float amax) {
-  return __uint_as_float(__reduce_max_sync(0xffffffffu, __float_as_uint(amax)));
-}
-
-// A 1×128 tile held by a warp, four values per lane: its scale, and in bad (every lane) the count
-// of its non-finite values.
-__device__ __forceinline__ float warp_tile_scale(const float (&v)[4], bool pow2, unsigned& bad) {
-  float amax = 0.0f;
-  bad = 0;
-  for (int k = 0; k < 4; ++k) tile_stat(v[k], amax, bad);
-  bad = __reduce_add_sync(0xffffffffu, bad);
-  return scale_of(warp_amax(amax), pow2);
-}
-
 // Exact widening to F32 (E4M3 through half, as load_f).
 
 __device__ __forceinline__ float widen(__nv_fp8_storage_t v) {
@@ -101,8 +85,8 @@ __device__ __forceinline__ uint8_t code_of(float v, const ScaleDiv& d) {
 }
 // The codes of v[0..N) (N a multiple of 4) packed four to a word, v[0] in the lowest byte. The test
 // for the fast quotient is made once for all N, not around each code, and two codes come from one
-// conversion (with redux.sync for the tiles' amax: the experts' down-projection preparation of a
-// bench-0.7b layer 258M → 166M instructions under ncu).
+// conversion (with a since-replaced redux.sync amax, the experts' down-projection preparation of a
+// bench-0.7b layer went 258M → 166M instructions under ncu).
 template <int N>
 __device__ __forceinline__ void codes(const float* v, const ScaleDiv& d, uint32_t (&out)[N / 4]) {
   float q[N];
@@ -523,36 +507,50 @@ __device__ unsigned weight_tile(WeightSmem& sm, int64_t tile, const WeightSide& 
 }
 
 // One warp, row r of x [M, K] (K a multiple of 128, x 16-byte aligned): the row's 1×128 tiles
-// eight at a time, their loads issued together; the same codes and scales as quantize_rows_kernel.
-// A row r ≥ M is padding (codes 0, scale 1). Returns the row's non-finite count (every lane).
-__device__ unsigned rows_row(const float* x, int64_t M, int64_t M_lt, int64_t K, int64_t r, bool pow2, uint8_t* q,
-                             float* sc, float* sc_lt) {
-  const int lane = threadIdx.x & 31;
+// eight at a time, their loads issued together, eight lanes per tile (group8_tile_scale, as
+// quantize_rows_kernel: a warp per tile spent about half its instructions on the scale, its
+// reciprocal and the index); group h takes tiles g0 + h and g0 + 4 + h, lane j columns 4j + 32k.
+// The same codes and scales as quantize_rows_kernel. A row r ≥ M is padding (codes 0, scale 1).
+// Returns (every lane) whether the row held a non-finite value.
+__device__ bool rows_row(const float* x, int64_t M, int64_t M_lt, int64_t K, int64_t r, bool pow2, uint8_t* q,
+                         float* sc, float* sc_lt) {
+  const int lane = threadIdx.x & 31, h = lane >> 3, j = lane & 7;
   const int64_t ng = K / kFp8Block;
   unsigned bad_row = 0;
   for (int64_t g0 = 0; g0 < ng; g0 += 8) {
-    float4 v[8];
+    float v[2][16];
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
-      v[j] = r < M && g0 + j < ng ? *reinterpret_cast<const float4*>(x + r * K + (g0 + j) * kFp8Block + 4 * lane)
-                                  : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int t = 0; t < 2; ++t) {
+      const int64_t g = g0 + 4 * t + h;
+      const float* src = x + r * K + g * kFp8Block + 4 * j;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const int64_t g = g0 + j;
-      if (g >= ng) break;
-      const float e[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
-      unsigned bad = 0;
-      const float s = warp_tile_scale(e, pow2, bad);
-      bad_row += bad;
-      if (lane == 0) {
+      for (int k = 0; k < 4; ++k) {
+        const float4 f = r < M && g < ng ? *reinterpret_cast<const float4*>(src + 32 * k)
+                                         : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        v[t][4 * k] = f.x, v[t][4 * k + 1] = f.y, v[t][4 * k + 2] = f.z, v[t][4 * k + 3] = f.w;
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+      if (g0 + 4 * t >= ng) break;  // warp-uniform
+      const int64_t g = g0 + 4 * t + h;
+      unsigned bad;
+      const float s = group8_tile_scale(v[t], pow2, bad);  // every lane: it shuffles
+      if (g >= ng) continue;
+      bad_row |= bad;
+      if (j == 0) {
         const float sw = bad ? __int_as_float(0x7fc00000) : s;
         if (r < M) sc[r * ng + g] = sw;
         sc_lt[g * M_lt + r] = sw;
       }
-      *reinterpret_cast<uint32_t*>(q + r * K + g * kFp8Block + 4 * lane) = codes4(e, ScaleDiv(s));
+      uint32_t b[4];
+      codes<16>(v[t], ScaleDiv(s), b);
+      uint8_t* qr = q + r * K + g * kFp8Block + 4 * j;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) *reinterpret_cast<uint32_t*>(qr + 32 * k) = b[k];
     }
   }
-  return bad_row;
+  return __any_sync(0xffffffffu, bad_row != 0);
 }
 
 // Fprop: CTAs [0, w_tiles) the weight's tiles; the rest (n_tok of them, looping) the token side,
