@@ -166,6 +166,7 @@ struct Run {
   double step_s_fp8_per_expert = 0;   // with the experts' FP8 matmuls as one cuBLASLt matmul per expert
   double step_s_fp8_rows64 = 0;       // with the grouped FP8 matmuls in 64-row tiles
   double step_s_fp8_ws = 0;           // with them on the warp-specialised kernel (DSV3_GROUPED_FP8_WS)
+  double step_s_fp8_bulk = 0;         // with their tiles out by bulk copies (DSV3_GROUPED_FP8_BULK), or without
   std::map<std::string, double> linears;  // per group, per step
   std::map<std::string, double> modules;  // one layer's module, forward / backward (s)
 };
@@ -356,6 +357,8 @@ Run measure(CudaBackend& be, const ModelConfig& cfg, const Weights& host, const 
       r.step_s_fp8_rows64 = steps_with([] { cuda::set_grouped_fp8_rows(64); }, [&] { cuda::set_grouped_fp8_rows(rows); });
     if (!cuda::grouped_fp8_ws())
       r.step_s_fp8_ws = steps_with([] { cuda::set_grouped_fp8_ws(true); }, [] { cuda::set_grouped_fp8_ws(false); });
+    const bool bulk = cuda::grouped_fp8_bulk();
+    r.step_s_fp8_bulk = steps_with([&] { cuda::set_grouped_fp8_bulk(!bulk); }, [&] { cuda::set_grouped_fp8_bulk(bulk); });
   }
   r.tflops = r.tok_s * fpt / 1e12;
   size_t free_b = 0, total_b = 0;
@@ -489,6 +492,11 @@ int main(int argc, char** argv) {
       std::printf("[%s] grouped FP8 matmuls by fp8_gemm_kernel: %.3f s per step; by the warp-specialised kernel: %.3f s "
                   "(%.2fx)\n",
                   p.c_str(), r.step_s, r.step_s_fp8_ws, r.step_s_fp8_ws / r.step_s);
+    if (r.step_s_fp8_bulk > 0)
+      std::printf("[%s] grouped FP8 tiles out %s: %.3f s per step; %s: %.3f s (%.2fx)\n", p.c_str(),
+                  cuda::grouped_fp8_bulk() ? "by bulk copies" : "from registers", r.step_s,
+                  cuda::grouped_fp8_bulk() ? "from registers" : "by bulk copies", r.step_s_fp8_bulk,
+                  r.step_s_fp8_bulk / r.step_s);
     std::printf("[%s] attention core per layer: forward %.4f s, backward %.4f s; x%ld layers = %.3f s per step\n",
                 p.c_str(), r.attn_f, r.attn_b, long(cfg.num_hidden_layers),
                 (r.attn_f + r.attn_b) * double(cfg.num_hidden_layers));
@@ -541,6 +549,9 @@ int main(int argc, char** argv) {
               r.step_s_fp8_rows64 > 0 ? nlohmann::json(r.step_s_fp8_rows64) : nlohmann::json()},
              {"step_s_experts_fp8_warp_specialised",
               r.step_s_fp8_ws > 0 ? nlohmann::json(r.step_s_fp8_ws) : nlohmann::json()},
+             {"grouped_fp8_bulk_out", cuda::grouped_fp8_bulk()},
+             {"step_s_experts_fp8_bulk_out_toggled",
+              r.step_s_fp8_bulk > 0 ? nlohmann::json(r.step_s_fp8_bulk) : nlohmann::json()},
              {"step_s_attention_mma_sync_whole_dq",
               r.step_s_attn_before > 0 ? nlohmann::json(r.step_s_attn_before) : nlohmann::json()},
              {"blocking_calls_per_step", r.blocking},

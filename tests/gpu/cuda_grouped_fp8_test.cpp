@@ -3,14 +3,15 @@
 // within kBf16, as cuBLASLt's FP8 GEMM is held (the tensor cores' in-block sums are not FP32-exact;
 // a wrong scale index, tile or operand order gives errors of order 1). Items: partial row and
 // column tiles, one row, an empty item, per-block and per-column weight scales in one launch,
-// accumulate on and off, K from one block to 16, more items than one launch holds, tiles of 64 and
-// 128 rows, scale grids with longer leading dimensions; nothing
+// accumulate on and off, K from one block to 16, more items than one launch holds, every form of
+// the kernel (tiles of 64 and 128 rows, out by registers or bulk copies; warp-specialised), scale grids with longer leading dimensions; nothing
 // written outside each item's M rows (guard bytes; the padding rows cuBLASLt would compute are
 // not written); NaN scales reach exactly the outputs they multiply.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "../backend/harness.h"
@@ -101,28 +102,38 @@ Tensor reference(const Item& it, int64_t N) {
   return c;
 }
 
-// The grouped kernel on, with the given tile height and form, for the object's life; the process's
-// settings back afterwards.
+// One form of the grouped kernel: tile height, the warp-specialised kernel (128-row tiles) or the
+// block kernels with their tiles out by bulk copies.
+struct Form {
+  int rows = 128;
+  bool ws = false, bulk = false;
+  std::string name() const {
+    return ws ? std::string("warp-specialised kernel") : cat("tiles of ", rows, " rows", bulk ? ", bulk out" : "");
+  }
+};
+const std::vector<Form> kForms = {{64}, {128}, {128, true}, {64, false, true}, {128, false, true}};
+
+// The grouped kernel on, in the given form, for the object's life; the process's settings back
+// afterwards.
 struct KernelChoice {
-  bool on = cuda::grouped_fp8(), ws = cuda::grouped_fp8_ws();
+  bool on = cuda::grouped_fp8(), ws = cuda::grouped_fp8_ws(), bulk = cuda::grouped_fp8_bulk();
   int rows = cuda::grouped_fp8_rows();
-  KernelChoice(int tile_rows, bool warp_specialised) {
+  explicit KernelChoice(const Form& f) {
     cuda::set_grouped_fp8(true);
-    cuda::set_grouped_fp8_rows(tile_rows);
-    cuda::set_grouped_fp8_ws(warp_specialised);
+    cuda::set_grouped_fp8_rows(f.rows);
+    cuda::set_grouped_fp8_ws(f.ws);
+    cuda::set_grouped_fp8_bulk(f.bulk);
   }
   ~KernelChoice() {
     cuda::set_grouped_fp8(on);
     cuda::set_grouped_fp8_rows(rows);
     cuda::set_grouped_fp8_ws(ws);
+    cuda::set_grouped_fp8_bulk(bulk);
   }
 };
 
-// kernel: the tile height, 64 or 128, or 0 for the warp-specialised kernel (128-row tiles).
-void run_items(const std::vector<ItemCase>& cases, int64_t N, int64_t launches, int kernel) {
-  const int rows = kernel ? kernel : 128;
-  const bool ws = kernel == 0;
-  SCOPED_TRACE(ws ? std::string("warp-specialised kernel") : cat("tiles of ", rows, " rows"));
+void run_items(const std::vector<ItemCase>& cases, int64_t N, int64_t launches, const Form& form) {
+  SCOPED_TRACE(form.name());
   CudaBackend& be = cuda_backend();
   Guards g(be);
   std::vector<Item> items;
@@ -130,7 +141,7 @@ void run_items(const std::vector<ItemCase>& cases, int64_t N, int64_t launches, 
   for (size_t i = 0; i < cases.size(); ++i) items.push_back(make_item(be, g, cases[i], N, 300 + i));
   for (Item& it : items) table.push_back(table_item(it));
   {
-    const KernelChoice choice(rows, ws);
+    const KernelChoice choice(form);
     const int64_t l0 = cuda::grouped_fp8_launches();
     ASSERT_TRUE(cuda::grouped_fp8_gemm(table, N));
     EXPECT_EQ(cuda::grouped_fp8_launches() - l0, launches);
@@ -175,14 +186,15 @@ void run_items(const std::vector<ItemCase>& cases, int64_t N, int64_t launches, 
     }
     EXPECT_EQ(non_finite, 0);
     EXPECT_LE(md / mref, tol::kBf16);
-    ::testing::Test::RecordProperty(cat("norm_err_", rows, "_", i), std::to_string(md / mref));
+    ::testing::Test::RecordProperty(cat("norm_err_", form.rows, form.ws ? "ws" : form.bulk ? "bulk" : "", "_", i),
+                                     std::to_string(md / mref));
   }
 }
 
 TEST(CudaGroupedFp8, EqualsCpuEmulation) {
   ASSERT_GT(cuda_device_count(), 0);
   // N = 400: the last column tile is 16 wide, and the per-block grid's last block partial.
-  for (int rows : {64, 128, 0}) {
+  for (const Form& f : kForms) {
     run_items({{200, 384, true, false},
                {1, 128, true, true},
                {0, 256, true, true},
@@ -192,20 +204,20 @@ TEST(CudaGroupedFp8, EqualsCpuEmulation) {
                {0, 128, false, false},
                {90, 256, false, true, 0, 12},
                {45, 384, true, false, 0, 20}},
-              400, 1, rows);
-    run_items({{128, 1024, true, false}, {256, 128, false, true}}, 128, 1, rows);
+              400, 1, f);
+    run_items({{128, 1024, true, false}, {256, 128, false, true}}, 128, 1, f);
   }
 }
 
 TEST(CudaGroupedFp8, NanScalesReachTheirOutputs) {
   ASSERT_GT(cuda_device_count(), 0);
-  for (int rows : {64, 128, 0})
+  for (const Form& f : kForms)
     run_items({{40, 256, true, false, 1},
                {40, 256, true, true, 2},
                {40, 256, false, false, 2},
                {40, 256, false, true, 1},
                {40, 256, true, false}},
-              272, 1, rows);
+              272, 1, f);
 }
 
 // 70 items: two launches (64 items each at most).
@@ -213,39 +225,42 @@ TEST(CudaGroupedFp8, MoreItemsThanOneLaunch) {
   ASSERT_GT(cuda_device_count(), 0);
   std::vector<ItemCase> cases;
   for (int i = 0; i < 70; ++i) cases.push_back({(i * 37) % 150 + 1, 128 * (1 + i % 3), i % 2 == 0, i % 3 == 0});
-  for (int rows : {64, 128, 0}) run_items(cases, 144, 2, rows);
+  for (const Form& f : kForms) run_items(cases, 144, 2, f);
 }
 
-// The warp-specialised kernel's arithmetic is the 128-row kernel's, in its order: the same bits, on
-// more tiles than the GPU has SMs (so CTAs take several tiles, their loads running across tiles),
-// with K from one block to 24 (more k-blocks than stages) and accumulation on and off.
-TEST(CudaGroupedFp8, WarpSpecialisedGivesTheBlockKernelsBits) {
+// The warp-specialised kernel's arithmetic is the 128-row kernel's, in its order, and a bulk add
+// rounds each sum as a load, add and store does: every form gives the 128-row kernel's bits, on more
+// tiles than the GPU has SMs (so the warp-specialised CTAs take several tiles, their loads running
+// across tiles), with K from one block to 24 (more k-blocks than stages) and accumulation on and off.
+TEST(CudaGroupedFp8, EveryFormGivesTheBlockKernelsBits) {
   ASSERT_GT(cuda_device_count(), 0);
   CudaBackend& be = cuda_backend();
   const std::vector<ItemCase> cases = {{1000, 1024, true, false}, {777, 128, false, true},  {2050, 512, true, true},
                                        {300, 3072, false, false}, {64, 256, true, false}, {1, 768, false, true}};
   const int64_t N = 1040;
-  std::vector<Tensor> got[2];
-  for (int ws = 0; ws < 2; ++ws) {
+  const std::vector<Form> forms = {{128}, {128, true}, {128, false, true}};
+  std::vector<std::vector<Tensor>> got(forms.size());
+  for (size_t f = 0; f < forms.size(); ++f) {
     Guards g(be);
     std::vector<Item> items;
     std::vector<cuda::Fp8GroupItem> table;
     for (size_t i = 0; i < cases.size(); ++i) items.push_back(make_item(be, g, cases[i], N, 700 + i));
     for (Item& it : items) table.push_back(table_item(it));
     {
-      const KernelChoice choice(128, ws == 1);
+      const KernelChoice choice(forms[f]);
       ASSERT_TRUE(cuda::grouped_fp8_gemm(table, N));
     }
     EXPECT_EQ(g.damaged(), "");
-    for (Item& it : items) got[ws].push_back(be.to_host(it.dev_c));
+    for (Item& it : items) got[f].push_back(be.to_host(it.dev_c));
   }
-  for (size_t i = 0; i < cases.size(); ++i) {
-    SCOPED_TRACE(cat("item ", i, " M ", cases[i].M, " K ", cases[i].K));
-    int64_t differ = 0;
-    for (int64_t j = 0; j < got[0][i].numel(); ++j)
-      differ += std::memcmp(got[0][i].data<float>() + j, got[1][i].data<float>() + j, sizeof(float)) != 0;
-    EXPECT_EQ(differ, 0);
-  }
+  for (size_t f = 1; f < forms.size(); ++f)
+    for (size_t i = 0; i < cases.size(); ++i) {
+      SCOPED_TRACE(cat(forms[f].name(), ", item ", i, " M ", cases[i].M, " K ", cases[i].K));
+      int64_t differ = 0;
+      for (int64_t j = 0; j < got[0][i].numel(); ++j)
+        differ += std::memcmp(got[0][i].data<float>() + j, got[f][i].data<float>() + j, sizeof(float)) != 0;
+      EXPECT_EQ(differ, 0);
+    }
 }
 
 TEST(CudaGroupedFp8, RefusesOperandsOffItsRules) {

@@ -4,7 +4,11 @@
 // n-th fill of a stage completes phase n − 1, parity (n − 1) & 1). Before a stage that threads
 // have read is filled again, refill_fence orders their reads before the copies' writes.
 // The same barriers serve stage handovers without bulk copies (grouped_fp8_gemm.cu's warp-specialised
-// kernel): init for several arrivals, arrive, wait.
+// kernel): init for several arrivals, arrive, wait. The other direction, shared memory out to global
+// (put, put_add), completes in the issuing thread's bulk groups instead: put_commit closes a group,
+// put_wait_read returns once its reads of shared memory are done (the global writes drain on their
+// own; a kernel's are complete when it ends). Shared memory written by ordinary stores is fenced with
+// refill_fence before a put reads it.
 #pragma once
 #include <cstdint>
 
@@ -40,6 +44,20 @@ __device__ __forceinline__ void wait(uint64_t* bar, uint32_t parity) {
       "r"(parity)
       : "memory");
 }
+// bytes: a multiple of 16; dst and src 16-byte aligned. put_add adds each FP32 value of src to dst's
+// (one rounded addition per element, as a load, add and store would make, with no load round trip).
+__device__ __forceinline__ void put(void* dst, const void* src, uint32_t bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst), "r"(smem_addr(src)),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void put_add(float* dst, const float* src, uint32_t bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(dst),
+               "r"(smem_addr(src)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void put_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void put_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
 __device__ __forceinline__ void refill_fence() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
 }  // namespace dsv3::cuda::bulk
