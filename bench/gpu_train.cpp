@@ -357,8 +357,9 @@ Run measure(CudaBackend& be, const ModelConfig& cfg, const Weights& host, const 
       r.step_s_fp8_rows64 = steps_with([] { cuda::set_grouped_fp8_rows(64); }, [&] { cuda::set_grouped_fp8_rows(rows); });
     if (!cuda::grouped_fp8_ws())
       r.step_s_fp8_ws = steps_with([] { cuda::set_grouped_fp8_ws(true); }, [] { cuda::set_grouped_fp8_ws(false); });
-    const bool bulk = cuda::grouped_fp8_bulk();
-    r.step_s_fp8_bulk = steps_with([&] { cuda::set_grouped_fp8_bulk(!bulk); }, [&] { cuda::set_grouped_fp8_bulk(bulk); });
+    const bool bulk = cuda::grouped_fp8_bulk();  // the block kernels' epilogue: not the ws kernel's
+    if (!cuda::grouped_fp8_ws())
+      r.step_s_fp8_bulk = steps_with([&] { cuda::set_grouped_fp8_bulk(!bulk); }, [&] { cuda::set_grouped_fp8_bulk(bulk); });
   }
   r.tflops = r.tok_s * fpt / 1e12;
   size_t free_b = 0, total_b = 0;

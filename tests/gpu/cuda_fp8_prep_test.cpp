@@ -238,15 +238,25 @@ TEST(CudaFp8Prep, GroupedBackwardBytesAreTheCpus) {
 }
 
 // x's rows at K = 256 and at K = 1,408: eleven 1×128 tiles a row, so the row pass (eight tiles a
-// round, two of them per group of eight lanes) ends in a part round with idle groups.
+// round, two of them per group of eight lanes) ends in a part round with idle groups. With a NaN in
+// x (row 9, tile 5: group 1's second tile of the round) that tile's scale is NaN in both layouts,
+// every other tile's codes and scales are the CPU's for x without it, and the device flag turns
+// the weight's scales NaN (so that every output of the GEMM is NaN, as the CPU's).
 TEST(CudaFp8Prep, FpropBytesAreTheCpus) {
   ASSERT_GT(cuda_device_count(), 0);
   CudaBackend& be = cuda_backend();
-  for (const int64_t K : {256, 1408}) {
-    SCOPED_TRACE(cat("K ", K));
+  struct Case {
+    int64_t K;
+    bool nan;
+  };
+  for (const Case c : {Case{256, false}, Case{1408, false}, Case{1408, true}}) {
+    const int64_t K = c.K, bad_r = 9, bad_g = 5;
+    SCOPED_TRACE(cat("K ", K, c.nan ? ", a NaN in x" : ""));
     const int64_t M = 37, N = 320, M_lt = up(M, 4), kb = K / 128, gn = up(N, 128) / 128, ld4 = up(kb, 4);
     const Tensor x = randn({M, K}, 8, 1, 2.0f), w = randn({N, K}, 8, 2, 0.05f, DType::BF16);
-    const Tensor dx = be.to_device(x), dw = be.to_device(w);
+    Tensor xn = randn({M, K}, 8, 1, 2.0f);
+    if (c.nan) xn.data<float>()[bad_r * K + bad_g * 128 + 3] = NAN;
+    const Tensor dx = be.to_device(xn), dw = be.to_device(w);
     Tensor xq = be.alloc(DType::F8_E4M3, {M_lt, K}), xs = be.alloc(DType::F32, {M, kb});
     Tensor xs_lt = be.alloc(DType::F32, {kb, M_lt}), wq = be.alloc(DType::F8_E4M3, {N, K});
     Tensor ws = be.alloc(DType::F32, {gn, ld4});
@@ -260,17 +270,31 @@ TEST(CudaFp8Prep, FpropBytesAreTheCpus) {
     p.w = bf16_weight_side(dw, N, K, false, wq, K, ws, ld4);
     cuda::fp8_fprop_prep({&p, 1});
     const Quant rows = cpu_quant(x, Fp8Tiling::Row1x128, false, false);
-    EXPECT_EQ(code_diffs(bytes(xq), M_lt, K, rows.q), 0) << "x codes";
-    EXPECT_EQ(scale_diffs(floats(xs), M, kb, [&](int64_t r, int64_t g) { return rows.s.data<float>()[r * kb + g]; }), 0)
+    const auto bad = [&](int64_t r, int64_t g) { return c.nan && r == bad_r && g == bad_g; };
+    const std::vector<uint8_t> got_q = bytes(xq);
+    int64_t code_diff = 0;
+    for (int64_t r = 0; r < M_lt; ++r)
+      for (int64_t j = 0; j < K; ++j)
+        if (!bad(r, j / 128))
+          code_diff += got_q[size_t(r * K + j)] != (r < M ? static_cast<const uint8_t*>(rows.q.raw())[r * K + j] : 0);
+    EXPECT_EQ(code_diff, 0) << "x codes";
+    const float nan = NAN;
+    EXPECT_EQ(scale_diffs(floats(xs), M, kb,
+                          [&](int64_t r, int64_t g) { return bad(r, g) ? nan : rows.s.data<float>()[r * kb + g]; }),
+              0)
         << "x scales";
     EXPECT_EQ(scale_diffs(floats(xs_lt), kb, M_lt,
-                          [&](int64_t g, int64_t r) { return r < M ? rows.s.data<float>()[r * kb + g] : 1.0f; }),
+                          [&](int64_t g, int64_t r) {
+                            return bad(r, g) ? nan : r < M ? rows.s.data<float>()[r * kb + g] : 1.0f;
+                          }),
               0)
         << "x scales, cuBLASLt's layout";
     const Quant wb = cpu_quant(w.to(DType::F32), Fp8Tiling::Block128x128, false, false);
     EXPECT_EQ(code_diffs(bytes(wq), N, K, wb.q), 0) << "weight codes";
     EXPECT_EQ(scale_diffs(floats(ws), gn, ld4,
-                          [&](int64_t i, int64_t j) { return j < kb ? wb.s.data<float>()[i * kb + j] : 0.0f; }),
+                          [&](int64_t i, int64_t j) {
+                            return c.nan ? nan : j < kb ? wb.s.data<float>()[i * kb + j] : 0.0f;
+                          }),
               0)
         << "weight scales";
   }

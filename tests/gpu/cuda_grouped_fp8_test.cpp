@@ -3,15 +3,17 @@
 // within kBf16, as cuBLASLt's FP8 GEMM is held (the tensor cores' in-block sums are not FP32-exact;
 // a wrong scale index, tile or operand order gives errors of order 1). Items: partial row and
 // column tiles, one row, an empty item, per-block and per-column weight scales in one launch,
-// accumulate on and off, K from one block to 16, more items than one launch holds, every form of
-// the kernel (tiles of 64 and 128 rows, out by registers or bulk copies; warp-specialised), scale grids with longer leading dimensions; nothing
-// written outside each item's M rows (guard bytes; the padding rows cuBLASLt would compute are
-// not written); NaN scales reach exactly the outputs they multiply.
+// accumulate on and off, K from one block to 16, more items than one launch holds, every form
+// of the kernel (tiles of 64 and 128 rows, out by registers or bulk copies; warp-specialised), scale
+// grids with longer leading dimensions; nothing written outside each item's M rows (guard bytes;
+// the padding rows cuBLASLt would compute are not written); NaN scales reach exactly the outputs
+// they multiply.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../backend/harness.h"
@@ -229,16 +231,19 @@ TEST(CudaGroupedFp8, MoreItemsThanOneLaunch) {
 }
 
 // The warp-specialised kernel's arithmetic is the 128-row kernel's, in its order, and a bulk add
-// rounds each sum as a load, add and store does: every form gives the 128-row kernel's bits, on more
-// tiles than the GPU has SMs (so the warp-specialised CTAs take several tiles, their loads running
-// across tiles), with K from one block to 24 (more k-blocks than stages) and accumulation on and off.
+// rounds each sum as a load, add and store does (for normal numbers: BulkAddFlushesSubnormalOldValues
+// has the exception): each form gives the bits of its register-epilogue block kernel, on more tiles
+// than the GPU has SMs (so the warp-specialised CTAs take several tiles, their loads running across
+// tiles), with K from one block to 24 (more k-blocks than stages) and accumulation on and off.
 TEST(CudaGroupedFp8, EveryFormGivesTheBlockKernelsBits) {
   ASSERT_GT(cuda_device_count(), 0);
   CudaBackend& be = cuda_backend();
   const std::vector<ItemCase> cases = {{1000, 1024, true, false}, {777, 128, false, true},  {2050, 512, true, true},
                                        {300, 3072, false, false}, {64, 256, true, false}, {1, 768, false, true}};
   const int64_t N = 1040;
-  const std::vector<Form> forms = {{128}, {128, true}, {128, false, true}};
+  // Each form with the form it is compared with (an index into forms).
+  const std::vector<std::pair<Form, size_t>> forms = {
+      {{128}, 0}, {{128, true}, 0}, {{128, false, true}, 0}, {{64}, 3}, {{64, false, true}, 3}};
   std::vector<std::vector<Tensor>> got(forms.size());
   for (size_t f = 0; f < forms.size(); ++f) {
     Guards g(be);
@@ -247,20 +252,64 @@ TEST(CudaGroupedFp8, EveryFormGivesTheBlockKernelsBits) {
     for (size_t i = 0; i < cases.size(); ++i) items.push_back(make_item(be, g, cases[i], N, 700 + i));
     for (Item& it : items) table.push_back(table_item(it));
     {
-      const KernelChoice choice(forms[f]);
+      const KernelChoice choice(forms[f].first);
       ASSERT_TRUE(cuda::grouped_fp8_gemm(table, N));
     }
     EXPECT_EQ(g.damaged(), "");
     for (Item& it : items) got[f].push_back(be.to_host(it.dev_c));
   }
-  for (size_t f = 1; f < forms.size(); ++f)
+  for (size_t f = 0; f < forms.size(); ++f) {
+    const size_t ref = forms[f].second;
+    if (ref == f) continue;
     for (size_t i = 0; i < cases.size(); ++i) {
-      SCOPED_TRACE(cat(forms[f].name(), ", item ", i, " M ", cases[i].M, " K ", cases[i].K));
+      SCOPED_TRACE(cat(forms[f].first.name(), " against ", forms[ref].first.name(), ", item ", i, " M ", cases[i].M,
+                       " K ", cases[i].K));
       int64_t differ = 0;
-      for (int64_t j = 0; j < got[0][i].numel(); ++j)
-        differ += std::memcmp(got[0][i].data<float>() + j, got[f][i].data<float>() + j, sizeof(float)) != 0;
+      for (int64_t j = 0; j < got[ref][i].numel(); ++j)
+        differ += std::memcmp(got[ref][i].data<float>() + j, got[f][i].data<float>() + j, sizeof(float)) != 0;
       EXPECT_EQ(differ, 0);
     }
+  }
+}
+
+// The bulk FP32 add flushes subnormal inputs and results to ±0 (the PTX ISA on
+// cp.reduce.async.bulk .add.f32); the register epilogue keeps them, as the CPU does. Row 2 of a's
+// codes is zero, so that row's outputs are c's old values plus +0: subnormal old values stay
+// through registers and become zero through bulk adds; every other output agrees bit for bit.
+TEST(CudaGroupedFp8, BulkAddFlushesSubnormalOldValues) {
+  ASSERT_GT(cuda_device_count(), 0);
+  CudaBackend& be = cuda_backend();
+  const int64_t M = 8, K = 256, N = 128;
+  std::vector<Tensor> got;
+  Tensor c0;
+  for (const Form& f : {Form{128}, Form{128, false, true}}) {
+    Guards g(be);
+    Item it = make_item(be, g, {M, K, true, true}, N, 900);
+    std::memset(static_cast<uint8_t*>(it.qa.raw()) + 2 * K, 0, size_t(K));
+    it.dev_qa = be.to_device(it.qa);
+    for (int64_t j = 0; j < N; ++j)  // 1.6e-41 … 2e-39, alternating signs: all subnormal
+      it.c0.data<float>()[2 * N + j] = (j % 2 ? -1e-39f : 1e-39f) * float(j + 1) / 64.0f;
+    it.dev_c = g.init(it.c0);
+    {
+      const KernelChoice choice(f);
+      ASSERT_TRUE(cuda::grouped_fp8_gemm(std::vector<cuda::Fp8GroupItem>{table_item(it)}, N));
+    }
+    EXPECT_EQ(g.damaged(), "");
+    got.push_back(be.to_host(it.dev_c));
+    c0 = it.c0;
+  }
+  const float *regs = got[0].data<float>(), *bulk = got[1].data<float>(), *old = c0.data<float>();
+  int64_t kept = 0, flushed = 0, differ = 0;
+  for (int64_t j = 0; j < N; ++j) {
+    ASSERT_TRUE(std::fpclassify(old[2 * N + j]) == FP_SUBNORMAL) << j;
+    kept += std::memcmp(regs + 2 * N + j, old + 2 * N + j, sizeof(float)) == 0;
+    flushed += bulk[2 * N + j] == 0.0f;
+  }
+  for (int64_t i = 0; i < M * N; ++i)
+    if (i / N != 2) differ += std::memcmp(regs + i, bulk + i, sizeof(float)) != 0;
+  EXPECT_EQ(kept, N);
+  EXPECT_EQ(flushed, N);
+  EXPECT_EQ(differ, 0);
 }
 
 TEST(CudaGroupedFp8, RefusesOperandsOffItsRules) {
