@@ -355,11 +355,11 @@ Run measure(CudaBackend& be, const ModelConfig& cfg, const Weights& host, const 
     const int rows = cuda::grouped_fp8_rows();
     if (rows != 64)
       r.step_s_fp8_rows64 = steps_with([] { cuda::set_grouped_fp8_rows(64); }, [&] { cuda::set_grouped_fp8_rows(rows); });
-    if (!cuda::grouped_fp8_ws())
+    if (!cuda::grouped_fp8_ws()) {  // the ws kernel, and the block kernels' other epilogue
       r.step_s_fp8_ws = steps_with([] { cuda::set_grouped_fp8_ws(true); }, [] { cuda::set_grouped_fp8_ws(false); });
-    const bool bulk = cuda::grouped_fp8_bulk();  // the block kernels' epilogue: not the ws kernel's
-    if (!cuda::grouped_fp8_ws())
+      const bool bulk = cuda::grouped_fp8_bulk();
       r.step_s_fp8_bulk = steps_with([&] { cuda::set_grouped_fp8_bulk(!bulk); }, [&] { cuda::set_grouped_fp8_bulk(bulk); });
+    }
   }
   r.tflops = r.tok_s * fpt / 1e12;
   size_t free_b = 0, total_b = 0;

@@ -43,6 +43,11 @@ inline bool on_unless_env_zero(const char* name) {
   const char* e = std::getenv(name);
   return !(e && std::strcmp(e, "0") == 0);
 }
+// The other kind (DSV3_FP8_LEGACY, DSV3_GROUPED_FP8_WS, …): off unless the variable is "1".
+inline bool off_unless_env_one(const char* name) {
+  const char* e = std::getenv(name);
+  return e && std::strcmp(e, "1") == 0;
+}
 
 // Lets a kernel instance take `smem` bytes of dynamic shared memory (needed beyond 48 KB). Callers
 // that launch the same instance again keep it in a function-local static: set once.

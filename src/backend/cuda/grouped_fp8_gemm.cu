@@ -79,55 +79,58 @@ __device__ __forceinline__ void promote_rows(Acc& a, const Acc& p, float sa0, fl
   }
 }
 
-template <int H>
-__global__ void __launch_bounds__(kThreads, 2) fp8_gemm_kernel(const __grid_constant__ Table t) {
-  using S = Shape<H>;
-  constexpr int kRows = S::rows, kStages = S::stages, kA = S::a, kStageBytes = S::stage;
+// Tile `tile` of a launch (CTA index, or a persistent CTA's count): its item and first row and
+// column, in tiles of `rows` × kCols.
+struct TileAt {
+  int item;
+  int64_t m0, n0;
+};
+__device__ __forceinline__ TileAt tile_at(const Table& t, int tile, int tiles_n, int rows) {
   int i = 0;
-  while (int(blockIdx.x) >= t.tile_end[i]) ++i;
-  const Fp8GroupItem& it = t.item[i];
-  const int local = int(blockIdx.x) - (i > 0 ? t.tile_end[i - 1] : 0);
-  const int64_t N = t.N, K = it.K, M = it.M, sa_ld = it.sa_ld, sb_ld = it.sb_ld;
-  const int tiles_n = int((N + kCols - 1) / kCols);
-  const int64_t m0 = int64_t(local / tiles_n) * kRows, n0 = int64_t(local % tiles_n) * kCols;
-  const bool b_block = it.b_block;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  unsigned char* sm = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
-  const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
-  const int steps = int(K / 128);
+  while (tile >= t.tile_end[i]) ++i;
+  const int local = tile - (i > 0 ? t.tile_end[i - 1] : 0);
+  return {i, int64_t(local / tiles_n) * rows, int64_t(local % tiles_n) * kCols};
+}
 
-  // Stage s: k-block s of rows m0.. of A and n0.. of B, 8 chunks of 16 codes per row. A thread
-  // takes chunk c of rows rb + 16·j (2,048 bytes apart when swizzled): 4·H of A's, 8 of B's (rows
-  // past M or N zero); threads 0-(16·H − 1) A's row scales, 32-63 B's 128 column scales
-  // (per-column grids only).
-  const int c = tid & 7, rb = tid >> 3, off = wgmma::sw(rb, c);
-  const int64_t stride = 16 * K;
-  const uint8_t* a_row = static_cast<const uint8_t*>(it.a) + (m0 + rb) * K + c * 16;
-  const uint8_t* b_row = static_cast<const uint8_t*>(it.b) + (n0 + rb) * K + c * 16;
-  unsigned a_in = 0, b_in = 0;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    a_in |= unsigned(j < 4 * H && m0 + rb + 16 * j < M) << j;
-    b_in |= unsigned(n0 + rb + 16 * j < N) << j;
-  }
-  // This thread's scale chunk, if any, at k-block 0. Chunks past the grids are not loaded: their
-  // rows and columns are not written.
+// One thread's share (tid of the 128 that load) of a tile's k-blocks: a stage holds k-block kb of
+// rows m0.. of A and n0.. of B, 8 chunks of 16 codes per row, in Shape<H>'s layout. The thread
+// takes chunk c of rows rb + 16·j (2,048 bytes apart when swizzled): 4·H of A's, 8 of B's (rows
+// past M or N zero); threads 0-(16·H − 1) A's row scales, 32-63 B's 128 column scales
+// (per-column grids only). Scale chunks past the grids are not loaded: their rows and columns are
+// not written.
+template <int H> struct TileLoad {
+  static constexpr int kA = Shape<H>::a;
+  const uint8_t *a_row, *b_row;
+  int64_t stride, s_ld = 0;
   const float* s_src = nullptr;
-  int64_t s_ld = 0;
-  int s_dst = -1;
-  if (tid < 16 * H && m0 + 4 * tid < sa_ld) {
-    s_src = it.sa + m0 + 4 * tid;
-    s_ld = sa_ld;
-    s_dst = kA + kB + tid * 16;
-  } else if (tid >= 32 && tid < 64 && !b_block && n0 + 4 * (tid - 32) < N) {
-    s_src = it.sb + n0 + 4 * (tid - 32);
-    s_ld = sb_ld;
-    s_dst = kA + kB + 512 + (tid - 32) * 16;
+  unsigned a_in = 0, b_in = 0;
+  int off, s_dst = -1;
+
+  __device__ TileLoad(const Fp8GroupItem& it, int64_t N, int64_t m0, int64_t n0, int tid) {
+    const int c = tid & 7, rb = tid >> 3;
+    off = wgmma::sw(rb, c);
+    stride = 16 * it.K;
+    a_row = static_cast<const uint8_t*>(it.a) + (m0 + rb) * it.K + c * 16;
+    b_row = static_cast<const uint8_t*>(it.b) + (n0 + rb) * it.K + c * 16;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      a_in |= unsigned(j < 4 * H && m0 + rb + 16 * j < it.M) << j;
+      b_in |= unsigned(n0 + rb + 16 * j < N) << j;
+    }
+    if (tid < 16 * H && m0 + 4 * tid < it.sa_ld) {
+      s_src = it.sa + m0 + 4 * tid;
+      s_ld = it.sa_ld;
+      s_dst = kA + kB + tid * 16;
+    } else if (tid >= 32 && tid < 64 && !it.b_block && n0 + 4 * (tid - 32) < N) {
+      s_src = it.sb + n0 + 4 * (tid - 32);
+      s_ld = it.sb_ld;
+      s_dst = kA + kB + 512 + (tid - 32) * 16;
+    }
   }
-  auto load = [&](int s, int slot) {
-    unsigned char* st = sm + slot * kStageBytes;
-    const uint8_t* a_s = a_row + s * 128;
-    const uint8_t* b_s = b_row + s * 128;
+  // k-block kb into the stage at st by cp.async (not committed).
+  __device__ __forceinline__ void operator()(unsigned char* st, int kb) const {
+    const uint8_t* a_s = a_row + kb * 128;
+    const uint8_t* b_s = b_row + kb * 128;
 #pragma unroll
     for (int j = 0; j < 4 * H; ++j, a_s += stride) {
       const bool in = (a_in >> j) & 1u;
@@ -138,8 +141,25 @@ __global__ void __launch_bounds__(kThreads, 2) fp8_gemm_kernel(const __grid_cons
       const bool in = (b_in >> j) & 1u;
       cp_async16(st + kA + off + j * 2048, in ? b_s : b_row, in);
     }
-    if (s_dst >= 0) cp_async16(st + s_dst, s_src + s * s_ld);
-  };
+    if (s_dst >= 0) cp_async16(st + s_dst, s_src + kb * s_ld);
+  }
+};
+
+template <int H>
+__global__ void __launch_bounds__(kThreads, 2) fp8_gemm_kernel(const __grid_constant__ Table t) {
+  using S = Shape<H>;
+  constexpr int kRows = S::rows, kStages = S::stages, kA = S::a, kStageBytes = S::stage;
+  const int64_t N = t.N;
+  const TileAt at = tile_at(t, int(blockIdx.x), int((N + kCols - 1) / kCols), kRows);
+  const Fp8GroupItem& it = t.item[at.item];
+  const int64_t M = it.M, m0 = at.m0, n0 = at.n0;
+  const bool b_block = it.b_block;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* sm = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+  const int steps = int(it.K / 128);
+  const TileLoad<H> loader(it, N, m0, n0, tid);
+  auto load = [&](int s, int slot) { loader(sm + slot * kStageBytes, s); };
   // k-block s's products of rows 64·h.. into p (wgmma, not waited for).
   auto issue = [&](int s, int h, Acc& p) {
     const uint32_t base = smem_addr(sm + (s % kStages) * kStageBytes);
@@ -151,7 +171,7 @@ __global__ void __launch_bounds__(kThreads, 2) fp8_gemm_kernel(const __grid_cons
     wgmma::commit();
   };
   const int row = 16 * w + g;  // the thread's rows of each half: row, row + 8
-  const float* sb_block = it.sb + (n0 / kCols) * sb_ld;
+  const float* sb_block = it.sb + (n0 / kCols) * it.sb_ld;
   Acc acc[H], part;
 #pragma unroll
   for (int j = 0; j < 16; ++j)
@@ -256,21 +276,10 @@ __global__ void __launch_bounds__(kThreads, 2) fp8_gemm_kernel(const __grid_cons
 // full[s] once its copies of that stage have landed (it waits for them kWsLag stages later, then
 // fences them for wgmma's async proxy); each consumer warp arrives on empty[s] once its products
 // of the stage are in and its scales read. The arithmetic is fp8_gemm_kernel's, in its order.
-constexpr int kWsStages = 6, kWsLag = 4, kWsThreads = 384, kWsA = 128 * 128;
-constexpr int kWsStage = kWsA + kB + 1024;  // A, B, A's row scales, B's column scales (at +512)
+// Stages in the 128-row kernel's layout (Shape<2>), six of them.
+constexpr int kWsStages = 6, kWsLag = 4, kWsThreads = 384, kWsA = Shape<2>::a, kWsStage = Shape<2>::stage;
 constexpr size_t kWsSmem = size_t(kWsStages) * kWsStage + 1024 + 2 * kWsStages * sizeof(uint64_t);
-static_assert(kWsStage % 1024 == 0 && kWsLag < kWsStages, "stages on the swizzle's 1,024 bytes");
-
-struct TileAt {
-  int item;
-  int64_t m0, n0;
-};
-__device__ __forceinline__ TileAt tile_at(const Table& t, int tile, int tiles_n) {
-  int i = 0;
-  while (tile >= t.tile_end[i]) ++i;
-  const int local = tile - (i > 0 ? t.tile_end[i - 1] : 0);
-  return {i, int64_t(local / tiles_n) * 128, int64_t(local % tiles_n) * kCols};
-}
+static_assert(kWsLag < kWsStages, "a loader waits for stages it issued before");
 
 __global__ void __launch_bounds__(kWsThreads, 1) fp8_gemm_ws_kernel(const __grid_constant__ Table t, int tiles) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -286,46 +295,16 @@ __global__ void __launch_bounds__(kWsThreads, 1) fp8_gemm_ws_kernel(const __grid
   }
   __syncthreads();
 
-  if (wg == 0) {  // loader: chunk c of rows rb + 16·j of A and B, as fp8_gemm_kernel's load
-    const int c = tid & 7, rb = tid >> 3, off = wgmma::sw(rb, c);
+  if (wg == 0) {  // loader: fp8_gemm_kernel<2>'s loads, by the same 128 threads' shares
     int it = 0;  // k-blocks issued by this CTA
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-      const TileAt at = tile_at(t, tile, tiles_n);
+      const TileAt at = tile_at(t, tile, tiles_n, 128);
       const Fp8GroupItem& x = t.item[at.item];
-      const int64_t K = x.K, M = x.M, stride = 16 * K;
-      const uint8_t* a_row = static_cast<const uint8_t*>(x.a) + (at.m0 + rb) * K + c * 16;
-      const uint8_t* b_row = static_cast<const uint8_t*>(x.b) + (at.n0 + rb) * K + c * 16;
-      unsigned a_in = 0, b_in = 0;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        a_in |= unsigned(at.m0 + rb + 16 * j < M) << j;
-        b_in |= unsigned(at.n0 + rb + 16 * j < N) << j;
-      }
-      const float* s_src = nullptr;
-      int64_t s_ld = 0;
-      int s_dst = -1;
-      if (tid < 32 && at.m0 + 4 * tid < x.sa_ld) {
-        s_src = x.sa + at.m0 + 4 * tid;
-        s_ld = x.sa_ld;
-        s_dst = kWsA + kB + tid * 16;
-      } else if (tid >= 32 && tid < 64 && !x.b_block && at.n0 + 4 * (tid - 32) < N) {
-        s_src = x.sb + at.n0 + 4 * (tid - 32);
-        s_ld = x.sb_ld;
-        s_dst = kWsA + kB + 512 + (tid - 32) * 16;
-      }
-      for (int kb = 0; kb < int(K / 128); ++kb, ++it) {
+      const TileLoad<2> load(x, N, at.m0, at.n0, tid);
+      for (int kb = 0; kb < int(x.K / 128); ++kb, ++it) {
         const int slot = it % kWsStages;
         bulk::wait(empty + slot, ((it / kWsStages) & 1) ^ 1);  // the first pass finds every slot free
-        unsigned char* st = sm + slot * kWsStage;
-        const uint8_t* a_s = a_row + kb * 128;
-        const uint8_t* b_s = b_row + kb * 128;
-#pragma unroll
-        for (int j = 0; j < 8; ++j, a_s += stride, b_s += stride) {
-          const bool ai = (a_in >> j) & 1u, bi = (b_in >> j) & 1u;
-          cp_async16(st + off + j * 2048, ai ? a_s : a_row, ai);
-          cp_async16(st + kWsA + off + j * 2048, bi ? b_s : b_row, bi);
-        }
-        if (s_dst >= 0) cp_async16(st + s_dst, s_src + kb * s_ld);
+        load(sm + slot * kWsStage, kb);
         cp_async_commit();
         if (it >= kWsLag) {
           cp_async_wait<kWsLag>();
@@ -367,7 +346,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) fp8_gemm_ws_kernel(const __grid
   };
   int it = 0;  // k-blocks consumed
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const TileAt at = tile_at(t, tile, tiles_n);
+    const TileAt at = tile_at(t, tile, tiles_n, 128);
     const Fp8GroupItem& x = t.item[at.item];
     const int steps = int(x.K / 128);
     const bool b_block = x.b_block;
@@ -423,10 +402,7 @@ std::atomic<int> g_rows{[] {
 // fp8_gemm_kernel's tiles out by bulk copies unless DSV3_GROUPED_FP8_BULK=0 at start-up.
 std::atomic<bool> g_bulk{on_unless_env_zero("DSV3_GROUPED_FP8_BULK")};
 // The warp-specialised persistent kernel instead (128-row tiles): DSV3_GROUPED_FP8_WS=1 at start-up.
-std::atomic<bool> g_ws{[] {
-  const char* v = std::getenv("DSV3_GROUPED_FP8_WS");
-  return v && std::string(v) == "1";
-}()};
+std::atomic<bool> g_ws{off_unless_env_one("DSV3_GROUPED_FP8_WS")};
 
 bool fits(const Fp8GroupItem& it, int64_t N) {
   return it.K > 0 && it.K % 128 == 0 && aligned16(it.a) && aligned16(it.b) && aligned16(it.sa) && it.sa_ld % 4 == 0 &&

@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstdlib>
 #include <memory>
 #include <optional>
 #include <span>
@@ -278,10 +277,7 @@ void gemm_fp8(const Q& a, const Q& b, const Tensor& c, bool accumulate, bool m_t
 // path above instead (gemm_fp8: quantize, pad, relayout, NaN flag and fill per GEMM; the bench's before/after).
 
 bool legacy() {
-  static const bool v = [] {
-    const char* e = std::getenv("DSV3_FP8_LEGACY");
-    return e && *e == '1';
-  }();
+  static const bool v = off_unless_env_one("DSV3_FP8_LEGACY");
   return v;
 }
 

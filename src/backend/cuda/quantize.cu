@@ -123,6 +123,22 @@ __device__ __forceinline__ float group8_tile_scale(const float (&v)[16], bool po
   }
   return scale_of(amax, pow2);
 }
+// Lane j's sixteen values of a whole 1×128 tile at t (16-byte aligned, global or shared memory):
+// columns 4j + 32k .. +3 (k < 4), so a group's loads read 128 contiguous bytes; zeros unless in.
+__device__ __forceinline__ void group8_get(const float* t, int j, bool in, float (&v)[16]) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float4 f = in ? *reinterpret_cast<const float4*>(t + 4 * j + 32 * k) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    v[4 * k] = f.x, v[4 * k + 1] = f.y, v[4 * k + 2] = f.z, v[4 * k + 3] = f.w;
+  }
+}
+// Their codes under the tile's scale s, into the tile's 128 codes at q (4-byte aligned).
+__device__ __forceinline__ void group8_put(uint8_t* q, int j, const float (&v)[16], float s) {
+  uint32_t b[4];
+  codes<16>(v, ScaleDiv(s), b);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) *reinterpret_cast<uint32_t*>(q + 4 * j + 32 * k) = b[k];
+}
 
 // The 1×128 tiles of x [M, K] into q [M, K] and row-major scales sc [M, ⌈K/128⌉]: eight lanes per
 // tile, four tiles per warp. A warp per tile spent ~330 instructions on it, issue-bound at ~1.5 TB/s
@@ -522,13 +538,7 @@ __device__ bool rows_row(const float* x, int64_t M, int64_t M_lt, int64_t K, int
 #pragma unroll
     for (int t = 0; t < 2; ++t) {
       const int64_t g = g0 + 4 * t + h;
-      const float* src = x + r * K + g * kFp8Block + 4 * j;
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const float4 f = r < M && g < ng ? *reinterpret_cast<const float4*>(src + 32 * k)
-                                         : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        v[t][4 * k] = f.x, v[t][4 * k + 1] = f.y, v[t][4 * k + 2] = f.z, v[t][4 * k + 3] = f.w;
-      }
+      group8_get(x + r * K + g * kFp8Block, j, r < M && g < ng, v[t]);
     }
 #pragma unroll
     for (int t = 0; t < 2; ++t) {
@@ -543,11 +553,7 @@ __device__ bool rows_row(const float* x, int64_t M, int64_t M_lt, int64_t K, int
         if (r < M) sc[r * ng + g] = sw;
         sc_lt[g * M_lt + r] = sw;
       }
-      uint32_t b[4];
-      codes<16>(v[t], ScaleDiv(s), b);
-      uint8_t* qr = q + r * K + g * kFp8Block + 4 * j;
-#pragma unroll
-      for (int k = 0; k < 4; ++k) *reinterpret_cast<uint32_t*>(qr + 32 * k) = b[k];
+      group8_put(q + r * K + g * kFp8Block, j, v[t], s);
     }
   }
   return __any_sync(0xffffffffu, bad_row != 0);
@@ -725,21 +731,13 @@ __device__ unsigned dy_tile(DySmem& sm, int64_t g, int64_t rb, const BackwardPre
       const int i = w + 8 * (4 * m + h);
       const int64_t r = r0 + i;
       float v[16];
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const float4 f = *reinterpret_cast<const float4*>(&sm.t[i][4 * j + 32 * k]);
-        v[4 * k] = f.x, v[4 * k + 1] = f.y, v[4 * k + 2] = f.z, v[4 * k + 3] = f.w;
-      }
+      group8_get(sm.t[i], j, true, v);
       unsigned bad;
       const float s = group8_tile_scale(v, p.pow2, bad);  // every lane: it shuffles
       if (r < p.M1) {
         any |= bad;
         if (j == 0) p.s1_lt[g * p.M1 + r] = bad ? __int_as_float(0x7fc00000) : s;
-        uint32_t b[4];
-        codes<16>(v, ScaleDiv(s), b);
-        uint8_t* qr = p.q1 + r * p.ld1 + c0 + 4 * j;  // ld1 = N rounded up to 128: in range
-#pragma unroll
-        for (int k = 0; k < 4; ++k) *reinterpret_cast<uint32_t*>(qr + 32 * k) = b[k];
+        group8_put(p.q1 + r * p.ld1 + c0, j, v, s);  // ld1 = N rounded up to 128: in range
       }
     }
   }
