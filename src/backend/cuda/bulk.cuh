@@ -46,8 +46,8 @@ __device__ __forceinline__ void wait(uint64_t* bar, uint32_t parity) {
 }
 // bytes: a multiple of 16; dst and src 16-byte aligned. put_add adds each FP32 value of src to dst's
 // (one addition per element rounded to nearest even, as a load, add and store would make, with no
-// load round trip — except that subnormal inputs and results become zero of their sign: the PTX
-// ISA's rule for cp.reduce.async.bulk .add.f32).
+// load round trip. The PTX ISA describes cp.reduce.async.bulk .add.f32 as flushing subnormal
+// inputs and results to zero; an H100 kept subnormal old values, BulkAddKeepsSubnormalOldValues).
 __device__ __forceinline__ void put(void* dst, const void* src, uint32_t bytes) {
   asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst), "r"(smem_addr(src)),
                "r"(bytes)

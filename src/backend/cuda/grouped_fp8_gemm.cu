@@ -12,7 +12,7 @@
 // partial sum is promoted before the next one starts): acc += part·(sa·sb), the CPU emulation's
 // order, with the multiply and add fused. Only rows < M_e and columns < N are written, so the rows
 // cuBLASLt pads to 4 need no scratch. The tile leaves through shared memory, by a bulk copy (or bulk
-// FP32 add, which flushes subnormal old values and sums to zero) per row: loading an accumulating
+// FP32 add, the same bits, subnormal old values included, tested) per row: loading an accumulating
 // tile's old values into registers held each CTA for a global round trip, and the backward's
 // launches (short K, large outputs) took 5–8% longer.
 #include <algorithm>
