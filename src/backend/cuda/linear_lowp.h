@@ -88,7 +88,8 @@ void set_grouped_fp8_ws(bool on);
 bool grouped_fp8_ws();
 // The 64- and 128-row kernels' tiles out through bulk copies from shared memory (accumulating ones by
 // bulk FP32 adds) instead of loads, adds and stores from registers: on unless DSV3_GROUPED_FP8_BULK=0
-// at start-up (the same bits, subnormal old values of an accumulating tile included; 3% less kernel time over a bench-0.7b FP8 step, H200 2026-12-06).
+// at start-up (the same bits, subnormal old values of an accumulating tile included; 3% less kernel
+// time over a bench-0.7b FP8 step, H200 2026-12-06).
 void set_grouped_fp8_bulk(bool on);
 bool grouped_fp8_bulk();
 
