@@ -227,6 +227,65 @@ TEST(CudaFp8Prep, BackwardBytesWhenCtasLoopOverBlocks) {
   }
 }
 
+// Non-finite values take the exact path (the amax over the finite values and the count) where the
+// fast one sees a NaN or infinite maximum. In dy: a NaN at (3, 130) and an Inf at (150, 5), so
+// their 1×128 and 128×1 tiles get NaN scales, every code is the CPU's (the NaN's own left out: its
+// sign is not the CPU's), and the device flag turns x̂'s scales and the weight's NaN (every output
+// of both GEMMs NaN, as on the CPU). In the weight: an Inf at (70, 200), whose tile's codes are
+// still the CPU's while the flag turns the weight's scales NaN and leaves dy's and x̂'s alone.
+TEST(CudaFp8Prep, BackwardBytesWithNonFiniteValues) {
+  ASSERT_GT(cuda_device_count(), 0);
+  const float nan = NAN;
+  for (bool in_dy : {true, false}) {
+    SCOPED_TRACE(in_dy ? "NaN and Inf in dy" : "Inf in the weight");
+    const int64_t M = 200, N = 320, K = 272;
+    Tensor dy = randn({M, N}, 41, 1), x = randn({M, K}, 41, 2, 3.0f);
+    if (in_dy) {
+      dy.data<float>()[3 * N + 130] = NAN;
+      dy.data<float>()[150 * N + 5] = INFINITY;
+    }
+    BackwardCase c(dy, x, 42, false);
+    if (!in_dy) {
+      c.w.data<bf16>()[70 * K + 200] = bf16{float_to_bf16(INFINITY)};
+      c.d_w = cuda_backend().to_device(c.w);
+      c.p.w.w = c.d_w.raw();
+    }
+    cuda::fp8_backward_prep({&c.p, 1});
+    const int64_t Np = c.p.ld1, M1 = c.p.M1, Mp = c.p.ld2, ld4 = c.p.w.ld4, gn = Np / 128, gk = up(K, 128) / 128;
+    const auto nan_at = [&](int64_t r, int64_t col) { return in_dy && r == 3 && col == 130; };
+    const auto row_bad = [&](int64_t r, int64_t g) { return in_dy && ((r == 3 && g == 1) || (r == 150 && g == 0)); };
+    const auto col_bad = [&](int64_t col, int64_t rb) { return in_dy && ((col == 130 && rb == 0) || (col == 5 && rb == 1)); };
+    const Quant rows = cpu_quant(dy, Fp8Tiling::Row1x128, false, false);
+    EXPECT_EQ(code_diffs(bytes(c.q1), M1, Np, rows.q, nan_at), 0) << "dy 1x128 codes";
+    EXPECT_EQ(scale_diffs(floats(c.s1), gn, M1,
+                          [&](int64_t g, int64_t r) {
+                            return row_bad(r, g) ? nan : r < M ? rows.s.data<float>()[r * gn + g] : 1.0f;
+                          }),
+              0)
+        << "dy 1x128 scales";
+    const Quant cols = cpu_quant(dy, Fp8Tiling::Col128x1, true, false);  // [N, M]
+    EXPECT_EQ(code_diffs(bytes(c.q2), N, Mp, cols.q, [&](int64_t col, int64_t r) { return nan_at(r, col); }), 0)
+        << "dy 128x1 codes";
+    EXPECT_EQ(scale_diffs(floats(c.s2), Mp / 128, N,
+                          [&](int64_t rb, int64_t col) {
+                            return col_bad(col, rb) ? nan : cols.s.data<float>()[col * (Mp / 128) + rb];
+                          }),
+              0)
+        << "dy 128x1 scales";
+    const Quant xh = cpu_quant(dequantize(Fp8Tiles{c.xq, c.xs, 0}), Fp8Tiling::Col128x1, true, false);
+    EXPECT_EQ(code_diffs(bytes(c.q3), K, Mp, xh.q), 0) << "x-hat codes";
+    EXPECT_EQ(scale_diffs(floats(c.s3), Mp / 128, K,
+                          [&](int64_t rb, int64_t col) {
+                            return in_dy ? nan : xh.s.data<float>()[col * (Mp / 128) + rb];
+                          }),
+              0)
+        << "x-hat scales";
+    const Quant wt = cpu_quant(c.w.to(DType::F32), Fp8Tiling::Block128x128, true, false);  // [K, N]
+    EXPECT_EQ(code_diffs(bytes(c.wq), K, Np, wt.q), 0) << "weight codes";
+    EXPECT_EQ(scale_diffs(floats(c.ws), gk, ld4, [&](int64_t, int64_t) { return nan; }), 0) << "weight scales";
+  }
+}
+
 // Three preparations of different row counts in one launch: each one's bytes as alone.
 TEST(CudaFp8Prep, GroupedBackwardBytesAreTheCpus) {
   ASSERT_GT(cuda_device_count(), 0);

@@ -40,6 +40,16 @@ __device__ __forceinline__ void tile_stat(float v, float& amax, Count& bad) {
   if (!isfinite(v)) ++bad;
   else amax = fmaxf(amax, fabsf(v));
 }
+// max(a, b) that is NaN when either is (max.NaN). Folding |v| of a tile's values with it costs one
+// instruction per value where tile_stat takes three (a test, a max and a count under predicates):
+// the result is the amax while every value is finite and NaN or +Inf otherwise, and only then do
+// the callers go back over the values with tile_stat (the scale and the count of the CPU's rule).
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ bool finite_amax(float m) { return m < INFINITY; }  // false for NaN too
 
 // Exact widening to F32 (E4M3 through half, as load_f).
 
@@ -64,17 +74,23 @@ __device__ __forceinline__ float4 widen4(uint32_t word) {
 // under 2^-11 may come out an ulp off (a subnormal remainder), and its code is ±0 either way.
 // Non-finite v: q0 itself, as the division gives (±Inf saturates, NaN stays NaN); the sign is v's
 // (−0 included). tools/scale_div_check.c compares it with the division for every finite
-// |v| ≤ 448·s of scales across that range.
+// |v| ≤ 448·s of scales across that range. A tile known to hold finite values only (finite: the
+// scale is its own amax's, so |v/s| ≤ 448 and q is finite) skips the test for non-finite q: two
+// instructions of the code's eight.
 struct ScaleDiv {
   float s, r;
-  bool fast;
-  __device__ explicit ScaleDiv(float scale)
-      : s(scale), r(1.0f / scale), fast(scale >= 0x1p-80f && scale <= 0x1p100f) {}
+  bool fast, finite;
+  __device__ explicit ScaleDiv(float scale, bool finite_tile = false)
+      : s(scale), r(1.0f / scale), fast(scale >= 0x1p-80f && scale <= 0x1p100f), finite(finite_tile) {}
+  // The two Newton steps while fast.
+  __device__ __forceinline__ float steps(float v) const {
+    const float q0 = __fmul_rn(v, r), q1 = __fmaf_rn(__fmaf_rn(-q0, s, v), r, q0);
+    return __fmaf_rn(__fmaf_rn(-q1, s, v), r, q1);
+  }
   // The quotient while fast.
   __device__ __forceinline__ float quick(float v) const {
-    const float q0 = __fmul_rn(v, r), q1 = __fmaf_rn(__fmaf_rn(-q0, s, v), r, q0);
-    const float q = __fmaf_rn(__fmaf_rn(-q1, s, v), r, q1);
-    return isfinite(q) ? copysignf(q, v) : q0;  // −0: the remainder's sum comes out +0
+    const float q = steps(v);
+    return isfinite(q) ? copysignf(q, v) : __fmul_rn(v, r);  // −0: the remainder's sum comes out +0
   }
   __device__ __forceinline__ float operator()(float v) const { return fast ? quick(v) : v / s; }
 };
@@ -90,7 +106,10 @@ __device__ __forceinline__ uint8_t code_of(float v, const ScaleDiv& d) {
 template <int N>
 __device__ __forceinline__ void codes(const float* v, const ScaleDiv& d, uint32_t (&out)[N / 4]) {
   float q[N];
-  if (d.fast) {
+  if (d.fast && d.finite) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) q[j] = copysignf(d.steps(v[j]), v[j]);
+  } else if (d.fast) {
 #pragma unroll
     for (int j = 0; j < N; ++j) q[j] = d.quick(v[j]);
   } else {
@@ -111,15 +130,24 @@ __device__ __forceinline__ uint32_t codes4(const float* v, const ScaleDiv& d) {
 
 // A 1×128 tile held by an aligned group of eight lanes, sixteen values per lane: its scale, and in
 // bad (every lane of the group) the count of its non-finite values. The amax is exact in any order.
+// Every lane of the warp calls it (it shuffles); a non-finite value in any of the warp's tiles sends
+// all four groups through tile_stat.
 __device__ __forceinline__ float group8_tile_scale(const float (&v)[16], bool pow2, unsigned& bad) {
   float amax = 0.0f;
   bad = 0;
 #pragma unroll
-  for (int k = 0; k < 16; ++k) tile_stat(v[k], amax, bad);
+  for (int k = 0; k < 16; ++k) amax = max_nan(amax, fabsf(v[k]));
 #pragma unroll
-  for (int m = 1; m < 8; m <<= 1) {
-    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
-    bad += __shfl_xor_sync(0xffffffffu, bad, m);
+  for (int m = 1; m < 8; m <<= 1) amax = max_nan(amax, __shfl_xor_sync(0xffffffffu, amax, m));
+  if (__any_sync(0xffffffffu, !finite_amax(amax))) {
+    amax = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 16; ++k) tile_stat(v[k], amax, bad);
+#pragma unroll
+    for (int m = 1; m < 8; m <<= 1) {
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
+      bad += __shfl_xor_sync(0xffffffffu, bad, m);
+    }
   }
   return scale_of(amax, pow2);
 }
@@ -132,10 +160,11 @@ __device__ __forceinline__ void group8_get(const float* t, int j, bool in, float
     v[4 * k] = f.x, v[4 * k + 1] = f.y, v[4 * k + 2] = f.z, v[4 * k + 3] = f.w;
   }
 }
-// Their codes under the tile's scale s, into the tile's 128 codes at q (4-byte aligned).
-__device__ __forceinline__ void group8_put(uint8_t* q, int j, const float (&v)[16], float s) {
+// Their codes under the tile's scale s (finite: the tile holds no non-finite value), into the
+// tile's 128 codes at q (4-byte aligned).
+__device__ __forceinline__ void group8_put(uint8_t* q, int j, const float (&v)[16], float s, bool finite) {
   uint32_t b[4];
-  codes<16>(v, ScaleDiv(s), b);
+  codes<16>(v, ScaleDiv(s, finite), b);
 #pragma unroll
   for (int k = 0; k < 4; ++k) *reinterpret_cast<uint32_t*>(q + 4 * j + 32 * k) = b[k];
 }
@@ -184,7 +213,7 @@ __global__ void quantize_rows_kernel(const float* x, int64_t M, int64_t K, bool 
     if (bad && nonfinite) atomicAdd(nonfinite, (unsigned long long)bad);
   }
   uint32_t b[4];
-  codes<16>(v, ScaleDiv(s), b);
+  codes<16>(v, ScaleDiv(s, bad == 0), b);
   uint8_t* qr = q + r * K;
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
@@ -474,9 +503,16 @@ __device__ unsigned weight_tile(WeightSmem& sm, int64_t tile, const WeightSide& 
 #pragma unroll
   for (int i = 0; i < kTileRows; ++i)
 #pragma unroll
-    for (int j = 0; j < kTileCols; ++j) tile_stat(v[i][j], amax, bad);
+    for (int j = 0; j < kTileCols; ++j) amax = max_nan(amax, fabsf(v[i][j]));
+  if (__syncthreads_or(!finite_amax(amax))) {
+    amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kTileRows; ++i)
+#pragma unroll
+      for (int j = 0; j < kTileCols; ++j) tile_stat(v[i][j], amax, bad);
+    bad = block_sum(bad);
+  }
   amax = block_max(amax);
-  bad = block_sum(bad);
   const float s = scale_of(amax, pow2);
   if (threadIdx.x == 0) {
     const int64_t sr = p.transpose ? g : rb, scol = p.transpose ? rb : g, ncol = p.transpose ? ngn : ngk;
@@ -487,7 +523,7 @@ __device__ unsigned weight_tile(WeightSmem& sm, int64_t tile, const WeightSide& 
   // The codes, a row of 8 per iteration from a second read of the row (L1): unrolled over the 64
   // values held, this code ran once per SM per launch, so fetching it set the pace (ncu: 58% of
   // the stalls on instruction fetch after the loads were vectorised).
-  const ScaleDiv d(s);
+  const ScaleDiv d(s, bad == 0);
 #pragma unroll 1
   for (int i = 0; i < kTileRows; ++i) {
     const int64_t r = r0 + rs + kTileRowStep * i;
@@ -495,9 +531,14 @@ __device__ unsigned weight_tile(WeightSmem& sm, int64_t tile, const WeightSide& 
     load_row8(p, vec, r, c, r < r1, si, u);
     const uint32_t b[2] = {codes4(u, d), codes4(u + 4, d)};
     if (p.transpose) {  // rows beyond N hold 0: code 0 (Dgrad's padded reduction)
+      // Store j of lane cg = 4a + b' goes to row 8cg + (j + a) % 8, so that the sixteen lanes of a
+      // row of W hit sixteen banks (in order, cg, cg + 4, cg + 8 and cg + 12 shared one: 7-way
+      // conflicts on average under ncu); the codes are rotated by a bytes to match.
+      const int a = cg >> 2;
+      const uint32_t lo = __funnelshift_r(b[0], b[1], 8 * a), hi = __funnelshift_r(b[1], b[0], 8 * a);
 #pragma unroll
       for (int j = 0; j < kTileCols; ++j)
-        sm.t[kTileCols * cg + j][rs + kTileRowStep * i] = uint8_t(b[j / 4] >> (8 * (j % 4)));
+        sm.t[kTileCols * cg + ((j + a) & 7)][rs + kTileRowStep * i] = uint8_t((j < 4 ? lo : hi) >> (8 * (j % 4)));
       continue;
     }
     if (r >= r1) continue;  // rows beyond N do not exist in q; columns K..ldq hold 0/s = code 0
@@ -553,7 +594,7 @@ __device__ bool rows_row(const float* x, int64_t M, int64_t M_lt, int64_t K, int
         if (r < M) sc[r * ng + g] = sw;
         sc_lt[g * M_lt + r] = sw;
       }
-      group8_put(q + r * K + g * kFp8Block, j, v[t], s);
+      group8_put(q + r * K + g * kFp8Block, j, v[t], s, bad == 0);
     }
   }
   return __any_sync(0xffffffffu, bad_row != 0);
@@ -618,67 +659,74 @@ __global__ void __launch_bounds__(256, 1) fprop_prep_kernel(const __grid_constan
 // Wgrad the block is quantized per column (128×1 tiles transposed: q2 [N, ld2], VEC128 scales
 // s2_lt [⌈M/128⌉, N]). Columns N..ld1 of q1 and M..ld2 of q2 get code 0. The bytes and scales of
 // quantize_rows_kernel and cols_t_tile.
-// Row stride in floats: rows 16-byte aligned for float4 access (the column pass has a thread per
-// column, so its reads are free of bank conflicts at any stride).
+// Row stride in floats: rows 16-byte aligned for float4 access.
 constexpr int kDyLd = kFp8Block + 4;
 struct DySmem {
   float t[kFp8Block][kDyLd];
-  float am_c[2][kFp8Block], s_col[kFp8Block];
-  unsigned bad_c[2][kFp8Block];
 };
+// The 16 values of rows i0 .. i0 + 15 of column col, in the order rows i0 + (j + 4·sub) % 16 for
+// j < 16 (two base addresses, immediate offsets): a pair's two threads, 16 rows apart, would read
+// the same banks at any even stride, and the rotation puts them 20 or 4 rows apart, 16 banks.
+__device__ __forceinline__ void col16(const DySmem& sm, int i0, int col, int sub, float (&v)[16]) {
+  const float* b1 = &sm.t[i0 + 4 * sub][col];
+  const float* b2 = b1 - 16 * sub * kDyLd;
+#pragma unroll
+  for (int j = 0; j < 12; ++j) v[j] = b1[j * kDyLd];
+#pragma unroll
+  for (int j = 12; j < 16; ++j) v[j] = b2[j * kDyLd];
+}
 // The 128×1 tiles of the 128 × 128 block in sm (rows r0.., columns c0.. of a [rows, n] matrix),
 // transposed: codes q [n, ld] (rows beyond the matrix hold 0: code 0), VEC128 scales s_lt
-// [⌈rows/128⌉, n]. Returns (threads below 128) whether the thread's column held non-finite values.
+// [⌈rows/128⌉, n]. Threads 2c and 2c + 1 hold column c, thread `sub` its rows 32k + 16·sub .. +15
+// (k < 4): the pair's amax is one shuffle away, so the pass has no barrier and no shared
+// statistics of its own (a thread per column and half, with the halves' amax through shared memory,
+// took two barriers), and each 32 rows' codes of a column leave as one 32-byte sector from the
+// pair's two 16-byte stores. Returns whether the thread's column held non-finite values.
 __device__ unsigned cols_pass(DySmem& sm, int64_t r0, int64_t c0, int64_t n, int64_t ld, bool pow2, uint8_t* q,
                               float* s_lt) {
-  const int64_t rb = r0 / kFp8Block;
-  unsigned any = 0;
-  {
-    const int col = threadIdx.x & 127, half = threadIdx.x >> 7;
-    float am = 0.0f;
-    unsigned bad = 0;
-    for (int i = half * 64; i < half * 64 + 64; ++i) {
-      const float v = sm.t[i][col];
-      tile_stat(v, am, bad);
-    }
-    sm.am_c[half][col] = am;
-    sm.bad_c[half][col] = bad;
-  }
-  __syncthreads();
-  if (threadIdx.x < kFp8Block) {
-    const int col = threadIdx.x;
-    const int64_t c = c0 + col;
-    const unsigned b = sm.bad_c[0][col] + sm.bad_c[1][col];
-    const float sv = scale_of(fmaxf(sm.am_c[0][col], sm.am_c[1][col]), pow2);
-    sm.s_col[col] = sv;
-    if (c < n) {
-      s_lt[rb * n + c] = b ? __int_as_float(0x7fc00000) : sv;
-      any |= b;
-    }
-  }
-  __syncthreads();
-  // Thread (col, half) codes its column's 64 rows of the half, 16 to a store (ld a multiple of 16,
-  // q 16-byte aligned; rows ld.. do not exist, rows M..ld hold 0: code 0). A warp per column
-  // storing byte by byte issued 16 times the stores.
-  {
-    const int col = threadIdx.x & 127, half = threadIdx.x >> 7;
-    const int64_t c = c0 + col;
-    if (c < n) {
-      const ScaleDiv d(sm.s_col[col]);
-      for (int k = 0; k < 4; ++k) {
-        const int i0 = half * 64 + 16 * k;
-        if (r0 + i0 >= ld) break;
-        float v[16];
+  const int col = threadIdx.x >> 1, sub = threadIdx.x & 1;
+  const int64_t c = c0 + col, rb = r0 / kFp8Block;
+  float am = 0.0f;
+  unsigned bad = 0;
+#pragma unroll 1
+  for (int k = 0; k < 4; ++k) {
+    float v[16];
+    col16(sm, 32 * k + 16 * sub, col, sub, v);
 #pragma unroll
-        for (int j = 0; j < 16; ++j) v[j] = sm.t[i0 + j][col];
-        uint32_t b[4];
-        codes<16>(v, d, b);
-        *reinterpret_cast<uint4*>(q + c * ld + r0 + i0) = make_uint4(b[0], b[1], b[2], b[3]);
-      }
+    for (int j = 0; j < 16; ++j) am = max_nan(am, fabsf(v[j]));
+  }
+  if (!finite_amax(am)) {
+    am = 0.0f;
+    for (int k = 0; k < 4; ++k) {
+      float v[16];
+      col16(sm, 32 * k + 16 * sub, col, sub, v);
+      for (int j = 0; j < 16; ++j) tile_stat(v[j], am, bad);
     }
+  }
+  am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 1));
+  bad += __shfl_xor_sync(0xffffffffu, bad, 1);
+  if (c < n) {
+    const float sv = scale_of(am, pow2);
+    if (sub == 0) s_lt[rb * n + c] = bad ? __int_as_float(0x7fc00000) : sv;
+    // 16 codes to a store (ld a multiple of 16, q 16-byte aligned; rows ld.. do not exist, rows
+    // M..ld hold 0: code 0); b's words come in the rotated row order, hence the selects.
+    const ScaleDiv d(sv, bad == 0);
+#pragma unroll 1
+    for (int k = 0; k < 4; ++k) {
+      const int i0 = 32 * k + 16 * sub;
+      if (r0 + i0 >= ld) break;
+      float v[16];
+      col16(sm, i0, col, sub, v);
+      uint32_t b[4];
+      codes<16>(v, d, b);
+      *reinterpret_cast<uint4*>(q + c * ld + r0 + i0) =
+          sub ? make_uint4(b[3], b[0], b[1], b[2]) : make_uint4(b[0], b[1], b[2], b[3]);
+    }
+  } else {
+    bad = 0;
   }
   __syncthreads();  // sm is reused by the caller's next block
-  return any;
+  return bad;
 }
 
 __device__ unsigned dy_tile(DySmem& sm, int64_t g, int64_t rb, const BackwardPrep& p) {
@@ -694,11 +742,15 @@ __device__ unsigned dy_tile(DySmem& sm, int64_t g, int64_t rb, const BackwardPre
   // flight at once: loads through registers went one at a time (ncu: each load's wait before its
   // store to shared memory drew ~30% of the stall samples).
   if (vec) {
+    // One 64-bit product for the warp's first row, then a step of eight rows per copy (the
+    // products per copy were ~60% of this part's instructions).
+    const float* src = p.dy + (r0 + w) * N + cl;
+    const int rows = M - r0 < kFp8Block ? int(M - r0) : kFp8Block;  // rows of the block in dy
 #pragma unroll
     for (int k = 0; k < 16; ++k) {
-      const int64_t r = r0 + w + 8 * k;
-      const bool in = r < M && cl < N;  // N % 4 == 0: all four columns or none
-      cp_async16(&sm.t[w + 8 * k][4 * lane], in ? p.dy + r * N + cl : p.dy, in);
+      const bool in = w + 8 * k < rows && cl < N;  // N % 4 == 0: all four columns or none
+      cp_async16(&sm.t[w + 8 * k][4 * lane], in ? src : p.dy, in);
+      src += 8 * N;
     }
     cp_async_commit();
     cp_async_wait<0>();
@@ -724,20 +776,23 @@ __device__ unsigned dy_tile(DySmem& sm, int64_t g, int64_t rb, const BackwardPre
   // group's loads read 128 contiguous bytes. The loop is rolled: each SM runs this code once per
   // launch, so its length is fetch time. Rows M..M1 are zero: codes 0, scale 1.
   if (p.q1) {
-    const int h = lane >> 3, j = lane & 7;
+    // Pointers stepped per iteration and 32-bit row tests: the 64-bit index products per row were
+    // a third of the iteration's instructions besides the values' own.
+    const int h = lane >> 3, j = lane & 7, i0 = w + 8 * h;
+    const int rows1 = p.M1 - r0 < kFp8Block ? int(p.M1 - r0) : kFp8Block;  // rows of q1 in the block
+    float* s1 = p.s1_lt + g * p.M1 + r0 + i0;
+    uint8_t* q1 = p.q1 + (r0 + i0) * p.ld1 + c0;  // ld1 = N rounded up to 128: in range
+    const int64_t q1_step = 32 * p.ld1;
 #pragma unroll 1
-    for (int m = 0; m < 4; ++m) {
-      if (r0 + w + 32 * m >= p.M1) break;  // warp-uniform: the iteration's first row
-      const int i = w + 8 * (4 * m + h);
-      const int64_t r = r0 + i;
+    for (int i = i0; i - 8 * h < rows1; i += 32, s1 += 32, q1 += q1_step) {  // warp-uniform: w + 32m
       float v[16];
       group8_get(sm.t[i], j, true, v);
       unsigned bad;
       const float s = group8_tile_scale(v, p.pow2, bad);  // every lane: it shuffles
-      if (r < p.M1) {
+      if (i < rows1) {
         any |= bad;
-        if (j == 0) p.s1_lt[g * p.M1 + r] = bad ? __int_as_float(0x7fc00000) : s;
-        group8_put(p.q1 + r * p.ld1 + c0, j, v, s);  // ld1 = N rounded up to 128: in range
+        if (j == 0) *s1 = bad ? __int_as_float(0x7fc00000) : s;
+        group8_put(q1, j, v, s, bad == 0);
       }
     }
   }
