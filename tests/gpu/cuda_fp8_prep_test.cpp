@@ -30,7 +30,9 @@ Quant cpu_quant(const Tensor& x, Fp8Tiling t, bool transpose, bool pow2) {
   const int64_t g0 = (R + th - 1) / th, g1 = (C + tw - 1) / tw;
   Quant o{Tensor::empty(DType::F8_E4M3, transpose ? Shape{C, R} : Shape{R, C}),
           Tensor::empty(DType::F32, transpose ? Shape{g1, g0} : Shape{g0, g1})};
-  quantize_fp8({x, t, pow2, transpose, o.q, o.s});
+  QuantizeFp8Args a{x, t, pow2, transpose, o.q, o.s};
+  a.on_nonfinite = NonFinitePolicy::Report;  // the CPU's codes and scales of tiles with NaN / Inf too
+  quantize_fp8(a);
   return o;
 }
 
