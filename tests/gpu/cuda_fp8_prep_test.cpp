@@ -90,6 +90,15 @@ cuda::WeightSide bf16_weight_side(const Tensor& dw, int64_t N, int64_t K, bool t
   return w;
 }
 
+// What non-finite inputs change in a backward preparation's expected bytes (the defaults:
+// nothing): dy's NaN elements (r, c), whose codes are left out (their sign is not the CPU's); dy's
+// 1×128 tiles (r, g) and 128×1 tiles (c, rb) with NaN scales; whether the device flag turns x̂'s
+// and the weight's whole scale arrays NaN.
+struct NonFinite {
+  std::function<bool(int64_t, int64_t)> nan_at, row_tile, col_tile;
+  bool xhat_scales = false, weight_scales = false;
+};
+
 // One backward preparation's device buffers and inputs, with the CPU's expectations.
 struct BackwardCase {
   int64_t M, N, K;
@@ -141,34 +150,45 @@ struct BackwardCase {
   }
 
   // Every byte and scale the preparation wrote; wgrad false: Dgrad's alone (q2 unset).
-  void check(bool wgrad = true) const {
+  void check(bool wgrad = true, const NonFinite& bad = {}) const {
     SCOPED_TRACE(cat("M ", M, " N ", N, " K ", K, " pow2 ", p.pow2));
     const int64_t Np = p.ld1, M1 = p.M1, Mp = p.ld2, ld4 = p.w.ld4;
+    const float nan = NAN;
+    const auto is = [](const std::function<bool(int64_t, int64_t)>& f, int64_t a, int64_t b) { return f && f(a, b); };
     const Quant rows = cpu_quant(dy, Fp8Tiling::Row1x128, false, p.pow2);
-    EXPECT_EQ(code_diffs(bytes(q1), M1, Np, rows.q), 0) << "dy 1x128 codes";
+    EXPECT_EQ(code_diffs(bytes(q1), M1, Np, rows.q, bad.nan_at), 0) << "dy 1x128 codes";
     const int64_t gn = Np / 128;
     EXPECT_EQ(scale_diffs(floats(s1), gn, M1,
-                          [&](int64_t g, int64_t r) { return r < M ? rows.s.data<float>()[r * gn + g] : 1.0f; }),
+                          [&](int64_t g, int64_t r) {
+                            return is(bad.row_tile, r, g) ? nan : r < M ? rows.s.data<float>()[r * gn + g] : 1.0f;
+                          }),
               0)
         << "dy 1x128 scales";
     const Quant wt = cpu_quant(w.to(DType::F32), Fp8Tiling::Block128x128, true, p.pow2);  // [K, N]
     EXPECT_EQ(code_diffs(bytes(wq), K, Np, wt.q), 0) << "weight codes";
     const int64_t gk = up(K, 128) / 128;
     EXPECT_EQ(scale_diffs(floats(ws), gk, ld4,
-                          [&](int64_t i, int64_t j) { return j < gn ? wt.s.data<float>()[i * gn + j] : 0.0f; }),
+                          [&](int64_t i, int64_t j) {
+                            return bad.weight_scales ? nan : j < gn ? wt.s.data<float>()[i * gn + j] : 0.0f;
+                          }),
               0)
         << "weight scales";
     if (!wgrad) return;
     const Quant cols = cpu_quant(dy, Fp8Tiling::Col128x1, true, p.pow2);  // [N, M], scales [N, Mp/128]
-    EXPECT_EQ(code_diffs(bytes(q2), N, Mp, cols.q), 0) << "dy 128x1 codes";
+    EXPECT_EQ(code_diffs(bytes(q2), N, Mp, cols.q, [&](int64_t c, int64_t r) { return is(bad.nan_at, r, c); }), 0)
+        << "dy 128x1 codes";
     EXPECT_EQ(scale_diffs(floats(s2), Mp / 128, N,
-                          [&](int64_t rb, int64_t c) { return cols.s.data<float>()[c * (Mp / 128) + rb]; }),
+                          [&](int64_t rb, int64_t c) {
+                            return is(bad.col_tile, c, rb) ? nan : cols.s.data<float>()[c * (Mp / 128) + rb];
+                          }),
               0)
         << "dy 128x1 scales";
     const Quant xh = cpu_quant(dequantize(Fp8Tiles{xq, xs, 0}), Fp8Tiling::Col128x1, true, p.pow2);
     EXPECT_EQ(code_diffs(bytes(q3), K, Mp, xh.q), 0) << "x-hat codes";
     EXPECT_EQ(scale_diffs(floats(s3), Mp / 128, K,
-                          [&](int64_t rb, int64_t c) { return xh.s.data<float>()[c * (Mp / 128) + rb]; }),
+                          [&](int64_t rb, int64_t c) {
+                            return bad.xhat_scales ? nan : xh.s.data<float>()[c * (Mp / 128) + rb];
+                          }),
               0)
         << "x-hat scales";
   }
@@ -237,54 +257,28 @@ TEST(CudaFp8Prep, BackwardBytesWhenCtasLoopOverBlocks) {
 // still the CPU's while the flag turns the weight's scales NaN and leaves dy's and x̂'s alone.
 TEST(CudaFp8Prep, BackwardBytesWithNonFiniteValues) {
   ASSERT_GT(cuda_device_count(), 0);
-  const float nan = NAN;
   for (bool in_dy : {true, false}) {
     SCOPED_TRACE(in_dy ? "NaN and Inf in dy" : "Inf in the weight");
     const int64_t M = 200, N = 320, K = 272;
-    Tensor dy = randn({M, N}, 41, 1), x = randn({M, K}, 41, 2, 3.0f);
+    Tensor dy = randn({M, N}, 41, 1);
+    NonFinite bad;
+    bad.weight_scales = true;  // a bad dy (Dgrad's a) or weight (its b) either way
     if (in_dy) {
       dy.data<float>()[3 * N + 130] = NAN;
       dy.data<float>()[150 * N + 5] = INFINITY;
+      bad.nan_at = [](int64_t r, int64_t c) { return r == 3 && c == 130; };
+      bad.row_tile = [](int64_t r, int64_t g) { return (r == 3 && g == 1) || (r == 150 && g == 0); };
+      bad.col_tile = [](int64_t c, int64_t rb) { return (c == 130 && rb == 0) || (c == 5 && rb == 1); };
+      bad.xhat_scales = true;  // Wgrad's b, beside the bad dy
     }
-    BackwardCase c(dy, x, 42, false);
+    BackwardCase c(dy, randn({M, K}, 41, 2, 3.0f), 42, false);
     if (!in_dy) {
       c.w.data<bf16>()[70 * K + 200] = bf16{float_to_bf16(INFINITY)};
       c.d_w = cuda_backend().to_device(c.w);
       c.p.w.w = c.d_w.raw();
     }
     cuda::fp8_backward_prep({&c.p, 1});
-    const int64_t Np = c.p.ld1, M1 = c.p.M1, Mp = c.p.ld2, ld4 = c.p.w.ld4, gn = Np / 128, gk = up(K, 128) / 128;
-    const auto nan_at = [&](int64_t r, int64_t col) { return in_dy && r == 3 && col == 130; };
-    const auto row_bad = [&](int64_t r, int64_t g) { return in_dy && ((r == 3 && g == 1) || (r == 150 && g == 0)); };
-    const auto col_bad = [&](int64_t col, int64_t rb) { return in_dy && ((col == 130 && rb == 0) || (col == 5 && rb == 1)); };
-    const Quant rows = cpu_quant(dy, Fp8Tiling::Row1x128, false, false);
-    EXPECT_EQ(code_diffs(bytes(c.q1), M1, Np, rows.q, nan_at), 0) << "dy 1x128 codes";
-    EXPECT_EQ(scale_diffs(floats(c.s1), gn, M1,
-                          [&](int64_t g, int64_t r) {
-                            return row_bad(r, g) ? nan : r < M ? rows.s.data<float>()[r * gn + g] : 1.0f;
-                          }),
-              0)
-        << "dy 1x128 scales";
-    const Quant cols = cpu_quant(dy, Fp8Tiling::Col128x1, true, false);  // [N, M]
-    EXPECT_EQ(code_diffs(bytes(c.q2), N, Mp, cols.q, [&](int64_t col, int64_t r) { return nan_at(r, col); }), 0)
-        << "dy 128x1 codes";
-    EXPECT_EQ(scale_diffs(floats(c.s2), Mp / 128, N,
-                          [&](int64_t rb, int64_t col) {
-                            return col_bad(col, rb) ? nan : cols.s.data<float>()[col * (Mp / 128) + rb];
-                          }),
-              0)
-        << "dy 128x1 scales";
-    const Quant xh = cpu_quant(dequantize(Fp8Tiles{c.xq, c.xs, 0}), Fp8Tiling::Col128x1, true, false);
-    EXPECT_EQ(code_diffs(bytes(c.q3), K, Mp, xh.q), 0) << "x-hat codes";
-    EXPECT_EQ(scale_diffs(floats(c.s3), Mp / 128, K,
-                          [&](int64_t rb, int64_t col) {
-                            return in_dy ? nan : xh.s.data<float>()[col * (Mp / 128) + rb];
-                          }),
-              0)
-        << "x-hat scales";
-    const Quant wt = cpu_quant(c.w.to(DType::F32), Fp8Tiling::Block128x128, true, false);  // [K, N]
-    EXPECT_EQ(code_diffs(bytes(c.wq), K, Np, wt.q), 0) << "weight codes";
-    EXPECT_EQ(scale_diffs(floats(c.ws), gk, ld4, [&](int64_t, int64_t) { return nan; }), 0) << "weight scales";
+    c.check(true, bad);
   }
 }
 

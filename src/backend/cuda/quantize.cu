@@ -729,6 +729,11 @@ __device__ unsigned cols_pass(DySmem& sm, int64_t r0, int64_t c0, int64_t n, int
   return bad;
 }
 
+// Rows of a block starting at row r0 of n rows: at most a block's.
+__device__ __forceinline__ int block_rows(int64_t n, int64_t r0) {
+  return n - r0 < kFp8Block ? int(n - r0) : kFp8Block;
+}
+
 __device__ unsigned dy_tile(DySmem& sm, int64_t g, int64_t rb, const BackwardPrep& p) {
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const int64_t M = p.M, N = p.N, r0 = rb * kFp8Block, c0 = g * kFp8Block;
@@ -745,7 +750,7 @@ __device__ unsigned dy_tile(DySmem& sm, int64_t g, int64_t rb, const BackwardPre
     // One 64-bit product for the warp's first row, then a step of eight rows per copy (the
     // products per copy were ~60% of this part's instructions).
     const float* src = p.dy + (r0 + w) * N + cl;
-    const int rows = M - r0 < kFp8Block ? int(M - r0) : kFp8Block;  // rows of the block in dy
+    const int rows = block_rows(M, r0);
 #pragma unroll
     for (int k = 0; k < 16; ++k) {
       const bool in = w + 8 * k < rows && cl < N;  // N % 4 == 0: all four columns or none
@@ -779,7 +784,7 @@ __device__ unsigned dy_tile(DySmem& sm, int64_t g, int64_t rb, const BackwardPre
     // Pointers stepped per iteration and 32-bit row tests: the 64-bit index products per row were
     // a third of the iteration's instructions besides the values' own.
     const int h = lane >> 3, j = lane & 7, i0 = w + 8 * h;
-    const int rows1 = p.M1 - r0 < kFp8Block ? int(p.M1 - r0) : kFp8Block;  // rows of q1 in the block
+    const int rows1 = block_rows(p.M1, r0);  // rows of q1 (M1 ≥ M) in the block
     float* s1 = p.s1_lt + g * p.M1 + r0 + i0;
     uint8_t* q1 = p.q1 + (r0 + i0) * p.ld1 + c0;  // ld1 = N rounded up to 128: in range
     const int64_t q1_step = 32 * p.ld1;
