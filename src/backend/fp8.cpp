@@ -373,6 +373,33 @@ Tensor dequantize(const Fp8Tiles& t) {
   return out;
 }
 
+SwigluTiles swiglu_fp8(Backend& be, const SwigluArgs& a, bool pow2) {
+  SwigluTiles t;
+#ifdef DSV3_HAVE_CUDA
+  if (a.gate.device() == Device::CUDA && cuda_swiglu_fp8(a, pow2, t)) return t;
+#endif
+  be.swiglu(a);
+  return {fp8_tiles(a.gate, pow2, "SwiGLU gate input"), fp8_tiles(a.up, pow2, "SwiGLU up input"),
+          fp8_tiles(a.out, pow2, "linear input")};
+}
+
+SwigluRecompute swiglu_fp8_recompute(Backend& be, const Fp8Tiles& gate, const Fp8Tiles& up, bool pow2) {
+  SwigluRecompute r;
+#ifdef DSV3_HAVE_CUDA
+  if (gate.q.device() == Device::CUDA && cuda_swiglu_fp8_recompute(gate, up, pow2, r)) return r;
+#endif
+  r.gate = dequantize(gate);
+  r.up = dequantize(up);
+  r.out = be.alloc(DType::F32, r.gate.shape());
+  SwigluArgs s;
+  s.gate = r.gate;
+  s.up = r.up;
+  s.out = r.out;
+  be.swiglu(s);
+  r.out_tiles = fp8_tiles(r.out, pow2, "linear input");
+  return r;
+}
+
 Fp8Tiles lowp_input_copy(const LinearPrecision& p, const Tensor& x, const char* name) {
   if (p.mode == LinearPrecisionMode::Fp8) return fp8_tiles(x, p.pow2_scale, name);
 #ifdef DSV3_HAVE_CUDA

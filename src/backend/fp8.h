@@ -151,6 +151,21 @@ Fp8Tiles lowp_input_copy(const LinearPrecision& prec, const Tensor& x, const cha
 // block's own tilings).
 Fp8Tiles lowp_grad_copy(const LinearPrecision& prec, const Tensor& dy);
 
+// The experts' SwiGLU in Fp8 mode (model/moe.cpp): a.out = silu(gate)·up as be.swiglu, with the
+// 1×128 tiles of gate and up (the backward keeps them) and of out (down_proj's input): fp8_tiles of
+// each, the same bits. On CUDA tensors whose rows are a multiple of 128 wide, one pass.
+struct SwigluTiles {
+  Fp8Tiles gate, up, out;
+};
+SwigluTiles swiglu_fp8(Backend& be, const SwigluArgs& a, bool pow2_scale);
+// The backward's recomputation from those tiles: gate and up dequantized (F32), out = silu(gate)·up
+// and out's tiles, as dequantize, be.swiglu and fp8_tiles give them.
+struct SwigluRecompute {
+  Tensor gate, up, out;
+  Fp8Tiles out_tiles;
+};
+SwigluRecompute swiglu_fp8_recompute(Backend& be, const Fp8Tiles& gate, const Fp8Tiles& up, bool pow2_scale);
+
 // A cached copy of x (or dy) holds FP8 tiles in Fp8 mode and a BF16 copy in Bf16 mode: a precision
 // switched between a forward and its backward must not hand one to the other's kernels. Throws,
 // naming `where`; null or an empty copy passes.

@@ -24,15 +24,6 @@ MoeLayerHook* set_moe_layer_hook(MoeLayerHook* h) {
 
 namespace {
 
-// --precision fp8: the SwiGLU inputs kept in FP8 (1×128 tiles) for the backward, which recomputes the
-// SwiGLU output (down_proj's input) from them ([V3] §3.3.3).
-void keep_swiglu_inputs_fp8(const MlpParams& p, MlpActs& a) {
-  if (!fp8_layer(p.down_proj)) return;
-  const bool pow2 = linear_precision().pow2_scale;
-  a.gate_fp8 = fp8_tiles(a.gate, pow2, "SwiGLU gate input");
-  a.up_fp8 = fp8_tiles(a.up, pow2, "SwiGLU up input");
-}
-
 Fp8Tiles block(const Fp8Tiles& t, int64_t r0, int64_t r1) { return t.defined() ? t.rows(r0, r1) : Fp8Tiles{}; }
 
 // Row blocks: offsets[0] = 0, non-decreasing, offsets.back() = the rows; one per MLP.
@@ -144,9 +135,18 @@ void experts_forward(Backend& be, std::span<const MlpParams> p, std::span<const 
   s.gate = a.gate;
   s.up = a.up;
   s.out = a.act;
-  be.swiglu(s);  // [M, I] silu(gate)·up
-  keep_swiglu_inputs_fp8(p[0], a);
-  const Fp8Tiles act = lowp ? lowp_input_copy(prec, a.act, "linear input") : Fp8Tiles{};
+  Fp8Tiles act;
+  if (fp8_layer(p[0].down_proj)) {
+    // FP8 keeps the SwiGLU inputs as 1×128 tiles and recomputes act from them in the backward
+    // ([V3] §3.3.3); the tiles of gate, up and act come out of one pass with act.
+    const SwigluTiles t = swiglu_fp8(be, s, prec.pow2_scale);  // [M, I] silu(gate)·up
+    a.gate_fp8 = t.gate;
+    a.up_fp8 = t.up;
+    if (lowp) act = t.out;
+  } else {
+    be.swiglu(s);
+    if (lowp) act = lowp_input_copy(prec, a.act, "linear input");
+  }
   if (!accumulate_out) a.out = be.alloc(DType::F32, {M, H});
   if (batched)
     grouped(be, p, offsets, &MlpParams::down_proj, a.act, a.out, accumulate_out, act);  // [M, H]
@@ -305,23 +305,18 @@ void experts_backward(Backend& be, std::span<const MlpParams> p, std::span<const
   if (M == 0) return;
   const int64_t I = a.gate.dim(-1);
   Tensor dact = be.alloc(DType::F32, {M, I});
-  // FP8: the SwiGLU inputs come back from their FP8 copies and act is recomputed from them.
-  const bool fp8 = a.gate_fp8.defined();
-  const Tensor gate = fp8 ? dequantize(a.gate_fp8) : a.gate, up = fp8 ? dequantize(a.up_fp8) : a.up;
-  Tensor act = a.act;
-  if (fp8) {
-    act = be.alloc(DType::F32, {M, I});
-    SwigluArgs f;
-    f.gate = gate;
-    f.up = up;
-    f.out = act;
-    be.swiglu(f);
-  }
   const LinearPrecision& prec = linear_precision();
   const bool lowp = p[0].gate_proj.lowp;
-  const Fp8Tiles act_copy = a.act_copy.defined() ? a.act_copy
-                            : lowp                ? lowp_input_copy(prec, act, "linear input")
-                                                  : Fp8Tiles{};
+  // FP8: the SwiGLU inputs come back from their FP8 copies and act (and its tiles) is recomputed.
+  Tensor gate = a.gate, up = a.up, act = a.act;
+  Fp8Tiles act_copy = a.act_copy;
+  if (a.gate_fp8.defined()) {
+    SwigluRecompute r = swiglu_fp8_recompute(be, a.gate_fp8, a.up_fp8, prec.pow2_scale);
+    gate = r.gate, up = r.up, act = r.out;
+    if (lowp) act_copy = r.out_tiles;
+  } else if (!act_copy.defined() && lowp) {
+    act_copy = lowp_input_copy(prec, act, "linear input");
+  }
   const bool lowp_batched = lowp_grouped(p);
   const Fp8Tiles dout_copy = lowp && !lowp_batched ? lowp_grad_copy(prec, dout) : Fp8Tiles{};
   if (lowp_batched)

@@ -101,7 +101,7 @@ struct SwigluOp {
     const Floats<W> gv = load_w<W>(g + i), uv = load_w<W>(u + i);
     Floats<W> r;
 #pragma unroll
-    for (int j = 0; j < W; ++j) r.v[j] = gv.v[j] / (1.0f + expf(-gv.v[j])) * uv.v[j];
+    for (int j = 0; j < W; ++j) r.v[j] = swiglu_value(gv.v[j], uv.v[j]);
     store_w<W>(o + i, r);
   }
 };

@@ -1,0 +1,156 @@
+// The experts' SwiGLU under --precision fp8 with its FP8 tiles made in the same pass (backend/fp8.h
+// swiglu_fp8, swiglu_fp8_recompute). Composed, the forward read gate and up for the SwiGLU, wrote
+// out, then read gate, up and out again for their 1×128 tiles (27 bytes moved per element); the
+// backward dequantized gate and up into F32, read them back for out, and out again for its tiles
+// (27 bytes). Here each tile of eight lanes does all of it from one read: 15 bytes per element
+// forward, 15 back (the F32 gate, up and out the backward's SwiGLU gradient and fallbacks still read).
+// The bytes are those of the composition on this GPU: the same SwiGLU expression (swiglu_value) and
+// the tiles of quantize_rows_kernel (fp8_tile.cuh).
+#include "backend/cuda/common.cuh"
+#include "backend/cuda/fp8_tile.cuh"
+#include "backend/cuda/linear_lowp.h"
+#include "backend/cuda/stream.h"
+
+namespace dsv3 {
+using namespace cuda;
+using namespace cuda::fp8q;
+
+namespace {
+
+// [M, I] row-major with I a multiple of 128, so tile t (row t / (I/128), column block t % (I/128))
+// starts at element 128·t and its scale is element t of the [M, I/128] grid.
+struct SwigluFp8Args {
+  int64_t tiles = 0;
+  bool pow2 = false;
+  const float *g = nullptr, *u = nullptr;                // forward: gate and up
+  const uint8_t *gq_in = nullptr, *uq_in = nullptr;      // recompute: their tiles
+  const float *gs_in = nullptr, *us_in = nullptr;
+  float *g_out = nullptr, *u_out = nullptr;              // recompute: gate and up dequantized
+  uint8_t *gq = nullptr, *uq = nullptr;                  // forward: gate's and up's tiles
+  float *gs = nullptr, *us = nullptr;
+  float* act = nullptr;                                  // silu(gate)·up, and its tiles
+  uint8_t* aq = nullptr;
+  float* as = nullptr;
+};
+
+// Lane j's sixteen values of tile t from its codes and scale (columns as group8_get), e4m3·s as
+// dequantize computes it.
+__device__ __forceinline__ void group8_dequant(const uint8_t* q, const float* s, int64_t t, int j, bool live,
+                                               float (&v)[16]) {
+  const float sc = live ? s[t] : 0.0f;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float4 w = widen4(live ? *reinterpret_cast<const uint32_t*>(q + kFp8Block * t + 4 * j + 32 * k) : 0u);
+    v[4 * k] = w.x * sc, v[4 * k + 1] = w.y * sc, v[4 * k + 2] = w.z * sc, v[4 * k + 3] = w.w * sc;
+  }
+}
+__device__ __forceinline__ void group8_store(float* p, int j, const float (&v)[16]) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+    *reinterpret_cast<float4*>(p + 4 * j + 32 * k) = make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
+}
+// The tile's scale (NaN when it holds a non-finite value) and codes. Every lane calls it (it shuffles).
+__device__ __forceinline__ void group8_tile(const float (&v)[16], int64_t t, int j, bool live, bool pow2, uint8_t* q,
+                                            float* s) {
+  unsigned bad = 0;
+  const float sc = group8_tile_scale(v, pow2, bad);
+  if (!live) return;
+  if (j == 0) s[t] = bad ? __int_as_float(0x7fc00000) : sc;
+  group8_put(q + kFp8Block * t, j, v, sc, bad == 0);
+}
+
+template <bool kFromTiles>
+__global__ void __launch_bounds__(256) swiglu_fp8_kernel(const __grid_constant__ SwigluFp8Args a) {
+  const int64_t t = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 8;
+  const int j = threadIdx.x & 7;
+  const bool live = t < a.tiles;  // a tile past the end is zeros, not stored
+  float g[16], u[16], v[16];
+  if constexpr (kFromTiles) {
+    group8_dequant(a.gq_in, a.gs_in, t, j, live, g);
+    group8_dequant(a.uq_in, a.us_in, t, j, live, u);
+    if (live) {
+      group8_store(a.g_out + kFp8Block * t, j, g);
+      group8_store(a.u_out + kFp8Block * t, j, u);
+    }
+  } else {
+    group8_get(a.g + kFp8Block * t, j, live, g);
+    group8_get(a.u + kFp8Block * t, j, live, u);
+    group8_tile(g, t, j, live, a.pow2, a.gq, a.gs);
+    group8_tile(u, t, j, live, a.pow2, a.uq, a.us);
+  }
+#pragma unroll
+  for (int k = 0; k < 16; ++k) v[k] = swiglu_value(g[k], u[k]);
+  if (live) group8_store(a.act + kFp8Block * t, j, v);
+  group8_tile(v, t, j, live, a.pow2, a.aq, a.as);
+}
+
+
+// [M, I] for a tensor of I-wide rows whose I is a multiple of 128; M = -1 otherwise.
+int64_t tile_rows(const Tensor& x) {
+  const int64_t I = x.dim(-1);
+  return I > 0 && I % kFp8Block == 0 ? x.numel() / I : -1;
+}
+
+Fp8Tiles tiles_like(const Tensor& x) {
+  const int64_t I = x.dim(-1), M = x.numel() / I;
+  CudaBackend& be = cuda_backend();
+  return {be.alloc(DType::F8_E4M3, {M, I}), be.alloc(DType::F32, {M, I / kFp8Block}), 0};
+}
+
+void launch(bool from_tiles, const SwigluFp8Args& a) {
+  if (a.tiles == 0) return;
+  const unsigned grid = unsigned((a.tiles * 8 + 255) / 256);
+  if (from_tiles) swiglu_fp8_kernel<true><<<grid, 256, 0, stream()>>>(a);
+  else swiglu_fp8_kernel<false><<<grid, 256, 0, stream()>>>(a);
+  check_launch("swiglu_fp8");
+}
+
+}  // namespace
+
+bool cuda_swiglu_fp8(const SwigluArgs& s, bool pow2, SwigluTiles& out) {
+  const int64_t M = tile_rows(s.gate);
+  if (M < 0 || s.out.dtype() != DType::F32 || !aligned16(s.gate.raw()) || !aligned16(s.up.raw()) ||
+      !aligned16(s.out.raw()))
+    return false;
+  out = {tiles_like(s.gate), tiles_like(s.gate), tiles_like(s.gate)};
+  SwigluFp8Args a;
+  a.tiles = M * (s.gate.dim(-1) / kFp8Block);
+  a.pow2 = pow2;
+  a.g = ptr<float>(s.gate);
+  a.u = ptr<float>(s.up);
+  a.gq = ptr<uint8_t>(out.gate.q);
+  a.gs = ptr<float>(out.gate.scale);
+  a.uq = ptr<uint8_t>(out.up.q);
+  a.us = ptr<float>(out.up.scale);
+  a.act = ptr<float>(s.out);
+  a.aq = ptr<uint8_t>(out.out.q);
+  a.as = ptr<float>(out.out.scale);
+  launch(false, a);
+  return true;
+}
+
+bool cuda_swiglu_fp8_recompute(const Fp8Tiles& gate, const Fp8Tiles& up, bool pow2, SwigluRecompute& out) {
+  const int64_t M = tile_rows(gate.q);
+  if (M < 0 || up.q.shape() != gate.q.shape() || gate.scale.numel() != M * (gate.q.dim(-1) / kFp8Block) ||
+      up.scale.numel() != gate.scale.numel() || !aligned16(gate.q.raw()) || !aligned16(up.q.raw()))
+    return false;
+  CudaBackend& be = cuda_backend();
+  const Shape shape{M, gate.q.dim(-1)};
+  out = {be.alloc(DType::F32, shape), be.alloc(DType::F32, shape), be.alloc(DType::F32, shape), tiles_like(gate.q)};
+  SwigluFp8Args a;
+  a.tiles = gate.scale.numel();
+  a.pow2 = pow2;
+  a.gq_in = ptr<uint8_t>(gate.q);
+  a.gs_in = ptr<float>(gate.scale);
+  a.uq_in = ptr<uint8_t>(up.q);
+  a.us_in = ptr<float>(up.scale);
+  a.g_out = ptr<float>(out.gate);
+  a.u_out = ptr<float>(out.up);
+  a.act = ptr<float>(out.out);
+  a.aq = ptr<uint8_t>(out.out_tiles.q);
+  a.as = ptr<float>(out.out_tiles.scale);
+  launch(true, a);
+  return true;
+}
+
+}  // namespace dsv3

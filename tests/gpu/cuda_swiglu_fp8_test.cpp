@@ -1,0 +1,121 @@
+// The experts' fused SwiGLU with its FP8 tiles (backend/fp8.h swiglu_fp8 and swiglu_fp8_recompute,
+// backend/cuda/swiglu_fp8.cu) against what it replaces: the CUDA swiglu op followed by fp8_tiles of
+// gate, up and out, and in the backward dequantize, swiglu and fp8_tiles — every float and code bit
+// for bit, NaN-marked scales included — and against the CPU: the tiles of gate and up are the CPU
+// quantizer's own, out's tiles the CPU's of the GPU's out, out the CPU's SwiGLU within kF32.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "../backend/harness.h"
+#include "backend/cpu/cpu_backend.h"
+#include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/linear_lowp.h"
+#include "backend/tolerance.h"
+
+namespace dsv3::test {
+namespace {
+
+// Bits of a tensor (device or host): floats compared by their patterns, NaN included.
+std::vector<uint8_t> bits(const Tensor& t) {
+  const Tensor h = t.device() == Device::CUDA ? cuda_backend().to_host(t) : t;
+  const uint8_t* p = static_cast<const uint8_t*>(h.raw());
+  return {p, p + h.nbytes()};
+}
+int64_t diffs(const Tensor& got, const Tensor& want) {
+  const std::vector<uint8_t> a = bits(got), b = bits(want);
+  if (a.size() != b.size()) return -1;
+  const size_t w = dtype_size(got.dtype());
+  int64_t d = 0;
+  for (size_t i = 0; i < a.size(); i += w) d += std::memcmp(&a[i], &b[i], w) != 0;
+  return d;
+}
+void expect_same(const Fp8Tiles& got, const Fp8Tiles& want, const char* what) {
+  EXPECT_EQ(diffs(got.q, want.q), 0) << what << " codes";
+  EXPECT_EQ(diffs(got.scale, want.scale), 0) << what << " scales";
+}
+// The CPU quantizer's tiles of a device tensor's values.
+Fp8Tiles cpu_tiles(const Tensor& x, bool pow2) { return fp8_tiles(cuda_backend().to_host(x), pow2, "test"); }
+
+// Gate and up [M, I] with NaN and ±Inf in a few tiles and one all-zero tile of gate (scale 1).
+struct Inputs {
+  Tensor gate, up;  // host
+  Inputs(int64_t M, int64_t I, uint64_t seed) : gate(randn({M, I}, seed, 1, 2.0f)), up(randn({M, I}, seed, 2)) {
+    float* g = gate.data<float>();
+    float* u = up.data<float>();
+    g[5 * I + 10] = NAN;
+    g[9 * I + I - 2] = -INFINITY;
+    u[7 * I + I / 2] = INFINITY;
+    for (int64_t c = 0; c < std::min<int64_t>(I, 128); ++c) g[11 * I + c] = 0.0f;
+  }
+};
+
+SwigluArgs args(const Tensor& g, const Tensor& u, const Tensor& out) {
+  SwigluArgs s;
+  s.gate = g;
+  s.up = u;
+  s.out = out;
+  return s;
+}
+
+void check_forward_and_recompute(int64_t M, int64_t I, bool pow2, bool fused) {
+  SCOPED_TRACE(testing::Message() << "M " << M << " I " << I << " pow2 " << pow2);
+  CudaBackend& be = cuda_backend();
+  const Inputs in(M, I, 17 + uint64_t(I));
+  const Tensor g = be.to_device(in.gate), u = be.to_device(in.up);
+  const Tensor out = be.alloc(DType::F32, {M, I}), ref_out = be.alloc(DType::F32, {M, I});
+  SwigluTiles direct;
+  EXPECT_EQ(cuda_swiglu_fp8(args(g, u, out), pow2, direct), fused);
+  const SwigluTiles t = swiglu_fp8(be, args(g, u, out), pow2);
+  be.swiglu(args(g, u, ref_out));
+  EXPECT_EQ(diffs(out, ref_out), 0) << "out";
+  expect_same(t.gate, fp8_tiles(g, pow2, "gate"), "gate");
+  expect_same(t.up, fp8_tiles(u, pow2, "up"), "up");
+  expect_same(t.out, fp8_tiles(ref_out, pow2, "out"), "out");
+  expect_same(t.gate, cpu_tiles(g, pow2), "gate against the CPU");
+  expect_same(t.up, cpu_tiles(u, pow2), "up against the CPU");
+  expect_same(t.out, cpu_tiles(out, pow2), "out against the CPU's tiles of it");
+  Tensor cpu_out = Tensor::empty(DType::F32, {M, I});
+  cpu_backend().swiglu(args(in.gate, in.up, cpu_out));
+  const Vec want = to_vec(cpu_out);
+  Vec got = to_vec(be.to_host(out));
+  for (size_t i = 0; i < want.size(); ++i)
+    if (!std::isfinite(want[i])) {
+      EXPECT_EQ(std::isnan(got[i]), std::isnan(want[i])) << i;
+      got[i] = 0.0;  // compare() takes the finite values
+    }
+  Vec finite = want;
+  for (double& v : finite) v = std::isfinite(v) ? v : 0.0;
+  EXPECT_LE(compare(host_f32({M, I}, got), finite).norm_err, tol::kF32);
+
+  SwigluRecompute direct_r;
+  EXPECT_EQ(cuda_swiglu_fp8_recompute(t.gate, t.up, pow2, direct_r), fused);
+  const SwigluRecompute r = swiglu_fp8_recompute(be, t.gate, t.up, pow2);
+  const Tensor dg = dequantize(t.gate), du = dequantize(t.up), dout = be.alloc(DType::F32, {M, I});
+  be.swiglu(args(dg, du, dout));
+  EXPECT_EQ(diffs(r.gate, dg), 0) << "recomputed gate";
+  EXPECT_EQ(diffs(r.up, du), 0) << "recomputed up";
+  EXPECT_EQ(diffs(r.out, dout), 0) << "recomputed out";
+  expect_same(r.out_tiles, fp8_tiles(dout, pow2, "out"), "recomputed out");
+  expect_same(r.out_tiles, cpu_tiles(r.out, pow2), "recomputed out against the CPU's tiles of it");
+  Tensor cpu_g = Tensor::empty(DType::F32, {M, I});
+  dequantize_fp8_fast(be.to_host(t.gate.q), be.to_host(t.gate.scale), cpu_g);
+  EXPECT_EQ(diffs(r.gate, cpu_g), 0) << "recomputed gate against the CPU's dequantization";
+}
+
+TEST(CudaSwigluFp8, FusedBytesAreTheComposition) {
+  ASSERT_GT(cuda_device_count(), 0);
+  check_forward_and_recompute(200, 384, false, true);
+  check_forward_and_recompute(37, 512, true, true);
+}
+
+// Rows not a multiple of 128 wide (the tiny preset's 96): no fused launch, the composition's bytes.
+TEST(CudaSwigluFp8, NarrowRowsComposeTheOps) {
+  ASSERT_GT(cuda_device_count(), 0);
+  check_forward_and_recompute(50, 96, false, false);
+}
+
+}  // namespace
+}  // namespace dsv3::test
