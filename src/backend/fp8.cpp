@@ -388,16 +388,22 @@ SwigluRecompute swiglu_fp8_recompute(Backend& be, const Fp8Tiles& gate, const Fp
 #ifdef DSV3_HAVE_CUDA
   if (gate.q.device() == Device::CUDA && cuda_swiglu_fp8_recompute(gate, up, pow2, r)) return r;
 #endif
-  r.gate = dequantize(gate);
-  r.up = dequantize(up);
-  r.out = be.alloc(DType::F32, r.gate.shape());
   SwigluArgs s;
-  s.gate = r.gate;
-  s.up = r.up;
-  s.out = r.out;
+  s.gate = dequantize(gate);
+  s.up = dequantize(up);
+  s.out = r.out = be.alloc(DType::F32, s.gate.shape());
   be.swiglu(s);
   r.out_tiles = fp8_tiles(r.out, pow2, "linear input");
   return r;
+}
+
+void swiglu_backward_fp8(Backend& be, SwigluBackwardArgs a, const Fp8Tiles& gate, const Fp8Tiles& up) {
+#ifdef DSV3_HAVE_CUDA
+  if (gate.q.device() == Device::CUDA && cuda_swiglu_backward_fp8(a, gate, up)) return;
+#endif
+  a.gate = dequantize(gate);
+  a.up = dequantize(up);
+  be.swiglu_backward(a);
 }
 
 Fp8Tiles lowp_input_copy(const LinearPrecision& p, const Tensor& x, const char* name) {

@@ -158,13 +158,15 @@ struct SwigluTiles {
   Fp8Tiles gate, up, out;
 };
 SwigluTiles swiglu_fp8(Backend& be, const SwigluArgs& a, bool pow2_scale);
-// The backward's recomputation from those tiles: gate and up dequantized (F32), out = silu(gate)·up
-// and out's tiles, as dequantize, be.swiglu and fp8_tiles give them.
+// The backward's recomputation from those tiles: out = silu(gate)·up of the dequantized tiles and
+// out's tiles, as dequantize, be.swiglu and fp8_tiles give them.
 struct SwigluRecompute {
-  Tensor gate, up, out;
+  Tensor out;
   Fp8Tiles out_tiles;
 };
 SwigluRecompute swiglu_fp8_recompute(Backend& be, const Fp8Tiles& gate, const Fp8Tiles& up, bool pow2_scale);
+// be.swiglu_backward(a) with a.gate and a.up the dequantized tiles (a's own are not read).
+void swiglu_backward_fp8(Backend& be, SwigluBackwardArgs a, const Fp8Tiles& gate, const Fp8Tiles& up);
 
 // A cached copy of x (or dy) holds FP8 tiles in Fp8 mode and a BF16 copy in Bf16 mode: a precision
 // switched between a forward and its backward must not hand one to the other's kernels. Throws,

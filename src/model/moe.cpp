@@ -307,12 +307,14 @@ void experts_backward(Backend& be, std::span<const MlpParams> p, std::span<const
   Tensor dact = be.alloc(DType::F32, {M, I});
   const LinearPrecision& prec = linear_precision();
   const bool lowp = p[0].gate_proj.lowp;
-  // FP8: the SwiGLU inputs come back from their FP8 copies and act (and its tiles) is recomputed.
-  Tensor gate = a.gate, up = a.up, act = a.act;
+  // FP8: act (and its tiles) is recomputed from the SwiGLU inputs' FP8 copies, which the SwiGLU's
+  // gradient reads too.
+  const bool fp8 = a.gate_fp8.defined();
+  Tensor act = a.act;
   Fp8Tiles act_copy = a.act_copy;
-  if (a.gate_fp8.defined()) {
+  if (fp8) {
     SwigluRecompute r = swiglu_fp8_recompute(be, a.gate_fp8, a.up_fp8, prec.pow2_scale);
-    gate = r.gate, up = r.up, act = r.out;
+    act = r.out;
     if (lowp) act_copy = r.out_tiles;
   } else if (!act_copy.defined() && lowp) {
     act_copy = lowp_input_copy(prec, act, "linear input");
@@ -329,13 +331,14 @@ void experts_backward(Backend& be, std::span<const MlpParams> p, std::span<const
     });
   SwigluBackwardArgs s;
   s.dout = dact;
-  s.gate = gate;
-  s.up = up;
+  s.gate = a.gate;
+  s.up = a.up;
   const bool bf16 = bf16_activations(p);
   Tensor dup = be.alloc(bf16 ? DType::BF16 : DType::F32, {M, I});
   s.dgate = bf16 ? be.alloc(DType::BF16, {M, I}) : dact;  // in F32 it aliases dout (elementwise)
   s.dup = dup;
-  be.swiglu_backward(s);
+  if (fp8) swiglu_backward_fp8(be, s, a.gate_fp8, a.up_fp8);
+  else be.swiglu_backward(s);
   if (lowp_batched) {
     grouped_lowp_backward(p, g, offsets, &MlpParams::gate_proj, a.x, s.dgate, dx, accumulate_dx, a.x_fp8);  // [M, H]
     grouped_lowp_backward(p, g, offsets, &MlpParams::up_proj, a.x, dup, dx, true, a.x_fp8);

@@ -1,8 +1,9 @@
-// The experts' fused SwiGLU with its FP8 tiles (backend/fp8.h swiglu_fp8 and swiglu_fp8_recompute,
-// backend/cuda/swiglu_fp8.cu) against what it replaces: the CUDA swiglu op followed by fp8_tiles of
-// gate, up and out, and in the backward dequantize, swiglu and fp8_tiles — every float and code bit
-// for bit, NaN-marked scales included — and against the CPU: the tiles of gate and up are the CPU
-// quantizer's own, out's tiles the CPU's of the GPU's out, out the CPU's SwiGLU within kF32.
+// The experts' fused SwiGLU with its FP8 tiles (backend/fp8.h swiglu_fp8, swiglu_fp8_recompute and
+// swiglu_backward_fp8; backend/cuda/swiglu_fp8.cu) against what it replaces: the CUDA swiglu op and
+// fp8_tiles of gate, up and out; in the backward dequantize, swiglu and fp8_tiles; swiglu_backward
+// of the dequantized tiles — every float and code bit for bit, NaN-marked scales included — and
+// against the CPU: the tiles of gate and up are the CPU quantizer's own, out's tiles the CPU's of
+// the GPU's out, out the CPU's SwiGLU within kF32.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -95,14 +96,33 @@ void check_forward_and_recompute(int64_t M, int64_t I, bool pow2, bool fused) {
   const SwigluRecompute r = swiglu_fp8_recompute(be, t.gate, t.up, pow2);
   const Tensor dg = dequantize(t.gate), du = dequantize(t.up), dout = be.alloc(DType::F32, {M, I});
   be.swiglu(args(dg, du, dout));
-  EXPECT_EQ(diffs(r.gate, dg), 0) << "recomputed gate";
-  EXPECT_EQ(diffs(r.up, du), 0) << "recomputed up";
   EXPECT_EQ(diffs(r.out, dout), 0) << "recomputed out";
   expect_same(r.out_tiles, fp8_tiles(dout, pow2, "out"), "recomputed out");
   expect_same(r.out_tiles, cpu_tiles(r.out, pow2), "recomputed out against the CPU's tiles of it");
   Tensor cpu_g = Tensor::empty(DType::F32, {M, I});
   dequantize_fp8_fast(be.to_host(t.gate.q), be.to_host(t.gate.scale), cpu_g);
-  EXPECT_EQ(diffs(r.gate, cpu_g), 0) << "recomputed gate against the CPU's dequantization";
+  EXPECT_EQ(diffs(dg, cpu_g), 0) << "the GPU's dequantized gate against the CPU's";
+
+  // The gradients, into dout's own storage for dgate (as the experts' backward does) and not.
+  const Tensor d_host = randn({M, I}, 29, 3);
+  for (bool alias : {false, true}) {
+    SCOPED_TRACE(alias ? "dgate aliases dout" : "dgate apart");
+    SwigluBackwardArgs b;
+    b.dout = be.to_device(d_host);
+    b.dgate = alias ? b.dout : be.alloc(DType::F32, {M, I});
+    b.dup = be.alloc(DType::F32, {M, I});
+    SwigluBackwardArgs ref = b;
+    ref.dout = be.to_device(d_host);
+    ref.dgate = alias ? ref.dout : be.alloc(DType::F32, {M, I});
+    ref.dup = be.alloc(DType::F32, {M, I});
+    ref.gate = dg;
+    ref.up = du;
+    be.swiglu_backward(ref);
+    EXPECT_EQ(cuda_swiglu_backward_fp8(b, t.gate, t.up), fused);
+    if (!fused) swiglu_backward_fp8(be, b, t.gate, t.up);
+    EXPECT_EQ(diffs(b.dgate, ref.dgate), 0) << "dgate";
+    EXPECT_EQ(diffs(b.dup, ref.dup), 0) << "dup";
+  }
 }
 
 TEST(CudaSwigluFp8, FusedBytesAreTheComposition) {

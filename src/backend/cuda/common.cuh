@@ -71,9 +71,15 @@ inline unsigned blocks_for(int64_t n, int threads = 256) {
   return unsigned(b < 1 ? 1 : (b > (1 << 30) ? (1 << 30) : b));
 }
 
-// silu(g)·u of one element: elementwise.cu's swiglu and swiglu_fp8.cu's fused form share it, so that
-// their outputs (and the FP8 tiles made from them) agree bit for bit.
+// silu(g)·u of one element and its gradients (d: the output's): elementwise.cu's swiglu ops and
+// swiglu_fp8.cu's fused forms share them, so that their outputs (and the FP8 tiles made from them)
+// agree bit for bit.
 __device__ __forceinline__ float swiglu_value(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+__device__ __forceinline__ void swiglu_grad(float d, float g, float u, float& dg, float& du) {
+  const float sg = 1.0f / (1.0f + expf(-g));
+  dg = d * u * sg * (1.0f + g * (1.0f - sg));
+  du = d * (g * sg);
+}
 
 template <class T> T* ptr(const Tensor& t) { return static_cast<T*>(const_cast<Tensor&>(t).raw()); }
 inline int64_t last_dim(const Tensor& t) { return t.ndim() ? t.dim(-1) : 1; }

@@ -116,11 +116,7 @@ struct SwigluBwdOp {
     const Floats<W> gv = load_w<W>(g + i), uv = load_w<W>(u + i), go = load_w<W>(dout + i);
     Floats<W> vg, vu;
 #pragma unroll
-    for (int j = 0; j < W; ++j) {
-      const float gi = gv.v[j], sg = 1.0f / (1.0f + expf(-gi));
-      vg.v[j] = go.v[j] * uv.v[j] * sg * (1.0f + gi * (1.0f - sg));
-      vu.v[j] = go.v[j] * (gi * sg);
-    }
+    for (int j = 0; j < W; ++j) swiglu_grad(go.v[j], gv.v[j], uv.v[j], vg.v[j], vu.v[j]);
     if (acc) {
       const Floats<W> pg = dg ? load_w<W>(dg + i) : Floats<W>{}, pu = du ? load_w<W>(du + i) : Floats<W>{};
 #pragma unroll

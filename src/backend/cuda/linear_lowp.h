@@ -44,10 +44,12 @@ void cuda_quantize_fp8_async(const QuantizeFp8Args& a, unsigned long long* nonfi
 // transposed output (q [K, M], scale [K, ⌈M/128⌉]) in one pass, NaN-marking as above; the bytes of
 // dequantize_fp8 followed by quantize_fp8(Col128x1, transpose_out).
 void cuda_requantize_cols_t(const Fp8Tiles& src, bool pow2_scale, const Tensor& q, const Tensor& scale);
-// swiglu_fp8 / swiglu_fp8_recompute (backend/fp8.h) in one launch (swiglu_fp8.cu): false, nothing
-// done, unless the rows are a multiple of 128 wide, out is F32 and the arrays are 16-byte aligned.
+// swiglu_fp8, swiglu_fp8_recompute and swiglu_backward_fp8 (backend/fp8.h) in one launch each
+// (swiglu_fp8.cu): false, nothing done, unless the rows are a multiple of 128 wide, the outputs F32
+// (the gradients written, not accumulated) and the arrays 16-byte aligned.
 bool cuda_swiglu_fp8(const SwigluArgs& a, bool pow2_scale, SwigluTiles& out);
 bool cuda_swiglu_fp8_recompute(const Fp8Tiles& gate, const Fp8Tiles& up, bool pow2_scale, SwigluRecompute& out);
+bool cuda_swiglu_backward_fp8(const SwigluBackwardArgs& a, const Fp8Tiles& gate, const Fp8Tiles& up);
 
 namespace cuda {
 

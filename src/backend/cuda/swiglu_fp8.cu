@@ -1,11 +1,12 @@
 // The experts' SwiGLU under --precision fp8 with its FP8 tiles made in the same pass (backend/fp8.h
-// swiglu_fp8, swiglu_fp8_recompute). Composed, the forward read gate and up for the SwiGLU, wrote
-// out, then read gate, up and out again for their 1×128 tiles (27 bytes moved per element); the
-// backward dequantized gate and up into F32, read them back for out, and out again for its tiles
-// (27 bytes). Here each tile of eight lanes does all of it from one read: 15 bytes per element
-// forward, 15 back (the F32 gate, up and out the backward's SwiGLU gradient and fallbacks still read).
-// The bytes are those of the composition on this GPU: the same SwiGLU expression (swiglu_value) and
-// the tiles of quantize_rows_kernel (fp8_tile.cuh).
+// swiglu_fp8, swiglu_fp8_recompute, swiglu_backward_fp8). Composed, the forward read gate and up for
+// the SwiGLU, wrote out, then read gate, up and out again for their 1×128 tiles (27 bytes moved per
+// element); the backward dequantized gate and up into F32, read them back for out, and out again
+// for its tiles (27 bytes), and the gradient read the F32 gate and up (20 bytes with dout and the
+// two gradients). Here each tile of eight lanes does a pass from one read: 15 bytes per element
+// forward, 7 for the recomputation, 14 for the gradient. The bytes are those of the composition on
+// this GPU: the same SwiGLU expressions (common.cuh) and the tiles of quantize_rows_kernel
+// (fp8_tile.cuh).
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/fp8_tile.cuh"
 #include "backend/cuda/linear_lowp.h"
@@ -25,7 +26,6 @@ struct SwigluFp8Args {
   const float *g = nullptr, *u = nullptr;                // forward: gate and up
   const uint8_t *gq_in = nullptr, *uq_in = nullptr;      // recompute: their tiles
   const float *gs_in = nullptr, *us_in = nullptr;
-  float *g_out = nullptr, *u_out = nullptr;              // recompute: gate and up dequantized
   uint8_t *gq = nullptr, *uq = nullptr;                  // forward: gate's and up's tiles
   float *gs = nullptr, *us = nullptr;
   float* act = nullptr;                                  // silu(gate)·up, and its tiles
@@ -68,10 +68,6 @@ __global__ void __launch_bounds__(256) swiglu_fp8_kernel(const __grid_constant__
   if constexpr (kFromTiles) {
     group8_dequant(a.gq_in, a.gs_in, t, j, live, g);
     group8_dequant(a.uq_in, a.us_in, t, j, live, u);
-    if (live) {
-      group8_store(a.g_out + kFp8Block * t, j, g);
-      group8_store(a.u_out + kFp8Block * t, j, u);
-    }
   } else {
     group8_get(a.g + kFp8Block * t, j, live, g);
     group8_get(a.u + kFp8Block * t, j, live, u);
@@ -85,10 +81,42 @@ __global__ void __launch_bounds__(256) swiglu_fp8_kernel(const __grid_constant__
 }
 
 
+// The gradients: dgate, dup = swiglu_grad(dout, gate, up) with gate and up from their tiles (dgate may
+// be dout: each element is read before it is written, by the same lane).
+struct SwigluBwdFp8Args {
+  int64_t tiles = 0;
+  const float* dout = nullptr;
+  const uint8_t *gq = nullptr, *uq = nullptr;
+  const float *gs = nullptr, *us = nullptr;
+  float *dg = nullptr, *du = nullptr;
+};
+__global__ void __launch_bounds__(256) swiglu_bwd_fp8_kernel(const __grid_constant__ SwigluBwdFp8Args a) {
+  const int64_t t = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 8;
+  const int j = threadIdx.x & 7;
+  if (t >= a.tiles) return;  // no shuffles here
+  float g[16], u[16], d[16];
+  group8_dequant(a.gq, a.gs, t, j, true, g);
+  group8_dequant(a.uq, a.us, t, j, true, u);
+  group8_get(a.dout + kFp8Block * t, j, true, d);
+#pragma unroll
+  for (int k = 0; k < 16; ++k) swiglu_grad(d[k], g[k], u[k], g[k], u[k]);
+  group8_store(a.dg + kFp8Block * t, j, g);
+  group8_store(a.du + kFp8Block * t, j, u);
+}
+
 // [M, I] for a tensor of I-wide rows whose I is a multiple of 128; M = -1 otherwise.
 int64_t tile_rows(const Tensor& x) {
   const int64_t I = x.dim(-1);
   return I > 0 && I % kFp8Block == 0 ? x.numel() / I : -1;
+}
+
+// The rows of gate's and up's tiles when a fused launch takes them (1×128 tiles of the same [M, I],
+// I a multiple of 128, 16-byte aligned codes); -1 otherwise.
+int64_t fused_tiles(const Fp8Tiles& gate, const Fp8Tiles& up) {
+  const int64_t M = tile_rows(gate.q);
+  const bool ok = M >= 0 && up.q.shape() == gate.q.shape() && gate.scale.numel() == M * (gate.q.dim(-1) / kFp8Block) &&
+                  up.scale.numel() == gate.scale.numel() && aligned16(gate.q.raw()) && aligned16(up.q.raw());
+  return ok ? M : -1;
 }
 
 Fp8Tiles tiles_like(const Tensor& x) {
@@ -130,13 +158,9 @@ bool cuda_swiglu_fp8(const SwigluArgs& s, bool pow2, SwigluTiles& out) {
 }
 
 bool cuda_swiglu_fp8_recompute(const Fp8Tiles& gate, const Fp8Tiles& up, bool pow2, SwigluRecompute& out) {
-  const int64_t M = tile_rows(gate.q);
-  if (M < 0 || up.q.shape() != gate.q.shape() || gate.scale.numel() != M * (gate.q.dim(-1) / kFp8Block) ||
-      up.scale.numel() != gate.scale.numel() || !aligned16(gate.q.raw()) || !aligned16(up.q.raw()))
-    return false;
-  CudaBackend& be = cuda_backend();
-  const Shape shape{M, gate.q.dim(-1)};
-  out = {be.alloc(DType::F32, shape), be.alloc(DType::F32, shape), be.alloc(DType::F32, shape), tiles_like(gate.q)};
+  const int64_t M = fused_tiles(gate, up);
+  if (M < 0) return false;
+  out = {cuda_backend().alloc(DType::F32, {M, gate.q.dim(-1)}), tiles_like(gate.q)};
   SwigluFp8Args a;
   a.tiles = gate.scale.numel();
   a.pow2 = pow2;
@@ -144,12 +168,33 @@ bool cuda_swiglu_fp8_recompute(const Fp8Tiles& gate, const Fp8Tiles& up, bool po
   a.gs_in = ptr<float>(gate.scale);
   a.uq_in = ptr<uint8_t>(up.q);
   a.us_in = ptr<float>(up.scale);
-  a.g_out = ptr<float>(out.gate);
-  a.u_out = ptr<float>(out.up);
   a.act = ptr<float>(out.out);
   a.aq = ptr<uint8_t>(out.out_tiles.q);
   a.as = ptr<float>(out.out_tiles.scale);
   launch(true, a);
+  return true;
+}
+
+bool cuda_swiglu_backward_fp8(const SwigluBackwardArgs& s, const Fp8Tiles& gate, const Fp8Tiles& up) {
+  const int64_t M = fused_tiles(gate, up);
+  const auto f32_out = [&](const Tensor& t) {
+    return present(t) && t.dtype() == DType::F32 && t.numel() == gate.q.numel() && aligned16(t.raw());
+  };
+  if (M < 0 || s.accumulate || !f32_out(s.dgate) || !f32_out(s.dup) || s.dout.numel() != gate.q.numel() ||
+      !aligned16(s.dout.raw()))
+    return false;
+  SwigluBwdFp8Args a;
+  a.tiles = gate.scale.numel();
+  a.dout = ptr<float>(s.dout);
+  a.gq = ptr<uint8_t>(gate.q);
+  a.gs = ptr<float>(gate.scale);
+  a.uq = ptr<uint8_t>(up.q);
+  a.us = ptr<float>(up.scale);
+  a.dg = ptr<float>(s.dgate);
+  a.du = ptr<float>(s.dup);
+  if (a.tiles == 0) return true;
+  swiglu_bwd_fp8_kernel<<<unsigned((a.tiles * 8 + 255) / 256), 256, 0, stream()>>>(a);
+  check_launch("swiglu_backward_fp8");
   return true;
 }
 
