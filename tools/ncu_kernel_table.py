@@ -23,6 +23,7 @@ whether any kernel did."""
 import argparse
 import csv
 import collections
+import signal
 import sys
 
 
@@ -119,4 +120,5 @@ def list_launches(lines, a):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` ends the output quietly
     main()
