@@ -389,8 +389,8 @@ SwigluRecompute swiglu_fp8_recompute(Backend& be, const Fp8Tiles& gate, const Fp
   if (gate.q.device() == Device::CUDA && cuda_swiglu_fp8_recompute(gate, up, pow2, r)) return r;
 #endif
   SwigluArgs s;
-  s.gate = dequantize(gate);
-  s.up = dequantize(up);
+  s.gate = r.gate = dequantize(gate);
+  s.up = r.up = dequantize(up);
   s.out = r.out = be.alloc(DType::F32, s.gate.shape());
   be.swiglu(s);
   r.out_tiles = fp8_tiles(r.out, pow2, "linear input");
@@ -398,11 +398,13 @@ SwigluRecompute swiglu_fp8_recompute(Backend& be, const Fp8Tiles& gate, const Fp
 }
 
 void swiglu_backward_fp8(Backend& be, SwigluBackwardArgs a, const Fp8Tiles& gate, const Fp8Tiles& up) {
+  if (!a.gate.defined() || !a.up.defined()) {
 #ifdef DSV3_HAVE_CUDA
-  if (gate.q.device() == Device::CUDA && cuda_swiglu_backward_fp8(a, gate, up)) return;
+    if (gate.q.device() == Device::CUDA && cuda_swiglu_backward_fp8(a, gate, up)) return;
 #endif
-  a.gate = dequantize(gate);
-  a.up = dequantize(up);
+    a.gate = dequantize(gate);
+    a.up = dequantize(up);
+  }
   be.swiglu_backward(a);
 }
 

@@ -151,7 +151,7 @@ Fp8Tiles lowp_input_copy(const LinearPrecision& prec, const Tensor& x, const cha
 // block's own tilings).
 Fp8Tiles lowp_grad_copy(const LinearPrecision& prec, const Tensor& dy);
 
-// The experts' SwiGLU in Fp8 mode (model/moe.cpp): a.out = silu(gate)·up as be.swiglu, with the
+// The MLPs' SwiGLU in Fp8 mode (model/moe.cpp): a.out = silu(gate)·up as be.swiglu, with the
 // 1×128 tiles of gate and up (the backward keeps them) and of out (down_proj's input): fp8_tiles of
 // each, the same bits. On CUDA tensors whose rows are a multiple of 128 wide, one pass.
 struct SwigluTiles {
@@ -159,13 +159,16 @@ struct SwigluTiles {
 };
 SwigluTiles swiglu_fp8(Backend& be, const SwigluArgs& a, bool pow2_scale);
 // The backward's recomputation from those tiles: out = silu(gate)·up of the dequantized tiles and
-// out's tiles, as dequantize, be.swiglu and fp8_tiles give them.
+// out's tiles, as dequantize, be.swiglu and fp8_tiles give them; gate and up are the dequantized
+// tiles where the composition made them (undefined after the GPU's one pass).
 struct SwigluRecompute {
   Tensor out;
   Fp8Tiles out_tiles;
+  Tensor gate, up;
 };
 SwigluRecompute swiglu_fp8_recompute(Backend& be, const Fp8Tiles& gate, const Fp8Tiles& up, bool pow2_scale);
-// be.swiglu_backward(a) with a.gate and a.up the dequantized tiles (a's own are not read).
+// be.swiglu_backward(a) with gate and up the dequantized tiles: a.gate and a.up when given (the
+// recomputation's), else dequantized here or, on the GPU, read from the tiles in one pass.
 void swiglu_backward_fp8(Backend& be, SwigluBackwardArgs a, const Fp8Tiles& gate, const Fp8Tiles& up);
 
 // A cached copy of x (or dy) holds FP8 tiles in Fp8 mode and a BF16 copy in Bf16 mode: a precision

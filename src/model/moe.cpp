@@ -312,8 +312,9 @@ void experts_backward(Backend& be, std::span<const MlpParams> p, std::span<const
   const bool fp8 = a.gate_fp8.defined();
   Tensor act = a.act;
   Fp8Tiles act_copy = a.act_copy;
+  SwigluRecompute r;
   if (fp8) {
-    SwigluRecompute r = swiglu_fp8_recompute(be, a.gate_fp8, a.up_fp8, prec.pow2_scale);
+    r = swiglu_fp8_recompute(be, a.gate_fp8, a.up_fp8, prec.pow2_scale);
     act = r.out;
     if (lowp) act_copy = r.out_tiles;
   } else if (!act_copy.defined() && lowp) {
@@ -331,8 +332,8 @@ void experts_backward(Backend& be, std::span<const MlpParams> p, std::span<const
     });
   SwigluBackwardArgs s;
   s.dout = dact;
-  s.gate = a.gate;
-  s.up = a.up;
+  s.gate = fp8 ? r.gate : a.gate;
+  s.up = fp8 ? r.up : a.up;
   const bool bf16 = bf16_activations(p);
   Tensor dup = be.alloc(bf16 ? DType::BF16 : DType::F32, {M, I});
   s.dgate = bf16 ? be.alloc(DType::BF16, {M, I}) : dact;  // in F32 it aliases dout (elementwise)

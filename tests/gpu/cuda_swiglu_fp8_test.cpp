@@ -79,80 +79,125 @@ SwigluArgs args(const Tensor& g, const Tensor& u, const Tensor& out) {
   return s;
 }
 
-void check_forward_and_recompute(int64_t M, int64_t I, bool pow2, bool fused) {
+// out (device) against the CPU's SwiGLU of the same inputs: finite values within kF32, the
+// non-finite ones the same (NaN of any payload).
+void expect_cpu_swiglu(const Inputs& in, const Tensor& out) {
+  const int64_t M = in.gate.dim(0), I = in.gate.dim(1);
+  Tensor cpu_out = Tensor::empty(DType::F32, {M, I});
+  cpu_backend().swiglu(args(in.gate, in.up, cpu_out));
+  Vec want = to_vec(cpu_out), got = to_vec(cuda_backend().to_host(out));
+  for (size_t i = 0; i < want.size(); ++i)
+    if (!std::isfinite(want[i])) {
+      EXPECT_TRUE(got[i] == want[i] || (std::isnan(got[i]) && std::isnan(want[i])))
+          << i << ": " << got[i] << " against " << want[i];
+      got[i] = want[i] = 0.0;  // compare() takes the finite values
+    }
+  const Err e = compare(host_f32({M, I}, got), want);
+  EXPECT_EQ(e.non_finite, 0);
+  EXPECT_LE(e.norm_err, tol::kF32);
+}
+
+// Forward, recomputation and gradient: the direct CUDA calls (which must take the fused path exactly
+// when `fused`) and backend/fp8.h's entry points, each against the composition.
+void check_passes(int64_t M, int64_t I, bool pow2, bool fused) {
   SCOPED_TRACE(testing::Message() << "M " << M << " I " << I << " pow2 " << pow2);
   CudaBackend& be = cuda_backend();
   const Inputs in(M, I, 17 + uint64_t(I));
-  const Tensor g = be.to_device(in.gate), u = be.to_device(in.up);
-  const Tensor out = be.alloc(DType::F32, {M, I}), ref_out = be.alloc(DType::F32, {M, I});
-  SwigluTiles direct;
-  EXPECT_EQ(cuda_swiglu_fp8(args(g, u, out), pow2, direct), fused);
-  const SwigluTiles t = swiglu_fp8(be, args(g, u, out), pow2);
+  const Tensor g = be.to_device(in.gate), u = be.to_device(in.up), ref_out = be.alloc(DType::F32, {M, I});
   be.swiglu(args(g, u, ref_out));
-  EXPECT_EQ(diffs(out, ref_out), 0) << "out";
-  expect_same(t.gate, fp8_tiles(g, pow2, "gate"), "gate");
-  expect_same(t.up, fp8_tiles(u, pow2, "up"), "up");
-  expect_same(t.out, fp8_tiles(ref_out, pow2, "out"), "out");
+  const SwigluTiles ref{fp8_tiles(g, pow2, "gate"), fp8_tiles(u, pow2, "up"), fp8_tiles(ref_out, pow2, "out")};
+  const auto expect_forward = [&](const Tensor& out, const SwigluTiles& t, const char* how) {
+    SCOPED_TRACE(how);
+    EXPECT_EQ(diffs(out, ref_out), 0) << "out";
+    expect_same(t.gate, ref.gate, "gate");
+    expect_same(t.up, ref.up, "up");
+    expect_same(t.out, ref.out, "out");
+  };
+  SwigluTiles t;
+  const Tensor out = be.alloc(DType::F32, {M, I});
+  EXPECT_EQ(cuda_swiglu_fp8(args(g, u, out), pow2, t), fused);
+  if (fused) expect_forward(out, t, "direct");
+  const Tensor out_w = be.alloc(DType::F32, {M, I});
+  t = swiglu_fp8(be, args(g, u, out_w), pow2);
+  expect_forward(out_w, t, "backend/fp8.h");
   expect_same(t.gate, cpu_tiles(g, pow2), "gate against the CPU", true);
   expect_same(t.up, cpu_tiles(u, pow2), "up against the CPU", true);
-  expect_same(t.out, cpu_tiles(out, pow2), "out against the CPU's tiles of it", true);
-  Tensor cpu_out = Tensor::empty(DType::F32, {M, I});
-  cpu_backend().swiglu(args(in.gate, in.up, cpu_out));
-  const Vec want = to_vec(cpu_out);
-  Vec got = to_vec(be.to_host(out));
-  for (size_t i = 0; i < want.size(); ++i)
-    if (!std::isfinite(want[i])) {
-      EXPECT_EQ(std::isnan(got[i]), std::isnan(want[i])) << i;
-      got[i] = 0.0;  // compare() takes the finite values
-    }
-  Vec finite = want;
-  for (double& v : finite) v = std::isfinite(v) ? v : 0.0;
-  EXPECT_LE(compare(host_f32({M, I}, got), finite).norm_err, tol::kF32);
+  expect_same(t.out, cpu_tiles(out_w, pow2), "out against the CPU's tiles of it", true);
+  expect_cpu_swiglu(in, out_w);
 
-  SwigluRecompute direct_r;
-  EXPECT_EQ(cuda_swiglu_fp8_recompute(t.gate, t.up, pow2, direct_r), fused);
-  const SwigluRecompute r = swiglu_fp8_recompute(be, t.gate, t.up, pow2);
-  const Tensor dg = dequantize(t.gate), du = dequantize(t.up), dout = be.alloc(DType::F32, {M, I});
-  be.swiglu(args(dg, du, dout));
-  EXPECT_EQ(diffs(r.out, dout), 0) << "recomputed out";
-  expect_same(r.out_tiles, fp8_tiles(dout, pow2, "out"), "recomputed out");
+  const Tensor dg = dequantize(t.gate), du = dequantize(t.up), ref_r = be.alloc(DType::F32, {M, I});
+  be.swiglu(args(dg, du, ref_r));
+  const Fp8Tiles ref_r_tiles = fp8_tiles(ref_r, pow2, "out");
+  const auto expect_recompute = [&](const SwigluRecompute& r, const char* how) {
+    SCOPED_TRACE(how);
+    EXPECT_EQ(diffs(r.out, ref_r), 0) << "recomputed out";
+    expect_same(r.out_tiles, ref_r_tiles, "recomputed out");
+  };
+  SwigluRecompute r;
+  EXPECT_EQ(cuda_swiglu_fp8_recompute(t.gate, t.up, pow2, r), fused);
+  if (fused) expect_recompute(r, "direct");
+  r = swiglu_fp8_recompute(be, t.gate, t.up, pow2);
+  expect_recompute(r, "backend/fp8.h");
+  EXPECT_EQ(r.gate.defined(), !fused) << "the composition's dequantized gate, handed to the gradient";
   expect_same(r.out_tiles, cpu_tiles(r.out, pow2), "recomputed out against the CPU's tiles of it", true);
   Tensor cpu_g = Tensor::empty(DType::F32, {M, I});
   dequantize_fp8_fast(be.to_host(t.gate.q), be.to_host(t.gate.scale), cpu_g);
   EXPECT_EQ(diffs(dg, cpu_g, true), 0) << "the GPU's dequantized gate against the CPU's";
 
-  // The gradients, into dout's own storage for dgate (as the experts' backward does) and not.
+  // The gradients, into dout's own storage for dgate (as the experts' backward does) and not; by
+  // the direct call, the entry point, and the entry point given the dequantized gate and up (the
+  // composition's recomputation hands them over).
   const Tensor d_host = randn({M, I}, 29, 3);
-  for (bool alias : {false, true}) {
-    SCOPED_TRACE(alias ? "dgate aliases dout" : "dgate apart");
-    SwigluBackwardArgs b;
-    b.dout = be.to_device(d_host);
-    b.dgate = alias ? b.dout : be.alloc(DType::F32, {M, I});
-    b.dup = be.alloc(DType::F32, {M, I});
-    SwigluBackwardArgs ref = b;
-    ref.dout = be.to_device(d_host);
-    ref.dgate = alias ? ref.dout : be.alloc(DType::F32, {M, I});
-    ref.dup = be.alloc(DType::F32, {M, I});
-    ref.gate = dg;
-    ref.up = du;
-    be.swiglu_backward(ref);
-    EXPECT_EQ(cuda_swiglu_backward_fp8(b, t.gate, t.up), fused);
-    if (!fused) swiglu_backward_fp8(be, b, t.gate, t.up);
-    EXPECT_EQ(diffs(b.dgate, ref.dgate), 0) << "dgate";
-    EXPECT_EQ(diffs(b.dup, ref.dup), 0) << "dup";
-  }
+  for (int how = 0; how < 3; ++how)
+    for (bool alias : {false, true}) {
+      SCOPED_TRACE(testing::Message() << (how == 0 ? "direct" : how == 1 ? "backend/fp8.h" : "given gate and up")
+                                      << (alias ? ", dgate aliases dout" : ""));
+      const auto grads = [&](SwigluBackwardArgs& b) {
+        b.dout = be.to_device(d_host);
+        b.dgate = alias ? b.dout : be.alloc(DType::F32, {M, I});
+        b.dup = be.alloc(DType::F32, {M, I});
+      };
+      SwigluBackwardArgs b, ref_b;
+      grads(b);
+      grads(ref_b);
+      ref_b.gate = dg;
+      ref_b.up = du;
+      be.swiglu_backward(ref_b);
+      if (how == 0) {
+        if (!fused) continue;  // the fallback is the entry point's, below
+        EXPECT_TRUE(cuda_swiglu_backward_fp8(b, t.gate, t.up));
+      }
+      if (how == 1) swiglu_backward_fp8(be, b, t.gate, t.up);
+      if (how == 2) {
+        b.gate = dg;
+        b.up = du;
+        swiglu_backward_fp8(be, b, t.gate, t.up);
+      }
+      EXPECT_EQ(diffs(b.dgate, ref_b.dgate), 0) << "dgate";
+      EXPECT_EQ(diffs(b.dup, ref_b.dup), 0) << "dup";
+    }
+  // What the fused gradient does not take: accumulation and BF16 gradients go to the composition.
+  SwigluBackwardArgs acc;
+  acc.dout = be.to_device(d_host);
+  acc.dgate = be.alloc(DType::F32, {M, I});
+  acc.dup = be.alloc(DType::BF16, {M, I});
+  EXPECT_FALSE(cuda_swiglu_backward_fp8(acc, t.gate, t.up));
+  acc.dup = be.alloc(DType::F32, {M, I});
+  acc.accumulate = true;
+  EXPECT_FALSE(cuda_swiglu_backward_fp8(acc, t.gate, t.up));
 }
 
+// 600 tiles, and 111 (a warp whose last tiles are past the end).
 TEST(CudaSwigluFp8, FusedBytesAreTheComposition) {
   ASSERT_GT(cuda_device_count(), 0);
-  check_forward_and_recompute(200, 384, false, true);
-  check_forward_and_recompute(37, 512, true, true);
+  check_passes(200, 384, false, true);
+  check_passes(37, 384, true, true);
 }
 
 // Rows not a multiple of 128 wide (the tiny preset's 96): no fused launch, the composition's bytes.
 TEST(CudaSwigluFp8, NarrowRowsComposeTheOps) {
   ASSERT_GT(cuda_device_count(), 0);
-  check_forward_and_recompute(50, 96, false, false);
+  check_passes(50, 96, false, false);
 }
 
 }  // namespace

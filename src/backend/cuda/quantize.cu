@@ -501,9 +501,8 @@ __device__ int group_entry(const int64_t* start, int n) {
   return lo;
 }
 
-// Two CTAs per SM: at 129 registers (the fast amax's first form) one fit, and the step's Fprop
-// preparations took 5.63 ms against 4.13 at 125; capped at 128 it compiles to 119 with no spills,
-// 3.90 ms (H200, 2026-12-07).
+// Two CTAs per SM: one more register than 128 leaves room for one, and the Fprop preparations ran
+// 1.4× longer (docs/cuda_runs.md, session 43).
 __global__ void __launch_bounds__(256, 2) fprop_prep_kernel(const __grid_constant__ FpropGroup g, int slot) {
   __shared__ WeightSmem sm;
   const int e = group_entry(g.start, g.n);

@@ -41,7 +41,9 @@ __device__ __forceinline__ void group8_dequant(const uint8_t* q, const float* s,
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     const float4 w = widen4(live ? *reinterpret_cast<const uint32_t*>(q + kFp8Block * t + 4 * j + 32 * k) : 0u);
-    v[4 * k] = w.x * sc, v[4 * k + 1] = w.y * sc, v[4 * k + 2] = w.z * sc, v[4 * k + 3] = w.w * sc;
+    // Rounded products, as dequantize stores them: never fused into the SwiGLU's arithmetic.
+    v[4 * k] = __fmul_rn(w.x, sc), v[4 * k + 1] = __fmul_rn(w.y, sc), v[4 * k + 2] = __fmul_rn(w.z, sc),
+             v[4 * k + 3] = __fmul_rn(w.w, sc);
   }
 }
 __device__ __forceinline__ void group8_store(float* p, int j, const float (&v)[16]) {
@@ -80,7 +82,6 @@ __global__ void __launch_bounds__(256) swiglu_fp8_kernel(const __grid_constant__
   group8_tile(v, t, j, live, a.pow2, a.aq, a.as);
 }
 
-
 // The gradients: dgate, dup = swiglu_grad(dout, gate, up) with gate and up from their tiles (dgate may
 // be dout: each element is read before it is written, by the same lane).
 struct SwigluBwdFp8Args {
@@ -110,13 +111,17 @@ int64_t tile_rows(const Tensor& x) {
   return I > 0 && I % kFp8Block == 0 ? x.numel() / I : -1;
 }
 
-// The rows of gate's and up's tiles when a fused launch takes them (1×128 tiles of the same [M, I],
-// I a multiple of 128, 16-byte aligned codes); -1 otherwise.
+// The rows of gate's and up's tiles when a fused launch takes them (E4M3 1×128 tiles of the same
+// [M, I], I a multiple of 128, 16-byte aligned codes, F32 scales [M, I/128]); -1 otherwise.
 int64_t fused_tiles(const Fp8Tiles& gate, const Fp8Tiles& up) {
   const int64_t M = tile_rows(gate.q);
-  const bool ok = M >= 0 && up.q.shape() == gate.q.shape() && gate.scale.numel() == M * (gate.q.dim(-1) / kFp8Block) &&
-                  up.scale.numel() == gate.scale.numel() && aligned16(gate.q.raw()) && aligned16(up.q.raw());
-  return ok ? M : -1;
+  if (M < 0) return -1;
+  const Shape grid{M, gate.q.dim(-1) / kFp8Block};
+  const auto ok = [&](const Fp8Tiles& t) {
+    return t.q.dtype() == DType::F8_E4M3 && t.q.shape() == gate.q.shape() && aligned16(t.q.raw()) &&
+           t.scale.dtype() == DType::F32 && t.scale.shape() == grid;
+  };
+  return ok(gate) && ok(up) ? M : -1;
 }
 
 Fp8Tiles tiles_like(const Tensor& x) {
@@ -125,19 +130,28 @@ Fp8Tiles tiles_like(const Tensor& x) {
   return {be.alloc(DType::F8_E4M3, {M, I}), be.alloc(DType::F32, {M, I / kFp8Block}), 0};
 }
 
+// A CTA per 32 tiles (eight lanes each), no grid-stride loop.
+unsigned grid_for(int64_t tiles) {
+  const int64_t g = (tiles + 31) / 32;
+  DSV3_CHECK(g < (int64_t(1) << 31), "swiglu_fp8: ", tiles, " tiles are more than one launch takes");
+  return unsigned(g);
+}
+
 void launch(bool from_tiles, const SwigluFp8Args& a) {
   if (a.tiles == 0) return;
-  const unsigned grid = unsigned((a.tiles * 8 + 255) / 256);
-  if (from_tiles) swiglu_fp8_kernel<true><<<grid, 256, 0, stream()>>>(a);
-  else swiglu_fp8_kernel<false><<<grid, 256, 0, stream()>>>(a);
-  check_launch("swiglu_fp8");
+  if (from_tiles) swiglu_fp8_kernel<true><<<grid_for(a.tiles), 256, 0, stream()>>>(a);
+  else swiglu_fp8_kernel<false><<<grid_for(a.tiles), 256, 0, stream()>>>(a);
+  check_launch(from_tiles ? "swiglu_fp8_recompute" : "swiglu_fp8");
 }
 
 }  // namespace
 
 bool cuda_swiglu_fp8(const SwigluArgs& s, bool pow2, SwigluTiles& out) {
+  validate(s);
   const int64_t M = tile_rows(s.gate);
-  if (M < 0 || s.out.dtype() != DType::F32 || !aligned16(s.gate.raw()) || !aligned16(s.up.raw()) ||
+  // out written over gate or up would change the tiles the composition makes of them afterwards.
+  if (M < 0 || s.up.shape() != s.gate.shape() || s.out.shape() != s.gate.shape() || s.out.dtype() != DType::F32 ||
+      s.out.raw() == s.gate.raw() || s.out.raw() == s.up.raw() || !aligned16(s.gate.raw()) || !aligned16(s.up.raw()) ||
       !aligned16(s.out.raw()))
     return false;
   out = {tiles_like(s.gate), tiles_like(s.gate), tiles_like(s.gate)};
@@ -177,11 +191,10 @@ bool cuda_swiglu_fp8_recompute(const Fp8Tiles& gate, const Fp8Tiles& up, bool po
 
 bool cuda_swiglu_backward_fp8(const SwigluBackwardArgs& s, const Fp8Tiles& gate, const Fp8Tiles& up) {
   const int64_t M = fused_tiles(gate, up);
-  const auto f32_out = [&](const Tensor& t) {
+  const auto f32 = [&](const Tensor& t) {
     return present(t) && t.dtype() == DType::F32 && t.numel() == gate.q.numel() && aligned16(t.raw());
   };
-  if (M < 0 || s.accumulate || !f32_out(s.dgate) || !f32_out(s.dup) || s.dout.numel() != gate.q.numel() ||
-      !aligned16(s.dout.raw()))
+  if (M < 0 || s.accumulate || !f32(s.dout) || !f32(s.dgate) || !f32(s.dup) || s.dgate.raw() == s.dup.raw())
     return false;
   SwigluBwdFp8Args a;
   a.tiles = gate.scale.numel();
@@ -193,7 +206,7 @@ bool cuda_swiglu_backward_fp8(const SwigluBackwardArgs& s, const Fp8Tiles& gate,
   a.dg = ptr<float>(s.dgate);
   a.du = ptr<float>(s.dup);
   if (a.tiles == 0) return true;
-  swiglu_bwd_fp8_kernel<<<unsigned((a.tiles * 8 + 255) / 256), 256, 0, stream()>>>(a);
+  swiglu_bwd_fp8_kernel<<<grid_for(a.tiles), 256, 0, stream()>>>(a);
   check_launch("swiglu_backward_fp8");
   return true;
 }
