@@ -108,7 +108,7 @@ struct MlaActs {
 // (bf16_activations in model/moe.cpp): act, and the routed experts' gathered x.
 struct MlpActs {
   Tensor x;     // [M, H]
-  Tensor gate;  // [M, I]
+  Tensor gate;  // [M, I]  (these three empty after an FP8 forward: their tiles below stand in)
   Tensor up;    // [M, I]
   Tensor act;   // [M, I]  silu(gate)·up
   Tensor out;   // [M, H]
