@@ -1,4 +1,4 @@
-// The experts' SwiGLU under --precision fp8 with its FP8 tiles made in the same pass (backend/fp8.h
+// The MLPs' SwiGLU under --precision fp8 with its FP8 tiles made in the same pass (backend/fp8.h
 // swiglu_fp8, swiglu_fp8_recompute, swiglu_backward_fp8). Composed, the forward read gate and up for
 // the SwiGLU, wrote out, then read gate, up and out again for their 1×128 tiles (27 bytes moved per
 // element); the backward dequantized gate and up into F32, read them back for out, and out again
@@ -105,10 +105,10 @@ __global__ void __launch_bounds__(256) swiglu_bwd_fp8_kernel(const __grid_consta
   group8_store(a.du + kFp8Block * t, j, u);
 }
 
-// [M, I] for a tensor of I-wide rows whose I is a multiple of 128; M = -1 otherwise.
+// The rows of a tensor whose rows are a positive multiple of 128 wide; -1 otherwise.
 int64_t tile_rows(const Tensor& x) {
-  const int64_t I = x.dim(-1);
-  return I > 0 && I % kFp8Block == 0 ? x.numel() / I : -1;
+  const int64_t I = last_dim(x);
+  return I > 0 && I % kFp8Block == 0 ? rows_of(x) : -1;
 }
 
 // The rows of gate's and up's tiles when a fused launch takes them (E4M3 1×128 tiles of the same
@@ -125,7 +125,7 @@ int64_t fused_tiles(const Fp8Tiles& gate, const Fp8Tiles& up) {
 }
 
 Fp8Tiles tiles_like(const Tensor& x) {
-  const int64_t I = x.dim(-1), M = x.numel() / I;
+  const int64_t I = last_dim(x), M = rows_of(x);
   CudaBackend& be = cuda_backend();
   return {be.alloc(DType::F8_E4M3, {M, I}), be.alloc(DType::F32, {M, I / kFp8Block}), 0};
 }
