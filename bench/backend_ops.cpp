@@ -86,11 +86,12 @@ int main(int argc, char** argv) {
     // Causal: half of the T×S score matrix; q·kᵀ and P·v.
     double aflop = double(bs * h) * double(s.seq) * double(s.seq) * double(s.dqk + s.dv);
     std::string ashp = cat("B", bs, " T", s.seq, " H", h, " ", s.dqk, "/", s.dv);
-    t = time_it([&] { b.attention({q, kk, v, o, lse, scale, true, 0}); }, quick);
+    t = time_it([&] { b.attention({q, kk, v, o, lse, scale, true, 0, {}, {}}); }, quick);
     rows.push_back({s.preset, "attention causal", ashp, t * 1e3, aflop / t / 1e9, base});
     Tensor dq = Tensor::empty(DType::F32, q.shape()), dk = Tensor::empty(DType::F32, kk.shape());
     Tensor dv = Tensor::empty(DType::F32, v.shape()), dout = randn(o.shape(), 7);
-    t = time_it([&] { b.attention_backward({q, kk, v, o, lse, dout, dq, dk, dv, scale, true, 0}); }, quick);
+    t = time_it([&] { b.attention_backward({q, kk, v, o, lse, dout, dq, dk, dv, scale, true, 0, {}, {}, {}, {}}); },
+                quick);
     rows.push_back({s.preset, "attention backward", ashp, t * 1e3, 2.5 * aflop / t / 1e9, base});
 
     Tensor nw = randn({k}, 8), ny = Tensor::empty(DType::F32, {m, k}), rstd = Tensor::empty(DType::F32, {m});

@@ -75,9 +75,9 @@ int main(int argc, char** argv) {
   Tensor dv32 = be.alloc(DType::F32, {B, T, H, DV});
   Tensor dq16 = be.alloc(DType::F32, {B, T, H, DQ}), dk16 = be.alloc(DType::F32, {B, T, H, DQ});
   Tensor dv16 = be.alloc(DType::F32, {B, T, H, DV});
-  auto fwd = [&](Tensor& o, Tensor& l) { be.attention({q, k, v, o, l, scale, true, 0}); };
+  auto fwd = [&](Tensor& o, Tensor& l) { be.attention({q, k, v, o, l, scale, true, 0, {}, {}}); };
   auto bwd = [&](Tensor& o, Tensor& l, Tensor& dq, Tensor& dk, Tensor& dv) {
-    be.attention_backward({q, k, v, o, l, dout, dq, dk, dv, scale, true, 0});
+    be.attention_backward({q, k, v, o, l, dout, dq, dk, dv, scale, true, 0, {}, {}, {}, {}});
   };
   const double pairs = double(B) * double(H) * double(T) * double(T) * 0.5;
   const double f_fwd = 2.0 * pairs * double(DQ + DV), f_bwd = 2.0 * pairs * double(3 * DQ + 2 * DV);

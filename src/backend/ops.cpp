@@ -253,30 +253,135 @@ void lse_ok(const Tensor& lse, const Tensor& q, const char* op) {
 }
 }  // namespace
 
+namespace {
+// The split form's shapes (ops.h): kv [B?, S, H, Dn + Dv] and k_pe [B?, S, 1, Dr] for q [B?, T, H,
+// Dn + Dr] and out [B?, T, H, Dv]; k and v absent.
+void split_kv_ok(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& kv, const Tensor& k_pe,
+                 const Tensor& out, bool causal, int64_t q_offset, const char* op) {
+  REQ(!present(k) && !present(v), op, "k and v must be absent when kv is given (the split form)");
+  f32(kv, op, "kv");
+  f32(k_pe, op, "k_pe");
+  const int n = q.ndim(), o = n - 3;
+  REQ(n == 3 || n == 4, op, "q must be [B?, T, H, D], got ", desc(q));
+  REQ(kv.ndim() == n && k_pe.ndim() == n && out.ndim() == n, op, "q, kv, k_pe, out must have the same rank: ",
+      desc(q), desc(kv), desc(k_pe), desc(out));
+  if (o) REQ(kv.dim(0) == q.dim(0) && k_pe.dim(0) == q.dim(0) && out.dim(0) == q.dim(0), op, "batch sizes differ");
+  const int64_t dv = out.dim(o + 2), dn = kv.dim(o + 2) - dv, dr = q.dim(o + 2) - dn;
+  REQ(kv.dim(o + 1) == q.dim(o + 1) && out.dim(o + 1) == q.dim(o + 1) && k_pe.dim(o + 1) == 1, op,
+      "kv ", desc(kv), " and out ", desc(out), " need q's heads ", desc(q), ", k_pe ", desc(k_pe), " one");
+  REQ(dn > 0 && dr > 0 && k_pe.dim(o + 2) == dr, op, "kv ", desc(kv), " must be [B?, S, H, Dn + Dv] and k_pe ",
+      desc(k_pe), " [B?, S, 1, Dr] with Dn + Dr = q's ", q.dim(o + 2), " and Dv = out's ", dv);
+  REQ(k_pe.dim(o) == kv.dim(o), op, "kv ", desc(kv), " and k_pe ", desc(k_pe), " differ in length");
+  REQ(out.dim(o) == q.dim(o), op, "out ", desc(out), " must be [B?, T, H, Dv] for q ", desc(q));
+  attn_mask_ok(q, kv, causal, q_offset, op);
+}
+}  // namespace
+
 void validate(const AttentionArgs& a) {
   const char* op = "attention";
   f32(a.q, op, "q");
-  f32(a.k, op, "k");
-  f32(a.v, op, "v");
   f32(a.out, op, "out");
-  attn_batch(a.q, a.k, a.v, a.out, op);
-  attn_mask_ok(a.q, a.k, a.causal, a.q_offset, op);
+  if (present(a.kv) || present(a.k_pe)) {
+    split_kv_ok(a.q, a.k, a.v, a.kv, a.k_pe, a.out, a.causal, a.q_offset, op);
+  } else {
+    f32(a.k, op, "k");
+    f32(a.v, op, "v");
+    attn_batch(a.q, a.k, a.v, a.out, op);
+    attn_mask_ok(a.q, a.k, a.causal, a.q_offset, op);
+  }
   if (present(a.lse)) lse_ok(a.lse, a.q, op);
 }
 
 void validate(const AttentionBackwardArgs& a) {
   const char* op = "attention_backward";
-  for (auto [t, n] : {std::pair{&a.q, "q"}, {&a.k, "k"}, {&a.v, "v"}, {&a.out, "out"}, {&a.dout, "dout"}})
-    f32(*t, op, n);
-  attn_batch(a.q, a.k, a.v, a.out, op);
-  attn_mask_ok(a.q, a.k, a.causal, a.q_offset, op);
+  for (auto [t, n] : {std::pair{&a.q, "q"}, {&a.out, "out"}, {&a.dout, "dout"}}) f32(*t, op, n);
+  if (present(a.kv) || present(a.k_pe)) {
+    split_kv_ok(a.q, a.k, a.v, a.kv, a.k_pe, a.out, a.causal, a.q_offset, op);
+    REQ(!present(a.dk) && !present(a.dv), op, "dk and dv must be absent in the split form (dkv and dk_pe)");
+    if (present(a.dkv)) same_shape(a.dkv, a.kv, op, "dkv", "kv");
+    if (present(a.dk_pe)) same_shape(a.dk_pe, a.k_pe, op, "dk_pe", "k_pe");
+  } else {
+    f32(a.k, op, "k");
+    f32(a.v, op, "v");
+    attn_batch(a.q, a.k, a.v, a.out, op);
+    attn_mask_ok(a.q, a.k, a.causal, a.q_offset, op);
+    REQ(!present(a.dkv) && !present(a.dk_pe), op, "dkv and dk_pe need the split form (kv and k_pe)");
+    if (present(a.dk)) same_shape(a.dk, a.k, op, "dk", "k");
+    if (present(a.dv)) same_shape(a.dv, a.v, op, "dv", "v");
+  }
   lse_ok(a.lse, a.q, op);
   same_shape(a.dout, a.out, op, "dout", "out");
   if (present(a.dq)) same_shape(a.dq, a.q, op, "dq", "q");
-  if (present(a.dk)) same_shape(a.dk, a.k, op, "dk", "k");
-  if (present(a.dv)) same_shape(a.dv, a.v, op, "dv", "v");
-  for (auto [t, n] : {std::pair{&a.dq, "dq"}, {&a.dk, "dk"}, {&a.dv, "dv"}})
+  for (auto [t, n] : {std::pair{&a.dq, "dq"}, {&a.dk, "dk"}, {&a.dv, "dv"}, {&a.dkv, "dkv"}, {&a.dk_pe, "dk_pe"}})
     if (present(*t)) f32(*t, op, n);
+}
+
+namespace {
+// The split form's tensors as rows: kv [B·S·H, Dn + Dv], k_pe [B·S, Dr], and k, v materialized
+// as [B·S·H, Dqk] and [B·S·H, Dv] (shaped like q and out, with S rows).
+struct SplitKv {
+  Tensor kv_rows, k_pe_rows, k, v;
+  int64_t dn, dr, dv;
+};
+void copy(Backend& be, const Tensor& src, int64_t src_col, const Tensor& dst, int64_t dst_col, int64_t width) {
+  CopyColsArgs c;
+  c.src = src;
+  c.src_col = src_col;
+  c.dst = dst;
+  c.dst_col = dst_col;
+  c.width = width;
+  be.copy_cols(c);
+}
+SplitKv materialize_split_kv(Backend& be, const Tensor& q, const Tensor& kv, const Tensor& k_pe, const Tensor& out) {
+  const int o = q.ndim() - 3;
+  SplitKv s;
+  s.dv = out.dim(o + 2);
+  s.dn = kv.dim(o + 2) - s.dv;
+  s.dr = q.dim(o + 2) - s.dn;
+  Shape ks = kv.shape(), vs = kv.shape();
+  ks.d[size_t(o + 2)] = s.dn + s.dr;
+  vs.d[size_t(o + 2)] = s.dv;
+  s.k = be.alloc(DType::F32, ks);
+  s.v = be.alloc(DType::F32, vs);
+  const int64_t rows = rows_of(kv);
+  s.kv_rows = kv.reshape({rows, s.dn + s.dv});
+  s.k_pe_rows = k_pe.reshape({rows_of(k_pe), s.dr});
+  const Tensor k_rows = s.k.reshape({rows, s.dn + s.dr}), v_rows = s.v.reshape({rows, s.dv});
+  copy(be, s.kv_rows, 0, k_rows, 0, s.dn);
+  copy(be, s.k_pe_rows, 0, k_rows, s.dn, s.dr);  // broadcast over the heads
+  copy(be, s.kv_rows, s.dn, v_rows, 0, s.dv);
+  return s;
+}
+}  // namespace
+
+void attention_split_kv(Backend& be, const AttentionArgs& a) {
+  validate(a);
+  SplitKv s = materialize_split_kv(be, a.q, a.kv, a.k_pe, a.out);
+  AttentionArgs p = a;
+  p.k = s.k;
+  p.v = s.v;
+  p.kv = p.k_pe = Tensor();
+  be.attention(p);
+}
+
+void attention_backward_split_kv(Backend& be, const AttentionBackwardArgs& a) {
+  validate(a);
+  SplitKv s = materialize_split_kv(be, a.q, a.kv, a.k_pe, a.out);
+  AttentionBackwardArgs p = a;
+  p.k = s.k;
+  p.v = s.v;
+  p.kv = p.k_pe = p.dkv = p.dk_pe = Tensor();
+  if (present(a.dkv) || present(a.dk_pe)) p.dk = be.alloc(DType::F32, s.k.shape());
+  if (present(a.dkv)) p.dv = be.alloc(DType::F32, s.v.shape());
+  be.attention_backward(p);
+  const int64_t rows = rows_of(s.k);
+  if (present(a.dkv)) {
+    const Tensor dkv_rows = a.dkv.reshape({rows, s.dn + s.dv});
+    copy(be, p.dk.reshape({rows, s.dn + s.dr}), 0, dkv_rows, 0, s.dn);
+    copy(be, p.dv.reshape({rows, s.dv}), 0, dkv_rows, s.dn, s.dv);
+  }
+  if (present(a.dk_pe))  // Σ over the heads (copy_cols sums H source rows per destination row)
+    copy(be, p.dk.reshape({rows, s.dn + s.dr}), s.dn, a.dk_pe.reshape({rows_of(a.dk_pe), s.dr}), 0, s.dr);
 }
 
 void validate(const SwigluArgs& a) {

@@ -27,6 +27,8 @@
 
 namespace dsv3 {
 
+class Backend;
+
 // DeepSeek-V3 checkpoints store FP8 weights with one F32 scale per 128×128 block.
 constexpr int64_t kFp8Block = 128;
 
@@ -171,6 +173,10 @@ double rope_softmax_scale(const RopeParams& p, int64_t qk_head_dim);
 // 5. Attention: out = softmax(q·kᵀ·scale + mask)·v, exact FP32. Optional leading batch dim B.
 // Causal: query i sits at absolute position q_offset + i and sees keys 0..q_offset+i (chunked
 // prefill); requires S >= q_offset + T. Not causal: every query sees every key.
+// MLA's keys and values may come split, as the layer makes them (kv and k_pe present, k and v
+// absent): kv [B?, S, H, Dn + Dv] is kv_b_proj's output, k_pe [B?, S, 1, Dr] the rotated key part
+// all heads share, Dn + Dr = Dqk; then k = [kv[..., :Dn] ; k_pe] per head and v = kv[..., Dn:].
+// A backend may read them in place; attention_split_kv is the composition every backend can use.
 struct AttentionArgs {
   Tensor q;    // [B?, T, H, Dqk] F32
   Tensor k;    // [B?, S, H, Dqk] F32
@@ -180,15 +186,24 @@ struct AttentionArgs {
   float scale = 1.0f;
   bool causal = true;
   int64_t q_offset = 0;
+  Tensor kv, k_pe;  // the split form, F32 (above)
 };
-// dq, dk, dv overwritten (each optional). Uses out and lse from the forward.
+// dq, dk, dv overwritten (each optional). Uses out and lse from the forward. In the split form
+// dkv (as kv: dk's first Dn columns, then dv) and dk_pe (as k_pe: dk's last Dr columns summed over
+// the heads) stand for dk and dv.
 struct AttentionBackwardArgs {
   Tensor q, k, v, out, lse, dout;
   Tensor dq, dk, dv;
   float scale = 1.0f;
   bool causal = true;
   int64_t q_offset = 0;
+  Tensor kv, k_pe, dkv, dk_pe;
 };
+// The split form through the plain op: k and v materialized by copy_cols, then be.attention; the
+// backward assembles dkv and dk_pe from dk and dv (copy_cols, the heads summed in order 0..H-1).
+// Args validated here.
+void attention_split_kv(Backend& be, const AttentionArgs& a);
+void attention_backward_split_kv(Backend& be, const AttentionBackwardArgs& a);
 
 // ---------------------------------------------------------------------------------------------
 // 6. SwiGLU: out = silu(gate) · up, silu(g) = g·sigmoid(g). out may alias gate or up.

@@ -92,21 +92,15 @@ void mla_forward(Backend& be, const ModelDims& d, const MlaParams& p, const Rope
   a.kv = be.alloc(DType::F32, {N, nh, d.nope + d.vd});
   linear_forward(be, p.kv_b_proj, a.c_kv_n, a.kv.reshape({N, nh * (d.nope + d.vd)}), false,
                  &a.c_kv_n_fp8);  // [N, nh·(nope+v)]
-  a.k = be.alloc(DType::F32, {N, nh, d.qk});
-  a.v = be.alloc(DType::F32, {N, nh, d.vd});
-  const Tensor kv_rows = a.kv.reshape({N * nh, d.nope + d.vd});
-  const Tensor k_rows = a.k.reshape({N * nh, d.qk});
-  copy_cols(be, kv_rows, 0, k_rows, 0, d.nope);                      // k_nope
-  copy_cols(be, a.k_pe, 0, k_rows, d.nope, d.rope);                  // k_pe broadcast over heads
-  copy_cols(be, kv_rows, d.nope, a.v.reshape({N * nh, d.vd}), 0, d.vd);  // v
 
-  // Causal attention per sequence: [B, T, nh, ·].
+  // Causal attention per sequence: [B, T, nh, ·], with k = [k_nope ; k_pe] and v read from kv and
+  // k_pe as they are (the split form: no per-head copies of k and v).
   a.attn = be.alloc(DType::F32, {N, nh, d.vd});
   a.lse = be.alloc(DType::F32, {B, nh, T});
   AttentionArgs at;
   at.q = a.q.reshape({B, T, nh, d.qk});
-  at.k = a.k.reshape({B, T, nh, d.qk});
-  at.v = a.v.reshape({B, T, nh, d.vd});
+  at.kv = a.kv.reshape({B, T, nh, d.nope + d.vd});
+  at.k_pe = a.k_pe.reshape({B, T, 1, d.rope});
   at.out = a.attn.reshape({B, T, nh, d.vd});
   at.lse = a.lse;
   at.scale = d.softmax_scale;
@@ -164,31 +158,23 @@ void mla_backward(Backend& be, const ModelDims& d, const MlaParams& p, const Mla
   linear_backward(be, p.o_proj, g.o_proj, a.attn.reshape({N, nh * d.vd}), dout,
                   dattn.reshape({N, nh * d.vd}), false, &a.attn_fp8);  // [N, nh·v]
 
+  // Keys and values back to kv_b_proj's output and to the shared k_pe (summed over heads).
   Tensor dq = be.alloc(DType::F32, {N, nh, d.qk});
-  Tensor dk = be.alloc(DType::F32, {N, nh, d.qk});
-  Tensor dv = be.alloc(DType::F32, {N, nh, d.vd});
+  Tensor dkv = be.alloc(DType::F32, {N, nh, d.nope + d.vd});
+  Tensor dk_pe = be.alloc(DType::F32, {N, d.rope});
   AttentionBackwardArgs at;
   at.q = a.q.reshape({B, T, nh, d.qk});
-  at.k = a.k.reshape({B, T, nh, d.qk});
-  at.v = a.v.reshape({B, T, nh, d.vd});
+  at.kv = a.kv.reshape({B, T, nh, d.nope + d.vd});
+  at.k_pe = a.k_pe.reshape({B, T, 1, d.rope});
   at.out = a.attn.reshape({B, T, nh, d.vd});
   at.lse = a.lse;
   at.dout = dattn.reshape({B, T, nh, d.vd});
   at.dq = dq.reshape({B, T, nh, d.qk});
-  at.dk = dk.reshape({B, T, nh, d.qk});
-  at.dv = dv.reshape({B, T, nh, d.vd});
+  at.dkv = dkv.reshape({B, T, nh, d.nope + d.vd});
+  at.dk_pe = dk_pe.reshape({B, T, 1, d.rope});
   at.scale = d.softmax_scale;
   at.causal = true;
   be.attention_backward(at);
-
-  // Keys/values back to kv_b_proj's output and to the shared k_pe (summed over heads).
-  Tensor dkv = be.alloc(DType::F32, {N, nh, d.nope + d.vd});
-  const Tensor dkv_rows = dkv.reshape({N * nh, d.nope + d.vd});
-  const Tensor dk_rows = dk.reshape({N * nh, d.qk});
-  copy_cols(be, dk_rows, 0, dkv_rows, 0, d.nope);
-  copy_cols(be, dv.reshape({N * nh, d.vd}), 0, dkv_rows, d.nope, d.vd);
-  Tensor dk_pe = be.alloc(DType::F32, {N, d.rope});
-  copy_cols(be, dk_rows, d.nope, dk_pe, 0, d.rope);  // Σ over heads
   rope(be, r, dk_pe.reshape({N, 1, d.rope}), 0, d.rope, d.rope_interleaved, true);
 
   Tensor dc_kv_n = be.alloc(DType::F32, {N, d.kv_lora});

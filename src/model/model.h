@@ -94,9 +94,7 @@ struct MlaActs {
   Tensor c_kv_rstd; // [N]
   Tensor c_kv_n;    // [N, kv_lora]     kv_a_layernorm(c_kv)     (the latent a cache stores)
   Tensor k_pe;      // [N, rope]        rope(k_pe), shared by all heads (the other cached part)
-  Tensor kv;        // [N, nh, nope + v] kv_b_proj(c_kv_n)
-  Tensor k;         // [N, nh, qk]      [k_nope ; k_pe]
-  Tensor v;         // [N, nh, v]
+  Tensor kv;        // [N, nh, nope + v] kv_b_proj(c_kv_n): [k_nope ; v] per head (keys k_nope ; k_pe)
   Tensor attn;      // [N, nh, v]       softmax(q·kᵀ·scale)·v
   Tensor lse;       // [B, nh, T]
   Tensor out;       // [N, H]           o_proj(attn)

@@ -148,10 +148,10 @@ OP_CASE(attention_backward) {
   float scale = 0.4f;
   Tensor qd = up(b, q), kd = up(b, k), vd = up(b, v);
   Tensor out = b.alloc(DType::F32, {bs, t, h, dv}), lse = b.alloc(DType::F32, {bs, h, t});
-  b.attention({qd, kd, vd, out, lse, scale, true, off});
+  b.attention({qd, kd, vd, out, lse, scale, true, off, {}, {}});
   Tensor dq_ = g.out(DType::F32, {bs, t, h, dq}), dk = g.out(DType::F32, {bs, s, h, dq});
   Tensor dvv = g.out(DType::F32, {bs, s, h, dv});
-  b.attention_backward({qd, kd, vd, out, lse, up(b, dout), dq_, dk, dvv, scale, true, off});
+  b.attention_backward({qd, kd, vd, out, lse, up(b, dout), dq_, dk, dvv, scale, true, off, {}, {}, {}, {}});
   Vec qv = to_vec(q), kv = to_vec(k), vv = to_vec(v), gv = to_vec(dout);
   auto L = [&](const Vec& a, const Vec& bb, const Vec& c) {
     return dot(gv, ref::attention(a, bb, c, bs, t, s, h, dq, dv, scale, true, off).out);
@@ -159,6 +159,42 @@ OP_CASE(attention_backward) {
   return {{"dq", down(b, dq_), fd_grad([&](const Vec& x) { return L(x, kv, vv); }, qv), tol::kF32Grad},
           {"dk", down(b, dk), fd_grad([&](const Vec& x) { return L(qv, x, vv); }, kv), tol::kF32Grad},
           {"dv", down(b, dvv), fd_grad([&](const Vec& x) { return L(qv, kv, x); }, vv), tol::kF32Grad}};
+}
+
+// MLA's split form: dkv (dk's first dn columns, then dv) and dk_pe (dk's rope columns summed over
+// the heads) against finite differences of the plain attention over k and v built from kv, k_pe.
+OP_CASE(attention_backward_split_kv) {
+  int64_t bs = 2, t = 4, s = 6, h = 3, dn = 4, dr = 2, dv = 3, off = 2, dq = dn + dr;
+  Tensor q = randn({bs, t, h, dq}, seed, 1), kv = randn({bs, s, h, dn + dv}, seed, 2);
+  Tensor k_pe = randn({bs, s, 1, dr}, seed, 3), dout = randn({bs, t, h, dv}, seed, 4);
+  float scale = 0.4f;
+  AttentionArgs f;
+  f.q = up(b, q), f.kv = up(b, kv), f.k_pe = up(b, k_pe);
+  f.out = b.alloc(DType::F32, {bs, t, h, dv}), f.lse = b.alloc(DType::F32, {bs, h, t});
+  f.scale = scale, f.q_offset = off;
+  b.attention(f);
+  AttentionBackwardArgs a;
+  a.q = f.q, a.kv = f.kv, a.k_pe = f.k_pe, a.out = f.out, a.lse = f.lse, a.dout = up(b, dout);
+  a.dq = g.out(DType::F32, {bs, t, h, dq});
+  a.dkv = g.out(DType::F32, {bs, s, h, dn + dv});
+  a.dk_pe = g.out(DType::F32, {bs, s, 1, dr});
+  a.scale = scale, a.q_offset = off;
+  b.attention_backward(a);
+  Vec qv = to_vec(q), kvv = to_vec(kv), pev = to_vec(k_pe), gv = to_vec(dout);
+  auto L = [&](const Vec& qx, const Vec& kvx, const Vec& pex) {
+    Vec k(size_t(bs * s * h * dq)), v(size_t(bs * s * h * dv));
+    for (int64_t tok = 0; tok < bs * s; ++tok)
+      for (int64_t hh = 0; hh < h; ++hh) {
+        const size_t r = size_t(tok * h + hh);
+        for (int64_t j = 0; j < dq; ++j)
+          k[r * dq + j] = j < dn ? kvx[r * (dn + dv) + j] : pex[size_t(tok * dr + j - dn)];
+        for (int64_t j = 0; j < dv; ++j) v[r * dv + j] = kvx[r * (dn + dv) + dn + j];
+      }
+    return dot(gv, ref::attention(qx, k, v, bs, t, s, h, dq, dv, scale, true, off).out);
+  };
+  return {{"dq", down(b, a.dq), fd_grad([&](const Vec& x) { return L(x, kvv, pev); }, qv), tol::kF32Grad},
+          {"dkv", down(b, a.dkv), fd_grad([&](const Vec& x) { return L(qv, x, pev); }, kvv), tol::kF32Grad},
+          {"dk_pe", down(b, a.dk_pe), fd_grad([&](const Vec& x) { return L(qv, kvv, x); }, pev), tol::kF32Grad}};
 }
 
 namespace {

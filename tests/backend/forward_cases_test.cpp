@@ -177,11 +177,45 @@ std::vector<Output> attention_case(Backend& b, Guards& g, uint64_t seed, int64_t
   Tensor out = g.out(DType::F32, shp(t, dv));
   Tensor lse = g.out(DType::F32, bsz ? Shape{bsz, h, t} : Shape{h, t});
   float scale = float(1 / std::sqrt(double(dq)));
-  b.attention({up(b, q), up(b, k), up(b, v), out, lse, scale, causal, q_off});
+  b.attention({up(b, q), up(b, k), up(b, v), out, lse, scale, causal, q_off, {}, {}});
   ref::AttnOut r = ref::attention(to_vec(q), to_vec(k), to_vec(v), bb, t, s, h, dq, dv, scale, causal, q_off);
   return {{"out", down(b, out), r.out, tol::kF32}, {"lse", down(b, lse), r.lse, tol::kF32}};
 }
 }  // namespace
+
+namespace {
+// MLA's split form (ops.h): k = [kv[..., :dn] ; k_pe] per head, v = kv[..., dn:]. The reference is
+// the plain attention over k and v built here.
+std::vector<Output> attention_split_case(Backend& b, Guards& g, uint64_t seed, int64_t bsz, int64_t t, int64_t s,
+                                         int64_t h, int64_t dn, int64_t dr, int64_t dv, int64_t q_off) {
+  auto shp = [&](int64_t len, int64_t heads, int64_t d) {
+    return bsz ? Shape{bsz, len, heads, d} : Shape{len, heads, d};
+  };
+  const int64_t bb = bsz ? bsz : 1, dq = dn + dr;
+  Tensor q = randn(shp(t, h, dq), seed, 1), kv = randn(shp(s, h, dn + dv), seed, 2);
+  Tensor k_pe = randn(shp(s, 1, dr), seed, 3);
+  Tensor out = g.out(DType::F32, shp(t, h, dv));
+  Tensor lse = g.out(DType::F32, bsz ? Shape{bsz, h, t} : Shape{h, t});
+  const float scale = float(1 / std::sqrt(double(dq)));
+  AttentionArgs a;
+  a.q = up(b, q), a.kv = up(b, kv), a.k_pe = up(b, k_pe), a.out = out, a.lse = lse;
+  a.scale = scale, a.q_offset = q_off;
+  b.attention(a);
+  Vec kvv = to_vec(kv), pe = to_vec(k_pe), k(size_t(bb * s * h * dq)), v(size_t(bb * s * h * dv));
+  for (int64_t tok = 0; tok < bb * s; ++tok)
+    for (int64_t hh = 0; hh < h; ++hh) {
+      const size_t r = size_t(tok * h + hh);
+      for (int64_t j = 0; j < dq; ++j)
+        k[r * dq + j] = j < dn ? kvv[r * (dn + dv) + j] : pe[size_t(tok * dr + j - dn)];
+      for (int64_t j = 0; j < dv; ++j) v[r * dv + j] = kvv[r * (dn + dv) + dn + j];
+    }
+  ref::AttnOut r = ref::attention(to_vec(q), k, v, bb, t, s, h, dq, dv, scale, true, q_off);
+  return {{"out", down(b, out), r.out, tol::kF32}, {"lse", down(b, lse), r.lse, tol::kF32}};
+}
+}  // namespace
+
+OP_CASE(attention_split_kv_batched_offset) { return attention_split_case(b, g, seed, 2, 5, 7, 3, 4, 4, 6, 2); }
+OP_CASE(attention_split_kv_mla_heads) { return attention_split_case(b, g, seed, 0, 9, 9, 2, 128, 64, 128, 0); }
 
 OP_CASE(attention_causal_batched_offset) { return attention_case(b, g, seed, 2, 5, 7, 3, 6, 4, true, 2); }
 OP_CASE(attention_full_unbatched) { return attention_case(b, g, seed, 0, 5, 7, 2, 6, 8, false, 0); }

@@ -163,15 +163,55 @@ TEST(Attention, HandExampleAndCausalOffset) {
   Tensor q = f32({1, 1, 2}, {1, 0}), k = f32({2, 1, 2}, {1, 0, 0, 1}), v = f32({2, 1, 2}, {1, 0, 0, 2});
   Tensor out = Tensor::empty(DType::F32, {1, 1, 2}), lse = Tensor::empty(DType::F32, {1, 1});
   double e = std::exp(1.0);
-  cpu().attention({q, k, v, out, lse, 1.0f, true, 1});  // query at position 1 sees both keys
+  cpu().attention({q, k, v, out, lse, 1.0f, true, 1, {}, {}});  // query at position 1 sees both keys
   EXPECT_NEAR(out.data<float>()[0], e / (e + 1), 1e-6);
   EXPECT_NEAR(out.data<float>()[1], 2 / (e + 1), 1e-6);
   EXPECT_NEAR(lse.data<float>()[0], std::log(e + 1), 1e-6);
-  cpu().attention({q, k, v, out, lse, 1.0f, true, 0});  // position 0 sees key 0 only
+  cpu().attention({q, k, v, out, lse, 1.0f, true, 0, {}, {}});  // position 0 sees key 0 only
   EXPECT_NEAR(out.data<float>()[0], 1, 1e-7);
   EXPECT_NEAR(out.data<float>()[1], 0, 1e-7);
   EXPECT_NEAR(lse.data<float>()[0], 1, 1e-7);
-  EXPECT_THROW(cpu().attention({q, k, v, out, lse, 1.0f, true, 2}), InternalError);  // S < q_offset + T
+  EXPECT_THROW(cpu().attention({q, k, v, out, lse, 1.0f, true, 2, {}, {}}), InternalError);  // S < q_offset + T
+}
+
+// The split form's rules: kv with k or v, k_pe of the wrong width or with more than one head, dk
+// beside dkv, and dkv without the split form are refused, naming what is wrong.
+TEST(Attention, SplitFormRules) {
+  const auto z = [](Shape s) { return Tensor::zeros(DType::F32, s); };
+  AttentionArgs a;
+  a.q = z({3, 2, 6}), a.kv = z({3, 2, 4 + 5}), a.k_pe = z({3, 1, 2}), a.out = z({3, 2, 5});
+  cpu().attention(a);  // Dn 4, Dr 2, Dv 5
+  const auto refused = [](auto&& call, const char* what) {
+    try {
+      call();
+      ADD_FAILURE() << "accepted: " << what;
+    } catch (const InternalError& e) {
+      EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+    }
+  };
+  AttentionArgs b = a;
+  b.k = z({3, 2, 6});
+  refused([&] { cpu().attention(b); }, "k and v must be absent");
+  b = a;
+  b.k_pe = z({3, 1, 3});
+  refused([&] { cpu().attention(b); }, "Dn + Dr");
+  b = a;
+  b.k_pe = z({3, 2, 2});
+  refused([&] { cpu().attention(b); }, "k_pe");
+  b = a;
+  b.kv = Tensor();
+  refused([&] { cpu().attention(b); }, "kv is missing");
+  AttentionBackwardArgs g;
+  g.q = a.q, g.kv = a.kv, g.k_pe = a.k_pe, g.out = a.out, g.lse = z({2, 3}), g.dout = z({3, 2, 5});
+  g.dk = z({3, 2, 6});
+  refused([&] { cpu().attention_backward(g); }, "dk and dv must be absent");
+  g.dk = Tensor();
+  g.dkv = z({3, 2, 8});
+  refused([&] { cpu().attention_backward(g); }, "dkv");
+  AttentionBackwardArgs plain;
+  plain.q = a.q, plain.k = z({3, 2, 6}), plain.v = z({3, 2, 5}), plain.out = a.out, plain.lse = g.lse;
+  plain.dout = g.dout, plain.dkv = z({3, 2, 9});
+  refused([&] { cpu().attention_backward(plain); }, "need the split form");
 }
 
 RouterArgs router_args(const Tensor& logits, const Tensor& bias, int64_t e, int ng, int tg, int k) {

@@ -153,10 +153,10 @@ TEST(ParallelBackward, GemmOpsAgreeAcrossThreadCounts) {
   Tensor logits = randn({rt, 16}, 6, 8), dwts = randn({rt, 3}, 6, 9);
   auto run = [&] {
     Tensor o = Tensor::empty(DType::F32, dout.shape()), lse = Tensor::empty(DType::F32, {bs, h, t});
-    b.attention({q, kk, vv, o, lse, 0.2f, true, 0});
+    b.attention({q, kk, vv, o, lse, 0.2f, true, 0, {}, {}});
     Tensor gq = Tensor::empty(DType::F32, q.shape()), gk = Tensor::empty(DType::F32, kk.shape());
     Tensor gv = Tensor::empty(DType::F32, vv.shape());
-    b.attention_backward({q, kk, vv, o, lse, dout, gq, gk, gv, 0.2f, true, 0});
+    b.attention_backward({q, kk, vv, o, lse, dout, gq, gk, gv, 0.2f, true, 0, {}, {}, {}, {}});
     Tensor dx = Tensor::empty(DType::F32, {m, k}), dw = Tensor::empty(DType::F32, {n, k});
     b.linear_backward({dy, x, w, Tensor(), dx, dw, false, false});
     Tensor dxb = Tensor::empty(DType::F32, {m, k});

@@ -71,14 +71,15 @@ Results run(Backend& be, const Shape6& c, const Inputs& in, bool backward = true
   Guards g(be);
   Tensor q = be.to_device(in.q), k = be.to_device(in.k), v = be.to_device(in.v);
   Tensor out = g.out(DType::F32, dims(c, c.t, c.dv)), lse = g.out(DType::F32, lse_dims(c));
-  be.attention({q, k, v, out, lse, in.scale, c.causal, c.q_off});
+  be.attention({q, k, v, out, lse, in.scale, c.causal, c.q_off, {}, {}});
   Results r;
   r.out = be.to_host(out);
   r.lse = be.to_host(lse);
   if (backward) {
     Tensor dq = g.out(DType::F32, dims(c, c.t, c.dqk)), dk = g.out(DType::F32, dims(c, c.s, c.dqk));
     Tensor dv = g.out(DType::F32, dims(c, c.s, c.dv));
-    be.attention_backward({q, k, v, out, lse, be.to_device(in.dout), dq, dk, dv, in.scale, c.causal, c.q_off});
+    be.attention_backward(
+        {q, k, v, out, lse, be.to_device(in.dout), dq, dk, dv, in.scale, c.causal, c.q_off, {}, {}, {}, {}});
     r.dq = be.to_host(dq);
     r.dk = be.to_host(dk);
     r.dv = be.to_host(dv);
@@ -186,7 +187,7 @@ TEST(CudaAttnBf16, ForwardOnlyWithoutLse) {
   CudaBackend& be = cuda_backend();
   Guards g(be);
   Tensor out = g.out(DType::F32, dims(c, c.t, c.dv));
-  be.attention({be.to_device(in.q), be.to_device(in.k), be.to_device(in.v), out, Tensor(), in.scale, true, 0});
+  be.attention({be.to_device(in.q), be.to_device(in.k), be.to_device(in.v), out, Tensor(), in.scale, true, 0, {}, {}});
   max_err(be.to_host(out), want.out, "out", tol::kBf16);
   EXPECT_EQ(g.damaged(), "");
 }

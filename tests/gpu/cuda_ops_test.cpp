@@ -29,7 +29,7 @@ OP_CASE(v3_attention_mla_heads_causal) {
   Tensor q = randn({t, h, dq}, seed, 1), k = randn({t, h, dq}, seed, 2), v = randn({t, h, dv}, seed, 3);
   Tensor out = g.out(DType::F32, {t, h, dv}), lse = g.out(DType::F32, {h, t});
   float scale = float(1 / std::sqrt(192.0));
-  b.attention({dev(b, q), dev(b, k), dev(b, v), out, lse, scale, true, 0});
+  b.attention({dev(b, q), dev(b, k), dev(b, v), out, lse, scale, true, 0, {}, {}});
   ref::AttnOut r = ref::attention(to_vec(q), to_vec(k), to_vec(v), 1, t, t, h, dq, dv, scale, true, 0);
   return {{"out", b.to_host(out), r.out, tol::kF32}, {"lse", b.to_host(lse), r.lse, tol::kF32}};
 }
@@ -42,7 +42,7 @@ OP_CASE(v3_attention_absorbed_latent_heads) {
   Tensor v = randn({bs, s, h, dv}, seed, 3);
   Tensor out = g.out(DType::F32, {bs, t, h, dv}), lse = g.out(DType::F32, {bs, h, t});
   float scale = float(1 / std::sqrt(192.0));
-  b.attention({dev(b, q), dev(b, k), dev(b, v), out, lse, scale, true, s - 1});
+  b.attention({dev(b, q), dev(b, k), dev(b, v), out, lse, scale, true, s - 1, {}, {}});
   ref::AttnOut r = ref::attention(to_vec(q), to_vec(k), to_vec(v), bs, t, s, h, dq, dv, scale, true, s - 1);
   return {{"out", b.to_host(out), r.out, tol::kF32}, {"lse", b.to_host(lse), r.lse, tol::kF32}};
 }
@@ -55,8 +55,8 @@ OP_CASE(v3_attention_backward_mla_heads) {
   auto run = [&](Backend& be, Tensor dq_, Tensor dk, Tensor dvv) {
     Tensor qd = dev(be, q), kd = dev(be, k), vd = dev(be, v);
     Tensor out = be.alloc(DType::F32, {bs, t, h, dv}), lse = be.alloc(DType::F32, {bs, h, t});
-    be.attention({qd, kd, vd, out, lse, scale, true, off});
-    be.attention_backward({qd, kd, vd, out, lse, dev(be, dout), dq_, dk, dvv, scale, true, off});
+    be.attention({qd, kd, vd, out, lse, scale, true, off, {}, {}});
+    be.attention_backward({qd, kd, vd, out, lse, dev(be, dout), dq_, dk, dvv, scale, true, off, {}, {}, {}, {}});
   };
   Tensor dq_ = g.out(DType::F32, {bs, t, h, dq}), dk = g.out(DType::F32, {bs, s, h, dq});
   Tensor dvv = g.out(DType::F32, {bs, s, h, dv});

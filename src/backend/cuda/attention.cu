@@ -485,9 +485,12 @@ __global__ void __launch_bounds__(kTiledThreads) attn_bwd_kv_tiled(const float* 
 
 void CudaBackend::attention(const AttentionArgs& a) {
   validate(a);
-  Dims d = dims_of(a.q, a.k, a.v);
+  const bool split = present(a.kv);
+  Dims d = split ? dims_of(a.q, a.kv, a.out) : dims_of(a.q, a.k, a.v);
   if (d.b * d.t * d.h == 0) return;
+  // The BF16 kernels read the split form in place; the FP32 ones take it composed.
   if (cuda_attention_bf16() && cuda_attention_bf16_forward(a)) return;
+  if (split) return attention_split_kv(*this, a);
   if (tiled_ok(d)) {
     size_t smem = size_t(kTq * (d.dqk + 1) + kTk * (d.dqk + 1) + kTk * d.dv + kTq * (kTk + 1)) * 4;
     allow_smem(attn_fwd_tiled, smem);
@@ -507,9 +510,11 @@ void CudaBackend::attention(const AttentionArgs& a) {
 
 void CudaBackend::attention_backward(const AttentionBackwardArgs& a) {
   validate(a);
-  Dims d = dims_of(a.q, a.k, a.v);
+  const bool split = present(a.kv);
+  Dims d = split ? dims_of(a.q, a.kv, a.out) : dims_of(a.q, a.k, a.v);
   if (d.b * d.h == 0) return;
   if (cuda_attention_bf16() && cuda_attention_bf16_backward(a)) return;
+  if (split) return attention_backward_split_kv(*this, a);
   Scratch dsum(size_t(std::max<int64_t>(d.b * d.h * d.t, 1)) * 4);
   if (tiled_ok(d)) {
     if (d.t > 0) {

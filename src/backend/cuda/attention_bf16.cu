@@ -46,6 +46,7 @@ std::atomic<int64_t> g_dq_matmuls{0};
 // on mma.sync (the dq kernel is mma.sync either way).
 std::atomic<bool> g_wgmma{on_unless_env_zero("DSV3_ATTN_WGMMA")};
 std::atomic<int64_t> g_wgmma_calls{0};
+std::atomic<int64_t> g_split_calls{0};
 // Causal dQ matmul in this many blocks of query rows (DSV3_ATTN_DQ_BLOCKS, default 4): block j
 // reads keys up to its last row only, (nb + 1) / (2·nb) of the square's products.
 std::atomic<int> g_dq_blocks{[] {
@@ -108,21 +109,45 @@ __device__ __forceinline__ void load_tile(bf16_t* dst, const bf16_t* src, int ro
 
 // ---- prep ---------------------------------------------------------------------------------------
 
-// [B, T, H, D] F32 → [B·H, Tp, Dp] BF16 (RNE), zero past T and D. Grid (row chunks, H, B);
-// 8 elements per thread (D is a multiple of 16, so a chunk is entirely inside or past D).
-__global__ void to_bf16_heads(const float* src, bf16_t* dst, int t, int h, int d, int tp, int dp) {
+// Columns of a per-head F32 source: element (token, head, c) at p[token·tok + head·head + c], c < w
+// (head = 0: one row shared by all heads).
+struct HeadCols {
+  const float* p = nullptr;
+  int64_t tok = 0, head = 0;
+  int w = 0;
+};
+
+// [B·T tokens, H heads] rows → [B·H, Tp, Dp] BF16 (RNE): columns [0, a.w) from a, then [a.w, a.w +
+// b.w) from b (w = 0: none), zero past them and past T. Grid (row chunks, H, B); 8 elements per
+// thread (a.w is a multiple of 8, so a chunk lies in one segment).
+__global__ void to_bf16_heads(HeadCols a, HeadCols b, bf16_t* dst, int t, int h, int tp, int dp) {
   const int chunks = dp / 8;
   const int idx = int(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= tp * chunks) return;
   const int r = idx / chunks, c = (idx - r * chunks) * 8;
-  const int64_t hh = blockIdx.y, b = blockIdx.z;
+  const int64_t hh = blockIdx.y, tok = int64_t(blockIdx.z) * t + r;
   uint4 o = make_uint4(0u, 0u, 0u, 0u);
-  if (r < t && c < d) {
-    const float4* p = reinterpret_cast<const float4*>(src + ((b * t + r) * h + hh) * d + c);
-    const float4 x = p[0], y = p[1];
+  if (r < t && c < a.w + b.w) {
+    const float* src = c < a.w ? a.p + tok * a.tok + hh * a.head + c : b.p + tok * b.tok + hh * b.head + (c - a.w);
+    const float4 x = reinterpret_cast<const float4*>(src)[0], y = reinterpret_cast<const float4*>(src)[1];
     o = make_uint4(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w), pack_bf16(y.x, y.y), pack_bf16(y.z, y.w));
   }
-  *reinterpret_cast<uint4*>(dst + ((b * h + hh) * tp + r) * int64_t(dp) + c) = o;
+  *reinterpret_cast<uint4*>(dst + ((int64_t(blockIdx.z) * h + hh) * tp + r) * int64_t(dp) + c) = o;
+}
+
+// The split form's dk_pe: per token, the sum over the H heads (in order 0..H-1, copy_cols' order)
+// of dK's rope columns, which the dk/dv kernel left in part [B·S, H, dr]. Four columns per thread.
+__global__ void sum_heads(const float4* part, float4* out, int64_t tokens, int h, int dr4) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= tokens * dr4) return;
+  const int64_t tok = i / dr4, c = i - tok * dr4;
+  const float4* p = part + tok * h * dr4 + c;
+  float4 v = p[0];
+  for (int j = 1; j < h; ++j) {
+    const float4 u = p[int64_t(j) * dr4];
+    v.x += u.x, v.y += u.y, v.z += u.z, v.w += u.w;
+  }
+  out[i] = v;
 }
 
 // Per row of dout: D[bh, i] = Σ_c dout·out (F32, 0 on padded rows), lse2[bh, i] = lse·log2(e)
@@ -385,7 +410,7 @@ constexpr int kKvN = 64, kKvM = 32;
 template <int DQK, int DV>
 __global__ void __launch_bounds__(kThreads, 2)
     dkv_kernel(const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* dout, const float* lse2,
-               const float* dsum, float* dk, float* dv_out, bf16_t* dst, int64_t dq_rows, Dims dm, int64_t tp,
+               const float* dsum, AttnDkvOut o, bf16_t* dst, int64_t dq_rows, Dims dm, int64_t tp,
                int64_t sp, float scale, bool causal, int64_t q_off) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   constexpr int lq = DQK + kPad, lv = DV + kPad, NT = kKvM / 8;
@@ -462,7 +487,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     __syncthreads();
   }
-  attn::write_dkv<DQK, DV>(ak, av, dk, dv_out, blockIdx.z, blockIdx.y, dm.s, dm.h, dm.dqk, dm.dv, key_lo, t4, scale);
+  attn::write_dkv<DQK, DV>(ak, av, o, blockIdx.z, blockIdx.y, dm.s, dm.dqk, dm.dv, key_lo, t4, scale);
 }
 
 // ---- dispatch -------------------------------------------------------------------------------------
@@ -476,21 +501,38 @@ Width width_for(int64_t dqk, int64_t dv) {
   return {dqk <= 128 ? 128 : dqk <= 192 ? 192 : 256, 128};
 }
 
-void convert(const Tensor& x, const Dims& d, int64_t rows, int64_t width, int64_t tp, int64_t dp, bf16_t* dst) {
+// Where k's and v's columns come from: k, v themselves, or (the split form) kv and k_pe.
+struct KvSource {
+  HeadCols k0, k1, v;
+};
+KvSource kv_source(const Tensor& k, const Tensor& v, const Tensor& kv, const Tensor& k_pe, const Dims& d) {
+  if (!present(kv))
+    return {{k.data<float>(), d.h * d.dqk, d.dqk, int(d.dqk)}, {}, {v.data<float>(), d.h * d.dv, d.dv, int(d.dv)}};
+  const int64_t dn = kv.dim(-1) - d.dv, w = dn + d.dv;
+  return {{kv.data<float>(), d.h * w, w, int(dn)},
+          {k_pe.data<float>(), d.dqk - dn, 0, int(d.dqk - dn)},
+          {kv.data<float>() + dn, d.h * w, w, int(d.dv)}};
+}
+
+void convert(HeadCols a, HeadCols b, const Dims& d, int64_t rows, int64_t tp, int64_t dp, bf16_t* dst) {
   const int64_t n = tp * (dp / 8);
   DSV3_CHECK(n < (int64_t(1) << 31) && d.h < 65536 && d.b < 65536, "attention_bf16: ", rows, " rows of ", d.h,
              " heads, batch ", d.b, " exceed the launch grid");
-  to_bf16_heads<<<dim3(unsigned((n + 255) / 256), unsigned(d.h), unsigned(d.b)), 256>>>(
-      x.data<float>(), dst, int(rows), int(d.h), int(width), int(tp), int(dp));
+  to_bf16_heads<<<dim3(unsigned((n + 255) / 256), unsigned(d.h), unsigned(d.b)), 256>>>(a, b, dst, int(rows), int(d.h),
+                                                                                       int(tp), int(dp));
   check_launch("attention_bf16 (convert)");
+}
+HeadCols rows_of_heads(const Tensor& x, const Dims& d, int64_t width) {
+  return {x.data<float>(), d.h * width, width, int(width)};
 }
 
 template <int DQK, int DV>
 void run_fwd(const AttentionArgs& a, const Dims& d) {
   const int64_t tp = round_up(d.t, kRowPad), sp = round_up(std::max<int64_t>(d.s, 1), kRowPad);
   Scratch kb(size_t(d.b * d.h * sp * DQK) * 2), vb(size_t(d.b * d.h * sp * DV) * 2);
-  convert(a.k, d, d.s, d.dqk, sp, DQK, kb.as<bf16_t>());
-  convert(a.v, d, d.s, d.dv, sp, DV, vb.as<bf16_t>());
+  const KvSource src = kv_source(a.k, a.v, a.kv, a.k_pe, d);
+  convert(src.k0, src.k1, d, d.s, sp, DQK, kb.as<bf16_t>());
+  convert(src.v, {}, d, d.s, sp, DV, vb.as<bf16_t>());
   if (g_wgmma.load() && d.s > 0) {  // (no keys: the mma.sync kernel writes the empty rows)
     attention_bf16_forward_wgmma({a.q.data<float>(), kb.as<bf16_t>(), vb.as<bf16_t>(), ptr<float>(a.out),
                                   present(a.lse) ? ptr<float>(a.lse) : nullptr, d.b, d.t, d.s, d.h, d.dqk, d.dv, sp,
@@ -513,9 +555,10 @@ void run_bwd(const AttentionBackwardArgs& a, const Dims& d) {
   Scratch qb(size_t(d.b * d.h * tp * DQK) * 2), kb(size_t(d.b * d.h * sp * DQK) * 2),
       vb(size_t(d.b * d.h * sp * DV) * 2), db(size_t(d.b * d.h * tp * DV) * 2), dsum(size_t(d.b * d.h * tp) * 4),
       lse2(size_t(d.b * d.h * tp) * 4);
-  convert(a.q, d, d.t, d.dqk, tp, DQK, qb.as<bf16_t>());
-  convert(a.k, d, d.s, d.dqk, sp, DQK, kb.as<bf16_t>());
-  convert(a.v, d, d.s, d.dv, sp, DV, vb.as<bf16_t>());
+  const KvSource src = kv_source(a.k, a.v, a.kv, a.k_pe, d);
+  convert(rows_of_heads(a.q, d, d.dqk), {}, d, d.t, tp, DQK, qb.as<bf16_t>());
+  convert(src.k0, src.k1, d, d.s, sp, DQK, kb.as<bf16_t>());
+  convert(src.v, {}, d, d.s, sp, DV, vb.as<bf16_t>());
   bwd_prep<<<dim3(unsigned(tp / 8), unsigned(d.h), unsigned(d.b)), 256>>>(
       a.dout.data<float>(), a.out.data<float>(), a.lse.data<float>(), db.as<bf16_t>(), dsum.as<float>(),
       lse2.as<float>(), int(d.t), int(d.h), int(d.dv), int(tp), DV);
@@ -527,13 +570,31 @@ void run_bwd(const AttentionBackwardArgs& a, const Dims& d) {
   const int64_t dq_rows = cuda_attention_dq_block_rows(d.t, a.causal ? g_dq_blocks.load() : 1);
   std::optional<Scratch> ds;
   if (dq_matmul) ds.emplace(size_t(d.b * d.h * sp * tp) * 2);
-  if ((present(a.dk) || present(a.dv) || dq_matmul) && d.s > 0) {
-    float* dk = present(a.dk) ? ptr<float>(a.dk) : nullptr;
-    float* dv = present(a.dv) ? ptr<float>(a.dv) : nullptr;
+  // dK and dV straight into their tensors, or (split) into dkv, with dK's rope columns per head
+  // into part for sum_heads.
+  AttnDkvOut o;
+  std::optional<Scratch> part;
+  const int64_t dn = present(a.kv) ? a.kv.dim(-1) - d.dv : d.dqk, dr = d.dqk - dn;
+  if (present(a.kv)) {
+    o.dk_split = int(dn);
+    if (present(a.dkv)) {
+      o.dk = ptr<float>(a.dkv), o.dv = o.dk + dn;
+      o.dk_tok = o.dv_tok = d.h * (dn + d.dv), o.dk_head = o.dv_head = dn + d.dv;
+    }
+    if (present(a.dk_pe)) {
+      part.emplace(size_t(d.b * d.s * d.h * dr) * 4);
+      o.dk2 = part->as<float>(), o.dk2_tok = d.h * dr, o.dk2_head = dr;
+    }
+  } else {
+    o.dk_split = int(d.dqk);
+    o.dk = present(a.dk) ? ptr<float>(a.dk) : nullptr, o.dk_tok = d.h * d.dqk, o.dk_head = d.dqk;
+    o.dv = present(a.dv) ? ptr<float>(a.dv) : nullptr, o.dv_tok = d.h * d.dv, o.dv_head = d.dv;
+  }
+  if ((o.dk || o.dk2 || o.dv || dq_matmul) && d.s > 0) {
     bf16_t* dst = dq_matmul ? ds->as<bf16_t>() : nullptr;
     if (g_wgmma.load()) {
       attention_bf16_dkv_wgmma({qb.as<bf16_t>(), kb.as<bf16_t>(), vb.as<bf16_t>(), db.as<bf16_t>(), lse2.as<float>(),
-                                dsum.as<float>(), dk, dv, dst, dq_rows, d.b, d.t, d.s, d.h, d.dqk, d.dv, tp, sp,
+                                dsum.as<float>(), o, dst, dq_rows, d.b, d.t, d.s, d.h, d.dqk, d.dv, tp, sp,
                                 a.scale, a.causal, a.q_offset},
                                DQK, DV);
       ++g_wgmma_calls;
@@ -542,10 +603,15 @@ void run_bwd(const AttentionBackwardArgs& a, const Dims& d) {
                                  2 * kKvM * (DV + kPad)) * 2 + 4 * kKvM * 4;
       allow_smem(dkv_kernel<DQK, DV>, smem);
       dkv_kernel<DQK, DV><<<dim3(unsigned(sp / kKvN), unsigned(d.h), unsigned(d.b)), kThreads, smem>>>(
-          qb.as<bf16_t>(), kb.as<bf16_t>(), vb.as<bf16_t>(), db.as<bf16_t>(), lse2.as<float>(), dsum.as<float>(), dk,
-          dv, dst, dq_rows, d, tp, sp, a.scale, a.causal, a.q_offset);
+          qb.as<bf16_t>(), kb.as<bf16_t>(), vb.as<bf16_t>(), db.as<bf16_t>(), lse2.as<float>(), dsum.as<float>(), o,
+          dst, dq_rows, d, tp, sp, a.scale, a.causal, a.q_offset);
       check_launch("attention_bf16 (dk, dv)");
     }
+  }
+  if (part && d.b * d.s > 0) {
+    const int64_t n = d.b * d.s * (dr / 4);
+    sum_heads<<<blocks_for(n), 256>>>(part->as<float4>(), ptr<float4>(a.dk_pe), d.b * d.s, int(d.h), int(dr / 4));
+    check_launch("attention_bf16 (dk_pe)");
   }
   if (dq_matmul) {
     // Per batch element, per head, per block of rows [r0, r1): dq[r0:r1, h, :dqk] = scale ·
@@ -585,6 +651,7 @@ int64_t cuda_attention_dq_matmuls() { return g_dq_matmuls.load(); }
 void cuda_set_attention_wgmma(bool on) { g_wgmma.store(on); }
 bool cuda_attention_wgmma() { return g_wgmma.load(); }
 int64_t cuda_attention_wgmma_calls() { return g_wgmma_calls.load(); }
+int64_t cuda_attention_split_in_place() { return g_split_calls.load(); }
 void cuda_set_attention_dq_blocks(int n) { g_dq_blocks.store(std::max(1, n)); }
 int cuda_attention_dq_blocks() { return g_dq_blocks.load(); }
 int64_t cuda_attention_dq_block_rows(int64_t t, int n) {
@@ -600,9 +667,20 @@ bool cuda_attention_bf16_supported(int64_t dqk, int64_t dv) {
 // multiples of 16; a view starting mid-row would not be).
 static bool aligned(const Tensor& t) { return !present(t) || (reinterpret_cast<uintptr_t>(t.raw()) & 15) == 0; }
 
+// The split form in place: dk's split and kv's rows on 8-column (32-byte) boundaries, so a chunk
+// of 8 or a float2 pair lies in one segment and every float4 is aligned.
+static bool split_ok(const Tensor& kv, const Tensor& k_pe, const Dims& d) {
+  if (!present(kv)) return true;
+  const int64_t dn = kv.dim(-1) - d.dv;
+  return dn % 8 == 0 && d.dv % 4 == 0 && aligned(kv) && aligned(k_pe);
+}
+
 bool cuda_attention_bf16_forward(const AttentionArgs& a) {
-  const Dims d = dims_of(a.q, a.k, a.v);
-  if (!cuda_attention_bf16_supported(d.dqk, d.dv) || !aligned(a.q) || !aligned(a.k) || !aligned(a.v)) return false;
+  const Dims d = present(a.kv) ? dims_of(a.q, a.kv, a.out) : dims_of(a.q, a.k, a.v);
+  if (!cuda_attention_bf16_supported(d.dqk, d.dv) || !aligned(a.q) || !aligned(a.k) || !aligned(a.v) ||
+      !split_ok(a.kv, a.k_pe, d))
+    return false;
+  if (present(a.kv)) ++g_split_calls;
   if (d.b * d.t * d.h == 0) return true;
   const Width w = width_for(d.dqk, d.dv);
   if (w.dqk == 64) run_fwd<64, 64>(a, d);
@@ -613,10 +691,11 @@ bool cuda_attention_bf16_forward(const AttentionArgs& a) {
 }
 
 bool cuda_attention_bf16_backward(const AttentionBackwardArgs& a) {
-  const Dims d = dims_of(a.q, a.k, a.v);
+  const Dims d = present(a.kv) ? dims_of(a.q, a.kv, a.out) : dims_of(a.q, a.k, a.v);
   if (!cuda_attention_bf16_supported(d.dqk, d.dv) || !aligned(a.q) || !aligned(a.k) || !aligned(a.v) ||
-      !aligned(a.dout) || !aligned(a.out))
+      !aligned(a.dout) || !aligned(a.out) || !split_ok(a.kv, a.k_pe, d) || !aligned(a.dkv) || !aligned(a.dk_pe))
     return false;
+  if (present(a.kv)) ++g_split_calls;
   if (d.b * d.h == 0) return true;
   const Width w = width_for(d.dqk, d.dv);
   if (w.dqk == 64) run_bwd<64, 64>(a, d);

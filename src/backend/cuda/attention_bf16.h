@@ -34,6 +34,10 @@ int cuda_attention_dq_blocks();
 // The query rows per block for T queries in n blocks (rounded up to 64; the last block may be short).
 int64_t cuda_attention_dq_block_rows(int64_t t, int n);
 
+// Calls (forward and backward, one count each) that read MLA's split form (AttentionArgs::kv, k_pe)
+// in place rather than composing it (tests).
+int64_t cuda_attention_split_in_place();
+
 // Whether the BF16 kernels take a problem with these head dims.
 bool cuda_attention_bf16_supported(int64_t dqk, int64_t dv);
 

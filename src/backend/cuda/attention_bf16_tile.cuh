@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "backend/cuda/attention_bf16_wgmma.h"
 #include "backend/cuda/mma.cuh"
 
 namespace dsv3::cuda::attn {
@@ -144,27 +145,30 @@ __device__ __forceinline__ void store_ds(__nv_bfloat16* row_lo, int64_t tp, cons
   *reinterpret_cast<uint32_t*>(row_hi + 8) = a[3];
 }
 
-// dK (scaled) and dV rows out from the warp's accumulators (keys key_lo, key_lo + 8; past S not
-// written); either output may be null.
+// dK (scaled) and dV rows out from the warp's accumulators to o's places (keys key_lo, key_lo + 8
+// of batch element b; past S not written).
 template <int DQK, int DV>
-__device__ __forceinline__ void write_dkv(const float (&ak)[DQK / 8][4], const float (&av)[DV / 8][4], float* dk,
-                                          float* dv, int64_t b, int64_t hh, int64_t s_len, int64_t h, int64_t dqk,
+__device__ __forceinline__ void write_dkv(const float (&ak)[DQK / 8][4], const float (&av)[DV / 8][4],
+                                          const AttnDkvOut& o, int64_t b, int64_t hh, int64_t s_len, int64_t dqk,
                                           int64_t dv_w, int64_t key_lo, int t4, float scale) {
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int64_t key = key_lo + 8 * half;
     if (key >= s_len) continue;
-    if (dk) {
-      float* orow = dk + ((b * s_len + key) * h + hh) * dqk;
+    const int64_t tok = b * s_len + key;
+    if (o.dk || o.dk2) {
+      float* r1 = o.dk ? o.dk + tok * o.dk_tok + hh * o.dk_head : nullptr;
+      float* r2 = o.dk2 ? o.dk2 + tok * o.dk2_tok + hh * o.dk2_head : nullptr;
 #pragma unroll
       for (int n = 0; n < DQK / 8; ++n) {
         const int c = n * 8 + 2 * t4;
-        if (c < dqk)
-          *reinterpret_cast<float2*>(orow + c) = make_float2(scale * ak[n][2 * half], scale * ak[n][2 * half + 1]);
+        float* dst = c < o.dk_split ? (r1 ? r1 + c : nullptr) : (r2 ? r2 + (c - o.dk_split) : nullptr);
+        if (c < dqk && dst)
+          *reinterpret_cast<float2*>(dst) = make_float2(scale * ak[n][2 * half], scale * ak[n][2 * half + 1]);
       }
     }
-    if (dv) {
-      float* orow = dv + ((b * s_len + key) * h + hh) * dv_w;
+    if (o.dv) {
+      float* orow = o.dv + tok * o.dv_tok + hh * o.dv_head;
 #pragma unroll
       for (int n = 0; n < DV / 8; ++n) {
         const int c = n * 8 + 2 * t4;

@@ -335,7 +335,7 @@ __global__ void __launch_bounds__(kDkvThreads, 2) dkv_wgmma_kernel(const AttnDkv
     __syncthreads();  // the buffer is refilled next iteration
   }
   attn::write_dkv<DQK, DV>(reinterpret_cast<const float(&)[DQK / 8][4]>(ak), reinterpret_cast<const float(&)[DV / 8][4]>(av),
-                           a.dk, a.dv_out, blockIdx.z, blockIdx.y, a.s, a.h, a.dqk, a.dv, key_lo, t4, a.scale);
+                           a.out, blockIdx.z, blockIdx.y, a.s, a.dqk, a.dv, key_lo, t4, a.scale);
 }
 
 template <int DQK, int DV>

@@ -26,6 +26,18 @@ struct AttnFwdArgs {
 // rounded to BF16 for P·V.
 void attention_bf16_forward_wgmma(const AttnFwdArgs& a, int dqk_w, int dv_w);
 
+// Where the dk/dv kernels write (keys counted over B·S as tokens): dK's columns c < dk_split at
+// dk[token·dk_tok + head·dk_head + c], the rest at dk2[token·dk2_tok + head·dk2_head + c − dk_split];
+// dV at dv[token·dv_tok + head·dv_head + c]. Null pointers: not written. dk_split, the strides and
+// the bases even (float2 stores).
+struct AttnDkvOut {
+  float* dk = nullptr;
+  float* dk2 = nullptr;
+  float* dv = nullptr;
+  int64_t dk_tok = 0, dk_head = 0, dk2_tok = 0, dk2_head = 0, dv_tok = 0, dv_head = 0;
+  int dk_split = 0;
+};
+
 struct AttnDkvArgs {
   const __nv_bfloat16* q;     // [B·H, tp, DQK] BF16, padded with zeros
   const __nv_bfloat16* k;     // [B·H, sp, DQK]
@@ -33,8 +45,7 @@ struct AttnDkvArgs {
   const __nv_bfloat16* dout;  // [B·H, tp, DV]
   const float* lse2;          // [B·H, tp] lse·log2(e), +inf on padded rows
   const float* dsum;          // [B·H, tp] D = rowsum(dO∘O)
-  float* dk;                  // [B, S, H, dqk] or null
-  float* dv_out;              // [B, S, H, dv] or null
+  AttnDkvOut out;             // dK and dV
   __nv_bfloat16* dst;         // [B·H, sp, tp] dSᵀ for the dQ matmul, or null
   int64_t dq_rows;            // the matmul's blocks of query rows (what the zeros must cover)
   int64_t b, t, s, h, dqk, dv, tp, sp;
