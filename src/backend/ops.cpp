@@ -258,7 +258,7 @@ namespace {
 // Dn + Dr] and out [B?, T, H, Dv]; k and v absent.
 void split_kv_ok(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& kv, const Tensor& k_pe,
                  const Tensor& out, bool causal, int64_t q_offset, const char* op) {
-  REQ(!present(k) && !present(v), op, "k and v must be absent when kv is given (the split form)");
+  REQ(!present(k) && !present(v), op, "k and v must be absent when kv or k_pe is given (the split form)");
   f32(kv, op, "kv");
   f32(k_pe, op, "k_pe");
   const int n = q.ndim(), o = n - 3;
@@ -269,6 +269,8 @@ void split_kv_ok(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
   const int64_t dv = out.dim(o + 2), dn = kv.dim(o + 2) - dv, dr = q.dim(o + 2) - dn;
   REQ(kv.dim(o + 1) == q.dim(o + 1) && out.dim(o + 1) == q.dim(o + 1) && k_pe.dim(o + 1) == 1, op,
       "kv ", desc(kv), " and out ", desc(out), " need q's heads ", desc(q), ", k_pe ", desc(k_pe), " one");
+  // dk_pe sums dk over the heads: with none it would be zeros that no kernel writes.
+  REQ(q.dim(o + 1) > 0, op, "the split form needs at least one head, got q ", desc(q));
   REQ(dn > 0 && dr > 0 && k_pe.dim(o + 2) == dr, op, "kv ", desc(kv), " must be [B?, S, H, Dn + Dv] and k_pe ",
       desc(k_pe), " [B?, S, 1, Dr] with Dn + Dr = q's ", q.dim(o + 2), " and Dv = out's ", dv);
   REQ(k_pe.dim(o) == kv.dim(o), op, "kv ", desc(kv), " and k_pe ", desc(k_pe), " differ in length");
@@ -281,7 +283,7 @@ void validate(const AttentionArgs& a) {
   const char* op = "attention";
   f32(a.q, op, "q");
   f32(a.out, op, "out");
-  if (present(a.kv) || present(a.k_pe)) {
+  if (a.kv.defined() || a.k_pe.defined()) {
     split_kv_ok(a.q, a.k, a.v, a.kv, a.k_pe, a.out, a.causal, a.q_offset, op);
   } else {
     f32(a.k, op, "k");
@@ -295,7 +297,7 @@ void validate(const AttentionArgs& a) {
 void validate(const AttentionBackwardArgs& a) {
   const char* op = "attention_backward";
   for (auto [t, n] : {std::pair{&a.q, "q"}, {&a.out, "out"}, {&a.dout, "dout"}}) f32(*t, op, n);
-  if (present(a.kv) || present(a.k_pe)) {
+  if (a.kv.defined() || a.k_pe.defined()) {
     split_kv_ok(a.q, a.k, a.v, a.kv, a.k_pe, a.out, a.causal, a.q_offset, op);
     REQ(!present(a.dk) && !present(a.dv), op, "dk and dv must be absent in the split form (dkv and dk_pe)");
     if (present(a.dkv)) same_shape(a.dkv, a.kv, op, "dkv", "kv");
@@ -317,10 +319,9 @@ void validate(const AttentionBackwardArgs& a) {
 }
 
 namespace {
-// The split form's tensors as rows: kv [B·S·H, Dn + Dv], k_pe [B·S, Dr], and k, v materialized
-// as [B·S·H, Dqk] and [B·S·H, Dv] (shaped like q and out, with S rows).
+// The split form's k and v materialized ([B?, S, H, Dqk] and [B?, S, H, Dv]) and its widths.
 struct SplitKv {
-  Tensor kv_rows, k_pe_rows, k, v;
+  Tensor k, v;
   int64_t dn, dr, dv;
 };
 void copy(Backend& be, const Tensor& src, int64_t src_col, const Tensor& dst, int64_t dst_col, int64_t width) {
@@ -344,17 +345,17 @@ SplitKv materialize_split_kv(Backend& be, const Tensor& q, const Tensor& kv, con
   s.k = be.alloc(DType::F32, ks);
   s.v = be.alloc(DType::F32, vs);
   const int64_t rows = rows_of(kv);
-  s.kv_rows = kv.reshape({rows, s.dn + s.dv});
-  s.k_pe_rows = k_pe.reshape({rows_of(k_pe), s.dr});
+  const Tensor kv_rows = kv.reshape({rows, s.dn + s.dv}), k_pe_rows = k_pe.reshape({rows_of(k_pe), s.dr});
   const Tensor k_rows = s.k.reshape({rows, s.dn + s.dr}), v_rows = s.v.reshape({rows, s.dv});
-  copy(be, s.kv_rows, 0, k_rows, 0, s.dn);
-  copy(be, s.k_pe_rows, 0, k_rows, s.dn, s.dr);  // broadcast over the heads
-  copy(be, s.kv_rows, s.dn, v_rows, 0, s.dv);
+  copy(be, kv_rows, 0, k_rows, 0, s.dn);
+  copy(be, k_pe_rows, 0, k_rows, s.dn, s.dr);  // broadcast over the heads
+  copy(be, kv_rows, s.dn, v_rows, 0, s.dv);
   return s;
 }
 }  // namespace
 
 void attention_split_kv(Backend& be, const AttentionArgs& a) {
+  REQ(a.kv.defined() || a.k_pe.defined(), "attention", "attention_split_kv needs the split form (kv and k_pe)");
   validate(a);
   SplitKv s = materialize_split_kv(be, a.q, a.kv, a.k_pe, a.out);
   AttentionArgs p = a;
@@ -365,6 +366,8 @@ void attention_split_kv(Backend& be, const AttentionArgs& a) {
 }
 
 void attention_backward_split_kv(Backend& be, const AttentionBackwardArgs& a) {
+  REQ(a.kv.defined() || a.k_pe.defined(), "attention_backward",
+      "attention_backward_split_kv needs the split form (kv and k_pe)");
   validate(a);
   SplitKv s = materialize_split_kv(be, a.q, a.kv, a.k_pe, a.out);
   AttentionBackwardArgs p = a;
@@ -568,7 +571,7 @@ void validate(const CopyColsArgs& a) {
           a.dst_col + a.width <= cd,
       op, "columns [", a.src_col, ", +", a.width, ") of src ", desc(a.src), " → [", a.dst_col, ", +", a.width,
       ") of dst ", desc(a.dst), " out of range");
-  bool rows_ok = rs == rd || (rs > 0 && rd % rs == 0) || (rd > 0 && rs % rd == 0);
+  bool rows_ok = rs == rd || (rs > 0 && rd % rs == 0) || (rd > 0 && rs > 0 && rs % rd == 0);
   REQ(rows_ok, op, "rows of src ", desc(a.src), " and dst ", desc(a.dst), " are not equal or multiples");
   REQ(a.src.raw() != a.dst.raw() || a.src.numel() == 0, op, "src and dst must not alias");
 }

@@ -173,14 +173,14 @@ double rope_softmax_scale(const RopeParams& p, int64_t qk_head_dim);
 // 5. Attention: out = softmax(q·kᵀ·scale + mask)·v, exact FP32. Optional leading batch dim B.
 // Causal: query i sits at absolute position q_offset + i and sees keys 0..q_offset+i (chunked
 // prefill); requires S >= q_offset + T. Not causal: every query sees every key.
-// MLA's keys and values may come split, as the layer makes them (kv and k_pe present, k and v
+// MLA's keys and values may come split, as the layer makes them (kv and k_pe given, k and v
 // absent): kv [B?, S, H, Dn + Dv] is kv_b_proj's output, k_pe [B?, S, 1, Dr] the rotated key part
 // all heads share, Dn + Dr = Dqk; then k = [kv[..., :Dn] ; k_pe] per head and v = kv[..., Dn:].
 // A backend may read them in place; attention_split_kv is the composition every backend can use.
 struct AttentionArgs {
   Tensor q;    // [B?, T, H, Dqk] F32
-  Tensor k;    // [B?, S, H, Dqk] F32
-  Tensor v;    // [B?, S, H, Dv] F32  (Dv may differ from Dqk)
+  Tensor k;    // [B?, S, H, Dqk] F32  (absent in the split form)
+  Tensor v;    // [B?, S, H, Dv] F32  (Dv may differ from Dqk; absent in the split form)
   Tensor out;  // [B?, T, H, Dv] F32
   Tensor lse;  // [B?, H, T] F32 logsumexp of the scaled logits, optional (needed for backward)
   float scale = 1.0f;
@@ -197,7 +197,7 @@ struct AttentionBackwardArgs {
   float scale = 1.0f;
   bool causal = true;
   int64_t q_offset = 0;
-  Tensor kv, k_pe, dkv, dk_pe;
+  Tensor kv, k_pe, dkv, dk_pe;  // the split form and its gradients (F32, each gradient optional)
 };
 // The split form through the plain op: k and v materialized by copy_cols, then be.attention; the
 // backward assembles dkv and dk_pe from dk and dv (copy_cols, the heads summed in order 0..H-1).

@@ -197,7 +197,10 @@ TEST(Attention, SplitFormRules) {
   refused([&] { cpu().attention(b); }, "Dn + Dr");
   b = a;
   b.k_pe = z({3, 2, 2});
-  refused([&] { cpu().attention(b); }, "k_pe");
+  refused([&] { cpu().attention(b); }, "one");
+  b = a;
+  b.q = z({3, 0, 6}), b.kv = z({3, 0, 9}), b.out = z({3, 0, 5});
+  refused([&] { cpu().attention(b); }, "at least one head");
   b = a;
   b.kv = Tensor();
   refused([&] { cpu().attention(b); }, "kv is missing");
@@ -207,11 +210,18 @@ TEST(Attention, SplitFormRules) {
   refused([&] { cpu().attention_backward(g); }, "dk and dv must be absent");
   g.dk = Tensor();
   g.dkv = z({3, 2, 8});
-  refused([&] { cpu().attention_backward(g); }, "dkv");
+  refused([&] { cpu().attention_backward(g); }, "differ in shape");
   AttentionBackwardArgs plain;
   plain.q = a.q, plain.k = z({3, 2, 6}), plain.v = z({3, 2, 5}), plain.out = a.out, plain.lse = g.lse;
   plain.dout = g.dout, plain.dkv = z({3, 2, 9});
   refused([&] { cpu().attention_backward(plain); }, "need the split form");
+  AttentionArgs kv_less;
+  kv_less.q = a.q, kv_less.k = z({3, 2, 6}), kv_less.v = z({3, 2, 5}), kv_less.out = a.out;
+  refused([&] { attention_split_kv(cpu(), kv_less); }, "needs the split form");
+  // copy_cols from no rows into some (what H = 0 heads would ask of the composition) divided by zero.
+  CopyColsArgs c;
+  c.src = z({0, 4}), c.dst = z({3, 4}), c.width = 4;
+  refused([&] { cpu().copy_cols(c); }, "not equal or multiples");
 }
 
 RouterArgs router_args(const Tensor& logits, const Tensor& bias, int64_t e, int ng, int tg, int k) {

@@ -3,8 +3,9 @@
 // v materialized (the same BF16 operands; dkv is dk's first Dn columns and dv, dk_pe the sum of dk's
 // rope columns over the heads in copy_cols' order), for the wgmma and the mma.sync kernels, and
 // within kBf16 of the CPU backend's split form. Shapes: bench-0.7b's heads (128 + 64, v 128) with a
-// batch dim, a chunked causal one (q_offset, S > T), a narrow one (16 + 16, v 32: the 64-wide
-// kernels), and one the in-place path declines (Dn not a multiple of 8), which composes.
+// batch dim, a chunked causal one (q_offset, S > T), a non-causal one, a narrow one (16 + 16, v 32:
+// the 64-wide kernels), and one the in-place path declines (Dn not a multiple of 8), which
+// composes; some outputs only, dQ by either path, and a misaligned k_pe (composed).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -21,6 +22,7 @@ struct SplitShape {
   int64_t b;  // 0: no batch dim
   int64_t t, s, h, dn, dr, dv;
   int64_t q_off;
+  bool causal = true;
 };
 
 Shape dims(const SplitShape& c, int64_t rows, int64_t heads, int64_t width) {
@@ -54,30 +56,47 @@ struct Results {
   std::string damaged;
 };
 
-// Forward and backward in the split form, outputs guarded and pre-filled with NaN.
-Results run_split(Backend& be, const SplitShape& c, const Inputs& in) {
+// Which of the backward's outputs a run asks for, and k_pe placed 16 bytes off (the in-place path
+// declines a misaligned base).
+struct Ask {
+  bool dq = true, dkv = true, dk_pe = true, misaligned_k_pe = false;
+};
+
+// A device copy of host x starting 4 floats into its buffer.
+Tensor misaligned(Backend& be, const Tensor& x) {
+  Tensor h = Tensor::zeros(DType::F32, {x.numel() + 4});
+  std::memcpy(h.data<float>() + 4, x.raw(), size_t(x.numel()) * 4);
+  auto dev = std::make_shared<Tensor>(be.to_device(h));
+  return Tensor::borrow(static_cast<float*>(dev->raw()) + 4, DType::F32, x.shape(), dev, be.device());
+}
+
+// Forward and backward in the split form, outputs guarded and pre-filled with NaN (those not asked
+// for stay empty).
+Results run_split(Backend& be, const SplitShape& c, const Inputs& in, const Ask& ask = {}) {
   Guards g(be);
   const int64_t dqk = c.dn + c.dr;
   AttentionArgs f;
   f.q = be.to_device(in.q);
   f.kv = be.to_device(in.kv);
-  f.k_pe = be.to_device(in.k_pe);
+  f.k_pe = ask.misaligned_k_pe ? misaligned(be, in.k_pe) : be.to_device(in.k_pe);
   f.out = g.out(DType::F32, dims(c, c.t, c.h, c.dv));
   f.lse = g.out(DType::F32, c.b ? Shape{c.b, c.h, c.t} : Shape{c.h, c.t});
   f.scale = in.scale;
+  f.causal = c.causal;
   f.q_offset = c.q_off;
   be.attention(f);
   AttentionBackwardArgs b;
   b.q = f.q, b.kv = f.kv, b.k_pe = f.k_pe, b.out = f.out, b.lse = f.lse;
   b.dout = be.to_device(in.dout);
-  b.dq = g.out(DType::F32, dims(c, c.t, c.h, dqk));
-  b.dkv = g.out(DType::F32, dims(c, c.s, c.h, c.dn + c.dv));
-  b.dk_pe = g.out(DType::F32, dims(c, c.s, 1, c.dr));
+  if (ask.dq) b.dq = g.out(DType::F32, dims(c, c.t, c.h, dqk));
+  if (ask.dkv) b.dkv = g.out(DType::F32, dims(c, c.s, c.h, c.dn + c.dv));
+  if (ask.dk_pe) b.dk_pe = g.out(DType::F32, dims(c, c.s, 1, c.dr));
   b.scale = in.scale;
+  b.causal = c.causal;
   b.q_offset = c.q_off;
   be.attention_backward(b);
-  return {be.to_host(f.out), be.to_host(f.lse), be.to_host(b.dq), be.to_host(b.dkv), be.to_host(b.dk_pe),
-          g.damaged()};
+  auto host = [&](const Tensor& t) { return present(t) ? be.to_host(t) : Tensor(); };
+  return {be.to_host(f.out), be.to_host(f.lse), host(b.dq), host(b.dkv), host(b.dk_pe), g.damaged()};
 }
 
 // The same through k and v, with dkv and dk_pe assembled on the host (dk_pe summed over the heads
@@ -87,10 +106,11 @@ Results run_materialized(Backend& be, const SplitShape& c, const Inputs& in) {
   Tensor q = be.to_device(in.q), k = be.to_device(in.k), v = be.to_device(in.v);
   Tensor out = be.alloc(DType::F32, dims(c, c.t, c.h, c.dv));
   Tensor lse = be.alloc(DType::F32, c.b ? Shape{c.b, c.h, c.t} : Shape{c.h, c.t});
-  be.attention({q, k, v, out, lse, in.scale, true, c.q_off, {}, {}});
+  be.attention({q, k, v, out, lse, in.scale, c.causal, c.q_off, {}, {}});
   Tensor dq = be.alloc(DType::F32, dims(c, c.t, c.h, dqk)), dk = be.alloc(DType::F32, dims(c, c.s, c.h, dqk));
   Tensor dv = be.alloc(DType::F32, dims(c, c.s, c.h, c.dv));
-  be.attention_backward({q, k, v, out, lse, be.to_device(in.dout), dq, dk, dv, in.scale, true, c.q_off, {}, {}, {}, {}});
+  be.attention_backward(
+      {q, k, v, out, lse, be.to_device(in.dout), dq, dk, dv, in.scale, c.causal, c.q_off, {}, {}, {}, {}});
   Results r{be.to_host(out), be.to_host(lse), be.to_host(dq), Tensor::empty(DType::F32, in.kv.shape()),
             Tensor::empty(DType::F32, in.k_pe.shape()), ""};
   const Tensor hk = be.to_host(dk), hv = be.to_host(dv);
@@ -125,17 +145,41 @@ void expect_close(const Tensor& got, const Tensor& want, const std::string& what
 }
 
 struct Bf16Scope {
-  explicit Bf16Scope(bool wgmma) : prev_wgmma(cuda_attention_wgmma()) {
+  explicit Bf16Scope(bool wgmma, bool dq_matmul = true)
+      : prev_wgmma(cuda_attention_wgmma()), prev_matmul(cuda_attention_dq_matmul()) {
     cuda_set_attention_bf16(true);
     cuda_set_attention_wgmma(wgmma);
+    cuda_set_attention_dq_matmul(dq_matmul);
   }
   ~Bf16Scope() {
     cuda_set_attention_bf16(false);
     cuda_set_attention_wgmma(prev_wgmma);
+    cuda_set_attention_dq_matmul(prev_matmul);
   }
-  bool prev_wgmma;
+  bool prev_wgmma, prev_matmul;
 };
 
+// got against the materialized run (bits) and the CPU (kBf16), output by output; absent outputs
+// must stay absent.
+void compare_all(const Results& got, const Results& mat, const Results& want, const Ask& ask, const std::string& at) {
+  EXPECT_EQ(got.damaged, "") << at;
+  expect_same_bits(got.out, mat.out, at + " out");
+  expect_same_bits(got.lse, mat.lse, at + " lse");
+  expect_close(got.out, want.out, at + " out against the CPU");
+  expect_close(got.lse, want.lse, at + " lse against the CPU");
+  const std::pair<const char*, const Tensor Results::*> grads[] = {
+      {"dq", &Results::dq}, {"dkv", &Results::dkv}, {"dk_pe", &Results::dk_pe}};
+  const bool asked[] = {ask.dq, ask.dkv, ask.dk_pe};
+  for (int i = 0; i < 3; ++i) {
+    const auto [name, m] = grads[i];
+    EXPECT_EQ(present(got.*m), asked[i]) << at << " " << name;
+    if (!asked[i]) continue;
+    expect_same_bits(got.*m, mat.*m, at + " " + name);
+    expect_close(got.*m, want.*m, at + " " + name + " against the CPU");
+  }
+}
+
+// Both kernel families, dQ by the matmul; in place (the counter) unless the split declines.
 void check_split(const SplitShape& c, uint64_t seed, bool in_place) {
   ASSERT_GT(cuda_device_count(), 0);
   const Inputs in = make_inputs(c, seed);
@@ -147,25 +191,40 @@ void check_split(const SplitShape& c, uint64_t seed, bool in_place) {
     const int64_t before = cuda_attention_split_in_place();
     const Results got = run_split(cuda_backend(), c, in);
     EXPECT_EQ(cuda_attention_split_in_place() - before, in_place ? 2 : 0) << at << ": forward and backward in place";
-    const Results mat = run_materialized(cuda_backend(), c, in);
-    EXPECT_EQ(got.damaged, "") << at;
-    expect_same_bits(got.out, mat.out, at + " out");
-    expect_same_bits(got.lse, mat.lse, at + " lse");
-    expect_same_bits(got.dq, mat.dq, at + " dq");
-    expect_same_bits(got.dkv, mat.dkv, at + " dkv");
-    expect_same_bits(got.dk_pe, mat.dk_pe, at + " dk_pe");
-    expect_close(got.out, want.out, at + " out against the CPU");
-    expect_close(got.lse, want.lse, at + " lse against the CPU");
-    expect_close(got.dq, want.dq, at + " dq against the CPU");
-    expect_close(got.dkv, want.dkv, at + " dkv against the CPU");
-    expect_close(got.dk_pe, want.dk_pe, at + " dk_pe against the CPU");
+    compare_all(got, run_materialized(cuda_backend(), c, in), want, Ask{}, at);
   }
 }
 
 TEST(CudaAttnSplit, Bench07bHeadsBatched) { check_split({2, 130, 130, 4, 128, 64, 128, 0}, 61, true); }
 TEST(CudaAttnSplit, ChunkedCausal) { check_split({1, 70, 150, 3, 128, 64, 128, 80}, 62, true); }
+TEST(CudaAttnSplit, NonCausal) { check_split({1, 90, 130, 3, 128, 64, 128, 0, false}, 65, true); }
 TEST(CudaAttnSplit, NarrowHeads) { check_split({0, 100, 100, 4, 16, 16, 32, 0}, 63, true); }
 TEST(CudaAttnSplit, UnalignedSplitComposes) { check_split({0, 64, 64, 2, 12, 4, 16, 0}, 64, false); }
+
+// Some of the backward's outputs only (each kernel writes what it is given), dQ by the dq kernel
+// instead of the matmul, and a misaligned k_pe (composed instead of read in place).
+TEST(CudaAttnSplit, PartialOutputsDqKernelMisaligned) {
+  ASSERT_GT(cuda_device_count(), 0);
+  const SplitShape c{1, 100, 120, 2, 128, 64, 128, 20};
+  const Inputs in = make_inputs(c, 66);
+  const Results want = run_split(cpu_backend(), c, in);
+  const Ask asks[] = {{false, true, false, false}, {false, false, true, false}, {true, false, false, false},
+                      {true, true, true, true}};
+  for (bool dq_matmul : {true, false})
+    for (bool wgmma : {true, false}) {
+      const Bf16Scope scope(wgmma, dq_matmul);
+      const Results mat = run_materialized(cuda_backend(), c, in);
+      for (const Ask& ask : asks) {
+        const std::string at = cat(wgmma ? "wgmma" : "mma.sync", dq_matmul ? ", dq matmul" : ", dq kernel",
+                                   ", asked dq ", ask.dq, " dkv ", ask.dkv, " dk_pe ", ask.dk_pe,
+                                   ask.misaligned_k_pe ? ", k_pe misaligned" : "");
+        const int64_t before = cuda_attention_split_in_place();
+        const Results got = run_split(cuda_backend(), c, in, ask);
+        EXPECT_EQ(cuda_attention_split_in_place() - before, ask.misaligned_k_pe ? 0 : 2) << at;
+        compare_all(got, mat, want, ask, at);
+      }
+    }
+}
 
 }  // namespace
 }  // namespace dsv3::test

@@ -102,7 +102,7 @@ inline int64_t key_limit(bool causal, int64_t q_offset, int64_t i, int64_t s) {
 }  // namespace
 
 void CpuBackend::attention(const AttentionArgs& a) {
-  if (present(a.kv) || present(a.k_pe)) return attention_split_kv(*this, a);
+  if (a.kv.defined() || a.k_pe.defined()) return attention_split_kv(*this, a);
   validate(a);
   AttnDims d = attn_dims(a.q, a.k, a.v);
   const float* q = a.q.data<float>();
@@ -138,7 +138,7 @@ void CpuBackend::attention(const AttentionArgs& a) {
 }
 
 void CpuBackend::attention_backward(const AttentionBackwardArgs& a) {
-  if (present(a.kv) || present(a.k_pe)) return attention_backward_split_kv(*this, a);
+  if (a.kv.defined() || a.k_pe.defined()) return attention_backward_split_kv(*this, a);
   validate(a);
   AttnDims d = attn_dims(a.q, a.k, a.v);
   const float* q = a.q.data<float>();

@@ -485,7 +485,7 @@ __global__ void __launch_bounds__(kTiledThreads) attn_bwd_kv_tiled(const float* 
 
 void CudaBackend::attention(const AttentionArgs& a) {
   validate(a);
-  const bool split = present(a.kv);
+  const bool split = a.kv.defined();  // validated: the split form
   Dims d = split ? dims_of(a.q, a.kv, a.out) : dims_of(a.q, a.k, a.v);
   if (d.b * d.t * d.h == 0) return;
   // The BF16 kernels read the split form in place; the FP32 ones take it composed.
@@ -510,7 +510,7 @@ void CudaBackend::attention(const AttentionArgs& a) {
 
 void CudaBackend::attention_backward(const AttentionBackwardArgs& a) {
   validate(a);
-  const bool split = present(a.kv);
+  const bool split = a.kv.defined();  // validated: the split form
   Dims d = split ? dims_of(a.q, a.kv, a.out) : dims_of(a.q, a.k, a.v);
   if (d.b * d.h == 0) return;
   if (cuda_attention_bf16() && cuda_attention_bf16_backward(a)) return;

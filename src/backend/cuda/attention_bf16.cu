@@ -506,7 +506,7 @@ struct KvSource {
   HeadCols k0, k1, v;
 };
 KvSource kv_source(const Tensor& k, const Tensor& v, const Tensor& kv, const Tensor& k_pe, const Dims& d) {
-  if (!present(kv))
+  if (!kv.defined())
     return {{k.data<float>(), d.h * d.dqk, d.dqk, int(d.dqk)}, {}, {v.data<float>(), d.h * d.dv, d.dv, int(d.dv)}};
   const int64_t dn = kv.dim(-1) - d.dv, w = dn + d.dv;
   return {{kv.data<float>(), d.h * w, w, int(dn)},
@@ -574,8 +574,8 @@ void run_bwd(const AttentionBackwardArgs& a, const Dims& d) {
   // into part for sum_heads.
   AttnDkvOut o;
   std::optional<Scratch> part;
-  const int64_t dn = present(a.kv) ? a.kv.dim(-1) - d.dv : d.dqk, dr = d.dqk - dn;
-  if (present(a.kv)) {
+  const int64_t dn = a.kv.defined() ? a.kv.dim(-1) - d.dv : d.dqk, dr = d.dqk - dn;
+  if (a.kv.defined()) {
     o.dk_split = int(dn);
     if (present(a.dkv)) {
       o.dk = ptr<float>(a.dkv), o.dv = o.dk + dn;
@@ -667,20 +667,19 @@ bool cuda_attention_bf16_supported(int64_t dqk, int64_t dv) {
 // multiples of 16; a view starting mid-row would not be).
 static bool aligned(const Tensor& t) { return !present(t) || (reinterpret_cast<uintptr_t>(t.raw()) & 15) == 0; }
 
-// The split form in place: dk's split and kv's rows on 8-column (32-byte) boundaries, so a chunk
-// of 8 or a float2 pair lies in one segment and every float4 is aligned.
+// The split form in place: dk's split on an 8-column boundary, so a chunk of 8 or a float2 pair lies
+// in one segment and every float4 is 16-byte aligned (Dqk and Dv are multiples of 16 already).
 static bool split_ok(const Tensor& kv, const Tensor& k_pe, const Dims& d) {
-  if (!present(kv)) return true;
-  const int64_t dn = kv.dim(-1) - d.dv;
-  return dn % 8 == 0 && d.dv % 4 == 0 && aligned(kv) && aligned(k_pe);
+  if (!kv.defined()) return true;
+  return (kv.dim(-1) - d.dv) % 8 == 0 && aligned(kv) && aligned(k_pe);
 }
 
 bool cuda_attention_bf16_forward(const AttentionArgs& a) {
-  const Dims d = present(a.kv) ? dims_of(a.q, a.kv, a.out) : dims_of(a.q, a.k, a.v);
+  const Dims d = a.kv.defined() ? dims_of(a.q, a.kv, a.out) : dims_of(a.q, a.k, a.v);
   if (!cuda_attention_bf16_supported(d.dqk, d.dv) || !aligned(a.q) || !aligned(a.k) || !aligned(a.v) ||
       !split_ok(a.kv, a.k_pe, d))
     return false;
-  if (present(a.kv)) ++g_split_calls;
+  if (a.kv.defined()) ++g_split_calls;
   if (d.b * d.t * d.h == 0) return true;
   const Width w = width_for(d.dqk, d.dv);
   if (w.dqk == 64) run_fwd<64, 64>(a, d);
@@ -691,11 +690,11 @@ bool cuda_attention_bf16_forward(const AttentionArgs& a) {
 }
 
 bool cuda_attention_bf16_backward(const AttentionBackwardArgs& a) {
-  const Dims d = present(a.kv) ? dims_of(a.q, a.kv, a.out) : dims_of(a.q, a.k, a.v);
+  const Dims d = a.kv.defined() ? dims_of(a.q, a.kv, a.out) : dims_of(a.q, a.k, a.v);
   if (!cuda_attention_bf16_supported(d.dqk, d.dv) || !aligned(a.q) || !aligned(a.k) || !aligned(a.v) ||
       !aligned(a.dout) || !aligned(a.out) || !split_ok(a.kv, a.k_pe, d) || !aligned(a.dkv) || !aligned(a.dk_pe))
     return false;
-  if (present(a.kv)) ++g_split_calls;
+  if (a.kv.defined()) ++g_split_calls;
   if (d.b * d.h == 0) return true;
   const Width w = width_for(d.dqk, d.dv);
   if (w.dqk == 64) run_bwd<64, 64>(a, d);
