@@ -56,18 +56,18 @@ struct Results {
   std::string damaged;
 };
 
-// Which of the backward's outputs a run asks for, and k_pe placed 16 bytes off (the in-place path
-// declines a misaligned base).
+// Which of the backward's outputs a run asks for, and k_pe placed off 16-byte alignment (the
+// in-place path declines it).
 struct Ask {
   bool dq = true, dkv = true, dk_pe = true, misaligned_k_pe = false;
 };
 
-// A device copy of host x starting 4 floats into its buffer.
+// A device copy of host x one float into its buffer: 4 bytes off 16-byte alignment.
 Tensor misaligned(Backend& be, const Tensor& x) {
-  Tensor h = Tensor::zeros(DType::F32, {x.numel() + 4});
-  std::memcpy(h.data<float>() + 4, x.raw(), size_t(x.numel()) * 4);
+  Tensor h = Tensor::zeros(DType::F32, {x.numel() + 1});
+  std::memcpy(h.data<float>() + 1, x.raw(), size_t(x.numel()) * 4);
   auto dev = std::make_shared<Tensor>(be.to_device(h));
-  return Tensor::borrow(static_cast<float*>(dev->raw()) + 4, DType::F32, x.shape(), dev, be.device());
+  return Tensor::borrow(static_cast<float*>(dev->raw()) + 1, DType::F32, x.shape(), dev, be.device());
 }
 
 // Forward and backward in the split form, outputs guarded and pre-filled with NaN (those not asked
