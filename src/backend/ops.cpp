@@ -65,6 +65,16 @@ void weight_ok(const Tensor& w, const Tensor& scale_inv, const char* op) {
 
 }  // namespace
 
+void copy_cols(Backend& be, const Tensor& src, int64_t src_col, const Tensor& dst, int64_t dst_col, int64_t width) {
+  CopyColsArgs c;
+  c.src = src;
+  c.src_col = src_col;
+  c.dst = dst;
+  c.dst_col = dst_col;
+  c.width = width;
+  be.copy_cols(c);
+}
+
 Tensor Backend::zeros(DType t, const Shape& s) {
   Tensor x = alloc(t, s);
   if (is_float(t)) fill({x, 0.0f});
@@ -324,15 +334,6 @@ struct SplitKv {
   Tensor k, v;
   int64_t dn, dr, dv;
 };
-void copy(Backend& be, const Tensor& src, int64_t src_col, const Tensor& dst, int64_t dst_col, int64_t width) {
-  CopyColsArgs c;
-  c.src = src;
-  c.src_col = src_col;
-  c.dst = dst;
-  c.dst_col = dst_col;
-  c.width = width;
-  be.copy_cols(c);
-}
 SplitKv materialize_split_kv(Backend& be, const Tensor& q, const Tensor& kv, const Tensor& k_pe, const Tensor& out) {
   const int o = q.ndim() - 3;
   SplitKv s;
@@ -347,9 +348,9 @@ SplitKv materialize_split_kv(Backend& be, const Tensor& q, const Tensor& kv, con
   const int64_t rows = rows_of(kv);
   const Tensor kv_rows = kv.reshape({rows, s.dn + s.dv}), k_pe_rows = k_pe.reshape({rows_of(k_pe), s.dr});
   const Tensor k_rows = s.k.reshape({rows, s.dn + s.dr}), v_rows = s.v.reshape({rows, s.dv});
-  copy(be, kv_rows, 0, k_rows, 0, s.dn);
-  copy(be, k_pe_rows, 0, k_rows, s.dn, s.dr);  // broadcast over the heads
-  copy(be, kv_rows, s.dn, v_rows, 0, s.dv);
+  copy_cols(be, kv_rows, 0, k_rows, 0, s.dn);
+  copy_cols(be, k_pe_rows, 0, k_rows, s.dn, s.dr);  // broadcast over the heads
+  copy_cols(be, kv_rows, s.dn, v_rows, 0, s.dv);
   return s;
 }
 }  // namespace
@@ -380,11 +381,11 @@ void attention_backward_split_kv(Backend& be, const AttentionBackwardArgs& a) {
   const int64_t rows = rows_of(s.k);
   if (present(a.dkv)) {
     const Tensor dkv_rows = a.dkv.reshape({rows, s.dn + s.dv});
-    copy(be, p.dk.reshape({rows, s.dn + s.dr}), 0, dkv_rows, 0, s.dn);
-    copy(be, p.dv.reshape({rows, s.dv}), 0, dkv_rows, s.dn, s.dv);
+    copy_cols(be, p.dk.reshape({rows, s.dn + s.dr}), 0, dkv_rows, 0, s.dn);
+    copy_cols(be, p.dv.reshape({rows, s.dv}), 0, dkv_rows, s.dn, s.dv);
   }
   if (present(a.dk_pe))  // Σ over the heads (copy_cols sums H source rows per destination row)
-    copy(be, p.dk.reshape({rows, s.dn + s.dr}), s.dn, a.dk_pe.reshape({rows_of(a.dk_pe), s.dr}), 0, s.dr);
+    copy_cols(be, p.dk.reshape({rows, s.dn + s.dr}), s.dn, a.dk_pe.reshape({rows_of(a.dk_pe), s.dr}), 0, s.dr);
 }
 
 void validate(const SwigluArgs& a) {

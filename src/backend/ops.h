@@ -438,6 +438,10 @@ class Backend {
   virtual void end_lanes() {}
 };
 
+// dst[:, dst_col : dst_col+width] = src[:, src_col : src_col+width] as one be.copy_cols (rows
+// broadcast or summed as CopyColsArgs says).
+void copy_cols(Backend& be, const Tensor& src, int64_t src_col, const Tensor& dst, int64_t dst_col, int64_t width);
+
 // The process-wide CPU backend.
 Backend& cpu_backend();
 // "cpu" or "cuda" (the latter needs a CUDA build and a device); InputError otherwise.

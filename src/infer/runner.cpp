@@ -20,7 +20,6 @@ void check_step_inputs(std::span<const int32_t> tokens, int64_t vocab, std::span
 }
 }  // namespace
 
-using modops::copy_cols;
 using modops::i32_tensor;
 using modops::rmsnorm;
 

@@ -40,7 +40,6 @@ void linear_forward(Backend& be, const LinearParam& p, const Tensor& x, const Te
 
 namespace {
 
-using modops::copy_cols;
 using modops::rmsnorm;
 using modops::rmsnorm_backward;
 

@@ -44,18 +44,6 @@ inline Tensor add(Backend& be, const Tensor& a, const Tensor& b) {
   return out;
 }
 
-// dst[:, dst_col : dst_col+width] = src[:, src_col : src_col+width] (row broadcast as copy_cols).
-inline void copy_cols(Backend& be, const Tensor& src, int64_t src_col, const Tensor& dst, int64_t dst_col,
-                      int64_t width) {
-  CopyColsArgs a;
-  a.src = src;
-  a.src_col = src_col;
-  a.dst = dst;
-  a.dst_col = dst_col;
-  a.width = width;
-  be.copy_cols(a);
-}
-
 // out[i] = src[idx[i]] (F32 rows).
 inline void gather_rows(Backend& be, const Tensor& src, const Tensor& idx, const Tensor& out) {
   GatherRowsArgs g;

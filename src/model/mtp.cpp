@@ -9,7 +9,6 @@
 
 namespace dsv3 {
 
-using modops::copy_cols;
 using modops::i32_tensor;
 using modops::rmsnorm;
 using modops::rmsnorm_backward;

@@ -182,15 +182,8 @@ OP_CASE(attention_backward_split_kv) {
   b.attention_backward(a);
   Vec qv = to_vec(q), kvv = to_vec(kv), pev = to_vec(k_pe), gv = to_vec(dout);
   auto L = [&](const Vec& qx, const Vec& kvx, const Vec& pex) {
-    Vec k(size_t(bs * s * h * dq)), v(size_t(bs * s * h * dv));
-    for (int64_t tok = 0; tok < bs * s; ++tok)
-      for (int64_t hh = 0; hh < h; ++hh) {
-        const size_t r = size_t(tok * h + hh);
-        for (int64_t j = 0; j < dq; ++j)
-          k[r * dq + j] = j < dn ? kvx[r * (dn + dv) + j] : pex[size_t(tok * dr + j - dn)];
-        for (int64_t j = 0; j < dv; ++j) v[r * dv + j] = kvx[r * (dn + dv) + dn + j];
-      }
-    return dot(gv, ref::attention(qx, k, v, bs, t, s, h, dq, dv, scale, true, off).out);
+    const ref::SplitKv kv_ = ref::split_kv(kvx, pex, bs * s, h, dn, dr, dv);
+    return dot(gv, ref::attention(qx, kv_.k, kv_.v, bs, t, s, h, dq, dv, scale, true, off).out);
   };
   return {{"dq", down(b, a.dq), fd_grad([&](const Vec& x) { return L(x, kvv, pev); }, qv), tol::kF32Grad},
           {"dkv", down(b, a.dkv), fd_grad([&](const Vec& x) { return L(qv, x, pev); }, kvv), tol::kF32Grad},

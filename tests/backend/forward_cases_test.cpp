@@ -201,15 +201,8 @@ std::vector<Output> attention_split_case(Backend& b, Guards& g, uint64_t seed, i
   a.q = up(b, q), a.kv = up(b, kv), a.k_pe = up(b, k_pe), a.out = out, a.lse = lse;
   a.scale = scale, a.q_offset = q_off;
   b.attention(a);
-  Vec kvv = to_vec(kv), pe = to_vec(k_pe), k(size_t(bb * s * h * dq)), v(size_t(bb * s * h * dv));
-  for (int64_t tok = 0; tok < bb * s; ++tok)
-    for (int64_t hh = 0; hh < h; ++hh) {
-      const size_t r = size_t(tok * h + hh);
-      for (int64_t j = 0; j < dq; ++j)
-        k[r * dq + j] = j < dn ? kvv[r * (dn + dv) + j] : pe[size_t(tok * dr + j - dn)];
-      for (int64_t j = 0; j < dv; ++j) v[r * dv + j] = kvv[r * (dn + dv) + dn + j];
-    }
-  ref::AttnOut r = ref::attention(to_vec(q), k, v, bb, t, s, h, dq, dv, scale, true, q_off);
+  const ref::SplitKv kv_ = ref::split_kv(to_vec(kv), to_vec(k_pe), bb * s, h, dn, dr, dv);
+  ref::AttnOut r = ref::attention(to_vec(q), kv_.k, kv_.v, bb, t, s, h, dq, dv, scale, true, q_off);
   return {{"out", down(b, out), r.out, tol::kF32}, {"lse", down(b, lse), r.lse, tol::kF32}};
 }
 }  // namespace

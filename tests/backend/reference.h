@@ -66,6 +66,24 @@ inline Vec rope(Vec x, const std::vector<int32_t>& pos, const Vec& cs, const Vec
 struct AttnOut {
   Vec out, lse;
 };
+struct SplitKv {
+  Vec k, v;
+};
+// MLA's split keys (backend/ops.h) over `tokens` rows of h heads: k = [kv[..., :dn] ; k_pe] per
+// head, v = kv[..., dn:] (kv [tokens, h, dn + dv], k_pe [tokens, dr]).
+inline SplitKv split_kv(const Vec& kv, const Vec& k_pe, int64_t tokens, int64_t h, int64_t dn, int64_t dr,
+                        int64_t dv) {
+  const int64_t dq = dn + dr;
+  SplitKv r{Vec(size_t(tokens * h * dq)), Vec(size_t(tokens * h * dv))};
+  for (int64_t tok = 0; tok < tokens; ++tok)
+    for (int64_t hh = 0; hh < h; ++hh) {
+      const size_t row = size_t(tok * h + hh);
+      for (int64_t j = 0; j < dq; ++j)
+        r.k[row * dq + j] = j < dn ? kv[row * (dn + dv) + j] : k_pe[size_t(tok * dr + j - dn)];
+      for (int64_t j = 0; j < dv; ++j) r.v[row * dv + j] = kv[row * (dn + dv) + dn + j];
+    }
+  return r;
+}
 // q [b,t,h,dq], k [b,s,h,dq], v [b,s,h,dv]
 inline AttnOut attention(const Vec& q, const Vec& k, const Vec& v, int64_t b, int64_t t, int64_t s, int64_t h,
                          int64_t dq, int64_t dv, double scale, bool causal, int64_t q_off) {

@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "../backend/harness.h"
+#include "../backend/reference.h"
 #include "backend/cuda/attention_bf16.h"
 #include "backend/cuda/cuda_backend.h"
 
@@ -36,18 +37,11 @@ struct Inputs {
 Inputs make_inputs(const SplitShape& c, uint64_t seed) {
   const int64_t dqk = c.dn + c.dr, bb = c.b ? c.b : 1;
   Inputs in{randn(dims(c, c.t, c.h, dqk), seed, 1), randn(dims(c, c.s, c.h, c.dn + c.dv), seed, 2),
-            randn(dims(c, c.s, 1, c.dr), seed, 3),  Tensor::empty(DType::F32, dims(c, c.s, c.h, dqk)),
-            Tensor::empty(DType::F32, dims(c, c.s, c.h, c.dv)), randn(dims(c, c.t, c.h, c.dv), seed, 4),
+            randn(dims(c, c.s, 1, c.dr), seed, 3),  Tensor(), Tensor(), randn(dims(c, c.t, c.h, c.dv), seed, 4),
             1.0f / std::sqrt(float(dqk))};
-  for (int64_t tok = 0; tok < bb * c.s; ++tok)
-    for (int64_t hh = 0; hh < c.h; ++hh) {
-      const float* kv = in.kv.data<float>() + (tok * c.h + hh) * (c.dn + c.dv);
-      float* k = in.k.data<float>() + (tok * c.h + hh) * dqk;
-      float* v = in.v.data<float>() + (tok * c.h + hh) * c.dv;
-      for (int64_t j = 0; j < c.dn; ++j) k[j] = kv[j];
-      for (int64_t j = 0; j < c.dr; ++j) k[c.dn + j] = in.k_pe.data<float>()[tok * c.dr + j];
-      for (int64_t j = 0; j < c.dv; ++j) v[j] = kv[c.dn + j];
-    }
+  const ref::SplitKv kv = ref::split_kv(to_vec(in.kv), to_vec(in.k_pe), bb * c.s, c.h, c.dn, c.dr, c.dv);
+  in.k = host_f32(dims(c, c.s, c.h, dqk), kv.k);  // exact: doubles holding floats
+  in.v = host_f32(dims(c, c.s, c.h, c.dv), kv.v);
   return in;
 }
 
