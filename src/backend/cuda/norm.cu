@@ -1,5 +1,6 @@
 // Embedding and RMSNorm with their backwards (SwiGLU is elementwise, in elementwise.cu).
 #include <algorithm>
+#include <optional>
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/pdl.cuh"
@@ -74,6 +75,99 @@ __global__ void rmsnorm_dx_kernel(const float* dy, const float* x, const void* w
     o[j] = acc ? o[j] + v : v;
   }
 }
+// The backward in one pass over dy and x for rows of at most 128·V·S values (d % 4 == 0, rows
+// 16-byte aligned): S warps per row (S = 2: halves, their dot products summed through shared
+// memory, first half first), each lane four columns per 128, x, dy and the weight in registers;
+// each warp also keeps its rows' dweight terms (the sum's own per-element product, double) and the
+// CTA leaves one partial per chunk of kFusedRows rows for rmsnorm_dw_kernel. The two-kernel form
+// read dy and x twice (bench-0.7b: 49 launches of each, 5.7 ms per step on an H100; one warp per
+// 1,024-wide row took 244 registers, two CTAs per SM, and moved 1.65 TB/s).
+constexpr int kFusedWarps = 4, kFusedRows = 64;
+template <int V, int S>
+__global__ void __launch_bounds__(32 * kFusedWarps) rmsnorm_bwd_fused_kernel(const float* dy, const float* x,
+                                                                             const void* w, DType wt,
+                                                                             const float* rstd, float* dx,
+                                                                             double* part, int64_t m, int64_t d,
+                                                                             bool acc) {
+  constexpr int kGroups = kFusedWarps / S, kCols = 128 * V * S;
+  __shared__ double red[kGroups][kCols];
+  __shared__ double xch[2][kGroups][S];  // the halves' dot products, by row parity
+  const int lane = threadIdx.x & 31, wi = threadIdx.x >> 5, grp = wi / S, half = wi % S;
+  const int64_t c0 = int64_t(128) * V * half;  // this warp's first column
+  float wv[V][4];
+  double dw[V][4] = {};
+#pragma unroll
+  for (int i = 0; i < V; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t j = c0 + 128 * i + 4 * lane + e;
+      wv[i][e] = j < d ? load_f(w, wt, j) : 0.0f;
+    }
+  const int64_t r0 = int64_t(blockIdx.x) * kFusedRows;
+  int parity = 0;
+  for (int64_t r = r0 + grp; r < m && r < r0 + kFusedRows; r += kGroups, parity ^= 1) {
+    float4 g[V], xv[V];
+    double dot = 0.0;
+    const float rs = rstd[r];
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const int64_t j = c0 + 128 * i + 4 * lane;
+      const bool in = j < d;
+      g[i] = in ? *reinterpret_cast<const float4*>(dy + r * d + j) : make_float4(0, 0, 0, 0);
+      xv[i] = in ? *reinterpret_cast<const float4*>(x + r * d + j) : make_float4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const float ge[4] = {g[i].x, g[i].y, g[i].z, g[i].w}, xe[4] = {xv[i].x, xv[i].y, xv[i].z, xv[i].w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dot += double(wv[i][e]) * double(ge[e]) * double(xe[e]);
+    }
+    dot = warp_sum(dot);
+    if constexpr (S > 1) {
+      // The slot of this parity was last read two rows ago, before the partner reached the
+      // barrier of the row between: no second barrier needed.
+      if (lane == 0) xch[parity][grp][half] = dot;
+      static_assert(kGroups == 2, "named barriers 1 and 2 for the two pairs");
+      if (grp == 0) asm volatile("bar.sync 1, %0;" ::"n"(32 * S) : "memory");
+      else asm volatile("bar.sync 2, %0;" ::"n"(32 * S) : "memory");
+      dot = 0.0;
+#pragma unroll
+      for (int k = 0; k < S; ++k) dot += xch[parity][grp][k];
+    }
+    const float c = float(dot / double(d)) * rs * rs;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const int64_t j = c0 + 128 * i + 4 * lane;
+      if (j >= d) continue;
+      const float ge[4] = {g[i].x, g[i].y, g[i].z, g[i].w}, xe[4] = {xv[i].x, xv[i].y, xv[i].z, xv[i].w};
+      float o[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        o[e] = rs * (wv[i][e] * ge[e] - xe[e] * c);
+        dw[i][e] += double(ge[e]) * double(xe[e] * rs);
+      }
+      float4* out = reinterpret_cast<float4*>(dx + r * d + j);
+      if (acc) {
+        const float4 old = *out;
+        o[0] += old.x, o[1] += old.y, o[2] += old.z, o[3] += old.w;
+      }
+      *out = make_float4(o[0], o[1], o[2], o[3]);
+    }
+  }
+  if (!part) return;
+#pragma unroll
+  for (int i = 0; i < V; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) red[grp][c0 + 128 * i + 4 * lane + e] = dw[i][e];
+  __syncthreads();
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+    double s = 0.0;
+#pragma unroll
+    for (int k = 0; k < kGroups; ++k) s += red[k][j];
+    part[blockIdx.x * d + j] = s;
+  }
+}
+
 // dweight in two deterministic passes (one thread per column over all rows left a 1024-wide weight
 // on 1024 threads for 16k rows: ~10 ms per layer): per chunk of kDwRows rows, one thread per column
 // sums its rows in order (double); then each column adds its chunks in order.
@@ -159,9 +253,39 @@ void CudaBackend::rmsnorm(const RmsNormArgs& a) {
   check_launch("rmsnorm");
 }
 
+namespace {
+// The fused pass's columns per warp row (128·V: 2 for V 2, 4 for V 4, 8 for V 4 over two warps),
+// or 0 where the two-kernel form runs.
+int fused_width(const RmsNormBackwardArgs& a, int64_t d) {
+  const bool vec = d % 4 == 0 && aligned16(a.dy.raw()) && aligned16(a.x.raw()) && (!present(a.dx) || aligned16(a.dx.raw()));
+  if (!vec || !present(a.dx) || d == 0) return 0;
+  return d <= 256 ? 2 : d <= 512 ? 4 : d <= 1024 ? 8 : 0;
+}
+template <int V, int S>
+void launch_fused(const RmsNormBackwardArgs& a, int64_t m, int64_t d, double* part) {
+  rmsnorm_bwd_fused_kernel<V, S><<<unsigned((m + kFusedRows - 1) / kFusedRows), 32 * kFusedWarps>>>(
+      a.dy.data<float>(), a.x.data<float>(), a.weight.raw(), a.weight.dtype(), a.rstd.data<float>(), ptr<float>(a.dx),
+      part, m, d, a.accumulate_dx);
+}
+}  // namespace
+
 void CudaBackend::rmsnorm_backward(const RmsNormBackwardArgs& a) {
   validate(a);
   int64_t d = last_dim(a.x), m = rows_of(a.x);
+  if (const int v = m > 0 ? fused_width(a, d) : 0) {
+    const int64_t chunks = (m + kFusedRows - 1) / kFusedRows;
+    std::optional<Scratch> part;
+    if (present(a.dweight)) part.emplace(size_t(chunks * d) * sizeof(double));
+    double* pp = part ? part->as<double>() : nullptr;
+    if (v == 2) launch_fused<2, 1>(a, m, d, pp);
+    else if (v == 4) launch_fused<4, 1>(a, m, d, pp);
+    else launch_fused<4, 2>(a, m, d, pp);
+    if (pp)
+      rmsnorm_dw_kernel<<<unsigned((d + 31) / 32), 32 * kDwWarps>>>(pp, chunks, ptr<float>(a.dweight), d,
+                                                                   a.accumulate_dweight);
+    check_launch("rmsnorm_backward");
+    return;
+  }
   // dweight first: dx may alias dy.
   if (present(a.dweight)) {
     const int64_t chunks = std::max<int64_t>((m + kDwRows - 1) / kDwRows, 1);
