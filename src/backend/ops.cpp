@@ -324,8 +324,9 @@ void validate(const AttentionBackwardArgs& a) {
   lse_ok(a.lse, a.q, op);
   same_shape(a.dout, a.out, op, "dout", "out");
   if (present(a.dq)) same_shape(a.dq, a.q, op, "dq", "q");
-  for (auto [t, n] : {std::pair{&a.dq, "dq"}, {&a.dk, "dk"}, {&a.dv, "dv"}, {&a.dkv, "dkv"}, {&a.dk_pe, "dk_pe"}})
+  for (auto [t, n] : {std::pair{&a.dq, "dq"}, {&a.dk, "dk"}, {&a.dv, "dv"}, {&a.dk_pe, "dk_pe"}})
     if (present(*t)) f32(*t, op, n);
+  if (present(a.dkv)) f32_or_bf16(a.dkv, true, op, "dkv");
 }
 
 namespace {
@@ -379,10 +380,13 @@ void attention_backward_split_kv(Backend& be, const AttentionBackwardArgs& a) {
   if (present(a.dkv)) p.dv = be.alloc(DType::F32, s.v.shape());
   be.attention_backward(p);
   const int64_t rows = rows_of(s.k);
-  if (present(a.dkv)) {
-    const Tensor dkv_rows = a.dkv.reshape({rows, s.dn + s.dv});
+  if (present(a.dkv)) {  // a BF16 dkv: assembled in F32, then rounded
+    const bool bf16 = a.dkv.dtype() == DType::BF16;
+    const Tensor dkv = bf16 ? be.alloc(DType::F32, a.dkv.shape()) : a.dkv;
+    const Tensor dkv_rows = dkv.reshape({rows, s.dn + s.dv});
     copy_cols(be, p.dk.reshape({rows, s.dn + s.dr}), 0, dkv_rows, 0, s.dn);
     copy_cols(be, p.dv.reshape({rows, s.dv}), 0, dkv_rows, s.dn, s.dv);
+    if (bf16) be.copy(CopyArgs{dkv, a.dkv});
   }
   if (present(a.dk_pe))  // Σ over the heads (copy_cols sums H source rows per destination row)
     copy_cols(be, p.dk.reshape({rows, s.dn + s.dr}), s.dn, a.dk_pe.reshape({rows_of(a.dk_pe), s.dr}), 0, s.dr);

@@ -197,7 +197,8 @@ struct AttentionBackwardArgs {
   float scale = 1.0f;
   bool causal = true;
   int64_t q_offset = 0;
-  Tensor kv, k_pe, dkv, dk_pe;  // the split form and its gradients (F32, each gradient optional)
+  Tensor kv, k_pe, dkv, dk_pe;  // the split form and its gradients (each optional; F32, or dkv BF16:
+                                // its F32 values rounded to nearest even, what a BF16 linear reads)
 };
 // The split form through the plain op: k and v materialized by copy_cols, then be.attention; the
 // backward assembles dkv and dk_pe from dk and dv (copy_cols, the heads summed in order 0..H-1).

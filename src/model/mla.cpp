@@ -159,7 +159,11 @@ void mla_backward(Backend& be, const ModelDims& d, const MlaParams& p, const Mla
 
   // Keys and values back to kv_b_proj's output and to the shared k_pe (summed over heads).
   Tensor dq = be.alloc(DType::F32, {N, nh, d.qk});
-  Tensor dkv = be.alloc(DType::F32, {N, nh, d.nope + d.vd});
+  // dkv feeds only kv_b_proj's backward: in BF16 mode the attention writes it in BF16 (the values
+  // that linear would round it to), sparing an F32 copy and its conversion.
+  const bool dkv_bf16 = p.kv_b_proj.lowp && linear_precision().mode == LinearPrecisionMode::Bf16 &&
+                        !present(p.kv_b_proj.bias);
+  Tensor dkv = be.alloc(dkv_bf16 ? DType::BF16 : DType::F32, {N, nh, d.nope + d.vd});
   Tensor dk_pe = be.alloc(DType::F32, {N, d.rope});
   AttentionBackwardArgs at;
   at.q = a.q.reshape({B, T, nh, d.qk});

@@ -167,9 +167,11 @@ OP_CASE(attention_backward) {
           {"dv", down(b, dvv), fd_grad([&](const Vec& x) { return L(qv, kv, x); }, vv), tol::kF32Grad}};
 }
 
-// MLA's split form: dkv (dk's first dn columns, then dv) and dk_pe (dk's rope columns summed over
-// the heads) against finite differences of the plain attention over k and v built from kv, k_pe.
-OP_CASE(attention_backward_split_kv) {
+namespace {
+// MLA's split form: dkv (dk's first dn columns, then dv; F32, or BF16 as MLA's BF16 mode asks) and
+// dk_pe (dk's rope columns summed over the heads) against finite differences of the plain
+// attention over k and v built from kv, k_pe.
+std::vector<Output> split_backward_case(Backend& b, Guards& g, uint64_t seed, DType dkv_type) {
   int64_t bs = 2, t = 4, s = 6, h = 3, dn = 4, dr = 2, dv = 3, off = 2, dq = dn + dr;
   Tensor q = randn({bs, t, h, dq}, seed, 1), kv = randn({bs, s, h, dn + dv}, seed, 2);
   Tensor k_pe = randn({bs, s, 1, dr}, seed, 3), dout = randn({bs, t, h, dv}, seed, 4);
@@ -182,7 +184,7 @@ OP_CASE(attention_backward_split_kv) {
   AttentionBackwardArgs a;
   a.q = f.q, a.kv = f.kv, a.k_pe = f.k_pe, a.out = f.out, a.lse = f.lse, a.dout = up(b, dout);
   a.dq = g.out(DType::F32, {bs, t, h, dq});
-  a.dkv = g.out(DType::F32, {bs, s, h, dn + dv});
+  a.dkv = g.out(dkv_type, {bs, s, h, dn + dv});
   a.dk_pe = g.out(DType::F32, {bs, s, 1, dr});
   a.scale = scale, a.q_offset = off;
   b.attention_backward(a);
@@ -192,9 +194,14 @@ OP_CASE(attention_backward_split_kv) {
     return dot(gv, ref::attention(qx, kv_.k, kv_.v, bs, t, s, h, dq, dv, scale, true, off).out);
   };
   return {{"dq", down(b, a.dq), fd_grad([&](const Vec& x) { return L(x, kvv, pev); }, qv), tol::kF32Grad},
-          {"dkv", down(b, a.dkv), fd_grad([&](const Vec& x) { return L(qv, x, pev); }, kvv), tol::kF32Grad},
+          {"dkv", down(b, a.dkv), fd_grad([&](const Vec& x) { return L(qv, x, pev); }, kvv),
+           dkv_type == DType::BF16 ? tol::kBf16 : tol::kF32Grad},
           {"dk_pe", down(b, a.dk_pe), fd_grad([&](const Vec& x) { return L(qv, kvv, x); }, pev), tol::kF32Grad}};
 }
+}  // namespace
+
+OP_CASE(attention_backward_split_kv) { return split_backward_case(b, g, seed, DType::F32); }
+OP_CASE(attention_backward_split_kv_bf16_dkv) { return split_backward_case(b, g, seed, DType::BF16); }
 
 namespace {
 // F32 outputs at 15 elements, or BF16 outputs (model/moe.cpp's bf16_activations: each value rounded

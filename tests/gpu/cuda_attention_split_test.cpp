@@ -50,10 +50,10 @@ struct Results {
   std::string damaged;
 };
 
-// Which of the backward's outputs a run asks for, and k_pe placed off 16-byte alignment (the
-// in-place path declines it).
+// Which of the backward's outputs a run asks for, k_pe placed off 16-byte alignment (the in-place
+// path declines it), and dkv in BF16 (MLA's BF16 mode).
 struct Ask {
-  bool dq = true, dkv = true, dk_pe = true, misaligned_k_pe = false;
+  bool dq = true, dkv = true, dk_pe = true, misaligned_k_pe = false, dkv_bf16 = false;
 };
 
 // A device copy of host x one float into its buffer: 4 bytes off 16-byte alignment.
@@ -83,7 +83,7 @@ Results run_split(Backend& be, const SplitShape& c, const Inputs& in, const Ask&
   b.q = f.q, b.kv = f.kv, b.k_pe = f.k_pe, b.out = f.out, b.lse = f.lse;
   b.dout = be.to_device(in.dout);
   if (ask.dq) b.dq = g.out(DType::F32, dims(c, c.t, c.h, dqk));
-  if (ask.dkv) b.dkv = g.out(DType::F32, dims(c, c.s, c.h, c.dn + c.dv));
+  if (ask.dkv) b.dkv = g.out(ask.dkv_bf16 ? DType::BF16 : DType::F32, dims(c, c.s, c.h, c.dn + c.dv));
   if (ask.dk_pe) b.dk_pe = g.out(DType::F32, dims(c, c.s, 1, c.dr));
   b.scale = in.scale;
   b.causal = c.causal;
@@ -219,6 +219,31 @@ TEST(CudaAttnSplit, PartialOutputsDqKernelMisaligned) {
       }
     }
 }
+
+// dkv in BF16: each value the F32 run's rounded to nearest even (the other outputs unchanged), by
+// both kernel families in place and by the composition where the split declines.
+void check_bf16_dkv(const SplitShape& c, uint64_t seed, bool in_place) {
+  ASSERT_GT(cuda_device_count(), 0);
+  const Inputs in = make_inputs(c, seed);
+  for (bool wgmma : {true, false}) {
+    const Bf16Scope scope(wgmma);
+    const std::string at = wgmma ? "wgmma" : "mma.sync";
+    const Results f32 = run_split(cuda_backend(), c, in);
+    const int64_t before = cuda_attention_split_in_place();
+    Ask ask;
+    ask.dkv_bf16 = true;
+    const Results got = run_split(cuda_backend(), c, in, ask);
+    EXPECT_EQ(cuda_attention_split_in_place() - before, in_place ? 2 : 0) << at;
+    EXPECT_EQ(got.damaged, "") << at;
+    ASSERT_EQ(got.dkv.dtype(), DType::BF16) << at;
+    expect_same_bits(got.dkv.to(DType::F32), f32.dkv.to(DType::BF16).to(DType::F32), at + " dkv");
+    expect_same_bits(got.dq, f32.dq, at + " dq");
+    expect_same_bits(got.dk_pe, f32.dk_pe, at + " dk_pe");
+  }
+}
+
+TEST(CudaAttnSplit, Bf16DkvInPlace) { check_bf16_dkv({2, 130, 130, 4, 128, 64, 128, 0}, 67, true); }
+TEST(CudaAttnSplit, Bf16DkvComposed) { check_bf16_dkv({0, 64, 64, 2, 12, 4, 16, 0}, 68, false); }
 
 }  // namespace
 }  // namespace dsv3::test

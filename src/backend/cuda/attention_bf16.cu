@@ -577,7 +577,10 @@ void run_bwd(const AttentionBackwardArgs& a, const Dims& d) {
   const int64_t dn = a.kv.defined() ? a.kv.dim(-1) - d.dv : d.dqk, dr = d.dqk - dn;
   if (a.kv.defined()) {
     o.dk_split = int(dn);
-    if (present(a.dkv)) {
+    if (present(a.dkv) && a.dkv.dtype() == DType::BF16) {
+      o.dk_b = ptr<bf16_t>(a.dkv), o.dv_b = o.dk_b + dn;
+      o.dk_tok = o.dv_tok = d.h * (dn + d.dv), o.dk_head = o.dv_head = dn + d.dv;
+    } else if (present(a.dkv)) {
       o.dk = ptr<float>(a.dkv), o.dv = o.dk + dn;
       o.dk_tok = o.dv_tok = d.h * (dn + d.dv), o.dk_head = o.dv_head = dn + d.dv;
     }
@@ -590,7 +593,7 @@ void run_bwd(const AttentionBackwardArgs& a, const Dims& d) {
     o.dk = present(a.dk) ? ptr<float>(a.dk) : nullptr, o.dk_tok = d.h * d.dqk, o.dk_head = d.dqk;
     o.dv = present(a.dv) ? ptr<float>(a.dv) : nullptr, o.dv_tok = d.h * d.dv, o.dv_head = d.dv;
   }
-  if ((o.dk || o.dk2 || o.dv || dq_matmul) && d.s > 0) {
+  if ((o.dk || o.dk_b || o.dk2 || o.dv || o.dv_b || dq_matmul) && d.s > 0) {
     bf16_t* dst = dq_matmul ? ds->as<bf16_t>() : nullptr;
     if (g_wgmma.load()) {
       attention_bf16_dkv_wgmma({qb.as<bf16_t>(), kb.as<bf16_t>(), vb.as<bf16_t>(), db.as<bf16_t>(), lse2.as<float>(),

@@ -156,23 +156,34 @@ __device__ __forceinline__ void write_dkv(const float (&ak)[DQK / 8][4], const f
     const int64_t key = key_lo + 8 * half;
     if (key >= s_len) continue;
     const int64_t tok = b * s_len + key;
-    if (o.dk || o.dk2) {
+    if (o.dk || o.dk_b || o.dk2) {
       float* r1 = o.dk ? o.dk + tok * o.dk_tok + hh * o.dk_head : nullptr;
+      __nv_bfloat16* r1b = o.dk_b ? o.dk_b + tok * o.dk_tok + hh * o.dk_head : nullptr;
       float* r2 = o.dk2 ? o.dk2 + tok * o.dk2_tok + hh * o.dk2_head : nullptr;
 #pragma unroll
       for (int n = 0; n < DQK / 8; ++n) {
         const int c = n * 8 + 2 * t4;
-        float* dst = c < o.dk_split ? (r1 ? r1 + c : nullptr) : (r2 ? r2 + (c - o.dk_split) : nullptr);
-        if (c < dqk && dst)
-          *reinterpret_cast<float2*>(dst) = make_float2(scale * ak[n][2 * half], scale * ak[n][2 * half + 1]);
+        if (c >= dqk) continue;
+        const float2 val = make_float2(scale * ak[n][2 * half], scale * ak[n][2 * half + 1]);
+        if (c >= o.dk_split) {
+          if (r2) *reinterpret_cast<float2*>(r2 + (c - o.dk_split)) = val;
+        } else if (r1) {
+          *reinterpret_cast<float2*>(r1 + c) = val;
+        } else if (r1b) {
+          *reinterpret_cast<__nv_bfloat162*>(r1b + c) = __float22bfloat162_rn(val);
+        }
       }
     }
-    if (o.dv) {
-      float* orow = o.dv + tok * o.dv_tok + hh * o.dv_head;
+    if (o.dv || o.dv_b) {
+      float* orow = o.dv ? o.dv + tok * o.dv_tok + hh * o.dv_head : nullptr;
+      __nv_bfloat16* orow_b = o.dv_b ? o.dv_b + tok * o.dv_tok + hh * o.dv_head : nullptr;
 #pragma unroll
       for (int n = 0; n < DV / 8; ++n) {
         const int c = n * 8 + 2 * t4;
-        if (c < dv_w) *reinterpret_cast<float2*>(orow + c) = make_float2(av[n][2 * half], av[n][2 * half + 1]);
+        if (c >= dv_w) continue;
+        const float2 val = make_float2(av[n][2 * half], av[n][2 * half + 1]);
+        if (orow) *reinterpret_cast<float2*>(orow + c) = val;
+        else *reinterpret_cast<__nv_bfloat162*>(orow_b + c) = __float22bfloat162_rn(val);
       }
     }
   }

@@ -34,6 +34,10 @@ struct AttnDkvOut {
   float* dk = nullptr;
   float* dk2 = nullptr;
   float* dv = nullptr;
+  // BF16 destinations in place of dk and dv (the split form's BF16 dkv), same strides: the F32
+  // values rounded to nearest even.
+  __nv_bfloat16* dk_b = nullptr;
+  __nv_bfloat16* dv_b = nullptr;
   int64_t dk_tok = 0, dk_head = 0, dk2_tok = 0, dk2_head = 0, dv_tok = 0, dv_head = 0;
   int dk_split = 0;
 };
