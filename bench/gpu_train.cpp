@@ -2,7 +2,7 @@
 // T = 2048, random weights and tokens, forward + loss + backward + AdamW entirely on the CUDA
 // backend, timed with the device synchronised, in each of --precisions (default fp32,bf16,fp8) as
 // `dsv3 train --device cuda --precision P` runs it: FP32 master weights, gradients and moments;
-// bf16/fp8 read BF16 weight copies refreshed after each update, run the eligible linear layers
+// bf16/fp8 read BF16 weight copies that the optimizer's pass rewrites, run the eligible linear layers
 // through the GPU's linear_lowp (BF16 tensor cores / cuBLASLt block-scaled FP8) and the attention
 // core on BF16 tensor cores. FLOPs per token are the ones transformers' baseline
 // (tools/hf_gpu_bench.py) is credited with: 6·N_mm(active) + causal attention, no MTP (its MTP
@@ -247,6 +247,11 @@ Run measure(CudaBackend& be, const ModelConfig& cfg, const Weights& host, const 
   for (Param& p : master.params())
     if (p.spec.trainable) slots.push_back({p.spec.name, p.w, g.get(p.spec.name), p.spec.weight_decay});
   AdamW opt(slots, OptimizerConfig{}, &be);
+  if (compute)  // as the trainer: the optimizer's pass rewrites the BF16 copies
+    opt.set_copies([&](const std::string& name) {
+      const Param* c = compute->find(name);
+      return c && c->spec.kind != TensorKind::router_bias ? c->w : Tensor();
+    });
   LossOptions lo;
   lo.mtp_lambda = 0.0;
   bool phases = false;
@@ -266,9 +271,9 @@ Run measure(CudaBackend& be, const ModelConfig& cfg, const Weights& host, const 
     auto t2 = now();
     model.backward(l.grad, g);
     auto t3 = now();
-    opt.step(1e-4, l.total, 1.0);
+    const StepReport rep = opt.step(1e-4, l.total, 1.0);
     auto t4 = now();
-    if (compute) {
+    if (compute && !rep.copies_updated) {
       std::vector<CopyArgs> copies;
       for (Param& p : compute->params())
         if (p.spec.kind != TensorKind::router_bias) copies.push_back(CopyArgs{master.get(p.spec.name).w, p.w});

@@ -595,6 +595,11 @@ void validate(const AdamWArgs& a) {
     same_numel(a.param, *t, op, "param", n);
   }
   same_numel(a.param, a.grad, op, "param", "grad");
+  if (present(a.param_copy)) {
+    f32_or_bf16(a.param_copy, true, op, "param_copy");
+    same_numel(a.param, a.param_copy, op, "param", "param_copy");
+    REQ(a.param_copy.raw() != a.param.raw(), op, "param_copy must not be param itself");
+  }
   REQ(a.step >= 1, op, "step ", a.step, " must be >= 1");
 }
 

@@ -360,6 +360,9 @@ struct AdamWArgs {
   float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0.0f;
   float grad_scale = 1.0f;
   int64_t step = 1;  // 1-based, after increment
+  // Optional, F32 or BF16: the updated param written again (the trainer's compute weights; BF16
+  // rounded to nearest even), sparing a pass that reads param back.
+  Tensor param_copy;
 };
 
 // ---------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ void OptimizerConfig::validate() const {
 }
 
 AdamW::AdamW(std::vector<ParamSlot> params, OptimizerConfig cfg, Backend* backend)
-    : params_(std::move(params)), cfg_(cfg), backend_(backend) {
+    : params_(std::move(params)), copies_(params_.size()), cfg_(cfg), backend_(backend) {
   cfg_.validate();
   for (size_t i = 0; i < params_.size(); ++i) {
     const ParamSlot& p = params_[i];
@@ -78,6 +78,19 @@ AdamW::AdamW(std::vector<ParamSlot> params, OptimizerConfig cfg, Backend* backen
       m_.push_back(Tensor::zeros(cfg_.moment_dtype, p.param.shape()));
       v_.push_back(Tensor::zeros(cfg_.moment_dtype, p.param.shape()));
     }
+  }
+}
+
+void AdamW::set_copies(const std::function<Tensor(const std::string&)>& copy_of) {
+  copies_.assign(params_.size(), Tensor());
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const ParamSlot& p = params_[i];
+    Tensor c = copy_of(p.name);
+    DSV3_CHECK(!c.defined() || (c.shape() == p.param.shape() && c.device() == p.param.device() &&
+                                (c.dtype() == DType::F32 || c.dtype() == DType::BF16) && c.raw() != p.param.raw()),
+               "parameter ", p.name, ": its copy must be a separate F32 or BF16 tensor of shape ",
+               p.param.shape().str(), " on the same device");
+    copies_[i] = c;
   }
 }
 
@@ -170,6 +183,7 @@ StepReport AdamW::step(double lr, double loss, double grad_scale) {
     a.weight_decay = float(p.decay ? cfg_.weight_decay : 0.0);
     a.grad_scale = float(gscale);
     a.step = t;
+    a.param_copy = copies_[i];
     return a;
   };
   if (backend_ && !cpu_tensors) {  // one call for all tensors (one launch on a GPU)
@@ -179,14 +193,17 @@ StepReport AdamW::step(double lr, double loss, double grad_scale) {
   } else {
 #pragma omp parallel for schedule(dynamic, 1) if (cpu_tensors && params_.size() > 1)
     for (size_t i = 0; i < params_.size(); ++i) {
-      if (backend_)
+      if (backend_) {
         backend_->adamw(args(i));
-      else
+      } else {
         update_plain(params_[i], m_[i], v_[i], lr, params_[i].decay ? cfg_.weight_decay : 0.0, gscale, t);
+        if (present(copies_[i])) cpu_backend().copy(CopyArgs{params_[i].param, copies_[i]});
+      }
     }
   }
   updates_ = t;
   r.applied = true;
+  r.copies_updated = true;
   r.skipped_total = skipped_total_;
   return r;
 }

@@ -178,6 +178,12 @@ struct Trainer::Impl {
       }
       compute = Weights::from_tensors(cfg, std::move(t), "bf16 copies");
       model = std::make_unique<Model>(*compute, *be);
+      // The optimizer rewrites the copies as it updates (one pass over the weights, not two).
+      if (opt)
+        opt->set_copies([&](const std::string& name) {
+          const Param* c = compute->find(name);
+          return c && c->spec.kind != TensorKind::router_bias ? c->w : Tensor();
+        });
     } else {
       model = std::make_unique<Model>(master, *be);
     }
@@ -441,7 +447,7 @@ TrainSummary Trainer::run(int64_t stop_at) {
       if (!m.on_host()) m.be->copy(CopyArgs{m.be->to_device(hb), bias});
     }
     sum.loads = loads;
-    if (rep.applied) m.refresh_compute();
+    if (rep.applied && !rep.copies_updated) m.refresh_compute();
     ++m.step;
     const double dt = now_s() - t0;
     const int64_t tokens = B * T * micros;

@@ -507,7 +507,8 @@ OP_CASE(sum_squares_accumulate) {
 }
 
 namespace {
-std::vector<Output> adamw_case(Backend& b, Guards& g, uint64_t seed, DType moments) {
+// copy: a param_copy of that dtype (U8: none), which must hold the updated param converted.
+std::vector<Output> adamw_case(Backend& b, Guards& g, uint64_t seed, DType moments, DType copy = DType::U8) {
   int64_t n = 33;
   Tensor p0 = randn({n}, seed, 1), gr = randn({n}, seed, 2), m0 = randn({n}, seed, 3, 0.1f, moments);
   Tensor v0 = randn({n}, seed, 4, 0.1f, moments);
@@ -516,7 +517,8 @@ std::vector<Output> adamw_case(Backend& b, Guards& g, uint64_t seed, DType momen
     convert(&f, DType::F32, static_cast<char*>(v0.raw()) + size_t(i) * dtype_size(moments), moments, 1);
   }
   Tensor p = g.init(p0), m = g.init(m0), v = g.init(v0);
-  AdamWArgs a{p, up(b, gr), m, v, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.5f, 3};
+  AdamWArgs a{p, up(b, gr), m, v, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.5f, 3, {}};
+  if (copy != DType::U8) a.param_copy = g.out(copy, {n});
   b.adamw(a);
   Vec pv = to_vec(p0), gv = to_vec(gr), mv = to_vec(m0), vv = to_vec(v0);
   double b1 = double(0.9f), b2 = double(0.95f), lr = double(1e-2f), wd = double(0.1f);
@@ -530,12 +532,26 @@ std::vector<Output> adamw_case(Backend& b, Guards& g, uint64_t seed, DType momen
   }
   double mt = moments == DType::BF16 ? tol::kBf16 : tol::kF32;
   // The parameter is F32 either way: BF16 moments only round m and v after this step.
-  return {{"param", down(b, p), pv, tol::kF32}, {"m", down(b, m), mv, mt}, {"v", down(b, v), vv, mt}};
+  std::vector<Output> outs{{"param", down(b, p), pv, tol::kF32}, {"m", down(b, m), mv, mt}, {"v", down(b, v), vv, mt}};
+  if (copy != DType::U8) {
+    // The copy is this backend's param converted, bit for bit (1 where they differ).
+    const Tensor hc = down(b, a.param_copy), want = down(b, p).to(copy);
+    Tensor d = Tensor::zeros(DType::F32, {n});
+    for (int64_t i = 0; i < n; ++i)
+      d.data<float>()[i] = std::memcmp(static_cast<const char*>(hc.raw()) + size_t(i) * dtype_size(copy),
+                                       static_cast<const char*>(want.raw()) + size_t(i) * dtype_size(copy),
+                                       dtype_size(copy)) != 0;
+    outs.push_back({"param_copy", hc, pv, copy == DType::BF16 ? tol::kBf16 : tol::kF32});
+    outs.push_back({"param_copy_bits_differ", d, Vec(size_t(n), 0.0), 0.0});
+  }
+  return outs;
 }
 }  // namespace
 
 OP_CASE(adamw_f32_moments) { return adamw_case(b, g, seed, DType::F32); }
 OP_CASE(adamw_bf16_moments) { return adamw_case(b, g, seed, DType::BF16); }
+OP_CASE(adamw_bf16_param_copy) { return adamw_case(b, g, seed, DType::F32, DType::BF16); }
+OP_CASE(adamw_f32_param_copy_bf16_moments) { return adamw_case(b, g, seed, DType::BF16, DType::F32); }
 
 // The multi-tensor ops: AdamW over several tensors against the single op per tensor on the same
 // backend, bit for bit (on CUDA both run the multi-tensor kernel, so this checks its chunk table and
@@ -551,7 +567,7 @@ OP_CASE(adamw_many_equals_adamw) {
     const int64_t n = sizes[j];
     Tensor p0 = randn({n}, seed, 10 + uint64_t(j)), gr = up(b, randn({n}, seed, 20 + uint64_t(j)));
     Tensor m0 = randn({n}, seed, 30 + uint64_t(j), 0.1f, mt[j]), v0 = Tensor::zeros(mt[j], {n});
-    AdamWArgs a{g.init(p0), gr, g.init(m0), g.init(v0), 1e-2f, 0.9f, 0.95f, 1e-8f, j % 2 ? 0.1f : 0.0f, 0.5f, 2};
+    AdamWArgs a{g.init(p0), gr, g.init(m0), g.init(v0), 1e-2f, 0.9f, 0.95f, 1e-8f, j % 2 ? 0.1f : 0.0f, 0.5f, 2, {}};
     many.push_back(a);
     a.param = g.init(p0);
     a.m = g.init(m0);

@@ -8,6 +8,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 
+#include "backend/ops.h"
 #include "core/rng.h"
 
 namespace dsv3 {
@@ -134,6 +135,30 @@ TEST(AdamW, NonFiniteStepsAreSkippedCountedAndStop) {
     EXPECT_NE(std::string(e.what()).find("3 optimizer steps in a row"), std::string::npos) << e.what();
   }
   EXPECT_EQ(opt.skipped_total(), 5);
+}
+
+// set_copies: each applied step leaves every copy equal to its parameter converted (BF16 here),
+// through the backend's op and through the plain update; a skipped step leaves them alone; a copy
+// of another shape is refused.
+TEST(AdamW, CopiesFollowEveryAppliedStep) {
+  for (Backend* be : {static_cast<Backend*>(nullptr), &cpu_backend()}) {
+    Tensor w = random_tensor({8, 16}, 11), b = random_tensor({16}, 12);
+    Tensor gw = random_tensor(w.shape(), 13, 0.1f), gb = random_tensor(b.shape(), 14, 0.1f);
+    Tensor cw = Tensor::zeros(DType::BF16, w.shape());
+    AdamW opt({{"w", w, gw, true}, {"b", b, gb, false}}, OptimizerConfig{}, be);
+    opt.set_copies([&](const std::string& n) { return n == "w" ? cw : Tensor(); });
+    for (int t = 1; t <= 2; ++t) {
+      const StepReport r = opt.step(1e-2, 1.0);
+      ASSERT_TRUE(r.applied && r.copies_updated);
+      const Tensor want = w.to(DType::BF16);
+      EXPECT_EQ(std::memcmp(cw.raw(), want.raw(), cw.nbytes()), 0) << (be ? "backend" : "plain") << " step " << t;
+    }
+    const Tensor before = cw.clone();
+    const StepReport skipped = opt.step(1e-2, std::numeric_limits<double>::quiet_NaN());
+    EXPECT_FALSE(skipped.applied || skipped.copies_updated);
+    EXPECT_EQ(std::memcmp(cw.raw(), before.raw(), cw.nbytes()), 0);
+    EXPECT_THROW(opt.set_copies([&](const std::string& n) { return n == "b" ? cw : Tensor(); }), InternalError);
+  }
 }
 
 TEST(AdamW, StateRoundTripContinuesBitwise) {

@@ -177,6 +177,11 @@ void CpuBackend::sum_squares(const SumSquaresArgs& a) {
 
 void CpuBackend::adamw(const AdamWArgs& a) {
   validate(a);
+  adamw_update(a);
+  if (present(a.param_copy)) copy(CopyArgs{a.param, a.param_copy});
+}
+
+void CpuBackend::adamw_update(const AdamWArgs& a) {
   int64_t n = a.param.numel();
   float* p = cpu::mut<float>(a.param);
   const float* g = a.grad.data<float>();

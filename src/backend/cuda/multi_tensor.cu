@@ -21,7 +21,13 @@ struct AdamwItem {
   void* v;
   int64_t n, first;
   float b1, b2, eps, gs, decay, step_size, bc2_sqrt;
-  bool mb, vb, vec;  // vec: F32 moments, every array 16-byte aligned (apply4)
+  bool mb, vb, vec;  // vec: F32 moments, every array 16-byte aligned (apply4; a BF16 copy 8-byte)
+  void* copy;        // param_copy (F32 or BF16, copy_bf16), or null
+  bool copy_bf16;
+  __device__ void put_copy(int64_t i, float pi) const {
+    if (copy_bf16) static_cast<__nv_bfloat16*>(copy)[i] = __float2bfloat16_rn(pi);
+    else static_cast<float*>(copy)[i] = pi;
+  }
   // One element: m, v and p from the gradient (p, m, v updated in place).
   __device__ void update(float gr, float& pi, float& mi, float& vi) const {
     const float gi = gr * gs;
@@ -35,6 +41,7 @@ struct AdamwItem {
     float pi = p[i];
     update(g[i], pi, mi, vi);
     p[i] = pi;
+    if (copy) put_copy(i, pi);
     if (mb) static_cast<__nv_bfloat16*>(m)[i] = __float2bfloat16_rn(mi);
     else static_cast<float*>(m)[i] = mi;
     if (vb) static_cast<__nv_bfloat16*>(v)[i] = __float2bfloat16_rn(vi);
@@ -53,6 +60,13 @@ struct AdamwItem {
     reinterpret_cast<float4*>(p)[i / 4] = pv;
     static_cast<float4*>(m)[i / 4] = mv;
     static_cast<float4*>(v)[i / 4] = vv;
+    if (copy_bf16) {
+      const __nv_bfloat162 lo = __floats2bfloat162_rn(pv.x, pv.y), hi = __floats2bfloat162_rn(pv.z, pv.w);
+      static_cast<uint2*>(copy)[i / 4] =
+          make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
+    } else if (copy) {
+      static_cast<float4*>(copy)[i / 4] = pv;
+    }
   }
 };
 
@@ -165,11 +179,13 @@ void CudaBackend::adamw_many(std::span<const AdamWArgs> args) {
     const double bc1 = 1.0 - std::pow(double(a.beta1), double(a.step));
     const double bc2 = 1.0 - std::pow(double(a.beta2), double(a.step));
     const bool mb = a.m.dtype() == DType::BF16, vb = a.v.dtype() == DType::BF16;
+    const bool has_copy = present(a.param_copy), copy_bf16 = has_copy && a.param_copy.dtype() == DType::BF16;
+    const bool copy_ok = !has_copy || reinterpret_cast<uintptr_t>(a.param_copy.raw()) % (copy_bf16 ? 8 : 16) == 0;
     const bool vec = !mb && !vb && aligned16(a.param.raw()) && aligned16(a.grad.raw()) && aligned16(a.m.raw()) &&
-                     aligned16(a.v.raw());
+                     aligned16(a.v.raw()) && copy_ok;
     items.push_back({ptr<float>(a.param), a.grad.data<float>(), ptr<void>(a.m), ptr<void>(a.v), a.param.numel(), 0,
                      a.beta1, a.beta2, a.eps, a.grad_scale, 1.0f - a.lr * a.weight_decay, float(double(a.lr) / bc1),
-                     float(std::sqrt(bc2)), mb, vb, vec});
+                     float(std::sqrt(bc2)), mb, vb, vec, has_copy ? ptr<void>(a.param_copy) : nullptr, copy_bf16});
   }
   run(items, "adamw");
 }
