@@ -85,10 +85,9 @@ OP_CASE(rmsnorm_backward) {
 
 namespace {
 
-// Enough rows for several dweight chunks (CUDA's 64 rows each in the one-pass kernel, whose rows
-// over 512 wide take two warps, 128 in the two-kernel form for rows wider than 1,024 or not a
-// multiple of 4, the last partial; the reduction's warps each take every 8th), rows narrower and
-// wider than a CUDA CTA's 256 threads, and
+// Enough rows for several dweight chunks (CUDA's 64 rows each in the one-pass kernel, 128 in the
+// two-kernel form for rows wider than 1,024 or not a multiple of 4, the last partial; the
+// reduction's warps each take every 8th), rows narrower and wider than a CUDA CTA's 256 threads, and
 // `alias`: dx is dy's buffer, accumulated into, and dweight accumulates onto a random start. The
 // closed forms dx = r·(w∘dy − x·r²·Σ(w∘dy∘x)/d) and dw = Σ_rows dy∘x·r in double.
 std::vector<Output> rmsnorm_bw_rows(Backend& b, Guards& g, uint64_t seed, int64_t m, int64_t d, bool alias) {
@@ -129,7 +128,7 @@ OP_CASE(rmsnorm_backward_wide_rows_in_place) { return rmsnorm_bw_rows(b, g, seed
 OP_CASE(rmsnorm_backward_wider_rows_in_place) { return rmsnorm_bw_rows(b, g, seed, 70, 2100, true); }
 OP_CASE(rmsnorm_backward_rows_of_1024) { return rmsnorm_bw_rows(b, g, seed, 300, 1024, false); }
 OP_CASE(rmsnorm_backward_partial_lanes_in_place) { return rmsnorm_bw_rows(b, g, seed, 150, 516, true); }
-OP_CASE(rmsnorm_backward_two_warps_per_row_in_place) { return rmsnorm_bw_rows(b, g, seed, 97, 900, true); }
+OP_CASE(rmsnorm_backward_900_wide_in_place) { return rmsnorm_bw_rows(b, g, seed, 97, 900, true); }
 OP_CASE(rmsnorm_backward_width_not_multiple_of_4) { return rmsnorm_bw_rows(b, g, seed, 90, 42, false); }
 
 OP_CASE(rope_backward_is_inverse_rotation) {

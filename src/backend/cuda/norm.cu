@@ -75,43 +75,39 @@ __global__ void rmsnorm_dx_kernel(const float* dy, const float* x, const void* w
     o[j] = acc ? o[j] + v : v;
   }
 }
-// The backward in one pass over dy and x for rows of at most 128·V·S values (d % 4 == 0, rows
-// 16-byte aligned): S warps per row (S = 2: halves, their dot products summed through shared
-// memory, first half first), each lane four columns per 128, x, dy and the weight in registers;
-// each warp also keeps its rows' dweight terms (the sum's own per-element product, double) and the
-// CTA leaves one partial per chunk of kFusedRows rows for rmsnorm_dw_kernel. The two-kernel form
-// read dy and x twice (bench-0.7b: 49 launches of each, 5.7 ms per step on an H100; one warp per
-// 1,024-wide row took 244 registers, two CTAs per SM, and moved 1.65 TB/s).
+// The backward in one pass over dy and x for rows of at most 128·V values (d % 4 == 0, rows 16-byte
+// aligned): a warp per row, each lane four columns per 128, x, dy and the weight in registers; the
+// warp also keeps its rows' dweight terms (the sum's own per-element product, double) and the CTA's
+// four warps leave one partial per chunk of kFusedRows rows for rmsnorm_dw_kernel. The two-kernel
+// form read dy and x twice: a bench-0.7b step's 49 launches of each took 5.67 ms on an H100, this
+// pass 3.80 (its 1,024-wide rows at 1.65 TB/s: 244 registers, two CTAs per SM; two warps per such
+// row, 8135dab, are built but not yet run on a GPU).
 constexpr int kFusedWarps = 4, kFusedRows = 64;
-template <int V, int S>
+template <int V>
 __global__ void __launch_bounds__(32 * kFusedWarps) rmsnorm_bwd_fused_kernel(const float* dy, const float* x,
                                                                              const void* w, DType wt,
                                                                              const float* rstd, float* dx,
                                                                              double* part, int64_t m, int64_t d,
                                                                              bool acc) {
-  constexpr int kGroups = kFusedWarps / S, kCols = 128 * V * S;
-  __shared__ double red[kGroups][kCols];
-  __shared__ double xch[2][kGroups][S];  // the halves' dot products, by row parity
-  const int lane = threadIdx.x & 31, wi = threadIdx.x >> 5, grp = wi / S, half = wi % S;
-  const int64_t c0 = int64_t(128) * V * half;  // this warp's first column
+  __shared__ double red[kFusedWarps][128 * V];
+  const int lane = threadIdx.x & 31, wi = threadIdx.x >> 5;
   float wv[V][4];
   double dw[V][4] = {};
 #pragma unroll
   for (int i = 0; i < V; ++i)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int64_t j = c0 + 128 * i + 4 * lane + e;
+      const int64_t j = 128 * i + 4 * lane + e;
       wv[i][e] = j < d ? load_f(w, wt, j) : 0.0f;
     }
   const int64_t r0 = int64_t(blockIdx.x) * kFusedRows;
-  int parity = 0;
-  for (int64_t r = r0 + grp; r < m && r < r0 + kFusedRows; r += kGroups, parity ^= 1) {
+  for (int64_t r = r0 + wi; r < m && r < r0 + kFusedRows; r += kFusedWarps) {
     float4 g[V], xv[V];
     double dot = 0.0;
     const float rs = rstd[r];
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      const int64_t j = c0 + 128 * i + 4 * lane;
+      const int64_t j = 128 * i + 4 * lane;
       const bool in = j < d;
       g[i] = in ? *reinterpret_cast<const float4*>(dy + r * d + j) : make_float4(0, 0, 0, 0);
       xv[i] = in ? *reinterpret_cast<const float4*>(x + r * d + j) : make_float4(0, 0, 0, 0);
@@ -123,21 +119,10 @@ __global__ void __launch_bounds__(32 * kFusedWarps) rmsnorm_bwd_fused_kernel(con
       for (int e = 0; e < 4; ++e) dot += double(wv[i][e]) * double(ge[e]) * double(xe[e]);
     }
     dot = warp_sum(dot);
-    if constexpr (S > 1) {
-      // The slot of this parity was last read two rows ago, before the partner reached the
-      // barrier of the row between: no second barrier needed.
-      if (lane == 0) xch[parity][grp][half] = dot;
-      static_assert(kGroups == 2, "named barriers 1 and 2 for the two pairs");
-      if (grp == 0) asm volatile("bar.sync 1, %0;" ::"n"(32 * S) : "memory");
-      else asm volatile("bar.sync 2, %0;" ::"n"(32 * S) : "memory");
-      dot = 0.0;
-#pragma unroll
-      for (int k = 0; k < S; ++k) dot += xch[parity][grp][k];
-    }
     const float c = float(dot / double(d)) * rs * rs;
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      const int64_t j = c0 + 128 * i + 4 * lane;
+      const int64_t j = 128 * i + 4 * lane;
       if (j >= d) continue;
       const float ge[4] = {g[i].x, g[i].y, g[i].z, g[i].w}, xe[4] = {xv[i].x, xv[i].y, xv[i].z, xv[i].w};
       float o[4];
@@ -158,12 +143,12 @@ __global__ void __launch_bounds__(32 * kFusedWarps) rmsnorm_bwd_fused_kernel(con
 #pragma unroll
   for (int i = 0; i < V; ++i)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) red[grp][c0 + 128 * i + 4 * lane + e] = dw[i][e];
+    for (int e = 0; e < 4; ++e) red[wi][128 * i + 4 * lane + e] = dw[i][e];
   __syncthreads();
   for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
     double s = 0.0;
 #pragma unroll
-    for (int k = 0; k < kGroups; ++k) s += red[k][j];
+    for (int k = 0; k < kFusedWarps; ++k) s += red[k][j];
     part[blockIdx.x * d + j] = s;
   }
 }
@@ -254,16 +239,15 @@ void CudaBackend::rmsnorm(const RmsNormArgs& a) {
 }
 
 namespace {
-// The fused pass's columns per warp row (128·V: 2 for V 2, 4 for V 4, 8 for V 4 over two warps),
-// or 0 where the two-kernel form runs.
+// The fused pass's V for d columns, or 0 where the two-kernel form runs.
 int fused_width(const RmsNormBackwardArgs& a, int64_t d) {
   const bool vec = d % 4 == 0 && aligned16(a.dy.raw()) && aligned16(a.x.raw()) && (!present(a.dx) || aligned16(a.dx.raw()));
   if (!vec || !present(a.dx) || d == 0) return 0;
   return d <= 256 ? 2 : d <= 512 ? 4 : d <= 1024 ? 8 : 0;
 }
-template <int V, int S>
+template <int V>
 void launch_fused(const RmsNormBackwardArgs& a, int64_t m, int64_t d, double* part) {
-  rmsnorm_bwd_fused_kernel<V, S><<<unsigned((m + kFusedRows - 1) / kFusedRows), 32 * kFusedWarps>>>(
+  rmsnorm_bwd_fused_kernel<V><<<unsigned((m + kFusedRows - 1) / kFusedRows), 32 * kFusedWarps>>>(
       a.dy.data<float>(), a.x.data<float>(), a.weight.raw(), a.weight.dtype(), a.rstd.data<float>(), ptr<float>(a.dx),
       part, m, d, a.accumulate_dx);
 }
@@ -277,9 +261,9 @@ void CudaBackend::rmsnorm_backward(const RmsNormBackwardArgs& a) {
     std::optional<Scratch> part;
     if (present(a.dweight)) part.emplace(size_t(chunks * d) * sizeof(double));
     double* pp = part ? part->as<double>() : nullptr;
-    if (v == 2) launch_fused<2, 1>(a, m, d, pp);
-    else if (v == 4) launch_fused<4, 1>(a, m, d, pp);
-    else launch_fused<4, 2>(a, m, d, pp);
+    if (v == 2) launch_fused<2>(a, m, d, pp);
+    else if (v == 4) launch_fused<4>(a, m, d, pp);
+    else launch_fused<8>(a, m, d, pp);
     if (pp)
       rmsnorm_dw_kernel<<<unsigned((d + 31) / 32), 32 * kDwWarps>>>(pp, chunks, ptr<float>(a.dweight), d,
                                                                    a.accumulate_dweight);
