@@ -57,7 +57,6 @@ struct StepReport {
   double clip_scale = 1.0;    // factor applied to the gradients by clipping
   int64_t skipped_total = 0;  // over the whole run (restored on resume)
   int consecutive_skips = 0;
-  bool copies_updated = false;  // the parameters' copies (AdamW::set_copies) hold the new values
 };
 
 class AdamW {
@@ -78,8 +77,8 @@ class AdamW {
   const OptimizerConfig& config() const { return cfg_; }
   const std::vector<ParamSlot>& params() const { return params_; }
   // Copies of the parameters in another float dtype (the trainer's BF16 compute weights), rewritten
-  // by each applied step from the updated values in the same pass (StepReport::copies_updated):
-  // copy_of(name) gives a parameter's copy, same shape, or an undefined tensor for none.
+  // by each applied step from the updated values in the same pass: copy_of(name) gives a
+  // parameter's copy, same shape, or an undefined tensor for none.
   void set_copies(const std::function<Tensor(const std::string&)>& copy_of);
 
   // State for checkpoints: tensors "<param>.exp_avg" and "<param>.exp_avg_sq", and counters.

@@ -178,12 +178,9 @@ struct Trainer::Impl {
       }
       compute = Weights::from_tensors(cfg, std::move(t), "bf16 copies");
       model = std::make_unique<Model>(*compute, *be);
-      // The optimizer rewrites the copies as it updates (one pass over the weights, not two).
-      if (opt)
-        opt->set_copies([&](const std::string& name) {
-          const Param* c = compute->find(name);
-          return c && c->spec.kind != TensorKind::router_bias ? c->w : Tensor();
-        });
+      // The optimizer rewrites the copies as it updates (one pass over the weights, not two); every
+      // trainable tensor has one (the router bias, shared with the master, is not trainable).
+      if (opt) opt->set_copies([&](const std::string& name) { return compute->get(name).w; });
     } else {
       model = std::make_unique<Model>(master, *be);
     }
@@ -447,7 +444,7 @@ TrainSummary Trainer::run(int64_t stop_at) {
       if (!m.on_host()) m.be->copy(CopyArgs{m.be->to_device(hb), bias});
     }
     sum.loads = loads;
-    if (rep.applied && !rep.copies_updated) m.refresh_compute();
+    if (rep.applied && !m.opt) m.refresh_compute();  // ZeRO-1: the sharded optimizer leaves the copies
     ++m.step;
     const double dt = now_s() - t0;
     const int64_t tokens = B * T * micros;

@@ -577,11 +577,9 @@ void run_bwd(const AttentionBackwardArgs& a, const Dims& d) {
   const int64_t dn = a.kv.defined() ? a.kv.dim(-1) - d.dv : d.dqk, dr = d.dqk - dn;
   if (a.kv.defined()) {
     o.dk_split = int(dn);
-    if (present(a.dkv) && a.dkv.dtype() == DType::BF16) {
-      o.dk_b = ptr<bf16_t>(a.dkv), o.dv_b = o.dk_b + dn;
-      o.dk_tok = o.dv_tok = d.h * (dn + d.dv), o.dk_head = o.dv_head = dn + d.dv;
-    } else if (present(a.dkv)) {
-      o.dk = ptr<float>(a.dkv), o.dv = o.dk + dn;
+    if (present(a.dkv)) {
+      if (a.dkv.dtype() == DType::BF16) o.dk_b = ptr<bf16_t>(a.dkv), o.dv_b = o.dk_b + dn;
+      else o.dk = ptr<float>(a.dkv), o.dv = o.dk + dn;
       o.dk_tok = o.dv_tok = d.h * (dn + d.dv), o.dk_head = o.dv_head = dn + d.dv;
     }
     if (present(a.dk_pe)) {

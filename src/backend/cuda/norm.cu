@@ -241,8 +241,9 @@ void CudaBackend::rmsnorm(const RmsNormArgs& a) {
 namespace {
 // The fused pass's V for d columns, or 0 where the two-kernel form runs.
 int fused_width(const RmsNormBackwardArgs& a, int64_t d) {
-  const bool vec = d % 4 == 0 && aligned16(a.dy.raw()) && aligned16(a.x.raw()) && (!present(a.dx) || aligned16(a.dx.raw()));
-  if (!vec || !present(a.dx) || d == 0) return 0;
+  if (d == 0 || d % 4 != 0 || !present(a.dx) || !aligned16(a.dy.raw()) || !aligned16(a.x.raw()) ||
+      !aligned16(a.dx.raw()))
+    return 0;
   return d <= 256 ? 2 : d <= 512 ? 4 : d <= 1024 ? 8 : 0;
 }
 template <int V>
