@@ -1,10 +1,11 @@
 // Training throughput on the GPU (bench/gpu.sh runs it on the H200): the bench-0.7b preset, B = 8,
 // T = 2048, random weights and tokens, forward + loss + backward + AdamW entirely on the CUDA
 // backend, timed with the device synchronised, in each of --precisions (default fp32,bf16,fp8) as
-// `dsv3 train --device cuda --precision P` runs it: FP32 master weights, gradients and moments;
-// bf16/fp8 read BF16 weight copies that the optimizer's pass rewrites, run the eligible linear layers
-// through the GPU's linear_lowp (BF16 tensor cores / cuBLASLt block-scaled FP8) and the attention
-// core on BF16 tensor cores. FLOPs per token are the ones transformers' baseline
+// `dsv3 train --device cuda --precision P` runs it: FP32 master weights, gradients and moments
+// (--moments bf16: the moments in BF16, V3's recipe and dsv3 train's option); bf16/fp8 read BF16
+// weight copies that the optimizer's pass rewrites, run the eligible linear layers through the
+// GPU's linear_lowp (BF16 tensor cores / cuBLASLt block-scaled FP8) and the attention core on BF16
+// tensor cores. FLOPs per token are the ones transformers' baseline
 // (tools/hf_gpu_bench.py) is credited with: 6·N_mm(active) + causal attention, no MTP (its MTP
 // modules are skipped here too, so both sides do the same work). With --hf FILE (that script's
 // JSON from the same machine) it records our BF16 speed over transformers' BF16
@@ -155,7 +156,7 @@ double time_experts(CudaBackend& be, int64_t E, int64_t rows, int64_t K, int64_t
 struct Run {
   std::string precision;
   double step_s = 0, tok_s = 0, tflops = 0, loss = 0;
-  double ph[5] = {0, 0, 0, 0, 0};  // forward, loss, backward, optimizer, weight-copy refresh
+  double ph[4] = {0, 0, 0, 0};  // forward, loss, backward, optimizer (which rewrites the BF16 copies)
   double attn_f = 0, attn_b = 0, linear_s = 0, lm_head_s = 0, mem_gib = 0, host_s = 0, blocking = 0;
   double layers_f = 0, layers_b = 0;  // every decoder layer, synchronised one by one
   int lanes = 0;                      // lane streams of the timed steps (0: none)
@@ -221,7 +222,7 @@ void time_modules(CudaBackend& be, Model& model, Grads& g, int64_t B, int64_t T,
 
 Run measure(CudaBackend& be, const ModelConfig& cfg, const Weights& host, const std::string& prec, int64_t B,
             int64_t T, int steps, int warmup, const std::vector<int32_t>& ids, const std::vector<int32_t>& lab,
-            double fpt) {
+            double fpt, DType moments) {
   Run r;
   r.precision = prec;
   set_precision(prec);
@@ -246,12 +247,11 @@ Run measure(CudaBackend& be, const ModelConfig& cfg, const Weights& host, const 
   std::vector<ParamSlot> slots;
   for (Param& p : master.params())
     if (p.spec.trainable) slots.push_back({p.spec.name, p.w, g.get(p.spec.name), p.spec.weight_decay});
-  AdamW opt(slots, OptimizerConfig{}, &be);
+  OptimizerConfig oc;
+  oc.moment_dtype = moments;
+  AdamW opt(slots, oc, &be);
   if (compute)  // as the trainer: the optimizer's pass rewrites the BF16 copies
-    opt.set_copies([&](const std::string& name) {
-      const Param* c = compute->find(name);
-      return c && c->spec.kind != TensorKind::router_bias ? c->w : Tensor();
-    });
+    opt.set_copies([&](const std::string& name) { return compute->get(name).w; });
   LossOptions lo;
   lo.mtp_lambda = 0.0;
   bool phases = false;
@@ -271,22 +271,14 @@ Run measure(CudaBackend& be, const ModelConfig& cfg, const Weights& host, const 
     auto t2 = now();
     model.backward(l.grad, g);
     auto t3 = now();
-    const StepReport rep = opt.step(1e-4, l.total, 1.0);
+    opt.step(1e-4, l.total, 1.0);
     auto t4 = now();
-    if (compute && !rep.copies_updated) {
-      std::vector<CopyArgs> copies;
-      for (Param& p : compute->params())
-        if (p.spec.kind != TensorKind::router_bias) copies.push_back(CopyArgs{master.get(p.spec.name).w, p.w});
-      be.copy_many(copies);
-    }
-    auto t5 = now();
     r.loss = l.total;
     if (phases) {
       r.ph[0] += secs(t0, t1);
       r.ph[1] += secs(t1, t2);
       r.ph[2] += secs(t2, t3);
       r.ph[3] += secs(t3, t4);
-      r.ph[4] += secs(t4, t5);
     }
   };
   for (int i = 0; i < warmup; ++i) step();
@@ -421,11 +413,11 @@ Run measure(CudaBackend& be, const ModelConfig& cfg, const Weights& host, const 
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string preset = "bench-0.7b", hf_path, precisions = "fp32,bf16,fp8";
+  std::string preset = "bench-0.7b", hf_path, precisions = "fp32,bf16,fp8", moments = "f32";
   int64_t B = 8, T = 2048;
   int steps = 5, warmup = 2;
   const char* usage = "usage: dsv3_bench_gpu_train [--preset bench-0.7b] [--batch 8] [--seq 2048] [--steps 5] "
-                      "[--warmup 2] [--precisions fp32,bf16,fp8] [--hf hf_gpu.json]\n";
+                      "[--warmup 2] [--precisions fp32,bf16,fp8] [--moments f32|bf16] [--hf hf_gpu.json]\n";
   if (const int rc = bench::check_pair_args(argc, argv, usage); rc >= 0) return rc;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
@@ -435,11 +427,17 @@ int main(int argc, char** argv) {
     else if (k == "--steps") steps = std::stoi(v);
     else if (k == "--warmup") warmup = std::stoi(v);
     else if (k == "--precisions") precisions = v;
+    else if (k == "--moments") moments = v;
     else if (k == "--hf") hf_path = v;
     else {
       std::fputs(usage, stderr);
       return 2;
     }
+  }
+  if (moments != "f32" && moments != "bf16") {
+    std::fprintf(stderr, "--moments: '%s' is not f32 or bf16 (the AdamW moments' storage, as dsv3 train's)\n",
+                 moments.c_str());
+    return 2;
   }
   std::vector<std::string> precs;
   {
@@ -466,9 +464,9 @@ int main(int argc, char** argv) {
 
   std::map<std::string, Run> runs;
   for (const std::string& p : precs) {
-    Run r = measure(be, cfg, host, p, B, T, steps, warmup, ids, lab, fpt);
-    std::printf("[%s] one step by phase (s): forward %.3f  loss %.3f  backward %.3f  optimizer %.3f  bf16 copies %.3f\n",
-                p.c_str(), r.ph[0], r.ph[1], r.ph[2], r.ph[3], r.ph[4]);
+    Run r = measure(be, cfg, host, p, B, T, steps, warmup, ids, lab, fpt, moments == "bf16" ? DType::BF16 : DType::F32);
+    std::printf("[%s] one step by phase (s): forward %.3f  loss %.3f  backward %.3f  optimizer %.3f\n", p.c_str(),
+                r.ph[0], r.ph[1], r.ph[2], r.ph[3]);
     std::printf("[%s] timed steps: %.3f s each, of which the host had queued its work after %.3f s; every decoder "
                 "layer one by one (synchronised): forward %.3f s, backward %.3f s\n",
                 p.c_str(), r.step_s, r.host_s, r.layers_f, r.layers_b);
@@ -525,7 +523,7 @@ int main(int argc, char** argv) {
                 r.tflops / 989.0);
   }
   nlohmann::json res = {{"bench", "gpu_train"}, {"preset", preset}, {"batch", B}, {"seq", T}, {"steps", steps},
-                        {"flops_per_token", fpt}};
+                        {"flops_per_token", fpt}, {"moments", moments}};
   nlohmann::json rj = nlohmann::json::object();
   for (const std::string& p : precs) {
     const Run& r = runs[p];
@@ -537,8 +535,7 @@ int main(int argc, char** argv) {
              {"mfu_vs_989", r.tflops / 989.0},
              {"final_loss", r.loss},
              {"device_memory_used_gib", r.mem_gib},
-             {"phases_s", {{"forward", r.ph[0]}, {"loss", r.ph[1]}, {"backward", r.ph[2]}, {"optimizer", r.ph[3]},
-                           {"bf16_copies", r.ph[4]}}},
+             {"phases_s", {{"forward", r.ph[0]}, {"loss", r.ph[1]}, {"backward", r.ph[2]}, {"optimizer", r.ph[3]}}},
              {"attention_per_layer_s", {{"forward", r.attn_f}, {"backward", r.attn_b}}},
              {"linear_alone_per_step_s", lin},
              {"lm_head_alone_s", r.lm_head_s},

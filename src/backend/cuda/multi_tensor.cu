@@ -21,7 +21,7 @@ struct AdamwItem {
   void* v;
   int64_t n, first;
   float b1, b2, eps, gs, decay, step_size, bc2_sqrt;
-  bool mb, vb, vec;  // vec: F32 moments, every array 16-byte aligned (apply4; a BF16 copy 8-byte)
+  bool mb, vb, vec;  // vec: every array aligned to 4 elements (apply4)
   void* copy;        // param_copy (F32 or BF16, copy_bf16), or null
   bool copy_bf16;
   __device__ void put_copy(int64_t i, float pi) const {
@@ -47,26 +47,36 @@ struct AdamwItem {
     if (vb) static_cast<__nv_bfloat16*>(v)[i] = __float2bfloat16_rn(vi);
     else static_cast<float*>(v)[i] = vi;
   }
-  // Elements i..i + 3 by 16-byte loads and stores (the optimizer pass is memory-bound); each
-  // element's arithmetic is apply's.
+  // Four F32 (one 16-byte access) or BF16 (one 8-byte access) values from element i on.
+  static __device__ float4 load4(const void* a, bool bf, int64_t i) {
+    if (!bf) return static_cast<const float4*>(a)[i / 4];
+    const uint2 u = static_cast<const uint2*>(a)[i / 4];
+    const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.x));
+    const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.y));
+    return make_float4(lo.x, lo.y, hi.x, hi.y);
+  }
+  static __device__ void store4(void* a, bool bf, int64_t i, float4 x) {
+    if (!bf) {
+      static_cast<float4*>(a)[i / 4] = x;
+      return;
+    }
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(x.x, x.y), hi = __floats2bfloat162_rn(x.z, x.w);
+    static_cast<uint2*>(a)[i / 4] =
+        make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
+  }
+  // Elements i..i + 3 by vector loads and stores (the optimizer pass is memory-bound); each
+  // element's arithmetic and rounding are apply's.
   __device__ void apply4(int64_t i) const {
-    float4 pv = reinterpret_cast<const float4*>(p)[i / 4], mv = static_cast<const float4*>(m)[i / 4];
-    float4 vv = static_cast<const float4*>(v)[i / 4];
+    float4 pv = reinterpret_cast<const float4*>(p)[i / 4], mv = load4(m, mb, i), vv = load4(v, vb, i);
     const float4 gv = reinterpret_cast<const float4*>(g)[i / 4];
     update(gv.x, pv.x, mv.x, vv.x);
     update(gv.y, pv.y, mv.y, vv.y);
     update(gv.z, pv.z, mv.z, vv.z);
     update(gv.w, pv.w, mv.w, vv.w);
     reinterpret_cast<float4*>(p)[i / 4] = pv;
-    static_cast<float4*>(m)[i / 4] = mv;
-    static_cast<float4*>(v)[i / 4] = vv;
-    if (copy_bf16) {
-      const __nv_bfloat162 lo = __floats2bfloat162_rn(pv.x, pv.y), hi = __floats2bfloat162_rn(pv.z, pv.w);
-      static_cast<uint2*>(copy)[i / 4] =
-          make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
-    } else if (copy) {
-      static_cast<float4*>(copy)[i / 4] = pv;
-    }
+    store4(m, mb, i, mv);
+    store4(v, vb, i, vv);
+    if (copy) store4(copy, copy_bf16, i, pv);
   }
 };
 
@@ -180,9 +190,9 @@ void CudaBackend::adamw_many(std::span<const AdamWArgs> args) {
     const double bc2 = 1.0 - std::pow(double(a.beta2), double(a.step));
     const bool mb = a.m.dtype() == DType::BF16, vb = a.v.dtype() == DType::BF16;
     const bool has_copy = present(a.param_copy), copy_bf16 = has_copy && a.param_copy.dtype() == DType::BF16;
-    const bool copy_ok = !has_copy || reinterpret_cast<uintptr_t>(a.param_copy.raw()) % (copy_bf16 ? 8 : 16) == 0;
-    const bool vec = !mb && !vb && aligned16(a.param.raw()) && aligned16(a.grad.raw()) && aligned16(a.m.raw()) &&
-                     aligned16(a.v.raw()) && copy_ok;
+    auto aligned4 = [](const Tensor& t, bool bf) { return reinterpret_cast<uintptr_t>(t.raw()) % (bf ? 8 : 16) == 0; };
+    const bool vec = aligned16(a.param.raw()) && aligned16(a.grad.raw()) && aligned4(a.m, mb) && aligned4(a.v, vb) &&
+                     (!has_copy || aligned4(a.param_copy, copy_bf16));
     items.push_back({ptr<float>(a.param), a.grad.data<float>(), ptr<void>(a.m), ptr<void>(a.v), a.param.numel(), 0,
                      a.beta1, a.beta2, a.eps, a.grad_scale, 1.0f - a.lr * a.weight_decay, float(double(a.lr) / bc1),
                      float(std::sqrt(bc2)), mb, vb, vec, has_copy ? ptr<void>(a.param_copy) : nullptr, copy_bf16});
