@@ -81,7 +81,7 @@ __global__ void rmsnorm_dx_kernel(const float* dy, const float* x, const void* w
 // four warps leave one partial per chunk of kFusedRows rows for rmsnorm_dw_kernel. The two-kernel
 // form read dy and x twice: a bench-0.7b step's 49 launches of each took 5.67 ms on an H100, this
 // pass 3.80 (its 1,024-wide rows at 1.65 TB/s: 244 registers, two CTAs per SM; two warps per such
-// row, 8135dab, are built but not yet run on a GPU).
+// row, 8135dab, at 122 registers took 7% longer on the same H100).
 constexpr int kFusedWarps = 4, kFusedRows = 64;
 template <int V>
 __global__ void __launch_bounds__(32 * kFusedWarps) rmsnorm_bwd_fused_kernel(const float* dy, const float* x,
