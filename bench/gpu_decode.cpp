@@ -24,8 +24,9 @@
 //
 // Roofline: bytes a step must read — the weights it touches (attention, norms, dense MLP, router,
 // shared expert, the routed experts picked: top-k of them at batch 1, all at batch 32, lm_head, the
-// batch's embedding rows) plus the latent cache read at the mean depth — over 4.19 TB/s (the
-// device-to-device copy measured on this H200, docs/cuda.md).
+// batch's embedding rows) plus the latent cache read at the mean depth — over the device-to-device
+// copy bandwidth the bench measures first (copy_bw_tb_s; a fixed 4.19 TB/s, an H200's, before
+// 2026-12-07, which overstated the roofline on an H100 by ~1.4×).
 //
 // Host synchronisations per decode step are counted by bench/common/blocking_calls.h (every blocking
 // copy and range check; kernel launches are counted by a profiler, see docs/cuda.md). Writes
@@ -52,6 +53,7 @@ int main() {
 
 #include "backend/cuda/cuda_backend.h"
 #include "common/blocking_calls.h"
+#include "common/gpu_bench.h"
 #include "common/host_profile.h"
 #include "backend/cuda/pdl.h"
 #include "infer/cuda_decode_ops.h"
@@ -65,6 +67,7 @@ bool g_profile_prefill = false;  // --profile-prefill 1: the main run's prefill 
 int64_t g_small_rows = 8;  // --small-rows: the engine's small_rows in the main and eager runs (RMSNorms fused up to it)
 int64_t g_gemv_rows = dsv3::ModelRunner::kDeviceGemvMaxRows;  // --gemv-rows: EngineOptions::device_gemv_rows of every run
 int64_t g_base_rows = 32;  // --base-gemv-rows: the comparison run's device_gemv_rows (batches beyond it)
+double g_copy_bw = 4.19e12;  // bytes/s read + write: main measures it (bench::copy_bandwidth)
 }  // namespace
 
 using namespace dsv3;
@@ -186,7 +189,7 @@ Result run(const Weights& w, int64_t B, int64_t prompt, int64_t n_new, uint64_t 
   const double cache = double(B) * depth * double(c.kv_lora_rank + c.qk_rope_head_dim) *
                        double(c.num_hidden_layers) * 2.0;
   res.roofline_bytes = weight_bytes(w, c, B) + cache;
-  res.roofline_step_ms = res.roofline_bytes / 4.19e12 * 1e3;
+  res.roofline_step_ms = res.roofline_bytes / g_copy_bw * 1e3;
   res.roofline_tok_s = double(B) / (res.roofline_step_ms / 1e3);
   return res;
 }
@@ -248,6 +251,8 @@ int main(int argc, char** argv) {
   std::printf("gpu_decode: preset %s, prompt %ld, %ld new tokens, greedy, BF16 latent cache\n", preset.c_str(),
               long(prompt), long(n_new));
   const Weights w32 = Weights::random(cfg, 1, 0.02f);
+  g_copy_bw = bench::copy_bandwidth();
+  std::printf("device-to-device copy: %.0f GB/s (read + write; the rooflines' bandwidth)\n", g_copy_bw / 1e9);
   nlohmann::json hf;
   if (!hf_path.empty()) {
     std::ifstream in(hf_path);
@@ -261,7 +266,7 @@ int main(int argc, char** argv) {
     return 0;
   };
   nlohmann::json res = {{"bench", "gpu_decode"}, {"preset", preset}, {"prompt", prompt}, {"new_tokens", n_new},
-                        {"cache", "bf16"}, {"copy_bw_tb_s", 4.19}};
+                        {"cache", "bf16"}, {"copy_bw_tb_s", g_copy_bw / 1e12}};
   res["runs"] = nlohmann::json::array();
   for (const std::string& fmt : formats) {
     Weights w = w32;

@@ -1,8 +1,10 @@
-// Shared by the GPU benchmark programs (bench/gpu_*; CUDA builds only): a status check and the timer.
+// Shared by the GPU benchmark programs (bench/gpu_*; CUDA builds only): a status check, the timer and
+// the copy bandwidth.
 #pragma once
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -41,6 +43,20 @@ template <class F> double gpu_time_s(F&& f, int iters = 20, int reps = 5, int wa
   cudaEventDestroy(b);
   std::sort(t.begin(), t.end());
   return t[t.size() / 2];
+}
+
+// Device-to-device copy bandwidth in bytes per second, read plus write (the memory-bound
+// benchmarks' roofline): a cudaMemcpy of `bytes` between two buffers holding a non-zero pattern.
+inline double copy_bandwidth(size_t bytes = size_t(1) << 30) {
+  void *a = nullptr, *b = nullptr;
+  CK(cudaMalloc(&a, bytes));
+  CK(cudaMalloc(&b, bytes));
+  CK(cudaMemset(a, 0x5A, bytes));
+  const double t = gpu_time_s([&] { cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice); }, 10);
+  CK(cudaGetLastError());
+  CK(cudaFree(a));
+  CK(cudaFree(b));
+  return 2.0 * double(bytes) / t;
 }
 
 }  // namespace dsv3::bench
