@@ -67,7 +67,7 @@ bool g_profile_prefill = false;  // --profile-prefill 1: the main run's prefill 
 int64_t g_small_rows = 8;  // --small-rows: the engine's small_rows in the main and eager runs (RMSNorms fused up to it)
 int64_t g_gemv_rows = dsv3::ModelRunner::kDeviceGemvMaxRows;  // --gemv-rows: EngineOptions::device_gemv_rows of every run
 int64_t g_base_rows = 32;  // --base-gemv-rows: the comparison run's device_gemv_rows (batches beyond it)
-double g_copy_bw = 4.19e12;  // bytes/s read + write: main measures it (bench::copy_bandwidth)
+double g_copy_bw = 0;  // bytes/s read + write, measured by main before any run (bench::copy_bandwidth)
 }  // namespace
 
 using namespace dsv3;

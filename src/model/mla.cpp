@@ -39,6 +39,10 @@ void linear_forward(Backend& be, const LinearParam& p, const Tensor& x, const Te
 }
 
 namespace {
+// The layer's matmuls take BF16 operands (--precision bf16): a BF16 dy is what they would read.
+bool bf16_layer(const LinearParam& p) {
+  return p.lowp && linear_precision().mode == LinearPrecisionMode::Bf16;
+}
 
 using modops::rmsnorm;
 using modops::rmsnorm_backward;
@@ -160,9 +164,9 @@ void mla_backward(Backend& be, const ModelDims& d, const MlaParams& p, const Mla
   // Keys and values back to kv_b_proj's output and to the shared k_pe (summed over heads).
   Tensor dq = be.alloc(DType::F32, {N, nh, d.qk});
   // dkv feeds only kv_b_proj's backward: in BF16 mode the attention writes it in BF16 (the values
-  // that linear would round it to), sparing an F32 copy and its conversion.
-  const bool dkv_bf16 = p.kv_b_proj.lowp && linear_precision().mode == LinearPrecisionMode::Bf16 &&
-                        !present(p.kv_b_proj.bias);
+  // that linear would round it to), sparing an F32 copy and its conversion (a bias's gradient would
+  // read it too, in F32).
+  const bool dkv_bf16 = bf16_layer(p.kv_b_proj) && !present(p.kv_b_proj.bias);
   Tensor dkv = be.alloc(dkv_bf16 ? DType::BF16 : DType::F32, {N, nh, d.nope + d.vd});
   Tensor dk_pe = be.alloc(DType::F32, {N, d.rope});
   AttentionBackwardArgs at;

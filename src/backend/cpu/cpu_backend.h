@@ -45,9 +45,6 @@ class CpuBackend final : public Backend {
   void copy_cols(const CopyColsArgs&) override;
   void sum_squares(const SumSquaresArgs&) override;
   void adamw(const AdamWArgs&) override;
-
- private:
-  void adamw_update(const AdamWArgs&);  // adamw without param_copy
 };
 
 namespace cpu {

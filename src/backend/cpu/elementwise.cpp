@@ -177,11 +177,6 @@ void CpuBackend::sum_squares(const SumSquaresArgs& a) {
 
 void CpuBackend::adamw(const AdamWArgs& a) {
   validate(a);
-  adamw_update(a);
-  if (present(a.param_copy)) copy(CopyArgs{a.param, a.param_copy});
-}
-
-void CpuBackend::adamw_update(const AdamWArgs& a) {
   int64_t n = a.param.numel();
   float* p = cpu::mut<float>(a.param);
   const float* g = a.grad.data<float>();
@@ -201,23 +196,24 @@ void CpuBackend::adamw_update(const AdamWArgs& a) {
     float* v = static_cast<float*>(vp);
     cpu::for_chunks(n, 1 << 14, n >= cpu::kParallelMin,
                     [&](int64_t lo, int64_t hi) { adamw_f32(p + lo, g + lo, m + lo, v + lo, hi - lo, &c); });
-    return;
-  }
+  } else {
 #pragma omp parallel for schedule(static) if (n >= cpu::kParallelMin)
-  for (int64_t i = 0; i < n; ++i) {
-    float gi = g[i] * gs;
-    float mi = mb ? bf16_to_float(static_cast<uint16_t*>(mp)[i]) : static_cast<float*>(mp)[i];
-    float vi = vb ? bf16_to_float(static_cast<uint16_t*>(vp)[i]) : static_cast<float*>(vp)[i];
-    mi = b1 * mi + (1.0f - b1) * gi;
-    vi = b2 * vi + (1.0f - b2) * gi * gi;
-    float pi = p[i] * decay;
-    pi -= step_size * mi / (std::sqrt(vi) / bc2_sqrt + eps);
-    p[i] = pi;
-    if (mb) static_cast<uint16_t*>(mp)[i] = float_to_bf16(mi);
-    else static_cast<float*>(mp)[i] = mi;
-    if (vb) static_cast<uint16_t*>(vp)[i] = float_to_bf16(vi);
-    else static_cast<float*>(vp)[i] = vi;
+    for (int64_t i = 0; i < n; ++i) {
+      float gi = g[i] * gs;
+      float mi = mb ? bf16_to_float(static_cast<uint16_t*>(mp)[i]) : static_cast<float*>(mp)[i];
+      float vi = vb ? bf16_to_float(static_cast<uint16_t*>(vp)[i]) : static_cast<float*>(vp)[i];
+      mi = b1 * mi + (1.0f - b1) * gi;
+      vi = b2 * vi + (1.0f - b2) * gi * gi;
+      float pi = p[i] * decay;
+      pi -= step_size * mi / (std::sqrt(vi) / bc2_sqrt + eps);
+      p[i] = pi;
+      if (mb) static_cast<uint16_t*>(mp)[i] = float_to_bf16(mi);
+      else static_cast<float*>(mp)[i] = mi;
+      if (vb) static_cast<uint16_t*>(vp)[i] = float_to_bf16(vi);
+      else static_cast<float*>(vp)[i] = vi;
+    }
   }
+  if (present(a.param_copy)) copy(CopyArgs{a.param, a.param_copy});
 }
 
 }  // namespace dsv3

@@ -24,9 +24,13 @@ struct AdamwItem {
   bool mb, vb, vec;  // vec: every array aligned to 4 elements (apply4)
   void* copy;        // param_copy (F32 or BF16, copy_bf16), or null
   bool copy_bf16;
-  __device__ void put_copy(int64_t i, float pi) const {
-    if (copy_bf16) static_cast<__nv_bfloat16*>(copy)[i] = __float2bfloat16_rn(pi);
-    else static_cast<float*>(copy)[i] = pi;
+  // Element i of an F32 or BF16 array (stores rounded to nearest even).
+  static __device__ float load1(const void* a, bool bf, int64_t i) {
+    return bf ? __bfloat162float(static_cast<const __nv_bfloat16*>(a)[i]) : static_cast<const float*>(a)[i];
+  }
+  static __device__ void store1(void* a, bool bf, int64_t i, float x) {
+    if (bf) static_cast<__nv_bfloat16*>(a)[i] = __float2bfloat16_rn(x);
+    else static_cast<float*>(a)[i] = x;
   }
   // One element: m, v and p from the gradient (p, m, v updated in place).
   __device__ void update(float gr, float& pi, float& mi, float& vi) const {
@@ -36,16 +40,12 @@ struct AdamwItem {
     pi = pi * decay - step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
   }
   __device__ void apply(int64_t i) const {
-    float mi = mb ? __bfloat162float(static_cast<__nv_bfloat16*>(m)[i]) : static_cast<float*>(m)[i];
-    float vi = vb ? __bfloat162float(static_cast<__nv_bfloat16*>(v)[i]) : static_cast<float*>(v)[i];
-    float pi = p[i];
+    float mi = load1(m, mb, i), vi = load1(v, vb, i), pi = p[i];
     update(g[i], pi, mi, vi);
     p[i] = pi;
-    if (copy) put_copy(i, pi);
-    if (mb) static_cast<__nv_bfloat16*>(m)[i] = __float2bfloat16_rn(mi);
-    else static_cast<float*>(m)[i] = mi;
-    if (vb) static_cast<__nv_bfloat16*>(v)[i] = __float2bfloat16_rn(vi);
-    else static_cast<float*>(v)[i] = vi;
+    store1(m, mb, i, mi);
+    store1(v, vb, i, vi);
+    if (copy) store1(copy, copy_bf16, i, pi);
   }
   // Four F32 (one 16-byte access) or BF16 (one 8-byte access) values from element i on.
   static __device__ float4 load4(const void* a, bool bf, int64_t i) {
