@@ -157,7 +157,8 @@ struct Run {
   std::string precision;
   double step_s = 0, tok_s = 0, tflops = 0, loss = 0;
   double ph[4] = {0, 0, 0, 0};  // forward, loss, backward, optimizer (which rewrites the BF16 copies)
-  double attn_f = 0, attn_b = 0, linear_s = 0, lm_head_s = 0, mem_gib = 0, host_s = 0, blocking = 0;
+  double attn_f = 0, attn_b = 0, linear_s = 0, lm_head_s = 0, mem_gib = 0, peak_gib = 0, host_s = 0,
+         blocking = 0;
   double layers_f = 0, layers_b = 0;  // every decoder layer, synchronised one by one
   int lanes = 0;                      // lane streams of the timed steps (0: none)
   double step_s_no_lanes = 0;         // the same steps with lanes off
@@ -293,6 +294,7 @@ Run measure(CudaBackend& be, const ModelConfig& cfg, const Weights& host, const 
   std::optional<bench::HostProfiler> prof;
   if (prof_prefix) prof.emplace();
   cudaProfilerStart();
+  cuda_reset_peak_memory();
   const long b0 = bench::blocking_calls();
   if (prof) prof->start(200);
   auto t0 = Clock::now();
@@ -309,6 +311,7 @@ Run measure(CudaBackend& be, const ModelConfig& cfg, const Weights& host, const 
   }
   r.step_s = secs(t0, Clock::now()) / steps;
   r.tok_s = double(B * T) / r.step_s;
+  r.peak_gib = double(cuda_memory_stats().peak) / double(1ull << 30);
   // The same timed steps (after one untimed) with a setting changed, then restored: what it saves.
   auto steps_with = [&](const std::function<void()>& change, const std::function<void()>& restore) {
     change();
@@ -471,6 +474,9 @@ int main(int argc, char** argv) {
                 "layer one by one (synchronised): forward %.3f s, backward %.3f s\n",
                 p.c_str(), r.step_s, r.host_s, r.layers_f, r.layers_b);
     std::printf("[%s] blocking copies and synchronisations per step: %.0f\n", p.c_str(), r.blocking);
+    std::printf("[%s] device memory over the timed steps: %.2f GiB at most in tensors and scratch (weights, "
+                "gradients, optimizer state, activations)\n",
+                p.c_str(), r.peak_gib);
     if (r.lanes > 0)
       std::printf("[%s] experts' GEMMs on %d lane streams: %.3f s per step; in issue order: %.3f s (%.2fx)\n", p.c_str(),
                   r.lanes, r.step_s, r.step_s_no_lanes, r.step_s_no_lanes / r.step_s);
@@ -535,6 +541,7 @@ int main(int argc, char** argv) {
              {"mfu_vs_989", r.tflops / 989.0},
              {"final_loss", r.loss},
              {"device_memory_used_gib", r.mem_gib},
+             {"peak_in_use_gib", r.peak_gib},
              {"phases_s", {{"forward", r.ph[0]}, {"loss", r.ph[1]}, {"backward", r.ph[2]}, {"optimizer", r.ph[3]}}},
              {"attention_per_layer_s", {{"forward", r.attn_f}, {"backward", r.attn_b}}},
              {"linear_alone_per_step_s", lin},

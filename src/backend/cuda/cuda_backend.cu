@@ -31,6 +31,7 @@ class CachingAllocator {
     auto it = free_.lower_bound(bytes);
     if (it != free_.end() && it->first <= 2 * bytes) {
       void* p = it->second;
+      taken(it->first);
       free_.erase(it);
       return p;
     }
@@ -54,6 +55,7 @@ class CachingAllocator {
           ++it;
           continue;
         }
+        reserved_ -= it->first;
         size_.erase(it->second);
         it = free_.erase(it);
       }
@@ -61,6 +63,8 @@ class CachingAllocator {
       if (e != cudaSuccess) internal_error("cudaMalloc of ", bytes, " bytes: ", cudaGetErrorString(e));
     }
     size_[p] = bytes;
+    reserved_ += bytes;
+    taken(bytes);
     return p;
   }
   void free(void* p) {
@@ -68,6 +72,7 @@ class CachingAllocator {
     std::lock_guard<std::mutex> lk(mu_);
     auto it = size_.find(p);
     if (it == size_.end()) return;
+    in_use_ -= it->second;
     if (deferring_)
       deferred_.push_back(p);
     else
@@ -84,8 +89,22 @@ class CachingAllocator {
     for (void* p : deferred_) free_.emplace(size_[p], p);
     deferred_.clear();
   }
+  CudaMemoryStats stats() {
+    std::lock_guard<std::mutex> lk(mu_);
+    return {in_use_, peak_, reserved_};
+  }
+  void reset_peak() {
+    std::lock_guard<std::mutex> lk(mu_);
+    peak_ = in_use_;
+  }
 
  private:
+  // Counted in whole blocks (a reused block may be up to twice the request).
+  void taken(size_t block) {
+    in_use_ += block;
+    peak_ = std::max(peak_, in_use_);
+  }
+  size_t in_use_ = 0, peak_ = 0, reserved_ = 0;
   std::mutex mu_;
   std::multimap<size_t, void*> free_;
   std::unordered_map<void*, size_t> size_;
@@ -319,6 +338,9 @@ Lanes& lanes() {
 }
 
 }  // namespace
+
+CudaMemoryStats cuda_memory_stats() { return cuda::allocator().stats(); }
+void cuda_reset_peak_memory() { cuda::allocator().reset_peak(); }
 
 void cuda_set_lanes(int n) { lanes().resize(n); }
 

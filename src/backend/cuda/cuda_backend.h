@@ -66,6 +66,15 @@ class CudaBackend final : public Backend {
   void end_lanes() override;
 };
 
+// The caching allocator's bytes: blocks handed out now (tensors and scratch, in whole blocks; a block
+// freed inside a lane scope counts as free), their most since the last reset, and what it holds from
+// cudaMalloc (handed out or cached).
+struct CudaMemoryStats {
+  size_t in_use = 0, peak = 0, reserved = 0;
+};
+CudaMemoryStats cuda_memory_stats();
+void cuda_reset_peak_memory();  // peak = in_use
+
 // The number of lane streams (CudaBackend::begin_lanes), 0 to 8; below 2 turns lanes off. Not
 // inside a lane scope. Tests and benchmarks compare with and without.
 void cuda_set_lanes(int n);
