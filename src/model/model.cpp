@@ -271,12 +271,9 @@ void Model::backward(const BackwardInput& in, Grads& g) {
   const Tensor& x_last = L ? a.layers[L - 1].out : a.emb;
   modops::rmsnorm_backward(be_, dh0, x_last, params_.norm, a.final_rstd, g.p.norm, dx, false);
   RopeInput rope{&rope_.tables(), a.positions};
-  Tensor dprev = be_.alloc(DType::F32, {N, H});
-  for (size_t l = L; l >= 1; --l) {
+  for (size_t l = L; l >= 1; --l)  // in place: dx goes from ∂L/∂out of layer l to ∂L/∂x of it
     decoder_layer_backward(be_, d, params_.layers[l - 1], g.p.layers[l - 1], rope, a.layers[l - 1], B, T, dx,
-                           router_grad(l - 1), dprev);
-    std::swap(dx, dprev);
-  }
+                           router_grad(l - 1), dx);
   EmbeddingBackwardArgs eb;
   eb.ids = a.ids;
   eb.dout = dx;

@@ -275,6 +275,7 @@ void experts_backward(Backend& be, std::span<const MlpParams> p, std::span<const
 // router_dlogits: an extra gradient on the gate logits [N, E] (the sequence-wise balance loss), optional.
 void moe_backward(Backend& be, const ModelDims& d, const MoeParams& p, const MoeParams& g, const MoeActs& a,
                   const Tensor& dout, const Tensor& router_dlogits, const Tensor& dx, bool accumulate_dx);
+// dx = ∂L/∂x, written; it may be dout itself (then overwritten in place, sparing two copies of [N, H]).
 void decoder_layer_backward(Backend& be, const ModelDims& d, const LayerParams& p, const LayerParams& g,
                             const RopeInput& rope, const LayerActs& a, int64_t B, int64_t T,
                             const Tensor& dout, const Tensor& router_dlogits, const Tensor& dx);

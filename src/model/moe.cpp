@@ -412,18 +412,17 @@ void decoder_layer_backward(Backend& be, const ModelDims& d, const LayerParams& 
     moe_backward(be, d, p.moe, g.moe, a.moe, dout, router_dlogits, dh2, false);
   else
     mlp_backward(be, p.mlp, g.mlp, a.mlp, dout, dh2, false);
-  Tensor dx2 = be.alloc(DType::F32, {N, H});
-  CopyArgs c;
-  c.src = dout;
-  c.dst = dx2;
-  be.copy(c);
-  rmsnorm_backward(be, dh2, a.x2, p.post_attention_layernorm, a.rstd2, g.post_attention_layernorm, dx2, true);
-  // x2 = x + attn(norm1(x)).
+  // dx2 and then dx are summed in dx itself: no copy where dx is dout's buffer (the model's loop).
+  if (dx.raw() != dout.raw()) {
+    CopyArgs c;
+    c.src = dout;
+    c.dst = dx;
+    be.copy(c);
+  }
+  rmsnorm_backward(be, dh2, a.x2, p.post_attention_layernorm, a.rstd2, g.post_attention_layernorm, dx, true);
+  // x2 = x + attn(norm1(x)): dx += norm1ᵀ(attnᵀ(dx2)).
   Tensor dh1 = be.alloc(DType::F32, {N, H});
-  mla_backward(be, d, p.attn, g.attn, rope, a.attn, B, T, dx2, dh1, false);
-  c.src = dx2;
-  c.dst = dx;
-  be.copy(c);
+  mla_backward(be, d, p.attn, g.attn, rope, a.attn, B, T, dx, dh1, false);
   rmsnorm_backward(be, dh1, a.x, p.input_layernorm, a.rstd1, g.input_layernorm, dx, true);
 }
 

@@ -73,8 +73,8 @@ void mtp_module_backward(Backend& be, const ModelDims& d, const MtpParams& p, co
   }
   rmsnorm_backward(be, dhead_n, a.h, p.shared_head_norm, a.head_rstd, g.shared_head_norm, dh, present(dh_next));
 
-  Tensor dx = be.alloc(DType::F32, {M, H});
   const RopeInput rope{&tables, a.positions};
+  const Tensor& dx = dh;  // ∂L/∂(the block's input), in place of dh
   decoder_layer_backward(be, d, p.block, g.block, rope, a.block, B, S, dh, router_dlogits, dx);
 
   Tensor dcat = be.alloc(DType::F32, {M, 2 * H});
