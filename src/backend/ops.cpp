@@ -269,7 +269,6 @@ namespace {
 void split_kv_ok(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& kv, const Tensor& k_pe,
                  const Tensor& out, bool causal, int64_t q_offset, const char* op) {
   REQ(!present(k) && !present(v), op, "k and v must be absent when kv or k_pe is given (the split form)");
-  f32(kv, op, "kv");
   f32(k_pe, op, "k_pe");
   const int n = q.ndim(), o = n - 3;
   REQ(n == 3 || n == 4, op, "q must be [B?, T, H, D], got ", desc(q));
@@ -294,6 +293,7 @@ void validate(const AttentionArgs& a) {
   f32(a.q, op, "q");
   f32(a.out, op, "out");
   if (a.kv.defined() || a.k_pe.defined()) {
+    f32(a.kv, op, "kv");
     split_kv_ok(a.q, a.k, a.v, a.kv, a.k_pe, a.out, a.causal, a.q_offset, op);
   } else {
     f32(a.k, op, "k");
@@ -306,24 +306,39 @@ void validate(const AttentionArgs& a) {
 
 void validate(const AttentionBackwardArgs& a) {
   const char* op = "attention_backward";
-  for (auto [t, n] : {std::pair{&a.q, "q"}, {&a.out, "out"}, {&a.dout, "dout"}}) f32(*t, op, n);
+  // The forward's kept operands may stand for q and (the split form) kv; dq and dkv, then required,
+  // give their shapes.
+  if (a.q.defined()) {
+    f32(a.q, op, "q");
+  } else {
+    REQ(a.kept.defined() && a.dq.defined(), op,
+        "q is missing: only the forward's kept operands (kept) stand for it, with dq giving its shape");
+  }
+  const Tensor& q = a.q.defined() ? a.q : a.dq;
+  for (auto [t, n] : {std::pair{&a.out, "out"}, {&a.dout, "dout"}}) f32(*t, op, n);
   if (a.kv.defined() || a.k_pe.defined()) {
-    split_kv_ok(a.q, a.k, a.v, a.kv, a.k_pe, a.out, a.causal, a.q_offset, op);
+    if (a.kv.defined()) {
+      f32(a.kv, op, "kv");
+    } else {
+      REQ(a.kept.defined() && a.dkv.defined(), op,
+          "kv is missing: only the forward's kept operands (kept) stand for it, with dkv giving its shape");
+    }
+    split_kv_ok(q, a.k, a.v, a.kv.defined() ? a.kv : a.dkv, a.k_pe, a.out, a.causal, a.q_offset, op);
     REQ(!present(a.dk) && !present(a.dv), op, "dk and dv must be absent in the split form (dkv and dk_pe)");
-    if (present(a.dkv)) same_shape(a.dkv, a.kv, op, "dkv", "kv");
+    if (present(a.dkv) && a.kv.defined()) same_shape(a.dkv, a.kv, op, "dkv", "kv");
     if (present(a.dk_pe)) same_shape(a.dk_pe, a.k_pe, op, "dk_pe", "k_pe");
   } else {
     f32(a.k, op, "k");
     f32(a.v, op, "v");
-    attn_batch(a.q, a.k, a.v, a.out, op);
-    attn_mask_ok(a.q, a.k, a.causal, a.q_offset, op);
+    attn_batch(q, a.k, a.v, a.out, op);
+    attn_mask_ok(q, a.k, a.causal, a.q_offset, op);
     REQ(!present(a.dkv) && !present(a.dk_pe), op, "dkv and dk_pe need the split form (kv and k_pe)");
     if (present(a.dk)) same_shape(a.dk, a.k, op, "dk", "k");
     if (present(a.dv)) same_shape(a.dv, a.v, op, "dv", "v");
   }
-  lse_ok(a.lse, a.q, op);
+  lse_ok(a.lse, q, op);
   same_shape(a.dout, a.out, op, "dout", "out");
-  if (present(a.dq)) same_shape(a.dq, a.q, op, "dq", "q");
+  if (present(a.dq) && a.q.defined()) same_shape(a.dq, a.q, op, "dq", "q");
   for (auto [t, n] : {std::pair{&a.dq, "dq"}, {&a.dk, "dk"}, {&a.dv, "dv"}, {&a.dk_pe, "dk_pe"}})
     if (present(*t)) f32(*t, op, n);
   if (present(a.dkv)) f32_or_bf16(a.dkv, true, op, "dkv");
@@ -356,6 +371,11 @@ SplitKv materialize_split_kv(Backend& be, const Tensor& q, const Tensor& kv, con
 }
 }  // namespace
 
+void require_operands(const AttentionBackwardArgs& a) {
+  REQ(a.q.defined() && (a.kv.defined() || !a.k_pe.defined()), "attention_backward", a.q.defined() ? "kv" : "q",
+      " is missing and this path cannot read the kept operands in its place (the forward's kernels can)");
+}
+
 void attention_split_kv(Backend& be, const AttentionArgs& a) {
   REQ(a.kv.defined() || a.k_pe.defined(), "attention", "attention_split_kv needs the split form (kv and k_pe)");
   validate(a);
@@ -364,6 +384,7 @@ void attention_split_kv(Backend& be, const AttentionArgs& a) {
   p.k = s.k;
   p.v = s.v;
   p.kv = p.k_pe = Tensor();
+  p.keep = nullptr;  // the composed backward reads q and kv, not what the plain form would keep
   be.attention(p);
 }
 
@@ -371,6 +392,7 @@ void attention_backward_split_kv(Backend& be, const AttentionBackwardArgs& a) {
   REQ(a.kv.defined() || a.k_pe.defined(), "attention_backward",
       "attention_backward_split_kv needs the split form (kv and k_pe)");
   validate(a);
+  require_operands(a);
   SplitKv s = materialize_split_kv(be, a.q, a.kv, a.k_pe, a.out);
   AttentionBackwardArgs p = a;
   p.k = s.k;

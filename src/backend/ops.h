@@ -187,6 +187,10 @@ struct AttentionArgs {
   bool causal = true;
   int64_t q_offset = 0;
   Tensor kv, k_pe;  // the split form, F32 (above)
+  // Optional out: a backend may leave here what its backward reads in place of q, k and v (or kv
+  // and k_pe); opaque to the caller, who hands it back as AttentionBackwardArgs::kept. The CUDA BF16
+  // kernels leave their BF16 heads of Q, K and V (the roundings the backward would repeat).
+  Tensor* keep = nullptr;
 };
 // dq, dk, dv overwritten (each optional). Uses out and lse from the forward. In the split form
 // dkv (as kv: dk's first Dn columns, then dv) and dk_pe (as k_pe: dk's last Dr columns summed over
@@ -199,7 +203,12 @@ struct AttentionBackwardArgs {
   int64_t q_offset = 0;
   Tensor kv, k_pe, dkv, dk_pe;  // the split form and its gradients (each optional; F32, or dkv BF16:
                                 // its F32 values rounded to nearest even, what a BF16 linear reads)
+  // What the forward left in *keep, or undefined. With it q and the split form's kv may be absent
+  // (dq and dkv, then required, give their shapes): only the backend that kept it can run that.
+  Tensor kept{};  // (braced: the positional initializers in use may leave it out)
 };
+// Refuses (naming it) a q or kv left out for kept operands: for the paths that cannot read them.
+void require_operands(const AttentionBackwardArgs& a);
 // The split form through the plain op: k and v materialized by copy_cols, then be.attention; the
 // backward assembles dkv and dk_pe from dk and dv (copy_cols, the heads summed in order 0..H-1).
 // Args validated here.

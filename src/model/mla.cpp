@@ -108,7 +108,12 @@ void mla_forward(Backend& be, const ModelDims& d, const MlaParams& p, const Rope
   at.lse = a.lse;
   at.scale = d.softmax_scale;
   at.causal = true;
+  a.kept = Tensor();
+  at.keep = &a.kept;
   be.attention(at);
+  // The backward reads the kept operands in q's and kv's place (the CUDA BF16 kernels' BF16 heads:
+  // 0.57 of q's and kv's bytes at V3's and bench-0.7b's widths), so they need not outlive the forward.
+  if (a.kept.defined()) a.q = a.kv = Tensor();
 
   a.out = be.alloc(DType::F32, {N, d.H});
   linear_forward(be, p.o_proj, a.attn.reshape({N, nh * d.vd}), a.out, false, &a.attn_fp8);  // [N, H]
@@ -170,8 +175,9 @@ void mla_backward(Backend& be, const ModelDims& d, const MlaParams& p, const Mla
   Tensor dkv = be.alloc(dkv_bf16 ? DType::BF16 : DType::F32, {N, nh, d.nope + d.vd});
   Tensor dk_pe = be.alloc(DType::F32, {N, d.rope});
   AttentionBackwardArgs at;
-  at.q = a.q.reshape({B, T, nh, d.qk});
-  at.kv = a.kv.reshape({B, T, nh, d.nope + d.vd});
+  if (a.q.defined()) at.q = a.q.reshape({B, T, nh, d.qk});
+  if (a.kv.defined()) at.kv = a.kv.reshape({B, T, nh, d.nope + d.vd});
+  at.kept = a.kept;
   at.k_pe = a.k_pe.reshape({B, T, 1, d.rope});
   at.out = a.attn.reshape({B, T, nh, d.vd});
   at.lse = a.lse;

@@ -89,12 +89,14 @@ struct MlaActs {
   Tensor q_a;       // [N, q_lora]      q_a_proj(x)                      (q_lora_rank set)
   Tensor q_a_rstd;  // [N]
   Tensor q_a_n;     // [N, q_lora]      q_a_layernorm(q_a)
-  Tensor q;         // [N, nh, qk]      [q_nope ; rope(q_pe)] per head
+  Tensor q;         // [N, nh, qk]      [q_nope ; rope(q_pe)] per head (released as kv, below)
   Tensor kv_a;      // [N, kv_lora + rope]  kv_a_proj_with_mqa(x), unrotated
   Tensor c_kv_rstd; // [N]
   Tensor c_kv_n;    // [N, kv_lora]     kv_a_layernorm(c_kv)     (the latent a cache stores)
   Tensor k_pe;      // [N, rope]        rope(k_pe), shared by all heads (the other cached part)
-  Tensor kv;        // [N, nh, nope + v] kv_b_proj(c_kv_n): [k_nope ; v] per head (keys k_nope ; k_pe)
+  Tensor kv;        // [N, nh, nope + v] kv_b_proj(c_kv_n): [k_nope ; v] per head (keys k_nope ; k_pe);
+                    // released after the forward where the attention kept its operands
+  Tensor kept;      // the attention's own copy of q, k, v for its backward (AttentionArgs::keep), or empty
   Tensor attn;      // [N, nh, v]       softmax(q·kᵀ·scale)·v
   Tensor lse;       // [B, nh, T]
   Tensor out;       // [N, H]           o_proj(attn)

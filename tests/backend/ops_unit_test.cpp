@@ -211,6 +211,23 @@ TEST(Attention, SplitFormRules) {
   g.dk = Tensor();
   g.dkv = z({3, 2, 8});
   refused([&] { cpu().attention_backward(g); }, "differ in shape");
+  // q and kv may be absent only where the forward's kept operands stand for them, dq and dkv giving
+  // their shapes, and only the backend that kept them can read them.
+  g.kv = Tensor();
+  g.dkv = z({3, 2, 9});
+  refused([&] { cpu().attention_backward(g); }, "kv is missing");
+  g.kept = z({4});
+  g.dkv = Tensor();
+  refused([&] { cpu().attention_backward(g); }, "kv is missing");
+  g.dkv = z({3, 2, 9});
+  refused([&] { cpu().attention_backward(g); }, "kv is missing and this path cannot read the kept");
+  g.kv = a.kv, g.q = Tensor();
+  refused([&] { cpu().attention_backward(g); }, "q is missing: only");
+  g.dq = z({3, 2, 6});
+  refused([&] { cpu().attention_backward(g); }, "q is missing and this path cannot read the kept");
+  g.kept = Tensor();
+  refused([&] { cpu().attention_backward(g); }, "q is missing: only");
+  g.q = a.q, g.dq = g.dkv = Tensor();
   AttentionBackwardArgs plain;
   plain.q = a.q, plain.k = z({3, 2, 6}), plain.v = z({3, 2, 5}), plain.out = a.out, plain.lse = g.lse;
   plain.dout = g.dout, plain.dkv = z({3, 2, 9});

@@ -5,7 +5,8 @@
 // within kBf16 of the CPU backend's split form. Shapes: bench-0.7b's heads (128 + 64, v 128) with a
 // batch dim, a chunked causal one (q_offset, S > T), a non-causal one, a narrow one (16 + 16, v 32:
 // the 64-wide kernels), and one the in-place path declines (Dn not a multiple of 8), which
-// composes; some outputs only, dQ by either path, and a misaligned k_pe (composed).
+// composes; some outputs only, dQ by either path, and a misaligned k_pe (composed). The forward's
+// kept operands standing for q and kv in the backward.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -48,12 +49,14 @@ Inputs make_inputs(const SplitShape& c, uint64_t seed) {
 struct Results {
   Tensor out, lse, dq, dkv, dk_pe;  // host copies
   std::string damaged;
+  bool kept = false;  // the forward filled AttentionArgs::keep (the backward then ran without kv, and q)
 };
 
 // Which of the backward's outputs a run asks for, k_pe placed off 16-byte alignment (the in-place
 // path declines it), and dkv in BF16 (MLA's BF16 mode).
 struct Ask {
   bool dq = true, dkv = true, dk_pe = true, misaligned_k_pe = false, dkv_bf16 = false;
+  bool keep = false;  // the forward keeps its operands (AttentionArgs::keep); the backward gets them, not q, kv
 };
 
 // A device copy of host x one float into its buffer: 4 bytes off 16-byte alignment.
@@ -78,9 +81,15 @@ Results run_split(Backend& be, const SplitShape& c, const Inputs& in, const Ask&
   f.scale = in.scale;
   f.causal = c.causal;
   f.q_offset = c.q_off;
+  Tensor kept;
+  if (ask.keep) f.keep = &kept;
   be.attention(f);
   AttentionBackwardArgs b;
   b.q = f.q, b.kv = f.kv, b.k_pe = f.k_pe, b.out = f.out, b.lse = f.lse;
+  if (kept.defined()) {  // the kept operands stand for kv, and for q where dq gives its shape
+    b.kept = kept, b.kv = Tensor();
+    if (ask.dq) b.q = Tensor();
+  }
   b.dout = be.to_device(in.dout);
   if (ask.dq) b.dq = g.out(DType::F32, dims(c, c.t, c.h, dqk));
   if (ask.dkv) b.dkv = g.out(ask.dkv_bf16 ? DType::BF16 : DType::F32, dims(c, c.s, c.h, c.dn + c.dv));
@@ -90,7 +99,7 @@ Results run_split(Backend& be, const SplitShape& c, const Inputs& in, const Ask&
   b.q_offset = c.q_off;
   be.attention_backward(b);
   auto host = [&](const Tensor& t) { return present(t) ? be.to_host(t) : Tensor(); };
-  return {be.to_host(f.out), be.to_host(f.lse), host(b.dq), host(b.dkv), host(b.dk_pe), g.damaged()};
+  return {be.to_host(f.out), be.to_host(f.lse), host(b.dq), host(b.dkv), host(b.dk_pe), g.damaged(), kept.defined()};
 }
 
 // The same through k and v, with dkv and dk_pe assembled on the host (dk_pe summed over the heads
@@ -239,6 +248,84 @@ void check_bf16_dkv(const SplitShape& c, uint64_t seed, bool in_place) {
     expect_same_bits(got.dkv.to(DType::F32), f32.dkv.to(DType::BF16).to(DType::F32), at + " dkv");
     expect_same_bits(got.dq, f32.dq, at + " dq");
     expect_same_bits(got.dk_pe, f32.dk_pe, at + " dk_pe");
+  }
+}
+
+// The forward's kept operands (AttentionArgs::keep) in q's and kv's place: the in-place kernels
+// keep their BF16 heads of Q, K and V (the wgmma forward writes out the Q tiles it rounds, the
+// mma.sync path rounds them apart) and the backward reads them, so every output is bit for bit the
+// run's without them (dkv F32 and BF16, some outputs only: without dq, q stays); where the split
+// declines nothing is kept and q and kv stay.
+void check_kept(const SplitShape& c, uint64_t seed, bool in_place) {
+  ASSERT_GT(cuda_device_count(), 0);
+  const Inputs in = make_inputs(c, seed);
+  Ask some;
+  some.dq = some.dk_pe = false;
+  for (bool wgmma : {true, false})
+    for (Ask ask : {Ask{}, some}) {
+      ask.dkv_bf16 = !ask.dq;
+      const Bf16Scope scope(wgmma);
+      const std::string at = cat(wgmma ? "wgmma" : "mma.sync", ask.dq ? "" : ", dkv alone in BF16");
+      const Results base = run_split(cuda_backend(), c, in, ask);
+      ask.keep = true;
+      const Results got = run_split(cuda_backend(), c, in, ask);
+      EXPECT_EQ(got.kept, in_place) << at;
+      EXPECT_EQ(got.damaged, "") << at;
+      expect_same_bits(got.out, base.out, at + " out");
+      expect_same_bits(got.lse, base.lse, at + " lse");
+      if (ask.dq) expect_same_bits(got.dq, base.dq, at + " dq");
+      if (ask.dk_pe) expect_same_bits(got.dk_pe, base.dk_pe, at + " dk_pe");
+      expect_same_bits(got.dkv.to(DType::F32), base.dkv.to(DType::F32), at + " dkv");
+    }
+}
+
+TEST(CudaAttnSplit, KeptHeadsBatched) { check_kept({2, 130, 130, 4, 128, 64, 128, 0}, 69, true); }
+TEST(CudaAttnSplit, KeptHeadsChunkedCausal) { check_kept({1, 70, 150, 3, 128, 64, 128, 80}, 70, true); }
+TEST(CudaAttnSplit, KeptHeadsNarrow) { check_kept({0, 100, 100, 4, 16, 16, 32, 0}, 71, true); }
+TEST(CudaAttnSplit, KeptHeadsNotWhereComposed) { check_kept({0, 64, 64, 2, 12, 4, 16, 0}, 72, false); }
+
+// Kept operands send the backward to the BF16 kernels whatever cuda_set_attention_bf16 says by then
+// (the FP32 kernels could not read them), with the same bits; kept operands of another size or type
+// are refused by name.
+TEST(CudaAttnSplit, KeptHeadsChecked) {
+  ASSERT_GT(cuda_device_count(), 0);
+  const SplitShape c{1, 64, 64, 2, 128, 64, 128, 0};
+  const Inputs in = make_inputs(c, 73);
+  Backend& be = cuda_backend();
+  AttentionArgs f;
+  f.q = be.to_device(in.q), f.kv = be.to_device(in.kv), f.k_pe = be.to_device(in.k_pe);
+  f.out = be.alloc(DType::F32, dims(c, c.t, c.h, c.dv));
+  f.lse = be.alloc(DType::F32, {c.b, c.h, c.t});
+  f.scale = in.scale;
+  Tensor kept;
+  {
+    const Bf16Scope scope(true);
+    f.keep = &kept;
+    be.attention(f);
+  }
+  ASSERT_TRUE(kept.defined());
+  AttentionBackwardArgs b;
+  b.k_pe = f.k_pe, b.out = f.out, b.lse = f.lse, b.scale = in.scale;
+  b.dout = be.to_device(in.dout);
+  b.dq = be.alloc(DType::F32, in.q.shape());
+  b.dkv = be.alloc(DType::F32, in.kv.shape());
+  b.kept = kept;
+  be.attention_backward(b);  // the FP32 setting, yet the kept operands' kernels
+  const Tensor dq = be.to_host(b.dq), dkv = be.to_host(b.dkv);
+  const Results base = [&] {
+    const Bf16Scope scope(true);
+    return run_split(be, c, in);
+  }();
+  expect_same_bits(dq, base.dq, "dq from kept operands under the FP32 setting");
+  expect_same_bits(dkv, base.dkv, "dkv from kept operands under the FP32 setting");
+  for (const Tensor& bad : {kept.rows(0, kept.numel() - 8), be.alloc(DType::F32, kept.shape())}) {
+    b.kept = bad;
+    try {
+      be.attention_backward(b);
+      ADD_FAILURE() << "accepted kept " << bad.shape().str();
+    } catch (const InternalError& e) {
+      EXPECT_NE(std::string(e.what()).find("is not what this forward keeps"), std::string::npos) << e.what();
+    }
   }
 }
 

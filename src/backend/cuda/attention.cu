@@ -6,7 +6,8 @@
 // deterministic). Head dims that are multiples of 8 up to qk 256 / v 128 (MLA's 192 / 128 and
 // every training shape) take the tiled kernels below; others (the absorbed 576/512) the per-row ones.
 // With cuda_set_attention_bf16(true) (BF16/FP8 training), shapes it supports go to the BF16
-// tensor-core kernels of attention_bf16.cu instead.
+// tensor-core kernels of attention_bf16.cu instead (and a backward given their kept operands always
+// does).
 #include "backend/cuda/attention_bf16.h"
 #include "backend/cuda/common.cuh"
 
@@ -510,10 +511,14 @@ void CudaBackend::attention(const AttentionArgs& a) {
 
 void CudaBackend::attention_backward(const AttentionBackwardArgs& a) {
   validate(a);
-  const bool split = a.kv.defined();  // validated: the split form
-  Dims d = split ? dims_of(a.q, a.kv, a.out) : dims_of(a.q, a.k, a.v);
+  const bool split = a.kv.defined() || a.k_pe.defined();  // validated: the split form
+  // q and kv may be absent where the forward kept its operands; dq and dkv have their shapes then.
+  const Tensor& q = a.q.defined() ? a.q : a.dq;
+  Dims d = split ? dims_of(q, a.kv.defined() ? a.kv : a.dkv, a.out) : dims_of(q, a.k, a.v);
   if (d.b * d.h == 0) return;
-  if (cuda_attention_bf16() && cuda_attention_bf16_backward(a)) return;
+  // Kept operands come from the BF16 kernels' forward: its backward reads them, whatever the setting now.
+  if ((cuda_attention_bf16() || a.kept.defined()) && cuda_attention_bf16_backward(a)) return;
+  require_operands(a);
   if (split) return attention_backward_split_kv(*this, a);
   Scratch dsum(size_t(std::max<int64_t>(d.b * d.h * d.t, 1)) * 4);
   if (tiled_ok(d)) {

@@ -2,7 +2,10 @@
 // forward and dk/dv by default on wgmma, attention_bf16_wgmma.cu, the same scheme and roundings).
 // A prep pass rounds q, k, v (and dout) to BF16 (RNE) into per-head [B·H, Tp, Dp] copies, rows
 // padded to a multiple of 64 and head dims to the kernel's template width with zeros, so every
-// tile load is an unconditional cp.async and zero columns add nothing to the dot products.
+// tile load is an unconditional cp.async and zero columns add nothing to the dot products. Where
+// AttentionArgs::keep asks, the forward's K and V heads and its Q (the wgmma kernel writes out the
+// tiles it rounds) stay for the backward, which reads them from AttentionBackwardArgs::kept instead
+// of rounding q, k and v again (MLA then frees its F32 q and kv after the forward).
 //   forward: CTA = 4 warps × 16 queries; K/V tiles of 64 keys double-buffered by cp.async; Q kept
 //            in registers as MMA A fragments; S = Q·Kᵀ, online softmax in FP32 registers (exp2 with
 //            the scale folded in), P rounded to BF16 straight from the accumulator layout for P·V.
@@ -22,6 +25,7 @@
 #include "backend/cuda/attention_bf16_tile.cuh"
 #include "backend/cuda/attention_bf16_wgmma.h"
 #include "backend/cuda/common.cuh"
+#include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/lt_gemm.h"
 #include "backend/cuda/mma.cuh"
 
@@ -526,25 +530,53 @@ HeadCols rows_of_heads(const Tensor& x, const Dims& d, int64_t width) {
   return {x.data<float>(), d.h * width, width, int(width)};
 }
 
+// The BF16 operands the forward rounds and the backward reads, in one tensor: K [B·H, Sp, DQK], V
+// [B·H, Sp, DV], Q [B·H, Tp, DQK] (S and T padded to kRowPad; padding rows and columns zero). The
+// forward leaves them in *keep where asked (then q and kv need not outlive it); the backward reads
+// them from kept, or rounds its own.
+int64_t operand_elems(const Dims& d, int64_t sp, int64_t tp, int dqk, int dv) {
+  return d.b * d.h * (sp * (dqk + dv) + tp * dqk);
+}
+struct Operands {
+  std::optional<Scratch> scratch;
+  bf16_t *k = nullptr, *v = nullptr, *q = nullptr;
+  void at(bf16_t* base, const Dims& d, int64_t sp, int dqk, int dv) {
+    k = base, v = k + d.b * d.h * sp * dqk, q = v + d.b * d.h * sp * dv;
+  }
+  // In scratch: K and V, and Q where with_q.
+  void in_scratch(const Dims& d, int64_t sp, int64_t tp, int dqk, int dv, bool with_q) {
+    scratch.emplace(size_t(operand_elems(d, sp, with_q ? tp : 0, dqk, dv)) * 2);
+    at(scratch->as<bf16_t>(), d, sp, dqk, dv);
+    if (!with_q) q = nullptr;
+  }
+};
+
 template <int DQK, int DV>
 void run_fwd(const AttentionArgs& a, const Dims& d) {
   const int64_t tp = round_up(d.t, kRowPad), sp = round_up(std::max<int64_t>(d.s, 1), kRowPad);
-  Scratch kb(size_t(d.b * d.h * sp * DQK) * 2), vb(size_t(d.b * d.h * sp * DV) * 2);
+  Operands kv;
+  if (a.keep) {
+    *a.keep = cuda_backend().alloc(DType::BF16, Shape{operand_elems(d, sp, tp, DQK, DV)});
+    kv.at(ptr<bf16_t>(*a.keep), d, sp, DQK, DV);
+  } else {
+    kv.in_scratch(d, sp, tp, DQK, DV, false);
+  }
   const KvSource src = kv_source(a.k, a.v, a.kv, a.k_pe, d);
-  convert(src.k0, src.k1, d, d.s, sp, DQK, kb.as<bf16_t>());
-  convert(src.v, {}, d, d.s, sp, DV, vb.as<bf16_t>());
+  convert(src.k0, src.k1, d, d.s, sp, DQK, kv.k);
+  convert(src.v, {}, d, d.s, sp, DV, kv.v);
   if (g_wgmma.load() && d.s > 0) {  // (no keys: the mma.sync kernel writes the empty rows)
-    attention_bf16_forward_wgmma({a.q.data<float>(), kb.as<bf16_t>(), vb.as<bf16_t>(), ptr<float>(a.out),
+    attention_bf16_forward_wgmma({a.q.data<float>(), kv.k, kv.v, ptr<float>(a.out),
                                   present(a.lse) ? ptr<float>(a.lse) : nullptr, d.b, d.t, d.s, d.h, d.dqk, d.dv, sp,
-                                  a.scale, a.causal, a.q_offset},
+                                  a.scale, a.causal, a.q_offset, kv.q, tp},
                                  DQK, DV);
     ++g_wgmma_calls;
     return;
   }
+  if (kv.q) convert(rows_of_heads(a.q, d, d.dqk), {}, d, d.t, tp, DQK, kv.q);  // (the wgmma kernel's own)
   const size_t smem = size_t(kFwdM * (DQK + kPad) + 2 * kFwdN * (DQK + kPad) + 2 * kFwdN * (DV + kPad)) * 2;
   allow_smem(fwd_kernel<DQK, DV>, smem);
   fwd_kernel<DQK, DV><<<dim3(unsigned(tp / kFwdM), unsigned(d.h), unsigned(d.b)), kThreads, smem>>>(
-      a.q.data<float>(), kb.as<bf16_t>(), vb.as<bf16_t>(), ptr<float>(a.out),
+      a.q.data<float>(), kv.k, kv.v, ptr<float>(a.out),
       present(a.lse) ? ptr<float>(a.lse) : nullptr, d, sp, a.scale, a.causal, a.q_offset);
   check_launch("attention_bf16 (forward)");
 }
@@ -552,13 +584,22 @@ void run_fwd(const AttentionArgs& a, const Dims& d) {
 template <int DQK, int DV>
 void run_bwd(const AttentionBackwardArgs& a, const Dims& d) {
   const int64_t tp = round_up(std::max<int64_t>(d.t, 1), kRowPad), sp = round_up(std::max<int64_t>(d.s, 1), kRowPad);
-  Scratch qb(size_t(d.b * d.h * tp * DQK) * 2), kb(size_t(d.b * d.h * sp * DQK) * 2),
-      vb(size_t(d.b * d.h * sp * DV) * 2), db(size_t(d.b * d.h * tp * DV) * 2), dsum(size_t(d.b * d.h * tp) * 4),
-      lse2(size_t(d.b * d.h * tp) * 4);
-  const KvSource src = kv_source(a.k, a.v, a.kv, a.k_pe, d);
-  convert(rows_of_heads(a.q, d, d.dqk), {}, d, d.t, tp, DQK, qb.as<bf16_t>());
-  convert(src.k0, src.k1, d, d.s, sp, DQK, kb.as<bf16_t>());
-  convert(src.v, {}, d, d.s, sp, DV, vb.as<bf16_t>());
+  Scratch db(size_t(d.b * d.h * tp * DV) * 2), dsum(size_t(d.b * d.h * tp) * 4), lse2(size_t(d.b * d.h * tp) * 4);
+  Operands kv;
+  if (a.kept.defined()) {
+    const int64_t n = operand_elems(d, sp, tp, DQK, DV);
+    DSV3_CHECK(a.kept.device() == Device::CUDA && a.kept.dtype() == DType::BF16 && a.kept.numel() == n,
+               "attention_backward: kept ", dtype_name(a.kept.dtype()), a.kept.shape().str(),
+               " is not what this forward keeps for ", d.b, " x ", d.h, " heads of ", d.t, " queries and ", d.s,
+               " keys (", n, " BF16 elements on CUDA)");
+    kv.at(ptr<bf16_t>(a.kept), d, sp, DQK, DV);
+  } else {
+    kv.in_scratch(d, sp, tp, DQK, DV, true);
+    const KvSource src = kv_source(a.k, a.v, a.kv, a.k_pe, d);
+    convert(rows_of_heads(a.q, d, d.dqk), {}, d, d.t, tp, DQK, kv.q);
+    convert(src.k0, src.k1, d, d.s, sp, DQK, kv.k);
+    convert(src.v, {}, d, d.s, sp, DV, kv.v);
+  }
   bwd_prep<<<dim3(unsigned(tp / 8), unsigned(d.h), unsigned(d.b)), 256>>>(
       a.dout.data<float>(), a.out.data<float>(), a.lse.data<float>(), db.as<bf16_t>(), dsum.as<float>(),
       lse2.as<float>(), int(d.t), int(d.h), int(d.dv), int(tp), DV);
@@ -574,8 +615,9 @@ void run_bwd(const AttentionBackwardArgs& a, const Dims& d) {
   // into part for sum_heads.
   AttnDkvOut o;
   std::optional<Scratch> part;
-  const int64_t dn = a.kv.defined() ? a.kv.dim(-1) - d.dv : d.dqk, dr = d.dqk - dn;
-  if (a.kv.defined()) {
+  const bool split = a.kv.defined() || a.k_pe.defined();
+  const int64_t dn = split ? (a.kv.defined() ? a.kv : a.dkv).dim(-1) - d.dv : d.dqk, dr = d.dqk - dn;
+  if (split) {
     o.dk_split = int(dn);
     if (present(a.dkv)) {
       if (a.dkv.dtype() == DType::BF16) o.dk_b = ptr<bf16_t>(a.dkv), o.dv_b = o.dk_b + dn;
@@ -594,7 +636,7 @@ void run_bwd(const AttentionBackwardArgs& a, const Dims& d) {
   if ((o.dk || o.dk_b || o.dk2 || o.dv || o.dv_b || dq_matmul) && d.s > 0) {
     bf16_t* dst = dq_matmul ? ds->as<bf16_t>() : nullptr;
     if (g_wgmma.load()) {
-      attention_bf16_dkv_wgmma({qb.as<bf16_t>(), kb.as<bf16_t>(), vb.as<bf16_t>(), db.as<bf16_t>(), lse2.as<float>(),
+      attention_bf16_dkv_wgmma({kv.q, kv.k, kv.v, db.as<bf16_t>(), lse2.as<float>(),
                                 dsum.as<float>(), o, dst, dq_rows, d.b, d.t, d.s, d.h, d.dqk, d.dv, tp, sp,
                                 a.scale, a.causal, a.q_offset},
                                DQK, DV);
@@ -604,8 +646,8 @@ void run_bwd(const AttentionBackwardArgs& a, const Dims& d) {
                                  2 * kKvM * (DV + kPad)) * 2 + 4 * kKvM * 4;
       allow_smem(dkv_kernel<DQK, DV>, smem);
       dkv_kernel<DQK, DV><<<dim3(unsigned(sp / kKvN), unsigned(d.h), unsigned(d.b)), kThreads, smem>>>(
-          qb.as<bf16_t>(), kb.as<bf16_t>(), vb.as<bf16_t>(), db.as<bf16_t>(), lse2.as<float>(), dsum.as<float>(), o,
-          dst, dq_rows, d, tp, sp, a.scale, a.causal, a.q_offset);
+          kv.q, kv.k, kv.v, db.as<bf16_t>(), lse2.as<float>(), dsum.as<float>(), o, dst, dq_rows, d, tp,
+          sp, a.scale, a.causal, a.q_offset);
       check_launch("attention_bf16 (dk, dv)");
     }
   }
@@ -621,7 +663,7 @@ void run_bwd(const AttentionBackwardArgs& a, const Dims& d) {
       for (int64_t r0 = 0; r0 < d.t; r0 += dq_rows) {
         const int64_t r1 = std::min(d.t, r0 + dq_rows), keys = a.causal ? std::min(sp, r1 + a.q_offset) : sp;
         LtMatmul g = lt_row_major(true, false, r1 - r0, d.dqk, keys, ds->as<bf16_t>() + b * d.h * sp * tp + r0, tp,
-                                  kb.as<bf16_t>() + b * d.h * sp * DQK, DQK,
+                                  kv.k + b * d.h * sp * DQK, DQK,
                                   ptr<float>(a.dq) + (b * d.t + r0) * d.h * d.dqk, d.h * d.dqk, false);
         g.alpha = a.scale;
         g.batch = d.h;
@@ -636,8 +678,8 @@ void run_bwd(const AttentionBackwardArgs& a, const Dims& d) {
                                2 * kDqN * (DV + kPad)) * 2;
     allow_smem(dq_kernel<DQK, DV>, smem);
     dq_kernel<DQK, DV><<<dim3(unsigned(tp / kDqM), unsigned(d.h), unsigned(d.b)), kThreads, smem>>>(
-        qb.as<bf16_t>(), kb.as<bf16_t>(), vb.as<bf16_t>(), db.as<bf16_t>(), lse2.as<float>(), dsum.as<float>(),
-        ptr<float>(a.dq), d, tp, sp, a.scale, a.causal, a.q_offset);
+        kv.q, kv.k, kv.v, db.as<bf16_t>(), lse2.as<float>(), dsum.as<float>(), ptr<float>(a.dq), d, tp,
+        sp, a.scale, a.causal, a.q_offset);
     check_launch("attention_bf16 (dq)");
   }
 }
@@ -691,11 +733,15 @@ bool cuda_attention_bf16_forward(const AttentionArgs& a) {
 }
 
 bool cuda_attention_bf16_backward(const AttentionBackwardArgs& a) {
-  const Dims d = a.kv.defined() ? dims_of(a.q, a.kv, a.out) : dims_of(a.q, a.k, a.v);
+  // Shapes from q and kv, or from dq and dkv where the kept operands stand for them (validated).
+  const bool split = a.kv.defined() || a.k_pe.defined();
+  const Tensor& kv = a.kv.defined() ? a.kv : a.dkv;
+  const Tensor& q = a.q.defined() ? a.q : a.dq;
+  const Dims d = split ? dims_of(q, kv, a.out) : dims_of(q, a.k, a.v);
   if (!cuda_attention_bf16_supported(d.dqk, d.dv) || !aligned(a.q) || !aligned(a.k) || !aligned(a.v) ||
-      !aligned(a.dout) || !aligned(a.out) || !split_ok(a.kv, a.k_pe, d) || !aligned(a.dkv) || !aligned(a.dk_pe))
+      !aligned(a.dout) || !aligned(a.out) || !split_ok(kv, a.k_pe, d) || !aligned(a.dkv) || !aligned(a.dk_pe))
     return false;
-  if (a.kv.defined()) ++g_split_calls;
+  if (split) ++g_split_calls;
   if (d.b * d.h == 0) return true;
   const Width w = width_for(d.dqk, d.dv);
   if (w.dqk == 64) run_bwd<64, 64>(a, d);

@@ -85,7 +85,8 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_wgmma_kernel(const AttnFwdArg
     cp_async_commit();
   };
   if (ntiles > 0) load_kv(0, 0);
-  // Q once per CTA, straight from the F32 tensor, rounded here; rows past T and columns past dqk zero.
+  // Q once per CTA, straight from the F32 tensor, rounded here; rows past T and columns past dqk zero
+  // (and kept for the backward where asked: the grid's rows cover tp).
   {
     constexpr int chunks = DQK / 8;
     const float* qg = a.q + blockIdx.y * a.dqk;
@@ -97,8 +98,9 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_wgmma_kernel(const AttnFwdArg
         x = *reinterpret_cast<const float4*>(p);
         y = *reinterpret_cast<const float4*>(p + 4);
       }
-      *reinterpret_cast<uint4*>(qs + (c >> 3) * (kM * 128) + wgmma::sw(r, c & 7)) =
-          make_uint4(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w), pack_bf16(y.x, y.y), pack_bf16(y.z, y.w));
+      const uint4 v = make_uint4(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w), pack_bf16(y.x, y.y), pack_bf16(y.z, y.w));
+      *reinterpret_cast<uint4*>(qs + (c >> 3) * (kM * 128) + wgmma::sw(r, c & 7)) = v;
+      if (a.q_keep && q0 + r < a.tp) *reinterpret_cast<uint4*>(a.q_keep + (bh * a.tp + q0 + r) * DQK + c * 8) = v;
     }
   }
 

@@ -18,6 +18,10 @@ struct AttnFwdArgs {
   float scale;
   bool causal;
   int64_t q_off;
+  // Where given, the BF16 Q this kernel rounds goes out too, as [B·H, tp, DQK] (rows past T and
+  // columns past dqk zero, tp a multiple of 64): the backward's operand, kept.
+  __nv_bfloat16* q_keep = nullptr;
+  int64_t tp = 0;
 };
 
 // Two warpgroups of 64 query rows per CTA over 64-key tiles, one tile's P·V beside the next one's
