@@ -63,7 +63,8 @@ void set_precision(const std::string& prec) {
   cuda_set_attention_bf16(prec != "fp32");
 }
 
-// The attention core alone at the model's shape (MLA heads: qk 192, v 128), forward and backward.
+// The attention core alone at the model's shape (MLA heads: qk 192, v 128), forward and backward,
+// the backward reading the forward's kept operands as in a training step.
 std::pair<double, double> time_attention(CudaBackend& be, const ModelConfig& cfg, int64_t B, int64_t T) {
   const int64_t H = cfg.num_attention_heads, dq = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, dv = cfg.v_head_dim;
   Tensor q = be.alloc(DType::F32, {B, T, H, dq}), k = be.alloc(DType::F32, {B, T, H, dq});
@@ -79,6 +80,8 @@ std::pair<double, double> time_attention(CudaBackend& be, const ModelConfig& cfg
   fa.lse = lse;
   fa.scale = 0.07f;
   fa.causal = true;
+  Tensor kept;
+  fa.keep = &kept;
   AttentionBackwardArgs ba;
   ba.q = q;
   ba.k = k;
@@ -92,12 +95,14 @@ std::pair<double, double> time_attention(CudaBackend& be, const ModelConfig& cfg
   ba.scale = 0.07f;
   ba.causal = true;
   be.attention(fa);
+  ba.kept = kept;
   be.attention_backward(ba);
   be.synchronize();
   auto a0 = Clock::now();
   be.attention(fa);
   be.synchronize();
   auto a1 = Clock::now();
+  ba.kept = kept;
   be.attention_backward(ba);
   be.synchronize();
   return {secs(a0, a1), secs(a1, Clock::now())};
@@ -157,8 +162,8 @@ struct Run {
   std::string precision;
   double step_s = 0, tok_s = 0, tflops = 0, loss = 0;
   double ph[4] = {0, 0, 0, 0};  // forward, loss, backward, optimizer (which rewrites the BF16 copies)
-  double attn_f = 0, attn_b = 0, linear_s = 0, lm_head_s = 0, mem_gib = 0, peak_gib = 0, host_s = 0,
-         blocking = 0;
+  double attn_f = 0, attn_b = 0, linear_s = 0, lm_head_s = 0, mem_gib = 0, peak_gib = 0, held_gib = 0,
+         host_s = 0, blocking = 0;
   double layers_f = 0, layers_b = 0;  // every decoder layer, synchronised one by one
   int lanes = 0;                      // lane streams of the timed steps (0: none)
   double step_s_no_lanes = 0;         // the same steps with lanes off
@@ -311,7 +316,9 @@ Run measure(CudaBackend& be, const ModelConfig& cfg, const Weights& host, const 
   }
   r.step_s = secs(t0, Clock::now()) / steps;
   r.tok_s = double(B * T) / r.step_s;
-  r.peak_gib = double(cuda_memory_stats().peak) / double(1ull << 30);
+  const CudaMemoryStats ms = cuda_memory_stats();
+  r.peak_gib = double(ms.peak) / double(1ull << 30);
+  r.held_gib = double(ms.reserved) / double(1ull << 30);
   // The same timed steps (after one untimed) with a setting changed, then restored: what it saves.
   auto steps_with = [&](const std::function<void()>& change, const std::function<void()>& restore) {
     change();
@@ -475,8 +482,8 @@ int main(int argc, char** argv) {
                 p.c_str(), r.step_s, r.host_s, r.layers_f, r.layers_b);
     std::printf("[%s] blocking copies and synchronisations per step: %.0f\n", p.c_str(), r.blocking);
     std::printf("[%s] device memory over the timed steps: %.2f GiB at most in tensors and scratch (weights, "
-                "gradients, optimizer state, activations)\n",
-                p.c_str(), r.peak_gib);
+                "gradients, optimizer state, activations); the caching allocator holds %.2f GiB after them\n",
+                p.c_str(), r.peak_gib, r.held_gib);
     if (r.lanes > 0)
       std::printf("[%s] experts' GEMMs on %d lane streams: %.3f s per step; in issue order: %.3f s (%.2fx)\n", p.c_str(),
                   r.lanes, r.step_s, r.step_s_no_lanes, r.step_s_no_lanes / r.step_s);
@@ -542,6 +549,7 @@ int main(int argc, char** argv) {
              {"final_loss", r.loss},
              {"device_memory_used_gib", r.mem_gib},
              {"peak_in_use_gib", r.peak_gib},
+             {"allocator_held_gib", r.held_gib},
              {"phases_s", {{"forward", r.ph[0]}, {"loss", r.ph[1]}, {"backward", r.ph[2]}, {"optimizer", r.ph[3]}}},
              {"attention_per_layer_s", {{"forward", r.attn_f}, {"backward", r.attn_b}}},
              {"linear_alone_per_step_s", lin},

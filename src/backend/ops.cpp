@@ -397,7 +397,7 @@ void attention_backward_split_kv(Backend& be, const AttentionBackwardArgs& a) {
   AttentionBackwardArgs p = a;
   p.k = s.k;
   p.v = s.v;
-  p.kv = p.k_pe = p.dkv = p.dk_pe = Tensor();
+  p.kv = p.k_pe = p.dkv = p.dk_pe = p.kept = Tensor();  // (k and v are these copies' roundings now)
   if (present(a.dkv) || present(a.dk_pe)) p.dk = be.alloc(DType::F32, s.k.shape());
   if (present(a.dkv)) p.dv = be.alloc(DType::F32, s.v.shape());
   be.attention_backward(p);

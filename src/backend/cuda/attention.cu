@@ -518,7 +518,9 @@ void CudaBackend::attention_backward(const AttentionBackwardArgs& a) {
   if (d.b * d.h == 0) return;
   // Kept operands come from the BF16 kernels' forward: its backward reads them, whatever the setting now.
   if ((cuda_attention_bf16() || a.kept.defined()) && cuda_attention_bf16_backward(a)) return;
-  require_operands(a);
+  DSV3_CHECK(a.q.defined() && (!split || a.kv.defined()), "attention_backward: ", a.q.defined() ? "kv" : "q",
+             " is missing, and the BF16 kernels that read the kept operands in its place decline these arguments "
+             "(each of q, out, dout, dkv and dk_pe must start 16-byte aligned)");
   if (split) return attention_backward_split_kv(*this, a);
   Scratch dsum(size_t(std::max<int64_t>(d.b * d.h * d.t, 1)) * 4);
   if (tiled_ok(d)) {
