@@ -22,6 +22,34 @@ TEST(CudaDevice, IsPresentAndRegistered) {
   EXPECT_EQ(test_backends().back()->device(), Device::CUDA);
 }
 
+// The caching allocator's counters (cuda_memory_stats): a tensor adds its block (the request
+// rounded up to 512 bytes, or a cached block of at most twice that) to the bytes in use and to the
+// peak; freeing it takes the block off the bytes in use but not off the peak until a reset; what
+// the allocator holds from cudaMalloc covers what it hands out.
+TEST(CudaDevice, AllocatorCountsItsBytes) {
+  ASSERT_GT(cuda_device_count(), 0);
+  const int64_t n = (int64_t(3) << 18) + 25;  // F32 elements: 3 MiB + 100 bytes
+  const size_t rounded = (size_t(n) * 4 + 511) & ~size_t(511);
+  cuda_reset_peak_memory();
+  const CudaMemoryStats s0 = cuda_memory_stats();
+  EXPECT_EQ(s0.peak, s0.in_use);
+  size_t block = 0;
+  {
+    const Tensor t = cuda_backend().alloc(DType::F32, {n});
+    const CudaMemoryStats s1 = cuda_memory_stats();
+    block = s1.in_use - s0.in_use;
+    EXPECT_GE(block, rounded);
+    EXPECT_LE(block, 2 * rounded);
+    EXPECT_EQ(s1.peak, s1.in_use);
+    EXPECT_GE(s1.reserved, s1.in_use);
+  }
+  const CudaMemoryStats s2 = cuda_memory_stats();
+  EXPECT_EQ(s2.in_use, s0.in_use);
+  EXPECT_EQ(s2.peak, s0.in_use + block);
+  cuda_reset_peak_memory();
+  EXPECT_EQ(cuda_memory_stats().peak, s0.in_use);
+}
+
 Tensor dev(Backend& b, const Tensor& h) { return b.to_device(h); }
 
 OP_CASE(v3_attention_mla_heads_causal) {
