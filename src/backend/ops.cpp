@@ -314,7 +314,7 @@ void validate(const AttentionBackwardArgs& a) {
     REQ(a.kept.defined() && a.dq.defined(), op,
         "q is missing: only the forward's kept operands (kept) stand for it, with dq giving its shape");
   }
-  const Tensor& q = a.q.defined() ? a.q : a.dq;
+  const Tensor& q = q_or_dq(a);
   for (auto [t, n] : {std::pair{&a.out, "out"}, {&a.dout, "dout"}}) f32(*t, op, n);
   if (a.kv.defined() || a.k_pe.defined()) {
     if (a.kv.defined()) {
@@ -323,7 +323,7 @@ void validate(const AttentionBackwardArgs& a) {
       REQ(a.kept.defined() && a.dkv.defined(), op,
           "kv is missing: only the forward's kept operands (kept) stand for it, with dkv giving its shape");
     }
-    split_kv_ok(q, a.k, a.v, a.kv.defined() ? a.kv : a.dkv, a.k_pe, a.out, a.causal, a.q_offset, op);
+    split_kv_ok(q, a.k, a.v, kv_or_dkv(a), a.k_pe, a.out, a.causal, a.q_offset, op);
     REQ(!present(a.dk) && !present(a.dv), op, "dk and dv must be absent in the split form (dkv and dk_pe)");
     if (present(a.dkv) && a.kv.defined()) same_shape(a.dkv, a.kv, op, "dkv", "kv");
     if (present(a.dk_pe)) same_shape(a.dk_pe, a.k_pe, op, "dk_pe", "k_pe");
@@ -371,9 +371,9 @@ SplitKv materialize_split_kv(Backend& be, const Tensor& q, const Tensor& kv, con
 }
 }  // namespace
 
-void require_operands(const AttentionBackwardArgs& a) {
+void require_operands(const AttentionBackwardArgs& a, const char* why) {
   REQ(a.q.defined() && (a.kv.defined() || !a.k_pe.defined()), "attention_backward", a.q.defined() ? "kv" : "q",
-      " is missing and this path cannot read the kept operands in its place (the forward's kernels can)");
+      " is missing, and ", why);
 }
 
 void attention_split_kv(Backend& be, const AttentionArgs& a) {
@@ -392,7 +392,7 @@ void attention_backward_split_kv(Backend& be, const AttentionBackwardArgs& a) {
   REQ(a.kv.defined() || a.k_pe.defined(), "attention_backward",
       "attention_backward_split_kv needs the split form (kv and k_pe)");
   validate(a);
-  require_operands(a);
+  require_operands(a, "the composed split form cannot read kept operands in its place");
   SplitKv s = materialize_split_kv(be, a.q, a.kv, a.k_pe, a.out);
   AttentionBackwardArgs p = a;
   p.k = s.k;

@@ -207,8 +207,12 @@ struct AttentionBackwardArgs {
   // (dq and dkv, then required, give their shapes): only the backend that kept it can run that.
   Tensor kept{};  // (braced: the positional initializers in use may leave it out)
 };
-// Refuses (naming it) a q or kv left out for kept operands: for the paths that cannot read them.
-void require_operands(const AttentionBackwardArgs& a);
+// q's and kv's shapes: theirs, or dq's and dkv's where kept operands stand for them (validated).
+inline const Tensor& q_or_dq(const AttentionBackwardArgs& a) { return a.q.defined() ? a.q : a.dq; }
+inline const Tensor& kv_or_dkv(const AttentionBackwardArgs& a) { return a.kv.defined() ? a.kv : a.dkv; }
+// Refuses, naming it, a q or kv left out for kept operands on a path that cannot read them; why
+// says which path that is.
+void require_operands(const AttentionBackwardArgs& a, const char* why);
 // The split form through the plain op: k and v materialized by copy_cols, then be.attention; the
 // backward assembles dkv and dk_pe from dk and dv (copy_cols, the heads summed in order 0..H-1).
 // Args validated here.

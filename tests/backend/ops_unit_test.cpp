@@ -220,11 +220,11 @@ TEST(Attention, SplitFormRules) {
   g.dkv = Tensor();
   refused([&] { cpu().attention_backward(g); }, "kv is missing");
   g.dkv = z({3, 2, 9});
-  refused([&] { cpu().attention_backward(g); }, "kv is missing and this path cannot read the kept");
+  refused([&] { cpu().attention_backward(g); }, "kv is missing, and the composed split form cannot read");
   g.kv = a.kv, g.q = Tensor();
   refused([&] { cpu().attention_backward(g); }, "q is missing: only");
   g.dq = z({3, 2, 6});
-  refused([&] { cpu().attention_backward(g); }, "q is missing and this path cannot read the kept");
+  refused([&] { cpu().attention_backward(g); }, "q is missing, and the composed split form cannot read");
   g.kept = Tensor();
   refused([&] { cpu().attention_backward(g); }, "q is missing: only");
   g.q = a.q, g.dq = g.dkv = Tensor();
@@ -232,6 +232,8 @@ TEST(Attention, SplitFormRules) {
   plain.q = a.q, plain.k = z({3, 2, 6}), plain.v = z({3, 2, 5}), plain.out = a.out, plain.lse = g.lse;
   plain.dout = g.dout, plain.dkv = z({3, 2, 9});
   refused([&] { cpu().attention_backward(plain); }, "need the split form");
+  plain.dkv = Tensor(), plain.q = Tensor(), plain.dq = z({3, 2, 6}), plain.kept = z({4});
+  refused([&] { cpu().attention_backward(plain); }, "q is missing, and the CPU backend cannot read");
   AttentionArgs kv_less;
   kv_less.q = a.q, kv_less.k = z({3, 2, 6}), kv_less.v = z({3, 2, 5}), kv_less.out = a.out;
   refused([&] { attention_split_kv(cpu(), kv_less); }, "needs the split form");

@@ -5,8 +5,8 @@
 // within kBf16 of the CPU backend's split form. Shapes: bench-0.7b's heads (128 + 64, v 128) with a
 // batch dim, a chunked causal one (q_offset, S > T), a non-causal one, a narrow one (16 + 16, v 32:
 // the 64-wide kernels), and one the in-place path declines (Dn not a multiple of 8), which
-// composes; some outputs only, dQ by either path, and a misaligned k_pe (composed). The forward's
-// kept operands standing for q and kv in the backward.
+// composes; some outputs only, dQ by either path, and a misaligned k_pe (composed). At each shape
+// also the forward's kept operands standing for q and kv in the backward.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -182,7 +182,34 @@ void compare_all(const Results& got, const Results& mat, const Results& want, co
   }
 }
 
-// Both kernel families, dQ by the matmul; in place (the counter) unless the split declines.
+// The forward's kept operands (AttentionArgs::keep) in q's and kv's place: the in-place kernels
+// keep their BF16 heads of Q, K and V (the wgmma forward writes out the Q tiles it rounds, the
+// mma.sync path rounds them apart) and the backward reads them, so every output is bit for bit the
+// run's without them (dkv F32 and BF16, some outputs only: without dq, q stays); where the split
+// declines nothing is kept and q and kv stay.
+void check_kept(const SplitShape& c, const Inputs& in, bool in_place) {
+  Ask some;
+  some.dq = some.dk_pe = false;
+  for (bool wgmma : {true, false})
+    for (Ask ask : {Ask{}, some}) {
+      ask.dkv_bf16 = !ask.dq;
+      const Bf16Scope scope(wgmma);
+      const std::string at = cat(wgmma ? "wgmma" : "mma.sync", ask.dq ? "" : ", dkv alone in BF16");
+      const Results base = run_split(cuda_backend(), c, in, ask);
+      ask.keep = true;
+      const Results got = run_split(cuda_backend(), c, in, ask);
+      EXPECT_EQ(got.kept, in_place) << at;
+      EXPECT_EQ(got.damaged, "") << at;
+      expect_same_bits(got.out, base.out, at + " out");
+      expect_same_bits(got.lse, base.lse, at + " lse");
+      if (ask.dq) expect_same_bits(got.dq, base.dq, at + " dq");
+      if (ask.dk_pe) expect_same_bits(got.dk_pe, base.dk_pe, at + " dk_pe");
+      expect_same_bits(got.dkv.to(DType::F32), base.dkv.to(DType::F32), at + " dkv");
+    }
+}
+
+// Both kernel families, dQ by the matmul; in place (the counter) unless the split declines; then
+// the same shape with kept operands.
 void check_split(const SplitShape& c, uint64_t seed, bool in_place) {
   ASSERT_GT(cuda_device_count(), 0);
   const Inputs in = make_inputs(c, seed);
@@ -196,6 +223,7 @@ void check_split(const SplitShape& c, uint64_t seed, bool in_place) {
     EXPECT_EQ(cuda_attention_split_in_place() - before, in_place ? 2 : 0) << at << ": forward and backward in place";
     compare_all(got, run_materialized(cuda_backend(), c, in), want, Ask{}, at);
   }
+  check_kept(c, in, in_place);
 }
 
 TEST(CudaAttnSplit, Bench07bHeadsBatched) { check_split({2, 130, 130, 4, 128, 64, 128, 0}, 61, true); }
@@ -250,39 +278,6 @@ void check_bf16_dkv(const SplitShape& c, uint64_t seed, bool in_place) {
     expect_same_bits(got.dk_pe, f32.dk_pe, at + " dk_pe");
   }
 }
-
-// The forward's kept operands (AttentionArgs::keep) in q's and kv's place: the in-place kernels
-// keep their BF16 heads of Q, K and V (the wgmma forward writes out the Q tiles it rounds, the
-// mma.sync path rounds them apart) and the backward reads them, so every output is bit for bit the
-// run's without them (dkv F32 and BF16, some outputs only: without dq, q stays); where the split
-// declines nothing is kept and q and kv stay.
-void check_kept(const SplitShape& c, uint64_t seed, bool in_place) {
-  ASSERT_GT(cuda_device_count(), 0);
-  const Inputs in = make_inputs(c, seed);
-  Ask some;
-  some.dq = some.dk_pe = false;
-  for (bool wgmma : {true, false})
-    for (Ask ask : {Ask{}, some}) {
-      ask.dkv_bf16 = !ask.dq;
-      const Bf16Scope scope(wgmma);
-      const std::string at = cat(wgmma ? "wgmma" : "mma.sync", ask.dq ? "" : ", dkv alone in BF16");
-      const Results base = run_split(cuda_backend(), c, in, ask);
-      ask.keep = true;
-      const Results got = run_split(cuda_backend(), c, in, ask);
-      EXPECT_EQ(got.kept, in_place) << at;
-      EXPECT_EQ(got.damaged, "") << at;
-      expect_same_bits(got.out, base.out, at + " out");
-      expect_same_bits(got.lse, base.lse, at + " lse");
-      if (ask.dq) expect_same_bits(got.dq, base.dq, at + " dq");
-      if (ask.dk_pe) expect_same_bits(got.dk_pe, base.dk_pe, at + " dk_pe");
-      expect_same_bits(got.dkv.to(DType::F32), base.dkv.to(DType::F32), at + " dkv");
-    }
-}
-
-TEST(CudaAttnSplit, KeptHeadsBatched) { check_kept({2, 130, 130, 4, 128, 64, 128, 0}, 69, true); }
-TEST(CudaAttnSplit, KeptHeadsChunkedCausal) { check_kept({1, 70, 150, 3, 128, 64, 128, 80}, 70, true); }
-TEST(CudaAttnSplit, KeptHeadsNarrow) { check_kept({0, 100, 100, 4, 16, 16, 32, 0}, 71, true); }
-TEST(CudaAttnSplit, KeptHeadsNotWhereComposed) { check_kept({0, 64, 64, 2, 12, 4, 16, 0}, 72, false); }
 
 // Kept operands send the backward to the BF16 kernels whatever cuda_set_attention_bf16 says by then
 // (the FP32 kernels could not read them), with the same bits; kept operands of another size or type

@@ -140,7 +140,7 @@ void CpuBackend::attention(const AttentionArgs& a) {
 void CpuBackend::attention_backward(const AttentionBackwardArgs& a) {
   if (a.kv.defined() || a.k_pe.defined()) return attention_backward_split_kv(*this, a);
   validate(a);
-  require_operands(a);
+  require_operands(a, "the CPU backend cannot read kept operands in its place");
   AttnDims d = attn_dims(a.q, a.k, a.v);
   const float* q = a.q.data<float>();
   const float* k = a.k.data<float>();

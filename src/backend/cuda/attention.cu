@@ -513,14 +513,12 @@ void CudaBackend::attention_backward(const AttentionBackwardArgs& a) {
   validate(a);
   const bool split = a.kv.defined() || a.k_pe.defined();  // validated: the split form
   // q and kv may be absent where the forward kept its operands; dq and dkv have their shapes then.
-  const Tensor& q = a.q.defined() ? a.q : a.dq;
-  Dims d = split ? dims_of(q, a.kv.defined() ? a.kv : a.dkv, a.out) : dims_of(q, a.k, a.v);
+  Dims d = split ? dims_of(q_or_dq(a), kv_or_dkv(a), a.out) : dims_of(q_or_dq(a), a.k, a.v);
   if (d.b * d.h == 0) return;
   // Kept operands come from the BF16 kernels' forward: its backward reads them, whatever the setting now.
   if ((cuda_attention_bf16() || a.kept.defined()) && cuda_attention_bf16_backward(a)) return;
-  DSV3_CHECK(a.q.defined() && (!split || a.kv.defined()), "attention_backward: ", a.q.defined() ? "kv" : "q",
-             " is missing, and the BF16 kernels that read the kept operands in its place decline these arguments "
-             "(each of q, out, dout, dkv and dk_pe must start 16-byte aligned)");
+  require_operands(a, "the BF16 kernels that read kept operands in its place decline these arguments (each of out, "
+                      "dout, dkv and dk_pe must start 16-byte aligned)");
   if (split) return attention_backward_split_kv(*this, a);
   Scratch dsum(size_t(std::max<int64_t>(d.b * d.h * d.t, 1)) * 4);
   if (tiled_ok(d)) {

@@ -616,7 +616,7 @@ void run_bwd(const AttentionBackwardArgs& a, const Dims& d) {
   AttnDkvOut o;
   std::optional<Scratch> part;
   const bool split = a.kv.defined() || a.k_pe.defined();
-  const int64_t dn = split ? (a.kv.defined() ? a.kv : a.dkv).dim(-1) - d.dv : d.dqk, dr = d.dqk - dn;
+  const int64_t dn = split ? kv_or_dkv(a).dim(-1) - d.dv : d.dqk, dr = d.dqk - dn;
   if (split) {
     o.dk_split = int(dn);
     if (present(a.dkv)) {
@@ -735,9 +735,8 @@ bool cuda_attention_bf16_forward(const AttentionArgs& a) {
 bool cuda_attention_bf16_backward(const AttentionBackwardArgs& a) {
   // Shapes from q and kv, or from dq and dkv where the kept operands stand for them (validated).
   const bool split = a.kv.defined() || a.k_pe.defined();
-  const Tensor& kv = a.kv.defined() ? a.kv : a.dkv;
-  const Tensor& q = a.q.defined() ? a.q : a.dq;
-  const Dims d = split ? dims_of(q, kv, a.out) : dims_of(q, a.k, a.v);
+  const Tensor& kv = kv_or_dkv(a);
+  const Dims d = split ? dims_of(q_or_dq(a), kv, a.out) : dims_of(q_or_dq(a), a.k, a.v);
   if (!cuda_attention_bf16_supported(d.dqk, d.dv) || !aligned(a.q) || !aligned(a.k) || !aligned(a.v) ||
       !aligned(a.dout) || !aligned(a.out) || !split_ok(kv, a.k_pe, d) || !aligned(a.dkv) || !aligned(a.dk_pe))
     return false;
