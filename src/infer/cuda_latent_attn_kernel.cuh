@@ -89,7 +89,9 @@ __device__ __forceinline__ __nv_bfloat16 new_value(const AttnArgs& a, int r, int
 // Launched as a programmatic dependent of the previous kernel (the q GEMV): everything before
 // pdl_wait reads only what older kernels wrote (step metadata, block tables, cached rows), so the
 // first tile's loads overlap that kernel; q and this step's c_kv_n / k_pe (with the new cache row
-// they make) come after the wait, since cuda_kv_latent may run beside the q GEMV.
+// they make) come after the wait, since cuda_kv_latent may run beside the q GEMV. Without fold the
+// step's new rows are written by write_rows_kernel, the kernel just before: the first tile, which
+// may hold them, is loaded after the wait then.
 template <int CQ, int NV, bool kMma>
 __global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs a) {
   extern __shared__ __align__(16) float sm[];
@@ -157,7 +159,8 @@ __global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs
         raw[u] = reinterpret_cast<const uint4*>(a.pool + row_of(t0 + t) * W)[v];
     }
   };
-  if (vec && tb < te) fetch(tb);
+  const bool first = vec && tb < te;
+  if (first && a.fold) fetch(tb);
   const int tiles = (len + kT - 1) / kT;
   te = min(te, tiles);
   for (int idx = tid; !kMma && idx < kT * (w32 - W); idx += kThreads) {  // padding columns, never loaded
@@ -165,6 +168,7 @@ __global__ void __launch_bounds__(kThreads, 2) latent_attn_kernel(const AttnArgs
     tile[t * w32 + W + (idx - t * (w32 - W))] = 0.0f;
   }
   pdl_wait();
+  if (first && !a.fold) fetch(tb);
   pdl_trigger();
   // With fold, the CTA holding the row's last position takes it from c_kv_n / k_pe (rounded as the
   // pool holds it) and, for head group 0, writes it to the pool.
