@@ -12,7 +12,9 @@ using namespace cuda;
 
 namespace {
 
-// Per row: argmax over [0, n_valid), lowest index on ties.
+// Per row: argmax over [0, n_valid), lowest index on ties, as greedy_token (sampler.cpp) scans:
+// from id 0 upwards taking strictly greater values, so a NaN is never taken past id 0, and a NaN at
+// id 0 is kept (nothing compares greater).
 __global__ void argmax_kernel(const float* logits, int64_t V, int64_t n_valid, int32_t* ids) {
   const float* row = logits + blockIdx.x * V;
   float best = -INFINITY;
@@ -28,7 +30,7 @@ __global__ void argmax_kernel(const float* logits, int64_t V, int64_t n_valid, i
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
       const int64_t i = base + u * int64_t(blockDim.x);
-      if (i < n_valid && (bi < 0 || v[u] > best)) {
+      if (i < n_valid && !isnan(v[u]) && (bi < 0 || v[u] > best)) {
         best = v[u];
         bi = i;
       }
@@ -51,7 +53,7 @@ __global__ void argmax_kernel(const float* logits, int64_t V, int64_t n_valid, i
     }
     __syncthreads();
   }
-  if (threadIdx.x == 0) ids[blockIdx.x] = int32_t(si[0]);
+  if (threadIdx.x == 0) ids[blockIdx.x] = si[0] < 0 || isnan(row[0]) ? 0 : int32_t(si[0]);
 }
 
 }  // namespace

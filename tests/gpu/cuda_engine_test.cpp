@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
+#include <limits>
 #include <map>
 #include <tuple>
 
@@ -954,19 +955,30 @@ TEST(CudaEngine, RowsGemvHeadsAndPairEqualReference) {
 
 TEST(CudaEngine, GreedyTokensMatchHostArgmax) {
   ASSERT_GT(cuda_device_count(), 0);
-  // Ties (lowest id wins) and a row whose maximum lies past n_valid.
-  Tensor l = randn({3, 5000}, 5, 0);
+  // Ties (lowest id wins) and a row whose maximum lies past n_valid. NaN as the host scan sees it:
+  // never taken past id 0 (row 3: in the first value of the thread that also reads the maximum,
+  // id 1029 = 5 + 1024), kept at id 0 (row 4), and a row of NaN (row 5) giving id 0.
+  Tensor l = randn({6, 5000}, 5, 0);
   float* p = l.data<float>();
   p[17] = p[4000] = 50.0f;
   p[5000 + 4990] = 60.0f;
   p[5000 + 12] = 40.0f;
   p[10000 + 4999] = 70.0f;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  p[15000 + 5] = nan;
+  p[15000 + 1029] = 80.0f;
+  p[20000] = nan;
+  p[20000 + 3] = 90.0f;
+  std::fill(p + 25000, p + 30000, nan);
   const std::vector<int32_t> got = cuda_greedy_tokens(cuda_backend().to_device(l), 4990);
-  for (int64_t r = 0; r < 3; ++r) {
+  for (int64_t r = 0; r < 6; ++r) {
     std::span<const float> row(p + r * 5000, 5000);
     EXPECT_EQ(got[size_t(r)], greedy_token(row, 4990, {}, 1.0f)) << "row " << r;
   }
   EXPECT_EQ(got[0], 17);
+  EXPECT_EQ(got[3], 1029);
+  EXPECT_EQ(got[4], 0);
+  EXPECT_EQ(got[5], 0);
 }
 
 }  // namespace
