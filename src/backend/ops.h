@@ -189,7 +189,8 @@ struct AttentionArgs {
   Tensor kv, k_pe;  // the split form, F32 (above)
   // Optional out: a backend may leave here what its backward reads in place of q, k and v (or kv
   // and k_pe); opaque to the caller, who hands it back as AttentionBackwardArgs::kept. The CUDA BF16
-  // kernels leave their BF16 heads of Q, K and V (the roundings the backward would repeat).
+  // kernels leave their BF16 heads of Q, K and V (the roundings the backward would repeat). A
+  // forward that keeps nothing leaves it undefined: what an earlier call left is never handed on.
   Tensor* keep = nullptr;
 };
 // dq, dk, dv overwritten (each optional). Uses out and lse from the forward. In the split form

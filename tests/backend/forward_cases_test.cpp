@@ -213,6 +213,8 @@ OP_CASE(attention_split_kv_mla_heads) { return attention_split_case(b, g, seed, 
 OP_CASE(attention_causal_batched_offset) { return attention_case(b, g, seed, 2, 5, 7, 3, 6, 4, true, 2); }
 OP_CASE(attention_full_unbatched) { return attention_case(b, g, seed, 0, 5, 7, 2, 6, 8, false, 0); }
 OP_CASE(attention_causal_two_query_blocks) { return attention_case(b, g, seed, 0, 130, 130, 2, 8, 4, true, 0); }
+// No keys (S = 0, not causal): the output is the empty sum, zeros; lse is −inf, so only out is compared.
+OP_CASE(attention_full_no_keys) { return {attention_case(b, g, seed, 0, 3, 0, 2, 8, 4, false, 0).front()}; }
 
 // 45 elements: the CUDA kernel's four-at-a-time loop and its tail.
 OP_CASE(swiglu) {
@@ -459,6 +461,23 @@ OP_CASE(copy_convert) {
   Tensor back = g.out(DType::BF16, {20});
   b.copy({f, back});
   return {{"bf16_to_f32", down(b, f), to_vec(x), 0.0}, {"f32_to_bf16", down(b, back), to_vec(x), 0.0}};
+}
+
+// Overlapping views of one buffer (ops.h §10: out may alias an input), both ways: rows shifted
+// down by one and back up, each as memmove would move them, 40 floats (the copy is not a
+// multiple of anything a fast path takes).
+OP_CASE(copy_overlapping_views) {
+  Tensor x = randn({9, 5}, seed, 1);
+  Tensor buf = g.init(x);
+  b.copy({buf.rows(0, 8), buf.rows(1, 9)});
+  const Vec xv = to_vec(x);
+  Vec down_one(xv);
+  for (size_t i = 5; i < 45; ++i) down_one[i] = xv[i - 5];
+  Tensor buf2 = g.init(x);
+  b.copy({buf2.rows(1, 9), buf2.rows(0, 8)});
+  Vec up_one(xv);
+  for (size_t i = 0; i < 40; ++i) up_one[i] = xv[i + 5];
+  return {{"down", down(b, buf), down_one, 0.0}, {"up", down(b, buf2), up_one, 0.0}};
 }
 
 namespace {

@@ -234,6 +234,12 @@ TEST(Attention, SplitFormRules) {
   refused([&] { cpu().attention_backward(plain); }, "need the split form");
   plain.dkv = Tensor(), plain.q = Tensor(), plain.dq = z({3, 2, 6}), plain.kept = z({4});
   refused([&] { cpu().attention_backward(plain); }, "q is missing, and the CPU backend cannot read");
+  // A forward that keeps nothing (the CPU) drops what an earlier call left in *keep.
+  Tensor stale = z({4});
+  AttentionArgs kept_none = a;
+  kept_none.keep = &stale;
+  cpu().attention(kept_none);
+  EXPECT_FALSE(stale.defined());
   AttentionArgs kv_less;
   kv_less.q = a.q, kv_less.k = z({3, 2, 6}), kv_less.v = z({3, 2, 5}), kv_less.out = a.out;
   refused([&] { attention_split_kv(cpu(), kv_less); }, "needs the split form");

@@ -74,6 +74,12 @@ TEST(CudaRangeCheck, MoeIndicesOutsideRowsAreInternalErrors) {
   Tensor idx = be.to_device(ints({3, 7, 0}));
   expect_raised_at_sync<InternalError>([&](Backend& b) { b.gather_rows({src, idx, Tensor(), out, false}); },
                                        "gather_rows: idx[1] = 7 outside [0, 4)");
+  // A source with no rows: every index is outside, and none may be read (not even row 0).
+  Tensor none = be.alloc(DType::F32, {0, 16});
+  expect_raised_at_sync<InternalError>([&](Backend& b) { b.gather_rows({none, idx, Tensor(), out, false}); },
+                                       "outside [0, 0)");
+  const Tensor zeros = be.to_host(out);
+  for (int64_t i = 0; i < zeros.numel(); ++i) ASSERT_EQ(zeros.data<float>()[i], 0.0f) << "element " << i;
   Tensor rows = be.alloc(DType::F32, {4, 16}), x3 = be.to_device(randn({3, 16}, 4, 2));
   be.fill({rows, 0.0f});
   expect_raised_at_sync<InternalError>([&](Backend& b) { b.scatter_add_rows({x3, idx, Tensor(), rows}); },

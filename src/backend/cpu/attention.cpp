@@ -102,6 +102,7 @@ inline int64_t key_limit(bool causal, int64_t q_offset, int64_t i, int64_t s) {
 }  // namespace
 
 void CpuBackend::attention(const AttentionArgs& a) {
+  if (a.keep) *a.keep = Tensor();  // the CPU keeps nothing
   if (a.kv.defined() || a.k_pe.defined()) return attention_split_kv(*this, a);
   validate(a);
   AttnDims d = attn_dims(a.q, a.k, a.v);

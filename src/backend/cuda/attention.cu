@@ -70,7 +70,7 @@ __global__ void attn_fwd_kernel(const float* q, const float* k, const float* v, 
     __syncthreads();
   }
   float* o = out + (b * dm.t + i) * ldv + h * dm.dv;
-  float inv = 1.0f / l;
+  float inv = l > 0.0f ? 1.0f / l : 0.0f;  // no keys (S = 0): zeros, as the CPU's empty sum
   for (int64_t d = threadIdx.x; d < dm.dv; d += blockDim.x) o[d] = acc[d] * inv;
   if (lse && threadIdx.x == 0) lse[(b * dm.h + h) * dm.t + i] = m + logf(l);
 }
@@ -300,7 +300,7 @@ __global__ void __launch_bounds__(kTiledThreads) attn_fwd_tiled(const float* q, 
     const int64_t i = q0 + r0 + r;
     if (i >= dm.t) continue;
     float* o = out + (b * dm.t + i) * ldv + h * dm.dv;
-    const float inv = 1.0f / l[r];
+    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
 #pragma unroll
     for (int j = 0; j < kMaxV8; ++j)
       if (8 * j < dv) o[tx + 8 * j] = acc[r][j] * inv;
@@ -486,6 +486,7 @@ __global__ void __launch_bounds__(kTiledThreads) attn_bwd_kv_tiled(const float* 
 
 void CudaBackend::attention(const AttentionArgs& a) {
   validate(a);
+  if (a.keep) *a.keep = Tensor();  // only the BF16 kernels below keep operands
   const bool split = a.kv.defined();  // validated: the split form
   Dims d = split ? dims_of(a.q, a.kv, a.out) : dims_of(a.q, a.k, a.v);
   if (d.b * d.t * d.h == 0) return;

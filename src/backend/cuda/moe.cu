@@ -331,7 +331,7 @@ __global__ void gather_kernel(const float* src, int64_t rows, const int32_t* idx
   O* o = out + i * d;
   float wi = w ? w[i] : 1.0f;
   for (int64_t j = W * threadIdx.x; j < d; j += W * blockDim.x) {
-    Floats<W> v = load_w<W>(s + j);
+    Floats<W> v = in ? load_w<W>(s + j) : Floats<W>{};  // not even row 0: src may have no rows
     const Floats<W> prev = acc ? load_w<W>(o + j) : Floats<W>{};
 #pragma unroll
     for (int c = 0; c < W; ++c) {

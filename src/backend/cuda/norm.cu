@@ -159,12 +159,15 @@ __global__ void __launch_bounds__(32 * kFusedWarps) rmsnorm_bwd_fused_kernel(con
 constexpr int64_t kDwRows = 128;
 __global__ void rmsnorm_dw_part_kernel(const float* dy, const float* x, const float* rstd, double* part, int64_t m,
                                        int64_t d) {
-  int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x, c = blockIdx.y;
+  const int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (j >= d) return;
-  int64_t r0 = c * kDwRows, r1 = r0 + kDwRows < m ? r0 + kDwRows : m;
-  double s = 0.0;
-  for (int64_t r = r0; r < r1; ++r) s += double(dy[r * d + j]) * double(x[r * d + j] * rstd[r]);
-  part[c * d + j] = s;
+  // Chunks by a stride of the grid's height (at most 65,535: over 8.4M rows there are more chunks).
+  for (int64_t c = blockIdx.y; c * kDwRows < m; c += gridDim.y) {
+    const int64_t r0 = c * kDwRows, r1 = r0 + kDwRows < m ? r0 + kDwRows : m;
+    double s = 0.0;
+    for (int64_t r = r0; r < r1; ++r) s += double(dy[r * d + j]) * double(x[r * d + j] * rstd[r]);
+    part[c * d + j] = s;
+  }
 }
 // 32 columns per CTA, its 8 warps each summing every 8th chunk, then the 8 sums in warp order (a
 // thread per column over all chunks left a 1024-wide weight on 8 CTAs: ~18 µs of dependent loads).
@@ -276,7 +279,7 @@ void CudaBackend::rmsnorm_backward(const RmsNormBackwardArgs& a) {
     const int64_t chunks = std::max<int64_t>((m + kDwRows - 1) / kDwRows, 1);
     Scratch part(size_t(chunks * d) * sizeof(double));
     if (m)
-      rmsnorm_dw_part_kernel<<<dim3(blocks_for(d, 128), unsigned(chunks)), 128>>>(
+      rmsnorm_dw_part_kernel<<<dim3(blocks_for(d, 128), unsigned(std::min<int64_t>(chunks, 65535))), 128>>>(
           a.dy.data<float>(), a.x.data<float>(), a.rstd.data<float>(), part.as<double>(), m, d);
     else
       DSV3_CUDA_CHECK(cudaMemsetAsync(part.as<void>(), 0, size_t(d) * sizeof(double), nullptr));
