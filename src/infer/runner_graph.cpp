@@ -173,7 +173,14 @@ ModelRunner::Output ModelRunner::graph_step(std::vector<int64_t> key, const std:
     if (capture_hook) capture_hook();
     out = body();
   };
-  if (!e.graph->capture(record)) {
+  bool captured = false;
+  try {
+    captured = e.graph->capture(record);
+  } catch (...) {  // an error of earlier work (CudaGraph::capture): no entry is left for it
+    gc.entries.pop_front();
+    throw;
+  }
+  if (!captured) {
     ++gstats_.failures;
     if (kind != GraphKind::Mtp) {
       turn_off(e.graph->error());

@@ -113,6 +113,32 @@ TEST(CudaGraph, UnsafeMarkAndExceptionsFailTheCapture) {
   EXPECT_EQ(values(a), (std::vector<float>{1}));
 }
 
+// An error left pending by earlier work that nobody checked is raised by the next capture, not
+// taken for that capture's failure (which would turn graphs off and drop it); raising consumes it.
+TEST(CudaGraph, PendingErrorOfEarlierWorkIsRaisedNotDropped) {
+  ASSERT_GT(cuda_device_count(), 0);
+  CudaBackend& be = cuda_backend();
+  const Tensor a = be.to_device(host_f32({3}));
+  AddArgs s;
+  s.a = a;
+  s.b = a;
+  s.out = a;
+  CudaGraph g;
+  cuda_graph_test_unchecked_bad_launch();
+  bool ran = false;
+  try {
+    g.capture([&] { ran = true; });
+    ADD_FAILURE() << "the pending error was not raised";
+  } catch (const InternalError& e) {
+    EXPECT_NE(std::string(e.what()).find("earlier, unchecked work"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(ran);
+  EXPECT_FALSE(g.ready());
+  ASSERT_TRUE(g.capture([&] { be.add(s); })) << g.error();
+  ASSERT_TRUE(g.launch());
+  EXPECT_EQ(values(a), (std::vector<float>{6}));
+}
+
 TEST(CudaGraph, MemoryIsNeverHandedToOtherTensors) {
   ASSERT_GT(cuda_device_count(), 0);
   CudaBackend& be = cuda_backend();

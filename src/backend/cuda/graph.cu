@@ -121,6 +121,13 @@ size_t CudaGraph::memory_bytes() const { return impl_->memory ? impl_->memory->b
 bool CudaGraph::capture(const std::function<void()>& fn) {
   Impl& m = *impl_;
   m.error.clear();
+  // An error of earlier work that nobody checked is not this capture's failure: a false here would
+  // turn graphs off and drop it, while the work it belongs to never ran. Raised, and so consumed.
+  if (const cudaError_t stale = cudaPeekAtLastError(); stale != cudaSuccess) {
+    (void)cudaGetLastError();
+    internal_error("CudaGraph::capture: a CUDA error of earlier, unchecked work was pending: ",
+                   cudaGetErrorString(stale));
+  }
   if (g_capture) {
     m.drop();
     m.error = "nested capture";
@@ -148,12 +155,6 @@ bool CudaGraph::capture(const std::function<void()>& fn) {
 bool CudaGraph::capture_once(const std::function<void()>& fn) {
   Impl& m = *impl_;
   if (!m.stream) DSV3_CUDA_CHECK(cudaStreamCreate(&m.stream));  // blocking: the legacy stream waits on it
-  const cudaError_t stale = cudaGetLastError();  // an unchecked error of earlier work: not ours to drop
-  if (stale != cudaSuccess) {
-    m.drop();
-    m.error = cat("a CUDA error was pending before the capture: ", cudaGetErrorString(stale));
-    return false;
-  }
 
   // The capturing thread's CUDA tensors come from the graph's memory; other threads' from the
   // allocator registered before, which is registered again afterwards. The deleter is bound at
@@ -255,5 +256,7 @@ void cuda_copy_to_device(void* dst, const void* src, size_t bytes) {
 }
 
 void cuda_graph_test_legacy_work() { noop_kernel<<<1, 1>>>(); }
+
+void cuda_graph_test_unchecked_bad_launch() { noop_kernel<<<1, 2048>>>(); }  // over 1,024 threads: refused
 
 }  // namespace dsv3

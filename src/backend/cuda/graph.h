@@ -38,7 +38,8 @@ class CudaGraph {
   // instantiation failed or fn threw: then none of fn's device work ran (its host side effects did)
   // and the graph holds no instance. A new capture replaces an earlier instance (always a new
   // instance: cudaGraphExecUpdate is not used, since a kernel's cluster shape is a launch attribute
-  // the key may change).
+  // the key may change). Throws InternalError, capturing nothing, when a CUDA error of earlier work
+  // that nobody checked is pending: that is not a failure of the capture, and is not dropped.
   bool capture(const std::function<void()>& fn);
   // Replays the latest capture on cuda::stream(); false (reason in error()) if the launch failed.
   bool launch();
@@ -66,5 +67,7 @@ void cuda_copy_to_device(void* dst, const void* src, size_t bytes);
 // Tests: queue an empty kernel on the legacy default stream, as a launch site that ignores
 // cuda::stream() would (inside a capture it fails the capture).
 void cuda_graph_test_legacy_work();
+// Tests: a launch that CUDA refuses (too many threads), left unchecked: its error stays pending.
+void cuda_graph_test_unchecked_bad_launch();
 
 }  // namespace dsv3
