@@ -13,6 +13,8 @@
 # STEPS (comma-separated, default all): tests gemm mla hf attention decode chain stream prefill spec accum
 # train memcheck summary. A lease too short for all of them runs them over several calls; the summary reads
 # the JSON of earlier calls from $OUT (copy them there first).
+# PACKED=FILE runs the binaries of a tarball from bench/gpu_pack.sh (PREBUILT with the libraries
+# they need beside them), so that a lease's minutes go to the runs rather than to a build.
 # Usage: OUT=/some/dir DSV3_COMMIT=$(git rev-parse --short HEAD) [HF=1] [PREBUILT=DIR] bench/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,13 +43,37 @@ take() {
   else echo "bench/results/$1 was not written by this run" | tee -a "$OUT/summary.txt"; status=1; fi
 }
 
+# The binaries this script runs (bench/gpu_pack.sh packs the same list).
+GPU_TARGETS="dsv3 dsv3_gpu_tests dsv3_bench_gpu_gemm dsv3_bench_gpu_mla_decode dsv3_bench_gpu_train dsv3_bench_gpu_attention dsv3_bench_gpu_decode dsv3_bench_gpu_chain dsv3_bench_gpu_stream dsv3_bench_gpu_prefill dsv3_bench_gpu_fp8_accum dsv3_bench_decode"
+# PACKED=FILE: a tarball from bench/gpu_pack.sh, unpacked and run as PREBUILT with its libraries.
+if [ -n "${PACKED:-}" ]; then
+  [ -f "$PACKED" ] || { echo "gpu.sh: PACKED=$PACKED: no such file" >&2; exit 2; }
+  unpacked=$(mktemp -d)
+  tar -xJf "$PACKED" -C "$unpacked" || { echo "gpu.sh: PACKED=$PACKED: not a tarball of bench/gpu_pack.sh" >&2; exit 2; }
+  PREBUILT=$unpacked/bin
+  # Python (transformers' baseline) keeps the image's own libraries: ours are older builds of some.
+  python_ld=${LD_LIBRARY_PATH:-}
+  export LD_LIBRARY_PATH="$unpacked/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  # The CLI links NCCL, which a GPU image may have only inside torch's environment.
+  if ! ldconfig -p 2>/dev/null | grep -q 'libnccl\.so\.2'; then
+    nccl=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null) &&
+      [ -d "$nccl" ] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$nccl"
+  fi
+  # The binaries look for fixtures and data under the source directory they were built from.
+  src=$(cat "$unpacked/source_dir")
+  if [ "$src" != "$PWD" ] && [ ! -e "$src" ]; then mkdir -p "$(dirname "$src")" && ln -s "$PWD" "$src"; fi
+  step "packed binaries of $(cat "$unpacked/commit") (source dir $src)"
+  [ "$(cat "$unpacked/commit")" = "$DSV3_COMMIT" ] ||
+    echo "gpu.sh: warning: the binaries are of $(cat "$unpacked/commit"), the results are labelled $DSV3_COMMIT" |
+    tee -a "$OUT/summary.txt"
+fi
 B=${PREBUILT:-build-gpu}
 if [ -z "${PREBUILT:-}" ]; then
   step "configure + build (CUDA, sm_90a)"
   cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSV3_CUDA=ON -DDSV3_CUDA_ARCHS=90a >"$OUT/build.log" 2>&1
   # -k 0: a target that fails to build does not stop the others (each step checks its binary).
-  cmake --build build-gpu -j "$jobs" --target dsv3 dsv3_gpu_tests dsv3_bench_gpu_gemm dsv3_bench_gpu_mla_decode dsv3_bench_gpu_train \
-    dsv3_bench_gpu_attention dsv3_bench_gpu_decode dsv3_bench_gpu_chain dsv3_bench_gpu_stream dsv3_bench_gpu_prefill dsv3_bench_gpu_fp8_accum dsv3_bench_decode \
+  # shellcheck disable=SC2086
+  cmake --build build-gpu -j "$jobs" --target $GPU_TARGETS \
     -- -k 0 >>"$OUT/build.log" 2>&1 || { status=1; grep -E "error|FAILED" "$OUT/build.log" | head -30; }
 else
   step "prebuilt binaries from $B"
@@ -73,7 +99,7 @@ bench mla gpu_mla_decode "absorbed-MLA decode kernel bandwidth (batch 64, contex
 if [ "${HF:-0}" = 1 ] && want hf; then
   step "transformers baseline (bench-0.7b: training B=8 T=2048, decode batch 1/32)"
   "$B"/dsv3 info --preset bench-0.7b --json >"$OUT/bench07b_info.json" &&
-    python3 tools/hf_gpu_bench.py --info "$OUT/bench07b_info.json" --out "$OUT/hf_gpu.json" 2>&1 |
+    env LD_LIBRARY_PATH="${python_ld-${LD_LIBRARY_PATH:-}}" python3 tools/hf_gpu_bench.py --info "$OUT/bench07b_info.json" --out "$OUT/hf_gpu.json" 2>&1 |
     tee "$OUT/hf_gpu.txt" | tee -a "$OUT/summary.txt" ||
     { status=1; echo "transformers baseline failed: needs $B/dsv3 (for the config) and torch; see $OUT/hf_gpu.txt" |
         tee -a "$OUT/summary.txt"; }
