@@ -39,10 +39,7 @@ TEST(CudaGraph, ReplayReadsInputsInPlaceAndKeepsOutputs) {
   CudaGraph g;
   ASSERT_TRUE(g.capture([&] {
     Tensor t = be.alloc(DType::F32, {4});  // freed inside the capture
-    AddArgs s;
-    s.a = a;
-    s.b = b;
-    s.out = t;
+    AddArgs s{a, b, t};
     be.add(s);
     out = be.alloc(DType::F32, {4});
     s.a = t;
@@ -66,10 +63,7 @@ TEST(CudaGraph, LegacyStreamWorkFailsTheCaptureAndNothingRuns) {
   const Tensor a = be.to_device(host_f32({1, 2})), out = be.to_device(host_f32({5, 5}));
   CudaGraph g;
   EXPECT_FALSE(g.capture([&] {
-    AddArgs s;
-    s.a = a;
-    s.b = a;
-    s.out = out;
+    AddArgs s{a, a, out};
     be.add(s);
     cuda_graph_test_legacy_work();  // a launch site that ignores cuda::stream()
   }));
@@ -78,10 +72,7 @@ TEST(CudaGraph, LegacyStreamWorkFailsTheCaptureAndNothingRuns) {
   EXPECT_FALSE(g.launch());
   EXPECT_EQ(values(out), (std::vector<float>{5, 5}));  // the captured add never ran
   // The backend works eagerly afterwards, and so does a new capture.
-  AddArgs s;
-  s.a = a;
-  s.b = a;
-  s.out = out;
+  AddArgs s{a, a, out};
   be.add(s);
   EXPECT_EQ(values(out), (std::vector<float>{2, 4}));
   ASSERT_TRUE(g.capture([&] { be.add(s); })) << g.error();
@@ -93,10 +84,7 @@ TEST(CudaGraph, UnsafeMarkAndExceptionsFailTheCapture) {
   ASSERT_GT(cuda_device_count(), 0);
   CudaBackend& be = cuda_backend();
   const Tensor a = be.to_device(host_f32({1}));
-  AddArgs s;
-  s.a = a;
-  s.b = a;
-  s.out = a;
+  AddArgs s{a, a, a};
   CudaGraph g;
   EXPECT_FALSE(g.capture([&] {
     be.add(s);
@@ -119,10 +107,7 @@ TEST(CudaGraph, PendingErrorOfEarlierWorkIsRaisedNotDropped) {
   ASSERT_GT(cuda_device_count(), 0);
   CudaBackend& be = cuda_backend();
   const Tensor a = be.to_device(host_f32({3}));
-  AddArgs s;
-  s.a = a;
-  s.b = a;
-  s.out = a;
+  AddArgs s{a, a, a};
   CudaGraph g;
   cuda_graph_test_unchecked_bad_launch();
   bool ran = false;
@@ -155,10 +140,7 @@ TEST(CudaGraph, MemoryIsNeverHandedToOtherTensors) {
     for (int i = 0; i < 5; ++i) {  // four temporaries freed during the capture, then the output kept
       Tensor t = be.alloc(DType::F32, {n});
       graph_blocks.insert(t.raw());
-      AddArgs s;
-      s.a = x;
-      s.b = x;
-      s.out = t;
+      AddArgs s{x, x, t};
       be.add(s);
       if (i == 4) out = t;
     }
