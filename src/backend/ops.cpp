@@ -3,6 +3,7 @@
 #include "backend/ops.h"
 
 #include <cmath>
+#include <cstdint>
 #include <vector>
 
 namespace dsv3 {
@@ -587,6 +588,12 @@ void validate(const CopyArgs& a) {
   same_numel(a.src, a.dst, op, "src", "dst");
   bool ok = (is_float(a.src.dtype()) && is_float(a.dst.dtype())) || a.src.dtype() == a.dst.dtype();
   REQ(ok, op, "cannot convert ", desc(a.src), " to ", desc(a.dst));
+  // Overlapping bytes only as a move (the same dtype): a conversion in place would read values it
+  // had already overwritten, in an order each backend chooses.
+  const uintptr_t s = reinterpret_cast<uintptr_t>(a.src.raw()), d = reinterpret_cast<uintptr_t>(a.dst.raw());
+  const bool overlap = a.src.nbytes() && d < s + size_t(a.src.nbytes()) && s < d + size_t(a.dst.nbytes());
+  REQ(!overlap || a.src.dtype() == a.dst.dtype(), op, "src ", desc(a.src), " and dst ", desc(a.dst),
+      " overlap in memory: only a copy of the same dtype may (it moves, as memmove)");
 }
 void validate(const FillArgs& a) { floating(a.x, "fill", "x"); }
 void validate(const CopyColsArgs& a) {

@@ -339,7 +339,8 @@ struct MulArgs {  // out (+)= a·b elementwise
   Tensor a, b, out;
   bool accumulate = false;
 };
-struct CopyArgs {  // dst = src converted to dst's dtype (any float dtypes, or I32→I32)
+struct CopyArgs {  // dst = src converted to dst's dtype (any float dtypes, or I32→I32); dst may
+                   // overlap src only in the same dtype (a move, as memmove)
   Tensor src, dst;
 };
 struct FillArgs {

@@ -213,8 +213,10 @@ OP_CASE(attention_split_kv_mla_heads) { return attention_split_case(b, g, seed, 
 OP_CASE(attention_causal_batched_offset) { return attention_case(b, g, seed, 2, 5, 7, 3, 6, 4, true, 2); }
 OP_CASE(attention_full_unbatched) { return attention_case(b, g, seed, 0, 5, 7, 2, 6, 8, false, 0); }
 OP_CASE(attention_causal_two_query_blocks) { return attention_case(b, g, seed, 0, 130, 130, 2, 8, 4, true, 0); }
-// No keys (S = 0, not causal): the output is the empty sum, zeros; lse is −inf, so only out is compared.
+// No keys (S = 0, not causal): the output is the empty sum, zeros; lse is −inf, so only out is
+// compared. Widths of 8 take the CUDA tiled kernel, 4 the per-row one.
 OP_CASE(attention_full_no_keys) { return {attention_case(b, g, seed, 0, 3, 0, 2, 8, 4, false, 0).front()}; }
+OP_CASE(attention_full_no_keys_tiled) { return {attention_case(b, g, seed, 2, 3, 0, 2, 8, 8, false, 0).front()}; }
 
 // 45 elements: the CUDA kernel's four-at-a-time loop and its tail.
 OP_CASE(swiglu) {
@@ -463,20 +465,21 @@ OP_CASE(copy_convert) {
   return {{"bf16_to_f32", down(b, f), to_vec(x), 0.0}, {"f32_to_bf16", down(b, back), to_vec(x), 0.0}};
 }
 
-// Overlapping views of one buffer (ops.h §10: out may alias an input), both ways: rows shifted
-// down by one and back up, each as memmove would move them, 40 floats (the copy is not a
-// multiple of anything a fast path takes).
+// Overlapping views of one buffer (CopyArgs: a move in the same dtype), both ways: 8 MB of rows
+// shifted down by one row and up by one, each as memmove moves them (a copy engine reading and
+// writing such a range in pieces would overwrite rows before reading them).
 OP_CASE(copy_overlapping_views) {
-  Tensor x = randn({9, 5}, seed, 1);
+  const int64_t rows = 1025, w = 2048;
+  Tensor x = randn({rows, w}, seed, 1);
   Tensor buf = g.init(x);
-  b.copy({buf.rows(0, 8), buf.rows(1, 9)});
+  b.copy({buf.rows(0, rows - 1), buf.rows(1, rows)});
   const Vec xv = to_vec(x);
   Vec down_one(xv);
-  for (size_t i = 5; i < 45; ++i) down_one[i] = xv[i - 5];
+  for (size_t i = size_t(w); i < xv.size(); ++i) down_one[i] = xv[i - size_t(w)];
   Tensor buf2 = g.init(x);
-  b.copy({buf2.rows(1, 9), buf2.rows(0, 8)});
+  b.copy({buf2.rows(1, rows), buf2.rows(0, rows - 1)});
   Vec up_one(xv);
-  for (size_t i = 0; i < 40; ++i) up_one[i] = xv[i + 5];
+  for (size_t i = 0; i + size_t(w) < xv.size(); ++i) up_one[i] = xv[i + size_t(w)];
   return {{"down", down(b, buf), down_one, 0.0}, {"up", down(b, buf2), up_one, 0.0}};
 }
 

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <memory>
 
 #include "backend/ops.h"
 #include "backend/tolerance.h"
@@ -364,6 +365,24 @@ TEST(Validation, GroupedLinearRefusesBlocksThatDoNotTileTheRows) {
   EXPECT_THROW(call({0, 3, 2}, w), InternalError);  // a block ending before it starts
   const std::vector<Tensor> mixed = {w[0], Tensor::zeros(DType::F32, {4, 8})};
   EXPECT_THROW(call({0, 2, 5}, mixed), InternalError);  // weights of two dtypes
+}
+
+// copy may overlap its source only as a move of the same dtype; a conversion in place is refused.
+TEST(Validation, CopyOverlapsOnlyInTheSameDtype) {
+  Tensor buf = Tensor::zeros(DType::F32, {8});
+  for (int i = 0; i < 8; ++i) buf.data<float>()[i] = float(i);
+  cpu().copy({buf.rows(0, 6), buf.rows(2, 8)});  // a move: memmove's result
+  EXPECT_EQ(std::vector<float>(buf.data<float>(), buf.data<float>() + 8), (std::vector<float>{0, 1, 0, 1, 2, 3, 4, 5}));
+  const std::shared_ptr<void> lives_in_buf(buf.raw(), [](void*) {});
+  const Tensor half = Tensor::borrow(buf.raw(), DType::BF16, {8}, lives_in_buf);  // buf's first 16 bytes
+  try {
+    cpu().copy({buf.rows(0, 8), half});
+    FAIL() << "an overlapping conversion was accepted";
+  } catch (const InternalError& e) {
+    EXPECT_NE(std::string(e.what()).find("overlap in memory"), std::string::npos) << e.what();
+  }
+  Tensor apart = Tensor::zeros(DType::BF16, {8});
+  EXPECT_NO_THROW(cpu().copy({buf, apart}));
 }
 
 TEST(Validation, ErrorsNameTheOpAndShapes) {

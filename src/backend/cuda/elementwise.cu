@@ -1,7 +1,6 @@
 // Elementwise ops, copies and conversions, column-block copies and the sum of squares (AdamW and the
 // multi-tensor ops are in multi_tensor.cu).
 #include <cmath>
-#include <optional>
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/stream.h"
@@ -185,26 +184,24 @@ void CudaBackend::copy(const CopyArgs& a) {
   if (a.src.raw() == a.dst.raw() && a.src.dtype() == a.dst.dtype()) return;
   int64_t n = a.src.numel();
   if (n == 0) return;
-  // Overlapping views (dst may alias src, ops.h §10): cudaMemcpy and the conversion kernels assume
-  // disjoint bytes, so src goes through scratch first (the CPU's memmove, or its forward loop).
-  const char *s0 = static_cast<const char*>(a.src.raw()), *d0 = static_cast<const char*>(a.dst.raw());
-  std::optional<Scratch> held;
-  const void* src = a.src.raw();
-  if (d0 < s0 + a.src.nbytes() && s0 < d0 + a.dst.nbytes()) {
-    held.emplace(a.src.nbytes());
-    DSV3_CUDA_CHECK(cudaMemcpyAsync(held->as<void>(), src, a.src.nbytes(), cudaMemcpyDeviceToDevice, nullptr));
-    src = held->as<void>();
-  }
-  // Copies and kernels on the legacy stream, as every op here (the design rule in docs/cuda.md).
+  // Copies on the legacy stream, as every op here (the design rule in docs/cuda.md).
   if (a.src.dtype() == a.dst.dtype()) {
-    DSV3_CUDA_CHECK(cudaMemcpyAsync(ptr<void>(a.dst), src, a.src.nbytes(), cudaMemcpyDeviceToDevice, nullptr));
+    const size_t bytes = size_t(a.src.nbytes());
+    const uintptr_t s = reinterpret_cast<uintptr_t>(a.src.raw()), d = reinterpret_cast<uintptr_t>(a.dst.raw());
+    if (d < s + bytes && s < d + bytes) {  // a move (validated: only the same dtype may overlap)
+      Scratch held(bytes);  // cudaMemcpy's bytes must not overlap: through scratch, as memmove
+      DSV3_CUDA_CHECK(cudaMemcpyAsync(held.as<void>(), a.src.raw(), bytes, cudaMemcpyDeviceToDevice, nullptr));
+      DSV3_CUDA_CHECK(cudaMemcpyAsync(ptr<void>(a.dst), held.as<void>(), bytes, cudaMemcpyDeviceToDevice, nullptr));
+      return;
+    }
+    DSV3_CUDA_CHECK(cudaMemcpyAsync(ptr<void>(a.dst), a.src.raw(), bytes, cudaMemcpyDeviceToDevice, nullptr));
     return;
   }
   if (a.src.dtype() == DType::F32 && a.dst.dtype() == DType::BF16) {
-    f32_to_bf16(static_cast<const float*>(src), n, ptr<__nv_bfloat16>(a.dst));
+    f32_to_bf16(a.src.data<float>(), n, ptr<__nv_bfloat16>(a.dst));
     return;
   }
-  convert_kernel<<<grid(n), 256>>>(src, a.src.dtype(), ptr<void>(a.dst), a.dst.dtype(), n);
+  convert_kernel<<<grid(n), 256>>>(a.src.raw(), a.src.dtype(), ptr<void>(a.dst), a.dst.dtype(), n);
   check_launch("copy");
 }
 void CudaBackend::fill(const FillArgs& a) {

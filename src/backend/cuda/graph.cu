@@ -125,6 +125,7 @@ bool CudaGraph::capture(const std::function<void()>& fn) {
   // turn graphs off and drop it, while the work it belongs to never ran. Raised, and so consumed.
   if (const cudaError_t stale = cudaPeekAtLastError(); stale != cudaSuccess) {
     (void)cudaGetLastError();
+    m.drop();  // as any new capture, it replaces the earlier instance
     internal_error("CudaGraph::capture: a CUDA error of earlier, unchecked work was pending: ",
                    cudaGetErrorString(stale));
   }

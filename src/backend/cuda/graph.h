@@ -38,8 +38,9 @@ class CudaGraph {
   // instantiation failed or fn threw: then none of fn's device work ran (its host side effects did)
   // and the graph holds no instance. A new capture replaces an earlier instance (always a new
   // instance: cudaGraphExecUpdate is not used, since a kernel's cluster shape is a launch attribute
-  // the key may change). Throws InternalError, capturing nothing, when a CUDA error of earlier work
-  // that nobody checked is pending: that is not a failure of the capture, and is not dropped.
+  // the key may change). Throws InternalError, capturing nothing (the earlier instance is gone too),
+  // when a CUDA error of earlier work that nobody checked is pending: that is not a failure of the
+  // capture, and is not dropped.
   bool capture(const std::function<void()>& fn);
   // Replays the latest capture on cuda::stream(); false (reason in error()) if the launch failed.
   bool launch();
