@@ -49,19 +49,28 @@ GPU_TARGETS="dsv3 dsv3_gpu_tests dsv3_bench_gpu_gemm dsv3_bench_gpu_mla_decode d
 if [ -n "${PACKED:-}" ]; then
   [ -f "$PACKED" ] || { echo "gpu.sh: PACKED=$PACKED: no such file" >&2; exit 2; }
   unpacked=$(mktemp -d)
-  tar -xJf "$PACKED" -C "$unpacked" || { echo "gpu.sh: PACKED=$PACKED: not a tarball of bench/gpu_pack.sh" >&2; exit 2; }
+  tar -xJf "$PACKED" -C "$unpacked" ||
+    { echo "gpu.sh: PACKED=$PACKED: could not unpack it (an xz tarball of bench/gpu_pack.sh; needs xz)" >&2; exit 2; }
   PREBUILT=$unpacked/bin
-  # Python (transformers' baseline) keeps the image's own libraries: ours are older builds of some.
+  # Python (transformers' baseline, the summary) keeps the image's own libraries: ours are older
+  # builds of some.
   python_ld=${LD_LIBRARY_PATH:-}
-  export LD_LIBRARY_PATH="$unpacked/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  lib="$unpacked/lib"
   # The CLI links NCCL, which a GPU image may have only inside torch's environment.
-  if ! ldconfig -p 2>/dev/null | grep -q 'libnccl\.so\.2'; then
-    nccl=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null) &&
-      [ -d "$nccl" ] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$nccl"
+  if ! ldconfig -p 2>/dev/null | grep 'libnccl\.so\.2' >/dev/null; then
+    if nccl=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null) &&
+      [ -d "$nccl" ]; then lib="$lib:$nccl"
+    else echo "gpu.sh: warning: no libnccl.so.2 for the loader nor in torch's environment: dsv3 will not start" |
+      tee -a "$OUT/summary.txt"; fi
   fi
+  export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   # The binaries look for fixtures and data under the source directory they were built from.
   src=$(cat "$unpacked/source_dir")
-  if [ "$src" != "$PWD" ] && [ ! -e "$src" ]; then mkdir -p "$(dirname "$src")" && ln -s "$PWD" "$src"; fi
+  if [ "$src" != "$PWD" ] && [ ! -e "$src" ] && ! { mkdir -p "$(dirname "$src")" && ln -s "$PWD" "$src"; }; then
+    echo "gpu.sh: cannot link $src to this checkout: the fixture tests will fail and results go elsewhere" |
+      tee -a "$OUT/summary.txt"
+    status=1
+  fi
   step "packed binaries of $(cat "$unpacked/commit") (source dir $src)"
   [ "$(cat "$unpacked/commit")" = "$DSV3_COMMIT" ] ||
     echo "gpu.sh: warning: the binaries are of $(cat "$unpacked/commit"), the results are labelled $DSV3_COMMIT" |
@@ -160,7 +169,7 @@ fi
 
 if want summary; then
 step "summary"
-python3 - "$OUT" <<'PY' | tee -a "$OUT/summary.txt"
+env LD_LIBRARY_PATH="${python_ld-${LD_LIBRARY_PATH:-}}" python3 - "$OUT" <<'PY' | tee -a "$OUT/summary.txt"
 import json, os, sys
 out = sys.argv[1]
 def load(name):

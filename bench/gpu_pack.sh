@@ -4,29 +4,32 @@
 # A build here takes 10-16 minutes on two cores; on the GPU machine it would take lease time.
 # The tarball holds bin/ (the binaries), lib/ (every library ldd resolves, except the C and C++
 # runtimes and the CUDA driver and toolkit, which the GPU image has), source_dir (the checkout the
-# binaries were built from: their fixtures and data are found under it) and commit.
+# binaries were built from: their fixtures and data are found under it) and commit. The label is
+# the source checkout's HEAD (-dirty when tracked files differ): with --no-build the binaries may be
+# older than that.
 # Usage: bench/gpu_pack.sh [-B BUILD_DIR] [-o OUT_TAR] [--no-build]
 #   BUILD_DIR  default build-cuda (configured here with -DDSV3_CUDA=ON for sm_90a if absent)
 #   OUT_TAR    default .devq/dsv3-gpu.tar.xz (keep it out of git: `run` carries ignored paths it is told of)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# Paths given on the command line are the caller's; the defaults are the checkout's.
 build=build-cuda out=.devq/dsv3-gpu.tar.xz do_build=1
 while [ $# -gt 0 ]; do
   case $1 in
-    -B) build=${2:?-B needs a directory}; shift 2 ;;
-    -o) out=${2:?-o needs a file}; shift 2 ;;
+    -B) build=$(realpath -m "${2:?-B needs a directory}"); shift 2 ;;
+    -o) out=$(realpath -m "${2:?-o needs a file}"); shift 2 ;;
     --no-build) do_build=0; shift ;;
-    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_pack.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
+cd "$(dirname "$0")/.."
 eval "$(grep '^GPU_TARGETS=' bench/gpu.sh)"
+if [ "$do_build" = 1 ] && [ ! -f "$build/CMakeCache.txt" ]; then
+  cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSV3_CUDA=ON -DDSV3_CUDA_ARCHS=90a
+fi
+[ -f "$build/CMakeCache.txt" ] && grep -qE '^DSV3_CUDA:[A-Z]+=(ON|TRUE|1)$' "$build/CMakeCache.txt" ||
+  { echo "gpu_pack.sh: $build is not a build directory configured with -DDSV3_CUDA=ON" >&2; exit 2; }
 if [ "$do_build" = 1 ]; then
-  if [ ! -f "$build/CMakeCache.txt" ]; then
-    cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSV3_CUDA=ON -DDSV3_CUDA_ARCHS=90a
-  fi
-  grep -qE '^DSV3_CUDA:[A-Z]+=(ON|TRUE|1)$' "$build/CMakeCache.txt" ||
-    { echo "gpu_pack.sh: $build is not configured with -DDSV3_CUDA=ON" >&2; exit 2; }
   echo "gpu_pack.sh: building $GPU_TARGETS in $build"
   # shellcheck disable=SC2086
   cmake --build "$build" -j "$(nproc)" --target $GPU_TARGETS
@@ -40,7 +43,7 @@ for t in $GPU_TARGETS; do
 done
 # Libraries outside the base system and the CUDA toolkit, as ldd resolves them here.
 for t in "$stage"/bin/*; do ldd "$t"; done | awk '$2 == "=>" && $3 ~ /^\// { print $3 }' | sort -u |
-  grep -vE '/(libc|libm|libdl|libpthread|librt|libstdc\+\+|libgcc_s|ld-linux[^/]*|libcuda|libcudart|libcublas(Lt)?|libnccl|libnvidia[^/]*)\.so' |
+  { grep -vE '/(libc|libm|libdl|libpthread|librt|libstdc\+\+|libgcc_s|ld-linux[^/]*|libcuda|libcudart|libcublas(Lt)?|libnccl|libnvidia[^/]*)\.so' || true; } |
   while read -r lib; do cp -L "$lib" "$stage/lib/"; done
 grep -o 'CMAKE_HOME_DIRECTORY:INTERNAL=.*' "$build/CMakeCache.txt" | cut -d= -f2 >"$stage/source_dir"
 src=$(cat "$stage/source_dir")
