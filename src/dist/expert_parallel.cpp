@@ -4,7 +4,9 @@
 #include "dist/expert_parallel.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <span>
 #include <tuple>
@@ -295,7 +297,17 @@ Tensor ExpertParallelMoe::dispatch_rows(Backend& be, const EpPlan& plan, const T
     qa.scale = sc;
     qa.pow2_scale = true;  // the paper quantizes dispatch activations with power-of-two scales
     qa.name = "MoE dispatch payload";
-    quantize_fp8(qa);
+    // A diverged activation must reach the experts as NaN, so that every rank's loss shows it and
+    // the step is skipped: a throw here would leave the other ranks waiting in the exchange, and
+    // E4M3 would saturate an Inf to a finite code. A tile with a non-finite value gets a NaN scale.
+    qa.on_nonfinite = NonFinitePolicy::Report;
+    if (quantize_fp8(qa).nonfinite > 0)
+      for (int64_t t = 0; t < N; ++t)
+        for (int64_t b = 0; b < nb; ++b) {
+          const float* v = x.data<float>() + t * H + b * 128;
+          if (!std::all_of(v, v + std::min<int64_t>(128, H - b * 128), [](float f) { return std::isfinite(f); }))
+            sc.data<float>()[t * nb + b] = std::numeric_limits<float>::quiet_NaN();
+        }
   }
   auto put_payload = [&](char* row, int64_t t) {
     char* dst = row + 8 + 8 * K;

@@ -1,7 +1,10 @@
 // The expert-parallel MoE layer (simulated ranks on threads) against the single-process
 // moe_forward/moe_backward on the same tokens: the concatenation of every rank's tokens.
+#include <cmath>
+#include <limits>
 #include <map>
 #include <set>
+#include <utility>
 
 #include "backend/fp8.h"
 #include "dist/data_parallel.h"
@@ -24,6 +27,7 @@ struct Case {
   int64_t N = 6;  // tokens per rank
   EpOptions opt;
   std::vector<float> bias;  // router bias ([] = zeros)
+  std::vector<std::pair<int64_t, float>> x_set = {};  // (flat index into x [P·N, H], value) put into x
 };
 
 struct Result {
@@ -47,6 +51,7 @@ Result run_case(const Case& cs) {
   const int64_t N = cs.N, H = d.H, T = N * cs.P;
   Result res;
   res.x = random_rows(T, H, 9);
+  for (const auto& [i, v] : cs.x_set) res.x.data<float>()[i] = v;
   const Tensor dout = random_rows(T, H, 10);
 
   MoeActs ra;
@@ -306,6 +311,33 @@ TEST(ExpertParallel, Fp8DispatchCarriesQuantizedRows) {
   Result plain = run_case(cs);
   for (auto& st : plain.stats) f32_bytes += st.dispatch_bytes;
   EXPECT_LT(fp8_bytes, f32_bytes);
+}
+
+// A non-finite activation reaches the experts as NaN through the FP8 dispatch (its tile's scale), on
+// every rank, instead of the quantizer throwing on one rank while the others wait in the exchange, or
+// E4M3 saturating an Inf: the token's output is NaN, so the loss shows the divergence; the other
+// tokens are untouched.
+TEST(ExpertParallel, Fp8DispatchCarriesNonFiniteRowsAsNaN) {
+  Case cs{test::tiny_moe_config(4, 2), 2, 0, 5, {}, {}};
+  cs.opt.fp8_dispatch = true;
+  const int64_t H = 24;
+  cs.x_set = {{1 * H + 3, std::numeric_limits<float>::quiet_NaN()},
+              {(cs.N + 2) * H + 7, std::numeric_limits<float>::infinity()}};
+  const Result res = run_case(cs);
+  auto poisoned = [&](int64_t token) { return token == 1 || token == cs.N + 2; };
+  int64_t bad_rows = 0;
+  for (int r = 0; r < 2; ++r)
+    for (size_t i = 0; i < res.rows[size_t(r)].size(); ++i) {
+      const EpRow& row = res.rows[size_t(r)][i];
+      const float* got = res.xin[size_t(r)].data<float>() + int64_t(i) * H;
+      const bool bad = poisoned(row.src * cs.N + row.token);
+      bad_rows += bad;
+      for (int64_t h = 0; h < H; ++h) ASSERT_EQ(std::isnan(got[h]), bad) << "rank " << r << " row " << i << " h " << h;
+    }
+  EXPECT_GT(bad_rows, 0);
+  for (int64_t t = 0; t < 2 * cs.N; ++t)
+    for (int64_t h = 0; h < H; ++h)
+      ASSERT_EQ(std::isfinite(res.out.data<float>()[t * H + h]), !poisoned(t)) << "token " << t << " h " << h;
 }
 
 TEST(ExpertParallel, NodeLimitedRoutingEqualsGroupLimitedRouterOnNodeGroups) {
