@@ -16,24 +16,28 @@ uint64_t fnv1a(const std::string& s) {
   return h;
 }
 
-// Runs the decoder layers' MoE through ExpertParallelMoe; the extra per-layer state lives here,
-// keyed by the model's MoeActs (stable between a forward and its backward).
+// Runs the decoder layers' MoE through ExpertParallelMoe; the extra per-layer state lives here from a
+// forward to its backward, keyed by the layer's parameters: the model's MoeActs are rebuilt every
+// forward, so their addresses could change between steps and leave a whole step's activations
+// behind under each old one.
 class EpLayerHook final : public MoeLayerHook {
  public:
   EpLayerHook(Communicator& ep, const ModelDims& d, EpOptions o) : moe(ep, d, o) {}
   void forward(Backend& be, const ModelDims&, const MoeParams& p, const Tensor& x, MoeActs& a) override {
-    EpMoeActs& e = acts[&a];
+    EpMoeActs& e = acts[&p];
     moe.forward(be, p, x, e);
     a = e.local;
   }
   void backward(Backend& be, const ModelDims&, const MoeParams& p, const MoeParams& g, const MoeActs& a,
                 const Tensor& dout, const Tensor& router_dlogits, const Tensor& dx, bool accumulate_dx) override {
-    auto it = acts.find(&a);
+    (void)a;  // the layer's own state is in acts
+    auto it = acts.find(&p);
     if (it == acts.end()) internal_error("expert-parallel backward of a layer without its forward");
     moe.backward(be, p, g, it->second, dout, router_dlogits, dx, accumulate_dx);
+    acts.erase(it);  // its activations are not needed past the backward
   }
   ExpertParallelMoe moe;
-  std::unordered_map<const MoeActs*, EpMoeActs> acts;
+  std::unordered_map<const MoeParams*, EpMoeActs> acts;
 };
 
 class DistTrainParallel final : public TrainParallel {
