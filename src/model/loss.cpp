@@ -107,7 +107,10 @@ LossResult compute_loss(Backend& be, const Model& m, ForwardOutput& out, std::sp
     const double l = ce_mean(be, out.mtp_logits[size_t(k - 1)], tk, w, o.need_grad && w != 0.0,
                              &r.grad.dmtp_logits[size_t(k - 1)]);
     r.mtp.push_back(l);
-    if (std::isfinite(l)) r.total += w * l;
+    // A module without targets (NaN by ce_mean) adds nothing; a diverged one (NaN or Inf with
+    // targets) makes the total non-finite, as the main loss would, unless its weight is 0.
+    const bool has_targets = std::any_of(tk.begin(), tk.end(), [](int32_t t) { return t >= 0; });
+    if (has_targets && w != 0.0) r.total += w * l;
   }
 
   if (o.balance_alpha > 0) {

@@ -259,7 +259,8 @@ void Model::backward(const BackwardInput& in, Grads& g) {
     const MtpActs& ma = a.mtp[k - 1];
     if (ma.S <= 0) continue;  // not run: T ≤ k
     const bool in_loss = k - 1 < in.dmtp_logits.size() && present(in.dmtp_logits[k - 1]);
-    if (!in_loss && !present(dh_next)) continue;
+    // A module outside the loss (λ = 0) still backs its router's balance loss, which the total counts.
+    if (!in_loss && !present(dh_next) && !present(router_grad(L + k - 1))) continue;
     Tensor dlog = in_loss ? in.dmtp_logits[k - 1] : be_.zeros(DType::F32, {B * ma.S, cfg_.vocab_size});
     Tensor dprev = k == 1 ? dh0 : be_.zeros(DType::F32, {B * a.mtp[k - 2].S, H});
     mtp_module_backward(be_, d, params_.mtp[k - 1], g.p.mtp[k - 1], g.p.embed_tokens, params_.lm_head,

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <limits>
 
 #include "io/safetensors.h"
 #include "model/loss.h"
@@ -111,7 +112,8 @@ const char* kTinyFd = R"({
   "tie_word_embeddings": false
 })";
 
-TEST(BackwardFiniteDifference, WholeModelParameters) {
+// Each named tensor's largest gradient element against central differences of the loss.
+void check_finite_differences(double mtp_lambda, const std::vector<std::string>& names) {
   const ModelConfig c = parse_model_config(kTinyFd, "tiny_fd");
   Weights w = Weights::random(c, 11, 0.15f);
   for (Param& p : w.params())
@@ -124,7 +126,7 @@ TEST(BackwardFiniteDifference, WholeModelParameters) {
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < T; ++t) ids.push_back(labels[size_t(b * Lb + t)]);
   LossOptions lo;
-  lo.mtp_lambda = 0.3;
+  lo.mtp_lambda = mtp_lambda;
   lo.balance_alpha = 0.05;  // large enough that its gradient shows
   ForwardOptions fo;
   fo.keep_activations = true;
@@ -141,14 +143,6 @@ TEST(BackwardFiniteDifference, WholeModelParameters) {
   Grads g(c);
   m.backward(r.grad, g);
 
-  const std::vector<std::string> names = {
-      "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
-      "model.layers.0.self_attn.q_a_proj.weight", "model.layers.0.self_attn.kv_b_proj.weight",
-      "model.layers.0.self_attn.kv_a_proj_with_mqa.weight", "model.layers.0.mlp.up_proj.weight",
-      "model.layers.1.mlp.gate.weight", "model.layers.1.mlp.experts.2.down_proj.weight",
-      "model.layers.1.mlp.shared_experts.gate_proj.weight", "model.layers.1.self_attn.kv_a_layernorm.weight",
-      "model.layers.2.eh_proj.weight", "model.layers.2.hnorm.weight", "model.layers.3.enorm.weight",
-      "model.layers.3.mlp.gate.weight", "model.layers.3.shared_head.norm.weight"};
   int checked = 0;
   for (const std::string& name : names) {
     SCOPED_TRACE(name);
@@ -173,6 +167,60 @@ TEST(BackwardFiniteDifference, WholeModelParameters) {
     ++checked;
   }
   EXPECT_EQ(checked, int(names.size()));
+}
+
+TEST(BackwardFiniteDifference, WholeModelParameters) {
+  check_finite_differences(
+      0.3, {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+            "model.layers.0.self_attn.q_a_proj.weight", "model.layers.0.self_attn.kv_b_proj.weight",
+            "model.layers.0.self_attn.kv_a_proj_with_mqa.weight", "model.layers.0.mlp.up_proj.weight",
+            "model.layers.1.mlp.gate.weight", "model.layers.1.mlp.experts.2.down_proj.weight",
+            "model.layers.1.mlp.shared_experts.gate_proj.weight", "model.layers.1.self_attn.kv_a_layernorm.weight",
+            "model.layers.2.eh_proj.weight", "model.layers.2.hnorm.weight", "model.layers.3.enorm.weight",
+            "model.layers.3.mlp.gate.weight", "model.layers.3.shared_head.norm.weight"});
+}
+
+// λ = 0 leaves the MTP modules' cross-entropy out, but their routers' balance loss is still in the
+// total: its gradient reaches the modules' routers and, through them, the main model.
+TEST(BackwardFiniteDifference, MtpRoutersBalanceLossWithoutMtpLoss) {
+  check_finite_differences(0.0, {"model.layers.2.mlp.gate.weight", "model.layers.3.mlp.gate.weight",
+                                 "model.layers.3.eh_proj.weight", "model.norm.weight"});
+}
+
+// A diverged MTP module (non-finite logits where it has targets) makes the total non-finite, as the
+// main loss would, so the trainer sees a diverged step by its loss too; with λ = 0 it does not
+// count, and a module without targets (its NaN "no target" mean) adds nothing.
+TEST(Loss, MtpModuleCountsWhenItHasTargets) {
+  const ModelConfig c = parse_model_config(kTinyFd, "tiny_fd");
+  const Weights w = Weights::random(c, 11, 0.15f);
+  Model m(w, cpu_backend());
+  auto run = [&](int64_t T, int64_t Lb, double lambda, bool diverge) {
+    std::vector<int32_t> labels(static_cast<size_t>(Lb)), ids;
+    for (int64_t i = 0; i < Lb; ++i) labels[size_t(i)] = int32_t((i * 37 + 5) % c.vocab_size);
+    ids.assign(labels.begin(), labels.begin() + T);
+    ForwardOutput out = m.forward(ids, 1, T, ForwardOptions{});
+    if (diverge) {
+      Tensor& l = out.mtp_logits[0];
+      std::fill(l.data<float>(), l.data<float>() + l.numel(), std::numeric_limits<float>::quiet_NaN());
+    }
+    LossOptions lo;
+    lo.mtp_lambda = lambda;
+    lo.balance_alpha = 0;
+    lo.need_grad = false;
+    return compute_loss(cpu_backend(), m, out, labels, 1, T, Lb, lo);
+  };
+  const LossResult fine = run(6, 7, 0.3, false);
+  ASSERT_TRUE(std::isfinite(fine.mtp[0]) && std::isfinite(fine.mtp[1]));
+  EXPECT_NEAR(fine.total, fine.main + 0.15 * (fine.mtp[0] + fine.mtp[1]), 1e-12 * fine.total);
+  const LossResult diverged = run(6, 7, 0.3, true);
+  EXPECT_TRUE(std::isnan(diverged.mtp[0]));
+  EXPECT_TRUE(std::isnan(diverged.total));
+  const LossResult unweighted = run(6, 7, 0.0, true);
+  EXPECT_EQ(unweighted.total, unweighted.main);
+  const LossResult no_targets = run(2, 2, 0.3, false);  // module 1 sees no label past the window
+  ASSERT_EQ(no_targets.mtp.size(), 1u);                  // (module 2 has no position at T 2)
+  EXPECT_TRUE(std::isnan(no_targets.mtp[0]));
+  EXPECT_EQ(no_targets.total, no_targets.main);
 }
 
 }  // namespace
