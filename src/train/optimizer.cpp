@@ -136,10 +136,10 @@ void AdamW::update_plain(ParamSlot& p, Tensor& m, Tensor& v, double lr, double w
     const float vi = b2 * load_moment(v, i) + one_b2 * gi * gi;
     store_moment(m, i, mi);
     store_moment(v, i, vi);
-    // The update uses the stored (possibly BF16-rounded) moments, as a kernel reading them back would.
-    const float ms = load_moment(m, i), vs = load_moment(v, i);
-    const float denom = std::sqrt(vs) / bc2_sqrt + eps;
-    w[i] = w[i] * decay - step_size * (ms / denom);
+    // The update uses the moments before their storage rounding (BF16 moments), as the backends'
+    // kernels do: only what is kept for the next step is rounded.
+    const float denom = std::sqrt(vi) / bc2_sqrt + eps;
+    w[i] = w[i] * decay - step_size * (mi / denom);
   }
 }
 

@@ -68,6 +68,7 @@ nlohmann::json TrainOptions::to_json() const {
           {"beta2", opt.beta2},
           {"eps", opt.eps},
           {"max_consecutive_skips", opt.max_consecutive_skips},
+          {"moments", opt.moment_dtype == DType::BF16 ? "bf16" : "f32"},  // --moments: ZeRO-1 ranks must agree
           {"seed", seed},
           {"init_std", init_std},
           {"precision", precision},

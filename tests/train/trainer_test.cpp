@@ -214,6 +214,12 @@ TEST(Trainer, Bf16MomentsForAnFp8Run) {
   EXPECT_TRUE(nonzero) << "the moments were never updated";
   o.steps = 5;
   EXPECT_EQ(Trainer(config(), o).run().steps_done, 5);
+  // The options every rank must agree on (check_same) name the moments' dtype: ZeRO-1 shards of
+  // ranks with different --moments would be gathered with different sizes.
+  TrainOptions f32 = o;
+  f32.opt.moment_dtype = DType::F32;
+  EXPECT_EQ(o.to_json().at("moments"), "bf16");
+  EXPECT_NE(o.to_json().dump(), f32.to_json().dump());
 }
 
 TEST(Trainer, TinyModelOverfitsSmallText) {
