@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "io/strict_json.h"
 #include "io/tokenizer_impl.h"
 
 namespace dsv3 {
@@ -62,13 +63,10 @@ std::string read_file(const std::string& path, const char* what) {
   return ss.str();
 }
 
-json parse_json(std::string_view text, const std::string& where) {
-  try {
-    return json::parse(text.begin(), text.end());
-  } catch (const json::exception& e) {  // parse_error, and out_of_range for a number too large for a double
-    input_error(where, ": not valid JSON: ", e.what());
-  }
-}
+// Strict (strict_json.h): the pre-tokenizer and normalizer are read recursively, so an unbounded
+// nesting would overflow the stack; duplicate keys are refused as in configs and checkpoints. Real
+// tokenizer.json files nest about six deep.
+json parse_json(std::string_view text, const std::string& where) { return parse_json_strict(text, where, 64); }
 
 // tokenizer_config.json names tokens either as a string or as {"__type": "AddedToken", "content": …}.
 std::string config_token(const json& cfg, const char* key) {
@@ -168,7 +166,12 @@ Tokenizer Tokenizer::from_json(std::string_view text, std::string_view config_te
         input_error(w, ": expected {\"id\": integer, \"content\": string, ...}");
       AddedTokenInfo t;
       int64_t id = a["id"].get<int64_t>();
-      if (id < 0 || id > (1 << 30)) input_error(w, ": id ", id, " out of range");
+      // Ids index tables (as the vocabulary's, tokenizer_bpe.cpp): a sparse one would allocate far
+      // beyond what the file holds.
+      const int64_t limit = 4 * (int64_t(impl->model.max_id()) + 1 + int64_t(j["added_tokens"].size())) + 1024;
+      if (id < 0 || id >= limit)
+        input_error(w, ": id ", id, " out of range (expected 0 <= id < ", limit, ", from the vocabulary's ",
+                    impl->model.max_id() + 1, " ids and ", j["added_tokens"].size(), " added tokens)");
       t.id = int32_t(id);
       t.content = a["content"].get<std::string>();
       if (t.content.empty()) input_error(w, ": empty content");
@@ -221,8 +224,14 @@ Tokenizer Tokenizer::from_json(std::string_view text, std::string_view config_te
     json cfg = parse_json(config_text, "tokenizer_config.json beside " + where);
     if (!cfg.is_object()) input_error("tokenizer_config.json beside ", where, ": expected an object");
     std::string bos = config_token(cfg, "bos_token"), eos = config_token(cfg, "eos_token");
-    if (!bos.empty()) impl->bos = find_id(bos);
-    if (!eos.empty()) impl->eos = find_id(eos);
+    auto named = [&](const std::string& content, const char* key) {
+      const int32_t id = find_id(content);
+      if (id < 0)
+        input_error("tokenizer_config.json beside ", where, ": ", key, " \"", content, "\" is no token of ", where);
+      return id;
+    };
+    if (!bos.empty()) impl->bos = named(bos, "bos_token");
+    if (!eos.empty()) impl->eos = named(eos, "eos_token");
     if (cfg.contains("add_bos_token") && cfg["add_bos_token"].is_boolean())
       impl->add_bos = cfg["add_bos_token"].get<bool>();
   }

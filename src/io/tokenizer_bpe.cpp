@@ -108,8 +108,13 @@ void BpeModel::load(const json& m, const std::string& where) {
   token_to_id_.reserve(vocab.size());
   bytes_to_id_.reserve(vocab.size());
   std::string raw;
+  std::vector<const std::string*> owner(size_t(max_id_) + 1, nullptr);
   for (auto it = vocab.begin(); it != vocab.end(); ++it) {
     int32_t id = it.value().get<int32_t>();
+    // Two tokens on one id: encoding would emit the id for either and decoding give only the last.
+    if (owner[size_t(id)])
+      input_error(where, ".vocab: \"", it.key(), "\" and \"", *owner[size_t(id)], "\" have the same id ", id);
+    owner[size_t(id)] = &it.key();
     token_to_id_[it.key()] = id;
     id_to_token_[id] = it.key();
     if (byte_level_to_bytes(it.key(), raw)) {

@@ -56,6 +56,34 @@ TEST(Tokenizer, SparseVocabIdIsAnErrorNotAnAllocation) {
   EXPECT_EQ(error_of(j), "(no error)");
 }
 
+// Found by a review: an added token's sparse id allocated a table up to it (4 GiB at 2^30), two
+// vocabulary tokens on one id decoded as the last one, a pre_tokenizer nested 30,000 deep overflowed
+// the stack, and a tokenizer_config.json BOS naming no token was dropped silently.
+TEST(Tokenizer, SparseAddedIdsSharedIdsDeepNestingAndUnknownBosAreErrors) {
+  const json ok = tiny_tokenizer({"ab"}, {"a b"});
+  json j = ok;
+  j["added_tokens"] = json::array({{{"id", 1 << 30}, {"content", "<x>"}}});
+  EXPECT_NE(error_of(j).find("added_tokens[0]: id 1073741824 out of range (expected 0 <= id < 2056"),
+            std::string::npos)
+      << error_of(j);
+  j["added_tokens"][0]["id"] = 300;
+  EXPECT_EQ(error_of(j), "(no error)");
+  j = ok;
+  j["model"]["vocab"]["ab"] = j["model"]["vocab"]["a"];
+  EXPECT_NE(error_of(j).find("have the same id 97"), std::string::npos) << error_of(j);
+  j = ok;
+  json pre = {{"type", "ByteLevel"}, {"add_prefix_space", false}};
+  for (int i = 0; i < 100; ++i) pre = {{"type", "Sequence"}, {"pretokenizers", json::array({pre})}};
+  j["pre_tokenizer"] = pre;
+  EXPECT_NE(error_of(j).find("nested too deep"), std::string::npos) << error_of(j);
+  try {
+    Tokenizer::from_json(ok.dump(), R"({"bos_token": "<s>", "add_bos_token": true})", "t.json");
+    ADD_FAILURE() << "an unknown bos_token was accepted";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("bos_token \"<s>\" is no token"), std::string::npos) << e.what();
+  }
+}
+
 TEST(Tokenizer, MergesInBothFormsGiveTheSameIds) {
   std::vector<std::string> extra = {"ab", "abc", "ĠĠ"};
   json str = tiny_tokenizer(extra, {"a b", "ab c", "Ġ Ġ"});
