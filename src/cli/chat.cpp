@@ -55,7 +55,14 @@ int run_chat(const ChatOptions& o) {
     r.max_tokens = o.n_predict;
     if (tok.eos_id() >= 0) r.stop_ids.push_back(tok.eos_id());
     const EngineStats before = eng.stats();
-    eng.add(r);
+    try {
+      eng.add(r);
+    } catch (const InputError& e) {
+      // A turn the context or the cache cannot take ends that turn, not the conversation.
+      std::cerr << "dsv3 chat: " << e.what() << " (the message was dropped; /reset starts over)\n";
+      msgs.pop_back();
+      continue;
+    }
     GenerationTimes t;
     t.prompt_tokens = int64_t(r.prompt.size());
     std::string reply;

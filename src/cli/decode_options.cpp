@@ -28,7 +28,10 @@ SamplingParams DecodeOptions::sampling() const {
 }
 
 EngineOptions DecodeOptions::engine() const {
-  if (!(cache_mb > 0)) input_error("--cache-mb: ", cache_mb, " is invalid (expected > 0)");
+  // Bounded before the conversion to bytes, which is undefined past 2^64 (inf, 1e30).
+  constexpr double kMaxCacheMb = double(1 << 30);  // 1 PiB: far past any machine
+  if (!(cache_mb > 0) || !(cache_mb <= kMaxCacheMb))
+    input_error("--cache-mb: ", cache_mb, " is invalid (expected a size in MiB, > 0 and <= ", kMaxCacheMb, ")");
   EngineOptions eo;
   if (cache_type == "f32") eo.cache.dtype = DType::F32;
   else if (cache_type == "bf16") eo.cache.dtype = DType::BF16;

@@ -101,7 +101,10 @@ int64_t Engine::add(Request r) {
   for (size_t i = 0; i < r.prompt.size(); ++i)
     if (r.prompt[i] < 0 || r.prompt[i] >= V)
       input_error("prompt token ", i, ": id ", r.prompt[i], " is outside the vocabulary [0, ", V, ")");
-  const int64_t need = std::min<int64_t>(int64_t(r.prompt.size()) + r.max_tokens + draft_, max_context_ + draft_);
+  // max_tokens saturated first: -n near INT64_MAX would wrap the sum negative, pass the pool check and
+  // leave a lone sequence preempting itself forever.
+  const int64_t gen = std::min<int64_t>(r.max_tokens, max_context_);
+  const int64_t need = std::min<int64_t>(int64_t(r.prompt.size()) + gen, max_context_) + draft_;
   if (pool_->blocks_for(need) > pool_->num_blocks())
     input_error("a sequence of up to ", need, " tokens (prompt ", r.prompt.size(), " + max tokens ", r.max_tokens,
                 draft_ ? cat(" + drafts ", draft_) : std::string(), ") does not fit the KV cache pool of ",

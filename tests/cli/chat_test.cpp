@@ -19,10 +19,10 @@ const std::string& model() {
 }
 
 // The replies (stdout) to the turns in `input` (one per line), greedy, 6 tokens at most each.
-Result chat(const std::string& input) {
+Result chat(const std::string& input, const std::string& flags = "", bool merge_stderr = false) {
   const std::string path = model() + "/turns.txt";
   std::ofstream(path) << input;
-  return dsv3("chat -m " + model() + " -q --temp 0 -n 6 --threads 1 < " + path);
+  return dsv3("chat -m " + model() + " -q --temp 0 -n 6 --threads 1 " + flags + " < " + path, merge_stderr);
 }
 
 TEST(CliChat, GreedyRepliesAreReproducibleAndResetStartsOver) {
@@ -39,6 +39,22 @@ TEST(CliChat, GreedyRepliesAreReproducibleAndResetStartsOver) {
   ASSERT_EQ(two.status, 0) << two.out;
   EXPECT_EQ(two.out.substr(0, one.out.size()), one.out);
   EXPECT_GT(two.out.size(), one.out.size());
+}
+
+// A turn the context cannot take is refused with the reason, dropped from the conversation, and the
+// session goes on: the next turn is answered as if the long one had never been sent.
+TEST(CliChat, TooLongTurnIsDroppedAndTheSessionGoesOn) {
+  const std::string ctx = "-c 64";
+  const Result plain = chat("hello there\nhello there\n", ctx);
+  ASSERT_EQ(plain.status, 0) << plain.out;
+  std::string long_line;
+  for (int i = 0; i < 60; ++i) long_line += "word ";
+  const Result r = chat("hello there\n" + long_line + "\nhello there\n", ctx);
+  EXPECT_EQ(r.status, 0) << r.out;
+  EXPECT_EQ(r.out, plain.out);
+  const Result said = chat("hello there\n" + long_line + "\nhello there\n", ctx, true);
+  EXPECT_NE(said.out.find("longer than the context"), std::string::npos) << said.out;
+  EXPECT_NE(said.out.find("the message was dropped"), std::string::npos) << said.out;
 }
 
 TEST(CliChat, ModelWithoutTokenizerIsAnErrorNamingIt) {

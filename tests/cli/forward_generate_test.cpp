@@ -148,7 +148,8 @@ TEST(CliGenerate, GreedyIdsUnchangedBySpeculationAndAgreeWithForward) {
 TEST(CliGenerate, InvalidSamplingValuesNameTheFlag) {
   const std::string base = "generate -m " + fixture_dir(kFixture) + " --prompt-ids \"0 5 7\" --print-ids ";
   for (const std::string flag : {"--top-p 1.5", "--top-p 0", "--temp -1", "--min-p 2", "--top-k -3",
-                                 "--repeat-penalty 0", "--mtp 17", "-n 0", "--device tpu", "--weights f16"}) {
+                                 "--repeat-penalty 0", "--mtp 17", "-n 0", "--device tpu", "--weights f16",
+                                 "--cache-mb inf", "--cache-mb 1e30", "--cache-mb -2"}) {
     Result r = dsv3(base + flag, true);
     EXPECT_EQ(r.status, 2) << flag << "\n" << r.out;
     const std::string name = flag.substr(0, flag.find(' '));

@@ -2,6 +2,7 @@
 // (greedy output identical with and without), and its input errors.
 #include <gtest/gtest.h>
 
+#include <limits>
 #include <map>
 
 #include "infer/engine.h"
@@ -229,6 +230,26 @@ TEST(Engine, StopIdsAndStopStrings) {
   std::string expect;
   for (int i = 0; i < 10; ++i) expect += "<" + std::to_string(t[size_t(i)]) + ">";
   EXPECT_EQ(text, expect.substr(0, expect.find(stop)));
+}
+
+// -n near INT64_MAX: the tokens a sequence may need are saturated at the context, so a pool smaller
+// than the context refuses it by name (the sum used to wrap negative, pass the check, and leave the
+// lone sequence preempting itself forever).
+TEST(Engine, HugeMaxTokensIsRefusedWhenThePoolIsShort) {
+  Weights w = Weights::load(testing::fixture_dir("v2_lite_greedy"));
+  EngineOptions o;
+  o.max_context = 300;
+  o.cache.block_size = 4;
+  o.cache.budget_bytes = 50 << 10;
+  Engine eng(w, o);
+  ASSERT_LT(eng.pool().capacity_tokens(), 300);
+  try {
+    eng.add(greedy({0, 1, 2}, std::numeric_limits<int64_t>::max()));
+    FAIL() << "no error";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("does not fit the KV cache pool"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(eng.has_work());
 }
 
 TEST(Engine, BadInputNamesTheNumbers) {
