@@ -330,9 +330,12 @@ ModelConfig parse_model_config(std::string_view text, const std::string& source)
   parse_quantization(f, root, source, c);
 
   // Derived values transformers 5 writes back; they must agree with the fields they derive from.
-  if (f.set("qk_head_dim") && f.req_int("qk_head_dim") != c.qk_nope_head_dim + c.qk_rope_head_dim)
-    f.fail("qk_head_dim", f.req_int("qk_head_dim"), " != qk_nope_head_dim + qk_rope_head_dim = ",
-           c.qk_nope_head_dim + c.qk_rope_head_dim);
+  // In 128 bits: the fields are range-checked only later (validate_model_config), and their int64
+  // sum could overflow first.
+  if (f.set("qk_head_dim") &&
+      __int128(f.req_int("qk_head_dim")) != __int128(c.qk_nope_head_dim) + __int128(c.qk_rope_head_dim))
+    f.fail("qk_head_dim", f.req_int("qk_head_dim"), " != qk_nope_head_dim + qk_rope_head_dim (",
+           c.qk_nope_head_dim, " + ", c.qk_rope_head_dim, ")");
   if (f.set("head_dim") && f.req_int("head_dim") != c.qk_rope_head_dim)
     f.fail("head_dim", f.req_int("head_dim"), " != qk_rope_head_dim = ", c.qk_rope_head_dim,
            " (transformers sets head_dim to the RoPE dimension)");
