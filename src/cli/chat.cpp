@@ -82,9 +82,7 @@ int run_chat(const ChatOptions& o) {
     t.prompt_s = t_first - t0;
     t.gen_s = t1 - t_first;
     t.gen_tokens = std::max<int64_t>(0, n - 1);
-    EngineStats turn_stats = eng.stats();
-    turn_stats.preemptions -= before.preemptions;
-    if (!o.quiet) std::cerr << timing_lines(t, turn_stats, o.d.mtp);
+    if (!o.quiet) std::cerr << timing_lines(t, stats_since(eng.stats(), before), o.d.mtp);
     msgs.push_back({"assistant", reply});
   }
   return 0;

@@ -50,4 +50,21 @@ std::string timing_lines(const GenerationTimes& t, const EngineStats& s, int dra
   return out;
 }
 
+EngineStats stats_since(EngineStats now, const EngineStats& before) {
+  now.steps -= before.steps;
+  now.prompt_tokens -= before.prompt_tokens;
+  now.generated_tokens -= before.generated_tokens;
+  now.forward_rows -= before.forward_rows;
+  now.preemptions -= before.preemptions;
+  now.recomputed_tokens -= before.recomputed_tokens;
+  // Draft positions only ever get added, so `now` has every one `before` has.
+  for (size_t s = 0; s < before.spec.proposed.size() && s < now.spec.proposed.size(); ++s) {
+    now.spec.proposed[s] -= before.spec.proposed[s];
+    now.spec.accepted[s] -= before.spec.accepted[s];
+  }
+  now.spec.rounds -= before.spec.rounds;
+  now.spec.tokens -= before.spec.tokens;
+  return now;
+}
+
 }  // namespace dsv3

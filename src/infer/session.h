@@ -25,5 +25,8 @@ struct GenerationTimes {
 // "prompt eval time = … ms / N tokens (… ms per token, … tokens per second)", "eval time = …",
 // "total time = …", and with speculation the acceptance rate per draft position.
 std::string timing_lines(const GenerationTimes& t, const EngineStats& s, int draft_tokens);
+// The counters of what an engine did since `before` (an earlier stats() of the same engine): one
+// chat turn's, from the engine's running totals.
+EngineStats stats_since(EngineStats now, const EngineStats& before);
 
 }  // namespace dsv3

@@ -4,7 +4,9 @@
 #include <gtest/gtest.h>
 
 #include <fstream>
+#include <sstream>
 #include <string>
+#include <vector>
 
 #include "chat_model.h"
 #include "cli_util.h"
@@ -55,6 +57,25 @@ TEST(CliChat, TooLongTurnIsDroppedAndTheSessionGoesOn) {
   const Result said = chat("hello there\n" + long_line + "\nhello there\n", ctx, true);
   EXPECT_NE(said.out.find("longer than the context"), std::string::npos) << said.out;
   EXPECT_NE(said.out.find("the message was dropped"), std::string::npos) << said.out;
+}
+
+// The timing lines are each turn's own: the same turn after /reset reports the same speculation
+// counts (they used to add up over the session).
+TEST(CliChat, TimingLinesArePerTurn) {
+  const Result r = dsv3("chat -m " + model() + " --temp 0 -n 6 --threads 1 --mtp 1 < " + [] {
+    const std::string path = model() + "/turns_timing.txt";
+    std::ofstream(path) << "hello there\n/reset\nhello there\n";
+    return path;
+  }(), true);
+  ASSERT_EQ(r.status, 0) << r.out;
+  std::vector<std::string> spec;
+  std::istringstream in(r.out);
+  for (std::string line; std::getline(in, line);)
+    if (line.find("speculation =") != std::string::npos || line.find("accepted draft") != std::string::npos)
+      spec.push_back(line.substr(line.find_first_not_of(" >")));
+  ASSERT_EQ(spec.size(), 4u) << r.out;  // per turn: the speculation line and draft 1's rate
+  EXPECT_EQ(spec[2], spec[0]) << r.out;
+  EXPECT_EQ(spec[3], spec[1]) << r.out;
 }
 
 TEST(CliChat, ModelWithoutTokenizerIsAnErrorNamingIt) {
