@@ -1,4 +1,5 @@
 // dsv3 net: topology cost tables, validation, flow-level simulation and the paper experiments.
+#include <cmath>
 #include <iostream>
 #include <memory>
 
@@ -112,8 +113,14 @@ struct SimOpts {
 int run_sim(const SimOpts& o) {
   NetParams np;
   np.nic_bw = o.nic_gbps * 1e9, np.nvlink_bw = o.nvlink_gbps * 1e9;
-  if (!(o.nic_gbps > 0) || !(o.nvlink_gbps > 0)) input_error("--nic-gbps/--nvlink-gbps: must be positive");
-  if (!(o.bytes > 0)) input_error("--bytes ", o.bytes, ": must be positive");
+  if (!(o.nic_gbps > 0 && std::isfinite(o.nic_gbps)) || !(o.nvlink_gbps > 0 && std::isfinite(o.nvlink_gbps)))
+    input_error("--nic-gbps/--nvlink-gbps: must be positive and finite");
+  if (!(o.bytes > 0 && std::isfinite(o.bytes))) input_error("--bytes ", o.bytes, ": must be positive and finite");
+  // A negative or NaN tolerance retires no flow in the fluid simulation, which then never ends.
+  if (!(o.batch_tol >= 0 && std::isfinite(o.batch_tol)))
+    input_error("--batch-tol ", o.batch_tol, ": must be finite and at least 0");
+  if (!(o.fail_links >= 0 && o.fail_links <= 1))
+    input_error("--fail-links ", o.fail_links, ": must be a fraction in [0, 1]");
   Network n = build_network(o.t.spec(), o.gpus, np);
   int failed = o.fail_links > 0 ? fail_random_links(n, o.fail_links, o.seed) : 0;
   for (int s : o.fail_switch) fail_switch(n, s);
@@ -188,6 +195,7 @@ int run_validate(const ValidateOpts& o) {
   TopoSpec s = o.t.spec();
   TopoCounts c = topo_counts(s);
   for (auto& w : c.warnings) cli::note("warning: " + w);
+  if (s.gpus_per_node < 1) input_error("--gpus-per-node ", s.gpus_per_node, ": must be at least 1");
   int gpus = o.gpus ? o.gpus : (int)(c.endpoints - c.endpoints % s.gpus_per_node);
   Network n = build_network(s, gpus);
   Validation v = validate(n);

@@ -297,6 +297,9 @@ std::vector<double> max_min_rates(const FlowSet& fs, const std::vector<double>& 
 }
 
 SimResult simulate_fluid(const FlowSet& fs, const std::vector<double>& cap, const SimOptions& o) {
+  // A negative or NaN tolerance would retire no flow, and the loop would never end.
+  if (!(o.batch_tol >= 0 && std::isfinite(o.batch_tol)))
+    input_error("simulate_fluid: batch tolerance ", o.batch_tol, " must be finite and at least 0");
   SimResult res;
   res.finish.assign(fs.count(), 0.0);
   const Components comps = components(fs, cap.size());

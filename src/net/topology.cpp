@@ -52,6 +52,7 @@ namespace {
 // uplink i of every lower switch going to upper switch i mod S (so every lower switch sees the
 // same set of uppers).
 int spread(int64_t L, int u, int k) {
+  if (L > k) internal_error("spread: ", L, " lower switches cannot share ", k, "-port upper switches");
   int64_t S = (L * u + k - 1) / k;
   if (S < 1) S = 1;
   while (L * ((u + S - 1) / S) > k) ++S;
@@ -109,6 +110,8 @@ TopoCounts topo_counts(const TopoSpec& s) {
   TopoCounts c;
   const int k = s.radix;
   if (k < 2) input_error("--radix ", k, ": a switch needs at least 2 ports");
+  // Far past any switch, and small enough that k³ (three-tier endpoints) fits 64 bits.
+  if (k > 65536) input_error("--radix ", k, ": at most 65,536 ports");
   auto check_endpoints = [&](int64_t max) {
     if (s.endpoints < 0) input_error("--endpoints ", s.endpoints, ": must not be negative");
     if (s.endpoints > max)
@@ -405,7 +408,7 @@ void build_dragonfly(Builder& b, const TopoCounts& c, std::vector<int>& routers)
       for (int j = i + 1; j < a; ++j) b.add_cable(routers[gi * a + i], routers[gi * a + j], 0);
   std::vector<int> next(g, 0);  // next free global port per group; port -> router port / h
   auto connect = [&](int x, int y) {
-    if (next[x] >= a * h || next[y] >= a * h) return;
+    if (x == y || next[x] >= a * h || next[y] >= a * h) return;  // few groups: no cable to itself
     b.add_cable(routers[x * a + next[x]++ / h], routers[y * a + next[y]++ / h], 0);
   };
   for (int x = 0; x < g; ++x)
@@ -433,8 +436,11 @@ Network build_network(const TopoSpec& s, int gpus, const NetParams& p) {
   if (n.planes > 1 && n.gpus_per_node % n.planes)
     input_error("--planes ", n.planes, ": must divide --gpus-per-node ", n.gpus_per_node,
                 " (each GPU-NIC pair sits in one plane)");
-  int64_t max_ep = c.endpoints;
-  if (s.endpoints == 0 && gpus > max_ep)
+  // Against the topology's maximum: --endpoints only scales the cost row.
+  TopoSpec full = s;
+  full.endpoints = 0;
+  const int64_t max_ep = s.endpoints == 0 ? c.endpoints : topo_counts(full).endpoints;
+  if (gpus > max_ep)
     input_error("--gpus ", gpus, ": more endpoints than ports; ", topo_name(s.kind), " with radix ", s.radix,
                 " holds at most ", max_ep);
   if (s.kind == TopoKind::SF && !is_prime_power(c.q))

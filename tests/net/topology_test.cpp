@@ -126,6 +126,29 @@ TEST(Topology, ImpossibleRequestsNameTheParameter) {
   df.df_p = 4, df.df_a = 8, df.df_h = 4;
   EXPECT_NE(msg(df).find("--radix"), std::string::npos);
   EXPECT_THROW(build_network(spec(TopoKind::FT2, 8), 64), InputError);  // 64 GPUs > k^2/2 = 32
+  EXPECT_NE(msg(spec(TopoKind::FT3, 70000)).find("--radix"), std::string::npos);  // k^3 past 64 bits
+  // --endpoints sizes the cost row only: the graph is still bounded by the topology's maximum
+  // (Dragonfly radix 7 holds 72; three-tier radix 8 holds 128). These crashed or hung.
+  TopoSpec df7 = spec(TopoKind::DF, 7);
+  df7.endpoints = 8;
+  EXPECT_THROW(build_network(df7, 80), InputError);
+  TopoSpec ft3 = spec(TopoKind::FT3, 8);
+  ft3.endpoints = 8;
+  EXPECT_THROW(build_network(ft3, 1024), InputError);
+}
+
+// Few Dragonfly groups: the extra global ports of a group are never cabled to the group itself.
+TEST(Topology, DragonflyWithFewGroupsHasNoSelfCables) {
+  TopoSpec s = spec(TopoKind::DF, 7);  // p = h = 2, a = 4
+  s.df_g = 3;
+  const Network n = build_network(s, 24);
+  int cables = 0;
+  for (const Link& l : n.links) {
+    if (l.kind != LinkKind::SwSw) continue;
+    ++cables;
+    EXPECT_NE(l.from, l.to);
+  }
+  EXPECT_GT(cables, 0);
 }
 
 TEST(Cost, Table3CountsExactAndCostWithin1p5Percent) {

@@ -61,6 +61,18 @@ TEST(Routing, FailedLinksAreAvoidedAndCutPlanesForwarded) {
   fail_switch(f2, 0);
   Router r2(f2, Routing::ECMP);
   EXPECT_GT(run_flows(f2, all_to_all(f2, r2, 1e6, false), true).stalled, 0);
+  // Every spine link failed: pairs on different leaves are cut off although their NICs' own links
+  // are up. Their flows stall (they used to be put on the sender's healthy uplink and finish at
+  // line rate), in the fluid simulation and in the static bound.
+  Network cut = build_network(spec(TopoKind::FT2, 8), 32);
+  fail_random_links(cut, 1.0, 1);
+  Router r3(cut, Routing::ECMP);
+  FlowBuilder fb(cut, r3);
+  fb.ib(0, 31, 1e6, 0);  // NIC 0 and NIC 31 sit on different leaves
+  ASSERT_EQ(fb.unroutable, 1);
+  for (int32_t l : fb.fs.link) EXPECT_FALSE(cut.links[size_t(l)].up);
+  EXPECT_EQ(run_flows(cut, fb.fs, true).stalled, 1);
+  EXPECT_EQ(run_flows(cut, fb.fs, false).stalled, 1);
 }
 
 TEST(Workload, AllToAllBytesAndPxnStages) {
@@ -236,6 +248,17 @@ TEST(Cli, ImpossibleRequestsExitTwoNamingTheParameter) {
   EXPECT_NE(r.err.find("--endpoints"), std::string::npos) << r.err;
   r = dsv3_run("net experiment E5 --no-write");
   EXPECT_EQ(r.rc, 2);
+  // Found by a review: a hang (the fluid simulation retired no flow), a division by zero, and
+  // values that passed the checks as inf or NaN. Each exits 2 naming the flag.
+  for (const std::string bad : {"--batch-tol -0.5", "--batch-tol nan", "--bytes inf", "--nic-gbps inf",
+                                "--fail-links nan", "--fail-links 2"}) {
+    r = dsv3_run("net sim --topology ft2 --radix 4 --gpus 8 --workload perm " + bad);
+    EXPECT_EQ(r.rc, 2) << bad << "\n" << r.err;
+    EXPECT_NE(r.err.find(bad.substr(0, bad.find(' '))), std::string::npos) << bad << "\n" << r.err;
+  }
+  r = dsv3_run("net validate --gpus-per-node 0");
+  EXPECT_EQ(r.rc, 2) << r.err;
+  EXPECT_NE(r.err.find("--gpus-per-node"), std::string::npos) << r.err;
   r = dsv3_run("net sim --topology mpft --gpus 64 --workload a2a-pxn --routing spray --static --json");
   ASSERT_EQ(r.rc, 0) << r.err;
   EXPECT_GT(nlohmann::json::parse(r.out)["all_to_all"]["busbw_GBps"].get<double>(), 0);
