@@ -3,7 +3,6 @@
 #include "backend/ops.h"
 
 #include <cmath>
-#include <cstdint>
 #include <vector>
 
 namespace dsv3 {
@@ -590,9 +589,7 @@ void validate(const CopyArgs& a) {
   REQ(ok, op, "cannot convert ", desc(a.src), " to ", desc(a.dst));
   // Overlapping bytes only as a move (the same dtype): a conversion in place would read values it
   // had already overwritten, in an order each backend chooses.
-  const uintptr_t s = reinterpret_cast<uintptr_t>(a.src.raw()), d = reinterpret_cast<uintptr_t>(a.dst.raw());
-  const bool overlap = a.src.nbytes() && d < s + size_t(a.src.nbytes()) && s < d + size_t(a.dst.nbytes());
-  REQ(!overlap || a.src.dtype() == a.dst.dtype(), op, "src ", desc(a.src), " and dst ", desc(a.dst),
+  REQ(!bytes_overlap(a.src, a.dst) || a.src.dtype() == a.dst.dtype(), op, "src ", desc(a.src), " and dst ", desc(a.dst),
       " overlap in memory: only a copy of the same dtype may (it moves, as memmove)");
 }
 void validate(const FillArgs& a) { floating(a.x, "fill", "x"); }

@@ -343,6 +343,11 @@ struct CopyArgs {  // dst = src converted to dst's dtype (any float dtypes, or I
                    // overlap src only in the same dtype (a move, as memmove)
   Tensor src, dst;
 };
+// Whether the bytes of a and b overlap (copy: only a move may).
+inline bool bytes_overlap(const Tensor& a, const Tensor& b) {
+  const uintptr_t x = reinterpret_cast<uintptr_t>(a.raw()), y = reinterpret_cast<uintptr_t>(b.raw());
+  return a.nbytes() && b.nbytes() && y < x + size_t(a.nbytes()) && x < y + size_t(b.nbytes());
+}
 struct FillArgs {
   Tensor x;
   float value = 0.0f;

@@ -59,7 +59,7 @@ int run_chat(const ChatOptions& o) {
       eng.add(r);
     } catch (const InputError& e) {
       // A turn the context or the cache cannot take ends that turn, not the conversation.
-      std::cerr << "dsv3 chat: " << e.what() << " (the message was dropped; /reset starts over)\n";
+      note(cat(e.what(), " (the message was dropped; /reset starts over)"));
       msgs.pop_back();
       continue;
     }

@@ -159,6 +159,8 @@ Tokenizer Tokenizer::from_json(std::string_view text, std::string_view config_te
   if (j.contains("added_tokens")) {
     if (!j["added_tokens"].is_array()) input_error(where, ": added_tokens: expected an array");
     size_t k = 0;
+    const size_t n_added = j["added_tokens"].size();
+    const int64_t limit = id_limit(int64_t(impl->model.max_id()) + 1 + int64_t(n_added));
     for (const json& a : j["added_tokens"]) {
       std::string w = cat(where, ": added_tokens[", k++, "]");
       if (!a.is_object() || !a.contains("id") || !a["id"].is_number_integer() ||
@@ -166,12 +168,9 @@ Tokenizer Tokenizer::from_json(std::string_view text, std::string_view config_te
         input_error(w, ": expected {\"id\": integer, \"content\": string, ...}");
       AddedTokenInfo t;
       int64_t id = a["id"].get<int64_t>();
-      // Ids index tables (as the vocabulary's, tokenizer_bpe.cpp): a sparse one would allocate far
-      // beyond what the file holds.
-      const int64_t limit = 4 * (int64_t(impl->model.max_id()) + 1 + int64_t(j["added_tokens"].size())) + 1024;
       if (id < 0 || id >= limit)
         input_error(w, ": id ", id, " out of range (expected 0 <= id < ", limit, ", from the vocabulary's ",
-                    impl->model.max_id() + 1, " ids and ", j["added_tokens"].size(), " added tokens)");
+                    impl->model.max_id() + 1, " ids and ", n_added, " added tokens)");
       t.id = int32_t(id);
       t.content = a["content"].get<std::string>();
       if (t.content.empty()) input_error(w, ": empty content");

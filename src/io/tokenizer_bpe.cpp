@@ -94,9 +94,7 @@ void BpeModel::load(const json& m, const std::string& where) {
     if (!it.value().is_number_integer())
       input_error(where, ".vocab[\"", it.key(), "\"]: expected an integer id");
     int64_t id = it.value().get<int64_t>();
-    // Tables are indexed by id, so a sparse id would allocate far beyond what the file holds (the
-    // fuzzer found a 2.7 GB one): ids stay below 4x the entry count (real vocabularies are dense).
-    const int64_t limit = 4 * int64_t(vocab.size()) + 1024;
+    const int64_t limit = id_limit(int64_t(vocab.size()));
     if (id < 0 || id >= limit)
       input_error(where, ".vocab[\"", it.key(), "\"]: id ", id, " out of range (expected 0 <= id < ", limit,
                   " for ", vocab.size(), " entries)");
@@ -108,13 +106,11 @@ void BpeModel::load(const json& m, const std::string& where) {
   token_to_id_.reserve(vocab.size());
   bytes_to_id_.reserve(vocab.size());
   std::string raw;
-  std::vector<const std::string*> owner(size_t(max_id_) + 1, nullptr);
   for (auto it = vocab.begin(); it != vocab.end(); ++it) {
     int32_t id = it.value().get<int32_t>();
     // Two tokens on one id: encoding would emit the id for either and decoding give only the last.
-    if (owner[size_t(id)])
-      input_error(where, ".vocab: \"", it.key(), "\" and \"", *owner[size_t(id)], "\" have the same id ", id);
-    owner[size_t(id)] = &it.key();
+    if (!id_to_token_[id].empty())
+      input_error(where, ".vocab: \"", it.key(), "\" and \"", id_to_token_[id], "\" have the same id ", id);
     token_to_id_[it.key()] = id;
     id_to_token_[id] = it.key();
     if (byte_level_to_bytes(it.key(), raw)) {

@@ -19,6 +19,10 @@ bool byte_level_to_bytes(std::string_view token, std::string& out);
 // Raw bytes → vocab string.
 std::string bytes_to_byte_level(std::string_view bytes);
 
+// Tables are indexed by token id, so a sparse id would allocate far beyond what the file holds (the
+// fuzzer found a 2.7 GB one): ids stay below this bound for `entries` tokens (real ones are dense).
+inline int64_t id_limit(int64_t entries) { return 4 * entries + 1024; }
+
 class BpeModel {
  public:
   // `model` is tokenizer.json's "model" object. Throws InputError naming `where` for a bad

@@ -108,8 +108,7 @@ void mla_forward(Backend& be, const ModelDims& d, const MlaParams& p, const Rope
   at.lse = a.lse;
   at.scale = d.softmax_scale;
   at.causal = true;
-  a.kept = Tensor();
-  at.keep = &a.kept;
+  at.keep = &a.kept;  // (the backend drops what the last forward kept before it runs)
   be.attention(at);
   // The backward reads the kept operands in q's and kv's place (the CUDA BF16 kernels' BF16 heads:
   // 0.57 of q's and kv's bytes at V3's and bench-0.7b's widths), so they need not outlive the forward.

@@ -37,15 +37,14 @@ void FlowBuilder::ib(int a, int b, double bytes, uint64_t key) {
     return;
   }
   ++unroutable;
-  // Kept visible on a failed link, so that it stalls: the NIC's own uplink is failed only when the
-  // NIC or its leaf is, and a pair cut by switch-switch failures would otherwise run at line rate.
-  int32_t dead = net.nic_up[a];
-  if (net.links[size_t(dead)].up) {
+  // Kept visible on a failed link, so that it stalls (the NIC's own uplink is up unless the NIC or
+  // its leaf failed: a pair cut by switch-switch failures ran at line rate on it).
+  if (failed_link < 0) {
     const auto down = std::find_if(net.links.begin(), net.links.end(), [](const Link& l) { return !l.up; });
     if (down == net.links.end()) internal_error("flow ", a, " -> ", b, " is unroutable, yet no link has failed");
-    dead = int32_t(down - net.links.begin());
+    failed_link = int32_t(down - net.links.begin());
   }
-  lk.assign(1, dead);
+  lk.assign(1, failed_link);
   cf.assign(1, 1.0f);
   fs.add(lk, cf, bytes, TagIB, a, b);
 }

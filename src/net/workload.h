@@ -23,6 +23,7 @@ struct FlowBuilder {
   std::vector<float> cf;
   int64_t rerouted = 0;  // flows moved to another plane because theirs was cut (PXN fallback)
   int64_t unroutable = 0;
+  int32_t failed_link = -1;  // any failed link, found at the first unroutable flow: where such flows stall
 
   // IB flow NIC a -> NIC b. On multi-plane networks, a cut pair is forwarded over NVLink through
   // the first plane that connects both nodes.

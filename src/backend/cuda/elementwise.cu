@@ -187,8 +187,7 @@ void CudaBackend::copy(const CopyArgs& a) {
   // Copies on the legacy stream, as every op here (the design rule in docs/cuda.md).
   if (a.src.dtype() == a.dst.dtype()) {
     const size_t bytes = size_t(a.src.nbytes());
-    const uintptr_t s = reinterpret_cast<uintptr_t>(a.src.raw()), d = reinterpret_cast<uintptr_t>(a.dst.raw());
-    if (d < s + bytes && s < d + bytes) {  // a move (validated: only the same dtype may overlap)
+    if (bytes_overlap(a.src, a.dst)) {  // a move (validated: only the same dtype may overlap)
       Scratch held(bytes);  // cudaMemcpy's bytes must not overlap: through scratch, as memmove
       DSV3_CUDA_CHECK(cudaMemcpyAsync(held.as<void>(), a.src.raw(), bytes, cudaMemcpyDeviceToDevice, nullptr));
       DSV3_CUDA_CHECK(cudaMemcpyAsync(ptr<void>(a.dst), held.as<void>(), bytes, cudaMemcpyDeviceToDevice, nullptr));
