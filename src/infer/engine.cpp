@@ -40,6 +40,7 @@ Weights on_backend(const Weights& w, Backend& be) {
 Engine::Engine(const Weights& w, const EngineOptions& opt, Backend& be)
     : opt_(opt), weights_(on_backend(w, be)), runner_(weights_, be) {
   const ModelConfig& c = runner_.config();
+  if (opt.max_context < 0) input_error("--ctx-size: ", opt.max_context, " is negative (0 = max_position_embeddings)");
   max_context_ = opt.max_context > 0 ? std::min(opt.max_context, c.max_position_embeddings) : c.max_position_embeddings;
   n_valid_ = opt.n_valid > 0 ? std::min(opt.n_valid, c.vocab_size) : c.vocab_size;
   if (opt.draft_tokens < 0 || opt.draft_tokens > 16)

@@ -108,6 +108,8 @@ void BpeModel::load(const json& m, const std::string& where) {
   std::string raw;
   for (auto it = vocab.begin(); it != vocab.end(); ++it) {
     int32_t id = it.value().get<int32_t>();
+    // An empty token would look like a free id to the check below and to id_to_token().
+    if (it.key().empty()) input_error(where, ".vocab: an empty token (id ", id, ")");
     // Two tokens on one id: encoding would emit the id for either and decoding give only the last.
     if (!id_to_token_[id].empty())
       input_error(where, ".vocab: \"", it.key(), "\" and \"", id_to_token_[id], "\" have the same id ", id);

@@ -285,6 +285,14 @@ TEST(Engine, BadInputNamesTheNumbers) {
   EngineOptions tiny_pool;
   tiny_pool.cache.budget_bytes = 10;
   EXPECT_THROW(Engine(w, tiny_pool), InputError);
+  EngineOptions negative_ctx;
+  negative_ctx.max_context = -5;
+  try {
+    Engine e(w, negative_ctx);
+    FAIL() << "no error";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("--ctx-size: -5"), std::string::npos) << e.what();
+  }
 }
 
 TEST(Engine, PaddingRowsAreNeverSampled) {

@@ -72,6 +72,9 @@ TEST(Tokenizer, SparseAddedIdsSharedIdsDeepNestingAndUnknownBosAreErrors) {
   j["model"]["vocab"]["ab"] = j["model"]["vocab"]["a"];
   EXPECT_NE(error_of(j).find("have the same id 97"), std::string::npos) << error_of(j);
   j = ok;
+  j["model"]["vocab"][""] = 97;  // empty first in the object's order: it used to escape the check
+  EXPECT_NE(error_of(j).find("t.json: model.vocab: an empty token (id 97)"), std::string::npos) << error_of(j);
+  j = ok;
   json pre = {{"type", "ByteLevel"}, {"add_prefix_space", false}};
   for (int i = 0; i < 100; ++i) pre = {{"type", "Sequence"}, {"pretokenizers", json::array({pre})}};
   j["pre_tokenizer"] = pre;
